@@ -1,0 +1,121 @@
+// Package harness starts real parts for tests, the demo and the benchmark:
+// Caddy in this process from a Caddyfile, on free loopback ports.
+package harness
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+
+	// The standard modules and ours, as a Caddy built by xcaddy has them.
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	_ "github.com/vigthoria/caddy-vigthoria"
+)
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("finding a free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// Caddy is a Caddy instance running in this process.
+type Caddy struct {
+	Port     int    // port of the site, on 127.0.0.1
+	URL      string // http://127.0.0.1:Port
+	AdminURL string // http://127.0.0.1:<admin port>
+	LogPath  string // Caddy's log at debug level, access log included
+	Dir      string // storage and data directory of this instance
+}
+
+// StartCaddy loads a config with one site on a free port in this process
+// and stops Caddy when the test ends. site is the body of the site block;
+// every `%PORT%` in it names the site's port. Only one Caddy runs in a
+// process: calling it again replaces the config, as a reload does.
+func StartCaddy(t testing.TB, site string) *Caddy {
+	t.Helper()
+	c := &Caddy{Port: FreePort(t), Dir: t.TempDir()}
+	c.URL = fmt.Sprintf("http://127.0.0.1:%d", c.Port)
+	c.AdminURL = fmt.Sprintf("http://127.0.0.1:%d", FreePort(t))
+	c.LogPath = filepath.Join(c.Dir, "caddy.log")
+	t.Setenv("XDG_DATA_HOME", filepath.Join(c.Dir, "data"))
+	t.Setenv("XDG_CONFIG_HOME", filepath.Join(c.Dir, "config"))
+
+	if err := c.Load(site); err != nil {
+		t.Fatalf("starting Caddy: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping Caddy: %v", err)
+		}
+	})
+	return c
+}
+
+// Load adapts and loads a new site body into the running instance, as a
+// config reload does.
+func (c *Caddy) Load(site string) error {
+	cfg, err := Adapt(c.Caddyfile(site))
+	if err != nil {
+		return err
+	}
+	return caddy.Load(cfg, true)
+}
+
+// Caddyfile returns the whole Caddyfile for a site body.
+func (c *Caddy) Caddyfile(site string) string {
+	site = strings.ReplaceAll(site, "%PORT%", fmt.Sprint(c.Port))
+	return fmt.Sprintf(`{
+	admin %s
+	persist_config off
+	auto_https off
+	storage file_system %s
+	log {
+		output file %s
+		level DEBUG
+	}
+}
+
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	log {
+		output file %s
+	}
+%s
+}
+`, strings.TrimPrefix(c.AdminURL, "http://"), filepath.Join(c.Dir, "storage"), c.LogPath, c.Port, c.LogPath, site)
+}
+
+// Adapt turns a Caddyfile into JSON config, failing on warnings too, since
+// a warning in our own test config is a mistake.
+func Adapt(caddyfile string) ([]byte, error) {
+	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		return nil, err
+	}
+	if len(warnings) > 0 {
+		return nil, fmt.Errorf("adapting Caddyfile: %v", warnings)
+	}
+	return cfg, nil
+}
+
+// ReadLog returns everything Caddy logged so far.
+func (c *Caddy) ReadLog(t testing.TB) string {
+	t.Helper()
+	b, err := os.ReadFile(c.LogPath)
+	if err != nil {
+		t.Fatalf("reading Caddy's log: %v", err)
+	}
+	return string(b)
+}

@@ -1,0 +1,250 @@
+package standin
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// answerWords is the sentence every completion repeats, one word per token.
+// The words need no JSON escaping, so they are appended verbatim.
+var answerWords = [...]string{
+	"This", "is", "the", "Vigthoria", "stand-in", "answering", "your",
+	"request", "with", "a", "deterministic", "reply.",
+}
+
+// Answer returns the text of a completion of the given number of tokens: the
+// concatenation of a stream's content deltas and the content of a whole answer.
+func Answer(tokens int) string { return string(appendAnswer(nil, tokens)) }
+
+func appendAnswer(b []byte, tokens int) []byte {
+	for i := range tokens {
+		b = appendToken(b, i)
+	}
+	return b
+}
+
+// appendToken appends token i. Tokens after the first carry their leading
+// space, as OpenAI's do, so the deltas of a stream join into the answer.
+func appendToken(b []byte, i int) []byte {
+	if i > 0 {
+		b = append(b, ' ')
+	}
+	return append(b, answerWords[i%len(answerWords)]...)
+}
+
+// answer is a planned completion, chat or legacy.
+type answer struct {
+	chat         bool
+	stream       bool
+	streamUsage  bool   // stream_options.include_usage
+	id           []byte // "chatcmpl-…" or "cmpl-…"
+	created      int64
+	model        []byte // JSON-quoted
+	choices      int
+	tokens       int    // per choice
+	finish       string // "stop" or "length"
+	promptTokens int
+}
+
+// Markers for appendChunk's token argument.
+const (
+	roleChunk   = -1 // the opening chunk announcing the assistant role
+	finishChunk = -2 // the closing chunk carrying finish_reason
+)
+
+// appendHead appends the fields every answer object starts with.
+func (a *answer) appendHead(b []byte, object string) []byte {
+	b = append(b, `{"id":"`...)
+	b = append(b, a.id...)
+	b = append(b, `","object":"`...)
+	b = append(b, object...)
+	b = append(b, `","created":`...)
+	b = strconv.AppendInt(b, a.created, 10)
+	b = append(b, `,"model":`...)
+	b = append(b, a.model...)
+	return append(b, ',')
+}
+
+func (a *answer) appendUsage(b []byte) []byte {
+	completion := a.tokens * a.choices
+	b = append(b, `"usage":{"prompt_tokens":`...)
+	b = strconv.AppendInt(b, int64(a.promptTokens), 10)
+	b = append(b, `,"completion_tokens":`...)
+	b = strconv.AppendInt(b, int64(completion), 10)
+	b = append(b, `,"total_tokens":`...)
+	b = strconv.AppendInt(b, int64(a.promptTokens+completion), 10)
+	return append(b, '}')
+}
+
+// appendWhole appends the non-streamed answer.
+func (a *answer) appendWhole(b []byte) []byte {
+	if a.chat {
+		b = a.appendHead(b, "chat.completion")
+	} else {
+		b = a.appendHead(b, "text_completion")
+	}
+	b = append(b, `"choices":[`...)
+	for i := range a.choices {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		if a.chat {
+			b = append(b, `{"index":`...)
+			b = strconv.AppendInt(b, int64(i), 10)
+			b = append(b, `,"message":{"role":"assistant","content":"`...)
+			b = appendAnswer(b, a.tokens)
+			b = append(b, `","refusal":null},"logprobs":null,"finish_reason":"`...)
+		} else {
+			b = append(b, `{"text":"`...)
+			b = appendAnswer(b, a.tokens)
+			b = append(b, `","index":`...)
+			b = strconv.AppendInt(b, int64(i), 10)
+			b = append(b, `,"logprobs":null,"finish_reason":"`...)
+		}
+		b = append(b, a.finish...)
+		b = append(b, `"}`...)
+	}
+	b = append(b, "],"...)
+	b = a.appendUsage(b)
+	return append(b, '}')
+}
+
+// appendChunk appends one server-sent event for choice: token tok, or the
+// roleChunk or finishChunk.
+func (a *answer) appendChunk(b []byte, choice, tok int) []byte {
+	b = append(b, "data: "...)
+	if a.chat {
+		b = a.appendHead(b, "chat.completion.chunk")
+		b = append(b, `"choices":[{"index":`...)
+		b = strconv.AppendInt(b, int64(choice), 10)
+		b = append(b, `,"delta":{`...)
+		switch {
+		case tok == roleChunk:
+			b = append(b, `"role":"assistant","content":""`...)
+		case tok >= 0:
+			b = append(b, `"content":"`...)
+			b = appendToken(b, tok)
+			b = append(b, '"')
+		}
+		b = append(b, '}')
+	} else {
+		b = a.appendHead(b, "text_completion")
+		b = append(b, `"choices":[{"text":"`...)
+		if tok >= 0 {
+			b = appendToken(b, tok)
+		}
+		b = append(b, `","index":`...)
+		b = strconv.AppendInt(b, int64(choice), 10)
+	}
+	b = append(b, `,"logprobs":null,"finish_reason":`...)
+	if tok == finishChunk {
+		b = append(b, '"')
+		b = append(b, a.finish...)
+		b = append(b, '"')
+	} else {
+		b = append(b, "null"...)
+	}
+	b = append(b, "}]"...)
+	if a.streamUsage {
+		// OpenAI marks usage as still unknown on every chunk before the last.
+		b = append(b, `,"usage":null`...)
+	}
+	return append(b, "}\n\n"...)
+}
+
+// stream sends the answer as server-sent events, pacing them by
+// b.ChunkDelay and cutting the connection if b.FailMidStream says so.
+func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Behavior) {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+
+	e := events{w: w, rc: http.NewResponseController(w), r: r, delay: b.ChunkDelay, buf: s.getBuf()}
+	defer s.putBuf(e.buf)
+	defer e.stop()
+
+	if a.chat {
+		for i := range a.choices {
+			if !e.send(a.appendChunk(e.scratch(), i, roleChunk)) {
+				return
+			}
+		}
+	}
+	sent := 0
+	for tok := range a.tokens {
+		for i := range a.choices {
+			if !e.send(a.appendChunk(e.scratch(), i, tok)) {
+				return
+			}
+			if sent++; sent == b.FailMidStream {
+				// Aborting makes net/http drop the connection without ending
+				// the response, as a crashing upstream would.
+				panic(http.ErrAbortHandler)
+			}
+		}
+	}
+	for i := range a.choices {
+		if !e.send(a.appendChunk(e.scratch(), i, finishChunk)) {
+			return
+		}
+	}
+	if a.streamUsage {
+		ev := append(e.scratch(), "data: "...)
+		if a.chat {
+			ev = a.appendHead(ev, "chat.completion.chunk")
+		} else {
+			ev = a.appendHead(ev, "text_completion")
+		}
+		ev = append(ev, `"choices":[],`...)
+		ev = a.appendUsage(ev)
+		if !e.send(append(ev, "}\n\n"...)) {
+			return
+		}
+	}
+	e.send(append(e.scratch(), "data: [DONE]\n\n"...))
+}
+
+// events writes server-sent events one at a time, flushed and paced.
+type events struct {
+	w     http.ResponseWriter
+	rc    *http.ResponseController
+	r     *http.Request
+	delay time.Duration
+	timer *time.Timer // reused between events
+	sent  int
+	buf   *[]byte // pooled; events are built in it one at a time
+}
+
+// scratch returns the event buffer, emptied.
+func (e *events) scratch() []byte { return (*e.buf)[:0] }
+
+// send waits the delay (except before the first event), writes ev and
+// flushes it. It reports false once the client is gone.
+func (e *events) send(ev []byte) bool {
+	if e.sent > 0 && e.delay > 0 {
+		if e.timer == nil {
+			e.timer = time.NewTimer(e.delay)
+		} else {
+			e.timer.Reset(e.delay)
+		}
+		select {
+		case <-e.timer.C:
+		case <-e.r.Context().Done():
+			return false
+		}
+	}
+	*e.buf = ev // keep the buffer as grown
+	e.sent++
+	if _, err := e.w.Write(ev); err != nil {
+		return false
+	}
+	return e.rc.Flush() == nil
+}
+
+func (e *events) stop() {
+	if e.timer != nil {
+		e.timer.Stop()
+	}
+}

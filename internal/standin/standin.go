@@ -1,0 +1,469 @@
+// Package standin is an in-process stand-in for the Vigthoria API, an
+// OpenAI-compatible LLM service. It speaks the OpenAI wire format closely
+// enough for the official openai-go client, answers deterministically, and can
+// be told to misbehave (latency, errors, stalls, broken streams, garbage) so
+// the proxy can be tested and benchmarked against it.
+//
+// Answers are made of a fixed sentence, one word per token (see [Answer]).
+// Without a token limit a completion is [DefaultMaxTokens] tokens long and
+// finishes with "stop"; with max_tokens (or max_completion_tokens) it fills
+// the limit exactly and finishes with "length". Prompt tokens are the number
+// of whitespace-separated words in the input, plus 3 per chat message.
+package standin
+
+import (
+	"bytes"
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+const (
+	// RateLimit is the value of the X-RateLimit-Limit header: the requests
+	// allowed per minute. It is advertised only, never enforced.
+	RateLimit = 10000
+	// Organization names the organisation in the /usage answer, so tests
+	// can recognise those figures if a proxy leaks them.
+	Organization = "org-standin"
+	// DefaultMaxTokens is the answer length when a request sets no limit.
+	DefaultMaxTokens = 16
+
+	maxBodyBytes   = 16 << 20
+	maxTokensLimit = 16384
+	maxChoices     = 128
+)
+
+// Options configure a Server. The zero value is usable except for APIKey.
+type Options struct {
+	// APIKey is the bearer key the server accepts; requests without
+	// "Authorization: Bearer <APIKey>" get 401. Required.
+	APIKey string
+	// BasePath is the path prefix of the API, "/v1" when empty.
+	BasePath string
+	// Models are the model IDs served, by default
+	// vigthoria-fast-1, vigthoria-pro-1 and vigthoria-embed-1.
+	Models []string
+	// NoRecord disables storing Request values, for benchmarks.
+	// Count still counts.
+	NoRecord bool
+}
+
+// Behavior switches how the server misbehaves. The failure modes are checked
+// in this order: StallHeaders, Latency, authentication, FailStatus, Garbage.
+// Each request uses the Behavior in force when it arrived.
+type Behavior struct {
+	// Latency is waited before anything is written; the wait ends early,
+	// without an answer, when the request's context ends.
+	Latency time.Duration
+	// ChunkDelay is waited between server-sent events of a stream.
+	ChunkDelay time.Duration
+	// FailStatus, if nonzero, is a 4xx or 5xx status answered in the error
+	// shape. A 429 carries Retry-After and X-RateLimit-Remaining: 0; a 503
+	// carries Retry-After.
+	FailStatus int
+	// FailCount is how many requests get FailStatus before the server is
+	// healthy again; zero or less means every request fails.
+	FailCount int
+	// RetryAfter is the Retry-After value, in seconds, of a 429 or 503.
+	RetryAfter int
+	// FailMidStream, if positive, aborts a stream's connection right after
+	// this many content chunks were sent. Shorter streams are not affected.
+	FailMidStream int
+	// StallHeaders makes the server never answer: it holds the request
+	// until its context ends.
+	StallHeaders bool
+	// Garbage makes the server answer 200 with a body that is not JSON,
+	// though labelled application/json.
+	Garbage bool
+}
+
+// Request is a request as the server received it.
+type Request struct {
+	Method   string
+	Path     string
+	RawQuery string
+	Header   http.Header
+	Body     []byte
+	At       time.Time
+}
+
+// Server is the stand-in API. It is an http.Handler, safe for concurrent use.
+type Server struct {
+	auth     []byte // the Authorization value to accept, "Bearer <key>"
+	base     string
+	models   map[string]model
+	list     []byte // the /models answer
+	noRecord bool
+
+	behavior atomic.Pointer[behaviorState]
+	seq      atomic.Uint64 // numbers request and completion IDs; never reset
+	count    atomic.Int64
+	prompt   atomic.Int64 // prompt tokens served, for /usage
+	answered atomic.Int64 // completion tokens served, for /usage
+
+	windowMinute atomic.Int64 // the minute X-RateLimit-Remaining counts in
+	windowUsed   atomic.Int64
+
+	mu   sync.Mutex
+	reqs []Request
+
+	bufs sync.Pool // *[]byte for request and response bodies
+}
+
+// behaviorState pairs a Behavior with its own failure budget, so swapping the
+// Behavior also swaps the budget atomically.
+type behaviorState struct {
+	b         Behavior
+	failsLeft atomic.Int64
+}
+
+// fail reports whether this request is one that gets FailStatus.
+func (st *behaviorState) fail() bool {
+	return st.b.FailStatus != 0 && (st.b.FailCount <= 0 || st.failsLeft.Add(-1) >= 0)
+}
+
+type model struct {
+	quoted []byte // the ID as a JSON string
+	object []byte // the model object of /models/{id}
+}
+
+// modelsCreated is the creation time reported for every model.
+const modelsCreated = 1735689600 // 2025-01-01T00:00:00Z
+
+// New returns a Server configured by opts. It panics if opts.APIKey is empty.
+func New(opts Options) *Server {
+	if opts.APIKey == "" {
+		panic("standin: Options.APIKey is required")
+	}
+	base := opts.BasePath
+	if base == "" {
+		base = "/v1"
+	}
+	ids := opts.Models
+	if len(ids) == 0 {
+		ids = []string{"vigthoria-fast-1", "vigthoria-pro-1", "vigthoria-embed-1"}
+	}
+	s := &Server{
+		auth:     []byte("Bearer " + opts.APIKey),
+		base:     strings.TrimSuffix("/"+strings.TrimLeft(base, "/"), "/"),
+		models:   make(map[string]model, len(ids)),
+		noRecord: opts.NoRecord,
+	}
+	s.list = []byte(`{"object":"list","data":[`)
+	for i, id := range ids {
+		quoted, _ := json.Marshal(id) // a string always marshals
+		obj := append([]byte(`{"id":`), quoted...)
+		obj = append(obj, `,"object":"model","created":`+strconv.Itoa(modelsCreated)+`,"owned_by":"vigthoria"}`...)
+		s.models[id] = model{quoted: quoted, object: obj}
+		if i > 0 {
+			s.list = append(s.list, ',')
+		}
+		s.list = append(s.list, obj...)
+	}
+	s.list = append(s.list, "]}"...)
+	s.SetBehavior(Behavior{})
+	return s
+}
+
+// SetBehavior replaces the behaviour for requests arriving from now on and
+// restarts the FailCount budget. It panics if b.FailStatus is neither zero nor
+// a 4xx or 5xx status.
+func (s *Server) SetBehavior(b Behavior) {
+	if b.FailStatus != 0 && (b.FailStatus < 400 || b.FailStatus > 599) {
+		panic("standin: Behavior.FailStatus must be 0 or a 4xx/5xx status, got " + strconv.Itoa(b.FailStatus))
+	}
+	st := &behaviorState{b: b}
+	st.failsLeft.Store(int64(b.FailCount))
+	s.behavior.Store(st)
+}
+
+// Behavior returns the behaviour last set.
+func (s *Server) Behavior() Behavior { return s.behavior.Load().b }
+
+// Requests returns a copy of the requests recorded so far, oldest first.
+func (s *Server) Requests() []Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Request, len(s.reqs))
+	for i, r := range s.reqs {
+		r.Header = r.Header.Clone()
+		r.Body = bytes.Clone(r.Body)
+		out[i] = r
+	}
+	return out
+}
+
+// Count returns the number of requests received since New or Reset.
+func (s *Server) Count() int { return int(s.count.Load()) }
+
+// Reset forgets the recorded requests, counters and usage figures, and
+// restores the default behaviour.
+func (s *Server) Reset() {
+	s.SetBehavior(Behavior{})
+	s.mu.Lock()
+	s.reqs = nil
+	s.mu.Unlock()
+	s.count.Store(0)
+	s.prompt.Store(0)
+	s.answered.Store(0)
+	s.windowUsed.Store(0)
+}
+
+// ServeHTTP answers one API request.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	now := time.Now()
+	in := s.getBuf()
+	defer s.putBuf(in)
+	body, readErr := readAll(http.MaxBytesReader(w, r.Body, maxBodyBytes), (*in)[:0])
+	*in = body
+
+	s.count.Add(1)
+	if !s.noRecord {
+		s.record(r, body, now)
+	}
+	st := s.behavior.Load()
+	b := &st.b
+	s.setCommonHeaders(w.Header(), now)
+
+	switch {
+	case b.StallHeaders:
+		<-r.Context().Done()
+	case b.Latency > 0 && !sleep(r.Context(), b.Latency):
+		// The client gave up; there is no one left to answer.
+	case !s.authorized(r):
+		msg := "Incorrect API key provided."
+		if r.Header.Get("Authorization") == "" {
+			msg = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+		}
+		writeError(w, http.StatusUnauthorized, "authentication_error", "invalid_api_key", "", msg)
+	case st.fail():
+		writeFailure(w, b)
+	case b.Garbage:
+		s.writeJSON(w, []byte("<html><body>Vigthoria stand-in: this is not JSON</body></html>\n"))
+	case readErr != nil:
+		if _, tooBig := errors.AsType[*http.MaxBytesError](readErr); tooBig {
+			writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large", "", "The request body is too large.")
+			return
+		}
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "invalid_body", "", "The request body could not be read.")
+	default:
+		s.route(w, r, body, b, now)
+	}
+}
+
+func (s *Server) record(r *http.Request, body []byte, now time.Time) {
+	req := Request{
+		Method:   r.Method,
+		Path:     r.URL.Path,
+		RawQuery: r.URL.RawQuery,
+		Header:   r.Header.Clone(),
+		Body:     bytes.Clone(body),
+		At:       now,
+	}
+	s.mu.Lock()
+	s.reqs = append(s.reqs, req)
+	s.mu.Unlock()
+}
+
+// setCommonHeaders sets the headers every answer carries. The keys are
+// spelled canonically so Set does not allocate to canonicalise them.
+func (s *Server) setCommonHeaders(h http.Header, now time.Time) {
+	id := append(make([]byte, 0, 20), "req_"...)
+	h.Set("X-Request-Id", string(appendHex(id, s.seq.Add(1))))
+	h.Set("X-Ratelimit-Limit", strconv.Itoa(RateLimit))
+	h.Set("X-Ratelimit-Remaining", strconv.FormatInt(s.remaining(now.Unix()), 10))
+	h.Set("X-Ratelimit-Reset", strconv.FormatInt((now.Unix()/60+1)*60, 10))
+}
+
+// remaining counts this request against the current minute and returns what
+// is left of RateLimit, never below zero.
+func (s *Server) remaining(unix int64) int64 {
+	minute := unix / 60
+	if old := s.windowMinute.Load(); old != minute && s.windowMinute.CompareAndSwap(old, minute) {
+		s.windowUsed.Store(0)
+	}
+	return max(0, RateLimit-s.windowUsed.Add(1))
+}
+
+func (s *Server) authorized(r *http.Request) bool {
+	scheme, key, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	// The scheme is case-insensitive (RFC 9110); the key is not.
+	return strings.EqualFold(scheme, "Bearer") &&
+		subtle.ConstantTimeCompare([]byte(key), s.auth[len("Bearer "):]) == 1
+}
+
+func (s *Server) route(w http.ResponseWriter, r *http.Request, body []byte, b *Behavior, now time.Time) {
+	rest, ok := strings.CutPrefix(r.URL.Path, s.base)
+	if !ok {
+		rest = "" // matches no route
+	}
+	switch rest {
+	case "/chat/completions":
+		if allow(w, r, http.MethodPost) {
+			s.chat(w, r, body, b, now)
+		}
+	case "/completions":
+		if allow(w, r, http.MethodPost) {
+			s.completions(w, r, body, b, now)
+		}
+	case "/embeddings":
+		if allow(w, r, http.MethodPost) {
+			s.embeddings(w, body)
+		}
+	case "/models":
+		if allow(w, r, http.MethodGet) {
+			s.writeJSON(w, s.list)
+		}
+	case "/usage":
+		if allow(w, r, http.MethodGet) {
+			s.usage(w)
+		}
+	default:
+		id, isModel := strings.CutPrefix(rest, "/models/")
+		if !isModel || id == "" {
+			writeError(w, http.StatusNotFound, "invalid_request_error", "unknown_url", "", "Invalid URL ("+r.Method+" "+r.URL.Path+")")
+			return
+		}
+		if !allow(w, r, http.MethodGet) {
+			return
+		}
+		m, known := s.models[id]
+		if !known {
+			writeModelNotFound(w, id)
+			return
+		}
+		s.writeJSON(w, m.object)
+	}
+}
+
+// allow answers 405 unless r uses method.
+func allow(w http.ResponseWriter, r *http.Request, method string) bool {
+	if r.Method == method {
+		return true
+	}
+	w.Header().Set("Allow", method)
+	writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "",
+		"Method "+r.Method+" is not allowed for "+r.URL.Path+"; use "+method+".")
+	return false
+}
+
+// writeJSON writes a 200 answer with a JSON body.
+func (s *Server) writeJSON(w http.ResponseWriter, body []byte) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body) // a failed write means the client left
+}
+
+// writeError writes an answer in OpenAI's error shape; an empty param is null.
+func writeError(w http.ResponseWriter, status int, typ, code, param, msg string) {
+	var e struct {
+		Error struct {
+			Message string  `json:"message"`
+			Type    string  `json:"type"`
+			Param   *string `json:"param"`
+			Code    string  `json:"code"`
+		} `json:"error"`
+	}
+	e.Error.Message, e.Error.Type, e.Error.Code = msg, typ, code
+	if param != "" {
+		e.Error.Param = &param
+	}
+	body, _ := json.Marshal(&e) // strings and a pointer always marshal
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+func writeModelNotFound(w http.ResponseWriter, id string) {
+	writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found", "model",
+		"The model `"+id+"` does not exist or you do not have access to it.")
+}
+
+// writeFailure answers with the injected b.FailStatus.
+func writeFailure(w http.ResponseWriter, b *Behavior) {
+	status := b.FailStatus
+	typ, code, msg := "invalid_request_error", "injected_failure", http.StatusText(status)
+	switch {
+	case status == http.StatusUnauthorized:
+		typ, code, msg = "authentication_error", "invalid_api_key", "Incorrect API key provided."
+	case status == http.StatusForbidden:
+		typ, code, msg = "permission_error", "permission_denied", "You are not allowed to use this resource."
+	case status == http.StatusNotFound:
+		code = "not_found"
+	case status == http.StatusTooManyRequests:
+		typ, code, msg = "rate_limit_error", "rate_limit_exceeded", "Rate limit reached for requests. Please try again later."
+		w.Header().Set("X-Ratelimit-Remaining", "0")
+	case status >= 500:
+		typ, code, msg = "server_error", "server_error", "The server had an error while processing your request."
+	}
+	if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", strconv.Itoa(b.RetryAfter))
+	}
+	writeError(w, status, typ, code, "", msg)
+}
+
+// sleep waits d and reports whether ctx was still alive throughout.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// getBuf and putBuf recycle body buffers across requests.
+func (s *Server) getBuf() *[]byte {
+	if b, ok := s.bufs.Get().(*[]byte); ok {
+		return b
+	}
+	b := make([]byte, 0, 4096)
+	return &b
+}
+
+func (s *Server) putBuf(b *[]byte) {
+	if cap(*b) <= 1<<20 { // let rare huge buffers go rather than pin them
+		*b = (*b)[:0]
+		s.bufs.Put(b)
+	}
+}
+
+// readAll is io.ReadAll into a caller-supplied buffer.
+func readAll(r io.Reader, b []byte) ([]byte, error) {
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
+	}
+}
+
+// appendHex appends n as 12 zero-padded lowercase hex digits.
+func appendHex(b []byte, n uint64) []byte {
+	const digits = "0123456789abcdef"
+	for shift := 44; shift >= 0; shift -= 4 {
+		b = append(b, digits[n>>uint(shift)&0xf])
+	}
+	return b
+}

@@ -1,0 +1,79 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"mime"
+	"net/http"
+
+	"go.uber.org/zap"
+)
+
+// errKeyRefused is the upstream refusing the server key (401/403): a fault
+// of the operator's configuration that no client can fix or should see.
+var errKeyRefused = errors.New("upstream refused the server key")
+
+// keyTransport wraps the reverse proxy's transport: it gives the outgoing
+// request the server key and the upstream's Host, and guards the answer.
+type keyTransport struct {
+	next          http.RoundTripper
+	authorization []string // "Bearer <server key>", shared and never mutated
+	host          string
+	logger        *zap.Logger
+}
+
+// RoundTrip implements http.RoundTripper. It leaves req untouched, as the
+// contract asks: Caddy logs req, and the key must never be in it.
+func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	out := new(http.Request)
+	*out = *req
+	out.Header = make(http.Header, len(req.Header)+1)
+	for name, values := range req.Header {
+		if !isDroppedUpstream(name) {
+			out.Header[name] = values
+		}
+	}
+	out.Header["Authorization"] = t.authorization
+	out.Host = t.host
+
+	res, err := t.next.RoundTrip(out)
+	if err != nil {
+		return nil, err
+	}
+	if res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden {
+		// Nothing of this body may reach the client; drain a little of it
+		// so the connection can be reused.
+		_, _ = io.CopyN(io.Discard, res.Body, 64<<10)
+		res.Body.Close()
+		t.logger.Error("upstream refused the server key; check api_key",
+			zap.Int("upstream_status", res.StatusCode))
+		return nil, errKeyRefused
+	}
+	if isEventStream(res.Header.Get("Content-Type")) {
+		res.Body = newSSEBody(req.Context(), res.Body, t.logger)
+	}
+	return res, nil
+}
+
+// isDroppedUpstream names headers the upstream must not get: anything
+// credential-like, forwarding details of our callers (the upstream has
+// one client, this proxy), organisation selectors that would let a caller
+// bill another organisation with the server key, and Accept-Encoding, so
+// that the answer arrives as plain text the proxy can read (the transport
+// still negotiates compression on the upstream link itself).
+func isDroppedUpstream(canonical string) bool {
+	switch canonical {
+	case "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded",
+		"Openai-Organization", "Openai-Project", "Accept-Encoding":
+		return true
+	}
+	return isCredentialHeader(canonical)
+}
+
+func isEventStream(contentType string) bool {
+	if contentType == "text/event-stream" {
+		return true
+	}
+	mt, _, err := mime.ParseMediaType(contentType)
+	return err == nil && mt == "text/event-stream"
+}

@@ -1,0 +1,166 @@
+package proxy
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+)
+
+// DefaultURL is the Vigthoria API's base URL.
+const DefaultURL = "https://api.vigthoria.io/v1"
+
+// Config describes the upstream side of the proxy.
+type Config struct {
+	// URL is the API's base URL, scheme http or https, with an optional
+	// base path; /v1/chat/completions on the proxy goes to URL+"/chat/completions".
+	URL string
+	// APIKey is the resolved server key, sent as "Authorization: Bearer …".
+	APIKey string
+	// HeaderTimeout bounds the wait for the upstream's response headers;
+	// zero waits as long as the client does.
+	HeaderTimeout time.Duration
+}
+
+// Upstream forwards admitted requests to the API through Caddy's own
+// reverse_proxy handler, loaded through Caddy's module system so that Caddy
+// provisions and cleans it up with the config that owns it.
+type Upstream struct {
+	rp     *reverseproxy.Handler
+	paths  [numEndpoints]string // upstream path of each endpoint
+	logger *zap.Logger
+}
+
+// ParseURL checks an upstream base URL and returns it parsed.
+func ParseURL(raw string) (*url.URL, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("invalid upstream URL '%s': %v", raw, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return nil, fmt.Errorf("invalid upstream URL '%s': scheme must be http or https", raw)
+	}
+	if u.Hostname() == "" {
+		return nil, fmt.Errorf("invalid upstream URL '%s': no host", raw)
+	}
+	if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+		return nil, fmt.Errorf("invalid upstream URL '%s': only scheme, host, port and path are allowed", raw)
+	}
+	return u, nil
+}
+
+// New loads and provisions the reverse proxy for cfg within ctx.
+func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
+	u, err := ParseURL(cfg.URL)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.APIKey == "" {
+		return nil, errors.New("empty upstream API key")
+	}
+	port := u.Port()
+	if port == "" {
+		port = "80"
+		if u.Scheme == "https" {
+			port = "443"
+		}
+	}
+	hostport := net.JoinHostPort(u.Hostname(), port)
+
+	transport := map[string]any{"protocol": "http"}
+	if u.Scheme == "https" {
+		transport["tls"] = map[string]any{"server_name": u.Hostname()}
+	}
+	if cfg.HeaderTimeout > 0 {
+		transport["response_header_timeout"] = caddy.Duration(cfg.HeaderTimeout)
+	}
+	raw, err := json.Marshal(map[string]any{
+		"upstreams": []map[string]string{{"dial": hostport}},
+		"transport": transport,
+		// Flush every write: SSE events must reach the client as they come.
+		"flush_interval": -1,
+	})
+	if err != nil {
+		return nil, err
+	}
+	mod, err := ctx.LoadModuleByID("http.handlers.reverse_proxy", raw)
+	if err != nil {
+		return nil, fmt.Errorf("loading reverse_proxy: %v", err)
+	}
+	rp := mod.(*reverseproxy.Handler)
+
+	up := &Upstream{rp: rp, logger: ctx.Logger()}
+	base := strings.TrimSuffix(u.Path, "/")
+	for i := range Endpoints {
+		up.paths[i] = base + Endpoints[i].Suffix
+	}
+	// The key is added on the proxy's own copy of the request, as the last
+	// step before it leaves, so it is in no request that Caddy logs.
+	rp.Transport = &keyTransport{
+		next:          rp.Transport,
+		authorization: []string{"Bearer " + cfg.APIKey},
+		host:          u.Host,
+		logger:        up.logger,
+	}
+	return up, nil
+}
+
+// Forward sends r, already admitted for ep, to the upstream and streams the
+// answer to w. A failure before anything was written comes back as an
+// *APIError for the caller to write; a stream that fails once started is
+// ended with an SSE error event.
+func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint, next caddyhttp.Handler) error {
+	StripClientCredentials(r.Header)
+	r.URL.Path = up.paths[ep.ID]
+	r.URL.RawPath = ""
+	r.URL.RawQuery = ""
+
+	err := up.rp.ServeHTTP(w, r, next)
+	if err == nil {
+		return nil
+	}
+	var he caddyhttp.HandlerError
+	if !errors.As(err, &he) {
+		return errUpstreamUnavailable
+	}
+	switch {
+	case errors.Is(he.Err, errKeyRefused):
+		return errUpstreamAuth
+	case he.StatusCode == http.StatusGatewayTimeout:
+		return errUpstreamTimeout
+	case he.StatusCode == 499:
+		return nil // the client left; nobody to answer
+	}
+	if c := up.logger.Check(zap.WarnLevel, "upstream request failed"); c != nil {
+		c.Write(zap.String("endpoint", ep.Name), zap.Error(he.Err))
+	}
+	return errUpstreamUnavailable
+}
+
+// StripClientCredentials removes every header that may carry a caller's
+// credentials, so that they neither reach the upstream nor the access log.
+func StripClientCredentials(h http.Header) {
+	for name := range h {
+		if isCredentialHeader(name) {
+			delete(h, name)
+		}
+	}
+}
+
+func isCredentialHeader(canonical string) bool {
+	switch canonical {
+	case "Authorization", "Proxy-Authorization", "Cookie":
+		return true
+	}
+	// Api-Key, X-Api-Key, X-Goog-Api-Key and their kin.
+	return strings.Contains(canonical, "Api-Key") || strings.Contains(canonical, "Apikey")
+}
