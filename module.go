@@ -107,7 +107,7 @@ func (h *Handler) Validate() error {
 // ServeHTTP runs the request through the pipeline: route, read the body,
 // forward. Every refusal is answered here in the API's error shape.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	ep, apiErr := proxy.Route(r.Method, r.URL.Path)
+	ep, apiErr := proxy.Route(r.Method, routePath(r))
 	if apiErr != nil {
 		apiErr.Write(w)
 		return nil
@@ -126,6 +126,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	return err
+}
+
+// routePath is the path to route on: the escaped form when the client
+// escaped anything (RawPath is set), so that /v1/chat%2Fcompletions is not
+// taken for /v1/chat/completions.
+func routePath(r *http.Request) string {
+	if r.URL.RawPath != "" {
+		return r.URL.RawPath
+	}
+	return r.URL.Path
 }
 
 // Interface guards

@@ -65,8 +65,14 @@ func (e *APIError) sseEvent() []byte {
 	return append(e.appendJSON(b), "\n\n"...)
 }
 
+// maxEchoedPath bounds how much of a caller's path an error repeats.
+const maxEchoedPath = 200
+
 // NotFound answers a path the proxy does not serve.
 func NotFound(method, path string) *APIError {
+	if len(path) > maxEchoedPath {
+		path = path[:maxEchoedPath] + "…"
+	}
 	return &APIError{
 		Status:  http.StatusNotFound,
 		Type:    TypeInvalidRequest,

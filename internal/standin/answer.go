@@ -161,7 +161,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	h.Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
 
-	e := events{w: w, rc: http.NewResponseController(w), r: r, delay: b.ChunkDelay, buf: s.getBuf()}
+	e := events{w: w, rc: http.NewResponseController(w), done: r.Context().Done(), delay: b.ChunkDelay, buf: s.getBuf()}
 	defer s.putBuf(e.buf)
 	defer e.stop()
 
@@ -210,7 +210,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 type events struct {
 	w     http.ResponseWriter
 	rc    *http.ResponseController
-	r     *http.Request
+	done  <-chan struct{} // closed when the client is gone
 	delay time.Duration
 	timer *time.Timer // reused between events
 	sent  int
@@ -231,7 +231,7 @@ func (e *events) send(ev []byte) bool {
 		}
 		select {
 		case <-e.timer.C:
-		case <-e.r.Context().Done():
+		case <-e.done:
 			return false
 		}
 	}

@@ -148,7 +148,7 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	out := s.getBuf()
 	defer s.putBuf(out)
 	*out = a.appendWhole(*out)
-	s.writeJSON(w, *out)
+	writeJSON(w, *out)
 }
 
 func (s *Server) embeddings(w http.ResponseWriter, body []byte) {
@@ -202,7 +202,7 @@ func (s *Server) embeddings(w http.ResponseWriter, body []byte) {
 	o = append(o, `,"total_tokens":`...)
 	o = strconv.AppendInt(o, int64(tokens), 10)
 	*out = append(o, "}}"...)
-	s.writeJSON(w, *out)
+	writeJSON(w, *out)
 }
 
 // usage answers with organisation-wide figures, which a proxy must not show
@@ -217,7 +217,7 @@ func (s *Server) usage(w http.ResponseWriter) {
 	o = strconv.AppendInt(o, answered, 10)
 	o = append(o, `,"total_tokens":`...)
 	o = strconv.AppendInt(o, prompt+answered, 10)
-	s.writeJSON(w, append(o, '}'))
+	writeJSON(w, append(o, '}'))
 }
 
 // decode parses a JSON request body, answering 400 if it cannot.

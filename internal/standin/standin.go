@@ -36,6 +36,7 @@ const (
 	// DefaultMaxTokens is the answer length when a request sets no limit.
 	DefaultMaxTokens = 16
 
+	rateLimitValue = "10000" // RateLimit, preformatted for the header
 	maxBodyBytes   = 16 << 20
 	maxTokensLimit = 16384
 	maxChoices     = 128
@@ -88,6 +89,7 @@ type Behavior struct {
 // Request is a request as the server received it.
 type Request struct {
 	Method   string
+	Host     string // the Host header, which net/http keeps out of Header
 	Path     string
 	RawQuery string
 	Header   http.Header
@@ -247,7 +249,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case st.fail():
 		writeFailure(w, b)
 	case b.Garbage:
-		s.writeJSON(w, []byte("<html><body>Vigthoria stand-in: this is not JSON</body></html>\n"))
+		writeJSON(w, []byte("<html><body>Vigthoria stand-in: this is not JSON</body></html>\n"))
 	case readErr != nil:
 		if _, tooBig := errors.AsType[*http.MaxBytesError](readErr); tooBig {
 			writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large", "", "The request body is too large.")
@@ -262,6 +264,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (s *Server) record(r *http.Request, body []byte, now time.Time) {
 	req := Request{
 		Method:   r.Method,
+		Host:     r.Host,
 		Path:     r.URL.Path,
 		RawQuery: r.URL.RawQuery,
 		Header:   r.Header.Clone(),
@@ -273,14 +276,21 @@ func (s *Server) record(r *http.Request, body []byte, now time.Time) {
 	s.mu.Unlock()
 }
 
-// setCommonHeaders sets the headers every answer carries. The keys are
-// spelled canonically so Set does not allocate to canonicalise them.
+// setCommonHeaders sets the headers every answer carries.
 func (s *Server) setCommonHeaders(h http.Header, now time.Time) {
 	id := append(make([]byte, 0, 20), "req_"...)
-	h.Set("X-Request-Id", string(appendHex(id, s.seq.Add(1))))
-	h.Set("X-Ratelimit-Limit", strconv.Itoa(RateLimit))
-	h.Set("X-Ratelimit-Remaining", strconv.FormatInt(s.remaining(now.Unix()), 10))
-	h.Set("X-Ratelimit-Reset", strconv.FormatInt((now.Unix()/60+1)*60, 10))
+	// One backing array for all values instead of one slice per Set; the
+	// keys are canonical, as direct assignment requires.
+	v := []string{
+		string(appendHex(id, s.seq.Add(1))),
+		rateLimitValue,
+		strconv.FormatInt(s.remaining(now.Unix()), 10),
+		strconv.FormatInt((now.Unix()/60+1)*60, 10),
+	}
+	h["X-Request-Id"] = v[0:1:1]
+	h["X-Ratelimit-Limit"] = v[1:2:2]
+	h["X-Ratelimit-Remaining"] = v[2:3:3]
+	h["X-Ratelimit-Reset"] = v[3:4:4]
 }
 
 // remaining counts this request against the current minute and returns what
@@ -320,7 +330,7 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request, body []byte, b *B
 		}
 	case "/models":
 		if allow(w, r, http.MethodGet) {
-			s.writeJSON(w, s.list)
+			writeJSON(w, s.list)
 		}
 	case "/usage":
 		if allow(w, r, http.MethodGet) {
@@ -340,7 +350,7 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request, body []byte, b *B
 			writeModelNotFound(w, id)
 			return
 		}
-		s.writeJSON(w, m.object)
+		writeJSON(w, m.object)
 	}
 }
 
@@ -356,7 +366,7 @@ func allow(w http.ResponseWriter, r *http.Request, method string) bool {
 }
 
 // writeJSON writes a 200 answer with a JSON body.
-func (s *Server) writeJSON(w http.ResponseWriter, body []byte) {
+func writeJSON(w http.ResponseWriter, body []byte) {
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))

@@ -1,0 +1,36 @@
+# Everything a fresh machine needs is installed by these targets themselves.
+SHELL := /bin/bash
+GO    ?= go
+
+GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
+
+.PHONY: run test build deps vet clean
+
+## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
+## upstream and the proxy in front of it. With it: the real API,
+## configured by Caddyfile.example.
+run: build
+	@if [ -z "$$VIGTHORIA_API_KEY" ]; then \
+		$(GO) run ./internal/cmd/demo -caddy ./caddy -config Caddyfile.example; \
+	else \
+		./caddy run --config Caddyfile.example --adapter caddyfile; \
+	fi
+
+## test: vet and run every test with the race detector.
+test: deps
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 25m ./...
+
+## build: ./caddy with this module, built by xcaddy from xcaddy.json.
+build: caddy
+
+caddy: xcaddy.json go.mod go.sum $(GO_SOURCES) | deps
+	$(GO) run ./internal/cmd/build -config xcaddy.json -o caddy
+
+## deps: Go modules (Debian packages join here as features need them).
+deps:
+	@command -v $(GO) >/dev/null || { echo "Go 1.26 is required: https://go.dev/dl/" >&2; exit 1; }
+	$(GO) mod download
+
+clean:
+	rm -f caddy

@@ -1,0 +1,185 @@
+package tests
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+)
+
+const (
+	serverKey = "vig-server-key-0123456789abcdefSECRET"
+	clientKey = "client-key-that-must-not-travel-42"
+	model     = "vigthoria-fast-1"
+)
+
+// env is one test's world: a stand-in upstream, Caddy in front of it, and
+// a client pointed at Caddy.
+type env struct {
+	upstream *standin.Server
+	server   *httptest.Server
+	caddy    *harness.Caddy
+	client   openai.Client
+}
+
+// start runs a stand-in with serverKey and Caddy with the vigthoria block
+// built from extra lines; the block's api_key comes from the environment.
+func start(t *testing.T, extra ...string) *env {
+	t.Helper()
+	up := standin.New(standin.Options{APIKey: serverKey})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	return startWith(t, up, srv, srv.URL+"/v1", extra...)
+}
+
+func startWith(t *testing.T, up *standin.Server, srv *httptest.Server, upstreamURL string, extra ...string) *env {
+	t.Helper()
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	c := harness.StartCaddy(t, vigthoriaBlock(upstreamURL, "{env.VIGTHORIA_TEST_KEY}", extra...))
+	return &env{upstream: up, server: srv, caddy: c, client: newClient(c.URL, clientKey)}
+}
+
+func vigthoriaBlock(upstream, apiKey string, extra ...string) string {
+	lines := []string{"upstream " + upstream, "api_key " + apiKey}
+	lines = append(lines, extra...)
+	return "\tvigthoria {\n\t\t" + strings.Join(lines, "\n\t\t") + "\n\t}"
+}
+
+func newClient(baseURL, key string) openai.Client {
+	return openai.NewClient(
+		option.WithBaseURL(baseURL+"/v1/"),
+		option.WithAPIKey(key),
+		option.WithMaxRetries(0),
+	)
+}
+
+func chatParams(prompt string) openai.ChatCompletionNewParams {
+	return openai.ChatCompletionNewParams{
+		Model:    model,
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(prompt)},
+	}
+}
+
+// do sends a raw request to the proxy.
+func (e *env) do(t *testing.T, method, path string, body io.Reader, header http.Header) *http.Response {
+	t.Helper()
+	req, err := http.NewRequestWithContext(t.Context(), method, e.caddy.URL+path, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	t.Cleanup(func() { res.Body.Close() })
+	return res
+}
+
+// apiError is the proxy's and the API's error shape.
+type apiError struct {
+	Error struct {
+		Message string `json:"message"`
+		Type    string `json:"type"`
+		Code    string `json:"code"`
+	} `json:"error"`
+}
+
+// wantAPIError asserts res is an error in the API's shape with status and code.
+func wantAPIError(t *testing.T, res *http.Response, status int, code string) apiError {
+	t.Helper()
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StatusCode != status {
+		t.Errorf("status = %d, want %d (body %s)", res.StatusCode, status, body)
+	}
+	if ct := res.Header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type = %q, want application/json", ct)
+	}
+	var e apiError
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&e); err != nil {
+		t.Fatalf("body %s is not the API's error shape: %v", body, err)
+	}
+	if e.Error.Code != code || e.Error.Type == "" || e.Error.Message == "" {
+		t.Errorf("error = %+v, want code %q with type and message", e.Error, code)
+	}
+	return e
+}
+
+// wantOpenAIError asserts err is the client library's typed API error.
+func wantOpenAIError(t *testing.T, err error, status int, code string) *openai.Error {
+	t.Helper()
+	var oe *openai.Error
+	if !errors.As(err, &oe) {
+		t.Fatalf("error = %v (%T), want *openai.Error", err, err)
+	}
+	if oe.StatusCode != status || oe.Code != code {
+		t.Errorf("got status %d code %q, want %d %q", oe.StatusCode, oe.Code, status, code)
+	}
+	return oe
+}
+
+// wantUpstreamCalls asserts how many requests the upstream received.
+func (e *env) wantUpstreamCalls(t *testing.T, want int) {
+	t.Helper()
+	if got := e.upstream.Count(); got != want {
+		t.Errorf("upstream received %d requests, want %d", got, want)
+	}
+}
+
+// lastRequest returns the last request the upstream received.
+func (e *env) lastRequest(t *testing.T) standin.Request {
+	t.Helper()
+	reqs := e.upstream.Requests()
+	if len(reqs) == 0 {
+		t.Fatal("the upstream received no request")
+	}
+	return reqs[len(reqs)-1]
+}
+
+// wantNoClientSecrets asserts that nothing of the client's credentials,
+// and nothing but the server key, reached the upstream.
+func wantNoClientSecrets(t *testing.T, r standin.Request) {
+	t.Helper()
+	if got := r.Header.Get("Authorization"); got != "Bearer "+serverKey {
+		t.Errorf("upstream Authorization = %q, want the server key", got)
+	}
+	if len(r.Header.Values("Authorization")) != 1 {
+		t.Errorf("upstream got %d Authorization headers, want 1", len(r.Header.Values("Authorization")))
+	}
+	for name, values := range r.Header {
+		for _, v := range values {
+			if strings.Contains(v, clientKey) {
+				t.Errorf("client key reached the upstream in %s", name)
+			}
+		}
+	}
+	if strings.Contains(string(r.Body), clientKey) || strings.Contains(r.RawQuery, clientKey) {
+		t.Error("client key reached the upstream in the body or query")
+	}
+}
+
+func jsonBody(v any) io.Reader {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(fmt.Sprint("marshalling test body: ", err))
+	}
+	return bytes.NewReader(b)
+}
