@@ -74,7 +74,7 @@ func (b *sseBody) fill() {
 		b.buf = append(b.buf, 0)[:len(b.buf)]
 	}
 	n, err := b.src.Read(b.buf[len(b.buf):cap(b.buf)])
-	scanFrom := max(len(b.buf)-3, b.ready)
+	scanFrom := max(len(b.buf)-2, b.ready)
 	b.buf = b.buf[:len(b.buf)+n]
 	b.scan(scanFrom)
 	if len(b.buf)-b.ready > maxEventSize {
@@ -99,19 +99,25 @@ func (b *sseBody) fill() {
 	}
 }
 
-// scan advances ready past each event that ends in buf[from:], noting [DONE].
+// scan advances ready past each event that ends in buf[from:], noting
+// [DONE]. An event ends with an empty line: "\n\n" or "\n\r\n".
 func (b *sseBody) scan(from int) {
 	for {
-		i := bytes.Index(b.buf[from:], []byte("\n\n"))
-		j := bytes.Index(b.buf[from:], []byte("\r\n\r\n"))
-		end := -1
-		switch {
-		case i >= 0 && (j < 0 || i < j):
-			end = from + i + 2
-		case j >= 0:
-			end = from + j + 4
-		default:
+		i := bytes.IndexByte(b.buf[from:], '\n')
+		if i < 0 {
 			return
+		}
+		nl := from + i
+		end := -1
+		switch rest := b.buf[nl+1:]; {
+		case len(rest) >= 1 && rest[0] == '\n':
+			end = nl + 2
+		case len(rest) >= 2 && rest[0] == '\r' && rest[1] == '\n':
+			end = nl + 3
+		}
+		if end < 0 {
+			from = nl + 1
+			continue
 		}
 		if bytes.HasPrefix(bytes.TrimLeft(b.buf[b.ready:end], "\r\n"), doneEvent) {
 			b.done = true

@@ -1,0 +1,187 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap"
+)
+
+// chunkedReader returns its chunks one Read at a time, then err.
+type chunkedReader struct {
+	chunks []string
+	err    error
+}
+
+func (r *chunkedReader) Read(p []byte) (int, error) {
+	if len(r.chunks) == 0 {
+		return 0, r.err
+	}
+	n := copy(p, r.chunks[0])
+	if n < len(r.chunks[0]) {
+		r.chunks[0] = r.chunks[0][n:]
+	} else {
+		r.chunks = r.chunks[1:]
+	}
+	return n, nil
+}
+
+func (r *chunkedReader) Close() error { return nil }
+
+const errorEvent = `data: {"error":{"message":"The upstream API failed while streaming the answer. The answer is incomplete.","type":"api_error","code":"upstream_stream_failed"}}` + "\n\n"
+
+func TestSSEBody(t *testing.T) {
+	cases := []struct {
+		name   string
+		chunks []string
+		err    error
+		want   string
+	}{
+		{
+			name:   "whole events pass unchanged",
+			chunks: []string{"data: {\"a\":1}\n\n", "data: {\"a\":2}\n\n", "data: [DONE]\n\n"},
+			err:    io.EOF,
+			want:   "data: {\"a\":1}\n\ndata: {\"a\":2}\n\ndata: [DONE]\n\n",
+		},
+		{
+			name:   "events split across reads are joined",
+			chunks: []string{"da", "ta: {\"a\":1}\n", "\nda", "ta: [DONE]\n\n"},
+			err:    io.EOF,
+			want:   "data: {\"a\":1}\n\ndata: [DONE]\n\n",
+		},
+		{
+			name:   "CRLF framing",
+			chunks: []string{"data: {\"a\":1}\r\n\r\n", "data: [DONE]\r\n\r\n"},
+			err:    io.EOF,
+			want:   "data: {\"a\":1}\r\n\r\ndata: [DONE]\r\n\r\n",
+		},
+		{
+			name:   "comments and event fields pass",
+			chunks: []string{": keep-alive\n\nevent: x\ndata: {}\n\n", "data: [DONE]\n\n"},
+			err:    io.EOF,
+			want:   ": keep-alive\n\nevent: x\ndata: {}\n\ndata: [DONE]\n\n",
+		},
+		{
+			name:   "broken mid-event: torn event dropped, error event added",
+			chunks: []string{"data: {\"a\":1}\n\n", "data: {\"a\":"},
+			err:    errors.New("connection reset by peer"),
+			want:   "data: {\"a\":1}\n\n" + errorEvent,
+		},
+		{
+			name:   "closed without [DONE] is a failure",
+			chunks: []string{"data: {\"a\":1}\n\n"},
+			err:    io.EOF,
+			want:   "data: {\"a\":1}\n\n" + errorEvent,
+		},
+		{
+			name:   "closed mid-event after [DONE] is a failure",
+			chunks: []string{"data: [DONE]\n\n", "data: {"},
+			err:    io.EOF,
+			want:   "data: [DONE]\n\n" + errorEvent,
+		},
+		{
+			name: "nothing at all is a failure",
+			err:  io.ErrUnexpectedEOF,
+			want: errorEvent,
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			src := &chunkedReader{chunks: append([]string(nil), tc.chunks...), err: tc.err}
+			b := newSSEBody(context.Background(), src, zap.NewNop())
+			defer b.Close()
+			got, err := io.ReadAll(b)
+			if err != nil {
+				t.Fatalf("ReadAll: %v, want a clean end", err)
+			}
+			if string(got) != tc.want {
+				t.Errorf("got  %q\nwant %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSSEBodyPassesErrorWhenClientLeft(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	gone := errors.New("context canceled")
+	b := newSSEBody(ctx, &chunkedReader{chunks: []string{"data: {}\n\n", "data: {"}, err: gone}, zap.NewNop())
+	defer b.Close()
+	got, err := io.ReadAll(b)
+	if !errors.Is(err, gone) {
+		t.Errorf("err = %v, want the read error passed on", err)
+	}
+	if string(got) != "data: {}\n\n" {
+		t.Errorf("got %q, want only the whole event", got)
+	}
+}
+
+func TestSSEBodySmallReads(t *testing.T) {
+	// The reader of the body may ask for fewer bytes than an event holds.
+	src := &chunkedReader{chunks: []string{"data: " + strings.Repeat("x", 100) + "\n\ndata: [DONE]\n\n"}, err: io.EOF}
+	b := newSSEBody(context.Background(), src, zap.NewNop())
+	defer b.Close()
+	var got []byte
+	p := make([]byte, 7)
+	for {
+		n, err := b.Read(p)
+		got = append(got, p[:n]...)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if want := "data: " + strings.Repeat("x", 100) + "\n\ndata: [DONE]\n\n"; string(got) != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
+
+func TestSSEBodyLongEventIsBounded(t *testing.T) {
+	long := "data: " + strings.Repeat("y", maxEventSize+10)
+	src := &chunkedReader{chunks: []string{long, "\n\ndata: [DONE]\n\n"}, err: io.EOF}
+	b := newSSEBody(context.Background(), src, zap.NewNop())
+	defer b.Close()
+	got, err := io.ReadAll(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := long + "\n\ndata: [DONE]\n\n"; string(got) != want {
+		t.Errorf("an event over the bound was changed: got %d bytes, want %d", len(got), len(want))
+	}
+}
+
+func TestRoute(t *testing.T) {
+	cases := []struct {
+		method, path string
+		wantID       int
+		wantStatus   int
+	}{
+		{"POST", "/v1/chat/completions", ChatCompletions, 0},
+		{"POST", "/v1/completions", Completions, 0},
+		{"GET", "/v1/models", Models, 0},
+		{"POST", "/v1/embeddings", Embeddings, 0},
+		{"GET", "/v1/usage", Usage, 0},
+		{"GET", "/v1/chat/completions", 0, 405},
+		{"POST", "/v1/usage", 0, 405},
+		{"GET", "/v1/files", 0, 404},
+		{"GET", "/v2/models", 0, 404},
+		{"GET", "", 0, 404},
+	}
+	for _, tc := range cases {
+		ep, err := Route(tc.method, tc.path)
+		switch {
+		case tc.wantStatus != 0 && (err == nil || err.Status != tc.wantStatus):
+			t.Errorf("Route(%s %s) = %v, want status %d", tc.method, tc.path, err, tc.wantStatus)
+		case tc.wantStatus == 0 && (err != nil || ep.ID != tc.wantID):
+			t.Errorf("Route(%s %s) = %v %v, want endpoint %d", tc.method, tc.path, ep, err, tc.wantID)
+		}
+	}
+	if _, err := Route("GET", "/"+strings.Repeat("a", 5000)); len(err.Message) > 300 {
+		t.Errorf("a long path is echoed whole: %d bytes", len(err.Message))
+	}
+}
