@@ -1,0 +1,124 @@
+package limiter
+
+import (
+	"context"
+	"time"
+)
+
+// Limits are one tier's limits. A zero field sets no limit, so the zero
+// Limits admits everything.
+type Limits struct {
+	Requests   Rate  // requests per window
+	Tokens     Rate  // prompt and completion tokens per window
+	Concurrent int   // requests in flight at once
+	Quota      Quota // tokens per calendar day or month
+}
+
+// Period is the calendar period of a quota, in UTC.
+type Period uint8
+
+const (
+	Day Period = iota + 1
+	Month
+)
+
+// Start returns the start of the period holding t, in UTC.
+func (p Period) Start(t time.Time) time.Time {
+	y, m, d := t.UTC().Date()
+	if p == Month {
+		d = 1
+	}
+	return time.Date(y, m, d, 0, 0, 0, 0, time.UTC)
+}
+
+// End returns the end of the period holding t: the next one's start.
+func (p Period) End(t time.Time) time.Time {
+	s := p.Start(t)
+	if p == Month {
+		return s.AddDate(0, 1, 0)
+	}
+	return s.AddDate(0, 0, 1)
+}
+
+func (p Period) String() string {
+	switch p {
+	case Day:
+		return "day"
+	case Month:
+		return "month"
+	}
+	return "none"
+}
+
+// Quota is a number of tokens allowed per calendar period. The zero Quota
+// is no limit.
+type Quota struct {
+	N      int64
+	Period Period
+}
+
+// Unlimited reports whether q sets no limit.
+func (q Quota) Unlimited() bool { return q.N <= 0 || q.Period == 0 }
+
+// Reason names the limit that refused a request.
+type Reason uint8
+
+const (
+	Admitted Reason = iota
+	RequestLimit
+	TokenLimit
+	ConcurrencyLimit
+	QuotaLimit
+	// TooLarge is a request that asks more tokens than the tier's token
+	// burst: no wait can admit it.
+	TooLarge
+)
+
+func (r Reason) String() string {
+	return [...]string{"admitted", "requests", "tokens", "concurrency", "quota", "too_large"}[r]
+}
+
+// State is a client's standing against its tier's limits, for headers and
+// /v1/usage. Fields of a limit the tier does not set are zero.
+type State struct {
+	RequestsRemaining int64
+	RequestsReset     time.Duration // until the request bucket is full
+	TokensRemaining   int64
+	TokensReset       time.Duration
+	QuotaUsed         int64
+	QuotaReset        time.Time // end of the current quota period
+	InFlight          int
+}
+
+// Decision is what Admit decided.
+type Decision struct {
+	Reason Reason // Admitted, or the limit that refused
+	// RetryAfter is how long until the same request would be admitted;
+	// negative when waiting cannot help (TooLarge).
+	RetryAfter time.Duration
+	State
+}
+
+// Limiter decides whether a client may make a request, and accounts for
+// what it used. A backend is one implementation: in memory for one
+// instance, Redis for a fleet.
+type Limiter interface {
+	// Admit checks every limit at now and, when all pass, counts one
+	// request, reserves the estimated tokens against the token rate and
+	// quota, and takes a concurrency slot. A refused request takes nothing.
+	Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error)
+
+	// Settle ends an admitted request: the tokens it really used replace
+	// its reservation (a refund or an extra charge) and its slot is freed.
+	// Every admitted request is settled exactly once, whatever happened.
+	Settle(ctx context.Context, client string, lim *Limits, reserved, used int64, now time.Time) error
+
+	// State returns the client's standing at now without changing it.
+	State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error)
+}
+
+// QuotaCounter tells how many tokens a client used since a time, so that a
+// quota survives a restart. The usage ledger implements it.
+type QuotaCounter interface {
+	QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error)
+}

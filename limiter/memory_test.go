@@ -1,0 +1,211 @@
+package limiter
+
+import (
+	"context"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2026, 3, 31, 23, 0, 0, 0, time.UTC)
+
+func TestMemoryExactUnderConcurrency(t *testing.T) {
+	m := NewMemory(nil, 1000)
+	lim := &Limits{Requests: Rate{N: 100, Window: time.Minute, Burst: 100}}
+	var admitted atomic.Int64
+	var wg sync.WaitGroup
+	for range 50 {
+		wg.Go(func() {
+			for range 10 {
+				d, err := m.Admit(t.Context(), "c", lim, 0, t0)
+				if err != nil {
+					t.Error(err)
+				}
+				if d.Reason == Admitted {
+					admitted.Add(1)
+					m.Settle(t.Context(), "c", lim, 0, 0, t0)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if got := admitted.Load(); got != 100 {
+		t.Fatalf("admitted %d of 500, want exactly 100", got)
+	}
+	// The rate refills 100 a minute: after 6s exactly 10 more.
+	later := t0.Add(6 * time.Second)
+	n := 0
+	for range 50 {
+		if d, _ := m.Admit(t.Context(), "c", lim, 0, later); d.Reason == Admitted {
+			n++
+		}
+	}
+	if n != 10 {
+		t.Errorf("after 6s admitted %d, want exactly 10", n)
+	}
+}
+
+func TestMemoryRefusalReasons(t *testing.T) {
+	ctx := context.Background()
+	cases := []struct {
+		name    string
+		lim     Limits
+		setup   func(m *Memory, lim *Limits)
+		reserve int64
+		want    Reason
+		retry   time.Duration
+	}{
+		{
+			name: "requests", lim: Limits{Requests: Rate{N: 60, Window: time.Minute, Burst: 1}},
+			setup: func(m *Memory, lim *Limits) { m.Admit(ctx, "c", lim, 0, t0) },
+			want:  RequestLimit, retry: time.Second,
+		},
+		{
+			name: "tokens", lim: Limits{Tokens: Rate{N: 1000, Window: time.Minute}},
+			setup:   func(m *Memory, lim *Limits) { m.Admit(ctx, "c", lim, 900, t0) },
+			reserve: 200, want: TokenLimit, retry: 6 * time.Second,
+		},
+		{
+			name: "more than the token burst", lim: Limits{Tokens: Rate{N: 1000, Window: time.Minute}},
+			reserve: 1001, want: TooLarge, retry: -1,
+		},
+		{
+			name: "concurrency", lim: Limits{Concurrent: 2},
+			setup: func(m *Memory, lim *Limits) { m.Admit(ctx, "c", lim, 0, t0); m.Admit(ctx, "c", lim, 0, t0) },
+			want:  ConcurrencyLimit, retry: time.Second,
+		},
+		{
+			name: "daily quota", lim: Limits{Quota: Quota{N: 100, Period: Day}},
+			setup:   func(m *Memory, lim *Limits) { m.Admit(ctx, "c", lim, 90, t0) },
+			reserve: 20, want: QuotaLimit, retry: time.Hour,
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := NewMemory(nil, 100)
+			if tc.setup != nil {
+				tc.setup(m, &tc.lim)
+			}
+			before, _ := m.State(ctx, "c", &tc.lim, t0)
+			d, err := m.Admit(ctx, "c", &tc.lim, tc.reserve, t0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Reason != tc.want || d.RetryAfter != tc.retry {
+				t.Errorf("got %v retry %v, want %v retry %v", d.Reason, d.RetryAfter, tc.want, tc.retry)
+			}
+			if after, _ := m.State(ctx, "c", &tc.lim, t0); after != before {
+				t.Errorf("a refusal changed the state: %+v → %+v", before, after)
+			}
+		})
+	}
+}
+
+func TestMemorySettleReplacesReservation(t *testing.T) {
+	ctx := context.Background()
+	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Minute}, Quota: Quota{N: 5000, Period: Month}, Concurrent: 1}
+	m := NewMemory(nil, 100)
+	d, _ := m.Admit(ctx, "c", lim, 500, t0)
+	if d.Reason != Admitted || d.TokensRemaining != 500 || d.QuotaUsed != 500 || d.InFlight != 1 {
+		t.Fatalf("after admit: %+v, want 500 reserved and 1 in flight", d)
+	}
+	m.Settle(ctx, "c", lim, 500, 120, t0) // used less: refund
+	s, _ := m.State(ctx, "c", lim, t0)
+	if s.TokensRemaining != 880 || s.QuotaUsed != 120 || s.InFlight != 0 {
+		t.Errorf("after settling 120 of 500: %+v, want 880 left, quota 120, none in flight", s)
+	}
+	m.Admit(ctx, "c", lim, 100, t0)
+	m.Settle(ctx, "c", lim, 100, 1100, t0) // used more: charged, into debt
+	s, _ = m.State(ctx, "c", lim, t0)
+	if s.TokensRemaining != 0 || s.QuotaUsed != 1220 {
+		t.Errorf("after settling 1100 of 100: %+v, want 0 left, quota 1220", s)
+	}
+	if d, _ := m.Admit(ctx, "c", lim, 1, t0); d.Reason != TokenLimit || d.RetryAfter != 13*time.Second+260*time.Millisecond {
+		t.Errorf("in debt: %v retry %v, want tokens for 13.26s (221 tokens at 1000/min)", d.Reason, d.RetryAfter)
+	}
+}
+
+type fakeLedger map[string]int64
+
+func (f fakeLedger) QuotaUsed(_ context.Context, client string, since time.Time) (int64, error) {
+	return f[client+"@"+since.Format(time.DateOnly)], nil
+}
+
+func TestMemoryQuotaFromLedgerAndRollover(t *testing.T) {
+	ctx := context.Background()
+	lim := &Limits{Quota: Quota{N: 1000, Period: Month}}
+	ledger := fakeLedger{"c@2026-03-01": 990, "c@2026-04-01": 5}
+	m := NewMemory(ledger, 100)
+	if d, _ := m.Admit(ctx, "c", lim, 20, t0); d.Reason != QuotaLimit || d.RetryAfter != time.Hour {
+		t.Fatalf("990 used by the ledger + 20: %v retry %v, want quota until the month ends in 1h", d.Reason, d.RetryAfter)
+	}
+	if d, _ := m.Admit(ctx, "c", lim, 10, t0); d.Reason != Admitted || d.QuotaUsed != 1000 {
+		t.Fatalf("990 + 10: %+v, want admitted at exactly 1000", d)
+	}
+	april := t0.Add(2 * time.Hour)
+	if d, _ := m.Admit(ctx, "c", lim, 20, april); d.Reason != Admitted || d.QuotaUsed != 25 {
+		t.Errorf("new month: %+v, want admitted with the ledger's 5 + 20", d)
+	}
+}
+
+func TestMemoryForgetsIdleClientsAndStaysBounded(t *testing.T) {
+	ctx := context.Background()
+	lim := &Limits{Requests: Rate{N: 10, Window: time.Second}}
+	m := NewMemory(nil, 256*100)
+	for i := range 100_000 {
+		c := "c" + strconv.Itoa(i)
+		m.Admit(ctx, c, lim, 0, t0)
+		m.Settle(ctx, c, lim, 0, 0, t0)
+	}
+	if n := m.Clients(); n > 256*100 {
+		t.Errorf("remembering %d clients, bound %d", n, 256*100)
+	}
+	// A second later every bucket is full again: traffic of other clients,
+	// over every shard, sweeps the idle ones away.
+	later := t0.Add(time.Second)
+	const active = 2560
+	for i := range 256 * sweepEvery * 8 {
+		c := "d" + strconv.Itoa(i%active)
+		m.Admit(ctx, c, lim, 0, later)
+		m.Settle(ctx, c, lim, 0, 0, later)
+	}
+	if n := m.Clients(); n > active+256*100/10 {
+		t.Errorf("after idle time, %d clients remembered, want about the %d active ones", n, active)
+	}
+}
+
+func BenchmarkMemoryAdmitSettle(b *testing.B) {
+	const clients = 1_000_000
+	ctx := context.Background()
+	lim := &Limits{
+		Requests: Rate{N: 600, Window: time.Minute}, Tokens: Rate{N: 400_000, Window: time.Minute},
+		Concurrent: 20, Quota: Quota{N: 50_000_000, Period: Month},
+	}
+	names := make([]string, clients)
+	for i := range names {
+		names[i] = "key_" + strconv.Itoa(i)
+	}
+	m := NewMemory(nil, 2*clients)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for _, c := range names {
+		m.Admit(ctx, c, lim, 100, t0)
+		m.Settle(ctx, c, lim, 100, 80, t0)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	perClient := float64(after.HeapAlloc-before.HeapAlloc) / clients
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c := names[i%clients]
+		i++
+		m.Admit(ctx, c, lim, 100, t0)
+		m.Settle(ctx, c, lim, 100, 80, t0)
+	}
+	b.ReportMetric(perClient, "bytes/client")
+}
