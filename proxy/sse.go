@@ -36,11 +36,12 @@ type sseBody struct {
 	ready int
 	done  bool  // saw data: [DONE]
 	err   error // returned once buf[start:ready] is empty
+	tap   *tap  // nil: nothing to count or strip
 }
 
-func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger) *sseBody {
+func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger, t *tap) *sseBody {
 	bufp := ssePool.Get().(*[]byte)
-	return &sseBody{src: src, ctx: ctx, logger: logger, bufp: bufp, buf: (*bufp)[:0]}
+	return &sseBody{src: src, ctx: ctx, logger: logger, bufp: bufp, buf: (*bufp)[:0], tap: t}
 }
 
 func (b *sseBody) Read(p []byte) (int, error) {
@@ -119,11 +120,44 @@ func (b *sseBody) scan(from int) {
 			from = nl + 1
 			continue
 		}
-		if bytes.HasPrefix(bytes.TrimLeft(b.buf[b.ready:end], "\r\n"), doneEvent) {
-			b.done = true
-		}
+		end = b.event(b.ready, end)
 		b.ready, from = end, end
 	}
+}
+
+var (
+	emptyChoices = []byte(`"choices":[]`)
+	contentKey   = []byte(`"content":"`)
+	textKey      = []byte(`"text":"`)
+)
+
+// event looks at the whole event buf[start:end]: notes [DONE], counts
+// content, reads usage, and drops the usage-only chunk the client did not
+// ask for. It returns where the event now ends.
+func (b *sseBody) event(start, end int) int {
+	ev := bytes.TrimLeft(b.buf[start:end], "\r\n")
+	if bytes.HasPrefix(ev, doneEvent) {
+		b.done = true
+		return end
+	}
+	t := b.tap
+	if t == nil {
+		return end
+	}
+	if hasContent(ev, contentKey) || hasContent(ev, textKey) {
+		t.usage.Chunks++
+	}
+	if bytes.Contains(ev, usageKey) && parseUsage(ev, t.usage) && t.stripUsage && bytes.Contains(ev, emptyChoices) {
+		b.buf = append(b.buf[:start], b.buf[end:]...)
+		return start
+	}
+	return end
+}
+
+// hasContent reports whether ev carries a non-empty string after key.
+func hasContent(ev, key []byte) bool {
+	i := bytes.Index(ev, key)
+	return i >= 0 && i+len(key) < len(ev) && ev[i+len(key)] != '"'
 }
 
 // Close closes the upstream body and returns the buffer to the pool.

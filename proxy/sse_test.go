@@ -91,7 +91,7 @@ func TestSSEBody(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			src := &chunkedReader{chunks: append([]string(nil), tc.chunks...), err: tc.err}
-			b := newSSEBody(context.Background(), src, zap.NewNop())
+			b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
 			defer b.Close()
 			got, err := io.ReadAll(b)
 			if err != nil {
@@ -108,7 +108,7 @@ func TestSSEBodyPassesErrorWhenClientLeft(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	gone := errors.New("context canceled")
-	b := newSSEBody(ctx, &chunkedReader{chunks: []string{"data: {}\n\n", "data: {"}, err: gone}, zap.NewNop())
+	b := newSSEBody(ctx, &chunkedReader{chunks: []string{"data: {}\n\n", "data: {"}, err: gone}, zap.NewNop(), nil)
 	defer b.Close()
 	got, err := io.ReadAll(b)
 	if !errors.Is(err, gone) {
@@ -122,7 +122,7 @@ func TestSSEBodyPassesErrorWhenClientLeft(t *testing.T) {
 func TestSSEBodySmallReads(t *testing.T) {
 	// The reader of the body may ask for fewer bytes than an event holds.
 	src := &chunkedReader{chunks: []string{"data: " + strings.Repeat("x", 100) + "\n\ndata: [DONE]\n\n"}, err: io.EOF}
-	b := newSSEBody(context.Background(), src, zap.NewNop())
+	b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
 	defer b.Close()
 	var got []byte
 	p := make([]byte, 7)
@@ -144,7 +144,7 @@ func TestSSEBodySmallReads(t *testing.T) {
 func TestSSEBodyLongEventIsBounded(t *testing.T) {
 	long := "data: " + strings.Repeat("y", maxEventSize+10)
 	src := &chunkedReader{chunks: []string{long, "\n\ndata: [DONE]\n\n"}, err: io.EOF}
-	b := newSSEBody(context.Background(), src, zap.NewNop())
+	b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
 	defer b.Close()
 	got, err := io.ReadAll(b)
 	if err != nil {
@@ -183,5 +183,73 @@ func TestRoute(t *testing.T) {
 	}
 	if _, err := Route("GET", "/"+strings.Repeat("a", 5000)); len(err.Message) > 300 {
 		t.Errorf("a long path is echoed whole: %d bytes", len(err.Message))
+	}
+}
+
+func TestSSEBodyTapsUsage(t *testing.T) {
+	chunk := func(content string) string {
+		return `data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"` + content + `"},"finish_reason":null}],"usage":null}` + "\n\n"
+	}
+	usageChunk := `data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}` + "\n\n"
+	stream := chunk("") + chunk("Hello") + chunk(" world") + chunk("!") + usageChunk + "data: [DONE]\n\n"
+
+	for _, strip := range []bool{false, true} {
+		u := new(AnswerUsage)
+		// Split into small reads so that events straddle them.
+		var chunks []string
+		for s := stream; len(s) > 0; {
+			n := min(37, len(s))
+			chunks, s = append(chunks, s[:n]), s[n:]
+		}
+		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), &tap{usage: u, stripUsage: strip})
+		got, err := io.ReadAll(b)
+		b.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := stream
+		if strip {
+			want = strings.Replace(stream, usageChunk, "", 1)
+		}
+		if string(got) != want {
+			t.Errorf("strip=%v: got %q\nwant %q", strip, got, want)
+		}
+		if !u.Reported || u.PromptTokens != 12 || u.CompletionTokens != 3 || u.Chunks != 3 {
+			t.Errorf("strip=%v: usage %+v, want 12+3 reported and 3 content chunks", strip, *u)
+		}
+	}
+}
+
+func TestJSONTapReadsUsageAtTheEnd(t *testing.T) {
+	body := `{"id":"x","choices":[{"message":{"content":"` + strings.Repeat("a", 20000) + `"}}],"usage":{"prompt_tokens":7,"completion_tokens":5000,"total_tokens":5007}}`
+	u := new(AnswerUsage)
+	j := &jsonTap{src: io.NopCloser(&chunkedReader{chunks: []string{body[:9000], body[9000:19000], body[19000:]}, err: io.EOF}), usage: u}
+	got, err := io.ReadAll(j)
+	if err != nil || string(got) != body {
+		t.Fatalf("the body changed or failed: %v", err)
+	}
+	if !u.Reported || u.PromptTokens != 7 || u.CompletionTokens != 5000 {
+		t.Errorf("usage = %+v, want 7 and 5000", *u)
+	}
+}
+
+func TestParseUsage(t *testing.T) {
+	cases := []struct {
+		in         string
+		ok         bool
+		prompt, cp int64
+	}{
+		{`{"usage":{"prompt_tokens":1,"completion_tokens":2}}`, true, 1, 2},
+		{`{"usage": {"completion_tokens": 9, "prompt_tokens": 4, "total_tokens": 13}}`, true, 4, 9},
+		{`{"usage":{"prompt_tokens":8,"total_tokens":8}}`, true, 8, 0}, // embeddings
+		{`{"usage":null}`, false, 0, 0},
+		{`{"choices":[]}`, false, 0, 0},
+		{`{"usage":{"prompt_tokens":"x"}}`, false, 0, 0},
+	}
+	for _, tc := range cases {
+		var u AnswerUsage
+		if ok := parseUsage([]byte(tc.in), &u); ok != tc.ok || u.PromptTokens != tc.prompt || u.CompletionTokens != tc.cp {
+			t.Errorf("parseUsage(%s) = %v %+v, want %v %d/%d", tc.in, ok, u, tc.ok, tc.prompt, tc.cp)
+		}
 	}
 }

@@ -49,8 +49,15 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			zap.Int("upstream_status", res.StatusCode))
 		return nil, errKeyRefused
 	}
-	if isEventStream(res.Header.Get("Content-Type")) {
-		res.Body = newSSEBody(req.Context(), res.Body, t.logger)
+	tp := tapFrom(req.Context())
+	if tp != nil {
+		tp.usage.Status = res.StatusCode
+	}
+	switch ct := res.Header.Get("Content-Type"); {
+	case isEventStream(ct):
+		res.Body = newSSEBody(req.Context(), res.Body, t.logger, tp)
+	case tp != nil && res.StatusCode < 300:
+		res.Body = &jsonTap{src: res.Body, usage: tp.usage}
 	}
 	return res, nil
 }

@@ -115,14 +115,19 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 }
 
 // Forward sends r, already admitted for ep, to the upstream and streams the
-// answer to w. A failure before anything was written comes back as an
+// answer to w, counting what it used into u when u is not nil; stripUsage
+// drops a stream's usage-only chunk, which the proxy asked for and the
+// client did not. A failure before anything was written comes back as an
 // *APIError for the caller to write; a stream that fails once started is
 // ended with an SSE error event.
-func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint, next caddyhttp.Handler) error {
+func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint, next caddyhttp.Handler, u *AnswerUsage, stripUsage bool) error {
 	StripClientCredentials(r.Header)
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
+	if u != nil {
+		r = r.WithContext(withTap(r.Context(), &tap{usage: u, stripUsage: stripUsage}))
+	}
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {

@@ -1,0 +1,123 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"strconv"
+)
+
+// AnswerUsage is what one answer used, filled in by the tap as the answer passes
+// through the proxy. It is read after Forward has returned.
+type AnswerUsage struct {
+	Status           int   // the upstream's status; 0 when none came
+	PromptTokens     int64 // from the upstream's usage object
+	CompletionTokens int64
+	Reported         bool  // a usage object was seen
+	Chunks           int64 // content events streamed, for charging a stream cut short
+}
+
+// Total returns prompt plus completion tokens.
+func (u *AnswerUsage) Total() int64 { return u.PromptTokens + u.CompletionTokens }
+
+// tap is what Forward tells the transport about one request.
+type tap struct {
+	usage *AnswerUsage
+	// stripUsage removes the usage-only chunk of a stream: the proxy asked
+	// for it, the client did not.
+	stripUsage bool
+}
+
+type tapKey struct{}
+
+func withTap(ctx context.Context, t *tap) context.Context {
+	return context.WithValue(ctx, tapKey{}, t)
+}
+
+func tapFrom(ctx context.Context) *tap {
+	t, _ := ctx.Value(tapKey{}).(*tap)
+	return t
+}
+
+// jsonTailSize is how much of a JSON answer's end is kept to find its
+// usage object, which OpenAI-style APIs put last.
+const jsonTailSize = 4 << 10
+
+// jsonTap passes a JSON answer through unchanged, keeping its tail, and
+// reads the usage object from it at the end.
+type jsonTap struct {
+	src   io.ReadCloser
+	usage *AnswerUsage
+	tail  []byte
+	done  bool
+}
+
+func (j *jsonTap) Read(p []byte) (int, error) {
+	n, err := j.src.Read(p)
+	if n > 0 {
+		j.keep(p[:n])
+	}
+	if err == io.EOF && !j.done {
+		j.done = true
+		parseUsage(j.tail, j.usage)
+	}
+	return n, err
+}
+
+func (j *jsonTap) keep(b []byte) {
+	if len(b) >= jsonTailSize {
+		j.tail = append(j.tail[:0], b[len(b)-jsonTailSize:]...)
+		return
+	}
+	if over := len(j.tail) + len(b) - jsonTailSize; over > 0 {
+		j.tail = append(j.tail[:0], j.tail[over:]...)
+	}
+	j.tail = append(j.tail, b...)
+}
+
+func (j *jsonTap) Close() error { return j.src.Close() }
+
+var (
+	usageKey      = []byte(`"usage":`)
+	promptKey     = []byte(`"prompt_tokens":`)
+	completionKey = []byte(`"completion_tokens":`)
+)
+
+// parseUsage reads the last "usage":{…} object in b into u, without
+// decoding the rest: a full decode of every answer would cost more than
+// the proxy itself.
+func parseUsage(b []byte, u *AnswerUsage) bool {
+	i := bytes.LastIndex(b, usageKey)
+	if i < 0 {
+		return false
+	}
+	obj := bytes.TrimLeft(b[i+len(usageKey):], " \t\r\n")
+	if len(obj) == 0 || obj[0] != '{' {
+		return false // "usage":null
+	}
+	if end := bytes.IndexByte(obj, '}'); end >= 0 {
+		obj = obj[:end]
+	}
+	p, okP := intField(obj, promptKey)
+	c, okC := intField(obj, completionKey)
+	if !okP && !okC {
+		return false
+	}
+	u.PromptTokens, u.CompletionTokens, u.Reported = p, c, true
+	return true
+}
+
+// intField reads the integer after key in obj.
+func intField(obj, key []byte) (int64, bool) {
+	i := bytes.Index(obj, key)
+	if i < 0 {
+		return 0, false
+	}
+	v := bytes.TrimLeft(obj[i+len(key):], " \t\r\n")
+	end := 0
+	for end < len(v) && v[end] >= '0' && v[end] <= '9' {
+		end++
+	}
+	n, err := strconv.ParseInt(string(v[:end]), 10, 64)
+	return n, err == nil
+}
