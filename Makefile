@@ -11,7 +11,7 @@ GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_te
 ## configured by Caddyfile.example.
 run: build
 	@if [ -z "$$VIGTHORIA_API_KEY" ]; then \
-		$(GO) run ./internal/cmd/demo -caddy ./caddy -config Caddyfile.example; \
+		$(GO) run ./internal/cmd/demo -caddy ./caddy; \
 	else \
 		./caddy run --config Caddyfile.example --adapter caddyfile; \
 	fi

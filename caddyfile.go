@@ -1,7 +1,12 @@
 package vigthoria
 
 import (
+	"errors"
+	"fmt"
 	"math"
+	"strconv"
+	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -11,7 +16,7 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(Handler{})
+	caddy.RegisterModule(new(Handler))
 	httpcaddyfile.RegisterHandlerDirective("vigthoria", parseCaddyfile)
 	// After the authentication handlers, so that their identity is known;
 	// before reverse_proxy, which it replaces for the API's routes.
@@ -27,13 +32,26 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	vigthoria {
-//		upstream       <url>        # default https://api.vigthoria.io/v1
-//		api_key        <value>      # required, e.g. {env.VIGTHORIA_API_KEY}
-//		max_body       <size>       # default 10MB
-//		header_timeout <duration>   # default none
+//		upstream       <url>                  # default https://api.vigthoria.io/v1
+//		api_key        <value>                # required, e.g. {env.VIGTHORIA_API_KEY}
+//		max_body       <size>                 # default 10MB
+//		header_timeout <duration>             # default none
+//		store          sqlite [<path>] | redis <url>   # default sqlite in Caddy's data dir
+//		tier <name> {                         # once per tier; every limit optional
+//			requests   <n>/<window> [burst <b>]
+//			tokens     <n>/<window> [burst <b>]
+//			concurrent <n>
+//			quota      <n>/day|month
+//			models     <glob>...
+//			max_tokens <n>
+//		}
+//		identity       <placeholder> [tier <name|placeholder>]
+//		anonymous      <tier>                 # default off
+//		auth_failures  <n>/<window>           # default 20/1m
 //	}
 //
-// Each subdirective may appear once; unknown ones are errors.
+// Each subdirective but tier may appear once, and each tier name once;
+// unknown ones are errors.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name
 	if d.NextArg() {
@@ -42,11 +60,53 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
 		name := d.Val()
-		if seen[name] {
+		if seen[name] && name != "tier" {
 			return d.Errf("subdirective '%s' given twice", name)
 		}
 		seen[name] = true
 		switch name {
+		case "tier":
+			if err := h.unmarshalTier(d); err != nil {
+				return err
+			}
+		case "store":
+			args := d.RemainingArgs()
+			switch {
+			case len(args) == 1 && args[0] == "sqlite":
+				// the default file
+			case len(args) == 2 && args[0] == "sqlite":
+				h.Store = "sqlite:" + args[1]
+			case len(args) == 2 && args[0] == "redis":
+				h.Store = args[1]
+			default:
+				return d.Errf("store takes 'sqlite [<path>]' or 'redis <url>', got '%s'", strings.Join(args, " "))
+			}
+		case "identity":
+			args := d.RemainingArgs()
+			switch {
+			case len(args) == 1:
+			case len(args) == 3 && args[1] == "tier":
+				h.IdentityTier = args[2]
+			default:
+				return d.Errf("identity takes '<placeholder> [tier <name>]', got '%s'", strings.Join(args, " "))
+			}
+			h.Identity = args[0]
+		case "anonymous":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			h.Anonymous = v
+		case "auth_failures":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			n, window, err := parseRate(v)
+			if err != nil {
+				return d.Errf("invalid auth_failures '%s': %v", v, err)
+			}
+			h.AuthFailLimit, h.AuthFailWindow = n, caddy.Duration(window)
 		case "upstream":
 			v, err := singleArg(d)
 			if err != nil {
@@ -84,6 +144,121 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// unmarshalTier reads `tier <name> { … }`; the block is optional.
+func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.Err("tier needs a name")
+	}
+	name := d.Val()
+	if d.NextArg() {
+		return d.Errf("tier takes one name and a block, got also '%s'", d.Val())
+	}
+	if _, dup := h.Tiers[name]; dup {
+		return d.Errf("tier '%s' given twice", name)
+	}
+	if h.Tiers == nil {
+		h.Tiers = make(map[string]*Tier)
+	}
+	t := new(Tier)
+	h.Tiers[name] = t
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("tier %s: '%s' given twice", name, sub)
+		}
+		seen[sub] = true
+		args := d.RemainingArgs()
+		var err error
+		switch sub {
+		case "requests":
+			t.Requests, err = parseTierRate(args)
+		case "tokens":
+			t.Tokens, err = parseTierRate(args)
+		case "concurrent":
+			t.Concurrent, err = parsePositive[int](args)
+		case "max_tokens":
+			t.MaxTokens, err = parsePositive[int64](args)
+		case "quota":
+			t.Quota, err = parseQuota(args)
+		case "models":
+			if len(args) == 0 {
+				err = errors.New("want at least one model glob")
+			}
+			t.Models = args
+		default:
+			return d.Errf("unknown tier subdirective '%s'", sub)
+		}
+		if err != nil {
+			return d.Errf("tier %s: invalid %s '%s': %v", name, sub, strings.Join(args, " "), err)
+		}
+	}
+	return nil
+}
+
+// parseTierRate reads "<n>/<window> [burst <b>]".
+func parseTierRate(args []string) (*Rate, error) {
+	if len(args) != 1 && !(len(args) == 3 && args[1] == "burst") {
+		return nil, errors.New("want <n>/<window> [burst <b>], such as 60/1m burst 10")
+	}
+	n, window, err := parseRate(args[0])
+	if err != nil {
+		return nil, err
+	}
+	r := &Rate{N: int64(n), Window: caddy.Duration(window)}
+	if len(args) == 3 {
+		if r.Burst, err = parsePositive[int64](args[2:]); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// parseQuota reads "<n>/day" or "<n>/month".
+func parseQuota(args []string) (*Quota, error) {
+	if len(args) != 1 {
+		return nil, errors.New("want <n>/day or <n>/month")
+	}
+	count, period, _ := strings.Cut(args[0], "/")
+	n, err := parsePositive[int64]([]string{count})
+	if err != nil {
+		return nil, err
+	}
+	if _, err := parsePeriod(period); err != nil {
+		return nil, err
+	}
+	return &Quota{N: n, Period: period}, nil
+}
+
+// parsePositive reads the one argument as a positive integer.
+func parsePositive[T int | int64](args []string) (T, error) {
+	if len(args) != 1 {
+		return 0, errors.New("want one number")
+	}
+	n, err := strconv.ParseInt(args[0], 10, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("'%s' is not a positive number", args[0])
+	}
+	return T(n), nil
+}
+
+// parseRate reads "<n>/<duration>", e.g. 20/1m.
+func parseRate(s string) (int, time.Duration, error) {
+	count, window, ok := strings.Cut(s, "/")
+	if !ok {
+		return 0, 0, errors.New("want <count>/<window>, such as 20/1m")
+	}
+	n, err := strconv.Atoi(count)
+	if err != nil || n <= 0 {
+		return 0, 0, fmt.Errorf("count '%s' is not a positive number", count)
+	}
+	dur, err := caddy.ParseDuration(window)
+	if err != nil || dur <= 0 {
+		return 0, 0, fmt.Errorf("window '%s' is not a positive duration", window)
+	}
+	return n, dur, nil
 }
 
 // singleArg returns the one argument of the current subdirective.

@@ -4,21 +4,156 @@
 package vigthoria
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
+	"path"
+	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
-// DefaultMaxBody is the default limit of a request body: 10 MB.
-const DefaultMaxBody = 10_000_000
+// Defaults of the handler's configuration.
+const (
+	DefaultMaxBody        = 10_000_000 // 10 MB
+	DefaultAuthFailLimit  = 20
+	DefaultAuthFailWindow = time.Minute
+)
+
+// maxTrackedAddrs bounds the memory of the failed-authentication throttle.
+const maxTrackedAddrs = 1 << 20
+
+var tierName = regexp.MustCompile(`^[a-z0-9_-]{1,64}$`)
+
+// keyServices holds the key stores, shared by the configs that use the same
+// store while a reload overlaps them, and closed when the last one goes.
+var keyServices = caddy.NewUsagePool()
+
+type keyService struct{ *keystore.Service }
+
+func (s keyService) Destruct() error { return s.Stop() }
+
+// limiters holds the limiters' state, which outlives config reloads; one
+// per key store, since the store's ledger holds the quotas.
+var limiters = caddy.NewUsagePool()
+
+type pooledLimiter struct{ limiter.Limiter }
+
+func (pooledLimiter) Destruct() error { return nil }
+
+// maxLimitedClients bounds the in-memory limiter: about 120 bytes each.
+const maxLimitedClients = 4 << 20
+
+// Tier is a named class of callers and its limits. Every field is
+// optional: a tier without limits admits its callers freely.
+type Tier struct {
+	// Requests allowed per window, as a token bucket: {"n":60,"window":"1m","burst":10}.
+	// Burst defaults to n.
+	Requests *Rate `json:"requests,omitempty"`
+
+	// Prompt plus completion tokens allowed per window, as a token bucket.
+	// A request reserves its estimate (prompt size plus max_tokens times n)
+	// and is then charged what the upstream reports.
+	Tokens *Rate `json:"tokens,omitempty"`
+
+	// Requests in flight at once, streams included.
+	Concurrent int `json:"concurrent,omitempty"`
+
+	// Tokens allowed per calendar day or month (UTC): {"n":1000000,"period":"day"}.
+	Quota *Quota `json:"quota,omitempty"`
+
+	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]. Default: all.
+	Models []string `json:"models,omitempty"`
+
+	// The most max_tokens a request may ask; a request without max_tokens
+	// gets this. Default: no cap, and an absent max_tokens reserves
+	// DefaultMaxTokens.
+	MaxTokens int64 `json:"max_tokens,omitempty"`
+
+	limits limiter.Limits
+}
+
+// Rate is a number allowed per window.
+type Rate struct {
+	N      int64          `json:"n"`
+	Window caddy.Duration `json:"window"`
+	Burst  int64          `json:"burst,omitempty"`
+}
+
+// Quota is a number of tokens per calendar period: "day" or "month".
+type Quota struct {
+	N      int64  `json:"n"`
+	Period string `json:"period"`
+}
+
+// DefaultMaxTokens is what a request without max_tokens reserves when its
+// tier sets no cap: settlement charges what was really used.
+const DefaultMaxTokens = 4096
+
+// provision checks the tier and derives its limiter limits.
+func (t *Tier) provision(name string) error {
+	for _, r := range []*Rate{t.Requests, t.Tokens} {
+		if r != nil && (r.N <= 0 || r.Window <= 0 || r.Burst < 0) {
+			return fmt.Errorf("tier %s: a rate needs a positive n and window", name)
+		}
+	}
+	if t.Requests != nil {
+		t.limits.Requests = limiter.Rate{N: t.Requests.N, Window: time.Duration(t.Requests.Window), Burst: t.Requests.Burst}
+	}
+	if t.Tokens != nil {
+		t.limits.Tokens = limiter.Rate{N: t.Tokens.N, Window: time.Duration(t.Tokens.Window), Burst: t.Tokens.Burst}
+	}
+	if t.Concurrent < 0 || t.MaxTokens < 0 {
+		return fmt.Errorf("tier %s: concurrent and max_tokens must be positive", name)
+	}
+	t.limits.Concurrent = t.Concurrent
+	if t.Quota != nil {
+		period, err := parsePeriod(t.Quota.Period)
+		if err != nil || t.Quota.N <= 0 {
+			return fmt.Errorf("tier %s: a quota needs a positive n and a period of day or month", name)
+		}
+		t.limits.Quota = limiter.Quota{N: t.Quota.N, Period: period}
+	}
+	for _, glob := range t.Models {
+		if _, err := path.Match(glob, ""); err != nil {
+			return fmt.Errorf("tier %s: invalid model glob '%s': %v", name, glob, err)
+		}
+	}
+	return nil
+}
+
+// allows reports whether the tier may use model.
+func (t *Tier) allows(model string) bool {
+	if len(t.Models) == 0 {
+		return true
+	}
+	for _, glob := range t.Models {
+		if ok, _ := path.Match(glob, model); ok {
+			return true
+		}
+	}
+	return false
+}
+
+func parsePeriod(s string) (limiter.Period, error) {
+	switch s {
+	case "day":
+		return limiter.Day, nil
+	case "month":
+		return limiter.Month, nil
+	}
+	return 0, fmt.Errorf("period '%s' is not day or month", s)
+}
 
 // Handler proxies the Vigthoria API. It serves only the API's five
 // endpoints under /v1 (chat/completions, completions, models, embeddings,
@@ -47,12 +182,49 @@ type Handler struct {
 	// Default: 0, no limit.
 	HeaderTimeout caddy.Duration `json:"header_timeout,omitempty"`
 
-	upstream *proxy.Upstream
-	logger   *zap.Logger
+	// Where client keys live: "sqlite:<path>" for the embedded store, or
+	// "redis://…" for a store shared by several instances. Default:
+	// sqlite:<Caddy data dir>/vigthoria/vigthoria.db
+	Store string `json:"store,omitempty"`
+
+	// The tiers callers belong to, by name ([a-z0-9_-]). A key whose tier
+	// is not here is refused with 403.
+	Tiers map[string]*Tier `json:"tiers,omitempty"`
+
+	// A placeholder naming a caller identified by an earlier Caddy auth
+	// handler, e.g. {http.auth.user.id}. When it resolves to a value, that
+	// value is the caller and no client key is needed. Default: none.
+	Identity string `json:"identity,omitempty"`
+
+	// The tier of callers found by identity: a tier name or a placeholder.
+	// Default: the only configured tier (required when there are several).
+	IdentityTier string `json:"identity_tier,omitempty"`
+
+	// The tier of callers without any credentials, who are then told apart
+	// by client address (IPv6 by /64). Default: none, such callers get 401.
+	Anonymous string `json:"anonymous,omitempty"`
+
+	// Failed authentications allowed per client address within
+	// auth_fail_window; then that address gets 429 until the window ends,
+	// before any key lookup. Default: 20.
+	AuthFailLimit int `json:"auth_fail_limit,omitempty"`
+
+	// The window of auth_fail_limit. Default: 1m.
+	AuthFailWindow caddy.Duration `json:"auth_fail_window,omitempty"`
+
+	upstream     *proxy.Upstream
+	limiter      limiter.Limiter
+	keys         *keystore.Service
+	storeSpec    string // the key of keys in keyServices
+	identityTier string // IdentityTier when it is a literal
+	authFailures *limiter.FailureThrottle
+	startOnce    sync.Once
+	startErr     error
+	logger       *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
-func (Handler) CaddyModule() caddy.ModuleInfo {
+func (*Handler) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.handlers.vigthoria",
 		New: func() caddy.Module { return new(Handler) },
@@ -82,12 +254,95 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		URL:           h.Upstream,
 		APIKey:        key,
 		HeaderTimeout: time.Duration(h.HeaderTimeout),
+		// The caller's own limit headers replace any of the same name.
+		DropResponseHeaders: limiter.OwnHeaders,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
 	}
 	h.upstream = up
+
+	for name, t := range h.Tiers {
+		if t == nil {
+			return fmt.Errorf("tier %s: null", name)
+		}
+		if err := t.provision(name); err != nil {
+			return err
+		}
+	}
+
+	if h.AuthFailLimit == 0 {
+		h.AuthFailLimit = DefaultAuthFailLimit
+	}
+	if h.AuthFailWindow == 0 {
+		h.AuthFailWindow = caddy.Duration(DefaultAuthFailWindow)
+	}
+	h.authFailures = limiter.NewFailureThrottle(h.AuthFailLimit, time.Duration(h.AuthFailWindow), maxTrackedAddrs)
+
+	h.identityTier = h.IdentityTier
+	if h.Identity != "" && h.IdentityTier == "" && len(h.Tiers) == 1 {
+		for name := range h.Tiers {
+			h.identityTier = name
+		}
+	}
+
+	// Only a handle on the store here: it is opened when the config starts
+	// (see App), never while Caddy merely validates.
+	if h.Store == "" {
+		h.Store = "sqlite:" + keystore.DefaultSQLitePath()
+	}
+	svc, _, err := keyServices.LoadOrNew(h.Store, func() (caddy.Destructor, error) {
+		svc, err := keystore.NewService(h.Store, caddy.Log().Named("vigthoria.keystore"))
+		return keyService{svc}, err
+	})
+	if err != nil {
+		return fmt.Errorf("key store: %w", err)
+	}
+	h.storeSpec = h.Store
+	h.keys = svc.(keyService).Service
+
+	lim, _, err := limiters.LoadOrNew("memory:"+h.Store, func() (caddy.Destructor, error) {
+		return pooledLimiter{limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)}, nil
+	})
+	if err != nil {
+		return err
+	}
+	h.limiter = lim.(pooledLimiter).Limiter
+
+	app, err := ctx.App("vigthoria")
+	if err != nil {
+		return err
+	}
+	app.(*App).register(h)
 	return nil
+}
+
+// start opens the key store when the config starts; the first request
+// calls it too, in case Caddy started the http app before ours.
+func (h *Handler) start() error {
+	h.startOnce.Do(func() {
+		if h.startErr = h.keys.Start(); h.startErr != nil {
+			h.startErr = fmt.Errorf("starting the key store: %w", h.startErr)
+			return
+		}
+		for tier, n := range h.keys.Tiers() {
+			if _, ok := h.Tiers[tier]; !ok {
+				h.logger.Warn("client keys of a tier that is not configured will be refused with 403",
+					zap.String("tier", tier), zap.Int("keys", n))
+			}
+		}
+	})
+	return h.startErr
+}
+
+// Cleanup releases the key store; the last config using it closes it.
+func (h *Handler) Cleanup() error {
+	if h.storeSpec == "" {
+		return nil
+	}
+	_, err := keyServices.Delete(h.storeSpec)
+	_, err2 := limiters.Delete("memory:" + h.storeSpec)
+	return errors.Join(err, err2)
 }
 
 // Validate checks the configuration after Provision.
@@ -101,17 +356,52 @@ func (h *Handler) Validate() error {
 	if h.HeaderTimeout < 0 {
 		return fmt.Errorf("header_timeout must be positive, not %s", time.Duration(h.HeaderTimeout))
 	}
+	for name, t := range h.Tiers {
+		if !tierName.MatchString(name) {
+			return fmt.Errorf("invalid tier name '%s': use a-z, 0-9, _ and -", name)
+		}
+		if t == nil {
+			return fmt.Errorf("tier %s: null", name)
+		}
+	}
+	if h.Anonymous != "" && h.Tiers[h.Anonymous] == nil {
+		return fmt.Errorf("anonymous tier '%s' is not configured", h.Anonymous)
+	}
+	if h.Identity != "" {
+		switch {
+		case h.identityTier == "":
+			return errors.New("identity needs a tier when several tiers are configured")
+		case !strings.Contains(h.identityTier, "{") && h.Tiers[h.identityTier] == nil:
+			return fmt.Errorf("identity tier '%s' is not configured", h.identityTier)
+		}
+	}
+	if h.AuthFailLimit < 0 || h.AuthFailWindow < 0 {
+		return errors.New("auth_fail_limit and auth_fail_window must be positive")
+	}
 	return nil
 }
 
-// ServeHTTP runs the request through the pipeline: route, read the body,
-// forward. Every refusal is answered here in the API's error shape.
+// ServeHTTP runs the request through the pipeline: route, identify,
+// police the body, admit, forward, settle. Every refusal is answered here
+// in the API's error shape.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	now := time.Now()
 	ep, apiErr := proxy.Route(r.Method, routePath(r))
 	if apiErr != nil {
 		apiErr.Write(w)
 		return nil
 	}
+	if err := h.start(); err != nil {
+		return caddyhttp.Error(http.StatusServiceUnavailable, err)
+	}
+	client, tier, apiErr := h.identify(w, r, now)
+	if apiErr != nil {
+		apiErr.Write(w)
+		return nil
+	}
+
+	var info proxy.RequestInfo
+	var reserve int64
 	if ep.Body {
 		body, apiErr := proxy.ReadBody(r, h.MaxBody)
 		if apiErr != nil {
@@ -119,8 +409,41 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return nil
 		}
 		defer body.Release()
+		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes()); apiErr != nil {
+			apiErr.Write(w)
+			return nil
+		}
 	}
-	err := h.upstream.Forward(w, r, ep, next)
+
+	if ep.ID == proxy.Usage {
+		return h.serveUsage(w, r, client, tier, now)
+	}
+
+	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, reserve, now)
+	if err != nil {
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("admitting: %w", err))
+	}
+	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
+	if d.Reason != limiter.Admitted {
+		limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
+		refusal(d, client.Tier).Write(w)
+		return nil
+	}
+
+	// Settle on every way out, a panic included: the slot is freed and
+	// the reservation replaced by what the answer used.
+	usage := new(proxy.AnswerUsage)
+	defer func() {
+		prompt, completion := charge(usage, reserve, r.ContentLength)
+		end := time.Now()
+		if err := h.limiter.Settle(context.WithoutCancel(r.Context()), client.ID, &tier.limits, reserve, prompt+completion, end); err != nil {
+			h.logger.Error("settling usage", zap.String("client_id", client.ID), zap.Error(err))
+		}
+		if usage.Status != 0 {
+			h.keys.Ledger().Add(client.ID, info.Model, end, prompt, completion)
+		}
+	}()
+	err = h.upstream.Forward(w, r, ep, next, usage, info.Stream && !info.IncludeUsage)
 	if errors.As(err, &apiErr) {
 		apiErr.Write(w)
 		return nil
@@ -142,5 +465,6 @@ func routePath(r *http.Request) string {
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

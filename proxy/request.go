@@ -80,8 +80,11 @@ func ParseRequest(body []byte) (RequestInfo, *APIError) {
 // answer up to maxTokens per answer: an upper guess that settlement
 // corrects with what the upstream reports.
 func (info RequestInfo) Estimate(bodyLen int, maxTokens int64) int64 {
-	return int64(bodyLen/bytesPerToken) + maxTokens*info.N
+	return PromptEstimate(int64(bodyLen)) + maxTokens*info.N
 }
+
+// PromptEstimate guesses the prompt tokens of a body of bodyLen bytes.
+func PromptEstimate(bodyLen int64) int64 { return bodyLen / bytesPerToken }
 
 // WithStreamUsage returns body asking the upstream for a stream's usage
 // (stream_options.include_usage), the one way to learn what a stream used.

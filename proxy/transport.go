@@ -19,6 +19,7 @@ type keyTransport struct {
 	next          http.RoundTripper
 	authorization []string // "Bearer <server key>", shared and never mutated
 	host          string
+	drop          []string // response headers the proxy sets itself
 	logger        *zap.Logger
 }
 
@@ -48,6 +49,9 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		t.logger.Error("upstream refused the server key; check api_key",
 			zap.Int("upstream_status", res.StatusCode))
 		return nil, errKeyRefused
+	}
+	for _, name := range t.drop {
+		delete(res.Header, name)
 	}
 	tp := tapFrom(req.Context())
 	if tp != nil {

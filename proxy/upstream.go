@@ -29,6 +29,9 @@ type Config struct {
 	// HeaderTimeout bounds the wait for the upstream's response headers;
 	// zero waits as long as the client does.
 	HeaderTimeout time.Duration
+	// DropResponseHeaders are upstream response headers (canonical names)
+	// that never reach the client, because the proxy sets its own.
+	DropResponseHeaders []string
 }
 
 // Upstream forwards admitted requests to the API through Caddy's own
@@ -109,6 +112,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		next:          rp.Transport,
 		authorization: []string{"Bearer " + cfg.APIKey},
 		host:          u.Host,
+		drop:          cfg.DropResponseHeaders,
 		logger:        up.logger,
 	}
 	return up, nil

@@ -35,7 +35,7 @@ func TestChatCompletion(t *testing.T) {
 	if !strings.Contains(string(got.Body), "Hello there") {
 		t.Errorf("upstream body %s lacks the prompt", got.Body)
 	}
-	wantNoClientSecrets(t, got)
+	e.wantNoClientSecrets(t, got)
 }
 
 func TestStreamingChatFlowsUnbuffered(t *testing.T) {
@@ -70,7 +70,7 @@ func TestStreamingChatFlowsUnbuffered(t *testing.T) {
 	if spread := arrivals[len(arrivals)-1].Sub(arrivals[0]); spread < tokens*delay/2 {
 		t.Errorf("chunks arrived within %v, want them spread over about %v: the stream was buffered", spread, tokens*delay)
 	}
-	wantNoClientSecrets(t, e.lastRequest(t))
+	e.wantNoClientSecrets(t, e.lastRequest(t))
 }
 
 func TestCompletionsEmbeddingsModels(t *testing.T) {
@@ -112,7 +112,7 @@ func TestCompletionsEmbeddingsModels(t *testing.T) {
 
 	e.wantUpstreamCalls(t, 3)
 	for _, r := range e.upstream.Requests() {
-		wantNoClientSecrets(t, r)
+		e.wantNoClientSecrets(t, r)
 	}
 }
 
@@ -120,7 +120,7 @@ func TestUpstreamBasePathAndTLS(t *testing.T) {
 	up := standin.New(standin.Options{APIKey: serverKey, BasePath: "/api/v2"})
 	srv := httptest.NewTLSServer(up)
 	t.Cleanup(srv.Close)
-	e := startWith(t, up, srv, srv.URL+"/api/v2/")
+	e := startOn(t, up, srv, srv.URL+"/api/v2/", "{env.VIGTHORIA_TEST_KEY}")
 
 	if _, err := e.client.Chat.Completions.New(t.Context(), chatParams("over TLS")); err != nil {
 		t.Fatalf("chat over an https upstream: %v", err)
@@ -132,29 +132,29 @@ func TestUpstreamBasePathAndTLS(t *testing.T) {
 	if host := strings.TrimPrefix(srv.URL, "https://"); got.Host != host {
 		t.Errorf("upstream Host = %s, want %s", got.Host, host)
 	}
-	wantNoClientSecrets(t, got)
+	e.wantNoClientSecrets(t, got)
 }
 
 func TestClientCredentialsNeverReachUpstream(t *testing.T) {
 	e := start(t)
 	h := http.Header{
-		"Authorization":       {"Bearer " + clientKey},
-		"Cookie":              {"session=" + clientKey},
-		"X-Api-Key":           {clientKey},
-		"Api-Key":             {clientKey},
-		"X-Goog-Api-Key":      {clientKey},
-		"Proxy-Authorization": {"Basic " + clientKey},
+		"Authorization":       {"Bearer " + e.key},
+		"Cookie":              {"session=" + e.key},
+		"X-Api-Key":           {e.key},
+		"Api-Key":             {e.key},
+		"X-Goog-Api-Key":      {e.key},
+		"Proxy-Authorization": {"Basic " + e.key},
 		"Openai-Organization": {"org-someone-else"},
 		"Content-Type":        {"application/json"},
 		"X-Custom-Trace":      {"kept"},
 	}
-	res := e.do(t, http.MethodPost, "/v1/chat/completions?api_key="+clientKey,
+	res := e.do(t, http.MethodPost, "/v1/chat/completions?trace=1",
 		jsonBody(map[string]any{"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}}}), h)
 	if res.StatusCode != http.StatusOK {
 		t.Fatalf("status = %d, want 200", res.StatusCode)
 	}
 	got := e.lastRequest(t)
-	wantNoClientSecrets(t, got)
+	e.wantNoClientSecrets(t, got)
 	for _, name := range []string{"Cookie", "X-Api-Key", "Api-Key", "X-Goog-Api-Key", "Proxy-Authorization", "Openai-Organization", "X-Forwarded-For"} {
 		if v := got.Header.Get(name); v != "" {
 			t.Errorf("upstream got %s: %q, want none", name, v)
@@ -190,7 +190,7 @@ func TestUnknownRoutesNeverReachUpstream(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			res := e.do(t, tc.method, tc.path, nil, http.Header{"Authorization": {"Bearer " + clientKey}})
+			res := e.do(t, tc.method, tc.path, nil, nil)
 			if tc.method == http.MethodHead {
 				if res.StatusCode != tc.status || res.Header.Get("Allow") != http.MethodGet {
 					t.Errorf("HEAD: status %d Allow %q, want %d GET", res.StatusCode, res.Header.Get("Allow"), tc.status)
@@ -280,7 +280,7 @@ func TestBadServerKeyIsA502WithoutUpstreamBody(t *testing.T) {
 	up := standin.New(standin.Options{APIKey: "the-real-key"})
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
-	e := startWith(t, up, srv, srv.URL+"/v1")
+	e := startOn(t, up, srv, srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}")
 
 	res := e.do(t, http.MethodPost, "/v1/chat/completions",
 		jsonBody(map[string]any{"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}}}), nil)
@@ -298,8 +298,8 @@ func TestBadServerKeyIsA502WithoutUpstreamBody(t *testing.T) {
 func TestUpstreamUnreachableAndTimeout(t *testing.T) {
 	t.Run("refused connection is 502", func(t *testing.T) {
 		closedPort := harness.FreePort(t)
-		e := startWith(t, standin.New(standin.Options{APIKey: serverKey}), nil,
-			"http://127.0.0.1:"+strconv.Itoa(closedPort)+"/v1")
+		e := startOn(t, standin.New(standin.Options{APIKey: serverKey}), nil,
+			"http://127.0.0.1:"+strconv.Itoa(closedPort)+"/v1", "{env.VIGTHORIA_TEST_KEY}")
 		_, err := e.client.Chat.Completions.New(t.Context(), chatParams("hi"))
 		wantOpenAIError(t, err, http.StatusBadGateway, "upstream_unavailable")
 	})
@@ -366,16 +366,11 @@ func TestServerKey(t *testing.T) {
 		up := standin.New(standin.Options{APIKey: serverKey})
 		srv := httptest.NewServer(up)
 		t.Cleanup(srv.Close)
-		c := harness.StartCaddy(t, vigthoriaBlock(srv.URL+"/v1", serverKey))
-		res, err := http.Get(c.URL + "/v1/models")
-		if err != nil {
-			t.Fatal(err)
-		}
-		res.Body.Close()
-		if res.StatusCode != http.StatusOK {
+		e := startOn(t, up, srv, srv.URL+"/v1", serverKey)
+		if res := e.do(t, http.MethodGet, "/v1/models", nil, nil); res.StatusCode != http.StatusOK {
 			t.Errorf("status = %d, want 200 with the literal key", res.StatusCode)
 		}
-		if log := c.ReadLog(t); !strings.Contains(log, "api_key is a literal") {
+		if log := e.caddy.ReadLog(t); !strings.Contains(log, "api_key is a literal") {
 			t.Error("no warning about the literal api_key in the log")
 		}
 	})

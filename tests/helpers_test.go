@@ -8,46 +8,91 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 const (
 	serverKey = "vig-server-key-0123456789abcdefSECRET"
-	clientKey = "client-key-that-must-not-travel-42"
 	model     = "vigthoria-fast-1"
 )
 
-// env is one test's world: a stand-in upstream, Caddy in front of it, and
-// a client pointed at Caddy.
+// env is one test's world: a stand-in upstream, Caddy in front of it with
+// an SQLite key store holding one client key of tier "pro", and a client
+// pointed at Caddy with that key.
 type env struct {
 	upstream *standin.Server
 	server   *httptest.Server
 	caddy    *harness.Caddy
 	client   openai.Client
+	key      string // the client key
+	store    string // the store, as the CLI's --store takes it
 }
 
-// start runs a stand-in with serverKey and Caddy with the vigthoria block
-// built from extra lines; the block's api_key comes from the environment.
+// start runs a stand-in with serverKey and Caddy with a vigthoria block of
+// tiers "free" and "pro" and the extra lines; the api_key comes from the
+// environment.
 func start(t *testing.T, extra ...string) *env {
 	t.Helper()
 	up := standin.New(standin.Options{APIKey: serverKey})
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
-	return startWith(t, up, srv, srv.URL+"/v1", extra...)
+	return startOn(t, up, srv, srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", extra...)
 }
 
-func startWith(t *testing.T, up *standin.Server, srv *httptest.Server, upstreamURL string, extra ...string) *env {
+// startOn is start with a given upstream and api_key value.
+func startOn(t *testing.T, up *standin.Server, srv *httptest.Server, upstreamURL, apiKey string, extra ...string) *env {
 	t.Helper()
 	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
-	c := harness.StartCaddy(t, vigthoriaBlock(upstreamURL, "{env.VIGTHORIA_TEST_KEY}", extra...))
-	return &env{upstream: up, server: srv, caddy: c, client: newClient(c.URL, clientKey)}
+	e := &env{upstream: up, server: srv}
+	path := filepath.Join(t.TempDir(), "keys.db")
+	e.store = "sqlite:" + path
+	e.key = createKey(t, path, "pro")
+	lines := append([]string{"store sqlite " + path, "tier free", "tier pro"}, extra...)
+	e.caddy = harness.StartCaddy(t, vigthoriaBlock(upstreamURL, apiKey, lines...))
+	e.client = newClient(e.caddy.URL, e.key)
+	return e
+}
+
+// createKey adds a key to the SQLite store at path and returns its secret.
+func createKey(t *testing.T, path, tier string) string {
+	t.Helper()
+	st, err := keystore.OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	_, secret, err := keystore.Create(t.Context(), st, "test-"+tier, tier, time.Time{}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return secret
+}
+
+// reload loads the same site with other extra lines, as a config reload.
+func (e *env) reload(t *testing.T, extra ...string) {
+	t.Helper()
+	lines := append([]string{"store " + strings.Replace(e.store, ":", " ", 1), "tier free", "tier pro"}, extra...)
+	if err := e.caddy.Load(vigthoriaBlock(e.server.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", lines...)); err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	closeIdle()
+}
+
+// closeIdle drops the clients' idle connections after a reload: Caddy
+// closes them as it swaps servers, and a POST sent on one at that moment
+// fails, as it would for any HTTP client.
+func closeIdle() {
+	http.DefaultClient.CloseIdleConnections()
 }
 
 func vigthoriaBlock(upstream, apiKey string, extra ...string) string {
@@ -71,12 +116,16 @@ func chatParams(prompt string) openai.ChatCompletionNewParams {
 	}
 }
 
-// do sends a raw request to the proxy.
+// do sends a raw request to the proxy, with the env's client key unless
+// header names Authorization (nil for none).
 func (e *env) do(t *testing.T, method, path string, body io.Reader, header http.Header) *http.Response {
 	t.Helper()
 	req, err := http.NewRequestWithContext(t.Context(), method, e.caddy.URL+path, body)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if _, ok := header["Authorization"]; !ok {
+		req.Header.Set("Authorization", "Bearer "+e.key)
 	}
 	for k, v := range header {
 		req.Header[k] = v
@@ -154,9 +203,9 @@ func (e *env) lastRequest(t *testing.T) standin.Request {
 	return reqs[len(reqs)-1]
 }
 
-// wantNoClientSecrets asserts that nothing of the client's credentials,
-// and nothing but the server key, reached the upstream.
-func wantNoClientSecrets(t *testing.T, r standin.Request) {
+// wantNoClientSecrets asserts that nothing of the env's client key, and
+// nothing but the server key, reached the upstream.
+func (e *env) wantNoClientSecrets(t *testing.T, r standin.Request) {
 	t.Helper()
 	if got := r.Header.Get("Authorization"); got != "Bearer "+serverKey {
 		t.Errorf("upstream Authorization = %q, want the server key", got)
@@ -166,12 +215,12 @@ func wantNoClientSecrets(t *testing.T, r standin.Request) {
 	}
 	for name, values := range r.Header {
 		for _, v := range values {
-			if strings.Contains(v, clientKey) {
+			if strings.Contains(v, e.key) {
 				t.Errorf("client key reached the upstream in %s", name)
 			}
 		}
 	}
-	if strings.Contains(string(r.Body), clientKey) || strings.Contains(r.RawQuery, clientKey) {
+	if strings.Contains(string(r.Body), e.key) || strings.Contains(r.RawQuery, e.key) {
 		t.Error("client key reached the upstream in the body or query")
 	}
 }

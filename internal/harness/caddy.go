@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -91,6 +92,11 @@ http://127.0.0.1:%d {
 	bind 127.0.0.1
 	log {
 		output file %s
+		format filter {
+			request>uri regexp vgt_[0-9A-Za-z]+ vgt_REDACTED
+			request>headers>X-Api-Key delete
+			request>headers>Api-Key delete
+		}
 	}
 %s
 }
@@ -118,4 +124,37 @@ func (c *Caddy) ReadLog(t testing.TB) string {
 		t.Fatalf("reading Caddy's log: %v", err)
 	}
 	return string(b)
+}
+
+// Stop stops Caddy as a shutdown does: every module is cleaned up.
+func (c *Caddy) Stop(t testing.TB) {
+	t.Helper()
+	if err := caddy.Stop(); err != nil {
+		t.Fatalf("stopping Caddy: %v", err)
+	}
+}
+
+// Restart starts a stopped instance again with a site body.
+func (c *Caddy) Restart(t testing.TB, site string) {
+	t.Helper()
+	if err := c.Load(site); err != nil {
+		t.Fatalf("restarting Caddy: %v", err)
+	}
+}
+
+// WaitLog reports whether Caddy's log comes to contain s within two
+// seconds: the access log line of a request is written after its
+// response has reached the client.
+func (c *Caddy) WaitLog(t testing.TB, s string) bool {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if strings.Contains(c.ReadLog(t), s) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

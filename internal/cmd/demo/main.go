@@ -1,11 +1,13 @@
 // Command demo runs the proxy with nothing from outside: a local stand-in
-// for the Vigthoria API, and ./caddy in front of it with the given
-// Caddyfile. It prints how to call the proxy and stops both on Ctrl-C.
+// for the Vigthoria API, a key store in a temporary directory with one
+// demo client key, and ./caddy in front of it all. It prints how to call
+// the proxy and stops everything on Ctrl-C.
 package main
 
 import (
 	"context"
 	"crypto/rand"
+	_ "embed"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,26 +16,49 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
+
+//go:embed demo.Caddyfile
+var demoCaddyfile []byte
 
 func main() {
 	caddyBin := flag.String("caddy", "./caddy", "Caddy binary built with this module")
-	config := flag.String("config", "Caddyfile.example", "Caddyfile of the proxy")
 	port := flag.String("port", envOr("PORT", "8080"), "port of the proxy on localhost")
 	flag.Parse()
-	if err := run(*caddyBin, *config, *port); err != nil {
+	if err := run(*caddyBin, *port); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func run(caddyBin, config, port string) error {
+func run(caddyBin, port string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+
+	dir, err := os.MkdirTemp("", "vigthoria-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	config := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(config, demoCaddyfile, 0o600); err != nil {
+		return err
+	}
+	db := filepath.Join(dir, "vigthoria.db")
+	clientKey, err := demoKey(ctx, db)
+	if err != nil {
+		return fmt.Errorf("creating the demo key: %w", err)
+	}
+	adminPort, err := freePort()
+	if err != nil {
+		return err
+	}
 
 	// The stand-in's key plays the server key: random, so that nothing
 	// printed here works against anything but this demo.
@@ -51,7 +76,9 @@ func run(caddyBin, config, port string) error {
 	cmd.Env = append(os.Environ(),
 		"VIGTHORIA_API_KEY="+serverKey,
 		"VIGTHORIA_UPSTREAM="+upstreamURL,
+		"VIGTHORIA_DB="+db,
 		"PORT="+port,
+		"ADMIN_PORT="+adminPort,
 	)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -61,24 +88,29 @@ func run(caddyBin, config, port string) error {
 	go func() { exited <- cmd.Wait() }()
 
 	proxyURL := "http://localhost:" + port
-	if err := waitReady(ctx, proxyURL+"/v1/models", exited); err != nil {
+	if err := waitReady(ctx, proxyURL+"/v1/usage", exited); err != nil {
 		_ = cmd.Process.Signal(os.Interrupt)
 		return err
 	}
 	fmt.Printf(`
 The proxy is running at %[1]s, in front of a local stand-in for the
-Vigthoria API at %[2]s. Try:
+Vigthoria API at %[2]s. The demo client key of tier "free" is
+%[3]s
+Try:
 
-  curl -s %[1]s/v1/chat/completions -H 'Content-Type: application/json' \
+  curl -s %[1]s/v1/chat/completions -H 'Authorization: Bearer %[3]s' \
+    -H 'Content-Type: application/json' \
     -d '{"model":"vigthoria-fast-1","messages":[{"role":"user","content":"Hello"}]}'
 
-  curl -sN %[1]s/v1/chat/completions -H 'Content-Type: application/json' \
+  curl -sN %[1]s/v1/chat/completions -H 'Authorization: Bearer %[3]s' \
+    -H 'Content-Type: application/json' \
     -d '{"model":"vigthoria-fast-1","stream":true,"messages":[{"role":"user","content":"Hello"}]}'
 
-  curl -s %[1]s/v1/models
+  curl -s %[1]s/v1/models -H 'Authorization: Bearer %[3]s'
 
-Ctrl-C stops both.
-`, proxyURL, upstreamURL)
+More keys: %[4]s vigthoria key add --tier pro --name you --store sqlite:%[5]s
+Ctrl-C stops everything and deletes the demo's keys.
+`, proxyURL, upstreamURL, clientKey, caddyBin, db)
 
 	select {
 	case err := <-exited:
@@ -92,6 +124,27 @@ Ctrl-C stops both.
 		}
 		return nil
 	}
+}
+
+// demoKey creates the demo's client key in a new store at path.
+func demoKey(ctx context.Context, path string) (string, error) {
+	st, err := keystore.OpenSQLite(path)
+	if err != nil {
+		return "", err
+	}
+	defer st.Close()
+	_, secret, err := keystore.Create(ctx, st, "demo", "free", time.Time{}, time.Now())
+	return secret, err
+}
+
+func freePort() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	_, port, err := net.SplitHostPort(l.Addr().String())
+	return port, err
 }
 
 // waitReady polls url until the proxy answers, Caddy exits or 30s pass.

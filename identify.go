@@ -1,0 +1,156 @@
+package vigthoria
+
+import (
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/proxy"
+)
+
+// Identities that do not come from a key are named with a prefix, so that
+// they can never collide with a key ID (key_…) in limits and usage.
+const (
+	identityPrefix  = "user:"
+	anonymousPrefix = "ip:"
+	maxIdentityLen  = 128
+)
+
+// errInvalidKey is the one answer to every failed authentication: missing,
+// malformed, unknown, revoked or expired keys all look the same, so that
+// nothing tells a prober which it was.
+var errInvalidKey = &proxy.APIError{
+	Status:  http.StatusUnauthorized,
+	Type:    proxy.TypeInvalidRequest,
+	Code:    "invalid_api_key",
+	Message: "Incorrect or missing API key. Send your client key as: Authorization: Bearer <key>.",
+}
+
+var errKeyInQuery = &proxy.APIError{
+	Status:  http.StatusBadRequest,
+	Type:    proxy.TypeInvalidRequest,
+	Code:    "key_in_query",
+	Message: "API keys are not accepted in the URL, where logs and browser histories keep them. Send your client key as: Authorization: Bearer <key>.",
+}
+
+var errTierNotConfigured = &proxy.APIError{
+	Status:  http.StatusForbidden,
+	Type:    "permission_error",
+	Code:    "tier_not_configured",
+	Message: "This key's tier is not offered by this proxy. Ask its operator for a key of a configured tier.",
+}
+
+func errTooManyFailures(wait time.Duration) *proxy.APIError {
+	return &proxy.APIError{
+		Status:  http.StatusTooManyRequests,
+		Type:    "rate_limit_error",
+		Code:    "too_many_failed_auth",
+		Message: "Too many failed authentications from your address. Try again in " + strconv.Itoa(retrySeconds(wait)) + " seconds.",
+	}
+}
+
+// identify finds who is calling: an identity set by an earlier Caddy auth
+// handler, else a client key, else, when allowed, the anonymous tier by
+// client address. It sets the placeholders and the access log's user_id.
+func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *Tier, *proxy.APIError) {
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if keyInQuery(r.URL.RawQuery) {
+		// Keep the key out of the access log too.
+		r.URL.RawQuery = ""
+		r.RequestURI = r.URL.EscapedPath()
+		return keystore.Client{}, nil, errKeyInQuery
+	}
+	if h.Identity != "" {
+		if id := repl.ReplaceKnown(h.Identity, ""); id != "" && len(id) <= maxIdentityLen {
+			tier := h.identityTier
+			if h.IdentityTier != "" && strings.Contains(h.IdentityTier, "{") {
+				tier = repl.ReplaceKnown(h.IdentityTier, "")
+			}
+			c := keystore.Client{ID: identityPrefix + id, Name: id, Tier: tier}
+			return h.admitTier(c, repl, false)
+		}
+	}
+
+	addr := clientAddr(r)
+	if wait, blocked := h.authFailures.Blocked(addr, now); blocked {
+		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
+		return keystore.Client{}, nil, errTooManyFailures(wait)
+	}
+	values := r.Header["Authorization"]
+	if len(values) == 0 && h.Anonymous != "" {
+		c := keystore.Client{ID: anonymousPrefix + limiter.AddrBucket(addr).String(), Tier: h.Anonymous}
+		return h.admitTier(c, repl, true)
+	}
+	secret, ok := keystore.ParseAuthorization(values)
+	if ok {
+		var c keystore.Client
+		if c, ok = h.keys.Identify(secret, now); ok {
+			return h.admitTier(c, repl, true)
+		}
+	}
+	h.authFailures.Fail(addr, now)
+	w.Header().Set("Www-Authenticate", `Bearer realm="vigthoria"`)
+	return keystore.Client{}, nil, errInvalidKey
+}
+
+// admitTier refuses a caller whose tier is not configured, and otherwise
+// publishes who it is.
+func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *Tier, *proxy.APIError) {
+	tier, ok := h.Tiers[c.Tier]
+	if !ok {
+		return c, nil, errTierNotConfigured
+	}
+	repl.Set("http.vigthoria.client_id", c.ID)
+	repl.Set("http.vigthoria.client_name", c.Name)
+	repl.Set("http.vigthoria.tier", c.Tier)
+	if setUser {
+		// The access log's user_id.
+		repl.Set("http.auth.user.id", c.ID)
+	}
+	return c, tier, nil
+}
+
+// keyInQuery reports whether a query string seems to carry a credential.
+func keyInQuery(rawQuery string) bool {
+	if rawQuery == "" {
+		return false
+	}
+	if strings.Contains(rawQuery, "vgt_") {
+		return true
+	}
+	for param := range strings.SplitSeq(rawQuery, "&") {
+		name, _, _ := strings.Cut(param, "=")
+		switch strings.ToLower(name) {
+		case "key", "api_key", "api-key", "apikey", "access_token", "token", "auth", "authorization":
+			return true
+		}
+	}
+	return false
+}
+
+// clientAddr is the caller's address as Caddy determined it, honouring
+// the server's trusted_proxies.
+func clientAddr(r *http.Request) netip.Addr {
+	if s, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok {
+		if a, err := netip.ParseAddr(s); err == nil {
+			return a
+		}
+	}
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		return ap.Addr()
+	}
+	return netip.Addr{}
+}
+
+// retrySeconds rounds a wait up to whole seconds, at least one, so that a
+// caller that waits that long is let through.
+func retrySeconds(d time.Duration) int {
+	return max(int((d+time.Second-1)/time.Second), 1)
+}

@@ -1,0 +1,302 @@
+package keystore
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func init() {
+	caddy.RegisterModule(adminAPI{})
+}
+
+// services are the started Services, which the admin routes manage: the
+// admin API is set up by Caddy apart from the HTTP handlers that own
+// them.
+var services struct {
+	mu      sync.Mutex
+	running map[*Service]struct{}
+}
+
+// registerService makes s manageable through the admin API.
+func registerService(s *Service) {
+	services.mu.Lock()
+	defer services.mu.Unlock()
+	if services.running == nil {
+		services.running = make(map[*Service]struct{})
+	}
+	services.running[s] = struct{}{}
+}
+
+// unregisterService undoes registerService.
+func unregisterService(s *Service) {
+	services.mu.Lock()
+	defer services.mu.Unlock()
+	delete(services.running, s)
+}
+
+// serviceFor returns the started Service that a request manages: the one
+// of its ?store= parameter, else the only one.
+func serviceFor(r *http.Request) (*Service, error) {
+	services.mu.Lock()
+	defer services.mu.Unlock()
+	if want := r.URL.Query().Get("store"); want != "" {
+		kind, target, err := ParseSpec(want)
+		if err != nil {
+			return nil, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+		}
+		for s := range services.running {
+			if s.spec == kind+":"+target {
+				return s, nil
+			}
+		}
+		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound,
+			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", kind+":"+target)}
+	}
+	var specs []string
+	var found *Service
+	for s := range services.running {
+		if !slices.Contains(specs, s.spec) {
+			specs = append(specs, s.spec)
+		}
+		found = s
+	}
+	switch len(specs) {
+	case 0:
+		return nil, caddy.APIError{HTTPStatus: http.StatusServiceUnavailable,
+			Err: errors.New("no key store is open: the running config has no vigthoria handler, or it has not started; the `caddy vigthoria key` command works on the store directly")}
+	case 1:
+		return found, nil
+	}
+	slices.Sort(specs)
+	return nil, caddy.APIError{HTTPStatus: http.StatusBadRequest,
+		Err: fmt.Errorf("several key stores are open (%s): choose one with ?store=<spec>", strings.Join(specs, ", "))}
+}
+
+// adminAPI serves key management on Caddy's admin API:
+//
+//	GET    /vigthoria/keys               list keys (never secrets or hashes)
+//	POST   /vigthoria/keys               create: {"name": "…", "tier": "…", "expires": "720h"}; the answer holds the secret
+//	GET    /vigthoria/keys/{id}          one key
+//	DELETE /vigthoria/keys/{id}          revoke
+//	POST   /vigthoria/keys/{id}/rotate   new secret, in the answer
+//
+// When several key stores are open, ?store=<spec> chooses one.
+type adminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (adminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.vigthoria",
+		New: func() caddy.Module { return adminAPI{} },
+	}
+}
+
+// Routes returns the admin routes under /vigthoria/.
+func (a adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: "/vigthoria/", Handler: caddy.AdminHandlerFunc(a.serve)}}
+}
+
+// maxAdminBody bounds the body of a key creation.
+const maxAdminBody = 64 << 10
+
+// keyJSON is a key in admin API answers. Secret is set only when one was
+// just made.
+type keyJSON struct {
+	ID       string     `json:"id"`
+	Name     string     `json:"name"`
+	Tier     string     `json:"tier"`
+	State    string     `json:"state"`
+	Created  time.Time  `json:"created"`
+	Expires  *time.Time `json:"expires"`
+	Revoked  *time.Time `json:"revoked"`
+	LastUsed *time.Time `json:"last_used"`
+	Secret   string     `json:"secret,omitempty"`
+}
+
+func newKeyJSON(r Record, now time.Time) keyJSON {
+	opt := func(t time.Time) *time.Time {
+		if t.IsZero() {
+			return nil
+		}
+		return &t
+	}
+	return keyJSON{
+		ID: r.ID, Name: r.Name, Tier: r.Tier, State: r.State(now), Created: r.Created,
+		Expires: opt(r.Expires), Revoked: opt(r.Revoked), LastUsed: opt(r.LastUsed),
+	}
+}
+
+// serve routes a request under /vigthoria/.
+func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/vigthoria/"), "/")
+	switch {
+	case len(parts) == 1 && parts[0] == "keys":
+		switch r.Method {
+		case http.MethodGet:
+			return a.list(w, r)
+		case http.MethodPost:
+			return a.create(w, r)
+		}
+		return methodNotAllowed(w, r, http.MethodGet, http.MethodPost)
+	case len(parts) == 2 && parts[0] == "keys" && parts[1] != "":
+		switch r.Method {
+		case http.MethodGet:
+			return a.get(w, r, parts[1])
+		case http.MethodDelete:
+			return a.revoke(w, r, parts[1])
+		}
+		return methodNotAllowed(w, r, http.MethodGet, http.MethodDelete)
+	case len(parts) == 3 && parts[0] == "keys" && parts[1] != "" && parts[2] == "rotate":
+		if r.Method != http.MethodPost {
+			return methodNotAllowed(w, r, http.MethodPost)
+		}
+		return a.rotate(w, r, parts[1])
+	}
+	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("resource not found: %s", r.URL.Path)}
+}
+
+func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
+	svc, err := serviceFor(r)
+	if err != nil {
+		return err
+	}
+	recs, err := svc.Store().List(r.Context())
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
+	}
+	now := time.Now()
+	keys := make([]keyJSON, 0, len(recs))
+	for _, rec := range recs {
+		keys = append(keys, newKeyJSON(rec, now))
+	}
+	return writeJSON(w, http.StatusOK, keys)
+}
+
+func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
+	var req struct {
+		Name    string `json:"name"`
+		Tier    string `json:"tier"`
+		Expires string `json:"expires"`
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
+			Err: fmt.Errorf(`decoding request body: %w; send {"name": "…", "tier": "…", "expires": "720h"}`, err)}
+	}
+	now := time.Now()
+	expires, err := parseExpiry(req.Expires, now)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	svc, err := serviceFor(r)
+	if err != nil {
+		return err
+	}
+	rec, secret, err := Create(r.Context(), svc.Store(), req.Name, req.Tier, expires, now)
+	if err != nil {
+		return storeError(err)
+	}
+	svc.changed()
+	out := newKeyJSON(rec, now)
+	out.Secret = secret
+	return writeJSON(w, http.StatusCreated, out)
+}
+
+func (adminAPI) get(w http.ResponseWriter, r *http.Request, id string) error {
+	svc, err := serviceFor(r)
+	if err != nil {
+		return err
+	}
+	rec, err := svc.Store().Get(r.Context(), id)
+	if err != nil {
+		return storeError(err)
+	}
+	return writeJSON(w, http.StatusOK, newKeyJSON(rec, time.Now()))
+}
+
+func (adminAPI) revoke(w http.ResponseWriter, r *http.Request, id string) error {
+	svc, err := serviceFor(r)
+	if err != nil {
+		return err
+	}
+	st := svc.Store()
+	now := time.Now()
+	if err := st.Revoke(r.Context(), id, now); err != nil {
+		return storeError(err)
+	}
+	svc.changed()
+	rec, err := st.Get(r.Context(), id)
+	if err != nil {
+		return storeError(err)
+	}
+	return writeJSON(w, http.StatusOK, newKeyJSON(rec, now))
+}
+
+func (adminAPI) rotate(w http.ResponseWriter, r *http.Request, id string) error {
+	svc, err := serviceFor(r)
+	if err != nil {
+		return err
+	}
+	st := svc.Store()
+	secret, err := Rotate(r.Context(), st, id)
+	if err != nil {
+		return storeError(err)
+	}
+	svc.changed()
+	rec, err := st.Get(r.Context(), id)
+	if err != nil {
+		return storeError(err)
+	}
+	out := newKeyJSON(rec, time.Now())
+	out.Secret = secret
+	return writeJSON(w, http.StatusOK, out)
+}
+
+// storeError maps a store or Create error to its status.
+func storeError(err error) error {
+	status := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, ErrNotFound):
+		status = http.StatusNotFound
+	case errors.Is(err, ErrRevoked):
+		status = http.StatusConflict
+	case errors.Is(err, ErrInvalid):
+		status = http.StatusBadRequest
+	}
+	return caddy.APIError{HTTPStatus: status, Err: err}
+}
+
+func methodNotAllowed(w http.ResponseWriter, r *http.Request, allowed ...string) error {
+	w.Header().Set("Allow", strings.Join(allowed, ", "))
+	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed,
+		Err: fmt.Errorf("method %s not allowed on %s: use %s", r.Method, r.URL.Path, strings.Join(allowed, " or "))}
+}
+
+// writeJSON writes v with status. Answers may hold a secret: no cache
+// may keep them.
+func writeJSON(w http.ResponseWriter, status int, v any) error {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(body, '\n')) // the client has gone; nothing to tell it
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Module      = adminAPI{}
+	_ caddy.AdminRouter = adminAPI{}
+)

@@ -1,0 +1,247 @@
+package keystore
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/spf13/cobra"
+)
+
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "vigthoria",
+		Usage: "key add|list|revoke|rotate … | usage [<id>]",
+		Short: "Manages the client keys of the vigthoria handler",
+		Long: `
+Adds, lists, revokes and rotates the client keys that the vigthoria handler
+accepts, in its key store. A running Caddy sees every change within a second,
+without a reload.
+
+  caddy vigthoria key add --tier pro --name alice [--expires 720h]
+  caddy vigthoria key list
+  caddy vigthoria key revoke <id>
+  caddy vigthoria key rotate <id>
+
+--store names the store, as in the Caddyfile: sqlite:PATH or redis://HOST:PORT/DB.
+Default: sqlite:<Caddy data dir>/vigthoria/vigthoria.db. Run the command as the
+user Caddy runs as (or give --store), or it looks in another data directory.
+
+A key's secret is printed once, by add and rotate, and is stored nowhere: the
+store keeps only its SHA-256.
+`,
+		CobraFunc: buildCommand,
+	})
+}
+
+// RunCLI runs `caddy vigthoria` with args (those after "vigthoria"),
+// printing to stdout and stderr, and returns the exit status.
+func RunCLI(args []string, stdout, stderr io.Writer) int {
+	cmd := &cobra.Command{Use: "vigthoria", SilenceErrors: true}
+	buildCommand(cmd)
+	cmd.SetArgs(args)
+	cmd.SetOut(stdout)
+	cmd.SetErr(stderr)
+	if err := cmd.Execute(); err != nil {
+		fmt.Fprintf(stderr, "Error: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// buildCommand adds the subcommands and flags to the vigthoria command.
+func buildCommand(cmd *cobra.Command) {
+	cmd.PersistentFlags().String("store", "",
+		"key store: sqlite:PATH or redis://HOST:PORT/DB (default sqlite:<Caddy data dir>/vigthoria/vigthoria.db)")
+
+	// Runnable, so that a mistyped subcommand is an error rather than
+	// the help.
+	help := func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+	cmd.Args, cmd.RunE = cobra.NoArgs, help
+	key := &cobra.Command{
+		Use:   "key",
+		Short: "Adds, lists, revokes and rotates client keys",
+		Args:  cobra.NoArgs,
+		RunE:  help,
+	}
+	add := &cobra.Command{
+		Use:   "add --tier <tier> --name <name> [--expires <duration>]",
+		Short: "Creates a key and prints its secret, once",
+		Args:  cobra.NoArgs,
+		RunE:  cliAdd,
+	}
+	add.Flags().String("tier", "", "the key's tier, as configured in the Caddyfile (required)")
+	add.Flags().String("name", "", "who or what the key is for (required)")
+	add.Flags().String("expires", "", "lifetime, such as 720h or 30d, or an RFC 3339 time (default: never)")
+	_ = add.MarkFlagRequired("tier")
+	_ = add.MarkFlagRequired("name")
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "Lists the keys, never their secrets",
+		Args:  cobra.NoArgs,
+		RunE:  cliList,
+	}
+	revoke := &cobra.Command{
+		Use:   "revoke <id>",
+		Short: "Revokes a key for good",
+		Args:  cobra.ExactArgs(1),
+		RunE:  cliRevoke,
+	}
+	rotate := &cobra.Command{
+		Use:   "rotate <id>",
+		Short: "Gives a key a new secret, printed once; the old one stops working",
+		Args:  cobra.ExactArgs(1),
+		RunE:  cliRotate,
+	}
+	usage := &cobra.Command{
+		Use:   "usage [<id>]",
+		Short: "Prints what keys used",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fmt.Fprintln(cmd.OutOrStdout(), "usage ledger not available yet")
+			return nil
+		},
+	}
+	for _, c := range []*cobra.Command{add, list, revoke, rotate, usage} {
+		c.SilenceUsage = true // a failed command says why; the usage would bury it
+	}
+	key.AddCommand(add, list, revoke, rotate)
+	cmd.AddCommand(key, usage)
+}
+
+// cliStore opens the store of the --store flag. Only create makes a new
+// SQLite file: a mistyped path should not look like an empty store.
+func cliStore(cmd *cobra.Command, create bool) (Store, string, error) {
+	spec, err := cmd.Flags().GetString("store")
+	if err != nil {
+		return nil, "", err
+	}
+	if spec == "" {
+		spec = "sqlite:" + DefaultSQLitePath()
+	}
+	kind, target, err := ParseSpec(spec)
+	if err != nil {
+		return nil, "", err
+	}
+	if kind == "sqlite" && !create {
+		if _, err := os.Stat(target); errors.Is(err, fs.ErrNotExist) {
+			return nil, "", fmt.Errorf("no key store at %s: give the store of your Caddyfile with --store sqlite:PATH", target)
+		}
+	}
+	st, err := openStore(spec)
+	return st, kind + ":" + target, err
+}
+
+func cliAdd(cmd *cobra.Command, _ []string) error {
+	tier, _ := cmd.Flags().GetString("tier")
+	name, _ := cmd.Flags().GetString("name")
+	exp, _ := cmd.Flags().GetString("expires")
+	now := time.Now()
+	expires, err := parseExpiry(exp, now)
+	if err != nil {
+		return err
+	}
+	st, spec, err := cliStore(cmd, true)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rec, secret, err := Create(cmd.Context(), st, name, tier, expires, now)
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	fmt.Fprintf(out, "Created key %s (name %q, tier %s, expires %s) in %s.\n", rec.ID, rec.Name, rec.Tier, formatTime(rec.Expires, "never"), spec)
+	printSecret(out, secret)
+	return nil
+}
+
+func cliList(cmd *cobra.Command, _ []string) error {
+	st, spec, err := cliStore(cmd, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	recs, err := st.List(cmd.Context())
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	if len(recs) == 0 {
+		fmt.Fprintf(out, "No keys in %s.\n", spec)
+		return nil
+	}
+	now := time.Now()
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tTIER\tCREATED\tEXPIRES\tLAST USED\tSTATE")
+	for _, r := range recs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, r.Name, r.Tier,
+			formatTime(r.Created, "-"), formatTime(r.Expires, "never"), formatTime(r.LastUsed, "never"), r.State(now))
+	}
+	return tw.Flush()
+}
+
+func cliRevoke(cmd *cobra.Command, args []string) error {
+	st, _, err := cliStore(cmd, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if err := st.Revoke(cmd.Context(), args[0], time.Now()); err != nil {
+		return err
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "Revoked key %s. A running Caddy refuses it within a second.\n", args[0])
+	return nil
+}
+
+func cliRotate(cmd *cobra.Command, args []string) error {
+	st, _, err := cliStore(cmd, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	secret, err := Rotate(cmd.Context(), st, args[0])
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	fmt.Fprintf(out, "Rotated key %s: its old secret stops working within a second.\n", args[0])
+	printSecret(out, secret)
+	return nil
+}
+
+func printSecret(out io.Writer, secret string) {
+	fmt.Fprintf(out, "\n    %s\n\n", secret)
+	fmt.Fprintln(out, "This secret is shown only now and cannot be recovered: keep it safe.")
+	fmt.Fprintln(out, "Clients send it as: Authorization: Bearer <secret>")
+}
+
+// parseExpiry reads an expiry: empty for never, a duration from now
+// (720h, 30d), or an RFC 3339 time. Errors wrap ErrInvalid.
+func parseExpiry(s string, now time.Time) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	d, err := caddy.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return time.Time{}, fmt.Errorf("%w: expiry '%s' is neither a positive duration (720h, 30d) nor an RFC 3339 time", ErrInvalid, s)
+	}
+	return now.Add(d), nil
+}
+
+// formatTime formats t for the key list, in UTC, or none when zero.
+func formatTime(t time.Time, none string) string {
+	if t.IsZero() {
+		return none
+	}
+	return t.UTC().Format(time.RFC3339)
+}

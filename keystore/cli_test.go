@@ -1,0 +1,143 @@
+package keystore
+
+import (
+	"bytes"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+var (
+	printedSecret = regexp.MustCompile(`vgt_[0-9A-Za-z]{38}`)
+	printedID     = regexp.MustCompile(`key_[0-9A-Za-z]{16}`)
+)
+
+// runCLI runs RunCLI and returns its exit status and outputs.
+func runCLI(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := RunCLI(args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+// mustCLI runs RunCLI and fails the test unless it succeeds.
+func mustCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	code, out, errOut := runCLI(t, args...)
+	if code != 0 {
+		t.Fatalf("vigthoria %s: exit %d: %s", strings.Join(args, " "), code, errOut)
+	}
+	return out
+}
+
+func TestCLIRoundTrip(t *testing.T) {
+	s, _ := startService(t, nil)
+	store := "--store=" + s.spec
+
+	out := mustCLI(t, "key", "add", "--tier", "pro", "--name", "alice smith", "--expires", "720h", store)
+	secret, id := printedSecret.FindString(out), printedID.FindString(out)
+	if secret == "" || id == "" || !strings.Contains(out, "shown only now") {
+		t.Fatalf("add printed %q, want the ID, the secret and that it is shown once", out)
+	}
+	within(t, "the CLI's key is identified", func() bool {
+		c, ok := s.Identify(secret, time.Now())
+		return ok && c == Client{ID: id, Name: "alice smith", Tier: "pro"}
+	})
+
+	list := mustCLI(t, "key", "list", store)
+	if !strings.Contains(list, id) || !strings.Contains(list, "alice smith") || !strings.Contains(list, "active") {
+		t.Errorf("list = %q, want the key, active", list)
+	}
+	if printedSecret.MatchString(list) || strings.Contains(list, secret[4:20]) {
+		t.Errorf("list shows a secret: %q", list)
+	}
+
+	out = mustCLI(t, "key", "rotate", id, store)
+	newSecret := printedSecret.FindString(out)
+	if newSecret == "" || newSecret == secret {
+		t.Fatalf("rotate printed %q, want a new secret", out)
+	}
+	within(t, "the rotation is seen", func() bool {
+		_, oldOK := s.Identify(secret, time.Now())
+		_, newOK := s.Identify(newSecret, time.Now())
+		return !oldOK && newOK
+	})
+
+	mustCLI(t, "key", "revoke", store, id) // flags before or after arguments
+	within(t, "the revocation is seen", func() bool {
+		_, ok := s.Identify(newSecret, time.Now())
+		return !ok
+	})
+	if list := mustCLI(t, "key", "list", store); !strings.Contains(list, "revoked") {
+		t.Errorf("list = %q, want the key revoked", list)
+	}
+	if code, _, errOut := runCLI(t, "key", "rotate", id, store); code == 0 || !strings.Contains(errOut, "revoked") {
+		t.Errorf("rotating a revoked key: exit %d, %q", code, errOut)
+	}
+}
+
+func TestCLIErrors(t *testing.T) {
+	dir := t.TempDir()
+	store := "--store=sqlite:" + filepath.Join(dir, "keys.db")
+	missing := "--store=sqlite:" + filepath.Join(dir, "nope.db")
+	tests := []struct {
+		name    string
+		args    []string
+		wantErr string
+	}{
+		{"no tier", []string{"key", "add", "--name", "n", store}, "tier"},
+		{"no name", []string{"key", "add", "--tier", "free", store}, "name"},
+		{"bad tier", []string{"key", "add", "--tier", "Free!", "--name", "n", store}, "tier"},
+		{"bad expiry", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "soon", store}, "expiry"},
+		{"negative expiry", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "-1h", store}, "expiry"},
+		{"past date", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "2001-01-01T00:00:00Z", store}, "future"},
+		{"unknown store kind", []string{"key", "list", "--store", "mysql://x"}, "unknown key store"},
+		{"redis", []string{"key", "list", "--store", "redis://127.0.0.1:6379/0"}, "not supported yet"},
+		{"list of a missing file", []string{"key", "list", missing}, "no key store at"},
+		{"revoke unknown", []string{"key", "revoke", "key_nope", store}, "no such key"},
+		{"rotate unknown", []string{"key", "rotate", "key_nope", store}, "no such key"},
+		{"revoke without ID", []string{"key", "revoke", store}, "arg"},
+		{"unknown subcommand", []string{"key", "frobnicate", store}, "unknown command"},
+		{"unknown flag", []string{"key", "list", "--colour", store}, "unknown flag"},
+	}
+	// The store exists for the commands that need one.
+	mustCLI(t, "key", "add", "--tier", "free", "--name", "first", store)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, out, errOut := runCLI(t, tt.args...)
+			if code == 0 || !strings.Contains(errOut, tt.wantErr) {
+				t.Errorf("exit %d, stderr %q; want failure saying %q", code, errOut, tt.wantErr)
+			}
+			if printedSecret.MatchString(out) {
+				t.Errorf("a failed command printed a secret: %q", out)
+			}
+		})
+	}
+	if list := mustCLI(t, "key", "list", store); strings.Count(list, "key_") != 1 {
+		t.Errorf("failed adds stored keys: %q", list)
+	}
+}
+
+func TestCLIUsageAndEmptyList(t *testing.T) {
+	store := "--store=sqlite:" + filepath.Join(t.TempDir(), "keys.db")
+	if out := mustCLI(t, "usage", store); !strings.Contains(out, "usage ledger not available yet") {
+		t.Errorf("usage printed %q", out)
+	}
+	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
+	id := printedID.FindString(mustCLI(t, "key", "list", store))
+	mustCLI(t, "key", "revoke", id, store)
+	mustCLI(t, "key", "revoke", id, store) // again: nothing to do, no error
+}
+
+func TestCLIDefaultStore(t *testing.T) {
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	out := mustCLI(t, "key", "add", "--tier", "free", "--name", "n")
+	if !strings.Contains(out, DefaultSQLitePath()) {
+		t.Errorf("add printed %q, want it to name the default store %s", out, DefaultSQLitePath())
+	}
+	if list := mustCLI(t, "key", "list"); !strings.Contains(list, printedID.FindString(out)) {
+		t.Errorf("list of the default store = %q", list)
+	}
+}

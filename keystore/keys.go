@@ -1,0 +1,98 @@
+package keystore
+
+import (
+	"context"
+	"fmt"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// maxAttrLen bounds key names and tiers, in characters.
+const maxAttrLen = 64
+
+// Create adds a key named name of the given tier to st and returns its
+// record and its secret. The secret exists only in this return value:
+// show it to the user once. A zero expires means the key never expires;
+// otherwise it must be after now. Bad attributes are reported as errors
+// wrapping ErrInvalid.
+func Create(ctx context.Context, st Store, name, tier string, expires, now time.Time) (Record, string, error) {
+	if err := validName(name); err != nil {
+		return Record{}, "", err
+	}
+	if err := validTier(tier); err != nil {
+		return Record{}, "", err
+	}
+	now = storedTime(now)
+	expires = storedTime(expires)
+	if !expires.IsZero() && !expires.After(now) {
+		return Record{}, "", fmt.Errorf("%w: expiry %s is not in the future", ErrInvalid, expires.Format(time.RFC3339))
+	}
+	id, err := NewID()
+	if err != nil {
+		return Record{}, "", fmt.Errorf("creating a key ID: %w", err)
+	}
+	secret, err := NewSecret()
+	if err != nil {
+		return Record{}, "", fmt.Errorf("creating a key: %w", err)
+	}
+	r := Record{ID: id, Name: name, Tier: tier, Hash: HashSecret(secret), Created: now, Expires: expires}
+	if err := st.Insert(ctx, r); err != nil {
+		return Record{}, "", fmt.Errorf("storing key %s: %w", id, err)
+	}
+	return r, secret, nil
+}
+
+// Rotate gives the key id a new secret and returns it; the old secret
+// stops working. The ID, name, tier and expiry stay. It returns an error
+// wrapping ErrNotFound or ErrRevoked when the key cannot be rotated.
+func Rotate(ctx context.Context, st Store, id string) (string, error) {
+	secret, err := NewSecret()
+	if err != nil {
+		return "", fmt.Errorf("creating a key: %w", err)
+	}
+	if err := st.SetHash(ctx, id, HashSecret(secret)); err != nil {
+		return "", fmt.Errorf("rotating key %s: %w", id, err)
+	}
+	return secret, nil
+}
+
+// validName checks a key's name: 1 to 64 printable characters. The error
+// wraps ErrInvalid.
+func validName(name string) error {
+	if name == "" {
+		return fmt.Errorf("%w: a key needs a name", ErrInvalid)
+	}
+	if !utf8.ValidString(name) || utf8.RuneCountInString(name) > maxAttrLen {
+		return fmt.Errorf("%w: a key name is at most %d characters of UTF-8", ErrInvalid, maxAttrLen)
+	}
+	for _, r := range name {
+		if !unicode.IsPrint(r) {
+			return fmt.Errorf("%w: key name %q has a character that is not printable", ErrInvalid, name)
+		}
+	}
+	return nil
+}
+
+// validTier checks a tier name: 1 to 64 characters of a-z, 0-9, _ and -.
+// The error wraps ErrInvalid.
+func validTier(tier string) error {
+	if tier == "" || len(tier) > maxAttrLen {
+		return fmt.Errorf("%w: a tier is 1 to %d characters", ErrInvalid, maxAttrLen)
+	}
+	for i := range len(tier) {
+		if c := tier[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '_' && c != '-' {
+			return fmt.Errorf("%w: invalid tier %q: use a-z, 0-9, _ and -", ErrInvalid, tier)
+		}
+	}
+	return nil
+}
+
+// storedTime is t as stores keep it: UTC, to the millisecond, without a
+// monotonic reading.
+func storedTime(t time.Time) time.Time {
+	if t.IsZero() {
+		return time.Time{}
+	}
+	return t.UTC().Truncate(time.Millisecond)
+}

@@ -1,0 +1,435 @@
+package keystore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+// How the Service keeps up with its store.
+const (
+	// pollInterval is how often the store is asked for changes, so that
+	// keys added, rotated or revoked elsewhere work or stop working
+	// within a second.
+	pollInterval = 250 * time.Millisecond
+
+	// flushInterval is how often recorded uses are written, in one batch.
+	flushInterval = 5 * time.Second
+
+	// ledgerFlushInterval is how far the stored usage ledger may lag.
+	ledgerFlushInterval = time.Second
+
+	// usedGranularity is how stale a stored last-used time may be: a
+	// key's use is recorded at most once per this many seconds.
+	usedGranularity = 60
+
+	// loadBatch is how many records a first load holds at once, when the
+	// store can stream them.
+	loadBatch = 10_000
+
+	// opTimeout bounds one store operation of the Service, except the
+	// first load, which loadTimeout bounds.
+	opTimeout   = 10 * time.Second
+	loadTimeout = 5 * time.Minute
+)
+
+// errStopped is returned by Start after Stop.
+var errStopped = errors.New("key service stopped: it cannot be started again")
+
+// bulkLoader is a Store that can stream every key for a first load,
+// which then holds a batch of records at a time rather than all of them,
+// and can size the index up front. loadAll must pass each key once.
+type bulkLoader interface {
+	countKeys(ctx context.Context) (int, error)
+	loadAll(ctx context.Context, batch int, f func([]Record)) (cursor uint64, err error)
+}
+
+// Client is an identified caller.
+type Client struct {
+	ID   string // the key ID, "key_…", or another identity set by the caller's code
+	Name string
+	Tier string
+}
+
+// Service owns one store, its in-memory index, the loop that keeps the
+// index in sync with the store and the batcher of last-used times. It is
+// meant to be shared by the configs that use the same store, across
+// reloads, and is safe for concurrent use. Its zero value is not usable:
+// make one with NewService.
+type Service struct {
+	spec       string // canonical: "sqlite:" and an absolute path, or the Redis URL
+	logger     *zap.Logger
+	open       func() (Store, error)
+	poll       time.Duration
+	flushEvery time.Duration
+
+	index  index
+	kick   chan struct{} // asks the loop to sync now
+	ledger *Ledger
+
+	usedMu sync.Mutex // protects used and spare
+	used   []use      // recorded uses, waiting for the next flush
+	spare  []use      // the last batch flushed, for reuse
+
+	mu      sync.Mutex // protects the following
+	state   int        // serviceNew, serviceStarted or serviceStopped
+	store   Store
+	cancel  context.CancelFunc
+	done    chan struct{}
+	running sync.WaitGroup
+
+	// Only Start and then the loop use these.
+	cursor        uint64
+	syncFailing   bool
+	flushFailing  bool
+	ledgerFailing bool
+}
+
+const (
+	serviceNew = iota
+	serviceStarted
+	serviceStopped
+)
+
+// use is a recorded use of a key.
+type use struct {
+	id string
+	at int64 // unix milliseconds
+}
+
+// NewService returns a Service for the store named by spec (see
+// ParseSpec), not yet started. It does no I/O, so that validating a
+// config touches nothing. A nil logger logs nothing.
+func NewService(spec string, logger *zap.Logger) (*Service, error) {
+	kind, target, err := ParseSpec(spec)
+	if err != nil {
+		return nil, err
+	}
+	if kind != "sqlite" {
+		return nil, errRedisUnsupported
+	}
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	return &Service{
+		spec:       kind + ":" + target,
+		logger:     logger,
+		open:       func() (Store, error) { return OpenSQLite(target) },
+		poll:       pollInterval,
+		flushEvery: flushInterval,
+		kick:       make(chan struct{}, 1),
+		ledger:     newLedger(),
+	}, nil
+}
+
+// Start opens the store, loads every key into memory and starts keeping
+// up with the store. Calling it again, even concurrently, does nothing
+// more; after a failure it may be called again. It fails after Stop.
+func (s *Service) Start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch s.state {
+	case serviceStarted:
+		return nil
+	case serviceStopped:
+		return errStopped
+	}
+	begin := time.Now()
+	st, err := s.open()
+	if err != nil {
+		return err
+	}
+	if err := s.load(st); err != nil {
+		s.index.clear() // a retry loads into an empty index
+		st.Close()
+		return fmt.Errorf("loading keys: %w", err)
+	}
+	s.store = st
+	if us, ok := st.(UsageStore); ok {
+		s.ledger.attach(us)
+	}
+	s.state = serviceStarted
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	s.done = make(chan struct{})
+	s.running.Add(1)
+	go s.run(ctx, st, s.done)
+	registerService(s)
+	s.logger.Info("key store open",
+		zap.String("store", s.spec),
+		zap.Int("keys", s.index.size()),
+		zap.Duration("load_time", time.Since(begin)))
+	return nil
+}
+
+// Stop stops keeping up with the store, writes the last-used times not
+// yet written, and closes the store. A stopped Service identifies no one
+// and cannot be started again.
+func (s *Service) Stop() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state != serviceStarted {
+		s.state = serviceStopped
+		return nil
+	}
+	s.state = serviceStopped
+	unregisterService(s)
+	s.cancel()
+	close(s.done)
+	s.running.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	err := errors.Join(s.flush(ctx, s.store), s.ledger.flush(ctx))
+	s.ledger.attach(nil)
+	s.index.clear()
+	if cerr := s.store.Close(); cerr != nil {
+		err = errors.Join(err, fmt.Errorf("closing key store: %w", cerr))
+	}
+	return err
+}
+
+// Ledger returns the Service's usage ledger. It can count from the start;
+// it reads and writes its store once the Service has started.
+func (s *Service) Ledger() *Ledger { return s.ledger }
+
+// Store returns the Service's store, for managing keys; nil before Start.
+// Changes made through it, or by anyone else, reach the Service within a
+// second.
+func (s *Service) Store() Store {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.store
+}
+
+// changed tells the Service that its store was just changed, so that it
+// syncs now rather than at its next poll.
+func (s *Service) changed() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Identify returns the client whose key is secret, if that key is known,
+// not revoked and not expired at now. It records the use (at most once a
+// minute per key, written later in a batch). It takes no lock and
+// allocates nothing; a malformed key costs no hashing and no lookup.
+func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
+	if !ValidSecret(secret) {
+		return Client{}, false
+	}
+	h := HashSecret(secret)
+	v := s.index.view()
+	e := v.lookup(&h)
+	if e == nil || e.expires != 0 && now.UnixMilli() >= e.expires {
+		return Client{}, false
+	}
+	s.markUsed(e, now)
+	return Client{ID: e.id(), Name: e.name(), Tier: v.tiers[e.tier]}, true
+}
+
+// Tiers returns the number of active keys per tier.
+func (s *Service) Tiers() map[string]int {
+	return s.index.tierCounts(time.Now())
+}
+
+// markUsed records a use of e at now, unless one was recorded within
+// usedGranularity: the common case takes one atomic load and no lock.
+func (s *Service) markUsed(e *entry, now time.Time) {
+	sec := now.Unix()
+	last := e.lastUsed.Load()
+	if sec < int64(last)+usedGranularity || sec > math.MaxUint32 {
+		return
+	}
+	if !e.lastUsed.CompareAndSwap(last, uint32(sec)) {
+		return // another request recorded it
+	}
+	s.usedMu.Lock()
+	s.used = append(s.used, use{id: e.id(), at: now.UnixMilli()})
+	s.usedMu.Unlock()
+}
+
+// load fills the index with every key in st.
+func (s *Service) load(st Store) error {
+	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
+	defer cancel()
+	if bl, ok := st.(bulkLoader); ok {
+		n, err := bl.countKeys(ctx)
+		if err != nil {
+			return err
+		}
+		s.index.grow(n)
+		s.cursor, err = bl.loadAll(ctx, loadBatch, func(recs []Record) {
+			s.logSkipped(s.index.loadNew(recs))
+		})
+		if err != nil {
+			return err
+		}
+	} else {
+		recs, cursor, err := st.Changes(ctx, 0)
+		if err != nil {
+			return err
+		}
+		s.index.grow(len(recs))
+		s.logSkipped(s.index.apply(recs))
+		s.cursor = cursor
+	}
+	// Revoked keys were counted, but take no room.
+	s.index.trim()
+	return nil
+}
+
+// run keeps the index in sync with st and writes recorded uses, until
+// done is closed.
+func (s *Service) run(ctx context.Context, st Store, done <-chan struct{}) {
+	defer s.running.Done()
+	poll := time.NewTicker(s.poll)
+	defer poll.Stop()
+	flush := time.NewTicker(s.flushEvery)
+	defer flush.Stop()
+	ledger := time.NewTicker(ledgerFlushInterval)
+	defer ledger.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-ledger.C:
+			ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+			err := s.ledger.flush(ctx)
+			cancel()
+			s.logTransition(&s.ledgerFailing, err, "writing the usage ledger")
+		case <-poll.C:
+			s.sync(ctx, st)
+		case <-s.kick:
+			s.sync(ctx, st)
+		case <-flush.C:
+			// Not the loop's context: Stop waits for a batch in flight
+			// rather than dropping it.
+			ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+			err := s.flush(ctx, st)
+			cancel()
+			s.logTransition(&s.flushFailing, err, "writing last-used times")
+		}
+	}
+}
+
+// sync applies the store's changes since the last sync to the index.
+func (s *Service) sync(ctx context.Context, st Store) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	recs, cursor, err := st.Changes(ctx, s.cursor)
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return // stopping
+	}
+	s.logTransition(&s.syncFailing, err, "reading key changes")
+	if err != nil {
+		return
+	}
+	if len(recs) > 0 {
+		s.logSkipped(s.index.apply(recs))
+		s.logger.Debug("key changes applied", zap.Int("changes", len(recs)))
+	}
+	s.cursor = cursor
+}
+
+// flush writes the recorded uses to st in one batch. A failed batch is
+// dropped: last-used times are advisory, and keeping them could grow
+// without bound while the store is down.
+func (s *Service) flush(ctx context.Context, st Store) error {
+	s.usedMu.Lock()
+	batch := s.used
+	s.used, s.spare = s.spare, nil
+	s.usedMu.Unlock()
+	if len(batch) == 0 {
+		return nil
+	}
+	latest := make(map[string]time.Time, len(batch))
+	for _, u := range batch {
+		if at := time.UnixMilli(u.at); at.After(latest[u.id]) {
+			latest[u.id] = at
+		}
+	}
+	clear(batch)
+	s.usedMu.Lock()
+	s.spare = batch[:0]
+	s.usedMu.Unlock()
+	return st.TouchLastUsed(ctx, latest)
+}
+
+// logTransition logs when an operation starts failing and when it
+// recovers, rather than at every attempt.
+func (s *Service) logTransition(failing *bool, err error, what string) {
+	switch {
+	case err != nil && !*failing:
+		s.logger.Error(what+" failed; retrying", zap.String("store", s.spec), zap.Error(err))
+	case err == nil && *failing:
+		s.logger.Info(what+" works again", zap.String("store", s.spec))
+	}
+	*failing = err != nil
+}
+
+// logSkipped reports keys the index cannot hold.
+func (s *Service) logSkipped(ids []string) {
+	if len(ids) > 0 {
+		s.logger.Error("keys left out of the index: an ID over 255 bytes, or too many tiers",
+			zap.Strings("ids", ids))
+	}
+}
+
+// errRedisUnsupported is returned for Redis stores, which come later.
+var errRedisUnsupported = errors.New("the redis key store is not supported yet: use sqlite:PATH")
+
+// ParseSpec parses a store spec: "sqlite:PATH" (kind "sqlite", PATH made
+// absolute) or a "redis://" or "rediss://" URL (kind "redis", the URL).
+func ParseSpec(spec string) (kind, target string, err error) {
+	switch {
+	case strings.HasPrefix(spec, "sqlite:"):
+		path := strings.TrimPrefix(spec, "sqlite:")
+		if path == "" {
+			return "", "", errors.New("the sqlite store needs a path: sqlite:/var/lib/caddy/vigthoria.db")
+		}
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return "", "", fmt.Errorf("sqlite store path %s: %w", path, err)
+		}
+		return "sqlite", abs, nil
+	case strings.HasPrefix(spec, "redis://"), strings.HasPrefix(spec, "rediss://"):
+		u, err := url.Parse(spec)
+		if err != nil || u.Host == "" {
+			// The URL may hold a password: do not repeat it.
+			return "", "", errors.New("invalid redis store URL: use redis://[:PASSWORD@]HOST:PORT/DB")
+		}
+		return "redis", spec, nil
+	}
+	if u, err := url.Parse(spec); err == nil && u.User != nil {
+		spec = u.Redacted()
+	}
+	return "", "", fmt.Errorf("unknown key store '%s': use sqlite:PATH or redis://HOST:PORT/DB", spec)
+}
+
+// DefaultSQLitePath is where the SQLite store lives by default, in
+// Caddy's data directory.
+func DefaultSQLitePath() string {
+	return filepath.Join(caddy.AppDataDir(), "vigthoria", "vigthoria.db")
+}
+
+// openStore opens the store named by spec, for the CLI.
+func openStore(spec string) (Store, error) {
+	kind, target, err := ParseSpec(spec)
+	if err != nil {
+		return nil, err
+	}
+	if kind != "sqlite" {
+		return nil, errRedisUnsupported
+	}
+	return OpenSQLite(target)
+}

@@ -1,0 +1,430 @@
+package keystore
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// countingStore counts the last-used writes that reach its Store.
+type countingStore struct {
+	Store
+	mu      sync.Mutex
+	touches []map[string]time.Time
+}
+
+func (c *countingStore) TouchLastUsed(ctx context.Context, used map[string]time.Time) error {
+	c.mu.Lock()
+	c.touches = append(c.touches, maps.Clone(used))
+	c.mu.Unlock()
+	return c.Store.TouchLastUsed(ctx, used)
+}
+
+func (c *countingStore) writes() []map[string]time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.touches)
+}
+
+// startService starts a Service on a new SQLite file, polling every 20ms,
+// and stops it at the end of the test. It returns a second handle on the
+// same file, as the CLI would have.
+func startService(t *testing.T, setup func(*Service)) (*Service, *SQLite) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "keys.db")
+	s, err := NewService("sqlite:"+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.poll = 20 * time.Millisecond
+	if setup != nil {
+		setup(s)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := s.Stop(); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	cli, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return s, cli
+}
+
+// within polls cond until it holds or a second has passed: the promise
+// for changes made elsewhere.
+func within(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within a second", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestServiceSeesChangesMadeElsewhere(t *testing.T) {
+	s, cli := startService(t, nil)
+	ctx := t.Context()
+	now := time.Now()
+	rec, secret := create(t, cli, "alice", "pro", time.Time{}, now)
+	within(t, "a new key is identified", func() bool {
+		_, ok := s.Identify(secret, time.Now())
+		return ok
+	})
+	c, _ := s.Identify(secret, time.Now())
+	if c != (Client{ID: rec.ID, Name: "alice", Tier: "pro"}) {
+		t.Errorf("Identify = %+v", c)
+	}
+
+	newSecret, err := Rotate(ctx, cli, rec.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	within(t, "rotation takes effect", func() bool {
+		_, oldOK := s.Identify(secret, time.Now())
+		_, newOK := s.Identify(newSecret, time.Now())
+		return !oldOK && newOK
+	})
+
+	if err := cli.Revoke(ctx, rec.ID, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	within(t, "revocation takes effect", func() bool {
+		_, ok := s.Identify(newSecret, time.Now())
+		return !ok
+	})
+}
+
+func TestServiceLoadsExistingKeysAndExpires(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keys.db")
+	st, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	_, forever := create(t, st, "forever", "free", time.Time{}, now)
+	_, hour := create(t, st, "an hour", "pro", now.Add(time.Hour), now)
+	revoked, revokedSecret := create(t, st, "revoked", "free", time.Time{}, now)
+	if err := st.Revoke(t.Context(), revoked.ID, now); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+
+	s, err := NewService("sqlite:"+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	for _, tt := range []struct {
+		name, secret string
+		at           time.Time
+		want         bool
+	}{
+		{"live", forever, now, true},
+		{"live much later", forever, now.Add(1000 * time.Hour), true},
+		{"before expiry", hour, now.Add(59 * time.Minute), true},
+		{"at expiry", hour, now.Add(time.Hour), false},
+		{"after expiry", hour, now.Add(2 * time.Hour), false},
+		{"revoked", revokedSecret, now, false},
+		{"malformed", "vgt_x", now, false},
+	} {
+		if _, ok := s.Identify(tt.secret, tt.at); ok != tt.want {
+			t.Errorf("%s: Identify = %v, want %v", tt.name, ok, tt.want)
+		}
+	}
+	if got := s.Tiers(); len(got) != 2 || got["free"] != 1 || got["pro"] != 1 {
+		t.Errorf("Tiers() = %v, want free:1 pro:1", got)
+	}
+}
+
+func TestServiceBatchesLastUsed(t *testing.T) {
+	var counting *countingStore
+	s, cli := startService(t, func(s *Service) {
+		s.flushEvery = time.Hour // flushed by hand below
+		open := s.open
+		s.open = func() (Store, error) {
+			st, err := open()
+			counting = &countingStore{Store: st}
+			return counting, err
+		}
+	})
+	now := time.Now().Truncate(time.Millisecond)
+	var secrets []string
+	var ids []string
+	for range 3 {
+		r, secret := create(t, cli, "k", "free", time.Time{}, now)
+		secrets = append(secrets, secret)
+		ids = append(ids, r.ID)
+	}
+	within(t, "the keys are loaded", func() bool {
+		_, ok := s.Identify(secrets[2], now)
+		return ok
+	})
+
+	// Many uses within a minute make one write of three keys.
+	for i := range 10_000 {
+		at := now.Add(time.Duration(i) * time.Millisecond) // 10s
+		if _, ok := s.Identify(secrets[i%3], at); !ok {
+			t.Fatal("a key is not identified")
+		}
+	}
+	if err := s.flush(t.Context(), s.Store()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.flush(t.Context(), s.Store()); err != nil { // nothing left: no write
+		t.Fatal(err)
+	}
+	writes := counting.writes()
+	if len(writes) != 1 || len(writes[0]) != 3 {
+		t.Fatalf("%d writes (%v), want one of 3 keys", len(writes), writes)
+	}
+	for _, id := range ids {
+		r, err := cli.Get(t.Context(), id)
+		if err != nil || r.LastUsed.Before(now) || r.LastUsed.After(now.Add(10*time.Second)) {
+			t.Errorf("LastUsed of %s = %v (%v), want within the 10s of use", id, r.LastUsed, err)
+		}
+	}
+
+	// A minute later, uses are recorded again; Stop writes them.
+	for _, secret := range secrets[:2] {
+		s.Identify(secret, now.Add(75*time.Second))
+	}
+	if err := s.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	writes = counting.writes()
+	if len(writes) != 2 || len(writes[1]) != 2 || !writes[1][ids[0]].Equal(now.Add(75*time.Second)) {
+		t.Errorf("writes %v, want a second one, of two keys, at their use", writes)
+	}
+}
+
+func TestServiceLifecycle(t *testing.T) {
+	before := runtime.NumGoroutine()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "sub", "keys.db")
+	s, err := NewService("sqlite:"+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "sub")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("NewService touched the file system: %v", err)
+	}
+	if s.Store() != nil {
+		t.Error("a store before Start")
+	}
+	if _, ok := s.Identify("vgt_", time.Now()); ok {
+		t.Error("identified before Start")
+	}
+
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() { errs <- s.Start() })
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("concurrent Start: %v", err)
+		}
+	}
+	_, secret := create(t, s.Store(), "k", "free", time.Time{}, time.Now())
+	s.changed()
+	within(t, "a key added through Store", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
+
+	if err := s.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Stop(); err != nil {
+		t.Errorf("second Stop: %v", err)
+	}
+	if _, ok := s.Identify(secret, time.Now()); ok {
+		t.Error("a stopped service identifies")
+	}
+	if err := s.Start(); err == nil {
+		t.Error("Start after Stop succeeded")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("%d goroutines after Stop, %d before:\n%s", runtime.NumGoroutine(), before, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestServiceStartFailsAndRetries(t *testing.T) {
+	dir := t.TempDir()
+	blocker := filepath.Join(dir, "blocker")
+	if err := os.WriteFile(blocker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewService("sqlite:"+filepath.Join(blocker, "keys.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err == nil {
+		t.Fatal("started on a path under a file")
+	}
+	if err := os.Remove(blocker); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatalf("Start after the cause went away: %v", err)
+	}
+	if err := s.Stop(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// flakyLoader fails its first load after passing on some keys.
+type flakyLoader struct {
+	*SQLite
+	failed bool
+}
+
+func (f *flakyLoader) loadAll(ctx context.Context, batch int, fn func([]Record)) (uint64, error) {
+	if !f.failed {
+		f.failed = true
+		f.SQLite.loadAll(ctx, batch, fn)
+		return 0, errors.New("disk on fire")
+	}
+	return f.SQLite.loadAll(ctx, batch, fn)
+}
+
+func TestServiceRetriesAFailedLoad(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keys.db")
+	st, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	rec, secret := create(t, st, "k", "free", time.Time{}, time.Now())
+	create(t, st, "other", "free", time.Time{}, time.Now())
+
+	s, err := NewService("sqlite:"+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loader := &flakyLoader{}
+	s.open = func() (Store, error) {
+		sq, err := OpenSQLite(path)
+		loader.SQLite = sq
+		return loader, err
+	}
+	if err := s.Start(); err == nil || !strings.Contains(err.Error(), "disk on fire") {
+		t.Fatalf("Start = %v, want the load's failure", err)
+	}
+	if _, ok := s.Identify(secret, time.Now()); ok {
+		t.Error("a key of a failed load is identified")
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	if n := s.index.size(); n != 2 {
+		t.Errorf("%d keys in the index after a retry, want 2", n)
+	}
+	newSecret, err := Rotate(t.Context(), st, rec.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	within(t, "rotation takes effect after a retried load", func() bool {
+		_, oldOK := s.Identify(secret, time.Now())
+		_, newOK := s.Identify(newSecret, time.Now())
+		return !oldOK && newOK
+	})
+}
+
+func TestIdentifyAllocatesNothing(t *testing.T) {
+	s, cli := startService(t, nil)
+	_, secret := create(t, cli, "k", "free", time.Time{}, time.Now())
+	within(t, "the key is loaded", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
+	unknown, _ := NewSecret()
+	now := time.Now()
+	for name, key := range map[string]string{"known": secret, "unknown": unknown, "malformed": secret[:20]} {
+		if n := testing.AllocsPerRun(1000, func() { s.Identify(key, now) }); n != 0 {
+			t.Errorf("Identify(%s): %v allocations, want 0", name, n)
+		}
+	}
+	unstarted, err := NewService("sqlite:"+filepath.Join(t.TempDir(), "k.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := testing.AllocsPerRun(100, func() { unstarted.Identify(secret, now) }); n != 0 {
+		t.Errorf("Identify before Start: %v allocations, want 0", n)
+	}
+}
+
+func TestParseSpec(t *testing.T) {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		spec, kind, target string
+		wantErr            string
+	}{
+		{spec: "sqlite:/var/lib/caddy/v.db", kind: "sqlite", target: "/var/lib/caddy/v.db"},
+		{spec: "sqlite:rel/v.db", kind: "sqlite", target: filepath.Join(wd, "rel", "v.db")},
+		{spec: "sqlite:/a/../b/v.db", kind: "sqlite", target: "/b/v.db"},
+		{spec: "redis://127.0.0.1:6379/0", kind: "redis", target: "redis://127.0.0.1:6379/0"},
+		{spec: "rediss://:pw@cache:6380/1", kind: "redis", target: "rediss://:pw@cache:6380/1"},
+		{spec: "sqlite:", wantErr: "needs a path"},
+		{spec: "", wantErr: "unknown key store"},
+		{spec: "/var/lib/v.db", wantErr: "unknown key store"},
+		{spec: "postgres://db", wantErr: "unknown key store"},
+		{spec: "redis://", wantErr: "invalid redis"},
+		{spec: "mysql://u:secretpw@db/x", wantErr: "unknown key store"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.spec, func(t *testing.T) {
+			kind, target, err := ParseSpec(tt.spec)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("ParseSpec(%q) error = %v, want one saying %q", tt.spec, err, tt.wantErr)
+				}
+				if strings.Contains(err.Error(), "secretpw") {
+					t.Errorf("the error repeats a password: %v", err)
+				}
+				return
+			}
+			if err != nil || kind != tt.kind || target != tt.target {
+				t.Errorf("ParseSpec(%q) = %q, %q, %v; want %q, %q", tt.spec, kind, target, err, tt.kind, tt.target)
+			}
+		})
+	}
+}
+
+func TestNewServiceRefusesRedisForNow(t *testing.T) {
+	_, err := NewService("redis://127.0.0.1:6379/0", nil)
+	if err == nil || !strings.Contains(err.Error(), "not supported yet") {
+		t.Errorf("NewService(redis) = %v, want not supported yet", err)
+	}
+}
+
+func TestDefaultSQLitePath(t *testing.T) {
+	t.Setenv("XDG_DATA_HOME", "/data")
+	if got, want := DefaultSQLitePath(), "/data/caddy/vigthoria/vigthoria.db"; got != want {
+		t.Errorf("DefaultSQLitePath() = %q, want %q", got, want)
+	}
+}

@@ -1,0 +1,409 @@
+package keystore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	// The pure Go SQLite driver, registered as "sqlite": no cgo.
+	_ "modernc.org/sqlite"
+)
+
+// busyTimeout is how long a write waits for another connection's or
+// process's write to finish.
+const busyTimeout = 5 * time.Second
+
+// migrations bring a database to the schema version of their count, in
+// order: migrations[i] goes from version i to i+1. Only ever append.
+var migrations = []string{
+	// 1: client keys. Times are unix milliseconds, 0 for none. seq orders
+	// inserts, rotations and revocations for Changes; its counter lives in
+	// sequences, so that it never goes back.
+	`CREATE TABLE keys (
+		id        TEXT PRIMARY KEY,
+		name      TEXT NOT NULL,
+		tier      TEXT NOT NULL,
+		hash      BLOB NOT NULL,
+		created   INTEGER NOT NULL,
+		expires   INTEGER NOT NULL DEFAULT 0,
+		revoked   INTEGER NOT NULL DEFAULT 0,
+		last_used INTEGER NOT NULL DEFAULT 0,
+		seq       INTEGER NOT NULL
+	) STRICT;
+	CREATE INDEX keys_seq ON keys (seq);
+	CREATE TABLE sequences (
+		name  TEXT PRIMARY KEY,
+		value INTEGER NOT NULL
+	) STRICT;
+	INSERT INTO sequences (name, value) VALUES ('keys', 0);`,
+	// 2: the usage ledger.
+	ledgerSchema,
+}
+
+const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, seq`
+
+// SQLite is a Store in one SQLite file, in WAL mode so that several
+// processes (Caddy instances, the CLI) can use it at once. The file holds
+// key hashes, never secrets. It is safe for concurrent use. Use
+// OpenSQLite to make one.
+type SQLite struct {
+	db   *sql.DB
+	path string
+}
+
+// OpenSQLite opens the SQLite key store at path, creating the file and
+// its directory (private to the user) when missing, and migrates it to
+// the current schema.
+func OpenSQLite(path string) (*SQLite, error) {
+	if path == "" {
+		return nil, errors.New("opening key store: empty path")
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("opening key store %s: %w", path, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(abs), 0o700); err != nil {
+		return nil, fmt.Errorf("opening key store: %w", err)
+	}
+	// SQLite would create the file with the umask's mode; create it
+	// private first. The -wal and -shm files take the database's mode.
+	f, err := os.OpenFile(abs, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening key store: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("opening key store: %w", err)
+	}
+
+	// Every connection gets the pragmas; write transactions begin
+	// IMMEDIATE, taking the write lock up front so that busy_timeout
+	// applies instead of failing on a lock upgrade.
+	q := url.Values{
+		"_pragma": {
+			fmt.Sprintf("busy_timeout(%d)", busyTimeout.Milliseconds()),
+			"journal_mode(WAL)",
+			"synchronous(NORMAL)",
+			"foreign_keys(1)",
+		},
+		"_txlock": {"immediate"},
+	}
+	uriPath := filepath.ToSlash(abs)
+	if !strings.HasPrefix(uriPath, "/") {
+		uriPath = "/" + uriPath // a Windows drive letter
+	}
+	dsn := (&url.URL{Scheme: "file", Path: uriPath, RawQuery: q.Encode()}).String()
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("opening key store %s: %w", abs, err)
+	}
+	s := &SQLite{db: db, path: abs}
+	if err := s.migrate(context.Background()); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("opening key store %s: %w", abs, err)
+	}
+	return s, nil
+}
+
+// migrate brings the schema to len(migrations) in one transaction, so
+// that two processes opening a new file at once migrate it once.
+func (s *SQLite) migrate(ctx context.Context) error {
+	var mode string
+	if err := s.db.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil {
+		return fmt.Errorf("reading journal mode: %w", err)
+	}
+	if !strings.EqualFold(mode, "wal") {
+		return fmt.Errorf("journal mode is %q, not WAL: is the file on a file system without shared memory?", mode)
+	}
+	version, err := s.schemaVersion(ctx, s.db)
+	if err != nil || version == len(migrations) {
+		return err
+	}
+	return s.write(ctx, func(tx *sql.Tx) error {
+		// Read again under the write lock: another process may have
+		// migrated meanwhile.
+		version, err := s.schemaVersion(ctx, tx)
+		if err != nil {
+			return err
+		}
+		for ; version < len(migrations); version++ {
+			if _, err := tx.ExecContext(ctx, migrations[version]); err != nil {
+				return fmt.Errorf("migrating schema to version %d: %w", version+1, err)
+			}
+		}
+		if _, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", version)); err != nil {
+			return fmt.Errorf("setting schema version: %w", err)
+		}
+		return nil
+	})
+}
+
+// schemaVersion reads the schema version and refuses one newer than this
+// build knows.
+func (s *SQLite) schemaVersion(ctx context.Context, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}) (int, error) {
+	var version int
+	if err := q.QueryRowContext(ctx, "PRAGMA user_version").Scan(&version); err != nil {
+		return 0, fmt.Errorf("reading schema version: %w", err)
+	}
+	if version > len(migrations) {
+		return 0, fmt.Errorf("schema version %d is newer than this build knows (%d): upgrade Caddy", version, len(migrations))
+	}
+	return version, nil
+}
+
+// Path returns the absolute path of the database file.
+func (s *SQLite) Path() string { return s.path }
+
+// Insert adds a new key.
+func (s *SQLite) Insert(ctx context.Context, r Record) error {
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		seq, err := nextSeq(ctx, tx)
+		if err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `INSERT INTO keys (`+recordColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			r.ID, r.Name, r.Tier, r.Hash[:], millis(r.Created), millis(r.Expires), millis(r.Revoked), millis(r.LastUsed), seq)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("inserting key %s: %w", r.ID, err)
+	}
+	return nil
+}
+
+// Get returns the key with the given ID, or ErrNotFound.
+func (s *SQLite) Get(ctx context.Context, id string) (Record, error) {
+	r, _, err := scanRecord(s.db.QueryRowContext(ctx, `SELECT `+recordColumns+` FROM keys WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Record{}, ErrNotFound
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("reading key %s: %w", id, err)
+	}
+	return r, nil
+}
+
+// List returns every key, oldest first.
+func (s *SQLite) List(ctx context.Context) ([]Record, error) {
+	var recs []Record
+	_, err := s.scan(ctx, 0, func(r Record) { recs = append(recs, r) }, `SELECT `+recordColumns+` FROM keys ORDER BY created, id`)
+	if err != nil {
+		return nil, fmt.Errorf("listing keys: %w", err)
+	}
+	return recs, nil
+}
+
+// SetHash replaces the hash of the key id; see Store.
+func (s *SQLite) SetHash(ctx context.Context, id string, h Hash) error {
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		revoked, err := revokedAt(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		if revoked != 0 {
+			return ErrRevoked
+		}
+		seq, err := nextSeq(ctx, tx)
+		if err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE keys SET hash = ?, seq = ? WHERE id = ?`, h[:], seq, id)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("setting hash of key %s: %w", id, err)
+	}
+	return nil
+}
+
+// Revoke revokes the key id at the given time; see Store.
+func (s *SQLite) Revoke(ctx context.Context, id string, at time.Time) error {
+	if at.IsZero() {
+		return fmt.Errorf("revoking key %s: %w: zero revocation time", id, ErrInvalid)
+	}
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		revoked, err := revokedAt(ctx, tx, id)
+		if err != nil || revoked != 0 {
+			return err
+		}
+		seq, err := nextSeq(ctx, tx)
+		if err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE keys SET revoked = ?, seq = ? WHERE id = ?`, millis(at), seq, id)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("revoking key %s: %w", id, err)
+	}
+	return nil
+}
+
+// Changes returns the keys changed after cursor; see Store.
+func (s *SQLite) Changes(ctx context.Context, cursor uint64) ([]Record, uint64, error) {
+	var recs []Record
+	last, err := s.scan(ctx, cursor, func(r Record) { recs = append(recs, r) },
+		`SELECT `+recordColumns+` FROM keys WHERE seq > ? ORDER BY seq`, int64(min(cursor, math.MaxInt64)))
+	if err != nil {
+		return nil, cursor, fmt.Errorf("reading key changes: %w", err)
+	}
+	return recs, last, nil
+}
+
+// countKeys returns the number of keys, revoked ones included.
+func (s *SQLite) countKeys(ctx context.Context) (int, error) {
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM keys`).Scan(&n); err != nil {
+		return 0, fmt.Errorf("counting keys: %w", err)
+	}
+	return n, nil
+}
+
+// loadAll passes every key to f, batch records at a time, and returns
+// the Changes cursor that follows them. One statement reads them all, in
+// table order: one snapshot, so that the cursor matches what f got.
+func (s *SQLite) loadAll(ctx context.Context, batch int, f func([]Record)) (uint64, error) {
+	recs := make([]Record, 0, batch)
+	cursor, err := s.scan(ctx, 0, func(r Record) {
+		if recs = append(recs, r); len(recs) == batch {
+			f(recs)
+			recs = recs[:0]
+		}
+	}, `SELECT `+recordColumns+` FROM keys`)
+	if err != nil {
+		return 0, fmt.Errorf("loading keys: %w", err)
+	}
+	f(recs)
+	return cursor, nil
+}
+
+// TouchLastUsed raises last-used times in one transaction; see Store.
+func (s *SQLite) TouchLastUsed(ctx context.Context, used map[string]time.Time) error {
+	if len(used) == 0 {
+		return nil
+	}
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		stmt, err := tx.PrepareContext(ctx, `UPDATE keys SET last_used = max(last_used, ?) WHERE id = ?`)
+		if err != nil {
+			return err
+		}
+		defer stmt.Close()
+		for id, at := range used {
+			if _, err := stmt.ExecContext(ctx, millis(at), id); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("recording last use of %d keys: %w", len(used), err)
+	}
+	return nil
+}
+
+// Close closes the database.
+func (s *SQLite) Close() error {
+	return s.db.Close()
+}
+
+// write runs f in a short write transaction.
+func (s *SQLite) write(ctx context.Context, f func(*sql.Tx) error) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := f(tx); err != nil {
+		_ = tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// scan runs a query for records, passing each to f, and returns the
+// highest seq among them, or cursor when there are none.
+func (s *SQLite) scan(ctx context.Context, cursor uint64, f func(Record), query string, args ...any) (uint64, error) {
+	rows, err := s.db.QueryContext(ctx, query, args...)
+	if err != nil {
+		return cursor, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		r, seq, err := scanRecord(rows)
+		if err != nil {
+			return cursor, err
+		}
+		f(r)
+		cursor = max(cursor, seq)
+	}
+	return cursor, rows.Err()
+}
+
+// nextSeq takes the next change sequence number, within tx.
+func nextSeq(ctx context.Context, tx *sql.Tx) (int64, error) {
+	var seq int64
+	err := tx.QueryRowContext(ctx, `UPDATE sequences SET value = value + 1 WHERE name = 'keys' RETURNING value`).Scan(&seq)
+	if err != nil {
+		return 0, fmt.Errorf("taking a change sequence number: %w", err)
+	}
+	return seq, nil
+}
+
+// revokedAt returns the revocation time of the key id in unix
+// milliseconds (0: live), or ErrNotFound.
+func revokedAt(ctx context.Context, tx *sql.Tx, id string) (int64, error) {
+	var revoked int64
+	err := tx.QueryRowContext(ctx, `SELECT revoked FROM keys WHERE id = ?`, id).Scan(&revoked)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, ErrNotFound
+	}
+	return revoked, err
+}
+
+// scanRecord reads one row of recordColumns.
+func scanRecord(row interface{ Scan(...any) error }) (Record, uint64, error) {
+	var (
+		r                                 Record
+		hash                              []byte
+		created, expires, revoked, usedAt int64
+		seq                               int64
+	)
+	if err := row.Scan(&r.ID, &r.Name, &r.Tier, &hash, &created, &expires, &revoked, &usedAt, &seq); err != nil {
+		return Record{}, 0, err
+	}
+	if len(hash) != len(r.Hash) {
+		return Record{}, 0, fmt.Errorf("key %s has a hash of %d bytes, not %d", r.ID, len(hash), len(r.Hash))
+	}
+	copy(r.Hash[:], hash)
+	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(created), fromMillis(expires), fromMillis(revoked), fromMillis(usedAt)
+	return r, uint64(seq), nil
+}
+
+// millis is t in unix milliseconds, 0 for the zero time.
+func millis(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixMilli()
+}
+
+// fromMillis is the inverse of millis, in UTC.
+func fromMillis(ms int64) time.Time {
+	if ms == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(ms).UTC()
+}
+
+// Interface guards
+var (
+	_ Store      = (*SQLite)(nil)
+	_ bulkLoader = (*SQLite)(nil)
+)
