@@ -48,6 +48,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		identity       <placeholder> [tier <name|placeholder>]
 //		anonymous      <tier>                 # default off
 //		auth_failures  <n>/<window>           # default 20/1m
+//		models_cache   <ttl>|off              # default 5m
+//		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
 //	}
 //
 // Each subdirective but tier may appear once, and each tier name once;
@@ -97,6 +99,37 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.Anonymous = v
+		case "models_cache":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if v == "off" {
+				h.ModelsCache = -1
+				break
+			}
+			ttl, err := caddy.ParseDuration(v)
+			if err != nil || ttl <= 0 {
+				return d.Errf("invalid models_cache '%s': want a positive duration such as 5m, or off", v)
+			}
+			h.ModelsCache = caddy.Duration(ttl)
+		case "retries":
+			args := d.RemainingArgs()
+			if len(args) != 1 && !(len(args) == 3 && args[1] == "max_wait") {
+				return d.Errf("retries takes '<n> [max_wait <duration>]', got '%s'", strings.Join(args, " "))
+			}
+			n, err := strconv.Atoi(args[0])
+			if err != nil || n < 0 {
+				return d.Errf("invalid retries '%s': want 0 or more", args[0])
+			}
+			h.Retries = &n
+			if len(args) == 3 {
+				wait, err := caddy.ParseDuration(args[2])
+				if err != nil || wait <= 0 {
+					return d.Errf("invalid max_wait '%s': want a positive duration such as 10s", args[2])
+				}
+				h.MaxWait = caddy.Duration(wait)
+			}
 		case "auth_failures":
 			v, err := singleArg(d)
 			if err != nil {

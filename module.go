@@ -10,8 +10,10 @@ import (
 	"net/http"
 	"path"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -29,6 +31,10 @@ const (
 	DefaultAuthFailLimit  = 20
 	DefaultAuthFailWindow = time.Minute
 )
+
+// settleGrace is how long a shutdown waits for running requests to settle
+// before the key store and its ledger close.
+const settleGrace = 15 * time.Second
 
 // maxTrackedAddrs bounds the memory of the failed-authentication throttle.
 const maxTrackedAddrs = 1 << 20
@@ -132,6 +138,14 @@ func (t *Tier) provision(name string) error {
 	return nil
 }
 
+// modelFilter returns allows, or nil when the tier may use every model.
+func (t *Tier) modelFilter() func(string) bool {
+	if len(t.Models) == 0 {
+		return nil
+	}
+	return t.allows
+}
+
 // allows reports whether the tier may use model.
 func (t *Tier) allows(model string) bool {
 	if len(t.Models) == 0 {
@@ -212,6 +226,19 @@ type Handler struct {
 	// The window of auth_fail_limit. Default: 1m.
 	AuthFailWindow caddy.Duration `json:"auth_fail_window,omitempty"`
 
+	// How long GET /v1/models is answered from the cache before the
+	// upstream is asked again; a negative value turns the cache off.
+	// Default: 5m.
+	ModelsCache caddy.Duration `json:"models_cache,omitempty"`
+
+	// How many times an upstream 429, 502, 503 or failed connection is
+	// retried, while nothing has reached the client yet. Default: 2.
+	Retries *int `json:"retries,omitempty"`
+
+	// The longest the retries of one request may wait in all, honouring
+	// the upstream's Retry-After. Default: 10s.
+	MaxWait caddy.Duration `json:"max_wait,omitempty"`
+
 	upstream     *proxy.Upstream
 	limiter      limiter.Limiter
 	keys         *keystore.Service
@@ -220,6 +247,7 @@ type Handler struct {
 	authFailures *limiter.FailureThrottle
 	startOnce    sync.Once
 	startErr     error
+	active       atomic.Int64 // admitted requests not yet settled
 	logger       *zap.Logger
 }
 
@@ -241,6 +269,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBody == 0 {
 		h.MaxBody = DefaultMaxBody
 	}
+	if h.ModelsCache == 0 {
+		h.ModelsCache = caddy.Duration(proxy.DefaultModelsTTL)
+	}
+	if h.Retries == nil {
+		retries := proxy.DefaultRetries
+		h.Retries = &retries
+	}
+	if h.MaxWait == 0 {
+		h.MaxWait = caddy.Duration(proxy.DefaultMaxWait)
+	}
 	if h.APIKey != "" && !strings.Contains(h.APIKey, "{") {
 		h.logger.Warn("api_key is a literal: it is stored in Caddy's config, readable through the admin API and autosave.json; use a placeholder such as {env.VIGTHORIA_API_KEY}")
 	}
@@ -256,6 +294,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		HeaderTimeout: time.Duration(h.HeaderTimeout),
 		// The caller's own limit headers replace any of the same name.
 		DropResponseHeaders: limiter.OwnHeaders,
+		Retries:             *h.Retries,
+		MaxWait:             time.Duration(h.MaxWait),
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
@@ -336,9 +376,22 @@ func (h *Handler) start() error {
 }
 
 // Cleanup releases the key store; the last config using it closes it.
+// Caddy cleans up while the old servers still finish their requests, so
+// the last user first lets its requests settle, or their usage would miss
+// the ledger's final write.
 func (h *Handler) Cleanup() error {
 	if h.storeSpec == "" {
 		return nil
+	}
+	if refs, _ := keyServices.References(h.storeSpec); refs <= 1 {
+		deadline := time.Now().Add(settleGrace)
+		for h.active.Load() > 0 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n := h.active.Load(); n > 0 {
+			h.logger.Warn("closing the key store with requests still running; their usage is not recorded",
+				zap.Int64("requests", n))
+		}
 	}
 	_, err := keyServices.Delete(h.storeSpec)
 	_, err2 := limiters.Delete("memory:" + h.storeSpec)
@@ -375,6 +428,9 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("identity tier '%s' is not configured", h.identityTier)
 		}
 	}
+	if *h.Retries < 0 || h.MaxWait < 0 {
+		return errors.New("retries and max_wait must be positive")
+	}
 	if h.AuthFailLimit < 0 || h.AuthFailWindow < 0 {
 		return errors.New("auth_fail_limit and auth_fail_window must be positive")
 	}
@@ -400,6 +456,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 
+	call := new(proxy.Call)
 	var info proxy.RequestInfo
 	var reserve int64
 	if ep.Body {
@@ -409,7 +466,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return nil
 		}
 		defer body.Release()
-		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes()); apiErr != nil {
+		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
 			apiErr.Write(w)
 			return nil
 		}
@@ -417,6 +474,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	if ep.ID == proxy.Usage {
 		return h.serveUsage(w, r, client, tier, now)
+	}
+	cached := ep.ID == proxy.Models && h.ModelsCache > 0
+	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached {
+		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
+		proxy.UpstreamExhausted(wait).Write(w)
+		return nil
 	}
 
 	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, reserve, now)
@@ -432,18 +495,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	// Settle on every way out, a panic included: the slot is freed and
 	// the reservation replaced by what the answer used.
-	usage := new(proxy.AnswerUsage)
+	h.active.Add(1)
+	defer h.active.Add(-1)
 	defer func() {
-		prompt, completion := charge(usage, reserve, r.ContentLength)
+		usage := &call.Usage
+		prompt, completion := charge(usage, reserve, int64(len(call.Body)))
 		end := time.Now()
 		if err := h.limiter.Settle(context.WithoutCancel(r.Context()), client.ID, &tier.limits, reserve, prompt+completion, end); err != nil {
 			h.logger.Error("settling usage", zap.String("client_id", client.ID), zap.Error(err))
 		}
-		if usage.Status != 0 {
+		if usage.Status != 0 && ep.ID != proxy.Models {
 			h.keys.Ledger().Add(client.ID, info.Model, end, prompt, completion)
 		}
 	}()
-	err = h.upstream.Forward(w, r, ep, next, usage, info.Stream && !info.IncludeUsage)
+	if cached {
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: client.Tier, Allows: tier.modelFilter()})
+	} else {
+		err = h.upstream.Forward(w, r, ep, next, call)
+	}
 	if errors.As(err, &apiErr) {
 		apiErr.Write(w)
 		return nil

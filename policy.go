@@ -66,7 +66,8 @@ func refusal(d limiter.Decision, tier string) *proxy.APIError {
 // admitted or forwarded: the model allowlist and the max_tokens cap. It
 // asks a stream for its usage. The upstream gets the client's bytes except
 // for the fields changed here. It returns what admission reserves.
-func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body []byte) (proxy.RequestInfo, int64, *proxy.APIError) {
+func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body []byte, call *proxy.Call) (proxy.RequestInfo, int64, *proxy.APIError) {
+	call.Body = body
 	info, apiErr := proxy.ParseRequest(body)
 	if apiErr != nil {
 		return info, 0, apiErr
@@ -80,6 +81,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 	if ep.ID == proxy.Embeddings {
 		return info, info.Estimate(len(body), 0), nil
 	}
+	call.StripUsage = info.Stream && !info.IncludeUsage
 	out := body
 	maxTokens := info.MaxTokens
 	var err error
@@ -101,6 +103,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 	if len(out) != len(body) || &out[0] != &body[0] {
 		r.Body = io.NopCloser(bytes.NewReader(out))
 		r.ContentLength = int64(len(out))
+		call.Body = out
 	}
 	return info, info.Estimate(len(body), maxTokens), nil
 }

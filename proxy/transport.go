@@ -1,10 +1,12 @@
 package proxy
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"mime"
 	"net/http"
+	"time"
 
 	"go.uber.org/zap"
 )
@@ -20,6 +22,8 @@ type keyTransport struct {
 	authorization []string // "Bearer <server key>", shared and never mutated
 	host          string
 	drop          []string // response headers the proxy sets itself
+	retry         retryPolicy
+	exhausted     *exhaustion
 	logger        *zap.Logger
 }
 
@@ -37,15 +41,14 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	out.Header["Authorization"] = t.authorization
 	out.Host = t.host
 
-	res, err := t.next.RoundTrip(out)
+	tp := tapFrom(req.Context())
+	res, err := t.roundTrip(out, tp)
 	if err != nil {
 		return nil, err
 	}
 	if res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden {
-		// Nothing of this body may reach the client; drain a little of it
-		// so the connection can be reused.
-		_, _ = io.CopyN(io.Discard, res.Body, 64<<10)
-		res.Body.Close()
+		// Nothing of this body may reach the client.
+		discard(res)
 		t.logger.Error("upstream refused the server key; check api_key",
 			zap.Int("upstream_status", res.StatusCode))
 		return nil, errKeyRefused
@@ -53,7 +56,6 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	for _, name := range t.drop {
 		delete(res.Header, name)
 	}
-	tp := tapFrom(req.Context())
 	if tp != nil {
 		tp.usage.Status = res.StatusCode
 	}
@@ -64,6 +66,49 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		res.Body = &jsonTap{src: res.Body, usage: tp.usage}
 	}
 	return res, nil
+}
+
+// roundTrip sends out, and again after an upstream 429, 502, 503 or a
+// failed connection, as the retry policy allows: never past its max_wait
+// in all, and only with a body it can replay. Every answer's word on the
+// key's exhaustion is noted.
+func (t *keyTransport) roundTrip(out *http.Request, tp *tap) (*http.Response, error) {
+	ctx := out.Context()
+	var body []byte
+	if tp != nil {
+		body = tp.body
+	}
+	replayable := out.Body == nil || out.Body == http.NoBody || body != nil
+	var waited time.Duration
+	for attempt := 0; ; attempt++ {
+		if body != nil {
+			out.Body = io.NopCloser(bytes.NewReader(body))
+			out.ContentLength = int64(len(body))
+		}
+		res, err := t.next.RoundTrip(out)
+		if res != nil {
+			t.exhausted.note(res, time.Now())
+		}
+		again := attempt < t.retry.retries && replayable &&
+			((err != nil && connectFailed(err)) || (err == nil && retryable(res.StatusCode)))
+		if !again {
+			return res, err
+		}
+		wait := backoff(attempt, res)
+		if waited+wait > t.retry.maxWait {
+			return res, err
+		}
+		if res != nil {
+			discard(res)
+		}
+		if tp != nil {
+			tp.usage.Retries++
+		}
+		if !sleepCtx(ctx, wait) {
+			return nil, ctx.Err()
+		}
+		waited += wait
+	}
 }
 
 // isDroppedUpstream names headers the upstream must not get: anything

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,15 +33,21 @@ type Config struct {
 	// DropResponseHeaders are upstream response headers (canonical names)
 	// that never reach the client, because the proxy sets its own.
 	DropResponseHeaders []string
+	// Retries of an upstream 429, 502, 503 or failed connection, waiting
+	// at most MaxWait in all.
+	Retries int
+	MaxWait time.Duration
 }
 
 // Upstream forwards admitted requests to the API through Caddy's own
 // reverse_proxy handler, loaded through Caddy's module system so that Caddy
 // provisions and cleans it up with the config that owns it.
 type Upstream struct {
-	rp     *reverseproxy.Handler
-	paths  [numEndpoints]string // upstream path of each endpoint
-	logger *zap.Logger
+	key       string // the upstream's URL, naming its cached model list
+	rp        *reverseproxy.Handler
+	paths     [numEndpoints]string // upstream path of each endpoint
+	exhausted *exhaustion
+	logger    *zap.Logger
 }
 
 // ParseURL checks an upstream base URL and returns it parsed.
@@ -101,7 +108,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	rp := mod.(*reverseproxy.Handler)
 
-	up := &Upstream{rp: rp, logger: ctx.Logger()}
+	up := &Upstream{key: cfg.URL, rp: rp, exhausted: new(exhaustion), logger: ctx.Logger()}
 	base := strings.TrimSuffix(u.Path, "/")
 	for i := range Endpoints {
 		up.paths[i] = base + Endpoints[i].Suffix
@@ -113,25 +120,24 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		authorization: []string{"Bearer " + cfg.APIKey},
 		host:          u.Host,
 		drop:          cfg.DropResponseHeaders,
+		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
+		exhausted:     up.exhausted,
 		logger:        up.logger,
 	}
 	return up, nil
 }
 
 // Forward sends r, already admitted for ep, to the upstream and streams the
-// answer to w, counting what it used into u when u is not nil; stripUsage
-// drops a stream's usage-only chunk, which the proxy asked for and the
-// client did not. A failure before anything was written comes back as an
-// *APIError for the caller to write; a stream that fails once started is
-// ended with an SSE error event.
-func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint, next caddyhttp.Handler, u *AnswerUsage, stripUsage bool) error {
+// answer to w, counting what it used into c.Usage. A failure before
+// anything was written comes back as an *APIError for the caller to
+// write; a stream that fails once started is ended with an SSE error
+// event.
+func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint, next caddyhttp.Handler, c *Call) error {
 	StripClientCredentials(r.Header)
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
-	if u != nil {
-		r = r.WithContext(withTap(r.Context(), &tap{usage: u, stripUsage: stripUsage}))
-	}
+	r = r.WithContext(withTap(r.Context(), &tap{usage: &c.Usage, stripUsage: c.StripUsage, body: c.Body}))
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {
@@ -153,6 +159,23 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 		c.Write(zap.String("endpoint", ep.Name), zap.Error(he.Err))
 	}
 	return errUpstreamUnavailable
+}
+
+// Exhausted reports whether the upstream said at its last word that the
+// server key is exhausted, and for how long still.
+func (up *Upstream) Exhausted(now time.Time) (time.Duration, bool) {
+	return up.exhausted.wait(now)
+}
+
+// UpstreamExhausted is the local 429 while the upstream's key is exhausted.
+func UpstreamExhausted(wait time.Duration) *APIError {
+	secs := int64((wait + time.Second - 1) / time.Second)
+	return &APIError{
+		Status:  http.StatusTooManyRequests,
+		Type:    "requests",
+		Code:    "upstream_rate_limited",
+		Message: "The upstream API's rate limit for this service is reached. Please try again in " + strconv.FormatInt(secs, 10) + "s.",
+	}
 }
 
 // StripClientCredentials removes every header that may carry a caller's

@@ -15,17 +15,30 @@ type AnswerUsage struct {
 	CompletionTokens int64
 	Reported         bool  // a usage object was seen
 	Chunks           int64 // content events streamed, for charging a stream cut short
+	Retries          int   // upstream attempts repeated
 }
 
 // Total returns prompt plus completion tokens.
 func (u *AnswerUsage) Total() int64 { return u.PromptTokens + u.CompletionTokens }
 
+// Call is one request's way through the upstream side: what the caller
+// tells it, and what it counts.
+type Call struct {
+	// Body is the request body as it goes upstream, replayed on a retry;
+	// nil for none.
+	Body []byte
+	// StripUsage removes the usage-only chunk of a stream: the proxy asked
+	// for it, the client did not.
+	StripUsage bool
+	// Usage is filled in as the answer passes.
+	Usage AnswerUsage
+}
+
 // tap is what Forward tells the transport about one request.
 type tap struct {
-	usage *AnswerUsage
-	// stripUsage removes the usage-only chunk of a stream: the proxy asked
-	// for it, the client did not.
+	usage      *AnswerUsage
 	stripUsage bool
+	body       []byte
 }
 
 type tapKey struct{}

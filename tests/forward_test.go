@@ -235,32 +235,28 @@ func TestBodyLimit(t *testing.T) {
 }
 
 func TestUpstreamErrorsAreTypedAndHeadersPass(t *testing.T) {
-	e := start(t)
-	cases := []struct {
+	e := start(t, "retries 0")
+	chat := func() *http.Response {
+		return e.do(t, http.MethodPost, "/v1/chat/completions",
+			jsonBody(map[string]any{"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}}}), nil)
+	}
+	for _, tc := range []struct {
 		name   string
 		status int
-		code   string
 	}{
-		{"rate limited", http.StatusTooManyRequests, "rate_limit_exceeded"},
-		{"server error", http.StatusInternalServerError, "server_error"},
-		{"unavailable", http.StatusServiceUnavailable, "server_error"},
-	}
-	for _, tc := range cases {
+		{"server error", http.StatusInternalServerError},
+		{"unavailable", http.StatusServiceUnavailable},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e.upstream.SetBehavior(standin.Behavior{FailStatus: tc.status, FailCount: 1, RetryAfter: 7})
+			e.upstream.SetBehavior(standin.Behavior{FailStatus: tc.status, FailCount: 1})
 			_, err := e.client.Chat.Completions.New(t.Context(), chatParams("hi"))
-			oe := wantOpenAIError(t, err, tc.status, tc.code)
-			if tc.status == http.StatusTooManyRequests {
-				if got := oe.Response.Header.Get("Retry-After"); got != "7" {
-					t.Errorf("Retry-After = %q, want the upstream's 7", got)
-				}
-			}
+			wantOpenAIError(t, err, tc.status, "server_error")
 		})
 	}
 
 	t.Run("rate-limit headers pass unchanged", func(t *testing.T) {
 		e.upstream.SetBehavior(standin.Behavior{})
-		res := e.do(t, http.MethodGet, "/v1/models", nil, nil)
+		res := chat()
 		for _, name := range []string{"X-Ratelimit-Limit", "X-Ratelimit-Remaining", "X-Ratelimit-Reset"} {
 			if res.Header.Get(name) == "" {
 				t.Errorf("%s missing from the answer", name)
@@ -269,9 +265,29 @@ func TestUpstreamErrorsAreTypedAndHeadersPass(t *testing.T) {
 		// The upstream counts down per request: the proxy passes its own
 		// figures, whatever they are, without rewriting them.
 		before := res.Header.Get("X-Ratelimit-Remaining")
-		res2 := e.do(t, http.MethodGet, "/v1/models", nil, nil)
+		res2 := chat()
 		if after := res2.Header.Get("X-Ratelimit-Remaining"); after == before {
 			t.Errorf("X-RateLimit-Remaining stayed %s across two upstream calls: not the upstream's value", after)
+		}
+	})
+
+	t.Run("rate limited, then exhausted until the upstream's reset", func(t *testing.T) {
+		e.upstream.SetBehavior(standin.Behavior{FailStatus: http.StatusTooManyRequests, FailCount: 1, RetryAfter: 7})
+		_, err := e.client.Chat.Completions.New(t.Context(), chatParams("hi"))
+		oe := wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded")
+		if got := oe.Response.Header.Get("Retry-After"); got != "7" {
+			t.Errorf("Retry-After = %q, want the upstream's 7", got)
+		}
+		// The upstream said the key is spent for 7s: callers are told so
+		// locally, and the upstream is spared.
+		calls := e.upstream.Count()
+		res := chat()
+		wantAPIError(t, res, http.StatusTooManyRequests, "upstream_rate_limited")
+		if ra := atoi(t, res.Header.Get("Retry-After")); ra < 6 || ra > 7 {
+			t.Errorf("local Retry-After = %d, want what is left of the upstream's 7s", ra)
+		}
+		if e.upstream.Count() != calls {
+			t.Error("the upstream was called while it said it was exhausted")
 		}
 	})
 }

@@ -114,6 +114,10 @@ func TestRequestLimitRefusesWith429AndHonestHeaders(t *testing.T) {
 	}
 	e.wantUpstreamCalls(t, 3)
 
+	eventually(t, "the requests are settled", func() bool {
+		u, _ := e.usage(t, key)
+		return u.Today.Requests == 3
+	})
 	u, _ := e.usage(t, key)
 	if u.Limits.Requests == nil || u.Limits.Requests.Remaining != 0 || u.Limits.Requests.Limit != 3 || u.Today.Requests != 3 {
 		t.Errorf("usage = %+v, want 3 requests today and 0 of 3 remaining", u)
@@ -136,9 +140,14 @@ func TestTokensReservedThenSettled(t *testing.T) {
 	if reserved < 7 {
 		t.Errorf("reserved %d tokens, want at least max_tokens", reserved)
 	}
-	// ...and settlement replaced it with what the upstream reported.
-	u, h := e.usage(t, key)
+	// ...and settlement replaced it with what the upstream reported, as
+	// the response ended: a moment after the client had the whole answer.
 	used := res.Usage.TotalTokens
+	eventually(t, "the answer is settled", func() bool {
+		u, _ := e.usage(t, key)
+		return u.Today.TotalTokens == used
+	})
+	u, h := e.usage(t, key)
 	if u.Limits.Tokens.Remaining != 100000-used || u.Today.TotalTokens != used || u.Today.CompletionTokens != 7 {
 		t.Errorf("after settling: remaining %d, today %+v; want %d remaining and %d used", u.Limits.Tokens.Remaining, u.Today, 100000-used, used)
 	}
@@ -221,6 +230,10 @@ func TestCutShortStreamIsChargedForWhatWasStreamed(t *testing.T) {
 	if stream.Err() == nil {
 		t.Fatal("the broken stream ended without error")
 	}
+	eventually(t, "the broken stream is settled", func() bool {
+		u, _ := e.usage(t, key)
+		return u.Today.Requests == 1
+	})
 	u, _ := e.usage(t, key)
 	if u.Today.CompletionTokens != 3 || u.Today.PromptTokens == 0 {
 		t.Errorf("charged %+v, want the 3 streamed tokens and the prompt", u.Today)
@@ -349,6 +362,10 @@ func TestUsageIsTheCallersOwn(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.upstream.Reset()
+	eventually(t, "the request is settled", func() bool {
+		u, _ := e.usage(t, key)
+		return u.Today.Requests == 1
+	})
 	u, _ := e.usage(t, key)
 	if u.Object != "usage" || u.Tier != "metered" || !strings.HasPrefix(u.ClientID, "key_") || u.Today.Requests != 1 {
 		t.Errorf("usage = %+v, want this key's one request", u)

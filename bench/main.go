@@ -1,0 +1,122 @@
+// Command bench measures the proxy under load next to plain Caddy and the
+// stand-in upstream alone, runs the hot paths' micro-benchmarks, and
+// writes the results to BENCHMARKS.md. `make bench` runs it.
+//
+// Everything runs on loopback: the stand-in upstream and the load
+// generator (the vegeta library) in this process, each Caddy target as a
+// subprocess of the ./caddy binary. The targets and the workloads are
+// tables (targets.go, workloads.go); every workload is measured on every
+// target in interleaved rounds (A B C A B C …) so that what disturbs the
+// machine disturbs all targets alike, and each figure is the median over
+// the rounds.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+)
+
+// config is the run's settings, from the command line.
+type config struct {
+	caddy      string        // the Caddy binary with this module
+	goCmd      string        // the go command, for the micro-benchmarks and pprof
+	out        string        // the report's path
+	rounds     int           // rounds of every workload on every target
+	duration   time.Duration // of one measurement
+	warmup     time.Duration // before each measurement, not counted
+	conns      int           // concurrent connections of the load workloads
+	streams    int           // concurrent streams of the stream workload
+	chunkDelay time.Duration // the upstream's delay between stream events
+	profile    time.Duration // CPU profile of the module under load; 0: none
+	micro      bool          // run the micro-benchmarks
+}
+
+func main() {
+	var cfg config
+	flag.StringVar(&cfg.caddy, "caddy", "./caddy", "Caddy binary built with this module (make build)")
+	flag.StringVar(&cfg.goCmd, "go", "go", "go command, for the micro-benchmarks and pprof")
+	flag.StringVar(&cfg.out, "out", "BENCHMARKS.md", "report to write")
+	flag.IntVar(&cfg.rounds, "rounds", 3, "interleaved rounds of every workload on every target (at least 3)")
+	flag.DurationVar(&cfg.duration, "duration", 5*time.Second, "length of one measurement")
+	flag.DurationVar(&cfg.warmup, "warmup", time.Second, "warm-up before each measurement, not counted")
+	flag.IntVar(&cfg.conns, "conns", 16, "concurrent connections of the load workloads")
+	flag.IntVar(&cfg.streams, "streams", 8, "concurrent streams of the stream workload")
+	flag.DurationVar(&cfg.chunkDelay, "chunk-delay", 20*time.Millisecond, "the upstream's delay between stream events")
+	flag.DurationVar(&cfg.profile, "profile", 10*time.Second, "CPU profile of the module under the chat workload; 0 for none")
+	flag.BoolVar(&cfg.micro, "micro", true, "run the micro-benchmarks of the hot paths")
+	flag.Parse()
+	if cfg.rounds < 3 || cfg.conns < 1 || cfg.streams < 1 || cfg.duration <= 0 {
+		fmt.Fprintln(os.Stderr, "bench: want -rounds 3 or more, and positive -conns, -streams and -duration")
+		os.Exit(2)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, cfg)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// run does the whole benchmark and writes the report. Every process it
+// starts is stopped before it returns, also when ctx ends.
+func run(ctx context.Context, cfg config) error {
+	began := time.Now()
+	rep := &report{cfg: cfg, began: began, workloads: workloads(cfg)}
+	var err error
+	if rep.machine, err = describeMachine(cfg.caddy); err != nil {
+		return err
+	}
+	fmt.Printf("bench: %d workloads × %d targets × %d rounds of %v (+%v warm-up): about %v of load\n",
+		len(rep.workloads), len(targets), cfg.rounds, cfg.duration, cfg.warmup,
+		time.Duration(len(rep.workloads)*len(targets)*cfg.rounds)*(cfg.duration+cfg.warmup))
+
+	if cfg.micro {
+		fmt.Println("bench: micro-benchmarks")
+		if rep.micro, err = runMicro(ctx, cfg.goCmd); err != nil {
+			return fmt.Errorf("micro-benchmarks: %w", err)
+		}
+	}
+
+	dir, err := os.MkdirTemp("", "vigthoria-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	up, err := startUpstream()
+	if err != nil {
+		return err
+	}
+	defer up.close()
+	up.SetBehavior(standin.Behavior{ChunkDelay: cfg.chunkDelay}) // only streams are paced
+
+	insts, err := startTargets(ctx, cfg.caddy, dir, up)
+	if err != nil {
+		return err
+	}
+	defer stopAll(insts)
+
+	if rep.results, err = measureAll(ctx, cfg, up, insts, rep.workloads); err != nil {
+		return err
+	}
+	if cfg.profile > 0 {
+		fmt.Printf("bench: CPU profile of %s under %s for %v\n", moduleName, profiledWorkload, cfg.profile)
+		if rep.profile, err = profileModule(ctx, cfg, insts, rep.workloads, dir); err != nil {
+			return fmt.Errorf("profiling: %w", err)
+		}
+	}
+	rep.elapsed = time.Since(began)
+	if err := os.WriteFile(cfg.out, rep.markdown(), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("bench: wrote %s in %v\n", cfg.out, rep.elapsed.Round(time.Second))
+	return nil
+}

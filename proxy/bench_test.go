@@ -1,0 +1,113 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+)
+
+// benchStreamTokens is the length of the benchmark's answer.
+const benchStreamTokens = 20
+
+// eventReader returns one server-sent event per Read, as an upstream that
+// flushes every event does, then io.EOF. Unlike chunkedReader it leaves
+// its events as they are, so they can be read again.
+type eventReader struct {
+	events [][]byte
+	next   int
+}
+
+func (r *eventReader) Read(p []byte) (int, error) {
+	if r.next == len(r.events) {
+		return 0, io.EOF
+	}
+	ev := r.events[r.next]
+	if len(p) < len(ev) {
+		return 0, io.ErrShortBuffer // never with the benchmark's buffer
+	}
+	r.next++
+	return copy(p, ev), nil
+}
+
+func (r *eventReader) Close() error { return nil }
+
+// standinStream returns the events of a streamed chat answer of the given
+// length from the stand-in upstream, usage chunk included, as the proxy
+// asks for it.
+func standinStream(tb testing.TB, tokens int) [][]byte {
+	tb.Helper()
+	const key = "bench-key"
+	up := standin.New(standin.Options{APIKey: key, NoRecord: true})
+	body := `{"model":"vigthoria-fast-1","stream":true,"stream_options":{"include_usage":true},` +
+		`"max_tokens":` + strconv.Itoa(tokens) + `,"messages":[{"role":"user","content":"Tell me a story"}]}`
+	req := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+key)
+	w := httptest.NewRecorder()
+	up.ServeHTTP(w, req)
+	if w.Code != http.StatusOK {
+		tb.Fatalf("stand-in answered %d: %s", w.Code, w.Body)
+	}
+	var events [][]byte
+	for ev := range bytes.SplitAfterSeq(w.Body.Bytes(), []byte("\n\n")) {
+		if len(ev) > 0 { // the empty piece after the last event
+			events = append(events, ev)
+		}
+	}
+	return events
+}
+
+// BenchmarkSSETap reads a 20-token streamed chat answer through the
+// sseBody with the usage tap on and the usage chunk stripped, one event
+// per upstream read, as Forward does for a client that did not ask for
+// usage.
+func BenchmarkSSETap(b *testing.B) {
+	events := standinStream(b, benchStreamTokens)
+	usageEvent := events[len(events)-2] // before data: [DONE]
+	var size int
+	for _, ev := range events {
+		size += len(ev)
+	}
+	want := size - len(usageEvent)
+	ctx, logger := context.Background(), zap.NewNop()
+	buf := make([]byte, 32<<10) // as large as the reverse proxy's copy buffer
+
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	for b.Loop() {
+		t := &tap{usage: new(AnswerUsage), stripUsage: true}
+		body := newSSEBody(ctx, &eventReader{events: events}, logger, t)
+		n, err := drain(body, buf)
+		body.Close()
+		if err != nil || n != want {
+			b.Fatalf("read %d bytes (err %v), want %d: the usage chunk alone stripped", n, err, want)
+		}
+		if !t.usage.Reported || t.usage.Chunks != benchStreamTokens {
+			b.Fatalf("usage %+v, want it reported with %d content chunks", *t.usage, benchStreamTokens)
+		}
+	}
+}
+
+// drain reads r to its end into buf, as the reverse proxy's copy loop
+// does, and returns how many bytes it read.
+func drain(r io.Reader, buf []byte) (int, error) {
+	total := 0
+	for {
+		n, err := r.Read(buf)
+		total += n
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}

@@ -1,0 +1,216 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	lru "github.com/hashicorp/golang-lru/v2"
+	"golang.org/x/sync/singleflight"
+)
+
+// DefaultModelsTTL is how long the model list is served from the cache.
+const DefaultModelsTTL = 5 * time.Minute
+
+// fetchTimeout bounds one upstream fetch of the model list; it is shared
+// by every caller waiting on it, so no caller's own deadline applies.
+const fetchTimeout = 30 * time.Second
+
+// The model lists of all configs, by upstream: one small LRU without a
+// goroutine of its own, shared across config reloads, so that a reload
+// neither loses the list nor leaves anything running.
+var (
+	modelLists, _ = lru.New[string, *modelList](64)
+	modelFlights  singleflight.Group
+)
+
+// PurgeModels forgets every cached model list.
+func PurgeModels() { modelLists.Purge() }
+
+// modelList is one upstream's answer to GET /models, and its versions
+// filtered per tier, made when first asked for.
+type modelList struct {
+	body    []byte
+	fetched time.Time
+
+	mu       sync.Mutex // protects filtered
+	filtered map[string]filteredList
+}
+
+type filteredList struct {
+	body []byte
+	etag string
+}
+
+// ModelFilter says which models a caller may see; Key names the filter
+// (the tier), as filtered lists are kept per key.
+type ModelFilter struct {
+	Key    string
+	Allows func(model string) bool
+}
+
+// ServeModels answers GET /v1/models from the cache when it holds a list
+// younger than ttl, fetching it once for all concurrent callers when not.
+// When the upstream fails and an older list exists, that list is served,
+// marked stale. The list is filtered to what the caller's tier allows, and
+// If-None-Match is answered with 304.
+func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, ttl time.Duration, f ModelFilter) error {
+	now := time.Now()
+	list, ok := modelLists.Get(up.key)
+	status := "HIT"
+	if !ok || now.Sub(list.fetched) >= ttl {
+		fresh, err := up.fetchModels(r, next)
+		switch {
+		case err == nil:
+			list, status = fresh, "MISS"
+		case ok:
+			status = "STALE"
+			w.Header().Set("Warning", `110 - "Response is Stale"`)
+		default:
+			var passed *passThrough
+			if errors.As(err, &passed) {
+				return passed.write(w)
+			}
+			return err
+		}
+	}
+	fl := list.filter(f)
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Etag", fl.etag)
+	h.Set("Age", strconv.FormatInt(int64(now.Sub(list.fetched)/time.Second), 10))
+	h.Set("Cache-Control", "private, max-age="+strconv.FormatInt(int64(max(ttl-now.Sub(list.fetched), 0)/time.Second), 10))
+	h.Set("X-Cache", status)
+	if match := r.Header.Get("If-None-Match"); match != "" && match == fl.etag {
+		w.WriteHeader(http.StatusNotModified)
+		return nil
+	}
+	h.Set("Content-Length", strconv.Itoa(len(fl.body)))
+	_, err := w.Write(fl.body)
+	return err
+}
+
+// fetchModels asks the upstream for its model list, once for all callers
+// waiting at the same time, and caches a 200.
+func (up *Upstream) fetchModels(r *http.Request, next caddyhttp.Handler) (*modelList, error) {
+	v, err, _ := modelFlights.Do(up.key, func() (any, error) {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), fetchTimeout)
+		defer cancel()
+		req := r.Clone(ctx)
+		req.Method, req.Body, req.ContentLength = http.MethodGet, nil, 0
+		req.Header.Del("If-None-Match")
+		rec := &recorder{header: make(http.Header)}
+		c := new(Call)
+		if err := up.Forward(rec, req, &Endpoints[Models], next, c); err != nil {
+			return nil, err
+		}
+		if rec.status != http.StatusOK {
+			return nil, &passThrough{status: rec.status, header: rec.header, body: rec.body.Bytes()}
+		}
+		list := &modelList{body: rec.body.Bytes(), fetched: time.Now(), filtered: make(map[string]filteredList)}
+		modelLists.Add(up.key, list)
+		return list, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*modelList), nil
+}
+
+// filter returns the list as a caller with f sees it.
+func (l *modelList) filter(f ModelFilter) filteredList {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if fl, ok := l.filtered[f.Key]; ok {
+		return fl
+	}
+	body := l.body
+	if f.Allows != nil {
+		body = filterModels(l.body, f.Allows)
+	}
+	sum := sha256.Sum256(body)
+	fl := filteredList{body: body, etag: `"` + hex.EncodeToString(sum[:12]) + `"`}
+	l.filtered[f.Key] = fl
+	return fl
+}
+
+// filterModels keeps the entries of data whose id allows accepts, and
+// every other field as it was; a body it cannot read passes unchanged.
+func filterModels(body []byte, allows func(string) bool) []byte {
+	var doc map[string]json.RawMessage
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return body
+	}
+	var data []json.RawMessage
+	if err := json.Unmarshal(doc["data"], &data); err != nil {
+		return body
+	}
+	kept := make([]json.RawMessage, 0, len(data))
+	for _, m := range data {
+		var id struct {
+			ID string `json:"id"`
+		}
+		if json.Unmarshal(m, &id) == nil && allows(id.ID) {
+			kept = append(kept, m)
+		}
+	}
+	raw, err := json.Marshal(kept)
+	if err != nil {
+		return body
+	}
+	doc["data"] = raw
+	out, err := json.Marshal(doc)
+	if err != nil {
+		return body
+	}
+	return out
+}
+
+// passThrough is an upstream answer other than 200, passed to the caller
+// as it came, since no cached list can stand in for it.
+type passThrough struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (p *passThrough) Error() string { return "upstream answered " + strconv.Itoa(p.status) }
+
+func (p *passThrough) write(w http.ResponseWriter) error {
+	for k, v := range p.header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(p.status)
+	_, err := w.Write(p.body)
+	return err
+}
+
+// recorder is the ResponseWriter of a fetch the proxy makes for itself.
+type recorder struct {
+	header http.Header
+	status int
+	body   bytes.Buffer
+}
+
+func (r *recorder) Header() http.Header { return r.header }
+
+func (r *recorder) WriteHeader(status int) {
+	if r.status == 0 {
+		r.status = status
+	}
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	r.WriteHeader(http.StatusOK)
+	return r.body.Write(b)
+}
+
+func (r *recorder) Flush() {}
