@@ -501,7 +501,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		usage := &call.Usage
 		prompt, completion := charge(usage, reserve, int64(len(call.Body)))
 		end := time.Now()
-		if err := h.limiter.Settle(context.WithoutCancel(r.Context()), client.ID, &tier.limits, reserve, prompt+completion, end); err != nil {
+		if err := h.limiter.Settle(context.WithoutCancel(r.Context()), client.ID, &tier.limits, d.Lease, prompt+completion, end); err != nil {
 			h.logger.Error("settling usage", zap.String("client_id", client.ID), zap.Error(err))
 		}
 		if usage.Status != 0 && ep.ID != proxy.Models {

@@ -96,7 +96,16 @@ type Decision struct {
 	// RetryAfter is how long until the same request would be admitted;
 	// negative when waiting cannot help (TooLarge).
 	RetryAfter time.Duration
+	// Lease is what an admitted request holds until Settle.
+	Lease Lease
 	State
+}
+
+// Lease is what an admitted request holds: its token reservation and, for
+// a backend that needs it, the name of its concurrency slot.
+type Lease struct {
+	Reserved int64
+	ID       string // "" for backends whose slots need no name
 }
 
 // Limiter decides whether a client may make a request, and accounts for
@@ -111,7 +120,7 @@ type Limiter interface {
 	// Settle ends an admitted request: the tokens it really used replace
 	// its reservation (a refund or an extra charge) and its slot is freed.
 	// Every admitted request is settled exactly once, whatever happened.
-	Settle(ctx context.Context, client string, lim *Limits, reserved, used int64, now time.Time) error
+	Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error
 
 	// State returns the client's standing at now without changing it.
 	State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error)

@@ -78,7 +78,7 @@ func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve 
 }
 
 // Settle implements Limiter.
-func (m *Memory) Settle(_ context.Context, client string, lim *Limits, reserved, used int64, now time.Time) error {
+func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error {
 	s := m.shard(client)
 	n := now.UnixNano()
 	s.mu.Lock()
@@ -87,7 +87,7 @@ func (m *Memory) Settle(_ context.Context, client string, lim *Limits, reserved,
 	if st.inFlight > 0 {
 		st.inFlight--
 	}
-	delta := used - reserved
+	delta := used - lease.Reserved
 	if !lim.Tokens.Unlimited() {
 		st.tokens.charge(lim.Tokens, float64(delta), n)
 	}
@@ -235,6 +235,7 @@ func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time)
 		}
 	}
 	if d.Reason == Admitted {
+		d.Lease.Reserved = reserve
 		st.inFlight++
 		if !lim.Quota.Unlimited() {
 			st.quotaUsed += reserve

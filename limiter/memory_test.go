@@ -26,7 +26,7 @@ func TestMemoryExactUnderConcurrency(t *testing.T) {
 				}
 				if d.Reason == Admitted {
 					admitted.Add(1)
-					m.Settle(t.Context(), "c", lim, 0, 0, t0)
+					m.Settle(t.Context(), "c", lim, Lease{Reserved: 0}, 0, t0)
 				}
 			}
 		})
@@ -112,13 +112,13 @@ func TestMemorySettleReplacesReservation(t *testing.T) {
 	if d.Reason != Admitted || d.TokensRemaining != 500 || d.QuotaUsed != 500 || d.InFlight != 1 {
 		t.Fatalf("after admit: %+v, want 500 reserved and 1 in flight", d)
 	}
-	m.Settle(ctx, "c", lim, 500, 120, t0) // used less: refund
+	m.Settle(ctx, "c", lim, Lease{Reserved: 500}, 120, t0) // used less: refund
 	s, _ := m.State(ctx, "c", lim, t0)
 	if s.TokensRemaining != 880 || s.QuotaUsed != 120 || s.InFlight != 0 {
 		t.Errorf("after settling 120 of 500: %+v, want 880 left, quota 120, none in flight", s)
 	}
 	m.Admit(ctx, "c", lim, 100, t0)
-	m.Settle(ctx, "c", lim, 100, 1100, t0) // used more: charged, into debt
+	m.Settle(ctx, "c", lim, Lease{Reserved: 100}, 1100, t0) // used more: charged, into debt
 	s, _ = m.State(ctx, "c", lim, t0)
 	if s.TokensRemaining != 0 || s.QuotaUsed != 1220 {
 		t.Errorf("after settling 1100 of 100: %+v, want 0 left, quota 1220", s)
@@ -158,7 +158,7 @@ func TestMemoryForgetsIdleClientsAndStaysBounded(t *testing.T) {
 	for i := range 100_000 {
 		c := "c" + strconv.Itoa(i)
 		m.Admit(ctx, c, lim, 0, t0)
-		m.Settle(ctx, c, lim, 0, 0, t0)
+		m.Settle(ctx, c, lim, Lease{Reserved: 0}, 0, t0)
 	}
 	if n := m.Clients(); n > 256*100 {
 		t.Errorf("remembering %d clients, bound %d", n, 256*100)
@@ -170,7 +170,7 @@ func TestMemoryForgetsIdleClientsAndStaysBounded(t *testing.T) {
 	for i := range 256 * sweepEvery * 8 {
 		c := "d" + strconv.Itoa(i%active)
 		m.Admit(ctx, c, lim, 0, later)
-		m.Settle(ctx, c, lim, 0, 0, later)
+		m.Settle(ctx, c, lim, Lease{Reserved: 0}, 0, later)
 	}
 	if n := m.Clients(); n > active+256*100/10 {
 		t.Errorf("after idle time, %d clients remembered, want about the %d active ones", n, active)
@@ -194,7 +194,7 @@ func BenchmarkMemoryAdmitSettle(b *testing.B) {
 	runtime.ReadMemStats(&before)
 	for _, c := range names {
 		m.Admit(ctx, c, lim, 100, t0)
-		m.Settle(ctx, c, lim, 100, 80, t0)
+		m.Settle(ctx, c, lim, Lease{Reserved: 100}, 80, t0)
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)
@@ -205,7 +205,7 @@ func BenchmarkMemoryAdmitSettle(b *testing.B) {
 		c := names[i%clients]
 		i++
 		m.Admit(ctx, c, lim, 100, t0)
-		m.Settle(ctx, c, lim, 100, 80, t0)
+		m.Settle(ctx, c, lim, Lease{Reserved: 100}, 80, t0)
 	}
 	b.ReportMetric(perClient, "bytes/client")
 }
