@@ -1,0 +1,140 @@
+package limiter
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// OnError says what a Fallback does while its shared backend fails.
+type OnError uint8
+
+const (
+	// UseLocal decides with in-memory limits, per instance, until the
+	// shared backend answers again.
+	UseLocal OnError = iota
+	// Deny refuses requests until the shared backend answers again.
+	Deny
+)
+
+// ErrUnavailable is the error of a Fallback set to Deny while its shared
+// backend fails.
+var ErrUnavailable = errors.New("the shared limiter is unavailable")
+
+// probeEvery is how long a Fallback leaves a failed shared backend alone
+// before trying it again, so that an outage does not cost every request a
+// timeout.
+const probeEvery = time.Second
+
+// Fallback puts a shared backend (Redis) first, within a tight timeout,
+// and acts as told by OnError when it fails: in-memory limits, or
+// refusals. It goes back to the shared backend by itself when that answers
+// again, and logs each change of course once.
+//
+// Use NewFallback; it is safe for concurrent use.
+type Fallback struct {
+	shared  Limiter
+	local   *Memory
+	policy  OnError
+	timeout time.Duration
+	logger  *zap.Logger
+
+	downUntil atomic.Int64 // unix nanoseconds; 0: the shared backend is up
+	// OnChange, when set, is called with true when the fallback starts and
+	// false when it ends, for metrics.
+	OnChange func(down bool)
+}
+
+// NewFallback returns a Fallback on shared, each call bounded by timeout.
+func NewFallback(shared Limiter, local *Memory, policy OnError, timeout time.Duration, logger *zap.Logger) *Fallback {
+	return &Fallback{shared: shared, local: local, policy: policy, timeout: timeout, logger: logger}
+}
+
+// Admit implements Limiter.
+func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error) {
+	if f.up(now) {
+		ctx, cancel := context.WithTimeout(ctx, f.timeout)
+		d, err := f.shared.Admit(ctx, client, lim, reserve, now)
+		cancel()
+		if err == nil {
+			f.recovered()
+			return d, nil
+		}
+		f.failed(err, now)
+	}
+	if f.policy == Deny {
+		return Decision{}, ErrUnavailable
+	}
+	return f.local.Admit(ctx, client, lim, reserve, now)
+}
+
+// Settle implements Limiter. A lease from the shared backend (it names its
+// slot) goes back there; one from the local limits stays local.
+func (f *Fallback) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error {
+	if lease.ID == "" {
+		return f.local.Settle(ctx, client, lim, lease, used, now)
+	}
+	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	defer cancel()
+	err := f.shared.Settle(ctx, client, lim, lease, used, now)
+	if err != nil {
+		f.failed(err, now)
+	}
+	return err
+}
+
+// State implements Limiter.
+func (f *Fallback) State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error) {
+	if f.up(now) {
+		ctx, cancel := context.WithTimeout(ctx, f.timeout)
+		s, err := f.shared.State(ctx, client, lim, now)
+		cancel()
+		if err == nil {
+			f.recovered()
+			return s, nil
+		}
+		f.failed(err, now)
+	}
+	if f.policy == Deny {
+		return State{}, ErrUnavailable
+	}
+	return f.local.State(ctx, client, lim, now)
+}
+
+// Down reports whether the fallback is in force.
+func (f *Fallback) Down() bool { return f.downUntil.Load() != 0 }
+
+// up reports whether to try the shared backend: it is up, or it has been
+// left alone long enough to be probed again.
+func (f *Fallback) up(now time.Time) bool {
+	until := f.downUntil.Load()
+	return until == 0 || now.UnixNano() >= until
+}
+
+func (f *Fallback) failed(err error, now time.Time) {
+	if f.downUntil.Swap(now.Add(probeEvery).UnixNano()) == 0 {
+		what := "deciding with local in-memory limits"
+		if f.policy == Deny {
+			what = "refusing requests"
+		}
+		f.logger.Error("the shared limiter failed; "+what+" until it answers again", zap.Error(err))
+		if f.OnChange != nil {
+			f.OnChange(true)
+		}
+	}
+}
+
+func (f *Fallback) recovered() {
+	if f.downUntil.Load() != 0 && f.downUntil.Swap(0) != 0 {
+		f.logger.Info("the shared limiter answers again; limits hold across instances again")
+		if f.OnChange != nil {
+			f.OnChange(false)
+		}
+	}
+}
+
+// Interface guards
+var _ Limiter = (*Fallback)(nil)
