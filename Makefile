@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run test build deps vet clean
+.PHONY: run test build deps test-deps clean bench
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -17,9 +17,15 @@ run: build
 	fi
 
 ## test: vet and run every test with the race detector.
-test: deps
+test: test-deps
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 25m ./...
+
+## bench: load benchmarks of the proxy against plain Caddy and the
+## upstream alone, and the hot paths' micro-benchmarks (redis-server for
+## the Redis ones), on loopback; writes BENCHMARKS.md (about 6 minutes).
+bench: build test-deps
+	$(GO) run ./bench -caddy ./caddy -go $(GO) -out BENCHMARKS.md
 
 ## build: ./caddy with this module, built by xcaddy from xcaddy.json.
 build: caddy
@@ -31,6 +37,15 @@ caddy: xcaddy.json go.mod go.sum $(GO_SOURCES) | deps
 deps:
 	@command -v $(GO) >/dev/null || { echo "Go 1.26 is required: https://go.dev/dl/" >&2; exit 1; }
 	$(GO) mod download
+
+## test-deps: what the tests start for real: redis-server (Debian package).
+test-deps: deps
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (Debian package)"; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq redis-server >/dev/null; \
+	}
 
 clean:
 	rm -f caddy

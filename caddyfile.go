@@ -50,6 +50,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		auth_failures  <n>/<window>           # default 20/1m
 //		models_cache   <ttl>|off              # default 5m
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
+//		on_store_error local|deny             # default local
+//		store_timeout  <duration>             # default 50ms
 //	}
 //
 // Each subdirective but tier may appear once, and each tier name once;
@@ -130,6 +132,25 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				h.MaxWait = caddy.Duration(wait)
 			}
+		case "on_store_error":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if v != "local" && v != "deny" {
+				return d.Errf("invalid on_store_error '%s': want local or deny", v)
+			}
+			h.OnStoreError = v
+		case "store_timeout":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return d.Errf("invalid store_timeout '%s': want a positive duration such as 50ms", v)
+			}
+			h.StoreTimeout = caddy.Duration(dur)
 		case "auth_failures":
 			v, err := singleArg(d)
 			if err != nil {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
@@ -31,6 +32,9 @@ const (
 	DefaultAuthFailLimit  = 20
 	DefaultAuthFailWindow = time.Minute
 )
+
+// DefaultStoreTimeout bounds a limit decision's wait for a shared store.
+const DefaultStoreTimeout = 50 * time.Millisecond
 
 // settleGrace is how long a shutdown waits for running requests to settle
 // before the key store and its ledger close.
@@ -53,9 +57,31 @@ func (s keyService) Destruct() error { return s.Stop() }
 // per key store, since the store's ledger holds the quotas.
 var limiters = caddy.NewUsagePool()
 
-type pooledLimiter struct{ limiter.Limiter }
+type pooledLimiter struct {
+	limiter.Limiter
+	close func() error // releases the shared backend's connections; nil for none
+}
 
-func (pooledLimiter) Destruct() error { return nil }
+func (p pooledLimiter) Destruct() error {
+	if p.close == nil {
+		return nil
+	}
+	return p.close()
+}
+
+// newRedisClient connects to the Redis of a store spec with timeouts fit
+// for the request path: a limit decision waits no longer than timeout.
+func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
+	opts, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	opts.DialTimeout = max(timeout, 500*time.Millisecond)
+	opts.ReadTimeout, opts.WriteTimeout = timeout, timeout
+	opts.MaxRetries = -1 // a retry would double the wait the timeout bounds
+	opts.ContextTimeoutEnabled = true
+	return redis.NewClient(opts), nil
+}
 
 // maxLimitedClients bounds the in-memory limiter: about 120 bytes each.
 const maxLimitedClients = 4 << 20
@@ -235,6 +261,16 @@ type Handler struct {
 	// retried, while nothing has reached the client yet. Default: 2.
 	Retries *int `json:"retries,omitempty"`
 
+	// What to do while the shared store (Redis) fails: "local" decides
+	// with in-memory limits per instance, "deny" refuses with 503. Either
+	// way it is logged, and the store is used again once it answers.
+	// Default: local.
+	OnStoreError string `json:"on_store_error,omitempty"`
+
+	// How long a limit decision may wait for the shared store before
+	// on_store_error applies. Default: 50ms.
+	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
+
 	// The longest the retries of one request may wait in all, honouring
 	// the upstream's Retry-After. Default: 10s.
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
@@ -243,6 +279,7 @@ type Handler struct {
 	limiter      limiter.Limiter
 	keys         *keystore.Service
 	storeSpec    string // the key of keys in keyServices
+	limiterKey   string // the key of limiter in limiters
 	identityTier string // IdentityTier when it is a literal
 	authFailures *limiter.FailureThrottle
 	startOnce    sync.Once
@@ -327,22 +364,57 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	// Only a handle on the store here: it is opened when the config starts
-	// (see App), never while Caddy merely validates.
+	// (see App), never while Caddy merely validates. Placeholders (a Redis
+	// password from the environment) are resolved here and kept out of
+	// the config.
 	if h.Store == "" {
 		h.Store = "sqlite:" + keystore.DefaultSQLitePath()
 	}
-	svc, _, err := keyServices.LoadOrNew(h.Store, func() (caddy.Destructor, error) {
-		svc, err := keystore.NewService(h.Store, caddy.Log().Named("vigthoria.keystore"))
+	spec := caddy.NewReplacer().ReplaceAll(h.Store, "")
+	kind, _, err := keystore.ParseSpec(spec)
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	svc, _, err := keyServices.LoadOrNew(spec, func() (caddy.Destructor, error) {
+		svc, err := keystore.NewService(spec, caddy.Log().Named("vigthoria.keystore"))
 		return keyService{svc}, err
 	})
 	if err != nil {
 		return fmt.Errorf("key store: %w", err)
 	}
-	h.storeSpec = h.Store
+	h.storeSpec = spec
 	h.keys = svc.(keyService).Service
 
-	lim, _, err := limiters.LoadOrNew("memory:"+h.Store, func() (caddy.Destructor, error) {
-		return pooledLimiter{limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)}, nil
+	if h.StoreTimeout == 0 {
+		h.StoreTimeout = caddy.Duration(DefaultStoreTimeout)
+	}
+	policy := limiter.UseLocal
+	switch h.OnStoreError {
+	case "", "local":
+	case "deny":
+		policy = limiter.Deny
+	default:
+		return fmt.Errorf("on_store_error must be local or deny, not '%s'", h.OnStoreError)
+	}
+	h.limiterKey = "memory:" + spec
+	if kind == "redis" {
+		h.limiterKey = fmt.Sprintf("redis:%s:%d:%d", spec, policy, h.StoreTimeout)
+	}
+	lim, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
+		local := limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)
+		if kind != "redis" {
+			return pooledLimiter{Limiter: local}, nil
+		}
+		client, err := newRedisClient(spec, time.Duration(h.StoreTimeout))
+		if err != nil {
+			return nil, err
+		}
+		shared := limiter.NewRedis(client, "vgt:lim:")
+		logger := caddy.Log().Named("vigthoria.limiter")
+		return pooledLimiter{
+			Limiter: limiter.NewFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
+			close:   client.Close,
+		}, nil
 	})
 	if err != nil {
 		return err
@@ -394,7 +466,7 @@ func (h *Handler) Cleanup() error {
 		}
 	}
 	_, err := keyServices.Delete(h.storeSpec)
-	_, err2 := limiters.Delete("memory:" + h.storeSpec)
+	_, err2 := limiters.Delete(h.limiterKey)
 	return errors.Join(err, err2)
 }
 
@@ -448,7 +520,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	if err := h.start(); err != nil {
-		return caddyhttp.Error(http.StatusServiceUnavailable, err)
+		h.logger.Error("the key store is unavailable", zap.Error(err))
+		errUnavailable.Write(w)
+		return nil
 	}
 	client, tier, apiErr := h.identify(w, r, now)
 	if apiErr != nil {
@@ -484,7 +558,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, reserve, now)
 	if err != nil {
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("admitting: %w", err))
+		if !errors.Is(err, limiter.ErrUnavailable) {
+			h.logger.Error("deciding limits", zap.String("client_id", client.ID), zap.Error(err))
+		}
+		w.Header().Set("Retry-After", "1")
+		errUnavailable.Write(w)
+		return nil
 	}
 	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
 	if d.Reason != limiter.Admitted {

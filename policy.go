@@ -10,6 +10,15 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
+// errUnavailable answers when the proxy cannot decide for lack of its
+// store, and its policy is to refuse rather than guess.
+var errUnavailable = &proxy.APIError{
+	Status:  http.StatusServiceUnavailable,
+	Type:    proxy.TypeAPI,
+	Code:    "proxy_unavailable",
+	Message: "The proxy cannot check your limits right now. Please try again shortly.",
+}
+
 var errMissingModel = &proxy.APIError{
 	Status:  http.StatusBadRequest,
 	Type:    proxy.TypeInvalidRequest,

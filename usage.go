@@ -2,12 +2,11 @@ package vigthoria
 
 import (
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"sort"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
@@ -78,13 +77,20 @@ type quotaReport struct {
 func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, now time.Time) error {
 	monthStart := limiter.Month.Start(now)
 	rows, err := h.keys.Ledger().UsageSince(r.Context(), client.ID, monthStart)
-	if err != nil {
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("reading usage: %w", err))
+	if err == nil {
+		var state limiter.State
+		if state, err = h.limiter.State(r.Context(), client.ID, &tier.limits, now); err == nil {
+			return h.writeUsage(w, client, tier, rows, state, now)
+		}
 	}
-	state, err := h.limiter.State(r.Context(), client.ID, &tier.limits, now)
-	if err != nil {
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("reading limits: %w", err))
-	}
+	h.logger.Error("reading usage", zap.String("client_id", client.ID), zap.Error(err))
+	errUnavailable.Write(w)
+	return nil
+}
+
+// writeUsage writes the usage report of a client.
+func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state limiter.State, now time.Time) error {
+	monthStart := limiter.Month.Start(now)
 
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,

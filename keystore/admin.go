@@ -58,13 +58,13 @@ func serviceFor(r *http.Request) (*Service, error) {
 			}
 		}
 		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound,
-			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", kind+":"+target)}
+			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", displaySpec(kind, target))}
 	}
 	var specs []string
 	var found *Service
 	for s := range services.running {
-		if !slices.Contains(specs, s.spec) {
-			specs = append(specs, s.spec)
+		if !slices.Contains(specs, s.name) {
+			specs = append(specs, s.name)
 		}
 		found = s
 	}

@@ -135,7 +135,7 @@ func cliStore(cmd *cobra.Command, create bool) (Store, string, error) {
 		}
 	}
 	st, err := openStore(spec)
-	return st, kind + ":" + target, err
+	return st, displaySpec(kind, target), err
 }
 
 func cliAdd(cmd *cobra.Command, _ []string) error {

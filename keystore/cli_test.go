@@ -94,7 +94,7 @@ func TestCLIErrors(t *testing.T) {
 		{"negative expiry", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "-1h", store}, "expiry"},
 		{"past date", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "2001-01-01T00:00:00Z", store}, "future"},
 		{"unknown store kind", []string{"key", "list", "--store", "mysql://x"}, "unknown key store"},
-		{"redis", []string{"key", "list", "--store", "redis://127.0.0.1:6379/0"}, "not supported yet"},
+		{"redis unreachable", []string{"key", "list", "--store", "redis://127.0.0.1:1/0"}, "connection refused"},
 		{"list of a missing file", []string{"key", "list", missing}, "no key store at"},
 		{"revoke unknown", []string{"key", "revoke", "key_nope", store}, "no such key"},
 		{"rotate unknown", []string{"key", "rotate", "key_nope", store}, "no such key"},

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -40,6 +41,12 @@ const (
 	// first load, which loadTimeout bounds.
 	opTimeout   = 10 * time.Second
 	loadTimeout = 5 * time.Minute
+
+	// maxStaleness bounds how long the index answers from memory when it
+	// cannot sync with its store (the store is unreachable, or failing):
+	// past it, every key is refused until a sync succeeds again, so that
+	// a key revoked meanwhile works at most this long.
+	maxStaleness = 2 * time.Minute
 )
 
 // errStopped is returned by Start after Stop.
@@ -65,12 +72,20 @@ type Client struct {
 // meant to be shared by the configs that use the same store, across
 // reloads, and is safe for concurrent use. Its zero value is not usable:
 // make one with NewService.
+//
+// While the store is unreachable the index keeps identifying callers from
+// memory, for at most maxStaleness (2 minutes) after the last successful
+// sync; after that it refuses every key until a sync succeeds again. A
+// key revoked during an outage thus works at most that much longer. The
+// failure, the refusal and the recoveries are logged once each.
 type Service struct {
-	spec       string // canonical: "sqlite:" and an absolute path, or the Redis URL
+	spec       string // canonical: "sqlite:" and an absolute path, or "redis:" and the Redis URL
+	name       string // spec for logs: without a Redis password
 	logger     *zap.Logger
 	open       func() (Store, error)
 	poll       time.Duration
 	flushEvery time.Duration
+	maxStale   time.Duration // maxStaleness but in tests
 
 	index  index
 	kick   chan struct{} // asks the loop to sync now
@@ -86,6 +101,11 @@ type Service struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 	running sync.WaitGroup
+
+	stale      atomic.Bool // the index is too old to answer from: see maxStaleness
+	staleMu    sync.Mutex  // protects syncedAt and staleTimer
+	syncedAt   time.Time   // of the last successful load or sync
+	staleTimer *time.Timer // fires maxStale after syncedAt
 
 	// Only Start and then the loop use these.
 	cursor        uint64
@@ -114,18 +134,21 @@ func NewService(spec string, logger *zap.Logger) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	if kind != "sqlite" {
-		return nil, errRedisUnsupported
-	}
 	if logger == nil {
 		logger = zap.NewNop()
 	}
+	open := func() (Store, error) { return OpenSQLite(target) }
+	if kind == "redis" {
+		open = func() (Store, error) { return OpenRedis(target) }
+	}
 	return &Service{
 		spec:       kind + ":" + target,
+		name:       displaySpec(kind, target),
 		logger:     logger,
-		open:       func() (Store, error) { return OpenSQLite(target) },
+		open:       open,
 		poll:       pollInterval,
 		flushEvery: flushInterval,
+		maxStale:   maxStaleness,
 		kick:       make(chan struct{}, 1),
 		ledger:     newLedger(),
 	}, nil
@@ -158,6 +181,7 @@ func (s *Service) Start() error {
 		s.ledger.attach(us)
 	}
 	s.state = serviceStarted
+	s.markSynced()
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
 	s.done = make(chan struct{})
@@ -165,7 +189,7 @@ func (s *Service) Start() error {
 	go s.run(ctx, st, s.done)
 	registerService(s)
 	s.logger.Info("key store open",
-		zap.String("store", s.spec),
+		zap.String("store", s.name),
 		zap.Int("keys", s.index.size()),
 		zap.Duration("load_time", time.Since(begin)))
 	return nil
@@ -186,6 +210,12 @@ func (s *Service) Stop() error {
 	s.cancel()
 	close(s.done)
 	s.running.Wait()
+	s.staleMu.Lock()
+	if s.staleTimer != nil {
+		s.staleTimer.Stop()
+		s.staleTimer = nil // checkStale, if waiting for the lock, does nothing
+	}
+	s.staleMu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
 	err := errors.Join(s.flush(ctx, s.store), s.ledger.flush(ctx))
@@ -224,7 +254,7 @@ func (s *Service) changed() {
 // minute per key, written later in a batch). It takes no lock and
 // allocates nothing; a malformed key costs no hashing and no lookup.
 func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
-	if !ValidSecret(secret) {
+	if !ValidSecret(secret) || s.stale.Load() {
 		return Client{}, false
 	}
 	h := HashSecret(secret)
@@ -327,6 +357,14 @@ func (s *Service) sync(ctx context.Context, st Store) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	recs, cursor, err := st.Changes(ctx, s.cursor)
+	if errors.Is(err, errStoreReset) {
+		// What the index learned is history the store no longer has:
+		// keys deleted with it must stop working, new ones must load.
+		s.logger.Warn("key store was emptied or restored: reloading every key", zap.String("store", s.name))
+		s.index.clear()
+		s.cursor = 0
+		recs, cursor, err = st.Changes(ctx, 0)
+	}
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		return // stopping
 	}
@@ -339,6 +377,40 @@ func (s *Service) sync(ctx context.Context, st Store) {
 		s.logger.Debug("key changes applied", zap.Int("changes", len(recs)))
 	}
 	s.cursor = cursor
+	s.markSynced()
+}
+
+// markSynced notes a successful load or sync: the index may answer for
+// maxStale more.
+func (s *Service) markSynced() {
+	s.staleMu.Lock()
+	defer s.staleMu.Unlock()
+	s.syncedAt = time.Now()
+	if s.stale.Swap(false) {
+		s.logger.Info("key store in sync again: accepting keys", zap.String("store", s.name))
+	}
+	if s.staleTimer == nil {
+		s.staleTimer = time.AfterFunc(s.maxStale, s.checkStale)
+	} else {
+		s.staleTimer.Reset(s.maxStale)
+	}
+}
+
+// checkStale runs when the index may have become too old to answer from.
+func (s *Service) checkStale() {
+	s.staleMu.Lock()
+	defer s.staleMu.Unlock()
+	if s.staleTimer == nil {
+		return // stopped
+	}
+	if age := time.Since(s.syncedAt); age < s.maxStale {
+		s.staleTimer.Reset(s.maxStale - age) // a sync raced the timer
+		return
+	}
+	if !s.stale.Swap(true) {
+		s.logger.Error("key store out of reach for too long: refusing every key until it is back",
+			zap.String("store", s.name), zap.Duration("max_staleness", s.maxStale))
+	}
 }
 
 // flush writes the recorded uses to st in one batch. A failed batch is
@@ -370,9 +442,9 @@ func (s *Service) flush(ctx context.Context, st Store) error {
 func (s *Service) logTransition(failing *bool, err error, what string) {
 	switch {
 	case err != nil && !*failing:
-		s.logger.Error(what+" failed; retrying", zap.String("store", s.spec), zap.Error(err))
+		s.logger.Error(what+" failed; retrying", zap.String("store", s.name), zap.Error(err))
 	case err == nil && *failing:
-		s.logger.Info(what+" works again", zap.String("store", s.spec))
+		s.logger.Info(what+" works again", zap.String("store", s.name))
 	}
 	*failing = err != nil
 }
@@ -384,9 +456,6 @@ func (s *Service) logSkipped(ids []string) {
 			zap.Strings("ids", ids))
 	}
 }
-
-// errRedisUnsupported is returned for Redis stores, which come later.
-var errRedisUnsupported = errors.New("the redis key store is not supported yet: use sqlite:PATH")
 
 // ParseSpec parses a store spec: "sqlite:PATH" (kind "sqlite", PATH made
 // absolute) or a "redis://" or "rediss://" URL (kind "redis", the URL).
@@ -428,8 +497,20 @@ func openStore(spec string) (Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	if kind != "sqlite" {
-		return nil, errRedisUnsupported
+	if kind == "redis" {
+		return OpenRedis(target)
 	}
 	return OpenSQLite(target)
+}
+
+// displaySpec is the canonical spec of ParseSpec's kind and target, for
+// logs and messages: a Redis URL without its password.
+func displaySpec(kind, target string) string {
+	if kind == "redis" {
+		if u, err := url.Parse(target); err == nil {
+			return u.Redacted()
+		}
+		return "redis"
+	}
+	return kind + ":" + target
 }

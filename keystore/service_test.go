@@ -415,13 +415,6 @@ func TestParseSpec(t *testing.T) {
 	}
 }
 
-func TestNewServiceRefusesRedisForNow(t *testing.T) {
-	_, err := NewService("redis://127.0.0.1:6379/0", nil)
-	if err == nil || !strings.Contains(err.Error(), "not supported yet") {
-		t.Errorf("NewService(redis) = %v, want not supported yet", err)
-	}
-}
-
 func TestDefaultSQLitePath(t *testing.T) {
 	t.Setenv("XDG_DATA_HOME", "/data")
 	if got, want := DefaultSQLitePath(), "/data/caddy/vigthoria/vigthoria.db"; got != want {

@@ -97,8 +97,14 @@ func TestBadCredentialsAllLookTheSame(t *testing.T) {
 	time.Sleep(1100 * time.Millisecond) // the 1s key expires
 	k.upstream.Reset()
 
+	// One letter's case changed: well-formed, but the checksum fails.
 	flip := []byte(valid)
-	flip[10] ^= 0x20 // one letter's case: the checksum no longer matches
+	for i := 4; i < len(flip); i++ {
+		if c := flip[i] | 0x20; c >= 'a' && c <= 'z' {
+			flip[i] ^= 0x20
+			break
+		}
+	}
 	cases := map[string][]string{
 		"no header":              nil,
 		"empty header":           {""},

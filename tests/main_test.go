@@ -10,9 +10,12 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 )
 
 func TestMain(m *testing.M) {
+	harness.RunAsCaddy()
 	os.Exit(run(m))
 }
 

@@ -1,0 +1,581 @@
+package keystore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+)
+
+// The Redis layout. Every key of the store starts with "vgt:" (the
+// limiter's start with "vgt:lim:"):
+//
+//	vgt:key:<id>             hash: name, tier, hash (the 32 bytes of the
+//	                         SHA-256), created, expires, revoked, last_used
+//	                         (unix ms, 0 for none), seq
+//	vgt:keys:seq             sorted set: every key ID, scored by its seq
+//	vgt:keys:counter         string: the last seq handed out (INCR)
+//	vgt:keys:epoch           string: a random number, 1 to 65535, made by
+//	                         the first write to an empty store
+//	vgt:usage:<client>:<day> hash: "<model>\x00requests", "…\x00prompt",
+//	                         "…\x00completion"; expires after usageTTL
+//
+// Every insert, rotation and revocation is one Lua script, which takes
+// the next seq and changes the key's hash and its score together, so
+// that a reader that has seen seq N has seen every change up to N.
+// Last-used times change the hash only: they are not changes.
+//
+// A Changes cursor is the epoch in its top 16 bits and a seq below. A
+// Redis that lost its data (restarted without persistence, flushed,
+// restored from an older copy) starts a new epoch or has a counter below
+// the cursor; Changes then fails with errStoreReset rather than
+// answering from a history that no longer exists. Redis Cluster is not
+// supported: the scripts touch several keys.
+const (
+	redisKeyPrefix   = "vgt:key:"
+	redisSeqKey      = "vgt:keys:seq"
+	redisCounterKey  = "vgt:keys:counter"
+	redisEpochKey    = "vgt:keys:epoch"
+	redisUsagePrefix = "vgt:usage:"
+
+	// redisPage is how many keys one read of Changes, List or a first
+	// load asks for at once.
+	redisPage = 10_000
+
+	// redisTouchChunk is how many keys one script of TouchLastUsed
+	// raises, so that no script holds Redis for long.
+	redisTouchChunk = 1000
+
+	// redisTimeout is the default dial, read and write timeout: the
+	// Service's operations run in the background of requests, and an
+	// unreachable Redis should fail a sync quickly rather than hold it.
+	redisTimeout = 2 * time.Second
+
+	// redisPoolSize is the default number of connections: the Service
+	// has at most a few operations in flight.
+	redisPoolSize = 8
+
+	// usageTTL is how long a day of the usage ledger is kept after its
+	// last write.
+	usageTTL = 400 * 24 * time.Hour
+
+	epochShift = 48
+	seqMask    = 1<<epochShift - 1
+)
+
+// errStoreReset is returned by Changes when the store no longer holds
+// the history that the cursor points into: a Redis emptied or restored
+// from an older copy. The caller must start again from cursor 0, and
+// drop what it learned before.
+var errStoreReset = errors.New("the key store lost its history (emptied, or restored from an older copy)")
+
+// The fields of a key's hash that make its Record, in the order
+// parseRecord reads them.
+var recordFields = []string{"name", "tier", "hash", "created", "expires", "revoked", "last_used"}
+
+var (
+	// insertScript adds a key. KEYS: the key's hash, the seq set, the
+	// counter, the epoch. ARGV: an epoch for an empty store, the ID,
+	// then field and value pairs.
+	insertScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 1 then
+	return redis.error_reply('ERR key ID exists')
+end
+redis.call('SET', KEYS[4], ARGV[1], 'NX')
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], seq, ARGV[2])
+return 'ok'`)
+
+	// setHashScript rotates a live key. KEYS as insertScript's. ARGV: an
+	// epoch, the ID, the new hash.
+	setHashScript = redis.NewScript(`
+local revoked = redis.call('HGET', KEYS[1], 'revoked')
+if not revoked then
+	return 'notfound'
+elseif revoked ~= '0' then
+	return 'revoked'
+end
+redis.call('SET', KEYS[4], ARGV[1], 'NX')
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'hash', ARGV[3], 'seq', seq)
+redis.call('ZADD', KEYS[2], seq, ARGV[2])
+return 'ok'`)
+
+	// revokeScript revokes a key once. KEYS as insertScript's. ARGV: an
+	// epoch, the ID, the revocation time.
+	revokeScript = redis.NewScript(`
+local revoked = redis.call('HGET', KEYS[1], 'revoked')
+if not revoked then
+	return 'notfound'
+elseif revoked ~= '0' then
+	return 'ok'
+end
+redis.call('SET', KEYS[4], ARGV[1], 'NX')
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'revoked', ARGV[3], 'seq', seq)
+redis.call('ZADD', KEYS[2], seq, ARGV[2])
+return 'ok'`)
+
+	// touchScript raises last-used times, never lowers them, and
+	// ignores keys that do not exist. KEYS: keys' hashes. ARGV: a time
+	// for each.
+	touchScript = redis.NewScript(`
+for i, k in ipairs(KEYS) do
+	local cur = redis.call('HGET', k, 'last_used')
+	if cur and tonumber(cur) < tonumber(ARGV[i]) then
+		redis.call('HSET', k, 'last_used', ARGV[i])
+	end
+end
+return 0`)
+)
+
+// Redis is a Store and UsageStore in a Redis server, which several Caddy
+// instances and the CLI can share. It keeps key hashes, never secrets.
+// It is safe for concurrent use. Use OpenRedis to make one.
+//
+// Keys live only in Redis: give it persistence (AOF or RDB) and
+// maxmemory-policy noeviction, or a restart or an eviction loses them. A
+// Service notices a Redis emptied or restored from an older copy, and
+// drops the lost keys from its index; a single evicted key it does not
+// notice.
+type Redis struct {
+	client *redis.Client
+	page   int // keys per read: redisPage but in tests
+}
+
+// OpenRedis connects to the Redis at url ("redis://[:PASSWORD@]HOST:PORT/DB",
+// or "rediss://" for TLS) and checks that it answers. Timeouts and the
+// pool size may be set in the URL's query (dial_timeout=…, pool_size=…);
+// the defaults suit a Service: 2s timeouts, 8 connections, no retries of
+// dials or commands (the Service tries again at its next poll).
+func OpenRedis(rawURL string) (*Redis, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		// The error repeats the URL, which may hold a password.
+		return nil, errors.New("opening key store: invalid redis URL: use redis://[:PASSWORD@]HOST:PORT/DB")
+	}
+	name := u.Redacted()
+	opts, err := redis.ParseURL(rawURL)
+	if err != nil {
+		return nil, fmt.Errorf("opening key store %s: %w", name, err)
+	}
+	for _, d := range []*time.Duration{&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout, &opts.PoolTimeout} {
+		if *d == 0 {
+			*d = redisTimeout
+		}
+	}
+	if opts.PoolSize == 0 {
+		opts.PoolSize = redisPoolSize
+	}
+	if opts.MaxRetries == 0 {
+		opts.MaxRetries = -1 // none: a write retried after a lost answer could apply twice
+	}
+	if opts.DialerRetries == 0 {
+		opts.DialerRetries = 1 // fail fast: the Service tries again at its next poll
+	}
+	opts.ContextTimeoutEnabled = true
+	opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+	client := redis.NewClient(opts)
+	ctx, cancel := context.WithTimeout(context.Background(), opts.DialTimeout+opts.ReadTimeout)
+	defer cancel()
+	if err := client.Ping(ctx).Err(); err != nil {
+		client.Close()
+		return nil, fmt.Errorf("opening key store %s: %w", name, err)
+	}
+	return &Redis{client: client, page: redisPage}, nil
+}
+
+// Insert adds a new key.
+func (s *Redis) Insert(ctx context.Context, r Record) error {
+	args := []any{newEpoch(), r.ID,
+		"name", r.Name, "tier", r.Tier, "hash", r.Hash[:],
+		"created", millis(r.Created), "expires", millis(r.Expires),
+		"revoked", millis(r.Revoked), "last_used", millis(r.LastUsed)}
+	if err := insertScript.Run(ctx, s.client, writeKeys(r.ID), args...).Err(); err != nil {
+		return fmt.Errorf("inserting key %s: %w", r.ID, err)
+	}
+	return nil
+}
+
+// Get returns the key with the given ID, or ErrNotFound.
+func (s *Redis) Get(ctx context.Context, id string) (Record, error) {
+	vals, err := s.client.HMGet(ctx, redisKeyPrefix+id, recordFields...).Result()
+	if err != nil {
+		return Record{}, fmt.Errorf("reading key %s: %w", id, err)
+	}
+	r, ok, err := parseRecord(id, vals)
+	if err != nil {
+		return Record{}, fmt.Errorf("reading key %s: %w", id, err)
+	}
+	if !ok {
+		return Record{}, ErrNotFound
+	}
+	return r, nil
+}
+
+// List returns every key, oldest first.
+func (s *Redis) List(ctx context.Context) ([]Record, error) {
+	var recs []Record
+	if _, err := s.read(ctx, 0, s.page, func(page []Record) { recs = append(recs, page...) }); err != nil {
+		return nil, fmt.Errorf("listing keys: %w", err)
+	}
+	slices.SortFunc(recs, func(a, b Record) int {
+		if c := a.Created.Compare(b.Created); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	return recs, nil
+}
+
+// SetHash replaces the hash of the key id; see Store.
+func (s *Redis) SetHash(ctx context.Context, id string, h Hash) error {
+	if err := s.change(ctx, setHashScript, id, h[:]); err != nil {
+		return fmt.Errorf("setting hash of key %s: %w", id, err)
+	}
+	return nil
+}
+
+// Revoke revokes the key id at the given time; see Store.
+func (s *Redis) Revoke(ctx context.Context, id string, at time.Time) error {
+	if at.IsZero() {
+		return fmt.Errorf("revoking key %s: %w: zero revocation time", id, ErrInvalid)
+	}
+	if err := s.change(ctx, revokeScript, id, millis(at)); err != nil {
+		return fmt.Errorf("revoking key %s: %w", id, err)
+	}
+	return nil
+}
+
+// change runs setHashScript or revokeScript on the key id.
+func (s *Redis) change(ctx context.Context, script *redis.Script, id string, arg any) error {
+	res, err := script.Run(ctx, s.client, writeKeys(id), newEpoch(), id, arg).Text()
+	switch {
+	case err != nil:
+		return err
+	case res == "notfound":
+		return ErrNotFound
+	case res == "revoked":
+		return ErrRevoked
+	}
+	return nil
+}
+
+// Changes returns the keys changed after cursor; see Store. It fails
+// with an error wrapping errStoreReset when the store lost the history
+// that cursor points into.
+func (s *Redis) Changes(ctx context.Context, cursor uint64) ([]Record, uint64, error) {
+	var recs []Record
+	next, err := s.read(ctx, cursor, s.page, func(page []Record) { recs = append(recs, page...) })
+	if err != nil {
+		return nil, cursor, fmt.Errorf("reading key changes: %w", err)
+	}
+	return recs, next, nil
+}
+
+// countKeys returns the number of keys, revoked ones included.
+func (s *Redis) countKeys(ctx context.Context) (int, error) {
+	n, err := s.client.ZCard(ctx, redisSeqKey).Result()
+	if err != nil {
+		return 0, fmt.Errorf("counting keys: %w", err)
+	}
+	return int(n), nil
+}
+
+// loadAll passes every key to f, batch records at a time, and returns the
+// Changes cursor that follows them. A key changed during the load is
+// passed again, in its new state.
+func (s *Redis) loadAll(ctx context.Context, batch int, f func([]Record)) (uint64, error) {
+	page := s.page
+	if batch > 0 {
+		page = min(page, batch)
+	}
+	cursor, err := s.read(ctx, 0, page, f)
+	if err != nil {
+		return 0, fmt.Errorf("loading keys: %w", err)
+	}
+	return cursor, nil
+}
+
+// read passes the keys changed after cursor to f, page keys at a time, in
+// the order of their changes, and returns the cursor that follows them.
+func (s *Redis) read(ctx context.Context, cursor uint64, page int, f func([]Record)) (uint64, error) {
+	// The first page is read with the epoch and the counter, in one
+	// transaction, so that a reset store is recognised.
+	var epochCmd, counterCmd *redis.StringCmd
+	var rangeCmd *redis.ZSliceCmd
+	seq := cursor & seqMask
+	_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		epochCmd = p.Get(ctx, redisEpochKey)
+		counterCmd = p.Get(ctx, redisCounterKey)
+		rangeCmd = rangeAfter(ctx, p, seq, page)
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return cursor, err
+	}
+	if err := rangeCmd.Err(); err != nil {
+		return cursor, err
+	}
+	epoch, err := storedUint(epochCmd)
+	if err != nil {
+		return cursor, fmt.Errorf("reading the epoch: %w", err)
+	}
+	counter, err := storedUint(counterCmd)
+	if err != nil {
+		return cursor, fmt.Errorf("reading the change counter: %w", err)
+	}
+	if cursor != 0 && (cursor>>epochShift != epoch || seq > counter) {
+		return cursor, errStoreReset
+	}
+	ids := rangeCmd.Val()
+	for len(ids) > 0 {
+		recs, last, err := s.fetch(ctx, ids)
+		if err != nil {
+			return cursor, err
+		}
+		f(recs)
+		seq = max(seq, last)
+		cursor = epoch<<epochShift | seq
+		if len(ids) < page {
+			break
+		}
+		if ids, err = rangeAfter(ctx, s.client, seq, page).Result(); err != nil {
+			return cursor, err
+		}
+	}
+	return cursor, nil
+}
+
+// rangeAfter reads up to page IDs changed after seq, with their seqs.
+func rangeAfter(ctx context.Context, c redis.Cmdable, seq uint64, page int) *redis.ZSliceCmd {
+	return c.ZRangeByScoreWithScores(ctx, redisSeqKey, &redis.ZRangeBy{
+		Min: "(" + strconv.FormatUint(seq, 10), Max: "+inf", Count: int64(page),
+	})
+}
+
+// fetch reads the records of a page of IDs, in one round trip, and
+// returns them with the highest seq of the page. An ID without a record
+// (which only a store emptied meanwhile has) is left out.
+func (s *Redis) fetch(ctx context.Context, ids []redis.Z) ([]Record, uint64, error) {
+	cmds := make([]*redis.SliceCmd, len(ids))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, z := range ids {
+			cmds[i] = p.HMGet(ctx, redisKeyPrefix+z.Member.(string), recordFields...)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	recs := make([]Record, 0, len(ids))
+	var last uint64
+	for i, z := range ids {
+		last = max(last, uint64(z.Score))
+		r, ok, err := parseRecord(z.Member.(string), cmds[i].Val())
+		if err != nil {
+			return nil, 0, err
+		}
+		if ok {
+			recs = append(recs, r)
+		}
+	}
+	return recs, last, nil
+}
+
+// TouchLastUsed raises last-used times in one pipeline; see Store.
+func (s *Redis) TouchLastUsed(ctx context.Context, used map[string]time.Time) error {
+	if len(used) == 0 {
+		return nil
+	}
+	keys := make([]string, 0, min(len(used), redisTouchChunk))
+	args := make([]any, 0, cap(keys))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for id, at := range used {
+			keys = append(keys, redisKeyPrefix+id)
+			args = append(args, millis(at))
+			if len(keys) == redisTouchChunk {
+				// EVAL, not EVALSHA: a pipeline cannot fall back on
+				// NOSCRIPT. Redis compiles the script once all the same.
+				touchScript.Eval(ctx, p, keys, args...)
+				keys, args = make([]string, 0, redisTouchChunk), make([]any, 0, redisTouchChunk)
+			}
+		}
+		if len(keys) > 0 {
+			touchScript.Eval(ctx, p, keys, args...)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("recording last use of %d keys: %w", len(used), err)
+	}
+	return nil
+}
+
+// AddUsage implements UsageStore: one transaction of HINCRBYs, each day's
+// hash kept usageTTL after its last write.
+func (s *Redis) AddUsage(ctx context.Context, rows []UsageRow) error {
+	if len(rows) == 0 {
+		return nil
+	}
+	_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+		days := make(map[string]struct{})
+		for _, r := range rows {
+			k := usageKey(r.Client, r.Day)
+			p.HIncrBy(ctx, k, r.Model+"\x00requests", r.Requests)
+			p.HIncrBy(ctx, k, r.Model+"\x00prompt", r.PromptTokens)
+			p.HIncrBy(ctx, k, r.Model+"\x00completion", r.CompletionTokens)
+			days[k] = struct{}{}
+		}
+		for k := range days {
+			p.Expire(ctx, k, usageTTL)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("writing usage: %w", err)
+	}
+	return nil
+}
+
+// UsageSince implements UsageStore. It reads each day from day to
+// tomorrow (another instance's clock may be ahead), at most usageTTL
+// back, in one round trip.
+func (s *Redis) UsageSince(ctx context.Context, client, day string) ([]UsageRow, error) {
+	return s.usageSince(ctx, client, day, time.Now())
+}
+
+func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Time) ([]UsageRow, error) {
+	from, err := time.Parse(time.DateOnly, day)
+	if err != nil {
+		return nil, fmt.Errorf("reading usage: %w: day '%s' is not YYYY-MM-DD", ErrInvalid, day)
+	}
+	today, _ := time.Parse(time.DateOnly, Day(now))
+	if oldest := today.Add(-usageTTL); from.Before(oldest) {
+		from = oldest
+	}
+	var days []string
+	for d := from; !d.After(today.AddDate(0, 0, 1)); d = d.AddDate(0, 0, 1) {
+		days = append(days, Day(d))
+	}
+	if len(days) == 0 {
+		return nil, nil
+	}
+	cmds := make([]*redis.MapStringStringCmd, len(days))
+	_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, d := range days {
+			cmds[i] = p.HGetAll(ctx, usageKey(client, d))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading usage: %w", err)
+	}
+	var out []UsageRow
+	for i, d := range days {
+		byModel := make(map[string]*UsageRow)
+		for field, v := range cmds[i].Val() {
+			sep := strings.LastIndexByte(field, 0)
+			if sep < 0 {
+				continue
+			}
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("reading usage of %s on %s: %w", client, d, err)
+			}
+			model := field[:sep]
+			row := byModel[model]
+			if row == nil {
+				row = &UsageRow{Client: client, Day: d, Model: model}
+				byModel[model] = row
+			}
+			switch field[sep+1:] {
+			case "requests":
+				row.Requests = n
+			case "prompt":
+				row.PromptTokens = n
+			case "completion":
+				row.CompletionTokens = n
+			}
+		}
+		for _, model := range slices.Sorted(maps.Keys(byModel)) {
+			out = append(out, *byModel[model])
+		}
+	}
+	return out, nil
+}
+
+// Close closes the connections.
+func (s *Redis) Close() error {
+	return s.client.Close()
+}
+
+// usageKey names the hash of a client's usage on a day. The day has a
+// fixed length at the end, so that no two clients' keys meet.
+func usageKey(client, day string) string {
+	return redisUsagePrefix + client + ":" + day
+}
+
+// writeKeys are the KEYS of the scripts that change the key id.
+func writeKeys(id string) []string {
+	return []string{redisKeyPrefix + id, redisSeqKey, redisCounterKey, redisEpochKey}
+}
+
+// newEpoch returns an epoch for a store that has none yet: any of 1 to
+// 65535, so that a store emptied and written again most likely gets
+// another one. Not a secret.
+func newEpoch() uint64 {
+	return 1 + rand.Uint64N(1<<(64-epochShift)-1)
+}
+
+// storedUint reads a counter that may be missing (0).
+func storedUint(cmd *redis.StringCmd) (uint64, error) {
+	v, err := cmd.Result()
+	if errors.Is(err, redis.Nil) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return strconv.ParseUint(v, 10, 64)
+}
+
+// parseRecord reads the HMGET of recordFields for the key id; ok is false
+// when the key does not exist.
+func parseRecord(id string, vals []any) (r Record, ok bool, err error) {
+	if len(vals) != len(recordFields) || vals[0] == nil {
+		return Record{}, false, nil
+	}
+	str := func(i int) string { s, _ := vals[i].(string); return s }
+	var ms [4]int64 // created, expires, revoked, last_used
+	for i := range ms {
+		if ms[i], err = strconv.ParseInt(str(3+i), 10, 64); err != nil {
+			return Record{}, false, fmt.Errorf("key %s has a bad %s: %w", id, recordFields[3+i], err)
+		}
+	}
+	hash := str(2)
+	if len(hash) != len(r.Hash) {
+		return Record{}, false, fmt.Errorf("key %s has a hash of %d bytes, not %d", id, len(hash), len(r.Hash))
+	}
+	r = Record{ID: id, Name: str(0), Tier: str(1)}
+	copy(r.Hash[:], hash)
+	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(ms[0]), fromMillis(ms[1]), fromMillis(ms[2]), fromMillis(ms[3])
+	return r, true, nil
+}
+
+// Interface guards
+var (
+	_ Store      = (*Redis)(nil)
+	_ UsageStore = (*Redis)(nil)
+	_ bulkLoader = (*Redis)(nil)
+)

@@ -1,0 +1,230 @@
+package limiter
+
+import (
+	"context"
+	_ "embed"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// LeaseTTL is how long a concurrency slot of the Redis limiter is held at
+// most, so that the slots of an instance that died are free again after
+// it. A request that runs longer than LeaseTTL no longer counts against
+// its client's concurrency limit, so another may start in its place; its
+// Settle still charges what it used.
+const LeaseTTL = 10 * time.Minute
+
+// quotaGrace is how long a quota counter outlives its period, for the
+// requests that started in it and settle after it (redis_lib.lua says so
+// too).
+const quotaGrace = 24 * time.Hour
+
+// The scripts are redis_lib.lua (the clock, the limits, the bucket and the
+// calendar) followed by the operation's own.
+var (
+	//go:embed redis_lib.lua
+	luaLib string
+	//go:embed redis_admit.lua
+	luaAdmit string
+	//go:embed redis_settle.lua
+	luaSettle string
+	//go:embed redis_state.lua
+	luaState string
+
+	admitScript  = redis.NewScript(luaLib + luaAdmit)
+	settleScript = redis.NewScript(luaLib + luaSettle)
+	stateScript  = redis.NewScript(luaLib + luaState)
+)
+
+// Redis is the Limiter of a fleet: instances that share one Redis share
+// their clients' limits, which then hold across the fleet exactly. Every
+// call is one round trip, an atomic Lua script, with the semantics of
+// Memory: the same debt-capable buckets (bucket.go), refusal order and
+// reasons, RetryAfter and State.
+//
+// Time is Redis' own (TIME), for the buckets, the leases and the quota's
+// calendar period alike, so that instances whose clocks disagree still
+// agree; the now parameters of its methods are ignored.
+//
+// A client's keys, under the prefix, carry its name as the Redis Cluster
+// hash tag, so that all the keys of a script share one slot:
+//
+//	bucket:{client}            both buckets: a hash of the units used (r requests,
+//	                           t tokens; above the burst is debt) and their time (ra, ta; µs)
+//	lease:{client}             concurrency slots: a sorted set of lease IDs by expiry (unix ms)
+//	quota:{client}:2026-03-31  tokens of a UTC day, or quota:{client}:2026-03 of a month
+//
+// Each key expires by itself: the buckets when both are full again (a
+// missing bucket is full, so nothing is lost), the lease set with its last
+// lease, a quota counter a day after its period ends. An idle client
+// leaves nothing behind but its quota counter.
+//
+// Every admitted request holds a lease, whatever its tier's concurrency
+// limit, so that State counts requests in flight as Memory does and that
+// Settle can tell a repeat. Settle is idempotent while the lease lives: a
+// retry after a timeout whose first attempt reached Redis finds the lease
+// gone and changes nothing. A repeated Settle of a request that ran longer
+// than LeaseTTL, or of a Lease without ID, charges again.
+//
+// A call that fails may still have been applied, when the network failed
+// after Redis ran it: an Admit whose answer was lost holds its slot until
+// LeaseTTL and its reservation until the buckets refill.
+//
+// Quota use lives in Redis only: unlike Memory, Redis does not read a
+// QuotaCounter, so a Redis that loses its data (no persistence) starts the
+// period's counters again from zero.
+//
+// It needs Redis 6.0 or later. Errors are returned wrapped, and the caller
+// decides what to do (see Fallback). Use NewRedis; it is safe for
+// concurrent use.
+type Redis struct {
+	client   redis.UniversalClient
+	prefix   string
+	leaseTTL time.Duration // LeaseTTL; tests shorten it
+}
+
+// NewRedis returns a Limiter on client; keys are prefixed with prefix (e.g.
+// "vgt:lim:"). The client should have ContextTimeoutEnabled set: without
+// it, go-redis bounds a call to a Redis that hangs by its ReadTimeout, not
+// by the context's deadline.
+func NewRedis(client redis.UniversalClient, prefix string) *Redis {
+	return &Redis{client: client, prefix: prefix, leaseTTL: LeaseTTL}
+}
+
+// Admit implements Limiter. The lease of an admitted request always has an
+// ID, the name of its slot.
+func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve int64, _ time.Time) (Decision, error) {
+	args := limitArgs(make([]any, 0, 12), lim)
+	args = append(args, reserve, r.leaseTTL.Milliseconds(), rand.Uint64())
+	vals, err := admitScript.Run(ctx, r.client, r.keys(client), args...).Slice()
+	if err != nil {
+		return Decision{}, fmt.Errorf("redis admit: %w", err)
+	}
+	var d Decision
+	var n [2]int64
+	id, ok := "", len(vals) == 3+stateReplyLen && ints(n[:], vals[:2])
+	if ok {
+		id, ok = vals[2].(string)
+	}
+	if ok {
+		d.State, ok = parseState(vals[3:])
+	}
+	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
+		return Decision{}, fmt.Errorf("redis admit: unexpected reply %v", vals)
+	}
+	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
+	if d.Reason == Admitted {
+		d.Lease = Lease{Reserved: reserve, ID: id}
+	}
+	return d, nil
+}
+
+// Settle implements Limiter. The tokens used beyond the reservation count
+// in the quota period the request was admitted in. A repeat changes
+// nothing while the lease lives.
+func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, _ time.Time) error {
+	args := limitArgs(make([]any, 0, 12), lim)
+	args = append(args, used-lease.Reserved, lease.ID, r.leaseTTL.Milliseconds())
+	if err := settleScript.Run(ctx, r.client, r.keys(client), args...).Err(); err != nil {
+		return fmt.Errorf("redis settle: %w", err)
+	}
+	return nil
+}
+
+// State implements Limiter. It writes nothing.
+func (r *Redis) State(ctx context.Context, client string, lim *Limits, _ time.Time) (State, error) {
+	args := limitArgs(make([]any, 0, 9), lim)
+	vals, err := stateScript.Run(ctx, r.client, r.keys(client), args...).Slice()
+	if err != nil {
+		return State{}, fmt.Errorf("redis state: %w", err)
+	}
+	s, ok := parseState(vals)
+	if !ok {
+		return State{}, fmt.Errorf("redis state: unexpected reply %v", vals)
+	}
+	return s, nil
+}
+
+// keys returns the client's keys in the order of the scripts' KEYS:
+// buckets, leases, and the quota counters' name without the period, which
+// the scripts append. They share one string.
+func (r *Redis) keys(client string) []string {
+	var b strings.Builder
+	b.Grow(3*(len(r.prefix)+len(client)) + len("bucket:{}lease:{}quota:{}:"))
+	var ends [3]int
+	for i, kind := range [3]string{"bucket:{", "lease:{", "quota:{"} {
+		b.WriteString(r.prefix)
+		b.WriteString(kind)
+		b.WriteString(client)
+		b.WriteByte('}')
+		ends[i] = b.Len()
+	}
+	b.WriteByte(':')
+	s := b.String()
+	return []string{s[:ends[0]], s[ends[0]:ends[1]], s[ends[1]:]}
+}
+
+// limitArgs appends the tier's limits as the scripts' ARGV 1 to 9 take
+// them (redis_lib.lua), zero where there is no limit. They are numbers
+// for go-redis to format rather than one string for the script to parse:
+// Redis' CPU is shared by the whole fleet, an instance's is not.
+func limitArgs(args []any, lim *Limits) []any {
+	for _, r := range [2]Rate{lim.Requests, lim.Tokens} {
+		if r.Unlimited() {
+			args = append(args, 0, 0, 0)
+			continue
+		}
+		burst := r.Burst
+		if burst <= 0 {
+			burst = r.N
+		}
+		args = append(args, r.N, int64(r.Window), burst)
+	}
+	args = append(args, max(lim.Concurrent, 0))
+	if lim.Quota.Unlimited() {
+		return append(args, 0, 0)
+	}
+	return append(args, lim.Quota.N, int(lim.Quota.Period))
+}
+
+// stateReplyLen is the length of a State reply, which ends an Admit reply.
+const stateReplyLen = 7
+
+// parseState reads the state script's reply (redis_state.lua).
+func parseState(vals []any) (State, bool) {
+	var n [stateReplyLen]int64
+	if len(vals) != stateReplyLen || !ints(n[:], vals) {
+		return State{}, false
+	}
+	s := State{
+		RequestsRemaining: n[0],
+		RequestsReset:     time.Duration(n[1]),
+		TokensRemaining:   n[2],
+		TokensReset:       time.Duration(n[3]),
+		QuotaUsed:         n[4],
+		InFlight:          int(n[6]),
+	}
+	if n[5] != 0 {
+		s.QuotaReset = time.Unix(n[5], 0).UTC()
+	}
+	return s, true
+}
+
+// ints copies integer replies into dst, reporting whether they all are.
+func ints(dst []int64, vals []any) bool {
+	for i, v := range vals {
+		n, ok := v.(int64)
+		if !ok {
+			return false
+		}
+		dst[i] = n
+	}
+	return true
+}
+
+// Interface guards
+var _ Limiter = (*Redis)(nil)

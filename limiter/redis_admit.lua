@@ -1,0 +1,68 @@
+-- Admit (redis.go): check every limit in the order of memory.go and, when
+-- all pass, count the request, reserve the tokens against the bucket and
+-- the quota, and add a lease. A refusal writes nothing.
+-- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease nonce.
+-- Reply: reason (limiter.Reason), retry after (ns, -1: never), lease ID
+-- ("" when refused), then the standing as the state script's.
+local reserve, ttl, nonce = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
+
+-- Leases past their expiry are of instances that died: not counted.
+local inFlight = redis.call('ZCOUNT', KEYS[2], '(' .. string.format('%.0f', nowMs), '+inf')
+local qKey, qUsed, qEnd, qFresh = nil, 0, 0, false
+if quotaN > 0 then
+  local name
+  name, qEnd = period(math.floor(now / 1000000), quotaP)
+  qKey = KEYS[3] .. name
+  local v = redis.call('GET', qKey)
+  qUsed, qFresh = tonumber(v) or 0, not v
+end
+loadBuckets()
+
+-- limiter.Reason: 0 admitted, 1 requests, 2 tokens, 3 concurrency,
+-- 4 quota, 5 too large.
+local reason, retry = 0, 0
+if tokN > 0 and reserve > tokB then
+  reason, retry = 5, -1
+elseif concurrent > 0 and inFlight >= concurrent then
+  reason, retry = 3, 1000000000
+elseif quotaN > 0 and qUsed + reserve > quotaN then
+  reason, retry = 4, (qEnd * 1000000 - now) * 1000
+elseif reqN > 0 and rUsed + 1 > reqB then
+  reason, retry = 1, ns((rUsed + 1 - reqB) * reqW / reqN)
+elseif tokN > 0 and tUsed + reserve > tokB then
+  reason, retry = 2, ns((tUsed + reserve - tokB) * tokW / tokN)
+end
+
+local lease = ''
+if reason == 0 then
+  local req, tok = reqN > 0, tokN > 0 and reserve > 0
+  if req then
+    rUsed = rUsed + 1
+  end
+  if tok then
+    tUsed = tUsed + reserve
+  end
+  if req or tok then
+    saveBuckets(req, tok)
+  end
+  if quotaN > 0 and reserve > 0 then
+    qUsed = redis.call('INCRBY', qKey, reserve)
+    if qFresh then
+      redis.call('EXPIREAT', qKey, qEnd + quotaGrace)
+    end
+  end
+  -- The ID names the time of admission, for Settle. The set lives as
+  -- long as its last lease.
+  lease = nonce .. ':' .. string.format('%.0f', nowMs)
+  local expiry = nowMs + ttl
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', nowMs)
+  redis.call('ZADD', KEYS[2], expiry, lease)
+  if redis.call('PTTL', KEYS[2]) < ttl then
+    redis.call('PEXPIREAT', KEYS[2], expiry)
+  end
+  inFlight = inFlight + 1
+end
+
+local rRem, rReset = standing(rUsed, reqN, reqW, reqB)
+local tRem, tReset = standing(tUsed, tokN, tokW, tokB)
+return {reason, retry, lease, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight}

@@ -1,0 +1,116 @@
+-- The beginning of every Lua script of the Redis limiter (redis.go): the
+-- clock, the limits, the debt-capable token buckets of bucket.go and UTC
+-- calendar periods. Each script is this file followed by its own.
+--
+-- KEYS: 1 the client's buckets, 2 its leases, 3 its quota counter without
+-- the period (the script appends it: the key shares the client's hash
+-- tag, so it lives in the same cluster slot as the others).
+-- ARGV 1-9, the tier's limits, 0 where unlimited: requests n, window in
+-- nanoseconds, burst; tokens n, window, burst; concurrent; quota n, period
+-- (1 day, 2 month). A script's own arguments follow from ARGV[10].
+
+-- Redis' own clock, the same for every instance: microseconds.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local nowMs = math.floor(now / 1000)
+
+local reqN, reqW, reqB = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokN, tokW, tokB = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local concurrent = tonumber(ARGV[7])
+local quotaN, quotaP = tonumber(ARGV[8]), tonumber(ARGV[9])
+
+-- ns rounds a duration in nanoseconds up, as bucket.go's nanos does, and
+-- caps it so that it fits an int64 reply.
+local function ns(x)
+  return math.min(math.ceil(x), 9e18)
+end
+
+-- The buckets, a hash: units below full (r, t; above the burst is debt)
+-- at a time in microseconds (ra, ta). A missing bucket is full.
+local rUsed, rAt, tUsed, tAt = 0, now, 0, now
+
+-- refill returns a stored bucket's units below full at now, and their time.
+local function refill(used, at, n, window)
+  used, at = tonumber(used) or 0, tonumber(at) or now
+  if now > at then
+    return math.max(0, used - (now - at) * 1000 * n / window), now
+  end
+  return used, at
+end
+
+local function loadBuckets()
+  local v = redis.call('HMGET', KEYS[1], 'r', 'ra', 't', 'ta')
+  if reqN > 0 then
+    rUsed, rAt = refill(v[1], v[2], reqN, reqW)
+  end
+  if tokN > 0 then
+    tUsed, tAt = refill(v[3], v[4], tokN, tokW)
+  end
+end
+
+-- fullIn returns the microseconds from now until a bucket is full.
+local function fullIn(used, at, n, window)
+  if n <= 0 or used <= 0 then
+    return 0
+  end
+  return at + used * window / n / 1000 - now
+end
+
+-- saveBuckets stores the buckets named until both are full again, when
+-- forgetting them loses nothing.
+local function saveBuckets(req, tok)
+  local ttl = math.max(fullIn(rUsed, rAt, reqN, reqW), fullIn(tUsed, tAt, tokN, tokW))
+  if ttl <= 0 then
+    redis.call('DEL', KEYS[1])
+    return
+  end
+  if req and tok then
+    redis.call('HSET', KEYS[1], 'r', rUsed, 'ra', rAt, 't', tUsed, 'ta', tAt)
+  elseif req then
+    redis.call('HSET', KEYS[1], 'r', rUsed, 'ra', rAt)
+  elseif tok then
+    redis.call('HSET', KEYS[1], 't', tUsed, 'ta', tAt)
+  end
+  redis.call('PEXPIRE', KEYS[1], math.min(math.ceil(ttl / 1000), 1e15))
+end
+
+-- standing returns the units left and the nanoseconds until full.
+local function standing(used, n, window, burst)
+  if n <= 0 then
+    return 0, 0
+  end
+  return math.floor(math.max(burst - used, 0)), ns(used * window / n)
+end
+
+local monthDays = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31}
+
+-- period returns the name of the UTC day (kind 1: YYYY-MM-DD) or month
+-- (kind 2: YYYY-MM) holding the unix second sec, and its end in unix
+-- seconds. The date is H. Hinnant's civil_from_days.
+local function period(sec, kind)
+  local days = math.floor(sec / 86400)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then
+    y = y + 1
+  end
+  if kind == 1 then
+    return string.format('%04d-%02d-%02d', y, m, d), (days + 1) * 86400
+  end
+  local len = monthDays[m]
+  if m == 2 and y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0) then
+    len = 29
+  end
+  return string.format('%04d-%02d', y, m), (days - d + 1 + len) * 86400
+end
+
+-- A quota counter outlives its period by a day, for the requests that
+-- settle after it ends.
+local quotaGrace = 86400

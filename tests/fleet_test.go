@@ -1,0 +1,216 @@
+package tests
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+)
+
+// fleet is two Caddy instances, one in this process and one in its own,
+// sharing one Redis.
+type fleet struct {
+	a, b     *harness.Caddy
+	redis    *redistest.Server
+	upstream *standin.Server
+	key      string // of tier "metered"
+}
+
+func startFleet(t *testing.T, limits ...string) *fleet {
+	t.Helper()
+	f := &fleet{redis: redistest.Start(t), upstream: standin.New(standin.Options{APIKey: serverKey})}
+	srv := httptest.NewServer(f.upstream)
+	t.Cleanup(srv.Close)
+	st, err := keystore.OpenRedis(f.redis.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, f.key, err = keystore.Create(t.Context(), st, "fleet", "metered", time.Time{}, time.Now())
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	// A generous store_timeout, so that a slow test machine measures the
+	// shared limits and not the fallback (TestFleetRedisOutage sets its own).
+	timeout := "store_timeout 2s"
+	if len(limits) > 0 && strings.HasPrefix(limits[0], "store_timeout") {
+		timeout, limits = limits[0], limits[1:]
+	}
+	tier := "tier metered"
+	if len(limits) > 0 {
+		tier += " {\n\t\t\t" + strings.Join(limits, "\n\t\t\t") + "\n\t\t}"
+	}
+	site := vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store redis "+f.redis.URL, manyFailures, timeout, tier)
+	f.a = harness.StartCaddy(t, site)
+	f.b = harness.StartProcess(t, site)
+	return f
+}
+
+// chat sends one chat completion to an instance and returns the status.
+func (f *fleet) chat(t *testing.T, c *harness.Caddy, key string) int {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, c.URL+"/v1/chat/completions",
+		jsonBody(map[string]any{"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}}}))
+	req.Header.Set("Authorization", "Bearer "+key)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Errorf("chat: %v", err)
+		return 0
+	}
+	res.Body.Close()
+	return res.StatusCode
+}
+
+func TestFleetRequestLimitIsExactAcrossInstances(t *testing.T) {
+	f := startFleet(t, "requests 100/1m burst 100")
+	var ok, refused atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 20 {
+		wg.Go(func() {
+			for i := range 15 {
+				c := f.a
+				if (g+i)%2 == 1 {
+					c = f.b
+				}
+				switch f.chat(t, c, f.key) {
+				case http.StatusOK:
+					ok.Add(1)
+				case http.StatusTooManyRequests:
+					refused.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if ok.Load() != 100 || refused.Load() != 200 {
+		t.Errorf("admitted %d and refused %d of 300 across two instances, want exactly 100 and 200", ok.Load(), refused.Load())
+	}
+}
+
+func TestFleetConcurrencyAndQuotaAreShared(t *testing.T) {
+	f := startFleet(t, "concurrent 2", "quota 100000/day")
+	f.upstream.SetBehavior(standin.Behavior{Latency: 2 * time.Second})
+	var ok atomic.Int64
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Go(func() {
+			c := f.a
+			if i%2 == 1 {
+				c = f.b
+			}
+			if f.chat(t, c, f.key) == http.StatusOK {
+				ok.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if ok.Load() != 2 {
+		t.Errorf("%d requests ran at once across two instances, want the tier's 2", ok.Load())
+	}
+
+	// The quota one instance used shows on the other.
+	f.upstream.SetBehavior(standin.Behavior{})
+	e := &env{caddy: f.b}
+	eventually(t, "the quota used through both is shared", func() bool {
+		u, _ := e.usage(t, f.key)
+		return u.Limits.Quota != nil && u.Limits.Quota.Used > 0
+	})
+	ua, _ := (&env{caddy: f.a}).usage(t, f.key)
+	ub, _ := e.usage(t, f.key)
+	if ua.Limits.Quota.Used != ub.Limits.Quota.Used {
+		t.Errorf("quota used: %d on one instance, %d on the other", ua.Limits.Quota.Used, ub.Limits.Quota.Used)
+	}
+}
+
+func TestFleetRevocationReachesEveryInstance(t *testing.T) {
+	f := startFleet(t)
+	var out strings.Builder
+	if code := keystore.RunCLI([]string{"key", "add", "--tier", "metered", "--name", "temp", "--store", f.redis.URL}, &out, &out); code != 0 {
+		t.Fatalf("key add: %s", out.String())
+	}
+	secret := secretPattern.FindString(out.String())
+	id := strings.Fields(out.String()[strings.Index(out.String(), "key_"):])[0]
+	eventually(t, "both instances accept the new key", func() bool {
+		return f.chat(t, f.a, secret) == http.StatusOK && f.chat(t, f.b, secret) == http.StatusOK
+	})
+	req, _ := http.NewRequest(http.MethodDelete, f.a.AdminURL+"/vigthoria/keys/"+id, nil)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil || res.StatusCode >= 300 {
+		t.Fatalf("revoking on one instance: %v %v", err, res)
+	}
+	res.Body.Close()
+	eventually(t, "the other instance refuses the revoked key", func() bool {
+		return f.chat(t, f.b, secret) == http.StatusUnauthorized
+	})
+}
+
+func TestFleetRedisOutage(t *testing.T) {
+	f := startFleet(t, "store_timeout 50ms", "requests 1000/1m")
+	if s := f.chat(t, f.a, f.key); s != http.StatusOK {
+		t.Fatalf("before the outage: %d", s)
+	}
+	timed := func(what string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
+		defer cancel()
+		begin := time.Now()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, f.a.URL+"/v1/chat/completions",
+			jsonBody(map[string]any{"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}}}))
+		req.Header.Set("Authorization", "Bearer "+f.key)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK {
+			t.Errorf("%s: status %d, want 200 from local limits", what, res.StatusCode)
+		}
+		t.Logf("%s: answered in %v", what, time.Since(begin))
+	}
+
+	f.redis.Pause(t)
+	for i := range 3 {
+		timed("Redis stopped, request " + string(rune('1'+i)))
+	}
+	if !f.a.WaitLog(t, "the shared limiter failed") {
+		t.Error("the fallback to local limits was not logged")
+	}
+	f.redis.Resume(t)
+	eventually2s(t, "Redis is used again", func() bool {
+		f.chat(t, f.a, f.key)
+		return strings.Contains(f.a.ReadLog(t), "the shared limiter answers again")
+	})
+
+	f.redis.Kill(t)
+	for i := range 3 {
+		timed("Redis killed, request " + string(rune('1'+i)))
+	}
+	// A Redis that comes back empty has lost the keys: the instances see
+	// the reset and refuse them, rather than trust keys nobody can revoke.
+	f.redis.Restart(t)
+	eventually2s(t, "the emptied store's keys are refused", func() bool {
+		return f.chat(t, f.a, f.key) == http.StatusUnauthorized
+	})
+}
+
+// eventually2s is eventually with room for the limiter's probe interval.
+func eventually2s(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 3 seconds", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
