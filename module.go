@@ -59,14 +59,14 @@ var limiters = caddy.NewUsagePool()
 
 type pooledLimiter struct {
 	limiter.Limiter
-	close func() error // releases the shared backend's connections; nil for none
+	redis *redis.Client // the shared backend's connections; nil for none
 }
 
 func (p pooledLimiter) Destruct() error {
-	if p.close == nil {
+	if p.redis == nil {
 		return nil
 	}
-	return p.close()
+	return p.redis.Close()
 }
 
 // newRedisClient connects to the Redis of a store spec with timeouts fit
@@ -325,20 +325,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if key == "" {
 		return errors.New("api_key resolves to an empty value: set it, e.g. api_key {env.VIGTHORIA_API_KEY} with VIGTHORIA_API_KEY in the environment")
 	}
-	up, err := proxy.New(ctx, proxy.Config{
-		URL:           h.Upstream,
-		APIKey:        key,
-		HeaderTimeout: time.Duration(h.HeaderTimeout),
-		// The caller's own limit headers replace any of the same name.
-		DropResponseHeaders: limiter.OwnHeaders,
-		Retries:             *h.Retries,
-		MaxWait:             time.Duration(h.MaxWait),
-	})
-	if err != nil {
-		return fmt.Errorf("setting up the upstream: %w", err)
-	}
-	h.upstream = up
-
 	for name, t := range h.Tiers {
 		if t == nil {
 			return fmt.Errorf("tier %s: null", name)
@@ -413,13 +399,33 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		logger := caddy.Log().Named("vigthoria.limiter")
 		return pooledLimiter{
 			Limiter: limiter.NewFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
-			close:   client.Close,
+			redis:   client,
 		}, nil
 	})
 	if err != nil {
 		return err
 	}
 	h.limiter = lim.(pooledLimiter).Limiter
+
+	// In a fleet, the upstream's word on the key's exhaustion is shared.
+	var shared proxy.SharedExhaustion
+	if client := lim.(pooledLimiter).redis; client != nil {
+		shared = newRedisExhaustion(client, h.Upstream)
+	}
+	up, err := proxy.New(ctx, proxy.Config{
+		URL:           h.Upstream,
+		APIKey:        key,
+		HeaderTimeout: time.Duration(h.HeaderTimeout),
+		// The caller's own limit headers replace any of the same name.
+		DropResponseHeaders: limiter.OwnHeaders,
+		Retries:             *h.Retries,
+		MaxWait:             time.Duration(h.MaxWait),
+		Shared:              shared,
+	})
+	if err != nil {
+		return fmt.Errorf("setting up the upstream: %w", err)
+	}
+	h.upstream = up
 
 	app, err := ctx.App("vigthoria")
 	if err != nil {

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"sync/atomic"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // Retry defaults.
@@ -86,12 +88,35 @@ func discard(res *http.Response) {
 	res.Body.Close()
 }
 
+// SharedExhaustion shares the upstream's word on the server key's
+// exhaustion among the instances of a fleet.
+type SharedExhaustion interface {
+	// Publish says the key is exhausted until then.
+	Publish(ctx context.Context, until time.Time) error
+	// Fetch returns until when some instance heard it is exhausted.
+	Fetch(ctx context.Context) (time.Time, error)
+}
+
+// sharedEvery is how often an instance asks the fleet whether the upstream
+// said the key is exhausted.
+const sharedEvery = time.Second
+
+// sharedTimeout bounds one exchange with the fleet's store.
+const sharedTimeout = time.Second
+
 // exhaustion remembers until when the upstream said the server key is
 // exhausted, from its 429s and from X-RateLimit-Remaining: 0 with
 // X-RateLimit-Reset, so that callers get a local 429 instead of another
-// upstream call that would only prolong it. The zero value knows nothing.
+// upstream call that would only prolong it. With a shared store, what one
+// instance hears reaches the others within about a second; the exchanges
+// run off the request path, in a goroutine that ends with them. The zero
+// value knows nothing and shares nothing.
 type exhaustion struct {
-	until atomic.Int64 // unix nanoseconds
+	until    atomic.Int64 // unix nanoseconds
+	shared   SharedExhaustion
+	fetched  atomic.Int64 // unix nanoseconds of the last fetch started
+	fetching atomic.Bool
+	logger   *zap.Logger
 }
 
 // note reads an upstream answer's verdict on the key.
@@ -113,16 +138,45 @@ func (e *exhaustion) note(res *http.Response, now time.Time) {
 	default:
 		return
 	}
+	if e.raise(until) && e.shared != nil {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), sharedTimeout)
+			defer cancel()
+			if err := e.shared.Publish(ctx, until); err != nil {
+				e.logger.Warn("sharing the upstream's exhaustion failed", zap.Error(err))
+			}
+		}()
+	}
+}
+
+// raise moves until later, reporting whether it did.
+func (e *exhaustion) raise(until time.Time) bool {
 	for {
 		cur := e.until.Load()
-		if until.UnixNano() <= cur || e.until.CompareAndSwap(cur, until.UnixNano()) {
-			return
+		if until.UnixNano() <= cur {
+			return false
+		}
+		if e.until.CompareAndSwap(cur, until.UnixNano()) {
+			return true
 		}
 	}
 }
 
-// wait returns how long the upstream is still exhausted at now.
+// wait returns how long the upstream is still exhausted at now. With a
+// shared store it also starts, at most once a second, a fetch of what the
+// other instances heard; its answer counts from the next request on.
 func (e *exhaustion) wait(now time.Time) (time.Duration, bool) {
+	if e.shared != nil && now.UnixNano()-e.fetched.Load() >= int64(sharedEvery) && e.fetching.CompareAndSwap(false, true) {
+		e.fetched.Store(now.UnixNano())
+		go func() {
+			defer e.fetching.Store(false)
+			ctx, cancel := context.WithTimeout(context.Background(), sharedTimeout)
+			defer cancel()
+			if until, err := e.shared.Fetch(ctx); err == nil {
+				e.raise(until)
+			}
+		}()
+	}
 	d := time.Duration(e.until.Load() - now.UnixNano())
 	return d, d > 0
 }

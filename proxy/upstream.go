@@ -37,6 +37,9 @@ type Config struct {
 	// at most MaxWait in all.
 	Retries int
 	MaxWait time.Duration
+	// Shared, when set, shares the upstream's word on the key's exhaustion
+	// with the other instances of a fleet.
+	Shared SharedExhaustion
 }
 
 // Upstream forwards admitted requests to the API through Caddy's own
@@ -108,7 +111,8 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	rp := mod.(*reverseproxy.Handler)
 
-	up := &Upstream{key: cfg.URL, rp: rp, exhausted: new(exhaustion), logger: ctx.Logger()}
+	up := &Upstream{key: cfg.URL, rp: rp, logger: ctx.Logger()}
+	up.exhausted = &exhaustion{shared: cfg.Shared, logger: up.logger}
 	base := strings.TrimSuffix(u.Path, "/")
 	for i := range Endpoints {
 		up.paths[i] = base + Endpoints[i].Suffix

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -213,4 +214,29 @@ func eventually2s(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+func TestFleetSharesUpstreamExhaustion(t *testing.T) {
+	f := startFleet(t, "store_timeout 2s", "requests 1000/1m")
+	// Prime B's view of the fleet first, so that its next look is soon.
+	f.chat(t, f.b, f.key)
+	// One 429, to A only, saying the key is spent for 20s (past max_wait,
+	// so A does not retry). B never hears it from the upstream itself.
+	f.upstream.SetBehavior(standin.Behavior{FailStatus: http.StatusTooManyRequests, FailCount: 1, RetryAfter: 20})
+	if s := f.chat(t, f.a, f.key); s != http.StatusTooManyRequests {
+		t.Fatalf("A: status %d, want the upstream's 429", s)
+	}
+	eventually2s(t, "B answers from the fleet's word, without the upstream", func() bool {
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, f.b.URL+"/v1/chat/completions",
+			jsonBody(map[string]any{"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}}}))
+		req.Header.Set("Authorization", "Bearer "+f.key)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false
+		}
+		defer res.Body.Close()
+		var e apiError
+		json.NewDecoder(res.Body).Decode(&e)
+		return res.StatusCode == http.StatusTooManyRequests && e.Error.Code == "upstream_rate_limited"
+	})
 }
