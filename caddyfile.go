@@ -52,6 +52,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
 //		on_store_error local|deny             # default local
 //		store_timeout  <duration>             # default 50ms
+//		cors           <origin>...            # default off
 //	}
 //
 // Each subdirective but tier may appear once, and each tier name once;
@@ -131,6 +132,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.Errf("invalid max_wait '%s': want a positive duration such as 10s", args[2])
 				}
 				h.MaxWait = caddy.Duration(wait)
+			}
+		case "cors":
+			h.CORS = d.RemainingArgs()
+			if len(h.CORS) == 0 {
+				return d.Err("cors needs at least one origin, such as https://app.example.com")
+			}
+			for _, o := range h.CORS {
+				if !strings.HasPrefix(o, "http://") && !strings.HasPrefix(o, "https://") || strings.Count(o, "/") != 2 {
+					return d.Errf("invalid cors origin '%s': want scheme://host[:port], without a path", o)
+				}
 			}
 		case "on_store_error":
 			v, err := singleArg(d)

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"path"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -271,6 +272,13 @@ type Handler struct {
 	// on_store_error applies. Default: 50ms.
 	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
 
+	// Web origins (scheme://host[:port]) whose browser code may call the
+	// API: their preflights are answered here and their answers readable,
+	// rate-limit headers included. A request from any other origin is
+	// refused with 403; requests without Origin (servers, SDKs) are not
+	// affected. Default: none, CORS off.
+	CORS []string `json:"cors,omitempty"`
+
 	// The longest the retries of one request may wait in all, honouring
 	// the upstream's Retry-After. Default: 10s.
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
@@ -417,7 +425,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		APIKey:        key,
 		HeaderTimeout: time.Duration(h.HeaderTimeout),
 		// The caller's own limit headers replace any of the same name.
-		DropResponseHeaders: limiter.OwnHeaders,
+		DropResponseHeaders: append(slices.Clone(limiter.OwnHeaders), corsHeaders...),
 		Retries:             *h.Retries,
 		MaxWait:             time.Duration(h.MaxWait),
 		Shared:              shared,
@@ -520,6 +528,9 @@ func (h *Handler) Validate() error {
 // in the API's error shape.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	now := time.Now()
+	if h.cors(w, r) {
+		return nil
+	}
 	ep, apiErr := proxy.Route(r.Method, routePath(r))
 	if apiErr != nil {
 		apiErr.Write(w)
