@@ -348,6 +348,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.AuthFailWindow == 0 {
 		h.AuthFailWindow = caddy.Duration(DefaultAuthFailWindow)
 	}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
 	h.authFailures = limiter.NewFailureThrottle(h.AuthFailLimit, time.Duration(h.AuthFailWindow), maxTrackedAddrs)
 
 	h.identityTier = h.IdentityTier
@@ -406,7 +409,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		shared := limiter.NewRedis(client, "vgt:lim:")
 		logger := caddy.Log().Named("vigthoria.limiter")
 		return pooledLimiter{
-			Limiter: limiter.NewFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
+			Limiter: newFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
 			redis:   client,
 		}, nil
 	})
@@ -533,18 +536,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	ep, apiErr := proxy.Route(r.Method, routePath(r))
 	if apiErr != nil {
-		apiErr.Write(w)
-		return nil
+		return refuse(w, r, "none", "unknown", apiErr)
 	}
 	if err := h.start(); err != nil {
 		h.logger.Error("the key store is unavailable", zap.Error(err))
-		errUnavailable.Write(w)
-		return nil
+		return refuse(w, r, "none", ep.Name, errUnavailable)
 	}
 	client, tier, apiErr := h.identify(w, r, now)
 	if apiErr != nil {
-		apiErr.Write(w)
-		return nil
+		return refuse(w, r, orNone(client.Tier), ep.Name, apiErr)
 	}
 
 	call := new(proxy.Call)
@@ -553,24 +553,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.Body {
 		body, apiErr := proxy.ReadBody(r, h.MaxBody)
 		if apiErr != nil {
-			apiErr.Write(w)
-			return nil
+			return refuse(w, r, client.Tier, ep.Name, apiErr)
 		}
 		defer body.Release()
 		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
-			apiErr.Write(w)
-			return nil
+			return refuse(w, r, client.Tier, ep.Name, apiErr)
 		}
 	}
 
 	if ep.ID == proxy.Usage {
+		metrics.requests.WithLabelValues(client.Tier, ep.Name, "ok").Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
 	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached {
 		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
-		proxy.UpstreamExhausted(wait).Write(w)
-		return nil
+		return refuse(w, r, client.Tier, ep.Name, proxy.UpstreamExhausted(wait))
 	}
 
 	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, reserve, now)
@@ -579,20 +577,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			h.logger.Error("deciding limits", zap.String("client_id", client.ID), zap.Error(err))
 		}
 		w.Header().Set("Retry-After", "1")
-		errUnavailable.Write(w)
-		return nil
+		return refuse(w, r, client.Tier, ep.Name, errUnavailable)
 	}
 	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
 	if d.Reason != limiter.Admitted {
 		limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
-		refusal(d, client.Tier).Write(w)
-		return nil
+		return refuse(w, r, client.Tier, ep.Name, refusal(d, client.Tier))
 	}
 
-	// Settle on every way out, a panic included: the slot is freed and
-	// the reservation replaced by what the answer used.
+	// Settle on every way out, a panic included: the slot is freed, the
+	// reservation replaced by what the answer used, and it is counted.
 	h.active.Add(1)
 	defer h.active.Add(-1)
+	if info.Stream {
+		metrics.activeStreams.Inc()
+		defer metrics.activeStreams.Dec()
+	}
 	defer func() {
 		usage := &call.Usage
 		prompt, completion := charge(usage, reserve, int64(len(call.Body)))
@@ -603,9 +603,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if usage.Status != 0 && ep.ID != proxy.Models {
 			h.keys.Ledger().Add(client.ID, info.Model, end, prompt, completion)
 		}
+		record(r, client.Tier, ep.Name, info.Model, usage, prompt, completion)
 	}()
 	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: client.Tier, Allows: tier.modelFilter()})
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: client.Tier, Allows: tier.modelFilter()}, call)
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}
@@ -614,6 +615,73 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	return err
+}
+
+// refuse answers a request the proxy refused, counting it and noting the
+// refusal in the access log.
+func refuse(w http.ResponseWriter, r *http.Request, tier, endpoint string, e *proxy.APIError) error {
+	metrics.requests.WithLabelValues(tier, endpoint, "refused_"+e.Code).Inc()
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
+		extra.Set(zap.String("vigthoria_decision", "refused"))
+		extra.Set(zap.String("vigthoria_reason", e.Code))
+		if tier != "none" {
+			extra.Set(zap.String("vigthoria_tier", tier))
+		}
+	}
+	e.Write(w)
+	return nil
+}
+
+// record counts an admitted request's outcome and usage in the metrics
+// and the access log.
+func record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage, prompt, completion int64) {
+	result := outcome(u.Status)
+	if u.Cache == "HIT" || u.Cache == "STALE" {
+		result = "cached"
+	}
+	metrics.requests.WithLabelValues(tier, endpoint, result).Inc()
+	if prompt+completion > 0 {
+		m := modelLabel(model)
+		metrics.tokens.WithLabelValues(tier, m, "prompt").Add(float64(prompt))
+		metrics.tokens.WithLabelValues(tier, m, "completion").Add(float64(completion))
+	}
+	if u.HeaderLatency > 0 {
+		metrics.upstreamLatency.WithLabelValues(endpoint).Observe(u.HeaderLatency.Seconds())
+	}
+	if u.FirstEvent > 0 {
+		metrics.firstByte.Observe(u.FirstEvent.Seconds())
+	}
+	if u.Retries > 0 {
+		metrics.retries.Add(float64(u.Retries))
+	}
+	if u.Cache != "" {
+		metrics.modelsCache.WithLabelValues(strings.ToLower(u.Cache)).Inc()
+	}
+	extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
+	if !ok {
+		return
+	}
+	extra.Set(zap.String("vigthoria_decision", "admitted"))
+	extra.Set(zap.String("vigthoria_tier", tier))
+	extra.Set(zap.String("vigthoria_outcome", result))
+	if model != "" {
+		extra.Set(zap.String("vigthoria_model", model))
+	}
+	extra.Set(zap.Int64("vigthoria_prompt_tokens", prompt))
+	extra.Set(zap.Int64("vigthoria_completion_tokens", completion))
+	if u.Retries > 0 {
+		extra.Set(zap.Int("vigthoria_retries", u.Retries))
+	}
+	if u.Cache != "" {
+		extra.Set(zap.String("vigthoria_cache", u.Cache))
+	}
+}
+
+func orNone(tier string) string {
+	if tier == "" {
+		return "none"
+	}
+	return tier
 }
 
 // routePath is the path to route on: the escaped form when the client

@@ -62,7 +62,7 @@ type ModelFilter struct {
 // When the upstream fails and an older list exists, that list is served,
 // marked stale. The list is filtered to what the caller's tier allows, and
 // If-None-Match is answered with 304.
-func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, ttl time.Duration, f ModelFilter) error {
+func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, ttl time.Duration, f ModelFilter, c *Call) error {
 	now := time.Now()
 	list, ok := modelLists.Get(up.key)
 	status := "HIT"
@@ -81,6 +81,10 @@ func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next cad
 			}
 			return err
 		}
+	}
+	c.Usage.Cache = status
+	if status == "MISS" {
+		c.Usage.Status = http.StatusOK
 	}
 	fl := list.filter(f)
 	h := w.Header()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 )
@@ -78,6 +79,9 @@ func (b *sseBody) fill() {
 	scanFrom := max(len(b.buf)-2, b.ready)
 	b.buf = b.buf[:len(b.buf)+n]
 	b.scan(scanFrom)
+	if b.ready > 0 && b.tap != nil && b.tap.usage.FirstEvent == 0 {
+		b.tap.usage.FirstEvent = time.Since(b.tap.start)
+	}
 	if len(b.buf)-b.ready > maxEventSize {
 		b.ready = len(b.buf)
 	}

@@ -43,6 +43,9 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 
 	tp := tapFrom(req.Context())
 	res, err := t.roundTrip(out, tp)
+	if tp != nil {
+		tp.usage.HeaderLatency = time.Since(tp.start)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -141,7 +141,7 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
-	r = r.WithContext(withTap(r.Context(), &tap{usage: &c.Usage, stripUsage: c.StripUsage, body: c.Body}))
+	r = r.WithContext(withTap(r.Context(), &tap{usage: &c.Usage, stripUsage: c.StripUsage, body: c.Body, start: time.Now()}))
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"strconv"
+	"time"
 )
 
 // AnswerUsage is what one answer used, filled in by the tap as the answer passes
@@ -16,6 +17,12 @@ type AnswerUsage struct {
 	Reported         bool  // a usage object was seen
 	Chunks           int64 // content events streamed, for charging a stream cut short
 	Retries          int   // upstream attempts repeated
+	// HeaderLatency is the time until the upstream's response headers,
+	// retries included; FirstEvent the time until a stream's first event
+	// was ready for the client.
+	HeaderLatency, FirstEvent time.Duration
+	// Cache is how GET /v1/models was answered: HIT, MISS or STALE.
+	Cache string
 }
 
 // Total returns prompt plus completion tokens.
@@ -39,6 +46,7 @@ type tap struct {
 	usage      *AnswerUsage
 	stripUsage bool
 	body       []byte
+	start      time.Time
 }
 
 type tapKey struct{}

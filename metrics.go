@@ -1,0 +1,145 @@
+package vigthoria
+
+import (
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/limiter"
+)
+
+// The module's metrics. They are made once per process, so that counts
+// run on across config reloads, and registered into each config's
+// registry, where Caddy's metrics handler and admin /metrics serve them.
+// Labels are tiers, endpoints, models and outcomes, never a key or a
+// client: their number stays small.
+var metrics = struct {
+	requests        *prometheus.CounterVec
+	tokens          *prometheus.CounterVec
+	upstreamLatency *prometheus.HistogramVec
+	firstByte       prometheus.Histogram
+	activeStreams   prometheus.Gauge
+	modelsCache     *prometheus.CounterVec
+	retries         prometheus.Counter
+	storeFallback   prometheus.Gauge
+	storeFailures   prometheus.Counter
+}{
+	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "requests_total",
+		Help: "Requests by tier, endpoint and outcome: ok, cached, upstream_4xx, upstream_5xx, upstream_error, or refused_<reason>.",
+	}, []string{"tier", "endpoint", "outcome"}),
+	tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "tokens_total",
+		Help: "Tokens charged, by tier, model and kind (prompt or completion).",
+	}, []string{"tier", "model", "kind"}),
+	upstreamLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "vigthoria", Name: "upstream_header_seconds",
+		Help:    "Time until the upstream's response headers, retries included, by endpoint.",
+		Buckets: []float64{.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120},
+	}, []string{"endpoint"}),
+	firstByte: prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "vigthoria", Name: "stream_first_event_seconds",
+		Help:    "Time until a stream's first event reached the client.",
+		Buckets: []float64{.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120},
+	}),
+	activeStreams: prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "vigthoria", Name: "active_streams", Help: "Streams being served now.",
+	}),
+	modelsCache: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "models_cache_total",
+		Help: "GET /v1/models answers by cache result: hit, miss or stale.",
+	}, []string{"result"}),
+	retries: prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "upstream_retries_total", Help: "Upstream attempts repeated after a 429, 502, 503 or failed connection.",
+	}),
+	storeFallback: prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "vigthoria", Name: "store_fallback",
+		Help: "1 while the shared store (Redis) fails and on_store_error is in force, else 0.",
+	}),
+	storeFailures: prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "store_failures_total", Help: "Times the shared store started failing.",
+	}),
+}
+
+// registerMetrics registers the collectors into a config's registry.
+func registerMetrics(reg *prometheus.Registry) error {
+	if reg == nil {
+		return nil
+	}
+	for _, c := range []prometheus.Collector{
+		metrics.requests, metrics.tokens, metrics.upstreamLatency, metrics.firstByte,
+		metrics.activeStreams, metrics.modelsCache, metrics.retries, metrics.storeFallback, metrics.storeFailures,
+	} {
+		if err := reg.Register(c); err != nil {
+			var already prometheus.AlreadyRegisteredError
+			if !errors.As(err, &already) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// newFallback is limiter.NewFallback with the store metrics kept.
+func newFallback(shared limiter.Limiter, local *limiter.Memory, policy limiter.OnError, timeout time.Duration, logger *zap.Logger) *limiter.Fallback {
+	f := limiter.NewFallback(shared, local, policy, timeout, logger)
+	f.OnChange = onStoreChange
+	return f
+}
+
+// onStoreChange keeps the store metrics when a Fallback changes course.
+func onStoreChange(down bool) {
+	if down {
+		metrics.storeFallback.Set(1)
+		metrics.storeFailures.Inc()
+		return
+	}
+	metrics.storeFallback.Set(0)
+}
+
+// maxModelLabels bounds the model label: callers choose model names, and
+// a metric must not grow with them.
+const maxModelLabels = 100
+
+var modelLabels sync.Map // model name → struct{}; at most maxModelLabels
+
+var modelLabelCount struct {
+	sync.Mutex
+	n int
+}
+
+// modelLabel returns model as a label value, or "other" once enough
+// distinct models have been seen.
+func modelLabel(model string) string {
+	if model == "" {
+		return "none"
+	}
+	if _, ok := modelLabels.Load(model); ok {
+		return model
+	}
+	modelLabelCount.Lock()
+	defer modelLabelCount.Unlock()
+	if modelLabelCount.n >= maxModelLabels || len(model) > 100 {
+		return "other"
+	}
+	if _, loaded := modelLabels.LoadOrStore(model, struct{}{}); !loaded {
+		modelLabelCount.n++
+	}
+	return model
+}
+
+// outcome names how an answered request ended, for the metrics and logs.
+func outcome(status int) string {
+	switch {
+	case status == 0:
+		return "upstream_error"
+	case status < 400:
+		return "ok"
+	case status < 500:
+		return "upstream_4xx"
+	}
+	return "upstream_5xx"
+}

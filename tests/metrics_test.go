@@ -1,0 +1,62 @@
+package tests
+
+import (
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+)
+
+func TestMetricsAndAccessLog(t *testing.T) {
+	e := start(t, "tier metered {\n\t\t\trequests 2/1h\n\t\t}", "retries 1")
+	_, client := e.meteredKey(t)
+	for range 3 { // the third is refused
+		client.Chat.Completions.New(t.Context(), chatParams("count me"))
+	}
+	e.upstream.SetBehavior(standin.Behavior{FailStatus: http.StatusServiceUnavailable, FailCount: 1})
+	if _, err := e.client.Chat.Completions.New(t.Context(), chatParams("retried")); err != nil {
+		t.Fatalf("the retried request failed: %v", err)
+	}
+	e.do(t, http.MethodGet, "/v1/models", nil, nil)
+	e.do(t, http.MethodGet, "/v1/models", nil, nil)
+
+	wants := []string{
+		`vigthoria_requests_total{endpoint="chat_completions",outcome="ok",tier="metered"} 2`,
+		`vigthoria_requests_total{endpoint="chat_completions",outcome="refused_rate_limit_exceeded",tier="metered"} 1`,
+		`vigthoria_tokens_total{kind="completion",model="vigthoria-fast-1",tier="metered"}`,
+		`vigthoria_models_cache_total{result="hit"}`,
+		`vigthoria_models_cache_total{result="miss"}`,
+		`vigthoria_upstream_retries_total`,
+		`vigthoria_upstream_header_seconds_bucket{endpoint="chat_completions"`,
+		`vigthoria_active_streams 0`,
+	}
+	var m string
+	// A request is counted as it settles, a moment after its answer.
+	eventually(t, "every request is counted", func() bool {
+		res, err := http.Get(e.caddy.AdminURL + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		m = string(body)
+		for _, want := range wants {
+			if !strings.Contains(m, want) {
+				return false
+			}
+		}
+		return true
+	})
+	if regexp.MustCompile(`key_[0-9A-Za-z]{16}`).MatchString(m) || secretPattern.MatchString(m) {
+		t.Error("a key ID or key appears in the metrics")
+	}
+	for _, want := range []string{`"vigthoria_decision":"admitted"`, `"vigthoria_tier":"metered"`, `"vigthoria_model":"vigthoria-fast-1"`,
+		`"vigthoria_completion_tokens":16`, `"vigthoria_reason":"rate_limit_exceeded"`, `"vigthoria_retries":1`, `"vigthoria_cache":"HIT"`} {
+		if !e.caddy.WaitLog(t, want) {
+			t.Errorf("the access log lacks %s", want)
+		}
+	}
+}
