@@ -38,15 +38,35 @@ type Caddy struct {
 	AdminURL string // http://127.0.0.1:<admin port>
 	LogPath  string // Caddy's log at debug level, access log included
 	Dir      string // storage and data directory of this instance
+	persist  bool   // autosave the config, as Caddy does by default
 }
+
+// Option changes how StartCaddy runs Caddy.
+type Option func(*Caddy)
+
+// Persist lets Caddy autosave its config, as it does by default, into
+// AutosavePath.
+func Persist() Option {
+	return func(c *Caddy) {
+		c.persist = true
+		// Caddy fixes the path when the process starts; keep it in the test.
+		caddy.ConfigAutosavePath = c.AutosavePath()
+	}
+}
+
+// AutosavePath is where a Persist instance saves its config.
+func (c *Caddy) AutosavePath() string { return filepath.Join(c.Dir, "autosave.json") }
 
 // StartCaddy loads a config with one site on a free port in this process
 // and stops Caddy when the test ends. site is the body of the site block;
 // every `%PORT%` in it names the site's port. Only one Caddy runs in a
 // process: calling it again replaces the config, as a reload does.
-func StartCaddy(t testing.TB, site string) *Caddy {
+func StartCaddy(t testing.TB, site string, opts ...Option) *Caddy {
 	t.Helper()
 	c := &Caddy{Port: FreePort(t), Dir: t.TempDir()}
+	for _, o := range opts {
+		o(c)
+	}
 	c.URL = fmt.Sprintf("http://127.0.0.1:%d", c.Port)
 	c.AdminURL = fmt.Sprintf("http://127.0.0.1:%d", FreePort(t))
 	c.LogPath = filepath.Join(c.Dir, "caddy.log")
@@ -79,7 +99,7 @@ func (c *Caddy) Caddyfile(site string) string {
 	site = strings.ReplaceAll(site, "%PORT%", fmt.Sprint(c.Port))
 	return fmt.Sprintf(`{
 	admin %s
-	persist_config off
+	%s
 	auto_https off
 	storage file_system %s
 	log {
@@ -100,7 +120,16 @@ http://127.0.0.1:%d {
 	}
 %s
 }
-`, strings.TrimPrefix(c.AdminURL, "http://"), filepath.Join(c.Dir, "storage"), c.LogPath, c.Port, c.LogPath, site)
+`, strings.TrimPrefix(c.AdminURL, "http://"), c.persistOption(), filepath.Join(c.Dir, "storage"), c.LogPath, c.Port, c.LogPath, site)
+}
+
+// persistOption is the global option that keeps Caddy from autosaving,
+// unless Persist asked for it.
+func (c *Caddy) persistOption() string {
+	if c.persist {
+		return "# autosave on"
+	}
+	return "persist_config off"
 }
 
 // Adapt turns a Caddyfile into JSON config, failing on warnings too, since
