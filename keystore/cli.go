@@ -101,12 +101,9 @@ func buildCommand(cmd *cobra.Command) {
 	}
 	usage := &cobra.Command{
 		Use:   "usage [<id>]",
-		Short: "Prints what keys used",
+		Short: "Prints what keys used this month, by day and model",
 		Args:  cobra.MaximumNArgs(1),
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			fmt.Fprintln(cmd.OutOrStdout(), "usage ledger not available yet")
-			return nil
-		},
+		RunE:  cliUsage,
 	}
 	for _, c := range []*cobra.Command{add, list, revoke, rotate, usage} {
 		c.SilenceUsage = true // a failed command says why; the usage would bury it
@@ -198,6 +195,45 @@ func cliRevoke(cmd *cobra.Command, args []string) error {
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "Revoked key %s. A running Caddy refuses it within a second.\n", args[0])
 	return nil
+}
+
+// cliUsage prints the ledger's rows of this month (UTC): of one key, or
+// of every key in the store. The last second of use may still be on its
+// way from a running Caddy.
+func cliUsage(cmd *cobra.Command, args []string) error {
+	st, _, err := cliStore(cmd, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	us, ok := st.(UsageStore)
+	if !ok {
+		return errors.New("this store keeps no usage")
+	}
+	ids := args
+	if len(ids) == 0 {
+		recs, err := st.List(cmd.Context())
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			ids = append(ids, r.ID)
+		}
+	}
+	now := time.Now().UTC()
+	since := Day(time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC))
+	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCOMPLETION\tTOTAL")
+	for _, id := range ids {
+		rows, err := us.UsageSince(cmd.Context(), id, since)
+		if err != nil {
+			return err
+		}
+		for _, r := range rows {
+			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\n", id, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.TotalTokens())
+		}
+	}
+	return w.Flush()
 }
 
 func cliRotate(cmd *cobra.Command, args []string) error {

@@ -121,12 +121,26 @@ func TestCLIErrors(t *testing.T) {
 }
 
 func TestCLIUsageAndEmptyList(t *testing.T) {
-	store := "--store=sqlite:" + filepath.Join(t.TempDir(), "keys.db")
-	if out := mustCLI(t, "usage", store); !strings.Contains(out, "usage ledger not available yet") {
-		t.Errorf("usage printed %q", out)
-	}
+	path := filepath.Join(t.TempDir(), "keys.db")
+	store := "--store=sqlite:" + path
 	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
 	id := printedID.FindString(mustCLI(t, "key", "list", store))
+	st, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	day := Day(time.Now())
+	err = st.AddUsage(t.Context(), []UsageRow{{Client: id, Day: day, Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5}})
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"usage", store}, {"usage", id, store}} {
+		out := mustCLI(t, args...)
+		if !strings.Contains(out, id) || !strings.Contains(out, day) || !strings.Contains(out, "m-1") || !strings.Contains(out, "15") {
+			t.Errorf("%v printed %q, want the key's row with 15 tokens", args, out)
+		}
+	}
 	mustCLI(t, "key", "revoke", id, store)
 	mustCLI(t, "key", "revoke", id, store) // again: nothing to do, no error
 }
