@@ -10,9 +10,14 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // TestNoSecretLeaks runs the proxy's scenarios with a random server key and
@@ -21,15 +26,40 @@ import (
 // API's config and the autosaved config for each secret, whole and its
 // last 8 characters.
 func TestNoSecretLeaks(t *testing.T) {
+	t.Run("sqlite", func(t *testing.T) { testNoSecretLeaks(t, "") })
+	t.Run("redis", func(t *testing.T) { testNoSecretLeaks(t, redistest.Start(t).URL) })
+}
+
+// testNoSecretLeaks runs the scenarios with the SQLite store, or with the
+// Redis at redisURL, whose every key and value is searched too.
+func testNoSecretLeaks(t *testing.T, redisURL string) {
 	serverSecret := "vig-" + rand.Text() + rand.Text()
 	up := standin.New(standin.Options{APIKey: serverSecret})
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
 	t.Setenv("VIGTHORIA_LEAK_KEY", serverSecret)
 	db := filepath.Join(t.TempDir(), "keys.db")
-	keys := []string{createKey(t, db, "metered"), createKey(t, db, "metered")}
+	storeLine := "store sqlite " + db
+	var keys []string
+	if redisURL == "" {
+		keys = []string{createKey(t, db, "metered"), createKey(t, db, "metered")}
+	} else {
+		storeLine = "store redis " + redisURL
+		st, err := keystore.OpenRedis(redisURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			_, secret, err := keystore.Create(t.Context(), st, "leak", "metered", time.Time{}, time.Now())
+			if err != nil {
+				t.Fatal(err)
+			}
+			keys = append(keys, secret)
+		}
+		st.Close()
+	}
 	site := func(extra string) string {
-		return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_LEAK_KEY}", "store sqlite "+db, "retries 1", manyFailures,
+		return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_LEAK_KEY}", storeLine, "retries 1", manyFailures,
 			"tier metered {\n\t\t\trequests 6/1h\n\t\t\tmodels vigthoria-fast-*\n\t\t\tmax_tokens 64\n\t\t}", extra)
 	}
 	c := harness.StartCaddy(t, site("max_body 1MB"), harness.Persist())
@@ -96,7 +126,7 @@ func TestNoSecretLeaks(t *testing.T) {
 	bad := standin.New(standin.Options{APIKey: "another-key"})
 	badSrv := httptest.NewServer(bad)
 	t.Cleanup(badSrv.Close)
-	if err := c.Load(vigthoriaBlock(badSrv.URL+"/v1", "{env.VIGTHORIA_LEAK_KEY}", "store sqlite "+db, "tier metered")); err != nil {
+	if err := c.Load(vigthoriaBlock(badSrv.URL+"/v1", "{env.VIGTHORIA_LEAK_KEY}", storeLine, "tier metered")); err != nil {
 		t.Fatal(err)
 	}
 	closeIdle()
@@ -119,10 +149,13 @@ func TestNoSecretLeaks(t *testing.T) {
 		"keys.db": db, "keys.db-wal": db + "-wal", "keys.db-shm": db + "-shm",
 	} {
 		b, err := os.ReadFile(path)
-		if err != nil && name != "keys.db-shm" && name != "keys.db-wal" {
+		if err != nil && !strings.HasPrefix(name, "keys.db") {
 			t.Fatalf("reading %s: %v", name, err)
 		}
 		haystacks[name] = b
+	}
+	if redisURL != "" {
+		haystacks["redis"] = dumpRedis(t, redisURL)
 	}
 	if len(haystacks["autosave.json"]) == 0 || !bytes.Contains(haystacks["autosave.json"], []byte("{env.VIGTHORIA_LEAK_KEY}")) {
 		t.Error("the autosaved config is missing or lacks the api_key placeholder")
@@ -139,4 +172,47 @@ func TestNoSecretLeaks(t *testing.T) {
 		}
 	}
 	t.Logf("%d scenarios, %d bytes searched in %d places", len(scenarios)+3, searched, len(haystacks))
+}
+
+// dumpRedis returns every key and value in the Redis at url.
+func dumpRedis(t *testing.T, url string) []byte {
+	t.Helper()
+	opts, err := redis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := redis.NewClient(opts)
+	defer client.Close()
+	ctx := t.Context()
+	var dump bytes.Buffer
+	iter := client.Scan(ctx, 0, "*", 1000).Iterator()
+	for iter.Next(ctx) {
+		key := iter.Val()
+		dump.WriteString(key + "\n")
+		v, err := client.Dump(ctx, key).Result()
+		if err != nil {
+			t.Fatalf("dumping %s: %v", key, err)
+		}
+		dump.WriteString(v + "\n")
+		// DUMP's format may compress; the plain values too.
+		switch client.Type(ctx, key).Val() {
+		case "string":
+			dump.WriteString(client.Get(ctx, key).Val())
+		case "hash":
+			for f, v := range client.HGetAll(ctx, key).Val() {
+				dump.WriteString(f + "=" + v + "\n")
+			}
+		case "zset":
+			for _, m := range client.ZRange(ctx, key, 0, -1).Val() {
+				dump.WriteString(m + "\n")
+			}
+		}
+	}
+	if err := iter.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if dump.Len() == 0 {
+		t.Fatal("Redis holds nothing: the scenarios did not use it")
+	}
+	return dump.Bytes()
 }
