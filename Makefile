@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run test build deps test-deps clean bench
+.PHONY: run test build deps test-deps clean bench fuzz
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -16,10 +16,24 @@ run: build
 		./caddy run --config Caddyfile.example --adapter caddyfile; \
 	fi
 
-## test: vet and run every test with the race detector.
+## test: vet, run every test with the race detector, and each fuzz
+## target briefly.
 test: test-deps
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 25m ./...
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
+
+## fuzz: each fuzz target for FUZZTIME (default 2m): key and
+## Authorization parsing, the SSE tap, the request body edits and the
+## Caddyfile syntax.
+FUZZTIME ?= 2m
+FUZZ_TARGETS := FuzzValidSecret:./keystore FuzzParseAuthorization:./keystore \
+	FuzzSSEBody:./proxy FuzzRequestEdits:./proxy FuzzUnmarshalCaddyfile:.
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzzing $${t%%:*} for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t%%:*}\$$" -fuzztime $(FUZZTIME) $${t#*:}; \
+	done
 
 ## bench: load benchmarks of the proxy against plain Caddy and the
 ## upstream alone, and the hot paths' micro-benchmarks (redis-server for
@@ -38,13 +52,20 @@ deps:
 	@command -v $(GO) >/dev/null || { echo "Go 1.26 is required: https://go.dev/dl/" >&2; exit 1; }
 	$(GO) mod download
 
-## test-deps: what the tests start for real: redis-server (Debian package).
+## test-deps: what the tests start for real: redis-server and, for the
+## browser test, chromium (Debian packages).
 test-deps: deps
 	@command -v redis-server >/dev/null || { \
 		echo "installing redis-server (Debian package)"; \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq redis-server >/dev/null; \
+	}
+	@[ -x /usr/bin/chromium ] || { \
+		echo "installing chromium (Debian package)"; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; \
 	}
 
 clean:

@@ -1,7 +1,9 @@
 // Command demo runs the proxy with nothing from outside: a local stand-in
 // for the Vigthoria API, a key store in a temporary directory with one
-// demo client key, and ./caddy in front of it all. It prints how to call
-// the proxy and stops everything on Ctrl-C.
+// demo client key, and ./caddy in front of it all. The same Caddy serves
+// the browser demo, a chat page on an origin of its own that calls the
+// API across origins with the demo key. It prints how to call the proxy
+// and stops everything on Ctrl-C.
 package main
 
 import (
@@ -20,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/demo"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
@@ -30,14 +33,15 @@ var demoCaddyfile []byte
 func main() {
 	caddyBin := flag.String("caddy", "./caddy", "Caddy binary built with this module")
 	port := flag.String("port", envOr("PORT", "8080"), "port of the proxy on localhost")
+	pagePort := flag.String("page-port", envOr("PAGE_PORT", "8081"), "port of the demo chat page on localhost")
 	flag.Parse()
-	if err := run(*caddyBin, *port); err != nil {
+	if err := run(*caddyBin, *port, *pagePort); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func run(caddyBin, port string) error {
+func run(caddyBin, port, pagePort string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -55,6 +59,14 @@ func run(caddyBin, port string) error {
 	if err != nil {
 		return fmt.Errorf("creating the demo key: %w", err)
 	}
+	proxyURL := "http://localhost:" + port
+	pageURL := "http://localhost:" + pagePort
+	pageDir := filepath.Join(dir, "page")
+	// Answers of 48 tokens, so that the page's answers stream visibly
+	// without taking long (the free tier's cap would make them 256).
+	if err := demo.Write(pageDir, demo.Config{APIBase: proxyURL, Key: clientKey, MaxTokens: 48}); err != nil {
+		return fmt.Errorf("writing the demo page: %w", err)
+	}
 	adminPort, err := freePort()
 	if err != nil {
 		return err
@@ -67,7 +79,11 @@ func run(caddyBin, port string) error {
 	if err != nil {
 		return fmt.Errorf("starting the stand-in upstream: %w", err)
 	}
-	upstream := &http.Server{Handler: standin.New(standin.Options{APIKey: serverKey}), ReadHeaderTimeout: 10 * time.Second}
+	// A pause between the events of a stream, as a real model has, so
+	// that answers visibly stream in the page and with curl -N.
+	api := standin.New(standin.Options{APIKey: serverKey})
+	api.SetBehavior(standin.Behavior{ChunkDelay: 25 * time.Millisecond})
+	upstream := &http.Server{Handler: api, ReadHeaderTimeout: 10 * time.Second}
 	go upstream.Serve(ln)
 	defer upstream.Close()
 	upstreamURL := "http://" + ln.Addr().String() + "/v1"
@@ -78,6 +94,8 @@ func run(caddyBin, port string) error {
 		"VIGTHORIA_UPSTREAM="+upstreamURL,
 		"VIGTHORIA_DB="+db,
 		"PORT="+port,
+		"PAGE_PORT="+pagePort,
+		"DEMO_PAGE_DIR="+pageDir,
 		"ADMIN_PORT="+adminPort,
 	)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
@@ -87,7 +105,6 @@ func run(caddyBin, port string) error {
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 
-	proxyURL := "http://localhost:" + port
 	if err := waitReady(ctx, proxyURL+"/v1/usage", exited); err != nil {
 		_ = cmd.Process.Signal(os.Interrupt)
 		return err
@@ -96,6 +113,12 @@ func run(caddyBin, port string) error {
 The proxy is running at %[1]s, in front of a local stand-in for the
 Vigthoria API at %[2]s. The demo client key of tier "free" is
 %[3]s
+
+The demo chat page is at %[6]s: open it in a browser. It calls the
+proxy from that other origin (the proxy's cors setting allows it) with
+the demo key, streams the answers, shows the limits left, and has
+buttons to ask for a model outside the tier and to use up its requests.
+
 Try:
 
   curl -s %[1]s/v1/chat/completions -H 'Authorization: Bearer %[3]s' \
@@ -110,7 +133,7 @@ Try:
 
 More keys: %[4]s vigthoria key add --tier pro --name you --store sqlite:%[5]s
 Ctrl-C stops everything and deletes the demo's keys.
-`, proxyURL, upstreamURL, clientKey, caddyBin, db)
+`, proxyURL, upstreamURL, clientKey, caddyBin, db, pageURL)
 
 	select {
 	case err := <-exited:
