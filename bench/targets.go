@@ -1,0 +1,365 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/template"
+	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+)
+
+// A target is one way of serving the API, measured under every workload.
+// Adding one, such as the module with another store, is one entry in
+// targets.
+type target struct {
+	name  string // short, for tables and progress
+	about string // one line for the report, Markdown
+	// site is the text/template (of siteData) of the Caddyfile's site
+	// block. Empty: the target is the upstream itself, without Caddy.
+	site string
+	// store is the module's key store spec (see keystore.ParseSpec), a
+	// template of siteData too. The client keys are created in it before
+	// Caddy starts. Empty: the target knows no client keys; requests
+	// carry valid-looking keys that nobody checks.
+	store string
+}
+
+// Names of the targets the goals compare.
+const (
+	upstreamName = "upstream"
+	caddyName    = "caddy"
+	moduleName   = "vigthoria"
+)
+
+// targets are measured in this order in every round.
+var targets = []target{
+	{name: upstreamName, about: "the stand-in upstream alone, served by the harness process: the floor"},
+	{name: caddyName, about: "plain Caddy: `reverse_proxy` with the server key set by `header_up`, what a user would do without this module", site: plainSite},
+	{name: moduleName, about: "this module with its default store, SQLite (in a temporary directory)", site: moduleSite, store: "sqlite:{{.Dir}}/vigthoria.db"},
+}
+
+// siteData is what the Caddyfile templates are filled with.
+type siteData struct {
+	Port      int    // the site's port on 127.0.0.1
+	AdminPort int    // the admin endpoint's port on 127.0.0.1 (pprof)
+	Upstream  string // the stand-in's origin, http://127.0.0.1:PORT; its API is under /v1
+	Dir       string // the target's own temporary directory
+	Store     string // the store's arguments in the Caddyfile: "sqlite PATH" or "redis URL"
+}
+
+// globalOptions starts every Caddyfile: admin on loopback for pprof,
+// nothing persisted, logs to a file.
+const globalOptions = `{
+	admin 127.0.0.1:{{.AdminPort}}
+	persist_config off
+	auto_https off
+	storage file_system {{.Dir}}/storage
+	log {
+		output file {{.Dir}}/caddy.log
+	}
+}
+`
+
+// plainSite is plain Caddy in front of the upstream, as a user would put
+// it without this module. The stand-in serves the API under /v1 as the
+// real API does, so paths need no rewrite.
+const plainSite = `
+http://127.0.0.1:{{.Port}} {
+	bind 127.0.0.1
+	reverse_proxy {{.Upstream}} {
+		header_up Authorization "Bearer {env.VIGTHORIA_API_KEY}"
+	}
+}
+`
+
+// moduleSite is this module with tiers that never refuse the load: the
+// benchTier of the single-client workloads, and the mixTiers, each with
+// a different set of limits to check.
+const moduleSite = `
+http://127.0.0.1:{{.Port}} {
+	bind 127.0.0.1
+	vigthoria {
+		upstream {{.Upstream}}/v1
+		api_key {env.VIGTHORIA_API_KEY}
+		store {{.Store}}
+		tier bench {
+			requests 1000000000/1m
+			tokens 1000000000000/1m
+		}
+		tier free {
+			requests 1000000000/1m
+			tokens 1000000000000/1m
+			concurrent 1000
+			models vigthoria-fast-*
+			max_tokens 256
+		}
+		tier pro {
+			requests 1000000000/1m
+			tokens 1000000000000/1m
+			concurrent 1000
+			quota 1000000000000/month
+		}
+		tier team {
+			requests 1000000000/1m burst 1000000
+		}
+	}
+}
+`
+
+// The tiers of the client keys. moduleSite configures each.
+const benchTier = "bench"
+
+var mixTiers = []string{"free", "pro", "team"}
+
+// keysPerTier is how many client keys each tier of the mix has.
+const keysPerTier = 4
+
+// instance is a target running.
+type instance struct {
+	target
+	url    string              // where the API is, without /v1
+	keys   map[string][]string // bearer tokens by tier
+	client *http.Client        // kept across measurements, with its connections
+	caddy  *caddyProcess       // nil for the upstream
+}
+
+// upstream is the stand-in upstream, served in this process.
+type upstream struct {
+	*standin.Server
+	url string // http://127.0.0.1:PORT
+	key string // the server key
+	srv *http.Server
+}
+
+func startUpstream() (*upstream, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("starting the stand-in upstream: %w", err)
+	}
+	key := "bench-server-" + rand.Text()
+	up := &upstream{
+		Server: standin.New(standin.Options{APIKey: key, NoRecord: true}),
+		url:    "http://" + ln.Addr().String(),
+		key:    key,
+	}
+	up.srv = &http.Server{Handler: unlimited{up.Server}, ReadHeaderTimeout: 10 * time.Second}
+	go up.srv.Serve(ln)
+	return up, nil
+}
+
+// unlimited serves the stand-in with a rate limit the load never reaches
+// in its X-RateLimit-Limit and -Remaining headers. The stand-in's own,
+// 10,000 requests a minute, is used up within seconds of the benchmark,
+// and the module rightly refuses requests locally until it is reset.
+type unlimited struct{ http.Handler }
+
+var benchRateLimit = []string{"1000000000"}
+
+func (u unlimited) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	u.Handler.ServeHTTP(&unlimitedWriter{ResponseWriter: w}, r)
+}
+
+// unlimitedWriter rewrites the rate-limit headers as the answer starts.
+type unlimitedWriter struct {
+	http.ResponseWriter
+	started bool
+}
+
+func (w *unlimitedWriter) WriteHeader(status int) {
+	if !w.started {
+		w.started = true
+		h := w.Header()
+		h["X-Ratelimit-Limit"], h["X-Ratelimit-Remaining"] = benchRateLimit, benchRateLimit
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *unlimitedWriter) Write(p []byte) (int, error) {
+	if !w.started {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+// Unwrap lets http.ResponseController flush the stand-in's streams.
+func (w *unlimitedWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (up *upstream) close() { up.srv.Close() }
+
+// startTargets starts every target; when one fails, it stops the others.
+func startTargets(ctx context.Context, caddyBin, dir string, up *upstream) ([]*instance, error) {
+	var insts []*instance
+	for _, t := range targets {
+		inst, err := start(ctx, t, caddyBin, dir, up)
+		if err != nil {
+			stopAll(insts)
+			return nil, fmt.Errorf("starting target %s: %w", t.name, err)
+		}
+		insts = append(insts, inst)
+	}
+	return insts, nil
+}
+
+func stopAll(insts []*instance) {
+	for _, inst := range insts {
+		if inst.caddy != nil {
+			inst.caddy.stop()
+		}
+	}
+}
+
+// start runs target t: its client keys first, then its Caddy.
+func start(ctx context.Context, t target, caddyBin, dir string, up *upstream) (*instance, error) {
+	inst := &instance{target: t, client: newClient()}
+	if t.site == "" {
+		inst.url = up.url
+		inst.keys = sameKey(up.key)
+		return inst, nil
+	}
+	data := siteData{Upstream: up.url, Dir: filepath.Join(dir, t.name)}
+	if err := os.Mkdir(data.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	var err error
+	if data.Port, err = freePort(); err != nil {
+		return nil, err
+	}
+	if data.AdminPort, err = freePort(); err != nil {
+		return nil, err
+	}
+	if inst.keys, data.Store, err = clientKeys(ctx, t.store, data); err != nil {
+		return nil, err
+	}
+	caddyfile, err := render(globalOptions+t.site, data)
+	if err != nil {
+		return nil, err
+	}
+	inst.url = fmt.Sprintf("http://127.0.0.1:%d", data.Port)
+	env := []string{
+		"VIGTHORIA_API_KEY=" + up.key,
+		"XDG_DATA_HOME=" + filepath.Join(data.Dir, "data"),
+		"XDG_CONFIG_HOME=" + filepath.Join(data.Dir, "config"),
+	}
+	if inst.caddy, err = startCaddy(caddyBin, data.Dir, caddyfile, env, data.AdminPort); err != nil {
+		return nil, err
+	}
+	if err := inst.caddy.waitReady(ctx, inst.client, inst.url+"/v1/models", inst.keys[benchTier][0]); err != nil {
+		inst.caddy.stop()
+		return nil, err
+	}
+	return inst, nil
+}
+
+// clientKeys creates the client keys of every tier in the store that the
+// template spec names, and returns them with the store's Caddyfile form.
+// Without a store, the keys are new secrets that no store holds.
+func clientKeys(ctx context.Context, spec string, data siteData) (map[string][]string, string, error) {
+	if spec == "" {
+		keys, err := newSecrets()
+		return keys, "", err
+	}
+	spec, err := render(spec, data)
+	if err != nil {
+		return nil, "", err
+	}
+	kind, where, err := keystore.ParseSpec(spec)
+	if err != nil {
+		return nil, "", err
+	}
+	svc, err := keystore.NewService(spec, nil)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := svc.Start(); err != nil {
+		return nil, "", fmt.Errorf("opening the key store: %w", err)
+	}
+	keys := make(map[string][]string)
+	err = eachKey(func(tier string, i int) error {
+		_, secret, err := keystore.Create(ctx, svc.Store(), fmt.Sprintf("bench-%s-%d", tier, i), tier, time.Time{}, time.Now())
+		keys[tier] = append(keys[tier], secret)
+		return err
+	})
+	if stopErr := svc.Stop(); err == nil {
+		err = stopErr
+	}
+	return keys, kind + " " + where, err
+}
+
+// newSecrets returns well-formed client keys that no store knows.
+func newSecrets() (map[string][]string, error) {
+	keys := make(map[string][]string)
+	err := eachKey(func(tier string, _ int) error {
+		secret, err := keystore.NewSecret()
+		keys[tier] = append(keys[tier], secret)
+		return err
+	})
+	return keys, err
+}
+
+// eachKey calls f for every client key the workloads use.
+func eachKey(f func(tier string, i int) error) error {
+	if err := f(benchTier, 0); err != nil {
+		return err
+	}
+	for _, tier := range mixTiers {
+		for i := range keysPerTier {
+			if err := f(tier, i); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// sameKey returns key as every client key: the upstream takes only its own.
+func sameKey(key string) map[string][]string {
+	keys := make(map[string][]string)
+	_ = eachKey(func(tier string, _ int) error {
+		keys[tier] = append(keys[tier], key)
+		return nil
+	})
+	return keys
+}
+
+// render fills the template text with data.
+func render(text string, data siteData) (string, error) {
+	tmpl, err := template.New("").Option("missingkey=error").Parse(text)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	err = tmpl.Execute(&b, data)
+	return b.String(), err
+}
+
+// newClient returns the HTTP client of one target: enough idle
+// connections for every worker, no proxy from the environment, no
+// compression.
+func newClient() *http.Client {
+	return &http.Client{
+		Timeout: time.Minute,
+		Transport: &http.Transport{
+			MaxIdleConnsPerHost: 256,
+			IdleConnTimeout:     time.Minute,
+			DisableCompression:  true,
+		},
+	}
+}
+
+// freePort returns a loopback TCP port that was free a moment ago.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
