@@ -98,9 +98,10 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	raw, err := json.Marshal(map[string]any{
 		"upstreams": []map[string]string{{"dial": hostport}},
+		// No flush_interval: Caddy already passes server-sent events on as
+		// they come, and flushing every write of a JSON answer costs
+		// throughput (measured by make bench).
 		"transport": transport,
-		// Flush every write: SSE events must reach the client as they come.
-		"flush_interval": -1,
 	})
 	if err != nil {
 		return nil, err
