@@ -80,7 +80,7 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 	if err == nil {
 		var state limiter.State
 		if state, err = h.limiter.State(r.Context(), client.ID, &tier.limits, now); err == nil {
-			return h.writeUsage(w, client, tier, rows, state, now)
+			return h.writeUsage(w, client, tier, rows, state, monthStart, now)
 		}
 	}
 	h.logger.Error("reading usage", zap.String("client_id", client.ID), zap.Error(err))
@@ -89,8 +89,7 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 }
 
 // writeUsage writes the usage report of a client.
-func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state limiter.State, now time.Time) error {
-	monthStart := limiter.Month.Start(now)
+func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state limiter.State, monthStart, now time.Time) error {
 
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
@@ -118,10 +117,10 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 
 	lim := &tier.limits
 	if !lim.Requests.Unlimited() {
-		rep.Limits.Requests = &bucketReport{Limit: bucketCapacity(lim.Requests), Remaining: state.RequestsRemaining, Reset: state.RequestsReset.Round(time.Millisecond).String()}
+		rep.Limits.Requests = &bucketReport{Limit: lim.Requests.Capacity(), Remaining: state.RequestsRemaining, Reset: limiter.FormatReset(state.RequestsReset)}
 	}
 	if !lim.Tokens.Unlimited() {
-		rep.Limits.Tokens = &bucketReport{Limit: bucketCapacity(lim.Tokens), Remaining: state.TokensRemaining, Reset: state.TokensReset.Round(time.Millisecond).String()}
+		rep.Limits.Tokens = &bucketReport{Limit: lim.Tokens.Capacity(), Remaining: state.TokensRemaining, Reset: limiter.FormatReset(state.TokensReset)}
 	}
 	if lim.Concurrent > 0 {
 		rep.Limits.Concurrent = &struct {
@@ -139,11 +138,4 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	return json.NewEncoder(w).Encode(rep)
-}
-
-func bucketCapacity(r limiter.Rate) int64 {
-	if r.Burst > 0 {
-		return r.Burst
-	}
-	return r.N
 }

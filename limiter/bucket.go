@@ -17,12 +17,20 @@ type Rate struct {
 // Unlimited reports whether r sets no limit.
 func (r Rate) Unlimited() bool { return r.N <= 0 || r.Window <= 0 }
 
-func (r Rate) burst() float64 {
+func (r Rate) burst() float64 { return float64(r.Capacity()) }
+
+// Capacity is what the bucket holds when full: Burst, or N without one.
+// Headers and /v1/usage report it as the limit.
+func (r Rate) Capacity() int64 {
 	if r.Burst > 0 {
-		return float64(r.Burst)
+		return r.Burst
 	}
-	return float64(r.N)
+	return r.N
 }
+
+// FormatReset writes a time until full as OpenAI does in
+// x-ratelimit-reset-*: a duration such as 6m0s, to the millisecond.
+func FormatReset(d time.Duration) string { return d.Round(time.Millisecond).String() }
 
 // perNano is the refill rate in units per nanosecond.
 func (r Rate) perNano() float64 { return float64(r.N) / float64(r.Window) }

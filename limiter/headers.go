@@ -49,10 +49,10 @@ var OwnHeaders = []string{
 }
 
 func setBucket(h http.Header, names *bucketHeaders, r Rate, remaining int64, reset time.Duration, policy, state []byte) ([]byte, []byte) {
-	capacity := int64(r.burst())
+	capacity := r.Capacity()
 	h[names.limit] = []string{strconv.FormatInt(capacity, 10)}
 	h[names.remaining] = []string{strconv.FormatInt(remaining, 10)}
-	h[names.reset] = []string{reset.Round(time.Millisecond).String()}
+	h[names.reset] = []string{FormatReset(reset)}
 	refill := time.Duration(float64(capacity) / r.perNano())
 	policy = appendItem(policy, names.name, "q", capacity, "w", seconds(refill))
 	state = appendItem(state, names.name, "r", remaining, "t", seconds(reset))
@@ -69,9 +69,9 @@ func SetRefusalHeaders(h http.Header, lim *Limits, d Decision, now time.Time) {
 	reset := now.Add(max(d.RetryAfter, 0))
 	switch d.Reason {
 	case RequestLimit:
-		limit, remaining = int64(lim.Requests.burst()), d.RequestsRemaining
+		limit, remaining = lim.Requests.Capacity(), d.RequestsRemaining
 	case TokenLimit, TooLarge:
-		limit, remaining = int64(lim.Tokens.burst()), d.TokensRemaining
+		limit, remaining = lim.Tokens.Capacity(), d.TokensRemaining
 	case ConcurrencyLimit:
 		limit = int64(lim.Concurrent)
 	case QuotaLimit:
