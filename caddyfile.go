@@ -36,6 +36,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		api_key        <value>                # required, e.g. {env.VIGTHORIA_API_KEY}
 //		max_body       <size>                 # default 10MB
 //		header_timeout <duration>             # default none
+//		idle_timeout   <duration>             # default none
 //		store          sqlite [<path>] | redis <url>   # default sqlite in Caddy's data dir
 //		tier <name> {                         # once per tier; every limit optional
 //			requests   <n>/<window> [burst <b>]
@@ -69,6 +70,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("subdirective '%s' given twice", name)
 		}
 		seen[name] = true
+		var err error
 		switch name {
 		case "tier":
 			if err := h.unmarshalTier(d); err != nil {
@@ -153,15 +155,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.OnStoreError = v
 		case "store_timeout":
-			v, err := singleArg(d)
-			if err != nil {
+			if h.StoreTimeout, err = durationArg(d, "50ms"); err != nil {
 				return err
 			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return d.Errf("invalid store_timeout '%s': want a positive duration such as 50ms", v)
-			}
-			h.StoreTimeout = caddy.Duration(dur)
 		case "auth_failures":
 			v, err := singleArg(d)
 			if err != nil {
@@ -195,15 +191,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.MaxBody = int64(size)
 		case "header_timeout":
-			v, err := singleArg(d)
-			if err != nil {
+			if h.HeaderTimeout, err = durationArg(d, "5m"); err != nil {
 				return err
 			}
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return d.Errf("invalid header_timeout '%s': want a positive duration such as 5m", v)
+		case "idle_timeout":
+			if h.IdleTimeout, err = durationArg(d, "5m"); err != nil {
+				return err
 			}
-			h.HeaderTimeout = caddy.Duration(dur)
 		default:
 			return d.Errf("unknown subdirective '%s'", name)
 		}
@@ -337,6 +331,21 @@ func singleArg(d *caddyfile.Dispenser) (string, error) {
 		return "", d.Errf("%s takes one value, got also '%s'", name, d.Val())
 	}
 	return v, nil
+}
+
+// durationArg reads a subdirective's one positive duration; example
+// shows a sensible value in the error.
+func durationArg(d *caddyfile.Dispenser, example string) (caddy.Duration, error) {
+	name := d.Val()
+	v, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil || dur <= 0 {
+		return 0, d.Errf("invalid %s '%s': want a positive duration such as %s", name, v, example)
+	}
+	return caddy.Duration(dur), nil
 }
 
 // Interface guards

@@ -66,3 +66,15 @@ func adapt(t *testing.T, caddyfile string) string {
 	}
 	return out.String() + "\n"
 }
+
+// TestExampleCaddyfileAdapts keeps Caddyfile.example, which make run uses
+// with a real key, valid as the syntax changes.
+func TestExampleCaddyfileAdapts(t *testing.T) {
+	raw, err := os.ReadFile("Caddyfile.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := adapt(t, string(raw)); strings.HasPrefix(got, "error: ") || !strings.Contains(got, `"idle_timeout"`) {
+		t.Errorf("Caddyfile.example adapts to %s", got)
+	}
+}

@@ -223,6 +223,13 @@ type Handler struct {
 	// Default: 0, no limit.
 	HeaderTimeout caddy.Duration `json:"header_timeout,omitempty"`
 
+	// How long the upstream may stay silent in the middle of an answer,
+	// once its headers came. A stalled stream then ends with an error
+	// event, a stalled JSON answer is a 504. Reasoning models may think
+	// for minutes between events, so keep this above their longest pause.
+	// Default: 0, no limit.
+	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
+
 	// Where client keys live: "sqlite:<path>" for the embedded store, or
 	// "redis://…" for a store shared by several instances. Default:
 	// sqlite:<Caddy data dir>/vigthoria/vigthoria.db
@@ -427,6 +434,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		URL:           h.Upstream,
 		APIKey:        key,
 		HeaderTimeout: time.Duration(h.HeaderTimeout),
+		IdleTimeout:   time.Duration(h.IdleTimeout),
 		// The caller's own limit headers replace any of the same name.
 		DropResponseHeaders: append(slices.Clone(limiter.OwnHeaders), corsHeaders...),
 		Retries:             *h.Retries,
@@ -497,6 +505,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.HeaderTimeout < 0 {
 		return fmt.Errorf("header_timeout must be positive, not %s", time.Duration(h.HeaderTimeout))
+	}
+	if h.IdleTimeout < 0 {
+		return fmt.Errorf("idle_timeout must be positive, not %s", time.Duration(h.IdleTimeout))
 	}
 	for name, t := range h.Tiers {
 		if !tierName.MatchString(name) {

@@ -18,6 +18,7 @@ const (
 	CodeUpstreamTimeout     = "upstream_timeout"
 	CodeUpstreamAuth        = "upstream_auth_failed"
 	CodeUpstreamStream      = "upstream_stream_failed"
+	CodeUpstreamBadAnswer   = "upstream_bad_response"
 )
 
 // APIError is an error answered by the proxy itself, written in the
@@ -108,5 +109,6 @@ var (
 	errUpstreamUnavailable = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamUnavailable, Message: "The upstream API could not be reached. Please try again later."}
 	errUpstreamTimeout     = &APIError{Status: http.StatusGatewayTimeout, Type: TypeAPI, Code: CodeUpstreamTimeout, Message: "The upstream API did not answer in time. Please try again later."}
 	errUpstreamAuth        = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamAuth, Message: "The proxy could not authenticate with the upstream API. The operator has been notified."}
+	errUpstreamBadAnswer   = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamBadAnswer, Message: "The upstream API sent an answer that is not valid JSON. Please try again later."}
 	errUpstreamStream      = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamStream, Message: "The upstream API failed while streaming the answer. The answer is incomplete."}
 )

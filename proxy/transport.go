@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"mime"
@@ -24,14 +25,18 @@ type keyTransport struct {
 	drop          []string // response headers the proxy sets itself
 	retry         retryPolicy
 	exhausted     *exhaustion
+	idleTimeout   time.Duration // longest silence in a body after its headers; 0: none
 	logger        *zap.Logger
 }
 
 // RoundTrip implements http.RoundTripper. It leaves req untouched, as the
 // contract asks: Caddy logs req, and the key must never be in it.
 func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	out := new(http.Request)
-	*out = *req
+	ctx, cancel := req.Context(), context.CancelCauseFunc(nil)
+	if t.idleTimeout > 0 {
+		ctx, cancel = context.WithCancelCause(ctx)
+	}
+	out := req.WithContext(ctx)
 	out.Header = make(http.Header, len(req.Header)+1)
 	for name, values := range req.Header {
 		if !isDroppedUpstream(name) {
@@ -47,7 +52,13 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		tp.usage.HeaderLatency = time.Since(tp.start)
 	}
 	if err != nil {
+		if cancel != nil {
+			cancel(nil)
+		}
 		return nil, err
+	}
+	if cancel != nil {
+		res.Body = newIdleBody(res.Body, ctx, cancel, t.idleTimeout)
 	}
 	if res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden {
 		// Nothing of this body may reach the client.
@@ -66,7 +77,12 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	case isEventStream(ct):
 		res.Body = newSSEBody(req.Context(), res.Body, t.logger, tp)
 	case tp != nil && res.StatusCode < 300:
-		res.Body = &jsonTap{src: res.Body, usage: tp.usage}
+		body, err := readAnswer(res, tp.usage)
+		if err != nil {
+			tp.usage.Status = 0 // nothing usable was answered
+			return nil, err
+		}
+		res.Body = body
 	}
 	return res, nil
 }

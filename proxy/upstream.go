@@ -30,6 +30,9 @@ type Config struct {
 	// HeaderTimeout bounds the wait for the upstream's response headers;
 	// zero waits as long as the client does.
 	HeaderTimeout time.Duration
+	// IdleTimeout bounds the silence in an answer's body once its headers
+	// came; zero waits as long as the client does.
+	IdleTimeout time.Duration
 	// DropResponseHeaders are upstream response headers (canonical names)
 	// that never reach the client, because the proxy sets its own.
 	DropResponseHeaders []string
@@ -127,6 +130,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		drop:          cfg.DropResponseHeaders,
 		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
 		exhausted:     up.exhausted,
+		idleTimeout:   cfg.IdleTimeout,
 		logger:        up.logger,
 	}
 	return up, nil
@@ -155,6 +159,9 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	switch {
 	case errors.Is(he.Err, errKeyRefused):
 		return errUpstreamAuth
+	case errors.Is(he.Err, errBadAnswer):
+		up.logger.Warn("upstream answered 2xx with a body that is not JSON", zap.String("endpoint", ep.Name))
+		return errUpstreamBadAnswer
 	case he.StatusCode == http.StatusGatewayTimeout:
 		return errUpstreamTimeout
 	case he.StatusCode == 499:

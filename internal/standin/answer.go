@@ -1,6 +1,7 @@
 package standin
 
 import (
+	"net"
 	"net/http"
 	"strconv"
 	"time"
@@ -178,10 +179,17 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 			if !e.send(a.appendChunk(e.scratch(), i, tok)) {
 				return
 			}
-			if sent++; sent == b.FailMidStream {
+			switch sent++; sent {
+			case b.FailMidStream:
 				// Aborting makes net/http drop the connection without ending
 				// the response, as a crashing upstream would.
 				panic(http.ErrAbortHandler)
+			case b.StallMidBody:
+				<-e.done
+				return
+			case b.ResetMidBody:
+				reset(w)
+				return
 			}
 		}
 	}
@@ -247,4 +255,35 @@ func (e *events) stop() {
 	if e.timer != nil {
 		e.timer.Stop()
 	}
+}
+
+// breakWhole sends half of a whole answer, with the Content-Length of all
+// of it, then stalls or resets as b says.
+func breakWhole(w http.ResponseWriter, r *http.Request, body []byte, b *Behavior) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body[:len(body)/2])
+	_ = http.NewResponseController(w).Flush()
+	if b.StallMidBody > 0 {
+		<-r.Context().Done()
+		return
+	}
+	reset(w)
+}
+
+// reset flushes what was written and resets the connection (TCP RST), as
+// a crashing upstream or a middlebox would.
+func reset(w http.ResponseWriter) {
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	conn, _, err := rc.Hijack()
+	if err != nil {
+		panic(http.ErrAbortHandler)
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0) // close with RST instead of FIN
+	}
+	conn.Close()
 }

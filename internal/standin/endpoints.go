@@ -148,6 +148,10 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	out := s.getBuf()
 	defer s.putBuf(out)
 	*out = a.appendWhole(*out)
+	if b.StallMidBody > 0 || b.ResetMidBody > 0 {
+		breakWhole(w, r, *out, b)
+		return
+	}
 	writeJSON(w, *out)
 }
 

@@ -78,6 +78,14 @@ type Behavior struct {
 	// FailMidStream, if positive, aborts a stream's connection right after
 	// this many content chunks were sent. Shorter streams are not affected.
 	FailMidStream int
+	// StallMidBody, if positive, stops an answer midway and holds the
+	// connection open, silent, until the client leaves: a stream after
+	// this many content chunks, a whole answer after half its body.
+	StallMidBody int
+	// ResetMidBody, if positive, resets the TCP connection midway: a
+	// stream after this many content chunks, a whole answer after half
+	// its body.
+	ResetMidBody int
 	// StallHeaders makes the server never answer: it holds the request
 	// until its context ends.
 	StallHeaders bool
@@ -108,6 +116,7 @@ type Server struct {
 	behavior atomic.Pointer[behaviorState]
 	seq      atomic.Uint64 // numbers request and completion IDs; never reset
 	count    atomic.Int64
+	active   atomic.Int64 // requests being answered now
 	prompt   atomic.Int64 // prompt tokens served, for /usage
 	answered atomic.Int64 // completion tokens served, for /usage
 
@@ -206,6 +215,10 @@ func (s *Server) Requests() []Request {
 // Count returns the number of requests received since New or Reset.
 func (s *Server) Count() int { return int(s.count.Load()) }
 
+// Active returns how many requests the server is answering now: a request
+// the client abandoned leaves it once the server noticed.
+func (s *Server) Active() int { return int(s.active.Load()) }
+
 // Reset forgets the recorded requests, counters and usage figures, and
 // restores the default behaviour.
 func (s *Server) Reset() {
@@ -221,6 +234,8 @@ func (s *Server) Reset() {
 
 // ServeHTTP answers one API request.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.active.Add(1)
+	defer s.active.Add(-1)
 	now := time.Now()
 	in := s.getBuf()
 	defer s.putBuf(in)

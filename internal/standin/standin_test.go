@@ -695,6 +695,49 @@ func TestFailMidStream(t *testing.T) {
 	}
 }
 
+func TestBreakMidBody(t *testing.T) {
+	body := `{"model":"vigthoria-fast-1","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}`
+	stream := `{"model":"vigthoria-fast-1","max_tokens":10,"stream":true,"messages":[{"role":"user","content":"hi"}]}`
+	for _, tc := range []struct {
+		name  string
+		b     Behavior
+		body  string
+		reset bool // else stalled
+	}{
+		{"stall whole", Behavior{StallMidBody: 1}, body, false},
+		{"reset whole", Behavior{ResetMidBody: 1}, body, true},
+		{"stall stream", Behavior{StallMidBody: 3}, stream, false},
+		{"reset stream", Behavior{ResetMidBody: 3}, stream, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, srv, _ := newTest(t, Options{})
+			s.SetBehavior(tc.b)
+			ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+			defer cancel()
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(tc.body))
+			req.Header.Set("Authorization", "Bearer "+testKey)
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer res.Body.Close()
+			got, err := io.ReadAll(res.Body)
+			if res.StatusCode != http.StatusOK || len(got) == 0 {
+				t.Fatalf("status %d with %d bytes, want 200 and part of the answer", res.StatusCode, len(got))
+			}
+			switch {
+			case tc.reset && (err == nil || ctx.Err() != nil):
+				t.Errorf("read error %v (deadline %v), want a reset before the deadline", err, ctx.Err())
+			case !tc.reset && !errors.Is(err, context.DeadlineExceeded):
+				t.Errorf("read error %v, want the body held open until the client's deadline", err)
+			}
+			if strings.Contains(string(got), "[DONE]") || json.Valid(got) {
+				t.Errorf("the broken answer looks complete: %q", got)
+			}
+		})
+	}
+}
+
 func TestChunkDelay(t *testing.T) {
 	const delay = 50 * time.Millisecond
 	s, _, client := newTest(t, Options{})

@@ -1,0 +1,155 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// maxCheckedAnswer bounds the JSON answer that is read whole, and checked,
+// before its status goes to the client. Completions are far smaller; a
+// larger answer (a big batch of embeddings) passes as it comes.
+const maxCheckedAnswer = 1 << 20
+
+// errBadAnswer is a 2xx answer labelled JSON that is not JSON: the client
+// gets a 502 instead of a success it cannot read.
+var errBadAnswer = errors.New("upstream answer is not valid JSON")
+
+// idleError is the upstream staying silent longer than the idle timeout
+// after its headers. It is a net.Error that times out, which is how Caddy's
+// reverse proxy tells a 504 from a 502.
+type idleError struct{}
+
+func (idleError) Error() string   { return "the upstream sent nothing for longer than idle_timeout" }
+func (idleError) Timeout() bool   { return true }
+func (idleError) Temporary() bool { return true }
+
+var errIdle error = idleError{}
+
+var answerPool = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+// checkedAnswer is a JSON answer read whole: it is known to be complete
+// and well-formed before the client sees its status.
+type checkedAnswer struct {
+	bufp *[]byte
+	rest []byte
+}
+
+// readAnswer reads a 2xx JSON answer whole, up to maxCheckedAnswer. A body
+// that breaks off, or is not JSON, is an error, so the client gets a clean
+// 502/504 instead of a truncated 200. A longer body is returned unchecked,
+// the part already read first.
+func readAnswer(res *http.Response, u *AnswerUsage) (io.ReadCloser, error) {
+	bufp := answerPool.Get().(*[]byte)
+	buf := (*bufp)[:0]
+	if n := res.ContentLength; n > int64(cap(buf)) && n <= maxCheckedAnswer {
+		buf = make([]byte, 0, n)
+	}
+	for len(buf) <= maxCheckedAnswer {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := res.Body.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			*bufp = buf
+			putAnswer(bufp)
+			res.Body.Close()
+			return nil, err
+		}
+	}
+	*bufp = buf
+	if len(buf) > maxCheckedAnswer {
+		// Too big to hold: the buffer is not returned to the pool.
+		return &jsonTap{src: prefixed{io.MultiReader(bytes.NewReader(buf), res.Body), res.Body}, usage: u}, nil
+	}
+	res.Body.Close()
+	if !json.Valid(buf) {
+		putAnswer(bufp)
+		return nil, errBadAnswer
+	}
+	parseUsage(buf[max(len(buf)-jsonTailSize, 0):], u)
+	res.ContentLength = int64(len(buf))
+	return &checkedAnswer{bufp: bufp, rest: buf}, nil
+}
+
+func (a *checkedAnswer) Read(p []byte) (int, error) {
+	if len(a.rest) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, a.rest)
+	a.rest = a.rest[n:]
+	return n, nil
+}
+
+// WriteTo hands the answer over in one write.
+func (a *checkedAnswer) WriteTo(w io.Writer) (int64, error) {
+	n, err := w.Write(a.rest)
+	a.rest = a.rest[n:]
+	return int64(n), err
+}
+
+func (a *checkedAnswer) Close() error {
+	if a.bufp != nil {
+		putAnswer(a.bufp)
+		a.bufp, a.rest = nil, nil
+	}
+	return nil
+}
+
+func putAnswer(bufp *[]byte) {
+	if cap(*bufp) <= 64<<10 {
+		*bufp = (*bufp)[:0]
+		answerPool.Put(bufp)
+	}
+}
+
+// prefixed reads a body whose start was read already and closes both.
+type prefixed struct {
+	io.Reader
+	src io.Closer
+}
+
+func (p prefixed) Close() error { return p.src.Close() }
+
+// idleBody cuts an upstream body that stays silent longer than timeout,
+// by cancelling its request with errIdle as the cause.
+type idleBody struct {
+	src     io.ReadCloser
+	ctx     context.Context
+	cancel  context.CancelCauseFunc
+	timer   *time.Timer
+	timeout time.Duration
+}
+
+func newIdleBody(src io.ReadCloser, ctx context.Context, cancel context.CancelCauseFunc, timeout time.Duration) *idleBody {
+	b := &idleBody{src: src, ctx: ctx, cancel: cancel, timeout: timeout}
+	b.timer = time.AfterFunc(timeout, func() { cancel(errIdle) })
+	return b
+}
+
+func (b *idleBody) Read(p []byte) (int, error) {
+	n, err := b.src.Read(p)
+	if n > 0 {
+		b.timer.Reset(b.timeout)
+	}
+	if err != nil && err != io.EOF && context.Cause(b.ctx) == errIdle {
+		err = errIdle
+	}
+	return n, err
+}
+
+func (b *idleBody) Close() error {
+	b.timer.Stop()
+	err := b.src.Close()
+	b.cancel(nil)
+	return err
+}
