@@ -5,11 +5,17 @@ package tests
 
 import (
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"go.uber.org/goleak"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 )
@@ -30,7 +36,24 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	return m.Run()
+	http.DefaultClient.Transport = redial{http.DefaultTransport}
+	if code := m.Run(); code != 0 {
+		return code
+	}
+	// Every test stopped its Caddy, stand-ins and clients: nothing of
+	// theirs may still run.
+	http.DefaultClient.CloseIdleConnections()
+	if err := goleak.Find(
+		// Caddy's, for the life of the process: the admin endpoint, which
+		// caddy.Stop leaves running, and the rotation goroutine of each log
+		// file writer, which nothing stops.
+		goleak.IgnoreAnyFunction("github.com/caddyserver/caddy/v2.replaceLocalAdminServer.func2"),
+		goleak.IgnoreTopFunction("github.com/DeRuina/timberjack.(*Logger).millRun"),
+	); err != nil {
+		fmt.Fprintln(os.Stderr, "goroutines leaked:", err)
+		return 1
+	}
+	return 0
 }
 
 // trustTestCert makes https stand-ins trusted by this process, as a real
@@ -45,4 +68,42 @@ func trustTestCert(path string) error {
 		return err
 	}
 	return os.Setenv("SSL_CERT_FILE", path)
+}
+
+// redial retries a request whose connection was refused or reset while it
+// was being made, as the official API clients do. On Linux, Caddy gives
+// each config its own SO_REUSEPORT socket, and a connection still queued
+// on the old one when a reload closes it is reset by the kernel before
+// any handler saw it, so a retry counts nothing twice. Failures of a
+// connection that was made still reach the test.
+type redial struct{ next http.RoundTripper }
+
+func (r redial) RoundTrip(req *http.Request) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		res, err := r.next.RoundTrip(req)
+		var op *net.OpError
+		if err == nil || attempt == 3 || !errors.As(err, &op) || op.Op != "dial" || req.Context().Err() != nil {
+			return res, err
+		}
+		if req.Body != nil && req.Body != http.NoBody {
+			if req.GetBody == nil {
+				return res, err
+			}
+			body, err := req.GetBody()
+			if err != nil {
+				return nil, err
+			}
+			req = req.Clone(req.Context())
+			req.Body = body
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// CloseIdleConnections lets http.Client.CloseIdleConnections reach the
+// transport below.
+func (r redial) CloseIdleConnections() {
+	if c, ok := r.next.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
+	}
 }
