@@ -436,7 +436,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		HeaderTimeout: time.Duration(h.HeaderTimeout),
 		IdleTimeout:   time.Duration(h.IdleTimeout),
 		// The caller's own limit headers replace any of the same name.
-		DropResponseHeaders: append(slices.Clone(limiter.OwnHeaders), corsHeaders...),
+		DropResponseHeaders: append(slices.Clone(limiter.OwnHeaders[:]), corsHeaders...),
 		Retries:             *h.Retries,
 		MaxWait:             time.Duration(h.MaxWait),
 		Shared:              shared,

@@ -12,23 +12,76 @@ import (
 // duration such as 6m0s) and as the IETF RateLimit-Policy and RateLimit
 // fields. A bucket is described as what it is: capacity q refilled over w
 // seconds. Limits the tier does not set are left out.
+//
+// It runs on every admitted request, so the values are written into one
+// buffer and become one string and one slice, instead of a string and a
+// slice for each of the eight headers.
 func SetHeaders(h http.Header, lim *Limits, s State, now time.Time) {
-	var policy, state []byte
+	var (
+		buf   [384]byte
+		b     = buf[:0]
+		names [len(OwnHeaders)]string
+		ends  [len(OwnHeaders)]int
+		n     int
+	)
+	mark := func(name string) { names[n], ends[n] = name, len(b); n++ }
+
+	type bucketState struct {
+		names     *bucketHeaders
+		rate      Rate
+		remaining int64
+		reset     time.Duration
+	}
+	var buckets [2]bucketState
+	nb := 0
 	if !lim.Requests.Unlimited() {
-		policy, state = setBucket(h, &requestHeaders, lim.Requests, s.RequestsRemaining, s.RequestsReset, policy, state)
+		buckets[nb] = bucketState{&requestHeaders, lim.Requests, s.RequestsRemaining, s.RequestsReset}
+		nb++
 	}
 	if !lim.Tokens.Unlimited() {
-		policy, state = setBucket(h, &tokenHeaders, lim.Tokens, s.TokensRemaining, s.TokensReset, policy, state)
+		buckets[nb] = bucketState{&tokenHeaders, lim.Tokens, s.TokensRemaining, s.TokensReset}
+		nb++
 	}
-	if !lim.Quota.Unlimited() {
-		end := lim.Quota.Period.End(now)
+	for _, k := range buckets[:nb] {
+		b = strconv.AppendInt(b, k.rate.Capacity(), 10)
+		mark(k.names.limit)
+		b = strconv.AppendInt(b, k.remaining, 10)
+		mark(k.names.remaining)
+		b = append(b, FormatReset(k.reset)...)
+		mark(k.names.reset)
+	}
+	quota := !lim.Quota.Unlimited()
+	if nb == 0 && !quota {
+		return
+	}
+	var end time.Time
+	if quota {
+		end = lim.Quota.Period.End(now)
+	}
+	for i, k := range buckets[:nb] {
+		refill := time.Duration(float64(k.rate.Capacity()) / k.rate.perNano())
+		b = appendItem(b, i > 0, k.names.name, "q", k.rate.Capacity(), "w", seconds(refill))
+	}
+	if quota {
 		window := end.Sub(lim.Quota.Period.Start(now))
-		policy = appendItem(policy, "quota", "q", lim.Quota.N, "w", seconds(window))
-		state = appendItem(state, "quota", "r", max(lim.Quota.N-s.QuotaUsed, 0), "t", seconds(end.Sub(now)))
+		b = appendItem(b, nb > 0, "quota", "q", lim.Quota.N, "w", seconds(window))
 	}
-	if policy != nil {
-		h["Ratelimit-Policy"] = []string{string(policy)}
-		h["Ratelimit"] = []string{string(state)}
+	mark("Ratelimit-Policy")
+	for i, k := range buckets[:nb] {
+		b = appendItem(b, i > 0, k.names.name, "r", k.remaining, "t", seconds(k.reset))
+	}
+	if quota {
+		b = appendItem(b, nb > 0, "quota", "r", max(lim.Quota.N-s.QuotaUsed, 0), "t", seconds(end.Sub(now)))
+	}
+	mark("Ratelimit")
+
+	all := string(b)
+	values := make([]string, n)
+	from := 0
+	for i := range n {
+		values[i] = all[from:ends[i]]
+		h[names[i]] = values[i : i+1 : i+1]
+		from = ends[i]
 	}
 }
 
@@ -42,21 +95,10 @@ var (
 
 // OwnHeaders are the headers SetHeaders writes: the upstream's own of
 // these names must not reach the caller beside them.
-var OwnHeaders = []string{
+var OwnHeaders = [...]string{
 	requestHeaders.limit, requestHeaders.remaining, requestHeaders.reset,
 	tokenHeaders.limit, tokenHeaders.remaining, tokenHeaders.reset,
 	"Ratelimit-Policy", "Ratelimit",
-}
-
-func setBucket(h http.Header, names *bucketHeaders, r Rate, remaining int64, reset time.Duration, policy, state []byte) ([]byte, []byte) {
-	capacity := r.Capacity()
-	h[names.limit] = []string{strconv.FormatInt(capacity, 10)}
-	h[names.remaining] = []string{strconv.FormatInt(remaining, 10)}
-	h[names.reset] = []string{FormatReset(reset)}
-	refill := time.Duration(float64(capacity) / r.perNano())
-	policy = appendItem(policy, names.name, "q", capacity, "w", seconds(refill))
-	state = appendItem(state, names.name, "r", remaining, "t", seconds(reset))
-	return policy, state
 }
 
 // SetRefusalHeaders writes what a 429 of the proxy carries besides the
@@ -91,8 +133,10 @@ func SetRefusalHeaders(h http.Header, lim *Limits, d Decision, now time.Time) {
 	}
 }
 
-func appendItem(b []byte, name, k1 string, v1 int64, k2 string, v2 int64) []byte {
-	if b != nil {
+// appendItem appends one item of a structured-field list, after a comma
+// unless it is the first.
+func appendItem(b []byte, more bool, name, k1 string, v1 int64, k2 string, v2 int64) []byte {
+	if more {
 		b = append(b, ", "...)
 	}
 	b = append(b, '"')

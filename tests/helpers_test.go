@@ -64,7 +64,7 @@ func startOn(t *testing.T, up *standin.Server, srv *httptest.Server, upstreamURL
 }
 
 // createKey adds a key to the SQLite store at path and returns its secret.
-func createKey(t *testing.T, path, tier string) string {
+func createKey(t testing.TB, path, tier string) string {
 	t.Helper()
 	st, err := keystore.OpenSQLite(path)
 	if err != nil {

@@ -49,6 +49,8 @@ func run(m *testing.M) int {
 		// file writer, which nothing stops.
 		goleak.IgnoreAnyFunction("github.com/caddyserver/caddy/v2.replaceLocalAdminServer.func2"),
 		goleak.IgnoreTopFunction("github.com/DeRuina/timberjack.(*Logger).millRun"),
+		// certmagic's, ending by itself within 5s of its lock's release.
+		goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
 	); err != nil {
 		fmt.Fprintln(os.Stderr, "goroutines leaked:", err)
 		return 1

@@ -13,6 +13,7 @@ package standin
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/subtle"
 	"encoding/json"
@@ -27,8 +28,8 @@ import (
 )
 
 const (
-	// RateLimit is the value of the X-RateLimit-Limit header: the requests
-	// allowed per minute. It is advertised only, never enforced.
+	// RateLimit is the default value of the X-RateLimit-Limit header: the
+	// requests allowed per minute. It is advertised only, never enforced.
 	RateLimit = 10000
 	// Organization names the organisation in the /usage answer, so tests
 	// can recognise those figures if a proxy leaks them.
@@ -36,7 +37,6 @@ const (
 	// DefaultMaxTokens is the answer length when a request sets no limit.
 	DefaultMaxTokens = 16
 
-	rateLimitValue = "10000" // RateLimit, preformatted for the header
 	maxBodyBytes   = 16 << 20
 	maxTokensLimit = 16384
 	maxChoices     = 128
@@ -55,6 +55,10 @@ type Options struct {
 	// NoRecord disables storing Request values, for benchmarks.
 	// Count still counts.
 	NoRecord bool
+	// RateLimit is the requests a minute the rate-limit headers advertise,
+	// RateLimit when zero. Load tests set one they never reach: a proxy
+	// rightly stops calling an upstream whose budget is spent.
+	RateLimit int64
 }
 
 // Behavior switches how the server misbehaves. The failure modes are checked
@@ -112,6 +116,8 @@ type Server struct {
 	models   map[string]model
 	list     []byte // the /models answer
 	noRecord bool
+	limit    int64    // requests a minute, advertised
+	limitHdr []string // limit, formatted for X-RateLimit-Limit
 
 	behavior atomic.Pointer[behaviorState]
 	seq      atomic.Uint64 // numbers request and completion IDs; never reset
@@ -167,7 +173,9 @@ func New(opts Options) *Server {
 		base:     strings.TrimSuffix("/"+strings.TrimLeft(base, "/"), "/"),
 		models:   make(map[string]model, len(ids)),
 		noRecord: opts.NoRecord,
+		limit:    cmp.Or(opts.RateLimit, RateLimit),
 	}
+	s.limitHdr = []string{strconv.FormatInt(s.limit, 10)}
 	s.list = []byte(`{"object":"list","data":[`)
 	for i, id := range ids {
 		quoted, _ := json.Marshal(id) // a string always marshals
@@ -298,24 +306,23 @@ func (s *Server) setCommonHeaders(h http.Header, now time.Time) {
 	// keys are canonical, as direct assignment requires.
 	v := []string{
 		string(appendHex(id, s.seq.Add(1))),
-		rateLimitValue,
 		strconv.FormatInt(s.remaining(now.Unix()), 10),
 		strconv.FormatInt((now.Unix()/60+1)*60, 10),
 	}
 	h["X-Request-Id"] = v[0:1:1]
-	h["X-Ratelimit-Limit"] = v[1:2:2]
-	h["X-Ratelimit-Remaining"] = v[2:3:3]
-	h["X-Ratelimit-Reset"] = v[3:4:4]
+	h["X-Ratelimit-Limit"] = s.limitHdr
+	h["X-Ratelimit-Remaining"] = v[1:2:2]
+	h["X-Ratelimit-Reset"] = v[2:3:3]
 }
 
 // remaining counts this request against the current minute and returns what
-// is left of RateLimit, never below zero.
+// is left of the advertised limit, never below zero.
 func (s *Server) remaining(unix int64) int64 {
 	minute := unix / 60
 	if old := s.windowMinute.Load(); old != minute && s.windowMinute.CompareAndSwap(old, minute) {
 		s.windowUsed.Store(0)
 	}
-	return max(0, RateLimit-s.windowUsed.Add(1))
+	return max(0, s.limit-s.windowUsed.Add(1))
 }
 
 func (s *Server) authorized(r *http.Request) bool {

@@ -939,3 +939,14 @@ func BenchmarkServeHTTP(b *testing.B) {
 		})
 	}
 }
+
+func TestRateLimitOption(t *testing.T) {
+	_, srv, _ := newTest(t, Options{RateLimit: 5})
+	res, _ := do(t, srv, http.MethodGet, "/v1/models", testKey, "")
+	if got := res.Header.Get("X-RateLimit-Limit"); got != "5" {
+		t.Errorf("X-RateLimit-Limit = %q, want 5", got)
+	}
+	if got := res.Header.Get("X-RateLimit-Remaining"); got != "4" && got != "5" { // 5: a new minute began
+		t.Errorf("X-RateLimit-Remaining = %q, want 4", got)
+	}
+}

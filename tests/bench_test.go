@@ -1,0 +1,62 @@
+package tests
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+)
+
+// BenchmarkChat sends small chats through Caddy in this process, with
+// this module and with plain reverse_proxy: the difference between the
+// two, in time and allocations, is what the module adds to a request.
+// make bench measures the same under load, in separate processes.
+func BenchmarkChat(b *testing.B) {
+	up := standin.New(standin.Options{APIKey: serverKey, NoRecord: true, RateLimit: 1e12})
+	srv := httptest.NewServer(up)
+	b.Cleanup(srv.Close)
+	b.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	body := `{"model":"vigthoria-fast-1","max_tokens":16,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}`
+	for _, tc := range []struct {
+		name string
+		site func(store string) string
+	}{
+		{"plain", func(string) string {
+			return "\treverse_proxy " + srv.URL + " {\n\t\theader_up Authorization \"Bearer {env.VIGTHORIA_TEST_KEY}\"\n\t}"
+		}},
+		{"module", func(store string) string {
+			return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+store,
+				"tier pro {\n\t\t\trequests 1000000000/1m\n\t\t\ttokens 1000000000000/1m\n\t\t}")
+		}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			store := b.TempDir() + "/keys.db"
+			key := createKey(b, store, "pro")
+			c := harness.StartCaddy(b, tc.site(store))
+			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					req, _ := http.NewRequest(http.MethodPost, c.URL+"/v1/chat/completions", strings.NewReader(body))
+					req.Header.Set("Authorization", "Bearer "+key)
+					req.Header.Set("Content-Type", "application/json")
+					res, err := client.Do(req)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+					if res.StatusCode != http.StatusOK {
+						b.Errorf("status %d", res.StatusCode)
+						return
+					}
+				}
+			})
+		})
+	}
+}
