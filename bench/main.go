@@ -9,6 +9,10 @@
 // target in interleaved rounds (A B C A B C …) so that what disturbs the
 // machine disturbs all targets alike, and each figure is the median over
 // the rounds.
+//
+// With -soak it runs the soak test instead (soak.go): the module alone
+// under a long mixed load, checked for errors and leaks, written into its
+// own section of the same report.
 package main
 
 import (
@@ -36,6 +40,11 @@ type config struct {
 	chunkDelay time.Duration // the upstream's delay between stream events
 	profile    time.Duration // CPU profile of the module under load; 0: none
 	micro      bool          // run the micro-benchmarks
+
+	soak           bool          // run the soak test instead of the benchmark
+	soakDuration   time.Duration // of the soak's mixed load
+	soakStreams    int           // concurrent streams of the soak
+	soakChunkDelay time.Duration // the upstream's delay between stream events in the soak
 }
 
 func main() {
@@ -51,14 +60,27 @@ func main() {
 	flag.DurationVar(&cfg.chunkDelay, "chunk-delay", 20*time.Millisecond, "the upstream's delay between stream events")
 	flag.DurationVar(&cfg.profile, "profile", 10*time.Second, "CPU profile of the module under the chat workload; 0 for none")
 	flag.BoolVar(&cfg.micro, "micro", true, "run the micro-benchmarks of the hot paths")
+	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
+	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")
+	flag.IntVar(&cfg.soakStreams, "soak-streams", 100, "concurrent streams of the soak")
+	flag.DurationVar(&cfg.soakChunkDelay, "soak-chunk-delay", 100*time.Millisecond, "the upstream's delay between stream events in the soak, so that streams stay open a while")
 	flag.Parse()
 	if cfg.rounds < 3 || cfg.conns < 1 || cfg.streams < 1 || cfg.duration <= 0 {
 		fmt.Fprintln(os.Stderr, "bench: want -rounds 3 or more, and positive -conns, -streams and -duration")
 		os.Exit(2)
 	}
+	if cfg.soak && (cfg.soakDuration < soakSettle+time.Second || cfg.soakStreams < 1) {
+		fmt.Fprintf(os.Stderr, "bench: want -soak-duration of %v or more and positive -soak-streams\n", soakSettle+time.Second)
+		os.Exit(2)
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, cfg)
+	var err error
+	if cfg.soak {
+		err = soak(ctx, cfg)
+	} else {
+		err = run(ctx, cfg)
+	}
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -94,7 +116,7 @@ func run(ctx context.Context, cfg config) error {
 		return err
 	}
 	rep.elapsed = time.Since(began)
-	if err := os.WriteFile(cfg.out, rep.markdown(), 0o644); err != nil {
+	if err := writeKeepingSoak(cfg.out, rep.markdown()); err != nil {
 		return err
 	}
 	fmt.Printf("bench: wrote %s in %v\n", cfg.out, rep.elapsed.Round(time.Second))

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -135,11 +134,16 @@ func (p *caddyProcess) peakRSS() (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	return statusBytes(status, "VmHWM:")
+}
+
+// statusBytes returns the field of /proc/PID/status, given in kB, in bytes.
+func statusBytes(status []byte, field string) (int64, error) {
 	for line := range bytes.Lines(status) {
-		if v, ok := bytes.CutPrefix(line, []byte("VmHWM:")); ok {
+		if v, ok := bytes.CutPrefix(line, []byte(field)); ok {
 			kb, err := strconv.ParseInt(string(bytes.TrimSuffix(bytes.TrimSpace(v), []byte(" kB"))), 10, 64)
 			return kb << 10, err
 		}
 	}
-	return 0, errors.New("no VmHWM in /proc/PID/status")
+	return 0, fmt.Errorf("no %s in /proc/PID/status", field)
 }

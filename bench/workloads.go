@@ -183,29 +183,41 @@ type streamResult struct {
 func streams(n int, chunkDelay time.Duration) runFunc {
 	return func(ctx context.Context, inst *instance, d time.Duration) (sample, error) {
 		begin := time.Now()
-		deadline := begin.Add(d)
-		var (
-			mu  sync.Mutex
-			all []streamResult
-			wg  sync.WaitGroup
-		)
-		for i := range n {
-			wg.Go(func() {
-				select {
-				case <-time.After(time.Duration(i) * chunkDelay / time.Duration(n)):
-				case <-ctx.Done():
-				}
-				for ctx.Err() == nil && time.Now().Before(deadline) {
-					r := readStream(ctx, inst)
-					mu.Lock()
-					all = append(all, r)
-					mu.Unlock()
-				}
-			})
-		}
-		wg.Wait()
+		all := keepStreams(ctx, inst, n, chunkDelay, begin.Add(d), nil)
 		return streamSample(all, time.Since(begin)), ctx.Err()
 	}
+}
+
+// keepStreams keeps n streams open until the deadline, each client opening
+// its next stream when its last one ended, and returns every stream's
+// result; failed, if set, is told of each that failed. The clients start
+// spread over one chunk delay, so that their events do not all arrive at
+// once.
+func keepStreams(ctx context.Context, inst *instance, n int, chunkDelay time.Duration, deadline time.Time, failed func(streamResult)) []streamResult {
+	var (
+		mu  sync.Mutex
+		all []streamResult
+		wg  sync.WaitGroup
+	)
+	for i := range n {
+		wg.Go(func() {
+			select {
+			case <-time.After(time.Duration(i) * chunkDelay / time.Duration(n)):
+			case <-ctx.Done():
+			}
+			for ctx.Err() == nil && time.Now().Before(deadline) {
+				r := readStream(ctx, inst)
+				if r.err != nil && failed != nil {
+					failed(r)
+				}
+				mu.Lock()
+				all = append(all, r)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return all
 }
 
 var (
