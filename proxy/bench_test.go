@@ -111,3 +111,14 @@ func drain(r io.Reader, buf []byte) (int, error) {
 		}
 	}
 }
+
+// BenchmarkParseRequest reads the policed fields of a typical small chat.
+func BenchmarkParseRequest(b *testing.B) {
+	body := []byte(`{"model":"vigthoria-fast-1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence, please."}],"max_tokens":64,"temperature":0.7,"stream":false}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := ParseRequest(body); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

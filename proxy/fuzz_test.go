@@ -43,7 +43,9 @@ func FuzzSSEBody(f *testing.F) {
 }
 
 func FuzzRequestEdits(f *testing.F) {
-	for _, s := range []string{`{"model":"m","stream":true}`, `{"stream_options":null,"max_tokens":null}`, `{"stream_options":{}}`, `[]`, `{"n":3,"max_tokens":5}`, `{} `, "{\"a\":\"\\u0000\"}"} {
+	for _, s := range []string{`{"model":"m","stream":true}`, `{"stream_options":null,"max_tokens":null}`, `{"stream_options":{}}`, `[]`,
+		`{"n":3,"max_tokens":5}`, `{} `, "{\"a\":\"\\u0000\"}", `{"Model":"a","model":"b","MAX_TOKENS":1}`,
+		`{"mod\u0065l":"x","max_completion_tokens":9}`, `{"model":"a","model":"b"}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
@@ -51,27 +53,55 @@ func FuzzRequestEdits(f *testing.F) {
 		if apiErr != nil {
 			return
 		}
+		// What the upstream reads: keys matched exactly, unescaped.
+		fields := exactFields(t, body)
+		if want := stringValue(fields["model"]); info.Model != want {
+			t.Errorf("ParseRequest(%q): model %q, the upstream reads %q", body, info.Model, want)
+		}
+		if want := max(intValue(fields["max_tokens"]), intValue(fields["max_completion_tokens"])); info.MaxTokens != want {
+			t.Errorf("ParseRequest(%q): max tokens %d, the upstream reads %d", body, info.MaxTokens, want)
+		}
+		if want := string(fields["stream"]) == "true"; info.Stream != want {
+			t.Errorf("ParseRequest(%q): stream %v, the upstream reads %v", body, info.Stream, want)
+		}
+
 		withUsage, err := WithStreamUsage(body, info)
 		if err != nil {
 			return
 		}
-		var got struct {
-			StreamOptions struct {
-				IncludeUsage bool `json:"include_usage"`
-			} `json:"stream_options"`
-		}
-		if err := json.Unmarshal(withUsage, &got); err != nil || !got.StreamOptions.IncludeUsage {
-			t.Errorf("WithStreamUsage(%q) = %q (%v): not JSON asking for usage", body, withUsage, err)
+		opts := exactFields(t, exactFields(t, withUsage)["stream_options"])
+		if string(opts["include_usage"]) != "true" {
+			t.Errorf("WithStreamUsage(%q) = %q: not asking for usage", body, withUsage)
 		}
 		capped, err := SetMaxTokens(body, info, 7)
 		if err != nil {
 			return
 		}
-		var mt struct {
-			MaxTokens int64 `json:"max_tokens"`
-		}
-		if err := json.Unmarshal(capped, &mt); err != nil || mt.MaxTokens != 7 {
-			t.Errorf("SetMaxTokens(%q) = %q (%v): max_tokens is not 7", body, capped, err)
+		if got := exactFields(t, capped)["max_tokens"]; string(got) != "7" {
+			t.Errorf("SetMaxTokens(%q) = %q: max_tokens is %s, not 7", body, capped, got)
 		}
 	})
+}
+
+// exactFields decodes a JSON object's fields by their exact keys, as an
+// upstream does, failing the test if it is not one.
+func exactFields(t *testing.T, obj []byte) map[string]json.RawMessage {
+	t.Helper()
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(obj, &fields); err != nil {
+		t.Fatalf("%q is not a JSON object: %v", obj, err)
+	}
+	return fields
+}
+
+func stringValue(raw json.RawMessage) string {
+	var s string
+	_ = json.Unmarshal(raw, &s) // absent or null: ""
+	return s
+}
+
+func intValue(raw json.RawMessage) int64 {
+	var n int64
+	_ = json.Unmarshal(raw, &n)
+	return n
 }

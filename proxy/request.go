@@ -23,57 +23,242 @@ type RequestInfo struct {
 	hasStreamOpt, hasMaxTokens bool
 }
 
-// requestFields are the fields the proxy reads; the rest of the body is
-// passed on untouched.
-type requestFields struct {
-	Model               string          `json:"model"`
-	Stream              bool            `json:"stream"`
-	StreamOptions       json.RawMessage `json:"stream_options"`
-	MaxTokens           json.RawMessage `json:"max_tokens"`
-	MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
-	N                   *int64          `json:"n"`
-}
-
 // ParseRequest reads the fields the proxy needs from a JSON body, refusing
-// a body that is not a JSON object with 400.
+// with 400 a body that is not a JSON object, or whose fields the proxy
+// polices are of the wrong type or given twice.
+//
+// Keys match exactly, as the upstream matches them: encoding/json would
+// also take "Model" or "MAX_TOKENS" for the fields, letting a caller show
+// the policy one model and the upstream another. Keys are compared
+// unescaped ("mod\u0065l" is "model"), as every JSON parser reads them.
 func ParseRequest(body []byte) (RequestInfo, *APIError) {
 	trimmed := bytes.TrimLeft(body, " \t\r\n")
 	if len(trimmed) == 0 || trimmed[0] != '{' {
 		return RequestInfo{}, invalidRequest("The request body must be a JSON object.")
 	}
-	var f requestFields
-	if err := json.Unmarshal(body, &f); err != nil {
-		return RequestInfo{}, invalidRequest("We could not parse the JSON body of your request: " + err.Error())
+	if !json.Valid(body) {
+		// Only to say where: the error path may be slow.
+		err := json.Unmarshal(body, new(struct{}))
+		return RequestInfo{}, invalidRequest("We could not parse the JSON body of your request: " + errText(err))
 	}
-	info := RequestInfo{
-		Model: f.Model, Stream: f.Stream, N: 1,
-		hasStreamOpt: f.StreamOptions != nil, hasMaxTokens: f.MaxTokens != nil,
-	}
-	if len(f.StreamOptions) > 0 && string(f.StreamOptions) != "null" {
-		var opts struct {
-			IncludeUsage bool `json:"include_usage"`
+	info := RequestInfo{N: 1}
+	var seen uint8
+	var maxTokens, maxCompletion int64
+	apiErr := eachField(trimmed, func(key, value []byte) *APIError {
+		field := policedField(key)
+		if field == 0 {
+			return nil
 		}
-		if err := json.Unmarshal(f.StreamOptions, &opts); err != nil {
-			return RequestInfo{}, invalidRequest("stream_options must be an object.")
+		if seen&field != 0 {
+			return invalidRequest("The field " + fieldNames[field] + " appears more than once.")
 		}
-		info.IncludeUsage = opts.IncludeUsage
-	}
-	for _, raw := range []json.RawMessage{f.MaxCompletionTokens, f.MaxTokens} {
-		if len(raw) > 0 && string(raw) != "null" {
-			n, err := strconv.ParseInt(string(raw), 10, 64)
-			if err != nil || n < 1 {
-				return RequestInfo{}, invalidRequest("max_tokens and max_completion_tokens must be positive integers.")
+		seen |= field
+		null := string(value) == "null"
+		switch field {
+		case fieldModel:
+			if null {
+				return nil
 			}
-			info.MaxTokens = n
+			m, ok := jsonString(value)
+			if !ok {
+				return invalidRequest("model must be a string.")
+			}
+			info.Model = m
+		case fieldStream:
+			if !null && string(value) != "true" && string(value) != "false" {
+				return invalidRequest("stream must be a boolean.")
+			}
+			info.Stream = string(value) == "true"
+		case fieldStreamOptions:
+			info.hasStreamOpt = true
+			if null {
+				return nil
+			}
+			if value[0] != '{' {
+				return invalidRequest("stream_options must be an object.")
+			}
+			return eachField(value, func(key, v []byte) *APIError {
+				if string(keyName(key)) == "include_usage" {
+					info.IncludeUsage = string(v) == "true"
+				}
+				return nil
+			})
+		case fieldMaxTokens, fieldMaxCompletionTokens:
+			if field == fieldMaxTokens {
+				info.hasMaxTokens = true
+			}
+			if null {
+				return nil
+			}
+			n, err := strconv.ParseInt(string(value), 10, 64)
+			if err != nil || n < 1 {
+				return invalidRequest("max_tokens and max_completion_tokens must be positive integers.")
+			}
+			if field == fieldMaxTokens {
+				maxTokens = n
+			} else {
+				maxCompletion = n
+			}
+		case fieldN:
+			if null {
+				return nil
+			}
+			n, err := strconv.ParseInt(string(value), 10, 64)
+			if err != nil || n < 1 || n > 128 {
+				return invalidRequest("n must be between 1 and 128.")
+			}
+			info.N = n
 		}
+		return nil
+	})
+	if apiErr != nil {
+		return RequestInfo{}, apiErr
 	}
-	if f.N != nil {
-		if *f.N < 1 || *f.N > 128 {
-			return RequestInfo{}, invalidRequest("n must be between 1 and 128.")
-		}
-		info.N = *f.N
-	}
+	// Whichever of the two the upstream honours, the larger is policed.
+	info.MaxTokens = max(maxTokens, maxCompletion)
 	return info, nil
+}
+
+// The fields ParseRequest polices, as bits of a set.
+const (
+	fieldModel uint8 = 1 << iota
+	fieldStream
+	fieldStreamOptions
+	fieldMaxTokens
+	fieldMaxCompletionTokens
+	fieldN
+)
+
+var fieldNames = map[uint8]string{
+	fieldModel: "model", fieldStream: "stream", fieldStreamOptions: "stream_options",
+	fieldMaxTokens: "max_tokens", fieldMaxCompletionTokens: "max_completion_tokens", fieldN: "n",
+}
+
+// policedField names the field of a raw JSON key, 0 for one the proxy
+// passes on without looking.
+func policedField(rawKey []byte) uint8 {
+	switch string(keyName(rawKey)) {
+	case "model":
+		return fieldModel
+	case "stream":
+		return fieldStream
+	case "stream_options":
+		return fieldStreamOptions
+	case "max_tokens":
+		return fieldMaxTokens
+	case "max_completion_tokens":
+		return fieldMaxCompletionTokens
+	case "n":
+		return fieldN
+	}
+	return 0
+}
+
+// keyName returns a raw JSON key (quotes included) unescaped. Keys without
+// escapes, nearly all, are returned without a copy; nil for a key that
+// does not decode.
+func keyName(raw []byte) []byte {
+	inner := raw[1 : len(raw)-1]
+	if bytes.IndexByte(inner, '\\') < 0 {
+		return inner
+	}
+	var s string
+	if json.Unmarshal(raw, &s) != nil {
+		return nil
+	}
+	return []byte(s)
+}
+
+// jsonString returns the raw JSON value as a string, if it is one.
+func jsonString(raw []byte) (string, bool) {
+	if raw[0] != '"' {
+		return "", false
+	}
+	inner := raw[1 : len(raw)-1]
+	if bytes.IndexByte(inner, '\\') < 0 {
+		return string(inner), true
+	}
+	var s string
+	err := json.Unmarshal(raw, &s)
+	return s, err == nil
+}
+
+// eachField calls f with the raw key (quotes included) and value of each
+// field of obj, a JSON object known to be valid, in order, until f returns
+// an error.
+func eachField(obj []byte, f func(key, value []byte) *APIError) *APIError {
+	i := skipSpace(obj, 1) // past '{'
+	for i < len(obj) && obj[i] != '}' {
+		keyStart := i
+		keyEnd := skipString(obj, i)
+		i = skipSpace(obj, skipSpace(obj, keyEnd)+1) // past ':'
+		valueEnd := skipValue(obj, i)
+		if err := f(obj[keyStart:keyEnd], obj[i:valueEnd]); err != nil {
+			return err
+		}
+		i = skipSpace(obj, valueEnd)
+		if i < len(obj) && obj[i] == ',' {
+			i = skipSpace(obj, i+1)
+		}
+	}
+	return nil
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\r' || b[i] == '\n') {
+		i++
+	}
+	return i
+}
+
+// skipString returns the end of the JSON string starting at b[i] == '"'.
+func skipString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return len(b)
+}
+
+// skipValue returns the end of the valid JSON value starting at b[i].
+func skipValue(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		return skipString(b, i)
+	case '{', '[':
+		depth := 0
+		for ; i < len(b); i++ {
+			switch b[i] {
+			case '"':
+				i = skipString(b, i) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth--; depth == 0 {
+					return i + 1
+				}
+			}
+		}
+		return len(b)
+	}
+	for ; i < len(b); i++ {
+		switch b[i] {
+		case ',', '}', ']', ' ', '\t', '\r', '\n':
+			return i
+		}
+	}
+	return len(b)
+}
+
+func errText(err error) string {
+	if err == nil {
+		return "invalid JSON"
+	}
+	return err.Error()
 }
 
 // Estimate is the tokens to reserve for a request of body's size that may

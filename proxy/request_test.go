@@ -26,6 +26,24 @@ func TestParseRequest(t *testing.T) {
 		{"fractional max_tokens", `{"max_tokens":1.5}`, RequestInfo{}, true},
 		{"stream_options not an object", `{"stream_options":3}`, RequestInfo{}, true},
 		{"n zero", `{"n":0}`, RequestInfo{}, true},
+		// Keys match exactly, as the upstream's parser matches them.
+		{"other case is another field", `{"model":"vigthoria-pro-1","Model":"vigthoria-fast-1","MAX_TOKENS":5}`,
+			RequestInfo{Model: "vigthoria-pro-1", N: 1}, false},
+		{"other case in stream_options", `{"stream":true,"stream_options":{"INCLUDE_USAGE":true}}`,
+			RequestInfo{Stream: true, N: 1, hasStreamOpt: true}, false},
+		{"escaped key is the field", `{"mod\u0065l":"vigthoria-pro-1","max_\u0074okens":9}`,
+			RequestInfo{Model: "vigthoria-pro-1", MaxTokens: 9, N: 1, hasMaxTokens: true}, false},
+		{"escaped value", `{"model":"vig\u0074horia"}`, RequestInfo{Model: "vigthoria", N: 1}, false},
+		{"the larger of the two limits", `{"max_tokens":10,"max_completion_tokens":100000}`,
+			RequestInfo{MaxTokens: 100000, N: 1, hasMaxTokens: true}, false},
+		{"nested fields are not the request's", `{"messages":[{"model":"x","max_tokens":1}],"metadata":{"n":99}}`,
+			RequestInfo{N: 1}, false},
+		{"model twice", `{"model":"vigthoria-fast-1","model":"vigthoria-pro-1"}`, RequestInfo{}, true},
+		{"model twice, once escaped", `{"model":"vigthoria-fast-1","m\u006fdel":"vigthoria-pro-1"}`, RequestInfo{}, true},
+		{"max_tokens twice", `{"max_tokens":1,"max_tokens":100000}`, RequestInfo{}, true},
+		{"model not a string", `{"model":7}`, RequestInfo{}, true},
+		{"stream not a boolean", `{"stream":"yes"}`, RequestInfo{}, true},
+		{"trailing garbage", `{"model":"m"} {}`, RequestInfo{}, true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -383,7 +383,7 @@ func TestUsageIsTheCallersOwn(t *testing.T) {
 
 func TestTierPolicy(t *testing.T) {
 	e := startTier(t, "models vigthoria-fast-*", "max_tokens 50")
-	_, client := e.meteredKey(t)
+	key, client := e.meteredKey(t)
 	e.upstream.Reset()
 
 	t.Run("model outside the tier", func(t *testing.T) {
@@ -408,6 +408,20 @@ func TestTierPolicy(t *testing.T) {
 		res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader("model=x"), nil)
 		wantAPIError(t, res, http.StatusBadRequest, "invalid_request")
 	})
+	// Bodies that would show the policy one thing and the upstream another.
+	for _, tc := range []struct{ name, body, code string }{
+		{"another case of model", `{"model":"vigthoria-pro-1","Model":"vigthoria-fast-1","messages":[]}`, "model_not_allowed"},
+		{"escaped model key", `{"mod\u0065l":"vigthoria-pro-1","messages":[]}`, "model_not_allowed"},
+		{"model twice", `{"model":"vigthoria-fast-1","model":"vigthoria-pro-1","messages":[]}`, "invalid_request"},
+		{"max_completion_tokens over the cap", `{"model":"vigthoria-fast-1","max_tokens":5,"max_completion_tokens":5000,"messages":[]}`, "max_tokens_too_large"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(tc.body),
+				http.Header{"Authorization": {"Bearer " + key}})
+			status := map[string]int{"model_not_allowed": 403, "invalid_request": 400, "max_tokens_too_large": 400}[tc.code]
+			wantAPIError(t, res, status, tc.code)
+		})
+	}
 	e.wantUpstreamCalls(t, 0)
 
 	t.Run("absent max_tokens is set to the cap", func(t *testing.T) {
