@@ -40,6 +40,7 @@ type config struct {
 	chunkDelay time.Duration // the upstream's delay between stream events
 	profile    time.Duration // CPU profile of the module under load; 0: none
 	micro      bool          // run the micro-benchmarks
+	pin        bool          // each Caddy on a CPU of its own during the load
 
 	soak           bool          // run the soak test instead of the benchmark
 	soakDuration   time.Duration // of the soak's mixed load
@@ -60,6 +61,7 @@ func main() {
 	flag.DurationVar(&cfg.chunkDelay, "chunk-delay", 20*time.Millisecond, "the upstream's delay between stream events")
 	flag.DurationVar(&cfg.profile, "profile", 10*time.Second, "CPU profile of the module under the chat workload; 0 for none")
 	flag.BoolVar(&cfg.micro, "micro", true, "run the micro-benchmarks of the hot paths")
+	flag.BoolVar(&cfg.pin, "pin", true, "during the load, run each Caddy on the last CPU and the harness on the others (taskset; 2 CPUs or more)")
 	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
 	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")
 	flag.IntVar(&cfg.soakStreams, "soak-streams", 100, "concurrent streams of the soak")
@@ -112,6 +114,11 @@ func run(ctx context.Context, cfg config) error {
 		}
 	}
 
+	if cfg.pin {
+		if err := pin(); err != nil {
+			fmt.Printf("bench: the targets run unpinned: %v\n", err)
+		}
+	}
 	if err := rep.runLoad(ctx); err != nil {
 		return err
 	}

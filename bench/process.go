@@ -42,7 +42,7 @@ func startCaddy(bin, dir, caddyfile string, env []string, adminPort int) (*caddy
 		return nil, err
 	}
 	defer out.Close() // the child has its own copy
-	p.cmd = exec.Command(bin, "run", "--config", config, "--adapter", "caddyfile")
+	p.cmd = pinnedCommand(bin, "run", "--config", config, "--adapter", "caddyfile")
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout, p.cmd.Stderr = out, out
 	// Should this process die without stopping it, Caddy goes too.

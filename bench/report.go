@@ -146,6 +146,11 @@ func (r *report) writeSetup(w io.Writer) {
 	fmt.Fprintf(w, "- Go %s; Caddy %s (`./caddy`, built by `make build` with this module)\n", strings.TrimPrefix(m.goVersion, "go"), m.caddyVersion)
 	fmt.Fprintf(w, "- %d rounds, each measuring every workload on every target in turn for %v after a %v warm-up\n",
 		r.cfg.rounds, r.cfg.duration, r.cfg.warmup)
+	if caddyCPU >= 0 {
+		fmt.Fprintf(w, "- Each Caddy runs alone on CPU %d (taskset), the harness (load generator and upstream) on the others: the ratios compare what a request costs each target on one CPU, not how the scheduler shared the machine\n", caddyCPU)
+	} else {
+		fmt.Fprintf(w, "- The targets share the CPUs with the harness (not pinned)\n")
+	}
 	fmt.Fprintf(w, "\nTargets:\n\n")
 	for _, t := range targets {
 		fmt.Fprintf(w, "- `%s`: %s\n", t.name, t.about)

@@ -48,3 +48,15 @@ func TestReadAnswer(t *testing.T) {
 		})
 	}
 }
+
+func TestIsEventStream(t *testing.T) {
+	for ct, want := range map[string]bool{
+		"text/event-stream": true, "text/event-stream; charset=utf-8": true, "Text/Event-Stream": true,
+		"text/event-stream ;charset=utf-8": true, "application/json": false, "text/event-streams": false,
+		"text/event-stream-x; a=b": false, "": false, "text/event": false,
+	} {
+		if got := isEventStream(ct); got != want {
+			t.Errorf("isEventStream(%q) = %v, want %v", ct, got, want)
+		}
+	}
+}

@@ -5,8 +5,8 @@ import (
 	"context"
 	"errors"
 	"io"
-	"mime"
 	"net/http"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -145,10 +145,14 @@ func isDroppedUpstream(canonical string) bool {
 	return isCredentialHeader(canonical)
 }
 
+// isEventStream reports whether a Content-Type is text/event-stream, with
+// or without parameters. It runs on every answer, so it compares instead
+// of parsing.
 func isEventStream(contentType string) bool {
-	if contentType == "text/event-stream" {
-		return true
+	const sse = "text/event-stream"
+	if len(contentType) < len(sse) || !strings.EqualFold(contentType[:len(sse)], sse) {
+		return false
 	}
-	mt, _, err := mime.ParseMediaType(contentType)
-	return err == nil && mt == "text/event-stream"
+	rest := strings.TrimLeft(contentType[len(sse):], " \t")
+	return rest == "" || rest[0] == ';'
 }

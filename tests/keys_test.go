@@ -361,6 +361,46 @@ func TestIdentityFromAnotherAuthHandler(t *testing.T) {
 	}
 }
 
+// TestCallerPlaceholders checks what the module tells the rest of Caddy
+// about a caller: the placeholders, read here at logging time, and the
+// access log's user_id, the key's ID and never the key.
+func TestCallerPlaceholders(t *testing.T) {
+	up := standin.New(standin.Options{APIKey: serverKey})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	path := filepath.Join(t.TempDir(), "k.db")
+	st, err := keystore.OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, secret, err := keystore.Create(t.Context(), st, "placeholder-app", "team", time.Time{}, time.Now())
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := harness.StartCaddy(t, "\tlog_append caller_id {http.vigthoria.client_id}\n\tlog_append caller_name {http.vigthoria.client_name}\n"+
+		"\tlog_append caller_tier {http.vigthoria.tier}\n"+
+		vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+path, "tier team"))
+	req, _ := http.NewRequest(http.MethodGet, c.URL+"/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer "+secret)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("status = %d, want 200", res.StatusCode)
+	}
+	for _, want := range []string{`"user_id":"` + rec.ID + `"`, `"caller_id":"` + rec.ID + `"`,
+		`"caller_name":"placeholder-app"`, `"caller_tier":"team"`} {
+		if !c.WaitLog(t, want) {
+			t.Errorf("the access log lacks %s", want)
+		}
+	}
+	wantNowhere(t, []string{secret}, c.LogPath)
+}
+
 func TestAnonymousTier(t *testing.T) {
 	k := start(t, "anonymous free")
 	if s, body := k.chatStatus(t); s != http.StatusOK {
