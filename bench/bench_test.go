@@ -70,3 +70,14 @@ func TestRatioPairsRounds(t *testing.T) {
 		t.Error("ratio against a missing target is ok, want not")
 	}
 }
+
+func TestParseCPUTime(t *testing.T) {
+	stat := []byte("4242 (caddy (worker)) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 37 0 0 20 0 12 0 1000 2000000 5000 18446744073709551615\n")
+	got, err := parseCPUTime(stat)
+	if err != nil || got != 2870*time.Millisecond {
+		t.Errorf("parseCPUTime = %v, %v; want 2.87s (287 ticks)", got, err)
+	}
+	if _, err := parseCPUTime([]byte("4242 (caddy) S 1")); err == nil {
+		t.Error("a short line parsed")
+	}
+}

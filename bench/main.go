@@ -41,6 +41,7 @@ type config struct {
 	profile    time.Duration // CPU profile of the module under load; 0: none
 	micro      bool          // run the micro-benchmarks
 	pin        bool          // each Caddy on a CPU of its own during the load
+	only       string        // comma-separated workloads to measure; empty: all
 
 	soak           bool          // run the soak test instead of the benchmark
 	soakDuration   time.Duration // of the soak's mixed load
@@ -61,6 +62,7 @@ func main() {
 	flag.DurationVar(&cfg.chunkDelay, "chunk-delay", 20*time.Millisecond, "the upstream's delay between stream events")
 	flag.DurationVar(&cfg.profile, "profile", 10*time.Second, "CPU profile of the module under the chat workload; 0 for none")
 	flag.BoolVar(&cfg.micro, "micro", true, "run the micro-benchmarks of the hot paths")
+	flag.StringVar(&cfg.only, "only", "", "measure only these workloads, comma-separated (chat-1, chat, models, mix, stream), to study one; the goals of the others are then not judged")
 	flag.BoolVar(&cfg.pin, "pin", true, "during the load, run each Caddy on the last CPU and the harness on the others (taskset; 2 CPUs or more)")
 	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
 	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")
@@ -94,8 +96,11 @@ func main() {
 // starts is stopped before it returns, also when ctx ends.
 func run(ctx context.Context, cfg config) error {
 	began := time.Now()
-	rep := &report{cfg: cfg, began: began, workloads: workloads(cfg)}
-	var err error
+	wls, err := selectWorkloads(workloads(cfg), cfg.only)
+	if err != nil {
+		return err
+	}
+	rep := &report{cfg: cfg, began: began, workloads: wls}
 	if rep.machine, err = describeMachine(cfg.caddy); err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"time"
 )
 
 // results holds every sample by workload and target, in round order.
@@ -47,6 +48,12 @@ func measure(ctx context.Context, cfg config, up *upstream, w workload, inst *in
 		}
 	}
 	before := up.Count()
+	var cpuBefore time.Duration
+	if inst.caddy != nil {
+		if cpuBefore, err = inst.caddy.cpuTime(); err != nil {
+			return sample{}, err
+		}
+	}
 	s, err := w.run(ctx, inst, cfg.duration)
 	if err != nil {
 		return s, err
@@ -55,9 +62,15 @@ func measure(ctx context.Context, cfg config, up *upstream, w workload, inst *in
 		return s, fmt.Errorf("nothing was answered; the first error: %s", s.firstErr)
 	}
 	s.upstreamPerReq = float64(up.Count()-before) / float64(s.ok+s.errors)
-	if inst.caddy != nil {
-		s.peakRSS, err = inst.caddy.peakRSS()
+	if inst.caddy == nil {
+		return s, nil
 	}
+	cpuAfter, err := inst.caddy.cpuTime()
+	if err != nil {
+		return s, err
+	}
+	s.cpuPerReq = float64(cpuAfter-cpuBefore) / float64(s.ok)
+	s.peakRSS, err = inst.caddy.peakRSS()
 	return s, err
 }
 
@@ -88,6 +101,7 @@ var (
 	byPeakRSS figure = func(s sample) float64 { return float64(s.peakRSS) }
 	byErrors  figure = func(s sample) float64 { return float64(s.errors) }
 	byUpCalls figure = func(s sample) float64 { return s.upstreamPerReq }
+	byCPU     figure = func(s sample) float64 { return s.cpuPerReq }
 )
 
 // median returns the median over the rounds of f of target t under

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -119,6 +120,41 @@ func (p *caddyProcess) stop() {
 	}
 	_ = p.cmd.Process.Kill() // fails only if it has just exited
 	<-p.exited
+}
+
+// cpuTime returns the CPU time the process has used so far, user and
+// system, from /proc/PID/stat.
+func (p *caddyProcess) cpuTime() (time.Duration, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	return parseCPUTime(stat)
+}
+
+// clockTicks is the unit of /proc/PID/stat's times, USER_HZ, 100 on Linux.
+const clockTicks = 100
+
+// parseCPUTime reads utime and stime, fields 14 and 15 of /proc/PID/stat,
+// counted after the command name, which may hold spaces.
+func parseCPUTime(stat []byte) (time.Duration, error) {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, errors.New("no command name in /proc/PID/stat")
+	}
+	fields := bytes.Fields(stat[i+1:])
+	if len(fields) < 13 {
+		return 0, errors.New("short /proc/PID/stat")
+	}
+	var ticks int64
+	for _, f := range fields[11:13] { // utime, stime: fields 14 and 15 of the whole line
+		n, err := strconv.ParseInt(string(f), 10, 64)
+		if err != nil {
+			return 0, err
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / clockTicks, nil
 }
 
 // resetPeakRSS makes the kernel's peak resident set size (VmHWM) start

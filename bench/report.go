@@ -45,7 +45,16 @@ var goals = []goal{
 	{
 		text: "Throughput on small chats at least 0.95× plain Caddy's (`" + chatWorkload + "`)",
 		check: func(r *report) verdict {
-			return r.judge(chatWorkload, caddyName, ratioOf, byRate, fmtRatio, func(x float64) bool { return x >= 0.95 })
+			v := r.judge(chatWorkload, caddyName, ratioOf, byRate, fmtRatio, func(x float64) bool { return x >= 0.95 })
+			// CPU time per request does not depend on what else the machine
+			// ran meanwhile, as throughput does: it shows the cost apart
+			// from the noise.
+			if cpu, ok := r.results.ratio(chatWorkload, moduleName, caddyName, byCPU); ok {
+				mod, _ := r.results.median(chatWorkload, moduleName, byCPU)
+				plain, _ := r.results.median(chatWorkload, caddyName, byCPU)
+				v.figure += fmt.Sprintf("; CPU per request %s against plain Caddy's %s, %s", fmtDur(mod), fmtDur(plain), fmtRatio(cpu))
+			}
+			return v
 		},
 	},
 	{
@@ -164,8 +173,8 @@ func (r *report) writeWorkload(w io.Writer, wl workload) {
 		fmt.Fprintf(w, "| target | streams/s | first event p50 | first event p99 | token gap p50 | token gap p99 | stream p50 | peak RSS | errors | first event p50 − upstream | − plain Caddy |\n")
 		fmt.Fprintf(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	} else {
-		fmt.Fprintf(w, "| target | req/s | p50 | p99 | peak RSS | errors | req/s ÷ upstream | req/s ÷ plain Caddy | p50 − plain Caddy |\n")
-		fmt.Fprintf(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|\n")
+		fmt.Fprintf(w, "| target | req/s | p50 | p99 | CPU per request | peak RSS | errors | req/s ÷ upstream | req/s ÷ plain Caddy | p50 − plain Caddy |\n")
+		fmt.Fprintf(w, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
 	}
 	for _, t := range targets {
 		if _, ok := r.results.median(wl.name, t.name, byRate); !ok {
@@ -189,6 +198,7 @@ func (r *report) loadCells(w, t string) []string {
 		fmt.Sprintf("%.0f", med(byRate)),
 		fmtDur(med(byP50)),
 		fmtDur(med(byP99)),
+		ifMeasured(med(byCPU) > 0, fmtDur(med(byCPU))),
 		fmtBytes(int64(med(byPeakRSS))),
 		fmt.Sprintf("%.0f", r.results.sum(w, t, byErrors)),
 		r.versus(w, t, upstreamName, true, byRate),

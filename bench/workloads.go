@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -69,6 +70,23 @@ func workloads(cfg config) []workload {
 	}
 }
 
+// selectWorkloads keeps the workloads named in only, a comma-separated
+// list; all of them when it is empty.
+func selectWorkloads(all []workload, only string) ([]workload, error) {
+	if only == "" {
+		return all, nil
+	}
+	var kept []workload
+	for name := range strings.SplitSeq(only, ",") {
+		i := slices.IndexFunc(all, func(w workload) bool { return w.name == strings.TrimSpace(name) })
+		if i < 0 {
+			return nil, fmt.Errorf("no workload %q", name)
+		}
+		kept = append(kept, all[i])
+	}
+	return kept, nil
+}
+
 // sample is what one measurement of one workload on one target saw.
 // For streams, the latencies are those of the first event.
 type sample struct {
@@ -80,6 +98,7 @@ type sample struct {
 	// Streams only: the time between content events, and whole streams.
 	gap50, gap99, dur50 time.Duration
 	peakRSS             int64   // of the target's process, bytes; 0 when not known
+	cpuPerReq           float64 // CPU time (user and system) of the target's process per request answered, ns; 0 when not known
 	upstreamPerReq      float64 // requests the upstream got per request sent
 }
 
