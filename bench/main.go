@@ -24,6 +24,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
 
@@ -151,7 +152,16 @@ func (rep *report) runLoad(ctx context.Context) error {
 	defer up.close()
 	up.SetBehavior(standin.Behavior{ChunkDelay: cfg.chunkDelay}) // only streams are paced
 
-	insts, err := startTargets(ctx, cfg.caddy, dir, up)
+	var redisURL string
+	if needsRedis() {
+		redis, err := redistest.Run(dir)
+		if err != nil {
+			return err
+		}
+		defer redis.Stop()
+		redisURL = redis.URL
+	}
+	insts, err := startTargets(ctx, cfg.caddy, dir, up, redisURL)
 	if err != nil {
 		return err
 	}

@@ -24,7 +24,7 @@ func measureAll(ctx context.Context, cfg config, up *upstream, insts []*instance
 				}
 				k := resultKey{w.name, inst.name}
 				res[k] = append(res[k], s)
-				fmt.Printf("round %d/%d  %-7s %-10s %s\n", round, cfg.rounds, w.name, inst.name, s.summary(w.stream))
+				fmt.Printf("round %d/%d  %-7s %-15s %s\n", round, cfg.rounds, w.name, inst.name, s.summary(w.stream))
 			}
 		}
 	}

@@ -102,7 +102,7 @@ func soak(ctx context.Context, cfg config) error {
 	up.SetBehavior(standin.Behavior{ChunkDelay: cfg.soakChunkDelay}) // only streams are paced
 
 	t := targets[slices.IndexFunc(targets, func(t target) bool { return t.name == moduleName })]
-	inst, err := start(ctx, t, cfg.caddy, dir, up)
+	inst, err := start(ctx, t, cfg.caddy, dir, up, "")
 	if err != nil {
 		return fmt.Errorf("starting target %s: %w", t.name, err)
 	}

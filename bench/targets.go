@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"text/template"
 	"time"
@@ -44,6 +45,7 @@ var targets = []target{
 	{name: upstreamName, about: "the stand-in upstream alone, served by the harness process: the floor"},
 	{name: caddyName, about: "plain Caddy: `reverse_proxy` with the server key set by `header_up`, what a user would do without this module", site: plainSite},
 	{name: moduleName, about: "this module with its default store, SQLite (in a temporary directory)", site: moduleSite, store: "sqlite:{{.Dir}}/vigthoria.db"},
+	{name: "vigthoria-redis", about: "this module with the Redis store: keys, limits and usage in a redis-server on loopback, as a fleet shares them", site: moduleSite, store: "{{.Redis}}"},
 }
 
 // siteData is what the Caddyfile templates are filled with.
@@ -53,6 +55,7 @@ type siteData struct {
 	Upstream  string // the stand-in's origin, http://127.0.0.1:PORT; its API is under /v1
 	Dir       string // the target's own temporary directory
 	Store     string // the store's arguments in the Caddyfile: "sqlite PATH" or "redis URL"
+	Redis     string // the URL of the harness's redis-server, when a target's store names it
 }
 
 // globalOptions starts every Caddyfile: admin on loopback for pprof,
@@ -160,10 +163,10 @@ func startUpstream() (*upstream, error) {
 func (up *upstream) close() { up.srv.Close() }
 
 // startTargets starts every target; when one fails, it stops the others.
-func startTargets(ctx context.Context, caddyBin, dir string, up *upstream) ([]*instance, error) {
+func startTargets(ctx context.Context, caddyBin, dir string, up *upstream, redisURL string) ([]*instance, error) {
 	var insts []*instance
 	for _, t := range targets {
-		inst, err := start(ctx, t, caddyBin, dir, up)
+		inst, err := start(ctx, t, caddyBin, dir, up, redisURL)
 		if err != nil {
 			stopAll(insts)
 			return nil, fmt.Errorf("starting target %s: %w", t.name, err)
@@ -182,14 +185,14 @@ func stopAll(insts []*instance) {
 }
 
 // start runs target t: its client keys first, then its Caddy.
-func start(ctx context.Context, t target, caddyBin, dir string, up *upstream) (*instance, error) {
+func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, redisURL string) (*instance, error) {
 	inst := &instance{target: t, client: newClient()}
 	if t.site == "" {
 		inst.url = up.url
 		inst.keys = sameKey(up.key)
 		return inst, nil
 	}
-	data := siteData{Upstream: up.url, Dir: filepath.Join(dir, t.name)}
+	data := siteData{Upstream: up.url, Dir: filepath.Join(dir, t.name), Redis: redisURL}
 	if err := os.Mkdir(data.Dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -327,4 +330,9 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// needsRedis reports whether a target's store is the harness's Redis.
+func needsRedis() bool {
+	return slices.ContainsFunc(targets, func(t target) bool { return strings.Contains(t.store, "{{.Redis}}") })
 }

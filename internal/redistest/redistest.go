@@ -1,9 +1,10 @@
-// Package redistest runs a real redis-server for tests, on a free loopback
-// port, without persistence, and stops it when the test ends.
+// Package redistest runs a real redis-server for tests and the benchmark,
+// on a free loopback port, without persistence.
 package redistest
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net"
 	"os/exec"
@@ -22,44 +23,57 @@ type Server struct {
 	cmd  *exec.Cmd
 }
 
-// Start runs redis-server for the test, or fails the test when it is not
-// installed: `make test` installs it.
+// Start runs redis-server for the test and stops it when the test ends,
+// or fails the test when it is not installed: `make test` installs it.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		t.Fatal("redis-server is not installed; `make test` installs it (Debian package redis-server)")
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	s, err := Run(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	s := &Server{port: port, dir: t.TempDir()}
-	s.Addr = "127.0.0.1:" + strconv.Itoa(port)
-	s.URL = "redis://" + s.Addr + "/0"
-	s.start(t)
-	t.Cleanup(func() { s.kill() })
+	t.Cleanup(s.Stop)
 	return s
 }
 
-func (s *Server) start(t testing.TB) {
-	t.Helper()
+// Run runs redis-server with its files in dir until Stop.
+func Run(dir string) (*Server, error) {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		return nil, errors.New("redis-server is not installed; `make test` installs it (Debian package redis-server)")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	s := &Server{port: port, dir: dir}
+	s.Addr = "127.0.0.1:" + strconv.Itoa(port)
+	s.URL = "redis://" + s.Addr + "/0"
+	return s, s.start()
+}
+
+// Stop ends the server.
+func (s *Server) Stop() { s.kill() }
+
+func (s *Server) start() error {
 	s.cmd = exec.Command("redis-server",
 		"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", s.dir,
 		"--protected-mode", "no")
+	// Should the process that started it die, the server goes too.
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {
-		t.Fatalf("starting redis-server: %v", err)
+		return fmt.Errorf("starting redis-server: %w", err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for !s.ping() {
 		if time.Now().After(deadline) {
 			s.kill()
-			t.Fatal("redis-server did not answer within 10s")
+			return errors.New("redis-server did not answer within 10s")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	return nil
 }
 
 // ping reports whether the server answers PING.
@@ -93,7 +107,9 @@ func (s *Server) kill() {
 func (s *Server) Restart(t testing.TB) {
 	t.Helper()
 	s.kill()
-	s.start(t)
+	if err := s.start(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // Pause stops the server with SIGSTOP: connections stay open, nothing
