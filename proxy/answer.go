@@ -121,7 +121,9 @@ type prefixed struct {
 func (p prefixed) Close() error { return p.src.Close() }
 
 // idleBody cuts an upstream body that stays silent longer than timeout,
-// by cancelling its request with errIdle as the cause.
+// by cancelling its request with errIdle as the cause. Only the time spent
+// waiting in Read counts: a client that reads slowly holds the proxy back
+// from reading, and that is not the upstream's silence.
 type idleBody struct {
 	src     io.ReadCloser
 	ctx     context.Context
@@ -133,14 +135,14 @@ type idleBody struct {
 func newIdleBody(src io.ReadCloser, ctx context.Context, cancel context.CancelCauseFunc, timeout time.Duration) *idleBody {
 	b := &idleBody{src: src, ctx: ctx, cancel: cancel, timeout: timeout}
 	b.timer = time.AfterFunc(timeout, func() { cancel(errIdle) })
+	b.timer.Stop() // armed by each Read
 	return b
 }
 
 func (b *idleBody) Read(p []byte) (int, error) {
+	b.timer.Reset(b.timeout)
 	n, err := b.src.Read(p)
-	if n > 0 {
-		b.timer.Reset(b.timeout)
-	}
+	b.timer.Stop()
 	if err != nil && err != io.EOF && context.Cause(b.ctx) == errIdle {
 		err = errIdle
 	}

@@ -1,12 +1,14 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net/http"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func TestReadAnswer(t *testing.T) {
@@ -58,5 +60,50 @@ func TestIsEventStream(t *testing.T) {
 		if got := isEventStream(ct); got != want {
 			t.Errorf("isEventStream(%q) = %v, want %v", ct, got, want)
 		}
+	}
+}
+
+// blockingReader blocks in Read until release, then returns data.
+type blockingReader struct{ release chan struct{} }
+
+func (r *blockingReader) Read(p []byte) (int, error) {
+	<-r.release
+	return copy(p, "data: x\n\n"), nil
+}
+
+func (r *blockingReader) Close() error { return nil }
+
+func TestIdleBodyCountsOnlyTheWaitInRead(t *testing.T) {
+	const timeout = 50 * time.Millisecond
+	ctx, cancel := context.WithCancelCause(context.Background())
+	src := &blockingReader{release: make(chan struct{}, 1)}
+	b := newIdleBody(src, ctx, cancel, timeout)
+	defer b.Close()
+
+	// A slow reader: long pauses between Reads, each Read answered at once.
+	for range 3 {
+		time.Sleep(2 * timeout)
+		src.release <- struct{}{}
+		if _, err := b.Read(make([]byte, 64)); err != nil {
+			t.Fatalf("a Read after a pause of the caller failed: %v", err)
+		}
+	}
+	if ctx.Err() != nil {
+		t.Fatal("the caller's pauses were taken for the upstream's silence")
+	}
+	// The upstream silent in a Read: cut with errIdle.
+	done := make(chan error, 1)
+	go func() { _, err := b.Read(make([]byte, 64)); done <- err }()
+	deadline := time.After(5 * time.Second)
+	for context.Cause(ctx) != errIdle {
+		select {
+		case <-deadline:
+			t.Fatal("a silent upstream was not cut")
+		case <-time.After(time.Millisecond):
+		}
+	}
+	src.release <- struct{}{} // the stand-in reader does not watch the context
+	if err := <-done; err != errIdle && err != nil {
+		t.Errorf("Read error = %v, want errIdle or none", err)
 	}
 }
