@@ -36,7 +36,7 @@ func BenchmarkChat(b *testing.B) {
 		b.Run(tc.name, func(b *testing.B) {
 			store := b.TempDir() + "/keys.db"
 			key := createKey(b, store, "pro")
-			c := harness.StartCaddy(b, tc.site(store))
+			c := harness.StartCaddy(b, tc.site(store), harness.NoAccessLog())
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {
