@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"unicode/utf8"
 )
 
 // bytesPerToken is the rough size of a token in a prompt, for the estimate
@@ -154,12 +155,12 @@ func policedField(rawKey []byte) uint8 {
 	return 0
 }
 
-// keyName returns a raw JSON key (quotes included) unescaped. Keys without
-// escapes, nearly all, are returned without a copy; nil for a key that
+// keyName returns a raw JSON key (quotes included) as a decoder reads it.
+// Plain keys, nearly all, are returned without a copy; nil for a key that
 // does not decode.
 func keyName(raw []byte) []byte {
 	inner := raw[1 : len(raw)-1]
-	if bytes.IndexByte(inner, '\\') < 0 {
+	if verbatim(inner) {
 		return inner
 	}
 	var s string
@@ -169,13 +170,25 @@ func keyName(raw []byte) []byte {
 	return []byte(s)
 }
 
+// verbatim reports whether the inside of a JSON string reads as it is
+// written: no escapes, and ASCII only, since a decoder replaces invalid
+// UTF-8 with U+FFFD and the policy must see what the upstream sees.
+func verbatim(inner []byte) bool {
+	for _, c := range inner {
+		if c == '\\' || c >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
+}
+
 // jsonString returns the raw JSON value as a string, if it is one.
 func jsonString(raw []byte) (string, bool) {
 	if raw[0] != '"' {
 		return "", false
 	}
 	inner := raw[1 : len(raw)-1]
-	if bytes.IndexByte(inner, '\\') < 0 {
+	if verbatim(inner) {
 		return string(inner), true
 	}
 	var s string

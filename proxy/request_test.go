@@ -34,6 +34,7 @@ func TestParseRequest(t *testing.T) {
 		{"escaped key is the field", `{"mod\u0065l":"vigthoria-pro-1","max_\u0074okens":9}`,
 			RequestInfo{Model: "vigthoria-pro-1", MaxTokens: 9, N: 1, hasMaxTokens: true}, false},
 		{"escaped value", `{"model":"vig\u0074horia"}`, RequestInfo{Model: "vigthoria", N: 1}, false},
+		{"invalid UTF-8 read as a decoder reads it", "{\"model\":\"fast-\x8d\"}", RequestInfo{Model: "fast-\uFFFD", N: 1}, false},
 		{"the larger of the two limits", `{"max_tokens":10,"max_completion_tokens":100000}`,
 			RequestInfo{MaxTokens: 100000, N: 1, hasMaxTokens: true}, false},
 		{"nested fields are not the request's", `{"messages":[{"model":"x","max_tokens":1}],"metadata":{"n":99}}`,
