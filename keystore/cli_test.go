@@ -130,7 +130,7 @@ func TestCLIUsageAndEmptyList(t *testing.T) {
 		t.Fatal(err)
 	}
 	day := Day(time.Now())
-	err = st.AddUsage(t.Context(), []UsageRow{{Client: id, Day: day, Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5}})
+	err = st.AddUsage(t.Context(), UsageBatch{Rows: []UsageRow{{Client: id, Day: day, Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5}}})
 	st.Close()
 	if err != nil {
 		t.Fatal(err)

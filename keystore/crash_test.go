@@ -306,14 +306,14 @@ func crashRevoke(ctx context.Context, st Store, id string) error {
 // with its totals before writing it, and acknowledges it once committed.
 type ackedUsage struct{ *SQLite }
 
-func (a ackedUsage) AddUsage(ctx context.Context, rows []UsageRow) error {
+func (a ackedUsage) AddUsage(ctx context.Context, b UsageBatch) error {
 	var requests, tokens int64
-	for _, r := range rows {
+	for _, r := range b.Rows {
 		requests += r.Requests
 		tokens += r.TotalTokens()
 	}
 	ack("flushing %d %d", requests, tokens)
-	if err := a.SQLite.AddUsage(ctx, rows); err != nil {
+	if err := a.SQLite.AddUsage(ctx, b); err != nil {
 		return err
 	}
 	ack("flushed")

@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -23,11 +24,23 @@ type UsageRow struct {
 // TotalTokens returns prompt plus completion tokens.
 func (r UsageRow) TotalTokens() int64 { return r.PromptTokens + r.CompletionTokens }
 
+// UsageBatch is one write of the ledger: its rows, and which write of
+// which ledger it is. A write whose answer was lost (a connection that
+// broke after the store applied it) is retried as the same batch, and a
+// store that can lose answers applies it only once.
+type UsageBatch struct {
+	Writer string // the ledger's own random ID
+	Seq    uint64 // grows with each new batch of the writer
+	Rows   []UsageRow
+}
+
 // UsageStore is where the ledger's rows live. A Store that can also keep
 // usage implements it.
 type UsageStore interface {
-	// AddUsage adds rows to the stored ones, in one transaction.
-	AddUsage(ctx context.Context, rows []UsageRow) error
+	// AddUsage adds the batch's rows to the stored ones, in one
+	// transaction, once: a batch of the writer's that is not newer than
+	// the last applied is ignored.
+	AddUsage(ctx context.Context, b UsageBatch) error
 	// UsageSince returns the client's rows of day and later.
 	UsageSince(ctx context.Context, client, day string) ([]UsageRow, error)
 }
@@ -42,13 +55,19 @@ type ledgerKey struct{ client, day, model string }
 // The zero Ledger is not usable; a Service makes one. It is safe for
 // concurrent use.
 type Ledger struct {
-	mu      sync.Mutex // protects the fields below
-	pending map[ledgerKey]*UsageRow
-	store   UsageStore // nil until the service starts
+	flushing sync.Mutex // one flush at a time, so batches reach the store in order
+	mu       sync.Mutex // protects the fields below
+	pending  map[ledgerKey]*UsageRow
+	// unsure is a batch whose write failed: it may or may not have been
+	// applied, so it is written again as it is, before anything newer.
+	unsure *UsageBatch
+	writer string
+	seq    uint64     // of the last batch made
+	store  UsageStore // nil until the service starts
 }
 
 func newLedger() *Ledger {
-	return &Ledger{pending: make(map[ledgerKey]*UsageRow)}
+	return &Ledger{pending: make(map[ledgerKey]*UsageRow), writer: rand.Text()}
 }
 
 // Day formats t as the ledger's UTC day.
@@ -76,36 +95,43 @@ func (l *Ledger) attach(st UsageStore) {
 	l.mu.Unlock()
 }
 
-// flush writes the pending rows. On failure they stay pending, merged with
-// what arrived meanwhile, for the next try.
+// flush writes the batch that failed last time, if any, then the pending
+// rows as a new batch. A failed batch is kept as it is for the next try.
 func (l *Ledger) flush(ctx context.Context) error {
+	l.flushing.Lock()
+	defer l.flushing.Unlock()
 	l.mu.Lock()
-	st := l.store
-	if st == nil || len(l.pending) == 0 {
+	st, unsure := l.store, l.unsure
+	l.mu.Unlock()
+	if st == nil {
+		return nil
+	}
+	if unsure != nil {
+		if err := st.AddUsage(ctx, *unsure); err != nil {
+			return err
+		}
+		l.mu.Lock()
+		l.unsure = nil
+		l.mu.Unlock()
+	}
+
+	l.mu.Lock()
+	if len(l.pending) == 0 {
 		l.mu.Unlock()
 		return nil
 	}
-	batch := make([]UsageRow, 0, len(l.pending))
+	l.seq++
+	b := UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]UsageRow, 0, len(l.pending))}
 	for _, row := range l.pending {
-		batch = append(batch, *row)
+		b.Rows = append(b.Rows, *row)
 	}
 	clear(l.pending)
 	l.mu.Unlock()
 
-	err := st.AddUsage(ctx, batch)
+	err := st.AddUsage(ctx, b)
 	if err != nil {
 		l.mu.Lock()
-		for _, row := range batch {
-			k := ledgerKey{row.Client, row.Day, row.Model}
-			if p := l.pending[k]; p != nil {
-				p.Requests += row.Requests
-				p.PromptTokens += row.PromptTokens
-				p.CompletionTokens += row.CompletionTokens
-			} else {
-				r := row
-				l.pending[k] = &r
-			}
-		}
+		l.unsure = &b
 		l.mu.Unlock()
 	}
 	return err
@@ -121,6 +147,15 @@ func (l *Ledger) UsageSince(ctx context.Context, client string, since time.Time)
 	for k, row := range l.pending {
 		if k.client == client && k.day >= day {
 			pending = append(pending, *row)
+		}
+	}
+	// A batch that may have been applied counts until it is known: a
+	// moment of counting it twice rather than not at all.
+	if l.unsure != nil {
+		for _, row := range l.unsure.Rows {
+			if row.Client == client && row.Day >= day {
+				pending = append(pending, row)
+			}
 		}
 	}
 	l.mu.Unlock()
@@ -182,8 +217,10 @@ const ledgerSchema = `CREATE TABLE usage (
 		PRIMARY KEY (client, day, model)
 	) STRICT, WITHOUT ROWID;`
 
-// AddUsage implements UsageStore.
-func (s *SQLite) AddUsage(ctx context.Context, rows []UsageRow) error {
+// AddUsage implements UsageStore. A transaction that failed was not
+// applied, so a batch written again cannot count twice: the writer and
+// sequence are not needed here.
+func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
 	return s.write(ctx, func(tx *sql.Tx) error {
 		stmt, err := tx.PrepareContext(ctx, `INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens)
 			VALUES (?, ?, ?, ?, ?, ?)
@@ -195,7 +232,7 @@ func (s *SQLite) AddUsage(ctx context.Context, rows []UsageRow) error {
 			return err
 		}
 		defer stmt.Close()
-		for _, r := range rows {
+		for _, r := range b.Rows {
 			if _, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens); err != nil {
 				return fmt.Errorf("writing usage: %w", err)
 			}

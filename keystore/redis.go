@@ -46,6 +46,8 @@ const (
 	redisCounterKey  = "vgt:keys:counter"
 	redisEpochKey    = "vgt:keys:epoch"
 	redisUsagePrefix = "vgt:usage:"
+	// redisWriterPrefix names a ledger's last applied batch sequence.
+	redisWriterPrefix = "vgt:usage-writer:"
 
 	// redisPage is how many keys one read of Changes, List or a first
 	// load asks for at once.
@@ -67,6 +69,11 @@ const (
 	// usageTTL is how long a day of the usage ledger is kept after its
 	// last write.
 	usageTTL = 400 * 24 * time.Hour
+
+	// writerTTL is how long a ledger's last sequence is kept after its
+	// last write: a batch retried later than that would count twice.
+	// Ledgers retry every second while Redis fails.
+	writerTTL = 7 * 24 * time.Hour
 
 	epochShift = 48
 	seqMask    = 1<<epochShift - 1
@@ -125,6 +132,28 @@ local seq = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], 'revoked', ARGV[3], 'seq', seq)
 redis.call('ZADD', KEYS[2], seq, ARGV[2])
 return 'ok'`)
+
+	// addUsageScript adds a ledger batch once. KEYS: the writer's
+	// sequence key, then the days' usage hashes. ARGV: the batch's
+	// sequence, the usage TTL and the writer TTL in seconds, then for
+	// each row the index of its hash in KEYS and three field and
+	// increment pairs.
+	addUsageScript = redis.NewScript(`
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) <= last then
+	return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+for i = 4, #ARGV, 7 do
+	local k = KEYS[tonumber(ARGV[i])]
+	redis.call('HINCRBY', k, ARGV[i+1], ARGV[i+2])
+	redis.call('HINCRBY', k, ARGV[i+3], ARGV[i+4])
+	redis.call('HINCRBY', k, ARGV[i+5], ARGV[i+6])
+end
+for i = 2, #KEYS do
+	redis.call('EXPIRE', KEYS[i], ARGV[2])
+end
+return 1`)
 
 	// touchScript raises last-used times, never lowers them, and
 	// ignores keys that do not exist. KEYS: keys' hashes. ARGV: a time
@@ -422,27 +451,31 @@ func (s *Redis) TouchLastUsed(ctx context.Context, used map[string]time.Time) er
 	return nil
 }
 
-// AddUsage implements UsageStore: one transaction of HINCRBYs, each day's
-// hash kept usageTTL after its last write.
-func (s *Redis) AddUsage(ctx context.Context, rows []UsageRow) error {
-	if len(rows) == 0 {
+// AddUsage implements UsageStore: one script of HINCRBYs, each day's hash
+// kept usageTTL after its last write. The script first checks the
+// writer's last applied sequence: a batch retried after its answer was
+// lost (Redis applied it, then the connection broke) is not counted again.
+func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
+	if len(b.Rows) == 0 {
 		return nil
 	}
-	_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		days := make(map[string]struct{})
-		for _, r := range rows {
-			k := usageKey(r.Client, r.Day)
-			p.HIncrBy(ctx, k, r.Model+"\x00requests", r.Requests)
-			p.HIncrBy(ctx, k, r.Model+"\x00prompt", r.PromptTokens)
-			p.HIncrBy(ctx, k, r.Model+"\x00completion", r.CompletionTokens)
-			days[k] = struct{}{}
+	keys := []string{redisWriterPrefix + b.Writer}
+	index := make(map[string]int)
+	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second)}
+	for _, r := range b.Rows {
+		k := usageKey(r.Client, r.Day)
+		i, ok := index[k]
+		if !ok {
+			keys = append(keys, k)
+			i = len(keys)
+			index[k] = i
 		}
-		for k := range days {
-			p.Expire(ctx, k, usageTTL)
-		}
-		return nil
-	})
-	if err != nil {
+		args = append(args, i,
+			r.Model+"\x00requests", r.Requests,
+			r.Model+"\x00prompt", r.PromptTokens,
+			r.Model+"\x00completion", r.CompletionTokens)
+	}
+	if err := addUsageScript.Run(ctx, s.client, keys, args...).Err(); err != nil {
 		return fmt.Errorf("writing usage: %w", err)
 	}
 	return nil

@@ -415,7 +415,7 @@ func TestRedisHoldsNoSecret(t *testing.T) {
 	if err := st.TouchLastUsed(ctx, used); err != nil {
 		t.Fatal(err)
 	}
-	if err := st.AddUsage(ctx, []UsageRow{{Client: "key_x", Day: Day(now), Model: "m", Requests: 1}}); err != nil {
+	if err := st.AddUsage(ctx, UsageBatch{Writer: "w", Seq: 1, Rows: []UsageRow{{Client: "key_x", Day: Day(now), Model: "m", Requests: 1}}}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -465,8 +465,8 @@ func TestRedisHoldsNoSecret(t *testing.T) {
 	if err := iter.Err(); err != nil {
 		t.Fatal(err)
 	}
-	if types["hash"] != 21 || types["zset"] != 1 || types["string"] != 2 {
-		t.Errorf("key types %v, want 21 hashes (20 keys, 1 day of usage), 1 zset, 2 strings", types)
+	if types["hash"] != 21 || types["zset"] != 1 || types["string"] != 3 {
+		t.Errorf("key types %v, want 21 hashes (20 keys, 1 day of usage), 1 zset, 3 strings (counter, epoch, the ledger's sequence)", types)
 	}
 	all := dump.String()
 	for _, s := range secrets {
@@ -496,13 +496,15 @@ func TestRedisLedger(t *testing.T) {
 		{Client: "key_a:x", Day: day1, Model: "vigthoria-pro", Requests: 7, PromptTokens: 7, CompletionTokens: 7},
 		{Client: "key_b", Day: day2, Model: "vigthoria-pro", Requests: 5, PromptTokens: 5, CompletionTokens: 5},
 	}
-	// Two flushes: the second adds to the first.
-	for range 2 {
-		if err := st.AddUsage(ctx, batch); err != nil {
+	// Two batches: the second adds to the first. The first again, as a
+	// ledger retries a write whose answer it lost, and an older one, add
+	// nothing.
+	for _, seq := range []uint64{1, 2, 2, 1} {
+		if err := st.AddUsage(ctx, UsageBatch{Writer: "w1", Seq: seq, Rows: batch}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := st.AddUsage(ctx, nil); err != nil {
+	if err := st.AddUsage(ctx, UsageBatch{Writer: "w1", Seq: 3}); err != nil {
 		t.Fatal(err)
 	}
 	got, err := st.usageSince(ctx, "key_a", day1, now)
@@ -537,6 +539,9 @@ func TestRedisLedger(t *testing.T) {
 	keys, err := raw.Keys(ctx, redisUsagePrefix+"*").Result()
 	if err != nil || len(keys) != 5 {
 		t.Fatalf("usage keys %v (%v), want 5", keys, err)
+	}
+	if ttl := raw.TTL(ctx, redisWriterPrefix+"w1").Val(); ttl < writerTTL-time.Minute || ttl > writerTTL {
+		t.Errorf("TTL of the writer's sequence = %v, want %v", ttl, writerTTL)
 	}
 	for _, k := range keys {
 		if ttl := raw.TTL(ctx, k).Val(); ttl < usageTTL-time.Minute || ttl > usageTTL {

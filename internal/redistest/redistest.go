@@ -1,5 +1,5 @@
 // Package redistest runs a real redis-server for tests and the benchmark,
-// on a free loopback port, without persistence.
+// on a free loopback port, without persistence unless asked for it.
 package redistest
 
 import (
@@ -20,6 +20,7 @@ type Server struct {
 	URL  string // redis://127.0.0.1:port/0
 	port int
 	dir  string
+	args []string // given to every start, after the defaults
 	cmd  *exec.Cmd
 }
 
@@ -35,8 +36,24 @@ func Start(t testing.TB) *Server {
 	return s
 }
 
+// StartWith is Start with more redis-server arguments, which override the
+// defaults: StartWith(t, "--appendonly", "yes", "--appendfsync", "always")
+// runs a durable server, which Restart brings back with its data.
+func StartWith(t testing.TB, args ...string) *Server {
+	t.Helper()
+	s, err := RunWith(t.TempDir(), args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
 // Run runs redis-server with its files in dir until Stop.
-func Run(dir string) (*Server, error) {
+func Run(dir string) (*Server, error) { return RunWith(dir) }
+
+// RunWith is Run with more redis-server arguments; see StartWith.
+func RunWith(dir string, args ...string) (*Server, error) {
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		return nil, errors.New("redis-server is not installed; `make test` installs it (Debian package redis-server)")
 	}
@@ -46,7 +63,7 @@ func Run(dir string) (*Server, error) {
 	}
 	port := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	s := &Server{port: port, dir: dir}
+	s := &Server{port: port, dir: dir, args: args}
 	s.Addr = "127.0.0.1:" + strconv.Itoa(port)
 	s.URL = "redis://" + s.Addr + "/0"
 	return s, s.start()
@@ -56,10 +73,12 @@ func Run(dir string) (*Server, error) {
 func (s *Server) Stop() { s.kill() }
 
 func (s *Server) start() error {
-	s.cmd = exec.Command("redis-server",
+	// Later arguments win: s.args override the defaults.
+	args := append([]string{
 		"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", s.dir,
-		"--protected-mode", "no")
+		"--protected-mode", "no"}, s.args...)
+	s.cmd = exec.Command("redis-server", args...)
 	// Should the process that started it die, the server goes too.
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {
@@ -103,7 +122,9 @@ func (s *Server) kill() {
 	}
 }
 
-// Restart starts a killed server again on the same port, empty.
+// Restart starts a killed server again on the same port and directory,
+// with the same arguments: empty, unless those gave it persistence, in
+// which case it loads what it had written.
 func (s *Server) Restart(t testing.TB) {
 	t.Helper()
 	s.kill()
