@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run test build deps test-deps clean bench soak fuzz redis-crash
+.PHONY: run test build deps test-deps clean bench soak fuzz
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -35,11 +35,6 @@ fuzz:
 		echo "fuzzing $${t%%:*} for $(FUZZTIME)"; \
 		$(GO) test -run '^$$' -fuzz "^$${t%%:*}\$$" -fuzztime $(FUZZTIME) $${t#*:}; \
 	done
-
-## redis-crash: the Redis store killed 50 times mid-write, with a durable
-## redis-server (not in make test: see keystore/redis_crash_test.go).
-redis-crash: test-deps
-	$(GO) test -race -count=1 -tags rediscrash -run RedisCrash -v ./keystore
 
 ## bench: load benchmarks of the proxy against plain Caddy and the
 ## upstream alone, and the hot paths' micro-benchmarks (redis-server for

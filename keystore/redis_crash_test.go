@@ -1,11 +1,3 @@
-//go:build rediscrash
-
-// This test runs behind `make redis-crash`, not in make test: about one
-// run in ten, a ledger batch cut by a kill shows up partly applied after a
-// later restart. The unproven suspicion is Redis 7.0's loading of an
-// append-only file that a kill cut in the middle of a MULTI/EXEC block.
-// Until that is settled, it would make make test fail at random.
-
 package keystore
 
 import (
@@ -15,6 +7,8 @@ import (
 	"maps"
 	"math"
 	"math/rand/v2"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -60,7 +54,14 @@ const (
 // the README asks operators to give Redis persistence.
 func TestRedisCrashConsistency(t *testing.T) {
 	ctx := t.Context()
-	srv := redistest.StartWith(t, "--appendonly", "yes", "--appendfsync", "always")
+	// aof-load-truncated no: a kill can cut the append-only file inside
+	// a MULTI/EXEC block (a script's effects), and Redis 7.0 told to load
+	// such a file anyway truncates it after the last whole command, inside
+	// the block: at the next restart, the cut block's first commands run
+	// with the next block. Refused to start instead, it is repaired by
+	// redis-check-aof, which truncates before the block, as an operator
+	// does (see README).
+	srv := redistest.StartWith(t, "--appendonly", "yes", "--appendfsync", "always", "--aof-load-truncated", "no")
 	raw := rawRedis(t, srv.URL)
 
 	// A Service polls the store all along, as a running Caddy does. It
@@ -140,6 +141,7 @@ func TestRedisCrashConsistency(t *testing.T) {
 
 		restarted := time.Now()
 		writing += restarted.Sub(begun)
+		repairAOF(t, srv.Dir())
 		srv.Restart(t)
 		checkAOFLoaded(t, kill, raw)
 		st = openRedisCrash(t, kill, srv)
@@ -717,4 +719,16 @@ func (m *redisCrashModel) serviceWrong(svc *Service) string {
 		}
 	}
 	return ""
+}
+
+// repairAOF runs redis-check-aof --fix on the append-only file in dir, as
+// an operator does when Redis refuses to load a file a crash cut short; a
+// whole file is left as it is.
+func repairAOF(t *testing.T, dir string) {
+	t.Helper()
+	cmd := exec.Command("redis-check-aof", "--fix", filepath.Join(dir, "appendonlydir", "appendonly.aof.manifest"))
+	cmd.Stdin = strings.NewReader("y\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("redis-check-aof --fix: %v\n%s", err, out)
+	}
 }

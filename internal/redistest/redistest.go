@@ -69,6 +69,9 @@ func RunWith(dir string, args ...string) (*Server, error) {
 	return s, s.start()
 }
 
+// Dir is where the server keeps its files.
+func (s *Server) Dir() string { return s.dir }
+
 // Stop ends the server.
 func (s *Server) Stop() { s.kill() }
 
