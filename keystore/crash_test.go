@@ -460,39 +460,7 @@ func (m *crashModel) checkKeys(t *testing.T, kill int, st *SQLite, run *crashRun
 	for _, r := range recs {
 		stored[r.ID] = r
 	}
-	for id, want := range m.keys {
-		if _, ok := stored[id]; !ok {
-			t.Errorf("kill %d: acknowledged key %s (%s, %s) is gone", kill, id, want.Name, want.Tier)
-		}
-	}
-	for id, got := range stored {
-		want, known := m.keys[id]
-		switch {
-		case known && run.inflight != nil && id == run.inflight.ID:
-			// Cut by the kill: as acknowledged before it, or as after it.
-			after := *run.inflight
-			if run.inflightOp == "rotate" {
-				after.Hash = got.Hash // the new secret never reached the parent
-			}
-			if !sameRecord(got, want) && !sameRecord(got, after) {
-				t.Errorf("kill %d: key %s, cut in its %s, is %+v\nwant %+v\nor   %+v", kill, id, run.inflightOp, got, want, after)
-			}
-			landed = !sameRecord(got, want)
-		case known:
-			if !sameRecord(got, want) {
-				t.Errorf("kill %d: key %s is %+v\nacknowledged as %+v", kill, id, got, want)
-			}
-		case run.inflightOp == "create" && !landed:
-			after := *run.inflight
-			after.ID, after.Hash = id, got.Hash // never acknowledged
-			if !sameRecord(got, after) {
-				t.Errorf("kill %d: key %s, created as the kill came, is %+v\nwant %+v", kill, id, got, after)
-			}
-			landed = true
-		default:
-			t.Errorf("kill %d: key %s (%s) is stored, but no process announced it", kill, id, got.Name)
-		}
-	}
+	landed, _ = checkAcknowledged(t, kill, stored, m.keys, run.inflightOp, run.inflight)
 	m.keys = stored
 
 	// A change and its sequence number are written in one transaction.
@@ -608,4 +576,47 @@ func sameRecord(a, b Record) bool {
 	return a.ID == b.ID && a.Name == b.Name && a.Tier == b.Tier && a.Hash == b.Hash &&
 		a.Created.Equal(b.Created) && a.Expires.Equal(b.Expires) &&
 		a.Revoked.Equal(b.Revoked) && a.LastUsed.Equal(b.LastUsed)
+}
+
+// checkAcknowledged checks that stored holds every acknowledged key as
+// acknowledged, and nothing else but what the change in flight (op on
+// inflight, the key as that change would leave it) made, whole or not at
+// all. It reports whether that change landed, and the ID of a key it
+// created.
+func checkAcknowledged(t *testing.T, kill int, stored, acked map[string]Record, op string, inflight *Record) (landed bool, created string) {
+	t.Helper()
+	for id, want := range acked {
+		if _, ok := stored[id]; !ok {
+			t.Errorf("kill %d: acknowledged key %s (%s, %s) is gone", kill, id, want.Name, want.Tier)
+		}
+	}
+	for id, got := range stored {
+		want, known := acked[id]
+		switch {
+		case known && inflight != nil && id == inflight.ID:
+			// Cut by the kill: as acknowledged before it, or as after it.
+			after := *inflight
+			if op == "rotate" {
+				after.Hash = got.Hash // the new secret was never shown
+			}
+			if !sameRecord(got, want) && !sameRecord(got, after) {
+				t.Errorf("kill %d: key %s, cut in its %s, is %+v\nwant %+v\nor   %+v", kill, id, op, got, want, after)
+			}
+			landed = !sameRecord(got, want)
+		case known:
+			if !sameRecord(got, want) {
+				t.Errorf("kill %d: key %s is %+v\nacknowledged as %+v", kill, id, got, want)
+			}
+		case op == "create" && created == "":
+			after := *inflight
+			after.ID, after.Hash = id, got.Hash // never acknowledged
+			if !sameRecord(got, after) {
+				t.Errorf("kill %d: key %s, created as the kill came, is %+v\nwant %+v", kill, id, got, after)
+			}
+			landed, created = true, id
+		default:
+			t.Errorf("kill %d: key %s (%s) is stored, but no change in flight made it", kill, id, got.Name)
+		}
+	}
+	return landed, created
 }

@@ -470,40 +470,7 @@ func (m *redisCrashModel) checkKeys(t *testing.T, kill int, st *Redis, raw *redi
 	for _, r := range recs {
 		stored[r.ID] = r
 	}
-	for id, want := range m.keys {
-		if _, ok := stored[id]; !ok {
-			t.Errorf("kill %d: acknowledged key %s (%s, %s) is gone", kill, id, want.Name, want.Tier)
-		}
-	}
-	created := ""
-	for id, got := range stored {
-		want, known := m.keys[id]
-		switch {
-		case known && run.inflight != nil && id == run.inflight.ID:
-			// Cut by the kill: as acknowledged before it, or as after it.
-			after := *run.inflight
-			if run.inflightOp == "rotate" {
-				after.Hash = got.Hash // the new secret never reached the test
-			}
-			if !sameRecord(got, want) && !sameRecord(got, after) {
-				t.Errorf("kill %d: key %s, cut in its %s, is %+v\nwant %+v\nor   %+v", kill, id, run.inflightOp, got, want, after)
-			}
-			landed = !sameRecord(got, want)
-		case known:
-			if !sameRecord(got, want) {
-				t.Errorf("kill %d: key %s is %+v\nacknowledged as %+v", kill, id, got, want)
-			}
-		case run.inflightOp == "create" && created == "":
-			after := *run.inflight
-			after.ID, after.Hash = id, got.Hash // never acknowledged
-			if !sameRecord(got, after) {
-				t.Errorf("kill %d: key %s, created as the kill came, is %+v\nwant %+v", kill, id, got, after)
-			}
-			landed, created = true, id
-		default:
-			t.Errorf("kill %d: key %s (%s) is stored, but was never created", kill, id, got.Name)
-		}
-	}
+	landed, created := checkAcknowledged(t, kill, stored, m.keys, run.inflightOp, run.inflight)
 
 	// What the Service must make of the keys now.
 	if landed {
