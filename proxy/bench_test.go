@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -119,6 +120,34 @@ func BenchmarkParseRequest(b *testing.B) {
 	for b.Loop() {
 		if _, err := ParseRequest(body); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// headerWriter is a ResponseWriter that keeps nothing, so that a benchmark
+// measures the handler, not a recorder.
+type headerWriter struct{ h http.Header }
+
+func (w *headerWriter) Header() http.Header         { return w.h }
+func (w *headerWriter) Write(p []byte) (int, error) { return len(p), nil }
+func (w *headerWriter) WriteHeader(int)             {}
+
+// BenchmarkModelsCacheHit answers GET /v1/models from a cached, filtered
+// list, as every call but the first in a TTL does.
+func BenchmarkModelsCacheHit(b *testing.B) {
+	up := &Upstream{key: "bench-models"}
+	body := []byte(`{"object":"list","data":[{"id":"vigthoria-fast-1","object":"model"},{"id":"vigthoria-pro-1","object":"model"},{"id":"vigthoria-embed-1","object":"model"}]}`)
+	modelLists.Add(up.key, &modelList{body: body, fetched: time.Now(), filtered: make(map[string]filteredList)})
+	b.Cleanup(func() { modelLists.Remove(up.key) })
+	filter := ModelFilter{Key: "free", Allows: func(m string) bool { return strings.HasPrefix(m, "vigthoria-fast-") }}
+	r := httptest.NewRequest(http.MethodGet, "/v1/models", nil)
+	w := &headerWriter{h: make(http.Header)}
+	b.ReportAllocs()
+	for b.Loop() {
+		clear(w.h)
+		var c Call
+		if err := up.ServeModels(w, r, nil, time.Hour, filter, &c); err != nil || c.Usage.Cache != "HIT" {
+			b.Fatalf("ServeModels: %v, cache %q", err, c.Usage.Cache)
 		}
 	}
 }
