@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -72,7 +71,7 @@ func readAnswer(res *http.Response, u *AnswerUsage) (io.ReadCloser, error) {
 		return &jsonTap{src: prefixed{io.MultiReader(bytes.NewReader(buf), res.Body), res.Body}, usage: u}, nil
 	}
 	res.Body.Close()
-	if !json.Valid(buf) {
+	if !validJSON(buf) {
 		putAnswer(bufp)
 		return nil, errBadAnswer
 	}

@@ -37,7 +37,7 @@ func ParseRequest(body []byte) (RequestInfo, *APIError) {
 	if len(trimmed) == 0 || trimmed[0] != '{' {
 		return RequestInfo{}, invalidRequest("The request body must be a JSON object.")
 	}
-	if !json.Valid(body) {
+	if !validJSON(body) {
 		// Only to say where: the error path may be slow.
 		err := json.Unmarshal(body, new(struct{}))
 		return RequestInfo{}, invalidRequest("We could not parse the JSON body of your request: " + errText(err))
