@@ -579,8 +579,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
 	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached {
-		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
-		return refuse(w, r, client.Tier, ep.Name, proxy.UpstreamExhausted(wait))
+		secs := retrySeconds(wait)
+		w.Header().Set("Retry-After", strconv.Itoa(secs))
+		return refuse(w, r, client.Tier, ep.Name, proxy.UpstreamExhausted(secs))
 	}
 
 	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, reserve, now)

@@ -25,7 +25,6 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
-	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
 
 // config is the run's settings, from the command line.
@@ -140,17 +139,11 @@ func run(ctx context.Context, cfg config) error {
 // on them and profiles the module, and stops them all again.
 func (rep *report) runLoad(ctx context.Context) error {
 	cfg := rep.cfg
-	dir, err := os.MkdirTemp("", "vigthoria-bench-")
+	dir, up, err := startUpstreamIn("vigthoria-bench-", cfg.chunkDelay)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	up, err := startUpstream()
-	if err != nil {
-		return err
-	}
-	defer up.close()
-	up.SetBehavior(standin.Behavior{ChunkDelay: cfg.chunkDelay}) // only streams are paced
+	defer up.closeAndRemove(dir)
 
 	var redisURL string
 	if needsRedis() {

@@ -16,8 +16,6 @@ import (
 	"time"
 
 	vegeta "github.com/tsenart/vegeta/v12/lib"
-
-	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
 
 // The soak test: the module's Caddy under a long mixed load of paced
@@ -89,17 +87,11 @@ func soak(ctx context.Context, cfg config) error {
 	if s.machine, err = describeMachine(cfg.caddy); err != nil {
 		return err
 	}
-	dir, err := os.MkdirTemp("", "vigthoria-soak-")
+	dir, up, err := startUpstreamIn("vigthoria-soak-", cfg.soakChunkDelay)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	up, err := startUpstream()
-	if err != nil {
-		return err
-	}
-	defer up.close()
-	up.SetBehavior(standin.Behavior{ChunkDelay: cfg.soakChunkDelay}) // only streams are paced
+	defer up.closeAndRemove(dir)
 
 	t := targets[slices.IndexFunc(targets, func(t target) bool { return t.name == moduleName })]
 	inst, err := start(ctx, t, cfg.caddy, dir, up, "")

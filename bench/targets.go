@@ -160,7 +160,28 @@ func startUpstream() (*upstream, error) {
 	return up, nil
 }
 
-func (up *upstream) close() { up.srv.Close() }
+// startUpstreamIn makes a temporary directory for a run's targets and
+// starts the stand-in upstream, pacing streams by chunkDelay (only
+// streams are paced).
+func startUpstreamIn(dirPrefix string, chunkDelay time.Duration) (string, *upstream, error) {
+	dir, err := os.MkdirTemp("", dirPrefix)
+	if err != nil {
+		return "", nil, err
+	}
+	up, err := startUpstream()
+	if err != nil {
+		os.RemoveAll(dir)
+		return "", nil, err
+	}
+	up.SetBehavior(standin.Behavior{ChunkDelay: chunkDelay})
+	return dir, up, nil
+}
+
+// closeAndRemove stops the upstream and removes the run's directory.
+func (up *upstream) closeAndRemove(dir string) {
+	up.srv.Close()
+	os.RemoveAll(dir)
+}
 
 // startTargets starts every target; when one fails, it stops the others.
 func startTargets(ctx context.Context, caddyBin, dir string, up *upstream, redisURL string) ([]*instance, error) {

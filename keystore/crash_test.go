@@ -68,8 +68,7 @@ func TestSQLiteCrashConsistency(t *testing.T) {
 		begin                          = time.Now()
 		acks, minAcks, maxAcks         = 0, math.MaxInt, 0
 		minRun, maxRun                 = time.Duration(math.MaxInt64), time.Duration(0)
-		keysCut, keysLanded            int
-		batchesCut, batchesLanded      int
+		keyCuts, batchCuts             cuts
 		lostUses, lostTokens, lostRuns int
 		oldestLoss                     time.Duration
 	)
@@ -101,20 +100,8 @@ func TestSQLiteCrashConsistency(t *testing.T) {
 		if len(lost) > 0 {
 			lostRuns++
 		}
-		switch {
-		case run.inflight == nil:
-		case keyLanded:
-			keysLanded++
-		default:
-			keysCut++
-		}
-		switch {
-		case run.batch == nil:
-		case batchLanded:
-			batchesLanded++
-		default:
-			batchesCut++
-		}
+		keyCuts.add(run.inflight != nil, keyLanded)
+		batchCuts.add(run.batch != nil, batchLanded)
 		n := len(lines)
 		acks += n
 		minAcks, maxAcks = min(minAcks, n), max(maxAcks, n)
@@ -131,9 +118,9 @@ func TestSQLiteCrashConsistency(t *testing.T) {
 	t.Logf("%d kills in %v", crashKills, time.Since(begin).Round(time.Millisecond))
 	t.Logf("lines read per process: %d to %d, %d in all; killed %v to %v after the first write",
 		minAcks, maxAcks, acks, minRun.Round(time.Millisecond), maxRun.Round(time.Millisecond))
-	t.Logf("key changes cut by the kill: %d landed whole, %d left no trace; %d keys at the end", keysLanded, keysCut, len(m.keys))
-	t.Logf("ledger batches cut by the kill: %d landed whole, %d left no trace; %d rows hold %d requests, %d tokens",
-		batchesLanded, batchesCut, len(m.usage), requests, tokens)
+	t.Logf("key changes cut by the kill: %v; %d keys at the end", keyCuts, len(m.keys))
+	t.Logf("ledger batches cut by the kill: %v; %d rows hold %d requests, %d tokens",
+		batchCuts, len(m.usage), requests, tokens)
 	t.Logf("ledger loss: %d uses (%d tokens) in %d of %d kills, the oldest %v before its kill; documented window %v, flushed every %v here",
 		lostUses, lostTokens, lostRuns, crashKills, oldestLoss.Round(time.Microsecond), ledgerFlushInterval, crashLedgerFlush)
 }
@@ -619,4 +606,23 @@ func checkAcknowledged(t *testing.T, kill int, stored, acked map[string]Record, 
 		}
 	}
 	return landed, created
+}
+
+// cuts counts the changes a kill cut, by whether they landed whole or
+// left no trace.
+type cuts struct{ landed, lost int }
+
+// add counts one run: whether a change was in flight, and if it landed.
+func (c *cuts) add(inFlight, landed bool) {
+	switch {
+	case !inFlight:
+	case landed:
+		c.landed++
+	default:
+		c.lost++
+	}
+}
+
+func (c cuts) String() string {
+	return fmt.Sprintf("%d landed whole, %d left no trace", c.landed, c.lost)
 }

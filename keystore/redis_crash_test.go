@@ -89,13 +89,12 @@ func TestRedisCrashConsistency(t *testing.T) {
 		usage:   make(map[ledgerKey]UsageRow),
 	}
 	var (
-		begin                     = time.Now()
-		keyAcks, uses, flushes    int
-		minAcks, maxAcks          = math.MaxInt, 0
-		minRun, maxRun            = time.Duration(math.MaxInt64), time.Duration(0)
-		keysCut, keysLanded       int
-		batchesCut, batchesLanded int
-		landedUses, landedTokens  int64
+		begin                    = time.Now()
+		keyAcks, uses, flushes   int
+		minAcks, maxAcks         = math.MaxInt, 0
+		minRun, maxRun           = time.Duration(math.MaxInt64), time.Duration(0)
+		keyCuts, batchCuts       cuts
+		landedUses, landedTokens int64
 
 		// Time spent in all, and the longest of each kill.
 		writing, restarting, checking, catchingUp time.Duration
@@ -191,20 +190,8 @@ func TestRedisCrashConsistency(t *testing.T) {
 			}
 		}
 
-		switch {
-		case run.inflightOp == "":
-		case landed:
-			keysLanded++
-		default:
-			keysCut++
-		}
-		switch {
-		case run.batch == nil:
-		case batchLanded:
-			batchesLanded++
-		default:
-			batchesCut++
-		}
+		keyCuts.add(run.inflightOp != "", landed)
+		batchCuts.add(run.batch != nil, batchLanded)
 		keyAcks += run.keyAcks
 		uses += run.uses
 		flushes += run.flushes
@@ -244,11 +231,11 @@ func TestRedisCrashConsistency(t *testing.T) {
 		ms(maxKill), ms(maxRestart), ms(maxCatchUp))
 	t.Logf("acknowledged: %d key changes (%d to %d a run), %d uses in %d flushes; killed %v to %v after the first write",
 		keyAcks, minAcks, maxAcks, uses, flushes, ms(minRun), ms(maxRun))
-	t.Logf("key changes cut by the kill: %d landed whole, %d left no trace; %d keys at the end, %d live", keysLanded, keysCut, len(m.keys), live)
-	t.Logf("ledger batches cut by the kill: %d landed whole, %d left no trace; %d rows hold %d requests, %d tokens",
-		batchesLanded, batchesCut, len(m.usage), requests, tokens)
+	t.Logf("key changes cut by the kill: %v; %d keys at the end, %d live", keyCuts, len(m.keys), live)
+	t.Logf("ledger batches cut by the kill: %v; %d rows hold %d requests, %d tokens",
+		batchCuts, len(m.usage), requests, tokens)
 	t.Logf("the %d batches that landed hold %d uses, %d tokens: their writes failed, the Ledger wrote them again, and they counted once",
-		batchesLanded, landedUses, landedTokens)
+		batchCuts.landed, landedUses, landedTokens)
 	t.Logf("the Service logged %d failing syncs and %d store resets; the AOF has %s bytes",
 		logs.FilterMessage("reading key changes failed; retrying").Len(),
 		logs.FilterMessage("key store was emptied or restored: reloading every key").Len(),

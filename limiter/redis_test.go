@@ -610,17 +610,22 @@ func reportScriptTime(b *testing.B, c *redis.Client) {
 	b.ReportMetric(usec*1000/float64(b.N), "redis-ns/op")
 }
 
-// BenchmarkRedisAdmitSettle measures one request's two round trips
-// against a local redis-server, one at a time.
-func BenchmarkRedisAdmitSettle(b *testing.B) {
-	s := redistest.Start(b)
-	rc := newRedisClient(b, s)
-	r := NewRedis(rc, "bench:")
-	ctx := context.Background()
+// benchRedis starts a redis-server for a benchmark, and returns the
+// limiter on it, its client and 10,000 client names.
+func benchRedis(b *testing.B) (*Redis, *redis.Client, []string) {
+	rc := newRedisClient(b, redistest.Start(b))
 	names := make([]string, 10_000)
 	for i := range names {
 		names[i] = "key_" + strconv.Itoa(i)
 	}
+	return NewRedis(rc, "bench:"), rc, names
+}
+
+// BenchmarkRedisAdmitSettle measures one request's two round trips
+// against a local redis-server, one at a time.
+func BenchmarkRedisAdmitSettle(b *testing.B) {
+	r, rc, names := benchRedis(b)
+	ctx := context.Background()
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
@@ -641,14 +646,8 @@ func BenchmarkRedisAdmitSettle(b *testing.B) {
 // BenchmarkRedisAdmitSettleParallel is the same from many goroutines, as
 // an instance under load calls it.
 func BenchmarkRedisAdmitSettleParallel(b *testing.B) {
-	s := redistest.Start(b)
-	rc := newRedisClient(b, s)
-	r := NewRedis(rc, "bench:")
+	r, rc, names := benchRedis(b)
 	ctx := context.Background()
-	names := make([]string, 10_000)
-	for i := range names {
-		names[i] = "key_" + strconv.Itoa(i)
-	}
 	var next atomic.Int64
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {

@@ -155,19 +155,34 @@ func policedField(rawKey []byte) uint8 {
 	return 0
 }
 
-// keyName returns a raw JSON key (quotes included) as a decoder reads it.
-// Plain keys, nearly all, are returned without a copy; nil for a key that
-// does not decode.
+// keyName returns a raw JSON key (quotes included) as a decoder reads it;
+// nil for a key that does not decode.
 func keyName(raw []byte) []byte {
+	name, _ := jsonText(raw)
+	return name
+}
+
+// jsonString returns the raw JSON value as a string, if it is one.
+func jsonString(raw []byte) (string, bool) {
+	if raw[0] != '"' {
+		return "", false
+	}
+	text, ok := jsonText(raw)
+	return string(text), ok
+}
+
+// jsonText returns a raw JSON string (quotes included) as a decoder reads
+// it. Plain strings, nearly all, are returned without a copy.
+func jsonText(raw []byte) ([]byte, bool) {
 	inner := raw[1 : len(raw)-1]
 	if verbatim(inner) {
-		return inner
+		return inner, true
 	}
 	var s string
-	if json.Unmarshal(raw, &s) != nil {
-		return nil
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return nil, false
 	}
-	return []byte(s)
+	return []byte(s), true
 }
 
 // verbatim reports whether the inside of a JSON string reads as it is
@@ -180,20 +195,6 @@ func verbatim(inner []byte) bool {
 		}
 	}
 	return true
-}
-
-// jsonString returns the raw JSON value as a string, if it is one.
-func jsonString(raw []byte) (string, bool) {
-	if raw[0] != '"' {
-		return "", false
-	}
-	inner := raw[1 : len(raw)-1]
-	if verbatim(inner) {
-		return string(inner), true
-	}
-	var s string
-	err := json.Unmarshal(raw, &s)
-	return s, err == nil
 }
 
 // eachField calls f with the raw key (quotes included) and value of each

@@ -179,14 +179,14 @@ func (up *Upstream) Exhausted(now time.Time) (time.Duration, bool) {
 	return up.exhausted.wait(now)
 }
 
-// UpstreamExhausted is the local 429 while the upstream's key is exhausted.
-func UpstreamExhausted(wait time.Duration) *APIError {
-	secs := int64((wait + time.Second - 1) / time.Second)
+// UpstreamExhausted is the local 429 while the upstream's key is exhausted
+// for retryAfter more seconds, the figure of its Retry-After header.
+func UpstreamExhausted(retryAfter int) *APIError {
 	return &APIError{
 		Status:  http.StatusTooManyRequests,
 		Type:    "requests",
 		Code:    "upstream_rate_limited",
-		Message: "The upstream API's rate limit for this service is reached. Please try again in " + strconv.FormatInt(secs, 10) + "s.",
+		Message: "The upstream API's rate limit for this service is reached. Please try again in " + strconv.Itoa(retryAfter) + "s.",
 	}
 }
 

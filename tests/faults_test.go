@@ -26,13 +26,16 @@ const faultBound = faultTimeout + 5*time.Second
 // that every token charged in a test stays visible.
 const faultTokens = 100000
 
+// faultTier is the metered tier: one request in flight, and faultTokens.
+var faultTier = "tier metered {\n\t\t\ttokens " + strconv.Itoa(faultTokens) + "/10000h\n\t\t\tconcurrent 1\n\t\t}"
+
 // startFaults runs Caddy with a short header_timeout, the idle_timeout
 // given, and a metered key of one concurrent request and a token budget,
 // returned with the env.
 func startFaults(t *testing.T, idle time.Duration) (*env, string) {
 	t.Helper()
 	e := start(t, manyFailures, "header_timeout "+faultTimeout.String(), "idle_timeout "+idle.String(),
-		"tier metered {\n\t\t\ttokens "+strconv.Itoa(faultTokens)+"/10000h\n\t\t\tconcurrent 1\n\t\t}")
+		faultTier)
 	key, _ := e.meteredKey(t)
 	return e, key
 }
@@ -102,7 +105,7 @@ func TestUpstreamFaults(t *testing.T) {
 	t.Run("refused connection", func(t *testing.T) {
 		closed := "http://127.0.0.1:" + strconv.Itoa(harness.FreePort(t)) + "/v1"
 		e := startOn(t, standin.New(standin.Options{APIKey: serverKey}), nil, closed, "{env.VIGTHORIA_TEST_KEY}",
-			manyFailures, "tier metered {\n\t\t\ttokens "+strconv.Itoa(faultTokens)+"/10000h\n\t\t\tconcurrent 1\n\t\t}")
+			manyFailures, faultTier)
 		key, _ := e.meteredKey(t)
 		for _, body := range []string{faultChat, faultStream} {
 			before, _ := e.usage(t, key)
@@ -156,10 +159,23 @@ func wantErrorEvent(t *testing.T, res *http.Response, code string) {
 	}
 }
 
-// wantSettled waits until the key's request is settled: no slot taken,
-// the token reservation replaced by the charge, which is the prompt and
-// the streamed chunks, or nothing when nothing was answered.
+// wantSettled waits until the key's request is settled, and checks its
+// charge: the prompt and the streamed chunks, or nothing when nothing was
+// answered.
 func wantSettled(t *testing.T, e *env, key string, before usageAnswer, streamed int64) {
+	t.Helper()
+	u := waitSettled(t, e, key)
+	completion := u.Today.CompletionTokens - before.Today.CompletionTokens
+	prompt := u.Today.PromptTokens - before.Today.PromptTokens
+	if completion != streamed || (streamed > 0) != (prompt > 0) {
+		t.Errorf("charged %d prompt and %d completion tokens, want the %d streamed (and the prompt with them)",
+			prompt, completion, streamed)
+	}
+}
+
+// waitSettled waits until no slot of the key is taken and its token
+// reservation is replaced by the charge, and returns its usage then.
+func waitSettled(t *testing.T, e *env, key string) usageAnswer {
 	t.Helper()
 	var u usageAnswer
 	settled := func() bool {
@@ -175,12 +191,7 @@ func wantSettled(t *testing.T, e *env, key string, before usageAnswer, streamed 
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	completion := u.Today.CompletionTokens - before.Today.CompletionTokens
-	prompt := u.Today.PromptTokens - before.Today.PromptTokens
-	if completion != streamed || (streamed > 0) != (prompt > 0) {
-		t.Errorf("charged %d prompt and %d completion tokens, want the %d streamed (and the prompt with them)",
-			prompt, completion, streamed)
-	}
+	return u
 }
 
 func TestClientDisconnectCancelsUpstream(t *testing.T) {
@@ -237,11 +248,7 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 			t.Logf("the upstream request ended %v after the client left", time.Since(left).Round(time.Millisecond))
 			clientChunks := <-got
 			e.upstream.SetBehavior(standin.Behavior{})
-			var u usageAnswer
-			eventually(t, "the abandoned request is settled", func() bool {
-				u, _ = e.usage(t, key)
-				return u.Limits.Concurrent.InFlight == 0 && u.Limits.Tokens.Remaining == faultTokens-u.Today.TotalTokens
-			})
+			u := waitSettled(t, e, key)
 			// The proxy may have passed on a chunk or two the client never read.
 			if charged := u.Today.CompletionTokens - before.Today.CompletionTokens; charged < clientChunks {
 				t.Errorf("charged %d completion tokens, the client received %d", charged, clientChunks)
