@@ -264,7 +264,9 @@ func (r *report) writeProfile(w io.Writer) {
 	}
 	fmt.Fprintf(w, "## Where the module's time goes\n\n")
 	fmt.Fprintf(w, "A %v CPU profile of the `%s` Caddy under the `%s` workload, from its admin endpoint's `/debug/pprof/profile`: "+
-		"first this module's functions, each with all it calls (Caddy's `reverse_proxy` is under `Forward`), then the busiest functions of the process.\n\n",
+		"first this module's functions, each with all it calls (Caddy's `reverse_proxy` is under `Forward`), then the busiest functions of the process. "+
+		"Last, what a request costs more with the module: each Caddy's profile (plain Caddy's taken just before, the same way) divided by the requests it answered meanwhile, "+
+		"then plain Caddy's subtracted; times are CPU per request, and a negative one is work plain Caddy does that the module does not.\n\n",
 		r.cfg.profile, moduleName, profiledWorkload)
 	fmt.Fprintf(w, "```\n%s```\n\n", r.profile)
 }
