@@ -2,6 +2,7 @@ package vigthoria
 
 import (
 	"errors"
+	"strings"
 	"sync"
 	"time"
 
@@ -99,6 +100,66 @@ func onStoreChange(down bool) {
 	}
 	metrics.storeFallback.Set(0)
 }
+
+// labelCache remembers the children of a metric vector by their label
+// values: WithLabelValues hashes and checks its labels on every call, and
+// the request path records four or five of them. It holds at most
+// maxCachedLabels children; past that, they are looked up as before.
+type labelCache[K comparable, V any] struct {
+	child func(K) V
+	mu    sync.RWMutex
+	m     map[K]V
+}
+
+const maxCachedLabels = 4096
+
+func newLabelCache[K comparable, V any](child func(K) V) *labelCache[K, V] {
+	return &labelCache[K, V]{child: child, m: make(map[K]V)}
+}
+
+func (c *labelCache[K, V]) get(k K) V {
+	c.mu.RLock()
+	v, ok := c.m[k]
+	c.mu.RUnlock()
+	if ok {
+		return v
+	}
+	v = c.child(k)
+	c.mu.Lock()
+	if len(c.m) < maxCachedLabels {
+		c.m[k] = v
+	}
+	c.mu.Unlock()
+	return v
+}
+
+// The children the request path uses, by their label values.
+var (
+	// requestsBy is requests_total by tier, endpoint and outcome.
+	requestsBy = newLabelCache(func(k [3]string) prometheus.Counter {
+		return metrics.requests.WithLabelValues(k[0], k[1], k[2])
+	})
+	// refusalsBy is requests_total by tier, endpoint and refusal code.
+	refusalsBy = newLabelCache(func(k [3]string) prometheus.Counter {
+		return metrics.requests.WithLabelValues(k[0], k[1], "refused_"+k[2])
+	})
+	// tokensBy is tokens_total by tier and model: prompt, completion.
+	tokensBy = newLabelCache(func(k [2]string) [2]prometheus.Counter {
+		model := modelLabel(k[1])
+		return [2]prometheus.Counter{
+			metrics.tokens.WithLabelValues(k[0], model, "prompt"),
+			metrics.tokens.WithLabelValues(k[0], model, "completion"),
+		}
+	})
+	// latencyBy is upstream_header_seconds by endpoint.
+	latencyBy = newLabelCache(func(endpoint string) prometheus.Observer {
+		return metrics.upstreamLatency.WithLabelValues(endpoint)
+	})
+	// modelsCacheBy is models_cache_total by the cache's word: HIT, MISS or STALE.
+	modelsCacheBy = newLabelCache(func(result string) prometheus.Counter {
+		return metrics.modelsCache.WithLabelValues(strings.ToLower(result))
+	})
+)
 
 // maxModelLabels bounds the model label: callers choose model names, and
 // a metric must not grow with them.

@@ -574,7 +574,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	if ep.ID == proxy.Usage {
-		metrics.requests.WithLabelValues(client.Tier, ep.Name, "ok").Inc()
+		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
@@ -633,13 +633,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // refuse answers a request the proxy refused, counting it and noting the
 // refusal in the access log.
 func refuse(w http.ResponseWriter, r *http.Request, tier, endpoint string, e *proxy.APIError) error {
-	metrics.requests.WithLabelValues(tier, endpoint, "refused_"+e.Code).Inc()
-	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
-		extra.Set(zap.String("vigthoria_decision", "refused"))
-		extra.Set(zap.String("vigthoria_reason", e.Code))
-		if tier != "none" {
-			extra.Set(zap.String("vigthoria_tier", tier))
-		}
+	refusalsBy.get([3]string{tier, endpoint, e.Code}).Inc()
+	if extra := logFields(r); extra != nil {
+		extra.Add(zap.Inline(refusedLog{tier: tier, reason: e.Code}))
 	}
 	e.Write(w)
 	return nil
@@ -652,14 +648,14 @@ func record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage,
 	if u.Cache == "HIT" || u.Cache == "STALE" {
 		result = "cached"
 	}
-	metrics.requests.WithLabelValues(tier, endpoint, result).Inc()
+	requestsBy.get([3]string{tier, endpoint, result}).Inc()
 	if prompt+completion > 0 {
-		m := modelLabel(model)
-		metrics.tokens.WithLabelValues(tier, m, "prompt").Add(float64(prompt))
-		metrics.tokens.WithLabelValues(tier, m, "completion").Add(float64(completion))
+		tokens := tokensBy.get([2]string{tier, model})
+		tokens[0].Add(float64(prompt))
+		tokens[1].Add(float64(completion))
 	}
 	if u.HeaderLatency > 0 {
-		metrics.upstreamLatency.WithLabelValues(endpoint).Observe(u.HeaderLatency.Seconds())
+		latencyBy.get(endpoint).Observe(u.HeaderLatency.Seconds())
 	}
 	if u.FirstEvent > 0 {
 		metrics.firstByte.Observe(u.FirstEvent.Seconds())
@@ -668,12 +664,35 @@ func record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage,
 		metrics.retries.Add(float64(u.Retries))
 	}
 	if u.Cache != "" {
-		metrics.modelsCache.WithLabelValues(strings.ToLower(u.Cache)).Inc()
+		modelsCacheBy.get(u.Cache).Inc()
 	}
-	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
+	if extra := logFields(r); extra != nil {
 		extra.Add(zap.Inline(&admittedLog{tier: tier, outcome: result, model: model, cache: u.Cache,
 			prompt: prompt, completion: completion, retries: u.Retries}))
 	}
+}
+
+// logFields returns the access log's extra fields of r, or nil when the
+// server keeps no access log: each field added costs allocations, and
+// nobody would read them.
+func logFields(r *http.Request) *caddyhttp.ExtraLogFields {
+	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); !ok || srv.Logs == nil {
+		return nil
+	}
+	extra, _ := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
+	return extra
+}
+
+// refusedLog is what the access log says of a refused request.
+type refusedLog struct{ tier, reason string }
+
+func (l refusedLog) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("vigthoria_decision", "refused")
+	enc.AddString("vigthoria_reason", l.reason)
+	if l.tier != "none" {
+		enc.AddString("vigthoria_tier", l.tier)
+	}
+	return nil
 }
 
 // admittedLog is what the access log says of an admitted request: one

@@ -64,6 +64,12 @@ type Ledger struct {
 	writer string
 	seq    uint64     // of the last batch made
 	store  UsageStore // nil until the service starts
+	// today is the name of the last day a use was added on, kept so
+	// that adding formats a date once a day, not once a request.
+	today struct {
+		unix int64 // the day's first second
+		name string
+	}
 }
 
 func newLedger() *Ledger {
@@ -75,8 +81,8 @@ func Day(t time.Time) string { return t.UTC().Format(time.DateOnly) }
 
 // Add counts one request of client for model at t.
 func (l *Ledger) Add(client, model string, at time.Time, prompt, completion int64) {
-	k := ledgerKey{client, Day(at), model}
 	l.mu.Lock()
+	k := ledgerKey{client, l.dayName(at), model}
 	row := l.pending[k]
 	if row == nil {
 		row = &UsageRow{Client: client, Day: k.day, Model: model}
@@ -86,6 +92,18 @@ func (l *Ledger) Add(client, model string, at time.Time, prompt, completion int6
 	row.PromptTokens += prompt
 	row.CompletionTokens += completion
 	l.mu.Unlock()
+}
+
+// dayName returns Day(t), formatting it only when t is on another day
+// than the last. The caller holds l.mu.
+func (l *Ledger) dayName(t time.Time) string {
+	const secondsPerDay = 24 * 60 * 60
+	unix := t.Unix()
+	if start := l.today.unix; unix < start || unix >= start+secondsPerDay || l.today.name == "" {
+		l.today.name = Day(t)
+		l.today.unix = unix - unix%secondsPerDay
+	}
+	return l.today.name
 }
 
 // attach gives the ledger its store when the service starts.

@@ -3,6 +3,7 @@ package keystore
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"testing"
 	"time"
@@ -82,5 +83,28 @@ func TestLedgerWritesAFailedBatchAgainAsItWas(t *testing.T) {
 	}
 	if used, _ := l.QuotaUsed(ctx, "key_a", now.Add(-time.Hour)); used != 17 {
 		t.Errorf("quota used %d after every write, want 17", used)
+	}
+}
+
+// TestLedgerDaysAroundMidnight checks that the day a use is counted on is
+// its own UTC day, across midnight both ways, with the day's name kept
+// between uses.
+func TestLedgerDaysAroundMidnight(t *testing.T) {
+	l := newLedger()
+	midnight := time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC)
+	for _, at := range []time.Time{
+		midnight.Add(-time.Nanosecond), midnight, midnight.Add(time.Hour),
+		midnight.Add(-time.Hour), midnight.Add(24*time.Hour - time.Nanosecond), midnight.Add(24 * time.Hour),
+		midnight.In(time.FixedZone("UTC-5", -5*60*60)),
+	} {
+		l.Add("key_a", "m", at, 1, 0)
+	}
+	want := map[string]int64{"2026-11-25": 2, "2026-11-26": 4, "2026-11-27": 1}
+	got := map[string]int64{}
+	for k, row := range l.pending {
+		got[k.day] += row.Requests
+	}
+	if !maps.Equal(got, want) {
+		t.Fatalf("requests by day: %v, want %v", got, want)
 	}
 }

@@ -39,11 +39,11 @@ type checkedAnswer struct {
 	rest []byte
 }
 
-// readAnswer reads a 2xx JSON answer whole, up to maxCheckedAnswer. A body
-// that breaks off, or is not JSON, is an error, so the client gets a clean
-// 502/504 instead of a truncated 200. A longer body is returned unchecked,
-// the part already read first.
-func readAnswer(res *http.Response, u *AnswerUsage) (io.ReadCloser, error) {
+// readAnswer reads a 2xx JSON answer whole, up to maxCheckedAnswer, into
+// into, and returns it. A body that breaks off, or is not JSON, is an
+// error, so the client gets a clean 502/504 instead of a truncated 200. A
+// longer body is returned unchecked, the part already read first.
+func readAnswer(res *http.Response, u *AnswerUsage, into *checkedAnswer) (io.ReadCloser, error) {
 	bufp := answerPool.Get().(*[]byte)
 	buf := (*bufp)[:0]
 	if n := res.ContentLength; n > int64(cap(buf)) && n <= maxCheckedAnswer {
@@ -77,7 +77,8 @@ func readAnswer(res *http.Response, u *AnswerUsage) (io.ReadCloser, error) {
 	}
 	parseUsage(buf[max(len(buf)-jsonTailSize, 0):], u)
 	res.ContentLength = int64(len(buf))
-	return &checkedAnswer{bufp: bufp, rest: buf}, nil
+	*into = checkedAnswer{bufp: bufp, rest: buf}
+	return into, nil
 }
 
 func (a *checkedAnswer) Read(p []byte) (int, error) {

@@ -32,7 +32,7 @@ func TestReadAnswer(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			u := new(AnswerUsage)
 			res := &http.Response{Body: &chunkedReader{chunks: append([]string(nil), tc.chunks...), err: tc.err}, ContentLength: -1}
-			body, err := readAnswer(res, u)
+			body, err := readAnswer(res, u, new(checkedAnswer))
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("error = %v, want %v", err, tc.wantErr)
 			}

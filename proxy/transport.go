@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -37,7 +38,7 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		ctx, cancel = context.WithCancelCause(ctx)
 	}
 	out := req.WithContext(ctx)
-	out.Header = make(http.Header, len(req.Header)+1)
+	out.Header = headerPool.Get().(http.Header)
 	for name, values := range req.Header {
 		if !isDroppedUpstream(name) {
 			out.Header[name] = values
@@ -77,15 +78,26 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	case isEventStream(ct):
 		res.Body = newSSEBody(req.Context(), res.Body, t.logger, tp)
 	case tp != nil && res.StatusCode < 300:
-		body, err := readAnswer(res, tp.usage)
+		body, err := readAnswer(res, tp.usage, &tp.answer)
 		if err != nil {
 			tp.usage.Status = 0 // nothing usable was answered
 			return nil, err
 		}
 		res.Body = body
+		if _, whole := body.(*checkedAnswer); whole {
+			// The upstream's body is read and closed: the transport is
+			// done with out, and its header map can serve another.
+			clear(out.Header)
+			headerPool.Put(out.Header)
+		}
 	}
 	return res, nil
 }
+
+// headerPool recycles the header maps of the requests that go upstream.
+// Each needs a map of its own, not Caddy's, so that the server key is in
+// no request Caddy logs.
+var headerPool = sync.Pool{New: func() any { return make(http.Header, 16) }}
 
 // roundTrip sends out, and again after an upstream 429, 502, 503 or a
 // failed connection, as the retry policy allows: never past its max_wait

@@ -146,7 +146,9 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
-	r = r.WithContext(withTap(r.Context(), &tap{usage: &c.Usage, stripUsage: c.StripUsage, body: c.Body, start: time.Now()}))
+	c.tap = tap{usage: &c.Usage, stripUsage: c.StripUsage, body: c.Body, start: time.Now()}
+	caddyhttp.SetVar(r.Context(), tapVar, &c.tap)
+	defer caddyhttp.SetVar(r.Context(), tapVar, nil)
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"strconv"
+	"math"
 	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // AnswerUsage is what one answer used, filled in by the tap as the answer passes
@@ -39,6 +41,8 @@ type Call struct {
 	StripUsage bool
 	// Usage is filled in as the answer passes.
 	Usage AnswerUsage
+
+	tap tap // what Forward tells the transport
 }
 
 // tap is what Forward tells the transport about one request.
@@ -47,16 +51,21 @@ type tap struct {
 	stripUsage bool
 	body       []byte
 	start      time.Time
+	answer     checkedAnswer // a JSON answer, once read whole
 }
 
-type tapKey struct{}
+// String keeps the tap out of placeholders and logs that print Caddy's
+// request variables, where it travels.
+func (*tap) String() string { return "vigthoria call" }
 
-func withTap(ctx context.Context, t *tap) context.Context {
-	return context.WithValue(ctx, tapKey{}, t)
-}
+// tapVar names the tap among Caddy's request variables. The variables
+// travel in the context of Caddy's own copy of the request, so passing the
+// tap there costs no copy of the request, as a context value would.
+const tapVar = "vigthoria.tap"
 
+// tapFrom returns the tap of a request, or nil for none.
 func tapFrom(ctx context.Context) *tap {
-	t, _ := ctx.Value(tapKey{}).(*tap)
+	t, _ := caddyhttp.GetVar(ctx, tapVar).(*tap)
 	return t
 }
 
@@ -135,10 +144,15 @@ func intField(obj, key []byte) (int64, bool) {
 		return 0, false
 	}
 	v := bytes.TrimLeft(obj[i+len(key):], " \t\r\n")
+	// Digits read by hand: strconv would need a string, and that string
+	// would be allocated, since its error keeps it.
+	var n int64
 	end := 0
-	for end < len(v) && v[end] >= '0' && v[end] <= '9' {
-		end++
+	for ; end < len(v) && v[end] >= '0' && v[end] <= '9'; end++ {
+		if n > (math.MaxInt64-9)/10 {
+			return 0, false
+		}
+		n = n*10 + int64(v[end]-'0')
 	}
-	n, err := strconv.ParseInt(string(v[:end]), 10, 64)
-	return n, err == nil
+	return n, end > 0
 }
