@@ -147,8 +147,9 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
 	c.tap = tap{usage: &c.Usage, stripUsage: c.StripUsage, body: c.Body, start: time.Now()}
+	// Set once and left: Caddy's dialer reads the variables from
+	// goroutines that may outlive this call, so a later write would race.
 	caddyhttp.SetVar(r.Context(), tapVar, &c.tap)
-	defer caddyhttp.SetVar(r.Context(), tapVar, nil)
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {
