@@ -164,8 +164,8 @@ func (rep *report) runLoad(ctx context.Context) error {
 		return err
 	}
 	if cfg.profile > 0 {
-		fmt.Printf("bench: CPU profile of %s under %s for %v\n", moduleName, profiledWorkload, cfg.profile)
-		if rep.profile, err = profileModule(ctx, cfg, insts, rep.workloads, dir); err != nil {
+		fmt.Printf("bench: CPU profiles of %s and %s under %s for %v each\n", caddyName, moduleName, profiledWorkload, cfg.profile)
+		if rep.profile, rep.compared, err = profileModule(ctx, cfg, insts, rep.workloads, dir); err != nil {
 			return fmt.Errorf("profiling: %w", err)
 		}
 	}

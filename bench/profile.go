@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -15,46 +17,40 @@ import (
 )
 
 // profileModule takes a CPU profile of plain Caddy and then of the module
-// under the profiled workload, and returns the profileViews of the
-// module's and the addedViews of what the module adds to a request.
-func profileModule(ctx context.Context, cfg config, insts []*instance, wls []workload, dir string) (string, error) {
+// under the profiled workload. It returns the profileViews of the
+// module's, and a Markdown comparison of the two per request.
+func profileModule(ctx context.Context, cfg config, insts []*instance, wls []workload, dir string) (views, table string, err error) {
 	w, ok := findWorkload(wls, profiledWorkload)
 	if !ok {
-		return "", fmt.Errorf("no %s workload", profiledWorkload)
+		return "", "", fmt.Errorf("no %s workload", profiledWorkload)
 	}
-	var paths [2]string
-	var served [2]float64
+	var profiles [2]perRequest
+	var modulePath string
 	for i, name := range []string{caddyName, moduleName} {
 		inst, ok := findInstance(insts, name)
 		if !ok {
-			return "", fmt.Errorf("no %s target", name)
+			return "", "", fmt.Errorf("no %s target", name)
 		}
-		paths[i] = filepath.Join(dir, name+".pprof")
-		var err error
-		if served[i], err = profileUnderLoad(ctx, cfg, inst, w, paths[i]); err != nil {
-			return "", err
-		}
-	}
-	added := filepath.Join(dir, "added.pprof")
-	if err := perRequestDiff(paths[1], served[1], paths[0], served[0], added); err != nil {
-		return "", err
-	}
-	var views []string
-	for _, v := range profileViews {
-		out, err := pprofView(ctx, cfg, v, paths[1])
+		path := filepath.Join(dir, name+".pprof")
+		served, err := profileUnderLoad(ctx, cfg, inst, w, path)
 		if err != nil {
-			return "", err
+			return "", "", err
 		}
-		views = append(views, out)
+		if profiles[i], err = readPerRequest(path, served); err != nil {
+			return "", "", err
+		}
+		modulePath = path
 	}
-	for _, v := range addedViews {
-		out, err := pprofView(ctx, cfg, v, added)
+	var out []string
+	for _, view := range profileViews {
+		args := append([]string{"tool", "pprof"}, view...)
+		text, err := exec.CommandContext(ctx, cfg.goCmd, append(args, cfg.caddy, modulePath)...).Output()
 		if err != nil {
-			return "", err
+			return "", "", fmt.Errorf("go tool pprof: %w", err)
 		}
-		views = append(views, out)
+		out = append(out, "$ go tool pprof "+strings.Join(view, " ")+"\n"+string(text))
 	}
-	return strings.Join(views, "\n"), nil
+	return strings.Join(out, "\n"), compare(profiles[0], profiles[1]), nil
 }
 
 // profileViews are the views of the module's profile in the report: this
@@ -65,20 +61,108 @@ var profileViews = [][]string{
 	{"-top", "-nodecount=20"},
 }
 
-// addedViews are the views of the difference: the functions whose CPU
-// time per request grew the most with the module, and those that shrank.
-var addedViews = [][]string{
-	{"-top", "-nodecount=25"},
+// The functions whose time per request the comparison shows: where a
+// request's CPU time goes in both Caddys.
+const moduleHandler = "github.com/vigthoria/caddy-vigthoria.(*Handler).ServeHTTP"
+
+var comparedFunctions = []struct{ name, about string }{
+	{"net/http.(*conn).serve", "the client's connection: reading the request, handling it, writing the answer"},
+	{"net/http.(*conn).readRequest", "reading the client's request"},
+	{"github.com/caddyserver/caddy/v2/modules/caddyhttp.(*Server).ServeHTTP", "Caddy's handling, the handlers' included"},
+	{"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy.(*Handler).ServeHTTP", "`reverse_proxy`"},
+	{moduleHandler, "this module's handler, `reverse_proxy` included"},
+	{"net/http.(*response).finishRequest", "writing the answer's headers and body out"},
+	{"net/http.(*persistConn).writeLoop", "writing the request upstream"},
+	{"net/http.(*persistConn).readLoop", "reading the upstream's answer"},
+	{"runtime.mallocgc", "allocating, the GC's assists included"},
+	{"runtime.gcBgMarkWorker", "the GC's background marking"},
 }
 
-// pprofView runs go tool pprof with a view's arguments on a profile.
-func pprofView(ctx context.Context, cfg config, view []string, path string) (string, error) {
-	args := append([]string{"tool", "pprof"}, view...)
-	out, err := exec.CommandContext(ctx, cfg.goCmd, append(args, cfg.caddy, path)...).Output()
+// perRequest is a CPU profile as CPU time per request: each function's
+// cumulative time, and the time of each function that moduleHandler calls.
+type perRequest struct {
+	total    float64            // ns
+	cum      map[string]float64 // ns, by function
+	children map[string]float64 // ns, by function called from moduleHandler
+}
+
+func readPerRequest(path string, requests float64) (perRequest, error) {
+	f, err := os.Open(path)
 	if err != nil {
-		return "", fmt.Errorf("go tool pprof: %w", err)
+		return perRequest{}, err
 	}
-	return "$ go tool pprof " + strings.Join(view, " ") + " " + filepath.Base(path) + "\n" + string(out), nil
+	defer f.Close()
+	p, err := profile.Parse(f)
+	if err != nil {
+		return perRequest{}, err
+	}
+	value := -1
+	for i, st := range p.SampleType {
+		if st.Type == "cpu" {
+			value = i
+		}
+	}
+	if value < 0 {
+		return perRequest{}, fmt.Errorf("%s has no CPU time", path)
+	}
+	pr := perRequest{cum: map[string]float64{}, children: map[string]float64{}}
+	var stack []string
+	for _, s := range p.Sample {
+		v := float64(s.Value[value]) / requests
+		pr.total += v
+		stack = stack[:0] // leaf first; inlined frames before their callers
+		for _, loc := range s.Location {
+			for _, line := range loc.Line {
+				stack = append(stack, line.Function.Name)
+			}
+		}
+		seen := map[string]bool{}
+		for i, fn := range stack {
+			if seen[fn] {
+				continue // recursion counts once
+			}
+			seen[fn] = true
+			pr.cum[fn] += v
+			if fn == moduleHandler {
+				child := "(itself)"
+				if i > 0 {
+					child = stack[i-1]
+				}
+				pr.children[child] += v
+			}
+		}
+	}
+	return pr, nil
+}
+
+// compare writes the two profiles' times per request side by side, then
+// the module's own steps.
+func compare(plain, mod perRequest) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "| function | what it is | plain Caddy | module | difference |\n|---|---|--:|--:|--:|\n")
+	row := func(name, about string, a, m float64) {
+		fmt.Fprintf(&b, "| %s | %s | %.1f µs | %.1f µs | %+.1f µs |\n", name, about, a/1e3, m/1e3, (m-a)/1e3)
+	}
+	row("all", "the whole process, background work included", plain.total, mod.total)
+	for _, c := range comparedFunctions {
+		row("`"+c.name+"`", c.about, plain.cum[c.name], mod.cum[c.name])
+	}
+	type step struct {
+		name string
+		ns   float64
+	}
+	var steps []step
+	for name, ns := range mod.children {
+		steps = append(steps, step{name, ns})
+	}
+	slices.SortFunc(steps, func(a, b step) int { return cmp.Compare(b.ns, a.ns) })
+	fmt.Fprintf(&b, "\nWhat the module's handler calls, CPU time per request:\n\n| function | module |\n|---|--:|\n")
+	for _, s := range steps {
+		if s.ns >= 50 { // half a sample in 10 s of a few thousand requests a second is noise
+			fmt.Fprintf(&b, "| `%s` | %.1f µs |\n", s.name, s.ns/1e3)
+		}
+	}
+	return b.String()
 }
 
 // profileUnderLoad saves a CPU profile of inst to path while w runs on it,
@@ -107,46 +191,6 @@ func profileUnderLoad(ctx context.Context, cfg config, inst *instance, w workloa
 		return 0, fmt.Errorf("%s answered no request while profiled", inst.name)
 	}
 	return r.s.rate * cfg.profile.Seconds(), nil
-}
-
-// perRequestDiff writes the profile of what a request costs more in the
-// first profile than in the base one: each profile's CPU time divided by
-// the requests answered while it was taken, then the base's subtracted.
-// Plain pprof -diff_base would compare whole profiles, and a target that
-// answers fewer requests in the same time would seem to cost nothing more.
-func perRequestDiff(path string, requests float64, basePath string, baseRequests float64, out string) error {
-	p, err := readProfile(path)
-	if err != nil {
-		return err
-	}
-	base, err := readProfile(basePath)
-	if err != nil {
-		return err
-	}
-	p.Scale(1 / requests)
-	base.Scale(-1 / baseRequests)
-	diff, err := profile.Merge([]*profile.Profile{p, base})
-	if err != nil {
-		return fmt.Errorf("merging profiles: %w", err)
-	}
-	f, err := os.Create(out)
-	if err != nil {
-		return err
-	}
-	if err := diff.Write(f); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
-}
-
-func readProfile(path string) (*profile.Profile, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return profile.Parse(f)
 }
 
 func findInstance(insts []*instance, name string) (*instance, bool) {
