@@ -269,7 +269,7 @@ func (r *report) writeProfile(w io.Writer) {
 		r.cfg.profile, moduleName, profiledWorkload)
 	fmt.Fprintf(w, "```\n%s```\n\n", r.profile)
 	fmt.Fprintf(w, "### Per request, beside plain Caddy\n\n"+
-		"Plain Caddy's profile was taken just before, the same way. Each profile is divided by the requests its Caddy answered meanwhile: "+
+		"Plain Caddy's profile was taken just before, the same way, so the machine's noise between the two windows is in the differences. Each profile is divided by the requests its Caddy answered meanwhile: "+
 		"every figure is CPU time per request, a function's own and that of all it calls, so the rows overlap. "+
 		"A function that takes less than 0.3 µs of a request is a sample or two, and moves from run to run.\n\n%s\n", r.compared)
 }
