@@ -288,6 +288,9 @@ func (r *report) writeMethod(w io.Writer) {
   the median of the per-round ratios or differences. The targets table
   shows every round: where they disagree widely, something else was busy
   on the machine (see the load average above), and a new run will tell.
+  On a shared machine, single rounds of two identical plain Caddys have
+  differed by 17%%, so a median within a few percent of a goal can fall on
+  either side of it from one run to the next.
 - Load workloads run at a fixed concurrency: each connection sends its next
   request when the last one is answered. Latency is that of whole requests,
   body read; at saturation it follows throughput (p50 ≈ connections ÷
