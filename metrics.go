@@ -165,12 +165,12 @@ var (
 // a metric must not grow with them.
 const maxModelLabels = 100
 
-var modelLabels sync.Map // model name → struct{}; at most maxModelLabels
-
-var modelLabelCount struct {
+// modelLabels are the model names that are labels, at most
+// maxModelLabels. Only tokensBy's misses consult them, so one lock does.
+var modelLabels = struct {
 	sync.Mutex
-	n int
-}
+	names map[string]struct{}
+}{names: make(map[string]struct{})}
 
 // modelLabel returns model as a label value, or "other" once enough
 // distinct models have been seen.
@@ -178,17 +178,15 @@ func modelLabel(model string) string {
 	if model == "" {
 		return "none"
 	}
-	if _, ok := modelLabels.Load(model); ok {
+	modelLabels.Lock()
+	defer modelLabels.Unlock()
+	if _, ok := modelLabels.names[model]; ok {
 		return model
 	}
-	modelLabelCount.Lock()
-	defer modelLabelCount.Unlock()
-	if modelLabelCount.n >= maxModelLabels || len(model) > 100 {
+	if len(modelLabels.names) >= maxModelLabels || len(model) > 100 {
 		return "other"
 	}
-	if _, loaded := modelLabels.LoadOrStore(model, struct{}{}); !loaded {
-		modelLabelCount.n++
-	}
+	modelLabels.names[model] = struct{}{}
 	return model
 }
 

@@ -487,15 +487,7 @@ func (m *crashModel) checkUsage(t *testing.T, kill int, st *SQLite, run *crashRu
 		t.Fatalf("kill %d: reading the ledger: %v", kill, err)
 	}
 
-	acked := withUses(m.usage, run.flushed)
-	withBatch := withUses(acked, run.batch)
-	landed = run.batch != nil && maps.Equal(stored, withBatch)
-	if !maps.Equal(stored, acked) && !landed {
-		t.Errorf("kill %d: the ledger differs from its acknowledged batches%s", kill, usageDiff(stored, acked))
-		if run.batch != nil {
-			t.Errorf("kill %d: and from those plus the batch in flight%s", kill, usageDiff(stored, withBatch))
-		}
-	}
+	landed = compareLedger(t, kill, m.usage, stored, run.flushed, run.batch)
 	m.usage = stored
 
 	if landed {
@@ -505,6 +497,23 @@ func (m *crashModel) checkUsage(t *testing.T, kill int, st *SQLite, run *crashRu
 }
 
 // withUses returns a copy of rows with uses added.
+// compareLedger checks that the stored ledger is the model's plus every
+// acknowledged batch, plus the batch in flight whole or not at all, and
+// reports whether that batch landed.
+func compareLedger(t *testing.T, kill int, model, stored map[ledgerKey]UsageRow, flushed, batch []crashUse) (landed bool) {
+	t.Helper()
+	acked := withUses(model, flushed)
+	withBatch := withUses(acked, batch)
+	landed = batch != nil && maps.Equal(stored, withBatch)
+	if !maps.Equal(stored, acked) && !landed {
+		t.Errorf("kill %d: the ledger differs from its acknowledged batches%s", kill, usageDiff(stored, acked))
+		if batch != nil {
+			t.Errorf("kill %d: and from those plus the batch in flight%s", kill, usageDiff(stored, withBatch))
+		}
+	}
+	return landed
+}
+
 func withUses(rows map[ledgerKey]UsageRow, uses []crashUse) map[ledgerKey]UsageRow {
 	sum := maps.Clone(rows)
 	for _, u := range uses {

@@ -566,15 +566,7 @@ func checkRedisHistory(t *testing.T, kill int, raw *redis.Client) (epoch uint64)
 func (m *redisCrashModel) checkUsage(t *testing.T, kill int, raw *redis.Client, run *redisCrashRun) (landed bool) {
 	t.Helper()
 	stored := storedUsage(t, kill, raw)
-	acked := withUses(m.usage, run.flushed)
-	withBatch := withUses(acked, run.batch)
-	landed = run.batch != nil && maps.Equal(stored, withBatch)
-	if !maps.Equal(stored, acked) && !landed {
-		t.Errorf("kill %d: the ledger differs from its acknowledged batches%s", kill, usageDiff(stored, acked))
-		if run.batch != nil {
-			t.Errorf("kill %d: and from those plus the batch in flight%s", kill, usageDiff(stored, withBatch))
-		}
-	}
+	landed = compareLedger(t, kill, m.usage, stored, run.flushed, run.batch)
 	m.usage = stored
 	return landed
 }

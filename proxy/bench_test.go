@@ -84,15 +84,15 @@ func BenchmarkSSETap(b *testing.B) {
 	b.SetBytes(int64(size))
 	b.ReportAllocs()
 	for b.Loop() {
-		t := &tap{usage: new(AnswerUsage), stripUsage: true}
-		body := newSSEBody(ctx, &eventReader{events: events}, logger, t)
+		c := &Call{StripUsage: true}
+		body := newSSEBody(ctx, &eventReader{events: events}, logger, c)
 		n, err := drain(body, buf)
 		body.Close()
 		if err != nil || n != want {
 			b.Fatalf("read %d bytes (err %v), want %d: the usage chunk alone stripped", n, err, want)
 		}
-		if !t.usage.Reported || t.usage.Chunks != benchStreamTokens {
-			b.Fatalf("usage %+v, want it reported with %d content chunks", *t.usage, benchStreamTokens)
+		if !c.Usage.Reported || c.Usage.Chunks != benchStreamTokens {
+			b.Fatalf("usage %+v, want it reported with %d content chunks", c.Usage, benchStreamTokens)
 		}
 	}
 }

@@ -22,8 +22,8 @@ func FuzzSSEBody(f *testing.F) {
 			n := min(size, len(s))
 			chunks, s = append(chunks, s[:n]), s[n:]
 		}
-		u := new(AnswerUsage)
-		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), &tap{usage: u, stripUsage: strip})
+		c := &Call{StripUsage: strip}
+		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), c)
 		out, err := io.ReadAll(b)
 		b.Close()
 		if err != nil {

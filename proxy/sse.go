@@ -37,12 +37,12 @@ type sseBody struct {
 	ready int
 	done  bool  // saw data: [DONE]
 	err   error // returned once buf[start:ready] is empty
-	tap   *tap  // nil: nothing to count or strip
+	call  *Call // nil: nothing to count or strip
 }
 
-func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger, t *tap) *sseBody {
+func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger, c *Call) *sseBody {
 	bufp := ssePool.Get().(*[]byte)
-	return &sseBody{src: src, ctx: ctx, logger: logger, bufp: bufp, buf: (*bufp)[:0], tap: t}
+	return &sseBody{src: src, ctx: ctx, logger: logger, bufp: bufp, buf: (*bufp)[:0], call: c}
 }
 
 func (b *sseBody) Read(p []byte) (int, error) {
@@ -79,8 +79,8 @@ func (b *sseBody) fill() {
 	scanFrom := max(len(b.buf)-2, b.ready)
 	b.buf = b.buf[:len(b.buf)+n]
 	b.scan(scanFrom)
-	if b.ready > 0 && b.tap != nil && b.tap.usage.FirstEvent == 0 {
-		b.tap.usage.FirstEvent = time.Since(b.tap.start)
+	if b.ready > 0 && b.call != nil && b.call.Usage.FirstEvent == 0 {
+		b.call.Usage.FirstEvent = time.Since(b.call.start)
 	}
 	if len(b.buf)-b.ready > maxEventSize {
 		b.ready = len(b.buf)
@@ -144,14 +144,14 @@ func (b *sseBody) event(start, end int) int {
 		b.done = true
 		return end
 	}
-	t := b.tap
-	if t == nil {
+	c := b.call
+	if c == nil {
 		return end
 	}
 	if hasContent(ev, contentKey) || hasContent(ev, textKey) {
-		t.usage.Chunks++
+		c.Usage.Chunks++
 	}
-	if bytes.Contains(ev, usageKey) && parseUsage(ev, t.usage) && t.stripUsage && bytes.Contains(ev, emptyChoices) {
+	if bytes.Contains(ev, usageKey) && parseUsage(ev, &c.Usage) && c.StripUsage && bytes.Contains(ev, emptyChoices) {
 		b.buf = append(b.buf[:start], b.buf[end:]...)
 		return start
 	}

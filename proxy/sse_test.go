@@ -194,14 +194,15 @@ func TestSSEBodyTapsUsage(t *testing.T) {
 	stream := chunk("") + chunk("Hello") + chunk(" world") + chunk("!") + usageChunk + "data: [DONE]\n\n"
 
 	for _, strip := range []bool{false, true} {
-		u := new(AnswerUsage)
+		c := &Call{StripUsage: strip}
+		u := &c.Usage
 		// Split into small reads so that events straddle them.
 		var chunks []string
 		for s := stream; len(s) > 0; {
 			n := min(37, len(s))
 			chunks, s = append(chunks, s[:n]), s[n:]
 		}
-		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), &tap{usage: u, stripUsage: strip})
+		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), c)
 		got, err := io.ReadAll(b)
 		b.Close()
 		if err != nil {

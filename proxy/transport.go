@@ -47,10 +47,10 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	out.Header["Authorization"] = t.authorization
 	out.Host = t.host
 
-	tp := tapFrom(req.Context())
-	res, err := t.roundTrip(out, tp)
-	if tp != nil {
-		tp.usage.HeaderLatency = time.Since(tp.start)
+	c := callFrom(req.Context())
+	res, err := t.roundTrip(out, c)
+	if c != nil {
+		c.Usage.HeaderLatency = time.Since(c.start)
 	}
 	if err != nil {
 		if cancel != nil {
@@ -71,16 +71,16 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	for _, name := range t.drop {
 		delete(res.Header, name)
 	}
-	if tp != nil {
-		tp.usage.Status = res.StatusCode
+	if c != nil {
+		c.Usage.Status = res.StatusCode
 	}
 	switch ct := res.Header.Get("Content-Type"); {
 	case isEventStream(ct):
-		res.Body = newSSEBody(req.Context(), res.Body, t.logger, tp)
-	case tp != nil && res.StatusCode < 300:
-		body, err := readAnswer(res, tp.usage, &tp.answer)
+		res.Body = newSSEBody(req.Context(), res.Body, t.logger, c)
+	case c != nil && res.StatusCode < 300:
+		body, err := readAnswer(res, &c.Usage, &c.answer)
 		if err != nil {
-			tp.usage.Status = 0 // nothing usable was answered
+			c.Usage.Status = 0 // nothing usable was answered
 			return nil, err
 		}
 		res.Body = body
@@ -103,11 +103,11 @@ var headerPool = sync.Pool{New: func() any { return make(http.Header, 16) }}
 // failed connection, as the retry policy allows: never past its max_wait
 // in all, and only with a body it can replay. Every answer's word on the
 // key's exhaustion is noted.
-func (t *keyTransport) roundTrip(out *http.Request, tp *tap) (*http.Response, error) {
+func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, error) {
 	ctx := out.Context()
 	var body []byte
-	if tp != nil {
-		body = tp.body
+	if c != nil {
+		body = c.Body
 	}
 	replayable := out.Body == nil || out.Body == http.NoBody || body != nil
 	var waited time.Duration
@@ -132,8 +132,8 @@ func (t *keyTransport) roundTrip(out *http.Request, tp *tap) (*http.Response, er
 		if res != nil {
 			discard(res)
 		}
-		if tp != nil {
-			tp.usage.Retries++
+		if c != nil {
+			c.Usage.Retries++
 		}
 		if !sleepCtx(ctx, wait) {
 			return nil, ctx.Err()

@@ -146,10 +146,10 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
-	c.tap = tap{usage: &c.Usage, stripUsage: c.StripUsage, body: c.Body, start: time.Now()}
+	c.start = time.Now()
 	// Set once and left: Caddy's dialer reads the variables from
 	// goroutines that may outlive this call, so a later write would race.
-	caddyhttp.SetVar(r.Context(), tapVar, &c.tap)
+	caddyhttp.SetVar(r.Context(), callVar, c)
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {

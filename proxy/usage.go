@@ -31,7 +31,8 @@ type AnswerUsage struct {
 func (u *AnswerUsage) Total() int64 { return u.PromptTokens + u.CompletionTokens }
 
 // Call is one request's way through the upstream side: what the caller
-// tells it, and what it counts.
+// tells it, and what it counts. Forward hands it to the transport, which
+// fills Usage in as the answer passes.
 type Call struct {
 	// Body is the request body as it goes upstream, replayed on a retry;
 	// nil for none.
@@ -42,31 +43,23 @@ type Call struct {
 	// Usage is filled in as the answer passes.
 	Usage AnswerUsage
 
-	tap tap // what Forward tells the transport
+	start  time.Time     // when Forward began, for the latencies
+	answer checkedAnswer // a JSON answer, once read whole
 }
 
-// tap is what Forward tells the transport about one request.
-type tap struct {
-	usage      *AnswerUsage
-	stripUsage bool
-	body       []byte
-	start      time.Time
-	answer     checkedAnswer // a JSON answer, once read whole
-}
-
-// String keeps the tap out of placeholders and logs that print Caddy's
+// String keeps the call out of placeholders and logs that print Caddy's
 // request variables, where it travels.
-func (*tap) String() string { return "vigthoria call" }
+func (*Call) String() string { return "vigthoria call" }
 
-// tapVar names the tap among Caddy's request variables. The variables
+// callVar names the call among Caddy's request variables. The variables
 // travel in the context of Caddy's own copy of the request, so passing the
-// tap there costs no copy of the request, as a context value would.
-const tapVar = "vigthoria.tap"
+// call there costs no copy of the request, as a context value would.
+const callVar = "vigthoria.call"
 
-// tapFrom returns the tap of a request, or nil for none.
-func tapFrom(ctx context.Context) *tap {
-	t, _ := caddyhttp.GetVar(ctx, tapVar).(*tap)
-	return t
+// callFrom returns the call of a request, or nil for none.
+func callFrom(ctx context.Context) *Call {
+	c, _ := caddyhttp.GetVar(ctx, callVar).(*Call)
+	return c
 }
 
 // jsonTailSize is how much of a JSON answer's end is kept to find its

@@ -8,7 +8,6 @@ package demo
 import (
 	"embed"
 	"encoding/json"
-	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -16,9 +15,6 @@ import (
 
 //go:embed index.html app.js style.css
 var files embed.FS
-
-// Files returns the page's static files: index.html, app.js, style.css.
-func Files() fs.FS { return files }
 
 // Config is what the page is told in config.js.
 type Config struct {
