@@ -71,6 +71,57 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 	return f.local.Admit(ctx, client, lim, reserve, now)
 }
 
+// Reserve implements Limiter. A lease from the shared backend (it names its
+// slot) reserves there, and one from the local limits locally, since the
+// lease's Settle goes to the same backend and must find the reservation
+// there.
+//
+// When the shared backend fails, or is left alone after failing, a shared
+// lease cannot reserve anywhere sound: the local limits do not hold this
+// request's admission, and a reservation made there would be refunded to
+// the shared backend by Settle. Under Deny the call fails with
+// ErrUnavailable. Under UseLocal the reservation is admitted unchecked, but
+// for TooLarge, which needs no state, and the lease is left as it is, so
+// that Settle charges the shared backend all the request used: the
+// request's tokens still count, they are only not checked in advance, as
+// the requests that the local limits admit during the outage are not
+// checked against the fleet's. The State is then the local limits', as
+// State answers during the outage.
+func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, now time.Time) (Decision, error) {
+	if tokens < 0 {
+		return Decision{Lease: *lease}, errNegativeReserve
+	}
+	if lease.ID == "" {
+		return f.local.Reserve(ctx, client, lim, lease, tokens, now)
+	}
+	if f.up(now) {
+		sctx, cancel := context.WithTimeout(ctx, f.timeout)
+		d, err := f.shared.Reserve(sctx, client, lim, lease, tokens, now)
+		cancel()
+		switch {
+		case err == nil:
+			f.recovered()
+			return d, nil
+		case errors.Is(err, ErrLeaseGone): // an answer, not a failure
+			f.recovered()
+			return d, err
+		}
+		f.failed(err, now)
+	}
+	if f.policy == Deny {
+		return Decision{Lease: *lease}, ErrUnavailable
+	}
+	s, err := f.local.State(ctx, client, lim, now)
+	if err != nil {
+		return Decision{Lease: *lease}, err
+	}
+	d := Decision{Lease: *lease, State: s}
+	if tooLarge(lim, lease.Reserved, tokens) {
+		d.Reason, d.RetryAfter = TooLarge, -1
+	}
+	return d, nil
+}
+
 // Settle implements Limiter. A lease from the shared backend (it names its
 // slot) goes back there; one from the local limits stays local.
 func (f *Fallback) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error {

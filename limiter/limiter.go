@@ -2,6 +2,7 @@ package limiter
 
 import (
 	"context"
+	"errors"
 	"time"
 )
 
@@ -90,7 +91,7 @@ type State struct {
 	InFlight          int
 }
 
-// Decision is what Admit decided.
+// Decision is what Admit or Reserve decided.
 type Decision struct {
 	Reason Reason // Admitted, or the limit that refused
 	// RetryAfter is how long until the same request would be admitted;
@@ -117,6 +118,27 @@ type Limiter interface {
 	// quota, and takes a concurrency slot. A refused request takes nothing.
 	Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error)
 
+	// Reserve adds tokens to the reservation of an admitted request's
+	// lease, so that a request can be admitted (reserve 0) before its body
+	// is read, and reserve its estimate once it is. The tokens are checked
+	// as Admit checks them, in the same order: TooLarge when the lease's
+	// whole reservation would exceed the token burst, QuotaLimit, then
+	// TokenLimit. Admit(0) then Reserve(r) admits exactly what Admit(r)
+	// admits; only refusals differ, in what they took.
+	//
+	// When it passes, the tokens are taken, lease.Reserved grows by what
+	// the backend reserved and the Decision is Admitted. When it refuses,
+	// nothing changes: the request stays admitted (it was counted and
+	// holds its slot), RetryAfter and State are filled as in Admit's
+	// refusals, and the caller settles the lease with what it used (0).
+	// Either way, and whatever the error, *lease is what Settle must get,
+	// and the Decision's Lease is a copy of it.
+	//
+	// Call it only between the lease's Admit and its Settle, with tokens
+	// >= 0. A backend that can tell (Redis) returns ErrLeaseGone for a
+	// lease settled already.
+	Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, now time.Time) (Decision, error)
+
 	// Settle ends an admitted request: the tokens it really used replace
 	// its reservation (a refund or an extra charge) and its slot is freed.
 	// Every admitted request is settled exactly once, whatever happened.
@@ -124,6 +146,21 @@ type Limiter interface {
 
 	// State returns the client's standing at now without changing it.
 	State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error)
+}
+
+// ErrLeaseGone is Reserve's error for a lease that was settled already, or
+// that the backend lost: its Settle would not replace a reservation made
+// now, so none is. The request must not go on.
+var ErrLeaseGone = errors.New("the lease was settled already or lost")
+
+// errNegativeReserve is Reserve's error for tokens < 0: a refund is
+// Settle's, which knows what was used.
+var errNegativeReserve = errors.New("limiter: negative token reservation")
+
+// tooLarge reports whether a request holding held tokens and asking more
+// would hold more than the token burst: no wait can admit it.
+func tooLarge(lim *Limits, held, more int64) bool {
+	return !lim.Tokens.Unlimited() && float64(held+more) > lim.Tokens.burst()
 }
 
 // QuotaCounter tells how many tokens a client used since a time, so that a

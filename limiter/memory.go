@@ -77,6 +77,33 @@ func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve 
 	return d, nil
 }
 
+// Reserve implements Limiter. The tokens count in the quota of the period
+// at now, as Settle's and the ledger's do: Memory keeps one period of a
+// client, the current one.
+func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, now time.Time) (Decision, error) {
+	if tokens < 0 {
+		return Decision{Lease: *lease}, errNegativeReserve
+	}
+	s := m.shard(client)
+	period, err := m.loadQuota(ctx, s, client, lim, now)
+	if err != nil {
+		return Decision{Lease: *lease}, err
+	}
+	n := now.UnixNano()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.get(client, m.perShard, n, lim)
+	if period != 0 && st.quotaPeriod != period {
+		st.quotaPeriod = period
+	}
+	d := st.reserve(lim, lease.Reserved, tokens, n, now)
+	if d.Reason == Admitted {
+		lease.Reserved += tokens
+	}
+	d.Lease = *lease
+	return d, nil
+}
+
 // Settle implements Limiter.
 func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error {
 	s := m.shard(client)
@@ -213,7 +240,7 @@ func (st *clientState) idle(now int64) bool {
 func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time) Decision {
 	d := Decision{}
 	switch {
-	case !lim.Tokens.Unlimited() && float64(reserve) > lim.Tokens.burst():
+	case tooLarge(lim, 0, reserve):
 		d.Reason, d.RetryAfter = TooLarge, -1
 	case lim.Concurrent > 0 && int(st.inFlight) >= lim.Concurrent:
 		d.Reason, d.RetryAfter = ConcurrencyLimit, time.Second
@@ -240,6 +267,27 @@ func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time)
 		if !lim.Quota.Unlimited() {
 			st.quotaUsed += reserve
 		}
+	}
+	d.State = st.state(lim, n, now)
+	return d
+}
+
+// reserve is admit's checks of tokens for a request admitted already and
+// holding held: no request is counted and no slot taken.
+func (st *clientState) reserve(lim *Limits, held, tokens int64, n int64, now time.Time) Decision {
+	d := Decision{}
+	switch {
+	case tooLarge(lim, held, tokens):
+		d.Reason, d.RetryAfter = TooLarge, -1
+	case !lim.Quota.Unlimited() && st.quotaUsed+tokens > lim.Quota.N:
+		d.Reason, d.RetryAfter = QuotaLimit, lim.Quota.Period.End(now).Sub(now)
+	case !lim.Tokens.Unlimited():
+		if ok, wait := st.tokens.take(lim.Tokens, float64(tokens), n); !ok {
+			d.Reason, d.RetryAfter = TokenLimit, wait
+		}
+	}
+	if d.Reason == Admitted && !lim.Quota.Unlimited() {
+		st.quotaUsed += tokens
 	}
 	d.State = st.state(lim, n, now)
 	return d

@@ -128,6 +128,173 @@ func TestMemorySettleReplacesReservation(t *testing.T) {
 	}
 }
 
+// reserveLimits are the limits of the Reserve tests, with a quota of
+// quota tokens a day: a window so long (a token an hour) that Redis'
+// moving clock refills nothing that shows, so that the same figures hold
+// for Memory and Redis.
+func reserveLimits(quota int64) *Limits {
+	return &Limits{
+		Requests:   Rate{N: 10, Window: 1000 * time.Hour},
+		Tokens:     Rate{N: 1000, Window: 1000 * time.Hour},
+		Concurrent: 2,
+		Quota:      Quota{N: quota, Period: Day},
+	}
+}
+
+// reserveCase is a Reserve of tokens by a request admitted with held,
+// after an earlier request of the same client used earlier; the Reserve
+// tests of Memory and Redis share them.
+type reserveCase struct {
+	name    string
+	quota   int64
+	earlier int64
+	held    int64
+	tokens  int64
+	want    Reason
+	retry   time.Duration // ignored for QuotaLimit: until the day ends
+}
+
+var reserveCases = []reserveCase{
+	{name: "passes", quota: 1500, tokens: 400, want: Admitted},
+	{name: "passes, added to what the lease holds", quota: 1500, held: 300, tokens: 700, want: Admitted},
+	{name: "more than the burst", quota: 1500, tokens: 1001, want: TooLarge, retry: -1},
+	{name: "more than the burst with what the lease holds", quota: 1500, held: 600, tokens: 401, want: TooLarge, retry: -1},
+	// 100 tokens beyond the burst, at a token an hour.
+	{name: "tokens", quota: 1500, earlier: 900, tokens: 200, want: TokenLimit, retry: 100 * time.Hour},
+	{name: "quota", quota: 520, earlier: 500, tokens: 30, want: QuotaLimit},
+	{name: "quota before tokens", quota: 1000, earlier: 950, tokens: 51, want: QuotaLimit},
+	{name: "the quota counts what the lease holds", quota: 1000, earlier: 500, held: 300, tokens: 201, want: QuotaLimit},
+}
+
+// counts are a State's figures but for the times, which move on with
+// Redis' clock.
+func counts(s State) [4]int64 {
+	return [4]int64{s.RequestsRemaining, s.TokensRemaining, s.QuotaUsed, int64(s.InFlight)}
+}
+
+// testReserve runs a reserveCase against l, at now() for Memory's sake:
+// Redis has its own clock.
+func testReserve(t *testing.T, l Limiter, tc reserveCase, now func() time.Time) {
+	ctx := t.Context()
+	lim := reserveLimits(tc.quota)
+	if tc.earlier > 0 {
+		d, err := l.Admit(ctx, "c", lim, 0, now())
+		if err != nil || d.Reason != Admitted {
+			t.Fatalf("earlier: %v %v, want admitted", d.Reason, err)
+		}
+		if err := l.Settle(ctx, "c", lim, d.Lease, tc.earlier, now()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start, err := l.State(ctx, "c", lim, now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := l.Admit(ctx, "c", lim, tc.held, now())
+	if err != nil || a.Reason != Admitted {
+		t.Fatalf("admit: %v %v, want admitted", a.Reason, err)
+	}
+	lease := a.Lease
+	before, _ := l.State(ctx, "c", lim, now())
+	want := tc.retry
+	if tc.want == QuotaLimit {
+		at := now()
+		want = Day.End(at).Sub(at)
+	}
+	d, err := l.Reserve(ctx, "c", lim, &lease, tc.tokens, now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Reason != tc.want {
+		t.Errorf("got %v, want %v", d.Reason, tc.want)
+	}
+	within(t, "retry after", d.RetryAfter, want, time.Second)
+	after, _ := l.State(ctx, "c", lim, now())
+	if counts(d.State) != counts(after) || d.Lease != lease {
+		t.Errorf("decision %+v, want the state %+v and the lease %+v", d, after, lease)
+	}
+	if tc.want == Admitted {
+		want := before
+		want.TokensRemaining -= tc.tokens
+		want.QuotaUsed += tc.tokens
+		if counts(after) != counts(want) || lease != (Lease{Reserved: tc.held + tc.tokens, ID: a.Lease.ID}) {
+			t.Errorf("after reserving %d: %+v lease %+v, want %v and %d reserved", tc.tokens, after, lease, counts(want), tc.held+tc.tokens)
+		}
+	} else if counts(after) != counts(before) || lease != a.Lease {
+		t.Errorf("a refusal changed the state or the lease: %+v %+v → %+v %+v", before, a.Lease, after, lease)
+	} else if _, ok := l.(*Memory); ok && after != before {
+		// Memory's clock stands still: its times must not move either.
+		t.Errorf("a refusal changed the state: %+v → %+v", before, after)
+	}
+	// Still admitted: counted, and holding its slot until Settle.
+	if after.InFlight != 1 || after.RequestsRemaining != start.RequestsRemaining-1 {
+		t.Errorf("after Reserve: %+v, want the request counted and in flight", after)
+	}
+	if err := l.Settle(ctx, "c", lim, lease, 0, now()); err != nil {
+		t.Fatal(err)
+	}
+	end, _ := l.State(ctx, "c", lim, now())
+	want0 := start
+	want0.RequestsRemaining--
+	if counts(end) != counts(want0) {
+		t.Errorf("settled with 0: %+v, want %v: the whole reservation refunded, the request counted", end, counts(want0))
+	}
+}
+
+func TestMemoryReserve(t *testing.T) {
+	for _, tc := range reserveCases {
+		t.Run(tc.name, func(t *testing.T) {
+			testReserve(t, NewMemory(nil, 100), tc, func() time.Time { return t0 })
+		})
+	}
+}
+
+func TestMemoryReserveSettleReplacesReservation(t *testing.T) {
+	ctx := t.Context()
+	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Minute}, Quota: Quota{N: 5000, Period: Month}, Concurrent: 1}
+	m := NewMemory(nil, 100)
+	d, _ := m.Admit(ctx, "c", lim, 200, t0)
+	lease := d.Lease
+	if d, _ := m.Reserve(ctx, "c", lim, &lease, 300, t0); d.Reason != Admitted || d.TokensRemaining != 500 || d.QuotaUsed != 500 || lease.Reserved != 500 {
+		t.Fatalf("after 200 admitted and 300 reserved: %+v lease %+v, want 500 reserved", d, lease)
+	}
+	m.Settle(ctx, "c", lim, lease, 50, t0)
+	if s, _ := m.State(ctx, "c", lim, t0); s.TokensRemaining != 950 || s.QuotaUsed != 50 || s.InFlight != 0 {
+		t.Errorf("after settling 50: %+v, want 950 left, quota 50, none in flight", s)
+	}
+}
+
+// TestMemoryReserveLoadsQuota: a Reserve in a new period counts there,
+// from the ledger's figure, as an Admit would.
+func TestMemoryReserveLoadsQuota(t *testing.T) {
+	ctx := t.Context()
+	lim := &Limits{Quota: Quota{N: 1000, Period: Day}}
+	m := NewMemory(fakeLedger{"c@2026-03-31": 900, "c@2026-04-01": 5}, 100)
+	d, _ := m.Admit(ctx, "c", lim, 0, t0)
+	lease := d.Lease
+	midnight := Day.End(t0)
+	if d, _ := m.Reserve(ctx, "c", lim, &lease, 200, midnight); d.Reason != Admitted || d.QuotaUsed != 205 {
+		t.Fatalf("a reserve of 200 after midnight: %+v, want admitted with the ledger's 5 + 200", d)
+	}
+	m.Settle(ctx, "c", lim, lease, 150, midnight)
+	if s, _ := m.State(ctx, "c", lim, midnight); s.QuotaUsed != 155 {
+		t.Errorf("after settling 150: quota %d, want 155", s.QuotaUsed)
+	}
+}
+
+func TestReserveRejectsNegative(t *testing.T) {
+	m := NewMemory(nil, 100)
+	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Minute}}
+	d, _ := m.Admit(t.Context(), "c", lim, 100, t0)
+	lease := d.Lease
+	if _, err := m.Reserve(t.Context(), "c", lim, &lease, -50, t0); err == nil || lease.Reserved != 100 {
+		t.Errorf("reserve -50: %v lease %+v, want an error and the lease unchanged", err, lease)
+	}
+	if s, _ := m.State(t.Context(), "c", lim, t0); s.TokensRemaining != 900 {
+		t.Errorf("after a negative reserve: %d tokens left, want 900", s.TokensRemaining)
+	}
+}
+
 type fakeLedger map[string]int64
 
 func (f fakeLedger) QuotaUsed(_ context.Context, client string, since time.Time) (int64, error) {
@@ -208,4 +375,31 @@ func BenchmarkMemoryAdmitSettle(b *testing.B) {
 		m.Settle(ctx, c, lim, Lease{Reserved: 100}, 80, t0)
 	}
 	b.ReportMetric(perClient, "bytes/client")
+}
+
+// BenchmarkMemoryAdmitReserveSettle is a request admitted before its body
+// is read: three calls, none of which may allocate.
+func BenchmarkMemoryAdmitReserveSettle(b *testing.B) {
+	ctx := context.Background()
+	lim := &Limits{
+		Requests: Rate{N: 600, Window: time.Minute}, Tokens: Rate{N: 400_000, Window: time.Minute},
+		Concurrent: 20, Quota: Quota{N: 50_000_000, Period: Month},
+	}
+	names := make([]string, 10_000)
+	for i := range names {
+		names[i] = "key_" + strconv.Itoa(i)
+	}
+	m := NewMemory(nil, 2*len(names))
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c := names[i%len(names)]
+		i++
+		d, _ := m.Admit(ctx, c, lim, 0, t0)
+		lease := d.Lease
+		if d, _ := m.Reserve(ctx, c, lim, &lease, 100, t0); d.Reason != Admitted {
+			b.Fatal(d.Reason)
+		}
+		m.Settle(ctx, c, lim, lease, 80, t0)
+	}
 }

@@ -34,10 +34,13 @@ var (
 	luaSettle string
 	//go:embed redis_state.lua
 	luaState string
+	//go:embed redis_reserve.lua
+	luaReserve string
 
-	admitScript  = redis.NewScript(luaLib + luaAdmit)
-	settleScript = redis.NewScript(luaLib + luaSettle)
-	stateScript  = redis.NewScript(luaLib + luaState)
+	admitScript   = redis.NewScript(luaLib + luaAdmit)
+	settleScript  = redis.NewScript(luaLib + luaSettle)
+	stateScript   = redis.NewScript(luaLib + luaState)
+	reserveScript = redis.NewScript(luaLib + luaReserve)
 )
 
 // Redis is the Limiter of a fleet: instances that share one Redis share
@@ -120,6 +123,47 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	if d.Reason == Admitted {
 		d.Lease = Lease{Reserved: reserve, ID: id}
 	}
+	return d, nil
+}
+
+// Reserve implements Limiter. The tokens count in the quota period the
+// request was admitted in, which its lease ID names, since that is the
+// period whose counter Settle corrects. A lease that is neither held nor
+// past its expiry was settled already, or lost with Redis' data: its Settle
+// would change nothing, so Reserve reserves nothing and returns
+// ErrLeaseGone. A lease past its expiry still reserves, because its Settle
+// still charges.
+//
+// A call that fails may still have been applied, as Admit's may: the
+// tokens are then reserved but not in the lease, and its Settle leaves them
+// charged on top of what the request used.
+func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, _ time.Time) (Decision, error) {
+	if tokens < 0 {
+		return Decision{Lease: *lease}, errNegativeReserve
+	}
+	args := limitArgs(make([]any, 0, 13), lim)
+	args = append(args, tokens, lease.Reserved, lease.ID, r.leaseTTL.Milliseconds())
+	vals, err := reserveScript.Run(ctx, r.client, r.keys(client), args...).Slice()
+	if err != nil {
+		return Decision{Lease: *lease}, fmt.Errorf("redis reserve: %w", err)
+	}
+	if len(vals) == 1 && vals[0] == int64(-1) {
+		return Decision{Lease: *lease}, ErrLeaseGone
+	}
+	var d Decision
+	var n [2]int64
+	ok := len(vals) == 2+stateReplyLen && ints(n[:], vals[:2])
+	if ok {
+		d.State, ok = parseState(vals[2:])
+	}
+	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
+		return Decision{Lease: *lease}, fmt.Errorf("redis reserve: unexpected reply %v", vals)
+	}
+	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
+	if d.Reason == Admitted {
+		lease.Reserved += tokens
+	}
+	d.Lease = *lease
 	return d, nil
 }
 

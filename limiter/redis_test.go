@@ -288,6 +288,196 @@ func TestRedisSettleReplacesReservation(t *testing.T) {
 	within(t, "in debt, retry after (221 tokens at 1000/1000h)", d.RetryAfter, 221*time.Hour, time.Second)
 }
 
+// TestRedisReserve runs the cases of TestMemoryReserve: the same figures
+// and refusals, and a refusal writes nothing.
+func TestRedisReserve(t *testing.T) {
+	s := redistest.Start(t)
+	c := newRedisClient(t, s)
+	for i, tc := range reserveCases {
+		t.Run(tc.name, func(t *testing.T) {
+			prefix := "reserve" + strconv.Itoa(i) + ":"
+			testReserve(t, NewRedis(c, prefix), tc, time.Now)
+			// Once more, to compare the keys around a Reserve.
+			r := NewRedis(c, "again"+prefix)
+			lim := reserveLimits(tc.quota)
+			if tc.earlier > 0 {
+				d, _ := r.Admit(t.Context(), "c", lim, 0, time.Now())
+				r.Settle(t.Context(), "c", lim, d.Lease, tc.earlier, time.Now())
+			}
+			d, err := r.Admit(t.Context(), "c", lim, tc.held, time.Now())
+			if err != nil || d.Reason != Admitted {
+				t.Fatalf("admit: %v %v, want admitted", d.Reason, err)
+			}
+			keys := snapshot(t, c, "again"+prefix)
+			if d, err := r.Reserve(t.Context(), "c", lim, &d.Lease, tc.tokens, time.Now()); err != nil || d.Reason != tc.want {
+				t.Fatalf("reserve: %v %v, want %v", d.Reason, err, tc.want)
+			}
+			got := snapshot(t, c, "again"+prefix)
+			if tc.want != Admitted && !maps.Equal(got, keys) {
+				t.Errorf("a refusal changed the keys:\n%v\n→\n%v", keys, got)
+			}
+			if tc.want == Admitted && maps.Equal(got, keys) {
+				t.Errorf("a reservation left the keys as they were: %v", keys)
+			}
+		})
+	}
+}
+
+// TestReserveMemoryAndRedisAgree runs one client's requests, admitted
+// before their bodies are read, against both backends: every decision and
+// standing must be the same.
+func TestReserveMemoryAndRedisAgree(t *testing.T) {
+	s := redistest.Start(t)
+	lim := reserveLimits(1500)
+	type step struct {
+		op       string // admit, reserve or settle
+		req      int    // which request
+		n        int64  // tokens reserved or used
+		want     Reason
+		reserved int64    // the request's lease after the step
+		state    [4]int64 // requests left, tokens left, quota used, in flight
+	}
+	steps := []step{
+		{op: "admit", req: 0, want: Admitted, state: [4]int64{9, 1000, 0, 1}},
+		{op: "reserve", req: 0, n: 1001, want: TooLarge, state: [4]int64{9, 1000, 0, 1}},
+		{op: "reserve", req: 0, n: 600, want: Admitted, reserved: 600, state: [4]int64{9, 400, 600, 1}},
+		{op: "reserve", req: 0, n: 401, want: TooLarge, reserved: 600, state: [4]int64{9, 400, 600, 1}},
+		{op: "admit", req: 1, want: Admitted, state: [4]int64{8, 400, 600, 2}},
+		{op: "admit", req: 2, want: ConcurrencyLimit, state: [4]int64{8, 400, 600, 2}},
+		{op: "reserve", req: 1, n: 500, want: TokenLimit, state: [4]int64{8, 400, 600, 2}},
+		{op: "reserve", req: 1, n: 400, want: Admitted, reserved: 400, state: [4]int64{8, 0, 1000, 2}},
+		{op: "settle", req: 0, n: 100, reserved: 600, state: [4]int64{8, 500, 500, 1}},
+		{op: "admit", req: 2, want: Admitted, state: [4]int64{7, 500, 500, 2}},
+		// Into debt and beyond the quota.
+		{op: "settle", req: 1, n: 1450, reserved: 400, state: [4]int64{7, 0, 1550, 1}},
+		{op: "reserve", req: 2, n: 0, want: QuotaLimit, state: [4]int64{7, 0, 1550, 1}},
+		{op: "settle", req: 2, n: 0, state: [4]int64{7, 0, 1550, 0}},
+		{op: "admit", req: 3, want: QuotaLimit, state: [4]int64{7, 0, 1550, 0}},
+	}
+	for _, b := range []struct {
+		name string
+		l    Limiter
+		now  func() time.Time
+	}{
+		{"memory", NewMemory(nil, 100), func() time.Time { return t0 }},
+		{"redis", NewRedis(newRedisClient(t, s), "agree:"), time.Now},
+	} {
+		t.Run(b.name, func(t *testing.T) {
+			ctx := t.Context()
+			var leases [4]Lease
+			for i, st := range steps {
+				var d Decision
+				var err error
+				switch st.op {
+				case "admit":
+					if d, err = b.l.Admit(ctx, "c", lim, 0, b.now()); d.Reason == Admitted {
+						leases[st.req] = d.Lease
+					}
+				case "reserve":
+					d, err = b.l.Reserve(ctx, "c", lim, &leases[st.req], st.n, b.now())
+				case "settle":
+					err = b.l.Settle(ctx, "c", lim, leases[st.req], st.n, b.now())
+					if err == nil {
+						d.State, err = b.l.State(ctx, "c", lim, b.now())
+					}
+				}
+				if err != nil {
+					t.Fatalf("step %d, %s: %v", i+1, st.op, err)
+				}
+				if d.Reason != st.want || counts(d.State) != st.state || leases[st.req].Reserved != st.reserved {
+					t.Errorf("step %d, %s #%d %d: %v %v reserved %d, want %v %v reserved %d",
+						i+1, st.op, st.req, st.n, d.Reason, counts(d.State), leases[st.req].Reserved, st.want, st.state, st.reserved)
+				}
+			}
+		})
+	}
+}
+
+func TestRedisReserveSettleReplacesReservation(t *testing.T) {
+	s := redistest.Start(t)
+	r := NewRedis(newRedisClient(t, s), "resettle:")
+	ctx := t.Context()
+	lim := &Limits{Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Month}, Concurrent: 1}
+	d, _ := r.Admit(ctx, "c", lim, 200, time.Now())
+	lease := d.Lease
+	if d, err := r.Reserve(ctx, "c", lim, &lease, 300, time.Now()); err != nil || d.Reason != Admitted || d.TokensRemaining != 500 || d.QuotaUsed != 500 || lease.Reserved != 500 {
+		t.Fatalf("after 200 admitted and 300 reserved: %+v %v lease %+v, want 500 reserved", d, err, lease)
+	}
+	if err := r.Settle(ctx, "c", lim, lease, 50, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := r.State(ctx, "c", lim, time.Now()); st.TokensRemaining != 950 || st.QuotaUsed != 50 || st.InFlight != 0 {
+		t.Errorf("after settling 50: %+v, want 950 left, quota 50, none in flight", st)
+	}
+}
+
+func TestRedisReserveLease(t *testing.T) {
+	s := redistest.Start(t)
+	c := newRedisClient(t, s)
+	ctx := t.Context()
+	lim := &Limits{Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Day}}
+
+	t.Run("settled: gone, nothing written", func(t *testing.T) {
+		r := NewRedis(c, "gone:")
+		d, _ := r.Admit(ctx, "c", lim, 0, time.Now())
+		lease := d.Lease
+		if err := r.Settle(ctx, "c", lim, lease, 10, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		keys := snapshot(t, c, "gone:")
+		d, err := r.Reserve(ctx, "c", lim, &lease, 100, time.Now())
+		if !errors.Is(err, ErrLeaseGone) || lease != d.Lease || lease.Reserved != 0 {
+			t.Errorf("reserve on a settled lease: %v lease %+v (decision's %+v), want ErrLeaseGone and the lease unchanged", err, lease, d.Lease)
+		}
+		if got := snapshot(t, c, "gone:"); !maps.Equal(got, keys) {
+			t.Errorf("a reserve on a settled lease changed the keys:\n%v\n→\n%v", keys, got)
+		}
+	})
+
+	t.Run("expired: reserved, and settled", func(t *testing.T) {
+		r := NewRedis(c, "late:")
+		r.leaseTTL = 200 * time.Millisecond
+		d, _ := r.Admit(ctx, "c", lim, 0, time.Now())
+		lease := d.Lease
+		time.Sleep(300 * time.Millisecond)
+		if d, err := r.Reserve(ctx, "c", lim, &lease, 100, time.Now()); err != nil || d.Reason != Admitted || d.TokensRemaining != 900 || d.InFlight != 0 {
+			t.Fatalf("reserve past the lease's TTL: %+v %v, want admitted, 900 left, none in flight", d, err)
+		}
+		if err := r.Settle(ctx, "c", lim, lease, 30, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := r.State(ctx, "c", lim, time.Now()); st.TokensRemaining != 970 || st.QuotaUsed != 30 {
+			t.Errorf("after settling 30: %+v, want 970 left and quota 30", st)
+		}
+	})
+
+	t.Run("counted in the period of admission", func(t *testing.T) {
+		r := NewRedis(c, "yday:")
+		now := redisNow(t, c)
+		yesterday := now.AddDate(0, 0, -1)
+		// A lease the way Admit names it, admitted yesterday: past its TTL.
+		lease := Lease{ID: "7:" + strconv.FormatInt(yesterday.UnixMilli(), 10)}
+		d, err := r.Reserve(ctx, "c", lim, &lease, 100, time.Now())
+		if err != nil || d.Reason != Admitted || d.QuotaUsed != 0 || !d.QuotaReset.Equal(Day.End(now)) {
+			t.Fatalf("reserve: %+v %v, want admitted, with today's quota untouched", d, err)
+		}
+		key := "yday:quota:{c}:" + yesterday.UTC().Format(time.DateOnly)
+		if got, _ := c.Get(ctx, key).Int64(); got != 100 {
+			t.Errorf("%s holds %d, want 100", key, got)
+		}
+		within(t, key+" TTL", c.PTTL(ctx, key).Val(), Day.End(yesterday).Add(quotaGrace).Sub(now)+time.Millisecond, 2*time.Second)
+		if err := r.Settle(ctx, "c", lim, lease, 40, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := c.Get(ctx, key).Int64(); got != 40 {
+			t.Errorf("%s holds %d after settling 40, want 40", key, got)
+		}
+		if today := "yday:quota:{c}:" + now.UTC().Format(time.DateOnly); c.Exists(ctx, today).Val() != 0 {
+			t.Errorf("today's counter %s exists", today)
+		}
+	})
+}
+
 func TestRedisSettleRepeatChangesNothing(t *testing.T) {
 	s := redistest.Start(t)
 	r := NewRedis(newRedisClient(t, s), "repeat:")
