@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 )
 
 // flaky is a shared backend that fails while down is set.
@@ -24,6 +26,14 @@ func (f *flaky) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	d, err := f.Memory.Admit(ctx, client, lim, reserve, now)
 	d.Lease.ID = "shared"
 	return d, err
+}
+
+func (f *flaky) Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, now time.Time) (Decision, error) {
+	f.calls++
+	if f.down {
+		return Decision{Lease: *lease}, errors.New("connection refused")
+	}
+	return f.Memory.Reserve(ctx, client, lim, lease, tokens, now)
 }
 
 func TestFallback(t *testing.T) {
@@ -68,5 +78,119 @@ func TestFallback(t *testing.T) {
 				t.Errorf("changes %v, want [true false]", changes)
 			}
 		})
+	}
+}
+
+func TestFallbackReserve(t *testing.T) {
+	ctx := t.Context()
+	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Hour}}
+	tokensLeft := func(t *testing.T, l Limiter) int64 {
+		t.Helper()
+		s, err := l.State(ctx, "c", lim, t0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.TokensRemaining
+	}
+	for _, tc := range []struct {
+		name   string
+		policy OnError
+	}{{"local", UseLocal}, {"deny", Deny}} {
+		t.Run(tc.name, func(t *testing.T) {
+			shared := &flaky{Memory: NewMemory(nil, 100)}
+			local := NewMemory(nil, 100)
+			f := NewFallback(shared, local, tc.policy, 50*time.Millisecond, zap.NewNop())
+
+			d, _ := f.Admit(ctx, "c", lim, 0, t0)
+			lease := d.Lease
+			if d, err := f.Reserve(ctx, "c", lim, &lease, 300, t0); err != nil || d.Reason != Admitted || lease.Reserved != 300 {
+				t.Fatalf("up: %+v %v lease %+v, want 300 reserved", d, err, lease)
+			}
+			if shared, local := tokensLeft(t, shared), tokensLeft(t, local); shared != 700 || local != 1000 {
+				t.Fatalf("up: %d tokens left in the shared backend and %d locally, want 700 and 1000", shared, local)
+			}
+
+			shared.down = true
+			d, err := f.Reserve(ctx, "c", lim, &lease, 100, t0)
+			switch tc.policy {
+			case UseLocal:
+				// Unchecked, and the lease unchanged: Settle charges the
+				// shared backend all the request used.
+				if err != nil || d.Reason != Admitted || lease.Reserved != 300 || d.Lease != lease || d.TokensRemaining != 1000 {
+					t.Errorf("down, local: %+v %v lease %+v, want admitted unchecked, the lease as it was, the local state", d, err, lease)
+				}
+				calls := shared.calls
+				if d, err := f.Reserve(ctx, "c", lim, &lease, 701, t0); err != nil || d.Reason != TooLarge || d.RetryAfter != -1 || lease.Reserved != 300 {
+					t.Errorf("down, local, 300 + 701: %+v %v, want too large", d, err)
+				}
+				if shared.calls != calls {
+					t.Error("the failed backend was asked again before the probe time")
+				}
+				if left := tokensLeft(t, local); left != 1000 {
+					t.Errorf("down, local: %d tokens left locally, want 1000: a shared lease reserves nothing there", left)
+				}
+				// A lease of the local limits reserves there.
+				d, _ := f.Admit(ctx, "c", lim, 0, t0)
+				ll := d.Lease
+				if d, err := f.Reserve(ctx, "c", lim, &ll, 200, t0); err != nil || d.Reason != Admitted || ll != (Lease{Reserved: 200}) || d.TokensRemaining != 800 {
+					t.Errorf("down, local lease: %+v %v lease %+v, want 200 reserved locally", d, err, ll)
+				}
+				if shared.calls != calls {
+					t.Error("a local lease went to the shared backend")
+				}
+				f.Settle(ctx, "c", lim, ll, 50, t0)
+				if left := tokensLeft(t, local); left != 950 {
+					t.Errorf("after settling the local lease: %d tokens left locally, want 950", left)
+				}
+			case Deny:
+				if !errors.Is(err, ErrUnavailable) || lease.Reserved != 300 || d.Lease != lease {
+					t.Errorf("down, deny: %+v %v lease %+v, want ErrUnavailable and the lease as it was", d, err, lease)
+				}
+			}
+
+			shared.down = false
+			if err := f.Settle(ctx, "c", lim, lease, 350, t0.Add(probeEvery)); err != nil {
+				t.Fatal(err)
+			}
+			if left := tokensLeft(t, shared); left != 650 {
+				t.Errorf("after settling 350: %d tokens left in the shared backend, want 650", left)
+			}
+		})
+	}
+	t.Run("negative", func(t *testing.T) {
+		f := NewFallback(&flaky{Memory: NewMemory(nil, 100), down: true}, NewMemory(nil, 100), UseLocal, 50*time.Millisecond, zap.NewNop())
+		lease := Lease{ID: "shared"}
+		if _, err := f.Reserve(ctx, "c", lim, &lease, -1, t0); err == nil {
+			t.Error("reserve -1: no error")
+		}
+	})
+}
+
+// TestFallbackReserveRedis: a lease Redis reports gone is the caller's
+// error, not an outage; Redis killed is one.
+func TestFallbackReserveRedis(t *testing.T) {
+	s := redistest.Start(t)
+	ctx := t.Context()
+	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Hour}, Concurrent: 2}
+	f := NewFallback(NewRedis(newRedisClient(t, s), "fallback:"), NewMemory(nil, 100), UseLocal, 200*time.Millisecond, zap.NewNop())
+
+	d, err := f.Admit(ctx, "c", lim, 0, time.Now())
+	if err != nil || d.Reason != Admitted || d.Lease.ID == "" {
+		t.Fatalf("admit: %+v %v, want a Redis lease", d, err)
+	}
+	settled := d.Lease
+	if err := f.Settle(ctx, "c", lim, settled, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Reserve(ctx, "c", lim, &settled, 10, time.Now()); !errors.Is(err, ErrLeaseGone) || f.Down() {
+		t.Errorf("reserve on a settled lease: %v, down %v; want ErrLeaseGone, Redis still up", err, f.Down())
+	}
+
+	d, _ = f.Admit(ctx, "c", lim, 0, time.Now())
+	lease := d.Lease
+	s.Kill(t)
+	d, err = f.Reserve(ctx, "c", lim, &lease, 10, time.Now())
+	if err != nil || d.Reason != Admitted || lease.Reserved != 0 || !f.Down() {
+		t.Errorf("Redis killed: %+v %v lease %+v down %v, want admitted unchecked, the lease as it was, the fallback in force", d, err, lease, f.Down())
 	}
 }
