@@ -87,9 +87,9 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 // the requests that the local limits admit during the outage are not
 // checked against the fleet's. The State is then the local limits', as
 // State answers during the outage.
-func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, now time.Time) (Decision, error) {
+func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
 	if tokens < 0 {
-		return Decision{Lease: *lease}, errNegativeReserve
+		return Decision{Lease: lease}, errNegativeReserve
 	}
 	if lease.ID == "" {
 		return f.local.Reserve(ctx, client, lim, lease, tokens, now)
@@ -109,13 +109,13 @@ func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, leas
 		f.failed(err, now)
 	}
 	if f.policy == Deny {
-		return Decision{Lease: *lease}, ErrUnavailable
+		return Decision{Lease: lease}, ErrUnavailable
 	}
 	s, err := f.local.State(ctx, client, lim, now)
 	if err != nil {
-		return Decision{Lease: *lease}, err
+		return Decision{Lease: lease}, err
 	}
-	d := Decision{Lease: *lease, State: s}
+	d := Decision{Lease: lease, State: s}
 	if tooLarge(lim, lease.Reserved, tokens) {
 		d.Reason, d.RetryAfter = TooLarge, -1
 	}

@@ -126,18 +126,22 @@ type Limiter interface {
 	// TokenLimit. Admit(0) then Reserve(r) admits exactly what Admit(r)
 	// admits; only refusals differ, in what they took.
 	//
-	// When it passes, the tokens are taken, lease.Reserved grows by what
-	// the backend reserved and the Decision is Admitted. When it refuses,
-	// nothing changes: the request stays admitted (it was counted and
-	// holds its slot), RetryAfter and State are filled as in Admit's
+	// The Decision's Lease is the lease to settle after the call, whatever
+	// the decision and whatever the error, so that
+	// d, err = l.Reserve(ctx, client, lim, d.Lease, n, now) always leaves
+	// d.Lease right for Settle. When it passes, the tokens are
+	// taken, the Lease's Reserved is grown by what the backend reserved and
+	// the Decision is Admitted. When it refuses, nothing changes: the
+	// request stays admitted (it was counted and holds its slot), the Lease
+	// is the one given, RetryAfter and State are filled as in Admit's
 	// refusals, and the caller settles the lease with what it used (0).
-	// Either way, and whatever the error, *lease is what Settle must get,
-	// and the Decision's Lease is a copy of it.
+	// The lease goes in and out by value, as Settle takes it: a pointer
+	// through the interface would move the caller's Decision to the heap.
 	//
 	// Call it only between the lease's Admit and its Settle, with tokens
 	// >= 0. A backend that can tell (Redis) returns ErrLeaseGone for a
 	// lease settled already.
-	Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, now time.Time) (Decision, error)
+	Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error)
 
 	// Settle ends an admitted request: the tokens it really used replace
 	// its reservation (a refund or an extra charge) and its slot is freed.

@@ -80,14 +80,14 @@ func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve 
 // Reserve implements Limiter. The tokens count in the quota of the period
 // at now, as Settle's and the ledger's do: Memory keeps one period of a
 // client, the current one.
-func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, now time.Time) (Decision, error) {
+func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
 	if tokens < 0 {
-		return Decision{Lease: *lease}, errNegativeReserve
+		return Decision{Lease: lease}, errNegativeReserve
 	}
 	s := m.shard(client)
 	period, err := m.loadQuota(ctx, s, client, lim, now)
 	if err != nil {
-		return Decision{Lease: *lease}, err
+		return Decision{Lease: lease}, err
 	}
 	n := now.UnixNano()
 	s.mu.Lock()
@@ -100,7 +100,7 @@ func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease 
 	if d.Reason == Admitted {
 		lease.Reserved += tokens
 	}
-	d.Lease = *lease
+	d.Lease = lease
 	return d, nil
 }
 

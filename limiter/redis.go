@@ -137,18 +137,18 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 // A call that fails may still have been applied, as Admit's may: the
 // tokens are then reserved but not in the lease, and its Settle leaves them
 // charged on top of what the request used.
-func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease *Lease, tokens int64, _ time.Time) (Decision, error) {
+func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, _ time.Time) (Decision, error) {
 	if tokens < 0 {
-		return Decision{Lease: *lease}, errNegativeReserve
+		return Decision{Lease: lease}, errNegativeReserve
 	}
 	args := limitArgs(make([]any, 0, 13), lim)
 	args = append(args, tokens, lease.Reserved, lease.ID, r.leaseTTL.Milliseconds())
 	vals, err := reserveScript.Run(ctx, r.client, r.keys(client), args...).Slice()
 	if err != nil {
-		return Decision{Lease: *lease}, fmt.Errorf("redis reserve: %w", err)
+		return Decision{Lease: lease}, fmt.Errorf("redis reserve: %w", err)
 	}
 	if len(vals) == 1 && vals[0] == int64(-1) {
-		return Decision{Lease: *lease}, ErrLeaseGone
+		return Decision{Lease: lease}, ErrLeaseGone
 	}
 	var d Decision
 	var n [2]int64
@@ -157,13 +157,13 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease *
 		d.State, ok = parseState(vals[2:])
 	}
 	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
-		return Decision{Lease: *lease}, fmt.Errorf("redis reserve: unexpected reply %v", vals)
+		return Decision{Lease: lease}, fmt.Errorf("redis reserve: unexpected reply %v", vals)
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
 	if d.Reason == Admitted {
 		lease.Reserved += tokens
 	}
-	d.Lease = *lease
+	d.Lease = lease
 	return d, nil
 }
 

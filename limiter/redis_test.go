@@ -309,7 +309,7 @@ func TestRedisReserve(t *testing.T) {
 				t.Fatalf("admit: %v %v, want admitted", d.Reason, err)
 			}
 			keys := snapshot(t, c, "again"+prefix)
-			if d, err := r.Reserve(t.Context(), "c", lim, &d.Lease, tc.tokens, time.Now()); err != nil || d.Reason != tc.want {
+			if d, err := r.Reserve(t.Context(), "c", lim, d.Lease, tc.tokens, time.Now()); err != nil || d.Reason != tc.want {
 				t.Fatalf("reserve: %v %v, want %v", d.Reason, err, tc.want)
 			}
 			got := snapshot(t, c, "again"+prefix)
@@ -374,7 +374,8 @@ func TestReserveMemoryAndRedisAgree(t *testing.T) {
 						leases[st.req] = d.Lease
 					}
 				case "reserve":
-					d, err = b.l.Reserve(ctx, "c", lim, &leases[st.req], st.n, b.now())
+					d, err = b.l.Reserve(ctx, "c", lim, leases[st.req], st.n, b.now())
+					leases[st.req] = d.Lease
 				case "settle":
 					err = b.l.Settle(ctx, "c", lim, leases[st.req], st.n, b.now())
 					if err == nil {
@@ -399,11 +400,11 @@ func TestRedisReserveSettleReplacesReservation(t *testing.T) {
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Month}, Concurrent: 1}
 	d, _ := r.Admit(ctx, "c", lim, 200, time.Now())
-	lease := d.Lease
-	if d, err := r.Reserve(ctx, "c", lim, &lease, 300, time.Now()); err != nil || d.Reason != Admitted || d.TokensRemaining != 500 || d.QuotaUsed != 500 || lease.Reserved != 500 {
-		t.Fatalf("after 200 admitted and 300 reserved: %+v %v lease %+v, want 500 reserved", d, err, lease)
+	d, err := r.Reserve(ctx, "c", lim, d.Lease, 300, time.Now())
+	if err != nil || d.Reason != Admitted || d.TokensRemaining != 500 || d.QuotaUsed != 500 || d.Lease.Reserved != 500 {
+		t.Fatalf("after 200 admitted and 300 reserved: %+v %v, want 500 reserved", d, err)
 	}
-	if err := r.Settle(ctx, "c", lim, lease, 50, time.Now()); err != nil {
+	if err := r.Settle(ctx, "c", lim, d.Lease, 50, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	if st, _ := r.State(ctx, "c", lim, time.Now()); st.TokensRemaining != 950 || st.QuotaUsed != 50 || st.InFlight != 0 {
@@ -425,9 +426,9 @@ func TestRedisReserveLease(t *testing.T) {
 			t.Fatal(err)
 		}
 		keys := snapshot(t, c, "gone:")
-		d, err := r.Reserve(ctx, "c", lim, &lease, 100, time.Now())
-		if !errors.Is(err, ErrLeaseGone) || lease != d.Lease || lease.Reserved != 0 {
-			t.Errorf("reserve on a settled lease: %v lease %+v (decision's %+v), want ErrLeaseGone and the lease unchanged", err, lease, d.Lease)
+		d, err := r.Reserve(ctx, "c", lim, lease, 100, time.Now())
+		if !errors.Is(err, ErrLeaseGone) || d.Lease != lease {
+			t.Errorf("reserve on a settled lease: %v lease %+v, want ErrLeaseGone and the lease unchanged (%+v)", err, d.Lease, lease)
 		}
 		if got := snapshot(t, c, "gone:"); !maps.Equal(got, keys) {
 			t.Errorf("a reserve on a settled lease changed the keys:\n%v\n→\n%v", keys, got)
@@ -438,12 +439,12 @@ func TestRedisReserveLease(t *testing.T) {
 		r := NewRedis(c, "late:")
 		r.leaseTTL = 200 * time.Millisecond
 		d, _ := r.Admit(ctx, "c", lim, 0, time.Now())
-		lease := d.Lease
 		time.Sleep(300 * time.Millisecond)
-		if d, err := r.Reserve(ctx, "c", lim, &lease, 100, time.Now()); err != nil || d.Reason != Admitted || d.TokensRemaining != 900 || d.InFlight != 0 {
+		d, err := r.Reserve(ctx, "c", lim, d.Lease, 100, time.Now())
+		if err != nil || d.Reason != Admitted || d.TokensRemaining != 900 || d.InFlight != 0 || d.Lease.Reserved != 100 {
 			t.Fatalf("reserve past the lease's TTL: %+v %v, want admitted, 900 left, none in flight", d, err)
 		}
-		if err := r.Settle(ctx, "c", lim, lease, 30, time.Now()); err != nil {
+		if err := r.Settle(ctx, "c", lim, d.Lease, 30, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 		if st, _ := r.State(ctx, "c", lim, time.Now()); st.TokensRemaining != 970 || st.QuotaUsed != 30 {
@@ -457,8 +458,8 @@ func TestRedisReserveLease(t *testing.T) {
 		yesterday := now.AddDate(0, 0, -1)
 		// A lease the way Admit names it, admitted yesterday: past its TTL.
 		lease := Lease{ID: "7:" + strconv.FormatInt(yesterday.UnixMilli(), 10)}
-		d, err := r.Reserve(ctx, "c", lim, &lease, 100, time.Now())
-		if err != nil || d.Reason != Admitted || d.QuotaUsed != 0 || !d.QuotaReset.Equal(Day.End(now)) {
+		d, err := r.Reserve(ctx, "c", lim, lease, 100, time.Now())
+		if err != nil || d.Reason != Admitted || d.QuotaUsed != 0 || !d.QuotaReset.Equal(Day.End(now)) || d.Lease.Reserved != 100 {
 			t.Fatalf("reserve: %+v %v, want admitted, with today's quota untouched", d, err)
 		}
 		key := "yday:quota:{c}:" + yesterday.UTC().Format(time.DateOnly)
@@ -466,7 +467,7 @@ func TestRedisReserveLease(t *testing.T) {
 			t.Errorf("%s holds %d, want 100", key, got)
 		}
 		within(t, key+" TTL", c.PTTL(ctx, key).Val(), Day.End(yesterday).Add(quotaGrace).Sub(now)+time.Millisecond, 2*time.Second)
-		if err := r.Settle(ctx, "c", lim, lease, 40, time.Now()); err != nil {
+		if err := r.Settle(ctx, "c", lim, d.Lease, 40, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 		if got, _ := c.Get(ctx, key).Int64(); got != 40 {
