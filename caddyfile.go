@@ -35,6 +35,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		upstream       <url>                  # default https://api.vigthoria.io/v1
 //		api_key        <value>                # required, e.g. {env.VIGTHORIA_API_KEY}
 //		max_body       <size>                 # default 10MB
+//		body_timeout   <duration>             # default 30s
+//		max_buffered   <size>                 # default 64MiB, or 4 x max_body
 //		header_timeout <duration>             # default none
 //		idle_timeout   <duration>             # default none
 //		store          sqlite [<path>] | redis <url>   # default sqlite in Caddy's data dir
@@ -181,15 +183,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.APIKey = v
 		case "max_body":
-			v, err := singleArg(d)
-			if err != nil {
+			if h.MaxBody, err = sizeArg(d, "10MB"); err != nil {
 				return err
 			}
-			size, err := humanize.ParseBytes(v)
-			if err != nil || size == 0 || size > math.MaxInt64 {
-				return d.Errf("invalid max_body '%s': want a positive size such as 10MB", v)
+		case "max_buffered":
+			if h.MaxBuffered, err = sizeArg(d, "64MiB"); err != nil {
+				return err
 			}
-			h.MaxBody = int64(size)
+		case "body_timeout":
+			if h.BodyTimeout, err = durationArg(d, "30s"); err != nil {
+				return err
+			}
 		case "header_timeout":
 			if h.HeaderTimeout, err = durationArg(d, "5m"); err != nil {
 				return err
@@ -346,6 +350,21 @@ func durationArg(d *caddyfile.Dispenser, example string) (caddy.Duration, error)
 		return 0, d.Errf("invalid %s '%s': want a positive duration such as %s", name, v, example)
 	}
 	return caddy.Duration(dur), nil
+}
+
+// sizeArg reads the single argument of the current subdirective as a
+// positive size in bytes, such as 10MB.
+func sizeArg(d *caddyfile.Dispenser, example string) (int64, error) {
+	name := d.Val()
+	v, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	size, err := humanize.ParseBytes(v)
+	if err != nil || size == 0 || size > math.MaxInt64 {
+		return 0, d.Errf("invalid %s '%s': want a positive size such as %s", name, v, example)
+	}
+	return int64(size), nil
 }
 
 // Interface guards

@@ -33,6 +33,8 @@ const (
 	DefaultMaxBody        = 10_000_000 // 10 MB
 	DefaultAuthFailLimit  = 20
 	DefaultAuthFailWindow = time.Minute
+	DefaultBodyTimeout    = 30 * time.Second
+	DefaultMaxBuffered    = 64 << 20 // 64 MiB
 )
 
 // DefaultStoreTimeout bounds a limit decision's wait for a shared store.
@@ -218,6 +220,18 @@ type Handler struct {
 	// as the limit is crossed. Default: 10000000 (10 MB).
 	MaxBody int64 `json:"max_body,omitempty"`
 
+	// How long a caller may take to send its whole request body; a body
+	// still arriving then is refused with 408. Default: 30s.
+	BodyTimeout caddy.Duration `json:"body_timeout,omitempty"`
+
+	// The most bytes that the request bodies being received may hold at
+	// once, over the whole process; a new body is refused with 503 and
+	// Retry-After while they hold more. Bodies are held in memory from
+	// their first byte until forwarded, and memory grows with the bytes
+	// that arrive, never with what Content-Length announces. Default:
+	// 64 MiB, or four times max_body when that is larger.
+	MaxBuffered int64 `json:"max_buffered,omitempty"`
+
 	// How long to wait for the upstream's response headers. A non-streamed
 	// completion sends its headers only when the whole answer is ready, so
 	// keep this above the slowest answer you expect; a timeout is a 504.
@@ -292,6 +306,7 @@ type Handler struct {
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
 
 	upstream     *proxy.Upstream
+	bodyLimits   proxy.BodyLimits
 	limiter      limiter.Limiter
 	keys         *keystore.Service
 	storeSpec    string // the key of keys in keyServices
@@ -322,6 +337,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBody == 0 {
 		h.MaxBody = DefaultMaxBody
 	}
+	if h.BodyTimeout == 0 {
+		h.BodyTimeout = caddy.Duration(DefaultBodyTimeout)
+	}
+	if h.MaxBuffered == 0 {
+		h.MaxBuffered = max(DefaultMaxBuffered, 4*h.MaxBody)
+	}
+	h.bodyLimits = proxy.BodyLimits{Size: h.MaxBody, Timeout: time.Duration(h.BodyTimeout), MaxBuffered: h.MaxBuffered}
 	if h.ModelsCache == 0 {
 		h.ModelsCache = caddy.Duration(proxy.DefaultModelsTTL)
 	}
@@ -504,6 +526,12 @@ func (h *Handler) Validate() error {
 	if h.MaxBody < 0 {
 		return fmt.Errorf("max_body must be positive, not %d", h.MaxBody)
 	}
+	if h.BodyTimeout < 0 {
+		return fmt.Errorf("body_timeout must be positive, not %s", time.Duration(h.BodyTimeout))
+	}
+	if h.MaxBuffered < h.MaxBody {
+		return fmt.Errorf("max_buffered (%d) must be at least max_body (%d)", h.MaxBuffered, h.MaxBody)
+	}
 	if h.HeaderTimeout < 0 {
 		return fmt.Errorf("header_timeout must be positive, not %s", time.Duration(h.HeaderTimeout))
 	}
@@ -539,13 +567,17 @@ func (h *Handler) Validate() error {
 }
 
 // ServeHTTP runs the request through the pipeline: route, identify,
-// police the body, admit, forward, settle. Every refusal is answered here
-// in the API's error shape.
+// admit, read and police the body, reserve its tokens, forward, settle.
+// Nothing that needs no body waits for one: a caller is identified and its
+// request and concurrency limits are applied before a byte of its body is
+// read, so that what an unknown or over-limit caller costs is bounded.
+// Every refusal is answered here in the API's error shape.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	now := time.Now()
 	if h.cors(w, r) {
 		return nil
 	}
+	h.keepCredentialsOutOfLogs(r)
 	ep, apiErr := proxy.Route(r.Method, routePath(r))
 	if apiErr != nil {
 		return refuse(w, r, "none", "unknown", apiErr)
@@ -556,68 +588,81 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	client, tier, apiErr := h.identify(w, r, now)
 	if apiErr != nil {
-		return refuse(w, r, orNone(client.Tier), ep.Name, apiErr)
+		return refuse(w, r, h.tierLabel(client.Tier), ep.Name, apiErr)
 	}
 
-	call := new(proxy.Call)
-	var info proxy.RequestInfo
-	var reserve int64
-	if ep.Body {
-		body, apiErr := proxy.ReadBody(r, h.MaxBody)
-		if apiErr != nil {
-			return refuse(w, r, client.Tier, ep.Name, apiErr)
-		}
-		defer body.Release()
-		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
-			return refuse(w, r, client.Tier, ep.Name, apiErr)
-		}
-	}
-
-	if ep.ID == proxy.Usage {
-		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
-		return h.serveUsage(w, r, client, tier, now)
-	}
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
-	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached {
+	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached && ep.ID != proxy.Usage {
 		secs := retrySeconds(wait)
 		w.Header().Set("Retry-After", strconv.Itoa(secs))
 		return refuse(w, r, client.Tier, ep.Name, proxy.UpstreamExhausted(secs))
 	}
 
-	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, reserve, now)
+	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, 0, now)
 	if err != nil {
-		if !errors.Is(err, limiter.ErrUnavailable) {
-			h.logger.Error("deciding limits", zap.String("client_id", client.ID), zap.Error(err))
-		}
-		w.Header().Set("Retry-After", "1")
-		return refuse(w, r, client.Tier, ep.Name, errUnavailable)
+		return h.refuseUnavailable(w, r, client, ep, err)
 	}
-	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
 	if d.Reason != limiter.Admitted {
-		limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
-		return refuse(w, r, client.Tier, ep.Name, refusal(d, client.Tier))
+		return h.refuseLimit(w, r, client, tier, ep, d, now)
+	}
+	if ep.ID == proxy.Usage {
+		// Counted as a request, then the slot is freed before the
+		// report reads the standing, which would otherwise count it.
+		h.settle(r, client.ID, tier, d.Lease, 0)
+		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
+		return h.serveUsage(w, r, client, tier, now)
 	}
 
-	// Settle on every way out, a panic included: the slot is freed, the
-	// reservation replaced by what the answer used, and it is counted.
+	// Admitted: every way out from here settles, a panic included. A
+	// request refused before it was forwarded frees its slot and is
+	// charged nothing; a forwarded one is charged what it used.
 	h.active.Add(1)
 	defer h.active.Add(-1)
-	if info.Stream {
-		metrics.activeStreams.Inc()
-		defer metrics.activeStreams.Dec()
-	}
+	call := new(proxy.Call)
+	var info proxy.RequestInfo
+	forwarded := false
 	defer func() {
-		usage := &call.Usage
-		prompt, completion := charge(usage, reserve, int64(len(call.Body)))
-		end := time.Now()
-		if err := h.limiter.Settle(context.WithoutCancel(r.Context()), client.ID, &tier.limits, d.Lease, prompt+completion, end); err != nil {
-			h.logger.Error("settling usage", zap.String("client_id", client.ID), zap.Error(err))
+		if !forwarded {
+			h.settle(r, client.ID, tier, d.Lease, 0)
+			return
 		}
+		usage := &call.Usage
+		prompt, completion := charge(usage, d.Lease.Reserved, int64(len(call.Body)))
+		end := time.Now()
+		h.settle(r, client.ID, tier, d.Lease, prompt+completion)
 		if usage.Status != 0 && ep.ID != proxy.Models {
 			h.keys.Ledger().Add(client.ID, info.Model, end, prompt, completion)
 		}
 		record(r, client.Tier, ep.Name, info.Model, usage, prompt, completion)
 	}()
+
+	if ep.Body {
+		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits)
+		if apiErr != nil {
+			return h.refuseAdmitted(w, r, client, tier, ep, d.State, now, apiErr)
+		}
+		defer body.Release()
+		var reserve int64
+		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
+			return h.refuseAdmitted(w, r, client, tier, ep, d.State, now, apiErr)
+		}
+		rd, err := h.limiter.Reserve(r.Context(), client.ID, &tier.limits, d.Lease, reserve, now)
+		d.Lease = rd.Lease
+		if err != nil {
+			return h.refuseUnavailable(w, r, client, ep, err)
+		}
+		if rd.Reason != limiter.Admitted {
+			return h.refuseLimit(w, r, client, tier, ep, rd, now)
+		}
+		d.State = rd.State
+	}
+	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
+
+	if info.Stream {
+		metrics.activeStreams.Inc()
+		defer metrics.activeStreams.Dec()
+	}
+	forwarded = true
 	if cached {
 		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: client.Tier, Allows: tier.modelFilter()}, call)
 	} else {
@@ -628,6 +673,51 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	return err
+}
+
+// settle ends an admitted request in the limiter: used replaces its
+// reservation and its slot is freed.
+func (h *Handler) settle(r *http.Request, clientID string, tier *Tier, lease limiter.Lease, used int64) {
+	err := h.limiter.Settle(context.WithoutCancel(r.Context()), clientID, &tier.limits, lease, used, time.Now())
+	if err != nil {
+		h.logger.Error("settling usage", zap.String("client_id", clientID), zap.Error(err))
+	}
+}
+
+// refuseLimit answers a request a limit refused, with the caller's limit
+// headers.
+func (h *Handler) refuseLimit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, ep *proxy.Endpoint, d limiter.Decision, now time.Time) error {
+	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
+	limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
+	return refuse(w, r, client.Tier, ep.Name, refusal(d, client.Tier))
+}
+
+// refuseAdmitted answers an admitted request refused before it was
+// forwarded, with the caller's standing, which counts it.
+func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, ep *proxy.Endpoint, s limiter.State, now time.Time, e *proxy.APIError) error {
+	limiter.SetHeaders(w.Header(), &tier.limits, s, now)
+	return refuse(w, r, client.Tier, ep.Name, e)
+}
+
+// refuseUnavailable answers a request whose limits could not be decided.
+func (h *Handler) refuseUnavailable(w http.ResponseWriter, r *http.Request, client keystore.Client, ep *proxy.Endpoint, err error) error {
+	if !errors.Is(err, limiter.ErrUnavailable) {
+		h.logger.Error("deciding limits", zap.String("client_id", client.ID), zap.Error(err))
+	}
+	w.Header().Set("Retry-After", "1")
+	return refuse(w, r, client.Tier, ep.Name, errUnavailable)
+}
+
+// tierLabel is a tier's name as a metric label: only configured tiers are
+// labels, since a tier from a placeholder is the caller's to choose.
+func (h *Handler) tierLabel(name string) string {
+	if _, ok := h.Tiers[name]; ok {
+		return name
+	}
+	if name == "" {
+		return "none"
+	}
+	return "unknown"
 }
 
 // refuse answers a request the proxy refused, counting it and noting the
@@ -650,7 +740,7 @@ func record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage,
 	}
 	requestsBy.get([3]string{tier, endpoint, result}).Inc()
 	if prompt+completion > 0 {
-		tokens := tokensBy.get([2]string{tier, model})
+		tokens := tokensBy.get([2]string{tier, modelKey(model)})
 		tokens[0].Add(float64(prompt))
 		tokens[1].Add(float64(completion))
 	}

@@ -5,62 +5,205 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"os"
 	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
-var bodyPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+// Body buffers start small and double as bytes arrive: what a body holds
+// follows what its caller really sent, never what it announced.
+const (
+	firstBodyChunk = 8 << 10
+	// maxPooledBody keeps one huge request from pinning its buffer in the pool.
+	maxPooledBody = 256 << 10
+)
 
-// maxPooledBody keeps one huge request from pinning its buffer in the pool.
-const maxPooledBody = 256 << 10
+var bodyPool = sync.Pool{New: func() any { b := make([]byte, 0, firstBodyChunk); return &b }}
+
+// buffered counts the bytes held by request bodies in flight in this
+// process, over every handler, for BodyLimits.MaxBuffered.
+var buffered atomic.Int64
+
+// BufferedBytes returns the bytes held by request bodies in flight.
+func BufferedBytes() int64 { return buffered.Load() }
+
+// BodyLimits bound what reading one request body may cost.
+type BodyLimits struct {
+	// Size is the largest body accepted, in bytes.
+	Size int64
+	// Timeout bounds the time to receive the whole body; zero: none.
+	Timeout time.Duration
+	// MaxBuffered bounds the bytes that all bodies in flight in the
+	// process may hold at once; a body that would pass it is refused.
+	MaxBuffered int64
+}
 
 // Body is a request body read whole into memory, at most the configured
 // limit: read once, so that policy can inspect it and the upstream gets
 // exactly these bytes.
 type Body struct {
-	buf *bytes.Buffer
+	bufp *[]byte
+	held int64 // bytes of buffered counted for this body
 }
 
 // Bytes returns the body; valid until Release.
-func (b *Body) Bytes() []byte { return b.buf.Bytes() }
+func (b *Body) Bytes() []byte { return *b.bufp }
 
-// Release returns the body's storage to the pool. The request must be done
-// with it: call it after forwarding has returned.
+// Release returns the body's storage to the pool and its bytes to the
+// process budget. The request must be done with it: call it after
+// forwarding has returned.
 func (b *Body) Release() {
-	if b.buf.Cap() <= maxPooledBody {
-		b.buf.Reset()
-		bodyPool.Put(b.buf)
+	if b.bufp == nil {
+		return
 	}
-	b.buf = nil
+	buffered.Add(-b.held)
+	if cap(*b.bufp) <= maxPooledBody {
+		*b.bufp = (*b.bufp)[:0]
+		bodyPool.Put(b.bufp)
+	}
+	b.bufp, b.held = nil, 0
 }
 
-// ReadBody reads r's body, refusing one over limit bytes before reading it
-// when Content-Length tells, and as soon as the limit is crossed otherwise.
-// On success r.Body replays the bytes read.
-func ReadBody(r *http.Request, limit int64) (Body, *APIError) {
-	if r.ContentLength > limit {
-		return Body{}, TooLarge(limit)
+// grow makes room for more bytes, doubling the buffer up to the body's
+// size limit, if the process budget has room for the new capacity.
+func (b *Body) grow(lim *BodyLimits) bool {
+	buf := *b.bufp
+	newCap := min(max(2*int64(cap(buf)), firstBodyChunk), lim.Size)
+	if !b.hold(newCap-int64(cap(buf)), lim.MaxBuffered) {
+		return false
 	}
-	buf := bodyPool.Get().(*bytes.Buffer)
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
+	bigger := make([]byte, len(buf), newCap)
+	copy(bigger, buf)
+	if cap(buf) <= maxPooledBody {
+		pooled := buf[:0]
+		bodyPool.Put(&pooled)
 	}
-	_, err := buf.ReadFrom(io.LimitReader(r.Body, limit+1))
-	b := Body{buf: buf}
-	switch {
-	case err != nil:
+	*b.bufp = bigger
+	return true
+}
+
+// hold counts n more bytes against the process budget, unless that would
+// pass limit.
+func (b *Body) hold(n, limit int64) bool {
+	if buffered.Add(n) > limit {
+		buffered.Add(-n)
+		return false
+	}
+	b.held += n
+	return true
+}
+
+// ReadBody reads r's body within lim: refused with 413 before a byte is
+// read when Content-Length passes the size, and as soon as the size is
+// crossed otherwise; 408 when it takes longer than the timeout; 503 when
+// the process holds too many bytes of bodies already. Memory grows with
+// the bytes that arrive, whatever Content-Length announces. On success
+// r.Body replays the bytes read.
+func ReadBody(w http.ResponseWriter, r *http.Request, lim *BodyLimits) (Body, *APIError) {
+	if r.ContentLength > lim.Size {
+		w.Header().Set("Connection", "close")
+		return Body{}, TooLarge(lim.Size)
+	}
+	if lim.Timeout > 0 && !serverTimesOutFirst(r, lim.Timeout) {
+		rc := http.NewResponseController(w)
+		if rc.SetReadDeadline(time.Now().Add(lim.Timeout)) == nil {
+			defer rc.SetReadDeadline(time.Time{})
+		}
+	}
+	b := Body{bufp: bodyPool.Get().(*[]byte)}
+	apiErr := errBodiesBusy
+	if b.hold(int64(cap(*b.bufp)), lim.MaxBuffered) {
+		apiErr = b.readFrom(r.Body, lim)
+	}
+	if apiErr != nil {
 		b.Release()
-		return Body{}, errBodyUnreadable(err)
-	case int64(buf.Len()) > limit:
-		b.Release()
-		return Body{}, TooLarge(limit)
+		// The rest of the body is not read: the connection cannot serve
+		// another request.
+		w.Header().Set("Connection", "close")
+		if apiErr == errBodiesBusy {
+			w.Header().Set("Retry-After", "1")
+		}
+		return Body{}, apiErr
 	}
-	r.Body = io.NopCloser(bytes.NewReader(buf.Bytes()))
-	r.ContentLength = int64(buf.Len())
+	data := *b.bufp
+	r.Body = io.NopCloser(bytes.NewReader(data))
+	r.ContentLength = int64(len(data))
 	r.Header.Del("Transfer-Encoding")
 	return b, nil
 }
 
+// serverTimesOutFirst reports whether the server's own read_timeout, which
+// runs from the start of the request, ends no later than timeout would: a
+// body deadline must never extend what the operator set for the server.
+func serverTimesOutFirst(r *http.Request, timeout time.Duration) bool {
+	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	return ok && srv.ReadTimeout > 0 && time.Duration(srv.ReadTimeout) <= timeout
+}
+
+func (b *Body) readFrom(src io.Reader, lim *BodyLimits) *APIError {
+	for {
+		buf := *b.bufp
+		if len(buf) == cap(buf) {
+			if int64(len(buf)) >= lim.Size {
+				return b.wantEOF(src, lim)
+			}
+			if !b.grow(lim) {
+				return errBodiesBusy
+			}
+			buf = *b.bufp
+		}
+		n, err := src.Read(buf[len(buf):cap(buf)])
+		*b.bufp = buf[:len(buf)+n]
+		switch {
+		case int64(len(*b.bufp)) > lim.Size: // a pooled buffer may be larger
+			return TooLarge(lim.Size)
+		case err == io.EOF:
+			return nil
+		case err != nil:
+			return errBodyUnreadable(err)
+		}
+	}
+}
+
+// wantEOF checks that a body of exactly the size limit ends there.
+func (b *Body) wantEOF(src io.Reader, lim *BodyLimits) *APIError {
+	var one [1]byte
+	for {
+		n, err := src.Read(one[:])
+		switch {
+		case n > 0:
+			return TooLarge(lim.Size)
+		case err == io.EOF:
+			return nil
+		case err != nil:
+			return errBodyUnreadable(err)
+		}
+	}
+}
+
+// errBodiesBusy refuses a body while the process holds as many bytes of
+// bodies as it may: the caller may try again shortly.
+var errBodiesBusy = &APIError{
+	Status:  http.StatusServiceUnavailable,
+	Type:    TypeAPI,
+	Code:    "proxy_busy",
+	Message: "The proxy is receiving too much request data right now. Please try again shortly.",
+}
+
+var errBodyTimeout = &APIError{
+	Status:  http.StatusRequestTimeout,
+	Type:    TypeInvalidRequest,
+	Code:    "request_timeout",
+	Message: "The request body did not arrive in time.",
+}
+
 func errBodyUnreadable(err error) *APIError {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return errBodyTimeout
+	}
 	msg := "The request body could not be read."
 	if errors.Is(err, io.ErrUnexpectedEOF) {
 		msg = "The request body ended before its announced length."
