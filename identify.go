@@ -9,6 +9,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
@@ -52,19 +53,22 @@ func errTooManyFailures(wait time.Duration) *proxy.APIError {
 		Status:  http.StatusTooManyRequests,
 		Type:    "rate_limit_error",
 		Code:    "too_many_failed_auth",
-		Message: "Too many failed authentications from your address. Try again in " + strconv.Itoa(retrySeconds(wait)) + " seconds.",
+		Message: "Too many failed authentications from your address; this credential is not valid either. Try again in " + strconv.Itoa(retrySeconds(wait)) + " seconds.",
 	}
 }
 
 // identify finds who is calling: an identity set by an earlier Caddy auth
 // handler, else a client key, else, when allowed, the anonymous tier by
 // client address. It sets the placeholders and the access log's user_id.
+//
+// The failed-authentication throttle only ever refuses failed attempts: a
+// valid key, an identity or an anonymous caller from a throttled address
+// (everyone behind one NAT, office or CDN) is let through. Checking a key
+// costs a checksum and, for a well-formed one, a hash and a lookup in
+// memory, so a throttled prober gains nothing and costs little.
 func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *Tier, *proxy.APIError) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if keyInQuery(r.URL.RawQuery) {
-		// Keep the key out of the access log too.
-		r.URL.RawQuery = ""
-		r.RequestURI = r.URL.EscapedPath()
 		return keystore.Client{}, nil, errKeyInQuery
 	}
 	if h.Identity != "" {
@@ -79,10 +83,6 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 	}
 
 	addr := clientAddr(r)
-	if wait, blocked := h.authFailures.Blocked(addr, now); blocked {
-		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
-		return keystore.Client{}, nil, errTooManyFailures(wait)
-	}
 	values := r.Header["Authorization"]
 	if len(values) == 0 && h.Anonymous != "" {
 		c := keystore.Client{ID: anonymousPrefix + limiter.AddrBucket(addr).String(), Tier: h.Anonymous}
@@ -94,6 +94,10 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 		if c, ok = h.keys.Identify(secret, now); ok {
 			return h.admitTier(c, repl, true)
 		}
+	}
+	if wait, blocked := h.authFailures.Blocked(addr, now); blocked {
+		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
+		return keystore.Client{}, nil, errTooManyFailures(wait)
 	}
 	h.authFailures.Fail(addr, now)
 	w.Header().Set("Www-Authenticate", `Bearer realm="vigthoria"`)
@@ -170,4 +174,47 @@ func clientAddr(r *http.Request) netip.Addr {
 // caller that waits that long is let through.
 func retrySeconds(d time.Duration) int {
 	return max(int((d+time.Second-1)/time.Second), 1)
+}
+
+// keepCredentialsOutOfLogs keeps a credential that a caller put where
+// Caddy's access log writes it out — the URL, or a header other than
+// Authorization, Proxy-Authorization and Cookie, which Caddy redacts —
+// out of that log: the request's access log entry is skipped and a
+// redacted one written instead. Caddy copies the request for its log
+// before any handler runs, so changing the request here would not help.
+func (h *Handler) keepCredentialsOutOfLogs(r *http.Request) {
+	if logFields(r) == nil {
+		return // no access log
+	}
+	header := carriesCredential(r.Header)
+	if header == "" && !proxy.HasCredential(r.RequestURI) && !keyInQuery(r.URL.RawQuery) {
+		return
+	}
+	caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
+	path, _, _ := strings.Cut(r.RequestURI, "?")
+	h.logger.Info("request with a credential outside the Authorization header; its access log entry is replaced by this redacted one",
+		zap.String("method", r.Method),
+		zap.String("host", r.Host),
+		zap.String("path", proxy.RedactCredentials(path)),
+		zap.Bool("query_redacted", r.URL.RawQuery != ""),
+		zap.String("credential_header", header),
+		zap.String("client_ip", clientAddr(r).String()))
+}
+
+// carriesCredential names a header that Caddy's access log would print
+// and whose value holds a credential of ours: a client key, or a token
+// shaped as a JWT; "" for none.
+func carriesCredential(h http.Header) string {
+	for name, values := range h {
+		switch name {
+		case "Authorization", "Proxy-Authorization", "Cookie":
+			continue // redacted by Caddy
+		}
+		for _, v := range values {
+			if proxy.HasCredential(v) {
+				return name
+			}
+		}
+	}
+	return ""
 }

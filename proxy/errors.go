@@ -71,6 +71,9 @@ const maxEchoedPath = 200
 
 // NotFound answers a path the proxy does not serve.
 func NotFound(method, path string) *APIError {
+	if HasCredential(path) {
+		path = RedactCredentials(path)
+	}
 	if len(path) > maxEchoedPath {
 		path = path[:maxEchoedPath] + "…"
 	}

@@ -176,12 +176,13 @@ func TestBadCredentialsAllLookTheSame(t *testing.T) {
 	k.wantUpstreamCalls(t, 0)
 }
 
+// TestFailedAuthenticationIsThrottled checks that the throttle stops
+// further failed attempts from an address, and only those: a valid key and
+// an anonymous caller from the same address (one NAT, office or CDN) are
+// served while it holds.
 func TestFailedAuthenticationIsThrottled(t *testing.T) {
-	k := start(t, "auth_failures 3/1m")
+	k := start(t, "auth_failures 3/1m", "anonymous free")
 	valid := k.key
-	if s, body := k.chatStatus(t, "Bearer "+valid); s != http.StatusOK {
-		t.Fatalf("the key does not work: %d %s", s, body)
-	}
 	k.upstream.Reset()
 	for i := range 3 {
 		if s, body := k.chatStatus(t, "Bearer vgt_wrong"); s != http.StatusUnauthorized {
@@ -189,7 +190,7 @@ func TestFailedAuthenticationIsThrottled(t *testing.T) {
 		}
 	}
 	res := k.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader("{}"),
-		http.Header{"Authorization": {"Bearer " + valid}})
+		http.Header{"Authorization": {"Bearer vgt_wrong"}})
 	e := wantAPIError(t, res, http.StatusTooManyRequests, "too_many_failed_auth")
 	if ra := res.Header.Get("Retry-After"); ra == "" || ra == "0" {
 		t.Errorf("Retry-After = %q, want whole seconds until the window ends", ra)
@@ -198,6 +199,18 @@ func TestFailedAuthenticationIsThrottled(t *testing.T) {
 		t.Errorf("message %q does not say how long to wait", e.Error.Message)
 	}
 	k.wantUpstreamCalls(t, 0)
+
+	if s, body := k.chatStatus(t, "Bearer "+valid); s != http.StatusOK {
+		t.Errorf("a valid key from the throttled address: status %d, want 200 (%s)", s, body)
+	}
+	res = k.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": nil})
+	if res.StatusCode != http.StatusOK {
+		t.Errorf("an anonymous caller from the throttled address: status %d, want 200", res.StatusCode)
+	}
+	if s, _ := k.chatStatus(t, "Bearer vgt_wrong"); s != http.StatusTooManyRequests {
+		t.Errorf("a failed attempt after a valid one: status %d, want 429: a valid key does not lift the throttle", s)
+	}
+	k.wantUpstreamCalls(t, 2)
 }
 
 func TestKeyLifecycleWithoutReload(t *testing.T) {
