@@ -172,6 +172,19 @@ var modelLabels = struct {
 	names map[string]struct{}
 }{names: make(map[string]struct{})}
 
+// maxModelLabelLen is the longest model name that is a label.
+const maxModelLabelLen = 100
+
+// modelKey is model as tokensBy's key: a name too long to be a label is
+// "other" already there, so that the cache does not keep a caller's long
+// string.
+func modelKey(model string) string {
+	if len(model) > maxModelLabelLen {
+		return "other"
+	}
+	return model
+}
+
 // modelLabel returns model as a label value, or "other" once enough
 // distinct models have been seen.
 func modelLabel(model string) string {
@@ -183,7 +196,7 @@ func modelLabel(model string) string {
 	if _, ok := modelLabels.names[model]; ok {
 		return model
 	}
-	if len(modelLabels.names) >= maxModelLabels || len(model) > 100 {
+	if len(modelLabels.names) >= maxModelLabels || len(model) > maxModelLabelLen {
 		return "other"
 	}
 	modelLabels.names[model] = struct{}{}
