@@ -3,7 +3,6 @@ package tests
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -28,7 +27,7 @@ const chromiumPath = "/usr/bin/chromium"
 // to empty from the page, refilling too slowly (one a minute) to change a
 // figure while the test runs.
 const browserTier = `tier browser {
-			requests 60/1h burst 6
+			requests 60/1h burst 10
 			tokens 100000/1h
 			models vigthoria-fast-*
 		}`
@@ -54,7 +53,7 @@ func TestBrowserDemo(t *testing.T) {
 	e := start(t, "cors "+allowedOrigin, browserTier)
 	e.upstream.SetBehavior(standin.Behavior{ChunkDelay: 150 * time.Millisecond})
 	key := createKey(t, strings.TrimPrefix(e.store, "sqlite:"), "browser")
-	waitKeyKnown(t, e, key)
+	e.waitKeysKnown(t)
 
 	page := demo.Handler(demo.Config{APIBase: e.caddy.URL, Key: key})
 	for _, s := range []*httptest.Server{allowed, refused} {
@@ -97,11 +96,13 @@ func TestBrowserDemo(t *testing.T) {
 
 	// The caller's limits, read by the page's script from the headers the
 	// proxy exposes to this origin, and from GET /v1/usage.
-	if got := b.text("#remaining-requests"); got != "5" {
-		t.Errorf("the page shows %q requests left from the headers, want 5 (burst 6, one used)", got)
+	// Three requests so far: the page's GET /v1/usage when it loaded, the
+	// chat, and GET /v1/usage after it, whose answer it shows last.
+	if got := b.text("#remaining-requests"); got != "7" {
+		t.Errorf("the page shows %q requests left from the headers, want 7 (burst 10, three used)", got)
 	}
-	if got := b.text("#limit-requests"); got != "6" {
-		t.Errorf("the page shows a request limit of %q, want 6", got)
+	if got := b.text("#limit-requests"); got != "10" {
+		t.Errorf("the page shows a request limit of %q, want 10", got)
 	}
 	if v, err := strconv.Atoi(b.attr("#remaining-tokens", "data-value")); err != nil || v <= 0 || v > 100000 {
 		t.Errorf("the page shows %q tokens left (%v), want a number up to the 100000 of the tier", b.text("#remaining-tokens"), err)
@@ -109,11 +110,11 @@ func TestBrowserDemo(t *testing.T) {
 	if got := b.text("#limit-tokens"); got != "100,000" {
 		t.Errorf("the page shows a token limit of %q, want 100,000", got)
 	}
-	if got := b.text("#ratelimit"); !strings.Contains(got, "r=5") {
+	if got := b.text("#ratelimit"); !strings.Contains(got, "r=7") {
 		t.Errorf("the page shows the RateLimit header %q, want the requests left in it", got)
 	}
-	if got := b.attr("#usage-requests", "data-value"); got != "5" {
-		t.Errorf("the page shows %q requests left from GET /v1/usage, want 5", got)
+	if got := b.attr("#usage-requests", "data-value"); got != "7" {
+		t.Errorf("the page shows %q requests left from GET /v1/usage, want 7", got)
 	}
 
 	// A model outside the tier: the proxy's 403, as the user sees it.
@@ -126,8 +127,8 @@ func TestBrowserDemo(t *testing.T) {
 	}
 	e.wantUpstreamCalls(t, calls)
 
-	// Emptying the request bucket: five more are admitted, the sixth is
-	// refused with 429 and a Retry-After the script can read.
+	// Emptying the request bucket: the refused model and the usage after it
+	// took two more; five more are admitted, the sixth is refused with 429 and a Retry-After the script can read.
 	b.click("#burst")
 	b.waitIdle()
 	log := b.eval(`[...document.querySelectorAll("#burst-log li")].map(li => li.className + ": " + li.textContent).join("\n")`)
@@ -182,24 +183,6 @@ func findChromium(t *testing.T) string {
 	}
 	t.Skip(msg)
 	return ""
-}
-
-// waitKeyKnown waits until the proxy accepts a key just added to its
-// store, which it syncs every 250ms.
-func waitKeyKnown(t *testing.T, e *env, key string) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		res := e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer " + key}})
-		res.Body.Close()
-		if res.StatusCode == http.StatusOK {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the proxy still answers %d for a new key after 5s", res.StatusCode)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 // browser is a headless Chromium with one tab, and what its console said.

@@ -52,15 +52,45 @@ func start(t *testing.T, extra ...string) *env {
 // startOn is start with a given upstream and api_key value.
 func startOn(t *testing.T, up *standin.Server, srv *httptest.Server, upstreamURL, apiKey string, extra ...string) *env {
 	t.Helper()
+	e := newEnv(t, up, srv)
+	e.startCaddy(t, upstreamURL, apiKey, extra...)
+	return e
+}
+
+// newEnv is an env whose store holds its "pro" key, before Caddy starts.
+func newEnv(t *testing.T, up *standin.Server, srv *httptest.Server) *env {
+	t.Helper()
 	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
 	e := &env{upstream: up, server: srv}
 	path := filepath.Join(t.TempDir(), "keys.db")
 	e.store = "sqlite:" + path
 	e.key = createKey(t, path, "pro")
-	lines := append([]string{"store sqlite " + path, "tier free", "tier pro"}, extra...)
+	return e
+}
+
+// startCaddy starts the env's Caddy, with tiers "free" and "pro" and the
+// extra lines, and its client.
+func (e *env) startCaddy(t *testing.T, upstreamURL, apiKey string, extra ...string) {
+	t.Helper()
+	lines := append([]string{"store " + strings.Replace(e.store, ":", " ", 1), "tier free", "tier pro"}, extra...)
 	e.caddy = harness.StartCaddy(t, vigthoriaBlock(upstreamURL, apiKey, lines...))
 	e.client = newClient(e.caddy.URL, e.key)
-	return e
+}
+
+// startWithKeys is start with a client key of each of tiers besides,
+// created before Caddy starts so that each works from the first request.
+func startWithKeys(t *testing.T, tiers []string, extra ...string) (*env, []string) {
+	t.Helper()
+	up := standin.New(standin.Options{APIKey: serverKey})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	e := newEnv(t, up, srv)
+	keys := make([]string, len(tiers))
+	for i, tier := range tiers {
+		keys[i] = createKey(t, strings.TrimPrefix(e.store, "sqlite:"), tier)
+	}
+	e.startCaddy(t, srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", extra...)
+	return e, keys
 }
 
 // createKey adds a key to the SQLite store at path and returns its secret.

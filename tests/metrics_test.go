@@ -14,7 +14,8 @@ import (
 func TestMetricsAndAccessLog(t *testing.T) {
 	// Metrics live as long as the process: a tier of this test's own keeps
 	// other tests' counts out of its figures.
-	e := start(t, "tier counted {\n\t\t\trequests 2/1h\n\t\t}", "retries 1")
+	// 3 requests: the GET /v1/usage that finds the key accepted, two chats.
+	e := start(t, "tier counted {\n\t\t\trequests 3/1h\n\t\t}", "retries 1")
 	path := strings.TrimPrefix(e.store, "sqlite:")
 	key := createKey(t, path, "counted")
 	client := newClient(e.caddy.URL, key)

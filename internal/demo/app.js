@@ -82,7 +82,7 @@
 	function showLimits(res) {
 		const h = (name) => res.headers.get(name);
 		if (h("x-ratelimit-remaining-requests") === null && h("x-ratelimit-remaining-tokens") === null) {
-			return; // GET /v1/usage and refusals before admission carry none
+			return; // refusals before admission carry none
 		}
 		for (const kind of ["requests", "tokens"]) {
 			const remaining = h("x-ratelimit-remaining-" + kind);

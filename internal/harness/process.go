@@ -51,6 +51,7 @@ func StartProcess(t testing.TB, site string) *Caddy {
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting a Caddy process: %v", err)
 	}
+	c.Pid = cmd.Process.Pid
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); out.Close(); close(exited) }()
 	t.Cleanup(func() {

@@ -1,0 +1,225 @@
+package tests
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/proxy"
+)
+
+// slowBody opens a connection to addr and sends the headers of a POST to
+// path announcing length bytes of body, and the first byte of it. The
+// connection is closed when the test ends.
+func slowBody(t *testing.T, addr, path string, length int, header string) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("dialling %s: %v", addr, err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	_, err = fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n{",
+		path, addr, length, header)
+	if err != nil {
+		t.Fatalf("writing to %s: %v", addr, err)
+	}
+	return conn
+}
+
+// readResponse reads the response on conn, waiting at most 20 seconds.
+func readResponse(t *testing.T, conn net.Conn) *http.Response {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("reading the response: %v", err)
+	}
+	t.Cleanup(func() { res.Body.Close() })
+	return res
+}
+
+// peakRSS returns the most memory a process held resident, in bytes.
+func peakRSS(t *testing.T, pid int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`VmHWM:\s+(\d+) kB`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("no VmHWM in /proc/%d/status", pid)
+	}
+	kb, _ := strconv.ParseInt(string(m[1]), 10, 64)
+	return kb << 10
+}
+
+// TestSlowBodiesBoundMemory opens 1,000 connections that announce 10 MB
+// bodies and send one byte each, as anonymous callers, against Caddy in a
+// process of its own: its peak memory stays under 300 MB, and a caller
+// with a key is still served.
+func TestSlowBodiesBoundMemory(t *testing.T) {
+	up := standin.New(standin.Options{APIKey: serverKey})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	db := filepath.Join(t.TempDir(), "keys.db")
+	key := createKey(t, db, "pro")
+	c := harness.StartProcess(t, vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}",
+		"store sqlite "+db, "tier free", "tier pro", "anonymous free"))
+	addr := strings.TrimPrefix(c.URL, "http://")
+	before := peakRSS(t, c.Pid)
+
+	const conns = 1000
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var open []net.Conn
+	for range 10 { // ten dialers, so that the kernel's accept queue keeps up
+		wg.Go(func() {
+			for range conns / 10 {
+				conn := slowBody(t, addr, "/v1/chat/completions", 10_000_000, "")
+				mu.Lock()
+				open = append(open, conn)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	time.Sleep(time.Second) // let Caddy read what was sent
+
+	client := newClient(c.URL, key)
+	if _, err := client.Chat.Completions.New(t.Context(), chatParams("still served?")); err != nil {
+		t.Errorf("a caller with a key while 1,000 bodies trickle in: %v", err)
+	}
+	peak := peakRSS(t, c.Pid)
+	t.Logf("peak RSS: %d MB before, %d MB with %d slow bodies open", before>>20, peak>>20, len(open))
+	if peak > 300<<20 {
+		t.Errorf("peak RSS %d MB with %d slow 10 MB bodies, want under 300 MB", peak>>20, conns)
+	}
+}
+
+// TestSlowBodyTimesOut checks body_timeout: a body still arriving when it
+// ends is refused with 408 in the API's error shape, and the caller's
+// concurrency slot is free again.
+func TestSlowBodyTimesOut(t *testing.T) {
+	e, keys := startWithKeys(t, []string{"one"}, "body_timeout 1s", "tier one {\n\t\t\tconcurrent 1\n\t\t}")
+	key := keys[0]
+	conn := slowBody(t, strings.TrimPrefix(e.caddy.URL, "http://"), "/v1/chat/completions", 1000, "Authorization: Bearer "+key+"\r\n")
+	res := readResponse(t, conn)
+	wantAPIError(t, res, http.StatusRequestTimeout, "request_timeout")
+	client := newClient(e.caddy.URL, key)
+	if _, err := client.Chat.Completions.New(t.Context(), chatParams("after a timeout")); err != nil {
+		t.Errorf("the slot of the timed-out body is still held: %v", err)
+	}
+	e.wantUpstreamCalls(t, 1)
+}
+
+// TestLimitsComeBeforeTheBody checks that what needs no body is decided
+// before reading it: a caller at its concurrency limit is refused while
+// its first body is still arriving, and bodies refused as invalid count
+// against the caller's request limit.
+func TestLimitsComeBeforeTheBody(t *testing.T) {
+	e, keys := startWithKeys(t, []string{"one", "three"}, "tier one {\n\t\t\tconcurrent 1\n\t\t}", "tier three {\n\t\t\trequests 3/1h\n\t\t}")
+	one, three := keys[0], keys[1]
+
+	t.Run("concurrency", func(t *testing.T) {
+		slowBody(t, strings.TrimPrefix(e.caddy.URL, "http://"), "/v1/chat/completions", 1000, "Authorization: Bearer "+one+"\r\n")
+		var res *http.Response
+		deadline := time.Now().Add(5 * time.Second)
+		for { // until Caddy has admitted the slow body
+			res = e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader("{}"), http.Header{"Authorization": {"Bearer " + one}})
+			if res.StatusCode != http.StatusBadRequest || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
+	})
+	t.Run("invalid bodies count", func(t *testing.T) {
+		for i := range 3 {
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader("not json"), http.Header{"Authorization": {"Bearer " + three}})
+			wantAPIError(t, res, http.StatusBadRequest, "invalid_request")
+			if i == 0 && res.Header.Get("X-Ratelimit-Remaining-Requests") != "2" {
+				t.Errorf("x-ratelimit-remaining-requests = %q after one invalid body, want 2", res.Header.Get("X-Ratelimit-Remaining-Requests"))
+			}
+		}
+		res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader("not json"), http.Header{"Authorization": {"Bearer " + three}})
+		wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
+	})
+	e.wantUpstreamCalls(t, 0)
+}
+
+// TestBodiesShareABudget checks max_buffered: while bodies in flight hold
+// it, a new body is refused with 503 and Retry-After.
+func TestBodiesShareABudget(t *testing.T) {
+	e := start(t, "max_body 1MB", "max_buffered 1MB")
+	conn := slowBody(t, strings.TrimPrefix(e.caddy.URL, "http://"), "/v1/chat/completions", 1_000_000, "Authorization: Bearer "+e.key+"\r\n")
+	if _, err := conn.Write(make([]byte, 600_000)); err != nil {
+		t.Fatal(err)
+	}
+	// Caddy runs in this process: wait until the slow body holds it all.
+	deadline := time.Now().Add(5 * time.Second)
+	for proxy.BufferedBytes() < 1_000_000 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the slow body holds %d bytes, want 1000000", proxy.BufferedBytes())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(`{"model":"vigthoria-fast-1","messages":[{"role":"user","content":"hi"}]}`), nil)
+	if res.Header.Get("Retry-After") == "" {
+		t.Error("no Retry-After on the 503")
+	}
+	wantAPIError(t, res, http.StatusServiceUnavailable, "proxy_busy")
+	e.wantUpstreamCalls(t, 0)
+}
+
+// TestUsageCountsAsARequest checks that GET /v1/usage, a store read, is
+// counted against the caller's request limit like any other request.
+func TestUsageCountsAsARequest(t *testing.T) {
+	e, keys := startWithKeys(t, []string{"three"}, "tier three {\n\t\t\trequests 3/1h\n\t\t}")
+	key := keys[0]
+	for i := range 3 {
+		res := e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer " + key}})
+		if res.StatusCode != http.StatusOK {
+			t.Fatalf("usage %d: status %d, want 200", i+1, res.StatusCode)
+		}
+	}
+	res := e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer " + key}})
+	wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
+}
+
+// TestCallerChosenTierIsNoLabel checks that tier names a caller can choose
+// (identity's tier from a placeholder) never become metric labels.
+func TestCallerChosenTierIsNoLabel(t *testing.T) {
+	e := start(t, "identity {http.request.header.X-User} tier {http.request.header.X-Tier}")
+	for i := range 20 {
+		res := e.do(t, http.MethodGet, "/v1/models", nil, http.Header{
+			"Authorization": nil, "X-User": {"alice"}, "X-Tier": {fmt.Sprintf("made-up-%d-%s", i, strings.Repeat("x", 500))},
+		})
+		wantAPIError(t, res, http.StatusForbidden, "tier_not_configured")
+	}
+	res, err := http.Get(e.caddy.AdminURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	m, _ := io.ReadAll(res.Body)
+	if strings.Contains(string(m), "made-up-") {
+		t.Error("a tier name the caller chose is a metric label")
+	}
+	if !strings.Contains(string(m), `outcome="refused_tier_not_configured",tier="unknown"`) {
+		t.Error(`the refusals are not counted under tier="unknown"`)
+	}
+}
