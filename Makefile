@@ -30,7 +30,7 @@ test: test-deps
 ## machine could cut short.
 FUZZTIME ?= 2m
 FUZZ_TARGETS := FuzzValidSecret:./keystore FuzzParseAuthorization:./keystore \
-	FuzzSSEBody:./proxy FuzzRequestEdits:./proxy FuzzValidJSON:./proxy FuzzUnmarshalCaddyfile:.
+	FuzzSSEBody:./proxy FuzzRequestEdits:./proxy FuzzPolicedFields:./proxy FuzzValidJSON:./proxy FuzzUnmarshalCaddyfile:.
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		echo "fuzzing $${t%%:*} for $(FUZZTIME)"; \

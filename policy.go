@@ -72,9 +72,11 @@ func refusal(d limiter.Decision, tier string) *proxy.APIError {
 }
 
 // police applies the tier's policy to a request body before anything is
-// admitted or forwarded: the model allowlist and the max_tokens cap. It
-// asks a stream for its usage. The upstream gets the client's bytes except
-// for the fields changed here. It returns what admission reserves.
+// admitted or forwarded: the model allowlist and the max_tokens cap, which
+// holds for each answer the request asks (choice). It asks a stream for its
+// usage. The upstream gets the client's bytes except for the fields changed
+// here. It returns what admission reserves: the prompt's estimate and every
+// choice at its longest, n (or best_of) for each prompt.
 func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body []byte, call *proxy.Call) (proxy.RequestInfo, int64, *proxy.APIError) {
 	call.Body = body
 	info, apiErr := proxy.ParseRequest(body)
@@ -87,10 +89,18 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 	if !tier.allows(info.Model) {
 		return info, 0, errModelNotAllowed(info.Model)
 	}
+	call.Usage.Prompt = info.PromptTokens
+	call.Usage.Watch(r.Context())
 	if ep.ID == proxy.Embeddings {
-		return info, info.Estimate(len(body), 0), nil
+		return info, info.Estimate(0), nil
+	}
+	if ep.ID == proxy.ChatCompletions {
+		// Chat has no prompts nor best_of: fields of those names in its
+		// body are not the upstream's, and multiply nothing.
+		info.Choices = info.N
 	}
 	call.StripUsage = info.Stream && !info.IncludeUsage
+	call.Usage.Stream = info.Stream
 	out := body
 	maxTokens := info.MaxTokens
 	var err error
@@ -114,21 +124,41 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 		r.ContentLength = int64(len(out))
 		call.Body = out
 	}
-	return info, info.Estimate(len(body), maxTokens), nil
+	return info, info.Estimate(maxTokens), nil
 }
 
-// charge is what an answer costs, as prompt and completion tokens: what
-// the upstream reported; else, for a stream cut short, the prompt's
-// estimate and a token per streamed chunk; nothing when the upstream
-// failed before answering; else the reservation.
+// charge is what an answer costs, as prompt and completion tokens:
+//
+//   - what the upstream reported, when it did;
+//   - nothing when the upstream failed: an error status, or no answer
+//     (connection refused, timeout, reset) while the caller waited, or a
+//     request that never reached the upstream;
+//   - for a stream without usage (cut short by either side), the prompt's
+//     estimate and the output streamed until then, as counted from its
+//     deltas: the upstream stops generating when the stream's connection
+//     closes;
+//   - for a whole answer without usage, or one the caller left after the
+//     request was sent upstream, before or during the answer: the whole
+//     reservation. The upstream goes on generating a whole answer after
+//     its caller left, and bills all of it to the server key, so leaving
+//     early must cost what staying would have.
+//
+// bodyLen sizes the prompt's estimate when police set none.
 func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (prompt, completion int64) {
+	prompt = u.Prompt
+	if prompt == 0 {
+		prompt = proxy.PromptEstimate(bodyLen)
+	}
+	prompt = min(prompt, reserve)
 	switch {
 	case u.Reported:
 		return u.PromptTokens, u.CompletionTokens
-	case u.Status == 0 || u.Status >= 400:
+	case u.Status >= 400:
 		return 0, 0
-	case u.Chunks > 0:
-		return proxy.PromptEstimate(bodyLen), u.Chunks
+	case u.Status == 0 && !(u.Sent() && u.CallerLeft()):
+		return 0, 0
+	case u.Stream:
+		return prompt, u.Chunks
 	}
-	return reserve, 0
+	return prompt, reserve - prompt
 }

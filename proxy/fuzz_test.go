@@ -105,3 +105,94 @@ func intValue(raw json.RawMessage) int64 {
 	_ = json.Unmarshal(raw, &n)
 	return n
 }
+
+// FuzzPolicedFields: for every body ParseRequest accepts, a
+// case-insensitive decoder (encoding/json into a struct, as a Go upstream
+// reads it) and an exact one (as a Python upstream reads it) read the same
+// policed values, and they are the values the proxy polices.
+func FuzzPolicedFields(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"a","Model":"b"}`, `{"max_tokens":1,"MAX_TOKENS":3000}`, "{\"max_token\u017f\":3000}",
+		`{"max_to\u212aens":5}`, `{"n":1,"N":64}`, `{"stream":true,"stream_options":{"INCLUDE_USAGE":true}}`,
+		`{"\u004dodel":"x"}`, `{"prompt":["a","b"],"n":2,"best_of":3}`, `{"input":[[1,2],[3]]}`, `{"prompt":[1,2,3]}`,
+		`{"Best_of":4}`, `{"model":"m","messages":[{"Model":"x"}],"stream_options":null}`, `{"mödel":"x","ın":2}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		info, apiErr := ParseRequest(body)
+		if apiErr != nil {
+			return
+		}
+		var folded struct {
+			Model               *string
+			MaxTokens           *int64 `json:"max_tokens"`
+			MaxCompletionTokens *int64 `json:"max_completion_tokens"`
+			N                   *int64
+			BestOf              *int64 `json:"best_of"`
+			Stream              *bool
+			StreamOptions       *struct {
+				IncludeUsage *bool `json:"include_usage"`
+			} `json:"stream_options"`
+			Prompt json.RawMessage
+			Input  json.RawMessage
+		}
+		if err := json.Unmarshal(body, &folded); err != nil {
+			t.Fatalf("ParseRequest accepted %q, which encoding/json cannot read into the policed fields: %v", body, err)
+		}
+		exact := exactFields(t, body)
+		var opts map[string]json.RawMessage
+		if raw := exact["stream_options"]; len(raw) > 0 && raw[0] == '{' {
+			opts = exactFields(t, raw)
+		}
+		check := func(field string, foldedValue, exactValue, policed any) {
+			t.Helper()
+			if foldedValue != exactValue || exactValue != policed {
+				t.Errorf("%q: %s is %v to encoding/json, %v to an exact reader, %v to the proxy", body, field, foldedValue, exactValue, policed)
+			}
+		}
+		check("model", deref(folded.Model), stringValue(exact["model"]), info.Model)
+		check("max tokens", max(deref(folded.MaxTokens), deref(folded.MaxCompletionTokens)),
+			max(intValue(exact["max_tokens"]), intValue(exact["max_completion_tokens"])), info.MaxTokens)
+		check("n", max(deref(folded.N), 1), max(intValue(exact["n"]), 1), info.N)
+		check("best_of", deref(folded.BestOf), intValue(exact["best_of"]), info.BestOf)
+		check("stream", deref(folded.Stream), string(exact["stream"]) == "true", info.Stream)
+		var foldedUsage bool
+		if folded.StreamOptions != nil {
+			foldedUsage = deref(folded.StreamOptions.IncludeUsage)
+		}
+		check("stream_options.include_usage", foldedUsage, string(opts["include_usage"]) == "true", info.IncludeUsage)
+		check("prompt", string(folded.Prompt), string(exact["prompt"]), string(exact["prompt"]))
+		check("input", string(folded.Input), string(exact["input"]), string(exact["input"]))
+		// The reservation counts every answer: n or best_of for each prompt.
+		prompts := max(countItems(exact["prompt"]), countItems(exact["input"]))
+		if want := max(prompts, 1) * max(info.N, info.BestOf); info.Choices != want || info.Prompts != prompts {
+			t.Errorf("%q: %d prompts, %d choices; want %d and %d", body, info.Prompts, info.Choices, prompts, want)
+		}
+	})
+}
+
+func deref[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
+}
+
+// countItems counts the prompts of a prompt or input value: an array of
+// strings or of arrays is one a element, anything else one, null none.
+func countItems(raw json.RawMessage) int64 {
+	var items []json.RawMessage
+	switch {
+	case len(raw) == 0 || string(raw) == "null":
+		return 0
+	case json.Unmarshal(raw, &items) != nil:
+		return 1 // a string
+	case len(items) > 0 && (items[0][0] == '"' || items[0][0] == '['):
+		return int64(len(items))
+	case len(items) > 0:
+		return 1 // token IDs
+	}
+	return 0
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -12,13 +13,35 @@ import (
 // that admission reserves before the upstream says what was used.
 const bytesPerToken = 4
 
+// Bounds on what one request may ask. They are far above what any real
+// use needs and keep every product of them well inside an int64.
+const (
+	maxN        = 128     // n and best_of
+	maxPrompts  = 2048    // prompts of a completion, inputs of an embedding
+	maxChoices  = 2048    // prompts × max(n, best_of)
+	maxTokenCap = 1 << 31 // max_tokens, max_completion_tokens: an int32, as the API reads them
+	maxTokenID  = 1 << 32 // a token ID in a prompt or input given as token arrays
+)
+
 // RequestInfo is what the proxy reads from a request body.
 type RequestInfo struct {
 	Model        string
 	Stream       bool
 	IncludeUsage bool  // stream_options.include_usage, as the client asked
 	MaxTokens    int64 // max_tokens, else max_completion_tokens; 0 when absent
-	N            int64 // answers asked, at least 1
+	N            int64 // answers asked per prompt, at least 1
+	BestOf       int64 // best_of (completions): candidates generated per prompt; 0 when absent
+	// Prompts is how many prompts ("prompt", completions) or inputs
+	// ("input", embeddings) the body gives, each answered on its own; 0
+	// when it gives none.
+	Prompts int64
+	// Choices is the answers the upstream generates, each up to MaxTokens:
+	// n, or best_of when larger (the upstream generates, and bills, every
+	// candidate and returns the best n), for each prompt.
+	Choices int64
+	// PromptTokens estimates the prompt: token IDs given as arrays are
+	// counted exactly, the rest of the body at bytesPerToken.
+	PromptTokens int64
 	// The body names these fields, even as null: a field is then
 	// rewritten, never added twice.
 	hasStreamOpt, hasMaxTokens bool
@@ -26,12 +49,15 @@ type RequestInfo struct {
 
 // ParseRequest reads the fields the proxy needs from a JSON body, refusing
 // with 400 a body that is not a JSON object, or whose fields the proxy
-// polices are of the wrong type or given twice.
+// polices are of the wrong type, out of bounds, given twice, or spelled
+// another way.
 //
-// Keys match exactly, as the upstream matches them: encoding/json would
-// also take "Model" or "MAX_TOKENS" for the fields, letting a caller show
-// the policy one model and the upstream another. Keys are compared
-// unescaped ("mod\u0065l" is "model"), as every JSON parser reads them.
+// Keys are compared unescaped ("mod\u0065l" is "model"), as every JSON
+// parser reads them. A key that is not byte-equal to a policed field but
+// folds to one ("Model", "MAX_TOKENS", "max_tokenſ" with U+017F) is
+// refused: encoding/json and other case-insensitive parsers read it as the
+// field, exact parsers as another, and the proxy cannot know which kind the
+// upstream is. The same holds inside stream_options.
 func ParseRequest(body []byte) (RequestInfo, *APIError) {
 	trimmed := bytes.TrimLeft(body, " \t\r\n")
 	if len(trimmed) == 0 || trimmed[0] != '{' {
@@ -43,12 +69,13 @@ func ParseRequest(body []byte) (RequestInfo, *APIError) {
 		return RequestInfo{}, invalidRequest("We could not parse the JSON body of your request: " + errText(err))
 	}
 	info := RequestInfo{N: 1}
-	var seen uint8
+	var seen uint16
 	var maxTokens, maxCompletion int64
+	var promptN, inputN prompts
 	apiErr := eachField(trimmed, func(key, value []byte) *APIError {
-		field := policedField(key)
+		field, apiErr := policedField(key, topFields)
 		if field == 0 {
-			return nil
+			return apiErr
 		}
 		if seen&field != 0 {
 			return invalidRequest("The field " + fieldNames[field] + " appears more than once.")
@@ -78,10 +105,20 @@ func ParseRequest(body []byte) (RequestInfo, *APIError) {
 			if value[0] != '{' {
 				return invalidRequest("stream_options must be an object.")
 			}
+			var seenOpt uint16
 			return eachField(value, func(key, v []byte) *APIError {
-				if string(keyName(key)) == "include_usage" {
-					info.IncludeUsage = string(v) == "true"
+				field, apiErr := policedField(key, optionFields)
+				if field == 0 {
+					return apiErr
 				}
+				if seenOpt&field != 0 {
+					return invalidRequest("The field stream_options.include_usage appears more than once.")
+				}
+				seenOpt |= field
+				if string(v) != "null" && string(v) != "true" && string(v) != "false" {
+					return invalidRequest("stream_options.include_usage must be a boolean.")
+				}
+				info.IncludeUsage = string(v) == "true"
 				return nil
 			})
 		case fieldMaxTokens, fieldMaxCompletionTokens:
@@ -91,68 +128,272 @@ func ParseRequest(body []byte) (RequestInfo, *APIError) {
 			if null {
 				return nil
 			}
-			n, err := strconv.ParseInt(string(value), 10, 64)
-			if err != nil || n < 1 {
-				return invalidRequest("max_tokens and max_completion_tokens must be positive integers.")
+			n, ok := count(value, 1, maxTokenCap)
+			if !ok {
+				return invalidRequest("max_tokens and max_completion_tokens must be positive integers, at most " + strconv.Itoa(maxTokenCap) + ".")
 			}
 			if field == fieldMaxTokens {
 				maxTokens = n
 			} else {
 				maxCompletion = n
 			}
-		case fieldN:
+		case fieldN, fieldBestOf:
 			if null {
 				return nil
 			}
-			n, err := strconv.ParseInt(string(value), 10, 64)
-			if err != nil || n < 1 || n > 128 {
-				return invalidRequest("n must be between 1 and 128.")
+			n, ok := count(value, 1, maxN)
+			if !ok {
+				return invalidRequest(fieldNames[field] + " must be an integer between 1 and " + strconv.Itoa(maxN) + ".")
 			}
-			info.N = n
+			if field == fieldN {
+				info.N = n
+			} else {
+				info.BestOf = n
+			}
+		case fieldPrompt, fieldInput:
+			p := &promptN
+			if field == fieldInput {
+				p = &inputN
+			}
+			if !null && !p.read(value) {
+				return invalidRequest(fieldNames[field] + " must be a string, an array of strings, an array of token IDs or an array of token ID arrays, of at most " + strconv.Itoa(maxPrompts) + " items.")
+			}
 		}
 		return nil
 	})
 	if apiErr != nil {
 		return RequestInfo{}, apiErr
 	}
+	if info.BestOf != 0 && info.BestOf < info.N {
+		return RequestInfo{}, invalidRequest("best_of must be at least n.")
+	}
 	// Whichever of the two the upstream honours, the larger is policed.
 	info.MaxTokens = max(maxTokens, maxCompletion)
+	// A body may name both prompt and input; the upstream reads one, the
+	// reservation counts the larger.
+	info.Prompts = max(promptN.items, inputN.items)
+	info.Choices = max(info.Prompts, 1) * max(info.N, info.BestOf)
+	if info.Choices > maxChoices {
+		return RequestInfo{}, invalidRequest("This request asks for " + strconv.FormatInt(info.Choices, 10) +
+			" answers (prompts × max(n, best_of)); at most " + strconv.Itoa(maxChoices) + " are allowed.")
+	}
+	ids := promptN.tokens + inputN.tokens
+	info.PromptTokens = PromptEstimate(int64(len(body))-promptN.tokenBytes-inputN.tokenBytes) + ids
 	return info, nil
+}
+
+// count reads a JSON integer in [lo, hi].
+func count(value []byte, lo, hi int64) (int64, bool) {
+	n, err := strconv.ParseInt(string(value), 10, 64)
+	return n, err == nil && n >= lo && n <= hi
+}
+
+// prompts counts the items of a prompt or input: a string, an array of
+// strings, an array of token IDs (one item) or an array of token ID
+// arrays.
+type prompts struct {
+	items      int64
+	tokens     int64 // token IDs, counted exactly
+	tokenBytes int64 // the bytes of the token ID arrays, left out of the byte estimate
+}
+
+// read counts value into p, reporting whether it is one of the forms.
+func (p *prompts) read(value []byte) bool {
+	switch value[0] {
+	case '"':
+		p.items = 1
+		return true
+	case '[':
+	default:
+		return false
+	}
+	var kind byte // of the array's elements: '"', '[' or '0' for numbers
+	ok := eachItem(value, func(item []byte) bool {
+		k := item[0]
+		if k == '-' || (k >= '0' && k <= '9') {
+			k = '0'
+		}
+		if kind == 0 {
+			kind = k
+		}
+		if k != kind {
+			return false
+		}
+		switch k {
+		case '"':
+			p.items++
+		case '0':
+			if _, ok := count(item, 0, maxTokenID); !ok {
+				return false
+			}
+			p.tokens++
+		case '[':
+			p.items++
+			p.tokenBytes += int64(len(item))
+			return eachItem(item, func(id []byte) bool {
+				if _, ok := count(id, 0, maxTokenID); !ok {
+					return false
+				}
+				p.tokens++
+				return true
+			})
+		default:
+			return false
+		}
+		return p.items <= maxPrompts
+	})
+	if kind == '0' { // a single prompt given as token IDs
+		p.items = 1
+		p.tokenBytes = int64(len(value))
+	}
+	return ok
+}
+
+// eachItem calls f with each element of arr, a valid JSON array, until f
+// returns false; it reports whether none did.
+func eachItem(arr []byte, f func(item []byte) bool) bool {
+	i := skipSpace(arr, 1) // past '['
+	for i < len(arr) && arr[i] != ']' {
+		end := skipValue(arr, i)
+		if !f(arr[i:end]) {
+			return false
+		}
+		i = skipSpace(arr, end)
+		if i < len(arr) && arr[i] == ',' {
+			i = skipSpace(arr, i+1)
+		}
+	}
+	return true
 }
 
 // The fields ParseRequest polices, as bits of a set.
 const (
-	fieldModel uint8 = 1 << iota
+	fieldModel uint16 = 1 << iota
 	fieldStream
 	fieldStreamOptions
 	fieldMaxTokens
 	fieldMaxCompletionTokens
 	fieldN
+	fieldBestOf
+	fieldPrompt
+	fieldInput
+	fieldIncludeUsage // in stream_options
 )
 
-var fieldNames = map[uint8]string{
+var fieldNames = map[uint16]string{
 	fieldModel: "model", fieldStream: "stream", fieldStreamOptions: "stream_options",
 	fieldMaxTokens: "max_tokens", fieldMaxCompletionTokens: "max_completion_tokens", fieldN: "n",
+	fieldBestOf: "best_of", fieldPrompt: "prompt", fieldInput: "input", fieldIncludeUsage: "include_usage",
 }
 
-// policedField names the field of a raw JSON key, 0 for one the proxy
-// passes on without looking.
-func policedField(rawKey []byte) uint8 {
-	switch string(keyName(rawKey)) {
-	case "model":
-		return fieldModel
-	case "stream":
-		return fieldStream
-	case "stream_options":
-		return fieldStreamOptions
-	case "max_tokens":
-		return fieldMaxTokens
-	case "max_completion_tokens":
-		return fieldMaxCompletionTokens
-	case "n":
-		return fieldN
+// policedNames are the policed fields of one object, by the length of
+// their names.
+type policedNames [22][]policedName
+
+type policedName struct {
+	field uint16
+	name  string
+}
+
+var (
+	topFields    = namesByLength(fieldModel, fieldStream, fieldStreamOptions, fieldMaxTokens, fieldMaxCompletionTokens, fieldN, fieldBestOf, fieldPrompt, fieldInput)
+	optionFields = namesByLength(fieldIncludeUsage)
+)
+
+func namesByLength(fields ...uint16) *policedNames {
+	var p policedNames
+	for _, f := range fields {
+		name := fieldNames[f]
+		p[len(name)] = append(p[len(name)], policedName{f, name})
 	}
-	return 0
+	return &p
+}
+
+// policedField names the policed field of a raw JSON key among names, 0
+// for a key the proxy passes on without looking. A key that only folds to
+// a policed name is refused.
+//
+// Nearly every key is plain ASCII: it is compared without a copy, and
+// folded only when its length is one of a policed name's.
+func policedField(rawKey []byte, names *policedNames) (uint16, *APIError) {
+	inner := rawKey[1 : len(rawKey)-1]
+	if verbatim(inner) {
+		if len(inner) >= len(names) {
+			return 0, nil
+		}
+		for _, p := range names[len(inner)] {
+			if string(inner) == p.name {
+				return p.field, nil
+			}
+			if asciiFold(inner, p.name) {
+				return 0, foldedKey(string(inner), p.name)
+			}
+		}
+		return 0, nil
+	}
+	// Escapes or non-ASCII, rare: unescaped, then folded rune by rune.
+	key := keyName(rawKey)
+	for _, byLength := range names {
+		for _, p := range byLength {
+			if string(key) == p.name {
+				return p.field, nil
+			}
+			if unicodeFold(key, p.name) {
+				return 0, foldedKey(string(key), p.name)
+			}
+		}
+	}
+	return 0, nil
+}
+
+// asciiFold reports whether ASCII key equals name, itself lower-case
+// ASCII, ignoring case.
+func asciiFold(key []byte, name string) bool {
+	for i := range key {
+		c := key[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != name[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// unicodeFold reports whether key equals name, lower-case ASCII, under
+// Unicode simple folding, as strings.EqualFold and encoding/json compare
+// keys: "ſ" (U+017F) folds to "s" and "K" (U+212A) to "k".
+func unicodeFold(key []byte, name string) bool {
+	i := 0
+	for _, r := range string(key) {
+		if i == len(name) {
+			return false
+		}
+		n := rune(name[i])
+		if r != n {
+			match := false
+			for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+				if f == n {
+					match = true
+					break
+				}
+			}
+			if !match {
+				return false
+			}
+		}
+		i++
+	}
+	return i == len(name)
+}
+
+func foldedKey(key, name string) *APIError {
+	if len(key) > 100 {
+		key = key[:100] + "…"
+	}
+	return invalidRequest("The field " + strconv.Quote(key) + " is another spelling of " + name +
+		": some JSON parsers read it as " + name + ", others not. Spell it " + strconv.Quote(name) + ".")
 }
 
 // keyName returns a raw JSON key (quotes included) as a decoder reads it;
@@ -275,11 +516,12 @@ func errText(err error) string {
 	return err.Error()
 }
 
-// Estimate is the tokens to reserve for a request of body's size that may
-// answer up to maxTokens per answer: an upper guess that settlement
-// corrects with what the upstream reports.
-func (info RequestInfo) Estimate(bodyLen int, maxTokens int64) int64 {
-	return PromptEstimate(int64(bodyLen)) + maxTokens*info.N
+// Estimate is the tokens to reserve for a request that may answer up to
+// maxTokens per answer (choice): the prompt and every choice at its
+// longest, an upper guess that settlement corrects with what the upstream
+// reports. Embeddings generate nothing: their maxTokens is 0.
+func (info RequestInfo) Estimate(maxTokens int64) int64 {
+	return info.PromptTokens + max(info.Choices, 1)*min(maxTokens, maxTokenCap)
 }
 
 // PromptEstimate guesses the prompt tokens of a body of bodyLen bytes.

@@ -5,6 +5,8 @@ import (
 	"context"
 	"io"
 	"math"
+	"net/http/httptrace"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -16,15 +18,53 @@ type AnswerUsage struct {
 	Status           int   // the upstream's status; 0 when none came
 	PromptTokens     int64 // from the upstream's usage object
 	CompletionTokens int64
-	Reported         bool  // a usage object was seen
-	Chunks           int64 // content events streamed, for charging a stream cut short
-	Retries          int   // upstream attempts repeated
+	Reported         bool // a usage object was seen
+	// Chunks is the output tokens a stream carried, guessed from its
+	// deltas for charging a stream cut short: a token for each choice's
+	// delta that carries output of any kind (content, refusal, reasoning,
+	// tool or function calls, audio; a completion's text), and one more
+	// for every 4 bytes past the first 16 of a long one.
+	Chunks  int64
+	Retries int // upstream attempts repeated
+
+	// Set when the request is policed, for charging an answer whose usage
+	// never came: the prompt's estimate, and whether a stream was asked.
+	Prompt int64
+	Stream bool
+	// caller is the caller's request context, which ends when the caller
+	// leaves; nil when not watched.
+	caller context.Context
+	// sent is 1 once the request was written to the upstream (from then
+	// on the upstream may bill the server key for it). The transport's
+	// writing goroutine sets it, hence atomic.
+	sent int32
 	// HeaderLatency is the time until the upstream's response headers,
 	// retries included; FirstEvent the time until a stream's first event
 	// was ready for the client.
 	HeaderLatency, FirstEvent time.Duration
 	// Cache is how GET /v1/models was answered: HIT, MISS or STALE.
 	Cache string
+}
+
+// Watch notes the caller's request context, to tell later whether the
+// caller left.
+func (u *AnswerUsage) Watch(ctx context.Context) { u.caller = ctx }
+
+// CallerLeft reports whether the caller went away: its request context
+// ended before the request was settled.
+func (u *AnswerUsage) CallerLeft() bool { return u.caller != nil && u.caller.Err() != nil }
+
+// Sent reports whether the request was written to the upstream, by the
+// last attempt that was not retried.
+func (u *AnswerUsage) Sent() bool { return atomic.LoadInt32(&u.sent) == 1 }
+
+// MarkSent notes whether the request was written to the upstream.
+func (u *AnswerUsage) MarkSent(sent bool) {
+	var v int32
+	if sent {
+		v = 1
+	}
+	atomic.StoreInt32(&u.sent, v)
 }
 
 // Total returns prompt plus completion tokens.
@@ -45,6 +85,21 @@ type Call struct {
 
 	start  time.Time     // when Forward began, for the latencies
 	answer checkedAnswer // a JSON answer, once read whole
+	trace  httptrace.ClientTrace
+}
+
+// traceSent returns ctx with a trace that marks c.Usage sent once the
+// request was written to the upstream. The transport calls it for each
+// request it sends.
+func (c *Call) traceSent(ctx context.Context) context.Context {
+	c.trace = httptrace.ClientTrace{WroteRequest: c.wroteRequest}
+	return httptrace.WithClientTrace(ctx, &c.trace)
+}
+
+func (c *Call) wroteRequest(info httptrace.WroteRequestInfo) {
+	if info.Err == nil {
+		c.Usage.MarkSent(true)
+	}
 }
 
 // String keeps the call out of placeholders and logs that print Caddy's

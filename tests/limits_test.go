@@ -427,7 +427,7 @@ func TestTierPolicy(t *testing.T) {
 	})
 	// Bodies that would show the policy one thing and the upstream another.
 	for _, tc := range []struct{ name, body, code string }{
-		{"another case of model", `{"model":"vigthoria-pro-1","Model":"vigthoria-fast-1","messages":[]}`, "model_not_allowed"},
+		{"another case of model", `{"model":"vigthoria-pro-1","Model":"vigthoria-fast-1","messages":[]}`, "invalid_request"},
 		{"escaped model key", `{"mod\u0065l":"vigthoria-pro-1","messages":[]}`, "model_not_allowed"},
 		{"model twice", `{"model":"vigthoria-fast-1","model":"vigthoria-pro-1","messages":[]}`, "invalid_request"},
 		{"max_completion_tokens over the cap", `{"model":"vigthoria-fast-1","max_tokens":5,"max_completion_tokens":5000,"messages":[]}`, "max_tokens_too_large"},

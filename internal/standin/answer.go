@@ -42,7 +42,9 @@ type answer struct {
 	id           []byte // "chatcmpl-…" or "cmpl-…"
 	created      int64
 	model        []byte // JSON-quoted
-	choices      int
+	choices      int    // returned
+	generated    int    // generated and billed: choices, or more with best_of
+	deltas       string // the kind of a stream's chat deltas: Behavior.Deltas
 	tokens       int    // per choice
 	finish       string // "stop" or "length"
 	promptTokens int
@@ -68,7 +70,7 @@ func (a *answer) appendHead(b []byte, object string) []byte {
 }
 
 func (a *answer) appendUsage(b []byte) []byte {
-	completion := a.tokens * a.choices
+	completion := a.tokens * max(a.choices, a.generated)
 	b = append(b, `"usage":{"prompt_tokens":`...)
 	b = strconv.AppendInt(b, int64(a.promptTokens), 10)
 	b = append(b, `,"completion_tokens":`...)
@@ -121,8 +123,20 @@ func (a *answer) appendChunk(b []byte, choice, tok int) []byte {
 		b = strconv.AppendInt(b, int64(choice), 10)
 		b = append(b, `,"delta":{`...)
 		switch {
+		case tok == roleChunk && a.deltas == ToolCallDeltas:
+			b = append(b, `"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_`...)
+			b = append(b, a.id[len(a.id)-12:]...)
+			b = append(b, `","type":"function","function":{"name":"answer","arguments":""}}]`...)
 		case tok == roleChunk:
 			b = append(b, `"role":"assistant","content":""`...)
+		case tok >= 0 && a.deltas == ToolCallDeltas:
+			b = append(b, `"tool_calls":[{"index":0,"function":{"arguments":"`...)
+			b = appendToken(b, tok)
+			b = append(b, `"}}]`...)
+		case tok >= 0 && a.deltas == ReasoningDeltas:
+			b = append(b, `"reasoning_content":"`...)
+			b = appendToken(b, tok)
+			b = append(b, '"')
 		case tok >= 0:
 			b = append(b, `"content":"`...)
 			b = appendToken(b, tok)
@@ -141,7 +155,11 @@ func (a *answer) appendChunk(b []byte, choice, tok int) []byte {
 	b = append(b, `,"logprobs":null,"finish_reason":`...)
 	if tok == finishChunk {
 		b = append(b, '"')
-		b = append(b, a.finish...)
+		if a.deltas == ToolCallDeltas {
+			b = append(b, "tool_calls"...)
+		} else {
+			b = append(b, a.finish...)
+		}
 		b = append(b, '"')
 	} else {
 		b = append(b, "null"...)

@@ -38,6 +38,7 @@ type completionRequest struct {
 	Prompt        texts          `json:"prompt"`
 	MaxTokens     *int           `json:"max_tokens"`
 	N             *int           `json:"n"`
+	BestOf        *int           `json:"best_of"`
 	Stream        bool           `json:"stream"`
 	StreamOptions *streamOptions `json:"stream_options"`
 }
@@ -89,10 +90,25 @@ func (s *Server) completions(w http.ResponseWriter, r *http.Request, body []byte
 	if !ok {
 		return
 	}
+	if req.BestOf != nil {
+		switch {
+		case *req.BestOf < a.choices || *req.BestOf > maxBestOf:
+			writeError(w, http.StatusBadRequest, "invalid_request_error", "invalid_value", "best_of",
+				"Invalid 'best_of': must be at least n and at most "+strconv.Itoa(maxBestOf)+".")
+			return
+		case a.stream && *req.BestOf > 1:
+			writeError(w, http.StatusBadRequest, "invalid_request_error", "invalid_value", "best_of",
+				"'best_of' cannot be used with 'stream'.")
+			return
+		}
+		a.generated = *req.BestOf
+	}
 	for _, it := range req.Prompt.items {
 		a.promptTokens += it.tokens
 	}
-	// Like OpenAI, every prompt gets its own n choices.
+	// Like OpenAI, every prompt gets its own n choices, of best_of
+	// candidates generated and billed.
+	a.generated = max(a.generated, a.choices) * len(req.Prompt.items)
 	a.choices *= len(req.Prompt.items)
 	s.answer(w, r, &a, b, "cmpl-", now)
 }
@@ -140,8 +156,11 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	a.id = appendHex(id, s.seq.Add(1))
 	a.created = now.Unix()
 	s.prompt.Add(int64(a.promptTokens))
-	s.answered.Add(int64(a.tokens * a.choices))
+	s.answered.Add(int64(a.tokens * max(a.choices, a.generated)))
 	if a.stream {
+		if a.chat {
+			a.deltas = b.Deltas
+		}
 		s.stream(w, r, a, b)
 		return
 	}

@@ -40,6 +40,14 @@ const (
 	maxBodyBytes   = 16 << 20
 	maxTokensLimit = 16384
 	maxChoices     = 128
+	maxBestOf      = 20
+)
+
+// Kinds of output a streamed chat delta carries, for Behavior.Deltas.
+const (
+	ContentDeltas   = ""                  // "content", as a plain answer
+	ToolCallDeltas  = "tool_calls"        // a function call, its arguments a token a chunk
+	ReasoningDeltas = "reasoning_content" // reasoning, as DeepSeek-style APIs stream it, then no content
 )
 
 // Options configure a Server. The zero value is usable except for APIKey.
@@ -96,6 +104,9 @@ type Behavior struct {
 	// Garbage makes the server answer 200 with a body that is not JSON,
 	// though labelled application/json.
 	Garbage bool
+	// Deltas is the kind of output a streamed chat answer carries:
+	// ContentDeltas (the default), ToolCallDeltas or ReasoningDeltas.
+	Deltas string
 }
 
 // Request is a request as the server received it.

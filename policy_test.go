@@ -1,0 +1,111 @@
+package vigthoria
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy"
+)
+
+// TestPoliceReservesEveryChoice: the cap holds per choice, the reservation
+// counts them all.
+func TestPoliceReservesEveryChoice(t *testing.T) {
+	h := new(Handler)
+	tier := &Tier{MaxTokens: 256, Models: []string{"vigthoria-fast-*"}}
+	prompts := `["p",` + strings.Repeat(`"p",`, 98) + `"p"]`
+	for _, tc := range []struct {
+		name, body string
+		ep         int
+		choices    int64
+		code       string
+	}{
+		{"100 prompts", `{"model":"vigthoria-fast-1","max_tokens":256,"prompt":` + prompts + `}`, proxy.Completions, 100, ""},
+		{"best_of", `{"model":"vigthoria-fast-1","max_tokens":256,"prompt":"p","n":2,"best_of":8}`, proxy.Completions, 8, ""},
+		{"n for chat", `{"model":"vigthoria-fast-1","max_tokens":256,"n":4,"messages":[]}`, proxy.ChatCompletions, 4, ""},
+		{"no max_tokens: the cap for each", `{"model":"vigthoria-fast-1","prompt":["a","b","c"]}`, proxy.Completions, 3, ""},
+		{"the cap is per choice", `{"model":"vigthoria-fast-1","max_tokens":257,"prompt":"p"}`, proxy.Completions, 0, "max_tokens_too_large"},
+		{"folded model", `{"model":"vigthoria-fast-1","Model":"vigthoria-pro-1","messages":[]}`, proxy.ChatCompletions, 0, "invalid_request"},
+		{"folded n", `{"model":"vigthoria-fast-1","max_tokens":256,"N":64,"messages":[]}`, proxy.ChatCompletions, 0, "invalid_request"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := httptest.NewRequest(http.MethodPost, "/v1/completions", strings.NewReader(tc.body))
+			call := new(proxy.Call)
+			info, reserve, apiErr := h.police(r, &proxy.Endpoints[tc.ep], tier, []byte(tc.body), call)
+			if tc.code != "" {
+				if apiErr == nil || apiErr.Code != tc.code {
+					t.Fatalf("got %v, want %s", apiErr, tc.code)
+				}
+				return
+			}
+			if apiErr != nil {
+				t.Fatal(apiErr.Message)
+			}
+			if want := info.PromptTokens + tc.choices*256; reserve != want || info.Choices != tc.choices {
+				t.Errorf("reserved %d for %d choices, want %d for %d", reserve, info.Choices, want, tc.choices)
+			}
+		})
+	}
+}
+
+// TestCharge: what each way an answer ends costs.
+func TestCharge(t *testing.T) {
+	left, leave := context.WithCancel(context.Background())
+	leave()
+	const reserve, prompt = 4100, 100
+	for _, tc := range []struct {
+		name                 string
+		status               int
+		stream, sent, gone   bool
+		chunks               int64
+		reported             bool
+		wantPrompt, wantDone int64
+	}{
+		{"reported", 200, false, true, false, 0, true, 12, 34},
+		{"upstream error", 500, false, true, false, 0, false, 0, 0},
+		{"refused connection", 0, false, false, false, 0, false, 0, 0},
+		{"upstream timeout, caller waiting", 0, false, true, false, 0, false, 0, 0},
+		{"left before sending", 0, false, false, true, 0, false, 0, 0},
+		{"left after sending, whole answer", 0, false, true, true, 0, false, prompt, reserve - prompt},
+		{"left after sending, stream", 0, true, true, true, 0, false, prompt, 0},
+		{"stream cut", 200, true, true, true, 400, false, prompt, 400},
+		{"stream cut before output", 200, true, true, false, 0, false, prompt, 0},
+		{"whole answer without usage", 200, false, true, false, 0, false, prompt, reserve - prompt},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u := &proxy.AnswerUsage{Status: tc.status, Stream: tc.stream, Chunks: tc.chunks, Prompt: prompt}
+			if tc.reported {
+				u.Reported, u.PromptTokens, u.CompletionTokens = true, 12, 34
+			}
+			u.Watch(context.Background())
+			if tc.gone {
+				u.Watch(left)
+			}
+			if tc.sent {
+				u.MarkSent(true)
+			}
+			p, c := charge(u, reserve, 400)
+			if p != tc.wantPrompt || c != tc.wantDone {
+				t.Errorf("charged %d + %d, want %d + %d", p, c, tc.wantPrompt, tc.wantDone)
+			}
+		})
+	}
+}
+
+// BenchmarkPolice polices a typical small chat, as every request is.
+func BenchmarkPolice(b *testing.B) {
+	h := new(Handler)
+	tier := &Tier{MaxTokens: 1024, Models: []string{"vigthoria-fast-*"}}
+	body := []byte(`{"model":"vigthoria-fast-1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence, please."}],"max_tokens":64,"temperature":0.7,"stream":false}`)
+	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
+	ep := &proxy.Endpoints[proxy.ChatCompletions]
+	b.ReportAllocs()
+	for b.Loop() {
+		var call proxy.Call
+		if _, _, err := h.police(r, ep, tier, body, &call); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
