@@ -98,8 +98,9 @@ type Tier struct {
 	Requests *Rate `json:"requests,omitempty"`
 
 	// Prompt plus completion tokens allowed per window, as a token bucket.
-	// A request reserves its estimate (prompt size plus max_tokens times n)
-	// and is then charged what the upstream reports.
+	// A request reserves its estimate (prompt size plus max_tokens times its
+	// choices: n or best_of for each prompt) and is then charged what the
+	// upstream reports.
 	Tokens *Rate `json:"tokens,omitempty"`
 
 	// Requests in flight at once, streams included.
@@ -111,8 +112,8 @@ type Tier struct {
 	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]. Default: all.
 	Models []string `json:"models,omitempty"`
 
-	// The most max_tokens a request may ask; a request without max_tokens
-	// gets this. Default: no cap, and an absent max_tokens reserves
+	// The most max_tokens a request may ask, per answer (choice); a request
+	// without max_tokens gets this. Default: no cap, and an absent max_tokens reserves
 	// DefaultMaxTokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
@@ -630,7 +631,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		prompt, completion := charge(usage, d.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
 		h.settle(r, client.ID, tier, d.Lease, prompt+completion)
-		if usage.Status != 0 && ep.ID != proxy.Models {
+		if (usage.Status != 0 || prompt+completion > 0) && ep.ID != proxy.Models {
 			h.keys.Ledger().Add(client.ID, info.Model, end, prompt, completion)
 		}
 		record(r, client.Tier, ep.Name, info.Model, usage, prompt, completion)
