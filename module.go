@@ -114,7 +114,8 @@ type Tier struct {
 	// DefaultMaxTokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
-	limits limiter.Limits
+	limits    limiter.Limits
+	modelsKey string // names the models policy in the models cache
 }
 
 // Rate is a number allowed per window.
@@ -163,6 +164,7 @@ func (t *Tier) provision(name string) error {
 			return fmt.Errorf("tier %s: invalid model glob '%s': %v", name, glob, err)
 		}
 	}
+	t.modelsKey = proxy.FilterKey(t.Models)
 	return nil
 }
 
@@ -619,7 +621,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		record(r, client.Tier, ep.Name, info.Model, usage, prompt, completion)
 	}()
 	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: client.Tier, Allows: tier.modelFilter()}, call)
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: tier.modelsKey, Allows: tier.modelFilter()}, call)
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}
