@@ -293,6 +293,15 @@ type Handler struct {
 	// the upstream's Retry-After. Default: 10s.
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
 
+	// Request headers to pass to the upstream beyond the built-in
+	// allowlist (Accept, Accept-Language, Content-Type, User-Agent,
+	// X-Request-Id, X-Client-Request-Id, Traceparent, Tracestate,
+	// Idempotency-Key, OpenAI-Beta and the SDKs' X-Stainless-*), e.g.
+	// ["X-Trace-Id"]. Every other header of a caller stays here.
+	// Credentials, hop-by-hop and upgrade headers, forwarding headers and
+	// organisation selectors are refused. Default: none.
+	UpstreamHeaders []string `json:"upstream_headers,omitempty"`
+
 	upstream     *proxy.Upstream
 	limiter      limiter.Limiter
 	keys         *keystore.Service
@@ -442,6 +451,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		DropResponseHeaders: append(slices.Clone(limiter.OwnHeaders[:]), corsHeaders...),
 		Retries:             *h.Retries,
 		MaxWait:             time.Duration(h.MaxWait),
+		UpstreamHeaders:     h.UpstreamHeaders,
 		Shared:              shared,
 	})
 	if err != nil {
