@@ -1,12 +1,15 @@
 package tests
 
 import (
+	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
@@ -41,6 +44,33 @@ func startWithKey(t *testing.T, tier string, extra ...string) (*env, string) {
 	e.client = newClient(e.caddy.URL, e.key)
 	return e, key
 }
+
+// chatWithin sends a small chat completion with key, waiting at most d
+// for the answer's headers.
+func chatWithin(e *env, key string, header http.Header, d time.Duration) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, e.caddy.URL+"/v1/chat/completions",
+		jsonBody(map[string]any{"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}}}))
+	req.Header.Set("Authorization", "Bearer "+key)
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	body := res.Body
+	res.Body = struct {
+		io.Reader
+		io.Closer
+	}{body, closeFunc(func() error { defer cancel(); return body.Close() })}
+	return res, nil
+}
+
+type closeFunc func() error
+
+func (f closeFunc) Close() error { return f() }
 
 // wantPassedError asserts res is the upstream's own error, passed on.
 func wantPassedError(t *testing.T, res *http.Response, status int, code string) {
@@ -202,24 +232,45 @@ func TestUpstreamInterimAnswerIs502AndFreesTheSlot(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e.upstream.SetBehavior(standin.Behavior{Informational: tc.status})
-			res := e.chatAs(t, key, tc.header)
+			calls := e.upstream.Count()
+			// Bounded: before, the caller of a switched request could
+			// wait for an answer that never came.
+			first := make(chan *http.Response, 1)
+			go func() {
+				res, err := chatWithin(e, key, tc.header, 5*time.Second)
+				if err != nil {
+					t.Errorf("no answer: %v", err)
+				}
+				first <- res
+			}()
+			eventually(t, "the upstream got the request", func() bool { return e.upstream.Count() > calls })
+			// While the first request is still answered (or held), the
+			// next one on this tier of 1 concurrent request.
+			e.upstream.SetBehavior(standin.Behavior{})
+			time.Sleep(200 * time.Millisecond)
+			next, err := chatWithin(e, key, nil, 2*time.Second)
+			switch {
+			case err != nil:
+				t.Errorf("next request on a tier of 1 concurrent: %v", err)
+			case next.StatusCode != http.StatusOK:
+				t.Errorf("next request on a tier of 1 concurrent: status %d, want 200 (the slot freed)", next.StatusCode)
+			}
+			if next != nil {
+				next.Body.Close()
+			}
+			res := <-first
+			if res == nil {
+				return
+			}
+			defer res.Body.Close()
 			if res.StatusCode != http.StatusBadGateway {
-				// Keep it open (a switched connection would hold the
-				// slot) while the next request is tried.
 				t.Errorf("status = %d, want 502", res.StatusCode)
-			} else {
-				wantAPIError(t, res, http.StatusBadGateway, "upstream_bad_response")
+				return
 			}
 			if c := res.Header.Get("Set-Cookie"); c != "" {
 				t.Errorf("the interim answer's Set-Cookie reached the caller: %q", c)
 			}
-			e.upstream.SetBehavior(standin.Behavior{})
-			next := e.chatAs(t, key, nil)
-			if next.StatusCode != http.StatusOK {
-				t.Errorf("next request on a tier of 1 concurrent: status %d, want 200 (the slot freed)", next.StatusCode)
-			}
-			next.Body.Close()
-			res.Body.Close()
+			wantAPIError(t, res, http.StatusBadGateway, "upstream_bad_response")
 		})
 	}
 }
