@@ -71,8 +71,10 @@ func jitter(n int) time.Duration {
 // retryAfter reads retry-after-ms (OpenAI's, more precise) or Retry-After
 // as seconds or an HTTP date.
 func retryAfter(h http.Header, now time.Time) (time.Duration, bool) {
-	if ms, err := strconv.ParseFloat(h.Get("Retry-After-Ms"), 64); err == nil && ms >= 0 && ms < 1e12 {
-		return time.Duration(ms * float64(time.Millisecond)), true
+	if v := h.Get("Retry-After-Ms"); v != "" {
+		if ms, err := strconv.ParseFloat(v, 64); err == nil && ms >= 0 && ms < 1e12 {
+			return time.Duration(ms * float64(time.Millisecond)), true
+		}
 	}
 	v := h.Get("Retry-After")
 	if v == "" {

@@ -143,8 +143,7 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			if res.StatusCode == http.StatusTooManyRequests {
 				again = again && word.retryable429(t.retry.maxWait-waited)
 				wait = word.wait
-			} else {
-				again = again && retryable(res.StatusCode)
+			} else if again = again && retryable(res.StatusCode); again {
 				wait = backoff(attempt, res)
 			}
 		}
