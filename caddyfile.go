@@ -13,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
 func init() {
@@ -56,6 +58,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		on_store_error local|deny             # default local
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
+//		upstream_headers <header>...          # more request headers to pass upstream
 //	}
 //
 // Each subdirective but tier may appear once, and each tier name once;
@@ -146,6 +149,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if !strings.HasPrefix(o, "http://") && !strings.HasPrefix(o, "https://") || strings.Count(o, "/") != 2 {
 					return d.Errf("invalid cors origin '%s': want scheme://host[:port], without a path", o)
 				}
+			}
+		case "upstream_headers":
+			h.UpstreamHeaders = d.RemainingArgs()
+			if len(h.UpstreamHeaders) == 0 {
+				return d.Err("upstream_headers needs at least one header name, such as X-Trace-Id")
+			}
+			if _, err := proxy.CheckUpstreamHeaders(h.UpstreamHeaders); err != nil {
+				return d.Errf("%v", err)
 			}
 		case "on_store_error":
 			v, err := singleArg(d)

@@ -117,7 +117,8 @@ type Tier struct {
 	// DefaultMaxTokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
-	limits limiter.Limits
+	limits    limiter.Limits
+	modelsKey string // names the models policy in the models cache
 }
 
 // Rate is a number allowed per window.
@@ -166,6 +167,7 @@ func (t *Tier) provision(name string) error {
 			return fmt.Errorf("tier %s: invalid model glob '%s': %v", name, glob, err)
 		}
 	}
+	t.modelsKey = proxy.FilterKey(t.Models)
 	return nil
 }
 
@@ -305,6 +307,15 @@ type Handler struct {
 	// The longest the retries of one request may wait in all, honouring
 	// the upstream's Retry-After. Default: 10s.
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
+
+	// Request headers to pass to the upstream beyond the built-in
+	// allowlist (Accept, Accept-Language, Content-Type, User-Agent,
+	// X-Request-Id, X-Client-Request-Id, Traceparent, Tracestate,
+	// Idempotency-Key, OpenAI-Beta and the SDKs' X-Stainless-*), e.g.
+	// ["X-Trace-Id"]. Every other header of a caller stays here.
+	// Credentials, hop-by-hop and upgrade headers, forwarding headers and
+	// organisation selectors are refused. Default: none.
+	UpstreamHeaders []string `json:"upstream_headers,omitempty"`
 
 	upstream     *proxy.Upstream
 	bodyLimits   proxy.BodyLimits
@@ -463,6 +474,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		DropResponseHeaders: append(slices.Clone(limiter.OwnHeaders[:]), corsHeaders...),
 		Retries:             *h.Retries,
 		MaxWait:             time.Duration(h.MaxWait),
+		UpstreamHeaders:     h.UpstreamHeaders,
 		Shared:              shared,
 	})
 	if err != nil {
@@ -665,7 +677,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	forwarded = true
 	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: client.Tier, Allows: tier.modelFilter()}, call)
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: tier.modelsKey, Allows: tier.modelFilter()}, call)
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -50,11 +51,33 @@ type filteredList struct {
 	etag string
 }
 
-// ModelFilter says which models a caller may see; Key names the filter
-// (the tier), as filtered lists are kept per key.
+// ModelFilter says which models a caller may see. Filtered lists are kept
+// per Key, so Key must name the policy itself, never who holds it: two
+// tiers of one name in two sites may allow different models. FilterKey
+// makes one from the policy's globs.
 type ModelFilter struct {
 	Key    string
 	Allows func(model string) bool
+}
+
+// FilterKey names the model policy of globs: the same for the same set of
+// globs in any order, different for any other set, "" for none (every
+// model). It is meant to be made once, when the policy is configured.
+func FilterKey(globs []string) string {
+	if len(globs) == 0 {
+		return ""
+	}
+	sorted := slices.Clone(globs)
+	slices.Sort(sorted)
+	sorted = slices.Compact(sorted)
+	var b []byte
+	for i, g := range sorted {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendQuote(b, g) // quoted: no two sets join alike
+	}
+	return string(b)
 }
 
 // ServeModels answers GET /v1/models from the cache when it holds a list

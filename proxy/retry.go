@@ -1,13 +1,16 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -23,16 +26,22 @@ const (
 	firstBackoff = 250 * time.Millisecond
 )
 
-// retryPolicy retries what the upstream failed before answering: 429,
-// 502, 503 and failed connections. It runs inside the transport, so no
-// byte has reached the client yet; a stream that started is never retried.
+// retryPolicy retries what the upstream failed before answering: 502,
+// 503, failed connections, and a 429 that looks transient: one naming a
+// wait that fits in what is left of max_wait, and not about a spent quota.
+// A 429 about the request itself (too large for a minute's budget) would
+// only be refused again, so it goes back to its caller at once. It runs
+// inside the transport, so no byte has reached the client yet; a stream
+// that started is never retried. Retries wait in their caller's request
+// alone: other callers are stopped only by evidence that the key is spent.
 type retryPolicy struct {
 	retries int
 	maxWait time.Duration
 }
 
+// retryable reports whether a status other than 429 is retried.
 func retryable(status int) bool {
-	return status == http.StatusTooManyRequests || status == http.StatusBadGateway || status == http.StatusServiceUnavailable
+	return status == http.StatusBadGateway || status == http.StatusServiceUnavailable
 }
 
 // connectFailed reports an error of connecting, where the request surely
@@ -50,12 +59,23 @@ func backoff(n int, res *http.Response) time.Duration {
 			return d
 		}
 	}
+	return jitter(n)
+}
+
+// jitter is exponential backoff with full jitter before retry n.
+func jitter(n int) time.Duration {
 	ceiling := firstBackoff << n
 	return ceiling/2 + rand.N(ceiling/2+1)
 }
 
-// retryAfter reads Retry-After as seconds or an HTTP date.
+// retryAfter reads retry-after-ms (OpenAI's, more precise) or Retry-After
+// as seconds or an HTTP date.
 func retryAfter(h http.Header, now time.Time) (time.Duration, bool) {
+	if v := h.Get("Retry-After-Ms"); v != "" {
+		if ms, err := strconv.ParseFloat(v, 64); err == nil && ms >= 0 && ms < 1e12 {
+			return time.Duration(ms * float64(time.Millisecond)), true
+		}
+	}
 	v := h.Get("Retry-After")
 	if v == "" {
 		return 0, false
@@ -105,8 +125,7 @@ const sharedEvery = time.Second
 const sharedTimeout = time.Second
 
 // exhaustion remembers until when the upstream said the server key is
-// exhausted, from its 429s and from X-RateLimit-Remaining: 0 with
-// X-RateLimit-Reset, so that callers get a local 429 instead of another
+// exhausted, from its evidence about the key (see readLimitWord), so that callers get a local 429 instead of another
 // upstream call that would only prolong it. With a shared store, what one
 // instance hears reaches the others within about a second; the exchanges
 // run off the request path, in a goroutine that ends with them. The zero
@@ -119,23 +138,10 @@ type exhaustion struct {
 	logger   *zap.Logger
 }
 
-// note reads an upstream answer's verdict on the key.
-func (e *exhaustion) note(res *http.Response, now time.Time) {
-	var until time.Time
-	switch {
-	case res.StatusCode == http.StatusTooManyRequests:
-		d, ok := retryAfter(res.Header, now)
-		if !ok {
-			d = time.Second
-		}
-		until = now.Add(d)
-	case res.Header.Get("X-Ratelimit-Remaining") == "0":
-		reset, ok := parseReset(res.Header.Get("X-Ratelimit-Reset"), now)
-		if !ok {
-			return
-		}
-		until = reset
-	default:
+// note raises the key's exhaustion to until, unless until is zero, and
+// shares it with the fleet.
+func (e *exhaustion) note(until time.Time) {
+	if until.IsZero() {
 		return
 	}
 	if e.raise(until) && e.shared != nil {
@@ -147,6 +153,147 @@ func (e *exhaustion) note(res *http.Response, now time.Time) {
 			}
 		}()
 	}
+}
+
+// limitWord is what an upstream answer says of limits: whether the server
+// key is spent, and for a 429 whether waiting may cure it.
+type limitWord struct {
+	// keyUntil is when the server key is usable again, by the answer's
+	// own evidence about the key; zero when it gave none. Only this stops
+	// other callers: a 429 about one request (too large, say) is that
+	// caller's alone.
+	keyUntil time.Time
+	// wait is how long the upstream asked this caller to wait
+	// (Retry-After, retry-after-ms, or the key's reset); hasWait says it
+	// asked at all.
+	wait    time.Duration
+	hasWait bool
+	// quota is a 429 about the key's billing quota: no wait cures it soon.
+	quota bool
+}
+
+// The rate-limit headers that speak of the server key: remaining, and the
+// reset that goes with it. The first pair is the common
+// X-RateLimit-Remaining/Reset; the others are OpenAI's per-kind forms.
+var keyLimitHeaders = [...][2]string{
+	{"X-Ratelimit-Remaining", "X-Ratelimit-Reset"},
+	{"X-Ratelimit-Remaining-Requests", "X-Ratelimit-Reset-Requests"},
+	{"X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens"},
+}
+
+// quotaPause is how long the key counts as exhausted after a 429 about its
+// quota that says nothing of when it returns.
+const quotaPause = time.Minute
+
+// maxErrorPeek bounds what is read of a 429's body to learn its code.
+const maxErrorPeek = 8 << 10
+
+// readLimitWord reads res's word on limits at now. The key counts as spent
+// only on evidence about the key: a remaining count of 0 (with its reset,
+// or on a 429 itself), or a 429 whose error names the key's quota
+// (insufficient_quota and its kin). A 429 without such evidence speaks of
+// one request, and res goes back to its caller alone. It may read the
+// start of a 429's body, leaving res.Body as it was to its reader.
+func readLimitWord(res *http.Response, now time.Time) limitWord {
+	var w limitWord
+	limited := res.StatusCode == http.StatusTooManyRequests
+	spent := false
+	for _, pair := range keyLimitHeaders {
+		if !isZeroCount(res.Header.Get(pair[0])) {
+			continue
+		}
+		if reset, ok := parseReset(res.Header.Get(pair[1]), now); ok {
+			spent = true
+			w.keyUntil = later(w.keyUntil, reset)
+		} else if limited {
+			spent = true
+		}
+	}
+	if !limited {
+		return w
+	}
+	if d, ok := retryAfter(res.Header, now); ok {
+		w.wait, w.hasWait = d, true
+	}
+	if quotaError(res) {
+		spent, w.quota = true, true
+	}
+	if !spent {
+		return w
+	}
+	if w.hasWait {
+		// A 429's own Retry-After is the upstream's word on when to come
+		// back, over a counter's reset.
+		w.keyUntil = now.Add(w.wait)
+	}
+	if w.keyUntil.IsZero() {
+		pause := time.Second
+		if w.quota {
+			pause = quotaPause
+		}
+		w.keyUntil = now.Add(pause)
+	}
+	if !w.hasWait {
+		w.wait, w.hasWait = max(w.keyUntil.Sub(now), 0), true
+	}
+	return w
+}
+
+// retryable429 reports whether a 429 so described may be retried after
+// its wait, with left of max_wait still to spend: only when the upstream
+// named a short wait. A per-request refusal without one, or a spent
+// quota, will answer the same again.
+func (w limitWord) retryable429(left time.Duration) bool {
+	return w.hasWait && !w.quota && w.wait <= left
+}
+
+// isZeroCount reports whether a remaining-count header says none is left.
+func isZeroCount(v string) bool {
+	if v == "" {
+		return false
+	}
+	n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+	return err == nil && n <= 0
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// quotaError reports whether a 429's body is an error naming the key's
+// quota or billing (OpenAI's insufficient_quota, billing_hard_limit_reached
+// and their kin), in its code or type. The peeked bytes are put back.
+func quotaError(res *http.Response) bool {
+	if res.Body == nil || res.Body == http.NoBody {
+		return false
+	}
+	peek, err := io.ReadAll(io.LimitReader(res.Body, maxErrorPeek))
+	res.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(peek), res.Body), res.Body}
+	if err != nil {
+		return false
+	}
+	var e struct {
+		Error struct {
+			Type string `json:"type"`
+			Code any    `json:"code"` // a string, or a number in some APIs
+		} `json:"error"`
+	}
+	if json.Unmarshal(peek, &e) != nil {
+		return false
+	}
+	code, _ := e.Error.Code.(string)
+	for _, s := range [...]string{strings.ToLower(e.Error.Type), strings.ToLower(code)} {
+		if strings.Contains(s, "quota") || strings.Contains(s, "billing") {
+			return true
+		}
+	}
+	return false
 }
 
 // raise moves until later, reporting whether it did.

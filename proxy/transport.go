@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
 	"strings"
 	"sync"
 	"time"
@@ -23,7 +26,8 @@ type keyTransport struct {
 	next          http.RoundTripper
 	authorization []string // "Bearer <server key>", shared and never mutated
 	host          string
-	drop          []string // response headers the proxy sets itself
+	extra         map[string]bool // request headers let through beyond upstreamHeader; nil for none
+	drop          []string        // response headers the proxy sets itself
 	retry         retryPolicy
 	exhausted     *exhaustion
 	idleTimeout   time.Duration // longest silence in a body after its headers; 0: none
@@ -37,10 +41,10 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if t.idleTimeout > 0 {
 		ctx, cancel = context.WithCancelCause(ctx)
 	}
-	out := req.WithContext(ctx)
+	out := req.WithContext(refusingInterim{ctx})
 	out.Header = headerPool.Get().(http.Header)
 	for name, values := range req.Header {
-		if !isDroppedUpstream(name) {
+		if upstreamHeader(name) || t.extra[name] {
 			out.Header[name] = values
 		}
 	}
@@ -61,12 +65,23 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if cancel != nil {
 		res.Body = newIdleBody(res.Body, ctx, cancel, t.idleTimeout)
 	}
+	if res.StatusCode < 200 {
+		// 101: a protocol switch nobody asked for (the upgrade headers
+		// never go upstream), with a connection the proxy will not hold.
+		res.Body.Close()
+		return nil, errInterim
+	}
 	if res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden {
 		// Nothing of this body may reach the client.
 		discard(res)
 		t.logger.Error("upstream refused the server key; check api_key",
 			zap.Int("upstream_status", res.StatusCode))
 		return nil, errKeyRefused
+	}
+	for name := range res.Header {
+		if !downstreamHeader(name) {
+			delete(res.Header, name)
+		}
 	}
 	for _, name := range t.drop {
 		delete(res.Header, name)
@@ -99,10 +114,10 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 // no request Caddy logs.
 var headerPool = sync.Pool{New: func() any { return make(http.Header, 16) }}
 
-// roundTrip sends out, and again after an upstream 429, 502, 503 or a
-// failed connection, as the retry policy allows: never past its max_wait
-// in all, and only with a body it can replay. Every answer's word on the
-// key's exhaustion is noted.
+// roundTrip sends out, and again after an upstream 502, 503, a transient
+// 429 or a failed connection, as the retry policy allows: never past its
+// max_wait in all, and only with a body it can replay. Every answer's
+// evidence that the key is spent is noted.
 func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, error) {
 	ctx := out.Context()
 	var body []byte
@@ -117,16 +132,22 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			out.ContentLength = int64(len(body))
 		}
 		res, err := t.next.RoundTrip(out)
-		if res != nil {
-			t.exhausted.note(res, time.Now())
+		var wait time.Duration
+		again := attempt < t.retry.retries && replayable
+		if err != nil {
+			again = again && connectFailed(err)
+			wait = jitter(attempt)
+		} else {
+			word := readLimitWord(res, time.Now())
+			t.exhausted.note(word.keyUntil)
+			if res.StatusCode == http.StatusTooManyRequests {
+				again = again && word.retryable429(t.retry.maxWait-waited)
+				wait = word.wait
+			} else if again = again && retryable(res.StatusCode); again {
+				wait = backoff(attempt, res)
+			}
 		}
-		again := attempt < t.retry.retries && replayable &&
-			((err != nil && connectFailed(err)) || (err == nil && retryable(res.StatusCode)))
-		if !again {
-			return res, err
-		}
-		wait := backoff(attempt, res)
-		if waited+wait > t.retry.maxWait {
+		if !again || waited+wait > t.retry.maxWait {
 			return res, err
 		}
 		if res != nil {
@@ -142,19 +163,156 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 	}
 }
 
-// isDroppedUpstream names headers the upstream must not get: anything
-// credential-like, forwarding details of our callers (the upstream has
-// one client, this proxy), organisation selectors that would let a caller
-// bill another organisation with the server key, and Accept-Encoding, so
-// that the answer arrives as plain text the proxy can read (the transport
-// still negotiates compression on the upstream link itself).
-func isDroppedUpstream(canonical string) bool {
+// upstreamHeader reports whether a request header (canonical name) goes
+// upstream. It is an allowlist: the upstream has one client, this proxy,
+// and gets from the caller only what shapes the answer or traces it:
+//
+//   - content negotiation: Accept, Accept-Language, Content-Type (Go sets
+//     Content-Length and Transfer-Encoding from the body itself);
+//   - User-Agent, and the official SDKs' X-Stainless-* (language, version,
+//     OS, retry count, timeout);
+//   - request IDs: X-Request-Id, X-Client-Request-Id, and W3C trace
+//     context (Traceparent, Tracestate);
+//   - Idempotency-Key, so the upstream can tell a retry from a new request;
+//   - OpenAI-Beta, which opts in to beta behaviour of an endpoint.
+//
+// Everything else stays here: credentials of any spelling (Authorization,
+// Cookie, X-Auth-Token, X-Amz-Security-Token, …), the caller's addresses
+// (X-Forwarded-*, Forwarded, X-Real-Ip, True-Client-Ip), organisation
+// selectors (OpenAI-Organization, OpenAI-Project would bill another
+// organisation with the server key), method and URL overrides
+// (X-HTTP-Method-Override, X-Original-URL, X-Rewrite-URL), hop-by-hop and
+// upgrade headers (Connection, Upgrade: nothing is ever upgraded), and
+// Accept-Encoding, so that the answer arrives as text the proxy can read
+// (the transport still negotiates compression on the upstream link). The
+// operator lets more through with upstream_headers. It runs for every
+// header of every request: a switch, no allocation.
+func upstreamHeader(canonical string) bool {
 	switch canonical {
-	case "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded",
-		"Openai-Organization", "Openai-Project", "Accept-Encoding":
+	case "Accept", "Accept-Language", "Content-Type", "User-Agent",
+		"X-Request-Id", "X-Client-Request-Id", "Traceparent", "Tracestate",
+		"Idempotency-Key", "Openai-Beta":
 		return true
 	}
-	return isCredentialHeader(canonical)
+	return strings.HasPrefix(canonical, "X-Stainless-")
+}
+
+// downstreamHeader reports whether an upstream response header (canonical
+// name) reaches the caller. It is an allowlist too, so that no cookie, no
+// identifier of the upstream account (OpenAI-Organization, OpenAI-Project,
+// and whatever an upstream adds tomorrow) and nothing about the upstream's
+// own host (Strict-Transport-Security, Alt-Svc, Server) crosses: the
+// answer's content headers, caching validators, the retry hints the SDKs
+// read (Retry-After, Retry-After-Ms, X-Should-Retry), the request ID and
+// timing (X-Request-Id, OpenAI-Processing-Ms, OpenAI-Version), and the
+// upstream's own X-RateLimit-Limit/Remaining/Reset. The caller's own
+// limit headers and CORS headers are the proxy's, set after this.
+func downstreamHeader(canonical string) bool {
+	switch canonical {
+	case "Content-Type", "Content-Length", "Content-Encoding", "Content-Language",
+		"Cache-Control", "Etag", "Last-Modified", "Vary", "Date",
+		"Retry-After", "Retry-After-Ms", "X-Should-Retry",
+		"X-Request-Id", "Openai-Processing-Ms", "Openai-Version",
+		"X-Ratelimit-Limit", "X-Ratelimit-Remaining", "X-Ratelimit-Reset":
+		return true
+	}
+	return false
+}
+
+// CheckUpstreamHeaders checks the request headers an operator lets through
+// beyond the allowlist and returns their canonical names. Credentials,
+// hop-by-hop and upgrade headers, the caller's addresses, organisation
+// selectors and the headers the transport sets itself are refused: no
+// configuration may send them upstream.
+func CheckUpstreamHeaders(names []string) ([]string, error) {
+	out := make([]string, 0, len(names))
+	for _, name := range names {
+		if !isToken(name) {
+			return nil, fmt.Errorf("upstream_headers: '%s' is not a header name", name)
+		}
+		c := http.CanonicalHeaderKey(name)
+		if reason := refusedUpstream(c); reason != "" {
+			return nil, fmt.Errorf("upstream_headers: '%s' may never go upstream: %s", name, reason)
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+// isToken reports whether s is an HTTP token (RFC 9110), as a header name
+// must be.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 0x7f || c <= ' ' || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// refusedUpstream says why a header may not be configured to go upstream,
+// "" when it may.
+func refusedUpstream(canonical string) string {
+	lower := strings.ToLower(canonical)
+	switch canonical {
+	case "Host", "Connection", "Upgrade", "Keep-Alive", "Proxy-Connection", "Te", "Trailer",
+		"Transfer-Encoding", "Content-Length", "Expect", "Http2-Settings":
+		return "the transport's own (hop-by-hop, framing or upgrade)"
+	case "Forwarded", "Via", "X-Real-Ip", "True-Client-Ip", "Cf-Connecting-Ip", "X-Client-Ip":
+		return "it carries the caller's address"
+	case "Openai-Organization", "Openai-Project":
+		return "it would bill another organisation with the server key"
+	case "Accept-Encoding":
+		return "the proxy must read the answer"
+	case "X-Http-Method-Override", "X-Http-Method", "X-Method-Override", "X-Original-Url", "X-Rewrite-Url":
+		return "it overrides the method or URL the proxy checked"
+	}
+	switch {
+	case strings.HasPrefix(canonical, "X-Forwarded-"):
+		return "it carries the caller's address"
+	case strings.HasPrefix(canonical, "Sec-Websocket-"):
+		return "the transport's own (hop-by-hop, framing or upgrade)"
+	case isCredentialHeader(canonical):
+		return "it carries credentials"
+	}
+	for _, word := range [...]string{"auth", "token", "secret", "password", "cookie", "session", "key", "credential", "signature"} {
+		if strings.Contains(lower, word) && canonical != "Idempotency-Key" {
+			return "it may carry credentials"
+		}
+	}
+	return ""
+}
+
+// errInterim is an upstream answering with a 1xx other than 100 Continue:
+// an early hint whose headers would bypass the response allowlist, or a
+// protocol switch. The caller gets a 502, and its request ends.
+var errInterim = errors.New("upstream answered with an informational status other than 100 Continue")
+
+// interimTrace refuses every 1xx but 100, ending the round trip.
+var interimTrace = httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+	Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
+		if code == http.StatusContinue {
+			return nil
+		}
+		return errInterim
+	},
+})
+
+// refusingInterim is the context of a request going upstream: its client
+// trace is interimTrace alone. Caddy's reverse_proxy traces 1xx answers to
+// pass them on to the client, headers and all; composing another trace
+// would not stop that, so this one replaces it.
+type refusingInterim struct{ context.Context }
+
+func (c refusingInterim) Value(key any) any {
+	if v := interimTrace.Value(key); v != nil {
+		return v
+	}
+	return c.Context.Value(key)
 }
 
 // isEventStream reports whether a Content-Type is text/event-stream, with

@@ -40,6 +40,10 @@ type Config struct {
 	// at most MaxWait in all.
 	Retries int
 	MaxWait time.Duration
+	// UpstreamHeaders are request headers let through to the upstream
+	// beyond the built-in allowlist (see upstreamHeader); New refuses
+	// credentials, hop-by-hop headers and the like (CheckUpstreamHeaders).
+	UpstreamHeaders []string
 	// Shared, when set, shares the upstream's word on the key's exhaustion
 	// with the other instances of a fleet.
 	Shared SharedExhaustion
@@ -82,6 +86,17 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	if cfg.APIKey == "" {
 		return nil, errors.New("empty upstream API key")
+	}
+	names, err := CheckUpstreamHeaders(cfg.UpstreamHeaders)
+	if err != nil {
+		return nil, err
+	}
+	var extra map[string]bool
+	for _, name := range names {
+		if extra == nil {
+			extra = make(map[string]bool, len(names))
+		}
+		extra[name] = true
 	}
 	port := u.Port()
 	if port == "" {
@@ -127,6 +142,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		next:          rp.Transport,
 		authorization: []string{"Bearer " + cfg.APIKey},
 		host:          u.Host,
+		extra:         extra,
 		drop:          cfg.DropResponseHeaders,
 		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
 		exhausted:     up.exhausted,
@@ -162,6 +178,9 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	switch {
 	case errors.Is(he.Err, errKeyRefused):
 		return errUpstreamAuth
+	case errors.Is(he.Err, errInterim):
+		up.logger.Warn("upstream answered with an informational status; refused", zap.String("endpoint", ep.Name))
+		return errUpstreamBadAnswer
 	case errors.Is(he.Err, errBadAnswer):
 		up.logger.Warn("upstream answered 2xx with a body that is not JSON", zap.String("endpoint", ep.Name))
 		return errUpstreamBadAnswer

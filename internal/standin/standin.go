@@ -87,6 +87,20 @@ type Behavior struct {
 	FailCount int
 	// RetryAfter is the Retry-After value, in seconds, of a 429 or 503.
 	RetryAfter int
+	// FailRequestOnly makes a FailStatus 429 speak of the request alone,
+	// as OpenAI's "Request too large … on tokens per min" does: its
+	// X-RateLimit-Remaining is the real count, not 0.
+	FailRequestOnly bool
+	// AccountHeaders makes every answer carry the headers the real API
+	// adds about its account and edge: OpenAI-Organization (Organization),
+	// OpenAI-Project, OpenAI-Processing-Ms, OpenAI-Version and a
+	// Set-Cookie.
+	AccountHeaders bool
+	// Informational, if a 1xx status, is sent before anything else: 101
+	// switches protocols (the connection is then held, silent, until the
+	// client closes it); any other is an interim answer, with a Set-Cookie,
+	// before the usual one.
+	Informational int
 	// FailMidStream, if positive, aborts a stream's connection right after
 	// this many content chunks were sent. Shorter streams are not affected.
 	FailMidStream int
@@ -268,7 +282,24 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := s.behavior.Load()
 	b := &st.b
 	s.setCommonHeaders(w.Header(), now)
+	if b.AccountHeaders {
+		h := w.Header()
+		h.Set("Openai-Organization", Organization)
+		h.Set("Openai-Project", "proj_standin")
+		h.Set("Openai-Processing-Ms", "12")
+		h.Set("Openai-Version", "2020-10-01")
+		h.Set("Set-Cookie", "__cf_bm=standin; path=/; HttpOnly; Secure")
+	}
 
+	if b.Informational == http.StatusSwitchingProtocols {
+		switchProtocols(w)
+		return
+	}
+	if b.Informational >= 100 && b.Informational < 200 {
+		w.Header().Set("Set-Cookie", "interim=1")
+		w.WriteHeader(b.Informational)
+		w.Header().Del("Set-Cookie")
+	}
 	switch {
 	case b.StallHeaders:
 		<-r.Context().Done()
@@ -447,7 +478,11 @@ func writeFailure(w http.ResponseWriter, b *Behavior) {
 		code = "not_found"
 	case status == http.StatusTooManyRequests:
 		typ, code, msg = "rate_limit_error", "rate_limit_exceeded", "Rate limit reached for requests. Please try again later."
-		w.Header().Set("X-Ratelimit-Remaining", "0")
+		if b.FailRequestOnly {
+			typ, msg = "tokens", "Request too large for the tokens per min (TPM) limit. Please reduce your prompt."
+		} else {
+			w.Header().Set("X-Ratelimit-Remaining", "0")
+		}
 	case status >= 500:
 		typ, code, msg = "server_error", "server_error", "The server had an error while processing your request."
 	}
@@ -455,6 +490,21 @@ func writeFailure(w http.ResponseWriter, b *Behavior) {
 		w.Header().Set("Retry-After", strconv.Itoa(b.RetryAfter))
 	}
 	writeError(w, status, typ, code, "", msg)
+}
+
+// switchProtocols answers 101 on the raw connection and holds it until the
+// client closes it.
+func switchProtocols(w http.ResponseWriter) {
+	conn, buf, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	_, _ = buf.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	if buf.Flush() != nil {
+		return
+	}
+	_, _ = io.Copy(io.Discard, conn)
 }
 
 // sleep waits d and reports whether ctx was still alive throughout.
