@@ -41,7 +41,12 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if t.idleTimeout > 0 {
 		ctx, cancel = context.WithCancelCause(ctx)
 	}
-	out := req.WithContext(refusingInterim{ctx})
+	c := callFrom(req.Context())
+	trace := interimTrace
+	if c != nil {
+		trace = c.traceUpstream()
+	}
+	out := req.WithContext(tracedContext{ctx, trace})
 	out.Header = headerPool.Get().(http.Header)
 	for name, values := range req.Header {
 		if upstreamHeader(name) || t.extra[name] {
@@ -51,7 +56,6 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	out.Header["Authorization"] = t.authorization
 	out.Host = t.host
 
-	c := callFrom(req.Context())
 	res, err := t.roundTrip(out, c)
 	if c != nil {
 		c.Usage.HeaderLatency = time.Since(c.start)
@@ -155,6 +159,7 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 		}
 		if c != nil {
 			c.Usage.Retries++
+			c.Usage.MarkSent(false) // that attempt was answered, and billed nothing
 		}
 		if !sleepCtx(ctx, wait) {
 			return nil, ctx.Err()
@@ -292,24 +297,29 @@ func refusedUpstream(canonical string) string {
 // protocol switch. The caller gets a 502, and its request ends.
 var errInterim = errors.New("upstream answered with an informational status other than 100 Continue")
 
-// interimTrace refuses every 1xx but 100, ending the round trip.
-var interimTrace = httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
-	Got1xxResponse: func(code int, _ textproto.MIMEHeader) error {
-		if code == http.StatusContinue {
-			return nil
-		}
-		return errInterim
-	},
-})
+// refuseInterim refuses every 1xx but 100, ending the round trip.
+func refuseInterim(code int, _ textproto.MIMEHeader) error {
+	if code == http.StatusContinue {
+		return nil
+	}
+	return errInterim
+}
 
-// refusingInterim is the context of a request going upstream: its client
-// trace is interimTrace alone. Caddy's reverse_proxy traces 1xx answers to
-// pass them on to the client, headers and all; composing another trace
-// would not stop that, so this one replaces it.
-type refusingInterim struct{ context.Context }
+// interimTrace is the client trace of a request going upstream without a
+// call to count into.
+var interimTrace = httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{Got1xxResponse: refuseInterim})
 
-func (c refusingInterim) Value(key any) any {
-	if v := interimTrace.Value(key); v != nil {
+// tracedContext is the context of a request going upstream: its client
+// trace is the proxy's alone, the one trace carries. Caddy's reverse_proxy
+// traces 1xx answers to pass them on to the client, headers and all;
+// composing another trace would not stop that, so this one replaces it.
+type tracedContext struct {
+	context.Context
+	trace context.Context
+}
+
+func (c tracedContext) Value(key any) any {
+	if v := c.trace.Value(key); v != nil {
 		return v
 	}
 	return c.Context.Value(key)

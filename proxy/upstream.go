@@ -56,6 +56,7 @@ type Upstream struct {
 	key       string // the upstream's URL, naming its cached model list
 	rp        *reverseproxy.Handler
 	paths     [numEndpoints]string // upstream path of each endpoint
+	extra     map[string]bool      // request headers let through beyond upstreamHeader; nil for none
 	exhausted *exhaustion
 	logger    *zap.Logger
 }
@@ -130,7 +131,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	rp := mod.(*reverseproxy.Handler)
 
-	up := &Upstream{key: cfg.URL, rp: rp, logger: ctx.Logger()}
+	up := &Upstream{key: cfg.URL, rp: rp, extra: extra, logger: ctx.Logger()}
 	up.exhausted = &exhaustion{shared: cfg.Shared, logger: up.logger}
 	base := strings.TrimSuffix(u.Path, "/")
 	for i := range Endpoints {
@@ -158,7 +159,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 // write; a stream that fails once started is ended with an SSE error
 // event.
 func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint, next caddyhttp.Handler, c *Call) error {
-	StripClientCredentials(r.Header)
+	up.keepUpstreamHeaders(r.Header)
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
@@ -212,11 +213,14 @@ func UpstreamExhausted(retryAfter int) *APIError {
 	}
 }
 
-// StripClientCredentials removes every header that may carry a caller's
-// credentials, so that they neither reach the upstream nor the access log.
-func StripClientCredentials(h http.Header) {
+// keepUpstreamHeaders removes from the caller's request every header that
+// may not go upstream, before reverse_proxy sees it: its debug log prints
+// the request it forwards, and a credential in a header of another name
+// must not be in it. The transport applies the same allowlist again to
+// what reverse_proxy adds.
+func (up *Upstream) keepUpstreamHeaders(h http.Header) {
 	for name := range h {
-		if isCredentialHeader(name) {
+		if !upstreamHeader(name) && !up.extra[name] {
 			delete(h, name)
 		}
 	}

@@ -88,12 +88,12 @@ type Call struct {
 	trace  httptrace.ClientTrace
 }
 
-// traceSent returns ctx with a trace that marks c.Usage sent once the
-// request was written to the upstream. The transport calls it for each
-// request it sends.
-func (c *Call) traceSent(ctx context.Context) context.Context {
-	c.trace = httptrace.ClientTrace{WroteRequest: c.wroteRequest}
-	return httptrace.WithClientTrace(ctx, &c.trace)
+// traceUpstream returns the client trace of the call's request going
+// upstream: it refuses a 1xx other than 100, and marks c.Usage sent once
+// the request was written. The transport calls it once per call.
+func (c *Call) traceUpstream() context.Context {
+	c.trace = httptrace.ClientTrace{WroteRequest: c.wroteRequest, Got1xxResponse: refuseInterim}
+	return httptrace.WithClientTrace(context.Background(), &c.trace)
 }
 
 func (c *Call) wroteRequest(info httptrace.WroteRequestInfo) {
