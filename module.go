@@ -587,10 +587,10 @@ func (h *Handler) Validate() error {
 // Every refusal is answered here in the API's error shape.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	now := time.Now()
+	h.keepCredentialsOutOfLogs(r)
 	if h.cors(w, r) {
 		return nil
 	}
-	h.keepCredentialsOutOfLogs(r)
 	ep, apiErr := proxy.Route(r.Method, routePath(r))
 	if apiErr != nil {
 		return refuse(w, r, "none", "unknown", apiErr)
