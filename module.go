@@ -613,10 +613,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, 0, now)
 	if err != nil {
-		return h.refuseUnavailable(w, r, client, ep, err)
+		return refuse(w, r, client.Tier, ep.Name, h.unavailable(w, client.ID, err))
 	}
 	if d.Reason != limiter.Admitted {
-		return h.refuseLimit(w, r, client, tier, ep, d, now)
+		return refuse(w, r, client.Tier, ep.Name, limitRefusal(w, tier, client.Tier, d, now))
 	}
 	if ep.ID == proxy.Usage {
 		// Counted as a request, then the slot is freed before the
@@ -659,15 +659,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, d.State, now, apiErr)
 		}
-		rd, err := h.limiter.Reserve(r.Context(), client.ID, &tier.limits, d.Lease, reserve, now)
-		d.Lease = rd.Lease
-		if err != nil {
-			return h.refuseUnavailable(w, r, client, ep, err)
+		if d, apiErr = h.reserve(w, r, client, tier, d, reserve, now); apiErr != nil {
+			return refuse(w, r, client.Tier, ep.Name, apiErr)
 		}
-		if rd.Reason != limiter.Admitted {
-			return h.refuseLimit(w, r, client, tier, ep, rd, now)
-		}
-		d.State = rd.State
 	}
 	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
 
@@ -688,6 +682,27 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	return err
 }
 
+// reserve adds a request's token estimate to its admission, refusing it
+// (with the caller's headers set) when a token limit or the quota would
+// be passed. A tier without either needs no word from the limiter: the
+// estimate is only noted, for what leaving early costs.
+func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, d limiter.Decision, tokens int64, now time.Time) (limiter.Decision, *proxy.APIError) {
+	if tier.limits.Tokens.Unlimited() && tier.limits.Quota.Unlimited() {
+		d.Lease.Reserved += tokens
+		return d, nil
+	}
+	rd, err := h.limiter.Reserve(r.Context(), client.ID, &tier.limits, d.Lease, tokens, now)
+	d.Lease = rd.Lease
+	if err != nil {
+		return d, h.unavailable(w, client.ID, err)
+	}
+	if rd.Reason != limiter.Admitted {
+		return d, limitRefusal(w, tier, client.Tier, rd, now)
+	}
+	d.State = rd.State
+	return d, nil
+}
+
 // settle ends an admitted request in the limiter: used replaces its
 // reservation and its slot is freed.
 func (h *Handler) settle(r *http.Request, clientID string, tier *Tier, lease limiter.Lease, used int64) {
@@ -697,12 +712,12 @@ func (h *Handler) settle(r *http.Request, clientID string, tier *Tier, lease lim
 	}
 }
 
-// refuseLimit answers a request a limit refused, with the caller's limit
-// headers.
-func (h *Handler) refuseLimit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, ep *proxy.Endpoint, d limiter.Decision, now time.Time) error {
+// limitRefusal is the 429 of a request a limit refused, with the caller's
+// limit headers set.
+func limitRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.Decision, now time.Time) *proxy.APIError {
 	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
 	limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
-	return refuse(w, r, client.Tier, ep.Name, refusal(d, client.Tier))
+	return refusal(d, tierName)
 }
 
 // refuseAdmitted answers an admitted request refused before it was
@@ -712,13 +727,13 @@ func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client 
 	return refuse(w, r, client.Tier, ep.Name, e)
 }
 
-// refuseUnavailable answers a request whose limits could not be decided.
-func (h *Handler) refuseUnavailable(w http.ResponseWriter, r *http.Request, client keystore.Client, ep *proxy.Endpoint, err error) error {
+// unavailable is the 503 of a request whose limits could not be decided.
+func (h *Handler) unavailable(w http.ResponseWriter, clientID string, err error) *proxy.APIError {
 	if !errors.Is(err, limiter.ErrUnavailable) {
-		h.logger.Error("deciding limits", zap.String("client_id", client.ID), zap.Error(err))
+		h.logger.Error("deciding limits", zap.String("client_id", clientID), zap.Error(err))
 	}
 	w.Header().Set("Retry-After", "1")
-	return refuse(w, r, client.Tier, ep.Name, errUnavailable)
+	return errUnavailable
 }
 
 // tierLabel is a tier's name as a metric label: only configured tiers are
