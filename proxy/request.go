@@ -23,6 +23,11 @@ const (
 	maxTokenID  = 1 << 32 // a token ID in a prompt or input given as token arrays
 )
 
+// maxExplainedBody is the largest invalid body whose error says where it
+// is invalid: saying where takes a second, slower parse, which a caller
+// must not be able to make the proxy repeat over megabytes.
+const maxExplainedBody = 64 << 10
+
 // RequestInfo is what the proxy reads from a request body.
 type RequestInfo struct {
 	Model        string
@@ -64,7 +69,10 @@ func ParseRequest(body []byte) (RequestInfo, *APIError) {
 		return RequestInfo{}, invalidRequest("The request body must be a JSON object.")
 	}
 	if !validJSON(body) {
-		// Only to say where: the error path may be slow.
+		if len(body) > maxExplainedBody {
+			return RequestInfo{}, invalidRequest("We could not parse the JSON body of your request: it is not valid JSON.")
+		}
+		// Only to say where: the error path is slow.
 		err := json.Unmarshal(body, new(struct{}))
 		return RequestInfo{}, invalidRequest("We could not parse the JSON body of your request: " + errText(err))
 	}
