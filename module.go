@@ -119,6 +119,10 @@ type Tier struct {
 
 	limits    limiter.Limits
 	modelsKey string // names the models policy in the models cache
+	// usageLimits are limits without the concurrency limit, for GET
+	// /v1/usage: it counts as a request, but a caller whose slots are all
+	// taken by its streams may still read its standing.
+	usageLimits limiter.Limits
 }
 
 // Rate is a number allowed per window.
@@ -168,6 +172,8 @@ func (t *Tier) provision(name string) error {
 		}
 	}
 	t.modelsKey = proxy.FilterKey(t.Models)
+	t.usageLimits = t.limits
+	t.usageLimits.Concurrent = 0
 	return nil
 }
 
@@ -611,7 +617,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return refuse(w, r, client.Tier, ep.Name, proxy.UpstreamExhausted(secs))
 	}
 
-	d, err := h.limiter.Admit(r.Context(), client.ID, &tier.limits, 0, now)
+	lim := &tier.limits
+	if ep.ID == proxy.Usage {
+		lim = &tier.usageLimits
+	}
+	d, err := h.limiter.Admit(r.Context(), client.ID, lim, 0, now)
 	if err != nil {
 		return refuse(w, r, client.Tier, ep.Name, h.unavailable(w, client.ID, err))
 	}
@@ -619,9 +629,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return refuse(w, r, client.Tier, ep.Name, limitRefusal(w, tier, client.Tier, d, now))
 	}
 	if ep.ID == proxy.Usage {
-		// Counted as a request, then the slot is freed before the
-		// report reads the standing, which would otherwise count it.
-		h.settle(r, client.ID, tier, d.Lease, 0)
+		// Counted as a request, then settled before the report reads
+		// the standing, which would otherwise count it in flight.
+		h.settle(r, client.ID, lim, d.Lease, 0)
 		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
@@ -636,13 +646,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	forwarded := false
 	defer func() {
 		if !forwarded {
-			h.settle(r, client.ID, tier, d.Lease, 0)
+			h.settle(r, client.ID, lim, d.Lease, 0)
 			return
 		}
 		usage := &call.Usage
 		prompt, completion := charge(usage, d.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
-		h.settle(r, client.ID, tier, d.Lease, prompt+completion)
+		h.settle(r, client.ID, lim, d.Lease, prompt+completion)
 		if (usage.Status != 0 || prompt+completion > 0) && ep.ID != proxy.Models {
 			h.keys.Ledger().Add(client.ID, info.Model, end, prompt, completion)
 		}
@@ -705,8 +715,8 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 
 // settle ends an admitted request in the limiter: used replaces its
 // reservation and its slot is freed.
-func (h *Handler) settle(r *http.Request, clientID string, tier *Tier, lease limiter.Lease, used int64) {
-	err := h.limiter.Settle(context.WithoutCancel(r.Context()), clientID, &tier.limits, lease, used, time.Now())
+func (h *Handler) settle(r *http.Request, clientID string, lim *limiter.Limits, lease limiter.Lease, used int64) {
+	err := h.limiter.Settle(context.WithoutCancel(r.Context()), clientID, lim, lease, used, time.Now())
 	if err != nil {
 		h.logger.Error("settling usage", zap.String("client_id", clientID), zap.Error(err))
 	}

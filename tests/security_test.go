@@ -166,14 +166,15 @@ func TestLimitsComeBeforeTheBody(t *testing.T) {
 func TestBodiesShareABudget(t *testing.T) {
 	e := start(t, "max_body 1MB", "max_buffered 1MB")
 	conn := slowBody(t, strings.TrimPrefix(e.caddy.URL, "http://"), "/v1/chat/completions", 1_000_000, "Authorization: Bearer "+e.key+"\r\n")
-	if _, err := conn.Write(make([]byte, 600_000)); err != nil {
+	if _, err := conn.Write(make([]byte, 999_000)); err != nil {
 		t.Fatal(err)
 	}
-	// Caddy runs in this process: wait until the slow body holds it all.
+	// Caddy runs in this process: wait until the slow body holds nearly
+	// all of the budget.
 	deadline := time.Now().Add(5 * time.Second)
-	for proxy.BufferedBytes() < 1_000_000 {
+	for proxy.BufferedBytes() < 999_000 {
 		if time.Now().After(deadline) {
-			t.Fatalf("the slow body holds %d bytes, want 1000000", proxy.BufferedBytes())
+			t.Fatalf("the slow body holds %d bytes, want 999000", proxy.BufferedBytes())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -186,18 +187,32 @@ func TestBodiesShareABudget(t *testing.T) {
 }
 
 // TestUsageCountsAsARequest checks that GET /v1/usage, a store read, is
-// counted against the caller's request limit like any other request.
+// counted against the caller's request limit like any other request, but
+// takes no concurrency slot: a caller whose one slot is busy reads it.
 func TestUsageCountsAsARequest(t *testing.T) {
-	e, keys := startWithKeys(t, []string{"three"}, "tier three {\n\t\t\trequests 3/1h\n\t\t}")
+	e, keys := startWithKeys(t, []string{"three"}, "tier three {\n\t\t\trequests 4/1h\n\t\t\tconcurrent 1\n\t\t}")
 	key := keys[0]
-	for i := range 3 {
+	// The one slot, held by a body that is still arriving.
+	slowBody(t, strings.TrimPrefix(e.caddy.URL, "http://"), "/v1/chat/completions", 1000, "Authorization: Bearer "+key+"\r\n")
+	var u usageAnswer
+	deadline := time.Now().Add(5 * time.Second)
+	for u.Limits.Concurrent == nil || u.Limits.Concurrent.InFlight != 1 { // until Caddy has admitted it
+		if time.Now().After(deadline) {
+			t.Fatal("the slow body was not admitted")
+		}
+		u, _ = e.usage(t, key)
+	}
+	for range 4 {
 		res := e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer " + key}})
+		if res.StatusCode == http.StatusTooManyRequests {
+			wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
+			return
+		}
 		if res.StatusCode != http.StatusOK {
-			t.Fatalf("usage %d: status %d, want 200", i+1, res.StatusCode)
+			t.Fatalf("usage with the slot busy: status %d, want 200", res.StatusCode)
 		}
 	}
-	res := e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer " + key}})
-	wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
+	t.Error("GET /v1/usage was answered past the request limit of 4")
 }
 
 // TestCallerChosenTierIsNoLabel checks that tier names a caller can choose
