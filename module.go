@@ -664,7 +664,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, d.State, now, apiErr)
 		}
-		defer body.Release()
+		defer func() {
+			r.Body = http.NoBody // it replays storage that goes back to the pool
+			body.Release()
+		}()
 		var reserve int64
 		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, d.State, now, apiErr)

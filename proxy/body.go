@@ -21,7 +21,17 @@ const (
 	maxPooledBody = 256 << 10
 )
 
-var bodyPool = sync.Pool{New: func() any { b := make([]byte, 0, firstBodyChunk); return &b }}
+var bodyPool = sync.Pool{New: func() any { return &bodyBuf{data: make([]byte, 0, firstBodyChunk)} }}
+
+// bodyBuf holds a body's bytes and replays them as the request's body:
+// pooled whole, so that neither costs an allocation per request.
+type bodyBuf struct {
+	data []byte
+	rd   bytes.Reader
+}
+
+func (b *bodyBuf) Read(p []byte) (int, error) { return b.rd.Read(p) }
+func (b *bodyBuf) Close() error               { return nil }
 
 // buffered counts the bytes held by request bodies in flight in this
 // process, over every handler, for BodyLimits.MaxBuffered.
@@ -45,43 +55,41 @@ type BodyLimits struct {
 // limit: read once, so that policy can inspect it and the upstream gets
 // exactly these bytes.
 type Body struct {
-	bufp *[]byte
+	buf  *bodyBuf
 	held int64 // bytes of buffered counted for this body
 }
 
 // Bytes returns the body; valid until Release.
-func (b *Body) Bytes() []byte { return *b.bufp }
+func (b *Body) Bytes() []byte { return b.buf.data }
 
 // Release returns the body's storage to the pool and its bytes to the
-// process budget. The request must be done with it: call it after
-// forwarding has returned.
+// process budget. The request must be done with it, its r.Body included,
+// which replays the pooled storage: call it after forwarding has
+// returned, and set r.Body to http.NoBody.
 func (b *Body) Release() {
-	if b.bufp == nil {
+	if b.buf == nil {
 		return
 	}
 	buffered.Add(-b.held)
-	if cap(*b.bufp) <= maxPooledBody {
-		*b.bufp = (*b.bufp)[:0]
-		bodyPool.Put(b.bufp)
+	if cap(b.buf.data) <= maxPooledBody {
+		b.buf.data = b.buf.data[:0]
+		b.buf.rd.Reset(nil)
+		bodyPool.Put(b.buf)
 	}
-	b.bufp, b.held = nil, 0
+	b.buf, b.held = nil, 0
 }
 
 // grow makes room for more bytes, doubling the buffer up to the body's
 // size limit, if the process budget has room for the new capacity.
 func (b *Body) grow(lim *BodyLimits) bool {
-	buf := *b.bufp
+	buf := b.buf.data
 	newCap := min(max(2*int64(cap(buf)), firstBodyChunk), lim.Size)
 	if !b.hold(newCap-int64(cap(buf)), lim.MaxBuffered) {
 		return false
 	}
 	bigger := make([]byte, len(buf), newCap)
 	copy(bigger, buf)
-	if cap(buf) <= maxPooledBody {
-		pooled := buf[:0]
-		bodyPool.Put(&pooled)
-	}
-	*b.bufp = bigger
+	b.buf.data = bigger
 	return true
 }
 
@@ -108,14 +116,13 @@ func ReadBody(w http.ResponseWriter, r *http.Request, lim *BodyLimits) (Body, *A
 		return Body{}, TooLarge(lim.Size)
 	}
 	if lim.Timeout > 0 && !serverTimesOutFirst(r, lim.Timeout) {
-		rc := http.NewResponseController(w)
-		if rc.SetReadDeadline(time.Now().Add(lim.Timeout)) == nil {
-			defer rc.SetReadDeadline(time.Time{})
+		if setReadDeadline(w, time.Now().Add(lim.Timeout)) == nil {
+			defer setReadDeadline(w, time.Time{})
 		}
 	}
-	b := Body{bufp: bodyPool.Get().(*[]byte)}
+	b := Body{buf: bodyPool.Get().(*bodyBuf)}
 	apiErr := errBodiesBusy
-	if b.hold(int64(cap(*b.bufp)), lim.MaxBuffered) {
+	if b.hold(int64(cap(b.buf.data)), lim.MaxBuffered) {
 		apiErr = b.readFrom(r.Body, lim)
 	}
 	if apiErr != nil {
@@ -128,11 +135,26 @@ func ReadBody(w http.ResponseWriter, r *http.Request, lim *BodyLimits) (Body, *A
 		}
 		return Body{}, apiErr
 	}
-	data := *b.bufp
-	r.Body = io.NopCloser(bytes.NewReader(data))
-	r.ContentLength = int64(len(data))
+	b.buf.rd.Reset(b.buf.data)
+	r.Body = b.buf
+	r.ContentLength = int64(len(b.buf.data))
 	r.Header.Del("Transfer-Encoding")
 	return b, nil
+}
+
+// setReadDeadline is http.ResponseController's SetReadDeadline without
+// the controller, which would cost an allocation per request.
+func setReadDeadline(w http.ResponseWriter, t time.Time) error {
+	for {
+		switch rw := w.(type) {
+		case interface{ SetReadDeadline(time.Time) error }:
+			return rw.SetReadDeadline(t)
+		case interface{ Unwrap() http.ResponseWriter }:
+			w = rw.Unwrap()
+		default:
+			return http.ErrNotSupported
+		}
+	}
 }
 
 // serverTimesOutFirst reports whether the server's own read_timeout, which
@@ -145,7 +167,7 @@ func serverTimesOutFirst(r *http.Request, timeout time.Duration) bool {
 
 func (b *Body) readFrom(src io.Reader, lim *BodyLimits) *APIError {
 	for {
-		buf := *b.bufp
+		buf := b.buf.data
 		if len(buf) == cap(buf) {
 			if int64(len(buf)) >= lim.Size {
 				return b.wantEOF(src, lim)
@@ -153,12 +175,12 @@ func (b *Body) readFrom(src io.Reader, lim *BodyLimits) *APIError {
 			if !b.grow(lim) {
 				return errBodiesBusy
 			}
-			buf = *b.bufp
+			buf = b.buf.data
 		}
 		n, err := src.Read(buf[len(buf):cap(buf)])
-		*b.bufp = buf[:len(buf)+n]
+		b.buf.data = buf[:len(buf)+n]
 		switch {
-		case int64(len(*b.bufp)) > lim.Size: // a pooled buffer may be larger
+		case int64(len(b.buf.data)) > lim.Size: // a pooled buffer may be larger
 			return TooLarge(lim.Size)
 		case err == io.EOF:
 			return nil
