@@ -41,6 +41,13 @@ var errKeyInQuery = &proxy.APIError{
 	Message: "API keys are not accepted in the URL, where logs and browser histories keep them. Send your client key as: Authorization: Bearer <key>.",
 }
 
+var errIdentityTooLong = &proxy.APIError{
+	Status:  http.StatusBadRequest,
+	Type:    proxy.TypeInvalidRequest,
+	Code:    "identity_too_long",
+	Message: "The identity your authentication gave is longer than the " + strconv.Itoa(maxIdentityLen) + " characters this proxy accepts.",
+}
+
 var errTierNotConfigured = &proxy.APIError{
 	Status:  http.StatusForbidden,
 	Type:    "permission_error",
@@ -72,7 +79,11 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 		return keystore.Client{}, nil, errKeyInQuery
 	}
 	if h.Identity != "" {
-		if id := repl.ReplaceKnown(h.Identity, ""); id != "" && len(id) <= maxIdentityLen {
+		if id := repl.ReplaceKnown(h.Identity, ""); id != "" {
+			if len(id) > maxIdentityLen {
+				// Never another caller's limits: not anonymous, not a key's.
+				return keystore.Client{}, nil, errIdentityTooLong
+			}
 			tier := h.identityTier
 			if h.IdentityTier != "" && strings.Contains(h.IdentityTier, "{") {
 				tier = repl.ReplaceKnown(h.IdentityTier, "")

@@ -561,6 +561,9 @@ func (h *Handler) Validate() error {
 		if !tierName.MatchString(name) {
 			return fmt.Errorf("invalid tier name '%s': use a-z, 0-9, _ and -", name)
 		}
+		if name == "none" || name == "unknown" {
+			return fmt.Errorf("tier name '%s' is reserved: metrics label callers without a configured tier with it", name)
+		}
 		if t == nil {
 			return fmt.Errorf("tier %s: null", name)
 		}

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
@@ -236,5 +239,39 @@ func TestCallerChosenTierIsNoLabel(t *testing.T) {
 	}
 	if !strings.Contains(string(m), `outcome="refused_tier_not_configured",tier="unknown"`) {
 		t.Error(`the refusals are not counted under tier="unknown"`)
+	}
+}
+
+// TestOverlongIdentityIsRefused checks that an identity longer than the
+// proxy accepts is refused clearly, never taken for another caller
+// (anonymous, here).
+func TestOverlongIdentityIsRefused(t *testing.T) {
+	e := start(t, "identity {http.request.header.X-User} tier pro", "anonymous free")
+	res := e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": nil, "X-User": {strings.Repeat("u", 129)}})
+	wantAPIError(t, res, http.StatusBadRequest, "identity_too_long")
+	res = e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": nil, "X-User": {strings.Repeat("u", 128)}})
+	if res.StatusCode != http.StatusOK {
+		t.Errorf("an identity of 128 characters: status %d, want 200", res.StatusCode)
+	}
+	e.wantUpstreamCalls(t, 1)
+}
+
+// TestReservedTierNames checks that no tier may be named as the metric
+// label of callers without a configured tier.
+func TestReservedTierNames(t *testing.T) {
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	for _, name := range []string{"none", "unknown"} {
+		cfg, err := harness.Adapt("{\n\tadmin off\n}\n\nhttp://127.0.0.1:1 {\n" +
+			vigthoriaBlock("http://127.0.0.1:1/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+filepath.Join(t.TempDir(), "k.db"), "tier "+name) + "\n}\n")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var c caddy.Config
+		if err := json.Unmarshal(cfg, &c); err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Validate(&c); err == nil || !strings.Contains(err.Error(), "reserved") {
+			t.Errorf("tier %s: validate said %v, want the name refused as reserved", name, err)
+		}
 	}
 }
