@@ -99,6 +99,11 @@ func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease 
 	d := st.reserve(lim, lease.Reserved, tokens, n, now)
 	if d.Reason == Admitted {
 		lease.Reserved += tokens
+		if period != 0 {
+			// Admission reserved nothing, or a moment ago: the lease's
+			// reservation counts in this period.
+			lease.Period = period
+		}
 	}
 	d.Lease = lease
 	return d, nil
@@ -118,7 +123,10 @@ func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lea
 	if !lim.Tokens.Unlimited() {
 		st.tokens.charge(lim.Tokens, float64(delta), n)
 	}
-	if !lim.Quota.Unlimited() {
+	// The quota is corrected in the period the reservation counts in, as
+	// Redis does: once that period is over, the new one owes nothing of
+	// it, and its refund must not be spent again there.
+	if !lim.Quota.Unlimited() && (lease.Period == 0 || lease.Period == st.quotaPeriod) {
 		st.quotaUsed = max(st.quotaUsed+delta, 0)
 	}
 	return nil
@@ -266,6 +274,7 @@ func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time)
 		st.inFlight++
 		if !lim.Quota.Unlimited() {
 			st.quotaUsed += reserve
+			d.Lease.Period = st.quotaPeriod
 		}
 	}
 	d.State = st.state(lim, n, now)

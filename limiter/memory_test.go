@@ -218,7 +218,7 @@ func testReserve(t *testing.T, l Limiter, tc reserveCase, now func() time.Time) 
 		want := before
 		want.TokensRemaining -= tc.tokens
 		want.QuotaUsed += tc.tokens
-		if counts(after) != counts(want) || lease != (Lease{Reserved: tc.held + tc.tokens, ID: a.Lease.ID}) {
+		if counts(after) != counts(want) || lease.Reserved != tc.held+tc.tokens || lease.ID != a.Lease.ID {
 			t.Errorf("after reserving %d: %+v lease %+v, want %v and %d reserved", tc.tokens, after, lease, counts(want), tc.held+tc.tokens)
 		}
 	} else if counts(after) != counts(before) || lease != a.Lease {
@@ -315,6 +315,40 @@ func TestMemoryQuotaFromLedgerAndRollover(t *testing.T) {
 	april := t0.Add(2 * time.Hour)
 	if d, _ := m.Admit(ctx, "c", lim, 20, april); d.Reason != Admitted || d.QuotaUsed != 25 {
 		t.Errorf("new month: %+v, want admitted with the ledger's 5 + 20", d)
+	}
+}
+
+// TestMemoryRefundStaysInItsPeriod checks that a request reserved late in
+// one day and settled small after midnight refunds the day it reserved
+// in, not the next, which the caller could then spend twice.
+func TestMemoryRefundStaysInItsPeriod(t *testing.T) {
+	ctx := context.Background()
+	lim := &Limits{Quota: Quota{N: 10_000, Period: Day}}
+	beforeMidnight := time.Date(2026, 3, 31, 23, 59, 50, 0, time.UTC)
+	afterMidnight := beforeMidnight.Add(15 * time.Second)
+	for _, twoSteps := range []bool{false, true} {
+		m := NewMemory(nil, 100)
+		var late Decision
+		if twoSteps { // as the handler does: admit, then reserve the estimate
+			late, _ = m.Admit(ctx, "c", lim, 0, beforeMidnight)
+			late, _ = m.Reserve(ctx, "c", lim, late.Lease, 10_000, beforeMidnight)
+		} else {
+			late, _ = m.Admit(ctx, "c", lim, 10_000, beforeMidnight)
+		}
+		if late.Reason != Admitted {
+			t.Fatalf("the late request: %v, want admitted", late.Reason)
+		}
+		if d, _ := m.Admit(ctx, "c", lim, 9_000, afterMidnight); d.Reason != Admitted {
+			t.Fatalf("the next day's first request: %v, want admitted", d.Reason)
+		}
+		if err := m.Settle(ctx, "c", lim, late.Lease, 100, afterMidnight); err != nil {
+			t.Fatal(err)
+		}
+		d, _ := m.Admit(ctx, "c", lim, 9_000, afterMidnight)
+		if d.Reason != QuotaLimit {
+			t.Errorf("two steps %v: a second 9,000 in the new day: %v with %d used, want refused: the late request's refund crossed into the new day",
+				twoSteps, d.Reason, d.QuotaUsed)
+		}
 	}
 }
 
