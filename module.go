@@ -657,7 +657,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		end := time.Now()
 		h.settle(r, client.ID, lim, d.Lease, prompt+completion)
 		if (usage.Status != 0 || prompt+completion > 0) && ep.ID != proxy.Models {
-			h.keys.Ledger().Add(client.ID, info.Model, end, prompt, completion)
+			h.keys.Ledger().Add(client.ID, ledgerModel(info.Model, usage.Status), end, prompt, completion)
 		}
 		record(r, client.Tier, ep.Name, info.Model, usage, prompt, completion)
 	}()
@@ -762,6 +762,19 @@ func (h *Handler) tierLabel(name string) string {
 		return "none"
 	}
 	return "unknown"
+}
+
+// unansweredModel names, in the ledger, the model of requests the
+// upstream did not answer with success: a name it refused is the
+// caller's alone, and must not become a row of its own.
+const unansweredModel = "(not answered)"
+
+// ledgerModel is the model a request's usage is kept under.
+func ledgerModel(model string, status int) string {
+	if status >= 200 && status < 300 {
+		return model
+	}
+	return unansweredModel
 }
 
 // refuse answers a request the proxy refused, counting it and noting the

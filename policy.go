@@ -26,6 +26,32 @@ var errMissingModel = &proxy.APIError{
 	Message: "The request names no model: set \"model\".",
 }
 
+// maxModelName bounds a model name: the caller chooses it, and it is
+// logged, labelled and kept in the ledger.
+const maxModelName = 256
+
+var errModelName = &proxy.APIError{
+	Status:  http.StatusBadRequest,
+	Type:    proxy.TypeInvalidRequest,
+	Code:    "invalid_model",
+	Message: "The model name is longer than " + strconv.Itoa(maxModelName) + " bytes or holds control characters.",
+}
+
+// sane reports whether a model name is short and free of control
+// characters (C0, DEL and C1), which could forge lines in logs and in
+// what the CLI prints.
+func sane(model string) bool {
+	if len(model) > maxModelName {
+		return false
+	}
+	for _, r := range model {
+		if r < 0x20 || (r >= 0x7f && r <= 0x9f) {
+			return false
+		}
+	}
+	return true
+}
+
 func errModelNotAllowed(model string) *proxy.APIError {
 	if len(model) > 100 {
 		model = model[:100] + "…"
@@ -85,6 +111,9 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 	}
 	if info.Model == "" {
 		return info, 0, errMissingModel
+	}
+	if !sane(info.Model) {
+		return info, 0, errModelName
 	}
 	if !tier.allows(info.Model) {
 		return info, 0, errModelNotAllowed(info.Model)

@@ -6,8 +6,10 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"strconv"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
@@ -178,7 +180,7 @@ func cliList(cmd *cobra.Command, _ []string) error {
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tNAME\tTIER\tCREATED\tEXPIRES\tLAST USED\tSTATE")
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, r.Name, r.Tier,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, printable(r.Name), r.Tier,
 			formatTime(r.Created, "-"), formatTime(r.Expires, "never"), formatTime(r.LastUsed, "never"), r.State(now))
 	}
 	return tw.Flush()
@@ -230,10 +232,22 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 			return err
 		}
 		for _, r := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\n", id, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.TotalTokens())
+			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\n", id, r.Day, printable(r.Model), r.Requests, r.PromptTokens, r.CompletionTokens, r.TotalTokens())
 		}
 	}
 	return w.Flush()
+}
+
+// printable returns s as it is when every character of it prints as
+// itself, and quoted with escapes otherwise: a name that a caller or an
+// upstream chose must not forge rows or move the terminal's cursor.
+func printable(s string) string {
+	for _, r := range s {
+		if !unicode.IsGraphic(r) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
 }
 
 func cliRotate(cmd *cobra.Command, args []string) error {

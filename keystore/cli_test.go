@@ -145,6 +145,30 @@ func TestCLIUsageAndEmptyList(t *testing.T) {
 	mustCLI(t, "key", "revoke", id, store) // again: nothing to do, no error
 }
 
+// TestCLIUsageEscapes checks that a model name holding control characters
+// (one an older proxy let into the ledger) cannot forge a row or move the
+// terminal's cursor in what the CLI prints.
+func TestCLIUsageEscapes(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keys.db")
+	store := "--store=sqlite:" + path
+	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
+	id := printedID.FindString(mustCLI(t, "key", "list", store))
+	st, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := "m\x1b[2K\rkey_FAKEFAKEFAKEFAKE\t2026-01-01\tm\t1\t1\t1\t2\n"
+	err = st.AddUsage(t.Context(), UsageBatch{Rows: []UsageRow{{Client: id, Day: Day(time.Now()), Model: forged, Requests: 1}}})
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := mustCLI(t, "usage", store)
+	if strings.ContainsAny(out, "\x1b\r") || strings.Count(out, "\n") != 2 || strings.Contains(out, "\nkey_FAKE") {
+		t.Errorf("usage printed %q: the model name forged output", out)
+	}
+}
+
 func TestCLIDefaultStore(t *testing.T) {
 	t.Setenv("XDG_DATA_HOME", t.TempDir())
 	out := mustCLI(t, "key", "add", "--tier", "free", "--name", "n")

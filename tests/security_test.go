@@ -275,3 +275,40 @@ func TestReservedTierNames(t *testing.T) {
 		}
 	}
 }
+
+// TestModelNamesAreBounded checks that a model name a caller chooses is
+// bounded before anything is forwarded or stored, and that a name the
+// upstream did not answer for never becomes a ledger row of its own.
+func TestModelNamesAreBounded(t *testing.T) {
+	e := start(t)
+	for _, name := range []string{"vigthoria-fast-" + strings.Repeat("x", 300), "vigthoria-fast-1\nkey_FAKE", "vigthoria-\x1b[2Kfast"} {
+		res := e.do(t, http.MethodPost, "/v1/chat/completions", jsonBody(map[string]any{
+			"model": name, "messages": []map[string]string{{"role": "user", "content": "hi"}},
+		}), nil)
+		wantAPIError(t, res, http.StatusBadRequest, "invalid_model")
+	}
+	e.wantUpstreamCalls(t, 0)
+
+	made := "vigthoria-made-up-" + strings.Repeat("y", 200)
+	res := e.do(t, http.MethodPost, "/v1/chat/completions", jsonBody(map[string]any{
+		"model": made, "messages": []map[string]string{{"role": "user", "content": "hi"}},
+	}), nil)
+	if res.StatusCode != http.StatusNotFound {
+		t.Fatalf("an unknown model: status %d, want the upstream's 404", res.StatusCode)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		u, _ := e.usage(t, e.key)
+		var names []string
+		for _, m := range u.ByModel {
+			names = append(names, m.Model)
+		}
+		if len(names) == 1 && names[0] == "(not answered)" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the ledger's models are %q, want only the request the upstream did not answer, unnamed", names)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
