@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"strings"
 	"testing"
 
 	"go.uber.org/zap"
@@ -195,4 +196,48 @@ func countItems(raw json.RawMessage) int64 {
 		return 1 // token IDs
 	}
 	return 0
+}
+
+// FuzzParseUsage holds the usage reader to encoding/json: whenever it reads
+// a usage object, decoding that object with encoding/json gives the same
+// top-level prompt_tokens and completion_tokens, whatever the key order,
+// nesting and number spelling.
+func FuzzParseUsage(f *testing.F) {
+	f.Add([]byte(`{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":500}}`))
+	f.Add([]byte(`data: {"choices":[],"usage":{"completion_tokens":2.0e1,"prompt_tokens":3}}`))
+	f.Add([]byte(`{"usage":{"prompt_tokens":1,"completion_tokens"`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var u AnswerUsage
+		if !parseUsage(b, &u) {
+			return
+		}
+		i := bytes.LastIndex(b, usageKey)
+		start := skipSpace(b, i+len(usageKey))
+		var want struct {
+			Prompt     *float64 `json:"prompt_tokens"`
+			Completion *float64 `json:"completion_tokens"`
+		}
+		// Keys match exactly in the reader; encoding/json folds case, so
+		// only bodies without folded duplicates compare.
+		var raw map[string]json.RawMessage
+		if err := json.Unmarshal(b[start:skipValue(b, start)], &raw); err != nil {
+			t.Fatalf("read a usage object encoding/json refuses: %v", err)
+		}
+		for key := range raw {
+			if key != "prompt_tokens" && key != "completion_tokens" && (strings.EqualFold(key, "prompt_tokens") || strings.EqualFold(key, "completion_tokens")) {
+				return
+			}
+		}
+		json.Unmarshal(b[start:skipValue(b, start)], &want)
+		got := [2]int64{u.PromptTokens, u.CompletionTokens}
+		var exp [2]int64
+		for k, v := range [2]*float64{want.Prompt, want.Completion} {
+			if v != nil {
+				exp[k] = int64(*v)
+			}
+		}
+		if got != exp {
+			t.Fatalf("parseUsage read %v, encoding/json %v, from %s", got, exp, b)
+		}
+	})
 }

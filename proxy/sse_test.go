@@ -246,6 +246,14 @@ func TestParseUsage(t *testing.T) {
 		{`{"usage":null}`, false, 0, 0},
 		{`{"choices":[]}`, false, 0, 0},
 		{`{"usage":{"prompt_tokens":"x"}}`, false, 0, 0},
+		// Nested details, as OpenAI-compatible servers send them: read
+		// as JSON, not up to the first '}'.
+		{`{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":500}}`, true, 10, 500},
+		{`{"usage":{"completion_tokens_details":{"reasoning_tokens":7,"completion_tokens":1},"completion_tokens":20,"prompt_tokens":3}}`, true, 3, 20},
+		{`{"usage":{"prompt_tokens":1e6,"completion_tokens":2.0}}`, true, 1_000_000, 2},
+		{`{"usage":{"prompt_tokens":1.5,"completion_tokens":-2}}`, false, 0, 0},
+		{`{"usage":{"prompt_tokens":9000000000000000000}}`, false, 0, 0},
+		{`{"usage":{"prompt_tokens":10,"completion_tok`, false, 0, 0}, // cut short
 	}
 	for _, tc := range cases {
 		var u AnswerUsage

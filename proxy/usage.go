@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"net/http/httptrace"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -156,28 +157,43 @@ func (j *jsonTap) keep(b []byte) {
 func (j *jsonTap) Close() error { return j.src.Close() }
 
 var (
-	usageKey      = []byte(`"usage":`)
-	promptKey     = []byte(`"prompt_tokens":`)
-	completionKey = []byte(`"completion_tokens":`)
+	usageKey = []byte(`"usage":`)
 )
 
 // parseUsage reads the last "usage":{…} object in b into u, without
 // decoding the rest: a full decode of every answer would cost more than
-// the proxy itself.
+// the proxy itself. The object is read as JSON: its top-level fields in any
+// order, nested objects (prompt_tokens_details, …) skipped whole, and
+// nothing taken from an object that is cut short or malformed.
 func parseUsage(b []byte, u *AnswerUsage) bool {
 	i := bytes.LastIndex(b, usageKey)
 	if i < 0 {
 		return false
 	}
-	obj := bytes.TrimLeft(b[i+len(usageKey):], " \t\r\n")
-	if len(obj) == 0 || obj[0] != '{' {
+	start := skipSpace(b, i+len(usageKey))
+	if start >= len(b) || b[start] != '{' {
 		return false // "usage":null
 	}
-	if end := bytes.IndexByte(obj, '}'); end >= 0 {
-		obj = obj[:end]
+	obj := b[start:skipValue(b, start)]
+	if !validJSON(obj) {
+		return false
 	}
-	p, okP := intField(obj, promptKey)
-	c, okC := intField(obj, completionKey)
+	var p, c int64
+	var okP, okC bool
+	for k := skipSpace(obj, 1); k < len(obj) && obj[k] == '"'; {
+		keyEnd := skipString(obj, k)
+		v := skipSpace(obj, skipSpace(obj, keyEnd)+1) // past ':'
+		vEnd := skipValue(obj, v)
+		switch string(keyName(obj[k:keyEnd])) {
+		case "prompt_tokens":
+			p, okP = tokenCount(obj[v:vEnd])
+		case "completion_tokens":
+			c, okC = tokenCount(obj[v:vEnd])
+		}
+		if k = skipSpace(obj, vEnd); k < len(obj) && obj[k] == ',' {
+			k = skipSpace(obj, k+1)
+		}
+	}
 	if !okP && !okC {
 		return false
 	}
@@ -185,22 +201,28 @@ func parseUsage(b []byte, u *AnswerUsage) bool {
 	return true
 }
 
-// intField reads the integer after key in obj.
-func intField(obj, key []byte) (int64, bool) {
-	i := bytes.Index(obj, key)
-	if i < 0 {
-		return 0, false
-	}
-	v := bytes.TrimLeft(obj[i+len(key):], " \t\r\n")
+// maxReportedTokens bounds a count the upstream reports for one answer;
+// past it the count is not believed, and the request pays its reservation.
+const maxReportedTokens = 1 << 40
+
+// tokenCount reads a JSON number that counts tokens: digits, or a number
+// with a fraction or exponent whose value is a whole count (1e6).
+func tokenCount(v []byte) (int64, bool) {
 	// Digits read by hand: strconv would need a string, and that string
 	// would be allocated, since its error keeps it.
 	var n int64
 	end := 0
 	for ; end < len(v) && v[end] >= '0' && v[end] <= '9'; end++ {
-		if n > (math.MaxInt64-9)/10 {
+		if n = n*10 + int64(v[end]-'0'); n > maxReportedTokens {
 			return 0, false
 		}
-		n = n*10 + int64(v[end]-'0')
 	}
-	return n, end > 0
+	if end == len(v) {
+		return n, end > 0
+	}
+	f, err := strconv.ParseFloat(string(v), 64)
+	if err != nil || f < 0 || f > maxReportedTokens || f != math.Trunc(f) {
+		return 0, false
+	}
+	return int64(f), true
 }
