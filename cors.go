@@ -20,13 +20,6 @@ var corsExposed = strings.Join([]string{
 // corsMaxAge is how long a browser may reuse a preflight's answer.
 const corsMaxAge = "600"
 
-// corsHeaders are the upstream's own CORS headers: the proxy answers for
-// CORS, so none of them reaches the browser.
-var corsHeaders = []string{
-	"Access-Control-Allow-Origin", "Access-Control-Allow-Credentials", "Access-Control-Allow-Headers",
-	"Access-Control-Allow-Methods", "Access-Control-Expose-Headers", "Access-Control-Max-Age",
-}
-
 var errOriginNotAllowed = &proxy.APIError{
 	Status:  http.StatusForbidden,
 	Type:    "permission_error",

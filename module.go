@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"path"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -472,16 +471,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		shared = newRedisExhaustion(client, h.Upstream)
 	}
 	up, err := proxy.New(ctx, proxy.Config{
-		URL:           h.Upstream,
-		APIKey:        key,
-		HeaderTimeout: time.Duration(h.HeaderTimeout),
-		IdleTimeout:   time.Duration(h.IdleTimeout),
-		// The caller's own limit headers replace any of the same name.
-		DropResponseHeaders: append(slices.Clone(limiter.OwnHeaders[:]), corsHeaders...),
-		Retries:             *h.Retries,
-		MaxWait:             time.Duration(h.MaxWait),
-		UpstreamHeaders:     h.UpstreamHeaders,
-		Shared:              shared,
+		URL:             h.Upstream,
+		APIKey:          key,
+		HeaderTimeout:   time.Duration(h.HeaderTimeout),
+		IdleTimeout:     time.Duration(h.IdleTimeout),
+		Retries:         *h.Retries,
+		MaxWait:         time.Duration(h.MaxWait),
+		UpstreamHeaders: h.UpstreamHeaders,
+		Shared:          shared,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)

@@ -27,7 +27,6 @@ type keyTransport struct {
 	authorization []string // "Bearer <server key>", shared and never mutated
 	host          string
 	extra         map[string]bool // request headers let through beyond upstreamHeader; nil for none
-	drop          []string        // response headers the proxy sets itself
 	retry         retryPolicy
 	exhausted     *exhaustion
 	idleTimeout   time.Duration // longest silence in a body after its headers; 0: none
@@ -86,9 +85,6 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if !downstreamHeader(name) {
 			delete(res.Header, name)
 		}
-	}
-	for _, name := range t.drop {
-		delete(res.Header, name)
 	}
 	if c != nil {
 		c.Usage.Status = res.StatusCode

@@ -33,9 +33,6 @@ type Config struct {
 	// IdleTimeout bounds the silence in an answer's body once its headers
 	// came; zero waits as long as the client does.
 	IdleTimeout time.Duration
-	// DropResponseHeaders are upstream response headers (canonical names)
-	// that never reach the client, because the proxy sets its own.
-	DropResponseHeaders []string
 	// Retries of an upstream 429, 502, 503 or failed connection, waiting
 	// at most MaxWait in all.
 	Retries int
@@ -144,7 +141,6 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		authorization: []string{"Bearer " + cfg.APIKey},
 		host:          u.Host,
 		extra:         extra,
-		drop:          cfg.DropResponseHeaders,
 		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
 		exhausted:     up.exhausted,
 		idleTimeout:   cfg.IdleTimeout,
