@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
-	"unicode"
 	"unicode/utf8"
 )
 
@@ -190,10 +189,24 @@ func ParseRequest(body []byte) (RequestInfo, *APIError) {
 	return info, nil
 }
 
-// count reads a JSON integer in [lo, hi].
+// count reads a JSON integer in [lo, hi], lo >= 0. It runs for every
+// token ID of a prompt, so it reads digits by hand: strconv would need a
+// string, allocated since its error keeps it.
 func count(value []byte, lo, hi int64) (int64, bool) {
-	n, err := strconv.ParseInt(string(value), 10, 64)
-	return n, err == nil && n >= lo && n <= hi
+	n, end, ok := leadingDigits(value, hi)
+	return n, ok && end == len(value) && n >= lo
+}
+
+// leadingDigits reads the decimal digits at the start of v: their value,
+// how many bytes they take, and whether there is at least one and the
+// value stays within hi (at most (MaxInt64-9)/10, so nothing overflows).
+func leadingDigits(v []byte, hi int64) (n int64, end int, ok bool) {
+	for ; end < len(v) && '0' <= v[end] && v[end] <= '9'; end++ {
+		if n = n*10 + int64(v[end]-'0'); n > hi {
+			return 0, end, false
+		}
+	}
+	return n, end, end > 0
 }
 
 // prompts counts the items of a prompt or input: a string, an array of
@@ -300,7 +313,7 @@ type policedNames [22][]policedName
 
 type policedName struct {
 	field uint16
-	name  string
+	name  []byte
 }
 
 var (
@@ -312,7 +325,7 @@ func namesByLength(fields ...uint16) *policedNames {
 	var p policedNames
 	for _, f := range fields {
 		name := fieldNames[f]
-		p[len(name)] = append(p[len(name)], policedName{f, name})
+		p[len(name)] = append(p[len(name)], policedName{f, []byte(name)})
 	}
 	return &p
 }
@@ -321,79 +334,33 @@ func namesByLength(fields ...uint16) *policedNames {
 // for a key the proxy passes on without looking. A key that only folds to
 // a policed name is refused.
 //
-// Nearly every key is plain ASCII: it is compared without a copy, and
-// folded only when its length is one of a policed name's.
+// Keys fold as strings.EqualFold and encoding/json fold them, Unicode
+// simple folding: "ſ" (U+017F) folds to "s" and "K" (U+212A) to "k", so a
+// key of another length may fold to a name. Nearly every key is plain
+// ASCII: it is compared without a copy, and only with the names of its
+// own length.
 func policedField(rawKey []byte, names *policedNames) (uint16, *APIError) {
-	inner := rawKey[1 : len(rawKey)-1]
-	if verbatim(inner) {
-		if len(inner) >= len(names) {
+	key := rawKey[1 : len(rawKey)-1]
+	candidates := names[:]
+	if verbatim(key) {
+		if len(key) >= len(names) {
 			return 0, nil
 		}
-		for _, p := range names[len(inner)] {
-			if string(inner) == p.name {
-				return p.field, nil
-			}
-			if asciiFold(inner, p.name) {
-				return 0, foldedKey(string(inner), p.name)
-			}
-		}
-		return 0, nil
+		candidates = names[len(key) : len(key)+1]
+	} else {
+		key = keyName(rawKey) // escapes or non-ASCII, rare
 	}
-	// Escapes or non-ASCII, rare: unescaped, then folded rune by rune.
-	key := keyName(rawKey)
-	for _, byLength := range names {
+	for _, byLength := range candidates {
 		for _, p := range byLength {
-			if string(key) == p.name {
+			if bytes.Equal(key, p.name) {
 				return p.field, nil
 			}
-			if unicodeFold(key, p.name) {
-				return 0, foldedKey(string(key), p.name)
+			if bytes.EqualFold(key, p.name) {
+				return 0, foldedKey(string(key), string(p.name))
 			}
 		}
 	}
 	return 0, nil
-}
-
-// asciiFold reports whether ASCII key equals name, itself lower-case
-// ASCII, ignoring case.
-func asciiFold(key []byte, name string) bool {
-	for i := range key {
-		c := key[i]
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		if c != name[i] {
-			return false
-		}
-	}
-	return true
-}
-
-// unicodeFold reports whether key equals name, lower-case ASCII, under
-// Unicode simple folding, as strings.EqualFold and encoding/json compare
-// keys: "ſ" (U+017F) folds to "s" and "K" (U+212A) to "k".
-func unicodeFold(key []byte, name string) bool {
-	i := 0
-	for _, r := range string(key) {
-		if i == len(name) {
-			return false
-		}
-		n := rune(name[i])
-		if r != n {
-			match := false
-			for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
-				if f == n {
-					match = true
-					break
-				}
-			}
-			if !match {
-				return false
-			}
-		}
-		i++
-	}
-	return i == len(name)
 }
 
 func foldedKey(key, name string) *APIError {

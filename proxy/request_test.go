@@ -244,3 +244,19 @@ func TestPromptEstimate(t *testing.T) {
 		t.Errorf("a text prompt estimated at %d tokens, want %d", got.PromptTokens, want)
 	}
 }
+
+// TestTokenIDsCostNoAllocation checks that a prompt given as token IDs is
+// counted without an allocation per ID: a hostile body of a million IDs
+// must not cost a million allocations.
+func TestTokenIDsCostNoAllocation(t *testing.T) {
+	ids := strings.Repeat("50256,", 10_000)
+	body := []byte(`{"model":"m","prompt":[[` + ids + `1],[` + ids + `2]]}`)
+	allocs := testing.AllocsPerRun(10, func() {
+		if _, apiErr := ParseRequest(body); apiErr != nil {
+			t.Fatal(apiErr.Message)
+		}
+	})
+	if allocs > 2 {
+		t.Errorf("ParseRequest of 20,002 token IDs: %.0f allocations, want at most 2", allocs)
+	}
+}

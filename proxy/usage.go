@@ -208,17 +208,8 @@ const maxReportedTokens = 1 << 40
 // tokenCount reads a JSON number that counts tokens: digits, or a number
 // with a fraction or exponent whose value is a whole count (1e6).
 func tokenCount(v []byte) (int64, bool) {
-	// Digits read by hand: strconv would need a string, and that string
-	// would be allocated, since its error keeps it.
-	var n int64
-	end := 0
-	for ; end < len(v) && v[end] >= '0' && v[end] <= '9'; end++ {
-		if n = n*10 + int64(v[end]-'0'); n > maxReportedTokens {
-			return 0, false
-		}
-	}
-	if end == len(v) {
-		return n, end > 0
+	if n, end, ok := leadingDigits(v, maxReportedTokens); end == len(v) {
+		return n, ok
 	}
 	f, err := strconv.ParseFloat(string(v), 64)
 	if err != nil || f < 0 || f > maxReportedTokens || f != math.Trunc(f) {
