@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 )
 
 // errKeyRefused is the upstream refusing the server key (401/403): a fault
@@ -228,7 +229,7 @@ func downstreamHeader(canonical string) bool {
 func CheckUpstreamHeaders(names []string) ([]string, error) {
 	out := make([]string, 0, len(names))
 	for _, name := range names {
-		if !isToken(name) {
+		if !httpguts.ValidHeaderFieldName(name) {
 			return nil, fmt.Errorf("upstream_headers: '%s' is not a header name", name)
 		}
 		c := http.CanonicalHeaderKey(name)
@@ -238,21 +239,6 @@ func CheckUpstreamHeaders(names []string) ([]string, error) {
 		out = append(out, c)
 	}
 	return out, nil
-}
-
-// isToken reports whether s is an HTTP token (RFC 9110), as a header name
-// must be.
-func isToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= 0x7f || c <= ' ' || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // refusedUpstream says why a header may not be configured to go upstream,
