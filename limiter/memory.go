@@ -57,19 +57,12 @@ func NewMemory(quota QuotaCounter, maxClients int) *Memory {
 
 // Admit implements Limiter.
 func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error) {
-	s := m.shard(client)
-	period, err := m.loadQuota(ctx, s, client, lim, now)
+	s, st, _, err := m.lockedState(ctx, client, lim, now)
 	if err != nil {
 		return Decision{}, err
 	}
-	n := now.UnixNano()
-	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := s.get(client, m.perShard, n, lim)
-	if period != 0 && st.quotaPeriod != period {
-		// Forgotten or rolled over since loadQuota: count from what it read.
-		st.quotaPeriod = period
-	}
+	n := now.UnixNano()
 	d := st.admit(lim, reserve, n, now)
 	if s.ops++; s.ops%sweepEvery == 0 {
 		s.sweep(n)
@@ -78,25 +71,17 @@ func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve 
 }
 
 // Reserve implements Limiter. The tokens count in the quota of the period
-// at now, as Settle's and the ledger's do: Memory keeps one period of a
-// client, the current one.
+// at now, which the lease then names for its Settle.
 func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
 	if tokens < 0 {
 		return Decision{Lease: lease}, errNegativeReserve
 	}
-	s := m.shard(client)
-	period, err := m.loadQuota(ctx, s, client, lim, now)
+	s, st, period, err := m.lockedState(ctx, client, lim, now)
 	if err != nil {
 		return Decision{Lease: lease}, err
 	}
-	n := now.UnixNano()
-	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := s.get(client, m.perShard, n, lim)
-	if period != 0 && st.quotaPeriod != period {
-		st.quotaPeriod = period
-	}
-	d := st.reserve(lim, lease.Reserved, tokens, n, now)
+	d := st.reserve(lim, lease.Reserved, tokens, now.UnixNano(), now)
 	if d.Reason == Admitted {
 		lease.Reserved += tokens
 		if period != 0 {
@@ -107,6 +92,24 @@ func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease 
 	}
 	d.Lease = lease
 	return d, nil
+}
+
+// lockedState returns client's state for a decision at now, with its
+// quota use known for the period at now (whose start it also returns, 0
+// without a quota), and its shard locked: the caller unlocks it.
+func (m *Memory) lockedState(ctx context.Context, client string, lim *Limits, now time.Time) (*memShard, *clientState, int64, error) {
+	s := m.shard(client)
+	period, err := m.loadQuota(ctx, s, client, lim, now)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	s.mu.Lock()
+	st := s.get(client, m.perShard, now.UnixNano(), lim)
+	if period != 0 && st.quotaPeriod != period {
+		// Forgotten or rolled over since loadQuota: count from what it read.
+		st.quotaPeriod = period
+	}
+	return s, st, period, nil
 }
 
 // Settle implements Limiter.
