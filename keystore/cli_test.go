@@ -120,21 +120,30 @@ func TestCLIErrors(t *testing.T) {
 	}
 }
 
-func TestCLIUsageAndEmptyList(t *testing.T) {
+// storeWithUsage makes a store with one key, added by the CLI, and row as
+// its usage today; it returns the CLI's --store flag and the key's ID.
+func storeWithUsage(t *testing.T, row UsageRow) (store, id string) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "keys.db")
-	store := "--store=sqlite:" + path
+	store = "--store=sqlite:" + path
 	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
-	id := printedID.FindString(mustCLI(t, "key", "list", store))
+	id = printedID.FindString(mustCLI(t, "key", "list", store))
 	st, err := OpenSQLite(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	day := Day(time.Now())
-	err = st.AddUsage(t.Context(), UsageBatch{Rows: []UsageRow{{Client: id, Day: day, Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5}}})
+	row.Client, row.Day = id, Day(time.Now())
+	err = st.AddUsage(t.Context(), UsageBatch{Rows: []UsageRow{row}})
 	st.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return store, id
+}
+
+func TestCLIUsageAndEmptyList(t *testing.T) {
+	store, id := storeWithUsage(t, UsageRow{Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5})
+	day := Day(time.Now())
 	for _, args := range [][]string{{"usage", store}, {"usage", id, store}} {
 		out := mustCLI(t, args...)
 		if !strings.Contains(out, id) || !strings.Contains(out, day) || !strings.Contains(out, "m-1") || !strings.Contains(out, "15") {
@@ -149,20 +158,8 @@ func TestCLIUsageAndEmptyList(t *testing.T) {
 // (one an older proxy let into the ledger) cannot forge a row or move the
 // terminal's cursor in what the CLI prints.
 func TestCLIUsageEscapes(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "keys.db")
-	store := "--store=sqlite:" + path
-	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
-	id := printedID.FindString(mustCLI(t, "key", "list", store))
-	st, err := OpenSQLite(path)
-	if err != nil {
-		t.Fatal(err)
-	}
 	forged := "m\x1b[2K\rkey_FAKEFAKEFAKEFAKE\t2026-01-01\tm\t1\t1\t1\t2\n"
-	err = st.AddUsage(t.Context(), UsageBatch{Rows: []UsageRow{{Client: id, Day: Day(time.Now()), Model: forged, Requests: 1}}})
-	st.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	store, _ := storeWithUsage(t, UsageRow{Model: forged, Requests: 1})
 	out := mustCLI(t, "usage", store)
 	if strings.ContainsAny(out, "\x1b\r") || strings.Count(out, "\n") != 2 || strings.Contains(out, "\nkey_FAKE") {
 		t.Errorf("usage printed %q: the model name forged output", out)
