@@ -122,6 +122,17 @@ func TestSlowBodyTimesOut(t *testing.T) {
 	conn := slowBody(t, strings.TrimPrefix(e.caddy.URL, "http://"), "/v1/chat/completions", 1000, "Authorization: Bearer "+key+"\r\n")
 	res := readResponse(t, conn)
 	wantAPIError(t, res, http.StatusRequestTimeout, "request_timeout")
+
+	// A chunked body with no length to announce, trickling: the same.
+	addr := strings.TrimPrefix(e.caddy.URL, "http://")
+	chunked, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { chunked.Close() })
+	fmt.Fprintf(chunked, "POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n", addr, key)
+	wantAPIError(t, readResponse(t, chunked), http.StatusRequestTimeout, "request_timeout")
+
 	client := newClient(e.caddy.URL, key)
 	if _, err := client.Chat.Completions.New(t.Context(), chatParams("after a timeout")); err != nil {
 		t.Errorf("the slot of the timed-out body is still held: %v", err)
@@ -256,23 +267,42 @@ func TestOverlongIdentityIsRefused(t *testing.T) {
 	e.wantUpstreamCalls(t, 1)
 }
 
+// validate adapts a site with a vigthoria block of the given lines and
+// validates it as `caddy validate` does, returning its error.
+func validate(t *testing.T, lines ...string) error {
+	t.Helper()
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	lines = append([]string{"store sqlite " + filepath.Join(t.TempDir(), "k.db")}, lines...)
+	cfg, err := harness.Adapt("{\n\tadmin off\n}\n\nhttp://127.0.0.1:1 {\n" +
+		vigthoriaBlock("http://127.0.0.1:1/v1", "{env.VIGTHORIA_TEST_KEY}", lines...) + "\n}\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c caddy.Config
+	if err := json.Unmarshal(cfg, &c); err != nil {
+		t.Fatal(err)
+	}
+	return caddy.Validate(&c)
+}
+
 // TestReservedTierNames checks that no tier may be named as the metric
 // label of callers without a configured tier.
 func TestReservedTierNames(t *testing.T) {
-	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
 	for _, name := range []string{"none", "unknown"} {
-		cfg, err := harness.Adapt("{\n\tadmin off\n}\n\nhttp://127.0.0.1:1 {\n" +
-			vigthoriaBlock("http://127.0.0.1:1/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+filepath.Join(t.TempDir(), "k.db"), "tier "+name) + "\n}\n")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var c caddy.Config
-		if err := json.Unmarshal(cfg, &c); err != nil {
-			t.Fatal(err)
-		}
-		if err := caddy.Validate(&c); err == nil || !strings.Contains(err.Error(), "reserved") {
+		if err := validate(t, "tier "+name); err == nil || !strings.Contains(err.Error(), "reserved") {
 			t.Errorf("tier %s: validate said %v, want the name refused as reserved", name, err)
 		}
+	}
+}
+
+// TestBodyBudgetBelowOneBodyIsRefused checks that max_buffered cannot be
+// set below max_body, where a largest body could never be received.
+func TestBodyBudgetBelowOneBodyIsRefused(t *testing.T) {
+	if err := validate(t, "tier free", "max_body 10MB", "max_buffered 1MB"); err == nil || !strings.Contains(err.Error(), "max_buffered") {
+		t.Errorf("max_buffered 1MB with max_body 10MB: validate said %v, want it refused", err)
+	}
+	if err := validate(t, "tier free", "max_body 10MB"); err != nil {
+		t.Errorf("max_body 10MB with the default max_buffered: %v", err)
 	}
 }
 
