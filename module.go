@@ -62,13 +62,17 @@ var limiters = caddy.NewUsagePool()
 
 type pooledLimiter struct {
 	limiter.Limiter
-	redis *redis.Client // the shared backend's connections; nil for none
+	shared *limiter.Redis // nil for none
+	redis  *redis.Client  // the shared backend's connections; nil for none
 }
 
+// Destruct stops the shared limiter's lease renewals and retries, then
+// closes its connections.
 func (p pooledLimiter) Destruct() error {
 	if p.redis == nil {
 		return nil
 	}
+	p.shared.Close()
 	return p.redis.Close()
 }
 
@@ -453,10 +457,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return nil, err
 		}
-		shared := limiter.NewRedis(client, "vgt:lim:")
 		logger := caddy.Log().Named("vigthoria.limiter")
+		shared := limiter.NewRedis(client, "vgt:lim:", logger)
 		return pooledLimiter{
 			Limiter: newFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
+			shared:  shared,
 			redis:   client,
 		}, nil
 	})

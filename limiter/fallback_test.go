@@ -173,7 +173,7 @@ func TestFallbackReserveRedis(t *testing.T) {
 	s := redistest.Start(t)
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Hour}, Concurrent: 2}
-	f := NewFallback(NewRedis(newRedisClient(t, s), "fallback:"), NewMemory(nil, 100), UseLocal, 200*time.Millisecond, zap.NewNop())
+	f := NewFallback(newTestRedis(t, newRedisClient(t, s), "fallback:"), NewMemory(nil, 100), UseLocal, 200*time.Millisecond, zap.NewNop())
 
 	d, err := f.Admit(ctx, "c", lim, 0, time.Now())
 	if err != nil || d.Reason != Admitted || d.Lease.ID == "" {

@@ -6,17 +6,12 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 )
-
-// LeaseTTL is how long a concurrency slot of the Redis limiter is held at
-// most, so that the slots of an instance that died are free again after
-// it. A request that runs longer than LeaseTTL no longer counts against
-// its client's concurrency limit, so another may start in its place; its
-// Settle still charges what it used.
-const LeaseTTL = 10 * time.Minute
 
 // quotaGrace is how long a quota counter outlives its period, for the
 // requests that started in it and settle after it (redis_lib.lua says so
@@ -36,11 +31,17 @@ var (
 	luaState string
 	//go:embed redis_reserve.lua
 	luaReserve string
+	//go:embed redis_cancel.lua
+	luaCancel string
+	//go:embed redis_renew.lua
+	luaRenew string
 
 	admitScript   = redis.NewScript(luaLib + luaAdmit)
 	settleScript  = redis.NewScript(luaLib + luaSettle)
 	stateScript   = redis.NewScript(luaLib + luaState)
 	reserveScript = redis.NewScript(luaLib + luaReserve)
+	cancelScript  = redis.NewScript(luaLib + luaCancel)
+	renewScript   = redis.NewScript(luaRenew)
 )
 
 // Redis is the Limiter of a fleet: instances that share one Redis share
@@ -58,53 +59,80 @@ var (
 //
 //	bucket:{client}            both buckets: a hash of the units used (r requests,
 //	                           t tokens; above the burst is debt) and their time (ra, ta; µs)
-//	lease:{client}             concurrency slots: a sorted set of lease IDs by expiry (unix ms)
+//	lease:{client}             concurrency slots: a sorted set of lease IDs by expiry (unix ms),
+//	                           and of leases ended lately by minus their end (redis_lib.lua)
 //	quota:{client}:2026-03-31  tokens of a UTC day, or quota:{client}:2026-03 of a month
 //
 // Each key expires by itself: the buckets when both are full again (a
-// missing bucket is full, so nothing is lost), the lease set with its last
-// lease, a quota counter a day after its period ends. An idle client
-// leaves nothing behind but its quota counter.
+// missing bucket is full, so nothing is lost), the lease set a minute
+// (keepEnded) after its last lease ended, a quota counter a day after its
+// period ends. A client idle for a minute leaves nothing behind but its
+// quota counter.
 //
 // Every admitted request holds a lease, whatever its tier's concurrency
 // limit, so that State counts requests in flight as Memory does and that
-// Settle can tell a repeat. Settle is idempotent while the lease lives: a
-// retry after a timeout whose first attempt reached Redis finds the lease
-// gone and changes nothing. A repeated Settle of a request that ran longer
-// than LeaseTTL, or of a Lease without ID, charges again.
+// Settle can tell a repeat. A lease lives LeaseTTL unless renewed, and the
+// instance renews the leases of its running requests (redis_leases.go):
+// a request holds its slot however long it runs, and the slots of an
+// instance that died are free within LeaseTTL.
 //
 // A call that fails may still have been applied, when the network failed
-// after Redis ran it: an Admit whose answer was lost holds its slot until
-// LeaseTTL and its reservation until the buckets refill.
+// or Redis stalled after the call was sent. The instance repairs what it
+// can: a Settle that failed is retried until it lands (a repeat changes
+// nothing, see redis_settle.lua), and an Admit that failed is cancelled,
+// freeing its slot if it took one. A Reserve that failed but was applied
+// leaves its tokens charged on top of what the request used.
 //
 // Quota use lives in Redis only: unlike Memory, Redis does not read a
 // QuotaCounter, so a Redis that loses its data (no persistence) starts the
 // period's counters again from zero.
 //
 // It needs Redis 6.0 or later. Errors are returned wrapped, and the caller
-// decides what to do (see Fallback). Use NewRedis; it is safe for
-// concurrent use.
+// decides what to do (see Fallback). Use NewRedis, and Close it when done;
+// it is safe for concurrent use.
 type Redis struct {
-	client   redis.UniversalClient
-	prefix   string
-	leaseTTL time.Duration // LeaseTTL; tests shorten it
+	client              redis.UniversalClient
+	prefix              string
+	logger              *zap.Logger
+	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
+	running             leaseBook     // leases to renew
+	retries             retryQueue
+	stop, stopped       chan struct{}
+	closeOnce           sync.Once
 }
 
 // NewRedis returns a Limiter on client; keys are prefixed with prefix (e.g.
 // "vgt:lim:"). The client should have ContextTimeoutEnabled set: without
 // it, go-redis bounds a call to a Redis that hangs by its ReadTimeout, not
-// by the context's deadline.
-func NewRedis(client redis.UniversalClient, prefix string) *Redis {
-	return &Redis{client: client, prefix: prefix, leaseTTL: LeaseTTL}
+// by the context's deadline. It starts the goroutine that renews leases
+// and retries failed calls, which Close stops.
+func NewRedis(client redis.UniversalClient, prefix string, logger *zap.Logger) *Redis {
+	return newRedis(client, prefix, logger, LeaseTTL, keepEnded)
+}
+
+// newRedis is NewRedis with the lease TTL and keepEnded given: tests
+// shorten them.
+func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, leaseTTL, keepEnded time.Duration) *Redis {
+	r := &Redis{
+		client: client, prefix: prefix, logger: logger,
+		leaseTTL: leaseTTL, keepEnded: keepEnded,
+		stop: make(chan struct{}), stopped: make(chan struct{}),
+	}
+	r.running.init()
+	go r.maintain()
+	return r
 }
 
 // Admit implements Limiter. The lease of an admitted request always has an
 // ID, the name of its slot.
 func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve int64, _ time.Time) (Decision, error) {
 	args := limitArgs(make([]any, 0, 12), lim)
-	args = append(args, reserve, r.leaseTTL.Milliseconds(), rand.Uint64())
+	nonce := rand.Uint64()
+	args = append(args, reserve, r.leaseTTL.Milliseconds(), nonce)
 	vals, err := admitScript.Run(ctx, r.client, r.keys(client), args...).Slice()
 	if err != nil {
+		// It may run all the same, in a Redis that stalled.
+		r.cancelLater(client, lim, nonce, reserve)
 		return Decision{}, fmt.Errorf("redis admit: %w", err)
 	}
 	var d Decision
@@ -117,32 +145,29 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 		d.State, ok = parseState(vals[3:])
 	}
 	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
+		r.cancelLater(client, lim, nonce, reserve)
 		return Decision{}, fmt.Errorf("redis admit: unexpected reply %v", vals)
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
 	if d.Reason == Admitted {
 		d.Lease = Lease{Reserved: reserve, ID: id}
+		r.running.add(id, client)
 	}
 	return d, nil
 }
 
 // Reserve implements Limiter. The tokens count in the quota period the
 // request was admitted in, which its lease ID names, since that is the
-// period whose counter Settle corrects. A lease that is neither held nor
-// past its expiry was settled already, or lost with Redis' data: its Settle
-// would change nothing, so Reserve reserves nothing and returns
-// ErrLeaseGone. A lease past its expiry still reserves, because its Settle
-// still charges.
-//
-// A call that fails may still have been applied, as Admit's may: the
-// tokens are then reserved but not in the lease, and its Settle leaves them
-// charged on top of what the request used.
+// period whose counter Settle corrects. A lease that was settled already
+// gets ErrLeaseGone: its Settle would change nothing, so Reserve reserves
+// nothing. A lease that expired still reserves, because its Settle still
+// charges.
 func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, _ time.Time) (Decision, error) {
 	if tokens < 0 {
 		return Decision{Lease: lease}, errNegativeReserve
 	}
-	args := limitArgs(make([]any, 0, 13), lim)
-	args = append(args, tokens, lease.Reserved, lease.ID, r.leaseTTL.Milliseconds())
+	args := limitArgs(make([]any, 0, 12), lim)
+	args = append(args, tokens, lease.Reserved, lease.ID)
 	vals, err := reserveScript.Run(ctx, r.client, r.keys(client), args...).Slice()
 	if err != nil {
 		return Decision{Lease: lease}, fmt.Errorf("redis reserve: %w", err)
@@ -169,14 +194,26 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease L
 
 // Settle implements Limiter. The tokens used beyond the reservation count
 // in the quota period the request was admitted in. A repeat changes
-// nothing while the lease lives.
+// nothing. A Settle that fails is retried until it lands; the error says
+// so.
 func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, _ time.Time) error {
-	args := limitArgs(make([]any, 0, 12), lim)
-	args = append(args, used-lease.Reserved, lease.ID, r.leaseTTL.Milliseconds())
-	if err := settleScript.Run(ctx, r.client, r.keys(client), args...).Err(); err != nil {
-		return fmt.Errorf("redis settle: %w", err)
+	r.running.remove(lease.ID)
+	delta := used - lease.Reserved
+	err := settleScript.Run(ctx, r.client, r.keys(client), r.settleArgs(lim, lease.ID, delta, false)...).Err()
+	if err != nil {
+		if lease.ID != "" { // without an ID, a repeat would charge again
+			r.settleLater(client, lim, lease.ID, delta)
+		}
+		return fmt.Errorf("redis settle: %w; retried until it lands", err)
 	}
 	return nil
+}
+
+// settleArgs are the settle script's arguments. unsure says that an
+// earlier attempt may have landed longer than keepEnded ago.
+func (r *Redis) settleArgs(lim *Limits, id string, delta int64, unsure bool) []any {
+	args := limitArgs(make([]any, 0, 13), lim)
+	return append(args, delta, id, r.keepEnded.Milliseconds(), unsure)
 }
 
 // State implements Limiter. It writes nothing.

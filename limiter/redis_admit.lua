@@ -3,10 +3,16 @@
 -- the quota, and add a lease. A refusal writes nothing.
 -- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease nonce.
 -- Reply: reason (limiter.Reason), retry after (ns, -1: never), lease ID
--- ("" when refused), then the standing as the state script's.
+-- ("" when refused), then the standing as the state script's; or -1
+-- alone for an admission cancelled before it ran.
 local reserve, ttl, nonce = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
 
--- Leases past their expiry are of instances that died: not counted.
+if redis.call('ZSCORE', KEYS[2], 'x:' .. nonce) then
+  return {-1}
+end
+
+-- Leases past their expiry are of instances that died, or stopped
+-- renewing them: not counted.
 local inFlight = redis.call('ZCOUNT', KEYS[2], '(' .. string.format('%.0f', nowMs), '+inf')
 local qKey, qUsed, qEnd, qFresh = nil, 0, 0, false
 if quotaN > 0 then
@@ -55,7 +61,7 @@ if reason == 0 then
   -- long as its last lease.
   lease = nonce .. ':' .. string.format('%.0f', nowMs)
   local expiry = nowMs + ttl
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', nowMs)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], 1, nowMs)
   redis.call('ZADD', KEYS[2], expiry, lease)
   if redis.call('PTTL', KEYS[2]) < ttl then
     redis.call('PEXPIREAT', KEYS[2], expiry)

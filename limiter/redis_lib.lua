@@ -114,3 +114,58 @@ end
 -- A quota counter outlives its period by a day, for the requests that
 -- settle after it ends.
 local quotaGrace = 86400
+
+-- The lease set (KEYS[2]) holds the ID of each running request's lease,
+-- scored by its expiry in unix ms (renewed while the request runs), and
+-- notes of what ended lately, scored by minus the time they were written:
+-- the IDs of settled leases and the markers ('x:' and the nonce) of
+-- cancelled admissions. A settle that is repeated, a renewal late for its
+-- lease and an admission that runs after its cancellation find them, and
+-- change nothing. Live leases are the positive scores, so the notes are
+-- never counted in flight.
+local function fmt(ms)
+  return string.format('%.0f', ms)
+end
+
+-- noteEnded notes id as ended at now, keeps the notes keep ms, and drops
+-- those older.
+local function noteEnded(id, keep)
+  redis.call('ZADD', KEYS[2], -nowMs, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '(' .. fmt(keep - nowMs), '(0')
+  if redis.call('PTTL', KEYS[2]) < keep then
+    redis.call('PEXPIRE', KEYS[2], keep)
+  end
+end
+
+-- charge adds delta tokens (a refund when negative) to the token bucket,
+-- into debt if need be, and to the quota counter of the period holding
+-- admitted (unix ms; nil: now).
+local function charge(delta, admitted)
+  if delta == 0 then
+    return
+  end
+  if tokN > 0 then
+    loadBuckets()
+    tUsed = math.max(0, tUsed + delta)
+    saveBuckets(false, true)
+  end
+  if quotaN > 0 then
+    local name, last = period(math.floor((admitted or nowMs) / 1000), quotaP)
+    -- Past its period and grace, a counter is gone for good.
+    if last + quotaGrace > now / 1000000 then
+      local key = KEYS[3] .. name
+      local used = redis.call('INCRBY', key, delta)
+      if used < 0 then
+        redis.call('SET', key, 0, 'KEEPTTL')
+      end
+      if used == delta then -- new, or was 0: no matter
+        redis.call('EXPIREAT', key, last + quotaGrace)
+      end
+    end
+  end
+end
+
+-- admittedAt returns the time of admission a lease ID names (unix ms).
+local function admittedAt(id)
+  return tonumber(string.match(id, ':(%d+)$'))
+end

@@ -4,21 +4,21 @@
 -- request was admitted in (the one its Settle charges), the token bucket.
 -- When they pass, take the tokens from the bucket and add them to that
 -- counter. No request is counted and no lease added. A refusal writes
--- nothing, and neither does a lease that is gone.
+-- nothing, and neither does a lease that ended.
 -- ARGV[10] tokens, ARGV[11] tokens the lease holds already, ARGV[12] lease
--- ID, ARGV[13] lease TTL in ms.
--- Reply: reason (limiter.Reason, or -1 alone: the lease is gone), retry
+-- ID.
+-- Reply: reason (limiter.Reason, or -1 alone: the lease ended), retry
 -- after (ns, -1: never), then the standing as the state script's.
-local tokens, held, id, ttl = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+local tokens, held, id = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
 
 local admitted = nil
 if id ~= '' then
-  admitted = tonumber(string.match(id, ':(%d+)$'))
-  -- The settle script charges a lease it holds or one past its expiry. A
-  -- lease gone before its expiry was settled already, or lost with Redis'
-  -- data: its Settle would change nothing, and a reservation made now
-  -- would never be replaced.
-  if not redis.call('ZSCORE', KEYS[2], id) and admitted and nowMs < admitted + ttl then
+  admitted = admittedAt(id)
+  -- A lease noted as ended was settled already: its Settle would change
+  -- nothing, and a reservation made now would never be replaced. One not
+  -- found expired, and still settles, charging what it used.
+  local score = redis.call('ZSCORE', KEYS[2], id)
+  if score and tonumber(score) < 0 then
     return {-1}
   end
 end

@@ -1,38 +1,27 @@
--- Settle (redis.go): remove the lease, and charge the tokens used beyond
--- the reservation (a refund when negative) to the token bucket, into debt
--- if need be, and to the quota counter of the period of admission.
--- ARGV[10] used - reserved, ARGV[11] lease ID, ARGV[12] lease TTL in ms.
+-- Settle (redis.go): end the lease, and charge the tokens used beyond the
+-- reservation (a refund when negative) to the token bucket and to the
+-- quota counter of the period of admission.
+-- ARGV[10] used - reserved, ARGV[11] lease ID, ARGV[12] how long ended
+-- leases are noted (ms), ARGV[13] 1 when an earlier attempt of this settle
+-- may have landed longer ago than that.
 -- Reply: 1 applied, 0 a repeat that changed nothing.
-local delta, id, ttl = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+local delta, id, keep, unsure = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12]), ARGV[13] == '1'
 
 local admitted = nil
 if id ~= '' then
-  admitted = tonumber(string.match(id, ':(%d+)$'))
-  -- A lease gone before its expiry was settled already.
-  if redis.call('ZREM', KEYS[2], id) == 0 and admitted and nowMs < admitted + ttl then
+  admitted = admittedAt(id)
+  local score = redis.call('ZSCORE', KEYS[2], id)
+  if score and tonumber(score) < 0 then
     return 0
   end
-end
-if delta == 0 then
-  return 1
-end
-if tokN > 0 then
-  loadBuckets()
-  tUsed = math.max(0, tUsed + delta)
-  saveBuckets(false, true)
-end
-if quotaN > 0 then
-  local name, last = period(math.floor((admitted or nowMs) / 1000), quotaP)
-  -- Past its period and grace, a counter is gone for good.
-  if last + quotaGrace > now / 1000000 then
-    local key = KEYS[3] .. name
-    local used = redis.call('INCRBY', key, delta)
-    if used < 0 then
-      redis.call('SET', key, 0, 'KEEPTTL')
-    end
-    if used == delta then -- new, or was 0: no matter
-      redis.call('EXPIREAT', key, last + quotaGrace)
-    end
+  noteEnded(id, keep)
+  -- A lease neither running nor noted expired (its instance stopped
+  -- renewing it) or was settled before the note's time: charge, which
+  -- a repeat makes too much, but never refund, which a repeat would
+  -- give away.
+  if not score and unsure then
+    delta = math.max(delta, 0)
   end
 end
+charge(delta, admitted)
 return 1

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 )
@@ -82,7 +83,7 @@ func TestRedisExactAcrossInstances(t *testing.T) {
 		t.Run(strconv.Itoa(instances)+" instances", func(t *testing.T) {
 			fleet := make([]*Redis, instances)
 			for i := range fleet {
-				fleet[i] = NewRedis(newRedisClient(t, s), "exact"+strconv.Itoa(instances)+":")
+				fleet[i] = newTestRedis(t, newRedisClient(t, s), "exact"+strconv.Itoa(instances)+":")
 			}
 			var admitted atomic.Int64
 			perInstance := make([]atomic.Int64, instances)
@@ -123,7 +124,7 @@ func TestRedisExactAcrossInstances(t *testing.T) {
 
 func TestRedisRetryAfterIsEnough(t *testing.T) {
 	s := redistest.Start(t)
-	r := NewRedis(newRedisClient(t, s), "retry:")
+	r := newTestRedis(t, newRedisClient(t, s), "retry:")
 	ctx := t.Context()
 	for _, tc := range []struct {
 		name    string
@@ -212,7 +213,7 @@ func TestRedisRefusalReasons(t *testing.T) {
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			prefix := "refuse" + strconv.Itoa(i) + ":"
-			r := NewRedis(c, prefix)
+			r := newTestRedis(t, c, prefix)
 			for _, f := range tc.setup {
 				f(r, &tc.lim)
 			}
@@ -253,7 +254,7 @@ func TestRedisRefusalReasons(t *testing.T) {
 
 func TestRedisSettleReplacesReservation(t *testing.T) {
 	s := redistest.Start(t)
-	r := NewRedis(newRedisClient(t, s), "settle:")
+	r := newTestRedis(t, newRedisClient(t, s), "settle:")
 	ctx := t.Context()
 	// The figures of TestMemorySettleReplacesReservation, with a window so
 	// long (a token an hour) that Redis' moving clock refills nothing that
@@ -296,9 +297,9 @@ func TestRedisReserve(t *testing.T) {
 	for i, tc := range reserveCases {
 		t.Run(tc.name, func(t *testing.T) {
 			prefix := "reserve" + strconv.Itoa(i) + ":"
-			testReserve(t, NewRedis(c, prefix), tc, time.Now)
+			testReserve(t, newTestRedis(t, c, prefix), tc, time.Now)
 			// Once more, to compare the keys around a Reserve.
-			r := NewRedis(c, "again"+prefix)
+			r := newTestRedis(t, c, "again"+prefix)
 			lim := reserveLimits(tc.quota)
 			if tc.earlier > 0 {
 				d, _ := r.Admit(t.Context(), "c", lim, 0, time.Now())
@@ -360,7 +361,7 @@ func TestReserveMemoryAndRedisAgree(t *testing.T) {
 		now  func() time.Time
 	}{
 		{"memory", NewMemory(nil, 100), func() time.Time { return t0 }},
-		{"redis", NewRedis(newRedisClient(t, s), "agree:"), time.Now},
+		{"redis", newTestRedis(t, newRedisClient(t, s), "agree:"), time.Now},
 	} {
 		t.Run(b.name, func(t *testing.T) {
 			ctx := t.Context()
@@ -396,7 +397,7 @@ func TestReserveMemoryAndRedisAgree(t *testing.T) {
 
 func TestRedisReserveSettleReplacesReservation(t *testing.T) {
 	s := redistest.Start(t)
-	r := NewRedis(newRedisClient(t, s), "resettle:")
+	r := newTestRedis(t, newRedisClient(t, s), "resettle:")
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Month}, Concurrent: 1}
 	d, _ := r.Admit(ctx, "c", lim, 200, time.Now())
@@ -419,7 +420,7 @@ func TestRedisReserveLease(t *testing.T) {
 	lim := &Limits{Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Day}}
 
 	t.Run("settled: gone, nothing written", func(t *testing.T) {
-		r := NewRedis(c, "gone:")
+		r := newTestRedis(t, c, "gone:")
 		d, _ := r.Admit(ctx, "c", lim, 0, time.Now())
 		lease := d.Lease
 		if err := r.Settle(ctx, "c", lim, lease, 10, time.Now()); err != nil {
@@ -436,10 +437,12 @@ func TestRedisReserveLease(t *testing.T) {
 	})
 
 	t.Run("expired: reserved, and settled", func(t *testing.T) {
-		r := NewRedis(c, "late:")
-		r.leaseTTL = 200 * time.Millisecond
-		d, _ := r.Admit(ctx, "c", lim, 0, time.Now())
+		// The instance that admitted it stopped renewing its lease.
+		dead := newShortRedis(t, c, "late:", 200*time.Millisecond, keepEnded)
+		d, _ := dead.Admit(ctx, "c", lim, 0, time.Now())
+		dead.Close()
 		time.Sleep(300 * time.Millisecond)
+		r := newTestRedis(t, c, "late:")
 		d, err := r.Reserve(ctx, "c", lim, d.Lease, 100, time.Now())
 		if err != nil || d.Reason != Admitted || d.TokensRemaining != 900 || d.InFlight != 0 || d.Lease.Reserved != 100 {
 			t.Fatalf("reserve past the lease's TTL: %+v %v, want admitted, 900 left, none in flight", d, err)
@@ -453,7 +456,7 @@ func TestRedisReserveLease(t *testing.T) {
 	})
 
 	t.Run("counted in the period of admission", func(t *testing.T) {
-		r := NewRedis(c, "yday:")
+		r := newTestRedis(t, c, "yday:")
 		now := redisNow(t, c)
 		yesterday := now.AddDate(0, 0, -1)
 		// A lease the way Admit names it, admitted yesterday: past its TTL.
@@ -481,7 +484,7 @@ func TestRedisReserveLease(t *testing.T) {
 
 func TestRedisSettleRepeatChangesNothing(t *testing.T) {
 	s := redistest.Start(t)
-	r := NewRedis(newRedisClient(t, s), "repeat:")
+	r := newTestRedis(t, newRedisClient(t, s), "repeat:")
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Day}}
 	d, _ := r.Admit(ctx, "c", lim, 500, time.Now())
@@ -501,7 +504,7 @@ func TestRedisConcurrencyLeases(t *testing.T) {
 	ctx := t.Context()
 
 	t.Run("held, refused, freed, across instances", func(t *testing.T) {
-		a, b := NewRedis(newRedisClient(t, s), "lease:"), NewRedis(newRedisClient(t, s), "lease:")
+		a, b := newTestRedis(t, newRedisClient(t, s), "lease:"), newTestRedis(t, newRedisClient(t, s), "lease:")
 		lim := &Limits{Concurrent: 3}
 		var leases []Lease
 		for i, r := range []*Redis{a, b, a} {
@@ -529,15 +532,17 @@ func TestRedisConcurrencyLeases(t *testing.T) {
 	})
 
 	t.Run("an expired lease is not counted, and still settles", func(t *testing.T) {
-		r := NewRedis(newRedisClient(t, s), "expire:")
-		r.leaseTTL = 200 * time.Millisecond
+		// The instance that admitted them died: nothing renews their leases.
+		dead := newShortRedis(t, newRedisClient(t, s), "expire:", 200*time.Millisecond, keepEnded)
 		lim := &Limits{Concurrent: 2, Tokens: Rate{N: 1000, Window: 1000 * time.Hour}}
-		first, _ := r.Admit(ctx, "c", lim, 100, time.Now())
-		r.Admit(ctx, "c", lim, 0, time.Now())
-		if d, _ := r.Admit(ctx, "c", lim, 0, time.Now()); d.Reason != ConcurrencyLimit {
+		first, _ := dead.Admit(ctx, "c", lim, 100, time.Now())
+		dead.Admit(ctx, "c", lim, 0, time.Now())
+		if d, _ := dead.Admit(ctx, "c", lim, 0, time.Now()); d.Reason != ConcurrencyLimit {
 			t.Fatalf("third: %v, want concurrency", d.Reason)
 		}
+		dead.Close()
 		time.Sleep(300 * time.Millisecond)
+		r := newTestRedis(t, newRedisClient(t, s), "expire:")
 		if st, _ := r.State(ctx, "c", lim, time.Now()); st.InFlight != 0 {
 			t.Errorf("after the TTL: %d in flight, want 0", st.InFlight)
 		}
@@ -557,7 +562,7 @@ func TestRedisConcurrencyLeases(t *testing.T) {
 func TestRedisQuotaKeys(t *testing.T) {
 	s := redistest.Start(t)
 	c := newRedisClient(t, s)
-	r := NewRedis(c, "quota:")
+	r := newTestRedis(t, c, "quota:")
 	ctx := t.Context()
 	for _, tc := range []struct {
 		period Period
@@ -672,7 +677,7 @@ return out`
 func TestRedisIdleKeysExpire(t *testing.T) {
 	s := redistest.Start(t)
 	c := newRedisClient(t, s)
-	r := NewRedis(c, "idle:")
+	r := newShortRedis(t, c, "idle:", 90*time.Millisecond, 100*time.Millisecond)
 	ctx := t.Context()
 	lim := &Limits{
 		Requests: Rate{N: 10, Window: time.Second}, Tokens: Rate{N: 1000, Window: time.Minute},
@@ -684,13 +689,13 @@ func TestRedisIdleKeysExpire(t *testing.T) {
 	}
 	for key, want := range map[string]time.Duration{
 		"idle:bucket:{c}": 30 * time.Second, // 500 of 1000/min; 1 of 10/s is full sooner
-		"idle:lease:{c}":  LeaseTTL,
+		"idle:lease:{c}":  90 * time.Millisecond,
 	} {
 		within(t, key+" PTTL", c.PTTL(ctx, key).Val(), want, 50*time.Millisecond)
 	}
 	// A refund to nothing leaves a full tokens bucket: the buckets live as
 	// long as the requests bucket needs. The set of the last lease goes
-	// at once.
+	// once its note of the lease's end was kept long enough.
 	if err := r.Settle(ctx, "c", lim, d.Lease, 0, time.Now()); err != nil {
 		t.Fatal(err)
 	}
@@ -715,7 +720,7 @@ func TestRedisIdleKeysExpire(t *testing.T) {
 
 func TestRedisDown(t *testing.T) {
 	s := redistest.Start(t)
-	r := NewRedis(newRedisClient(t, s), "down:")
+	r := newTestRedis(t, newRedisClient(t, s), "down:")
 	lim := &Limits{Requests: Rate{N: 100, Window: time.Minute}, Concurrent: 5}
 	admit := func(what string) (Decision, error) {
 		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
@@ -764,7 +769,7 @@ func TestRedisDown(t *testing.T) {
 }
 
 func TestRedisKeysShareHashTag(t *testing.T) {
-	r := NewRedis(nil, "vgt:lim:")
+	r := newTestRedis(t, nil, "vgt:lim:")
 	got := r.keys("key_abc")
 	want := []string{"vgt:lim:bucket:{key_abc}", "vgt:lim:lease:{key_abc}", "vgt:lim:quota:{key_abc}:"}
 	if !slices.Equal(got, want) {
@@ -809,7 +814,7 @@ func benchRedis(b *testing.B) (*Redis, *redis.Client, []string) {
 	for i := range names {
 		names[i] = "key_" + strconv.Itoa(i)
 	}
-	return NewRedis(rc, "bench:"), rc, names
+	return newTestRedis(b, rc, "bench:"), rc, names
 }
 
 // BenchmarkRedisAdmitSettle measures one request's two round trips
@@ -859,4 +864,16 @@ func BenchmarkRedisAdmitSettleParallel(b *testing.B) {
 	})
 	b.StopTimer()
 	reportScriptTime(b, rc)
+}
+
+// newTestRedis returns a Redis limiter on c, closed when the test ends.
+func newTestRedis(t testing.TB, c redis.UniversalClient, prefix string) *Redis {
+	return newShortRedis(t, c, prefix, LeaseTTL, keepEnded)
+}
+
+// newShortRedis is newTestRedis with the lease TTL and keepEnded given.
+func newShortRedis(t testing.TB, c redis.UniversalClient, prefix string, leaseTTL, keep time.Duration) *Redis {
+	r := newRedis(c, prefix, zap.NewNop(), leaseTTL, keep)
+	t.Cleanup(r.Close)
+	return r
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
 
 // fleet is two Caddy instances, one in this process and one in its own,
@@ -239,4 +241,57 @@ func TestFleetSharesUpstreamExhaustion(t *testing.T) {
 		json.NewDecoder(res.Body).Decode(&e)
 		return res.StatusCode == http.StatusTooManyRequests && e.Error.Code == "upstream_rate_limited"
 	})
+}
+
+// TestFleetSlotsOutliveNeitherRequestNorInstance holds a request on one
+// instance for longer than a lease lives, then kills that instance: the
+// request keeps its slot while it runs, and the slot is free again within
+// the lease TTL of the kill, not when a long TTL ends.
+func TestFleetSlotsOutliveNeitherRequestNorInstance(t *testing.T) {
+	f := startFleet(t, "concurrent 1")
+	f.upstream.SetBehavior(standin.Behavior{Latency: 10 * time.Minute})
+	held, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go func() {
+		req, _ := http.NewRequestWithContext(held, http.MethodPost, f.b.URL+"/v1/chat/completions",
+			jsonBody(map[string]any{"model": model, "stream": true, "messages": []map[string]string{{"role": "user", "content": "hi"}}}))
+		req.Header.Set("Authorization", "Bearer "+f.key)
+		if res, err := http.DefaultClient.Do(req); err == nil {
+			res.Body.Close()
+		}
+	}()
+	a := &env{caddy: f.a}
+	inFlight := func() int {
+		u, _ := a.usage(t, f.key)
+		if u.Limits.Concurrent == nil {
+			return -1
+		}
+		return u.Limits.Concurrent.InFlight
+	}
+	for deadline := time.Now().Add(10 * time.Second); inFlight() != 1; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the held request was not admitted within 10 s")
+		}
+	}
+
+	time.Sleep(limiter.LeaseTTL + 3*time.Second)
+	if n := inFlight(); n != 1 {
+		t.Errorf("a request running past the lease TTL: %d in flight, want 1", n)
+	}
+	if s := f.chat(t, f.a, f.key); s != http.StatusTooManyRequests {
+		t.Errorf("a second request beside it: %d, want 429", s)
+	}
+
+	f.upstream.SetBehavior(standin.Behavior{})
+	if err := syscall.Kill(f.b.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	for f.chat(t, f.a, f.key) != http.StatusOK {
+		if time.Since(killed) > limiter.LeaseTTL+10*time.Second {
+			t.Fatalf("the killed instance's slot is still taken %v after the kill", time.Since(killed).Round(time.Second))
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Logf("the killed instance's slot was free %v after the kill", time.Since(killed).Round(100*time.Millisecond))
 }

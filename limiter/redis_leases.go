@@ -1,0 +1,245 @@
+package limiter
+
+import (
+	"context"
+	"errors"
+	"hash/maphash"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// LeaseTTL is how long a lease of the Redis limiter lives unless renewed.
+// Every instance renews the leases of its running requests three times a
+// LeaseTTL, so a request holds its concurrency slot however long it runs,
+// and the slots of an instance that died (or lost Redis for longer) are
+// free again within LeaseTTL.
+const LeaseTTL = 15 * time.Second
+
+// keepEnded is how long Redis notes a lease that ended, so that a settle
+// retried within it changes nothing (redis_lib.lua). A settle whose first
+// attempt is older than that may find the note gone: it then charges but
+// never refunds.
+const keepEnded = time.Minute
+
+// maxRetries bounds the calls waiting to be retried: past it the oldest
+// are given up, and logged. A slot given up frees itself within LeaseTTL.
+const maxRetries = 100_000
+
+// retryBatch is how many calls one round of retries sends, in one
+// pipeline.
+const retryBatch = 1000
+
+// leaseBook is the leases of the requests that run on this instance, by
+// ID, with their client: what the renewals extend.
+type leaseBook struct {
+	seed   maphash.Seed
+	shards [16]struct {
+		mu sync.Mutex
+		m  map[string]string // lease ID → client
+	}
+}
+
+func (b *leaseBook) init() {
+	b.seed = maphash.MakeSeed()
+	for i := range b.shards {
+		b.shards[i].m = make(map[string]string)
+	}
+}
+
+func (b *leaseBook) add(id, client string) {
+	s := &b.shards[maphash.String(b.seed, id)%uint64(len(b.shards))]
+	s.mu.Lock()
+	s.m[id] = client
+	s.mu.Unlock()
+}
+
+func (b *leaseBook) remove(id string) {
+	s := &b.shards[maphash.String(b.seed, id)%uint64(len(b.shards))]
+	s.mu.Lock()
+	delete(s.m, id)
+	s.mu.Unlock()
+}
+
+// byClient returns the running leases' IDs, grouped by client.
+func (b *leaseBook) byClient() map[string][]string {
+	out := make(map[string][]string)
+	for i := range b.shards {
+		s := &b.shards[i]
+		s.mu.Lock()
+		for id, client := range s.m {
+			out[client] = append(out[client], id)
+		}
+		s.mu.Unlock()
+	}
+	return out
+}
+
+// retry is a call to Redis that failed, retried until it lands: the
+// settle of a lease, or the cancellation of an admission.
+type retry struct {
+	client string
+	lim    *Limits
+	cancel bool
+	id     string // the lease ID; for a cancellation, the admission's nonce
+	tokens int64  // used - reserved; for a cancellation, the reservation
+	first  time.Time
+}
+
+// retryQueue is the calls waiting for a retry, oldest first.
+type retryQueue struct {
+	mu      sync.Mutex // protects the fields below
+	calls   []retry
+	dropped int // given up since last logged
+}
+
+func (r *Redis) settleLater(client string, lim *Limits, id string, delta int64) {
+	r.retryLater(retry{client: client, lim: lim, id: id, tokens: delta, first: time.Now()})
+}
+
+func (r *Redis) cancelLater(client string, lim *Limits, nonce uint64, reserve int64) {
+	r.retryLater(retry{client: client, lim: lim, cancel: true, id: strconv.FormatUint(nonce, 10), tokens: reserve, first: time.Now()})
+}
+
+func (r *Redis) retryLater(c retry) {
+	q := &r.retries
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.calls) >= maxRetries {
+		q.calls = q.calls[1:]
+		q.dropped++
+	}
+	q.calls = append(q.calls, c)
+}
+
+// maintain renews the running leases and retries failed calls, until
+// Close.
+func (r *Redis) maintain() {
+	defer close(r.stopped)
+	renewEvery := r.leaseTTL / 3
+	tick := time.NewTicker(min(renewEvery, time.Second))
+	defer tick.Stop()
+	var renewed time.Time
+	for {
+		select {
+		case <-r.stop:
+			return
+		case now := <-tick.C:
+			r.retryPending(renewEvery)
+			if now.Sub(renewed) >= renewEvery && r.renew(renewEvery) {
+				renewed = now
+			}
+		}
+	}
+}
+
+// renew extends the running leases, one script per client in one
+// pipeline. It reports whether all landed.
+func (r *Redis) renew(timeout time.Duration) bool {
+	leases := r.running.byClient()
+	if len(leases) == 0 {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := renewScript.Load(ctx, r.client).Err(); err != nil {
+		r.logger.Warn("renewing the leases of running requests", zap.Error(err))
+		return false
+	}
+	pipe := r.client.Pipeline()
+	ttl := r.leaseTTL.Milliseconds()
+	for client, ids := range leases {
+		args := make([]any, 0, len(ids)+1)
+		args = append(args, ttl)
+		for _, id := range ids {
+			args = append(args, id)
+		}
+		renewScript.EvalSha(ctx, pipe, r.keys(client)[1:2], args...)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		r.logger.Warn("renewing the leases of running requests", zap.Int("clients", len(leases)), zap.Error(err))
+		return false
+	}
+	return true
+}
+
+// retryPending retries a batch of the failed calls in one pipeline, and
+// puts back those that failed again.
+func (r *Redis) retryPending(timeout time.Duration) {
+	q := &r.retries
+	q.mu.Lock()
+	n := min(len(q.calls), retryBatch)
+	batch := q.calls[:n:n]
+	q.calls = q.calls[n:]
+	dropped := q.dropped
+	q.dropped = 0
+	q.mu.Unlock()
+	if dropped > 0 {
+		r.logger.Error("gave up settling requests in the shared limiter: too many failed; their slots free themselves within the lease TTL, their tokens stay reserved",
+			zap.Int("requests", dropped), zap.Duration("lease_ttl", r.leaseTTL))
+	}
+	if n == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	failed := batch[:0:0]
+	if err := errors.Join(settleScript.Load(ctx, r.client).Err(), cancelScript.Load(ctx, r.client).Err()); err != nil {
+		failed = batch
+	} else {
+		pipe := r.client.Pipeline()
+		cmds := make([]*redis.Cmd, len(batch))
+		for i, c := range batch {
+			cmds[i] = r.retried(ctx, pipe, &c)
+		}
+		pipe.Exec(ctx) // each command has its own error
+		for i, cmd := range cmds {
+			if cmd.Err() != nil {
+				failed = append(failed, batch[i])
+			}
+		}
+	}
+	if len(failed) == 0 {
+		r.logger.Info("settled requests in the shared limiter after a failure", zap.Int("requests", n))
+		return
+	}
+	q.mu.Lock()
+	q.calls = append(failed, q.calls...)
+	q.mu.Unlock()
+}
+
+// retried queues a retry of c on pipe, by its script's SHA, which the
+// caller loaded.
+func (r *Redis) retried(ctx context.Context, pipe redis.Pipeliner, c *retry) *redis.Cmd {
+	if c.cancel {
+		args := limitArgs(make([]any, 0, 12), c.lim)
+		args = append(args, c.id, c.tokens, r.keepEnded.Milliseconds())
+		return cancelScript.EvalSha(ctx, pipe, r.keys(c.client), args...)
+	}
+	// Past keepEnded, the note of a first attempt that landed may be gone.
+	unsure := time.Since(c.first) > r.keepEnded-r.leaseTTL/3
+	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.id, c.tokens, unsure)...)
+}
+
+// Close stops the renewals and retries, retrying the failed calls once
+// more. The leases of requests still running expire within LeaseTTL.
+func (r *Redis) Close() {
+	r.closeOnce.Do(func() {
+		close(r.stop)
+		<-r.stopped
+		r.retryPending(time.Second)
+		if n := r.retries.len(); n > 0 {
+			r.logger.Error("closing with requests not settled in the shared limiter; their slots free themselves within the lease TTL, their tokens stay reserved",
+				zap.Int("requests", n), zap.Duration("lease_ttl", r.leaseTTL))
+		}
+	})
+}
+
+func (q *retryQueue) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.calls)
+}

@@ -1,0 +1,203 @@
+package limiter
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+)
+
+// settledWithin fails unless the client's standing reaches want within
+// three seconds (a few retry rounds), and stays there one more round.
+func settledWithin(t *testing.T, r *Redis, lim *Limits, want func(State) bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		st, err := r.State(t.Context(), "c", lim, time.Now())
+		if err == nil && want(st) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 3 s: %+v %v", what, st, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(1200 * time.Millisecond)
+	if st, err := r.State(t.Context(), "c", lim, time.Now()); err != nil || !want(st) {
+		t.Errorf("%s, one round later: %+v %v", what, st, err)
+	}
+}
+
+func TestRedisLongRequestKeepsItsSlot(t *testing.T) {
+	s := redistest.Start(t)
+	// Renewed every 100 ms: the request runs for five TTLs.
+	r := newShortRedis(t, newRedisClient(t, s), "long:", 300*time.Millisecond, keepEnded)
+	ctx := t.Context()
+	lim := &Limits{Concurrent: 1}
+	d, err := r.Admit(ctx, "c", lim, 0, time.Now())
+	if err != nil || d.Reason != Admitted {
+		t.Fatalf("admit: %+v %v", d, err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if st, _ := r.State(ctx, "c", lim, time.Now()); st.InFlight != 1 {
+		t.Errorf("a request running for five lease TTLs: %d in flight, want 1", st.InFlight)
+	}
+	if d, _ := r.Admit(ctx, "c", lim, 0, time.Now()); d.Reason != ConcurrencyLimit {
+		t.Errorf("a second request beside it: %v, want refused for concurrency", d.Reason)
+	}
+	if err := r.Settle(ctx, "c", lim, d.Lease, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	// The renewals of a settled lease stop, and a late one does not bring
+	// it back.
+	time.Sleep(400 * time.Millisecond)
+	if st, _ := r.State(ctx, "c", lim, time.Now()); st.InFlight != 0 {
+		t.Errorf("after its settle: %d in flight, want 0", st.InFlight)
+	}
+	if n := len(r.running.byClient()); n != 0 {
+		t.Errorf("%d clients with leases to renew after the settle, want 0", n)
+	}
+}
+
+func TestRedisRenewalRestoresALostLease(t *testing.T) {
+	s := redistest.Start(t)
+	c := newRedisClient(t, s)
+	r := newShortRedis(t, c, "lost:", 300*time.Millisecond, keepEnded)
+	lim := &Limits{Concurrent: 1}
+	if d, err := r.Admit(t.Context(), "c", lim, 0, time.Now()); err != nil || d.Reason != Admitted {
+		t.Fatalf("admit: %+v %v", d, err)
+	}
+	// Redis lost its data (a restart without persistence): the running
+	// request is counted again by its next renewal.
+	c.FlushAll(t.Context())
+	settledWithin(t, r, lim, func(st State) bool { return st.InFlight == 1 }, "the lost lease is renewed")
+}
+
+// warm loads the scripts into Redis and opens a connection, so that a
+// call sent to a stopped Redis runs when it goes on, as in a running
+// fleet, rather than failing for want of its script.
+func warm(t *testing.T, r *Redis, lim *Limits) {
+	t.Helper()
+	d, err := r.Admit(t.Context(), "warm", lim, 0, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Settle(t.Context(), "warm", lim, d.Lease, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// refusing is a go-redis limiter that fails every command while on, as
+// a Redis that cannot be reached does: the command never leaves.
+type refusing struct{ on atomic.Bool }
+
+func (l *refusing) Allow() error {
+	if l.on.Load() {
+		return errors.New("unreachable")
+	}
+	return nil
+}
+func (*refusing) ReportResult(error) {}
+
+func TestRedisFailedSettleIsRetried(t *testing.T) {
+	s := redistest.Start(t)
+	lim := &Limits{Concurrent: 1, Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Day}}
+	settled := func(st State) bool { return st.InFlight == 0 && st.QuotaUsed == 100 && st.TokensRemaining == 900 }
+
+	t.Run("its answer was lost", func(t *testing.T) {
+		r := newTestRedis(t, newRedisClient(t, s), "lost-answer:")
+		warm(t, r, lim)
+		d, _ := r.Admit(t.Context(), "c", lim, 500, time.Now())
+		// Stopped, Redis runs the settle when it goes on, after the
+		// instance gave up waiting; the retry then changes nothing.
+		s.Pause(t)
+		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+		err := r.Settle(ctx, "c", lim, d.Lease, 100, time.Now())
+		cancel()
+		s.Resume(t)
+		if err == nil {
+			t.Fatal("settle with Redis stopped: no error")
+		}
+		settledWithin(t, r, lim, settled, "settled once")
+	})
+
+	t.Run("it never left", func(t *testing.T) {
+		off := new(refusing)
+		c := redis.NewClient(&redis.Options{Addr: s.Addr, ContextTimeoutEnabled: true, Limiter: off})
+		t.Cleanup(func() { c.Close() })
+		r := newTestRedis(t, c, "never-left:")
+		d, _ := r.Admit(t.Context(), "c", lim, 500, time.Now())
+		off.on.Store(true)
+		if err := r.Settle(t.Context(), "c", lim, d.Lease, 100, time.Now()); err == nil {
+			t.Fatal("settle with Redis unreachable: no error")
+		}
+		time.Sleep(1200 * time.Millisecond) // a retry round fails too
+		off.on.Store(false)
+		settledWithin(t, r, lim, settled, "settled by a retry")
+	})
+
+	t.Run("a late repeat never refunds", func(t *testing.T) {
+		c := newRedisClient(t, s)
+		r := newTestRedis(t, c, "late-repeat:")
+		d, _ := r.Admit(t.Context(), "c", lim, 500, time.Now())
+		if err := r.Settle(t.Context(), "c", lim, d.Lease, 100, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		// The note of the settle is gone (kept for keepEnded), and a retry
+		// unsure whether its first attempt landed comes: it must not refund
+		// the reservation a second time.
+		c.ZRem(t.Context(), "late-repeat:lease:{c}", d.Lease.ID)
+		if err := settleScript.Run(t.Context(), c, r.keys("c"), r.settleArgs(lim, d.Lease.ID, 100-500, true)...).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := r.State(t.Context(), "c", lim, time.Now()); st.QuotaUsed != 100 || st.TokensRemaining != 900 {
+			t.Errorf("after a late repeat: %+v, want quota 100 and 900 tokens left", st)
+		}
+	})
+}
+
+func TestRedisTimedOutAdmitIsCancelled(t *testing.T) {
+	s := redistest.Start(t)
+	lim := &Limits{Concurrent: 1, Requests: Rate{N: 100, Window: time.Hour}}
+
+	t.Run("it ran late", func(t *testing.T) {
+		r := newTestRedis(t, newRedisClient(t, s), "late-admit:")
+		warm(t, r, lim)
+		s.Pause(t)
+		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+		_, err := r.Admit(ctx, "c", lim, 0, time.Now())
+		cancel()
+		s.Resume(t)
+		if err == nil {
+			t.Fatal("admit with Redis stopped: no error")
+		}
+		// The admission ran once Redis went on, or never will: either way
+		// its slot is free. The request stays counted: its instance served
+		// it without Redis.
+		settledWithin(t, r, lim, func(st State) bool { return st.InFlight == 0 }, "the slot is free")
+		if d, _ := r.Admit(t.Context(), "c", lim, 0, time.Now()); d.Reason != Admitted {
+			t.Errorf("the next request: %v, want admitted", d.Reason)
+		}
+	})
+
+	t.Run("it runs after its cancellation", func(t *testing.T) {
+		c := newRedisClient(t, s)
+		r := newTestRedis(t, c, "cancelled-first:")
+		r.cancelLater("c", lim, 42, 0)
+		settledWithin(t, r, lim, func(State) bool { return r.retries.len() == 0 }, "the cancellation lands")
+		args := limitArgs(nil, lim)
+		args = append(args, 0, r.leaseTTL.Milliseconds(), 42)
+		vals, err := admitScript.Run(t.Context(), c, r.keys("c"), args...).Slice()
+		if err != nil || len(vals) != 1 || vals[0] != int64(-1) {
+			t.Errorf("an admission cancelled before it ran: %v %v, want [-1]", vals, err)
+		}
+		if st, _ := r.State(t.Context(), "c", lim, time.Now()); st.InFlight != 0 || st.RequestsRemaining != 100 {
+			t.Errorf("after it: %+v, want nothing taken", st)
+		}
+	})
+}
