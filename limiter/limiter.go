@@ -107,9 +107,10 @@ type Decision struct {
 type Lease struct {
 	Reserved int64
 	ID       string // "" for backends whose slots need no name
-	// Period is, for Memory, the start (unix nanoseconds) of the quota
-	// period the reservation counts in, so that Settle corrects that
-	// period and never the next; 0 for none. Redis names it in ID.
+	// Period names the quota period the reservation counts in, so that
+	// Settle corrects that period and never the next: for Memory its
+	// start (unix nanoseconds), for Redis the time of admission (unix
+	// milliseconds, Redis' clock); 0 for none.
 	Period int64
 }
 

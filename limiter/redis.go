@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -124,33 +125,31 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, l
 }
 
 // Admit implements Limiter. The lease of an admitted request always has an
-// ID, the name of its slot.
+// ID, the name of its slot, chosen at random here so that an admission
+// whose answer is lost can be cancelled by it.
 func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve int64, _ time.Time) (Decision, error) {
 	args := limitArgs(make([]any, 0, 12), lim)
-	nonce := rand.Uint64()
-	args = append(args, reserve, r.leaseTTL.Milliseconds(), nonce)
+	id := strconv.FormatUint(rand.Uint64(), 36)
+	args = append(args, reserve, r.leaseTTL.Milliseconds(), id)
 	vals, err := admitScript.Run(ctx, r.client, r.keys(client), args...).Slice()
 	if err != nil {
 		// It may run all the same, in a Redis that stalled.
-		r.cancelLater(client, lim, nonce, reserve)
+		r.cancelLater(client, lim, id)
 		return Decision{}, fmt.Errorf("redis admit: %w", err)
 	}
 	var d Decision
-	var n [2]int64
-	id, ok := "", len(vals) == 3+stateReplyLen && ints(n[:], vals[:2])
-	if ok {
-		id, ok = vals[2].(string)
-	}
+	var n [3]int64
+	ok := len(vals) == 3+stateReplyLen && ints(n[:], vals[:3])
 	if ok {
 		d.State, ok = parseState(vals[3:])
 	}
 	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
-		r.cancelLater(client, lim, nonce, reserve)
+		r.cancelLater(client, lim, id)
 		return Decision{}, fmt.Errorf("redis admit: unexpected reply %v", vals)
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
 	if d.Reason == Admitted {
-		d.Lease = Lease{Reserved: reserve, ID: id}
+		d.Lease = Lease{Reserved: reserve, ID: id, Period: n[2]}
 		r.running.add(id, client)
 	}
 	return d, nil
@@ -166,8 +165,8 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease L
 	if tokens < 0 {
 		return Decision{Lease: lease}, errNegativeReserve
 	}
-	args := limitArgs(make([]any, 0, 12), lim)
-	args = append(args, tokens, lease.Reserved, lease.ID)
+	args := limitArgs(make([]any, 0, 13), lim)
+	args = append(args, tokens, lease.Reserved, lease.ID, lease.Period)
 	vals, err := reserveScript.Run(ctx, r.client, r.keys(client), args...).Slice()
 	if err != nil {
 		return Decision{Lease: lease}, fmt.Errorf("redis reserve: %w", err)
@@ -199,10 +198,10 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease L
 func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, _ time.Time) error {
 	r.running.remove(lease.ID)
 	delta := used - lease.Reserved
-	err := settleScript.Run(ctx, r.client, r.keys(client), r.settleArgs(lim, lease.ID, delta, false)...).Err()
+	err := settleScript.Run(ctx, r.client, r.keys(client), r.settleArgs(lim, lease, delta, false)...).Err()
 	if err != nil {
 		if lease.ID != "" { // without an ID, a repeat would charge again
-			r.settleLater(client, lim, lease.ID, delta)
+			r.settleLater(client, lim, lease, delta)
 		}
 		return fmt.Errorf("redis settle: %w; retried until it lands", err)
 	}
@@ -211,9 +210,9 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 
 // settleArgs are the settle script's arguments. unsure says that an
 // earlier attempt may have landed longer than keepEnded ago.
-func (r *Redis) settleArgs(lim *Limits, id string, delta int64, unsure bool) []any {
-	args := limitArgs(make([]any, 0, 13), lim)
-	return append(args, delta, id, r.keepEnded.Milliseconds(), unsure)
+func (r *Redis) settleArgs(lim *Limits, lease Lease, delta int64, unsure bool) []any {
+	args := limitArgs(make([]any, 0, 14), lim)
+	return append(args, delta, lease.ID, lease.Period, r.keepEnded.Milliseconds(), unsure)
 }
 
 // State implements Limiter. It writes nothing.

@@ -1,13 +1,13 @@
 -- Admit (redis.go): check every limit in the order of memory.go and, when
 -- all pass, count the request, reserve the tokens against the bucket and
 -- the quota, and add a lease. A refusal writes nothing.
--- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease nonce.
--- Reply: reason (limiter.Reason), retry after (ns, -1: never), lease ID
--- ("" when refused), then the standing as the state script's; or -1
--- alone for an admission cancelled before it ran.
-local reserve, ttl, nonce = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
+-- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease ID (random).
+-- Reply: reason (limiter.Reason), retry after (ns, -1: never), the time
+-- of admission (unix ms; 0 when refused), then the standing as the state
+-- script's; or -1 alone for an admission cancelled before it ran.
+local reserve, ttl, id = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
 
-if redis.call('ZSCORE', KEYS[2], 'x:' .. nonce) then
+if redis.call('ZSCORE', KEYS[2], id) then
   return {-1}
 end
 
@@ -39,7 +39,7 @@ elseif tokN > 0 and tUsed + reserve > tokB then
   reason, retry = 2, ns((tUsed + reserve - tokB) * tokW / tokN)
 end
 
-local lease = ''
+local admitted = 0
 if reason == 0 then
   local req, tok = reqN > 0, tokN > 0 and reserve > 0
   if req then
@@ -57,12 +57,12 @@ if reason == 0 then
       redis.call('EXPIREAT', qKey, qEnd + quotaGrace)
     end
   end
-  -- The ID names the time of admission, for Settle. The set lives as
-  -- long as its last lease.
-  lease = nonce .. ':' .. string.format('%.0f', nowMs)
+  -- The time of admission names the quota period that Reserve and
+  -- Settle correct. The set lives as long as its last lease.
+  admitted = nowMs
   local expiry = nowMs + ttl
   redis.call('ZREMRANGEBYSCORE', KEYS[2], 1, nowMs)
-  redis.call('ZADD', KEYS[2], expiry, lease)
+  redis.call('ZADD', KEYS[2], expiry, id)
   if redis.call('PTTL', KEYS[2]) < ttl then
     redis.call('PEXPIREAT', KEYS[2], expiry)
   end
@@ -71,4 +71,4 @@ end
 
 local rRem, rReset = standing(rUsed, reqN, reqW, reqB)
 local tRem, tReset = standing(tUsed, tokN, tokW, tokB)
-return {reason, retry, lease, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight}
+return {reason, retry, admitted, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight}

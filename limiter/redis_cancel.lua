@@ -1,29 +1,17 @@
--- Cancel (redis_leases.go): undo the admission of a request whose Admit
--- reply its instance did not get, which then decided without Redis. When
--- the admission ran, its lease is ended as a settle of nothing used ends
--- it; when it has not run yet, a marker makes it refuse when it does. The
--- request stays counted: the instance served it.
--- ARGV[10] the admission's nonce, ARGV[11] the tokens it reserved,
--- ARGV[12] how long ended leases are noted (ms).
+-- Cancel (redis_leases.go): free the slot of an admission whose answer
+-- its instance did not get, which then decided without Redis. When the
+-- admission ran, its lease is ended; when it has not run yet, the note of
+-- its end makes it refuse when it does. The request stays counted, and its
+-- reservation charged: the instance served it, and its Settle goes to the
+-- instance's own limits, not here.
+-- ARGV[10] the lease ID the admission was given, ARGV[11] how long ended
+-- leases are noted (ms).
 -- Reply: 1 applied, 0 a repeat that changed nothing.
-local nonce, reserve, keep = ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
+local id, keep = ARGV[10], tonumber(ARGV[11])
 
-local marker = 'x:' .. nonce
-if redis.call('ZSCORE', KEYS[2], marker) then
+local score = redis.call('ZSCORE', KEYS[2], id)
+if score and tonumber(score) < 0 then
   return 0
 end
-noteEnded(marker, keep)
-local cursor = '0'
-repeat
-  local page = redis.call('ZSCAN', KEYS[2], cursor, 'MATCH', nonce .. ':*')
-  cursor = page[1]
-  local found = page[2]
-  if #found > 0 then
-    if tonumber(found[2]) > 0 then
-      noteEnded(found[1], keep)
-      charge(-reserve, admittedAt(found[1]))
-    end
-    return 1
-  end
-until cursor == '0'
+noteEnded(id, keep)
 return 1

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"hash/maphash"
-	"strconv"
 	"sync"
 	"time"
 
@@ -84,8 +83,8 @@ type retry struct {
 	client string
 	lim    *Limits
 	cancel bool
-	id     string // the lease ID; for a cancellation, the admission's nonce
-	tokens int64  // used - reserved; for a cancellation, the reservation
+	lease  Lease
+	delta  int64 // used - reserved
 	first  time.Time
 }
 
@@ -96,12 +95,12 @@ type retryQueue struct {
 	dropped int // given up since last logged
 }
 
-func (r *Redis) settleLater(client string, lim *Limits, id string, delta int64) {
-	r.retryLater(retry{client: client, lim: lim, id: id, tokens: delta, first: time.Now()})
+func (r *Redis) settleLater(client string, lim *Limits, lease Lease, delta int64) {
+	r.retryLater(retry{client: client, lim: lim, lease: lease, delta: delta, first: time.Now()})
 }
 
-func (r *Redis) cancelLater(client string, lim *Limits, nonce uint64, reserve int64) {
-	r.retryLater(retry{client: client, lim: lim, cancel: true, id: strconv.FormatUint(nonce, 10), tokens: reserve, first: time.Now()})
+func (r *Redis) cancelLater(client string, lim *Limits, id string) {
+	r.retryLater(retry{client: client, lim: lim, cancel: true, lease: Lease{ID: id}, first: time.Now()})
 }
 
 func (r *Redis) retryLater(c retry) {
@@ -215,13 +214,13 @@ func (r *Redis) retryPending(timeout time.Duration) {
 // caller loaded.
 func (r *Redis) retried(ctx context.Context, pipe redis.Pipeliner, c *retry) *redis.Cmd {
 	if c.cancel {
-		args := limitArgs(make([]any, 0, 12), c.lim)
-		args = append(args, c.id, c.tokens, r.keepEnded.Milliseconds())
+		args := limitArgs(make([]any, 0, 11), c.lim)
+		args = append(args, c.lease.ID, r.keepEnded.Milliseconds())
 		return cancelScript.EvalSha(ctx, pipe, r.keys(c.client), args...)
 	}
 	// Past keepEnded, the note of a first attempt that landed may be gone.
 	unsure := time.Since(c.first) > r.keepEnded-r.leaseTTL/3
-	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.id, c.tokens, unsure)...)
+	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.lease, c.delta, unsure)...)
 }
 
 // Close stops the renewals and retries, retrying the failed calls once

@@ -152,7 +152,7 @@ func TestRedisFailedSettleIsRetried(t *testing.T) {
 		// unsure whether its first attempt landed comes: it must not refund
 		// the reservation a second time.
 		c.ZRem(t.Context(), "late-repeat:lease:{c}", d.Lease.ID)
-		if err := settleScript.Run(t.Context(), c, r.keys("c"), r.settleArgs(lim, d.Lease.ID, 100-500, true)...).Err(); err != nil {
+		if err := settleScript.Run(t.Context(), c, r.keys("c"), r.settleArgs(lim, d.Lease, 100-500, true)...).Err(); err != nil {
 			t.Fatal(err)
 		}
 		if st, _ := r.State(t.Context(), "c", lim, time.Now()); st.QuotaUsed != 100 || st.TokensRemaining != 900 {
@@ -188,10 +188,10 @@ func TestRedisTimedOutAdmitIsCancelled(t *testing.T) {
 	t.Run("it runs after its cancellation", func(t *testing.T) {
 		c := newRedisClient(t, s)
 		r := newTestRedis(t, c, "cancelled-first:")
-		r.cancelLater("c", lim, 42, 0)
+		r.cancelLater("c", lim, "42")
 		settledWithin(t, r, lim, func(State) bool { return r.retries.len() == 0 }, "the cancellation lands")
 		args := limitArgs(nil, lim)
-		args = append(args, 0, r.leaseTTL.Milliseconds(), 42)
+		args = append(args, 0, r.leaseTTL.Milliseconds(), "42")
 		vals, err := admitScript.Run(t.Context(), c, r.keys("c"), args...).Slice()
 		if err != nil || len(vals) != 1 || vals[0] != int64(-1) {
 			t.Errorf("an admission cancelled before it ran: %v %v, want [-1]", vals, err)

@@ -118,10 +118,9 @@ local quotaGrace = 86400
 -- The lease set (KEYS[2]) holds the ID of each running request's lease,
 -- scored by its expiry in unix ms (renewed while the request runs), and
 -- notes of what ended lately, scored by minus the time they were written:
--- the IDs of settled leases and the markers ('x:' and the nonce) of
--- cancelled admissions. A settle that is repeated, a renewal late for its
--- lease and an admission that runs after its cancellation find them, and
--- change nothing. Live leases are the positive scores, so the notes are
+-- the IDs of settled leases and of cancelled admissions. A settle that is
+-- repeated, a renewal late for its lease and an admission that runs after
+-- its cancellation find them, and change nothing. Live leases are the positive scores, so the notes are
 -- never counted in flight.
 local function fmt(ms)
   return string.format('%.0f', ms)
@@ -139,7 +138,7 @@ end
 
 -- charge adds delta tokens (a refund when negative) to the token bucket,
 -- into debt if need be, and to the quota counter of the period holding
--- admitted (unix ms; nil: now).
+-- admitted (unix ms; 0: now).
 local function charge(delta, admitted)
   if delta == 0 then
     return
@@ -150,7 +149,7 @@ local function charge(delta, admitted)
     saveBuckets(false, true)
   end
   if quotaN > 0 then
-    local name, last = period(math.floor((admitted or nowMs) / 1000), quotaP)
+    local name, last = period(math.floor((admitted > 0 and admitted or nowMs) / 1000), quotaP)
     -- Past its period and grace, a counter is gone for good.
     if last + quotaGrace > now / 1000000 then
       local key = KEYS[3] .. name
@@ -163,9 +162,4 @@ local function charge(delta, admitted)
       end
     end
   end
-end
-
--- admittedAt returns the time of admission a lease ID names (unix ms).
-local function admittedAt(id)
-  return tonumber(string.match(id, ':(%d+)$'))
 end

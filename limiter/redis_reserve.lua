@@ -6,14 +6,12 @@
 -- counter. No request is counted and no lease added. A refusal writes
 -- nothing, and neither does a lease that ended.
 -- ARGV[10] tokens, ARGV[11] tokens the lease holds already, ARGV[12] lease
--- ID.
+-- ID, ARGV[13] its time of admission (unix ms; 0: now).
 -- Reply: reason (limiter.Reason, or -1 alone: the lease ended), retry
 -- after (ns, -1: never), then the standing as the state script's.
-local tokens, held, id = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
+local tokens, held, id, admitted = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
 
-local admitted = nil
 if id ~= '' then
-  admitted = admittedAt(id)
   -- A lease noted as ended was settled already: its Settle would change
   -- nothing, and a reservation made now would never be replaced. One not
   -- found expired, and still settles, charging what it used.
@@ -26,7 +24,7 @@ end
 local qKey, qUsed, qEnd, qLast, qFresh = nil, 0, 0, 0, false
 local name
 if quotaN > 0 then
-  name, qLast = period(math.floor((admitted or nowMs) / 1000), quotaP)
+  name, qLast = period(math.floor((admitted > 0 and admitted or nowMs) / 1000), quotaP)
   -- Past its period and grace, a counter is gone for good: Settle charges
   -- nothing there, so nothing is checked or reserved there either.
   if qLast + quotaGrace > now / 1000000 then

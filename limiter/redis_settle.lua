@@ -1,15 +1,15 @@
 -- Settle (redis.go): end the lease, and charge the tokens used beyond the
 -- reservation (a refund when negative) to the token bucket and to the
 -- quota counter of the period of admission.
--- ARGV[10] used - reserved, ARGV[11] lease ID, ARGV[12] how long ended
--- leases are noted (ms), ARGV[13] 1 when an earlier attempt of this settle
--- may have landed longer ago than that.
+-- ARGV[10] used - reserved, ARGV[11] lease ID, ARGV[12] its time of
+-- admission (unix ms; 0: now), ARGV[13] how long ended leases are noted
+-- (ms), ARGV[14] 1 when an earlier attempt of this settle may have landed
+-- longer ago than that.
 -- Reply: 1 applied, 0 a repeat that changed nothing.
-local delta, id, keep, unsure = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12]), ARGV[13] == '1'
+local delta, id, admitted = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+local keep, unsure = tonumber(ARGV[13]), ARGV[14] == '1'
 
-local admitted = nil
 if id ~= '' then
-  admitted = admittedAt(id)
   local score = redis.call('ZSCORE', KEYS[2], id)
   if score and tonumber(score) < 0 then
     return 0

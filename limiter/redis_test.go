@@ -460,7 +460,7 @@ func TestRedisReserveLease(t *testing.T) {
 		now := redisNow(t, c)
 		yesterday := now.AddDate(0, 0, -1)
 		// A lease the way Admit names it, admitted yesterday: past its TTL.
-		lease := Lease{ID: "7:" + strconv.FormatInt(yesterday.UnixMilli(), 10)}
+		lease := Lease{ID: "7", Period: yesterday.UnixMilli()}
 		d, err := r.Reserve(ctx, "c", lim, lease, 100, time.Now())
 		if err != nil || d.Reason != Admitted || d.QuotaUsed != 0 || !d.QuotaReset.Equal(Day.End(now)) || d.Lease.Reserved != 100 {
 			t.Fatalf("reserve: %+v %v, want admitted, with today's quota untouched", d, err)
@@ -606,7 +606,7 @@ func TestRedisQuotaKeys(t *testing.T) {
 			{now.AddDate(0, 0, -3), false},
 		} {
 			// A lease the way Admit names it: nonce and unix ms of admission.
-			lease := Lease{ID: "7:" + strconv.FormatInt(tc.admitted.UnixMilli(), 10), Reserved: 10}
+			lease := Lease{ID: "7", Period: tc.admitted.UnixMilli(), Reserved: 10}
 			if err := r.Settle(ctx, "late", lim, lease, 50, time.Now()); err != nil {
 				t.Fatal(err)
 			}
@@ -745,7 +745,7 @@ func TestRedisDown(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
 	defer cancel()
-	if err := r.Settle(ctx, "c", lim, Lease{ID: "1:1"}, 0, time.Now()); err == nil || !strings.HasPrefix(err.Error(), "redis settle: ") {
+	if err := r.Settle(ctx, "c", lim, Lease{ID: "1", Period: 1}, 0, time.Now()); err == nil || !strings.HasPrefix(err.Error(), "redis settle: ") {
 		t.Errorf("killed: Settle error %v, want a wrapped one", err)
 	}
 	if _, err := r.State(ctx, "c", lim, time.Now()); err == nil || !strings.HasPrefix(err.Error(), "redis state: ") {
