@@ -122,31 +122,43 @@ func (r *Redis) maintain() {
 	tick := time.NewTicker(min(renewEvery, time.Second))
 	defer tick.Stop()
 	var renewed time.Time
+	failing := false // the renewals; logged when it changes
 	for {
 		select {
 		case <-r.stop:
 			return
 		case now := <-tick.C:
 			r.retryPending(renewEvery)
-			if now.Sub(renewed) >= renewEvery && r.renew(renewEvery) {
-				renewed = now
+			if now.Sub(renewed) < renewEvery {
+				continue
 			}
+			err := r.renew(renewEvery)
+			switch {
+			case err == nil:
+				renewed = now
+				if failing {
+					r.logger.Info("the leases of running requests are renewed again")
+				}
+			case !failing:
+				r.logger.Warn("renewing the leases of running requests failed; they expire unless a renewal lands within the lease TTL, and are put back by the next one that does",
+					zap.Duration("lease_ttl", r.leaseTTL), zap.Error(err))
+			}
+			failing = err != nil
 		}
 	}
 }
 
 // renew extends the running leases, one script per client in one
-// pipeline. It reports whether all landed.
-func (r *Redis) renew(timeout time.Duration) bool {
+// pipeline.
+func (r *Redis) renew(timeout time.Duration) error {
 	leases := r.running.byClient()
 	if len(leases) == 0 {
-		return true
+		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	if err := renewScript.Load(ctx, r.client).Err(); err != nil {
-		r.logger.Warn("renewing the leases of running requests", zap.Error(err))
-		return false
+		return err
 	}
 	pipe := r.client.Pipeline()
 	ttl := r.leaseTTL.Milliseconds()
@@ -158,11 +170,8 @@ func (r *Redis) renew(timeout time.Duration) bool {
 		}
 		renewScript.EvalSha(ctx, pipe, r.keys(client)[1:2], args...)
 	}
-	if _, err := pipe.Exec(ctx); err != nil {
-		r.logger.Warn("renewing the leases of running requests", zap.Int("clients", len(leases)), zap.Error(err))
-		return false
-	}
-	return true
+	_, err := pipe.Exec(ctx)
+	return err
 }
 
 // retryPending retries a batch of the failed calls in one pipeline, and
@@ -202,7 +211,7 @@ func (r *Redis) retryPending(timeout time.Duration) {
 		}
 	}
 	if len(failed) == 0 {
-		r.logger.Info("settled requests in the shared limiter after a failure", zap.Int("requests", n))
+		r.logger.Info("settled or cancelled requests in the shared limiter after a failure", zap.Int("requests", n))
 		return
 	}
 	q.mu.Lock()
