@@ -449,9 +449,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.limiterKey = fmt.Sprintf("redis:%s:%d:%d", spec, policy, h.StoreTimeout)
 	}
 	lim, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
-		local := limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)
 		if kind != "redis" {
-			return pooledLimiter{Limiter: local}, nil
+			return pooledLimiter{Limiter: limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)}, nil
 		}
 		client, err := newRedisClient(spec, time.Duration(h.StoreTimeout))
 		if err != nil {
@@ -459,6 +458,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		logger := caddy.Log().Named("vigthoria.limiter")
 		shared := limiter.NewRedis(client, "vgt:lim:", logger)
+		// The fleet's ledger is in Redis too: the local limits must not
+		// wait on it while Redis fails. They take quota figures from the
+		// shared limiter's decisions instead.
+		local := limiter.NewMemory(nil, maxLimitedClients)
 		return pooledLimiter{
 			Limiter: newFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
 			shared:  shared,

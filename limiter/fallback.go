@@ -34,6 +34,18 @@ const probeEvery = time.Second
 // refusals. It goes back to the shared backend by itself when that answers
 // again, and logs each change of course once.
 //
+// The in-memory limits decide a quota from what the instance knows: the
+// last figure a shared decision gave for the client in the period, noted
+// in the local Memory as decisions pass, plus what the local limits
+// counted themselves in the period, which the shared backend never
+// learns. A client the instance has not seen in the period starts from
+// the local Memory's QuotaCounter, so a Fallback over Redis wants a local
+// Memory without one (the fleet's ledger is in Redis too, and reading it
+// would wait on the store that failed): such a client then starts from
+// zero. During outages an instance thus lets a client use at most what
+// the quota leaves above the last figure it saw, and a client it has not
+// seen in the period at most the whole quota.
+//
 // Use NewFallback; it is safe for concurrent use.
 type Fallback struct {
 	shared  Limiter
@@ -49,6 +61,7 @@ type Fallback struct {
 }
 
 // NewFallback returns a Fallback on shared, each call bounded by timeout.
+// See Fallback on the QuotaCounter of local.
 func NewFallback(shared Limiter, local *Memory, policy OnError, timeout time.Duration, logger *zap.Logger) *Fallback {
 	return &Fallback{shared: shared, local: local, policy: policy, timeout: timeout, logger: logger}
 }
@@ -61,6 +74,7 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 		cancel()
 		if err == nil {
 			f.recovered()
+			f.noteQuota(client, lim, d.QuotaUsed, d.QuotaReset, now)
 			return d, nil
 		}
 		f.failed(err, now)
@@ -101,6 +115,7 @@ func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, leas
 		switch {
 		case err == nil:
 			f.recovered()
+			f.noteQuota(client, lim, d.QuotaUsed, d.QuotaReset, now)
 			return d, nil
 		case errors.Is(err, ErrLeaseGone): // an answer, not a failure
 			f.recovered()
@@ -145,6 +160,7 @@ func (f *Fallback) State(ctx context.Context, client string, lim *Limits, now ti
 		cancel()
 		if err == nil {
 			f.recovered()
+			f.noteQuota(client, lim, s.QuotaUsed, s.QuotaReset, now)
 			return s, nil
 		}
 		f.failed(err, now)
@@ -153,6 +169,14 @@ func (f *Fallback) State(ctx context.Context, client string, lim *Limits, now ti
 		return State{}, ErrUnavailable
 	}
 	return f.local.State(ctx, client, lim, now)
+}
+
+// noteQuota keeps a shared answer's quota figure for the local limits,
+// which decide from it should the shared backend fail.
+func (f *Fallback) noteQuota(client string, lim *Limits, used int64, end, now time.Time) {
+	if f.policy == UseLocal && !lim.Quota.Unlimited() {
+		f.local.NoteSharedQuota(client, lim, used, end, now)
+	}
 }
 
 // Down reports whether the fallback is in force.

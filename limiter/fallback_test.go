@@ -3,6 +3,7 @@ package limiter
 import (
 	"context"
 	"errors"
+	"strconv"
 	"testing"
 	"time"
 
@@ -11,17 +12,26 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 )
 
-// flaky is a shared backend that fails while down is set.
+// flaky is a shared backend that fails while down is set: at once, or,
+// with hang, when the call's context ends, as a stopped Redis does.
 type flaky struct {
 	*Memory
-	down  bool
-	calls int
+	down, hang bool
+	calls      int
+}
+
+func (f *flaky) fail(ctx context.Context) error {
+	if f.hang {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return errors.New("connection refused")
 }
 
 func (f *flaky) Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error) {
 	f.calls++
 	if f.down {
-		return Decision{}, errors.New("connection refused")
+		return Decision{}, f.fail(ctx)
 	}
 	d, err := f.Memory.Admit(ctx, client, lim, reserve, now)
 	d.Lease.ID = "shared"
@@ -31,9 +41,17 @@ func (f *flaky) Admit(ctx context.Context, client string, lim *Limits, reserve i
 func (f *flaky) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
 	f.calls++
 	if f.down {
-		return Decision{Lease: lease}, errors.New("connection refused")
+		return Decision{Lease: lease}, f.fail(ctx)
 	}
 	return f.Memory.Reserve(ctx, client, lim, lease, tokens, now)
+}
+
+func (f *flaky) State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error) {
+	f.calls++
+	if f.down {
+		return State{}, f.fail(ctx)
+	}
+	return f.Memory.State(ctx, client, lim, now)
 }
 
 func TestFallback(t *testing.T) {
@@ -193,5 +211,124 @@ func TestFallbackReserveRedis(t *testing.T) {
 	d, err = f.Reserve(ctx, "c", lim, lease, 10, time.Now())
 	if err != nil || d.Reason != Admitted || d.Lease != lease || !f.Down() {
 		t.Errorf("Redis killed: %+v %v down %v, want admitted unchecked, the lease as it was (%+v), the fallback in force", d, err, f.Down(), lease)
+	}
+}
+
+// failingLedger is a QuotaCounter in a store that fails, as a fleet's
+// ledger in Redis does while Redis fails: at once, or, with hang, after
+// the key store's 2 s timeout.
+type failingLedger struct{ hang bool }
+
+func (l failingLedger) QuotaUsed(ctx context.Context, _ string, _ time.Time) (int64, error) {
+	if l.hang {
+		select {
+		case <-ctx.Done():
+		case <-time.After(2 * time.Second):
+		}
+	}
+	return 0, errors.New("redis: connection refused")
+}
+
+// TestFallbackQuotaDuringOutage: while the shared backend fails, a quota
+// tier is decided locally within the timeout, from the last figure the
+// shared backend gave plus what the instance counted since, never from a
+// ledger in the failed store; when the shared backend answers again, its
+// figure rules, and a later outage of the period still counts what the
+// instance served in the earlier one.
+func TestFallbackQuotaDuringOutage(t *testing.T) {
+	const timeout = 50 * time.Millisecond
+	ctx := t.Context()
+	lim := &Limits{Quota: Quota{N: 10_000, Period: Day}}
+	for _, tc := range []struct {
+		name string
+		hang bool
+	}{{"refused", false}, {"stopped", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			shared := &flaky{Memory: NewMemory(nil, 100)}
+			f := NewFallback(shared, NewMemory(failingLedger{hang: tc.hang}, 100), UseLocal, timeout, zap.NewNop())
+			// request is one request as the handler makes it: admitted,
+			// then its estimate reserved, then settled with what it used.
+			request := func(what string, reserve, used int64, now time.Time) Decision {
+				t.Helper()
+				begin := time.Now()
+				d, err := f.Admit(ctx, "c", lim, 0, now)
+				if err == nil && d.Reason == Admitted {
+					d, err = f.Reserve(ctx, "c", lim, d.Lease, reserve, now)
+					if err == nil {
+						if d.Reason != Admitted {
+							used = 0
+						}
+						err = f.Settle(ctx, "c", lim, d.Lease, used, now)
+					}
+				}
+				if took := time.Since(begin); err != nil || took > time.Second {
+					t.Fatalf("%s: %v after %v, want a decision within the %v timeout", what, err, took, timeout)
+				}
+				return d
+			}
+
+			if d := request("up", 9_000, 9_000, t0); d.Reason != Admitted || d.QuotaUsed != 9_000 || d.Lease.ID != "shared" {
+				t.Fatalf("up: %+v, want 9,000 used in the shared backend", d)
+			}
+			shared.down, shared.hang = true, tc.hang
+			if d := request("down, first", 600, 600, t0); d.Reason != Admitted || d.QuotaUsed != 9_600 || d.Lease.ID != "" {
+				t.Errorf("down, 600 more: %+v, want admitted locally at 9,000 seen + 600", d)
+			}
+			if d := request("down, second", 400, 400, t0); d.Reason != Admitted || d.QuotaUsed != 10_000 {
+				t.Errorf("down, 400 more: %+v, want admitted locally at 10,000", d)
+			}
+			if d := request("down, third", 1, 1, t0); d.Reason != QuotaLimit {
+				t.Errorf("down, 1 more: %+v, want refused: 1,000 served locally on top of the 9,000 seen", d)
+			}
+			begin := time.Now()
+			if s, err := f.State(ctx, "c", lim, t0); err != nil || s.QuotaUsed != 10_000 || time.Since(begin) > time.Second {
+				t.Errorf("down, state: %+v %v after %v, want the local 10,000 at once", s, err, time.Since(begin))
+			}
+
+			// Back up: the shared figure rules, though it never learnt of
+			// the 1,000 served locally.
+			shared.down, shared.hang = false, false
+			back := t0.Add(probeEvery)
+			if d := request("back up", 0, 0, back); d.Reason != Admitted || d.QuotaUsed != 9_000 || d.Lease.ID != "shared" {
+				t.Errorf("back up: %+v, want the shared backend's 9,000", d)
+			}
+			shared.down, shared.hang = true, tc.hang
+			if d := request("down again", 1, 1, back); d.Reason != QuotaLimit || d.QuotaUsed != 10_000 {
+				t.Errorf("down again, 1 more: %+v, want refused at 9,000 seen + 1,000 served locally", d)
+			}
+		})
+	}
+}
+
+// BenchmarkFallbackAdmitReserveSettle is a request through a Fallback
+// whose shared backend answers: what the Fallback adds to the shared
+// backend's work, for a tier with a quota and one without.
+func BenchmarkFallbackAdmitReserveSettle(b *testing.B) {
+	rates := Limits{Requests: Rate{N: 600, Window: time.Minute}, Tokens: Rate{N: 400_000, Window: time.Minute}, Concurrent: 20}
+	withQuota := rates
+	withQuota.Quota = Quota{N: 50_000_000, Period: Month}
+	for _, tc := range []struct {
+		name string
+		lim  *Limits
+	}{{"quota", &withQuota}, {"no-quota", &rates}} {
+		b.Run(tc.name, func(b *testing.B) {
+			ctx := context.Background()
+			names := make([]string, 10_000)
+			for i := range names {
+				names[i] = "key_" + strconv.Itoa(i)
+			}
+			f := NewFallback(&flaky{Memory: NewMemory(nil, 2*len(names))}, NewMemory(nil, 2*len(names)), UseLocal, time.Second, zap.NewNop())
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				c := names[i%len(names)]
+				i++
+				d, _ := f.Admit(ctx, c, tc.lim, 0, t0)
+				if d, _ = f.Reserve(ctx, c, tc.lim, d.Lease, 100, t0); d.Reason != Admitted || d.Lease.ID == "" {
+					b.Fatalf("%+v, want admitted by the shared backend", d)
+				}
+				f.Settle(ctx, c, tc.lim, d.Lease, 80, t0)
+			}
+		})
 	}
 }

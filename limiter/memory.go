@@ -19,7 +19,9 @@ const (
 // spread over shards, each with its own lock. A client whose buckets are
 // full again, with nothing in flight, is forgotten, which loses nothing: a
 // new client starts with full buckets, and its quota use is read back from
-// the QuotaCounter. MaxClients bounds memory beyond that.
+// the QuotaCounter. Without a QuotaCounter, a client's quota use cannot be
+// read back, so a client with quota use is kept until its period ends.
+// MaxClients bounds memory beyond that.
 //
 // Use NewMemory; it is safe for concurrent use.
 type Memory struct {
@@ -35,14 +37,33 @@ type memShard struct {
 	ops uint32
 }
 
-// clientState is one client's standing: 72 bytes.
+// clientState is one client's standing: 64 bytes.
 type clientState struct {
-	requests    bucket
-	tokens      bucket
-	lim         *Limits // of the client's last request, to judge it idle
-	quotaUsed   int64
-	quotaPeriod int64 // unix nanoseconds of the period quotaUsed counts; 0: not loaded
-	inFlight    int32
+	requests bucket
+	tokens   bucket
+	lim      *Limits // of the client's last request, to judge it idle
+	// quotaUsed is the quota use of the period quotaDay starts: the
+	// QuotaCounter's figure, or the shared limiter's (NoteSharedQuota),
+	// plus quotaOwn, what this Memory counted itself since.
+	quotaUsed int64
+	quotaOwn  int64
+	// quotaDay is the first day of the period quotaUsed counts, in days
+	// since the Unix epoch (a day number keeps the state at 64 bytes);
+	// 0: not loaded.
+	quotaDay int32
+	inFlight int32
+}
+
+const nanosPerDay = int64(24 * time.Hour)
+
+// period returns the start of the quota period the client's use counts
+// in, in unix nanoseconds as Lease.Period names it; 0: not loaded.
+func (st *clientState) period() int64 { return int64(st.quotaDay) * nanosPerDay }
+
+// startPeriod starts counting the quota period that starts at period
+// (unix nanoseconds) from used, none of it counted here.
+func (st *clientState) startPeriod(period, used int64) {
+	st.quotaDay, st.quotaUsed, st.quotaOwn = int32(period/nanosPerDay), used, 0
 }
 
 // NewMemory returns a Memory limiter that keeps at most maxClients clients
@@ -65,7 +86,7 @@ func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve 
 	n := now.UnixNano()
 	d := st.admit(lim, reserve, n, now)
 	if s.ops++; s.ops%sweepEvery == 0 {
-		s.sweep(n)
+		m.sweep(s, n)
 	}
 	return d, nil
 }
@@ -104,10 +125,10 @@ func (m *Memory) lockedState(ctx context.Context, client string, lim *Limits, no
 		return nil, nil, 0, err
 	}
 	s.mu.Lock()
-	st := s.get(client, m.perShard, now.UnixNano(), lim)
-	if period != 0 && st.quotaPeriod != period {
+	st := m.get(s, client, now.UnixNano(), lim)
+	if period != 0 && st.period() != period {
 		// Forgotten or rolled over since loadQuota: count from what it read.
-		st.quotaPeriod = period
+		st.quotaDay = int32(period / nanosPerDay)
 	}
 	return s, st, period, nil
 }
@@ -118,7 +139,7 @@ func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lea
 	n := now.UnixNano()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := s.get(client, m.perShard, n, lim)
+	st := m.get(s, client, n, lim)
 	if st.inFlight > 0 {
 		st.inFlight--
 	}
@@ -129,10 +150,35 @@ func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lea
 	// The quota is corrected in the period the reservation counts in, as
 	// Redis does: once that period is over, the new one owes nothing of
 	// it, and its refund must not be spent again there.
-	if !lim.Quota.Unlimited() && (lease.Period == 0 || lease.Period == st.quotaPeriod) {
+	if !lim.Quota.Unlimited() && (lease.Period == 0 || lease.Period == st.period()) {
 		st.quotaUsed = max(st.quotaUsed+delta, 0)
+		st.quotaOwn = max(st.quotaOwn+delta, 0)
 	}
 	return nil
+}
+
+// NoteSharedQuota takes the client's quota use as a shared limiter
+// reported it: used tokens in the period that ends at end. When this
+// Memory decides in the shared limiter's place (see Fallback), it counts
+// that period from used plus what it counted itself in the period, which
+// the shared limiter does not know. A figure of an earlier period than
+// the one the client's use counts in is ignored: that period is over. It
+// allocates nothing for a client this Memory remembers.
+func (m *Memory) NoteSharedQuota(client string, lim *Limits, used int64, end, now time.Time) {
+	if lim.Quota.Unlimited() || end.IsZero() {
+		return
+	}
+	period := lim.Quota.Period.Start(end.Add(-time.Nanosecond)).UnixNano()
+	s := m.shard(client)
+	s.mu.Lock()
+	st := m.get(s, client, now.UnixNano(), lim)
+	switch p := st.period(); {
+	case p == period:
+		st.quotaUsed = used + st.quotaOwn
+	case p < period:
+		st.startPeriod(period, used)
+	}
+	s.mu.Unlock()
 }
 
 // State implements Limiter.
@@ -174,7 +220,7 @@ func (m *Memory) loadQuota(ctx context.Context, s *memShard, client string, lim 
 	period := start.UnixNano()
 	s.mu.Lock()
 	st, ok := s.m[client]
-	known := ok && st.quotaPeriod == period
+	known := ok && st.period() == period
 	s.mu.Unlock()
 	if known {
 		return period, nil
@@ -187,9 +233,9 @@ func (m *Memory) loadQuota(ctx context.Context, s *memShard, client string, lim 
 		}
 	}
 	s.mu.Lock()
-	st = s.get(client, m.perShard, now.UnixNano(), lim)
-	if st.quotaPeriod != period {
-		st.quotaPeriod, st.quotaUsed = period, used
+	st = m.get(s, client, now.UnixNano(), lim)
+	if st.period() != period {
+		st.startPeriod(period, used)
 	}
 	s.mu.Unlock()
 	return period, nil
@@ -199,17 +245,18 @@ func (m *Memory) shard(client string) *memShard {
 	return &m.shards[maphash.String(m.seed, client)%memShards]
 }
 
-// get returns the client's state, creating it. When the shard is full it
-// first forgets idle clients, and if none is idle, one arbitrary client:
-// that client gets a fresh start, the price of bounded memory.
-func (s *memShard) get(client string, limit int, now int64, lim *Limits) *clientState {
+// get returns the client's state in s (locked by the caller), creating
+// it. When the shard is full it first forgets idle clients, and if none is
+// idle, one arbitrary client: that client gets a fresh start, the price of
+// bounded memory.
+func (m *Memory) get(s *memShard, client string, now int64, lim *Limits) *clientState {
 	if st, ok := s.m[client]; ok {
 		st.lim = lim
 		return st
 	}
-	if len(s.m) >= limit {
-		s.sweep(now)
-		if len(s.m) >= limit {
+	if len(s.m) >= m.perShard {
+		m.sweep(s, now)
+		if len(s.m) >= m.perShard {
 			for c, st := range s.m {
 				if st.inFlight == 0 {
 					delete(s.m, c)
@@ -223,21 +270,23 @@ func (s *memShard) get(client string, limit int, now int64, lim *Limits) *client
 	return st
 }
 
-// sweep forgets a few clients that are idle: nothing in flight and both
-// buckets full again.
-func (s *memShard) sweep(now int64) {
+// sweep forgets a few idle clients of s (locked by the caller).
+func (m *Memory) sweep(s *memShard, now int64) {
 	checked := 0
 	for c, st := range s.m {
 		if checked++; checked > sweepBatch {
 			return
 		}
-		if st.idle(now) {
+		if st.idle(now, m.quota != nil) {
 			delete(s.m, c)
 		}
 	}
 }
 
-func (st *clientState) idle(now int64) bool {
+// idle reports whether forgetting the client at now loses nothing:
+// nothing in flight, both buckets full again, and no quota use in the
+// current period unless a QuotaCounter reads it back (counted).
+func (st *clientState) idle(now int64, counted bool) bool {
 	lim := st.lim
 	if st.inFlight > 0 {
 		return false
@@ -245,7 +294,11 @@ func (st *clientState) idle(now int64) bool {
 	if !lim.Requests.Unlimited() && !st.requests.full(lim.Requests, now) {
 		return false
 	}
-	return lim.Tokens.Unlimited() || st.tokens.full(lim.Tokens, now)
+	if !lim.Tokens.Unlimited() && !st.tokens.full(lim.Tokens, now) {
+		return false
+	}
+	return counted || st.quotaUsed == 0 || lim.Quota.Unlimited() ||
+		now >= lim.Quota.Period.End(time.Unix(0, st.period())).UnixNano()
 }
 
 func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time) Decision {
@@ -277,7 +330,8 @@ func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time)
 		st.inFlight++
 		if !lim.Quota.Unlimited() {
 			st.quotaUsed += reserve
-			d.Lease.Period = st.quotaPeriod
+			st.quotaOwn += reserve
+			d.Lease.Period = st.period()
 		}
 	}
 	d.State = st.state(lim, n, now)
@@ -300,6 +354,7 @@ func (st *clientState) reserve(lim *Limits, held, tokens int64, n int64, now tim
 	}
 	if d.Reason == Admitted && !lim.Quota.Unlimited() {
 		st.quotaUsed += tokens
+		st.quotaOwn += tokens
 	}
 	d.State = st.state(lim, n, now)
 	return d

@@ -352,6 +352,55 @@ func TestMemoryRefundStaysInItsPeriod(t *testing.T) {
 	}
 }
 
+// TestMemoryNoteSharedQuota: a noted figure counts in the period it
+// names, with what the Memory counted itself in that period on top, and
+// a lease settles in the period it was admitted in whatever was noted
+// since.
+func TestMemoryNoteSharedQuota(t *testing.T) {
+	ctx := t.Context()
+	lim := &Limits{Quota: Quota{N: 10_000, Period: Day}}
+	m := NewMemory(nil, 100)
+	used := func(now time.Time) int64 {
+		t.Helper()
+		s, err := m.State(ctx, "c", lim, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.QuotaUsed
+	}
+	today, midnight := Day.End(t0.AddDate(0, 0, -1)), Day.End(t0)
+
+	m.NoteSharedQuota("c", lim, 9_000, midnight, t0)
+	d, _ := m.Admit(ctx, "c", lim, 0, t0)
+	late, _ := m.Reserve(ctx, "c", lim, d.Lease, 500, t0)
+	if late.Reason != Admitted || late.QuotaUsed != 9_500 {
+		t.Fatalf("500 on 9,000 noted: %+v, want admitted at 9,500", late)
+	}
+	m.NoteSharedQuota("c", lim, 9_200, midnight, t0)
+	if got := used(t0); got != 9_700 {
+		t.Errorf("9,200 noted with 500 counted here: %d used, want 9,700", got)
+	}
+	m.NoteSharedQuota("c", lim, 100, today, t0)
+	if got := used(t0); got != 9_700 {
+		t.Errorf("a figure of the day before: %d used, want 9,700 still", got)
+	}
+
+	// After midnight the next day's figure starts the period afresh, and
+	// the late lease settling small refunds the day it counted in.
+	m.NoteSharedQuota("c", lim, 50, Day.End(midnight), midnight)
+	m.Settle(ctx, "c", lim, late.Lease, 0, midnight)
+	if got := used(midnight); got != 50 {
+		t.Errorf("the next day: %d used, want the 50 noted for it", got)
+	}
+	if d, _ := m.Admit(ctx, "c", lim, 9_951, midnight); d.Reason != QuotaLimit {
+		t.Errorf("9,951 on the 50 noted: %v, want refused", d.Reason)
+	}
+	// Every shared answer is noted: for a remembered client, in place.
+	if n := testing.AllocsPerRun(100, func() { m.NoteSharedQuota("c", lim, 60, Day.End(midnight), midnight) }); n != 0 {
+		t.Errorf("noting a remembered client's figure: %v allocations, want none", n)
+	}
+}
+
 func TestMemoryForgetsIdleClientsAndStaysBounded(t *testing.T) {
 	ctx := context.Background()
 	lim := &Limits{Requests: Rate{N: 10, Window: time.Second}}
@@ -375,6 +424,53 @@ func TestMemoryForgetsIdleClientsAndStaysBounded(t *testing.T) {
 	}
 	if n := m.Clients(); n > active+256*100/10 {
 		t.Errorf("after idle time, %d clients remembered, want about the %d active ones", n, active)
+	}
+}
+
+// TestMemoryKeepsQuotaUseItCannotReadBack: an idle client is forgotten
+// only when that loses nothing. Without a QuotaCounter its quota use
+// cannot be read back, so it is kept until its period ends.
+func TestMemoryKeepsQuotaUseItCannotReadBack(t *testing.T) {
+	ctx := t.Context()
+	lim := &Limits{Requests: Rate{N: 10, Window: time.Second}, Quota: Quota{N: 10_000, Period: Day}}
+	// idleTraffic admits and settles others at now, over every shard, so
+	// that each shard sweeps its idle clients several times.
+	idleTraffic := func(m *Memory, now time.Time) {
+		for i := range memShards * sweepEvery * 8 {
+			c := "d" + strconv.Itoa(i%2560)
+			d, _ := m.Admit(ctx, c, lim, 0, now)
+			m.Settle(ctx, c, lim, d.Lease, 0, now)
+		}
+	}
+	remembered := func(m *Memory) bool {
+		s := m.shard("c")
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		_, ok := s.m["c"]
+		return ok
+	}
+	for _, counted := range []bool{false, true} {
+		t.Run("counted "+strconv.FormatBool(counted), func(t *testing.T) {
+			ledger := fakeLedger{}
+			m := NewMemory(nil, 256*100)
+			if counted {
+				m = NewMemory(ledger, 256*100)
+			}
+			d, _ := m.Admit(ctx, "c", lim, 0, t0)
+			m.Settle(ctx, "c", lim, d.Lease, 9_000, t0)
+			ledger["c@2026-03-31"] = 9_000 // as the usage reaches the ledger
+			idleTraffic(m, t0.Add(time.Second))
+			if kept := remembered(m); kept == counted {
+				t.Errorf("idle with quota use in its period: remembered %v, want %v", kept, !counted)
+			}
+			if d, _ := m.Admit(ctx, "c", lim, 1_001, t0.Add(time.Second)); d.Reason != QuotaLimit {
+				t.Errorf("1,001 more after 9,000: %v with %d used, want refused", d.Reason, d.QuotaUsed)
+			}
+			idleTraffic(m, Day.End(t0).Add(time.Second))
+			if remembered(m) {
+				t.Error("idle after its period ended: still remembered")
+			}
+		})
 	}
 }
 

@@ -5,12 +5,17 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
@@ -294,4 +299,112 @@ func TestFleetSlotsOutliveNeitherRequestNorInstance(t *testing.T) {
 		time.Sleep(250 * time.Millisecond)
 	}
 	t.Logf("the killed instance's slot was free %v after the kill", time.Since(killed).Round(100*time.Millisecond))
+}
+
+// TestFleetQuotaDuringRedisOutage: with on_store_error local, a tier with
+// a quota keeps being served while Redis is stopped or gone, and limited
+// from what each instance knows: the last figure it saw from Redis plus
+// what it served itself since. A client at 9,000 of 10,000 gets at most
+// the 1,000 left from an instance, then 429 insufficient_quota.
+func TestFleetQuotaDuringRedisOutage(t *testing.T) {
+	f := startFleet(t, "store_timeout 250ms", "quota 10000/month")
+	a, b := newClient(f.a.URL, f.key), newClient(f.b.URL, f.key)
+	// chat asks for completion tokens (the prompt is 4 more) and returns
+	// the tokens the answer used and how long it took.
+	chat := func(c openai.Client, completion int64, raw **http.Response) (int64, time.Duration, error) {
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		params := chatParams("hi")
+		params.MaxTokens = openai.Int(completion)
+		begin := time.Now()
+		res, err := c.Chat.Completions.New(ctx, params, option.WithResponseInto(raw))
+		if err != nil {
+			return 0, time.Since(begin), err
+		}
+		return res.Usage.TotalTokens, time.Since(begin), nil
+	}
+	var raw *http.Response
+	for i := range 9 {
+		c := a
+		if i%2 == 1 {
+			c = b
+		}
+		if n, _, err := chat(c, 996, &raw); err != nil || n != 1000 {
+			t.Fatalf("before the outage, request %d: %d tokens, %v", i+1, n, err)
+		}
+	}
+	// Each instance sees the fleet's figure, here in /v1/usage.
+	for _, c := range []*harness.Caddy{f.a, f.b} {
+		e := &env{caddy: c}
+		eventually(t, "9,000 used shows", func() bool {
+			u, _ := e.usage(t, f.key)
+			return u.Limits.Quota != nil && u.Limits.Quota.Used == 9000
+		})
+	}
+
+	// drain sends requests of 100 tokens until one is refused for the
+	// quota, and returns the tokens served.
+	drain := func(what string, c openai.Client) int64 {
+		t.Helper()
+		var served int64
+		var slowest time.Duration
+		for i := 0; ; i++ {
+			var raw *http.Response
+			n, took, err := chat(c, 96, &raw)
+			slowest = max(slowest, took)
+			if err != nil && i == 0 {
+				t.Fatalf("%s, first request: %v after %v, want an answer from the local limits", what, err, took.Round(time.Millisecond))
+			}
+			if err != nil {
+				wantOpenAIError(t, err, http.StatusTooManyRequests, "insufficient_quota")
+				break
+			}
+			if i == 0 {
+				// The standing counts this request's reservation.
+				if left := quotaRemaining(t, raw); left <= 0 || left >= 1000 {
+					t.Errorf("%s, first answer: %d of the quota left, want less than the 1,000 left above 9,000", what, left)
+				}
+			}
+			if served += n; i == 20 {
+				t.Fatalf("%s: %d tokens served and no refusal", what, served)
+			}
+		}
+		t.Logf("%s: %d tokens served, then 429 insufficient_quota; slowest answer %v", what, served, slowest.Round(time.Millisecond))
+		if served < 500 || served > 1000 {
+			t.Errorf("%s: %d tokens served above 9,000, want most of the 1,000 left and no more", what, served)
+		}
+		return served
+	}
+
+	f.redis.Pause(t)
+	drain("Redis stopped", a)
+	f.redis.Resume(t)
+	eventually2s(t, "Redis is used again", func() bool {
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, f.a.URL+"/v1/models", nil)
+		req.Header.Set("Authorization", "Bearer "+f.key)
+		if res, err := http.DefaultClient.Do(req); err == nil {
+			res.Body.Close()
+		}
+		return strings.Contains(f.a.ReadLog(t), "the shared limiter answers again")
+	})
+
+	f.redis.Kill(t)
+	// Redis never learnt what A served while it was stopped; A did.
+	if _, _, err := chat(a, 500, &raw); err == nil {
+		t.Error("Redis killed, A: 500 more served, want 429: A served the quota's rest while Redis was stopped")
+	} else {
+		wantOpenAIError(t, err, http.StatusTooManyRequests, "insufficient_quota")
+	}
+	drain("Redis killed, B", b)
+}
+
+// quotaRemaining reads the quota left from an answer's RateLimit field.
+func quotaRemaining(t *testing.T, res *http.Response) int64 {
+	t.Helper()
+	m := regexp.MustCompile(`"quota";r=(\d+)`).FindStringSubmatch(res.Header.Get("RateLimit"))
+	if m == nil {
+		t.Fatalf("RateLimit %q: no quota item", res.Header.Get("RateLimit"))
+	}
+	n, _ := strconv.ParseInt(m[1], 10, 64)
+	return n
 }
