@@ -654,7 +654,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		end := time.Now()
 		h.settle(r, client.ID, lim, d.Lease, prompt+completion)
 		if (usage.Status != 0 || prompt+completion > 0) && ep.ID != proxy.Models {
-			h.keys.Ledger().Add(client.ID, ledgerModel(info.Model, usage.Status), end, prompt, completion)
+			h.keys.Ledger().Add(client.ID, ledgerModel(info.Model, usage.Status), end, keystore.Tokens{Prompt: prompt, Completion: completion})
 		}
 		record(r, client.Tier, ep.Name, info.Model, usage, prompt, completion)
 	}()
