@@ -304,3 +304,41 @@ func TestSQLiteLedgerUpgradesInPlace(t *testing.T) {
 		t.Errorf("usage after adding to it %+v (%v), want %+v", rows, err, row)
 	}
 }
+
+// TestRedisLedgerChecksBeforeItWrites: a writer's key of another type is
+// replaced, a row whose field holds what HINCRBY cannot add to is refused
+// alone, and a sum past int64 stops at its largest.
+func TestRedisLedgerChecksBeforeItWrites(t *testing.T) {
+	ctx := t.Context()
+	st, srv := openRedisTemp(t)
+	raw := rawRedis(t, srv.URL)
+	day := "2030-03-01"
+	k := usageKey("key_a", day)
+	if err := raw.HSet(ctx, redisWriterPrefix+"w", "not", "a sequence").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.HSet(ctx, k, "broken\x00prompt", "1.5", "full\x00prompt", math.MaxInt64-1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	rows := []UsageRow{
+		{Client: "key_a", Day: day, Model: "broken", Requests: 1, PromptTokens: 5},
+		{Client: "key_a", Day: day, Model: "full", Requests: 1, PromptTokens: 5},
+		{Client: "key_a", Day: day, Model: "fine", Requests: 1, PromptTokens: 5, CachedTokens: 2},
+	}
+	err := st.AddUsage(ctx, UsageBatch{Writer: "w", Seq: 1, Rows: rows})
+	var refused *RefusedError
+	if !errors.As(err, &refused) || len(refused.Rows) != 1 || refused.Rows[0] != rows[0] {
+		t.Fatalf("AddUsage = %v, want the broken row refused", err)
+	}
+	raw.HDel(ctx, k, "broken\x00prompt") // which no read takes either
+	want := []UsageRow{
+		{Client: "key_a", Day: day, Model: "fine", Requests: 1, PromptTokens: 5, CachedTokens: 2},
+		{Client: "key_a", Day: day, Model: "full", Requests: 1, PromptTokens: math.MaxInt64},
+	}
+	if got, err := st.usageSince(ctx, "key_a", day, time.Date(2030, 3, 1, 12, 0, 0, 0, time.UTC)); err != nil || !slices.Equal(got, want) {
+		t.Errorf("stored %+v (%v), want %+v", got, err, want)
+	}
+	if seq := raw.Get(ctx, redisWriterPrefix+"w").Val(); seq != "1" {
+		t.Errorf("the writer's sequence is %q, want 1", seq)
+	}
+}
