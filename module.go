@@ -658,13 +658,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return
 		}
 		usage := &call.Usage
-		prompt, completion := charge(usage, d.Lease.Reserved, int64(len(call.Body)))
+		used := h.chargeFor(client.ID, info.Model, usage, d.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
-		h.settle(r, client.ID, lim, d.Lease, prompt+completion)
-		if (usage.Status != 0 || prompt+completion > 0) && ep.ID != proxy.Models {
-			h.keys.Ledger().Add(client.ID, ledgerModel(info.Model, usage.Status), end, prompt, completion)
+		h.settle(r, client.ID, lim, d.Lease, used.Total())
+		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
+			h.keys.Ledger().Add(client.ID, ledgerModel(info.Model, usage.Status), end, used)
 		}
-		record(r, client.Tier, ep.Name, info.Model, usage, prompt, completion)
+		record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
 	}()
 
 	if ep.Body {

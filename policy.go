@@ -6,6 +6,9 @@ import (
 	"net/http"
 	"strconv"
 
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -156,7 +159,17 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 	return info, info.Estimate(maxTokens), nil
 }
 
-// charge is what an answer costs, as prompt and completion tokens:
+// maxAnswerTokens bounds each count the upstream reports for a request
+// (prompt, completion, cached and reasoning tokens) unless the request
+// reserved more: 2^24, about 16.8 million, eight times the longest context
+// window offered today (2 million), which no prompt or answer can pass.
+// A prompt may well exceed its estimate (an image or a file costs far
+// more than the bytes naming it), so the estimate is no bound; the window
+// is. A request that reserves more, many choices of long answers, may
+// use up to its reservation.
+const maxAnswerTokens = 1 << 24
+
+// charge is what an answer costs:
 //
 //   - what the upstream reported, when it did;
 //   - nothing when the upstream failed: an error status, or no answer
@@ -170,24 +183,44 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 //     request was sent upstream, before or during the answer: the whole
 //     reservation. The upstream goes on generating a whole answer after
 //     its caller left, and bills all of it to the server key, so leaving
-//     early must cost what staying would have.
+//     early must cost what staying would have;
+//   - for usage that is absurd (garbled, or a count past the request's
+//     bound, see maxAnswerTokens), the whole reservation too, and absurd
+//     is true: such figures would only corrupt the ledger and the quota.
 //
 // bodyLen sizes the prompt's estimate when police set none.
-func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (prompt, completion int64) {
-	prompt = u.Prompt
+func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens, absurd bool) {
+	prompt := u.Prompt
 	if prompt == 0 {
 		prompt = proxy.PromptEstimate(bodyLen)
 	}
 	prompt = min(prompt, reserve)
+	bound := max(reserve, maxAnswerTokens)
 	switch {
+	case u.Reported && u.Garbled == "" && max(u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens) <= bound:
+		return keystore.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}, false
 	case u.Reported:
-		return u.PromptTokens, u.CompletionTokens
+		absurd = true
 	case u.Status >= 400:
-		return 0, 0
+		return keystore.Tokens{}, false
 	case u.Status == 0 && !(u.Sent() && u.CallerLeft()):
-		return 0, 0
+		return keystore.Tokens{}, false
 	case u.Stream:
-		return prompt, u.Chunks
+		return keystore.Tokens{Prompt: prompt, Completion: u.Chunks}, false
 	}
-	return prompt, reserve - prompt
+	return keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd
+}
+
+// chargeFor is charge for a request of the client, logging usage it does
+// not believe for the operator: a warning naming the caller by key ID.
+func (h *Handler) chargeFor(clientID, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) keystore.Tokens {
+	used, absurd := charge(u, reserve, bodyLen)
+	if absurd {
+		h.logger.Warn("the upstream reported absurd usage: charged the reservation instead",
+			zap.String("client_id", clientID), zap.String("model", model),
+			zap.Int64("prompt_tokens", u.PromptTokens), zap.Int64("completion_tokens", u.CompletionTokens),
+			zap.Int64("cached_tokens", u.CachedTokens), zap.Int64("reasoning_tokens", u.ReasoningTokens),
+			zap.String("garbled_usage", u.Garbled), zap.Int64("reserved", reserve))
+	}
+	return used
 }

@@ -7,6 +7,11 @@ import (
 	"strings"
 	"testing"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -86,11 +91,75 @@ func TestCharge(t *testing.T) {
 			if tc.sent {
 				u.MarkSent(true)
 			}
-			p, c := charge(u, reserve, 400)
-			if p != tc.wantPrompt || c != tc.wantDone {
-				t.Errorf("charged %d + %d, want %d + %d", p, c, tc.wantPrompt, tc.wantDone)
+			used, absurd := charge(u, reserve, 400)
+			if used.Prompt != tc.wantPrompt || used.Completion != tc.wantDone || absurd {
+				t.Errorf("charged %+v (absurd %v), want %d + %d", used, absurd, tc.wantPrompt, tc.wantDone)
 			}
 		})
+	}
+}
+
+// TestChargeAbsurdUsage: usage that is no count, or more than any answer
+// can use, costs the reservation; the details are kept when believed.
+func TestChargeAbsurdUsage(t *testing.T) {
+	const reserve, prompt = 4100, 100
+	for _, tc := range []struct {
+		name    string
+		usage   proxy.AnswerUsage
+		reserve int64
+		want    keystore.Tokens
+		absurd  bool
+	}{
+		{"believed, with details", proxy.AnswerUsage{PromptTokens: 2048, CompletionTokens: 300, CachedTokens: 1920, ReasoningTokens: 256},
+			reserve, keystore.Tokens{Prompt: 2048, Completion: 300, Cached: 1920, Reasoning: 256}, false},
+		{"a prompt far over its estimate", proxy.AnswerUsage{PromptTokens: 1_000_000, CompletionTokens: 10},
+			reserve, keystore.Tokens{Prompt: 1_000_000, Completion: 10}, false},
+		{"garbled", proxy.AnswerUsage{CompletionTokens: 5, Garbled: `{"prompt_tokens":9e18,"completion_tokens":5}`},
+			reserve, keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
+		{"a prompt past any context", proxy.AnswerUsage{PromptTokens: maxAnswerTokens + 1, CompletionTokens: 5},
+			reserve, keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
+		{"cached tokens past any context", proxy.AnswerUsage{PromptTokens: 5, CachedTokens: 1 << 40},
+			reserve, keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
+		{"a large reservation bounds instead", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 128 * 200_000},
+			128*200_000 + 10, keystore.Tokens{Prompt: 10, Completion: 128 * 200_000}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u := tc.usage
+			u.Status, u.Reported, u.Prompt = 200, true, prompt
+			if used, absurd := charge(&u, tc.reserve, 400); used != tc.want || absurd != tc.absurd {
+				t.Errorf("charged %+v (absurd %v), want %+v (absurd %v)", used, absurd, tc.want, tc.absurd)
+			}
+		})
+	}
+}
+
+// TestAbsurdUsageIsLogged: the operator learns of usage the proxy did not
+// believe, with the caller's key ID and the upstream's figures.
+func TestAbsurdUsageIsLogged(t *testing.T) {
+	core, logs := observer.New(zapcore.WarnLevel)
+	h := &Handler{logger: zap.New(core)}
+	garbled := `{"prompt_tokens":-7,"completion_tokens":5}`
+	for _, u := range []proxy.AnswerUsage{
+		{Status: 200, Reported: true, PromptTokens: 7, CompletionTokens: 5},
+		{Status: 200, Reported: true, CompletionTokens: 5, Garbled: garbled},
+		{Status: 200, Reported: true, PromptTokens: maxAnswerTokens + 1},
+	} {
+		h.chargeFor("key_x", "vigthoria-fast-1", &u, 4100, 400)
+	}
+	entries := logs.All()
+	if len(entries) != 2 {
+		t.Fatalf("%d warnings, want 2: %v", len(entries), entries)
+	}
+	for _, e := range entries {
+		if f := e.ContextMap(); f["client_id"] != "key_x" || f["model"] != "vigthoria-fast-1" || f["reserved"] != int64(4100) {
+			t.Errorf("warning %q with %v, want the client, model and reservation", e.Message, f)
+		}
+	}
+	if f := entries[0].ContextMap(); f["garbled_usage"] != garbled {
+		t.Errorf("garbled usage logged as %v, want %s", f["garbled_usage"], garbled)
+	}
+	if f := entries[1].ContextMap(); f["prompt_tokens"] != int64(maxAnswerTokens+1) {
+		t.Errorf("prompt tokens logged as %v, want %d", f["prompt_tokens"], maxAnswerTokens+1)
 	}
 }
 

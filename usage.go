@@ -25,18 +25,39 @@ type usageReport struct {
 	ByModel  []modelReport `json:"by_model"` // this month
 }
 
+// usageCounts are a sum of ledger rows, shaped like the API's usage
+// object. The details are there when the upstream reported any.
 type usageCounts struct {
-	Requests         int64 `json:"requests"`
-	PromptTokens     int64 `json:"prompt_tokens"`
-	CompletionTokens int64 `json:"completion_tokens"`
-	TotalTokens      int64 `json:"total_tokens"`
+	Requests          int64              `json:"requests"`
+	PromptTokens      int64              `json:"prompt_tokens"`
+	CompletionTokens  int64              `json:"completion_tokens"`
+	TotalTokens       int64              `json:"total_tokens"`
+	PromptDetails     *promptDetails     `json:"prompt_tokens_details,omitempty"`
+	CompletionDetails *completionDetails `json:"completion_tokens_details,omitempty"`
 }
 
-func (c *usageCounts) add(r keystore.UsageRow) {
-	c.Requests += r.Requests
-	c.PromptTokens += r.PromptTokens
-	c.CompletionTokens += r.CompletionTokens
-	c.TotalTokens += r.TotalTokens()
+type promptDetails struct {
+	CachedTokens int64 `json:"cached_tokens"`
+}
+
+type completionDetails struct {
+	ReasoningTokens int64 `json:"reasoning_tokens"`
+}
+
+// countsOf shapes a sum of rows; details adds the details when they are
+// zero too.
+func countsOf(sum keystore.UsageRow, details bool) usageCounts {
+	c := usageCounts{
+		Requests: sum.Requests, PromptTokens: sum.PromptTokens,
+		CompletionTokens: sum.CompletionTokens, TotalTokens: sum.TotalTokens(),
+	}
+	if details || sum.CachedTokens > 0 {
+		c.PromptDetails = &promptDetails{sum.CachedTokens}
+	}
+	if details || sum.ReasoningTokens > 0 {
+		c.CompletionDetails = &completionDetails{sum.ReasoningTokens}
+	}
+	return c
 }
 
 type usagePeriod struct {
@@ -97,21 +118,24 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		Month:   usagePeriod{Start: keystore.Day(monthStart)},
 		ByModel: []modelReport{},
 	}
-	models := make(map[string]*modelReport)
+	// Sums of rows saturate, as the ledger's own do.
+	var today, month keystore.UsageRow
+	models := make(map[string]*keystore.UsageRow)
 	for _, row := range rows {
-		rep.Month.add(row)
+		month.Add(row)
 		if row.Day == rep.Today.Start {
-			rep.Today.add(row)
+			today.Add(row)
 		}
 		m := models[row.Model]
 		if m == nil {
-			m = &modelReport{Model: row.Model}
+			m = new(keystore.UsageRow)
 			models[row.Model] = m
 		}
-		m.add(row)
+		m.Add(row)
 	}
-	for _, m := range models {
-		rep.ByModel = append(rep.ByModel, *m)
+	rep.Today.usageCounts, rep.Month.usageCounts = countsOf(today, true), countsOf(month, true)
+	for model, sum := range models {
+		rep.ByModel = append(rep.ByModel, modelReport{Model: model, usageCounts: countsOf(*sum, false)})
 	}
 	sort.Slice(rep.ByModel, func(i, j int) bool { return rep.ByModel[i].Model < rep.ByModel[j].Model })
 

@@ -225,14 +225,17 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 	now := time.Now().UTC()
 	since := Day(time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC))
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCOMPLETION\tTOTAL")
+	// CACHED is of PROMPT and REASONING of COMPLETION, where the
+	// upstream reported them.
+	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL")
 	for _, id := range ids {
 		rows, err := us.UsageSince(cmd.Context(), id, since)
 		if err != nil {
 			return err
 		}
 		for _, r := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\n", id, r.Day, printable(r.Model), r.Requests, r.PromptTokens, r.CompletionTokens, r.TotalTokens())
+			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", id, r.Day, printable(r.Model), r.Requests,
+				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens())
 		}
 	}
 	return w.Flush()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -142,12 +143,16 @@ func storeWithUsage(t *testing.T, row UsageRow) (store, id string) {
 }
 
 func TestCLIUsageAndEmptyList(t *testing.T) {
-	store, id := storeWithUsage(t, UsageRow{Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5})
+	store, id := storeWithUsage(t, UsageRow{Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5, CachedTokens: 8, ReasoningTokens: 3})
 	day := Day(time.Now())
 	for _, args := range [][]string{{"usage", store}, {"usage", id, store}} {
 		out := mustCLI(t, args...)
-		if !strings.Contains(out, id) || !strings.Contains(out, day) || !strings.Contains(out, "m-1") || !strings.Contains(out, "15") {
-			t.Errorf("%v printed %q, want the key's row with 15 tokens", args, out)
+		header, row, _ := strings.Cut(out, "\n")
+		if got, want := strings.Fields(header), []string{"KEY", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL"}; !slices.Equal(got, want) {
+			t.Errorf("%v printed the header %q, want %q", args, got, want)
+		}
+		if got, want := strings.Fields(row), []string{id, day, "m-1", "2", "10", "8", "5", "3", "15"}; !slices.Equal(got, want) {
+			t.Errorf("%v printed the row %q, want %q", args, got, want)
 		}
 	}
 	mustCLI(t, "key", "revoke", id, store)

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // crashStoreEnv holds the database path when the test binary runs as the
@@ -212,7 +214,7 @@ func runCrashStore(path string) error {
 	// the uses added since the last flush began, does not depend on the
 	// period. One goroutine does everything, so that the order of the
 	// lines is the order of the writes.
-	ledger := newLedger()
+	ledger := newLedger(zap.NewNop())
 	ledger.attach(ackedUsage{st})
 	flushed := time.Now()
 	for n := 0; ; n++ {
@@ -240,7 +242,7 @@ func runCrashStore(path string) error {
 			client, model := crashClients[rand.IntN(len(crashClients))], crashModels[rand.IntN(len(crashModels))]
 			prompt, completion := 1+rand.Int64N(2000), rand.Int64N(1000)
 			at := time.Now()
-			ledger.Add(client, model, at, prompt, completion)
+			ledger.Add(client, model, at, Tokens{Prompt: prompt, Completion: completion})
 			ack("use %s %s %s %d %d %d", client, Day(at), model, prompt, completion, at.UnixNano())
 		}
 		if time.Since(flushed) >= crashLedgerFlush {

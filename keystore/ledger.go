@@ -6,10 +6,27 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"sync"
 	"time"
+
+	"go.uber.org/zap"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 )
+
+// Tokens is what one request used, counted as the API's usage object
+// counts it.
+type Tokens struct {
+	Prompt     int64
+	Completion int64
+	Cached     int64 // of Prompt: read from the upstream's prompt cache
+	Reasoning  int64 // of Completion: spent reasoning, not in the answer
+}
+
+// Total returns prompt plus completion tokens.
+func (t Tokens) Total() int64 { return addCount(t.Prompt, t.Completion) }
 
 // UsageRow is one client's usage of one model on one UTC day.
 type UsageRow struct {
@@ -19,10 +36,35 @@ type UsageRow struct {
 	Requests         int64
 	PromptTokens     int64
 	CompletionTokens int64
+	CachedTokens     int64 // of PromptTokens, where the upstream said
+	ReasoningTokens  int64 // of CompletionTokens, where the upstream said
 }
 
 // TotalTokens returns prompt plus completion tokens.
-func (r UsageRow) TotalTokens() int64 { return r.PromptTokens + r.CompletionTokens }
+func (r UsageRow) TotalTokens() int64 { return addCount(r.PromptTokens, r.CompletionTokens) }
+
+// Add adds the counts of o to r's. Every count stops at the largest
+// int64: a figure that large is wrong already, and must not wrap into a
+// negative one that starts a quota over.
+func (r *UsageRow) Add(o UsageRow) {
+	r.Requests = addCount(r.Requests, o.Requests)
+	r.PromptTokens = addCount(r.PromptTokens, o.PromptTokens)
+	r.CompletionTokens = addCount(r.CompletionTokens, o.CompletionTokens)
+	r.CachedTokens = addCount(r.CachedTokens, o.CachedTokens)
+	r.ReasoningTokens = addCount(r.ReasoningTokens, o.ReasoningTokens)
+}
+
+// addCount returns a+b, saturating at the bounds of int64.
+func addCount(a, b int64) int64 {
+	sum := a + b
+	if (sum > a) != (b > 0) { // wrapped
+		if b > 0 {
+			return math.MaxInt64
+		}
+		return math.MinInt64
+	}
+	return sum
+}
 
 // UsageBatch is one write of the ledger: its rows, and which write of
 // which ledger it is. A write whose answer was lost (a connection that
@@ -39,11 +81,29 @@ type UsageBatch struct {
 type UsageStore interface {
 	// AddUsage adds the batch's rows to the stored ones, in one
 	// transaction, once: a batch of the writer's that is not newer than
-	// the last applied is ignored.
+	// the last applied is ignored. Rows that can never be stored are
+	// left out and returned in a *RefusedError, the rest written; any
+	// other error leaves the batch to be written again as it is.
 	AddUsage(ctx context.Context, b UsageBatch) error
 	// UsageSince returns the client's rows of day and later.
 	UsageSince(ctx context.Context, client, day string) ([]UsageRow, error)
 }
+
+// RefusedError is the error of AddUsage when the store refused rows for
+// good: the rows themselves cannot be stored (a constraint or a type error
+// in SQLite, a usage hash of another type in Redis, a script that fails on
+// them), so writing them again would fail again. The rest of the batch
+// was written.
+type RefusedError struct {
+	Rows []UsageRow
+	Err  error // why
+}
+
+func (e *RefusedError) Error() string {
+	return fmt.Sprintf("the store refused %d usage rows: %v", len(e.Rows), e.Err)
+}
+
+func (e *RefusedError) Unwrap() error { return e.Err }
 
 type ledgerKey struct{ client, day, model string }
 
@@ -56,6 +116,7 @@ type ledgerKey struct{ client, day, model string }
 // concurrent use.
 type Ledger struct {
 	flushing sync.Mutex // one flush at a time, so batches reach the store in order
+	logger   *zap.Logger
 	mu       sync.Mutex // protects the fields below
 	pending  map[ledgerKey]*UsageRow
 	// unsure is a batch whose write failed: it may or may not have been
@@ -72,15 +133,15 @@ type Ledger struct {
 	}
 }
 
-func newLedger() *Ledger {
-	return &Ledger{pending: make(map[ledgerKey]*UsageRow), writer: rand.Text()}
+func newLedger(logger *zap.Logger) *Ledger {
+	return &Ledger{pending: make(map[ledgerKey]*UsageRow), writer: rand.Text(), logger: logger}
 }
 
 // Day formats t as the ledger's UTC day.
 func Day(t time.Time) string { return t.UTC().Format(time.DateOnly) }
 
-// Add counts one request of client for model at t.
-func (l *Ledger) Add(client, model string, at time.Time, prompt, completion int64) {
+// Add counts one request of client for model at t, which used tokens.
+func (l *Ledger) Add(client, model string, at time.Time, used Tokens) {
 	l.mu.Lock()
 	k := ledgerKey{client, l.dayName(at), model}
 	row := l.pending[k]
@@ -88,9 +149,8 @@ func (l *Ledger) Add(client, model string, at time.Time, prompt, completion int6
 		row = &UsageRow{Client: client, Day: k.day, Model: model}
 		l.pending[k] = row
 	}
-	row.Requests++
-	row.PromptTokens += prompt
-	row.CompletionTokens += completion
+	row.Add(UsageRow{Requests: 1, PromptTokens: used.Prompt, CompletionTokens: used.Completion,
+		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning})
 	l.mu.Unlock()
 }
 
@@ -114,7 +174,9 @@ func (l *Ledger) attach(st UsageStore) {
 }
 
 // flush writes the batch that failed last time, if any, then the pending
-// rows as a new batch. A failed batch is kept as it is for the next try.
+// rows as a new batch. A failed batch is kept as it is for the next try;
+// rows the store refused for good are set aside instead, so that they
+// hold back nothing after them.
 func (l *Ledger) flush(ctx context.Context) error {
 	l.flushing.Lock()
 	defer l.flushing.Unlock()
@@ -125,7 +187,7 @@ func (l *Ledger) flush(ctx context.Context) error {
 		return nil
 	}
 	if unsure != nil {
-		if err := st.AddUsage(ctx, *unsure); err != nil {
+		if err := l.write(ctx, st, *unsure); err != nil {
 			return err
 		}
 		l.mu.Lock()
@@ -146,13 +208,27 @@ func (l *Ledger) flush(ctx context.Context) error {
 	clear(l.pending)
 	l.mu.Unlock()
 
-	err := st.AddUsage(ctx, b)
+	err := l.write(ctx, st, b)
 	if err != nil {
 		l.mu.Lock()
 		l.unsure = &b
 		l.mu.Unlock()
 	}
 	return err
+}
+
+// write writes b to st. Rows the store refused for good are logged, with
+// every figure an operator needs to add them by hand, and count as
+// written.
+func (l *Ledger) write(ctx context.Context, st UsageStore, b UsageBatch) error {
+	err := st.AddUsage(ctx, b)
+	var refused *RefusedError
+	if !errors.As(err, &refused) {
+		return err
+	}
+	l.logger.Error("usage the store refuses, set aside: add these rows to the ledger by hand",
+		zap.Any("rows", refused.Rows), zap.Error(refused.Err))
+	return nil
 }
 
 // UsageSince returns the client's rows since day (inclusive), stored and
@@ -200,7 +276,7 @@ func (l *Ledger) QuotaUsed(ctx context.Context, client string, since time.Time) 
 	rows, err := l.UsageSince(ctx, client, since)
 	var total int64
 	for _, r := range rows {
-		total += r.TotalTokens()
+		total = addCount(total, r.TotalTokens())
 	}
 	return total, err
 }
@@ -210,9 +286,7 @@ func merge(rows, pending []UsageRow) []UsageRow {
 		found := false
 		for i := range rows {
 			if rows[i].Day == p.Day && rows[i].Model == p.Model {
-				rows[i].Requests += p.Requests
-				rows[i].PromptTokens += p.PromptTokens
-				rows[i].CompletionTokens += p.CompletionTokens
+				rows[i].Add(p)
 				found = true
 				break
 			}
@@ -235,33 +309,76 @@ const ledgerSchema = `CREATE TABLE usage (
 		PRIMARY KEY (client, day, model)
 	) STRICT, WITHOUT ROWID;`
 
+// ledgerDetailsSchema is the SQLite migration that keeps the cached and
+// reasoning tokens of the usage; the rows from before count none.
+const ledgerDetailsSchema = `ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE usage ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;`
+
+// addUsageSQL adds a row to the ledger, each sum at most the largest
+// int64: SQLite turns a sum that overflows into a REAL, which the STRICT
+// table refuses, and the row could never be written.
+var addUsageSQL = `INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+	ON CONFLICT (client, day, model) DO UPDATE SET ` +
+	saturatingSum("requests") + ", " + saturatingSum("prompt_tokens") + ", " + saturatingSum("completion_tokens") + ", " +
+	saturatingSum("cached_tokens") + ", " + saturatingSum("reasoning_tokens")
+
+// saturatingSum is the SQL that adds the new row's column to the stored
+// one. A count is never negative, so the test itself cannot overflow.
+func saturatingSum(column string) string {
+	return fmt.Sprintf("%[1]s = CASE WHEN excluded.%[1]s > %[2]d - %[1]s THEN %[2]d ELSE %[1]s + excluded.%[1]s END", column, math.MaxInt64)
+}
+
 // AddUsage implements UsageStore. A transaction that failed was not
 // applied, so a batch written again cannot count twice: the writer and
-// sequence are not needed here.
+// sequence are not needed here. A row SQLite refuses (see refusesRow)
+// is left out of the transaction, and the rest written.
 func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
-		stmt, err := tx.PrepareContext(ctx, `INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens)
-			VALUES (?, ?, ?, ?, ?, ?)
-			ON CONFLICT (client, day, model) DO UPDATE SET
-				requests = requests + excluded.requests,
-				prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-				completion_tokens = completion_tokens + excluded.completion_tokens`)
+	var refused []UsageRow
+	var why error
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		stmt, err := tx.PrepareContext(ctx, addUsageSQL)
 		if err != nil {
 			return err
 		}
 		defer stmt.Close()
 		for _, r := range b.Rows {
-			if _, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens); err != nil {
+			_, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens)
+			switch {
+			case err == nil:
+			case refusesRow(err):
+				refused, why = append(refused, r), err
+			default:
 				return fmt.Errorf("writing usage: %w", err)
 			}
 		}
 		return nil
 	})
+	if err == nil && len(refused) > 0 {
+		return &RefusedError{Rows: refused, Err: fmt.Errorf("writing usage: %w", why)}
+	}
+	return err
+}
+
+// refusesRow reports whether err is SQLite refusing the values of a row
+// (a constraint, a type, a value too big or out of range), which writing
+// it again would not change. A failed statement leaves its transaction
+// as it was. A busy, locked, full or failing database is waited out.
+func refusesRow(err error) bool {
+	var e *sqlite.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	switch e.Code() & 0xff { // the primary result code
+	case sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_MISMATCH, sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_RANGE:
+		return true
+	}
+	return false
 }
 
 // UsageSince implements UsageStore.
 func (s *SQLite) UsageSince(ctx context.Context, client, day string) ([]UsageRow, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT day, model, requests, prompt_tokens, completion_tokens
+	rows, err := s.db.QueryContext(ctx, `SELECT day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens
 		FROM usage WHERE client = ? AND day >= ? ORDER BY day, model`, client, day)
 	if err != nil {
 		return nil, fmt.Errorf("reading usage: %w", err)
@@ -270,7 +387,7 @@ func (s *SQLite) UsageSince(ctx context.Context, client, day string) ([]UsageRow
 	var out []UsageRow
 	for rows.Next() {
 		r := UsageRow{Client: client}
-		if err := rows.Scan(&r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens); err != nil {
+		if err := rows.Scan(&r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens); err != nil {
 			return nil, fmt.Errorf("reading usage: %w", err)
 		}
 		out = append(out, r)

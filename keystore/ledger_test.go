@@ -2,11 +2,18 @@ package keystore
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"maps"
+	"math"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // lostAnswers is a usage store that applies a write and then, as a
@@ -38,16 +45,16 @@ func (s *lostAnswers) UsageSince(context.Context, string, string) ([]UsageRow, e
 func TestLedgerWritesAFailedBatchAgainAsItWas(t *testing.T) {
 	ctx := t.Context()
 	st := &lostAnswers{failures: 2, applied: make(map[string]uint64)}
-	l := newLedger()
+	l := newLedger(zap.NewNop())
 	l.attach(st)
 	now := time.Now()
 
-	l.Add("key_a", "m", now, 10, 5)
+	l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 5})
 	if err := l.flush(ctx); err == nil {
 		t.Fatal("the first flush did not fail")
 	}
 	// Usage added meanwhile waits for a batch of its own.
-	l.Add("key_a", "m", now, 1, 1)
+	l.Add("key_a", "m", now, Tokens{Prompt: 1, Completion: 1})
 	if err := l.flush(ctx); err == nil {
 		t.Fatal("the second flush did not fail")
 	}
@@ -90,14 +97,14 @@ func TestLedgerWritesAFailedBatchAgainAsItWas(t *testing.T) {
 // its own UTC day, across midnight both ways, with the day's name kept
 // between uses.
 func TestLedgerDaysAroundMidnight(t *testing.T) {
-	l := newLedger()
+	l := newLedger(zap.NewNop())
 	midnight := time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC)
 	for _, at := range []time.Time{
 		midnight.Add(-time.Nanosecond), midnight, midnight.Add(time.Hour),
 		midnight.Add(-time.Hour), midnight.Add(24*time.Hour - time.Nanosecond), midnight.Add(24 * time.Hour),
 		midnight.In(time.FixedZone("UTC-5", -5*60*60)),
 	} {
-		l.Add("key_a", "m", at, 1, 0)
+		l.Add("key_a", "m", at, Tokens{Prompt: 1})
 	}
 	want := map[string]int64{"2026-11-25": 2, "2026-11-26": 4, "2026-11-27": 1}
 	got := map[string]int64{}
@@ -106,5 +113,232 @@ func TestLedgerDaysAroundMidnight(t *testing.T) {
 	}
 	if !maps.Equal(got, want) {
 		t.Fatalf("requests by day: %v, want %v", got, want)
+	}
+}
+
+// usageBackends open a new, empty usage store of each kind, closed at the
+// end of the test, with a way to make the rows of one client unwritable
+// there: a trigger that refuses them in SQLite, a string where their day's
+// hash would be in Redis.
+var usageBackends = []struct {
+	name string
+	open func(t *testing.T) (st UsageStore, spec string, breakClient func(client, day string))
+}{
+	{"sqlite", func(t *testing.T) (UsageStore, string, func(string, string)) {
+		st, path := openTemp(t)
+		return st, "sqlite:" + path, func(client, _ string) {
+			_, err := st.db.Exec(`CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.client = '` + client + `'
+				BEGIN SELECT RAISE(ABORT, 'refused by the test'); END`)
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}},
+	{"redis", func(t *testing.T) (UsageStore, string, func(string, string)) {
+		st, srv := openRedisTemp(t)
+		return st, srv.URL, func(client, day string) {
+			if err := rawRedis(t, srv.URL).Set(t.Context(), usageKey(client, day), "not a hash", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}},
+}
+
+// TestLedgerSumsSaturate: counts too large to add stop at the largest
+// int64, in memory, in the store and in what is read back, rather than
+// wrapping negative (and starting a quota over) or failing every write.
+func TestLedgerSumsSaturate(t *testing.T) {
+	const huge = 9_000_000_000_000_000_000 // 9e18, as an upstream once reported
+	for _, b := range usageBackends {
+		t.Run(b.name, func(t *testing.T) {
+			ctx := t.Context()
+			st, _, _ := b.open(t)
+			l := newLedger(zap.NewNop())
+			l.attach(st)
+			now := time.Now()
+			absurd := Tokens{Prompt: huge, Completion: 5, Cached: huge, Reasoning: 1}
+			l.Add("key_a", "m", now, absurd)
+			l.Add("key_a", "m", now, absurd)
+			if used, err := l.QuotaUsed(ctx, "key_a", now); err != nil || used != math.MaxInt64 {
+				t.Errorf("quota used %d (%v) while pending, want the largest int64", used, err)
+			}
+			// Two batches of saturated rows, then one that the pending
+			// rows add to when read.
+			for range 2 {
+				if err := l.flush(ctx); err != nil {
+					t.Fatalf("writing a saturated batch: %v", err)
+				}
+				l.Add("key_a", "m", now, absurd)
+				l.Add("key_a", "m", now, absurd)
+			}
+			want := UsageRow{Client: "key_a", Day: Day(now), Model: "m", Requests: 4,
+				PromptTokens: math.MaxInt64, CompletionTokens: 20, CachedTokens: math.MaxInt64, ReasoningTokens: 4}
+			if rows, err := st.UsageSince(ctx, "key_a", Day(now)); err != nil || len(rows) != 1 || rows[0] != want {
+				t.Errorf("stored %+v (%v), want %+v", rows, err, want)
+			}
+			want.Requests, want.CompletionTokens, want.ReasoningTokens = 6, 30, 6
+			if rows, err := l.UsageSince(ctx, "key_a", now); err != nil || len(rows) != 1 || rows[0] != want {
+				t.Errorf("read back %+v (%v), want %+v", rows, err, want)
+			}
+			if used, err := l.QuotaUsed(ctx, "key_a", now); err != nil || used != math.MaxInt64 {
+				t.Errorf("quota used %d (%v), want the largest int64", used, err)
+			}
+		})
+	}
+}
+
+// TestLedgerSetsAsideRowsTheStoreRefuses: a row the store can never
+// write is logged with its figures and set aside; the rest of its batch,
+// later batches and the last flush of Stop reach the store.
+func TestLedgerSetsAsideRowsTheStoreRefuses(t *testing.T) {
+	for _, b := range usageBackends {
+		t.Run(b.name, func(t *testing.T) {
+			ctx := t.Context()
+			st, spec, breakClient := b.open(t)
+			core, logs := observer.New(zapcore.ErrorLevel)
+			svc, err := NewService(spec, zap.New(core))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := svc.Start(); err != nil {
+				t.Fatal(err)
+			}
+			l := svc.Ledger()
+			now := time.Now()
+			breakClient("key_broken", Day(now))
+			l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 1})
+			l.Add("key_broken", "m", now, Tokens{Prompt: 12345, Completion: 678})
+			if err := l.flush(ctx); err != nil {
+				t.Errorf("flush with an unwritable row: %v", err)
+			}
+			l.Add("key_a", "m", now, Tokens{Prompt: 20, Completion: 2})
+			if err := l.flush(ctx); err != nil {
+				t.Errorf("flush after an unwritable row: %v", err)
+			}
+			l.Add("key_a", "m", now, Tokens{Prompt: 30, Completion: 3})
+			if err := svc.Stop(); err != nil {
+				t.Errorf("Stop: %v", err)
+			}
+
+			want := UsageRow{Client: "key_a", Day: Day(now), Model: "m", Requests: 3, PromptTokens: 60, CompletionTokens: 6}
+			if rows, err := st.UsageSince(ctx, "key_a", Day(now)); err != nil || len(rows) != 1 || rows[0] != want {
+				t.Errorf("stored %+v (%v), want %+v", rows, err, want)
+			}
+			set := logs.FilterMessageSnippet("set aside").All()
+			if len(set) != 1 {
+				t.Fatalf("%d logs of rows set aside, want 1: %v", len(set), logs.All())
+			}
+			rows, _ := set[0].ContextMap()["rows"].([]UsageRow)
+			if len(rows) != 1 || rows[0].Client != "key_broken" || rows[0].Day != Day(now) || rows[0].PromptTokens != 12345 || rows[0].CompletionTokens != 678 {
+				t.Errorf("rows set aside %+v, want key_broken's with its figures", set[0].ContextMap())
+			}
+		})
+	}
+}
+
+// TestRedisRefusesBatchOnlyForScriptErrors: a script that fails is set
+// aside, a Redis that cannot answer now is waited out.
+func TestRedisRefusesBatchOnlyForScriptErrors(t *testing.T) {
+	_, srv := openRedisTemp(t)
+	raw := rawRedis(t, srv.URL)
+	reply := func(msg string) error {
+		return raw.Eval(t.Context(), "return redis.error_reply(ARGV[1])", nil, msg).Err()
+	}
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{reply("ERR user_script:3: attempt to compare nil with number"), true},
+		{reply("WRONGTYPE Operation against a key holding the wrong kind of value"), true},
+		{reply("ERR max number of clients reached"), false},
+		{reply("LOADING Redis is loading the dataset in memory"), false},
+		{reply("BUSY Redis is busy running a script"), false},
+		{reply("OOM command not allowed when used memory > 'maxmemory'"), false},
+		{reply("READONLY You can't write against a read only replica"), false},
+		{context.DeadlineExceeded, false},
+		{errors.New("dial tcp 127.0.0.1:1: connect: connection refused"), false},
+	} {
+		if got := refusesBatch(tc.err); got != tc.want {
+			t.Errorf("refusesBatch(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+}
+
+// TestSQLiteLedgerUpgradesInPlace: a store of the schema before the
+// cached and reasoning tokens opens with its usage kept, counting none of
+// them, and keeps them from then on.
+func TestSQLiteLedgerUpgradesInPlace(t *testing.T) {
+	ctx := t.Context()
+	path := filepath.Join(t.TempDir(), "keys.db")
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=journal_mode(WAL)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, stmt := range []string{migrations[0], migrations[1], "PRAGMA user_version = 2",
+		`INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens) VALUES ('key_a', '2030-03-01', 'm', 2, 100, 50)`} {
+		if _, err := db.Exec(stmt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+
+	st, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	var version int
+	if err := st.db.QueryRow("PRAGMA user_version").Scan(&version); err != nil || version != len(migrations) {
+		t.Errorf("schema version %d (%v), want %d", version, err, len(migrations))
+	}
+	row := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 2, PromptTokens: 100, CompletionTokens: 50}
+	if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
+		t.Errorf("usage after the upgrade %+v (%v), want %+v", rows, err, row)
+	}
+	more := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 1, PromptTokens: 30, CompletionTokens: 20, CachedTokens: 16, ReasoningTokens: 8}
+	if err := st.AddUsage(ctx, UsageBatch{Rows: []UsageRow{more}}); err != nil {
+		t.Fatal(err)
+	}
+	row.Add(more)
+	if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
+		t.Errorf("usage after adding to it %+v (%v), want %+v", rows, err, row)
+	}
+}
+
+// TestRedisLedgerChecksBeforeItWrites: a writer's key of another type is
+// replaced, a row whose field holds what HINCRBY cannot add to is refused
+// alone, and a sum past int64 stops at its largest.
+func TestRedisLedgerChecksBeforeItWrites(t *testing.T) {
+	ctx := t.Context()
+	st, srv := openRedisTemp(t)
+	raw := rawRedis(t, srv.URL)
+	day := "2030-03-01"
+	k := usageKey("key_a", day)
+	if err := raw.HSet(ctx, redisWriterPrefix+"w", "not", "a sequence").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.HSet(ctx, k, "broken\x00prompt", "1.5", "full\x00prompt", math.MaxInt64-1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	rows := []UsageRow{
+		{Client: "key_a", Day: day, Model: "broken", Requests: 1, PromptTokens: 5},
+		{Client: "key_a", Day: day, Model: "full", Requests: 1, PromptTokens: 5},
+		{Client: "key_a", Day: day, Model: "fine", Requests: 1, PromptTokens: 5, CachedTokens: 2},
+	}
+	err := st.AddUsage(ctx, UsageBatch{Writer: "w", Seq: 1, Rows: rows})
+	var refused *RefusedError
+	if !errors.As(err, &refused) || len(refused.Rows) != 1 || refused.Rows[0] != rows[0] {
+		t.Fatalf("AddUsage = %v, want the broken row refused", err)
+	}
+	raw.HDel(ctx, k, "broken\x00prompt") // which no read takes either
+	want := []UsageRow{
+		{Client: "key_a", Day: day, Model: "fine", Requests: 1, PromptTokens: 5, CachedTokens: 2},
+		{Client: "key_a", Day: day, Model: "full", Requests: 1, PromptTokens: math.MaxInt64},
+	}
+	if got, err := st.usageSince(ctx, "key_a", day, time.Date(2030, 3, 1, 12, 0, 0, 0, time.UTC)); err != nil || !slices.Equal(got, want) {
+		t.Errorf("stored %+v (%v), want %+v", got, err, want)
+	}
+	if seq := raw.Get(ctx, redisWriterPrefix+"w").Val(); seq != "1" {
+		t.Errorf("the writer's sequence is %q, want 1", seq)
 	}
 }

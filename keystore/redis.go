@@ -27,7 +27,8 @@ import (
 //	vgt:keys:epoch           string: a random number, 1 to 65535, made by
 //	                         the first write to an empty store
 //	vgt:usage:<client>:<day> hash: "<model>\x00requests", "…\x00prompt",
-//	                         "…\x00completion"; expires after usageTTL
+//	                         "…\x00completion", "…\x00cached",
+//	                         "…\x00reasoning"; expires after usageTTL
 //
 // Every insert, rotation and revocation is one Lua script, which takes
 // the next seq and changes the key's hash and its score together, so
@@ -136,24 +137,70 @@ return 'ok'`)
 	// addUsageScript adds a ledger batch once. KEYS: the writer's
 	// sequence key, then the days' usage hashes. ARGV: the batch's
 	// sequence, the usage TTL and the writer TTL in seconds, then for
-	// each row the index of its hash in KEYS and three field and
-	// increment pairs.
+	// each row the index of its hash in KEYS and five field and
+	// increment pairs; a zero increment writes nothing. It returns 0 for
+	// a batch applied before, else 1 and the numbers (from 0) of the rows
+	// it refused: a row whose key is not a hash, or whose fields hold
+	// what HINCRBY cannot add to, is checked before anything of it is
+	// written, and left out. A sum stops at the largest int64 (rows never
+	// hold a negative count), where HINCRBY would fail the script halfway.
 	addUsageScript = redis.NewScript(`
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local MAX = '9223372036854775807'
+local function isInteger(v)
+	if not v then
+		return true
+	end
+	local digits = string.match(v, '^%-?([1-9]%d*)$')
+	if v == '0' then
+		return true
+	elseif not digits or #digits > #MAX then
+		return false
+	end
+	return #digits < #MAX or digits <= MAX or v == '-9223372036854775808'
+end
+local function writable(k, i)
+	local t = redis.call('TYPE', k).ok
+	if t ~= 'hash' and t ~= 'none' then
+		return false
+	end
+	for j = i + 1, i + 9, 2 do
+		if not isInteger(redis.call('HGET', k, ARGV[j])) then
+			return false
+		end
+	end
+	return true
+end
+
+-- A writer's key of another type holds no sequence: SET replaces it.
+local last = 0
+if redis.call('TYPE', KEYS[1]).ok == 'string' then
+	last = tonumber(redis.call('GET', KEYS[1])) or 0
+end
 if tonumber(ARGV[1]) <= last then
-	return 0
+	return {0}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-for i = 4, #ARGV, 7 do
+local result, written = {1}, {}
+for i = 4, #ARGV, 11 do
 	local k = KEYS[tonumber(ARGV[i])]
-	redis.call('HINCRBY', k, ARGV[i+1], ARGV[i+2])
-	redis.call('HINCRBY', k, ARGV[i+3], ARGV[i+4])
-	redis.call('HINCRBY', k, ARGV[i+5], ARGV[i+6])
+	if writable(k, i) then
+		for j = i + 1, i + 9, 2 do
+			if ARGV[j+1] ~= '0' then
+				local sum = redis.pcall('HINCRBY', k, ARGV[j], ARGV[j+1])
+				if type(sum) == 'table' and sum.err then -- it would overflow
+					redis.call('HSET', k, ARGV[j], MAX)
+				end
+			end
+		end
+		written[k] = true
+	else
+		result[#result+1] = (i - 4) / 11
+	end
 end
-for i = 2, #KEYS do
-	redis.call('EXPIRE', KEYS[i], ARGV[2])
+for k in pairs(written) do
+	redis.call('EXPIRE', k, ARGV[2])
 end
-return 1`)
+return result`)
 
 	// touchScript raises last-used times, never lowers them, and
 	// ignores keys that do not exist. KEYS: keys' hashes. ARGV: a time
@@ -473,12 +520,38 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 		args = append(args, i,
 			r.Model+"\x00requests", r.Requests,
 			r.Model+"\x00prompt", r.PromptTokens,
-			r.Model+"\x00completion", r.CompletionTokens)
+			r.Model+"\x00completion", r.CompletionTokens,
+			r.Model+"\x00cached", r.CachedTokens,
+			r.Model+"\x00reasoning", r.ReasoningTokens)
 	}
-	if err := addUsageScript.Run(ctx, s.client, keys, args...).Err(); err != nil {
+	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
+	switch {
+	case refusesBatch(err):
+		return &RefusedError{Rows: b.Rows, Err: fmt.Errorf("writing usage: %w", err)}
+	case err != nil:
 		return fmt.Errorf("writing usage: %w", err)
+	case len(res) > 1:
+		refused := make([]UsageRow, 0, len(res)-1)
+		for _, i := range res[1:] {
+			refused = append(refused, b.Rows[i])
+		}
+		return &RefusedError{Rows: refused, Err: errors.New("writing usage: a usage key that is not a hash, or a field that is not an integer")}
 	}
 	return nil
+}
+
+// refusesBatch reports whether err is Redis failing the usage script
+// itself, which no retry would change: the script checks what it can
+// before it writes, so this is an error no batch should meet, but one
+// that must not hold back every batch after it. A Redis that is
+// unreachable, loading, busy, out of memory or a replica is waited out.
+func refusesBatch(err error) bool {
+	var e redis.Error
+	if !errors.As(err, &e) || redis.IsMaxClientsError(err) {
+		return false
+	}
+	msg := e.Error()
+	return strings.HasPrefix(msg, "ERR ") || strings.HasPrefix(msg, "WRONGTYPE ")
 }
 
 // UsageSince implements UsageStore. It reads each day from day to
@@ -539,6 +612,10 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 				row.PromptTokens = n
 			case "completion":
 				row.CompletionTokens = n
+			case "cached":
+				row.CachedTokens = n
+			case "reasoning":
+				row.ReasoningTokens = n
 			}
 		}
 		for _, model := range slices.Sorted(maps.Keys(byModel)) {

@@ -106,7 +106,7 @@ func TestRedisCrashConsistency(t *testing.T) {
 		// Each run has a Ledger of its own: the batch its kill cut is
 		// written again after the restart, as a Service does, and the
 		// Ledger is then dropped.
-		ledger := newLedger()
+		ledger := newLedger(zap.NewNop())
 		run := &redisCrashRun{changed: make(map[string]bool)}
 		ledger.attach(recordedUsage{st, run})
 
@@ -393,7 +393,7 @@ func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger
 			client, model := crashClients[rand.IntN(len(crashClients))], crashModels[rand.IntN(len(crashModels))]
 			prompt, completion := 1+rand.Int64N(2000), rand.Int64N(1000)
 			at := time.Now()
-			ledger.Add(client, model, at, prompt, completion)
+			ledger.Add(client, model, at, Tokens{Prompt: prompt, Completion: completion})
 			run.uses++
 			run.pending = append(run.pending, crashUse{
 				row: UsageRow{Client: client, Day: Day(at), Model: model, Requests: 1, PromptTokens: prompt, CompletionTokens: completion},
@@ -613,6 +613,10 @@ func storedUsage(t *testing.T, kill int, raw *redis.Client) map[ledgerKey]UsageR
 				r.PromptTokens = n
 			case "completion":
 				r.CompletionTokens = n
+			case "cached":
+				r.CachedTokens = n
+			case "reasoning":
+				r.ReasoningTokens = n
 			default:
 				t.Fatalf("kill %d: ledger day %s has field %q", kill, k, field)
 			}

@@ -593,12 +593,12 @@ func TestRedisServicesShareKeysAndUsage(t *testing.T) {
 
 	// One ledger: what one instance counted, the other reads.
 	now := time.Now()
-	s1.Ledger().Add("key_a", "vigthoria-pro", now, 100, 20)
-	s1.Ledger().Add("key_a", "vigthoria-pro", now, 1, 2)
+	s1.Ledger().Add("key_a", "vigthoria-pro", now, Tokens{Prompt: 100, Completion: 20})
+	s1.Ledger().Add("key_a", "vigthoria-pro", now, Tokens{Prompt: 1, Completion: 2})
 	if err := s1.Ledger().flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	s2.Ledger().Add("key_a", "vigthoria-fast", now, 1000, 0) // pending, not flushed
+	s2.Ledger().Add("key_a", "vigthoria-fast", now, Tokens{Prompt: 1000}) // pending, not flushed
 	if used, err := s2.Ledger().QuotaUsed(ctx, "key_a", now); err != nil || used != 1123 {
 		t.Errorf("QuotaUsed on the other instance = %d, %v; want 1123", used, err)
 	}

@@ -150,7 +150,7 @@ func NewService(spec string, logger *zap.Logger) (*Service, error) {
 		flushEvery: flushInterval,
 		maxStale:   maxStaleness,
 		kick:       make(chan struct{}, 1),
-		ledger:     newLedger(),
+		ledger:     newLedger(logger),
 	}, nil
 }
 

@@ -45,6 +45,8 @@ var migrations = []string{
 	INSERT INTO sequences (name, value) VALUES ('keys', 0);`,
 	// 2: the usage ledger.
 	ledgerSchema,
+	// 3: the ledger's cached and reasoning tokens.
+	ledgerDetailsSchema,
 }
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, seq`

@@ -151,3 +151,19 @@ func BenchmarkModelsCacheHit(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkParseUsage reads the usage object at the end of a whole chat
+// answer, with the details objects OpenAI-compatible servers send.
+func BenchmarkParseUsage(b *testing.B) {
+	tail := []byte(`"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,` +
+		`"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},` +
+		`"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}`)
+	b.SetBytes(int64(len(tail)))
+	b.ReportAllocs()
+	for b.Loop() {
+		var u AnswerUsage
+		if !parseUsage(tail, &u) || u.Total() != 29 {
+			b.Fatalf("usage %+v, want 19+10 reported", u)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"math"
 	"strings"
 	"testing"
 
@@ -200,12 +201,16 @@ func countItems(raw json.RawMessage) int64 {
 
 // FuzzParseUsage holds the usage reader to encoding/json: whenever it reads
 // a usage object, decoding that object with encoding/json gives the same
-// top-level prompt_tokens and completion_tokens, whatever the key order,
-// nesting and number spelling.
+// four figures (prompt and completion tokens, and the cached and
+// reasoning tokens of their details), whatever the key order, nesting and
+// number spelling; and the reader finds it garbled exactly when
+// encoding/json fails on it or decodes a figure that is not a count.
 func FuzzParseUsage(f *testing.F) {
 	f.Add([]byte(`{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":500}}`))
-	f.Add([]byte(`data: {"choices":[],"usage":{"completion_tokens":2.0e1,"prompt_tokens":3}}`))
+	f.Add([]byte(`data: {"choices":[],"usage":{"completion_tokens":2.0e1,"prompt_tokens":3,"completion_tokens_details":{"reasoning_tokens":4}}}`))
 	f.Add([]byte(`{"usage":{"prompt_tokens":1,"completion_tokens"`))
+	f.Add([]byte(`{"usage":{"prompt_tokens":-1,"prompt_tokens":1e400,"prompt_tokens_details":5,"completion_tokens":9e18}}`))
+	f.Add([]byte(`{"usage":{"prompt_tokens":1.5,"prompt_tokens":2,"prompt_tokens_details":{"cached_tokens":1},"prompt_tokens_details":null}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var u AnswerUsage
 		if !parseUsage(b, &u) {
@@ -213,31 +218,65 @@ func FuzzParseUsage(f *testing.F) {
 		}
 		i := bytes.LastIndex(b, usageKey)
 		start := skipSpace(b, i+len(usageKey))
-		var want struct {
-			Prompt     *float64 `json:"prompt_tokens"`
-			Completion *float64 `json:"completion_tokens"`
-		}
+		obj := b[start:skipValue(b, start)]
 		// Keys match exactly in the reader; encoding/json folds case, so
-		// only bodies without folded duplicates compare.
-		var raw map[string]json.RawMessage
-		if err := json.Unmarshal(b[start:skipValue(b, start)], &raw); err != nil {
-			t.Fatalf("read a usage object encoding/json refuses: %v", err)
+		// only objects without folded spellings of the keys compare.
+		if spellsFolded(obj, "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details", "cached_tokens", "reasoning_tokens") {
+			return
 		}
-		for key := range raw {
-			if key != "prompt_tokens" && key != "completion_tokens" && (strings.EqualFold(key, "prompt_tokens") || strings.EqualFold(key, "completion_tokens")) {
-				return
-			}
+		var want struct {
+			Prompt        *float64 `json:"prompt_tokens"`
+			Completion    *float64 `json:"completion_tokens"`
+			PromptDetails *struct {
+				Cached *float64 `json:"cached_tokens"`
+			} `json:"prompt_tokens_details"`
+			CompletionDetails *struct {
+				Reasoning *float64 `json:"reasoning_tokens"`
+			} `json:"completion_tokens_details"`
 		}
-		json.Unmarshal(b[start:skipValue(b, start)], &want)
-		got := [2]int64{u.PromptTokens, u.CompletionTokens}
-		var exp [2]int64
-		for k, v := range [2]*float64{want.Prompt, want.Completion} {
-			if v != nil {
+		garbled := json.Unmarshal(obj, &want) != nil
+		figures := [4]*float64{want.Prompt, want.Completion}
+		if want.PromptDetails != nil {
+			figures[2] = want.PromptDetails.Cached
+		}
+		if want.CompletionDetails != nil {
+			figures[3] = want.CompletionDetails.Reasoning
+		}
+		var exp [4]int64
+		for k, v := range figures {
+			switch {
+			case v == nil:
+			case *v < 0 || *v > maxReportedTokens || *v != math.Trunc(*v):
+				garbled = true
+			default:
 				exp[k] = int64(*v)
 			}
 		}
-		if got != exp {
-			t.Fatalf("parseUsage read %v, encoding/json %v, from %s", got, exp, b)
+		if (u.Garbled != "") != garbled {
+			t.Fatalf("parseUsage found %s garbled: %v, encoding/json: %v", obj, u.Garbled != "", garbled)
+		}
+		if got := [4]int64{u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens}; !garbled && got != exp {
+			t.Fatalf("parseUsage read %v, encoding/json %v, from %s", got, exp, obj)
 		}
 	})
+}
+
+// spellsFolded reports whether a key of the JSON object obj, or of an object
+// within it, folds to one of names without being it.
+func spellsFolded(obj []byte, names ...string) bool {
+	var members map[string]json.RawMessage
+	if json.Unmarshal(obj, &members) != nil {
+		return false // not an object
+	}
+	for key, v := range members {
+		for _, name := range names {
+			if key != name && strings.EqualFold(key, name) {
+				return true
+			}
+		}
+		if spellsFolded(v, names...) {
+			return true
+		}
+	}
+	return false
 }

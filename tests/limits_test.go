@@ -48,16 +48,11 @@ func (e *env) waitKeysKnown(t *testing.T) {
 }
 
 type usageAnswer struct {
-	Object   string `json:"object"`
-	ClientID string `json:"client_id"`
-	Tier     string `json:"tier"`
-	Today    struct {
-		Requests         int64 `json:"requests"`
-		PromptTokens     int64 `json:"prompt_tokens"`
-		CompletionTokens int64 `json:"completion_tokens"`
-		TotalTokens      int64 `json:"total_tokens"`
-	} `json:"today"`
-	Limits struct {
+	Object   string      `json:"object"`
+	ClientID string      `json:"client_id"`
+	Tier     string      `json:"tier"`
+	Today    usageCounts `json:"today"`
+	Limits   struct {
 		Requests *struct {
 			Limit, Remaining int64
 			Reset            string
@@ -75,9 +70,22 @@ type usageAnswer struct {
 		} `json:"quota"`
 	} `json:"limits"`
 	ByModel []struct {
-		Model       string `json:"model"`
-		TotalTokens int64  `json:"total_tokens"`
+		Model string `json:"model"`
+		usageCounts
 	} `json:"by_model"`
+}
+
+type usageCounts struct {
+	Requests         int64 `json:"requests"`
+	PromptTokens     int64 `json:"prompt_tokens"`
+	CompletionTokens int64 `json:"completion_tokens"`
+	TotalTokens      int64 `json:"total_tokens"`
+	PromptDetails    *struct {
+		CachedTokens int64 `json:"cached_tokens"`
+	} `json:"prompt_tokens_details"`
+	CompletionDetails *struct {
+		ReasoningTokens int64 `json:"reasoning_tokens"`
+	} `json:"completion_tokens_details"`
 }
 
 func (e *env) usage(t *testing.T, key string) (usageAnswer, http.Header) {

@@ -48,6 +48,8 @@ type answer struct {
 	tokens       int    // per choice
 	finish       string // "stop" or "length"
 	promptTokens int
+	cachedTokens int    // of promptTokens: Behavior.CachedTokens
+	usage        string // Behavior.Usage
 }
 
 // Markers for appendChunk's token argument.
@@ -69,7 +71,12 @@ func (a *answer) appendHead(b []byte, object string) []byte {
 	return append(b, ',')
 }
 
+// appendUsage appends the answer's usage; a chat answer's has the
+// details objects OpenAI's has.
 func (a *answer) appendUsage(b []byte) []byte {
+	if a.usage != "" {
+		return append(append(b, `"usage":`...), a.usage...)
+	}
 	completion := a.tokens * max(a.choices, a.generated)
 	b = append(b, `"usage":{"prompt_tokens":`...)
 	b = strconv.AppendInt(b, int64(a.promptTokens), 10)
@@ -77,6 +84,17 @@ func (a *answer) appendUsage(b []byte) []byte {
 	b = strconv.AppendInt(b, int64(completion), 10)
 	b = append(b, `,"total_tokens":`...)
 	b = strconv.AppendInt(b, int64(a.promptTokens+completion), 10)
+	if a.chat {
+		reasoning := 0
+		if a.deltas == ReasoningDeltas {
+			reasoning = completion
+		}
+		b = append(b, `,"prompt_tokens_details":{"cached_tokens":`...)
+		b = strconv.AppendInt(b, int64(a.cachedTokens), 10)
+		b = append(b, `,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":`...)
+		b = strconv.AppendInt(b, int64(reasoning), 10)
+		b = append(b, `,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}`...)
+	}
 	return append(b, '}')
 }
 

@@ -155,6 +155,7 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	id := append(make([]byte, 0, 24), idPrefix...)
 	a.id = appendHex(id, s.seq.Add(1))
 	a.created = now.Unix()
+	a.cachedTokens, a.usage = min(b.CachedTokens, a.promptTokens), b.Usage
 	s.prompt.Add(int64(a.promptTokens))
 	s.answered.Add(int64(a.tokens * max(a.choices, a.generated)))
 	if a.stream {

@@ -64,3 +64,35 @@ func TestDeltaKinds(t *testing.T) {
 		}
 	}
 }
+
+// TestUsageDetails: a chat answer's usage carries OpenAI's details objects,
+// with the cached prompt tokens and the reasoning tokens when there are
+// any; Usage replaces it.
+func TestUsageDetails(t *testing.T) {
+	s := New(Options{APIKey: "k"})
+	const stream = `{"model":"vigthoria-fast-1","stream":true,"stream_options":{"include_usage":true},"max_tokens":3,"messages":[{"role":"user","content":"one two three four five"}]}`
+	for _, tc := range []struct {
+		behavior Behavior
+		body     string
+		want     string
+	}{
+		{Behavior{}, `{"model":"vigthoria-fast-1","max_tokens":3,"messages":[{"role":"user","content":"hi"}]}`,
+			`"usage":{"prompt_tokens":4,"completion_tokens":3,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},` +
+				`"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}`},
+		{Behavior{CachedTokens: 5, Deltas: ReasoningDeltas}, stream,
+			`"usage":{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11,"prompt_tokens_details":{"cached_tokens":5,"audio_tokens":0},` +
+				`"completion_tokens_details":{"reasoning_tokens":3,`},
+		{Behavior{CachedTokens: 100}, stream, `"prompt_tokens_details":{"cached_tokens":8,`},
+		{Behavior{}, `{"model":"vigthoria-fast-1","max_tokens":3,"prompt":"hi"}`, `"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}}`},
+		{Behavior{Usage: `{"prompt_tokens":-1}`}, stream, `"choices":[],"usage":{"prompt_tokens":-1}}`},
+	} {
+		s.SetBehavior(tc.behavior)
+		path := "/chat/completions"
+		if strings.Contains(tc.body, `"prompt"`) {
+			path = "/completions"
+		}
+		if w := post(t, s, path, tc.body); !strings.Contains(w.Body.String(), tc.want) {
+			t.Errorf("%+v: the answer lacks %s:\n%s", tc.behavior, tc.want, w.Body)
+		}
+	}
+}

@@ -120,7 +120,16 @@ type Behavior struct {
 	Garbage bool
 	// Deltas is the kind of output a streamed chat answer carries:
 	// ContentDeltas (the default), ToolCallDeltas or ReasoningDeltas.
+	// Reasoning deltas are counted as reasoning_tokens in its usage.
 	Deltas string
+	// CachedTokens is how many of a chat prompt's tokens its usage
+	// reports as read from the prompt cache (cached_tokens, at most the
+	// prompt's), as an API with prompt caching does for a prefix it saw
+	// lately.
+	CachedTokens int
+	// Usage, if set, is the usage object of every completion answer
+	// instead of its own, verbatim: an upstream whose accounting is off.
+	Usage string
 }
 
 // Request is a request as the server received it.

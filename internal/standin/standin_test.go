@@ -297,7 +297,7 @@ func TestStreamWire(t *testing.T) {
 					t.Errorf("event %d has usage though not asked: %s", i, data)
 				case includeUsage && !last && !strings.Contains(data, `"usage":null`):
 					t.Errorf("event %d lacks usage:null: %s", i, data)
-				case includeUsage && last && !strings.Contains(data, `"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}`):
+				case includeUsage && last && !strings.Contains(data, `"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6,"prompt_tokens_details":{"cached_tokens":0,`):
 					t.Errorf("last event is not the usage chunk: %s", data)
 				}
 			}

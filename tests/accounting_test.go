@@ -1,0 +1,153 @@
+package tests
+
+import (
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go/v3"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+)
+
+// storedToday returns the client's usage of today as the env's SQLite
+// store holds it, all models together.
+func (e *env) storedToday(t *testing.T, clientID string) keystore.UsageRow {
+	t.Helper()
+	st, err := keystore.OpenSQLite(strings.TrimPrefix(e.store, "sqlite:"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	rows, err := st.UsageSince(t.Context(), clientID, keystore.Day(time.Now()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum keystore.UsageRow
+	for _, r := range rows {
+		sum.Add(r)
+	}
+	return sum
+}
+
+// wantStored waits until the store holds what GET /v1/usage said of today.
+func (e *env) wantStored(t *testing.T, u usageAnswer) keystore.UsageRow {
+	t.Helper()
+	var got keystore.UsageRow
+	eventually2s(t, "the ledger is stored", func() bool {
+		got = e.storedToday(t, u.ClientID)
+		return got.Requests == u.Today.Requests && got.PromptTokens == u.Today.PromptTokens &&
+			got.CompletionTokens == u.Today.CompletionTokens
+	})
+	return got
+}
+
+// TestUsageDetailsReachTheLedger: the cached and reasoning tokens of an
+// upstream's usage, sent by OpenAI-compatible servers in details objects,
+// are kept per client, model and day, answered by GET /v1/usage and
+// stored; a usage object with a details object amid its counts is charged
+// in full.
+func TestUsageDetailsReachTheLedger(t *testing.T) {
+	e, key := startFaults(t, time.Minute)
+	client := newClient(e.caddy.URL, key)
+
+	e.upstream.SetBehavior(standin.Behavior{CachedTokens: 3})
+	res, err := client.Chat.Completions.New(t.Context(), chatParams("what is cached here"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := res.Usage.PromptTokensDetails.CachedTokens; got != 3 {
+		t.Errorf("the client read %d cached tokens, want the upstream's 3", got)
+	}
+	waitSettled(t, e, key)
+
+	e.upstream.SetBehavior(standin.Behavior{Deltas: standin.ReasoningDeltas})
+	params := chatParams("think it over")
+	params.MaxTokens = openai.Int(5)
+	params.StreamOptions = openai.ChatCompletionStreamOptionsParam{IncludeUsage: openai.Bool(true)}
+	stream := client.Chat.Completions.NewStreaming(t.Context(), params)
+	var reasoning int64
+	for stream.Next() {
+		if u := stream.Current().Usage; u.TotalTokens > 0 {
+			reasoning = u.CompletionTokensDetails.ReasoningTokens
+		}
+	}
+	if err := stream.Err(); err != nil || reasoning != 5 {
+		t.Fatalf("the stream reported %d reasoning tokens (%v), want 5", reasoning, err)
+	}
+	u := waitSettled(t, e, key)
+	if d := u.Today.PromptDetails; d == nil || d.CachedTokens != 3 {
+		t.Errorf("today's prompt_tokens_details %+v, want 3 cached tokens", d)
+	}
+	if d := u.Today.CompletionDetails; d == nil || d.ReasoningTokens != 5 {
+		t.Errorf("today's completion_tokens_details %+v, want 5 reasoning tokens", d)
+	}
+	if len(u.ByModel) != 1 || u.ByModel[0].PromptDetails == nil || u.ByModel[0].PromptDetails.CachedTokens != 3 ||
+		u.ByModel[0].CompletionDetails == nil || u.ByModel[0].CompletionDetails.ReasoningTokens != 5 {
+		t.Errorf("by model %+v, want %s's 3 cached and 5 reasoning tokens", u.ByModel, model)
+	}
+
+	// The figures of the issue: 10 + 500, not the 32 of a reader that
+	// stopped at the first '}'.
+	before := u
+	e.upstream.SetBehavior(standin.Behavior{Usage: `{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":500}`})
+	if res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(faultChat), http.Header{"Authorization": {"Bearer " + key}}); res.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", res.StatusCode)
+	}
+	u = waitSettled(t, e, key)
+	if charged := u.Today.TotalTokens - before.Today.TotalTokens; charged != 510 {
+		t.Errorf("charged %d tokens for the nested usage, want 510", charged)
+	}
+
+	stored := e.wantStored(t, u)
+	if stored.CachedTokens != 3 || stored.ReasoningTokens != 5 {
+		t.Errorf("stored %+v, want 3 cached and 5 reasoning tokens", stored)
+	}
+}
+
+// TestAbsurdUsageIsChargedTheReservation: usage that is no count
+// (negative, fractional, a string, past int64) or more than any request
+// can use is charged as the request's reservation; the caller's figures
+// stay positive and sane, and the usage after it is stored.
+func TestAbsurdUsageIsChargedTheReservation(t *testing.T) {
+	e, key := startFaults(t, time.Minute)
+	for _, usage := range []string{
+		`{"prompt_tokens":9e18,"completion_tokens":5,"total_tokens":9e18}`,
+		`{"prompt_tokens":9000000000000000000,"completion_tokens":5}`,
+		`{"prompt_tokens":9e18,"completion_tokens":9e18}`, // twice: a sum past int64
+		`{"prompt_tokens":-7,"completion_tokens":5}`,
+		`{"prompt_tokens":1.5,"completion_tokens":5}`,
+		`{"prompt_tokens":"7","completion_tokens":5}`,
+		`{"prompt_tokens":16777217,"completion_tokens":5}`, // 2^24 + 1: past any context window
+		`{"prompt_tokens":7,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":-1}}`,
+	} {
+		before := waitSettled(t, e, key)
+		e.upstream.SetBehavior(standin.Behavior{Usage: usage})
+		res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(faultChat), http.Header{"Authorization": {"Bearer " + key}})
+		if _, err := io.ReadAll(res.Body); err != nil || res.StatusCode != http.StatusOK {
+			t.Fatalf("%s: status %d, %v", usage, res.StatusCode, err)
+		}
+		reserved := before.Limits.Tokens.Remaining - atoi(t, res.Header.Get("X-Ratelimit-Remaining-Tokens"))
+		u := waitSettled(t, e, key)
+		if charged := u.Today.TotalTokens - before.Today.TotalTokens; reserved < 10 || charged != reserved {
+			t.Errorf("%s: charged %d tokens, want the reservation of %d", usage, charged, reserved)
+		}
+		if u.Today.PromptTokens < 0 || u.Today.CompletionTokens < 0 || u.Today.TotalTokens > faultTokens {
+			t.Errorf("%s: today's usage is %+v", usage, u.Today)
+		}
+	}
+
+	e.upstream.SetBehavior(standin.Behavior{})
+	client := newClient(e.caddy.URL, key)
+	if _, err := client.Chat.Completions.New(t.Context(), chatParams("and now a sane one")); err != nil {
+		t.Fatal(err)
+	}
+	u := waitSettled(t, e, key)
+	if u.Today.Requests != 9 {
+		t.Errorf("today %d requests, want 9", u.Today.Requests)
+	}
+	e.wantStored(t, u)
+}
