@@ -3,6 +3,7 @@ package limiter
 import (
 	"context"
 	"hash/maphash"
+	"math"
 	"sync"
 	"time"
 )
@@ -151,8 +152,8 @@ func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lea
 	// Redis does: once that period is over, the new one owes nothing of
 	// it, and its refund must not be spent again there.
 	if !lim.Quota.Unlimited() && (lease.Period == 0 || lease.Period == st.period()) {
-		st.quotaUsed = max(st.quotaUsed+delta, 0)
-		st.quotaOwn = max(st.quotaOwn+delta, 0)
+		st.quotaUsed = max(addCount(st.quotaUsed, delta), 0)
+		st.quotaOwn = max(addCount(st.quotaOwn, delta), 0)
 	}
 	return nil
 }
@@ -174,7 +175,7 @@ func (m *Memory) NoteSharedQuota(client string, lim *Limits, used int64, end, no
 	st := m.get(s, client, now.UnixNano(), lim)
 	switch p := st.period(); {
 	case p == period:
-		st.quotaUsed = used + st.quotaOwn
+		st.quotaUsed = addCount(used, st.quotaOwn)
 	case p < period:
 		st.startPeriod(period, used)
 	}
@@ -308,7 +309,7 @@ func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time)
 		d.Reason, d.RetryAfter = TooLarge, -1
 	case lim.Concurrent > 0 && int(st.inFlight) >= lim.Concurrent:
 		d.Reason, d.RetryAfter = ConcurrencyLimit, time.Second
-	case !lim.Quota.Unlimited() && st.quotaUsed+reserve > lim.Quota.N:
+	case !lim.Quota.Unlimited() && reserve > lim.Quota.N-st.quotaUsed:
 		d.Reason, d.RetryAfter = QuotaLimit, lim.Quota.Period.End(now).Sub(now)
 	}
 	if d.Reason == Admitted && !lim.Requests.Unlimited() {
@@ -329,8 +330,8 @@ func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time)
 		d.Lease.Reserved = reserve
 		st.inFlight++
 		if !lim.Quota.Unlimited() {
-			st.quotaUsed += reserve
-			st.quotaOwn += reserve
+			st.quotaUsed = addCount(st.quotaUsed, reserve)
+			st.quotaOwn = addCount(st.quotaOwn, reserve)
 			d.Lease.Period = st.period()
 		}
 	}
@@ -345,7 +346,7 @@ func (st *clientState) reserve(lim *Limits, held, tokens int64, n int64, now tim
 	switch {
 	case tooLarge(lim, held, tokens):
 		d.Reason, d.RetryAfter = TooLarge, -1
-	case !lim.Quota.Unlimited() && st.quotaUsed+tokens > lim.Quota.N:
+	case !lim.Quota.Unlimited() && tokens > lim.Quota.N-st.quotaUsed:
 		d.Reason, d.RetryAfter = QuotaLimit, lim.Quota.Period.End(now).Sub(now)
 	case !lim.Tokens.Unlimited():
 		if ok, wait := st.tokens.take(lim.Tokens, float64(tokens), n); !ok {
@@ -353,8 +354,8 @@ func (st *clientState) reserve(lim *Limits, held, tokens int64, n int64, now tim
 		}
 	}
 	if d.Reason == Admitted && !lim.Quota.Unlimited() {
-		st.quotaUsed += tokens
-		st.quotaOwn += tokens
+		st.quotaUsed = addCount(st.quotaUsed, tokens)
+		st.quotaOwn = addCount(st.quotaOwn, tokens)
 	}
 	d.State = st.state(lim, n, now)
 	return d
@@ -373,6 +374,20 @@ func (st *clientState) state(lim *Limits, n int64, now time.Time) State {
 		s.QuotaReset = lim.Quota.Period.End(now)
 	}
 	s.InFlight = int(st.inFlight)
+	return s
+}
+
+// addCount adds b to the count a, saturating at the int64 bounds: a
+// quota use read back saturated (keystore's sums saturate) must never
+// wrap into room to spend.
+func addCount(a, b int64) int64 {
+	s := a + b
+	if (s > a) != (b > 0) {
+		if b > 0 {
+			return math.MaxInt64
+		}
+		return math.MinInt64
+	}
 	return s
 }
 

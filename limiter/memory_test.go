@@ -2,6 +2,7 @@ package limiter
 
 import (
 	"context"
+	"math"
 	"runtime"
 	"strconv"
 	"sync"
@@ -530,5 +531,29 @@ func BenchmarkMemoryAdmitReserveSettle(b *testing.B) {
 			b.Fatal(d.Reason)
 		}
 		m.Settle(ctx, c, lim, d.Lease, 80, t0)
+	}
+}
+
+func TestMemoryQuotaSumsSaturate(t *testing.T) {
+	// The ledger's sums saturate: a client whose use read back is the
+	// largest count has no room left, however the sums are taken.
+	now := time.Now()
+	m := NewMemory(fakeLedger{"full@" + Day.Start(now).Format(time.DateOnly): math.MaxInt64}, 100)
+	lim := &Limits{Quota: Quota{N: 10_000, Period: Day}}
+	for _, reserve := range []int64{0, 1} {
+		if d, _ := m.Admit(t.Context(), "full", lim, reserve, now); d.Reason != QuotaLimit {
+			t.Errorf("admit of %d at the largest use read back: %v, want quota", reserve, d.Reason)
+		}
+	}
+	// Two huge charges add up to the largest count, not past it.
+	a, _ := m.Admit(t.Context(), "c", lim, 0, now)
+	b, _ := m.Admit(t.Context(), "c", lim, 0, now)
+	m.Settle(t.Context(), "c", lim, a.Lease, math.MaxInt64, now)
+	m.Settle(t.Context(), "c", lim, b.Lease, math.MaxInt64, now)
+	if st, _ := m.State(t.Context(), "c", lim, now); st.QuotaUsed != math.MaxInt64 {
+		t.Errorf("use after two huge charges: %d, want the largest count", st.QuotaUsed)
+	}
+	if d, _ := m.Admit(t.Context(), "c", lim, 0, now); d.Reason != QuotaLimit {
+		t.Errorf("admit after two huge charges: %v, want quota", d.Reason)
 	}
 }
