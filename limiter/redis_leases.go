@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"hash/maphash"
+	"strings"
 	"sync"
 	"time"
 
@@ -194,7 +195,7 @@ func (r *Redis) retryPending(timeout time.Duration) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	failed := batch[:0:0]
+	failed, landed := batch[:0:0], 0
 	if err := errors.Join(settleScript.Load(ctx, r.client).Err(), cancelScript.Load(ctx, r.client).Err()); err != nil {
 		failed = batch
 	} else {
@@ -205,18 +206,40 @@ func (r *Redis) retryPending(timeout time.Duration) {
 		}
 		pipe.Exec(ctx) // each command has its own error
 		for i, cmd := range cmds {
-			if cmd.Err() != nil {
+			switch err := cmd.Err(); {
+			case err == nil:
+				landed++
+			case refused(err):
+				// Redis ran it and said no: a retry would say no again.
+				r.logger.Error("the shared limiter refused a settle or cancellation; it is given up",
+					zap.String("client_id", batch[i].client), zap.Bool("cancel", batch[i].cancel),
+					zap.Int64("tokens", batch[i].delta), zap.Error(err))
+			default:
 				failed = append(failed, batch[i])
 			}
 		}
 	}
+	if landed > 0 {
+		r.logger.Info("settled or cancelled requests in the shared limiter after a failure", zap.Int("requests", landed))
+	}
 	if len(failed) == 0 {
-		r.logger.Info("settled or cancelled requests in the shared limiter after a failure", zap.Int("requests", n))
 		return
 	}
 	q.mu.Lock()
 	q.calls = append(failed, q.calls...)
 	q.mu.Unlock()
+}
+
+// refused reports whether err is Redis' own refusal of a script, as
+// opposed to a failure to reach it or a state that passes (LOADING, BUSY,
+// READONLY, OOM, a timeout).
+func refused(err error) bool {
+	var reply redis.Error
+	if !errors.As(err, &reply) {
+		return false
+	}
+	msg := reply.Error()
+	return strings.HasPrefix(msg, "ERR ") || strings.HasPrefix(msg, "WRONGTYPE ")
 }
 
 // retried queues a retry of c on pipe, by its script's SHA, which the

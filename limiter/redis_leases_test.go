@@ -141,6 +141,24 @@ func TestRedisFailedSettleIsRetried(t *testing.T) {
 		settledWithin(t, r, lim, settled, "settled by a retry")
 	})
 
+	t.Run("Redis refuses it", func(t *testing.T) {
+		off := new(refusing)
+		c := redis.NewClient(&redis.Options{Addr: s.Addr, ContextTimeoutEnabled: true, Limiter: off})
+		t.Cleanup(func() { c.Close() })
+		r := newTestRedis(t, c, "refused:")
+		d, _ := r.Admit(t.Context(), "c", lim, 500, time.Now())
+		off.on.Store(true)
+		r.Settle(t.Context(), "c", lim, d.Lease, 100, time.Now())
+		off.on.Store(false)
+		// A lease set of the wrong type: the script fails each time.
+		c.Set(t.Context(), "refused:lease:{c}", "x", 0)
+		for deadline := time.Now().Add(3 * time.Second); r.retries.len() != 0; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("a settle Redis refuses is still retried after 3 s")
+			}
+		}
+	})
+
 	t.Run("a late repeat never refunds", func(t *testing.T) {
 		c := newRedisClient(t, s)
 		r := newTestRedis(t, c, "late-repeat:")
