@@ -3,6 +3,7 @@ package tests
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"regexp"
@@ -257,13 +258,19 @@ func TestFleetSlotsOutliveNeitherRequestNorInstance(t *testing.T) {
 	f.upstream.SetBehavior(standin.Behavior{Latency: 10 * time.Minute})
 	held, cancel := context.WithCancel(t.Context())
 	defer cancel()
+	ended := make(chan string, 1) // how the held request ended, if it did
 	go func() {
 		req, _ := http.NewRequestWithContext(held, http.MethodPost, f.b.URL+"/v1/chat/completions",
 			jsonBody(map[string]any{"model": model, "stream": true, "messages": []map[string]string{{"role": "user", "content": "hi"}}}))
 		req.Header.Set("Authorization", "Bearer "+f.key)
-		if res, err := http.DefaultClient.Do(req); err == nil {
-			res.Body.Close()
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			ended <- err.Error()
+			return
 		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		ended <- res.Status + " " + string(body)
 	}()
 	a := &env{caddy: f.a}
 	inFlight := func() int {
@@ -273,9 +280,14 @@ func TestFleetSlotsOutliveNeitherRequestNorInstance(t *testing.T) {
 		}
 		return u.Limits.Concurrent.InFlight
 	}
-	for deadline := time.Now().Add(10 * time.Second); inFlight() != 1; time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); inFlight() != 1; time.Sleep(50 * time.Millisecond) {
+		select {
+		case how := <-ended:
+			t.Fatalf("the held request ended before it was counted: %s", how)
+		default:
+		}
 		if time.Now().After(deadline) {
-			t.Fatal("the held request was not admitted within 10 s")
+			t.Fatal("the held request was not admitted within 30 s")
 		}
 	}
 
