@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 	"unicode"
@@ -51,8 +52,8 @@ type JWTIssuer struct {
 	// the jwks_uri of <issuer>/.well-known/openid-configuration.
 	JWKSURL string `json:"jwks_url,omitempty"`
 
-	// The claim naming the user: a string without control characters.
-	// Default: sub.
+	// The claim naming the user: a non-empty string of printable
+	// characters (no control or format characters). Default: sub.
 	UserClaim string `json:"user_claim,omitempty"`
 
 	// A claim whose string value is the user's tier when it names a
@@ -104,12 +105,15 @@ func (j *JWTIssuer) validate(tiers map[string]*Tier) error {
 	if err := keystore.CheckProviderURL(j.Issuer); err != nil {
 		return fmt.Errorf("jwt issuer: %v", err)
 	}
+	if strings.ContainsAny(j.Issuer, "?#") {
+		return fmt.Errorf("jwt issuer '%s': an issuer has no query or fragment", j.Issuer)
+	}
 	if j.JWKSURL != "" {
 		if err := keystore.CheckProviderURL(j.JWKSURL); err != nil {
 			return fmt.Errorf("jwt %s: jwks_url: %v", j.Issuer, err)
 		}
 	}
-	if len(j.Audience) == 0 || j.Audience[0] == "" {
+	if len(j.Audience) == 0 || slices.Contains(j.Audience, "") {
 		return fmt.Errorf("jwt %s: audience is required, so that the provider's tokens for other apps are refused", j.Issuer)
 	}
 	if j.Tier == "" && j.TierClaim == "" {
@@ -164,7 +168,7 @@ func (j *JWTIssuer) tokenIssuer(tiers map[string]*Tier) *keystore.TokenIssuer {
 // caller names the user of a verified token's claims and its tier.
 func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*Tier) (keystore.Client, bool) {
 	user, ok := claims[j.UserClaim].(string)
-	if !ok || user == "" || strings.ContainsFunc(user, unicode.IsControl) {
+	if !ok || user == "" || strings.ContainsFunc(user, notPrintable) {
 		return keystore.Client{}, false
 	}
 	id := jwtPrefix + j.host + ":" + user
@@ -183,7 +187,13 @@ func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*Tier) (keyst
 	return keystore.Client{ID: id, Name: user, Tier: tier}, true
 }
 
-// provisionJWT loads the jwt issuers and the verifier of their tokens.
+// notPrintable reports a character that does not print as itself:
+// control and format characters (bidirectional overrides, zero widths)
+// would let a user's name forge or hide text where it is shown.
+func notPrintable(r rune) bool { return !unicode.IsGraphic(r) }
+
+// provisionJWT loads the jwt issuers and the verifier of their tokens,
+// which stays nil without issuers.
 func (h *Handler) provisionJWT(logger *zap.Logger) error {
 	if len(h.JWT) == 0 {
 		return nil

@@ -336,7 +336,7 @@ type Handler struct {
 	bodyLimits   proxy.BodyLimits
 	limiter      limiter.Limiter
 	keys         *keystore.Service
-	tokens       *keystore.TokenVerifier // nil without jwt issuers
+	tokens       *keystore.TokenVerifier
 	storeSpec    string // the key of keys in keyServices
 	limiterKey   string // the key of limiter in limiters
 	identityTier string // IdentityTier when it is a literal

@@ -3,16 +3,18 @@ package keystore
 import (
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/rsa"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -70,6 +72,15 @@ type keySet struct {
 	only  *VerificationKey // the set's one key, for tokens without kid; nil unless there is one
 }
 
+// kids are the key IDs of the set, sorted.
+func (s *keySet) kids() []string {
+	return slices.Sorted(maps.Keys(s.byKID))
+}
+
+func sameKIDs(a, b *keySet) bool {
+	return slices.Equal(a.kids(), b.kids())
+}
+
 func (s *keySet) key(kid string) *VerificationKey {
 	if kid == "" {
 		return s.only
@@ -84,13 +95,14 @@ func (s *keySet) key(kid string) *VerificationKey {
 // most once every 10 seconds. Keys stay in use while the provider cannot
 // be reached. Safe for concurrent use; make one with NewRemoteKeys.
 type RemoteKeys struct {
-	issuer  string
-	jwksURL string // "" to discover it
-	client  *http.Client
-	logger  *zap.Logger
-	ctx     context.Context // ends with Stop
-	stop    context.CancelFunc
-	start   sync.Once
+	issuer    string
+	jwksURL   string // "" to discover it
+	client    *http.Client
+	transport *http.Transport // the client's, whose connections Stop closes
+	logger    *zap.Logger
+	ctx       context.Context // ends with Stop
+	stop      context.CancelFunc
+	start     sync.Once
 
 	keys atomic.Pointer[keySet] // nil until the first fetch succeeds
 
@@ -111,20 +123,24 @@ type fetch struct {
 // Nothing is fetched before Start.
 func NewRemoteKeys(issuer, jwksURL string, logger *zap.Logger) *RemoteKeys {
 	ctx, stop := context.WithCancel(context.Background())
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.MaxResponseHeaderBytes = 64 << 10
 	return &RemoteKeys{
-		issuer:  issuer,
-		jwksURL: jwksURL,
-		client:  fetchClient(),
-		logger:  logger.With(zap.String("issuer", issuer)),
-		ctx:     ctx,
-		stop:    stop,
+		issuer:    issuer,
+		jwksURL:   jwksURL,
+		client:    fetchClient(transport),
+		transport: transport,
+		logger:    logger.With(zap.String("issuer", issuer)),
+		ctx:       ctx,
+		stop:      stop,
 	}
 }
 
 // fetchClient follows a few redirects, each to a URL a provider may use.
-func fetchClient() *http.Client {
+func fetchClient(transport *http.Transport) *http.Client {
 	return &http.Client{
-		Timeout: fetchTimeout,
+		Transport: transport,
+		Timeout:   fetchTimeout,
 		CheckRedirect: func(req *http.Request, via []*http.Request) error {
 			if len(via) >= 3 {
 				return errors.New("more than 3 redirects")
@@ -161,8 +177,11 @@ func (k *RemoteKeys) Start() {
 	k.start.Do(func() { go k.keepFresh() })
 }
 
-// Stop ends the background fetching.
-func (k *RemoteKeys) Stop() { k.stop() }
+// Stop ends the background fetching and closes its connections.
+func (k *RemoteKeys) Stop() {
+	k.stop()
+	k.transport.CloseIdleConnections()
+}
 
 // Destruct stops the key set when the last config using it goes.
 func (k *RemoteKeys) Destruct() error {
@@ -271,11 +290,10 @@ func (k *RemoteKeys) fetch() (time.Duration, error) {
 	if err != nil {
 		return 0, fmt.Errorf("key set %s: %w", jwksURL, err)
 	}
-	if skipped > 0 {
-		k.logger.Debug("keys of the provider's set that cannot verify tokens were skipped",
-			zap.Int("skipped", skipped), zap.Int("kept", len(set.byKID)))
+	if prev := k.keys.Swap(set); prev == nil || !sameKIDs(prev, set) {
+		k.logger.Info("fetched the signing keys of an OpenID provider",
+			zap.Strings("kids", set.kids()), zap.Int("skipped", skipped))
 	}
-	k.keys.Store(set)
 	return keysTTL(header.Get("Cache-Control")), nil
 }
 

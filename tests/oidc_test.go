@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -297,6 +298,13 @@ func TestOpenIDProviderUsers(t *testing.T) {
 		u, _ := e.usage(t, carol)
 		return u.Today.Requests == 3 && u.Today.TotalTokens > 0
 	})
+	// The operator's view: the ledger, written once a second.
+	eventually10s(t, "caddy vigthoria usage "+p.callerID("carol")+" shows her 3 chats", func() bool {
+		return strings.Contains(e.cli(t, "usage", p.callerID("carol")), p.callerID("carol")+"  ")
+	})
+	if out := e.cli(t, "usage", p.callerID("carol")); !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(p.callerID("carol")) + `\s+\S+\s+` + model + `\s+3\s`).MatchString(out) {
+		t.Errorf("caddy vigthoria usage printed %q, want a row of carol's 3 chats", out)
+	}
 	if u, _ := e.usage(t, p.token(t, "bob")); u.ClientID != p.callerID("bob") || u.Today.Requests > 1 {
 		t.Errorf("bob's usage: %s with %d requests, want his own 1 at most", u.ClientID, u.Today.Requests)
 	}
