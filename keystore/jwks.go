@@ -61,6 +61,7 @@ func (k *VerificationKey) fits(alg string) bool {
 	return false
 }
 
+// equal reports whether o is the same key for the same algorithm.
 func (k *VerificationKey) equal(o *VerificationKey) bool {
 	pub, ok := k.Key.(interface{ Equal(crypto any) bool })
 	return ok && k.Alg == o.Alg && pub.Equal(o.Key)
@@ -120,7 +121,7 @@ type fetch struct {
 
 // NewRemoteKeys returns the key set of issuer, fetched from jwksURL or,
 // when it is empty, from the jwks_uri of the issuer's discovery document.
-// Nothing is fetched before Start.
+// Nothing is fetched before Start or Refresh.
 func NewRemoteKeys(issuer, jwksURL string, logger *zap.Logger) *RemoteKeys {
 	ctx, stop := context.WithCancel(context.Background())
 	transport := http.DefaultTransport.(*http.Transport).Clone()
