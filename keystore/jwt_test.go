@@ -340,6 +340,29 @@ func TestProviderDownKeepsKeys(t *testing.T) {
 	}
 }
 
+// TestStartRetriesUntilTheProviderAnswers checks that keys a provider
+// could not give at start arrive in the background once it answers.
+func TestStartRetriesUntilTheProviderAnswers(t *testing.T) {
+	p := newProvider(t)
+	p.publish(map[string]crypto.Signer{testKID: rsaKey(t)})
+	p.setDown(true)
+	keys := NewRemoteKeys(p.srv.URL, "", zap.NewNop())
+	defer keys.Stop()
+	keys.Start()
+	time.Sleep(100 * time.Millisecond)
+	if keys.Key(testKID) != nil {
+		t.Fatal("keys while the provider is down")
+	}
+	p.setDown(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for keys.Key(testKID) == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the keys did not arrive within 10 s of the provider answering")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func TestDiscoveryMustNameTheIssuer(t *testing.T) {
 	p := newProvider(t)
 	p.publish(map[string]crypto.Signer{testKID: rsaKey(t)})
@@ -347,6 +370,27 @@ func TestDiscoveryMustNameTheIssuer(t *testing.T) {
 	defer keys.Stop()
 	if _, err := keys.fetch(); err == nil || !strings.Contains(err.Error(), "names the issuer") {
 		t.Errorf("fetch of another issuer's document: %v, want it refused", err)
+	}
+}
+
+// TestFetchIsBounded checks that a provider's answer is refused when it
+// is too large, or redirects off https.
+func TestFetchIsBounded(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/large":
+			w.Write([]byte(`{"keys":["` + strings.Repeat("x", maxFetchedBytes) + `"]}`))
+		case "/redirect":
+			http.Redirect(w, r, "http://keys.example.com/jwks", http.StatusFound)
+		}
+	}))
+	defer srv.Close()
+	for path, want := range map[string]string{"/large": "larger than", "/redirect": "not https"} {
+		keys := NewRemoteKeys(srv.URL, srv.URL+path, zap.NewNop())
+		if _, err := keys.fetch(); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("fetching %s: %v, want an error saying %q", path, err, want)
+		}
+		keys.Stop()
 	}
 }
 
