@@ -320,15 +320,7 @@ func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
 		case "tier":
 			j.Tier, err = singleArg(d)
 		case "leeway":
-			var v string
-			if v, err = singleArg(d); err != nil {
-				break
-			}
-			leeway, perr := caddy.ParseDuration(v)
-			if perr != nil || leeway <= 0 {
-				return d.Errf("jwt %s: invalid leeway '%s': want a positive duration such as 30s", j.Issuer, v)
-			}
-			j.Leeway = caddy.Duration(leeway)
+			j.Leeway, err = durationArg(d, "30s")
 		default:
 			return d.Errf("unknown jwt subdirective '%s'", sub)
 		}

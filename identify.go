@@ -67,13 +67,17 @@ func errTooManyFailures(wait time.Duration) *proxy.APIError {
 
 // identify finds who is calling: an identity set by an earlier Caddy auth
 // handler, else a client key or a JWT of a configured issuer, else, when
-// allowed, the anonymous tier by client address. It sets the placeholders and the access log's user_id.
+// allowed, the anonymous tier by client address. It sets the placeholders
+// and the access log's user_id.
 //
 // The failed-authentication throttle only ever refuses failed attempts: a
 // valid key, an identity or an anonymous caller from a throttled address
 // (everyone behind one NAT, office or CDN) is let through. Checking a key
 // costs a checksum and, for a well-formed one, a hash and a lookup in
-// memory, so a throttled prober gains nothing and costs little.
+// memory, so a throttled prober gains nothing and costs little. A JWT
+// costs a hash and a lookup too, and one signature check (tens of
+// microseconds) when it names a configured issuer and a published key
+// and was not seen before.
 func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *Tier, *proxy.APIError) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if keyInQuery(r.URL.RawQuery) {
