@@ -101,6 +101,7 @@ type RemoteKeys struct {
 	client    *http.Client
 	transport *http.Transport // the client's, whose connections Stop closes
 	logger    *zap.Logger
+	minTTL    time.Duration   // the shortest a fetched set is kept: minKeysTTL, shorter in tests
 	ctx       context.Context // ends with Stop
 	stop      context.CancelFunc
 	start     sync.Once
@@ -132,6 +133,7 @@ func NewRemoteKeys(issuer, jwksURL string, logger *zap.Logger) *RemoteKeys {
 		client:    fetchClient(transport),
 		transport: transport,
 		logger:    logger.With(zap.String("issuer", issuer)),
+		minTTL:    minKeysTTL,
 		ctx:       ctx,
 		stop:      stop,
 	}
@@ -295,7 +297,7 @@ func (k *RemoteKeys) fetch() (time.Duration, error) {
 		k.logger.Info("fetched the signing keys of an OpenID provider",
 			zap.Strings("kids", set.kids()), zap.Int("skipped", skipped))
 	}
-	return keysTTL(header.Get("Cache-Control")), nil
+	return keysTTL(header.Get("Cache-Control"), k.minTTL), nil
 }
 
 // discover reads jwks_uri from the issuer's discovery document, whose
@@ -419,19 +421,19 @@ func parseKey(raw json.RawMessage) (*VerificationKey, string, bool) {
 }
 
 // keysTTL is how long a key set may be kept, from its Cache-Control
-// max-age within 1 minute and 1 day; 15 minutes without one.
-func keysTTL(cacheControl string) time.Duration {
+// max-age within floor (1 minute) and 1 day; 15 minutes without one.
+func keysTTL(cacheControl string, floor time.Duration) time.Duration {
 	for directive := range strings.SplitSeq(cacheControl, ",") {
 		name, value, _ := strings.Cut(strings.TrimSpace(directive), "=")
 		switch strings.ToLower(name) {
 		case "no-store", "no-cache":
-			return minKeysTTL
+			return floor
 		case "max-age":
 			secs, err := strconv.ParseInt(strings.Trim(value, `"`), 10, 64)
 			if err != nil || secs < 0 {
 				return defaultKeysTTL
 			}
-			return min(max(time.Duration(min(secs, int64(maxKeysTTL/time.Second)))*time.Second, minKeysTTL), maxKeysTTL)
+			return min(max(time.Duration(min(secs, int64(maxKeysTTL/time.Second)))*time.Second, floor), maxKeysTTL)
 		}
 	}
 	return defaultKeysTTL

@@ -363,6 +363,31 @@ func TestStartRetriesUntilTheProviderAnswers(t *testing.T) {
 	}
 }
 
+// TestKeysAreFetchedAgainWhenTheirLifetimeEnds checks that a key the
+// provider adds is picked up once the set's max-age ends, with no token
+// asking for it.
+func TestKeysAreFetchedAgainWhenTheirLifetimeEnds(t *testing.T) {
+	p := newProvider(t)
+	p.maxAge = "0"
+	old := rsaKey(t)
+	p.publish(map[string]crypto.Signer{"old": old})
+	keys := NewRemoteKeys(p.srv.URL, "", zap.NewNop())
+	keys.minTTL = 50 * time.Millisecond
+	defer keys.Stop()
+	keys.Start()
+	waitFor := func(kid string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); keys.Key(kid) == nil; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("key %s is not fetched within 10 s, with a lifetime of 50 ms", kid)
+			}
+		}
+	}
+	waitFor("old")
+	p.publish(map[string]crypto.Signer{"old": old, "new": rsaKey(t)})
+	waitFor("new")
+}
+
 func TestDiscoveryMustNameTheIssuer(t *testing.T) {
 	p := newProvider(t)
 	p.publish(map[string]crypto.Signer{testKID: rsaKey(t)})
@@ -407,7 +432,7 @@ func TestKeysTTL(t *testing.T) {
 		{"no-store", minKeysTTL},
 		{"Max-Age=\"600\"", 10 * time.Minute},
 	} {
-		if got := keysTTL(tc.header); got != tc.want {
+		if got := keysTTL(tc.header, minKeysTTL); got != tc.want {
 			t.Errorf("keysTTL(%q) = %s, want %s", tc.header, got, tc.want)
 		}
 	}
