@@ -24,13 +24,14 @@ test: test-deps
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=1000x
 
 ## fuzz: each fuzz target for FUZZTIME (default 2m): key and Authorization
-## parsing, the SSE tap, the usage reader and the request's policed fields
-## (against encoding/json), the request body edits, the JSON validator
-## (against encoding/json) and the Caddyfile syntax.
+## parsing, the JWT verifier (against go-jose), the SSE tap, the usage
+## reader and the request's policed fields (against encoding/json), the
+## request body edits, the JSON validator (against encoding/json) and the
+## Caddyfile syntax.
 ## make test runs 1000 inputs each: a count, not a time, which a busy
 ## machine could cut short.
 FUZZTIME ?= 2m
-FUZZ_TARGETS := FuzzValidSecret:./keystore FuzzParseAuthorization:./keystore \
+FUZZ_TARGETS := FuzzValidSecret:./keystore FuzzParseAuthorization:./keystore FuzzVerifyToken:./keystore \
 	FuzzSSEBody:./proxy FuzzParseUsage:./proxy FuzzRequestEdits:./proxy FuzzPolicedFields:./proxy FuzzValidJSON:./proxy FuzzUnmarshalCaddyfile:.
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

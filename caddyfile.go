@@ -50,6 +50,14 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			models     <glob>...
 //			max_tokens <n>
 //		}
+//		jwt <issuer> {                        # once per OpenID provider
+//			audience   <aud>...                # required
+//			jwks_url   <url>                   # default from the issuer's discovery document
+//			user_claim <claim>                 # default sub
+//			tier_claim <claim>                 # its value is the tier when configured…
+//			tier       <name>                  # …else this one; required without tier_claim
+//			leeway     <duration>              # default 30s
+//		}
 //		identity       <placeholder> [tier <name|placeholder>]
 //		anonymous      <tier>                 # default off
 //		auth_failures  <n>/<window>           # default 20/1m
@@ -61,8 +69,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		upstream_headers <header>...          # more request headers to pass upstream
 //	}
 //
-// Each subdirective but tier may appear once, and each tier name once;
-// unknown ones are errors.
+// Each subdirective but tier and jwt may appear once, each tier name and
+// each issuer once; unknown ones are errors.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name
 	if d.NextArg() {
@@ -71,7 +79,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
 		name := d.Val()
-		if seen[name] && name != "tier" {
+		if seen[name] && name != "tier" && name != "jwt" {
 			return d.Errf("subdirective '%s' given twice", name)
 		}
 		seen[name] = true
@@ -79,6 +87,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		switch name {
 		case "tier":
 			if err := h.unmarshalTier(d); err != nil {
+				return err
+			}
+		case "jwt":
+			if err := h.unmarshalJWT(d); err != nil {
 				return err
 			}
 		case "store":
@@ -269,6 +281,57 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 			return d.Errf("tier %s: invalid %s '%s': %v", name, sub, strings.Join(args, " "), err)
 		}
 	}
+	return nil
+}
+
+// unmarshalJWT reads `jwt <issuer> { … }`.
+func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.Err("jwt needs the issuer, such as https://tenant.auth0.com/")
+	}
+	j := &JWTIssuer{Issuer: d.Val()}
+	if d.NextArg() {
+		return d.Errf("jwt takes one issuer and a block, got also '%s'", d.Val())
+	}
+	for _, other := range h.JWT {
+		if other.Issuer == j.Issuer {
+			return d.Errf("jwt issuer '%s' given twice", j.Issuer)
+		}
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("jwt %s: '%s' given twice", j.Issuer, sub)
+		}
+		seen[sub] = true
+		var err error
+		switch sub {
+		case "audience":
+			if j.Audience = d.RemainingArgs(); len(j.Audience) == 0 {
+				return d.Errf("jwt %s: audience needs at least one value", j.Issuer)
+			}
+		case "jwks_url":
+			j.JWKSURL, err = singleArg(d)
+		case "user_claim":
+			j.UserClaim, err = singleArg(d)
+		case "tier_claim":
+			j.TierClaim, err = singleArg(d)
+		case "tier":
+			j.Tier, err = singleArg(d)
+		case "leeway":
+			j.Leeway, err = durationArg(d, "30s")
+		default:
+			return d.Errf("unknown jwt subdirective '%s'", sub)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if len(j.Audience) == 0 {
+		return d.Errf("jwt %s: audience is required", j.Issuer)
+	}
+	h.JWT = append(h.JWT, j)
 	return nil
 }
 

@@ -12,6 +12,7 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		"vigthoria {\n tier free {\n requests 60/1m burst 10\n quota 5/day\n models a-* b\n }\n}",
 		"vigthoria {\n retries 2 max_wait 1s\n models_cache off\n cors https://a.example\n}",
 		"vigthoria x", "vigthoria {\n tier\n}", "vigthoria {\n auth_failures 1/0s\n}",
+		"vigthoria {\n jwt https://a.example/ {\n audience x y\n tier_claim plan\n leeway 10s\n }\n}",
 	} {
 		f.Add(s)
 	}
@@ -24,6 +25,11 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		for name, tier := range h.Tiers {
 			if tier == nil {
 				t.Errorf("tier %q parsed to nil", name)
+			}
+		}
+		for _, j := range h.JWT {
+			if j == nil || len(j.Audience) == 0 {
+				t.Errorf("jwt issuer parsed to %+v, without an audience", j)
 			}
 		}
 	})

@@ -275,6 +275,12 @@ type Handler struct {
 	// Default: the only configured tier (required when there are several).
 	IdentityTier string `json:"identity_tier,omitempty"`
 
+	// OpenID identity providers whose users call with the tokens the
+	// provider gives them, one entry per issuer: a bearer credential that
+	// is not a client key is verified as a JWT of one of these. Default:
+	// none.
+	JWT []*JWTIssuer `json:"jwt,omitempty"`
+
 	// The tier of callers without any credentials, who are then told apart
 	// by client address (IPv6 by /64). Default: none, such callers get 401.
 	Anonymous string `json:"anonymous,omitempty"`
@@ -330,6 +336,7 @@ type Handler struct {
 	bodyLimits   proxy.BodyLimits
 	limiter      limiter.Limiter
 	keys         *keystore.Service
+	tokens       *keystore.TokenVerifier
 	storeSpec    string // the key of keys in keyServices
 	limiterKey   string // the key of limiter in limiters
 	identityTier string // IdentityTier when it is a literal
@@ -409,6 +416,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		for name := range h.Tiers {
 			h.identityTier = name
 		}
+	}
+
+	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
+		return err
 	}
 
 	// Only a handle on the store here: it is opened when the config starts
@@ -501,10 +512,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// start opens the key store when the config starts; the first request
-// calls it too, in case Caddy started the http app before ours.
+// start opens the key store and fetches the jwt issuers' keys when the
+// config starts; the first request calls it too, in case Caddy started
+// the http app before ours.
 func (h *Handler) start() error {
 	h.startOnce.Do(func() {
+		h.startJWT()
 		if h.startErr = h.keys.Start(); h.startErr != nil {
 			h.startErr = fmt.Errorf("starting the key store: %w", h.startErr)
 			return
@@ -524,8 +537,9 @@ func (h *Handler) start() error {
 // the last user first lets its requests settle, or their usage would miss
 // the ledger's final write.
 func (h *Handler) Cleanup() error {
+	jwtErr := h.cleanupJWT()
 	if h.storeSpec == "" {
-		return nil
+		return jwtErr
 	}
 	if refs, _ := keyServices.References(h.storeSpec); refs <= 1 {
 		deadline := time.Now().Add(settleGrace)
@@ -539,7 +553,7 @@ func (h *Handler) Cleanup() error {
 	}
 	_, err := keyServices.Delete(h.storeSpec)
 	_, err2 := limiters.Delete(h.limiterKey)
-	return errors.Join(err, err2)
+	return errors.Join(jwtErr, err, err2)
 }
 
 // Validate checks the configuration after Provision.
@@ -583,6 +597,9 @@ func (h *Handler) Validate() error {
 		case !strings.Contains(h.identityTier, "{") && h.Tiers[h.identityTier] == nil:
 			return fmt.Errorf("identity tier '%s' is not configured", h.identityTier)
 		}
+	}
+	if err := validateJWTIssuers(h.JWT, h.Tiers); err != nil {
+		return err
 	}
 	if *h.Retries < 0 || h.MaxWait < 0 {
 		return errors.New("retries and max_wait must be positive")

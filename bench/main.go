@@ -62,7 +62,7 @@ func main() {
 	flag.DurationVar(&cfg.chunkDelay, "chunk-delay", 20*time.Millisecond, "the upstream's delay between stream events")
 	flag.DurationVar(&cfg.profile, "profile", 10*time.Second, "CPU profile of the module under the chat workload; 0 for none")
 	flag.BoolVar(&cfg.micro, "micro", true, "run the micro-benchmarks of the hot paths")
-	flag.StringVar(&cfg.only, "only", "", "measure only these workloads, comma-separated (chat-1, chat, models, mix, stream), to study one; the goals of the others are then not judged")
+	flag.StringVar(&cfg.only, "only", "", "measure only these workloads, comma-separated (chat-1, chat, chat-jwt, models, mix, stream), to study one; the goals of the others are then not judged")
 	flag.BoolVar(&cfg.pin, "pin", true, "during the load, run each Caddy on the last CPU and the harness on the others (taskset; 2 CPUs or more)")
 	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
 	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")

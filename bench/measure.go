@@ -138,7 +138,13 @@ func (r results) diff(w, t, base string, f figure) (float64, bool) {
 
 // pairs returns combine(f(t), f(base)) of each round, in round order.
 func (r results) pairs(w, t, base string, combine func(a, b float64) float64, f figure) []float64 {
-	ts, bs := r[resultKey{w, t}], r[resultKey{w, base}]
+	return r.pairsOf(resultKey{w, t}, resultKey{w, base}, combine, f)
+}
+
+// pairsOf returns combine(f(a), f(b)) of each round, in round order: two
+// targets under one workload, or two workloads on one target.
+func (r results) pairsOf(a, b resultKey, combine func(a, b float64) float64, f figure) []float64 {
+	ts, bs := r[a], r[b]
 	vs := make([]float64, min(len(ts), len(bs)))
 	for i := range vs {
 		vs[i] = combine(f(ts[i]), f(bs[i]))

@@ -16,6 +16,9 @@ const (
 	// admitBenchmark measures admission and settlement on the in-memory
 	// limiter.
 	admitBenchmark = "BenchmarkMemoryAdmitSettle"
+	// rememberedBenchmark measures accepting a JWT remembered from its
+	// first verification.
+	rememberedBenchmark = "BenchmarkVerifyToken/remembered"
 	// skippedBenchmark takes about 30 seconds to build its store.
 	skippedBenchmark = "BenchmarkLoadSQLite"
 )

@@ -59,6 +59,17 @@ var goals = []goal{
 		},
 	},
 	{
+		text: "A signed-in user's small chats at least 0.95× a client key's, on the module (`" + signedInWorkload + "` against `" + chatWorkload + "`)",
+		check: func(r *report) verdict {
+			signed, key := resultKey{signedInWorkload, moduleName}, resultKey{chatWorkload, moduleName}
+			v := roundsVerdict(r.results.pairsOf(signed, key, ratioOf, byRate), fmtRatio, func(x float64) bool { return x >= 0.95 })
+			if cpu, ok := median(r.results.pairsOf(signed, key, ratioOf, byCPU)); ok {
+				v.figure += fmt.Sprintf("; CPU per request %s the key's", fmtRatio(cpu))
+			}
+			return v
+		},
+	},
+	{
 		text: "Added p50 latency under 100 µs: module p50 − plain Caddy p50 (`" + latencyWorkload + "`)",
 		check: func(r *report) verdict {
 			return r.judge(latencyWorkload, caddyName, diffOf, byP50, fmtDiff, func(d float64) bool { return d < float64(100*time.Microsecond) })
@@ -91,13 +102,24 @@ var goals = []goal{
 			return verdict{measured: ok, figure: fmt.Sprintf("%g allocs/op", n), met: n == 0}
 		},
 	},
+	{
+		text: "Zero allocations to accept a token verified before (`" + rememberedBenchmark + "`)",
+		check: func(r *report) verdict {
+			n, ok := allocsPerOp(r.micro, rememberedBenchmark)
+			return verdict{measured: ok, figure: fmt.Sprintf("%g allocs/op", n), met: n == 0}
+		},
+	},
 }
 
 // judge compares the module with base under workload w, round by round,
 // and checks the median of the rounds with met. The figure shows every
 // round, so that a noisy run shows itself.
 func (r *report) judge(w, base string, combine func(a, b float64) float64, f figure, format func(float64) string, met func(float64) bool) verdict {
-	rounds := r.results.pairs(w, moduleName, base, combine, f)
+	return roundsVerdict(r.results.pairs(w, moduleName, base, combine, f), format, met)
+}
+
+// roundsVerdict checks the median of figures of the rounds with met.
+func roundsVerdict(rounds []float64, format func(float64) string, met func(float64) bool) verdict {
 	m, ok := median(slices.Clone(rounds))
 	each := make([]string, len(rounds))
 	for i, v := range rounds {

@@ -56,6 +56,7 @@ type siteData struct {
 	Dir       string // the target's own temporary directory
 	Store     string // the store's arguments in the Caddyfile: "sqlite PATH" or "redis URL"
 	Redis     string // the URL of the harness's redis-server, when a target's store names it
+	Issuer    string // the stand-in OpenID provider's issuer URL
 }
 
 // globalOptions starts every Caddyfile: admin on loopback for pprof,
@@ -84,8 +85,9 @@ http://127.0.0.1:{{.Port}} {
 `
 
 // moduleSite is this module with tiers that never refuse the load: the
-// benchTier of the single-client workloads, and the mixTiers, each with
-// a different set of limits to check.
+// benchTier of the single-client workloads and of the users of the
+// stand-in OpenID provider, and the mixTiers, each with a different set
+// of limits to check.
 const moduleSite = `
 http://127.0.0.1:{{.Port}} {
 	bind 127.0.0.1
@@ -113,6 +115,10 @@ http://127.0.0.1:{{.Port}} {
 		tier team {
 			requests 1000000000/1m burst 1000000
 		}
+		jwt {{.Issuer}} {
+			audience bench
+			tier bench
+		}
 	}
 }
 `
@@ -121,6 +127,10 @@ http://127.0.0.1:{{.Port}} {
 const benchTier = "bench"
 
 var mixTiers = []string{"free", "pro", "team"}
+
+// signedIn names, among the bearer tokens of an instance, the stand-in
+// OpenID provider's token of its user, in place of a client key.
+const signedIn = "jwt"
 
 // keysPerTier is how many client keys each tier of the mix has.
 const keysPerTier = 4
@@ -134,12 +144,14 @@ type instance struct {
 	caddy  *caddyProcess       // nil for the upstream
 }
 
-// upstream is the stand-in upstream, served in this process.
+// upstream is the stand-in upstream, served in this process, with the
+// stand-in OpenID provider of the signed-in users.
 type upstream struct {
 	*standin.Server
-	url string // http://127.0.0.1:PORT
-	key string // the server key
-	srv *http.Server
+	url    string // http://127.0.0.1:PORT
+	key    string // the server key
+	srv    *http.Server
+	issuer *issuer
 }
 
 func startUpstream() (*upstream, error) {
@@ -147,8 +159,14 @@ func startUpstream() (*upstream, error) {
 	if err != nil {
 		return nil, fmt.Errorf("starting the stand-in upstream: %w", err)
 	}
+	iss, err := startIssuer()
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
 	key := "bench-server-" + rand.Text()
 	up := &upstream{
+		issuer: iss,
 		// A budget the load never spends: the module rightly stops calling
 		// an upstream that says its key is exhausted.
 		Server: standin.New(standin.Options{APIKey: key, NoRecord: true, RateLimit: 1e12}),
@@ -180,6 +198,7 @@ func startUpstreamIn(dirPrefix string, chunkDelay time.Duration) (string, *upstr
 // closeAndRemove stops the upstream and removes the run's directory.
 func (up *upstream) closeAndRemove(dir string) {
 	up.srv.Close()
+	up.issuer.srv.Close()
 	os.RemoveAll(dir)
 }
 
@@ -211,9 +230,10 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 	if t.site == "" {
 		inst.url = up.url
 		inst.keys = sameKey(up.key)
+		inst.keys[signedIn] = []string{up.key}
 		return inst, nil
 	}
-	data := siteData{Upstream: up.url, Dir: filepath.Join(dir, t.name), Redis: redisURL}
+	data := siteData{Upstream: up.url, Dir: filepath.Join(dir, t.name), Redis: redisURL, Issuer: up.issuer.url}
 	if err := os.Mkdir(data.Dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -227,6 +247,7 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 	if inst.keys, data.Store, err = clientKeys(ctx, t.store, data); err != nil {
 		return nil, err
 	}
+	inst.keys[signedIn] = []string{up.issuer.token}
 	caddyfile, err := render(globalOptions+t.site, data)
 	if err != nil {
 		return nil, err
@@ -240,9 +261,12 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 	if inst.caddy, err = startCaddy(caddyBin, data.Dir, caddyfile, env, data.AdminPort); err != nil {
 		return nil, err
 	}
-	if err := inst.caddy.waitReady(ctx, inst.client, inst.url+"/v1/models", inst.keys[benchTier][0]); err != nil {
-		inst.caddy.stop()
-		return nil, err
+	// The signed-in user's first request waits for the issuer's keys.
+	for _, key := range []string{inst.keys[benchTier][0], up.issuer.token} {
+		if err := inst.caddy.waitReady(ctx, inst.client, inst.url+"/v1/models", key); err != nil {
+			inst.caddy.stop()
+			return nil, err
+		}
 	}
 	return inst, nil
 }

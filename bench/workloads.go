@@ -31,6 +31,7 @@ type runFunc func(ctx context.Context, inst *instance, d time.Duration) (sample,
 const (
 	latencyWorkload  = "chat-1"
 	chatWorkload     = "chat"
+	signedInWorkload = "chat-jwt"
 	modelsWorkload   = "models"
 	streamWorkload   = "stream"
 	profiledWorkload = chatWorkload
@@ -48,6 +49,12 @@ func workloads(cfg config) []workload {
 			name:  chatWorkload,
 			about: fmt.Sprintf("small chat completion, not streamed, %d connections: throughput", cfg.conns),
 			run:   load(cfg.conns, chatRequests(benchTier)),
+		},
+		{
+			name: signedInWorkload,
+			about: fmt.Sprintf("small chat completion, not streamed, %d connections, from a user signed in with an OpenID provider: its RS256 JWT in place of a client key",
+				cfg.conns),
+			run: load(cfg.conns, chatRequests(signedIn)),
 		},
 		{
 			name:  modelsWorkload,
