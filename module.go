@@ -122,9 +122,10 @@ type Tier struct {
 
 	limits    limiter.Limits
 	modelsKey string // names the models policy in the models cache
-	// usageLimits are limits without the concurrency limit, for GET
-	// /v1/usage: it counts as a request, but a caller whose slots are all
-	// taken by its streams may still read its standing.
+	// usageLimits are limits without the concurrency limit and taking no
+	// slot, for GET /v1/usage: it counts as a request, but a caller whose
+	// slots are all taken by its streams may still read its standing, and
+	// reading it never makes a chat sent at that moment wait.
 	usageLimits limiter.Limits
 }
 
@@ -177,6 +178,7 @@ func (t *Tier) provision(name string) error {
 	t.modelsKey = proxy.FilterKey(t.Models)
 	t.usageLimits = t.limits
 	t.usageLimits.Concurrent = 0
+	t.usageLimits.NoSlot = true
 	return nil
 }
 

@@ -13,6 +13,10 @@ type Limits struct {
 	Tokens     Rate  // prompt and completion tokens per window
 	Concurrent int   // requests in flight at once
 	Quota      Quota // tokens per calendar day or month
+	// NoSlot admits requests that are never in flight: they count
+	// against the other limits but take no concurrency slot, not even
+	// for a moment (GET /v1/usage, which answers at once).
+	NoSlot bool
 }
 
 // Period is the calendar period of a quota, in UTC.

@@ -141,7 +141,7 @@ func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lea
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := m.get(s, client, n, lim)
-	if st.inFlight > 0 {
+	if st.inFlight > 0 && !lim.NoSlot {
 		st.inFlight--
 	}
 	delta := used - lease.Reserved
@@ -328,7 +328,9 @@ func (st *clientState) admit(lim *Limits, reserve int64, n int64, now time.Time)
 	}
 	if d.Reason == Admitted {
 		d.Lease.Reserved = reserve
-		st.inFlight++
+		if !lim.NoSlot {
+			st.inFlight++
+		}
 		if !lim.Quota.Unlimited() {
 			st.quotaUsed = addCount(st.quotaUsed, reserve)
 			st.quotaOwn = addCount(st.quotaOwn, reserve)

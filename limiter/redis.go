@@ -71,8 +71,8 @@ var (
 // quota counter.
 //
 // Every admitted request holds a lease, whatever its tier's concurrency
-// limit, so that State counts requests in flight as Memory does and that
-// Settle can tell a repeat. A lease lives LeaseTTL unless renewed, and the
+// limit (but for NoSlot), so that State counts requests in flight as
+// Memory does and that Settle can tell a repeat. A lease lives LeaseTTL unless renewed, and the
 // instance renews the leases of its running requests (redis_leases.go):
 // a request holds its slot however long it runs, and the slots of an
 // instance that died are free within LeaseTTL.
@@ -149,8 +149,11 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
 	if d.Reason == Admitted {
-		d.Lease = Lease{Reserved: reserve, ID: id, Period: n[2]}
-		r.running.add(id, client)
+		d.Lease = Lease{Reserved: reserve, Period: n[2]}
+		if !lim.NoSlot {
+			d.Lease.ID = id
+			r.running.add(id, client)
+		}
 	}
 	return d, nil
 }
@@ -264,7 +267,11 @@ func limitArgs(args []any, lim *Limits) []any {
 		}
 		args = append(args, r.N, int64(r.Window), burst)
 	}
-	args = append(args, max(lim.Concurrent, 0))
+	if lim.NoSlot {
+		args = append(args, -1) // no lease at all
+	} else {
+		args = append(args, max(lim.Concurrent, 0))
+	}
 	if lim.Quota.Unlimited() {
 		return append(args, 0, 0)
 	}

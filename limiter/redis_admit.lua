@@ -58,15 +58,18 @@ if reason == 0 then
     end
   end
   -- The time of admission names the quota period that Reserve and
-  -- Settle correct. The set lives as long as its last lease.
+  -- Settle correct. The set lives as long as its last lease. A request
+  -- that takes no slot (concurrent -1) holds no lease.
   admitted = nowMs
-  local expiry = nowMs + ttl
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], 1, nowMs)
-  redis.call('ZADD', KEYS[2], expiry, id)
-  if redis.call('PTTL', KEYS[2]) < ttl then
-    redis.call('PEXPIREAT', KEYS[2], expiry)
+  if concurrent >= 0 then
+    local expiry = nowMs + ttl
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], 1, nowMs)
+    redis.call('ZADD', KEYS[2], expiry, id)
+    if redis.call('PTTL', KEYS[2]) < ttl then
+      redis.call('PEXPIREAT', KEYS[2], expiry)
+    end
+    inFlight = inFlight + 1
   end
-  inFlight = inFlight + 1
 end
 
 local rRem, rReset = standing(rUsed, reqN, reqW, reqB)

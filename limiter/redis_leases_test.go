@@ -219,3 +219,36 @@ func TestRedisTimedOutAdmitIsCancelled(t *testing.T) {
 		}
 	})
 }
+
+// TestNoSlotIsNeverInFlight: a request that takes no slot (GET /v1/usage)
+// admitted at the very moment a caller at its concurrency limit sends
+// another leaves that one admitted.
+func TestNoSlotIsNeverInFlight(t *testing.T) {
+	s := redistest.Start(t)
+	for _, tc := range []struct {
+		name string
+		l    Limiter
+	}{
+		{"memory", NewMemory(nil, 100)},
+		{"redis", newTestRedis(t, newRedisClient(t, s), "noslot:")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := t.Context()
+			lim := &Limits{Concurrent: 1, Requests: Rate{N: 100, Window: time.Hour}}
+			usage := *lim
+			usage.Concurrent, usage.NoSlot = 0, true
+			u, err := tc.l.Admit(ctx, "c", &usage, 0, time.Now())
+			if err != nil || u.Reason != Admitted || u.InFlight != 0 {
+				t.Fatalf("the slotless request: %+v %v, want admitted with none in flight", u, err)
+			}
+			d, err := tc.l.Admit(ctx, "c", lim, 0, time.Now())
+			if err != nil || d.Reason != Admitted || d.InFlight != 1 {
+				t.Errorf("a request beside it: %+v %v, want admitted, alone in flight", d, err)
+			}
+			tc.l.Settle(ctx, "c", &usage, u.Lease, 0, time.Now())
+			if st, _ := tc.l.State(ctx, "c", lim, time.Now()); st.InFlight != 1 || st.RequestsRemaining != 98 {
+				t.Errorf("after the slotless request's settle: %+v, want 1 in flight and both requests counted", st)
+			}
+		})
+	}
+}

@@ -6,7 +6,8 @@
 -- the period (the script appends it: the key shares the client's hash
 -- tag, so it lives in the same cluster slot as the others).
 -- ARGV 1-9, the tier's limits, 0 where unlimited: requests n, window in
--- nanoseconds, burst; tokens n, window, burst; concurrent; quota n, period
+-- nanoseconds, burst; tokens n, window, burst; concurrent (-1: the request
+-- takes no slot, see Limits.NoSlot); quota n, period
 -- (1 day, 2 month). A script's own arguments follow from ARGV[10].
 
 -- Redis' own clock, the same for every instance: microseconds.

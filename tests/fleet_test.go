@@ -280,8 +280,6 @@ func TestFleetSlotsOutliveNeitherRequestNorInstance(t *testing.T) {
 		}
 		return u.Limits.Concurrent.InFlight
 	}
-	// Watched at the upstream: a GET /v1/usage holds a lease for a moment,
-	// which would race the held request for the one slot.
 	for deadline := time.Now().Add(30 * time.Second); f.upstream.Active() != 1; time.Sleep(50 * time.Millisecond) {
 		select {
 		case how := <-ended:
