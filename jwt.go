@@ -91,7 +91,10 @@ func (j *JWTIssuer) provision(logger *zap.Logger) error {
 	j.host = strings.ToLower(u.Host)
 	j.poolKey = j.Issuer + " " + j.JWKSURL
 	keys, _, err := remoteKeys.LoadOrNew(j.poolKey, func() (caddy.Destructor, error) {
-		return keystore.NewRemoteKeys(j.Issuer, j.JWKSURL, logger), nil
+		keys := keystore.NewRemoteKeys(j.Issuer, j.JWKSURL, logger)
+		failures := metrics.keyFetchErrors.WithLabelValues(j.Issuer)
+		keys.OnFetchError = func(error) { failures.Inc() }
+		return keys, nil
 	})
 	if err != nil {
 		return err

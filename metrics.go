@@ -15,8 +15,8 @@ import (
 // The module's metrics. They are made once per process, so that counts
 // run on across config reloads, and registered into each config's
 // registry, where Caddy's metrics handler and admin /metrics serve them.
-// Labels are tiers, endpoints, models and outcomes, never a key or a
-// client: their number stays small.
+// Labels are tiers, endpoints, models, outcomes and configured issuers,
+// never a key or a client: their number stays small.
 var metrics = struct {
 	requests        *prometheus.CounterVec
 	tokens          *prometheus.CounterVec
@@ -27,6 +27,7 @@ var metrics = struct {
 	retries         prometheus.Counter
 	storeFallback   prometheus.Gauge
 	storeFailures   prometheus.Counter
+	keyFetchErrors  *prometheus.CounterVec
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "vigthoria", Name: "requests_total",
@@ -63,6 +64,10 @@ var metrics = struct {
 	storeFailures: prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "vigthoria", Name: "store_failures_total", Help: "Times the shared store started failing.",
 	}),
+	keyFetchErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "jwt_key_fetch_failures_total",
+		Help: "Failed fetches of an OpenID issuer's signing keys, by configured issuer; its tokens are checked with the keys fetched before, if any.",
+	}, []string{"issuer"}),
 }
 
 // registerMetrics registers the collectors into a config's registry.
@@ -73,6 +78,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	for _, c := range []prometheus.Collector{
 		metrics.requests, metrics.tokens, metrics.upstreamLatency, metrics.firstByte,
 		metrics.activeStreams, metrics.modelsCache, metrics.retries, metrics.storeFallback, metrics.storeFailures,
+		metrics.keyFetchErrors,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

@@ -108,6 +108,10 @@ type RemoteKeys struct {
 
 	keys atomic.Pointer[keySet] // nil until the first fetch succeeds
 
+	// OnFetchError, when set before Start, is called after each fetch that
+	// failed, for metrics.
+	OnFetchError func(error)
+
 	mu          sync.Mutex // protects following fields
 	lastAttempt time.Time
 	running     *fetch // nil when no fetch runs
@@ -233,6 +237,9 @@ func (k *RemoteKeys) begin(now time.Time, spacing time.Duration) *fetch {
 	k.running = f
 	go func() {
 		f.ttl, f.err = k.fetch()
+		if f.err != nil && k.ctx.Err() == nil && k.OnFetchError != nil {
+			k.OnFetchError(f.err)
+		}
 		k.mu.Lock()
 		k.running = nil
 		k.mu.Unlock()

@@ -347,11 +347,16 @@ func TestStartRetriesUntilTheProviderAnswers(t *testing.T) {
 	p.publish(map[string]crypto.Signer{testKID: rsaKey(t)})
 	p.setDown(true)
 	keys := NewRemoteKeys(p.srv.URL, "", zap.NewNop())
+	var failures atomic.Int64
+	keys.OnFetchError = func(error) { failures.Add(1) }
 	defer keys.Stop()
 	keys.Start()
 	time.Sleep(100 * time.Millisecond)
 	if keys.Key(testKID) != nil {
 		t.Fatal("keys while the provider is down")
+	}
+	if failures.Load() == 0 {
+		t.Error("a failed fetch was not reported")
 	}
 	p.setDown(false)
 	deadline := time.Now().Add(10 * time.Second)
