@@ -236,34 +236,6 @@ func TestLedgerSetsAsideRowsTheStoreRefuses(t *testing.T) {
 	}
 }
 
-// TestRedisRefusesBatchOnlyForScriptErrors: a script that fails is set
-// aside, a Redis that cannot answer now is waited out.
-func TestRedisRefusesBatchOnlyForScriptErrors(t *testing.T) {
-	_, srv := openRedisTemp(t)
-	raw := rawRedis(t, srv.URL)
-	reply := func(msg string) error {
-		return raw.Eval(t.Context(), "return redis.error_reply(ARGV[1])", nil, msg).Err()
-	}
-	for _, tc := range []struct {
-		err  error
-		want bool
-	}{
-		{reply("ERR user_script:3: attempt to compare nil with number"), true},
-		{reply("WRONGTYPE Operation against a key holding the wrong kind of value"), true},
-		{reply("ERR max number of clients reached"), false},
-		{reply("LOADING Redis is loading the dataset in memory"), false},
-		{reply("BUSY Redis is busy running a script"), false},
-		{reply("OOM command not allowed when used memory > 'maxmemory'"), false},
-		{reply("READONLY You can't write against a read only replica"), false},
-		{context.DeadlineExceeded, false},
-		{errors.New("dial tcp 127.0.0.1:1: connect: connection refused"), false},
-	} {
-		if got := refusesBatch(tc.err); got != tc.want {
-			t.Errorf("refusesBatch(%v) = %v, want %v", tc.err, got, tc.want)
-		}
-	}
-}
-
 // TestSQLiteLedgerUpgradesInPlace: a store of the schema before the
 // cached and reasoning tokens opens with its usage kept, counting none of
 // them, and keeps them from then on.

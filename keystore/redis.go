@@ -14,6 +14,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/rediserr"
 )
 
 // The Redis layout. Every key of the store starts with "vgt:" (the
@@ -526,7 +528,7 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 	}
 	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
 	switch {
-	case refusesBatch(err):
+	case rediserr.Refused(err):
 		return &RefusedError{Rows: b.Rows, Err: fmt.Errorf("writing usage: %w", err)}
 	case err != nil:
 		return fmt.Errorf("writing usage: %w", err)
@@ -538,20 +540,6 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 		return &RefusedError{Rows: refused, Err: errors.New("writing usage: a usage key that is not a hash, or a field that is not an integer")}
 	}
 	return nil
-}
-
-// refusesBatch reports whether err is Redis failing the usage script
-// itself, which no retry would change: the script checks what it can
-// before it writes, so this is an error no batch should meet, but one
-// that must not hold back every batch after it. A Redis that is
-// unreachable, loading, busy, out of memory or a replica is waited out.
-func refusesBatch(err error) bool {
-	var e redis.Error
-	if !errors.As(err, &e) || redis.IsMaxClientsError(err) {
-		return false
-	}
-	msg := e.Error()
-	return strings.HasPrefix(msg, "ERR ") || strings.HasPrefix(msg, "WRONGTYPE ")
 }
 
 // UsageSince implements UsageStore. It reads each day from day to

@@ -4,12 +4,13 @@ import (
 	"context"
 	"errors"
 	"hash/maphash"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/rediserr"
 )
 
 // LeaseTTL is how long a lease of the Redis limiter lives unless renewed.
@@ -209,7 +210,7 @@ func (r *Redis) retryPending(timeout time.Duration) {
 			switch err := cmd.Err(); {
 			case err == nil:
 				landed++
-			case refused(err):
+			case rediserr.Refused(err):
 				// Redis ran it and said no: a retry would say no again.
 				r.logger.Error("the shared limiter refused a settle or cancellation; it is given up",
 					zap.String("client_id", batch[i].client), zap.Bool("cancel", batch[i].cancel),
@@ -228,18 +229,6 @@ func (r *Redis) retryPending(timeout time.Duration) {
 	q.mu.Lock()
 	q.calls = append(failed, q.calls...)
 	q.mu.Unlock()
-}
-
-// refused reports whether err is Redis' own refusal of a script, as
-// opposed to a failure to reach it or a state that passes (LOADING, BUSY,
-// READONLY, OOM, a timeout).
-func refused(err error) bool {
-	var reply redis.Error
-	if !errors.As(err, &reply) {
-		return false
-	}
-	msg := reply.Error()
-	return strings.HasPrefix(msg, "ERR ") || strings.HasPrefix(msg, "WRONGTYPE ")
 }
 
 // retried queues a retry of c on pipe, by its script's SHA, which the
