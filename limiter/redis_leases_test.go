@@ -104,6 +104,14 @@ func (l *refusing) Allow() error {
 }
 func (*refusing) ReportResult(error) {}
 
+// refusingClient is a client on s whose commands fail while off is on.
+func refusingClient(t *testing.T, s *redistest.Server) (c *redis.Client, off *refusing) {
+	off = new(refusing)
+	c = redis.NewClient(&redis.Options{Addr: s.Addr, ContextTimeoutEnabled: true, Limiter: off})
+	t.Cleanup(func() { c.Close() })
+	return c, off
+}
+
 func TestRedisFailedSettleIsRetried(t *testing.T) {
 	s := redistest.Start(t)
 	lim := &Limits{Concurrent: 1, Tokens: Rate{N: 1000, Window: 1000 * time.Hour}, Quota: Quota{N: 5000, Period: Day}}
@@ -127,9 +135,7 @@ func TestRedisFailedSettleIsRetried(t *testing.T) {
 	})
 
 	t.Run("it never left", func(t *testing.T) {
-		off := new(refusing)
-		c := redis.NewClient(&redis.Options{Addr: s.Addr, ContextTimeoutEnabled: true, Limiter: off})
-		t.Cleanup(func() { c.Close() })
+		c, off := refusingClient(t, s)
 		r := newTestRedis(t, c, "never-left:")
 		d, _ := r.Admit(t.Context(), "c", lim, 500, time.Now())
 		off.on.Store(true)
@@ -142,9 +148,7 @@ func TestRedisFailedSettleIsRetried(t *testing.T) {
 	})
 
 	t.Run("Redis refuses it", func(t *testing.T) {
-		off := new(refusing)
-		c := redis.NewClient(&redis.Options{Addr: s.Addr, ContextTimeoutEnabled: true, Limiter: off})
-		t.Cleanup(func() { c.Close() })
+		c, off := refusingClient(t, s)
 		r := newTestRedis(t, c, "refused:")
 		d, _ := r.Admit(t.Context(), "c", lim, 500, time.Now())
 		off.on.Store(true)

@@ -215,13 +215,7 @@ func TestFleetRedisOutage(t *testing.T) {
 // eventually2s is eventually with room for the limiter's probe interval.
 func eventually2s(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(3 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within 3 seconds", what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitFor(t, 3*time.Second, what, cond)
 }
 
 func TestFleetSharesUpstreamExhaustion(t *testing.T) {
@@ -280,16 +274,14 @@ func TestFleetSlotsOutliveNeitherRequestNorInstance(t *testing.T) {
 		}
 		return u.Limits.Concurrent.InFlight
 	}
-	for deadline := time.Now().Add(30 * time.Second); f.upstream.Active() != 1; time.Sleep(50 * time.Millisecond) {
+	waitFor(t, 30*time.Second, "the held request reaches the upstream", func() bool {
 		select {
 		case how := <-ended:
 			t.Fatalf("the held request ended before it was counted: %s", how)
 		default:
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("the held request was not admitted within 30 s")
-		}
-	}
+		return f.upstream.Active() == 1
+	})
 
 	time.Sleep(limiter.LeaseTTL + 3*time.Second)
 	if n := inFlight(); n != 1 {

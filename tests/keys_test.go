@@ -72,10 +72,16 @@ func (e *env) chatStatus(t *testing.T, auth ...string) (int, []byte) {
 // made by the CLI or the admin API.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(time.Second)
+	waitFor(t, time.Second, what, cond)
+}
+
+// waitFor polls cond until it holds, failing the test after within.
+func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within one second", what)
+			t.Fatalf("%s: not within %v", what, within)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

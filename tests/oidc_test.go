@@ -494,11 +494,5 @@ func chatsWithin(t *testing.T, client openai.Client, d time.Duration, what strin
 
 func eventually10s(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within 10 seconds", what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitFor(t, 10*time.Second, what, cond)
 }
