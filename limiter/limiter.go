@@ -15,8 +15,16 @@ type Limits struct {
 	Quota      Quota // tokens per calendar day or month
 	// NoSlot admits requests that are never in flight: they count
 	// against the other limits but take no concurrency slot, not even
-	// for a moment (GET /v1/usage, which answers at once).
+	// for a moment (GET /v1/usage, which answers at once). It is meant
+	// for requests that reserve no tokens: their lease holds nothing, so
+	// its Settle with nothing used costs nothing, not even a lookup.
 	NoSlot bool
+}
+
+// holdsNothing reports whether settling lease with used changes nothing:
+// a request that took no slot and used what it reserved.
+func (l Lease) holdsNothing(lim *Limits, used int64) bool {
+	return lim.NoSlot && used == l.Reserved
 }
 
 // Period is the calendar period of a quota, in UTC.

@@ -136,6 +136,9 @@ func (m *Memory) lockedState(ctx context.Context, client string, lim *Limits, no
 
 // Settle implements Limiter.
 func (m *Memory) Settle(_ context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error {
+	if lease.holdsNothing(lim, used) {
+		return nil
+	}
 	s := m.shard(client)
 	n := now.UnixNano()
 	s.mu.Lock()

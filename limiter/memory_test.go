@@ -557,3 +557,16 @@ func TestMemoryQuotaSumsSaturate(t *testing.T) {
 		t.Errorf("admit after two huge charges: %v, want quota", d.Reason)
 	}
 }
+
+// TestSlotlessSettleTouchesNothing: a Fallback settles the lease of a
+// request Redis admitted without a slot in its local limits (the lease
+// names none); that costs no state there.
+func TestSlotlessSettleTouchesNothing(t *testing.T) {
+	m := NewMemory(nil, 100)
+	if err := m.Settle(t.Context(), "c", &Limits{Concurrent: 0, NoSlot: true}, Lease{}, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.Clients(); n != 0 {
+		t.Errorf("%d clients remembered after settling a slotless lease, want 0", n)
+	}
+}

@@ -199,6 +199,9 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease L
 // nothing. A Settle that fails is retried until it lands; the error says
 // so.
 func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, _ time.Time) error {
+	if lease.holdsNothing(lim, used) {
+		return nil
+	}
 	r.running.remove(lease.ID)
 	delta := used - lease.Reserved
 	err := settleScript.Run(ctx, r.client, r.keys(client), r.settleArgs(lim, lease, delta, false)...).Err()
