@@ -296,7 +296,7 @@ func clientKeys(ctx context.Context, spec string, data siteData) (map[string][]s
 	}
 	keys := make(map[string][]string)
 	err = eachKey(func(tier string, i int) error {
-		_, secret, err := keystore.Create(ctx, svc.Store(), fmt.Sprintf("bench-%s-%d", tier, i), tier, time.Time{}, time.Now())
+		_, secret, err := keystore.Create(ctx, svc.Store(), keystore.Attrs{Name: fmt.Sprintf("bench-%s-%d", tier, i), Tier: tier}, time.Now())
 		keys[tier] = append(keys[tier], secret)
 		return err
 	})

@@ -83,7 +83,7 @@ func serviceFor(r *http.Request) (*Service, error) {
 // adminAPI serves key management on Caddy's admin API:
 //
 //	GET    /vigthoria/keys               list keys (never secrets or hashes)
-//	POST   /vigthoria/keys               create: {"name": "…", "tier": "…", "expires": "720h"}; the answer holds the secret
+//	POST   /vigthoria/keys               create: {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"]}; the answer holds the secret
 //	GET    /vigthoria/keys/{id}          one key
 //	DELETE /vigthoria/keys/{id}          revoke
 //	POST   /vigthoria/keys/{id}/rotate   new secret, in the answer
@@ -118,6 +118,7 @@ type keyJSON struct {
 	Expires  *time.Time `json:"expires"`
 	Revoked  *time.Time `json:"revoked"`
 	LastUsed *time.Time `json:"last_used"`
+	Mint     []string   `json:"mint,omitempty"`
 	Secret   string     `json:"secret,omitempty"`
 }
 
@@ -130,7 +131,7 @@ func newKeyJSON(r Record, now time.Time) keyJSON {
 	}
 	return keyJSON{
 		ID: r.ID, Name: r.Name, Tier: r.Tier, State: r.State(now), Created: r.Created,
-		Expires: opt(r.Expires), Revoked: opt(r.Revoked), LastUsed: opt(r.LastUsed),
+		Expires: opt(r.Expires), Revoked: opt(r.Revoked), LastUsed: opt(r.LastUsed), Mint: r.Mint,
 	}
 }
 
@@ -182,15 +183,16 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 
 func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	var req struct {
-		Name    string `json:"name"`
-		Tier    string `json:"tier"`
-		Expires string `json:"expires"`
+		Name    string   `json:"name"`
+		Tier    string   `json:"tier"`
+		Expires string   `json:"expires"`
+		Mint    []string `json:"mint"`
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
-			Err: fmt.Errorf(`decoding request body: %w; send {"name": "…", "tier": "…", "expires": "720h"}`, err)}
+			Err: fmt.Errorf(`decoding request body: %w; send {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"]}`, err)}
 	}
 	now := time.Now()
 	expires, err := parseExpiry(req.Expires, now)
@@ -201,7 +203,7 @@ func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	rec, secret, err := Create(r.Context(), svc.Store(), req.Name, req.Tier, expires, now)
+	rec, secret, err := Create(r.Context(), svc.Store(), Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint}, now)
 	if err != nil {
 		return storeError(err)
 	}

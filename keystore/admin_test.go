@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -152,6 +153,8 @@ func TestAdminManagesKeys(t *testing.T) {
 		{"no name", http.MethodPost, "/vigthoria/keys", `{"tier":"free"}`, http.StatusBadRequest, ""},
 		{"bad tier", http.MethodPost, "/vigthoria/keys", `{"name":"n","tier":"Pro"}`, http.StatusBadRequest, ""},
 		{"bad expiry", http.MethodPost, "/vigthoria/keys", `{"name":"n","tier":"free","expires":"later"}`, http.StatusBadRequest, ""},
+		{"bad mint tier", http.MethodPost, "/vigthoria/keys", `{"name":"n","tier":"pro","mint":["free","Basic"]}`, http.StatusBadRequest, ""},
+		{"mint not a list", http.MethodPost, "/vigthoria/keys", `{"name":"n","tier":"pro","mint":"free,basic"}`, http.StatusBadRequest, ""},
 		{"too large", http.MethodPost, "/vigthoria/keys", `{"name":"` + strings.Repeat("n", maxAdminBody) + `"}`, http.StatusBadRequest, ""},
 		{"PUT keys", http.MethodPut, "/vigthoria/keys", "", http.StatusMethodNotAllowed, "GET, POST"},
 		{"DELETE keys", http.MethodDelete, "/vigthoria/keys", "", http.StatusMethodNotAllowed, "GET, POST"},
@@ -173,6 +176,32 @@ func TestAdminManagesKeys(t *testing.T) {
 	}
 	if _, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", ""); len(decode[[]keyJSON](t, body)) != 1 {
 		t.Errorf("refused creations stored keys: %s", body)
+	}
+}
+
+func TestAdminCreatesMinter(t *testing.T) {
+	_, cli := startService(t, nil)
+	srv := adminServer(t)
+	status, body, _ := call(t, srv, http.MethodPost, "/vigthoria/keys", `{"name":"backend","tier":"pro","mint":["free","basic","free"]}`)
+	if status != http.StatusCreated {
+		t.Fatalf("POST /vigthoria/keys: %d %s", status, body)
+	}
+	created := decode[keyJSON](t, body)
+	if want := []string{"basic", "free"}; !slices.Equal(created.Mint, want) {
+		t.Errorf("created key mints %q, want %q", created.Mint, want)
+	}
+	if rec, err := cli.Get(t.Context(), created.ID); err != nil || !slices.Equal(rec.Mint, created.Mint) {
+		t.Errorf("stored key mints %q (%v), want %q", rec.Mint, err, created.Mint)
+	}
+	_, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
+	if got := decode[keyJSON](t, body); !slices.Equal(got.Mint, created.Mint) {
+		t.Errorf("GET shows the key minting %q, want %q", got.Mint, created.Mint)
+	}
+
+	// A key that mints nothing has no "mint" in its JSON.
+	status, body, _ = call(t, srv, http.MethodPost, "/vigthoria/keys", `{"name":"plain","tier":"free","mint":[]}`)
+	if status != http.StatusCreated || strings.Contains(body, `"mint"`) {
+		t.Errorf("POST without mint tiers: %d %s; want 201 without \"mint\"", status, body)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 	"unicode"
@@ -26,10 +27,14 @@ Adds, lists, revokes and rotates the client keys that the vigthoria handler
 accepts, in its key store. A running Caddy sees every change within a second,
 without a reload.
 
-  caddy vigthoria key add --tier pro --name alice [--expires 720h]
+  caddy vigthoria key add --tier pro --name alice [--expires 720h] [--mint free,basic]
   caddy vigthoria key list
   caddy vigthoria key revoke <id>
   caddy vigthoria key rotate <id>
+  caddy vigthoria usage [<id>]
+
+--mint lets the key's holder, an app's backend, mint short-lived tokens of
+those tiers for its own users (POST /vigthoria/tokens).
 
 --store names the store, as in the Caddyfile: sqlite:PATH or redis://HOST:PORT/DB.
 Default: sqlite:<Caddy data dir>/vigthoria/vigthoria.db. Run the command as the
@@ -73,7 +78,7 @@ func buildCommand(cmd *cobra.Command) {
 		RunE:  help,
 	}
 	add := &cobra.Command{
-		Use:   "add --tier <tier> --name <name> [--expires <duration>]",
+		Use:   "add --tier <tier> --name <name> [--expires <duration>] [--mint <tier>,…]",
 		Short: "Creates a key and prints its secret, once",
 		Args:  cobra.NoArgs,
 		RunE:  cliAdd,
@@ -81,6 +86,7 @@ func buildCommand(cmd *cobra.Command) {
 	add.Flags().String("tier", "", "the key's tier, as configured in the Caddyfile (required)")
 	add.Flags().String("name", "", "who or what the key is for (required)")
 	add.Flags().String("expires", "", "lifetime, such as 720h or 30d, or an RFC 3339 time (default: never)")
+	add.Flags().String("mint", "", "tiers, separated by commas, that the key may mint tokens of for its users (default: none)")
 	_ = add.MarkFlagRequired("tier")
 	_ = add.MarkFlagRequired("name")
 	list := &cobra.Command{
@@ -141,22 +147,28 @@ func cliAdd(cmd *cobra.Command, _ []string) error {
 	tier, _ := cmd.Flags().GetString("tier")
 	name, _ := cmd.Flags().GetString("name")
 	exp, _ := cmd.Flags().GetString("expires")
+	mint, _ := cmd.Flags().GetString("mint")
 	now := time.Now()
 	expires, err := parseExpiry(exp, now)
 	if err != nil {
 		return err
+	}
+	a := Attrs{Name: name, Tier: tier, Expires: expires}
+	if mint != "" {
+		a.Mint = strings.Split(mint, ",")
 	}
 	st, spec, err := cliStore(cmd, true)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	rec, secret, err := Create(cmd.Context(), st, name, tier, expires, now)
+	rec, secret, err := Create(cmd.Context(), st, a, now)
 	if err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "Created key %s (name %q, tier %s, expires %s) in %s.\n", rec.ID, rec.Name, rec.Tier, formatTime(rec.Expires, "never"), spec)
+	fmt.Fprintf(out, "Created key %s (name %q, tier %s, expires %s, mints %s) in %s.\n", rec.ID, rec.Name, rec.Tier,
+		formatTime(rec.Expires, "never"), formatMint(rec.Mint, "no tokens"), spec)
 	printSecret(out, secret)
 	return nil
 }
@@ -178,9 +190,9 @@ func cliList(cmd *cobra.Command, _ []string) error {
 	}
 	now := time.Now()
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tNAME\tTIER\tCREATED\tEXPIRES\tLAST USED\tSTATE")
+	fmt.Fprintln(tw, "ID\tNAME\tTIER\tMINT\tCREATED\tEXPIRES\tLAST USED\tSTATE")
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, printable(r.Name), r.Tier,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, printable(r.Name), r.Tier, formatMint(r.Mint, "-"),
 			formatTime(r.Created, "-"), formatTime(r.Expires, "never"), formatTime(r.LastUsed, "never"), r.State(now))
 	}
 	return tw.Flush()
@@ -289,6 +301,15 @@ func parseExpiry(s string, now time.Time) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("%w: expiry '%s' is neither a positive duration (720h, 30d) nor an RFC 3339 time", ErrInvalid, s)
 	}
 	return now.Add(d), nil
+}
+
+// formatMint formats the tiers a key may mint tokens of, or none when
+// it may mint none.
+func formatMint(mint []string, none string) string {
+	if len(mint) == 0 {
+		return none
+	}
+	return joinMint(mint)
 }
 
 // formatTime formats t for the key list, in UTC, or none when zero.

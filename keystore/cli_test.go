@@ -92,6 +92,8 @@ func TestCLIErrors(t *testing.T) {
 		{"no name", []string{"key", "add", "--tier", "free", store}, "name"},
 		{"bad tier", []string{"key", "add", "--tier", "Free!", "--name", "n", store}, "tier"},
 		{"bad expiry", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "soon", store}, "expiry"},
+		{"bad mint tier", []string{"key", "add", "--tier", "pro", "--name", "n", "--mint", "free,Basic", store}, "mint tier"},
+		{"empty mint tier", []string{"key", "add", "--tier", "pro", "--name", "n", "--mint", "free,,basic", store}, "mint tier"},
 		{"negative expiry", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "-1h", store}, "expiry"},
 		{"past date", []string{"key", "add", "--tier", "free", "--name", "n", "--expires", "2001-01-01T00:00:00Z", store}, "future"},
 		{"unknown store kind", []string{"key", "list", "--store", "mysql://x"}, "unknown key store"},
@@ -118,6 +120,43 @@ func TestCLIErrors(t *testing.T) {
 	}
 	if list := mustCLI(t, "key", "list", store); strings.Count(list, "key_") != 1 {
 		t.Errorf("failed adds stored keys: %q", list)
+	}
+}
+
+func TestCLIMint(t *testing.T) {
+	store := "--store=sqlite:" + filepath.Join(t.TempDir(), "keys.db")
+	out := mustCLI(t, "key", "add", "--tier", "pro", "--name", "backend", "--mint", "free,basic", store)
+	minter := printedID.FindString(out)
+	if !strings.Contains(out, "mints basic,free") {
+		t.Errorf("add printed %q, want the tiers it mints", out)
+	}
+	out = mustCLI(t, "key", "add", "--tier", "free", "--name", "plain", store)
+	plain := printedID.FindString(out)
+	if !strings.Contains(out, "mints no tokens") {
+		t.Errorf("add printed %q, want that the key mints no tokens", out)
+	}
+
+	lines := strings.Split(strings.TrimSpace(mustCLI(t, "key", "list", store)), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("list printed %q, want a header and 2 keys", lines)
+	}
+	if got, want := strings.Fields(lines[0]), []string{"ID", "NAME", "TIER", "MINT", "CREATED", "EXPIRES", "LAST", "USED", "STATE"}; !slices.Equal(got, want) {
+		t.Errorf("header %q, want %q", got, want)
+	}
+	for _, tt := range []struct {
+		id, name, tier, mint string
+	}{
+		{minter, "backend", "pro", "basic,free"},
+		{plain, "plain", "free", "-"},
+	} {
+		i := slices.IndexFunc(lines, func(l string) bool { return strings.HasPrefix(l, tt.id) })
+		if i < 0 {
+			t.Errorf("list has no line of %s: %q", tt.id, lines)
+			continue
+		}
+		if got, want := strings.Fields(lines[i])[:4], []string{tt.id, tt.name, tt.tier, tt.mint}; !slices.Equal(got, want) {
+			t.Errorf("line of %s starts %q, want %q", tt.name, got, want)
+		}
 	}
 }
 

@@ -263,7 +263,7 @@ func crashCreate(ctx context.Context, st Store, n int) (string, error) {
 		expires = now.Add(720 * time.Hour)
 	}
 	ack("begin create %s %s %d %d", name, tier, millis(now), millis(expires))
-	r, _, err := Create(ctx, st, name, tier, expires, now)
+	r, _, err := Create(ctx, st, Attrs{Name: name, Tier: tier, Expires: expires}, now)
 	if err != nil {
 		return "", err
 	}

@@ -3,6 +3,8 @@ package keystore
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -11,20 +13,36 @@ import (
 // maxAttrLen bounds key names and tiers, in characters.
 const maxAttrLen = 64
 
-// Create adds a key named name of the given tier to st and returns its
-// record and its secret. The secret exists only in this return value:
-// show it to the user once. A zero expires means the key never expires;
-// otherwise it must be after now. Bad attributes are reported as errors
-// wrapping ErrInvalid.
-func Create(ctx context.Context, st Store, name, tier string, expires, now time.Time) (Record, string, error) {
-	if err := validName(name); err != nil {
+// maxMint bounds the tiers a key may mint tokens of: a key is one app's
+// backend, which has a few kinds of users, not a catalogue.
+const maxMint = 16
+
+// Attrs are what a new key is made with.
+type Attrs struct {
+	Name    string
+	Tier    string
+	Expires time.Time // zero: never
+	Mint    []string  // tiers it may mint tokens of; each a valid tier name (validTier)
+}
+
+// Create adds a key with the attributes a to st and returns its record
+// and its secret. The secret exists only in this return value: show it
+// to the user once. A zero a.Expires means the key never expires;
+// otherwise it must be after now. a.Mint is stored sorted and without
+// repeats. Bad attributes are reported as errors wrapping ErrInvalid.
+func Create(ctx context.Context, st Store, a Attrs, now time.Time) (Record, string, error) {
+	if err := validName(a.Name); err != nil {
 		return Record{}, "", err
 	}
-	if err := validTier(tier); err != nil {
+	if err := validTier(a.Tier); err != nil {
+		return Record{}, "", err
+	}
+	mint, err := normMint(a.Mint)
+	if err != nil {
 		return Record{}, "", err
 	}
 	now = storedTime(now)
-	expires = storedTime(expires)
+	expires := storedTime(a.Expires)
 	if !expires.IsZero() && !expires.After(now) {
 		return Record{}, "", fmt.Errorf("%w: expiry %s is not in the future", ErrInvalid, expires.Format(time.RFC3339))
 	}
@@ -36,7 +54,7 @@ func Create(ctx context.Context, st Store, name, tier string, expires, now time.
 	if err != nil {
 		return Record{}, "", fmt.Errorf("creating a key: %w", err)
 	}
-	r := Record{ID: id, Name: name, Tier: tier, Hash: HashSecret(secret), Created: now, Expires: expires}
+	r := Record{ID: id, Name: a.Name, Tier: a.Tier, Hash: HashSecret(secret), Created: now, Expires: expires, Mint: mint}
 	if err := st.Insert(ctx, r); err != nil {
 		return Record{}, "", fmt.Errorf("storing key %s: %w", id, err)
 	}
@@ -44,8 +62,9 @@ func Create(ctx context.Context, st Store, name, tier string, expires, now time.
 }
 
 // Rotate gives the key id a new secret and returns it; the old secret
-// stops working. The ID, name, tier and expiry stay. It returns an error
-// wrapping ErrNotFound or ErrRevoked when the key cannot be rotated.
+// stops working. The ID, name, tier, expiry and mint tiers stay. It
+// returns an error wrapping ErrNotFound or ErrRevoked when the key
+// cannot be rotated.
 func Rotate(ctx context.Context, st Store, id string) (string, error) {
 	secret, err := NewSecret()
 	if err != nil {
@@ -86,6 +105,36 @@ func validTier(tier string) error {
 		}
 	}
 	return nil
+}
+
+// normMint checks the tiers a key may mint tokens of and returns them
+// sorted, without repeats; nil for none. The error wraps ErrInvalid.
+func normMint(tiers []string) ([]string, error) {
+	if len(tiers) == 0 {
+		return nil, nil
+	}
+	for _, t := range tiers {
+		if err := validTier(t); err != nil {
+			return nil, fmt.Errorf("mint tier: %w", err)
+		}
+	}
+	mint := slices.Compact(slices.Sorted(slices.Values(tiers)))
+	if len(mint) > maxMint {
+		return nil, fmt.Errorf("%w: a key may mint tokens of at most %d tiers, not %d", ErrInvalid, maxMint, len(mint))
+	}
+	return mint, nil
+}
+
+// joinMint is how the stores keep Mint: the tiers joined by commas,
+// which no tier holds; "" for none.
+func joinMint(mint []string) string { return strings.Join(mint, ",") }
+
+// splitMint is the inverse of joinMint: nil for "".
+func splitMint(s string) []string {
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, ",")
 }
 
 // storedTime is t as stores keep it: UTC, to the millisecond, without a

@@ -23,7 +23,8 @@ import (
 //
 //	vgt:key:<id>             hash: name, tier, hash (the 32 bytes of the
 //	                         SHA-256), created, expires, revoked, last_used
-//	                         (unix ms, 0 for none), seq
+//	                         (unix ms, 0 for none), mint (tiers joined by
+//	                         ','; missing in keys of older versions), seq
 //	vgt:keys:seq             sorted set: every key ID, scored by its seq
 //	vgt:keys:counter         string: the last seq handed out (INCR)
 //	vgt:keys:epoch           string: a random number, 1 to 65535, made by
@@ -90,7 +91,7 @@ var errStoreReset = errors.New("the key store lost its history (emptied, or rest
 
 // The fields of a key's hash that make its Record, in the order
 // parseRecord reads them.
-var recordFields = []string{"name", "tier", "hash", "created", "expires", "revoked", "last_used"}
+var recordFields = []string{"name", "tier", "hash", "created", "expires", "revoked", "last_used", "mint"}
 
 var (
 	// insertScript adds a key. KEYS: the key's hash, the seq set, the
@@ -278,7 +279,8 @@ func (s *Redis) Insert(ctx context.Context, r Record) error {
 	args := []any{newEpoch(), r.ID,
 		"name", r.Name, "tier", r.Tier, "hash", r.Hash[:],
 		"created", millis(r.Created), "expires", millis(r.Expires),
-		"revoked", millis(r.Revoked), "last_used", millis(r.LastUsed)}
+		"revoked", millis(r.Revoked), "last_used", millis(r.LastUsed),
+		"mint", joinMint(r.Mint)}
 	if err := insertScript.Run(ctx, s.client, writeKeys(r.ID), args...).Err(); err != nil {
 		return fmt.Errorf("inserting key %s: %w", r.ID, err)
 	}
@@ -665,7 +667,8 @@ func parseRecord(id string, vals []any) (r Record, ok bool, err error) {
 	if len(hash) != len(r.Hash) {
 		return Record{}, false, fmt.Errorf("key %s has a hash of %d bytes, not %d", id, len(hash), len(r.Hash))
 	}
-	r = Record{ID: id, Name: str(0), Tier: str(1)}
+	// A key of an older version has no mint field: str(7) is "".
+	r = Record{ID: id, Name: str(0), Tier: str(1), Mint: splitMint(str(7))}
 	copy(r.Hash[:], hash)
 	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(ms[0]), fromMillis(ms[1]), fromMillis(ms[2]), fromMillis(ms[3])
 	return r, true, nil

@@ -344,7 +344,7 @@ func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger
 			if rand.IntN(2) == 0 {
 				want.Expires = now.Add(720 * time.Hour)
 			}
-			r, secret, err := Create(ctx, st, want.Name, want.Tier, want.Expires, now)
+			r, secret, err := Create(ctx, st, Attrs{Name: want.Name, Tier: want.Tier, Expires: want.Expires}, now)
 			if err != nil {
 				fail("create", &want, err)
 				return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -148,6 +149,73 @@ func TestStoreLifecycle(t *testing.T) {
 	})
 }
 
+func TestStoreKeepsMint(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, st Store) {
+		ctx := t.Context()
+		now := time.Now()
+		minter, _ := createWith(t, st, Attrs{Name: "backend", Tier: "pro", Mint: []string{"free", "basic", "free"}}, now)
+		plain, _ := create(t, st, "plain", "free", time.Time{}, now)
+		if want := []string{"basic", "free"}; !slices.Equal(minter.Mint, want) || plain.Mint != nil {
+			t.Fatalf("Mint = %q and %q, want %q and nil", minter.Mint, plain.Mint, want)
+		}
+
+		got, err := st.Get(ctx, minter.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRecord(t, got, minter)
+		list, err := st.List(ctx)
+		if err != nil || len(list) != 2 {
+			t.Fatalf("List = %d records, %v; want 2", len(list), err)
+		}
+		byID := map[string]Record{list[0].ID: list[0], list[1].ID: list[1]}
+		wantRecord(t, byID[minter.ID], minter)
+		wantRecord(t, byID[plain.ID], plain)
+		_, cursor, err := st.Changes(ctx, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+
+		// Rotation and revocation change the hash and the revocation
+		// time, never what the key may mint.
+		secret, err := Rotate(ctx, st, minter.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		minter.Hash = HashSecret(secret)
+		recs, _, err := st.Changes(ctx, cursor)
+		if err != nil || len(recs) != 1 {
+			t.Fatalf("Changes after the rotation = %d records, %v; want 1", len(recs), err)
+		}
+		wantRecord(t, recs[0], minter)
+		revokedAt := storedTime(now.Add(time.Minute))
+		if err := st.Revoke(ctx, minter.ID, revokedAt); err != nil {
+			t.Fatal(err)
+		}
+		minter.Revoked = revokedAt
+		got, err = st.Get(ctx, minter.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantRecord(t, got, minter)
+	})
+}
+
+func TestRedisKeyWithoutMint(t *testing.T) {
+	st, srv := openRedisTemp(t)
+	r, _ := createWith(t, st, Attrs{Name: "old", Tier: "pro", Mint: []string{"free"}}, time.Now())
+	// A key written by an older version has no mint field.
+	if err := rawRedis(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "mint").Err(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := st.Get(t.Context(), r.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Mint = nil
+	wantRecord(t, got, r)
+}
+
 func TestStoreChanges(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, st Store) {
 		ctx := t.Context()
@@ -287,7 +355,7 @@ func TestRedisManyKeysInPages(t *testing.T) {
 	for _, h := range []*Redis{st, other} {
 		wg.Go(func() {
 			for range 800 {
-				_, _, err := Create(ctx, h, "concurrent", "free", time.Time{}, time.Now())
+				_, _, err := Create(ctx, h, Attrs{Name: "concurrent", Tier: "free"}, time.Now())
 				errs <- err
 			}
 		})

@@ -47,9 +47,12 @@ var migrations = []string{
 	ledgerSchema,
 	// 3: the ledger's cached and reasoning tokens.
 	ledgerDetailsSchema,
+	// 4: the tiers a key may mint tokens of, joined by ','; '' for none,
+	// which is what the keys of older versions get.
+	`ALTER TABLE keys ADD COLUMN mint TEXT NOT NULL DEFAULT '';`,
 }
 
-const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, seq`
+const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, seq`
 
 // SQLite is a Store in one SQLite file, in WAL mode so that several
 // processes (Caddy instances, the CLI) can use it at once. The file holds
@@ -171,8 +174,8 @@ func (s *SQLite) Insert(ctx context.Context, r Record) error {
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO keys (`+recordColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			r.ID, r.Name, r.Tier, r.Hash[:], millis(r.Created), millis(r.Expires), millis(r.Revoked), millis(r.LastUsed), seq)
+		_, err = tx.ExecContext(ctx, `INSERT INTO keys (`+recordColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			r.ID, r.Name, r.Tier, r.Hash[:], millis(r.Created), millis(r.Expires), millis(r.Revoked), millis(r.LastUsed), joinMint(r.Mint), seq)
 		return err
 	})
 	if err != nil {
@@ -375,9 +378,10 @@ func scanRecord(row interface{ Scan(...any) error }) (Record, uint64, error) {
 		r                                 Record
 		hash                              []byte
 		created, expires, revoked, usedAt int64
+		mint                              string
 		seq                               int64
 	)
-	if err := row.Scan(&r.ID, &r.Name, &r.Tier, &hash, &created, &expires, &revoked, &usedAt, &seq); err != nil {
+	if err := row.Scan(&r.ID, &r.Name, &r.Tier, &hash, &created, &expires, &revoked, &usedAt, &mint, &seq); err != nil {
 		return Record{}, 0, err
 	}
 	if len(hash) != len(r.Hash) {
@@ -385,6 +389,7 @@ func scanRecord(row interface{ Scan(...any) error }) (Record, uint64, error) {
 	}
 	copy(r.Hash[:], hash)
 	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(created), fromMillis(expires), fromMillis(revoked), fromMillis(usedAt)
+	r.Mint = splitMint(mint)
 	return r, uint64(seq), nil
 }
 

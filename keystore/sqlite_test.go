@@ -2,9 +2,12 @@ package keystore
 
 import (
 	"bytes"
+	"database/sql"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -26,9 +29,15 @@ func openTemp(t *testing.T) (*SQLite, string) {
 // create adds a key and returns its record and secret.
 func create(t *testing.T, st Store, name, tier string, expires, now time.Time) (Record, string) {
 	t.Helper()
-	r, secret, err := Create(t.Context(), st, name, tier, expires, now)
+	return createWith(t, st, Attrs{Name: name, Tier: tier, Expires: expires}, now)
+}
+
+// createWith adds a key made with a and returns its record and secret.
+func createWith(t *testing.T, st Store, a Attrs, now time.Time) (Record, string) {
+	t.Helper()
+	r, secret, err := Create(t.Context(), st, a, now)
 	if err != nil {
-		t.Fatalf("Create(%q, %q): %v", name, tier, err)
+		t.Fatalf("Create(%+v): %v", a, err)
 	}
 	return r, secret
 }
@@ -37,7 +46,8 @@ func wantRecord(t *testing.T, got, want Record) {
 	t.Helper()
 	if got.ID != want.ID || got.Name != want.Name || got.Tier != want.Tier || got.Hash != want.Hash ||
 		!got.Created.Equal(want.Created) || !got.Expires.Equal(want.Expires) ||
-		!got.Revoked.Equal(want.Revoked) || !got.LastUsed.Equal(want.LastUsed) {
+		!got.Revoked.Equal(want.Revoked) || !got.LastUsed.Equal(want.LastUsed) ||
+		!slices.Equal(got.Mint, want.Mint) || (got.Mint == nil) != (want.Mint == nil) {
 		t.Errorf("record = %+v\nwant     %+v", got, want)
 	}
 }
@@ -90,6 +100,52 @@ func TestSQLiteSchema(t *testing.T) {
 	if newer, err := OpenSQLite(path); err == nil {
 		newer.Close()
 		t.Error("opened a store of schema version 99")
+	}
+}
+
+// TestSQLiteMigratesVersion3 opens a file of schema version 3, the last
+// before mint tiers: its keys read as minting nothing.
+func TestSQLiteMigratesVersion3(t *testing.T) {
+	ctx := t.Context()
+	path := filepath.Join(t.TempDir(), "keys.db")
+	old, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range migrations[:3] {
+		if _, err := old.Exec(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := storedTime(time.Now())
+	want := Record{ID: "key_0123456789abcdef", Name: "old", Tier: "pro", Hash: HashSecret("vgt_old"), Created: now}
+	_, err = old.Exec(`INSERT INTO keys (id, name, tier, hash, created, seq) VALUES (?, ?, ?, ?, ?, 1);
+		UPDATE sequences SET value = 1 WHERE name = 'keys';
+		PRAGMA user_version = 3`, want.ID, want.Name, want.Tier, want.Hash[:], millis(want.Created))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	st, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatalf("opening a store of version 3: %v", err)
+	}
+	defer st.Close()
+	var version int
+	if err := st.db.QueryRow("PRAGMA user_version").Scan(&version); err != nil || version != len(migrations) {
+		t.Errorf("user_version = %d (%v), want %d", version, err, len(migrations))
+	}
+	got, err := st.Get(ctx, want.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantRecord(t, got, want)
+	recs, cursor, err := st.Changes(ctx, 0)
+	if err != nil || len(recs) != 1 || cursor != 1 || recs[0].Mint != nil {
+		t.Errorf("Changes(0) = %+v, %d, %v; want the old key, minting nothing, at cursor 1", recs, cursor, err)
 	}
 }
 
@@ -169,33 +225,48 @@ func TestSQLiteLifecycle(t *testing.T) {
 func TestCreateValidates(t *testing.T) {
 	st, _ := openTemp(t)
 	now := time.Now()
+	seventeen := make([]string, 17)
+	for i := range seventeen {
+		seventeen[i] = fmt.Sprintf("t%d", i)
+	}
 	tests := []struct {
-		name, keyName, tier string
-		expires             time.Time
+		name string
+		a    Attrs
 	}{
-		{"empty name", "", "free", time.Time{}},
-		{"long name", string(bytes.Repeat([]byte("n"), 65)), "free", time.Time{}},
-		{"control in name", "a\tb", "free", time.Time{}},
-		{"newline in name", "a\nb", "free", time.Time{}},
-		{"invalid UTF-8 name", "a\xffb", "free", time.Time{}},
-		{"empty tier", "n", "", time.Time{}},
-		{"uppercase tier", "n", "Pro", time.Time{}},
-		{"tier with space", "n", "pro plus", time.Time{}},
-		{"long tier", "n", string(bytes.Repeat([]byte("t"), 65)), time.Time{}},
-		{"expired already", "n", "free", now.Add(-time.Second)},
-		{"expires now", "n", "free", now},
+		{"empty name", Attrs{Name: "", Tier: "free"}},
+		{"long name", Attrs{Name: string(bytes.Repeat([]byte("n"), 65)), Tier: "free"}},
+		{"control in name", Attrs{Name: "a\tb", Tier: "free"}},
+		{"newline in name", Attrs{Name: "a\nb", Tier: "free"}},
+		{"invalid UTF-8 name", Attrs{Name: "a\xffb", Tier: "free"}},
+		{"empty tier", Attrs{Name: "n", Tier: ""}},
+		{"uppercase tier", Attrs{Name: "n", Tier: "Pro"}},
+		{"tier with space", Attrs{Name: "n", Tier: "pro plus"}},
+		{"long tier", Attrs{Name: "n", Tier: string(bytes.Repeat([]byte("t"), 65))}},
+		{"expired already", Attrs{Name: "n", Tier: "free", Expires: now.Add(-time.Second)}},
+		{"expires now", Attrs{Name: "n", Tier: "free", Expires: now}},
+		{"uppercase mint tier", Attrs{Name: "n", Tier: "pro", Mint: []string{"free", "Basic"}}},
+		{"empty mint tier", Attrs{Name: "n", Tier: "pro", Mint: []string{""}}},
+		{"mint tier with a comma", Attrs{Name: "n", Tier: "pro", Mint: []string{"free,basic"}}},
+		{"long mint tier", Attrs{Name: "n", Tier: "pro", Mint: []string{string(bytes.Repeat([]byte("t"), 65))}}},
+		{"17 mint tiers", Attrs{Name: "n", Tier: "pro", Mint: seventeen}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if _, _, err := Create(t.Context(), st, tt.keyName, tt.tier, tt.expires, now); !errors.Is(err, ErrInvalid) {
+			if _, _, err := Create(t.Context(), st, tt.a, now); !errors.Is(err, ErrInvalid) {
 				t.Errorf("Create = %v, want ErrInvalid", err)
 			}
 		})
 	}
-	// The limits themselves are fine.
+	// The limits themselves are fine; mint tiers are sorted, and repeats
+	// do not count against the limit.
 	create(t, st, string(bytes.Repeat([]byte("é"), 64)), "a-z_0-9", now.Add(time.Millisecond), now)
-	if list, _ := st.List(t.Context()); len(list) != 1 {
-		t.Errorf("%d keys stored, want only the valid one", len(list))
+	sixteen := append(slices.Clone(seventeen[1:]), seventeen[1:4]...)
+	r, _ := createWith(t, st, Attrs{Name: "n", Tier: "pro", Mint: sixteen}, now)
+	if want := slices.Sorted(slices.Values(seventeen[1:])); !slices.Equal(r.Mint, want) {
+		t.Errorf("Mint = %q, want %q", r.Mint, want)
+	}
+	if list, _ := st.List(t.Context()); len(list) != 2 {
+		t.Errorf("%d keys stored, want only the 2 valid ones", len(list))
 	}
 }
 
@@ -335,7 +406,7 @@ func TestSecondHandleAndReopen(t *testing.T) {
 	for _, h := range []*SQLite{st, other} {
 		wg.Go(func() {
 			for range 20 {
-				_, _, err := Create(ctx, h, "concurrent", "free", time.Time{}, time.Now())
+				_, _, err := Create(ctx, h, Attrs{Name: "concurrent", Tier: "free"}, time.Now())
 				errs <- err
 			}
 		})

@@ -19,14 +19,15 @@ var (
 	// rotated: a revoked key stays revoked.
 	ErrRevoked = errors.New("key is revoked")
 
-	// ErrInvalid is wrapped by the errors for a bad name, tier or
-	// expiry given to Create, so that callers can tell the user's mistakes
+	// ErrInvalid is wrapped by the errors for a bad name, tier, expiry
+	// or mint tier given to Create, so that callers can tell the user's mistakes
 	// from store failures.
 	ErrInvalid = errors.New("invalid key attributes")
 )
 
 // Record is one client key as stored: never the secret, only its hash.
-// Times are kept to the millisecond. The zero Record is no key.
+// Times are kept to the millisecond; Mint is sorted, without repeats.
+// The zero Record is no key.
 type Record struct {
 	ID       string // "key_…", not secret
 	Name     string
@@ -36,6 +37,7 @@ type Record struct {
 	Expires  time.Time // zero: never
 	Revoked  time.Time // zero: live
 	LastUsed time.Time // zero: never used
+	Mint     []string  // tiers the key may mint tokens of (POST /vigthoria/tokens); nil: none
 }
 
 // Key states, as State reports them.

@@ -43,7 +43,7 @@ func startFleet(t *testing.T, limits ...string) *fleet {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, f.key, err = keystore.Create(t.Context(), st, "fleet", "metered", time.Time{}, time.Now())
+	_, f.key, err = keystore.Create(t.Context(), st, keystore.Attrs{Name: "fleet", Tier: "metered"}, time.Now())
 	st.Close()
 	if err != nil {
 		t.Fatal(err)

@@ -101,7 +101,7 @@ func createKey(t testing.TB, path, tier string) string {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	_, secret, err := keystore.Create(t.Context(), st, "test-"+tier, tier, time.Time{}, time.Now())
+	_, secret, err := keystore.Create(t.Context(), st, keystore.Attrs{Name: "test-" + tier, Tier: tier}, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -393,7 +393,7 @@ func TestCallerPlaceholders(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec, secret, err := keystore.Create(t.Context(), st, "placeholder-app", "team", time.Time{}, time.Now())
+	rec, secret, err := keystore.Create(t.Context(), st, keystore.Attrs{Name: "placeholder-app", Tier: "team"}, time.Now())
 	st.Close()
 	if err != nil {
 		t.Fatal(err)

@@ -50,7 +50,7 @@ func testNoSecretLeaks(t *testing.T, redisURL string) {
 			t.Fatal(err)
 		}
 		for range 2 {
-			_, secret, err := keystore.Create(t.Context(), st, "leak", "metered", time.Time{}, time.Now())
+			_, secret, err := keystore.Create(t.Context(), st, keystore.Attrs{Name: "leak", Tier: "metered"}, time.Now())
 			if err != nil {
 				t.Fatal(err)
 			}

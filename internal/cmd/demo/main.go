@@ -156,7 +156,7 @@ func demoKey(ctx context.Context, path string) (string, error) {
 		return "", err
 	}
 	defer st.Close()
-	_, secret, err := keystore.Create(ctx, st, "demo", "free", time.Time{}, time.Now())
+	_, secret, err := keystore.Create(ctx, st, keystore.Attrs{Name: "demo", Tier: "free"}, time.Now())
 	return secret, err
 }
 
