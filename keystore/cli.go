@@ -20,7 +20,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "vigthoria",
-		Usage: "key add|list|revoke|rotate … | usage [<id>]",
+		Usage: "key add|list|revoke|rotate … | usage [<id>] | signing-key rotate|list",
 		Short: "Manages the client keys of the vigthoria handler",
 		Long: `
 Adds, lists, revokes and rotates the client keys that the vigthoria handler
@@ -35,6 +35,17 @@ without a reload.
 
 --mint lets the key's holder, an app's backend, mint short-lived tokens of
 those tiers for its own users (POST /vigthoria/tokens).
+
+Minted tokens are signed with a signing key in the same store, which every
+instance sharing the store verifies:
+
+  caddy vigthoria signing-key rotate
+  caddy vigthoria signing-key list
+
+rotate adds a new signing key, which every running Caddy signs with within
+seconds; tokens signed with the older ones stay valid until they expire. It
+also removes the keys retired more than 24 hours ago (the longest life of a
+token). list shows the keys' IDs and states, never the private keys.
 
 --store names the store, as in the Caddyfile: sqlite:PATH or redis://HOST:PORT/DB.
 Default: sqlite:<Caddy data dir>/vigthoria/vigthoria.db. Run the command as the
@@ -113,11 +124,30 @@ func buildCommand(cmd *cobra.Command) {
 		Args:  cobra.MaximumNArgs(1),
 		RunE:  cliUsage,
 	}
-	for _, c := range []*cobra.Command{add, list, revoke, rotate, usage} {
+	signing := &cobra.Command{
+		Use:   "signing-key",
+		Short: "Rotates and lists the keys that minted tokens are signed with",
+		Args:  cobra.NoArgs,
+		RunE:  help,
+	}
+	signingRotate := &cobra.Command{
+		Use:   "rotate",
+		Short: "Adds a signing key to sign with, and removes keys retired more than a day ago",
+		Args:  cobra.NoArgs,
+		RunE:  cliSigningRotate,
+	}
+	signingList := &cobra.Command{
+		Use:   "list",
+		Short: "Lists the signing keys, never their private keys",
+		Args:  cobra.NoArgs,
+		RunE:  cliSigningList,
+	}
+	for _, c := range []*cobra.Command{add, list, revoke, rotate, usage, signingRotate, signingList} {
 		c.SilenceUsage = true // a failed command says why; the usage would bury it
 	}
 	key.AddCommand(add, list, revoke, rotate)
-	cmd.AddCommand(key, usage)
+	signing.AddCommand(signingRotate, signingList)
+	cmd.AddCommand(key, usage, signing)
 }
 
 // cliStore opens the store of the --store flag. Only create makes a new
@@ -279,6 +309,74 @@ func cliRotate(cmd *cobra.Command, args []string) error {
 	fmt.Fprintf(out, "Rotated key %s: its old secret stops working within a second.\n", args[0])
 	printSecret(out, secret)
 	return nil
+}
+
+// signingStore opens the store of the --store flag as a SigningKeyStore.
+func signingStore(cmd *cobra.Command, create bool) (SigningKeyStore, Store, string, error) {
+	st, spec, err := cliStore(cmd, create)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	sks, ok := st.(SigningKeyStore)
+	if !ok {
+		st.Close()
+		return nil, nil, "", fmt.Errorf("the key store %s keeps no signing keys", spec)
+	}
+	return sks, st, spec, nil
+}
+
+// cliSigningRotate adds a signing key and removes those retired more
+// than MaxTokenTTL ago. It may make a new SQLite file, as key add does: a
+// fleet's first signing key may come before its first client key.
+func cliSigningRotate(cmd *cobra.Command, _ []string) error {
+	sks, st, spec, err := signingStore(cmd, true)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	k, removed, err := rotateSigningKeys(cmd.Context(), sks, time.Now())
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	fmt.Fprintf(out, "Added signing key %s in %s: a running Caddy signs new tokens with it within seconds.\n", k.ID, spec)
+	fmt.Fprintf(out, "Signing keys removed (retired more than %g hours ago): %d.\n", MaxTokenTTL.Hours(), removed)
+	return nil
+}
+
+// cliSigningList prints the signing keys and their states: current (the
+// one that signs), retired at a time (still verifying the tokens it
+// signed), or expired (no token it signed is valid any more; the next
+// rotate removes it).
+func cliSigningList(cmd *cobra.Command, _ []string) error {
+	sks, st, spec, err := signingStore(cmd, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	keys, err := sks.SigningKeys(cmd.Context())
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	if len(keys) == 0 {
+		fmt.Fprintf(out, "No signing keys in %s.\n", spec)
+		return nil
+	}
+	now := time.Now()
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tCREATED\tSTATE")
+	for i, k := range keys {
+		state := "current"
+		switch retired := Retired(keys, i); {
+		case expiredSigningKey(keys, i, now):
+			state = "expired"
+		case !retired.IsZero():
+			state = "retired " + formatTime(retired, "-")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", printable(k.ID), formatTime(k.Created, "-"), state)
+	}
+	return tw.Flush()
 }
 
 func printSecret(out io.Writer, secret string) {

@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -32,6 +33,9 @@ import (
 //	vgt:usage:<client>:<day> hash: "<model>\x00requests", "…\x00prompt",
 //	                         "…\x00completion", "…\x00cached",
 //	                         "…\x00reasoning"; expires after usageTTL
+//	vgt:signing              hash: a field for each signing key, its ID,
+//	                         holding 8 bytes of its created time (unix ms,
+//	                         big-endian), then its 32-byte Ed25519 seed
 //
 // Every insert, rotation and revocation is one Lua script, which takes
 // the next seq and changes the key's hash and its score together, so
@@ -50,6 +54,7 @@ const (
 	redisCounterKey  = "vgt:keys:counter"
 	redisEpochKey    = "vgt:keys:epoch"
 	redisUsagePrefix = "vgt:usage:"
+	redisSigningKey  = "vgt:signing"
 	// redisWriterPrefix names a ledger's last applied batch sequence.
 	redisWriterPrefix = "vgt:usage-writer:"
 
@@ -615,6 +620,57 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 	return out, nil
 }
 
+// SigningKeys returns every signing key, oldest first.
+func (s *Redis) SigningKeys(ctx context.Context) ([]SigningKey, error) {
+	stored, err := s.client.HGetAll(ctx, redisSigningKey).Result()
+	if err != nil {
+		return nil, fmt.Errorf("reading signing keys: %w", err)
+	}
+	keys := make([]SigningKey, 0, len(stored))
+	for id, v := range stored {
+		if len(v) < 8 {
+			return nil, fmt.Errorf("reading signing keys: signing key %s has %d bytes, not 8 of time and a seed", id, len(v))
+		}
+		k, err := signingKeyFromSeed(id, []byte(v[8:]), int64(binary.BigEndian.Uint64([]byte(v[:8]))))
+		if err != nil {
+			return nil, fmt.Errorf("reading signing keys: %w", err)
+		}
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b SigningKey) int {
+		if c := a.Created.Compare(b.Created); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	return keys, nil
+}
+
+// AddSigningKey stores k's created time and seed, with HSETNX: an ID
+// already stored is an error.
+func (s *Redis) AddSigningKey(ctx context.Context, k SigningKey) error {
+	if err := checkSigningKey(k); err != nil {
+		return err
+	}
+	v := binary.BigEndian.AppendUint64(nil, uint64(millis(k.Created)))
+	added, err := s.client.HSetNX(ctx, redisSigningKey, k.ID, append(v, k.Private.Seed()...)).Result()
+	if err != nil {
+		return fmt.Errorf("adding signing key %s: %w", k.ID, err)
+	}
+	if !added {
+		return fmt.Errorf("adding signing key %s: the ID exists", k.ID)
+	}
+	return nil
+}
+
+// RemoveSigningKey deletes the signing key id; an unknown ID is no error.
+func (s *Redis) RemoveSigningKey(ctx context.Context, id string) error {
+	if err := s.client.HDel(ctx, redisSigningKey, id).Err(); err != nil {
+		return fmt.Errorf("removing signing key %s: %w", id, err)
+	}
+	return nil
+}
+
 // Close closes the connections.
 func (s *Redis) Close() error {
 	return s.client.Close()
@@ -676,7 +732,8 @@ func parseRecord(id string, vals []any) (r Record, ok bool, err error) {
 
 // Interface guards
 var (
-	_ Store      = (*Redis)(nil)
-	_ UsageStore = (*Redis)(nil)
-	_ bulkLoader = (*Redis)(nil)
+	_ Store           = (*Redis)(nil)
+	_ UsageStore      = (*Redis)(nil)
+	_ bulkLoader      = (*Redis)(nil)
+	_ SigningKeyStore = (*Redis)(nil)
 )

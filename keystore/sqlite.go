@@ -50,6 +50,13 @@ var migrations = []string{
 	// 4: the tiers a key may mint tokens of, joined by ','; '' for none,
 	// which is what the keys of older versions get.
 	`ALTER TABLE keys ADD COLUMN mint TEXT NOT NULL DEFAULT '';`,
+	// 5: the keys minted tokens are signed with. private is the 32-byte
+	// Ed25519 seed; created is unix milliseconds.
+	`CREATE TABLE signing_keys (
+		id      TEXT PRIMARY KEY,
+		private BLOB NOT NULL,
+		created INTEGER NOT NULL
+	) STRICT;`,
 }
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, seq`
@@ -314,6 +321,56 @@ func (s *SQLite) TouchLastUsed(ctx context.Context, used map[string]time.Time) e
 	return nil
 }
 
+// SigningKeys returns every signing key, oldest first.
+func (s *SQLite) SigningKeys(ctx context.Context) ([]SigningKey, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT id, private, created FROM signing_keys ORDER BY created, id`)
+	if err != nil {
+		return nil, fmt.Errorf("reading signing keys: %w", err)
+	}
+	defer rows.Close()
+	var keys []SigningKey
+	for rows.Next() {
+		var (
+			id      string
+			seed    []byte
+			created int64
+		)
+		if err := rows.Scan(&id, &seed, &created); err != nil {
+			return nil, fmt.Errorf("reading signing keys: %w", err)
+		}
+		k, err := signingKeyFromSeed(id, seed, created)
+		if err != nil {
+			return nil, fmt.Errorf("reading signing keys: %w", err)
+		}
+		keys = append(keys, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("reading signing keys: %w", err)
+	}
+	return keys, nil
+}
+
+// AddSigningKey stores k's seed; an ID already stored is an error.
+func (s *SQLite) AddSigningKey(ctx context.Context, k SigningKey) error {
+	if err := checkSigningKey(k); err != nil {
+		return err
+	}
+	_, err := s.db.ExecContext(ctx, `INSERT INTO signing_keys (id, private, created) VALUES (?, ?, ?)`,
+		k.ID, k.Private.Seed(), millis(k.Created))
+	if err != nil {
+		return fmt.Errorf("adding signing key %s: %w", k.ID, err)
+	}
+	return nil
+}
+
+// RemoveSigningKey deletes the signing key id; an unknown ID is no error.
+func (s *SQLite) RemoveSigningKey(ctx context.Context, id string) error {
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM signing_keys WHERE id = ?`, id); err != nil {
+		return fmt.Errorf("removing signing key %s: %w", id, err)
+	}
+	return nil
+}
+
 // Close closes the database.
 func (s *SQLite) Close() error {
 	return s.db.Close()
@@ -411,6 +468,7 @@ func fromMillis(ms int64) time.Time {
 
 // Interface guards
 var (
-	_ Store      = (*SQLite)(nil)
-	_ bulkLoader = (*SQLite)(nil)
+	_ Store           = (*SQLite)(nil)
+	_ bulkLoader      = (*SQLite)(nil)
+	_ SigningKeyStore = (*SQLite)(nil)
 )

@@ -104,7 +104,8 @@ func TestSQLiteSchema(t *testing.T) {
 }
 
 // TestSQLiteMigratesVersion3 opens a file of schema version 3, the last
-// before mint tiers: its keys read as minting nothing.
+// before mint tiers and signing keys: its keys read as minting nothing,
+// and signing keys can be added.
 func TestSQLiteMigratesVersion3(t *testing.T) {
 	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "keys.db")
@@ -146,6 +147,13 @@ func TestSQLiteMigratesVersion3(t *testing.T) {
 	recs, cursor, err := st.Changes(ctx, 0)
 	if err != nil || len(recs) != 1 || cursor != 1 || recs[0].Mint != nil {
 		t.Errorf("Changes(0) = %+v, %d, %v; want the old key, minting nothing, at cursor 1", recs, cursor, err)
+	}
+	k, err := NewSigningKey(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.AddSigningKey(ctx, k); err != nil {
+		t.Errorf("adding a signing key to a migrated store: %v", err)
 	}
 }
 

@@ -1,0 +1,369 @@
+package keystore
+
+import (
+	"crypto/ed25519"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+var printedSigningID = regexp.MustCompile(`sig_[0-9A-Za-z]{16}`)
+
+// newSigningKey makes a signing key created at now.
+func newSigningKey(t *testing.T, now time.Time) SigningKey {
+	t.Helper()
+	k, err := NewSigningKey(now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// privateForms are the ways a private key could be spelled in text.
+func privateForms(k SigningKey) []string {
+	seed := k.Private.Seed()
+	return []string{
+		hex.EncodeToString(seed), base64.StdEncoding.EncodeToString(seed), base64.RawURLEncoding.EncodeToString(seed),
+		base64.StdEncoding.EncodeToString(k.Private), fmt.Sprint([]byte(k.Private)[:8]), string(seed),
+	}
+}
+
+// wantNoPrivate fails the test when text holds k's private key in any
+// form of privateForms.
+func wantNoPrivate(t *testing.T, what, text string, k SigningKey) {
+	t.Helper()
+	for _, form := range privateForms(k) {
+		if strings.Contains(text, form) {
+			t.Errorf("%s holds the private key of %s: %q", what, k.ID, text)
+			return
+		}
+	}
+}
+
+func TestNewSigningKey(t *testing.T) {
+	now := time.Date(2030, 1, 2, 3, 4, 5, 678_901_234, time.UTC)
+	a, b := newSigningKey(t, now), newSigningKey(t, now)
+	if !regexp.MustCompile(`^sig_[0-9A-Za-z]{16}$`).MatchString(a.ID) {
+		t.Errorf("ID %q, want sig_ and 16 base62 characters", a.ID)
+	}
+	if a.ID == b.ID || a.Private.Equal(b.Private) {
+		t.Error("two new keys are the same")
+	}
+	if len(a.Private) != ed25519.PrivateKeySize {
+		t.Errorf("private key of %d bytes, want %d", len(a.Private), ed25519.PrivateKeySize)
+	}
+	if want := now.Truncate(time.Millisecond); !a.Created.Equal(want) {
+		t.Errorf("Created = %v, want %v", a.Created, want)
+	}
+
+	// Printed or marshalled by mistake, a key shows its ID only.
+	asJSON, err := json.Marshal(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := decode[map[string]any](t, string(asJSON)); len(got) != 2 || got["id"] != a.ID {
+		t.Errorf("JSON %s, want the ID and the created time only", asJSON)
+	}
+	for _, tt := range []struct {
+		name, text string
+	}{
+		{"%v", fmt.Sprintf("%v", a)},
+		{"%+v", fmt.Sprintf("%+v", a)},
+		{"%#v", fmt.Sprintf("%#v", a)},
+		{"%s", fmt.Sprintf("%s", a)},
+		{"%v of a pointer", fmt.Sprintf("%v", &a)},
+		{"%v of a slice", fmt.Sprintf("%v", []SigningKey{a})},
+		{"JSON", string(asJSON)},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if !strings.Contains(tt.text, a.ID) {
+				t.Errorf("%q does not name the key %s", tt.text, a.ID)
+			}
+			wantNoPrivate(t, tt.name, tt.text, a)
+		})
+	}
+}
+
+func TestRetired(t *testing.T) {
+	t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	keys := []SigningKey{{ID: "sig_a", Created: t0}, {ID: "sig_b", Created: t0.Add(time.Hour)}, {ID: "sig_c", Created: t0.Add(30 * time.Hour)}}
+	tests := []struct {
+		name string
+		keys []SigningKey
+		i    int
+		want time.Time
+	}{
+		{"oldest", keys, 0, t0.Add(time.Hour)},
+		{"middle", keys, 1, t0.Add(30 * time.Hour)},
+		{"newest signs", keys, 2, time.Time{}},
+		{"the only key", keys[:1], 0, time.Time{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := Retired(tt.keys, tt.i); !got.Equal(tt.want) {
+				t.Errorf("Retired(%d) = %v, want %v", tt.i, got, tt.want)
+			}
+		})
+	}
+	// Retired at t0+1h, so expired once MaxTokenTTL more has passed.
+	for _, tt := range []struct {
+		name string
+		i    int
+		now  time.Time
+		want bool
+	}{
+		{"within the token life", 0, t0.Add(time.Hour + MaxTokenTTL), false},
+		{"past the token life", 0, t0.Add(time.Hour + MaxTokenTTL + time.Millisecond), true},
+		{"retired lately", 1, t0.Add(31 * time.Hour), false},
+		{"the newest never", 2, t0.Add(1000 * time.Hour), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := expiredSigningKey(keys, tt.i, tt.now); got != tt.want {
+				t.Errorf("expiredSigningKey(%d, %v) = %t, want %t", tt.i, tt.now, got, tt.want)
+			}
+		})
+	}
+}
+
+// forEachSigningBackend runs test on a new, empty store of each kind,
+// as a SigningKeyStore.
+func forEachSigningBackend(t *testing.T, test func(t *testing.T, st SigningKeyStore)) {
+	forEachBackend(t, func(t *testing.T, st Store) {
+		sks, ok := st.(SigningKeyStore)
+		if !ok {
+			t.Fatalf("%T is not a SigningKeyStore", st)
+		}
+		test(t, sks)
+	})
+}
+
+// signingIDs returns the IDs of st's signing keys, in their order.
+func signingIDs(t *testing.T, st SigningKeyStore) []string {
+	t.Helper()
+	keys, err := st.SigningKeys(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := make([]string, 0, len(keys))
+	for _, k := range keys {
+		ids = append(ids, k.ID)
+	}
+	return ids
+}
+
+func TestSigningKeyStore(t *testing.T) {
+	forEachSigningBackend(t, func(t *testing.T, st SigningKeyStore) {
+		ctx := t.Context()
+		if ids := signingIDs(t, st); len(ids) != 0 {
+			t.Fatalf("a new store has signing keys %v", ids)
+		}
+		now := time.Date(2030, 1, 2, 3, 4, 5, 678_901_234, time.UTC)
+		newest := newSigningKey(t, now)
+		oldest := newSigningKey(t, now.Add(-2*time.Hour))
+		// Two created in the same millisecond are in the order of their IDs.
+		tie1, tie2 := newSigningKey(t, now.Add(-time.Hour)), newSigningKey(t, now.Add(-time.Hour))
+		tie1.ID, tie2.ID = "sig_0000000000000001", "sig_0000000000000002"
+		for _, k := range []SigningKey{newest, tie2, oldest, tie1} {
+			if err := st.AddSigningKey(ctx, k); err != nil {
+				t.Fatal(err)
+			}
+		}
+		want := []SigningKey{oldest, tie1, tie2, newest}
+		keys, err := st.SigningKeys(ctx)
+		if err != nil || len(keys) != len(want) {
+			t.Fatalf("SigningKeys = %d keys, %v; want %d", len(keys), err, len(want))
+		}
+		for i, k := range keys {
+			if k.ID != want[i].ID || !k.Created.Equal(want[i].Created) || !k.Private.Equal(want[i].Private) {
+				t.Errorf("key %d = %s created %v, want %s created %v, and the same private key", i, k.ID, k.Created, want[i].ID, want[i].Created)
+			}
+		}
+
+		// The stored seed makes the same key: what one instance signs,
+		// another verifies with the public key it loaded.
+		msg := []byte("header.payload")
+		sig := ed25519.Sign(newest.Private, msg)
+		if !ed25519.Verify(keys[3].Private.Public().(ed25519.PublicKey), msg, sig) {
+			t.Error("a signature of the new key does not verify with the loaded key")
+		}
+		if ed25519.Verify(keys[0].Private.Public().(ed25519.PublicKey), msg, sig) {
+			t.Error("a signature verifies with another key")
+		}
+
+		// An ID already stored is refused, and the stored key stays.
+		again := newSigningKey(t, now.Add(time.Hour))
+		again.ID = newest.ID
+		if err := st.AddSigningKey(ctx, again); err == nil {
+			t.Error("adding a signing key ID twice succeeded")
+		} else {
+			wantNoPrivate(t, "the error", err.Error(), again)
+		}
+		if keys, _ := st.SigningKeys(ctx); len(keys) != 4 || !keys[3].Private.Equal(newest.Private) {
+			t.Error("a refused add changed the stored key")
+		}
+		for _, tt := range []struct {
+			name string
+			k    SigningKey
+		}{
+			{"no ID", SigningKey{Private: newest.Private, Created: now}},
+			{"no private key", SigningKey{ID: "sig_nokey", Created: now}},
+			{"a seed for a private key", SigningKey{ID: "sig_seed", Private: ed25519.PrivateKey(newest.Private.Seed()), Created: now}},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				if err := st.AddSigningKey(ctx, tt.k); !errors.Is(err, ErrInvalid) {
+					t.Errorf("AddSigningKey = %v, want ErrInvalid", err)
+				}
+			})
+		}
+
+		if err := st.RemoveSigningKey(ctx, tie1.ID); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.RemoveSigningKey(ctx, "sig_unknown"); err != nil {
+			t.Errorf("removing an unknown key: %v, want nil", err)
+		}
+		if got, want := signingIDs(t, st), []string{oldest.ID, tie2.ID, newest.ID}; !slices.Equal(got, want) {
+			t.Errorf("after removing %s: %v, want %v", tie1.ID, got, want)
+		}
+	})
+}
+
+func TestSigningKeyDamagedSeed(t *testing.T) {
+	k := newSigningKey(t, time.Now())
+	short := k.Private.Seed()[:31]
+	tests := []struct {
+		name   string
+		damage func(t *testing.T) SigningKeyStore
+	}{
+		{"sqlite", func(t *testing.T) SigningKeyStore {
+			st, _ := openTemp(t)
+			if _, err := st.db.Exec(`INSERT INTO signing_keys (id, private, created) VALUES (?, ?, ?)`, k.ID, short, millis(k.Created)); err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}},
+		{"redis", func(t *testing.T) SigningKeyStore {
+			st, srv := openRedisTemp(t)
+			if err := rawRedis(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, append(make([]byte, 8), short...)).Err(); err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}},
+		{"redis, shorter than its time", func(t *testing.T) SigningKeyStore {
+			st, srv := openRedisTemp(t)
+			if err := rawRedis(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, "1234").Err(); err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			keys, err := tt.damage(t).SigningKeys(t.Context())
+			if err == nil || !strings.Contains(err.Error(), k.ID) {
+				t.Fatalf("SigningKeys = %d keys, %v; want an error naming %s", len(keys), err, k.ID)
+			}
+			wantNoPrivate(t, "the error", err.Error(), k)
+		})
+	}
+}
+
+func TestCLISigningKeys(t *testing.T) {
+	ctx := t.Context()
+	path := filepath.Join(t.TempDir(), "keys.db")
+	store := "--store=sqlite:" + path
+	if code, _, errOut := runCLI(t, "signing-key", "list", store); code == 0 || !strings.Contains(errOut, "no key store at") {
+		t.Errorf("list of a missing store: exit %d, %q; want failure saying there is none", code, errOut)
+	}
+
+	// rotate makes a store, as key add does: a fleet's first signing key
+	// may come before its first client key.
+	fresh := "--store=sqlite:" + filepath.Join(t.TempDir(), "fresh.db")
+	if out := mustCLI(t, "signing-key", "rotate", fresh); !printedSigningID.MatchString(out) {
+		t.Errorf("rotate on a new store printed %q, want the new key's ID", out)
+	}
+	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
+	if list := mustCLI(t, "signing-key", "list", store); !strings.Contains(list, "No signing keys in sqlite:"+path) {
+		t.Errorf("list of a store without signing keys = %q, want that it has none", list)
+	}
+
+	// A first rotate makes the first key; a second retires it.
+	var rotated []string
+	for range 2 {
+		out := mustCLI(t, "signing-key", "rotate", store)
+		if !strings.Contains(out, "Signing keys removed (retired more than 24 hours ago): 0.") {
+			t.Errorf("rotate printed %q, want that it removed none", out)
+		}
+		rotated = append(rotated, printedSigningID.FindString(out))
+	}
+	if list := mustCLI(t, "signing-key", "list", store); strings.Count(list, "current") != 1 || strings.Count(list, "retired") != 1 {
+		t.Errorf("list = %q, want one key current and one retired", list)
+	}
+
+	// Two keys from before: the older was retired by the newer more than
+	// MaxTokenTTL ago, the newer only by the first rotate.
+	st, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	now := time.Now()
+	expired := newSigningKey(t, now.Add(-2*MaxTokenTTL-time.Hour))
+	retired := newSigningKey(t, now.Add(-2*MaxTokenTTL))
+	for _, k := range []SigningKey{expired, retired} {
+		if err := st.AddSigningKey(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lines := strings.Split(strings.TrimSpace(mustCLI(t, "signing-key", "list", store)), "\n")
+	if len(lines) != 5 || !slices.Equal(strings.Fields(lines[0]), []string{"ID", "CREATED", "STATE"}) {
+		t.Fatalf("list printed %q, want a header and 4 keys", lines)
+	}
+	for i, want := range []struct {
+		id, state string
+	}{
+		{expired.ID, "expired"},
+		{retired.ID, "retired"},
+		{"", "retired"},
+		{"", "current"},
+	} {
+		f := strings.Fields(lines[i+1])
+		if len(f) < 3 || (want.id != "" && f[0] != want.id) || f[2] != want.state {
+			t.Errorf("line %d = %q, want %s %s", i+1, lines[i+1], want.id, want.state)
+		}
+	}
+	// retired is retired since the first rotated key was made.
+	keys, err := st.SigningKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.Fields(lines[2])[2:], []string{"retired", formatTime(keys[2].Created, "-")}; !slices.Equal(got, want) {
+		t.Errorf("the state of %s is %q, want %q", retired.ID, got, want)
+	}
+
+	out := mustCLI(t, "signing-key", "rotate", store)
+	if !strings.Contains(out, "Signing keys removed (retired more than 24 hours ago): 1.") {
+		t.Errorf("rotate printed %q, want that it removed 1", out)
+	}
+	want := []string{retired.ID, rotated[0], rotated[1], printedSigningID.FindString(out)}
+	if got := signingIDs(t, st); !slices.Equal(got, want) && !slices.Equal(got, []string{want[0], want[2], want[1], want[3]}) {
+		t.Errorf("signing keys %v, want %v: the expired key removed, the others kept", got, want)
+	}
+
+	// Nothing printed holds a private key.
+	if keys, err = st.SigningKeys(ctx); err != nil {
+		t.Fatal(err)
+	}
+	printed := out + mustCLI(t, "signing-key", "list", store)
+	for _, k := range append(keys, expired) {
+		wantNoPrivate(t, "the CLI's output", printed, k)
+	}
+}
