@@ -42,10 +42,13 @@ instance sharing the store verifies:
   caddy vigthoria signing-key rotate
   caddy vigthoria signing-key list
 
-rotate adds a new signing key, which every running Caddy signs with within
-seconds; tokens signed with the older ones stay valid until they expire. It
-also removes the keys retired more than 24 hours ago (the longest life of a
+rotate adds a new signing key, which every running Caddy signs with once it
+has been published for 2 seconds, so that every instance knows it first;
+tokens signed with the older ones stay valid until they expire. It also
+removes the keys retired more than 24 hours ago (the longest life of a
 token). list shows the keys' IDs and states, never the private keys.
+usage of mint:<key ID>:<user> prints one minted token user's rows; a
+minting key's own rows hold its users' usage.
 
 --store names the store, as in the Caddyfile: sqlite:PATH or redis://HOST:PORT/DB.
 Default: sqlite:<Caddy data dir>/vigthoria/vigthoria.db. Run the command as the
@@ -339,15 +342,16 @@ func cliSigningRotate(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "Added signing key %s in %s: a running Caddy signs new tokens with it within seconds.\n", k.ID, spec)
+	fmt.Fprintf(out, "Added signing key %s in %s: a running Caddy signs new tokens with it in 2 seconds.\n", k.ID, spec)
 	fmt.Fprintf(out, "Signing keys removed (retired more than %g hours ago): %d.\n", MaxTokenTTL.Hours(), removed)
 	return nil
 }
 
 // cliSigningList prints the signing keys and their states: current (the
-// one that signs), retired at a time (still verifying the tokens it
-// signed), or expired (no token it signed is valid any more; the next
-// rotate removes it).
+// one that signs), signs from a time (newer, published but not signing
+// yet), retired at a time (still verifying the tokens it signed), or
+// expired (no token it signed is valid any more; the next rotate
+// removes it).
 func cliSigningList(cmd *cobra.Command, _ []string) error {
 	sks, st, spec, err := signingStore(cmd, false)
 	if err != nil {
@@ -366,11 +370,15 @@ func cliSigningList(cmd *cobra.Command, _ []string) error {
 	now := time.Now()
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tCREATED\tSTATE")
+	current := signer(keys, now)
 	for i, k := range keys {
 		state := "current"
 		switch retired := Retired(keys, i); {
+		case &keys[i] == current:
 		case expiredSigningKey(keys, i, now):
 			state = "expired"
+		case k.Created.After(current.Created):
+			state = "signs from " + formatTime(k.Created.Add(signingGrace), "-")
 		case !retired.IsZero():
 			state = "retired " + formatTime(retired, "-")
 		}

@@ -3,6 +3,7 @@ package keystore
 import (
 	"encoding/binary"
 	"hash/maphash"
+	"maps"
 	"math"
 	"math/bits"
 	"strings"
@@ -128,6 +129,9 @@ func (v *view) slotOf(h *Hash, idx uint32) int {
 // the writing methods.
 type index struct {
 	cur atomic.Pointer[view]
+	// minters are the live keys that may mint tokens, by ID: few, and
+	// looked up without a lock for every request of a minted token.
+	minters atomic.Pointer[map[string]minter]
 
 	mu    sync.Mutex // serializes writers; protects the following
 	ids   []uint32   // table of entries by ID, slots as described above
@@ -136,6 +140,59 @@ type index struct {
 	tierN map[string]uint16 // positions in tiers
 	texts textArena
 	live  int
+}
+
+// minter is what the index keeps of a key that may mint tokens.
+type minter struct {
+	tier    string
+	mint    []string // the tiers it may mint tokens of
+	expires int64    // unix milliseconds; 0: never
+}
+
+// minter returns the minting rights of the live key id.
+func (ix *index) minter(id string) (minter, bool) {
+	if m := ix.minters.Load(); m != nil {
+		mt, ok := (*m)[id]
+		return mt, ok
+	}
+	return minter{}, false
+}
+
+// noteMinters brings the minters up to date with recs, changed in that
+// order, copying the map only when one of them mints or minted.
+func (ix *index) noteMinters(recs []Record) {
+	old := ix.minters.Load()
+	var next map[string]minter
+	for i := range recs {
+		r := &recs[i]
+		mints := len(r.Mint) > 0 && r.Revoked.IsZero()
+		if !mints && !isMinter(old, r.ID) {
+			continue
+		}
+		if next == nil {
+			next = make(map[string]minter)
+			if old != nil {
+				maps.Copy(next, *old)
+			}
+		}
+		if mints {
+			next[r.ID] = minter{tier: r.Tier, mint: r.Mint, expires: millis(r.Expires)}
+		} else {
+			delete(next, r.ID)
+		}
+	}
+	if next != nil {
+		ix.minters.Store(&next)
+	}
+}
+
+// isMinter reports whether id is in m.
+func isMinter(m *map[string]minter, id string) bool {
+	if m == nil {
+		return false
+	}
+	_, ok := (*m)[id]
+	return ok
 }
 
 // emptyView is the view of an index never written to. Nothing writes to
@@ -156,6 +213,7 @@ func (ix *index) view() *view {
 func (ix *index) apply(recs []Record) (skipped []string) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	ix.noteMinters(recs)
 	for i := range recs {
 		r := &recs[i]
 		if !r.Revoked.IsZero() {
@@ -182,6 +240,7 @@ func (ix *index) apply(recs []Record) (skipped []string) {
 func (ix *index) loadNew(recs []Record) (skipped []string) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
+	ix.noteMinters(recs)
 	ix.reserve(len(recs))
 	v := ix.view()
 	entries := v.entries
@@ -299,6 +358,7 @@ func (ix *index) clear() {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	ix.cur.Store(&emptyView)
+	ix.minters.Store(nil)
 	ix.ids, ix.tiers, ix.tierN, ix.texts, ix.live = nil, nil, nil, textArena{}, 0
 }
 

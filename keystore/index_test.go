@@ -44,7 +44,7 @@ func TestIndexApply(t *testing.T) {
 	b, bSecret := newRecord(t, "bob", "free")
 	a.LastUsed = time.Unix(1_700_000_000, 0)
 	ix.apply([]Record{a, b})
-	for secret, want := range map[string]Client{aSecret: {a.ID, "alice", "pro"}, bSecret: {b.ID, "bob", "free"}} {
+	for secret, want := range map[string]Client{aSecret: {ID: a.ID, Name: "alice", Tier: "pro"}, bSecret: {ID: b.ID, Name: "bob", Tier: "free"}} {
 		if got, _ := ix.find(secret); got != want {
 			t.Errorf("found %+v, want %+v", got, want)
 		}
@@ -71,7 +71,7 @@ func TestIndexApply(t *testing.T) {
 		t.Error("the rotated-away secret is still found")
 	}
 	got, e := ix.find(newSecret)
-	if got != (Client{a.ID, "alice", "pro"}) || e.lastUsed.Load() != 1_800_000_000 {
+	if got != (Client{ID: a.ID, Name: "alice", Tier: "pro"}) || e.lastUsed.Load() != 1_800_000_000 {
 		t.Errorf("after rotation: %+v, lastUsed %d", got, e.lastUsed.Load())
 	}
 
@@ -80,7 +80,7 @@ func TestIndexApply(t *testing.T) {
 	renamed.Name, renamed.Tier, renamed.Expires = "alice 2", "team", time.UnixMilli(1_900_000_000_000)
 	ix.apply([]Record{renamed})
 	got, e = ix.find(newSecret)
-	if got != (Client{a.ID, "alice 2", "team"}) || e.expires != 1_900_000_000_000 {
+	if got != (Client{ID: a.ID, Name: "alice 2", Tier: "team"}) || e.expires != 1_900_000_000_000 {
 		t.Errorf("after renaming: %+v, expires %d", got, e.expires)
 	}
 

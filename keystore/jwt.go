@@ -41,6 +41,10 @@ type TokenIssuer struct {
 	// Caller names the caller of a verified token from its claims, or
 	// refuses the token with false.
 	Caller func(claims map[string]any) (Client, bool)
+	// Still, when set, is asked again each time a remembered token is
+	// used: false refuses it, such as a minted token whose minting key
+	// was revoked since. It must not allocate.
+	Still func(c Client, now time.Time) bool
 }
 
 // TokenVerifier verifies bearer JWTs of its issuers and remembers those it
@@ -104,7 +108,8 @@ func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time)
 	}
 	h := hashToken(token)
 	if t, ok := v.remembered.Get(h); ok {
-		if now.UnixMilli() < t.expires && t.issuer.Keys.Key(t.kid) == t.key {
+		if now.UnixMilli() < t.expires && t.issuer.Keys.Key(t.kid) == t.key &&
+			(t.issuer.Still == nil || t.issuer.Still(t.client, now)) {
 			return t.client, true
 		}
 		v.remembered.Remove(h)

@@ -65,6 +65,9 @@ type Client struct {
 	ID   string // the key ID, "key_…", or another identity set by the caller's code
 	Name string
 	Tier string
+	// Minted is set for the user of a token the proxy minted; nil for
+	// other callers.
+	Minted *Minted
 }
 
 // Service owns one store, its in-memory index, the loop that keeps the
@@ -87,9 +90,10 @@ type Service struct {
 	flushEvery time.Duration
 	maxStale   time.Duration // maxStaleness but in tests
 
-	index  index
-	kick   chan struct{} // asks the loop to sync now
-	ledger *Ledger
+	index   index
+	kick    chan struct{} // asks the loop to sync now
+	ledger  *Ledger
+	signing signing
 
 	usedMu sync.Mutex // protects used and spare
 	used   []use      // recorded uses, waiting for the next flush
@@ -108,10 +112,11 @@ type Service struct {
 	staleTimer *time.Timer // fires maxStale after syncedAt
 
 	// Only Start and then the loop use these.
-	cursor        uint64
-	syncFailing   bool
-	flushFailing  bool
-	ledgerFailing bool
+	cursor         uint64
+	syncFailing    bool
+	flushFailing   bool
+	ledgerFailing  bool
+	signingFailing bool
 }
 
 const (
@@ -339,6 +344,7 @@ func (s *Service) run(ctx context.Context, st Store, done <-chan struct{}) {
 			s.logTransition(&s.ledgerFailing, err, "writing the usage ledger")
 		case <-poll.C:
 			s.sync(ctx, st)
+			s.keepSigningKeys(ctx)
 		case <-s.kick:
 			s.sync(ctx, st)
 		case <-flush.C:

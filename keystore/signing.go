@@ -91,14 +91,35 @@ type SigningKeyStore interface {
 	RemoveSigningKey(ctx context.Context, id string) error
 }
 
+// signingGrace is how long a new signing key is published before it
+// signs: every instance of a fleet reads the store's signing keys at
+// least every second, so none meets a token of a key it does not know.
+const signingGrace = 2 * time.Second
+
 // Retired returns when key i of keys (oldest first, as SigningKeys returns
-// them) was retired: the Created of the next newer key; zero for the newest,
-// which is the one that signs.
+// them) stopped signing: signingGrace after the Created of the next newer
+// key; zero for the newest.
 func Retired(keys []SigningKey, i int) time.Time {
 	if i+1 >= len(keys) {
 		return time.Time{}
 	}
-	return keys[i+1].Created
+	return keys[i+1].Created.Add(signingGrace)
+}
+
+// signer returns the key of keys (oldest first) that signs at now: the
+// newest created signingGrace ago or earlier; while none is that old,
+// the oldest, so that instances that made a store's first keys at once
+// sign with the same one.
+func signer(keys []SigningKey, now time.Time) *SigningKey {
+	for i := len(keys) - 1; i >= 0; i-- {
+		if !now.Before(keys[i].Created.Add(signingGrace)) {
+			return &keys[i]
+		}
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	return &keys[0]
 }
 
 // expiredSigningKey reports whether key i of keys was retired more than

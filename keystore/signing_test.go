@@ -101,8 +101,8 @@ func TestRetired(t *testing.T) {
 		i    int
 		want time.Time
 	}{
-		{"oldest", keys, 0, t0.Add(time.Hour)},
-		{"middle", keys, 1, t0.Add(30 * time.Hour)},
+		{"oldest", keys, 0, t0.Add(time.Hour + signingGrace)},
+		{"middle", keys, 1, t0.Add(30*time.Hour + signingGrace)},
 		{"newest signs", keys, 2, time.Time{}},
 		{"the only key", keys[:1], 0, time.Time{}},
 	}
@@ -113,21 +113,49 @@ func TestRetired(t *testing.T) {
 			}
 		})
 	}
-	// Retired at t0+1h, so expired once MaxTokenTTL more has passed.
+	// Retired at t0+1h and the grace, so expired once MaxTokenTTL more
+	// has passed.
 	for _, tt := range []struct {
 		name string
 		i    int
 		now  time.Time
 		want bool
 	}{
-		{"within the token life", 0, t0.Add(time.Hour + MaxTokenTTL), false},
-		{"past the token life", 0, t0.Add(time.Hour + MaxTokenTTL + time.Millisecond), true},
+		{"within the token life", 0, t0.Add(time.Hour + signingGrace + MaxTokenTTL), false},
+		{"past the token life", 0, t0.Add(time.Hour + signingGrace + MaxTokenTTL + time.Millisecond), true},
 		{"retired lately", 1, t0.Add(31 * time.Hour), false},
 		{"the newest never", 2, t0.Add(1000 * time.Hour), false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			if got := expiredSigningKey(keys, tt.i, tt.now); got != tt.want {
 				t.Errorf("expiredSigningKey(%d, %v) = %t, want %t", tt.i, tt.now, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestSigner(t *testing.T) {
+	t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	keys := []SigningKey{{ID: "sig_a", Created: t0}, {ID: "sig_b", Created: t0.Add(time.Second)}, {ID: "sig_c", Created: t0.Add(time.Hour)}}
+	for _, tt := range []struct {
+		name string
+		keys []SigningKey
+		now  time.Time
+		want string
+	}{
+		{"no keys", nil, t0, ""},
+		{"a first key signs at once", keys[:1], t0, "sig_a"},
+		{"two first keys: the oldest, on every instance", keys[:2], t0.Add(time.Second), "sig_a"},
+		{"a new key once published for the grace", keys, t0.Add(time.Hour + signingGrace), "sig_c"},
+		{"not before", keys, t0.Add(time.Hour + signingGrace - time.Millisecond), "sig_b"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			got := ""
+			if k := signer(tt.keys, tt.now); k != nil {
+				got = k.ID
+			}
+			if got != tt.want {
+				t.Errorf("signer = %q, want %q", got, tt.want)
 			}
 		})
 	}
@@ -295,7 +323,8 @@ func TestCLISigningKeys(t *testing.T) {
 		t.Errorf("list of a store without signing keys = %q, want that it has none", list)
 	}
 
-	// A first rotate makes the first key; a second retires it.
+	// A first rotate makes the first key, which signs at once; a second
+	// makes one that signs once published for signingGrace.
 	var rotated []string
 	for range 2 {
 		out := mustCLI(t, "signing-key", "rotate", store)
@@ -304,48 +333,46 @@ func TestCLISigningKeys(t *testing.T) {
 		}
 		rotated = append(rotated, printedSigningID.FindString(out))
 	}
-	if list := mustCLI(t, "signing-key", "list", store); strings.Count(list, "current") != 1 || strings.Count(list, "retired") != 1 {
-		t.Errorf("list = %q, want one key current and one retired", list)
+	if list := mustCLI(t, "signing-key", "list", store); strings.Count(list, "current") != 1 || strings.Count(list, "signs from") != 1 {
+		t.Errorf("list = %q, want one key current and one to sign soon", list)
 	}
 
-	// Two keys from before: the older was retired by the newer more than
-	// MaxTokenTTL ago, the newer only by the first rotate.
+	// Keys from before: the oldest stopped signing more than MaxTokenTTL
+	// ago, the next an hour ago, and the third signs until the rotated
+	// keys have been published for signingGrace.
 	st, err := OpenSQLite(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
 	now := time.Now()
-	expired := newSigningKey(t, now.Add(-2*MaxTokenTTL-time.Hour))
+	expired := newSigningKey(t, now.Add(-3*MaxTokenTTL))
 	retired := newSigningKey(t, now.Add(-2*MaxTokenTTL))
-	for _, k := range []SigningKey{expired, retired} {
+	current := newSigningKey(t, now.Add(-time.Hour))
+	for _, k := range []SigningKey{expired, retired, current} {
 		if err := st.AddSigningKey(ctx, k); err != nil {
 			t.Fatal(err)
 		}
 	}
 	lines := strings.Split(strings.TrimSpace(mustCLI(t, "signing-key", "list", store)), "\n")
-	if len(lines) != 5 || !slices.Equal(strings.Fields(lines[0]), []string{"ID", "CREATED", "STATE"}) {
-		t.Fatalf("list printed %q, want a header and 4 keys", lines)
+	if len(lines) != 6 || !slices.Equal(strings.Fields(lines[0]), []string{"ID", "CREATED", "STATE"}) {
+		t.Fatalf("list printed %q, want a header and 5 keys", lines)
 	}
 	for i, want := range []struct {
 		id, state string
 	}{
 		{expired.ID, "expired"},
 		{retired.ID, "retired"},
-		{"", "retired"},
-		{"", "current"},
+		{current.ID, "current"},
+		{"", "signs"},
+		{"", "signs"},
 	} {
 		f := strings.Fields(lines[i+1])
 		if len(f) < 3 || (want.id != "" && f[0] != want.id) || f[2] != want.state {
 			t.Errorf("line %d = %q, want %s %s", i+1, lines[i+1], want.id, want.state)
 		}
 	}
-	// retired is retired since the first rotated key was made.
-	keys, err := st.SigningKeys(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, want := strings.Fields(lines[2])[2:], []string{"retired", formatTime(keys[2].Created, "-")}; !slices.Equal(got, want) {
+	if got, want := strings.Fields(lines[2])[2:], []string{"retired", formatTime(current.Created.Add(signingGrace), "-")}; !slices.Equal(got, want) {
 		t.Errorf("the state of %s is %q, want %q", retired.ID, got, want)
 	}
 
@@ -353,13 +380,14 @@ func TestCLISigningKeys(t *testing.T) {
 	if !strings.Contains(out, "Signing keys removed (retired more than 24 hours ago): 1.") {
 		t.Errorf("rotate printed %q, want that it removed 1", out)
 	}
-	want := []string{retired.ID, rotated[0], rotated[1], printedSigningID.FindString(out)}
-	if got := signingIDs(t, st); !slices.Equal(got, want) && !slices.Equal(got, []string{want[0], want[2], want[1], want[3]}) {
+	want := []string{retired.ID, current.ID, rotated[0], rotated[1], printedSigningID.FindString(out)}
+	if got := signingIDs(t, st); !slices.Equal(got, want) && !slices.Equal(got, []string{want[0], want[1], want[3], want[2], want[4]}) {
 		t.Errorf("signing keys %v, want %v: the expired key removed, the others kept", got, want)
 	}
 
 	// Nothing printed holds a private key.
-	if keys, err = st.SigningKeys(ctx); err != nil {
+	keys, err := st.SigningKeys(ctx)
+	if err != nil {
 		t.Fatal(err)
 	}
 	printed := out + mustCLI(t, "signing-key", "list", store)
