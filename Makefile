@@ -26,13 +26,13 @@ test: test-deps
 ## fuzz: each fuzz target for FUZZTIME (default 2m): key and Authorization
 ## parsing, the JWT verifier (against go-jose), the SSE tap, the usage
 ## reader and the request's policed fields (against encoding/json), the
-## request body edits, the JSON validator (against encoding/json) and the
-## Caddyfile syntax.
+## request body edits, the JSON validator (against encoding/json), the
+## Caddyfile syntax and the token requests of POST /vigthoria/tokens.
 ## make test runs 1000 inputs each: a count, not a time, which a busy
 ## machine could cut short.
 FUZZTIME ?= 2m
 FUZZ_TARGETS := FuzzValidSecret:./keystore FuzzParseAuthorization:./keystore FuzzVerifyToken:./keystore \
-	FuzzSSEBody:./proxy FuzzParseUsage:./proxy FuzzRequestEdits:./proxy FuzzPolicedFields:./proxy FuzzValidJSON:./proxy FuzzUnmarshalCaddyfile:.
+	FuzzSSEBody:./proxy FuzzParseUsage:./proxy FuzzRequestEdits:./proxy FuzzPolicedFields:./proxy FuzzValidJSON:./proxy FuzzUnmarshalCaddyfile:. FuzzTokenRequest:.
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		echo "fuzzing $${t%%:*} for $(FUZZTIME)"; \

@@ -58,6 +58,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			tier       <name>                  # …else this one; required without tier_claim
 //			leeway     <duration>              # default 30s
 //		}
+//		max_token_ttl  <duration>             # of POST /vigthoria/tokens; default 1h, at most 24h
 //		identity       <placeholder> [tier <name|placeholder>]
 //		anonymous      <tier>                 # default off
 //		auth_failures  <n>/<window>           # default 20/1m
@@ -223,6 +224,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "idle_timeout":
 			if h.IdleTimeout, err = durationArg(d, "5m"); err != nil {
+				return err
+			}
+		case "max_token_ttl":
+			if h.MaxTokenTTL, err = durationArg(d, "1h"); err != nil {
 				return err
 			}
 		default:

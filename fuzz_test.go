@@ -1,9 +1,19 @@
 package vigthoria
 
 import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
 func FuzzUnmarshalCaddyfile(f *testing.F) {
@@ -31,6 +41,68 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 			if j == nil || len(j.Audience) == 0 {
 				t.Errorf("jwt issuer parsed to %+v, without an audience", j)
 			}
+		}
+	})
+}
+
+// FuzzTokenRequest checks that what a key asks to mint, however it is
+// spelled, is minted only within what the key may: one of its tiers, a
+// user that prints as itself, a ttl within max_token_ttl and models that
+// are names or globs. And that the claims of what is minted read back
+// the same.
+func FuzzTokenRequest(f *testing.F) {
+	for _, s := range []string{
+		`{"user":"u_123","tier":"free","ttl":"15m","models":["vigthoria-fast-*"]}`,
+		`{"user":"u"}`, `{"user":"u","tier":"pro"}`, `{"user":"u","ttl":"-1s"}`, `{"user":"u","ttl":"2h"}`,
+		`{"user":"a\u202eb"}`, `{"user":"u","models":[]}`, `{"user":"u","models":["a[b"]}`,
+		`{"user":"u","user":"v"}`, `{"user":"u"} {}`, `[]`, `null`, `{"USER":"u"}`,
+	} {
+		f.Add(s)
+	}
+	h := &Handler{MaxTokenTTL: caddy.Duration(time.Hour), Tiers: map[string]*Tier{"free": {}, "basic": {}, "pro": {}},
+		bodyLimits: proxy.BodyLimits{MaxBuffered: 1 << 20}}
+	mint := []string{"free", "basic", "gold"}
+	r := httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(`{"user":"u","tier":"free"}`))
+	if req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r); apiErr != nil || req.User != "u" {
+		f.Fatalf("a good token request reads as %+v, %v", req, apiErr)
+	}
+	f.Fuzz(func(t *testing.T, body string) {
+		r := httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(body))
+		req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r)
+		if apiErr != nil {
+			return
+		}
+		tr, apiErr := h.checkTokenRequest(req, mint)
+		if apiErr != nil {
+			if apiErr.Status != http.StatusBadRequest && apiErr.Status != http.StatusForbidden {
+				t.Errorf("refused with %d, want 400 or 403", apiErr.Status)
+			}
+			return
+		}
+		switch {
+		case !slices.Contains(mint, tr.Tier) || h.Tiers[tr.Tier] == nil:
+			t.Errorf("minted tier %q, not one the key may mint and the proxy has", tr.Tier)
+		case !validMintUser(tr.User):
+			t.Errorf("minted for user %q", tr.User)
+		case tr.TTL < time.Second || tr.TTL > time.Hour:
+			t.Errorf("minted for %v", tr.TTL)
+		case tr.Models != nil && (len(tr.Models) == 0 || len(tr.Models) > maxMintModels):
+			t.Errorf("minted with %d models", len(tr.Models))
+		}
+		for _, m := range tr.Models {
+			if !validGlob(m) {
+				t.Errorf("minted with model glob %q", m)
+			}
+		}
+		// What the token's claims say reads back as asked.
+		claims, _ := json.Marshal(map[string]any{"sub": tr.User, "tier": tr.Tier, "key_id": "key_x", "models": tr.Models})
+		var m map[string]any
+		if err := json.Unmarshal(claims, &m); err != nil {
+			t.Fatal(err)
+		}
+		user, tier, keyID, models, ok := keystore.ParseMintedClaims(m)
+		if !ok || user != tr.User || tier != tr.Tier || keyID != "key_x" || !slices.Equal(models, tr.Models) {
+			t.Errorf("claims of %+v read back as %q %q %q %v %v", tr, user, tier, keyID, models, ok)
 		}
 	})
 }

@@ -107,7 +107,7 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 	secret, ok := keystore.ParseAuthorization(values)
 	if ok {
 		var c keystore.Client
-		if h.tokens != nil && !keystore.ValidSecret(secret) {
+		if !keystore.ValidSecret(secret) {
 			c, ok = h.tokens.Verify(r.Context(), secret, now)
 		} else {
 			c, ok = h.keys.Identify(secret, now)
@@ -116,13 +116,19 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 			return h.admitTier(c, repl, true)
 		}
 	}
+	return keystore.Client{}, nil, h.authFailed(w, addr, now)
+}
+
+// authFailed counts a failed authentication from addr and returns its
+// answer: the one 401, or 429 once addr failed too often.
+func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Time) *proxy.APIError {
 	if wait, blocked := h.authFailures.Blocked(addr, now); blocked {
 		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
-		return keystore.Client{}, nil, errTooManyFailures(wait)
+		return errTooManyFailures(wait)
 	}
 	h.authFailures.Fail(addr, now)
 	w.Header().Set("Www-Authenticate", `Bearer realm="vigthoria"`)
-	return keystore.Client{}, nil, errInvalidKey
+	return errInvalidKey
 }
 
 // admitTier refuses a caller whose tier is not configured, and otherwise
@@ -131,6 +137,9 @@ func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser boo
 	tier, ok := h.Tiers[c.Tier]
 	if !ok {
 		return c, nil, errTierNotConfigured
+	}
+	if c.Minted != nil && h.Tiers[c.Minted.KeyTier] == nil {
+		return c, nil, errTierNotConfigured // its users' limits roll up to it
 	}
 	vars := &clientVars{client: c, user: setUser}
 	repl.Map(vars.replace)

@@ -195,13 +195,11 @@ func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*Tier) (keyst
 // would let a user's name forge or hide text where it is shown.
 func notPrintable(r rune) bool { return !unicode.IsGraphic(r) }
 
-// provisionJWT loads the jwt issuers and the verifier of their tokens,
-// which stays nil without issuers.
+// provisionJWT loads the jwt issuers and the verifier of their tokens
+// and of the tokens the proxy mints.
 func (h *Handler) provisionJWT(logger *zap.Logger) error {
-	if len(h.JWT) == 0 {
-		return nil
-	}
-	issuers := make([]*keystore.TokenIssuer, 0, len(h.JWT))
+	issuers := make([]*keystore.TokenIssuer, 0, len(h.JWT)+1)
+	issuers = append(issuers, h.mintedIssuer())
 	for _, j := range h.JWT {
 		if j == nil {
 			return errors.New("jwt: null issuer")

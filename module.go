@@ -283,6 +283,11 @@ type Handler struct {
 	// none.
 	JWT []*JWTIssuer `json:"jwt,omitempty"`
 
+	// The longest life of a token minted by POST /vigthoria/tokens, at
+	// most 24h. A token request may ask less; it gets 15m when it names
+	// no ttl. Default: 1h.
+	MaxTokenTTL caddy.Duration `json:"max_token_ttl,omitempty"`
+
 	// The tier of callers without any credentials, who are then told apart
 	// by client address (IPv6 by /64). Default: none, such callers get 401.
 	Anonymous string `json:"anonymous,omitempty"`
@@ -420,10 +425,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 
-	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
-		return err
-	}
-
 	// Only a handle on the store here: it is opened when the config starts
 	// (see App), never while Caddy merely validates. Placeholders (a Redis
 	// password from the environment) are resolved here and kept out of
@@ -445,6 +446,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.storeSpec = spec
 	h.keys = svc.(keyService).Service
+
+	if h.MaxTokenTTL == 0 {
+		h.MaxTokenTTL = caddy.Duration(DefaultMaxTokenTTL)
+	}
+	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
+		return err
+	}
 
 	if h.StoreTimeout == 0 {
 		h.StoreTimeout = caddy.Duration(DefaultStoreTimeout)
@@ -603,6 +611,9 @@ func (h *Handler) Validate() error {
 	if err := validateJWTIssuers(h.JWT, h.Tiers); err != nil {
 		return err
 	}
+	if h.MaxTokenTTL < caddy.Duration(time.Second) || time.Duration(h.MaxTokenTTL) > keystore.MaxTokenTTL {
+		return fmt.Errorf("max_token_ttl must be between 1s and %s, not %s", keystore.MaxTokenTTL, time.Duration(h.MaxTokenTTL))
+	}
 	if *h.Retries < 0 || h.MaxWait < 0 {
 		return errors.New("retries and max_wait must be positive")
 	}
@@ -624,7 +635,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.cors(w, r) {
 		return nil
 	}
-	ep, apiErr := proxy.Route(r.Method, routePath(r))
+	p := routePath(r)
+	if strings.HasPrefix(p, "/vigthoria/") {
+		if err := h.start(); err != nil {
+			h.logger.Error("the key store is unavailable", zap.Error(err))
+			return refuse(w, r, "none", "tokens", errUnavailable)
+		}
+		return h.serveOwn(w, r, p, now)
+	}
+	ep, apiErr := proxy.Route(r.Method, p)
 	if apiErr != nil {
 		return refuse(w, r, "none", "unknown", apiErr)
 	}
@@ -644,21 +663,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return refuse(w, r, client.Tier, ep.Name, proxy.UpstreamExhausted(secs))
 	}
 
-	lim := &tier.limits
-	if ep.ID == proxy.Usage {
-		lim = &tier.usageLimits
-	}
-	d, err := h.limiter.Admit(r.Context(), client.ID, lim, 0, now)
-	if err != nil {
-		return refuse(w, r, client.Tier, ep.Name, h.unavailable(w, client.ID, err))
-	}
-	if d.Reason != limiter.Admitted {
-		return refuse(w, r, client.Tier, ep.Name, limitRefusal(w, tier, client.Tier, d, now))
+	a, apiErr := h.admit(w, r, client, tier, ep.ID == proxy.Usage, now)
+	if apiErr != nil {
+		return refuse(w, r, client.Tier, ep.Name, apiErr)
 	}
 	if ep.ID == proxy.Usage {
 		// Counted as a request, then settled before the report reads
 		// the standing, which would otherwise count it in flight.
-		h.settle(r, client.ID, lim, d.Lease, 0)
+		h.settleAdmission(r, client, &a, 0)
 		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
@@ -673,15 +685,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	forwarded := false
 	defer func() {
 		if !forwarded {
-			h.settle(r, client.ID, lim, d.Lease, 0)
+			h.settleAdmission(r, client, &a, 0)
 			return
 		}
 		usage := &call.Usage
-		used := h.chargeFor(client.ID, info.Model, usage, d.Lease.Reserved, int64(len(call.Body)))
+		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
-		h.settle(r, client.ID, lim, d.Lease, used.Total())
+		h.settleAdmission(r, client, &a, used.Total())
 		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
-			h.keys.Ledger().Add(client.ID, ledgerModel(info.Model, usage.Status), end, used)
+			model := ledgerModel(info.Model, usage.Status)
+			h.keys.Ledger().Add(client.ID, model, end, used)
+			if client.Minted != nil {
+				// The minting key's rows hold its users' usage: its
+				// quota counts from them after a restart.
+				h.keys.Ledger().Add(client.Minted.KeyID, model, end, used)
+			}
 		}
 		record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
 	}()
@@ -689,29 +707,30 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.Body {
 		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits)
 		if apiErr != nil {
-			return h.refuseAdmitted(w, r, client, tier, ep, d.State, now, apiErr)
+			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
 		defer func() {
 			r.Body = http.NoBody // it replays storage that goes back to the pool
 			body.Release()
 		}()
 		var reserve int64
-		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
-			return h.refuseAdmitted(w, r, client, tier, ep, d.State, now, apiErr)
+		if info, reserve, apiErr = h.police(r, ep, tier, client.Minted, body.Bytes(), call); apiErr != nil {
+			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
-		if d, apiErr = h.reserve(w, r, client, tier, d, reserve, now); apiErr != nil {
+		if apiErr = h.reserve(w, r, client, tier, &a, reserve, now); apiErr != nil {
 			return refuse(w, r, client.Tier, ep.Name, apiErr)
 		}
 	}
-	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
+	limiter.SetHeaders(w.Header(), &tier.limits, a.State, now)
 
 	if info.Stream {
 		metrics.activeStreams.Inc()
 		defer metrics.activeStreams.Dec()
 	}
 	forwarded = true
+	var err error
 	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), proxy.ModelFilter{Key: tier.modelsKey, Allows: tier.modelFilter()}, call)
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), modelFilter(tier, client.Minted), call)
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}
@@ -720,27 +739,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	return err
-}
-
-// reserve adds a request's token estimate to its admission, refusing it
-// (with the caller's headers set) when a token limit or the quota would
-// be passed. A tier without either needs no word from the limiter: the
-// estimate is only noted, for what leaving early costs.
-func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, d limiter.Decision, tokens int64, now time.Time) (limiter.Decision, *proxy.APIError) {
-	if tier.limits.Tokens.Unlimited() && tier.limits.Quota.Unlimited() {
-		d.Lease.Reserved += tokens
-		return d, nil
-	}
-	rd, err := h.limiter.Reserve(r.Context(), client.ID, &tier.limits, d.Lease, tokens, now)
-	d.Lease = rd.Lease
-	if err != nil {
-		return d, h.unavailable(w, client.ID, err)
-	}
-	if rd.Reason != limiter.Admitted {
-		return d, limitRefusal(w, tier, client.Tier, rd, now)
-	}
-	d.State = rd.State
-	return d, nil
 }
 
 // settle ends an admitted request in the limiter: used replaces its

@@ -16,9 +16,12 @@ import (
 // limits, never the upstream's organisation-wide figures. Counts are named
 // like the API's usage object.
 type usageReport struct {
-	Object   string        `json:"object"` // "usage"
-	ClientID string        `json:"client_id"`
-	Tier     string        `json:"tier"`
+	Object   string `json:"object"` // "usage"
+	ClientID string `json:"client_id"`
+	Tier     string `json:"tier"`
+	// MintedBy is the key that minted the caller's token, whose own usage
+	// includes the caller's.
+	MintedBy string        `json:"minted_by,omitempty"`
 	Today    usagePeriod   `json:"today"`
 	Month    usagePeriod   `json:"month"`
 	Limits   limitsReport  `json:"limits"`
@@ -117,6 +120,9 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		Today:   usagePeriod{Start: keystore.Day(now)},
 		Month:   usagePeriod{Start: keystore.Day(monthStart)},
 		ByModel: []modelReport{},
+	}
+	if client.Minted != nil {
+		rep.MintedBy = client.Minted.KeyID
 	}
 	// Sums of rows saturate, as the ledger's own do.
 	var today, month keystore.UsageRow

@@ -51,6 +51,7 @@ type usageAnswer struct {
 	Object   string      `json:"object"`
 	ClientID string      `json:"client_id"`
 	Tier     string      `json:"tier"`
+	MintedBy string      `json:"minted_by"`
 	Today    usageCounts `json:"today"`
 	Limits   struct {
 		Requests *struct {

@@ -452,6 +452,8 @@ func TestJWTConfigIsChecked(t *testing.T) {
 		"too much leeway":      {[]string{"tier free", block(srv.URL, "audience a", "tier free", "leeway 1h")}, "leeway"},
 		"tier claim, no tier":  {[]string{"tier free", block(srv.URL, "audience a", "tier_claim plan")}, ""},
 		"https issuer, remote": {[]string{"tier free", block("https://tenant.auth0.com/", "audience a", "tier free")}, ""},
+		"minted tokens of 24h": {[]string{"tier free", "max_token_ttl 24h"}, ""},
+		"minted tokens of 25h": {[]string{"tier free", "max_token_ttl 25h"}, "max_token_ttl must be between 1s and 24h"},
 	} {
 		err := validate(t, tc.lines...)
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {

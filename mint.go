@@ -1,0 +1,325 @@
+package vigthoria
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/proxy"
+)
+
+// Minted tokens: an app's backend exchanges its client key for a
+// short-lived token per signed-in user (POST /vigthoria/tokens), which
+// the page sends in place of a key.
+const (
+	// DefaultMaxTokenTTL is the longest life of a minted token by default.
+	DefaultMaxTokenTTL = time.Hour
+	// defaultTokenTTL is a token's life when the request names none.
+	defaultTokenTTL = 15 * time.Minute
+	// mintPrefix starts the caller IDs of minted tokens' users:
+	// mint:<minting key ID>:<user>.
+	mintPrefix = "mint:"
+	// Bounds of what a token request may hold.
+	maxMintBody   = 16 << 10
+	maxMintUser   = 64 // characters
+	maxMintModels = 16
+)
+
+// Paths of the proxy's own, beside the API's endpoints.
+const (
+	tokensPath = "/vigthoria/tokens"
+	jwksPath   = "/vigthoria/jwks.json"
+)
+
+var errMintNotAllowed = &proxy.APIError{
+	Status:  http.StatusForbidden,
+	Type:    "permission_error",
+	Code:    "mint_not_allowed",
+	Message: "This key may not mint tokens. Create a key that may, with: caddy vigthoria key add --mint <tiers> …",
+}
+
+func errMintRequest(msg string) *proxy.APIError {
+	return &proxy.APIError{Status: http.StatusBadRequest, Type: proxy.TypeInvalidRequest, Code: "invalid_token_request", Message: msg}
+}
+
+func errTierNotMintable(tier string) *proxy.APIError {
+	return &proxy.APIError{
+		Status:  http.StatusForbidden,
+		Type:    "permission_error",
+		Code:    "tier_not_mintable",
+		Message: "This key may not mint tokens of tier " + strconv.Quote(clip(tier, 64)) + ".",
+	}
+}
+
+// tokenRequest is the body of POST /vigthoria/tokens.
+type tokenRequest struct {
+	User   string   `json:"user"`
+	Tier   string   `json:"tier"`
+	TTL    string   `json:"ttl"`
+	Models []string `json:"models"`
+}
+
+// tokenAnswer is its answer.
+type tokenAnswer struct {
+	Token     string   `json:"token"`
+	ExpiresAt int64    `json:"expires_at"` // unix seconds
+	User      string   `json:"user"`
+	Tier      string   `json:"tier"`
+	Models    []string `json:"models,omitempty"`
+}
+
+// serveOwn answers the proxy's own paths under /vigthoria/.
+func (h *Handler) serveOwn(w http.ResponseWriter, r *http.Request, p string, now time.Time) error {
+	switch p {
+	case tokensPath:
+		if r.Method != http.MethodPost {
+			return refuse(w, r, "none", "tokens", proxy.MethodNotAllowed(r.Method, p, http.MethodPost))
+		}
+		return h.serveTokens(w, r, now)
+	case jwksPath:
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			return refuse(w, r, "none", "jwks", proxy.MethodNotAllowed(r.Method, p, http.MethodGet))
+		}
+		return h.serveJWKS(w, r)
+	}
+	return refuse(w, r, "none", "unknown", proxy.NotFound(r.Method, p))
+}
+
+// serveTokens mints a token for a user of the app whose key calls: only
+// a client key (never a token) with the right to mint, only tiers it may
+// mint, and a minting counts as one request of the key's request limit.
+func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.Time) error {
+	if keyInQuery(r.URL.RawQuery) {
+		return refuse(w, r, "none", "tokens", errKeyInQuery)
+	}
+	secret, ok := keystore.ParseAuthorization(r.Header["Authorization"])
+	var client keystore.Client
+	if ok {
+		client, ok = h.keys.Identify(secret, now)
+	}
+	if !ok {
+		return refuse(w, r, "none", "tokens", h.authFailed(w, clientAddr(r), now))
+	}
+	keyTier, mint, may := h.keys.Minter(client.ID, now)
+	tier := h.Tiers[keyTier]
+	switch {
+	case !may:
+		return refuse(w, r, h.tierLabel(client.Tier), "tokens", errMintNotAllowed)
+	case tier == nil:
+		return refuse(w, r, "unknown", "tokens", errTierNotConfigured)
+	}
+	a, apiErr := h.admit(w, r, client, tier, true, now)
+	if apiErr != nil {
+		return refuse(w, r, client.Tier, "tokens", apiErr)
+	}
+	h.settleAdmission(r, client, &a, 0)
+
+	req, apiErr := h.readTokenRequest(w, r)
+	if apiErr != nil {
+		return refuse(w, r, client.Tier, "tokens", apiErr)
+	}
+	tr, apiErr := h.checkTokenRequest(req, mint)
+	if apiErr != nil {
+		return refuse(w, r, client.Tier, "tokens", apiErr)
+	}
+	tr.KeyID = client.ID
+	token, expires, err := h.keys.Mint(r.Context(), tr, now)
+	if err != nil {
+		h.logger.Error("minting a token", zap.String("client_id", client.ID), zap.Error(err))
+		return refuse(w, r, client.Tier, "tokens", errUnavailable)
+	}
+	requestsBy.get([3]string{client.Tier, "tokens", "ok"}).Inc()
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusCreated)
+	return json.NewEncoder(w).Encode(tokenAnswer{
+		Token: token, ExpiresAt: expires.Unix(), User: tr.User, Tier: tr.Tier, Models: tr.Models,
+	})
+}
+
+// readTokenRequest reads the body of a token request: one JSON object
+// of known fields, within the handler's body timeout and a small size.
+func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request) (tokenRequest, *proxy.APIError) {
+	var req tokenRequest
+	lim := h.bodyLimits
+	lim.Size = maxMintBody
+	body, apiErr := proxy.ReadBody(w, r, &lim)
+	if apiErr != nil {
+		return req, apiErr
+	}
+	defer body.Release()
+	dec := json.NewDecoder(bytes.NewReader(body.Bytes()))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil || dec.More() {
+		return req, errMintRequest(`Send a JSON object: {"user": "…", "tier": "…", "ttl": "15m", "models": ["…"]}; only user is required.`)
+	}
+	return req, nil
+}
+
+// checkTokenRequest checks what a key asks to mint against what it may.
+func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.TokenRequest, *proxy.APIError) {
+	tr := keystore.TokenRequest{User: req.User, Tier: req.Tier, Models: req.Models, TTL: defaultTokenTTL}
+	if !validMintUser(req.User) {
+		return tr, errMintRequest("user must be 1 to " + strconv.Itoa(maxMintUser) + " printable characters naming the signed-in user, such as its ID.")
+	}
+	if tr.Tier == "" {
+		if len(mint) != 1 {
+			return tr, errMintRequest("Name the token's tier: this key may mint tokens of several (" + strings.Join(mint, ", ") + ").")
+		}
+		tr.Tier = mint[0]
+	}
+	if !slices.Contains(mint, tr.Tier) {
+		return tr, errTierNotMintable(tr.Tier)
+	}
+	if h.Tiers[tr.Tier] == nil {
+		return tr, errMintRequest("The tier " + strconv.Quote(tr.Tier) + " is not configured on this proxy.")
+	}
+	if req.TTL != "" {
+		ttl, err := time.ParseDuration(req.TTL)
+		if err != nil || ttl < time.Second || ttl > time.Duration(h.MaxTokenTTL) {
+			return tr, errMintRequest("ttl must be a duration such as 15m, from 1s to " + time.Duration(h.MaxTokenTTL).String() + ".")
+		}
+		tr.TTL = ttl
+	}
+	if tr.Models != nil && len(tr.Models) == 0 {
+		return tr, errMintRequest("models, when given, names at least one model or glob; leave it out for every model of the tier.")
+	}
+	if len(tr.Models) > maxMintModels {
+		return tr, errMintRequest("models names at most " + strconv.Itoa(maxMintModels) + " models or globs.")
+	}
+	for _, m := range tr.Models {
+		if !validGlob(m) {
+			return tr, errMintRequest("models holds " + strconv.Quote(clip(m, 64)) + ", which is not a model name or glob such as vigthoria-fast-*.")
+		}
+	}
+	return tr, nil
+}
+
+// validMintUser reports whether a token request's user is short and
+// prints as itself: it is shown in usage and logs.
+func validMintUser(user string) bool {
+	return user != "" && utf8.ValidString(user) && utf8.RuneCountInString(user) <= maxMintUser &&
+		!strings.ContainsFunc(user, notPrintable)
+}
+
+// validGlob reports whether s is a model name or a path.Match glob.
+func validGlob(s string) bool {
+	if s == "" || !sane(s) {
+		return false
+	}
+	_, err := path.Match(s, "")
+	return err == nil
+}
+
+// clip cuts s to at most n bytes, for echoing a caller's value.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// serveJWKS publishes the public keys of minted tokens, for whoever wants
+// to verify them, such as the app's own backend.
+func (h *Handler) serveJWKS(w http.ResponseWriter, r *http.Request) error {
+	jwks, err := h.keys.JWKS(r.Context())
+	if err != nil {
+		h.logger.Error("reading the signing keys", zap.Error(err))
+		return refuse(w, r, "none", "jwks", errUnavailable)
+	}
+	w.Header().Set("Content-Type", "application/jwk-set+json")
+	w.Header().Set("Cache-Control", "public, max-age=60")
+	w.Header().Set("Content-Length", strconv.Itoa(len(jwks)))
+	if r.Method == http.MethodHead {
+		return nil
+	}
+	_, err = w.Write(jwks)
+	return err
+}
+
+// mintedIssuer verifies the tokens minted by any instance sharing the
+// store: signed by a signing key in the store, for a user of a key that
+// is still live and may still mint the token's tier.
+func (h *Handler) mintedIssuer() *keystore.TokenIssuer {
+	return &keystore.TokenIssuer{
+		Issuer:   keystore.MintIssuer,
+		Audience: []string{keystore.MintAudience},
+		Leeway:   DefaultJWTLeeway,
+		Keys:     h.keys.MintKeys(time.Duration(h.MaxTokenTTL)),
+		Caller:   h.mintedCaller,
+		Still:    h.stillMinted,
+	}
+}
+
+// mintedCaller names the user of a verified minted token.
+func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
+	user, tier, keyID, models, ok := keystore.ParseMintedClaims(claims)
+	if !ok || !validMintUser(user) || h.Tiers[tier] == nil || len(models) > maxMintModels {
+		return keystore.Client{}, false
+	}
+	for _, m := range models {
+		if !validGlob(m) {
+			return keystore.Client{}, false
+		}
+	}
+	// A token lives at most max_token_ttl: no longer, even if a signing
+	// key leaked.
+	iat, _ := claims["iat"].(float64)
+	exp, _ := claims["exp"].(float64)
+	if iat <= 0 || exp-iat > (time.Duration(h.MaxTokenTTL)+DefaultJWTLeeway).Seconds() {
+		return keystore.Client{}, false
+	}
+	keyTier, mint, live := h.keys.Minter(keyID, time.Now())
+	if !live || !slices.Contains(mint, tier) || h.Tiers[keyTier] == nil {
+		return keystore.Client{}, false
+	}
+	id := mintPrefix + keyID + ":" + user
+	if len(id) > maxIdentityLen {
+		return keystore.Client{}, false
+	}
+	return keystore.Client{ID: id, Name: user, Tier: tier,
+		Minted: &keystore.Minted{KeyID: keyID, KeyTier: keyTier, Models: models}}, true
+}
+
+// stillMinted reports whether the key that minted a remembered token is
+// still live and may still mint its tier: revoking it ends its tokens at
+// once.
+func (h *Handler) stillMinted(c keystore.Client, now time.Time) bool {
+	_, mint, live := h.keys.Minter(c.Minted.KeyID, now)
+	return live && slices.Contains(mint, c.Tier)
+}
+
+// mintedAllows reports whether a minted token's models allow model; a
+// token that names none narrows nothing.
+func mintedAllows(m *keystore.Minted, model string) bool {
+	if m == nil || m.Models == nil {
+		return true
+	}
+	for _, glob := range m.Models {
+		if ok, _ := path.Match(glob, model); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// modelFilter is the models a caller may see in GET /v1/models: its
+// tier's, narrowed by its minted token's.
+func modelFilter(tier *Tier, m *keystore.Minted) proxy.ModelFilter {
+	if m == nil || m.Models == nil {
+		return proxy.ModelFilter{Key: tier.modelsKey, Allows: tier.modelFilter()}
+	}
+	return proxy.ModelFilter{
+		Key:    tier.modelsKey + "\x00" + proxy.FilterKey(m.Models),
+		Allows: func(model string) bool { return tier.allows(model) && mintedAllows(m, model) },
+	}
+}
