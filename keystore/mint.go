@@ -88,7 +88,8 @@ type signing struct {
 
 // Mint signs a token for req at now with the signing key that signs then
 // (see signer), making the store's first one when it has none. It
-// returns the token and when it expires.
+// returns the token and when it expires: after req.TTL, or when the
+// minting key does if that is sooner.
 func (s *Service) Mint(ctx context.Context, req TokenRequest, now time.Time) (string, time.Time, error) {
 	set, err := s.signingKeys(ctx)
 	if err != nil {
@@ -104,7 +105,12 @@ func (s *Service) Mint(ctx context.Context, req TokenRequest, now time.Time) (st
 	if _, err := rand.Read(jti[:]); err != nil {
 		return "", time.Time{}, err
 	}
-	expires := now.Add(req.TTL).Truncate(time.Second)
+	// A token never outlives its minting key.
+	expires := now.Add(req.TTL)
+	if m, ok := s.index.minter(req.KeyID); ok && m.expires != 0 && expires.UnixMilli() > m.expires {
+		expires = time.UnixMilli(m.expires)
+	}
+	expires = expires.Truncate(time.Second)
 	claims := mintedClaims{
 		Tier:   req.Tier,
 		Models: req.Models,

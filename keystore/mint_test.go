@@ -64,6 +64,11 @@ func TestMintedTokenVerifiesUntilItsKeyStopsMinting(t *testing.T) {
 	if !ok || c.ID != "mint:"+backend.ID+":alice" || c.Tier != "free" || c.Minted.KeyTier != "pro" || !slices.Equal(c.Minted.Models, []string{"fast-*"}) {
 		t.Fatalf("Verify = %+v %v, want alice of tier free, minted by a pro key, fast-* only", c, ok)
 	}
+	// Remembered, a token costs a hash, a lookup and the minting key's
+	// rights: no allocation.
+	if n := testing.AllocsPerRun(100, func() { v.Verify(context.Background(), token, now) }); n != 0 {
+		t.Errorf("a remembered minted token costs %v allocations, want 0", n)
+	}
 	if _, ok := v.Verify(t.Context(), token, expires.Add(2*time.Second)); ok {
 		t.Error("a minted token verifies after its exp")
 	}
@@ -99,6 +104,10 @@ func TestMinterFollowsTheKeysLife(t *testing.T) {
 	}
 	if _, _, ok := s.Minter(expiring.ID, now.Add(time.Hour)); ok {
 		t.Error("an expired key may mint")
+	}
+	_, exp, err := s.Mint(t.Context(), TokenRequest{User: "u", Tier: "free", KeyID: expiring.ID, TTL: 2 * time.Hour}, now)
+	if want := expiring.Expires.Truncate(time.Second); err != nil || !exp.Equal(want) {
+		t.Errorf("a token of a key that expires in an hour, asked for 2h, expires at %v (%v), want with the key at %v", exp, err, want)
 	}
 	// A rotation keeps the right; a sync from scratch (the store was
 	// emptied) forgets it with the key.
