@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"encoding/json"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +15,8 @@ import (
 // BenchmarkChat sends small chats through Caddy in this process, with
 // this module and with plain reverse_proxy: the difference between the
 // two, in time and allocations, is what the module adds to a request.
+// module-minted calls with a token minted for a user of a key, whose
+// requests are admitted twice: on the user's limits and on the key's.
 // make bench measures the same under load, in separate processes.
 func BenchmarkChat(b *testing.B) {
 	up := standin.New(standin.Options{APIKey: serverKey, NoRecord: true, RateLimit: 1e12})
@@ -21,22 +24,28 @@ func BenchmarkChat(b *testing.B) {
 	b.Cleanup(srv.Close)
 	b.Setenv("VIGTHORIA_TEST_KEY", serverKey)
 	body := `{"model":"vigthoria-fast-1","max_tokens":16,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}`
+	module := func(store string) string {
+		return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+store,
+			"tier pro {\n\t\t\trequests 1000000000/1m\n\t\t\ttokens 1000000000000/1m\n\t\t}")
+	}
 	for _, tc := range []struct {
-		name string
-		site func(store string) string
+		name   string
+		site   func(store string) string
+		minted bool
 	}{
 		{"plain", func(string) string {
 			return "\treverse_proxy " + srv.URL + " {\n\t\theader_up Authorization \"Bearer {env.VIGTHORIA_TEST_KEY}\"\n\t}"
-		}},
-		{"module", func(store string) string {
-			return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+store,
-				"tier pro {\n\t\t\trequests 1000000000/1m\n\t\t\ttokens 1000000000000/1m\n\t\t}")
-		}},
+		}, false},
+		{"module", module, false},
+		{"module-minted", module, true},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			store := b.TempDir() + "/keys.db"
-			key := createKey(b, store, "pro")
+			key := createKey(b, store, "pro", "pro")
 			c := harness.StartCaddy(b, tc.site(store), harness.NoAccessLog())
+			if tc.minted {
+				key = mintFor(b, c.URL, key)
+			}
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {
@@ -59,4 +68,22 @@ func BenchmarkChat(b *testing.B) {
 			})
 		})
 	}
+}
+
+// mintFor mints a token of tier pro for a user with the minting key, at
+// the Caddy at base.
+func mintFor(b *testing.B, base, key string) string {
+	b.Helper()
+	req, _ := http.NewRequest(http.MethodPost, base+"/vigthoria/tokens", strings.NewReader(`{"user":"bench","tier":"pro","ttl":"1h"}`))
+	req.Header.Set("Authorization", "Bearer "+key)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer res.Body.Close()
+	var m mintedToken
+	if err := json.NewDecoder(res.Body).Decode(&m); err != nil || res.StatusCode != http.StatusCreated {
+		b.Fatalf("minting: %d %v", res.StatusCode, err)
+	}
+	return m.Token
 }

@@ -93,15 +93,16 @@ func startWithKeys(t *testing.T, tiers []string, extra ...string) (*env, []strin
 	return e, keys
 }
 
-// createKey adds a key to the SQLite store at path and returns its secret.
-func createKey(t testing.TB, path, tier string) string {
+// createKey adds a key to the SQLite store at path, which may mint
+// tokens of the tiers mint, and returns its secret.
+func createKey(t testing.TB, path, tier string, mint ...string) string {
 	t.Helper()
 	st, err := keystore.OpenSQLite(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	_, secret, err := keystore.Create(t.Context(), st, keystore.Attrs{Name: "test-" + tier, Tier: tier}, time.Now())
+	_, secret, err := keystore.Create(t.Context(), st, keystore.Attrs{Name: "test-" + tier, Tier: tier, Mint: mint}, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
