@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
 
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -159,7 +160,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("cors needs at least one origin, such as https://app.example.com")
 			}
 			for _, o := range h.CORS {
-				if !strings.HasPrefix(o, "http://") && !strings.HasPrefix(o, "https://") || strings.Count(o, "/") != 2 {
+				if !keystore.ValidOrigin(o) {
 					return d.Errf("invalid cors origin '%s': want scheme://host[:port], without a path", o)
 				}
 			}
@@ -342,20 +343,11 @@ func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
 
 // parseTierRate reads "<n>/<window> [burst <b>]".
 func parseTierRate(args []string) (*Rate, error) {
-	if len(args) != 1 && !(len(args) == 3 && args[1] == "burst") {
-		return nil, errors.New("want <n>/<window> [burst <b>], such as 60/1m burst 10")
-	}
-	n, window, err := parseRate(args[0])
+	r, err := keystore.ParseRate(strings.Join(args, " "))
 	if err != nil {
 		return nil, err
 	}
-	r := &Rate{N: int64(n), Window: caddy.Duration(window)}
-	if len(args) == 3 {
-		if r.Burst, err = parsePositive[int64](args[2:]); err != nil {
-			return nil, err
-		}
-	}
-	return r, nil
+	return &Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}, nil
 }
 
 // parseQuota reads "<n>/day" or "<n>/month".
@@ -363,15 +355,11 @@ func parseQuota(args []string) (*Quota, error) {
 	if len(args) != 1 {
 		return nil, errors.New("want <n>/day or <n>/month")
 	}
-	count, period, _ := strings.Cut(args[0], "/")
-	n, err := parsePositive[int64]([]string{count})
+	q, err := keystore.ParseQuota(args[0])
 	if err != nil {
 		return nil, err
 	}
-	if _, err := parsePeriod(period); err != nil {
-		return nil, err
-	}
-	return &Quota{N: n, Period: period}, nil
+	return &Quota{N: q.N, Period: q.Period}, nil
 }
 
 // parsePositive reads the one argument as a positive integer.
@@ -388,19 +376,14 @@ func parsePositive[T int | int64](args []string) (T, error) {
 
 // parseRate reads "<n>/<duration>", e.g. 20/1m.
 func parseRate(s string) (int, time.Duration, error) {
-	count, window, ok := strings.Cut(s, "/")
-	if !ok {
+	r, err := keystore.ParseRate(s)
+	if err != nil {
+		return 0, 0, err
+	}
+	if r.Burst != 0 || r.N > math.MaxInt32 {
 		return 0, 0, errors.New("want <count>/<window>, such as 20/1m")
 	}
-	n, err := strconv.Atoi(count)
-	if err != nil || n <= 0 {
-		return 0, 0, fmt.Errorf("count '%s' is not a positive number", count)
-	}
-	dur, err := caddy.ParseDuration(window)
-	if err != nil || dur <= 0 {
-		return 0, 0, fmt.Errorf("window '%s' is not a positive duration", window)
-	}
-	return n, dur, nil
+	return int(r.N), r.Window, nil
 }
 
 // singleArg returns the one argument of the current subdirective.

@@ -197,7 +197,7 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 		return tr, errMintRequest("models names at most " + strconv.Itoa(maxMintModels) + " models or globs.")
 	}
 	for _, m := range tr.Models {
-		if !validGlob(m) {
+		if !keystore.ValidGlob(m) {
 			return tr, errMintRequest("models holds " + strconv.Quote(clip(m, 64)) + ", which is not a model name or glob such as vigthoria-fast-*.")
 		}
 	}
@@ -209,15 +209,6 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 func validMintUser(user string) bool {
 	return user != "" && utf8.ValidString(user) && utf8.RuneCountInString(user) <= maxMintUser &&
 		!strings.ContainsFunc(user, notPrintable)
-}
-
-// validGlob reports whether s is a model name or a path.Match glob.
-func validGlob(s string) bool {
-	if s == "" || !sane(s) {
-		return false
-	}
-	_, err := path.Match(s, "")
-	return err == nil
 }
 
 // clip cuts s to at most n bytes, for echoing a caller's value.
@@ -267,7 +258,7 @@ func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
 		return keystore.Client{}, false
 	}
 	for _, m := range models {
-		if !validGlob(m) {
+		if !keystore.ValidGlob(m) {
 			return keystore.Client{}, false
 		}
 	}

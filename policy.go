@@ -29,30 +29,11 @@ var errMissingModel = &proxy.APIError{
 	Message: "The request names no model: set \"model\".",
 }
 
-// maxModelName bounds a model name: the caller chooses it, and it is
-// logged, labelled and kept in the ledger.
-const maxModelName = 256
-
 var errModelName = &proxy.APIError{
 	Status:  http.StatusBadRequest,
 	Type:    proxy.TypeInvalidRequest,
 	Code:    "invalid_model",
-	Message: "The model name is longer than " + strconv.Itoa(maxModelName) + " bytes or holds control characters.",
-}
-
-// sane reports whether a model name is short and free of control
-// characters (C0, DEL and C1), which could forge lines in logs and in
-// what the CLI prints.
-func sane(model string) bool {
-	if len(model) > maxModelName {
-		return false
-	}
-	for _, r := range model {
-		if r < 0x20 || (r >= 0x7f && r <= 0x9f) {
-			return false
-		}
-	}
-	return true
+	Message: "The model name is longer than " + strconv.Itoa(keystore.MaxModelName) + " bytes or holds control characters.",
 }
 
 func errModelNotAllowed(model string) *proxy.APIError {
@@ -116,7 +97,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 	if info.Model == "" {
 		return info, 0, errMissingModel
 	}
-	if !sane(info.Model) {
+	if !keystore.ValidModelName(info.Model) {
 		return info, 0, errModelName
 	}
 	if !tier.allows(info.Model) || !mintedAllows(minted, info.Model) {
