@@ -17,7 +17,7 @@ type admission struct {
 	lim *limiter.Limits
 	limiter.Decision
 
-	parent     *Tier // the minting key's tier; nil for other callers
+	parent     *Tier // the minting key's tier, with its settings; nil for other callers
 	parentLim  *limiter.Limits
 	parentSide limiter.Decision
 }
@@ -42,7 +42,11 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 	if client.Minted == nil {
 		return a, nil
 	}
-	a.parent = h.Tiers[client.Minted.KeyTier]
+	a.parent = h.tierFor(client.Minted.KeyTier, h.keys.Settings(client.Minted.KeyID))
+	if a.parent == nil {
+		h.settle(r, client.ID, a.lim, a.Lease, 0)
+		return a, errTierNotConfigured
+	}
 	a.parentLim = &a.parent.limits
 	if usage {
 		a.parentLim = &a.parent.usageLimits

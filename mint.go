@@ -110,12 +110,14 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 		return refuse(w, r, "none", "tokens", h.authFailed(w, clientAddr(r), now))
 	}
 	keyTier, mint, may := h.keys.Minter(client.ID, now)
-	tier := h.Tiers[keyTier]
+	tier := h.tierFor(keyTier, client.Settings)
 	switch {
 	case !may:
 		return refuse(w, r, h.tierLabel(client.Tier), "tokens", errMintNotAllowed)
 	case tier == nil:
-		return refuse(w, r, "unknown", "tokens", errTierNotConfigured)
+		return refuse(w, r, h.tierLabel(keyTier), "tokens", errTierNotConfigured)
+	case !h.originAllowed(r, client):
+		return refuse(w, r, keyTier, "tokens", errKeyOriginNotAllowed)
 	}
 	a, apiErr := h.admit(w, r, client, tier, true, now)
 	if apiErr != nil {

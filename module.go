@@ -18,6 +18,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -119,6 +120,11 @@ type Tier struct {
 	// without max_tokens gets this. Default: no cap, and an absent max_tokens reserves
 	// DefaultMaxTokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
+
+	// budget is money per day or month, in micro-units of the currency,
+	// from a key's settings (keystore.Settings.Budget); nil for none.
+	// Kept here for the budget limiter; nothing enforces it yet.
+	budget *keystore.Amount
 
 	limits    limiter.Limits
 	modelsKey string // names the models policy in the models cache
@@ -348,6 +354,7 @@ type Handler struct {
 	limiterKey   string // the key of limiter in limiters
 	identityTier string // IdentityTier when it is a literal
 	authFailures *limiter.FailureThrottle
+	keyTiers     *lru.Cache[tierKey, *Tier] // see tierFor
 	startOnce    sync.Once
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
@@ -406,6 +413,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 	}
+	h.keyTiers = newTierCache()
 
 	if h.AuthFailLimit == 0 {
 		h.AuthFailLimit = DefaultAuthFailLimit
@@ -654,6 +662,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	client, tier, apiErr := h.identify(w, r, now)
 	if apiErr != nil {
 		return refuse(w, r, h.tierLabel(client.Tier), ep.Name, apiErr)
+	}
+	if !h.originAllowed(r, client) {
+		return refuse(w, r, client.Tier, ep.Name, errKeyOriginNotAllowed)
 	}
 
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
