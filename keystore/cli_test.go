@@ -140,7 +140,7 @@ func TestCLIMint(t *testing.T) {
 	if len(lines) != 3 {
 		t.Fatalf("list printed %q, want a header and 2 keys", lines)
 	}
-	if got, want := strings.Fields(lines[0]), []string{"ID", "NAME", "TIER", "MINT", "CREATED", "EXPIRES", "LAST", "USED", "STATE"}; !slices.Equal(got, want) {
+	if got, want := strings.Fields(lines[0]), []string{"ID", "NAME", "TIER", "MINT", "CREATED", "EXPIRES", "LAST", "USED", "STATE", "SETTINGS"}; !slices.Equal(got, want) {
 		t.Errorf("header %q, want %q", got, want)
 	}
 	for _, tt := range []struct {
