@@ -192,3 +192,37 @@ func TestFleetKeySettings(t *testing.T) {
 		return f.chat(t, f.b, secret) == http.StatusOK
 	})
 }
+
+// TestBrowserKeyOrigins drives the demo page in headless Chromium from
+// two origins that the site's cors list both allows, with a key bound to
+// one of them: the page on that origin works, the page on the other gets
+// the proxy's 403 origin_not_allowed, readable by its script, and
+// nothing reaches the upstream.
+func TestBrowserKeyOrigins(t *testing.T) {
+	chromium := findChromium(t)
+	allowed, allowedOrigin := pageServer()
+	other, otherOrigin := pageServer()
+
+	e := start(t, "cors "+allowedOrigin+" "+otherOrigin, browserTier)
+	_, key := e.addKey(t, "browser", "--origins", allowedOrigin)
+	e.waitKeysKnown(t)
+	servePage(t, e, key, allowed, other)
+	b := newBrowser(t, chromium)
+	b.openWorking(allowedOrigin)
+	calls := e.upstream.Count()
+	b.send("Hello from the key's page")
+	b.waitIdle()
+	e.wantUpstreamCalls(t, calls+1)
+
+	calls = e.upstream.Count()
+	b.navigate(otherOrigin + "/")
+	b.waitIdle()
+	b.wantError("403", "origin_not_allowed")
+	b.send("Hello from another page")
+	b.waitIdle()
+	b.wantError("403", "origin_not_allowed")
+	if got := b.text("#usage-tier"); got != "–" {
+		t.Errorf("on another origin the page shows tier %q, want none", got)
+	}
+	e.wantUpstreamCalls(t, calls)
+}
