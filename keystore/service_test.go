@@ -366,6 +366,14 @@ func TestIdentifyAllocatesNothing(t *testing.T) {
 			t.Errorf("Identify(%s): %v allocations, want 0", name, n)
 		}
 	}
+	// Keys with settings fill a side map, which every Identify then reads.
+	_, withSettings := createWith(t, cli, Attrs{Name: "s", Tier: "pro", Settings: fullSettings()}, time.Now())
+	within(t, "the key with settings is loaded", func() bool { c, ok := s.Identify(withSettings, time.Now()); return ok && c.Settings != nil })
+	for name, key := range map[string]string{"known, settings about": secret, "with settings": withSettings, "unknown, settings about": unknown} {
+		if n := testing.AllocsPerRun(1000, func() { s.Identify(key, now) }); n != 0 {
+			t.Errorf("Identify(%s): %v allocations, want 0", name, n)
+		}
+	}
 	unstarted, err := NewService("sqlite:"+filepath.Join(t.TempDir(), "k.db"), nil)
 	if err != nil {
 		t.Fatal(err)
