@@ -95,7 +95,10 @@ func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
 const maxLimitedClients = 4 << 20
 
 // Tier is a named class of callers and its limits. Every field is
-// optional: a tier without limits admits its callers freely.
+// optional: a tier without limits admits its callers freely. A client
+// key may have settings of its own (caddy vigthoria key add --requests …,
+// key update): each replaces the tier's field of the same name for that
+// key's requests, and the fields it does not set follow the tier.
 type Tier struct {
 	// Requests allowed per window, as a token bucket: {"n":60,"window":"1m","burst":10}.
 	// Burst defaults to n.
