@@ -68,7 +68,7 @@ func Backend(c BackendConfig) http.Handler {
 			User string `json:"user"`
 		}
 		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxSignInBody)).Decode(&in); err != nil || !validUser(in.User) {
-			writeError(w, http.StatusBadRequest, "invalid_sign_in", `Sign in with {"user": "<name>"}: 1 to 64 printable characters.`)
+			writeError(w, http.StatusBadRequest, "invalid_sign_in", `Sign in with {"user": "alice"}: a name of 1 to 64 printable characters.`)
 			return
 		}
 		body, _ := json.Marshal(map[string]string{"user": in.User, "tier": c.Tier, "ttl": ttl})
