@@ -63,7 +63,8 @@ func (s *seen) callsSoFar() []seenCall {
 // token. Her answer streams, the usage card shows her caller ID
 // mint:<key ID>:alice, and the page renews the short-lived token before
 // it expires, so that every call it makes, the chat after the first
-// token's expiry included, carries a token that has not expired.
+// token's expiry included, carries a token that has not expired. Bob,
+// signed in after her, has limits of his own.
 // It saves a screenshot as docs/demo-signed-in.png when
 // VIGTHORIA_UPDATE_SCREENSHOT=1.
 func TestBrowserSignedInUser(t *testing.T) {
@@ -230,4 +231,25 @@ func TestBrowserSignedInUser(t *testing.T) {
 		t.Errorf("after the renewals the usage card shows the caller %q, want alice's", got)
 	}
 	b.screenshot("demo-signed-in.png", os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1")
+
+	// Bob, signed in after her, has his own limits: the whole burst of
+	// his tier less the page's look at his usage, whatever alice spent.
+	b.click("#sign-out")
+	b.waitIdle()
+	b.eval(`document.getElementById("user-name").value = "bob"`)
+	b.click("#sign-in-button")
+	b.waitIdle()
+	if got, want := b.text("#usage-client"), "mint:"+keyID+":bob"; got != want {
+		t.Errorf("signed in as bob, the usage card shows the caller %q, want %q", got, want)
+	}
+	if got := b.attr("#usage-requests", "data-value"); got != "9" {
+		t.Errorf("bob has %q requests left, want 9 of his own 10", got)
+	}
+	b.click("#burst")
+	b.waitIdle()
+	log := b.eval(`[...document.querySelectorAll("#burst-log li")].map(li => li.className).join()`)
+	if want := strings.Repeat("ok,", 9) + "refused"; log != want {
+		t.Errorf("bob's burst went %s, want %s", log, want)
+	}
+	b.wantError("429", "rate_limit_exceeded")
 }
