@@ -53,7 +53,7 @@ type UsageRow struct {
 	CompletionTokens int64
 	CachedTokens     int64 // of PromptTokens, where the upstream said
 	ReasoningTokens  int64 // of CompletionTokens, where the upstream said
-	Cost             int64 // micro-units of the currency, at the prices of the day
+	Cost             int64 // micro-units of the currency, at the prices when each use was added
 }
 
 // TotalTokens returns prompt plus completion tokens.
