@@ -268,6 +268,24 @@ type Handler struct {
 	// is not here is refused with 403.
 	Tiers map[string]*Tier `json:"tiers,omitempty"`
 
+	// The currency of prices and costs: a code such as USD or EUR, or a
+	// short label of letters or currency signs. It labels costs in GET
+	// /v1/usage; it converts nothing. Default: USD.
+	Currency string `json:"currency,omitempty"`
+
+	// What models cost, per million tokens, in the currency, in order:
+	// the first entry whose model glob matches a request's model prices
+	// it, e.g. [{"model": "vigthoria-fast-*", "input": 0.10, "output":
+	// 0.40}]. Each request's cost is kept in the usage ledger in
+	// micro-units (millionths) of the currency, rounded up, and GET
+	// /v1/usage reports it. Default: none, and costs are not reported.
+	Prices []*Price `json:"prices,omitempty"`
+
+	// What a model that no price matches costs: "refuse" makes it
+	// unavailable to callers with a budget, "free" prices it at 0.
+	// Default: refuse.
+	Unpriced string `json:"unpriced,omitempty"`
+
 	// A placeholder naming a caller identified by an earlier Caddy auth
 	// handler, e.g. {http.auth.user.id}. When it resolves to a value, that
 	// value is the caller and no client key is needed. Default: none.
@@ -352,6 +370,8 @@ type Handler struct {
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
 	logger       *zap.Logger
+
+	prices []pricedGlob // Prices, parsed, in order
 }
 
 // CaddyModule returns the Caddy module information.
@@ -405,6 +425,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err := t.provision(name); err != nil {
 			return err
 		}
+	}
+
+	if err := h.provisionPrices(); err != nil {
+		return err
 	}
 
 	if h.AuthFailLimit == 0 {

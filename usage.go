@@ -37,6 +37,16 @@ type usageCounts struct {
 	TotalTokens       int64              `json:"total_tokens"`
 	PromptDetails     *promptDetails     `json:"prompt_tokens_details,omitempty"`
 	CompletionDetails *completionDetails `json:"completion_tokens_details,omitempty"`
+	Cost              *costReport        `json:"cost,omitempty"` // when prices are configured
+}
+
+// costReport is a cost: {"amount": "1.234567", "currency": "USD"}. The
+// amount is a decimal string with six places, exact to the micro-unit
+// the ledger counts in: a JSON number would be read as a float by most
+// clients (JavaScript's Number above all), and sums of floats drift.
+type costReport struct {
+	Amount   string `json:"amount"`
+	Currency string `json:"currency"`
 }
 
 type promptDetails struct {
@@ -48,8 +58,8 @@ type completionDetails struct {
 }
 
 // countsOf shapes a sum of rows; details adds the details when they are
-// zero too.
-func countsOf(sum keystore.UsageRow, details bool) usageCounts {
+// zero too. Its cost is there when currency is not "".
+func countsOf(sum keystore.UsageRow, details bool, currency string) usageCounts {
 	c := usageCounts{
 		Requests: sum.Requests, PromptTokens: sum.PromptTokens,
 		CompletionTokens: sum.CompletionTokens, TotalTokens: sum.TotalTokens(),
@@ -59,6 +69,9 @@ func countsOf(sum keystore.UsageRow, details bool) usageCounts {
 	}
 	if details || sum.ReasoningTokens > 0 {
 		c.CompletionDetails = &completionDetails{sum.ReasoningTokens}
+	}
+	if currency != "" {
+		c.Cost = &costReport{Amount: keystore.FormatCost(sum.Cost), Currency: currency}
 	}
 	return c
 }
@@ -139,9 +152,15 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		}
 		m.Add(row)
 	}
-	rep.Today.usageCounts, rep.Month.usageCounts = countsOf(today, true), countsOf(month, true)
+	// Costs are reported when prices are configured: without, every
+	// cost is 0 and says nothing.
+	var currency string
+	if len(h.prices) > 0 {
+		currency = h.Currency
+	}
+	rep.Today.usageCounts, rep.Month.usageCounts = countsOf(today, true, currency), countsOf(month, true, currency)
 	for model, sum := range models {
-		rep.ByModel = append(rep.ByModel, modelReport{Model: model, usageCounts: countsOf(*sum, false)})
+		rep.ByModel = append(rep.ByModel, modelReport{Model: model, usageCounts: countsOf(*sum, false, currency)})
 	}
 	sort.Slice(rep.ByModel, func(i, j int) bool { return rep.ByModel[i].Model < rep.ByModel[j].Model })
 

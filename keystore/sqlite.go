@@ -57,6 +57,8 @@ var migrations = []string{
 		private BLOB NOT NULL,
 		created INTEGER NOT NULL
 	) STRICT;`,
+	// 6: the ledger's cost.
+	ledgerCostSchema,
 }
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, seq`
