@@ -47,6 +47,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			tokens     <n>/<window> [burst <b>]
 //			concurrent <n>
 //			quota      <n>/day|month
+//			budget     <amount>/day|month        # in the currency of prices
 //			models     <glob>...
 //			max_tokens <n>
 //		}
@@ -301,6 +302,8 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 			t.MaxTokens, err = parsePositive[int64](args)
 		case "quota":
 			t.Quota, err = parseQuota(args)
+		case "budget":
+			t.Budget, err = parseBudget(args)
 		case "models":
 			if len(args) == 0 {
 				err = errors.New("want at least one model glob")
@@ -440,6 +443,17 @@ func parseQuota(args []string) (*Quota, error) {
 		return nil, err
 	}
 	return &Quota{N: n, Period: period}, nil
+}
+
+// parseBudget reads `budget <amount>/day|month`, such as 50/month.
+func parseBudget(args []string) (*Budget, error) {
+	if len(args) != 1 {
+		return nil, errors.New("want <amount>/day or <amount>/month, such as 50/month")
+	}
+	amount, period, _ := strings.Cut(args[0], "/")
+	b := &Budget{Amount: amount, Period: period}
+	_, err := b.limits()
+	return b, err
 }
 
 // parsePositive reads the one argument as a positive integer.

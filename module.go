@@ -112,6 +112,13 @@ type Tier struct {
 	// Tokens allowed per calendar day or month (UTC): {"n":1000000,"period":"day"}.
 	Quota *Quota `json:"quota,omitempty"`
 
+	// Money allowed per calendar day or month (UTC), in the currency of
+	// prices: {"amount":"50","period":"month"}. Admission reserves a
+	// request's highest possible cost and settlement charges the real
+	// one. A model without a price is then refused, unless unpriced is
+	// free. Default: none.
+	Budget *Budget `json:"budget,omitempty"`
+
 	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]. Default: all.
 	Models []string `json:"models,omitempty"`
 
@@ -121,7 +128,8 @@ type Tier struct {
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
 	limits    limiter.Limits
-	modelsKey string // names the models policy in the models cache
+	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
+	modelsKey string         // names the models policy in the models cache
 	// usageLimits are limits without the concurrency limit and taking no
 	// slot, for GET /v1/usage: it counts as a request, but a caller whose
 	// slots are all taken by its streams may still read its standing, and
@@ -140,6 +148,37 @@ type Rate struct {
 type Quota struct {
 	N      int64  `json:"n"`
 	Period string `json:"period"`
+}
+
+// Budget is an amount of money per calendar period: "day" or "month".
+// The amount is a decimal string, such as "50" or "12.50", read exactly.
+type Budget struct {
+	Amount string `json:"amount"`
+	Period string `json:"period"`
+}
+
+// maxBudget bounds a budget: a trillion units of the currency, past any
+// real one, and far from int64's end so that sums of costs stay exact.
+const maxBudget = 1_000_000_000_000 * keystore.Micros
+
+// limits is the budget as the limiter keeps it: a quota of micro-units
+// of the currency, in an account of its own.
+func (b *Budget) limits() (limiter.Limits, error) {
+	n, err := keystore.ParseMoney(b.Amount, maxBudget)
+	if err != nil {
+		return limiter.Limits{}, err
+	}
+	if n <= 0 {
+		return limiter.Limits{}, fmt.Errorf("budget %s must be above zero", b.Amount)
+	}
+	period, err := parsePeriod(b.Period)
+	if err != nil {
+		return limiter.Limits{}, err
+	}
+	// A request holds its reservation until it is settled: in flight,
+	// though there is no concurrency limit, so that a limiter never
+	// forgets the account while its reservations are out.
+	return limiter.Limits{Quota: limiter.Quota{N: n, Period: period}}, nil
 }
 
 // DefaultMaxTokens is what a request without max_tokens reserves when its
@@ -169,6 +208,12 @@ func (t *Tier) provision(name string) error {
 			return fmt.Errorf("tier %s: a quota needs a positive n and a period of day or month", name)
 		}
 		t.limits.Quota = limiter.Quota{N: t.Quota.N, Period: period}
+	}
+	if t.Budget != nil {
+		var err error
+		if t.budget, err = t.Budget.limits(); err != nil {
+			return fmt.Errorf("tier %s: %v", name, err)
+		}
 	}
 	for _, glob := range t.Models {
 		if _, err := path.Match(glob, ""); err != nil {
@@ -495,7 +540,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	lim, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
 		if kind != "redis" {
-			return pooledLimiter{Limiter: limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)}, nil
+			return pooledLimiter{Limiter: limiter.NewMemory(ledgerCounter{h.keys.Ledger()}, maxLimitedClients)}, nil
 		}
 		client, err := newRedisClient(spec, time.Duration(h.StoreTimeout))
 		if err != nil {
@@ -694,7 +739,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.ID == proxy.Usage {
 		// Counted as a request, then settled before the report reads
 		// the standing, which would otherwise count it in flight.
-		h.settleAdmission(r, client, &a, 0)
+		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
@@ -709,13 +754,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	forwarded := false
 	defer func() {
 		if !forwarded {
-			h.settleAdmission(r, client, &a, 0)
+			h.settleAdmission(r, client, &a, keystore.Tokens{})
 			return
 		}
 		usage := &call.Usage
 		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
-		h.settleAdmission(r, client, &a, used.Total())
+		h.settleAdmission(r, client, &a, used)
 		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
 			model := ledgerModel(info.Model, usage.Status)
 			h.keys.Ledger().Add(client.ID, model, end, used)
@@ -741,7 +786,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if info, reserve, apiErr = h.police(r, ep, tier, client.Minted, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
-		if apiErr = h.reserve(w, r, client, tier, &a, reserve, now); apiErr != nil {
+		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
 			return refuse(w, r, client.Tier, ep.Name, apiErr)
 		}
 	}

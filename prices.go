@@ -140,40 +140,13 @@ func (p *Price) parse() (pricedGlob, error) {
 }
 
 // parseMicros reads a price, a decimal number of units such as 0.10, as
-// an exact count of micro-units (100000), from its digits alone: a float
-// would round 0.10 to the nearest binary fraction. It refuses signs,
-// exponents, more than six decimal places and figures above maxPrice.
+// micro-units per million tokens, exactly.
 func parseMicros(s string) (int64, error) {
-	whole, frac, dotted := strings.Cut(s, ".")
-	switch {
-	case strings.HasPrefix(s, "-"):
-		return 0, fmt.Errorf("price '%s' is negative", s)
-	case whole == "" || dotted && frac == "" || !allDigits(whole) || !allDigits(frac):
-		return 0, fmt.Errorf("price '%s' is not a decimal number such as 0.10", s)
-	case len(frac) > 6:
-		return 0, fmt.Errorf("price '%s' has more than six decimal places", s)
-	}
-	whole = strings.TrimLeft(whole, "0")
-	if len(whole) > 7 { // more than 9999999, certainly above maxPrice
-		return 0, fmt.Errorf("price '%s' is more than %d per million tokens", s, maxPrice/keystore.Micros)
-	}
-	var n int64
-	for _, c := range whole + frac + strings.Repeat("0", 6-len(frac)) {
-		n = n*10 + int64(c-'0')
-	}
-	if n > maxPrice {
-		return 0, fmt.Errorf("price '%s' is more than %d per million tokens", s, maxPrice/keystore.Micros)
+	n, err := keystore.ParseMoney(s, maxPrice)
+	if err != nil {
+		return 0, fmt.Errorf("price %w", err)
 	}
 	return n, nil
-}
-
-func allDigits(s string) bool {
-	for i := range len(s) {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return true
 }
 
 // price returns the model's prices per 1M tokens in micro-units, and

@@ -93,7 +93,17 @@ type limitsReport struct {
 		Limit    int `json:"limit"`
 		InFlight int `json:"in_flight"`
 	} `json:"concurrent,omitempty"`
-	Quota *quotaReport `json:"quota,omitempty"`
+	Quota  *quotaReport  `json:"quota,omitempty"`
+	Budget *budgetReport `json:"budget,omitempty"`
+}
+
+// budgetReport is the caller's budget, its amounts shaped as costs.
+type budgetReport struct {
+	Period    string     `json:"period"`
+	Limit     costReport `json:"limit"`
+	Used      costReport `json:"used"`
+	Remaining costReport `json:"remaining"`
+	Reset     time.Time  `json:"reset"`
 }
 
 type bucketReport struct {
@@ -115,9 +125,12 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 	monthStart := limiter.Month.Start(now)
 	rows, err := h.keys.Ledger().UsageSince(r.Context(), client.ID, monthStart)
 	if err == nil {
-		var state limiter.State
-		if state, err = h.limiter.State(r.Context(), client.ID, &tier.limits, now); err == nil {
-			return h.writeUsage(w, client, tier, rows, state, monthStart, now)
+		var state, budget limiter.State
+		if state, err = h.limiter.State(r.Context(), client.ID, &tier.limits, now); err == nil && !tier.budget.Quota.Unlimited() {
+			budget, err = h.limiter.State(r.Context(), budgetPrefix+client.ID, &tier.budget, now)
+		}
+		if err == nil {
+			return h.writeUsage(w, client, tier, rows, state, budget, monthStart, now)
 		}
 	}
 	h.logger.Error("reading usage", zap.String("client_id", client.ID), zap.Error(err))
@@ -126,7 +139,7 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 }
 
 // writeUsage writes the usage report of a client.
-func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state limiter.State, monthStart, now time.Time) error {
+func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state, budget limiter.State, monthStart, now time.Time) error {
 
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
@@ -181,6 +194,13 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		rep.Limits.Quota = &quotaReport{
 			Period: lim.Quota.Period.String(), Limit: lim.Quota.N, Used: state.QuotaUsed,
 			Remaining: max(lim.Quota.N-state.QuotaUsed, 0), Reset: state.QuotaReset,
+		}
+	}
+	if b := &tier.budget.Quota; !b.Unlimited() {
+		money := func(n int64) costReport { return costReport{Amount: keystore.FormatCost(n), Currency: h.Currency} }
+		rep.Limits.Budget = &budgetReport{
+			Period: b.Period.String(), Limit: money(b.N), Used: money(budget.QuotaUsed),
+			Remaining: money(max(b.N-budget.QuotaUsed, 0)), Reset: budget.QuotaReset,
 		}
 	}
 	limiter.SetHeaders(w.Header(), lim, state, now)
