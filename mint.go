@@ -123,7 +123,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 	if apiErr != nil {
 		return refuse(w, r, client.Tier, "tokens", apiErr)
 	}
-	h.settleAdmission(r, client, &a, 0)
+	h.settleAdmission(r, client, &a, keystore.Tokens{})
 
 	req, apiErr := h.readTokenRequest(w, r)
 	if apiErr != nil {

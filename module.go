@@ -116,6 +116,13 @@ type Tier struct {
 	// Tokens allowed per calendar day or month (UTC): {"n":1000000,"period":"day"}.
 	Quota *Quota `json:"quota,omitempty"`
 
+	// Money allowed per calendar day or month (UTC), in the currency of
+	// prices: {"amount":"50","period":"month"}. Admission reserves a
+	// request's highest possible cost and settlement charges the real
+	// one. A model without a price is then refused, unless unpriced is
+	// free. Default: none.
+	Budget *Budget `json:"budget,omitempty"`
+
 	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]. Default: all.
 	Models []string `json:"models,omitempty"`
 
@@ -124,13 +131,9 @@ type Tier struct {
 	// DefaultMaxTokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
-	// budget is money per day or month, in micro-units of the currency,
-	// from a key's settings (keystore.Settings.Budget); nil for none.
-	// Kept here for the budget limiter; nothing enforces it yet.
-	budget *keystore.Amount
-
 	limits    limiter.Limits
-	modelsKey string // names the models policy in the models cache
+	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
+	modelsKey string         // names the models policy in the models cache
 	// usageLimits are limits without the concurrency limit and taking no
 	// slot, for GET /v1/usage: it counts as a request, but a caller whose
 	// slots are all taken by its streams may still read its standing, and
@@ -149,6 +152,33 @@ type Rate struct {
 type Quota struct {
 	N      int64  `json:"n"`
 	Period string `json:"period"`
+}
+
+// Budget is an amount of money per calendar period: "day" or "month".
+// The amount is a decimal string, such as "50" or "12.50", read exactly.
+type Budget struct {
+	Amount string `json:"amount"`
+	Period string `json:"period"`
+}
+
+// limits is the budget as the limiter keeps it: a quota of micro-units
+// of the currency, in an account of its own.
+func (b *Budget) limits() (limiter.Limits, error) {
+	n, err := keystore.ParseMoney(b.Amount, keystore.MaxMoney)
+	if err != nil {
+		return limiter.Limits{}, err
+	}
+	if n <= 0 {
+		return limiter.Limits{}, fmt.Errorf("budget %s must be above zero", b.Amount)
+	}
+	period, err := parsePeriod(b.Period)
+	if err != nil {
+		return limiter.Limits{}, err
+	}
+	// A request holds its reservation until it is settled: in flight,
+	// though there is no concurrency limit, so that a limiter never
+	// forgets the account while its reservations are out.
+	return limiter.Limits{Quota: limiter.Quota{N: n, Period: period}}, nil
 }
 
 // DefaultMaxTokens is what a request without max_tokens reserves when its
@@ -178,6 +208,12 @@ func (t *Tier) provision(name string) error {
 			return fmt.Errorf("tier %s: a quota needs a positive n and a period of day or month", name)
 		}
 		t.limits.Quota = limiter.Quota{N: t.Quota.N, Period: period}
+	}
+	if t.Budget != nil {
+		var err error
+		if t.budget, err = t.Budget.limits(); err != nil {
+			return fmt.Errorf("tier %s: %v", name, err)
+		}
 	}
 	for _, glob := range t.Models {
 		if _, err := path.Match(glob, ""); err != nil {
@@ -277,6 +313,24 @@ type Handler struct {
 	// is not here is refused with 403.
 	Tiers map[string]*Tier `json:"tiers,omitempty"`
 
+	// The currency of prices and costs: a code such as USD or EUR, or a
+	// short label of letters or currency signs. It labels costs in GET
+	// /v1/usage; it converts nothing. Default: USD.
+	Currency string `json:"currency,omitempty"`
+
+	// What models cost, per million tokens, in the currency, in order:
+	// the first entry whose model glob matches a request's model prices
+	// it, e.g. [{"model": "vigthoria-fast-*", "input": 0.10, "output":
+	// 0.40}]. Each request's cost is kept in the usage ledger in
+	// micro-units (millionths) of the currency, rounded up, and GET
+	// /v1/usage reports it. Default: none, and costs are not reported.
+	Prices []*Price `json:"prices,omitempty"`
+
+	// What a model that no price matches costs: "refuse" makes it
+	// unavailable to callers with a budget, "free" prices it at 0.
+	// Default: refuse.
+	Unpriced string `json:"unpriced,omitempty"`
+
 	// A placeholder naming a caller identified by an earlier Caddy auth
 	// handler, e.g. {http.auth.user.id}. When it resolves to a value, that
 	// value is the caller and no client key is needed. Default: none.
@@ -362,6 +416,8 @@ type Handler struct {
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
 	logger       *zap.Logger
+
+	prices []pricedGlob // Prices, parsed, in order
 }
 
 // CaddyModule returns the Caddy module information.
@@ -417,6 +473,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	h.keyTiers = newTierCache()
+
+	if err := h.provisionPrices(); err != nil {
+		return err
+	}
 
 	if h.AuthFailLimit == 0 {
 		h.AuthFailLimit = DefaultAuthFailLimit
@@ -482,7 +542,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	lim, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
 		if kind != "redis" {
-			return pooledLimiter{Limiter: limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)}, nil
+			return pooledLimiter{Limiter: limiter.NewMemory(ledgerCounter{h.keys.Ledger()}, maxLimitedClients)}, nil
 		}
 		client, err := newRedisClient(spec, time.Duration(h.StoreTimeout))
 		if err != nil {
@@ -684,7 +744,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.ID == proxy.Usage {
 		// Counted as a request, then settled before the report reads
 		// the standing, which would otherwise count it in flight.
-		h.settleAdmission(r, client, &a, 0)
+		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
@@ -699,13 +759,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	forwarded := false
 	defer func() {
 		if !forwarded {
-			h.settleAdmission(r, client, &a, 0)
+			h.settleAdmission(r, client, &a, keystore.Tokens{})
 			return
 		}
 		usage := &call.Usage
 		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
-		h.settleAdmission(r, client, &a, used.Total())
+		h.settleAdmission(r, client, &a, used)
 		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
 			model := ledgerModel(info.Model, usage.Status)
 			h.keys.Ledger().Add(client.ID, model, end, used)
@@ -731,7 +791,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if info, reserve, apiErr = h.police(r, ep, tier, client.Minted, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
-		if apiErr = h.reserve(w, r, client, tier, &a, reserve, now); apiErr != nil {
+		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
 			return refuse(w, r, client.Tier, ep.Name, apiErr)
 		}
 	}

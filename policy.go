@@ -193,10 +193,14 @@ func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens,
 	return keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd
 }
 
-// chargeFor is charge for a request of the client, logging usage it does
-// not believe for the operator: a warning naming the caller by key ID.
+// chargeFor is charge for a request of the client, with its cost at the
+// model's price when it has one, logging usage it does not believe for the
+// operator: a warning naming the caller by key ID.
 func (h *Handler) chargeFor(clientID, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) keystore.Tokens {
 	used, absurd := charge(u, reserve, bodyLen)
+	if p, ok := h.price(model); ok {
+		used.Cost = p.cost(used.Prompt, used.Completion)
+	}
 	if absurd {
 		h.logger.Warn("the upstream reported absurd usage: charged the reservation instead",
 			zap.String("client_id", clientID), zap.String("model", model),

@@ -59,7 +59,7 @@ func (h *Handler) tierFor(name string, s *keystore.Settings) *Tier {
 func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
 	m := &Tier{
 		Requests: t.Requests, Tokens: t.Tokens, Concurrent: t.Concurrent, Quota: t.Quota,
-		Models: t.Models, MaxTokens: t.MaxTokens, budget: t.budget,
+		Budget: t.Budget, Models: t.Models, MaxTokens: t.MaxTokens,
 	}
 	if s.Requests != nil {
 		m.Requests = tierRate(s.Requests)
@@ -74,7 +74,7 @@ func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
 		m.Quota = &Quota{N: s.Quota.N, Period: s.Quota.Period}
 	}
 	if s.Budget != nil {
-		m.budget = s.Budget
+		m.Budget = &Budget{Amount: keystore.FormatMoney(s.Budget.N), Period: s.Budget.Period}
 	}
 	if s.Models != nil {
 		m.Models = s.Models

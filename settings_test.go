@@ -21,6 +21,7 @@ func TestTierForPrecedence(t *testing.T) {
 		Tokens:     &Rate{N: 400_000, Window: caddy.Duration(time.Minute), Burst: 1000},
 		Concurrent: 20,
 		Quota:      &Quota{N: 50_000_000, Period: "month"},
+		Budget:     &Budget{Amount: "100", Period: "month"},
 		Models:     []string{"vigthoria-*"},
 		MaxTokens:  4096,
 	}
@@ -51,7 +52,8 @@ func TestTierForPrecedence(t *testing.T) {
 		{"quota", func(s *keystore.Settings) { s.Quota = nil }, func(t *Tier) any { return t.limits.Quota },
 			limiter.Quota{N: 50_000_000, Period: limiter.Month}, limiter.Quota{N: 10_000_000, Period: limiter.Day}, limiter.Quota{}},
 		{"budget", func(s *keystore.Settings) { s.Budget = nil }, func(t *Tier) any { return t.budget },
-			(*keystore.Amount)(nil), &keystore.Amount{N: 50_000_000, Period: "month"}, (*keystore.Amount)(nil)},
+			limiter.Limits{Quota: limiter.Quota{N: 100_000_000, Period: limiter.Month}},
+			limiter.Limits{Quota: limiter.Quota{N: 50_000_000, Period: limiter.Month}}, limiter.Limits{}},
 		{"models", func(s *keystore.Settings) { s.Models = nil }, func(t *Tier) any {
 			return []bool{t.allows("vigthoria-fast-1"), t.allows("vigthoria-pro-1"), t.allows("other")}
 		},
@@ -60,8 +62,6 @@ func TestTierForPrecedence(t *testing.T) {
 			int64(4096), int64(2048), int64(0)},
 	}
 	empty := &Tier{}
-	// The tier's budget comes with the prices of the Caddyfile; the
-	// budget's "tier only" case is a tier without one.
 	for _, f := range fields {
 		cleared := *keySet
 		f.clear(&cleared)

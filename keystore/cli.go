@@ -305,16 +305,17 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 	since := Day(time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC))
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 	// CACHED is of PROMPT and REASONING of COMPLETION, where the
-	// upstream reported them.
-	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL")
+	// upstream reported them. COST is in units of the proxy's currency,
+	// which the store does not know: 0 for usage of unpriced models.
+	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL\tCOST")
 	for _, id := range ids {
 		rows, err := us.UsageSince(cmd.Context(), id, since)
 		if err != nil {
 			return err
 		}
 		for _, r := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", id, r.Day, printable(r.Model), r.Requests,
-				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens())
+			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", id, r.Day, printable(r.Model), r.Requests,
+				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens(), FormatCost(r.Cost))
 		}
 	}
 	return w.Flush()

@@ -34,7 +34,9 @@ import (
 //	                         the first write to an empty store
 //	vgt:usage:<client>:<day> hash: "<model>\x00requests", "…\x00prompt",
 //	                         "…\x00completion", "…\x00cached",
-//	                         "…\x00reasoning"; expires after usageTTL
+//	                         "…\x00reasoning", "…\x00cost" (micro-units
+//	                         of the currency; missing in rows of older
+//	                         versions); expires after usageTTL
 //	vgt:signing              hash: a field for each signing key, its ID,
 //	                         holding 8 bytes of its created time (unix ms,
 //	                         big-endian), then its 32-byte Ed25519 seed
@@ -148,7 +150,7 @@ return 'ok'`)
 	// addUsageScript adds a ledger batch once. KEYS: the writer's
 	// sequence key, then the days' usage hashes. ARGV: the batch's
 	// sequence, the usage TTL and the writer TTL in seconds, then for
-	// each row the index of its hash in KEYS and five field and
+	// each row the index of its hash in KEYS and six field and
 	// increment pairs; a zero increment writes nothing. It returns 0 for
 	// a batch applied before, else 1 and the numbers (from 0) of the rows
 	// it refused: a row whose key is not a hash, or whose fields hold
@@ -174,7 +176,7 @@ local function writable(k, i)
 	if t ~= 'hash' and t ~= 'none' then
 		return false
 	end
-	for j = i + 1, i + 9, 2 do
+	for j = i + 1, i + 11, 2 do
 		if not isInteger(redis.call('HGET', k, ARGV[j])) then
 			return false
 		end
@@ -192,10 +194,10 @@ if tonumber(ARGV[1]) <= last then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 local result, written = {1}, {}
-for i = 4, #ARGV, 11 do
+for i = 4, #ARGV, 13 do
 	local k = KEYS[tonumber(ARGV[i])]
 	if writable(k, i) then
-		for j = i + 1, i + 9, 2 do
+		for j = i + 1, i + 11, 2 do
 			if ARGV[j+1] ~= '0' then
 				local sum = redis.pcall('HINCRBY', k, ARGV[j], ARGV[j+1])
 				if type(sum) == 'table' and sum.err then -- it would overflow
@@ -205,7 +207,7 @@ for i = 4, #ARGV, 11 do
 		end
 		written[k] = true
 	else
-		result[#result+1] = (i - 4) / 11
+		result[#result+1] = (i - 4) / 13
 	end
 end
 for k in pairs(written) do
@@ -553,7 +555,8 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 			r.Model+"\x00prompt", r.PromptTokens,
 			r.Model+"\x00completion", r.CompletionTokens,
 			r.Model+"\x00cached", r.CachedTokens,
-			r.Model+"\x00reasoning", r.ReasoningTokens)
+			r.Model+"\x00reasoning", r.ReasoningTokens,
+			r.Model+"\x00cost", r.Cost)
 	}
 	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
 	switch {
@@ -633,6 +636,8 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 				row.CachedTokens = n
 			case "reasoning":
 				row.ReasoningTokens = n
+			case "cost":
+				row.Cost = n
 			}
 		}
 		for _, model := range slices.Sorted(maps.Keys(byModel)) {

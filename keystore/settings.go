@@ -132,7 +132,7 @@ func ParseQuota(s string) (Amount, error) {
 // ParseBudget reads "<money>/day" or "<money>/month", such as
 // "50/month" or "0.25/day", into micro-units (see ParseMoney).
 func ParseBudget(s string) (Amount, error) {
-	return parseAmount(s, ParseMoney)
+	return parseAmount(s, func(n string) (int64, error) { return ParseMoney(n, MaxMoney) })
 }
 
 func parseAmount(s string, number func(string) (int64, error)) (Amount, error) {
@@ -164,42 +164,10 @@ func parsePositive(s string) (int64, error) {
 	return n, nil
 }
 
-// ParseMoney reads a decimal amount of money, such as "50", "0.10" or
-// "12.345678", into micro-units (millionths), exactly: no floating point.
-// It accepts digits with at most 6 decimals, from 0 to MaxMoney
-// micro-units; no sign, exponent or separator.
-func ParseMoney(s string) (int64, error) {
-	whole, frac, dot := strings.Cut(s, ".")
-	if whole == "" || dot && frac == "" {
-		return 0, fmt.Errorf("'%s' is not an amount of money, such as 50 or 0.25", s)
-	}
-	if len(frac) > 6 {
-		return 0, fmt.Errorf("'%s' has more than 6 decimals", s)
-	}
-	if len(whole) > 13 || !allDigits(whole) || !allDigits(frac) {
-		return 0, fmt.Errorf("'%s' is not an amount of money, such as 50 or 0.25", s)
-	}
-	w, _ := strconv.ParseInt(whole, 10, 64)
-	f, _ := strconv.ParseInt((frac + "000000")[:6], 10, 64)
-	n := w*1_000_000 + f
-	if n > MaxMoney {
-		return 0, fmt.Errorf("'%s' is more than %s", s, FormatMoney(MaxMoney))
-	}
-	return n, nil
-}
-
 // FormatMoney writes micro-units as ParseMoney reads them, with no more
 // decimals than needed: 50000000 is "50", 100000 is "0.1".
 func FormatMoney(micros int64) string {
-	sign := ""
-	if micros < 0 {
-		sign, micros = "-", -micros
-	}
-	s := sign + strconv.FormatInt(micros/1_000_000, 10)
-	if frac := micros % 1_000_000; frac != 0 {
-		s += "." + strings.TrimRight(fmt.Sprintf("%06d", frac), "0")
-	}
-	return s
+	return strings.TrimSuffix(strings.TrimRight(FormatCost(micros), "0"), ".")
 }
 
 // shortDuration writes d as time.Duration does, without its zero
@@ -213,15 +181,6 @@ func shortDuration(d time.Duration) string {
 		s = s[:len(s)-2]
 	}
 	return s
-}
-
-func allDigits(s string) bool {
-	for i := range len(s) {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return true
 }
 
 // ValidOrigin reports whether o is a web origin as browsers send it:

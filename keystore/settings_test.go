@@ -38,12 +38,12 @@ func TestParseMoney(t *testing.T) {
 		{in: "NaN", err: true},
 	}
 	for _, tt := range tests {
-		got, err := ParseMoney(tt.in)
+		got, err := ParseMoney(tt.in, MaxMoney)
 		if (err != nil) != tt.err || got != tt.want {
 			t.Errorf("ParseMoney(%q) = %d, %v; want %d, error %v", tt.in, got, err, tt.want, tt.err)
 		}
 		if err == nil {
-			if back, err := ParseMoney(FormatMoney(got)); err != nil || back != got {
+			if back, err := ParseMoney(FormatMoney(got), MaxMoney); err != nil || back != got {
 				t.Errorf("ParseMoney(FormatMoney(%d) = %q) = %d, %v", got, FormatMoney(got), back, err)
 			}
 		}

@@ -57,7 +57,9 @@ var migrations = []string{
 		private BLOB NOT NULL,
 		created INTEGER NOT NULL
 	) STRICT;`,
-	// 6: a key's own settings, as JSON (see Settings); '' for none, which
+	// 6: the ledger's cost.
+	ledgerCostSchema,
+	// 7: a key's own settings, as JSON (see Settings); '' for none, which
 	// is what the keys of older versions get.
 	`ALTER TABLE keys ADD COLUMN settings TEXT NOT NULL DEFAULT '';`,
 }
