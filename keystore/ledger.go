@@ -91,6 +91,9 @@ type UsageBatch struct {
 	Writer string // the ledger's own random ID
 	Seq    uint64 // grows with each new batch of the writer
 	Rows   []UsageRow
+	// Hours are the same uses by hour: each row's Day holds its UTC
+	// hour, YYYY-MM-DDTHH (see Hour). A store keeps them HourRetention.
+	Hours []UsageRow
 }
 
 // UsageStore is where the ledger's rows live. A Store that can also keep
@@ -136,6 +139,7 @@ type Ledger struct {
 	logger   *zap.Logger
 	mu       sync.Mutex // protects the fields below
 	pending  map[ledgerKey]*UsageRow
+	hours    map[ledgerKey]*UsageRow // pending by hour: day holds the hour
 	// unsure is a batch whose write failed: it may or may not have been
 	// applied, so it is written again as it is, before anything newer.
 	unsure *UsageBatch
@@ -148,10 +152,14 @@ type Ledger struct {
 		unix int64 // the day's first second
 		name string
 	}
+	thisHour struct {
+		unix int64 // the hour's first second
+		name string
+	}
 }
 
 func newLedger(logger *zap.Logger) *Ledger {
-	return &Ledger{pending: make(map[ledgerKey]*UsageRow), writer: rand.Text(), logger: logger}
+	return &Ledger{pending: make(map[ledgerKey]*UsageRow), hours: make(map[ledgerKey]*UsageRow), writer: rand.Text(), logger: logger}
 }
 
 // Day formats t as the ledger's UTC day.
@@ -159,16 +167,34 @@ func Day(t time.Time) string { return t.UTC().Format(time.DateOnly) }
 
 // Add counts one request of client for model at t, which used tokens.
 func (l *Ledger) Add(client, model string, at time.Time, used Tokens) {
+	u := UsageRow{Requests: 1, PromptTokens: used.Prompt, CompletionTokens: used.Completion,
+		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning, Cost: used.Cost}
 	l.mu.Lock()
-	k := ledgerKey{client, l.dayName(at), model}
-	row := l.pending[k]
-	if row == nil {
-		row = &UsageRow{Client: client, Day: k.day, Model: model}
-		l.pending[k] = row
-	}
-	row.Add(UsageRow{Requests: 1, PromptTokens: used.Prompt, CompletionTokens: used.Completion,
-		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning, Cost: used.Cost})
+	addPending(l.pending, ledgerKey{client, l.dayName(at), model}, u)
+	addPending(l.hours, ledgerKey{client, l.hourName(at), model}, u)
 	l.mu.Unlock()
+}
+
+// addPending adds u to the pending row k of m.
+func addPending(m map[ledgerKey]*UsageRow, k ledgerKey, u UsageRow) {
+	row := m[k]
+	if row == nil {
+		row = &UsageRow{Client: k.client, Day: k.day, Model: k.model}
+		m[k] = row
+	}
+	row.Add(u)
+}
+
+// hourName returns Hour(t), formatting it only when t is in another hour
+// than the last. The caller holds l.mu.
+func (l *Ledger) hourName(t time.Time) string {
+	const secondsPerHour = 60 * 60
+	unix := t.Unix()
+	if start := l.thisHour.unix; unix < start || unix >= start+secondsPerHour || l.thisHour.name == "" {
+		l.thisHour.name = Hour(t)
+		l.thisHour.unix = unix - unix%secondsPerHour
+	}
+	return l.thisHour.name
 }
 
 // dayName returns Day(t), formatting it only when t is on another day
@@ -213,16 +239,20 @@ func (l *Ledger) flush(ctx context.Context) error {
 	}
 
 	l.mu.Lock()
-	if len(l.pending) == 0 {
+	if len(l.pending) == 0 && len(l.hours) == 0 {
 		l.mu.Unlock()
 		return nil
 	}
 	l.seq++
-	b := UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]UsageRow, 0, len(l.pending))}
+	b := UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]UsageRow, 0, len(l.pending)), Hours: make([]UsageRow, 0, len(l.hours))}
 	for _, row := range l.pending {
 		b.Rows = append(b.Rows, *row)
 	}
+	for _, row := range l.hours {
+		b.Hours = append(b.Hours, *row)
+	}
 	clear(l.pending)
+	clear(l.hours)
 	l.mu.Unlock()
 
 	err := l.write(ctx, st, b)
@@ -386,6 +416,13 @@ func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
 			default:
 				return fmt.Errorf("writing usage: %w", err)
 			}
+		}
+		hours, whyHours, err := addHours(ctx, tx, b.Hours, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(hours) > 0 {
+			refused, why = append(refused, hours...), whyHours
 		}
 		return nil
 	})

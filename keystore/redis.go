@@ -37,6 +37,11 @@ import (
 //	                         "…\x00reasoning", "…\x00cost" (micro-units
 //	                         of the currency; missing in rows of older
 //	                         versions); expires after usageTTL
+//	vgt:usage-hour:<hour>    hash of every client's usage in a UTC hour
+//	                         (YYYY-MM-DDTHH): "<len(client)>:<client>
+//	                         <model>\x00requests" and the other five as
+//	                         above; expires HourRetention after its
+//	                         last write
 //	vgt:signing              hash: a field for each signing key, its ID,
 //	                         holding 8 bytes of its created time (unix ms,
 //	                         big-endian), then its 32-byte Ed25519 seed
@@ -58,6 +63,9 @@ const (
 	redisCounterKey  = "vgt:keys:counter"
 	redisEpochKey    = "vgt:keys:epoch"
 	redisUsagePrefix = "vgt:usage:"
+	// redisHourPrefix names the hash of every client's usage in an
+	// hour; the script above spells it too.
+	redisHourPrefix = "vgt:usage-hour:"
 	redisSigningKey  = "vgt:signing"
 	// redisWriterPrefix names a ledger's last applied batch sequence.
 	redisWriterPrefix = "vgt:usage-writer:"
@@ -148,8 +156,9 @@ redis.call('ZADD', KEYS[2], seq, ARGV[2])
 return 'ok'`)
 
 	// addUsageScript adds a ledger batch once. KEYS: the writer's
-	// sequence key, then the days' usage hashes. ARGV: the batch's
-	// sequence, the usage TTL and the writer TTL in seconds, then for
+	// sequence key, then the days' and hours' usage hashes. ARGV: the
+	// batch's sequence, the usage TTL, the writer TTL and the hours'
+	// TTL in seconds, then for
 	// each row the index of its hash in KEYS and six field and
 	// increment pairs; a zero increment writes nothing. It returns 0 for
 	// a batch applied before, else 1 and the numbers (from 0) of the rows
@@ -159,6 +168,7 @@ return 'ok'`)
 	// hold a negative count), where HINCRBY would fail the script halfway.
 	addUsageScript = redis.NewScript(`
 local MAX = '9223372036854775807'
+local HOURS = 'vgt:usage-hour:'
 local function isInteger(v)
 	if not v then
 		return true
@@ -194,7 +204,7 @@ if tonumber(ARGV[1]) <= last then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 local result, written = {1}, {}
-for i = 4, #ARGV, 13 do
+for i = 5, #ARGV, 13 do
 	local k = KEYS[tonumber(ARGV[i])]
 	if writable(k, i) then
 		for j = i + 1, i + 11, 2 do
@@ -207,11 +217,15 @@ for i = 4, #ARGV, 13 do
 		end
 		written[k] = true
 	else
-		result[#result+1] = (i - 4) / 13
+		result[#result+1] = (i - 5) / 13
 	end
 end
 for k in pairs(written) do
-	redis.call('EXPIRE', k, ARGV[2])
+	if string.sub(k, 1, #HOURS) == HOURS then
+		redis.call('EXPIRE', k, ARGV[4])
+	else
+		redis.call('EXPIRE', k, ARGV[2])
+	end
 end
 return result`)
 
@@ -536,38 +550,45 @@ func (s *Redis) TouchLastUsed(ctx context.Context, used map[string]time.Time) er
 // writer's last applied sequence: a batch retried after its answer was
 // lost (Redis applied it, then the connection broke) is not counted again.
 func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
-	if len(b.Rows) == 0 {
+	if len(b.Rows) == 0 && len(b.Hours) == 0 {
 		return nil
 	}
 	keys := []string{redisWriterPrefix + b.Writer}
 	index := make(map[string]int)
-	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second)}
-	for _, r := range b.Rows {
-		k := usageKey(r.Client, r.Day)
+	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second), int64(HourRetention / time.Second)}
+	add := func(k, prefix string, r UsageRow) {
 		i, ok := index[k]
 		if !ok {
 			keys = append(keys, k)
 			i = len(keys)
 			index[k] = i
 		}
+		prefix += r.Model
 		args = append(args, i,
-			r.Model+"\x00requests", r.Requests,
-			r.Model+"\x00prompt", r.PromptTokens,
-			r.Model+"\x00completion", r.CompletionTokens,
-			r.Model+"\x00cached", r.CachedTokens,
-			r.Model+"\x00reasoning", r.ReasoningTokens,
-			r.Model+"\x00cost", r.Cost)
+			prefix+"\x00requests", r.Requests,
+			prefix+"\x00prompt", r.PromptTokens,
+			prefix+"\x00completion", r.CompletionTokens,
+			prefix+"\x00cached", r.CachedTokens,
+			prefix+"\x00reasoning", r.ReasoningTokens,
+			prefix+"\x00cost", r.Cost)
 	}
+	for _, r := range b.Rows {
+		add(usageKey(r.Client, r.Day), "", r)
+	}
+	for _, r := range b.Hours {
+		add(redisHourPrefix+r.Day, hourField(r.Client), r)
+	}
+	all := append(b.Rows[:len(b.Rows):len(b.Rows)], b.Hours...)
 	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
 	switch {
 	case rediserr.Refused(err):
-		return &RefusedError{Rows: b.Rows, Err: fmt.Errorf("writing usage: %w", err)}
+		return &RefusedError{Rows: all, Err: fmt.Errorf("writing usage: %w", err)}
 	case err != nil:
 		return fmt.Errorf("writing usage: %w", err)
 	case len(res) > 1:
 		refused := make([]UsageRow, 0, len(res)-1)
 		for _, i := range res[1:] {
-			refused = append(refused, b.Rows[i])
+			refused = append(refused, all[i])
 		}
 		return &RefusedError{Rows: refused, Err: errors.New("writing usage: a usage key that is not a hash, or a field that is not an integer")}
 	}
@@ -625,20 +646,7 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 				row = &UsageRow{Client: client, Day: d, Model: model}
 				byModel[model] = row
 			}
-			switch field[sep+1:] {
-			case "requests":
-				row.Requests = n
-			case "prompt":
-				row.PromptTokens = n
-			case "completion":
-				row.CompletionTokens = n
-			case "cached":
-				row.CachedTokens = n
-			case "reasoning":
-				row.ReasoningTokens = n
-			case "cost":
-				row.Cost = n
-			}
+			setFigure(row, field[sep+1:], n)
 		}
 		for _, model := range slices.Sorted(maps.Keys(byModel)) {
 			out = append(out, *byModel[model])
@@ -701,6 +709,24 @@ func (s *Redis) RemoveSigningKey(ctx context.Context, id string) error {
 // Close closes the connections.
 func (s *Redis) Close() error {
 	return s.client.Close()
+}
+
+// setFigure sets the figure of row that a usage hash's field names.
+func setFigure(row *UsageRow, figure string, n int64) {
+	switch figure {
+	case "requests":
+		row.Requests = n
+	case "prompt":
+		row.PromptTokens = n
+	case "completion":
+		row.CompletionTokens = n
+	case "cached":
+		row.CachedTokens = n
+	case "reasoning":
+		row.ReasoningTokens = n
+	case "cost":
+		row.Cost = n
+	}
 }
 
 // usageKey names the hash of a client's usage on a day. The day has a

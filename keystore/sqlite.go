@@ -62,6 +62,8 @@ var migrations = []string{
 	// 7: a key's own settings, as JSON (see Settings); '' for none, which
 	// is what the keys of older versions get.
 	`ALTER TABLE keys ADD COLUMN settings TEXT NOT NULL DEFAULT '';`,
+	// 8: the ledger's hourly rows, for the dashboard.
+	ledgerHoursSchema,
 }
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, settings, seq`

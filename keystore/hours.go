@@ -1,0 +1,246 @@
+package keystore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// HourRetention is how long the ledger's hourly rows are kept: the
+// dashboard's 30 days, and a whole calendar month (at most 31 days)
+// with a day to spare. The daily rows are kept far longer (SQLite:
+// forever; Redis: 400 days after their last write).
+const HourRetention = 32 * 24 * time.Hour
+
+// hourLayout is the ledger's UTC hour: YYYY-MM-DDTHH.
+const hourLayout = "2006-01-02T15"
+
+// Hour formats t as the ledger's UTC hour, YYYY-MM-DDTHH.
+func Hour(t time.Time) string { return t.UTC().Format(hourLayout) }
+
+// ParseHour reads an hour that Hour wrote.
+func ParseHour(s string) (time.Time, error) { return time.Parse(hourLayout, s) }
+
+// HourStore is a UsageStore that also keeps the batches' Hours, for the
+// dashboard's charts. Both stores implement it.
+type HourStore interface {
+	// UsageHours returns the hourly rows (Day holding the hour) of hour
+	// and later, of every client when client is "", else of that client.
+	UsageHours(ctx context.Context, client, hour string) ([]UsageRow, error)
+}
+
+// errNoHours is the error of Hours on a store that keeps no hourly rows.
+var errNoHours = errors.New("the key store keeps no hourly usage")
+
+// Hours returns the hourly rows (Day holding the UTC hour) since the
+// hour of since, stored and pending together, of every client when
+// client is "", ordered by hour, client and model. Rows older than
+// HourRetention are gone.
+func (l *Ledger) Hours(ctx context.Context, client string, since time.Time) ([]UsageRow, error) {
+	hour := Hour(since)
+	keep := func(r UsageRow) bool { return (client == "" || r.Client == client) && r.Day >= hour }
+	l.mu.Lock()
+	st := l.store
+	var pending []UsageRow
+	for _, row := range l.hours {
+		if keep(*row) {
+			pending = append(pending, *row)
+		}
+	}
+	if l.unsure != nil {
+		for _, row := range l.unsure.Hours {
+			if keep(row) {
+				pending = append(pending, row)
+			}
+		}
+	}
+	l.mu.Unlock()
+	hs, ok := st.(HourStore)
+	if !ok {
+		return nil, errNoHours
+	}
+	rows, err := hs.UsageHours(ctx, client, hour)
+	if err != nil {
+		return nil, err
+	}
+	if len(pending) > 0 {
+		type k struct{ client, hour, model string }
+		at := make(map[k]int, len(rows))
+		for i, r := range rows {
+			at[k{r.Client, r.Day, r.Model}] = i
+		}
+		for _, p := range pending {
+			if i, ok := at[k{p.Client, p.Day, p.Model}]; ok {
+				rows[i].Add(p)
+				continue
+			}
+			at[k{p.Client, p.Day, p.Model}] = len(rows)
+			rows = append(rows, p)
+		}
+	}
+	sort.Slice(rows, func(i, j int) bool {
+		a, b := rows[i], rows[j]
+		if a.Day != b.Day {
+			return a.Day < b.Day
+		}
+		if a.Client != b.Client {
+			return a.Client < b.Client
+		}
+		return a.Model < b.Model
+	})
+	return rows, nil
+}
+
+// ledgerHoursSchema is the SQLite migration that adds the hourly rows
+// of the ledger, kept HourRetention.
+const ledgerHoursSchema = `CREATE TABLE usage_hours (
+		hour              TEXT NOT NULL,
+		client            TEXT NOT NULL,
+		model             TEXT NOT NULL,
+		requests          INTEGER NOT NULL,
+		prompt_tokens     INTEGER NOT NULL,
+		completion_tokens INTEGER NOT NULL,
+		cached_tokens     INTEGER NOT NULL,
+		reasoning_tokens  INTEGER NOT NULL,
+		cost              INTEGER NOT NULL,
+		PRIMARY KEY (hour, client, model)
+	) STRICT, WITHOUT ROWID;`
+
+// addHourSQL adds an hourly row, each sum saturating as addUsageSQL's.
+var addHourSQL = strings.NewReplacer("INSERT INTO usage (client, day,", "INSERT INTO usage_hours (client, hour,",
+	"(client, day, model)", "(hour, client, model)").Replace(addUsageSQL)
+
+// addHours writes the hourly rows in tx and drops those older than
+// HourRetention, returning the rows SQLite refused and why.
+func addHours(ctx context.Context, tx *sql.Tx, rows []UsageRow, now time.Time) ([]UsageRow, error, error) {
+	if _, err := tx.ExecContext(ctx, `DELETE FROM usage_hours WHERE hour < ?`, Hour(now.Add(-HourRetention))); err != nil {
+		return nil, nil, fmt.Errorf("dropping old hourly usage: %w", err)
+	}
+	if len(rows) == 0 {
+		return nil, nil, nil
+	}
+	stmt, err := tx.PrepareContext(ctx, addHourSQL)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer stmt.Close()
+	var refused []UsageRow
+	var why error
+	for _, r := range rows {
+		_, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost)
+		switch {
+		case err == nil:
+		case refusesRow(err):
+			refused, why = append(refused, r), err
+		default:
+			return nil, nil, fmt.Errorf("writing hourly usage: %w", err)
+		}
+	}
+	return refused, why, nil
+}
+
+// UsageHours implements HourStore.
+func (s *SQLite) UsageHours(ctx context.Context, client, hour string) ([]UsageRow, error) {
+	q := `SELECT client, hour, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
+		FROM usage_hours WHERE hour >= ?`
+	args := []any{hour}
+	if client != "" {
+		q += ` AND client = ?`
+		args = append(args, client)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading hourly usage: %w", err)
+	}
+	defer rows.Close()
+	var out []UsageRow
+	for rows.Next() {
+		var r UsageRow
+		if err := rows.Scan(&r.Client, &r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost); err != nil {
+			return nil, fmt.Errorf("reading hourly usage: %w", err)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// hourField is how a client begins its fields in an hour's Redis hash:
+// its length, so that no client and model can be read as another's.
+func hourField(client string) string { return strconv.Itoa(len(client)) + ":" + client }
+
+// UsageHours implements HourStore. It reads each hour from hour to the
+// next (another instance's clock may be ahead), at most HourRetention
+// back, in one round trip; a client's rows are read out of every
+// client's.
+func (s *Redis) UsageHours(ctx context.Context, client, hour string) ([]UsageRow, error) {
+	from, err := ParseHour(hour)
+	if err != nil {
+		return nil, fmt.Errorf("reading hourly usage: %w: hour '%s' is not YYYY-MM-DDTHH", ErrInvalid, hour)
+	}
+	now := time.Now().UTC().Truncate(time.Hour)
+	if oldest := now.Add(-HourRetention); from.Before(oldest) {
+		from = oldest
+	}
+	var hours []string
+	for h := from; !h.After(now.Add(time.Hour)); h = h.Add(time.Hour) {
+		hours = append(hours, Hour(h))
+	}
+	cmds := make([]*redis.MapStringStringCmd, len(hours))
+	_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, h := range hours {
+			cmds[i] = p.HGetAll(ctx, redisHourPrefix+h)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading hourly usage: %w", err)
+	}
+	var out []UsageRow
+	for i, h := range hours {
+		type k struct{ client, model string }
+		rows := make(map[k]*UsageRow)
+		for field, v := range cmds[i].Val() {
+			c, model, metric, ok := splitHourField(field)
+			if !ok || client != "" && c != client {
+				continue
+			}
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("reading hourly usage of %s: %w", h, err)
+			}
+			row := rows[k{c, model}]
+			if row == nil {
+				row = &UsageRow{Client: c, Day: h, Model: model}
+				rows[k{c, model}] = row
+			}
+			setFigure(row, metric, n)
+		}
+		for _, r := range rows {
+			out = append(out, *r)
+		}
+	}
+	return out, nil
+}
+
+// splitHourField reads a field of an hour's hash: its client, model and
+// figure.
+func splitHourField(field string) (client, model, metric string, ok bool) {
+	colon := strings.IndexByte(field, ':')
+	sep := strings.LastIndexByte(field, 0)
+	if colon < 0 || sep < 0 {
+		return "", "", "", false
+	}
+	n, err := strconv.Atoi(field[:colon])
+	if err != nil || n < 0 || colon+1+n > sep {
+		return "", "", "", false
+	}
+	rest := field[colon+1:]
+	return rest[:n], rest[n : sep-colon-1], field[sep+1:], true
+}
