@@ -116,9 +116,9 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 // maxAdminBody bounds the body of a key creation.
 const maxAdminBody = 64 << 10
 
-// keyJSON is a key in admin API answers. Secret is set only when one was
-// just made.
-type keyJSON struct {
+// KeyInfo is a key in the admin API's and the dashboard's answers:
+// never its hash. Secret is set only when one was just made.
+type KeyInfo struct {
 	ID       string     `json:"id"`
 	Name     string     `json:"name"`
 	Tier     string     `json:"tier"`
@@ -132,14 +132,15 @@ type keyJSON struct {
 	Secret   string     `json:"secret,omitempty"`
 }
 
-func newKeyJSON(r Record, now time.Time) keyJSON {
+// NewKeyInfo returns the answer's view of r at now.
+func NewKeyInfo(r Record, now time.Time) KeyInfo {
 	opt := func(t time.Time) *time.Time {
 		if t.IsZero() {
 			return nil
 		}
 		return &t
 	}
-	k := keyJSON{
+	k := KeyInfo{
 		ID: r.ID, Name: r.Name, Tier: r.Tier, State: r.State(now), Created: r.Created,
 		Expires: opt(r.Expires), Revoked: opt(r.Revoked), LastUsed: opt(r.LastUsed), Mint: r.Mint,
 	}
@@ -190,9 +191,9 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
 	}
 	now := time.Now()
-	keys := make([]keyJSON, 0, len(recs))
+	keys := make([]KeyInfo, 0, len(recs))
 	for _, rec := range recs {
-		keys = append(keys, newKeyJSON(rec, now))
+		keys = append(keys, NewKeyInfo(rec, now))
 	}
 	return writeJSON(w, http.StatusOK, keys)
 }
@@ -220,13 +221,10 @@ func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	rec, secret, err := Create(r.Context(), svc.Store(), Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
+	out, err := svc.CreateKey(r.Context(), Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
 	if err != nil {
 		return storeError(err)
 	}
-	svc.changed()
-	out := newKeyJSON(rec, now)
-	out.Secret = secret
 	return writeJSON(w, http.StatusCreated, out)
 }
 
@@ -239,7 +237,7 @@ func (adminAPI) get(w http.ResponseWriter, r *http.Request, id string) error {
 	if err != nil {
 		return storeError(err)
 	}
-	return writeJSON(w, http.StatusOK, newKeyJSON(rec, time.Now()))
+	return writeJSON(w, http.StatusOK, NewKeyInfo(rec, time.Now()))
 }
 
 // patch changes the settings of the key id; see adminAPI.
@@ -253,19 +251,11 @@ func (adminAPI) patch(w http.ResponseWriter, r *http.Request, id string) error {
 	if err != nil {
 		return err
 	}
-	st := svc.Store()
-	rec, err := st.Get(r.Context(), id)
+	out, err := svc.PatchKey(r.Context(), id, patch, time.Now())
 	if err != nil {
 		return storeError(err)
 	}
-	if err := patchSettings(&rec.Settings, patch); err != nil {
-		return storeError(err)
-	}
-	if err := SetSettings(r.Context(), st, id, rec.Settings); err != nil {
-		return storeError(err)
-	}
-	svc.changed()
-	return writeJSON(w, http.StatusOK, newKeyJSON(rec, time.Now()))
+	return writeJSON(w, http.StatusOK, out)
 }
 
 func (adminAPI) revoke(w http.ResponseWriter, r *http.Request, id string) error {
@@ -273,17 +263,11 @@ func (adminAPI) revoke(w http.ResponseWriter, r *http.Request, id string) error 
 	if err != nil {
 		return err
 	}
-	st := svc.Store()
-	now := time.Now()
-	if err := st.Revoke(r.Context(), id, now); err != nil {
-		return storeError(err)
-	}
-	svc.changed()
-	rec, err := st.Get(r.Context(), id)
+	out, err := svc.RevokeKey(r.Context(), id, time.Now())
 	if err != nil {
 		return storeError(err)
 	}
-	return writeJSON(w, http.StatusOK, newKeyJSON(rec, now))
+	return writeJSON(w, http.StatusOK, out)
 }
 
 func (adminAPI) rotate(w http.ResponseWriter, r *http.Request, id string) error {
@@ -291,33 +275,30 @@ func (adminAPI) rotate(w http.ResponseWriter, r *http.Request, id string) error 
 	if err != nil {
 		return err
 	}
-	st := svc.Store()
-	secret, err := Rotate(r.Context(), st, id)
+	out, err := svc.RotateKey(r.Context(), id, time.Now())
 	if err != nil {
 		return storeError(err)
 	}
-	svc.changed()
-	rec, err := st.Get(r.Context(), id)
-	if err != nil {
-		return storeError(err)
-	}
-	out := newKeyJSON(rec, time.Now())
-	out.Secret = secret
 	return writeJSON(w, http.StatusOK, out)
 }
 
 // storeError maps a store or Create error to its status.
 func storeError(err error) error {
-	status := http.StatusInternalServerError
+	return caddy.APIError{HTTPStatus: ErrorStatus(err), Err: err}
+}
+
+// ErrorStatus is the HTTP status of an error of a key operation: 404,
+// 409 (revoked), 400 (invalid attributes) or 500.
+func ErrorStatus(err error) int {
 	switch {
 	case errors.Is(err, ErrNotFound):
-		status = http.StatusNotFound
+		return http.StatusNotFound
 	case errors.Is(err, ErrRevoked):
-		status = http.StatusConflict
+		return http.StatusConflict
 	case errors.Is(err, ErrInvalid):
-		status = http.StatusBadRequest
+		return http.StatusBadRequest
 	}
-	return caddy.APIError{HTTPStatus: status, Err: err}
+	return http.StatusInternalServerError
 }
 
 func methodNotAllowed(w http.ResponseWriter, r *http.Request, allowed ...string) error {

@@ -94,7 +94,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	if header.Get("Cache-Control") != "no-store" {
 		t.Error("an answer with a secret may be cached")
 	}
-	created := decode[keyJSON](t, body)
+	created := decode[KeyInfo](t, body)
 	if !ValidSecret(created.Secret) || !strings.HasPrefix(created.ID, "key_") || created.Name != "from admin" ||
 		created.Tier != "pro" || created.State != StateActive || created.Expires == nil ||
 		created.Expires.Sub(created.Created) != 720*time.Hour {
@@ -106,7 +106,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	})
 
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys", "")
-	keys := decode[[]keyJSON](t, body)
+	keys := decode[[]KeyInfo](t, body)
 	if status != http.StatusOK || len(keys) != 1 || keys[0].ID != created.ID || keys[0].Secret != "" {
 		t.Errorf("GET /vigthoria/keys: %d %s", status, body)
 	}
@@ -117,12 +117,12 @@ func TestAdminManagesKeys(t *testing.T) {
 		}
 	}
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if one := decode[keyJSON](t, body); status != http.StatusOK || one.ID != created.ID || strings.Contains(body, created.Secret) {
+	if one := decode[KeyInfo](t, body); status != http.StatusOK || one.ID != created.ID || strings.Contains(body, created.Secret) {
 		t.Errorf("GET one key: %d %s", status, body)
 	}
 
 	status, body, _ = call(t, srv, http.MethodPost, "/vigthoria/keys/"+created.ID+"/rotate", "")
-	rotated := decode[keyJSON](t, body)
+	rotated := decode[KeyInfo](t, body)
 	if status != http.StatusOK || !ValidSecret(rotated.Secret) || rotated.Secret == created.Secret || rotated.ID != created.ID {
 		t.Fatalf("rotate: %d %s", status, body)
 	}
@@ -133,7 +133,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	})
 
 	status, body, _ = call(t, srv, http.MethodDelete, "/vigthoria/keys/"+created.ID, "")
-	if revoked := decode[keyJSON](t, body); status != http.StatusOK || revoked.State != StateRevoked || revoked.Revoked == nil {
+	if revoked := decode[KeyInfo](t, body); status != http.StatusOK || revoked.State != StateRevoked || revoked.Revoked == nil {
 		t.Errorf("DELETE: %d %s", status, body)
 	}
 	within(t, "revocation takes effect", func() bool { _, ok := s.Identify(rotated.Secret, time.Now()); return !ok })
@@ -174,7 +174,7 @@ func TestAdminManagesKeys(t *testing.T) {
 			}
 		})
 	}
-	if _, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", ""); len(decode[[]keyJSON](t, body)) != 1 {
+	if _, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", ""); len(decode[[]KeyInfo](t, body)) != 1 {
 		t.Errorf("refused creations stored keys: %s", body)
 	}
 }
@@ -186,7 +186,7 @@ func TestAdminCreatesMinter(t *testing.T) {
 	if status != http.StatusCreated {
 		t.Fatalf("POST /vigthoria/keys: %d %s", status, body)
 	}
-	created := decode[keyJSON](t, body)
+	created := decode[KeyInfo](t, body)
 	if want := []string{"basic", "free"}; !slices.Equal(created.Mint, want) {
 		t.Errorf("created key mints %q, want %q", created.Mint, want)
 	}
@@ -194,7 +194,7 @@ func TestAdminCreatesMinter(t *testing.T) {
 		t.Errorf("stored key mints %q (%v), want %q", rec.Mint, err, created.Mint)
 	}
 	_, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if got := decode[keyJSON](t, body); !slices.Equal(got.Mint, created.Mint) {
+	if got := decode[KeyInfo](t, body); !slices.Equal(got.Mint, created.Mint) {
 		t.Errorf("GET shows the key minting %q, want %q", got.Mint, created.Mint)
 	}
 
@@ -218,7 +218,7 @@ func TestAdminChoosesAmongStores(t *testing.T) {
 	if status != http.StatusCreated {
 		t.Fatalf("POST with ?store: %d %s", status, body)
 	}
-	secret := decode[keyJSON](t, body).Secret
+	secret := decode[KeyInfo](t, body).Secret
 	within(t, "the key reaches the chosen store", func() bool { _, ok := b.Identify(secret, time.Now()); return ok })
 	if _, ok := a.Identify(secret, time.Now()); ok {
 		t.Error("the key reached the other store")

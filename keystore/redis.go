@@ -66,7 +66,7 @@ const (
 	// redisHourPrefix names the hash of every client's usage in an
 	// hour; the script above spells it too.
 	redisHourPrefix = "vgt:usage-hour:"
-	redisSigningKey  = "vgt:signing"
+	redisSigningKey = "vgt:signing"
 	// redisWriterPrefix names a ledger's last applied batch sequence.
 	redisWriterPrefix = "vgt:usage-writer:"
 
