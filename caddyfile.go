@@ -125,14 +125,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Unpriced = v
 		case "store":
 			args := d.RemainingArgs()
-			switch {
-			case len(args) == 1 && args[0] == "sqlite":
-				// the default file
-			case len(args) == 2 && args[0] == "sqlite":
-				h.Store = "sqlite:" + args[1]
-			case len(args) == 2 && args[0] == "redis":
-				h.Store = args[1]
-			default:
+			var ok bool
+			if h.Store, ok = keystore.StoreArgs(args); !ok {
 				return d.Errf("store takes 'sqlite [<path>]' or 'redis <url>', got '%s'", strings.Join(args, " "))
 			}
 		case "identity":

@@ -503,20 +503,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Store == "" {
 		h.Store = "sqlite:" + keystore.DefaultSQLitePath()
 	}
-	spec := caddy.NewReplacer().ReplaceAll(h.Store, "")
-	kind, _, err := keystore.ParseSpec(spec)
+	spec, kind, err := storeSpec(h.Store)
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	svc, _, err := keyServices.LoadOrNew(spec, func() (caddy.Destructor, error) {
-		svc, err := keystore.NewService(spec, caddy.Log().Named("vigthoria.keystore"))
-		return keyService{svc}, err
-	})
-	if err != nil {
+	if h.keys, err = loadKeyService(spec); err != nil {
 		return fmt.Errorf("key store: %w", err)
 	}
 	h.storeSpec = spec
-	h.keys = svc.(keyService).Service
 
 	if h.MaxTokenTTL == 0 {
 		h.MaxTokenTTL = caddy.Duration(DefaultMaxTokenTTL)

@@ -533,3 +533,18 @@ func displaySpec(kind, target string) string {
 	}
 	return kind + ":" + target
 }
+
+// StoreArgs reads the arguments of a Caddyfile's store subdirective,
+// `sqlite [<path>]` or `redis <url>`, into a store spec: "" for the
+// default store. It returns false for anything else.
+func StoreArgs(args []string) (spec string, ok bool) {
+	switch {
+	case len(args) == 1 && args[0] == "sqlite":
+		return "", true
+	case len(args) == 2 && args[0] == "sqlite":
+		return "sqlite:" + args[1], true
+	case len(args) == 2 && args[0] == "redis":
+		return args[1], true
+	}
+	return "", false
+}

@@ -1,0 +1,138 @@
+package vigthoria
+
+import (
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/vigthoria/caddy-vigthoria/dashboard"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+)
+
+// storeSpec resolves a handler's store as configured into the key of its
+// service in keyServices: placeholders resolved, the default filled in.
+func storeSpec(store string) (spec, kind string, err error) {
+	if store == "" {
+		store = "sqlite:" + keystore.DefaultSQLitePath()
+	}
+	spec = caddy.NewReplacer().ReplaceAll(store, "")
+	kind, _, err = keystore.ParseSpec(spec)
+	return spec, kind, err
+}
+
+// loadKeyService returns the shared service of spec, counting one more
+// user of it: keyServices.Delete(spec) gives it back.
+func loadKeyService(spec string) (*keystore.Service, error) {
+	svc, _, err := keyServices.LoadOrNew(spec, func() (caddy.Destructor, error) {
+		svc, err := keystore.NewService(spec, caddy.Log().Named("vigthoria.keystore"))
+		return keyService{svc}, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return svc.(keyService).Service, nil
+}
+
+// KeyService implements dashboard.Source.
+func (*App) KeyService(store string) (*keystore.Service, string, func() error, error) {
+	spec, _, err := storeSpec(store)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	svc, err := loadKeyService(spec)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	release := func() error {
+		_, err := keyServices.Delete(spec)
+		return err
+	}
+	return svc, spec, release, nil
+}
+
+// Policy implements dashboard.Source: the first handler of the store's.
+func (a *App) Policy(spec string) dashboard.Policy {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, h := range a.handlers {
+		if h.storeSpec == spec {
+			return handlerPolicy{h}
+		}
+	}
+	return nil
+}
+
+// Counters implements dashboard.Source from the module's metrics.
+func (*App) Counters() dashboard.Counters {
+	c := dashboard.Counters{Refused: make(map[string]int64)}
+	ch := make(chan prometheus.Metric, 64)
+	go func() {
+		metrics.requests.Collect(ch)
+		close(ch)
+	}()
+	for m := range ch {
+		var d dto.Metric
+		if m.Write(&d) != nil {
+			continue
+		}
+		n := int64(d.GetCounter().GetValue())
+		c.Requests += n
+		for _, l := range d.GetLabel() {
+			if reason, ok := strings.CutPrefix(l.GetValue(), "refused_"); ok && l.GetName() == "outcome" {
+				c.Refused[reason] += n
+			}
+		}
+	}
+	var g dto.Metric
+	if metrics.activeStreams.Write(&g) == nil {
+		c.Streams = int64(g.GetGauge().GetValue())
+	}
+	return c
+}
+
+// handlerPolicy is a vigthoria handler's tiers and prices.
+type handlerPolicy struct{ h *Handler }
+
+func (p handlerPolicy) Tiers() []string {
+	names := make([]string, 0, len(p.h.Tiers))
+	for name := range p.h.Tiers {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return names
+}
+
+func (p handlerPolicy) Currency() string {
+	if len(p.h.prices) == 0 {
+		return ""
+	}
+	return p.h.Currency
+}
+
+func (p handlerPolicy) Limits(tier string, s *keystore.Settings) (dashboard.Limits, bool) {
+	t := p.h.tierFor(tier, s)
+	if t == nil {
+		return dashboard.Limits{}, false
+	}
+	l := dashboard.Limits{Concurrent: t.Concurrent, Models: t.Models, MaxTokens: t.MaxTokens}
+	if r := t.Requests; r != nil {
+		l.Requests = &keystore.Rate{N: r.N, Window: time.Duration(r.Window), Burst: r.Burst}
+	}
+	if r := t.Tokens; r != nil {
+		l.Tokens = &keystore.Rate{N: r.N, Window: time.Duration(r.Window), Burst: r.Burst}
+	}
+	if q := t.Quota; q != nil {
+		l.Quota = &keystore.Amount{N: q.N, Period: q.Period}
+	}
+	if b := &t.budget.Quota; !b.Unlimited() {
+		l.Budget = &keystore.Amount{N: b.N, Period: b.Period.String()}
+	}
+	return l, true
+}
+
+// Interface guards
+var _ dashboard.Source = (*App)(nil)

@@ -1,0 +1,66 @@
+package dashboard
+
+import (
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+)
+
+func init() {
+	caddy.RegisterModule(new(Handler))
+	httpcaddyfile.RegisterHandlerDirective("vigthoria_dashboard", parseCaddyfile)
+	// After the authentication handlers (basic_auth, then forward_auth),
+	// so that only an operator they let through reaches it.
+	httpcaddyfile.RegisterDirectiveOrder("vigthoria_dashboard", httpcaddyfile.After, "forward_auth")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	vigthoria_dashboard {
+//		store sqlite [<path>] | redis <url>   # default: the default store
+//		user  <placeholder>                   # default {http.auth.user.id}
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive's name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := make(map[string]bool)
+	for d.NextBlock(0) {
+		name := d.Val()
+		if seen[name] {
+			return d.Errf("repeated subdirective '%s'", name)
+		}
+		seen[name] = true
+		args := d.RemainingArgs()
+		switch name {
+		case "store":
+			var ok bool
+			if h.Store, ok = keystore.StoreArgs(args); !ok {
+				return d.Errf("store takes 'sqlite [<path>]' or 'redis <url>', got '%s'", strings.Join(args, " "))
+			}
+		case "user":
+			if len(args) != 1 {
+				return d.Errf("user takes one placeholder, got '%s'", strings.Join(args, " "))
+			}
+			h.User = args[0]
+		default:
+			return d.Errf("unknown subdirective '%s'", name)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

@@ -1,0 +1,269 @@
+package tests
+
+import (
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/cdproto/network"
+	"github.com/chromedp/chromedp"
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+)
+
+// dashboardUser and dashboardPassword are the operator basic_auth lets in.
+const dashboardUser, dashboardPassword = "admin", "correct horse battery staple"
+
+// startDashboard starts Caddy with the dashboard under /dashboard/,
+// behind basic_auth, beside a vigthoria handler on the same store with
+// prices, so that costs are shown.
+func startDashboard(t *testing.T) *env {
+	t.Helper()
+	up := standin.New(standin.Options{APIKey: serverKey})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	e := newEnv(t, up, srv)
+	hash, err := bcrypt.GenerateFromPassword([]byte(dashboardPassword), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := strings.Replace(e.store, ":", " ", 1)
+	site := fmt.Sprintf(`	handle_path /dashboard/* {
+		basic_auth {
+			%s %s
+		}
+		vigthoria_dashboard {
+			store %s
+		}
+	}
+`, dashboardUser, hash, store) + vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}",
+		"store "+store, "tier free {\n\t\t\trequests 600/1m\n\t\t\tquota 1000000/month\n\t\t}",
+		"tier pro {\n\t\t\tquota 5000000/month\n\t\t\tbudget 50/month\n\t\t}",
+		"prices {\n\t\t\tvigthoria-* input 0.50 output 1.50\n\t\t}")
+	e.caddy = harness.StartCaddy(t, site)
+	e.client = newClient(e.caddy.URL, e.key)
+	return e
+}
+
+// basicAuth is the Authorization header of the dashboard's operator.
+func basicAuth() string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte(dashboardUser+":"+dashboardPassword))
+}
+
+// dashboardToken reads the CSRF token from the dashboard's page.
+func dashboardToken(t *testing.T, e *env) string {
+	t.Helper()
+	res := e.do(t, http.MethodGet, "/dashboard/", nil, http.Header{"Authorization": {basicAuth()}})
+	body, _ := io.ReadAll(res.Body)
+	m := regexp.MustCompile(`name="csrf-token" content="([^"]+)"`).FindSubmatch(body)
+	if res.StatusCode != http.StatusOK || m == nil {
+		t.Fatalf("the page: %d %s, want 200 with a CSRF token", res.StatusCode, body)
+	}
+	for name, want := range map[string]string{
+		"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+		"X-Frame-Options":         "DENY",
+		"X-Content-Type-Options":  "nosniff",
+		"Referrer-Policy":         "no-referrer",
+	} {
+		if got := res.Header.Get(name); got != want {
+			t.Errorf("the page's %s is %q, want %q", name, got, want)
+		}
+	}
+	return string(m[1])
+}
+
+// TestDashboardRefusals checks, over HTTP, that the dashboard needs
+// basic_auth, that its JSON needs the CSRF token, and that a change
+// needs a same-origin JSON request besides.
+func TestDashboardRefusals(t *testing.T) {
+	e := startDashboard(t)
+	if res := e.do(t, http.MethodGet, "/dashboard/", nil, http.Header{"Authorization": nil}); res.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("the page without credentials: %d, want basic_auth's 401", res.StatusCode)
+	}
+	token := dashboardToken(t, e)
+	origin := e.caddy.URL
+	create := `{"name":"x","tier":"free"}`
+	for _, c := range []struct {
+		name, method, path, body string
+		header                   http.Header
+		want                     int
+	}{
+		{"GET without the token", "GET", "keys", "", nil, 403},
+		{"GET with a wrong token", "GET", "overview", "", http.Header{"X-Csrf-Token": {token + "x"}}, 403},
+		{"POST without the token", "POST", "keys", create, http.Header{"Origin": {origin}, "Content-Type": {"application/json"}}, 403},
+		{"DELETE without the token", "DELETE", "keys/key_x", "", http.Header{"Origin": {origin}}, 403},
+		{"POST from another site", "POST", "keys", create, http.Header{"X-Csrf-Token": {token}, "Origin": {origin}, "Sec-Fetch-Site": {"cross-site"}, "Content-Type": {"application/json"}}, 403},
+		{"POST from another origin", "POST", "keys", create, http.Header{"X-Csrf-Token": {token}, "Origin": {"http://evil.example"}, "Content-Type": {"application/json"}}, 403},
+		{"POST without Origin", "POST", "keys", create, http.Header{"X-Csrf-Token": {token}, "Content-Type": {"application/json"}}, 403},
+		{"POST of a form", "POST", "keys", "name=x&tier=free", http.Header{"X-Csrf-Token": {token}, "Origin": {origin}, "Content-Type": {"application/x-www-form-urlencoded"}}, 415},
+		{"GET with the token", "GET", "keys", "", http.Header{"X-Csrf-Token": {token}}, 200},
+		{"POST same-origin JSON", "POST", "keys", create, http.Header{"X-Csrf-Token": {token}, "Origin": {origin}, "Sec-Fetch-Site": {"same-origin"}, "Content-Type": {"application/json"}}, 201},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := http.Header{"Authorization": {basicAuth()}}
+			for k, v := range c.header {
+				h[k] = v
+			}
+			res := e.do(t, c.method, "/dashboard/api/"+c.path, strings.NewReader(c.body), h)
+			body, _ := io.ReadAll(res.Body)
+			if res.StatusCode != c.want {
+				t.Fatalf("got %d %s, want %d", res.StatusCode, body, c.want)
+			}
+			if cc := res.Header.Get("Cache-Control"); cc != "no-store" {
+				t.Errorf("Cache-Control %q, want no-store", cc)
+			}
+			if c.want == 201 && !strings.Contains(string(body), `"secret":"vgt_`) {
+				t.Errorf("the created key's answer %s holds no secret", body)
+			}
+			if c.want != 201 && strings.Contains(string(body), "vgt_") {
+				t.Errorf("the answer %s holds a secret", body)
+			}
+		})
+	}
+	// The created key's secret is in its answer only: not in the logs.
+	if log := e.caddy.ReadLog(t); strings.Contains(log, "vgt_") {
+		t.Error("a secret reached Caddy's log")
+	}
+}
+
+// TestBrowserDashboard drives the dashboard in a real headless Chromium
+// behind basic_auth: its charts are drawn with the seeded traffic, it
+// lists keys, a key created on it works at the proxy and stops working
+// within a second of being revoked on it, and a form posted from another
+// site, or a fetch without the CSRF token, changes nothing. It writes
+// docs/dashboard.png when VIGTHORIA_UPDATE_SCREENSHOT=1.
+func TestBrowserDashboard(t *testing.T) {
+	chromium := findChromium(t)
+	e := startDashboard(t)
+	// Traffic to chart: chats of the pro key, and a refused one.
+	for i := range 3 {
+		if _, err := e.client.Chat.Completions.New(t.Context(), chatParams("hello "+strconv.Itoa(i))); err != nil {
+			t.Fatalf("chat %d: %v", i, err)
+		}
+	}
+	wantAPIError(t, e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer vgt_wrong"}}), 401, "invalid_api_key")
+
+	b := newBrowser(t, chromium)
+	if _, err := chromedp.Call(b.ctx, network.SetExtraHTTPHeaders, network.SetExtraHTTPHeadersParams{
+		Headers: network.Headers{"Authorization": basicAuth()},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	page := e.caddy.URL + "/dashboard/"
+	b.navigate(page)
+
+	// The overview's charts: uPlot canvases drawn with the ledger's rows.
+	waitJS(t, b, `(() => { const u = window.dash.charts.tokens; return !!u && u.data.length > 1 && u.data.slice(1).some(s => s.some(v => v > 0)); })()`)
+	for _, name := range []string{"requests", "tokens", "cost"} {
+		got := b.eval(fmt.Sprintf(`(() => { const u = window.dash.charts[%q]; const c = u.root.querySelector("canvas");
+			return c.width + "x" + c.height + " " + u.data[0].length + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`, name))
+		var w, h, n int
+		var sum float64
+		if _, err := fmt.Sscanf(got, "%dx%d %d %g", &w, &h, &n, &sum); err != nil || w == 0 || h == 0 || n != 24 || sum <= 0 {
+			t.Errorf("chart %s: canvas, buckets and sum %q, want a drawn canvas of 24 buckets summing above 0", name, got)
+		}
+	}
+	if got := b.eval(`window.dash.charts.requests.data.slice(1).flat().reduce((a, v) => a + v, 0)`); got != "3" {
+		t.Errorf("the requests chart sums to %s, want the 3 chats", got)
+	}
+	if got := b.text("#top tbody"); !strings.Contains(got, "test-pro") {
+		t.Errorf("the top keys read %q, want test-pro", got)
+	}
+	waitJS(t, b, `!!window.dash.charts.live`)
+	if got := b.text("#refusals tbody"); !strings.Contains(got, "invalid_api_key") {
+		t.Errorf("the refusals read %q, want invalid_api_key", got)
+	}
+	b.screenshot("dashboard.png", os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1")
+
+	// The keys, with their usage.
+	b.navigate(page + "#keys")
+	waitJS(t, b, `document.querySelectorAll("#keys tbody tr").length >= 1`)
+	if got := b.text("#keys tbody"); !strings.Contains(got, "test-pro") || !strings.Contains(got, "5,000,000 tok/month") {
+		t.Errorf("the keys table reads %q, want test-pro with its quota", got)
+	}
+
+	// Create a key on the page: its secret, shown once, works at once.
+	b.eval(`document.getElementById("new-name").value = "made-in-browser"`)
+	b.eval(`document.getElementById("new-tier").value = "free"`)
+	b.click(`#create button[type=submit]`)
+	waitJS(t, b, `document.getElementById("secret-value").textContent.startsWith("vgt_")`)
+	secret := b.text("#secret-value")
+	chat := func() int {
+		res := e.do(t, http.MethodPost, "/v1/chat/completions", jsonBody(map[string]any{
+			"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}},
+		}), http.Header{"Authorization": {"Bearer " + secret}, "Content-Type": {"application/json"}})
+		io.Copy(io.Discard, res.Body)
+		return res.StatusCode
+	}
+	eventually(t, "the created key works at the proxy", func() bool { return chat() == http.StatusOK })
+
+	// Revoke it on the page: the proxy refuses it within a second.
+	waitJS(t, b, `!!document.querySelector("#keys tbody tr[data-id] button[data-action=revoke]")`)
+	id := b.eval(`[...document.querySelectorAll("#keys tbody tr")].find(tr => tr.textContent.includes("made-in-browser")).dataset.id`)
+	b.eval(`window.confirm = () => true`)
+	b.click(fmt.Sprintf(`#keys tbody tr[data-id=%q] button[data-action=revoke]`, id))
+	revoked := time.Now()
+	eventually(t, "the revoked key is refused", func() bool { return chat() == http.StatusUnauthorized })
+	t.Logf("revoked on the page, refused by the proxy %v later", time.Since(revoked).Round(time.Millisecond))
+
+	// One key's page: its usage chart by model.
+	b.navigate(page + "#key/" + id)
+	waitJS(t, b, `!!window.dash.charts["key-hours"] && window.dash.charts["key-hours"].data.length > 1`)
+	if got := b.text("#key-models tbody"); !strings.Contains(got, model) {
+		t.Errorf("the key's models read %q, want %s", got, model)
+	}
+
+	keys := func() string {
+		return b.eval(`document.getElementById("keys-total").textContent`)
+	}
+	b.navigate(page + "#keys")
+	waitJS(t, b, `document.getElementById("keys-total").textContent !== ""`)
+	before := keys()
+
+	// A fetch of the page's own origin without the token is refused.
+	b.eval(`window.__status = 0; fetch("api/keys", {method: "POST", headers: {"Content-Type": "application/json"}, body: '{"name":"nope","tier":"free"}'}).then(r => { window.__status = r.status; })`)
+	waitJS(t, b, `window.__status !== 0`)
+	if got := b.eval(`window.__status`); got != "403" {
+		t.Errorf("a fetch without the CSRF token: %s, want 403", got)
+	}
+
+	// A form on another site posting to the dashboard, with the
+	// operator's credentials, is refused.
+	evil := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, `<!doctype html><form id="f" method="POST" action="%sapi/keys" enctype="text/plain">
+<input name='{"name":"evil","tier":"pro","x":"' value='"}'></form><script>document.getElementById("f").submit()</script>`, page)
+	}))
+	t.Cleanup(evil.Close)
+	b.navigate(evil.URL)
+	waitJS(t, b, `location.href.includes("/dashboard/api/keys")`)
+	if got := b.eval(`document.body.textContent`); !strings.Contains(got, "X-CSRF-Token") {
+		t.Errorf("the cross-site form got %q, want the CSRF refusal", got)
+	}
+	b.navigate(page + "#keys")
+	waitJS(t, b, `document.getElementById("keys-total").textContent !== ""`)
+	if got := keys(); got != before {
+		t.Errorf("the keys went from %s to %s: a refused request made one", before, got)
+	}
+}
+
+// waitJS waits up to 10 seconds for a JavaScript expression to be true.
+func waitJS(t *testing.T, b *browser, expr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for b.eval(expr) != "true" {
+		if time.Now().After(deadline) {
+			t.Fatalf("waiting for %s: not within 10s; page error %q\nconsole:\n%s", expr, b.eval(`document.getElementById("error") ? document.getElementById("error").textContent : ""`), b.consoleText())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
