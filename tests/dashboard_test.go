@@ -267,3 +267,26 @@ func waitJS(t *testing.T, b *browser, expr string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestDashboardWithoutAuthWarns checks that a dashboard served with no
+// auth handler before it logs so, once.
+func TestDashboardWithoutAuthWarns(t *testing.T) {
+	c := harness.StartCaddy(t, "\tvigthoria_dashboard {\n\t\tstore sqlite "+t.TempDir()+"/keys.db\n\t}")
+	for range 2 {
+		res, err := http.Get(c.URL + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK {
+			t.Fatalf("the page: %d, want 200", res.StatusCode)
+		}
+	}
+	const warning = "the dashboard is served without authentication"
+	if !c.WaitLog(t, warning) {
+		t.Fatal("no warning of a dashboard without authentication")
+	}
+	if n := strings.Count(c.ReadLog(t), warning); n != 1 {
+		t.Errorf("the warning was logged %d times, want once", n)
+	}
+}
