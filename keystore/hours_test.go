@@ -73,3 +73,13 @@ func TestSplitHourField(t *testing.T) {
 		t.Fatal("a length past the field was read")
 	}
 }
+
+// BenchmarkLedgerAdd is what the request path pays to count a request:
+// its daily and hourly rows.
+func BenchmarkLedgerAdd(b *testing.B) {
+	l := newLedger(nil)
+	now := time.Now()
+	for b.Loop() {
+		l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 5})
+	}
+}
