@@ -57,6 +57,13 @@ var migrations = []string{
 		private BLOB NOT NULL,
 		created INTEGER NOT NULL
 	) STRICT;`,
+	// 6: claims on alerts, so that one instance of a fleet sends each.
+	// until is unix milliseconds; an expired claim is deleted by the next.
+	`CREATE TABLE alert_claims (
+		id    TEXT PRIMARY KEY,
+		until INTEGER NOT NULL
+	) STRICT;
+	CREATE INDEX alert_claims_until ON alert_claims (until);`,
 }
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, seq`
