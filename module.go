@@ -558,9 +558,9 @@ func (h *Handler) start() error {
 // the last user first lets its requests settle, or their usage would miss
 // the ledger's final write.
 func (h *Handler) Cleanup() error {
-	jwtErr := errors.Join(h.cleanupAlerts(), h.cleanupJWT())
+	ownErr := errors.Join(h.cleanupAlerts(), h.cleanupJWT())
 	if h.storeSpec == "" {
-		return jwtErr
+		return ownErr
 	}
 	if refs, _ := keyServices.References(h.storeSpec); refs <= 1 {
 		deadline := time.Now().Add(settleGrace)
@@ -574,7 +574,7 @@ func (h *Handler) Cleanup() error {
 	}
 	_, err := keyServices.Delete(h.storeSpec)
 	_, err2 := limiters.Delete(h.limiterKey)
-	return errors.Join(jwtErr, err, err2)
+	return errors.Join(ownErr, err, err2)
 }
 
 // Validate checks the configuration after Provision.
