@@ -87,7 +87,6 @@ type Notifier struct {
 	emit       Emitter
 	webhook    *Sender
 	logger     *zap.Logger
-	now        func() time.Time
 
 	memo memo
 	jobs chan Alert
@@ -106,7 +105,7 @@ func NewNotifier(cfg Config) (*Notifier, error) {
 	}
 	t := slices.Compact(slices.Sorted(slices.Values(cfg.Thresholds)))
 	n := &Notifier{thresholds: t, claimer: cfg.Claimer, emit: cfg.Emit, webhook: cfg.Webhook, logger: cfg.Logger,
-		now: time.Now, memo: memo{m: make(map[memoKey]bool), limit: defaultMemo}, jobs: make(chan Alert, claimQueue)}
+		memo: memo{m: make(map[memoKey]bool), limit: defaultMemo}, jobs: make(chan Alert, claimQueue)}
 	if n.logger == nil {
 		n.logger = zap.NewNop()
 	}
@@ -144,7 +143,7 @@ func (n *Notifier) Note(f Figure) {
 			continue
 		}
 		if now.IsZero() {
-			now = n.now()
+			now = time.Now()
 		}
 		a := Alert{Type: f.Type, KeyID: f.KeyID, KeyName: f.KeyName, Tier: f.Tier, Period: f.Period,
 			Used: f.Used, Limit: f.Limit, Percent: pct, At: now}
