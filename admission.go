@@ -1,31 +1,68 @@
 package vigthoria
 
 import (
+	"context"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
+// budgetPrefix names a caller's budget account in the limiter: a quota
+// of micro-units of the currency beside the caller's own limits.
+const budgetPrefix = "budget:"
+
+// ledgerCounter reads what a client used of its quota from the ledger,
+// so that quotas and budgets survive a restart: tokens for a client,
+// cost for its budget account.
+type ledgerCounter struct{ ledger *keystore.Ledger }
+
+func (c ledgerCounter) QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error) {
+	if id, ok := strings.CutPrefix(client, budgetPrefix); ok {
+		return c.ledger.CostUsed(ctx, id, since)
+	}
+	return c.ledger.QuotaUsed(ctx, client, since)
+}
+
+// maxSides bounds the accounts of one request: the caller's budget, and
+// the limits and the budget of the key that minted its token.
+const maxSides = 3
+
+// A side is one account of the limiter that a request is admitted on,
+// beside the caller's own limits.
+type side struct {
+	id       string
+	who      keystore.Client // whose account: the caller, or the key that minted its token
+	lim      *limiter.Limits
+	d        limiter.Decision
+	tierName string
+	money    bool // a budget: reserves and settles cost, not tokens
+	shared   bool // the minting key's: shared by all its users
+}
+
 // admission is an admitted request's standing with the limiter: its
-// caller's own and, for the user of a minted token, the minting key's
-// too, whose limits bound all of its users together. Both are reserved
-// and settled alike.
+// caller's own (the embedded Decision), and the other sides that bound
+// it too: the key that minted its token, whose limits bound all of its
+// users together, and the budgets of either. Every side is reserved and
+// settled alike.
 type admission struct {
 	lim *limiter.Limits
 	limiter.Decision
 
-	parent     *Tier // the minting key's tier; nil for other callers
-	parentLim  *limiter.Limits
-	parentSide limiter.Decision
+	sides [maxSides]side
+	n     int
 }
 
-// admit admits a request of client under lim, its tier's limits for the
+// admit admits a request of client under its tier's limits for the
 // endpoint, and of the key that minted its token under that key's. A
 // refusal by either is the caller's 429; a refusal by the key's limits
-// frees what the caller's own took.
+// frees what the caller's own took. Budgets join when the request's cost
+// is known (reserve).
 func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, usage bool, now time.Time) (admission, *proxy.APIError) {
 	a := admission{lim: &tier.limits}
 	if usage {
@@ -42,48 +79,109 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 	if client.Minted == nil {
 		return a, nil
 	}
-	a.parent = h.Tiers[client.Minted.KeyTier]
-	a.parentLim = &a.parent.limits
+	parent := h.parentTier(client)
+	if parent == nil {
+		h.settleAdmission(r, client, &a, keystore.Tokens{})
+		return a, errTierNotConfigured
+	}
+	lim := &parent.limits
 	if usage {
-		a.parentLim = &a.parent.usageLimits
+		lim = &parent.usageLimits
 	}
-	pd, err := h.limiter.Admit(r.Context(), client.Minted.KeyID, a.parentLim, 0, now)
-	if err == nil && pd.Reason == limiter.Admitted {
-		a.parentSide = pd
-		return a, nil
+	if apiErr := h.join(w, r, &a, side{id: client.Minted.KeyID, who: mintingKey(client), lim: lim, tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
+		h.settleAdmission(r, client, &a, keystore.Tokens{})
+		return a, apiErr
 	}
-	h.settle(r, client.ID, a.lim, a.Lease, 0)
-	if err != nil {
-		return a, h.unavailable(w, client.Minted.KeyID, err)
-	}
-	return a, parentRefusal(w, a.parent, client.Minted.KeyTier, pd, now)
+	return a, nil
 }
 
-// reserve adds a request's token estimate to its admission, refusing it
-// (with the caller's headers set) when a token limit or the quota would
-// be passed, on the caller's side or the minting key's.
-func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, tokens int64, now time.Time) *proxy.APIError {
-	if refused, apiErr := h.reserveSide(w, r, client.ID, a.lim, &a.Decision, tokens, now); apiErr != nil {
+// mintingKey names the key that minted client's token, as an account.
+func mintingKey(client keystore.Client) keystore.Client {
+	return keystore.Client{ID: client.Minted.KeyID, Tier: client.Minted.KeyTier}
+}
+
+// parentTier is the tier of the key that minted client's token, with
+// that key's own settings; nil when it is not configured.
+func (h *Handler) parentTier(client keystore.Client) *Tier {
+	return h.tierFor(client.Minted.KeyTier, h.keys.Settings(client.Minted.KeyID))
+}
+
+// join admits the request on one more side, reserving n (tokens, or
+// micro-units for a budget). A side that refuses is not added.
+func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s side, n int64, now time.Time) *proxy.APIError {
+	d, err := h.limiter.Admit(r.Context(), s.id, s.lim, n, now)
+	if err != nil {
+		return h.unavailable(w, s.id, err)
+	}
+	if d.Reason != limiter.Admitted {
+		if d.Reason == limiter.QuotaLimit {
+			kind := alerts.Quota
+			if s.money {
+				kind = alerts.Budget
+			}
+			h.noteSide(kind, s.who, s.lim, &d, 0)
+		}
+		return sideRefusal(w, &s, d, now)
+	}
+	s.d = d
+	a.sides[a.n] = s
+	a.n++
+	return nil
+}
+
+// reserve adds a request's token estimate and highest possible cost to
+// its admission, refusing it (with the caller's headers set) when a
+// token limit, a quota or a budget would be passed, on any side. A model
+// without a price is refused when a budget applies, unless unpriced is
+// free: a budget never counts an answer as free by mistake.
+func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, model string, prompt, tokens int64, now time.Time) *proxy.APIError {
+	if refused, apiErr := h.reserveTokens(w, r, client.ID, a.lim, &a.Decision, tokens, now); apiErr != nil {
 		return apiErr
 	} else if refused {
 		return limitRefusal(w, tier, client.Tier, a.Decision, now)
 	}
-	if a.parent == nil {
+	for i := range a.n {
+		s := &a.sides[i]
+		if refused, apiErr := h.reserveTokens(w, r, s.id, s.lim, &s.d, tokens, now); apiErr != nil {
+			return apiErr
+		} else if refused {
+			return sideRefusal(w, s, s.d, now)
+		}
+	}
+
+	// Budgets: the caller's, and the minting key's.
+	budgets := [2]side{{id: budgetPrefix + client.ID, who: client, lim: &tier.budget, tierName: client.Tier, money: true}}
+	nb := 0
+	if !tier.budget.Quota.Unlimited() {
+		nb = 1
+	}
+	if client.Minted != nil {
+		if parent := h.parentTier(client); parent != nil && !parent.budget.Quota.Unlimited() {
+			budgets[nb] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: &parent.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
+			nb++
+		}
+	}
+	if nb == 0 {
 		return nil
 	}
-	if refused, apiErr := h.reserveSide(w, r, client.Minted.KeyID, a.parentLim, &a.parentSide, tokens, now); apiErr != nil {
-		return apiErr
-	} else if refused {
-		return parentRefusal(w, a.parent, client.Minted.KeyTier, a.parentSide, now)
+	p, priced := h.price(model)
+	if !priced {
+		return errModelNotPriced(model)
+	}
+	cost := p.cost(prompt, tokens-prompt)
+	for _, b := range budgets[:nb] {
+		if apiErr := h.join(w, r, a, b, cost, now); apiErr != nil {
+			return apiErr
+		}
 	}
 	return nil
 }
 
-// reserveSide reserves tokens for one side of an admission, d, which
+// reserveTokens reserves tokens for one side of an admission, d, which
 // then holds the limiter's decision. A side without a token limit or a
 // quota needs no word from the limiter: the estimate is only noted, for
 // what leaving early costs.
-func (h *Handler) reserveSide(w http.ResponseWriter, r *http.Request, id string, lim *limiter.Limits, d *limiter.Decision, tokens int64, now time.Time) (refused bool, apiErr *proxy.APIError) {
+func (h *Handler) reserveTokens(w http.ResponseWriter, r *http.Request, id string, lim *limiter.Limits, d *limiter.Decision, tokens int64, now time.Time) (refused bool, apiErr *proxy.APIError) {
 	if lim.Tokens.Unlimited() && lim.Quota.Unlimited() {
 		d.Lease.Reserved += tokens
 		return false, nil
@@ -97,19 +195,46 @@ func (h *Handler) reserveSide(w http.ResponseWriter, r *http.Request, id string,
 	return rd.Reason != limiter.Admitted, nil
 }
 
-// settleAdmission ends an admitted request in the limiter, on both sides: used
-// replaces its reservations and its slots are freed.
-func (h *Handler) settleAdmission(r *http.Request, client keystore.Client, a *admission, used int64) {
-	h.settle(r, client.ID, a.lim, a.Lease, used)
-	if a.parent != nil {
-		h.settle(r, client.Minted.KeyID, a.parentLim, a.parentSide.Lease, used)
+// settleAdmission ends an admitted request in the limiter, on every
+// side: what it used replaces its reservations, tokens on the limits'
+// sides and its cost on the budgets', and its slots are freed.
+func (h *Handler) settleAdmission(r *http.Request, client keystore.Client, a *admission, used keystore.Tokens) {
+	h.settle(r, client.ID, a.lim, a.Lease, used.Total())
+	for i := range a.n {
+		s := &a.sides[i]
+		n := used.Total()
+		if s.money {
+			n = used.Cost
+		}
+		h.settle(r, s.id, s.lim, s.d.Lease, n)
 	}
 }
 
-// parentRefusal is the 429 of a request that the limits of the key that
-// minted its token refused: that key's users share them.
-func parentRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.Decision, now time.Time) *proxy.APIError {
-	e := *limitRefusal(w, tier, tierName, d, now)
-	e.Message += " These limits are shared by every user of the app that signed you in."
+// sideRefusal is the 429 of a request that one of its other sides
+// refused: the minting key's limits, shared by its users, or a budget.
+func sideRefusal(w http.ResponseWriter, s *side, d limiter.Decision, now time.Time) *proxy.APIError {
+	limiter.SetRefusalHeaders(w.Header(), s.lim, d, now)
+	var e proxy.APIError
+	if s.money {
+		e = proxy.APIError{
+			Status: http.StatusTooManyRequests, Type: "insufficient_quota", Code: "insufficient_quota",
+			Message: "You exceeded the budget of tier " + s.tierName + " (" + keystore.FormatCost(s.lim.Quota.N) + " a " +
+				s.lim.Quota.Period.String() + "). It renews at the start of the next period; see GET /v1/usage.",
+		}
+	} else {
+		e = *refusal(d, s.tierName)
+	}
+	if s.shared {
+		e.Message += " These limits are shared by every user of the app that signed you in."
+	}
 	return &e
+}
+
+func errModelNotPriced(model string) *proxy.APIError {
+	return &proxy.APIError{
+		Status:  http.StatusBadRequest,
+		Type:    proxy.TypeInvalidRequest,
+		Code:    "model_not_priced",
+		Message: "The model " + strconv.Quote(clip(model, 100)) + " has no price on this proxy, and your usage is bounded by a budget: ask its operator to price it.",
+	}
 }

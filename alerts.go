@@ -126,32 +126,40 @@ func (h *Handler) noteExhausted(kind string, client keystore.Client, used, limit
 		Period: period, Used: used, Limit: limit, Exhausted: true})
 }
 
-// noteQuota notes the token quota of an admission's callers (the caller
-// and, for a minted token's user, the minting key) after it settled,
-// having used used tokens; a side the quota refused is exhausted.
-// Settle does not return the quota's figure, so it is the one the
-// reservation's decision saw, less the reservation, plus what was used:
-// requests of the same caller settled meanwhile are not in it, and are
-// counted by the next figure noted.
-func (h *Handler) noteQuota(client keystore.Client, tier *Tier, a *admission, used int64) {
-	h.noteQuotaSide(client, tier, &a.Decision, used)
-	if a.parent != nil {
-		h.noteQuotaSide(keystore.Client{ID: client.Minted.KeyID, Tier: client.Minted.KeyTier}, a.parent, &a.parentSide, used)
+// noteStanding notes the quotas and budgets of an admission's sides
+// after it settled, having used used: the caller's token quota, and the
+// quota and budgets of its other sides (its own budget, the minting key's
+// limits and budget). Settle does not return the figures, so each is the
+// one the side's last decision saw, less its reservation, plus what was
+// used: requests of the same account settled meanwhile are not in it,
+// and are counted by the next figure noted. A side refused by its quota
+// counts as exhausted.
+func (h *Handler) noteStanding(client keystore.Client, a *admission, used keystore.Tokens) {
+	h.noteSide(alerts.Quota, client, a.lim, &a.Decision, used.Total())
+	for i := range a.n {
+		s := &a.sides[i]
+		kind, n := alerts.Quota, used.Total()
+		if s.money {
+			kind, n = alerts.Budget, used.Cost
+		}
+		h.noteSide(kind, s.who, s.lim, &s.d, n)
 	}
 }
 
-// noteQuotaSide notes one side of noteQuota: c under tier t, decided d.
-func (h *Handler) noteQuotaSide(c keystore.Client, t *Tier, d *limiter.Decision, used int64) {
-	if t.Quota == nil || d.QuotaReset.IsZero() {
+// noteSide notes the figure of one side: the account of c, under lim,
+// as d decided it, having used used.
+func (h *Handler) noteSide(kind string, c keystore.Client, lim *limiter.Limits, d *limiter.Decision, used int64) {
+	q := &lim.Quota
+	if q.Unlimited() || d.QuotaReset.IsZero() {
 		return
 	}
-	period, err := alerts.PeriodName(d.QuotaReset.Add(-time.Nanosecond), t.Quota.Period)
+	period, err := alerts.PeriodName(d.QuotaReset.Add(-time.Nanosecond), q.Period.String())
 	if err != nil {
 		return // provision checked the period
 	}
 	if d.Reason == limiter.QuotaLimit {
-		h.noteExhausted(alerts.Quota, c, d.QuotaUsed-d.Lease.Reserved, t.Quota.N, period)
+		h.noteExhausted(kind, c, d.QuotaUsed-d.Lease.Reserved, q.N, period)
 		return
 	}
-	h.noteUsage(alerts.Quota, c, d.QuotaUsed-d.Lease.Reserved+used, t.Quota.N, period)
+	h.noteUsage(kind, c, d.QuotaUsed-d.Lease.Reserved+used, q.N, period)
 }

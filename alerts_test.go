@@ -18,7 +18,7 @@ func (c claimAll) Claim(_ context.Context, id string, _ time.Time) (bool, error)
 	return true, nil
 }
 
-// TestNoteQuota: the quota figure noted after settlement is the
+// TestNoteQuota: the figure noted after settlement is the
 // decision's, less the reservation, plus what was used; a quota
 // refusal counts as 100%; and on the request path, below a threshold or
 // past one already noted, noting costs no allocation.
@@ -30,7 +30,7 @@ func TestNoteQuota(t *testing.T) {
 	}
 	t.Cleanup(n.Close)
 	h := &Handler{notifier: n}
-	tier := &Tier{Quota: &Quota{N: 1000, Period: "day"}}
+	lim := &limiter.Limits{Quota: limiter.Quota{N: 1000, Period: limiter.Day}}
 	client := keystore.Client{ID: "key_a", Name: "a", Tier: "metered"}
 	reset := time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC)
 	decision := func(used, reserved int64, reason limiter.Reason) *limiter.Decision {
@@ -57,16 +57,16 @@ func TestNoteQuota(t *testing.T) {
 	}
 
 	below := decision(850, 100, limiter.Admitted) // 750 before it, 790 after using 40
-	if allocs := testing.AllocsPerRun(100, func() { h.noteQuotaSide(client, tier, below, 40) }); allocs != 0 {
+	if allocs := testing.AllocsPerRun(100, func() { h.noteSide(alerts.Quota, client, lim, below, 40) }); allocs != 0 {
 		t.Errorf("below the thresholds: %v allocations, want 0", allocs)
 	}
 	wantClaims()
-	h.noteQuotaSide(client, tier, decision(850, 100, limiter.Admitted), 50) // 800
+	h.noteSide(alerts.Quota, client, lim, decision(850, 100, limiter.Admitted), 50) // 800
 	wantClaims("quota|key_a|80|2026-12-01")
 	past := decision(900, 50, limiter.Admitted)
-	if allocs := testing.AllocsPerRun(100, func() { h.noteQuotaSide(client, tier, past, 10) }); allocs != 0 {
+	if allocs := testing.AllocsPerRun(100, func() { h.noteSide(alerts.Quota, client, lim, past, 10) }); allocs != 0 {
 		t.Errorf("past a noted threshold: %v allocations, want 0", allocs)
 	}
-	h.noteQuotaSide(client, tier, decision(960, 0, limiter.QuotaLimit), 0)
+	h.noteSide(alerts.Quota, client, lim, decision(960, 0, limiter.QuotaLimit), 0)
 	wantClaims("quota|key_a|100|2026-12-01")
 }

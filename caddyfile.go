@@ -15,6 +15,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -48,9 +49,15 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			tokens     <n>/<window> [burst <b>]
 //			concurrent <n>
 //			quota      <n>/day|month
+//			budget     <amount>/day|month        # in the currency of prices
 //			models     <glob>...
 //			max_tokens <n>
 //		}
+//		currency       <label>                # of prices and costs; default USD
+//		prices {                              # per 1M tokens; the first glob that matches wins
+//			<glob> input <price> [output <price>]   # decimals, at most 6 places
+//		}
+//		unpriced       refuse|free            # a model without a price; default refuse
 //		jwt <issuer> {                        # once per OpenID provider
 //			audience   <aud>...                # required
 //			jwks_url   <url>                   # default from the issuer's discovery document
@@ -100,6 +107,28 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := h.unmarshalJWT(d); err != nil {
 				return err
 			}
+		case "prices":
+			if err := h.unmarshalPrices(d); err != nil {
+				return err
+			}
+		case "currency":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if !currencyLabel.MatchString(v) {
+				return d.Errf("invalid currency '%s': want a code such as USD, or a short label of letters", v)
+			}
+			h.Currency = v
+		case "unpriced":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if v != UnpricedRefuse && v != UnpricedFree {
+				return d.Errf("invalid unpriced '%s': want refuse or free", v)
+			}
+			h.Unpriced = v
 		case "store":
 			args := d.RemainingArgs()
 			switch {
@@ -165,7 +194,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("cors needs at least one origin, such as https://app.example.com")
 			}
 			for _, o := range h.CORS {
-				if !strings.HasPrefix(o, "http://") && !strings.HasPrefix(o, "https://") || strings.Count(o, "/") != 2 {
+				if !keystore.ValidOrigin(o) {
 					return d.Errf("invalid cors origin '%s': want scheme://host[:port], without a path", o)
 				}
 			}
@@ -284,6 +313,8 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 			t.MaxTokens, err = parsePositive[int64](args)
 		case "quota":
 			t.Quota, err = parseQuota(args)
+		case "budget":
+			t.Budget, err = parseBudget(args)
 		case "models":
 			if len(args) == 0 {
 				err = errors.New("want at least one model glob")
@@ -295,6 +326,47 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 		if err != nil {
 			return d.Errf("tier %s: invalid %s '%s': %v", name, sub, strings.Join(args, " "), err)
 		}
+	}
+	return nil
+}
+
+// unmarshalPrices reads `prices { <glob> input <price> [output <price>] … }`,
+// keeping the globs' order: the first that matches a model prices it.
+func (h *Handler) unmarshalPrices(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.Errf("prices takes a block, not '%s'", d.Val())
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		p := &Price{Model: d.Val()}
+		for _, other := range h.Prices {
+			if other.Model == p.Model {
+				return d.Errf("prices: '%s' given twice", p.Model)
+			}
+		}
+		args := d.RemainingArgs()
+		if len(args)%2 != 0 {
+			return d.Errf("prices: %s: want input <price> [output <price>], got '%s'", p.Model, strings.Join(args, " "))
+		}
+		for i := 0; i < len(args); i += 2 {
+			word, v := args[i], Decimal(args[i+1])
+			switch {
+			case word == "input" && p.Input == "":
+				p.Input = v
+			case word == "output" && p.Output == "":
+				p.Output = v
+			case word == "input" || word == "output":
+				return d.Errf("prices: %s: '%s' given twice", p.Model, word)
+			default:
+				return d.Errf("prices: %s: unknown word '%s': want input <price> [output <price>]", p.Model, word)
+			}
+		}
+		if _, err := p.parse(); err != nil {
+			return d.Errf("prices: %s: %v", p.Model, err)
+		}
+		h.Prices = append(h.Prices, p)
+	}
+	if len(h.Prices) == 0 {
+		return d.Err("prices needs at least one line: <glob> input <price> [output <price>]")
 	}
 	return nil
 }
@@ -400,20 +472,11 @@ func (h *Handler) unmarshalAlerts(d *caddyfile.Dispenser) error {
 
 // parseTierRate reads "<n>/<window> [burst <b>]".
 func parseTierRate(args []string) (*Rate, error) {
-	if len(args) != 1 && !(len(args) == 3 && args[1] == "burst") {
-		return nil, errors.New("want <n>/<window> [burst <b>], such as 60/1m burst 10")
-	}
-	n, window, err := parseRate(args[0])
+	r, err := keystore.ParseRate(strings.Join(args, " "))
 	if err != nil {
 		return nil, err
 	}
-	r := &Rate{N: int64(n), Window: caddy.Duration(window)}
-	if len(args) == 3 {
-		if r.Burst, err = parsePositive[int64](args[2:]); err != nil {
-			return nil, err
-		}
-	}
-	return r, nil
+	return &Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}, nil
 }
 
 // parseQuota reads "<n>/day" or "<n>/month".
@@ -421,15 +484,22 @@ func parseQuota(args []string) (*Quota, error) {
 	if len(args) != 1 {
 		return nil, errors.New("want <n>/day or <n>/month")
 	}
-	count, period, _ := strings.Cut(args[0], "/")
-	n, err := parsePositive[int64]([]string{count})
+	q, err := keystore.ParseQuota(args[0])
 	if err != nil {
 		return nil, err
 	}
-	if _, err := parsePeriod(period); err != nil {
-		return nil, err
+	return &Quota{N: q.N, Period: q.Period}, nil
+}
+
+// parseBudget reads `budget <amount>/day|month`, such as 50/month.
+func parseBudget(args []string) (*Budget, error) {
+	if len(args) != 1 {
+		return nil, errors.New("want <amount>/day or <amount>/month, such as 50/month")
 	}
-	return &Quota{N: n, Period: period}, nil
+	amount, period, _ := strings.Cut(args[0], "/")
+	b := &Budget{Amount: amount, Period: period}
+	_, err := b.limits()
+	return b, err
 }
 
 // parsePositive reads the one argument as a positive integer.
@@ -446,19 +516,14 @@ func parsePositive[T int | int64](args []string) (T, error) {
 
 // parseRate reads "<n>/<duration>", e.g. 20/1m.
 func parseRate(s string) (int, time.Duration, error) {
-	count, window, ok := strings.Cut(s, "/")
-	if !ok {
+	r, err := keystore.ParseRate(s)
+	if err != nil {
+		return 0, 0, err
+	}
+	if r.Burst != 0 || r.N > math.MaxInt32 {
 		return 0, 0, errors.New("want <count>/<window>, such as 20/1m")
 	}
-	n, err := strconv.Atoi(count)
-	if err != nil || n <= 0 {
-		return 0, 0, fmt.Errorf("count '%s' is not a positive number", count)
-	}
-	dur, err := caddy.ParseDuration(window)
-	if err != nil || dur <= 0 {
-		return 0, 0, fmt.Errorf("window '%s' is not a positive duration", window)
-	}
-	return n, dur, nil
+	return int(r.N), r.Window, nil
 }
 
 // singleArg returns the one argument of the current subdirective.

@@ -90,7 +90,7 @@ func FuzzTokenRequest(f *testing.F) {
 			t.Errorf("minted with %d models", len(tr.Models))
 		}
 		for _, m := range tr.Models {
-			if !validGlob(m) {
+			if !keystore.ValidGlob(m) {
 				t.Errorf("minted with model glob %q", m)
 			}
 		}

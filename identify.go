@@ -132,10 +132,11 @@ func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Ti
 }
 
 // admitTier refuses a caller whose tier is not configured, and otherwise
-// publishes who it is.
+// publishes who it is. The tier it returns is the caller's: its tier
+// with its key's own settings over it.
 func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *Tier, *proxy.APIError) {
-	tier, ok := h.Tiers[c.Tier]
-	if !ok {
+	tier := h.tierFor(c.Tier, c.Settings)
+	if tier == nil {
 		return c, nil, errTierNotConfigured
 	}
 	if c.Minted != nil && h.Tiers[c.Minted.KeyTier] == nil {

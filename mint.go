@@ -110,18 +110,20 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 		return refuse(w, r, "none", "tokens", h.authFailed(w, clientAddr(r), now))
 	}
 	keyTier, mint, may := h.keys.Minter(client.ID, now)
-	tier := h.Tiers[keyTier]
+	tier := h.tierFor(keyTier, client.Settings)
 	switch {
 	case !may:
 		return refuse(w, r, h.tierLabel(client.Tier), "tokens", errMintNotAllowed)
 	case tier == nil:
-		return refuse(w, r, "unknown", "tokens", errTierNotConfigured)
+		return refuse(w, r, h.tierLabel(keyTier), "tokens", errTierNotConfigured)
+	case !h.originAllowed(r, client):
+		return refuse(w, r, keyTier, "tokens", errKeyOriginNotAllowed)
 	}
 	a, apiErr := h.admit(w, r, client, tier, true, now)
 	if apiErr != nil {
 		return refuse(w, r, client.Tier, "tokens", apiErr)
 	}
-	h.settleAdmission(r, client, &a, 0)
+	h.settleAdmission(r, client, &a, keystore.Tokens{})
 
 	req, apiErr := h.readTokenRequest(w, r)
 	if apiErr != nil {
@@ -197,7 +199,7 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 		return tr, errMintRequest("models names at most " + strconv.Itoa(maxMintModels) + " models or globs.")
 	}
 	for _, m := range tr.Models {
-		if !validGlob(m) {
+		if !keystore.ValidGlob(m) {
 			return tr, errMintRequest("models holds " + strconv.Quote(clip(m, 64)) + ", which is not a model name or glob such as vigthoria-fast-*.")
 		}
 	}
@@ -209,15 +211,6 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 func validMintUser(user string) bool {
 	return user != "" && utf8.ValidString(user) && utf8.RuneCountInString(user) <= maxMintUser &&
 		!strings.ContainsFunc(user, notPrintable)
-}
-
-// validGlob reports whether s is a model name or a path.Match glob.
-func validGlob(s string) bool {
-	if s == "" || !sane(s) {
-		return false
-	}
-	_, err := path.Match(s, "")
-	return err == nil
 }
 
 // clip cuts s to at most n bytes, for echoing a caller's value.
@@ -267,7 +260,7 @@ func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
 		return keystore.Client{}, false
 	}
 	for _, m := range models {
-		if !validGlob(m) {
+		if !keystore.ValidGlob(m) {
 			return keystore.Client{}, false
 		}
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -95,7 +96,10 @@ func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
 const maxLimitedClients = 4 << 20
 
 // Tier is a named class of callers and its limits. Every field is
-// optional: a tier without limits admits its callers freely.
+// optional: a tier without limits admits its callers freely. A client
+// key may have settings of its own (caddy vigthoria key add --requests …,
+// key update): each replaces the tier's field of the same name for that
+// key's requests, and the fields it does not set follow the tier.
 type Tier struct {
 	// Requests allowed per window, as a token bucket: {"n":60,"window":"1m","burst":10}.
 	// Burst defaults to n.
@@ -113,6 +117,13 @@ type Tier struct {
 	// Tokens allowed per calendar day or month (UTC): {"n":1000000,"period":"day"}.
 	Quota *Quota `json:"quota,omitempty"`
 
+	// Money allowed per calendar day or month (UTC), in the currency of
+	// prices: {"amount":"50","period":"month"}. Admission reserves a
+	// request's highest possible cost and settlement charges the real
+	// one. A model without a price is then refused, unless unpriced is
+	// free. Default: none.
+	Budget *Budget `json:"budget,omitempty"`
+
 	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]. Default: all.
 	Models []string `json:"models,omitempty"`
 
@@ -122,7 +133,8 @@ type Tier struct {
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
 	limits    limiter.Limits
-	modelsKey string // names the models policy in the models cache
+	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
+	modelsKey string         // names the models policy in the models cache
 	// usageLimits are limits without the concurrency limit and taking no
 	// slot, for GET /v1/usage: it counts as a request, but a caller whose
 	// slots are all taken by its streams may still read its standing, and
@@ -141,6 +153,33 @@ type Rate struct {
 type Quota struct {
 	N      int64  `json:"n"`
 	Period string `json:"period"`
+}
+
+// Budget is an amount of money per calendar period: "day" or "month".
+// The amount is a decimal string, such as "50" or "12.50", read exactly.
+type Budget struct {
+	Amount string `json:"amount"`
+	Period string `json:"period"`
+}
+
+// limits is the budget as the limiter keeps it: a quota of micro-units
+// of the currency, in an account of its own.
+func (b *Budget) limits() (limiter.Limits, error) {
+	n, err := keystore.ParseMoney(b.Amount, keystore.MaxMoney)
+	if err != nil {
+		return limiter.Limits{}, err
+	}
+	if n <= 0 {
+		return limiter.Limits{}, fmt.Errorf("budget %s must be above zero", b.Amount)
+	}
+	period, err := parsePeriod(b.Period)
+	if err != nil {
+		return limiter.Limits{}, err
+	}
+	// A request holds its reservation until it is settled: in flight,
+	// though there is no concurrency limit, so that a limiter never
+	// forgets the account while its reservations are out.
+	return limiter.Limits{Quota: limiter.Quota{N: n, Period: period}}, nil
 }
 
 // DefaultMaxTokens is what a request without max_tokens reserves when its
@@ -170,6 +209,12 @@ func (t *Tier) provision(name string) error {
 			return fmt.Errorf("tier %s: a quota needs a positive n and a period of day or month", name)
 		}
 		t.limits.Quota = limiter.Quota{N: t.Quota.N, Period: period}
+	}
+	if t.Budget != nil {
+		var err error
+		if t.budget, err = t.Budget.limits(); err != nil {
+			return fmt.Errorf("tier %s: %v", name, err)
+		}
 	}
 	for _, glob := range t.Models {
 		if _, err := path.Match(glob, ""); err != nil {
@@ -269,6 +314,24 @@ type Handler struct {
 	// is not here is refused with 403.
 	Tiers map[string]*Tier `json:"tiers,omitempty"`
 
+	// The currency of prices and costs: a code such as USD or EUR, or a
+	// short label of letters or currency signs. It labels costs in GET
+	// /v1/usage; it converts nothing. Default: USD.
+	Currency string `json:"currency,omitempty"`
+
+	// What models cost, per million tokens, in the currency, in order:
+	// the first entry whose model glob matches a request's model prices
+	// it, e.g. [{"model": "vigthoria-fast-*", "input": 0.10, "output":
+	// 0.40}]. Each request's cost is kept in the usage ledger in
+	// micro-units (millionths) of the currency, rounded up, and GET
+	// /v1/usage reports it. Default: none, and costs are not reported.
+	Prices []*Price `json:"prices,omitempty"`
+
+	// What a model that no price matches costs: "refuse" makes it
+	// unavailable to callers with a budget, "free" prices it at 0.
+	// Default: refuse.
+	Unpriced string `json:"unpriced,omitempty"`
+
 	// A placeholder naming a caller identified by an earlier Caddy auth
 	// handler, e.g. {http.auth.user.id}. When it resolves to a value, that
 	// value is the caller and no client key is needed. Default: none.
@@ -354,12 +417,15 @@ type Handler struct {
 	limiterKey   string // the key of limiter in limiters
 	identityTier string // IdentityTier when it is a literal
 	authFailures *limiter.FailureThrottle
+	keyTiers     *lru.Cache[tierKey, *Tier] // see tierFor
 	startOnce    sync.Once
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
 	logger       *zap.Logger
 	notifier     *alerts.Notifier
 	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
+
+	prices []pricedGlob // Prices, parsed, in order
 }
 
 // CaddyModule returns the Caddy module information.
@@ -413,6 +479,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err := t.provision(name); err != nil {
 			return err
 		}
+	}
+	h.keyTiers = newTierCache()
+
+	if err := h.provisionPrices(); err != nil {
+		return err
 	}
 
 	if h.AuthFailLimit == 0 {
@@ -482,7 +553,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	lim, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
 		if kind != "redis" {
-			return pooledLimiter{Limiter: limiter.NewMemory(h.keys.Ledger(), maxLimitedClients)}, nil
+			return pooledLimiter{Limiter: limiter.NewMemory(ledgerCounter{h.keys.Ledger()}, maxLimitedClients)}, nil
 		}
 		client, err := newRedisClient(spec, time.Duration(h.StoreTimeout))
 		if err != nil {
@@ -666,6 +737,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if apiErr != nil {
 		return refuse(w, r, h.tierLabel(client.Tier), ep.Name, apiErr)
 	}
+	if !h.originAllowed(r, client) {
+		return refuse(w, r, client.Tier, ep.Name, errKeyOriginNotAllowed)
+	}
 
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
 	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached && ep.ID != proxy.Usage {
@@ -681,7 +755,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ep.ID == proxy.Usage {
 		// Counted as a request, then settled before the report reads
 		// the standing, which would otherwise count it in flight.
-		h.settleAdmission(r, client, &a, 0)
+		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
@@ -696,15 +770,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	forwarded := false
 	defer func() {
 		if !forwarded {
-			h.settleAdmission(r, client, &a, 0)
-			h.noteQuota(client, tier, &a, 0)
+			h.settleAdmission(r, client, &a, keystore.Tokens{})
+			h.noteStanding(client, &a, keystore.Tokens{})
 			return
 		}
 		usage := &call.Usage
 		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
-		h.settleAdmission(r, client, &a, used.Total())
-		h.noteQuota(client, tier, &a, used.Total())
+		h.settleAdmission(r, client, &a, used)
+		h.noteStanding(client, &a, used)
 		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
 			model := ledgerModel(info.Model, usage.Status)
 			h.keys.Ledger().Add(client.ID, model, end, used)
@@ -730,7 +804,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if info, reserve, apiErr = h.police(r, ep, tier, client.Minted, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
-		if apiErr = h.reserve(w, r, client, tier, &a, reserve, now); apiErr != nil {
+		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
 			return refuse(w, r, client.Tier, ep.Name, apiErr)
 		}
 	}

@@ -29,30 +29,11 @@ var errMissingModel = &proxy.APIError{
 	Message: "The request names no model: set \"model\".",
 }
 
-// maxModelName bounds a model name: the caller chooses it, and it is
-// logged, labelled and kept in the ledger.
-const maxModelName = 256
-
 var errModelName = &proxy.APIError{
 	Status:  http.StatusBadRequest,
 	Type:    proxy.TypeInvalidRequest,
 	Code:    "invalid_model",
-	Message: "The model name is longer than " + strconv.Itoa(maxModelName) + " bytes or holds control characters.",
-}
-
-// sane reports whether a model name is short and free of control
-// characters (C0, DEL and C1), which could forge lines in logs and in
-// what the CLI prints.
-func sane(model string) bool {
-	if len(model) > maxModelName {
-		return false
-	}
-	for _, r := range model {
-		if r < 0x20 || (r >= 0x7f && r <= 0x9f) {
-			return false
-		}
-	}
-	return true
+	Message: "The model name is longer than " + strconv.Itoa(keystore.MaxModelName) + " bytes or holds control characters.",
 }
 
 func errModelNotAllowed(model string) *proxy.APIError {
@@ -116,7 +97,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 	if info.Model == "" {
 		return info, 0, errMissingModel
 	}
-	if !sane(info.Model) {
+	if !keystore.ValidModelName(info.Model) {
 		return info, 0, errModelName
 	}
 	if !tier.allows(info.Model) || !mintedAllows(minted, info.Model) {
@@ -212,10 +193,14 @@ func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens,
 	return keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd
 }
 
-// chargeFor is charge for a request of the client, logging usage it does
-// not believe for the operator: a warning naming the caller by key ID.
+// chargeFor is charge for a request of the client, with its cost at the
+// model's price when it has one, logging usage it does not believe for the
+// operator: a warning naming the caller by key ID.
 func (h *Handler) chargeFor(clientID, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) keystore.Tokens {
 	used, absurd := charge(u, reserve, bodyLen)
+	if p, ok := h.price(model); ok {
+		used.Cost = p.cost(used.Prompt, used.Completion)
+	}
 	if absurd {
 		h.logger.Warn("the upstream reported absurd usage: charged the reservation instead",
 			zap.String("client_id", clientID), zap.String("model", model),

@@ -37,6 +37,16 @@ type usageCounts struct {
 	TotalTokens       int64              `json:"total_tokens"`
 	PromptDetails     *promptDetails     `json:"prompt_tokens_details,omitempty"`
 	CompletionDetails *completionDetails `json:"completion_tokens_details,omitempty"`
+	Cost              *costReport        `json:"cost,omitempty"` // when prices are configured
+}
+
+// costReport is a cost: {"amount": "1.234567", "currency": "USD"}. The
+// amount is a decimal string with six places, exact to the micro-unit
+// the ledger counts in: a JSON number would be read as a float by most
+// clients (JavaScript's Number above all), and sums of floats drift.
+type costReport struct {
+	Amount   string `json:"amount"`
+	Currency string `json:"currency"`
 }
 
 type promptDetails struct {
@@ -48,8 +58,8 @@ type completionDetails struct {
 }
 
 // countsOf shapes a sum of rows; details adds the details when they are
-// zero too.
-func countsOf(sum keystore.UsageRow, details bool) usageCounts {
+// zero too. Its cost is there when currency is not "".
+func countsOf(sum keystore.UsageRow, details bool, currency string) usageCounts {
 	c := usageCounts{
 		Requests: sum.Requests, PromptTokens: sum.PromptTokens,
 		CompletionTokens: sum.CompletionTokens, TotalTokens: sum.TotalTokens(),
@@ -59,6 +69,9 @@ func countsOf(sum keystore.UsageRow, details bool) usageCounts {
 	}
 	if details || sum.ReasoningTokens > 0 {
 		c.CompletionDetails = &completionDetails{sum.ReasoningTokens}
+	}
+	if currency != "" {
+		c.Cost = &costReport{Amount: keystore.FormatCost(sum.Cost), Currency: currency}
 	}
 	return c
 }
@@ -80,7 +93,17 @@ type limitsReport struct {
 		Limit    int `json:"limit"`
 		InFlight int `json:"in_flight"`
 	} `json:"concurrent,omitempty"`
-	Quota *quotaReport `json:"quota,omitempty"`
+	Quota  *quotaReport  `json:"quota,omitempty"`
+	Budget *budgetReport `json:"budget,omitempty"`
+}
+
+// budgetReport is the caller's budget, its amounts shaped as costs.
+type budgetReport struct {
+	Period    string     `json:"period"`
+	Limit     costReport `json:"limit"`
+	Used      costReport `json:"used"`
+	Remaining costReport `json:"remaining"`
+	Reset     time.Time  `json:"reset"`
 }
 
 type bucketReport struct {
@@ -102,9 +125,12 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 	monthStart := limiter.Month.Start(now)
 	rows, err := h.keys.Ledger().UsageSince(r.Context(), client.ID, monthStart)
 	if err == nil {
-		var state limiter.State
-		if state, err = h.limiter.State(r.Context(), client.ID, &tier.limits, now); err == nil {
-			return h.writeUsage(w, client, tier, rows, state, monthStart, now)
+		var state, budget limiter.State
+		if state, err = h.limiter.State(r.Context(), client.ID, &tier.limits, now); err == nil && !tier.budget.Quota.Unlimited() {
+			budget, err = h.limiter.State(r.Context(), budgetPrefix+client.ID, &tier.budget, now)
+		}
+		if err == nil {
+			return h.writeUsage(w, client, tier, rows, state, budget, monthStart, now)
 		}
 	}
 	h.logger.Error("reading usage", zap.String("client_id", client.ID), zap.Error(err))
@@ -113,7 +139,7 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 }
 
 // writeUsage writes the usage report of a client.
-func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state limiter.State, monthStart, now time.Time) error {
+func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state, budget limiter.State, monthStart, now time.Time) error {
 
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
@@ -139,9 +165,15 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		}
 		m.Add(row)
 	}
-	rep.Today.usageCounts, rep.Month.usageCounts = countsOf(today, true), countsOf(month, true)
+	// Costs are reported when prices are configured: without, every
+	// cost is 0 and says nothing.
+	var currency string
+	if len(h.prices) > 0 {
+		currency = h.Currency
+	}
+	rep.Today.usageCounts, rep.Month.usageCounts = countsOf(today, true, currency), countsOf(month, true, currency)
 	for model, sum := range models {
-		rep.ByModel = append(rep.ByModel, modelReport{Model: model, usageCounts: countsOf(*sum, false)})
+		rep.ByModel = append(rep.ByModel, modelReport{Model: model, usageCounts: countsOf(*sum, false, currency)})
 	}
 	sort.Slice(rep.ByModel, func(i, j int) bool { return rep.ByModel[i].Model < rep.ByModel[j].Model })
 
@@ -162,6 +194,13 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		rep.Limits.Quota = &quotaReport{
 			Period: lim.Quota.Period.String(), Limit: lim.Quota.N, Used: state.QuotaUsed,
 			Remaining: max(lim.Quota.N-state.QuotaUsed, 0), Reset: state.QuotaReset,
+		}
+	}
+	if b := &tier.budget.Quota; !b.Unlimited() {
+		money := func(n int64) costReport { return costReport{Amount: keystore.FormatCost(n), Currency: h.Currency} }
+		rep.Limits.Budget = &budgetReport{
+			Period: b.Period.String(), Limit: money(b.N), Used: money(budget.QuotaUsed),
+			Remaining: money(max(b.N-budget.QuotaUsed, 0)), Reset: budget.QuotaReset,
 		}
 	}
 	limiter.SetHeaders(w.Header(), lim, state, now)

@@ -87,7 +87,8 @@ http://127.0.0.1:{{.Port}} {
 // moduleSite is this module with tiers that never refuse the load: the
 // benchTier of the single-client workloads and of the users of the
 // stand-in OpenID provider, and the mixTiers, each with a different set
-// of limits to check.
+// of limits to check (pro's include a budget in money, at the prices
+// given, so that mix measures what costs and budgets add).
 const moduleSite = `
 http://127.0.0.1:{{.Port}} {
 	bind 127.0.0.1
@@ -111,6 +112,10 @@ http://127.0.0.1:{{.Port}} {
 			tokens 1000000000000/1m
 			concurrent 1000
 			quota 1000000000000/month
+			budget 1000000/month
+		}
+		prices {
+			vigthoria-fast-* input 0.10 output 0.40
 		}
 		tier team {
 			requests 1000000000/1m burst 1000000

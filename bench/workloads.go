@@ -63,7 +63,7 @@ func workloads(cfg config) []workload {
 		},
 		{
 			name: "mix",
-			about: fmt.Sprintf("small chat completions, %d connections, each request from the next of %d client keys of tiers %v with different limits",
+			about: fmt.Sprintf("small chat completions, %d connections, each request from the next of %d client keys of tiers %v with different limits (pro's with a budget in money, priced per request)",
 				cfg.conns, keysPerTier*len(mixTiers), mixTiers),
 			run: load(cfg.conns, chatRequests(mixTiers...)),
 		},

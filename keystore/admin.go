@@ -83,10 +83,19 @@ func serviceFor(r *http.Request) (*Service, error) {
 // adminAPI serves key management on Caddy's admin API:
 //
 //	GET    /vigthoria/keys               list keys (never secrets or hashes)
-//	POST   /vigthoria/keys               create: {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"]}; the answer holds the secret
+//	POST   /vigthoria/keys               create: {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"], "settings": {…}}; the answer holds the secret
 //	GET    /vigthoria/keys/{id}          one key
+//	PATCH  /vigthoria/keys/{id}          change its settings: {"budget": {"n": 80000000, "period": "month"}, "requests": null}
 //	DELETE /vigthoria/keys/{id}          revoke
 //	POST   /vigthoria/keys/{id}/rotate   new secret, in the answer
+//
+// Settings are a JSON object of the fields of Settings, each optional:
+// "requests" and "tokens" {"n": 100, "window": "1m", "burst": 10},
+// "concurrent" and "max_tokens" numbers, "quota" {"n": tokens, "period":
+// "day"|"month"}, "budget" {"n": micro-units of the currency, "period":
+// …}, "models" and "origins" lists of strings. A PATCH changes the fields
+// it sets, clears those it sets to null (they follow the tier again) and
+// keeps the others.
 //
 // When several key stores are open, ?store=<spec> chooses one.
 type adminAPI struct{}
@@ -119,6 +128,7 @@ type keyJSON struct {
 	Revoked  *time.Time `json:"revoked"`
 	LastUsed *time.Time `json:"last_used"`
 	Mint     []string   `json:"mint,omitempty"`
+	Settings *Settings  `json:"settings,omitempty"`
 	Secret   string     `json:"secret,omitempty"`
 }
 
@@ -129,10 +139,14 @@ func newKeyJSON(r Record, now time.Time) keyJSON {
 		}
 		return &t
 	}
-	return keyJSON{
+	k := keyJSON{
 		ID: r.ID, Name: r.Name, Tier: r.Tier, State: r.State(now), Created: r.Created,
 		Expires: opt(r.Expires), Revoked: opt(r.Revoked), LastUsed: opt(r.LastUsed), Mint: r.Mint,
 	}
+	if !r.Settings.IsZero() {
+		k.Settings = &r.Settings
+	}
+	return k
 }
 
 // serve routes a request under /vigthoria/.
@@ -153,8 +167,10 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 			return a.get(w, r, parts[1])
 		case http.MethodDelete:
 			return a.revoke(w, r, parts[1])
+		case http.MethodPatch:
+			return a.patch(w, r, parts[1])
 		}
-		return methodNotAllowed(w, r, http.MethodGet, http.MethodDelete)
+		return methodNotAllowed(w, r, http.MethodGet, http.MethodPatch, http.MethodDelete)
 	case len(parts) == 3 && parts[0] == "keys" && parts[1] != "" && parts[2] == "rotate":
 		if r.Method != http.MethodPost {
 			return methodNotAllowed(w, r, http.MethodPost)
@@ -183,16 +199,17 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 
 func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	var req struct {
-		Name    string   `json:"name"`
-		Tier    string   `json:"tier"`
-		Expires string   `json:"expires"`
-		Mint    []string `json:"mint"`
+		Name     string   `json:"name"`
+		Tier     string   `json:"tier"`
+		Expires  string   `json:"expires"`
+		Mint     []string `json:"mint"`
+		Settings Settings `json:"settings"`
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
-			Err: fmt.Errorf(`decoding request body: %w; send {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"]}`, err)}
+			Err: fmt.Errorf(`decoding request body: %w; send {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"], "settings": {"requests": {"n": 100, "window": "1m"}}}`, err)}
 	}
 	now := time.Now()
 	expires, err := parseExpiry(req.Expires, now)
@@ -203,7 +220,7 @@ func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	rec, secret, err := Create(r.Context(), svc.Store(), Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint}, now)
+	rec, secret, err := Create(r.Context(), svc.Store(), Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
 	if err != nil {
 		return storeError(err)
 	}
@@ -222,6 +239,32 @@ func (adminAPI) get(w http.ResponseWriter, r *http.Request, id string) error {
 	if err != nil {
 		return storeError(err)
 	}
+	return writeJSON(w, http.StatusOK, newKeyJSON(rec, time.Now()))
+}
+
+// patch changes the settings of the key id; see adminAPI.
+func (adminAPI) patch(w http.ResponseWriter, r *http.Request, id string) error {
+	var patch map[string]json.RawMessage
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody)).Decode(&patch); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
+			Err: fmt.Errorf(`decoding request body: %w; send the settings to change, null to clear one: {"budget": {"n": 80000000, "period": "month"}, "requests": null}`, err)}
+	}
+	svc, err := serviceFor(r)
+	if err != nil {
+		return err
+	}
+	st := svc.Store()
+	rec, err := st.Get(r.Context(), id)
+	if err != nil {
+		return storeError(err)
+	}
+	if err := patchSettings(&rec.Settings, patch); err != nil {
+		return storeError(err)
+	}
+	if err := SetSettings(r.Context(), st, id, rec.Settings); err != nil {
+		return storeError(err)
+	}
+	svc.changed()
 	return writeJSON(w, http.StatusOK, newKeyJSON(rec, time.Now()))
 }
 

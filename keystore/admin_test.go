@@ -158,7 +158,7 @@ func TestAdminManagesKeys(t *testing.T) {
 		{"too large", http.MethodPost, "/vigthoria/keys", `{"name":"` + strings.Repeat("n", maxAdminBody) + `"}`, http.StatusBadRequest, ""},
 		{"PUT keys", http.MethodPut, "/vigthoria/keys", "", http.StatusMethodNotAllowed, "GET, POST"},
 		{"DELETE keys", http.MethodDelete, "/vigthoria/keys", "", http.StatusMethodNotAllowed, "GET, POST"},
-		{"POST one key", http.MethodPost, "/vigthoria/keys/" + created.ID, "", http.StatusMethodNotAllowed, "GET, DELETE"},
+		{"POST one key", http.MethodPost, "/vigthoria/keys/" + created.ID, "", http.StatusMethodNotAllowed, "GET, PATCH, DELETE"},
 		{"GET rotate", http.MethodGet, "/vigthoria/keys/" + created.ID + "/rotate", "", http.StatusMethodNotAllowed, "POST"},
 		{"unknown path", http.MethodGet, "/vigthoria/other", "", http.StatusNotFound, ""},
 		{"too deep", http.MethodGet, "/vigthoria/keys/a/b/c", "", http.StatusNotFound, ""},

@@ -20,18 +20,33 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "vigthoria",
-		Usage: "key add|list|revoke|rotate … | usage [<id>] | signing-key rotate|list",
+		Usage: "key add|list|show|update|revoke|rotate … | usage [<id>] | signing-key rotate|list",
 		Short: "Manages the client keys of the vigthoria handler",
 		Long: `
 Adds, lists, revokes and rotates the client keys that the vigthoria handler
 accepts, in its key store. A running Caddy sees every change within a second,
 without a reload.
 
-  caddy vigthoria key add --tier pro --name alice [--expires 720h] [--mint free,basic]
+  caddy vigthoria key add --tier pro --name alice [--expires 720h] [--mint free,basic] [settings]
   caddy vigthoria key list
+  caddy vigthoria key show <id> [--config Caddyfile]
+  caddy vigthoria key update <id> [settings] [--clear-<setting>…]
   caddy vigthoria key revoke <id>
   caddy vigthoria key rotate <id>
   caddy vigthoria usage [<id>]
+
+A key's own settings replace its tier's of the same name; those it does
+not set follow the tier, and its changes:
+
+  --requests 100/1m   --tokens 200000/1m   --concurrent 5
+  --quota 10000000/month   --budget 50/month   --max-tokens 2048
+  --models 'vigthoria-fast-*'   --origins https://app.example.com
+
+--origins binds the key to the web pages of those origins: a request with
+another Origin header is refused with 403. update changes the settings
+given and --clear-<setting> makes one follow the tier again; show prints
+each setting and where it comes from, the tier's values taken from the
+Caddyfile given with --config.
 
 --mint lets the key's holder, an app's backend, mint short-lived tokens of
 those tiers for its own users (POST /vigthoria/tokens).
@@ -101,8 +116,23 @@ func buildCommand(cmd *cobra.Command) {
 	add.Flags().String("name", "", "who or what the key is for (required)")
 	add.Flags().String("expires", "", "lifetime, such as 720h or 30d, or an RFC 3339 time (default: never)")
 	add.Flags().String("mint", "", "tiers, separated by commas, that the key may mint tokens of for its users (default: none)")
+	addSettingFlags(add, false)
 	_ = add.MarkFlagRequired("tier")
 	_ = add.MarkFlagRequired("name")
+	update := &cobra.Command{
+		Use:   "update <id> [--<setting> <value>…] [--clear-<setting>…]",
+		Short: "Changes a key's own settings; a cleared one follows the tier again",
+		Args:  cobra.ExactArgs(1),
+		RunE:  cliUpdate,
+	}
+	addSettingFlags(update, true)
+	show := &cobra.Command{
+		Use:   "show <id> [--config <Caddyfile>]",
+		Short: "Prints a key and each of its settings, and whether it is the key's own or its tier's",
+		Args:  cobra.ExactArgs(1),
+		RunE:  cliShow,
+	}
+	show.Flags().String("config", "", "the Caddyfile (or JSON config) whose tiers to show the values of")
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "Lists the keys, never their secrets",
@@ -145,10 +175,10 @@ func buildCommand(cmd *cobra.Command) {
 		Args:  cobra.NoArgs,
 		RunE:  cliSigningList,
 	}
-	for _, c := range []*cobra.Command{add, list, revoke, rotate, usage, signingRotate, signingList} {
+	for _, c := range []*cobra.Command{add, update, show, list, revoke, rotate, usage, signingRotate, signingList} {
 		c.SilenceUsage = true // a failed command says why; the usage would bury it
 	}
-	key.AddCommand(add, list, revoke, rotate)
+	key.AddCommand(add, update, show, list, revoke, rotate)
 	signing.AddCommand(signingRotate, signingList)
 	cmd.AddCommand(key, usage, signing)
 }
@@ -190,6 +220,9 @@ func cliAdd(cmd *cobra.Command, _ []string) error {
 	if mint != "" {
 		a.Mint = strings.Split(mint, ",")
 	}
+	if err := settingsFromFlags(cmd, &a.Settings); err != nil {
+		return err
+	}
 	st, spec, err := cliStore(cmd, true)
 	if err != nil {
 		return err
@@ -200,8 +233,8 @@ func cliAdd(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "Created key %s (name %q, tier %s, expires %s, mints %s) in %s.\n", rec.ID, rec.Name, rec.Tier,
-		formatTime(rec.Expires, "never"), formatMint(rec.Mint, "no tokens"), spec)
+	fmt.Fprintf(out, "Created key %s (name %q, tier %s, expires %s, mints %s, own settings %s) in %s.\n", rec.ID, rec.Name, rec.Tier,
+		formatTime(rec.Expires, "never"), formatMint(rec.Mint, "no tokens"), setNames(&rec.Settings, "none"), spec)
 	printSecret(out, secret)
 	return nil
 }
@@ -223,10 +256,11 @@ func cliList(cmd *cobra.Command, _ []string) error {
 	}
 	now := time.Now()
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tNAME\tTIER\tMINT\tCREATED\tEXPIRES\tLAST USED\tSTATE")
+	// SETTINGS names the key's own settings (see key show).
+	fmt.Fprintln(tw, "ID\tNAME\tTIER\tMINT\tCREATED\tEXPIRES\tLAST USED\tSTATE\tSETTINGS")
 	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, printable(r.Name), r.Tier, formatMint(r.Mint, "-"),
-			formatTime(r.Created, "-"), formatTime(r.Expires, "never"), formatTime(r.LastUsed, "never"), r.State(now))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, printable(r.Name), r.Tier, formatMint(r.Mint, "-"),
+			formatTime(r.Created, "-"), formatTime(r.Expires, "never"), formatTime(r.LastUsed, "never"), r.State(now), setNames(&r.Settings, "-"))
 	}
 	return tw.Flush()
 }
@@ -271,16 +305,17 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 	since := Day(time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC))
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 	// CACHED is of PROMPT and REASONING of COMPLETION, where the
-	// upstream reported them.
-	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL")
+	// upstream reported them. COST is in units of the proxy's currency,
+	// which the store does not know: 0 for usage of unpriced models.
+	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL\tCOST")
 	for _, id := range ids {
 		rows, err := us.UsageSince(cmd.Context(), id, since)
 		if err != nil {
 			return err
 		}
 		for _, r := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", id, r.Day, printable(r.Model), r.Requests,
-				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens())
+			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", id, r.Day, printable(r.Model), r.Requests,
+				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens(), FormatCost(r.Cost))
 		}
 	}
 	return w.Flush()

@@ -140,7 +140,7 @@ func TestCLIMint(t *testing.T) {
 	if len(lines) != 3 {
 		t.Fatalf("list printed %q, want a header and 2 keys", lines)
 	}
-	if got, want := strings.Fields(lines[0]), []string{"ID", "NAME", "TIER", "MINT", "CREATED", "EXPIRES", "LAST", "USED", "STATE"}; !slices.Equal(got, want) {
+	if got, want := strings.Fields(lines[0]), []string{"ID", "NAME", "TIER", "MINT", "CREATED", "EXPIRES", "LAST", "USED", "STATE", "SETTINGS"}; !slices.Equal(got, want) {
 		t.Errorf("header %q, want %q", got, want)
 	}
 	for _, tt := range []struct {
@@ -182,15 +182,15 @@ func storeWithUsage(t *testing.T, row UsageRow) (store, id string) {
 }
 
 func TestCLIUsageAndEmptyList(t *testing.T) {
-	store, id := storeWithUsage(t, UsageRow{Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5, CachedTokens: 8, ReasoningTokens: 3})
+	store, id := storeWithUsage(t, UsageRow{Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5, CachedTokens: 8, ReasoningTokens: 3, Cost: 12_000_345})
 	day := Day(time.Now())
 	for _, args := range [][]string{{"usage", store}, {"usage", id, store}} {
 		out := mustCLI(t, args...)
 		header, row, _ := strings.Cut(out, "\n")
-		if got, want := strings.Fields(header), []string{"KEY", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL"}; !slices.Equal(got, want) {
+		if got, want := strings.Fields(header), []string{"KEY", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL", "COST"}; !slices.Equal(got, want) {
 			t.Errorf("%v printed the header %q, want %q", args, got, want)
 		}
-		if got, want := strings.Fields(row), []string{id, day, "m-1", "2", "10", "8", "5", "3", "15"}; !slices.Equal(got, want) {
+		if got, want := strings.Fields(row), []string{id, day, "m-1", "2", "10", "8", "5", "3", "15", "12.000345"}; !slices.Equal(got, want) {
 			t.Errorf("%v printed the row %q, want %q", args, got, want)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"math"
 	"math/bits"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -132,6 +133,10 @@ type index struct {
 	// minters are the live keys that may mint tokens, by ID: few, and
 	// looked up without a lock for every request of a minted token.
 	minters atomic.Pointer[map[string]minter]
+	// settings are the live keys' own settings, by ID, of the keys that
+	// have any: looked up without a lock for every request, and costing
+	// one atomic load when no key has settings.
+	settings atomic.Pointer[map[string]*Settings]
 
 	mu    sync.Mutex // serializes writers; protects the following
 	ids   []uint32   // table of entries by ID, slots as described above
@@ -195,6 +200,54 @@ func isMinter(m *map[string]minter, id string) bool {
 	return ok
 }
 
+// settingsOf returns the settings of the live key id, or nil when it has
+// none. It takes no lock and allocates nothing.
+func (ix *index) settingsOf(id string) *Settings {
+	if m := ix.settings.Load(); m != nil {
+		return (*m)[id]
+	}
+	return nil
+}
+
+// noteSettings brings the settings up to date with recs, changed in that
+// order, copying the map only when one of them has or had settings. A
+// key's settings get a new pointer whenever they change, and keep theirs
+// otherwise (a rotation): callers cache by it.
+func (ix *index) noteSettings(recs []Record) {
+	old := ix.settings.Load()
+	var next map[string]*Settings
+	for i := range recs {
+		r := &recs[i]
+		cur := ix.settingsOf(r.ID)
+		if next != nil {
+			cur = next[r.ID]
+		}
+		has := !r.Settings.IsZero() && r.Revoked.IsZero()
+		if !has && cur == nil || has && cur != nil && reflect.DeepEqual(*cur, r.Settings) {
+			continue
+		}
+		if next == nil {
+			next = make(map[string]*Settings)
+			if old != nil {
+				maps.Copy(next, *old)
+			}
+		}
+		if has {
+			s := r.Settings
+			next[r.ID] = &s
+		} else {
+			delete(next, r.ID)
+		}
+	}
+	switch {
+	case next == nil:
+	case len(next) == 0:
+		ix.settings.Store(nil)
+	default:
+		ix.settings.Store(&next)
+	}
+}
+
 // emptyView is the view of an index never written to. Nothing writes to
 // it: the first write rebuilds.
 var emptyView view
@@ -214,6 +267,7 @@ func (ix *index) apply(recs []Record) (skipped []string) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	ix.noteMinters(recs)
+	ix.noteSettings(recs)
 	for i := range recs {
 		r := &recs[i]
 		if !r.Revoked.IsZero() {
@@ -241,6 +295,7 @@ func (ix *index) loadNew(recs []Record) (skipped []string) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	ix.noteMinters(recs)
+	ix.noteSettings(recs)
 	ix.reserve(len(recs))
 	v := ix.view()
 	entries := v.entries
@@ -359,6 +414,7 @@ func (ix *index) clear() {
 	defer ix.mu.Unlock()
 	ix.cur.Store(&emptyView)
 	ix.minters.Store(nil)
+	ix.settings.Store(nil)
 	ix.ids, ix.tiers, ix.tierN, ix.texts, ix.live = nil, nil, nil, textArena{}, 0
 }
 

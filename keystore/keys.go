@@ -23,6 +23,9 @@ type Attrs struct {
 	Tier    string
 	Expires time.Time // zero: never
 	Mint    []string  // tiers it may mint tokens of; each a valid tier name (validTier)
+	// Settings are the key's own limits over its tier's; the zero
+	// Settings follow the tier.
+	Settings Settings
 }
 
 // Create adds a key with the attributes a to st and returns its record
@@ -41,6 +44,9 @@ func Create(ctx context.Context, st Store, a Attrs, now time.Time) (Record, stri
 	if err != nil {
 		return Record{}, "", err
 	}
+	if err := a.Settings.Check(); err != nil {
+		return Record{}, "", err
+	}
 	now = storedTime(now)
 	expires := storedTime(a.Expires)
 	if !expires.IsZero() && !expires.After(now) {
@@ -54,7 +60,7 @@ func Create(ctx context.Context, st Store, a Attrs, now time.Time) (Record, stri
 	if err != nil {
 		return Record{}, "", fmt.Errorf("creating a key: %w", err)
 	}
-	r := Record{ID: id, Name: a.Name, Tier: a.Tier, Hash: HashSecret(secret), Created: now, Expires: expires, Mint: mint}
+	r := Record{ID: id, Name: a.Name, Tier: a.Tier, Hash: HashSecret(secret), Created: now, Expires: expires, Mint: mint, Settings: a.Settings}
 	if err := st.Insert(ctx, r); err != nil {
 		return Record{}, "", fmt.Errorf("storing key %s: %w", id, err)
 	}
@@ -74,6 +80,20 @@ func Rotate(ctx context.Context, st Store, id string) (string, error) {
 		return "", fmt.Errorf("rotating key %s: %w", id, err)
 	}
 	return secret, nil
+}
+
+// SetSettings replaces the settings of the key id with s, after
+// checking them: the zero Settings make the key follow its tier in
+// everything. It returns an error wrapping ErrInvalid, ErrNotFound or
+// ErrRevoked when the key cannot be changed so.
+func SetSettings(ctx context.Context, st Store, id string, s Settings) error {
+	if err := s.Check(); err != nil {
+		return err
+	}
+	if err := st.SetSettings(ctx, id, s); err != nil {
+		return fmt.Errorf("changing the settings of key %s: %w", id, err)
+	}
+	return nil
 }
 
 // validName checks a key's name: 1 to 64 printable characters. The error

@@ -23,10 +23,25 @@ type Tokens struct {
 	Completion int64
 	Cached     int64 // of Prompt: read from the upstream's prompt cache
 	Reasoning  int64 // of Completion: spent reasoning, not in the answer
+	Cost       int64 // micro-units of the currency; 0 for an unpriced model
 }
 
 // Total returns prompt plus completion tokens.
 func (t Tokens) Total() int64 { return addCount(t.Prompt, t.Completion) }
+
+// Micros is the number of micro-units in one unit of a currency: costs
+// are whole micro-units, so that sums of them are exact.
+const Micros = 1_000_000
+
+// FormatCost writes a cost in micro-units as a decimal number of units
+// with six places, such as 1.234567: exact, where a float would drift.
+func FormatCost(micros int64) string {
+	sign, u := "", uint64(micros)
+	if micros < 0 {
+		sign, u = "-", -u
+	}
+	return fmt.Sprintf("%s%d.%06d", sign, u/Micros, u%Micros)
+}
 
 // UsageRow is one client's usage of one model on one UTC day.
 type UsageRow struct {
@@ -38,6 +53,7 @@ type UsageRow struct {
 	CompletionTokens int64
 	CachedTokens     int64 // of PromptTokens, where the upstream said
 	ReasoningTokens  int64 // of CompletionTokens, where the upstream said
+	Cost             int64 // micro-units of the currency, at the prices when each use was added
 }
 
 // TotalTokens returns prompt plus completion tokens.
@@ -52,6 +68,7 @@ func (r *UsageRow) Add(o UsageRow) {
 	r.CompletionTokens = addCount(r.CompletionTokens, o.CompletionTokens)
 	r.CachedTokens = addCount(r.CachedTokens, o.CachedTokens)
 	r.ReasoningTokens = addCount(r.ReasoningTokens, o.ReasoningTokens)
+	r.Cost = addCount(r.Cost, o.Cost)
 }
 
 // addCount returns a+b, saturating at the bounds of int64.
@@ -150,7 +167,7 @@ func (l *Ledger) Add(client, model string, at time.Time, used Tokens) {
 		l.pending[k] = row
 	}
 	row.Add(UsageRow{Requests: 1, PromptTokens: used.Prompt, CompletionTokens: used.Completion,
-		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning})
+		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning, Cost: used.Cost})
 	l.mu.Unlock()
 }
 
@@ -273,10 +290,23 @@ func (l *Ledger) UsageSince(ctx context.Context, client string, since time.Time)
 // QuotaUsed returns the tokens the client used since a time (a quota
 // period's start), for limiter.QuotaCounter.
 func (l *Ledger) QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error) {
+	return l.sumSince(ctx, client, since, UsageRow.TotalTokens)
+}
+
+// CostUsed returns what the client spent since a time (a budget period's
+// start), in micro-units of the currency: the sum of its rows' cost,
+// stopping at the largest int64.
+func (l *Ledger) CostUsed(ctx context.Context, client string, since time.Time) (int64, error) {
+	return l.sumSince(ctx, client, since, func(r UsageRow) int64 { return r.Cost })
+}
+
+// sumSince sums a figure of the client's rows since a time, stopping at
+// the largest int64.
+func (l *Ledger) sumSince(ctx context.Context, client string, since time.Time, figure func(UsageRow) int64) (int64, error) {
 	rows, err := l.UsageSince(ctx, client, since)
 	var total int64
 	for _, r := range rows {
-		total = addCount(total, r.TotalTokens())
+		total = addCount(total, figure(r))
 	}
 	return total, err
 }
@@ -314,14 +344,19 @@ const ledgerSchema = `CREATE TABLE usage (
 const ledgerDetailsSchema = `ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE usage ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;`
 
+// ledgerCostSchema is the SQLite migration that keeps the cost of the
+// usage, in micro-units of the currency; the rows from before cost
+// nothing.
+const ledgerCostSchema = `ALTER TABLE usage ADD COLUMN cost INTEGER NOT NULL DEFAULT 0;`
+
 // addUsageSQL adds a row to the ledger, each sum at most the largest
 // int64: SQLite turns a sum that overflows into a REAL, which the STRICT
 // table refuses, and the row could never be written.
-var addUsageSQL = `INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)
-	VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+var addUsageSQL = `INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost)
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 	ON CONFLICT (client, day, model) DO UPDATE SET ` +
 	saturatingSum("requests") + ", " + saturatingSum("prompt_tokens") + ", " + saturatingSum("completion_tokens") + ", " +
-	saturatingSum("cached_tokens") + ", " + saturatingSum("reasoning_tokens")
+	saturatingSum("cached_tokens") + ", " + saturatingSum("reasoning_tokens") + ", " + saturatingSum("cost")
 
 // saturatingSum is the SQL that adds the new row's column to the stored
 // one. A count is never negative, so the test itself cannot overflow.
@@ -343,7 +378,7 @@ func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
 		}
 		defer stmt.Close()
 		for _, r := range b.Rows {
-			_, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens)
+			_, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost)
 			switch {
 			case err == nil:
 			case refusesRow(err):
@@ -378,7 +413,7 @@ func refusesRow(err error) bool {
 
 // UsageSince implements UsageStore.
 func (s *SQLite) UsageSince(ctx context.Context, client, day string) ([]UsageRow, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens
+	rows, err := s.db.QueryContext(ctx, `SELECT day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
 		FROM usage WHERE client = ? AND day >= ? ORDER BY day, model`, client, day)
 	if err != nil {
 		return nil, fmt.Errorf("reading usage: %w", err)
@@ -387,7 +422,7 @@ func (s *SQLite) UsageSince(ctx context.Context, client, day string) ([]UsageRow
 	var out []UsageRow
 	for rows.Next() {
 		r := UsageRow{Client: client}
-		if err := rows.Scan(&r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens); err != nil {
+		if err := rows.Scan(&r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost); err != nil {
 			return nil, fmt.Errorf("reading usage: %w", err)
 		}
 		out = append(out, r)

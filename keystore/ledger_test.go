@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"maps"
 	"math"
 	"path/filepath"
@@ -144,6 +145,15 @@ var usageBackends = []struct {
 	}},
 }
 
+// ledgerOn is a new ledger writing to a new store that open makes.
+func ledgerOn(t *testing.T, open func(*testing.T) (UsageStore, string, func(string, string))) (context.Context, UsageStore, *Ledger) {
+	t.Helper()
+	st, _, _ := open(t)
+	l := newLedger(zap.NewNop())
+	l.attach(st)
+	return t.Context(), st, l
+}
+
 // TestLedgerSumsSaturate: counts too large to add stop at the largest
 // int64, in memory, in the store and in what is read back, rather than
 // wrapping negative (and starting a quota over) or failing every write.
@@ -151,16 +161,16 @@ func TestLedgerSumsSaturate(t *testing.T) {
 	const huge = 9_000_000_000_000_000_000 // 9e18, as an upstream once reported
 	for _, b := range usageBackends {
 		t.Run(b.name, func(t *testing.T) {
-			ctx := t.Context()
-			st, _, _ := b.open(t)
-			l := newLedger(zap.NewNop())
-			l.attach(st)
+			ctx, st, l := ledgerOn(t, b.open)
 			now := time.Now()
-			absurd := Tokens{Prompt: huge, Completion: 5, Cached: huge, Reasoning: 1}
+			absurd := Tokens{Prompt: huge, Completion: 5, Cached: huge, Reasoning: 1, Cost: huge}
 			l.Add("key_a", "m", now, absurd)
 			l.Add("key_a", "m", now, absurd)
 			if used, err := l.QuotaUsed(ctx, "key_a", now); err != nil || used != math.MaxInt64 {
 				t.Errorf("quota used %d (%v) while pending, want the largest int64", used, err)
+			}
+			if spent, err := l.CostUsed(ctx, "key_a", now); err != nil || spent != math.MaxInt64 {
+				t.Errorf("cost used %d (%v) while pending, want the largest int64", spent, err)
 			}
 			// Two batches of saturated rows, then one that the pending
 			// rows add to when read.
@@ -172,7 +182,7 @@ func TestLedgerSumsSaturate(t *testing.T) {
 				l.Add("key_a", "m", now, absurd)
 			}
 			want := UsageRow{Client: "key_a", Day: Day(now), Model: "m", Requests: 4,
-				PromptTokens: math.MaxInt64, CompletionTokens: 20, CachedTokens: math.MaxInt64, ReasoningTokens: 4}
+				PromptTokens: math.MaxInt64, CompletionTokens: 20, CachedTokens: math.MaxInt64, ReasoningTokens: 4, Cost: math.MaxInt64}
 			if rows, err := st.UsageSince(ctx, "key_a", Day(now)); err != nil || len(rows) != 1 || rows[0] != want {
 				t.Errorf("stored %+v (%v), want %+v", rows, err, want)
 			}
@@ -182,6 +192,9 @@ func TestLedgerSumsSaturate(t *testing.T) {
 			}
 			if used, err := l.QuotaUsed(ctx, "key_a", now); err != nil || used != math.MaxInt64 {
 				t.Errorf("quota used %d (%v), want the largest int64", used, err)
+			}
+			if spent, err := l.CostUsed(ctx, "key_a", now); err != nil || spent != math.MaxInt64 {
+				t.Errorf("cost used %d (%v), want the largest int64", spent, err)
 			}
 		})
 	}
@@ -237,43 +250,87 @@ func TestLedgerSetsAsideRowsTheStoreRefuses(t *testing.T) {
 }
 
 // TestSQLiteLedgerUpgradesInPlace: a store of the schema before the
-// cached and reasoning tokens opens with its usage kept, counting none of
-// them, and keeps them from then on.
+// cached and reasoning tokens, or of the one before the cost, opens with
+// its usage kept, counting none of them, and keeps them from then on.
 func TestSQLiteLedgerUpgradesInPlace(t *testing.T) {
-	ctx := t.Context()
-	path := filepath.Join(t.TempDir(), "keys.db")
-	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=journal_mode(WAL)")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, stmt := range []string{migrations[0], migrations[1], "PRAGMA user_version = 2",
-		`INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens) VALUES ('key_a', '2030-03-01', 'm', 2, 100, 50)`} {
-		if _, err := db.Exec(stmt); err != nil {
-			t.Fatal(err)
-		}
-	}
-	db.Close()
+	for _, version := range []int{2, len(migrations) - 1} {
+		t.Run(fmt.Sprintf("version %d", version), func(t *testing.T) {
+			ctx := t.Context()
+			path := filepath.Join(t.TempDir(), "keys.db")
+			db, err := sql.Open("sqlite", "file:"+path+"?_pragma=journal_mode(WAL)")
+			if err != nil {
+				t.Fatal(err)
+			}
+			stmts := append(slices.Clone(migrations[:version]), fmt.Sprintf("PRAGMA user_version = %d", version),
+				`INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens) VALUES ('key_a', '2030-03-01', 'm', 2, 100, 50)`)
+			for _, stmt := range stmts {
+				if _, err := db.Exec(stmt); err != nil {
+					t.Fatal(err)
+				}
+			}
+			db.Close()
 
-	st, err := OpenSQLite(path)
-	if err != nil {
-		t.Fatal(err)
+			st, err := OpenSQLite(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			var got int
+			if err := st.db.QueryRow("PRAGMA user_version").Scan(&got); err != nil || got != len(migrations) {
+				t.Errorf("schema version %d (%v), want %d", got, err, len(migrations))
+			}
+			row := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 2, PromptTokens: 100, CompletionTokens: 50}
+			if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
+				t.Errorf("usage after the upgrade %+v (%v), want %+v", rows, err, row)
+			}
+			more := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 1, PromptTokens: 30, CompletionTokens: 20,
+				CachedTokens: 16, ReasoningTokens: 8, Cost: 1_234_567}
+			if err := st.AddUsage(ctx, UsageBatch{Rows: []UsageRow{more}}); err != nil {
+				t.Fatal(err)
+			}
+			row.Add(more)
+			if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
+				t.Errorf("usage after adding to it %+v (%v), want %+v", rows, err, row)
+			}
+		})
 	}
-	defer st.Close()
-	var version int
-	if err := st.db.QueryRow("PRAGMA user_version").Scan(&version); err != nil || version != len(migrations) {
-		t.Errorf("schema version %d (%v), want %d", version, err, len(migrations))
-	}
-	row := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 2, PromptTokens: 100, CompletionTokens: 50}
-	if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
-		t.Errorf("usage after the upgrade %+v (%v), want %+v", rows, err, row)
-	}
-	more := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 1, PromptTokens: 30, CompletionTokens: 20, CachedTokens: 16, ReasoningTokens: 8}
-	if err := st.AddUsage(ctx, UsageBatch{Rows: []UsageRow{more}}); err != nil {
-		t.Fatal(err)
-	}
-	row.Add(more)
-	if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
-		t.Errorf("usage after adding to it %+v (%v), want %+v", rows, err, row)
+}
+
+// TestLedgerKeepsCost: the cost of each use reaches the store beside its
+// tokens, per model and day, and CostUsed sums it since a time, pending
+// rows included.
+func TestLedgerKeepsCost(t *testing.T) {
+	for _, b := range usageBackends {
+		t.Run(b.name, func(t *testing.T) {
+			ctx, st, l := ledgerOn(t, b.open)
+			now := time.Now()
+			yesterday := now.Add(-24 * time.Hour)
+			l.Add("key_a", "fast", yesterday, Tokens{Prompt: 10, Completion: 10, Cost: 1_000_000})
+			l.Add("key_a", "fast", now, Tokens{Prompt: 10, Completion: 20, Cost: 9})
+			l.Add("key_a", "fast", now, Tokens{Prompt: 10, Completion: 20, Cost: 11})
+			l.Add("key_a", "free", now, Tokens{Prompt: 10, Completion: 20})
+			l.Add("key_b", "fast", now, Tokens{Prompt: 10, Completion: 20, Cost: 500})
+			if err := l.flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			l.Add("key_a", "fast", now, Tokens{Prompt: 1, Completion: 1, Cost: 7}) // pending
+			rows, err := st.UsageSince(ctx, "key_a", Day(now))
+			want := []UsageRow{
+				{Client: "key_a", Day: Day(now), Model: "fast", Requests: 2, PromptTokens: 20, CompletionTokens: 40, Cost: 20},
+				{Client: "key_a", Day: Day(now), Model: "free", Requests: 1, PromptTokens: 10, CompletionTokens: 20},
+			}
+			if err != nil || !slices.Equal(rows, want) {
+				t.Errorf("stored %+v (%v), want %+v", rows, err, want)
+			}
+			for _, c := range []struct {
+				since time.Time
+				want  int64
+			}{{now, 27}, {yesterday, 1_000_027}} {
+				if spent, err := l.CostUsed(ctx, "key_a", c.since); err != nil || spent != c.want {
+					t.Errorf("CostUsed since %s = %d (%v), want %d", Day(c.since), spent, err, c.want)
+				}
+			}
+		})
 	}
 }
 
@@ -312,5 +369,17 @@ func TestRedisLedgerChecksBeforeItWrites(t *testing.T) {
 	}
 	if seq := raw.Get(ctx, redisWriterPrefix+"w").Val(); seq != "1" {
 		t.Errorf("the writer's sequence is %q, want 1", seq)
+	}
+}
+
+func TestFormatCost(t *testing.T) {
+	for micros, want := range map[int64]string{
+		0: "0.000000", 1: "0.000001", 100_000: "0.100000", 1_234_567: "1.234567",
+		50 * Micros: "50.000000", -1: "-0.000001",
+		math.MaxInt64: "9223372036854.775807", math.MinInt64: "-9223372036854.775808",
+	} {
+		if got := FormatCost(micros); got != want {
+			t.Errorf("FormatCost(%d) = %q, want %q", micros, got, want)
+		}
 	}
 }

@@ -11,7 +11,7 @@ import (
 
 // mintVerifier verifies the tokens s mints, as the handler does: the
 // caller is the token's user while its minting key may still mint.
-func mintVerifier(t *testing.T, s *Service, maxTTL time.Duration) *TokenVerifier {
+func mintVerifier(t testing.TB, s *Service, maxTTL time.Duration) *TokenVerifier {
 	t.Helper()
 	iss := &TokenIssuer{
 		Issuer: MintIssuer, Audience: []string{MintAudience}, Leeway: time.Second,
@@ -184,4 +184,40 @@ func TestMintWithoutSigningStore(t *testing.T) {
 	if _, _, err := s.Mint(context.Background(), TokenRequest{}, time.Now()); err == nil {
 		t.Error("minting without a store succeeded")
 	}
+}
+
+// BenchmarkVerifyMintedToken measures a minted token remembered from
+// before, the path of every request after a user's first, and one
+// checked in full (EdDSA), with its minting key's rights.
+func BenchmarkVerifyMintedToken(b *testing.B) {
+	s, cli := startService(b, nil)
+	now := time.Now()
+	backend, _, err := Create(b.Context(), cli, Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
+	if err != nil {
+		b.Fatal(err)
+	}
+	within(b, "the minting key is known", func() bool { _, _, ok := s.Minter(backend.ID, time.Now()); return ok })
+	token, _, err := s.Mint(b.Context(), TokenRequest{User: "alice", Tier: "free", KeyID: backend.ID, TTL: time.Hour}, now)
+	if err != nil {
+		b.Fatal(err)
+	}
+	v := mintVerifier(b, s, time.Hour)
+	ctx := context.Background()
+	if _, ok := v.Verify(ctx, token, now); !ok {
+		b.Fatal("the minted token is refused")
+	}
+	b.Run("remembered", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			v.Verify(ctx, token, now)
+		}
+	})
+	b.Run("signature", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := v.verify(ctx, token, now); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -25,19 +25,23 @@ import (
 //	vgt:key:<id>             hash: name, tier, hash (the 32 bytes of the
 //	                         SHA-256), created, expires, revoked, last_used
 //	                         (unix ms, 0 for none), mint (tiers joined by
-//	                         ','; missing in keys of older versions), seq
+//	                         ','; missing in keys of older versions),
+//	                         settings (JSON, see Settings; missing or ''
+//	                         for none), seq
 //	vgt:keys:seq             sorted set: every key ID, scored by its seq
 //	vgt:keys:counter         string: the last seq handed out (INCR)
 //	vgt:keys:epoch           string: a random number, 1 to 65535, made by
 //	                         the first write to an empty store
 //	vgt:usage:<client>:<day> hash: "<model>\x00requests", "…\x00prompt",
 //	                         "…\x00completion", "…\x00cached",
-//	                         "…\x00reasoning"; expires after usageTTL
+//	                         "…\x00reasoning", "…\x00cost" (micro-units
+//	                         of the currency; missing in rows of older
+//	                         versions); expires after usageTTL
 //	vgt:signing              hash: a field for each signing key, its ID,
 //	                         holding 8 bytes of its created time (unix ms,
 //	                         big-endian), then its 32-byte Ed25519 seed
 //
-// Every insert, rotation and revocation is one Lua script, which takes
+// Every insert, rotation, revocation and change of settings is one Lua script, which takes
 // the next seq and changes the key's hash and its score together, so
 // that a reader that has seen seq N has seen every change up to N.
 // Last-used times change the hash only: they are not changes.
@@ -96,7 +100,7 @@ var errStoreReset = errors.New("the key store lost its history (emptied, or rest
 
 // The fields of a key's hash that make its Record, in the order
 // parseRecord reads them.
-var recordFields = []string{"name", "tier", "hash", "created", "expires", "revoked", "last_used", "mint"}
+var recordFields = []string{"name", "tier", "hash", "created", "expires", "revoked", "last_used", "mint", "settings"}
 
 var (
 	// insertScript adds a key. KEYS: the key's hash, the seq set, the
@@ -112,9 +116,10 @@ redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
 redis.call('ZADD', KEYS[2], seq, ARGV[2])
 return 'ok'`)
 
-	// setHashScript rotates a live key. KEYS as insertScript's. ARGV: an
-	// epoch, the ID, the new hash.
-	setHashScript = redis.NewScript(`
+	// setFieldScript sets a field of a live key, such as its hash (a
+	// rotation) or its settings. KEYS as insertScript's. ARGV: an epoch,
+	// the ID, the field, its new value.
+	setFieldScript = redis.NewScript(`
 local revoked = redis.call('HGET', KEYS[1], 'revoked')
 if not revoked then
 	return 'notfound'
@@ -123,7 +128,7 @@ elseif revoked ~= '0' then
 end
 redis.call('SET', KEYS[4], ARGV[1], 'NX')
 local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[1], 'hash', ARGV[3], 'seq', seq)
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4], 'seq', seq)
 redis.call('ZADD', KEYS[2], seq, ARGV[2])
 return 'ok'`)
 
@@ -145,7 +150,7 @@ return 'ok'`)
 	// addUsageScript adds a ledger batch once. KEYS: the writer's
 	// sequence key, then the days' usage hashes. ARGV: the batch's
 	// sequence, the usage TTL and the writer TTL in seconds, then for
-	// each row the index of its hash in KEYS and five field and
+	// each row the index of its hash in KEYS and six field and
 	// increment pairs; a zero increment writes nothing. It returns 0 for
 	// a batch applied before, else 1 and the numbers (from 0) of the rows
 	// it refused: a row whose key is not a hash, or whose fields hold
@@ -171,7 +176,7 @@ local function writable(k, i)
 	if t ~= 'hash' and t ~= 'none' then
 		return false
 	end
-	for j = i + 1, i + 9, 2 do
+	for j = i + 1, i + 11, 2 do
 		if not isInteger(redis.call('HGET', k, ARGV[j])) then
 			return false
 		end
@@ -189,10 +194,10 @@ if tonumber(ARGV[1]) <= last then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 local result, written = {1}, {}
-for i = 4, #ARGV, 11 do
+for i = 4, #ARGV, 13 do
 	local k = KEYS[tonumber(ARGV[i])]
 	if writable(k, i) then
-		for j = i + 1, i + 9, 2 do
+		for j = i + 1, i + 11, 2 do
 			if ARGV[j+1] ~= '0' then
 				local sum = redis.pcall('HINCRBY', k, ARGV[j], ARGV[j+1])
 				if type(sum) == 'table' and sum.err then -- it would overflow
@@ -202,7 +207,7 @@ for i = 4, #ARGV, 11 do
 		end
 		written[k] = true
 	else
-		result[#result+1] = (i - 4) / 11
+		result[#result+1] = (i - 4) / 13
 	end
 end
 for k in pairs(written) do
@@ -286,6 +291,13 @@ func (s *Redis) Insert(ctx context.Context, r Record) error {
 		"created", millis(r.Created), "expires", millis(r.Expires),
 		"revoked", millis(r.Revoked), "last_used", millis(r.LastUsed),
 		"mint", joinMint(r.Mint)}
+	settings, err := encodeSettings(r.Settings)
+	if err != nil {
+		return fmt.Errorf("inserting key %s: %w", r.ID, err)
+	}
+	if settings != "" {
+		args = append(args, "settings", settings)
+	}
 	if err := insertScript.Run(ctx, s.client, writeKeys(r.ID), args...).Err(); err != nil {
 		return fmt.Errorf("inserting key %s: %w", r.ID, err)
 	}
@@ -325,8 +337,20 @@ func (s *Redis) List(ctx context.Context) ([]Record, error) {
 
 // SetHash replaces the hash of the key id; see Store.
 func (s *Redis) SetHash(ctx context.Context, id string, h Hash) error {
-	if err := s.change(ctx, setHashScript, id, h[:]); err != nil {
+	if err := s.change(ctx, setFieldScript, id, "hash", h[:]); err != nil {
 		return fmt.Errorf("setting hash of key %s: %w", id, err)
+	}
+	return nil
+}
+
+// SetSettings replaces the settings of the key id; see Store.
+func (s *Redis) SetSettings(ctx context.Context, id string, set Settings) error {
+	v, err := encodeSettings(set)
+	if err == nil {
+		err = s.change(ctx, setFieldScript, id, "settings", v)
+	}
+	if err != nil {
+		return fmt.Errorf("setting the settings of key %s: %w", id, err)
 	}
 	return nil
 }
@@ -342,9 +366,9 @@ func (s *Redis) Revoke(ctx context.Context, id string, at time.Time) error {
 	return nil
 }
 
-// change runs setHashScript or revokeScript on the key id.
-func (s *Redis) change(ctx context.Context, script *redis.Script, id string, arg any) error {
-	res, err := script.Run(ctx, s.client, writeKeys(id), newEpoch(), id, arg).Text()
+// change runs setFieldScript or revokeScript on the key id.
+func (s *Redis) change(ctx context.Context, script *redis.Script, id string, args ...any) error {
+	res, err := script.Run(ctx, s.client, writeKeys(id), append([]any{newEpoch(), id}, args...)...).Text()
 	switch {
 	case err != nil:
 		return err
@@ -531,7 +555,8 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 			r.Model+"\x00prompt", r.PromptTokens,
 			r.Model+"\x00completion", r.CompletionTokens,
 			r.Model+"\x00cached", r.CachedTokens,
-			r.Model+"\x00reasoning", r.ReasoningTokens)
+			r.Model+"\x00reasoning", r.ReasoningTokens,
+			r.Model+"\x00cost", r.Cost)
 	}
 	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
 	switch {
@@ -611,6 +636,8 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 				row.CachedTokens = n
 			case "reasoning":
 				row.ReasoningTokens = n
+			case "cost":
+				row.Cost = n
 			}
 		}
 		for _, model := range slices.Sorted(maps.Keys(byModel)) {
@@ -723,8 +750,12 @@ func parseRecord(id string, vals []any) (r Record, ok bool, err error) {
 	if len(hash) != len(r.Hash) {
 		return Record{}, false, fmt.Errorf("key %s has a hash of %d bytes, not %d", id, len(hash), len(r.Hash))
 	}
-	// A key of an older version has no mint field: str(7) is "".
+	// A key of an older version has no mint or settings field: str(7)
+	// and str(8) are "".
 	r = Record{ID: id, Name: str(0), Tier: str(1), Mint: splitMint(str(7))}
+	if r.Settings, err = decodeSettings(str(8)); err != nil {
+		return Record{}, false, fmt.Errorf("key %s: %w", id, err)
+	}
 	copy(r.Hash[:], hash)
 	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(ms[0]), fromMillis(ms[1]), fromMillis(ms[2]), fromMillis(ms[3])
 	return r, true, nil

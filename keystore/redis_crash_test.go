@@ -617,6 +617,8 @@ func storedUsage(t *testing.T, kill int, raw *redis.Client) map[ledgerKey]UsageR
 				r.CachedTokens = n
 			case "reasoning":
 				r.ReasoningTokens = n
+			case "cost":
+				r.Cost = n
 			default:
 				t.Fatalf("kill %d: ledger day %s has field %q", kill, k, field)
 			}

@@ -557,7 +557,7 @@ func TestRedisLedger(t *testing.T) {
 	now := time.Date(2030, 3, 2, 12, 0, 0, 0, time.UTC)
 	day1, day2 := "2030-03-01", "2030-03-02"
 	batch := []UsageRow{
-		{Client: "key_a", Day: day1, Model: "vigthoria-pro", Requests: 2, PromptTokens: 100, CompletionTokens: 50},
+		{Client: "key_a", Day: day1, Model: "vigthoria-pro", Requests: 2, PromptTokens: 100, CompletionTokens: 50, Cost: 1_750},
 		{Client: "key_a", Day: day1, Model: "vigthoria-fast", Requests: 1, PromptTokens: 10, CompletionTokens: 5},
 		{Client: "key_a", Day: day2, Model: "vigthoria-fast", Requests: 3, PromptTokens: 30, CompletionTokens: 15},
 		{Client: "key_a", Day: "2030-02-28", Model: "vigthoria-fast", Requests: 9, PromptTokens: 9, CompletionTokens: 9},
@@ -581,7 +581,7 @@ func TestRedisLedger(t *testing.T) {
 	}
 	want := []UsageRow{
 		{Client: "key_a", Day: day1, Model: "vigthoria-fast", Requests: 2, PromptTokens: 20, CompletionTokens: 10},
-		{Client: "key_a", Day: day1, Model: "vigthoria-pro", Requests: 4, PromptTokens: 200, CompletionTokens: 100},
+		{Client: "key_a", Day: day1, Model: "vigthoria-pro", Requests: 4, PromptTokens: 200, CompletionTokens: 100, Cost: 3_500},
 		{Client: "key_a", Day: day2, Model: "vigthoria-fast", Requests: 6, PromptTokens: 60, CompletionTokens: 30},
 	}
 	if len(got) != len(want) {

@@ -68,6 +68,10 @@ type Client struct {
 	// Minted is set for the user of a token the proxy minted; nil for
 	// other callers.
 	Minted *Minted
+	// Settings are the key's own limits over its tier's; nil for a key
+	// without any and for callers without a key. Never changed: a change
+	// of a key's settings gives its next requests a new pointer.
+	Settings *Settings
 }
 
 // Service owns one store, its in-memory index, the loop that keeps the
@@ -255,9 +259,10 @@ func (s *Service) changed() {
 }
 
 // Identify returns the client whose key is secret, if that key is known,
-// not revoked and not expired at now. It records the use (at most once a
-// minute per key, written later in a batch). It takes no lock and
-// allocates nothing; a malformed key costs no hashing and no lookup.
+// not revoked and not expired at now, with the key's settings. It
+// records the use (at most once a minute per key, written later in a
+// batch). It takes no lock and allocates nothing; a malformed key costs
+// no hashing and no lookup.
 func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
 	if !ValidSecret(secret) || s.stale.Load() {
 		return Client{}, false
@@ -269,7 +274,15 @@ func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
 		return Client{}, false
 	}
 	s.markUsed(e, now)
-	return Client{ID: e.id(), Name: e.name(), Tier: v.tiers[e.tier]}, true
+	id := e.id()
+	return Client{ID: id, Name: e.name(), Tier: v.tiers[e.tier], Settings: s.index.settingsOf(id)}, true
+}
+
+// Settings returns the settings of the live key id, such as the key
+// that minted a caller's token, or nil when it has none (or is not
+// known). It takes no lock and allocates nothing.
+func (s *Service) Settings(id string) *Settings {
+	return s.index.settingsOf(id)
 }
 
 // Tiers returns the number of active keys per tier.

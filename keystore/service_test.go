@@ -37,7 +37,7 @@ func (c *countingStore) writes() []map[string]time.Time {
 // startService starts a Service on a new SQLite file, polling every 20ms,
 // and stops it at the end of the test. It returns a second handle on the
 // same file, as the CLI would have.
-func startService(t *testing.T, setup func(*Service)) (*Service, *SQLite) {
+func startService(t testing.TB, setup func(*Service)) (*Service, *SQLite) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "keys.db")
 	s, err := NewService("sqlite:"+path, nil)
@@ -66,7 +66,7 @@ func startService(t *testing.T, setup func(*Service)) (*Service, *SQLite) {
 
 // within polls cond until it holds or a second has passed: the promise
 // for changes made elsewhere.
-func within(t *testing.T, what string, cond func() bool) {
+func within(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(time.Second)
 	for !cond() {
@@ -362,6 +362,14 @@ func TestIdentifyAllocatesNothing(t *testing.T) {
 	unknown, _ := NewSecret()
 	now := time.Now()
 	for name, key := range map[string]string{"known": secret, "unknown": unknown, "malformed": secret[:20]} {
+		if n := testing.AllocsPerRun(1000, func() { s.Identify(key, now) }); n != 0 {
+			t.Errorf("Identify(%s): %v allocations, want 0", name, n)
+		}
+	}
+	// Keys with settings fill a side map, which every Identify then reads.
+	_, withSettings := createWith(t, cli, Attrs{Name: "s", Tier: "pro", Settings: fullSettings()}, time.Now())
+	within(t, "the key with settings is loaded", func() bool { c, ok := s.Identify(withSettings, time.Now()); return ok && c.Settings != nil })
+	for name, key := range map[string]string{"known, settings about": secret, "with settings": withSettings, "unknown, settings about": unknown} {
 		if n := testing.AllocsPerRun(1000, func() { s.Identify(key, now) }); n != 0 {
 			t.Errorf("Identify(%s): %v allocations, want 0", name, n)
 		}

@@ -57,7 +57,12 @@ var migrations = []string{
 		private BLOB NOT NULL,
 		created INTEGER NOT NULL
 	) STRICT;`,
-	// 6: claims on alerts, so that one instance of a fleet sends each.
+	// 6: the ledger's cost.
+	ledgerCostSchema,
+	// 7: a key's own settings, as JSON (see Settings); '' for none, which
+	// is what the keys of older versions get.
+	`ALTER TABLE keys ADD COLUMN settings TEXT NOT NULL DEFAULT '';`,
+	// 8: claims on alerts, so that one instance of a fleet sends each.
 	// until is unix milliseconds; an expired claim is deleted by the next.
 	`CREATE TABLE alert_claims (
 		id    TEXT PRIMARY KEY,
@@ -66,7 +71,7 @@ var migrations = []string{
 	CREATE INDEX alert_claims_until ON alert_claims (until);`,
 }
 
-const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, seq`
+const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, settings, seq`
 
 // SQLite is a Store in one SQLite file, in WAL mode so that several
 // processes (Caddy instances, the CLI) can use it at once. The file holds
@@ -183,13 +188,17 @@ func (s *SQLite) Path() string { return s.path }
 
 // Insert adds a new key.
 func (s *SQLite) Insert(ctx context.Context, r Record) error {
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	settings, err := encodeSettings(r.Settings)
+	if err != nil {
+		return fmt.Errorf("inserting key %s: %w", r.ID, err)
+	}
+	err = s.write(ctx, func(tx *sql.Tx) error {
 		seq, err := nextSeq(ctx, tx)
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO keys (`+recordColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			r.ID, r.Name, r.Tier, r.Hash[:], millis(r.Created), millis(r.Expires), millis(r.Revoked), millis(r.LastUsed), joinMint(r.Mint), seq)
+		_, err = tx.ExecContext(ctx, `INSERT INTO keys (`+recordColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			r.ID, r.Name, r.Tier, r.Hash[:], millis(r.Created), millis(r.Expires), millis(r.Revoked), millis(r.LastUsed), joinMint(r.Mint), settings, seq)
 		return err
 	})
 	if err != nil {
@@ -222,7 +231,28 @@ func (s *SQLite) List(ctx context.Context) ([]Record, error) {
 
 // SetHash replaces the hash of the key id; see Store.
 func (s *SQLite) SetHash(ctx context.Context, id string, h Hash) error {
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	if err := s.changeLive(ctx, id, "hash", h[:]); err != nil {
+		return fmt.Errorf("setting hash of key %s: %w", id, err)
+	}
+	return nil
+}
+
+// SetSettings replaces the settings of the key id; see Store.
+func (s *SQLite) SetSettings(ctx context.Context, id string, set Settings) error {
+	v, err := encodeSettings(set)
+	if err == nil {
+		err = s.changeLive(ctx, id, "settings", v)
+	}
+	if err != nil {
+		return fmt.Errorf("setting the settings of key %s: %w", id, err)
+	}
+	return nil
+}
+
+// changeLive sets the column of the live key id to v, as a change:
+// ErrNotFound for an unknown key, ErrRevoked for a revoked one.
+func (s *SQLite) changeLive(ctx context.Context, id, column string, v any) error {
+	return s.write(ctx, func(tx *sql.Tx) error {
 		revoked, err := revokedAt(ctx, tx, id)
 		if err != nil {
 			return err
@@ -234,13 +264,9 @@ func (s *SQLite) SetHash(ctx context.Context, id string, h Hash) error {
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE keys SET hash = ?, seq = ? WHERE id = ?`, h[:], seq, id)
+		_, err = tx.ExecContext(ctx, `UPDATE keys SET `+column+` = ?, seq = ? WHERE id = ?`, v, seq, id)
 		return err
 	})
-	if err != nil {
-		return fmt.Errorf("setting hash of key %s: %w", id, err)
-	}
-	return nil
 }
 
 // Revoke revokes the key id at the given time; see Store.
@@ -442,10 +468,10 @@ func scanRecord(row interface{ Scan(...any) error }) (Record, uint64, error) {
 		r                                 Record
 		hash                              []byte
 		created, expires, revoked, usedAt int64
-		mint                              string
+		mint, settings                    string
 		seq                               int64
 	)
-	if err := row.Scan(&r.ID, &r.Name, &r.Tier, &hash, &created, &expires, &revoked, &usedAt, &mint, &seq); err != nil {
+	if err := row.Scan(&r.ID, &r.Name, &r.Tier, &hash, &created, &expires, &revoked, &usedAt, &mint, &settings, &seq); err != nil {
 		return Record{}, 0, err
 	}
 	if len(hash) != len(r.Hash) {
@@ -454,6 +480,10 @@ func scanRecord(row interface{ Scan(...any) error }) (Record, uint64, error) {
 	copy(r.Hash[:], hash)
 	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(created), fromMillis(expires), fromMillis(revoked), fromMillis(usedAt)
 	r.Mint = splitMint(mint)
+	var err error
+	if r.Settings, err = decodeSettings(settings); err != nil {
+		return Record{}, 0, fmt.Errorf("key %s: %w", r.ID, err)
+	}
 	return r, uint64(seq), nil
 }
 

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -47,7 +49,8 @@ func wantRecord(t *testing.T, got, want Record) {
 	if got.ID != want.ID || got.Name != want.Name || got.Tier != want.Tier || got.Hash != want.Hash ||
 		!got.Created.Equal(want.Created) || !got.Expires.Equal(want.Expires) ||
 		!got.Revoked.Equal(want.Revoked) || !got.LastUsed.Equal(want.LastUsed) ||
-		!slices.Equal(got.Mint, want.Mint) || (got.Mint == nil) != (want.Mint == nil) {
+		!slices.Equal(got.Mint, want.Mint) || (got.Mint == nil) != (want.Mint == nil) ||
+		!reflect.DeepEqual(got.Settings, want.Settings) {
 		t.Errorf("record = %+v\nwant     %+v", got, want)
 	}
 }
@@ -103,32 +106,42 @@ func TestSQLiteSchema(t *testing.T) {
 	}
 }
 
-// TestSQLiteMigratesVersion3 opens a file of schema version 3, the last
-// before mint tiers and signing keys: its keys read as minting nothing,
-// and signing keys can be added.
-func TestSQLiteMigratesVersion3(t *testing.T) {
-	ctx := t.Context()
+// storeOfVersion makes an SQLite file of the schema version given,
+// holding one key inserted by insert with args at seq 1, and returns its
+// path.
+func storeOfVersion(t *testing.T, version int, insert string, args ...any) string {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "keys.db")
 	old, err := sql.Open("sqlite", path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range migrations[:3] {
+	for _, m := range migrations[:version] {
 		if _, err := old.Exec(m); err != nil {
 			t.Fatal(err)
 		}
 	}
-	now := storedTime(time.Now())
-	want := Record{ID: "key_0123456789abcdef", Name: "old", Tier: "pro", Hash: HashSecret("vgt_old"), Created: now}
-	_, err = old.Exec(`INSERT INTO keys (id, name, tier, hash, created, seq) VALUES (?, ?, ?, ?, ?, 1);
+	_, err = old.Exec(insert+`;
 		UPDATE sequences SET value = 1 WHERE name = 'keys';
-		PRAGMA user_version = 3`, want.ID, want.Name, want.Tier, want.Hash[:], millis(want.Created))
+		PRAGMA user_version = `+strconv.Itoa(version), args...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := old.Close(); err != nil {
 		t.Fatal(err)
 	}
+	return path
+}
+
+// TestSQLiteMigratesVersion3 opens a file of schema version 3, the last
+// before mint tiers and signing keys: its keys read as minting nothing,
+// and signing keys can be added.
+func TestSQLiteMigratesVersion3(t *testing.T) {
+	ctx := t.Context()
+	now := storedTime(time.Now())
+	want := Record{ID: "key_0123456789abcdef", Name: "old", Tier: "pro", Hash: HashSecret("vgt_old"), Created: now}
+	path := storeOfVersion(t, 3, `INSERT INTO keys (id, name, tier, hash, created, seq) VALUES (?, ?, ?, ?, ?, 1)`,
+		want.ID, want.Name, want.Tier, want.Hash[:], millis(want.Created))
 
 	st, err := OpenSQLite(path)
 	if err != nil {

@@ -19,8 +19,8 @@ var (
 	// rotated: a revoked key stays revoked.
 	ErrRevoked = errors.New("key is revoked")
 
-	// ErrInvalid is wrapped by the errors for a bad name, tier, expiry
-	// or mint tier given to Create, so that callers can tell the user's mistakes
+	// ErrInvalid is wrapped by the errors for a bad name, tier, expiry,
+	// mint tier or settings given to Create or SetSettings, so that callers can tell the user's mistakes
 	// from store failures.
 	ErrInvalid = errors.New("invalid key attributes")
 )
@@ -38,6 +38,7 @@ type Record struct {
 	Revoked  time.Time // zero: live
 	LastUsed time.Time // zero: never used
 	Mint     []string  // tiers the key may mint tokens of (POST /vigthoria/tokens); nil: none
+	Settings Settings  // the key's own limits, over its tier's
 }
 
 // Key states, as State reports them.
@@ -81,7 +82,13 @@ type Store interface {
 	// for an unknown ID; revoking a revoked key changes nothing.
 	Revoke(ctx context.Context, id string, at time.Time) error
 
-	// Changes returns the keys inserted, rotated or revoked after cursor,
+	// SetSettings replaces a key's settings. It returns ErrNotFound for
+	// an unknown ID and ErrRevoked for a revoked key. The settings must
+	// be valid (Settings.Check).
+	SetSettings(ctx context.Context, id string, s Settings) error
+
+	// Changes returns the keys inserted, rotated, revoked or given new
+	// settings after cursor,
 	// in the order of those changes, and the cursor to pass next time.
 	// Cursor 0 returns every key. Last-used times are not changes: every
 	// instance would otherwise reload every busy key every few seconds.

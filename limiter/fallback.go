@@ -68,6 +68,9 @@ func NewFallback(shared Limiter, local *Memory, policy OnError, timeout time.Dur
 
 // Admit implements Limiter.
 func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error) {
+	if err := checkReserve(lim, reserve); err != nil {
+		return Decision{}, err // the caller's mistake, not the shared backend's failure
+	}
 	if f.up(now) {
 		ctx, cancel := context.WithTimeout(ctx, f.timeout)
 		d, err := f.shared.Admit(ctx, client, lim, reserve, now)
@@ -102,8 +105,8 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 // checked against the fleet's. The State is then the local limits', as
 // State answers during the outage.
 func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
-	if tokens < 0 {
-		return Decision{Lease: lease}, errNegativeReserve
+	if err := checkReserve(lim, tokens); err != nil {
+		return Decision{Lease: lease}, err
 	}
 	if lease.ID == "" {
 		return f.local.Reserve(ctx, client, lim, lease, tokens, now)

@@ -18,6 +18,7 @@ type Limits struct {
 	// for a moment (GET /v1/usage, which answers at once). It is meant
 	// for requests that reserve no tokens: their lease holds nothing, so
 	// its Settle with nothing used costs nothing, not even a lookup.
+	// Admit and Reserve refuse to reserve for them, with an error.
 	NoSlot bool
 }
 
@@ -177,6 +178,23 @@ var ErrLeaseGone = errors.New("the lease was settled already or lost")
 // errNegativeReserve is Reserve's error for tokens < 0: a refund is
 // Settle's, which knows what was used.
 var errNegativeReserve = errors.New("limiter: negative token reservation")
+
+// errNoSlotReserve is the error of a reservation for a request that takes
+// no slot: nothing would show it in flight, and a backend may forget an
+// account with nothing in flight, its reservations with it, so that they
+// would never count. Such requests reserve nothing (see NoSlot).
+var errNoSlotReserve = errors.New("limiter: a reservation for a request that takes no slot")
+
+// checkReserve returns the error of a reservation that no backend takes.
+func checkReserve(lim *Limits, tokens int64) error {
+	switch {
+	case tokens < 0:
+		return errNegativeReserve
+	case tokens > 0 && lim.NoSlot:
+		return errNoSlotReserve
+	}
+	return nil
+}
 
 // tooLarge reports whether a request holding held tokens and asking more
 // would hold more than the token burst: no wait can admit it.

@@ -79,6 +79,9 @@ func NewMemory(quota QuotaCounter, maxClients int) *Memory {
 
 // Admit implements Limiter.
 func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error) {
+	if err := checkReserve(lim, reserve); err != nil {
+		return Decision{}, err
+	}
 	s, st, _, err := m.lockedState(ctx, client, lim, now)
 	if err != nil {
 		return Decision{}, err
@@ -95,8 +98,8 @@ func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve 
 // Reserve implements Limiter. The tokens count in the quota of the period
 // at now, which the lease then names for its Settle.
 func (m *Memory) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
-	if tokens < 0 {
-		return Decision{Lease: lease}, errNegativeReserve
+	if err := checkReserve(lim, tokens); err != nil {
+		return Decision{Lease: lease}, err
 	}
 	s, st, period, err := m.lockedState(ctx, client, lim, now)
 	if err != nil {

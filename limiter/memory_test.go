@@ -2,6 +2,7 @@ package limiter
 
 import (
 	"context"
+	"errors"
 	"math"
 	"runtime"
 	"strconv"
@@ -9,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 var t0 = time.Date(2026, 3, 31, 23, 0, 0, 0, time.UTC)
@@ -569,4 +572,32 @@ func TestSlotlessSettleTouchesNothing(t *testing.T) {
 	if n := m.Clients(); n != 0 {
 		t.Errorf("%d clients remembered after settling a slotless lease, want 0", n)
 	}
+}
+
+// testNoSlotReservesNothing checks that a backend refuses, with an
+// error and without taking anything, to reserve for a request that takes
+// no slot: nothing would show it in flight, and its account could be
+// forgotten with the reservation out.
+func testNoSlotReservesNothing(t *testing.T, l Limiter) {
+	t.Helper()
+	ctx := t.Context()
+	lim := &Limits{Quota: Quota{N: 100, Period: Day}, NoSlot: true}
+	if _, err := l.Admit(ctx, "noslot", lim, 10, time.Now()); !errors.Is(err, errNoSlotReserve) {
+		t.Errorf("Admit reserving 10 without a slot: %v, want errNoSlotReserve", err)
+	}
+	d, err := l.Admit(ctx, "noslot", lim, 0, time.Now())
+	if err != nil || d.Reason != Admitted {
+		t.Fatalf("Admit reserving nothing without a slot: %v %v", d.Reason, err)
+	}
+	if _, err := l.Reserve(ctx, "noslot", lim, d.Lease, 10, time.Now()); !errors.Is(err, errNoSlotReserve) {
+		t.Errorf("Reserve of 10 without a slot: %v, want errNoSlotReserve", err)
+	}
+	if s, err := l.State(ctx, "noslot", lim, time.Now()); err != nil || s.QuotaUsed != 0 {
+		t.Errorf("quota used %d (%v), want 0: a refused reservation takes nothing", s.QuotaUsed, err)
+	}
+}
+
+func TestMemoryNoSlotReservesNothing(t *testing.T) {
+	testNoSlotReservesNothing(t, NewMemory(nil, 100))
+	testNoSlotReservesNothing(t, NewFallback(NewMemory(nil, 100), NewMemory(nil, 100), UseLocal, 50*time.Millisecond, zap.NewNop()))
 }

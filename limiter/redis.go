@@ -128,6 +128,9 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, l
 // ID, the name of its slot, chosen at random here so that an admission
 // whose answer is lost can be cancelled by it.
 func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve int64, _ time.Time) (Decision, error) {
+	if err := checkReserve(lim, reserve); err != nil {
+		return Decision{}, err
+	}
 	args := limitArgs(make([]any, 0, 12), lim)
 	id := strconv.FormatUint(rand.Uint64(), 36)
 	args = append(args, reserve, r.leaseTTL.Milliseconds(), id)
@@ -165,8 +168,8 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 // nothing. A lease that expired still reserves, because its Settle still
 // charges.
 func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, _ time.Time) (Decision, error) {
-	if tokens < 0 {
-		return Decision{Lease: lease}, errNegativeReserve
+	if err := checkReserve(lim, tokens); err != nil {
+		return Decision{Lease: lease}, err
 	}
 	args := limitArgs(make([]any, 0, 13), lim)
 	args = append(args, tokens, lease.Reserved, lease.ID, lease.Period)

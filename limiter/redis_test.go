@@ -877,3 +877,8 @@ func newShortRedis(t testing.TB, c redis.UniversalClient, prefix string, leaseTT
 	t.Cleanup(r.Close)
 	return r
 }
+
+func TestRedisNoSlotReservesNothing(t *testing.T) {
+	s := redistest.Start(t)
+	testNoSlotReservesNothing(t, newTestRedis(t, newRedisClient(t, s), "noslot:"))
+}

@@ -87,6 +87,40 @@ func TestQuotaAlertsWebhook(t *testing.T) {
 	wantMetric(t, e, "vigthoria_alerts_delivered_total", 2)
 }
 
+// TestBudgetAlertsWebhook: a caller spending its budget in money sets
+// off the 80% and 100% budget alerts, once each, its figures in
+// micro-units of the currency.
+func TestBudgetAlertsWebhook(t *testing.T) {
+	r := hooktest.New(t, hooktest.Secret)
+	e := start(t, manyFailures, testPrices, "tier metered {\n\t\t\tbudget 0.01/day\n\t\t}", alertsBlock(t, r.URL))
+	id, key := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+	chats := 0
+	for ; chats < 100; chats++ {
+		if status, _, body := budgetChat(t, e.caddy.URL, key, model); status != http.StatusOK {
+			if status != http.StatusTooManyRequests || !strings.Contains(body, "budget") {
+				t.Fatalf("chat %d: %d %s", chats+1, status, body)
+			}
+			break
+		}
+	}
+	r.WaitAccepted(2, 10*time.Second)
+	time.Sleep(200 * time.Millisecond) // a third alert would arrive by now
+	bodies := r.Bodies()
+	slices.SortFunc(bodies, func(a, b hooktest.Body) int { return a.Percent - b.Percent })
+	if len(bodies) != 2 {
+		t.Fatalf("%d webhooks accepted, want 2: %+v", len(bodies), bodies)
+	}
+	for i, pct := range []int{80, 100} {
+		if b := bodies[i]; b.Type != "budget" || b.KeyID != id || b.Limit != budget || b.Percent != pct {
+			t.Errorf("webhook %d = %+v, want the %d%% budget alert of %s, of %d micro-units", i, b, pct, id, budget)
+		}
+	}
+	if spent := int64(chats * chatCost); bodies[1].Used != spent {
+		t.Errorf("the 100%% alert says %d micro-units used, want %d: what %d chats cost", bodies[1].Used, spent, chats)
+	}
+}
+
 // wantMetric asserts that the admin API's /metrics shows at least want
 // for an unlabelled counter.
 func wantMetric(t *testing.T, e *env, name string, want float64) {

@@ -7,9 +7,11 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // BenchmarkChat sends small chats through Caddy in this process, with
@@ -17,6 +19,8 @@ import (
 // two, in time and allocations, is what the module adds to a request.
 // module-minted calls with a token minted for a user of a key, whose
 // requests are admitted twice: on the user's limits and on the key's.
+// module-settings calls with a key of its own limits and origins, over
+// its tier's.
 // make bench measures the same under load, in separate processes.
 func BenchmarkChat(b *testing.B) {
 	up := standin.New(standin.Options{APIKey: serverKey, NoRecord: true, RateLimit: 1e12})
@@ -29,19 +33,23 @@ func BenchmarkChat(b *testing.B) {
 			"tier pro {\n\t\t\trequests 1000000000/1m\n\t\t\ttokens 1000000000000/1m\n\t\t}")
 	}
 	for _, tc := range []struct {
-		name   string
-		site   func(store string) string
-		minted bool
+		name             string
+		site             func(store string) string
+		minted, settings bool
 	}{
 		{"plain", func(string) string {
 			return "\treverse_proxy " + srv.URL + " {\n\t\theader_up Authorization \"Bearer {env.VIGTHORIA_TEST_KEY}\"\n\t}"
-		}, false},
-		{"module", module, false},
-		{"module-minted", module, true},
+		}, false, false},
+		{"module", module, false, false},
+		{"module-minted", module, true, false},
+		{"module-settings", module, false, true},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			store := b.TempDir() + "/keys.db"
 			key := createKey(b, store, "pro", "pro")
+			if tc.settings {
+				giveSettings(b, store)
+			}
 			c := harness.StartCaddy(b, tc.site(store), harness.NoAccessLog())
 			if tc.minted {
 				key = mintFor(b, c.URL, key)
@@ -67,6 +75,27 @@ func BenchmarkChat(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// giveSettings gives every key in the SQLite store at path its own
+// request limit and origins.
+func giveSettings(b *testing.B, path string) {
+	b.Helper()
+	st, err := keystore.OpenSQLite(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	recs, err := st.List(b.Context())
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := keystore.Settings{Requests: &keystore.Rate{N: 1_000_000_000, Window: time.Minute}, Origins: []string{"https://app.example.com"}}
+	for _, r := range recs {
+		if err := keystore.SetSettings(b.Context(), st, r.ID, s); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
 

@@ -45,34 +45,21 @@ func TestBrowserDemo(t *testing.T) {
 	chromium := findChromium(t)
 
 	// Two page origins, known before Caddy starts so cors can name one.
-	allowed := httptest.NewUnstartedServer(nil)
-	refused := httptest.NewUnstartedServer(nil)
-	allowedOrigin := "http://" + allowed.Listener.Addr().String()
-	refusedOrigin := "http://" + refused.Listener.Addr().String()
+	allowed, allowedOrigin := pageServer()
+	refused, refusedOrigin := pageServer()
 
 	e := start(t, "cors "+allowedOrigin, browserTier)
 	e.upstream.SetBehavior(standin.Behavior{ChunkDelay: 150 * time.Millisecond})
 	key := createKey(t, strings.TrimPrefix(e.store, "sqlite:"), "browser")
 	e.waitKeysKnown(t)
 
-	page := demo.Handler(demo.Config{APIBase: e.caddy.URL, Key: key})
-	for _, s := range []*httptest.Server{allowed, refused} {
-		s.Config.Handler = page
-		s.Start()
-		t.Cleanup(s.Close)
-	}
-
+	servePage(t, e, key, allowed, refused)
 	b := newBrowser(t, chromium)
-	b.navigate(allowedOrigin + "/")
-	b.waitIdle()
-	if got := b.text("#usage-tier"); got != "browser" {
-		t.Errorf("the page's usage shows tier %q, want browser (error: %q)", got, b.text("#error-text"))
-	}
+	b.openWorking(allowedOrigin)
 
 	// A streamed answer grows in the page as the upstream's events come.
 	calls := e.upstream.Count()
-	b.eval(`document.getElementById("prompt").value = "Hello from the browser"`)
-	b.click("#send")
+	b.send("Hello from the browser")
 	final, partial := b.watchStream(15 * time.Second)
 	want := standin.Answer(standin.DefaultMaxTokens)
 	if final != want {
@@ -151,8 +138,7 @@ func TestBrowserDemo(t *testing.T) {
 	if got := b.attr("#error", "data-kind"); got != "network" {
 		t.Errorf("on a refused origin the page's error is of kind %q (%q), want network: the browser must block the answer", got, b.text("#error-text"))
 	}
-	b.eval(`document.getElementById("prompt").value = "Hello from elsewhere"`)
-	b.click("#send")
+	b.send("Hello from elsewhere")
 	b.waitIdle()
 	if got := b.text("#error-text"); !strings.Contains(got, "Could not reach the API") || !strings.Contains(got, refusedOrigin) {
 		t.Errorf("on a refused origin the page shows %q, want that it could not reach the API from %s", got, refusedOrigin)
@@ -165,6 +151,43 @@ func TestBrowserDemo(t *testing.T) {
 		t.Errorf("the browser logged no CORS refusal for %s; console:\n%s", refusedOrigin, b.consoleText())
 	}
 	b.screenshot("demo-refused-origin.png", false)
+}
+
+// pageServer is a server for the demo page, not yet started (see
+// servePage), and its origin.
+func pageServer() (*httptest.Server, string) {
+	s := httptest.NewUnstartedServer(nil)
+	return s, "http://" + s.Listener.Addr().String()
+}
+
+// servePage serves the demo page, calling e's proxy with key, from each
+// of servers, which it starts.
+func servePage(t *testing.T, e *env, key string, servers ...*httptest.Server) {
+	t.Helper()
+	page := demo.Handler(demo.Config{APIBase: e.caddy.URL, Key: key})
+	for _, s := range servers {
+		s.Config.Handler = page
+		s.Start()
+		t.Cleanup(s.Close)
+	}
+}
+
+// openWorking loads the page of origin and asserts that it shows its
+// key's usage, of tier "browser".
+func (b *browser) openWorking(origin string) {
+	b.t.Helper()
+	b.navigate(origin + "/")
+	b.waitIdle()
+	if got := b.text("#usage-tier"); got != "browser" {
+		b.t.Errorf("the page of %s shows tier %q, want browser (error: %q)", origin, got, b.text("#error-text"))
+	}
+}
+
+// send asks the page's chat the prompt.
+func (b *browser) send(prompt string) {
+	b.t.Helper()
+	b.eval(fmt.Sprintf(`document.getElementById("prompt").value = %q`, prompt))
+	b.click("#send")
 }
 
 // findChromium returns Debian's Chromium, or skips the test where it is

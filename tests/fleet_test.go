@@ -36,6 +36,12 @@ type fleet struct {
 
 func startFleet(t *testing.T, limits ...string) *fleet {
 	t.Helper()
+	return startFleetWith(t, nil, limits...)
+}
+
+// startFleetWith is startFleet with more lines in the vigthoria block.
+func startFleetWith(t *testing.T, lines []string, limits ...string) *fleet {
+	t.Helper()
 	f := &fleet{redis: redistest.Start(t), upstream: standin.New(standin.Options{APIKey: serverKey})}
 	srv := httptest.NewServer(f.upstream)
 	t.Cleanup(srv.Close)
@@ -59,7 +65,7 @@ func startFleet(t *testing.T, limits ...string) *fleet {
 	if len(limits) > 0 {
 		tier += " {\n\t\t\t" + strings.Join(limits, "\n\t\t\t") + "\n\t\t}"
 	}
-	site := vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store redis "+f.redis.URL, manyFailures, timeout, tier)
+	site := vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", append([]string{"store redis " + f.redis.URL, manyFailures, timeout, tier}, lines...)...)
 	f.a = harness.StartCaddy(t, site)
 	f.b = harness.StartProcess(t, site)
 	return f

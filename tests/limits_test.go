@@ -53,6 +53,7 @@ type usageAnswer struct {
 	Tier     string      `json:"tier"`
 	MintedBy string      `json:"minted_by"`
 	Today    usageCounts `json:"today"`
+	Month    usageCounts `json:"month"`
 	Limits   struct {
 		Requests *struct {
 			Limit, Remaining int64
@@ -87,6 +88,10 @@ type usageCounts struct {
 	CompletionDetails *struct {
 		ReasoningTokens int64 `json:"reasoning_tokens"`
 	} `json:"completion_tokens_details"`
+	Cost *struct {
+		Amount   string `json:"amount"`
+		Currency string `json:"currency"`
+	} `json:"cost"`
 }
 
 func (e *env) usage(t *testing.T, key string) (usageAnswer, http.Header) {

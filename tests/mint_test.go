@@ -211,46 +211,56 @@ func TestMintedTokensEndToEnd(t *testing.T) {
 
 // TestMintedUsersShareTheirKeysLimits checks that the minting key's own
 // limits bound all of its users together: its concurrency and its
-// request rate, whatever each user's own tier allows.
+// request rate, whatever each user's own tier allows. Each is tried on a
+// Caddy of its own: a slot is freed once the stream's answer is settled,
+// a moment after its last byte, which a count of requests must not race.
 func TestMintedUsersShareTheirKeysLimits(t *testing.T) {
-	e, _, backend := startMinting(t, " {\n\t\t\trequests 6/1h burst 6\n\t\t\tconcurrent 1\n\t\t}")
-	alice := e.mintWhenKnown(t, backend, map[string]any{"user": "alice", "tier": "webplus"}) // the probe and this: 2 requests of the key's
-	bob := e.mint(t, backend, map[string]any{"user": "bob", "tier": "webplus"})              // 3
-	aliceClient, bobClient := newClient(e.caddy.URL, alice.Token), newClient(e.caddy.URL, bob.Token)
+	t.Run("concurrency", func(t *testing.T) {
+		e, _, backend := startMinting(t, " {\n\t\t\tconcurrent 1\n\t\t}")
+		alice := e.mintWhenKnown(t, backend, map[string]any{"user": "alice", "tier": "webplus"})
+		bob := e.mint(t, backend, map[string]any{"user": "bob", "tier": "webplus"})
 
-	// Alice's stream holds the key's one slot: bob waits, though his own
-	// tier has no concurrency limit.
-	e.upstream.SetBehavior(standin.Behavior{ChunkDelay: 200 * time.Millisecond})
-	stream := aliceClient.Chat.Completions.NewStreaming(t.Context(), chatParams("a long answer")) // 4
-	if !stream.Next() {
-		t.Fatalf("alice's stream: %v", stream.Err())
-	}
-	_, err := bobClient.Chat.Completions.New(t.Context(), chatParams("hi"))
-	if oe := wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded"); !strings.Contains(oe.Message, "shared by every user") {
-		t.Errorf("bob's refusal says %q, want it to say the limit is shared", oe.Message)
-	}
-	for stream.Next() {
-	}
-	if err := stream.Err(); err != nil {
-		t.Fatal(err)
-	}
-	e.upstream.SetBehavior(standin.Behavior{})
-
-	// The key's 6 requests an hour: bob's 5th and 6th, then every user
-	// is refused.
-	for i, c := range []openai.Client{bobClient, aliceClient} {
-		if _, err := c.Chat.Completions.New(t.Context(), chatParams("hi")); err != nil {
-			t.Fatalf("request %d of the key's 6: %v", i+5, err)
+		// Alice's stream holds the key's one slot: bob waits, though his
+		// own tier has no concurrency limit.
+		e.upstream.SetBehavior(standin.Behavior{ChunkDelay: 200 * time.Millisecond})
+		aliceClient, bobClient := newClient(e.caddy.URL, alice.Token), newClient(e.caddy.URL, bob.Token)
+		stream := aliceClient.Chat.Completions.NewStreaming(t.Context(), chatParams("a long answer"))
+		if !stream.Next() {
+			t.Fatalf("alice's stream: %v", stream.Err())
 		}
-	}
-	for _, c := range []openai.Client{aliceClient, bobClient} {
-		_, err := c.Chat.Completions.New(t.Context(), chatParams("one too many"))
-		wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded")
-	}
-	// The key itself has nothing left: its users spent it.
-	if status, body := e.chatStatus(t, "Bearer "+backend); status != http.StatusTooManyRequests {
-		t.Errorf("the key after its users spent its requests: %d %s, want 429", status, body)
-	}
+		_, err := bobClient.Chat.Completions.New(t.Context(), chatParams("hi"))
+		if oe := wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded"); !strings.Contains(oe.Message, "shared by every user") {
+			t.Errorf("bob's refusal says %q, want it to say the limit is shared", oe.Message)
+		}
+		for stream.Next() {
+		}
+		if err := stream.Err(); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("requests", func(t *testing.T) {
+		e, _, backend := startMinting(t, " {\n\t\t\trequests 6/1h burst 6\n\t\t}")
+		alice := e.mintWhenKnown(t, backend, map[string]any{"user": "alice", "tier": "webplus"}) // the probe and this: 2 requests of the key's
+		bob := e.mint(t, backend, map[string]any{"user": "bob", "tier": "webplus"})              // 3
+		aliceClient, bobClient := newClient(e.caddy.URL, alice.Token), newClient(e.caddy.URL, bob.Token)
+		// The key's 6 requests an hour: 3 more, then every user is refused.
+		for i, c := range []openai.Client{aliceClient, bobClient, aliceClient} {
+			if _, err := c.Chat.Completions.New(t.Context(), chatParams("hi")); err != nil {
+				t.Fatalf("request %d of the key's 6: %v", i+4, err)
+			}
+		}
+		for _, c := range []openai.Client{aliceClient, bobClient} {
+			_, err := c.Chat.Completions.New(t.Context(), chatParams("one too many"))
+			if oe := wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded"); !strings.Contains(oe.Message, "shared by every user") {
+				t.Errorf("the refusal says %q, want it to say the limit is shared", oe.Message)
+			}
+		}
+		// The key itself has nothing left: its users spent it.
+		if status, body := e.chatStatus(t, "Bearer "+backend); status != http.StatusTooManyRequests {
+			t.Errorf("the key after its users spent its requests: %d %s, want 429", status, body)
+		}
+	})
 }
 
 // TestMintRefusals checks each way to ask for a token the proxy must not

@@ -1,22 +1,45 @@
 // The browser demo of caddy-vigthoria: a chat page on its own origin that
-// calls the proxy across origins with a client key, streams the answer,
-// and shows the caller's limits and the proxy's refusals as they come.
-// config.js sets window.VIGTHORIA = {apiBase, key} before this runs.
+// calls the proxy across origins, streams the answer, and shows the
+// caller's limits and the proxy's refusals as they come. It calls with a
+// demo client key, or as a signed-in user with a short-lived token that
+// the app's backend beside the page mints for the user (POST /api/token
+// on the page's origin), renewed before it expires.
+// config.js sets window.VIGTHORIA = {apiBase, key, signIn} before this runs.
 "use strict";
 (function () {
 	const cfg = window.VIGTHORIA || {};
 	const base = String(cfg.apiBase || "").replace(/\/+$/, "");
 	const $ = (id) => document.getElementById(id);
 	const num = (v) => (v === null || v === undefined || v === "" ? "–" : Number(v).toLocaleString("en-US"));
-	const state = { history: [], busy: false, requestLimit: 0 };
+	const state = { history: [], busy: false, requestLimit: 0, mode: cfg.key ? "key" : "user" };
+	// session is the signed-in user's: {user, tier, token, expiresAt and
+	// renewAt in ms, timer, pending renewal, tokens fetched}, or null.
+	let session = null;
 
-	// call fetches an API path with the client key. It throws an Error
-	// with kind "network" when the browser got no readable answer (the
-	// proxy is down, or refused this page's origin), and kind "http" with
-	// the API's error fields for an error status.
+	// credential returns what the page sends as its bearer: the demo key,
+	// or the signed-in user's token, renewed first when it is due.
+	async function credential() {
+		if (state.mode === "key") {
+			return cfg.key;
+		}
+		if (!session) {
+			const e = new Error("Sign in first: type a name and press Sign in.");
+			e.kind = "auth";
+			throw e;
+		}
+		if (Date.now() >= session.renewAt) {
+			await renew();
+		}
+		return session.token;
+	}
+
+	// call fetches an API path with the page's credential. It throws an
+	// Error with kind "network" when the browser got no readable answer
+	// (the proxy is down, or refused this page's origin), and kind "http"
+	// with the API's error fields for an error status.
 	async function call(path, init) {
 		init = init || {};
-		const headers = Object.assign({ Authorization: "Bearer " + cfg.key }, init.headers || {});
+		const headers = Object.assign({ Authorization: "Bearer " + await credential() }, init.headers || {});
 		let res;
 		try {
 			res = await fetch(base + path, Object.assign({}, init, { headers }));
@@ -101,11 +124,72 @@
 		$("ratelimit").textContent = h("RateLimit") || "–";
 	}
 
+	// signIn asks the app's backend for a token for user. The backend
+	// holds the minting key; the page only ever sees the token. A renewal
+	// names the session it renews, and is dropped if the user signed out
+	// meanwhile.
+	async function signIn(user, renewing) {
+		let res;
+		try {
+			res = await fetch("/api/token", {
+				method: "POST",
+				headers: { "Content-Type": "application/json" },
+				body: JSON.stringify({ user }),
+			});
+		} catch (err) {
+			const e = new Error("Could not reach the app's backend at " + location.origin + "/api/token (" + err + ").");
+			e.kind = "network";
+			throw e;
+		}
+		if (!res.ok) {
+			throw await httpError(res);
+		}
+		const t = await res.json();
+		if (renewing && session !== renewing) {
+			return;
+		}
+		const now = Date.now();
+		const expiresAt = t.expires_at * 1000;
+		// Renew a minute before the token expires, or at three quarters of
+		// its life when that is shorter: a call never leaves with a token
+		// about to expire, and a slow answer does not outlive it unnoticed.
+		const margin = Math.min(60000, (expiresAt - now) / 4);
+		const fetched = session ? session.fetched : 0;
+		if (session) {
+			clearTimeout(session.timer);
+		}
+		session = { user: t.user, tier: t.tier, token: t.token, expiresAt, renewAt: expiresAt - margin, fetched: fetched + 1, pending: null };
+		session.timer = setTimeout(renewOnTimer, Math.max(0, session.renewAt - now));
+		showCaller();
+	}
+
+	// renew gets a new token for the signed-in user, one request for any
+	// number of calls that find the token due.
+	function renew() {
+		const s = session;
+		if (!s.pending) {
+			s.pending = signIn(s.user, s).finally(() => { s.pending = null; });
+		}
+		return s.pending;
+	}
+
+	// renewOnTimer renews the token on time even when the page makes no
+	// call; while the demo key is used, the next call renews it instead.
+	function renewOnTimer() {
+		if (session && state.mode === "user") {
+			renew().catch(showError);
+		}
+	}
+
 	async function refreshUsage() {
+		if (!haveCredential()) {
+			return;
+		}
 		try {
 			const res = await call("/v1/usage");
 			const u = await res.json();
 			const l = u.limits || {};
+			$("usage-client").textContent = u.client_id || "–";
 			$("usage-tier").textContent = u.tier || "–";
 			$("usage-requests").textContent = l.requests ? num(l.requests.remaining) + " of " + num(l.requests.limit) : "no limit";
 			$("usage-requests").dataset.value = l.requests ? l.requests.remaining : "";
@@ -256,18 +340,93 @@
 		setBusy(false);
 	}
 
+	function haveCredential() {
+		return state.mode === "key" ? Boolean(cfg.key) : session !== null;
+	}
+
 	function setBusy(busy) {
 		state.busy = busy;
 		document.body.dataset.state = busy ? "busy" : "idle";
 		for (const id of ["send", "try-model", "burst"]) {
-			$(id).disabled = busy;
+			$(id).disabled = busy || !haveCredential();
 		}
+		$("sign-in-button").disabled = busy;
+		$("mode-key").disabled = busy || !cfg.key;
+		$("mode-user").disabled = busy;
+	}
+
+	// showCaller shows who the page calls as: the mode, the key's hint or
+	// the signed-in user and the token's expiry.
+	function showCaller() {
+		const user = state.mode === "user";
+		document.body.dataset.mode = state.mode;
+		$("mode-key").setAttribute("aria-pressed", String(!user));
+		$("mode-user").setAttribute("aria-pressed", String(user));
+		$("sign-in").hidden = !user || session !== null;
+		$("session").hidden = !user || session === null;
+		$("cred-label").textContent = user ? "token" : "key";
+		if (user) {
+			$("key-hint").textContent = session ? "of " + session.user : "none: sign in";
+		} else {
+			$("key-hint").textContent = cfg.key ? cfg.key.slice(0, 8) + "…" + cfg.key.slice(-4) : "none";
+		}
+		$("mode-note").textContent = user
+			? "The app's backend holds a key that may mint tokens; it signs you in by name and gets a short-lived token for you. The page calls with the token, never with a key."
+			: "The page calls with the demo client key from config.js: whoever opens the page can read it.";
+		if (session) {
+			$("session-user").textContent = session.user;
+			$("session-tier").textContent = session.tier;
+			$("session-expires").textContent = new Date(session.expiresAt).toLocaleTimeString("en-GB");
+			$("session").dataset.expires = String(session.expiresAt / 1000);
+			$("session").dataset.tokens = String(session.fetched);
+		}
+		setBusy(state.busy);
+	}
+
+	// changeCaller runs f, which changes who the page calls as, and shows
+	// the new caller's figures, none of the last one's.
+	async function changeCaller(f) {
+		if (state.busy) {
+			return;
+		}
+		setBusy(true);
+		$("error").hidden = true;
+		for (const id of ["remaining-requests", "limit-requests", "reset-requests", "remaining-tokens", "limit-tokens", "reset-tokens",
+			"ratelimit", "usage-client", "usage-tier", "usage-requests", "usage-tokens", "usage-today", "usage-quota"]) {
+			$(id).textContent = "–";
+			delete $(id).dataset.value;
+		}
+		$("bar-requests").style.width = $("bar-tokens").style.width = "0";
+		state.history = [];
+		try {
+			await f();
+			showCaller();
+			await refreshUsage();
+		} catch (e) {
+			showError(e);
+		} finally {
+			setBusy(false);
+		}
+	}
+
+	function signOut() {
+		clearTimeout(session.timer);
+		session = null;
 	}
 
 	function init() {
 		$("api-base").textContent = base || "not configured";
 		$("page-origin").textContent = location.origin;
-		$("key-hint").textContent = cfg.key ? cfg.key.slice(0, 8) + "…" + cfg.key.slice(-4) : "none";
+		$("who").hidden = !cfg.signIn;
+		for (const button of [$("mode-key"), $("mode-user")]) {
+			button.addEventListener("click", () => changeCaller(() => { state.mode = button.dataset.mode; }));
+		}
+		$("sign-in").addEventListener("submit", (ev) => {
+			ev.preventDefault();
+			changeCaller(() => signIn($("user-name").value.trim()));
+		});
+		$("sign-out").addEventListener("click", () => changeCaller(signOut));
+		showCaller();
 		$("composer").addEventListener("submit", (ev) => {
 			ev.preventDefault();
 			const prompt = $("prompt").value;
@@ -283,8 +442,8 @@
 		$("try-model").addEventListener("click", () => chat("Which model are you?", "vigthoria-pro-1"));
 		$("burst").addEventListener("click", burst);
 		$("refresh-usage").addEventListener("click", refreshUsage);
-		if (!base || !cfg.key) {
-			showError({ kind: "config", message: "config.js did not set window.VIGTHORIA = {apiBase, key}." });
+		if (!base || !(cfg.key || cfg.signIn)) {
+			showError({ kind: "config", message: "config.js did not set window.VIGTHORIA = {apiBase, key or signIn}." });
 			setBusy(false);
 			return;
 		}

@@ -1,8 +1,10 @@
 // Package demo is the browser demo of the proxy: a chat page (plain HTML,
 // CSS and JavaScript, no build step) that calls the API from another web
-// origin with a client key, streams answers and shows the caller's limits
-// and the proxy's refusals. The page reads its API base URL and key from
-// config.js, which is not embedded: whoever serves the page writes it.
+// origin, streams answers and shows the caller's limits and the proxy's
+// refusals. The page calls with a demo client key, or as a signed-in user
+// with a token that a small app backend (Backend) mints for it. The page
+// reads its API base URL and what it may use from config.js, which is not
+// embedded: whoever serves the page writes it.
 package demo
 
 import (
@@ -19,7 +21,13 @@ var files embed.FS
 // Config is what the page is told in config.js.
 type Config struct {
 	APIBase string `json:"apiBase"` // the proxy's origin, such as http://localhost:8080
-	Key     string `json:"key"`     // a client key; only ever a demo's or a test's
+	// Key is a client key the page may call with; only ever a demo's or a
+	// test's. Empty, the page has no "Demo key" mode and holds no key.
+	Key string `json:"key,omitempty"`
+	// SignIn offers the "Signed-in user" mode: the page signs a user in
+	// with POST /api/token on its own origin (see Backend) and calls with
+	// the token it gets.
+	SignIn bool `json:"signIn,omitempty"`
 	// MaxTokens is the max_tokens of the page's chat requests; 0 sends
 	// none, so the tier's cap or the API's default applies.
 	MaxTokens int `json:"maxTokens,omitempty"`
@@ -27,7 +35,7 @@ type Config struct {
 
 // ConfigJS returns config.js for c.
 func ConfigJS(c Config) []byte {
-	b, _ := json.Marshal(c) // two strings always marshal; <, > and & come escaped
+	b, _ := json.Marshal(c) // strings, a bool and an int always marshal; <, > and & come escaped
 	return append(append([]byte("window.VIGTHORIA = "), b...), ";\n"...)
 }
 

@@ -1,9 +1,11 @@
 // Command demo runs the proxy with nothing from outside: a local stand-in
-// for the Vigthoria API, a key store in a temporary directory with one
-// demo client key, and ./caddy in front of it all. The same Caddy serves
-// the browser demo, a chat page on an origin of its own that calls the
-// API across origins with the demo key. It prints how to call the proxy
-// and stops everything on Ctrl-C.
+// for the Vigthoria API, a key store in a temporary directory with a demo
+// client key and an app backend's key that may mint tokens, and ./caddy
+// in front of it all. The same Caddy serves the browser demo, a chat page
+// on an origin of its own that calls the API across origins with the
+// demo key or as a signed-in user, with a token from the app backend this
+// program runs beside the page. It prints how to call the proxy and stops
+// everything on Ctrl-C.
 package main
 
 import (
@@ -55,16 +57,16 @@ func run(caddyBin, port, pagePort string) error {
 		return err
 	}
 	db := filepath.Join(dir, "vigthoria.db")
-	clientKey, err := demoKey(ctx, db)
+	clientKey, mintKey, err := demoKeys(ctx, db)
 	if err != nil {
-		return fmt.Errorf("creating the demo key: %w", err)
+		return fmt.Errorf("creating the demo's keys: %w", err)
 	}
 	proxyURL := "http://localhost:" + port
 	pageURL := "http://localhost:" + pagePort
 	pageDir := filepath.Join(dir, "page")
 	// Answers of 48 tokens, so that the page's answers stream visibly
 	// without taking long (the free tier's cap would make them 256).
-	if err := demo.Write(pageDir, demo.Config{APIBase: proxyURL, Key: clientKey, MaxTokens: 48}); err != nil {
+	if err := demo.Write(pageDir, demo.Config{APIBase: proxyURL, Key: clientKey, SignIn: true, MaxTokens: 48}); err != nil {
 		return fmt.Errorf("writing the demo page: %w", err)
 	}
 	adminPort, err := freePort()
@@ -88,6 +90,21 @@ func run(caddyBin, port, pagePort string) error {
 	defer upstream.Close()
 	upstreamURL := "http://" + ln.Addr().String() + "/v1"
 
+	// The app's backend, behind the page's site: it signs users in and
+	// mints their tokens with its key, which never reaches the page.
+	// Tokens of two minutes, so that the page is seen renewing them.
+	backendLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return fmt.Errorf("starting the app backend: %w", err)
+	}
+	backend := &http.Server{
+		Handler:           demo.Backend(demo.BackendConfig{APIBase: proxyURL, MintKey: mintKey, Tier: "free", TTL: 2 * time.Minute}),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	go backend.Serve(backendLn)
+	defer backend.Close()
+	_, backendPort, _ := net.SplitHostPort(backendLn.Addr().String())
+
 	cmd := exec.Command(caddyBin, "run", "--config", config, "--adapter", "caddyfile")
 	cmd.Env = append(os.Environ(),
 		"VIGTHORIA_API_KEY="+serverKey,
@@ -96,6 +113,7 @@ func run(caddyBin, port, pagePort string) error {
 		"PORT="+port,
 		"PAGE_PORT="+pagePort,
 		"DEMO_PAGE_DIR="+pageDir,
+		"BACKEND_PORT="+backendPort,
 		"ADMIN_PORT="+adminPort,
 	)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
@@ -118,6 +136,11 @@ The demo chat page is at %[6]s: open it in a browser. It calls the
 proxy from that other origin (the proxy's cors setting allows it) with
 the demo key, streams the answers, shows the limits left, and has
 buttons to ask for a model outside the tier and to use up its requests.
+Its "Signed-in user" mode signs you in by name with the app's backend
+beside the page (POST %[6]s/api/token), which holds a key of
+tier "pro" that may mint tokens of tier "free": the page gets a token
+of two minutes for you, calls with it instead of a key, and renews it
+before it expires.
 
 Try:
 
@@ -130,6 +153,11 @@ Try:
     -d '{"model":"vigthoria-fast-1","stream":true,"messages":[{"role":"user","content":"Hello"}]}'
 
   curl -s %[1]s/v1/models -H 'Authorization: Bearer %[3]s'
+
+Sign alice in with the app's backend, then call with the token it gives:
+
+  curl -s %[6]s/api/token -H 'Content-Type: application/json' -d '{"user":"alice"}'
+  curl -s %[1]s/v1/usage -H 'Authorization: Bearer <that token>'
 
 More keys: %[4]s vigthoria key add --tier pro --name you --store sqlite:%[5]s
 Ctrl-C stops everything and deletes the demo's keys.
@@ -149,15 +177,20 @@ Ctrl-C stops everything and deletes the demo's keys.
 	}
 }
 
-// demoKey creates the demo's client key in a new store at path.
-func demoKey(ctx context.Context, path string) (string, error) {
+// demoKeys creates the demo's client key and the app backend's minting
+// key in a new store at path.
+func demoKeys(ctx context.Context, path string) (client, mint string, err error) {
 	st, err := keystore.OpenSQLite(path)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	defer st.Close()
-	_, secret, err := keystore.Create(ctx, st, keystore.Attrs{Name: "demo", Tier: "free"}, time.Now())
-	return secret, err
+	now := time.Now()
+	if _, client, err = keystore.Create(ctx, st, keystore.Attrs{Name: "demo", Tier: "free"}, now); err != nil {
+		return "", "", err
+	}
+	_, mint, err = keystore.Create(ctx, st, keystore.Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
+	return client, mint, err
 }
 
 func freePort() (string, error) {

@@ -1,0 +1,190 @@
+package vigthoria
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"math/bits"
+	"path"
+	"regexp"
+	"strings"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+)
+
+// DefaultCurrency labels costs when the config names no currency.
+const DefaultCurrency = "USD"
+
+// The ways to treat a model that no price matches; see Handler.Unpriced.
+const (
+	UnpricedRefuse = "refuse"
+	UnpricedFree   = "free"
+)
+
+// pricedTokens is the number of tokens a price is for.
+const pricedTokens = 1_000_000
+
+// maxPrice bounds a price: a million units of the currency per million
+// tokens, far above any model's, in micro-units. A larger figure is a
+// typo, and bounding it keeps every product of tokens and prices in 128
+// bits.
+const maxPrice = 1_000_000 * keystore.Micros
+
+// currencyLabel is a currency's code (USD) or a short label of letters
+// and currency signs (credits, €).
+var currencyLabel = regexp.MustCompile(`^[\p{L}\p{Sc}]{1,12}$`)
+
+// Price is what the models a glob matches cost, per million tokens, in
+// units of the currency.
+type Price struct {
+	// The models priced, as a glob of path.Match, e.g. "vigthoria-fast-*".
+	Model string `json:"model"`
+
+	// The price of a million prompt tokens: a decimal with at most six
+	// places, such as "0.10" (a JSON number, 0.10, is read as written
+	// too), never negative, at most 1000000. Required.
+	Input Decimal `json:"input"`
+
+	// The price of a million completion tokens, reasoning tokens
+	// included, in the same form as input. Default: 0 (a model that
+	// answers with no text, such as an embedding model).
+	Output Decimal `json:"output,omitempty"`
+}
+
+// Decimal is a decimal number as its text. It is a string in JSON, so
+// that no JSON tool on the way rounds it through a float; a JSON number
+// is taken as its text too.
+type Decimal string
+
+// UnmarshalJSON reads a string, or the text of a number.
+func (d *Decimal) UnmarshalJSON(b []byte) error {
+	if len(b) > 0 && b[0] == '"' {
+		return json.Unmarshal(b, (*string)(d))
+	}
+	var n json.Number
+	if err := json.Unmarshal(b, &n); err != nil {
+		return err
+	}
+	*d = Decimal(n)
+	return nil
+}
+
+// modelPrice is a model's price per million tokens, in micro-units of
+// the currency.
+type modelPrice struct{ input, output int64 }
+
+// pricedGlob is a configured price, parsed.
+type pricedGlob struct {
+	glob    string
+	literal bool // glob has no meta characters: compared as a string
+	price   modelPrice
+}
+
+// provisionPrices checks the currency and the prices and parses them
+// for price; it sets the defaults of currency and unpriced.
+func (h *Handler) provisionPrices() error {
+	if h.Currency == "" {
+		h.Currency = DefaultCurrency
+	}
+	if !currencyLabel.MatchString(h.Currency) {
+		return fmt.Errorf("invalid currency '%s': want a code such as USD, or a short label of letters", h.Currency)
+	}
+	switch h.Unpriced {
+	case "":
+		h.Unpriced = UnpricedRefuse
+	case UnpricedRefuse, UnpricedFree:
+	default:
+		return fmt.Errorf("invalid unpriced '%s': want refuse or free", h.Unpriced)
+	}
+	h.prices = make([]pricedGlob, 0, len(h.Prices))
+	for _, p := range h.Prices {
+		if p == nil {
+			return errors.New("prices: null entry")
+		}
+		parsed, err := p.parse()
+		if err != nil {
+			return fmt.Errorf("prices: %s: %w", p.Model, err)
+		}
+		h.prices = append(h.prices, parsed)
+	}
+	return nil
+}
+
+// parse checks a configured price and converts it to micro-units.
+func (p *Price) parse() (pricedGlob, error) {
+	if p.Model == "" {
+		return pricedGlob{}, errors.New("a price needs a model glob")
+	}
+	if _, err := path.Match(p.Model, ""); err != nil {
+		return pricedGlob{}, fmt.Errorf("invalid model glob '%s': %v", p.Model, err)
+	}
+	if p.Input == "" {
+		return pricedGlob{}, errors.New("input price is required")
+	}
+	in, err := parseMicros(string(p.Input))
+	if err != nil {
+		return pricedGlob{}, fmt.Errorf("input: %w", err)
+	}
+	var out int64
+	if p.Output != "" {
+		if out, err = parseMicros(string(p.Output)); err != nil {
+			return pricedGlob{}, fmt.Errorf("output: %w", err)
+		}
+	}
+	return pricedGlob{
+		glob:    p.Model,
+		literal: !strings.ContainsAny(p.Model, `*?[\`),
+		price:   modelPrice{input: in, output: out},
+	}, nil
+}
+
+// parseMicros reads a price, a decimal number of units such as 0.10, as
+// micro-units per million tokens, exactly.
+func parseMicros(s string) (int64, error) {
+	n, err := keystore.ParseMoney(s, maxPrice)
+	if err != nil {
+		return 0, fmt.Errorf("price %w", err)
+	}
+	return n, nil
+}
+
+// price returns the model's prices per 1M tokens in micro-units, and
+// whether it has one: the first configured glob that matches it prices
+// it. A model no glob matches has none, unless unpriced is "free", when
+// its price is zero. It allocates nothing.
+func (h *Handler) price(model string) (p modelPrice, ok bool) {
+	for i := range h.prices {
+		g := &h.prices[i]
+		if g.literal {
+			if g.glob == model {
+				return g.price, true
+			}
+		} else if match, _ := path.Match(g.glob, model); match {
+			return g.price, true
+		}
+	}
+	return modelPrice{}, h.Unpriced == UnpricedFree
+}
+
+// cost is what a request's tokens cost in micro-units, rounded up to a
+// whole micro-unit (never undercharging). It is exact: the products are
+// taken in 128 bits. It saturates at the largest int64, and is never
+// negative: a negative count costs nothing.
+func (p modelPrice) cost(prompt, completion int64) int64 {
+	hi1, lo1 := bits.Mul64(uint64(max(prompt, 0)), uint64(p.input))
+	hi2, lo2 := bits.Mul64(uint64(max(completion, 0)), uint64(p.output))
+	lo, carry := bits.Add64(lo1, lo2, 0)
+	hi, _ := bits.Add64(hi1, hi2, carry) // both below 2^103: no overflow
+	if hi >= pricedTokens {              // the quotient would not fit 64 bits
+		return math.MaxInt64
+	}
+	q, r := bits.Div64(hi, lo, pricedTokens)
+	if q >= math.MaxInt64 {
+		return math.MaxInt64
+	}
+	if r > 0 {
+		q++
+	}
+	return int64(q)
+}

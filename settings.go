@@ -1,0 +1,114 @@
+package vigthoria
+
+import (
+	"net/http"
+
+	"github.com/caddyserver/caddy/v2"
+	lru "github.com/hashicorp/golang-lru/v2"
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/proxy"
+)
+
+// maxKeyTiers bounds the cache of tiers merged with keys' own settings:
+// about a kilobyte each. Keys past it are merged again when they call.
+const maxKeyTiers = 65536
+
+// tierKey names a tier merged with a key's settings. A key's settings
+// get a new pointer whenever they change, so an entry never goes stale;
+// a reload makes a new cache, so tier changes apply.
+type tierKey struct {
+	name     string
+	settings *keystore.Settings
+}
+
+// newTierCache makes the cache of merged tiers.
+func newTierCache() *lru.Cache[tierKey, *Tier] {
+	c, _ := lru.New[tierKey, *Tier](maxKeyTiers) // fails only for a size below 1
+	return c
+}
+
+// tierFor returns the tier a caller of tier name is limited by: the
+// configured one when s is nil, else that tier with each field that s
+// sets replaced by s's. It returns nil when the tier is not configured,
+// or when s cannot apply to it. A cached merge costs a lookup and no
+// allocation.
+func (h *Handler) tierFor(name string, s *keystore.Settings) *Tier {
+	base := h.Tiers[name]
+	if base == nil || s == nil {
+		return base
+	}
+	k := tierKey{name: name, settings: s}
+	if t, ok := h.keyTiers.Get(k); ok {
+		return t
+	}
+	t, err := base.merge(name, s)
+	if err != nil {
+		// Settings are checked before they are stored: only a store
+		// written by something else holds such.
+		h.logger.Error("a key's settings cannot apply: its requests are refused", zap.String("tier", name), zap.Error(err))
+		return nil
+	}
+	h.keyTiers.Add(k, t)
+	return t
+}
+
+// merge returns a provisioned copy of t, named name, with each field that
+// s sets replaced by s's.
+func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
+	m := &Tier{
+		Requests: t.Requests, Tokens: t.Tokens, Concurrent: t.Concurrent, Quota: t.Quota,
+		Budget: t.Budget, Models: t.Models, MaxTokens: t.MaxTokens,
+	}
+	if s.Requests != nil {
+		m.Requests = tierRate(s.Requests)
+	}
+	if s.Tokens != nil {
+		m.Tokens = tierRate(s.Tokens)
+	}
+	if s.Concurrent != nil {
+		m.Concurrent = *s.Concurrent
+	}
+	if s.Quota != nil {
+		m.Quota = &Quota{N: s.Quota.N, Period: s.Quota.Period}
+	}
+	if s.Budget != nil {
+		m.Budget = &Budget{Amount: keystore.FormatMoney(s.Budget.N), Period: s.Budget.Period}
+	}
+	if s.Models != nil {
+		m.Models = s.Models
+	}
+	if s.MaxTokens != nil {
+		m.MaxTokens = *s.MaxTokens
+	}
+	return m, m.provision(name)
+}
+
+func tierRate(r *keystore.Rate) *Rate {
+	return &Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}
+}
+
+// originAllowed reports whether the caller's key may be used from the
+// request's web origin: its own origins, or for the user of a minted
+// token those of the key that minted it. Requests without Origin
+// (servers, SDKs) are allowed; the site's cors list is applied before.
+func (h *Handler) originAllowed(r *http.Request, c keystore.Client) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return true
+	}
+	s := c.Settings
+	if c.Minted != nil {
+		s = h.keys.Settings(c.Minted.KeyID)
+	}
+	return s.AllowsOrigin(origin)
+}
+
+// errKeyOriginNotAllowed refuses a request from a web origin that the
+// caller's key is not bound to.
+var errKeyOriginNotAllowed = func() *proxy.APIError {
+	e := *errOriginNotAllowed
+	e.Message = "This key may not be used from this web origin."
+	return &e
+}()

@@ -1,0 +1,187 @@
+package tests
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+)
+
+// Prices of the budget tests: 10 and 20 micro-units a token. A small
+// chat of the stand-in (4 prompt tokens, 16 answered) costs 360
+// micro-units, and reserves more (its prompt's estimate is larger).
+const (
+	testPrices = "prices {\n\t\t\tvigthoria-fast-* input 10 output 20\n\t\t}"
+	chatCost   = 4*10 + 16*20
+	budget     = 10_000 // 0.01 a day: 27 such chats and some change
+)
+
+// budgetChat sends a small chat with key to base and returns its status
+// and the headers of a refusal.
+func budgetChat(t *testing.T, base, key, model string) (int, http.Header, string) {
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, base+"/v1/chat/completions",
+		strings.NewReader(`{"model":"`+model+`","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("Authorization", "Bearer "+key)
+	req.Header.Set("Content-Type", "application/json")
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Errorf("chat: %v", err)
+		return 0, nil, ""
+	}
+	defer res.Body.Close()
+	body, _ := io.ReadAll(res.Body)
+	return res.StatusCode, res.Header, string(body)
+}
+
+// spendConcurrently has 50 callers chat with key until the budget
+// refuses them, spread over the bases, and returns how many chats were
+// answered. Every refusal must be the budget's.
+func spendConcurrently(t *testing.T, key string, bases ...string) int64 {
+	var ok atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 50 {
+		wg.Go(func() {
+			for i := range 4 {
+				status, h, body := budgetChat(t, bases[(g+i)%len(bases)], key, model)
+				switch status {
+				case http.StatusOK:
+					ok.Add(1)
+					continue
+				case http.StatusTooManyRequests:
+					if !strings.Contains(body, `"insufficient_quota"`) || !strings.Contains(body, "budget") || h.Get("X-Should-Retry") != "false" {
+						t.Errorf("a refusal: %s (x-should-retry %q), want the budget's insufficient_quota, not to be retried", body, h.Get("X-Should-Retry"))
+					}
+				default:
+					t.Errorf("a chat: %d %s", status, body)
+				}
+				return
+			}
+		})
+	}
+	wg.Wait()
+	return ok.Load()
+}
+
+// TestBudgetHoldsUnderConcurrency has 50 callers of one key spend a small
+// budget at once: what they spend never passes it, since each request
+// reserves its highest cost until it is settled; a restart keeps the
+// spend; and a model without a price is refused rather than counted free.
+func TestBudgetHoldsUnderConcurrency(t *testing.T) {
+	e := start(t, manyFailures, testPrices, "tier metered {\n\t\t\tbudget 0.01/day\n\t\t}")
+	id, key := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+
+	answered := spendConcurrently(t, key, e.caddy.URL)
+	var stored keystore.UsageRow
+	eventually2s(t, "the ledger holds every answered chat", func() bool {
+		stored = e.storedToday(t, id)
+		return stored.Requests == answered
+	})
+	t.Logf("50 callers at once: %d chats answered, %d of %d micro-units spent", answered, stored.Cost, budget)
+	if stored.Cost > budget || stored.Cost != answered*chatCost {
+		t.Errorf("spent %d micro-units in %d chats, want %d each and at most the budget %d", stored.Cost, answered, chatCost, budget)
+	}
+	if answered < budget/chatCost-2 {
+		t.Errorf("only %d chats answered: the budget allows %d", answered, budget/chatCost)
+	}
+	// GET /v1/usage tells the caller its budget, in its currency.
+	var u struct {
+		Limits struct {
+			Budget *struct {
+				Period                 string
+				Limit, Used, Remaining struct{ Amount, Currency string }
+			}
+		}
+	}
+	res := e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer " + key}})
+	if err := json.NewDecoder(res.Body).Decode(&u); err != nil || u.Limits.Budget == nil {
+		t.Fatalf("GET /v1/usage: %v, no budget", err)
+	}
+	if b := u.Limits.Budget; b.Period != "day" || b.Limit.Amount != "0.010000" || b.Limit.Currency != "USD" ||
+		b.Used.Amount != keystore.FormatCost(stored.Cost) || b.Remaining.Amount != keystore.FormatCost(budget-stored.Cost) {
+		t.Errorf("the usage's budget: %+v, want 0.010000 USD a day, %d micro-units used", *b, stored.Cost)
+	}
+
+	// The spend survives a restart: the ledger seeds the budget again.
+	e.caddy.Stop(t)
+	e.caddy.Restart(t, vigthoriaBlock(e.server.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store "+strings.Replace(e.store, ":", " ", 1),
+		testPrices, "tier metered {\n\t\t\tbudget 0.01/day\n\t\t}", "tier pro"))
+	closeIdle()
+	if status, _, body := budgetChat(t, e.caddy.URL, key, model); status != http.StatusTooManyRequests || !strings.Contains(body, "budget") {
+		t.Errorf("after a restart: %d %s, want the budget's 429", status, body)
+	}
+}
+
+func TestUnpricedModelWithABudget(t *testing.T) {
+	e := start(t, manyFailures, testPrices, "tier metered {\n\t\t\tbudget 1/day\n\t\t}")
+	_, key := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+	status, _, body := budgetChat(t, e.caddy.URL, key, "vigthoria-pro-1")
+	if status != http.StatusBadRequest || !strings.Contains(body, `"model_not_priced"`) {
+		t.Errorf("an unpriced model with a budget: %d %s, want 400 model_not_priced", status, body)
+	}
+	// A caller without a budget may use it.
+	if status, _, body := budgetChat(t, e.caddy.URL, e.key, "vigthoria-pro-1"); status != http.StatusOK {
+		t.Errorf("an unpriced model without a budget: %d %s", status, body)
+	}
+
+	e.reload(t, manyFailures, testPrices, "unpriced free", "tier metered {\n\t\t\tbudget 1/day\n\t\t}")
+	if status, _, body := budgetChat(t, e.caddy.URL, key, "vigthoria-pro-1"); status != http.StatusOK {
+		t.Errorf("an unpriced model with unpriced free: %d %s", status, body)
+	}
+}
+
+// TestFleetBudget spends a budget from two instances on one Redis at
+// once: the fleet holds it as one instance does.
+func TestFleetBudget(t *testing.T) {
+	f := startFleetWith(t, []string{testPrices}, "budget 0.01/day")
+	answered := spendConcurrently(t, f.key, f.a.URL, f.b.URL)
+	if answered*chatCost > budget || answered < budget/chatCost-2 {
+		t.Errorf("two instances answered %d chats of %d micro-units, want as many as fit in %d", answered, chatCost, budget)
+	}
+}
+
+// TestMintingKeysBudgetBoundsItsUsers: the users of a key's minted
+// tokens spend its budget together, each within its own tier.
+func TestMintingKeysBudgetBoundsItsUsers(t *testing.T) {
+	e := start(t, manyFailures, testPrices, "tier app {\n\t\t\tbudget 0.001/day\n\t\t}", "tier web")
+	_, backend := e.addKey(t, "app", "--mint", "web")
+	alice := e.mintWhenKnown(t, backend, map[string]any{"user": "alice"})
+	bob := e.mint(t, backend, map[string]any{"user": "bob"})
+	// 1000 micro-units: two chats of 360, whoever sends them.
+	for _, token := range []string{alice.Token, bob.Token} {
+		if status, _, body := budgetChat(t, e.caddy.URL, token, model); status != http.StatusOK {
+			t.Fatalf("a chat within the key's budget: %d %s", status, body)
+		}
+	}
+	status, h, body := budgetChat(t, e.caddy.URL, alice.Token, model)
+	if status != http.StatusTooManyRequests || !strings.Contains(body, "budget of tier app") || !strings.Contains(body, "shared by every user") || h.Get("X-Should-Retry") != "false" {
+		t.Errorf("past the key's budget: %d %s, want the key's budget refusal, shared by its users", status, body)
+	}
+}
+
+// TestKeysOwnBudget: a budget set on a key bounds it where its tier sets
+// none, and a raised one applies within a second, without a reload.
+func TestKeysOwnBudget(t *testing.T) {
+	e := start(t, manyFailures, testPrices, "tier metered")
+	id, key := e.addKey(t, "metered", "--budget", "0.001/day")
+	e.waitKeysKnown(t)
+	for range 2 { // 1000 micro-units: two chats of 360
+		if status, _, body := budgetChat(t, e.caddy.URL, key, model); status != http.StatusOK {
+			t.Fatalf("a chat within the key's budget: %d %s", status, body)
+		}
+	}
+	if status, h, body := budgetChat(t, e.caddy.URL, key, model); status != http.StatusTooManyRequests || !strings.Contains(body, "budget") || h.Get("X-Should-Retry") != "false" {
+		t.Fatalf("past the key's budget: %d %s, want the budget's 429", status, body)
+	}
+	e.cli(t, "key", "update", id, "--budget", "0.002/day")
+	eventually(t, "the raised budget applies", func() bool {
+		status, _, _ := budgetChat(t, e.caddy.URL, key, model)
+		return status == http.StatusOK
+	})
+}
