@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -36,6 +37,7 @@ const maxSides = 3
 // beside the caller's own limits.
 type side struct {
 	id       string
+	who      keystore.Client // whose account: the caller, or the key that minted its token
 	lim      *limiter.Limits
 	d        limiter.Decision
 	tierName string
@@ -86,11 +88,16 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 	if usage {
 		lim = &parent.usageLimits
 	}
-	if apiErr := h.join(w, r, &a, side{id: client.Minted.KeyID, lim: lim, tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
+	if apiErr := h.join(w, r, &a, side{id: client.Minted.KeyID, who: mintingKey(client), lim: lim, tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		return a, apiErr
 	}
 	return a, nil
+}
+
+// mintingKey names the key that minted client's token, as an account.
+func mintingKey(client keystore.Client) keystore.Client {
+	return keystore.Client{ID: client.Minted.KeyID, Tier: client.Minted.KeyTier}
 }
 
 // parentTier is the tier of the key that minted client's token, with
@@ -107,6 +114,13 @@ func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s s
 		return h.unavailable(w, s.id, err)
 	}
 	if d.Reason != limiter.Admitted {
+		if d.Reason == limiter.QuotaLimit {
+			kind := alerts.Quota
+			if s.money {
+				kind = alerts.Budget
+			}
+			h.noteSide(kind, s.who, s.lim, &d, 0)
+		}
 		return sideRefusal(w, &s, d, now)
 	}
 	s.d = d
@@ -136,14 +150,14 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 	}
 
 	// Budgets: the caller's, and the minting key's.
-	budgets := [2]side{{id: budgetPrefix + client.ID, lim: &tier.budget, tierName: client.Tier, money: true}}
+	budgets := [2]side{{id: budgetPrefix + client.ID, who: client, lim: &tier.budget, tierName: client.Tier, money: true}}
 	nb := 0
 	if !tier.budget.Quota.Unlimited() {
 		nb = 1
 	}
 	if client.Minted != nil {
 		if parent := h.parentTier(client); parent != nil && !parent.budget.Quota.Unlimited() {
-			budgets[nb] = side{id: budgetPrefix + client.Minted.KeyID, lim: &parent.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
+			budgets[nb] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: &parent.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
 			nb++
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
 
+	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -75,6 +76,11 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
 //		upstream_headers <header>...          # more request headers to pass upstream
+//		alerts {                              # Caddy events vigthoria.quota and vigthoria.budget, and:
+//			webhook <url>                      # default none: events only
+//			secret  <whsec_…>                  # required with webhook, e.g. {env.VIGTHORIA_WEBHOOK_SECRET}
+//			at      <pct>%...                  # default 80% 100%
+//		}
 //	}
 //
 // Each subdirective but tier and jwt may appear once, each tier name and
@@ -249,6 +255,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if h.IdleTimeout, err = durationArg(d, "5m"); err != nil {
 				return err
 			}
+		case "alerts":
+			if err := h.unmarshalAlerts(d); err != nil {
+				return err
+			}
 		case "max_token_ttl":
 			if h.MaxTokenTTL, err = durationArg(d, "1h"); err != nil {
 				return err
@@ -403,6 +413,54 @@ func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
 		return d.Errf("jwt %s: audience is required", j.Issuer)
 	}
 	h.JWT = append(h.JWT, j)
+	return nil
+}
+
+// unmarshalAlerts reads `alerts { … }`.
+func (h *Handler) unmarshalAlerts(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.Errf("alerts takes a block, not '%s'", d.Val())
+	}
+	a := new(Alerts)
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("alerts: '%s' given twice", sub)
+		}
+		seen[sub] = true
+		var err error
+		switch sub {
+		case "webhook":
+			a.Webhook, err = singleArg(d)
+		case "secret":
+			a.Secret, err = singleArg(d)
+		case "at":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.Err("alerts: at needs at least one threshold, such as 80%")
+			}
+			for _, arg := range args {
+				n, perr := strconv.Atoi(strings.TrimSuffix(arg, "%"))
+				if perr != nil || !strings.HasSuffix(arg, "%") || alerts.CheckThresholds([]int{n}) != nil {
+					return d.Errf("alerts: invalid threshold '%s': want a percentage from 1%% to 100%%, such as 80%%", arg)
+				}
+				a.At = append(a.At, n)
+			}
+		default:
+			return d.Errf("unknown alerts subdirective '%s'", sub)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if a.Secret != "" && a.Webhook == "" {
+		return d.Err("alerts: secret needs a webhook")
+	}
+	if a.Webhook != "" && a.Secret == "" {
+		return d.Err("alerts: webhook needs a secret (whsec_…), such as {env.VIGTHORIA_WEBHOOK_SECRET}")
+	}
+	h.Alerts = a
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
 
@@ -75,11 +76,11 @@ func registerMetrics(reg *prometheus.Registry) error {
 	if reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{
+	for _, c := range append([]prometheus.Collector{
 		metrics.requests, metrics.tokens, metrics.upstreamLatency, metrics.firstByte,
 		metrics.activeStreams, metrics.modelsCache, metrics.retries, metrics.storeFallback, metrics.storeFailures,
 		metrics.keyFetchErrors,
-	} {
+	}, alerts.Collectors()...) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -23,6 +23,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -402,6 +403,11 @@ type Handler struct {
 	// organisation selectors are refused. Default: none.
 	UpstreamHeaders []string `json:"upstream_headers,omitempty"`
 
+	// Alerts when a caller's quota or budget crosses a threshold: Caddy
+	// events always, a signed webhook when configured. Default: events
+	// at 80% and 100%.
+	Alerts *Alerts `json:"alerts,omitempty"`
+
 	upstream     *proxy.Upstream
 	bodyLimits   proxy.BodyLimits
 	limiter      limiter.Limiter
@@ -416,6 +422,8 @@ type Handler struct {
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
 	logger       *zap.Logger
+	notifier     *alerts.Notifier
+	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
 
 	prices []pricedGlob // Prices, parsed, in order
 }
@@ -518,6 +526,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
 		return err
 	}
+	if err := h.provisionAlerts(ctx); err != nil {
+		return err
+	}
 
 	if h.StoreTimeout == 0 {
 		h.StoreTimeout = caddy.Duration(DefaultStoreTimeout)
@@ -612,9 +623,9 @@ func (h *Handler) start() error {
 // the last user first lets its requests settle, or their usage would miss
 // the ledger's final write.
 func (h *Handler) Cleanup() error {
-	jwtErr := h.cleanupJWT()
+	ownErr := errors.Join(h.cleanupAlerts(), h.cleanupJWT())
 	if h.storeSpec == "" {
-		return jwtErr
+		return ownErr
 	}
 	if refs, _ := keyServices.References(h.storeSpec); refs <= 1 {
 		deadline := time.Now().Add(settleGrace)
@@ -628,7 +639,7 @@ func (h *Handler) Cleanup() error {
 	}
 	_, err := keyServices.Delete(h.storeSpec)
 	_, err2 := limiters.Delete(h.limiterKey)
-	return errors.Join(jwtErr, err, err2)
+	return errors.Join(ownErr, err, err2)
 }
 
 // Validate checks the configuration after Provision.
@@ -754,12 +765,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	defer func() {
 		if !forwarded {
 			h.settleAdmission(r, client, &a, keystore.Tokens{})
+			h.noteStanding(client, &a, keystore.Tokens{})
 			return
 		}
 		usage := &call.Usage
 		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
 		h.settleAdmission(r, client, &a, used)
+		h.noteStanding(client, &a, used)
 		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
 			model := ledgerModel(info.Model, usage.Status)
 			h.keys.Ledger().Add(client.ID, model, end, used)

@@ -253,7 +253,8 @@ func TestLedgerSetsAsideRowsTheStoreRefuses(t *testing.T) {
 // cached and reasoning tokens, or of the one before the cost, opens with
 // its usage kept, counting none of them, and keeps them from then on.
 func TestSQLiteLedgerUpgradesInPlace(t *testing.T) {
-	for _, version := range []int{2, len(migrations) - 1} {
+	// 2: before migration 3, the details; 5: before migration 6, the cost.
+	for _, version := range []int{2, 5} {
 		t.Run(fmt.Sprintf("version %d", version), func(t *testing.T) {
 			ctx := t.Context()
 			path := filepath.Join(t.TempDir(), "keys.db")

@@ -62,7 +62,14 @@ var migrations = []string{
 	// 7: a key's own settings, as JSON (see Settings); '' for none, which
 	// is what the keys of older versions get.
 	`ALTER TABLE keys ADD COLUMN settings TEXT NOT NULL DEFAULT '';`,
-	// 8: the ledger's hourly rows, for the dashboard.
+	// 8: claims on alerts, so that one instance of a fleet sends each.
+	// until is unix milliseconds; an expired claim is deleted by the next.
+	`CREATE TABLE alert_claims (
+		id    TEXT PRIMARY KEY,
+		until INTEGER NOT NULL
+	) STRICT;
+	CREATE INDEX alert_claims_until ON alert_claims (until);`,
+	// 9: the ledger's hourly rows, for the dashboard.
 	ledgerHoursSchema,
 }
 

@@ -20,7 +20,8 @@ import (
 // module-minted calls with a token minted for a user of a key, whose
 // requests are admitted twice: on the user's limits and on the key's.
 // module-settings calls with a key of its own limits and origins, over
-// its tier's.
+// its tier's. module-budget calls with prices and a budget in money on
+// the key's tier, which reserves and settles each request's cost.
 // make bench measures the same under load, in separate processes.
 func BenchmarkChat(b *testing.B) {
 	up := standin.New(standin.Options{APIKey: serverKey, NoRecord: true, RateLimit: 1e12})
@@ -43,6 +44,10 @@ func BenchmarkChat(b *testing.B) {
 		{"module", module, false, false},
 		{"module-minted", module, true, false},
 		{"module-settings", module, false, true},
+		{"module-budget", func(store string) string {
+			return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+store, testPrices,
+				"tier pro {\n\t\t\trequests 1000000000/1m\n\t\t\ttokens 1000000000000/1m\n\t\t\tbudget 1000000/month\n\t\t}")
+		}, false, false},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			store := b.TempDir() + "/keys.db"

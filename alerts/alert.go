@@ -1,0 +1,133 @@
+// Package alerts tells operators when a caller's quota or budget crosses
+// a threshold: once per key, threshold and period across a fleet (the
+// alert is claimed in a shared store), as a Caddy event and as a webhook
+// signed per the Standard Webhooks spec, delivered off the request path
+// with retries.
+//
+// It imports none of the proxy's wings: the store's part is the Claimer
+// interface, the events app's part an Emitter function.
+package alerts
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"sync/atomic"
+	"time"
+)
+
+// Kinds of figure a threshold applies to.
+const (
+	Budget = "budget" // money, in integer micro-units of the currency
+	Quota  = "quota"  // tokens
+)
+
+// Layouts of a period's name: a calendar month or day, UTC.
+const (
+	monthLayout = "2006-01"
+	dayLayout   = "2006-01-02"
+)
+
+// Alert is a threshold crossed by a caller's figure in a period.
+type Alert struct {
+	Type    string // Budget or Quota
+	KeyID   string // the caller: a key ID or another identity; not secret
+	KeyName string
+	Tier    string
+	Period  string    // "2026-12" for a month, "2026-12-01" for a day
+	Used    int64     // what the caller had used when the alert was noted
+	Limit   int64     // the quota or budget of the period
+	Percent int       // the threshold crossed, in percent of Limit
+	At      time.Time // when the crossing was noted
+}
+
+// ClaimID names the alert in the claim store: type|key|threshold|period.
+// Two instances noting the same crossing claim the same ID.
+func (a Alert) ClaimID() string {
+	return a.Type + "|" + a.KeyID + "|" + strconv.Itoa(a.Percent) + "|" + a.Period
+}
+
+// WebhookID is the alert's webhook-id: derived from its ClaimID, so that
+// it is the same for each retry of its delivery, and a receiver that
+// somehow got it twice can tell.
+func (a Alert) WebhookID() string {
+	sum := sha256.Sum256([]byte(a.ClaimID()))
+	return "msg_" + base64.RawURLEncoding.EncodeToString(sum[:18])
+}
+
+// wireAlert is the webhook's body.
+type wireAlert struct {
+	Type    string `json:"type"`
+	KeyID   string `json:"key_id"`
+	KeyName string `json:"key_name"`
+	Tier    string `json:"tier"`
+	Period  string `json:"period"`
+	Used    int64  `json:"used"`
+	Limit   int64  `json:"limit"`
+	Percent int    `json:"percent"`
+	At      string `json:"at"`
+}
+
+// MarshalJSON writes the webhook's body: {type, key_id, key_name, tier,
+// period, used, limit, percent, at}, at in RFC 3339, UTC, to the second.
+func (a Alert) MarshalJSON() ([]byte, error) {
+	return json.Marshal(wireAlert{a.Type, a.KeyID, a.KeyName, a.Tier, a.Period, a.Used, a.Limit, a.Percent,
+		a.At.UTC().Format(time.RFC3339)})
+}
+
+// EventData is the alert as a Caddy event's data, with the body's names.
+func (a Alert) EventData() map[string]any {
+	return map[string]any{
+		"type": a.Type, "key_id": a.KeyID, "key_name": a.KeyName, "tier": a.Tier, "period": a.Period,
+		"used": a.Used, "limit": a.Limit, "percent": a.Percent, "at": a.At.UTC().Format(time.RFC3339),
+	}
+}
+
+// PeriodName names the calendar period ("day" or "month", UTC) that t
+// falls in, as Figure.Period wants it. It allocates only when the
+// period differs from the one it named last for unit.
+func PeriodName(t time.Time, unit string) (string, error) {
+	y, m, d := t.UTC().Date()
+	var cache *atomic.Pointer[namedPeriod]
+	switch unit {
+	case "day":
+		cache = &lastDay
+	case "month":
+		cache, d = &lastMonth, 0
+	default:
+		return "", fmt.Errorf("period unit '%s' is not day or month", unit)
+	}
+	if p := cache.Load(); p != nil && p.y == y && p.m == m && p.d == d {
+		return p.name, nil
+	}
+	name := fmt.Sprintf("%04d-%02d", y, m)
+	if d != 0 {
+		name = fmt.Sprintf("%04d-%02d-%02d", y, m, d)
+	}
+	cache.Store(&namedPeriod{y, m, d, name})
+	return name, nil
+}
+
+// namedPeriod is a period and its name: the last one PeriodName named
+// for its unit.
+type namedPeriod struct {
+	y    int
+	m    time.Month
+	d    int // 0 for a month
+	name string
+}
+
+var lastDay, lastMonth atomic.Pointer[namedPeriod]
+
+// periodEnd returns when the named period ends.
+func periodEnd(period string) (time.Time, error) {
+	if t, err := time.Parse(dayLayout, period); err == nil {
+		return t.AddDate(0, 0, 1), nil
+	}
+	if t, err := time.Parse(monthLayout, period); err == nil {
+		return t.AddDate(0, 1, 0), nil
+	}
+	return time.Time{}, fmt.Errorf("period '%s' is neither YYYY-MM nor YYYY-MM-DD", period)
+}
