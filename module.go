@@ -771,8 +771,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		usage := &call.Usage
 		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
-		h.settleAdmission(r, client, &a, used)
-		h.noteStanding(client, &a, used)
+		// The ledger first: a limiter that forgets an account once it is
+		// settled reads its quota back from the ledger, which must then
+		// hold this request.
 		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
 			model := ledgerModel(info.Model, usage.Status)
 			h.keys.Ledger().Add(client.ID, model, end, used)
@@ -782,6 +783,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 				h.keys.Ledger().Add(client.Minted.KeyID, model, end, used)
 			}
 		}
+		h.settleAdmission(r, client, &a, used)
+		h.noteStanding(client, &a, used)
 		record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
 	}()
 

@@ -90,7 +90,7 @@ func (m *Memory) Admit(ctx context.Context, client string, lim *Limits, reserve 
 	n := now.UnixNano()
 	d := st.admit(lim, reserve, n, now)
 	if s.ops++; s.ops%sweepEvery == 0 {
-		m.sweep(s, n)
+		m.sweep(s, n, false)
 	}
 	return d, nil
 }
@@ -262,7 +262,7 @@ func (m *Memory) get(s *memShard, client string, now int64, lim *Limits) *client
 		return st
 	}
 	if len(s.m) >= m.perShard {
-		m.sweep(s, now)
+		m.sweep(s, now, true)
 		if len(s.m) >= m.perShard {
 			for c, st := range s.m {
 				if st.inFlight == 0 {
@@ -277,14 +277,18 @@ func (m *Memory) get(s *memShard, client string, now int64, lim *Limits) *client
 	return st
 }
 
-// sweep forgets a few idle clients of s (locked by the caller).
-func (m *Memory) sweep(s *memShard, now int64) {
+// sweep forgets a few idle clients of s (locked by the caller). Only
+// when the shard is full (pressed) does it forget a client whose quota
+// use the QuotaCounter could read back: reading it back is I/O, which
+// the next request of a client with a quota and no other limit (a
+// budget's account) would otherwise do every time.
+func (m *Memory) sweep(s *memShard, now int64, pressed bool) {
 	checked := 0
 	for c, st := range s.m {
 		if checked++; checked > sweepBatch {
 			return
 		}
-		if st.idle(now, m.quota != nil) {
+		if st.idle(now, pressed && m.quota != nil) {
 			delete(s.m, c)
 		}
 	}

@@ -433,7 +433,10 @@ func TestMemoryForgetsIdleClientsAndStaysBounded(t *testing.T) {
 
 // TestMemoryKeepsQuotaUseItCannotReadBack: an idle client is forgotten
 // only when that loses nothing. Without a QuotaCounter its quota use
-// cannot be read back, so it is kept until its period ends.
+// cannot be read back, so it is kept until its period ends; with one,
+// it is kept too while the shard has room, since reading it back is I/O
+// that a client with only a quota would otherwise cost every request,
+// and forgotten and read back when the shard is full.
 func TestMemoryKeepsQuotaUseItCannotReadBack(t *testing.T) {
 	ctx := t.Context()
 	lim := &Limits{Requests: Rate{N: 10, Window: time.Second}, Quota: Quota{N: 10_000, Period: Day}}
@@ -464,8 +467,8 @@ func TestMemoryKeepsQuotaUseItCannotReadBack(t *testing.T) {
 			m.Settle(ctx, "c", lim, d.Lease, 9_000, t0)
 			ledger["c@2026-03-31"] = 9_000 // as the usage reaches the ledger
 			idleTraffic(m, t0.Add(time.Second))
-			if kept := remembered(m); kept == counted {
-				t.Errorf("idle with quota use in its period: remembered %v, want %v", kept, !counted)
+			if !remembered(m) {
+				t.Error("idle with quota use in its period, the shard not full: forgotten")
 			}
 			if d, _ := m.Admit(ctx, "c", lim, 1_001, t0.Add(time.Second)); d.Reason != QuotaLimit {
 				t.Errorf("1,001 more after 9,000: %v with %d used, want refused", d.Reason, d.QuotaUsed)
@@ -476,6 +479,20 @@ func TestMemoryKeepsQuotaUseItCannotReadBack(t *testing.T) {
 			}
 		})
 	}
+	t.Run("counted, the shard full", func(t *testing.T) {
+		ledger := fakeLedger{}
+		m := NewMemory(ledger, memShards*4)
+		d, _ := m.Admit(ctx, "c", lim, 0, t0)
+		m.Settle(ctx, "c", lim, d.Lease, 9_000, t0)
+		ledger["c@2026-03-31"] = 9_000
+		idleTraffic(m, t0.Add(time.Second))
+		if remembered(m) {
+			t.Error("idle with quota use the ledger holds, the shard full: still remembered")
+		}
+		if d, _ := m.Admit(ctx, "c", lim, 1_001, t0.Add(time.Second)); d.Reason != QuotaLimit || d.QuotaUsed != 9_000 {
+			t.Errorf("1,001 more after 9,000, read back: %v with %d used, want refused at 9,000", d.Reason, d.QuotaUsed)
+		}
+	})
 }
 
 func BenchmarkMemoryAdmitSettle(b *testing.B) {
@@ -600,4 +617,44 @@ func testNoSlotReservesNothing(t *testing.T, l Limiter) {
 func TestMemoryNoSlotReservesNothing(t *testing.T) {
 	testNoSlotReservesNothing(t, NewMemory(nil, 100))
 	testNoSlotReservesNothing(t, NewFallback(NewMemory(nil, 100), NewMemory(nil, 100), UseLocal, 50*time.Millisecond, zap.NewNop()))
+}
+
+// countingLedger counts the reads of a fakeLedger for client c.
+type countingLedger struct {
+	fakeLedger
+	reads atomic.Int64
+}
+
+func (l *countingLedger) QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error) {
+	if client == "c" {
+		l.reads.Add(1)
+	}
+	return l.fakeLedger.QuotaUsed(ctx, client, since)
+}
+
+// TestMemoryReadsAQuotaBackOnce: a client with a quota and no other
+// limit, such as a budget's account, is idle as soon as it is settled;
+// its quota is read from the QuotaCounter once, not again after each
+// sweep, which would be I/O on most of its requests.
+func TestMemoryReadsAQuotaBackOnce(t *testing.T) {
+	ctx := t.Context()
+	ledger := &countingLedger{fakeLedger: fakeLedger{}}
+	m := NewMemory(ledger, 256*100)
+	lim := &Limits{Quota: Quota{N: 1_000_000_000, Period: Day}}
+	for i := range 1000 {
+		d, err := m.Admit(ctx, "c", lim, 10, t0)
+		if err != nil || d.Reason != Admitted {
+			t.Fatalf("admit: %v %v", d.Reason, err)
+		}
+		m.Settle(ctx, "c", lim, d.Lease, 10, t0)
+		// Others' requests meanwhile, over every shard: they sweep.
+		for j := range 2 * memShards {
+			o := "o" + strconv.Itoa((i*2*memShards+j)%5000)
+			d, _ := m.Admit(ctx, o, &Limits{}, 0, t0)
+			m.Settle(ctx, o, &Limits{}, d.Lease, 0, t0)
+		}
+	}
+	if n := ledger.reads.Load(); n != 1 {
+		t.Errorf("the quota was read from the ledger %d times in 1,000 requests, want once", n)
+	}
 }
