@@ -60,7 +60,8 @@ function draw(name, el, x, series, opts = {}) {
   const u = new uPlot({
     width, height: 220,
     scales: { x: { time: true } },
-    axes: [{}, { size: opts.money ? 80 : 60, values: (u, vals) => vals.map(opts.money ? money : fmt) }],
+    // Room for the longest label: amounts under 0.01 print six decimals.
+    axes: [{}, { size: opts.money ? 100 : 60, values: (u, vals) => vals.map(opts.money ? money : fmt) }],
     series: [{}, ...labels.map((l, i) => ({
       label: l, stroke: palette[i % palette.length], width: 2,
       fill: opts.fill === false ? undefined : palette[i % palette.length] + "22",
