@@ -113,31 +113,31 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 	tier := h.tierFor(keyTier, client.Settings)
 	switch {
 	case !may:
-		return refuse(w, r, h.tierLabel(client.Tier), "tokens", errMintNotAllowed)
+		return h.refuseClient(w, r, client, h.tierLabel(client.Tier), "tokens", errMintNotAllowed, now)
 	case tier == nil:
-		return refuse(w, r, h.tierLabel(keyTier), "tokens", errTierNotConfigured)
+		return h.refuseClient(w, r, client, h.tierLabel(keyTier), "tokens", errTierNotConfigured, now)
 	case !h.originAllowed(r, client):
-		return refuse(w, r, keyTier, "tokens", errKeyOriginNotAllowed)
+		return h.refuseClient(w, r, client, keyTier, "tokens", errKeyOriginNotAllowed, now)
 	}
 	a, apiErr := h.admit(w, r, client, tier, true, now)
 	if apiErr != nil {
-		return refuse(w, r, client.Tier, "tokens", apiErr)
+		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}
 	h.settleAdmission(r, client, &a, keystore.Tokens{})
 
 	req, apiErr := h.readTokenRequest(w, r)
 	if apiErr != nil {
-		return refuse(w, r, client.Tier, "tokens", apiErr)
+		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}
 	tr, apiErr := h.checkTokenRequest(req, mint)
 	if apiErr != nil {
-		return refuse(w, r, client.Tier, "tokens", apiErr)
+		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}
 	tr.KeyID = client.ID
 	token, expires, err := h.keys.Mint(r.Context(), tr, now)
 	if err != nil {
 		h.logger.Error("minting a token", zap.String("client_id", client.ID), zap.Error(err))
-		return refuse(w, r, client.Tier, "tokens", errUnavailable)
+		return h.refuseClient(w, r, client, client.Tier, "tokens", errUnavailable, now)
 	}
 	requestsBy.get([3]string{client.Tier, "tokens", "ok"}).Inc()
 	w.Header().Set("Content-Type", "application/json")

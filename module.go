@@ -729,22 +729,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	client, tier, apiErr := h.identify(w, r, now)
 	if apiErr != nil {
-		return refuse(w, r, h.tierLabel(client.Tier), ep.Name, apiErr)
+		if client.ID != "" { // known, but of a tier not configured
+			return h.refuseClient(w, r, client, h.tierLabel(client.Tier), ep.Name, apiErr, now)
+		}
+		return refuse(w, r, "none", ep.Name, apiErr)
 	}
 	if !h.originAllowed(r, client) {
-		return refuse(w, r, client.Tier, ep.Name, errKeyOriginNotAllowed)
+		return h.refuseClient(w, r, client, client.Tier, ep.Name, errKeyOriginNotAllowed, now)
 	}
 
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
 	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached && ep.ID != proxy.Usage {
 		secs := retrySeconds(wait)
 		w.Header().Set("Retry-After", strconv.Itoa(secs))
-		return refuse(w, r, client.Tier, ep.Name, proxy.UpstreamExhausted(secs))
+		return h.refuseClient(w, r, client, client.Tier, ep.Name, proxy.UpstreamExhausted(secs), now)
 	}
 
 	a, apiErr := h.admit(w, r, client, tier, ep.ID == proxy.Usage, now)
 	if apiErr != nil {
-		return refuse(w, r, client.Tier, ep.Name, apiErr)
+		return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
 	}
 	if ep.ID == proxy.Usage {
 		// Counted as a request, then settled before the report reads
@@ -802,7 +805,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
 		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
-			return refuse(w, r, client.Tier, ep.Name, apiErr)
+			return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
 		}
 	}
 	limiter.SetHeaders(w.Header(), &tier.limits, a.State, now)
@@ -846,7 +849,7 @@ func limitRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.
 // forwarded, with the caller's standing, which counts it.
 func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, ep *proxy.Endpoint, s limiter.State, now time.Time, e *proxy.APIError) error {
 	limiter.SetHeaders(w.Header(), &tier.limits, s, now)
-	return refuse(w, r, client.Tier, ep.Name, e)
+	return h.refuseClient(w, r, client, client.Tier, ep.Name, e, now)
 }
 
 // unavailable is the 503 of a request whose limits could not be decided.
@@ -892,6 +895,16 @@ func refuse(w http.ResponseWriter, r *http.Request, tier, endpoint string, e *pr
 	}
 	e.Write(w)
 	return nil
+}
+
+// refuseClient answers the refusal of an identified caller's request as
+// refuse does, and counts it, by its reason, in the ledger's hourly rows
+// of the caller, for the dashboard.
+func (h *Handler) refuseClient(w http.ResponseWriter, r *http.Request, client keystore.Client, tier, endpoint string, e *proxy.APIError, now time.Time) error {
+	if err := h.keys.Ledger().Refuse(client.ID, e.Code, now); err != nil {
+		h.logger.Error("counting a refusal", zap.String("client_id", client.ID), zap.Error(err))
+	}
+	return refuse(w, r, tier, endpoint, e)
 }
 
 // record counts an admitted request's outcome and usage in the metrics

@@ -25,11 +25,11 @@ const topKeys = 10
 
 // serveAPI routes a request under api/:
 //
-//	GET    overview?range=24h|30d   usage over time by tier, by model, the top keys
+//	GET    overview?range=24h|30d   usage over time by tier, by model, the top keys; refusals by reason
 //	GET    live                     requests/s, refusals/s, streams; refusals by reason
 //	GET    keys?q=&tier=&sort=&desc=&page=   keys with their limits and usage
 //	POST   keys                     create: {"name", "tier", "expires", "settings"}; the answer holds the secret
-//	GET    keys/{id}                one key, its usage by hour, day and model
+//	GET    keys/{id}                one key, its usage by hour, day and model, its refusals by reason
 //	PATCH  keys/{id}                change its settings (null clears one)
 //	DELETE keys/{id}                revoke
 //	POST   keys/{id}/rotate         new secret, in the answer
@@ -145,7 +145,8 @@ type chart struct {
 	Times    []int64 `json:"times"`
 	Requests series  `json:"requests"`
 	Tokens   series  `json:"tokens"`
-	Cost     series  `json:"cost"` // micro-units
+	Cost     series  `json:"cost"`    // micro-units
+	Refused  series  `json:"refused"` // by reason: requests of identified callers refused
 }
 
 // newChart makes the buckets of a range ending at now: 24 hours by hour,
@@ -158,7 +159,7 @@ func newChart(daily bool, now time.Time) chart {
 		start = now.UTC().Truncate(24*time.Hour).AddDate(0, 0, -29)
 	}
 	c := chart{Step: int64(step / time.Second), Times: make([]int64, n),
-		Requests: newSeries(n), Tokens: newSeries(n), Cost: newSeries(n)}
+		Requests: newSeries(n), Tokens: newSeries(n), Cost: newSeries(n), Refused: newSeries(n)}
 	for i := range n {
 		c.Times[i] = start.Add(time.Duration(i) * step).Unix()
 	}
@@ -189,6 +190,32 @@ func (c *chart) add(r keystore.UsageRow, label string) {
 	}
 }
 
+// addRefusals adds the refusal rows to the chart by reason, and returns
+// their totals by reason in its range, the most first.
+func (c *chart) addRefusals(rows []keystore.RefusalRow) []reasonTotal {
+	totals := make(map[string]int64)
+	for _, r := range rows {
+		if i := c.bucket(r.Hour); i >= 0 {
+			c.Refused.add(i, r.Reason, r.Count)
+			totals[r.Reason] += r.Count
+		}
+	}
+	out := make([]reasonTotal, 0, len(totals))
+	for reason, n := range totals {
+		out = append(out, reasonTotal{Reason: reason, Count: n})
+	}
+	slices.SortFunc(out, func(a, b reasonTotal) int {
+		return cmp.Or(cmp.Compare(b.Count, a.Count), strings.Compare(a.Reason, b.Reason))
+	})
+	return out
+}
+
+// reasonTotal is the refusals of one reason in a range.
+type reasonTotal struct {
+	Reason string `json:"reason"`
+	Count  int64  `json:"count"`
+}
+
 // modelTotals is one model's usage in a range.
 type modelTotals struct {
 	Model string `json:"model"`
@@ -210,16 +237,22 @@ type overviewReport struct {
 	Chart    chart         `json:"chart"`
 	Models   []modelTotals `json:"models"`
 	Top      []keyTotals   `json:"top"`
+	Refusals []reasonTotal `json:"refusals"` // in the range, by reason
 }
 
 // overview answers usage over the last 24 hours (by hour) or 30 days
-// (by day), by tier, model and key, from the ledger's hourly rows.
+// (by day), by tier, model and key, and the refusals by reason, from the
+// ledger's hourly rows.
 func (h *Handler) overview(w http.ResponseWriter, r *http.Request, now time.Time) error {
 	daily := r.URL.Query().Get("range") == "30d"
 	c := newChart(daily, now)
 	rows, err := h.keys.Ledger().Hours(r.Context(), "", time.Unix(c.Times[0], 0))
 	if err != nil {
 		return h.unavailable(w, "reading usage", err)
+	}
+	refusals, err := h.keys.Ledger().RefusalHours(r.Context(), "", time.Unix(c.Times[0], 0))
+	if err != nil {
+		return h.unavailable(w, "reading refusals", err)
 	}
 	recs, err := h.keys.Store().List(r.Context())
 	if err != nil {
@@ -243,7 +276,8 @@ func (h *Handler) overview(w http.ResponseWriter, r *http.Request, now time.Time
 		total(models, row.Model).add(row)
 		total(clients, row.Client).add(row)
 	}
-	rep := overviewReport{Chart: c, Models: []modelTotals{}, Top: []keyTotals{}}
+	reasons := c.addRefusals(refusals)
+	rep := overviewReport{Chart: c, Models: []modelTotals{}, Top: []keyTotals{}, Refusals: reasons}
 	if p := h.source.Policy(h.spec); p != nil {
 		rep.Currency, rep.Tiers = p.Currency(), p.Tiers()
 	}
@@ -398,12 +432,14 @@ type keyReport struct {
 	keystore.KeyInfo
 	Limits   *Limits       `json:"limits"`
 	Currency string        `json:"currency,omitempty"`
-	Hours    chart         `json:"hours"` // the last 24 hours, by model
-	Days     chart         `json:"days"`  // the last 30 days, by model
+	Hours    chart         `json:"hours"` // the last 24 hours, by model; refusals by reason
+	Days     chart         `json:"days"`  // the last 30 days, by model; refusals by reason
 	Models   []modelTotals `json:"models"`
+	Refusals []reasonTotal `json:"refusals"` // the last 30 days, by reason
 }
 
-// key answers one key with its usage by hour, day and model.
+// key answers one key with its usage by hour, day and model, and its
+// refusals by reason.
 func (h *Handler) key(w http.ResponseWriter, r *http.Request, id string, now time.Time) error {
 	rec, err := h.keys.Store().Get(r.Context(), id)
 	if err != nil {
@@ -427,6 +463,12 @@ func (h *Handler) key(w http.ResponseWriter, r *http.Request, id string, now tim
 	if err != nil {
 		return h.unavailable(w, "reading usage", err)
 	}
+	refusals, err := h.keys.Ledger().RefusalHours(r.Context(), id, time.Unix(rep.Days.Times[0], 0))
+	if err != nil {
+		return h.unavailable(w, "reading refusals", err)
+	}
+	rep.Hours.addRefusals(refusals)
+	rep.Refusals = rep.Days.addRefusals(refusals)
 	models := make(map[string]*usageTotals)
 	for _, row := range days {
 		rep.Days.add(row, row.Model)

@@ -1,11 +1,12 @@
 package keystore
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
 	"fmt"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -70,32 +71,35 @@ func (l *Ledger) Hours(ctx context.Context, client string, since time.Time) ([]U
 	if err != nil {
 		return nil, err
 	}
+	return mergeHourRows(rows, pending,
+		func(r UsageRow) ledgerKey { return ledgerKey{r.Client, r.Day, r.Model} },
+		(*UsageRow).Add,
+		func(a, b UsageRow) int {
+			return cmp.Or(strings.Compare(a.Day, b.Day), strings.Compare(a.Client, b.Client), strings.Compare(a.Model, b.Model))
+		}), nil
+}
+
+// mergeHourRows adds the pending rows to the stored ones of a read by
+// hour (a row of a stored one's key to its sum, the others after them)
+// and sorts them by compare.
+func mergeHourRows[R any, K comparable](rows, pending []R, key func(R) K, add func(*R, R), compare func(a, b R) int) []R {
 	if len(pending) > 0 {
-		type k struct{ client, hour, model string }
-		at := make(map[k]int, len(rows))
+		at := make(map[K]int, len(rows))
 		for i, r := range rows {
-			at[k{r.Client, r.Day, r.Model}] = i
+			at[key(r)] = i
 		}
 		for _, p := range pending {
-			if i, ok := at[k{p.Client, p.Day, p.Model}]; ok {
-				rows[i].Add(p)
+			k := key(p)
+			if i, ok := at[k]; ok {
+				add(&rows[i], p)
 				continue
 			}
-			at[k{p.Client, p.Day, p.Model}] = len(rows)
+			at[k] = len(rows)
 			rows = append(rows, p)
 		}
 	}
-	sort.Slice(rows, func(i, j int) bool {
-		a, b := rows[i], rows[j]
-		if a.Day != b.Day {
-			return a.Day < b.Day
-		}
-		if a.Client != b.Client {
-			return a.Client < b.Client
-		}
-		return a.Model < b.Model
-	})
-	return rows, nil
+	slices.SortFunc(rows, compare)
+	return rows
 }
 
 // ledgerHoursSchema is the SQLite migration that adds the hourly rows
@@ -180,9 +184,50 @@ func hourField(client string) string { return strconv.Itoa(len(client)) + ":" + 
 // back, in one round trip; a client's rows are read out of every
 // client's.
 func (s *Redis) UsageHours(ctx context.Context, client, hour string) ([]UsageRow, error) {
+	hashes, err := s.hourHashes(ctx, hour)
+	if err != nil {
+		return nil, fmt.Errorf("reading hourly usage: %w", err)
+	}
+	var out []UsageRow
+	for _, h := range hashes {
+		type k struct{ client, model string }
+		rows := make(map[k]*UsageRow)
+		for field, v := range h.fields {
+			c, model, metric, ok := splitHourField(field)
+			if !ok || client != "" && c != client {
+				continue
+			}
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("reading hourly usage of %s: %w", h.hour, err)
+			}
+			row := rows[k{c, model}]
+			if row == nil {
+				row = &UsageRow{Client: c, Day: h.hour, Model: model}
+				rows[k{c, model}] = row
+			}
+			setFigure(row, metric, n)
+		}
+		for _, r := range rows {
+			out = append(out, *r)
+		}
+	}
+	return out, nil
+}
+
+// hourHash is the Redis hash of one hour's usage and refusals.
+type hourHash struct {
+	hour   string
+	fields map[string]string
+}
+
+// hourHashes reads each hour's hash from hour to the next (another
+// instance's clock may be ahead), at most HourRetention back, in one
+// round trip.
+func (s *Redis) hourHashes(ctx context.Context, hour string) ([]hourHash, error) {
 	from, err := ParseHour(hour)
 	if err != nil {
-		return nil, fmt.Errorf("reading hourly usage: %w: hour '%s' is not YYYY-MM-DDTHH", ErrInvalid, hour)
+		return nil, fmt.Errorf("%w: hour '%s' is not YYYY-MM-DDTHH", ErrInvalid, hour)
 	}
 	now := time.Now().UTC().Truncate(time.Hour)
 	if oldest := now.Add(-HourRetention); from.Before(oldest) {
@@ -200,31 +245,11 @@ func (s *Redis) UsageHours(ctx context.Context, client, hour string) ([]UsageRow
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("reading hourly usage: %w", err)
+		return nil, err
 	}
-	var out []UsageRow
+	out := make([]hourHash, len(hours))
 	for i, h := range hours {
-		type k struct{ client, model string }
-		rows := make(map[k]*UsageRow)
-		for field, v := range cmds[i].Val() {
-			c, model, metric, ok := splitHourField(field)
-			if !ok || client != "" && c != client {
-				continue
-			}
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil {
-				return nil, fmt.Errorf("reading hourly usage of %s: %w", h, err)
-			}
-			row := rows[k{c, model}]
-			if row == nil {
-				row = &UsageRow{Client: c, Day: h, Model: model}
-				rows[k{c, model}] = row
-			}
-			setFigure(row, metric, n)
-		}
-		for _, r := range rows {
-			out = append(out, *r)
-		}
+		out[i] = hourHash{hour: h, fields: cmds[i].Val()}
 	}
 	return out, nil
 }

@@ -6,24 +6,26 @@ import (
 	"time"
 )
 
+// hourStores open each store that keeps hourly rows, for a test.
+var hourStores = map[string]func(t *testing.T) UsageStore{
+	"sqlite": func(t *testing.T) UsageStore {
+		st, err := OpenSQLite(t.TempDir() + "/k.db")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
+	},
+	"redis": func(t *testing.T) UsageStore {
+		st, _ := openRedisTemp(t)
+		return st
+	},
+}
+
 // TestHours checks that both stores keep the ledger's hourly rows beside
 // the daily ones and read them back for every client and for one.
 func TestHours(t *testing.T) {
-	stores := map[string]func(t *testing.T) UsageStore{
-		"sqlite": func(t *testing.T) UsageStore {
-			st, err := OpenSQLite(t.TempDir() + "/k.db")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { st.Close() })
-			return st
-		},
-		"redis": func(t *testing.T) UsageStore {
-			st, _ := openRedisTemp(t)
-			return st
-		},
-	}
-	for name, open := range stores {
+	for name, open := range hourStores {
 		t.Run(name, func(t *testing.T) {
 			l := newLedger(nil)
 			l.attach(open(t))

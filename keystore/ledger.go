@@ -94,6 +94,9 @@ type UsageBatch struct {
 	// Hours are the same uses by hour: each row's Day holds its UTC
 	// hour, YYYY-MM-DDTHH (see Hour). A store keeps them HourRetention.
 	Hours []UsageRow
+	// Refusals are the refused requests of the same time, by hour
+	// only: kept HourRetention as the Hours.
+	Refusals []RefusalRow
 }
 
 // UsageStore is where the ledger's rows live. A Store that can also keep
@@ -115,11 +118,15 @@ type UsageStore interface {
 // them), so writing them again would fail again. The rest of the batch
 // was written.
 type RefusedError struct {
-	Rows []UsageRow
-	Err  error // why
+	Rows     []UsageRow
+	Refusals []RefusalRow
+	Err      error // why
 }
 
 func (e *RefusedError) Error() string {
+	if len(e.Refusals) > 0 {
+		return fmt.Sprintf("the store refused %d usage rows and %d refusal rows: %v", len(e.Rows), len(e.Refusals), e.Err)
+	}
 	return fmt.Sprintf("the store refused %d usage rows: %v", len(e.Rows), e.Err)
 }
 
@@ -140,6 +147,7 @@ type Ledger struct {
 	mu       sync.Mutex // protects the fields below
 	pending  map[ledgerKey]*UsageRow
 	hours    map[ledgerKey]*UsageRow // pending by hour: day holds the hour
+	refusals map[refusalKey]int64    // pending refusals by hour
 	// unsure is a batch whose write failed: it may or may not have been
 	// applied, so it is written again as it is, before anything newer.
 	unsure *UsageBatch
@@ -159,7 +167,8 @@ type Ledger struct {
 }
 
 func newLedger(logger *zap.Logger) *Ledger {
-	return &Ledger{pending: make(map[ledgerKey]*UsageRow), hours: make(map[ledgerKey]*UsageRow), writer: rand.Text(), logger: logger}
+	return &Ledger{pending: make(map[ledgerKey]*UsageRow), hours: make(map[ledgerKey]*UsageRow),
+		refusals: make(map[refusalKey]int64), writer: rand.Text(), logger: logger}
 }
 
 // Day formats t as the ledger's UTC day.
@@ -239,7 +248,7 @@ func (l *Ledger) flush(ctx context.Context) error {
 	}
 
 	l.mu.Lock()
-	if len(l.pending) == 0 && len(l.hours) == 0 {
+	if len(l.pending) == 0 && len(l.hours) == 0 && len(l.refusals) == 0 {
 		l.mu.Unlock()
 		return nil
 	}
@@ -251,8 +260,15 @@ func (l *Ledger) flush(ctx context.Context) error {
 	for _, row := range l.hours {
 		b.Hours = append(b.Hours, *row)
 	}
+	if len(l.refusals) > 0 {
+		b.Refusals = make([]RefusalRow, 0, len(l.refusals))
+		for k, n := range l.refusals {
+			b.Refusals = append(b.Refusals, RefusalRow{Client: k.client, Hour: k.hour, Reason: k.reason, Count: n})
+		}
+	}
 	clear(l.pending)
 	clear(l.hours)
+	clear(l.refusals)
 	l.mu.Unlock()
 
 	err := l.write(ctx, st, b)
@@ -274,7 +290,7 @@ func (l *Ledger) write(ctx context.Context, st UsageStore, b UsageBatch) error {
 		return err
 	}
 	l.logger.Error("usage the store refuses, set aside: add these rows to the ledger by hand",
-		zap.Any("rows", refused.Rows), zap.Error(refused.Err))
+		zap.Any("rows", refused.Rows), zap.Any("refusals", refused.Refusals), zap.Error(refused.Err))
 	return nil
 }
 
@@ -400,6 +416,7 @@ func saturatingSum(column string) string {
 // is left out of the transaction, and the rest written.
 func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
 	var refused []UsageRow
+	var refusals []RefusalRow
 	var why error
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		stmt, err := tx.PrepareContext(ctx, addUsageSQL)
@@ -424,10 +441,18 @@ func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
 		if len(hours) > 0 {
 			refused, why = append(refused, hours...), whyHours
 		}
+		var whyRefusals error
+		refusals, whyRefusals, err = addRefusals(ctx, tx, b.Refusals, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(refusals) > 0 {
+			why = whyRefusals
+		}
 		return nil
 	})
-	if err == nil && len(refused) > 0 {
-		return &RefusedError{Rows: refused, Err: fmt.Errorf("writing usage: %w", why)}
+	if err == nil && len(refused)+len(refusals) > 0 {
+		return &RefusedError{Rows: refused, Refusals: refusals, Err: fmt.Errorf("writing usage: %w", why)}
 	}
 	return err
 }

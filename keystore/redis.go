@@ -40,8 +40,9 @@ import (
 //	vgt:usage-hour:<hour>    hash of every client's usage in a UTC hour
 //	                         (YYYY-MM-DDTHH): "<len(client)>:<client>
 //	                         <model>\x00requests" and the other five as
-//	                         above; expires HourRetention after its
-//	                         last write
+//	                         above; and the refusals of each client,
+//	                         "refused\x00<len(client)>:<client><reason>";
+//	                         expires HourRetention after its last write
 //	vgt:signing              hash: a field for each signing key, its ID,
 //	                         holding 8 bytes of its created time (unix ms,
 //	                         big-endian), then its 32-byte Ed25519 seed
@@ -158,11 +159,11 @@ return 'ok'`)
 	// addUsageScript adds a ledger batch once. KEYS: the writer's
 	// sequence key, then the days' and hours' usage hashes. ARGV: the
 	// batch's sequence, the usage TTL, the writer TTL and the hours'
-	// TTL in seconds, then for
-	// each row the index of its hash in KEYS and six field and
-	// increment pairs; a zero increment writes nothing. It returns 0 for
-	// a batch applied before, else 1 and the numbers (from 0) of the rows
-	// it refused: a row whose key is not a hash, or whose fields hold
+	// TTL in seconds, then for each row the index of its hash in KEYS,
+	// the number of its field and increment pairs (six for usage, one
+	// for refusals) and the pairs; a zero increment writes nothing. It
+	// returns 0 for a batch applied before, else 1 and the numbers (from
+	// 0) of the rows it refused: a row whose key is not a hash, or whose fields hold
 	// what HINCRBY cannot add to, is checked before anything of it is
 	// written, and left out. A sum stops at the largest int64 (rows never
 	// hold a negative count), where HINCRBY would fail the script halfway.
@@ -181,12 +182,12 @@ local function isInteger(v)
 	end
 	return #digits < #MAX or digits <= MAX or v == '-9223372036854775808'
 end
-local function writable(k, i)
+local function writable(k, first, last)
 	local t = redis.call('TYPE', k).ok
 	if t ~= 'hash' and t ~= 'none' then
 		return false
 	end
-	for j = i + 1, i + 11, 2 do
+	for j = first, last, 2 do
 		if not isInteger(redis.call('HGET', k, ARGV[j])) then
 			return false
 		end
@@ -204,10 +205,13 @@ if tonumber(ARGV[1]) <= last then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 local result, written = {1}, {}
-for i = 5, #ARGV, 13 do
+local i, row = 5, 0
+while i <= #ARGV do
 	local k = KEYS[tonumber(ARGV[i])]
-	if writable(k, i) then
-		for j = i + 1, i + 11, 2 do
+	local first = i + 2
+	local stop = first + 2 * tonumber(ARGV[i+1]) - 2
+	if writable(k, first, stop) then
+		for j = first, stop, 2 do
 			if ARGV[j+1] ~= '0' then
 				local sum = redis.pcall('HINCRBY', k, ARGV[j], ARGV[j+1])
 				if type(sum) == 'table' and sum.err then -- it would overflow
@@ -217,8 +221,9 @@ for i = 5, #ARGV, 13 do
 		end
 		written[k] = true
 	else
-		result[#result+1] = (i - 5) / 13
+		result[#result+1] = row
 	end
+	i, row = stop + 2, row + 1
 end
 for k in pairs(written) do
 	if string.sub(k, 1, #HOURS) == HOURS then
@@ -546,25 +551,30 @@ func (s *Redis) TouchLastUsed(ctx context.Context, used map[string]time.Time) er
 }
 
 // AddUsage implements UsageStore: one script of HINCRBYs, each day's hash
-// kept usageTTL after its last write. The script first checks the
+// kept usageTTL after its last write, each hour's (usage and refusals)
+// HourRetention. The script first checks the
 // writer's last applied sequence: a batch retried after its answer was
 // lost (Redis applied it, then the connection broke) is not counted again.
 func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
-	if len(b.Rows) == 0 && len(b.Hours) == 0 {
+	if len(b.Rows) == 0 && len(b.Hours) == 0 && len(b.Refusals) == 0 {
 		return nil
 	}
 	keys := []string{redisWriterPrefix + b.Writer}
 	index := make(map[string]int)
 	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second), int64(HourRetention / time.Second)}
-	add := func(k, prefix string, r UsageRow) {
+	keyIndex := func(k string) int {
 		i, ok := index[k]
 		if !ok {
 			keys = append(keys, k)
 			i = len(keys)
 			index[k] = i
 		}
+		return i
+	}
+	add := func(k, prefix string, r UsageRow) {
+		i := keyIndex(k)
 		prefix += r.Model
-		args = append(args, i,
+		args = append(args, i, 6,
 			prefix+"\x00requests", r.Requests,
 			prefix+"\x00prompt", r.PromptTokens,
 			prefix+"\x00completion", r.CompletionTokens,
@@ -578,19 +588,26 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 	for _, r := range b.Hours {
 		add(redisHourPrefix+r.Day, hourField(r.Client), r)
 	}
+	for _, r := range b.Refusals {
+		args = append(args, keyIndex(redisHourPrefix+r.Hour), 1, refusalField(r.Client, r.Reason), r.Count)
+	}
 	all := append(b.Rows[:len(b.Rows):len(b.Rows)], b.Hours...)
 	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
 	switch {
 	case rediserr.Refused(err):
-		return &RefusedError{Rows: all, Err: fmt.Errorf("writing usage: %w", err)}
+		return &RefusedError{Rows: all, Refusals: b.Refusals, Err: fmt.Errorf("writing usage: %w", err)}
 	case err != nil:
 		return fmt.Errorf("writing usage: %w", err)
 	case len(res) > 1:
-		refused := make([]UsageRow, 0, len(res)-1)
+		e := &RefusedError{Err: errors.New("writing usage: a usage key that is not a hash, or a field that is not an integer")}
 		for _, i := range res[1:] {
-			refused = append(refused, all[i])
+			if int(i) < len(all) {
+				e.Rows = append(e.Rows, all[i])
+			} else {
+				e.Refusals = append(e.Refusals, b.Refusals[int(i)-len(all)])
+			}
 		}
-		return &RefusedError{Rows: refused, Err: errors.New("writing usage: a usage key that is not a hash, or a field that is not an integer")}
+		return e
 	}
 	return nil
 }

@@ -71,6 +71,8 @@ var migrations = []string{
 	CREATE INDEX alert_claims_until ON alert_claims (until);`,
 	// 9: the ledger's hourly rows, for the dashboard.
 	ledgerHoursSchema,
+	// 10: the ledger's refusals by hour, for the dashboard.
+	refusalsHoursSchema,
 }
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, settings, seq`

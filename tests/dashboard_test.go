@@ -2,12 +2,14 @@ package tests
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
+	"github.com/openai/openai-go/v3/option"
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
@@ -26,8 +29,8 @@ const dashboardUser, dashboardPassword = "admin", "correct horse battery staple"
 
 // startDashboard starts Caddy with the dashboard under /dashboard/,
 // behind basic_auth, beside a vigthoria handler on the same store with
-// prices, so that costs are shown.
-func startDashboard(t *testing.T) *env {
+// prices, so that costs are shown, and the extra lines.
+func startDashboard(t *testing.T, extra ...string) *env {
 	t.Helper()
 	up := standin.New(standin.Options{APIKey: serverKey})
 	srv := httptest.NewServer(up)
@@ -38,6 +41,9 @@ func startDashboard(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	store := strings.Replace(e.store, ":", " ", 1)
+	lines := append([]string{"store " + store, "tier free {\n\t\t\trequests 600/1m\n\t\t\tquota 1000000/month\n\t\t}",
+		"tier pro {\n\t\t\tquota 5000000/month\n\t\t\tbudget 50/month\n\t\t}",
+		"prices {\n\t\t\tvigthoria-* input 0.50 output 1.50\n\t\t}"}, extra...)
 	site := fmt.Sprintf(`	handle_path /dashboard/* {
 		basic_auth {
 			%s %s
@@ -46,10 +52,7 @@ func startDashboard(t *testing.T) *env {
 			store %s
 		}
 	}
-`, dashboardUser, hash, store) + vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}",
-		"store "+store, "tier free {\n\t\t\trequests 600/1m\n\t\t\tquota 1000000/month\n\t\t}",
-		"tier pro {\n\t\t\tquota 5000000/month\n\t\t\tbudget 50/month\n\t\t}",
-		"prices {\n\t\t\tvigthoria-* input 0.50 output 1.50\n\t\t}")
+`, dashboardUser, hash, store) + vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", lines...)
 	e.caddy = harness.StartCaddy(t, site)
 	e.client = newClient(e.caddy.URL, e.key)
 	return e
@@ -133,6 +136,90 @@ func TestDashboardRefusals(t *testing.T) {
 	// The created key's secret is in its answer only: not in the logs.
 	if log := e.caddy.ReadLog(t); strings.Contains(log, "vgt_") {
 		t.Error("a secret reached Caddy's log")
+	}
+}
+
+// TestDashboardShowsRefusals checks that a key past its request limit
+// is refused with 429s, and that the dashboard's overview and the key's
+// page count those refusals, by reason, in the current hour and day.
+func TestDashboardShowsRefusals(t *testing.T) {
+	e := startDashboard(t, "tier metered {\n\t\t\trequests 2/1m burst 2\n\t\t}")
+	id, secret := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+	client := newClient(e.caddy.URL, secret)
+	for i := range 2 {
+		if _, err := client.Chat.Completions.New(t.Context(), chatParams("hi")); err != nil {
+			t.Fatalf("request %d: %v", i+1, err)
+		}
+	}
+	const refused = 3
+	for range refused {
+		_, err := client.Chat.Completions.New(t.Context(), chatParams("hi"), option.WithMaxRetries(0))
+		wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded")
+	}
+	// A caller without a key is refused too, and counted for no key.
+	if status, _ := e.chatStatus(t, "Bearer vgt_nobody"); status != http.StatusUnauthorized {
+		t.Fatalf("an unknown key: %d, want 401", status)
+	}
+
+	token := dashboardToken(t, e)
+	get := func(path string, v any) {
+		t.Helper()
+		res := e.do(t, http.MethodGet, "/dashboard/api/"+path, nil, http.Header{"Authorization": {basicAuth()}, "X-Csrf-Token": {token}})
+		body, _ := io.ReadAll(res.Body)
+		if res.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %d %s", path, res.StatusCode, body)
+		}
+		if err := json.Unmarshal(body, v); err != nil {
+			t.Fatalf("%s: %v: %s", path, err, body)
+		}
+	}
+	type reasonTotal struct {
+		Reason string `json:"reason"`
+		Count  int64  `json:"count"`
+	}
+	type chart struct {
+		Refused struct {
+			Total []int64            `json:"total"`
+			By    map[string][]int64 `json:"by"`
+		} `json:"refused"`
+	}
+	// wantChart checks that the chart's refusals are the key's, all in
+	// its last bucket (the current hour or day).
+	wantChart := func(name string, c chart) {
+		t.Helper()
+		by := c.Refused.By["rate_limit_exceeded"]
+		if len(c.Refused.By) != 1 || len(by) == 0 || by[len(by)-1] != refused || c.Refused.Total[len(by)-1] != refused {
+			t.Errorf("%s: refusals by reason %v (total %v), want %d rate_limit_exceeded in the last bucket", name, c.Refused.By, c.Refused.Total, refused)
+		}
+		for i, n := range c.Refused.Total[:len(c.Refused.Total)-1] {
+			if n != 0 {
+				t.Errorf("%s: %d refusals in bucket %d, want none before the last", name, n, i)
+			}
+		}
+	}
+	want := []reasonTotal{{"rate_limit_exceeded", refused}}
+	for _, rng := range []string{"24h", "30d"} {
+		var o struct {
+			Chart    chart         `json:"chart"`
+			Refusals []reasonTotal `json:"refusals"`
+		}
+		get("overview?range="+rng, &o)
+		wantChart("overview "+rng, o.Chart)
+		if !slices.Equal(o.Refusals, want) {
+			t.Errorf("overview %s: refusals %+v, want %+v", rng, o.Refusals, want)
+		}
+	}
+	var k struct {
+		Hours    chart         `json:"hours"`
+		Days     chart         `json:"days"`
+		Refusals []reasonTotal `json:"refusals"`
+	}
+	get("keys/"+id, &k)
+	wantChart("the key's hours", k.Hours)
+	wantChart("the key's days", k.Days)
+	if !slices.Equal(k.Refusals, want) {
+		t.Errorf("the key's refusals %+v, want %+v", k.Refusals, want)
 	}
 }
 

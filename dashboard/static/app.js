@@ -86,6 +86,7 @@ async function loadOverview() {
   const bars = state.range === "30d";
   draw("requests", $("chart-requests"), c.times, byLabel(c.requests), { bars });
   draw("tokens", $("chart-tokens"), c.times, byLabel(c.tokens), { bars });
+  draw("refused", $("chart-refused"), c.times, byLabel(c.refused), { bars });
   $("cost-figure").hidden = !state.currency;
   if (state.currency) {
     $("cost-currency").textContent = state.currency;
@@ -230,6 +231,8 @@ async function loadKey(id) {
   $("key-meta").textContent = k.id + " · " + k.state + " · created " + when(k.created) + " · last used " + when(k.last_used);
   draw("key-hours", $("chart-key-hours"), k.hours.times, byLabel(k.hours.tokens), { bars: true });
   draw("key-days", $("chart-key-days"), k.days.times, byLabel(k.days.tokens), { bars: true });
+  draw("key-refused", $("chart-key-refused"), k.days.times, byLabel(k.days.refused), { bars: true });
+  fill($("key-refusals").tBodies[0], k.refusals, (tr, r) => { cell(tr, r.reason); cell(tr, fmt(r.count), "num"); });
   fill($("key-models").tBodies[0], k.models, (tr, m) => {
     cell(tr, m.model); cell(tr, fmt(m.requests), "num"); cell(tr, fmt(m.tokens), "num");
     cell(tr, state.currency ? money(m.cost) : "–", "num");
