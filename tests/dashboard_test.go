@@ -239,6 +239,13 @@ func TestBrowserDashboard(t *testing.T) {
 		}
 	}
 	wantAPIError(t, e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer vgt_wrong"}}), 401, "invalid_api_key")
+	// A refusal of a known key, which the ledger counts by reason.
+	noModel := func(key string) *http.Response {
+		return e.do(t, http.MethodPost, "/v1/chat/completions", jsonBody(map[string]any{
+			"messages": []map[string]string{{"role": "user", "content": "hi"}},
+		}), http.Header{"Authorization": {"Bearer " + key}, "Content-Type": {"application/json"}})
+	}
+	wantAPIError(t, noModel(e.key), 400, "missing_model")
 
 	b := newBrowser(t, chromium)
 	if _, err := chromedp.Call(b.ctx, network.SetExtraHTTPHeaders, network.SetExtraHTTPHeadersParams{
@@ -262,6 +269,9 @@ func TestBrowserDashboard(t *testing.T) {
 	}
 	if got := b.eval(`window.dash.charts.requests.data.slice(1).flat().reduce((a, v) => a + v, 0)`); got != "3" {
 		t.Errorf("the requests chart sums to %s, want the 3 chats", got)
+	}
+	if got := b.eval(`(() => { const u = window.dash.charts.refused; return u.series.slice(1).map(s => s.label).join() + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`); got != "missing_model 1" {
+		t.Errorf("the refusals chart holds %q, want missing_model 1: the unknown key is counted for no key", got)
 	}
 	if got := b.text("#top tbody"); !strings.Contains(got, "test-pro") {
 		t.Errorf("the top keys read %q, want test-pro", got)
@@ -293,6 +303,7 @@ func TestBrowserDashboard(t *testing.T) {
 		return res.StatusCode
 	}
 	eventually(t, "the created key works at the proxy", func() bool { return chat() == http.StatusOK })
+	wantAPIError(t, noModel(secret), 400, "missing_model")
 
 	// Revoke it on the page: the proxy refuses it within a second.
 	waitJS(t, b, `!!document.querySelector("#keys tbody tr[data-id] button[data-action=revoke]")`)
@@ -308,6 +319,12 @@ func TestBrowserDashboard(t *testing.T) {
 	waitJS(t, b, `!!window.dash.charts["key-hours"] && window.dash.charts["key-hours"].data.length > 1`)
 	if got := b.text("#key-models tbody"); !strings.Contains(got, model) {
 		t.Errorf("the key's models read %q, want %s", got, model)
+	}
+	if got := b.text("#key-refusals tbody"); got != "missing_model1" {
+		t.Errorf("the key's refusals read %q, want missing_model 1", got)
+	}
+	if got := b.eval(`window.dash.charts["key-refused"].data.slice(1).flat().reduce((a, v) => a + v, 0)`); got != "1" {
+		t.Errorf("the key's refusals chart sums to %s, want 1", got)
 	}
 
 	keys := func() string {
