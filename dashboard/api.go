@@ -34,7 +34,7 @@ const topKeys = 10
 //	DELETE keys/{id}                revoke
 //	POST   keys/{id}/rotate         new secret, in the answer
 func (h *Handler) serveAPI(w http.ResponseWriter, r *http.Request, route, user string) error {
-	if status, why := checkRequest(r, user); status != 0 {
+	if status, why := h.checkRequest(r, user); status != 0 {
 		return writeError(w, status, why)
 	}
 	if err := h.keys.Start(); err != nil {

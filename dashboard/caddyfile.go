@@ -30,6 +30,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	vigthoria_dashboard {
 //		store sqlite [<path>] | redis <url>   # default: the default store
 //		user  <placeholder>                   # default {http.auth.user.id}
+//		allow_anonymous                       # serve requests without an operator
+//		origin <scheme://host[:port]>         # as browsers see it; default the request's
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name
@@ -55,6 +57,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("user takes one placeholder, got '%s'", strings.Join(args, " "))
 			}
 			h.User = args[0]
+		case "allow_anonymous":
+			if len(args) != 0 {
+				return d.Errf("allow_anonymous takes no value, got '%s'", strings.Join(args, " "))
+			}
+			h.AllowAnonymous = true
+		case "origin":
+			if len(args) != 1 || !keystore.ValidOrigin(args[0]) {
+				return d.Errf("origin takes one web origin such as https://admin.example.com, got '%s'", strings.Join(args, " "))
+			}
+			h.Origin = args[0]
 		default:
 			return d.Errf("unknown subdirective '%s'", name)
 		}

@@ -54,12 +54,23 @@ type Handler struct {
 	Store string `json:"store,omitempty"`
 
 	// A placeholder naming the operator, set by the auth handler before
-	// this one; CSRF tokens are bound to it. A request on which it is
-	// empty is served (as "anonymous") but logged as a warning once: the
-	// dashboard hands out keys and must not be served without
-	// authentication. With forward_auth, name the header it copies, e.g.
-	// {http.request.header.Remote-User}. Default: {http.auth.user.id}.
+	// this one; CSRF tokens are bound to it. With forward_auth, name the
+	// header it copies, e.g. {http.request.header.Remote-User}. Default:
+	// {http.auth.user.id}.
 	User string `json:"user,omitempty"`
+
+	// Serve the JSON, key management included, to requests on which user
+	// is empty, for a site that lets in only its operators by other means
+	// (a remote_ip matcher, a VPN). Such requests are then the operator
+	// "anonymous". Default: false, they get 403 and a warning in the log:
+	// the dashboard hands out keys.
+	AllowAnonymous bool `json:"allow_anonymous,omitempty"`
+
+	// The dashboard's origin as browsers see it (scheme://host[:port]),
+	// when a proxy in front of Caddy terminates TLS or changes the host:
+	// a change must come from it. Default: the origin the request reached
+	// Caddy at.
+	Origin string `json:"origin,omitempty"`
 
 	source  Source
 	keys    *keystore.Service
@@ -132,9 +143,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	for k, v := range safetyHeaders {
 		w.Header().Set(k, v)
 	}
-	user := h.user(r)
+	user, named := h.user(r)
 	p := r.URL.Path
 	if i := strings.Index(p, "/api/"); i >= 0 {
+		if !named && !h.AllowAnonymous {
+			return writeError(w, http.StatusForbidden, "no operator: put basic_auth, forward_auth or another auth handler before vigthoria_dashboard (or set allow_anonymous)")
+		}
 		return h.serveAPI(w, r, p[i+len("/api/"):], user)
 	}
 	if i := strings.Index(p, "/static/"); i >= 0 {
@@ -158,22 +172,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	return nil
 }
 
-// user is the operator making r, or "anonymous"; the first request
-// without one logs a warning.
-func (h *Handler) user(r *http.Request) string {
+// user is the operator making r, or "anonymous" and false; the first
+// request without one logs a warning.
+func (h *Handler) user(r *http.Request) (string, bool) {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	var user string
 	if repl != nil {
 		user = repl.ReplaceAll(h.User, "")
 	}
 	if user != "" {
-		return user
+		return user, true
 	}
 	if !h.warned.Swap(true) {
-		h.logger.Warn("the dashboard is served without authentication: put basic_auth, forward_auth or another auth handler before vigthoria_dashboard (its user placeholder resolved to nothing)",
-			zap.String("user", h.User))
+		msg := "the dashboard is served without authentication: its JSON is refused; put basic_auth, forward_auth or another auth handler before vigthoria_dashboard (its user placeholder resolved to nothing)"
+		if h.AllowAnonymous {
+			msg = "the dashboard is served without authentication, to anyone its site lets in (allow_anonymous)"
+		}
+		h.logger.Warn(msg, zap.String("user", h.User))
 	}
-	return "anonymous"
+	return "anonymous", false
 }
 
 // csrfToken is the CSRF token of user: HMAC-SHA256 of the process's
@@ -186,7 +203,7 @@ func csrfToken(user string) string {
 
 // checkRequest refuses, with the reason, an api/ request without user's
 // CSRF token, and a change that is not a same-origin JSON request.
-func checkRequest(r *http.Request, user string) (int, string) {
+func (h *Handler) checkRequest(r *http.Request, user string) (int, string) {
 	got := r.Header.Get("X-CSRF-Token")
 	if got == "" || !hmac.Equal([]byte(got), []byte(csrfToken(user))) {
 		return http.StatusForbidden, "missing or wrong X-CSRF-Token"
@@ -198,7 +215,11 @@ func checkRequest(r *http.Request, user string) (int, string) {
 	if site := r.Header.Get("Sec-Fetch-Site"); site != "" && site != "same-origin" {
 		return http.StatusForbidden, "a change must come from the dashboard's own page (Sec-Fetch-Site)"
 	}
-	if r.Header.Get("Origin") != requestOrigin(r) {
+	origin := h.Origin
+	if origin == "" {
+		origin = requestOrigin(r)
+	}
+	if r.Header.Get("Origin") != origin {
 		return http.StatusForbidden, "a change must come from the dashboard's own origin (Origin)"
 	}
 	if r.Method != http.MethodDelete {

@@ -1,6 +1,7 @@
 package dashboard
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
@@ -57,7 +59,7 @@ func newTestHandler(t testing.TB, keys int) (*Handler, *fakeSource) {
 		}
 	}
 	src := &fakeSource{counters: Counters{Refused: map[string]int64{}}}
-	return &Handler{source: src, keys: svc, spec: spec, logger: zap.NewNop(), live: newSampler(src.Counters)}, src
+	return &Handler{source: src, keys: svc, spec: spec, logger: zap.NewNop(), live: newSampler(src.Counters), AllowAnonymous: true}, src
 }
 
 // get serves GET api/<route> as the anonymous operator, with its token.
@@ -187,10 +189,42 @@ func TestCheckRequest(t *testing.T) {
 					r.Header.Set(k, v)
 				}
 			}
-			if got, why := checkRequest(r, "alice"); got != c.want {
+			if got, why := (&Handler{}).checkRequest(r, "alice"); got != c.want {
 				t.Errorf("got %d (%s), want %d", got, why, c.want)
 			}
 		})
+	}
+}
+
+// TestPublicOrigin: behind a proxy that terminates TLS, the configured
+// origin is the one changes must come from.
+func TestPublicOrigin(t *testing.T) {
+	h := &Handler{Origin: "https://dash.example"}
+	for origin, want := range map[string]int{"https://dash.example": 0, "http://dash.example": 403} {
+		r := httptest.NewRequest(http.MethodPost, "http://dash.example/api/keys", nil)
+		r.Header.Set("Origin", origin)
+		r.Header.Set("Content-Type", "application/json")
+		r.Header.Set("X-CSRF-Token", csrfToken("alice"))
+		if got, why := h.checkRequest(r, "alice"); got != want {
+			t.Errorf("a change from %s: %d (%s), want %d", origin, got, why, want)
+		}
+	}
+}
+
+// TestAnonymousOperator: without an operator, the JSON is refused unless
+// allow_anonymous says the site lets only operators in.
+func TestAnonymousOperator(t *testing.T) {
+	h, _ := newTestHandler(t, 1)
+	h.User = "{http.auth.user.id}"
+	for allow, want := range map[bool]int{false: http.StatusForbidden, true: http.StatusOK} {
+		h.AllowAnonymous = allow
+		r := httptest.NewRequest(http.MethodGet, "/api/overview", nil)
+		r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+		r.Header.Set("X-CSRF-Token", csrfToken("anonymous"))
+		w := httptest.NewRecorder()
+		if err := h.ServeHTTP(w, r, nil); err != nil || w.Code != want {
+			t.Errorf("allow_anonymous %v: %d %v, want %d", allow, w.Code, err, want)
+		}
 	}
 }
 
