@@ -389,8 +389,10 @@ func (h *Handler) listKeys(w http.ResponseWriter, r *http.Request, now time.Time
 		}
 		return c
 	})
+	// Past the last page is the last page: a page number of any size
+	// must not overflow the offset into a negative index.
 	page, _ := strconv.Atoi(q.Get("page"))
-	page = max(page, 1)
+	page = min(max(page, 1), max((len(recs)+pageSize-1)/pageSize, 1))
 	rep := keysReport{Total: len(recs), Page: page, PageSize: pageSize, Keys: []keyRow{}, Tiers: []string{}}
 	policy := h.source.Policy(h.spec)
 	if policy != nil {

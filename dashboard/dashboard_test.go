@@ -108,6 +108,13 @@ func TestKeysPage(t *testing.T) {
 	if w := get(t, h, "keys?page=200"); !strings.Contains(w.Body.String(), `"key-09950"`) {
 		t.Errorf("the last page does not start at key-09950: %.200s", w.Body.String())
 	}
+	// A hostile page number: the last page, not a negative offset.
+	for _, page := range []string{"9223372036854775807", "-5", "1e9", "x"} {
+		w := get(t, h, "keys?page="+page)
+		if w.Code != http.StatusOK {
+			t.Errorf("page %s: %d %.200s", page, w.Code, w.Body.String())
+		}
+	}
 }
 
 // TestOverview checks the overview's buckets by hour and by day.
