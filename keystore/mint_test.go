@@ -40,14 +40,22 @@ func mintVerifier(t testing.TB, s *Service, maxTTL time.Duration) *TokenVerifier
 	return v
 }
 
-func TestMintedTokenVerifiesUntilItsKeyStopsMinting(t *testing.T) {
-	s, cli := startService(t, nil)
-	now := time.Now()
+// addMinter adds a key of tier pro that may mint tokens of tier free,
+// and waits until s knows it may.
+func addMinter(t testing.TB, s *Service, cli Store, now time.Time) Record {
+	t.Helper()
 	backend, _, err := Create(t.Context(), cli, Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
 	if err != nil {
 		t.Fatal(err)
 	}
 	within(t, "the minting key is known", func() bool { _, _, ok := s.Minter(backend.ID, time.Now()); return ok })
+	return backend
+}
+
+func TestMintedTokenVerifiesUntilItsKeyStopsMinting(t *testing.T) {
+	s, cli := startService(t, nil)
+	now := time.Now()
+	backend := addMinter(t, s, cli, now)
 	if tier, mint, _ := s.Minter(backend.ID, now); tier != "pro" || !slices.Equal(mint, []string{"free"}) {
 		t.Errorf("Minter = %s %v, want pro [free]", tier, mint)
 	}
@@ -127,11 +135,7 @@ func TestMinterFollowsTheKeysLife(t *testing.T) {
 func TestSigningKeysRotateAndRetire(t *testing.T) {
 	s, cli := startService(t, nil)
 	now := time.Now()
-	backend, _, err := Create(t.Context(), cli, Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	within(t, "the minting key is known", func() bool { _, _, ok := s.Minter(backend.ID, time.Now()); return ok })
+	backend := addMinter(t, s, cli, now)
 	req := TokenRequest{User: "alice", Tier: "free", KeyID: backend.ID, TTL: time.Minute}
 	old, _, err := s.Mint(t.Context(), req, now)
 	if err != nil {
@@ -192,11 +196,7 @@ func TestMintWithoutSigningStore(t *testing.T) {
 func BenchmarkVerifyMintedToken(b *testing.B) {
 	s, cli := startService(b, nil)
 	now := time.Now()
-	backend, _, err := Create(b.Context(), cli, Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
-	if err != nil {
-		b.Fatal(err)
-	}
-	within(b, "the minting key is known", func() bool { _, _, ok := s.Minter(backend.ID, time.Now()); return ok })
+	backend := addMinter(b, s, cli, now)
 	token, _, err := s.Mint(b.Context(), TokenRequest{User: "alice", Tier: "free", KeyID: backend.ID, TTL: time.Hour}, now)
 	if err != nil {
 		b.Fatal(err)
