@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -161,6 +162,29 @@ func TestSenderRetriesUntilAccepted(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(delivered) - before; got != n {
 		t.Errorf("delivered_total rose by %v, want %d", got, n)
+	}
+}
+
+// TestSenderFollowsNoRedirect: a receiver that redirects has not taken
+// the alert, and the signed alert goes nowhere else.
+func TestSenderFollowsNoRedirect(t *testing.T) {
+	var elsewhere atomic.Int64
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { elsewhere.Add(1) }))
+	t.Cleanup(other.Close)
+	srv := httptest.NewServer(http.RedirectHandler(other.URL, http.StatusTemporaryRedirect))
+	t.Cleanup(srv.Close)
+	before := testutil.ToFloat64(failedStatus)
+	s := newSender(t, srv.URL, 10, fastBackoff)
+	s.Enqueue(testAlert("key_r", 100))
+	deadline := time.Now().Add(5 * time.Second)
+	for testutil.ToFloat64(failedStatus) < before+2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := testutil.ToFloat64(failedStatus) - before; got < 2 {
+		t.Errorf("%v failed attempts counted, want the redirects counted as failures and retried", got)
+	}
+	if n := elsewhere.Load(); n != 0 {
+		t.Errorf("the redirect's target got %d alerts, want none", n)
 	}
 }
 

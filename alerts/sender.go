@@ -65,7 +65,12 @@ type Sender struct {
 func NewSender(cfg SenderConfig) *Sender {
 	s := &Sender{url: cfg.URL, secret: cfg.Secret, client: cfg.Client, backoff: cfg.Backoff, logger: cfg.Logger, limit: cfg.Queue}
 	if s.client == nil {
-		s.client = &http.Client{Timeout: DefaultTimeout}
+		// A redirect is an answer, not a delivery: following it would
+		// post the signed alert to wherever the receiver points, inside
+		// the network too.
+		s.client = &http.Client{Timeout: DefaultTimeout, CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		}}
 	}
 	if s.limit <= 0 {
 		s.limit = DefaultQueue
