@@ -831,6 +831,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // settle ends an admitted request in the limiter: used replaces its
 // reservation and its slot is freed.
 func (h *Handler) settle(r *http.Request, clientID string, lim *limiter.Limits, lease limiter.Lease, used int64) {
+	if d, ok := h.limiter.(limiter.DeferredSettler); ok {
+		// Redis: the caller does not wait for it, and the instance's
+		// next call to Redis comes after it.
+		d.SettleDeferred(clientID, lim, lease, used, time.Now())
+		return
+	}
 	err := h.limiter.Settle(context.WithoutCancel(r.Context()), clientID, lim, lease, used, time.Now())
 	if err != nil {
 		h.logger.Error("settling usage", zap.String("client_id", clientID), zap.Error(err))

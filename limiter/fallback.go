@@ -155,6 +155,22 @@ func (f *Fallback) Settle(ctx context.Context, client string, lim *Limits, lease
 	return err
 }
 
+// SettleDeferred implements DeferredSettler. A lease from the shared
+// backend goes back there, without waiting when the shared backend can
+// (see DeferredSettler), and one from the local limits is settled at
+// once, which costs no wait.
+func (f *Fallback) SettleDeferred(client string, lim *Limits, lease Lease, used int64, now time.Time) {
+	if lease.ID != "" {
+		if d, ok := f.shared.(DeferredSettler); ok {
+			d.SettleDeferred(client, lim, lease, used, now)
+			return
+		}
+	}
+	if err := f.Settle(context.Background(), client, lim, lease, used, now); err != nil {
+		f.logger.Error("settling usage", zap.String("client_id", client), zap.Error(err))
+	}
+}
+
 // State implements Limiter.
 func (f *Fallback) State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error) {
 	if f.up(now) {
@@ -215,4 +231,7 @@ func (f *Fallback) recovered() {
 }
 
 // Interface guards
-var _ Limiter = (*Fallback)(nil)
+var (
+	_ Limiter         = (*Fallback)(nil)
+	_ DeferredSettler = (*Fallback)(nil)
+)

@@ -170,6 +170,16 @@ type Limiter interface {
 	State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error)
 }
 
+// DeferredSettler is a Limiter that can settle without its caller
+// waiting: a backend whose Settle waits on the network (Redis). A deferred
+// settle counts as made when the call returns: every call made after it,
+// on the same instance, sees it settled. Other instances may see it a few
+// milliseconds late, holding the request's slot and reservation a little
+// longer, never less. It is retried as Settle is when it fails.
+type DeferredSettler interface {
+	SettleDeferred(client string, lim *Limits, lease Lease, used int64, now time.Time)
+}
+
 // ErrLeaseGone is Reserve's error for a lease that was settled already, or
 // that the backend lost: its Settle would not replace a reservation made
 // now, so none is. The request must not go on.

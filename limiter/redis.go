@@ -3,6 +3,7 @@ package limiter
 import (
 	"context"
 	_ "embed"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"strconv"
@@ -98,6 +99,7 @@ type Redis struct {
 	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
 	running             leaseBook     // leases to renew
 	retries             retryQueue
+	batch               batcher // the calls on their way to Redis (redis_batch.go)
 	stop, stopped       chan struct{}
 	closeOnce           sync.Once
 }
@@ -120,7 +122,9 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, l
 		stop: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	r.running.init()
+	r.batch.init()
 	go r.maintain()
+	go r.flushLoop()
 	return r
 }
 
@@ -134,7 +138,7 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	args := limitArgs(make([]any, 0, 12), lim)
 	id := strconv.FormatUint(rand.Uint64(), 36)
 	args = append(args, reserve, r.leaseTTL.Milliseconds(), id)
-	vals, err := admitScript.Run(ctx, r.client, r.keys(client), args...).Slice()
+	vals, err := r.slice(r.run(ctx, admitScript, r.keys(client), args...))
 	if err != nil {
 		// It may run all the same, in a Redis that stalled.
 		r.cancelLater(client, lim, id)
@@ -173,7 +177,7 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease L
 	}
 	args := limitArgs(make([]any, 0, 13), lim)
 	args = append(args, tokens, lease.Reserved, lease.ID, lease.Period)
-	vals, err := reserveScript.Run(ctx, r.client, r.keys(client), args...).Slice()
+	vals, err := r.slice(r.run(ctx, reserveScript, r.keys(client), args...))
 	if err != nil {
 		return Decision{Lease: lease}, fmt.Errorf("redis reserve: %w", err)
 	}
@@ -207,7 +211,7 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 	}
 	r.running.remove(lease.ID)
 	delta := used - lease.Reserved
-	err := settleScript.Run(ctx, r.client, r.keys(client), r.settleArgs(lim, lease, delta, false)...).Err()
+	_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, lease, delta, false)...)
 	if err != nil {
 		if lease.ID != "" { // without an ID, a repeat would charge again
 			r.settleLater(client, lim, lease, delta)
@@ -215,6 +219,48 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 		return fmt.Errorf("redis settle: %w; retried until it lands", err)
 	}
 	return nil
+}
+
+// SettleDeferred implements DeferredSettler: the settle is queued for the
+// next pipeline, after every call made before it and before every call
+// made after it, and sent within flushEvery. One that fails is retried
+// until it lands, as Settle's; Close sends those still queued.
+func (r *Redis) SettleDeferred(client string, lim *Limits, lease Lease, used int64, _ time.Time) {
+	if lease.holdsNothing(lim, used) {
+		return
+	}
+	r.running.remove(lease.ID)
+	delta := used - lease.Reserved
+	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, delta, false),
+		later: retry{client: client, lim: lim, lease: lease, delta: delta, first: time.Now()}}
+	err := r.enqueue(c)
+	if errors.Is(err, errClosed) {
+		// Nothing sends the queue or the retries any more: one try now.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err = settleScript.Run(ctx, r.client, c.keys, c.args...).Err()
+		cancel()
+		if err != nil {
+			r.logger.Error("settling in the shared limiter after it closed failed; the request's slot frees itself within the lease TTL, its tokens are not corrected",
+				zap.String("client_id", client), zap.Int64("tokens", delta), zap.Error(err))
+		}
+		return
+	}
+	switch {
+	case err == nil:
+	case lease.ID != "": // the queue is full: the retries take it
+		r.retryLater(c.later)
+	default:
+		r.logger.Error("settling in the shared limiter failed; the request's tokens are not corrected",
+			zap.String("client_id", client), zap.Int64("tokens", delta), zap.Error(err))
+	}
+}
+
+// slice is the reply of a script run as a slice.
+func (r *Redis) slice(cmd *redis.Cmd, err error) ([]any, error) {
+	if err != nil {
+		return nil, err
+	}
+	return cmd.Slice()
 }
 
 // settleArgs are the settle script's arguments. unsure says that an
@@ -227,7 +273,7 @@ func (r *Redis) settleArgs(lim *Limits, lease Lease, delta int64, unsure bool) [
 // State implements Limiter. It writes nothing.
 func (r *Redis) State(ctx context.Context, client string, lim *Limits, _ time.Time) (State, error) {
 	args := limitArgs(make([]any, 0, 9), lim)
-	vals, err := stateScript.Run(ctx, r.client, r.keys(client), args...).Slice()
+	vals, err := r.slice(r.run(ctx, stateScript, r.keys(client), args...))
 	if err != nil {
 		return State{}, fmt.Errorf("redis state: %w", err)
 	}
@@ -320,4 +366,7 @@ func ints(dst []int64, vals []any) bool {
 }
 
 // Interface guards
-var _ Limiter = (*Redis)(nil)
+var (
+	_ Limiter         = (*Redis)(nil)
+	_ DeferredSettler = (*Redis)(nil)
+)

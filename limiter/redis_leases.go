@@ -244,10 +244,14 @@ func (r *Redis) retried(ctx context.Context, pipe redis.Pipeliner, c *retry) *re
 	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.lease, c.delta, unsure)...)
 }
 
-// Close stops the renewals and retries, retrying the failed calls once
-// more. The leases of requests still running expire within LeaseTTL.
+// Close sends the calls still queued (the deferred settles), stops the
+// renewals and retries, and retries the failed calls once more. The
+// leases of requests still running expire within LeaseTTL. Calls made
+// after Close fail, but for deferred settles, which are tried once.
 func (r *Redis) Close() {
 	r.closeOnce.Do(func() {
+		close(r.batch.stop)
+		<-r.batch.done
 		close(r.stop)
 		<-r.stopped
 		r.retryPending(time.Second)

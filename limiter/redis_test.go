@@ -866,6 +866,32 @@ func BenchmarkRedisAdmitSettleParallel(b *testing.B) {
 	reportScriptTime(b, rc)
 }
 
+// BenchmarkRedisAdmitDeferredSettleParallel is BenchmarkRedisAdmitSettleParallel
+// as the handler calls it: the settle deferred, sent with the next
+// admissions' pipeline.
+func BenchmarkRedisAdmitDeferredSettleParallel(b *testing.B) {
+	r, rc, names := benchRedis(b)
+	ctx := context.Background()
+	var next atomic.Int64
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		i := int(next.Add(1)) * 7919
+		for pb.Next() {
+			c := names[i%len(names)]
+			i++
+			d, err := r.Admit(ctx, c, benchLimits, 100, time.Time{})
+			if err != nil || d.Reason != Admitted {
+				b.Error(d.Reason, err)
+				return
+			}
+			r.SettleDeferred(c, benchLimits, d.Lease, 80, time.Time{})
+		}
+	})
+	b.StopTimer()
+	r.Close() // sends the settles still queued, so that their time counts
+	reportScriptTime(b, rc)
+}
+
 // newTestRedis returns a Redis limiter on c, closed when the test ends.
 func newTestRedis(t testing.TB, c redis.UniversalClient, prefix string) *Redis {
 	return newShortRedis(t, c, prefix, LeaseTTL, keepEnded)
