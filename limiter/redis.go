@@ -140,8 +140,11 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	args = append(args, reserve, r.leaseTTL.Milliseconds(), id)
 	vals, err := r.slice(r.run(ctx, admitScript, r.keys(client), args...))
 	if err != nil {
-		// It may run all the same, in a Redis that stalled.
-		r.cancelLater(client, lim, id)
+		// It may run all the same, in a Redis that stalled, unless it
+		// was never queued.
+		if !errors.Is(err, errQueueFull) && !errors.Is(err, errClosed) {
+			r.cancelLater(client, lim, id)
+		}
 		return Decision{}, fmt.Errorf("redis admit: %w", err)
 	}
 	var d Decision
