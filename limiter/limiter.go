@@ -125,6 +125,10 @@ type Lease struct {
 	// start (unix nanoseconds), for Redis the time of admission (unix
 	// milliseconds, Redis' clock); 0 for none.
 	Period int64
+	// Local is the part of Reserved that a Redis instance took from its
+	// own slice of the client's token bucket (redis_slices.go); 0 for
+	// every other lease.
+	Local int64
 }
 
 // Limiter decides whether a client may make a request, and accounts for

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -99,7 +100,9 @@ type Redis struct {
 	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
 	running             leaseBook     // leases to renew
 	retries             retryQueue
-	batch               batcher // the calls on their way to Redis (redis_batch.go)
+	batch               batcher     // the calls on their way to Redis (redis_batch.go)
+	slicing             atomic.Bool // large buckets are sliced (redis_slices.go)
+	slices              sliceBook
 	stop, stopped       chan struct{}
 	closeOnce           sync.Once
 }
@@ -109,8 +112,14 @@ type Redis struct {
 // it, go-redis bounds a call to a Redis that hangs by its ReadTimeout, not
 // by the context's deadline. It starts the goroutine that renews leases
 // and retries failed calls, which Close stops.
+//
+// The buckets of tiers that set no concurrency limit and no quota, and
+// whose bursts are a million or more, are sliced: see redis_slices.go for
+// what that costs in exactness.
 func NewRedis(client redis.UniversalClient, prefix string, logger *zap.Logger) *Redis {
-	return newRedis(client, prefix, logger, LeaseTTL, keepEnded)
+	r := newRedis(client, prefix, logger, LeaseTTL, keepEnded)
+	r.slicing.Store(true)
+	return r
 }
 
 // newRedis is NewRedis with the lease TTL and keepEnded given: tests
@@ -123,6 +132,7 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, l
 	}
 	r.running.init()
 	r.batch.init()
+	r.slices.m = make(map[string]*slice)
 	go r.maintain()
 	go r.flushLoop()
 	return r
@@ -135,11 +145,27 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	if err := checkReserve(lim, reserve); err != nil {
 		return Decision{}, err
 	}
-	args := limitArgs(make([]any, 0, 12), lim)
+	var claimR, claimT int64
+	if r.slicing.Load() {
+		if d, ok := r.admitFromSlice(client, lim, reserve, time.Now()); ok {
+			return d, nil
+		}
+		claimR, claimT = r.claimFor(client, lim, time.Now())
+	}
+	claiming := claimR > 0 || claimT > 0
+	args := limitArgs(make([]any, 0, 14), lim)
 	id := strconv.FormatUint(rand.Uint64(), 36)
 	args = append(args, reserve, r.leaseTTL.Milliseconds(), id)
+	replyLen := 3 + stateReplyLen
+	if claiming {
+		args = append(args, claimR, claimT)
+		replyLen += 2
+	}
 	vals, err := r.slice(r.run(ctx, admitScript, r.keys(client), args...))
 	if err != nil {
+		if claiming { // what it may have claimed counts as used until the buckets refill
+			r.claimed(client, lim, 0, 0, State{}, time.Now())
+		}
 		// It may run all the same, in a Redis that stalled, unless it
 		// was never queued.
 		if !errors.Is(err, errQueueFull) && !errors.Is(err, errClosed) {
@@ -149,15 +175,32 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	}
 	var d Decision
 	var n [3]int64
-	ok := len(vals) == 3+stateReplyLen && ints(n[:], vals[:3])
+	var got [2]int64
+	ok := len(vals) == replyLen && ints(n[:], vals[:3])
 	if ok {
-		d.State, ok = parseState(vals[3:])
+		d.State, ok = parseState(vals[3 : 3+stateReplyLen])
+	}
+	if ok && claiming {
+		ok = ints(got[:], vals[3+stateReplyLen:])
 	}
 	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
+		if claiming {
+			r.claimed(client, lim, 0, 0, State{}, time.Now())
+		}
 		r.cancelLater(client, lim, id)
 		return Decision{}, fmt.Errorf("redis admit: unexpected reply %v", vals)
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
+	if claiming {
+		r.claimed(client, lim, got[0], got[1], d.State, time.Now())
+		// The slices are the client's still: not used, only held here.
+		if !lim.Requests.Unlimited() {
+			d.RequestsRemaining += got[0]
+		}
+		if !lim.Tokens.Unlimited() {
+			d.TokensRemaining += got[1]
+		}
+	}
 	if d.Reason == Admitted {
 		d.Lease = Lease{Reserved: reserve, Period: n[2]}
 		if !lim.NoSlot {
@@ -178,8 +221,17 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease L
 	if err := checkReserve(lim, tokens); err != nil {
 		return Decision{Lease: lease}, err
 	}
+	id := lease.ID
+	if id == sliceID {
+		if !tooLarge(lim, lease.Reserved, tokens) {
+			if d, ok := r.reserveFromSlice(client, lim, lease, tokens); ok {
+				return d, nil
+			}
+		}
+		id = "" // Redis holds no lease of it to check
+	}
 	args := limitArgs(make([]any, 0, 13), lim)
-	args = append(args, tokens, lease.Reserved, lease.ID, lease.Period)
+	args = append(args, tokens, lease.Reserved, id, lease.Period)
 	vals, err := r.slice(r.run(ctx, reserveScript, r.keys(client), args...))
 	if err != nil {
 		return Decision{Lease: lease}, fmt.Errorf("redis reserve: %w", err)
@@ -212,6 +264,17 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 	if lease.holdsNothing(lim, used) {
 		return nil
 	}
+	if lease.ID == sliceID {
+		delta := r.settleSliced(client, lim, lease, used)
+		if delta == 0 {
+			return nil
+		}
+		_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, Lease{}, delta, false)...)
+		if err != nil {
+			return fmt.Errorf("redis settle: %w; its tokens are not corrected", err)
+		}
+		return nil
+	}
 	r.running.remove(lease.ID)
 	delta := used - lease.Reserved
 	_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, lease, delta, false)...)
@@ -232,8 +295,14 @@ func (r *Redis) SettleDeferred(client string, lim *Limits, lease Lease, used int
 	if lease.holdsNothing(lim, used) {
 		return
 	}
-	r.running.remove(lease.ID)
 	delta := used - lease.Reserved
+	if lease.ID == sliceID {
+		if delta = r.settleSliced(client, lim, lease, used); delta == 0 {
+			return
+		}
+		lease = Lease{} // Redis holds no lease of it
+	}
+	r.running.remove(lease.ID)
 	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, delta, false),
 		later: retry{client: client, lim: lim, lease: lease, delta: delta, first: time.Now()}}
 	err := r.enqueue(c)

@@ -2,10 +2,17 @@
 -- all pass, count the request, reserve the tokens against the bucket and
 -- the quota, and add a lease. A refusal writes nothing.
 -- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease ID (random).
+-- ARGV[13] and [14], optional, the requests and tokens of the slices an
+-- instance claims (redis_slices.go): taken from the buckets after the
+-- request's own when the request is admitted and they fit, not at all
+-- otherwise.
 -- Reply: reason (limiter.Reason), retry after (ns, -1: never), the time
 -- of admission (unix ms; 0 when refused), then the standing as the state
--- script's; or -1 alone for an admission cancelled before it ran.
+-- script's, then, when a slice was asked for, the requests and tokens
+-- claimed; or -1 alone for an admission cancelled before it ran.
 local reserve, ttl, id = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
+local claimR, claimT = tonumber(ARGV[13]) or 0, tonumber(ARGV[14]) or 0
+local sliced = ARGV[13] ~= nil
 
 if redis.call('ZSCORE', KEYS[2], id) then
   return {-1}
@@ -39,7 +46,7 @@ elseif tokN > 0 and tUsed + reserve > tokB then
   reason, retry = 2, ns((tUsed + reserve - tokB) * tokW / tokN)
 end
 
-local admitted = 0
+local admitted, gotR, gotT = 0, 0, 0
 if reason == 0 then
   local req, tok = reqN > 0, tokN > 0 and reserve > 0
   if req then
@@ -47,6 +54,14 @@ if reason == 0 then
   end
   if tok then
     tUsed = tUsed + reserve
+  end
+  if (claimR > 0 or claimT > 0) and (reqN == 0 or rUsed + claimR <= reqB) and (tokN == 0 or tUsed + claimT <= tokB) then
+    if reqN > 0 and claimR > 0 then
+      rUsed, gotR, req = rUsed + claimR, claimR, true
+    end
+    if tokN > 0 and claimT > 0 then
+      tUsed, gotT, tok = tUsed + claimT, claimT, true
+    end
   end
   if req or tok then
     saveBuckets(req, tok)
@@ -74,4 +89,7 @@ end
 
 local rRem, rReset = standing(rUsed, reqN, reqW, reqB)
 local tRem, tReset = standing(tUsed, tokN, tokW, tokB)
+if sliced then
+  return {reason, retry, admitted, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight, gotR, gotT}
+end
 return {reason, retry, admitted, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight}

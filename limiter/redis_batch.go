@@ -228,7 +228,7 @@ func (r *Redis) pipeline(ctx context.Context, calls []*call) []*redis.Cmd {
 	if len(again) == 0 {
 		return cmds
 	}
-	for _, s := range []*redis.Script{admitScript, reserveScript, settleScript, stateScript} {
+	for _, s := range []*redis.Script{admitScript, reserveScript, settleScript, stateScript, giveBackScript} {
 		if err := s.Load(ctx, r.client).Err(); err != nil {
 			return cmds // each keeps its NOSCRIPT, a failure like any other
 		}
@@ -252,6 +252,9 @@ func (r *Redis) answer(c *call, cmd *redis.Cmd) {
 	err := cmd.Err()
 	switch {
 	case err == nil:
+	case c.script == giveBackScript:
+		r.logger.Error("giving back a slice of the shared limits failed; it counts as used until the buckets refill",
+			zap.String("client_id", c.later.client), zap.Error(err))
 	case rediserr.Refused(err):
 		r.logger.Error("the shared limiter refused a settle; it is given up",
 			zap.String("client_id", c.later.client), zap.Int64("tokens", c.later.delta), zap.Error(err))

@@ -130,6 +130,9 @@ func (r *Redis) maintain() {
 		case <-r.stop:
 			return
 		case now := <-tick.C:
+			if r.slicing.Load() {
+				r.giveBackStale(now)
+			}
 			r.retryPending(renewEvery)
 			if now.Sub(renewed) < renewEvery {
 				continue
@@ -250,6 +253,7 @@ func (r *Redis) retried(ctx context.Context, pipe redis.Pipeliner, c *retry) *re
 // after Close fail, but for deferred settles, which are tried once.
 func (r *Redis) Close() {
 	r.closeOnce.Do(func() {
+		r.giveBackAll()
 		close(r.batch.stop)
 		<-r.batch.done
 		close(r.stop)

@@ -1,0 +1,268 @@
+package limiter
+
+import (
+	_ "embed"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// Slices of large buckets. A tier whose buckets are large (a burst of a
+// million or more, or no limit) and that sets no concurrency limit and no
+// quota needs no exact word from Redis on each request: an instance claims
+// a slice of the client's buckets, 1% of each burst, in the Redis
+// admission that finds it without one, and admits the client's next
+// requests from it, in memory, without a round trip. The slice is taken
+// from the buckets in Redis when it is claimed, so that the fleet never
+// admits more than the limits: what a slice holds is counted as used
+// until it is given back. The instance gives back what it did not use
+// sliceTTL after the claim (its next admission then claims again), and on
+// Close.
+//
+// The bound: the fleet admits no more than the limits allow, but may admit
+// less, by what the slices hold unused: at most 1.5% of each burst per
+// instance and client (a slice, and half of the one before it, as a new one
+// is claimed when half of it is left), for at most sliceTTL plus the
+// renewal tick. A claim whose answer is lost (a Redis that stalled) is
+// never used and never given back: its requests and tokens count as used
+// until the bucket refills them. A request that uses more tokens than it
+// reserved from a slice is charged to the slice, and what the slice then
+// owes is charged to Redis when it is given back.
+//
+// Requests admitted from a slice hold no lease in Redis: with no
+// concurrency limit none is needed, but Redis' State does not count them
+// in flight. The standing they are given (the rate-limit headers) is
+// Redis' word at the last claim plus what the slice still holds.
+
+// sliceShare is the part of a burst a slice holds: 1%.
+const sliceShare = 100
+
+// sliceMinBurst is the smallest burst that is sliced: below it, every
+// request is decided by Redis, exactly. Tests lower it.
+var sliceMinBurst int64 = 1_000_000
+
+// sliceTTL is how long an instance admits from a slice before it gives it
+// back and claims a new one.
+const sliceTTL = time.Second
+
+// sliceID is the lease ID of a request admitted from a slice: it names no
+// lease in Redis, but is not "", which a Fallback keeps for its local
+// limits' leases.
+const sliceID = "-"
+
+//go:embed redis_giveback.lua
+var luaGiveBack string
+
+var giveBackScript = redis.NewScript(luaLib + luaGiveBack)
+
+// sliceable returns the slices of lim's buckets (0 for no limit), and
+// whether lim may be decided from slices at all.
+func sliceable(lim *Limits) (requests, tokens int64, ok bool) {
+	if lim.NoSlot || lim.Concurrent > 0 || !lim.Quota.Unlimited() {
+		return 0, 0, false
+	}
+	requests, ok = sliceOf(lim.Requests)
+	if !ok {
+		return 0, 0, false
+	}
+	if tokens, ok = sliceOf(lim.Tokens); !ok {
+		return 0, 0, false
+	}
+	return requests, tokens, true
+}
+
+func sliceOf(r Rate) (int64, bool) {
+	if r.Unlimited() {
+		return 0, true
+	}
+	if b := r.Capacity(); b >= sliceMinBurst {
+		return b / sliceShare, true
+	}
+	return 0, false
+}
+
+// slice is what an instance holds of one client's buckets.
+type slice struct {
+	lim      Limits    // what it was claimed under
+	requests int64     // left to admit
+	tokens   int64     // left to reserve; below zero, owed
+	claimed  time.Time // when; given back sliceTTL after
+	state    State     // Redis' answer to the claim
+	claiming bool      // a claim is on its way
+}
+
+// standing is the client's standing as the instance sees it: Redis' word
+// at the claim, plus what the slice still holds.
+func (s *slice) standing() State {
+	st := s.state
+	if !s.lim.Requests.Unlimited() {
+		st.RequestsRemaining += s.requests
+	}
+	if !s.lim.Tokens.Unlimited() {
+		st.TokensRemaining += max(s.tokens, 0)
+	}
+	return st
+}
+
+// sliceBook is an instance's slices, by client.
+type sliceBook struct {
+	mu sync.Mutex // protects m and the slices in it
+	m  map[string]*slice
+}
+
+// admitFromSlice admits a request from the client's slice, when it holds
+// enough; ok is false when Redis must decide.
+func (r *Redis) admitFromSlice(client string, lim *Limits, reserve int64, now time.Time) (d Decision, ok bool) {
+	rs, ts, ok := sliceable(lim)
+	if !ok || tooLarge(lim, 0, reserve) {
+		return Decision{}, false
+	}
+	if rs == 0 && ts == 0 { // nothing limited: nothing to ask Redis
+		return Decision{Lease: Lease{Reserved: reserve, ID: sliceID}}, true
+	}
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.m[client]
+	if s == nil || s.lim != *lim || now.Sub(s.claimed) >= sliceTTL ||
+		rs > 0 && s.requests < 1 || ts > 0 && s.tokens < reserve {
+		return Decision{}, false
+	}
+	if rs > 0 {
+		s.requests--
+	}
+	d.Lease = Lease{Reserved: reserve, ID: sliceID}
+	if ts > 0 {
+		s.tokens -= reserve
+		d.Lease.Local = reserve
+	}
+	d.State = s.standing()
+	return d, true
+}
+
+// claimFor returns the slices to claim in an admission of client that
+// Redis decides: none when lim is not sliced, a claim is on its way, or
+// more than half of the slice is left.
+func (r *Redis) claimFor(client string, lim *Limits, now time.Time) (requests, tokens int64) {
+	rs, ts, ok := sliceable(lim)
+	if !ok || rs == 0 && ts == 0 {
+		return 0, 0
+	}
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.m[client]
+	if s != nil && (s.claiming || s.lim == *lim && now.Sub(s.claimed) < sliceTTL &&
+		(rs == 0 || s.requests*2 > rs) && (ts == 0 || s.tokens*2 > ts)) {
+		return 0, 0
+	}
+	if s != nil {
+		r.giveBack(client, s) // stale, or of other limits: a new one replaces it
+	}
+	b.m[client] = &slice{lim: *lim, claiming: true}
+	return rs, ts
+}
+
+// claimed records the answer to a claim: got requests and tokens, and the
+// standing after them (zero when the admission failed).
+func (r *Redis) claimed(client string, lim *Limits, requests, tokens int64, st State, now time.Time) {
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.m[client]
+	if s == nil || !s.claiming {
+		// Given back meanwhile (Close): give this back too.
+		if requests != 0 || tokens != 0 {
+			r.giveBack(client, &slice{lim: *lim, requests: requests, tokens: tokens})
+		}
+		return
+	}
+	s.claiming = false
+	s.requests += requests
+	s.tokens += tokens
+	s.claimed, s.state = now, st
+}
+
+// giveBack queues the give-back of what s holds, and forgets it. The
+// caller holds r.slices.mu. A give-back is not retried: a repeat would
+// give twice. One that fails leaves the slice's tokens and requests
+// counted as used until the buckets refill them, and what it owed
+// uncharged.
+func (r *Redis) giveBack(client string, s *slice) {
+	delete(r.slices.m, client)
+	if s.requests == 0 && s.tokens == 0 {
+		return
+	}
+	args := limitArgs(make([]any, 0, 11), &s.lim)
+	args = append(args, s.requests, s.tokens)
+	if err := r.enqueue(&call{script: giveBackScript, keys: r.keys(client), args: args, later: retry{client: client}}); err != nil {
+		r.logger.Error("giving back a slice of the shared limits failed; it counts as used until the buckets refill",
+			zap.String("client_id", client), zap.Int64("requests", s.requests), zap.Int64("tokens", s.tokens), zap.Error(err))
+	}
+}
+
+// giveBackStale gives back the slices older than sliceTTL, of clients
+// that made no request since.
+func (r *Redis) giveBackStale(now time.Time) {
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for client, s := range b.m {
+		if !s.claiming && now.Sub(s.claimed) >= sliceTTL {
+			r.giveBack(client, s)
+		}
+	}
+}
+
+// giveBackAll gives back every slice, on Close.
+func (r *Redis) giveBackAll() {
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for client, s := range b.m {
+		r.giveBack(client, s)
+	}
+}
+
+// settleSliced settles a request admitted from a slice: the tokens it
+// reserved from the slice go back to it, less what it used; what it
+// reserved in Redis (its slice was short) is refunded there. Without
+// a slice (given back meanwhile), Redis is charged what it used beyond
+// its whole reservation. It returns the delta for Redis, 0 for none.
+func (r *Redis) settleSliced(client string, lim *Limits, lease Lease, used int64) int64 {
+	if lim.Tokens.Unlimited() {
+		return 0
+	}
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if s := b.m[client]; s != nil {
+		s.tokens += lease.Local - used
+		return -(lease.Reserved - lease.Local)
+	}
+	return used - lease.Reserved
+}
+
+// reserveFromSlice reserves tokens for a request admitted from a slice,
+// from the slice when it holds enough; ok is false when Redis must decide.
+func (r *Redis) reserveFromSlice(client string, lim *Limits, lease Lease, tokens int64) (d Decision, ok bool) {
+	d.Lease = lease
+	if lim.Tokens.Unlimited() {
+		d.Lease.Reserved += tokens
+		return d, true
+	}
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.m[client]
+	if s == nil || s.claiming || s.tokens < tokens {
+		return Decision{}, false
+	}
+	s.tokens -= tokens
+	d.Lease.Reserved += tokens
+	d.Lease.Local += tokens
+	d.State = s.standing()
+	return d, true
+}
