@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
@@ -135,6 +136,12 @@ func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s s
 // without a price is refused when a budget applies, unless unpriced is
 // free: a budget never counts an answer as free by mistake.
 func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, model string, prompt, tokens int64, now time.Time) *proxy.APIError {
+	budgets, nb := h.budgets(client, tier)
+	if _, shared := h.limiter.(limiter.DeferredSettler); shared && a.n+nb > 0 {
+		if p, priced := h.price(model); priced || nb == 0 {
+			return h.reserveAtOnce(w, r, client, tier, a, budgets[:nb], p.cost(prompt, tokens-prompt), tokens, now)
+		}
+	}
 	if refused, apiErr := h.reserveTokens(w, r, client.ID, a.lim, &a.Decision, tokens, now); apiErr != nil {
 		return apiErr
 	} else if refused {
@@ -149,18 +156,6 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 		}
 	}
 
-	// Budgets: the caller's, and the minting key's.
-	budgets := [2]side{{id: budgetPrefix + client.ID, who: client, lim: &tier.budget, tierName: client.Tier, money: true}}
-	nb := 0
-	if !tier.budget.Quota.Unlimited() {
-		nb = 1
-	}
-	if client.Minted != nil {
-		if parent := h.parentTier(client); parent != nil && !parent.budget.Quota.Unlimited() {
-			budgets[nb] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: &parent.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
-			nb++
-		}
-	}
 	if nb == 0 {
 		return nil
 	}
@@ -172,6 +167,116 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 	for _, b := range budgets[:nb] {
 		if apiErr := h.join(w, r, a, b, cost, now); apiErr != nil {
 			return apiErr
+		}
+	}
+	return nil
+}
+
+// budgets returns the budgets that bound a request of client: its own
+// and the minting key's, the first n of the array.
+func (h *Handler) budgets(client keystore.Client, tier *Tier) (b [2]side, n int) {
+	if !tier.budget.Quota.Unlimited() {
+		b[n] = side{id: budgetPrefix + client.ID, who: client, lim: &tier.budget, tierName: client.Tier, money: true}
+		n++
+	}
+	if client.Minted != nil {
+		if parent := h.parentTier(client); parent != nil && !parent.budget.Quota.Unlimited() {
+			b[n] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: &parent.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
+			n++
+		}
+	}
+	return b, n
+}
+
+// reserveAtOnce is reserve for a limiter that shares its round trips
+// (Redis): the caller's tokens, those of the key that minted its token
+// and both budgets are asked at once, so that they go to Redis in one
+// pipeline instead of a round trip each. Whatever passed is kept on the
+// admission, even beside a refusal, so that the request's settle gives
+// it back; the answer is the first refusal in reserve's order. The price
+// is known: a budget of an unpriced model is reserve's own refusal.
+func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, budgets []side, cost, tokens int64, now time.Time) *proxy.APIError {
+	type result struct {
+		d    limiter.Decision
+		err  error
+		none bool // no word from the limiter needed (see reserveTokens)
+	}
+	var res [1 + maxSides]result
+	reserveOn := func(res *result, id string, lim *limiter.Limits, lease limiter.Lease) {
+		if lim.Tokens.Unlimited() && lim.Quota.Unlimited() {
+			lease.Reserved += tokens
+			res.d.Lease, res.none = lease, true
+			return
+		}
+		res.d, res.err = h.limiter.Reserve(r.Context(), id, lim, lease, tokens, now)
+	}
+	ask := func(i int) {
+		switch {
+		case i == 0:
+			reserveOn(&res[0], client.ID, a.lim, a.Lease)
+		case i <= a.n:
+			s := &a.sides[i-1]
+			reserveOn(&res[i], s.id, s.lim, s.d.Lease)
+		default:
+			b := &budgets[i-1-a.n]
+			res[i].d, res[i].err = h.limiter.Admit(r.Context(), b.id, b.lim, cost, now)
+		}
+	}
+	calls := 1 + a.n + len(budgets)
+	var wg sync.WaitGroup
+	for i := 1; i < calls; i++ {
+		wg.Go(func() { ask(i) })
+	}
+	ask(0)
+	wg.Wait()
+
+	// Every lease first, so that the settle finds them all.
+	sides := a.n
+	a.Lease = res[0].d.Lease
+	for i := range sides {
+		a.sides[i].d.Lease = res[1+i].d.Lease
+	}
+	for i := range budgets {
+		if rb := &res[1+sides+i]; rb.err == nil && rb.d.Reason == limiter.Admitted {
+			b := budgets[i]
+			b.d = rb.d
+			a.sides[a.n] = b
+			a.n++
+		}
+	}
+	// Then the first refusal.
+	if rc := &res[0]; !rc.none {
+		if rc.err != nil {
+			return h.unavailable(w, client.ID, rc.err)
+		}
+		a.Reason, a.RetryAfter, a.State = rc.d.Reason, rc.d.RetryAfter, rc.d.State
+		if rc.d.Reason != limiter.Admitted {
+			return limitRefusal(w, tier, client.Tier, a.Decision, now)
+		}
+	}
+	for i := range sides {
+		s, rs := &a.sides[i], &res[1+i]
+		if rs.none {
+			continue
+		}
+		if rs.err != nil {
+			return h.unavailable(w, s.id, rs.err)
+		}
+		s.d.Reason, s.d.RetryAfter, s.d.State = rs.d.Reason, rs.d.RetryAfter, rs.d.State
+		if rs.d.Reason != limiter.Admitted {
+			return sideRefusal(w, s, s.d, now)
+		}
+	}
+	for i := range budgets {
+		b, rb := &budgets[i], &res[1+sides+i]
+		if rb.err != nil {
+			return h.unavailable(w, b.id, rb.err)
+		}
+		if rb.d.Reason != limiter.Admitted {
+			if rb.d.Reason == limiter.QuotaLimit {
+				h.noteSide(alerts.Budget, b.who, b.lim, &rb.d, 0)
+			}
+			return sideRefusal(w, b, rb.d, now)
 		}
 	}
 	return nil

@@ -169,3 +169,31 @@ func TestRedisSliceStateCountsTheSlice(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkRedisAdmitSettleSliced is BenchmarkRedisAdmitDeferredSettleParallel
+// for one client of a tier with large buckets, as make bench's chat
+// workload calls it: most requests are decided from the instance's slices.
+func BenchmarkRedisAdmitSettleSliced(b *testing.B) {
+	r, rc, _ := benchRedis(b)
+	r.slicing.Store(true)
+	lim := &Limits{Requests: Rate{N: 1e9, Window: time.Minute}, Tokens: Rate{N: 1e12, Window: time.Minute}}
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			d, err := r.Admit(ctx, "c", lim, 0, time.Time{})
+			if err != nil || d.Reason != Admitted {
+				b.Error(d.Reason, err)
+				return
+			}
+			if d, err = r.Reserve(ctx, "c", lim, d.Lease, 100, time.Time{}); err != nil || d.Reason != Admitted {
+				b.Error(d.Reason, err)
+				return
+			}
+			r.SettleDeferred("c", lim, d.Lease, 80, time.Time{})
+		}
+	})
+	b.StopTimer()
+	r.Close()
+	reportScriptTime(b, rc)
+}

@@ -8,6 +8,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
@@ -183,5 +186,56 @@ func TestKeysOwnBudget(t *testing.T) {
 	eventually(t, "the raised budget applies", func() bool {
 		status, _, _ := budgetChat(t, e.caddy.URL, key, model)
 		return status == http.StatusOK
+	})
+}
+
+// TestFleetMintedUserBudgets: a minted user's request is reserved on its
+// own tokens and budget and on its minting key's at once, in one round
+// trip to Redis. The first refusal in order answers, and what the other
+// sides took for the refused request is given back.
+func TestFleetMintedUserBudgets(t *testing.T) {
+	f := startFleetWith(t, []string{testPrices}, "tokens 100000/1h", "budget 0.001/day")
+	backend := f.addMintingKey(t)
+	mint := func(base, user string) string {
+		t.Helper()
+		var m mintedToken
+		eventually(t, "the minting key is known", func() bool {
+			req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, base+"/vigthoria/tokens", jsonBody(map[string]any{"user": user}))
+			req.Header.Set("Authorization", "Bearer "+backend)
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				return false
+			}
+			defer res.Body.Close()
+			return res.StatusCode == http.StatusCreated && json.NewDecoder(res.Body).Decode(&m) == nil
+		})
+		return m.Token
+	}
+	alice, bob := mint(f.a.URL, "alice"), mint(f.b.URL, "bob")
+	// 1000 micro-units each, alice's and the key's: two chats of 360.
+	for _, base := range []string{f.a.URL, f.b.URL} {
+		if status, _, body := budgetChat(t, base, alice, model); status != http.StatusOK {
+			t.Fatalf("a chat within both budgets: %d %s", status, body)
+		}
+	}
+	status, _, body := budgetChat(t, f.a.URL, alice, model)
+	if status != http.StatusTooManyRequests || !strings.Contains(body, "budget of tier metered") || strings.Contains(body, "shared by every user") {
+		t.Errorf("past her own budget and the key's: %d %s, want her own budget's refusal, which comes first", status, body)
+	}
+	// Bob's own budget is untouched, the key's is not: the key's refuses,
+	// and what bob's own budget and tokens took is given back.
+	status, _, body = budgetChat(t, f.b.URL, bob, model)
+	if status != http.StatusTooManyRequests || !strings.Contains(body, "shared by every user") {
+		t.Errorf("a new user past the key's budget: %d %s, want the key's refusal, shared by its users", status, body)
+	}
+	u, _ := (&env{caddy: f.b}).usage(t, bob)
+	rc := redis.NewClient(&redis.Options{Addr: f.redis.Addr})
+	defer rc.Close()
+	day := time.Now().UTC().Format(time.DateOnly)
+	eventually(t, "bob's budget and tokens are given back", func() bool {
+		spent, err := rc.Get(t.Context(), "vgt:lim:quota:{budget:"+u.ClientID+"}:"+day).Int64()
+		tokens, _ := (&env{caddy: f.b}).usage(t, bob)
+		return (err == redis.Nil || err == nil && spent == 0) &&
+			tokens.Limits.Tokens != nil && tokens.Limits.Tokens.Remaining >= tokens.Limits.Tokens.Limit-1
 	})
 }
