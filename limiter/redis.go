@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"math/rand/v2"
 	"strconv"
 	"strings"
@@ -100,7 +101,8 @@ type Redis struct {
 	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
 	running             leaseBook     // leases to renew
 	retries             retryQueue
-	batch               batcher     // the calls on their way to Redis (redis_batch.go)
+	batches             [queues]batcher // the calls on their way to Redis (redis_batch.go)
+	queueSeed           maphash.Seed
 	slicing             atomic.Bool // large buckets are sliced (redis_slices.go)
 	slices              sliceBook
 	stop, stopped       chan struct{}
@@ -131,10 +133,15 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, l
 		stop: make(chan struct{}), stopped: make(chan struct{}),
 	}
 	r.running.init()
-	r.batch.init()
+	r.queueSeed = maphash.MakeSeed()
+	for i := range r.batches {
+		r.batches[i].init()
+	}
 	r.slices.m = make(map[string]*slice)
 	go r.maintain()
-	go r.flushLoop()
+	for i := range r.batches {
+		go r.flushLoop(&r.batches[i])
+	}
 	return r
 }
 

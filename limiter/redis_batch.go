@@ -3,6 +3,7 @@ package limiter
 import (
 	"context"
 	"errors"
+	"hash/maphash"
 	"sync"
 	"time"
 
@@ -12,18 +13,27 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/rediserr"
 )
 
-// The Redis limiter sends its calls to Redis through one queue, drained
-// by one goroutine: whatever is queued while a pipeline is on its way
-// goes in the next one, so that concurrent requests share their round
-// trips instead of taking one each. The queue is FIFO and the pipelines
-// go one at a time, so Redis runs an instance's calls in the order they
-// were made: a request's settle, even one nobody waits for
-// (SettleDeferred), runs before the next request's admission.
+// The Redis limiter sends its calls to Redis through queues, each drained
+// by one goroutine: whatever is queued while a queue's pipeline is on its
+// way goes in its next one, so that concurrent requests share their round
+// trips instead of taking one each. A client's calls all go through one
+// queue (chosen by its keys' hash), which is FIFO and sends one pipeline
+// at a time, so Redis runs them in the order they were made: a request's
+// settle, even one nobody waits for (SettleDeferred), runs before the
+// client's next admission. Calls of other clients, which touch other
+// keys, go in parallel through the other queues.
 
-// maxQueued bounds the calls waiting for a pipeline. Past it, a call that
-// waits for its answer fails at once with errQueueFull (a Fallback then
-// decides without Redis), and a deferred settle goes to the retries.
+// queues is the number of queues, and of pipelines on their way at once.
+const queues = 8
+
+// maxQueued bounds the calls waiting for a pipeline, over all queues.
+// Past a queue's share, a call that waits for its answer fails at once
+// with errQueueFull (a Fallback then decides without Redis), and a
+// deferred settle goes to the retries.
 const maxQueued = 10_000
+
+// maxPerQueue is a queue's share of maxQueued.
+const maxPerQueue = maxQueued / queues
 
 // flushEvery is how long a pipeline holding only deferred settles waits
 // for company; a call that waits for its answer sends it at once.
@@ -57,7 +67,8 @@ type callQueue struct {
 	closed bool
 }
 
-// batcher is the Redis limiter's queue and the goroutine that drains it.
+// batcher is one of the Redis limiter's queues, and the goroutine that
+// drains it.
 type batcher struct {
 	queue  callQueue
 	wake   chan struct{} // a call was queued
@@ -73,23 +84,29 @@ func (b *batcher) init() {
 	b.done = make(chan struct{})
 }
 
-// enqueue queues c for the next pipeline.
+// queueOf returns the queue of the client whose keys are keys.
+func (r *Redis) queueOf(keys []string) *batcher {
+	return &r.batches[maphash.String(r.queueSeed, keys[0])%queues]
+}
+
+// enqueue queues c for its queue's next pipeline.
 func (r *Redis) enqueue(c *call) error {
-	q := &r.batch.queue
+	b := r.queueOf(c.keys)
+	q := &b.queue
 	q.mu.Lock()
 	switch {
 	case q.closed:
 		q.mu.Unlock()
 		return errClosed
-	case len(q.calls) >= maxQueued:
+	case len(q.calls) >= maxPerQueue:
 		q.mu.Unlock()
 		return errQueueFull
 	}
 	q.calls = append(q.calls, c)
 	q.mu.Unlock()
-	signal(r.batch.wake)
+	signal(b.wake)
 	if c.done != nil {
-		signal(r.batch.urgent)
+		signal(b.urgent)
 	}
 	return nil
 }
@@ -115,17 +132,16 @@ func (r *Redis) run(ctx context.Context, script *redis.Script, keys []string, ar
 	}
 }
 
-// flushLoop sends the queued calls, one pipeline at a time, until Close;
-// then it sends what is left.
-func (r *Redis) flushLoop() {
-	b := &r.batch
+// flushLoop sends the calls of queue b, one pipeline at a time, until
+// Close; then it sends what is left.
+func (r *Redis) flushLoop(b *batcher) {
 	defer close(b.done)
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	for {
 		select {
 		case <-b.stop:
-			r.drain()
+			r.drain(b)
 			return
 		case <-b.wake:
 		}
@@ -142,24 +158,24 @@ func (r *Redis) flushLoop() {
 			}
 			timer.Stop()
 		}
-		r.flush()
+		r.flush(b)
 	}
 }
 
-// drain closes the queue and sends what it holds.
-func (r *Redis) drain() {
-	q := &r.batch.queue
+// drain closes queue b and sends what it holds.
+func (r *Redis) drain(b *batcher) {
+	q := &b.queue
 	q.mu.Lock()
 	q.closed = true
 	q.mu.Unlock()
-	for r.flush() {
+	for r.flush(b) {
 	}
 }
 
 // flush sends the queued calls in one pipeline and hands out the
 // answers. It reports whether there were any.
-func (r *Redis) flush() bool {
-	q := &r.batch.queue
+func (r *Redis) flush(b *batcher) bool {
+	q := &b.queue
 	q.mu.Lock()
 	calls := q.calls
 	q.calls, q.spare = q.spare, nil

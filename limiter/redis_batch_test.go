@@ -89,7 +89,7 @@ func TestRedisQueueIsBounded(t *testing.T) {
 	// A pipeline of deferred settles alone waits a third of the lease
 	// TTL.
 	r := newShortRedis(t, newRedisClient(t, s), "bounded:", 3*time.Second, keepEnded)
-	lim := &Limits{Concurrent: maxQueued + 100, Tokens: Rate{N: 1 << 40, Window: time.Hour}}
+	lim := &Limits{Concurrent: maxPerQueue + 100, Tokens: Rate{N: 1 << 40, Window: time.Hour}}
 	ctx := t.Context()
 	var leases []Lease
 	for range 50 {
@@ -106,10 +106,11 @@ func TestRedisQueueIsBounded(t *testing.T) {
 			s.Resume(t)
 		}
 	}()
-	// One to be on its way, then enough to fill the queue behind it.
+	// One to be on its way, then enough to fill the client's queue
+	// behind it.
 	r.SettleDeferred("c", lim, leases[0], 0, time.Now())
 	time.Sleep(50 * time.Millisecond)
-	for i := range maxQueued {
+	for i := range maxPerQueue {
 		r.SettleDeferred("c", lim, leases[1+i%(len(leases)-2)], 0, time.Now())
 	}
 	start := time.Now()

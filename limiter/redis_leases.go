@@ -254,8 +254,12 @@ func (r *Redis) retried(ctx context.Context, pipe redis.Pipeliner, c *retry) *re
 func (r *Redis) Close() {
 	r.closeOnce.Do(func() {
 		r.giveBackAll()
-		close(r.batch.stop)
-		<-r.batch.done
+		for i := range r.batches {
+			close(r.batches[i].stop)
+		}
+		for i := range r.batches {
+			<-r.batches[i].done
+		}
 		close(r.stop)
 		<-r.stopped
 		r.retryPending(time.Second)
