@@ -139,7 +139,9 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 	budgets, nb := h.budgets(client, tier)
 	if _, shared := h.limiter.(limiter.DeferredSettler); shared && a.n+nb > 0 {
 		if p, priced := h.price(model); priced || nb == 0 {
-			return h.reserveAtOnce(w, r, client, tier, a, budgets[:nb], p.cost(prompt, tokens-prompt), tokens, now)
+			// The array by value: a slice of it would move it to the
+			// heap on every path.
+			return h.reserveAtOnce(w, r, client, tier, a, budgets, nb, p.cost(prompt, tokens-prompt), tokens, now)
 		}
 	}
 	if refused, apiErr := h.reserveTokens(w, r, client.ID, a.lim, &a.Decision, tokens, now); apiErr != nil {
@@ -195,31 +197,42 @@ func (h *Handler) budgets(client keystore.Client, tier *Tier) (b [2]side, n int)
 // admission, even beside a refusal, so that the request's settle gives
 // it back; the answer is the first refusal in reserve's order. The price
 // is known: a budget of an unpriced model is reserve's own refusal.
-func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, budgets []side, cost, tokens int64, now time.Time) *proxy.APIError {
+func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, all [2]side, nb int, cost, tokens int64, now time.Time) *proxy.APIError {
+	budgets := all[:nb]
 	type result struct {
 		d    limiter.Decision
 		err  error
 		none bool // no word from the limiter needed (see reserveTokens)
 	}
-	var res [1 + maxSides]result
-	reserveOn := func(res *result, id string, lim *limiter.Limits, lease limiter.Lease) {
-		if lim.Tokens.Unlimited() && lim.Quota.Unlimited() {
-			lease.Reserved += tokens
-			res.d.Lease, res.none = lease, true
-			return
-		}
-		res.d, res.err = h.limiter.Reserve(r.Context(), id, lim, lease, tokens, now)
+	// What to ask, copied: the goroutines must not take the admission
+	// (nor the budgets) to the heap on every path.
+	type question struct {
+		id     string
+		lim    *limiter.Limits
+		lease  limiter.Lease
+		budget bool
 	}
+	var qs [1 + maxSides]question
+	qs[0] = question{id: client.ID, lim: a.lim, lease: a.Lease}
+	for i := range a.n {
+		s := &a.sides[i]
+		qs[1+i] = question{id: s.id, lim: s.lim, lease: s.d.Lease}
+	}
+	for i := range budgets {
+		qs[1+a.n+i] = question{id: budgets[i].id, lim: budgets[i].lim, budget: true}
+	}
+	var res [1 + maxSides]result
+	ctx := r.Context()
 	ask := func(i int) {
+		q, res := &qs[i], &res[i]
 		switch {
-		case i == 0:
-			reserveOn(&res[0], client.ID, a.lim, a.Lease)
-		case i <= a.n:
-			s := &a.sides[i-1]
-			reserveOn(&res[i], s.id, s.lim, s.d.Lease)
+		case q.budget:
+			res.d, res.err = h.limiter.Admit(ctx, q.id, q.lim, cost, now)
+		case q.lim.Tokens.Unlimited() && q.lim.Quota.Unlimited():
+			q.lease.Reserved += tokens
+			res.d.Lease, res.none = q.lease, true
 		default:
-			b := &budgets[i-1-a.n]
-			res[i].d, res[i].err = h.limiter.Admit(r.Context(), b.id, b.lim, cost, now)
+			res.d, res.err = h.limiter.Reserve(ctx, q.id, q.lim, q.lease, tokens, now)
 		}
 	}
 	calls := 1 + a.n + len(budgets)
