@@ -627,13 +627,19 @@ func (h *Handler) Cleanup() error {
 	if h.storeSpec == "" {
 		return ownErr
 	}
-	if refs, _ := keyServices.References(h.storeSpec); refs <= 1 {
+	// The last user of the key store, or of the limiter (a reload to
+	// another store_timeout or on_store_error starts another), waits: the
+	// limiter sends the settles it holds when it closes, and a settle
+	// after that would be lost.
+	storeRefs, _ := keyServices.References(h.storeSpec)
+	limiterRefs, _ := limiters.References(h.limiterKey)
+	if storeRefs <= 1 || limiterRefs <= 1 {
 		deadline := time.Now().Add(settleGrace)
 		for h.active.Load() > 0 && time.Now().Before(deadline) {
 			time.Sleep(10 * time.Millisecond)
 		}
 		if n := h.active.Load(); n > 0 {
-			h.logger.Warn("closing the key store with requests still running; their usage is not recorded",
+			h.logger.Warn("closing the key store or the limiter with requests still running; their usage may not be recorded",
 				zap.Int64("requests", n))
 		}
 	}
@@ -745,6 +751,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, proxy.UpstreamExhausted(secs), now)
 	}
 
+	// Counted from its admission on: Cleanup waits for it before the
+	// limiter closes.
+	h.active.Add(1)
+	defer h.active.Add(-1)
 	a, apiErr := h.admit(w, r, client, tier, ep.ID == proxy.Usage, now)
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
@@ -760,8 +770,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// Admitted: every way out from here settles, a panic included. A
 	// request refused before it was forwarded frees its slot and is
 	// charged nothing; a forwarded one is charged what it used.
-	h.active.Add(1)
-	defer h.active.Add(-1)
 	call := new(proxy.Call)
 	var info proxy.RequestInfo
 	forwarded := false
