@@ -76,7 +76,9 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 		d, err := f.shared.Admit(ctx, client, lim, reserve, now)
 		cancel()
 		if err == nil {
-			f.recovered()
+			if d.Lease.ID != sliceID { // a slice's admission did not ask Redis
+				f.recovered()
+			}
 			f.noteQuota(client, lim, d.QuotaUsed, d.QuotaReset, now)
 			return d, nil
 		}
