@@ -97,6 +97,13 @@ type UsageBatch struct {
 	// Refusals are the refused requests of the same time, by hour
 	// only: kept HourRetention as the Hours.
 	Refusals []RefusalRow
+	// Slots are the same uses by 5-minute slot: each row's Day holds
+	// its UTC slot, YYYY-MM-DDTHH:MM (see Slot). A store keeps them
+	// SlotRetention.
+	Slots []UsageRow
+	// SlotRefusals are the Refusals by 5-minute slot: each row's Hour
+	// holds its slot. Kept SlotRetention as the Slots.
+	SlotRefusals []RefusalRow
 }
 
 // UsageStore is where the ledger's rows live. A Store that can also keep
@@ -146,8 +153,12 @@ type Ledger struct {
 	logger   *zap.Logger
 	mu       sync.Mutex // protects the fields below
 	pending  map[ledgerKey]*UsageRow
-	hours    map[ledgerKey]*UsageRow // pending by hour: day holds the hour
-	refusals map[refusalKey]int64    // pending refusals by hour
+	// slots are the pending uses by 5-minute slot (day holds the slot),
+	// and refusals the pending refusals by slot: a flush writes them,
+	// and the same summed by hour. Like pending, they hold at most the
+	// rows of one flush interval.
+	slots    map[ledgerKey]*UsageRow
+	refusals map[refusalKey]int64
 	// unsure is a batch whose write failed: it may or may not have been
 	// applied, so it is written again as it is, before anything newer.
 	unsure *UsageBatch
@@ -160,14 +171,14 @@ type Ledger struct {
 		unix int64 // the day's first second
 		name string
 	}
-	thisHour struct {
-		unix int64 // the hour's first second
+	thisSlot struct {
+		unix int64 // the slot's first second
 		name string
 	}
 }
 
 func newLedger(logger *zap.Logger) *Ledger {
-	return &Ledger{pending: make(map[ledgerKey]*UsageRow), hours: make(map[ledgerKey]*UsageRow),
+	return &Ledger{pending: make(map[ledgerKey]*UsageRow), slots: make(map[ledgerKey]*UsageRow),
 		refusals: make(map[refusalKey]int64), writer: rand.Text(), logger: logger}
 }
 
@@ -180,7 +191,7 @@ func (l *Ledger) Add(client, model string, at time.Time, used Tokens) {
 		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning, Cost: used.Cost}
 	l.mu.Lock()
 	addPending(l.pending, ledgerKey{client, l.dayName(at), model}, u)
-	addPending(l.hours, ledgerKey{client, l.hourName(at), model}, u)
+	addPending(l.slots, ledgerKey{client, l.slotName(at), model}, u)
 	l.mu.Unlock()
 }
 
@@ -194,16 +205,16 @@ func addPending(m map[ledgerKey]*UsageRow, k ledgerKey, u UsageRow) {
 	row.Add(u)
 }
 
-// hourName returns Hour(t), formatting it only when t is in another hour
-// than the last. The caller holds l.mu.
-func (l *Ledger) hourName(t time.Time) string {
-	const secondsPerHour = 60 * 60
+// slotName returns Slot(t), formatting it only when t is in another
+// slot than the last. The caller holds l.mu.
+func (l *Ledger) slotName(t time.Time) string {
+	const secondsPerSlot = int64(SlotStep / time.Second)
 	unix := t.Unix()
-	if start := l.thisHour.unix; unix < start || unix >= start+secondsPerHour || l.thisHour.name == "" {
-		l.thisHour.name = Hour(t)
-		l.thisHour.unix = unix - unix%secondsPerHour
+	if start := l.thisSlot.unix; unix < start || unix >= start+secondsPerSlot || l.thisSlot.name == "" {
+		l.thisSlot.name = Slot(t)
+		l.thisSlot.unix = unix - unix%secondsPerSlot
 	}
-	return l.thisHour.name
+	return l.thisSlot.name
 }
 
 // dayName returns Day(t), formatting it only when t is on another day
@@ -248,28 +259,29 @@ func (l *Ledger) flush(ctx context.Context) error {
 	}
 
 	l.mu.Lock()
-	if len(l.pending) == 0 && len(l.hours) == 0 && len(l.refusals) == 0 {
+	if len(l.pending) == 0 && len(l.slots) == 0 && len(l.refusals) == 0 {
 		l.mu.Unlock()
 		return nil
 	}
 	l.seq++
-	b := UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]UsageRow, 0, len(l.pending)), Hours: make([]UsageRow, 0, len(l.hours))}
+	b := UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]UsageRow, 0, len(l.pending)), Slots: make([]UsageRow, 0, len(l.slots))}
 	for _, row := range l.pending {
 		b.Rows = append(b.Rows, *row)
 	}
-	for _, row := range l.hours {
-		b.Hours = append(b.Hours, *row)
+	for _, row := range l.slots {
+		b.Slots = append(b.Slots, *row)
 	}
 	if len(l.refusals) > 0 {
-		b.Refusals = make([]RefusalRow, 0, len(l.refusals))
+		b.SlotRefusals = make([]RefusalRow, 0, len(l.refusals))
 		for k, n := range l.refusals {
-			b.Refusals = append(b.Refusals, RefusalRow{Client: k.client, Hour: k.hour, Reason: k.reason, Count: n})
+			b.SlotRefusals = append(b.SlotRefusals, RefusalRow{Client: k.client, Hour: k.hour, Reason: k.reason, Count: n})
 		}
 	}
 	clear(l.pending)
-	clear(l.hours)
+	clear(l.slots)
 	clear(l.refusals)
 	l.mu.Unlock()
+	b.Hours, b.Refusals = hoursOfSlots(b.Slots), refusalHoursOfSlots(b.SlotRefusals)
 
 	err := l.write(ctx, st, b)
 	if err != nil {
@@ -448,6 +460,13 @@ func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
 		}
 		if len(refusals) > 0 {
 			why = whyRefusals
+		}
+		slots, slotRefusals, whySlots, err := addSlots(ctx, tx, b.Slots, b.SlotRefusals, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(slots)+len(slotRefusals) > 0 {
+			refused, refusals, why = append(refused, slots...), append(refusals, slotRefusals...), whySlots
 		}
 		return nil
 	})
