@@ -105,7 +105,7 @@ func TestSlotRetention(t *testing.T) {
 		now := time.Now()
 		old, recent := Slot(now.Add(-SlotRetention-SlotStep)), Slot(now.Add(-SlotRetention+2*SlotStep))
 		b := UsageBatch{Writer: "w", Seq: 1,
-			Slots: []UsageRow{{Client: "k", Day: old, Model: "m", Requests: 1}, {Client: "k", Day: recent, Model: "m", Requests: 1}},
+			Slots:        []UsageRow{{Client: "k", Day: old, Model: "m", Requests: 1}, {Client: "k", Day: recent, Model: "m", Requests: 1}},
 			SlotRefusals: []RefusalRow{{Client: "k", Hour: old, Reason: "x", Count: 1}, {Client: "k", Hour: recent, Reason: "x", Count: 1}}}
 		if err := st.AddUsage(ctx, b); err != nil {
 			t.Fatal(err)
