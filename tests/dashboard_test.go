@@ -211,12 +211,12 @@ func TestDashboardShowsRefusals(t *testing.T) {
 		}
 	}
 	var k struct {
-		Hours    chart         `json:"hours"`
+		Recent   chart         `json:"recent"`
 		Days     chart         `json:"days"`
 		Refusals []reasonTotal `json:"refusals"`
 	}
 	get("keys/"+id, &k)
-	wantChart("the key's hours", k.Hours)
+	wantChart("the key's last 24 hours", k.Recent)
 	wantChart("the key's days", k.Days)
 	if !slices.Equal(k.Refusals, want) {
 		t.Errorf("the key's refusals %+v, want %+v", k.Refusals, want)
@@ -224,11 +224,14 @@ func TestDashboardShowsRefusals(t *testing.T) {
 }
 
 // TestBrowserDashboard drives the dashboard in a real headless Chromium
-// behind basic_auth: its charts are drawn with the seeded traffic, it
-// lists keys, a key created on it works at the proxy and stops working
-// within a second of being revoked on it, and a form posted from another
-// site, or a fetch without the CSRF token, changes nothing. It writes
-// docs/dashboard.png when VIGTHORIA_UPDATE_SCREENSHOT=1.
+// behind basic_auth: its charts of the last 24 hours by 5 minutes are
+// drawn with the seeded traffic, by tier and by model, its requests by
+// outcome stacked, its range switch redraws them by day; it lists keys,
+// a key created on it works at the proxy and stops working within a
+// second of being revoked on it, and a form posted from another site, or
+// a fetch without the CSRF token, changes nothing. It writes
+// docs/dashboard.png and docs/dashboard-key.png when
+// VIGTHORIA_UPDATE_SCREENSHOT=1.
 func TestBrowserDashboard(t *testing.T) {
 	chromium := findChromium(t)
 	e := startDashboard(t)
@@ -256,19 +259,58 @@ func TestBrowserDashboard(t *testing.T) {
 	page := e.caddy.URL + "/dashboard/"
 	b.navigate(page)
 
-	// The overview's charts: uPlot canvases drawn with the ledger's rows.
+	// The overview's charts: uPlot canvases drawn with the ledger's
+	// rows, the last 24 hours by 5 minutes first.
 	waitJS(t, b, `(() => { const u = window.dash.charts.tokens; return !!u && u.data.length > 1 && u.data.slice(1).some(s => s.some(v => v > 0)); })()`)
-	for _, name := range []string{"requests", "tokens", "cost"} {
-		got := b.eval(fmt.Sprintf(`(() => { const u = window.dash.charts[%q]; const c = u.root.querySelector("canvas");
-			return c.width + "x" + c.height + " " + u.data[0].length + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`, name))
-		var w, h, n int
-		var sum float64
-		if _, err := fmt.Sscanf(got, "%dx%d %d %g", &w, &h, &n, &sum); err != nil || w == 0 || h == 0 || n != 24 || sum <= 0 {
-			t.Errorf("chart %s: canvas, buckets and sum %q, want a drawn canvas of 24 buckets summing above 0", name, got)
+	// drawn checks that each chart is a drawn canvas of buckets buckets
+	// whose values sum above 0.
+	drawn := func(buckets int, names ...string) {
+		t.Helper()
+		for _, name := range names {
+			got := b.eval(fmt.Sprintf(`(() => { const u = window.dash.charts[%q]; const c = u.root.querySelector("canvas");
+				return c.width + "x" + c.height + " " + u.data[0].length + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`, name))
+			var w, h, n int
+			var sum float64
+			if _, err := fmt.Sscanf(got, "%dx%d %d %g", &w, &h, &n, &sum); err != nil || w == 0 || h == 0 || n != buckets || sum <= 0 {
+				t.Errorf("chart %s: canvas, buckets and sum %q, want a drawn canvas of %d buckets summing above 0", name, got, buckets)
+			}
 		}
 	}
-	if got := b.eval(`window.dash.charts.requests.data.slice(1).flat().reduce((a, v) => a + v, 0)`); got != "3" {
+	drawn(288, "requests", "tokens", "cost", "outcomes")
+	// sum is the sum of a chart's values: of its series as drawn, or of
+	// its raw values of one label (a stack draws running sums).
+	sum := func(chart, label string) string {
+		if label == "" {
+			return b.eval(fmt.Sprintf(`window.dash.charts[%q].data.slice(1).flat().reduce((a, v) => a + v, 0)`, chart))
+		}
+		return b.eval(fmt.Sprintf(`(window.dash.charts[%q].raw[%q] || []).reduce((a, v) => a + v, 0)`, chart, label))
+	}
+	labels := func(chart string) string {
+		return b.eval(fmt.Sprintf(`window.dash.charts[%q].series.slice(1).map(s => s.label).join()`, chart))
+	}
+	if got := sum("requests", ""); got != "3" {
 		t.Errorf("the requests chart sums to %s, want the 3 chats", got)
+	}
+	if got := labels("requests"); got != "pro" {
+		t.Errorf("the requests chart's series are %q, want the tier pro", got)
+	}
+	// Requests by outcome: the 3 chats served, the missing_model refused,
+	// stacked, the top of the stack drawn first.
+	if got := labels("outcomes"); got != "missing_model,served" {
+		t.Errorf("the outcomes chart's series are %q, want missing_model on served", got)
+	}
+	if s, m := sum("outcomes", "served"), sum("outcomes", "missing_model"); s != "3" || m != "1" {
+		t.Errorf("the outcomes chart holds %s served and %s missing_model, want 3 and 1", s, m)
+	}
+	if got := b.eval(`(() => { const d = window.dash.charts.outcomes.data; const i = d[1].findIndex(v => v > 0); return d[1][i] + "/" + d[2][i]; })()`); got != "4/3" {
+		t.Errorf("the outcomes stack's top and bottom where it starts: %s, want 4/3", got)
+	}
+	// By model: the same charts split by the model of the chats.
+	b.click(`#split button[data-split=model]`)
+	waitJS(t, b, fmt.Sprintf(`window.dash.charts.tokens.series.slice(1).map(s => s.label).join() === %q`, model))
+	drawn(288, "requests", "tokens", "cost")
+	if got := sum("requests", ""); got != "3" {
+		t.Errorf("the requests chart by model sums to %s, want the 3 chats", got)
 	}
 	if got := b.eval(`(() => { const u = window.dash.charts.refused; return u.series.slice(1).map(s => s.label).join() + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`); got != "missing_model 1" {
 		t.Errorf("the refusals chart holds %q, want missing_model 1: the unknown key is counted for no key", got)
@@ -281,6 +323,16 @@ func TestBrowserDashboard(t *testing.T) {
 		t.Errorf("the refusals read %q, want invalid_api_key", got)
 	}
 	b.screenshot("dashboard.png", os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1")
+
+	// The last 30 days by day, then back.
+	b.click(`#range button[data-range="30d"]`)
+	waitJS(t, b, `window.dash.charts.tokens.data[0].length === 30`)
+	drawn(30, "requests", "tokens", "cost", "outcomes")
+	b.click(`#range button[data-range="24h"]`)
+	waitJS(t, b, `window.dash.charts.tokens.data[0].length === 288`)
+	if got := sum("requests", ""); got != "3" {
+		t.Errorf("back to 24 hours, the requests chart sums to %s, want 3", got)
+	}
 
 	// The keys, with their usage.
 	b.navigate(page + "#keys")
@@ -295,11 +347,15 @@ func TestBrowserDashboard(t *testing.T) {
 	b.click(`#create button[type=submit]`)
 	waitJS(t, b, `document.getElementById("secret-value").textContent.startsWith("vgt_")`)
 	secret := b.text("#secret-value")
+	served := 0 // the created key's chats answered
 	chat := func() int {
 		res := e.do(t, http.MethodPost, "/v1/chat/completions", jsonBody(map[string]any{
 			"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}},
 		}), http.Header{"Authorization": {"Bearer " + secret}, "Content-Type": {"application/json"}})
 		io.Copy(io.Discard, res.Body)
+		if res.StatusCode == http.StatusOK {
+			served++
+		}
 		return res.StatusCode
 	}
 	eventually(t, "the created key works at the proxy", func() bool { return chat() == http.StatusOK })
@@ -316,10 +372,17 @@ func TestBrowserDashboard(t *testing.T) {
 
 	// One key's page: its usage chart by model.
 	b.navigate(page + "#key/" + id)
-	waitJS(t, b, `!!window.dash.charts["key-hours"] && window.dash.charts["key-hours"].data.length > 1`)
+	waitJS(t, b, `!!window.dash.charts["key-recent"] && window.dash.charts["key-recent"].data.length > 1`)
+	if got, recent, days := labels("key-recent"), sum("key-recent", ""), sum("key-days", ""); got != model || recent == "0" || recent != days {
+		t.Errorf("the key's tokens, last 24 hours: %s by model %q, want the %s tokens of its chat today, of %s", recent, got, days, model)
+	}
+	if s, m := sum("key-outcomes", "served"), sum("key-outcomes", "missing_model"); s != strconv.Itoa(served) || m != "1" {
+		t.Errorf("the key's outcomes: %s served and %s missing_model, want %d and 1", s, m, served)
+	}
 	if got := b.text("#key-models tbody"); !strings.Contains(got, model) {
 		t.Errorf("the key's models read %q, want %s", got, model)
 	}
+	b.screenshot("dashboard-key.png", os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1")
 	if got := b.text("#key-refusals tbody"); got != "missing_model1" {
 		t.Errorf("the key's refusals read %q, want missing_model 1", got)
 	}
