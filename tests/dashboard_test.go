@@ -18,7 +18,6 @@ import (
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
 	"github.com/openai/openai-go/v3/option"
-	"golang.org/x/crypto/bcrypt"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
@@ -36,10 +35,7 @@ func startDashboard(t *testing.T, extra ...string) *env {
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
 	e := newEnv(t, up, srv)
-	hash, err := bcrypt.GenerateFromPassword([]byte(dashboardPassword), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
+	hash := dashboardHash(t)
 	store := strings.Replace(e.store, ":", " ", 1)
 	lines := append([]string{"store " + store, "tier free {\n\t\t\trequests 600/1m\n\t\t\tquota 1000000/month\n\t\t}",
 		"tier pro {\n\t\t\tquota 5000000/month\n\t\t\tbudget 50/month\n\t\t}",
