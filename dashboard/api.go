@@ -301,17 +301,15 @@ func (h *Handler) overview(w http.ResponseWriter, r *http.Request, now time.Time
 	}
 	c := newChart(rng, now)
 	ledger := h.keys.Ledger()
-	rows, err := ledger.Slots(r.Context(), "", c.since())
+	usage, refused := ledger.Slots, ledger.RefusalSlots
 	if rng == range30d {
-		rows, err = ledger.Hours(r.Context(), "", c.since())
+		usage, refused = ledger.Hours, ledger.RefusalHours
 	}
+	rows, err := usage(r.Context(), "", c.since())
 	if err != nil {
 		return h.unavailable(w, "reading usage", err)
 	}
-	refusals, err := ledger.RefusalSlots(r.Context(), "", c.since())
-	if rng == range30d {
-		refusals, err = ledger.RefusalHours(r.Context(), "", c.since())
-	}
+	refusals, err := refused(r.Context(), "", c.since())
 	if err != nil {
 		return h.unavailable(w, "reading refusals", err)
 	}

@@ -329,3 +329,40 @@ func BenchmarkKeysPage(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkOverview is api/overview over 10,000 keys, 100 of which used
+// two models in every 5 minutes of the last 24 hours (57,600 rows of
+// 5 minutes, 4,800 hourly ones).
+func BenchmarkOverview(b *testing.B) {
+	h, _ := newTestHandler(b, 10_000)
+	recs, err := h.keys.Store().List(b.Context())
+	if err != nil {
+		b.Fatal(err)
+	}
+	now := time.Now()
+	batch := keystore.UsageBatch{Writer: "seed", Seq: 1}
+	for _, rec := range recs[:100] {
+		for i := range 288 {
+			at := now.Add(-time.Duration(i) * keystore.SlotStep)
+			for _, m := range []string{"a", "b"} {
+				row := keystore.UsageRow{Client: rec.ID, Day: keystore.Slot(at), Model: m, Requests: 1, PromptTokens: 10, CompletionTokens: 5, Cost: 3}
+				batch.Slots = append(batch.Slots, row)
+				row.Day = keystore.Hour(at)
+				batch.Hours = append(batch.Hours, row)
+			}
+		}
+	}
+	if err := h.keys.Store().(keystore.UsageStore).AddUsage(b.Context(), batch); err != nil {
+		b.Fatal(err)
+	}
+	for _, rng := range []string{"24h", "30d"} {
+		b.Run(rng, func(b *testing.B) {
+			for b.Loop() {
+				w := get(b, h, "overview?range="+rng)
+				if w.Code != 200 || !strings.Contains(w.Body.String(), `"top":[{`) {
+					b.Fatalf("%d %.200s", w.Code, w.Body.String())
+				}
+			}
+		})
+	}
+}

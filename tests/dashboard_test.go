@@ -98,6 +98,11 @@ func TestDashboardRefusals(t *testing.T) {
 		want                     int
 	}{
 		{"GET without the token", "GET", "keys", "", nil, 403},
+		{"GET overview without the token", "GET", "overview?range=24h", "", nil, 403},
+		{"GET live without the token", "GET", "live", "", nil, 403},
+		{"GET a key without the token", "GET", "keys/key_x", "", nil, 403},
+		{"PATCH without the token", "PATCH", "keys/key_x", `{"quota":null}`, http.Header{"Origin": {origin}, "Content-Type": {"application/json"}}, 403},
+		{"rotate without the token", "POST", "keys/key_x/rotate", `{}`, http.Header{"Origin": {origin}, "Content-Type": {"application/json"}}, 403},
 		{"GET with a wrong token", "GET", "overview", "", http.Header{"X-Csrf-Token": {token + "x"}}, 403},
 		{"POST without the token", "POST", "keys", create, http.Header{"Origin": {origin}, "Content-Type": {"application/json"}}, 403},
 		{"DELETE without the token", "DELETE", "keys/key_x", "", http.Header{"Origin": {origin}}, 403},
