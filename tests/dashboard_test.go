@@ -21,6 +21,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // dashboardUser and dashboardPassword are the operator basic_auth lets in.
@@ -323,7 +324,6 @@ func TestBrowserDashboard(t *testing.T) {
 	if got := b.text("#refusals tbody"); !strings.Contains(got, "invalid_api_key") {
 		t.Errorf("the refusals read %q, want invalid_api_key", got)
 	}
-	b.screenshot("dashboard.png", os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1")
 
 	// The last 30 days by day, then back.
 	b.click(`#range button[data-range="30d"]`)
@@ -383,7 +383,6 @@ func TestBrowserDashboard(t *testing.T) {
 	if got := b.text("#key-models tbody"); !strings.Contains(got, model) {
 		t.Errorf("the key's models read %q, want %s", got, model)
 	}
-	b.screenshot("dashboard-key.png", os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1")
 	if got := b.text("#key-refusals tbody"); got != "missing_model1" {
 		t.Errorf("the key's refusals read %q, want missing_model 1", got)
 	}
@@ -422,6 +421,105 @@ func TestBrowserDashboard(t *testing.T) {
 	if got := keys(); got != before {
 		t.Errorf("the keys went from %s to %s: a refused request made one", before, got)
 	}
+
+	// A day of traffic, written to the store by another writer (as
+	// another instance's ledger would): the charts show it, and it
+	// makes the screenshots.
+	b.navigate(page + "#overview")
+	waitJS(t, b, `!!window.dash.charts.requests && window.dash.charts.requests.data[0].length === 288`)
+	shown, err := strconv.Atoi(sum("requests", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pro, seeded := seedDay(t, strings.TrimPrefix(e.store, "sqlite:"))
+	b.navigate(page + "#keys")
+	waitJS(t, b, `document.getElementById("keys-total").textContent !== ""`)
+	b.navigate(page + "#overview")
+	want := strconv.FormatInt(int64(shown)+seeded, 10)
+	waitJS(t, b, fmt.Sprintf(`window.dash.charts.requests.data.slice(1).flat().reduce((a, v) => a + v, 0) === %s`, want))
+	if got := labels("requests"); got != "free,pro" {
+		t.Errorf("the requests chart's series after the seeded day are %q, want free,pro", got)
+	}
+	update := os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1"
+	b.screenshot("dashboard.png", update)
+	b.navigate(page + "#key/" + pro)
+	waitJS(t, b, `!!window.dash.charts["key-recent"] && window.dash.charts["key-recent"].series.length === 3`)
+	b.screenshot("dashboard-key.png", update)
+}
+
+// seedDay writes a day of 5-minute, hourly and daily ledger rows to the
+// SQLite store at path, as another instance's ledger would: the key
+// test-pro on two models, and a new key batch-job of tier free on one,
+// with refusals. It returns test-pro's ID and the requests written.
+func seedDay(t *testing.T, path string) (pro string, requests int64) {
+	t.Helper()
+	st, err := keystore.OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx := t.Context()
+	recs, err := st.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs {
+		if r.Name == "test-pro" {
+			pro = r.ID
+		}
+	}
+	batch, _, err := keystore.Create(ctx, st, keystore.Attrs{Name: "batch-job", Tier: "free"}, time.Now())
+	if err != nil || pro == "" {
+		t.Fatalf("the keys: test-pro %q, batch-job %v", pro, err)
+	}
+	b := keystore.UsageBatch{Writer: "seed", Seq: 1}
+	hours := make(map[[3]string]*keystore.UsageRow)
+	days := make(map[[3]string]*keystore.UsageRow)
+	add := func(client, model string, at time.Time, n int64) {
+		row := keystore.UsageRow{Client: client, Day: keystore.Slot(at), Model: model, Requests: n,
+			PromptTokens: 120 * n, CompletionTokens: 80 * n}
+		row.Cost = row.PromptTokens/2 + row.CompletionTokens*3/2 // the test's prices, per million
+		b.Slots = append(b.Slots, row)
+		for _, by := range []struct {
+			m    map[[3]string]*keystore.UsageRow
+			name string
+		}{{hours, keystore.Hour(at)}, {days, keystore.Day(at)}} {
+			m, name := by.m, by.name
+			k := [3]string{client, name, model}
+			if m[k] == nil {
+				m[k] = &keystore.UsageRow{Client: client, Day: name, Model: model}
+			}
+			m[k].Add(row)
+		}
+		requests += n
+	}
+	now := time.Now()
+	// From 5 minutes to 23 hours 20 minutes ago: far from the edges of
+	// the chart's 24 hours, which move while the test runs.
+	for i := 1; i <= 280; i++ {
+		at := now.Add(-time.Duration(i) * keystore.SlotStep)
+		wave := int64(i % 48) // a rise and fall every 4 hours
+		if wave > 24 {
+			wave = 48 - wave
+		}
+		add(pro, model, at, 2+wave/3)
+		add(pro, "vigthoria-pro-1", at, 1+int64(i%5))
+		add(batch.ID, model, at, 4+wave/2)
+		if i%20 == 0 {
+			b.SlotRefusals = append(b.SlotRefusals, keystore.RefusalRow{Client: batch.ID, Hour: keystore.Slot(at), Reason: "rate_limit_exceeded", Count: 3})
+			b.Refusals = append(b.Refusals, keystore.RefusalRow{Client: batch.ID, Hour: keystore.Hour(at), Reason: "rate_limit_exceeded", Count: 3})
+		}
+	}
+	for _, r := range hours {
+		b.Hours = append(b.Hours, *r)
+	}
+	for _, r := range days {
+		b.Rows = append(b.Rows, *r)
+	}
+	if err := st.AddUsage(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	return pro, requests
 }
 
 // waitJS waits up to 10 seconds for a JavaScript expression to be true.
