@@ -93,7 +93,7 @@ func TestSlots(t *testing.T) {
 
 // TestSlotRetention checks that both stores forget the 5-minute rows
 // after SlotRetention: SQLite deletes them on its next write, Redis
-// lets their hash expire.
+// lets their hash expire; and that Redis counts a retried batch's once.
 func TestSlotRetention(t *testing.T) {
 	ctx := t.Context()
 	t.Run("sqlite", func(t *testing.T) {
@@ -128,11 +128,22 @@ func TestSlotRetention(t *testing.T) {
 		slot := Slot(time.Now())
 		b := UsageBatch{Writer: "w", Seq: 1, Slots: []UsageRow{{Client: "k", Day: slot, Model: "m", Requests: 1}},
 			SlotRefusals: []RefusalRow{{Client: "k", Hour: slot, Reason: "x", Count: 1}}}
-		if err := st.AddUsage(ctx, b); err != nil {
-			t.Fatal(err)
+		// A batch retried after its answer was lost counts once.
+		for range 2 {
+			if err := st.AddUsage(ctx, b); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if ttl := rawRedis(t, srv.URL).TTL(ctx, redisSlotPrefix+slot).Val(); ttl < SlotRetention-time.Minute || ttl > SlotRetention {
 			t.Errorf("TTL of the slot = %v, want %v", ttl, SlotRetention)
+		}
+		rows, err := st.UsageSlots(ctx, "k", slot)
+		if err != nil || len(rows) != 1 || rows[0].Requests != 1 {
+			t.Errorf("usage: got %+v, %v, want 1 request", rows, err)
+		}
+		refusals, err := st.RefusalSlots(ctx, "k", slot)
+		if err != nil || len(refusals) != 1 || refusals[0].Count != 1 {
+			t.Errorf("refusals: got %+v, %v, want 1", refusals, err)
 		}
 	})
 }
