@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -155,8 +156,9 @@ type Ledger struct {
 	pending  map[ledgerKey]*UsageRow
 	// slots are the pending uses by 5-minute slot (day holds the slot),
 	// and refusals the pending refusals by slot: a flush writes them,
-	// and the same summed by hour. Like pending, they hold at most the
-	// rows of one flush interval.
+	// and the same summed by hour. They hold the rows of one flush
+	// interval; while the store fails, those of the slots before the
+	// last two are folded into their hour (see foldSlots).
 	slots    map[ledgerKey]*UsageRow
 	refusals map[refusalKey]int64
 	// unsure is a batch whose write failed: it may or may not have been
@@ -251,6 +253,7 @@ func (l *Ledger) flush(ctx context.Context) error {
 	}
 	if unsure != nil {
 		if err := l.write(ctx, st, *unsure); err != nil {
+			l.foldSlots(time.Now())
 			return err
 		}
 		l.mu.Lock()
@@ -281,7 +284,11 @@ func (l *Ledger) flush(ctx context.Context) error {
 	clear(l.slots)
 	clear(l.refusals)
 	l.mu.Unlock()
+	// The hours sum every row; rows folded into their hour (see
+	// foldSlots) are no slot's.
 	b.Hours, b.Refusals = hoursOfSlots(b.Slots), refusalHoursOfSlots(b.SlotRefusals)
+	b.Slots = slices.DeleteFunc(b.Slots, func(r UsageRow) bool { return !isSlot(r.Day) })
+	b.SlotRefusals = slices.DeleteFunc(b.SlotRefusals, func(r RefusalRow) bool { return !isSlot(r.Hour) })
 
 	err := l.write(ctx, st, b)
 	if err != nil {
@@ -290,6 +297,35 @@ func (l *Ledger) flush(ctx context.Context) error {
 		l.mu.Unlock()
 	}
 	return err
+}
+
+// foldSlots turns the pending 5-minute rows of the slots before the
+// last two into rows of their hour, while the store cannot be written:
+// their hours are still written once it can be, but however long it
+// fails the pending 5-minute rows are at most two slots' worth, and the
+// rest grow by the hour, as the hourly rows did before there were
+// slots.
+func (l *Ledger) foldSlots(now time.Time) {
+	keep := Slot(now.Add(-SlotStep))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, row := range l.slots {
+		if !isSlot(k.day) || k.day >= keep {
+			continue // an hour's row already (even one added in this loop), or a recent slot's
+		}
+		delete(l.slots, k)
+		r := *row
+		r.Day = k.day[:len(hourLayout)]
+		addPending(l.slots, ledgerKey{k.client, r.Day, k.model}, r)
+	}
+	for k, n := range l.refusals {
+		if !isSlot(k.hour) || k.hour >= keep {
+			continue
+		}
+		delete(l.refusals, k)
+		h := refusalKey{k.client, k.hour[:len(hourLayout)], k.reason}
+		l.refusals[h] = addCount(l.refusals[h], n)
+	}
 }
 
 // write writes b to st. Rows the store refused for good are logged, with

@@ -38,7 +38,8 @@ func ValidReason(reason string) bool {
 	return true
 }
 
-// refusalKey names a pending refusal row: hour holds its 5-minute slot.
+// refusalKey names a pending refusal row: hour holds its 5-minute slot,
+// or its hour once foldSlots folded it.
 type refusalKey struct{ client, hour, reason string }
 
 // Refuse counts one request of client that the proxy refused for reason

@@ -29,6 +29,10 @@ const slotLayout = "2006-01-02T15:04"
 // UTC, the minute a multiple of 5.
 func Slot(t time.Time) string { return t.UTC().Truncate(SlotStep).Format(slotLayout) }
 
+// isSlot reports whether a pending row's time is a slot, not an hour
+// that foldSlots folded it into.
+func isSlot(s string) bool { return len(s) == len(slotLayout) }
+
 // ParseSlot reads a slot that Slot wrote.
 func ParseSlot(s string) (time.Time, error) {
 	t, err := time.Parse(slotLayout, s)
@@ -61,7 +65,7 @@ var errNoSlots = errors.New("the key store keeps no 5-minute usage")
 // SlotRetention are gone.
 func (l *Ledger) Slots(ctx context.Context, client string, since time.Time) ([]UsageRow, error) {
 	slot := Slot(since)
-	keep := func(r UsageRow) bool { return (client == "" || r.Client == client) && r.Day >= slot }
+	keep := func(r UsageRow) bool { return (client == "" || r.Client == client) && isSlot(r.Day) && r.Day >= slot }
 	l.mu.Lock()
 	st := l.store
 	var pending []UsageRow
@@ -102,7 +106,9 @@ func (l *Ledger) Slots(ctx context.Context, client string, since time.Time) ([]U
 // older than SlotRetention are gone.
 func (l *Ledger) RefusalSlots(ctx context.Context, client string, since time.Time) ([]RefusalRow, error) {
 	slot := Slot(since)
-	keep := func(r RefusalRow) bool { return (client == "" || r.Client == client) && r.Hour >= slot }
+	keep := func(r RefusalRow) bool {
+		return (client == "" || r.Client == client) && isSlot(r.Hour) && r.Hour >= slot
+	}
 	l.mu.Lock()
 	st := l.store
 	var pending []RefusalRow

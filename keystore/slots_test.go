@@ -209,3 +209,104 @@ func BenchmarkLedgerFlushBuild(b *testing.B) {
 		_ = hoursOfSlots(slots)
 	}
 }
+
+// downStore is a store whose writes fail while fail is set, and
+// which keeps the batches it took; it reads back no rows.
+type downStore struct {
+	fail    bool
+	batches []UsageBatch
+}
+
+func (s *downStore) AddUsage(_ context.Context, b UsageBatch) error {
+	if s.fail {
+		return errors.New("the store is down")
+	}
+	s.batches = append(s.batches, b)
+	return nil
+}
+func (*downStore) UsageSince(context.Context, string, string) ([]UsageRow, error) { return nil, nil }
+func (*downStore) UsageHours(context.Context, string, string) ([]UsageRow, error) { return nil, nil }
+func (*downStore) UsageSlots(context.Context, string, string) ([]UsageRow, error) { return nil, nil }
+func (*downStore) RefusalHours(context.Context, string, string) ([]RefusalRow, error) {
+	return nil, nil
+}
+func (*downStore) RefusalSlots(context.Context, string, string) ([]RefusalRow, error) {
+	return nil, nil
+}
+
+// TestLedgerFoldsSlotsWhileTheStoreFails checks that, while the store
+// cannot be written, the pending 5-minute rows of older slots are folded
+// into their hour: memory holds one row an hour for them, not twelve,
+// the readers still see them by hour and no longer by 5 minutes, and
+// once the store is back their hours are written whole.
+func TestLedgerFoldsSlotsWhileTheStoreFails(t *testing.T) {
+	ctx := t.Context()
+	st := &downStore{fail: true}
+	l := newLedger(nil)
+	l.attach(st)
+	now := time.Now()
+	l.Add("key_a", "m", now, Tokens{Prompt: 1})
+	if err := l.flush(ctx); err == nil {
+		t.Fatal("the first flush to a failing store succeeded")
+	}
+	// An hour of traffic, two hours ago, while the store is down; and
+	// a use now.
+	hour := now.UTC().Truncate(time.Hour).Add(-2 * time.Hour)
+	for i := range 12 {
+		at := hour.Add(time.Duration(i) * SlotStep)
+		l.Add("key_a", "m", at, Tokens{Prompt: 10})
+		if err := l.Refuse("key_a", "rate_limit_exceeded", at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.Add("key_a", "m", now, Tokens{Prompt: 5})
+	if len(l.slots) != 13 || len(l.refusals) != 12 {
+		t.Fatalf("%d pending usage and %d refusal rows before a flush, want 13 and 12", len(l.slots), len(l.refusals))
+	}
+	if err := l.flush(ctx); err == nil {
+		t.Fatal("a flush to a failing store succeeded")
+	}
+	if len(l.slots) != 2 || len(l.refusals) != 1 {
+		t.Fatalf("%d pending usage and %d refusal rows, want 2 and 1: the hour's folded, and now's slot", len(l.slots), len(l.refusals))
+	}
+	hours, err := l.Hours(ctx, "key_a", hour)
+	if err != nil || len(hours) != 2 || hours[0].Day != Hour(hour) || hours[0].Requests != 12 || hours[0].PromptTokens != 120 {
+		t.Fatalf("the hours: got %+v, %v, want 12 requests of 120 tokens at %s", hours, err, Hour(hour))
+	}
+	if slots, err := l.Slots(ctx, "key_a", hour); err != nil || len(slots) != 1 || slots[0].Day != Slot(now) || slots[0].Requests != 2 || slots[0].PromptTokens != 6 {
+		t.Fatalf("the slots: got %+v, %v, want now's 2 requests (the unsure batch's and the pending one)", slots, err)
+	}
+	if refusals, err := l.RefusalHours(ctx, "key_a", hour); err != nil || len(refusals) != 1 || refusals[0].Count != 12 {
+		t.Fatalf("the refusals by hour: got %+v, %v, want 12", refusals, err)
+	}
+	if refusals, err := l.RefusalSlots(ctx, "key_a", hour); err != nil || len(refusals) != 0 {
+		t.Fatalf("the refusals by slot: got %+v, %v, want none: the folded are by hour only", refusals, err)
+	}
+
+	st.fail = false
+	if err := l.flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var slotRequests, hourRequests, refusedByHour, refusedBySlot int64
+	for _, b := range st.batches {
+		for _, r := range b.Slots {
+			if !isSlot(r.Day) {
+				t.Errorf("a slot row of %q", r.Day)
+			}
+			slotRequests += r.Requests
+		}
+		for _, r := range b.Hours {
+			hourRequests += r.Requests
+		}
+		for _, r := range b.Refusals {
+			refusedByHour += r.Count
+		}
+		for _, r := range b.SlotRefusals {
+			refusedBySlot += r.Count
+		}
+	}
+	if len(st.batches) != 2 || hourRequests != 14 || slotRequests != 2 || refusedByHour != 12 || refusedBySlot != 0 {
+		t.Errorf("%d batches: %d requests by hour, %d by slot, %d refusals by hour, %d by slot; want 2 batches, 14, 2, 12, 0",
+			len(st.batches), hourRequests, slotRequests, refusedByHour, refusedBySlot)
+	}
+}
