@@ -334,6 +334,33 @@ func BenchmarkKeysPage(b *testing.B) {
 // two models in every 5 minutes of the last 24 hours (57,600 rows of
 // 5 minutes, 4,800 hourly ones).
 func BenchmarkOverview(b *testing.B) {
+	h, _ := busyHandler(b)
+	for _, rng := range []string{"24h", "30d"} {
+		b.Run(rng, func(b *testing.B) {
+			for b.Loop() {
+				w := get(b, h, "overview?range="+rng)
+				if w.Code != 200 || !strings.Contains(w.Body.String(), `"top":[{`) {
+					b.Fatalf("%d %.200s", w.Code, w.Body.String())
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkKeyReport is api/keys/{id} of one of the busy keys of
+// BenchmarkOverview.
+func BenchmarkKeyReport(b *testing.B) {
+	h, id := busyHandler(b)
+	for b.Loop() {
+		if w := get(b, h, "keys/"+id); w.Code != 200 || !strings.Contains(w.Body.String(), `"recent":{`) {
+			b.Fatalf("%d %.200s", w.Code, w.Body.String())
+		}
+	}
+}
+
+// busyHandler is a Handler over 10,000 keys, 100 of which used two
+// models in every 5 minutes of the last 24 hours, and one of those.
+func busyHandler(b *testing.B) (*Handler, string) {
 	h, _ := newTestHandler(b, 10_000)
 	recs, err := h.keys.Store().List(b.Context())
 	if err != nil {
@@ -355,14 +382,5 @@ func BenchmarkOverview(b *testing.B) {
 	if err := h.keys.Store().(keystore.UsageStore).AddUsage(b.Context(), batch); err != nil {
 		b.Fatal(err)
 	}
-	for _, rng := range []string{"24h", "30d"} {
-		b.Run(rng, func(b *testing.B) {
-			for b.Loop() {
-				w := get(b, h, "overview?range="+rng)
-				if w.Code != 200 || !strings.Contains(w.Body.String(), `"top":[{`) {
-					b.Fatalf("%d %.200s", w.Code, w.Body.String())
-				}
-			}
-		})
-	}
+	return h, recs[50].ID
 }
