@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
@@ -52,7 +53,12 @@ func (fakePolicy) Limits(tier string, s *keystore.Settings) (Limits, bool) {
 // keys of tier free, named key-00000 on.
 func newTestHandler(t testing.TB, keys int) (*Handler, *fakeSource) {
 	t.Helper()
-	spec := "sqlite:" + filepath.Join(t.TempDir(), "k.db")
+	return newTestHandlerOn(t, "sqlite:"+filepath.Join(t.TempDir(), "k.db"), keys)
+}
+
+// newTestHandlerOn is newTestHandler over the store spec.
+func newTestHandlerOn(t testing.TB, spec string, keys int) (*Handler, *fakeSource) {
+	t.Helper()
 	svc, err := keystore.NewService(spec, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -334,23 +340,29 @@ func BenchmarkKeysPage(b *testing.B) {
 // two models in every 5 minutes of the last 24 hours (57,600 rows of
 // 5 minutes, 4,800 hourly ones).
 func BenchmarkOverview(b *testing.B) {
-	h, _ := busyHandler(b)
-	for _, rng := range []string{"24h", "30d"} {
-		b.Run(rng, func(b *testing.B) {
-			for b.Loop() {
-				w := get(b, h, "overview?range="+rng)
-				if w.Code != 200 || !strings.Contains(w.Body.String(), `"top":[{`) {
-					b.Fatalf("%d %.200s", w.Code, w.Body.String())
+	for _, store := range []string{"sqlite", "redis"} {
+		spec := "sqlite:" + filepath.Join(b.TempDir(), "k.db")
+		if store == "redis" {
+			spec = redistest.Start(b).URL
+		}
+		h, _ := busyHandler(b, spec)
+		for _, rng := range []string{"24h", "30d"} {
+			b.Run(store+"/"+rng, func(b *testing.B) {
+				for b.Loop() {
+					w := get(b, h, "overview?range="+rng)
+					if w.Code != 200 || !strings.Contains(w.Body.String(), `"top":[{`) {
+						b.Fatalf("%d %.200s", w.Code, w.Body.String())
+					}
 				}
-			}
-		})
+			})
+		}
 	}
 }
 
 // BenchmarkKeyReport is api/keys/{id} of one of the busy keys of
 // BenchmarkOverview.
 func BenchmarkKeyReport(b *testing.B) {
-	h, id := busyHandler(b)
+	h, id := busyHandler(b, "sqlite:"+filepath.Join(b.TempDir(), "k.db"))
 	for b.Loop() {
 		if w := get(b, h, "keys/"+id); w.Code != 200 || !strings.Contains(w.Body.String(), `"recent":{`) {
 			b.Fatalf("%d %.200s", w.Code, w.Body.String())
@@ -360,15 +372,16 @@ func BenchmarkKeyReport(b *testing.B) {
 
 // busyHandler is a Handler over 10,000 keys, 100 of which used two
 // models in every 5 minutes of the last 24 hours, and one of those.
-func busyHandler(b *testing.B) (*Handler, string) {
-	h, _ := newTestHandler(b, 10_000)
+func busyHandler(b *testing.B, spec string) (*Handler, string) {
+	h, _ := newTestHandlerOn(b, spec, 10_000)
 	recs, err := h.keys.Store().List(b.Context())
 	if err != nil {
 		b.Fatal(err)
 	}
 	now := time.Now()
-	batch := keystore.UsageBatch{Writer: "seed", Seq: 1}
-	for _, rec := range recs[:100] {
+	// A batch a key, as small as Redis's timeout needs.
+	for n, rec := range recs[:100] {
+		batch := keystore.UsageBatch{Writer: "seed", Seq: uint64(n + 1)}
 		for i := range 288 {
 			at := now.Add(-time.Duration(i) * keystore.SlotStep)
 			for _, m := range []string{"a", "b"} {
@@ -378,9 +391,9 @@ func busyHandler(b *testing.B) (*Handler, string) {
 				batch.Hours = append(batch.Hours, row)
 			}
 		}
-	}
-	if err := h.keys.Store().(keystore.UsageStore).AddUsage(b.Context(), batch); err != nil {
-		b.Fatal(err)
+		if err := h.keys.Store().(keystore.UsageStore).AddUsage(b.Context(), batch); err != nil {
+			b.Fatal(err)
+		}
 	}
 	return h, recs[50].ID
 }
