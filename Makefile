@@ -38,8 +38,9 @@ test: test-deps
 ## seed corpora as tests.
 FUZZTIME ?= 2m
 LEAF_FUZZ_TARGETS := FuzzValid:./keystore/clientkey FuzzFromAuthorization:./keystore/clientkey \
-	FuzzRequestEdits:./proxy/wire FuzzPolicedFields:./proxy/wire FuzzValidJSON:./proxy/wire FuzzParseUsage:./proxy/wire
-FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzSSEBody:./proxy FuzzVerifyToken:./keystore \
+	FuzzRequestEdits:./proxy/wire FuzzPolicedFields:./proxy/wire FuzzValidJSON:./proxy/wire FuzzParseUsage:./proxy/wire \
+	FuzzSSEBody:./proxy/wire
+FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzVerifyToken:./keystore \
 	FuzzUnmarshalCaddyfile:. FuzzTokenRequest:.
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // chunkedReader returns its chunks one Read at a time, then err.
@@ -142,7 +144,7 @@ func TestSSEBodySmallReads(t *testing.T) {
 }
 
 func TestSSEBodyLongEventIsBounded(t *testing.T) {
-	long := "data: " + strings.Repeat("y", maxEventSize+10)
+	long := "data: " + strings.Repeat("y", wire.MaxEventSize+10)
 	src := &chunkedReader{chunks: []string{long, "\n\ndata: [DONE]\n\n"}, err: io.EOF}
 	b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
 	defer b.Close()

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -91,6 +92,7 @@ type Call struct {
 
 	start  time.Time     // when Forward began, for the latencies
 	answer checkedAnswer // a JSON answer, once read whole
+	logger *zap.Logger   // the transport's, for a stream broken off
 	trace  httptrace.ClientTrace
 }
 

@@ -1,13 +1,26 @@
-package proxy
+package wire
 
 import (
 	"bytes"
 	"context"
 	"io"
+	"strings"
 	"testing"
-
-	"go.uber.org/zap"
 )
+
+// usageStripper is a tap that drops a stream's usage-only chunk when
+// strip is set, as the proxy's does for a client that did not ask for
+// usage, and ends a broken stream with brokenEvent.
+type usageStripper struct{ strip bool }
+
+func (u usageStripper) Event(ev []byte) bool {
+	_, usage := ParseUsage(ev)
+	return u.strip && usage && bytes.Contains(ev, []byte(`"choices":[]`))
+}
+func (usageStripper) Ready()             {}
+func (usageStripper) Broke(error) []byte { return brokenEvent }
+
+var brokenEvent = []byte("data: {\"error\":{\"message\":\"broken\"}}\n\n")
 
 func FuzzSSEBody(f *testing.F) {
 	f.Add([]byte("data: {\"a\":1}\n\ndata: [DONE]\n\n"), uint8(7), true)
@@ -16,13 +29,13 @@ func FuzzSSEBody(f *testing.F) {
 	f.Add([]byte(": comment\r\n\r\nevent: x\ndata: y\n\n"), uint8(200), false)
 	f.Fuzz(func(t *testing.T, stream []byte, chunk uint8, strip bool) {
 		size := int(chunk%64) + 1
-		var chunks []string
+		var chunks []io.Reader
 		for s := string(stream); len(s) > 0; {
 			n := min(size, len(s))
-			chunks, s = append(chunks, s[:n]), s[n:]
+			chunks, s = append(chunks, strings.NewReader(s[:n])), s[n:]
 		}
-		c := &Call{StripUsage: strip}
-		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), c)
+		// A MultiReader reads one chunk a Read.
+		b := NewSSE(context.Background(), io.NopCloser(io.MultiReader(chunks...)), usageStripper{strip})
 		out, err := io.ReadAll(b)
 		b.Close()
 		if err != nil {
@@ -31,7 +44,7 @@ func FuzzSSEBody(f *testing.F) {
 		// The stream's last event is data: [DONE], on a line of its own.
 		complete := bytes.Equal(stream, []byte("data: [DONE]\n\n")) || bytes.HasSuffix(stream, []byte("\n\ndata: [DONE]\n\n"))
 		switch {
-		case bytes.HasSuffix(out, errUpstreamStream.sseEvent()):
+		case bytes.HasSuffix(out, brokenEvent):
 			if complete && !strip && bytes.Count(stream, []byte("[DONE]")) == 1 && !bytes.Contains(stream, []byte("\r")) {
 				t.Errorf("a complete stream was ended as broken:\n%q", stream)
 			}
