@@ -27,6 +27,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // Defaults of the handler's configuration.
@@ -763,7 +764,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	h.active.Add(1)
 	defer h.active.Add(-1)
 	call := new(proxy.Call)
-	var info proxy.RequestInfo
+	var info wire.RequestInfo
 	forwarded := false
 	defer func() {
 		if !forwarded {

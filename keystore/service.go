@@ -14,6 +14,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // How the Service keeps up with its store.
@@ -264,7 +266,7 @@ func (s *Service) changed() {
 // batch). It takes no lock and allocates nothing; a malformed key costs
 // no hashing and no lookup.
 func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
-	if !ValidSecret(secret) || s.stale.Load() {
+	if !clientkey.Valid(secret) || s.stale.Load() {
 		return Client{}, false
 	}
 	h := HashSecret(secret)

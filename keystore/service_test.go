@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // countingStore counts the last-used writes that reach its Store.
@@ -359,7 +361,7 @@ func TestIdentifyAllocatesNothing(t *testing.T) {
 	s, cli := startService(t, nil)
 	_, secret := create(t, cli, "k", "free", time.Time{}, time.Now())
 	within(t, "the key is loaded", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
-	unknown, _ := NewSecret()
+	unknown, _ := clientkey.New()
 	now := time.Now()
 	for name, key := range map[string]string{"known": secret, "unknown": unknown, "malformed": secret[:20]} {
 		if n := testing.AllocsPerRun(1000, func() { s.Identify(key, now) }); n != 0 {
