@@ -211,15 +211,18 @@ func (s *Service) Start() error {
 // and cannot be started again.
 func (s *Service) Stop() error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.state != serviceStarted {
 		s.state = serviceStopped
+		s.mu.Unlock()
 		return nil
 	}
 	s.state = serviceStopped
 	unregisterService(s)
 	s.cancel()
 	close(s.done)
+	// The loop may be taking s.mu (Store, for the signing keys): waiting
+	// for it with the lock held would wait forever.
+	s.mu.Unlock()
 	s.running.Wait()
 	s.staleMu.Lock()
 	if s.staleTimer != nil {
