@@ -72,8 +72,10 @@ function draw(name, el, x, series, opts = {}) {
   const u = new uPlot({
     width, height: 220,
     scales: { x: { time: true } },
-    // Room for the longest label: amounts under 0.01 print six decimals.
-    axes: [{}, { size: opts.money ? 100 : 60, values: (u, vals) => vals.map(opts.money ? money : fmt) }],
+    // Room for the longest tick label (amounts under 0.01 print six
+    // decimals, counts grow to millions), which a fixed width would cut.
+    axes: [{}, { size: (u, ticks) => 18 + 7.5 * Math.max(3, ...(ticks || []).map((t) => t.length)),
+      values: (u, vals) => vals.map(opts.money ? money : fmt) }],
     series: [{}, ...order.map((i) => ({
       label: labels[i], stroke: palette[i % palette.length], width: opts.stack ? 1 : 2,
       fill: opts.fill === false ? undefined : palette[i % palette.length] + (opts.stack ? "" : "22"),
