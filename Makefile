@@ -16,23 +16,32 @@ run: build
 		./caddy run --config Caddyfile.example --adapter caddyfile; \
 	fi
 
-## test: vet, run every test with the race detector, and each fuzz
-## target briefly.
+## test: vet, run every test with the race detector (the fuzz targets'
+## seed corpora among them), and fuzz 1000 inputs of each target whose
+## package builds in seconds. vet builds with -race so that it shares the
+## tests' build of Caddy instead of making one of its own.
 test: test-deps
-	$(GO) vet ./...
+	$(GO) vet -race ./...
 	$(GO) test -race -count=1 -timeout 25m ./...
-	@$(MAKE) --no-print-directory fuzz FUZZTIME=1000x
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=1000x FUZZ_TARGETS="$(LEAF_FUZZ_TARGETS)"
 
-## fuzz: each fuzz target for FUZZTIME (default 2m): key and Authorization
-## parsing, the JWT verifier (against go-jose), the SSE tap, the usage
-## reader and the request's policed fields (against encoding/json), the
-## request body edits, the JSON validator (against encoding/json), the
+## fuzz: each fuzz target for FUZZTIME (default 2m): client keys and
+## Authorization headers, the request's policed fields and body edits
+## (against encoding/json), the JSON validator (against encoding/json),
+## the usage reader, the SSE tap, the JWT verifier (against go-jose), the
 ## Caddyfile syntax and the token requests of POST /vigthoria/tokens.
-## make test runs 1000 inputs each: a count, not a time, which a busy
-## machine could cut short.
+## Fuzzing instruments every package a target's test binary holds: the
+## targets in leaf packages (standard library only) build in seconds,
+## the others rebuild Caddy and SQLite instrumented, minutes on a fresh
+## machine. make test fuzzes the leaf ones 1000 inputs each (a count, not
+## a time, which a busy machine could cut short) and runs the others'
+## seed corpora as tests.
 FUZZTIME ?= 2m
-FUZZ_TARGETS := FuzzValidSecret:./keystore FuzzParseAuthorization:./keystore FuzzVerifyToken:./keystore \
-	FuzzSSEBody:./proxy FuzzParseUsage:./proxy FuzzRequestEdits:./proxy FuzzPolicedFields:./proxy FuzzValidJSON:./proxy FuzzUnmarshalCaddyfile:. FuzzTokenRequest:.
+LEAF_FUZZ_TARGETS := FuzzValid:./keystore/clientkey FuzzFromAuthorization:./keystore/clientkey \
+	FuzzRequestEdits:./proxy/wire FuzzPolicedFields:./proxy/wire FuzzValidJSON:./proxy/wire FuzzParseUsage:./proxy/wire \
+	FuzzSSEBody:./proxy/wire
+FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzVerifyToken:./keystore \
+	FuzzUnmarshalCaddyfile:. FuzzTokenRequest:.
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		echo "fuzzing $${t%%:*} for $(FUZZTIME)"; \

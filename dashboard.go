@@ -134,5 +134,27 @@ func (p handlerPolicy) Limits(tier string, s *keystore.Settings) (dashboard.Limi
 	return l, true
 }
 
+// Caller implements dashboard.Policy: a minted token's user is counted
+// in its minting key's rows; a JWT's user has its issuer's tier when no
+// tier claim can change it; an identity has identity_tier when it is a
+// literal, an anonymous caller the anonymous tier.
+func (p handlerPolicy) Caller(client string) (string, bool) {
+	switch {
+	case strings.HasPrefix(client, mintPrefix):
+		return "", true
+	case strings.HasPrefix(client, jwtPrefix):
+		for _, j := range p.h.JWT {
+			if j.TierClaim == "" && strings.HasPrefix(client, jwtPrefix+j.host+":") {
+				return j.Tier, false
+			}
+		}
+	case strings.HasPrefix(client, identityPrefix):
+		return p.h.identityTier, false
+	case strings.HasPrefix(client, anonymousPrefix):
+		return p.h.Anonymous, false
+	}
+	return "", false
+}
+
 // Interface guards
 var _ dashboard.Source = (*App)(nil)

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -104,10 +105,10 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 		c := keystore.Client{ID: anonymousPrefix + limiter.AddrBucket(addr).String(), Tier: h.Anonymous}
 		return h.admitTier(c, repl, true)
 	}
-	secret, ok := keystore.ParseAuthorization(values)
+	secret, ok := clientkey.FromAuthorization(values)
 	if ok {
 		var c keystore.Client
-		if !keystore.ValidSecret(secret) {
+		if !clientkey.Valid(secret) {
 			c, ok = h.tokens.Verify(r.Context(), secret, now)
 		} else {
 			c, ok = h.keys.Identify(secret, now)

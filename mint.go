@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -101,7 +102,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 	if keyInQuery(r.URL.RawQuery) {
 		return refuse(w, r, "none", "tokens", errKeyInQuery)
 	}
-	secret, ok := keystore.ParseAuthorization(r.Header["Authorization"])
+	secret, ok := clientkey.FromAuthorization(r.Header["Authorization"])
 	var client keystore.Client
 	if ok {
 		client, ok = h.keys.Identify(secret, now)

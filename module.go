@@ -27,6 +27,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // Defaults of the handler's configuration.
@@ -771,7 +772,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// request refused before it was forwarded frees its slot and is
 	// charged nothing; a forwarded one is charged what it used.
 	call := new(proxy.Call)
-	var info proxy.RequestInfo
+	var info wire.RequestInfo
 	forwarded := false
 	defer func() {
 		if !forwarded {

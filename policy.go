@@ -11,6 +11,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // errUnavailable answers when the proxy cannot decide for lack of its
@@ -88,7 +89,7 @@ func refusal(d limiter.Decision, tier string) *proxy.APIError {
 // usage. The upstream gets the client's bytes except for the fields changed
 // here. It returns what admission reserves: the prompt's estimate and every
 // choice at its longest, n (or best_of) for each prompt.
-func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted *keystore.Minted, body []byte, call *proxy.Call) (proxy.RequestInfo, int64, *proxy.APIError) {
+func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted *keystore.Minted, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *proxy.APIError) {
 	call.Body = body
 	info, apiErr := proxy.ParseRequest(body)
 	if apiErr != nil {
@@ -123,12 +124,12 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 		return info, 0, errMaxTokens(tier.MaxTokens)
 	case tier.MaxTokens > 0 && maxTokens == 0:
 		maxTokens = tier.MaxTokens
-		out, err = proxy.SetMaxTokens(out, info, maxTokens)
+		out, err = wire.SetMaxTokens(out, info, maxTokens)
 	case maxTokens == 0:
 		maxTokens = DefaultMaxTokens
 	}
 	if err == nil && info.Stream {
-		out, err = proxy.WithStreamUsage(out, info)
+		out, err = wire.WithStreamUsage(out, info)
 	}
 	if err != nil {
 		return info, 0, &proxy.APIError{Status: http.StatusBadRequest, Type: proxy.TypeInvalidRequest, Code: "invalid_request", Message: "The request body could not be read as JSON."}
@@ -174,7 +175,7 @@ const maxAnswerTokens = 1 << 24
 func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens, absurd bool) {
 	prompt := u.Prompt
 	if prompt == 0 {
-		prompt = proxy.PromptEstimate(bodyLen)
+		prompt = wire.PromptEstimate(bodyLen)
 	}
 	prompt = min(prompt, reserve)
 	bound := max(reserve, maxAnswerTokens)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // A target is one way of serving the API, measured under every workload.
@@ -315,7 +316,7 @@ func clientKeys(ctx context.Context, spec string, data siteData) (map[string][]s
 func newSecrets() (map[string][]string, error) {
 	keys := make(map[string][]string)
 	err := eachKey(func(tier string, _ int) error {
-		secret, err := keystore.NewSecret()
+		secret, err := clientkey.New()
 		keys[tier] = append(keys[tier], secret)
 		return err
 	})

@@ -25,11 +25,12 @@ const topKeys = 10
 
 // serveAPI routes a request under api/:
 //
-//	GET    overview?range=24h|30d   usage over time by tier, by model, the top keys; refusals by reason
+//	GET    overview?range=24h|30d   usage over time (24 h by 5 minutes, 30 days by day) by tier and by model,
+//	                                requests by outcome, the top keys; refusals by reason
 //	GET    live                     requests/s, refusals/s, streams; refusals by reason
 //	GET    keys?q=&tier=&sort=&desc=&page=   keys with their limits and usage
 //	POST   keys                     create: {"name", "tier", "expires", "settings"}; the answer holds the secret
-//	GET    keys/{id}                one key, its usage by hour, day and model, its refusals by reason
+//	GET    keys/{id}                one key, its usage by 5 minutes, day and model, its refusals by reason
 //	PATCH  keys/{id}                change its settings (null clears one)
 //	DELETE keys/{id}                revoke
 //	POST   keys/{id}/rotate         new secret, in the answer
@@ -107,20 +108,35 @@ func (h *Handler) changed(w http.ResponseWriter, what, user string, out keystore
 }
 
 // series are figures over time: one value per bucket, in total and by a
-// label (tier or model).
+// label (a tier, a model or a refusal's reason), and for usage by model
+// as well.
 type series struct {
-	Total []int64            `json:"total"`
-	By    map[string][]int64 `json:"by"`
+	Total   []int64            `json:"total"`
+	By      map[string][]int64 `json:"by"`
+	ByModel map[string][]int64 `json:"by_model,omitempty"`
 }
 
 func newSeries(n int) series { return series{Total: make([]int64, n), By: make(map[string][]int64)} }
 
 func (s *series) add(i int, label string, n int64) {
 	s.Total[i] += n
-	by := s.By[label]
+	addTo(s.By, len(s.Total), i, label, n)
+}
+
+// addModel adds n to the bucket i of model, beside the total and label
+// that add counted it in.
+func (s *series) addModel(i int, model string, n int64) {
+	if s.ByModel == nil {
+		s.ByModel = make(map[string][]int64)
+	}
+	addTo(s.ByModel, len(s.Total), i, model, n)
+}
+
+func addTo(m map[string][]int64, buckets, i int, label string, n int64) {
+	by := m[label]
 	if by == nil {
-		by = make([]int64, len(s.Total))
-		s.By[label] = by
+		by = make([]int64, buckets)
+		m[label] = by
 	}
 	by[i] += n
 }
@@ -147,33 +163,56 @@ type chart struct {
 	Tokens   series  `json:"tokens"`
 	Cost     series  `json:"cost"`    // micro-units
 	Refused  series  `json:"refused"` // by reason: requests of identified callers refused
+	// Outcomes are the requests of identified callers by outcome:
+	// "served" (answered by the upstream, as the ledger counts them) and
+	// each reason of a refusal.
+	Outcomes series `json:"outcomes"`
 }
 
-// newChart makes the buckets of a range ending at now: 24 hours by hour,
-// or 30 days by day.
-func newChart(daily bool, now time.Time) chart {
-	step, n := time.Hour, 24
-	start := now.UTC().Truncate(time.Hour).Add(-23 * time.Hour)
-	if daily {
+// served is the outcome of the requests the ledger counts as used.
+const served = "served"
+
+// The ranges a chart can cover.
+const (
+	range24h = "24h" // the last 24 hours by 5 minutes
+	range30d = "30d" // the last 30 days by day
+)
+
+// newChart makes the buckets of a range ending at now: 24 hours by 5
+// minutes (keystore.SlotStep), or 30 days by day.
+func newChart(rng string, now time.Time) chart {
+	step, n := keystore.SlotStep, int(24*time.Hour/keystore.SlotStep)
+	start := now.UTC().Truncate(step).Add(-time.Duration(n-1) * step)
+	if rng == range30d {
 		step, n = 24*time.Hour, 30
 		start = now.UTC().Truncate(24*time.Hour).AddDate(0, 0, -29)
 	}
 	c := chart{Step: int64(step / time.Second), Times: make([]int64, n),
-		Requests: newSeries(n), Tokens: newSeries(n), Cost: newSeries(n), Refused: newSeries(n)}
+		Requests: newSeries(n), Tokens: newSeries(n), Cost: newSeries(n), Refused: newSeries(n), Outcomes: newSeries(n)}
 	for i := range n {
 		c.Times[i] = start.Add(time.Duration(i) * step).Unix()
 	}
 	return c
 }
 
-// bucket returns the bucket of a row of the ledger (an hour or a day),
-// or -1.
+// since is the start of the chart's first bucket.
+func (c *chart) since() time.Time { return time.Unix(c.Times[0], 0) }
+
+// bucket returns the bucket of a row of the ledger (a 5-minute slot, an
+// hour or a day), or -1.
 func (c *chart) bucket(at string) int {
-	t, err := keystore.ParseHour(at)
+	var t time.Time
+	var err error
+	switch len(at) {
+	case len("2006-01-02T15:04"):
+		t, err = keystore.ParseSlot(at)
+	case len("2006-01-02T15"):
+		t, err = keystore.ParseHour(at)
+	default:
+		t, err = time.Parse(time.DateOnly, at)
+	}
 	if err != nil {
-		if t, err = time.Parse(time.DateOnly, at); err != nil {
-			return -1
-		}
+		return -1
 	}
 	i := (t.Unix() - c.Times[0]) / c.Step
 	if t.Unix() < c.Times[0] || i >= int64(len(c.Times)) {
@@ -182,11 +221,17 @@ func (c *chart) bucket(at string) int {
 	return int(i)
 }
 
+// add adds a usage row to the chart, labelled (by tier, say) and by its
+// model.
 func (c *chart) add(r keystore.UsageRow, label string) {
 	if i := c.bucket(r.Day); i >= 0 {
 		c.Requests.add(i, label, r.Requests)
 		c.Tokens.add(i, label, r.TotalTokens())
 		c.Cost.add(i, label, r.Cost)
+		c.Requests.addModel(i, r.Model, r.Requests)
+		c.Tokens.addModel(i, r.Model, r.TotalTokens())
+		c.Cost.addModel(i, r.Model, r.Cost)
+		c.Outcomes.add(i, served, r.Requests)
 	}
 }
 
@@ -197,6 +242,7 @@ func (c *chart) addRefusals(rows []keystore.RefusalRow) []reasonTotal {
 	for _, r := range rows {
 		if i := c.bucket(r.Hour); i >= 0 {
 			c.Refused.add(i, r.Reason, r.Count)
+			c.Outcomes.add(i, r.Reason, r.Count)
 			totals[r.Reason] += r.Count
 		}
 	}
@@ -240,17 +286,30 @@ type overviewReport struct {
 	Refusals []reasonTotal `json:"refusals"` // in the range, by reason
 }
 
-// overview answers usage over the last 24 hours (by hour) or 30 days
-// (by day), by tier, model and key, and the refusals by reason, from the
-// ledger's hourly rows.
+// overview answers usage over the last 24 hours (by 5 minutes, from the
+// ledger's 5-minute rows) or 30 days (by day, from its hourly rows), by
+// tier, model, outcome and key, and the refusals by reason.
+//
+// A client's tier is its key's, as the store has it; a caller without a
+// key (a JWT's user, an identity, an anonymous address) has the tier the
+// Policy gives it, or "(other)". A minted token's user is counted in its
+// minting key's rows, which hold its usage, and not again in its own.
 func (h *Handler) overview(w http.ResponseWriter, r *http.Request, now time.Time) error {
-	daily := r.URL.Query().Get("range") == "30d"
-	c := newChart(daily, now)
-	rows, err := h.keys.Ledger().Hours(r.Context(), "", time.Unix(c.Times[0], 0))
+	rng := r.URL.Query().Get("range")
+	if rng != range30d {
+		rng = range24h
+	}
+	c := newChart(rng, now)
+	ledger := h.keys.Ledger()
+	usage, refused := ledger.Slots, ledger.RefusalSlots
+	if rng == range30d {
+		usage, refused = ledger.Hours, ledger.RefusalHours
+	}
+	rows, err := usage(r.Context(), "", c.since())
 	if err != nil {
 		return h.unavailable(w, "reading usage", err)
 	}
-	refusals, err := h.keys.Ledger().RefusalHours(r.Context(), "", time.Unix(c.Times[0], 0))
+	refusals, err := refused(r.Context(), "", c.since())
 	if err != nil {
 		return h.unavailable(w, "reading refusals", err)
 	}
@@ -262,15 +321,21 @@ func (h *Handler) overview(w http.ResponseWriter, r *http.Request, now time.Time
 	for _, rec := range recs {
 		byID[rec.ID] = rec
 	}
+	policy := h.source.Policy(h.spec)
+	tiers := make(map[string]string) // by client
 	models := make(map[string]*usageTotals)
 	clients := make(map[string]*usageTotals)
 	for _, row := range rows {
-		if daily {
+		if rng == range30d {
 			row.Day = row.Day[:len(time.DateOnly)]
 		}
-		tier := byID[row.Client].Tier
-		if tier == "" {
-			tier = "(other)"
+		tier, ok := tiers[row.Client]
+		if !ok {
+			tier = tierOf(row.Client, byID, policy)
+			tiers[row.Client] = tier
+		}
+		if tier == rolledUp {
+			continue
 		}
 		c.add(row, tier)
 		total(models, row.Model).add(row)
@@ -278,22 +343,44 @@ func (h *Handler) overview(w http.ResponseWriter, r *http.Request, now time.Time
 	}
 	reasons := c.addRefusals(refusals)
 	rep := overviewReport{Chart: c, Models: []modelTotals{}, Top: []keyTotals{}, Refusals: reasons}
-	if p := h.source.Policy(h.spec); p != nil {
-		rep.Currency, rep.Tiers = p.Currency(), p.Tiers()
+	if policy != nil {
+		rep.Currency, rep.Tiers = policy.Currency(), policy.Tiers()
 	}
 	for model, t := range models {
 		rep.Models = append(rep.Models, modelTotals{Model: model, usageTotals: *t})
 	}
 	slices.SortFunc(rep.Models, func(a, b modelTotals) int { return cmp.Compare(b.Tokens, a.Tokens) })
 	for id, t := range clients {
-		rec := byID[id]
-		rep.Top = append(rep.Top, keyTotals{ID: id, Name: rec.Name, Tier: rec.Tier, usageTotals: *t})
+		rep.Top = append(rep.Top, keyTotals{ID: id, Name: byID[id].Name, Tier: tiers[id], usageTotals: *t})
 	}
 	slices.SortFunc(rep.Top, func(a, b keyTotals) int {
 		return cmp.Or(cmp.Compare(b.Tokens, a.Tokens), cmp.Compare(b.Requests, a.Requests), strings.Compare(a.ID, b.ID))
 	})
 	rep.Top = rep.Top[:min(len(rep.Top), topKeys)]
 	return writeJSON(w, http.StatusOK, rep)
+}
+
+// rolledUp is the "tier" of a client whose usage its minting key's rows
+// hold already.
+const rolledUp = "\x00rolled up"
+
+// tierOf names the tier a client's rows are charted under: its key's,
+// or the one the policy gives a caller without a key, or "(other)"; or
+// rolledUp.
+func tierOf(client string, keys map[string]keystore.Record, policy Policy) string {
+	if rec, ok := keys[client]; ok {
+		return rec.Tier
+	}
+	if policy != nil {
+		tier, counted := policy.Caller(client)
+		switch {
+		case counted:
+			return rolledUp
+		case tier != "":
+			return tier
+		}
+	}
+	return "(other)"
 }
 
 func total(m map[string]*usageTotals, k string) *usageTotals {
@@ -434,42 +521,47 @@ type keyReport struct {
 	keystore.KeyInfo
 	Limits   *Limits       `json:"limits"`
 	Currency string        `json:"currency,omitempty"`
-	Hours    chart         `json:"hours"` // the last 24 hours, by model; refusals by reason
-	Days     chart         `json:"days"`  // the last 30 days, by model; refusals by reason
+	Recent   chart         `json:"recent"` // the last 24 hours by 5 minutes, by model; refusals by reason
+	Days     chart         `json:"days"`   // the last 30 days, by model; refusals by reason
 	Models   []modelTotals `json:"models"`
 	Refusals []reasonTotal `json:"refusals"` // the last 30 days, by reason
 }
 
-// key answers one key with its usage by hour, day and model, and its
-// refusals by reason.
+// key answers one key with its usage by 5 minutes, day and model, and
+// its refusals by reason.
 func (h *Handler) key(w http.ResponseWriter, r *http.Request, id string, now time.Time) error {
 	rec, err := h.keys.Store().Get(r.Context(), id)
 	if err != nil {
 		return writeError(w, keystore.ErrorStatus(err), err.Error())
 	}
-	rep := keyReport{KeyInfo: keystore.NewKeyInfo(rec, now), Hours: newChart(false, now), Days: newChart(true, now), Models: []modelTotals{}}
+	rep := keyReport{KeyInfo: keystore.NewKeyInfo(rec, now), Recent: newChart(range24h, now), Days: newChart(range30d, now), Models: []modelTotals{}}
 	if p := h.source.Policy(h.spec); p != nil {
 		rep.Currency = p.Currency()
 		if l, ok := p.Limits(rec.Tier, h.keys.Settings(rec.ID)); ok {
 			rep.Limits = &l
 		}
 	}
-	hours, err := h.keys.Ledger().Hours(r.Context(), id, time.Unix(rep.Hours.Times[0], 0))
+	ledger := h.keys.Ledger()
+	slots, err := ledger.Slots(r.Context(), id, rep.Recent.since())
 	if err != nil {
 		return h.unavailable(w, "reading usage", err)
 	}
-	for _, row := range hours {
-		rep.Hours.add(row, row.Model)
+	for _, row := range slots {
+		rep.Recent.add(row, row.Model)
 	}
-	days, err := h.keys.Ledger().UsageSince(r.Context(), id, time.Unix(rep.Days.Times[0], 0))
+	days, err := ledger.UsageSince(r.Context(), id, rep.Days.since())
 	if err != nil {
 		return h.unavailable(w, "reading usage", err)
 	}
-	refusals, err := h.keys.Ledger().RefusalHours(r.Context(), id, time.Unix(rep.Days.Times[0], 0))
+	recentRefusals, err := ledger.RefusalSlots(r.Context(), id, rep.Recent.since())
 	if err != nil {
 		return h.unavailable(w, "reading refusals", err)
 	}
-	rep.Hours.addRefusals(refusals)
+	refusals, err := ledger.RefusalHours(r.Context(), id, rep.Days.since())
+	if err != nil {
+		return h.unavailable(w, "reading refusals", err)
+	}
+	rep.Recent.addRefusals(recentRefusals)
 	rep.Refusals = rep.Days.addRefusals(refusals)
 	models := make(map[string]*usageTotals)
 	for _, row := range days {

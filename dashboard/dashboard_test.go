@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
@@ -32,6 +33,15 @@ type fakePolicy struct{}
 
 func (fakePolicy) Tiers() []string  { return []string{"free"} }
 func (fakePolicy) Currency() string { return "USD" }
+func (fakePolicy) Caller(client string) (string, bool) {
+	switch {
+	case strings.HasPrefix(client, "mint:"):
+		return "", true
+	case strings.HasPrefix(client, "jwt:"):
+		return "free", false
+	}
+	return "", false
+}
 func (fakePolicy) Limits(tier string, s *keystore.Settings) (Limits, bool) {
 	if tier != "free" {
 		return Limits{}, false
@@ -43,7 +53,12 @@ func (fakePolicy) Limits(tier string, s *keystore.Settings) (Limits, bool) {
 // keys of tier free, named key-00000 on.
 func newTestHandler(t testing.TB, keys int) (*Handler, *fakeSource) {
 	t.Helper()
-	spec := "sqlite:" + filepath.Join(t.TempDir(), "k.db")
+	return newTestHandlerOn(t, "sqlite:"+filepath.Join(t.TempDir(), "k.db"), keys)
+}
+
+// newTestHandlerOn is newTestHandler over the store spec.
+func newTestHandlerOn(t testing.TB, spec string, keys int) (*Handler, *fakeSource) {
+	t.Helper()
 	svc, err := keystore.NewService(spec, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -117,38 +132,114 @@ func TestKeysPage(t *testing.T) {
 	}
 }
 
-// TestOverview checks the overview's buckets by hour and by day.
+// TestOverview checks the overview's buckets by 5 minutes and by day,
+// by tier, by model and by outcome; that a minted token's user is
+// counted once, in its minting key's rows; and that a caller without a
+// key is charted under the tier the policy gives it.
 func TestOverview(t *testing.T) {
 	h, _ := newTestHandler(t, 2)
 	recs, _ := h.keys.Store().List(t.Context())
 	now := time.Now()
-	h.keys.Ledger().Add(recs[0].ID, "a", now, keystore.Tokens{Prompt: 10})
-	h.keys.Ledger().Add(recs[1].ID, "b", now.Add(-3*time.Hour), keystore.Tokens{Completion: 5})
-	h.keys.Ledger().Add("someone", "b", now.Add(-3*time.Hour), keystore.Tokens{Completion: 1})
+	l := h.keys.Ledger()
+	l.Add(recs[0].ID, "a", now, keystore.Tokens{Prompt: 10})
+	l.Add(recs[1].ID, "b", now.Add(-3*time.Hour), keystore.Tokens{Completion: 5})
+	l.Add("someone", "b", now.Add(-3*time.Hour), keystore.Tokens{Completion: 1})
+	// A minted user's request: the proxy adds it to the user's rows and
+	// to its minting key's.
+	l.Add("mint:"+recs[0].ID+":ann", "a", now, keystore.Tokens{Prompt: 2})
+	l.Add(recs[0].ID, "a", now, keystore.Tokens{Prompt: 2})
+	l.Add("jwt:id.example:bob", "b", now, keystore.Tokens{Prompt: 4})
+	for _, reason := range []string{"rate_limit_exceeded", "rate_limit_exceeded", "missing_model"} {
+		if err := l.Refuse(recs[1].ID, reason, now); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, rng := range []string{"24h", "30d"} {
 		var rep overviewReport
 		if err := json.Unmarshal(get(t, h, "overview?range="+rng).Body.Bytes(), &rep); err != nil {
 			t.Fatal(err)
 		}
-		n := len(rep.Chart.Times)
-		var sum int64
-		for _, v := range rep.Chart.Tokens.Total {
-			sum += v
+		c := rep.Chart
+		n := len(c.Times)
+		last := n - 1
+		sum := func(s []int64) (total int64) {
+			for _, v := range s {
+				total += v
+			}
+			return total
 		}
-		if sum != 16 || rep.Chart.Tokens.By["free"] == nil || rep.Chart.Tokens.By["(other)"] == nil {
-			t.Errorf("%s: tokens %v by %v, want 16 of tiers free and (other)", rng, rep.Chart.Tokens.Total, rep.Chart.Tokens.By)
+		if got := sum(c.Tokens.Total); got != 22 {
+			t.Errorf("%s: %d tokens, want 22: the minted user's 2 once", rng, got)
 		}
-		if rng == "24h" && (n != 24 || rep.Chart.Tokens.Total[23] != 10 || rep.Chart.Tokens.Total[20] != 6) {
-			t.Errorf("24h: %d buckets, tokens %v, want 24 with 10 last and 6 three hours before", n, rep.Chart.Tokens.Total)
+		if got, want := sum(c.Tokens.By["free"]), int64(21); got != want {
+			t.Errorf("%s: tier free used %d tokens, want %d: the keys' and the JWT user's", rng, got, want)
 		}
-		if rng == "30d" && (n != 30 || rep.Chart.Step != 86400) {
-			t.Errorf("30d: %d buckets of %ds, want 30 days", n, rep.Chart.Step)
+		if got := sum(c.Tokens.By["(other)"]); got != 1 || len(c.Tokens.By) != 2 {
+			t.Errorf("%s: tokens by tier %v, want free and (other) with 1", rng, c.Tokens.By)
+		}
+		if got := c.Tokens.ByModel; sum(got["a"]) != 12 || sum(got["b"]) != 10 || len(got) != 2 {
+			t.Errorf("%s: tokens by model %v, want a 12 and b 10", rng, got)
+		}
+		if got := c.Requests.ByModel["a"][last]; got != 2 {
+			t.Errorf("%s: %d requests of model a in the last bucket, want 2", rng, got)
+		}
+		o := c.Outcomes.By
+		if sum(o["served"]) != 5 || o["rate_limit_exceeded"][last] != 2 || o["missing_model"][last] != 1 || len(o) != 3 || sum(c.Outcomes.Total) != 8 {
+			t.Errorf("%s: outcomes %v, want 5 served, 2 rate_limit_exceeded and 1 missing_model now", rng, o)
+		}
+		switch {
+		case rng == "24h" && (n != 288 || c.Step != 300 || c.Tokens.Total[last] != 16 || c.Tokens.Total[last-36] != 6):
+			t.Errorf("24h: %d buckets of %ds, tokens %v, want 288 of 300s with 16 last and 6 three hours before", n, c.Step, c.Tokens.Total)
+		case rng == "30d" && (n != 30 || c.Step != 86400):
+			t.Errorf("30d: %d buckets of %ds, want 30 days", n, c.Step)
 		}
 		// List orders keys made in the same millisecond by ID: recs[0]
 		// is either of them.
-		if len(rep.Top) != 3 || rep.Top[0].ID != recs[0].ID || rep.Top[0].Name != recs[0].Name {
-			t.Errorf("%s: top keys %+v, want 3 with %s first", rng, rep.Top, recs[0].ID)
+		if len(rep.Top) != 4 || rep.Top[0].ID != recs[0].ID || rep.Top[0].Name != recs[0].Name || rep.Top[0].Tokens != 12 {
+			t.Errorf("%s: top keys %+v, want 4 with %s first with 12 tokens", rng, rep.Top, recs[0].ID)
 		}
+		for _, k := range rep.Top {
+			if strings.HasPrefix(k.ID, "mint:") {
+				t.Errorf("%s: the minted user %s is in the top keys beside its key", rng, k.ID)
+			}
+			if k.ID == "jwt:id.example:bob" && k.Tier != "free" {
+				t.Errorf("%s: the JWT user's tier is %q, want free", rng, k.Tier)
+			}
+		}
+	}
+}
+
+// TestKeyReport checks one key's page: its usage by 5 minutes and by
+// day, by model, and its refusals.
+func TestKeyReport(t *testing.T) {
+	h, _ := newTestHandler(t, 1)
+	recs, _ := h.keys.Store().List(t.Context())
+	id := recs[0].ID
+	now := time.Now()
+	l := h.keys.Ledger()
+	l.Add(id, "a", now.Add(-10*time.Minute), keystore.Tokens{Prompt: 3})
+	l.Add(id, "b", now, keystore.Tokens{Prompt: 4, Completion: 1})
+	l.Add("key_other", "a", now, keystore.Tokens{Prompt: 100})
+	if err := l.Refuse(id, "quota_exceeded", now); err != nil {
+		t.Fatal(err)
+	}
+	var rep keyReport
+	if w := get(t, h, "keys/"+id); w.Code != 200 || json.Unmarshal(w.Body.Bytes(), &rep) != nil {
+		t.Fatalf("got %d %s", w.Code, w.Body)
+	}
+	r := rep.Recent
+	last := len(r.Times) - 1
+	if len(r.Times) != 288 || r.Tokens.By["b"][last] != 5 || r.Tokens.By["a"][last-2] != 3 {
+		t.Errorf("recent: %d buckets, tokens by model %v, want 288 with b 5 last and a 3 ten minutes before", len(r.Times), r.Tokens.By)
+	}
+	if r.Refused.By["quota_exceeded"][last] != 1 || r.Outcomes.By["served"][last] != 1 {
+		t.Errorf("recent: refused %v, outcomes %v, want 1 quota_exceeded and 1 served last", r.Refused.By, r.Outcomes.By)
+	}
+	if d := rep.Days; d.Tokens.Total[len(d.Times)-1] != 8 || len(rep.Models) != 2 || rep.Models[0].Model != "b" {
+		t.Errorf("days: tokens %v, models %+v, want 8 today, b then a", d.Tokens.Total, rep.Models)
+	}
+	if len(rep.Refusals) != 1 || rep.Refusals[0].Count != 1 || rep.Limits == nil || rep.Limits.Quota.N != 1000 {
+		t.Errorf("refusals %+v, limits %+v, want 1 quota_exceeded and the tier's quota", rep.Refusals, rep.Limits)
 	}
 }
 
@@ -243,4 +334,66 @@ func BenchmarkKeysPage(b *testing.B) {
 			b.Fatal(w.Code)
 		}
 	}
+}
+
+// BenchmarkOverview is api/overview over 10,000 keys, 100 of which used
+// two models in every 5 minutes of the last 24 hours (57,600 rows of
+// 5 minutes, 4,800 hourly ones).
+func BenchmarkOverview(b *testing.B) {
+	for _, store := range []string{"sqlite", "redis"} {
+		spec := "sqlite:" + filepath.Join(b.TempDir(), "k.db")
+		if store == "redis" {
+			spec = redistest.Start(b).URL
+		}
+		h, _ := busyHandler(b, spec)
+		for _, rng := range []string{"24h", "30d"} {
+			b.Run(store+"/"+rng, func(b *testing.B) {
+				for b.Loop() {
+					w := get(b, h, "overview?range="+rng)
+					if w.Code != 200 || !strings.Contains(w.Body.String(), `"top":[{`) {
+						b.Fatalf("%d %.200s", w.Code, w.Body.String())
+					}
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkKeyReport is api/keys/{id} of one of the busy keys of
+// BenchmarkOverview.
+func BenchmarkKeyReport(b *testing.B) {
+	h, id := busyHandler(b, "sqlite:"+filepath.Join(b.TempDir(), "k.db"))
+	for b.Loop() {
+		if w := get(b, h, "keys/"+id); w.Code != 200 || !strings.Contains(w.Body.String(), `"recent":{`) {
+			b.Fatalf("%d %.200s", w.Code, w.Body.String())
+		}
+	}
+}
+
+// busyHandler is a Handler over 10,000 keys, 100 of which used two
+// models in every 5 minutes of the last 24 hours, and one of those.
+func busyHandler(b *testing.B, spec string) (*Handler, string) {
+	h, _ := newTestHandlerOn(b, spec, 10_000)
+	recs, err := h.keys.Store().List(b.Context())
+	if err != nil {
+		b.Fatal(err)
+	}
+	now := time.Now()
+	// A batch a key, as small as Redis's timeout needs.
+	for n, rec := range recs[:100] {
+		batch := keystore.UsageBatch{Writer: "seed", Seq: uint64(n + 1)}
+		for i := range 288 {
+			at := now.Add(-time.Duration(i) * keystore.SlotStep)
+			for _, m := range []string{"a", "b"} {
+				row := keystore.UsageRow{Client: rec.ID, Day: keystore.Slot(at), Model: m, Requests: 1, PromptTokens: 10, CompletionTokens: 5, Cost: 3}
+				batch.Slots = append(batch.Slots, row)
+				row.Day = keystore.Hour(at)
+				batch.Hours = append(batch.Hours, row)
+			}
+		}
+		if err := h.keys.Store().(keystore.UsageStore).AddUsage(b.Context(), batch); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return h, recs[50].ID
 }

@@ -31,6 +31,12 @@ type Policy interface {
 	// Currency returns the currency of costs, or "" when no prices are
 	// configured, so that costs say nothing.
 	Currency() string
+	// Caller says how the ledger's rows of a client that is not a key
+	// are charted: under tier ("" when the configuration cannot tell,
+	// such as a JWT's user whose tier is a claim of each token), or not
+	// at all when another client's rows count them already (the user of
+	// a minted token, whose minting key's rows hold its usage).
+	Caller(client string) (tier string, counted bool)
 }
 
 // Limits are a key's effective limits: its tier's, each field replaced

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // adminServer serves the module's admin routes as Caddy's admin endpoint
@@ -95,7 +97,7 @@ func TestAdminManagesKeys(t *testing.T) {
 		t.Error("an answer with a secret may be cached")
 	}
 	created := decode[KeyInfo](t, body)
-	if !ValidSecret(created.Secret) || !strings.HasPrefix(created.ID, "key_") || created.Name != "from admin" ||
+	if !clientkey.Valid(created.Secret) || !strings.HasPrefix(created.ID, "key_") || created.Name != "from admin" ||
 		created.Tier != "pro" || created.State != StateActive || created.Expires == nil ||
 		created.Expires.Sub(created.Created) != 720*time.Hour {
 		t.Fatalf("created %+v", created)
@@ -123,7 +125,7 @@ func TestAdminManagesKeys(t *testing.T) {
 
 	status, body, _ = call(t, srv, http.MethodPost, "/vigthoria/keys/"+created.ID+"/rotate", "")
 	rotated := decode[KeyInfo](t, body)
-	if status != http.StatusOK || !ValidSecret(rotated.Secret) || rotated.Secret == created.Secret || rotated.ID != created.ID {
+	if status != http.StatusOK || !clientkey.Valid(rotated.Secret) || rotated.Secret == created.Secret || rotated.ID != created.ID {
 		t.Fatalf("rotate: %d %s", status, body)
 	}
 	within(t, "rotation takes effect", func() bool {

@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 const benchKeys = 1_000_000
@@ -53,7 +55,7 @@ func BenchmarkIdentify(b *testing.B) {
 			b.Fatal("a loaded key is not identified")
 		}
 	}
-	unknownSecret, _ := NewSecret()
+	unknownSecret, _ := clientkey.New()
 	malformed := make([]string, 1024)
 	for i := range malformed {
 		malformed[i] = secrets[i][:41] + "!"

@@ -50,9 +50,10 @@ func (l *Ledger) Hours(ctx context.Context, client string, since time.Time) ([]U
 	l.mu.Lock()
 	st := l.store
 	var pending []UsageRow
-	for _, row := range l.hours {
-		if keep(*row) {
-			pending = append(pending, *row)
+	for _, row := range l.slots {
+		r := *row
+		if r.Day = r.Day[:len(hourLayout)]; keep(r) {
+			pending = append(pending, r)
 		}
 	}
 	if l.unsure != nil {
@@ -188,6 +189,12 @@ func (s *Redis) UsageHours(ctx context.Context, client, hour string) ([]UsageRow
 	if err != nil {
 		return nil, fmt.Errorf("reading hourly usage: %w", err)
 	}
+	return usageOfHashes(hashes, client)
+}
+
+// usageOfHashes reads the usage rows of client ("" for every client)
+// out of hour or slot hashes: each row's Day is its hash's hour or slot.
+func usageOfHashes(hashes []hourHash, client string) ([]UsageRow, error) {
 	var out []UsageRow
 	for _, h := range hashes {
 		type k struct{ client, model string }
@@ -199,7 +206,7 @@ func (s *Redis) UsageHours(ctx context.Context, client, hour string) ([]UsageRow
 			}
 			n, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
-				return nil, fmt.Errorf("reading hourly usage of %s: %w", h.hour, err)
+				return nil, fmt.Errorf("reading usage of %s: %w", h.hour, err)
 			}
 			row := rows[k{c, model}]
 			if row == nil {
@@ -215,7 +222,8 @@ func (s *Redis) UsageHours(ctx context.Context, client, hour string) ([]UsageRow
 	return out, nil
 }
 
-// hourHash is the Redis hash of one hour's usage and refusals.
+// hourHash is the Redis hash of one hour's (or one slot's) usage and
+// refusals; hour names it.
 type hourHash struct {
 	hour   string
 	fields map[string]string
@@ -229,27 +237,35 @@ func (s *Redis) hourHashes(ctx context.Context, hour string) ([]hourHash, error)
 	if err != nil {
 		return nil, fmt.Errorf("%w: hour '%s' is not YYYY-MM-DDTHH", ErrInvalid, hour)
 	}
-	now := time.Now().UTC().Truncate(time.Hour)
-	if oldest := now.Add(-HourRetention); from.Before(oldest) {
+	return s.hashesSince(ctx, redisHourPrefix, from, time.Hour, HourRetention, Hour)
+}
+
+// hashesSince reads the hashes of prefix and each period of step (named
+// by name) from the one of from to the one after now (another
+// instance's clock may be ahead), at most keep back, in one round trip.
+func (s *Redis) hashesSince(ctx context.Context, prefix string, from time.Time, step, keep time.Duration, name func(time.Time) string) ([]hourHash, error) {
+	now := time.Now().UTC().Truncate(step)
+	from = from.UTC().Truncate(step)
+	if oldest := now.Add(-keep); from.Before(oldest) {
 		from = oldest
 	}
-	var hours []string
-	for h := from; !h.After(now.Add(time.Hour)); h = h.Add(time.Hour) {
-		hours = append(hours, Hour(h))
+	var names []string
+	for t := from; !t.After(now.Add(step)); t = t.Add(step) {
+		names = append(names, name(t))
 	}
-	cmds := make([]*redis.MapStringStringCmd, len(hours))
-	_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for i, h := range hours {
-			cmds[i] = p.HGetAll(ctx, redisHourPrefix+h)
+	cmds := make([]*redis.MapStringStringCmd, len(names))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, n := range names {
+			cmds[i] = p.HGetAll(ctx, prefix+n)
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	out := make([]hourHash, len(hours))
-	for i, h := range hours {
-		out[i] = hourHash{hour: h, fields: cmds[i].Val()}
+	out := make([]hourHash, len(names))
+	for i, n := range names {
+		out[i] = hourHash{hour: n, fields: cmds[i].Val()}
 	}
 	return out, nil
 }

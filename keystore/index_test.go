@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // newRecord returns a record of a new key, not stored anywhere, and its
@@ -17,7 +19,7 @@ func newRecord(t testing.TB, name, tier string) (Record, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	secret, err := NewSecret()
+	secret, err := clientkey.New()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +66,7 @@ func TestIndexApply(t *testing.T) {
 	_, e := ix.find(aSecret)
 	e.lastUsed.Store(1_800_000_000)
 	rotated := a
-	newSecret, _ := NewSecret()
+	newSecret, _ := clientkey.New()
 	rotated.Hash = HashSecret(newSecret)
 	ix.apply([]Record{rotated})
 	if c, _ := ix.find(aSecret); c != (Client{}) {
@@ -182,7 +184,7 @@ func TestIndexChurn(t *testing.T) {
 		case op < 8:
 			k := live[ids[rng.IntN(len(ids))]]
 			dead = append(dead, k.secret)
-			k.secret, _ = NewSecret()
+			k.secret, _ = clientkey.New()
 			k.rec.Hash = HashSecret(k.secret)
 			ix.apply([]Record{k.rec})
 		default:

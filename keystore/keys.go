@@ -8,6 +8,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // maxAttrLen bounds key names and tiers, in characters.
@@ -56,7 +58,7 @@ func Create(ctx context.Context, st Store, a Attrs, now time.Time) (Record, stri
 	if err != nil {
 		return Record{}, "", fmt.Errorf("creating a key ID: %w", err)
 	}
-	secret, err := NewSecret()
+	secret, err := clientkey.New()
 	if err != nil {
 		return Record{}, "", fmt.Errorf("creating a key: %w", err)
 	}
@@ -72,7 +74,7 @@ func Create(ctx context.Context, st Store, a Attrs, now time.Time) (Record, stri
 // returns an error wrapping ErrNotFound or ErrRevoked when the key
 // cannot be rotated.
 func Rotate(ctx context.Context, st Store, id string) (string, error) {
-	secret, err := NewSecret()
+	secret, err := clientkey.New()
 	if err != nil {
 		return "", fmt.Errorf("creating a key: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -97,6 +98,13 @@ type UsageBatch struct {
 	// Refusals are the refused requests of the same time, by hour
 	// only: kept HourRetention as the Hours.
 	Refusals []RefusalRow
+	// Slots are the same uses by 5-minute slot: each row's Day holds
+	// its UTC slot, YYYY-MM-DDTHH:MM (see Slot). A store keeps them
+	// SlotRetention.
+	Slots []UsageRow
+	// SlotRefusals are the Refusals by 5-minute slot: each row's Hour
+	// holds its slot. Kept SlotRetention as the Slots.
+	SlotRefusals []RefusalRow
 }
 
 // UsageStore is where the ledger's rows live. A Store that can also keep
@@ -146,8 +154,13 @@ type Ledger struct {
 	logger   *zap.Logger
 	mu       sync.Mutex // protects the fields below
 	pending  map[ledgerKey]*UsageRow
-	hours    map[ledgerKey]*UsageRow // pending by hour: day holds the hour
-	refusals map[refusalKey]int64    // pending refusals by hour
+	// slots are the pending uses by 5-minute slot (day holds the slot),
+	// and refusals the pending refusals by slot: a flush writes them,
+	// and the same summed by hour. They hold the rows of one flush
+	// interval; while the store fails, those of the slots before the
+	// last two are folded into their hour (see foldSlots).
+	slots    map[ledgerKey]*UsageRow
+	refusals map[refusalKey]int64
 	// unsure is a batch whose write failed: it may or may not have been
 	// applied, so it is written again as it is, before anything newer.
 	unsure *UsageBatch
@@ -160,14 +173,14 @@ type Ledger struct {
 		unix int64 // the day's first second
 		name string
 	}
-	thisHour struct {
-		unix int64 // the hour's first second
+	thisSlot struct {
+		unix int64 // the slot's first second
 		name string
 	}
 }
 
 func newLedger(logger *zap.Logger) *Ledger {
-	return &Ledger{pending: make(map[ledgerKey]*UsageRow), hours: make(map[ledgerKey]*UsageRow),
+	return &Ledger{pending: make(map[ledgerKey]*UsageRow), slots: make(map[ledgerKey]*UsageRow),
 		refusals: make(map[refusalKey]int64), writer: rand.Text(), logger: logger}
 }
 
@@ -180,7 +193,7 @@ func (l *Ledger) Add(client, model string, at time.Time, used Tokens) {
 		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning, Cost: used.Cost}
 	l.mu.Lock()
 	addPending(l.pending, ledgerKey{client, l.dayName(at), model}, u)
-	addPending(l.hours, ledgerKey{client, l.hourName(at), model}, u)
+	addPending(l.slots, ledgerKey{client, l.slotName(at), model}, u)
 	l.mu.Unlock()
 }
 
@@ -194,16 +207,16 @@ func addPending(m map[ledgerKey]*UsageRow, k ledgerKey, u UsageRow) {
 	row.Add(u)
 }
 
-// hourName returns Hour(t), formatting it only when t is in another hour
-// than the last. The caller holds l.mu.
-func (l *Ledger) hourName(t time.Time) string {
-	const secondsPerHour = 60 * 60
+// slotName returns Slot(t), formatting it only when t is in another
+// slot than the last. The caller holds l.mu.
+func (l *Ledger) slotName(t time.Time) string {
+	const secondsPerSlot = int64(SlotStep / time.Second)
 	unix := t.Unix()
-	if start := l.thisHour.unix; unix < start || unix >= start+secondsPerHour || l.thisHour.name == "" {
-		l.thisHour.name = Hour(t)
-		l.thisHour.unix = unix - unix%secondsPerHour
+	if start := l.thisSlot.unix; unix < start || unix >= start+secondsPerSlot || l.thisSlot.name == "" {
+		l.thisSlot.name = Slot(t)
+		l.thisSlot.unix = unix - unix%secondsPerSlot
 	}
-	return l.thisHour.name
+	return l.thisSlot.name
 }
 
 // dayName returns Day(t), formatting it only when t is on another day
@@ -240,6 +253,7 @@ func (l *Ledger) flush(ctx context.Context) error {
 	}
 	if unsure != nil {
 		if err := l.write(ctx, st, *unsure); err != nil {
+			l.foldSlots(time.Now())
 			return err
 		}
 		l.mu.Lock()
@@ -248,28 +262,33 @@ func (l *Ledger) flush(ctx context.Context) error {
 	}
 
 	l.mu.Lock()
-	if len(l.pending) == 0 && len(l.hours) == 0 && len(l.refusals) == 0 {
+	if len(l.pending) == 0 && len(l.slots) == 0 && len(l.refusals) == 0 {
 		l.mu.Unlock()
 		return nil
 	}
 	l.seq++
-	b := UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]UsageRow, 0, len(l.pending)), Hours: make([]UsageRow, 0, len(l.hours))}
+	b := UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]UsageRow, 0, len(l.pending)), Slots: make([]UsageRow, 0, len(l.slots))}
 	for _, row := range l.pending {
 		b.Rows = append(b.Rows, *row)
 	}
-	for _, row := range l.hours {
-		b.Hours = append(b.Hours, *row)
+	for _, row := range l.slots {
+		b.Slots = append(b.Slots, *row)
 	}
 	if len(l.refusals) > 0 {
-		b.Refusals = make([]RefusalRow, 0, len(l.refusals))
+		b.SlotRefusals = make([]RefusalRow, 0, len(l.refusals))
 		for k, n := range l.refusals {
-			b.Refusals = append(b.Refusals, RefusalRow{Client: k.client, Hour: k.hour, Reason: k.reason, Count: n})
+			b.SlotRefusals = append(b.SlotRefusals, RefusalRow{Client: k.client, Hour: k.hour, Reason: k.reason, Count: n})
 		}
 	}
 	clear(l.pending)
-	clear(l.hours)
+	clear(l.slots)
 	clear(l.refusals)
 	l.mu.Unlock()
+	// The hours sum every row; rows folded into their hour (see
+	// foldSlots) are no slot's.
+	b.Hours, b.Refusals = hoursOfSlots(b.Slots), refusalHoursOfSlots(b.SlotRefusals)
+	b.Slots = slices.DeleteFunc(b.Slots, func(r UsageRow) bool { return !isSlot(r.Day) })
+	b.SlotRefusals = slices.DeleteFunc(b.SlotRefusals, func(r RefusalRow) bool { return !isSlot(r.Hour) })
 
 	err := l.write(ctx, st, b)
 	if err != nil {
@@ -278,6 +297,35 @@ func (l *Ledger) flush(ctx context.Context) error {
 		l.mu.Unlock()
 	}
 	return err
+}
+
+// foldSlots turns the pending 5-minute rows of the slots before the
+// last two into rows of their hour, while the store cannot be written:
+// their hours are still written once it can be, but however long it
+// fails the pending 5-minute rows are at most two slots' worth, and the
+// rest grow by the hour, as the hourly rows did before there were
+// slots.
+func (l *Ledger) foldSlots(now time.Time) {
+	keep := Slot(now.Add(-SlotStep))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, row := range l.slots {
+		if !isSlot(k.day) || k.day >= keep {
+			continue // an hour's row already (even one added in this loop), or a recent slot's
+		}
+		delete(l.slots, k)
+		r := *row
+		r.Day = k.day[:len(hourLayout)]
+		addPending(l.slots, ledgerKey{k.client, r.Day, k.model}, r)
+	}
+	for k, n := range l.refusals {
+		if !isSlot(k.hour) || k.hour >= keep {
+			continue
+		}
+		delete(l.refusals, k)
+		h := refusalKey{k.client, k.hour[:len(hourLayout)], k.reason}
+		l.refusals[h] = addCount(l.refusals[h], n)
+	}
 }
 
 // write writes b to st. Rows the store refused for good are logged, with
@@ -448,6 +496,13 @@ func (s *SQLite) AddUsage(ctx context.Context, b UsageBatch) error {
 		}
 		if len(refusals) > 0 {
 			why = whyRefusals
+		}
+		slots, slotRefusals, whySlots, err := addSlots(ctx, tx, b.Slots, b.SlotRefusals, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(slots)+len(slotRefusals) > 0 {
+			refused, refusals, why = append(refused, slots...), append(refusals, slotRefusals...), whySlots
 		}
 		return nil
 	})

@@ -43,6 +43,10 @@ import (
 //	                         above; and the refusals of each client,
 //	                         "refused\x00<len(client)>:<client><reason>";
 //	                         expires HourRetention after its last write
+//	vgt:usage-slot:<slot>    hash of every client's usage and refusals
+//	                         in a UTC 5-minute slot (YYYY-MM-DDTHH:MM),
+//	                         its fields as an hour's; expires
+//	                         SlotRetention after its last write
 //	vgt:signing              hash: a field for each signing key, its ID,
 //	                         holding 8 bytes of its created time (unix ms,
 //	                         big-endian), then its 32-byte Ed25519 seed
@@ -157,9 +161,9 @@ redis.call('ZADD', KEYS[2], seq, ARGV[2])
 return 'ok'`)
 
 	// addUsageScript adds a ledger batch once. KEYS: the writer's
-	// sequence key, then the days' and hours' usage hashes. ARGV: the
-	// batch's sequence, the usage TTL, the writer TTL and the hours'
-	// TTL in seconds, then for each row the index of its hash in KEYS,
+	// sequence key, then the days', hours' and slots' usage hashes.
+	// ARGV: the batch's sequence, the usage TTL, the writer TTL, the
+	// hours' TTL and the slots' TTL in seconds, then for each row the index of its hash in KEYS,
 	// the number of its field and increment pairs (six for usage, one
 	// for refusals) and the pairs; a zero increment writes nothing. It
 	// returns 0 for a batch applied before, else 1 and the numbers (from
@@ -170,6 +174,7 @@ return 'ok'`)
 	addUsageScript = redis.NewScript(`
 local MAX = '9223372036854775807'
 local HOURS = 'vgt:usage-hour:'
+local SLOTS = 'vgt:usage-slot:'
 local function isInteger(v)
 	if not v then
 		return true
@@ -205,7 +210,7 @@ if tonumber(ARGV[1]) <= last then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 local result, written = {1}, {}
-local i, row = 5, 0
+local i, row = 6, 0
 while i <= #ARGV do
 	local k = KEYS[tonumber(ARGV[i])]
 	local first = i + 2
@@ -228,6 +233,8 @@ end
 for k in pairs(written) do
 	if string.sub(k, 1, #HOURS) == HOURS then
 		redis.call('EXPIRE', k, ARGV[4])
+	elseif string.sub(k, 1, #SLOTS) == SLOTS then
+		redis.call('EXPIRE', k, ARGV[5])
 	else
 		redis.call('EXPIRE', k, ARGV[2])
 	end
@@ -552,16 +559,16 @@ func (s *Redis) TouchLastUsed(ctx context.Context, used map[string]time.Time) er
 
 // AddUsage implements UsageStore: one script of HINCRBYs, each day's hash
 // kept usageTTL after its last write, each hour's (usage and refusals)
-// HourRetention. The script first checks the
+// HourRetention, each 5-minute slot's SlotRetention. The script first checks the
 // writer's last applied sequence: a batch retried after its answer was
 // lost (Redis applied it, then the connection broke) is not counted again.
 func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
-	if len(b.Rows) == 0 && len(b.Hours) == 0 && len(b.Refusals) == 0 {
+	if len(b.Rows) == 0 && len(b.Hours) == 0 && len(b.Refusals) == 0 && len(b.Slots) == 0 && len(b.SlotRefusals) == 0 {
 		return nil
 	}
 	keys := []string{redisWriterPrefix + b.Writer}
 	index := make(map[string]int)
-	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second), int64(HourRetention / time.Second)}
+	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second), int64(HourRetention / time.Second), int64(SlotRetention / time.Second)}
 	keyIndex := func(k string) int {
 		i, ok := index[k]
 		if !ok {
@@ -588,14 +595,21 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 	for _, r := range b.Hours {
 		add(redisHourPrefix+r.Day, hourField(r.Client), r)
 	}
+	for _, r := range b.Slots {
+		add(redisSlotPrefix+r.Day, hourField(r.Client), r)
+	}
 	for _, r := range b.Refusals {
 		args = append(args, keyIndex(redisHourPrefix+r.Hour), 1, refusalField(r.Client, r.Reason), r.Count)
 	}
-	all := append(b.Rows[:len(b.Rows):len(b.Rows)], b.Hours...)
+	for _, r := range b.SlotRefusals {
+		args = append(args, keyIndex(redisSlotPrefix+r.Hour), 1, refusalField(r.Client, r.Reason), r.Count)
+	}
+	all := slices.Concat(b.Rows, b.Hours, b.Slots)
+	refusals := slices.Concat(b.Refusals, b.SlotRefusals)
 	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
 	switch {
 	case rediserr.Refused(err):
-		return &RefusedError{Rows: all, Refusals: b.Refusals, Err: fmt.Errorf("writing usage: %w", err)}
+		return &RefusedError{Rows: all, Refusals: refusals, Err: fmt.Errorf("writing usage: %w", err)}
 	case err != nil:
 		return fmt.Errorf("writing usage: %w", err)
 	case len(res) > 1:
@@ -604,7 +618,7 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 			if int(i) < len(all) {
 				e.Rows = append(e.Rows, all[i])
 			} else {
-				e.Refusals = append(e.Refusals, b.Refusals[int(i)-len(all)])
+				e.Refusals = append(e.Refusals, refusals[int(i)-len(all)])
 			}
 		}
 		return e

@@ -38,18 +38,20 @@ func ValidReason(reason string) bool {
 	return true
 }
 
+// refusalKey names a pending refusal row: hour holds its 5-minute slot,
+// or its hour once foldSlots folded it.
 type refusalKey struct{ client, hour, reason string }
 
 // Refuse counts one request of client that the proxy refused for reason
-// at t. The counts are kept by hour only (HourRetention), not in the
-// daily rows: quotas and usage answers never see them. A reason that
+// at t. The counts are kept by hour (HourRetention) and by 5-minute slot
+// (SlotRetention) only, not in the daily rows: quotas and usage answers never see them. A reason that
 // ValidReason refuses is not counted, and the error says so.
 func (l *Ledger) Refuse(client, reason string, at time.Time) error {
 	if !ValidReason(reason) {
 		return fmt.Errorf("counting a refusal: %w: reason '%s' is not 1 to %d bytes of a-z, 0-9 and _", ErrInvalid, reason, maxReasonLen)
 	}
 	l.mu.Lock()
-	k := refusalKey{client, l.hourName(at), reason}
+	k := refusalKey{client, l.slotName(at), reason}
 	l.refusals[k] = addCount(l.refusals[k], 1)
 	l.mu.Unlock()
 	return nil
@@ -78,7 +80,7 @@ func (l *Ledger) RefusalHours(ctx context.Context, client string, since time.Tim
 	st := l.store
 	var pending []RefusalRow
 	for k, n := range l.refusals {
-		if r := (RefusalRow{Client: k.client, Hour: k.hour, Reason: k.reason, Count: n}); keep(r) {
+		if r := (RefusalRow{Client: k.client, Hour: k.hour[:len(hourLayout)], Reason: k.reason, Count: n}); keep(r) {
 			pending = append(pending, r)
 		}
 	}
@@ -225,6 +227,13 @@ func (s *Redis) RefusalHours(ctx context.Context, client, hour string) ([]Refusa
 	if err != nil {
 		return nil, fmt.Errorf("reading refusals: %w", err)
 	}
+	return refusalsOfHashes(hashes, client)
+}
+
+// refusalsOfHashes reads the refusal rows of client ("" for every
+// client) out of hour or slot hashes: each row's Hour is its hash's hour
+// or slot.
+func refusalsOfHashes(hashes []hourHash, client string) ([]RefusalRow, error) {
 	var out []RefusalRow
 	for _, h := range hashes {
 		for field, v := range h.fields {

@@ -97,11 +97,11 @@ func TestRefuseChecksTheReason(t *testing.T) {
 func TestLedgerRefusalsSaturate(t *testing.T) {
 	l := newLedger(nil)
 	now := time.Now()
-	l.refusals[refusalKey{"key_a", Hour(now), "x"}] = math.MaxInt64
+	l.refusals[refusalKey{"key_a", Slot(now), "x"}] = math.MaxInt64
 	if err := l.Refuse("key_a", "x", now); err != nil {
 		t.Fatal(err)
 	}
-	if n := l.refusals[refusalKey{"key_a", Hour(now), "x"}]; n != math.MaxInt64 {
+	if n := l.refusals[refusalKey{"key_a", Slot(now), "x"}]; n != math.MaxInt64 {
 		t.Errorf("count = %d, want the largest int64", n)
 	}
 }

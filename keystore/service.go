@@ -14,6 +14,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // How the Service keeps up with its store.
@@ -209,15 +211,18 @@ func (s *Service) Start() error {
 // and cannot be started again.
 func (s *Service) Stop() error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.state != serviceStarted {
 		s.state = serviceStopped
+		s.mu.Unlock()
 		return nil
 	}
 	s.state = serviceStopped
 	unregisterService(s)
 	s.cancel()
 	close(s.done)
+	// The loop may be taking s.mu (Store, for the signing keys): waiting
+	// for it with the lock held would wait forever.
+	s.mu.Unlock()
 	s.running.Wait()
 	s.staleMu.Lock()
 	if s.staleTimer != nil {
@@ -264,7 +269,7 @@ func (s *Service) changed() {
 // batch). It takes no lock and allocates nothing; a malformed key costs
 // no hashing and no lookup.
 func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
-	if !ValidSecret(secret) || s.stale.Load() {
+	if !clientkey.Valid(secret) || s.stale.Load() {
 		return Client{}, false
 	}
 	h := HashSecret(secret)

@@ -10,8 +10,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // countingStore counts the last-used writes that reach its Store.
@@ -359,7 +362,7 @@ func TestIdentifyAllocatesNothing(t *testing.T) {
 	s, cli := startService(t, nil)
 	_, secret := create(t, cli, "k", "free", time.Time{}, time.Now())
 	within(t, "the key is loaded", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
-	unknown, _ := NewSecret()
+	unknown, _ := clientkey.New()
 	now := time.Now()
 	for name, key := range map[string]string{"known": secret, "unknown": unknown, "malformed": secret[:20]} {
 		if n := testing.AllocsPerRun(1000, func() { s.Identify(key, now) }); n != 0 {
@@ -427,5 +430,69 @@ func TestDefaultSQLitePath(t *testing.T) {
 	t.Setenv("XDG_DATA_HOME", "/data")
 	if got, want := DefaultSQLitePath(), "/data/caddy/vigthoria/vigthoria.db"; got != want {
 		t.Errorf("DefaultSQLitePath() = %q, want %q", got, want)
+	}
+}
+
+// stallingStore, once armed, holds the Service's loop inside Changes
+// until the Service's context ends and the test lets it go.
+type stallingStore struct {
+	Store
+	armed    atomic.Bool
+	once     sync.Once
+	entered  chan struct{} // closed when the loop stalls in Changes
+	canceled chan struct{} // closed when its context ended meanwhile
+	release  chan struct{}
+}
+
+func (st *stallingStore) Changes(ctx context.Context, cursor uint64) ([]Record, uint64, error) {
+	stall := false
+	if st.armed.Load() {
+		st.once.Do(func() { stall = true })
+	}
+	if !stall {
+		return st.Store.Changes(ctx, cursor)
+	}
+	close(st.entered)
+	<-ctx.Done()
+	close(st.canceled)
+	<-st.release
+	return nil, 0, ctx.Err()
+}
+
+// TestStopLetsTheLoopTakeTheLock: Stop lets go of the Service's lock
+// before it waits for the loop, which may need it (the signing keys are
+// read through Store). Holding it, a config reload that stops the
+// Service while the loop is busy hung forever.
+func TestStopLetsTheLoopTakeTheLock(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keys.db")
+	s, err := NewService("sqlite:"+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.poll = 20 * time.Millisecond
+	st := &stallingStore{entered: make(chan struct{}), canceled: make(chan struct{}), release: make(chan struct{})}
+	s.open = func() (Store, error) {
+		inner, err := OpenSQLite(path)
+		st.Store = inner
+		return st, err
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	st.armed.Store(true)
+	<-st.entered
+	stopped := make(chan error, 1)
+	go func() { stopped <- s.Stop() }()
+	<-st.canceled // Stop is waiting for the loop now
+	took := make(chan Store, 1)
+	go func() { took <- s.Store() }()
+	select {
+	case <-took:
+	case <-time.After(10 * time.Second): // a hang, not a timing goal
+		t.Error("Store waited for Stop, which waits for the loop: the loop could never take the lock")
+	}
+	close(st.release)
+	if err := <-stopped; err != nil {
+		t.Errorf("Stop: %v", err)
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 // The shape of a signing key's ID: signingIDPrefix and signingIDBodyLen
@@ -31,7 +33,7 @@ type SigningKey struct {
 func NewSigningKey(now time.Time) (SigningKey, error) {
 	var id [len(signingIDPrefix) + signingIDBodyLen]byte
 	copy(id[:], signingIDPrefix)
-	if err := randomBase62(id[len(signingIDPrefix):]); err != nil {
+	if err := clientkey.RandomBase62(id[len(signingIDPrefix):]); err != nil {
 		return SigningKey{}, fmt.Errorf("creating a signing key ID: %w", err)
 	}
 	_, priv, err := ed25519.GenerateKey(rand.Reader)

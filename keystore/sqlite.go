@@ -73,6 +73,9 @@ var migrations = []string{
 	ledgerHoursSchema,
 	// 10: the ledger's refusals by hour, for the dashboard.
 	refusalsHoursSchema,
+	// 11: the ledger's usage and refusals by 5 minutes, for the
+	// dashboard's last 24 hours.
+	ledgerSlotsSchema,
 }
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, settings, seq`

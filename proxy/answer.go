@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // maxCheckedAnswer bounds the JSON answer that is read whole, and checked,
@@ -71,7 +73,7 @@ func readAnswer(res *http.Response, u *AnswerUsage, into *checkedAnswer) (io.Rea
 		return &jsonTap{src: prefixed{io.MultiReader(bytes.NewReader(buf), res.Body), res.Body}, usage: u}, nil
 	}
 	res.Body.Close()
-	if !validJSON(buf) {
+	if !wire.ValidJSON(buf) {
 		putAnswer(bufp)
 		return nil, errBadAnswer
 	}

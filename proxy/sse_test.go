@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // chunkedReader returns its chunks one Read at a time, then err.
@@ -142,7 +144,7 @@ func TestSSEBodySmallReads(t *testing.T) {
 }
 
 func TestSSEBodyLongEventIsBounded(t *testing.T) {
-	long := "data: " + strings.Repeat("y", maxEventSize+10)
+	long := "data: " + strings.Repeat("y", wire.MaxEventSize+10)
 	src := &chunkedReader{chunks: []string{long, "\n\ndata: [DONE]\n\n"}, err: io.EOF}
 	b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
 	defer b.Close()
@@ -234,50 +236,25 @@ func TestJSONTapReadsUsageAtTheEnd(t *testing.T) {
 	}
 }
 
-func TestParseUsage(t *testing.T) {
-	cases := []struct {
-		in      string
-		ok      bool
-		figures [4]int64 // prompt, completion, cached, reasoning
-		garbled bool
-	}{
-		{`{"usage":{"prompt_tokens":1,"completion_tokens":2}}`, true, [4]int64{1, 2, 0, 0}, false},
-		{`{"usage": {"completion_tokens": 9, "prompt_tokens": 4, "total_tokens": 13}}`, true, [4]int64{4, 9, 0, 0}, false},
-		{`{"usage":{"prompt_tokens":8,"total_tokens":8}}`, true, [4]int64{8, 0, 0, 0}, false}, // embeddings
-		{`{"usage":null}`, false, [4]int64{}, false},
-		{`{"choices":[]}`, false, [4]int64{}, false},
-		{`{"usage":{"total_tokens":8}}`, false, [4]int64{}, false},
-		// Nested details, as OpenAI-compatible servers send them: read
-		// as JSON, not up to the first '}', for their two counts.
-		{`{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":500}}`, true, [4]int64{10, 500, 0, 0}, false},
-		{`{"usage":{"completion_tokens_details":{"reasoning_tokens":7,"completion_tokens":1},"completion_tokens":20,"prompt_tokens":3}}`, true, [4]int64{3, 20, 0, 7}, false},
-		{`{"usage":{"prompt_tokens":2048,"completion_tokens":300,"total_tokens":2348,` +
-			`"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":1920},` +
-			`"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":256,"rejected_prediction_tokens":0}}}`,
-			true, [4]int64{2048, 300, 1920, 256}, false},
-		{`{"usage":{"prompt_tokens":5,"prompt_tokens_details":null,"completion_tokens_details":{"reasoning_tokens":null}}}`, true, [4]int64{5, 0, 0, 0}, false},
-		{`{"usage":{"prompt_tokens":1e6,"completion_tokens":2.0}}`, true, [4]int64{1_000_000, 2, 0, 0}, false},
-		// Figures that are not counts: the usage was reported, garbled.
-		{`{"usage":{"prompt_tokens":"x"}}`, true, [4]int64{}, true},
-		{`{"usage":{"prompt_tokens":1.5,"completion_tokens":-2}}`, true, [4]int64{}, true},
-		{`{"usage":{"prompt_tokens":9000000000000000000,"completion_tokens":5}}`, true, [4]int64{0, 5, 0, 0}, true},
-		{`{"usage":{"prompt_tokens":9e18,"completion_tokens":5}}`, true, [4]int64{0, 5, 0, 0}, true},
-		{`{"usage":{"prompt_tokens":3,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":-1}}}`, true, [4]int64{3, 5, 0, 0}, true},
-		{`{"usage":{"prompt_tokens":3,"completion_tokens":5,"completion_tokens_details":7}}`, true, [4]int64{3, 5, 0, 0}, true},
-		{`{"usage":{"prompt_tokens":10,"completion_tok`, false, [4]int64{}, false}, // cut short
-	}
-	for _, tc := range cases {
-		var u AnswerUsage
-		ok := parseUsage([]byte(tc.in), &u)
-		got := [4]int64{u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens}
-		if ok != tc.ok || got != tc.figures || (u.Garbled != "") != tc.garbled || u.Reported != tc.ok {
-			t.Errorf("parseUsage(%s) = %v %v garbled %q, want %v %v garbled %v", tc.in, ok, got, u.Garbled, tc.ok, tc.figures, tc.garbled)
-		}
-	}
-	// A usage object read whole after a garbled one clears it.
+// TestParseUsageClearsGarbled: a usage object read whole after a garbled
+// one clears what the garbled one left.
+func TestParseUsageClearsGarbled(t *testing.T) {
 	var u AnswerUsage
 	parseUsage([]byte(`{"usage":{"prompt_tokens":-1}}`), &u)
-	if parseUsage([]byte(`{"usage":{"prompt_tokens":1}}`), &u); u.Garbled != "" {
-		t.Errorf("garbled %q after a good usage object", u.Garbled)
+	if parseUsage([]byte(`{"usage":{"prompt_tokens":1}}`), &u); u.Garbled != "" || u.PromptTokens != 1 {
+		t.Errorf("usage %+v after a good usage object, want 1 prompt token and nothing garbled", u)
+	}
+}
+
+// TestCutStreamCountsToolCalls: a stream of tool call deltas cut before
+// its usage chunk is counted.
+func TestCutStreamCountsToolCalls(t *testing.T) {
+	ev := `data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ab"}}]},"finish_reason":null}]}` + "\n\n"
+	c := new(Call)
+	b := newSSEBody(context.Background(), &chunkedReader{chunks: []string{strings.Repeat(ev, 400)}, err: io.ErrUnexpectedEOF}, zap.NewNop(), c)
+	io.Copy(io.Discard, b)
+	b.Close()
+	if c.Usage.Chunks != 400 {
+		t.Errorf("400 tool call chunks counted as %d tokens", c.Usage.Chunks)
 	}
 }

@@ -1,16 +1,16 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"io"
-	"math"
 	"net/http/httptrace"
-	"strconv"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // AnswerUsage is what one answer used, filled in by the tap as the answer passes
@@ -92,6 +92,7 @@ type Call struct {
 
 	start  time.Time     // when Forward began, for the latencies
 	answer checkedAnswer // a JSON answer, once read whole
+	logger *zap.Logger   // the transport's, for a stream broken off
 	trace  httptrace.ClientTrace
 }
 
@@ -162,159 +163,14 @@ func (j *jsonTap) keep(b []byte) {
 
 func (j *jsonTap) Close() error { return j.src.Close() }
 
-var usageKey = []byte(`"usage":`)
-
-// The counts the reader takes from a usage object, indexes of
-// usageFigures.n.
-const (
-	promptFigure     = iota // prompt_tokens
-	completionFigure        // completion_tokens
-	cachedFigure            // prompt_tokens_details.cached_tokens
-	reasoningFigure         // completion_tokens_details.reasoning_tokens
-	figureCount
-)
-
-// usageFigures is what a usage object says, read as encoding/json would
-// decode it into pointers: null clears a figure, a later value replaces an
-// earlier one, and a value that is not a number at all (or a details
-// field that is not an object) garbles the object whatever follows.
-type usageFigures struct {
-	n        [figureCount]int64
-	seen     [figureCount]bool
-	notCount [figureCount]bool // a number, but negative, fractional or too large
-	notJSON  bool              // a value encoding/json could not decode
-}
-
-func (f *usageFigures) garbled() bool {
-	return f.notJSON || f.notCount != [figureCount]bool{}
-}
-
-// maxGarbledText bounds the text of a garbled usage object kept for the log.
-const maxGarbledText = 256
-
-// parseUsage reads the last "usage":{…} object in b into u, without
-// decoding the rest: a full decode of every answer would cost more than
-// the proxy itself. The object is read as JSON: its fields in any order,
-// the two details objects for their cached and reasoning counts, other
-// nested values skipped whole, and nothing taken from an object that is
-// cut short or malformed. It reports whether a usage object was read; one
-// whose figures are not counts is read as garbled, and keeps its text.
+// parseUsage reads the last usage object in b into u (wire.ParseUsage),
+// and reports whether there was one.
 func parseUsage(b []byte, u *AnswerUsage) bool {
-	i := bytes.LastIndex(b, usageKey)
-	if i < 0 {
+	r, ok := wire.ParseUsage(b)
+	if !ok {
 		return false
 	}
-	start := skipSpace(b, i+len(usageKey))
-	if start >= len(b) || b[start] != '{' {
-		return false // "usage":null
-	}
-	obj := b[start:skipValue(b, start)]
-	if !validJSON(obj) {
-		return false
-	}
-	var f usageFigures
-	for key, v, k, ok := member(obj, 0); ok; key, v, k, ok = member(obj, k) {
-		switch string(key) {
-		case "prompt_tokens":
-			f.read(promptFigure, v)
-		case "completion_tokens":
-			f.read(completionFigure, v)
-		case "prompt_tokens_details":
-			f.readDetail(cachedFigure, "cached_tokens", v)
-		case "completion_tokens_details":
-			f.readDetail(reasoningFigure, "reasoning_tokens", v)
-		}
-	}
-	if !f.seen[promptFigure] && !f.seen[completionFigure] && !f.garbled() {
-		return false
-	}
-	u.PromptTokens, u.CompletionTokens = f.n[promptFigure], f.n[completionFigure]
-	u.CachedTokens, u.ReasoningTokens = f.n[cachedFigure], f.n[reasoningFigure]
-	u.Reported, u.Garbled = true, ""
-	if f.garbled() {
-		u.Garbled = string(obj[:min(len(obj), maxGarbledText)])
-	}
+	u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens = r.Prompt, r.Completion, r.Cached, r.Reasoning
+	u.Reported, u.Garbled = true, r.Garbled
 	return true
-}
-
-// member returns the key and value of the member of obj, a valid JSON
-// object, that starts at or after k (0: the first), and where to look for
-// the next; ok is false past the last.
-func member(obj []byte, k int) (key, value []byte, next int, ok bool) {
-	if k == 0 {
-		k = skipSpace(obj, 1)
-	}
-	if k >= len(obj) || obj[k] != '"' {
-		return nil, nil, k, false
-	}
-	keyEnd := skipString(obj, k)
-	v := skipSpace(obj, skipSpace(obj, keyEnd)+1) // past ':'
-	vEnd := skipValue(obj, v)
-	if next = skipSpace(obj, vEnd); next < len(obj) && obj[next] == ',' {
-		next = skipSpace(obj, next+1)
-	}
-	return keyName(obj[k:keyEnd]), obj[v:vEnd], next, true
-}
-
-// read takes figure i from the JSON value v.
-func (f *usageFigures) read(i int, v []byte) {
-	f.n[i], f.seen[i], f.notCount[i] = 0, false, false
-	if v[0] == 'n' { // null
-		return
-	}
-	switch n, kind := tokenCount(v); kind {
-	case aCount:
-		f.n[i], f.seen[i] = n, true
-	case notACount:
-		f.seen[i], f.notCount[i] = true, true
-	default:
-		f.notJSON = true
-	}
-}
-
-// readDetail takes figure i from the field name of v, a details object.
-func (f *usageFigures) readDetail(i int, name string, v []byte) {
-	switch v[0] {
-	case 'n':
-		f.n[i], f.seen[i], f.notCount[i] = 0, false, false
-		return
-	case '{':
-	default:
-		f.notJSON = true
-		return
-	}
-	for key, dv, k, ok := member(v, 0); ok; key, dv, k, ok = member(v, k) {
-		if string(key) == name {
-			f.read(i, dv)
-		}
-	}
-}
-
-// maxReportedTokens bounds a count the upstream reports for one answer;
-// past it the count is garbled. The proxy's own bound per request is far
-// lower (see charge), but this one keeps every sum of reported counts
-// exact and far from overflowing.
-const maxReportedTokens = 1 << 40
-
-// What a reported figure is.
-const (
-	aCount    = iota
-	notACount // a number, but negative, fractional or too large
-	notANumber
-)
-
-// tokenCount reads a JSON value that counts tokens: digits, or a number
-// with a fraction or exponent whose value is a whole count (1e6).
-func tokenCount(v []byte) (n int64, kind int) {
-	if n, end, ok := leadingDigits(v, maxReportedTokens); ok && end == len(v) {
-		return n, aCount
-	}
-	f, err := strconv.ParseFloat(string(v), 64)
-	switch {
-	case err != nil: // a string, an object, or beyond float64 (1e400)
-		return 0, notANumber
-	case f < 0 || f > maxReportedTokens || f != math.Trunc(f):
-		return 0, notACount
-	}
-	return int64(f), aCount
 }

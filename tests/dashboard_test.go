@@ -18,10 +18,10 @@ import (
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
 	"github.com/openai/openai-go/v3/option"
-	"golang.org/x/crypto/bcrypt"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // dashboardUser and dashboardPassword are the operator basic_auth lets in.
@@ -36,10 +36,7 @@ func startDashboard(t *testing.T, extra ...string) *env {
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
 	e := newEnv(t, up, srv)
-	hash, err := bcrypt.GenerateFromPassword([]byte(dashboardPassword), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
+	hash := dashboardHash(t)
 	store := strings.Replace(e.store, ":", " ", 1)
 	lines := append([]string{"store " + store, "tier free {\n\t\t\trequests 600/1m\n\t\t\tquota 1000000/month\n\t\t}",
 		"tier pro {\n\t\t\tquota 5000000/month\n\t\t\tbudget 50/month\n\t\t}",
@@ -102,6 +99,11 @@ func TestDashboardRefusals(t *testing.T) {
 		want                     int
 	}{
 		{"GET without the token", "GET", "keys", "", nil, 403},
+		{"GET overview without the token", "GET", "overview?range=24h", "", nil, 403},
+		{"GET live without the token", "GET", "live", "", nil, 403},
+		{"GET a key without the token", "GET", "keys/key_x", "", nil, 403},
+		{"PATCH without the token", "PATCH", "keys/key_x", `{"quota":null}`, http.Header{"Origin": {origin}, "Content-Type": {"application/json"}}, 403},
+		{"rotate without the token", "POST", "keys/key_x/rotate", `{}`, http.Header{"Origin": {origin}, "Content-Type": {"application/json"}}, 403},
 		{"GET with a wrong token", "GET", "overview", "", http.Header{"X-Csrf-Token": {token + "x"}}, 403},
 		{"POST without the token", "POST", "keys", create, http.Header{"Origin": {origin}, "Content-Type": {"application/json"}}, 403},
 		{"DELETE without the token", "DELETE", "keys/key_x", "", http.Header{"Origin": {origin}}, 403},
@@ -211,12 +213,12 @@ func TestDashboardShowsRefusals(t *testing.T) {
 		}
 	}
 	var k struct {
-		Hours    chart         `json:"hours"`
+		Recent   chart         `json:"recent"`
 		Days     chart         `json:"days"`
 		Refusals []reasonTotal `json:"refusals"`
 	}
 	get("keys/"+id, &k)
-	wantChart("the key's hours", k.Hours)
+	wantChart("the key's last 24 hours", k.Recent)
 	wantChart("the key's days", k.Days)
 	if !slices.Equal(k.Refusals, want) {
 		t.Errorf("the key's refusals %+v, want %+v", k.Refusals, want)
@@ -224,11 +226,14 @@ func TestDashboardShowsRefusals(t *testing.T) {
 }
 
 // TestBrowserDashboard drives the dashboard in a real headless Chromium
-// behind basic_auth: its charts are drawn with the seeded traffic, it
-// lists keys, a key created on it works at the proxy and stops working
-// within a second of being revoked on it, and a form posted from another
-// site, or a fetch without the CSRF token, changes nothing. It writes
-// docs/dashboard.png when VIGTHORIA_UPDATE_SCREENSHOT=1.
+// behind basic_auth: its charts of the last 24 hours by 5 minutes are
+// drawn with the seeded traffic, by tier and by model, its requests by
+// outcome stacked, its range switch redraws them by day; it lists keys,
+// a key created on it works at the proxy and stops working within a
+// second of being revoked on it, and a form posted from another site, or
+// a fetch without the CSRF token, changes nothing. It writes
+// docs/dashboard.png and docs/dashboard-key.png when
+// VIGTHORIA_UPDATE_SCREENSHOT=1.
 func TestBrowserDashboard(t *testing.T) {
 	chromium := findChromium(t)
 	e := startDashboard(t)
@@ -256,19 +261,58 @@ func TestBrowserDashboard(t *testing.T) {
 	page := e.caddy.URL + "/dashboard/"
 	b.navigate(page)
 
-	// The overview's charts: uPlot canvases drawn with the ledger's rows.
+	// The overview's charts: uPlot canvases drawn with the ledger's
+	// rows, the last 24 hours by 5 minutes first.
 	waitJS(t, b, `(() => { const u = window.dash.charts.tokens; return !!u && u.data.length > 1 && u.data.slice(1).some(s => s.some(v => v > 0)); })()`)
-	for _, name := range []string{"requests", "tokens", "cost"} {
-		got := b.eval(fmt.Sprintf(`(() => { const u = window.dash.charts[%q]; const c = u.root.querySelector("canvas");
-			return c.width + "x" + c.height + " " + u.data[0].length + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`, name))
-		var w, h, n int
-		var sum float64
-		if _, err := fmt.Sscanf(got, "%dx%d %d %g", &w, &h, &n, &sum); err != nil || w == 0 || h == 0 || n != 24 || sum <= 0 {
-			t.Errorf("chart %s: canvas, buckets and sum %q, want a drawn canvas of 24 buckets summing above 0", name, got)
+	// drawn checks that each chart is a drawn canvas of buckets buckets
+	// whose values sum above 0.
+	drawn := func(buckets int, names ...string) {
+		t.Helper()
+		for _, name := range names {
+			got := b.eval(fmt.Sprintf(`(() => { const u = window.dash.charts[%q]; const c = u.root.querySelector("canvas");
+				return c.width + "x" + c.height + " " + u.data[0].length + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`, name))
+			var w, h, n int
+			var sum float64
+			if _, err := fmt.Sscanf(got, "%dx%d %d %g", &w, &h, &n, &sum); err != nil || w == 0 || h == 0 || n != buckets || sum <= 0 {
+				t.Errorf("chart %s: canvas, buckets and sum %q, want a drawn canvas of %d buckets summing above 0", name, got, buckets)
+			}
 		}
 	}
-	if got := b.eval(`window.dash.charts.requests.data.slice(1).flat().reduce((a, v) => a + v, 0)`); got != "3" {
+	drawn(288, "requests", "tokens", "cost", "outcomes")
+	// sum is the sum of a chart's values: of its series as drawn, or of
+	// its raw values of one label (a stack draws running sums).
+	sum := func(chart, label string) string {
+		if label == "" {
+			return b.eval(fmt.Sprintf(`window.dash.charts[%q].data.slice(1).flat().reduce((a, v) => a + v, 0)`, chart))
+		}
+		return b.eval(fmt.Sprintf(`(window.dash.charts[%q].raw[%q] || []).reduce((a, v) => a + v, 0)`, chart, label))
+	}
+	labels := func(chart string) string {
+		return b.eval(fmt.Sprintf(`window.dash.charts[%q].series.slice(1).map(s => s.label).join()`, chart))
+	}
+	if got := sum("requests", ""); got != "3" {
 		t.Errorf("the requests chart sums to %s, want the 3 chats", got)
+	}
+	if got := labels("requests"); got != "pro" {
+		t.Errorf("the requests chart's series are %q, want the tier pro", got)
+	}
+	// Requests by outcome: the 3 chats served, the missing_model refused,
+	// stacked, the top of the stack drawn first.
+	if got := labels("outcomes"); got != "missing_model,served" {
+		t.Errorf("the outcomes chart's series are %q, want missing_model on served", got)
+	}
+	if s, m := sum("outcomes", "served"), sum("outcomes", "missing_model"); s != "3" || m != "1" {
+		t.Errorf("the outcomes chart holds %s served and %s missing_model, want 3 and 1", s, m)
+	}
+	if got := b.eval(`(() => { const d = window.dash.charts.outcomes.data; const i = d[1].findIndex(v => v > 0); return d[1][i] + "/" + d[2][i]; })()`); got != "4/3" {
+		t.Errorf("the outcomes stack's top and bottom where it starts: %s, want 4/3", got)
+	}
+	// By model: the same charts split by the model of the chats.
+	b.click(`#split button[data-split=model]`)
+	waitJS(t, b, fmt.Sprintf(`window.dash.charts.tokens.series.slice(1).map(s => s.label).join() === %q`, model))
+	drawn(288, "requests", "tokens", "cost")
+	if got := sum("requests", ""); got != "3" {
+		t.Errorf("the requests chart by model sums to %s, want the 3 chats", got)
 	}
 	if got := b.eval(`(() => { const u = window.dash.charts.refused; return u.series.slice(1).map(s => s.label).join() + " " + u.data.slice(1).flat().reduce((a, v) => a + v, 0); })()`); got != "missing_model 1" {
 		t.Errorf("the refusals chart holds %q, want missing_model 1: the unknown key is counted for no key", got)
@@ -280,7 +324,16 @@ func TestBrowserDashboard(t *testing.T) {
 	if got := b.text("#refusals tbody"); !strings.Contains(got, "invalid_api_key") {
 		t.Errorf("the refusals read %q, want invalid_api_key", got)
 	}
-	b.screenshot("dashboard.png", os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1")
+
+	// The last 30 days by day, then back.
+	b.click(`#range button[data-range="30d"]`)
+	waitJS(t, b, `window.dash.charts.tokens.data[0].length === 30`)
+	drawn(30, "requests", "tokens", "cost", "outcomes")
+	b.click(`#range button[data-range="24h"]`)
+	waitJS(t, b, `window.dash.charts.tokens.data[0].length === 288`)
+	if got := sum("requests", ""); got != "3" {
+		t.Errorf("back to 24 hours, the requests chart sums to %s, want 3", got)
+	}
 
 	// The keys, with their usage.
 	b.navigate(page + "#keys")
@@ -295,11 +348,15 @@ func TestBrowserDashboard(t *testing.T) {
 	b.click(`#create button[type=submit]`)
 	waitJS(t, b, `document.getElementById("secret-value").textContent.startsWith("vgt_")`)
 	secret := b.text("#secret-value")
+	served := 0 // the created key's chats answered
 	chat := func() int {
 		res := e.do(t, http.MethodPost, "/v1/chat/completions", jsonBody(map[string]any{
 			"model": model, "messages": []map[string]string{{"role": "user", "content": "hi"}},
 		}), http.Header{"Authorization": {"Bearer " + secret}, "Content-Type": {"application/json"}})
 		io.Copy(io.Discard, res.Body)
+		if res.StatusCode == http.StatusOK {
+			served++
+		}
 		return res.StatusCode
 	}
 	eventually(t, "the created key works at the proxy", func() bool { return chat() == http.StatusOK })
@@ -316,7 +373,13 @@ func TestBrowserDashboard(t *testing.T) {
 
 	// One key's page: its usage chart by model.
 	b.navigate(page + "#key/" + id)
-	waitJS(t, b, `!!window.dash.charts["key-hours"] && window.dash.charts["key-hours"].data.length > 1`)
+	waitJS(t, b, `!!window.dash.charts["key-recent"] && window.dash.charts["key-recent"].data.length > 1`)
+	if got, recent, days := labels("key-recent"), sum("key-recent", ""), sum("key-days", ""); got != model || recent == "0" || recent != days {
+		t.Errorf("the key's tokens, last 24 hours: %s by model %q, want the %s tokens of its chat today, of %s", recent, got, days, model)
+	}
+	if s, m := sum("key-outcomes", "served"), sum("key-outcomes", "missing_model"); s != strconv.Itoa(served) || m != "1" {
+		t.Errorf("the key's outcomes: %s served and %s missing_model, want %d and 1", s, m, served)
+	}
 	if got := b.text("#key-models tbody"); !strings.Contains(got, model) {
 		t.Errorf("the key's models read %q, want %s", got, model)
 	}
@@ -358,6 +421,105 @@ func TestBrowserDashboard(t *testing.T) {
 	if got := keys(); got != before {
 		t.Errorf("the keys went from %s to %s: a refused request made one", before, got)
 	}
+
+	// A day of traffic, written to the store by another writer (as
+	// another instance's ledger would): the charts show it, and it
+	// makes the screenshots.
+	b.navigate(page + "#overview")
+	waitJS(t, b, `!!window.dash.charts.requests && window.dash.charts.requests.data[0].length === 288`)
+	shown, err := strconv.Atoi(sum("requests", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pro, seeded := seedDay(t, strings.TrimPrefix(e.store, "sqlite:"))
+	b.navigate(page + "#keys")
+	waitJS(t, b, `document.getElementById("keys-total").textContent !== ""`)
+	b.navigate(page + "#overview")
+	want := strconv.FormatInt(int64(shown)+seeded, 10)
+	waitJS(t, b, fmt.Sprintf(`window.dash.charts.requests.data.slice(1).flat().reduce((a, v) => a + v, 0) === %s`, want))
+	if got := labels("requests"); got != "free,pro" {
+		t.Errorf("the requests chart's series after the seeded day are %q, want free,pro", got)
+	}
+	update := os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1"
+	b.screenshot("dashboard.png", update)
+	b.navigate(page + "#key/" + pro)
+	waitJS(t, b, `!!window.dash.charts["key-recent"] && window.dash.charts["key-recent"].series.length === 3`)
+	b.screenshot("dashboard-key.png", update)
+}
+
+// seedDay writes a day of 5-minute, hourly and daily ledger rows to the
+// SQLite store at path, as another instance's ledger would: the key
+// test-pro on two models, and a new key batch-job of tier free on one,
+// with refusals. It returns test-pro's ID and the requests written.
+func seedDay(t *testing.T, path string) (pro string, requests int64) {
+	t.Helper()
+	st, err := keystore.OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ctx := t.Context()
+	recs, err := st.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs {
+		if r.Name == "test-pro" {
+			pro = r.ID
+		}
+	}
+	batch, _, err := keystore.Create(ctx, st, keystore.Attrs{Name: "batch-job", Tier: "free"}, time.Now())
+	if err != nil || pro == "" {
+		t.Fatalf("the keys: test-pro %q, batch-job %v", pro, err)
+	}
+	b := keystore.UsageBatch{Writer: "seed", Seq: 1}
+	hours := make(map[[3]string]*keystore.UsageRow)
+	days := make(map[[3]string]*keystore.UsageRow)
+	add := func(client, model string, at time.Time, n int64) {
+		row := keystore.UsageRow{Client: client, Day: keystore.Slot(at), Model: model, Requests: n,
+			PromptTokens: 120 * n, CompletionTokens: 80 * n}
+		row.Cost = row.PromptTokens/2 + row.CompletionTokens*3/2 // the test's prices, per million
+		b.Slots = append(b.Slots, row)
+		for _, by := range []struct {
+			m    map[[3]string]*keystore.UsageRow
+			name string
+		}{{hours, keystore.Hour(at)}, {days, keystore.Day(at)}} {
+			m, name := by.m, by.name
+			k := [3]string{client, name, model}
+			if m[k] == nil {
+				m[k] = &keystore.UsageRow{Client: client, Day: name, Model: model}
+			}
+			m[k].Add(row)
+		}
+		requests += n
+	}
+	now := time.Now()
+	// From 5 minutes to 23 hours 20 minutes ago: far from the edges of
+	// the chart's 24 hours, which move while the test runs.
+	for i := 1; i <= 280; i++ {
+		at := now.Add(-time.Duration(i) * keystore.SlotStep)
+		wave := int64(i % 48) // a rise and fall every 4 hours
+		if wave > 24 {
+			wave = 48 - wave
+		}
+		add(pro, model, at, 2+wave/3)
+		add(pro, "vigthoria-pro-1", at, 1+int64(i%5))
+		add(batch.ID, model, at, 4+wave/2)
+		if i%20 == 0 {
+			b.SlotRefusals = append(b.SlotRefusals, keystore.RefusalRow{Client: batch.ID, Hour: keystore.Slot(at), Reason: "rate_limit_exceeded", Count: 3})
+			b.Refusals = append(b.Refusals, keystore.RefusalRow{Client: batch.ID, Hour: keystore.Hour(at), Reason: "rate_limit_exceeded", Count: 3})
+		}
+	}
+	for _, r := range hours {
+		b.Hours = append(b.Hours, *r)
+	}
+	for _, r := range days {
+		b.Rows = append(b.Rows, *r)
+	}
+	if err := st.AddUsage(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	return pro, requests
 }
 
 // waitJS waits up to 10 seconds for a JavaScript expression to be true.

@@ -21,6 +21,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
 var secretPattern = regexp.MustCompile(`vgt_[0-9A-Za-z]{38}`)
@@ -95,7 +96,7 @@ func TestBadCredentialsAllLookTheSame(t *testing.T) {
 	_, expired := k.addKey(t, "free", "--expires", "1s")
 	rotatedID, rotatedOld := k.addKey(t, "pro")
 	k.cli(t, "key", "rotate", rotatedID)
-	unknown, err := keystore.NewSecret()
+	unknown, err := clientkey.New()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,7 @@
 
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
 const $ = (id) => document.getElementById(id);
-const state = { range: "24h", page: 1, currency: "", tiers: [] };
+const state = { range: "24h", split: "tier", page: 1, currency: "", tiers: [] };
 // The charts drawn, by name: the tests read their data through it.
 window.dash = { charts: {} };
 
@@ -49,26 +49,41 @@ function fill(tbody, items, render) {
 }
 
 // draw (re)makes the chart name in el: x is unix seconds, series is
-// {label: values}.
+// {label: values}, drawn in opts.order if given, else sorted by label.
+// With opts.stack each series is drawn on top of the ones before it:
+// the chart's data are the running sums, its legend and raw the values.
 function draw(name, el, x, series, opts = {}) {
-  const labels = Object.keys(series).sort();
-  const data = [x, ...labels.map((l) => series[l])];
+  let labels = (opts.order || []).filter((l) => l in series);
+  if (!labels.length) labels = Object.keys(series).sort();
+  let data = [x, ...labels.map((l) => series[l])];
+  if (opts.stack) {
+    const sum = x.map(() => 0);
+    data = [x, ...labels.map((l) => series[l].map((v, i) => (sum[i] += v)))];
+  }
   const old = window.dash.charts[name];
   if (old) old.destroy();
   el.replaceChildren();
   const width = Math.max(el.clientWidth, 300);
+  const show = (v) => v == null ? "–" : (opts.money ? money(v) : fmt(v));
+  // A stack is painted from its top down, each series filled to zero
+  // over the ones above it.
+  const order = labels.map((l, i) => i);
+  if (opts.stack) order.reverse();
   const u = new uPlot({
     width, height: 220,
     scales: { x: { time: true } },
-    // Room for the longest label: amounts under 0.01 print six decimals.
-    axes: [{}, { size: opts.money ? 100 : 60, values: (u, vals) => vals.map(opts.money ? money : fmt) }],
-    series: [{}, ...labels.map((l, i) => ({
-      label: l, stroke: palette[i % palette.length], width: 2,
-      fill: opts.fill === false ? undefined : palette[i % palette.length] + "22",
+    // Room for the longest tick label (amounts under 0.01 print six
+    // decimals, counts grow to millions), which a fixed width would cut.
+    axes: [{}, { size: (u, ticks) => 18 + 7.5 * Math.max(3, ...(ticks || []).map((t) => t.length)),
+      values: (u, vals) => vals.map(opts.money ? money : fmt) }],
+    series: [{}, ...order.map((i) => ({
+      label: labels[i], stroke: palette[i % palette.length], width: opts.stack ? 1 : 2,
+      fill: opts.fill === false ? undefined : palette[i % palette.length] + (opts.stack ? "" : "22"),
       paths: opts.bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined,
-      value: (u, v) => v == null ? "–" : (opts.money ? money(v) : fmt(v)),
+      value: (u, v, si, at) => opts.stack ? (at == null ? "–" : show(series[labels[i]][at])) : show(v),
     }))],
-  }, data, el);
+  }, [x, ...order.map((i) => data[i + 1])], el);
+  u.raw = series;
   window.dash.charts[name] = u;
 }
 
@@ -78,30 +93,45 @@ function byLabel(s) {
   return Object.keys(s.by).length ? s.by : { total: s.total };
 }
 
+// split is a usage series of the API by the label chosen on the page:
+// tier or model.
+function split(s) {
+  return state.split === "model" ? (s.by_model && Object.keys(s.by_model).length ? s.by_model : { total: s.total }) : byLabel(s);
+}
+
+// outcomeOrder puts served first, then the refusals' reasons.
+function outcomeOrder(s) {
+  return ["served", ...Object.keys(s.by).filter((l) => l !== "served").sort()];
+}
+
 async function loadOverview() {
   const o = await api("overview?range=" + state.range);
   state.currency = o.currency || "";
   state.tiers = o.tiers || [];
   const c = o.chart;
   const bars = state.range === "30d";
-  draw("requests", $("chart-requests"), c.times, byLabel(c.requests), { bars });
-  draw("tokens", $("chart-tokens"), c.times, byLabel(c.tokens), { bars });
+  for (const el of document.querySelectorAll(".split-label")) el.textContent = state.split;
+  draw("requests", $("chart-requests"), c.times, split(c.requests), { bars });
+  draw("tokens", $("chart-tokens"), c.times, split(c.tokens), { bars });
+  draw("outcomes", $("chart-outcomes"), c.times, byLabel(c.outcomes), { bars, stack: true, order: outcomeOrder(c.outcomes) });
   draw("refused", $("chart-refused"), c.times, byLabel(c.refused), { bars });
   $("cost-figure").hidden = !state.currency;
   if (state.currency) {
     $("cost-currency").textContent = state.currency;
-    draw("cost", $("chart-cost"), c.times, byLabel(c.cost), { bars, money: true });
+    draw("cost", $("chart-cost"), c.times, split(c.cost), { bars, money: true });
   }
   fill($("models").tBodies[0], o.models, (tr, m) => {
     cell(tr, m.model); cell(tr, fmt(m.requests), "num"); cell(tr, fmt(m.tokens), "num");
     cell(tr, state.currency ? money(m.cost) : "–", "num");
   });
   fill($("top").tBodies[0], o.top, (tr, k) => {
-    const td = cell(tr, "");
-    const a = document.createElement("a");
-    a.href = "#key/" + encodeURIComponent(k.id);
-    a.textContent = k.name || k.id;
-    td.appendChild(a);
+    const td = cell(tr, k.id.startsWith("key_") ? "" : k.id);
+    if (k.id.startsWith("key_")) {
+      const a = document.createElement("a");
+      a.href = "#key/" + encodeURIComponent(k.id);
+      a.textContent = k.name || k.id;
+      td.appendChild(a);
+    }
     cell(tr, k.tier || "–"); cell(tr, fmt(k.requests), "num"); cell(tr, fmt(k.tokens), "num");
     cell(tr, state.currency ? money(k.cost) : "–", "num");
   });
@@ -229,7 +259,8 @@ async function loadKey(id) {
   state.currency = k.currency || "";
   $("key-title").textContent = k.name + " (" + k.tier + ")";
   $("key-meta").textContent = k.id + " · " + k.state + " · created " + when(k.created) + " · last used " + when(k.last_used);
-  draw("key-hours", $("chart-key-hours"), k.hours.times, byLabel(k.hours.tokens), { bars: true });
+  draw("key-recent", $("chart-key-recent"), k.recent.times, byLabel(k.recent.tokens), { bars: true });
+  draw("key-outcomes", $("chart-key-outcomes"), k.recent.times, byLabel(k.recent.outcomes), { stack: true, order: outcomeOrder(k.recent.outcomes) });
   draw("key-days", $("chart-key-days"), k.days.times, byLabel(k.days.tokens), { bars: true });
   draw("key-refused", $("chart-key-refused"), k.days.times, byLabel(k.days.refused), { bars: true });
   fill($("key-refusals").tBodies[0], k.refusals, (tr, r) => { cell(tr, r.reason); cell(tr, fmt(r.count), "num"); });
@@ -258,8 +289,10 @@ async function route() {
 function wire() {
   for (const b of document.querySelectorAll(".toggle button")) {
     b.addEventListener("click", () => {
-      state.range = b.dataset.range;
-      for (const o of document.querySelectorAll(".toggle button")) o.classList.toggle("on", o === b);
+      const group = b.closest(".toggle");
+      if (b.dataset.range) state.range = b.dataset.range;
+      if (b.dataset.split) state.split = b.dataset.split;
+      for (const o of group.querySelectorAll("button")) o.classList.toggle("on", o === b);
       loadOverview().catch(showError);
     });
   }

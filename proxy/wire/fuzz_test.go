@@ -1,48 +1,12 @@
-package proxy
+package wire
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"io"
 	"math"
 	"strings"
 	"testing"
-
-	"go.uber.org/zap"
 )
-
-func FuzzSSEBody(f *testing.F) {
-	f.Add([]byte("data: {\"a\":1}\n\ndata: [DONE]\n\n"), uint8(7), true)
-	f.Add([]byte("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n"), uint8(3), true)
-	f.Add([]byte("data: {\"a\":"), uint8(1), false)
-	f.Add([]byte(": comment\r\n\r\nevent: x\ndata: y\n\n"), uint8(200), false)
-	f.Fuzz(func(t *testing.T, stream []byte, chunk uint8, strip bool) {
-		size := int(chunk%64) + 1
-		var chunks []string
-		for s := string(stream); len(s) > 0; {
-			n := min(size, len(s))
-			chunks, s = append(chunks, s[:n]), s[n:]
-		}
-		c := &Call{StripUsage: strip}
-		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), c)
-		out, err := io.ReadAll(b)
-		b.Close()
-		if err != nil {
-			t.Fatalf("the body ended with %v, want a clean end", err)
-		}
-		// The stream's last event is data: [DONE], on a line of its own.
-		complete := bytes.Equal(stream, []byte("data: [DONE]\n\n")) || bytes.HasSuffix(stream, []byte("\n\ndata: [DONE]\n\n"))
-		switch {
-		case bytes.HasSuffix(out, errUpstreamStream.sseEvent()):
-			if complete && !strip && bytes.Count(stream, []byte("[DONE]")) == 1 && !bytes.Contains(stream, []byte("\r")) {
-				t.Errorf("a complete stream was ended as broken:\n%q", stream)
-			}
-		case !strip && !bytes.Equal(out, stream):
-			t.Errorf("the stream changed:\n in %q\nout %q", stream, out)
-		}
-	})
-}
 
 func FuzzRequestEdits(f *testing.F) {
 	for _, s := range []string{`{"model":"m","stream":true}`, `{"stream_options":null,"max_tokens":null}`, `{"stream_options":{}}`, `[]`,
@@ -51,8 +15,8 @@ func FuzzRequestEdits(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
-		info, apiErr := ParseRequest(body)
-		if apiErr != nil {
+		info, err := ParseRequest(body)
+		if err != nil {
 			return
 		}
 		// What the upstream reads: keys matched exactly, unescaped.
@@ -122,8 +86,8 @@ func FuzzPolicedFields(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
-		info, apiErr := ParseRequest(body)
-		if apiErr != nil {
+		info, err := ParseRequest(body)
+		if err != nil {
 			return
 		}
 		var folded struct {
@@ -212,12 +176,12 @@ func FuzzParseUsage(f *testing.F) {
 	f.Add([]byte(`{"usage":{"prompt_tokens":-1,"prompt_tokens":1e400,"prompt_tokens_details":5,"completion_tokens":9e18}}`))
 	f.Add([]byte(`{"usage":{"prompt_tokens":1.5,"prompt_tokens":2,"prompt_tokens_details":{"cached_tokens":1},"prompt_tokens_details":null}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		var u AnswerUsage
-		if !parseUsage(b, &u) {
+		u, ok := ParseUsage(b)
+		if !ok {
 			return
 		}
-		i := bytes.LastIndex(b, usageKey)
-		start := skipSpace(b, i+len(usageKey))
+		i := bytes.LastIndex(b, UsageKey)
+		start := skipSpace(b, i+len(UsageKey))
 		obj := b[start:skipValue(b, start)]
 		// Keys match exactly in the reader; encoding/json folds case, so
 		// only objects without folded spellings of the keys compare.
@@ -253,10 +217,10 @@ func FuzzParseUsage(f *testing.F) {
 			}
 		}
 		if (u.Garbled != "") != garbled {
-			t.Fatalf("parseUsage found %s garbled: %v, encoding/json: %v", obj, u.Garbled != "", garbled)
+			t.Fatalf("ParseUsage found %s garbled: %v, encoding/json: %v", obj, u.Garbled != "", garbled)
 		}
-		if got := [4]int64{u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens}; !garbled && got != exp {
-			t.Fatalf("parseUsage read %v, encoding/json %v, from %s", got, exp, obj)
+		if got := [4]int64{u.Prompt, u.Completion, u.Cached, u.Reasoning}; !garbled && got != exp {
+			t.Fatalf("ParseUsage read %v, encoding/json %v, from %s", got, exp, obj)
 		}
 	})
 }

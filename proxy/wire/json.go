@@ -1,12 +1,12 @@
-package proxy
+package wire
 
-// maxJSONDepth is encoding/json's nesting limit, which validJSON keeps.
+// maxJSONDepth is encoding/json's nesting limit, which ValidJSON keeps.
 const maxJSONDepth = 10000
 
-// validJSON reports what json.Valid reports, in one pass over b without
+// ValidJSON reports what json.Valid reports, in one pass over b without
 // the per-byte function calls of encoding/json's scanner: it runs on
 // every request and every answer. FuzzValidJSON holds it to json.Valid.
-func validJSON(b []byte) bool {
+func ValidJSON(b []byte) bool {
 	var open [64]byte // '{' or '[' of each level; deeper levels grow it
 	stack := open[:0]
 	i := skipSpace(b, 0)

@@ -1,12 +1,8 @@
-package proxy
+package wire
 
 import (
-	"context"
-	"io"
 	"strings"
 	"testing"
-
-	"go.uber.org/zap"
 )
 
 // TestStreamedTokens: every delta that carries output of any kind counts,
@@ -37,29 +33,16 @@ func TestStreamedTokens(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ev := head + tc.choices + `]}` + "\n\n"
-			if got := streamedTokens([]byte(ev)); got != tc.want {
-				t.Errorf("streamedTokens(%s) = %d, want %d", ev, got, tc.want)
+			if got := StreamedTokens([]byte(ev)); got != tc.want {
+				t.Errorf("StreamedTokens(%s) = %d, want %d", ev, got, tc.want)
 			}
 		})
 	}
 	completion := `data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"text":" world","index":0,"logprobs":null,"finish_reason":null}]}` + "\n\n"
-	if got := streamedTokens([]byte(completion)); got != 1 {
+	if got := StreamedTokens([]byte(completion)); got != 1 {
 		t.Errorf("a completion's text chunk counts %d, want 1", got)
 	}
 	for _, junk := range []string{`data: {"choices":[{"delta":{"content":"x`, `data: "choices":[`, `data: {"choices":[}}}}]]]`, `"choices":[{"delta":{"x":"\`} {
-		streamedTokens([]byte(junk)) // no panic, no endless loop
-	}
-}
-
-// TestCutStreamCountsToolCalls: a stream of tool call deltas cut before
-// its usage chunk is counted.
-func TestCutStreamCountsToolCalls(t *testing.T) {
-	ev := `data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ab"}}]},"finish_reason":null}]}` + "\n\n"
-	c := new(Call)
-	b := newSSEBody(context.Background(), &chunkedReader{chunks: []string{strings.Repeat(ev, 400)}, err: io.ErrUnexpectedEOF}, zap.NewNop(), c)
-	io.Copy(io.Discard, b)
-	b.Close()
-	if c.Usage.Chunks != 400 {
-		t.Errorf("400 tool call chunks counted as %d tokens", c.Usage.Chunks)
+		StreamedTokens([]byte(junk)) // no panic, no endless loop
 	}
 }

@@ -1,4 +1,4 @@
-package proxy
+package wire
 
 import (
 	"encoding/json"
@@ -19,8 +19,8 @@ func TestValidJSON(t *testing.T) {
 	cases = append(cases, deep(maxJSONDepth, "[", "]"), deep(maxJSONDepth+1, "[", "]"),
 		deep(maxJSONDepth-1, `{"a":`, "}"), deep(maxJSONDepth+1, `{"a":`, "}"))
 	for _, c := range cases {
-		if got, want := validJSON([]byte(c)), json.Valid([]byte(c)); got != want {
-			t.Errorf("validJSON(%.40q) = %v, json.Valid says %v", c, got, want)
+		if got, want := ValidJSON([]byte(c)), json.Valid([]byte(c)); got != want {
+			t.Errorf("ValidJSON(%.40q) = %v, json.Valid says %v", c, got, want)
 		}
 	}
 }
@@ -30,8 +30,8 @@ func FuzzValidJSON(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if got, want := validJSON(b), json.Valid(b); got != want {
-			t.Errorf("validJSON(%q) = %v, json.Valid says %v", b, got, want)
+		if got, want := ValidJSON(b), json.Valid(b); got != want {
+			t.Errorf("ValidJSON(%q) = %v, json.Valid says %v", b, got, want)
 		}
 	})
 }
@@ -41,7 +41,7 @@ func BenchmarkValidJSON(b *testing.B) {
 	b.SetBytes(int64(len(answer)))
 	b.ReportAllocs()
 	for b.Loop() {
-		if !validJSON(answer) {
+		if !ValidJSON(answer) {
 			b.Fatal("invalid")
 		}
 	}
