@@ -39,6 +39,7 @@ const (
 	upstreamName = "upstream"
 	caddyName    = "caddy"
 	moduleName   = "vigthoria"
+	redisName    = "vigthoria-redis"
 )
 
 // targets are measured in this order in every round.
@@ -46,7 +47,7 @@ var targets = []target{
 	{name: upstreamName, about: "the stand-in upstream alone, served by the harness process: the floor"},
 	{name: caddyName, about: "plain Caddy: `reverse_proxy` with the server key set by `header_up`, what a user would do without this module", site: plainSite},
 	{name: moduleName, about: "this module with its default store, SQLite (in a temporary directory)", site: moduleSite, store: "sqlite:{{.Dir}}/vigthoria.db"},
-	{name: "vigthoria-redis", about: "this module with the Redis store: keys, limits and usage in a redis-server on loopback, as a fleet shares them", site: moduleSite, store: "{{.Redis}}"},
+	{name: redisName, about: "this module with the Redis store: keys, limits and usage in a redis-server on loopback, as a fleet shares them", site: moduleSite, store: "{{.Redis}}"},
 }
 
 // siteData is what the Caddyfile templates are filled with.
