@@ -35,7 +35,9 @@ test: test-deps
 ## the others rebuild Caddy and SQLite instrumented, minutes on a fresh
 ## machine. make test fuzzes the leaf ones 1000 inputs each (a count, not
 ## a time, which a busy machine could cut short) and runs the others'
-## seed corpora as tests.
+## seed corpora as tests. Each package's instrumented test binary is
+## built once and runs each of its targets, with the corpus where go test
+## -fuzz keeps it.
 FUZZTIME ?= 2m
 LEAF_FUZZ_TARGETS := FuzzValid:./keystore/clientkey FuzzFromAuthorization:./keystore/clientkey \
 	FuzzRequestEdits:./proxy/wire FuzzPolicedFields:./proxy/wire FuzzValidJSON:./proxy/wire FuzzParseUsage:./proxy/wire \
@@ -43,9 +45,13 @@ LEAF_FUZZ_TARGETS := FuzzValid:./keystore/clientkey FuzzFromAuthorization:./keys
 FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzVerifyToken:./keystore \
 	FuzzUnmarshalCaddyfile:. FuzzTokenRequest:.
 fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do \
-		echo "fuzzing $${t%%:*} for $(FUZZTIME)"; \
-		$(GO) test -run '^$$' -fuzz "^$${t%%:*}\$$" -fuzztime $(FUZZTIME) $${t#*:}; \
+	@set -e; bins=$$(mktemp -d); trap 'rm -rf "$$bins"' EXIT; cache=$$($(GO) env GOCACHE)/fuzz; \
+	for t in $(FUZZ_TARGETS); do \
+		name=$${t%%:*}; pkg=$${t#*:}; path=$$($(GO) list "$$pkg"); bin=$$bins/$$(echo "$$path" | tr ./ __).test; \
+		[ -x "$$bin" ] || $(GO) test -c -fuzz "^$$name\$$" -o "$$bin" "$$pkg"; \
+		echo "fuzzing $$name for $(FUZZTIME)"; \
+		(cd "$$pkg" && "$$bin" -test.run '^$$' -test.fuzz "^$$name\$$" -test.fuzztime $(FUZZTIME) \
+			-test.fuzzcachedir "$$cache/$$path"); \
 	done
 
 ## bench: load benchmarks of the proxy against plain Caddy and the
