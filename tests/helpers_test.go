@@ -121,8 +121,12 @@ func (e *env) reload(t *testing.T, extra ...string) {
 
 // closeIdle drops the clients' idle connections after a reload: Caddy
 // closes them as it swaps servers, and a POST sent on one at that moment
-// fails, as it would for any HTTP client.
+// fails, as it would for any HTTP client. It first lets the old servers
+// stop accepting: a reload returns once their shutdowns were started, not
+// done (caddyhttp's App.Stop says so), and a connection an old server
+// still accepted is closed under its first request.
 func closeIdle() {
+	time.Sleep(100 * time.Millisecond)
 	http.DefaultClient.CloseIdleConnections()
 }
 
