@@ -72,12 +72,29 @@ func (l *Ledger) Hours(ctx context.Context, client string, since time.Time) ([]U
 	if err != nil {
 		return nil, err
 	}
+	return mergeUsageRows(rows, pending), nil
+}
+
+// mergeUsageRows adds pending usage rows to stored ones of a read by
+// hour or slot, ordered by time, client and model.
+func mergeUsageRows(rows, pending []UsageRow) []UsageRow {
 	return mergeHourRows(rows, pending,
 		func(r UsageRow) ledgerKey { return ledgerKey{r.Client, r.Day, r.Model} },
 		(*UsageRow).Add,
 		func(a, b UsageRow) int {
 			return cmp.Or(strings.Compare(a.Day, b.Day), strings.Compare(a.Client, b.Client), strings.Compare(a.Model, b.Model))
-		}), nil
+		})
+}
+
+// mergeRefusalRows adds pending refusals to stored ones of a read by hour
+// or slot, ordered by time, client and reason.
+func mergeRefusalRows(rows, pending []RefusalRow) []RefusalRow {
+	return mergeHourRows(rows, pending,
+		func(r RefusalRow) refusalKey { return refusalKey{r.Client, r.Hour, r.Reason} },
+		func(r *RefusalRow, p RefusalRow) { r.Count = addCount(r.Count, p.Count) },
+		func(a, b RefusalRow) int {
+			return cmp.Or(strings.Compare(a.Hour, b.Hour), strings.Compare(a.Client, b.Client), strings.Compare(a.Reason, b.Reason))
+		})
 }
 
 // mergeHourRows adds the pending rows to the stored ones of a read by

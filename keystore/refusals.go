@@ -1,7 +1,6 @@
 package keystore
 
 import (
-	"cmp"
 	"context"
 	"database/sql"
 	"errors"
@@ -102,12 +101,7 @@ func (l *Ledger) RefusalHours(ctx context.Context, client string, since time.Tim
 	if err != nil {
 		return nil, err
 	}
-	return mergeHourRows(rows, pending,
-		func(r RefusalRow) refusalKey { return refusalKey{r.Client, r.Hour, r.Reason} },
-		func(r *RefusalRow, p RefusalRow) { r.Count = addCount(r.Count, p.Count) },
-		func(a, b RefusalRow) int {
-			return cmp.Or(strings.Compare(a.Hour, b.Hour), strings.Compare(a.Client, b.Client), strings.Compare(a.Reason, b.Reason))
-		}), nil
+	return mergeRefusalRows(rows, pending), nil
 }
 
 // refusalsHoursSchema is the SQLite migration that adds the ledger's

@@ -1,7 +1,6 @@
 package keystore
 
 import (
-	"cmp"
 	"context"
 	"database/sql"
 	"errors"
@@ -92,12 +91,7 @@ func (l *Ledger) Slots(ctx context.Context, client string, since time.Time) ([]U
 	if err != nil {
 		return nil, err
 	}
-	return mergeHourRows(rows, pending,
-		func(r UsageRow) ledgerKey { return ledgerKey{r.Client, r.Day, r.Model} },
-		(*UsageRow).Add,
-		func(a, b UsageRow) int {
-			return cmp.Or(strings.Compare(a.Day, b.Day), strings.Compare(a.Client, b.Client), strings.Compare(a.Model, b.Model))
-		}), nil
+	return mergeUsageRows(rows, pending), nil
 }
 
 // RefusalSlots returns the refusals by 5-minute slot (Hour holding the
@@ -133,12 +127,7 @@ func (l *Ledger) RefusalSlots(ctx context.Context, client string, since time.Tim
 	if err != nil {
 		return nil, err
 	}
-	return mergeHourRows(rows, pending,
-		func(r RefusalRow) refusalKey { return refusalKey{r.Client, r.Hour, r.Reason} },
-		func(r *RefusalRow, p RefusalRow) { r.Count = addCount(r.Count, p.Count) },
-		func(a, b RefusalRow) int {
-			return cmp.Or(strings.Compare(a.Hour, b.Hour), strings.Compare(a.Client, b.Client), strings.Compare(a.Reason, b.Reason))
-		}), nil
+	return mergeRefusalRows(rows, pending), nil
 }
 
 // hoursOfSlots sums 5-minute rows by hour, for a batch's Hours.
