@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -299,7 +298,7 @@ func mintedAllows(m *keystore.Minted, model string) bool {
 		return true
 	}
 	for _, glob := range m.Models {
-		if ok, _ := path.Match(glob, model); ok {
+		if keystore.MatchModel(glob, model) {
 			return true
 		}
 	}

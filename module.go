@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"path"
 	"regexp"
 	"strconv"
 	"strings"
@@ -218,7 +217,7 @@ func (t *Tier) provision(name string) error {
 		}
 	}
 	for _, glob := range t.Models {
-		if _, err := path.Match(glob, ""); err != nil {
+		if err := keystore.CheckGlob(glob); err != nil {
 			return fmt.Errorf("tier %s: invalid model glob '%s': %v", name, glob, err)
 		}
 	}
@@ -243,7 +242,7 @@ func (t *Tier) allows(model string) bool {
 		return true
 	}
 	for _, glob := range t.Models {
-		if ok, _ := path.Match(glob, model); ok {
+		if keystore.MatchModel(glob, model) {
 			return true
 		}
 	}

@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
-	"path"
 	"regexp"
-	"strings"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
@@ -38,7 +36,9 @@ var currencyLabel = regexp.MustCompile(`^[\p{L}\p{Sc}]{1,12}$`)
 // Price is what the models a glob matches cost, per million tokens, in
 // units of the currency.
 type Price struct {
-	// The models priced, as a glob of path.Match, e.g. "vigthoria-fast-*".
+	// The models priced, as a model glob, e.g. "vigthoria-fast-*": '*'
+	// matches any run of characters, '/' included, so "*" prices every
+	// model (see keystore.MatchModel).
 	Model string `json:"model"`
 
 	// The price of a million prompt tokens: a decimal with at most six
@@ -116,7 +116,7 @@ func (p *Price) parse() (pricedGlob, error) {
 	if p.Model == "" {
 		return pricedGlob{}, errors.New("a price needs a model glob")
 	}
-	if _, err := path.Match(p.Model, ""); err != nil {
+	if err := keystore.CheckGlob(p.Model); err != nil {
 		return pricedGlob{}, fmt.Errorf("invalid model glob '%s': %v", p.Model, err)
 	}
 	if p.Input == "" {
@@ -134,7 +134,7 @@ func (p *Price) parse() (pricedGlob, error) {
 	}
 	return pricedGlob{
 		glob:    p.Model,
-		literal: !strings.ContainsAny(p.Model, `*?[\`),
+		literal: keystore.IsLiteralGlob(p.Model),
 		price:   modelPrice{input: in, output: out},
 	}, nil
 }
@@ -160,7 +160,7 @@ func (h *Handler) price(model string) (p modelPrice, ok bool) {
 			if g.glob == model {
 				return g.price, true
 			}
-		} else if match, _ := path.Match(g.glob, model); match {
+		} else if keystore.MatchModel(g.glob, model) {
 			return g.price, true
 		}
 	}

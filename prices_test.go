@@ -3,6 +3,7 @@ package vigthoria
 import (
 	"encoding/json"
 	"math"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -81,7 +82,7 @@ func TestPriceFirstMatchWins(t *testing.T) {
 		{"vigthoria-fast-1", modelPrice{1_000_000, 2_000_000}, true},   // the literal, listed first
 		{"vigthoria-fast-2", modelPrice{100_000, 400_000}, true},       // the first glob
 		{"vigthoria-embed-1", modelPrice{3_000_000, 15_000_000}, true}, // vigthoria-* comes before
-		{"vigthoria-fast-1/x", modelPrice{}, false},                    // * stops at '/'
+		{"vigthoria-fast-1/x", modelPrice{100_000, 400_000}, true},     // * takes '/' too
 		{"other", modelPrice{}, false},
 		{"", modelPrice{}, false},
 	} {
@@ -94,6 +95,38 @@ func TestPriceFirstMatchWins(t *testing.T) {
 	free := pricedHandler(t, `{"unpriced": "free", "currency": "EUR", "prices": [{"model": "m", "input": "1"}]}`)
 	if p, ok := free.price("other"); !ok || p != (modelPrice{}) {
 		t.Errorf("with unpriced free, price of an unpriced model = %+v, %v; want zero, true", p, ok)
+	}
+}
+
+// TestOneGlobRule: prices, tiers' models and minted tokens' models read
+// a glob the same way, '*' matching '/' too: an operator's "*" is every
+// model, org/model included, wherever it is written.
+func TestOneGlobRule(t *testing.T) {
+	for _, tc := range []struct {
+		glob, model string
+		want        bool
+	}{
+		{"*", "org/model", true},
+		{"*", "vigthoria-fast-1", true},
+		{"org/*", "org/team/model", true},
+		{"vigthoria-*", "vigthoria-fast/1", true},
+		{"vigthoria-fast-?", "vigthoria-fast-1", true},
+		{"vigthoria-fast-?", "vigthoria-fast-10", false},
+		{"gpt-[45]*", "gpt-4o", true},
+		{"vigthoria-fast-1", "vigthoria-fast-1/x", false},
+		{"org/*", "other/model", false},
+	} {
+		h := pricedHandler(t, `{"prices": [{"model": `+strconv.Quote(tc.glob)+`, "input": "1"}]}`)
+		_, priced := h.price(tc.model)
+		tier := &Tier{Models: []string{tc.glob}}
+		if err := tier.provision("t"); err != nil {
+			t.Fatal(err)
+		}
+		minted := mintedAllows(&keystore.Minted{Models: []string{tc.glob}}, tc.model)
+		if priced != tc.want || tier.allows(tc.model) != tc.want || minted != tc.want || keystore.ValidGlob(tc.glob) != true {
+			t.Errorf("glob %q, model %q: priced %v, tier allows %v, token allows %v; want %v for each",
+				tc.glob, tc.model, priced, tier.allows(tc.model), minted, tc.want)
+		}
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,7 +23,7 @@ type Settings struct {
 	Concurrent *int    `json:"concurrent,omitempty"` // requests in flight at once
 	Quota      *Amount `json:"quota,omitempty"`      // tokens per day or month
 	Budget     *Amount `json:"budget,omitempty"`     // micro-units of the currency per day or month (1 USD = 1,000,000)
-	// Models are globs (path.Match) of the models the key may use; nil:
+	// Models are globs (MatchModel) of the models the key may use; nil:
 	// the tier's.
 	Models    []string `json:"models,omitempty"`
 	MaxTokens *int64   `json:"max_tokens,omitempty"` // the most max_tokens a request may ask, per answer
@@ -204,13 +203,10 @@ func ValidModelName(model string) bool {
 	return true
 }
 
-// ValidGlob reports whether s is a model name or a path.Match glob.
+// ValidGlob reports whether s is a model name or a model glob (see
+// MatchModel).
 func ValidGlob(s string) bool {
-	if s == "" || !ValidModelName(s) {
-		return false
-	}
-	_, err := path.Match(s, "")
-	return err == nil
+	return s != "" && ValidModelName(s) && CheckGlob(s) == nil
 }
 
 // IsZero reports whether s sets nothing: the key follows its tier.
