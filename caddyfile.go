@@ -17,6 +17,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 func init() {
@@ -58,6 +59,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			<glob> input <price> [output <price>]   # decimals, at most 6 places
 //		}
 //		unpriced       refuse|free            # a model without a price; default refuse
+//		default_max_tokens <n>                # the cap of a request without one; default 4096
+//		cap_field      max_completion_tokens|max_tokens   # where a chat gets it; default max_completion_tokens
 //		jwt <issuer> {                        # once per OpenID provider
 //			audience   <aud>...                # required
 //			jwks_url   <url>                   # default from the issuer's discovery document
@@ -129,6 +132,19 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("invalid unpriced '%s': want refuse or free", v)
 			}
 			h.Unpriced = v
+		case "default_max_tokens":
+			if h.DefaultMaxTokens, err = parsePositive[int64](d.RemainingArgs()); err != nil || h.DefaultMaxTokens > maxDefaultMaxTokens {
+				return d.Errf("invalid default_max_tokens: want one number from 1 to %d", maxDefaultMaxTokens)
+			}
+		case "cap_field":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if v != wire.MaxCompletionTokensField && v != wire.MaxTokensField {
+				return d.Errf("invalid cap_field '%s': want max_completion_tokens or max_tokens", v)
+			}
+			h.CapField = v
 		case "store":
 			args := d.RemainingArgs()
 			var ok bool

@@ -38,6 +38,10 @@ const (
 	DefaultMaxBuffered    = 64 << 20 // 64 MiB
 )
 
+// maxDefaultMaxTokens bounds default_max_tokens: the largest cap the
+// API's fields take (an int32).
+const maxDefaultMaxTokens = 1<<31 - 1
+
 // DefaultStoreTimeout bounds a limit decision's wait for a shared store.
 const DefaultStoreTimeout = 50 * time.Millisecond
 
@@ -124,12 +128,15 @@ type Tier struct {
 	// free. Default: none.
 	Budget *Budget `json:"budget,omitempty"`
 
-	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]. Default: all.
+	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]; '*'
+	// matches any run of characters, '/' included (see
+	// keystore.MatchModel). Default: all.
 	Models []string `json:"models,omitempty"`
 
-	// The most max_tokens a request may ask, per answer (choice); a request
-	// without max_tokens gets this. Default: no cap, and an absent max_tokens reserves
-	// DefaultMaxTokens.
+	// The most max_tokens (or max_completion_tokens) a request may ask,
+	// per answer (choice); a request without a cap is forwarded with
+	// this one. Default: no cap, and a request without one gets the
+	// handler's default_max_tokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
 	limits    limiter.Limits
@@ -182,8 +189,9 @@ func (b *Budget) limits() (limiter.Limits, error) {
 	return limiter.Limits{Quota: limiter.Quota{N: n, Period: period}}, nil
 }
 
-// DefaultMaxTokens is what a request without max_tokens reserves when its
-// tier sets no cap: settlement charges what was really used.
+// DefaultMaxTokens is the default of default_max_tokens: the cap a
+// request without one is forwarded with, and reserves, when its tier
+// sets none.
 const DefaultMaxTokens = 4096
 
 // provision checks the tier and derives its limiter limits.
@@ -403,6 +411,23 @@ type Handler struct {
 	// organisation selectors are refused. Default: none.
 	UpstreamHeaders []string `json:"upstream_headers,omitempty"`
 
+	// The output cap (max_tokens) that a completion request without one
+	// is forwarded with, and reserves, when its tier sets no max_tokens:
+	// a model given no cap may write up to its own output limit, past
+	// what was reserved. It shrinks to what the caller's token limit
+	// holds beside the prompt. Default: 4096.
+	DefaultMaxTokens int64 `json:"default_max_tokens,omitempty"`
+
+	// The field a chat completion request without a cap gets one in:
+	// "max_completion_tokens", which OpenAI's chat models take and its
+	// reasoning models require (they refuse max_tokens), or
+	// "max_tokens", for an upstream that reads only that one (some
+	// OpenAI-compatible servers ignore max_completion_tokens). A cap
+	// field the request names, even as null, is used instead;
+	// /v1/completions always gets max_tokens. Default:
+	// max_completion_tokens.
+	CapField string `json:"cap_field,omitempty"`
+
 	// Alerts when a caller's quota or budget crosses a threshold: Caddy
 	// events always, a signed webhook when configured. Default: events
 	// at 80% and 100%.
@@ -471,6 +496,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	key := caddy.NewReplacer().ReplaceAll(h.APIKey, "")
 	if key == "" {
 		return errors.New("api_key resolves to an empty value: set it, e.g. api_key {env.VIGTHORIA_API_KEY} with VIGTHORIA_API_KEY in the environment")
+	}
+	if h.DefaultMaxTokens == 0 {
+		h.DefaultMaxTokens = DefaultMaxTokens
+	}
+	switch h.CapField {
+	case "":
+		h.CapField = wire.MaxCompletionTokensField
+	case wire.MaxCompletionTokensField, wire.MaxTokensField:
+	default:
+		return fmt.Errorf("cap_field must be max_completion_tokens or max_tokens, not '%s'", h.CapField)
 	}
 	for name, t := range h.Tiers {
 		if t == nil {
@@ -656,6 +691,9 @@ func (h *Handler) Validate() error {
 	if h.MaxBody < 0 {
 		return fmt.Errorf("max_body must be positive, not %d", h.MaxBody)
 	}
+	if h.DefaultMaxTokens < 0 || h.DefaultMaxTokens > maxDefaultMaxTokens {
+		return fmt.Errorf("default_max_tokens must be from 1 to %d, not %d", maxDefaultMaxTokens, h.DefaultMaxTokens)
+	}
 	if h.BodyTimeout < 0 {
 		return fmt.Errorf("body_timeout must be positive, not %s", time.Duration(h.BodyTimeout))
 	}
@@ -810,6 +848,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}()
 		var reserve int64
 		if info, reserve, apiErr = h.police(r, ep, tier, client.Minted, body.Bytes(), call); apiErr != nil {
+			if apiErr.Code == proxy.CodeRequestTooLarge {
+				// No wait admits it: SDKs retry a 429 unless told not to.
+				w.Header().Set("X-Should-Retry", "false")
+			}
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
 		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {

@@ -2,9 +2,12 @@ package vigthoria
 
 import (
 	"bytes"
+	"cmp"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -77,18 +80,101 @@ func refusal(d limiter.Decision, tier string) *proxy.APIError {
 		e.Message = "You exceeded your tier's token quota (" + tier + "). It renews at the start of the next period; see GET /v1/usage."
 	case limiter.TooLarge:
 		e.Type, e.Code = "tokens", "request_too_large"
-		e.Message = "This request asks more tokens than tier " + tier + " allows per window: lower max_tokens or shorten the prompt."
+		e.Message = "This request asks more tokens than tier " + tier + " allows per window."
 	}
 	return e
 }
 
+// capBounds are what bound a request's output cap: the smallest
+// max_tokens that applies to it, and the room its prompt leaves in the
+// smallest of the token buckets it is reserved on.
+type capBounds struct {
+	limit int64 // the smallest max_tokens that applies; 0 for none
+	room  int64 // tokens that bucket holds beyond the prompt; math.MaxInt64 without a bucket
+	// The bucket that leaves the least room: its capacity and window, and
+	// whether it is shared by the users of the key that minted a token.
+	capacity int64
+	window   time.Duration
+	shared   bool
+}
+
+// bound narrows b by the max_tokens and the token bucket of one side of
+// a request whose prompt is estimated at prompt tokens.
+func (b *capBounds) bound(t *Tier, prompt int64, shared bool) {
+	if t.MaxTokens > 0 && (b.limit == 0 || t.MaxTokens < b.limit) {
+		b.limit = t.MaxTokens
+	}
+	if r := &t.limits.Tokens; !r.Unlimited() && r.Capacity()-prompt < b.room {
+		b.room, b.capacity, b.window, b.shared = r.Capacity()-prompt, r.Capacity(), r.Window, shared
+	}
+}
+
+// boundsOf are the cap bounds of a request of a caller of tier whose
+// prompt is estimated at prompt tokens: its tier's (with its key's
+// settings), and for the user of a minted token those of the key that
+// minted it, which bound all its users.
+func (h *Handler) boundsOf(tier *Tier, minted *keystore.Minted, prompt int64) capBounds {
+	b := capBounds{room: math.MaxInt64}
+	b.bound(tier, prompt, false)
+	if minted != nil {
+		if parent := h.parentTier(keystore.Client{Minted: minted}); parent != nil {
+			b.bound(parent, prompt, true)
+		}
+	}
+	return b
+}
+
+// bucketName says which token bucket bounds describe, for a refusal.
+func (b *capBounds) bucketName() string {
+	s := "your tier's token limit"
+	if b.shared {
+		s = "the token limit shared by every user of the app that signed you in"
+	}
+	return s + " (" + strconv.FormatInt(b.capacity, 10) + " tokens per " + b.window.String() + ")"
+}
+
+// errPromptTooLarge refuses a request whose prompt alone leaves no room
+// in a token bucket for its answers: no wait and no cap can admit it.
+func errPromptTooLarge(b *capBounds, prompt, choices int64, generates bool) *proxy.APIError {
+	msg := "This request's prompt, about " + strconv.FormatInt(prompt, 10) + " tokens, "
+	switch {
+	case b.room < 0 || !generates:
+		msg += "is more than " + b.bucketName() + " holds: shorten the prompt."
+	case choices > 1:
+		msg += "leaves no room within " + b.bucketName() + " for its " + strconv.FormatInt(choices, 10) + " answers: shorten the prompt or ask fewer answers."
+	default:
+		msg += "leaves no room within " + b.bucketName() + " for an answer: shorten the prompt."
+	}
+	return &proxy.APIError{Status: http.StatusTooManyRequests, Type: "tokens", Code: proxy.CodeRequestTooLarge, Message: msg}
+}
+
+// errCapTooLarge refuses a request whose own cap, for each of its
+// answers, does not fit a token bucket beside its prompt, saying the
+// largest that would.
+func errCapTooLarge(b *capBounds, field string, sent, prompt, choices int64) *proxy.APIError {
+	msg := field + " " + strconv.FormatInt(sent, 10)
+	if choices > 1 {
+		msg += " for each of this request's " + strconv.FormatInt(choices, 10) + " answers"
+	}
+	msg += ", with its prompt of about " + strconv.FormatInt(prompt, 10) + " tokens, is more than " + b.bucketName() +
+		" holds: ask at most " + strconv.FormatInt(b.room/choices, 10)
+	if choices > 1 {
+		msg += " for each"
+	}
+	return &proxy.APIError{Status: http.StatusTooManyRequests, Type: "tokens", Code: proxy.CodeRequestTooLarge, Message: msg + "."}
+}
+
 // police applies the tier's policy to a request body before anything is
 // admitted or forwarded: the model allowlist (narrowed by a minted
-// token's models) and the max_tokens cap, which
-// holds for each answer the request asks (choice). It asks a stream for its
-// usage. The upstream gets the client's bytes except for the fields changed
-// here. It returns what admission reserves: the prompt's estimate and every
-// choice at its longest, n (or best_of) for each prompt.
+// token's models) and the output cap, which holds for each answer the
+// request asks (choice). Every request that generates leaves with a cap
+// in a field its endpoint reads: its own, or the one given here, the
+// smallest max_tokens that applies (else default_max_tokens), shrunk to
+// what the token buckets hold beside the prompt, so that the upstream
+// never writes more than was reserved. It asks a stream for its usage.
+// The upstream gets the client's bytes except for the fields changed
+// here. It returns what admission reserves: the prompt's estimate and
+// every choice at its longest, n (or best_of) for each prompt.
 func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted *keystore.Minted, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *proxy.APIError) {
 	call.Body = body
 	info, apiErr := proxy.ParseRequest(body)
@@ -106,13 +192,19 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 	}
 	call.Usage.Prompt = info.PromptTokens
 	call.Usage.Watch(r.Context())
-	if ep.ID == proxy.Embeddings {
-		return info, info.Estimate(0), nil
-	}
 	if ep.ID == proxy.ChatCompletions {
 		// Chat has no prompts nor best_of: fields of those names in its
 		// body are not the upstream's, and multiply nothing.
 		info.Choices = info.N
+	}
+	generates := ep.ID != proxy.Embeddings
+	choices := max(info.Choices, 1)
+	b := h.boundsOf(tier, minted, info.PromptTokens)
+	if b.room < 0 || generates && b.room < choices {
+		return info, 0, errPromptTooLarge(&b, info.PromptTokens, choices, generates)
+	}
+	if !generates {
+		return info, info.Estimate(0), nil
 	}
 	call.StripUsage = info.Stream && !info.IncludeUsage
 	call.Usage.Stream = info.Stream
@@ -120,13 +212,17 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 	maxTokens := info.MaxTokens
 	var err error
 	switch {
-	case tier.MaxTokens > 0 && maxTokens > tier.MaxTokens:
-		return info, 0, errMaxTokens(tier.MaxTokens)
-	case tier.MaxTokens > 0 && maxTokens == 0:
-		maxTokens = tier.MaxTokens
-		out, err = wire.SetMaxTokens(out, info, maxTokens)
+	case b.limit > 0 && maxTokens > b.limit:
+		return info, 0, errMaxTokens(b.limit)
+	case maxTokens*choices > b.room:
+		return info, 0, errCapTooLarge(&b, info.CapField(), maxTokens, info.PromptTokens, choices)
 	case maxTokens == 0:
-		maxTokens = DefaultMaxTokens
+		maxTokens = min(cmp.Or(b.limit, h.DefaultMaxTokens, DefaultMaxTokens), b.room/choices)
+		out, err = wire.SetCap(out, info, h.injectedCapField(ep, &info), maxTokens)
+	case ep.ID == proxy.Completions && !info.SetsMaxTokens():
+		// Its cap is in max_completion_tokens, which completions do not
+		// read: the field they read gets it.
+		out, err = wire.SetCap(out, info, wire.MaxTokensField, maxTokens)
 	}
 	if err == nil && info.Stream {
 		out, err = wire.WithStreamUsage(out, info)
@@ -140,6 +236,16 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 		call.Body = out
 	}
 	return info, info.Estimate(maxTokens), nil
+}
+
+// injectedCapField is the field a request without a cap gets one in:
+// max_tokens for completions; for chat, a cap field the body names as
+// null, else cap_field.
+func (h *Handler) injectedCapField(ep *proxy.Endpoint, info *wire.RequestInfo) string {
+	if ep.ID != proxy.ChatCompletions {
+		return wire.MaxTokensField
+	}
+	return cmp.Or(info.NamedCapField(), h.CapField, wire.MaxCompletionTokensField)
 }
 
 // maxAnswerTokens bounds each count the upstream reports for a request

@@ -2,10 +2,14 @@ package vigthoria
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -50,6 +54,91 @@ func TestPoliceReservesEveryChoice(t *testing.T) {
 			}
 			if want := info.PromptTokens + tc.choices*256; reserve != want || info.Choices != tc.choices {
 				t.Errorf("reserved %d for %d choices, want %d for %d", reserve, info.Choices, want, tc.choices)
+			}
+		})
+	}
+}
+
+// TestPoliceCaps: every request that generates leaves with a cap in a
+// field its endpoint reads, the smallest that applies, shrunk to what
+// the token bucket holds beside its prompt; a cap or a prompt that
+// cannot fit is refused with a message that says which.
+func TestPoliceCaps(t *testing.T) {
+	bucket := &Tier{Tokens: &Rate{N: 2000, Window: caddy.Duration(time.Minute)}}
+	capped := &Tier{MaxTokens: 50}
+	for _, tier := range []*Tier{bucket, capped, {}} {
+		if err := tier.provision("t"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	chat, completions, embeddings := &proxy.Endpoints[proxy.ChatCompletions], &proxy.Endpoints[proxy.Completions], &proxy.Endpoints[proxy.Embeddings]
+	long := strings.Repeat("word ", 2000)
+	for _, tc := range []struct {
+		name     string
+		h        *Handler
+		ep       *proxy.Endpoint
+		tier     *Tier
+		body     string
+		field    string // the cap field the upstream gets; "" for the body unchanged
+		cap      int64  // its value; -1: (2000 - prompt) / choices
+		code, in string // a refusal's code, and what its message says
+	}{
+		{"chat: the default", new(Handler), chat, &Tier{}, `{"model":"m","messages":[]}`, "max_completion_tokens", DefaultMaxTokens, "", ""},
+		{"chat: the configured default", &Handler{DefaultMaxTokens: 100}, chat, &Tier{}, `{"model":"m","messages":[]}`, "max_completion_tokens", 100, "", ""},
+		{"chat: cap_field max_tokens", &Handler{CapField: "max_tokens"}, chat, &Tier{}, `{"model":"m","messages":[]}`, "max_tokens", DefaultMaxTokens, "", ""},
+		{"chat: the field it names as null", new(Handler), chat, &Tier{}, `{"model":"m","max_tokens":null,"messages":[]}`, "max_tokens", DefaultMaxTokens, "", ""},
+		{"chat: the tier's cap", new(Handler), chat, capped, `{"model":"m","messages":[]}`, "max_completion_tokens", 50, "", ""},
+		{"chat: its own cap is kept", new(Handler), chat, capped, `{"model":"m","max_tokens":7,"messages":[]}`, "", 0, "", ""},
+		{"chat: shrunk to the bucket", new(Handler), chat, bucket, `{"model":"m","messages":[]}`, "max_completion_tokens", -1, "", ""},
+		{"chat: shrunk for each of n", new(Handler), chat, bucket, `{"model":"m","n":3,"messages":[]}`, "max_completion_tokens", -1, "", ""},
+		{"completions: max_tokens", new(Handler), completions, &Tier{}, `{"model":"m","prompt":"p"}`, "max_tokens", DefaultMaxTokens, "", ""},
+		{"completions: shrunk for each prompt and best_of", new(Handler), completions, bucket, `{"model":"m","prompt":["a","b"],"best_of":2}`, "max_tokens", -1, "", ""},
+		{"completions: a cap in the field they do not read", new(Handler), completions, &Tier{}, `{"model":"m","prompt":"p","max_completion_tokens":9}`, "max_tokens", 9, "", ""},
+		{"its own cap over the bucket", new(Handler), chat, bucket, `{"model":"m","max_completion_tokens":5000,"messages":[]}`, "", 0, "request_too_large", "max_completion_tokens 5000"},
+		{"its own cap over the bucket, for each of n", new(Handler), chat, bucket, `{"model":"m","n":2,"max_tokens":1000,"messages":[]}`, "", 0, "request_too_large", "for each of this request's 2 answers"},
+		{"a prompt over the bucket", new(Handler), chat, bucket, `{"model":"m","messages":[{"content":"` + long + `"}]}`, "", 0, "request_too_large", "shorten the prompt"},
+		{"an input over the bucket", new(Handler), embeddings, bucket, `{"model":"m","input":"` + long + `"}`, "", 0, "request_too_large", "is more than your tier's token limit (2000 tokens per 1m0s)"},
+		{"over the tier's cap", new(Handler), chat, capped, `{"model":"m","max_tokens":51,"messages":[]}`, "", 0, "max_tokens_too_large", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := httptest.NewRequest(http.MethodPost, "/v1/x", strings.NewReader(tc.body))
+			call := new(proxy.Call)
+			info, reserve, apiErr := tc.h.police(r, tc.ep, tc.tier, nil, []byte(tc.body), call)
+			if tc.code != "" {
+				if apiErr == nil || apiErr.Code != tc.code || !strings.Contains(apiErr.Message, tc.in) {
+					t.Fatalf("got %v, want %s saying %q", apiErr, tc.code, tc.in)
+				}
+				if strings.Contains(tc.in, "prompt") && strings.Contains(apiErr.Message, "max_") {
+					t.Errorf("a prompt too large is told about a cap: %s", apiErr.Message)
+				}
+				return
+			}
+			if apiErr != nil {
+				t.Fatal(apiErr.Message)
+			}
+			if tc.field == "" {
+				if string(call.Body) != tc.body {
+					t.Errorf("the body became %s, want it unchanged", call.Body)
+				}
+				return
+			}
+			var sent map[string]any
+			if err := json.Unmarshal(call.Body, &sent); err != nil {
+				t.Fatal(err)
+			}
+			choices := max(info.Choices, 1)
+			want := tc.cap
+			if want < 0 {
+				want = (2000 - info.PromptTokens) / choices
+			}
+			if got, _ := sent[tc.field].(float64); int64(got) != want {
+				t.Errorf("the upstream gets %s %v (body %s), want %d", tc.field, sent[tc.field], call.Body, want)
+			}
+			if reserve != info.PromptTokens+choices*want {
+				t.Errorf("reserved %d, want the prompt %d and %d answers of %d", reserve, info.PromptTokens, choices, want)
+			}
+			if tc.tier == bucket && reserve > 2000 {
+				t.Errorf("reserved %d, more than the bucket holds", reserve)
 			}
 		})
 	}

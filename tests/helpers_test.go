@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -130,8 +132,21 @@ func closeIdle() {
 	http.DefaultClient.CloseIdleConnections()
 }
 
+// builtinDefaultCap, as an extra line of a site, leaves default_max_tokens
+// at its built-in default. Without it, or a default_max_tokens line of
+// the test's own, a test site caps requests without one at 16, the
+// stand-in's answer length without a cap: the proxy forwards every
+// request with a cap, which the stand-in then fills exactly, and the
+// tests' token figures stay those of its answers.
+const builtinDefaultCap = "# default_max_tokens: built in"
+
 func vigthoriaBlock(upstream, apiKey string, extra ...string) string {
 	lines := []string{"upstream " + upstream, "api_key " + apiKey}
+	if !slices.ContainsFunc(extra, func(l string) bool {
+		return l == builtinDefaultCap || strings.HasPrefix(l, "default_max_tokens ")
+	}) {
+		lines = append(lines, "default_max_tokens "+strconv.Itoa(standin.DefaultMaxTokens))
+	}
 	lines = append(lines, extra...)
 	return "\tvigthoria {\n\t\t" + strings.Join(lines, "\n\t\t") + "\n\t}"
 }

@@ -461,11 +461,11 @@ func TestTierPolicy(t *testing.T) {
 			t.Fatal(err)
 		}
 		var sent struct {
-			MaxTokens int `json:"max_tokens"`
+			MaxCompletionTokens int `json:"max_completion_tokens"`
 		}
 		json.Unmarshal(e.lastRequest(t).Body, &sent)
-		if sent.MaxTokens != 50 {
-			t.Errorf("upstream got max_tokens %d, want the cap 50", sent.MaxTokens)
+		if sent.MaxCompletionTokens != 50 {
+			t.Errorf("upstream got max_completion_tokens %d, want the cap 50", sent.MaxCompletionTokens)
 		}
 		_ = res
 	})

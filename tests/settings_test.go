@@ -87,10 +87,10 @@ func TestKeySettings(t *testing.T) {
 		t.Fatalf("a chat without max_tokens: %d", res.StatusCode)
 	}
 	var sent struct {
-		MaxTokens int64 `json:"max_tokens"`
+		MaxCompletionTokens int64 `json:"max_completion_tokens"`
 	}
-	if err := json.Unmarshal(e.lastRequest(t).Body, &sent); err != nil || sent.MaxTokens != 100 {
-		t.Errorf("the upstream got max_tokens %d (%v), want the key's 100", sent.MaxTokens, err)
+	if err := json.Unmarshal(e.lastRequest(t).Body, &sent); err != nil || sent.MaxCompletionTokens != 100 {
+		t.Errorf("the upstream got max_completion_tokens %d (%v), want the key's 100", sent.MaxCompletionTokens, err)
 	}
 
 	// Origins: another site's page is refused, the key's pages and

@@ -62,14 +62,20 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request, body []byte, b *Be
 		writeError(w, http.StatusBadRequest, "invalid_request_error", "empty_array", "messages", "Invalid 'messages': empty array. Expected an array with minimum length 1.")
 		return
 	}
+	if b.RejectMaxTokens && req.MaxTokens != nil {
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "unsupported_parameter", "max_tokens",
+			"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.")
+		return
+	}
 	limit, limitParam := req.MaxTokens, "max_tokens"
-	if req.MaxCompletionTokens != nil {
+	if req.MaxCompletionTokens != nil && !b.IgnoreMaxCompletionTokens {
 		limit, limitParam = req.MaxCompletionTokens, "max_completion_tokens"
 	}
 	a, ok := s.plan(w, req.Model, limit, limitParam, req.N, req.Stream, req.StreamOptions)
 	if !ok {
 		return
 	}
+	s.capAnswer(&a, limit, limitParam, b)
 	for _, m := range req.Messages {
 		a.promptTokens += int(m.Content) + 3
 	}
@@ -90,6 +96,7 @@ func (s *Server) completions(w http.ResponseWriter, r *http.Request, body []byte
 	if !ok {
 		return
 	}
+	s.capAnswer(&a, req.MaxTokens, "max_tokens", b)
 	if req.BestOf != nil {
 		switch {
 		case *req.BestOf < a.choices || *req.BestOf > maxBestOf:
@@ -148,6 +155,19 @@ func (s *Server) plan(w http.ResponseWriter, modelID string, limit *int, limitPa
 	a.stream = stream
 	a.streamUsage = so != nil && so.IncludeUsage
 	return a, true
+}
+
+// capAnswer sizes an answer without a cap by b.Uncapped, and notes the
+// cap it was given.
+func (s *Server) capAnswer(a *answer, limit *int, param string, b *Behavior) {
+	if limit == nil {
+		if b.Uncapped > 0 {
+			a.tokens = b.Uncapped
+		}
+		s.noteCap(Cap{Tokens: a.tokens})
+		return
+	}
+	s.noteCap(Cap{Field: param, N: *limit, Tokens: a.tokens})
 }
 
 // answer sends the planned completion, streamed or whole.

@@ -5,9 +5,11 @@
 // the proxy can be tested and benchmarked against it.
 //
 // Answers are made of a fixed sentence, one word per token (see [Answer]).
-// Without a token limit a completion is [DefaultMaxTokens] tokens long and
-// finishes with "stop"; with max_tokens (or max_completion_tokens) it fills
-// the limit exactly and finishes with "length". Prompt tokens are the number
+// Without a token limit a completion is [DefaultMaxTokens] tokens long (or
+// Behavior.Uncapped, the model's own limit) and finishes with "stop"; with
+// max_tokens (or max_completion_tokens) it fills the limit exactly and
+// finishes with "length". [Server.Caps] tells which cap each completion
+// was given. Prompt tokens are the number
 // of whitespace-separated words in the input, plus 3 per chat message.
 package standin
 
@@ -130,6 +132,27 @@ type Behavior struct {
 	// Usage, if set, is the usage object of every completion answer
 	// instead of its own, verbatim: an upstream whose accounting is off.
 	Usage string
+	// Uncapped, if positive, is how many tokens each answer of a request
+	// without a cap (max_tokens, max_completion_tokens) writes instead of
+	// DefaultMaxTokens: the model's own output limit, which a real model
+	// may write up to when it is given none.
+	Uncapped int
+	// RejectMaxTokens refuses a chat request that sets max_tokens with
+	// 400 unsupported_parameter, as OpenAI's reasoning models (o1, o3,
+	// gpt-5) do: they take max_completion_tokens only.
+	RejectMaxTokens bool
+	// IgnoreMaxCompletionTokens makes a chat request's max_completion_tokens
+	// no cap at all, as some OpenAI-compatible servers (Ollama,
+	// llama-cpp-python) read it: they honour max_tokens only.
+	IgnoreMaxCompletionTokens bool
+}
+
+// Cap is the output cap a completion request was given, as the server
+// honoured it.
+type Cap struct {
+	Field  string // "max_tokens" or "max_completion_tokens"; "" when none was honoured
+	N      int    // the cap; 0 when none
+	Tokens int    // what each answer wrote
 }
 
 // Request is a request as the server received it.
@@ -165,6 +188,7 @@ type Server struct {
 
 	mu   sync.Mutex
 	reqs []Request
+	caps []Cap
 
 	bufs sync.Pool // *[]byte for request and response bodies
 }
@@ -254,6 +278,25 @@ func (s *Server) Requests() []Request {
 	return out
 }
 
+// Caps returns the cap each completion (chat or legacy) that was answered
+// was given, oldest first; requests refused before an answer was planned
+// are not in it.
+func (s *Server) Caps() []Cap {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Cap(nil), s.caps...)
+}
+
+// noteCap records a planned answer's cap, unless the server records nothing.
+func (s *Server) noteCap(c Cap) {
+	if s.noRecord {
+		return
+	}
+	s.mu.Lock()
+	s.caps = append(s.caps, c)
+	s.mu.Unlock()
+}
+
 // Count returns the number of requests received since New or Reset.
 func (s *Server) Count() int { return int(s.count.Load()) }
 
@@ -266,7 +309,7 @@ func (s *Server) Active() int { return int(s.active.Load()) }
 func (s *Server) Reset() {
 	s.SetBehavior(Behavior{})
 	s.mu.Lock()
-	s.reqs = nil
+	s.reqs, s.caps = nil, nil
 	s.mu.Unlock()
 	s.count.Store(0)
 	s.prompt.Store(0)

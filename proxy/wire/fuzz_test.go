@@ -39,12 +39,14 @@ func FuzzRequestEdits(f *testing.F) {
 		if string(opts["include_usage"]) != "true" {
 			t.Errorf("WithStreamUsage(%q) = %q: not asking for usage", body, withUsage)
 		}
-		capped, err := SetMaxTokens(body, info, 7)
-		if err != nil {
-			return
-		}
-		if got := exactFields(t, capped)["max_tokens"]; string(got) != "7" {
-			t.Errorf("SetMaxTokens(%q) = %q: max_tokens is %s, not 7", body, capped, got)
+		for _, field := range []string{MaxTokensField, MaxCompletionTokensField} {
+			capped, err := SetCap(body, info, field, 7)
+			if err != nil {
+				return
+			}
+			if got := exactFields(t, capped)[field]; string(got) != "7" {
+				t.Errorf("SetCap(%q, %s) = %q: %s is %s, not 7", body, field, capped, field, got)
+			}
 		}
 	})
 }

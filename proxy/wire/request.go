@@ -47,8 +47,46 @@ type RequestInfo struct {
 	PromptTokens int64
 	// The body names these fields, even as null: a field is then
 	// rewritten, never added twice.
-	hasStreamOpt, hasMaxTokens bool
+	hasStreamOpt, hasMaxTokens, hasMaxCompletion bool
+	// The caps of max_tokens and max_completion_tokens; 0 when absent or
+	// null.
+	maxTokens, maxCompletion int64
 }
+
+// Fields of an output cap: /v1/completions reads max_tokens; chat reads
+// either, and OpenAI's reasoning models only max_completion_tokens.
+const (
+	MaxTokensField           = "max_tokens"
+	MaxCompletionTokensField = "max_completion_tokens"
+)
+
+// CapField names the field that holds the request's cap (MaxTokens, the
+// larger of the two); "" when it sets none.
+func (info *RequestInfo) CapField() string {
+	switch {
+	case info.maxCompletion > info.maxTokens:
+		return MaxCompletionTokensField
+	case info.maxTokens > 0:
+		return MaxTokensField
+	}
+	return ""
+}
+
+// NamedCapField names a cap field the body names, even as null:
+// max_tokens first; "" when it names neither.
+func (info *RequestInfo) NamedCapField() string {
+	switch {
+	case info.hasMaxTokens:
+		return MaxTokensField
+	case info.hasMaxCompletion:
+		return MaxCompletionTokensField
+	}
+	return ""
+}
+
+// SetsMaxTokens reports whether max_tokens holds a cap, not only
+// max_completion_tokens.
+func (info *RequestInfo) SetsMaxTokens() bool { return info.maxTokens > 0 }
 
 // ParseRequest reads the fields the proxy needs from a JSON body, refusing
 // with 400 a body that is not a JSON object, or whose fields the proxy
@@ -76,7 +114,6 @@ func ParseRequest(body []byte) (RequestInfo, error) {
 	}
 	info := RequestInfo{N: 1}
 	var seen uint16
-	var maxTokens, maxCompletion int64
 	var promptN, inputN prompts
 	apiErr := eachField(trimmed, func(key, value []byte) error {
 		field, apiErr := policedField(key, topFields)
@@ -130,6 +167,8 @@ func ParseRequest(body []byte) (RequestInfo, error) {
 		case fieldMaxTokens, fieldMaxCompletionTokens:
 			if field == fieldMaxTokens {
 				info.hasMaxTokens = true
+			} else {
+				info.hasMaxCompletion = true
 			}
 			if null {
 				return nil
@@ -139,9 +178,9 @@ func ParseRequest(body []byte) (RequestInfo, error) {
 				return invalidRequest("max_tokens and max_completion_tokens must be positive integers, at most " + strconv.Itoa(maxTokenCap) + ".")
 			}
 			if field == fieldMaxTokens {
-				maxTokens = n
+				info.maxTokens = n
 			} else {
-				maxCompletion = n
+				info.maxCompletion = n
 			}
 		case fieldN, fieldBestOf:
 			if null {
@@ -174,7 +213,7 @@ func ParseRequest(body []byte) (RequestInfo, error) {
 		return RequestInfo{}, invalidRequest("best_of must be at least n.")
 	}
 	// Whichever of the two the upstream honours, the larger is policed.
-	info.MaxTokens = max(maxTokens, maxCompletion)
+	info.MaxTokens = max(info.maxTokens, info.maxCompletion)
 	// A body may name both prompt and input; the upstream reads one, the
 	// reservation counts the larger.
 	info.Prompts = max(promptN.items, inputN.items)
@@ -529,18 +568,23 @@ func WithStreamUsage(body []byte, info RequestInfo) ([]byte, error) {
 	return json.Marshal(fields)
 }
 
-// SetMaxTokens returns body with max_tokens set to n, for a request that
-// did not set it (or set it to null).
-func SetMaxTokens(body []byte, info RequestInfo, n int64) ([]byte, error) {
+// SetCap returns body with field (MaxTokensField or
+// MaxCompletionTokensField) set to n, for a request that did not set it
+// (or set it to null). The body is changed only where it must be.
+func SetCap(body []byte, info RequestInfo, field string, n int64) ([]byte, error) {
 	value := strconv.AppendInt(nil, n, 10)
-	if !info.hasMaxTokens {
-		return insertField(body, "max_tokens", value), nil
+	named := info.hasMaxTokens
+	if field == MaxCompletionTokensField {
+		named = info.hasMaxCompletion
+	}
+	if !named {
+		return insertField(body, field, value), nil
 	}
 	fields, err := topLevel(body)
 	if err != nil {
 		return nil, err
 	}
-	fields["max_tokens"] = value
+	fields[field] = value
 	return json.Marshal(fields)
 }
 

@@ -15,9 +15,9 @@ func TestParseRequest(t *testing.T) {
 		{"chat", `{"model":"m","messages":[]}`, RequestInfo{Model: "m", N: 1, Choices: 1}, false},
 		{"stream with usage", `{"model":"m","stream":true,"stream_options":{"include_usage":true}}`,
 			RequestInfo{Model: "m", Stream: true, IncludeUsage: true, N: 1, hasStreamOpt: true, Choices: 1}, false},
-		{"max_tokens", `{"max_tokens":50,"n":3}`, RequestInfo{MaxTokens: 50, N: 3, hasMaxTokens: true, Choices: 3}, false},
+		{"max_tokens", `{"max_tokens":50,"n":3}`, RequestInfo{MaxTokens: 50, N: 3, hasMaxTokens: true, maxTokens: 50, Choices: 3}, false},
 		{"max_tokens null", `{"max_tokens":null}`, RequestInfo{N: 1, hasMaxTokens: true, Choices: 1}, false},
-		{"max_completion_tokens", `{"max_completion_tokens":70}`, RequestInfo{MaxTokens: 70, N: 1, Choices: 1}, false},
+		{"max_completion_tokens", `{"max_completion_tokens":70}`, RequestInfo{MaxTokens: 70, N: 1, hasMaxCompletion: true, maxCompletion: 70, Choices: 1}, false},
 		{"not json", `model=m`, RequestInfo{}, true},
 		{"array", `[{"model":"m"}]`, RequestInfo{}, true},
 		{"truncated", `{"model":"m"`, RequestInfo{}, true},
@@ -28,11 +28,11 @@ func TestParseRequest(t *testing.T) {
 		{"stream_options not an object", `{"stream_options":3}`, RequestInfo{}, true},
 		{"n zero", `{"n":0}`, RequestInfo{}, true},
 		{"escaped key is the field", `{"mod\u0065l":"vigthoria-pro-1","max_\u0074okens":9}`,
-			RequestInfo{Model: "vigthoria-pro-1", MaxTokens: 9, N: 1, hasMaxTokens: true, Choices: 1}, false},
+			RequestInfo{Model: "vigthoria-pro-1", MaxTokens: 9, N: 1, hasMaxTokens: true, maxTokens: 9, Choices: 1}, false},
 		{"escaped value", `{"model":"vig\u0074horia"}`, RequestInfo{Model: "vigthoria", N: 1, Choices: 1}, false},
 		{"invalid UTF-8 read as a decoder reads it", "{\"model\":\"fast-\x8d\"}", RequestInfo{Model: "fast-\uFFFD", N: 1, Choices: 1}, false},
 		{"the larger of the two limits", `{"max_tokens":10,"max_completion_tokens":100000}`,
-			RequestInfo{MaxTokens: 100000, N: 1, hasMaxTokens: true, Choices: 1}, false},
+			RequestInfo{MaxTokens: 100000, N: 1, hasMaxTokens: true, hasMaxCompletion: true, maxTokens: 10, maxCompletion: 100000, Choices: 1}, false},
 		{"nested fields are not the request's", `{"messages":[{"model":"x","max_tokens":1}],"metadata":{"n":99}}`,
 			RequestInfo{N: 1, Choices: 1}, false},
 		{"model twice", `{"model":"vigthoria-fast-1","model":"vigthoria-pro-1"}`, RequestInfo{}, true},
@@ -85,16 +85,36 @@ func TestWithStreamUsage(t *testing.T) {
 	}
 }
 
-func TestSetMaxTokens(t *testing.T) {
-	for in, want := range map[string]string{
-		`{"model":"m"}`:                   `{"max_tokens":256,"model":"m"}`,
-		`{}`:                              `{"max_tokens":256}`,
-		`{"max_tokens":null,"model":"m"}`: `{"max_tokens":256,"model":"m"}`,
+func TestSetCap(t *testing.T) {
+	for _, tc := range []struct{ field, in, want string }{
+		{MaxTokensField, `{"model":"m"}`, `{"max_tokens":256,"model":"m"}`},
+		{MaxTokensField, `{}`, `{"max_tokens":256}`},
+		{MaxTokensField, `{"max_tokens":null,"model":"m"}`, `{"max_tokens":256,"model":"m"}`},
+		{MaxCompletionTokensField, `{"model":"m"}`, `{"max_completion_tokens":256,"model":"m"}`},
+		{MaxCompletionTokensField, `{"max_completion_tokens":null,"model":"m"}`, `{"max_completion_tokens":256,"model":"m"}`},
+		{MaxTokensField, `{"max_completion_tokens":300,"model":"m"}`, `{"max_tokens":256,"max_completion_tokens":300,"model":"m"}`},
 	} {
-		info, _ := ParseRequest([]byte(in))
-		got, err := SetMaxTokens([]byte(in), info, 256)
-		if err != nil || !jsonEqual(t, got, []byte(want)) {
-			t.Errorf("SetMaxTokens(%s) = %s %v, want %s", in, got, err, want)
+		info, _ := ParseRequest([]byte(tc.in))
+		got, err := SetCap([]byte(tc.in), info, tc.field, 256)
+		if err != nil || !jsonEqual(t, got, []byte(tc.want)) {
+			t.Errorf("SetCap(%s, %s) = %s %v, want %s", tc.in, tc.field, got, err, tc.want)
+		}
+	}
+}
+
+func TestCapFields(t *testing.T) {
+	for _, tc := range []struct{ in, capField, named string }{
+		{`{}`, "", ""},
+		{`{"max_tokens":null}`, "", MaxTokensField},
+		{`{"max_completion_tokens":null}`, "", MaxCompletionTokensField},
+		{`{"max_tokens":5}`, MaxTokensField, MaxTokensField},
+		{`{"max_completion_tokens":5}`, MaxCompletionTokensField, MaxCompletionTokensField},
+		{`{"max_tokens":5,"max_completion_tokens":9}`, MaxCompletionTokensField, MaxTokensField},
+		{`{"max_tokens":9,"max_completion_tokens":5}`, MaxTokensField, MaxTokensField},
+	} {
+		info, err := ParseRequest([]byte(tc.in))
+		if err != nil || info.CapField() != tc.capField || info.NamedCapField() != tc.named {
+			t.Errorf("%s: cap field %q, named %q (%v), want %q and %q", tc.in, info.CapField(), info.NamedCapField(), err, tc.capField, tc.named)
 		}
 	}
 }
