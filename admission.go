@@ -64,11 +64,8 @@ type admission struct {
 // refusal by either is the caller's 429; a refusal by the key's limits
 // frees what the caller's own took. Budgets join when the request's cost
 // is known (reserve).
-func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, usage bool, now time.Time) (admission, *proxy.APIError) {
-	a := admission{lim: &tier.limits}
-	if usage {
-		a.lim = &tier.usageLimits
-	}
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, set limitSet, now time.Time) (admission, *proxy.APIError) {
+	a := admission{lim: tier.limitsFor(set)}
 	d, err := h.limiter.Admit(r.Context(), client.ID, a.lim, 0, now)
 	if err != nil {
 		return a, h.unavailable(w, client.ID, err)
@@ -85,10 +82,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		return a, errTierNotConfigured
 	}
-	lim := &parent.limits
-	if usage {
-		lim = &parent.usageLimits
-	}
+	lim := parent.limitsFor(set)
 	if apiErr := h.join(w, r, &a, side{id: client.Minted.KeyID, who: mintingKey(client), lim: lim, tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		return a, apiErr

@@ -119,7 +119,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 	case !h.originAllowed(r, client):
 		return h.refuseClient(w, r, client, keyTier, "tokens", errKeyOriginNotAllowed, now)
 	}
-	a, apiErr := h.admit(w, r, client, tier, true, now)
+	a, apiErr := h.admit(w, r, client, tier, mintLimits, now)
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}

@@ -142,11 +142,9 @@ type Tier struct {
 	limits    limiter.Limits
 	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
 	modelsKey string         // names the models policy in the models cache
-	// usageLimits are limits without the concurrency limit and taking no
-	// slot, for GET /v1/usage: it counts as a request, but a caller whose
-	// slots are all taken by its streams may still read its standing, and
-	// reading it never makes a chat sent at that moment wait.
-	usageLimits limiter.Limits
+	// lesser are the limits of requests that generate nothing, by
+	// limitSet (less one): see limitsFor.
+	lesser [3]limiter.Limits
 }
 
 // Rate is a number allowed per window.
@@ -230,10 +228,48 @@ func (t *Tier) provision(name string) error {
 		}
 	}
 	t.modelsKey = proxy.FilterKey(t.Models)
-	t.usageLimits = t.limits
-	t.usageLimits.Concurrent = 0
-	t.usageLimits.NoSlot = true
+	// Minting counts as a request, in no slot: a caller whose slots are
+	// all taken by its streams may still mint, and minting never makes a
+	// chat sent at that moment wait.
+	mint := &t.lesser[mintLimits-1]
+	*mint = t.limits
+	mint.Concurrent, mint.NoSlot = 0, true
+	// Reading one's standing, or the models one may use, reserves nothing
+	// and spends nothing: a spent quota, budget or token bucket never
+	// refuses it, only the request limit (and for the models, which may
+	// call the upstream, concurrency) bounds it.
+	t.lesser[standingLimits-1] = limiter.Limits{Requests: t.limits.Requests, NoSlot: true}
+	t.lesser[modelsLimits-1] = limiter.Limits{Requests: t.limits.Requests, Concurrent: t.limits.Concurrent}
 	return nil
+}
+
+// limitSet names which of a tier's limits a request is admitted under.
+type limitSet uint8
+
+const (
+	allLimits      limitSet = iota // a request that may generate
+	mintLimits                     // POST /vigthoria/tokens
+	standingLimits                 // GET /v1/usage
+	modelsLimits                   // GET /v1/models
+)
+
+// limitsFor returns the tier's limits of a request of set s.
+func (t *Tier) limitsFor(s limitSet) *limiter.Limits {
+	if s == allLimits {
+		return &t.limits
+	}
+	return &t.lesser[s-1]
+}
+
+// limitSetOf is the limit set of a request to the endpoint of ID id.
+func limitSetOf(id int) limitSet {
+	switch id {
+	case proxy.Usage:
+		return standingLimits
+	case proxy.Models:
+		return modelsLimits
+	}
+	return allLimits
 }
 
 // modelFilter returns allows, or nil when the tier may use every model.
@@ -793,7 +829,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// limiter closes.
 	h.active.Add(1)
 	defer h.active.Add(-1)
-	a, apiErr := h.admit(w, r, client, tier, ep.ID == proxy.Usage, now)
+	a, apiErr := h.admit(w, r, client, tier, limitSetOf(ep.ID), now)
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
 	}
@@ -858,7 +894,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
 		}
 	}
-	limiter.SetHeaders(w.Header(), &tier.limits, a.State, now)
+	// The limits it was admitted under: the standing of those it was not
+	// checked against is not known here.
+	limiter.SetHeaders(w.Header(), a.lim, a.State, now)
 
 	if info.Stream {
 		metrics.activeStreams.Inc()
