@@ -71,6 +71,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 		return a, h.unavailable(w, client.ID, err)
 	}
 	if d.Reason != limiter.Admitted {
+		h.noteRefused(alerts.Quota, client, a.lim, &d, 0)
 		return a, limitRefusal(w, tier, client.Tier, d, now)
 	}
 	a.Decision = d
@@ -109,13 +110,11 @@ func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s s
 		return h.unavailable(w, s.id, err)
 	}
 	if d.Reason != limiter.Admitted {
-		if d.Reason == limiter.QuotaLimit {
-			kind := alerts.Quota
-			if s.money {
-				kind = alerts.Budget
-			}
-			h.noteSide(kind, s.who, s.lim, &d, 0)
+		kind := alerts.Quota
+		if s.money {
+			kind = alerts.Budget
 		}
+		h.noteRefused(kind, s.who, s.lim, &d, n)
 		return sideRefusal(w, &s, d, now)
 	}
 	s.d = d
@@ -141,6 +140,7 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 	if refused, apiErr := h.reserveTokens(w, r, client.ID, a.lim, &a.Decision, tokens, now); apiErr != nil {
 		return apiErr
 	} else if refused {
+		h.noteRefused(alerts.Quota, client, a.lim, &a.Decision, tokens)
 		return limitRefusal(w, tier, client.Tier, a.Decision, now)
 	}
 	for i := range a.n {
@@ -148,6 +148,7 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 		if refused, apiErr := h.reserveTokens(w, r, s.id, s.lim, &s.d, tokens, now); apiErr != nil {
 			return apiErr
 		} else if refused {
+			h.noteRefused(alerts.Quota, s.who, s.lim, &s.d, tokens)
 			return sideRefusal(w, s, s.d, now)
 		}
 	}
@@ -258,6 +259,7 @@ func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client k
 		}
 		a.Reason, a.RetryAfter, a.State = rc.d.Reason, rc.d.RetryAfter, rc.d.State
 		if rc.d.Reason != limiter.Admitted {
+			h.noteRefused(alerts.Quota, client, a.lim, &a.Decision, tokens)
 			return limitRefusal(w, tier, client.Tier, a.Decision, now)
 		}
 	}
@@ -271,6 +273,7 @@ func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client k
 		}
 		s.d.Reason, s.d.RetryAfter, s.d.State = rs.d.Reason, rs.d.RetryAfter, rs.d.State
 		if rs.d.Reason != limiter.Admitted {
+			h.noteRefused(alerts.Quota, s.who, s.lim, &s.d, tokens)
 			return sideRefusal(w, s, s.d, now)
 		}
 	}
@@ -280,9 +283,7 @@ func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client k
 			return h.unavailable(w, b.id, rb.err)
 		}
 		if rb.d.Reason != limiter.Admitted {
-			if rb.d.Reason == limiter.QuotaLimit {
-				h.noteSide(alerts.Budget, b.who, b.lim, &rb.d, 0)
-			}
+			h.noteRefused(alerts.Budget, b.who, b.lim, &rb.d, cost)
 			return sideRefusal(w, b, rb.d, now)
 		}
 	}
@@ -328,13 +329,19 @@ func sideRefusal(w http.ResponseWriter, s *side, d limiter.Decision, now time.Ti
 	limiter.SetRefusalHeaders(w.Header(), s.lim, d, now)
 	var e proxy.APIError
 	if s.money {
+		q := &s.lim.Quota
+		what := "You exceeded the budget of tier " + s.tierName
+		if d.QuotaUsed < q.N {
+			what = "This request could cost more than is left of the budget of tier " + s.tierName +
+				" (" + keystore.FormatCost(q.N-d.QuotaUsed) + " left); a smaller request may still fit"
+		}
 		e = proxy.APIError{
 			Status: http.StatusTooManyRequests, Type: "insufficient_quota", Code: "insufficient_quota",
-			Message: "You exceeded the budget of tier " + s.tierName + " (" + keystore.FormatCost(s.lim.Quota.N) + " a " +
-				s.lim.Quota.Period.String() + "). It renews at the start of the next period; see GET /v1/usage.",
+			Message: what + " (" + keystore.FormatCost(q.N) + " a " + q.Period.String() +
+				"). It renews at the start of the next period; see GET /v1/usage.",
 		}
 	} else {
-		e = *refusal(d, s.tierName)
+		e = *refusal(d, s.lim, s.tierName)
 	}
 	if s.shared {
 		e.Message += " These limits are shared by every user of the app that signed you in."

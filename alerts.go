@@ -18,11 +18,13 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
 
-// Alerts configures what happens when a caller's quota or budget crosses
-// a threshold: a Caddy event (vigthoria.quota or vigthoria.budget) is
-// emitted, and with a webhook a signed JSON POST is sent, once per key,
-// threshold and period, even across a fleet of instances sharing a
-// store.
+// Alerts configures what happens when a caller's use of its quota or
+// budget crosses a threshold, and when a request of a caller is first
+// refused for want of either in a period: a Caddy event
+// (vigthoria.quota, vigthoria.budget, vigthoria.quota_refused,
+// vigthoria.budget_refused) is emitted, and with a webhook a signed JSON
+// POST is sent, once per key, threshold (or refusal) and period, even
+// across a fleet of instances sharing a store.
 type Alerts struct {
 	// The http or https URL alerts are POSTed to, signed per the Standard
 	// Webhooks spec. Placeholders are resolved. Default: none, events only.
@@ -118,22 +120,14 @@ func (h *Handler) noteUsage(kind string, client keystore.Client, used, limit int
 		Period: period, Used: used, Limit: limit})
 }
 
-// noteExhausted is noteUsage for a request refused because it would
-// have passed limit: the alerts count it as 100% used (see
-// alerts.Figure.Exhausted).
-func (h *Handler) noteExhausted(kind string, client keystore.Client, used, limit int64, period string) {
-	h.notifier.Note(alerts.Figure{Type: kind, KeyID: client.ID, KeyName: client.Name, Tier: client.Tier,
-		Period: period, Used: used, Limit: limit, Exhausted: true})
-}
-
 // noteStanding notes the quotas and budgets of an admission's sides
 // after it settled, having used used: the caller's token quota, and the
 // quota and budgets of its other sides (its own budget, the minting key's
 // limits and budget). Settle does not return the figures, so each is the
 // one the side's last decision saw, less its reservation, plus what was
 // used: requests of the same account settled meanwhile are not in it,
-// and are counted by the next figure noted. A side refused by its quota
-// counts as exhausted.
+// and are counted by the next figure noted. Only use crosses a
+// threshold: a refusal is noted apart, by noteRefused.
 func (h *Handler) noteStanding(client keystore.Client, a *admission, used keystore.Tokens) {
 	h.noteSide(alerts.Quota, client, a.lim, &a.Decision, used.Total())
 	for i := range a.n {
@@ -149,17 +143,32 @@ func (h *Handler) noteStanding(client keystore.Client, a *admission, used keysto
 // noteSide notes the figure of one side: the account of c, under lim,
 // as d decided it, having used used.
 func (h *Handler) noteSide(kind string, c keystore.Client, lim *limiter.Limits, d *limiter.Decision, used int64) {
+	if period, ok := quotaPeriod(lim, d); ok {
+		h.noteUsage(kind, c, d.QuotaUsed-d.Lease.Reserved+used, lim.Quota.N, period)
+	}
+}
+
+// noteRefused tells the alerts that d refused a request of the account
+// of c, under lim, for its quota (kind alerts.Quota) or budget
+// (alerts.Budget), when it asked requested (tokens or micro-units). It
+// never waits.
+func (h *Handler) noteRefused(kind string, c keystore.Client, lim *limiter.Limits, d *limiter.Decision, requested int64) {
+	if d.Reason != limiter.QuotaLimit {
+		return
+	}
+	if period, ok := quotaPeriod(lim, d); ok {
+		h.notifier.Note(alerts.Figure{Type: alerts.Refused(kind), KeyID: c.ID, KeyName: c.Name, Tier: c.Tier,
+			Period: period, Used: d.QuotaUsed - d.Lease.Reserved, Limit: lim.Quota.N, Requested: requested})
+	}
+}
+
+// quotaPeriod names the quota period d counts in, as the alerts name it;
+// false when lim has no quota or d no figure of it.
+func quotaPeriod(lim *limiter.Limits, d *limiter.Decision) (string, bool) {
 	q := &lim.Quota
 	if q.Unlimited() || d.QuotaReset.IsZero() {
-		return
+		return "", false
 	}
 	period, err := alerts.PeriodName(d.QuotaReset.Add(-time.Nanosecond), q.Period.String())
-	if err != nil {
-		return // provision checked the period
-	}
-	if d.Reason == limiter.QuotaLimit {
-		h.noteExhausted(kind, c, d.QuotaUsed-d.Lease.Reserved, q.N, period)
-		return
-	}
-	h.noteUsage(kind, c, d.QuotaUsed-d.Lease.Reserved+used, q.N, period)
+	return period, err == nil // provision checked the period
 }

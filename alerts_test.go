@@ -20,8 +20,9 @@ func (c claimAll) Claim(_ context.Context, id string, _ time.Time) (bool, error)
 
 // TestNoteQuota: the figure noted after settlement is the
 // decision's, less the reservation, plus what was used; a quota
-// refusal counts as 100%; and on the request path, below a threshold or
-// past one already noted, noting costs no allocation.
+// refusal below the limit crosses no threshold, and is noted as a
+// refusal of its own, once; and on the request path, below a threshold
+// or past one already noted, noting costs no allocation.
 func TestNoteQuota(t *testing.T) {
 	c := claimAll{claims: make(chan string, 10)}
 	n, err := alerts.NewNotifier(alerts.Config{Thresholds: []int{80, 100}, Claimer: c})
@@ -67,6 +68,15 @@ func TestNoteQuota(t *testing.T) {
 	if allocs := testing.AllocsPerRun(100, func() { h.noteSide(alerts.Quota, client, lim, past, 10) }); allocs != 0 {
 		t.Errorf("past a noted threshold: %v allocations, want 0", allocs)
 	}
-	h.noteSide(alerts.Quota, client, lim, decision(960, 0, limiter.QuotaLimit), 0)
+	refused := decision(960, 0, limiter.QuotaLimit)
+	h.noteSide(alerts.Quota, client, lim, refused, 0)
+	h.noteRefused(alerts.Quota, client, lim, decision(0, 0, limiter.TokenLimit), 50) // not a quota's
+	wantClaims()
+	h.noteRefused(alerts.Quota, client, lim, refused, 50)
+	wantClaims("quota_refused|key_a|0|2026-12-01")
+	if allocs := testing.AllocsPerRun(100, func() { h.noteRefused(alerts.Quota, client, lim, refused, 50) }); allocs != 0 {
+		t.Errorf("a refusal already noted: %v allocations, want 0", allocs)
+	}
+	h.noteSide(alerts.Quota, client, lim, decision(1000, 40, limiter.Admitted), 40) // 1000: use crosses 100%
 	wantClaims("quota|key_a|100|2026-12-01")
 }

@@ -79,7 +79,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
 //		upstream_headers <header>...          # more request headers to pass upstream
-//		alerts {                              # Caddy events vigthoria.quota and vigthoria.budget, and:
+//		alerts {                              # Caddy events vigthoria.quota, .budget, .quota_refused, .budget_refused, and:
 //			webhook <url>                      # default none: events only
 //			secret  <whsec_…>                  # required with webhook, e.g. {env.VIGTHORIA_WEBHOOK_SECRET}
 //			at      <pct>%...                  # default 80% 100%

@@ -464,9 +464,10 @@ type Handler struct {
 	// max_completion_tokens.
 	CapField string `json:"cap_field,omitempty"`
 
-	// Alerts when a caller's quota or budget crosses a threshold: Caddy
-	// events always, a signed webhook when configured. Default: events
-	// at 80% and 100%.
+	// Alerts when a caller's use of its quota or budget crosses a
+	// threshold, and when a request is first refused for want of either:
+	// Caddy events always, a signed webhook when configured. Default:
+	// events at 80% and 100%.
 	Alerts *Alerts `json:"alerts,omitempty"`
 
 	upstream     *proxy.Upstream
@@ -936,7 +937,7 @@ func (h *Handler) settle(r *http.Request, clientID string, lim *limiter.Limits, 
 func limitRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.Decision, now time.Time) *proxy.APIError {
 	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
 	limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
-	return refusal(d, tierName)
+	return refusal(d, &tier.limits, tierName)
 }
 
 // refuseAdmitted answers an admitted request refused before it was

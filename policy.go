@@ -61,8 +61,8 @@ func errMaxTokens(limit int64) *proxy.APIError {
 	}
 }
 
-// refusal is the 429 for a request a limit refused.
-func refusal(d limiter.Decision, tier string) *proxy.APIError {
+// refusal is the 429 for a request a limit of lim refused.
+func refusal(d limiter.Decision, lim *limiter.Limits, tier string) *proxy.APIError {
 	e := &proxy.APIError{Status: http.StatusTooManyRequests, Code: "rate_limit_exceeded"}
 	wait := " Please try again in " + strconv.Itoa(retrySeconds(d.RetryAfter)) + "s."
 	switch d.Reason {
@@ -77,7 +77,13 @@ func refusal(d limiter.Decision, tier string) *proxy.APIError {
 		e.Message = "Too many requests in flight at once on tier " + tier + "." + wait
 	case limiter.QuotaLimit:
 		e.Type, e.Code = "insufficient_quota", "insufficient_quota"
-		e.Message = "You exceeded your tier's token quota (" + tier + "). It renews at the start of the next period; see GET /v1/usage."
+		e.Message = "You exceeded your tier's token quota (" + tier + ")."
+		if q := &lim.Quota; d.QuotaUsed < q.N {
+			// Its reservation did not fit: a smaller one may.
+			e.Message = "This request could use more tokens than are left of your tier's token quota (" + tier + ": " +
+				strconv.FormatInt(q.N-d.QuotaUsed, 10) + " of " + strconv.FormatInt(q.N, 10) + " left); a smaller request may still fit."
+		}
+		e.Message += " It renews at the start of the next period; see GET /v1/usage."
 	case limiter.TooLarge:
 		e.Type, e.Code = "tokens", "request_too_large"
 		e.Message = "This request asks more tokens than tier " + tier + " allows per window."

@@ -18,11 +18,25 @@ import (
 	"time"
 )
 
-// Kinds of figure a threshold applies to.
+// Kinds of alert. Budget and Quota are figures of use, which alert when
+// they cross a threshold; the refusals alert when a request was refused
+// for want of quota or budget, which may happen well below the limit (a
+// request reserves its highest possible cost): they are not crossings.
 const (
-	Budget = "budget" // money, in integer micro-units of the currency
-	Quota  = "quota"  // tokens
+	Budget        = "budget"         // money, in integer micro-units of the currency
+	Quota         = "quota"          // tokens
+	BudgetRefused = "budget_refused" // a request refused for want of budget, in micro-units
+	QuotaRefused  = "quota_refused"  // a request refused for want of quota, in tokens
 )
+
+// Refused is the kind of refusal of a kind of use: QuotaRefused for
+// Quota, BudgetRefused for Budget.
+func Refused(kind string) string {
+	if kind == Budget {
+		return BudgetRefused
+	}
+	return QuotaRefused
+}
 
 // Layouts of a period's name: a calendar month or day, UTC.
 const (
@@ -30,17 +44,21 @@ const (
 	dayLayout   = "2006-01-02"
 )
 
-// Alert is a threshold crossed by a caller's figure in a period.
+// Alert is a threshold crossed by a caller's figure in a period, or the
+// first refusal of its requests for want of quota or budget in it.
 type Alert struct {
-	Type    string // Budget or Quota
+	Type    string // Budget, Quota, BudgetRefused or QuotaRefused
 	KeyID   string // the caller: a key ID or another identity; not secret
 	KeyName string
 	Tier    string
-	Period  string    // "2026-12" for a month, "2026-12-01" for a day
-	Used    int64     // what the caller had used when the alert was noted
-	Limit   int64     // the quota or budget of the period
-	Percent int       // the threshold crossed, in percent of Limit
-	At      time.Time // when the crossing was noted
+	Period  string // "2026-12" for a month, "2026-12-01" for a day
+	Used    int64  // what the caller had used when the alert was noted
+	Limit   int64  // the quota or budget of the period
+	Percent int    // the threshold crossed, in percent of Limit; 0 for a refusal
+	// Requested is, for a refusal, what the refused request would have
+	// reserved; 0 when it asked none, the quota already spent.
+	Requested int64
+	At        time.Time // when the crossing or the refusal was noted
 }
 
 // ClaimID names the alert in the claim store: type|key|threshold|period.
@@ -57,32 +75,50 @@ func (a Alert) WebhookID() string {
 	return "msg_" + base64.RawURLEncoding.EncodeToString(sum[:18])
 }
 
-// wireAlert is the webhook's body.
+// wireAlert is the webhook's body: percent for a crossing, requested
+// for a refusal.
 type wireAlert struct {
-	Type    string `json:"type"`
-	KeyID   string `json:"key_id"`
-	KeyName string `json:"key_name"`
-	Tier    string `json:"tier"`
-	Period  string `json:"period"`
-	Used    int64  `json:"used"`
-	Limit   int64  `json:"limit"`
-	Percent int    `json:"percent"`
-	At      string `json:"at"`
+	Type      string `json:"type"`
+	KeyID     string `json:"key_id"`
+	KeyName   string `json:"key_name"`
+	Tier      string `json:"tier"`
+	Period    string `json:"period"`
+	Used      int64  `json:"used"`
+	Limit     int64  `json:"limit"`
+	Percent   *int   `json:"percent,omitempty"`
+	Requested *int64 `json:"requested,omitempty"`
+	At        string `json:"at"`
 }
 
+// refusal reports whether a is a refusal, not a crossing.
+func (a *Alert) refusal() bool { return a.Type == BudgetRefused || a.Type == QuotaRefused }
+
 // MarshalJSON writes the webhook's body: {type, key_id, key_name, tier,
-// period, used, limit, percent, at}, at in RFC 3339, UTC, to the second.
+// period, used, limit, percent, at} for a crossing, with requested
+// instead of percent for a refusal; at in RFC 3339, UTC, to the second.
 func (a Alert) MarshalJSON() ([]byte, error) {
-	return json.Marshal(wireAlert{a.Type, a.KeyID, a.KeyName, a.Tier, a.Period, a.Used, a.Limit, a.Percent,
-		a.At.UTC().Format(time.RFC3339)})
+	w := wireAlert{Type: a.Type, KeyID: a.KeyID, KeyName: a.KeyName, Tier: a.Tier, Period: a.Period,
+		Used: a.Used, Limit: a.Limit, At: a.At.UTC().Format(time.RFC3339)}
+	if a.refusal() {
+		w.Requested = &a.Requested
+	} else {
+		w.Percent = &a.Percent
+	}
+	return json.Marshal(w)
 }
 
 // EventData is the alert as a Caddy event's data, with the body's names.
 func (a Alert) EventData() map[string]any {
-	return map[string]any{
+	d := map[string]any{
 		"type": a.Type, "key_id": a.KeyID, "key_name": a.KeyName, "tier": a.Tier, "period": a.Period,
-		"used": a.Used, "limit": a.Limit, "percent": a.Percent, "at": a.At.UTC().Format(time.RFC3339),
+		"used": a.Used, "limit": a.Limit, "at": a.At.UTC().Format(time.RFC3339),
 	}
+	if a.refusal() {
+		d["requested"] = a.Requested
+	} else {
+		d["percent"] = a.Percent
+	}
+	return d
 }
 
 // PeriodName names the calendar period ("day" or "month", UTC) that t

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -94,6 +95,24 @@ func TestAlertBody(t *testing.T) {
 	other.Percent = 100
 	if a.WebhookID() == other.WebhookID() || a.WebhookID() != (Alert{Type: Quota, KeyID: "key_1", Percent: 80, Period: "2026-12-01"}).WebhookID() {
 		t.Error("WebhookID must follow the claim ID and only it")
+	}
+}
+
+// TestRefusalBody: a refusal says what the refused request asked, and
+// names no threshold.
+func TestRefusalBody(t *testing.T) {
+	a := Alert{Type: BudgetRefused, KeyID: "key_1", KeyName: "acme", Tier: "pro", Period: "2026-12",
+		Used: 0, Limit: 1000, Requested: 81960, At: time.Date(2026, 12, 1, 10, 4, 5, 0, time.UTC)}
+	b, err := a.MarshalJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"type":"budget_refused","key_id":"key_1","key_name":"acme","tier":"pro","period":"2026-12","used":0,"limit":1000,"requested":81960,"at":"2026-12-01T10:04:05Z"}`
+	if string(b) != want {
+		t.Errorf("body\n got %s\nwant %s", b, want)
+	}
+	if d := a.EventData(); d["requested"] != int64(81960) || d["percent"] != nil {
+		t.Errorf("event data %v, want requested and no percent", d)
 	}
 }
 
@@ -368,6 +387,37 @@ func TestNotifierThresholds(t *testing.T) {
 	for _, b := range r.Bodies() {
 		if b.KeyID == "key_a" && b.Percent == 80 && b.Period == "2026-12-01" && b.Used != 800 {
 			t.Errorf("the 80%% alert says used %d, want 800, the figure that crossed it", b.Used)
+		}
+	}
+}
+
+// TestNotifierRefusals: a refusal alerts once per key, kind and period,
+// whatever its figures, and crosses no threshold.
+func TestNotifierRefusals(t *testing.T) {
+	r := hooktest.New(t, hooktest.Secret)
+	var events eventLog
+	n := newNotifier(t, new(mapClaimer), events.emit, newSender(t, r.URL, 100, fastBackoff))
+	fig := Figure{Type: BudgetRefused, KeyID: "key_a", Tier: "pro", Period: "2026-12", Used: 0, Limit: 1000, Requested: 5000}
+	n.Note(fig)
+	n.Note(fig)
+	quota := fig
+	quota.Type = QuotaRefused
+	n.Note(quota)
+	r.WaitAccepted(2, 5*time.Second)
+	time.Sleep(50 * time.Millisecond) // anything more would arrive now
+	got := map[string]int{}
+	for _, b := range r.Bodies() {
+		got[b.Type]++
+		if b.Percent != 0 || b.Requested == nil || *b.Requested != 5000 || b.Used != 0 {
+			t.Errorf("body %+v, want the refusal's figures and no threshold", b)
+		}
+	}
+	if got[BudgetRefused] != 1 || got[QuotaRefused] != 1 || len(got) != 2 {
+		t.Errorf("alerts delivered: %v, want one budget_refused and one quota_refused", got)
+	}
+	for _, e := range events.all() {
+		if !strings.HasPrefix(e, "vigthoria.budget_refused key_a") && !strings.HasPrefix(e, "vigthoria.quota_refused key_a") {
+			t.Errorf("event %s, want a refusal's", e)
 		}
 	}
 }

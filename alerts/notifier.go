@@ -33,11 +33,10 @@ type Figure struct {
 	Period  string // PeriodName of the period the figure counts in
 	Used    int64
 	Limit   int64 // a figure without a positive limit crosses nothing
-	// Exhausted says that a request was just refused for passing Limit:
-	// every threshold counts as crossed, whatever Used says. A request
-	// reserves its highest possible cost, so a caller can run out with
-	// Used a little below Limit, and never reach it.
-	Exhausted bool
+	// Requested is, for a refusal (QuotaRefused, BudgetRefused), what
+	// the refused request would have reserved; 0 when it was refused
+	// before it asked any, its quota already spent.
+	Requested int64
 }
 
 // Config configures a Notifier.
@@ -122,39 +121,48 @@ func (n *Notifier) Close() {
 	<-n.done
 }
 
-// Note looks at a figure after a request settled. For each threshold it
-// has newly crossed (Used at least Percent of Limit), not yet seen by
-// this Notifier, it hands the alert to the Notifier's goroutine, which
-// claims it and, when this instance won the claim, emits the event
-// vigthoria.<type> and enqueues the webhook. It never waits, and
-// allocates nothing when no threshold is newly crossed. A full queue
-// drops the crossing, which a later Note notes again.
+// Note looks at a figure. A figure of use (Quota, Budget), noted after a
+// request settled, alerts for each threshold it has newly crossed (Used
+// at least Percent of Limit): use alone crosses a threshold. A refusal
+// (QuotaRefused, BudgetRefused), noted when a request was refused for
+// want of quota or budget, alerts once per key and period, whatever its
+// figures. An alert not yet seen by this Notifier is handed to the
+// Notifier's goroutine, which claims it and, when this instance won the
+// claim, emits the event vigthoria.<type> and enqueues the webhook. It
+// never waits, and allocates nothing when nothing new is noted. A full
+// queue drops the alert, which a later Note notes again.
 func (n *Notifier) Note(f Figure) {
 	if f.Limit <= 0 {
 		return
 	}
-	var now time.Time
+	if f.Type == QuotaRefused || f.Type == BudgetRefused {
+		n.hand(f, 0)
+		return
+	}
 	for _, pct := range n.thresholds {
-		if !f.Exhausted && !crossed(f.Used, f.Limit, pct) {
+		if !crossed(f.Used, f.Limit, pct) {
 			return
 		}
-		k := memoKey{f.Type, f.KeyID, pct, f.Period}
-		if !n.memo.add(k) {
-			continue
-		}
-		if now.IsZero() {
-			now = time.Now()
-		}
-		a := Alert{Type: f.Type, KeyID: f.KeyID, KeyName: f.KeyName, Tier: f.Tier, Period: f.Period,
-			Used: f.Used, Limit: f.Limit, Percent: pct, At: now}
-		select {
-		case n.jobs <- a:
-		default:
-			n.memo.remove(k)
-			dropped.Inc()
-			n.logger.Error("alert claim queue full: alert dropped until the next request",
-				zap.String("type", f.Type), zap.String("key_id", f.KeyID), zap.Int("percent", pct))
-		}
+		n.hand(f, pct)
+	}
+}
+
+// hand hands the alert of f at threshold pct (0 for a refusal) to the
+// Notifier's goroutine, unless this Notifier saw it already.
+func (n *Notifier) hand(f Figure, pct int) {
+	k := memoKey{f.Type, f.KeyID, pct, f.Period}
+	if !n.memo.add(k) {
+		return
+	}
+	a := Alert{Type: f.Type, KeyID: f.KeyID, KeyName: f.KeyName, Tier: f.Tier, Period: f.Period,
+		Used: f.Used, Limit: f.Limit, Percent: pct, Requested: f.Requested, At: time.Now()}
+	select {
+	case n.jobs <- a:
+	default:
+		n.memo.remove(k)
+		dropped.Inc()
+		n.logger.Error("alert claim queue full: alert dropped until the next request",
+			zap.String("type", f.Type), zap.String("key_id", f.KeyID), zap.Int("percent", pct))
 	}
 }
 
@@ -205,7 +213,7 @@ func (n *Notifier) claim(ctx context.Context, a Alert) {
 		return // another instance, or an earlier config, sent it
 	}
 	n.logger.Info("alert", zap.String("type", a.Type), zap.String("key_id", a.KeyID), zap.String("tier", a.Tier),
-		zap.String("period", a.Period), zap.Int("percent", a.Percent), zap.Int64("used", a.Used), zap.Int64("limit", a.Limit))
+		zap.String("period", a.Period), zap.Int("percent", a.Percent), zap.Int64("used", a.Used), zap.Int64("limit", a.Limit), zap.Int64("requested", a.Requested))
 	if n.emit != nil {
 		n.emit("vigthoria."+a.Type, a.EventData())
 	}

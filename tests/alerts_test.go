@@ -28,9 +28,10 @@ func alertsBlock(t *testing.T, url string) string {
 }
 
 // TestQuotaAlertsWebhook: a caller chatting through its daily quota of
-// 1000 tokens sets off exactly two webhooks, at 80% and at 100% (when
-// the quota refuses it), each signed, each delivered once although the
-// receiver failed its first attempt.
+// 1000 tokens sets off exactly two webhooks, the 80% crossing and the
+// refusal when its next chat does not fit what is left (use never
+// reaches 100%: no 100% alert), each signed, each delivered once
+// although the receiver failed its first attempt.
 func TestQuotaAlertsWebhook(t *testing.T) {
 	r := hooktest.New(t, hooktest.Secret)
 	r.FailFirst = 1
@@ -60,23 +61,24 @@ func TestQuotaAlertsWebhook(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // a third alert would arrive by now
 	bodies = r.Bodies()
 	// Retried with jitter, they may arrive in either order.
-	slices.SortFunc(bodies, func(a, b hooktest.Body) int { return a.Percent - b.Percent })
+	slices.SortFunc(bodies, func(a, b hooktest.Body) int { return strings.Compare(a.Type, b.Type) })
 	if len(bodies) != 2 {
 		t.Fatalf("%d webhooks accepted, want 2: %+v", len(bodies), bodies)
 	}
 	today := time.Now().UTC().Format("2006-01-02")
-	for i, pct := range []int{80, 100} {
+	for i, typ := range []string{"quota", "quota_refused"} {
 		b := bodies[i]
-		if b.Type != "quota" || b.KeyID != id || b.KeyName != "test-metered" || b.Tier != "metered" ||
-			b.Period != today || b.Limit != 1000 || b.Percent != pct {
-			t.Errorf("webhook %d = %+v, want the %d%% quota alert of %s", i, b, pct, id)
+		if b.Type != typ || b.KeyID != id || b.KeyName != "test-metered" || b.Tier != "metered" ||
+			b.Period != today || b.Limit != 1000 {
+			t.Errorf("webhook %d = %+v, want the %s alert of %s", i, b, typ, id)
 		}
 	}
-	if b := bodies[0]; b.Used < 800 || b.Used >= 1000 {
-		t.Errorf("the 80%% alert says used %d, want 800 to 999", b.Used)
+	if b := bodies[0]; b.Percent != 80 || b.Used < 800 || b.Used >= 1000 || b.Requested != nil {
+		t.Errorf("the crossing says %d%%, used %d, requested %v: want 80%%, 800 to 999, no request", b.Percent, b.Used, b.Requested)
 	}
-	if b := bodies[1]; b.Used != used {
-		t.Errorf("the 100%% alert says used %d, want %d: what the caller used when the quota refused it", b.Used, used)
+	if b := bodies[1]; b.Used != used || b.Percent != 0 || b.Requested == nil || b.Used+*b.Requested <= 1000 {
+		t.Errorf("the refusal says used %d, %d%%, requested %v: want %d, what the caller used, no threshold, and a request that did not fit",
+			b.Used, b.Percent, b.Requested, used)
 	}
 	attempts := r.Attempts()
 	for wid, n := range r.Accepted() {
@@ -88,7 +90,7 @@ func TestQuotaAlertsWebhook(t *testing.T) {
 }
 
 // TestBudgetAlertsWebhook: a caller spending its budget in money sets
-// off the 80% and 100% budget alerts, once each, its figures in
+// off the 80% budget alert and the refusal, once each, its figures in
 // micro-units of the currency.
 func TestBudgetAlertsWebhook(t *testing.T) {
 	r := hooktest.New(t, hooktest.Secret)
@@ -107,17 +109,47 @@ func TestBudgetAlertsWebhook(t *testing.T) {
 	r.WaitAccepted(2, 10*time.Second)
 	time.Sleep(200 * time.Millisecond) // a third alert would arrive by now
 	bodies := r.Bodies()
-	slices.SortFunc(bodies, func(a, b hooktest.Body) int { return a.Percent - b.Percent })
+	slices.SortFunc(bodies, func(a, b hooktest.Body) int { return strings.Compare(a.Type, b.Type) })
 	if len(bodies) != 2 {
 		t.Fatalf("%d webhooks accepted, want 2: %+v", len(bodies), bodies)
 	}
-	for i, pct := range []int{80, 100} {
-		if b := bodies[i]; b.Type != "budget" || b.KeyID != id || b.Limit != budget || b.Percent != pct {
-			t.Errorf("webhook %d = %+v, want the %d%% budget alert of %s, of %d micro-units", i, b, pct, id, budget)
+	for i, want := range []struct {
+		typ string
+		pct int
+	}{{"budget", 80}, {"budget_refused", 0}} {
+		if b := bodies[i]; b.Type != want.typ || b.KeyID != id || b.Limit != budget || b.Percent != want.pct {
+			t.Errorf("webhook %d = %+v, want the %s alert of %s, at %d%%, of %d micro-units", i, b, want.typ, id, want.pct, budget)
 		}
 	}
 	if spent := int64(chats * chatCost); bodies[1].Used != spent {
-		t.Errorf("the 100%% alert says %d micro-units used, want %d: what %d chats cost", bodies[1].Used, spent, chats)
+		t.Errorf("the refusal says %d micro-units used, want %d: what %d chats cost", bodies[1].Used, spent, chats)
+	}
+}
+
+// TestRefusalIsNoCrossing: a request whose reservation does not fit a
+// budget nobody has spent from is a refusal, and its alert says so: used
+// 0, and what it asked; no threshold is said crossed.
+func TestRefusalIsNoCrossing(t *testing.T) {
+	r := hooktest.New(t, hooktest.Secret)
+	e := start(t, builtinDefaultCap, manyFailures, testPrices, "tier metered {\n\t\t\tbudget 0.001/day\n\t\t}", alertsBlock(t, r.URL))
+	id, key := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+	// No cap: it reserves 4096 tokens of output, 81,920 micro-units.
+	client := newClient(e.caddy.URL, key)
+	_, err := client.Chat.Completions.New(t.Context(), chatParams("hi"))
+	oe := wantOpenAIError(t, err, http.StatusTooManyRequests, "insufficient_quota")
+	if !strings.Contains(oe.Message, "left of the budget") {
+		t.Errorf("the refusal says %q, want that the request does not fit what is left", oe.Message)
+	}
+	r.WaitAccepted(1, 10*time.Second)
+	time.Sleep(200 * time.Millisecond) // a second alert would arrive by now
+	bodies := r.Bodies()
+	if len(bodies) != 1 {
+		t.Fatalf("%d webhooks accepted, want 1: %+v", len(bodies), bodies)
+	}
+	if b := bodies[0]; b.Type != "budget_refused" || b.KeyID != id || b.Used != 0 || b.Limit != 1000 || b.Percent != 0 ||
+		b.Requested == nil || *b.Requested < 81_920 {
+		t.Errorf("webhook %+v, want the budget_refused alert of %s, used 0, requested at least 81920", b, id)
 	}
 }
 

@@ -24,17 +24,19 @@ import (
 // Secret is a valid whsec_ secret for tests.
 const Secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
-// Body is an alert webhook's body, every field required.
+// Body is an alert webhook's body: percent for a threshold crossed,
+// requested for a refusal, no other field.
 type Body struct {
-	Type    string `json:"type"`
-	KeyID   string `json:"key_id"`
-	KeyName string `json:"key_name"`
-	Tier    string `json:"tier"`
-	Period  string `json:"period"`
-	Used    int64  `json:"used"`
-	Limit   int64  `json:"limit"`
-	Percent int    `json:"percent"`
-	At      string `json:"at"`
+	Type      string `json:"type"`
+	KeyID     string `json:"key_id"`
+	KeyName   string `json:"key_name"`
+	Tier      string `json:"tier"`
+	Period    string `json:"period"`
+	Used      int64  `json:"used"`
+	Limit     int64  `json:"limit"`
+	Percent   int    `json:"percent"`
+	Requested *int64 `json:"requested"`
+	At        string `json:"at"`
 }
 
 // Receiver is a webhook endpoint. It answers FailFirst times 500 to each
