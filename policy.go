@@ -97,6 +97,10 @@ func refusal(d limiter.Decision, lim *limiter.Limits, tier string) *proxy.APIErr
 type capBounds struct {
 	limit int64 // the smallest max_tokens that applies; 0 for none
 	room  int64 // tokens that bucket holds beyond the prompt; math.MaxInt64 without a bucket
+	// spend is the output tokens the smallest quota or budget could pay
+	// for beside the prompt, were none of it spent; math.MaxInt64
+	// without either, negative when the prompt alone is past it.
+	spend int64
 	// The bucket that leaves the least room: its capacity and window, and
 	// whether it is shared by the users of the key that minted a token.
 	capacity int64
@@ -119,15 +123,30 @@ func (b *capBounds) bound(t *Tier, prompt int64, shared bool) {
 // prompt is estimated at prompt tokens: its tier's (with its key's
 // settings), and for the user of a minted token those of the key that
 // minted it, which bound all its users.
-func (h *Handler) boundsOf(tier *Tier, minted *keystore.Minted, prompt int64) capBounds {
-	b := capBounds{room: math.MaxInt64}
+func (h *Handler) boundsOf(tier *Tier, minted *keystore.Minted, model string, prompt int64) capBounds {
+	b := capBounds{room: math.MaxInt64, spend: math.MaxInt64}
 	b.bound(tier, prompt, false)
+	h.boundSpend(&b, tier, model, prompt)
 	if minted != nil {
 		if parent := h.parentTier(keystore.Client{Minted: minted}); parent != nil {
 			b.bound(parent, prompt, true)
+			h.boundSpend(&b, parent, model, prompt)
 		}
 	}
 	return b
+}
+
+// boundSpend narrows b.spend by the quota and the budget of t, the
+// budget at model's price.
+func (h *Handler) boundSpend(b *capBounds, t *Tier, model string, prompt int64) {
+	if q := &t.limits.Quota; !q.Unlimited() {
+		b.spend = min(b.spend, q.N-prompt)
+	}
+	if q := &t.budget.Quota; !q.Unlimited() {
+		if p, ok := h.price(model); ok {
+			b.spend = min(b.spend, p.affordable(q.N, prompt))
+		}
+	}
 }
 
 // bucketName says which token bucket bounds describe, for a refusal.
@@ -205,7 +224,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 	}
 	generates := ep.ID != proxy.Embeddings
 	choices := max(info.Choices, 1)
-	b := h.boundsOf(tier, minted, info.PromptTokens)
+	b := h.boundsOf(tier, minted, info.Model, info.PromptTokens)
 	if b.room < 0 || generates && b.room < choices {
 		return info, 0, errPromptTooLarge(&b, info.PromptTokens, choices, generates)
 	}
@@ -224,6 +243,12 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 		return info, 0, errCapTooLarge(&b, info.CapField(), maxTokens, info.PromptTokens, choices)
 	case maxTokens == 0:
 		maxTokens = min(cmp.Or(b.limit, h.DefaultMaxTokens, DefaultMaxTokens), b.room/choices)
+		if fit := b.spend / choices; fit >= 1 {
+			// A quota or budget smaller than the cap would refuse every
+			// request without one; what it leaves is the limiter's to
+			// judge (its refusal says a smaller request may fit).
+			maxTokens = min(maxTokens, fit)
+		}
 		out, err = wire.SetCap(out, info, h.injectedCapField(ep, &info), maxTokens)
 	case ep.ID == proxy.Completions && !info.SetsMaxTokens():
 		// Its cap is in max_completion_tokens, which completions do not

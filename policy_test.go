@@ -66,7 +66,10 @@ func TestPoliceReservesEveryChoice(t *testing.T) {
 func TestPoliceCaps(t *testing.T) {
 	bucket := &Tier{Tokens: &Rate{N: 2000, Window: caddy.Duration(time.Minute)}}
 	capped := &Tier{MaxTokens: 50}
-	for _, tier := range []*Tier{bucket, capped, {}} {
+	smallQuota := &Tier{Quota: &Quota{N: 2000, Period: "day"}}
+	smallBudget := &Tier{Budget: &Budget{Amount: "0.001", Period: "day"}} // 1000 micro-units
+	priced := pricedHandler(t, `{"prices": [{"model": "m", "input": "10", "output": "20"}]}`)
+	for _, tier := range []*Tier{bucket, capped, smallQuota, smallBudget, {}} {
 		if err := tier.provision("t"); err != nil {
 			t.Fatal(err)
 		}
@@ -99,6 +102,9 @@ func TestPoliceCaps(t *testing.T) {
 		{"a prompt over the bucket", new(Handler), chat, bucket, `{"model":"m","messages":[{"content":"` + long + `"}]}`, "", 0, "request_too_large", "shorten the prompt"},
 		{"an input over the bucket", new(Handler), embeddings, bucket, `{"model":"m","input":"` + long + `"}`, "", 0, "request_too_large", "is more than your tier's token limit (2000 tokens per 1m0s)"},
 		{"over the tier's cap", new(Handler), chat, capped, `{"model":"m","max_tokens":51,"messages":[]}`, "", 0, "max_tokens_too_large", ""},
+		{"shrunk to a small quota", new(Handler), chat, smallQuota, `{"model":"m","messages":[]}`, "max_completion_tokens", -1, "", ""},
+		{"shrunk to what a small budget pays for", priced, chat, smallBudget, `{"model":"m","messages":[]}`, "max_completion_tokens", -2, "", ""},
+		{"its own cap is the limiter's to judge against a quota", new(Handler), chat, smallQuota, `{"model":"m","max_tokens":5000,"messages":[]}`, "", 0, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(http.MethodPost, "/v1/x", strings.NewReader(tc.body))
@@ -128,8 +134,11 @@ func TestPoliceCaps(t *testing.T) {
 			}
 			choices := max(info.Choices, 1)
 			want := tc.cap
-			if want < 0 {
+			switch want {
+			case -1:
 				want = (2000 - info.PromptTokens) / choices
+			case -2: // 10 a prompt token, 20 an answer's, of 1000
+				want = (1000 - 10*info.PromptTokens) / 20
 			}
 			if got, _ := sent[tc.field].(float64); int64(got) != want {
 				t.Errorf("the upstream gets %s %v (body %s), want %d", tc.field, sent[tc.field], call.Body, want)

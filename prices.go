@@ -167,6 +167,30 @@ func (h *Handler) price(model string) (p modelPrice, ok bool) {
 	return modelPrice{}, h.Unpriced == UnpricedFree
 }
 
+// affordable is how many completion tokens n micro-units pay for beside
+// prompt tokens, exactly as cost counts them: the most t with
+// cost(prompt, t) <= n. It is negative when the prompt alone costs more
+// than n, and math.MaxInt64 when output is free or t does not fit an
+// int64.
+func (p modelPrice) affordable(n, prompt int64) int64 {
+	// cost(prompt, t) <= n  <=>  prompt*input + t*output <= n*10^6.
+	aHi, aLo := bits.Mul64(uint64(max(n, 0)), pricedTokens)
+	bHi, bLo := bits.Mul64(uint64(max(prompt, 0)), uint64(p.input))
+	if aHi < bHi || aHi == bHi && aLo < bLo {
+		return -1
+	}
+	if p.output == 0 {
+		return math.MaxInt64
+	}
+	lo, borrow := bits.Sub64(aLo, bLo, 0)
+	hi, _ := bits.Sub64(aHi, bHi, borrow)
+	if hi >= uint64(p.output) {
+		return math.MaxInt64
+	}
+	q, _ := bits.Div64(hi, lo, uint64(p.output))
+	return int64(min(q, math.MaxInt64))
+}
+
 // cost is what a request's tokens cost in micro-units, rounded up to a
 // whole micro-unit (never undercharging). It is exact: the products are
 // taken in 128 bits. It saturates at the largest int64, and is never

@@ -130,6 +130,30 @@ func TestOneGlobRule(t *testing.T) {
 	}
 }
 
+// TestAffordable: the completion tokens a budget pays for beside a
+// prompt are the most that cost counts within it.
+func TestAffordable(t *testing.T) {
+	prices := []modelPrice{{10, 20}, {100_000, 400_000}, {3_000_000, 15_000_000}, {1, 1}, {0, 7}, {maxPrice, maxPrice}}
+	for _, p := range prices {
+		for _, n := range []int64{0, 1, 999, 1000, 10_000, 1_000_000, keystore.MaxMoney} {
+			for _, prompt := range []int64{0, 1, 20, 5000, 2_500_000} {
+				got := p.affordable(n, prompt)
+				switch {
+				case got < 0:
+					if p.cost(prompt, 0) <= n {
+						t.Errorf("%+v: affordable(%d, %d) = %d, but the prompt costs %d", p, n, prompt, got, p.cost(prompt, 0))
+					}
+				case p.cost(prompt, got) > n || got < math.MaxInt64 && p.cost(prompt, got+1) <= n:
+					t.Errorf("%+v: affordable(%d, %d) = %d: it costs %d, one more %d", p, n, prompt, got, p.cost(prompt, got), p.cost(prompt, got+1))
+				}
+			}
+		}
+	}
+	if got := (modelPrice{input: 10}).affordable(1000, 20); got != math.MaxInt64 {
+		t.Errorf("free output: affordable = %d, want MaxInt64", got)
+	}
+}
+
 func TestPriceLookupAllocatesNothing(t *testing.T) {
 	h := pricedHandler(t, `{"prices": [
 		{"model": "vigthoria-reasoning-*", "input": "3", "output": "15"},

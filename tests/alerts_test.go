@@ -134,9 +134,11 @@ func TestRefusalIsNoCrossing(t *testing.T) {
 	e := start(t, builtinDefaultCap, manyFailures, testPrices, "tier metered {\n\t\t\tbudget 0.001/day\n\t\t}", alertsBlock(t, r.URL))
 	id, key := e.addKey(t, "metered")
 	e.waitKeysKnown(t)
-	// No cap: it reserves 4096 tokens of output, 81,920 micro-units.
+	// 4096 tokens of output: 81,920 micro-units.
 	client := newClient(e.caddy.URL, key)
-	_, err := client.Chat.Completions.New(t.Context(), chatParams("hi"))
+	params := chatParams("hi")
+	params.MaxTokens = openai.Int(4096)
+	_, err := client.Chat.Completions.New(t.Context(), params)
 	oe := wantOpenAIError(t, err, http.StatusTooManyRequests, "insufficient_quota")
 	if !strings.Contains(oe.Message, "left of the budget") {
 		t.Errorf("the refusal says %q, want that the request does not fit what is left", oe.Message)

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
@@ -26,10 +27,14 @@ var capTiers = []string{
 	"tier bucket {\n\t\t\ttokens 2000/1m\n\t\t}",
 }
 
-// chatAtOnce sends n chats at once with client, without a cap, as an SDK
-// does by default, and returns how many were answered. Every refusal
-// must be a 429.
-func chatAtOnce(t *testing.T, client openai.Client, n int) int64 {
+// chatAtOnce sends n chats at once with key to base, without a cap, as
+// an SDK does by default, and returns how many were answered. Every
+// refusal must be a 429. Each chat has a connection of its own, closed
+// after it: a burst on shared ones dials connections it never uses,
+// which hold up Caddy's shutdown.
+func chatAtOnce(t *testing.T, base, key string, n int) int64 {
+	client := openai.NewClient(option.WithBaseURL(base+"/v1/"), option.WithAPIKey(key), option.WithMaxRetries(0),
+		option.WithHTTPClient(&http.Client{Transport: &http.Transport{DisableKeepAlives: true}}))
 	var ok atomic.Int64
 	var wg sync.WaitGroup
 	for range n {
@@ -77,7 +82,7 @@ func TestUncappedRequestsCarryTheirCap(t *testing.T) {
 	e.upstream.SetBehavior(standin.Behavior{Uncapped: uncapped})
 
 	t.Run("budget", func(t *testing.T) {
-		answered := chatAtOnce(t, newClient(e.caddy.URL, spendKey), 40)
+		answered := chatAtOnce(t, e.caddy.URL, spendKey, 40)
 		var cost int64
 		eventually2s(t, "the ledger holds every answered chat", func() bool {
 			row := e.storedToday(t, spendID)
@@ -92,7 +97,7 @@ func TestUncappedRequestsCarryTheirCap(t *testing.T) {
 	})
 
 	t.Run("quota", func(t *testing.T) {
-		answered := chatAtOnce(t, newClient(e.caddy.URL, quotaKey), 40)
+		answered := chatAtOnce(t, e.caddy.URL, quotaKey, 40)
 		var used int64
 		eventually2s(t, "the ledger holds every answered chat", func() bool {
 			row := e.storedToday(t, quotaID)
@@ -127,6 +132,29 @@ func TestUncappedRequestsCarryTheirCap(t *testing.T) {
 	}
 	if c := caps[len(caps)-1]; c.N >= 2000 {
 		t.Errorf("the token bucket's chat got cap %d, want what fits 2000 with its prompt", c.N)
+	}
+}
+
+// TestSmallQuotaAndBudgetServeUncapped: a request without a cap on a
+// tier whose quota, or budget at the model's price, is smaller than the
+// default cap is served, its cap shrunk to what they could pay for.
+func TestSmallQuotaAndBudgetServeUncapped(t *testing.T) {
+	e := start(t, builtinDefaultCap, manyFailures, testPrices,
+		"tier small {\n\t\t\tquota 3000/day\n\t\t}", "tier cheap {\n\t\t\tbudget 0.01/day\n\t\t}")
+	_, small := e.addKey(t, "small")
+	_, cheap := e.addKey(t, "cheap")
+	e.waitKeysKnown(t)
+	e.upstream.Reset()
+	e.upstream.SetBehavior(standin.Behavior{Uncapped: uncapped})
+	for _, key := range []string{small, cheap} {
+		client := newClient(e.caddy.URL, key)
+		if _, err := client.Chat.Completions.New(t.Context(), chatParams("hi")); err != nil {
+			t.Errorf("a chat without a cap: %v", err)
+		}
+	}
+	caps := wantEveryAnswerCapped(t, e.upstream)
+	if len(caps) != 2 || caps[0].N >= 3000 || caps[1].N*20 >= 10_000 {
+		t.Errorf("caps %+v, want below the quota's 3000 tokens and what 0.01 buys at 20 micro-units a token", caps)
 	}
 }
 
