@@ -28,8 +28,9 @@ test: test-deps
 ## fuzz: each fuzz target for FUZZTIME (default 2m): client keys and
 ## Authorization headers, the request's policed fields and body edits
 ## (against encoding/json), the JSON validator (against encoding/json),
-## the usage reader, the SSE tap, the JWT verifier (against go-jose), the
-## Caddyfile syntax and the token requests of POST /vigthoria/tokens.
+## the usage reader, the SSE tap, the JWT verifier (against go-jose), model
+## globs (against path.Match), the Caddyfile syntax and the token requests
+## of POST /vigthoria/tokens.
 ## Fuzzing instruments every package a target's test binary holds: the
 ## targets in leaf packages (standard library only) build in seconds,
 ## the others rebuild Caddy and SQLite instrumented, minutes on a fresh
@@ -42,7 +43,7 @@ FUZZTIME ?= 2m
 LEAF_FUZZ_TARGETS := FuzzValid:./keystore/clientkey FuzzFromAuthorization:./keystore/clientkey \
 	FuzzRequestEdits:./proxy/wire FuzzPolicedFields:./proxy/wire FuzzValidJSON:./proxy/wire FuzzParseUsage:./proxy/wire \
 	FuzzSSEBody:./proxy/wire
-FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzVerifyToken:./keystore \
+FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzVerifyToken:./keystore FuzzMatchModel:./keystore \
 	FuzzUnmarshalCaddyfile:. FuzzTokenRequest:.
 fuzz:
 	@set -e; bins=$$(mktemp -d); trap 'rm -rf "$$bins"' EXIT; cache=$$($(GO) env GOCACHE)/fuzz; \

@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"errors"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -52,9 +53,9 @@ func MatchModel(glob, name string) bool {
 				if g+1 == len(glob) {
 					return false
 				}
-				lit, w := utf8.DecodeRuneInString(glob[g+1:])
-				if r, rw := utf8.DecodeRuneInString(name[n:]); n < len(name) && r == lit && rw == w {
-					g, n = g+1+w, n+rw
+				_, w := utf8.DecodeRuneInString(glob[g+1:])
+				if strings.HasPrefix(name[n:], glob[g+1:g+1+w]) {
+					g, n = g+1+w, n+w
 					continue
 				}
 			default:
@@ -67,8 +68,7 @@ func MatchModel(glob, name string) bool {
 		if star < 0 || starName >= len(name) {
 			return false
 		}
-		_, w := utf8.DecodeRuneInString(name[starName:])
-		starName += w
+		starName++ // by byte, as path.Match
 		g, n = star+1, starName
 	}
 	return true

@@ -85,6 +85,29 @@ func TestCheckGlob(t *testing.T) {
 	}
 }
 
+// FuzzMatchModel: on globs and names without '/', the rule is
+// path.Match's, byte for byte.
+func FuzzMatchModel(f *testing.F) {
+	for _, s := range [][2]string{{"vigthoria-*", "vigthoria-fast-1"}, {"[a-c]?*x", "bzzx"}, {`\*a`, "*a"}, {"*é", "aé"}, {"[^é]", "e"}} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, glob, name string) {
+		if strings.Contains(glob+name, "/") {
+			return
+		}
+		want, err := path.Match(glob, name)
+		if CheckGlob(glob) != nil {
+			if MatchModel(glob, name) {
+				t.Errorf("the malformed glob %q matches %q", glob, name)
+			}
+			return
+		}
+		if err == nil && MatchModel(glob, name) != want {
+			t.Errorf("MatchModel(%q, %q) = %v, path.Match says %v", glob, name, !want, want)
+		}
+	})
+}
+
 func BenchmarkMatchModel(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
