@@ -18,6 +18,15 @@ import (
 // of micro-units of the currency beside the caller's own limits.
 const budgetPrefix = "budget:"
 
+// readPrefix names a caller's reading account in the limiter: a request
+// bucket of its tier's size (and concurrency, for GET /v1/models) for
+// reading its own standing and models. Apart from its own account, a
+// read is never refused for a quota, budget or token bucket the caller
+// spent, nor takes from the requests its chats may make; and the
+// limiter keeps one set of limits per account, which the account's
+// other requests (with every limit) need.
+const readPrefix = "read:"
+
 // ledgerCounter reads what a client used of its quota from the ledger,
 // so that quotas and budgets survive a restart: tokens for a client,
 // cost for its budget account.
@@ -52,6 +61,7 @@ type side struct {
 // users together, and the budgets of either. Every side is reserved and
 // settled alike.
 type admission struct {
+	id  string // the caller's account: its ID, or its reading account's
 	lim *limiter.Limits
 	limiter.Decision
 
@@ -65,10 +75,13 @@ type admission struct {
 // frees what the caller's own took. Budgets join when the request's cost
 // is known (reserve).
 func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, set limitSet, now time.Time) (admission, *proxy.APIError) {
-	a := admission{lim: tier.limitsFor(set)}
-	d, err := h.limiter.Admit(r.Context(), client.ID, a.lim, 0, now)
+	a := admission{id: client.ID, lim: tier.limitsFor(set)}
+	if set.reads() {
+		a.id = readPrefix + client.ID
+	}
+	d, err := h.limiter.Admit(r.Context(), a.id, a.lim, 0, now)
 	if err != nil {
-		return a, h.unavailable(w, client.ID, err)
+		return a, h.unavailable(w, a.id, err)
 	}
 	if d.Reason != limiter.Admitted {
 		h.noteRefused(alerts.Quota, client, a.lim, &d, 0)
@@ -83,8 +96,11 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		return a, errTierNotConfigured
 	}
-	lim := parent.limitsFor(set)
-	if apiErr := h.join(w, r, &a, side{id: client.Minted.KeyID, who: mintingKey(client), lim: lim, tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
+	id := client.Minted.KeyID
+	if set.reads() {
+		id = readPrefix + id
+	}
+	if apiErr := h.join(w, r, &a, side{id: id, who: mintingKey(client), lim: parent.limitsFor(set), tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		return a, apiErr
 	}
@@ -137,7 +153,7 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 			return h.reserveAtOnce(w, r, client, tier, a, budgets, nb, p.cost(prompt, tokens-prompt), tokens, now)
 		}
 	}
-	if refused, apiErr := h.reserveTokens(w, r, client.ID, a.lim, &a.Decision, tokens, now); apiErr != nil {
+	if refused, apiErr := h.reserveTokens(w, r, a.id, a.lim, &a.Decision, tokens, now); apiErr != nil {
 		return apiErr
 	} else if refused {
 		h.noteRefused(alerts.Quota, client, a.lim, &a.Decision, tokens)
@@ -208,7 +224,7 @@ func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client k
 		budget bool
 	}
 	var qs [1 + maxSides]question
-	qs[0] = question{id: client.ID, lim: a.lim, lease: a.Lease}
+	qs[0] = question{id: a.id, lim: a.lim, lease: a.Lease}
 	for i := range a.n {
 		s := &a.sides[i]
 		qs[1+i] = question{id: s.id, lim: s.lim, lease: s.d.Lease}
@@ -255,7 +271,7 @@ func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client k
 	// Then the first refusal.
 	if rc := &res[0]; !rc.none {
 		if rc.err != nil {
-			return h.unavailable(w, client.ID, rc.err)
+			return h.unavailable(w, a.id, rc.err)
 		}
 		a.Reason, a.RetryAfter, a.State = rc.d.Reason, rc.d.RetryAfter, rc.d.State
 		if rc.d.Reason != limiter.Admitted {
@@ -312,7 +328,7 @@ func (h *Handler) reserveTokens(w http.ResponseWriter, r *http.Request, id strin
 // side: what it used replaces its reservations, tokens on the limits'
 // sides and its cost on the budgets', and its slots are freed.
 func (h *Handler) settleAdmission(r *http.Request, client keystore.Client, a *admission, used keystore.Tokens) {
-	h.settle(r, client.ID, a.lim, a.Lease, used.Total())
+	h.settle(r, a.id, a.lim, a.Lease, used.Total())
 	for i := range a.n {
 		s := &a.sides[i]
 		n := used.Total()

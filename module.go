@@ -236,8 +236,9 @@ func (t *Tier) provision(name string) error {
 	mint.Concurrent, mint.NoSlot = 0, true
 	// Reading one's standing, or the models one may use, reserves nothing
 	// and spends nothing: a spent quota, budget or token bucket never
-	// refuses it, only the request limit (and for the models, which may
-	// call the upstream, concurrency) bounds it.
+	// refuses it, only a request bucket of the tier's size (and for the
+	// models, which may call the upstream, concurrency) in the caller's
+	// reading account (see readPrefix).
 	t.lesser[standingLimits-1] = limiter.Limits{Requests: t.limits.Requests, NoSlot: true}
 	t.lesser[modelsLimits-1] = limiter.Limits{Requests: t.limits.Requests, Concurrent: t.limits.Concurrent}
 	return nil
@@ -252,6 +253,10 @@ const (
 	standingLimits                 // GET /v1/usage
 	modelsLimits                   // GET /v1/models
 )
+
+// reads reports whether s is a set of a request that reads, admitted
+// in the caller's reading account.
+func (s limitSet) reads() bool { return s == standingLimits || s == modelsLimits }
 
 // limitsFor returns the tier's limits of a request of set s.
 func (t *Tier) limitsFor(s limitSet) *limiter.Limits {

@@ -226,7 +226,7 @@ func TestBodyLimit(t *testing.T) {
 	e.wantUpstreamCalls(t, 0)
 
 	t.Run("at the limit passes, byte for byte", func(t *testing.T) {
-		small := `{"model":"` + model + `","messages":[{"role":"user","content":"hi"}]}`
+		small := `{"model":"` + model + `","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}`
 		res := e.do(t, http.MethodPost, "/v1/chat/completions", io.MultiReader(strings.NewReader(small)), nil)
 		if res.StatusCode != http.StatusOK {
 			t.Fatalf("status = %d, want 200", res.StatusCode)

@@ -14,7 +14,8 @@ import (
 func TestMetricsAndAccessLog(t *testing.T) {
 	// Metrics live as long as the process: a tier of this test's own keeps
 	// other tests' counts out of its figures.
-	// 3 requests: the GET /v1/usage that finds the key accepted, two chats.
+	// 3 chats; the GET /v1/usage that finds the key accepted counts in a
+	// bucket of its own.
 	e := start(t, "tier counted {\n\t\t\trequests 3/1h\n\t\t}", "retries 1")
 	path := strings.TrimPrefix(e.store, "sqlite:")
 	key := createKey(t, path, "counted")
@@ -22,7 +23,7 @@ func TestMetricsAndAccessLog(t *testing.T) {
 	eventually(t, "the new key is accepted", func() bool {
 		return e.do(t, http.MethodGet, "/v1/usage", nil, http.Header{"Authorization": {"Bearer " + key}}).StatusCode == http.StatusOK
 	})
-	for range 3 { // the third is refused
+	for range 4 { // the fourth is refused
 		client.Chat.Completions.New(t.Context(), chatParams("count me"))
 	}
 	e.upstream.SetBehavior(standin.Behavior{FailStatus: http.StatusServiceUnavailable, FailCount: 1})
@@ -40,7 +41,7 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		}
 	}
 	wants := []string{
-		`vigthoria_requests_total{endpoint="chat_completions",outcome="ok",tier="counted"} 2`,
+		`vigthoria_requests_total{endpoint="chat_completions",outcome="ok",tier="counted"} 3`,
 		`vigthoria_requests_total{endpoint="chat_completions",outcome="refused_rate_limit_exceeded",tier="counted"} 1`,
 		`vigthoria_tokens_total{kind="completion",model="vigthoria-fast-1",tier="counted"}`,
 		`vigthoria_models_cache_total{result="hit"}`,

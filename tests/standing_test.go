@@ -9,13 +9,14 @@ import (
 )
 
 // TestStandingIsReadableWhenSpent: a caller whose quota is spent, or the
-// user of a token whose minting key's quota is, still reads its own
-// standing and the models it may use (200), counted as requests under
-// its request limit but never refused for its quota or budget.
+// user of a token whose minting key's quota is, or whose requests are,
+// still reads its own standing and the models it may use (200): reads
+// count in a request bucket of their own, of the tier's size, and are
+// never refused for a quota or budget.
 func TestStandingIsReadableWhenSpent(t *testing.T) {
 	e := start(t, manyFailures, testPrices,
 		"tier spent {\n\t\t\trequests 6/1h\n\t\t\tquota 100/day\n\t\t\tbudget 0.001/day\n\t\t}",
-		"tier app {\n\t\t\tquota 100/day\n\t\t}", "tier web")
+		"tier app {\n\t\t\tquota 100/day\n\t\t}", "tier web", "tier busy {\n\t\t\trequests 3/1h\n\t\t}")
 	_, key := e.addKey(t, "spent")
 	_, backend := e.addKey(t, "app", "--mint", "web")
 	e.waitKeysKnown(t)
@@ -46,14 +47,22 @@ func TestStandingIsReadableWhenSpent(t *testing.T) {
 		}
 	}
 
-	// Reading one's standing is bounded by the request limit: 6 an hour,
-	// chats and reads together.
-	auth := http.Header{"Authorization": {"Bearer " + key}}
-	var last *http.Response
-	for range 6 {
-		if last = e.do(t, http.MethodGet, "/v1/usage", nil, auth); last.StatusCode != http.StatusOK {
-			break
+	// A caller out of requests reads its standing; reads are bounded by
+	// a bucket of their own, 3 an hour here.
+	_, busy := e.addKey(t, "busy")
+	e.waitKeysKnown(t)
+	e.upstream.SetBehavior(standin.Behavior{})
+	for i := range 4 {
+		status, _, body := budgetChat(t, e.caddy.URL, busy, model)
+		if want := map[bool]int{true: http.StatusOK, false: http.StatusTooManyRequests}[i < 3]; status != want {
+			t.Fatalf("chat %d of a tier of 3 requests an hour: %d %s", i+1, status, body)
 		}
 	}
-	wantAPIError(t, last, http.StatusTooManyRequests, "rate_limit_exceeded")
+	auth := http.Header{"Authorization": {"Bearer " + busy}}
+	for _, path := range []string{"/v1/usage", "/v1/models", "/v1/usage"} {
+		if res := e.do(t, http.MethodGet, path, nil, auth); res.StatusCode != http.StatusOK {
+			t.Errorf("out of requests: GET %s: %d, want 200", path, res.StatusCode)
+		}
+	}
+	wantAPIError(t, e.do(t, http.MethodGet, "/v1/usage", nil, auth), http.StatusTooManyRequests, "rate_limit_exceeded")
 }
