@@ -390,7 +390,9 @@ func TestFleetQuotaDuringRedisOutage(t *testing.T) {
 	drain("Redis stopped", a)
 	f.redis.Resume(t)
 	eventually2s(t, "Redis is used again", func() bool {
-		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, f.a.URL+"/v1/models", nil)
+		// GET /v1/usage reads the quota's standing from Redis (a read
+		// of the models asks Redis nothing where no limit bounds it).
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, f.a.URL+"/v1/usage", nil)
 		req.Header.Set("Authorization", "Bearer "+f.key)
 		if res, err := http.DefaultClient.Do(req); err == nil {
 			res.Body.Close()
