@@ -261,6 +261,23 @@ func TestAbsurdUsageIsLogged(t *testing.T) {
 	}
 }
 
+// BenchmarkPoliceUncapped polices a small chat that sends no cap, as
+// the SDKs' default is: it gets one.
+func BenchmarkPoliceUncapped(b *testing.B) {
+	h := new(Handler)
+	tier := &Tier{Models: []string{"vigthoria-fast-*"}}
+	body := []byte(`{"model":"vigthoria-fast-1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence, please."}],"temperature":0.7,"stream":false}`)
+	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
+	ep := &proxy.Endpoints[proxy.ChatCompletions]
+	b.ReportAllocs()
+	for b.Loop() {
+		var call proxy.Call
+		if _, _, err := h.police(r, ep, tier, nil, body, &call); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkPolice polices a typical small chat, as every request is.
 func BenchmarkPolice(b *testing.B) {
 	h := new(Handler)

@@ -572,19 +572,19 @@ func WithStreamUsage(body []byte, info RequestInfo) ([]byte, error) {
 // MaxCompletionTokensField) set to n, for a request that did not set it
 // (or set it to null). The body is changed only where it must be.
 func SetCap(body []byte, info RequestInfo, field string, n int64) ([]byte, error) {
-	value := strconv.AppendInt(nil, n, 10)
 	named := info.hasMaxTokens
 	if field == MaxCompletionTokensField {
 		named = info.hasMaxCompletion
 	}
 	if !named {
-		return insertField(body, field, value), nil
+		var digits [20]byte // the usual case allocates only the new body
+		return insertField(body, field, strconv.AppendInt(digits[:0], n, 10)), nil
 	}
 	fields, err := topLevel(body)
 	if err != nil {
 		return nil, err
 	}
-	fields[field] = value
+	fields[field] = strconv.AppendInt(nil, n, 10)
 	return json.Marshal(fields)
 }
 
