@@ -123,8 +123,19 @@ func (h *Handler) narrowTier(own, minter *Tier, c keystore.Client) *Tier {
 	if minter.MaxTokens > 0 && (t.MaxTokens == 0 || minter.MaxTokens < t.MaxTokens) {
 		t.MaxTokens = minter.MaxTokens
 	}
-	// Each part is a FilterKey, which quotes its globs: no NUL in it.
-	t.modelsKey = own.modelsKey + "\x00" + minter.modelsKey + "\x00" + c.Minted.ModelsKey
+	// The policy is the intersection of the parts, whatever their order;
+	// each is a FilterKey, which quotes its globs: no NUL in it. The
+	// parts that narrow nothing ("") are left out, so that a user whom
+	// nothing narrows shares its tier's list.
+	for _, part := range [2]string{minter.modelsKey, c.Minted.ModelsKey} {
+		switch {
+		case part == "":
+		case t.modelsKey == "":
+			t.modelsKey = part
+		default:
+			t.modelsKey += "\x00" + part
+		}
+	}
 	h.keyTiers.Add(k, &t)
 	return &t
 }

@@ -206,14 +206,18 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 		})
 	}
 
-	// Models lists: one per policy, never the same key for two.
-	keys := map[string]bool{h.Tiers["open"].modelsKey: true}
-	for _, c := range []keystore.Client{minted("open", "app", "a"), minted("open", "narrow"), minted("open", "narrow", "a"), minted("web", "narrow", "a")} {
+	// Models lists: one per policy, never the same key for two; a user
+	// whom nothing narrows shares its tier's.
+	keys := map[string]bool{h.Tiers["open"].modelsKey: true, h.Tiers["web"].modelsKey: true}
+	for _, c := range []keystore.Client{minted("open", "app", "a"), minted("open", "narrow"), minted("open", "narrow", "a"), minted("web", "narrow", "a"), minted("web", "app", "a")} {
 		k := h.narrowTier(h.Tiers[c.Tier], h.tierFor(c.Minted.KeyTier, nil), c).modelFilter().Key
 		if keys[k] {
 			t.Errorf("models cache key %q given twice", k)
 		}
 		keys[k] = true
+	}
+	if k := h.narrowTier(h.Tiers["web"], h.Tiers["app"], minted("web", "app")).modelFilter().Key; k != h.Tiers["web"].modelsKey {
+		t.Errorf("a user whom nothing narrows beyond its tier has the models list %q, want its tier's %q", k, h.Tiers["web"].modelsKey)
 	}
 
 	// Changed settings are a new pointer: a new tier, for the same token.
