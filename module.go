@@ -141,6 +141,17 @@ type Tier struct {
 	// slots are all taken by its streams may still read its standing, and
 	// reading it never makes a chat sent at that moment wait.
 	usageLimits limiter.Limits
+
+	// keySettings are those of the caller's key, or of the key that
+	// minted its token: their origins bind the caller (originAllowed).
+	// nil for a configured tier.
+	keySettings *keystore.Settings
+	// minter is the tier of the key that minted a token, with that key's
+	// settings, for the token's user: its models and max_tokens narrow
+	// this tier's, its limits and budget bound the key's users together,
+	// its origins are theirs. nil for every other caller.
+	minter      *Tier
+	tokenModels []string // a minted token's own model globs; nil: the tiers'
 }
 
 // Rate is a number allowed per window.
@@ -229,20 +240,31 @@ func (t *Tier) provision(name string) error {
 	return nil
 }
 
-// modelFilter returns allows, or nil when the tier may use every model.
-func (t *Tier) modelFilter() func(string) bool {
-	if len(t.Models) == 0 {
-		return nil
+// modelFilter is the models a caller of the tier may see in GET
+// /v1/models: Allows is nil when it may use every model.
+func (t *Tier) modelFilter() proxy.ModelFilter {
+	f := proxy.ModelFilter{Key: t.modelsKey}
+	if len(t.Models) > 0 || t.tokenModels != nil || t.minter != nil && len(t.minter.Models) > 0 {
+		f.Allows = t.allows
 	}
-	return t.allows
+	return f
 }
 
-// allows reports whether the tier may use model.
+// allows reports whether a caller of the tier may use model: its
+// models, those of the key that minted its token and the token's own
+// all allow it.
 func (t *Tier) allows(model string) bool {
-	if len(t.Models) == 0 {
+	return matchesAny(t.Models, model) && matchesAny(t.tokenModels, model) &&
+		(t.minter == nil || t.minter.allows(model))
+}
+
+// matchesAny reports whether model matches one of globs, or globs is
+// empty: no narrowing.
+func matchesAny(globs []string, model string) bool {
+	if len(globs) == 0 {
 		return true
 	}
-	for _, glob := range t.Models {
+	for _, glob := range globs {
 		if ok, _ := path.Match(glob, model); ok {
 			return true
 		}
@@ -741,7 +763,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		return refuse(w, r, "none", ep.Name, apiErr)
 	}
-	if !h.originAllowed(r, client) {
+	if !originAllowed(r, tier) {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, errKeyOriginNotAllowed, now)
 	}
 
@@ -810,7 +832,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			body.Release()
 		}()
 		var reserve int64
-		if info, reserve, apiErr = h.police(r, ep, tier, client.Minted, body.Bytes(), call); apiErr != nil {
+		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
 		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
@@ -826,7 +848,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	forwarded = true
 	var err error
 	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), modelFilter(tier, client.Minted), call)
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), tier.modelFilter(), call)
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}

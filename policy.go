@@ -83,13 +83,13 @@ func refusal(d limiter.Decision, tier string) *proxy.APIError {
 }
 
 // police applies the tier's policy to a request body before anything is
-// admitted or forwarded: the model allowlist (narrowed by a minted
-// token's models) and the max_tokens cap, which
+// admitted or forwarded: the model allowlist and the max_tokens cap (for
+// a minted token's user, both narrowed by its key's: see mintedTier), which
 // holds for each answer the request asks (choice). It asks a stream for its
 // usage. The upstream gets the client's bytes except for the fields changed
 // here. It returns what admission reserves: the prompt's estimate and every
 // choice at its longest, n (or best_of) for each prompt.
-func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted *keystore.Minted, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *proxy.APIError) {
+func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *proxy.APIError) {
 	call.Body = body
 	info, apiErr := proxy.ParseRequest(body)
 	if apiErr != nil {
@@ -101,7 +101,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 	if !keystore.ValidModelName(info.Model) {
 		return info, 0, errModelName
 	}
-	if !tier.allows(info.Model) || !mintedAllows(minted, info.Model) {
+	if !tier.allows(info.Model) {
 		return info, 0, errModelNotAllowed(info.Model)
 	}
 	call.Usage.Prompt = info.PromptTokens

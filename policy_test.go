@@ -38,7 +38,7 @@ func TestPoliceReservesEveryChoice(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(http.MethodPost, "/v1/completions", strings.NewReader(tc.body))
 			call := new(proxy.Call)
-			info, reserve, apiErr := h.police(r, &proxy.Endpoints[tc.ep], tier, nil, []byte(tc.body), call)
+			info, reserve, apiErr := h.police(r, &proxy.Endpoints[tc.ep], tier, []byte(tc.body), call)
 			if tc.code != "" {
 				if apiErr == nil || apiErr.Code != tc.code {
 					t.Fatalf("got %v, want %s", apiErr, tc.code)
@@ -173,7 +173,7 @@ func BenchmarkPolice(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		var call proxy.Call
-		if _, _, err := h.police(r, ep, tier, nil, body, &call); err != nil {
+		if _, _, err := h.police(r, ep, tier, body, &call); err != nil {
 			b.Fatal(err)
 		}
 	}
