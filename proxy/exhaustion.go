@@ -120,14 +120,18 @@ func (s *scope) check(now time.Time, probeEvery time.Duration) (wait time.Durati
 	return 0, false, true
 }
 
-// note raises the lockout to w's, reporting whether it changed.
+// note raises the lockout to w's, reporting whether it changed enough
+// to tell: it started, its probing changed, or it grew by a second or
+// more. Answers in a burst each push a relative reset a little later,
+// and are not each worth a message to the fleet.
 func (s *scope) note(w ScopeWord) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	changed := false
 	switch {
 	case w.Until.After(s.until):
-		s.until, s.probe, changed = w.Until, w.Probe, true
+		changed = !s.locked.Load() || w.Probe != s.probe || w.Until.Sub(s.until) >= time.Second
+		s.until, s.probe = w.Until, w.Probe
 	case w.Until.Equal(s.until) && w.Probe && !s.probe:
 		s.probe, changed = true, true
 	}
@@ -221,7 +225,7 @@ func newExhaustion(lockout time.Duration, shared SharedExhaustion, logger *zap.L
 func (e *exhaustion) heard(w limitWord, model string, status int, sent, now time.Time) {
 	ok := status >= 200 && status < 300
 	if !w.keyUntil.IsZero() {
-		e.lock(&e.key, KeyScope, w.keyUntil, now)
+		e.lock(&e.key, KeyScope, "", w.keyUntil, now)
 	} else if ok && e.key.clear(sent, now) {
 		e.clearShared(KeyScope, sent)
 	}
@@ -230,7 +234,7 @@ func (e *exhaustion) heard(w limitWord, model string, status int, sent, now time
 	}
 	if !w.modelUntil.IsZero() {
 		id := modelScope(model)
-		e.lock(e.model(id, true, now), hex.EncodeToString(id[:]), w.modelUntil, now)
+		e.lock(e.model(id, true, now), hex.EncodeToString(id[:]), model, w.modelUntil, now)
 	} else if ok && e.nmodels.Load() > 0 {
 		id := modelScope(model)
 		if s := e.model(id, false, now); s != nil && s.clear(sent, now) {
@@ -240,15 +244,22 @@ func (e *exhaustion) heard(w limitWord, model string, status int, sent, now time
 	}
 }
 
-// lock locks s until the upstream's claim, at most lockout from now,
-// and tells the fleet.
-func (e *exhaustion) lock(s *scope, name string, claim, now time.Time) {
+// lock locks s, the scope named name (of model, "" for the key's), until
+// the upstream's claim, at most lockout from now, and tells the log and
+// the fleet.
+func (e *exhaustion) lock(s *scope, name, model string, claim, now time.Time) {
 	until := now.Add(e.lockout)
 	if claim.Before(until) {
 		until = claim
 	}
 	w := ScopeWord{Scope: name, Until: until, Noted: now, Probe: claim.After(until)}
-	if s.note(w) && e.shared != nil {
+	if !s.note(w) {
+		return
+	}
+	if c := e.logger.Check(zap.InfoLevel, "the upstream says the server key or a model is spent; its callers get upstream_rate_limited"); c != nil {
+		c.Write(zap.String("model", model), zap.Time("until", until), zap.Time("upstream_said", claim), zap.Bool("probed_after", w.Probe))
+	}
+	if e.shared != nil {
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), sharedTimeout)
 			defer cancel()

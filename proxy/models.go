@@ -46,7 +46,8 @@ var modelsShapers = [...]string{"Accept", "Accept-Language", "Openai-Beta"}
 // answer (modelsShapers and the operator's upstream_headers), each
 // prefixed by its length so that no two sets join alike.
 func (up *Upstream) modelsKey(h http.Header) string {
-	b := []byte(up.tenant)
+	var buf [128]byte
+	b := append(buf[:0], up.tenant...)
 	for _, name := range up.modelsHeaders {
 		for _, v := range h[name] {
 			b = append(b, 0)
@@ -54,6 +55,9 @@ func (up *Upstream) modelsKey(h http.Header) string {
 			b = strconv.AppendInt(append(b, ':'), int64(len(v)), 10)
 			b = append(append(b, ':'), v...)
 		}
+	}
+	if len(b) == len(up.tenant) {
+		return up.tenant
 	}
 	return string(b)
 }
