@@ -225,7 +225,7 @@ func newExhaustion(lockout time.Duration, shared SharedExhaustion, logger *zap.L
 func (e *exhaustion) heard(w limitWord, model string, status int, sent, now time.Time) {
 	ok := status >= 200 && status < 300
 	if !w.keyUntil.IsZero() {
-		e.lock(&e.key, KeyScope, "", w.keyUntil, now)
+		e.lock("", w.keyUntil, now)
 	} else if ok && e.key.clear(sent, now) {
 		e.clearShared(KeyScope, sent)
 	}
@@ -233,27 +233,36 @@ func (e *exhaustion) heard(w limitWord, model string, status int, sent, now time
 		return
 	}
 	if !w.modelUntil.IsZero() {
-		id := modelScope(model)
-		e.lock(e.model(id, true, now), hex.EncodeToString(id[:]), model, w.modelUntil, now)
+		e.lock(model, w.modelUntil, now)
 	} else if ok && e.nmodels.Load() > 0 {
 		id := modelScope(model)
-		if s := e.model(id, false, now); s != nil && s.clear(sent, now) {
+		if s := e.model(id); s != nil && s.clear(sent, now) {
 			e.dropModel(id, s)
 			e.clearShared(hex.EncodeToString(id[:]), sent)
 		}
 	}
 }
 
-// lock locks s, the scope named name (of model, "" for the key's), until
-// the upstream's claim, at most lockout from now, and tells the log and
-// the fleet.
-func (e *exhaustion) lock(s *scope, name, model string, claim, now time.Time) {
+// lock locks the scope of model ("" for the key's) until the upstream's
+// claim, at most lockout from now, and tells the log and the fleet.
+func (e *exhaustion) lock(model string, claim, now time.Time) {
 	until := now.Add(e.lockout)
 	if claim.Before(until) {
 		until = claim
 	}
-	w := ScopeWord{Scope: name, Until: until, Noted: now, Probe: claim.After(until)}
-	if !s.note(w) {
+	if !until.After(now) {
+		return // a reset already past: nothing to hold
+	}
+	w := ScopeWord{Scope: KeyScope, Until: until, Noted: now, Probe: claim.After(until)}
+	var changed bool
+	if model == "" {
+		changed = e.key.note(w)
+	} else {
+		id := modelScope(model)
+		w.Scope = hex.EncodeToString(id[:])
+		changed = e.noteModel(id, w, now)
+	}
+	if !changed {
 		return
 	}
 	if c := e.logger.Check(zap.InfoLevel, "the upstream says the server key or a model is spent; its callers get upstream_rate_limited"); c != nil {
@@ -284,14 +293,22 @@ func (e *exhaustion) clearShared(name string, sent time.Time) {
 	}()
 }
 
-// model returns the scope of a model, made when add and absent; nil when
-// absent and not added. When full, scopes that are over go first, then
-// the one that ends first.
-func (e *exhaustion) model(id [8]byte, add bool, now time.Time) *scope {
+// model returns the scope of a model, nil for none.
+func (e *exhaustion) model(id [8]byte) *scope {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if s, ok := e.models[id]; ok || !add {
-		return s
+	return e.models[id]
+}
+
+// noteModel notes w in the scope of a model, made when absent, reporting
+// whether it changed (see scope.note). It is made and noted under e.mu,
+// so that dropModel never takes it for open in between. When full,
+// scopes that are over go first, then the one that ends first.
+func (e *exhaustion) noteModel(id [8]byte, w ScopeWord, now time.Time) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if s, ok := e.models[id]; ok {
+		return s.note(w)
 	}
 	if e.models == nil {
 		e.models = make(map[[8]byte]*scope)
@@ -317,14 +334,14 @@ func (e *exhaustion) model(id [8]byte, add bool, now time.Time) *scope {
 	s := new(scope)
 	e.models[id] = s
 	e.nmodels.Store(int32(len(e.models)))
-	return s
+	return s.note(w)
 }
 
-// dropModel forgets a model's scope, if it is still s.
+// dropModel forgets a model's scope, if it is still s and open.
 func (e *exhaustion) dropModel(id [8]byte, s *scope) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.models[id] == s {
+	if e.models[id] == s && !s.locked.Load() {
 		delete(e.models, id)
 		e.nmodels.Store(int32(len(e.models)))
 	}
@@ -343,7 +360,7 @@ func (e *exhaustion) check(ctx context.Context, model string, now time.Time) (ti
 			return 0, false
 		}
 		id = modelScope(model)
-		if s = e.model(id, false, now); s == nil {
+		if s = e.model(id); s == nil {
 			return 0, false
 		}
 	}
@@ -409,7 +426,7 @@ func (e *exhaustion) adopt(words []ScopeWord, now time.Time) {
 		if err != nil || len(raw) != 8 {
 			continue
 		}
-		e.model([8]byte(raw), true, now).note(w)
+		e.noteModel([8]byte(raw), w, now)
 	}
 	if !held[KeyScope] {
 		e.key.openIfPast(now)

@@ -187,3 +187,23 @@ func BenchmarkExhaustionCheck(b *testing.B) {
 		}
 	}
 }
+
+// A model's lockout noted while other requests of it are checked is
+// never lost to them.
+func TestExhaustionNoteBesideChecks(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	for range 50 {
+		e := newExhaustion(time.Minute, nil, zap.NewNop())
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() {
+				for range 50 {
+					e.check(context.Background(), "m1", t0)
+				}
+			})
+		}
+		e.heard(limitWord{modelUntil: t0.Add(time.Hour)}, "m1", 200, t0, t0)
+		wg.Wait()
+		wantCheck(t, e, "m1", t0, true, time.Minute)
+	}
+}
