@@ -262,7 +262,10 @@ func (e *exhaustion) lock(model string, claim, now time.Time) {
 		w.Scope = hex.EncodeToString(id[:])
 		changed = e.noteModel(id, w, now)
 	}
-	if !changed {
+	if !changed || until.Sub(now) < sharedEvery {
+		// A lockout shorter than the fleet's look would end before the
+		// others heard of it; an upstream near its limit may send one on
+		// every answer, each not worth a log line.
 		return
 	}
 	if c := e.logger.Check(zap.InfoLevel, "the upstream says the server key or a model is spent; its callers get upstream_rate_limited"); c != nil {
