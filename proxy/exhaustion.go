@@ -192,24 +192,25 @@ func (s *scope) reset() {
 // get a local 429 instead of another upstream call that would only
 // prolong it, and callers of any other scope are served. No header locks
 // a scope for longer than lockout: past it, one request at a time (a
-// probe) is let through, and the scope is open again once an answer to a
-// request sent after the lockout was heard says nothing is spent. With a
-// shared store, what one instance hears reaches the others within about
-// a second, and one probe at a time is sent for the fleet; the exchanges
-// run off the request path but for a probe's claim. It is safe for
-// concurrent use.
+// probe) is let through, and the scope is open again once a 2xx answer
+// to a request sent after the lockout was heard says nothing is spent.
+// With a shared store, what one instance hears reaches the others within
+// about a second, and one probe at a time is sent for the fleet; the
+// exchanges run off the request path but for a probe's claim. Make one
+// with newExhaustion; it is safe for concurrent use.
 type exhaustion struct {
 	lockout    time.Duration
-	probeEvery time.Duration
+	probeEvery time.Duration // how long a probe without an answer holds off the next
 	key        scope
+	shared     SharedExhaustion // nil: this instance alone
+	logger     *zap.Logger
 
-	mu       sync.Mutex // protects models
-	models   map[[8]byte]*scope
-	nmodels  atomic.Int32 // len(models), read without the lock
-	shared   SharedExhaustion
 	fetched  atomic.Int64 // unix nanoseconds of the last fetch started
 	fetching atomic.Bool
-	logger   *zap.Logger
+	nmodels  atomic.Int32 // len(models), read without the lock
+
+	mu     sync.Mutex         // protects models
+	models map[[8]byte]*scope // by modelScope, at most maxModelScopes
 }
 
 func newExhaustion(lockout time.Duration, shared SharedExhaustion, logger *zap.Logger) *exhaustion {
