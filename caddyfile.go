@@ -72,6 +72,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		auth_failures  <n>/<window>           # default 20/1m
 //		models_cache   <ttl>|off              # default 5m
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
+//		upstream_lockout <duration>           # longest lockout on the upstream's word; default 1m
 //		on_store_error local|deny             # default local
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
@@ -211,6 +212,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.OnStoreError = v
 		case "store_timeout":
 			if h.StoreTimeout, err = durationArg(d, "50ms"); err != nil {
+				return err
+			}
+		case "upstream_lockout":
+			if h.UpstreamLockout, err = durationArg(d, "1m"); err != nil {
 				return err
 			}
 		case "auth_failures":

@@ -417,6 +417,14 @@ type Handler struct {
 	// the upstream's Retry-After. Default: 10s.
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
 
+	// The longest the upstream's word alone stops callers: while it says
+	// the server key (or a model) is spent, until its reset, its callers
+	// get a local 429 upstream_rate_limited, but never for longer than
+	// this; then one request at a time goes upstream (a probe, one in a
+	// fleet) to learn whether it still refuses, and the next proof
+	// restarts the lockout. Default: 1m.
+	UpstreamLockout caddy.Duration `json:"upstream_lockout,omitempty"`
+
 	// Request headers to pass to the upstream beyond the built-in
 	// allowlist (Accept, Accept-Language, Content-Type, User-Agent,
 	// X-Request-Id, X-Client-Request-Id, Traceparent, Tracestate,
@@ -485,6 +493,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.MaxWait == 0 {
 		h.MaxWait = caddy.Duration(proxy.DefaultMaxWait)
+	}
+	if h.UpstreamLockout == 0 {
+		h.UpstreamLockout = caddy.Duration(proxy.DefaultLockout)
 	}
 	if h.APIKey != "" && !strings.Contains(h.APIKey, "{") {
 		h.logger.Warn("api_key is a literal: it is stored in Caddy's config, readable through the admin API and autosave.json; use a placeholder such as {env.VIGTHORIA_API_KEY}")
@@ -593,10 +604,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.limiter = lim.(pooledLimiter).Limiter
 
-	// In a fleet, the upstream's word on the key's exhaustion is shared.
+	// In a fleet, the upstream's word on the key's exhaustion is shared
+	// by the instances that use the same key on the same upstream.
 	var shared proxy.SharedExhaustion
 	if client := lim.(pooledLimiter).redis; client != nil {
-		shared = newRedisExhaustion(client, h.Upstream)
+		shared = newRedisExhaustion(client, proxy.Fingerprint(h.Upstream, key), time.Duration(h.UpstreamLockout))
 	}
 	up, err := proxy.New(ctx, proxy.Config{
 		URL:             h.Upstream,
@@ -607,6 +619,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		MaxWait:         time.Duration(h.MaxWait),
 		UpstreamHeaders: h.UpstreamHeaders,
 		Shared:          shared,
+		Lockout:         time.Duration(h.UpstreamLockout),
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
@@ -722,6 +735,9 @@ func (h *Handler) Validate() error {
 	if *h.Retries < 0 || h.MaxWait < 0 {
 		return errors.New("retries and max_wait must be positive")
 	}
+	if h.UpstreamLockout < caddy.Duration(time.Second) {
+		return fmt.Errorf("upstream_lockout must be at least 1s, not %s", time.Duration(h.UpstreamLockout))
+	}
 	if h.AuthFailLimit < 0 || h.AuthFailWindow < 0 {
 		return errors.New("auth_fail_limit and auth_fail_window must be positive")
 	}
@@ -767,11 +783,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, errKeyOriginNotAllowed, now)
 	}
 
+	// The key's exhaustion first, before anything is counted; a model's
+	// once the body names it.
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
-	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached && ep.ID != proxy.Usage {
-		secs := retrySeconds(wait)
-		w.Header().Set("Retry-After", strconv.Itoa(secs))
-		return h.refuseClient(w, r, client, client.Tier, ep.Name, proxy.UpstreamExhausted(secs), now)
+	if !cached && ep.ID != proxy.Usage {
+		if wait, exhausted := h.upstream.Exhausted(r.Context(), "", now); exhausted {
+			return h.refuseClient(w, r, client, client.Tier, ep.Name, upstreamExhausted(w, "", wait), now)
+		}
 	}
 
 	// Counted from its admission on: Cleanup waits for it before the
@@ -835,6 +853,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
+		call.Model = info.Model
+		if wait, exhausted := h.upstream.Exhausted(r.Context(), info.Model, now); exhausted {
+			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, upstreamExhausted(w, info.Model, wait))
+		}
 		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
 			return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
 		}
@@ -857,6 +879,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	return err
+}
+
+// upstreamExhausted is the 429 of a request while the upstream says the
+// server key, or model when not "", is spent for wait more.
+func upstreamExhausted(w http.ResponseWriter, model string, wait time.Duration) *proxy.APIError {
+	secs := retrySeconds(wait)
+	w.Header().Set("Retry-After", strconv.Itoa(secs))
+	return proxy.UpstreamExhausted(model, secs)
 }
 
 // settle ends an admitted request in the limiter: used replaces its

@@ -118,12 +118,13 @@ var headerPool = sync.Pool{New: func() any { return make(http.Header, 16) }}
 // roundTrip sends out, and again after an upstream 502, 503, a transient
 // 429 or a failed connection, as the retry policy allows: never past its
 // max_wait in all, and only with a body it can replay. Every answer's
-// evidence that the key is spent is noted.
+// evidence that the key or the model is spent, or no longer is, is noted.
 func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, error) {
 	ctx := out.Context()
 	var body []byte
+	var model string
 	if c != nil {
-		body = c.Body
+		body, model = c.Body, c.Model
 	}
 	replayable := out.Body == nil || out.Body == http.NoBody || body != nil
 	var waited time.Duration
@@ -132,6 +133,7 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			out.Body = io.NopCloser(bytes.NewReader(body))
 			out.ContentLength = int64(len(body))
 		}
+		sent := time.Now()
 		res, err := t.next.RoundTrip(out)
 		var wait time.Duration
 		again := attempt < t.retry.retries && replayable
@@ -139,8 +141,9 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			again = again && connectFailed(err)
 			wait = jitter(attempt)
 		} else {
-			word := readLimitWord(res, time.Now())
-			t.exhausted.note(word.keyUntil)
+			now := time.Now()
+			word := readLimitWord(res, now)
+			t.exhausted.heard(word, model, res.StatusCode, sent, now)
 			if res.StatusCode == http.StatusTooManyRequests {
 				again = again && word.retryable429(t.retry.maxWait-waited)
 				wait = word.wait

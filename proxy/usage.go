@@ -87,6 +87,9 @@ type Call struct {
 	// StripUsage removes the usage-only chunk of a stream: the proxy asked
 	// for it, the client did not.
 	StripUsage bool
+	// Model is the request's model, "" for none: the upstream's per-model
+	// limits in its answer speak of it.
+	Model string
 	// Usage is filled in as the answer passes.
 	Usage AnswerUsage
 
