@@ -41,6 +41,12 @@ type AnswerUsage struct {
 	// caller is the caller's request context, which ends when the caller
 	// leaves; nil when not watched.
 	caller context.Context
+	// detached is set when the caller left and the upstream call went on
+	// without it (detach.go).
+	detached int32
+	// Bytes is the length of a whole (JSON) answer's body, as read: no
+	// answer carries more output tokens than it has bytes.
+	Bytes int64
 	// sent is 1 once the request was written to the upstream (from then
 	// on the upstream may bill the server key for it). The transport's
 	// writing goroutine sets it, hence atomic.
@@ -60,6 +66,10 @@ func (u *AnswerUsage) Watch(ctx context.Context) { u.caller = ctx }
 // CallerLeft reports whether the caller went away: its request context
 // ended before the request was settled.
 func (u *AnswerUsage) CallerLeft() bool { return u.caller != nil && u.caller.Err() != nil }
+
+// Detached reports whether the upstream call went on after its caller
+// left, to its end or until it was cut.
+func (u *AnswerUsage) Detached() bool { return atomic.LoadInt32(&u.detached) == 1 }
 
 // Sent reports whether the request was written to the upstream, by the
 // last attempt that was not retried.
@@ -92,6 +102,8 @@ type Call struct {
 
 	start  time.Time     // when Forward began, for the latencies
 	answer checkedAnswer // a JSON answer, once read whole
+	stream callStream    // a stream's body
+	watch  watch         // on the caller, for a request the upstream may bill
 	logger *zap.Logger   // the transport's, for a stream broken off
 	trace  httptrace.ClientTrace
 }
@@ -142,6 +154,7 @@ func (j *jsonTap) Read(p []byte) (int, error) {
 	n, err := j.src.Read(p)
 	if n > 0 {
 		j.keep(p[:n])
+		j.usage.Bytes += int64(n)
 	}
 	if err == io.EOF && !j.done {
 		j.done = true
@@ -161,7 +174,14 @@ func (j *jsonTap) keep(b []byte) {
 	j.tail = append(j.tail, b...)
 }
 
-func (j *jsonTap) Close() error { return j.src.Close() }
+// Close reads the rest of an answer closed before its end, for its usage,
+// as callStream does.
+func (j *jsonTap) Close() error {
+	if !j.done {
+		_, _ = io.Copy(io.Discard, j)
+	}
+	return j.src.Close()
+}
 
 // parseUsage reads the last usage object in b into u (wire.ParseUsage),
 // and reports whether there was one.
