@@ -170,7 +170,10 @@ func TestLeavingEarlyNeverCostsLess(t *testing.T) {
 			if u, _ := e.usage(t, key); u.Limits.Concurrent.InFlight != 1 {
 				t.Errorf("in flight %d while the upstream still answers, want its slot taken", u.Limits.Concurrent.InFlight)
 			}
-			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(hangChat), http.Header{"Authorization": {"Bearer " + key}})
+			// Its slot is taken: the concurrency limit refuses the next
+			// request before reading its body (which, naming no model,
+			// would never reach the upstream anyway).
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(`{"messages":[]}`), http.Header{"Authorization": {"Bearer " + key}})
 			wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
 
 			waitFor(t, 5*time.Second, "the upstream ends its answer", func() bool { return up.Active() == 0 })
@@ -179,12 +182,12 @@ func TestLeavingEarlyNeverCostsLess(t *testing.T) {
 			p, c := up.Billed()
 			wantPrompt, wantCompletion := p-billedPrompt, c-billedCompletion
 			gotPrompt, gotCompletion := u.Today.PromptTokens-before.Today.PromptTokens, u.Today.CompletionTokens-before.Today.CompletionTokens
+			charged[0], charged[1] = charged[0]+gotPrompt, charged[1]+gotCompletion
+			billed[0], billed[1] = billed[0]+wantPrompt, billed[1]+wantCompletion
 			if gotPrompt != wantPrompt || gotCompletion != wantCompletion {
 				t.Errorf("charged %d prompt and %d completion tokens, the upstream counted %d and %d",
 					gotPrompt, gotCompletion, wantPrompt, wantCompletion)
 			}
-			charged[0], charged[1] = charged[0]+gotPrompt, charged[1]+gotCompletion
-			billed[0], billed[1] = billed[0]+wantPrompt, billed[1]+wantCompletion
 		})
 	}
 	t.Logf("charged %d prompt + %d completion tokens; the upstream counted %d + %d, and wrote %d completion tokens out",
