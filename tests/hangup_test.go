@@ -253,7 +253,8 @@ func TestDetachedCallSettlesAtShutdown(t *testing.T) {
 	}
 }
 
-// metricValue reads a metric without labels from Caddy's admin API.
+// metricValue reads a series (a name, with its labels if any) from
+// Caddy's admin API; 0 when it has none yet.
 func metricValue(t *testing.T, e *env, name string) float64 {
 	t.Helper()
 	res, err := http.Get(e.caddy.AdminURL + "/metrics")
@@ -271,6 +272,5 @@ func metricValue(t *testing.T, e *env, name string) float64 {
 			return f
 		}
 	}
-	t.Fatalf("no metric %s", name)
 	return 0
 }
