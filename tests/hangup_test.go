@@ -274,3 +274,95 @@ func metricValue(t *testing.T, e *env, name string) float64 {
 	}
 	return 0
 }
+
+// TestDetachedCallsAtOnce: six callers hang up mid-stream at once while
+// only two calls may go on detached: two are charged what the upstream
+// reports, four are cut and charged the bound, none less than the
+// upstream counted; the process's detached calls are back to none after.
+func TestDetachedCallsAtOnce(t *testing.T) {
+	e := start(t, manyFailures, "detached 2")
+	keys := make([]string, 6)
+	for i := range keys {
+		_, keys[i] = e.addKey(t, "pro")
+	}
+	e.waitKeysKnown(t)
+	refusedBefore := metricValue(t, e, "vigthoria_detached_refused_total")
+	e.upstream.SetBehavior(standin.Behavior{ChunkDelay: 30 * time.Millisecond})
+	done := make(chan struct{})
+	for _, key := range keys {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			leaveRaw(t, e, key, hangStream, midStream)
+		}()
+	}
+	for range keys {
+		<-done
+	}
+	waitFor(t, 5*time.Second, "the upstream ends its answers", func() bool { return e.upstream.Active() == 0 })
+	bound := int64(len(hangStream)+len(`,"stream_options":{"include_usage":true}`)) + 40
+	var full, cut, total int64
+	for _, key := range keys {
+		var u usageAnswer
+		eventually(t, "the request is settled", func() bool {
+			u, _ = e.usage(t, key)
+			return u.Today.Requests == 1
+		})
+		switch u.Today.TotalTokens {
+		case 4 + 40: // the stand-in's count: "hi" and 3 for the message
+			full++
+		case bound:
+			cut++
+		default:
+			t.Errorf("a caller was charged %d tokens, want its upstream count (44) or the bound (%d)", u.Today.TotalTokens, bound)
+		}
+		total += u.Today.TotalTokens
+	}
+	prompt, completion := e.upstream.Billed()
+	t.Logf("%d callers charged the upstream's count, %d the bound; %d tokens charged, %d counted", full, cut, total, prompt+completion)
+	if full != 2 || cut != 4 || total < prompt+completion {
+		t.Errorf("%d detached and %d cut, %d tokens charged for %d counted; want 2 and 4, and never less", full, cut, total, prompt+completion)
+	}
+	if got := metricValue(t, e, "vigthoria_detached_refused_total"); got != refusedBefore+4 {
+		t.Errorf("vigthoria_detached_refused_total went from %v to %v, want 4 more", refusedBefore, got)
+	}
+	if got := metricValue(t, e, "vigthoria_detached_calls"); got != 0 {
+		t.Errorf("vigthoria_detached_calls is %v once every call ended, want 0", got)
+	}
+}
+
+// TestDetachedCallOutlivesAReload: a call whose caller left goes on across
+// a config reload to the same store, and is charged what the upstream
+// counted.
+func TestDetachedCallOutlivesAReload(t *testing.T) {
+	e := start(t, manyFailures, faultTier)
+	key, _ := e.meteredKey(t)
+	e.upstream.SetBehavior(standin.Behavior{Latency: time.Second, PromptTokens: hangPrompt})
+	leaveRaw(t, e, key, hangChat, beforeHeaders)
+	e.reload(t, manyFailures, faultTier, "models_cache 1m")
+	waitFor(t, 5*time.Second, "the upstream ends its answer", func() bool { return e.upstream.Active() == 0 })
+	u := waitSettled(t, e, key)
+	prompt, completion := e.upstream.Billed()
+	if u.Today.PromptTokens != prompt || u.Today.CompletionTokens != completion {
+		t.Errorf("charged %d + %d, the upstream counted %d + %d", u.Today.PromptTokens, u.Today.CompletionTokens, prompt, completion)
+	}
+}
+
+// TestNoRetryForACallerWhoLeft: a caller who leaves while the upstream
+// is still on an attempt that then fails with a 503 gets no retry made
+// for it, though its call went on detached, and is charged nothing: the
+// answered attempt billed nothing.
+func TestNoRetryForACallerWhoLeft(t *testing.T) {
+	e := start(t, manyFailures, faultTier, "retries 2 max_wait 10s")
+	key, _ := e.meteredKey(t)
+	e.upstream.SetBehavior(standin.Behavior{Latency: 500 * time.Millisecond, FailStatus: http.StatusServiceUnavailable, FailCount: 1})
+	leaveRaw(t, e, key, hangChat, beforeHeaders)
+	waitFor(t, 5*time.Second, "the upstream answered", func() bool { return e.upstream.Active() == 0 })
+	time.Sleep(500 * time.Millisecond) // a retry would be on its way
+	u := waitSettled(t, e, key)
+	if n := e.upstream.Count(); n != 1 {
+		t.Errorf("the upstream got %d requests, want 1: no retry for a caller who left", n)
+	}
+	if u.Today.TotalTokens != 0 {
+		t.Errorf("charged %d tokens, want none", u.Today.TotalTokens)
+	}
+}
