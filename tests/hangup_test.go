@@ -233,23 +233,39 @@ func TestLeavingWithNoDetachedCallFree(t *testing.T) {
 }
 
 // TestDetachedCallSettlesAtShutdown: a call whose caller left is still
-// running when Caddy stops; the last config using the store waits for it,
-// and its usage reaches the ledger, exactly once, before the store closes.
+// running when Caddy stops. The last config using the store waits for it
+// and its usage reaches the ledger before the store closes; one still
+// running after the 15 seconds of grace is cut and settled with its bound.
+// Either is charged once.
 func TestDetachedCallSettlesAtShutdown(t *testing.T) {
-	e := start(t, manyFailures, faultTier)
-	id, key := e.addKey(t, "metered")
-	e.waitKeysKnown(t)
-	e.upstream.SetBehavior(standin.Behavior{Latency: time.Second, PromptTokens: hangPrompt})
-	leaveRaw(t, e, key, hangChat, beforeHeaders)
-	e.caddy.Stop(t)
-	if e.upstream.Active() != 0 {
-		t.Error("Caddy stopped while a detached call still ran")
-	}
-	prompt, completion := e.upstream.Billed()
-	out := e.cli(t, "usage", id)
-	want := regexp.MustCompile(`\b1\s+` + strconv.FormatInt(prompt, 10) + `\s+0\s+` + strconv.FormatInt(completion, 10) + `\b`)
-	if !want.MatchString(out) {
-		t.Errorf("the ledger after the shutdown:\n%s\nwant 1 request of %d prompt and %d completion tokens", out, prompt, completion)
+	for _, tc := range []struct {
+		name    string
+		latency time.Duration
+		cut     bool
+	}{
+		{"within the grace", time.Second, false},
+		{"past the grace", time.Minute, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := start(t, manyFailures, faultTier)
+			id, key := e.addKey(t, "metered")
+			e.waitKeysKnown(t)
+			e.upstream.SetBehavior(standin.Behavior{Latency: tc.latency, PromptTokens: hangPrompt})
+			leaveRaw(t, e, key, hangChat, beforeHeaders)
+			e.caddy.Stop(t)
+			if e.upstream.Active() != 0 {
+				t.Error("Caddy stopped while a detached call still ran")
+			}
+			prompt, completion := e.upstream.Billed()
+			if tc.cut {
+				prompt, completion = int64(len(hangChat)), 40
+			}
+			out := e.cli(t, "usage", id)
+			want := regexp.MustCompile(`\b1\s+` + strconv.FormatInt(prompt, 10) + `\s+0\s+` + strconv.FormatInt(completion, 10) + `\b`)
+			if !want.MatchString(out) {
+				t.Errorf("the ledger after the shutdown:\n%s\nwant 1 request of %d prompt and %d completion tokens", out, prompt, completion)
+			}
+		})
 	}
 }
 
