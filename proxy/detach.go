@@ -82,6 +82,8 @@ type watch struct {
 
 // upstreamContext returns the context of c's upstream request: the
 // caller's values without its cancellation, ended by the watch instead.
+// The transport calls it once per call: its retries are its own, and the
+// reverse proxy it serves makes no attempts of its own.
 func (c *Call) upstreamContext(caller context.Context, p *DetachPolicy) context.Context {
 	ctx, cancel := context.WithCancelCause(context.WithoutCancel(caller))
 	w := &c.watch
@@ -108,7 +110,6 @@ func (c *Call) callerLeft() {
 		return
 	}
 	w.state = detached
-	atomic.StoreInt32(&c.Usage.detached, 1)
 	w.timer = time.AfterFunc(w.policy.Timeout, func() { w.cancel(errDetachedTimeout) })
 	if w.policy.cut != nil {
 		w.stopCut = context.AfterFunc(w.policy.cut, func() { w.cancel(errDetachedCut) })

@@ -41,9 +41,6 @@ type AnswerUsage struct {
 	// caller is the caller's request context, which ends when the caller
 	// leaves; nil when not watched.
 	caller context.Context
-	// detached is set when the caller left and the upstream call went on
-	// without it (detach.go).
-	detached int32
 	// Bytes is the length of a whole (JSON) answer's body, as read: no
 	// answer carries more output tokens than it has bytes.
 	Bytes int64
@@ -66,10 +63,6 @@ func (u *AnswerUsage) Watch(ctx context.Context) { u.caller = ctx }
 // CallerLeft reports whether the caller went away: its request context
 // ended before the request was settled.
 func (u *AnswerUsage) CallerLeft() bool { return u.caller != nil && u.caller.Err() != nil }
-
-// Detached reports whether the upstream call went on after its caller
-// left, to its end or until it was cut.
-func (u *AnswerUsage) Detached() bool { return atomic.LoadInt32(&u.detached) == 1 }
 
 // Sent reports whether the request was written to the upstream, by the
 // last attempt that was not retried.
