@@ -434,6 +434,22 @@ type Handler struct {
 	// organisation selectors are refused. Default: none.
 	UpstreamHeaders []string `json:"upstream_headers,omitempty"`
 
+	// How many upstream calls whose caller left may go on to their end,
+	// over the whole process (every site and config): the upstream bills
+	// a request it received whether or not anyone reads the answer, so
+	// such a call is read to its end, charged the usage the upstream
+	// reports, and holds its caller's concurrency slot and reservation
+	// until then. A caller who leaves while this many are running has
+	// its call cut at once and is charged the most the upstream may bill
+	// for it: each byte of its body as a prompt token and all the output
+	// it reserved. 0 cuts every such call. Default: 256.
+	MaxDetached *int `json:"max_detached,omitempty"`
+
+	// How long a call may go on after its caller left; past it, the call
+	// is cut and charged as one that could not go on. header_timeout and
+	// idle_timeout bound it too. Default: 10m.
+	DetachedTimeout caddy.Duration `json:"detached_timeout,omitempty"`
+
 	// Alerts when a caller's quota or budget crosses a threshold: Caddy
 	// events always, a signed webhook when configured. Default: events
 	// at 80% and 100%.
@@ -496,6 +512,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.UpstreamLockout == 0 {
 		h.UpstreamLockout = caddy.Duration(proxy.DefaultLockout)
+	}
+	if h.MaxDetached == nil {
+		n := proxy.DefaultMaxDetached
+		h.MaxDetached = &n
+	}
+	if h.DetachedTimeout == 0 {
+		h.DetachedTimeout = caddy.Duration(proxy.DefaultDetachedTimeout)
 	}
 	if h.APIKey != "" && !strings.Contains(h.APIKey, "{") {
 		h.logger.Warn("api_key is a literal: it is stored in Caddy's config, readable through the admin API and autosave.json; use a placeholder such as {env.VIGTHORIA_API_KEY}")
@@ -620,6 +643,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		UpstreamHeaders: h.UpstreamHeaders,
 		Shared:          shared,
 		Lockout:         time.Duration(h.UpstreamLockout),
+		MaxDetached:     int64(*h.MaxDetached),
+		DetachedTimeout: time.Duration(h.DetachedTimeout),
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
@@ -670,9 +695,12 @@ func (h *Handler) Cleanup() error {
 	storeRefs, _ := keyServices.References(h.storeSpec)
 	limiterRefs, _ := limiters.References(h.limiterKey)
 	if storeRefs <= 1 || limiterRefs <= 1 {
-		deadline := time.Now().Add(settleGrace)
-		for h.active.Load() > 0 && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
+		h.waitActive(settleGrace)
+		if h.active.Load() > 0 && h.upstream != nil {
+			// Calls whose callers left wait for no one: cut, they settle
+			// at once, charged the most the upstream may bill.
+			h.upstream.CutDetached()
+			h.waitActive(time.Second)
 		}
 		if n := h.active.Load(); n > 0 {
 			h.logger.Warn("closing the key store or the limiter with requests still running; their usage may not be recorded",
@@ -682,6 +710,14 @@ func (h *Handler) Cleanup() error {
 	_, err := keyServices.Delete(h.storeSpec)
 	_, err2 := limiters.Delete(h.limiterKey)
 	return errors.Join(ownErr, err, err2)
+}
+
+// waitActive waits up to d for the admitted requests to settle.
+func (h *Handler) waitActive(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for h.active.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Validate checks the configuration after Provision.
@@ -737,6 +773,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.UpstreamLockout < caddy.Duration(time.Second) {
 		return fmt.Errorf("upstream_lockout must be at least 1s, not %s", time.Duration(h.UpstreamLockout))
+	}
+	if *h.MaxDetached < 0 || h.DetachedTimeout < 0 {
+		return errors.New("max_detached and detached_timeout must be positive")
 	}
 	if h.AuthFailLimit < 0 || h.AuthFailWindow < 0 {
 		return errors.New("auth_fail_limit and auth_fail_window must be positive")
@@ -821,7 +860,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return
 		}
 		usage := &call.Usage
-		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
+		used := h.chargeFor(client.ID, client.Tier, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
 		// The ledger first: a limiter that forgets an account once it is
 		// settled reads its quota back from the ledger, which must then

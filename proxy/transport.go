@@ -31,6 +31,7 @@ type keyTransport struct {
 	retry         retryPolicy
 	exhausted     *exhaustion
 	idleTimeout   time.Duration // longest silence in a body after its headers; 0: none
+	detach        DetachPolicy  // what a call whose caller left may still do
 	logger        *zap.Logger
 }
 
@@ -38,10 +39,16 @@ type keyTransport struct {
 // contract asks: Caddy logs req, and the key must never be in it.
 func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx, cancel := req.Context(), context.CancelCauseFunc(nil)
-	if t.idleTimeout > 0 {
+	c := callFrom(req.Context())
+	switch {
+	case c != nil && c.Usage.caller != nil:
+		// A request the upstream may bill: it does not end with its
+		// caller, but as the call's watch decides (detach.go).
+		ctx = c.upstreamContext(ctx, &t.detach)
+		cancel = c.watch.cancel
+	case t.idleTimeout > 0:
 		ctx, cancel = context.WithCancelCause(ctx)
 	}
-	c := callFrom(req.Context())
 	trace := interimTrace
 	if c != nil {
 		trace = c.traceUpstream()
@@ -66,7 +73,7 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, err
 	}
-	if cancel != nil {
+	if cancel != nil && t.idleTimeout > 0 {
 		res.Body = newIdleBody(res.Body, ctx, cancel, t.idleTimeout)
 	}
 	if res.StatusCode < 200 {
@@ -136,7 +143,9 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 		sent := time.Now()
 		res, err := t.next.RoundTrip(out)
 		var wait time.Duration
-		again := attempt < t.retry.retries && replayable
+		// Nobody is there to wait for a retry once the caller left: the
+		// attempt that was answered billed nothing.
+		again := attempt < t.retry.retries && replayable && (c == nil || !c.Usage.CallerLeft())
 		if err != nil {
 			again = again && connectFailed(err)
 			wait = jitter(attempt)

@@ -1,12 +1,14 @@
 package proxy
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -138,5 +140,36 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 			b.Fatal(err)
 		}
 		res.Body.Close()
+	}
+}
+
+// BenchmarkKeyTransportCall is BenchmarkKeyTransportHeaders for a request
+// the upstream may bill, as every POST is: its upstream context is
+// detached from its caller's and watched (detach.go).
+func BenchmarkKeyTransportCall(b *testing.B) {
+	t := &keyTransport{
+		next:          nopTransport{header: http.Header{"Content-Type": {"text/event-stream"}}},
+		authorization: []string{"Bearer server"},
+		host:          "api.example.com",
+		exhausted:     &exhaustion{},
+		detach:        DetachPolicy{Max: DefaultMaxDetached, Timeout: DefaultDetachedTimeout},
+		logger:        zap.NewNop(),
+	}
+	caller, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	vars := map[string]any{}
+	req, _ := http.NewRequestWithContext(context.WithValue(caller, caddyhttp.VarsCtxKey, vars), http.MethodPost, "http://api.example.com/v1/chat/completions", nil)
+	req.Header = http.Header{"Content-Type": {"application/json"}, "User-Agent": {"OpenAI/Go 3.0.0"}}
+	b.ReportAllocs()
+	for b.Loop() {
+		c := new(Call)
+		c.Usage.Watch(caller)
+		vars[callVar] = c
+		res, err := t.RoundTrip(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		res.Body.Close()
+		c.finish()
 	}
 }

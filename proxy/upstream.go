@@ -49,6 +49,10 @@ type Config struct {
 	// until its reset, a 429's Retry-After) stops callers; DefaultLockout
 	// when zero.
 	Lockout time.Duration
+	// MaxDetached bounds the calls of the process that go on after their
+	// caller left (0: none does), DetachedTimeout how long each may.
+	MaxDetached     int64
+	DetachedTimeout time.Duration
 }
 
 // Upstream forwards admitted requests to the API through Caddy's own
@@ -64,6 +68,8 @@ type Upstream struct {
 	modelsHeaders []string
 	exhausted     *exhaustion
 	logger        *zap.Logger
+	// cutDetached ends the calls detached by this upstream's transport.
+	cutDetached context.CancelFunc
 }
 
 // ParseURL checks an upstream base URL and returns it parsed.
@@ -143,6 +149,8 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	for i := range Endpoints {
 		up.paths[i] = base + Endpoints[i].Suffix
 	}
+	cut, cutDetached := context.WithCancel(context.Background())
+	up.cutDetached = cutDetached
 	// The key is added on the proxy's own copy of the request, as the last
 	// step before it leaves, so it is in no request that Caddy logs.
 	rp.Transport = &keyTransport{
@@ -153,6 +161,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
 		exhausted:     up.exhausted,
 		idleTimeout:   cfg.IdleTimeout,
+		detach:        DetachPolicy{Max: cfg.MaxDetached, Timeout: cfg.DetachedTimeout, cut: cut},
 		logger:        up.logger,
 	}
 	return up, nil
@@ -172,6 +181,9 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	// Set once and left: Caddy's dialer reads the variables from
 	// goroutines that may outlive this call, so a later write would race.
 	caddyhttp.SetVar(r.Context(), callVar, c)
+	// reverse_proxy panics when the client left mid-answer; the call is
+	// over either way, its body read to the end and closed.
+	defer c.finish()
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {

@@ -147,6 +147,10 @@ type Behavior struct {
 	// other request is answered as by the zero Behavior, and leaves
 	// FailCount alone.
 	ForModel, ForKey string
+	// PromptTokens, if positive, is the prompt count of every completion
+	// answer instead of its words, as an API counts images, files or
+	// dense scripts: far above what the request's bytes suggest.
+	PromptTokens int
 }
 
 // Request is a request as the server received it.
@@ -177,6 +181,7 @@ type Server struct {
 	active   atomic.Int64 // requests being answered now
 	prompt   atomic.Int64 // prompt tokens served, for /usage
 	answered atomic.Int64 // completion tokens served, for /usage
+	written  atomic.Int64 // completion tokens written out to clients
 
 	windowMinute atomic.Int64 // the minute X-RateLimit-Remaining counts in
 	windowUsed   atomic.Int64
@@ -311,6 +316,16 @@ func (s *Server) Count() int { return int(s.count.Load()) }
 // the client abandoned leaves it once the server noticed.
 func (s *Server) Active() int { return int(s.active.Load()) }
 
+// Billed returns the tokens of the completions the server answered, as
+// their usage counts them: an API bills every answer it started.
+func (s *Server) Billed() (prompt, completion int64) { return s.prompt.Load(), s.answered.Load() }
+
+// Written returns the completion tokens the server wrote out: a stream's
+// content chunks as they were sent, a whole answer's tokens once written.
+// Beside Billed, it tells how much of its answers the server generated
+// before their clients went.
+func (s *Server) Written() int64 { return s.written.Load() }
+
 // Reset forgets the recorded requests, counters and usage figures, and
 // restores the default behaviour.
 func (s *Server) Reset() {
@@ -321,6 +336,7 @@ func (s *Server) Reset() {
 	s.count.Store(0)
 	s.prompt.Store(0)
 	s.answered.Store(0)
+	s.written.Store(0)
 	s.windowUsed.Store(0)
 }
 
