@@ -85,7 +85,10 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 		return keystore.Client{}, nil, errKeyInQuery
 	}
 	if h.Identity != "" {
-		if id := repl.ReplaceKnown(h.Identity, ""); id != "" {
+		// ReplaceAll: an auth handler that let the request through
+		// without a user leaves its placeholder unknown, which must
+		// name nobody, not one user "{http.auth.user.id}".
+		if id := repl.ReplaceAll(h.Identity, ""); id != "" {
 			if len(id) > maxIdentityLen {
 				// Never another caller's limits: not anonymous, not a key's.
 				return keystore.Client{}, nil, errIdentityTooLong

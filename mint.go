@@ -84,6 +84,9 @@ func (h *Handler) serveOwn(w http.ResponseWriter, r *http.Request, p string, now
 		if r.Method != http.MethodPost {
 			return refuse(w, r, "none", "tokens", proxy.MethodNotAllowed(r.Method, p, http.MethodPost))
 		}
+		if !jsonContentType(r.Header) {
+			return refuse(w, r, "none", "tokens", errUnsupportedMediaType)
+		}
 		return h.serveTokens(w, r, now)
 	case jwksPath:
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {

@@ -410,7 +410,9 @@ type Handler struct {
 	// API: their preflights are answered here and their answers readable,
 	// rate-limit headers included. A request from any other origin is
 	// refused with 403; requests without Origin (servers, SDKs) are not
-	// affected. Default: none, CORS off.
+	// affected. Callers identified by what a browser sends by itself
+	// (identity, anonymous) are refused from any origin but the site's
+	// own and these, cors or not. Default: none, CORS off.
 	CORS []string `json:"cors,omitempty"`
 
 	// The longest the retries of one request may wait in all, honouring
@@ -807,6 +809,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if apiErr != nil {
 		return refuse(w, r, "none", "unknown", apiErr)
 	}
+	if ep.Body && !jsonContentType(r.Header) {
+		return refuse(w, r, "none", ep.Name, errUnsupportedMediaType)
+	}
 	if err := h.start(); err != nil {
 		h.logger.Error("the key store is unavailable", zap.Error(err))
 		return refuse(w, r, "none", ep.Name, errUnavailable)
@@ -820,6 +825,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if !originAllowed(r, tier) {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, errKeyOriginNotAllowed, now)
+	}
+	if ambient(client.ID) && crossSite(r, h.CORS) {
+		return h.refuseClient(w, r, client, client.Tier, ep.Name, errCrossSite, now)
 	}
 
 	// The key's exhaustion first, before anything is counted; a model's
