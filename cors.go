@@ -27,6 +27,64 @@ var errOriginNotAllowed = &proxy.APIError{
 	Message: "Requests from this web origin are not allowed by this proxy.",
 }
 
+// errCrossSite refuses a page of another site calling as a caller its
+// browser identifies by itself.
+var errCrossSite = func() *proxy.APIError {
+	e := *errOriginNotAllowed
+	e.Message = "Requests from other web origins may not call as a user signed in by cookie, basic_auth or address: list the origin in this proxy's cors, or send a client key or token as Authorization: Bearer."
+	return &e
+}()
+
+var errUnsupportedMediaType = &proxy.APIError{
+	Status:  http.StatusUnsupportedMediaType,
+	Type:    proxy.TypeInvalidRequest,
+	Code:    "unsupported_media_type",
+	Message: "Send the request body as JSON, with the header Content-Type: application/json.",
+}
+
+// jsonContentType reports whether a request body is declared JSON: one
+// Content-Type of application/json (any case, any parameters), or none.
+// An HTML form always declares one of its three types, none of them
+// JSON, so a page of another site can send JSON only by a script — which
+// sends Origin, and a preflight for application/json.
+func jsonContentType(h http.Header) bool {
+	v := h["Content-Type"]
+	switch len(v) {
+	case 0:
+		return true
+	case 1:
+		mt, _, _ := strings.Cut(v[0], ";")
+		return strings.EqualFold(strings.TrimSpace(mt), "application/json")
+	}
+	return false
+}
+
+// ambient reports whether a caller was identified by what a browser sends
+// by itself to any site that asks: cookies or credentials behind an
+// identity placeholder, or its address when anonymous. Keys and tokens
+// come as Authorization: Bearer, which only a script sets.
+func ambient(clientID string) bool {
+	return strings.HasPrefix(clientID, identityPrefix) || strings.HasPrefix(clientID, anonymousPrefix)
+}
+
+// crossSite reports whether r comes from a web page of an origin other
+// than the site's own and those of cors: its Origin (its host and port
+// against the request's Host, whatever the scheme, so that TLS ended in
+// front of Caddy changes nothing), or, without Origin (images, scripts,
+// no-cors reads), Sec-Fetch-Site. Requests without either are not
+// browsers' (servers, SDKs) or navigations the user made.
+func crossSite(r *http.Request, cors []string) bool {
+	if origin := r.Header.Get("Origin"); origin != "" {
+		_, host, ok := strings.Cut(origin, "://")
+		return !(ok && strings.EqualFold(host, r.Host)) && !slices.Contains(cors, origin)
+	}
+	switch r.Header.Get("Sec-Fetch-Site") {
+	case "cross-site", "same-site":
+		return true
+	}
+	return false
+}
+
 // cors applies the browser rules before anything else: an allowed origin
 // gets its headers on every answer, errors included; another origin is
 // refused, so that no other site spends a tier from its visitors'

@@ -85,7 +85,10 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 		return keystore.Client{}, nil, errKeyInQuery
 	}
 	if h.Identity != "" {
-		if id := repl.ReplaceKnown(h.Identity, ""); id != "" {
+		// ReplaceAll: an auth handler that let the request through
+		// without a user leaves its placeholder unknown, which must
+		// name nobody, not one user "{http.auth.user.id}".
+		if id := repl.ReplaceAll(h.Identity, ""); id != "" {
 			if len(id) > maxIdentityLen {
 				// Never another caller's limits: not anonymous, not a key's.
 				return keystore.Client{}, nil, errIdentityTooLong
@@ -133,15 +136,17 @@ func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Ti
 }
 
 // admitTier refuses a caller whose tier is not configured, and otherwise
-// publishes who it is. The tier it returns is the caller's: its tier
-// with its key's own settings over it.
+// publishes who it is. The tier it returns is everything the caller is
+// decided by: its tier with its key's own settings over it, or for the
+// user of a minted token, its token's tier narrowed by the minting key's
+// (see mintedTier).
 func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *Tier, *proxy.APIError) {
 	tier := h.tierFor(c.Tier, c.Settings)
+	if tier != nil && c.Minted != nil {
+		tier = h.mintedTier(tier, c)
+	}
 	if tier == nil {
 		return c, nil, errTierNotConfigured
-	}
-	if c.Minted != nil && h.Tiers[c.Minted.KeyTier] == nil {
-		return c, nil, errTierNotConfigured // its users' limits roll up to it
 	}
 	vars := &clientVars{client: c, user: setUser}
 	repl.Map(vars.replace)

@@ -122,7 +122,8 @@ func TestOneGlobRule(t *testing.T) {
 		if err := tier.provision("t"); err != nil {
 			t.Fatal(err)
 		}
-		minted := mintedAllows(&keystore.Minted{Models: []string{tc.glob}}, tc.model)
+		token := &Tier{tokenModels: []string{tc.glob}} // a minted token's own models
+		minted := token.allows(tc.model)
 		if priced != tc.want || tier.allows(tc.model) != tc.want || minted != tc.want || keystore.ValidGlob(tc.glob) != true {
 			t.Errorf("glob %q, model %q: priced %v, tier allows %v, token allows %v; want %v for each",
 				tc.glob, tc.model, priced, tier.allows(tc.model), minted, tc.want)
@@ -237,7 +238,7 @@ func TestChargeForCosts(t *testing.T) {
 		{"absurd: the reservation", "vigthoria-fast-1", proxy.AnswerUsage{Status: 200, Reported: true, Garbled: "x"},
 			keystore.Tokens{Prompt: 100, Completion: 4000, Cost: 1610}}, // 10 + 1600
 	} {
-		if got := h.chargeFor("key_x", tc.model, &tc.u, 4100, 400); got != tc.want {
+		if got := h.chargeFor("key_x", "pro", tc.model, &tc.u, 4100, 400); got != tc.want {
 			t.Errorf("%s: charged %+v, want %+v", tc.name, got, tc.want)
 		}
 	}

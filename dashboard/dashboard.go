@@ -15,7 +15,10 @@ import (
 	"fmt"
 	"html"
 	"io/fs"
+	"net"
 	"net/http"
+	"net/netip"
+	"net/url"
 	"strings"
 	"sync/atomic"
 
@@ -34,12 +37,18 @@ var files embed.FS
 const DefaultUser = "{http.auth.user.id}"
 
 // csrfSecret keys the CSRF tokens: random per process, so that a token
-// works until Caddy restarts, across config reloads.
+// works until Caddy restarts, across config reloads. A token is the HMAC
+// of the operator's name and of a random nonce the visitor's browser
+// holds in the csrfCookie: each visitor's is its own, and is of use only
+// with that cookie (a signed double submit).
 var csrfSecret = func() []byte {
 	b := make([]byte, 32)
 	_, _ = rand.Read(b) // never fails (crypto/rand)
 	return b
 }()
+
+// csrfCookie names the cookie of a visitor's CSRF nonce.
+const csrfCookie = "vigthoria_csrf"
 
 // Handler serves the dashboard: its page at the route's root and its
 // JSON under api/, relative, so that it may live under any path prefix
@@ -68,8 +77,14 @@ type Handler struct {
 
 	// The dashboard's origin as browsers see it (scheme://host[:port]),
 	// when a proxy in front of Caddy terminates TLS or changes the host:
-	// a change must come from it. Default: the origin the request reached
-	// Caddy at.
+	// a change must come from it, and its host is a name the dashboard
+	// answers to. Default: the origin the request reached Caddy at.
+	//
+	// The dashboard answers only a Host that an operator named: an IP
+	// address, localhost or a name under .localhost, a name of the
+	// site's host matchers, or this origin's host; any other gets 421
+	// (a page of another site whose name its DNS points at this server,
+	// DNS rebinding, would otherwise read and change it as its own).
 	Origin string `json:"origin,omitempty"`
 
 	source  Source
@@ -80,6 +95,9 @@ type Handler struct {
 	index   []byte // index.html, its token placeholder to fill
 	static  http.Handler
 	live    *sampler
+
+	originHost string       // the host of Origin; "" for none
+	hostVetted atomic.Int32 // hostUnknown, or whether host matchers lead to h
 
 	warned atomic.Bool // the warning of a request without a user is logged
 }
@@ -116,6 +134,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	sub, _ := fs.Sub(files, "static") // the directory is embedded
 	h.static = http.StripPrefix("/static", http.FileServerFS(sub))
 	h.live = newSampler(src.Counters)
+	if h.Origin != "" {
+		u, err := url.Parse(h.Origin)
+		if err != nil || u.Hostname() == "" {
+			return fmt.Errorf("origin '%s' is not a web origin such as https://admin.example.com", h.Origin)
+		}
+		h.originHost = u.Hostname()
+	}
 	return nil
 }
 
@@ -143,6 +168,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	for k, v := range safetyHeaders {
 		w.Header().Set(k, v)
 	}
+	if !h.hostAllowed(r) {
+		return writeError(w, http.StatusMisdirectedRequest, "the dashboard answers only the names its operator gave: an address, localhost, the site's host names or its origin option")
+	}
 	user, named := h.user(r)
 	p := r.URL.Path
 	if i := strings.Index(p, "/api/"); i >= 0 {
@@ -165,7 +193,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		return caddyhttp.Error(http.StatusMethodNotAllowed, nil)
 	}
-	page := strings.Replace(string(h.index), "{{csrf}}", html.EscapeString(csrfToken(user)), 1)
+	nonce := visitorNonce(r)
+	if nonce == "" {
+		b := make([]byte, nonceLen)
+		_, _ = rand.Read(b) // never fails (crypto/rand)
+		nonce = base64.RawURLEncoding.EncodeToString(b)
+		http.SetCookie(w, &http.Cookie{Name: csrfCookie, Value: nonce, Path: "/", HttpOnly: true,
+			SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil})
+	}
+	page := strings.Replace(string(h.index), "{{csrf}}", html.EscapeString(csrfToken(user, nonce)), 1)
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	_, _ = w.Write([]byte(page))
@@ -193,20 +229,37 @@ func (h *Handler) user(r *http.Request) (string, bool) {
 	return "anonymous", false
 }
 
-// csrfToken is the CSRF token of user: HMAC-SHA256 of the process's
-// secret.
-func csrfToken(user string) string {
+// nonceLen is the bytes of a visitor's CSRF nonce.
+const nonceLen = 16
+
+// visitorNonce is the CSRF nonce r's browser holds, or "" for none.
+func visitorNonce(r *http.Request) string {
+	c, err := r.Cookie(csrfCookie)
+	if err != nil {
+		return ""
+	}
+	if b, err := base64.RawURLEncoding.DecodeString(c.Value); err != nil || len(b) != nonceLen {
+		return ""
+	}
+	return c.Value
+}
+
+// csrfToken is the CSRF token of user in the browser holding nonce:
+// HMAC-SHA256 under the process's secret.
+func csrfToken(user, nonce string) string {
 	m := hmac.New(sha256.New, csrfSecret)
-	m.Write([]byte(user))
+	m.Write([]byte(nonce))
+	m.Write([]byte(user)) // the nonce has a fixed length: no ambiguity
 	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
 }
 
 // checkRequest refuses, with the reason, an api/ request without user's
-// CSRF token, and a change that is not a same-origin JSON request.
+// CSRF token for its visitor, and a change that is not a same-origin
+// JSON request.
 func (h *Handler) checkRequest(r *http.Request, user string) (int, string) {
-	got := r.Header.Get("X-CSRF-Token")
-	if got == "" || !hmac.Equal([]byte(got), []byte(csrfToken(user))) {
-		return http.StatusForbidden, "missing or wrong X-CSRF-Token"
+	got, nonce := r.Header.Get("X-CSRF-Token"), visitorNonce(r)
+	if got == "" || nonce == "" || !hmac.Equal([]byte(got), []byte(csrfToken(user, nonce))) {
+		return http.StatusForbidden, "missing or wrong X-CSRF-Token, or its cookie: reload the page"
 	}
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
@@ -229,6 +282,100 @@ func (h *Handler) checkRequest(r *http.Request, user string) (int, string) {
 		}
 	}
 	return 0, ""
+}
+
+// Values of Handler.hostVetted.
+const (
+	hostUnknown int32 = iota
+	hostMatched
+	hostUnmatched
+)
+
+// hostAllowed reports whether r's Host is one the operator named, so
+// that no page of another name, which DNS points here, is served: an IP
+// address or a localhost name (which browsers never ask DNS for), the
+// origin option's host, or any Host when host matchers lead to h, Caddy
+// having checked it against them.
+func (h *Handler) hostAllowed(r *http.Request) bool {
+	host := r.Host
+	if name, _, err := net.SplitHostPort(host); err == nil {
+		host = name
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	switch {
+	case host == "", strings.EqualFold(host, "localhost"), hasSuffixFold(host, ".localhost"):
+		return true
+	case h.originHost != "" && strings.EqualFold(host, h.originHost):
+		return true
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return true
+	}
+	return h.behindHostMatchers(r)
+}
+
+func hasSuffixFold(s, suffix string) bool {
+	return len(s) >= len(suffix) && strings.EqualFold(s[len(s)-len(suffix):], suffix)
+}
+
+// behindHostMatchers reports whether every route of r's server that
+// leads to h passes a host matcher: a site with names, or a handle with
+// a host matcher. It is found once; the routes do not change while h
+// lives.
+func (h *Handler) behindHostMatchers(r *http.Request) bool {
+	switch h.hostVetted.Load() {
+	case hostMatched:
+		return true
+	case hostUnmatched:
+		return false
+	}
+	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if !ok {
+		return false
+	}
+	state := hostUnmatched
+	if found, vetted := findHandler(srv.Routes, h, false); found && vetted {
+		state = hostMatched
+	}
+	h.hostVetted.Store(state)
+	return state == hostMatched
+}
+
+// findHandler looks for target in routes and their subroutes, and
+// reports whether it was found and whether a host matcher guards the way
+// to it (vetted: one already did).
+func findHandler(routes caddyhttp.RouteList, target caddyhttp.MiddlewareHandler, vetted bool) (found, guarded bool) {
+	for _, route := range routes {
+		v := vetted || matchesHosts(route.MatcherSets)
+		for _, handler := range route.Handlers {
+			if handler == target {
+				return true, v
+			}
+			if sub, ok := handler.(*caddyhttp.Subroute); ok {
+				if found, guarded := findHandler(sub.Routes, target, v); found {
+					return true, guarded
+				}
+			}
+		}
+	}
+	return false, false
+}
+
+// matchesHosts reports whether every one of sets (any of which may let
+// a request through) holds a host matcher.
+func matchesHosts(sets caddyhttp.MatcherSets) bool {
+	for _, set := range sets {
+		has := false
+		for _, m := range set {
+			if hosts, ok := m.(*caddyhttp.MatchHost); ok && len(*hosts) > 0 {
+				has = true
+			}
+		}
+		if !has {
+			return false
+		}
+	}
+	return len(sets) > 0
 }
 
 // requestOrigin is the origin r was sent to: scheme://host[:port].

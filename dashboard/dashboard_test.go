@@ -77,11 +77,20 @@ func newTestHandlerOn(t testing.TB, spec string, keys int) (*Handler, *fakeSourc
 	return &Handler{source: src, keys: svc, spec: spec, logger: zap.NewNop(), live: newSampler(src.Counters), AllowAnonymous: true}, src
 }
 
+// testNonce is the CSRF nonce of the tests' visitor.
+const testNonce = "AAAAAAAAAAAAAAAAAAAAAA"
+
+// withToken gives r the visitor's cookie and user's CSRF token for it.
+func withToken(r *http.Request, user string) {
+	r.AddCookie(&http.Cookie{Name: csrfCookie, Value: testNonce})
+	r.Header.Set("X-CSRF-Token", csrfToken(user, testNonce))
+}
+
 // get serves GET api/<route> as the anonymous operator, with its token.
 func get(t testing.TB, h *Handler, route string) *httptest.ResponseRecorder {
 	t.Helper()
-	r := httptest.NewRequest(http.MethodGet, "/api/"+route, nil)
-	r.Header.Set("X-CSRF-Token", csrfToken("anonymous"))
+	r := httptest.NewRequest(http.MethodGet, "http://localhost/api/"+route, nil)
+	withToken(r, "anonymous")
 	w := httptest.NewRecorder()
 	if err := h.ServeHTTP(w, r, nil); err != nil {
 		t.Fatal(err)
@@ -262,14 +271,15 @@ func TestLive(t *testing.T) {
 
 // TestCheckRequest checks the CSRF and same-origin rules.
 func TestCheckRequest(t *testing.T) {
-	token := csrfToken("alice")
+	token := csrfToken("alice", testNonce)
 	for _, c := range []struct {
 		name, method, ctype, origin, site, token string
 		want                                     int
 	}{
 		{"read", "GET", "", "", "", token, 0},
 		{"read without the token", "GET", "", "", "", "", 403},
-		{"another user's token", "GET", "", "", "", csrfToken("bob"), 403},
+		{"another user's token", "GET", "", "", "", csrfToken("bob", testNonce), 403},
+		{"another visitor's token", "GET", "", "", "", csrfToken("alice", "BBBBBBBBBBBBBBBBBBBBBB"), 403},
 		{"change", "POST", "application/json", "http://dash.example", "same-origin", token, 0},
 		{"change without Sec-Fetch-Site", "PATCH", "application/json; charset=utf-8", "http://dash.example", "", token, 0},
 		{"revoke", "DELETE", "", "http://dash.example", "same-origin", token, 0},
@@ -282,6 +292,7 @@ func TestCheckRequest(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			r := httptest.NewRequest(c.method, "http://dash.example/api/keys", nil)
+			r.AddCookie(&http.Cookie{Name: csrfCookie, Value: testNonce})
 			for k, v := range map[string]string{"Content-Type": c.ctype, "Origin": c.origin, "Sec-Fetch-Site": c.site, "X-CSRF-Token": c.token} {
 				if v != "" {
 					r.Header.Set(k, v)
@@ -302,7 +313,7 @@ func TestPublicOrigin(t *testing.T) {
 		r := httptest.NewRequest(http.MethodPost, "http://dash.example/api/keys", nil)
 		r.Header.Set("Origin", origin)
 		r.Header.Set("Content-Type", "application/json")
-		r.Header.Set("X-CSRF-Token", csrfToken("alice"))
+		withToken(r, "alice")
 		if got, why := h.checkRequest(r, "alice"); got != want {
 			t.Errorf("a change from %s: %d (%s), want %d", origin, got, why, want)
 		}
@@ -316,9 +327,9 @@ func TestAnonymousOperator(t *testing.T) {
 	h.User = "{http.auth.user.id}"
 	for allow, want := range map[bool]int{false: http.StatusForbidden, true: http.StatusOK} {
 		h.AllowAnonymous = allow
-		r := httptest.NewRequest(http.MethodGet, "/api/overview", nil)
+		r := httptest.NewRequest(http.MethodGet, "http://localhost/api/overview", nil)
 		r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
-		r.Header.Set("X-CSRF-Token", csrfToken("anonymous"))
+		withToken(r, "anonymous")
 		w := httptest.NewRecorder()
 		if err := h.ServeHTTP(w, r, nil); err != nil || w.Code != want {
 			t.Errorf("allow_anonymous %v: %d %v, want %d", allow, w.Code, err, want)
@@ -396,4 +407,43 @@ func busyHandler(b *testing.B, spec string) (*Handler, string) {
 		}
 	}
 	return h, recs[50].ID
+}
+
+// TestCheckRequestWithoutCookie: a token is of use only with the cookie
+// of the visitor it was made for.
+func TestCheckRequestWithoutCookie(t *testing.T) {
+	for name, cookie := range map[string]string{"none": "", "malformed": "x", "too long": testNonce + "AA"} {
+		r := httptest.NewRequest(http.MethodGet, "http://dash.example/api/keys", nil)
+		if cookie != "" {
+			r.AddCookie(&http.Cookie{Name: csrfCookie, Value: cookie})
+		}
+		r.Header.Set("X-CSRF-Token", csrfToken("alice", cookie))
+		if got, _ := (&Handler{}).checkRequest(r, "alice"); got != http.StatusForbidden {
+			t.Errorf("cookie %s: %d, want 403", name, got)
+		}
+	}
+}
+
+// TestHostAllowed checks the names the dashboard answers to without host
+// matchers before it: addresses, localhost names and its origin's host.
+func TestHostAllowed(t *testing.T) {
+	h := &Handler{originHost: "dash.example.com"}
+	for host, want := range map[string]bool{
+		"127.0.0.1:2019": true, "127.0.0.1": true, "[::1]:8080": true, "10.1.2.3:80": true, "[fe80::1]": true,
+		"localhost:2019": true, "LOCALHOST": true, "dash.localhost:80": true, "": true,
+		"dash.example.com": true, "Dash.Example.com:8443": true,
+		"evil.test:2019": false, "evil.test": false, "localhost.evil.test": false, "127.0.0.1.nip.io": false,
+		"example.com": false, "dash.example.com.evil.test": false,
+	} {
+		r := httptest.NewRequest(http.MethodGet, "http://x/", nil)
+		r.Host = host
+		if got := h.hostAllowed(r); got != want {
+			t.Errorf("Host %q: %v, want %v", host, got, want)
+		}
+	}
+	// No origin: no name but localhost's.
+	r := httptest.NewRequest(http.MethodGet, "http://dash.example.com/", nil)
+	if (&Handler{}).hostAllowed(r) {
+		t.Error("Host dash.example.com without origin or host matchers: allowed")
+	}
 }

@@ -219,9 +219,9 @@ type browser struct {
 	console []string
 }
 
-// newBrowser starts Chromium with a fresh profile; it is stopped when the
-// test ends, and nothing of it outlives 50 seconds.
-func newBrowser(t *testing.T, path string) *browser {
+// newBrowser starts Chromium with a fresh profile and the extra flags; it
+// is stopped when the test ends, and nothing of it outlives 50 seconds.
+func newBrowser(t *testing.T, path string, extra ...chromedp.ExecAllocatorOption) *browser {
 	t.Helper()
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(path),
@@ -236,6 +236,7 @@ func newBrowser(t *testing.T, path string) *browser {
 		chromedp.UserDataDir(t.TempDir()),
 		chromedp.WindowSize(1280, 860),
 	)
+	opts = append(opts, extra...)
 	bounded, cancelBound := context.WithTimeout(context.Background(), 50*time.Second)
 	actx, cancelAlloc := chromedp.NewExecAllocator(bounded, opts...)
 	ctx, cancelTab := chromedp.NewContext(actx)
@@ -289,6 +290,16 @@ func (b *browser) eval(expr string) string {
 	}
 	if v == nil {
 		return ""
+	}
+	return fmt.Sprint(v)
+}
+
+// await returns what a JavaScript promise resolves to, as a string.
+func (b *browser) await(expr string) string {
+	b.t.Helper()
+	v, err := chromedp.Run(b.ctx, chromedp.Evaluate[any](expr, chromedp.EvalAwaitPromise))
+	if err != nil {
+		b.t.Fatalf("awaiting %s: %v\nconsole:\n%s", expr, err, b.consoleText())
 	}
 	return fmt.Sprint(v)
 }

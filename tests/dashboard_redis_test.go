@@ -86,10 +86,10 @@ func TestDashboardRedis(t *testing.T) {
 		t.Fatalf("a chat without a model: %d, want 400", s)
 	}
 
-	token := dashboardToken(t, e)
+	token, cookie := dashboardToken(t, e)
 	call := func(method, path, body string, v any) int {
 		t.Helper()
-		h := http.Header{"Authorization": {basicAuth()}, "X-Csrf-Token": {token}, "Origin": {dash.URL}}
+		h := http.Header{"Authorization": {basicAuth()}, "X-Csrf-Token": {token}, "Cookie": {cookie}, "Origin": {dash.URL}}
 		if body != "" {
 			h.Set("Content-Type", "application/json")
 		}

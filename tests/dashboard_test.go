@@ -60,8 +60,9 @@ func basicAuth() string {
 	return "Basic " + base64.StdEncoding.EncodeToString([]byte(dashboardUser+":"+dashboardPassword))
 }
 
-// dashboardToken reads the CSRF token from the dashboard's page.
-func dashboardToken(t *testing.T, e *env) string {
+// dashboardToken reads the CSRF token from the dashboard's page, and the
+// cookie (name=value) it is bound to.
+func dashboardToken(t *testing.T, e *env) (token, cookie string) {
 	t.Helper()
 	res := e.do(t, http.MethodGet, "/dashboard/", nil, http.Header{"Authorization": {basicAuth()}})
 	body, _ := io.ReadAll(res.Body)
@@ -79,7 +80,13 @@ func dashboardToken(t *testing.T, e *env) string {
 			t.Errorf("the page's %s is %q, want %q", name, got, want)
 		}
 	}
-	return string(m[1])
+	for _, c := range res.Cookies() {
+		cookie = c.Name + "=" + c.Value
+	}
+	if cookie == "" {
+		t.Fatal("the page set no cookie for its CSRF token")
+	}
+	return string(m[1]), cookie
 }
 
 // TestDashboardRefusals checks, over HTTP, that the dashboard needs
@@ -90,7 +97,7 @@ func TestDashboardRefusals(t *testing.T) {
 	if res := e.do(t, http.MethodGet, "/dashboard/", nil, http.Header{"Authorization": nil}); res.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("the page without credentials: %d, want basic_auth's 401", res.StatusCode)
 	}
-	token := dashboardToken(t, e)
+	token, cookie := dashboardToken(t, e)
 	origin := e.caddy.URL
 	create := `{"name":"x","tier":"free"}`
 	for _, c := range []struct {
@@ -115,7 +122,7 @@ func TestDashboardRefusals(t *testing.T) {
 		{"POST same-origin JSON", "POST", "keys", create, http.Header{"X-Csrf-Token": {token}, "Origin": {origin}, "Sec-Fetch-Site": {"same-origin"}, "Content-Type": {"application/json"}}, 201},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			h := http.Header{"Authorization": {basicAuth()}}
+			h := http.Header{"Authorization": {basicAuth()}, "Cookie": {cookie}}
 			for k, v := range c.header {
 				h[k] = v
 			}
@@ -164,10 +171,10 @@ func TestDashboardShowsRefusals(t *testing.T) {
 		t.Fatalf("an unknown key: %d, want 401", status)
 	}
 
-	token := dashboardToken(t, e)
+	token, cookie := dashboardToken(t, e)
 	get := func(path string, v any) {
 		t.Helper()
-		res := e.do(t, http.MethodGet, "/dashboard/api/"+path, nil, http.Header{"Authorization": {basicAuth()}, "X-Csrf-Token": {token}})
+		res := e.do(t, http.MethodGet, "/dashboard/api/"+path, nil, http.Header{"Authorization": {basicAuth()}, "X-Csrf-Token": {token}, "Cookie": {cookie}})
 		body, _ := io.ReadAll(res.Body)
 		if res.StatusCode != http.StatusOK {
 			t.Fatalf("%s: %d %s", path, res.StatusCode, body)

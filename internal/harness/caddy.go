@@ -41,6 +41,7 @@ type Caddy struct {
 	Pid      int    // the process of a StartProcess instance; 0 in this process
 	persist  bool   // autosave the config, as Caddy does by default
 	noAccess bool   // no access log, as in make bench
+	anyHost  bool   // the site answers every Host, not only 127.0.0.1
 }
 
 // Option changes how StartCaddy runs Caddy.
@@ -60,6 +61,13 @@ func Persist() Option {
 // default: benchmarks then measure the proxy, not the logging.
 func NoAccessLog() Option {
 	return func(c *Caddy) { c.noAccess = true }
+}
+
+// AnyHost makes the site answer requests for any Host (site address
+// http://:<port>), as a catch-all site does; it still listens on
+// 127.0.0.1 only.
+func AnyHost() Option {
+	return func(c *Caddy) { c.anyHost = true }
 }
 
 // AutosavePath is where a Persist instance saves its config.
@@ -116,11 +124,11 @@ func (c *Caddy) Caddyfile(site string) string {
 	}
 }
 
-http://127.0.0.1:%d {
+http://%s:%d {
 	bind 127.0.0.1
 %s%s
 }
-`, strings.TrimPrefix(c.AdminURL, "http://"), c.persistOption(), filepath.Join(c.Dir, "storage"), c.LogPath, c.Port, c.accessLog(), site)
+`, strings.TrimPrefix(c.AdminURL, "http://"), c.persistOption(), filepath.Join(c.Dir, "storage"), c.LogPath, c.siteHost(), c.Port, c.accessLog(), site)
 }
 
 // accessLog is the site's access log, into LogPath beside Caddy's own,
@@ -131,6 +139,14 @@ func (c *Caddy) accessLog() string {
 		return ""
 	}
 	return "\tlog {\n\t\toutput file " + c.LogPath + "\n\t}\n"
+}
+
+// siteHost is the host of the site's address: none for AnyHost.
+func (c *Caddy) siteHost() string {
+	if c.anyHost {
+		return ""
+	}
+	return "127.0.0.1"
 }
 
 // persistOption is the global option that keeps Caddy from autosaving,
