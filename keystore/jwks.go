@@ -118,6 +118,7 @@ type RemoteKeys struct {
 	mu        sync.Mutex // protects following fields
 	lastBegan time.Time  // when the last fetch began
 	running   *fetch     // the fetch under way; nil when none runs
+	ended     *fetch     // the last fetch that ended; nil before
 	next      *fetch     // asked for, to begin once running ends and spacing allows; nil when none is
 }
 
@@ -250,13 +251,15 @@ func await(ctx context.Context, f *fetch) error {
 	}
 }
 
-// since returns a fetch that begins at or after t: the one under way if
-// it began then, else the next, which it asks for.
+// since returns a fetch that began at or after t: the one under way or
+// the last one if it did, else the next, which it asks for.
 func (k *RemoteKeys) since(t time.Time) *fetch {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.running != nil && !k.running.began.Before(t) {
-		return k.running
+	for _, f := range [...]*fetch{k.running, k.ended} {
+		if f != nil && !f.began.Before(t) {
+			return f
+		}
 	}
 	if k.next == nil {
 		k.next = &fetch{done: make(chan struct{})}
@@ -296,7 +299,7 @@ func (k *RemoteKeys) run() {
 		}
 
 		k.mu.Lock()
-		k.running = nil
+		k.running, k.ended = nil, f
 		more := k.next != nil
 		k.mu.Unlock()
 		close(f.done)
