@@ -72,7 +72,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		auth_failures  <n>/<window>           # default 20/1m
 //		models_cache   <ttl>|off              # default 5m
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
-//		on_store_error local|deny             # default local
+//		on_store_error local|deny|local_unshared   # default local
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
 //		upstream_headers <header>...          # more request headers to pass upstream
@@ -205,8 +205,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if v != "local" && v != "deny" {
-				return d.Errf("invalid on_store_error '%s': want local or deny", v)
+			if v != "local" && v != "deny" && v != "local_unshared" {
+				return d.Errf("invalid on_store_error '%s': want local, deny or local_unshared", v)
 			}
 			h.OnStoreError = v
 		case "store_timeout":

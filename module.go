@@ -374,14 +374,24 @@ type Handler struct {
 	// retried, while nothing has reached the client yet. Default: 2.
 	Retries *int `json:"retries,omitempty"`
 
-	// What to do while the shared store (Redis) fails: "local" decides
-	// with in-memory limits per instance, "deny" refuses with 503. Either
-	// way it is logged, and the store is used again once it answers.
-	// Default: local.
+	// What to do when the shared store (Redis) fails to answer a limit
+	// decision in time: "local" decides with in-memory limits, each
+	// instance with its share of what Redis last said was left (the live
+	// instances split it), so that the fleet never admits more than its
+	// limits, and refuses with 503 a caller with a quota or budget the
+	// instance has no figure of; "deny" refuses with 503;
+	// "local_unshared" decides with in-memory limits, each instance with
+	// the whole limits, and may admit up to as many times the limits, and
+	// spend as many times the budgets, as there are instances. What was
+	// admitted locally is charged to Redis when it answers again. A late
+	// answer affects its own call only; the instance holds Redis for down
+	// (logged, and the store_fallback metric) after 3 round trips in a row
+	// failed, until a probe answers. Default: local.
 	OnStoreError string `json:"on_store_error,omitempty"`
 
-	// How long a limit decision may wait for the shared store before
-	// on_store_error applies. Default: 50ms.
+	// How long a limit decision may wait for the shared store's answer,
+	// counted from when its round trip is sent (not its wait behind
+	// other calls), before on_store_error applies to it. Default: 50ms.
 	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
 
 	// Web origins (scheme://host[:port]) whose browser code may call the
@@ -539,8 +549,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	case "", "local":
 	case "deny":
 		policy = limiter.Deny
+	case "local_unshared":
+		policy = limiter.UseLocalUnshared
 	default:
-		return fmt.Errorf("on_store_error must be local or deny, not '%s'", h.OnStoreError)
+		return fmt.Errorf("on_store_error must be local, deny or local_unshared, not '%s'", h.OnStoreError)
 	}
 	h.limiterKey = "memory:" + spec
 	if kind == "redis" {
@@ -555,13 +567,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return nil, err
 		}
 		logger := caddy.Log().Named("vigthoria.limiter")
-		shared := limiter.NewRedis(client, "vgt:lim:", logger)
-		// The fleet's ledger is in Redis too: the local limits must not
-		// wait on it while Redis fails. They take quota figures from the
-		// shared limiter's decisions instead.
-		local := limiter.NewMemory(nil, maxLimitedClients)
+		shared := limiter.NewRedis(client, "vgt:lim:", time.Duration(h.StoreTimeout), logger)
 		return pooledLimiter{
-			Limiter: newFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
+			Limiter: newFallback(shared, policy, logger),
 			shared:  shared,
 			redis:   client,
 		}, nil

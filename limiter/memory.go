@@ -175,17 +175,75 @@ func (m *Memory) NoteSharedQuota(client string, lim *Limits, used int64, end, no
 	if lim.Quota.Unlimited() || end.IsZero() {
 		return
 	}
-	period := lim.Quota.Period.Start(end.Add(-time.Nanosecond)).UnixNano()
 	s := m.shard(client)
 	s.mu.Lock()
 	st := m.get(s, client, now.UnixNano(), lim)
+	st.noteQuota(lim, used, end)
+	s.mu.Unlock()
+}
+
+// noteQuota is NoteSharedQuota on the client's state, locked.
+func (st *clientState) noteQuota(lim *Limits, used int64, end time.Time) {
+	period := lim.Quota.Period.Start(end.Add(-time.Nanosecond)).UnixNano()
 	switch p := st.period(); {
 	case p == period:
 		st.quotaUsed = addCount(used, st.quotaOwn)
 	case p < period:
 		st.startPeriod(period, used)
 	}
-	s.mu.Unlock()
+}
+
+// noteShare takes a shared limiter's standing of the client, s, as the
+// start of this Memory's share of the client's limits while it decides in
+// the shared limiter's place (see Fallback): share is lim divided among n
+// instances (Fallback.share), and this Memory gets 1/n of what s says is
+// left of each bucket and of the quota. It allocates nothing for a client
+// this Memory remembers.
+func (m *Memory) noteShare(client string, share *Limits, s State, n int, now time.Time) {
+	sh := m.shard(client)
+	t := now.UnixNano()
+	sh.mu.Lock()
+	st := m.get(sh, client, t, share)
+	if !share.Requests.Unlimited() {
+		st.requests = bucket{used: max(0, share.Requests.burst()-float64(s.RequestsRemaining)/float64(n)), at: t}
+	}
+	if !share.Tokens.Unlimited() {
+		st.tokens = bucket{used: max(0, share.Tokens.burst()-float64(s.TokensRemaining)/float64(n)), at: t}
+	}
+	if !share.Quota.Unlimited() && !s.QuotaReset.IsZero() {
+		q := share.Quota.N
+		st.noteQuota(share, q-max(q-s.QuotaUsed, 0)/int64(n), s.QuotaReset)
+	}
+	sh.mu.Unlock()
+}
+
+// paid notes that tokens this Memory counted in the client's quota reached
+// the shared limiter (Fallback's Charge): its figures count them from now
+// on, and noteQuota must not add them again.
+func (m *Memory) paid(client string, tokens int64) {
+	sh := m.shard(client)
+	sh.mu.Lock()
+	if st, ok := sh.m[client]; ok {
+		st.quotaOwn = max(st.quotaOwn-tokens, 0)
+	}
+	sh.mu.Unlock()
+}
+
+// refund gives back tokens reserved at now by Reserve for a request whose
+// slot is not this Memory's (a shared lease, see Fallback.Reserve).
+func (m *Memory) refund(client string, lim *Limits, tokens int64, now time.Time) {
+	sh := m.shard(client)
+	t := now.UnixNano()
+	sh.mu.Lock()
+	st := m.get(sh, client, t, lim)
+	if !lim.Tokens.Unlimited() {
+		st.tokens.charge(lim.Tokens, -float64(tokens), t)
+	}
+	if !lim.Quota.Unlimited() {
+		st.quotaUsed = max(addCount(st.quotaUsed, -tokens), 0)
+		st.quotaOwn = max(addCount(st.quotaOwn, -tokens), 0)
+	}
+	sh.mu.Unlock()
 }
 
 // State implements Limiter.

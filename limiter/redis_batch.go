@@ -3,8 +3,10 @@ package limiter
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/maphash"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -38,6 +40,66 @@ const maxPerQueue = maxQueued / queues
 // flushEvery is how long a pipeline holding only deferred settles waits
 // for company; a call that waits for its answer sends it at once.
 const flushEvery = 2 * time.Millisecond
+
+// maxPipeline bounds the calls of one pipeline, so that Redis' answer to
+// it takes about as long whatever the burst behind it: the timeout bounds
+// that answer, and the calls past it wait in their queue for the next
+// pipeline, a wait that is not Redis' and that the timeout does not count.
+const maxPipeline = 128
+
+// downAfter is how many round trips to Redis in a row must fail before the
+// instance holds Redis for down: one late answer is not an outage.
+const downAfter = 3
+
+// probeEvery is how often a call goes to a Redis held for down, to learn
+// whether it answers again; the others fail at once meanwhile, so that an
+// outage does not cost every request a timeout.
+const probeEvery = 250 * time.Millisecond
+
+// ErrDown is the error of a call made while the instance holds its Redis
+// for down: downAfter round trips in a row failed, and no probe answered
+// since. A Fallback then decides for every caller without Redis.
+var ErrDown = errors.New("the shared limiter is down")
+
+// health is what an instance knows of its Redis: whether its last round
+// trips failed. Only the round trips count, each once whatever calls it
+// carried, so that one caller's many calls cannot make an outage.
+type health struct {
+	failures  atomic.Int32 // round trips failed in a row
+	down      atomic.Bool
+	nextProbe atomic.Int64 // unix nanoseconds; while down
+	// onChange, when set, is called with the new course (down or not).
+	onChange func(down bool, err error)
+}
+
+// pass reports whether a call may go to Redis now: it is not held for
+// down, or this call is the probe.
+func (h *health) pass(now time.Time) bool {
+	if !h.down.Load() {
+		return true
+	}
+	next := h.nextProbe.Load()
+	return now.UnixNano() >= next && h.nextProbe.CompareAndSwap(next, now.Add(probeEvery).UnixNano())
+}
+
+// answered records a round trip Redis answered.
+func (h *health) answered() {
+	h.failures.Store(0)
+	if h.down.Load() && h.down.CompareAndSwap(true, false) && h.onChange != nil {
+		h.onChange(false, nil)
+	}
+}
+
+// failed records a round trip that failed with err.
+func (h *health) failed(err error, now time.Time) {
+	if h.failures.Add(1) < downAfter || h.down.Load() {
+		return
+	}
+	h.nextProbe.Store(now.Add(probeEvery).UnixNano())
+	if h.down.CompareAndSwap(false, true) && h.onChange != nil {
+		h.onChange(true, err)
+	}
+}
 
 // errQueueFull is the error of a call made while maxQueued calls wait
 // already: Redis is slow or gone, and waiting longer would not help.
@@ -118,15 +180,25 @@ func signal(ch chan struct{}) {
 	}
 }
 
-// run queues a script run and waits for its answer, or for ctx.
+// run queues a script run and waits for its answer, or for ctx. The
+// answer is bounded by the timeout from when its pipeline is sent, not
+// from when it was queued. While Redis is held for down it fails at once
+// with ErrDown, but for a probe now and then.
 func (r *Redis) run(ctx context.Context, script *redis.Script, keys []string, args ...any) (*redis.Cmd, error) {
+	if !r.health.pass(time.Now()) {
+		return nil, ErrDown
+	}
 	c := &call{script: script, keys: keys, args: args, done: make(chan *redis.Cmd, 1), ctx: ctx}
 	if err := r.enqueue(c); err != nil {
 		return nil, err
 	}
 	select {
 	case cmd := <-c.done:
-		return cmd, cmd.Err()
+		err := cmd.Err()
+		if err != nil && r.health.down.Load() && !isAnswer(err) {
+			err = fmt.Errorf("%w: %w", ErrDown, err) // this failure, or another at once, made the outage
+		}
+		return cmd, err
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -172,13 +244,23 @@ func (r *Redis) drain(b *batcher) {
 	}
 }
 
-// flush sends the queued calls in one pipeline and hands out the
-// answers. It reports whether there were any.
+// flush sends the queued calls, at most maxPipeline, in one pipeline and
+// hands out the answers; what is left waits for the next. It reports
+// whether there were any.
 func (r *Redis) flush(b *batcher) bool {
 	q := &b.queue
 	q.mu.Lock()
 	calls := q.calls
-	q.calls, q.spare = q.spare, nil
+	if len(calls) > maxPipeline {
+		// The rest, in order, in a slice of its own: calls is reused.
+		q.calls = append(q.spare, calls[maxPipeline:]...)
+		calls = calls[:maxPipeline]
+		signal(b.wake)
+		signal(b.urgent)
+	} else {
+		q.calls = q.spare
+	}
+	q.spare = nil
 	q.mu.Unlock()
 	if len(calls) > 0 {
 		r.send(calls)
@@ -192,11 +274,11 @@ func (r *Redis) flush(b *batcher) bool {
 
 // send sends calls in one pipeline and hands out the answers. The calls
 // whose callers gave up are not sent: their callers cancel them (see
-// Admit). The pipeline waits no longer than the first of the waiting
-// callers would, and at most a third of the lease TTL (for deferred
-// settles alone); the client's own timeouts bound it too.
+// Admit). Redis' answer is awaited for the timeout from now, whatever the
+// calls waited in their queue, so that a call's deadline never counts the
+// calls queued before it (a burst of its own client's); the client's own
+// timeouts bound it too.
 func (r *Redis) send(calls []*call) {
-	deadline := time.Now().Add(min(r.leaseTTL/3, 5*time.Second))
 	sent := make([]*call, 0, len(calls))
 	for _, c := range calls {
 		if c.ctx == nil {
@@ -209,53 +291,76 @@ func (r *Redis) send(calls []*call) {
 			c.done <- cmd
 			continue
 		}
-		if d, ok := c.ctx.Deadline(); ok && d.Before(deadline) {
-			deadline = d
-		}
 		sent = append(sent, c)
 	}
 	if len(sent) == 0 {
 		return
 	}
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
-	defer cancel()
-	cmds := r.pipeline(ctx, sent)
+	cmds := r.pipeline(sent)
 	for i, c := range sent {
 		r.answer(c, cmds[i])
 	}
 }
 
-// pipeline sends calls in one pipeline, by their scripts' SHA. The calls
-// that Redis did not run for want of their script (a Redis restarted or
-// flushed) are sent again, in order, once the scripts are loaded.
-func (r *Redis) pipeline(ctx context.Context, calls []*call) []*redis.Cmd {
+// pipeline sends calls in one pipeline, by their scripts' SHA, and
+// records whether Redis answered. The calls that Redis did not run for
+// want of their script (a Redis restarted or flushed) are sent again, in
+// order, with the scripts themselves (EVAL, which loads them), in a round
+// trip of their own with a timeout of its own: loading the scripts costs
+// a caller one more round trip, never its deadline.
+func (r *Redis) pipeline(calls []*call) []*redis.Cmd {
 	cmds := make([]*redis.Cmd, len(calls))
+	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+	defer cancel()
 	pipe := r.client.Pipeline()
 	for i, c := range calls {
 		cmds[i] = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
 	}
-	pipe.Exec(ctx) // each command has its own error
+	err := r.exec(ctx, pipe)
 	var again []int
 	for i, cmd := range cmds {
 		if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
 			again = append(again, i)
 		}
 	}
-	if len(again) == 0 {
+	if len(again) == 0 || err != nil && !redis.HasErrorPrefix(err, "NOSCRIPT") {
 		return cmds
 	}
-	for _, s := range []*redis.Script{admitScript, reserveScript, settleScript, stateScript, giveBackScript} {
-		if err := s.Load(ctx, r.client).Err(); err != nil {
-			return cmds // each keeps its NOSCRIPT, a failure like any other
-		}
-	}
+	ctx, cancel = context.WithTimeout(context.Background(), r.timeout)
+	defer cancel()
 	pipe = r.client.Pipeline()
+	// Every script loads first, so that no later pipeline finds some
+	// scripts and not others: those it finds would run before the others'
+	// retries, out of order.
+	for _, s := range requestScripts {
+		pipe.ScriptLoad(ctx, s.src)
+	}
 	for _, i := range again {
 		c := calls[i]
-		cmds[i] = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
+		cmds[i] = c.script.Eval(ctx, pipe, c.keys, c.args...)
 	}
-	pipe.Exec(ctx)
+	r.exec(ctx, pipe)
 	return cmds
+}
+
+// exec sends pipe and records whether Redis answered: an error of Redis'
+// own (a refusal, NOSCRIPT) is an answer, a timeout or a broken
+// connection is not. It returns the first error.
+func (r *Redis) exec(ctx context.Context, pipe redis.Pipeliner) error {
+	_, err := pipe.Exec(ctx) // each command has its own error
+	if err == nil || isAnswer(err) {
+		r.health.answered()
+	} else {
+		r.health.failed(err, time.Now())
+	}
+	return err
+}
+
+// isAnswer reports whether err is Redis' own answer, not a failure to get
+// one.
+func isAnswer(err error) bool {
+	var e redis.Error
+	return errors.As(err, &e) && !redis.IsMaxClientsError(err) && !redis.IsLoadingError(err)
 }
 
 // answer hands cmd to the caller that waits for it. A deferred settle

@@ -1,0 +1,105 @@
+package limiter
+
+import (
+	"context"
+	"math/rand/v2"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// What an instance of a fleet knows of the others, and what it owes them:
+// how many instances share the Redis (so that a Fallback shares the
+// limits among them while Redis fails), and the Charge of what it
+// admitted without Redis, once Redis answers again.
+
+// instancesKey is the sorted set of the live instances, by the expiry of
+// their last heartbeat (unix ms); under the limiter's prefix.
+const instancesKey = "instances"
+
+// heartbeatScript notes the calling instance as live for ARGV[2] ms,
+// forgets the instances whose heartbeats expired, and returns how many
+// are live.
+var heartbeatScript = redis.NewScript(`
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], ms + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return redis.call('ZCARD', KEYS[1])`)
+
+// heartbeat notes the instance as live for live, and counts the live
+// instances. A heartbeat Redis answers is also a probe of a Redis held
+// for down.
+func (r *Redis) heartbeat(live time.Duration) {
+	if r.client == nil { // tests of the slices alone
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), max(r.timeout, time.Second))
+	defer cancel()
+	n, err := heartbeatScript.Run(ctx, r.client, []string{r.prefix + instancesKey}, r.instanceID, live.Milliseconds()).Int64()
+	if err != nil {
+		return // the request path's round trips tell the outage
+	}
+	r.health.answered()
+	r.instances.Store(int32(max(n, 1)))
+}
+
+// loadScripts loads the request path's scripts, off it, as the instance
+// starts: its first calls need not load them.
+func (r *Redis) loadScripts() {
+	if r.client == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), max(r.timeout, time.Second))
+	defer cancel()
+	pipe := r.client.Pipeline()
+	for _, s := range requestScripts {
+		pipe.ScriptLoad(ctx, s.src)
+	}
+	pipe.Exec(ctx) // a failure leaves them to the first calls
+}
+
+// leave forgets the instance in the live set, on Close.
+func (r *Redis) leave() {
+	if r.client == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	r.client.ZRem(ctx, r.prefix+instancesKey, r.instanceID)
+}
+
+// Instances implements Shared: the live instances of the fleet as last
+// counted, this one included; 1 before the first count.
+func (r *Redis) Instances() int { return int(r.instances.Load()) }
+
+// Charge implements Shared: requests and tokens admitted without Redis
+// are added to the client's buckets (into debt if need be) and the tokens
+// to its quota of the period at now. It is queued as a deferred settle
+// is, under an ID of its own so that a repeat changes nothing, and
+// retried until it lands.
+func (r *Redis) Charge(client string, lim *Limits, requests, tokens int64) {
+	if requests <= 0 && tokens <= 0 {
+		return
+	}
+	lease := Lease{ID: "charge-" + strconv.FormatUint(rand.Uint64(), 36)}
+	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, tokens, requests, false),
+		later: retry{client: client, lim: lim, lease: lease, delta: tokens, requests: requests, first: time.Now()}}
+	if err := r.enqueue(c); err != nil {
+		r.retryLater(c.later)
+	}
+}
+
+// logCourse logs a change of the instance's view of Redis.
+func (r *Redis) logCourse(down bool, err error) {
+	if down {
+		r.logger.Error("round trips to the shared limiter failed in a row; it is held for down until it answers a probe",
+			zap.Int("round_trips", downAfter), zap.Duration("probe_every", probeEvery), zap.Error(err))
+		return
+	}
+	r.logger.Info("the shared limiter answers again")
+}
