@@ -80,14 +80,16 @@ func (p pooledLimiter) Destruct() error {
 }
 
 // newRedisClient connects to the Redis of a store spec with timeouts fit
-// for the request path: a limit decision waits no longer than timeout.
+// for the request path; the limiter bounds its own waits (limiter.NewRedis).
 func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
 	opts, err := redis.ParseURL(url)
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	opts.DialTimeout = max(timeout, 500*time.Millisecond)
-	opts.ReadTimeout, opts.WriteTimeout = timeout, timeout
+	// The limiter waits up to a second for a late answer (a slow Redis is
+	// not a down one): the read must not give up first.
+	opts.ReadTimeout, opts.WriteTimeout = max(timeout, time.Second), max(timeout, time.Second)
 	opts.MaxRetries = -1 // a retry would double the wait the timeout bounds
 	opts.ContextTimeoutEnabled = true
 	return redis.NewClient(opts), nil

@@ -127,11 +127,13 @@ type Redis struct {
 }
 
 // NewRedis returns a Limiter on client; keys are prefixed with prefix (e.g.
-// "vgt:lim:"). timeout bounds Redis' answer to each round trip, counted
-// from when it is sent: a call's wait in its queue behind other calls is
-// not Redis' slowness and does not count. A call that times out fails,
-// that call only; downAfter round trips failed in a row make the instance
-// hold Redis for down (ErrDown) until a probe answers. The client should
+// "vgt:lim:"). A round trip to Redis that outlasts timeout, counted from
+// when it is sent (a call's wait in its queue behind other calls is not
+// Redis' slowness), or fails, starts a probe; a probe that fails makes
+// the instance hold Redis for down, and every call then fails at once
+// with ErrDown until a probe answers. Meanwhile a call waits for its
+// answer up to probeTimeout (or timeout, when longer): a late answer is
+// still Redis' decision, exact for the fleet. The client should
 // have ContextTimeoutEnabled set: without it, go-redis bounds a call to a
 // Redis that hangs by its ReadTimeout, not by the context's deadline. It
 // starts the goroutines that send the calls, renew leases, count the live
@@ -157,6 +159,7 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, t
 	}
 	r.instances.Store(1)
 	r.health.onChange = r.logCourse
+	r.health.probe = r.ping
 	r.running.init()
 	r.queueSeed = maphash.MakeSeed()
 	for i := range r.batches {

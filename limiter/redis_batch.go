@@ -47,9 +47,10 @@ const flushEvery = 2 * time.Millisecond
 // pipeline, a wait that is not Redis' and that the timeout does not count.
 const maxPipeline = 128
 
-// downAfter is how many round trips to Redis in a row must fail before the
-// instance holds Redis for down: one late answer is not an outage.
-const downAfter = 3
+// probeTimeout is the least a probe waits for Redis' answer: a Redis that
+// answers a PING within it is slow, not down. A call waits for its answer
+// as long, so that a late answer is still Redis' decision.
+const probeTimeout = time.Second
 
 // probeEvery is how often a call goes to a Redis held for down, to learn
 // whether it answers again; the others fail at once meanwhile, so that an
@@ -57,17 +58,21 @@ const downAfter = 3
 const probeEvery = 250 * time.Millisecond
 
 // ErrDown is the error of a call made while the instance holds its Redis
-// for down: downAfter round trips in a row failed, and no probe answered
-// since. A Fallback then decides for every caller without Redis.
+// for down: a round trip failed or outlasted the timeout, and a probe
+// failed too, and none answered since. A Fallback then decides for every
+// caller without Redis.
 var ErrDown = errors.New("the shared limiter is down")
 
-// health is what an instance knows of its Redis: whether its last round
-// trips failed. Only the round trips count, each once whatever calls it
-// carried, so that one caller's many calls cannot make an outage.
+// health is what an instance knows of its Redis: whether it is down. A
+// round trip that fails, or outlasts the timeout, starts a probe (one at a
+// time), and only a failed probe makes an outage: one caller's many
+// calls, or one slow answer, cannot.
 type health struct {
-	failures  atomic.Int32 // round trips failed in a row
 	down      atomic.Bool
+	probing   atomic.Bool
 	nextProbe atomic.Int64 // unix nanoseconds; while down
+	// probe asks Redis whether it answers; set once, before use.
+	probe func() error
 	// onChange, when set, is called with the new course (down or not).
 	onChange func(down bool, err error)
 }
@@ -84,21 +89,30 @@ func (h *health) pass(now time.Time) bool {
 
 // answered records a round trip Redis answered.
 func (h *health) answered() {
-	h.failures.Store(0)
 	if h.down.Load() && h.down.CompareAndSwap(true, false) && h.onChange != nil {
 		h.onChange(false, nil)
 	}
 }
 
-// failed records a round trip that failed with err.
-func (h *health) failed(err error, now time.Time) {
-	if h.failures.Add(1) < downAfter || h.down.Load() {
+// suspect starts a probe, in the background, unless one runs or Redis is
+// held for down already: a failed probe holds it for down.
+func (h *health) suspect() {
+	if h.down.Load() || !h.probing.CompareAndSwap(false, true) {
 		return
 	}
-	h.nextProbe.Store(now.Add(probeEvery).UnixNano())
-	if h.down.CompareAndSwap(false, true) && h.onChange != nil {
-		h.onChange(true, err)
-	}
+	go func() {
+		defer h.probing.Store(false)
+		var perr error = ErrDown
+		if h.probe != nil {
+			if perr = h.probe(); perr == nil {
+				return
+			}
+		}
+		h.nextProbe.Store(time.Now().Add(probeEvery).UnixNano())
+		if h.down.CompareAndSwap(false, true) && h.onChange != nil {
+			h.onChange(true, perr)
+		}
+	}()
 }
 
 // errQueueFull is the error of a call made while maxQueued calls wait
@@ -274,11 +288,12 @@ func (r *Redis) flush(b *batcher) bool {
 
 // send sends calls in one pipeline and hands out the answers. The calls
 // whose callers gave up are not sent: their callers cancel them (see
-// Admit). Redis' answer is awaited for the timeout from now, whatever the
-// calls waited in their queue, so that a call's deadline never counts the
-// calls queued before it (a burst of its own client's); the client's own
-// timeouts bound it too.
+// Admit). Redis' answer is timed from now, whatever the calls waited in
+// their queue, so that no call's time counts the calls queued before it
+// (a burst of its own client's); a waiting caller's own deadline bounds
+// it too.
 func (r *Redis) send(calls []*call) {
+	deadline := time.Now().Add(r.wait())
 	sent := make([]*call, 0, len(calls))
 	for _, c := range calls {
 		if c.ctx == nil {
@@ -291,12 +306,15 @@ func (r *Redis) send(calls []*call) {
 			c.done <- cmd
 			continue
 		}
+		if d, ok := c.ctx.Deadline(); ok && d.Before(deadline) {
+			deadline = d // no waiting caller is left behind by its pipeline
+		}
 		sent = append(sent, c)
 	}
 	if len(sent) == 0 {
 		return
 	}
-	cmds := r.pipeline(sent)
+	cmds := r.pipeline(sent, deadline)
 	for i, c := range sent {
 		r.answer(c, cmds[i])
 	}
@@ -308,15 +326,17 @@ func (r *Redis) send(calls []*call) {
 // order, with the scripts themselves (EVAL, which loads them), in a round
 // trip of their own with a timeout of its own: loading the scripts costs
 // a caller one more round trip, never its deadline.
-func (r *Redis) pipeline(calls []*call) []*redis.Cmd {
+func (r *Redis) pipeline(calls []*call, deadline time.Time) []*redis.Cmd {
 	cmds := make([]*redis.Cmd, len(calls))
-	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	pipe := r.client.Pipeline()
 	for i, c := range calls {
 		cmds[i] = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
 	}
+	late := time.AfterFunc(r.timeout, r.health.suspect)
 	err := r.exec(ctx, pipe)
+	late.Stop()
 	var again []int
 	for i, cmd := range cmds {
 		if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
@@ -326,7 +346,7 @@ func (r *Redis) pipeline(calls []*call) []*redis.Cmd {
 	if len(again) == 0 || err != nil && !redis.HasErrorPrefix(err, "NOSCRIPT") {
 		return cmds
 	}
-	ctx, cancel = context.WithTimeout(context.Background(), r.timeout)
+	ctx, cancel = context.WithTimeout(context.Background(), r.wait())
 	defer cancel()
 	pipe = r.client.Pipeline()
 	// Every script loads first, so that no later pipeline finds some
@@ -351,10 +371,15 @@ func (r *Redis) exec(ctx context.Context, pipe redis.Pipeliner) error {
 	if err == nil || isAnswer(err) {
 		r.health.answered()
 	} else {
-		r.health.failed(err, time.Now())
+		r.health.suspect()
 	}
 	return err
 }
+
+// wait is how long a round trip waits for Redis' answer: the timeout, or
+// the probe's when longer, so that a late answer is still Redis' word
+// unless a probe says Redis is down.
+func (r *Redis) wait() time.Duration { return max(r.timeout, probeTimeout) }
 
 // isAnswer reports whether err is Redis' own answer, not a failure to get
 // one.

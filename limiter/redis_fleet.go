@@ -63,6 +63,17 @@ func (r *Redis) loadScripts() {
 	pipe.Exec(ctx) // a failure leaves them to the first calls
 }
 
+// ping is the health probe: whether Redis answers a PING within
+// probeTimeout, or the timeout if longer.
+func (r *Redis) ping() error {
+	if r.client == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), max(r.timeout, probeTimeout))
+	defer cancel()
+	return r.client.Ping(ctx).Err()
+}
+
 // leave forgets the instance in the live set, on Close.
 func (r *Redis) leave() {
 	if r.client == nil {
@@ -97,8 +108,8 @@ func (r *Redis) Charge(client string, lim *Limits, requests, tokens int64) {
 // logCourse logs a change of the instance's view of Redis.
 func (r *Redis) logCourse(down bool, err error) {
 	if down {
-		r.logger.Error("round trips to the shared limiter failed in a row; it is held for down until it answers a probe",
-			zap.Int("round_trips", downAfter), zap.Duration("probe_every", probeEvery), zap.Error(err))
+		r.logger.Error("a round trip to the shared limiter failed or was late, and a probe failed too; it is held for down until it answers one",
+			zap.Duration("probe_every", probeEvery), zap.Error(err))
 		return
 	}
 	r.logger.Info("the shared limiter answers again")

@@ -42,7 +42,7 @@ func startFleet(t *testing.T, limits ...string) *fleet {
 // startFleetWith is startFleet with more lines in the vigthoria block.
 func startFleetWith(t *testing.T, lines []string, limits ...string) *fleet {
 	t.Helper()
-	f := &fleet{redis: redistest.Start(t), upstream: standin.New(standin.Options{APIKey: serverKey})}
+	f := &fleet{redis: redistest.StartWith(t, "--enable-debug-command", "yes"), upstream: standin.New(standin.Options{APIKey: serverKey})}
 	srv := httptest.NewServer(f.upstream)
 	t.Cleanup(srv.Close)
 	st, err := keystore.OpenRedis(f.redis.URL)
