@@ -282,20 +282,21 @@ func (f *Fallback) answered(client string, lim *Limits, s *State, now time.Time)
 	if f.down.Load() {
 		f.recovered()
 	}
-	if f.owing.Load() {
-		f.pay()
-	}
-	if s == nil || f.policy == Deny {
-		return
-	}
-	if f.policy == UseLocalUnshared {
+	switch {
+	case s == nil || f.policy == Deny:
+	case f.policy == UseLocalUnshared:
 		if !lim.Quota.Unlimited() {
 			f.local.NoteSharedQuota(client, lim, s.QuotaUsed, s.QuotaReset, now)
 		}
-		return
+	default:
+		if sh := f.shareOf(lim); sh.ok {
+			f.local.noteShare(client, &sh.lim, *s, sh.n, now)
+		}
 	}
-	if sh := f.shareOf(lim); sh.ok {
-		f.local.noteShare(client, &sh.lim, *s, sh.n, now)
+	// After the note, which counts what is owed on top of s: the charge
+	// reaches Redis after the answer s.
+	if f.owing.Load() {
+		f.pay()
 	}
 }
 

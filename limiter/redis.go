@@ -123,6 +123,7 @@ type Redis struct {
 	slicing             atomic.Bool // large buckets are sliced (redis_slices.go)
 	slices              sliceBook
 	stop, stopped       chan struct{}
+	beaten              chan struct{} // the heartbeats ended
 	closeOnce           sync.Once
 }
 
@@ -155,11 +156,12 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, t
 		client: client, prefix: prefix, logger: logger, timeout: timeout,
 		instanceID: strconv.FormatUint(rand.Uint64(), 36),
 		leaseTTL:   leaseTTL, keepEnded: keepEnded,
-		stop: make(chan struct{}), stopped: make(chan struct{}),
+		stop: make(chan struct{}), stopped: make(chan struct{}), beaten: make(chan struct{}),
 	}
 	r.instances.Store(1)
 	r.health.onChange = r.logCourse
 	r.health.probe = r.ping
+	r.health.stop = r.stop
 	r.running.init()
 	r.queueSeed = maphash.MakeSeed()
 	for i := range r.batches {
@@ -167,6 +169,7 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, t
 	}
 	r.slices.m = make(map[string]*slice)
 	go r.maintain()
+	go r.beat()
 	for i := range r.batches {
 		go r.flushLoop(&r.batches[i])
 	}

@@ -52,9 +52,9 @@ const maxPipeline = 128
 // as long, so that a late answer is still Redis' decision.
 const probeTimeout = time.Second
 
-// probeEvery is how often a call goes to a Redis held for down, to learn
-// whether it answers again; the others fail at once meanwhile, so that an
-// outage does not cost every request a timeout.
+// probeEvery is how often a Redis held for down is probed, to learn
+// whether it answers again; calls fail at once meanwhile, so that an
+// outage does not cost every request a wait.
 const probeEvery = 250 * time.Millisecond
 
 // ErrDown is the error of a call made while the instance holds its Redis
@@ -68,24 +68,18 @@ var ErrDown = errors.New("the shared limiter is down")
 // time), and only a failed probe makes an outage: one caller's many
 // calls, or one slow answer, cannot.
 type health struct {
-	down      atomic.Bool
-	probing   atomic.Bool
-	nextProbe atomic.Int64 // unix nanoseconds; while down
-	// probe asks Redis whether it answers; set once, before use.
+	down    atomic.Bool
+	probing atomic.Bool
+	// probe asks Redis whether it answers; set once, before use, with
+	// stop, which ends the probes.
 	probe func() error
+	stop  <-chan struct{}
 	// onChange, when set, is called with the new course (down or not).
 	onChange func(down bool, err error)
 }
 
-// pass reports whether a call may go to Redis now: it is not held for
-// down, or this call is the probe.
-func (h *health) pass(now time.Time) bool {
-	if !h.down.Load() {
-		return true
-	}
-	next := h.nextProbe.Load()
-	return now.UnixNano() >= next && h.nextProbe.CompareAndSwap(next, now.Add(probeEvery).UnixNano())
-}
+// pass reports whether a call may go to Redis: it is not held for down.
+func (h *health) pass() bool { return !h.down.Load() }
 
 // answered records a round trip Redis answered.
 func (h *health) answered() {
@@ -95,7 +89,8 @@ func (h *health) answered() {
 }
 
 // suspect starts a probe, in the background, unless one runs or Redis is
-// held for down already: a failed probe holds it for down.
+// held for down already: a failed probe holds it for down, and it is
+// probed every probeEvery until it answers.
 func (h *health) suspect() {
 	if h.down.Load() || !h.probing.CompareAndSwap(false, true) {
 		return
@@ -108,9 +103,20 @@ func (h *health) suspect() {
 				return
 			}
 		}
-		h.nextProbe.Store(time.Now().Add(probeEvery).UnixNano())
 		if h.down.CompareAndSwap(false, true) && h.onChange != nil {
 			h.onChange(true, perr)
+		}
+		tick := time.NewTicker(probeEvery)
+		defer tick.Stop()
+		for h.down.Load() {
+			select {
+			case <-h.stop:
+				return
+			case <-tick.C:
+			}
+			if h.probe == nil || h.probe() == nil {
+				h.answered()
+			}
 		}
 	}()
 }
@@ -197,9 +203,9 @@ func signal(ch chan struct{}) {
 // run queues a script run and waits for its answer, or for ctx. The
 // answer is bounded by the timeout from when its pipeline is sent, not
 // from when it was queued. While Redis is held for down it fails at once
-// with ErrDown, but for a probe now and then.
+// with ErrDown.
 func (r *Redis) run(ctx context.Context, script *redis.Script, keys []string, args ...any) (*redis.Cmd, error) {
-	if !r.health.pass(time.Now()) {
+	if !r.health.pass() {
 		return nil, ErrDown
 	}
 	c := &call{script: script, keys: keys, args: args, done: make(chan *redis.Cmd, 1), ctx: ctx}

@@ -31,9 +31,33 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
 redis.call('PEXPIRE', KEYS[1], ttl)
 return redis.call('ZCARD', KEYS[1])`)
 
+// heartbeatEvery is how often an instance notes itself as live and counts
+// the others; each note lasts heartbeatLive, so that a missed beat or two
+// never counts a live instance out (which would make the others' shares
+// larger), while a dead one is counted a few seconds longer (smaller).
+const (
+	heartbeatEvery = 250 * time.Millisecond
+	heartbeatLive  = 3 * time.Second
+)
+
+// beat runs the heartbeats until Close.
+func (r *Redis) beat() {
+	defer close(r.beaten)
+	r.loadScripts()
+	tick := time.NewTicker(heartbeatEvery)
+	defer tick.Stop()
+	for {
+		r.heartbeat(heartbeatLive)
+		select {
+		case <-r.stop:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
 // heartbeat notes the instance as live for live, and counts the live
-// instances. A heartbeat Redis answers is also a probe of a Redis held
-// for down.
+// instances.
 func (r *Redis) heartbeat(live time.Duration) {
 	if r.client == nil { // tests of the slices alone
 		return
@@ -44,7 +68,6 @@ func (r *Redis) heartbeat(live time.Duration) {
 	if err != nil {
 		return // the request path's round trips tell the outage
 	}
-	r.health.answered()
 	r.instances.Store(int32(max(n, 1)))
 }
 

@@ -122,8 +122,6 @@ func (r *Redis) retryLater(c retry) {
 func (r *Redis) maintain() {
 	defer close(r.stopped)
 	renewEvery := r.leaseTTL / 3
-	r.loadScripts()
-	r.heartbeat(3 * min(renewEvery, time.Second))
 	tick := time.NewTicker(min(renewEvery, time.Second))
 	defer tick.Stop()
 	var renewed time.Time
@@ -133,8 +131,6 @@ func (r *Redis) maintain() {
 		case <-r.stop:
 			return
 		case now := <-tick.C:
-			// Live for three ticks: one lost heartbeat does not count it out.
-			r.heartbeat(3 * min(renewEvery, time.Second))
 			if r.slicing.Load() {
 				r.giveBackStale(now)
 			}
@@ -268,6 +264,7 @@ func (r *Redis) Close() {
 		}
 		close(r.stop)
 		<-r.stopped
+		<-r.beaten
 		r.leave()
 		r.retryPending(time.Second)
 		if n := r.retries.len(); n > 0 {
