@@ -376,19 +376,20 @@ type Handler struct {
 	// retried, while nothing has reached the client yet. Default: 2.
 	Retries *int `json:"retries,omitempty"`
 
-	// What to do when the shared store (Redis) fails to answer a limit
-	// decision in time: "local" decides with in-memory limits, each
-	// instance with its share of what Redis last said was left (the live
-	// instances split it), so that the fleet never admits more than its
-	// limits, and refuses with 503 a caller with a quota or budget the
-	// instance has no figure of; "deny" refuses with 503;
+	// What to do when the shared store (Redis) is down: "local" decides
+	// with in-memory limits what the instance can prove the fleet has not
+	// spent, its share (among the live instances) of what the rate limits
+	// refill during the outage, and refuses with 503 callers whose tier
+	// has a quota, budget or concurrency limit, so that the fleet never
+	// admits more than its limits; "deny" refuses with 503;
 	// "local_unshared" decides with in-memory limits, each instance with
 	// the whole limits, and may admit up to as many times the limits, and
 	// spend as many times the budgets, as there are instances. What was
 	// admitted locally is charged to Redis when it answers again. A late
-	// answer affects its own call only; the instance holds Redis for down
-	// (logged, and the store_fallback metric) after 3 round trips in a row
-	// failed, until a probe answers. Default: local.
+	// answer starts a probe and is waited for; only a failed probe makes
+	// the instance hold Redis for down (logged, and the store_fallback
+	// metric), until a probe answers; a call that failed meanwhile, alone,
+	// is refused with 503 but under "local_unshared". Default: local.
 	OnStoreError string `json:"on_store_error,omitempty"`
 
 	// How long a limit decision may wait for the shared store's answer,

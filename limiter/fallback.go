@@ -14,9 +14,10 @@ import (
 type OnError uint8
 
 const (
-	// UseLocal decides with in-memory limits, per instance: each instance
-	// takes its share of what the shared backend last said was left (see
-	// Fallback), so that the fleet never admits more than its limits.
+	// UseLocal decides with in-memory limits, per instance, what the
+	// instance can prove the fleet has not spent: its share of what the
+	// rate limits refill during the outage (see Fallback). Whatever else
+	// is refused, so that the fleet never admits more than its limits.
 	UseLocal OnError = iota
 	// Deny refuses requests until the shared backend answers again.
 	Deny
@@ -29,8 +30,9 @@ const (
 )
 
 // ErrUnavailable is the error of a Fallback that cannot decide without its
-// shared backend: set to Deny, or a client whose quota or budget it has no
-// figure of (UseLocal).
+// shared backend: set to Deny, or, under UseLocal, a call that failed
+// alone, or a client whose limits leave the instance no share it can
+// prove (see Fallback).
 var ErrUnavailable = errors.New("the shared limiter is unavailable")
 
 // Shared is the backend of a Fallback: a Limiter that the instances of a
@@ -43,30 +45,37 @@ type Shared interface {
 	// without the shared backend, when it answers again: queued, and
 	// retried until it lands.
 	Charge(client string, lim *Limits, requests, tokens int64)
-	// Instances is how many instances share the backend, as last seen;
-	// at least 1.
+	// Instances is how many instances share the backend, as last seen,
+	// this one included; 0 while some live instance may not count this
+	// one yet, which then has no share of the limits.
 	Instances() int
 }
 
 // Fallback puts a shared backend (Redis) first and acts as told by
-// OnError when a call fails: that call is decided by in-memory limits, or
-// refused. A call that fails is one late answer, not an outage: it changes
-// no other call. The shared backend alone says when it is down (ErrDown:
-// several round trips in a row failed), and the Fallback logs each change
-// of course once.
+// OnError when it fails. A call that fails alone (one late answer, a full
+// queue) is no outage: it changes no other call, and is refused unless
+// the policy is UseLocalUnshared. The shared backend alone says when it is
+// down (ErrDown: a round trip failed or was late, and a probe failed too);
+// the Fallback is then in force for every call until the backend answers
+// again, and logs each change of course once.
 //
 // The in-memory limits of UseLocal never let the fleet admit more than
-// its limits: each shared answer is noted as the start of this instance's
-// share of the client's limits, 1/n of what the answer said was left of
-// each bucket and quota, n the live instances, and the limits' rates and
-// bursts are divided by n as well. A client the instance has not heard of
-// from the shared backend starts from its share of full buckets; one with
-// a quota or budget is refused (ErrUnavailable) rather than spend what it
-// may have spent elsewhere, so that budgets are never overspent. A limit
-// whose share is below one unit (a burst of 1 between 2 instances) is
-// refused the same way. Whatever the local limits admitted is charged to
-// the shared backend once it answers again, so that the requests and
-// tokens served during an outage count against the limits afterwards.
+// its limits while the instances share one outage. What was left of a
+// bucket when the outage began may have been spent by another instance
+// after this one last heard of it, so none of it is taken: each instance
+// starts its share of a client's buckets empty when the fallback comes in
+// force, and refills it at 1/n of the rate, n the live instances (a burst
+// of 1/n as well); the fleet's refill during the outage is its own, since
+// the backend admits nothing meanwhile. A quota, a budget or a concurrency
+// limit has no refill to share, and what other instances hold of it is
+// unknown: a client whose tier sets one is refused (ErrUnavailable), and
+// so is one whose share is below one unit, or any client while an
+// instance that joined lately may not be counted by all (Instances is 0).
+// Whatever the local limits admitted is charged to the shared backend once
+// it answers again, so that the requests and tokens served during an
+// outage count against the limits afterwards. An instance cut off from a
+// backend that other instances still reach takes its share on top of what
+// the backend admits: it is charged, into debt, once it answers.
 //
 // Use NewFallback; it is safe for concurrent use.
 type Fallback struct {
@@ -75,7 +84,8 @@ type Fallback struct {
 	policy OnError
 	logger *zap.Logger
 
-	down atomic.Bool
+	down  atomic.Bool
+	since atomic.Int64 // unix nanoseconds: when the fallback came in force; 0 while not
 	// OnChange, when set, is called with true when the fallback starts and
 	// false when it ends, for metrics.
 	OnChange func(down bool)
@@ -92,7 +102,7 @@ type Fallback struct {
 type share struct {
 	n   int
 	lim Limits
-	ok  bool // every limit leaves each instance a unit at least
+	ok  bool // the instance may decide with it: see Fallback
 }
 
 // owing is what the local limits admitted for a client, for the shared
@@ -142,7 +152,7 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 		}
 		return d, nil
 	}
-	share, err := f.failed(lim, err)
+	share, err := f.failed(client, lim, err, now)
 	if err != nil {
 		return Decision{}, err
 	}
@@ -163,10 +173,10 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 // there.
 //
 // When the shared backend fails, a shared lease reserves in the local
-// limits under UseLocal, checked as a local lease is; Local names that
-// part of the lease, which Settle gives back there, while the shared
-// backend is charged all the request used. Under Deny the call fails with
-// ErrUnavailable.
+// limits where the policy decides locally (Fallback), checked as a local
+// lease is; Local names that part of the lease, which Settle gives back
+// there, while the shared backend is charged all the request used.
+// Otherwise the call fails with ErrUnavailable.
 func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
 	if err := checkReserve(lim, tokens); err != nil {
 		return Decision{Lease: lease}, err
@@ -185,11 +195,16 @@ func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, leas
 		f.answered(client, lim, nil, now)
 		return d, err
 	}
-	share, err := f.failed(lim, err)
+	share, err := f.failed(client, lim, err, now)
 	if err != nil {
 		return Decision{Lease: lease}, err
 	}
 	if lease.ID == sliceID {
+		if f.policy == UseLocal {
+			// Past its slice, a sliced lease has nothing local to
+			// reserve from that Settle would give back.
+			return Decision{Lease: lease}, ErrUnavailable
+		}
 		// A sliced tier has neither quota nor budget: its tokens are
 		// charged to Redis by Settle, unchecked in advance.
 		d = Decision{Lease: lease}
@@ -232,7 +247,7 @@ func (f *Fallback) Settle(ctx context.Context, client string, lim *Limits, lease
 	lease = f.localPart(client, lim, lease, now)
 	err := f.shared.Settle(ctx, client, lim, lease, used, now)
 	if err != nil && errors.Is(err, ErrDown) {
-		f.markDown(err)
+		f.markDown(err, now)
 	}
 	return err
 }
@@ -268,7 +283,7 @@ func (f *Fallback) State(ctx context.Context, client string, lim *Limits, now ti
 		f.answered(client, lim, &s, now)
 		return s, nil
 	}
-	share, err := f.failed(lim, err)
+	share, err := f.failed(client, lim, err, now)
 	if err != nil {
 		return State{}, err
 	}
@@ -276,8 +291,8 @@ func (f *Fallback) State(ctx context.Context, client string, lim *Limits, now ti
 }
 
 // answered records a shared answer: the fallback, if in force, ends, what
-// the local limits admitted is charged, and the client's standing s (nil
-// for none) is noted as the start of its local share.
+// the local limits admitted is charged, and under UseLocalUnshared the
+// client's quota use in s (nil for none) is noted to start from.
 func (f *Fallback) answered(client string, lim *Limits, s *State, now time.Time) {
 	if f.down.Load() {
 		f.recovered()
@@ -287,10 +302,6 @@ func (f *Fallback) answered(client string, lim *Limits, s *State, now time.Time)
 	case f.policy == UseLocalUnshared:
 		if !lim.Quota.Unlimited() {
 			f.local.NoteSharedQuota(client, lim, s.QuotaUsed, s.QuotaReset, now)
-		}
-	default:
-		if sh := f.shareOf(lim); sh.ok {
-			f.local.noteShare(client, &sh.lim, *s, sh.n, now)
 		}
 	}
 	// After the note, which counts what is owed on top of s: the charge
@@ -302,20 +313,25 @@ func (f *Fallback) answered(client string, lim *Limits, s *State, now time.Time)
 
 // failed handles a failed shared call: it returns the limits to decide
 // with locally, or the error to return.
-func (f *Fallback) failed(lim *Limits, err error) (*Limits, error) {
+func (f *Fallback) failed(client string, lim *Limits, err error, now time.Time) (*Limits, error) {
 	if errors.Is(err, ErrDown) {
-		f.markDown(err)
+		f.markDown(err, now)
 	}
-	if f.policy == Deny {
+	switch f.policy {
+	case Deny:
 		return nil, ErrUnavailable
-	}
-	if f.policy == UseLocalUnshared {
+	case UseLocalUnshared:
 		return lim, nil
+	}
+	since := f.since.Load()
+	if since == 0 || !f.down.Load() {
+		return nil, ErrUnavailable // one failed call: the others' use meanwhile is unknown
 	}
 	sh := f.shareOf(lim)
 	if !sh.ok {
 		return nil, ErrUnavailable
 	}
+	f.local.startShare(client, &sh.lim, since)
 	return &sh.lim, nil
 }
 
@@ -329,19 +345,20 @@ func (f *Fallback) share(lim *Limits) *Limits {
 }
 
 // shareOf returns lim divided among the live instances: each rate's
-// window multiplied by n and its burst divided by it (the fleet refills
-// at the rate, and holds the burst), the concurrency divided (at least
-// 1 each). The quota stays: its share is in the figure noted (noteShare).
+// window multiplied by n and its burst divided by it, so that the fleet
+// refills at the rate and holds the burst. It is not ok (see Fallback)
+// with a quota, a budget or a concurrency limit, a burst below one unit
+// each, or no count of the instances.
 func (f *Fallback) shareOf(lim *Limits) *share {
-	n := max(f.shared.Instances(), 1)
+	n := f.shared.Instances()
 	if v, ok := f.shares.Load(lim); ok {
 		if sh := v.(*share); sh.n == n {
 			return sh
 		}
 	}
-	sh := &share{n: n, lim: *lim, ok: true}
+	sh := &share{n: n, lim: *lim, ok: n > 0 && lim.Concurrent <= 0 && lim.Quota.Unlimited()}
 	for _, r := range []*Rate{&sh.lim.Requests, &sh.lim.Tokens} {
-		if r.Unlimited() {
+		if r.Unlimited() || n == 0 {
 			continue
 		}
 		r.Burst = r.Capacity() / int64(n)
@@ -349,12 +366,6 @@ func (f *Fallback) shareOf(lim *Limits) *share {
 		if r.Burst < 1 {
 			sh.ok = false
 		}
-	}
-	if sh.lim.Concurrent > 0 {
-		sh.lim.Concurrent = max(sh.lim.Concurrent/n, 1)
-	}
-	if f.policy == UseLocal && !lim.Quota.Unlimited() && lim.Quota.N/int64(n) < 1 {
-		sh.ok = false
 	}
 	if f.sharesLen.Add(1) > maxShares {
 		f.shares.Clear()
@@ -405,11 +416,15 @@ func (f *Fallback) pay() {
 // Down reports whether the fallback is in force.
 func (f *Fallback) Down() bool { return f.down.Load() }
 
-func (f *Fallback) markDown(err error) {
-	if f.down.Load() || !f.down.CompareAndSwap(false, true) {
+func (f *Fallback) markDown(err error, now time.Time) {
+	if f.down.Load() {
 		return
 	}
-	what := "deciding with local in-memory limits, each instance its share"
+	f.since.CompareAndSwap(0, now.UnixNano())
+	if !f.down.CompareAndSwap(false, true) {
+		return
+	}
+	what := "deciding with local in-memory limits, each instance its share of what they refill meanwhile; callers with a quota, budget or concurrency limit are refused"
 	switch f.policy {
 	case Deny:
 		what = "refusing requests"
@@ -426,6 +441,7 @@ func (f *Fallback) recovered() {
 	if !f.down.CompareAndSwap(true, false) {
 		return
 	}
+	f.since.Store(0)
 	f.logger.Info("the shared limiter answers again; limits hold across instances again")
 	if f.OnChange != nil {
 		f.OnChange(false)

@@ -78,18 +78,25 @@ func (f *flaky) Charge(client string, lim *Limits, requests, tokens int64) {
 	f.charged[client] = [2]int64{c[0] + requests, c[1] + tokens}
 }
 
-func (f *flaky) Instances() int { return max(f.instances, 1) }
+// Instances: 1 by default; a negative instances, 0 (not counted by all).
+func (f *flaky) Instances() int {
+	if f.instances < 0 {
+		return 0
+	}
+	return max(f.instances, 1)
+}
 
-// TestFallback: a late answer is decided by the policy, that call only;
-// ErrDown puts the fallback in force until an answer, and what the local
-// limits admitted is charged to the shared backend then.
+// TestFallback: a late answer is no outage: that call alone is refused,
+// unless the policy is UseLocalUnshared. ErrDown puts the fallback in force
+// until an answer, and what the local limits admitted is charged to the
+// shared backend then.
 func TestFallback(t *testing.T) {
 	ctx := context.Background()
 	lim := &Limits{Requests: Rate{N: 2, Window: time.Hour}}
 	for _, tc := range []struct {
 		name   string
 		policy OnError
-	}{{"local", UseLocal}, {"deny", Deny}} {
+	}{{"local", UseLocal}, {"deny", Deny}, {"local_unshared", UseLocalUnshared}} {
 		t.Run(tc.name, func(t *testing.T) {
 			shared := &flaky{Memory: NewMemory(nil, 100)}
 			var changes []bool
@@ -101,23 +108,39 @@ func TestFallback(t *testing.T) {
 			}
 			shared.late = true
 			d, err := f.Admit(ctx, "c", lim, 0, t0)
-			switch tc.policy {
-			case UseLocal:
+			if tc.policy == UseLocalUnshared {
 				if err != nil || d.Reason != Admitted || d.Lease.ID != "" {
-					t.Errorf("late, local: %+v %v, want a local admission", d, err)
+					t.Errorf("late, local_unshared: %+v %v, want a local admission", d, err)
 				}
-			case Deny:
-				if !errors.Is(err, ErrUnavailable) {
-					t.Errorf("late, deny: %v, want ErrUnavailable", err)
-				}
+			} else if !errors.Is(err, ErrUnavailable) {
+				t.Errorf("late: %+v %v, want ErrUnavailable", d, err)
 			}
 			if f.Down() || len(changes) != 0 {
 				t.Errorf("one late answer: down %v, changes %v; want no fallback in force", f.Down(), changes)
 			}
 			shared.late, shared.down = false, true
-			f.Admit(ctx, "d", lim, 0, t0)
+			d, err = f.Admit(ctx, "d", lim, 0, t0)
 			if !f.Down() {
 				t.Error("ErrDown: the fallback is not in force")
+			}
+			switch tc.policy {
+			case UseLocal:
+				// Its share starts empty as the outage does; half an
+				// hour refills one request.
+				if err != nil || d.Reason != RequestLimit {
+					t.Errorf("down, local, at once: %+v %v, want refused by the empty share", d, err)
+				}
+				if d, err := f.Admit(ctx, "d", lim, 0, t0.Add(30*time.Minute)); err != nil || d.Reason != Admitted || d.Lease.ID != "" {
+					t.Errorf("down, local, half an hour later: %+v %v, want a local admission", d, err)
+				}
+			case Deny:
+				if !errors.Is(err, ErrUnavailable) {
+					t.Errorf("down, deny: %v, want ErrUnavailable", err)
+				}
+			case UseLocalUnshared:
+				if err != nil || d.Reason != Admitted {
+					t.Errorf("down, local_unshared: %+v %v, want a local admission from the whole limits", d, err)
+				}
 			}
 			shared.down = false
 			if d, err := f.Admit(ctx, "d", lim, 0, t0); err != nil || d.Lease.ID != "shared" {
@@ -126,9 +149,12 @@ func TestFallback(t *testing.T) {
 			if len(changes) != 2 || !changes[0] || changes[1] {
 				t.Errorf("changes %v, want [true false]", changes)
 			}
-			want := map[string][2]int64(nil)
-			if tc.policy == UseLocal {
-				want = map[string][2]int64{"c": {1, 0}, "d": {1, 0}} // the local admissions
+			want := map[string][2]int64{"d": {1, 0}} // the local admissions
+			switch tc.policy {
+			case Deny:
+				want = nil
+			case UseLocalUnshared:
+				want["c"] = [2]int64{1, 0}
 			}
 			if len(shared.charged) != len(want) || shared.charged["c"] != want["c"] || shared.charged["d"] != want["d"] {
 				t.Errorf("charged %v, want %v", shared.charged, want)
@@ -137,56 +163,65 @@ func TestFallback(t *testing.T) {
 	}
 }
 
-// TestFallbackShares: under UseLocal each instance decides from its share
-// of what the shared backend last said was left, and a client whose quota
-// it has no figure of is refused, not started from zero.
+// TestFallbackShares: under UseLocal each instance decides with its share
+// of what the rates refill during the outage, from empty, whatever the
+// shared backend last said was left; a client whose tier has a quota, a
+// budget or a concurrency limit is refused, and every client while the
+// instance may not be counted by all.
 func TestFallbackShares(t *testing.T) {
 	ctx := context.Background()
-	lim := &Limits{Requests: Rate{N: 10, Window: time.Hour}, Quota: Quota{N: 1000, Period: Day}}
+	lim := &Limits{Requests: Rate{N: 10, Window: time.Hour}}
 	shared := &flaky{Memory: NewMemory(nil, 100), instances: 2}
 	f := newFallback(shared, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
-	d, _ := f.Admit(ctx, "c", lim, 0, t0)
-	d, _ = f.Reserve(ctx, "c", lim, d.Lease, 400, t0)
-	f.Settle(ctx, "c", lim, d.Lease, 400, t0) // 9 requests and 600 tokens left
+	if d, _ := f.Admit(ctx, "c", lim, 0, t0); d.Lease.ID != "shared" {
+		t.Fatalf("up: %+v, want the shared backend's admission (9 left)", d)
+	}
 	shared.down = true
-	admitted, reserved := 0, int64(0)
-	for range 20 {
-		d, err := f.Admit(ctx, "c", lim, 0, t0)
-		if err != nil || d.Reason != Admitted {
-			continue
+	admitted := func(client string, lim *Limits, now time.Time) (n int) {
+		for range 20 {
+			if d, err := f.Admit(ctx, client, lim, 0, now); err == nil && d.Reason == Admitted {
+				n++
+			}
 		}
-		admitted++
-		if d, err = f.Reserve(ctx, "c", lim, d.Lease, 100, t0); err == nil && d.Reason == Admitted {
-			reserved += 100
+		return n
+	}
+	if n := admitted("c", lim, t0); n != 0 {
+		t.Errorf("down, at once: %d admitted, want none: another instance may have spent the 9 left", n)
+	}
+	if n := admitted("c", lim, t0.Add(time.Hour)); n != 5 {
+		t.Errorf("down, an hour later: %d admitted, want half of the hour's 10 (2 instances)", n)
+	}
+	if n := admitted("new", lim, t0.Add(3*time.Hour)); n != 5 {
+		t.Errorf("down, a client never heard of, 3 hours later: %d admitted, want its share of the burst, 5", n)
+	}
+	for _, tc := range []struct {
+		name string
+		lim  *Limits
+	}{
+		{"a quota", &Limits{Requests: lim.Requests, Quota: Quota{N: 1000, Period: Day}}},
+		{"a concurrency limit", &Limits{Requests: lim.Requests, Concurrent: 4}},
+		{"a burst of 1", &Limits{Requests: Rate{N: 1, Window: time.Minute}}},
+	} {
+		if _, err := f.Admit(ctx, "c", tc.lim, 0, t0.Add(time.Hour)); !errors.Is(err, ErrUnavailable) {
+			t.Errorf("down, %s: %v, want ErrUnavailable", tc.name, err)
 		}
 	}
-	if admitted != 4 || reserved != 300 {
-		t.Errorf("down, 2 instances: %d admitted and %d tokens reserved, want half of the 9 requests (4) and of the 600 tokens left (300)", admitted, reserved)
-	}
-	if _, err := f.Admit(ctx, "unknown", lim, 0, t0); !errors.Is(err, ErrUnavailable) {
-		t.Errorf("a client without a quota figure: %v, want ErrUnavailable", err)
-	}
-	noQuota := &Limits{Requests: Rate{N: 10, Window: time.Hour}}
-	n := 0
-	for range 20 {
-		if d, err := f.Admit(ctx, "unknown", noQuota, 0, t0); err == nil && d.Reason == Admitted {
-			n++
-		}
-	}
-	if n != 5 {
-		t.Errorf("a client without figures and without a quota: %d admitted, want its share of the burst, 5", n)
+	shared.instances = -1 // not counted by all yet
+	if _, err := f.Admit(ctx, "c", lim, 0, t0.Add(5*time.Hour)); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("down, the instance not counted by all: %v, want ErrUnavailable", err)
 	}
 }
 
 // TestFallbackReserve: a shared lease reserves in the local limits when
-// the shared backend fails, checked there, and gives it back there when
+// the shared backend is down, checked there, and gives it back there when
 // settled; the shared backend is charged all it used.
 func TestFallbackReserve(t *testing.T) {
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Hour}}
+	t1 := t0.Add(30 * time.Minute) // 500 tokens refilled
 	tokensLeft := func(t *testing.T, l Limiter) int64 {
 		t.Helper()
-		s, err := l.State(ctx, "c", lim, t0)
+		s, err := l.State(ctx, "c", lim, t1)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -207,40 +242,41 @@ func TestFallbackReserve(t *testing.T) {
 			if err != nil || d.Reason != Admitted || lease.Reserved != 300 || lease.ID != "shared" {
 				t.Fatalf("up: %+v %v, want 300 reserved", d, err)
 			}
-			noted := int64(700) // the shared figure, noted for the local limits
-			if tc.policy == Deny {
-				noted = 1000 // never decided locally: nothing noted
-			}
-			if shared, local := tokensLeft(t, shared), tokensLeft(t, local); shared != 700 || local != noted {
-				t.Fatalf("up: %d tokens left in the shared backend and %d locally, want 700 and %d", shared, local, noted)
-			}
 
-			shared.late = true
+			shared.down = true
 			d, err = f.Reserve(ctx, "c", lim, lease, 100, t0)
 			switch tc.policy {
 			case UseLocal:
-				if err != nil || d.Reason != Admitted || d.Lease.Reserved != 400 || d.Lease.Local != 100 || d.TokensRemaining != 600 {
-					t.Errorf("late, local: %+v %v, want 100 reserved locally", d, err)
+				if err != nil || d.Reason != TokenLimit || d.Lease != lease {
+					t.Errorf("down, local, at once: %+v %v, want refused by the empty share", d, err)
 				}
-				if d, err := f.Reserve(ctx, "c", lim, d.Lease, 601, t0); err != nil || d.Reason != TokenLimit {
-					t.Errorf("late, local, 601 more: %+v %v, want refused by the local tokens", d, err)
+				d, err = f.Reserve(ctx, "c", lim, lease, 100, t1)
+				if err != nil || d.Reason != Admitted || d.Lease.Reserved != 400 || d.Lease.Local != 100 || d.TokensRemaining != 400 {
+					t.Errorf("down, local, half an hour later: %+v %v, want 100 reserved locally of the 500 refilled", d, err)
+				}
+				if d, err := f.Reserve(ctx, "c", lim, d.Lease, 401, t1); err != nil || d.Reason != TokenLimit {
+					t.Errorf("down, local, 401 more: %+v %v, want refused by the local tokens", d, err)
 				}
 				lease = d.Lease
 			case Deny:
 				if !errors.Is(err, ErrUnavailable) || d.Lease != lease {
-					t.Errorf("late, deny: %+v %v, want ErrUnavailable and the lease as it was (%+v)", d, err, lease)
+					t.Errorf("down, deny: %+v %v, want ErrUnavailable and the lease as it was (%+v)", d, err, lease)
 				}
 			}
 
-			shared.late = false
-			if err := f.Settle(ctx, "c", lim, lease, 350, t0); err != nil {
+			shared.down = false
+			if err := f.Settle(ctx, "c", lim, lease, 350, t1); err != nil {
 				t.Fatal(err)
 			}
-			if left := tokensLeft(t, shared); left != 650 {
-				t.Errorf("after settling 350: %d tokens left in the shared backend, want 650", left)
+			if left := tokensLeft(t, shared); left != 950 {
+				t.Errorf("after settling 350: %d tokens left in the shared backend, want 950", left)
 			}
-			if left := tokensLeft(t, local); left != noted {
-				t.Errorf("after settling: %d tokens left locally, want the %d noted, the local part given back", left, noted)
+			want := int64(500) // the share refilled, the local part given back
+			if tc.policy == Deny {
+				want = 1000 // never decided locally
+			}
+			if left := tokensLeft(t, local); left != want {
+				t.Errorf("after settling: %d tokens left locally, want %d", left, want)
 			}
 		})
 	}
@@ -253,7 +289,8 @@ func TestFallbackReserve(t *testing.T) {
 }
 
 // TestFallbackReserveRedis: a lease Redis reports gone is the caller's
-// error, not an outage; Redis killed is one.
+// error, not an outage; Redis killed is one, and a tier with a
+// concurrency limit is refused meanwhile, its lease left as it was.
 func TestFallbackReserveRedis(t *testing.T) {
 	s := redistest.Start(t)
 	ctx := t.Context()
@@ -280,8 +317,8 @@ func TestFallbackReserveRedis(t *testing.T) {
 			t.Fatal("Redis killed: the fallback is not in force after 20 failed calls")
 		}
 		d, err = f.Reserve(ctx, "c", lim, lease, 10, time.Now())
-		if err != nil || d.Reason != Admitted || d.Lease.Reserved != lease.Reserved+10 || d.Lease.Local != 10 {
-			t.Errorf("Redis killed: %+v %v, want 10 reserved locally on the lease %+v", d, err, lease)
+		if !errors.Is(err, ErrUnavailable) || d.Lease != lease {
+			t.Errorf("Redis killed: %+v %v, want ErrUnavailable and the lease %+v as it was", d, err, lease)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -302,8 +339,10 @@ func (l failingLedger) QuotaUsed(ctx context.Context, _ string, _ time.Time) (in
 	return 0, errors.New("redis: connection refused")
 }
 
-// TestFallbackQuotaDuringOutage: while the shared backend fails, a quota
-// tier is decided locally within the timeout, from the last figure the
+// TestFallbackQuotaDuringOutage: under UseLocalUnshared, the operator's
+// choice of availability over the fleet's limits, while the shared
+// backend fails, a quota tier is decided locally within the timeout, from
+// the last figure the
 // shared backend gave plus what the instance counted since, never from a
 // ledger in the failed store; when the shared backend answers again, its
 // figure rules, and a later outage of the period still counts what the
@@ -318,7 +357,7 @@ func TestFallbackQuotaDuringOutage(t *testing.T) {
 	}{{"refused", false}, {"stopped", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			shared := &flaky{Memory: NewMemory(nil, 100)}
-			f := newFallback(shared, NewMemory(failingLedger{hang: tc.hang}, 100), UseLocal, zap.NewNop())
+			f := newFallback(shared, NewMemory(failingLedger{hang: tc.hang}, 100), UseLocalUnshared, zap.NewNop())
 			shared.chargeQuota = true
 			// request is one request as the handler makes it: admitted,
 			// then its estimate reserved, then settled with what it used.

@@ -193,26 +193,21 @@ func (st *clientState) noteQuota(lim *Limits, used int64, end time.Time) {
 	}
 }
 
-// noteShare takes a shared limiter's standing of the client, s, as the
-// start of this Memory's share of the client's limits while it decides in
-// the shared limiter's place (see Fallback): share is lim divided among n
-// instances (Fallback.share), and this Memory gets 1/n of what s says is
-// left of each bucket and of the quota. It allocates nothing for a client
-// this Memory remembers.
-func (m *Memory) noteShare(client string, share *Limits, s State, n int, now time.Time) {
+// startShare starts the client's buckets empty at since (unix
+// nanoseconds), unless this Memory used them since then: while it decides
+// in a shared limiter's place (see Fallback), a client has what share,
+// its limits as divided, refilled since the outage began, and nothing of
+// what was left before. It allocates nothing for a client this Memory
+// remembers.
+func (m *Memory) startShare(client string, share *Limits, since int64) {
 	sh := m.shard(client)
-	t := now.UnixNano()
 	sh.mu.Lock()
-	st := m.get(sh, client, t, share)
-	if !share.Requests.Unlimited() {
-		st.requests = bucket{used: max(0, share.Requests.burst()-float64(s.RequestsRemaining)/float64(n)), at: t}
+	st := m.get(sh, client, since, share)
+	if !share.Requests.Unlimited() && st.requests.at < since {
+		st.requests = bucket{used: share.Requests.burst(), at: since}
 	}
-	if !share.Tokens.Unlimited() {
-		st.tokens = bucket{used: max(0, share.Tokens.burst()-float64(s.TokensRemaining)/float64(n)), at: t}
-	}
-	if !share.Quota.Unlimited() && !s.QuotaReset.IsZero() {
-		q := share.Quota.N
-		st.noteQuota(share, q-max(q-s.QuotaUsed, 0)/int64(n), s.QuotaReset)
+	if !share.Tokens.Unlimited() && st.tokens.at < since {
+		st.tokens = bucket{used: share.Tokens.burst(), at: since}
 	}
 	sh.mu.Unlock()
 }

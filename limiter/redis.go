@@ -115,6 +115,8 @@ type Redis struct {
 	health              health
 	instances           atomic.Int32 // live instances, as last counted (redis_fleet.go)
 	instanceID          string
+	joined              int64         // when the heartbeats last added the instance (Redis ms); theirs only
+	counted             bool          // every other live instance has beaten since joined; the heartbeats' only
 	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
 	running             leaseBook     // leases to renew
 	retries             retryQueue
@@ -158,7 +160,6 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, t
 		leaseTTL:   leaseTTL, keepEnded: keepEnded,
 		stop: make(chan struct{}), stopped: make(chan struct{}), beaten: make(chan struct{}),
 	}
-	r.instances.Store(1)
 	r.health.onChange = r.logCourse
 	r.health.probe = r.ping
 	r.health.stop = r.stop

@@ -70,6 +70,8 @@ var ErrDown = errors.New("the shared limiter is down")
 type health struct {
 	down    atomic.Bool
 	probing atomic.Bool
+	mu      sync.Mutex    // protects verdict
+	verdict chan struct{} // closed once the running probe has its first answer
 	// probe asks Redis whether it answers; set once, before use, with
 	// stop, which ends the probes.
 	probe func() error
@@ -95,17 +97,23 @@ func (h *health) suspect() {
 	if h.down.Load() || !h.probing.CompareAndSwap(false, true) {
 		return
 	}
+	verdict := make(chan struct{})
+	h.mu.Lock()
+	h.verdict = verdict
+	h.mu.Unlock()
 	go func() {
 		defer h.probing.Store(false)
 		var perr error = ErrDown
 		if h.probe != nil {
 			if perr = h.probe(); perr == nil {
+				close(verdict)
 				return
 			}
 		}
 		if h.down.CompareAndSwap(false, true) && h.onChange != nil {
 			h.onChange(true, perr)
 		}
+		close(verdict)
 		tick := time.NewTicker(probeEvery)
 		defer tick.Stop()
 		for h.down.Load() {
@@ -119,6 +127,23 @@ func (h *health) suspect() {
 			}
 		}
 	}()
+}
+
+// waitVerdict waits until the probe that runs, if any, has its first
+// answer, or ctx is done: a call that failed then knows whether Redis is
+// down or was only late for it.
+func (h *health) waitVerdict(ctx context.Context) {
+	h.mu.Lock()
+	verdict := h.verdict
+	h.mu.Unlock()
+	if verdict == nil {
+		return
+	}
+	select {
+	case <-verdict:
+	case <-ctx.Done():
+	case <-h.stop:
+	}
 }
 
 // errQueueFull is the error of a call made while maxQueued calls wait
@@ -215,8 +240,13 @@ func (r *Redis) run(ctx context.Context, script *redis.Script, keys []string, ar
 	select {
 	case cmd := <-c.done:
 		err := cmd.Err()
-		if err != nil && r.health.down.Load() && !isAnswer(err) {
-			err = fmt.Errorf("%w: %w", ErrDown, err) // this failure, or another at once, made the outage
+		if err != nil && !isAnswer(err) {
+			// Its failure started a probe, or a late answer did: down,
+			// or late for this call only?
+			r.health.waitVerdict(ctx)
+			if r.health.down.Load() {
+				err = fmt.Errorf("%w: %w", ErrDown, err)
+			}
 		}
 		return cmd, err
 	case <-ctx.Done():

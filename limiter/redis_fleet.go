@@ -15,21 +15,25 @@ import (
 // limits among them while Redis fails), and the Charge of what it
 // admitted without Redis, once Redis answers again.
 
-// instancesKey is the sorted set of the live instances, by the expiry of
-// their last heartbeat (unix ms); under the limiter's prefix.
+// instancesKey is the sorted set of the live instances, by the time of
+// their last heartbeat (Redis' clock, unix ms); under the limiter's
+// prefix.
 const instancesKey = "instances"
 
-// heartbeatScript notes the calling instance as live for ARGV[2] ms,
-// forgets the instances whose heartbeats expired, and returns how many
-// are live.
+// heartbeatScript notes the calling instance ARGV[1] as live now,
+// forgets the instances whose last heartbeat is ARGV[2] ms old, and
+// returns how many are live, now, whether the caller was added (it had
+// not beaten, or was forgotten), and the oldest live instance's last
+// heartbeat.
 var heartbeatScript = redis.NewScript(`
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], ms + ttl, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-redis.call('PEXPIRE', KEYS[1], ttl)
-return redis.call('ZCARD', KEYS[1])`)
+local live = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - live)
+local added = redis.call('ZADD', KEYS[1], ms, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], live)
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {redis.call('ZCARD', KEYS[1]), ms, added, tonumber(oldest[2])}`)
 
 // heartbeatEvery is how often an instance notes itself as live and counts
 // the others; each note lasts heartbeatLive, so that a missed beat or two
@@ -57,18 +61,31 @@ func (r *Redis) beat() {
 }
 
 // heartbeat notes the instance as live for live, and counts the live
-// instances.
+// instances. The count is the instance's to share by (Instances) only
+// once every other live instance has beaten since it joined, and so
+// counts it too: until then an instance that has not heard of it yet may
+// take a larger share than it leaves.
 func (r *Redis) heartbeat(live time.Duration) {
 	if r.client == nil { // tests of the slices alone
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), max(r.timeout, time.Second))
 	defer cancel()
-	n, err := heartbeatScript.Run(ctx, r.client, []string{r.prefix + instancesKey}, r.instanceID, live.Milliseconds()).Int64()
-	if err != nil {
+	vals, err := heartbeatScript.Run(ctx, r.client, []string{r.prefix + instancesKey}, r.instanceID, live.Milliseconds()).Int64Slice()
+	if err != nil || len(vals) != 4 {
 		return // the request path's round trips tell the outage
 	}
-	r.instances.Store(int32(max(n, 1)))
+	n, now, added, oldest := vals[0], vals[1], vals[2], vals[3]
+	if added == 1 { // joined, or forgotten and back: nobody counts it yet
+		r.joined, r.counted = now, false
+	}
+	if !r.counted && (n == 1 || oldest > r.joined) {
+		r.counted = true
+	}
+	if !r.counted {
+		n = 0
+	}
+	r.instances.Store(int32(n))
 }
 
 // loadScripts loads the request path's scripts, off it, as the instance
@@ -108,7 +125,8 @@ func (r *Redis) leave() {
 }
 
 // Instances implements Shared: the live instances of the fleet as last
-// counted, this one included; 1 before the first count.
+// counted, this one included; 0 until every other live instance has
+// counted this one (see heartbeat).
 func (r *Redis) Instances() int { return int(r.instances.Load()) }
 
 // Charge implements Shared: requests and tokens admitted without Redis
