@@ -56,9 +56,12 @@ fuzz:
 
 ## bench: load benchmarks of the proxy against plain Caddy and the
 ## upstream alone, and the hot paths' micro-benchmarks (redis-server for
-## the Redis ones), on loopback; writes BENCHMARKS.md (about 6 minutes).
+## the Redis ones), on loopback; writes BENCHMARKS.md (about 10 minutes).
+## BASELINE=path/to/caddy measures another build of the module (an
+## earlier commit's) beside this one, in the same rounds.
+BASELINE ?=
 bench: build test-deps
-	$(GO) run ./bench -caddy ./caddy -go $(GO) -out BENCHMARKS.md
+	$(GO) run ./bench -caddy ./caddy -go $(GO) -out BENCHMARKS.md $(if $(BASELINE),-baseline $(BASELINE))
 
 ## soak: the proxy under 60 s of mixed load (small chats at half its
 ## measured maximum and 100 streams at once): no unexpected errors, RSS

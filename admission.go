@@ -77,17 +77,12 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 		return a, limitRefusal(w, tier, client.Tier, d, now)
 	}
 	a.Decision = d
-	if client.Minted == nil {
+	if tier.minter == nil {
 		return a, nil
 	}
-	parent := h.parentTier(client)
-	if parent == nil {
-		h.settleAdmission(r, client, &a, keystore.Tokens{})
-		return a, errTierNotConfigured
-	}
-	lim := &parent.limits
+	lim := &tier.minter.limits
 	if usage {
-		lim = &parent.usageLimits
+		lim = &tier.minter.usageLimits
 	}
 	if apiErr := h.join(w, r, &a, side{id: client.Minted.KeyID, who: mintingKey(client), lim: lim, tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
@@ -99,12 +94,6 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 // mintingKey names the key that minted client's token, as an account.
 func mintingKey(client keystore.Client) keystore.Client {
 	return keystore.Client{ID: client.Minted.KeyID, Tier: client.Minted.KeyTier}
-}
-
-// parentTier is the tier of the key that minted client's token, with
-// that key's own settings; nil when it is not configured.
-func (h *Handler) parentTier(client keystore.Client) *Tier {
-	return h.tierFor(client.Minted.KeyTier, h.keys.Settings(client.Minted.KeyID))
 }
 
 // join admits the request on one more side, reserving n (tokens, or
@@ -181,11 +170,9 @@ func (h *Handler) budgets(client keystore.Client, tier *Tier) (b [2]side, n int)
 		b[n] = side{id: budgetPrefix + client.ID, who: client, lim: &tier.budget, tierName: client.Tier, money: true}
 		n++
 	}
-	if client.Minted != nil {
-		if parent := h.parentTier(client); parent != nil && !parent.budget.Quota.Unlimited() {
-			b[n] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: &parent.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
-			n++
-		}
+	if m := tier.minter; m != nil && !m.budget.Quota.Unlimited() {
+		b[n] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: &m.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
+		n++
 	}
 	return b, n
 }

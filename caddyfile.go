@@ -72,6 +72,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		auth_failures  <n>/<window>           # default 20/1m
 //		models_cache   <ttl>|off              # default 5m
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
+//		upstream_lockout <duration>           # longest lockout on the upstream's word; default 1m
+//		detached       <n>|off [timeout <d>]  # calls going on after their caller left; default 256, timeout 10m
 //		on_store_error local|deny|local_unshared   # default local
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
@@ -182,6 +184,26 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				h.MaxWait = caddy.Duration(wait)
 			}
+		case "detached":
+			args := d.RemainingArgs()
+			if len(args) != 1 && !(len(args) == 3 && args[1] == "timeout") {
+				return d.Errf("detached takes '<n>|off [timeout <duration>]', got '%s'", strings.Join(args, " "))
+			}
+			n, err := strconv.Atoi(args[0])
+			if args[0] == "off" {
+				n, err = 0, nil
+			}
+			if err != nil || n < 0 {
+				return d.Errf("invalid detached '%s': want 0 or more, or off", args[0])
+			}
+			h.MaxDetached = &n
+			if len(args) == 3 {
+				timeout, err := caddy.ParseDuration(args[2])
+				if err != nil || timeout <= 0 {
+					return d.Errf("invalid detached timeout '%s': want a positive duration such as 10m", args[2])
+				}
+				h.DetachedTimeout = caddy.Duration(timeout)
+			}
 		case "cors":
 			h.CORS = d.RemainingArgs()
 			if len(h.CORS) == 0 {
@@ -211,6 +233,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.OnStoreError = v
 		case "store_timeout":
 			if h.StoreTimeout, err = durationArg(d, "50ms"); err != nil {
+				return err
+			}
+		case "upstream_lockout":
+			if h.UpstreamLockout, err = durationArg(d, "1m"); err != nil {
 				return err
 			}
 		case "auth_failures":

@@ -133,15 +133,17 @@ func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Ti
 }
 
 // admitTier refuses a caller whose tier is not configured, and otherwise
-// publishes who it is. The tier it returns is the caller's: its tier
-// with its key's own settings over it.
+// publishes who it is. The tier it returns is everything the caller is
+// decided by: its tier with its key's own settings over it, or for the
+// user of a minted token, its token's tier narrowed by the minting key's
+// (see mintedTier).
 func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *Tier, *proxy.APIError) {
 	tier := h.tierFor(c.Tier, c.Settings)
+	if tier != nil && c.Minted != nil {
+		tier = h.mintedTier(tier, c)
+	}
 	if tier == nil {
 		return c, nil, errTierNotConfigured
-	}
-	if c.Minted != nil && h.Tiers[c.Minted.KeyTier] == nil {
-		return c, nil, errTierNotConfigured // its users' limits roll up to it
 	}
 	vars := &clientVars{client: c, user: setUser}
 	repl.Map(vars.replace)

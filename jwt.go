@@ -53,7 +53,11 @@ type JWTIssuer struct {
 	JWKSURL string `json:"jwks_url,omitempty"`
 
 	// The claim naming the user: a non-empty string of printable
-	// characters (no control or format characters). Default: sub.
+	// characters (no control or format characters). Only sub is unique
+	// and stable per issuer; any other claim draws a warning when the
+	// config loads. With email or phone_number, a token is accepted only
+	// when the provider says it verified the value: email_verified
+	// (phone_number_verified) is true, or the string "true". Default: sub.
 	UserClaim string `json:"user_claim,omitempty"`
 
 	// A claim whose string value is the user's tier when it names a
@@ -83,6 +87,13 @@ func (j *JWTIssuer) provision(logger *zap.Logger) error {
 	}
 	if j.Leeway == 0 {
 		j.Leeway = caddy.Duration(DefaultJWTLeeway)
+	}
+	if j.UserClaim != "sub" {
+		msg := "jwt user_claim is not sub: only sub is unique and stable per issuer; other claims may be changed, reused or set by the user, and two accounts that give the same value are one caller, with one caller's limits and usage"
+		if v := verifiedClaim(j.UserClaim); v != "" {
+			msg += "; tokens are accepted only when " + v + " is true"
+		}
+		logger.Warn(msg, zap.String("issuer", j.Issuer), zap.String("user_claim", j.UserClaim))
 	}
 	u, err := url.Parse(j.Issuer)
 	if err != nil {
@@ -174,6 +185,9 @@ func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*Tier) (keyst
 	if !ok || user == "" || strings.ContainsFunc(user, notPrintable) {
 		return keystore.Client{}, false
 	}
+	if v := verifiedClaim(j.UserClaim); v != "" && !claimTrue(claims[v]) {
+		return keystore.Client{}, false // anyone may put anyone's address on an account
+	}
 	id := jwtPrefix + j.host + ":" + user
 	if len(id) > maxIdentityLen {
 		return keystore.Client{}, false // never cut: two users would share one ID
@@ -188,6 +202,25 @@ func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*Tier) (keyst
 		return keystore.Client{}, false
 	}
 	return keystore.Client{ID: id, Name: user, Tier: tier}, true
+}
+
+// verifiedClaim names the claim by which an OpenID provider says it
+// verified the value of a user claim that users enter themselves
+// (OpenID Connect Core, 5.1): "" for other claims.
+func verifiedClaim(userClaim string) string {
+	switch userClaim {
+	case "email", "phone_number":
+		return userClaim + "_verified"
+	}
+	return ""
+}
+
+// claimTrue reports whether a verification claim says true: the JSON
+// boolean, as the standard has it, or exactly the string "true", as Sign
+// in with Apple and some Cognito tokens send it. Nothing else ("True",
+// "1", 1, a missing claim) is taken for true.
+func claimTrue(v any) bool {
+	return v == true || v == "true"
 }
 
 // notPrintable reports a character that does not print as itself:

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
 // The module's metrics. They are made once per process, so that counts
@@ -28,6 +29,9 @@ var metrics = struct {
 	storeFallback   prometheus.Gauge
 	storeFailures   prometheus.Counter
 	keyFetchErrors  *prometheus.CounterVec
+	pastCap         *prometheus.CounterVec
+	detached        prometheus.GaugeFunc
+	detachRefused   prometheus.CounterFunc
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "vigthoria", Name: "requests_total",
@@ -68,6 +72,18 @@ var metrics = struct {
 		Namespace: "vigthoria", Name: "jwt_key_fetch_failures_total",
 		Help: "Failed fetches of an OpenID issuer's signing keys, by configured issuer; its tokens are checked with the keys fetched before, if any.",
 	}, []string{"issuer"}),
+	pastCap: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "usage_past_cap_total",
+		Help: "Answers whose reported completion tokens passed the cap the request was sent and what the answer carried, by tier: the upstream ignored max_tokens, or misreports.",
+	}, []string{"tier"}),
+	detached: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "vigthoria", Name: "detached_calls",
+		Help: "Upstream calls going on after their caller left, to be charged what the upstream reports.",
+	}, func() float64 { now, _ := proxy.Detached(); return float64(now) }),
+	detachRefused: prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "detached_refused_total",
+		Help: "Callers who left while max_detached calls were detached: their calls were cut at once and charged the most the upstream may bill.",
+	}, func() float64 { _, refused := proxy.Detached(); return float64(refused) }),
 }
 
 // registerMetrics registers the collectors into a config's registry.
@@ -78,7 +94,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	for _, c := range append([]prometheus.Collector{
 		metrics.requests, metrics.tokens, metrics.upstreamLatency, metrics.firstByte,
 		metrics.activeStreams, metrics.modelsCache, metrics.retries, metrics.storeFallback, metrics.storeFailures,
-		metrics.keyFetchErrors,
+		metrics.keyFetchErrors, metrics.pastCap, metrics.detached, metrics.detachRefused,
 	}, alerts.Collectors()...) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
@@ -160,6 +176,10 @@ var (
 	// latencyBy is upstream_header_seconds by endpoint.
 	latencyBy = newLabelCache(func(endpoint string) prometheus.Observer {
 		return metrics.upstreamLatency.WithLabelValues(endpoint)
+	})
+	// pastCapBy is usage_past_cap_total by tier.
+	pastCapBy = newLabelCache(func(tier string) prometheus.Counter {
+		return metrics.pastCap.WithLabelValues(tier)
 	})
 	// modelsCacheBy is models_cache_total by the cache's word: HIT, MISS or STALE.
 	modelsCacheBy = newLabelCache(func(result string) prometheus.Counter {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
-	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -117,7 +116,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 		return h.refuseClient(w, r, client, h.tierLabel(client.Tier), "tokens", errMintNotAllowed, now)
 	case tier == nil:
 		return h.refuseClient(w, r, client, h.tierLabel(keyTier), "tokens", errTierNotConfigured, now)
-	case !h.originAllowed(r, client):
+	case !originAllowed(r, tier):
 		return h.refuseClient(w, r, client, keyTier, "tokens", errKeyOriginNotAllowed, now)
 	}
 	a, apiErr := h.admit(w, r, client, tier, true, now)
@@ -281,7 +280,7 @@ func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
 		return keystore.Client{}, false
 	}
 	return keystore.Client{ID: id, Name: user, Tier: tier,
-		Minted: &keystore.Minted{KeyID: keyID, KeyTier: keyTier, Models: models}}, true
+		Minted: &keystore.Minted{KeyID: keyID, KeyTier: keyTier, Models: models, ModelsKey: proxy.FilterKey(models)}}, true
 }
 
 // stillMinted reports whether the key that minted a remembered token is
@@ -290,30 +289,4 @@ func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
 func (h *Handler) stillMinted(c keystore.Client, now time.Time) bool {
 	_, mint, live := h.keys.Minter(c.Minted.KeyID, now)
 	return live && slices.Contains(mint, c.Tier)
-}
-
-// mintedAllows reports whether a minted token's models allow model; a
-// token that names none narrows nothing.
-func mintedAllows(m *keystore.Minted, model string) bool {
-	if m == nil || m.Models == nil {
-		return true
-	}
-	for _, glob := range m.Models {
-		if ok, _ := path.Match(glob, model); ok {
-			return true
-		}
-	}
-	return false
-}
-
-// modelFilter is the models a caller may see in GET /v1/models: its
-// tier's, narrowed by its minted token's.
-func modelFilter(tier *Tier, m *keystore.Minted) proxy.ModelFilter {
-	if m == nil || m.Models == nil {
-		return proxy.ModelFilter{Key: tier.modelsKey, Allows: tier.modelFilter()}
-	}
-	return proxy.ModelFilter{
-		Key:    tier.modelsKey + "\x00" + proxy.FilterKey(m.Models),
-		Allows: func(model string) bool { return tier.allows(model) && mintedAllows(m, model) },
-	}
 }

@@ -143,6 +143,17 @@ type Tier struct {
 	// slots are all taken by its streams may still read its standing, and
 	// reading it never makes a chat sent at that moment wait.
 	usageLimits limiter.Limits
+
+	// keySettings are those of the caller's key, or of the key that
+	// minted its token: their origins bind the caller (originAllowed).
+	// nil for a configured tier.
+	keySettings *keystore.Settings
+	// minter is the tier of the key that minted a token, with that key's
+	// settings, for the token's user: its models and max_tokens narrow
+	// this tier's, its limits and budget bound the key's users together,
+	// its origins are theirs. nil for every other caller.
+	minter      *Tier
+	tokenModels []string // a minted token's own model globs; nil: the tiers'
 }
 
 // Rate is a number allowed per window.
@@ -231,20 +242,31 @@ func (t *Tier) provision(name string) error {
 	return nil
 }
 
-// modelFilter returns allows, or nil when the tier may use every model.
-func (t *Tier) modelFilter() func(string) bool {
-	if len(t.Models) == 0 {
-		return nil
+// modelFilter is the models a caller of the tier may see in GET
+// /v1/models: Allows is nil when it may use every model.
+func (t *Tier) modelFilter() proxy.ModelFilter {
+	f := proxy.ModelFilter{Key: t.modelsKey}
+	if len(t.Models) > 0 || t.tokenModels != nil || t.minter != nil && len(t.minter.Models) > 0 {
+		f.Allows = t.allows
 	}
-	return t.allows
+	return f
 }
 
-// allows reports whether the tier may use model.
+// allows reports whether a caller of the tier may use model: its
+// models, those of the key that minted its token and the token's own
+// all allow it.
 func (t *Tier) allows(model string) bool {
-	if len(t.Models) == 0 {
+	return matchesAny(t.Models, model) && matchesAny(t.tokenModels, model) &&
+		(t.minter == nil || t.minter.allows(model))
+}
+
+// matchesAny reports whether model matches one of globs, or globs is
+// empty: no narrowing.
+func matchesAny(globs []string, model string) bool {
+	if len(globs) == 0 {
 		return true
 	}
-	for _, glob := range t.Models {
+	for _, glob := range globs {
 		if ok, _ := path.Match(glob, model); ok {
 			return true
 		}
@@ -408,6 +430,14 @@ type Handler struct {
 	// the upstream's Retry-After. Default: 10s.
 	MaxWait caddy.Duration `json:"max_wait,omitempty"`
 
+	// The longest the upstream's word alone stops callers: while it says
+	// the server key (or a model) is spent, until its reset, its callers
+	// get a local 429 upstream_rate_limited, but never for longer than
+	// this; then one request at a time goes upstream (a probe, one in a
+	// fleet) to learn whether it still refuses, and the next proof
+	// restarts the lockout. Default: 1m.
+	UpstreamLockout caddy.Duration `json:"upstream_lockout,omitempty"`
+
 	// Request headers to pass to the upstream beyond the built-in
 	// allowlist (Accept, Accept-Language, Content-Type, User-Agent,
 	// X-Request-Id, X-Client-Request-Id, Traceparent, Tracestate,
@@ -416,6 +446,22 @@ type Handler struct {
 	// Credentials, hop-by-hop and upgrade headers, forwarding headers and
 	// organisation selectors are refused. Default: none.
 	UpstreamHeaders []string `json:"upstream_headers,omitempty"`
+
+	// How many upstream calls whose caller left may go on to their end,
+	// over the whole process (every site and config): the upstream bills
+	// a request it received whether or not anyone reads the answer, so
+	// such a call is read to its end, charged the usage the upstream
+	// reports, and holds its caller's concurrency slot and reservation
+	// until then. A caller who leaves while this many are running has
+	// its call cut at once and is charged the most the upstream may bill
+	// for it: each byte of its body as a prompt token and all the output
+	// it reserved. 0 cuts every such call. Default: 256.
+	MaxDetached *int `json:"max_detached,omitempty"`
+
+	// How long a call may go on after its caller left; past it, the call
+	// is cut and charged as one that could not go on. header_timeout and
+	// idle_timeout bound it too. Default: 10m.
+	DetachedTimeout caddy.Duration `json:"detached_timeout,omitempty"`
 
 	// Alerts when a caller's quota or budget crosses a threshold: Caddy
 	// events always, a signed webhook when configured. Default: events
@@ -476,6 +522,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.MaxWait == 0 {
 		h.MaxWait = caddy.Duration(proxy.DefaultMaxWait)
+	}
+	if h.UpstreamLockout == 0 {
+		h.UpstreamLockout = caddy.Duration(proxy.DefaultLockout)
+	}
+	if h.MaxDetached == nil {
+		n := proxy.DefaultMaxDetached
+		h.MaxDetached = &n
+	}
+	if h.DetachedTimeout == 0 {
+		h.DetachedTimeout = caddy.Duration(proxy.DefaultDetachedTimeout)
 	}
 	if h.APIKey != "" && !strings.Contains(h.APIKey, "{") {
 		h.logger.Warn("api_key is a literal: it is stored in Caddy's config, readable through the admin API and autosave.json; use a placeholder such as {env.VIGTHORIA_API_KEY}")
@@ -582,10 +638,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.limiter = lim.(pooledLimiter).Limiter
 
-	// In a fleet, the upstream's word on the key's exhaustion is shared.
+	// In a fleet, the upstream's word on the key's exhaustion is shared
+	// by the instances that use the same key on the same upstream.
 	var shared proxy.SharedExhaustion
 	if client := lim.(pooledLimiter).redis; client != nil {
-		shared = newRedisExhaustion(client, h.Upstream)
+		shared = newRedisExhaustion(client, proxy.Fingerprint(h.Upstream, key), time.Duration(h.UpstreamLockout))
 	}
 	up, err := proxy.New(ctx, proxy.Config{
 		URL:             h.Upstream,
@@ -596,6 +653,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		MaxWait:         time.Duration(h.MaxWait),
 		UpstreamHeaders: h.UpstreamHeaders,
 		Shared:          shared,
+		Lockout:         time.Duration(h.UpstreamLockout),
+		MaxDetached:     int64(*h.MaxDetached),
+		DetachedTimeout: time.Duration(h.DetachedTimeout),
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
@@ -646,9 +706,12 @@ func (h *Handler) Cleanup() error {
 	storeRefs, _ := keyServices.References(h.storeSpec)
 	limiterRefs, _ := limiters.References(h.limiterKey)
 	if storeRefs <= 1 || limiterRefs <= 1 {
-		deadline := time.Now().Add(settleGrace)
-		for h.active.Load() > 0 && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
+		h.waitActive(settleGrace)
+		if h.active.Load() > 0 && h.upstream != nil {
+			// Calls whose callers left wait for no one: cut, they settle
+			// at once, charged the most the upstream may bill.
+			h.upstream.CutDetached()
+			h.waitActive(time.Second)
 		}
 		if n := h.active.Load(); n > 0 {
 			h.logger.Warn("closing the key store or the limiter with requests still running; their usage may not be recorded",
@@ -658,6 +721,14 @@ func (h *Handler) Cleanup() error {
 	_, err := keyServices.Delete(h.storeSpec)
 	_, err2 := limiters.Delete(h.limiterKey)
 	return errors.Join(ownErr, err, err2)
+}
+
+// waitActive waits up to d for the admitted requests to settle.
+func (h *Handler) waitActive(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for h.active.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Validate checks the configuration after Provision.
@@ -711,6 +782,12 @@ func (h *Handler) Validate() error {
 	if *h.Retries < 0 || h.MaxWait < 0 {
 		return errors.New("retries and max_wait must be positive")
 	}
+	if h.UpstreamLockout < caddy.Duration(time.Second) {
+		return fmt.Errorf("upstream_lockout must be at least 1s, not %s", time.Duration(h.UpstreamLockout))
+	}
+	if *h.MaxDetached < 0 || h.DetachedTimeout < 0 {
+		return errors.New("max_detached and detached_timeout must be positive")
+	}
 	if h.AuthFailLimit < 0 || h.AuthFailWindow < 0 {
 		return errors.New("auth_fail_limit and auth_fail_window must be positive")
 	}
@@ -752,15 +829,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		return refuse(w, r, "none", ep.Name, apiErr)
 	}
-	if !h.originAllowed(r, client) {
+	if !originAllowed(r, tier) {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, errKeyOriginNotAllowed, now)
 	}
 
+	// The key's exhaustion first, before anything is counted; a model's
+	// once the body names it.
 	cached := ep.ID == proxy.Models && h.ModelsCache > 0
-	if wait, exhausted := h.upstream.Exhausted(now); exhausted && !cached && ep.ID != proxy.Usage {
-		secs := retrySeconds(wait)
-		w.Header().Set("Retry-After", strconv.Itoa(secs))
-		return h.refuseClient(w, r, client, client.Tier, ep.Name, proxy.UpstreamExhausted(secs), now)
+	if !cached && ep.ID != proxy.Usage {
+		if wait, exhausted := h.upstream.Exhausted(r.Context(), "", now); exhausted {
+			return h.refuseClient(w, r, client, client.Tier, ep.Name, upstreamExhausted(w, "", wait), now)
+		}
 	}
 
 	// Counted from its admission on: Cleanup waits for it before the
@@ -792,7 +871,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return
 		}
 		usage := &call.Usage
-		used := h.chargeFor(client.ID, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
+		used := h.chargeFor(client.ID, client.Tier, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
 		end := time.Now()
 		// The ledger first: a limiter that forgets an account once it is
 		// settled reads its quota back from the ledger, which must then
@@ -821,8 +900,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			body.Release()
 		}()
 		var reserve int64
-		if info, reserve, apiErr = h.police(r, ep, tier, client.Minted, body.Bytes(), call); apiErr != nil {
+		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
+		}
+		call.Model = info.Model
+		if wait, exhausted := h.upstream.Exhausted(r.Context(), info.Model, now); exhausted {
+			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, upstreamExhausted(w, info.Model, wait))
 		}
 		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
 			return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
@@ -837,7 +920,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	forwarded = true
 	var err error
 	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), modelFilter(tier, client.Minted), call)
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), tier.modelFilter(), call)
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}
@@ -846,6 +929,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	return err
+}
+
+// upstreamExhausted is the 429 of a request while the upstream says the
+// server key, or model when not "", is spent for wait more.
+func upstreamExhausted(w http.ResponseWriter, model string, wait time.Duration) *proxy.APIError {
+	secs := retrySeconds(wait)
+	w.Header().Set("Retry-After", strconv.Itoa(secs))
+	return proxy.UpstreamExhausted(model, secs)
 }
 
 // settle ends an admitted request in the limiter: used replaces its

@@ -83,13 +83,13 @@ func refusal(d limiter.Decision, tier string) *proxy.APIError {
 }
 
 // police applies the tier's policy to a request body before anything is
-// admitted or forwarded: the model allowlist (narrowed by a minted
-// token's models) and the max_tokens cap, which
+// admitted or forwarded: the model allowlist and the max_tokens cap (for
+// a minted token's user, both narrowed by its key's: see mintedTier), which
 // holds for each answer the request asks (choice). It asks a stream for its
 // usage. The upstream gets the client's bytes except for the fields changed
 // here. It returns what admission reserves: the prompt's estimate and every
 // choice at its longest, n (or best_of) for each prompt.
-func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted *keystore.Minted, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *proxy.APIError) {
+func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *proxy.APIError) {
 	call.Body = body
 	info, apiErr := proxy.ParseRequest(body)
 	if apiErr != nil {
@@ -101,7 +101,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, minted
 	if !keystore.ValidModelName(info.Model) {
 		return info, 0, errModelName
 	}
-	if !tier.allows(info.Model) || !mintedAllows(minted, info.Model) {
+	if !tier.allows(info.Model) {
 		return info, 0, errModelNotAllowed(info.Model)
 	}
 	call.Usage.Prompt = info.PromptTokens
@@ -154,25 +154,31 @@ const maxAnswerTokens = 1 << 24
 
 // charge is what an answer costs:
 //
-//   - what the upstream reported, when it did;
+//   - what the upstream reported, when it did, but output past the cap
+//     the request was sent: that is charged only as far as the proxy saw
+//     the answer carry it (its deltas counted for a stream, its bytes
+//     for a whole answer, as no answer holds more output tokens than it
+//     has bytes); pastCap is what was reported beyond;
 //   - nothing when the upstream failed: an error status, or no answer
 //     (connection refused, timeout, reset) while the caller waited, or a
 //     request that never reached the upstream;
-//   - for a stream without usage (cut short by either side), the prompt's
-//     estimate and the output streamed until then, as counted from its
-//     deltas: the upstream stops generating when the stream's connection
-//     closes;
-//   - for a whole answer without usage, or one the caller left after the
-//     request was sent upstream, before or during the answer: the whole
-//     reservation. The upstream goes on generating a whole answer after
-//     its caller left, and bills all of it to the server key, so leaving
-//     early must cost what staying would have;
+//   - for a request whose caller left after it was sent, and whose usage
+//     never came (its call was cut: no detached call was free, it passed
+//     detached_timeout, or its config went away), the most the upstream
+//     may bill for it: each byte of the body as a prompt token (no text
+//     makes more tokens than it has bytes) and all the output it
+//     reserved. A call that goes on detached reports its usage instead;
+//   - for a stream without usage, cut short by the upstream while the
+//     caller was there, the prompt's estimate and the output streamed
+//     until then, as counted from its deltas: the upstream stopped
+//     generating;
+//   - for a whole answer without usage, the whole reservation;
 //   - for usage that is absurd (garbled, or a count past the request's
 //     bound, see maxAnswerTokens), the whole reservation too, and absurd
 //     is true: such figures would only corrupt the ledger and the quota.
 //
 // bodyLen sizes the prompt's estimate when police set none.
-func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens, absurd bool) {
+func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens, absurd bool, pastCap int64) {
 	prompt := u.Prompt
 	if prompt == 0 {
 		prompt = wire.PromptEstimate(bodyLen)
@@ -181,26 +187,48 @@ func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens,
 	bound := max(reserve, maxAnswerTokens)
 	switch {
 	case u.Reported && u.Garbled == "" && max(u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens) <= bound:
-		return keystore.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}, false
+		used = keystore.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}
+		seen := u.Bytes
+		if u.Stream {
+			seen = u.Chunks
+		}
+		if ceiling := max(reserve-prompt, seen); used.Completion > ceiling {
+			pastCap = used.Completion - ceiling
+			used.Completion = ceiling
+			used.Reasoning = min(used.Reasoning, ceiling)
+		}
+		return used, false, pastCap
 	case u.Reported:
 		absurd = true
 	case u.Status >= 400:
-		return keystore.Tokens{}, false
-	case u.Status == 0 && !(u.Sent() && u.CallerLeft()):
-		return keystore.Tokens{}, false
-	case u.Stream:
-		return keystore.Tokens{Prompt: prompt, Completion: u.Chunks}, false
+		return keystore.Tokens{}, false, 0
+	case !u.Sent() || !u.CallerLeft():
+		if u.Status == 0 {
+			return keystore.Tokens{}, false, 0
+		}
+		if u.Stream {
+			return keystore.Tokens{Prompt: prompt, Completion: u.Chunks}, false, 0
+		}
+	default:
+		return keystore.Tokens{Prompt: max(prompt, bodyLen), Completion: reserve - prompt}, false, 0
 	}
-	return keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd
+	return keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd, 0
 }
 
 // chargeFor is charge for a request of the client, with its cost at the
 // model's price when it has one, logging usage it does not believe for the
 // operator: a warning naming the caller by key ID.
-func (h *Handler) chargeFor(clientID, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) keystore.Tokens {
-	used, absurd := charge(u, reserve, bodyLen)
+func (h *Handler) chargeFor(clientID, tier, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) keystore.Tokens {
+	used, absurd, pastCap := charge(u, reserve, bodyLen)
 	if p, ok := h.price(model); ok {
 		used.Cost = p.cost(used.Prompt, used.Completion)
+	}
+	if pastCap > 0 {
+		pastCapBy.get(tier).Inc()
+		h.logger.Warn("the upstream reported more output than the cap it was sent and the answer carried: the rest is not charged",
+			zap.String("client_id", clientID), zap.String("model", model),
+			zap.Int64("completion_tokens", u.CompletionTokens), zap.Int64("charged_completion_tokens", used.Completion),
+			zap.Int64("reserved", reserve))
 	}
 	if absurd {
 		h.logger.Warn("the upstream reported absurd usage: charged the reservation instead",

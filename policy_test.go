@@ -38,7 +38,7 @@ func TestPoliceReservesEveryChoice(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(http.MethodPost, "/v1/completions", strings.NewReader(tc.body))
 			call := new(proxy.Call)
-			info, reserve, apiErr := h.police(r, &proxy.Endpoints[tc.ep], tier, nil, []byte(tc.body), call)
+			info, reserve, apiErr := h.police(r, &proxy.Endpoints[tc.ep], tier, []byte(tc.body), call)
 			if tc.code != "" {
 				if apiErr == nil || apiErr.Code != tc.code {
 					t.Fatalf("got %v, want %s", apiErr, tc.code)
@@ -73,9 +73,13 @@ func TestCharge(t *testing.T) {
 		{"refused connection", 0, false, false, false, 0, false, 0, 0},
 		{"upstream timeout, caller waiting", 0, false, true, false, 0, false, 0, 0},
 		{"left before sending", 0, false, false, true, 0, false, 0, 0},
-		{"left after sending, whole answer", 0, false, true, true, 0, false, prompt, reserve - prompt},
-		{"left after sending, stream", 0, true, true, true, 0, false, prompt, 0},
-		{"stream cut", 200, true, true, true, 400, false, prompt, 400},
+		// Cut after the caller left: the body's bytes (400) as the prompt,
+		// and all the output reserved.
+		{"left after sending, whole answer", 0, false, true, true, 0, false, 400, reserve - prompt},
+		{"left after sending, stream", 0, true, true, true, 0, false, 400, reserve - prompt},
+		{"left mid-stream", 200, true, true, true, 400, false, 400, reserve - prompt},
+		{"left, and the upstream reported", 200, true, true, true, 400, true, 12, 34},
+		{"stream cut by the upstream", 200, true, true, false, 400, false, prompt, 400},
 		{"stream cut before output", 200, true, true, false, 0, false, prompt, 0},
 		{"whole answer without usage", 200, false, true, false, 0, false, prompt, reserve - prompt},
 	} {
@@ -91,7 +95,7 @@ func TestCharge(t *testing.T) {
 			if tc.sent {
 				u.MarkSent(true)
 			}
-			used, absurd := charge(u, reserve, 400)
+			used, absurd, _ := charge(u, reserve, 400)
 			if used.Prompt != tc.wantPrompt || used.Completion != tc.wantDone || absurd {
 				t.Errorf("charged %+v (absurd %v), want %d + %d", used, absurd, tc.wantPrompt, tc.wantDone)
 			}
@@ -121,13 +125,46 @@ func TestChargeAbsurdUsage(t *testing.T) {
 		{"cached tokens past any context", proxy.AnswerUsage{PromptTokens: 5, CachedTokens: 1 << 40},
 			reserve, keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
 		{"a large reservation bounds instead", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 128 * 200_000},
-			128*200_000 + 10, keystore.Tokens{Prompt: 10, Completion: 128 * 200_000}, false},
+			128*200_000 + prompt, keystore.Tokens{Prompt: 10, Completion: 128 * 200_000}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := tc.usage
 			u.Status, u.Reported, u.Prompt = 200, true, prompt
-			if used, absurd := charge(&u, tc.reserve, 400); used != tc.want || absurd != tc.absurd {
+			if used, absurd, _ := charge(&u, tc.reserve, 400); used != tc.want || absurd != tc.absurd {
 				t.Errorf("charged %+v (absurd %v), want %+v (absurd %v)", used, absurd, tc.want, tc.absurd)
+			}
+		})
+	}
+}
+
+// TestChargePastCap: output reported past the cap the request was sent is
+// charged only as far as the answer carried it, its deltas counted for a
+// stream, its bytes for a whole answer; the rest is pastCap.
+func TestChargePastCap(t *testing.T) {
+	const reserve, prompt = 110, 10 // a cap of 100
+	for _, tc := range []struct {
+		name    string
+		usage   proxy.AnswerUsage
+		want    keystore.Tokens
+		pastCap int64
+	}{
+		{"within the cap", proxy.AnswerUsage{PromptTokens: 5000, CompletionTokens: 100, Bytes: 900},
+			keystore.Tokens{Prompt: 5000, Completion: 100}, 0},
+		{"a whole answer past its cap and its bytes", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 100_000, ReasoningTokens: 90_000, Bytes: 900},
+			keystore.Tokens{Prompt: 10, Completion: 900, Reasoning: 900}, 99_100},
+		{"a whole answer that carried it", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 2000, Bytes: 9000},
+			keystore.Tokens{Prompt: 10, Completion: 2000}, 0},
+		{"a stream past its cap and its deltas", proxy.AnswerUsage{Stream: true, PromptTokens: 10, CompletionTokens: 100_000, Chunks: 100},
+			keystore.Tokens{Prompt: 10, Completion: 100}, 99_900},
+		{"a stream that carried it", proxy.AnswerUsage{Stream: true, PromptTokens: 10, CompletionTokens: 3000, Chunks: 3000},
+			keystore.Tokens{Prompt: 10, Completion: 3000}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			u := tc.usage
+			u.Status, u.Reported, u.Prompt = 200, true, prompt
+			used, absurd, pastCap := charge(&u, reserve, 40)
+			if used != tc.want || absurd || pastCap != tc.pastCap {
+				t.Errorf("charged %+v (absurd %v, past the cap %d), want %+v (past the cap %d)", used, absurd, pastCap, tc.want, tc.pastCap)
 			}
 		})
 	}
@@ -144,7 +181,7 @@ func TestAbsurdUsageIsLogged(t *testing.T) {
 		{Status: 200, Reported: true, CompletionTokens: 5, Garbled: garbled},
 		{Status: 200, Reported: true, PromptTokens: maxAnswerTokens + 1},
 	} {
-		h.chargeFor("key_x", "vigthoria-fast-1", &u, 4100, 400)
+		h.chargeFor("key_x", "pro", "vigthoria-fast-1", &u, 4100, 400)
 	}
 	entries := logs.All()
 	if len(entries) != 2 {
@@ -173,7 +210,7 @@ func BenchmarkPolice(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		var call proxy.Call
-		if _, _, err := h.police(r, ep, tier, nil, body, &call); err != nil {
+		if _, _, err := h.police(r, ep, tier, body, &call); err != nil {
 			b.Fatal(err)
 		}
 	}

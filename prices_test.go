@@ -180,7 +180,7 @@ func TestChargeForCosts(t *testing.T) {
 		{"absurd: the reservation", "vigthoria-fast-1", proxy.AnswerUsage{Status: 200, Reported: true, Garbled: "x"},
 			keystore.Tokens{Prompt: 100, Completion: 4000, Cost: 1610}}, // 10 + 1600
 	} {
-		if got := h.chargeFor("key_x", tc.model, &tc.u, 4100, 400); got != tc.want {
+		if got := h.chargeFor("key_x", "pro", tc.model, &tc.u, 4100, 400); got != tc.want {
 			t.Errorf("%s: charged %+v, want %+v", tc.name, got, tc.want)
 		}
 	}

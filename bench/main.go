@@ -30,6 +30,7 @@ import (
 // config is the run's settings, from the command line.
 type config struct {
 	caddy      string        // the Caddy binary with this module
+	baseline   string        // another build of the module, measured beside it; empty: none
 	goCmd      string        // the go command, for the micro-benchmarks and pprof
 	out        string        // the report's path
 	rounds     int           // rounds of every workload on every target
@@ -52,6 +53,7 @@ type config struct {
 func main() {
 	var cfg config
 	flag.StringVar(&cfg.caddy, "caddy", "./caddy", "Caddy binary built with this module (make build)")
+	flag.StringVar(&cfg.baseline, "baseline", "", "another Caddy binary with the module (an earlier commit's make build), measured as target "+baselineName+" beside this one, so that before and after a change come from one run")
 	flag.StringVar(&cfg.goCmd, "go", "go", "go command, for the micro-benchmarks and pprof")
 	flag.StringVar(&cfg.out, "out", "BENCHMARKS.md", "report to write")
 	flag.IntVar(&cfg.rounds, "rounds", 7, "interleaved rounds of every workload on every target (at least 3)")
@@ -99,6 +101,10 @@ func run(ctx context.Context, cfg config) error {
 	wls, err := selectWorkloads(workloads(cfg), cfg.only)
 	if err != nil {
 		return err
+	}
+	if cfg.baseline != "" {
+		targets = append(targets, baselineTarget(cfg.baseline))
+		goals = append(goals, baselineGoal)
 	}
 	rep := &report{cfg: cfg, began: began, workloads: wls}
 	if rep.machine, err = describeMachine(cfg.caddy); err != nil {

@@ -126,6 +126,20 @@ var goals = []goal{
 	},
 }
 
+// baselineGoal judges this build against the -baseline one: no more CPU
+// per small chat (at most 1.03×, the rounds' noise), and the throughput
+// of each round beside it.
+var baselineGoal = goal{
+	text: "No regression against the baseline build: CPU per request on small chats at most 1.03× `" + baselineName + "`'s (`" + chatWorkload + "`)",
+	check: func(r *report) verdict {
+		cpu, ok := r.results.ratio(chatWorkload, moduleName, baselineName, byCPU)
+		v := roundsVerdict(r.results.pairs(chatWorkload, moduleName, baselineName, ratioOf, byRate), fmtRatio, func(float64) bool { return true })
+		v.figure = "throughput " + v.figure + fmt.Sprintf("; CPU per request %s the baseline's", fmtRatio(cpu))
+		v.measured, v.met = ok, cpu <= 1.03
+		return v
+	},
+}
+
 // judge compares the module with base under workload w, round by round,
 // and checks the median of the rounds with met. The figure shows every
 // round, so that a noisy run shows itself.

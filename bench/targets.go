@@ -32,6 +32,9 @@ type target struct {
 	// Caddy starts. Empty: the target knows no client keys; requests
 	// carry valid-looking keys that nobody checks.
 	store string
+	// bin is the Caddy binary that serves the target; empty: the one
+	// being measured (-caddy).
+	bin string
 }
 
 // Names of the targets the goals compare.
@@ -40,6 +43,7 @@ const (
 	caddyName    = "caddy"
 	moduleName   = "vigthoria"
 	redisName    = "vigthoria-redis"
+	baselineName = "vigthoria-baseline"
 )
 
 // targets are measured in this order in every round.
@@ -48,6 +52,17 @@ var targets = []target{
 	{name: caddyName, about: "plain Caddy: `reverse_proxy` with the server key set by `header_up`, what a user would do without this module", site: plainSite},
 	{name: moduleName, about: "this module with its default store, SQLite (in a temporary directory)", site: moduleSite, store: "sqlite:{{.Dir}}/vigthoria.db"},
 	{name: redisName, about: "this module with the Redis store: keys, limits and usage in a redis-server on loopback, as a fleet shares them", site: moduleSite, store: "{{.Redis}}"},
+}
+
+// baselineTarget is the module as another binary builds it, with the
+// default store, beside moduleName: a change's cost is the difference of
+// the two rows of one run, not of two runs on a machine that drifted.
+func baselineTarget(bin string) target {
+	return target{
+		name:  baselineName,
+		about: "the module as `-baseline` builds it (an earlier commit), with SQLite as `" + moduleName + "`: the same workloads in the same rounds, so that before and after a change come from one run",
+		site:  moduleSite, store: "sqlite:{{.Dir}}/vigthoria.db", bin: bin,
+	}
 }
 
 // siteData is what the Caddyfile templates are filled with.
@@ -264,6 +279,9 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 		"VIGTHORIA_API_KEY=" + up.key,
 		"XDG_DATA_HOME=" + filepath.Join(data.Dir, "data"),
 		"XDG_CONFIG_HOME=" + filepath.Join(data.Dir, "config"),
+	}
+	if t.bin != "" {
+		caddyBin = t.bin
 	}
 	if inst.caddy, err = startCaddy(caddyBin, data.Dir, caddyfile, env, data.AdminPort); err != nil {
 		return nil, err

@@ -45,6 +45,9 @@ type Minted struct {
 	KeyID   string   // the key that minted the token
 	KeyTier string   // that key's tier
 	Models  []string // globs that narrow the tier's models; nil: the tier's
+	// ModelsKey names the set of Models, made once per token for the
+	// caches of the policies it narrows; "" for none.
+	ModelsKey string
 }
 
 // TokenRequest is what a token is minted with; the caller checked it.

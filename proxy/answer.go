@@ -72,6 +72,7 @@ func readAnswer(res *http.Response, u *AnswerUsage, into *checkedAnswer) (io.Rea
 		// Too big to hold: the buffer is not returned to the pool.
 		return &jsonTap{src: prefixed{io.MultiReader(bytes.NewReader(buf), res.Body), res.Body}, usage: u}, nil
 	}
+	u.Bytes = int64(len(buf))
 	res.Body.Close()
 	if !wire.ValidJSON(buf) {
 		putAnswer(bufp)

@@ -135,12 +135,13 @@ func (w *headerWriter) WriteHeader(int)             {}
 // BenchmarkModelsCacheHit answers GET /v1/models from a cached, filtered
 // list, as every call but the first in a TTL does.
 func BenchmarkModelsCacheHit(b *testing.B) {
-	up := &Upstream{key: "bench-models"}
-	body := []byte(`{"object":"list","data":[{"id":"vigthoria-fast-1","object":"model"},{"id":"vigthoria-pro-1","object":"model"},{"id":"vigthoria-embed-1","object":"model"}]}`)
-	modelLists.Add(up.key, &modelList{body: body, fetched: time.Now(), filtered: make(map[string]filteredList)})
-	b.Cleanup(func() { modelLists.Remove(up.key) })
-	filter := ModelFilter{Key: "free", Allows: func(m string) bool { return strings.HasPrefix(m, "vigthoria-fast-") }}
+	up := &Upstream{tenant: "bench-models", modelsHeaders: modelsShapers[:]}
 	r := httptest.NewRequest(http.MethodGet, "/v1/models", nil)
+	body := []byte(`{"object":"list","data":[{"id":"vigthoria-fast-1","object":"model"},{"id":"vigthoria-pro-1","object":"model"},{"id":"vigthoria-embed-1","object":"model"}]}`)
+	key := up.modelsKey(r.Header)
+	modelLists.Add(key, &modelList{body: body, fetched: time.Now(), filtered: make(map[string]filteredList)})
+	b.Cleanup(func() { modelLists.Remove(key) })
+	filter := ModelFilter{Key: "free", Allows: func(m string) bool { return strings.HasPrefix(m, "vigthoria-fast-") }}
 	w := &headerWriter{h: make(http.Header)}
 	b.ReportAllocs()
 	for b.Loop() {

@@ -25,13 +25,54 @@ const DefaultModelsTTL = 5 * time.Minute
 // by every caller waiting on it, so no caller's own deadline applies.
 const fetchTimeout = 30 * time.Second
 
-// The model lists of all configs, by upstream: one small LRU without a
-// goroutine of its own, shared across config reloads, so that a reload
-// neither loses the list nor leaves anything running.
+// The model lists of all configs, by what they depend on (see
+// modelsKey): one small LRU without a goroutine of its own, shared across
+// config reloads, so that a reload neither loses the list nor leaves
+// anything running.
 var (
-	modelLists, _ = lru.New[string, *modelList](64)
+	modelLists, _ = lru.New[string, *modelList](256)
 	modelFlights  singleflight.Group
 )
+
+// modelsShapers are the request headers that go upstream and may change
+// its model list; the operator's upstream_headers are added to them.
+// The others that go upstream (User-Agent, request IDs, trace context)
+// describe one caller, and stay out of the fetch that serves many.
+var modelsShapers = [...]string{"Accept", "Accept-Language", "Openai-Beta"}
+
+// modelsKey names the model list a request with h gets: the upstream's
+// URL and server key, by their fingerprint, since an account may have
+// models of its own, and the values of the headers that may change the
+// answer (modelsShapers and the operator's upstream_headers), each
+// prefixed by its length so that no two sets join alike.
+func (up *Upstream) modelsKey(h http.Header) string {
+	var buf [128]byte
+	b := append(buf[:0], up.tenant...)
+	for _, name := range up.modelsHeaders {
+		for _, v := range h[name] {
+			b = append(b, 0)
+			b = append(b, name...)
+			b = strconv.AppendInt(append(b, ':'), int64(len(v)), 10)
+			b = append(append(b, ':'), v...)
+		}
+	}
+	if len(b) == len(up.tenant) {
+		return up.tenant
+	}
+	return string(b)
+}
+
+// modelsRequestHeader is what of h goes with the fetch of the list: the
+// headers modelsKey names it by, and nothing else.
+func (up *Upstream) modelsRequestHeader(h http.Header) http.Header {
+	out := make(http.Header, len(up.modelsHeaders))
+	for _, name := range up.modelsHeaders {
+		if v, ok := h[name]; ok {
+			out[name] = v
+		}
+	}
+	return out
+}
 
 // PurgeModels forgets every cached model list.
 func PurgeModels() { modelLists.Purge() }
@@ -87,10 +128,11 @@ func FilterKey(globs []string) string {
 // If-None-Match is answered with 304.
 func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, ttl time.Duration, f ModelFilter, c *Call) error {
 	now := time.Now()
-	list, ok := modelLists.Get(up.key)
+	key := up.modelsKey(r.Header)
+	list, ok := modelLists.Get(key)
 	status := "HIT"
 	if !ok || now.Sub(list.fetched) >= ttl {
-		fresh, err := up.fetchModels(r, next)
+		fresh, err := up.fetchModels(r, key, next)
 		switch {
 		case err == nil:
 			list, status = fresh, "MISS"
@@ -125,15 +167,15 @@ func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next cad
 	return err
 }
 
-// fetchModels asks the upstream for its model list, once for all callers
-// waiting at the same time, and caches a 200.
-func (up *Upstream) fetchModels(r *http.Request, next caddyhttp.Handler) (*modelList, error) {
-	v, err, _ := modelFlights.Do(up.key, func() (any, error) {
+// fetchModels asks the upstream for the model list named key, once for
+// all callers waiting at the same time, and caches a 200.
+func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Handler) (*modelList, error) {
+	v, err, _ := modelFlights.Do(key, func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), fetchTimeout)
 		defer cancel()
 		req := r.Clone(ctx)
 		req.Method, req.Body, req.ContentLength = http.MethodGet, nil, 0
-		req.Header.Del("If-None-Match")
+		req.Header = up.modelsRequestHeader(r.Header)
 		rec := &recorder{header: make(http.Header)}
 		c := new(Call)
 		if err := up.Forward(rec, req, &Endpoints[Models], next, c); err != nil {
@@ -143,7 +185,7 @@ func (up *Upstream) fetchModels(r *http.Request, next caddyhttp.Handler) (*model
 			return nil, &passThrough{status: rec.status, header: rec.header, body: rec.body.Bytes()}
 		}
 		list := &modelList{body: rec.body.Bytes(), fetched: time.Now(), filtered: make(map[string]filteredList)}
-		modelLists.Add(up.key, list)
+		modelLists.Add(key, list)
 		return list, nil
 	})
 	if err != nil {

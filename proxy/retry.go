@@ -11,10 +11,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
-
-	"go.uber.org/zap"
 )
 
 // Retry defaults.
@@ -108,64 +105,20 @@ func discard(res *http.Response) {
 	res.Body.Close()
 }
 
-// SharedExhaustion shares the upstream's word on the server key's
-// exhaustion among the instances of a fleet.
-type SharedExhaustion interface {
-	// Publish says the key is exhausted until then.
-	Publish(ctx context.Context, until time.Time) error
-	// Fetch returns until when some instance heard it is exhausted.
-	Fetch(ctx context.Context) (time.Time, error)
-}
-
-// sharedEvery is how often an instance asks the fleet whether the upstream
-// said the key is exhausted.
-const sharedEvery = time.Second
-
-// sharedTimeout bounds one exchange with the fleet's store.
-const sharedTimeout = time.Second
-
-// exhaustion remembers until when the upstream said the server key is
-// exhausted, from its evidence about the key (see readLimitWord), so that callers get a local 429 instead of another
-// upstream call that would only prolong it. With a shared store, what one
-// instance hears reaches the others within about a second; the exchanges
-// run off the request path, in a goroutine that ends with them. The zero
-// value knows nothing and shares nothing.
-type exhaustion struct {
-	until    atomic.Int64 // unix nanoseconds
-	shared   SharedExhaustion
-	fetched  atomic.Int64 // unix nanoseconds of the last fetch started
-	fetching atomic.Bool
-	logger   *zap.Logger
-}
-
-// note raises the key's exhaustion to until, unless until is zero, and
-// shares it with the fleet.
-func (e *exhaustion) note(until time.Time) {
-	if until.IsZero() {
-		return
-	}
-	if e.raise(until) && e.shared != nil {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), sharedTimeout)
-			defer cancel()
-			if err := e.shared.Publish(ctx, until); err != nil {
-				e.logger.Warn("sharing the upstream's exhaustion failed", zap.Error(err))
-			}
-		}()
-	}
-}
-
 // limitWord is what an upstream answer says of limits: whether the server
-// key is spent, and for a 429 whether waiting may cure it.
+// key or the request's model is spent, and for a 429 whether waiting may
+// cure it.
 type limitWord struct {
 	// keyUntil is when the server key is usable again, by the answer's
-	// own evidence about the key; zero when it gave none. Only this stops
-	// other callers: a 429 about one request (too large, say) is that
-	// caller's alone.
-	keyUntil time.Time
+	// own evidence about the whole key; zero when it gave none.
+	// modelUntil is the same of the request's model, by evidence about
+	// the model. Only these stop other callers: a 429 about one request
+	// (too large, say) is that caller's alone. Both are the upstream's
+	// claims; the exhaustion bounds what they impose.
+	keyUntil, modelUntil time.Time
 	// wait is how long the upstream asked this caller to wait
-	// (Retry-After, retry-after-ms, or the key's reset); hasWait says it
-	// asked at all.
+	// (Retry-After, retry-after-ms, or the spent scope's reset); hasWait
+	// says it asked at all.
 	wait    time.Duration
 	hasWait bool
 	// quota is a 429 about the key's billing quota: no wait cures it soon.
@@ -173,13 +126,17 @@ type limitWord struct {
 }
 
 // The rate-limit headers that speak of the server key: remaining, and the
-// reset that goes with it. The first pair is the common
-// X-RateLimit-Remaining/Reset; the others are OpenAI's per-kind forms.
-var keyLimitHeaders = [...][2]string{
-	{"X-Ratelimit-Remaining", "X-Ratelimit-Reset"},
-	{"X-Ratelimit-Remaining-Requests", "X-Ratelimit-Reset-Requests"},
-	{"X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens"},
-}
+// reset that goes with it. The bare X-RateLimit-Remaining/Reset are the
+// Vigthoria API's, counted for the whole key (whatever the model);
+// OpenAI's per-kind forms are counted per model, and speak of the
+// request's model alone.
+var (
+	keyLimitHeaders   = [...][2]string{{"X-Ratelimit-Remaining", "X-Ratelimit-Reset"}}
+	modelLimitHeaders = [...][2]string{
+		{"X-Ratelimit-Remaining-Requests", "X-Ratelimit-Reset-Requests"},
+		{"X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens"},
+	}
+)
 
 // quotaPause is how long the key counts as exhausted after a 429 about its
 // quota that says nothing of when it returns.
@@ -188,27 +145,18 @@ const quotaPause = time.Minute
 // maxErrorPeek bounds what is read of a 429's body to learn its code.
 const maxErrorPeek = 8 << 10
 
-// readLimitWord reads res's word on limits at now. The key counts as spent
-// only on evidence about the key: a remaining count of 0 (with its reset,
-// or on a 429 itself), or a 429 whose error names the key's quota
-// (insufficient_quota and its kin). A 429 without such evidence speaks of
+// readLimitWord reads res's word on limits at now. A scope counts as
+// spent only on evidence about it: the key on a bare remaining count of 0
+// (with its reset, or on a 429 itself) or a 429 whose error names the
+// key's quota (insufficient_quota and its kin); the request's model on a
+// per-model remaining count of 0. A 429 without such evidence speaks of
 // one request, and res goes back to its caller alone. It may read the
 // start of a 429's body, leaving res.Body as it was to its reader.
 func readLimitWord(res *http.Response, now time.Time) limitWord {
 	var w limitWord
 	limited := res.StatusCode == http.StatusTooManyRequests
-	spent := false
-	for _, pair := range keyLimitHeaders {
-		if !isZeroCount(res.Header.Get(pair[0])) {
-			continue
-		}
-		if reset, ok := parseReset(res.Header.Get(pair[1]), now); ok {
-			spent = true
-			w.keyUntil = later(w.keyUntil, reset)
-		} else if limited {
-			spent = true
-		}
-	}
+	keySpent := spentUntil(res.Header, keyLimitHeaders[:], limited, now, &w.keyUntil)
+	modelSpent := spentUntil(res.Header, modelLimitHeaders[:], limited, now, &w.modelUntil)
 	if !limited {
 		return w
 	}
@@ -216,27 +164,52 @@ func readLimitWord(res *http.Response, now time.Time) limitWord {
 		w.wait, w.hasWait = d, true
 	}
 	if quotaError(res) {
-		spent, w.quota = true, true
+		keySpent, w.quota = true, true
 	}
-	if !spent {
+	if !keySpent && !modelSpent {
 		return w
 	}
-	if w.hasWait {
-		// A 429's own Retry-After is the upstream's word on when to come
-		// back, over a counter's reset.
-		w.keyUntil = now.Add(w.wait)
+	pause := time.Second
+	if w.quota {
+		pause = quotaPause
 	}
-	if w.keyUntil.IsZero() {
-		pause := time.Second
-		if w.quota {
-			pause = quotaPause
+	for _, spent := range [...]struct {
+		is    bool
+		until *time.Time
+	}{{keySpent, &w.keyUntil}, {modelSpent, &w.modelUntil}} {
+		switch {
+		case !spent.is:
+		case w.hasWait:
+			// A 429's own Retry-After is the upstream's word on when to
+			// come back, over a counter's reset.
+			*spent.until = now.Add(w.wait)
+		case spent.until.IsZero():
+			*spent.until = now.Add(pause)
 		}
-		w.keyUntil = now.Add(pause)
 	}
 	if !w.hasWait {
-		w.wait, w.hasWait = max(w.keyUntil.Sub(now), 0), true
+		w.wait, w.hasWait = max(later(w.keyUntil, w.modelUntil).Sub(now), 0), true
 	}
 	return w
+}
+
+// spentUntil reads pairs of remaining and reset headers: a remaining of
+// 0 raises until to its reset. It reports whether any said spent; on a
+// 429 (limited) a remaining of 0 without a reset says so too.
+func spentUntil(h http.Header, pairs [][2]string, limited bool, now time.Time, until *time.Time) bool {
+	spent := false
+	for _, pair := range pairs {
+		if !isZeroCount(h.Get(pair[0])) {
+			continue
+		}
+		if reset, ok := parseReset(h.Get(pair[1]), now); ok {
+			spent = true
+			*until = later(*until, reset)
+		} else if limited {
+			spent = true
+		}
+	}
+	return spent
 }
 
 // retryable429 reports whether a 429 so described may be retried after
@@ -294,38 +267,6 @@ func quotaError(res *http.Response) bool {
 		}
 	}
 	return false
-}
-
-// raise moves until later, reporting whether it did.
-func (e *exhaustion) raise(until time.Time) bool {
-	for {
-		cur := e.until.Load()
-		if until.UnixNano() <= cur {
-			return false
-		}
-		if e.until.CompareAndSwap(cur, until.UnixNano()) {
-			return true
-		}
-	}
-}
-
-// wait returns how long the upstream is still exhausted at now. With a
-// shared store it also starts, at most once a second, a fetch of what the
-// other instances heard; its answer counts from the next request on.
-func (e *exhaustion) wait(now time.Time) (time.Duration, bool) {
-	if e.shared != nil && now.UnixNano()-e.fetched.Load() >= int64(sharedEvery) && e.fetching.CompareAndSwap(false, true) {
-		e.fetched.Store(now.UnixNano())
-		go func() {
-			defer e.fetching.Store(false)
-			ctx, cancel := context.WithTimeout(context.Background(), sharedTimeout)
-			defer cancel()
-			if until, err := e.shared.Fetch(ctx); err == nil {
-				e.raise(until)
-			}
-		}()
-	}
-	d := time.Duration(e.until.Load() - now.UnixNano())
-	return d, d > 0
 }
 
 // parseReset reads X-RateLimit-Reset: epoch seconds, seconds from now, or

@@ -14,12 +14,26 @@ import (
 // newSSEBody returns the body that hands an upstream stream on to the
 // client in whole events (wire.SSE), counting and stripping for c, or
 // only ending a broken stream well when c is nil.
-func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger, c *Call) *wire.SSE {
+func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger, c *Call) io.ReadCloser {
 	if c == nil {
 		return wire.NewSSE(ctx, src, &brokenStreamTap{logger})
 	}
 	c.logger = logger
-	return wire.NewSSE(ctx, src, (*callTap)(c))
+	c.stream.Init(ctx, src, (*callTap)(c))
+	return &c.stream
+}
+
+// callStream is a call's stream body, kept in the call. Closed before its
+// end, when the proxy stops passing it on because the caller left, it
+// reads the rest first, for its usage: the upstream bills the whole
+// answer of a request it received. What bounds the reading is what bounds
+// the upstream request: idle_timeout, and the call's watch (detach.go),
+// which cuts it at once unless the call may go on detached.
+type callStream struct{ wire.SSE }
+
+func (s *callStream) Close() error {
+	s.Drain()
+	return s.SSE.Close()
 }
 
 // brokenStreamTap ends a broken stream with an error event, and logs it.

@@ -258,3 +258,34 @@ func TestCutStreamCountsToolCalls(t *testing.T) {
 		t.Errorf("400 tool call chunks counted as %d tokens", c.Usage.Chunks)
 	}
 }
+
+// TestClosedEarlyReadsTheRest: an answer closed before its end, as the
+// reverse proxy closes it when the caller left, is read to its end first,
+// for the usage the upstream bills by: a stream's last chunk, a large
+// JSON answer's tail.
+func TestClosedEarlyReadsTheRest(t *testing.T) {
+	chunk := `data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}` + "\n\n"
+	usage := `data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5000,"completion_tokens":3,"total_tokens":5003}}` + "\n\n"
+	c := new(Call)
+	gone, leave := context.WithCancel(context.Background())
+	b := newSSEBody(gone, &chunkedReader{chunks: []string{chunk, chunk, chunk, usage, "data: [DONE]\n\n"}, err: io.EOF}, zap.NewNop(), c)
+	if _, err := b.Read(make([]byte, 10)); err != nil {
+		t.Fatal(err)
+	}
+	leave()
+	b.Close()
+	if u := &c.Usage; !u.Reported || u.PromptTokens != 5000 || u.CompletionTokens != 3 || u.Chunks != 3 {
+		t.Errorf("a stream closed after its first event: usage %+v, want the upstream's 5000 + 3 and 3 chunks", *u)
+	}
+
+	body := `{"id":"x","choices":[{"message":{"content":"` + strings.Repeat("a", 20000) + `"}}],"usage":{"prompt_tokens":7,"completion_tokens":5000,"total_tokens":5007}}`
+	u := new(AnswerUsage)
+	j := &jsonTap{src: io.NopCloser(&chunkedReader{chunks: []string{body[:9000], body[9000:19000], body[19000:]}, err: io.EOF}), usage: u}
+	if _, err := j.Read(make([]byte, 100)); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	if !u.Reported || u.PromptTokens != 7 || u.CompletionTokens != 5000 || u.Bytes != int64(len(body)) {
+		t.Errorf("a JSON answer closed after 100 bytes: usage %+v, want 7 and 5000 of %d bytes", *u, len(body))
+	}
+}

@@ -31,6 +31,7 @@ type keyTransport struct {
 	retry         retryPolicy
 	exhausted     *exhaustion
 	idleTimeout   time.Duration // longest silence in a body after its headers; 0: none
+	detach        DetachPolicy  // what a call whose caller left may still do
 	logger        *zap.Logger
 }
 
@@ -38,10 +39,16 @@ type keyTransport struct {
 // contract asks: Caddy logs req, and the key must never be in it.
 func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx, cancel := req.Context(), context.CancelCauseFunc(nil)
-	if t.idleTimeout > 0 {
+	c := callFrom(req.Context())
+	switch {
+	case c != nil && c.Usage.caller != nil:
+		// A request the upstream may bill: it does not end with its
+		// caller, but as the call's watch decides (detach.go).
+		ctx = c.upstreamContext(ctx, &t.detach)
+		cancel = c.watch.cancel
+	case t.idleTimeout > 0:
 		ctx, cancel = context.WithCancelCause(ctx)
 	}
-	c := callFrom(req.Context())
 	trace := interimTrace
 	if c != nil {
 		trace = c.traceUpstream()
@@ -66,7 +73,7 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, err
 	}
-	if cancel != nil {
+	if cancel != nil && t.idleTimeout > 0 {
 		res.Body = newIdleBody(res.Body, ctx, cancel, t.idleTimeout)
 	}
 	if res.StatusCode < 200 {
@@ -118,12 +125,13 @@ var headerPool = sync.Pool{New: func() any { return make(http.Header, 16) }}
 // roundTrip sends out, and again after an upstream 502, 503, a transient
 // 429 or a failed connection, as the retry policy allows: never past its
 // max_wait in all, and only with a body it can replay. Every answer's
-// evidence that the key is spent is noted.
+// evidence that the key or the model is spent, or no longer is, is noted.
 func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, error) {
 	ctx := out.Context()
 	var body []byte
+	var model string
 	if c != nil {
-		body = c.Body
+		body, model = c.Body, c.Model
 	}
 	replayable := out.Body == nil || out.Body == http.NoBody || body != nil
 	var waited time.Duration
@@ -132,15 +140,19 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			out.Body = io.NopCloser(bytes.NewReader(body))
 			out.ContentLength = int64(len(body))
 		}
+		sent := time.Now()
 		res, err := t.next.RoundTrip(out)
 		var wait time.Duration
-		again := attempt < t.retry.retries && replayable
+		// Nobody is there to wait for a retry once the caller left: the
+		// attempt that was answered billed nothing.
+		again := attempt < t.retry.retries && replayable && (c == nil || !c.Usage.CallerLeft())
 		if err != nil {
 			again = again && connectFailed(err)
 			wait = jitter(attempt)
 		} else {
-			word := readLimitWord(res, time.Now())
-			t.exhausted.note(word.keyUntil)
+			now := time.Now()
+			word := readLimitWord(res, now)
+			t.exhausted.heard(word, model, res.StatusCode, sent, now)
 			if res.StatusCode == http.StatusTooManyRequests {
 				again = again && word.retryable429(t.retry.maxWait-waited)
 				wait = word.wait

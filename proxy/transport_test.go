@@ -1,12 +1,14 @@
 package proxy
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -17,21 +19,27 @@ func TestReadLimitWord(t *testing.T) {
 		status    int
 		header    http.Header
 		body      string
-		spentFor  time.Duration // 0: the key is not spent
+		keyFor    time.Duration // 0: the key is not spent
+		modelFor  time.Duration // 0: the model is not spent
 		retryLeft time.Duration // retried with this much of max_wait left?
 		retried   bool
 	}{
-		{"200 with remaining", 200, http.Header{"X-Ratelimit-Remaining": {"12"}, "X-Ratelimit-Reset": {"30"}}, "", 0, 10 * time.Second, false},
-		{"200 spent until reset", 200, http.Header{"X-Ratelimit-Remaining": {"0"}, "X-Ratelimit-Reset": {"30"}}, "", 30 * time.Second, 10 * time.Second, false},
-		{"200 spent tokens, OpenAI form", 200, http.Header{"X-Ratelimit-Remaining-Tokens": {"0"}, "X-Ratelimit-Reset-Tokens": {"6m0s"}}, "", 6 * time.Minute, 10 * time.Second, false},
+		{"200 with remaining", 200, http.Header{"X-Ratelimit-Remaining": {"12"}, "X-Ratelimit-Reset": {"30"}}, "", 0, 0, 10 * time.Second, false},
+		{"200 key spent until reset", 200, http.Header{"X-Ratelimit-Remaining": {"0"}, "X-Ratelimit-Reset": {"30"}}, "", 30 * time.Second, 0, 10 * time.Second, false},
+		{"200 model's tokens spent, OpenAI form", 200, http.Header{"X-Ratelimit-Remaining-Tokens": {"0"}, "X-Ratelimit-Reset-Tokens": {"6m0s"}}, "", 0, 6 * time.Minute, 10 * time.Second, false},
+		{"200 model's requests spent, key's not", 200, http.Header{"X-Ratelimit-Remaining": {"40"}, "X-Ratelimit-Reset": {"30"},
+			"X-Ratelimit-Remaining-Requests": {"0"}, "X-Ratelimit-Reset-Requests": {"720h"}}, "", 0, 720 * time.Hour, 10 * time.Second, false},
 		{"429 about the request, Retry-After 60", 429, http.Header{"Retry-After": {"60"}, "X-Ratelimit-Remaining": {"900"}},
-			`{"error":{"type":"tokens","code":"rate_limit_exceeded"}}`, 0, 10 * time.Second, false},
-		{"429 about the request, short wait", 429, http.Header{"Retry-After": {"1"}}, `{"error":{"code":"rate_limit_exceeded"}}`, 0, 10 * time.Second, true},
-		{"429 about the request, no wait named", 429, nil, `{"error":{"code":"rate_limit_exceeded"}}`, 0, 10 * time.Second, false},
-		{"429 key spent, requests form", 429, http.Header{"Retry-After": {"7"}, "X-Ratelimit-Remaining-Requests": {"0"}}, "", 7 * time.Second, 10 * time.Second, true},
-		{"429 key spent, wait past max_wait", 429, http.Header{"Retry-After": {"20"}, "X-Ratelimit-Remaining": {"0"}}, "", 20 * time.Second, 10 * time.Second, false},
-		{"429 insufficient_quota", 429, nil, `{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}`, quotaPause, 10 * time.Minute, false},
-		{"429 retry-after-ms", 429, http.Header{"Retry-After-Ms": {"1500"}, "X-Ratelimit-Remaining": {"0"}}, "", 1500 * time.Millisecond, 10 * time.Second, true},
+			`{"error":{"type":"tokens","code":"rate_limit_exceeded"}}`, 0, 0, 10 * time.Second, false},
+		{"429 about the request, short wait", 429, http.Header{"Retry-After": {"1"}}, `{"error":{"code":"rate_limit_exceeded"}}`, 0, 0, 10 * time.Second, true},
+		{"429 about the request, no wait named", 429, nil, `{"error":{"code":"rate_limit_exceeded"}}`, 0, 0, 10 * time.Second, false},
+		{"429 model spent, requests form", 429, http.Header{"Retry-After": {"7"}, "X-Ratelimit-Remaining-Requests": {"0"}}, "", 0, 7 * time.Second, 10 * time.Second, true},
+		{"429 model spent, no wait named", 429, http.Header{"X-Ratelimit-Remaining-Tokens": {"0"}}, "", 0, time.Second, 10 * time.Second, true},
+		{"429 key spent, wait past max_wait", 429, http.Header{"Retry-After": {"20"}, "X-Ratelimit-Remaining": {"0"}}, "", 20 * time.Second, 0, 10 * time.Second, false},
+		{"429 insufficient_quota", 429, nil, `{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}`, quotaPause, 0, 10 * time.Minute, false},
+		{"429 insufficient_quota on a model's spent count", 429, http.Header{"Retry-After": {"30"}, "X-Ratelimit-Remaining-Tokens": {"0"}},
+			`{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}`, 30 * time.Second, 30 * time.Second, 10 * time.Minute, false},
+		{"429 retry-after-ms", 429, http.Header{"Retry-After-Ms": {"1500"}, "X-Ratelimit-Remaining": {"0"}}, "", 1500 * time.Millisecond, 0, 10 * time.Second, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			res := &http.Response{StatusCode: tc.status, Header: tc.header, Body: io.NopCloser(strings.NewReader(tc.body))}
@@ -39,12 +47,18 @@ func TestReadLimitWord(t *testing.T) {
 				res.Header = http.Header{}
 			}
 			w := readLimitWord(res, now)
-			var got time.Duration
-			if !w.keyUntil.IsZero() {
-				got = w.keyUntil.Sub(now)
-			}
-			if got != tc.spentFor {
-				t.Errorf("key spent for %v, want %v", got, tc.spentFor)
+			for _, got := range []struct {
+				what  string
+				until time.Time
+				want  time.Duration
+			}{{"key", w.keyUntil, tc.keyFor}, {"model", w.modelUntil, tc.modelFor}} {
+				var d time.Duration
+				if !got.until.IsZero() {
+					d = got.until.Sub(now)
+				}
+				if d != got.want {
+					t.Errorf("%s spent for %v, want %v", got.what, d, got.want)
+				}
 			}
 			if tc.status == 429 && w.retryable429(tc.retryLeft) != tc.retried {
 				t.Errorf("retried = %v, want %v", !tc.retried, tc.retried)
@@ -108,7 +122,7 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 		}},
 		authorization: []string{"Bearer server"},
 		host:          "api.example.com",
-		exhausted:     &exhaustion{},
+		exhausted:     newExhaustion(0, nil, zap.NewNop()),
 		logger:        zap.NewNop(),
 	}
 	req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", nil)
@@ -126,5 +140,36 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 			b.Fatal(err)
 		}
 		res.Body.Close()
+	}
+}
+
+// BenchmarkKeyTransportCall is BenchmarkKeyTransportHeaders for a request
+// the upstream may bill, as every POST is: its upstream context is
+// detached from its caller's and watched (detach.go).
+func BenchmarkKeyTransportCall(b *testing.B) {
+	t := &keyTransport{
+		next:          nopTransport{header: http.Header{"Content-Type": {"text/event-stream"}}},
+		authorization: []string{"Bearer server"},
+		host:          "api.example.com",
+		exhausted:     &exhaustion{},
+		detach:        DetachPolicy{Max: DefaultMaxDetached, Timeout: DefaultDetachedTimeout},
+		logger:        zap.NewNop(),
+	}
+	caller, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	vars := map[string]any{}
+	req, _ := http.NewRequestWithContext(context.WithValue(caller, caddyhttp.VarsCtxKey, vars), http.MethodPost, "http://api.example.com/v1/chat/completions", nil)
+	req.Header = http.Header{"Content-Type": {"application/json"}, "User-Agent": {"OpenAI/Go 3.0.0"}}
+	b.ReportAllocs()
+	for b.Loop() {
+		c := new(Call)
+		c.Usage.Watch(caller)
+		vars[callVar] = c
+		res, err := t.RoundTrip(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		res.Body.Close()
+		c.finish()
 	}
 }

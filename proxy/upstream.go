@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,18 +45,31 @@ type Config struct {
 	// Shared, when set, shares the upstream's word on the key's exhaustion
 	// with the other instances of a fleet.
 	Shared SharedExhaustion
+	// Lockout bounds how long the upstream's word alone (a spent count
+	// until its reset, a 429's Retry-After) stops callers; DefaultLockout
+	// when zero.
+	Lockout time.Duration
+	// MaxDetached bounds the calls of the process that go on after their
+	// caller left (0: none does), DetachedTimeout how long each may.
+	MaxDetached     int64
+	DetachedTimeout time.Duration
 }
 
 // Upstream forwards admitted requests to the API through Caddy's own
 // reverse_proxy handler, loaded through Caddy's module system so that Caddy
 // provisions and cleans it up with the config that owns it.
 type Upstream struct {
-	key       string // the upstream's URL, naming its cached model list
-	rp        *reverseproxy.Handler
-	paths     [numEndpoints]string // upstream path of each endpoint
-	extra     map[string]bool      // request headers let through beyond upstreamHeader; nil for none
-	exhausted *exhaustion
-	logger    *zap.Logger
+	tenant string // Fingerprint of the URL and server key: the upstream's answers differ by both
+	rp     *reverseproxy.Handler
+	paths  [numEndpoints]string // upstream path of each endpoint
+	extra  map[string]bool      // request headers let through beyond upstreamHeader; nil for none
+	// modelsHeaders are the request headers that may change the model
+	// list: modelsShapers, then the extra ones in their configured order.
+	modelsHeaders []string
+	exhausted     *exhaustion
+	logger        *zap.Logger
+	// cutDetached ends the calls detached by this upstream's transport.
+	cutDetached context.CancelFunc
 }
 
 // ParseURL checks an upstream base URL and returns it parsed.
@@ -128,12 +142,15 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	rp := mod.(*reverseproxy.Handler)
 
-	up := &Upstream{key: cfg.URL, rp: rp, extra: extra, logger: ctx.Logger()}
-	up.exhausted = &exhaustion{shared: cfg.Shared, logger: up.logger}
+	up := &Upstream{tenant: Fingerprint(cfg.URL, cfg.APIKey), rp: rp, extra: extra, logger: ctx.Logger()}
+	up.exhausted = newExhaustion(cfg.Lockout, cfg.Shared, up.logger)
+	up.modelsHeaders = append(modelsShapers[:len(modelsShapers):len(modelsShapers)], names...)
 	base := strings.TrimSuffix(u.Path, "/")
 	for i := range Endpoints {
 		up.paths[i] = base + Endpoints[i].Suffix
 	}
+	cut, cutDetached := context.WithCancel(context.Background())
+	up.cutDetached = cutDetached
 	// The key is added on the proxy's own copy of the request, as the last
 	// step before it leaves, so it is in no request that Caddy logs.
 	rp.Transport = &keyTransport{
@@ -144,6 +161,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
 		exhausted:     up.exhausted,
 		idleTimeout:   cfg.IdleTimeout,
+		detach:        DetachPolicy{Max: cfg.MaxDetached, Timeout: cfg.DetachedTimeout, cut: cut},
 		logger:        up.logger,
 	}
 	return up, nil
@@ -163,6 +181,9 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	// Set once and left: Caddy's dialer reads the variables from
 	// goroutines that may outlive this call, so a later write would race.
 	caddyhttp.SetVar(r.Context(), callVar, c)
+	// reverse_proxy panics when the client left mid-answer; the call is
+	// over either way, its body read to the end and closed.
+	defer c.finish()
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {
@@ -192,20 +213,30 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	return errUpstreamUnavailable
 }
 
-// Exhausted reports whether the upstream said at its last word that the
-// server key is exhausted, and for how long still.
-func (up *Upstream) Exhausted(now time.Time) (time.Duration, bool) {
-	return up.exhausted.wait(now)
+// Exhausted reports whether a request may not go upstream at now, and
+// for how long still: of the server key as a whole when model is "",
+// else of that model. The upstream's word locks a scope for at most the
+// lockout bound; past it, one request at a time is let through as a
+// probe (with a shared store, one in the fleet), which may cost one
+// exchange with the store. It is meant to be asked for the key before
+// admission, and for the model once the body named it.
+func (up *Upstream) Exhausted(ctx context.Context, model string, now time.Time) (time.Duration, bool) {
+	return up.exhausted.check(ctx, model, now)
 }
 
-// UpstreamExhausted is the local 429 while the upstream's key is exhausted
-// for retryAfter more seconds, the figure of its Retry-After header.
-func UpstreamExhausted(retryAfter int) *APIError {
+// UpstreamExhausted is the local 429 while the upstream's key, or the
+// model when not "", is exhausted for retryAfter more seconds, the figure
+// of its Retry-After header.
+func UpstreamExhausted(model string, retryAfter int) *APIError {
+	what := "this service"
+	if model != "" {
+		what = "the model " + strconv.Quote(model)
+	}
 	return &APIError{
 		Status:  http.StatusTooManyRequests,
 		Type:    "requests",
 		Code:    "upstream_rate_limited",
-		Message: "The upstream API's rate limit for this service is reached. Please try again in " + strconv.Itoa(retryAfter) + "s.",
+		Message: "The upstream API's rate limit for " + what + " is reached. Please try again in " + strconv.Itoa(retryAfter) + "s.",
 	}
 }
 

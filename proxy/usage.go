@@ -41,6 +41,9 @@ type AnswerUsage struct {
 	// caller is the caller's request context, which ends when the caller
 	// leaves; nil when not watched.
 	caller context.Context
+	// Bytes is the length of a whole (JSON) answer's body, as read: no
+	// answer carries more output tokens than it has bytes.
+	Bytes int64
 	// sent is 1 once the request was written to the upstream (from then
 	// on the upstream may bill the server key for it). The transport's
 	// writing goroutine sets it, hence atomic.
@@ -87,11 +90,16 @@ type Call struct {
 	// StripUsage removes the usage-only chunk of a stream: the proxy asked
 	// for it, the client did not.
 	StripUsage bool
+	// Model is the request's model, "" for none: the upstream's per-model
+	// limits in its answer speak of it.
+	Model string
 	// Usage is filled in as the answer passes.
 	Usage AnswerUsage
 
 	start  time.Time     // when Forward began, for the latencies
 	answer checkedAnswer // a JSON answer, once read whole
+	stream callStream    // a stream's body
+	watch  watch         // on the caller, for a request the upstream may bill
 	logger *zap.Logger   // the transport's, for a stream broken off
 	trace  httptrace.ClientTrace
 }
@@ -142,6 +150,7 @@ func (j *jsonTap) Read(p []byte) (int, error) {
 	n, err := j.src.Read(p)
 	if n > 0 {
 		j.keep(p[:n])
+		j.usage.Bytes += int64(n)
 	}
 	if err == io.EOF && !j.done {
 		j.done = true
@@ -161,7 +170,14 @@ func (j *jsonTap) keep(b []byte) {
 	j.tail = append(j.tail, b...)
 }
 
-func (j *jsonTap) Close() error { return j.src.Close() }
+// Close reads the rest of an answer closed before its end, for its usage,
+// as callStream does.
+func (j *jsonTap) Close() error {
+	if !j.done {
+		_, _ = io.Copy(io.Discard, j)
+	}
+	return j.src.Close()
+}
 
 // parseUsage reads the last usage object in b into u (wire.ParseUsage),
 // and reports whether there was one.

@@ -91,10 +91,12 @@ func TestUsageDetailsReachTheLedger(t *testing.T) {
 	}
 
 	// The figures of the issue: 10 + 500, not the 32 of a reader that
-	// stopped at the first '}'.
+	// stopped at the first '}'. The request allows the 500 (see
+	// TestUsagePastTheCapIsBounded for more than it allows).
 	before := u
 	e.upstream.SetBehavior(standin.Behavior{Usage: `{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":500}`})
-	if res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(faultChat), http.Header{"Authorization": {"Bearer " + key}}); res.StatusCode != http.StatusOK {
+	chat := `{"model":"vigthoria-fast-1","max_tokens":500,"messages":[{"role":"user","content":"hi"}]}`
+	if res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(chat), http.Header{"Authorization": {"Bearer " + key}}); res.StatusCode != http.StatusOK {
 		t.Fatalf("status %d", res.StatusCode)
 	}
 	u = waitSettled(t, e, key)
@@ -150,4 +152,66 @@ func TestAbsurdUsageIsChargedTheReservation(t *testing.T) {
 		t.Errorf("today %d requests, want 9", u.Today.Requests)
 	}
 	e.wantStored(t, u)
+}
+
+// TestUsagePastTheCapIsBounded: an upstream that reports 100,000
+// completion tokens for requests sent max_tokens 100 (it ignored the cap,
+// or misreports) is believed only as far as its answers carried output:
+// the deltas of a stream, the bytes of a whole answer, and never less
+// than the cap. A budget is overshot by what the caller could have been
+// given, not by the report. The operator sees each such answer: a warning
+// naming the key ID, never the key, and vigthoria_usage_past_cap_total.
+func TestUsagePastTheCapIsBounded(t *testing.T) {
+	e := start(t, manyFailures, testPrices, "tier capped {\n\t\t\tbudget 0.01/day\n\t\t}")
+	id, key := e.addKey(t, "capped")
+	e.waitKeysKnown(t)
+	const series = `vigthoria_usage_past_cap_total{tier="capped"}`
+	pastBefore := metricValue(t, e, series)
+	e.upstream.SetBehavior(standin.Behavior{Usage: `{"prompt_tokens":9,"completion_tokens":100000,"total_tokens":100009}`})
+
+	var charged usageCounts
+	for _, tc := range []struct {
+		name, body string
+		want       func(answer []byte) int64
+	}{
+		{"stream", `{"model":"vigthoria-fast-1","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hi"}]}`,
+			func([]byte) int64 { return 100 }},
+		{"whole answer", `{"model":"vigthoria-fast-1","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}`,
+			func(answer []byte) int64 { return int64(len(answer)) }},
+	} {
+		before, _ := e.usage(t, key)
+		res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(tc.body), http.Header{"Authorization": {"Bearer " + key}})
+		answer, err := io.ReadAll(res.Body)
+		if err != nil || res.StatusCode != http.StatusOK {
+			t.Fatalf("%s: status %d, %v", tc.name, res.StatusCode, err)
+		}
+		var u usageAnswer
+		eventually(t, "the request is settled", func() bool {
+			u, _ = e.usage(t, key)
+			return u.Today.Requests == before.Today.Requests+1
+		})
+		got := u.Today.CompletionTokens - before.Today.CompletionTokens
+		if want := tc.want(answer); got != want {
+			t.Errorf("%s: charged %d completion tokens, want %d of the reported 100000", tc.name, got, want)
+		}
+		charged.PromptTokens += u.Today.PromptTokens - before.Today.PromptTokens
+		charged.CompletionTokens += got
+	}
+	cost := charged.PromptTokens*10 + charged.CompletionTokens*20
+	t.Logf("charged %d prompt and %d completion tokens for 200000 reported: %d micro-units of a %d budget (%.1fx)",
+		charged.PromptTokens, charged.CompletionTokens, cost, budget, float64(cost)/budget)
+	if cost > 3*budget {
+		t.Errorf("one request's report overshot the budget %.1fx", float64(cost)/budget)
+	}
+
+	if got := metricValue(t, e, series); got != pastBefore+2 {
+		t.Errorf("%s went from %v to %v, want 2 more", series, pastBefore, got)
+	}
+	log := e.caddy.ReadLog(t)
+	if n := strings.Count(log, "the upstream reported more output than the cap"); n != 2 || !strings.Contains(log, `"client_id":"`+id+`"`) {
+		t.Errorf("%d warnings about output past the cap, want 2 naming %s", n, id)
+	}
+	if strings.Contains(log, key) || strings.Contains(log, key[len(key)-8:]) {
+		t.Error("the log holds the client key")
+	}
 }

@@ -194,8 +194,18 @@ func waitSettled(t *testing.T, e *env, key string) usageAnswer {
 	return u
 }
 
-func TestClientDisconnectCancelsUpstream(t *testing.T) {
-	e, key := startFaults(t, time.Minute)
+// TestClientDisconnectCutsUpstream: a call whose caller left is cut when
+// it may not go on detached, at once with detached off, or after its
+// detached_timeout; the caller is charged at least what it received (the
+// bound of what the upstream may bill, see TestLeavingWithNoDetachedCallFree).
+func TestClientDisconnectCutsUpstream(t *testing.T) {
+	t.Run("detached off", func(t *testing.T) { testClientDisconnectCutsUpstream(t, "detached off") })
+	t.Run("detached timeout", func(t *testing.T) { testClientDisconnectCutsUpstream(t, "detached 8 timeout 300ms") })
+}
+
+func testClientDisconnectCutsUpstream(t *testing.T, detached string) {
+	e := start(t, manyFailures, "header_timeout "+faultTimeout.String(), "idle_timeout 1m", faultTier, detached)
+	key, _ := e.meteredKey(t)
 	for _, tc := range []struct {
 		name     string
 		behavior standin.Behavior

@@ -289,7 +289,10 @@ func TestConcurrencySlotsAreReleased(t *testing.T) {
 	wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded")
 	cancel() // the client goes away mid-stream
 	stream.Close()
-	eventually(t, "the slot is free after the client left", func() bool {
+	// Its call goes on to its end, holding the slot until then (see
+	// TestLeavingEarlyNeverCostsLess).
+	waitFor(t, 5*time.Second, "the upstream ends its answer", func() bool { return e.upstream.Active() == 0 })
+	eventually(t, "the slot is free after the upstream's answer ended", func() bool {
 		u, _ := e.usage(t, key)
 		return u.Limits.Concurrent.InFlight == 0
 	})

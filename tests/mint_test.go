@@ -263,6 +263,126 @@ func TestMintedUsersShareTheirKeysLimits(t *testing.T) {
 	})
 }
 
+// sentCap is the output cap the upstream received in a request body:
+// max_tokens, else max_completion_tokens; 0 for none.
+func sentCap(t *testing.T, r standin.Request) int64 {
+	t.Helper()
+	var sent struct {
+		MaxTokens           int64 `json:"max_tokens"`
+		MaxCompletionTokens int64 `json:"max_completion_tokens"`
+	}
+	if err := json.Unmarshal(r.Body, &sent); err != nil {
+		t.Fatalf("the upstream's request body %s: %v", r.Body, err)
+	}
+	return max(sent.MaxTokens, sent.MaxCompletionTokens)
+}
+
+// modelIDs lists the models GET /v1/models shows the caller of token.
+func (e *env) modelIDs(t *testing.T, token string) []string {
+	t.Helper()
+	res := e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": {"Bearer " + token}})
+	defer res.Body.Close()
+	var list struct {
+		Data []struct{ ID string } `json:"data"`
+	}
+	if err := json.NewDecoder(res.Body).Decode(&list); err != nil || res.StatusCode != http.StatusOK {
+		t.Fatalf("GET /v1/models: %d %v", res.StatusCode, err)
+	}
+	ids := make([]string, 0, len(list.Data))
+	for _, m := range list.Data {
+		ids = append(ids, m.ID)
+	}
+	return ids
+}
+
+// TestMintedUsersNeverPassTheirKey: a minted token's user may do no more
+// than the key that minted it, whether the key is narrowed by its own
+// settings or by its tier, and whatever the token's tier and its own
+// models allow: models, max_tokens (sent or injected), the models list.
+// A change of the key's settings narrows tokens minted before it.
+func TestMintedUsersNeverPassTheirKey(t *testing.T) {
+	e := start(t, manyFailures, "tier app", "tier narrow {\n\t\t\tmodels vigthoria-fast-*\n\t\t\tmax_tokens 50\n\t\t}", "tier web")
+	settingsID, bySettings := e.addKey(t, "app", "--mint", "web", "--models", "vigthoria-fast-*", "--max-tokens", "50")
+	_, byTier := e.addKey(t, "narrow", "--mint", "web")
+	for _, tc := range []struct{ name, key string }{{"the key's settings", bySettings}, {"the key's tier", byTier}} {
+		t.Run(tc.name, func(t *testing.T) {
+			// The token's tier and its own models allow every model.
+			user := e.mintWhenKnown(t, tc.key, map[string]any{"user": "alice", "tier": "web", "models": []string{"vigthoria-*"}})
+			e.upstream.Reset()
+			refused := func(fields map[string]any, status int, code string) {
+				t.Helper()
+				if res := e.chatWith(t, user.Token, fields, nil); res.StatusCode != status {
+					t.Errorf("a chat with %v: %d, the upstream got cap %d; want %d %s", fields, res.StatusCode, sentCap(t, e.lastRequest(t)), status, code)
+				} else {
+					wantAPIError(t, res, status, code)
+				}
+			}
+			refused(map[string]any{"model": "vigthoria-pro-1"}, http.StatusForbidden, "model_not_allowed")
+			refused(map[string]any{"max_tokens": 1000}, http.StatusBadRequest, "max_tokens_too_large")
+			refused(map[string]any{"max_completion_tokens": 1000}, http.StatusBadRequest, "max_tokens_too_large")
+			e.wantUpstreamCalls(t, 0)
+			e.upstream.Reset()
+
+			if res := e.chatWith(t, user.Token, map[string]any{"max_tokens": 50}, nil); res.StatusCode != http.StatusOK {
+				t.Fatalf("a chat within the key's cap: %d", res.StatusCode)
+			}
+			if res := e.chatWith(t, user.Token, nil, nil); res.StatusCode != http.StatusOK {
+				t.Fatalf("a chat without max_tokens: %d", res.StatusCode)
+			}
+			if got := sentCap(t, e.lastRequest(t)); got != 50 {
+				t.Errorf("a chat without max_tokens reached the upstream with cap %d, want the key's 50", got)
+			}
+			if ids := e.modelIDs(t, user.Token); strings.Join(ids, ",") != "vigthoria-fast-1" {
+				t.Errorf("the user's models are %v, want only the key's vigthoria-fast-1", ids)
+			}
+		})
+	}
+
+	// Settings changed after the minting apply to the tokens at once:
+	// a lower cap narrows them, cleared models follow the key's tier.
+	user := e.mint(t, bySettings, map[string]any{"user": "bob", "tier": "web"})
+	e.cli(t, "key", "update", settingsID, "--max-tokens", "20", "--clear-models")
+	eventually(t, "the key's new cap reaches its users", func() bool {
+		return e.chatWith(t, user.Token, map[string]any{"max_tokens": 21}, nil).StatusCode == http.StatusBadRequest
+	})
+	if res := e.chatWith(t, user.Token, map[string]any{"model": "vigthoria-pro-1"}, nil); res.StatusCode != http.StatusOK {
+		t.Errorf("a model of the key's tier once its models are cleared: %d, want 200", res.StatusCode)
+	}
+	if got := sentCap(t, e.lastRequest(t)); got != 20 {
+		t.Errorf("a chat without max_tokens reached the upstream with cap %d, want the key's new 20", got)
+	}
+	if ids := e.modelIDs(t, user.Token); len(ids) != 3 {
+		t.Errorf("the user's models once the key's are cleared: %v, want the 3 of the tiers", ids)
+	}
+}
+
+// TestMintedUsersShareTheirKeysOwnLimits: the limits and the budget set
+// on the minting key itself, not its tier, bound its users together,
+// and a change of them reaches tokens minted before.
+func TestMintedUsersShareTheirKeysOwnLimits(t *testing.T) {
+	e := start(t, manyFailures, testPrices, "tier app", "tier web")
+	keyID, backend := e.addKey(t, "app", "--mint", "web", "--requests", "4/1h", "--budget", "0.001/day")
+	alice := e.mintWhenKnown(t, backend, map[string]any{"user": "alice"}) // the probe and this: 2 of the key's requests
+	bob := e.mint(t, backend, map[string]any{"user": "bob"})              // 3
+	// 1000 micro-units of budget: two chats of 360.
+	if status, _, body := budgetChat(t, e.caddy.URL, alice.Token, model); status != http.StatusOK {
+		t.Fatalf("request 4 of the key's 4: %d %s", status, body)
+	}
+	status, _, body := budgetChat(t, e.caddy.URL, bob.Token, model)
+	if status != http.StatusTooManyRequests || !strings.Contains(body, "shared by every user") {
+		t.Errorf("past the key's own request limit: %d %s, want a 429 shared by its users", status, body)
+	}
+	e.cli(t, "key", "update", keyID, "--clear-requests")
+	eventually(t, "the key's cleared request limit reaches its users", func() bool {
+		status, _, _ := budgetChat(t, e.caddy.URL, bob.Token, model)
+		return status == http.StatusOK
+	})
+	status, _, body = budgetChat(t, e.caddy.URL, alice.Token, model)
+	if status != http.StatusTooManyRequests || !strings.Contains(body, "budget of tier app") || !strings.Contains(body, "shared by every user") {
+		t.Errorf("past the key's own budget: %d %s, want the key's budget refusal, shared by its users", status, body)
+	}
+}
+
 // TestMintRefusals checks each way to ask for a token the proxy must not
 // give, and tokens the proxy did not sign.
 func TestMintRefusals(t *testing.T) {

@@ -374,6 +374,53 @@ func TestOpenIDRefusals(t *testing.T) {
 	e.wantUpstreamCalls(t, 1) // the models list of the first, good token
 }
 
+// TestOpenIDUnverifiedEmailIsRefused: with user_claim email, a token
+// names its caller by its e-mail only when the provider says it verified
+// it. A user who puts someone else's address on an account of the
+// provider, unverified, gets the one 401 of a bad key, not the owner's
+// limits and usage. Provisioning warns that only sub is unique.
+func TestOpenIDUnverifiedEmailIsRefused(t *testing.T) {
+	p := startOpenIDProvider(t, nil)
+	e := start(t, manyFailures, "tier user {\n\t\t\trequests 100/1h\n\t\t}",
+		"jwt "+p.issuer+" {\n\t\t\taudience "+opAudience+"\n\t\t\tuser_claim email\n\t\t\ttier user\n\t\t}")
+	const email = "victim@example.com"
+	token := func(sub string, verified any) string {
+		c := p.claims(sub)
+		c["email"] = email
+		if verified != nil {
+			c["email_verified"] = verified
+		}
+		return p.signed(t, c)
+	}
+	victim := token("victim", true)
+	eventually10s(t, "the victim's verified token is accepted", func() bool {
+		status, _ := e.chatStatus(t, "Bearer "+victim)
+		return status == http.StatusOK
+	})
+	_, bad := e.chatStatus(t, "Bearer vgt_not-a-key")
+	for name, verified := range map[string]any{
+		"false": false, "missing": nil, `the string "false"`: "false", `the string "True"`: "True", "1": 1, "an object": map[string]any{},
+	} {
+		t.Run(name, func(t *testing.T) {
+			status, body := e.chatStatus(t, "Bearer "+token("mallory", verified))
+			if status != http.StatusUnauthorized || !bytes.Equal(body, bad) {
+				t.Errorf("email_verified %v: %d %s, want the one 401 of a bad key %s", verified, status, body, bad)
+			}
+		})
+	}
+	// Some providers (Sign in with Apple) send the string "true".
+	if u, _ := e.usage(t, token("victim", "true")); u.ClientID != p.callerID(email) {
+		t.Errorf(`email_verified "true": the caller is %q, want %q`, u.ClientID, p.callerID(email))
+	}
+	eventually(t, "the victim's usage holds its own chat only", func() bool {
+		u, _ := e.usage(t, victim)
+		return u.Today.Requests == 1
+	})
+	if !e.caddy.WaitLog(t, "only sub is unique and stable") {
+		t.Error("no warning at provision that user_claim email is not sub")
+	}
+}
+
 // TestBadTokensAreThrottled checks that refused tokens count as failed
 // authentications, and that the throttle does not refuse a valid token.
 func TestBadTokensAreThrottled(t *testing.T) {

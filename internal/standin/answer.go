@@ -215,6 +215,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 			if !e.send(a.appendChunk(e.scratch(), i, tok)) {
 				return
 			}
+			s.written.Add(1)
 			switch sent++; sent {
 			case b.FailMidStream:
 				// Aborting makes net/http drop the connection without ending

@@ -155,6 +155,9 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	id := append(make([]byte, 0, 24), idPrefix...)
 	a.id = appendHex(id, s.seq.Add(1))
 	a.created = now.Unix()
+	if b.PromptTokens > 0 {
+		a.promptTokens = b.PromptTokens
+	}
 	a.cachedTokens, a.usage = min(b.CachedTokens, a.promptTokens), b.Usage
 	s.prompt.Add(int64(a.promptTokens))
 	s.answered.Add(int64(a.tokens * max(a.choices, a.generated)))
@@ -173,6 +176,7 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 		return
 	}
 	writeJSON(w, *out)
+	s.written.Add(int64(a.tokens * a.choices))
 }
 
 func (s *Server) embeddings(w http.ResponseWriter, body []byte) {

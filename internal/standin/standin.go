@@ -67,6 +67,11 @@ type Options struct {
 	// RateLimit when zero. Load tests set one they never reach: a proxy
 	// rightly stops calling an upstream whose budget is spent.
 	RateLimit int64
+	// Accounts are more bearer keys the server accepts besides APIKey,
+	// each an account of its own whose GET /models lists the model IDs
+	// given (its private fine-tunes, say), as the real API answers per
+	// key. Completions accept the models of Models and of every account.
+	Accounts map[string][]string
 }
 
 // Behavior switches how the server misbehaves. The failure modes are checked
@@ -130,6 +135,22 @@ type Behavior struct {
 	// Usage, if set, is the usage object of every completion answer
 	// instead of its own, verbatim: an upstream whose accounting is off.
 	Usage string
+	// Headers are set on every answer, over the server's own: rate-limit
+	// headers of any form, such as an exhausted
+	// x-ratelimit-remaining-tokens with its x-ratelimit-reset-tokens.
+	Headers http.Header
+	// FailBody, if set, is the body of a FailStatus answer instead of the
+	// built-in error, verbatim: e.g. an insufficient_quota error.
+	FailBody string
+	// ForModel and ForKey, if set, confine this Behavior to the requests
+	// whose body names that model and that carry that bearer key; every
+	// other request is answered as by the zero Behavior, and leaves
+	// FailCount alone.
+	ForModel, ForKey string
+	// PromptTokens, if positive, is the prompt count of every completion
+	// answer instead of its words, as an API counts images, files or
+	// dense scripts: far above what the request's bytes suggest.
+	PromptTokens int
 }
 
 // Request is a request as the server received it.
@@ -148,7 +169,8 @@ type Server struct {
 	auth     []byte // the Authorization value to accept, "Bearer <key>"
 	base     string
 	models   map[string]model
-	list     []byte // the /models answer
+	list     []byte            // the /models answer
+	accounts map[string][]byte // the /models answer of each other key
 	noRecord bool
 	limit    int64    // requests a minute, advertised
 	limitHdr []string // limit, formatted for X-RateLimit-Limit
@@ -159,6 +181,7 @@ type Server struct {
 	active   atomic.Int64 // requests being answered now
 	prompt   atomic.Int64 // prompt tokens served, for /usage
 	answered atomic.Int64 // completion tokens served, for /usage
+	written  atomic.Int64 // completion tokens written out to clients
 
 	windowMinute atomic.Int64 // the minute X-RateLimit-Remaining counts in
 	windowUsed   atomic.Int64
@@ -174,6 +197,26 @@ type Server struct {
 type behaviorState struct {
 	b         Behavior
 	failsLeft atomic.Int64
+}
+
+// defaultBehavior answers the requests a confined Behavior leaves out.
+var defaultBehavior = &behaviorState{}
+
+// applies reports whether b is for the request: always, unless ForModel
+// or ForKey confine it to others.
+func (b *Behavior) applies(r *http.Request, body []byte) bool {
+	if b.ForKey != "" && r.Header.Get("Authorization") != "Bearer "+b.ForKey {
+		return false
+	}
+	if b.ForModel != "" {
+		var req struct {
+			Model string `json:"model"`
+		}
+		if json.Unmarshal(body, &req) != nil || req.Model != b.ForModel {
+			return false
+		}
+	}
+	return true
 }
 
 // fail reports whether this request is one that gets FailStatus.
@@ -210,20 +253,32 @@ func New(opts Options) *Server {
 		limit:    cmp.Or(opts.RateLimit, RateLimit),
 	}
 	s.limitHdr = []string{strconv.FormatInt(s.limit, 10)}
-	s.list = []byte(`{"object":"list","data":[`)
+	s.list = s.modelList(ids)
+	for key, ids := range opts.Accounts {
+		if s.accounts == nil {
+			s.accounts = make(map[string][]byte, len(opts.Accounts))
+		}
+		s.accounts[key] = s.modelList(ids)
+	}
+	s.SetBehavior(Behavior{})
+	return s
+}
+
+// modelList adds ids to the models served and returns their /models
+// answer.
+func (s *Server) modelList(ids []string) []byte {
+	list := []byte(`{"object":"list","data":[`)
 	for i, id := range ids {
 		quoted, _ := json.Marshal(id) // a string always marshals
 		obj := append([]byte(`{"id":`), quoted...)
 		obj = append(obj, `,"object":"model","created":`+strconv.Itoa(modelsCreated)+`,"owned_by":"vigthoria"}`...)
 		s.models[id] = model{quoted: quoted, object: obj}
 		if i > 0 {
-			s.list = append(s.list, ',')
+			list = append(list, ',')
 		}
-		s.list = append(s.list, obj...)
+		list = append(list, obj...)
 	}
-	s.list = append(s.list, "]}"...)
-	s.SetBehavior(Behavior{})
-	return s
+	return append(list, "]}"...)
 }
 
 // SetBehavior replaces the behaviour for requests arriving from now on and
@@ -261,6 +316,16 @@ func (s *Server) Count() int { return int(s.count.Load()) }
 // the client abandoned leaves it once the server noticed.
 func (s *Server) Active() int { return int(s.active.Load()) }
 
+// Billed returns the tokens of the completions the server answered, as
+// their usage counts them: an API bills every answer it started.
+func (s *Server) Billed() (prompt, completion int64) { return s.prompt.Load(), s.answered.Load() }
+
+// Written returns the completion tokens the server wrote out: a stream's
+// content chunks as they were sent, a whole answer's tokens once written.
+// Beside Billed, it tells how much of its answers the server generated
+// before their clients went.
+func (s *Server) Written() int64 { return s.written.Load() }
+
 // Reset forgets the recorded requests, counters and usage figures, and
 // restores the default behaviour.
 func (s *Server) Reset() {
@@ -271,6 +336,7 @@ func (s *Server) Reset() {
 	s.count.Store(0)
 	s.prompt.Store(0)
 	s.answered.Store(0)
+	s.written.Store(0)
 	s.windowUsed.Store(0)
 }
 
@@ -289,8 +355,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.record(r, body, now)
 	}
 	st := s.behavior.Load()
+	if !st.b.applies(r, body) {
+		st = defaultBehavior
+	}
 	b := &st.b
 	s.setCommonHeaders(w.Header(), now)
+	for name, v := range b.Headers {
+		w.Header()[http.CanonicalHeaderKey(name)] = v
+	}
 	if b.AccountHeaders {
 		h := w.Header()
 		h.Set("Openai-Organization", Organization)
@@ -379,8 +451,23 @@ func (s *Server) remaining(unix int64) int64 {
 func (s *Server) authorized(r *http.Request) bool {
 	scheme, key, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	// The scheme is case-insensitive (RFC 9110); the key is not.
-	return strings.EqualFold(scheme, "Bearer") &&
-		subtle.ConstantTimeCompare([]byte(key), s.auth[len("Bearer "):]) == 1
+	if !strings.EqualFold(scheme, "Bearer") {
+		return false
+	}
+	if subtle.ConstantTimeCompare([]byte(key), s.auth[len("Bearer "):]) == 1 {
+		return true
+	}
+	_, ok := s.accounts[key]
+	return ok
+}
+
+// modelsOf returns the /models answer for the key of r.
+func (s *Server) modelsOf(r *http.Request) []byte {
+	_, key, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if list, ok := s.accounts[key]; ok {
+		return list
+	}
+	return s.list
 }
 
 func (s *Server) route(w http.ResponseWriter, r *http.Request, body []byte, b *Behavior, now time.Time) {
@@ -403,7 +490,7 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request, body []byte, b *B
 		}
 	case "/models":
 		if allow(w, r, http.MethodGet) {
-			writeJSON(w, s.list)
+			writeJSON(w, s.modelsOf(r))
 		}
 	case "/usage":
 		if allow(w, r, http.MethodGet) {
@@ -489,14 +576,22 @@ func writeFailure(w http.ResponseWriter, b *Behavior) {
 		typ, code, msg = "rate_limit_error", "rate_limit_exceeded", "Rate limit reached for requests. Please try again later."
 		if b.FailRequestOnly {
 			typ, msg = "tokens", "Request too large for the tokens per min (TPM) limit. Please reduce your prompt."
-		} else {
+		} else if b.Headers == nil {
 			w.Header().Set("X-Ratelimit-Remaining", "0")
 		}
 	case status >= 500:
 		typ, code, msg = "server_error", "server_error", "The server had an error while processing your request."
 	}
-	if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
+	if (status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable) && b.Headers.Get("Retry-After") == "" {
 		w.Header().Set("Retry-After", strconv.Itoa(b.RetryAfter))
+	}
+	if b.FailBody != "" {
+		h := w.Header()
+		h.Set("Content-Type", "application/json")
+		h.Set("Content-Length", strconv.Itoa(len(b.FailBody)))
+		w.WriteHeader(status)
+		_, _ = io.WriteString(w, b.FailBody)
+		return
 	}
 	writeError(w, status, typ, code, "", msg)
 }

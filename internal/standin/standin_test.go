@@ -8,6 +8,7 @@ import (
 	"math"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -580,7 +581,7 @@ func TestFailCount(t *testing.T) {
 	if err := models(); err != nil {
 		t.Fatalf("third request: %v", err)
 	}
-	if s.Count() != 3 || s.Behavior() != want {
+	if s.Count() != 3 || !reflect.DeepEqual(s.Behavior(), want) {
 		t.Errorf("count %d, behavior %+v", s.Count(), s.Behavior())
 	}
 }
@@ -603,7 +604,7 @@ func TestFailureOrder(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			// Consecutive cases may share a behaviour, and with it a failure budget.
-			if s.Behavior() != tt.behavior {
+			if !reflect.DeepEqual(s.Behavior(), tt.behavior) {
 				s.SetBehavior(tt.behavior)
 			}
 			res, b := do(t, srv, http.MethodGet, "/v1/nowhere", tt.key, "")
@@ -795,7 +796,7 @@ func TestRecording(t *testing.T) {
 
 	s.SetBehavior(Behavior{Garbage: true})
 	s.Reset()
-	if len(s.Requests()) != 0 || s.Count() != 0 || s.Behavior() != (Behavior{}) {
+	if len(s.Requests()) != 0 || s.Count() != 0 || !reflect.DeepEqual(s.Behavior(), Behavior{}) {
 		t.Errorf("after Reset: %d requests, count %d, behavior %+v", len(s.Requests()), s.Count(), s.Behavior())
 	}
 }
@@ -948,5 +949,39 @@ func TestRateLimitOption(t *testing.T) {
 	}
 	if got := res.Header.Get("X-RateLimit-Remaining"); got != "4" && got != "5" { // 5: a new minute began
 		t.Errorf("X-RateLimit-Remaining = %q, want 4", got)
+	}
+}
+
+// A Behavior confined to one model and key sends its headers and its
+// failure to those requests alone; other accounts list their own models.
+func TestConfinedBehaviorAndAccounts(t *testing.T) {
+	s, srv, _ := newTest(t, Options{Accounts: map[string][]string{"sk-other": {"ft:private-1"}}})
+	s.SetBehavior(Behavior{
+		ForModel: "vigthoria-pro-1", ForKey: testKey,
+		Headers:    http.Header{"x-ratelimit-remaining-tokens": {"0"}, "x-ratelimit-reset-tokens": {"720h"}},
+		FailStatus: http.StatusTooManyRequests, FailCount: 1,
+		FailBody: `{"error":{"message":"quota","type":"insufficient_quota","code":"insufficient_quota"}}`,
+	})
+	chat := func(key, model string) (*http.Response, []byte) {
+		return do(t, srv, http.MethodPost, "/v1/chat/completions", key, `{"model":"`+model+`","messages":[{"role":"user","content":"hi"}]}`)
+	}
+	if res, body := chat(testKey, "vigthoria-fast-1"); res.StatusCode != 200 || res.Header.Get("X-Ratelimit-Remaining-Tokens") != "" {
+		t.Errorf("another model: %d %s, headers %v", res.StatusCode, body, res.Header)
+	}
+	if res, _ := chat("sk-other", "vigthoria-pro-1"); res.StatusCode != 200 {
+		t.Errorf("another key: status %d", res.StatusCode)
+	}
+	res, body := chat(testKey, "vigthoria-pro-1")
+	if res.StatusCode != 429 || !strings.Contains(string(body), "insufficient_quota") || res.Header.Get("X-Ratelimit-Reset-Tokens") != "720h" {
+		t.Errorf("the model: %d %s, headers %v", res.StatusCode, body, res.Header)
+	}
+	if res, _ := chat(testKey, "vigthoria-pro-1"); res.StatusCode != 200 || res.Header.Get("X-Ratelimit-Remaining-Tokens") != "0" {
+		t.Errorf("the model after FailCount: status %d, remaining tokens %q", res.StatusCode, res.Header.Get("X-Ratelimit-Remaining-Tokens"))
+	}
+	if _, body := do(t, srv, http.MethodGet, "/v1/models", "sk-other", ""); !strings.Contains(string(body), "ft:private-1") || strings.Contains(string(body), "vigthoria-fast-1") {
+		t.Errorf("the other account's models: %s", body)
+	}
+	if _, body := do(t, srv, http.MethodGet, "/v1/models", testKey, ""); strings.Contains(string(body), "ft:private-1") {
+		t.Errorf("the main account lists another's model: %s", body)
 	}
 }

@@ -54,8 +54,26 @@ type SSE struct {
 // NewSSE returns the SSE body reading src for the client whose request is
 // ctx, telling tap what passes.
 func NewSSE(ctx context.Context, src io.ReadCloser, tap EventTap) *SSE {
+	b := new(SSE)
+	b.Init(ctx, src, tap)
+	return b
+}
+
+// Init makes b the SSE body reading src, as NewSSE does, for a body kept
+// in a larger struct.
+func (b *SSE) Init(ctx context.Context, src io.ReadCloser, tap EventTap) {
 	bufp := ssePool.Get().(*[]byte)
-	return &SSE{src: src, ctx: ctx, tap: tap, bufp: bufp, buf: (*bufp)[:0]}
+	*b = SSE{src: src, ctx: ctx, tap: tap, bufp: bufp, buf: (*bufp)[:0]}
+}
+
+// Drain reads what is left of the stream and drops it, telling the tap of
+// each event as Read would: the end of an answer nobody reads any more
+// still carries its usage. It returns once src ended or failed.
+func (b *SSE) Drain() {
+	for b.err == nil {
+		b.start = b.ready
+		b.fill()
+	}
 }
 
 func (b *SSE) Read(p []byte) (int, error) {
