@@ -74,7 +74,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
 //		upstream_lockout <duration>           # longest lockout on the upstream's word; default 1m
 //		detached       <n>|off [timeout <d>]  # calls going on after their caller left; default 256, timeout 10m
-//		on_store_error local|deny             # default local
+//		on_store_error local|deny|local_unshared   # default local
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
 //		upstream_headers <header>...          # more request headers to pass upstream
@@ -227,8 +227,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if v != "local" && v != "deny" {
-				return d.Errf("invalid on_store_error '%s': want local or deny", v)
+			if v != "local" && v != "deny" && v != "local_unshared" {
+				return d.Errf("invalid on_store_error '%s': want local, deny or local_unshared", v)
 			}
 			h.OnStoreError = v
 		case "store_timeout":

@@ -80,14 +80,16 @@ func (p pooledLimiter) Destruct() error {
 }
 
 // newRedisClient connects to the Redis of a store spec with timeouts fit
-// for the request path: a limit decision waits no longer than timeout.
+// for the request path; the limiter bounds its own waits (limiter.NewRedis).
 func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
 	opts, err := redis.ParseURL(url)
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	opts.DialTimeout = max(timeout, 500*time.Millisecond)
-	opts.ReadTimeout, opts.WriteTimeout = timeout, timeout
+	// The limiter waits up to a second for a late answer (a slow Redis is
+	// not a down one): the read must not give up first.
+	opts.ReadTimeout, opts.WriteTimeout = max(timeout, time.Second), max(timeout, time.Second)
 	opts.MaxRetries = -1 // a retry would double the wait the timeout bounds
 	opts.ContextTimeoutEnabled = true
 	return redis.NewClient(opts), nil
@@ -396,14 +398,25 @@ type Handler struct {
 	// retried, while nothing has reached the client yet. Default: 2.
 	Retries *int `json:"retries,omitempty"`
 
-	// What to do while the shared store (Redis) fails: "local" decides
-	// with in-memory limits per instance, "deny" refuses with 503. Either
-	// way it is logged, and the store is used again once it answers.
-	// Default: local.
+	// What to do when the shared store (Redis) is down: "local" decides
+	// with in-memory limits what the instance can prove the fleet has not
+	// spent, its share (among the live instances) of what the rate limits
+	// refill during the outage, and refuses with 503 callers whose tier
+	// has a quota, budget or concurrency limit, so that the fleet never
+	// admits more than its limits; "deny" refuses with 503;
+	// "local_unshared" decides with in-memory limits, each instance with
+	// the whole limits, and may admit up to as many times the limits, and
+	// spend as many times the budgets, as there are instances. What was
+	// admitted locally is charged to Redis when it answers again. A late
+	// answer starts a probe and is waited for; only a failed probe makes
+	// the instance hold Redis for down (logged, and the store_fallback
+	// metric), until a probe answers; a call that failed meanwhile, alone,
+	// is refused with 503 but under "local_unshared". Default: local.
 	OnStoreError string `json:"on_store_error,omitempty"`
 
-	// How long a limit decision may wait for the shared store before
-	// on_store_error applies. Default: 50ms.
+	// How long a limit decision may wait for the shared store's answer,
+	// counted from when its round trip is sent (not its wait behind
+	// other calls), before on_store_error applies to it. Default: 50ms.
 	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
 
 	// Web origins (scheme://host[:port]) whose browser code may call the
@@ -597,8 +610,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	case "", "local":
 	case "deny":
 		policy = limiter.Deny
+	case "local_unshared":
+		policy = limiter.UseLocalUnshared
 	default:
-		return fmt.Errorf("on_store_error must be local or deny, not '%s'", h.OnStoreError)
+		return fmt.Errorf("on_store_error must be local, deny or local_unshared, not '%s'", h.OnStoreError)
 	}
 	h.limiterKey = "memory:" + spec
 	if kind == "redis" {
@@ -613,13 +628,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return nil, err
 		}
 		logger := caddy.Log().Named("vigthoria.limiter")
-		shared := limiter.NewRedis(client, "vgt:lim:", logger)
-		// The fleet's ledger is in Redis too: the local limits must not
-		// wait on it while Redis fails. They take quota figures from the
-		// shared limiter's decisions instead.
-		local := limiter.NewMemory(nil, maxLimitedClients)
+		shared := limiter.NewRedis(client, "vgt:lim:", time.Duration(h.StoreTimeout), logger)
 		return pooledLimiter{
-			Limiter: newFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
+			Limiter: newFallback(shared, policy, logger),
 			shared:  shared,
 			redis:   client,
 		}, nil
