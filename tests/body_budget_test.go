@@ -28,9 +28,10 @@ const (
 // it, and never the rest. It returns once every connection is either
 // refused (its answer read) or holds its whole floodBody in Caddy,
 // which runs in this process, and returns how many were refused.
-// Whatever else holds body bytes must be done before it is called.
+// Nothing else may start or end a body while it runs.
 func flood(t *testing.T, addr string, first, addrs, conns int, header string) (refused int) {
 	t.Helper()
+	before := proxy.BufferedBytes()
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)
@@ -71,11 +72,11 @@ func flood(t *testing.T, addr string, first, addrs, conns int, header string) (r
 		mu.Lock()
 		n := refused
 		mu.Unlock()
-		if proxy.BufferedBytes() == int64(conns-n)*floodHeld {
+		if proxy.BufferedBytes()-before == int64(conns-n)*floodHeld {
 			return n
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the flood did not settle: %d of %d bodies refused, %d bytes held", n, conns, proxy.BufferedBytes())
+			t.Fatalf("the flood did not settle: %d of %d bodies refused, %d bytes held", n, conns, proxy.BufferedBytes()-before)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
