@@ -157,6 +157,11 @@ func TestReadBodyShares(t *testing.T) {
 	_, apiErr, h = read(pro, "key_1", 2)
 	wantBusy(apiErr, h, errCallerBusy)
 	keep(read(pro, "key_2", 2)) // another caller of the tier is served
+	// A caller that hangs up mid-body gives back what it held.
+	hangup := httptest.NewRequest("POST", "/", io.MultiReader(bytes.NewReader(make([]byte, 30_000)), iotest.ErrReader(io.ErrUnexpectedEOF)))
+	if _, apiErr := ReadBody(httptest.NewRecorder(), hangup, lim, Holder{Share: pro, Caller: "key_3"}); apiErr == nil {
+		t.Error("a body cut short was accepted")
+	}
 	if got, want := pro.Held(), int64(128<<10+firstBodyChunk); got != want {
 		t.Errorf("pro holds %d bytes, want %d", got, want)
 	}
