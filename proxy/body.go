@@ -152,17 +152,17 @@ func (c *Callers) Len() int {
 func (c *Callers) add(caller string, n, ceiling int64) bool {
 	sh := &c.shards[maphash.String(c.seed, caller)%callerShards]
 	sh.mu.Lock()
-	defer sh.mu.Unlock()
 	held := sh.held[caller] + n
+	ok := n <= 0 || held <= ceiling
 	switch {
-	case n > 0 && held > ceiling:
-		return false
+	case !ok:
 	case held <= 0:
 		delete(sh.held, caller)
 	default:
 		sh.held[caller] = held
 	}
-	return true
+	sh.mu.Unlock()
+	return ok
 }
 
 // Holder names what a body's bytes count against besides the process:
