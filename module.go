@@ -135,9 +135,24 @@ type Tier struct {
 	// DefaultMaxTokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
+	// The most bytes that the request bodies of this tier's callers may
+	// hold at once: its share of the handler's max_buffered, there for it
+	// whatever other tiers' callers send. Tiers without one split what
+	// the others leave equally, except the anonymous tier, which gets
+	// max_body, or an eighth of max_buffered when that is more (all of
+	// the rest when it is the only tier left). At least max_body; the
+	// tiers' shares add up to at most max_buffered.
+	MaxBuffered int64 `json:"max_buffered,omitempty"`
+
+	// The most bytes that one caller's bodies may hold of the tier's
+	// share. Default: a quarter of the share, or concurrent times
+	// max_body when that is less, and at least max_body.
+	MaxBufferedPerCaller int64 `json:"max_buffered_per_caller,omitempty"`
+
 	limits    limiter.Limits
 	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
 	modelsKey string         // names the models policy in the models cache
+	bodies    *proxy.Share   // MaxBuffered and MaxBufferedPerCaller, counted
 	// usageLimits are limits without the concurrency limit and taking no
 	// slot, for GET /v1/usage: it counts as a request, but a caller whose
 	// slots are all taken by its streams may still read its standing, and
@@ -309,12 +324,15 @@ type Handler struct {
 	// still arriving then is refused with 408. Default: 30s.
 	BodyTimeout caddy.Duration `json:"body_timeout,omitempty"`
 
-	// The most bytes that the request bodies being received may hold at
-	// once, over the whole process; a new body is refused with 503 and
-	// Retry-After while they hold more. Bodies are held in memory from
-	// their first byte until forwarded, and memory grows with the bytes
-	// that arrive, never with what Content-Length announces. Default:
-	// 64 MiB, or four times max_body when that is larger.
+	// The most bytes that request bodies may hold at once, over the
+	// whole process; a body that would pass it is refused with 503 and
+	// Retry-After. Each tier has a share of it (see the tiers'
+	// max_buffered), so that callers of one tier, however many, never
+	// take what another tier's callers need. A body is held in memory
+	// from its first byte until its answer ends, and memory grows with
+	// the bytes that arrive, never with what Content-Length announces.
+	// Default: 64 MiB, or four times max_body, or twice max_body per
+	// tier, whichever is largest.
 	MaxBuffered int64 `json:"max_buffered,omitempty"`
 
 	// How long to wait for the upstream's response headers. A non-streamed
@@ -512,7 +530,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.BodyTimeout = caddy.Duration(DefaultBodyTimeout)
 	}
 	if h.MaxBuffered == 0 {
-		h.MaxBuffered = max(DefaultMaxBuffered, 4*h.MaxBody)
+		h.MaxBuffered = max(DefaultMaxBuffered, 4*h.MaxBody, 2*int64(len(h.Tiers))*h.MaxBody)
 	}
 	h.bodyLimits = proxy.BodyLimits{Size: h.MaxBody, Timeout: time.Duration(h.BodyTimeout), MaxBuffered: h.MaxBuffered}
 	if h.ModelsCache == 0 {
@@ -553,6 +571,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	h.keyTiers = newTierCache()
+	h.provisionShares()
 
 	if err := h.provisionPrices(); err != nil {
 		return err
@@ -747,6 +766,9 @@ func (h *Handler) Validate() error {
 	if h.MaxBuffered < h.MaxBody {
 		return fmt.Errorf("max_buffered (%d) must be at least max_body (%d)", h.MaxBuffered, h.MaxBody)
 	}
+	if err := h.validateShares(); err != nil {
+		return err
+	}
 	if h.HeaderTimeout < 0 {
 		return fmt.Errorf("header_timeout must be positive, not %s", time.Duration(h.HeaderTimeout))
 	}
@@ -899,7 +921,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}()
 
 	if ep.Body {
-		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits)
+		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.bodies, Caller: client.ID})
 		if apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
