@@ -41,7 +41,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		api_key        <value>                # required, e.g. {env.VIGTHORIA_API_KEY}
 //		max_body       <size>                 # default 10MB
 //		body_timeout   <duration>             # default 30s
-//		max_buffered   <size>                 # default 64MiB, or 4 x max_body
+//		max_buffered   <size>                 # default 64MiB, or 4 x max_body, or 2 x max_body per tier
 //		header_timeout <duration>             # default none
 //		idle_timeout   <duration>             # default none
 //		store          sqlite [<path>] | redis <url>   # default sqlite in Caddy's data dir
@@ -53,6 +53,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			budget     <amount>/day|month        # in the currency of prices
 //			models     <glob>...
 //			max_tokens <n>
+//			max_buffered <size> [per_caller <size>]   # its share of max_buffered; see Tier
 //		}
 //		currency       <label>                # of prices and costs; default USD
 //		prices {                              # per 1M tokens; the first glob that matches wins
@@ -77,7 +78,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
 //		upstream_lockout <duration>           # longest lockout on the upstream's word; default 1m
 //		detached       <n>|off [timeout <d>]  # calls going on after their caller left; default 256, timeout 10m
-//		on_store_error local|deny             # default local
+//		on_store_error local|deny|local_unshared   # default local
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
 //		upstream_headers <header>...          # more request headers to pass upstream
@@ -243,8 +244,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if v != "local" && v != "deny" {
-				return d.Errf("invalid on_store_error '%s': want local or deny", v)
+			if v != "local" && v != "deny" && v != "local_unshared" {
+				return d.Errf("invalid on_store_error '%s': want local, deny or local_unshared", v)
 			}
 			h.OnStoreError = v
 		case "store_timeout":
@@ -347,6 +348,8 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 			t.Concurrent, err = parsePositive[int](args)
 		case "max_tokens":
 			t.MaxTokens, err = parsePositive[int64](args)
+		case "max_buffered":
+			t.MaxBuffered, t.MaxBufferedPerCaller, err = parseTierBuffered(args)
 		case "quota":
 			t.Quota, err = parseQuota(args)
 		case "budget":
@@ -598,11 +601,33 @@ func sizeArg(d *caddyfile.Dispenser, example string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	size, err := humanize.ParseBytes(v)
-	if err != nil || size == 0 || size > math.MaxInt64 {
+	size, ok := parseSize(v)
+	if !ok {
 		return 0, d.Errf("invalid %s '%s': want a positive size such as %s", name, v, example)
 	}
-	return int64(size), nil
+	return size, nil
+}
+
+// parseSize reads a positive size such as 10MB or 64MiB.
+func parseSize(v string) (int64, bool) {
+	size, err := humanize.ParseBytes(v)
+	return int64(size), err == nil && size > 0 && size <= math.MaxInt64
+}
+
+// parseTierBuffered reads a tier's `max_buffered <size> [per_caller <size>]`.
+func parseTierBuffered(args []string) (share, perCaller int64, err error) {
+	const want = "want <size> [per_caller <size>] of positive sizes, such as 8MiB per_caller 2MiB"
+	if len(args) != 1 && (len(args) != 3 || args[1] != "per_caller") {
+		return 0, 0, errors.New(want)
+	}
+	share, ok := parseSize(args[0])
+	if ok && len(args) == 3 {
+		perCaller, ok = parseSize(args[2])
+	}
+	if !ok {
+		return 0, 0, errors.New(want)
+	}
+	return share, perCaller, nil
 }
 
 // Interface guards

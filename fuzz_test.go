@@ -63,12 +63,12 @@ func FuzzTokenRequest(f *testing.F) {
 		bodyLimits: proxy.BodyLimits{MaxBuffered: 1 << 20}}
 	mint := []string{"free", "basic", "gold"}
 	r := httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(`{"user":"u","tier":"free"}`))
-	if req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r); apiErr != nil || req.User != "u" {
+	if req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r, proxy.Holder{}); apiErr != nil || req.User != "u" {
 		f.Fatalf("a good token request reads as %+v, %v", req, apiErr)
 	}
 	f.Fuzz(func(t *testing.T, body string) {
 		r := httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(body))
-		req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r)
+		req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r, proxy.Holder{})
 		if apiErr != nil {
 			return
 		}

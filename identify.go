@@ -1,6 +1,7 @@
 package vigthoria
 
 import (
+	"errors"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -109,10 +110,15 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 		return h.admitTier(c, repl, true)
 	}
 	secret, ok := clientkey.FromAuthorization(values)
+	failed := true
 	if ok {
 		var c keystore.Client
 		if !clientkey.Valid(secret) {
-			c, ok = h.tokens.Verify(r.Context(), secret, now)
+			var err error
+			c, err = h.tokens.Verify(r.Context(), secret, now)
+			// A token whose issuer's keys could not be fetched since it
+			// came may be valid: refused, but not the caller's failure.
+			ok, failed = err == nil, !errors.Is(err, keystore.ErrKeysUnavailable)
 		} else {
 			c, ok = h.keys.Identify(secret, now)
 		}
@@ -120,17 +126,25 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 			return h.admitTier(c, repl, true)
 		}
 	}
-	return keystore.Client{}, nil, h.authFailed(w, addr, now)
+	return keystore.Client{}, nil, h.refuseAuth(w, addr, now, failed)
 }
 
 // authFailed counts a failed authentication from addr and returns its
 // answer: the one 401, or 429 once addr failed too often.
 func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Time) *proxy.APIError {
+	return h.refuseAuth(w, addr, now, true)
+}
+
+// refuseAuth answers a refused credential from addr as authFailed does,
+// counting it only when failed.
+func (h *Handler) refuseAuth(w http.ResponseWriter, addr netip.Addr, now time.Time, failed bool) *proxy.APIError {
 	if wait, blocked := h.authFailures.Blocked(addr, now); blocked {
 		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
 		return errTooManyFailures(wait)
 	}
-	h.authFailures.Fail(addr, now)
+	if failed {
+		h.authFailures.Fail(addr, now)
+	}
 	w.Header().Set("Www-Authenticate", `Bearer realm="vigthoria"`)
 	return errInvalidKey
 }

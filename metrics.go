@@ -4,7 +4,6 @@ import (
 	"errors"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -108,8 +107,8 @@ func registerMetrics(reg *prometheus.Registry) error {
 }
 
 // newFallback is limiter.NewFallback with the store metrics kept.
-func newFallback(shared limiter.Limiter, local *limiter.Memory, policy limiter.OnError, timeout time.Duration, logger *zap.Logger) *limiter.Fallback {
-	f := limiter.NewFallback(shared, local, policy, timeout, logger)
+func newFallback(shared limiter.Shared, policy limiter.OnError, logger *zap.Logger) *limiter.Fallback {
+	f := limiter.NewFallback(shared, policy, maxLimitedClients, logger)
 	f.OnChange = onStoreChange
 	return f
 }

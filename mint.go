@@ -128,7 +128,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 	}
 	h.settleAdmission(r, client, &a, keystore.Tokens{})
 
-	req, apiErr := h.readTokenRequest(w, r)
+	req, apiErr := h.readTokenRequest(w, r, proxy.Holder{Share: tier.bodies, Caller: client.ID})
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}
@@ -152,12 +152,13 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 }
 
 // readTokenRequest reads the body of a token request: one JSON object
-// of known fields, within the handler's body timeout and a small size.
-func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request) (tokenRequest, *proxy.APIError) {
+// of known fields, within the handler's body timeout and a small size,
+// counted against who.
+func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who proxy.Holder) (tokenRequest, *proxy.APIError) {
 	var req tokenRequest
 	lim := h.bodyLimits
 	lim.Size = maxMintBody
-	body, apiErr := proxy.ReadBody(w, r, &lim)
+	body, apiErr := proxy.ReadBody(w, r, &lim, who)
 	if apiErr != nil {
 		return req, apiErr
 	}

@@ -83,14 +83,16 @@ func (p pooledLimiter) Destruct() error {
 }
 
 // newRedisClient connects to the Redis of a store spec with timeouts fit
-// for the request path: a limit decision waits no longer than timeout.
+// for the request path; the limiter bounds its own waits (limiter.NewRedis).
 func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
 	opts, err := redis.ParseURL(url)
 	if err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
 	opts.DialTimeout = max(timeout, 500*time.Millisecond)
-	opts.ReadTimeout, opts.WriteTimeout = timeout, timeout
+	// The limiter waits up to a second for a late answer (a slow Redis is
+	// not a down one): the read must not give up first.
+	opts.ReadTimeout, opts.WriteTimeout = max(timeout, time.Second), max(timeout, time.Second)
 	opts.MaxRetries = -1 // a retry would double the wait the timeout bounds
 	opts.ContextTimeoutEnabled = true
 	return redis.NewClient(opts), nil
@@ -139,12 +141,27 @@ type Tier struct {
 	// handler's default_max_tokens.
 	MaxTokens int64 `json:"max_tokens,omitempty"`
 
+	// The most bytes that the request bodies of this tier's callers may
+	// hold at once: its share of the handler's max_buffered, there for it
+	// whatever other tiers' callers send. Tiers without one split what
+	// the others leave equally, except the anonymous tier, which gets
+	// max_body, or an eighth of max_buffered when that is more (all of
+	// the rest when it is the only tier left). At least max_body; the
+	// tiers' shares add up to at most max_buffered.
+	MaxBuffered int64 `json:"max_buffered,omitempty"`
+
+	// The most bytes that one caller's bodies may hold of the tier's
+	// share. Default: a quarter of the share, or concurrent times
+	// max_body when that is less, and at least max_body.
+	MaxBufferedPerCaller int64 `json:"max_buffered_per_caller,omitempty"`
+
 	limits    limiter.Limits
 	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
 	modelsKey string         // names the models policy in the models cache
 	// lesser are the limits of requests that generate nothing, by
 	// limitSet (less one): see limitsFor.
 	lesser [3]limiter.Limits
+	bodies *proxy.Share // MaxBuffered and MaxBufferedPerCaller, counted
 
 	// keySettings are those of the caller's key, or of the key that
 	// minted its token: their origins bind the caller (originAllowed).
@@ -355,12 +372,15 @@ type Handler struct {
 	// still arriving then is refused with 408. Default: 30s.
 	BodyTimeout caddy.Duration `json:"body_timeout,omitempty"`
 
-	// The most bytes that the request bodies being received may hold at
-	// once, over the whole process; a new body is refused with 503 and
-	// Retry-After while they hold more. Bodies are held in memory from
-	// their first byte until forwarded, and memory grows with the bytes
-	// that arrive, never with what Content-Length announces. Default:
-	// 64 MiB, or four times max_body when that is larger.
+	// The most bytes that request bodies may hold at once, over the
+	// whole process; a body that would pass it is refused with 503 and
+	// Retry-After. Each tier has a share of it (see the tiers'
+	// max_buffered), so that callers of one tier, however many, never
+	// take what another tier's callers need. A body is held in memory
+	// from its first byte until its answer ends, and memory grows with
+	// the bytes that arrive, never with what Content-Length announces.
+	// Default: 64 MiB, or four times max_body, or twice max_body per
+	// tier, whichever is largest.
 	MaxBuffered int64 `json:"max_buffered,omitempty"`
 
 	// How long to wait for the upstream's response headers. A non-streamed
@@ -444,14 +464,25 @@ type Handler struct {
 	// retried, while nothing has reached the client yet. Default: 2.
 	Retries *int `json:"retries,omitempty"`
 
-	// What to do while the shared store (Redis) fails: "local" decides
-	// with in-memory limits per instance, "deny" refuses with 503. Either
-	// way it is logged, and the store is used again once it answers.
-	// Default: local.
+	// What to do when the shared store (Redis) is down: "local" decides
+	// with in-memory limits what the instance can prove the fleet has not
+	// spent, its share (among the live instances) of what the rate limits
+	// refill during the outage, and refuses with 503 callers whose tier
+	// has a quota, budget or concurrency limit, so that the fleet never
+	// admits more than its limits; "deny" refuses with 503;
+	// "local_unshared" decides with in-memory limits, each instance with
+	// the whole limits, and may admit up to as many times the limits, and
+	// spend as many times the budgets, as there are instances. What was
+	// admitted locally is charged to Redis when it answers again. A late
+	// answer starts a probe and is waited for; only a failed probe makes
+	// the instance hold Redis for down (logged, and the store_fallback
+	// metric), until a probe answers; a call that failed meanwhile, alone,
+	// is refused with 503 but under "local_unshared". Default: local.
 	OnStoreError string `json:"on_store_error,omitempty"`
 
-	// How long a limit decision may wait for the shared store before
-	// on_store_error applies. Default: 50ms.
+	// How long a limit decision may wait for the shared store's answer,
+	// counted from when its round trip is sent (not its wait behind
+	// other calls), before on_store_error applies to it. Default: 50ms.
 	StoreTimeout caddy.Duration `json:"store_timeout,omitempty"`
 
 	// Web origins (scheme://host[:port]) whose browser code may call the
@@ -565,7 +596,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.BodyTimeout = caddy.Duration(DefaultBodyTimeout)
 	}
 	if h.MaxBuffered == 0 {
-		h.MaxBuffered = max(DefaultMaxBuffered, 4*h.MaxBody)
+		h.MaxBuffered = max(DefaultMaxBuffered, 4*h.MaxBody, 2*int64(len(h.Tiers))*h.MaxBody)
 	}
 	h.bodyLimits = proxy.BodyLimits{Size: h.MaxBody, Timeout: time.Duration(h.BodyTimeout), MaxBuffered: h.MaxBuffered}
 	if h.ModelsCache == 0 {
@@ -616,6 +647,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	h.keyTiers = newTierCache()
+	h.provisionShares()
 
 	if err := h.provisionPrices(); err != nil {
 		return err
@@ -673,8 +705,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	case "", "local":
 	case "deny":
 		policy = limiter.Deny
+	case "local_unshared":
+		policy = limiter.UseLocalUnshared
 	default:
-		return fmt.Errorf("on_store_error must be local or deny, not '%s'", h.OnStoreError)
+		return fmt.Errorf("on_store_error must be local, deny or local_unshared, not '%s'", h.OnStoreError)
 	}
 	h.limiterKey = "memory:" + spec
 	if kind == "redis" {
@@ -689,13 +723,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return nil, err
 		}
 		logger := caddy.Log().Named("vigthoria.limiter")
-		shared := limiter.NewRedis(client, "vgt:lim:", logger)
-		// The fleet's ledger is in Redis too: the local limits must not
-		// wait on it while Redis fails. They take quota figures from the
-		// shared limiter's decisions instead.
-		local := limiter.NewMemory(nil, maxLimitedClients)
+		shared := limiter.NewRedis(client, "vgt:lim:", time.Duration(h.StoreTimeout), logger)
 		return pooledLimiter{
-			Limiter: newFallback(shared, local, policy, time.Duration(h.StoreTimeout), logger),
+			Limiter: newFallback(shared, policy, logger),
 			shared:  shared,
 			redis:   client,
 		}, nil
@@ -814,6 +844,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxBuffered < h.MaxBody {
 		return fmt.Errorf("max_buffered (%d) must be at least max_body (%d)", h.MaxBuffered, h.MaxBody)
+	}
+	if err := h.validateShares(); err != nil {
+		return err
 	}
 	if h.HeaderTimeout < 0 {
 		return fmt.Errorf("header_timeout must be positive, not %s", time.Duration(h.HeaderTimeout))
@@ -967,7 +1000,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}()
 
 	if ep.Body {
-		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits)
+		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.bodies, Caller: client.ID})
 		if apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}

@@ -64,6 +64,7 @@ func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
 	m := &Tier{
 		Requests: t.Requests, Tokens: t.Tokens, Concurrent: t.Concurrent, Quota: t.Quota,
 		Budget: t.Budget, Models: t.Models, MaxTokens: t.MaxTokens, keySettings: s,
+		bodies: t.bodies,
 	}
 	if s.Requests != nil {
 		m.Requests = tierRate(s.Requests)

@@ -27,15 +27,15 @@ import (
 
 // Bounds of what an OpenID provider's key set costs to fetch and hold.
 const (
-	fetchTimeout      = 10 * time.Second
-	maxFetchedBytes   = 1 << 20 // a discovery document or a key set
-	maxPublishedKeys  = 100
-	minRSABits        = 2048
-	minRefreshSpacing = 10 * time.Second // between fetches asked for by unknown kids
-	defaultKeysTTL    = 15 * time.Minute // when the provider sets no max-age
-	minKeysTTL        = time.Minute
-	maxKeysTTL        = 24 * time.Hour
-	maxRetryWait      = 5 * time.Minute
+	fetchTimeout     = 10 * time.Second
+	maxFetchedBytes  = 1 << 20 // a discovery document or a key set
+	maxPublishedKeys = 100
+	minRSABits       = 2048
+	minFetchSpacing  = time.Second      // between the beginnings of two fetches
+	defaultKeysTTL   = 15 * time.Minute // when the provider sets no max-age
+	minKeysTTL       = time.Minute
+	maxKeysTTL       = 24 * time.Hour
+	maxRetryWait     = 5 * time.Minute
 )
 
 // VerificationKey is a public key an issuer signs tokens with.
@@ -92,17 +92,20 @@ func (s *keySet) key(kid string) *VerificationKey {
 // RemoteKeys are the signing keys an OpenID provider publishes, fetched
 // from its JWKS, which its discovery document names unless configured.
 // Start fetches them in the background and again when their cache
-// lifetime ends; a token naming an unknown kid asks for them again, at
-// most once every 10 seconds. Keys stay in use while the provider cannot
-// be reached. Safe for concurrent use; make one with NewRemoteKeys.
+// lifetime ends; a token naming an unknown kid waits for a fetch that
+// begins after it came (see Refresh). Fetches never overlap and begin at
+// most once a second. Keys stay in use while the provider cannot be
+// reached. Safe for concurrent use; make one with NewRemoteKeys.
 type RemoteKeys struct {
 	issuer    string
 	jwksURL   string // "" to discover it
 	client    *http.Client
 	transport *http.Transport // the client's, whose connections Stop closes
 	logger    *zap.Logger
-	minTTL    time.Duration   // the shortest a fetched set is kept: minKeysTTL, shorter in tests
-	ctx       context.Context // ends with Stop
+	minTTL    time.Duration    // the shortest a fetched set is kept: minKeysTTL, shorter in tests
+	spacing   time.Duration    // the least time between the beginnings of two fetches: minFetchSpacing
+	now       func() time.Time // the clock: time.Now, or a test's
+	ctx       context.Context  // ends with Stop
 	stop      context.CancelFunc
 	start     sync.Once
 
@@ -112,16 +115,19 @@ type RemoteKeys struct {
 	// failed, for metrics.
 	OnFetchError func(error)
 
-	mu          sync.Mutex // protects following fields
-	lastAttempt time.Time
-	running     *fetch // nil when no fetch runs
+	mu        sync.Mutex // protects following fields
+	lastBegan time.Time  // when the last fetch began
+	running   *fetch     // the fetch under way; nil when none runs
+	ended     *fetch     // the last fetch that ended; nil before
+	next      *fetch     // asked for, to begin once running ends and spacing allows; nil when none is
 }
 
 // fetch is one run of fetching the keys, shared by whoever waits for it.
 type fetch struct {
-	done chan struct{} // closed when ttl and err are set
-	ttl  time.Duration
-	err  error
+	done  chan struct{} // closed when ttl and err are set
+	began time.Time     // set under RemoteKeys.mu when it begins
+	ttl   time.Duration
+	err   error
 }
 
 // NewRemoteKeys returns the key set of issuer, fetched from jwksURL or,
@@ -138,6 +144,8 @@ func NewRemoteKeys(issuer, jwksURL string, logger *zap.Logger) *RemoteKeys {
 		transport: transport,
 		logger:    logger.With(zap.String("issuer", issuer)),
 		minTTL:    minKeysTTL,
+		spacing:   minFetchSpacing,
+		now:       time.Now,
 		ctx:       ctx,
 		stop:      stop,
 	}
@@ -206,46 +214,99 @@ func (k *RemoteKeys) Key(kid string) *VerificationKey {
 	return s.key(kid)
 }
 
-// Refresh fetches the keys again, for a token whose kid is unknown, and
-// waits for them (or for ctx); unless a fetch began within the last 10
-// seconds, when it returns at once, so that made-up kids cost the
-// provider little. One fetch serves every caller that waits.
-func (k *RemoteKeys) Refresh(ctx context.Context) {
-	f := k.begin(time.Now(), minRefreshSpacing)
-	if f == nil {
-		return
+// Refresh waits for the keys the provider published by the time it is
+// called, for a token naming kid, which the keys fetched so far lack (or
+// without kid, whose signature the set's one key refused): for the fetch
+// under way, which may hold it (the first fetch, at start-up), and unless
+// it does, for a fetch that begins after the call, so that a key
+// published before the token came is always found. However many tokens
+// ask, fetches never overlap and begin at most once a second: the next
+// one answers every token that came while the one before ran, and
+// made-up kids cost the provider one fetch a second at most. It returns
+// an error when that fetch failed, or ctx ended first; nil when it
+// looked, whether or not the provider publishes kid.
+func (k *RemoteKeys) Refresh(ctx context.Context, kid string) error {
+	asked := k.now()
+	k.mu.Lock()
+	f := k.running
+	k.mu.Unlock()
+	// Without kid, the one key is known whether or not it is the latest:
+	// only a fetch begun since can tell.
+	if f != nil && kid != "" && await(ctx, f) == nil && k.Key(kid) != nil {
+		return nil
 	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return await(ctx, k.since(asked))
+}
+
+// await waits for f, or for ctx; its error is f's, or ctx's.
+func await(ctx context.Context, f *fetch) error {
 	select {
 	case <-f.done:
+		return f.err
 	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
-// begin returns the running fetch, or starts one unless the last began
-// within spacing; nil when none runs.
-func (k *RemoteKeys) begin(now time.Time, spacing time.Duration) *fetch {
+// since returns a fetch that began at or after t: the one under way or
+// the last one if it did, else the next, which it asks for.
+func (k *RemoteKeys) since(t time.Time) *fetch {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.running != nil {
-		return k.running
+	for _, f := range [...]*fetch{k.running, k.ended} {
+		if f != nil && !f.began.Before(t) {
+			return f
+		}
 	}
-	if now.Sub(k.lastAttempt) < spacing {
-		return nil
+	if k.next == nil {
+		k.next = &fetch{done: make(chan struct{})}
+		if k.running == nil {
+			go k.run() // else the running one's run begins it
+		}
 	}
-	k.lastAttempt = now
-	f := &fetch{done: make(chan struct{})}
-	k.running = f
-	go func() {
+	return k.next
+}
+
+// run begins the next fetch once spacing has passed since the last one
+// began, and then each asked for while one ran, until none is; one run
+// goes at a time.
+func (k *RemoteKeys) run() {
+	for {
+		k.mu.Lock()
+		wait := k.lastBegan.Add(k.spacing).Sub(k.now())
+		k.mu.Unlock()
+		if wait > 0 {
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-k.ctx.Done(): // the fetch then fails at once
+				t.Stop()
+			}
+		}
+		k.mu.Lock()
+		f := k.next
+		k.next, k.running = nil, f
+		f.began = k.now()
+		k.lastBegan = f.began
+		k.mu.Unlock()
+
 		f.ttl, f.err = k.fetch()
 		if f.err != nil && k.ctx.Err() == nil && k.OnFetchError != nil {
 			k.OnFetchError(f.err)
 		}
+
 		k.mu.Lock()
-		k.running = nil
+		k.running, k.ended = nil, f
+		more := k.next != nil
 		k.mu.Unlock()
 		close(f.done)
-	}()
-	return f
+		if !more {
+			return
+		}
+	}
 }
 
 // keepFresh fetches the keys, then again when their lifetime ends; after
@@ -253,7 +314,7 @@ func (k *RemoteKeys) begin(now time.Time, spacing time.Duration) *fetch {
 func (k *RemoteKeys) keepFresh() {
 	retry := time.Second
 	for {
-		f := k.begin(time.Now(), 0)
+		f := k.since(k.now())
 		var wait time.Duration
 		select {
 		case <-f.done:

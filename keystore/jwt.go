@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"slices"
 	"time"
 
@@ -26,10 +27,11 @@ func allowedAlg(alg string) bool { return slices.Contains(allowedAlgs, alg) }
 type KeySource interface {
 	// Key returns the key of kid, or nil; it must not allocate.
 	Key(kid string) *VerificationKey
-	// Refresh looks for keys the source does not know yet, for a token
-	// naming an unknown kid, within ctx; it may decline, to bound what
-	// made-up kids cost.
-	Refresh(ctx context.Context)
+	// Refresh looks, within ctx, for the keys published by the time it is
+	// called, for a token naming kid, which Key does not know. It returns
+	// an error when it could not look (its store or provider failed, or
+	// ctx ended), nil when Key now answers what is published.
+	Refresh(ctx context.Context, kid string) error
 }
 
 // TokenIssuer is an issuer whose tokens are accepted.
@@ -90,8 +92,16 @@ func NewTokenVerifier(issuers []*TokenIssuer, remember int) (*TokenVerifier, err
 	return v, err
 }
 
+// ErrKeysUnavailable refuses a token of a configured issuer, valid but
+// for its signature, naming a kid the keys fetched before lack, when the
+// issuer's keys could not be fetched since the token came (the provider
+// or the store failed, or the caller left): it may be a valid token, and
+// its caller is not at fault.
+var ErrKeysUnavailable = errors.New("the issuer's keys could not be fetched for the token's kid")
+
 // Errors of a refused token; callers answer them all alike.
 var (
+	errTooLong       = errors.New("token longer than MaxTokenSize")
 	errTokenHeader   = errors.New("token header has crit, or a kid that is not a string")
 	errUnknownIssuer = errors.New("token of an issuer that is not configured")
 	errNoKey         = errors.New("no published key of the token's kid fits its alg")
@@ -99,32 +109,46 @@ var (
 
 // Verify returns the caller a bearer token names: a JWT of a configured
 // issuer, signed with a key it publishes, within its validity at now. It
-// returns false for anything else, without saying why, as every refused
-// credential gets the same answer. A token seen before and still valid
-// costs a hash and a lookup, without allocating.
-func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time) (Client, bool) {
+// refuses anything else with an error, which is ErrKeysUnavailable when
+// the token might be valid but its key could not be fetched; callers
+// answer every refusal alike. A token seen before and still valid costs a
+// hash and a lookup, without allocating.
+func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time) (Client, error) {
 	if len(token) > MaxTokenSize {
-		return Client{}, false
+		return Client{}, errTooLong
 	}
 	h := hashToken(token)
 	if t, ok := v.remembered.Get(h); ok {
 		if now.UnixMilli() < t.expires && t.issuer.Keys.Key(t.kid) == t.key &&
 			(t.issuer.Still == nil || t.issuer.Still(t.client, now)) {
-			return t.client, true
+			return t.client, nil
 		}
 		v.remembered.Remove(h)
 	}
 	t, err := v.verify(ctx, token, now)
+	if err != nil && t.kid == "" && t.key != nil && errors.Is(err, jwt.ErrTokenSignatureInvalid) {
+		// A token without kid is checked with the issuer's one key, which
+		// a rotation replaces under the same name: the signature it
+		// refuses asks, as an unknown kid does, for the keys published
+		// since the token came.
+		if err := t.issuer.Keys.Refresh(ctx, ""); err != nil {
+			return Client{}, fmt.Errorf("%w: %w", ErrKeysUnavailable, err)
+		}
+		if t.issuer.Keys.Key("") != t.key {
+			t, err = v.verify(ctx, token, now)
+		}
+	}
 	if err != nil {
-		return Client{}, false
+		return Client{}, err
 	}
 	v.remembered.Add(h, t)
-	return t.client, true
+	return t.client, nil
 }
 
 // verify checks a token in full: header, signature, then claims.
 func (v *TokenVerifier) verify(ctx context.Context, token string, now time.Time) (rememberedToken, error) {
 	var t rememberedToken
+	var validated bool // the claims, before a key was fetched
 	claims := jwt.MapClaims{}
 	_, err := v.parser.ParseWithClaims(token, claims, func(tok *jwt.Token) (any, error) {
 		kid, ok := tok.Header["kid"].(string)
@@ -139,8 +163,18 @@ func (v *TokenVerifier) verify(ctx context.Context, token string, now time.Time)
 			return nil, errUnknownIssuer
 		}
 		t.kid, t.key = kid, t.issuer.Keys.Key(kid)
+		if t.key == nil || kid == "" {
+			// A token that would be refused with any key waits for no
+			// fetch, and does not ask for one.
+			validated = true
+			if err := t.issuer.validate(claims, now); err != nil {
+				return nil, err
+			}
+		}
 		if t.key == nil {
-			t.issuer.Keys.Refresh(ctx)
+			if err := t.issuer.Keys.Refresh(ctx, kid); err != nil {
+				return nil, fmt.Errorf("%w: %w", ErrKeysUnavailable, err)
+			}
 			t.key = t.issuer.Keys.Key(kid)
 		}
 		if t.key == nil || !t.key.fits(tok.Method.Alg()) {
@@ -151,16 +185,10 @@ func (v *TokenVerifier) verify(ctx context.Context, token string, now time.Time)
 	if err != nil {
 		return t, err
 	}
-	err = jwt.NewValidator(
-		jwt.WithIssuer(t.issuer.Issuer),
-		jwt.WithAudience(t.issuer.Audience...),
-		jwt.WithExpirationRequired(),
-		jwt.WithIssuedAt(),
-		jwt.WithLeeway(t.issuer.Leeway),
-		jwt.WithTimeFunc(func() time.Time { return now }),
-	).Validate(claims)
-	if err != nil {
-		return t, err
+	if !validated {
+		if err := t.issuer.validate(claims, now); err != nil {
+			return t, err
+		}
 	}
 	exp, err := claims.GetExpirationTime()
 	if err != nil {
@@ -172,6 +200,18 @@ func (v *TokenVerifier) verify(ctx context.Context, token string, now time.Time)
 		return t, errors.New("the issuer's settings refuse the token's caller")
 	}
 	return t, nil
+}
+
+// validate checks a token's claims against the issuer's settings at now.
+func (iss *TokenIssuer) validate(claims jwt.MapClaims, now time.Time) error {
+	return jwt.NewValidator(
+		jwt.WithIssuer(iss.Issuer),
+		jwt.WithAudience(iss.Audience...),
+		jwt.WithExpirationRequired(),
+		jwt.WithIssuedAt(),
+		jwt.WithLeeway(iss.Leeway),
+		jwt.WithTimeFunc(func() time.Time { return now }),
+	).Validate(claims)
 }
 
 // hashToken is the SHA-256 of a token of at most MaxTokenSize bytes;

@@ -12,6 +12,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -34,8 +35,10 @@ const (
 // public halves of its keys, which a test may change or take down.
 type provider struct {
 	srv     *httptest.Server
-	fetches atomic.Int64 // JWKS requests
-	mu      sync.Mutex   // protects following fields
+	fetches atomic.Int64  // JWKS requests
+	held    atomic.Int64  // JWKS requests held by hold
+	hold    chan struct{} // when set before the first request, JWKS requests wait until it is closed
+	mu      sync.Mutex    // protects following fields
 	keys    []jose.JSONWebKey
 	down    bool
 	maxAge  string
@@ -45,6 +48,10 @@ func newProvider(t testing.TB) *provider {
 	t.Helper()
 	p := new(provider)
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p.hold != nil && r.URL.Path == "/keys" {
+			p.held.Add(1)
+			<-p.hold
+		}
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		if p.down {
@@ -85,12 +92,24 @@ func (p *provider) setDown(down bool) {
 }
 
 // verifierOf returns a verifier of p's tokens for testAudience, with its
-// keys fetched, and the keys.
-func verifierOf(t testing.TB, p *provider) (*TokenVerifier, *RemoteKeys) {
+// keys, changed by opts, fetched, and the keys.
+func verifierOf(t testing.TB, p *provider, opts ...func(*RemoteKeys)) (*TokenVerifier, *RemoteKeys) {
 	t.Helper()
 	keys := NewRemoteKeys(p.srv.URL, "", zap.NewNop())
 	t.Cleanup(keys.Stop)
-	keys.Refresh(t.Context())
+	for _, opt := range opts {
+		opt(keys)
+	}
+	if err := keys.Refresh(t.Context(), ""); err != nil {
+		t.Fatal(err)
+	}
+	return verifierWith(t, p, keys), keys
+}
+
+// verifierWith returns a verifier of p's tokens for testAudience, with
+// keys.
+func verifierWith(t testing.TB, p *provider, keys *RemoteKeys) *TokenVerifier {
+	t.Helper()
 	v, err := NewTokenVerifier([]*TokenIssuer{{
 		Issuer: p.srv.URL, Audience: []string{testAudience, "other-app"}, Leeway: 30 * time.Second, Keys: keys,
 		Caller: func(c map[string]any) (Client, bool) {
@@ -101,7 +120,7 @@ func verifierOf(t testing.TB, p *provider) (*TokenVerifier, *RemoteKeys) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return v, keys
+	return v
 }
 
 // claims are valid claims of p's for user at now.
@@ -161,9 +180,9 @@ func TestTokenVerifierAcceptsEachAlgorithm(t *testing.T) {
 		{jwt.SigningMethodES256, "p256", p256}, {jwt.SigningMethodES384, "p384", p384}, {jwt.SigningMethodEdDSA, "ed", edKey},
 	} {
 		user := "u-" + tc.method.Alg()
-		c, ok := v.Verify(t.Context(), sign(t, tc.method, tc.kid, claims(p, user, now), tc.key), now)
-		if !ok || c.ID != "jwt:test:"+user || c.Tier != "free" {
-			t.Errorf("%s: got %+v, %v; want the caller jwt:test:%s", tc.method.Alg(), c, ok, user)
+		c, err := v.Verify(t.Context(), sign(t, tc.method, tc.kid, claims(p, user, now), tc.key), now)
+		if err != nil || c.ID != "jwt:test:"+user || c.Tier != "free" {
+			t.Errorf("%s: got %+v, %v; want the caller jwt:test:%s", tc.method.Alg(), c, err, user)
 		}
 	}
 }
@@ -234,18 +253,20 @@ func TestTokenVerifierRefuses(t *testing.T) {
 		{"not a JWT", "eyJhbGciOiJSUzI1NiJ9"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			v, _ := verifierOf(t, p)
-			if c, ok := v.Verify(t.Context(), tc.token, now); ok {
+			v, _ := verifierOf(t, p, func(k *RemoteKeys) { k.spacing = 0 })
+			if c, err := v.Verify(t.Context(), tc.token, now); err == nil {
 				t.Errorf("accepted as %+v", c)
+			} else if errors.Is(err, ErrKeysUnavailable) {
+				t.Errorf("refused as %v, not as the caller's failure", err)
 			}
 		})
 	}
 
 	v, _ := verifierOf(t, p)
-	if _, ok := v.Verify(t.Context(), valid(func(c jwt.MapClaims) { c["exp"] = now.Add(-20 * time.Second).Unix() }), now); !ok {
+	if _, err := v.Verify(t.Context(), valid(func(c jwt.MapClaims) { c["exp"] = now.Add(-20 * time.Second).Unix() }), now); err != nil {
 		t.Error("a token expired within the leeway is refused")
 	}
-	if _, ok := v.Verify(t.Context(), valid(func(c jwt.MapClaims) { c["aud"] = []string{"x", "other-app"} }), now); !ok {
+	if _, err := v.Verify(t.Context(), valid(func(c jwt.MapClaims) { c["aud"] = []string{"x", "other-app"} }), now); err != nil {
 		t.Error("a token whose aud list holds a configured audience is refused")
 	}
 }
@@ -256,10 +277,10 @@ func TestJWKSAlgorithmIsHeld(t *testing.T) {
 	p.keys = []jose.JSONWebKey{{Key: &key.PublicKey, KeyID: testKID, Algorithm: "RS256", Use: "sig"}}
 	v, _ := verifierOf(t, p)
 	now := time.Now()
-	if _, ok := v.Verify(t.Context(), sign(t, jwt.SigningMethodPS256, testKID, claims(p, "a", now), key), now); ok {
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodPS256, testKID, claims(p, "a", now), key), now); err == nil {
 		t.Error("a PS256 token verified with a key published for RS256 only")
 	}
-	if _, ok := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, testKID, claims(p, "a", now), key), now); !ok {
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, testKID, claims(p, "a", now), key), now); err != nil {
 		t.Error("an RS256 token of the key published for RS256 is refused")
 	}
 }
@@ -286,57 +307,208 @@ func TestJWKSKeepsOnlyVerificationKeys(t *testing.T) {
 	}
 }
 
-// TestKeyRotation checks that a token of a new kid is accepted after one
-// refetch, that made-up kids do not refetch within 10 seconds, and that
-// a remembered token ends when its key is withdrawn.
+// fakeClock is the time of a RemoteKeys, moved by the test.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) set(t time.Time) {
+	c.mu.Lock()
+	c.t = t
+	c.mu.Unlock()
+}
+
+// lastBegan is when keys' last fetch began.
+func lastBegan(keys *RemoteKeys) time.Time {
+	keys.mu.Lock()
+	defer keys.mu.Unlock()
+	return keys.lastBegan
+}
+
+// TestKeyRotation rotates the provider's key, which signs at once, 0.5 s,
+// 2 s and 5 s after the last fetch: each token of the new key is accepted
+// after one fetch, which waited for the spacing of fetches if it had to.
+// A remembered token ends when its key is withdrawn.
 func TestKeyRotation(t *testing.T) {
-	old, next := rsaKey(t), rsaKey(t)
+	old := rsaKey(t)
 	p := newProvider(t)
 	p.publish(map[string]crypto.Signer{"old": old})
-	v, keys := verifierOf(t, p)
+	clock := &fakeClock{t: time.Now()}
+	v, keys := verifierOf(t, p, func(k *RemoteKeys) { k.now = clock.Now })
 	now := time.Now()
 	oldToken := sign(t, jwt.SigningMethodRS256, "old", claims(p, "a", now), old)
-	if _, ok := v.Verify(t.Context(), oldToken, now); !ok {
+	if _, err := v.Verify(t.Context(), oldToken, now); err != nil {
 		t.Fatal("a token of the published key is refused")
 	}
 
-	p.publish(map[string]crypto.Signer{"next": next})
-	before := p.fetches.Load()
-	keys.mu.Lock()
-	keys.lastAttempt = time.Time{} // as if the last fetch were more than 10 s ago
-	keys.mu.Unlock()
-	if _, ok := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "next", claims(p, "b", now), next), now); !ok {
-		t.Fatal("a token of the rotated key is refused")
+	for _, after := range []time.Duration{500 * time.Millisecond, 2 * time.Second, 5 * time.Second} {
+		clock.set(lastBegan(keys).Add(after))
+		next := rsaKey(t)
+		kid := "after-" + after.String()
+		p.publish(map[string]crypto.Signer{kid: next})
+		before := p.fetches.Load()
+		if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, kid, claims(p, "b", now), next), now); err != nil {
+			t.Errorf("a token of a key rotated %s after the last fetch: %v, want it accepted", after, err)
+		}
+		if got := p.fetches.Load() - before; got != 1 {
+			t.Errorf("the key rotated %s after the last fetch cost %d fetches, want 1", after, got)
+		}
 	}
-	if got := p.fetches.Load() - before; got != 1 {
-		t.Errorf("the new kid cost %d fetches, want 1", got)
-	}
-	for i := range 20 {
-		v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "made-up-"+string(rune('a'+i)), claims(p, "c", now), next), now)
-	}
-	if got := p.fetches.Load() - before; got != 1 {
-		t.Errorf("made-up kids within 10 s cost %d more fetches, want none", got-1)
-	}
-	if _, ok := v.Verify(t.Context(), oldToken, now); ok {
+	if _, err := v.Verify(t.Context(), oldToken, now); err == nil {
 		t.Error("a remembered token is still accepted after its key was withdrawn")
 	}
 }
 
-// TestProviderDownKeepsKeys checks that the keys fetched before keep
-// verifying while the provider fails.
-func TestProviderDownKeepsKeys(t *testing.T) {
+// TestKeyRotationWithoutKID: a provider that publishes one key and signs
+// without kid replaces it under the same name; the first token of the new
+// key is accepted after one fetch, and a token of a key never published
+// is the caller's failure.
+func TestKeyRotationWithoutKID(t *testing.T) {
+	old, next := rsaKey(t), rsaKey(t)
+	p := newProvider(t)
+	p.publish(map[string]crypto.Signer{"": old})
+	v, _ := verifierOf(t, p, func(k *RemoteKeys) { k.spacing = 0 })
+	now := time.Now()
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "", claims(p, "a", now), old), now); err != nil {
+		t.Fatalf("a token without kid of the one published key: %v", err)
+	}
+	p.publish(map[string]crypto.Signer{"": next})
+	before := p.fetches.Load()
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "", claims(p, "b", now), next), now); err != nil {
+		t.Errorf("a token without kid of the key that replaced it: %v, want it accepted", err)
+	}
+	if got := p.fetches.Load() - before; got != 1 {
+		t.Errorf("the rotation cost %d fetches, want 1", got)
+	}
+	_, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "", claims(p, "c", now), rsaKey(t)), now)
+	if err == nil || errors.Is(err, ErrKeysUnavailable) {
+		t.Errorf("a token without kid of a key never published: %v, want the caller's failure", err)
+	}
+}
+
+// TestMadeUpKIDsAreBounded sends 10,000 tokens of the issuer naming
+// made-up kids at once, as a stranger could: they wait for the same few
+// fetches, at most one a second, are refused as failures of the caller's,
+// and leave nothing behind.
+func TestMadeUpKIDsAreBounded(t *testing.T) {
+	p := newProvider(t)
+	p.publish(map[string]crypto.Signer{testKID: rsaKey(t)})
+	v, keys := verifierOf(t, p)
+	now := time.Now()
+	payload, _ := json.Marshal(claims(p, "mallory", now))
+	body := base64.RawURLEncoding.EncodeToString(payload) + "." + base64.RawURLEncoding.EncodeToString(make([]byte, 256))
+	const senders, each = 5000, 2 // the race detector allows 8128 goroutines
+	before, began := p.fetches.Load(), time.Now()
+	var wg sync.WaitGroup
+	var unavailable, accepted atomic.Int64
+	for range senders {
+		wg.Go(func() {
+			for range each {
+				header := `{"alg":"RS256","typ":"JWT","kid":"` + rand.Text() + `"}`
+				_, err := v.Verify(t.Context(), base64.RawURLEncoding.EncodeToString([]byte(header))+"."+body, now)
+				switch {
+				case err == nil:
+					accepted.Add(1)
+				case errors.Is(err, ErrKeysUnavailable):
+					unavailable.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(began)
+	fetches := p.fetches.Load() - before
+	t.Logf("%d tokens of made-up kids in %s: %d fetches", senders*each, took.Round(time.Millisecond), fetches)
+	if most := int64(took/time.Second) + 2; fetches > most {
+		t.Errorf("%d tokens of made-up kids in %s cost %d fetches, want at most %d (one a second)", senders*each, took, fetches, most)
+	}
+	if accepted.Load() != 0 || unavailable.Load() != 0 {
+		t.Errorf("%d accepted, %d refused as unavailable keys; want every one refused as a failure", accepted.Load(), unavailable.Load())
+	}
+	if n := v.remembered.Len(); n != 0 {
+		t.Errorf("%d tokens remembered, want none", n)
+	}
+	if kids := keys.keys.Load().kids(); len(kids) != 1 {
+		t.Errorf("the key set holds %v, want the one published key", kids)
+	}
+}
+
+// TestTokenWaitsForTheFirstFetch: a token that comes while the keys are
+// being fetched for the first time, at start-up, is accepted by that
+// fetch, without another.
+func TestTokenWaitsForTheFirstFetch(t *testing.T) {
 	key := rsaKey(t)
 	p := newProvider(t)
 	p.publish(map[string]crypto.Signer{testKID: key})
-	v, keys := verifierOf(t, p)
-	p.setDown(true)
-	keys.mu.Lock()
-	keys.lastAttempt = time.Time{}
-	keys.mu.Unlock()
-	keys.Refresh(t.Context()) // fails
+	p.hold = make(chan struct{})
+	keys := NewRemoteKeys(p.srv.URL, "", zap.NewNop())
+	t.Cleanup(keys.Stop)
+	v := verifierWith(t, p, keys)
+	keys.Start()
+	for p.held.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
 	now := time.Now()
-	if _, ok := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, testKID, claims(p, "a", now), key), now); !ok {
-		t.Error("a token is refused while the provider is down, with its key fetched before")
+	verified := make(chan error)
+	go func() {
+		_, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, testKID, claims(p, "a", now), key), now)
+		verified <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the token waits for the fetch under way
+	close(p.hold)
+	if err := <-verified; err != nil {
+		t.Errorf("a token that came during the first fetch: %v, want it accepted", err)
+	}
+	if got := p.fetches.Load(); got != 1 {
+		t.Errorf("%d fetches, want the first one only", got)
+	}
+}
+
+// TestUnavailableKeys checks which refusals of an unknown kid are not the
+// caller's failure: those whose keys could not be fetched since the token
+// came. A token refused on its claims asks for no fetch.
+func TestUnavailableKeys(t *testing.T) {
+	key, next := rsaKey(t), rsaKey(t)
+	p := newProvider(t)
+	p.publish(map[string]crypto.Signer{testKID: key})
+	v, keys := verifierOf(t, p, func(k *RemoteKeys) { k.spacing = 0 })
+	now := time.Now()
+
+	before := p.fetches.Load()
+	expired := claims(p, "a", now)
+	expired["exp"] = now.Add(-time.Hour).Unix()
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "unknown", expired, next), now); err == nil || errors.Is(err, ErrKeysUnavailable) {
+		t.Errorf("an expired token of an unknown kid: %v, want a failure", err)
+	}
+	if got := p.fetches.Load() - before; got != 0 {
+		t.Errorf("an expired token of an unknown kid cost %d fetches, want none", got)
+	}
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "unknown", claims(p, "a", now), next), now); err == nil || errors.Is(err, ErrKeysUnavailable) {
+		t.Errorf("a kid the provider does not publish, after a fetch: %v, want a failure", err)
+	}
+
+	p.setDown(true)
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, "next", claims(p, "b", now), next), now); !errors.Is(err, ErrKeysUnavailable) {
+		t.Errorf("a new kid while the provider is down: %v, want ErrKeysUnavailable", err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, err := v.Verify(ctx, sign(t, jwt.SigningMethodRS256, "next", claims(p, "c", now), next), now); !errors.Is(err, ErrKeysUnavailable) {
+		t.Errorf("a new kid whose caller left: %v, want ErrKeysUnavailable", err)
+	}
+	// The keys fetched before keep verifying.
+	if _, err := v.Verify(t.Context(), sign(t, jwt.SigningMethodRS256, testKID, claims(p, "d", now), key), now); err != nil {
+		t.Errorf("a token is refused while the provider is down, with its key fetched before: %v", err)
+	}
+	if keys.Key(testKID) == nil {
+		t.Error("the keys fetched before were dropped by a failed fetch")
 	}
 }
 
@@ -463,7 +635,7 @@ func acceptedToken(tb testing.TB) (*TokenVerifier, string, time.Time) {
 	v, _ := verifierOf(tb, p)
 	now := time.Now()
 	token := sign(tb, jwt.SigningMethodRS256, testKID, claims(p, "alice", now), key)
-	if _, ok := v.Verify(context.Background(), token, now); !ok {
+	if _, err := v.Verify(context.Background(), token, now); err != nil {
 		tb.Fatal("a valid token is refused")
 	}
 	return v, token, now

@@ -175,11 +175,17 @@ func (m mintKeys) Key(kid string) *VerificationKey {
 
 // Refresh reads the signing keys again for a token of an unknown kid,
 // and waits for them: the store is read at most once a second, and one
-// read answers every token that waited for it.
-func (m mintKeys) Refresh(ctx context.Context) {
-	if err := m.s.refreshSigningKeys(ctx); err != nil && ctx.Err() == nil {
+// read answers every token that waited for it. A store that keeps no
+// signing keys was looked at all the same: none of its tokens is valid.
+func (m mintKeys) Refresh(ctx context.Context, _ string) error {
+	err := m.s.refreshSigningKeys(ctx)
+	if errors.Is(err, ErrNoSigningKeys) {
+		return nil
+	}
+	if err != nil && ctx.Err() == nil {
 		m.s.logger.Warn("reading the signing keys of minted tokens", zap.Error(err))
 	}
+	return err
 }
 
 // Minter returns the tier of key id and the tiers it may mint tokens of,

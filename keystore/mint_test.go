@@ -68,16 +68,16 @@ func TestMintedTokenVerifiesUntilItsKeyStopsMinting(t *testing.T) {
 		t.Errorf("expires %v, want %v", expires, want)
 	}
 	v := mintVerifier(t, s, time.Hour)
-	c, ok := v.Verify(t.Context(), token, now)
-	if !ok || c.ID != "mint:"+backend.ID+":alice" || c.Tier != "free" || c.Minted.KeyTier != "pro" || !slices.Equal(c.Minted.Models, []string{"fast-*"}) {
-		t.Fatalf("Verify = %+v %v, want alice of tier free, minted by a pro key, fast-* only", c, ok)
+	c, err := v.Verify(t.Context(), token, now)
+	if err != nil || c.ID != "mint:"+backend.ID+":alice" || c.Tier != "free" || c.Minted.KeyTier != "pro" || !slices.Equal(c.Minted.Models, []string{"fast-*"}) {
+		t.Fatalf("Verify = %+v %v, want alice of tier free, minted by a pro key, fast-* only", c, err)
 	}
 	// Remembered, a token costs a hash, a lookup and the minting key's
 	// rights: no allocation.
 	if n := testing.AllocsPerRun(100, func() { v.Verify(context.Background(), token, now) }); n != 0 {
 		t.Errorf("a remembered minted token costs %v allocations, want 0", n)
 	}
-	if _, ok := v.Verify(t.Context(), token, expires.Add(2*time.Second)); ok {
+	if _, err := v.Verify(t.Context(), token, expires.Add(2*time.Second)); err == nil {
 		t.Error("a minted token verifies after its exp")
 	}
 
@@ -86,7 +86,7 @@ func TestMintedTokenVerifiesUntilItsKeyStopsMinting(t *testing.T) {
 	if err := cli.Revoke(t.Context(), backend.ID, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	within(t, "the revoked key's token is refused", func() bool { _, ok := v.Verify(t.Context(), token, time.Now()); return !ok })
+	within(t, "the revoked key's token is refused", func() bool { _, err := v.Verify(t.Context(), token, time.Now()); return err != nil })
 	if _, _, ok := s.Minter(backend.ID, time.Now()); ok {
 		t.Error("a revoked key may still mint")
 	}
@@ -160,11 +160,11 @@ func TestSigningKeysRotateAndRetire(t *testing.T) {
 		return set != nil && len(set.keys) == 2
 	})
 	const maxTTL = 2 * time.Second
-	if _, ok := mintVerifier(t, s, maxTTL).Verify(t.Context(), old, time.Now()); !ok {
+	if _, err := mintVerifier(t, s, maxTTL).Verify(t.Context(), old, time.Now()); err != nil {
 		t.Error("a token of the retired key is refused within max_token_ttl of its retirement")
 	}
 	time.Sleep(time.Until(Retired([]SigningKey{keys[0], next}, 0).Add(maxTTL + 50*time.Millisecond)))
-	if _, ok := mintVerifier(t, s, maxTTL).Verify(t.Context(), old, time.Now()); ok {
+	if _, err := mintVerifier(t, s, maxTTL).Verify(t.Context(), old, time.Now()); err == nil {
 		t.Error("a retired key verifies past max_token_ttl after its retirement")
 	}
 
@@ -203,7 +203,7 @@ func BenchmarkVerifyMintedToken(b *testing.B) {
 	}
 	v := mintVerifier(b, s, time.Hour)
 	ctx := context.Background()
-	if _, ok := v.Verify(ctx, token, now); !ok {
+	if _, err := v.Verify(ctx, token, now); err != nil {
 		b.Fatal("the minted token is refused")
 	}
 	b.Run("remembered", func(b *testing.B) {

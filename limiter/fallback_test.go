@@ -12,99 +12,216 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 )
 
-// flaky is a shared backend that fails while down is set: at once, or,
-// with hang, when the call's context ends, as a stopped Redis does.
+// flaky is a shared backend that fails while down (ErrDown, as a Redis
+// held for down) or late (one late answer) is set.
 type flaky struct {
 	*Memory
-	down, hang bool
+	down, late bool
+	instances  int
 	calls      int
+	charged    map[string][2]int64 // requests, tokens
+	// chargeQuota makes Charge count the tokens in the quota.
+	chargeQuota bool
 }
 
-func (f *flaky) fail(ctx context.Context) error {
-	if f.hang {
-		<-ctx.Done()
-		return ctx.Err()
+func (f *flaky) fail() error {
+	if f.down {
+		return ErrDown
 	}
-	return errors.New("connection refused")
+	return context.DeadlineExceeded
 }
+
+func (f *flaky) failing() bool { return f.down || f.late }
 
 func (f *flaky) Admit(ctx context.Context, client string, lim *Limits, reserve int64, now time.Time) (Decision, error) {
 	f.calls++
-	if f.down {
-		return Decision{}, f.fail(ctx)
+	if f.failing() {
+		return Decision{}, f.fail()
 	}
 	d, err := f.Memory.Admit(ctx, client, lim, reserve, now)
-	d.Lease.ID = "shared"
+	if d.Reason == Admitted {
+		d.Lease.ID = "shared"
+	}
 	return d, err
 }
 
 func (f *flaky) Reserve(ctx context.Context, client string, lim *Limits, lease Lease, tokens int64, now time.Time) (Decision, error) {
 	f.calls++
-	if f.down {
-		return Decision{Lease: lease}, f.fail(ctx)
+	if f.failing() {
+		return Decision{Lease: lease}, f.fail()
 	}
 	return f.Memory.Reserve(ctx, client, lim, lease, tokens, now)
 }
 
 func (f *flaky) State(ctx context.Context, client string, lim *Limits, now time.Time) (State, error) {
 	f.calls++
-	if f.down {
-		return State{}, f.fail(ctx)
+	if f.failing() {
+		return State{}, f.fail()
 	}
 	return f.Memory.State(ctx, client, lim, now)
 }
 
+func (f *flaky) SettleDeferred(client string, lim *Limits, lease Lease, used int64, now time.Time) {
+	f.Memory.Settle(context.Background(), client, lim, lease, used, now)
+}
+
+func (f *flaky) Charge(client string, lim *Limits, requests, tokens int64) {
+	if f.chargeQuota {
+		q := &Limits{Quota: lim.Quota}
+		d, _ := f.Memory.Admit(context.Background(), client, q, 0, t0)
+		f.Memory.Settle(context.Background(), client, q, d.Lease, tokens, t0)
+	}
+	if f.charged == nil {
+		f.charged = make(map[string][2]int64)
+	}
+	c := f.charged[client]
+	f.charged[client] = [2]int64{c[0] + requests, c[1] + tokens}
+}
+
+// Instances: 1 by default; a negative instances, 0 (not counted by all).
+func (f *flaky) Instances() int {
+	if f.instances < 0 {
+		return 0
+	}
+	return max(f.instances, 1)
+}
+
+// TestFallback: a late answer is no outage: that call alone is refused,
+// unless the policy is UseLocalUnshared. ErrDown puts the fallback in force
+// until an answer, and what the local limits admitted is charged to the
+// shared backend then.
 func TestFallback(t *testing.T) {
 	ctx := context.Background()
-	lim := &Limits{Requests: Rate{N: 1, Window: time.Hour}}
+	lim := &Limits{Requests: Rate{N: 2, Window: time.Hour}}
 	for _, tc := range []struct {
 		name   string
 		policy OnError
-	}{{"local", UseLocal}, {"deny", Deny}} {
+	}{{"local", UseLocal}, {"deny", Deny}, {"local_unshared", UseLocalUnshared}} {
 		t.Run(tc.name, func(t *testing.T) {
 			shared := &flaky{Memory: NewMemory(nil, 100)}
 			var changes []bool
-			f := NewFallback(shared, NewMemory(nil, 100), tc.policy, 50*time.Millisecond, zap.NewNop())
+			f := newFallback(shared, NewMemory(noFigure{}, 100), tc.policy, zap.NewNop())
 			f.OnChange = func(down bool) { changes = append(changes, down) }
 
 			if d, err := f.Admit(ctx, "c", lim, 0, t0); err != nil || d.Lease.ID != "shared" {
 				t.Fatalf("up: %+v %v, want the shared backend's decision", d, err)
 			}
-			shared.down = true
+			shared.late = true
 			d, err := f.Admit(ctx, "c", lim, 0, t0)
+			if tc.policy == UseLocalUnshared {
+				if err != nil || d.Reason != Admitted || d.Lease.ID != "" {
+					t.Errorf("late, local_unshared: %+v %v, want a local admission", d, err)
+				}
+			} else if !errors.Is(err, ErrUnavailable) {
+				t.Errorf("late: %+v %v, want ErrUnavailable", d, err)
+			}
+			if f.Down() || len(changes) != 0 {
+				t.Errorf("one late answer: down %v, changes %v; want no fallback in force", f.Down(), changes)
+			}
+			shared.late, shared.down = false, true
+			d, err = f.Admit(ctx, "d", lim, 0, t0)
+			if !f.Down() {
+				t.Error("ErrDown: the fallback is not in force")
+			}
 			switch tc.policy {
 			case UseLocal:
-				if err != nil || d.Reason != Admitted || d.Lease.ID != "" {
-					t.Errorf("down, local: %+v %v, want a local admission", d, err)
+				// Its share starts empty as the outage does; half an
+				// hour refills one request.
+				if err != nil || d.Reason != RequestLimit {
+					t.Errorf("down, local, at once: %+v %v, want refused by the empty share", d, err)
+				}
+				if d, err := f.Admit(ctx, "d", lim, 0, t0.Add(30*time.Minute)); err != nil || d.Reason != Admitted || d.Lease.ID != "" {
+					t.Errorf("down, local, half an hour later: %+v %v, want a local admission", d, err)
 				}
 			case Deny:
 				if !errors.Is(err, ErrUnavailable) {
 					t.Errorf("down, deny: %v, want ErrUnavailable", err)
 				}
-			}
-			// While down, the shared backend is left alone until the probe.
-			calls := shared.calls
-			f.Admit(ctx, "c", lim, 0, t0.Add(probeEvery/2))
-			if shared.calls != calls {
-				t.Error("the failed backend was asked again before the probe time")
+			case UseLocalUnshared:
+				if err != nil || d.Reason != Admitted {
+					t.Errorf("down, local_unshared: %+v %v, want a local admission from the whole limits", d, err)
+				}
 			}
 			shared.down = false
-			if d, err := f.Admit(ctx, "d", lim, 0, t0.Add(probeEvery)); err != nil || d.Lease.ID != "shared" {
+			if d, err := f.Admit(ctx, "d", lim, 0, t0); err != nil || d.Lease.ID != "shared" {
 				t.Errorf("back up: %+v %v, want the shared backend again", d, err)
 			}
 			if len(changes) != 2 || !changes[0] || changes[1] {
 				t.Errorf("changes %v, want [true false]", changes)
 			}
+			want := map[string][2]int64{"d": {1, 0}} // the local admissions
+			switch tc.policy {
+			case Deny:
+				want = nil
+			case UseLocalUnshared:
+				want["c"] = [2]int64{1, 0}
+			}
+			if len(shared.charged) != len(want) || shared.charged["c"] != want["c"] || shared.charged["d"] != want["d"] {
+				t.Errorf("charged %v, want %v", shared.charged, want)
+			}
 		})
 	}
 }
 
+// TestFallbackShares: under UseLocal each instance decides with its share
+// of what the rates refill during the outage, from empty, whatever the
+// shared backend last said was left; a client whose tier has a quota, a
+// budget or a concurrency limit is refused, and every client while the
+// instance may not be counted by all.
+func TestFallbackShares(t *testing.T) {
+	ctx := context.Background()
+	lim := &Limits{Requests: Rate{N: 10, Window: time.Hour}}
+	shared := &flaky{Memory: NewMemory(nil, 100), instances: 2}
+	f := newFallback(shared, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
+	if d, _ := f.Admit(ctx, "c", lim, 0, t0); d.Lease.ID != "shared" {
+		t.Fatalf("up: %+v, want the shared backend's admission (9 left)", d)
+	}
+	shared.down = true
+	admitted := func(client string, lim *Limits, now time.Time) (n int) {
+		for range 20 {
+			if d, err := f.Admit(ctx, client, lim, 0, now); err == nil && d.Reason == Admitted {
+				n++
+			}
+		}
+		return n
+	}
+	if n := admitted("c", lim, t0); n != 0 {
+		t.Errorf("down, at once: %d admitted, want none: another instance may have spent the 9 left", n)
+	}
+	if n := admitted("c", lim, t0.Add(time.Hour)); n != 5 {
+		t.Errorf("down, an hour later: %d admitted, want half of the hour's 10 (2 instances)", n)
+	}
+	if n := admitted("new", lim, t0.Add(3*time.Hour)); n != 5 {
+		t.Errorf("down, a client never heard of, 3 hours later: %d admitted, want its share of the burst, 5", n)
+	}
+	for _, tc := range []struct {
+		name string
+		lim  *Limits
+	}{
+		{"a quota", &Limits{Requests: lim.Requests, Quota: Quota{N: 1000, Period: Day}}},
+		{"a concurrency limit", &Limits{Requests: lim.Requests, Concurrent: 4}},
+		{"a burst of 1", &Limits{Requests: Rate{N: 1, Window: time.Minute}}},
+	} {
+		if _, err := f.Admit(ctx, "c", tc.lim, 0, t0.Add(time.Hour)); !errors.Is(err, ErrUnavailable) {
+			t.Errorf("down, %s: %v, want ErrUnavailable", tc.name, err)
+		}
+	}
+	shared.instances = -1 // not counted by all yet
+	if _, err := f.Admit(ctx, "c", lim, 0, t0.Add(5*time.Hour)); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("down, the instance not counted by all: %v, want ErrUnavailable", err)
+	}
+}
+
+// TestFallbackReserve: a shared lease reserves in the local limits when
+// the shared backend is down, checked there, and gives it back there when
+// settled; the shared backend is charged all it used.
 func TestFallbackReserve(t *testing.T) {
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Hour}}
+	t1 := t0.Add(30 * time.Minute) // 500 tokens refilled
 	tokensLeft := func(t *testing.T, l Limiter) int64 {
 		t.Helper()
-		s, err := l.State(ctx, "c", lim, t0)
+		s, err := l.State(ctx, "c", lim, t1)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -116,8 +233,8 @@ func TestFallbackReserve(t *testing.T) {
 	}{{"local", UseLocal}, {"deny", Deny}} {
 		t.Run(tc.name, func(t *testing.T) {
 			shared := &flaky{Memory: NewMemory(nil, 100)}
-			local := NewMemory(nil, 100)
-			f := NewFallback(shared, local, tc.policy, 50*time.Millisecond, zap.NewNop())
+			local := NewMemory(noFigure{}, 100)
+			f := newFallback(shared, local, tc.policy, zap.NewNop())
 
 			d, _ := f.Admit(ctx, "c", lim, 0, t0)
 			d, err := f.Reserve(ctx, "c", lim, d.Lease, 300, t0)
@@ -125,43 +242,22 @@ func TestFallbackReserve(t *testing.T) {
 			if err != nil || d.Reason != Admitted || lease.Reserved != 300 || lease.ID != "shared" {
 				t.Fatalf("up: %+v %v, want 300 reserved", d, err)
 			}
-			if shared, local := tokensLeft(t, shared), tokensLeft(t, local); shared != 700 || local != 1000 {
-				t.Fatalf("up: %d tokens left in the shared backend and %d locally, want 700 and 1000", shared, local)
-			}
 
 			shared.down = true
 			d, err = f.Reserve(ctx, "c", lim, lease, 100, t0)
 			switch tc.policy {
 			case UseLocal:
-				// Unchecked, and the lease unchanged: Settle charges the
-				// shared backend all the request used.
-				if err != nil || d.Reason != Admitted || d.Lease != lease || d.TokensRemaining != 1000 {
-					t.Errorf("down, local: %+v %v, want admitted unchecked, the lease as it was (%+v), the local state", d, err, lease)
+				if err != nil || d.Reason != TokenLimit || d.Lease != lease {
+					t.Errorf("down, local, at once: %+v %v, want refused by the empty share", d, err)
 				}
-				calls := shared.calls
-				if d, err := f.Reserve(ctx, "c", lim, lease, 701, t0); err != nil || d.Reason != TooLarge || d.RetryAfter != -1 || d.Lease != lease {
-					t.Errorf("down, local, 300 + 701: %+v %v, want too large", d, err)
+				d, err = f.Reserve(ctx, "c", lim, lease, 100, t1)
+				if err != nil || d.Reason != Admitted || d.Lease.Reserved != 400 || d.Lease.Local != 100 || d.TokensRemaining != 400 {
+					t.Errorf("down, local, half an hour later: %+v %v, want 100 reserved locally of the 500 refilled", d, err)
 				}
-				if shared.calls != calls {
-					t.Error("the failed backend was asked again before the probe time")
+				if d, err := f.Reserve(ctx, "c", lim, d.Lease, 401, t1); err != nil || d.Reason != TokenLimit {
+					t.Errorf("down, local, 401 more: %+v %v, want refused by the local tokens", d, err)
 				}
-				if left := tokensLeft(t, local); left != 1000 {
-					t.Errorf("down, local: %d tokens left locally, want 1000: a shared lease reserves nothing there", left)
-				}
-				// A lease of the local limits reserves there.
-				d, _ := f.Admit(ctx, "c", lim, 0, t0)
-				d, err = f.Reserve(ctx, "c", lim, d.Lease, 200, t0)
-				ll := d.Lease
-				if err != nil || d.Reason != Admitted || ll != (Lease{Reserved: 200}) || d.TokensRemaining != 800 {
-					t.Errorf("down, local lease: %+v %v, want 200 reserved locally", d, err)
-				}
-				if shared.calls != calls {
-					t.Error("a local lease went to the shared backend")
-				}
-				f.Settle(ctx, "c", lim, ll, 50, t0)
-				if left := tokensLeft(t, local); left != 950 {
-					t.Errorf("after settling the local lease: %d tokens left locally, want 950", left)
-				}
+				lease = d.Lease
 			case Deny:
 				if !errors.Is(err, ErrUnavailable) || d.Lease != lease {
 					t.Errorf("down, deny: %+v %v, want ErrUnavailable and the lease as it was (%+v)", d, err, lease)
@@ -169,16 +265,23 @@ func TestFallbackReserve(t *testing.T) {
 			}
 
 			shared.down = false
-			if err := f.Settle(ctx, "c", lim, lease, 350, t0.Add(probeEvery)); err != nil {
+			if err := f.Settle(ctx, "c", lim, lease, 350, t1); err != nil {
 				t.Fatal(err)
 			}
-			if left := tokensLeft(t, shared); left != 650 {
-				t.Errorf("after settling 350: %d tokens left in the shared backend, want 650", left)
+			if left := tokensLeft(t, shared); left != 950 {
+				t.Errorf("after settling 350: %d tokens left in the shared backend, want 950", left)
+			}
+			want := int64(500) // the share refilled, the local part given back
+			if tc.policy == Deny {
+				want = 1000 // never decided locally
+			}
+			if left := tokensLeft(t, local); left != want {
+				t.Errorf("after settling: %d tokens left locally, want %d", left, want)
 			}
 		})
 	}
 	t.Run("negative", func(t *testing.T) {
-		f := NewFallback(&flaky{Memory: NewMemory(nil, 100), down: true}, NewMemory(nil, 100), UseLocal, 50*time.Millisecond, zap.NewNop())
+		f := newFallback(&flaky{Memory: NewMemory(nil, 100), down: true}, NewMemory(nil, 100), UseLocal, zap.NewNop())
 		if _, err := f.Reserve(ctx, "c", lim, Lease{ID: "shared"}, -1, t0); err == nil {
 			t.Error("reserve -1: no error")
 		}
@@ -186,12 +289,13 @@ func TestFallbackReserve(t *testing.T) {
 }
 
 // TestFallbackReserveRedis: a lease Redis reports gone is the caller's
-// error, not an outage; Redis killed is one.
+// error, not an outage; Redis killed is one, and a tier with a
+// concurrency limit is refused meanwhile, its lease left as it was.
 func TestFallbackReserveRedis(t *testing.T) {
 	s := redistest.Start(t)
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Hour}, Concurrent: 2}
-	f := NewFallback(newTestRedis(t, newRedisClient(t, s), "fallback:"), NewMemory(nil, 100), UseLocal, 200*time.Millisecond, zap.NewNop())
+	f := newFallback(newTimedRedis(t, newRedisClient(t, s), "fallback:", 200*time.Millisecond), NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
 
 	d, err := f.Admit(ctx, "c", lim, 0, time.Now())
 	if err != nil || d.Reason != Admitted || d.Lease.ID == "" {
@@ -208,9 +312,15 @@ func TestFallbackReserveRedis(t *testing.T) {
 	d, _ = f.Admit(ctx, "c", lim, 0, time.Now())
 	lease := d.Lease
 	s.Kill(t)
-	d, err = f.Reserve(ctx, "c", lim, lease, 10, time.Now())
-	if err != nil || d.Reason != Admitted || d.Lease != lease || !f.Down() {
-		t.Errorf("Redis killed: %+v %v down %v, want admitted unchecked, the lease as it was (%+v), the fallback in force", d, err, f.Down(), lease)
+	for i := 0; !f.Down(); i++ {
+		if i == 20 {
+			t.Fatal("Redis killed: the fallback is not in force after 20 failed calls")
+		}
+		d, err = f.Reserve(ctx, "c", lim, lease, 10, time.Now())
+		if !errors.Is(err, ErrUnavailable) || d.Lease != lease {
+			t.Errorf("Redis killed: %+v %v, want ErrUnavailable and the lease %+v as it was", d, err, lease)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -229,8 +339,10 @@ func (l failingLedger) QuotaUsed(ctx context.Context, _ string, _ time.Time) (in
 	return 0, errors.New("redis: connection refused")
 }
 
-// TestFallbackQuotaDuringOutage: while the shared backend fails, a quota
-// tier is decided locally within the timeout, from the last figure the
+// TestFallbackQuotaDuringOutage: under UseLocalUnshared, the operator's
+// choice of availability over the fleet's limits, while the shared
+// backend fails, a quota tier is decided locally within the timeout, from
+// the last figure the
 // shared backend gave plus what the instance counted since, never from a
 // ledger in the failed store; when the shared backend answers again, its
 // figure rules, and a later outage of the period still counts what the
@@ -245,7 +357,8 @@ func TestFallbackQuotaDuringOutage(t *testing.T) {
 	}{{"refused", false}, {"stopped", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			shared := &flaky{Memory: NewMemory(nil, 100)}
-			f := NewFallback(shared, NewMemory(failingLedger{hang: tc.hang}, 100), UseLocal, timeout, zap.NewNop())
+			f := newFallback(shared, NewMemory(failingLedger{hang: tc.hang}, 100), UseLocalUnshared, zap.NewNop())
+			shared.chargeQuota = true
 			// request is one request as the handler makes it: admitted,
 			// then its estimate reserved, then settled with what it used.
 			request := func(what string, reserve, used int64, now time.Time) Decision {
@@ -270,7 +383,7 @@ func TestFallbackQuotaDuringOutage(t *testing.T) {
 			if d := request("up", 9_000, 9_000, t0); d.Reason != Admitted || d.QuotaUsed != 9_000 || d.Lease.ID != "shared" {
 				t.Fatalf("up: %+v, want 9,000 used in the shared backend", d)
 			}
-			shared.down, shared.hang = true, tc.hang
+			shared.down = true
 			if d := request("down, first", 600, 600, t0); d.Reason != Admitted || d.QuotaUsed != 9_600 || d.Lease.ID != "" {
 				t.Errorf("down, 600 more: %+v, want admitted locally at 9,000 seen + 600", d)
 			}
@@ -285,14 +398,15 @@ func TestFallbackQuotaDuringOutage(t *testing.T) {
 				t.Errorf("down, state: %+v %v after %v, want the local 10,000 at once", s, err, time.Since(begin))
 			}
 
-			// Back up: the shared figure rules, though it never learnt of
-			// the 1,000 served locally.
-			shared.down, shared.hang = false, false
+			// Back up: the 1,000 served locally are charged to the shared
+			// backend, whose figure rules.
+			shared.down = false
 			back := t0.Add(probeEvery)
-			if d := request("back up", 0, 0, back); d.Reason != Admitted || d.QuotaUsed != 9_000 || d.Lease.ID != "shared" {
-				t.Errorf("back up: %+v, want the shared backend's 9,000", d)
+			request("back up", 0, 0, back)
+			if d := request("back up, again", 0, 0, back); d.Reason != Admitted || d.QuotaUsed != 10_000 || d.Lease.ID != "shared" {
+				t.Errorf("back up: %+v, want the shared backend's 10,000: 9,000 and the 1,000 charged", d)
 			}
-			shared.down, shared.hang = true, tc.hang
+			shared.down = true
 			if d := request("down again", 1, 1, back); d.Reason != QuotaLimit || d.QuotaUsed != 10_000 {
 				t.Errorf("down again, 1 more: %+v, want refused at 9,000 seen + 1,000 served locally", d)
 			}
@@ -317,7 +431,7 @@ func BenchmarkFallbackAdmitReserveSettle(b *testing.B) {
 			for i := range names {
 				names[i] = "key_" + strconv.Itoa(i)
 			}
-			f := NewFallback(&flaky{Memory: NewMemory(nil, 2*len(names))}, NewMemory(nil, 2*len(names)), UseLocal, time.Second, zap.NewNop())
+			f := newFallback(&flaky{Memory: NewMemory(nil, 2*len(names))}, NewMemory(noFigure{}, 2*len(names)), UseLocal, zap.NewNop())
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {

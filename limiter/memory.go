@@ -175,17 +175,70 @@ func (m *Memory) NoteSharedQuota(client string, lim *Limits, used int64, end, no
 	if lim.Quota.Unlimited() || end.IsZero() {
 		return
 	}
-	period := lim.Quota.Period.Start(end.Add(-time.Nanosecond)).UnixNano()
 	s := m.shard(client)
 	s.mu.Lock()
 	st := m.get(s, client, now.UnixNano(), lim)
+	st.noteQuota(lim, used, end)
+	s.mu.Unlock()
+}
+
+// noteQuota is NoteSharedQuota on the client's state, locked.
+func (st *clientState) noteQuota(lim *Limits, used int64, end time.Time) {
+	period := lim.Quota.Period.Start(end.Add(-time.Nanosecond)).UnixNano()
 	switch p := st.period(); {
 	case p == period:
 		st.quotaUsed = addCount(used, st.quotaOwn)
 	case p < period:
 		st.startPeriod(period, used)
 	}
-	s.mu.Unlock()
+}
+
+// startShare starts the client's buckets empty at since (unix
+// nanoseconds), unless this Memory used them since then: while it decides
+// in a shared limiter's place (see Fallback), a client has what share,
+// its limits as divided, refilled since the outage began, and nothing of
+// what was left before. It allocates nothing for a client this Memory
+// remembers.
+func (m *Memory) startShare(client string, share *Limits, since int64) {
+	sh := m.shard(client)
+	sh.mu.Lock()
+	st := m.get(sh, client, since, share)
+	if !share.Requests.Unlimited() && st.requests.at < since {
+		st.requests = bucket{used: share.Requests.burst(), at: since}
+	}
+	if !share.Tokens.Unlimited() && st.tokens.at < since {
+		st.tokens = bucket{used: share.Tokens.burst(), at: since}
+	}
+	sh.mu.Unlock()
+}
+
+// paid notes that tokens this Memory counted in the client's quota reached
+// the shared limiter (Fallback's Charge): its figures count them from now
+// on, and noteQuota must not add them again.
+func (m *Memory) paid(client string, tokens int64) {
+	sh := m.shard(client)
+	sh.mu.Lock()
+	if st, ok := sh.m[client]; ok {
+		st.quotaOwn = max(st.quotaOwn-tokens, 0)
+	}
+	sh.mu.Unlock()
+}
+
+// refund gives back tokens reserved at now by Reserve for a request whose
+// slot is not this Memory's (a shared lease, see Fallback.Reserve).
+func (m *Memory) refund(client string, lim *Limits, tokens int64, now time.Time) {
+	sh := m.shard(client)
+	t := now.UnixNano()
+	sh.mu.Lock()
+	st := m.get(sh, client, t, lim)
+	if !lim.Tokens.Unlimited() {
+		st.tokens.charge(lim.Tokens, -float64(tokens), t)
+	}
+	if !lim.Quota.Unlimited() {
+		st.quotaUsed = max(addCount(st.quotaUsed, -tokens), 0)
+		st.quotaOwn = max(addCount(st.quotaOwn, -tokens), 0)
+	}
+	sh.mu.Unlock()
 }
 
 // State implements Limiter.

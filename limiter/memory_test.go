@@ -616,7 +616,7 @@ func testNoSlotReservesNothing(t *testing.T, l Limiter) {
 
 func TestMemoryNoSlotReservesNothing(t *testing.T) {
 	testNoSlotReservesNothing(t, NewMemory(nil, 100))
-	testNoSlotReservesNothing(t, NewFallback(NewMemory(nil, 100), NewMemory(nil, 100), UseLocal, 50*time.Millisecond, zap.NewNop()))
+	testNoSlotReservesNothing(t, newFallback(&flaky{Memory: NewMemory(nil, 100)}, NewMemory(nil, 100), UseLocal, zap.NewNop()))
 }
 
 // countingLedger counts the reads of a fakeLedger for client c.

@@ -48,6 +48,16 @@ var (
 	renewScript   = redis.NewScript(luaRenew)
 )
 
+// requestScripts are the scripts the calls of the request path run, with
+// their sources, which are loaded together.
+var requestScripts = []struct {
+	*redis.Script
+	src string
+}{
+	{admitScript, luaLib + luaAdmit}, {reserveScript, luaLib + luaReserve}, {settleScript, luaLib + luaSettle},
+	{stateScript, luaLib + luaState}, {cancelScript, luaLib + luaCancel}, {giveBackScript, luaLib + luaGiveBack},
+}
+
 // Redis is the Limiter of a fleet: instances that share one Redis share
 // their clients' limits, which then hold across the fleet exactly. Every
 // call is one round trip, an atomic Lua script, with the semantics of
@@ -65,6 +75,9 @@ var (
 //	                           t tokens; above the burst is debt) and their time (ra, ta; µs)
 //	lease:{client}             concurrency slots: a sorted set of lease IDs by expiry (unix ms),
 //	                           and of leases ended lately by minus their end (redis_lib.lua)
+//	held:{client}              the tokens each running lease holds reserved, by lease ID:
+//	                           what its Settle or cancellation gives back, whatever the
+//	                           instance heard of its calls
 //	quota:{client}:2026-03-31  tokens of a UTC day, or quota:{client}:2026-03 of a month
 //
 // Each key expires by itself: the buckets when both are full again (a
@@ -98,6 +111,12 @@ type Redis struct {
 	client              redis.UniversalClient
 	prefix              string
 	logger              *zap.Logger
+	timeout             time.Duration // for Redis' answer to a round trip
+	health              health
+	instances           atomic.Int32 // live instances, as last counted (redis_fleet.go)
+	instanceID          string
+	joined              int64         // when the heartbeats last added the instance (Redis ms); theirs only
+	counted             bool          // every other live instance has beaten since joined; the heartbeats' only
 	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
 	running             leaseBook     // leases to renew
 	retries             retryQueue
@@ -106,32 +125,44 @@ type Redis struct {
 	slicing             atomic.Bool // large buckets are sliced (redis_slices.go)
 	slices              sliceBook
 	stop, stopped       chan struct{}
+	beaten              chan struct{} // the heartbeats ended
 	closeOnce           sync.Once
 }
 
 // NewRedis returns a Limiter on client; keys are prefixed with prefix (e.g.
-// "vgt:lim:"). The client should have ContextTimeoutEnabled set: without
-// it, go-redis bounds a call to a Redis that hangs by its ReadTimeout, not
-// by the context's deadline. It starts the goroutine that renews leases
-// and retries failed calls, which Close stops.
+// "vgt:lim:"). A round trip to Redis that outlasts timeout, counted from
+// when it is sent (a call's wait in its queue behind other calls is not
+// Redis' slowness), or fails, starts a probe; a probe that fails makes
+// the instance hold Redis for down, and every call then fails at once
+// with ErrDown until a probe answers. Meanwhile a call waits for its
+// answer up to probeTimeout (or timeout, when longer): a late answer is
+// still Redis' decision, exact for the fleet. The client should
+// have ContextTimeoutEnabled set: without it, go-redis bounds a call to a
+// Redis that hangs by its ReadTimeout, not by the context's deadline. It
+// starts the goroutines that send the calls, renew leases, count the live
+// instances and retry failed calls, which Close stops.
 //
 // The buckets of tiers that set no concurrency limit and no quota, and
 // whose bursts are a million or more, are sliced: see redis_slices.go for
 // what that costs in exactness.
-func NewRedis(client redis.UniversalClient, prefix string, logger *zap.Logger) *Redis {
-	r := newRedis(client, prefix, logger, LeaseTTL, keepEnded)
+func NewRedis(client redis.UniversalClient, prefix string, timeout time.Duration, logger *zap.Logger) *Redis {
+	r := newRedis(client, prefix, logger, timeout, LeaseTTL, keepEnded)
 	r.slicing.Store(true)
 	return r
 }
 
 // newRedis is NewRedis with the lease TTL and keepEnded given: tests
 // shorten them.
-func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, leaseTTL, keepEnded time.Duration) *Redis {
+func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, timeout, leaseTTL, keepEnded time.Duration) *Redis {
 	r := &Redis{
-		client: client, prefix: prefix, logger: logger,
-		leaseTTL: leaseTTL, keepEnded: keepEnded,
-		stop: make(chan struct{}), stopped: make(chan struct{}),
+		client: client, prefix: prefix, logger: logger, timeout: timeout,
+		instanceID: strconv.FormatUint(rand.Uint64(), 36),
+		leaseTTL:   leaseTTL, keepEnded: keepEnded,
+		stop: make(chan struct{}), stopped: make(chan struct{}), beaten: make(chan struct{}),
 	}
+	r.health.onChange = r.logCourse
+	r.health.probe = r.ping
+	r.health.stop = r.stop
 	r.running.init()
 	r.queueSeed = maphash.MakeSeed()
 	for i := range r.batches {
@@ -139,6 +170,7 @@ func newRedis(client redis.UniversalClient, prefix string, logger *zap.Logger, l
 	}
 	r.slices.m = make(map[string]*slice)
 	go r.maintain()
+	go r.beat()
 	for i := range r.batches {
 		go r.flushLoop(&r.batches[i])
 	}
@@ -175,7 +207,7 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 		}
 		// It may run all the same, in a Redis that stalled, unless it
 		// was never queued.
-		if !errors.Is(err, errQueueFull) && !errors.Is(err, errClosed) {
+		if !errors.Is(err, errQueueFull) && !errors.Is(err, errClosed) && !errors.Is(err, ErrDown) {
 			r.cancelLater(client, lim, id)
 		}
 		return Decision{}, fmt.Errorf("redis admit: %w", err)
@@ -276,7 +308,7 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 		if delta == 0 {
 			return nil
 		}
-		_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, Lease{}, delta, false)...)
+		_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, Lease{}, delta, 0, false)...)
 		if err != nil {
 			return fmt.Errorf("redis settle: %w; its tokens are not corrected", err)
 		}
@@ -284,7 +316,7 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 	}
 	r.running.remove(lease.ID)
 	delta := used - lease.Reserved
-	_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, lease, delta, false)...)
+	_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, lease, delta, 0, false)...)
 	if err != nil {
 		if lease.ID != "" { // without an ID, a repeat would charge again
 			r.settleLater(client, lim, lease, delta)
@@ -310,7 +342,7 @@ func (r *Redis) SettleDeferred(client string, lim *Limits, lease Lease, used int
 		lease = Lease{} // Redis holds no lease of it
 	}
 	r.running.remove(lease.ID)
-	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, delta, false),
+	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, delta, 0, false),
 		later: retry{client: client, lim: lim, lease: lease, delta: delta, first: time.Now()}}
 	err := r.enqueue(c)
 	if errors.Is(err, errClosed) {
@@ -342,11 +374,12 @@ func (r *Redis) slice(cmd *redis.Cmd, err error) ([]any, error) {
 	return cmd.Slice()
 }
 
-// settleArgs are the settle script's arguments. unsure says that an
-// earlier attempt may have landed longer than keepEnded ago.
-func (r *Redis) settleArgs(lim *Limits, lease Lease, delta int64, unsure bool) []any {
-	args := limitArgs(make([]any, 0, 14), lim)
-	return append(args, delta, lease.ID, lease.Period, r.keepEnded.Milliseconds(), unsure)
+// settleArgs are the settle script's arguments: delta tokens (used -
+// reserved) and requests to charge. unsure says that an earlier attempt
+// may have landed longer than keepEnded ago.
+func (r *Redis) settleArgs(lim *Limits, lease Lease, delta, requests int64, unsure bool) []any {
+	args := limitArgs(make([]any, 0, 16), lim)
+	return append(args, delta, lease.ID, lease.Period, r.keepEnded.Milliseconds(), unsure, lease.Reserved, requests)
 }
 
 // State implements Limiter. It writes nothing.
@@ -364,13 +397,14 @@ func (r *Redis) State(ctx context.Context, client string, lim *Limits, _ time.Ti
 }
 
 // keys returns the client's keys in the order of the scripts' KEYS:
-// buckets, leases, and the quota counters' name without the period, which
-// the scripts append. They share one string.
+// buckets, leases, the quota counters' name without the period, which
+// the scripts append, and the leases' reservations. They share one
+// string.
 func (r *Redis) keys(client string) []string {
 	var b strings.Builder
-	b.Grow(3*(len(r.prefix)+len(client)) + len("bucket:{}lease:{}quota:{}:"))
-	var ends [3]int
-	for i, kind := range [3]string{"bucket:{", "lease:{", "quota:{"} {
+	b.Grow(4*(len(r.prefix)+len(client)) + len("bucket:{}lease:{}held:{}quota:{}:"))
+	var ends [4]int
+	for i, kind := range [4]string{"bucket:{", "lease:{", "held:{", "quota:{"} {
 		b.WriteString(r.prefix)
 		b.WriteString(kind)
 		b.WriteString(client)
@@ -379,7 +413,7 @@ func (r *Redis) keys(client string) []string {
 	}
 	b.WriteByte(':')
 	s := b.String()
-	return []string{s[:ends[0]], s[ends[0]:ends[1]], s[ends[1]:]}
+	return []string{s[:ends[0]], s[ends[0]:ends[1]], s[ends[2]:], s[ends[1]:ends[2]]}
 }
 
 // limitArgs appends the tier's limits as the scripts' ARGV 1 to 9 take

@@ -83,6 +83,9 @@ if reason == 0 then
     if redis.call('PTTL', KEYS[2]) < ttl then
       redis.call('PEXPIREAT', KEYS[2], expiry)
     end
+    if reserve > 0 then
+      hold(id, reserve)
+    end
     inFlight = inFlight + 1
   end
 end

@@ -3,8 +3,10 @@ package limiter
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/maphash"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -38,6 +40,111 @@ const maxPerQueue = maxQueued / queues
 // flushEvery is how long a pipeline holding only deferred settles waits
 // for company; a call that waits for its answer sends it at once.
 const flushEvery = 2 * time.Millisecond
+
+// maxPipeline bounds the calls of one pipeline, so that Redis' answer to
+// it takes about as long whatever the burst behind it: the timeout bounds
+// that answer, and the calls past it wait in their queue for the next
+// pipeline, a wait that is not Redis' and that the timeout does not count.
+const maxPipeline = 128
+
+// probeTimeout is the least a probe waits for Redis' answer: a Redis that
+// answers a PING within it is slow, not down. A call waits for its answer
+// as long, so that a late answer is still Redis' decision.
+const probeTimeout = time.Second
+
+// probeEvery is how often a Redis held for down is probed, to learn
+// whether it answers again; calls fail at once meanwhile, so that an
+// outage does not cost every request a wait.
+const probeEvery = 250 * time.Millisecond
+
+// ErrDown is the error of a call made while the instance holds its Redis
+// for down: a round trip failed or outlasted the timeout, and a probe
+// failed too, and none answered since. A Fallback then decides for every
+// caller without Redis.
+var ErrDown = errors.New("the shared limiter is down")
+
+// health is what an instance knows of its Redis: whether it is down. A
+// round trip that fails, or outlasts the timeout, starts a probe (one at a
+// time), and only a failed probe makes an outage: one caller's many
+// calls, or one slow answer, cannot.
+type health struct {
+	down    atomic.Bool
+	probing atomic.Bool
+	mu      sync.Mutex    // protects verdict
+	verdict chan struct{} // closed once the running probe has its first answer
+	// probe asks Redis whether it answers; set once, before use, with
+	// stop, which ends the probes.
+	probe func() error
+	stop  <-chan struct{}
+	// onChange, when set, is called with the new course (down or not).
+	onChange func(down bool, err error)
+}
+
+// pass reports whether a call may go to Redis: it is not held for down.
+func (h *health) pass() bool { return !h.down.Load() }
+
+// answered records a round trip Redis answered.
+func (h *health) answered() {
+	if h.down.Load() && h.down.CompareAndSwap(true, false) && h.onChange != nil {
+		h.onChange(false, nil)
+	}
+}
+
+// suspect starts a probe, in the background, unless one runs or Redis is
+// held for down already: a failed probe holds it for down, and it is
+// probed every probeEvery until it answers.
+func (h *health) suspect() {
+	if h.down.Load() || !h.probing.CompareAndSwap(false, true) {
+		return
+	}
+	verdict := make(chan struct{})
+	h.mu.Lock()
+	h.verdict = verdict
+	h.mu.Unlock()
+	go func() {
+		defer h.probing.Store(false)
+		var perr error = ErrDown
+		if h.probe != nil {
+			if perr = h.probe(); perr == nil {
+				close(verdict)
+				return
+			}
+		}
+		if h.down.CompareAndSwap(false, true) && h.onChange != nil {
+			h.onChange(true, perr)
+		}
+		close(verdict)
+		tick := time.NewTicker(probeEvery)
+		defer tick.Stop()
+		for h.down.Load() {
+			select {
+			case <-h.stop:
+				return
+			case <-tick.C:
+			}
+			if h.probe == nil || h.probe() == nil {
+				h.answered()
+			}
+		}
+	}()
+}
+
+// waitVerdict waits until the probe that runs, if any, has its first
+// answer, or ctx is done: a call that failed then knows whether Redis is
+// down or was only late for it.
+func (h *health) waitVerdict(ctx context.Context) {
+	h.mu.Lock()
+	verdict := h.verdict
+	h.mu.Unlock()
+	if verdict == nil {
+		return
+	}
+	select {
+	case <-verdict:
+	case <-ctx.Done():
+	case <-h.stop:
+	}
+}
 
 // errQueueFull is the error of a call made while maxQueued calls wait
 // already: Redis is slow or gone, and waiting longer would not help.
@@ -118,15 +225,30 @@ func signal(ch chan struct{}) {
 	}
 }
 
-// run queues a script run and waits for its answer, or for ctx.
+// run queues a script run and waits for its answer, or for ctx. The
+// answer is bounded by the timeout from when its pipeline is sent, not
+// from when it was queued. While Redis is held for down it fails at once
+// with ErrDown.
 func (r *Redis) run(ctx context.Context, script *redis.Script, keys []string, args ...any) (*redis.Cmd, error) {
+	if !r.health.pass() {
+		return nil, ErrDown
+	}
 	c := &call{script: script, keys: keys, args: args, done: make(chan *redis.Cmd, 1), ctx: ctx}
 	if err := r.enqueue(c); err != nil {
 		return nil, err
 	}
 	select {
 	case cmd := <-c.done:
-		return cmd, cmd.Err()
+		err := cmd.Err()
+		if err != nil && !isAnswer(err) {
+			// Its failure started a probe, or a late answer did: down,
+			// or late for this call only?
+			r.health.waitVerdict(ctx)
+			if r.health.down.Load() {
+				err = fmt.Errorf("%w: %w", ErrDown, err)
+			}
+		}
+		return cmd, err
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -172,13 +294,23 @@ func (r *Redis) drain(b *batcher) {
 	}
 }
 
-// flush sends the queued calls in one pipeline and hands out the
-// answers. It reports whether there were any.
+// flush sends the queued calls, at most maxPipeline, in one pipeline and
+// hands out the answers; what is left waits for the next. It reports
+// whether there were any.
 func (r *Redis) flush(b *batcher) bool {
 	q := &b.queue
 	q.mu.Lock()
 	calls := q.calls
-	q.calls, q.spare = q.spare, nil
+	if len(calls) > maxPipeline {
+		// The rest, in order, in a slice of its own: calls is reused.
+		q.calls = append(q.spare, calls[maxPipeline:]...)
+		calls = calls[:maxPipeline]
+		signal(b.wake)
+		signal(b.urgent)
+	} else {
+		q.calls = q.spare
+	}
+	q.spare = nil
 	q.mu.Unlock()
 	if len(calls) > 0 {
 		r.send(calls)
@@ -192,11 +324,12 @@ func (r *Redis) flush(b *batcher) bool {
 
 // send sends calls in one pipeline and hands out the answers. The calls
 // whose callers gave up are not sent: their callers cancel them (see
-// Admit). The pipeline waits no longer than the first of the waiting
-// callers would, and at most a third of the lease TTL (for deferred
-// settles alone); the client's own timeouts bound it too.
+// Admit). Redis' answer is timed from now, whatever the calls waited in
+// their queue, so that no call's time counts the calls queued before it
+// (a burst of its own client's); a waiting caller's own deadline bounds
+// it too.
 func (r *Redis) send(calls []*call) {
-	deadline := time.Now().Add(min(r.leaseTTL/3, 5*time.Second))
+	deadline := time.Now().Add(r.wait())
 	sent := make([]*call, 0, len(calls))
 	for _, c := range calls {
 		if c.ctx == nil {
@@ -210,52 +343,85 @@ func (r *Redis) send(calls []*call) {
 			continue
 		}
 		if d, ok := c.ctx.Deadline(); ok && d.Before(deadline) {
-			deadline = d
+			deadline = d // no waiting caller is left behind by its pipeline
 		}
 		sent = append(sent, c)
 	}
 	if len(sent) == 0 {
 		return
 	}
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
-	defer cancel()
-	cmds := r.pipeline(ctx, sent)
+	cmds := r.pipeline(sent, deadline)
 	for i, c := range sent {
 		r.answer(c, cmds[i])
 	}
 }
 
-// pipeline sends calls in one pipeline, by their scripts' SHA. The calls
-// that Redis did not run for want of their script (a Redis restarted or
-// flushed) are sent again, in order, once the scripts are loaded.
-func (r *Redis) pipeline(ctx context.Context, calls []*call) []*redis.Cmd {
+// pipeline sends calls in one pipeline, by their scripts' SHA, and
+// records whether Redis answered. The calls that Redis did not run for
+// want of their script (a Redis restarted or flushed) are sent again, in
+// order, with the scripts themselves (EVAL, which loads them), in a round
+// trip of their own with a timeout of its own: loading the scripts costs
+// a caller one more round trip, never its deadline.
+func (r *Redis) pipeline(calls []*call, deadline time.Time) []*redis.Cmd {
 	cmds := make([]*redis.Cmd, len(calls))
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
 	pipe := r.client.Pipeline()
 	for i, c := range calls {
 		cmds[i] = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
 	}
-	pipe.Exec(ctx) // each command has its own error
+	late := time.AfterFunc(r.timeout, r.health.suspect)
+	err := r.exec(ctx, pipe)
+	late.Stop()
 	var again []int
 	for i, cmd := range cmds {
 		if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
 			again = append(again, i)
 		}
 	}
-	if len(again) == 0 {
+	if len(again) == 0 || err != nil && !redis.HasErrorPrefix(err, "NOSCRIPT") {
 		return cmds
 	}
-	for _, s := range []*redis.Script{admitScript, reserveScript, settleScript, stateScript, giveBackScript} {
-		if err := s.Load(ctx, r.client).Err(); err != nil {
-			return cmds // each keeps its NOSCRIPT, a failure like any other
-		}
-	}
+	ctx, cancel = context.WithTimeout(context.Background(), r.wait())
+	defer cancel()
 	pipe = r.client.Pipeline()
+	// Every script loads first, so that no later pipeline finds some
+	// scripts and not others: those it finds would run before the others'
+	// retries, out of order.
+	for _, s := range requestScripts {
+		pipe.ScriptLoad(ctx, s.src)
+	}
 	for _, i := range again {
 		c := calls[i]
-		cmds[i] = c.script.EvalSha(ctx, pipe, c.keys, c.args...)
+		cmds[i] = c.script.Eval(ctx, pipe, c.keys, c.args...)
 	}
-	pipe.Exec(ctx)
+	r.exec(ctx, pipe)
 	return cmds
+}
+
+// exec sends pipe and records whether Redis answered: an error of Redis'
+// own (a refusal, NOSCRIPT) is an answer, a timeout or a broken
+// connection is not. It returns the first error.
+func (r *Redis) exec(ctx context.Context, pipe redis.Pipeliner) error {
+	_, err := pipe.Exec(ctx) // each command has its own error
+	if err == nil || isAnswer(err) {
+		r.health.answered()
+	} else {
+		r.health.suspect()
+	}
+	return err
+}
+
+// wait is how long a round trip waits for Redis' answer: the timeout, or
+// the probe's when longer, so that a late answer is still Redis' word
+// unless a probe says Redis is down.
+func (r *Redis) wait() time.Duration { return max(r.timeout, probeTimeout) }
+
+// isAnswer reports whether err is Redis' own answer, not a failure to get
+// one.
+func isAnswer(err error) bool {
+	var e redis.Error
+	return errors.As(err, &e) && !redis.IsMaxClientsError(err) && !redis.IsLoadingError(err)
 }
 
 // answer hands cmd to the caller that waits for it. A deferred settle

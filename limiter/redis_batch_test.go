@@ -43,7 +43,7 @@ func TestRedisDeferredSettleComesFirst(t *testing.T) {
 func TestRedisCloseSendsDeferredSettles(t *testing.T) {
 	s := redistest.Start(t)
 	c := newRedisClient(t, s)
-	r := newRedis(c, "close:", zap.NewNop(), LeaseTTL, keepEnded)
+	r := newRedis(c, "close:", zap.NewNop(), testTimeout, LeaseTTL, keepEnded)
 	t.Cleanup(r.Close) // a repeat changes nothing
 	lim := &Limits{Concurrent: 1000}
 	ctx := t.Context()

@@ -1,9 +1,9 @@
--- Cancel (redis_leases.go): free the slot of an admission whose answer
--- its instance did not get, which then decided without Redis. When the
--- admission ran, its lease is ended; when it has not run yet, the note of
--- its end makes it refuse when it does. The request stays counted, and its
--- reservation charged: the instance served it, and its Settle goes to the
--- instance's own limits, not here.
+-- Cancel (redis_leases.go): undo an admission whose answer its instance
+-- did not get, which then refused the request or decided it without
+-- Redis (and charges here what it admitted, see Charge). When the
+-- admission ran, its request and its reservation are given back (to the
+-- quota of the period at now) and its lease is ended; when it has not run
+-- yet, the note of its end makes it refuse when it does.
 -- ARGV[10] the lease ID the admission was given, ARGV[11] how long ended
 -- leases are noted (ms).
 -- Reply: 1 applied, 0 a repeat that changed nothing.
@@ -12,6 +12,17 @@ local id, keep = ARGV[10], tonumber(ARGV[11])
 local score = redis.call('ZSCORE', KEYS[2], id)
 if score and tonumber(score) < 0 then
   return 0
+end
+if score then
+  if reqN > 0 then
+    loadBuckets()
+    rUsed = math.max(0, rUsed - 1)
+    saveBuckets(true, false)
+  end
+  local h = held(id)
+  if h then
+    charge(-h, 0)
+  end
 end
 noteEnded(id, keep)
 return 1

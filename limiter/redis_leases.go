@@ -82,12 +82,13 @@ func (b *leaseBook) byClient() map[string][]string {
 // retry is a call to Redis that failed, retried until it lands: the
 // settle of a lease, or the cancellation of an admission.
 type retry struct {
-	client string
-	lim    *Limits
-	cancel bool
-	lease  Lease
-	delta  int64 // used - reserved
-	first  time.Time
+	client   string
+	lim      *Limits
+	cancel   bool
+	lease    Lease
+	delta    int64 // used - reserved
+	requests int64 // requests to charge (Charge)
+	first    time.Time
 }
 
 // retryQueue is the calls waiting for a retry, oldest first.
@@ -173,7 +174,8 @@ func (r *Redis) renew(timeout time.Duration) error {
 		for _, id := range ids {
 			args = append(args, id)
 		}
-		renewScript.EvalSha(ctx, pipe, r.keys(client)[1:2], args...)
+		keys := r.keys(client)
+		renewScript.EvalSha(ctx, pipe, []string{keys[1], keys[3]}, args...)
 	}
 	_, err := pipe.Exec(ctx)
 	return err
@@ -244,7 +246,7 @@ func (r *Redis) retried(ctx context.Context, pipe redis.Pipeliner, c *retry) *re
 	}
 	// Past keepEnded, the note of a first attempt that landed may be gone.
 	unsure := time.Since(c.first) > r.keepEnded-r.leaseTTL/3
-	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.lease, c.delta, unsure)...)
+	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.lease, c.delta, c.requests, unsure)...)
 }
 
 // Close sends the calls still queued (the deferred settles), stops the
@@ -262,6 +264,8 @@ func (r *Redis) Close() {
 		}
 		close(r.stop)
 		<-r.stopped
+		<-r.beaten
+		r.leave()
 		r.retryPending(time.Second)
 		if n := r.retries.len(); n > 0 {
 			r.logger.Error("closing with requests not settled in the shared limiter; their slots free themselves within the lease TTL, their tokens stay reserved",

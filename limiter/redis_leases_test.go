@@ -174,7 +174,7 @@ func TestRedisFailedSettleIsRetried(t *testing.T) {
 		// unsure whether its first attempt landed comes: it must not refund
 		// the reservation a second time.
 		c.ZRem(t.Context(), "late-repeat:lease:{c}", d.Lease.ID)
-		if err := settleScript.Run(t.Context(), c, r.keys("c"), r.settleArgs(lim, d.Lease, 100-500, true)...).Err(); err != nil {
+		if err := settleScript.Run(t.Context(), c, r.keys("c"), r.settleArgs(lim, d.Lease, 100-500, 0, true)...).Err(); err != nil {
 			t.Fatal(err)
 		}
 		if st, _ := r.State(t.Context(), "c", lim, time.Now()); st.QuotaUsed != 100 || st.TokensRemaining != 900 {

@@ -4,7 +4,8 @@
 --
 -- KEYS: 1 the client's buckets, 2 its leases, 3 its quota counter without
 -- the period (the script appends it: the key shares the client's hash
--- tag, so it lives in the same cluster slot as the others).
+-- tag, so it lives in the same cluster slot as the others), 4 the tokens
+-- its running leases hold reserved, by lease ID.
 -- ARGV 1-9, the tier's limits, 0 where unlimited: requests n, window in
 -- nanoseconds, burst; tokens n, window, burst; concurrent (-1: the request
 -- takes no slot, see Limits.NoSlot); quota n, period
@@ -135,6 +136,27 @@ local function noteEnded(id, keep)
   if redis.call('PTTL', KEYS[2]) < keep then
     redis.call('PEXPIRE', KEYS[2], keep)
   end
+end
+
+-- hold notes n more tokens reserved by the lease id, kept as long as the
+-- lease set (renewals extend both).
+local function hold(id, n)
+  redis.call('HINCRBY', KEYS[4], id, n)
+  local ttl = redis.call('PTTL', KEYS[2])
+  if ttl > 0 and redis.call('PTTL', KEYS[4]) < ttl then
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
+end
+
+-- held returns the tokens the lease id holds reserved, as Redis counted
+-- them, and forgets them; nil when Redis holds none for it.
+local function held(id)
+  local n = redis.call('HGET', KEYS[4], id)
+  if n then
+    redis.call('HDEL', KEYS[4], id)
+    return tonumber(n)
+  end
+  return nil
 end
 
 -- charge adds delta tokens (a refund when negative) to the token bucket,

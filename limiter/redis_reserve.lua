@@ -55,6 +55,9 @@ if reason == 0 and tokens > 0 then
       redis.call('EXPIREAT', qKey, qLast + quotaGrace)
     end
   end
+  if id ~= '' then
+    hold(id, tokens)
+  end
 end
 
 -- The standing is of the period at now, as the state script's, which is

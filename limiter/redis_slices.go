@@ -28,8 +28,10 @@ import (
 // renewal tick. A claim whose answer is lost (a Redis that stalled) is
 // never used and never given back: its requests and tokens count as used
 // until the bucket refills them. A request that uses more tokens than it
-// reserved from a slice is charged to the slice, and what the slice then
-// owes is charged to Redis when it is given back.
+// reserved from a slice is charged to the slice, and what the slice cannot
+// pay is charged to Redis in the request's settle, with the refund of what
+// the request reserved there: a slice never owes, so the fleet never
+// admits more than the burst.
 //
 // Requests admitted from a slice hold no lease in Redis: with no
 // concurrency limit none is needed, but Redis' State does not count them
@@ -240,7 +242,15 @@ func (r *Redis) settleSliced(client string, lim *Limits, lease Lease, used int64
 	defer b.mu.Unlock()
 	if s := b.m[client]; s != nil {
 		s.tokens += lease.Local - used
-		return -(lease.Reserved - lease.Local)
+		delta := -(lease.Reserved - lease.Local)
+		if s.tokens < 0 {
+			// What the request used beyond the slice goes to Redis in the
+			// same settle as the refund, never after it: a refund alone
+			// would let the fleet admit the debt again.
+			delta -= s.tokens
+			s.tokens = 0
+		}
+		return delta
 	}
 	return used - lease.Reserved
 }

@@ -3,10 +3,13 @@ package tests
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"io"
@@ -14,6 +17,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -40,16 +44,18 @@ const opAudience = "vigthoria-test"
 // in-memory storage of its example, on a loopback port. Each end user of
 // a test is a client of it that gets JWT access tokens by the client
 // credentials grant, with the user's plan as a claim. Its signing key can
-// be rotated; every key it made stays published.
+// be rotated, and signs at once; every key it made stays published, with
+// Cache-Control: no-store, as Ory Hydra publishes its keys.
 type openIDProvider struct {
 	*storage.Storage
-	srv        *httptest.Server
-	issuer     string
-	keyFetches atomic.Int64
-	mu         sync.Mutex // protects following fields
-	keys       []*opKey   // the last one signs
-	plans      map[string]string
-	stopped    bool
+	srv          *httptest.Server
+	issuer       string
+	keyFetches   atomic.Int64
+	lastKeyFetch atomic.Int64 // Unix nanoseconds
+	mu           sync.Mutex   // protects following fields
+	keys         []*opKey     // the last one signs
+	plans        map[string]string
+	stopped      bool
 }
 
 // opSecret is the client secret of every user of the provider.
@@ -90,6 +96,8 @@ func startOpenIDProvider(t *testing.T, plans map[string]string) *openIDProvider 
 	p.srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/keys" {
 			p.keyFetches.Add(1)
+			p.lastKeyFetch.Store(time.Now().UnixNano())
+			w.Header().Set("Cache-Control", "no-store")
 		}
 		provider.ServeHTTP(w, r)
 	})
@@ -450,11 +458,13 @@ func TestOpenIDKeyRotationAndOutage(t *testing.T) {
 
 	p.rotate(t)
 	rotated := newClient(e.caddy.URL, p.token(t, "bob"))
-	// An unknown kid refetches the keys at most every 10 seconds, so the
-	// first fetch may have been too recent.
-	chatsWithin(t, rotated, 30*time.Second, "a chat with a token of the rotated key")
-	if got := p.keyFetches.Load() - fetches; got < 1 || got > 4 {
-		t.Errorf("the rotation cost %d key fetches, want 1 to 4 (one per 10 s at most)", got)
+	// The first token of the new kid waits for a fetch that begins after
+	// it came, however recent the last one was.
+	if _, err := rotated.Chat.Completions.New(t.Context(), chatParams("rotated")); err != nil {
+		t.Fatalf("a chat with a token of the rotated key: %v", err)
+	}
+	if got := p.keyFetches.Load() - fetches; got != 1 {
+		t.Errorf("the rotation cost %d key fetches, want 1", got)
 	}
 
 	// Unused until the provider is down: accepted through the fetched
@@ -475,6 +485,129 @@ func TestOpenIDKeyRotationAndOutage(t *testing.T) {
 	if _, err := unused.Chat.Completions.New(t.Context(), chatParams("after reload"), option.WithMaxRetries(2)); err != nil {
 		t.Errorf("after a reload, while the provider is down: %v", err)
 	}
+}
+
+// TestOpenIDRotationNeverLocksUsersOut rotates the provider's key 0.5 s,
+// 2 s and 5 s after the proxy's last fetch of its keys, and uses tokens
+// of the new key at once, as an app does the moment the provider gives
+// them: each request is accepted, none refused or throttled. Then a
+// stranger's burst of tokens of the issuer naming made-up kids costs at
+// most one fetch a second, and leaves the proxy accepting the users.
+func TestOpenIDRotationNeverLocksUsersOut(t *testing.T) {
+	users := []string{"u0", "u1", "u2"}
+	plans := map[string]string{}
+	for _, u := range users {
+		plans[u] = "plus"
+	}
+	e, p := startWithOpenIDProvider(t, plans)
+	first := p.token(t, "u0")
+	eventually10s(t, "the provider's token is accepted", func() bool {
+		return e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": {"Bearer " + first}}).StatusCode == http.StatusOK
+	})
+
+	statuses := map[string]int{}
+	var mu sync.Mutex
+	for _, after := range []time.Duration{500 * time.Millisecond, 2 * time.Second, 5 * time.Second} {
+		time.Sleep(time.Until(time.Unix(0, p.lastKeyFetch.Load()).Add(after)))
+		p.rotate(t)
+		var wg sync.WaitGroup
+		for _, u := range users {
+			token := p.token(t, u)
+			for range 4 {
+				wg.Go(func() {
+					status, code := getModels(e.caddy.URL, token)
+					mu.Lock()
+					statuses[strconv.Itoa(status)+" "+code]++
+					mu.Unlock()
+				})
+			}
+		}
+		wg.Wait()
+	}
+	if len(statuses) != 1 || statuses["200 "] != 3*len(users)*4 {
+		t.Errorf("tokens of a key rotated 0.5 s, 2 s and 5 s after the last fetch got %v, want 200 for every one of %d", statuses, 3*len(users)*4)
+	}
+
+	// A stranger's tokens of the issuer naming made-up kids, all at once.
+	stranger, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const burst = 200
+	forged := make([]string, burst)
+	for i := range forged {
+		forged[i] = signWith(t, jwt.SigningMethodES256, rand.Text(), p.claims("u1"), stranger)
+	}
+	fetches, began := p.keyFetches.Load(), time.Now()
+	refused := map[string]int{}
+	var wg sync.WaitGroup
+	for _, token := range forged {
+		wg.Go(func() {
+			status, code := getModels(e.caddy.URL, token)
+			mu.Lock()
+			refused[strconv.Itoa(status)+" "+code]++
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	took := time.Since(began)
+	if refused["401 invalid_api_key"]+refused["429 too_many_failed_auth"] != burst {
+		t.Errorf("tokens of made-up kids got %v, want each refused", refused)
+	}
+	if got, most := p.keyFetches.Load()-fetches, int64(took/time.Second)+2; got > most {
+		t.Errorf("%d tokens of made-up kids in %s cost %d key fetches, want at most %d (one a second)", burst, took, got, most)
+	}
+	t.Logf("rotations: %v; %d made-up kids in %s: %v, %d key fetches", statuses, burst, took.Round(time.Millisecond), refused, p.keyFetches.Load()-fetches)
+	if status, code := getModels(e.caddy.URL, p.token(t, "u2")); status != http.StatusOK {
+		t.Errorf("a user's token after the stranger's burst, from the same address: %d %s, want 200", status, code)
+	}
+}
+
+// TestUnfetchableKeysAreNotFailures: while the provider cannot be
+// reached, tokens of a kid the proxy has not fetched may be valid: they
+// are refused with the one 401, but not counted against the caller's
+// address, whose user is never throttled for the provider's outage.
+// A token of a fetched key signed by a stranger still counts.
+func TestUnfetchableKeysAreNotFailures(t *testing.T) {
+	e, p := startWithOpenIDProvider(t, map[string]string{"alice": "plus"}, "auth_failures 3/1m")
+	first := p.token(t, "alice")
+	eventually10s(t, "the provider's token is accepted", func() bool {
+		return e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": {"Bearer " + first}}).StatusCode == http.StatusOK
+	})
+	p.rotate(t)
+	unfetched := p.signed(t, p.claims("alice"))
+	p.stop()
+	got := map[string]int{}
+	for range 4 {
+		status, code := getModels(e.caddy.URL, unfetched)
+		got[strconv.Itoa(status)+" "+code]++
+	}
+	if got["401 invalid_api_key"] != 4 {
+		t.Errorf("tokens of a kid not yet fetched while the provider is down got %v, want 401 ×4, none throttled", got)
+	}
+	stranger, _ := rsa.GenerateKey(rand.Reader, 2048)
+	forged := signWith(t, jwt.SigningMethodRS256, p.keys[0].id, p.claims("alice"), stranger)
+	for range 3 {
+		getModels(e.caddy.URL, forged)
+	}
+	if status, code := getModels(e.caddy.URL, forged); status != http.StatusTooManyRequests {
+		t.Errorf("a fourth forged token of a fetched kid: %d %s, want 429 too_many_failed_auth", status, code)
+	}
+}
+
+// getModels lists the models with a bearer token and returns the status
+// and the error code of the answer, if any; safe in any goroutine.
+func getModels(baseURL, token string) (int, string) {
+	req, _ := http.NewRequest(http.MethodGet, baseURL+"/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer res.Body.Close()
+	var e apiError
+	json.NewDecoder(res.Body).Decode(&e)
+	return res.StatusCode, e.Error.Code
 }
 
 // TestJWTConfigIsChecked checks what validation refuses of jwt issuers,

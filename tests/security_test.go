@@ -176,9 +176,10 @@ func TestLimitsComeBeforeTheBody(t *testing.T) {
 }
 
 // TestBodiesShareABudget checks max_buffered: while bodies in flight hold
-// it, a new body is refused with 503 and Retry-After.
+// it (here pro's share, half of it), a new body is refused with 503 and
+// Retry-After.
 func TestBodiesShareABudget(t *testing.T) {
-	e := start(t, "max_body 1MB", "max_buffered 1MB")
+	e := start(t, "max_body 1MB", "max_buffered 2MB")
 	conn := slowBody(t, strings.TrimPrefix(e.caddy.URL, "http://"), "/v1/chat/completions", 1_000_000, "Authorization: Bearer "+e.key+"\r\n")
 	if _, err := conn.Write(make([]byte, 999_000)); err != nil {
 		t.Fatal(err)
@@ -295,11 +296,19 @@ func TestReservedTierNames(t *testing.T) {
 	}
 }
 
-// TestBodyBudgetBelowOneBodyIsRefused checks that max_buffered cannot be
-// set below max_body, where a largest body could never be received.
+// TestBodyBudgetBelowOneBodyIsRefused checks that max_buffered, and a
+// tier's share of it, cannot be set below max_body, where a largest body
+// could never be received, nor the shares past max_buffered.
 func TestBodyBudgetBelowOneBodyIsRefused(t *testing.T) {
-	if err := validate(t, "tier free", "max_body 10MB", "max_buffered 1MB"); err == nil || !strings.Contains(err.Error(), "max_buffered") {
-		t.Errorf("max_buffered 1MB with max_body 10MB: validate said %v, want it refused", err)
+	for _, lines := range [][]string{
+		{"tier free", "max_body 10MB", "max_buffered 1MB"},
+		{"tier free {\n\t\t\tmax_buffered 1MB\n\t\t}", "max_body 10MB"},
+		{"tier free", "tier pro", "max_body 10MB", "max_buffered 10MB"}, // 5 MB a tier
+		{"tier free {\n\t\t\tmax_buffered 40MB\n\t\t}", "tier pro {\n\t\t\tmax_buffered 40MB\n\t\t}", "max_buffered 64MB"},
+	} {
+		if err := validate(t, lines...); err == nil || !strings.Contains(err.Error(), "max_buffered") {
+			t.Errorf("%q: validate said %v, want it refused", lines, err)
+		}
 	}
 	if err := validate(t, "tier free", "max_body 10MB"); err != nil {
 		t.Errorf("max_body 10MB with the default max_buffered: %v", err)
