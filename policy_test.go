@@ -3,6 +3,7 @@ package vigthoria
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -298,35 +299,24 @@ func TestAbsurdUsageIsLogged(t *testing.T) {
 	}
 }
 
-// BenchmarkPoliceUncapped polices a small chat that sends no cap, as
-// the SDKs' default is: it gets one.
-func BenchmarkPoliceUncapped(b *testing.B) {
-	h := new(Handler)
-	tier := &Tier{Models: []string{"vigthoria-fast-*"}}
-	body := []byte(`{"model":"vigthoria-fast-1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence, please."}],"temperature":0.7,"stream":false}`)
-	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
-	ep := &proxy.Endpoints[proxy.ChatCompletions]
-	b.ReportAllocs()
-	for b.Loop() {
-		var call proxy.Call
-		if _, _, err := h.police(r, ep, tier, body, &call); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-// BenchmarkPolice polices a typical small chat, as every request is.
+// BenchmarkPolice polices a typical small chat, as every request is;
+// one without a cap, as the SDKs send by default, gets one.
 func BenchmarkPolice(b *testing.B) {
-	h := new(Handler)
-	tier := &Tier{MaxTokens: 1024, Models: []string{"vigthoria-fast-*"}}
-	body := []byte(`{"model":"vigthoria-fast-1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence, please."}],"max_tokens":64,"temperature":0.7,"stream":false}`)
-	r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
-	ep := &proxy.Endpoints[proxy.ChatCompletions]
-	b.ReportAllocs()
-	for b.Loop() {
-		var call proxy.Call
-		if _, _, err := h.police(r, ep, tier, body, &call); err != nil {
-			b.Fatal(err)
-		}
+	const chat = `{"model":"vigthoria-fast-1","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in one short sentence, please."}],%s"temperature":0.7,"stream":false}`
+	for _, bc := range []struct{ name, cap string }{{"capped", `"max_tokens":64,`}, {"uncapped", ""}} {
+		b.Run(bc.name, func(b *testing.B) {
+			h := new(Handler)
+			tier := &Tier{Models: []string{"vigthoria-fast-*"}}
+			body := []byte(fmt.Sprintf(chat, bc.cap))
+			r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
+			ep := &proxy.Endpoints[proxy.ChatCompletions]
+			b.ReportAllocs()
+			for b.Loop() {
+				var call proxy.Call
+				if _, _, err := h.police(r, ep, tier, body, &call); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
