@@ -214,6 +214,9 @@ func (t *Tier) provision(name string) error {
 	if t.Concurrent < 0 || t.MaxTokens < 0 {
 		return fmt.Errorf("tier %s: concurrent and max_tokens must be positive", name)
 	}
+	if t.MaxTokens > wire.MaxTokenCap {
+		return fmt.Errorf("tier %s: max_tokens must be at most %d, the most a request may ask", name, wire.MaxTokenCap)
+	}
 	t.limits.Concurrent = t.Concurrent
 	if t.Quota != nil {
 		period, err := parsePeriod(t.Quota.Period)
@@ -678,6 +681,11 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxBody < 0 {
 		return fmt.Errorf("max_body must be positive, not %d", h.MaxBody)
+	}
+	for _, o := range h.CORS {
+		if err := keystore.CheckOrigin(o); err != nil {
+			return fmt.Errorf("cors: %w", err)
+		}
 	}
 	if h.BodyTimeout < 0 {
 		return fmt.Errorf("body_timeout must be positive, not %s", time.Duration(h.BodyTimeout))
