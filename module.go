@@ -451,7 +451,8 @@ type Handler struct {
 	notifier     *alerts.Notifier
 	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
 
-	prices []pricedGlob // Prices, parsed, in order
+	prices     []pricedGlob        // Prices, parsed, in order
+	modelNames map[string]struct{} // the model names configured, labels (modelLabel)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -511,6 +512,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionPrices(); err != nil {
 		return err
 	}
+	h.modelNames = h.configuredModels()
 
 	if h.AuthFailLimit == 0 {
 		h.AuthFailLimit = DefaultAuthFailLimit
@@ -827,7 +829,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		h.settleAdmission(r, client, &a, used)
 		h.noteStanding(client, &a, used)
-		record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
+		h.record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
 	}()
 
 	if ep.Body {
@@ -954,14 +956,14 @@ func (h *Handler) refuseClient(w http.ResponseWriter, r *http.Request, client ke
 
 // record counts an admitted request's outcome and usage in the metrics
 // and the access log.
-func record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage, prompt, completion int64) {
+func (h *Handler) record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage, prompt, completion int64) {
 	result := outcome(u.Status)
 	if u.Cache == "HIT" || u.Cache == "STALE" {
 		result = "cached"
 	}
 	requestsBy.get([3]string{tier, endpoint, result}).Inc()
 	if prompt+completion > 0 {
-		tokens := tokensBy.get([2]string{tier, modelKey(model)})
+		tokens := tokensBy.get([2]string{tier, h.modelLabel(model)})
 		tokens[0].Add(float64(prompt))
 		tokens[1].Add(float64(completion))
 	}
