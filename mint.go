@@ -110,7 +110,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 		client, ok = h.keys.Identify(secret, now)
 	}
 	if !ok {
-		return refuse(w, r, "none", "tokens", h.authFailed(w, clientAddr(r), now))
+		return refuse(w, r, "none", "tokens", h.authFailed(w, h.clientAddr(r), now))
 	}
 	keyTier, mint, may := h.keys.Minter(client.ID, now)
 	tier := h.tierFor(keyTier, client.Settings)

@@ -447,6 +447,7 @@ type Handler struct {
 	startOnce    sync.Once
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
+	addrChecked  atomic.Bool  // whether callers may choose their address was checked (checkChosenAddr)
 	logger       *zap.Logger
 	notifier     *alerts.Notifier
 	alertSender  string // the key of the webhook's sender in alertSenders; "" for none

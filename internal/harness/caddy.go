@@ -41,6 +41,7 @@ type Caddy struct {
 	Pid      int    // the process of a StartProcess instance; 0 in this process
 	persist  bool   // autosave the config, as Caddy does by default
 	noAccess bool   // no access log, as in make bench
+	global   string // more global options
 }
 
 // Option changes how StartCaddy runs Caddy.
@@ -60,6 +61,12 @@ func Persist() Option {
 // default: benchmarks then measure the proxy, not the logging.
 func NoAccessLog() Option {
 	return func(c *Caddy) { c.noAccess = true }
+}
+
+// Global adds lines to the global options block, such as a servers
+// block.
+func Global(lines string) Option {
+	return func(c *Caddy) { c.global = lines }
 }
 
 // AutosavePath is where a Persist instance saves its config.
@@ -110,6 +117,7 @@ func (c *Caddy) Caddyfile(site string) string {
 	%s
 	auto_https off
 	storage file_system %s
+%s
 	log {
 		output file %s
 		level DEBUG
@@ -120,7 +128,7 @@ http://127.0.0.1:%d {
 	bind 127.0.0.1
 %s%s
 }
-`, strings.TrimPrefix(c.AdminURL, "http://"), c.persistOption(), filepath.Join(c.Dir, "storage"), c.LogPath, c.Port, c.accessLog(), site)
+`, strings.TrimPrefix(c.AdminURL, "http://"), c.persistOption(), filepath.Join(c.Dir, "storage"), c.global, c.LogPath, c.Port, c.accessLog(), site)
 }
 
 // accessLog is the site's access log, into LogPath beside Caddy's own,
