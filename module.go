@@ -449,6 +449,7 @@ type Handler struct {
 	active       atomic.Int64 // admitted requests not yet settled
 	addrChecked  atomic.Bool  // whether callers may choose their address was checked (checkChosenAddr)
 	logger       *zap.Logger
+	accessLog    *zap.Logger // Caddy's access logger, for the lines written in place of its own (accessLine)
 	notifier     *alerts.Notifier
 	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
 
@@ -468,6 +469,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // proxy.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.accessLog = accessLogger(ctx)
 	if h.Upstream == "" {
 		h.Upstream = proxy.DefaultURL
 	}
@@ -745,9 +747,17 @@ func (h *Handler) Validate() error {
 // request and concurrency limits are applied before a byte of its body is
 // read, so that what an unknown or over-limit caller costs is bounded.
 // Every refusal is answered here in the API's error shape.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (err error) {
+	if line, lw, lr := h.redactedLine(w, r); line != nil {
+		defer func() { line.write(lr, err) }()
+		w, r = lw, lr
+	}
+	return h.serve(w, r, next)
+}
+
+// serve is ServeHTTP's pipeline.
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	now := time.Now()
-	h.keepCredentialsOutOfLogs(r)
 	if h.cors(w, r) {
 		return nil
 	}
@@ -986,15 +996,21 @@ func (h *Handler) record(r *http.Request, tier, endpoint, model string, u *proxy
 	}
 }
 
-// logFields returns the access log's extra fields of r, or nil when the
-// server keeps no access log: each field added costs allocations, and
-// nobody would read them.
-func logFields(r *http.Request) *caddyhttp.ExtraLogFields {
+// logFields returns where the fields of r's access log line go: Caddy's
+// extra fields, or the line written in place of Caddy's (accessLine); nil
+// when the server keeps no access log: each field added costs
+// allocations, and nobody would read them.
+func logFields(r *http.Request) logAdder {
+	if l, ok := r.Context().Value(accessLineKey{}).(*accessLine); ok {
+		return l
+	}
 	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); !ok || srv.Logs == nil {
 		return nil
 	}
-	extra, _ := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
-	return extra
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok && extra != nil {
+		return extra
+	}
+	return nil
 }
 
 // refusedLog is what the access log says of a refused request.
