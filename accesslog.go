@@ -91,16 +91,22 @@ func (h *Handler) redactedLine(w http.ResponseWriter, r *http.Request) (*accessL
 	return l, l.rec, r
 }
 
-// write writes the line once the request was served; err is what the
-// handler returned, whose status Caddy then answers.
-func (l *accessLine) write(r *http.Request, err error) {
+// write writes the line once the request was served. err, what the
+// handler returned, is answered and logged here rather than returned:
+// Caddy's error log would print the request as it came, credential
+// included.
+func (l *accessLine) write(r *http.Request, err error, logger *zap.Logger) {
 	status := l.rec.Status()
-	if err != nil && status == 0 {
-		status = http.StatusInternalServerError
-		var he caddyhttp.HandlerError
-		if errors.As(err, &he) && he.StatusCode != 0 {
-			status = he.StatusCode
+	if err != nil {
+		if status == 0 {
+			status = http.StatusInternalServerError
+			var he caddyhttp.HandlerError
+			if errors.As(err, &he) && he.StatusCode != 0 {
+				status = he.StatusCode
+			}
+			l.rec.WriteHeader(status)
 		}
+		logger.Error("serving a request that carries a credential outside Authorization", zap.Int("status", status), zap.Error(err))
 	}
 	level := zapcore.InfoLevel
 	if status >= 500 {

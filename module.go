@@ -749,7 +749,7 @@ func (h *Handler) Validate() error {
 // Every refusal is answered here in the API's error shape.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (err error) {
 	if line, lw, lr := h.redactedLine(w, r); line != nil {
-		defer func() { line.write(lr, err) }()
+		defer func() { line.write(lr, err, h.logger); err = nil }()
 		w, r = lw, lr
 	}
 	return h.serve(w, r, next)
