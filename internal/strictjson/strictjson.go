@@ -21,7 +21,7 @@ import (
 // A type with its own UnmarshalJSON checks its own keys.
 func Unmarshal(data []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(data))
-	if err := checkValue(dec, reflect.TypeOf(v), ""); err != nil {
+	if err := checkValue(dec, reflect.TypeOf(v), "", 0); err != nil {
 		return err
 	}
 	if _, err := dec.Token(); err == nil {
@@ -41,9 +41,16 @@ func Unmarshal(data []byte, v any) error {
 
 var unmarshaler = reflect.TypeFor[json.Unmarshaler]()
 
+// maxDepth bounds the nesting of a value: no management input nests
+// deeper than a few levels, and the check recurses once per level.
+const maxDepth = 32
+
 // checkValue reads the next value of dec, checking the keys of its
 // objects against the fields of t.
-func checkValue(dec *json.Decoder, t reflect.Type, path string) error {
+func checkValue(dec *json.Decoder, t reflect.Type, path string, depth int) error {
+	if depth > maxDepth {
+		return fmt.Errorf("JSON nested more than %d levels deep", maxDepth)
+	}
 	for t != nil && t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
@@ -86,7 +93,7 @@ func checkValue(dec *json.Decoder, t reflect.Type, path string) error {
 					return unknownField(name, key, fields)
 				}
 			}
-			if err := checkValue(dec, ft, name); err != nil {
+			if err := checkValue(dec, ft, name, depth+1); err != nil {
 				return err
 			}
 		}
@@ -98,7 +105,7 @@ func checkValue(dec *json.Decoder, t reflect.Type, path string) error {
 			elem = t.Elem()
 		}
 		for i := 0; dec.More(); i++ {
-			if err := checkValue(dec, elem, fmt.Sprintf("%s[%d]", path, i)); err != nil {
+			if err := checkValue(dec, elem, fmt.Sprintf("%s[%d]", path, i), depth+1); err != nil {
 				return err
 			}
 		}

@@ -60,6 +60,7 @@ func TestUnmarshal(t *testing.T) {
 		{"overflow", `{"budget":{"n":9223372036854775808}}`, `field budget.n: want a JSON integer`},
 		{"wrong type", `{"name":5}`, `field name: want a JSON string`},
 		{"not JSON", `{"name":`, `reading JSON`},
+		{"too deep", `{"any":` + strings.Repeat("[", 40) + strings.Repeat("]", 40) + `}`, `nested more than`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var v outer
