@@ -227,8 +227,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("cors needs at least one origin, such as https://app.example.com")
 			}
 			for _, o := range h.CORS {
-				if !keystore.ValidOrigin(o) {
-					return d.Errf("invalid cors origin '%s': want scheme://host[:port], without a path", o)
+				if err := keystore.CheckOrigin(o); err != nil {
+					return d.Errf("cors: %v", err)
 				}
 			}
 		case "upstream_headers":
@@ -348,6 +348,9 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 			t.Concurrent, err = parsePositive[int](args)
 		case "max_tokens":
 			t.MaxTokens, err = parsePositive[int64](args)
+			if err == nil && t.MaxTokens > wire.MaxTokenCap {
+				err = fmt.Errorf("must be at most %d, the most a request may ask", wire.MaxTokenCap)
+			}
 		case "max_buffered":
 			t.MaxBuffered, t.MaxBufferedPerCaller, err = parseTierBuffered(args)
 		case "quota":

@@ -103,7 +103,7 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 		}
 	}
 
-	addr := clientAddr(r)
+	addr := h.clientAddr(r)
 	values := r.Header["Authorization"]
 	if len(values) == 0 && h.Anonymous != "" {
 		c := keystore.Client{ID: anonymousPrefix + limiter.AddrBucket(addr).String(), Tier: h.Anonymous}
@@ -215,9 +215,14 @@ func keyInQuery(rawQuery string) bool {
 }
 
 // clientAddr is the caller's address as Caddy determined it, honouring
-// the server's trusted_proxies.
-func clientAddr(r *http.Request) netip.Addr {
-	if s, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok {
+// the server's trusted_proxies; the anonymous tier and the failed-auth
+// throttle count by it.
+func (h *Handler) clientAddr(r *http.Request) netip.Addr {
+	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
+	if !h.addrChecked.Load() && vars[caddyhttp.TrustedProxyVarKey] == true {
+		h.checkChosenAddr(r)
+	}
+	if s, ok := vars[caddyhttp.ClientIPVarKey].(string); ok {
 		if a, err := netip.ParseAddr(s); err == nil {
 			return a
 		}
@@ -228,51 +233,31 @@ func clientAddr(r *http.Request) netip.Addr {
 	return netip.Addr{}
 }
 
+// checkChosenAddr warns, once, when r came through a trusted proxy of a
+// server without trusted_proxies_strict: Caddy then takes the client's
+// address from the left of X-Forwarded-For (client_ip_headers), which
+// the caller writes, so that it chooses the address its anonymous limits
+// and failed authentications are counted by. Whether a server has
+// trusted_proxies is not exported by Caddy; the first request that came
+// through one shows it.
+func (h *Handler) checkChosenAddr(r *http.Request) {
+	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if !ok || !h.addrChecked.CompareAndSwap(false, true) || srv.TrustedProxiesStrict > 0 {
+		return
+	}
+	uses := "the failed-authentication throttle"
+	if h.Anonymous != "" {
+		uses = "the anonymous tier's limits, " + uses
+	}
+	headers := strings.Join(srv.ClientIPHeaders, ", ")
+	h.logger.Warn("callers can choose their client address: set trusted_proxies_strict in this server's options",
+		zap.String("server", srv.Name()),
+		zap.String("why", "the server trusts proxies (trusted_proxies) and takes the client's address from the left of "+headers+", which callers write"),
+		zap.String("counted_by_address", uses))
+}
+
 // retrySeconds rounds a wait up to whole seconds, at least one, so that a
 // caller that waits that long is let through.
 func retrySeconds(d time.Duration) int {
 	return max(int((d+time.Second-1)/time.Second), 1)
-}
-
-// keepCredentialsOutOfLogs keeps a credential that a caller put where
-// Caddy's access log writes it out — the URL, or a header other than
-// Authorization, Proxy-Authorization and Cookie, which Caddy redacts —
-// out of that log: the request's access log entry is skipped and a
-// redacted one written instead. Caddy copies the request for its log
-// before any handler runs, so changing the request here would not help.
-func (h *Handler) keepCredentialsOutOfLogs(r *http.Request) {
-	if logFields(r) == nil {
-		return // no access log
-	}
-	header := carriesCredential(r.Header)
-	if header == "" && !proxy.HasCredential(r.RequestURI) && !keyInQuery(r.URL.RawQuery) {
-		return
-	}
-	caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
-	path, _, _ := strings.Cut(r.RequestURI, "?")
-	h.logger.Info("request with a credential outside the Authorization header; its access log entry is replaced by this redacted one",
-		zap.String("method", r.Method),
-		zap.String("host", r.Host),
-		zap.String("path", proxy.RedactCredentials(path)),
-		zap.Bool("query_redacted", r.URL.RawQuery != ""),
-		zap.String("credential_header", header),
-		zap.String("client_ip", clientAddr(r).String()))
-}
-
-// carriesCredential names a header that Caddy's access log would print
-// and whose value holds a credential of ours: a client key, or a token
-// shaped as a JWT; "" for none.
-func carriesCredential(h http.Header) string {
-	for name, values := range h {
-		switch name {
-		case "Authorization", "Proxy-Authorization", "Cookie":
-			continue // redacted by Caddy
-		}
-		for _, v := range values {
-			if proxy.HasCredential(v) {
-				return name
-			}
-		}
-	}
-	return ""
 }

@@ -165,12 +165,12 @@ var (
 	refusalsBy = newLabelCache(func(k [3]string) prometheus.Counter {
 		return metrics.requests.WithLabelValues(k[0], k[1], "refused_"+k[2])
 	})
-	// tokensBy is tokens_total by tier and model: prompt, completion.
+	// tokensBy is tokens_total by tier and model label (modelLabel):
+	// prompt, completion.
 	tokensBy = newLabelCache(func(k [2]string) [2]prometheus.Counter {
-		model := modelLabel(k[1])
 		return [2]prometheus.Counter{
-			metrics.tokens.WithLabelValues(k[0], model, "prompt"),
-			metrics.tokens.WithLabelValues(k[0], model, "completion"),
+			metrics.tokens.WithLabelValues(k[0], k[1], "prompt"),
+			metrics.tokens.WithLabelValues(k[0], k[1], "completion"),
 		}
 	})
 	// latencyBy is upstream_header_seconds by endpoint.
@@ -187,46 +187,39 @@ var (
 	})
 )
 
-// maxModelLabels bounds the model label: callers choose model names, and
-// a metric must not grow with them.
-const maxModelLabels = 100
-
-// modelLabels are the model names that are labels, at most
-// maxModelLabels. Only tokensBy's misses consult them, so one lock does.
-var modelLabels = struct {
-	sync.Mutex
-	names map[string]struct{}
-}{names: make(map[string]struct{})}
-
-// maxModelLabelLen is the longest model name that is a label.
-const maxModelLabelLen = 100
-
-// modelKey is model as tokensBy's key: a name too long to be a label is
-// "other" already there, so that the cache does not keep a caller's long
-// string.
-func modelKey(model string) string {
-	if len(model) > maxModelLabelLen {
-		return "other"
-	}
-	return model
-}
-
-// modelLabel returns model as a label value, or "other" once enough
-// distinct models have been seen.
-func modelLabel(model string) string {
+// modelLabel is model as the metrics' label: a name the operator
+// configured (a tier's models or a price, written out, not a glob) or the
+// upstream listed in its cached GET /models, else "other". Callers choose
+// model names, and labels are never theirs to choose: a burst of made-up
+// names neither grows the metrics nor changes how listed models count.
+func (h *Handler) modelLabel(model string) string {
 	if model == "" {
 		return "none"
 	}
-	modelLabels.Lock()
-	defer modelLabels.Unlock()
-	if _, ok := modelLabels.names[model]; ok {
+	if _, ok := h.modelNames[model]; ok || h.upstream.Listed(model) {
 		return model
 	}
-	if len(modelLabels.names) >= maxModelLabels || len(model) > maxModelLabelLen {
-		return "other"
+	return "other"
+}
+
+// configuredModels are the model names the tiers and prices write out:
+// a glob matches names, it names none.
+func (h *Handler) configuredModels() map[string]struct{} {
+	names := make(map[string]struct{})
+	add := func(glob string) {
+		if !strings.ContainsAny(glob, `*?[\`) {
+			names[glob] = struct{}{}
+		}
 	}
-	modelLabels.names[model] = struct{}{}
-	return model
+	for _, t := range h.Tiers {
+		for _, g := range t.Models {
+			add(g)
+		}
+	}
+	for _, p := range h.prices {
+		add(p.glob)
+	}
+	return names
 }
 
 // outcome names how an answered request ended, for the metrics and logs.

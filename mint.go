@@ -1,7 +1,6 @@
 package vigthoria
 
 import (
-	"bytes"
 	"encoding/json"
 	"net/http"
 	"slices"
@@ -12,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -29,8 +29,11 @@ const (
 	// mint:<minting key ID>:<user>.
 	mintPrefix = "mint:"
 	// Bounds of what a token request may hold.
-	maxMintBody   = 16 << 10
-	maxMintUser   = 64 // characters
+	maxMintBody = 16 << 10
+	// maxMintUser is the most bytes of a token's user: the longest whose
+	// caller ID, mint:<key ID>:<user>, is within maxIdentityLen, so that
+	// a token minted is a token that works.
+	maxMintUser   = maxIdentityLen - len(mintPrefix) - keystore.IDLen - len(":")
 	maxMintModels = 16
 )
 
@@ -110,7 +113,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 		client, ok = h.keys.Identify(secret, now)
 	}
 	if !ok {
-		return refuse(w, r, "none", "tokens", h.authFailed(w, clientAddr(r), now))
+		return refuse(w, r, "none", "tokens", h.authFailed(w, h.clientAddr(r), now))
 	}
 	keyTier, mint, may := h.keys.Minter(client.ID, now)
 	tier := h.tierFor(keyTier, client.Settings)
@@ -163,10 +166,8 @@ func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who p
 		return req, apiErr
 	}
 	defer body.Release()
-	dec := json.NewDecoder(bytes.NewReader(body.Bytes()))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil || dec.More() {
-		return req, errMintRequest(`Send a JSON object: {"user": "…", "tier": "…", "ttl": "15m", "models": ["…"]}; only user is required.`)
+	if err := strictjson.Unmarshal(body.Bytes(), &req); err != nil {
+		return req, errMintRequest(`Send a JSON object: {"user": "…", "tier": "…", "ttl": "15m", "models": ["…"]}; only user is required (` + clip(err.Error(), 200) + `).`)
 	}
 	return req, nil
 }
@@ -175,7 +176,7 @@ func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who p
 func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.TokenRequest, *proxy.APIError) {
 	tr := keystore.TokenRequest{User: req.User, Tier: req.Tier, Models: req.Models, TTL: defaultTokenTTL}
 	if !validMintUser(req.User) {
-		return tr, errMintRequest("user must be 1 to " + strconv.Itoa(maxMintUser) + " printable characters naming the signed-in user, such as its ID.")
+		return tr, errMintRequest("user must be 1 to " + strconv.Itoa(maxMintUser) + " bytes of printable UTF-8 naming the signed-in user, such as its ID.")
 	}
 	if tr.Tier == "" {
 		if len(mint) != 1 {
@@ -213,7 +214,7 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 // validMintUser reports whether a token request's user is short and
 // prints as itself: it is shown in usage and logs.
 func validMintUser(user string) bool {
-	return user != "" && utf8.ValidString(user) && utf8.RuneCountInString(user) <= maxMintUser &&
+	return user != "" && len(user) <= maxMintUser && utf8.ValidString(user) &&
 		!strings.ContainsFunc(user, notPrintable)
 }
 

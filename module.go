@@ -236,6 +236,9 @@ func (t *Tier) provision(name string) error {
 	if t.Concurrent < 0 || t.MaxTokens < 0 {
 		return fmt.Errorf("tier %s: concurrent and max_tokens must be positive", name)
 	}
+	if t.MaxTokens > wire.MaxTokenCap {
+		return fmt.Errorf("tier %s: max_tokens must be at most %d, the most a request may ask", name, wire.MaxTokenCap)
+	}
 	t.limits.Concurrent = t.Concurrent
 	if t.Quota != nil {
 		period, err := parsePeriod(t.Quota.Period)
@@ -567,11 +570,14 @@ type Handler struct {
 	startOnce    sync.Once
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
+	addrChecked  atomic.Bool  // whether callers may choose their address was checked (checkChosenAddr)
 	logger       *zap.Logger
+	accessLog    *zap.Logger // Caddy's access logger, for the lines written in place of its own (accessLine)
 	notifier     *alerts.Notifier
 	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
 
-	prices []pricedGlob // Prices, parsed, in order
+	prices     []pricedGlob        // Prices, parsed, in order
+	modelNames map[string]struct{} // the model names configured, labels (modelLabel)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -586,6 +592,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // proxy.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.accessLog = accessLogger(ctx)
 	if h.Upstream == "" {
 		h.Upstream = proxy.DefaultURL
 	}
@@ -652,6 +659,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionPrices(); err != nil {
 		return err
 	}
+	h.modelNames = h.configuredModels()
 
 	if h.AuthFailLimit == 0 {
 		h.AuthFailLimit = DefaultAuthFailLimit
@@ -839,6 +847,11 @@ func (h *Handler) Validate() error {
 	if h.DefaultMaxTokens < 0 || h.DefaultMaxTokens > maxDefaultMaxTokens {
 		return fmt.Errorf("default_max_tokens must be from 1 to %d, not %d", maxDefaultMaxTokens, h.DefaultMaxTokens)
 	}
+	for _, o := range h.CORS {
+		if err := keystore.CheckOrigin(o); err != nil {
+			return fmt.Errorf("cors: %w", err)
+		}
+	}
 	if h.BodyTimeout < 0 {
 		return fmt.Errorf("body_timeout must be positive, not %s", time.Duration(h.BodyTimeout))
 	}
@@ -903,9 +916,17 @@ func (h *Handler) Validate() error {
 // request and concurrency limits are applied before a byte of its body is
 // read, so that what an unknown or over-limit caller costs is bounded.
 // Every refusal is answered here in the API's error shape.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (err error) {
+	if line, lw, lr := h.redactedLine(w, r); line != nil {
+		defer func() { line.write(lr, err, h.logger); err = nil }()
+		w, r = lw, lr
+	}
+	return h.serve(w, r, next)
+}
+
+// serve is ServeHTTP's pipeline.
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	now := time.Now()
-	h.keepCredentialsOutOfLogs(r)
 	if h.cors(w, r) {
 		return nil
 	}
@@ -996,7 +1017,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		h.settleAdmission(r, client, &a, used)
 		h.noteStanding(client, &a, used)
-		record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
+		h.record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
 	}()
 
 	if ep.Body {
@@ -1141,14 +1162,14 @@ func (h *Handler) refuseClient(w http.ResponseWriter, r *http.Request, client ke
 
 // record counts an admitted request's outcome and usage in the metrics
 // and the access log.
-func record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage, prompt, completion int64) {
+func (h *Handler) record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage, prompt, completion int64) {
 	result := outcome(u.Status)
 	if u.Cache == "HIT" || u.Cache == "STALE" {
 		result = "cached"
 	}
 	requestsBy.get([3]string{tier, endpoint, result}).Inc()
 	if prompt+completion > 0 {
-		tokens := tokensBy.get([2]string{tier, modelKey(model)})
+		tokens := tokensBy.get([2]string{tier, h.modelLabel(model)})
 		tokens[0].Add(float64(prompt))
 		tokens[1].Add(float64(completion))
 	}
@@ -1170,15 +1191,21 @@ func record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage,
 	}
 }
 
-// logFields returns the access log's extra fields of r, or nil when the
-// server keeps no access log: each field added costs allocations, and
-// nobody would read them.
-func logFields(r *http.Request) *caddyhttp.ExtraLogFields {
+// logFields returns where the fields of r's access log line go: Caddy's
+// extra fields, or the line written in place of Caddy's (accessLine); nil
+// when the server keeps no access log: each field added costs
+// allocations, and nobody would read them.
+func logFields(r *http.Request) logAdder {
+	if l, ok := r.Context().Value(accessLineKey{}).(*accessLine); ok {
+		return l
+	}
 	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); !ok || srv.Logs == nil {
 		return nil
 	}
-	extra, _ := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
-	return extra
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok && extra != nil {
+		return extra
+	}
+	return nil
 }
 
 // refusedLog is what the access log says of a refused request.

@@ -3,6 +3,7 @@ package dashboard
 import (
 	"cmp"
 	"encoding/json"
+	"io"
 	"net/http"
 	"slices"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
@@ -583,9 +585,11 @@ func (h *Handler) unavailable(w http.ResponseWriter, what string, err error) err
 
 // decode reads a JSON body into v, or answers 400 and returns false.
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err == nil {
+		err = strictjson.Unmarshal(body, v)
+	}
+	if err != nil {
 		_ = writeError(w, http.StatusBadRequest, "decoding the body: "+err.Error())
 		return false
 	}

@@ -63,8 +63,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.AllowAnonymous = true
 		case "origin":
-			if len(args) != 1 || !keystore.ValidOrigin(args[0]) {
+			if len(args) != 1 {
 				return d.Errf("origin takes one web origin such as https://admin.example.com, got '%s'", strings.Join(args, " "))
+			}
+			if err := keystore.CheckOrigin(args[0]); err != nil {
+				return d.Err(err.Error())
 			}
 			h.Origin = args[0]
 		default:

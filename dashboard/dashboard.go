@@ -113,6 +113,11 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // Provision takes the store's shared key service and the vigthoria app.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if h.Origin != "" {
+		if err := keystore.CheckOrigin(h.Origin); err != nil {
+			return err
+		}
+	}
 	if h.User == "" {
 		h.User = DefaultUser
 	}

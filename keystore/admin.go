@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 )
 
 func init() {
@@ -206,9 +209,7 @@ func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 		Mint     []string `json:"mint"`
 		Settings Settings `json:"settings"`
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	if err := decodeBody(w, r, &req); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
 			Err: fmt.Errorf(`decoding request body: %w; send {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"], "settings": {"requests": {"n": 100, "window": "1m"}}}`, err)}
 	}
@@ -243,7 +244,7 @@ func (adminAPI) get(w http.ResponseWriter, r *http.Request, id string) error {
 // patch changes the settings of the key id; see adminAPI.
 func (adminAPI) patch(w http.ResponseWriter, r *http.Request, id string) error {
 	var patch map[string]json.RawMessage
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody)).Decode(&patch); err != nil {
+	if err := decodeBody(w, r, &patch); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
 			Err: fmt.Errorf(`decoding request body: %w; send the settings to change, null to clear one: {"budget": {"n": 80000000, "period": "month"}, "requests": null}`, err)}
 	}
@@ -280,6 +281,16 @@ func (adminAPI) rotate(w http.ResponseWriter, r *http.Request, id string) error 
 		return storeError(err)
 	}
 	return writeJSON(w, http.StatusOK, out)
+}
+
+// decodeBody reads the request's JSON body into v strictly: a field not
+// named exactly as documented is refused, not ignored.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxAdminBody))
+	if err != nil {
+		return err
+	}
+	return strictjson.Unmarshal(body, v)
 }
 
 // storeError maps a store or Create error to its status.

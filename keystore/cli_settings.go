@@ -12,6 +12,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/spf13/cobra"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 )
 
 // settingField is one field of Settings, as the CLI's flags, the admin
@@ -150,7 +152,7 @@ func patchSettings(s *Settings, patch map[string]json.RawMessage) error {
 		var v Settings
 		if string(raw) != "null" {
 			obj, _ := json.Marshal(map[string]json.RawMessage{name: raw})
-			if err := json.Unmarshal(obj, &v); err != nil {
+			if err := strictjson.Unmarshal(obj, &v); err != nil {
 				return fmt.Errorf("%w: setting %s: %v", ErrInvalid, name, err)
 			}
 		}

@@ -28,6 +28,9 @@ func HashSecret(s string) Hash {
 	return sha256.Sum256([]byte(s))
 }
 
+// IDLen is the length of a key ID, in bytes.
+const IDLen = len(idPrefix) + idBodyLen
+
 // NewID returns a new key ID: "key_" and 16 random base62 characters. An
 // ID names a key in lists, logs and usage; it is not a secret.
 func NewID() (string, error) {

@@ -10,6 +10,9 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // Settings are a key's own limits; each set field replaces its tier's
@@ -79,7 +82,7 @@ func (r *Rate) UnmarshalJSON(b []byte) error {
 		Window caddy.Duration `json:"window"`
 		Burst  int64          `json:"burst"`
 	}
-	if err := json.Unmarshal(b, &raw); err != nil {
+	if err := strictjson.Unmarshal(b, &raw); err != nil {
 		return err
 	}
 	*r = Rate{N: raw.N, Window: time.Duration(raw.Window), Burst: raw.Burst}
@@ -182,12 +185,6 @@ func shortDuration(d time.Duration) string {
 	return s
 }
 
-// ValidOrigin reports whether o is a web origin as browsers send it:
-// http or https, a host and an optional port, without a path.
-func ValidOrigin(o string) bool {
-	return (strings.HasPrefix(o, "http://") || strings.HasPrefix(o, "https://")) && strings.Count(o, "/") == 2 && !strings.HasSuffix(o, "/")
-}
-
 // ValidModelName reports whether a model name is at most MaxModelName
 // bytes and free of control characters (C0, DEL and C1), which could
 // forge lines in logs and in what the CLI prints.
@@ -228,8 +225,8 @@ func (s *Settings) Check() error {
 	if s.Concurrent != nil && *s.Concurrent <= 0 {
 		return fmt.Errorf("%w: concurrent must be positive", ErrInvalid)
 	}
-	if s.MaxTokens != nil && *s.MaxTokens <= 0 {
-		return fmt.Errorf("%w: max_tokens must be positive", ErrInvalid)
+	if s.MaxTokens != nil && (*s.MaxTokens <= 0 || *s.MaxTokens > wire.MaxTokenCap) {
+		return fmt.Errorf("%w: max_tokens must be from 1 to %d", ErrInvalid, wire.MaxTokenCap)
 	}
 	if s.Quota != nil {
 		if err := s.Quota.check(); err != nil {
@@ -253,8 +250,8 @@ func (s *Settings) Check() error {
 		return fmt.Errorf("%w: origins: 1 to %d origins (clear them to allow any)", ErrInvalid, maxSettingsGlobs)
 	}
 	for _, o := range s.Origins {
-		if !ValidOrigin(o) {
-			return fmt.Errorf("%w: invalid origin '%s': want scheme://host[:port], without a path", ErrInvalid, o)
+		if err := CheckOrigin(o); err != nil {
+			return fmt.Errorf("%w: origins: %v", ErrInvalid, err)
 		}
 	}
 	return nil
@@ -284,6 +281,13 @@ func decodeSettings(v string) (Settings, error) {
 	}
 	if err := json.Unmarshal([]byte(v), &s); err != nil {
 		return Settings{}, fmt.Errorf("reading settings: %w", err)
+	}
+	// Origins stored before they had to be written as browsers send
+	// them would never match one: they are read in that form.
+	for i, o := range s.Origins {
+		if c, err := CanonicalOrigin(o); err == nil {
+			s.Origins[i] = c
+		}
 	}
 	return s, nil
 }

@@ -82,6 +82,7 @@ func PurgeModels() { modelLists.Purge() }
 type modelList struct {
 	body    []byte
 	fetched time.Time
+	ids     map[string]struct{} // the models listed, at most maxListed
 
 	mu       sync.Mutex // protects filtered
 	filtered map[string]filteredList
@@ -184,7 +185,9 @@ func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Hand
 		if rec.status != http.StatusOK {
 			return nil, &passThrough{status: rec.status, header: rec.header, body: rec.body.Bytes()}
 		}
-		list := &modelList{body: rec.body.Bytes(), fetched: time.Now(), filtered: make(map[string]filteredList)}
+		body := rec.body.Bytes()
+		list := &modelList{body: body, fetched: time.Now(), ids: listedIDs(body), filtered: make(map[string]filteredList)}
+		up.listed.Store(&list.ids)
 		modelLists.Add(key, list)
 		return list, nil
 	})
@@ -192,6 +195,44 @@ func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Hand
 		return nil, err
 	}
 	return v.(*modelList), nil
+}
+
+// maxListed bounds the model names kept from one upstream's list: they
+// are metric labels.
+const maxListed = 1000
+
+// listedIDs are the model IDs of a GET /models answer, the first
+// maxListed of them; none when the body cannot be read.
+func listedIDs(body []byte) map[string]struct{} {
+	var doc struct {
+		Data []struct {
+			ID string `json:"id"`
+		} `json:"data"`
+	}
+	if json.Unmarshal(body, &doc) != nil {
+		return nil
+	}
+	ids := make(map[string]struct{}, min(len(doc.Data), maxListed))
+	for _, m := range doc.Data {
+		if len(ids) == maxListed {
+			break
+		}
+		ids[m.ID] = struct{}{}
+	}
+	return ids
+}
+
+// Listed reports whether the upstream's last fetched model list, of any
+// variant the request headers shape, names model. It fetches nothing:
+// before a caller asked for the list, or with the cache off, no model is
+// listed.
+func (up *Upstream) Listed(model string) bool {
+	ids := up.listed.Load()
+	if ids == nil {
+		return false
+	}
+	_, listed := (*ids)[model]
+	return listed
 }
 
 // filter returns the list as a caller with f sees it.

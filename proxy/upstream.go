@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -70,6 +71,8 @@ type Upstream struct {
 	logger        *zap.Logger
 	// cutDetached ends the calls detached by this upstream's transport.
 	cutDetached context.CancelFunc
+	// listed is the IDs of the model list fetched last, for metric labels.
+	listed atomic.Pointer[map[string]struct{}]
 }
 
 // ParseURL checks an upstream base URL and returns it parsed.

@@ -212,11 +212,33 @@ func TestFleetMintedUserBudgets(t *testing.T) {
 		return m.Token
 	}
 	alice, bob := mint(f.a.URL, "alice"), mint(f.b.URL, "bob")
+	rc := redis.NewClient(&redis.Options{Addr: f.redis.Addr})
+	defer rc.Close()
+	day := time.Now().UTC().Format(time.DateOnly)
 	// 1000 micro-units each, alice's and the key's: two chats of 360.
-	for _, base := range []string{f.a.URL, f.b.URL} {
+	for i, base := range []string{f.a.URL, f.b.URL} {
 		if status, _, body := budgetChat(t, base, alice, model); status != http.StatusOK {
 			t.Fatalf("a chat within both budgets: %d %s", status, body)
 		}
+		if i > 0 {
+			continue
+		}
+		// Each chat reserves 540 (its prompt's estimate), and the first
+		// one's settle reaches Redis within milliseconds of its answer,
+		// not before it: until then the other instance finds 540 held
+		// on both budgets, and a second reservation would pass them.
+		eventually(t, "the first chat is settled on both budgets", func() bool {
+			keys, err := rc.Keys(t.Context(), "vgt:lim:quota:{budget:*}:"+day).Result()
+			if err != nil || len(keys) != 2 {
+				return false
+			}
+			for _, k := range keys {
+				if spent, err := rc.Get(t.Context(), k).Int64(); err != nil || spent != chatCost {
+					return false
+				}
+			}
+			return true
+		})
 	}
 	status, _, body := budgetChat(t, f.a.URL, alice, model)
 	if status != http.StatusTooManyRequests || !strings.Contains(body, "budget of tier metered") || strings.Contains(body, "shared by every user") {
@@ -229,9 +251,6 @@ func TestFleetMintedUserBudgets(t *testing.T) {
 		t.Errorf("a new user past the key's budget: %d %s, want the key's refusal, shared by its users", status, body)
 	}
 	u, _ := (&env{caddy: f.b}).usage(t, bob)
-	rc := redis.NewClient(&redis.Options{Addr: f.redis.Addr})
-	defer rc.Close()
-	day := time.Now().UTC().Format(time.DateOnly)
 	eventually(t, "bob's budget and tokens are given back", func() bool {
 		spent, err := rc.Get(t.Context(), "vgt:lim:quota:{budget:"+u.ClientID+"}:"+day).Int64()
 		tokens, _ := (&env{caddy: f.b}).usage(t, bob)

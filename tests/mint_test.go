@@ -406,7 +406,7 @@ func TestMintRefusals(t *testing.T) {
 		{"a tier not configured", other, map[string]any{"user": "u", "tier": "nosuch"}, 400, "invalid_token_request"},
 		{"no tier, of a key of two", backend, map[string]any{"user": "u"}, 400, "invalid_token_request"},
 		{"no user", backend, map[string]any{"tier": "web"}, 400, "invalid_token_request"},
-		{"a user too long", backend, map[string]any{"user": strings.Repeat("u", 65), "tier": "web"}, 400, "invalid_token_request"},
+		{"a user too long (103 bytes)", backend, map[string]any{"user": strings.Repeat("u", 103), "tier": "web"}, 400, "invalid_token_request"},
 		{"a user with a control character", backend, map[string]any{"user": "u\u202e", "tier": "web"}, 400, "invalid_token_request"},
 		{"a ttl over max_token_ttl", backend, map[string]any{"user": "u", "tier": "web", "ttl": "2h"}, 400, "invalid_token_request"},
 		{"a ttl that is no duration", backend, map[string]any{"user": "u", "tier": "web", "ttl": "forever"}, 400, "invalid_token_request"},

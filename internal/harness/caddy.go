@@ -42,6 +42,7 @@ type Caddy struct {
 	persist  bool   // autosave the config, as Caddy does by default
 	noAccess bool   // no access log, as in make bench
 	anyHost  bool   // the site answers every Host, not only 127.0.0.1
+	global   string // more global options
 }
 
 // Option changes how StartCaddy runs Caddy.
@@ -68,6 +69,12 @@ func NoAccessLog() Option {
 // 127.0.0.1 only.
 func AnyHost() Option {
 	return func(c *Caddy) { c.anyHost = true }
+}
+
+// Global adds lines to the global options block, such as a servers
+// block.
+func Global(lines string) Option {
+	return func(c *Caddy) { c.global = lines }
 }
 
 // AutosavePath is where a Persist instance saves its config.
@@ -118,6 +125,7 @@ func (c *Caddy) Caddyfile(site string) string {
 	%s
 	auto_https off
 	storage file_system %s
+%s
 	log {
 		output file %s
 		level DEBUG
@@ -128,7 +136,7 @@ http://%s:%d {
 	bind 127.0.0.1
 %s%s
 }
-`, strings.TrimPrefix(c.AdminURL, "http://"), c.persistOption(), filepath.Join(c.Dir, "storage"), c.LogPath, c.siteHost(), c.Port, c.accessLog(), site)
+`, strings.TrimPrefix(c.AdminURL, "http://"), c.persistOption(), filepath.Join(c.Dir, "storage"), c.global, c.LogPath, c.siteHost(), c.Port, c.accessLog(), site)
 }
 
 // accessLog is the site's access log, into LogPath beside Caddy's own,

@@ -62,6 +62,9 @@ type Options struct {
 	// Models are the model IDs served, by default
 	// vigthoria-fast-1, vigthoria-pro-1 and vigthoria-embed-1.
 	Models []string
+	// Unlisted are model IDs served besides Models but left out of the
+	// GET /models list, as a preview model or an alias may be.
+	Unlisted []string
 	// NoRecord disables storing Request values, for benchmarks.
 	// Count still counts.
 	NoRecord bool
@@ -283,6 +286,11 @@ func New(opts Options) *Server {
 			s.accounts = make(map[string][]byte, len(opts.Accounts))
 		}
 		s.accounts[key] = s.modelList(ids)
+	}
+	for _, id := range opts.Unlisted {
+		quoted, _ := json.Marshal(id)
+		obj := append(append([]byte(`{"id":`), quoted...), `,"object":"model","created":`+strconv.Itoa(modelsCreated)+`,"owned_by":"vigthoria"}`...)
+		s.models[id] = model{quoted: quoted, object: obj}
 	}
 	s.SetBehavior(Behavior{})
 	return s

@@ -21,6 +21,10 @@ const (
 	maxTokenID  = 1 << 32 // a token ID in a prompt or input given as token arrays
 )
 
+// MaxTokenCap is the largest max_tokens a request may ask, and so the
+// largest cap a tier or a key may set.
+const MaxTokenCap = maxTokenCap
+
 // maxExplainedBody is the largest invalid body whose error says where it
 // is invalid: saying where takes a second, slower parse, which a caller
 // must not be able to make the proxy repeat over megabytes.
