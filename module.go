@@ -313,6 +313,12 @@ type Handler struct {
 	// their first byte until forwarded, and memory grows with the bytes
 	// that arrive, never with what Content-Length announces. Default:
 	// 64 MiB, or four times max_body when that is larger.
+	//
+	// The upstream's answers held in memory (a stream's event until it
+	// is whole, up to 1 MiB; a JSON answer read whole before its status
+	// is sent, up to 1 MiB) have a budget of their own of the same size:
+	// past it, a stream ends with an upstream_stream_failed event and a
+	// JSON answer passes unchecked, as it comes.
 	MaxBuffered int64 `json:"max_buffered,omitempty"`
 
 	// How long to wait for the upstream's response headers. A non-streamed
@@ -647,6 +653,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Lockout:         time.Duration(h.UpstreamLockout),
 		MaxDetached:     int64(*h.MaxDetached),
 		DetachedTimeout: time.Duration(h.DetachedTimeout),
+		MaxAnswers:      h.MaxBuffered,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
@@ -805,6 +812,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		return h.serveOwn(w, r, p, now)
 	}
+	apiHeaders(w.Header())
 	ep, apiErr := proxy.Route(r.Method, p)
 	if apiErr != nil {
 		return refuse(w, r, "none", "unknown", apiErr)
@@ -926,6 +934,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	return err
+}
+
+// apiHeaders marks an API answer as the proxy's: never cached (it is one
+// caller's, and speaks of its limits), never read as another type than
+// its Content-Type says. The models cache sets its own Cache-Control
+// over this one. Both values share one allocation.
+func apiHeaders(h http.Header) {
+	v := []string{"nosniff", "no-store"}
+	h["X-Content-Type-Options"] = v[0:1:1]
+	h["Cache-Control"] = v[1:2:2]
 }
 
 // upstreamExhausted is the 429 of a request while the upstream says the
