@@ -4,6 +4,7 @@
 package vigthoria
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -869,6 +870,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	call := new(proxy.Call)
 	var info wire.RequestInfo
 	forwarded := false
+	var running *keystore.Running // a stream's usage, recorded as it goes
 	defer func() {
 		if !forwarded {
 			h.settleAdmission(r, client, &a, keystore.Tokens{})
@@ -881,8 +883,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// The ledger first: a limiter that forgets an account once it is
 		// settled reads its quota back from the ledger, which must then
 		// hold this request.
-		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
-			model := ledgerModel(info.Model, usage.Status)
+		recorded := (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models
+		model := ledgerModel(info.Model, usage.Status)
+		switch {
+		case running != nil:
+			h.keys.Ledger().Finish(running, model, end, used, recorded)
+		case recorded:
 			h.keys.Ledger().Add(client.ID, model, end, used)
 			if client.Minted != nil {
 				// The minting key's rows hold its users' usage: its
@@ -921,6 +927,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if info.Stream {
 		metrics.activeStreams.Inc()
 		defer metrics.activeStreams.Dec()
+		running = h.recordStream(client, info.Model, call, a.Lease.Reserved)
 	}
 	forwarded = true
 	var err error
@@ -944,6 +951,30 @@ func apiHeaders(h http.Header) {
 	v := []string{"nosniff", "no-store"}
 	h["X-Content-Type-Options"] = v[0:1:1]
 	h["Cache-Control"] = v[1:2:2]
+}
+
+// recordStream has the ledger record a stream's usage as it goes, once a
+// second (keystore.Running): its prompt's estimate and the output it
+// carried so far, from its first delta on, as a stream cut short is
+// charged (see charge). The meter reads one atomic counter.
+func (h *Handler) recordStream(client keystore.Client, model string, call *proxy.Call, reserved int64) *keystore.Running {
+	prompt := min(cmp.Or(call.Usage.Prompt, wire.PromptEstimate(int64(len(call.Body)))), reserved)
+	p, priced := h.price(model)
+	var also string
+	if client.Minted != nil {
+		also = client.Minted.KeyID
+	}
+	return h.keys.Ledger().Begin(client.ID, also, model, func() keystore.Tokens {
+		streamed := call.Streamed()
+		if streamed == 0 {
+			return keystore.Tokens{}
+		}
+		t := keystore.Tokens{Prompt: prompt, Completion: streamed}
+		if priced {
+			t.Cost = p.cost(t.Prompt, t.Completion)
+		}
+		return t
+	})
 }
 
 // upstreamExhausted is the 429 of a request while the upstream says the
