@@ -927,9 +927,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if info.Stream {
 		metrics.activeStreams.Inc()
 		defer metrics.activeStreams.Dec()
-		running = h.recordStream(client, info.Model, call, a.Lease.Reserved)
 	}
 	forwarded = true
+	if info.Stream {
+		// After forwarded: the settle that finishes it is sure to run.
+		running = h.recordStream(client, info.Model, call, a.Lease.Reserved)
+	}
 	var err error
 	if cached {
 		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), tier.modelFilter(), call)

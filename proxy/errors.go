@@ -8,8 +8,6 @@ import (
 	"strconv"
 
 	"go.uber.org/zap"
-
-	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // Error types and codes of the proxy's own answers, in the upstream API's
@@ -179,18 +177,14 @@ func errorAnswer(res *http.Response, logger *zap.Logger) io.ReadCloser {
 }
 
 // readError reads a 4xx JSON body, up to maxErrorBody, and returns it if
-// it is in the API's error shape, else nil.
+// it is in the API's error shape, else nil. Its few KiB are not counted
+// in the answers' budget: they live as long as one write to the caller.
 func readError(res *http.Response) *checkedAnswer {
-	bufp := answerPool.Get().(*[]byte)
-	buf, err := readAll(io.LimitReader(res.Body, maxErrorBody+1), (*bufp)[:0])
-	*bufp = buf
-	held := int64(cap(buf)) // bounded by maxErrorBody: counted, never refused
-	wire.Take(held)
-	if err == nil && len(buf) <= maxErrorBody && apiErrorShape(buf) {
-		return &checkedAnswer{bufp: bufp, rest: buf, held: held}
+	buf, err := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
+	if err != nil || len(buf) > maxErrorBody || !apiErrorShape(buf) {
+		return nil
 	}
-	putAnswer(bufp, held)
-	return nil
+	return &checkedAnswer{rest: buf}
 }
 
 // apiErrorShape reports whether b is a JSON object whose "error" is an
@@ -200,21 +194,4 @@ func apiErrorShape(b []byte) bool {
 		Error json.RawMessage `json:"error"`
 	}
 	return json.Unmarshal(b, &doc) == nil && len(doc.Error) > 0 && doc.Error[0] == '{'
-}
-
-// readAll is io.ReadAll into b.
-func readAll(r io.Reader, b []byte) ([]byte, error) {
-	for {
-		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)]
-		}
-		n, err := r.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if err == io.EOF {
-			return b, nil
-		}
-		if err != nil {
-			return b, err
-		}
-	}
 }
