@@ -11,6 +11,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 // The module's metrics. They are made once per process, so that counts
@@ -32,6 +33,7 @@ var metrics = struct {
 	pastCap         *prometheus.CounterVec
 	detached        prometheus.GaugeFunc
 	detachRefused   prometheus.CounterFunc
+	answerBytes     prometheus.GaugeFunc
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "vigthoria", Name: "requests_total",
@@ -84,6 +86,10 @@ var metrics = struct {
 		Namespace: "vigthoria", Name: "detached_refused_total",
 		Help: "Callers who left while max_detached calls were detached: their calls were cut at once and charged the most the upstream may bill.",
 	}, func() float64 { _, refused := proxy.Detached(); return float64(refused) }),
+	answerBytes: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "vigthoria", Name: "answer_buffered_bytes",
+		Help: "Bytes the upstream's answers hold in memory now, over the process: streams' events not yet whole, JSON answers read whole; bounded by max_buffered.",
+	}, func() float64 { return float64(wire.Held()) }),
 }
 
 // registerMetrics registers the collectors into a config's registry.
@@ -94,7 +100,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	for _, c := range append([]prometheus.Collector{
 		metrics.requests, metrics.tokens, metrics.upstreamLatency, metrics.firstByte,
 		metrics.activeStreams, metrics.modelsCache, metrics.retries, metrics.storeFallback, metrics.storeFailures,
-		metrics.keyFetchErrors, metrics.pastCap, metrics.detached, metrics.detachRefused,
+		metrics.keyFetchErrors, metrics.pastCap, metrics.detached, metrics.detachRefused, metrics.answerBytes,
 	}, alerts.Collectors()...) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

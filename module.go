@@ -4,6 +4,7 @@
 package vigthoria
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -384,6 +385,12 @@ type Handler struct {
 	// the bytes that arrive, never with what Content-Length announces.
 	// Default: 64 MiB, or four times max_body, or twice max_body per
 	// tier, whichever is largest.
+	//
+	// The upstream's answers held in memory (a stream's event until it
+	// is whole, up to 1 MiB; a JSON answer read whole before its status
+	// is sent, up to 1 MiB) have a budget of their own of the same size:
+	// past it, a stream ends with an upstream_stream_failed event and a
+	// JSON answer passes unchecked, as it comes.
 	MaxBuffered int64 `json:"max_buffered,omitempty"`
 
 	// How long to wait for the upstream's response headers. A non-streamed
@@ -761,6 +768,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Lockout:         time.Duration(h.UpstreamLockout),
 		MaxDetached:     int64(*h.MaxDetached),
 		DetachedTimeout: time.Duration(h.DetachedTimeout),
+		MaxAnswers:      h.MaxBuffered,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
@@ -938,6 +946,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		}
 		return h.serveOwn(w, r, p, now)
 	}
+	apiHeaders(w.Header())
 	ep, apiErr := proxy.Route(r.Method, p)
 	if apiErr != nil {
 		return refuse(w, r, "none", "unknown", apiErr)
@@ -994,6 +1003,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	call := new(proxy.Call)
 	var info wire.RequestInfo
 	forwarded := false
+	var running *keystore.Running // a stream's usage, recorded as it goes
 	defer func() {
 		if !forwarded {
 			h.settleAdmission(r, client, &a, keystore.Tokens{})
@@ -1006,8 +1016,12 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		// The ledger first: a limiter that forgets an account once it is
 		// settled reads its quota back from the ledger, which must then
 		// hold this request.
-		if (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models {
-			model := ledgerModel(info.Model, usage.Status)
+		recorded := (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models
+		model := ledgerModel(info.Model, usage.Status)
+		switch {
+		case running != nil:
+			h.keys.Ledger().Finish(running, model, end, used, recorded)
+		case recorded:
 			h.keys.Ledger().Add(client.ID, model, end, used)
 			if client.Minted != nil {
 				// The minting key's rows hold its users' usage: its
@@ -1054,6 +1068,10 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		defer metrics.activeStreams.Dec()
 	}
 	forwarded = true
+	if info.Stream {
+		// After forwarded: the settle that finishes it is sure to run.
+		running = h.recordStream(client, info.Model, call, a.Lease.Reserved)
+	}
 	var err error
 	if cached {
 		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), tier.modelFilter(), call)
@@ -1065,6 +1083,40 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		return nil
 	}
 	return err
+}
+
+// apiHeaders marks an API answer as the proxy's: never cached (it is one
+// caller's, and speaks of its limits), never read as another type than
+// its Content-Type says. The models cache sets its own Cache-Control
+// over this one. Both values share one allocation.
+func apiHeaders(h http.Header) {
+	v := []string{"nosniff", "no-store"}
+	h["X-Content-Type-Options"] = v[0:1:1]
+	h["Cache-Control"] = v[1:2:2]
+}
+
+// recordStream has the ledger record a stream's usage as it goes, once a
+// second (keystore.Running): its prompt's estimate and the output it
+// carried so far, from its first delta on, as a stream cut short is
+// charged (see charge). The meter reads one atomic counter.
+func (h *Handler) recordStream(client keystore.Client, model string, call *proxy.Call, reserved int64) *keystore.Running {
+	prompt := min(cmp.Or(call.Usage.Prompt, wire.PromptEstimate(int64(len(call.Body)))), reserved)
+	p, priced := h.price(model)
+	var also string
+	if client.Minted != nil {
+		also = client.Minted.KeyID
+	}
+	return h.keys.Ledger().Begin(client.ID, also, model, func() keystore.Tokens {
+		streamed := call.Streamed()
+		if streamed == 0 {
+			return keystore.Tokens{}
+		}
+		t := keystore.Tokens{Prompt: prompt, Completion: streamed}
+		if priced {
+			t.Cost = p.cost(t.Prompt, t.Completion)
+		}
+		return t
+	})
 }
 
 // upstreamExhausted is the 429 of a request while the upstream says the

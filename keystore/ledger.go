@@ -161,6 +161,8 @@ type Ledger struct {
 	// last two are folded into their hour (see foldSlots).
 	slots    map[ledgerKey]*UsageRow
 	refusals map[refusalKey]int64
+	// running are the uses recorded as they go (see Begin).
+	running map[*Running]struct{}
 	// unsure is a batch whose write failed: it may or may not have been
 	// applied, so it is written again as it is, before anything newer.
 	unsure *UsageBatch
@@ -181,7 +183,8 @@ type Ledger struct {
 
 func newLedger(logger *zap.Logger) *Ledger {
 	return &Ledger{pending: make(map[ledgerKey]*UsageRow), slots: make(map[ledgerKey]*UsageRow),
-		refusals: make(map[refusalKey]int64), writer: rand.Text(), logger: logger}
+		refusals: make(map[refusalKey]int64), running: make(map[*Running]struct{}),
+		writer: rand.Text(), logger: logger}
 }
 
 // Day formats t as the ledger's UTC day.
@@ -189,12 +192,97 @@ func Day(t time.Time) string { return t.UTC().Format(time.DateOnly) }
 
 // Add counts one request of client for model at t, which used tokens.
 func (l *Ledger) Add(client, model string, at time.Time, used Tokens) {
-	u := UsageRow{Requests: 1, PromptTokens: used.Prompt, CompletionTokens: used.Completion,
-		CachedTokens: used.Cached, ReasoningTokens: used.Reasoning, Cost: used.Cost}
 	l.mu.Lock()
+	l.add(client, model, at, rowOf(used, 1))
+	l.mu.Unlock()
+}
+
+// add adds u to the pending rows of client and model at t. The caller
+// holds l.mu.
+func (l *Ledger) add(client, model string, at time.Time, u UsageRow) {
 	addPending(l.pending, ledgerKey{client, l.dayName(at), model}, u)
 	addPending(l.slots, ledgerKey{client, l.slotName(at), model}, u)
+}
+
+func rowOf(t Tokens, requests int64) UsageRow {
+	return UsageRow{Requests: requests, PromptTokens: t.Prompt, CompletionTokens: t.Completion,
+		CachedTokens: t.Cached, ReasoningTokens: t.Reasoning, Cost: t.Cost}
+}
+
+// Running is a use that the ledger records while it goes on, a stream:
+// at each flush, once a second, it adds what the use's meter says was
+// used since the last, and Finish adds the rest of its final charge.
+// Its rows then add up to that charge, once; an instance that dies in
+// the middle of it (SIGKILL) has recorded all but its last second.
+type Running struct {
+	client, also string        // also: the minting key of a minted token's user, "" for none
+	model        string        // of the rows recorded while it runs
+	meter        func() Tokens // what was used so far; called under the ledger's lock, so cheap
+	recorded     Tokens        // guarded by the ledger's mu
+	counted      bool          // its request is in the rows
+}
+
+// Begin starts recording a use of client (and of also, when not "") for
+// model as it goes, by meter, which must be cheap and safe to call from
+// the ledger's flush: it reads what the use counted so far. Finish ends
+// it, on every way out.
+func (l *Ledger) Begin(client, also, model string, meter func() Tokens) *Running {
+	r := &Running{client: client, also: also, model: model, meter: meter}
+	l.mu.Lock()
+	l.running[r] = struct{}{}
 	l.mu.Unlock()
+	return r
+}
+
+// Finish ends r, whose use was finally charged used for model at t: the
+// rows get used less what was recorded of it while it ran, and its
+// request, if it was not counted yet and record is set (as Add would
+// count it). The final charge wins: when it is lower than what was
+// recorded (the upstream reported fewer tokens than were estimated), the
+// rest is a negative correction, so that the rows add up to the charge.
+func (l *Ledger) Finish(r *Running, model string, at time.Time, used Tokens, record bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.running, r)
+	if !record && !r.counted {
+		return
+	}
+	var requests int64
+	if !r.counted {
+		requests = 1
+	}
+	u := rowOf(minus(used, r.recorded), requests)
+	l.add(r.client, model, at, u)
+	if r.also != "" {
+		l.add(r.also, model, at, u)
+	}
+}
+
+// meterRunning adds to the pending rows what each running use used since
+// its last record. The caller holds l.mu.
+func (l *Ledger) meterRunning(at time.Time) {
+	for r := range l.running {
+		now := r.meter()
+		if now == r.recorded {
+			continue
+		}
+		var requests int64
+		if !r.counted {
+			requests, r.counted = 1, true
+		}
+		u := rowOf(minus(now, r.recorded), requests)
+		l.add(r.client, r.model, at, u)
+		if r.also != "" {
+			l.add(r.also, r.model, at, u)
+		}
+		r.recorded = now
+	}
+}
+
+// minus returns a less b, field by field.
+func minus(a, b Tokens) Tokens {
+	return Tokens{Prompt: a.Prompt - b.Prompt, Completion: a.Completion - b.Completion, Cached: a.Cached - b.Cached,
+		Reasoning: a.Reasoning - b.Reasoning, Cost: a.Cost - b.Cost}
 }
 
 // addPending adds u to the pending row k of m.
@@ -262,6 +350,7 @@ func (l *Ledger) flush(ctx context.Context) error {
 	}
 
 	l.mu.Lock()
+	l.meterRunning(time.Now())
 	if len(l.pending) == 0 && len(l.slots) == 0 && len(l.refusals) == 0 {
 		l.mu.Unlock()
 		return nil

@@ -384,3 +384,59 @@ func TestFormatCost(t *testing.T) {
 		}
 	}
 }
+
+// TestLedgerRecordsRunningUses: a running use is recorded at each flush
+// by what its meter says, for its caller and its minting key, its
+// request once; Finish adds the rest of its final charge, which wins
+// over what was recorded, so that the stored rows add up to the charge.
+func TestLedgerRecordsRunningUses(t *testing.T) {
+	for _, b := range usageBackends {
+		t.Run(b.name, func(t *testing.T) {
+			ctx, st, l := ledgerOn(t, b.open)
+			now := time.Now()
+			var used Tokens
+			r := l.Begin("mint:key_m:u", "key_m", "fast", func() Tokens { return used })
+			sum := func(client string) UsageRow {
+				t.Helper()
+				if err := l.flush(ctx); err != nil {
+					t.Fatal(err)
+				}
+				rows, err := st.UsageSince(ctx, client, Day(now))
+				if err != nil {
+					t.Fatal(err)
+				}
+				var s UsageRow
+				for _, row := range rows {
+					s.Add(row)
+				}
+				s.Client, s.Day, s.Model = "", "", ""
+				return s
+			}
+			if got := sum("key_m"); got != (UsageRow{}) {
+				t.Errorf("before any use: %+v, want nothing", got)
+			}
+			used = Tokens{Prompt: 40, Completion: 10, Cost: 5}
+			if got, want := sum("key_m"), (UsageRow{Requests: 1, PromptTokens: 40, CompletionTokens: 10, Cost: 5}); got != want {
+				t.Errorf("after a flush: %+v, want %+v", got, want)
+			}
+			used.Completion = 30
+			if got, want := sum("mint:key_m:u"), (UsageRow{Requests: 1, PromptTokens: 40, CompletionTokens: 30, Cost: 5}); got != want {
+				t.Errorf("after another: %+v, want %+v", got, want)
+			}
+			// The upstream reports a smaller prompt than estimated.
+			l.Finish(r, "fast", now, Tokens{Prompt: 25, Completion: 31, Cost: 4}, true)
+			used = Tokens{Prompt: 1000} // no longer read
+			for _, client := range []string{"mint:key_m:u", "key_m"} {
+				if got, want := sum(client), (UsageRow{Requests: 1, PromptTokens: 25, CompletionTokens: 31, Cost: 4}); got != want {
+					t.Errorf("%s after Finish: %+v, want its charge %+v", client, got, want)
+				}
+			}
+			// A use that never ran counts its request as Add does, or not.
+			l.Finish(l.Begin("key_x", "", "fast", func() Tokens { return Tokens{} }), "(not answered)", now, Tokens{}, true)
+			l.Finish(l.Begin("key_x", "", "fast", func() Tokens { return Tokens{} }), "fast", now, Tokens{}, false)
+			if got, want := sum("key_x"), (UsageRow{Requests: 1}); got != want {
+				t.Errorf("uses that never ran: %+v, want %+v", got, want)
+			}
+		})
+	}
+}

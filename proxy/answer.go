@@ -34,26 +34,46 @@ var errIdle error = idleError{}
 
 var answerPool = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
 
+// maxPooledAnswer keeps the pool's buffers to the size of common answers;
+// one grown for a larger answer is left to the collector.
+const maxPooledAnswer = 64 << 10
+
 // checkedAnswer is a JSON answer read whole: it is known to be complete
 // and well-formed before the client sees its status.
 type checkedAnswer struct {
 	bufp *[]byte
 	rest []byte
+	held int64 // bytes counted in the process's answers (wire.Hold)
 }
 
 // readAnswer reads a 2xx JSON answer whole, up to maxCheckedAnswer, into
 // into, and returns it. A body that breaks off, or is not JSON, is an
-// error, so the client gets a clean 502/504 instead of a truncated 200. A
-// longer body is returned unchecked, the part already read first.
-func readAnswer(res *http.Response, u *AnswerUsage, into *checkedAnswer) (io.ReadCloser, error) {
+// error, so the client gets a clean 502/504 instead of a truncated 200.
+// A longer body is returned unchecked, the part already read first, and
+// so is one for which the answers of the process have no more room
+// (limit, see wire.Hold): it passes as it comes, its usage read from its
+// end, rather than wait for memory.
+func readAnswer(res *http.Response, u *AnswerUsage, into *checkedAnswer, limit int64) (io.ReadCloser, error) {
 	bufp := answerPool.Get().(*[]byte)
 	buf := (*bufp)[:0]
-	if n := res.ContentLength; n > int64(cap(buf)) && n <= maxCheckedAnswer {
-		buf = make([]byte, 0, n)
+	held := int64(cap(buf))
+	wire.Take(held)
+	room := true
+	// A byte more than announced, to read the end without growing.
+	if n := res.ContentLength + 1; n > int64(cap(buf)) && n <= maxCheckedAnswer+1 {
+		if room = wire.Hold(n-held, limit); room {
+			buf, held = make([]byte, 0, n), n
+		}
 	}
-	for len(buf) <= maxCheckedAnswer {
+	for room && len(buf) <= maxCheckedAnswer {
 		if len(buf) == cap(buf) {
-			buf = append(buf, 0)[:len(buf)]
+			size := min(2*cap(buf), maxCheckedAnswer+1)
+			if room = wire.Hold(int64(size)-held, limit); !room {
+				break
+			}
+			grown := make([]byte, len(buf), size)
+			copy(grown, buf)
+			buf, held = grown, int64(size)
 		}
 		n, err := res.Body.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
@@ -62,25 +82,26 @@ func readAnswer(res *http.Response, u *AnswerUsage, into *checkedAnswer) (io.Rea
 		}
 		if err != nil {
 			*bufp = buf
-			putAnswer(bufp)
+			putAnswer(bufp, held)
 			res.Body.Close()
 			return nil, err
 		}
 	}
 	*bufp = buf
-	if len(buf) > maxCheckedAnswer {
-		// Too big to hold: the buffer is not returned to the pool.
-		return &jsonTap{src: prefixed{io.MultiReader(bytes.NewReader(buf), res.Body), res.Body}, usage: u}, nil
+	if !room || len(buf) > maxCheckedAnswer {
+		// Passed on as it comes; the part read is held until then, and
+		// its buffer is not returned to the pool.
+		return &jsonTap{src: prefixed{io.MultiReader(bytes.NewReader(buf), res.Body), res.Body}, usage: u, held: held}, nil
 	}
 	u.Bytes = int64(len(buf))
 	res.Body.Close()
 	if !wire.ValidJSON(buf) {
-		putAnswer(bufp)
+		putAnswer(bufp, held)
 		return nil, errBadAnswer
 	}
 	parseUsage(buf[max(len(buf)-jsonTailSize, 0):], u)
 	res.ContentLength = int64(len(buf))
-	*into = checkedAnswer{bufp: bufp, rest: buf}
+	*into = checkedAnswer{bufp: bufp, rest: buf, held: held}
 	return into, nil
 }
 
@@ -102,14 +123,17 @@ func (a *checkedAnswer) WriteTo(w io.Writer) (int64, error) {
 
 func (a *checkedAnswer) Close() error {
 	if a.bufp != nil {
-		putAnswer(a.bufp)
-		a.bufp, a.rest = nil, nil
+		putAnswer(a.bufp, a.held)
+		a.bufp, a.rest, a.held = nil, nil, 0
 	}
 	return nil
 }
 
-func putAnswer(bufp *[]byte) {
-	if cap(*bufp) <= 64<<10 {
+// putAnswer gives an answer's buffer back, with the held bytes it was
+// counted for: to the pool if it is of a common size.
+func putAnswer(bufp *[]byte, held int64) {
+	wire.Release(held)
+	if cap(*bufp) <= maxPooledAnswer {
 		*bufp = (*bufp)[:0]
 		answerPool.Put(bufp)
 	}

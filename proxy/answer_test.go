@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
 func TestReadAnswer(t *testing.T) {
@@ -32,7 +34,7 @@ func TestReadAnswer(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			u := new(AnswerUsage)
 			res := &http.Response{Body: &chunkedReader{chunks: append([]string(nil), tc.chunks...), err: tc.err}, ContentLength: -1}
-			body, err := readAnswer(res, u, new(checkedAnswer))
+			body, err := readAnswer(res, u, new(checkedAnswer), 1<<30)
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("error = %v, want %v", err, tc.wantErr)
 			}
@@ -105,5 +107,44 @@ func TestIdleBodyCountsOnlyTheWaitInRead(t *testing.T) {
 	src.release <- struct{}{} // the stand-in reader does not watch the context
 	if err := <-done; err != errIdle && err != nil {
 		t.Errorf("Read error = %v, want errIdle or none", err)
+	}
+}
+
+// TestAnswersHeldAreBounded: JSON answers read whole hold at most the
+// process's bound between them; past it an answer passes as it comes,
+// its usage still read from its end, and every byte is given back.
+func TestAnswersHeldAreBounded(t *testing.T) {
+	answer := `{"padding":"` + strings.Repeat("x", 200<<10) + `","usage":{"prompt_tokens":3,"completion_tokens":5}}`
+	before := wire.Held()
+	limit := before + 300<<10
+	var bodies []io.ReadCloser
+	passed := 0
+	for range 4 {
+		res := &http.Response{StatusCode: 200, Body: io.NopCloser(strings.NewReader(answer)), ContentLength: int64(len(answer))}
+		u := new(AnswerUsage)
+		body, err := readAnswer(res, u, new(checkedAnswer), limit)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if wire.Held() > limit {
+			t.Errorf("answers hold %d bytes, over the bound of %d", wire.Held()-before, limit-before)
+		}
+		if _, whole := body.(*checkedAnswer); !whole {
+			passed++
+			got, _ := io.ReadAll(body)
+			if string(got) != answer || !u.Reported || u.CompletionTokens != 5 {
+				t.Errorf("an answer passed as it came: %d bytes, usage %+v", len(got), u)
+			}
+		}
+		bodies = append(bodies, body)
+	}
+	if passed != 3 {
+		t.Errorf("%d of 4 answers passed unchecked, want 3", passed)
+	}
+	for _, b := range bodies {
+		b.Close()
+	}
+	if got := wire.Held(); got != before {
+		t.Errorf("%d bytes held after, want %d", got-before, 0)
 	}
 }

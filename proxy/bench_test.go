@@ -85,7 +85,7 @@ func BenchmarkSSETap(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		c := &Call{StripUsage: true}
-		body := newSSEBody(ctx, &eventReader{events: events}, logger, c)
+		body := newSSEBody(ctx, &eventReader{events: events}, logger, c, 1<<30)
 		n, err := drain(body, buf)
 		body.Close()
 		if err != nil || n != want {

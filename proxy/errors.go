@@ -1,8 +1,13 @@
 package proxy
 
 import (
+	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
 	"strconv"
+
+	"go.uber.org/zap"
 )
 
 // Error types and codes of the proxy's own answers, in the upstream API's
@@ -19,6 +24,7 @@ const (
 	CodeUpstreamAuth        = "upstream_auth_failed"
 	CodeUpstreamStream      = "upstream_stream_failed"
 	CodeUpstreamBadAnswer   = "upstream_bad_response"
+	CodeUpstreamError       = "upstream_error"
 )
 
 // APIError is an error answered by the proxy itself, written in the
@@ -114,4 +120,78 @@ var (
 	errUpstreamAuth        = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamAuth, Message: "The proxy could not authenticate with the upstream API. The operator has been notified."}
 	errUpstreamBadAnswer   = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamBadAnswer, Message: "The upstream API sent an answer that is not valid JSON. Please try again later."}
 	errUpstreamStream      = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamStream, Message: "The upstream API failed while streaming the answer. The answer is incomplete."}
+	errUpstreamNotAnswer   = &APIError{Status: http.StatusBadGateway, Type: TypeAPI, Code: CodeUpstreamBadAnswer, Message: "The upstream API sent something other than an answer of the API (a redirect, or content of another type). Please try again later."}
 )
+
+// errNotAnAnswer is an upstream answering with a redirect, or a 2xx of
+// another Content-Type than the API's for the request.
+var errNotAnAnswer = errors.New("upstream answer is not of the API's form")
+
+// maxErrorBody bounds the upstream error body that is read, checked and
+// passed on; a longer one is replaced by the proxy's own.
+const maxErrorBody = 16 << 10
+
+// errorAnswer returns the body of an upstream error answer (4xx or 5xx,
+// but 401 and 403), setting res's status and headers for it. A 4xx in
+// the API's shape (a JSON object whose "error" is an object, up to 16 KiB)
+// is passed on as it came: the caller's request is what it speaks of. Any
+// other 4xx, and every 5xx, whose body may be a page naming the
+// upstream's internals, is replaced by the proxy's own error: the same
+// 4xx status, or for a 5xx its status if the SDKs know it (500, 502,
+// 503, 504; they retry those), else 502.
+func errorAnswer(res *http.Response, logger *zap.Logger) io.ReadCloser {
+	status := res.StatusCode
+	var keep *checkedAnswer
+	if status < 500 && isJSON(res.Header.Get("Content-Type")) {
+		keep = readError(res)
+	}
+	res.Body.Close()
+	if keep != nil {
+		res.ContentLength = int64(len(keep.rest))
+		res.Header.Set("Content-Length", strconv.Itoa(len(keep.rest)))
+		return keep
+	}
+	e := &APIError{Status: status, Type: TypeInvalidRequest, Code: CodeUpstreamError,
+		Message: "The upstream API refused the request with status " + strconv.Itoa(status) + "."}
+	if status >= 500 {
+		switch status {
+		case http.StatusInternalServerError, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		default:
+			e.Status = http.StatusBadGateway
+		}
+		e.Type = TypeAPI
+		e.Message = "The upstream API failed with status " + strconv.Itoa(status) + ". Please try again later."
+	}
+	if ce := logger.Check(zap.InfoLevel, "upstream error answer replaced by the proxy's own"); ce != nil {
+		ce.Write(zap.Int("upstream_status", status), zap.String("content_type", res.Header.Get("Content-Type")))
+	}
+	body := append(e.appendJSON(make([]byte, 0, 128+len(e.Message))), '\n')
+	res.StatusCode, res.Status = e.Status, ""
+	res.ContentLength = int64(len(body))
+	h := res.Header
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Del("Content-Encoding")
+	h.Del("Content-Language")
+	return &checkedAnswer{rest: body}
+}
+
+// readError reads a 4xx JSON body, up to maxErrorBody, and returns it if
+// it is in the API's error shape, else nil. Its few KiB are not counted
+// in the answers' budget: they live as long as one write to the caller.
+func readError(res *http.Response) *checkedAnswer {
+	buf, err := io.ReadAll(io.LimitReader(res.Body, maxErrorBody+1))
+	if err != nil || len(buf) > maxErrorBody || !apiErrorShape(buf) {
+		return nil
+	}
+	return &checkedAnswer{rest: buf}
+}
+
+// apiErrorShape reports whether b is a JSON object whose "error" is an
+// object, as the API's errors are.
+func apiErrorShape(b []byte) bool {
+	var doc struct {
+		Error json.RawMessage `json:"error"`
+	}
+	return json.Unmarshal(b, &doc) == nil && len(doc.Error) > 0 && doc.Error[0] == '{'
+}

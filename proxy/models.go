@@ -15,6 +15,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	lru "github.com/hashicorp/golang-lru/v2"
+	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -182,6 +183,10 @@ func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Hand
 		if err := up.Forward(rec, req, &Endpoints[Models], next, c); err != nil {
 			return nil, err
 		}
+		if rec.over {
+			up.logger.Warn("upstream model list over 8 MiB; refused", zap.Int("status", rec.status))
+			return nil, errUpstreamBadAnswer
+		}
 		if rec.status != http.StatusOK {
 			return nil, &passThrough{status: rec.status, header: rec.header, body: rec.body.Bytes()}
 		}
@@ -303,11 +308,18 @@ func (p *passThrough) write(w http.ResponseWriter) error {
 	return err
 }
 
+// maxModelList bounds the model list kept from the upstream: the largest
+// known (an aggregator's hundreds of models, described) are a few MiB.
+const maxModelList = 8 << 20
+
 // recorder is the ResponseWriter of a fetch the proxy makes for itself.
+// It keeps at most maxModelList bytes of the body, and reads the rest
+// through, for its usage, as any answer is.
 type recorder struct {
 	header http.Header
 	status int
 	body   bytes.Buffer
+	over   bool // the body passed maxModelList
 }
 
 func (r *recorder) Header() http.Header { return r.header }
@@ -320,6 +332,10 @@ func (r *recorder) WriteHeader(status int) {
 
 func (r *recorder) Write(b []byte) (int, error) {
 	r.WriteHeader(http.StatusOK)
+	if r.over = r.over || r.body.Len()+len(b) > maxModelList; r.over {
+		r.body = bytes.Buffer{}
+		return len(b), nil
+	}
 	return r.body.Write(b)
 }
 

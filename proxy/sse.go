@@ -13,13 +13,14 @@ import (
 
 // newSSEBody returns the body that hands an upstream stream on to the
 // client in whole events (wire.SSE), counting and stripping for c, or
-// only ending a broken stream well when c is nil.
-func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger, c *Call) io.ReadCloser {
+// only ending a broken stream well when c is nil; limit bounds what the
+// answers of the process hold (wire.Hold).
+func newSSEBody(ctx context.Context, src io.ReadCloser, logger *zap.Logger, c *Call, limit int64) io.ReadCloser {
 	if c == nil {
-		return wire.NewSSE(ctx, src, &brokenStreamTap{logger})
+		return wire.NewSSE(ctx, src, &brokenStreamTap{logger}, limit)
 	}
 	c.logger = logger
-	c.stream.Init(ctx, src, (*callTap)(c))
+	c.stream.Init(ctx, src, (*callTap)(c), limit)
 	return &c.stream
 }
 
@@ -70,6 +71,7 @@ func (t *callTap) Ready() {
 	if t.Usage.FirstEvent == 0 {
 		t.Usage.FirstEvent = time.Since(t.start)
 	}
+	t.streamed.Store(t.Usage.Chunks) // for the ledger, while the stream runs: once a read
 }
 
 func (t *callTap) Broke(err error) []byte { return endBroken(t.logger, err) }

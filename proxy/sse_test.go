@@ -93,7 +93,7 @@ func TestSSEBody(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			src := &chunkedReader{chunks: append([]string(nil), tc.chunks...), err: tc.err}
-			b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
+			b := newSSEBody(context.Background(), src, zap.NewNop(), nil, 1<<30)
 			defer b.Close()
 			got, err := io.ReadAll(b)
 			if err != nil {
@@ -110,7 +110,7 @@ func TestSSEBodyPassesErrorWhenClientLeft(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	gone := errors.New("context canceled")
-	b := newSSEBody(ctx, &chunkedReader{chunks: []string{"data: {}\n\n", "data: {"}, err: gone}, zap.NewNop(), nil)
+	b := newSSEBody(ctx, &chunkedReader{chunks: []string{"data: {}\n\n", "data: {"}, err: gone}, zap.NewNop(), nil, 1<<30)
 	defer b.Close()
 	got, err := io.ReadAll(b)
 	if !errors.Is(err, gone) {
@@ -124,7 +124,7 @@ func TestSSEBodyPassesErrorWhenClientLeft(t *testing.T) {
 func TestSSEBodySmallReads(t *testing.T) {
 	// The reader of the body may ask for fewer bytes than an event holds.
 	src := &chunkedReader{chunks: []string{"data: " + strings.Repeat("x", 100) + "\n\ndata: [DONE]\n\n"}, err: io.EOF}
-	b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
+	b := newSSEBody(context.Background(), src, zap.NewNop(), nil, 1<<30)
 	defer b.Close()
 	var got []byte
 	p := make([]byte, 7)
@@ -143,17 +143,17 @@ func TestSSEBodySmallReads(t *testing.T) {
 	}
 }
 
-func TestSSEBodyLongEventIsBounded(t *testing.T) {
+func TestSSEBodyLongEventEndsTheStream(t *testing.T) {
 	long := "data: " + strings.Repeat("y", wire.MaxEventSize+10)
-	src := &chunkedReader{chunks: []string{long, "\n\ndata: [DONE]\n\n"}, err: io.EOF}
-	b := newSSEBody(context.Background(), src, zap.NewNop(), nil)
+	src := &chunkedReader{chunks: []string{"data: {}\n\n", long, "\n\ndata: [DONE]\n\n"}, err: io.EOF}
+	b := newSSEBody(context.Background(), src, zap.NewNop(), nil, 1<<30)
 	defer b.Close()
 	got, err := io.ReadAll(b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := long + "\n\ndata: [DONE]\n\n"; string(got) != want {
-		t.Errorf("an event over the bound was changed: got %d bytes, want %d", len(got), len(want))
+	if want := "data: {}\n\n" + string(errUpstreamStream.sseEvent()); string(got) != want {
+		t.Errorf("an event over the bound: got %.200q, want %q", got, want)
 	}
 }
 
@@ -204,7 +204,7 @@ func TestSSEBodyTapsUsage(t *testing.T) {
 			n := min(37, len(s))
 			chunks, s = append(chunks, s[:n]), s[n:]
 		}
-		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), c)
+		b := newSSEBody(context.Background(), &chunkedReader{chunks: chunks, err: io.EOF}, zap.NewNop(), c, 1<<30)
 		got, err := io.ReadAll(b)
 		b.Close()
 		if err != nil {
@@ -251,7 +251,7 @@ func TestParseUsageClearsGarbled(t *testing.T) {
 func TestCutStreamCountsToolCalls(t *testing.T) {
 	ev := `data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ab"}}]},"finish_reason":null}]}` + "\n\n"
 	c := new(Call)
-	b := newSSEBody(context.Background(), &chunkedReader{chunks: []string{strings.Repeat(ev, 400)}, err: io.ErrUnexpectedEOF}, zap.NewNop(), c)
+	b := newSSEBody(context.Background(), &chunkedReader{chunks: []string{strings.Repeat(ev, 400)}, err: io.ErrUnexpectedEOF}, zap.NewNop(), c, 1<<30)
 	io.Copy(io.Discard, b)
 	b.Close()
 	if c.Usage.Chunks != 400 {
@@ -268,7 +268,7 @@ func TestClosedEarlyReadsTheRest(t *testing.T) {
 	usage := `data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5000,"completion_tokens":3,"total_tokens":5003}}` + "\n\n"
 	c := new(Call)
 	gone, leave := context.WithCancel(context.Background())
-	b := newSSEBody(gone, &chunkedReader{chunks: []string{chunk, chunk, chunk, usage, "data: [DONE]\n\n"}, err: io.EOF}, zap.NewNop(), c)
+	b := newSSEBody(gone, &chunkedReader{chunks: []string{chunk, chunk, chunk, usage, "data: [DONE]\n\n"}, err: io.EOF}, zap.NewNop(), c, 1<<30)
 	if _, err := b.Read(make([]byte, 10)); err != nil {
 		t.Fatal(err)
 	}

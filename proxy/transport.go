@@ -32,7 +32,10 @@ type keyTransport struct {
 	exhausted     *exhaustion
 	idleTimeout   time.Duration // longest silence in a body after its headers; 0: none
 	detach        DetachPolicy  // what a call whose caller left may still do
-	logger        *zap.Logger
+	// maxAnswers bounds the bytes the answers of the process hold at
+	// once (wire.Hold): streams' buffers, JSON answers read whole.
+	maxAnswers int64
+	logger     *zap.Logger
 }
 
 // RoundTrip implements http.RoundTripper. It leaves req untouched, as the
@@ -97,11 +100,27 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if c != nil {
 		c.Usage.Status = res.StatusCode
 	}
-	switch ct := res.Header.Get("Content-Type"); {
+	ct := res.Header.Get("Content-Type")
+	switch {
+	case res.StatusCode >= 400:
+		res.Body = errorAnswer(res, t.logger)
+	case res.StatusCode >= 300 || !answerType(ct, c):
+		// A redirect (never followed: it would take the server key or
+		// the caller elsewhere), or an answer of another type than the
+		// API's (a captive portal's page, a CDN's, an HTML error): not
+		// an answer, and not billed as one.
+		discard(res)
+		if c != nil {
+			c.Usage.Status = http.StatusBadGateway
+		}
+		if ce := t.logger.Check(zap.WarnLevel, "upstream answered with something other than the API's JSON or event stream; refused"); ce != nil {
+			ce.Write(zap.Int("upstream_status", res.StatusCode), zap.String("content_type", ct))
+		}
+		return nil, errNotAnAnswer
 	case isEventStream(ct):
-		res.Body = newSSEBody(req.Context(), res.Body, t.logger, c)
-	case c != nil && res.StatusCode < 300:
-		body, err := readAnswer(res, &c.Usage, &c.answer)
+		res.Body = newSSEBody(req.Context(), res.Body, t.logger, c, t.maxAnswers)
+	case c != nil:
+		body, err := readAnswer(res, &c.Usage, &c.answer, t.maxAnswers)
 		if err != nil {
 			c.Usage.Status = 0 // nothing usable was answered
 			return nil, err
@@ -115,6 +134,19 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	return res, nil
+}
+
+// answerType reports whether a 2xx answer's Content-Type is what c asked
+// for: text/event-stream for a stream, application/json for anything
+// else; either when there is no call to tell.
+func answerType(contentType string, c *Call) bool {
+	switch {
+	case c == nil:
+		return isEventStream(contentType) || isJSON(contentType)
+	case c.Usage.Stream:
+		return isEventStream(contentType)
+	}
+	return isJSON(contentType)
 }
 
 // headerPool recycles the header maps of the requests that go upstream.
@@ -214,17 +246,19 @@ func upstreamHeader(canonical string) bool {
 // downstreamHeader reports whether an upstream response header (canonical
 // name) reaches the caller. It is an allowlist too, so that no cookie, no
 // identifier of the upstream account (OpenAI-Organization, OpenAI-Project,
-// and whatever an upstream adds tomorrow) and nothing about the upstream's
-// own host (Strict-Transport-Security, Alt-Svc, Server) crosses: the
-// answer's content headers, caching validators, the retry hints the SDKs
-// read (Retry-After, Retry-After-Ms, X-Should-Retry), the request ID and
-// timing (X-Request-Id, OpenAI-Processing-Ms, OpenAI-Version), and the
-// upstream's own X-RateLimit-Limit/Remaining/Reset. The caller's own
-// limit headers and CORS headers are the proxy's, set after this.
+// and whatever an upstream adds tomorrow), nothing about the upstream's
+// own host (Strict-Transport-Security, Alt-Svc, Server) and none of its
+// caching headers (Cache-Control, Expires, Vary, ETag, Last-Modified,
+// Age: API answers are the proxy's, Cache-Control: no-store, and the
+// models cache sets its own) crosses: the answer's content headers, the
+// retry hints the SDKs read (Retry-After, Retry-After-Ms,
+// X-Should-Retry), the request ID and timing (X-Request-Id,
+// OpenAI-Processing-Ms, OpenAI-Version), and the upstream's own
+// X-RateLimit-Limit/Remaining/Reset. The caller's own limit headers and
+// CORS headers are the proxy's, set after this.
 func downstreamHeader(canonical string) bool {
 	switch canonical {
-	case "Content-Type", "Content-Length", "Content-Encoding", "Content-Language",
-		"Cache-Control", "Etag", "Last-Modified", "Vary", "Date",
+	case "Content-Type", "Content-Length", "Content-Encoding", "Content-Language", "Date",
 		"Retry-After", "Retry-After-Ms", "X-Should-Retry",
 		"X-Request-Id", "Openai-Processing-Ms", "Openai-Version",
 		"X-Ratelimit-Limit", "X-Ratelimit-Remaining", "X-Ratelimit-Reset":
@@ -320,13 +354,20 @@ func (c tracedContext) Value(key any) any {
 }
 
 // isEventStream reports whether a Content-Type is text/event-stream, with
-// or without parameters. It runs on every answer, so it compares instead
-// of parsing.
-func isEventStream(contentType string) bool {
-	const sse = "text/event-stream"
-	if len(contentType) < len(sse) || !strings.EqualFold(contentType[:len(sse)], sse) {
+// or without parameters.
+func isEventStream(contentType string) bool { return isMediaType(contentType, "text/event-stream") }
+
+// isJSON reports whether a Content-Type is application/json, with or
+// without parameters.
+func isJSON(contentType string) bool { return isMediaType(contentType, "application/json") }
+
+// isMediaType reports whether contentType is the media type mt (lower
+// case), with or without parameters. It runs on every answer, so it
+// compares instead of parsing.
+func isMediaType(contentType, mt string) bool {
+	if len(contentType) < len(mt) || !strings.EqualFold(contentType[:len(mt)], mt) {
 		return false
 	}
-	rest := strings.TrimLeft(contentType[len(sse):], " \t")
+	rest := strings.TrimLeft(contentType[len(mt):], " \t")
 	return rest == "" || rest[0] == ';'
 }

@@ -164,6 +164,7 @@ func BenchmarkKeyTransportCall(b *testing.B) {
 	for b.Loop() {
 		c := new(Call)
 		c.Usage.Watch(caller)
+		c.Usage.Stream = true
 		vars[callVar] = c
 		res, err := t.RoundTrip(req)
 		if err != nil {

@@ -54,6 +54,10 @@ type Config struct {
 	// caller left (0: none does), DetachedTimeout how long each may.
 	MaxDetached     int64
 	DetachedTimeout time.Duration
+	// MaxAnswers bounds the bytes that the answers of the process hold
+	// in memory at once (see wire.Hold): a stream's event past it ends
+	// the stream, a JSON answer past it passes unchecked, as it comes.
+	MaxAnswers int64
 }
 
 // Upstream forwards admitted requests to the API through Caddy's own
@@ -165,6 +169,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		exhausted:     up.exhausted,
 		idleTimeout:   cfg.IdleTimeout,
 		detach:        DetachPolicy{Max: cfg.MaxDetached, Timeout: cfg.DetachedTimeout, cut: cut},
+		maxAnswers:    cfg.MaxAnswers,
 		logger:        up.logger,
 	}
 	return up, nil
@@ -205,6 +210,8 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 	case errors.Is(he.Err, errBadAnswer):
 		up.logger.Warn("upstream answered 2xx with a body that is not JSON", zap.String("endpoint", ep.Name))
 		return errUpstreamBadAnswer
+	case errors.Is(he.Err, errNotAnAnswer):
+		return errUpstreamNotAnswer
 	case he.StatusCode == http.StatusGatewayTimeout:
 		return errUpstreamTimeout
 	case he.StatusCode == 499:

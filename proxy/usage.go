@@ -96,13 +96,19 @@ type Call struct {
 	// Usage is filled in as the answer passes.
 	Usage AnswerUsage
 
-	start  time.Time     // when Forward began, for the latencies
-	answer checkedAnswer // a JSON answer, once read whole
-	stream callStream    // a stream's body
-	watch  watch         // on the caller, for a request the upstream may bill
-	logger *zap.Logger   // the transport's, for a stream broken off
-	trace  httptrace.ClientTrace
+	streamed atomic.Int64  // Usage.Chunks, for Streamed
+	start    time.Time     // when Forward began, for the latencies
+	answer   checkedAnswer // a JSON answer, once read whole
+	stream   callStream    // a stream's body
+	watch    watch         // on the caller, for a request the upstream may bill
+	logger   *zap.Logger   // the transport's, for a stream broken off
+	trace    httptrace.ClientTrace
 }
+
+// Streamed returns the output tokens the call's stream carried so far,
+// as Usage.Chunks counts them; unlike it, it may be read while the stream
+// runs, from any goroutine.
+func (c *Call) Streamed() int64 { return c.streamed.Load() }
 
 // traceUpstream returns the client trace of the call's request going
 // upstream: it refuses a 1xx other than 100, and marks c.Usage sent once
@@ -144,6 +150,7 @@ type jsonTap struct {
 	usage *AnswerUsage
 	tail  []byte
 	done  bool
+	held  int64 // bytes of its start counted in the process's answers
 }
 
 func (j *jsonTap) Read(p []byte) (int, error) {
@@ -176,6 +183,8 @@ func (j *jsonTap) Close() error {
 	if !j.done {
 		_, _ = io.Copy(io.Discard, j)
 	}
+	wire.Release(j.held)
+	j.held = 0
 	return j.src.Close()
 }
 

@@ -253,7 +253,7 @@ func TestUpstreamErrorsAreTypedAndHeadersPass(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			e.upstream.SetBehavior(standin.Behavior{FailStatus: tc.status, FailCount: 1})
 			_, err := e.client.Chat.Completions.New(t.Context(), chatParams("hi"))
-			wantOpenAIError(t, err, tc.status, "server_error")
+			wantOpenAIError(t, err, tc.status, "upstream_error")
 		})
 	}
 

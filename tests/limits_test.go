@@ -201,7 +201,7 @@ func TestTokensReservedThenSettled(t *testing.T) {
 	t.Run("an upstream error refunds", func(t *testing.T) {
 		e.upstream.SetBehavior(standin.Behavior{FailStatus: 500, FailCount: 1})
 		_, err := client.Chat.Completions.New(t.Context(), params)
-		wantOpenAIError(t, err, 500, "server_error")
+		wantOpenAIError(t, err, 500, "upstream_error")
 		if u2, _ := e.usage(t, key); u2.Limits.Tokens.Remaining != 100000-used {
 			t.Errorf("after an upstream 500: %d remaining, want the %d before", u2.Limits.Tokens.Remaining, 100000-used)
 		}

@@ -169,7 +169,7 @@ func TestRetries(t *testing.T) {
 		calls := e.upstream.Count()
 		begin := time.Now()
 		_, err := e.client.Chat.Completions.New(t.Context(), chatParams("no wait"))
-		wantOpenAIError(t, err, http.StatusServiceUnavailable, "server_error")
+		wantOpenAIError(t, err, http.StatusServiceUnavailable, "upstream_error")
 		if e.upstream.Count() != calls+1 || time.Since(begin) > 5*time.Second {
 			t.Errorf("%d attempts in %v, want one, answered at once", e.upstream.Count()-calls, time.Since(begin))
 		}

@@ -1,6 +1,8 @@
 package standin
 
 import (
+	"bytes"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -198,7 +200,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	h.Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
 
-	e := events{w: w, rc: http.NewResponseController(w), done: r.Context().Done(), delay: b.ChunkDelay, buf: s.getBuf()}
+	e := events{w: w, rc: http.NewResponseController(w), done: r.Context().Done(), delay: b.ChunkDelay, buf: s.getBuf(), lineEnd: b.LineEnd}
 	defer s.putBuf(e.buf)
 	defer e.stop()
 
@@ -212,7 +214,12 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	sent := 0
 	for tok := range a.tokens {
 		for i := range a.choices {
-			if !e.send(a.appendChunk(e.scratch(), i, tok)) {
+			ev := a.appendChunk(e.scratch(), i, tok)
+			if tok == 0 && i == 0 && b.LongEvent > 0 {
+				if !e.sendLong(ev, b.LongEvent, b.LongEventOpen) {
+					return
+				}
+			} else if !e.send(ev) {
 				return
 			}
 			s.written.Add(1)
@@ -260,6 +267,8 @@ type events struct {
 	timer *time.Timer // reused between events
 	sent  int
 	buf   *[]byte // pooled; events are built in it one at a time
+	// lineEnd ends the events' lines instead of "\n": Behavior.LineEnd.
+	lineEnd string
 }
 
 // scratch returns the event buffer, emptied.
@@ -282,9 +291,47 @@ func (e *events) send(ev []byte) bool {
 	}
 	*e.buf = ev // keep the buffer as grown
 	e.sent++
+	if e.lineEnd != "" {
+		ev = bytes.ReplaceAll(ev, []byte("\n"), []byte(e.lineEnd))
+	}
 	if _, err := e.w.Write(ev); err != nil {
 		return false
 	}
+	return e.rc.Flush() == nil
+}
+
+// sendLong sends ev, a content chunk, with its output padded by size
+// bytes from the shared buffer; open leaves out its blank line and holds
+// the connection until the client leaves.
+func (e *events) sendLong(ev []byte, size int, open bool) bool {
+	*e.buf = ev
+	i := bytes.Index(ev, []byte(`"content":"`)) + len(`"content":"`)
+	if i < len(`"content":"`) {
+		i = bytes.Index(ev, []byte(`"text":"`)) + len(`"text":"`)
+	}
+	end := len(ev) - 2 // the blank line
+	if _, err := e.w.Write(ev[:i]); err != nil {
+		return false
+	}
+	if writePadding(e.w, size) != nil {
+		return false
+	}
+	if _, err := e.w.Write(ev[i:end]); err != nil {
+		return false
+	}
+	if open {
+		_ = e.rc.Flush()
+		<-e.done
+		return false
+	}
+	blank := "\n\n"
+	if e.lineEnd != "" {
+		blank = e.lineEnd + e.lineEnd
+	}
+	if _, err := io.WriteString(e.w, blank); err != nil {
+		return false
+	}
+	e.sent++
 	return e.rc.Flush() == nil
 }
 
@@ -308,6 +355,28 @@ func breakWhole(w http.ResponseWriter, r *http.Request, body []byte, b *Behavior
 		return
 	}
 	reset(w)
+}
+
+// writePadded sends body with a "padding" field of b.Padding bytes
+// first, from the shared buffer; with b.StallMidBody it stops right after
+// the padding, and holds the connection until the client leaves.
+func writePadded(w http.ResponseWriter, r *http.Request, body []byte, b *Behavior) {
+	const open = `{"padding":"`
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(open)+b.Padding+2+len(body)-1))
+	w.WriteHeader(http.StatusOK)
+	_, _ = io.WriteString(w, open)
+	if writePadding(w, b.Padding) != nil {
+		return
+	}
+	if b.StallMidBody > 0 {
+		_ = http.NewResponseController(w).Flush()
+		<-r.Context().Done()
+		return
+	}
+	_, _ = io.WriteString(w, `",`)
+	_, _ = w.Write(body[1:])
 }
 
 // reset flushes what was written and resets the connection (TCP RST), as

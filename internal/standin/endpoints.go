@@ -191,6 +191,11 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 	out := s.getBuf()
 	defer s.putBuf(out)
 	*out = a.appendWhole(*out)
+	if b.Padding > 0 {
+		writePadded(w, r, *out, b)
+		s.written.Add(int64(a.tokens * a.choices))
+		return
+	}
 	if b.StallMidBody > 0 || b.ResetMidBody > 0 {
 		breakWhole(w, r, *out, b)
 		return

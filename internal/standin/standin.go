@@ -169,6 +169,30 @@ type Behavior struct {
 	// answer instead of its words, as an API counts images, files or
 	// dense scripts: far above what the request's bytes suggest.
 	PromptTokens int
+
+	// What follows makes answers that are not the API's, as a broken or
+	// hostile upstream (or a proxy, captive portal or CDN in front of it)
+	// sends them.
+
+	// ContentType, if set, is the Content-Type of every answer instead
+	// of its own, whatever its status: a 200 as text/html, say.
+	ContentType string
+	// Redirect, if set, answers every request with 302 Found to it.
+	Redirect string
+	// LineEnd, if set, ends every line of a stream's events instead of
+	// "\n": "\r" or "\r\n", as the SSE format allows.
+	LineEnd string
+	// LongEvent, if positive, pads a stream's first content delta to
+	// about this many bytes; LongEventOpen then never sends that event's
+	// blank line, and holds the connection, silent, until the client
+	// leaves. The padding is written from one buffer shared by every
+	// answer, so that many such answers cost the server nothing.
+	LongEvent     int
+	LongEventOpen bool
+	// Padding, if positive, adds a field "padding" of this many bytes to
+	// a whole completion answer, before its choices; with StallMidBody
+	// the answer stops right after it. Written from the shared buffer.
+	Padding int
 }
 
 // Cap is the output cap a completion request was given, as the server
@@ -423,6 +447,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.Set("Set-Cookie", "__cf_bm=standin; path=/; HttpOnly; Secure")
 	}
 
+	if b.ContentType != "" {
+		w = typedWriter{w, b.ContentType}
+	}
 	if b.Informational == http.StatusSwitchingProtocols {
 		switchProtocols(w)
 		return
@@ -443,6 +470,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			msg = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
 		}
 		writeError(w, http.StatusUnauthorized, "authentication_error", "invalid_api_key", "", msg)
+	case b.Redirect != "":
+		w.Header().Set("Location", b.Redirect)
+		w.Header().Set("Content-Type", "text/html")
+		w.WriteHeader(http.StatusFound)
+		_, _ = io.WriteString(w, "<a href=\""+b.Redirect+"\">Found</a>.\n")
 	case st.fail():
 		writeFailure(w, b)
 	case b.Garbage:
@@ -660,6 +692,42 @@ func switchProtocols(w http.ResponseWriter) {
 		return
 	}
 	_, _ = io.Copy(io.Discard, conn)
+}
+
+// typedWriter gives an answer another Content-Type than its own.
+type typedWriter struct {
+	http.ResponseWriter
+	contentType string
+}
+
+func (w typedWriter) WriteHeader(status int) {
+	w.Header().Set("Content-Type", w.contentType)
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w typedWriter) Write(p []byte) (int, error) {
+	if w.Header().Get("Content-Type") != w.contentType {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (w typedWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// padding is the shared buffer long events and padded answers are
+// written from: JSON string content, needing no escape.
+var padding = bytes.Repeat([]byte("x"), 64<<10)
+
+// writePadding writes n bytes of padding to w, from the shared buffer.
+func writePadding(w io.Writer, n int) error {
+	for n > 0 {
+		k, err := w.Write(padding[:min(n, len(padding))])
+		if err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
 }
 
 // sleep waits d and reports whether ctx was still alive throughout.

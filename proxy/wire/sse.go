@@ -3,17 +3,32 @@ package wire
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"sync"
 )
 
-// MaxEventSize bounds what an SSE body holds back while it waits for the end
-// of an event; a longer event is passed on as it comes, unaligned.
+// MaxEventSize bounds one event of a stream, its blank line included: a
+// longer event ends the stream (ErrEventTooLarge), since no API's event
+// comes near it and holding it would let an upstream fill memory.
 const MaxEventSize = 1 << 20
 
-var ssePool = sync.Pool{New: func() any { b := make([]byte, 0, 8<<10); return &b }}
+// firstBuffer is the size of a stream's first buffer, the only size the
+// pool keeps: a buffer grown for a long event is dropped with its stream.
+const firstBuffer = 8 << 10
+
+var ssePool = sync.Pool{New: func() any { b := make([]byte, 0, firstBuffer); return &b }}
 
 var doneEvent = []byte("data: [DONE]")
+
+// Errors that end a stream early, told to the tap's Broke.
+var (
+	// ErrEventTooLarge is an event longer than MaxEventSize.
+	ErrEventTooLarge = errors.New("the upstream sent an event longer than 1 MiB")
+	// ErrAnswersBusy is an event that would take the answers held in
+	// memory over their bound (see Hold).
+	ErrAnswersBusy = errors.New("the answers held in memory are at their bound")
+)
 
 // EventTap is told what passes through an SSE body. Its methods run on
 // the goroutine that reads the body.
@@ -25,8 +40,9 @@ type EventTap interface {
 	// events ready for the client; the first time, the stream's first.
 	Ready()
 	// Broke is told that the upstream broke the stream off, or ended it
-	// before "data: [DONE]", while the client was still there. It returns
-	// the event that ends the stream instead.
+	// before "data: [DONE]", or sent an event the stream cannot hold,
+	// while the client was still there. It returns the event that ends
+	// the stream instead.
 	Broke(err error) (event []byte)
 }
 
@@ -36,34 +52,46 @@ type EventTap interface {
 // "data: [DONE]", with a well-formed error event and a clean end, instead
 // of a silent truncation the client may take for a complete answer.
 //
+// Lines may end with CRLF, LF or CR alone, as the format allows; a CR
+// alone is passed on as LF, so that the client's parser needs to know
+// only the common two. Its buffer starts at 8 KiB and grows for a long
+// event, up to MaxEventSize, while the process's answers have room for
+// it (see Hold); past either bound the stream ends as broken.
+//
 // It is not safe for concurrent use; the reverse proxy reads it from one
 // goroutine.
 type SSE struct {
 	src io.ReadCloser
 	ctx context.Context // the client's request: if it ended, errors pass through
 	tap EventTap
+	// limit bounds the bytes all answers of the process may hold (Hold).
+	limit int64
 
-	bufp  *[]byte // pooled storage of buf
+	bufp  *[]byte // pooled storage of buf, while buf is the pool's
 	buf   []byte  // bytes read from src and not yet returned
+	held  int64   // bytes of buf counted in the process's answers
 	start int     // buf[start:ready] are whole events to return
 	ready int
 	done  bool  // saw data: [DONE]
+	cr    bool  // the last byte read was a CR, passed on as LF: an LF next is its pair
 	err   error // returned once buf[start:ready] is empty
 }
 
 // NewSSE returns the SSE body reading src for the client whose request is
-// ctx, telling tap what passes.
-func NewSSE(ctx context.Context, src io.ReadCloser, tap EventTap) *SSE {
+// ctx, telling tap what passes; limit bounds the bytes that the answers
+// of the process may hold, as Hold does.
+func NewSSE(ctx context.Context, src io.ReadCloser, tap EventTap, limit int64) *SSE {
 	b := new(SSE)
-	b.Init(ctx, src, tap)
+	b.Init(ctx, src, tap, limit)
 	return b
 }
 
 // Init makes b the SSE body reading src, as NewSSE does, for a body kept
 // in a larger struct.
-func (b *SSE) Init(ctx context.Context, src io.ReadCloser, tap EventTap) {
+func (b *SSE) Init(ctx context.Context, src io.ReadCloser, tap EventTap, limit int64) {
 	bufp := ssePool.Get().(*[]byte)
-	*b = SSE{src: src, ctx: ctx, tap: tap, bufp: bufp, buf: (*bufp)[:0]}
+	*b = SSE{src: src, ctx: ctx, tap: tap, limit: limit, bufp: bufp, buf: (*bufp)[:0], held: firstBuffer}
+	Take(firstBuffer)
 }
 
 // Drain reads what is left of the stream and drops it, telling the tap of
@@ -104,17 +132,18 @@ func (b *SSE) fill() {
 		b.start = 0
 	}
 	if len(b.buf) == cap(b.buf) {
-		b.buf = append(b.buf, 0)[:len(b.buf)]
+		if err := b.grow(); err != nil {
+			b.end(err)
+			return
+		}
 	}
 	n, err := b.src.Read(b.buf[len(b.buf):cap(b.buf)])
 	scanFrom := max(len(b.buf)-2, b.ready)
 	b.buf = b.buf[:len(b.buf)+n]
+	b.lineEnds(len(b.buf) - n)
 	b.scan(scanFrom)
 	if b.ready > 0 {
 		b.tap.Ready()
-	}
-	if len(b.buf)-b.ready > MaxEventSize {
-		b.ready = len(b.buf)
 	}
 	switch {
 	case err == nil:
@@ -126,9 +155,66 @@ func (b *SSE) fill() {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
 		}
-		b.buf = append(b.buf[:b.ready], b.tap.Broke(err)...)
-		b.ready = len(b.buf)
-		b.err = io.EOF
+		b.end(err)
+	}
+}
+
+// end ends the stream after its whole events: with the tap's event for
+// err while the client is there, at once when it is gone.
+func (b *SSE) end(err error) {
+	if b.ctx.Err() != nil {
+		b.err = err
+		return
+	}
+	b.buf = append(b.buf[:b.ready], b.tap.Broke(err)...)
+	b.ready = len(b.buf)
+	b.err = io.EOF
+}
+
+// grow doubles the full buffer, which then holds one torn event (fill
+// dropped what was returned), up to MaxEventSize, if the process's
+// answers have room for it.
+func (b *SSE) grow() error {
+	size := min(2*cap(b.buf), MaxEventSize)
+	if size == cap(b.buf) {
+		return ErrEventTooLarge
+	}
+	more := int64(size - cap(b.buf))
+	if !Hold(more, b.limit) {
+		return ErrAnswersBusy
+	}
+	b.held += more
+	grown := make([]byte, len(b.buf), size)
+	copy(grown, b.buf)
+	b.buf = grown
+	return nil
+}
+
+// lineEnds passes each CR alone in buf[from:] on as LF. A CR that ends
+// what was read is taken as a line's end at once, so that an event it
+// completes is not held back; an LF that follows it in the next read is
+// its pair, and is dropped.
+func (b *SSE) lineEnds(from int) {
+	if b.cr && from < len(b.buf) && b.buf[from] == '\n' {
+		b.buf = append(b.buf[:from], b.buf[from+1:]...)
+	}
+	if from < len(b.buf) {
+		b.cr = false
+	}
+	for i := from; ; {
+		j := bytes.IndexByte(b.buf[i:], '\r')
+		if j < 0 {
+			return
+		}
+		i += j
+		switch {
+		case i+1 == len(b.buf):
+			b.buf[i], b.cr = '\n', true
+			return
+		case b.buf[i+1] != '\n':
+			b.buf[i] = '\n'
+		}
+		i++
 	}
 }
 
@@ -173,15 +259,18 @@ func (b *SSE) event(start, end int) int {
 	return end
 }
 
-// Close closes the upstream body and returns the buffer to the pool.
+// Close closes the upstream body, returns a first-size buffer to the
+// pool (one grown for a long event is left to the collector) and its
+// bytes to the process's answers.
 func (b *SSE) Close() error {
 	err := b.src.Close()
 	if b.bufp != nil {
-		if cap(b.buf) <= 64<<10 {
+		if cap(b.buf) == firstBuffer {
 			*b.bufp = b.buf[:0]
 			ssePool.Put(b.bufp)
 		}
-		b.bufp, b.buf = nil, nil
+		Release(b.held)
+		b.bufp, b.buf, b.held = nil, nil, 0
 	}
 	return err
 }
