@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
@@ -148,20 +149,20 @@ type prefixed struct {
 func (p prefixed) Close() error { return p.src.Close() }
 
 // idleBody cuts an upstream body that stays silent longer than timeout,
-// by cancelling its request with errIdle as the cause. Only the time spent
-// waiting in Read counts: a client that reads slowly holds the proxy back
-// from reading, and that is not the upstream's silence.
+// by cancelling its request. Only the time spent waiting in Read counts: a
+// client that reads slowly holds the proxy back from reading, and that is
+// not the upstream's silence.
 type idleBody struct {
 	src     io.ReadCloser
-	ctx     context.Context
 	cancel  context.CancelCauseFunc
 	timer   *time.Timer
 	timeout time.Duration
+	idled   atomic.Bool // the timer cut the request: a read's error is errIdle
 }
 
-func newIdleBody(src io.ReadCloser, ctx context.Context, cancel context.CancelCauseFunc, timeout time.Duration) *idleBody {
-	b := &idleBody{src: src, ctx: ctx, cancel: cancel, timeout: timeout}
-	b.timer = time.AfterFunc(timeout, func() { cancel(errIdle) })
+func newIdleBody(src io.ReadCloser, cancel context.CancelCauseFunc, timeout time.Duration) *idleBody {
+	b := &idleBody{src: src, cancel: cancel, timeout: timeout}
+	b.timer = time.AfterFunc(timeout, func() { b.idled.Store(true); cancel(errIdle) })
 	b.timer.Stop() // armed by each Read
 	return b
 }
@@ -170,7 +171,7 @@ func (b *idleBody) Read(p []byte) (int, error) {
 	b.timer.Reset(b.timeout)
 	n, err := b.src.Read(p)
 	b.timer.Stop()
-	if err != nil && err != io.EOF && context.Cause(b.ctx) == errIdle {
+	if err != nil && err != io.EOF && b.idled.Load() {
 		err = errIdle
 	}
 	return n, err

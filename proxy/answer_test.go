@@ -79,7 +79,7 @@ func TestIdleBodyCountsOnlyTheWaitInRead(t *testing.T) {
 	const timeout = 50 * time.Millisecond
 	ctx, cancel := context.WithCancelCause(context.Background())
 	src := &blockingReader{release: make(chan struct{}, 1)}
-	b := newIdleBody(src, ctx, cancel, timeout)
+	b := newIdleBody(src, cancel, timeout)
 	defer b.Close()
 
 	// A slow reader: long pauses between Reads, each Read answered at once.

@@ -68,30 +68,158 @@ const (
 )
 
 // watch is a call's watch on its caller, which decides whether the
-// upstream request ends with it.
+// upstream request ends with it, and the context of that request: the
+// caller's values (and the call's trace) without its cancellation, done
+// when the watch ends it. It is its call's, so a call allocates no
+// context of its own. It implements AfterFunc, so that the transport's
+// context under it is ended through it, without a goroutine.
 type watch struct {
+	caller context.Context // its values; never its cancellation
+	trace  context.Context // the call's client trace, looked up first
 	policy *DetachPolicy
-	cancel context.CancelCauseFunc // ends the upstream request
 
 	mu      sync.Mutex // protects the fields below
 	state   int
-	stop    func() bool // stops watching the caller's context
-	timer   *time.Timer // detached_timeout, once detached
-	stopCut func() bool // stops watching policy.cut, once detached
+	ended   bool          // the request was ended
+	cause   error         // why, if not as the call ended
+	done    chan struct{} // made by Done
+	after   func()        // run once it ends (AfterFunc)
+	more    []*func()     // and these, past the first
+	stop    func() bool   // stops watching the caller's context
+	timer   *time.Timer   // detached_timeout, once detached
+	stopCut func() bool   // stops watching policy.cut, once detached
+}
+
+// closedDone is the Done of a watch asked for it once it had ended.
+var closedDone = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+func (*watch) Deadline() (time.Time, bool) { return time.Time{}, false }
+
+func (w *watch) Done() <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done == nil {
+		w.done = make(chan struct{})
+		if w.ended {
+			w.done = closedDone
+		}
+	}
+	return w.done
+}
+
+func (w *watch) Err() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ended {
+		return context.Canceled
+	}
+	return nil
+}
+
+// Value looks the call's trace up first, then the caller's values. As its
+// cause, context.Cause reads the caller's: the transport's errors are
+// given the watch's by causeOf, and an idle body keeps its own.
+func (w *watch) Value(key any) any {
+	if v := w.trace.Value(key); v != nil {
+		return v
+	}
+	return w.caller.Value(key)
+}
+
+// AfterFunc runs f once the watch ends the request, as context.AfterFunc
+// would; the context package calls it for a context made under the watch
+// (the transport's, once per call), so the first f takes no slice.
+func (w *watch) AfterFunc(f func()) (stop func() bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ended {
+		go f()
+		return func() bool { return false }
+	}
+	slot := &w.after
+	if w.after != nil {
+		slot = new(func())
+		w.more = append(w.more, slot)
+	}
+	*slot = f
+	return func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		stopped := *slot != nil
+		*slot = nil
+		return stopped
+	}
+}
+
+// end ends the upstream request for cause, once.
+func (w *watch) end(cause error) {
+	w.mu.Lock()
+	after := w.endLocked(cause)
+	w.mu.Unlock()
+	after.run()
+}
+
+// endLocked marks the request ended and returns what is to run once w.mu
+// is unlocked: the functions of AfterFunc, which may read w.
+func (w *watch) endLocked(cause error) afterFuncs {
+	if w.ended {
+		return afterFuncs{}
+	}
+	w.ended, w.cause = true, cause
+	if w.done != nil {
+		close(w.done)
+	}
+	after := afterFuncs{first: w.after}
+	for _, f := range w.more {
+		if *f != nil {
+			after.more = append(after.more, *f)
+		}
+	}
+	w.after, w.more = nil, nil
+	return after
+}
+
+type afterFuncs struct {
+	first func()
+	more  []func()
+}
+
+func (a afterFuncs) run() {
+	if a.first != nil {
+		a.first()
+	}
+	for _, f := range a.more {
+		f()
+	}
+}
+
+// causeOf is err, an error of the upstream request, or why the watch
+// ended it when err says only that it was cancelled: context.Cause of the
+// request's context is not the watch's.
+func (w *watch) causeOf(err error) error {
+	if !errors.Is(err, context.Canceled) {
+		return err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.cause != nil {
+		return w.cause
+	}
+	return err
 }
 
 // upstreamContext returns the context of c's upstream request: the
-// caller's values without its cancellation, ended by the watch instead.
-// The transport calls it once per call: its retries are its own, and the
-// reverse proxy it serves makes no attempts of its own.
-func (c *Call) upstreamContext(caller context.Context, p *DetachPolicy) context.Context {
-	ctx, cancel := context.WithCancelCause(context.WithoutCancel(caller))
+// caller's values and the trace, without the caller's cancellation, ended
+// by the watch instead. The transport calls it once per call: its retries
+// are its own, and the reverse proxy it serves makes no attempts of its
+// own.
+func (c *Call) upstreamContext(caller, trace context.Context, p *DetachPolicy) context.Context {
 	w := &c.watch
-	w.policy, w.cancel = p, cancel
+	w.caller, w.trace, w.policy = caller, trace, p
 	w.mu.Lock()
 	w.stop = context.AfterFunc(caller, c.callerLeft)
 	w.mu.Unlock()
-	return ctx
+	return w
 }
 
 // callerLeft decides the call's fate when its caller leaves: a request
@@ -100,20 +228,27 @@ func (c *Call) upstreamContext(caller context.Context, p *DetachPolicy) context.
 func (c *Call) callerLeft() {
 	w := &c.watch
 	w.mu.Lock()
-	defer w.mu.Unlock()
+	after := c.decide()
+	w.mu.Unlock()
+	after.run()
+}
+
+// decide is callerLeft's decision, under w.mu.
+func (c *Call) decide() afterFuncs {
+	w := &c.watch
 	if w.state != watching {
-		return
+		return afterFuncs{}
 	}
 	if !c.Usage.Sent() || !w.policy.acquire() {
 		w.state = cutShort
-		w.cancel(errCallerLeft)
-		return
+		return w.endLocked(errCallerLeft)
 	}
 	w.state = detached
-	w.timer = time.AfterFunc(w.policy.Timeout, func() { w.cancel(errDetachedTimeout) })
+	w.timer = time.AfterFunc(w.policy.Timeout, func() { w.end(errDetachedTimeout) })
 	if w.policy.cut != nil {
-		w.stopCut = context.AfterFunc(w.policy.cut, func() { w.cancel(errDetachedCut) })
+		w.stopCut = context.AfterFunc(w.policy.cut, func() { w.end(errDetachedCut) })
 	}
+	return afterFuncs{}
 }
 
 // finish ends the watch once the upstream call is over, its body read and
@@ -121,7 +256,7 @@ func (c *Call) callerLeft() {
 // on every way out of Forward.
 func (c *Call) finish() {
 	w := &c.watch
-	if w.cancel == nil {
+	if w.caller == nil {
 		return
 	}
 	w.mu.Lock()
@@ -136,8 +271,9 @@ func (c *Call) finish() {
 		}
 	}
 	w.state = over
+	after := w.endLocked(nil)
 	w.mu.Unlock()
-	w.cancel(nil)
+	after.run()
 }
 
 // CutDetached ends every call that up detached, now: its config is being

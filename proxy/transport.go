@@ -40,23 +40,30 @@ type keyTransport struct {
 
 // RoundTrip implements http.RoundTripper. It leaves req untouched, as the
 // contract asks: Caddy logs req, and the key must never be in it.
-func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+func (t *keyTransport) RoundTrip(req *http.Request) (_ *http.Response, err error) {
 	ctx, cancel := req.Context(), context.CancelCauseFunc(nil)
 	c := callFrom(req.Context())
-	switch {
-	case c != nil && c.Usage.caller != nil:
-		// A request the upstream may bill: it does not end with its
-		// caller, but as the call's watch decides (detach.go).
-		ctx = c.upstreamContext(ctx, &t.detach)
-		cancel = c.watch.cancel
-	case t.idleTimeout > 0:
-		ctx, cancel = context.WithCancelCause(ctx)
-	}
 	trace := interimTrace
 	if c != nil {
 		trace = c.traceUpstream()
 	}
-	out := req.WithContext(tracedContext{ctx, trace})
+	switch {
+	case c != nil && c.Usage.caller != nil:
+		// A request the upstream may bill: it does not end with its
+		// caller, but as the call's watch decides (detach.go), which is
+		// its context.
+		ctx = c.upstreamContext(ctx, trace, &t.detach)
+		defer func() { err = c.watch.causeOf(err) }()
+		if t.idleTimeout > 0 {
+			cancel = c.watch.end
+		}
+	case t.idleTimeout > 0:
+		ctx, cancel = context.WithCancelCause(ctx)
+		ctx = tracedContext{ctx, trace}
+	default:
+		ctx = tracedContext{ctx, trace}
+	}
+	out := req.WithContext(ctx)
 	out.Header = headerPool.Get().(http.Header)
 	for name, values := range req.Header {
 		if upstreamHeader(name) || t.extra[name] {
@@ -76,8 +83,8 @@ func (t *keyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, err
 	}
-	if cancel != nil && t.idleTimeout > 0 {
-		res.Body = newIdleBody(res.Body, ctx, cancel, t.idleTimeout)
+	if cancel != nil {
+		res.Body = newIdleBody(res.Body, cancel, t.idleTimeout)
 	}
 	if res.StatusCode < 200 {
 		// 101: a protocol switch nobody asked for (the upgrade headers
