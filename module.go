@@ -1078,8 +1078,14 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}
-	if errors.As(err, &apiErr) {
-		apiErr.Write(w)
+	if err == nil {
+		return nil
+	}
+	// A variable of its own: taking apiErr's address would move it to
+	// the heap on every request.
+	var answer *proxy.APIError
+	if errors.As(err, &answer) {
+		answer.Write(w)
 		return nil
 	}
 	return err
