@@ -3,6 +3,7 @@ package tests
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -10,6 +11,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -207,99 +209,40 @@ func TestAnswersHoldBoundedMemory(t *testing.T) {
 
 	t.Run("streams", func(t *testing.T) {
 		e.upstream.SetBehavior(standin.Behavior{LongEvent: eventB, LongEventOpen: true})
-		ctx, cancel := context.WithCancel(t.Context())
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		ended := 0
-		for range calls {
-			wg.Go(func() {
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, e.caddy.URL+"/v1/chat/completions", strings.NewReader(faultStream))
-				req.Header.Set("Authorization", "Bearer "+e.key)
-				req.Header.Set("Content-Type", "application/json")
-				res, err := http.DefaultClient.Do(req)
-				if err != nil {
-					return
-				}
-				defer res.Body.Close()
-				b, _ := io.ReadAll(res.Body)
-				if strings.Contains(string(b), "upstream_stream_failed") {
-					mu.Lock()
-					ended++
-					mu.Unlock()
-				}
-			})
-		}
+		var ended atomic.Int64
+		stop := callMany(t, e, faultStream, calls, func(res *http.Response) {
+			if b, _ := io.ReadAll(res.Body); strings.Contains(string(b), "upstream_stream_failed") {
+				ended.Add(1)
+			}
+		})
+		defer stop()
 		// Streams past the bound end; those within it hold their event.
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			mu.Lock()
-			n := ended
-			mu.Unlock()
-			if n >= calls-within {
-				break
-			}
-			if time.Now().After(deadline) {
-				cancel()
-				wg.Wait()
-				t.Fatalf("%d of %d streams ended with upstream_stream_failed in 20s, want at least %d: the rest are held in memory",
-					n, calls, calls-within)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		waitFor(t, 20*time.Second, fmt.Sprintf("at least %d of %d streams ended with upstream_stream_failed, the rest held in memory", calls-within, calls),
+			func() bool { return ended.Load() >= calls-within })
 		held := heapAfterGC()
 		counted := metricValue(t, e, "vigthoria_answer_buffered_bytes")
 		t.Logf("live heap: %d MiB before, %d MiB with %d streams held open (%d ended); answers hold %.1f MiB",
-			base>>20, held>>20, calls-ended, ended, counted/(1<<20))
+			base>>20, held>>20, calls-ended.Load(), ended.Load(), counted/(1<<20))
 		if counted > bound+calls*firstBuffers || counted < bound/2 {
 			t.Errorf("vigthoria_answer_buffered_bytes = %v, want the streams held open, at most max_buffered (%d) and first buffers", counted, bound)
 		}
 		if held > base+bound+calls*(128<<10)+(8<<20) {
 			t.Errorf("live heap grew by %d MiB, want at most max_buffered (%d MiB) and small buffers", (held-base)>>20, bound>>20)
 		}
-		cancel()
-		wg.Wait()
 	})
 
 	t.Run("JSON answers", func(t *testing.T) {
 		e.upstream.SetBehavior(standin.Behavior{Padding: eventB, StallMidBody: 1})
-		ctx, cancel := context.WithCancel(t.Context())
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		headers := 0
-		for range calls {
-			wg.Go(func() {
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, e.caddy.URL+"/v1/chat/completions", strings.NewReader(faultChat))
-				req.Header.Set("Authorization", "Bearer "+e.key)
-				req.Header.Set("Content-Type", "application/json")
-				res, err := http.DefaultClient.Do(req)
-				if err != nil {
-					return
-				}
-				defer res.Body.Close()
-				mu.Lock()
-				headers++
-				mu.Unlock()
-				io.Copy(io.Discard, res.Body)
-			})
-		}
+		var headers atomic.Int64
+		stop := callMany(t, e, faultChat, calls, func(res *http.Response) {
+			headers.Add(1)
+			io.Copy(io.Discard, res.Body)
+		})
+		defer stop()
 		// Answers past the bound are passed on as they come: their
 		// callers get the headers while the answer stalls.
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			mu.Lock()
-			n := headers
-			mu.Unlock()
-			if n >= calls-within {
-				break
-			}
-			if time.Now().After(deadline) {
-				cancel()
-				wg.Wait()
-				t.Fatalf("%d of %d stalled answers reached their callers in 20s, want at least %d: the rest are held in memory",
-					n, calls, calls-within)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		waitFor(t, 20*time.Second, fmt.Sprintf("at least %d of %d stalled answers reached their callers, the rest held in memory", calls-within, calls),
+			func() bool { return headers.Load() >= calls-within })
 		held := heapAfterGC()
 		counted := metricValue(t, e, "vigthoria_answer_buffered_bytes")
 		t.Logf("live heap: %d MiB before, %d MiB with %d JSON answers stalled; answers hold %.1f MiB", base>>20, held>>20, calls, counted/(1<<20))
@@ -309,8 +252,6 @@ func TestAnswersHoldBoundedMemory(t *testing.T) {
 		if held > base+bound+calls*(128<<10)+(8<<20) {
 			t.Errorf("live heap grew by %d MiB, want at most max_buffered (%d MiB) and small buffers", (held-base)>>20, bound>>20)
 		}
-		cancel()
-		wg.Wait()
 	})
 
 	t.Run("an event over a MiB", func(t *testing.T) {
@@ -449,4 +390,29 @@ func TestRunningStreamIsCountedOnce(t *testing.T) {
 	if got := after.Today.Requests - before.Today.Requests; got != 1 {
 		t.Errorf("counted %d requests, want 1", got)
 	}
+}
+
+// callMany sends n POSTs of body to the chat endpoint at once, each
+// answer to onAnswer; stop cancels those still running and waits for
+// them, and runs at the test's end too.
+func callMany(t *testing.T, e *env, body string, n int64, onAnswer func(*http.Response)) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, e.caddy.URL+"/v1/chat/completions", strings.NewReader(body))
+			req.Header.Set("Authorization", "Bearer "+e.key)
+			req.Header.Set("Content-Type", "application/json")
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				return
+			}
+			defer res.Body.Close()
+			onAnswer(res)
+		})
+	}
+	stop = func() { cancel(); wg.Wait() }
+	t.Cleanup(stop)
+	return stop
 }
