@@ -12,10 +12,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-
-	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
 // Every request reaches the access log. Caddy writes a request's line
@@ -269,7 +268,7 @@ func redactHeaders(h http.Header, logCredentials bool) http.Header {
 			case namesCredential(name) && !caddyRedacts(name):
 				shown[i] = "REDACTED"
 			default:
-				shown[i] = proxy.RedactCredentials(v)
+				shown[i] = api.RedactCredentials(v)
 			}
 		}
 		out[name] = shown
@@ -381,7 +380,7 @@ func uriCarriesCredential(uri string) bool {
 // whole.
 func redactURI(uri string) string {
 	path, query, hasQuery := strings.Cut(uri, "?")
-	path = proxy.RedactCredentials(path)
+	path = api.RedactCredentials(path)
 	if p, err := url.PathUnescape(path); err == nil && credentialShaped(p) {
 		path = "/REDACTED" // percent-encoded
 	}

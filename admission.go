@@ -9,9 +9,9 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
-	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
 // budgetPrefix names a caller's budget account in the limiter: a quota
@@ -74,7 +74,7 @@ type admission struct {
 // refusal by either is the caller's 429; a refusal by the key's limits
 // frees what the caller's own took. Budgets join when the request's cost
 // is known (reserve).
-func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, set limitSet, now time.Time) (admission, *proxy.APIError) {
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, set limitSet, now time.Time) (admission, *api.Error) {
 	a := admission{id: client.ID, lim: tier.limitsFor(set)}
 	if set.reads() {
 		a.id = readPrefix + client.ID
@@ -109,7 +109,7 @@ func mintingKey(client keystore.Client) keystore.Client {
 
 // join admits the request on one more side, reserving n (tokens, or
 // micro-units for a budget). A side that refuses is not added.
-func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s side, n int64, now time.Time) *proxy.APIError {
+func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s side, n int64, now time.Time) *api.Error {
 	d, err := h.limiter.Admit(r.Context(), s.id, s.lim, n, now)
 	if err != nil {
 		return h.unavailable(w, s.id, err)
@@ -133,7 +133,7 @@ func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s s
 // token limit, a quota or a budget would be passed, on any side. A model
 // without a price is refused when a budget applies, unless unpriced is
 // free: a budget never counts an answer as free by mistake.
-func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, model string, prompt, tokens int64, now time.Time) *proxy.APIError {
+func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, model string, prompt, tokens int64, now time.Time) *api.Error {
 	budgets, nb := h.budgets(client, tier)
 	if _, shared := h.limiter.(limiter.DeferredSettler); shared && a.n+nb > 0 {
 		if p, priced := h.price(model); priced || nb == 0 {
@@ -195,7 +195,7 @@ func (h *Handler) budgets(client keystore.Client, tier *Tier) (b [2]side, n int)
 // admission, even beside a refusal, so that the request's settle gives
 // it back; the answer is the first refusal in reserve's order. The price
 // is known: a budget of an unpriced model is reserve's own refusal.
-func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, all [2]side, nb int, cost, tokens int64, now time.Time) *proxy.APIError {
+func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, all [2]side, nb int, cost, tokens int64, now time.Time) *api.Error {
 	budgets := all[:nb]
 	type result struct {
 		d    limiter.Decision
@@ -297,7 +297,7 @@ func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client k
 // then holds the limiter's decision. A side without a token limit or a
 // quota needs no word from the limiter: the estimate is only noted, for
 // what leaving early costs.
-func (h *Handler) reserveTokens(w http.ResponseWriter, r *http.Request, id string, lim *limiter.Limits, d *limiter.Decision, tokens int64, now time.Time) (refused bool, apiErr *proxy.APIError) {
+func (h *Handler) reserveTokens(w http.ResponseWriter, r *http.Request, id string, lim *limiter.Limits, d *limiter.Decision, tokens int64, now time.Time) (refused bool, apiErr *api.Error) {
 	if lim.Tokens.Unlimited() && lim.Quota.Unlimited() {
 		d.Lease.Reserved += tokens
 		return false, nil
@@ -328,9 +328,9 @@ func (h *Handler) settleAdmission(r *http.Request, client keystore.Client, a *ad
 
 // sideRefusal is the 429 of a request that one of its other sides
 // refused: the minting key's limits, shared by its users, or a budget.
-func sideRefusal(w http.ResponseWriter, s *side, d limiter.Decision, now time.Time) *proxy.APIError {
+func sideRefusal(w http.ResponseWriter, s *side, d limiter.Decision, now time.Time) *api.Error {
 	limiter.SetRefusalHeaders(w.Header(), s.lim, d, now)
-	var e proxy.APIError
+	var e api.Error
 	if s.money {
 		q := &s.lim.Quota
 		what := "You exceeded the budget of tier " + s.tierName
@@ -338,7 +338,7 @@ func sideRefusal(w http.ResponseWriter, s *side, d limiter.Decision, now time.Ti
 			what = "This request could cost more than is left of the budget of tier " + s.tierName +
 				" (" + keystore.FormatCost(q.N-d.QuotaUsed) + " left); a smaller request may still fit"
 		}
-		e = proxy.APIError{
+		e = api.Error{
 			Status: http.StatusTooManyRequests, Type: "insufficient_quota", Code: "insufficient_quota",
 			Message: what + " (" + keystore.FormatCost(q.N) + " a " + q.Period.String() +
 				"). It renews at the start of the next period; see GET /v1/usage.",
@@ -352,10 +352,10 @@ func sideRefusal(w http.ResponseWriter, s *side, d limiter.Decision, now time.Ti
 	return &e
 }
 
-func errModelNotPriced(model string) *proxy.APIError {
-	return &proxy.APIError{
+func errModelNotPriced(model string) *api.Error {
+	return &api.Error{
 		Status:  http.StatusBadRequest,
-		Type:    proxy.TypeInvalidRequest,
+		Type:    api.TypeInvalidRequest,
 		Code:    "model_not_priced",
 		Message: "The model " + strconv.Quote(clip(model, 100)) + " has no price on this proxy, and your usage is bounded by a budget: ask its operator to price it.",
 	}

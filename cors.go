@@ -5,7 +5,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/vigthoria/caddy-vigthoria/proxy"
+	"github.com/vigthoria/caddy-vigthoria/api"
 )
 
 // corsExposed are the response headers browser code may read: the
@@ -20,7 +20,7 @@ var corsExposed = strings.Join([]string{
 // corsMaxAge is how long a browser may reuse a preflight's answer.
 const corsMaxAge = "600"
 
-var errOriginNotAllowed = &proxy.APIError{
+var errOriginNotAllowed = &api.Error{
 	Status:  http.StatusForbidden,
 	Type:    "permission_error",
 	Code:    "origin_not_allowed",
@@ -29,15 +29,15 @@ var errOriginNotAllowed = &proxy.APIError{
 
 // errCrossSite refuses a page of another site calling as a caller its
 // browser identifies by itself.
-var errCrossSite = func() *proxy.APIError {
+var errCrossSite = func() *api.Error {
 	e := *errOriginNotAllowed
 	e.Message = "Requests from other web origins may not call as a user signed in by cookie, basic_auth or address: list the origin in this proxy's cors, or send a client key or token as Authorization: Bearer."
 	return &e
 }()
 
-var errUnsupportedMediaType = &proxy.APIError{
+var errUnsupportedMediaType = &api.Error{
 	Status:  http.StatusUnsupportedMediaType,
-	Type:    proxy.TypeInvalidRequest,
+	Type:    api.TypeInvalidRequest,
 	Code:    "unsupported_media_type",
 	Message: "Send the request body as JSON, with the header Content-Type: application/json.",
 }
@@ -109,7 +109,7 @@ func (h *Handler) cors(w http.ResponseWriter, r *http.Request) bool {
 	if r.Method != http.MethodOptions || method == "" {
 		return false
 	}
-	ep, apiErr := proxy.Route(method, routePath(r))
+	ep, apiErr := api.Route(method, routePath(r))
 	if apiErr != nil {
 		apiErr.Write(w)
 		return true

@@ -13,10 +13,10 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
-	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
 // Identities that do not come from a key are named with a prefix, so that
@@ -30,36 +30,36 @@ const (
 // errInvalidKey is the one answer to every failed authentication: missing,
 // malformed, unknown, revoked or expired keys all look the same, so that
 // nothing tells a prober which it was.
-var errInvalidKey = &proxy.APIError{
+var errInvalidKey = &api.Error{
 	Status:  http.StatusUnauthorized,
-	Type:    proxy.TypeInvalidRequest,
+	Type:    api.TypeInvalidRequest,
 	Code:    "invalid_api_key",
 	Message: "Incorrect or missing API key. Send your client key as: Authorization: Bearer <key>.",
 }
 
-var errKeyInQuery = &proxy.APIError{
+var errKeyInQuery = &api.Error{
 	Status:  http.StatusBadRequest,
-	Type:    proxy.TypeInvalidRequest,
+	Type:    api.TypeInvalidRequest,
 	Code:    "key_in_query",
 	Message: "API keys are not accepted in the URL, where logs and browser histories keep them. Send your client key as: Authorization: Bearer <key>.",
 }
 
-var errIdentityTooLong = &proxy.APIError{
+var errIdentityTooLong = &api.Error{
 	Status:  http.StatusBadRequest,
-	Type:    proxy.TypeInvalidRequest,
+	Type:    api.TypeInvalidRequest,
 	Code:    "identity_too_long",
 	Message: "The identity your authentication gave is longer than the " + strconv.Itoa(maxIdentityLen) + " characters this proxy accepts.",
 }
 
-var errTierNotConfigured = &proxy.APIError{
+var errTierNotConfigured = &api.Error{
 	Status:  http.StatusForbidden,
 	Type:    "permission_error",
 	Code:    "tier_not_configured",
 	Message: "This key's tier is not offered by this proxy. Ask its operator for a key of a configured tier.",
 }
 
-func errTooManyFailures(wait time.Duration) *proxy.APIError {
-	return &proxy.APIError{
+func errTooManyFailures(wait time.Duration) *api.Error {
+	return &api.Error{
 		Status:  http.StatusTooManyRequests,
 		Type:    "rate_limit_error",
 		Code:    "too_many_failed_auth",
@@ -80,7 +80,7 @@ func errTooManyFailures(wait time.Duration) *proxy.APIError {
 // costs a hash and a lookup too, and one signature check (tens of
 // microseconds) when it names a configured issuer and a published key
 // and was not seen before.
-func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *Tier, *proxy.APIError) {
+func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *Tier, *api.Error) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if keyInQuery(r.URL.RawQuery) {
 		return keystore.Client{}, nil, errKeyInQuery
@@ -131,13 +131,13 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 
 // authFailed counts a failed authentication from addr and returns its
 // answer: the one 401, or 429 once addr failed too often.
-func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Time) *proxy.APIError {
+func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Time) *api.Error {
 	return h.refuseAuth(w, addr, now, true)
 }
 
 // refuseAuth answers a refused credential from addr as authFailed does,
 // counting it only when failed.
-func (h *Handler) refuseAuth(w http.ResponseWriter, addr netip.Addr, now time.Time, failed bool) *proxy.APIError {
+func (h *Handler) refuseAuth(w http.ResponseWriter, addr netip.Addr, now time.Time, failed bool) *api.Error {
 	if wait, blocked := h.authFailures.Blocked(addr, now); blocked {
 		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
 		return errTooManyFailures(wait)
@@ -154,7 +154,7 @@ func (h *Handler) refuseAuth(w http.ResponseWriter, addr netip.Addr, now time.Ti
 // decided by: its tier with its key's own settings over it, or for the
 // user of a minted token, its token's tier narrowed by the minting key's
 // (see mintedTier).
-func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *Tier, *proxy.APIError) {
+func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *Tier, *api.Error) {
 	tier := h.tierFor(c.Tier, c.Settings)
 	if tier != nil && c.Minted != nil {
 		tier = h.mintedTier(tier, c)
@@ -196,11 +196,11 @@ func keyInQuery(rawQuery string) bool {
 	if rawQuery == "" {
 		return false
 	}
-	if proxy.HasCredential(rawQuery) {
+	if api.HasCredential(rawQuery) {
 		return true
 	}
 	if strings.Contains(rawQuery, "%") {
-		if q, err := url.QueryUnescape(rawQuery); err == nil && proxy.HasCredential(q) {
+		if q, err := url.QueryUnescape(rawQuery); err == nil && api.HasCredential(q) {
 			return true
 		}
 	}

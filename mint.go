@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
@@ -43,19 +44,19 @@ const (
 	jwksPath   = "/vigthoria/jwks.json"
 )
 
-var errMintNotAllowed = &proxy.APIError{
+var errMintNotAllowed = &api.Error{
 	Status:  http.StatusForbidden,
 	Type:    "permission_error",
 	Code:    "mint_not_allowed",
 	Message: "This key may not mint tokens. Create a key that may, with: caddy vigthoria key add --mint <tiers> …",
 }
 
-func errMintRequest(msg string) *proxy.APIError {
-	return &proxy.APIError{Status: http.StatusBadRequest, Type: proxy.TypeInvalidRequest, Code: "invalid_token_request", Message: msg}
+func errMintRequest(msg string) *api.Error {
+	return &api.Error{Status: http.StatusBadRequest, Type: api.TypeInvalidRequest, Code: "invalid_token_request", Message: msg}
 }
 
-func errTierNotMintable(tier string) *proxy.APIError {
-	return &proxy.APIError{
+func errTierNotMintable(tier string) *api.Error {
+	return &api.Error{
 		Status:  http.StatusForbidden,
 		Type:    "permission_error",
 		Code:    "tier_not_mintable",
@@ -85,7 +86,7 @@ func (h *Handler) serveOwn(w http.ResponseWriter, r *http.Request, p string, now
 	switch p {
 	case tokensPath:
 		if r.Method != http.MethodPost {
-			return refuse(w, r, "none", "tokens", proxy.MethodNotAllowed(r.Method, p, http.MethodPost))
+			return refuse(w, r, "none", "tokens", api.MethodNotAllowed(r.Method, p, http.MethodPost))
 		}
 		if !jsonContentType(r.Header) {
 			return refuse(w, r, "none", "tokens", errUnsupportedMediaType)
@@ -93,11 +94,11 @@ func (h *Handler) serveOwn(w http.ResponseWriter, r *http.Request, p string, now
 		return h.serveTokens(w, r, now)
 	case jwksPath:
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			return refuse(w, r, "none", "jwks", proxy.MethodNotAllowed(r.Method, p, http.MethodGet))
+			return refuse(w, r, "none", "jwks", api.MethodNotAllowed(r.Method, p, http.MethodGet))
 		}
 		return h.serveJWKS(w, r)
 	}
-	return refuse(w, r, "none", "unknown", proxy.NotFound(r.Method, p))
+	return refuse(w, r, "none", "unknown", api.NotFound(r.Method, p))
 }
 
 // serveTokens mints a token for a user of the app whose key calls: only
@@ -157,7 +158,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 // readTokenRequest reads the body of a token request: one JSON object
 // of known fields, within the handler's body timeout and a small size,
 // counted against who.
-func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who proxy.Holder) (tokenRequest, *proxy.APIError) {
+func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who proxy.Holder) (tokenRequest, *api.Error) {
 	var req tokenRequest
 	lim := h.bodyLimits
 	lim.Size = maxMintBody
@@ -173,7 +174,7 @@ func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who p
 }
 
 // checkTokenRequest checks what a key asks to mint against what it may.
-func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.TokenRequest, *proxy.APIError) {
+func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.TokenRequest, *api.Error) {
 	tr := keystore.TokenRequest{User: req.User, Tier: req.Tier, Models: req.Models, TTL: defaultTokenTTL}
 	if !validMintUser(req.User) {
 		return tr, errMintRequest("user must be 1 to " + strconv.Itoa(maxMintUser) + " bytes of printable UTF-8 naming the signed-in user, such as its ID.")

@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -301,9 +302,9 @@ func (t *Tier) limitsFor(s limitSet) *limiter.Limits {
 // limitSetOf is the limit set of a request to the endpoint of ID id.
 func limitSetOf(id int) limitSet {
 	switch id {
-	case proxy.Usage:
+	case api.Usage:
 		return standingLimits
-	case proxy.Models:
+	case api.Models:
 		return modelsLimits
 	}
 	return allLimits
@@ -947,7 +948,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		return h.serveOwn(w, r, p, now)
 	}
 	apiHeaders(w.Header())
-	ep, apiErr := proxy.Route(r.Method, p)
+	ep, apiErr := api.Route(r.Method, p)
 	if apiErr != nil {
 		return refuse(w, r, "none", "unknown", apiErr)
 	}
@@ -974,8 +975,8 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 
 	// The key's exhaustion first, before anything is counted; a model's
 	// once the body names it.
-	cached := ep.ID == proxy.Models && h.ModelsCache > 0
-	if !cached && ep.ID != proxy.Usage {
+	cached := ep.ID == api.Models && h.ModelsCache > 0
+	if !cached && ep.ID != api.Usage {
 		if wait, exhausted := h.upstream.Exhausted(r.Context(), "", now); exhausted {
 			return h.refuseClient(w, r, client, client.Tier, ep.Name, upstreamExhausted(w, "", wait), now)
 		}
@@ -989,7 +990,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
 	}
-	if ep.ID == proxy.Usage {
+	if ep.ID == api.Usage {
 		// Counted as a request, then settled before the report reads
 		// the standing, which would otherwise count it in flight.
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
@@ -1016,7 +1017,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		// The ledger first: a limiter that forgets an account once it is
 		// settled reads its quota back from the ledger, which must then
 		// hold this request.
-		recorded := (usage.Status != 0 || used.Total() > 0) && ep.ID != proxy.Models
+		recorded := (usage.Status != 0 || used.Total() > 0) && ep.ID != api.Models
 		model := ledgerModel(info.Model, usage.Status)
 		switch {
 		case running != nil:
@@ -1045,7 +1046,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		}()
 		var reserve int64
 		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
-			if apiErr.Code == proxy.CodeRequestTooLarge {
+			if apiErr.Code == api.CodeRequestTooLarge {
 				// No wait admits it: SDKs retry a 429 unless told not to.
 				w.Header().Set("X-Should-Retry", "false")
 			}
@@ -1083,7 +1084,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	}
 	// A variable of its own: taking apiErr's address would move it to
 	// the heap on every request.
-	var answer *proxy.APIError
+	var answer *api.Error
 	if errors.As(err, &answer) {
 		answer.Write(w)
 		return nil
@@ -1127,10 +1128,10 @@ func (h *Handler) recordStream(client keystore.Client, model string, call *proxy
 
 // upstreamExhausted is the 429 of a request while the upstream says the
 // server key, or model when not "", is spent for wait more.
-func upstreamExhausted(w http.ResponseWriter, model string, wait time.Duration) *proxy.APIError {
+func upstreamExhausted(w http.ResponseWriter, model string, wait time.Duration) *api.Error {
 	secs := retrySeconds(wait)
 	w.Header().Set("Retry-After", strconv.Itoa(secs))
-	return proxy.UpstreamExhausted(model, secs)
+	return api.UpstreamExhausted(model, secs)
 }
 
 // settle ends an admitted request in the limiter: used replaces its
@@ -1150,7 +1151,7 @@ func (h *Handler) settle(r *http.Request, clientID string, lim *limiter.Limits, 
 
 // limitRefusal is the 429 of a request a limit refused, with the caller's
 // limit headers set.
-func limitRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.Decision, now time.Time) *proxy.APIError {
+func limitRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.Decision, now time.Time) *api.Error {
 	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
 	limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
 	return refusal(d, &tier.limits, tierName)
@@ -1158,13 +1159,13 @@ func limitRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.
 
 // refuseAdmitted answers an admitted request refused before it was
 // forwarded, with the caller's standing, which counts it.
-func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, ep *proxy.Endpoint, s limiter.State, now time.Time, e *proxy.APIError) error {
+func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, ep *api.Endpoint, s limiter.State, now time.Time, e *api.Error) error {
 	limiter.SetHeaders(w.Header(), &tier.limits, s, now)
 	return h.refuseClient(w, r, client, client.Tier, ep.Name, e, now)
 }
 
 // unavailable is the 503 of a request whose limits could not be decided.
-func (h *Handler) unavailable(w http.ResponseWriter, clientID string, err error) *proxy.APIError {
+func (h *Handler) unavailable(w http.ResponseWriter, clientID string, err error) *api.Error {
 	if !errors.Is(err, limiter.ErrUnavailable) {
 		h.logger.Error("deciding limits", zap.String("client_id", clientID), zap.Error(err))
 	}
@@ -1199,7 +1200,7 @@ func ledgerModel(model string, status int) string {
 
 // refuse answers a request the proxy refused, counting it and noting the
 // refusal in the access log.
-func refuse(w http.ResponseWriter, r *http.Request, tier, endpoint string, e *proxy.APIError) error {
+func refuse(w http.ResponseWriter, r *http.Request, tier, endpoint string, e *api.Error) error {
 	refusalsBy.get([3]string{tier, endpoint, e.Code}).Inc()
 	if extra := logFields(r); extra != nil {
 		extra.Add(zap.Inline(refusedLog{tier: tier, reason: e.Code}))
@@ -1211,7 +1212,7 @@ func refuse(w http.ResponseWriter, r *http.Request, tier, endpoint string, e *pr
 // refuseClient answers the refusal of an identified caller's request as
 // refuse does, and counts it, by its reason, in the ledger's hourly rows
 // of the caller, for the dashboard.
-func (h *Handler) refuseClient(w http.ResponseWriter, r *http.Request, client keystore.Client, tier, endpoint string, e *proxy.APIError, now time.Time) error {
+func (h *Handler) refuseClient(w http.ResponseWriter, r *http.Request, client keystore.Client, tier, endpoint string, e *api.Error, now time.Time) error {
 	if err := h.keys.Ledger().Refuse(client.ID, e.Code, now); err != nil {
 		h.logger.Error("counting a refusal", zap.String("client_id", client.ID), zap.Error(err))
 	}

@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -19,51 +20,51 @@ import (
 
 // errUnavailable answers when the proxy cannot decide for lack of its
 // store, and its policy is to refuse rather than guess.
-var errUnavailable = &proxy.APIError{
+var errUnavailable = &api.Error{
 	Status:  http.StatusServiceUnavailable,
-	Type:    proxy.TypeAPI,
+	Type:    api.TypeAPI,
 	Code:    "proxy_unavailable",
 	Message: "The proxy cannot check your limits right now. Please try again shortly.",
 }
 
-var errMissingModel = &proxy.APIError{
+var errMissingModel = &api.Error{
 	Status:  http.StatusBadRequest,
-	Type:    proxy.TypeInvalidRequest,
+	Type:    api.TypeInvalidRequest,
 	Code:    "missing_model",
 	Message: "The request names no model: set \"model\".",
 }
 
-var errModelName = &proxy.APIError{
+var errModelName = &api.Error{
 	Status:  http.StatusBadRequest,
-	Type:    proxy.TypeInvalidRequest,
+	Type:    api.TypeInvalidRequest,
 	Code:    "invalid_model",
 	Message: "The model name is longer than " + strconv.Itoa(keystore.MaxModelName) + " bytes or holds control characters.",
 }
 
-func errModelNotAllowed(model string) *proxy.APIError {
+func errModelNotAllowed(model string) *api.Error {
 	if len(model) > 100 {
 		model = model[:100] + "…"
 	}
-	return &proxy.APIError{
+	return &api.Error{
 		Status:  http.StatusForbidden,
-		Type:    proxy.TypeInvalidRequest,
+		Type:    api.TypeInvalidRequest,
 		Code:    "model_not_allowed",
 		Message: "The model " + strconv.Quote(model) + " is not available to your tier.",
 	}
 }
 
-func errMaxTokens(limit int64) *proxy.APIError {
-	return &proxy.APIError{
+func errMaxTokens(limit int64) *api.Error {
+	return &api.Error{
 		Status:  http.StatusBadRequest,
-		Type:    proxy.TypeInvalidRequest,
+		Type:    api.TypeInvalidRequest,
 		Code:    "max_tokens_too_large",
 		Message: "max_tokens is larger than your tier allows: at most " + strconv.FormatInt(limit, 10) + ".",
 	}
 }
 
 // refusal is the 429 for a request a limit of lim refused.
-func refusal(d limiter.Decision, lim *limiter.Limits, tier string) *proxy.APIError {
-	e := &proxy.APIError{Status: http.StatusTooManyRequests, Code: "rate_limit_exceeded"}
+func refusal(d limiter.Decision, lim *limiter.Limits, tier string) *api.Error {
+	e := &api.Error{Status: http.StatusTooManyRequests, Code: "rate_limit_exceeded"}
 	wait := " Please try again in " + strconv.Itoa(retrySeconds(d.RetryAfter)) + "s."
 	switch d.Reason {
 	case limiter.RequestLimit:
@@ -159,7 +160,7 @@ func (b *capBounds) bucketName() string {
 
 // errPromptTooLarge refuses a request whose prompt alone leaves no room
 // in a token bucket for its answers: no wait and no cap can admit it.
-func errPromptTooLarge(b *capBounds, prompt, choices int64, generates bool) *proxy.APIError {
+func errPromptTooLarge(b *capBounds, prompt, choices int64, generates bool) *api.Error {
 	msg := "This request's prompt, about " + strconv.FormatInt(prompt, 10) + " tokens, "
 	switch {
 	case b.room < 0 || !generates:
@@ -169,13 +170,13 @@ func errPromptTooLarge(b *capBounds, prompt, choices int64, generates bool) *pro
 	default:
 		msg += "leaves no room within " + b.bucketName() + " for an answer: shorten the prompt."
 	}
-	return &proxy.APIError{Status: http.StatusTooManyRequests, Type: "tokens", Code: proxy.CodeRequestTooLarge, Message: msg}
+	return &api.Error{Status: http.StatusTooManyRequests, Type: "tokens", Code: api.CodeRequestTooLarge, Message: msg}
 }
 
 // errCapTooLarge refuses a request whose own cap, for each of its
 // answers, does not fit a token bucket beside its prompt, saying the
 // largest that would.
-func errCapTooLarge(b *capBounds, field string, sent, prompt, choices int64) *proxy.APIError {
+func errCapTooLarge(b *capBounds, field string, sent, prompt, choices int64) *api.Error {
 	msg := field + " " + strconv.FormatInt(sent, 10)
 	if choices > 1 {
 		msg += " for each of this request's " + strconv.FormatInt(choices, 10) + " answers"
@@ -185,7 +186,7 @@ func errCapTooLarge(b *capBounds, field string, sent, prompt, choices int64) *pr
 	if choices > 1 {
 		msg += " for each"
 	}
-	return &proxy.APIError{Status: http.StatusTooManyRequests, Type: "tokens", Code: proxy.CodeRequestTooLarge, Message: msg + "."}
+	return &api.Error{Status: http.StatusTooManyRequests, Type: "tokens", Code: api.CodeRequestTooLarge, Message: msg + "."}
 }
 
 // police applies the tier's policy to a request body before anything is
@@ -199,7 +200,7 @@ func errCapTooLarge(b *capBounds, field string, sent, prompt, choices int64) *pr
 // The upstream gets the client's bytes except for the fields changed
 // here. It returns what admission reserves: the prompt's estimate and
 // every choice at its longest, n (or best_of) for each prompt.
-func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *proxy.APIError) {
+func (h *Handler) police(r *http.Request, ep *api.Endpoint, tier *Tier, body []byte, call *proxy.Call) (wire.RequestInfo, int64, *api.Error) {
 	call.Body = body
 	info, apiErr := proxy.ParseRequest(body)
 	if apiErr != nil {
@@ -216,12 +217,12 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 	}
 	call.Usage.Prompt = info.PromptTokens
 	call.Usage.Watch(r.Context())
-	if ep.ID == proxy.ChatCompletions {
+	if ep.ID == api.ChatCompletions {
 		// Chat has no prompts nor best_of: fields of those names in its
 		// body are not the upstream's, and multiply nothing.
 		info.Choices = info.N
 	}
-	generates := ep.ID != proxy.Embeddings
+	generates := ep.ID != api.Embeddings
 	choices := max(info.Choices, 1)
 	b := h.boundsOf(tier, info.Model, info.PromptTokens)
 	if b.room < 0 || generates && b.room < choices {
@@ -249,7 +250,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 			maxTokens = min(maxTokens, fit)
 		}
 		out, err = wire.SetCap(out, info, h.injectedCapField(ep, &info), maxTokens)
-	case ep.ID == proxy.Completions && !info.SetsMaxTokens():
+	case ep.ID == api.Completions && !info.SetsMaxTokens():
 		// Its cap is in max_completion_tokens, which completions do not
 		// read: the field they read gets it.
 		out, err = wire.SetCap(out, info, wire.MaxTokensField, maxTokens)
@@ -258,7 +259,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 		out, err = wire.WithStreamUsage(out, info)
 	}
 	if err != nil {
-		return info, 0, &proxy.APIError{Status: http.StatusBadRequest, Type: proxy.TypeInvalidRequest, Code: "invalid_request", Message: "The request body could not be read as JSON."}
+		return info, 0, &api.Error{Status: http.StatusBadRequest, Type: api.TypeInvalidRequest, Code: "invalid_request", Message: "The request body could not be read as JSON."}
 	}
 	if len(out) != len(body) || &out[0] != &body[0] {
 		r.Body = io.NopCloser(bytes.NewReader(out))
@@ -271,8 +272,8 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 // injectedCapField is the field a request without a cap gets one in:
 // max_tokens for completions; for chat, a cap field the body names as
 // null, else cap_field.
-func (h *Handler) injectedCapField(ep *proxy.Endpoint, info *wire.RequestInfo) string {
-	if ep.ID != proxy.ChatCompletions {
+func (h *Handler) injectedCapField(ep *api.Endpoint, info *wire.RequestInfo) string {
+	if ep.ID != api.ChatCompletions {
 		return wire.MaxTokensField
 	}
 	return cmp.Or(info.NamedCapField(), h.CapField, wire.MaxCompletionTokensField)

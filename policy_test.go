@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -32,18 +33,18 @@ func TestPoliceReservesEveryChoice(t *testing.T) {
 		choices    int64
 		code       string
 	}{
-		{"100 prompts", `{"model":"vigthoria-fast-1","max_tokens":256,"prompt":` + prompts + `}`, proxy.Completions, 100, ""},
-		{"best_of", `{"model":"vigthoria-fast-1","max_tokens":256,"prompt":"p","n":2,"best_of":8}`, proxy.Completions, 8, ""},
-		{"n for chat", `{"model":"vigthoria-fast-1","max_tokens":256,"n":4,"messages":[]}`, proxy.ChatCompletions, 4, ""},
-		{"no max_tokens: the cap for each", `{"model":"vigthoria-fast-1","prompt":["a","b","c"]}`, proxy.Completions, 3, ""},
-		{"the cap is per choice", `{"model":"vigthoria-fast-1","max_tokens":257,"prompt":"p"}`, proxy.Completions, 0, "max_tokens_too_large"},
-		{"folded model", `{"model":"vigthoria-fast-1","Model":"vigthoria-pro-1","messages":[]}`, proxy.ChatCompletions, 0, "invalid_request"},
-		{"folded n", `{"model":"vigthoria-fast-1","max_tokens":256,"N":64,"messages":[]}`, proxy.ChatCompletions, 0, "invalid_request"},
+		{"100 prompts", `{"model":"vigthoria-fast-1","max_tokens":256,"prompt":` + prompts + `}`, api.Completions, 100, ""},
+		{"best_of", `{"model":"vigthoria-fast-1","max_tokens":256,"prompt":"p","n":2,"best_of":8}`, api.Completions, 8, ""},
+		{"n for chat", `{"model":"vigthoria-fast-1","max_tokens":256,"n":4,"messages":[]}`, api.ChatCompletions, 4, ""},
+		{"no max_tokens: the cap for each", `{"model":"vigthoria-fast-1","prompt":["a","b","c"]}`, api.Completions, 3, ""},
+		{"the cap is per choice", `{"model":"vigthoria-fast-1","max_tokens":257,"prompt":"p"}`, api.Completions, 0, "max_tokens_too_large"},
+		{"folded model", `{"model":"vigthoria-fast-1","Model":"vigthoria-pro-1","messages":[]}`, api.ChatCompletions, 0, "invalid_request"},
+		{"folded n", `{"model":"vigthoria-fast-1","max_tokens":256,"N":64,"messages":[]}`, api.ChatCompletions, 0, "invalid_request"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(http.MethodPost, "/v1/completions", strings.NewReader(tc.body))
 			call := new(proxy.Call)
-			info, reserve, apiErr := h.police(r, &proxy.Endpoints[tc.ep], tier, []byte(tc.body), call)
+			info, reserve, apiErr := h.police(r, &api.Endpoints[tc.ep], tier, []byte(tc.body), call)
 			if tc.code != "" {
 				if apiErr == nil || apiErr.Code != tc.code {
 					t.Fatalf("got %v, want %s", apiErr, tc.code)
@@ -75,12 +76,12 @@ func TestPoliceCaps(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	chat, completions, embeddings := &proxy.Endpoints[proxy.ChatCompletions], &proxy.Endpoints[proxy.Completions], &proxy.Endpoints[proxy.Embeddings]
+	chat, completions, embeddings := &api.Endpoints[api.ChatCompletions], &api.Endpoints[api.Completions], &api.Endpoints[api.Embeddings]
 	long := strings.Repeat("word ", 2000)
 	for _, tc := range []struct {
 		name     string
 		h        *Handler
-		ep       *proxy.Endpoint
+		ep       *api.Endpoint
 		tier     *Tier
 		body     string
 		field    string // the cap field the upstream gets; "" for the body unchanged
@@ -309,7 +310,7 @@ func BenchmarkPolice(b *testing.B) {
 			tier := &Tier{Models: []string{"vigthoria-fast-*"}}
 			body := []byte(fmt.Sprintf(chat, bc.cap))
 			r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
-			ep := &proxy.Endpoints[proxy.ChatCompletions]
+			ep := &api.Endpoints[api.ChatCompletions]
 			b.ReportAllocs()
 			for b.Loop() {
 				var call proxy.Call

@@ -7,8 +7,8 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
-	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
 // maxKeyTiers bounds the cache of tiers merged with keys' own settings:
@@ -151,7 +151,7 @@ func originAllowed(r *http.Request, tier *Tier) bool {
 
 // errKeyOriginNotAllowed refuses a request from a web origin that the
 // caller's key is not bound to.
-var errKeyOriginNotAllowed = func() *proxy.APIError {
+var errKeyOriginNotAllowed = func() *api.Error {
 	e := *errOriginNotAllowed
 	e.Message = "This key may not be used from this web origin."
 	return &e

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/vigthoria/caddy-vigthoria/api"
 )
 
 // Body buffers start small and double as bytes arrive: what a body holds
@@ -203,7 +204,7 @@ func (b *Body) Release() {
 
 // grow makes room for more bytes, doubling the buffer up to the body's
 // size limit, if the budgets have room for the new capacity.
-func (b *Body) grow(lim *BodyLimits) *APIError {
+func (b *Body) grow(lim *BodyLimits) *api.Error {
 	buf := b.buf.data
 	newCap := min(max(2*int64(cap(buf)), firstBodyChunk), lim.Size)
 	if apiErr := b.hold(newCap-int64(cap(buf)), lim.MaxBuffered); apiErr != nil {
@@ -227,7 +228,7 @@ func (b *Body) grow(lim *BodyLimits) *APIError {
 // hold counts n more bytes against the body's caller, its tier's share
 // and the process, unless that would pass one of their ceilings (the
 // process's is limit).
-func (b *Body) hold(n, limit int64) *APIError {
+func (b *Body) hold(n, limit int64) *api.Error {
 	s := b.who.Share
 	if s != nil {
 		if !s.callers.add(b.who.Caller, n, s.perCaller) {
@@ -262,10 +263,10 @@ func (s *Share) release(caller string, n int64) {
 // bodies already. Memory grows with the bytes that arrive, whatever
 // Content-Length announces, and is counted against who. On success
 // r.Body replays the bytes read.
-func ReadBody(w http.ResponseWriter, r *http.Request, lim *BodyLimits, who Holder) (Body, *APIError) {
+func ReadBody(w http.ResponseWriter, r *http.Request, lim *BodyLimits, who Holder) (Body, *api.Error) {
 	if r.ContentLength > lim.Size {
 		w.Header().Set("Connection", "close")
-		return Body{}, TooLarge(lim.Size)
+		return Body{}, api.TooLarge(lim.Size)
 	}
 	if lim.Timeout > 0 && !serverTimesOutFirst(r, lim.Timeout) {
 		if setReadDeadline(w, time.Now().Add(lim.Timeout)) == nil {
@@ -317,7 +318,7 @@ func serverTimesOutFirst(r *http.Request, timeout time.Duration) bool {
 	return ok && srv.ReadTimeout > 0 && time.Duration(srv.ReadTimeout) <= timeout
 }
 
-func (b *Body) readFrom(src io.Reader, lim *BodyLimits) *APIError {
+func (b *Body) readFrom(src io.Reader, lim *BodyLimits) *api.Error {
 	for {
 		buf := b.buf.data
 		if len(buf) == cap(buf) {
@@ -333,7 +334,7 @@ func (b *Body) readFrom(src io.Reader, lim *BodyLimits) *APIError {
 		b.buf.data = buf[:len(buf)+n]
 		switch {
 		case int64(len(b.buf.data)) > lim.Size: // a pooled buffer may be larger
-			return TooLarge(lim.Size)
+			return api.TooLarge(lim.Size)
 		case err == io.EOF:
 			return nil
 		case err != nil:
@@ -343,13 +344,13 @@ func (b *Body) readFrom(src io.Reader, lim *BodyLimits) *APIError {
 }
 
 // wantEOF checks that a body of exactly the size limit ends there.
-func (b *Body) wantEOF(src io.Reader, lim *BodyLimits) *APIError {
+func (b *Body) wantEOF(src io.Reader, lim *BodyLimits) *api.Error {
 	var one [1]byte
 	for {
 		n, err := src.Read(one[:])
 		switch {
 		case n > 0:
-			return TooLarge(lim.Size)
+			return api.TooLarge(lim.Size)
 		case err == io.EOF:
 			return nil
 		case err != nil:
@@ -361,30 +362,30 @@ func (b *Body) wantEOF(src io.Reader, lim *BodyLimits) *APIError {
 // errBodiesBusy refuses a body while the process, or its tier's share,
 // holds as many bytes of bodies as it may: the caller may try again
 // shortly.
-var errBodiesBusy = &APIError{
+var errBodiesBusy = &api.Error{
 	Status:  http.StatusServiceUnavailable,
-	Type:    TypeAPI,
+	Type:    api.TypeAPI,
 	Code:    "proxy_busy",
 	Message: "The proxy is receiving too much request data right now. Please try again shortly.",
 }
 
 // errCallerBusy refuses a body while its caller's bodies hold as many
 // bytes as one caller may: it may send it again once they are done.
-var errCallerBusy = &APIError{
+var errCallerBusy = &api.Error{
 	Status:  http.StatusServiceUnavailable,
-	Type:    TypeAPI,
+	Type:    api.TypeAPI,
 	Code:    "proxy_busy",
 	Message: "Your requests being received hold as much request data as this proxy allows one caller. Please try again once they are done.",
 }
 
-var errBodyTimeout = &APIError{
+var errBodyTimeout = &api.Error{
 	Status:  http.StatusRequestTimeout,
-	Type:    TypeInvalidRequest,
+	Type:    api.TypeInvalidRequest,
 	Code:    "request_timeout",
 	Message: "The request body did not arrive in time.",
 }
 
-func errBodyUnreadable(err error) *APIError {
+func errBodyUnreadable(err error) *api.Error {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		return errBodyTimeout
 	}
@@ -392,5 +393,5 @@ func errBodyUnreadable(err error) *APIError {
 	if errors.Is(err, io.ErrUnexpectedEOF) {
 		msg = "The request body ended before its announced length."
 	}
-	return &APIError{Status: http.StatusBadRequest, Type: TypeInvalidRequest, Code: "invalid_body", Message: msg}
+	return &api.Error{Status: http.StatusBadRequest, Type: api.TypeInvalidRequest, Code: "invalid_body", Message: msg}
 }

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"testing/iotest"
+
+	"github.com/vigthoria/caddy-vigthoria/api"
 )
 
 // TestReadBodyLimits checks what ReadBody accepts and refuses, and that the
@@ -126,21 +128,21 @@ func TestReadBodyShares(t *testing.T) {
 	callers := NewCallers()
 	anonymous := callers.Share(64<<10, 64<<10)
 	pro := callers.Share(512<<10, 128<<10)
-	read := func(s *Share, caller string, size int) (Body, *APIError, http.Header) {
+	read := func(s *Share, caller string, size int) (Body, *api.Error, http.Header) {
 		t.Helper()
 		w := httptest.NewRecorder()
 		r := httptest.NewRequest("POST", "/", bytes.NewReader(make([]byte, size)))
 		body, apiErr := ReadBody(w, r, lim, Holder{Share: s, Caller: caller})
 		return body, apiErr, w.Header()
 	}
-	wantBusy := func(apiErr *APIError, h http.Header, want *APIError) {
+	wantBusy := func(apiErr *api.Error, h http.Header, want *api.Error) {
 		t.Helper()
 		if apiErr != want || h.Get("Retry-After") != "1" {
 			t.Errorf("got %v with Retry-After %q, want %q with Retry-After 1", apiErr, h.Get("Retry-After"), want.Message)
 		}
 	}
 	var held []Body
-	keep := func(b Body, apiErr *APIError, _ http.Header) {
+	keep := func(b Body, apiErr *api.Error, _ http.Header) {
 		t.Helper()
 		if apiErr != nil {
 			t.Fatalf("refused: %s", apiErr.Message)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 )
@@ -180,7 +181,7 @@ func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Hand
 		req.Header = up.modelsRequestHeader(r.Header)
 		rec := &recorder{header: make(http.Header)}
 		c := new(Call)
-		if err := up.Forward(rec, req, &Endpoints[Models], next, c); err != nil {
+		if err := up.Forward(rec, req, &api.Endpoints[api.Models], next, c); err != nil {
 			return nil, err
 		}
 		if rec.over {

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
@@ -51,7 +52,7 @@ func endBroken(logger *zap.Logger, err error) []byte {
 	if c := logger.Check(zap.WarnLevel, "upstream stream broke off; ending it with an error event"); c != nil {
 		c.Write(zap.Error(err))
 	}
-	return errUpstreamStream.sseEvent()
+	return sseEvent(errUpstreamStream)
 }
 
 // callTap is a Call as its stream's tap: it counts the output, reads the
@@ -75,3 +76,10 @@ func (t *callTap) Ready() {
 }
 
 func (t *callTap) Broke(err error) []byte { return endBroken(t.logger, err) }
+
+// sseEvent frames e as one server-sent event, for streams that already
+// started when the failure happened.
+func sseEvent(e *api.Error) []byte {
+	b := append(make([]byte, 0, 160+len(e.Message)), "data: "...)
+	return append(e.AppendJSON(b), "\n\n"...)
+}

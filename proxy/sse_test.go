@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
@@ -152,7 +153,7 @@ func TestSSEBodyLongEventEndsTheStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := "data: {}\n\n" + string(errUpstreamStream.sseEvent()); string(got) != want {
+	if want := "data: {}\n\n" + string(sseEvent(errUpstreamStream)); string(got) != want {
 		t.Errorf("an event over the bound: got %.200q, want %q", got, want)
 	}
 }
@@ -163,11 +164,11 @@ func TestRoute(t *testing.T) {
 		wantID       int
 		wantStatus   int
 	}{
-		{"POST", "/v1/chat/completions", ChatCompletions, 0},
-		{"POST", "/v1/completions", Completions, 0},
-		{"GET", "/v1/models", Models, 0},
-		{"POST", "/v1/embeddings", Embeddings, 0},
-		{"GET", "/v1/usage", Usage, 0},
+		{"POST", "/v1/chat/completions", api.ChatCompletions, 0},
+		{"POST", "/v1/completions", api.Completions, 0},
+		{"GET", "/v1/models", api.Models, 0},
+		{"POST", "/v1/embeddings", api.Embeddings, 0},
+		{"GET", "/v1/usage", api.Usage, 0},
 		{"GET", "/v1/chat/completions", 0, 405},
 		{"POST", "/v1/usage", 0, 405},
 		{"GET", "/v1/files", 0, 404},
@@ -175,7 +176,7 @@ func TestRoute(t *testing.T) {
 		{"GET", "", 0, 404},
 	}
 	for _, tc := range cases {
-		ep, err := Route(tc.method, tc.path)
+		ep, err := api.Route(tc.method, tc.path)
 		switch {
 		case tc.wantStatus != 0 && (err == nil || err.Status != tc.wantStatus):
 			t.Errorf("Route(%s %s) = %v, want status %d", tc.method, tc.path, err, tc.wantStatus)
@@ -183,7 +184,7 @@ func TestRoute(t *testing.T) {
 			t.Errorf("Route(%s %s) = %v %v, want endpoint %d", tc.method, tc.path, ep, err, tc.wantID)
 		}
 	}
-	if _, err := Route("GET", "/"+strings.Repeat("a", 5000)); len(err.Message) > 300 {
+	if _, err := api.Route("GET", "/"+strings.Repeat("a", 5000)); len(err.Message) > 300 {
 		t.Errorf("a long path is echoed whole: %d bytes", len(err.Message))
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -16,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"go.uber.org/zap"
 )
 
@@ -66,8 +66,8 @@ type Config struct {
 type Upstream struct {
 	tenant string // Fingerprint of the URL and server key: the upstream's answers differ by both
 	rp     *reverseproxy.Handler
-	paths  [numEndpoints]string // upstream path of each endpoint
-	extra  map[string]bool      // request headers let through beyond upstreamHeader; nil for none
+	paths  [api.NumEndpoints]string // upstream path of each endpoint
+	extra  map[string]bool          // request headers let through beyond upstreamHeader; nil for none
 	// modelsHeaders are the request headers that may change the model
 	// list: modelsShapers, then the extra ones in their configured order.
 	modelsHeaders []string
@@ -153,8 +153,8 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	up.exhausted = newExhaustion(cfg.Lockout, cfg.Shared, up.logger)
 	up.modelsHeaders = append(modelsShapers[:len(modelsShapers):len(modelsShapers)], names...)
 	base := strings.TrimSuffix(u.Path, "/")
-	for i := range Endpoints {
-		up.paths[i] = base + Endpoints[i].Suffix
+	for i := range api.Endpoints {
+		up.paths[i] = base + api.Endpoints[i].Suffix
 	}
 	cut, cutDetached := context.WithCancel(context.Background())
 	up.cutDetached = cutDetached
@@ -180,7 +180,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 // anything was written comes back as an *APIError for the caller to
 // write; a stream that fails once started is ended with an SSE error
 // event.
-func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint, next caddyhttp.Handler, c *Call) error {
+func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endpoint, next caddyhttp.Handler, c *Call) error {
 	up.keepUpstreamHeaders(r.Header)
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
@@ -232,22 +232,6 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *Endpoint
 // admission, and for the model once the body named it.
 func (up *Upstream) Exhausted(ctx context.Context, model string, now time.Time) (time.Duration, bool) {
 	return up.exhausted.check(ctx, model, now)
-}
-
-// UpstreamExhausted is the local 429 while the upstream's key, or the
-// model when not "", is exhausted for retryAfter more seconds, the figure
-// of its Retry-After header.
-func UpstreamExhausted(model string, retryAfter int) *APIError {
-	what := "this service"
-	if model != "" {
-		what = "the model " + strconv.Quote(model)
-	}
-	return &APIError{
-		Status:  http.StatusTooManyRequests,
-		Type:    "requests",
-		Code:    "upstream_rate_limited",
-		Message: "The upstream API's rate limit for " + what + " is reached. Please try again in " + strconv.Itoa(retryAfter) + "s.",
-	}
 }
 
 // keepUpstreamHeaders removes from the caller's request every header that

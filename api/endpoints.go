@@ -1,4 +1,4 @@
-package proxy
+package api
 
 import "net/http"
 
@@ -22,12 +22,12 @@ const (
 	Models
 	Embeddings
 	Usage
-	numEndpoints
+	NumEndpoints
 )
 
 // Endpoints are the only operations the proxy serves. Anything else is
 // answered by the proxy and never reaches the upstream with the server key.
-var Endpoints = [numEndpoints]Endpoint{
+var Endpoints = [NumEndpoints]Endpoint{
 	ChatCompletions: {ChatCompletions, "chat_completions", http.MethodPost, "/v1/chat/completions", "/chat/completions", true},
 	Completions:     {Completions, "completions", http.MethodPost, "/v1/completions", "/completions", true},
 	Models:          {Models, "models", http.MethodGet, "/v1/models", "/models", false},
@@ -37,7 +37,7 @@ var Endpoints = [numEndpoints]Endpoint{
 
 // Route finds the endpoint for a request line. An unknown path is a 404 and
 // a known path with another method a 405, both in the API's error shape.
-func Route(method, path string) (*Endpoint, *APIError) {
+func Route(method, path string) (*Endpoint, *Error) {
 	var ep *Endpoint
 	switch path {
 	case "/v1/chat/completions":
