@@ -12,6 +12,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // budgetPrefix names a caller's budget account in the limiter: a quota
@@ -74,9 +75,9 @@ type admission struct {
 // refusal by either is the caller's 429; a refusal by the key's limits
 // frees what the caller's own took. Budgets join when the request's cost
 // is known (reserve).
-func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, set limitSet, now time.Time) (admission, *api.Error) {
-	a := admission{id: client.ID, lim: tier.limitsFor(set)}
-	if set.reads() {
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *policy.Tier, set policy.LimitSet, now time.Time) (admission, *api.Error) {
+	a := admission{id: client.ID, lim: tier.LimitsFor(set)}
+	if set.Reads() {
 		a.id = readPrefix + client.ID
 	}
 	d, err := h.limiter.Admit(r.Context(), a.id, a.lim, 0, now)
@@ -88,14 +89,14 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 		return a, limitRefusal(w, tier, client.Tier, d, now)
 	}
 	a.Decision = d
-	if tier.minter == nil {
+	if tier.Minter() == nil {
 		return a, nil
 	}
 	id := client.Minted.KeyID
-	if set.reads() {
+	if set.Reads() {
 		id = readPrefix + id
 	}
-	if apiErr := h.join(w, r, &a, side{id: id, who: mintingKey(client), lim: tier.minter.limitsFor(set), tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
+	if apiErr := h.join(w, r, &a, side{id: id, who: mintingKey(client), lim: tier.Minter().LimitsFor(set), tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
 		h.settleAdmission(r, client, &a, keystore.Tokens{})
 		return a, apiErr
 	}
@@ -133,13 +134,13 @@ func (h *Handler) join(w http.ResponseWriter, r *http.Request, a *admission, s s
 // token limit, a quota or a budget would be passed, on any side. A model
 // without a price is refused when a budget applies, unless unpriced is
 // free: a budget never counts an answer as free by mistake.
-func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, model string, prompt, tokens int64, now time.Time) *api.Error {
+func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *policy.Tier, a *admission, model string, prompt, tokens int64, now time.Time) *api.Error {
 	budgets, nb := h.budgets(client, tier)
 	if _, shared := h.limiter.(limiter.DeferredSettler); shared && a.n+nb > 0 {
-		if p, priced := h.price(model); priced || nb == 0 {
+		if p, priced := h.policy.Price(model); priced || nb == 0 {
 			// The array by value: a slice of it would move it to the
 			// heap on every path.
-			return h.reserveAtOnce(w, r, client, tier, a, budgets, nb, p.cost(prompt, tokens-prompt), tokens, now)
+			return h.reserveAtOnce(w, r, client, tier, a, budgets, nb, p.Cost(prompt, tokens-prompt), tokens, now)
 		}
 	}
 	if refused, apiErr := h.reserveTokens(w, r, a.id, a.lim, &a.Decision, tokens, now); apiErr != nil {
@@ -161,11 +162,11 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 	if nb == 0 {
 		return nil
 	}
-	p, priced := h.price(model)
+	p, priced := h.policy.Price(model)
 	if !priced {
 		return errModelNotPriced(model)
 	}
-	cost := p.cost(prompt, tokens-prompt)
+	cost := p.Cost(prompt, tokens-prompt)
 	for _, b := range budgets[:nb] {
 		if apiErr := h.join(w, r, a, b, cost, now); apiErr != nil {
 			return apiErr
@@ -176,13 +177,13 @@ func (h *Handler) reserve(w http.ResponseWriter, r *http.Request, client keystor
 
 // budgets returns the budgets that bound a request of client: its own
 // and the minting key's, the first n of the array.
-func (h *Handler) budgets(client keystore.Client, tier *Tier) (b [2]side, n int) {
-	if !tier.budget.Quota.Unlimited() {
-		b[n] = side{id: budgetPrefix + client.ID, who: client, lim: &tier.budget, tierName: client.Tier, money: true}
+func (h *Handler) budgets(client keystore.Client, tier *policy.Tier) (b [2]side, n int) {
+	if !tier.BudgetLimits().Quota.Unlimited() {
+		b[n] = side{id: budgetPrefix + client.ID, who: client, lim: tier.BudgetLimits(), tierName: client.Tier, money: true}
 		n++
 	}
-	if m := tier.minter; m != nil && !m.budget.Quota.Unlimited() {
-		b[n] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: &m.budget, tierName: client.Minted.KeyTier, money: true, shared: true}
+	if m := tier.Minter(); m != nil && !m.BudgetLimits().Quota.Unlimited() {
+		b[n] = side{id: budgetPrefix + client.Minted.KeyID, who: mintingKey(client), lim: m.BudgetLimits(), tierName: client.Minted.KeyTier, money: true, shared: true}
 		n++
 	}
 	return b, n
@@ -195,7 +196,7 @@ func (h *Handler) budgets(client keystore.Client, tier *Tier) (b [2]side, n int)
 // admission, even beside a refusal, so that the request's settle gives
 // it back; the answer is the first refusal in reserve's order. The price
 // is known: a budget of an unpriced model is reserve's own refusal.
-func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, a *admission, all [2]side, nb int, cost, tokens int64, now time.Time) *api.Error {
+func (h *Handler) reserveAtOnce(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *policy.Tier, a *admission, all [2]side, nb int, cost, tokens int64, now time.Time) *api.Error {
 	budgets := all[:nb]
 	type result struct {
 		d    limiter.Decision

@@ -16,6 +16,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -122,7 +123,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if !currencyLabel.MatchString(v) {
+			if !policy.ValidCurrency(v) {
 				return d.Errf("invalid currency '%s': want a code such as USD, or a short label of letters", v)
 			}
 			h.Currency = v
@@ -131,7 +132,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if v != UnpricedRefuse && v != UnpricedFree {
+			if v != policy.UnpricedRefuse && v != policy.UnpricedFree {
 				return d.Errf("invalid unpriced '%s': want refuse or free", v)
 			}
 			h.Unpriced = v
@@ -326,9 +327,9 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 		return d.Errf("tier '%s' given twice", name)
 	}
 	if h.Tiers == nil {
-		h.Tiers = make(map[string]*Tier)
+		h.Tiers = make(map[string]*policy.Tier)
 	}
-	t := new(Tier)
+	t := new(policy.Tier)
 	h.Tiers[name] = t
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
@@ -379,7 +380,7 @@ func (h *Handler) unmarshalPrices(d *caddyfile.Dispenser) error {
 		return d.Errf("prices takes a block, not '%s'", d.Val())
 	}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		p := &Price{Model: d.Val()}
+		p := &policy.Price{Model: d.Val()}
 		for _, other := range h.Prices {
 			if other.Model == p.Model {
 				return d.Errf("prices: '%s' given twice", p.Model)
@@ -390,7 +391,7 @@ func (h *Handler) unmarshalPrices(d *caddyfile.Dispenser) error {
 			return d.Errf("prices: %s: want input <price> [output <price>], got '%s'", p.Model, strings.Join(args, " "))
 		}
 		for i := 0; i < len(args); i += 2 {
-			word, v := args[i], Decimal(args[i+1])
+			word, v := args[i], policy.Decimal(args[i+1])
 			switch {
 			case word == "input" && p.Input == "":
 				p.Input = v
@@ -402,7 +403,7 @@ func (h *Handler) unmarshalPrices(d *caddyfile.Dispenser) error {
 				return d.Errf("prices: %s: unknown word '%s': want input <price> [output <price>]", p.Model, word)
 			}
 		}
-		if _, err := p.parse(); err != nil {
+		if err := p.Check(); err != nil {
 			return d.Errf("prices: %s: %v", p.Model, err)
 		}
 		h.Prices = append(h.Prices, p)
@@ -513,16 +514,16 @@ func (h *Handler) unmarshalAlerts(d *caddyfile.Dispenser) error {
 }
 
 // parseTierRate reads "<n>/<window> [burst <b>]".
-func parseTierRate(args []string) (*Rate, error) {
+func parseTierRate(args []string) (*policy.Rate, error) {
 	r, err := keystore.ParseRate(strings.Join(args, " "))
 	if err != nil {
 		return nil, err
 	}
-	return &Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}, nil
+	return &policy.Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}, nil
 }
 
 // parseQuota reads "<n>/day" or "<n>/month".
-func parseQuota(args []string) (*Quota, error) {
+func parseQuota(args []string) (*policy.Quota, error) {
 	if len(args) != 1 {
 		return nil, errors.New("want <n>/day or <n>/month")
 	}
@@ -530,17 +531,17 @@ func parseQuota(args []string) (*Quota, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Quota{N: q.N, Period: q.Period}, nil
+	return &policy.Quota{N: q.N, Period: q.Period}, nil
 }
 
 // parseBudget reads `budget <amount>/day|month`, such as 50/month.
-func parseBudget(args []string) (*Budget, error) {
+func parseBudget(args []string) (*policy.Budget, error) {
 	if len(args) != 1 {
 		return nil, errors.New("want <amount>/day or <amount>/month, such as 50/month")
 	}
 	amount, period, _ := strings.Cut(args[0], "/")
-	b := &Budget{Amount: amount, Period: period}
-	_, err := b.limits()
+	b := &policy.Budget{Amount: amount, Period: period}
+	err := b.Check()
 	return b, err
 }
 

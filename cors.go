@@ -126,3 +126,11 @@ func (h *Handler) cors(w http.ResponseWriter, r *http.Request) bool {
 	w.WriteHeader(http.StatusNoContent)
 	return true
 }
+
+// errKeyOriginNotAllowed refuses a request from a web origin that the
+// caller's key is not bound to.
+var errKeyOriginNotAllowed = func() *api.Error {
+	e := *errOriginNotAllowed
+	e.Message = "This key may not be used from this web origin."
+	return &e
+}()

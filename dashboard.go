@@ -107,14 +107,14 @@ func (p handlerPolicy) Tiers() []string {
 }
 
 func (p handlerPolicy) Currency() string {
-	if len(p.h.prices) == 0 {
+	if !p.h.policy.Priced() {
 		return ""
 	}
 	return p.h.Currency
 }
 
 func (p handlerPolicy) Limits(tier string, s *keystore.Settings) (dashboard.Limits, bool) {
-	t := p.h.tierFor(tier, s)
+	t := p.h.policy.TierFor(tier, s)
 	if t == nil {
 		return dashboard.Limits{}, false
 	}
@@ -128,7 +128,7 @@ func (p handlerPolicy) Limits(tier string, s *keystore.Settings) (dashboard.Limi
 	if q := t.Quota; q != nil {
 		l.Quota = &keystore.Amount{N: q.N, Period: q.Period}
 	}
-	if b := &t.budget.Quota; !b.Unlimited() {
+	if b := &t.BudgetLimits().Quota; !b.Unlimited() {
 		l.Budget = &keystore.Amount{N: b.N, Period: b.Period.String()}
 	}
 	return l, true

@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -59,7 +60,7 @@ func FuzzTokenRequest(f *testing.F) {
 	} {
 		f.Add(s)
 	}
-	h := &Handler{MaxTokenTTL: caddy.Duration(time.Hour), Tiers: map[string]*Tier{"free": {}, "basic": {}, "pro": {}},
+	h := &Handler{MaxTokenTTL: caddy.Duration(time.Hour), Tiers: map[string]*policy.Tier{"free": {}, "basic": {}, "pro": {}},
 		bodyLimits: proxy.BodyLimits{MaxBuffered: 1 << 20}}
 	mint := []string{"free", "basic", "gold"}
 	r := httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(`{"user":"u","tier":"free"}`))

@@ -17,6 +17,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // Identities that do not come from a key are named with a prefix, so that
@@ -80,7 +81,7 @@ func errTooManyFailures(wait time.Duration) *api.Error {
 // costs a hash and a lookup too, and one signature check (tens of
 // microseconds) when it names a configured issuer and a published key
 // and was not seen before.
-func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *Tier, *api.Error) {
+func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *policy.Tier, *api.Error) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if keyInQuery(r.URL.RawQuery) {
 		return keystore.Client{}, nil, errKeyInQuery
@@ -153,11 +154,17 @@ func (h *Handler) refuseAuth(w http.ResponseWriter, addr netip.Addr, now time.Ti
 // publishes who it is. The tier it returns is everything the caller is
 // decided by: its tier with its key's own settings over it, or for the
 // user of a minted token, its token's tier narrowed by the minting key's
-// (see mintedTier).
-func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *Tier, *api.Error) {
-	tier := h.tierFor(c.Tier, c.Settings)
+// (see policy.Narrow).
+func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *policy.Tier, *api.Error) {
+	tier := h.policy.TierFor(c.Tier, c.Settings)
 	if tier != nil && c.Minted != nil {
-		tier = h.mintedTier(tier, c)
+		// The minting key's tier and settings, read on every request, so
+		// that a change reaches the tokens it minted before.
+		if minter := h.policy.TierFor(c.Minted.KeyTier, h.keys.Settings(c.Minted.KeyID)); minter != nil {
+			tier = h.policy.Narrow(tier, minter, c.Minted.Models, c.Minted.ModelsKey)
+		} else {
+			tier = nil
+		}
 	}
 	if tier == nil {
 		return c, nil, errTierNotConfigured

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // Defaults of a jwt issuer.
@@ -115,7 +116,7 @@ func (j *JWTIssuer) provision(logger *zap.Logger) error {
 }
 
 // validate checks the issuer against the configured tiers.
-func (j *JWTIssuer) validate(tiers map[string]*Tier) error {
+func (j *JWTIssuer) validate(tiers map[string]*policy.Tier) error {
 	if err := keystore.CheckProviderURL(j.Issuer); err != nil {
 		return fmt.Errorf("jwt issuer: %v", err)
 	}
@@ -144,7 +145,7 @@ func (j *JWTIssuer) validate(tiers map[string]*Tier) error {
 
 // validateJWTIssuers checks each issuer, and that no two share a host,
 // whose users' caller IDs could then be the same.
-func validateJWTIssuers(issuers []*JWTIssuer, tiers map[string]*Tier) error {
+func validateJWTIssuers(issuers []*JWTIssuer, tiers map[string]*policy.Tier) error {
 	hosts := make(map[string]string)
 	for _, j := range issuers {
 		if j == nil {
@@ -169,7 +170,7 @@ func hostName(host string) string {
 }
 
 // tokenIssuer is the issuer as the token verifier needs it.
-func (j *JWTIssuer) tokenIssuer(tiers map[string]*Tier) *keystore.TokenIssuer {
+func (j *JWTIssuer) tokenIssuer(tiers map[string]*policy.Tier) *keystore.TokenIssuer {
 	return &keystore.TokenIssuer{
 		Issuer:   j.Issuer,
 		Audience: j.Audience,
@@ -180,7 +181,7 @@ func (j *JWTIssuer) tokenIssuer(tiers map[string]*Tier) *keystore.TokenIssuer {
 }
 
 // caller names the user of a verified token's claims and its tier.
-func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*Tier) (keystore.Client, bool) {
+func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*policy.Tier) (keystore.Client, bool) {
 	user, ok := claims[j.UserClaim].(string)
 	if !ok || user == "" || strings.ContainsFunc(user, notPrintable) {
 		return keystore.Client{}, false

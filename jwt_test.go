@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
@@ -11,7 +12,7 @@ import (
 // TestJWTCaller checks how a verified token's claims name its caller and
 // tier, and which claims refuse it.
 func TestJWTCaller(t *testing.T) {
-	tiers := map[string]*Tier{"free": {}, "plus": {}}
+	tiers := map[string]*policy.Tier{"free": {}, "plus": {}}
 	withTier := &JWTIssuer{UserClaim: "sub", TierClaim: "plan", Tier: "free", host: "auth.example.com"}
 	claimOnly := &JWTIssuer{UserClaim: "email", TierClaim: "plan", host: "auth.example.com"}
 	byPhone := &JWTIssuer{UserClaim: "phone_number", Tier: "free", host: "auth.example.com"}

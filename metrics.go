@@ -222,8 +222,8 @@ func (h *Handler) configuredModels() map[string]struct{} {
 			add(g)
 		}
 	}
-	for _, p := range h.prices {
-		add(p.glob)
+	for _, p := range h.Prices {
+		add(p.Model)
 	}
 	return names
 }

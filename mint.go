@@ -15,6 +15,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -117,22 +118,22 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 		return refuse(w, r, "none", "tokens", h.authFailed(w, h.clientAddr(r), now))
 	}
 	keyTier, mint, may := h.keys.Minter(client.ID, now)
-	tier := h.tierFor(keyTier, client.Settings)
+	tier := h.policy.TierFor(keyTier, client.Settings)
 	switch {
 	case !may:
 		return h.refuseClient(w, r, client, h.tierLabel(client.Tier), "tokens", errMintNotAllowed, now)
 	case tier == nil:
 		return h.refuseClient(w, r, client, h.tierLabel(keyTier), "tokens", errTierNotConfigured, now)
-	case !originAllowed(r, tier):
+	case !tier.AllowsOrigin(r.Header.Get("Origin")):
 		return h.refuseClient(w, r, client, keyTier, "tokens", errKeyOriginNotAllowed, now)
 	}
-	a, apiErr := h.admit(w, r, client, tier, mintLimits, now)
+	a, apiErr := h.admit(w, r, client, tier, policy.MintLimits, now)
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}
 	h.settleAdmission(r, client, &a, keystore.Tokens{})
 
-	req, apiErr := h.readTokenRequest(w, r, proxy.Holder{Share: tier.bodies, Caller: client.ID})
+	req, apiErr := h.readTokenRequest(w, r, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}

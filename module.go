@@ -18,7 +18,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -27,6 +26,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -103,255 +103,6 @@ func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
 // maxLimitedClients bounds the in-memory limiter: about 120 bytes each.
 const maxLimitedClients = 4 << 20
 
-// Tier is a named class of callers and its limits. Every field is
-// optional: a tier without limits admits its callers freely. A client
-// key may have settings of its own (caddy vigthoria key add --requests …,
-// key update): each replaces the tier's field of the same name for that
-// key's requests, and the fields it does not set follow the tier.
-type Tier struct {
-	// Requests allowed per window, as a token bucket: {"n":60,"window":"1m","burst":10}.
-	// Burst defaults to n.
-	Requests *Rate `json:"requests,omitempty"`
-
-	// Prompt plus completion tokens allowed per window, as a token bucket.
-	// A request reserves its estimate (prompt size plus max_tokens times its
-	// choices: n or best_of for each prompt) and is then charged what the
-	// upstream reports.
-	Tokens *Rate `json:"tokens,omitempty"`
-
-	// Requests in flight at once, streams included.
-	Concurrent int `json:"concurrent,omitempty"`
-
-	// Tokens allowed per calendar day or month (UTC): {"n":1000000,"period":"day"}.
-	Quota *Quota `json:"quota,omitempty"`
-
-	// Money allowed per calendar day or month (UTC), in the currency of
-	// prices: {"amount":"50","period":"month"}. Admission reserves a
-	// request's highest possible cost and settlement charges the real
-	// one. A model without a price is then refused, unless unpriced is
-	// free. Default: none.
-	Budget *Budget `json:"budget,omitempty"`
-
-	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]; '*'
-	// matches any run of characters, '/' included (see
-	// keystore.MatchModel). Default: all.
-	Models []string `json:"models,omitempty"`
-
-	// The most max_tokens (or max_completion_tokens) a request may ask,
-	// per answer (choice); a request without a cap is forwarded with
-	// this one. Default: no cap, and a request without one gets the
-	// handler's default_max_tokens.
-	MaxTokens int64 `json:"max_tokens,omitempty"`
-
-	// The most bytes that the request bodies of this tier's callers may
-	// hold at once: its share of the handler's max_buffered, there for it
-	// whatever other tiers' callers send. Tiers without one split what
-	// the others leave equally, except the anonymous tier, which gets
-	// max_body, or an eighth of max_buffered when that is more (all of
-	// the rest when it is the only tier left). At least max_body; the
-	// tiers' shares add up to at most max_buffered.
-	MaxBuffered int64 `json:"max_buffered,omitempty"`
-
-	// The most bytes that one caller's bodies may hold of the tier's
-	// share. Default: a quarter of the share, or concurrent times
-	// max_body when that is less, and at least max_body.
-	MaxBufferedPerCaller int64 `json:"max_buffered_per_caller,omitempty"`
-
-	limits    limiter.Limits
-	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
-	modelsKey string         // names the models policy in the models cache
-	// lesser are the limits of requests that generate nothing, by
-	// limitSet (less one): see limitsFor.
-	lesser [3]limiter.Limits
-	bodies *proxy.Share // MaxBuffered and MaxBufferedPerCaller, counted
-
-	// keySettings are those of the caller's key, or of the key that
-	// minted its token: their origins bind the caller (originAllowed).
-	// nil for a configured tier.
-	keySettings *keystore.Settings
-	// minter is the tier of the key that minted a token, with that key's
-	// settings, for the token's user: its models and max_tokens narrow
-	// this tier's, its limits and budget bound the key's users together,
-	// its origins are theirs. nil for every other caller.
-	minter      *Tier
-	tokenModels []string // a minted token's own model globs; nil: the tiers'
-}
-
-// Rate is a number allowed per window.
-type Rate struct {
-	N      int64          `json:"n"`
-	Window caddy.Duration `json:"window"`
-	Burst  int64          `json:"burst,omitempty"`
-}
-
-// Quota is a number of tokens per calendar period: "day" or "month".
-type Quota struct {
-	N      int64  `json:"n"`
-	Period string `json:"period"`
-}
-
-// Budget is an amount of money per calendar period: "day" or "month".
-// The amount is a decimal string, such as "50" or "12.50", read exactly.
-type Budget struct {
-	Amount string `json:"amount"`
-	Period string `json:"period"`
-}
-
-// limits is the budget as the limiter keeps it: a quota of micro-units
-// of the currency, in an account of its own.
-func (b *Budget) limits() (limiter.Limits, error) {
-	n, err := keystore.ParseMoney(b.Amount, keystore.MaxMoney)
-	if err != nil {
-		return limiter.Limits{}, err
-	}
-	if n <= 0 {
-		return limiter.Limits{}, fmt.Errorf("budget %s must be above zero", b.Amount)
-	}
-	period, err := parsePeriod(b.Period)
-	if err != nil {
-		return limiter.Limits{}, err
-	}
-	// A request holds its reservation until it is settled: in flight,
-	// though there is no concurrency limit, so that a limiter never
-	// forgets the account while its reservations are out.
-	return limiter.Limits{Quota: limiter.Quota{N: n, Period: period}}, nil
-}
-
-// DefaultMaxTokens is the default of default_max_tokens: the cap a
-// request without one is forwarded with, and reserves, when its tier
-// sets none.
-const DefaultMaxTokens = 4096
-
-// provision checks the tier and derives its limiter limits.
-func (t *Tier) provision(name string) error {
-	for _, r := range []*Rate{t.Requests, t.Tokens} {
-		if r != nil && (r.N <= 0 || r.Window <= 0 || r.Burst < 0) {
-			return fmt.Errorf("tier %s: a rate needs a positive n and window", name)
-		}
-	}
-	if t.Requests != nil {
-		t.limits.Requests = limiter.Rate{N: t.Requests.N, Window: time.Duration(t.Requests.Window), Burst: t.Requests.Burst}
-	}
-	if t.Tokens != nil {
-		t.limits.Tokens = limiter.Rate{N: t.Tokens.N, Window: time.Duration(t.Tokens.Window), Burst: t.Tokens.Burst}
-	}
-	if t.Concurrent < 0 || t.MaxTokens < 0 {
-		return fmt.Errorf("tier %s: concurrent and max_tokens must be positive", name)
-	}
-	if t.MaxTokens > wire.MaxTokenCap {
-		return fmt.Errorf("tier %s: max_tokens must be at most %d, the most a request may ask", name, wire.MaxTokenCap)
-	}
-	t.limits.Concurrent = t.Concurrent
-	if t.Quota != nil {
-		period, err := parsePeriod(t.Quota.Period)
-		if err != nil || t.Quota.N <= 0 {
-			return fmt.Errorf("tier %s: a quota needs a positive n and a period of day or month", name)
-		}
-		t.limits.Quota = limiter.Quota{N: t.Quota.N, Period: period}
-	}
-	if t.Budget != nil {
-		var err error
-		if t.budget, err = t.Budget.limits(); err != nil {
-			return fmt.Errorf("tier %s: %v", name, err)
-		}
-	}
-	for _, glob := range t.Models {
-		if err := keystore.CheckGlob(glob); err != nil {
-			return fmt.Errorf("tier %s: invalid model glob '%s': %v", name, glob, err)
-		}
-	}
-	t.modelsKey = proxy.FilterKey(t.Models)
-	// Minting counts as a request, in no slot: a caller whose slots are
-	// all taken by its streams may still mint, and minting never makes a
-	// chat sent at that moment wait.
-	mint := &t.lesser[mintLimits-1]
-	*mint = t.limits
-	mint.Concurrent, mint.NoSlot = 0, true
-	// Reading one's standing, or the models one may use, reserves nothing
-	// and spends nothing: a spent quota, budget or token bucket never
-	// refuses it, only a request bucket of the tier's size (and for the
-	// models, which may call the upstream, concurrency) in the caller's
-	// reading account (see readPrefix).
-	t.lesser[standingLimits-1] = limiter.Limits{Requests: t.limits.Requests, NoSlot: true}
-	t.lesser[modelsLimits-1] = limiter.Limits{Requests: t.limits.Requests, Concurrent: t.limits.Concurrent}
-	return nil
-}
-
-// limitSet names which of a tier's limits a request is admitted under.
-type limitSet uint8
-
-const (
-	allLimits      limitSet = iota // a request that may generate
-	mintLimits                     // POST /vigthoria/tokens
-	standingLimits                 // GET /v1/usage
-	modelsLimits                   // GET /v1/models
-)
-
-// reads reports whether s is a set of a request that reads, admitted
-// in the caller's reading account.
-func (s limitSet) reads() bool { return s == standingLimits || s == modelsLimits }
-
-// limitsFor returns the tier's limits of a request of set s.
-func (t *Tier) limitsFor(s limitSet) *limiter.Limits {
-	if s == allLimits {
-		return &t.limits
-	}
-	return &t.lesser[s-1]
-}
-
-// limitSetOf is the limit set of a request to the endpoint of ID id.
-func limitSetOf(id int) limitSet {
-	switch id {
-	case api.Usage:
-		return standingLimits
-	case api.Models:
-		return modelsLimits
-	}
-	return allLimits
-}
-
-// modelFilter is the models a caller of the tier may see in GET
-// /v1/models: Allows is nil when it may use every model.
-func (t *Tier) modelFilter() proxy.ModelFilter {
-	f := proxy.ModelFilter{Key: t.modelsKey}
-	if len(t.Models) > 0 || t.tokenModels != nil || t.minter != nil && len(t.minter.Models) > 0 {
-		f.Allows = t.allows
-	}
-	return f
-}
-
-// allows reports whether a caller of the tier may use model: its
-// models, those of the key that minted its token and the token's own
-// all allow it.
-func (t *Tier) allows(model string) bool {
-	return matchesAny(t.Models, model) && matchesAny(t.tokenModels, model) &&
-		(t.minter == nil || t.minter.allows(model))
-}
-
-// matchesAny reports whether model matches one of globs, or globs is
-// empty: no narrowing.
-func matchesAny(globs []string, model string) bool {
-	if len(globs) == 0 {
-		return true
-	}
-	for _, glob := range globs {
-		if keystore.MatchModel(glob, model) {
-			return true
-		}
-	}
-	return false
-}
-
-func parsePeriod(s string) (limiter.Period, error) {
-	switch s {
-	case "day":
-		return limiter.Day, nil
-	case "month":
-		return limiter.Month, nil
-	}
-	return 0, fmt.Errorf("period '%s' is not day or month", s)
-}
-
 // Handler proxies the Vigthoria API. It serves only the API's five
 // endpoints under /v1 (chat/completions, completions, models, embeddings,
 // usage); anything else is answered here and never reaches the upstream.
@@ -414,7 +165,7 @@ type Handler struct {
 
 	// The tiers callers belong to, by name ([a-z0-9_-]). A key whose tier
 	// is not here is refused with 403.
-	Tiers map[string]*Tier `json:"tiers,omitempty"`
+	Tiers map[string]*policy.Tier `json:"tiers,omitempty"`
 
 	// The currency of prices and costs: a code such as USD or EUR, or a
 	// short label of letters or currency signs. It labels costs in GET
@@ -427,7 +178,7 @@ type Handler struct {
 	// 0.40}]. Each request's cost is kept in the usage ledger in
 	// micro-units (millionths) of the currency, rounded up, and GET
 	// /v1/usage reports it. Default: none, and costs are not reported.
-	Prices []*Price `json:"prices,omitempty"`
+	Prices []*policy.Price `json:"prices,omitempty"`
 
 	// What a model that no price matches costs: "refuse" makes it
 	// unavailable to callers with a budget, "free" prices it at 0.
@@ -574,7 +325,6 @@ type Handler struct {
 	limiterKey   string // the key of limiter in limiters
 	identityTier string // IdentityTier when it is a literal
 	authFailures *limiter.FailureThrottle
-	keyTiers     *lru.Cache[tierKey, *Tier] // see tierFor
 	startOnce    sync.Once
 	startErr     error
 	active       atomic.Int64 // admitted requests not yet settled
@@ -584,7 +334,7 @@ type Handler struct {
 	notifier     *alerts.Notifier
 	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
 
-	prices     []pricedGlob        // Prices, parsed, in order
+	policy     *policy.Policy
 	modelNames map[string]struct{} // the model names configured, labels (modelLabel)
 }
 
@@ -644,7 +394,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("api_key resolves to an empty value: set it, e.g. api_key {env.VIGTHORIA_API_KEY} with VIGTHORIA_API_KEY in the environment")
 	}
 	if h.DefaultMaxTokens == 0 {
-		h.DefaultMaxTokens = DefaultMaxTokens
+		h.DefaultMaxTokens = policy.DefaultMaxTokens
 	}
 	switch h.CapField {
 	case "":
@@ -653,18 +403,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	default:
 		return fmt.Errorf("cap_field must be max_completion_tokens or max_tokens, not '%s'", h.CapField)
 	}
-	for name, t := range h.Tiers {
-		if t == nil {
-			return fmt.Errorf("tier %s: null", name)
-		}
-		if err := t.provision(name); err != nil {
-			return err
-		}
+	if h.Currency == "" {
+		h.Currency = policy.DefaultCurrency
 	}
-	h.keyTiers = newTierCache()
-	h.provisionShares()
-
-	if err := h.provisionPrices(); err != nil {
+	if h.Unpriced == "" {
+		h.Unpriced = policy.UnpricedRefuse
+	}
+	var err error
+	h.policy, err = policy.New(policy.Config{
+		Tiers: h.Tiers, Prices: h.Prices, Currency: h.Currency, Unpriced: h.Unpriced,
+		DefaultMaxTokens: h.DefaultMaxTokens, CapField: h.CapField, Anonymous: h.Anonymous,
+		MaxBody: h.MaxBody, MaxBuffered: h.MaxBuffered, Logger: h.logger,
+	})
+	if err != nil {
 		return err
 	}
 	h.modelNames = h.configuredModels()
@@ -716,19 +467,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.StoreTimeout == 0 {
 		h.StoreTimeout = caddy.Duration(DefaultStoreTimeout)
 	}
-	policy := limiter.UseLocal
+	onError := limiter.UseLocal
 	switch h.OnStoreError {
 	case "", "local":
 	case "deny":
-		policy = limiter.Deny
+		onError = limiter.Deny
 	case "local_unshared":
-		policy = limiter.UseLocalUnshared
+		onError = limiter.UseLocalUnshared
 	default:
 		return fmt.Errorf("on_store_error must be local, deny or local_unshared, not '%s'", h.OnStoreError)
 	}
 	h.limiterKey = "memory:" + spec
 	if kind == "redis" {
-		h.limiterKey = fmt.Sprintf("redis:%s:%d:%d", spec, policy, h.StoreTimeout)
+		h.limiterKey = fmt.Sprintf("redis:%s:%d:%d", spec, onError, h.StoreTimeout)
 	}
 	lim, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
 		if kind != "redis" {
@@ -741,7 +492,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		logger := caddy.Log().Named("vigthoria.limiter")
 		shared := limiter.NewRedis(client, "vgt:lim:", time.Duration(h.StoreTimeout), logger)
 		return pooledLimiter{
-			Limiter: newFallback(shared, policy, logger),
+			Limiter: newFallback(shared, onError, logger),
 			shared:  shared,
 			redis:   client,
 		}, nil
@@ -867,7 +618,7 @@ func (h *Handler) Validate() error {
 	if h.MaxBuffered < h.MaxBody {
 		return fmt.Errorf("max_buffered (%d) must be at least max_body (%d)", h.MaxBuffered, h.MaxBody)
 	}
-	if err := h.validateShares(); err != nil {
+	if err := h.policy.Validate(); err != nil {
 		return err
 	}
 	if h.HeaderTimeout < 0 {
@@ -875,17 +626,6 @@ func (h *Handler) Validate() error {
 	}
 	if h.IdleTimeout < 0 {
 		return fmt.Errorf("idle_timeout must be positive, not %s", time.Duration(h.IdleTimeout))
-	}
-	for name, t := range h.Tiers {
-		if !tierName.MatchString(name) {
-			return fmt.Errorf("invalid tier name '%s': use a-z, 0-9, _ and -", name)
-		}
-		if name == "none" || name == "unknown" {
-			return fmt.Errorf("tier name '%s' is reserved: metrics label callers without a configured tier with it", name)
-		}
-		if t == nil {
-			return fmt.Errorf("tier %s: null", name)
-		}
 	}
 	if h.Anonymous != "" && h.Tiers[h.Anonymous] == nil {
 		return fmt.Errorf("anonymous tier '%s' is not configured", h.Anonymous)
@@ -966,7 +706,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		}
 		return refuse(w, r, "none", ep.Name, apiErr)
 	}
-	if !originAllowed(r, tier) {
+	if !tier.AllowsOrigin(r.Header.Get("Origin")) {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, errKeyOriginNotAllowed, now)
 	}
 	if ambient(client.ID) && crossSite(r, h.CORS) {
@@ -986,7 +726,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	// limiter closes.
 	h.active.Add(1)
 	defer h.active.Add(-1)
-	a, apiErr := h.admit(w, r, client, tier, limitSetOf(ep.ID), now)
+	a, apiErr := h.admit(w, r, client, tier, policy.LimitSetOf(ep.ID), now)
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
 	}
@@ -1036,7 +776,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	}()
 
 	if ep.Body {
-		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.bodies, Caller: client.ID})
+		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
 		if apiErr != nil {
 			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
 		}
@@ -1045,7 +785,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			body.Release()
 		}()
 		var reserve int64
-		if info, reserve, apiErr = h.police(r, ep, tier, body.Bytes(), call); apiErr != nil {
+		if info, reserve, apiErr = h.policy.Police(r, ep, tier, body.Bytes(), call); apiErr != nil {
 			if apiErr.Code == api.CodeRequestTooLarge {
 				// No wait admits it: SDKs retry a 429 unless told not to.
 				w.Header().Set("X-Should-Retry", "false")
@@ -1075,7 +815,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	}
 	var err error
 	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), tier.modelFilter(), call)
+		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), tier.ModelFilter(), call)
 	} else {
 		err = h.upstream.Forward(w, r, ep, next, call)
 	}
@@ -1108,7 +848,7 @@ func apiHeaders(h http.Header) {
 // charged (see charge). The meter reads one atomic counter.
 func (h *Handler) recordStream(client keystore.Client, model string, call *proxy.Call, reserved int64) *keystore.Running {
 	prompt := min(cmp.Or(call.Usage.Prompt, wire.PromptEstimate(int64(len(call.Body)))), reserved)
-	p, priced := h.price(model)
+	p, priced := h.policy.Price(model)
 	var also string
 	if client.Minted != nil {
 		also = client.Minted.KeyID
@@ -1120,7 +860,7 @@ func (h *Handler) recordStream(client keystore.Client, model string, call *proxy
 		}
 		t := keystore.Tokens{Prompt: prompt, Completion: streamed}
 		if priced {
-			t.Cost = p.cost(t.Prompt, t.Completion)
+			t.Cost = p.Cost(t.Prompt, t.Completion)
 		}
 		return t
 	})
@@ -1151,16 +891,16 @@ func (h *Handler) settle(r *http.Request, clientID string, lim *limiter.Limits, 
 
 // limitRefusal is the 429 of a request a limit refused, with the caller's
 // limit headers set.
-func limitRefusal(w http.ResponseWriter, tier *Tier, tierName string, d limiter.Decision, now time.Time) *api.Error {
-	limiter.SetHeaders(w.Header(), &tier.limits, d.State, now)
-	limiter.SetRefusalHeaders(w.Header(), &tier.limits, d, now)
-	return refusal(d, &tier.limits, tierName)
+func limitRefusal(w http.ResponseWriter, tier *policy.Tier, tierName string, d limiter.Decision, now time.Time) *api.Error {
+	limiter.SetHeaders(w.Header(), tier.Limits(), d.State, now)
+	limiter.SetRefusalHeaders(w.Header(), tier.Limits(), d, now)
+	return refusal(d, tier.Limits(), tierName)
 }
 
 // refuseAdmitted answers an admitted request refused before it was
 // forwarded, with the caller's standing, which counts it.
-func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, ep *api.Endpoint, s limiter.State, now time.Time, e *api.Error) error {
-	limiter.SetHeaders(w.Header(), &tier.limits, s, now)
+func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *policy.Tier, ep *api.Endpoint, s limiter.State, now time.Time, e *api.Error) error {
+	limiter.SetHeaders(w.Header(), tier.Limits(), s, now)
 	return h.refuseClient(w, r, client, client.Tier, ep.Name, e, now)
 }
 

@@ -1,231 +1,25 @@
 package vigthoria
 
 import (
-	"encoding/json"
-	"math"
-	"strconv"
-	"strings"
 	"testing"
 
-	"go.uber.org/zap"
-
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
+	"go.uber.org/zap"
 )
-
-func TestParseMicros(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want int64
-		err  string // a part of the error; "" for none
-	}{
-		{"0.10", 100_000, ""},
-		{"3", 3_000_000, ""},
-		{"3.00", 3_000_000, ""},
-		{"15.000001", 15_000_001, ""},
-		{"0", 0, ""},
-		{"0.000001", 1, ""},
-		{"007.5", 7_500_000, ""},
-		{"1000000", 1_000_000_000_000, ""},
-		{"1000000.000001", 0, "more than 1000000"},
-		{"99999999999999999999999", 0, "more than 1000000"},
-		{"0.0000001", 0, "more than six decimal places"},
-		{"-1", 0, "negative"},
-		{"-0.5", 0, "negative"},
-		{"1e3", 0, "not a decimal number"},
-		{"", 0, "not a decimal number"},
-		{"abc", 0, "not a decimal number"},
-		{".5", 0, "not a decimal number"},
-		{"5.", 0, "not a decimal number"},
-		{"+1", 0, "not a decimal number"},
-		{"1.2.3", 0, "not a decimal number"},
-		{" 1", 0, "not a decimal number"},
-	} {
-		got, err := parseMicros(tc.in)
-		switch {
-		case tc.err == "" && (err != nil || got != tc.want):
-			t.Errorf("parseMicros(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
-		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
-			t.Errorf("parseMicros(%q) = %d, %v; want an error saying %q", tc.in, got, err, tc.err)
-		}
-	}
-}
-
-// pricedHandler is a handler provisioned with the prices of a JSON config.
-func pricedHandler(t *testing.T, config string) *Handler {
-	t.Helper()
-	h := new(Handler)
-	if err := json.Unmarshal([]byte(config), h); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.provisionPrices(); err != nil {
-		t.Fatalf("provisioning %s: %v", config, err)
-	}
-	return h
-}
-
-func TestPriceFirstMatchWins(t *testing.T) {
-	h := pricedHandler(t, `{"prices": [
-		{"model": "vigthoria-fast-1", "input": "1", "output": "2"},
-		{"model": "vigthoria-fast-*", "input": 0.10, "output": 0.40},
-		{"model": "vigthoria-*", "input": 3, "output": 15},
-		{"model": "vigthoria-embed-*", "input": 0.02}
-	]}`)
-	if h.Currency != DefaultCurrency || h.Unpriced != UnpricedRefuse {
-		t.Errorf("defaults: currency %q, unpriced %q; want %q, %q", h.Currency, h.Unpriced, DefaultCurrency, UnpricedRefuse)
-	}
-	for _, tc := range []struct {
-		model string
-		want  modelPrice
-		ok    bool
-	}{
-		{"vigthoria-fast-1", modelPrice{1_000_000, 2_000_000}, true},   // the literal, listed first
-		{"vigthoria-fast-2", modelPrice{100_000, 400_000}, true},       // the first glob
-		{"vigthoria-embed-1", modelPrice{3_000_000, 15_000_000}, true}, // vigthoria-* comes before
-		{"vigthoria-fast-1/x", modelPrice{100_000, 400_000}, true},     // * takes '/' too
-		{"other", modelPrice{}, false},
-		{"", modelPrice{}, false},
-	} {
-		got, ok := h.price(tc.model)
-		if ok != tc.ok || (ok && got != tc.want) || (!ok && got != modelPrice{}) {
-			t.Errorf("price(%q) = %+v, %v; want %+v, %v", tc.model, got, ok, tc.want, tc.ok)
-		}
-	}
-
-	free := pricedHandler(t, `{"unpriced": "free", "currency": "EUR", "prices": [{"model": "m", "input": "1"}]}`)
-	if p, ok := free.price("other"); !ok || p != (modelPrice{}) {
-		t.Errorf("with unpriced free, price of an unpriced model = %+v, %v; want zero, true", p, ok)
-	}
-}
-
-// TestOneGlobRule: prices, tiers' models and minted tokens' models read
-// a glob the same way, '*' matching '/' too: an operator's "*" is every
-// model, org/model included, wherever it is written.
-func TestOneGlobRule(t *testing.T) {
-	for _, tc := range []struct {
-		glob, model string
-		want        bool
-	}{
-		{"*", "org/model", true},
-		{"*", "vigthoria-fast-1", true},
-		{"org/*", "org/team/model", true},
-		{"vigthoria-*", "vigthoria-fast/1", true},
-		{"vigthoria-fast-?", "vigthoria-fast-1", true},
-		{"vigthoria-fast-?", "vigthoria-fast-10", false},
-		{"gpt-[45]*", "gpt-4o", true},
-		{"vigthoria-fast-1", "vigthoria-fast-1/x", false},
-		{"org/*", "other/model", false},
-	} {
-		h := pricedHandler(t, `{"prices": [{"model": `+strconv.Quote(tc.glob)+`, "input": "1"}]}`)
-		_, priced := h.price(tc.model)
-		tier := &Tier{Models: []string{tc.glob}}
-		if err := tier.provision("t"); err != nil {
-			t.Fatal(err)
-		}
-		token := &Tier{tokenModels: []string{tc.glob}} // a minted token's own models
-		minted := token.allows(tc.model)
-		if priced != tc.want || tier.allows(tc.model) != tc.want || minted != tc.want || keystore.ValidGlob(tc.glob) != true {
-			t.Errorf("glob %q, model %q: priced %v, tier allows %v, token allows %v; want %v for each",
-				tc.glob, tc.model, priced, tier.allows(tc.model), minted, tc.want)
-		}
-	}
-}
-
-// TestAffordable: the completion tokens a budget pays for beside a
-// prompt are the most that cost counts within it.
-func TestAffordable(t *testing.T) {
-	prices := []modelPrice{{10, 20}, {100_000, 400_000}, {3_000_000, 15_000_000}, {1, 1}, {0, 7}, {maxPrice, maxPrice}}
-	for _, p := range prices {
-		for _, n := range []int64{0, 1, 999, 1000, 10_000, 1_000_000, keystore.MaxMoney} {
-			for _, prompt := range []int64{0, 1, 20, 5000, 2_500_000} {
-				got := p.affordable(n, prompt)
-				switch {
-				case got < 0:
-					if p.cost(prompt, 0) <= n {
-						t.Errorf("%+v: affordable(%d, %d) = %d, but the prompt costs %d", p, n, prompt, got, p.cost(prompt, 0))
-					}
-				case p.cost(prompt, got) > n || got < math.MaxInt64 && p.cost(prompt, got+1) <= n:
-					t.Errorf("%+v: affordable(%d, %d) = %d: it costs %d, one more %d", p, n, prompt, got, p.cost(prompt, got), p.cost(prompt, got+1))
-				}
-			}
-		}
-	}
-	if got := (modelPrice{input: 10}).affordable(1000, 20); got != math.MaxInt64 {
-		t.Errorf("free output: affordable = %d, want MaxInt64", got)
-	}
-}
-
-func TestPriceLookupAllocatesNothing(t *testing.T) {
-	h := pricedHandler(t, `{"prices": [
-		{"model": "vigthoria-reasoning-*", "input": "3", "output": "15"},
-		{"model": "vigthoria-fast-1", "input": "1"},
-		{"model": "vigthoria-[ef]*-?", "input": "0.10", "output": "0.40"}
-	]}`)
-	model := "vigthoria-fast-2"
-	if allocs := testing.AllocsPerRun(1000, func() {
-		if p, ok := h.price(model); !ok || p.cost(1000, 500) != 300 {
-			t.Fatal("wrong price")
-		}
-		h.price("unpriced")
-	}); allocs != 0 {
-		t.Errorf("price allocated %v times a lookup, want 0", allocs)
-	}
-}
-
-func TestCost(t *testing.T) {
-	fast := modelPrice{input: 100_000, output: 400_000} // 0.10 and 0.40 per 1M
-	for _, tc := range []struct {
-		name               string
-		p                  modelPrice
-		prompt, completion int64
-		want               int64
-	}{
-		{"exact", fast, 1_000_000, 1_000_000, 500_000},
-		{"rounded up", fast, 1, 0, 1},       // 0.1 micro-units
-		{"rounded up once", fast, 10, 3, 3}, // 1 + 1.2 = 2.2 micro-units
-		{"whole", fast, 20, 20, 10},         // 2 + 8
-		{"nothing used", fast, 0, 0, 0},
-		{"free", modelPrice{}, 5000, 5000, 0},
-		{"negative counts cost nothing", fast, -10, -5, 0},
-		{"one negative", fast, -10, 5, 2}, // 5 × 0.4 = 2
-		{"largest prices", modelPrice{maxPrice, maxPrice}, 3, 4, 7 * maxPrice / pricedTokens},
-		{"saturates", modelPrice{maxPrice, maxPrice}, math.MaxInt64, math.MaxInt64, math.MaxInt64},
-		{"rounded up, large", modelPrice{1, 0}, math.MaxInt64, 0, math.MaxInt64/pricedTokens + 1},
-	} {
-		if got := tc.p.cost(tc.prompt, tc.completion); got != tc.want {
-			t.Errorf("%s: cost(%d, %d) at %+v = %d, want %d", tc.name, tc.prompt, tc.completion, tc.p, got, tc.want)
-		}
-	}
-}
-
-func TestPricesRefused(t *testing.T) {
-	for _, tc := range []struct{ config, err string }{
-		{`{"prices": [{"model": "m"}]}`, "input price is required"},
-		{`{"prices": [{"model": "", "input": 1}]}`, "needs a model glob"},
-		{`{"prices": [{"model": "m[", "input": 1}]}`, "invalid model glob 'm['"},
-		{`{"prices": [{"model": "m", "input": -1}]}`, "negative"},
-		{`{"prices": [{"model": "m", "input": 1, "output": 1e3}]}`, "output: price '1e3'"},
-		{`{"prices": [null]}`, "null"},
-		{`{"prices": [{"model": "m", "input": "abc"}]}`, "input: price 'abc' is not a decimal"},
-		{`{"currency": "US Dollar"}`, "invalid currency 'US Dollar'"},
-		{`{"unpriced": "zero"}`, "invalid unpriced 'zero'"},
-	} {
-		h := new(Handler)
-		if err := json.Unmarshal([]byte(tc.config), h); err != nil {
-			t.Fatal(err)
-		}
-		if err := h.provisionPrices(); err == nil || !strings.Contains(err.Error(), tc.err) {
-			t.Errorf("%s: %v, want an error saying %q", tc.config, err, tc.err)
-		}
-	}
-}
 
 // TestChargeForCosts: what a request is charged carries its cost at its
 // model's price, the reservation's when the usage was not believed, and
 // nothing for a model without a price.
 func TestChargeForCosts(t *testing.T) {
-	h := pricedHandler(t, `{"prices": [{"model": "vigthoria-fast-*", "input": "0.10", "output": "0.40"}]}`)
-	h.logger = zap.NewNop()
+	h := &Handler{logger: zap.NewNop()}
+	var err error
+	h.policy, err = policy.New(policy.Config{Currency: policy.DefaultCurrency, Unpriced: policy.UnpricedRefuse,
+		Prices: []*policy.Price{{Model: "vigthoria-fast-*", Input: "0.10", Output: "0.40"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	reported := proxy.AnswerUsage{Status: 200, Reported: true, PromptTokens: 1200, CompletionTokens: 345}
 	for _, tc := range []struct {
 		name  string

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // usageReport is the answer of GET /v1/usage: the caller's own usage and
@@ -121,13 +122,13 @@ type quotaReport struct {
 }
 
 // serveUsage answers GET /v1/usage from the ledger and the limiter.
-func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *Tier, now time.Time) error {
+func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *policy.Tier, now time.Time) error {
 	monthStart := limiter.Month.Start(now)
 	rows, err := h.keys.Ledger().UsageSince(r.Context(), client.ID, monthStart)
 	if err == nil {
 		var state, budget limiter.State
-		if state, err = h.limiter.State(r.Context(), client.ID, &tier.limits, now); err == nil && !tier.budget.Quota.Unlimited() {
-			budget, err = h.limiter.State(r.Context(), budgetPrefix+client.ID, &tier.budget, now)
+		if state, err = h.limiter.State(r.Context(), client.ID, tier.Limits(), now); err == nil && !tier.BudgetLimits().Quota.Unlimited() {
+			budget, err = h.limiter.State(r.Context(), budgetPrefix+client.ID, tier.BudgetLimits(), now)
 		}
 		if err == nil {
 			return h.writeUsage(w, client, tier, rows, state, budget, monthStart, now)
@@ -139,7 +140,7 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 }
 
 // writeUsage writes the usage report of a client.
-func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state, budget limiter.State, monthStart, now time.Time) error {
+func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *policy.Tier, rows []keystore.UsageRow, state, budget limiter.State, monthStart, now time.Time) error {
 
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
@@ -168,7 +169,7 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 	// Costs are reported when prices are configured: without, every
 	// cost is 0 and says nothing.
 	var currency string
-	if len(h.prices) > 0 {
+	if h.policy.Priced() {
 		currency = h.Currency
 	}
 	rep.Today.usageCounts, rep.Month.usageCounts = countsOf(today, true, currency), countsOf(month, true, currency)
@@ -177,7 +178,7 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 	}
 	sort.Slice(rep.ByModel, func(i, j int) bool { return rep.ByModel[i].Model < rep.ByModel[j].Model })
 
-	lim := &tier.limits
+	lim := tier.Limits()
 	if !lim.Requests.Unlimited() {
 		rep.Limits.Requests = &bucketReport{Limit: lim.Requests.Capacity(), Remaining: state.RequestsRemaining, Reset: limiter.FormatReset(state.RequestsReset)}
 	}
@@ -196,7 +197,7 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 			Remaining: max(lim.Quota.N-state.QuotaUsed, 0), Reset: state.QuotaReset,
 		}
 	}
-	if b := &tier.budget.Quota; !b.Unlimited() {
+	if b := tier.BudgetLimits().Quota; !b.Unlimited() {
 		money := func(n int64) costReport { return costReport{Amount: keystore.FormatCost(n), Currency: h.Currency} }
 		rep.Limits.Budget = &budgetReport{
 			Period: b.Period.String(), Limit: money(b.N), Used: money(budget.QuotaUsed),

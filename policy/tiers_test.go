@@ -1,4 +1,4 @@
-package vigthoria
+package policy
 
 import (
 	"net/http"
@@ -58,7 +58,7 @@ func TestTierForPrecedence(t *testing.T) {
 			limiter.Limits{Quota: limiter.Quota{N: 100_000_000, Period: limiter.Month}},
 			limiter.Limits{Quota: limiter.Quota{N: 50_000_000, Period: limiter.Month}}, limiter.Limits{}},
 		{"models", func(s *keystore.Settings) { s.Models = nil }, func(t *Tier) any {
-			return []bool{t.allows("vigthoria-fast-1"), t.allows("vigthoria-pro-1"), t.allows("other")}
+			return []bool{t.Allows("vigthoria-fast-1"), t.Allows("vigthoria-pro-1"), t.Allows("other")}
 		},
 			[]bool{true, true, false}, []bool{true, false, false}, []bool{true, true, true}},
 		{"max_tokens", func(s *keystore.Settings) { s.MaxTokens = nil }, func(t *Tier) any { return t.MaxTokens },
@@ -83,8 +83,8 @@ func TestTierForPrecedence(t *testing.T) {
 		}
 		for _, c := range cases {
 			t.Run(f.name+"/"+c.name, func(t *testing.T) {
-				h := tierHandler(t, map[string]*Tier{"t": c.tier})
-				got := h.tierFor("t", c.settings)
+				h := tierPolicy(t, map[string]*Tier{"t": c.tier})
+				got := h.TierFor("t", c.settings)
 				if got == nil {
 					t.Fatal("tierFor = nil")
 				}
@@ -96,44 +96,45 @@ func TestTierForPrecedence(t *testing.T) {
 	}
 }
 
-// tierHandler is a Handler with tiers, provisioned, for tierFor.
-func tierHandler(t *testing.T, tiers map[string]*Tier) *Handler {
+// tierPolicy is a Policy of copies of tiers.
+func tierPolicy(t *testing.T, tiers map[string]*Tier) *Policy {
 	t.Helper()
-	h := &Handler{Tiers: make(map[string]*Tier), logger: zap.NewNop(), keyTiers: newTierCache()}
+	cfg := Config{Tiers: make(map[string]*Tier), Currency: DefaultCurrency, Unpriced: UnpricedRefuse, Logger: zap.NewNop()}
 	for name, tier := range tiers {
 		c := *tier
-		if err := c.provision(name); err != nil {
-			t.Fatal(err)
-		}
-		h.Tiers[name] = &c
+		cfg.Tiers[name] = &c
 	}
-	return h
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // TestTierForCaches: no settings give the configured tier itself; the
 // same settings pointer gives the same merged tier without allocating;
 // new settings (a change) give a new one; an unknown tier gives nil.
 func TestTierForCaches(t *testing.T) {
-	h := tierHandler(t, map[string]*Tier{"pro": {Requests: &Rate{N: 100, Window: caddy.Duration(time.Minute)}}})
-	if h.tierFor("pro", nil) != h.Tiers["pro"] {
+	h := tierPolicy(t, map[string]*Tier{"pro": {Requests: &Rate{N: 100, Window: caddy.Duration(time.Minute)}}})
+	if h.TierFor("pro", nil) != h.cfg.Tiers["pro"] {
 		t.Error("without settings, tierFor is not the configured tier")
 	}
 	s1 := &keystore.Settings{Requests: &keystore.Rate{N: 2, Window: time.Hour}}
-	first := h.tierFor("pro", s1)
-	if first == h.Tiers["pro"] || h.tierFor("pro", s1) != first {
+	first := h.TierFor("pro", s1)
+	if first == h.cfg.Tiers["pro"] || h.TierFor("pro", s1) != first {
 		t.Fatal("the same settings did not give the same merged tier")
 	}
-	if n := testing.AllocsPerRun(1000, func() { h.tierFor("pro", s1) }); n != 0 {
+	if n := testing.AllocsPerRun(1000, func() { h.TierFor("pro", s1) }); n != 0 {
 		t.Errorf("tierFor on a cache hit: %v allocations, want 0", n)
 	}
 	s2 := &keystore.Settings{Requests: &keystore.Rate{N: 3, Window: time.Hour}}
-	if got := h.tierFor("pro", s2); got.limits.Requests.N != 3 || first.limits.Requests.N != 2 {
+	if got := h.TierFor("pro", s2); got.limits.Requests.N != 3 || first.limits.Requests.N != 2 {
 		t.Errorf("changed settings: got %d, first now %d", got.limits.Requests.N, first.limits.Requests.N)
 	}
-	if h.Tiers["pro"].limits.Requests.N != 100 {
+	if h.cfg.Tiers["pro"].limits.Requests.N != 100 {
 		t.Error("a merge changed the configured tier")
 	}
-	if h.tierFor("gone", s1) != nil {
+	if h.TierFor("gone", s1) != nil {
 		t.Error("an unknown tier gave a tier")
 	}
 }
@@ -146,12 +147,15 @@ func TestTierForCaches(t *testing.T) {
 // change (a new pointer) narrow the same token at once, and a cached
 // tier costs no allocation.
 func TestMintedTierIsTheIntersection(t *testing.T) {
-	h := tierHandler(t, map[string]*Tier{
+	h := tierPolicy(t, map[string]*Tier{
 		"web":    {Requests: &Rate{N: 10, Window: caddy.Duration(time.Minute)}, Models: []string{"vigthoria-*"}, MaxTokens: 400},
 		"open":   {},
 		"app":    {},
 		"narrow": {Models: []string{"vigthoria-fast-*", "other-*"}, MaxTokens: 100},
 	})
+	narrow := func(own, minter *Tier, c keystore.Client) *Tier {
+		return h.Narrow(own, minter, c.Minted.Models, c.Minted.ModelsKey)
+	}
 	maxTok := func(n int64) *int64 { return &n }
 	minted := func(tier, keyTier string, models ...string) keystore.Client {
 		m := &keystore.Minted{KeyID: "key_x", KeyTier: keyTier}
@@ -182,25 +186,25 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 		{"the key's origins", minted("open", "app"), &keystore.Settings{Origins: []string{"https://app.example"}}, []bool{true, true, true, true}, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			minter := h.tierFor(tc.client.Minted.KeyTier, tc.settings)
-			got := h.narrowTier(h.Tiers[tc.client.Tier], minter, tc.client)
+			minter := h.TierFor(tc.client.Minted.KeyTier, tc.settings)
+			got := narrow(h.cfg.Tiers[tc.client.Tier], minter, tc.client)
 			for i, m := range models {
-				if got.allows(m) != tc.allowed[i] {
-					t.Errorf("allows(%s) = %v, want %v", m, got.allows(m), tc.allowed[i])
+				if got.Allows(m) != tc.allowed[i] {
+					t.Errorf("allows(%s) = %v, want %v", m, got.Allows(m), tc.allowed[i])
 				}
-				if f := got.modelFilter(); f.Allows != nil && f.Allows(m) != tc.allowed[i] || f.Allows == nil && !tc.allowed[i] {
+				if f := got.ModelFilter(); f.Allows != nil && f.Allows(m) != tc.allowed[i] || f.Allows == nil && !tc.allowed[i] {
 					t.Errorf("the models list filter disagrees on %s", m)
 				}
 			}
 			if got.MaxTokens != tc.cap {
 				t.Errorf("max_tokens = %d, want %d", got.MaxTokens, tc.cap)
 			}
-			if got.limits != h.Tiers[tc.client.Tier].limits || got.minter != minter {
+			if got.limits != h.cfg.Tiers[tc.client.Tier].limits || got.minter != minter {
 				t.Errorf("limits %+v, minter %p: want the token's tier's and the key's %p", got.limits, got.minter, minter)
 			}
 			r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", nil)
 			r.Header.Set("Origin", "https://evil.example")
-			if originAllowed(r, got) == tc.origins {
+			if got.AllowsOrigin(r.Header.Get("Origin")) == tc.origins {
 				t.Errorf("from another origin: allowed %v, want %v", !tc.origins, !tc.origins)
 			}
 		})
@@ -208,30 +212,30 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 
 	// Models lists: one per policy, never the same key for two; a user
 	// whom nothing narrows shares its tier's.
-	keys := map[string]bool{h.Tiers["open"].modelsKey: true, h.Tiers["web"].modelsKey: true}
+	keys := map[string]bool{h.cfg.Tiers["open"].modelsKey: true, h.cfg.Tiers["web"].modelsKey: true}
 	for _, c := range []keystore.Client{minted("open", "app", "a"), minted("open", "narrow"), minted("open", "narrow", "a"), minted("web", "narrow", "a"), minted("web", "app", "a")} {
-		k := h.narrowTier(h.Tiers[c.Tier], h.tierFor(c.Minted.KeyTier, nil), c).modelFilter().Key
+		k := narrow(h.cfg.Tiers[c.Tier], h.TierFor(c.Minted.KeyTier, nil), c).ModelFilter().Key
 		if keys[k] {
 			t.Errorf("models cache key %q given twice", k)
 		}
 		keys[k] = true
 	}
-	if k := h.narrowTier(h.Tiers["web"], h.Tiers["app"], minted("web", "app")).modelFilter().Key; k != h.Tiers["web"].modelsKey {
-		t.Errorf("a user whom nothing narrows beyond its tier has the models list %q, want its tier's %q", k, h.Tiers["web"].modelsKey)
+	if k := narrow(h.cfg.Tiers["web"], h.cfg.Tiers["app"], minted("web", "app")).ModelFilter().Key; k != h.cfg.Tiers["web"].modelsKey {
+		t.Errorf("a user whom nothing narrows beyond its tier has the models list %q, want its tier's %q", k, h.cfg.Tiers["web"].modelsKey)
 	}
 
 	// Changed settings are a new pointer: a new tier, for the same token.
 	c := minted("web", "app")
 	s1 := &keystore.Settings{MaxTokens: maxTok(50)}
-	first := h.narrowTier(h.Tiers["web"], h.tierFor("app", s1), c)
-	if n := testing.AllocsPerRun(1000, func() { h.narrowTier(h.Tiers["web"], h.tierFor("app", s1), c) }); n != 0 {
+	first := narrow(h.cfg.Tiers["web"], h.TierFor("app", s1), c)
+	if n := testing.AllocsPerRun(1000, func() { narrow(h.cfg.Tiers["web"], h.TierFor("app", s1), c) }); n != 0 {
 		t.Errorf("a cached minted tier: %v allocations, want 0", n)
 	}
 	s2 := &keystore.Settings{MaxTokens: maxTok(20)}
-	if got := h.narrowTier(h.Tiers["web"], h.tierFor("app", s2), c); got.MaxTokens != 20 || first.MaxTokens != 50 {
+	if got := narrow(h.cfg.Tiers["web"], h.TierFor("app", s2), c); got.MaxTokens != 20 || first.MaxTokens != 50 {
 		t.Errorf("changed settings: max_tokens %d, the first now %d; want 20 and 50", got.MaxTokens, first.MaxTokens)
 	}
-	if h.Tiers["web"].MaxTokens != 400 || h.Tiers["web"].minter != nil {
+	if h.cfg.Tiers["web"].MaxTokens != 400 || h.cfg.Tiers["web"].minter != nil {
 		t.Error("narrowing changed the configured tier")
 	}
 }

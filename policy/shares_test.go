@@ -1,4 +1,4 @@
-package vigthoria
+package policy
 
 import (
 	"strings"
@@ -46,9 +46,9 @@ func TestShares(t *testing.T) {
 			nil, "per_caller"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := &Handler{MaxBody: mb, MaxBuffered: all, Tiers: tc.tiers, Anonymous: tc.anonymous}
-			h.provisionShares()
-			err := h.validateShares()
+			h := &Config{MaxBody: mb, MaxBuffered: all, Tiers: tc.tiers, Anonymous: tc.anonymous}
+			provisionShares(h)
+			err := validateShares(h)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Errorf("validate said %v, want an error with %q", err, tc.err)

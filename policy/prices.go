@@ -1,4 +1,4 @@
-package vigthoria
+package policy
 
 import (
 	"encoding/json"
@@ -70,45 +70,15 @@ func (d *Decimal) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// modelPrice is a model's price per million tokens, in micro-units of
+// ModelPrice is a model's price per million tokens, in micro-units of
 // the currency.
-type modelPrice struct{ input, output int64 }
+type ModelPrice struct{ input, output int64 }
 
 // pricedGlob is a configured price, parsed.
 type pricedGlob struct {
 	glob    string
 	literal bool // glob has no meta characters: compared as a string
-	price   modelPrice
-}
-
-// provisionPrices checks the currency and the prices and parses them
-// for price; it sets the defaults of currency and unpriced.
-func (h *Handler) provisionPrices() error {
-	if h.Currency == "" {
-		h.Currency = DefaultCurrency
-	}
-	if !currencyLabel.MatchString(h.Currency) {
-		return fmt.Errorf("invalid currency '%s': want a code such as USD, or a short label of letters", h.Currency)
-	}
-	switch h.Unpriced {
-	case "":
-		h.Unpriced = UnpricedRefuse
-	case UnpricedRefuse, UnpricedFree:
-	default:
-		return fmt.Errorf("invalid unpriced '%s': want refuse or free", h.Unpriced)
-	}
-	h.prices = make([]pricedGlob, 0, len(h.Prices))
-	for _, p := range h.Prices {
-		if p == nil {
-			return errors.New("prices: null entry")
-		}
-		parsed, err := p.parse()
-		if err != nil {
-			return fmt.Errorf("prices: %s: %w", p.Model, err)
-		}
-		h.prices = append(h.prices, parsed)
-	}
-	return nil
+	price   ModelPrice
 }
 
 // parse checks a configured price and converts it to micro-units.
@@ -135,7 +105,7 @@ func (p *Price) parse() (pricedGlob, error) {
 	return pricedGlob{
 		glob:    p.Model,
 		literal: keystore.IsLiteralGlob(p.Model),
-		price:   modelPrice{input: in, output: out},
+		price:   ModelPrice{input: in, output: out},
 	}, nil
 }
 
@@ -149,13 +119,13 @@ func parseMicros(s string) (int64, error) {
 	return n, nil
 }
 
-// price returns the model's prices per 1M tokens in micro-units, and
+// Price returns the model's prices per 1M tokens in micro-units, and
 // whether it has one: the first configured glob that matches it prices
 // it. A model no glob matches has none, unless unpriced is "free", when
 // its price is zero. It allocates nothing.
-func (h *Handler) price(model string) (p modelPrice, ok bool) {
-	for i := range h.prices {
-		g := &h.prices[i]
+func (p *Policy) Price(model string) (ModelPrice, bool) {
+	for i := range p.prices {
+		g := &p.prices[i]
 		if g.literal {
 			if g.glob == model {
 				return g.price, true
@@ -164,15 +134,15 @@ func (h *Handler) price(model string) (p modelPrice, ok bool) {
 			return g.price, true
 		}
 	}
-	return modelPrice{}, h.Unpriced == UnpricedFree
+	return ModelPrice{}, p.cfg.Unpriced == UnpricedFree
 }
 
-// affordable is how many completion tokens n micro-units pay for beside
-// prompt tokens, exactly as cost counts them: the most t with
-// cost(prompt, t) <= n. It is negative when the prompt alone costs more
+// Affordable is how many completion tokens n micro-units pay for beside
+// prompt tokens, exactly as Cost counts them: the most t with
+// Cost(prompt, t) <= n. It is negative when the prompt alone costs more
 // than n, and math.MaxInt64 when output is free or t does not fit an
 // int64.
-func (p modelPrice) affordable(n, prompt int64) int64 {
+func (p ModelPrice) Affordable(n, prompt int64) int64 {
 	// cost(prompt, t) <= n  <=>  prompt*input + t*output <= n*10^6.
 	aHi, aLo := bits.Mul64(uint64(max(n, 0)), pricedTokens)
 	bHi, bLo := bits.Mul64(uint64(max(prompt, 0)), uint64(p.input))
@@ -191,11 +161,11 @@ func (p modelPrice) affordable(n, prompt int64) int64 {
 	return int64(min(q, math.MaxInt64))
 }
 
-// cost is what a request's tokens cost in micro-units, rounded up to a
+// Cost is what a request's tokens cost in micro-units, rounded up to a
 // whole micro-unit (never undercharging). It is exact: the products are
 // taken in 128 bits. It saturates at the largest int64, and is never
 // negative: a negative count costs nothing.
-func (p modelPrice) cost(prompt, completion int64) int64 {
+func (p ModelPrice) Cost(prompt, completion int64) int64 {
 	hi1, lo1 := bits.Mul64(uint64(max(prompt, 0)), uint64(p.input))
 	hi2, lo2 := bits.Mul64(uint64(max(completion, 0)), uint64(p.output))
 	lo, carry := bits.Add64(lo1, lo2, 0)
@@ -211,4 +181,14 @@ func (p modelPrice) cost(prompt, completion int64) int64 {
 		q++
 	}
 	return int64(q)
+}
+
+// ValidCurrency reports whether s may label costs: a code such as USD,
+// or a short label of letters or currency signs.
+func ValidCurrency(s string) bool { return currencyLabel.MatchString(s) }
+
+// Check checks a configured price.
+func (p *Price) Check() error {
+	_, err := p.parse()
+	return err
 }

@@ -1,4 +1,4 @@
-package vigthoria
+package policy
 
 import (
 	"fmt"
@@ -11,7 +11,7 @@ import (
 // and makes the counts that enforce them. The anonymous tier is open to
 // anyone, so by default it gets little: a flood of keyless callers then
 // fills only their own share, and the other tiers keep theirs.
-func (h *Handler) provisionShares() {
+func provisionShares(h *Config) {
 	rest := h.MaxBuffered
 	var split []*Tier
 	for _, t := range h.Tiers {
@@ -55,7 +55,7 @@ func deleteTier(tiers []*Tier, t *Tier) []*Tier {
 // validateShares checks that every tier can receive a largest body and
 // that the tiers' shares fit in max_buffered, so that each share is
 // there for its tier whatever the others hold.
-func (h *Handler) validateShares() error {
+func validateShares(h *Config) error {
 	least := max(h.MaxBody, proxy.MinBuffered)
 	var sum int64
 	for name, t := range h.Tiers {
