@@ -15,7 +15,6 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
-	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
 
 // Alerts configures what happens when a caller's use of its quota or
@@ -109,66 +108,4 @@ type alertClaimer struct{ keys *keystore.Service }
 
 func (c alertClaimer) Claim(ctx context.Context, id string, until time.Time) (bool, error) {
 	return c.keys.ClaimAlert(ctx, id, until)
-}
-
-// noteUsage tells the alerts where client stands after a request
-// settled: kind is alerts.Quota or alerts.Budget, used and limit its
-// figures in the period named period (alerts.PeriodName). It costs
-// nothing unless a threshold is newly crossed, and never waits.
-func (h *Handler) noteUsage(kind string, client keystore.Client, used, limit int64, period string) {
-	h.notifier.Note(alerts.Figure{Type: kind, KeyID: client.ID, KeyName: client.Name, Tier: client.Tier,
-		Period: period, Used: used, Limit: limit})
-}
-
-// noteStanding notes the quotas and budgets of an admission's sides
-// after it settled, having used used: the caller's token quota, and the
-// quota and budgets of its other sides (its own budget, the minting key's
-// limits and budget). Settle does not return the figures, so each is the
-// one the side's last decision saw, less its reservation, plus what was
-// used: requests of the same account settled meanwhile are not in it,
-// and are counted by the next figure noted. Only use crosses a
-// threshold: a refusal is noted apart, by noteRefused.
-func (h *Handler) noteStanding(client keystore.Client, a *admission, used keystore.Tokens) {
-	h.noteSide(alerts.Quota, client, a.lim, &a.Decision, used.Total())
-	for i := range a.n {
-		s := &a.sides[i]
-		kind, n := alerts.Quota, used.Total()
-		if s.money {
-			kind, n = alerts.Budget, used.Cost
-		}
-		h.noteSide(kind, s.who, s.lim, &s.d, n)
-	}
-}
-
-// noteSide notes the figure of one side: the account of c, under lim,
-// as d decided it, having used used.
-func (h *Handler) noteSide(kind string, c keystore.Client, lim *limiter.Limits, d *limiter.Decision, used int64) {
-	if period, ok := quotaPeriod(lim, d); ok {
-		h.noteUsage(kind, c, d.QuotaUsed-d.Lease.Reserved+used, lim.Quota.N, period)
-	}
-}
-
-// noteRefused tells the alerts that d refused a request of the account
-// of c, under lim, for its quota (kind alerts.Quota) or budget
-// (alerts.Budget), when it asked requested (tokens or micro-units). It
-// never waits.
-func (h *Handler) noteRefused(kind string, c keystore.Client, lim *limiter.Limits, d *limiter.Decision, requested int64) {
-	if d.Reason != limiter.QuotaLimit {
-		return
-	}
-	if period, ok := quotaPeriod(lim, d); ok {
-		h.notifier.Note(alerts.Figure{Type: alerts.Refused(kind), KeyID: c.ID, KeyName: c.Name, Tier: c.Tier,
-			Period: period, Used: d.QuotaUsed - d.Lease.Reserved, Limit: lim.Quota.N, Requested: requested})
-	}
-}
-
-// quotaPeriod names the quota period d counts in, as the alerts name it;
-// false when lim has no quota or d no figure of it.
-func quotaPeriod(lim *limiter.Limits, d *limiter.Decision) (string, bool) {
-	q := &lim.Quota
-	if q.Unlimited() || d.QuotaReset.IsZero() {
-		return "", false
-	}
-	period, err := alerts.PeriodName(d.QuotaReset.Add(-time.Nanosecond), q.Period.String())
-	return period, err == nil // provision checked the period
 }

@@ -36,6 +36,8 @@ var errInvalidKey = &api.Error{
 	Type:    api.TypeInvalidRequest,
 	Code:    "invalid_api_key",
 	Message: "Incorrect or missing API key. Send your client key as: Authorization: Bearer <key>.",
+
+	Authenticate: true,
 }
 
 var errKeyInQuery = &api.Error{
@@ -64,7 +66,9 @@ func errTooManyFailures(wait time.Duration) *api.Error {
 		Status:  http.StatusTooManyRequests,
 		Type:    "rate_limit_error",
 		Code:    "too_many_failed_auth",
-		Message: "Too many failed authentications from your address; this credential is not valid either. Try again in " + strconv.Itoa(retrySeconds(wait)) + " seconds.",
+		Message: "Too many failed authentications from your address; this credential is not valid either. Try again in " + strconv.Itoa(api.RetrySeconds(wait)) + " seconds.",
+
+		RetryAfter: api.RetrySeconds(wait),
 	}
 }
 
@@ -81,7 +85,7 @@ func errTooManyFailures(wait time.Duration) *api.Error {
 // costs a hash and a lookup too, and one signature check (tens of
 // microseconds) when it names a configured issuer and a published key
 // and was not seen before.
-func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time) (keystore.Client, *policy.Tier, *api.Error) {
+func (h *Handler) identify(r *http.Request, now time.Time) (keystore.Client, *policy.Tier, *api.Error) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if keyInQuery(r.URL.RawQuery) {
 		return keystore.Client{}, nil, errKeyInQuery
@@ -127,26 +131,20 @@ func (h *Handler) identify(w http.ResponseWriter, r *http.Request, now time.Time
 			return h.admitTier(c, repl, true)
 		}
 	}
-	return keystore.Client{}, nil, h.refuseAuth(w, addr, now, failed)
+	return keystore.Client{}, nil, h.refuseAuth(addr, now, failed)
 }
 
-// authFailed counts a failed authentication from addr and returns its
-// answer: the one 401, or 429 once addr failed too often.
-func (h *Handler) authFailed(w http.ResponseWriter, addr netip.Addr, now time.Time) *api.Error {
-	return h.refuseAuth(w, addr, now, true)
-}
-
-// refuseAuth answers a refused credential from addr as authFailed does,
-// counting it only when failed.
-func (h *Handler) refuseAuth(w http.ResponseWriter, addr netip.Addr, now time.Time, failed bool) *api.Error {
+// refuseAuth is the answer to a refused credential from addr: the one
+// 401, or 429 once addr failed too often. It counts the failure when
+// failed: a token whose issuer's keys could not be fetched is not the
+// caller's.
+func (h *Handler) refuseAuth(addr netip.Addr, now time.Time, failed bool) *api.Error {
 	if wait, blocked := h.authFailures.Blocked(addr, now); blocked {
-		w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(wait)))
 		return errTooManyFailures(wait)
 	}
 	if failed {
 		h.authFailures.Fail(addr, now)
 	}
-	w.Header().Set("Www-Authenticate", `Bearer realm="vigthoria"`)
 	return errInvalidKey
 }
 
@@ -261,10 +259,4 @@ func (h *Handler) checkChosenAddr(r *http.Request) {
 		zap.String("server", srv.Name()),
 		zap.String("why", "the server trusts proxies (trusted_proxies) and takes the client's address from the left of "+headers+", which callers write"),
 		zap.String("counted_by_address", uses))
-}
-
-// retrySeconds rounds a wait up to whole seconds, at least one, so that a
-// caller that waits that long is let through.
-func retrySeconds(d time.Duration) int {
-	return max(int((d+time.Second-1)/time.Second), 1)
 }

@@ -240,3 +240,15 @@ func outcome(status int) string {
 	}
 	return "upstream_5xx"
 }
+
+// tierLabel is a tier's name as a metric label: only configured tiers are
+// labels, since a tier from a placeholder is the caller's to choose.
+func (h *Handler) tierLabel(name string) string {
+	if _, ok := h.Tiers[name]; ok {
+		return name
+	}
+	if name == "" {
+		return "none"
+	}
+	return "unknown"
+}

@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
@@ -61,7 +62,7 @@ func errTierNotMintable(tier string) *api.Error {
 		Status:  http.StatusForbidden,
 		Type:    "permission_error",
 		Code:    "tier_not_mintable",
-		Message: "This key may not mint tokens of tier " + strconv.Quote(clip(tier, 64)) + ".",
+		Message: "This key may not mint tokens of tier " + strconv.Quote(api.Clip(tier, 64)) + ".",
 	}
 }
 
@@ -83,31 +84,40 @@ type tokenAnswer struct {
 }
 
 // serveOwn answers the proxy's own paths under /vigthoria/.
-func (h *Handler) serveOwn(w http.ResponseWriter, r *http.Request, p string, now time.Time) error {
+func (x *exchange) serveOwn(p string) error {
+	h, r := x.h, x.r
+	if err := h.start(); err != nil {
+		h.logger.Error("the key store is unavailable", zap.Error(err))
+		x.endpoint = "tokens"
+		return x.refuse(admission.ErrUnavailable)
+	}
 	switch p {
 	case tokensPath:
+		x.endpoint = "tokens"
 		if r.Method != http.MethodPost {
-			return refuse(w, r, "none", "tokens", api.MethodNotAllowed(r.Method, p, http.MethodPost))
+			return x.refuse(api.MethodNotAllowed(r.Method, p, http.MethodPost))
 		}
 		if !jsonContentType(r.Header) {
-			return refuse(w, r, "none", "tokens", errUnsupportedMediaType)
+			return x.refuse(errUnsupportedMediaType)
 		}
-		return h.serveTokens(w, r, now)
+		return x.serveTokens()
 	case jwksPath:
+		x.endpoint = "jwks"
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			return refuse(w, r, "none", "jwks", api.MethodNotAllowed(r.Method, p, http.MethodGet))
+			return x.refuse(api.MethodNotAllowed(r.Method, p, http.MethodGet))
 		}
-		return h.serveJWKS(w, r)
+		return x.serveJWKS()
 	}
-	return refuse(w, r, "none", "unknown", api.NotFound(r.Method, p))
+	return x.refuse(api.NotFound(r.Method, p))
 }
 
 // serveTokens mints a token for a user of the app whose key calls: only
 // a client key (never a token) with the right to mint, only tiers it may
 // mint, and a minting counts as one request of the key's request limit.
-func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.Time) error {
+func (x *exchange) serveTokens() error {
+	h, w, r, now := x.h, x.w, x.r, x.now
 	if keyInQuery(r.URL.RawQuery) {
-		return refuse(w, r, "none", "tokens", errKeyInQuery)
+		return x.refuse(errKeyInQuery)
 	}
 	secret, ok := clientkey.FromAuthorization(r.Header["Authorization"])
 	var client keystore.Client
@@ -115,37 +125,41 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 		client, ok = h.keys.Identify(secret, now)
 	}
 	if !ok {
-		return refuse(w, r, "none", "tokens", h.authFailed(w, h.clientAddr(r), now))
+		return x.refuse(h.refuseAuth(h.clientAddr(r), now, true))
 	}
 	keyTier, mint, may := h.keys.Minter(client.ID, now)
 	tier := h.policy.TierFor(keyTier, client.Settings)
+	x.client, x.tier = client, client.Tier
 	switch {
 	case !may:
-		return h.refuseClient(w, r, client, h.tierLabel(client.Tier), "tokens", errMintNotAllowed, now)
+		x.tier = h.tierLabel(client.Tier)
+		return x.refuseClient(errMintNotAllowed)
 	case tier == nil:
-		return h.refuseClient(w, r, client, h.tierLabel(keyTier), "tokens", errTierNotConfigured, now)
+		x.tier = h.tierLabel(keyTier)
+		return x.refuseClient(errTierNotConfigured)
 	case !tier.AllowsOrigin(r.Header.Get("Origin")):
-		return h.refuseClient(w, r, client, keyTier, "tokens", errKeyOriginNotAllowed, now)
+		x.tier = keyTier
+		return x.refuseClient(errKeyOriginNotAllowed)
 	}
-	a, apiErr := h.admit(w, r, client, tier, policy.MintLimits, now)
-	if apiErr != nil {
-		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
+	a, f := h.admitter.Admit(r.Context(), client, tier, policy.MintLimits, now)
+	if f != nil {
+		return x.refuseDecided(f)
 	}
-	h.settleAdmission(r, client, &a, keystore.Tokens{})
+	h.admitter.Settle(r.Context(), &a, keystore.Tokens{})
 
 	req, apiErr := h.readTokenRequest(w, r, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
 	if apiErr != nil {
-		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
+		return x.refuseClient(apiErr)
 	}
 	tr, apiErr := h.checkTokenRequest(req, mint)
 	if apiErr != nil {
-		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
+		return x.refuseClient(apiErr)
 	}
 	tr.KeyID = client.ID
 	token, expires, err := h.keys.Mint(r.Context(), tr, now)
 	if err != nil {
 		h.logger.Error("minting a token", zap.String("client_id", client.ID), zap.Error(err))
-		return h.refuseClient(w, r, client, client.Tier, "tokens", errUnavailable, now)
+		return x.refuseClient(admission.ErrUnavailable)
 	}
 	requestsBy.get([3]string{client.Tier, "tokens", "ok"}).Inc()
 	w.Header().Set("Content-Type", "application/json")
@@ -169,7 +183,7 @@ func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who p
 	}
 	defer body.Release()
 	if err := strictjson.Unmarshal(body.Bytes(), &req); err != nil {
-		return req, errMintRequest(`Send a JSON object: {"user": "…", "tier": "…", "ttl": "15m", "models": ["…"]}; only user is required (` + clip(err.Error(), 200) + `).`)
+		return req, errMintRequest(`Send a JSON object: {"user": "…", "tier": "…", "ttl": "15m", "models": ["…"]}; only user is required (` + api.Clip(err.Error(), 200) + `).`)
 	}
 	return req, nil
 }
@@ -207,7 +221,7 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 	}
 	for _, m := range tr.Models {
 		if !keystore.ValidGlob(m) {
-			return tr, errMintRequest("models holds " + strconv.Quote(clip(m, 64)) + ", which is not a model name or glob such as vigthoria-fast-*.")
+			return tr, errMintRequest("models holds " + strconv.Quote(api.Clip(m, 64)) + ", which is not a model name or glob such as vigthoria-fast-*.")
 		}
 	}
 	return tr, nil
@@ -220,21 +234,14 @@ func validMintUser(user string) bool {
 		!strings.ContainsFunc(user, notPrintable)
 }
 
-// clip cuts s to at most n bytes, for echoing a caller's value.
-func clip(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "…"
-}
-
 // serveJWKS publishes the public keys of minted tokens, for whoever wants
 // to verify them, such as the app's own backend.
-func (h *Handler) serveJWKS(w http.ResponseWriter, r *http.Request) error {
-	jwks, err := h.keys.JWKS(r.Context())
+func (x *exchange) serveJWKS() error {
+	w, r := x.w, x.r
+	jwks, err := x.h.keys.JWKS(r.Context())
 	if err != nil {
-		h.logger.Error("reading the signing keys", zap.Error(err))
-		return refuse(w, r, "none", "jwks", errUnavailable)
+		x.h.logger.Error("reading the signing keys", zap.Error(err))
+		return x.refuse(admission.ErrUnavailable)
 	}
 	w.Header().Set("Content-Type", "application/jwk-set+json")
 	w.Header().Set("Cache-Control", "public, max-age=60")

@@ -4,13 +4,10 @@
 package vigthoria
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,10 +17,9 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
+	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/alerts"
-	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -98,6 +94,18 @@ func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
 	opts.MaxRetries = -1 // a retry would double the wait the timeout bounds
 	opts.ContextTimeoutEnabled = true
 	return redis.NewClient(opts), nil
+}
+
+// ledgerCounter reads what a client used of its quota from the ledger,
+// so that quotas and budgets survive a restart: tokens for a client,
+// cost for its budget account.
+type ledgerCounter struct{ ledger *keystore.Ledger }
+
+func (c ledgerCounter) QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error) {
+	if id, ok := strings.CutPrefix(client, admission.BudgetPrefix); ok {
+		return c.ledger.CostUsed(ctx, id, since)
+	}
+	return c.ledger.QuotaUsed(ctx, client, since)
 }
 
 // maxLimitedClients bounds the in-memory limiter: about 120 bytes each.
@@ -335,6 +343,7 @@ type Handler struct {
 	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
 
 	policy     *policy.Policy
+	admitter   *admission.Admitter
 	modelNames map[string]struct{} // the model names configured, labels (modelLabel)
 }
 
@@ -501,6 +510,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.limiter = lim.(pooledLimiter).Limiter
+	h.admitter = &admission.Admitter{Limiter: h.limiter, Policy: h.policy, Notifier: h.notifier, Logger: h.logger}
 
 	// In a fleet, the upstream's word on the key's exhaustion is shared
 	// by the instances that use the same key on the same upstream.
@@ -657,410 +667,6 @@ func (h *Handler) Validate() error {
 		return errors.New("auth_fail_limit and auth_fail_window must be positive")
 	}
 	return nil
-}
-
-// ServeHTTP runs the request through the pipeline: route, identify,
-// admit, read and police the body, reserve its tokens, forward, settle.
-// Nothing that needs no body waits for one: a caller is identified and its
-// request and concurrency limits are applied before a byte of its body is
-// read, so that what an unknown or over-limit caller costs is bounded.
-// Every refusal is answered here in the API's error shape.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) (err error) {
-	if line, lw, lr := h.redactedLine(w, r); line != nil {
-		defer func() { line.write(lr, err, h.logger); err = nil }()
-		w, r = lw, lr
-	}
-	return h.serve(w, r, next)
-}
-
-// serve is ServeHTTP's pipeline.
-func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	now := time.Now()
-	if h.cors(w, r) {
-		return nil
-	}
-	p := routePath(r)
-	if strings.HasPrefix(p, "/vigthoria/") {
-		if err := h.start(); err != nil {
-			h.logger.Error("the key store is unavailable", zap.Error(err))
-			return refuse(w, r, "none", "tokens", errUnavailable)
-		}
-		return h.serveOwn(w, r, p, now)
-	}
-	apiHeaders(w.Header())
-	ep, apiErr := api.Route(r.Method, p)
-	if apiErr != nil {
-		return refuse(w, r, "none", "unknown", apiErr)
-	}
-	if ep.Body && !jsonContentType(r.Header) {
-		return refuse(w, r, "none", ep.Name, errUnsupportedMediaType)
-	}
-	if err := h.start(); err != nil {
-		h.logger.Error("the key store is unavailable", zap.Error(err))
-		return refuse(w, r, "none", ep.Name, errUnavailable)
-	}
-	client, tier, apiErr := h.identify(w, r, now)
-	if apiErr != nil {
-		if client.ID != "" { // known, but of a tier not configured
-			return h.refuseClient(w, r, client, h.tierLabel(client.Tier), ep.Name, apiErr, now)
-		}
-		return refuse(w, r, "none", ep.Name, apiErr)
-	}
-	if !tier.AllowsOrigin(r.Header.Get("Origin")) {
-		return h.refuseClient(w, r, client, client.Tier, ep.Name, errKeyOriginNotAllowed, now)
-	}
-	if ambient(client.ID) && crossSite(r, h.CORS) {
-		return h.refuseClient(w, r, client, client.Tier, ep.Name, errCrossSite, now)
-	}
-
-	// The key's exhaustion first, before anything is counted; a model's
-	// once the body names it.
-	cached := ep.ID == api.Models && h.ModelsCache > 0
-	if !cached && ep.ID != api.Usage {
-		if wait, exhausted := h.upstream.Exhausted(r.Context(), "", now); exhausted {
-			return h.refuseClient(w, r, client, client.Tier, ep.Name, upstreamExhausted(w, "", wait), now)
-		}
-	}
-
-	// Counted from its admission on: Cleanup waits for it before the
-	// limiter closes.
-	h.active.Add(1)
-	defer h.active.Add(-1)
-	a, apiErr := h.admit(w, r, client, tier, policy.LimitSetOf(ep.ID), now)
-	if apiErr != nil {
-		return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
-	}
-	if ep.ID == api.Usage {
-		// Counted as a request, then settled before the report reads
-		// the standing, which would otherwise count it in flight.
-		h.settleAdmission(r, client, &a, keystore.Tokens{})
-		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
-		return h.serveUsage(w, r, client, tier, now)
-	}
-
-	// Admitted: every way out from here settles, a panic included. A
-	// request refused before it was forwarded frees its slot and is
-	// charged nothing; a forwarded one is charged what it used.
-	call := new(proxy.Call)
-	var info wire.RequestInfo
-	forwarded := false
-	var running *keystore.Running // a stream's usage, recorded as it goes
-	defer func() {
-		if !forwarded {
-			h.settleAdmission(r, client, &a, keystore.Tokens{})
-			h.noteStanding(client, &a, keystore.Tokens{})
-			return
-		}
-		usage := &call.Usage
-		used := h.chargeFor(client.ID, client.Tier, info.Model, usage, a.Lease.Reserved, int64(len(call.Body)))
-		end := time.Now()
-		// The ledger first: a limiter that forgets an account once it is
-		// settled reads its quota back from the ledger, which must then
-		// hold this request.
-		recorded := (usage.Status != 0 || used.Total() > 0) && ep.ID != api.Models
-		model := ledgerModel(info.Model, usage.Status)
-		switch {
-		case running != nil:
-			h.keys.Ledger().Finish(running, model, end, used, recorded)
-		case recorded:
-			h.keys.Ledger().Add(client.ID, model, end, used)
-			if client.Minted != nil {
-				// The minting key's rows hold its users' usage: its
-				// quota counts from them after a restart.
-				h.keys.Ledger().Add(client.Minted.KeyID, model, end, used)
-			}
-		}
-		h.settleAdmission(r, client, &a, used)
-		h.noteStanding(client, &a, used)
-		h.record(r, client.Tier, ep.Name, info.Model, usage, used.Prompt, used.Completion)
-	}()
-
-	if ep.Body {
-		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
-		if apiErr != nil {
-			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
-		}
-		defer func() {
-			r.Body = http.NoBody // it replays storage that goes back to the pool
-			body.Release()
-		}()
-		var reserve int64
-		if info, reserve, apiErr = h.policy.Police(r, ep, tier, body.Bytes(), call); apiErr != nil {
-			if apiErr.Code == api.CodeRequestTooLarge {
-				// No wait admits it: SDKs retry a 429 unless told not to.
-				w.Header().Set("X-Should-Retry", "false")
-			}
-			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, apiErr)
-		}
-		call.Model = info.Model
-		if wait, exhausted := h.upstream.Exhausted(r.Context(), info.Model, now); exhausted {
-			return h.refuseAdmitted(w, r, client, tier, ep, a.State, now, upstreamExhausted(w, info.Model, wait))
-		}
-		if apiErr = h.reserve(w, r, client, tier, &a, info.Model, info.PromptTokens, reserve, now); apiErr != nil {
-			return h.refuseClient(w, r, client, client.Tier, ep.Name, apiErr, now)
-		}
-	}
-	// The limits it was admitted under: the standing of those it was not
-	// checked against is not known here.
-	limiter.SetHeaders(w.Header(), a.lim, a.State, now)
-
-	if info.Stream {
-		metrics.activeStreams.Inc()
-		defer metrics.activeStreams.Dec()
-	}
-	forwarded = true
-	if info.Stream {
-		// After forwarded: the settle that finishes it is sure to run.
-		running = h.recordStream(client, info.Model, call, a.Lease.Reserved)
-	}
-	var err error
-	if cached {
-		err = h.upstream.ServeModels(w, r, next, time.Duration(h.ModelsCache), tier.ModelFilter(), call)
-	} else {
-		err = h.upstream.Forward(w, r, ep, next, call)
-	}
-	if err == nil {
-		return nil
-	}
-	// A variable of its own: taking apiErr's address would move it to
-	// the heap on every request.
-	var answer *api.Error
-	if errors.As(err, &answer) {
-		answer.Write(w)
-		return nil
-	}
-	return err
-}
-
-// apiHeaders marks an API answer as the proxy's: never cached (it is one
-// caller's, and speaks of its limits), never read as another type than
-// its Content-Type says. The models cache sets its own Cache-Control
-// over this one. Both values share one allocation.
-func apiHeaders(h http.Header) {
-	v := []string{"nosniff", "no-store"}
-	h["X-Content-Type-Options"] = v[0:1:1]
-	h["Cache-Control"] = v[1:2:2]
-}
-
-// recordStream has the ledger record a stream's usage as it goes, once a
-// second (keystore.Running): its prompt's estimate and the output it
-// carried so far, from its first delta on, as a stream cut short is
-// charged (see charge). The meter reads one atomic counter.
-func (h *Handler) recordStream(client keystore.Client, model string, call *proxy.Call, reserved int64) *keystore.Running {
-	prompt := min(cmp.Or(call.Usage.Prompt, wire.PromptEstimate(int64(len(call.Body)))), reserved)
-	p, priced := h.policy.Price(model)
-	var also string
-	if client.Minted != nil {
-		also = client.Minted.KeyID
-	}
-	return h.keys.Ledger().Begin(client.ID, also, model, func() keystore.Tokens {
-		streamed := call.Streamed()
-		if streamed == 0 {
-			return keystore.Tokens{}
-		}
-		t := keystore.Tokens{Prompt: prompt, Completion: streamed}
-		if priced {
-			t.Cost = p.Cost(t.Prompt, t.Completion)
-		}
-		return t
-	})
-}
-
-// upstreamExhausted is the 429 of a request while the upstream says the
-// server key, or model when not "", is spent for wait more.
-func upstreamExhausted(w http.ResponseWriter, model string, wait time.Duration) *api.Error {
-	secs := retrySeconds(wait)
-	w.Header().Set("Retry-After", strconv.Itoa(secs))
-	return api.UpstreamExhausted(model, secs)
-}
-
-// settle ends an admitted request in the limiter: used replaces its
-// reservation and its slot is freed.
-func (h *Handler) settle(r *http.Request, clientID string, lim *limiter.Limits, lease limiter.Lease, used int64) {
-	if d, ok := h.limiter.(limiter.DeferredSettler); ok {
-		// Redis: the caller does not wait for it, and the instance's
-		// next call to Redis comes after it.
-		d.SettleDeferred(clientID, lim, lease, used, time.Now())
-		return
-	}
-	err := h.limiter.Settle(context.WithoutCancel(r.Context()), clientID, lim, lease, used, time.Now())
-	if err != nil {
-		h.logger.Error("settling usage", zap.String("client_id", clientID), zap.Error(err))
-	}
-}
-
-// limitRefusal is the 429 of a request a limit refused, with the caller's
-// limit headers set.
-func limitRefusal(w http.ResponseWriter, tier *policy.Tier, tierName string, d limiter.Decision, now time.Time) *api.Error {
-	limiter.SetHeaders(w.Header(), tier.Limits(), d.State, now)
-	limiter.SetRefusalHeaders(w.Header(), tier.Limits(), d, now)
-	return refusal(d, tier.Limits(), tierName)
-}
-
-// refuseAdmitted answers an admitted request refused before it was
-// forwarded, with the caller's standing, which counts it.
-func (h *Handler) refuseAdmitted(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *policy.Tier, ep *api.Endpoint, s limiter.State, now time.Time, e *api.Error) error {
-	limiter.SetHeaders(w.Header(), tier.Limits(), s, now)
-	return h.refuseClient(w, r, client, client.Tier, ep.Name, e, now)
-}
-
-// unavailable is the 503 of a request whose limits could not be decided.
-func (h *Handler) unavailable(w http.ResponseWriter, clientID string, err error) *api.Error {
-	if !errors.Is(err, limiter.ErrUnavailable) {
-		h.logger.Error("deciding limits", zap.String("client_id", clientID), zap.Error(err))
-	}
-	w.Header().Set("Retry-After", "1")
-	return errUnavailable
-}
-
-// tierLabel is a tier's name as a metric label: only configured tiers are
-// labels, since a tier from a placeholder is the caller's to choose.
-func (h *Handler) tierLabel(name string) string {
-	if _, ok := h.Tiers[name]; ok {
-		return name
-	}
-	if name == "" {
-		return "none"
-	}
-	return "unknown"
-}
-
-// unansweredModel names, in the ledger, the model of requests the
-// upstream did not answer with success: a name it refused is the
-// caller's alone, and must not become a row of its own.
-const unansweredModel = "(not answered)"
-
-// ledgerModel is the model a request's usage is kept under.
-func ledgerModel(model string, status int) string {
-	if status >= 200 && status < 300 {
-		return model
-	}
-	return unansweredModel
-}
-
-// refuse answers a request the proxy refused, counting it and noting the
-// refusal in the access log.
-func refuse(w http.ResponseWriter, r *http.Request, tier, endpoint string, e *api.Error) error {
-	refusalsBy.get([3]string{tier, endpoint, e.Code}).Inc()
-	if extra := logFields(r); extra != nil {
-		extra.Add(zap.Inline(refusedLog{tier: tier, reason: e.Code}))
-	}
-	e.Write(w)
-	return nil
-}
-
-// refuseClient answers the refusal of an identified caller's request as
-// refuse does, and counts it, by its reason, in the ledger's hourly rows
-// of the caller, for the dashboard.
-func (h *Handler) refuseClient(w http.ResponseWriter, r *http.Request, client keystore.Client, tier, endpoint string, e *api.Error, now time.Time) error {
-	if err := h.keys.Ledger().Refuse(client.ID, e.Code, now); err != nil {
-		h.logger.Error("counting a refusal", zap.String("client_id", client.ID), zap.Error(err))
-	}
-	return refuse(w, r, tier, endpoint, e)
-}
-
-// record counts an admitted request's outcome and usage in the metrics
-// and the access log.
-func (h *Handler) record(r *http.Request, tier, endpoint, model string, u *proxy.AnswerUsage, prompt, completion int64) {
-	result := outcome(u.Status)
-	if u.Cache == "HIT" || u.Cache == "STALE" {
-		result = "cached"
-	}
-	requestsBy.get([3]string{tier, endpoint, result}).Inc()
-	if prompt+completion > 0 {
-		tokens := tokensBy.get([2]string{tier, h.modelLabel(model)})
-		tokens[0].Add(float64(prompt))
-		tokens[1].Add(float64(completion))
-	}
-	if u.HeaderLatency > 0 {
-		latencyBy.get(endpoint).Observe(u.HeaderLatency.Seconds())
-	}
-	if u.FirstEvent > 0 {
-		metrics.firstByte.Observe(u.FirstEvent.Seconds())
-	}
-	if u.Retries > 0 {
-		metrics.retries.Add(float64(u.Retries))
-	}
-	if u.Cache != "" {
-		modelsCacheBy.get(u.Cache).Inc()
-	}
-	if extra := logFields(r); extra != nil {
-		extra.Add(zap.Inline(&admittedLog{tier: tier, outcome: result, model: model, cache: u.Cache,
-			prompt: prompt, completion: completion, retries: u.Retries}))
-	}
-}
-
-// logFields returns where the fields of r's access log line go: Caddy's
-// extra fields, or the line written in place of Caddy's (accessLine); nil
-// when the server keeps no access log: each field added costs
-// allocations, and nobody would read them.
-func logFields(r *http.Request) logAdder {
-	if l, ok := r.Context().Value(accessLineKey{}).(*accessLine); ok {
-		return l
-	}
-	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); !ok || srv.Logs == nil {
-		return nil
-	}
-	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok && extra != nil {
-		return extra
-	}
-	return nil
-}
-
-// refusedLog is what the access log says of a refused request.
-type refusedLog struct{ tier, reason string }
-
-func (l refusedLog) MarshalLogObject(enc zapcore.ObjectEncoder) error {
-	enc.AddString("vigthoria_decision", "refused")
-	enc.AddString("vigthoria_reason", l.reason)
-	if l.tier != "none" {
-		enc.AddString("vigthoria_tier", l.tier)
-	}
-	return nil
-}
-
-// admittedLog is what the access log says of an admitted request: one
-// inline field, so that the request path appends one field to Caddy's
-// list instead of eight.
-type admittedLog struct {
-	tier, outcome, model, cache string
-	prompt, completion          int64
-	retries                     int
-}
-
-func (l *admittedLog) MarshalLogObject(enc zapcore.ObjectEncoder) error {
-	enc.AddString("vigthoria_decision", "admitted")
-	enc.AddString("vigthoria_tier", l.tier)
-	enc.AddString("vigthoria_outcome", l.outcome)
-	if l.model != "" {
-		enc.AddString("vigthoria_model", l.model)
-	}
-	enc.AddInt64("vigthoria_prompt_tokens", l.prompt)
-	enc.AddInt64("vigthoria_completion_tokens", l.completion)
-	if l.retries > 0 {
-		enc.AddInt("vigthoria_retries", l.retries)
-	}
-	if l.cache != "" {
-		enc.AddString("vigthoria_cache", l.cache)
-	}
-	return nil
-}
-
-func orNone(tier string) string {
-	if tier == "" {
-		return "none"
-	}
-	return tier
-}
-
-// routePath is the path to route on: the escaped form when the client
-// escaped anything (RawPath is set), so that /v1/chat%2Fcompletions is not
-// taken for /v1/chat/completions.
-func routePath(r *http.Request) string {
-	if r.URL.RawPath != "" {
-		return r.URL.RawPath
-	}
-	return r.URL.Path
 }
 
 // Interface guards

@@ -2,12 +2,12 @@ package vigthoria
 
 import (
 	"encoding/json"
-	"net/http"
 	"sort"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -122,26 +122,32 @@ type quotaReport struct {
 }
 
 // serveUsage answers GET /v1/usage from the ledger and the limiter.
-func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keystore.Client, tier *policy.Tier, now time.Time) error {
+func (x *exchange) serveUsage() error {
+	h, w, r, now, client, tier := x.h, x.w, x.r, x.now, x.client, x.policy
 	monthStart := limiter.Month.Start(now)
 	rows, err := h.keys.Ledger().UsageSince(r.Context(), client.ID, monthStart)
 	if err == nil {
 		var state, budget limiter.State
 		if state, err = h.limiter.State(r.Context(), client.ID, tier.Limits(), now); err == nil && !tier.BudgetLimits().Quota.Unlimited() {
-			budget, err = h.limiter.State(r.Context(), budgetPrefix+client.ID, tier.BudgetLimits(), now)
+			budget, err = h.limiter.State(r.Context(), admission.BudgetPrefix+client.ID, tier.BudgetLimits(), now)
 		}
 		if err == nil {
-			return h.writeUsage(w, client, tier, rows, state, budget, monthStart, now)
+			rep := h.reportUsage(client, tier, rows, state, budget, now)
+			limiter.SetHeaders(w.Header(), tier.Limits(), state, now)
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Cache-Control", "no-store")
+			return json.NewEncoder(w).Encode(rep)
 		}
 	}
 	h.logger.Error("reading usage", zap.String("client_id", client.ID), zap.Error(err))
-	errUnavailable.Write(w)
+	admission.ErrUnavailable.Write(w)
 	return nil
 }
 
-// writeUsage writes the usage report of a client.
-func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *policy.Tier, rows []keystore.UsageRow, state, budget limiter.State, monthStart, now time.Time) error {
-
+// reportUsage is the report of a caller of tier from its ledger rows of
+// this month, its state under its tier's limits and its budget's.
+func (h *Handler) reportUsage(client keystore.Client, tier *policy.Tier, rows []keystore.UsageRow, state, budget limiter.State, now time.Time) usageReport {
+	monthStart := limiter.Month.Start(now)
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
 		Today:   usagePeriod{Start: keystore.Day(now)},
@@ -204,8 +210,5 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 			Remaining: money(max(b.N-budget.QuotaUsed, 0)), Reset: budget.QuotaReset,
 		}
 	}
-	limiter.SetHeaders(w.Header(), lim, state, now)
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	return json.NewEncoder(w).Encode(rep)
+	return rep
 }

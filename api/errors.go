@@ -8,6 +8,7 @@ package api
 import (
 	"net/http"
 	"strconv"
+	"time"
 )
 
 // Error types and codes of the proxy's own answers, in the upstream API's
@@ -139,4 +140,18 @@ func UpstreamExhausted(model string, retryAfter int) *Error {
 		Message:    "The upstream API's rate limit for " + what + " is reached. Please try again in " + strconv.Itoa(retryAfter) + "s.",
 		RetryAfter: retryAfter,
 	}
+}
+
+// RetrySeconds rounds a wait up to whole seconds, at least one, so that
+// a caller that waits that long is let through.
+func RetrySeconds(d time.Duration) int {
+	return max(int((d+time.Second-1)/time.Second), 1)
+}
+
+// Clip bounds s, a caller's string that an answer repeats, to n bytes.
+func Clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
 }

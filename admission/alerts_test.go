@@ -1,4 +1,4 @@
-package vigthoria
+package admission
 
 import (
 	"context"
@@ -30,7 +30,7 @@ func TestNoteQuota(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(n.Close)
-	h := &Handler{notifier: n}
+	h := &Admitter{Notifier: n}
 	lim := &limiter.Limits{Quota: limiter.Quota{N: 1000, Period: limiter.Day}}
 	client := keystore.Client{ID: "key_a", Name: "a", Tier: "metered"}
 	reset := time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC)

@@ -1,4 +1,4 @@
-package vigthoria
+package admission
 
 import (
 	"context"
@@ -53,7 +53,7 @@ func TestCharge(t *testing.T) {
 			if tc.sent {
 				u.MarkSent(true)
 			}
-			used, absurd, _ := charge(u, reserve, 400)
+			used, absurd, _ := Charge(u, reserve, 400)
 			if used.Prompt != tc.wantPrompt || used.Completion != tc.wantDone || absurd {
 				t.Errorf("charged %+v (absurd %v), want %d + %d", used, absurd, tc.wantPrompt, tc.wantDone)
 			}
@@ -88,7 +88,7 @@ func TestChargeAbsurdUsage(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			u := tc.usage
 			u.Status, u.Reported, u.Prompt = 200, true, prompt
-			if used, absurd, _ := charge(&u, tc.reserve, 400); used != tc.want || absurd != tc.absurd {
+			if used, absurd, _ := Charge(&u, tc.reserve, 400); used != tc.want || absurd != tc.absurd {
 				t.Errorf("charged %+v (absurd %v), want %+v (absurd %v)", used, absurd, tc.want, tc.absurd)
 			}
 		})
@@ -120,7 +120,7 @@ func TestChargePastCap(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			u := tc.usage
 			u.Status, u.Reported, u.Prompt = 200, true, prompt
-			used, absurd, pastCap := charge(&u, reserve, 40)
+			used, absurd, pastCap := Charge(&u, reserve, 40)
 			if used != tc.want || absurd || pastCap != tc.pastCap {
 				t.Errorf("charged %+v (absurd %v, past the cap %d), want %+v (past the cap %d)", used, absurd, pastCap, tc.want, tc.pastCap)
 			}
@@ -132,14 +132,14 @@ func TestChargePastCap(t *testing.T) {
 // believe, with the caller's key ID and the upstream's figures.
 func TestAbsurdUsageIsLogged(t *testing.T) {
 	core, logs := observer.New(zapcore.WarnLevel)
-	h := &Handler{logger: zap.New(core), policy: new(policy.Policy)}
+	h := &Admitter{Logger: zap.New(core), Policy: new(policy.Policy)}
 	garbled := `{"prompt_tokens":-7,"completion_tokens":5}`
 	for _, u := range []proxy.AnswerUsage{
 		{Status: 200, Reported: true, PromptTokens: 7, CompletionTokens: 5},
 		{Status: 200, Reported: true, CompletionTokens: 5, Garbled: garbled},
 		{Status: 200, Reported: true, PromptTokens: maxAnswerTokens + 1},
 	} {
-		h.chargeFor("key_x", "pro", "vigthoria-fast-1", &u, 4100, 400)
+		h.ChargeFor("key_x", "vigthoria-fast-1", &u, 4100, 400)
 	}
 	entries := logs.All()
 	if len(entries) != 2 {
@@ -155,5 +155,34 @@ func TestAbsurdUsageIsLogged(t *testing.T) {
 	}
 	if f := entries[1].ContextMap(); f["prompt_tokens"] != int64(maxAnswerTokens+1) {
 		t.Errorf("prompt tokens logged as %v, want %d", f["prompt_tokens"], maxAnswerTokens+1)
+	}
+}
+
+// TestChargeForCosts: what a request is charged carries its cost at its
+// model's price, the reservation's when the usage was not believed, and
+// nothing for a model without a price.
+func TestChargeForCosts(t *testing.T) {
+	h := &Admitter{Logger: zap.NewNop()}
+	var err error
+	h.Policy, err = policy.New(policy.Config{Currency: policy.DefaultCurrency, Unpriced: policy.UnpricedRefuse,
+		Prices: []*policy.Price{{Model: "vigthoria-fast-*", Input: "0.10", Output: "0.40"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reported := proxy.AnswerUsage{Status: 200, Reported: true, PromptTokens: 1200, CompletionTokens: 345}
+	for _, tc := range []struct {
+		name  string
+		model string
+		u     proxy.AnswerUsage
+		want  keystore.Tokens
+	}{
+		{"priced", "vigthoria-fast-1", reported, keystore.Tokens{Prompt: 1200, Completion: 345, Cost: 258}}, // 120 + 138
+		{"unpriced", "other", reported, keystore.Tokens{Prompt: 1200, Completion: 345}},
+		{"absurd: the reservation", "vigthoria-fast-1", proxy.AnswerUsage{Status: 200, Reported: true, Garbled: "x"},
+			keystore.Tokens{Prompt: 100, Completion: 4000, Cost: 1610}}, // 10 + 1600
+	} {
+		if got, _ := h.ChargeFor("key_x", tc.model, &tc.u, 4100, 400); got != tc.want {
+			t.Errorf("%s: charged %+v, want %+v", tc.name, got, tc.want)
+		}
 	}
 }
