@@ -78,7 +78,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		models_cache   <ttl>|off              # default 5m
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
 //		upstream_lockout <duration>           # longest lockout on the upstream's word; default 1m
-//		detached       <n>|off [timeout <d>]  # calls going on after their caller left; default 256, timeout 10m
+//		detached       <n>|off [per_caller <m>] [timeout <d>]  # calls going on after their caller left; default 256, per_caller n/16 (at least 1), timeout 10m
 //		on_store_error local|deny|local_unshared   # default local
 //		store_timeout  <duration>             # default 50ms
 //		cors           <origin>...            # default off
@@ -203,24 +203,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.MaxWait = caddy.Duration(wait)
 			}
 		case "detached":
-			args := d.RemainingArgs()
-			if len(args) != 1 && !(len(args) == 3 && args[1] == "timeout") {
-				return d.Errf("detached takes '<n>|off [timeout <duration>]', got '%s'", strings.Join(args, " "))
-			}
-			n, err := strconv.Atoi(args[0])
-			if args[0] == "off" {
-				n, err = 0, nil
-			}
-			if err != nil || n < 0 {
-				return d.Errf("invalid detached '%s': want 0 or more, or off", args[0])
-			}
-			h.MaxDetached = &n
-			if len(args) == 3 {
-				timeout, err := caddy.ParseDuration(args[2])
-				if err != nil || timeout <= 0 {
-					return d.Errf("invalid detached timeout '%s': want a positive duration such as 10m", args[2])
-				}
-				h.DetachedTimeout = caddy.Duration(timeout)
+			if err := h.unmarshalDetached(d); err != nil {
+				return err
 			}
 		case "cors":
 			h.CORS = d.RemainingArgs()
@@ -636,3 +620,47 @@ func parseTierBuffered(args []string) (share, perCaller int64, err error) {
 
 // Interface guards
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
+
+// unmarshalDetached parses `detached <n>|off [per_caller <m>] [timeout <d>]`.
+func (h *Handler) unmarshalDetached(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	shape := func() error {
+		return d.Errf("detached takes '<n>|off [per_caller <m>] [timeout <duration>]', got '%s'", strings.Join(args, " "))
+	}
+	if len(args)%2 != 1 {
+		return shape()
+	}
+	n, err := strconv.Atoi(args[0])
+	if args[0] == "off" {
+		n, err = 0, nil
+	}
+	if err != nil || n < 0 {
+		return d.Errf("invalid detached '%s': want 0 or more, or off", args[0])
+	}
+	h.MaxDetached = &n
+	seen := make(map[string]bool, 2)
+	for i := 1; i < len(args); i += 2 {
+		name, value := args[i], args[i+1]
+		if seen[name] {
+			return shape()
+		}
+		seen[name] = true
+		switch name {
+		case "per_caller":
+			m, err := strconv.Atoi(value)
+			if err != nil || m < 1 {
+				return d.Errf("invalid detached per_caller '%s': want 1 or more", value)
+			}
+			h.MaxDetachedPerCaller = m
+		case "timeout":
+			timeout, err := caddy.ParseDuration(value)
+			if err != nil || timeout <= 0 {
+				return d.Errf("invalid detached timeout '%s': want a positive duration such as 10m", value)
+			}
+			h.DetachedTimeout = caddy.Duration(timeout)
+		default:
+			return shape()
+		}
+	}
+	return nil
+}

@@ -313,6 +313,13 @@ type Handler struct {
 	// it reserved. 0 cuts every such call. Default: 256.
 	MaxDetached *int `json:"max_detached,omitempty"`
 
+	// How many of the max_detached calls one caller (a client ID, as its
+	// usage is charged) may hold at once, so that a caller who hangs up
+	// many calls cannot leave none to others: past it, the caller's own
+	// call is cut and charged as above. Default: a sixteenth of
+	// max_detached, at least 1.
+	MaxDetachedPerCaller int `json:"max_detached_per_caller,omitempty"`
+
 	// How long a call may go on after its caller left; past it, the call
 	// is cut and charged as one that could not go on. header_timeout and
 	// idle_timeout bound it too. Default: 10m.
@@ -389,6 +396,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxDetached == nil {
 		n := proxy.DefaultMaxDetached
 		h.MaxDetached = &n
+	}
+	if h.MaxDetachedPerCaller == 0 {
+		h.MaxDetachedPerCaller = proxy.DefaultDetachedPerCaller(*h.MaxDetached)
 	}
 	if h.DetachedTimeout == 0 {
 		h.DetachedTimeout = caddy.Duration(proxy.DefaultDetachedTimeout)
@@ -529,6 +539,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Shared:          shared,
 		Lockout:         time.Duration(h.UpstreamLockout),
 		MaxDetached:     int64(*h.MaxDetached),
+		PerCaller:       int64(h.MaxDetachedPerCaller),
 		DetachedTimeout: time.Duration(h.DetachedTimeout),
 		MaxAnswers:      h.MaxBuffered,
 	})
@@ -660,8 +671,8 @@ func (h *Handler) Validate() error {
 	if h.UpstreamLockout < caddy.Duration(time.Second) {
 		return fmt.Errorf("upstream_lockout must be at least 1s, not %s", time.Duration(h.UpstreamLockout))
 	}
-	if *h.MaxDetached < 0 || h.DetachedTimeout < 0 {
-		return errors.New("max_detached and detached_timeout must be positive")
+	if *h.MaxDetached < 0 || h.MaxDetachedPerCaller < 0 || h.DetachedTimeout < 0 {
+		return errors.New("max_detached, max_detached_per_caller and detached_timeout must be positive")
 	}
 	if h.AuthFailLimit < 0 || h.AuthFailWindow < 0 {
 		return errors.New("auth_fail_limit and auth_fail_window must be positive")

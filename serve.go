@@ -123,7 +123,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	// Admitted: every way out from here settles, a panic included. A
 	// request refused before it was forwarded frees its slot and is
 	// charged nothing; a forwarded one is charged what it used.
-	x.call = new(proxy.Call)
+	x.call = &proxy.Call{Caller: client.ID}
 	defer x.settle(ep)
 	if ep.Body {
 		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})

@@ -14,6 +14,12 @@ const (
 	DefaultDetachedTimeout = 10 * time.Minute
 )
 
+// DefaultDetachedPerCaller is one caller's share of max detached calls:
+// a sixteenth, at least one. A caller rarely leaves more than a few
+// calls at once (a closed tab, a cancelled batch), and sixteen callers
+// must then leave their whole share at once before another finds none.
+func DefaultDetachedPerCaller(maxDetached int) int { return max(1, maxDetached/16) }
+
 // The causes that end a call's upstream request early.
 var (
 	// errCallerLeft: the caller left before its request reached the
@@ -27,10 +33,12 @@ var (
 
 // Detached calls over the whole process: each is an upstream request and
 // the goroutine of a request whose caller left, so one number bounds them
-// all, whatever site or config started them.
+// all, whatever site or config started them; and each caller's, so that
+// no caller takes them all from the others.
 var (
 	detachedNow     atomic.Int64
-	detachedRefused atomic.Int64
+	detachedRefused atomic.Int64 // for want of a free call of the process
+	detachedBy      = NewCallers()
 )
 
 // Detached returns the calls running detached now, and how many callers
@@ -39,24 +47,42 @@ func Detached() (now, refused int64) { return detachedNow.Load(), detachedRefuse
 
 // DetachPolicy says what happens to an upstream call when its caller
 // leaves after the request was sent: it goes on to its end (detached),
-// while fewer than Max calls of the process are detached, for at most
-// Timeout; else it is cut at once. Either way the request is settled only
-// when the call is over, and its charge follows what the upstream
-// reported, or a bound of what it may bill when it reported nothing.
+// while fewer than Max calls of the process and fewer than PerCaller of
+// its caller's are detached, for at most Timeout; else it is cut at once.
+// Either way the request is settled only when the call is over, and its
+// charge follows what the upstream reported, or a bound of what it may
+// bill when it reported nothing.
 type DetachPolicy struct {
-	Max     int64         // 0: never detach
-	Timeout time.Duration // from the caller's leaving
+	Max       int64         // 0: never detach
+	PerCaller int64         // of one caller's (Call.Caller); 0: Max only
+	Timeout   time.Duration // from the caller's leaving
 	// cut ends every call this policy detached: its config is going.
 	cut context.Context
 }
 
-func (p *DetachPolicy) acquire() bool {
-	if detachedNow.Add(1) <= p.Max {
-		return true
+// acquire takes a detached call for caller, if the process and the
+// caller have one free. A caller's count has an entry only while it has
+// a call detached, so they are bounded by Max, not by the callers.
+func (p *DetachPolicy) acquire(caller string) bool {
+	if detachedNow.Add(1) > p.Max {
+		detachedNow.Add(-1)
+		detachedRefused.Add(1)
+		return false
+	}
+	if p.PerCaller > 0 && !detachedBy.add(caller, 1, p.PerCaller) {
+		// Its own share is taken: its call is cut, others keep theirs.
+		detachedNow.Add(-1)
+		return false
+	}
+	return true
+}
+
+// release gives back a detached call that acquire took for caller.
+func (p *DetachPolicy) release(caller string) {
+	if p.PerCaller > 0 {
+		detachedBy.add(caller, -1, 0)
 	}
 	detachedNow.Add(-1)
-	detachedRefused.Add(1)
-	return false
 }
 
 // The states of a call's watch on its caller.
@@ -78,8 +104,8 @@ type watch struct {
 	trace  context.Context // the call's client trace, looked up first
 	policy *DetachPolicy
 
-	mu      sync.Mutex // protects the fields below
-	state   int
+	mu      sync.Mutex    // protects the fields below
+	state   uint8         // packed with ended: a Call stays in its 704-byte size class
 	ended   bool          // the request was ended
 	cause   error         // why, if not as the call ended
 	done    chan struct{} // made by Done
@@ -239,7 +265,7 @@ func (c *Call) decide() afterFuncs {
 	if w.state != watching {
 		return afterFuncs{}
 	}
-	if !c.Usage.Sent() || !w.policy.acquire() {
+	if !c.Usage.Sent() || !w.policy.acquire(c.Caller) {
 		w.state = cutShort
 		return w.endLocked(errCallerLeft)
 	}
@@ -264,7 +290,7 @@ func (c *Call) finish() {
 		w.stop()
 	}
 	if w.state == detached {
-		detachedNow.Add(-1)
+		w.policy.release(c.Caller)
 		w.timer.Stop()
 		if w.stopCut != nil {
 			w.stopCut()

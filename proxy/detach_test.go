@@ -64,3 +64,83 @@ func TestWatchEndsWithItsCall(t *testing.T) {
 		t.Fatalf("cause %v", err)
 	}
 }
+
+// TestDetachedShareOfACaller: a caller holds at most PerCaller of the
+// process's Max detached calls; past its share its own call is refused,
+// not counted as a refusal of the process, while another caller still
+// finds one; a caller's entry goes once it holds none.
+func TestDetachedShareOfACaller(t *testing.T) {
+	p := &DetachPolicy{Max: 3, PerCaller: 2, Timeout: time.Minute}
+	now0, refused0 := Detached()
+	entries0 := detachedBy.Len()
+	check := func(what string, got, want bool) {
+		t.Helper()
+		if got != want {
+			t.Errorf("%s: got %v, want %v", what, got, want)
+		}
+	}
+	check("a's first", p.acquire("a"), true)
+	check("a's second", p.acquire("a"), true)
+	check("a's third, past its share", p.acquire("a"), false)
+	check("b's first", p.acquire("b"), true)
+	check("c's first, with none of the process free", p.acquire("c"), false)
+	if now, refused := Detached(); now-now0 != 3 || refused-refused0 != 1 {
+		t.Errorf("%d detached and %d refused by the process, want 3 and 1 (c's)", now-now0, refused-refused0)
+	}
+	if n := detachedBy.Len() - entries0; n != 2 {
+		t.Errorf("%d callers counted, want 2 (a and b)", n)
+	}
+	p.release("a")
+	p.release("a")
+	if n := detachedBy.Len() - entries0; n != 1 {
+		t.Errorf("%d callers counted once a holds none, want 1", n)
+	}
+	check("a's, once its calls ended", p.acquire("a"), true)
+	p.release("a")
+	p.release("b")
+	if now, _ := Detached(); now != now0 || detachedBy.Len() != entries0 {
+		t.Errorf("%d detached and %d callers counted once all ended, want %d and %d", now, detachedBy.Len(), now0, entries0)
+	}
+}
+
+// TestCallDetachesWithinItsCallersShare: of two calls of one caller
+// whose share is one, the first whose caller leaves goes on detached,
+// the second is cut; its count is given back when the first is over.
+func TestCallDetachesWithinItsCallersShare(t *testing.T) {
+	p := &DetachPolicy{Max: 10, PerCaller: 1, Timeout: time.Minute}
+	entries0 := detachedBy.Len()
+	// leave has c's caller leave and returns what the watch decided.
+	leave := func(c *Call) uint8 {
+		t.Helper()
+		caller, leave := context.WithCancel(context.Background())
+		c.Usage.MarkSent(true)
+		c.upstreamContext(caller, context.Background(), p)
+		leave()
+		for range 500 {
+			c.watch.mu.Lock()
+			s := c.watch.state
+			c.watch.mu.Unlock()
+			if s != watching {
+				return s
+			}
+			time.Sleep(time.Millisecond)
+		}
+		t.Fatal("the call's caller left, and the watch decided nothing")
+		return watching
+	}
+	first, second := &Call{Caller: "key_a"}, &Call{Caller: "key_a"}
+	if s := leave(first); s != detached {
+		t.Errorf("the first call: state %d, want detached (%d)", s, detached)
+	}
+	if s := leave(second); s != cutShort {
+		t.Errorf("the second call: state %d, want cut (%d)", s, cutShort)
+	}
+	if err := second.watch.causeOf(context.Canceled); err != errCallerLeft {
+		t.Errorf("the cut call's cause %v, want %v", err, errCallerLeft)
+	}
+	first.finish()
+	second.finish()
+	if n := detachedBy.Len(); n != entries0 {
+		t.Errorf("%d callers counted once its calls are over, want %d", n, entries0)
+	}
+}

@@ -51,8 +51,10 @@ type Config struct {
 	// when zero.
 	Lockout time.Duration
 	// MaxDetached bounds the calls of the process that go on after their
-	// caller left (0: none does), DetachedTimeout how long each may.
+	// caller left (0: none does), PerCaller those of one caller (0: only
+	// MaxDetached bounds them), DetachedTimeout how long each may.
 	MaxDetached     int64
+	PerCaller       int64
 	DetachedTimeout time.Duration
 	// MaxAnswers bounds the bytes that the answers of the process hold
 	// in memory at once (see wire.Hold): a stream's event past it ends
@@ -168,7 +170,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
 		exhausted:     up.exhausted,
 		idleTimeout:   cfg.IdleTimeout,
-		detach:        DetachPolicy{Max: cfg.MaxDetached, Timeout: cfg.DetachedTimeout, cut: cut},
+		detach:        DetachPolicy{Max: cfg.MaxDetached, PerCaller: cfg.PerCaller, Timeout: cfg.DetachedTimeout, cut: cut},
 		maxAnswers:    cfg.MaxAnswers,
 		logger:        up.logger,
 	}

@@ -38,16 +38,16 @@ type AnswerUsage struct {
 	// never came: the prompt's estimate, and whether a stream was asked.
 	Prompt int64
 	Stream bool
+	// sent is 1 once the request was written to the upstream (from then
+	// on the upstream may bill the server key for it). The transport's
+	// writing goroutine sets it, hence atomic.
+	sent int32
 	// caller is the caller's request context, which ends when the caller
 	// leaves; nil when not watched.
 	caller context.Context
 	// Bytes is the length of a whole (JSON) answer's body, as read: no
 	// answer carries more output tokens than it has bytes.
 	Bytes int64
-	// sent is 1 once the request was written to the upstream (from then
-	// on the upstream may bill the server key for it). The transport's
-	// writing goroutine sets it, hence atomic.
-	sent int32
 	// HeaderLatency is the time until the upstream's response headers,
 	// retries included; FirstEvent the time until a stream's first event
 	// was ready for the client.
@@ -93,6 +93,9 @@ type Call struct {
 	// Model is the request's model, "" for none: the upstream's per-model
 	// limits in its answer speak of it.
 	Model string
+	// Caller is the ID of the client charged for the call: it has its
+	// own share of the calls that go on after their caller left.
+	Caller string
 	// Usage is filled in as the answer passes.
 	Usage AnswerUsage
 

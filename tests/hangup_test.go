@@ -382,3 +382,56 @@ func TestNoRetryForACallerWhoLeft(t *testing.T) {
 		t.Errorf("charged %d tokens, want none", u.Today.TotalTokens)
 	}
 }
+
+// TestOneCallerCannotTakeEveryDetachedCall: caller A, of a tier with no
+// concurrency limit, hangs up four streams at once where four calls may
+// go on detached, one of them per caller (the default share of 4): one
+// of A's goes on, three are cut and charged A the bound. Then caller B
+// hangs up one stream: its call still finds room, goes on detached and
+// is charged exactly what the upstream counted, not the bound.
+func TestOneCallerCannotTakeEveryDetachedCall(t *testing.T) {
+	e := start(t, manyFailures, "detached 4")
+	_, a := e.addKey(t, "pro")
+	_, b := e.addKey(t, "pro")
+	e.waitKeysKnown(t)
+	e.upstream.SetBehavior(standin.Behavior{ChunkDelay: 60 * time.Millisecond})
+	done := make(chan struct{})
+	for range 4 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			leaveRaw(t, e, a, hangStream, midStream)
+		}()
+	}
+	for range 4 {
+		<-done
+	}
+	// Each of A's calls went on detached or was cut: the upstream runs
+	// just the detached ones.
+	waitFor(t, 2*time.Second, "A's calls are detached or cut", func() bool {
+		return metricValue(t, e, "vigthoria_detached_calls") == float64(e.upstream.Active())
+	})
+	t.Logf("A's calls: %v detached", metricValue(t, e, "vigthoria_detached_calls"))
+	leaveRaw(t, e, b, hangStream, midStream)
+	waitFor(t, 10*time.Second, "the upstream ends its answers", func() bool { return e.upstream.Active() == 0 })
+
+	const full = 4 + 40 // the stand-in's count: "hi" and 3 for the message, and 40 out
+	bound := int64(len(hangStream)+len(`,"stream_options":{"include_usage":true}`)) + 40
+	var ua, ub usageAnswer
+	eventually(t, "the requests are settled", func() bool {
+		ua, _ = e.usage(t, a)
+		ub, _ = e.usage(t, b)
+		return ua.Today.Requests == 4 && ub.Today.Requests == 1
+	})
+	t.Logf("B charged %d tokens (the upstream counted %d, the bound is %d); A charged %d for 4 calls",
+		ub.Today.TotalTokens, full, bound, ua.Today.TotalTokens)
+	if ub.Today.PromptTokens != 4 || ub.Today.CompletionTokens != 40 {
+		t.Errorf("B charged %d prompt and %d completion tokens, want what the upstream counted: 4 and 40",
+			ub.Today.PromptTokens, ub.Today.CompletionTokens)
+	}
+	if want := full + 3*bound; ua.Today.TotalTokens != want {
+		t.Errorf("A charged %d tokens for 4 calls, want one detached and three cut: %d", ua.Today.TotalTokens, want)
+	}
+	if got := metricValue(t, e, "vigthoria_detached_calls"); got != 0 {
+		t.Errorf("vigthoria_detached_calls is %v once every call ended, want 0", got)
+	}
+}
