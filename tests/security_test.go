@@ -71,8 +71,11 @@ func peakRSS(t *testing.T, pid int) int64 {
 
 // TestSlowBodiesBoundMemory opens 1,000 connections that announce 10 MB
 // bodies and send one byte each, as anonymous callers, against Caddy in a
-// process of its own: its peak memory stays under 300 MB, and a caller
-// with a key is still served.
+// process of its own: its peak memory grows by less than 200 MB over
+// what it held idle (about 35 MB without the race detector, which
+// inflates it several times; unbounded, it would be 10 GB), and a caller
+// with a key is still served. The growth, not the peak: what the process
+// holds idle varies by tens of MB from run to run.
 func TestSlowBodiesBoundMemory(t *testing.T) {
 	up := standin.New(standin.Options{APIKey: serverKey})
 	srv := httptest.NewServer(up)
@@ -108,8 +111,8 @@ func TestSlowBodiesBoundMemory(t *testing.T) {
 	}
 	peak := peakRSS(t, c.Pid)
 	t.Logf("peak RSS: %d MB before, %d MB with %d slow bodies open", before>>20, peak>>20, len(open))
-	if peak > 300<<20 {
-		t.Errorf("peak RSS %d MB with %d slow 10 MB bodies, want under 300 MB", peak>>20, conns)
+	if peak-before > 200<<20 {
+		t.Errorf("peak RSS grew by %d MB with %d slow 10 MB bodies, want under 200 MB", (peak-before)>>20, conns)
 	}
 }
 
