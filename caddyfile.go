@@ -16,6 +16,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -227,7 +228,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("cors needs at least one origin, such as https://app.example.com")
 			}
 			for _, o := range h.CORS {
-				if err := keystore.CheckOrigin(o); err != nil {
+				if err := policy.CheckOrigin(o); err != nil {
 					return d.Errf("cors: %v", err)
 				}
 			}
@@ -514,7 +515,7 @@ func (h *Handler) unmarshalAlerts(d *caddyfile.Dispenser) error {
 
 // parseTierRate reads "<n>/<window> [burst <b>]".
 func parseTierRate(args []string) (*Rate, error) {
-	r, err := keystore.ParseRate(strings.Join(args, " "))
+	r, err := policy.ParseRate(strings.Join(args, " "))
 	if err != nil {
 		return nil, err
 	}
@@ -526,7 +527,7 @@ func parseQuota(args []string) (*Quota, error) {
 	if len(args) != 1 {
 		return nil, errors.New("want <n>/day or <n>/month")
 	}
-	q, err := keystore.ParseQuota(args[0])
+	q, err := policy.ParseQuota(args[0])
 	if err != nil {
 		return nil, err
 	}
@@ -558,7 +559,7 @@ func parsePositive[T int | int64](args []string) (T, error) {
 
 // parseRate reads "<n>/<duration>", e.g. 20/1m.
 func parseRate(s string) (int, time.Duration, error) {
-	r, err := keystore.ParseRate(s)
+	r, err := policy.ParseRate(s)
 	if err != nil {
 		return 0, 0, err
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -90,7 +91,7 @@ func FuzzTokenRequest(f *testing.F) {
 			t.Errorf("minted with %d models", len(tr.Models))
 		}
 		for _, m := range tr.Models {
-			if !keystore.ValidGlob(m) {
+			if !policy.ValidGlob(m) {
 				t.Errorf("minted with model glob %q", m)
 			}
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -204,7 +205,7 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 		return tr, errMintRequest("models names at most " + strconv.Itoa(maxMintModels) + " models or globs.")
 	}
 	for _, m := range tr.Models {
-		if !keystore.ValidGlob(m) {
+		if !policy.ValidGlob(m) {
 			return tr, errMintRequest("models holds " + strconv.Quote(clip(m, 64)) + ", which is not a model name or glob such as vigthoria-fast-*.")
 		}
 	}
@@ -265,7 +266,7 @@ func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
 		return keystore.Client{}, false
 	}
 	for _, m := range models {
-		if !keystore.ValidGlob(m) {
+		if !policy.ValidGlob(m) {
 			return keystore.Client{}, false
 		}
 	}

@@ -26,6 +26,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -133,7 +134,7 @@ type Tier struct {
 
 	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]; '*'
 	// matches any run of characters, '/' included (see
-	// keystore.MatchModel). Default: all.
+	// policy.MatchModel). Default: all.
 	Models []string `json:"models,omitempty"`
 
 	// The most max_tokens (or max_completion_tokens) a request may ask,
@@ -167,7 +168,7 @@ type Tier struct {
 	// keySettings are those of the caller's key, or of the key that
 	// minted its token: their origins bind the caller (originAllowed).
 	// nil for a configured tier.
-	keySettings *keystore.Settings
+	keySettings *policy.Settings
 	// minter is the tier of the key that minted a token, with that key's
 	// settings, for the token's user: its models and max_tokens narrow
 	// this tier's, its limits and budget bound the key's users together,
@@ -199,7 +200,7 @@ type Budget struct {
 // limits is the budget as the limiter keeps it: a quota of micro-units
 // of the currency, in an account of its own.
 func (b *Budget) limits() (limiter.Limits, error) {
-	n, err := keystore.ParseMoney(b.Amount, keystore.MaxMoney)
+	n, err := policy.ParseMoney(b.Amount, policy.MaxMoney)
 	if err != nil {
 		return limiter.Limits{}, err
 	}
@@ -255,7 +256,7 @@ func (t *Tier) provision(name string) error {
 		}
 	}
 	for _, glob := range t.Models {
-		if err := keystore.CheckGlob(glob); err != nil {
+		if err := policy.CheckGlob(glob); err != nil {
 			return fmt.Errorf("tier %s: invalid model glob '%s': %v", name, glob, err)
 		}
 	}
@@ -334,7 +335,7 @@ func matchesAny(globs []string, model string) bool {
 		return true
 	}
 	for _, glob := range globs {
-		if keystore.MatchModel(glob, model) {
+		if policy.MatchModel(glob, model) {
 			return true
 		}
 	}
@@ -856,7 +857,7 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("default_max_tokens must be from 1 to %d, not %d", maxDefaultMaxTokens, h.DefaultMaxTokens)
 	}
 	for _, o := range h.CORS {
-		if err := keystore.CheckOrigin(o); err != nil {
+		if err := policy.CheckOrigin(o); err != nil {
 			return fmt.Errorf("cors: %w", err)
 		}
 	}

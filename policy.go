@@ -13,6 +13,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -37,7 +38,7 @@ var errModelName = &proxy.APIError{
 	Status:  http.StatusBadRequest,
 	Type:    proxy.TypeInvalidRequest,
 	Code:    "invalid_model",
-	Message: "The model name is longer than " + strconv.Itoa(keystore.MaxModelName) + " bytes or holds control characters.",
+	Message: "The model name is longer than " + strconv.Itoa(policy.MaxModelName) + " bytes or holds control characters.",
 }
 
 func errModelNotAllowed(model string) *proxy.APIError {
@@ -208,7 +209,7 @@ func (h *Handler) police(r *http.Request, ep *proxy.Endpoint, tier *Tier, body [
 	if info.Model == "" {
 		return info, 0, errMissingModel
 	}
-	if !keystore.ValidModelName(info.Model) {
+	if !policy.ValidModelName(info.Model) {
 		return info, 0, errModelName
 	}
 	if !tier.allows(info.Model) {

@@ -8,7 +8,7 @@ import (
 	"math/bits"
 	"regexp"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // DefaultCurrency labels costs when the config names no currency.
@@ -27,7 +27,7 @@ const pricedTokens = 1_000_000
 // tokens, far above any model's, in micro-units. A larger figure is a
 // typo, and bounding it keeps every product of tokens and prices in 128
 // bits.
-const maxPrice = 1_000_000 * keystore.Micros
+const maxPrice = 1_000_000 * policy.Micros
 
 // currencyLabel is a currency's code (USD) or a short label of letters
 // and currency signs (credits, €).
@@ -38,7 +38,7 @@ var currencyLabel = regexp.MustCompile(`^[\p{L}\p{Sc}]{1,12}$`)
 type Price struct {
 	// The models priced, as a model glob, e.g. "vigthoria-fast-*": '*'
 	// matches any run of characters, '/' included, so "*" prices every
-	// model (see keystore.MatchModel).
+	// model (see policy.MatchModel).
 	Model string `json:"model"`
 
 	// The price of a million prompt tokens: a decimal with at most six
@@ -116,7 +116,7 @@ func (p *Price) parse() (pricedGlob, error) {
 	if p.Model == "" {
 		return pricedGlob{}, errors.New("a price needs a model glob")
 	}
-	if err := keystore.CheckGlob(p.Model); err != nil {
+	if err := policy.CheckGlob(p.Model); err != nil {
 		return pricedGlob{}, fmt.Errorf("invalid model glob '%s': %v", p.Model, err)
 	}
 	if p.Input == "" {
@@ -134,7 +134,7 @@ func (p *Price) parse() (pricedGlob, error) {
 	}
 	return pricedGlob{
 		glob:    p.Model,
-		literal: keystore.IsLiteralGlob(p.Model),
+		literal: policy.IsLiteralGlob(p.Model),
 		price:   modelPrice{input: in, output: out},
 	}, nil
 }
@@ -142,7 +142,7 @@ func (p *Price) parse() (pricedGlob, error) {
 // parseMicros reads a price, a decimal number of units such as 0.10, as
 // micro-units per million tokens, exactly.
 func parseMicros(s string) (int64, error) {
-	n, err := keystore.ParseMoney(s, maxPrice)
+	n, err := policy.ParseMoney(s, maxPrice)
 	if err != nil {
 		return 0, fmt.Errorf("price %w", err)
 	}
@@ -160,7 +160,7 @@ func (h *Handler) price(model string) (p modelPrice, ok bool) {
 			if g.glob == model {
 				return g.price, true
 			}
-		} else if keystore.MatchModel(g.glob, model) {
+		} else if policy.MatchModel(g.glob, model) {
 			return g.price, true
 		}
 	}

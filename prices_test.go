@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -124,7 +125,7 @@ func TestOneGlobRule(t *testing.T) {
 		}
 		token := &Tier{tokenModels: []string{tc.glob}} // a minted token's own models
 		minted := token.allows(tc.model)
-		if priced != tc.want || tier.allows(tc.model) != tc.want || minted != tc.want || keystore.ValidGlob(tc.glob) != true {
+		if priced != tc.want || tier.allows(tc.model) != tc.want || minted != tc.want || policy.ValidGlob(tc.glob) != true {
 			t.Errorf("glob %q, model %q: priced %v, tier allows %v, token allows %v; want %v for each",
 				tc.glob, tc.model, priced, tier.allows(tc.model), minted, tc.want)
 		}
@@ -136,7 +137,7 @@ func TestOneGlobRule(t *testing.T) {
 func TestAffordable(t *testing.T) {
 	prices := []modelPrice{{10, 20}, {100_000, 400_000}, {3_000_000, 15_000_000}, {1, 1}, {0, 7}, {maxPrice, maxPrice}}
 	for _, p := range prices {
-		for _, n := range []int64{0, 1, 999, 1000, 10_000, 1_000_000, keystore.MaxMoney} {
+		for _, n := range []int64{0, 1, 999, 1000, 10_000, 1_000_000, policy.MaxMoney} {
 			for _, prompt := range []int64{0, 1, 20, 5000, 2_500_000} {
 				got := p.affordable(n, prompt)
 				switch {

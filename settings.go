@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -22,7 +23,7 @@ const maxKeyTiers = 65536
 // changes apply.
 type tierKey struct {
 	name     string
-	settings *keystore.Settings
+	settings *policy.Settings
 	minter   *Tier
 	models   string // keystore.Minted.ModelsKey
 }
@@ -38,7 +39,7 @@ func newTierCache() *lru.Cache[tierKey, *Tier] {
 // sets replaced by s's. It returns nil when the tier is not configured,
 // or when s cannot apply to it. A cached merge costs a lookup and no
 // allocation.
-func (h *Handler) tierFor(name string, s *keystore.Settings) *Tier {
+func (h *Handler) tierFor(name string, s *policy.Settings) *Tier {
 	base := h.Tiers[name]
 	if base == nil || s == nil {
 		return base
@@ -60,7 +61,7 @@ func (h *Handler) tierFor(name string, s *keystore.Settings) *Tier {
 
 // merge returns a provisioned copy of t, named name, with each field that
 // s sets replaced by s's.
-func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
+func (t *Tier) merge(name string, s *policy.Settings) (*Tier, error) {
 	m := &Tier{
 		Requests: t.Requests, Tokens: t.Tokens, Concurrent: t.Concurrent, Quota: t.Quota,
 		Budget: t.Budget, Models: t.Models, MaxTokens: t.MaxTokens, keySettings: s,
@@ -79,7 +80,7 @@ func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
 		m.Quota = &Quota{N: s.Quota.N, Period: s.Quota.Period}
 	}
 	if s.Budget != nil {
-		m.Budget = &Budget{Amount: keystore.FormatMoney(s.Budget.N), Period: s.Budget.Period}
+		m.Budget = &Budget{Amount: policy.FormatMoney(s.Budget.N), Period: s.Budget.Period}
 	}
 	if s.Models != nil {
 		m.Models = s.Models
@@ -90,7 +91,7 @@ func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
 	return m, m.provision(name)
 }
 
-func tierRate(r *keystore.Rate) *Rate {
+func tierRate(r *policy.Rate) *Rate {
 	return &Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
 
@@ -29,39 +30,39 @@ func TestTierForPrecedence(t *testing.T) {
 		MaxTokens:  4096,
 	}
 	conc, maxTok := 5, int64(2048)
-	keySet := &keystore.Settings{
-		Requests:   &keystore.Rate{N: 100, Window: time.Minute},
-		Tokens:     &keystore.Rate{N: 200_000, Window: time.Hour},
+	keySet := &policy.Settings{
+		Requests:   &policy.Rate{N: 100, Window: time.Minute},
+		Tokens:     &policy.Rate{N: 200_000, Window: time.Hour},
 		Concurrent: &conc,
-		Quota:      &keystore.Amount{N: 10_000_000, Period: "day"},
-		Budget:     &keystore.Amount{N: 50_000_000, Period: "month"},
+		Quota:      &policy.Amount{N: 10_000_000, Period: "day"},
+		Budget:     &policy.Amount{N: 50_000_000, Period: "month"},
 		Models:     []string{"vigthoria-fast-*"},
 		MaxTokens:  &maxTok,
 	}
 	type field struct {
 		name      string
-		clear     func(s *keystore.Settings)
+		clear     func(s *policy.Settings)
 		get       func(t *Tier) any
 		tier, key any // the effective value from the tier alone, from the key
 		none      any // neither sets it
 	}
 	fields := []field{
-		{"requests", func(s *keystore.Settings) { s.Requests = nil }, func(t *Tier) any { return t.limits.Requests },
+		{"requests", func(s *policy.Settings) { s.Requests = nil }, func(t *Tier) any { return t.limits.Requests },
 			limiter.Rate{N: 600, Window: time.Minute}, limiter.Rate{N: 100, Window: time.Minute}, limiter.Rate{}},
-		{"tokens", func(s *keystore.Settings) { s.Tokens = nil }, func(t *Tier) any { return t.limits.Tokens },
+		{"tokens", func(s *policy.Settings) { s.Tokens = nil }, func(t *Tier) any { return t.limits.Tokens },
 			limiter.Rate{N: 400_000, Window: time.Minute, Burst: 1000}, limiter.Rate{N: 200_000, Window: time.Hour}, limiter.Rate{}},
-		{"concurrent", func(s *keystore.Settings) { s.Concurrent = nil }, func(t *Tier) any { return t.limits.Concurrent },
+		{"concurrent", func(s *policy.Settings) { s.Concurrent = nil }, func(t *Tier) any { return t.limits.Concurrent },
 			20, 5, 0},
-		{"quota", func(s *keystore.Settings) { s.Quota = nil }, func(t *Tier) any { return t.limits.Quota },
+		{"quota", func(s *policy.Settings) { s.Quota = nil }, func(t *Tier) any { return t.limits.Quota },
 			limiter.Quota{N: 50_000_000, Period: limiter.Month}, limiter.Quota{N: 10_000_000, Period: limiter.Day}, limiter.Quota{}},
-		{"budget", func(s *keystore.Settings) { s.Budget = nil }, func(t *Tier) any { return t.budget },
+		{"budget", func(s *policy.Settings) { s.Budget = nil }, func(t *Tier) any { return t.budget },
 			limiter.Limits{Quota: limiter.Quota{N: 100_000_000, Period: limiter.Month}},
 			limiter.Limits{Quota: limiter.Quota{N: 50_000_000, Period: limiter.Month}}, limiter.Limits{}},
-		{"models", func(s *keystore.Settings) { s.Models = nil }, func(t *Tier) any {
+		{"models", func(s *policy.Settings) { s.Models = nil }, func(t *Tier) any {
 			return []bool{t.allows("vigthoria-fast-1"), t.allows("vigthoria-pro-1"), t.allows("other")}
 		},
 			[]bool{true, true, false}, []bool{true, false, false}, []bool{true, true, true}},
-		{"max_tokens", func(s *keystore.Settings) { s.MaxTokens = nil }, func(t *Tier) any { return t.MaxTokens },
+		{"max_tokens", func(s *policy.Settings) { s.MaxTokens = nil }, func(t *Tier) any { return t.MaxTokens },
 			int64(4096), int64(2048), int64(0)},
 	}
 	empty := &Tier{}
@@ -71,10 +72,10 @@ func TestTierForPrecedence(t *testing.T) {
 		cases := []struct {
 			name     string
 			tier     *Tier
-			settings *keystore.Settings
+			settings *policy.Settings
 			want     any
 		}{
-			{"tier only", tierSet, &keystore.Settings{Origins: []string{"https://a.example"}}, f.tier},
+			{"tier only", tierSet, &policy.Settings{Origins: []string{"https://a.example"}}, f.tier},
 			{"no settings", tierSet, nil, f.tier},
 			{"key only", empty, keySet, f.key},
 			{"both", tierSet, keySet, f.key},
@@ -118,7 +119,7 @@ func TestTierForCaches(t *testing.T) {
 	if h.tierFor("pro", nil) != h.Tiers["pro"] {
 		t.Error("without settings, tierFor is not the configured tier")
 	}
-	s1 := &keystore.Settings{Requests: &keystore.Rate{N: 2, Window: time.Hour}}
+	s1 := &policy.Settings{Requests: &policy.Rate{N: 2, Window: time.Hour}}
 	first := h.tierFor("pro", s1)
 	if first == h.Tiers["pro"] || h.tierFor("pro", s1) != first {
 		t.Fatal("the same settings did not give the same merged tier")
@@ -126,7 +127,7 @@ func TestTierForCaches(t *testing.T) {
 	if n := testing.AllocsPerRun(1000, func() { h.tierFor("pro", s1) }); n != 0 {
 		t.Errorf("tierFor on a cache hit: %v allocations, want 0", n)
 	}
-	s2 := &keystore.Settings{Requests: &keystore.Rate{N: 3, Window: time.Hour}}
+	s2 := &policy.Settings{Requests: &policy.Rate{N: 3, Window: time.Hour}}
 	if got := h.tierFor("pro", s2); got.limits.Requests.N != 3 || first.limits.Requests.N != 2 {
 		t.Errorf("changed settings: got %d, first now %d", got.limits.Requests.N, first.limits.Requests.N)
 	}
@@ -164,7 +165,7 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		client   keystore.Client
-		settings *keystore.Settings
+		settings *policy.Settings
 		allowed  []bool // of models
 		cap      int64
 		origins  bool // https://evil.example is refused
@@ -172,14 +173,14 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 		{"nothing narrows", minted("open", "app"), nil, []bool{true, true, true, true}, 0, false},
 		{"the token's tier", minted("web", "app"), nil, []bool{true, true, false, true}, 400, false},
 		{"the key's tier", minted("open", "narrow"), nil, []bool{true, false, true, false}, 100, false},
-		{"the key's settings", minted("open", "app"), &keystore.Settings{Models: []string{"vigthoria-pro-*"}, MaxTokens: maxTok(50)},
+		{"the key's settings", minted("open", "app"), &policy.Settings{Models: []string{"vigthoria-pro-*"}, MaxTokens: maxTok(50)},
 			[]bool{false, true, false, false}, 50, false},
-		{"the key's settings over its tier", minted("open", "narrow"), &keystore.Settings{Models: []string{"vigthoria-*"}, MaxTokens: maxTok(700)},
+		{"the key's settings over its tier", minted("open", "narrow"), &policy.Settings{Models: []string{"vigthoria-*"}, MaxTokens: maxTok(700)},
 			[]bool{true, true, false, true}, 700, false},
 		{"the token's models", minted("open", "app", "vigthoria-embed-*"), nil, []bool{false, false, false, true}, 0, false},
 		{"all three", minted("web", "narrow", "*-1"), nil, []bool{true, false, false, false}, 100, false},
 		{"the token's models wider than the key's", minted("open", "narrow", "*"), nil, []bool{true, false, true, false}, 100, false},
-		{"the key's origins", minted("open", "app"), &keystore.Settings{Origins: []string{"https://app.example"}}, []bool{true, true, true, true}, 0, true},
+		{"the key's origins", minted("open", "app"), &policy.Settings{Origins: []string{"https://app.example"}}, []bool{true, true, true, true}, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			minter := h.tierFor(tc.client.Minted.KeyTier, tc.settings)
@@ -222,12 +223,12 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 
 	// Changed settings are a new pointer: a new tier, for the same token.
 	c := minted("web", "app")
-	s1 := &keystore.Settings{MaxTokens: maxTok(50)}
+	s1 := &policy.Settings{MaxTokens: maxTok(50)}
 	first := h.narrowTier(h.Tiers["web"], h.tierFor("app", s1), c)
 	if n := testing.AllocsPerRun(1000, func() { h.narrowTier(h.Tiers["web"], h.tierFor("app", s1), c) }); n != 0 {
 		t.Errorf("a cached minted tier: %v allocations, want 0", n)
 	}
-	s2 := &keystore.Settings{MaxTokens: maxTok(20)}
+	s2 := &policy.Settings{MaxTokens: maxTok(20)}
 	if got := h.narrowTier(h.Tiers["web"], h.tierFor("app", s2), c); got.MaxTokens != 20 || first.MaxTokens != 50 {
 		t.Errorf("changed settings: max_tokens %d, the first now %d; want 20 and 50", got.MaxTokens, first.MaxTokens)
 	}

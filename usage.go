@@ -10,6 +10,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // usageReport is the answer of GET /v1/usage: the caller's own usage and
@@ -71,7 +72,7 @@ func countsOf(sum keystore.UsageRow, details bool, currency string) usageCounts 
 		c.CompletionDetails = &completionDetails{sum.ReasoningTokens}
 	}
 	if currency != "" {
-		c.Cost = &costReport{Amount: keystore.FormatCost(sum.Cost), Currency: currency}
+		c.Cost = &costReport{Amount: policy.FormatCost(sum.Cost), Currency: currency}
 	}
 	return c
 }
@@ -197,7 +198,7 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		}
 	}
 	if b := &tier.budget.Quota; !b.Unlimited() {
-		money := func(n int64) costReport { return costReport{Amount: keystore.FormatCost(n), Currency: h.Currency} }
+		money := func(n int64) costReport { return costReport{Amount: policy.FormatCost(n), Currency: h.Currency} }
 		rep.Limits.Budget = &budgetReport{
 			Period: b.Period.String(), Limit: money(b.N), Used: money(budget.QuotaUsed),
 			Remaining: money(max(b.N-budget.QuotaUsed, 0)), Reset: budget.QuotaReset,

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // pageSize is how many keys one page of api/keys holds.
@@ -80,10 +81,10 @@ func (h *Handler) serveAPI(w http.ResponseWriter, r *http.Request, route, user s
 // create makes a key.
 func (h *Handler) create(w http.ResponseWriter, r *http.Request, user string, now time.Time) error {
 	var req struct {
-		Name     string            `json:"name"`
-		Tier     string            `json:"tier"`
-		Expires  string            `json:"expires"` // a duration from now, such as 720h; "" for never
-		Settings keystore.Settings `json:"settings"`
+		Name     string          `json:"name"`
+		Tier     string          `json:"tier"`
+		Expires  string          `json:"expires"` // a duration from now, such as 720h; "" for never
+		Settings policy.Settings `json:"settings"`
 	}
 	if !decode(w, r, &req) {
 		return nil
@@ -507,7 +508,7 @@ func (h *Handler) listKeys(w http.ResponseWriter, r *http.Request, now time.Time
 }
 
 // standingOf is the use of a limit per day or month, or nil without one.
-func standingOf(a *keystore.Amount, day, month int64) *standing {
+func standingOf(a *policy.Amount, day, month int64) *standing {
 	if a == nil {
 		return nil
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 func init() {
@@ -66,7 +67,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if len(args) != 1 {
 				return d.Errf("origin takes one web origin such as https://admin.example.com, got '%s'", strings.Join(args, " "))
 			}
-			if err := keystore.CheckOrigin(args[0]); err != nil {
+			if err := policy.CheckOrigin(args[0]); err != nil {
 				return d.Err(err.Error())
 			}
 			h.Origin = args[0]

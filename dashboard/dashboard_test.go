@@ -16,6 +16,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // fakeSource is a Source of one store without a vigthoria handler's
@@ -42,11 +43,11 @@ func (fakePolicy) Caller(client string) (string, bool) {
 	}
 	return "", false
 }
-func (fakePolicy) Limits(tier string, s *keystore.Settings) (Limits, bool) {
+func (fakePolicy) Limits(tier string, s *policy.Settings) (Limits, bool) {
 	if tier != "free" {
 		return Limits{}, false
 	}
-	return Limits{Quota: &keystore.Amount{N: 1000, Period: "day"}}, true
+	return Limits{Quota: &policy.Amount{N: 1000, Period: "day"}}, true
 }
 
 // newTestHandler is a Handler over a started SQLite store with keys

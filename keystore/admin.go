@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 func init() {
@@ -122,17 +123,17 @@ const maxAdminBody = 64 << 10
 // KeyInfo is a key in the admin API's and the dashboard's answers:
 // never its hash. Secret is set only when one was just made.
 type KeyInfo struct {
-	ID       string     `json:"id"`
-	Name     string     `json:"name"`
-	Tier     string     `json:"tier"`
-	State    string     `json:"state"`
-	Created  time.Time  `json:"created"`
-	Expires  *time.Time `json:"expires"`
-	Revoked  *time.Time `json:"revoked"`
-	LastUsed *time.Time `json:"last_used"`
-	Mint     []string   `json:"mint,omitempty"`
-	Settings *Settings  `json:"settings,omitempty"`
-	Secret   string     `json:"secret,omitempty"`
+	ID       string           `json:"id"`
+	Name     string           `json:"name"`
+	Tier     string           `json:"tier"`
+	State    string           `json:"state"`
+	Created  time.Time        `json:"created"`
+	Expires  *time.Time       `json:"expires"`
+	Revoked  *time.Time       `json:"revoked"`
+	LastUsed *time.Time       `json:"last_used"`
+	Mint     []string         `json:"mint,omitempty"`
+	Settings *policy.Settings `json:"settings,omitempty"`
+	Secret   string           `json:"secret,omitempty"`
 }
 
 // NewKeyInfo returns the answer's view of r at now.
@@ -203,11 +204,11 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 
 func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	var req struct {
-		Name     string   `json:"name"`
-		Tier     string   `json:"tier"`
-		Expires  string   `json:"expires"`
-		Mint     []string `json:"mint"`
-		Settings Settings `json:"settings"`
+		Name     string          `json:"name"`
+		Tier     string          `json:"tier"`
+		Expires  string          `json:"expires"`
+		Mint     []string        `json:"mint"`
+		Settings policy.Settings `json:"settings"`
 	}
 	if err := decodeBody(w, r, &req); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest,

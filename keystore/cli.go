@@ -15,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 func init() {
@@ -315,7 +316,7 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 		}
 		for _, r := range rows {
 			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", id, r.Day, printable(r.Model), r.Requests,
-				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens(), FormatCost(r.Cost))
+				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens(), policy.FormatCost(r.Cost))
 		}
 	}
 	return w.Flush()

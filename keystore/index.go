@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // The index identifies a caller from memory, without locks: readers load
@@ -136,7 +138,7 @@ type index struct {
 	// settings are the live keys' own settings, by ID, of the keys that
 	// have any: looked up without a lock for every request, and costing
 	// one atomic load when no key has settings.
-	settings atomic.Pointer[map[string]*Settings]
+	settings atomic.Pointer[map[string]*policy.Settings]
 
 	mu    sync.Mutex // serializes writers; protects the following
 	ids   []uint32   // table of entries by ID, slots as described above
@@ -202,7 +204,7 @@ func isMinter(m *map[string]minter, id string) bool {
 
 // settingsOf returns the settings of the live key id, or nil when it has
 // none. It takes no lock and allocates nothing.
-func (ix *index) settingsOf(id string) *Settings {
+func (ix *index) settingsOf(id string) *policy.Settings {
 	if m := ix.settings.Load(); m != nil {
 		return (*m)[id]
 	}
@@ -215,7 +217,7 @@ func (ix *index) settingsOf(id string) *Settings {
 // otherwise (a rotation): callers cache by it.
 func (ix *index) noteSettings(recs []Record) {
 	old := ix.settings.Load()
-	var next map[string]*Settings
+	var next map[string]*policy.Settings
 	for i := range recs {
 		r := &recs[i]
 		cur := ix.settingsOf(r.ID)
@@ -227,7 +229,7 @@ func (ix *index) noteSettings(recs []Record) {
 			continue
 		}
 		if next == nil {
-			next = make(map[string]*Settings)
+			next = make(map[string]*policy.Settings)
 			if old != nil {
 				maps.Copy(next, *old)
 			}

@@ -10,6 +10,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // maxAttrLen bounds key names and tiers, in characters.
@@ -27,7 +28,7 @@ type Attrs struct {
 	Mint    []string  // tiers it may mint tokens of; each a valid tier name (validTier)
 	// Settings are the key's own limits over its tier's; the zero
 	// Settings follow the tier.
-	Settings Settings
+	Settings policy.Settings
 }
 
 // Create adds a key with the attributes a to st and returns its record
@@ -88,7 +89,7 @@ func Rotate(ctx context.Context, st Store, id string) (string, error) {
 // checking them: the zero Settings make the key follow its tier in
 // everything. It returns an error wrapping ErrInvalid, ErrNotFound or
 // ErrRevoked when the key cannot be changed so.
-func SetSettings(ctx context.Context, st Store, id string, s Settings) error {
+func SetSettings(ctx context.Context, st Store, id string, s policy.Settings) error {
 	if err := s.Check(); err != nil {
 		return err
 	}

@@ -30,20 +30,6 @@ type Tokens struct {
 // Total returns prompt plus completion tokens.
 func (t Tokens) Total() int64 { return addCount(t.Prompt, t.Completion) }
 
-// Micros is the number of micro-units in one unit of a currency: costs
-// are whole micro-units, so that sums of them are exact.
-const Micros = 1_000_000
-
-// FormatCost writes a cost in micro-units as a decimal number of units
-// with six places, such as 1.234567: exact, where a float would drift.
-func FormatCost(micros int64) string {
-	sign, u := "", uint64(micros)
-	if micros < 0 {
-		sign, u = "-", -u
-	}
-	return fmt.Sprintf("%s%d.%06d", sign, u/Micros, u%Micros)
-}
-
 // UsageRow is one client's usage of one model on one UTC day.
 type UsageRow struct {
 	Client           string

@@ -17,6 +17,7 @@ import (
 	"github.com/redis/go-redis/v9/maintnotifications"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/rediserr"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // The Redis layout. Every key of the store starts with "vgt:" (the
@@ -370,7 +371,7 @@ func (s *Redis) SetHash(ctx context.Context, id string, h Hash) error {
 }
 
 // SetSettings replaces the settings of the key id; see Store.
-func (s *Redis) SetSettings(ctx context.Context, id string, set Settings) error {
+func (s *Redis) SetSettings(ctx context.Context, id string, set policy.Settings) error {
 	v, err := encodeSettings(set)
 	if err == nil {
 		err = s.change(ctx, setFieldScript, id, "settings", v)

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // How the Service keeps up with its store.
@@ -73,7 +74,7 @@ type Client struct {
 	// Settings are the key's own limits over its tier's; nil for a key
 	// without any and for callers without a key. Never changed: a change
 	// of a key's settings gives its next requests a new pointer.
-	Settings *Settings
+	Settings *policy.Settings
 }
 
 // Service owns one store, its in-memory index, the loop that keeps the
@@ -286,7 +287,7 @@ func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
 // Settings returns the settings of the live key id, such as the key
 // that minted a caller's token, or nil when it has none (or is not
 // known). It takes no lock and allocates nothing.
-func (s *Service) Settings(id string) *Settings {
+func (s *Service) Settings(id string) *policy.Settings {
 	return s.index.settingsOf(id)
 }
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	// The pure Go SQLite driver, registered as "sqlite": no cgo.
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	_ "modernc.org/sqlite"
 )
 
@@ -245,7 +246,7 @@ func (s *SQLite) SetHash(ctx context.Context, id string, h Hash) error {
 }
 
 // SetSettings replaces the settings of the key id; see Store.
-func (s *SQLite) SetSettings(ctx context.Context, id string, set Settings) error {
+func (s *SQLite) SetSettings(ctx context.Context, id string, set policy.Settings) error {
 	v, err := encodeSettings(set)
 	if err == nil {
 		err = s.changeLive(ctx, id, "settings", v)

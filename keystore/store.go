@@ -8,6 +8,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // Errors that callers branch on.
@@ -19,10 +21,11 @@ var (
 	// rotated: a revoked key stays revoked.
 	ErrRevoked = errors.New("key is revoked")
 
-	// ErrInvalid is wrapped by the errors for a bad name, tier, expiry,
-	// mint tier or settings given to Create or SetSettings, so that callers can tell the user's mistakes
-	// from store failures.
-	ErrInvalid = errors.New("invalid key attributes")
+	// ErrInvalid is policy.ErrInvalid: wrapped by the errors for a bad
+	// name, tier, expiry, mint tier or settings given to Create or
+	// SetSettings, so that callers can tell the user's mistakes from store
+	// failures.
+	ErrInvalid = policy.ErrInvalid
 )
 
 // Record is one client key as stored: never the secret, only its hash.
@@ -34,11 +37,11 @@ type Record struct {
 	Tier     string
 	Hash     Hash
 	Created  time.Time
-	Expires  time.Time // zero: never
-	Revoked  time.Time // zero: live
-	LastUsed time.Time // zero: never used
-	Mint     []string  // tiers the key may mint tokens of (POST /vigthoria/tokens); nil: none
-	Settings Settings  // the key's own limits, over its tier's
+	Expires  time.Time       // zero: never
+	Revoked  time.Time       // zero: live
+	LastUsed time.Time       // zero: never used
+	Mint     []string        // tiers the key may mint tokens of (POST /vigthoria/tokens); nil: none
+	Settings policy.Settings // the key's own limits, over its tier's
 }
 
 // Key states, as State reports them.
@@ -85,7 +88,7 @@ type Store interface {
 	// SetSettings replaces a key's settings. It returns ErrNotFound for
 	// an unknown ID and ErrRevoked for a revoked key. The settings must
 	// be valid (Settings.Check).
-	SetSettings(ctx context.Context, id string, s Settings) error
+	SetSettings(ctx context.Context, id string, s policy.Settings) error
 
 	// Changes returns the keys inserted, rotated, revoked or given new
 	// settings after cursor,

@@ -12,6 +12,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // BenchmarkChat sends small chats through Caddy in this process, with
@@ -96,7 +97,7 @@ func giveSettings(b *testing.B, path string) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := keystore.Settings{Requests: &keystore.Rate{N: 1_000_000_000, Window: time.Minute}, Origins: []string{"https://app.example.com"}}
+	s := policy.Settings{Requests: &policy.Rate{N: 1_000_000_000, Window: time.Minute}, Origins: []string{"https://app.example.com"}}
 	for _, r := range recs {
 		if err := keystore.SetSettings(b.Context(), st, r.ID, s); err != nil {
 			b.Fatal(err)

@@ -13,6 +13,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // Prices of the budget tests: 10 and 20 micro-units a token. A small
@@ -106,7 +107,7 @@ func TestBudgetHoldsUnderConcurrency(t *testing.T) {
 		t.Fatalf("GET /v1/usage: %v, no budget", err)
 	}
 	if b := u.Limits.Budget; b.Period != "day" || b.Limit.Amount != "0.010000" || b.Limit.Currency != "USD" ||
-		b.Used.Amount != keystore.FormatCost(stored.Cost) || b.Remaining.Amount != keystore.FormatCost(budget-stored.Cost) {
+		b.Used.Amount != policy.FormatCost(stored.Cost) || b.Remaining.Amount != policy.FormatCost(budget-stored.Cost) {
 		t.Errorf("the usage's budget: %+v, want 0.010000 USD a day, %d micro-units used", *b, stored.Cost)
 	}
 

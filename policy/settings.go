@@ -1,4 +1,4 @@
-package keystore
+package policy
 
 import (
 	"encoding/json"
@@ -109,7 +109,7 @@ func ParseRate(s string) (Rate, error) {
 	if !ok {
 		return Rate{}, errors.New("want <count>/<window>, such as 20/1m")
 	}
-	n, err := parsePositive(count)
+	n, err := ParsePositive(count)
 	if err != nil {
 		return Rate{}, fmt.Errorf("count %v", err)
 	}
@@ -119,7 +119,7 @@ func ParseRate(s string) (Rate, error) {
 	}
 	r := Rate{N: n, Window: dur}
 	if len(f) == 3 {
-		if r.Burst, err = parsePositive(f[2]); err != nil {
+		if r.Burst, err = ParsePositive(f[2]); err != nil {
 			return Rate{}, fmt.Errorf("burst %v", err)
 		}
 	}
@@ -128,7 +128,7 @@ func ParseRate(s string) (Rate, error) {
 
 // ParseQuota reads "<tokens>/day" or "<tokens>/month".
 func ParseQuota(s string) (Amount, error) {
-	return parseAmount(s, parsePositive)
+	return parseAmount(s, ParsePositive)
 }
 
 // ParseBudget reads "<money>/day" or "<money>/month", such as
@@ -157,8 +157,8 @@ func (a Amount) check() error {
 	return nil
 }
 
-// parsePositive reads a positive integer.
-func parsePositive(s string) (int64, error) {
+// ParsePositive reads a positive integer.
+func ParsePositive(s string) (int64, error) {
 	n, err := strconv.ParseInt(s, 10, 64)
 	if err != nil || n <= 0 {
 		return 0, fmt.Errorf("'%s' is not a positive number", s)
@@ -262,32 +262,4 @@ func (s *Settings) Check() error {
 // none, and requests without Origin (servers, SDKs) always.
 func (s *Settings) AllowsOrigin(origin string) bool {
 	return s == nil || s.Origins == nil || origin == "" || slices.Contains(s.Origins, origin)
-}
-
-// encodeSettings is how the stores keep Settings: JSON, "" for none.
-func encodeSettings(s Settings) (string, error) {
-	if s.IsZero() {
-		return "", nil
-	}
-	b, err := json.Marshal(s)
-	return string(b), err
-}
-
-// decodeSettings is the inverse of encodeSettings.
-func decodeSettings(v string) (Settings, error) {
-	var s Settings
-	if v == "" {
-		return s, nil
-	}
-	if err := json.Unmarshal([]byte(v), &s); err != nil {
-		return Settings{}, fmt.Errorf("reading settings: %w", err)
-	}
-	// Origins stored before they had to be written as browsers send
-	// them would never match one: they are read in that form.
-	for i, o := range s.Origins {
-		if c, err := CanonicalOrigin(o); err == nil {
-			s.Origins[i] = c
-		}
-	}
-	return s, nil
 }

@@ -1,4 +1,4 @@
-package keystore
+package policy
 
 import (
 	"fmt"
@@ -40,4 +40,18 @@ func allDigits(s string) bool {
 		}
 	}
 	return true
+}
+
+// Micros is the number of micro-units in one unit of a currency: costs
+// are whole micro-units, so that sums of them are exact.
+const Micros = 1_000_000
+
+// FormatCost writes a cost in micro-units as a decimal number of units
+// with six places, such as 1.234567: exact, where a float would drift.
+func FormatCost(micros int64) string {
+	sign, u := "", uint64(micros)
+	if micros < 0 {
+		sign, u = "-", -u
+	}
+	return fmt.Sprintf("%s%d.%06d", sign, u/Micros, u%Micros)
 }
