@@ -10,6 +10,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -31,7 +32,7 @@ const readPrefix = "read:"
 // ledgerCounter reads what a client used of its quota from the ledger,
 // so that quotas and budgets survive a restart: tokens for a client,
 // cost for its budget account.
-type ledgerCounter struct{ ledger *keystore.Ledger }
+type ledgerCounter struct{ ledger *ledger.Ledger }
 
 func (c ledgerCounter) QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error) {
 	if id, ok := strings.CutPrefix(client, budgetPrefix); ok {
@@ -97,7 +98,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, client keystore.
 		id = readPrefix + id
 	}
 	if apiErr := h.join(w, r, &a, side{id: id, who: mintingKey(client), lim: tier.minter.limitsFor(set), tierName: client.Minted.KeyTier, shared: true}, 0, now); apiErr != nil {
-		h.settleAdmission(r, client, &a, keystore.Tokens{})
+		h.settleAdmission(r, client, &a, ledger.Tokens{})
 		return a, apiErr
 	}
 	return a, nil
@@ -315,7 +316,7 @@ func (h *Handler) reserveTokens(w http.ResponseWriter, r *http.Request, id strin
 // settleAdmission ends an admitted request in the limiter, on every
 // side: what it used replaces its reservations, tokens on the limits'
 // sides and its cost on the budgets', and its slots are freed.
-func (h *Handler) settleAdmission(r *http.Request, client keystore.Client, a *admission, used keystore.Tokens) {
+func (h *Handler) settleAdmission(r *http.Request, client keystore.Client, a *admission, used ledger.Tokens) {
 	h.settle(r, a.id, a.lim, a.Lease, used.Total())
 	for i := range a.n {
 		s := &a.sides[i]

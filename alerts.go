@@ -15,6 +15,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
 
@@ -128,7 +129,7 @@ func (h *Handler) noteUsage(kind string, client keystore.Client, used, limit int
 // used: requests of the same account settled meanwhile are not in it,
 // and are counted by the next figure noted. Only use crosses a
 // threshold: a refusal is noted apart, by noteRefused.
-func (h *Handler) noteStanding(client keystore.Client, a *admission, used keystore.Tokens) {
+func (h *Handler) noteStanding(client keystore.Client, a *admission, used ledger.Tokens) {
 	h.noteSide(alerts.Quota, client, a.lim, &a.Decision, used.Total())
 	for i := range a.n {
 		s := &a.sides[i]

@@ -15,10 +15,10 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func init() {
@@ -152,7 +152,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "store":
 			args := d.RemainingArgs()
 			var ok bool
-			if h.Store, ok = keystore.StoreArgs(args); !ok {
+			if h.Store, ok = store.SpecFromArgs(args); !ok {
 				return d.Errf("store takes 'sqlite [<path>]' or 'redis <url>', got '%s'", strings.Join(args, " "))
 			}
 		case "identity":

@@ -12,16 +12,17 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/dashboard"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // storeSpec resolves a handler's store as configured into the key of its
 // service in keyServices: placeholders resolved, the default filled in.
-func storeSpec(store string) (spec, kind string, err error) {
-	if store == "" {
-		store = "sqlite:" + keystore.DefaultSQLitePath()
+func storeSpec(configured string) (spec, kind string, err error) {
+	if configured == "" {
+		configured = "sqlite:" + store.DefaultSQLitePath()
 	}
-	spec = caddy.NewReplacer().ReplaceAll(store, "")
-	kind, _, err = keystore.ParseSpec(spec)
+	spec = caddy.NewReplacer().ReplaceAll(configured, "")
+	kind, _, err = store.ParseSpec(spec)
 	return spec, kind, err
 }
 

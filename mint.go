@@ -14,6 +14,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -130,7 +131,7 @@ func (h *Handler) serveTokens(w http.ResponseWriter, r *http.Request, now time.T
 	if apiErr != nil {
 		return h.refuseClient(w, r, client, client.Tier, "tokens", apiErr, now)
 	}
-	h.settleAdmission(r, client, &a, keystore.Tokens{})
+	h.settleAdmission(r, client, &a, ledger.Tokens{})
 
 	req, apiErr := h.readTokenRequest(w, r, proxy.Holder{Share: tier.bodies, Caller: client.ID})
 	if apiErr != nil {

@@ -25,10 +25,12 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // Defaults of the handler's configuration.
@@ -692,7 +694,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// password from the environment) are resolved here and kept out of
 	// the config.
 	if h.Store == "" {
-		h.Store = "sqlite:" + keystore.DefaultSQLitePath()
+		h.Store = "sqlite:" + store.DefaultSQLitePath()
 	}
 	spec, kind, err := storeSpec(h.Store)
 	if err != nil {
@@ -993,7 +995,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if ep.ID == proxy.Usage {
 		// Counted as a request, then settled before the report reads
 		// the standing, which would otherwise count it in flight.
-		h.settleAdmission(r, client, &a, keystore.Tokens{})
+		h.settleAdmission(r, client, &a, ledger.Tokens{})
 		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return h.serveUsage(w, r, client, tier, now)
 	}
@@ -1004,11 +1006,11 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	call := new(proxy.Call)
 	var info wire.RequestInfo
 	forwarded := false
-	var running *keystore.Running // a stream's usage, recorded as it goes
+	var running *ledger.Running // a stream's usage, recorded as it goes
 	defer func() {
 		if !forwarded {
-			h.settleAdmission(r, client, &a, keystore.Tokens{})
-			h.noteStanding(client, &a, keystore.Tokens{})
+			h.settleAdmission(r, client, &a, ledger.Tokens{})
+			h.noteStanding(client, &a, ledger.Tokens{})
 			return
 		}
 		usage := &call.Usage
@@ -1103,22 +1105,22 @@ func apiHeaders(h http.Header) {
 }
 
 // recordStream has the ledger record a stream's usage as it goes, once a
-// second (keystore.Running): its prompt's estimate and the output it
+// second (ledger.Running): its prompt's estimate and the output it
 // carried so far, from its first delta on, as a stream cut short is
 // charged (see charge). The meter reads one atomic counter.
-func (h *Handler) recordStream(client keystore.Client, model string, call *proxy.Call, reserved int64) *keystore.Running {
+func (h *Handler) recordStream(client keystore.Client, model string, call *proxy.Call, reserved int64) *ledger.Running {
 	prompt := min(cmp.Or(call.Usage.Prompt, wire.PromptEstimate(int64(len(call.Body)))), reserved)
 	p, priced := h.price(model)
 	var also string
 	if client.Minted != nil {
 		also = client.Minted.KeyID
 	}
-	return h.keys.Ledger().Begin(client.ID, also, model, func() keystore.Tokens {
+	return h.keys.Ledger().Begin(client.ID, also, model, func() ledger.Tokens {
 		streamed := call.Streamed()
 		if streamed == 0 {
-			return keystore.Tokens{}
+			return ledger.Tokens{}
 		}
-		t := keystore.Tokens{Prompt: prompt, Completion: streamed}
+		t := ledger.Tokens{Prompt: prompt, Completion: streamed}
 		if priced {
 			t.Cost = p.cost(t.Prompt, t.Completion)
 		}

@@ -11,7 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -315,7 +315,7 @@ const maxAnswerTokens = 1 << 24
 //     is true: such figures would only corrupt the ledger and the quota.
 //
 // bodyLen sizes the prompt's estimate when police set none.
-func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens, absurd bool, pastCap int64) {
+func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used ledger.Tokens, absurd bool, pastCap int64) {
 	prompt := u.Prompt
 	if prompt == 0 {
 		prompt = wire.PromptEstimate(bodyLen)
@@ -324,7 +324,7 @@ func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens,
 	bound := max(reserve, maxAnswerTokens)
 	switch {
 	case u.Reported && u.Garbled == "" && max(u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens) <= bound:
-		used = keystore.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}
+		used = ledger.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}
 		seen := u.Bytes
 		if u.Stream {
 			seen = u.Chunks
@@ -338,24 +338,24 @@ func charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens,
 	case u.Reported:
 		absurd = true
 	case u.Status >= 400:
-		return keystore.Tokens{}, false, 0
+		return ledger.Tokens{}, false, 0
 	case !u.Sent() || !u.CallerLeft():
 		if u.Status == 0 {
-			return keystore.Tokens{}, false, 0
+			return ledger.Tokens{}, false, 0
 		}
 		if u.Stream {
-			return keystore.Tokens{Prompt: prompt, Completion: u.Chunks}, false, 0
+			return ledger.Tokens{Prompt: prompt, Completion: u.Chunks}, false, 0
 		}
 	default:
-		return keystore.Tokens{Prompt: max(prompt, bodyLen), Completion: reserve - prompt}, false, 0
+		return ledger.Tokens{Prompt: max(prompt, bodyLen), Completion: reserve - prompt}, false, 0
 	}
-	return keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd, 0
+	return ledger.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd, 0
 }
 
 // chargeFor is charge for a request of the client, with its cost at the
 // model's price when it has one, logging usage it does not believe for the
 // operator: a warning naming the caller by key ID.
-func (h *Handler) chargeFor(clientID, tier, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) keystore.Tokens {
+func (h *Handler) chargeFor(clientID, tier, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) ledger.Tokens {
 	used, absurd, pastCap := charge(u, reserve, bodyLen)
 	if p, ok := h.price(model); ok {
 		used.Cost = p.cost(used.Prompt, used.Completion)

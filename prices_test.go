@@ -9,7 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -232,12 +232,12 @@ func TestChargeForCosts(t *testing.T) {
 		name  string
 		model string
 		u     proxy.AnswerUsage
-		want  keystore.Tokens
+		want  ledger.Tokens
 	}{
-		{"priced", "vigthoria-fast-1", reported, keystore.Tokens{Prompt: 1200, Completion: 345, Cost: 258}}, // 120 + 138
-		{"unpriced", "other", reported, keystore.Tokens{Prompt: 1200, Completion: 345}},
+		{"priced", "vigthoria-fast-1", reported, ledger.Tokens{Prompt: 1200, Completion: 345, Cost: 258}}, // 120 + 138
+		{"unpriced", "other", reported, ledger.Tokens{Prompt: 1200, Completion: 345}},
 		{"absurd: the reservation", "vigthoria-fast-1", proxy.AnswerUsage{Status: 200, Reported: true, Garbled: "x"},
-			keystore.Tokens{Prompt: 100, Completion: 4000, Cost: 1610}}, // 10 + 1600
+			ledger.Tokens{Prompt: 100, Completion: 4000, Cost: 1610}}, // 10 + 1600
 	} {
 		if got := h.chargeFor("key_x", "pro", tc.model, &tc.u, 4100, 400); got != tc.want {
 			t.Errorf("%s: charged %+v, want %+v", tc.name, got, tc.want)

@@ -11,6 +11,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // usageReport is the answer of GET /v1/usage: the caller's own usage and
@@ -60,7 +61,7 @@ type completionDetails struct {
 
 // countsOf shapes a sum of rows; details adds the details when they are
 // zero too. Its cost is there when currency is not "".
-func countsOf(sum keystore.UsageRow, details bool, currency string) usageCounts {
+func countsOf(sum store.UsageRow, details bool, currency string) usageCounts {
 	c := usageCounts{
 		Requests: sum.Requests, PromptTokens: sum.PromptTokens,
 		CompletionTokens: sum.CompletionTokens, TotalTokens: sum.TotalTokens(),
@@ -140,20 +141,20 @@ func (h *Handler) serveUsage(w http.ResponseWriter, r *http.Request, client keys
 }
 
 // writeUsage writes the usage report of a client.
-func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []keystore.UsageRow, state, budget limiter.State, monthStart, now time.Time) error {
+func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier *Tier, rows []store.UsageRow, state, budget limiter.State, monthStart, now time.Time) error {
 
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
-		Today:   usagePeriod{Start: keystore.Day(now)},
-		Month:   usagePeriod{Start: keystore.Day(monthStart)},
+		Today:   usagePeriod{Start: store.Day(now)},
+		Month:   usagePeriod{Start: store.Day(monthStart)},
 		ByModel: []modelReport{},
 	}
 	if client.Minted != nil {
 		rep.MintedBy = client.Minted.KeyID
 	}
 	// Sums of rows saturate, as the ledger's own do.
-	var today, month keystore.UsageRow
-	models := make(map[string]*keystore.UsageRow)
+	var today, month store.UsageRow
+	models := make(map[string]*store.UsageRow)
 	for _, row := range rows {
 		month.Add(row)
 		if row.Day == rep.Today.Start {
@@ -161,7 +162,7 @@ func (h *Handler) writeUsage(w http.ResponseWriter, client keystore.Client, tier
 		}
 		m := models[row.Model]
 		if m == nil {
-			m = new(keystore.UsageRow)
+			m = new(store.UsageRow)
 			models[row.Model] = m
 		}
 		m.Add(row)

@@ -8,8 +8,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func init() {
@@ -50,7 +50,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		switch name {
 		case "store":
 			var ok bool
-			if h.Store, ok = keystore.StoreArgs(args); !ok {
+			if h.Store, ok = store.SpecFromArgs(args); !ok {
 				return d.Errf("store takes 'sqlite [<path>]' or 'redis <url>', got '%s'", strings.Join(args, " "))
 			}
 		case "user":

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func init() {
@@ -52,7 +53,7 @@ func serviceFor(r *http.Request) (*Service, error) {
 	services.mu.Lock()
 	defer services.mu.Unlock()
 	if want := r.URL.Query().Get("store"); want != "" {
-		kind, target, err := ParseSpec(want)
+		kind, target, err := store.ParseSpec(want)
 		if err != nil {
 			return nil, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 		}
@@ -62,7 +63,7 @@ func serviceFor(r *http.Request) (*Service, error) {
 			}
 		}
 		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound,
-			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", displaySpec(kind, target))}
+			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", store.Display(kind, target))}
 	}
 	var specs []string
 	var found *Service
@@ -137,7 +138,7 @@ type KeyInfo struct {
 }
 
 // NewKeyInfo returns the answer's view of r at now.
-func NewKeyInfo(r Record, now time.Time) KeyInfo {
+func NewKeyInfo(r store.Record, now time.Time) KeyInfo {
 	opt := func(t time.Time) *time.Time {
 		if t.IsZero() {
 			return nil
@@ -303,11 +304,11 @@ func storeError(err error) error {
 // 409 (revoked), 400 (invalid attributes) or 500.
 func ErrorStatus(err error) int {
 	switch {
-	case errors.Is(err, ErrNotFound):
+	case errors.Is(err, store.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, ErrRevoked):
+	case errors.Is(err, store.ErrRevoked):
 		return http.StatusConflict
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, store.ErrInvalid):
 		return http.StatusBadRequest
 	}
 	return http.StatusInternalServerError

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // settingField is one field of Settings, as the CLI's flags, the admin
@@ -63,8 +64,12 @@ var settingFields = []settingField{
 		take:  func(dst, src *policy.Settings) { dst.Models = src.Models },
 		show:  func(s *policy.Settings) (string, bool) { return strings.Join(s.Models, ","), s.Models != nil }},
 	{json: "max_tokens", usage: "the most max_tokens a request may ask, per answer",
-		parse: func(s *policy.Settings, v string) error { n, err := policy.ParsePositive(v); s.MaxTokens = &n; return err },
-		take:  func(dst, src *policy.Settings) { dst.MaxTokens = src.MaxTokens },
+		parse: func(s *policy.Settings, v string) error {
+			n, err := policy.ParsePositive(v)
+			s.MaxTokens = &n
+			return err
+		},
+		take: func(dst, src *policy.Settings) { dst.MaxTokens = src.MaxTokens },
 		show: func(s *policy.Settings) (string, bool) {
 			return showSet(s.MaxTokens, func(n int64) string { return strconv.FormatInt(n, 10) })
 		}},
@@ -114,13 +119,13 @@ func settingsFromFlags(cmd *cobra.Command, s *policy.Settings) error {
 		clear := cmd.Flags().Changed("clear-" + f.flag())
 		switch {
 		case set && clear:
-			return fmt.Errorf("%w: --%s and --clear-%s both given", ErrInvalid, f.flag(), f.flag())
+			return fmt.Errorf("%w: --%s and --clear-%s both given", store.ErrInvalid, f.flag(), f.flag())
 		case clear:
 			f.take(s, &policy.Settings{})
 		case set:
 			v, _ := cmd.Flags().GetString(f.flag())
 			if err := f.parse(s, v); err != nil {
-				return fmt.Errorf("%w: --%s '%s': %v", ErrInvalid, f.flag(), v, err)
+				return fmt.Errorf("%w: --%s '%s': %v", store.ErrInvalid, f.flag(), v, err)
 			}
 		}
 	}
@@ -148,13 +153,13 @@ func patchSettings(s *policy.Settings, patch map[string]json.RawMessage) error {
 	for name, raw := range patch {
 		i := fieldIndex(name)
 		if i < 0 {
-			return fmt.Errorf("%w: unknown setting '%s'", ErrInvalid, name)
+			return fmt.Errorf("%w: unknown setting '%s'", store.ErrInvalid, name)
 		}
 		var v policy.Settings
 		if string(raw) != "null" {
 			obj, _ := json.Marshal(map[string]json.RawMessage{name: raw})
 			if err := strictjson.Unmarshal(obj, &v); err != nil {
-				return fmt.Errorf("%w: setting %s: %v", ErrInvalid, name, err)
+				return fmt.Errorf("%w: setting %s: %v", store.ErrInvalid, name, err)
 			}
 		}
 		settingFields[i].take(s, &v)
@@ -173,7 +178,7 @@ func fieldIndex(name string) int {
 
 // withKey runs f with the store of the --store flag and the record of
 // the key id.
-func withKey(cmd *cobra.Command, id string, f func(st Store, rec Record) error) error {
+func withKey(cmd *cobra.Command, id string, f func(st store.Backend, rec store.Record) error) error {
 	st, _, err := cliStore(cmd, false)
 	if err != nil {
 		return err
@@ -187,7 +192,7 @@ func withKey(cmd *cobra.Command, id string, f func(st Store, rec Record) error) 
 }
 
 func cliUpdate(cmd *cobra.Command, args []string) error {
-	return withKey(cmd, args[0], func(st Store, rec Record) error {
+	return withKey(cmd, args[0], func(st store.Backend, rec store.Record) error {
 		s := rec.Settings
 		if err := settingsFromFlags(cmd, &s); err != nil {
 			return err
@@ -204,7 +209,7 @@ func cliUpdate(cmd *cobra.Command, args []string) error {
 // cliShow prints a key and each of its settings: its own value, or the
 // tier's. With --config, the tier's values are read from the Caddyfile.
 func cliShow(cmd *cobra.Command, args []string) error {
-	return withKey(cmd, args[0], func(_ Store, rec Record) error {
+	return withKey(cmd, args[0], func(_ store.Backend, rec store.Record) error {
 		var tier *policy.Settings
 		if config, _ := cmd.Flags().GetString("config"); config != "" {
 			var err error

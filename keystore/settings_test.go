@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // fullSettings sets every field.
@@ -27,7 +28,7 @@ func fullSettings() policy.Settings {
 // TestCreateChecksSettings: Create refuses settings that Check refuses.
 func TestCreateChecksSettings(t *testing.T) {
 	bad := policy.Settings{Models: []string{"a["}}
-	if _, _, err := Create(t.Context(), nil, Attrs{Name: "a", Tier: "pro", Settings: bad}, time.Now()); !errors.Is(err, ErrInvalid) {
+	if _, _, err := Create(t.Context(), nil, Attrs{Name: "a", Tier: "pro", Settings: bad}, time.Now()); !errors.Is(err, store.ErrInvalid) {
 		t.Errorf("Create with bad settings: %v, want ErrInvalid", err)
 	}
 }
@@ -35,7 +36,7 @@ func TestCreateChecksSettings(t *testing.T) {
 // TestStoreKeepsSettings: settings are stored with a key, replaced and
 // cleared by SetSettings, which is a change; rotation keeps them.
 func TestStoreKeepsSettings(t *testing.T) {
-	forEachBackend(t, func(t *testing.T, st Store) {
+	forEachBackend(t, func(t *testing.T, st store.Backend) {
 		ctx := t.Context()
 		now := time.Now()
 		full := fullSettings()
@@ -69,7 +70,7 @@ func TestStoreKeepsSettings(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r.Hash = HashSecret(secret)
+		r.Hash = store.HashSecret(secret)
 		if got, _ := st.Get(ctx, r.ID); !reflect.DeepEqual(got.Settings, r.Settings) {
 			t.Errorf("after a rotation settings = %+v, want %+v", got.Settings, r.Settings)
 		}
@@ -81,62 +82,19 @@ func TestStoreKeepsSettings(t *testing.T) {
 		got, _ = st.Get(ctx, r.ID)
 		wantRecord(t, got, r)
 
-		if err := SetSettings(ctx, st, "key_unknown", full); !errors.Is(err, ErrNotFound) {
+		if err := SetSettings(ctx, st, "key_unknown", full); !errors.Is(err, store.ErrNotFound) {
 			t.Errorf("SetSettings of an unknown key: %v, want ErrNotFound", err)
 		}
-		if err := SetSettings(ctx, st, r.ID, policy.Settings{Models: []string{}}); !errors.Is(err, ErrInvalid) {
+		if err := SetSettings(ctx, st, r.ID, policy.Settings{Models: []string{}}); !errors.Is(err, store.ErrInvalid) {
 			t.Errorf("SetSettings with bad settings: %v, want ErrInvalid", err)
 		}
 		if err := st.Revoke(ctx, r.ID, now); err != nil {
 			t.Fatal(err)
 		}
-		if err := SetSettings(ctx, st, r.ID, full); !errors.Is(err, ErrRevoked) {
+		if err := SetSettings(ctx, st, r.ID, full); !errors.Is(err, store.ErrRevoked) {
 			t.Errorf("SetSettings of a revoked key: %v, want ErrRevoked", err)
 		}
 	})
-}
-
-// TestSQLiteMigratesToSettings opens a file of the schema before
-// settings: its keys read with zero Settings, and can be given some.
-func TestSQLiteMigratesToSettings(t *testing.T) {
-	ctx := t.Context()
-	const before = 5
-	want := Record{ID: "key_0123456789abcdef", Name: "old", Tier: "pro", Hash: HashSecret("vgt_old"),
-		Created: storedTime(time.Now()), Mint: []string{"free"}}
-	path := storeOfVersion(t, before, `INSERT INTO keys (id, name, tier, hash, created, mint, seq) VALUES (?, ?, ?, ?, ?, 'free', 1)`,
-		want.ID, want.Name, want.Tier, want.Hash[:], millis(want.Created))
-	st, err := OpenSQLite(path)
-	if err != nil {
-		t.Fatalf("opening a store of version %d: %v", before, err)
-	}
-	defer st.Close()
-	got, err := st.Get(ctx, want.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wantRecord(t, got, want)
-	want.Settings = fullSettings()
-	if err := SetSettings(ctx, st, want.ID, want.Settings); err != nil {
-		t.Fatal(err)
-	}
-	got, _ = st.Get(ctx, want.ID)
-	wantRecord(t, got, want)
-}
-
-// TestRedisKeyWithoutSettings reads a key of an older version, which
-// has no settings field, as following its tier.
-func TestRedisKeyWithoutSettings(t *testing.T) {
-	st, srv := openRedisTemp(t)
-	r, _ := createWith(t, st, Attrs{Name: "old", Tier: "pro", Settings: fullSettings()}, time.Now())
-	if err := rawRedis(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "settings").Err(); err != nil {
-		t.Fatal(err)
-	}
-	got, err := st.Get(t.Context(), r.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Settings = policy.Settings{}
-	wantRecord(t, got, r)
 }
 
 // TestServiceSettings: Identify hands out a key's settings, the same

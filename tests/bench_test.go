@@ -13,6 +13,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // BenchmarkChat sends small chats through Caddy in this process, with
@@ -88,7 +89,7 @@ func BenchmarkChat(b *testing.B) {
 // request limit and origins.
 func giveSettings(b *testing.B, path string) {
 	b.Helper()
-	st, err := keystore.OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -12,8 +12,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // Prices of the budget tests: 10 and 20 micro-units a token. A small
@@ -81,7 +81,7 @@ func TestBudgetHoldsUnderConcurrency(t *testing.T) {
 	e.waitKeysKnown(t)
 
 	answered := spendConcurrently(t, key, e.caddy.URL)
-	var stored keystore.UsageRow
+	var stored store.UsageRow
 	eventually2s(t, "the ledger holds every answered chat", func() bool {
 		stored = e.storedToday(t, id)
 		return stored.Requests == answered

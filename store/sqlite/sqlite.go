@@ -1,4 +1,10 @@
-package keystore
+// Package sqlite is the embedded store backend: one SQLite file (pure Go
+// driver, WAL) for keys, the usage ledger, signing keys and alert claims.
+// It owns the whole schema and its migrations, and registers itself as
+// the "sqlite" kind of store.
+//
+// It may import store and policy.
+package sqlite
 
 import (
 	"context"
@@ -14,6 +20,7 @@ import (
 
 	// The pure Go SQLite driver, registered as "sqlite": no cgo.
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 	_ "modernc.org/sqlite"
 )
 
@@ -81,19 +88,19 @@ var migrations = []string{
 
 const recordColumns = `id, name, tier, hash, created, expires, revoked, last_used, mint, settings, seq`
 
-// SQLite is a Store in one SQLite file, in WAL mode so that several
+// Store is a store.Backend in one SQLite file, in WAL mode so that several
 // processes (Caddy instances, the CLI) can use it at once. The file holds
 // key hashes, never secrets. It is safe for concurrent use. Use
-// OpenSQLite to make one.
-type SQLite struct {
+// Open to make one.
+type Store struct {
 	db   *sql.DB
 	path string
 }
 
-// OpenSQLite opens the SQLite key store at path, creating the file and
+// Open opens the SQLite key store at path, creating the file and
 // its directory (private to the user) when missing, and migrates it to
 // the current schema.
-func OpenSQLite(path string) (*SQLite, error) {
+func Open(path string) (*Store, error) {
 	if path == "" {
 		return nil, errors.New("opening key store: empty path")
 	}
@@ -135,7 +142,7 @@ func OpenSQLite(path string) (*SQLite, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening key store %s: %w", abs, err)
 	}
-	s := &SQLite{db: db, path: abs}
+	s := &Store{db: db, path: abs}
 	if err := s.migrate(context.Background()); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("opening key store %s: %w", abs, err)
@@ -145,7 +152,7 @@ func OpenSQLite(path string) (*SQLite, error) {
 
 // migrate brings the schema to len(migrations) in one transaction, so
 // that two processes opening a new file at once migrate it once.
-func (s *SQLite) migrate(ctx context.Context) error {
+func (s *Store) migrate(ctx context.Context) error {
 	var mode string
 	if err := s.db.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil {
 		return fmt.Errorf("reading journal mode: %w", err)
@@ -178,7 +185,7 @@ func (s *SQLite) migrate(ctx context.Context) error {
 
 // schemaVersion reads the schema version and refuses one newer than this
 // build knows.
-func (s *SQLite) schemaVersion(ctx context.Context, q interface {
+func (s *Store) schemaVersion(ctx context.Context, q interface {
 	QueryRowContext(context.Context, string, ...any) *sql.Row
 }) (int, error) {
 	var version int
@@ -192,11 +199,15 @@ func (s *SQLite) schemaVersion(ctx context.Context, q interface {
 }
 
 // Path returns the absolute path of the database file.
-func (s *SQLite) Path() string { return s.path }
+func (s *Store) Path() string { return s.path }
+
+// DB returns the store's database, for tools and tests that look behind
+// the store. Writing to it bypasses the store's rules.
+func (s *Store) DB() *sql.DB { return s.db }
 
 // Insert adds a new key.
-func (s *SQLite) Insert(ctx context.Context, r Record) error {
-	settings, err := encodeSettings(r.Settings)
+func (s *Store) Insert(ctx context.Context, r store.Record) error {
+	settings, err := store.EncodeSettings(r.Settings)
 	if err != nil {
 		return fmt.Errorf("inserting key %s: %w", r.ID, err)
 	}
@@ -206,7 +217,7 @@ func (s *SQLite) Insert(ctx context.Context, r Record) error {
 			return err
 		}
 		_, err = tx.ExecContext(ctx, `INSERT INTO keys (`+recordColumns+`) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			r.ID, r.Name, r.Tier, r.Hash[:], millis(r.Created), millis(r.Expires), millis(r.Revoked), millis(r.LastUsed), joinMint(r.Mint), settings, seq)
+			r.ID, r.Name, r.Tier, r.Hash[:], store.Millis(r.Created), store.Millis(r.Expires), store.Millis(r.Revoked), store.Millis(r.LastUsed), store.JoinMint(r.Mint), settings, seq)
 		return err
 	})
 	if err != nil {
@@ -216,21 +227,21 @@ func (s *SQLite) Insert(ctx context.Context, r Record) error {
 }
 
 // Get returns the key with the given ID, or ErrNotFound.
-func (s *SQLite) Get(ctx context.Context, id string) (Record, error) {
+func (s *Store) Get(ctx context.Context, id string) (store.Record, error) {
 	r, _, err := scanRecord(s.db.QueryRowContext(ctx, `SELECT `+recordColumns+` FROM keys WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
-		return Record{}, ErrNotFound
+		return store.Record{}, store.ErrNotFound
 	}
 	if err != nil {
-		return Record{}, fmt.Errorf("reading key %s: %w", id, err)
+		return store.Record{}, fmt.Errorf("reading key %s: %w", id, err)
 	}
 	return r, nil
 }
 
 // List returns every key, oldest first.
-func (s *SQLite) List(ctx context.Context) ([]Record, error) {
-	var recs []Record
-	_, err := s.scan(ctx, 0, func(r Record) { recs = append(recs, r) }, `SELECT `+recordColumns+` FROM keys ORDER BY created, id`)
+func (s *Store) List(ctx context.Context) ([]store.Record, error) {
+	var recs []store.Record
+	_, err := s.scan(ctx, 0, func(r store.Record) { recs = append(recs, r) }, `SELECT `+recordColumns+` FROM keys ORDER BY created, id`)
 	if err != nil {
 		return nil, fmt.Errorf("listing keys: %w", err)
 	}
@@ -238,7 +249,7 @@ func (s *SQLite) List(ctx context.Context) ([]Record, error) {
 }
 
 // SetHash replaces the hash of the key id; see Store.
-func (s *SQLite) SetHash(ctx context.Context, id string, h Hash) error {
+func (s *Store) SetHash(ctx context.Context, id string, h store.Hash) error {
 	if err := s.changeLive(ctx, id, "hash", h[:]); err != nil {
 		return fmt.Errorf("setting hash of key %s: %w", id, err)
 	}
@@ -246,8 +257,8 @@ func (s *SQLite) SetHash(ctx context.Context, id string, h Hash) error {
 }
 
 // SetSettings replaces the settings of the key id; see Store.
-func (s *SQLite) SetSettings(ctx context.Context, id string, set policy.Settings) error {
-	v, err := encodeSettings(set)
+func (s *Store) SetSettings(ctx context.Context, id string, set policy.Settings) error {
+	v, err := store.EncodeSettings(set)
 	if err == nil {
 		err = s.changeLive(ctx, id, "settings", v)
 	}
@@ -259,14 +270,14 @@ func (s *SQLite) SetSettings(ctx context.Context, id string, set policy.Settings
 
 // changeLive sets the column of the live key id to v, as a change:
 // ErrNotFound for an unknown key, ErrRevoked for a revoked one.
-func (s *SQLite) changeLive(ctx context.Context, id, column string, v any) error {
+func (s *Store) changeLive(ctx context.Context, id, column string, v any) error {
 	return s.write(ctx, func(tx *sql.Tx) error {
 		revoked, err := revokedAt(ctx, tx, id)
 		if err != nil {
 			return err
 		}
 		if revoked != 0 {
-			return ErrRevoked
+			return store.ErrRevoked
 		}
 		seq, err := nextSeq(ctx, tx)
 		if err != nil {
@@ -278,9 +289,9 @@ func (s *SQLite) changeLive(ctx context.Context, id, column string, v any) error
 }
 
 // Revoke revokes the key id at the given time; see Store.
-func (s *SQLite) Revoke(ctx context.Context, id string, at time.Time) error {
+func (s *Store) Revoke(ctx context.Context, id string, at time.Time) error {
 	if at.IsZero() {
-		return fmt.Errorf("revoking key %s: %w: zero revocation time", id, ErrInvalid)
+		return fmt.Errorf("revoking key %s: %w: zero revocation time", id, store.ErrInvalid)
 	}
 	err := s.write(ctx, func(tx *sql.Tx) error {
 		revoked, err := revokedAt(ctx, tx, id)
@@ -291,7 +302,7 @@ func (s *SQLite) Revoke(ctx context.Context, id string, at time.Time) error {
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE keys SET revoked = ?, seq = ? WHERE id = ?`, millis(at), seq, id)
+		_, err = tx.ExecContext(ctx, `UPDATE keys SET revoked = ?, seq = ? WHERE id = ?`, store.Millis(at), seq, id)
 		return err
 	})
 	if err != nil {
@@ -301,9 +312,9 @@ func (s *SQLite) Revoke(ctx context.Context, id string, at time.Time) error {
 }
 
 // Changes returns the keys changed after cursor; see Store.
-func (s *SQLite) Changes(ctx context.Context, cursor uint64) ([]Record, uint64, error) {
-	var recs []Record
-	last, err := s.scan(ctx, cursor, func(r Record) { recs = append(recs, r) },
+func (s *Store) Changes(ctx context.Context, cursor uint64) ([]store.Record, uint64, error) {
+	var recs []store.Record
+	last, err := s.scan(ctx, cursor, func(r store.Record) { recs = append(recs, r) },
 		`SELECT `+recordColumns+` FROM keys WHERE seq > ? ORDER BY seq`, int64(min(cursor, math.MaxInt64)))
 	if err != nil {
 		return nil, cursor, fmt.Errorf("reading key changes: %w", err)
@@ -311,8 +322,8 @@ func (s *SQLite) Changes(ctx context.Context, cursor uint64) ([]Record, uint64, 
 	return recs, last, nil
 }
 
-// countKeys returns the number of keys, revoked ones included.
-func (s *SQLite) countKeys(ctx context.Context) (int, error) {
+// CountKeys returns the number of keys, revoked ones included.
+func (s *Store) CountKeys(ctx context.Context) (int, error) {
 	var n int
 	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM keys`).Scan(&n); err != nil {
 		return 0, fmt.Errorf("counting keys: %w", err)
@@ -320,12 +331,12 @@ func (s *SQLite) countKeys(ctx context.Context) (int, error) {
 	return n, nil
 }
 
-// loadAll passes every key to f, batch records at a time, and returns
+// LoadAll passes every key to f, batch records at a time, and returns
 // the Changes cursor that follows them. One statement reads them all, in
 // table order: one snapshot, so that the cursor matches what f got.
-func (s *SQLite) loadAll(ctx context.Context, batch int, f func([]Record)) (uint64, error) {
-	recs := make([]Record, 0, batch)
-	cursor, err := s.scan(ctx, 0, func(r Record) {
+func (s *Store) LoadAll(ctx context.Context, batch int, f func([]store.Record)) (uint64, error) {
+	recs := make([]store.Record, 0, batch)
+	cursor, err := s.scan(ctx, 0, func(r store.Record) {
 		if recs = append(recs, r); len(recs) == batch {
 			f(recs)
 			recs = recs[:0]
@@ -339,7 +350,7 @@ func (s *SQLite) loadAll(ctx context.Context, batch int, f func([]Record)) (uint
 }
 
 // TouchLastUsed raises last-used times in one transaction; see Store.
-func (s *SQLite) TouchLastUsed(ctx context.Context, used map[string]time.Time) error {
+func (s *Store) TouchLastUsed(ctx context.Context, used map[string]time.Time) error {
 	if len(used) == 0 {
 		return nil
 	}
@@ -350,7 +361,7 @@ func (s *SQLite) TouchLastUsed(ctx context.Context, used map[string]time.Time) e
 		}
 		defer stmt.Close()
 		for id, at := range used {
-			if _, err := stmt.ExecContext(ctx, millis(at), id); err != nil {
+			if _, err := stmt.ExecContext(ctx, store.Millis(at), id); err != nil {
 				return err
 			}
 		}
@@ -363,13 +374,13 @@ func (s *SQLite) TouchLastUsed(ctx context.Context, used map[string]time.Time) e
 }
 
 // SigningKeys returns every signing key, oldest first.
-func (s *SQLite) SigningKeys(ctx context.Context) ([]SigningKey, error) {
+func (s *Store) SigningKeys(ctx context.Context) ([]store.SigningKey, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT id, private, created FROM signing_keys ORDER BY created, id`)
 	if err != nil {
 		return nil, fmt.Errorf("reading signing keys: %w", err)
 	}
 	defer rows.Close()
-	var keys []SigningKey
+	var keys []store.SigningKey
 	for rows.Next() {
 		var (
 			id      string
@@ -379,7 +390,7 @@ func (s *SQLite) SigningKeys(ctx context.Context) ([]SigningKey, error) {
 		if err := rows.Scan(&id, &seed, &created); err != nil {
 			return nil, fmt.Errorf("reading signing keys: %w", err)
 		}
-		k, err := signingKeyFromSeed(id, seed, created)
+		k, err := store.SigningKeyFromSeed(id, seed, created)
 		if err != nil {
 			return nil, fmt.Errorf("reading signing keys: %w", err)
 		}
@@ -392,12 +403,12 @@ func (s *SQLite) SigningKeys(ctx context.Context) ([]SigningKey, error) {
 }
 
 // AddSigningKey stores k's seed; an ID already stored is an error.
-func (s *SQLite) AddSigningKey(ctx context.Context, k SigningKey) error {
-	if err := checkSigningKey(k); err != nil {
+func (s *Store) AddSigningKey(ctx context.Context, k store.SigningKey) error {
+	if err := store.CheckSigningKey(k); err != nil {
 		return err
 	}
 	_, err := s.db.ExecContext(ctx, `INSERT INTO signing_keys (id, private, created) VALUES (?, ?, ?)`,
-		k.ID, k.Private.Seed(), millis(k.Created))
+		k.ID, k.Private.Seed(), store.Millis(k.Created))
 	if err != nil {
 		return fmt.Errorf("adding signing key %s: %w", k.ID, err)
 	}
@@ -405,7 +416,7 @@ func (s *SQLite) AddSigningKey(ctx context.Context, k SigningKey) error {
 }
 
 // RemoveSigningKey deletes the signing key id; an unknown ID is no error.
-func (s *SQLite) RemoveSigningKey(ctx context.Context, id string) error {
+func (s *Store) RemoveSigningKey(ctx context.Context, id string) error {
 	if _, err := s.db.ExecContext(ctx, `DELETE FROM signing_keys WHERE id = ?`, id); err != nil {
 		return fmt.Errorf("removing signing key %s: %w", id, err)
 	}
@@ -413,12 +424,12 @@ func (s *SQLite) RemoveSigningKey(ctx context.Context, id string) error {
 }
 
 // Close closes the database.
-func (s *SQLite) Close() error {
+func (s *Store) Close() error {
 	return s.db.Close()
 }
 
 // write runs f in a short write transaction.
-func (s *SQLite) write(ctx context.Context, f func(*sql.Tx) error) error {
+func (s *Store) write(ctx context.Context, f func(*sql.Tx) error) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -432,7 +443,7 @@ func (s *SQLite) write(ctx context.Context, f func(*sql.Tx) error) error {
 
 // scan runs a query for records, passing each to f, and returns the
 // highest seq among them, or cursor when there are none.
-func (s *SQLite) scan(ctx context.Context, cursor uint64, f func(Record), query string, args ...any) (uint64, error) {
+func (s *Store) scan(ctx context.Context, cursor uint64, f func(store.Record), query string, args ...any) (uint64, error) {
 	rows, err := s.db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return cursor, err
@@ -465,55 +476,58 @@ func revokedAt(ctx context.Context, tx *sql.Tx, id string) (int64, error) {
 	var revoked int64
 	err := tx.QueryRowContext(ctx, `SELECT revoked FROM keys WHERE id = ?`, id).Scan(&revoked)
 	if errors.Is(err, sql.ErrNoRows) {
-		return 0, ErrNotFound
+		return 0, store.ErrNotFound
 	}
 	return revoked, err
 }
 
 // scanRecord reads one row of recordColumns.
-func scanRecord(row interface{ Scan(...any) error }) (Record, uint64, error) {
+func scanRecord(row interface{ Scan(...any) error }) (store.Record, uint64, error) {
 	var (
-		r                                 Record
+		r                                 store.Record
 		hash                              []byte
 		created, expires, revoked, usedAt int64
 		mint, settings                    string
 		seq                               int64
 	)
 	if err := row.Scan(&r.ID, &r.Name, &r.Tier, &hash, &created, &expires, &revoked, &usedAt, &mint, &settings, &seq); err != nil {
-		return Record{}, 0, err
+		return store.Record{}, 0, err
 	}
 	if len(hash) != len(r.Hash) {
-		return Record{}, 0, fmt.Errorf("key %s has a hash of %d bytes, not %d", r.ID, len(hash), len(r.Hash))
+		return store.Record{}, 0, fmt.Errorf("key %s has a hash of %d bytes, not %d", r.ID, len(hash), len(r.Hash))
 	}
 	copy(r.Hash[:], hash)
-	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(created), fromMillis(expires), fromMillis(revoked), fromMillis(usedAt)
-	r.Mint = splitMint(mint)
+	r.Created, r.Expires, r.Revoked, r.LastUsed = store.FromMillis(created), store.FromMillis(expires), store.FromMillis(revoked), store.FromMillis(usedAt)
+	r.Mint = store.SplitMint(mint)
 	var err error
-	if r.Settings, err = decodeSettings(settings); err != nil {
-		return Record{}, 0, fmt.Errorf("key %s: %w", r.ID, err)
+	if r.Settings, err = store.DecodeSettings(settings); err != nil {
+		return store.Record{}, 0, fmt.Errorf("key %s: %w", r.ID, err)
 	}
 	return r, uint64(seq), nil
 }
 
-// millis is t in unix milliseconds, 0 for the zero time.
-func millis(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixMilli()
-}
-
-// fromMillis is the inverse of millis, in UTC.
-func fromMillis(ms int64) time.Time {
-	if ms == 0 {
-		return time.Time{}
-	}
-	return time.UnixMilli(ms).UTC()
-}
-
 // Interface guards
-var (
-	_ Store           = (*SQLite)(nil)
-	_ bulkLoader      = (*SQLite)(nil)
-	_ SigningKeyStore = (*SQLite)(nil)
-)
+var _ store.Backend = (*Store)(nil)
+
+func init() {
+	store.Register("sqlite", &store.Driver{
+		Kind:   "sqlite",
+		Target: target,
+		Spec:   func(path string) string { return "sqlite:" + path },
+		Open:   func(path string) (store.Backend, error) { return Open(path) },
+	})
+}
+
+// target is the Driver's Target: the path of "sqlite:PATH", made
+// absolute.
+func target(spec string) (string, error) {
+	path := strings.TrimPrefix(spec, "sqlite:")
+	if path == "" {
+		return "", errors.New("the sqlite store needs a path: sqlite:/var/lib/caddy/vigthoria.db")
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", fmt.Errorf("sqlite store path %s: %w", path, err)
+	}
+	return abs, nil
+}

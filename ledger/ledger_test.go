@@ -1,18 +1,15 @@
-package keystore
+package ledger
 
 import (
 	"context"
-	"database/sql"
 	"errors"
-	"fmt"
 	"maps"
 	"math"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
-	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -21,13 +18,14 @@ import (
 // lostAnswers is a usage store that applies a write and then, as a
 // broken connection would, answers with an error, as many times as told.
 type lostAnswers struct {
-	failures int
-	applied  map[string]uint64 // the last sequence applied, by writer
-	batches  []UsageBatch      // every write it was asked for
-	rows     []UsageRow        // what it holds
+	store.Backend // nil: the ledger uses only the usage methods below
+	failures      int
+	applied       map[string]uint64  // the last sequence applied, by writer
+	batches       []store.UsageBatch // every write it was asked for
+	rows          []store.UsageRow   // what it holds
 }
 
-func (s *lostAnswers) AddUsage(_ context.Context, b UsageBatch) error {
+func (s *lostAnswers) AddUsage(_ context.Context, b store.UsageBatch) error {
 	s.batches = append(s.batches, b)
 	if b.Seq > s.applied[b.Writer] {
 		s.applied[b.Writer] = b.Seq
@@ -40,24 +38,24 @@ func (s *lostAnswers) AddUsage(_ context.Context, b UsageBatch) error {
 	return nil
 }
 
-func (s *lostAnswers) UsageSince(context.Context, string, string) ([]UsageRow, error) {
+func (s *lostAnswers) UsageSince(context.Context, string, string) ([]store.UsageRow, error) {
 	return slices.Clone(s.rows), nil // as a real store, rows of the caller's own
 }
 
 func TestLedgerWritesAFailedBatchAgainAsItWas(t *testing.T) {
 	ctx := t.Context()
 	st := &lostAnswers{failures: 2, applied: make(map[string]uint64)}
-	l := newLedger(zap.NewNop())
-	l.attach(st)
+	l := New(zap.NewNop())
+	l.Attach(st)
 	now := time.Now()
 
 	l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 5})
-	if err := l.flush(ctx); err == nil {
+	if err := l.Flush(ctx); err == nil {
 		t.Fatal("the first flush did not fail")
 	}
 	// Usage added meanwhile waits for a batch of its own.
 	l.Add("key_a", "m", now, Tokens{Prompt: 1, Completion: 1})
-	if err := l.flush(ctx); err == nil {
+	if err := l.Flush(ctx); err == nil {
 		t.Fatal("the second flush did not fail")
 	}
 	// The store holds the first batch once; the ledger counts it again
@@ -65,10 +63,10 @@ func TestLedgerWritesAFailedBatchAgainAsItWas(t *testing.T) {
 	if used, _ := l.QuotaUsed(ctx, "key_a", now.Add(-time.Hour)); used < 17 {
 		t.Errorf("quota used %d while a batch is unsure, want at least 17", used)
 	}
-	if err := l.flush(ctx); err != nil {
+	if err := l.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := l.flush(ctx); err != nil {
+	if err := l.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
 	var requests, tokens int64
@@ -99,7 +97,7 @@ func TestLedgerWritesAFailedBatchAgainAsItWas(t *testing.T) {
 // its own UTC day, across midnight both ways, with the day's name kept
 // between uses.
 func TestLedgerDaysAroundMidnight(t *testing.T) {
-	l := newLedger(zap.NewNop())
+	l := New(zap.NewNop())
 	midnight := time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC)
 	for _, at := range []time.Time{
 		midnight.Add(-time.Nanosecond), midnight, midnight.Add(time.Hour),
@@ -111,7 +109,7 @@ func TestLedgerDaysAroundMidnight(t *testing.T) {
 	want := map[string]int64{"2026-11-25": 2, "2026-11-26": 4, "2026-11-27": 1}
 	got := map[string]int64{}
 	for k, row := range l.pending {
-		got[k.day] += row.Requests
+		got[k.at] += row.Requests
 	}
 	if !maps.Equal(got, want) {
 		t.Fatalf("requests by day: %v, want %v", got, want)
@@ -124,19 +122,19 @@ func TestLedgerDaysAroundMidnight(t *testing.T) {
 // hash would be in Redis.
 var usageBackends = []struct {
 	name string
-	open func(t *testing.T) (st UsageStore, spec string, breakClient func(client, day string))
+	open func(t *testing.T) (st store.Backend, spec string, breakClient func(client, day string))
 }{
-	{"sqlite", func(t *testing.T) (UsageStore, string, func(string, string)) {
+	{"sqlite", func(t *testing.T) (store.Backend, string, func(string, string)) {
 		st, path := openTemp(t)
 		return st, "sqlite:" + path, func(client, _ string) {
-			_, err := st.db.Exec(`CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.client = '` + client + `'
+			_, err := st.DB().Exec(`CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.client = '` + client + `'
 				BEGIN SELECT RAISE(ABORT, 'refused by the test'); END`)
 			if err != nil {
 				t.Fatal(err)
 			}
 		}
 	}},
-	{"redis", func(t *testing.T) (UsageStore, string, func(string, string)) {
+	{"redis", func(t *testing.T) (store.Backend, string, func(string, string)) {
 		st, srv := openRedisTemp(t)
 		return st, srv.URL, func(client, day string) {
 			if err := rawRedis(t, srv.URL).Set(t.Context(), usageKey(client, day), "not a hash", 0).Err(); err != nil {
@@ -147,11 +145,11 @@ var usageBackends = []struct {
 }
 
 // ledgerOn is a new ledger writing to a new store that open makes.
-func ledgerOn(t *testing.T, open func(*testing.T) (UsageStore, string, func(string, string))) (context.Context, UsageStore, *Ledger) {
+func ledgerOn(t *testing.T, open func(*testing.T) (store.Backend, string, func(string, string))) (context.Context, store.Backend, *Ledger) {
 	t.Helper()
 	st, _, _ := open(t)
-	l := newLedger(zap.NewNop())
-	l.attach(st)
+	l := New(zap.NewNop())
+	l.Attach(st)
 	return t.Context(), st, l
 }
 
@@ -176,15 +174,15 @@ func TestLedgerSumsSaturate(t *testing.T) {
 			// Two batches of saturated rows, then one that the pending
 			// rows add to when read.
 			for range 2 {
-				if err := l.flush(ctx); err != nil {
+				if err := l.Flush(ctx); err != nil {
 					t.Fatalf("writing a saturated batch: %v", err)
 				}
 				l.Add("key_a", "m", now, absurd)
 				l.Add("key_a", "m", now, absurd)
 			}
-			want := UsageRow{Client: "key_a", Day: Day(now), Model: "m", Requests: 4,
+			want := store.UsageRow{Client: "key_a", Day: store.Day(now), Model: "m", Requests: 4,
 				PromptTokens: math.MaxInt64, CompletionTokens: 20, CachedTokens: math.MaxInt64, ReasoningTokens: 4, Cost: math.MaxInt64}
-			if rows, err := st.UsageSince(ctx, "key_a", Day(now)); err != nil || len(rows) != 1 || rows[0] != want {
+			if rows, err := st.UsageSince(ctx, "key_a", store.Day(now)); err != nil || len(rows) != 1 || rows[0] != want {
 				t.Errorf("stored %+v (%v), want %+v", rows, err, want)
 			}
 			want.Requests, want.CompletionTokens, want.ReasoningTokens = 6, 30, 6
@@ -208,91 +206,37 @@ func TestLedgerSetsAsideRowsTheStoreRefuses(t *testing.T) {
 	for _, b := range usageBackends {
 		t.Run(b.name, func(t *testing.T) {
 			ctx := t.Context()
-			st, spec, breakClient := b.open(t)
+			st, _, breakClient := b.open(t)
 			core, logs := observer.New(zapcore.ErrorLevel)
-			svc, err := NewService(spec, zap.New(core))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := svc.Start(); err != nil {
-				t.Fatal(err)
-			}
-			l := svc.Ledger()
+			l := New(zap.New(core))
+			l.Attach(st)
 			now := time.Now()
-			breakClient("key_broken", Day(now))
+			breakClient("key_broken", store.Day(now))
 			l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 1})
 			l.Add("key_broken", "m", now, Tokens{Prompt: 12345, Completion: 678})
-			if err := l.flush(ctx); err != nil {
+			if err := l.Flush(ctx); err != nil {
 				t.Errorf("flush with an unwritable row: %v", err)
 			}
 			l.Add("key_a", "m", now, Tokens{Prompt: 20, Completion: 2})
-			if err := l.flush(ctx); err != nil {
+			if err := l.Flush(ctx); err != nil {
 				t.Errorf("flush after an unwritable row: %v", err)
 			}
 			l.Add("key_a", "m", now, Tokens{Prompt: 30, Completion: 3})
-			if err := svc.Stop(); err != nil {
-				t.Errorf("Stop: %v", err)
+			if err := l.Flush(ctx); err != nil { // as the service's Stop does
+				t.Errorf("last flush: %v", err)
 			}
 
-			want := UsageRow{Client: "key_a", Day: Day(now), Model: "m", Requests: 3, PromptTokens: 60, CompletionTokens: 6}
-			if rows, err := st.UsageSince(ctx, "key_a", Day(now)); err != nil || len(rows) != 1 || rows[0] != want {
+			want := store.UsageRow{Client: "key_a", Day: store.Day(now), Model: "m", Requests: 3, PromptTokens: 60, CompletionTokens: 6}
+			if rows, err := st.UsageSince(ctx, "key_a", store.Day(now)); err != nil || len(rows) != 1 || rows[0] != want {
 				t.Errorf("stored %+v (%v), want %+v", rows, err, want)
 			}
 			set := logs.FilterMessageSnippet("set aside").All()
 			if len(set) != 1 {
 				t.Fatalf("%d logs of rows set aside, want 1: %v", len(set), logs.All())
 			}
-			rows, _ := set[0].ContextMap()["rows"].([]UsageRow)
-			if len(rows) != 1 || rows[0].Client != "key_broken" || rows[0].Day != Day(now) || rows[0].PromptTokens != 12345 || rows[0].CompletionTokens != 678 {
+			rows, _ := set[0].ContextMap()["rows"].([]store.UsageRow)
+			if len(rows) != 1 || rows[0].Client != "key_broken" || rows[0].Day != store.Day(now) || rows[0].PromptTokens != 12345 || rows[0].CompletionTokens != 678 {
 				t.Errorf("rows set aside %+v, want key_broken's with its figures", set[0].ContextMap())
-			}
-		})
-	}
-}
-
-// TestSQLiteLedgerUpgradesInPlace: a store of the schema before the
-// cached and reasoning tokens, or of the one before the cost, opens with
-// its usage kept, counting none of them, and keeps them from then on.
-func TestSQLiteLedgerUpgradesInPlace(t *testing.T) {
-	// 2: before migration 3, the details; 5: before migration 6, the cost.
-	for _, version := range []int{2, 5} {
-		t.Run(fmt.Sprintf("version %d", version), func(t *testing.T) {
-			ctx := t.Context()
-			path := filepath.Join(t.TempDir(), "keys.db")
-			db, err := sql.Open("sqlite", "file:"+path+"?_pragma=journal_mode(WAL)")
-			if err != nil {
-				t.Fatal(err)
-			}
-			stmts := append(slices.Clone(migrations[:version]), fmt.Sprintf("PRAGMA user_version = %d", version),
-				`INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens) VALUES ('key_a', '2030-03-01', 'm', 2, 100, 50)`)
-			for _, stmt := range stmts {
-				if _, err := db.Exec(stmt); err != nil {
-					t.Fatal(err)
-				}
-			}
-			db.Close()
-
-			st, err := OpenSQLite(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer st.Close()
-			var got int
-			if err := st.db.QueryRow("PRAGMA user_version").Scan(&got); err != nil || got != len(migrations) {
-				t.Errorf("schema version %d (%v), want %d", got, err, len(migrations))
-			}
-			row := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 2, PromptTokens: 100, CompletionTokens: 50}
-			if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
-				t.Errorf("usage after the upgrade %+v (%v), want %+v", rows, err, row)
-			}
-			more := UsageRow{Client: "key_a", Day: "2030-03-01", Model: "m", Requests: 1, PromptTokens: 30, CompletionTokens: 20,
-				CachedTokens: 16, ReasoningTokens: 8, Cost: 1_234_567}
-			if err := st.AddUsage(ctx, UsageBatch{Rows: []UsageRow{more}}); err != nil {
-				t.Fatal(err)
-			}
-			row.Add(more)
-			if rows, err := st.UsageSince(ctx, "key_a", "2030-03-01"); err != nil || len(rows) != 1 || rows[0] != row {
-				t.Errorf("usage after adding to it %+v (%v), want %+v", rows, err, row)
 			}
 		})
 	}
@@ -312,14 +256,14 @@ func TestLedgerKeepsCost(t *testing.T) {
 			l.Add("key_a", "fast", now, Tokens{Prompt: 10, Completion: 20, Cost: 11})
 			l.Add("key_a", "free", now, Tokens{Prompt: 10, Completion: 20})
 			l.Add("key_b", "fast", now, Tokens{Prompt: 10, Completion: 20, Cost: 500})
-			if err := l.flush(ctx); err != nil {
+			if err := l.Flush(ctx); err != nil {
 				t.Fatal(err)
 			}
 			l.Add("key_a", "fast", now, Tokens{Prompt: 1, Completion: 1, Cost: 7}) // pending
-			rows, err := st.UsageSince(ctx, "key_a", Day(now))
-			want := []UsageRow{
-				{Client: "key_a", Day: Day(now), Model: "fast", Requests: 2, PromptTokens: 20, CompletionTokens: 40, Cost: 20},
-				{Client: "key_a", Day: Day(now), Model: "free", Requests: 1, PromptTokens: 10, CompletionTokens: 20},
+			rows, err := st.UsageSince(ctx, "key_a", store.Day(now))
+			want := []store.UsageRow{
+				{Client: "key_a", Day: store.Day(now), Model: "fast", Requests: 2, PromptTokens: 20, CompletionTokens: 40, Cost: 20},
+				{Client: "key_a", Day: store.Day(now), Model: "free", Requests: 1, PromptTokens: 10, CompletionTokens: 20},
 			}
 			if err != nil || !slices.Equal(rows, want) {
 				t.Errorf("stored %+v (%v), want %+v", rows, err, want)
@@ -329,60 +273,10 @@ func TestLedgerKeepsCost(t *testing.T) {
 				want  int64
 			}{{now, 27}, {yesterday, 1_000_027}} {
 				if spent, err := l.CostUsed(ctx, "key_a", c.since); err != nil || spent != c.want {
-					t.Errorf("CostUsed since %s = %d (%v), want %d", Day(c.since), spent, err, c.want)
+					t.Errorf("CostUsed since %s = %d (%v), want %d", store.Day(c.since), spent, err, c.want)
 				}
 			}
 		})
-	}
-}
-
-// TestRedisLedgerChecksBeforeItWrites: a writer's key of another type is
-// replaced, a row whose field holds what HINCRBY cannot add to is refused
-// alone, and a sum past int64 stops at its largest.
-func TestRedisLedgerChecksBeforeItWrites(t *testing.T) {
-	ctx := t.Context()
-	st, srv := openRedisTemp(t)
-	raw := rawRedis(t, srv.URL)
-	day := "2030-03-01"
-	k := usageKey("key_a", day)
-	if err := raw.HSet(ctx, redisWriterPrefix+"w", "not", "a sequence").Err(); err != nil {
-		t.Fatal(err)
-	}
-	if err := raw.HSet(ctx, k, "broken\x00prompt", "1.5", "full\x00prompt", math.MaxInt64-1).Err(); err != nil {
-		t.Fatal(err)
-	}
-	rows := []UsageRow{
-		{Client: "key_a", Day: day, Model: "broken", Requests: 1, PromptTokens: 5},
-		{Client: "key_a", Day: day, Model: "full", Requests: 1, PromptTokens: 5},
-		{Client: "key_a", Day: day, Model: "fine", Requests: 1, PromptTokens: 5, CachedTokens: 2},
-	}
-	err := st.AddUsage(ctx, UsageBatch{Writer: "w", Seq: 1, Rows: rows})
-	var refused *RefusedError
-	if !errors.As(err, &refused) || len(refused.Rows) != 1 || refused.Rows[0] != rows[0] {
-		t.Fatalf("AddUsage = %v, want the broken row refused", err)
-	}
-	raw.HDel(ctx, k, "broken\x00prompt") // which no read takes either
-	want := []UsageRow{
-		{Client: "key_a", Day: day, Model: "fine", Requests: 1, PromptTokens: 5, CachedTokens: 2},
-		{Client: "key_a", Day: day, Model: "full", Requests: 1, PromptTokens: math.MaxInt64},
-	}
-	if got, err := st.usageSince(ctx, "key_a", day, time.Date(2030, 3, 1, 12, 0, 0, 0, time.UTC)); err != nil || !slices.Equal(got, want) {
-		t.Errorf("stored %+v (%v), want %+v", got, err, want)
-	}
-	if seq := raw.Get(ctx, redisWriterPrefix+"w").Val(); seq != "1" {
-		t.Errorf("the writer's sequence is %q, want 1", seq)
-	}
-}
-
-func TestFormatCost(t *testing.T) {
-	for micros, want := range map[int64]string{
-		0: "0.000000", 1: "0.000001", 100_000: "0.100000", 1_234_567: "1.234567",
-		50 * policy.Micros: "50.000000", -1: "-0.000001",
-		math.MaxInt64: "9223372036854.775807", math.MinInt64: "-9223372036854.775808",
-	} {
-		if got := policy.FormatCost(micros); got != want {
-			t.Errorf("FormatCost(%d) = %q, want %q", micros, got, want)
-		}
 	}
 }
 
@@ -397,45 +291,45 @@ func TestLedgerRecordsRunningUses(t *testing.T) {
 			now := time.Now()
 			var used Tokens
 			r := l.Begin("mint:key_m:u", "key_m", "fast", func() Tokens { return used })
-			sum := func(client string) UsageRow {
+			sum := func(client string) store.UsageRow {
 				t.Helper()
-				if err := l.flush(ctx); err != nil {
+				if err := l.Flush(ctx); err != nil {
 					t.Fatal(err)
 				}
-				rows, err := st.UsageSince(ctx, client, Day(now))
+				rows, err := st.UsageSince(ctx, client, store.Day(now))
 				if err != nil {
 					t.Fatal(err)
 				}
-				var s UsageRow
+				var s store.UsageRow
 				for _, row := range rows {
 					s.Add(row)
 				}
 				s.Client, s.Day, s.Model = "", "", ""
 				return s
 			}
-			if got := sum("key_m"); got != (UsageRow{}) {
+			if got := sum("key_m"); got != (store.UsageRow{}) {
 				t.Errorf("before any use: %+v, want nothing", got)
 			}
 			used = Tokens{Prompt: 40, Completion: 10, Cost: 5}
-			if got, want := sum("key_m"), (UsageRow{Requests: 1, PromptTokens: 40, CompletionTokens: 10, Cost: 5}); got != want {
+			if got, want := sum("key_m"), (store.UsageRow{Requests: 1, PromptTokens: 40, CompletionTokens: 10, Cost: 5}); got != want {
 				t.Errorf("after a flush: %+v, want %+v", got, want)
 			}
 			used.Completion = 30
-			if got, want := sum("mint:key_m:u"), (UsageRow{Requests: 1, PromptTokens: 40, CompletionTokens: 30, Cost: 5}); got != want {
+			if got, want := sum("mint:key_m:u"), (store.UsageRow{Requests: 1, PromptTokens: 40, CompletionTokens: 30, Cost: 5}); got != want {
 				t.Errorf("after another: %+v, want %+v", got, want)
 			}
 			// The upstream reports a smaller prompt than estimated.
 			l.Finish(r, "fast", now, Tokens{Prompt: 25, Completion: 31, Cost: 4}, true)
 			used = Tokens{Prompt: 1000} // no longer read
 			for _, client := range []string{"mint:key_m:u", "key_m"} {
-				if got, want := sum(client), (UsageRow{Requests: 1, PromptTokens: 25, CompletionTokens: 31, Cost: 4}); got != want {
+				if got, want := sum(client), (store.UsageRow{Requests: 1, PromptTokens: 25, CompletionTokens: 31, Cost: 4}); got != want {
 					t.Errorf("%s after Finish: %+v, want its charge %+v", client, got, want)
 				}
 			}
 			// A use that never ran counts its request as Add does, or not.
 			l.Finish(l.Begin("key_x", "", "fast", func() Tokens { return Tokens{} }), "(not answered)", now, Tokens{}, true)
 			l.Finish(l.Begin("key_x", "", "fast", func() Tokens { return Tokens{} }), "fast", now, Tokens{}, false)
-			if got, want := sum("key_x"), (UsageRow{Requests: 1}); got != want {
+			if got, want := sum("key_x"), (store.UsageRow{Requests: 1}); got != want {
 				t.Errorf("uses that never ran: %+v, want %+v", got, want)
 			}
 		})

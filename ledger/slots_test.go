@@ -1,4 +1,4 @@
-package keystore
+package ledger
 
 import (
 	"context"
@@ -6,6 +6,11 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // TestSlots checks that both stores keep the ledger's 5-minute rows,
@@ -15,9 +20,9 @@ import (
 func TestSlots(t *testing.T) {
 	for name, open := range hourStores {
 		t.Run(name, func(t *testing.T) {
-			l := newLedger(nil)
+			l := New(nil)
 			st := open(t)
-			l.attach(st)
+			l.Attach(st)
 			ctx := context.Background()
 			// Two slots of one hour, and a slot 30 minutes later.
 			hour := time.Now().UTC().Truncate(time.Hour).Add(-2 * time.Hour)
@@ -34,17 +39,17 @@ func TestSlots(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if err := l.flush(ctx); err != nil {
+			if err := l.Flush(ctx); err != nil {
 				t.Fatal(err)
 			}
 			l.Add("key:b", "m2", c, Tokens{Completion: 1}) // pending, read too
 			if err := l.Refuse("key:b", "quota_exceeded", c); err != nil {
 				t.Fatal(err)
 			}
-			want := []UsageRow{
-				{Client: "key_a", Day: Slot(a), Model: "m:1", Requests: 2, PromptTokens: 11, CompletionTokens: 5, Cost: 7},
-				{Client: "key_a", Day: Slot(b), Model: "m:1", Requests: 1, PromptTokens: 2},
-				{Client: "key:b", Day: Slot(c), Model: "m2", Requests: 2, CompletionTokens: 4},
+			want := []store.UsageRow{
+				{Client: "key_a", Day: store.Slot(a), Model: "m:1", Requests: 2, PromptTokens: 11, CompletionTokens: 5, Cost: 7},
+				{Client: "key_a", Day: store.Slot(b), Model: "m:1", Requests: 1, PromptTokens: 2},
+				{Client: "key:b", Day: store.Slot(c), Model: "m2", Requests: 2, CompletionTokens: 4},
 			}
 			got, err := l.Slots(ctx, "", hour)
 			if err != nil || !slices.Equal(got, want) {
@@ -53,10 +58,10 @@ func TestSlots(t *testing.T) {
 			if got, err := l.Slots(ctx, "key_a", b); err != nil || !slices.Equal(got, want[1:2]) {
 				t.Fatalf("key_a since its second slot: got %+v, %v, want %+v", got, err, want[1:2])
 			}
-			wantRefused := []RefusalRow{
-				{Client: "key_a", Hour: Slot(a), Reason: "rate_limit_exceeded", Count: 1},
-				{Client: "key_a", Hour: Slot(b), Reason: "rate_limit_exceeded", Count: 1},
-				{Client: "key:b", Hour: Slot(c), Reason: "quota_exceeded", Count: 2},
+			wantRefused := []store.RefusalRow{
+				{Client: "key_a", Hour: store.Slot(a), Reason: "rate_limit_exceeded", Count: 1},
+				{Client: "key_a", Hour: store.Slot(b), Reason: "rate_limit_exceeded", Count: 1},
+				{Client: "key:b", Hour: store.Slot(c), Reason: "quota_exceeded", Count: 2},
 			}
 			if got, err := l.RefusalSlots(ctx, "", hour); err != nil || !slices.Equal(got, wantRefused) {
 				t.Fatalf("refusals: got %+v, %v\nwant %+v", got, err, wantRefused)
@@ -64,7 +69,7 @@ func TestSlots(t *testing.T) {
 			if got, err := l.RefusalSlots(ctx, "key:b", hour); err != nil || !slices.Equal(got, wantRefused[2:]) {
 				t.Fatalf("key:b's refusals: got %+v, %v, want %+v", got, err, wantRefused[2:])
 			}
-			if err := l.flush(ctx); err != nil {
+			if err := l.Flush(ctx); err != nil {
 				t.Fatal(err)
 			}
 			// Stored now, the same; and the hours are the slots summed.
@@ -72,17 +77,17 @@ func TestSlots(t *testing.T) {
 				t.Fatalf("stored: got %+v, %v\nwant %+v", got, err, want)
 			}
 			hours, err := l.Hours(ctx, "", hour)
-			wantHours := []UsageRow{ // ':' sorts before '_'
-				{Client: "key:b", Day: Hour(hour), Model: "m2", Requests: 2, CompletionTokens: 4},
-				{Client: "key_a", Day: Hour(hour), Model: "m:1", Requests: 3, PromptTokens: 13, CompletionTokens: 5, Cost: 7},
+			wantHours := []store.UsageRow{ // ':' sorts before '_'
+				{Client: "key:b", Day: store.Hour(hour), Model: "m2", Requests: 2, CompletionTokens: 4},
+				{Client: "key_a", Day: store.Hour(hour), Model: "m:1", Requests: 3, PromptTokens: 13, CompletionTokens: 5, Cost: 7},
 			}
 			if err != nil || !slices.Equal(hours, wantHours) {
 				t.Fatalf("hours: got %+v, %v\nwant %+v", hours, err, wantHours)
 			}
 			refusedHours, err := l.RefusalHours(ctx, "", hour)
-			wantRefusedHours := []RefusalRow{
-				{Client: "key:b", Hour: Hour(hour), Reason: "quota_exceeded", Count: 2},
-				{Client: "key_a", Hour: Hour(hour), Reason: "rate_limit_exceeded", Count: 2},
+			wantRefusedHours := []store.RefusalRow{
+				{Client: "key:b", Hour: store.Hour(hour), Reason: "quota_exceeded", Count: 2},
+				{Client: "key_a", Hour: store.Hour(hour), Reason: "rate_limit_exceeded", Count: 2},
 			}
 			if err != nil || !slices.Equal(refusedHours, wantRefusedHours) {
 				t.Fatalf("refusals by hour: got %+v, %v\nwant %+v", refusedHours, err, wantRefusedHours)
@@ -97,45 +102,45 @@ func TestSlots(t *testing.T) {
 func TestSlotRetention(t *testing.T) {
 	ctx := t.Context()
 	t.Run("sqlite", func(t *testing.T) {
-		st, err := OpenSQLite(t.TempDir() + "/k.db")
+		st, err := sqlite.Open(t.TempDir() + "/k.db")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer st.Close()
 		now := time.Now()
-		old, recent := Slot(now.Add(-SlotRetention-SlotStep)), Slot(now.Add(-SlotRetention+2*SlotStep))
-		b := UsageBatch{Writer: "w", Seq: 1,
-			Slots:        []UsageRow{{Client: "k", Day: old, Model: "m", Requests: 1}, {Client: "k", Day: recent, Model: "m", Requests: 1}},
-			SlotRefusals: []RefusalRow{{Client: "k", Hour: old, Reason: "x", Count: 1}, {Client: "k", Hour: recent, Reason: "x", Count: 1}}}
+		old, recent := store.Slot(now.Add(-store.SlotRetention-store.SlotStep)), store.Slot(now.Add(-store.SlotRetention+2*store.SlotStep))
+		b := store.UsageBatch{Writer: "w", Seq: 1,
+			Slots:        []store.UsageRow{{Client: "k", Day: old, Model: "m", Requests: 1}, {Client: "k", Day: recent, Model: "m", Requests: 1}},
+			SlotRefusals: []store.RefusalRow{{Client: "k", Hour: old, Reason: "x", Count: 1}, {Client: "k", Hour: recent, Reason: "x", Count: 1}}}
 		if err := st.AddUsage(ctx, b); err != nil {
 			t.Fatal(err)
 		}
 		// The next write drops what is past retention.
-		if err := st.AddUsage(ctx, UsageBatch{Writer: "w", Seq: 2, Slots: []UsageRow{{Client: "k", Day: Slot(now), Model: "m", Requests: 1}}}); err != nil {
+		if err := st.AddUsage(ctx, store.UsageBatch{Writer: "w", Seq: 2, Slots: []store.UsageRow{{Client: "k", Day: store.Slot(now), Model: "m", Requests: 1}}}); err != nil {
 			t.Fatal(err)
 		}
-		rows, err := st.UsageSlots(ctx, "", Slot(now.Add(-48*time.Hour)))
+		rows, err := st.UsageSlots(ctx, "", store.Slot(now.Add(-48*time.Hour)))
 		if err != nil || len(rows) != 2 || rows[0].Day == old || rows[1].Day == old {
 			t.Fatalf("usage: got %+v, %v, want the recent and the new slot", rows, err)
 		}
-		refusals, err := st.RefusalSlots(ctx, "", Slot(now.Add(-48*time.Hour)))
+		refusals, err := st.RefusalSlots(ctx, "", store.Slot(now.Add(-48*time.Hour)))
 		if err != nil || len(refusals) != 1 || refusals[0].Hour != recent {
 			t.Fatalf("refusals: got %+v, %v, want the recent one", refusals, err)
 		}
 	})
 	t.Run("redis", func(t *testing.T) {
 		st, srv := openRedisTemp(t)
-		slot := Slot(time.Now())
-		b := UsageBatch{Writer: "w", Seq: 1, Slots: []UsageRow{{Client: "k", Day: slot, Model: "m", Requests: 1}},
-			SlotRefusals: []RefusalRow{{Client: "k", Hour: slot, Reason: "x", Count: 1}}}
+		slot := store.Slot(time.Now())
+		b := store.UsageBatch{Writer: "w", Seq: 1, Slots: []store.UsageRow{{Client: "k", Day: slot, Model: "m", Requests: 1}},
+			SlotRefusals: []store.RefusalRow{{Client: "k", Hour: slot, Reason: "x", Count: 1}}}
 		// A batch retried after its answer was lost counts once.
 		for range 2 {
 			if err := st.AddUsage(ctx, b); err != nil {
 				t.Fatal(err)
 			}
 		}
-		if ttl := rawRedis(t, srv.URL).TTL(ctx, redisSlotPrefix+slot).Val(); ttl < SlotRetention-time.Minute || ttl > SlotRetention {
-			t.Errorf("TTL of the slot = %v, want %v", ttl, SlotRetention)
+		if ttl := rawRedis(t, srv.URL).TTL(ctx, redisSlotPrefix+slot).Val(); ttl < store.SlotRetention-time.Minute || ttl > store.SlotRetention {
+			t.Errorf("TTL of the slot = %v, want %v", ttl, store.SlotRetention)
 		}
 		rows, err := st.UsageSlots(ctx, "k", slot)
 		if err != nil || len(rows) != 1 || rows[0].Requests != 1 {
@@ -155,41 +160,28 @@ func TestSlotRowsRefused(t *testing.T) {
 	for name, open := range hourStores {
 		t.Run(name, func(t *testing.T) {
 			st := open(t)
-			slot := Slot(time.Now())
-			bad := UsageRow{Client: "k", Day: "not a slot", Model: "m", Requests: 1}
+			slot := store.Slot(time.Now())
+			bad := store.UsageRow{Client: "k", Day: "not a slot", Model: "m", Requests: 1}
 			if name == "redis" {
 				// Redis keeps any slot name; a field that is no integer
 				// it cannot add to.
-				srv := st.(*Redis)
-				if err := srv.client.HSet(ctx, redisSlotPrefix+slot, hourField("k")+"m\x00requests", "x").Err(); err != nil {
+				srv := st.(*redisstore.Store)
+				if err := srv.Client().HSet(ctx, redisSlotPrefix+slot, hourField("k")+"m\x00requests", "x").Err(); err != nil {
 					t.Fatal(err)
 				}
 				bad.Day = slot
 			}
-			good := UsageRow{Client: "g", Day: slot, Model: "m", Requests: 1}
-			err := st.AddUsage(ctx, UsageBatch{Writer: "w", Seq: 1, Slots: []UsageRow{bad, good}})
-			var refused *RefusedError
-			if !errors.As(err, &refused) || !slices.Equal(refused.Rows, []UsageRow{bad}) {
+			good := store.UsageRow{Client: "g", Day: slot, Model: "m", Requests: 1}
+			err := st.AddUsage(ctx, store.UsageBatch{Writer: "w", Seq: 1, Slots: []store.UsageRow{bad, good}})
+			var refused *store.RefusedError
+			if !errors.As(err, &refused) || !slices.Equal(refused.Rows, []store.UsageRow{bad}) {
 				t.Fatalf("got %v, want the bad slot row refused", err)
 			}
-			rows, err := st.(SlotStore).UsageSlots(ctx, "g", slot)
-			if err != nil || !slices.Equal(rows, []UsageRow{good}) {
+			rows, err := st.(store.Backend).UsageSlots(ctx, "g", slot)
+			if err != nil || !slices.Equal(rows, []store.UsageRow{good}) {
 				t.Fatalf("the good row: got %+v, %v", rows, err)
 			}
 		})
-	}
-}
-
-func TestParseSlot(t *testing.T) {
-	now := time.Date(2026, 3, 4, 5, 59, 59, 0, time.UTC)
-	if s := Slot(now); s != "2026-03-04T05:55" {
-		t.Fatalf("Slot = %q", s)
-	}
-	if got, err := ParseSlot("2026-03-04T05:55"); err != nil || !got.Equal(now.Truncate(SlotStep)) {
-		t.Fatalf("ParseSlot = %v, %v", got, err)
-	}
-	if _, err := ParseSlot("2026-03-04T05:56"); !errors.Is(err, ErrInvalid) {
-		t.Errorf("a slot off the 5 minutes: %v, want ErrInvalid", err)
 	}
 }
 
@@ -198,39 +190,46 @@ func TestParseSlot(t *testing.T) {
 func BenchmarkLedgerFlushBuild(b *testing.B) {
 	now := time.Now()
 	for b.Loop() {
-		l := newLedger(nil)
+		l := New(nil)
 		for i := range 1000 {
 			l.Add("key_"+string(rune('a'+i%26))+string(rune('a'+i/26%26)), "m", now, Tokens{Prompt: 10})
 		}
-		slots := make([]UsageRow, 0, len(l.slots))
+		slots := make([]store.UsageRow, 0, len(l.slots))
 		for _, r := range l.slots {
 			slots = append(slots, *r)
 		}
-		_ = hoursOfSlots(slots)
+		_ = usageRows.hours(slots)
 	}
 }
 
 // downStore is a store whose writes fail while fail is set, and
 // which keeps the batches it took; it reads back no rows.
 type downStore struct {
-	fail    bool
-	batches []UsageBatch
+	store.Backend // nil: the ledger uses only the usage methods below
+	fail          bool
+	batches       []store.UsageBatch
 }
 
-func (s *downStore) AddUsage(_ context.Context, b UsageBatch) error {
+func (s *downStore) AddUsage(_ context.Context, b store.UsageBatch) error {
 	if s.fail {
 		return errors.New("the store is down")
 	}
 	s.batches = append(s.batches, b)
 	return nil
 }
-func (*downStore) UsageSince(context.Context, string, string) ([]UsageRow, error) { return nil, nil }
-func (*downStore) UsageHours(context.Context, string, string) ([]UsageRow, error) { return nil, nil }
-func (*downStore) UsageSlots(context.Context, string, string) ([]UsageRow, error) { return nil, nil }
-func (*downStore) RefusalHours(context.Context, string, string) ([]RefusalRow, error) {
+func (*downStore) UsageSince(context.Context, string, string) ([]store.UsageRow, error) {
 	return nil, nil
 }
-func (*downStore) RefusalSlots(context.Context, string, string) ([]RefusalRow, error) {
+func (*downStore) UsageHours(context.Context, string, string) ([]store.UsageRow, error) {
+	return nil, nil
+}
+func (*downStore) UsageSlots(context.Context, string, string) ([]store.UsageRow, error) {
+	return nil, nil
+}
+func (*downStore) RefusalHours(context.Context, string, string) ([]store.RefusalRow, error) {
+	return nil, nil
+}
+func (*downStore) RefusalSlots(context.Context, string, string) ([]store.RefusalRow, error) {
 	return nil, nil
 }
 
@@ -242,18 +241,18 @@ func (*downStore) RefusalSlots(context.Context, string, string) ([]RefusalRow, e
 func TestLedgerFoldsSlotsWhileTheStoreFails(t *testing.T) {
 	ctx := t.Context()
 	st := &downStore{fail: true}
-	l := newLedger(nil)
-	l.attach(st)
+	l := New(nil)
+	l.Attach(st)
 	now := time.Now()
 	l.Add("key_a", "m", now, Tokens{Prompt: 1})
-	if err := l.flush(ctx); err == nil {
+	if err := l.Flush(ctx); err == nil {
 		t.Fatal("the first flush to a failing store succeeded")
 	}
 	// An hour of traffic, two hours ago, while the store is down; and
 	// a use now.
 	hour := now.UTC().Truncate(time.Hour).Add(-2 * time.Hour)
 	for i := range 12 {
-		at := hour.Add(time.Duration(i) * SlotStep)
+		at := hour.Add(time.Duration(i) * store.SlotStep)
 		l.Add("key_a", "m", at, Tokens{Prompt: 10})
 		if err := l.Refuse("key_a", "rate_limit_exceeded", at); err != nil {
 			t.Fatal(err)
@@ -263,17 +262,17 @@ func TestLedgerFoldsSlotsWhileTheStoreFails(t *testing.T) {
 	if len(l.slots) != 13 || len(l.refusals) != 12 {
 		t.Fatalf("%d pending usage and %d refusal rows before a flush, want 13 and 12", len(l.slots), len(l.refusals))
 	}
-	if err := l.flush(ctx); err == nil {
+	if err := l.Flush(ctx); err == nil {
 		t.Fatal("a flush to a failing store succeeded")
 	}
 	if len(l.slots) != 2 || len(l.refusals) != 1 {
 		t.Fatalf("%d pending usage and %d refusal rows, want 2 and 1: the hour's folded, and now's slot", len(l.slots), len(l.refusals))
 	}
 	hours, err := l.Hours(ctx, "key_a", hour)
-	if err != nil || len(hours) != 2 || hours[0].Day != Hour(hour) || hours[0].Requests != 12 || hours[0].PromptTokens != 120 {
-		t.Fatalf("the hours: got %+v, %v, want 12 requests of 120 tokens at %s", hours, err, Hour(hour))
+	if err != nil || len(hours) != 2 || hours[0].Day != store.Hour(hour) || hours[0].Requests != 12 || hours[0].PromptTokens != 120 {
+		t.Fatalf("the hours: got %+v, %v, want 12 requests of 120 tokens at %s", hours, err, store.Hour(hour))
 	}
-	if slots, err := l.Slots(ctx, "key_a", hour); err != nil || len(slots) != 1 || slots[0].Day != Slot(now) || slots[0].Requests != 2 || slots[0].PromptTokens != 6 {
+	if slots, err := l.Slots(ctx, "key_a", hour); err != nil || len(slots) != 1 || slots[0].Day != store.Slot(now) || slots[0].Requests != 2 || slots[0].PromptTokens != 6 {
 		t.Fatalf("the slots: got %+v, %v, want now's 2 requests (the unsure batch's and the pending one)", slots, err)
 	}
 	if refusals, err := l.RefusalHours(ctx, "key_a", hour); err != nil || len(refusals) != 1 || refusals[0].Count != 12 {
@@ -284,13 +283,13 @@ func TestLedgerFoldsSlotsWhileTheStoreFails(t *testing.T) {
 	}
 
 	st.fail = false
-	if err := l.flush(ctx); err != nil {
+	if err := l.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
 	var slotRequests, hourRequests, refusedByHour, refusedBySlot int64
 	for _, b := range st.batches {
 		for _, r := range b.Slots {
-			if !isSlot(r.Day) {
+			if !store.IsSlot(r.Day) {
 				t.Errorf("a slot row of %q", r.Day)
 			}
 			slotRequests += r.Requests

@@ -1,22 +1,25 @@
-package keystore
+package ledger
 
 import (
 	"context"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // hourStores open each store that keeps hourly rows, for a test.
-var hourStores = map[string]func(t *testing.T) UsageStore{
-	"sqlite": func(t *testing.T) UsageStore {
-		st, err := OpenSQLite(t.TempDir() + "/k.db")
+var hourStores = map[string]func(t *testing.T) store.Backend{
+	"sqlite": func(t *testing.T) store.Backend {
+		st, err := sqlite.Open(t.TempDir() + "/k.db")
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { st.Close() })
 		return st
 	},
-	"redis": func(t *testing.T) UsageStore {
+	"redis": func(t *testing.T) store.Backend {
 		st, _ := openRedisTemp(t)
 		return st
 	},
@@ -27,15 +30,15 @@ var hourStores = map[string]func(t *testing.T) UsageStore{
 func TestHours(t *testing.T) {
 	for name, open := range hourStores {
 		t.Run(name, func(t *testing.T) {
-			l := newLedger(nil)
-			l.attach(open(t))
+			l := New(nil)
+			l.Attach(open(t))
 			ctx := context.Background()
 			now := time.Now().UTC()
 			earlier := now.Add(-2 * time.Hour)
 			l.Add("key_a", "m:1", earlier, Tokens{Prompt: 10, Completion: 5, Cost: 7})
 			l.Add("key_a", "m:1", earlier, Tokens{Prompt: 1, Completion: 1})
 			l.Add("key_b", "m2", now, Tokens{Prompt: 3})
-			if err := l.flush(ctx); err != nil {
+			if err := l.Flush(ctx); err != nil {
 				t.Fatal(err)
 			}
 			l.Add("key_b", "m2", now, Tokens{Prompt: 4}) // pending, read too
@@ -43,9 +46,9 @@ func TestHours(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			want := []UsageRow{
-				{Client: "key_a", Day: Hour(earlier), Model: "m:1", Requests: 2, PromptTokens: 11, CompletionTokens: 6, Cost: 7},
-				{Client: "key_b", Day: Hour(now), Model: "m2", Requests: 2, PromptTokens: 7},
+			want := []store.UsageRow{
+				{Client: "key_a", Day: store.Hour(earlier), Model: "m:1", Requests: 2, PromptTokens: 11, CompletionTokens: 6, Cost: 7},
+				{Client: "key_b", Day: store.Hour(now), Model: "m2", Requests: 2, PromptTokens: 7},
 			}
 			if len(all) != len(want) || all[0] != want[0] || all[1] != want[1] {
 				t.Fatalf("got %+v, want %+v", all, want)
@@ -66,20 +69,10 @@ func TestHours(t *testing.T) {
 	}
 }
 
-func TestSplitHourField(t *testing.T) {
-	c, m, f, ok := splitHourField(hourField("key:\x00x") + "a\x00b\x00cost")
-	if !ok || c != "key:\x00x" || m != "a\x00b" || f != "cost" {
-		t.Fatalf("got %q %q %q %v", c, m, f, ok)
-	}
-	if _, _, _, ok := splitHourField("99:ab\x00cost"); ok {
-		t.Fatal("a length past the field was read")
-	}
-}
-
 // BenchmarkLedgerAdd is what the request path pays to count a request:
 // its daily and hourly rows.
 func BenchmarkLedgerAdd(b *testing.B) {
-	l := newLedger(nil)
+	l := New(nil)
 	now := time.Now()
 	for b.Loop() {
 		l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 5})

@@ -1,4 +1,4 @@
-package keystore
+package sqlite
 
 import (
 	"bytes"
@@ -7,20 +7,23 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/storetest"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // openTemp opens a new SQLite store in a fresh directory and closes it at
 // the end of the test.
-func openTemp(t *testing.T) (*SQLite, string) {
+func openTemp(t *testing.T) (*Store, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "sub", "keys.db")
-	st, err := OpenSQLite(path)
+	st, err := Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,36 +31,9 @@ func openTemp(t *testing.T) (*SQLite, string) {
 	return st, path
 }
 
-// create adds a key and returns its record and secret.
-func create(t *testing.T, st Store, name, tier string, expires, now time.Time) (Record, string) {
-	t.Helper()
-	return createWith(t, st, Attrs{Name: name, Tier: tier, Expires: expires}, now)
-}
-
-// createWith adds a key made with a and returns its record and secret.
-func createWith(t *testing.T, st Store, a Attrs, now time.Time) (Record, string) {
-	t.Helper()
-	r, secret, err := Create(t.Context(), st, a, now)
-	if err != nil {
-		t.Fatalf("Create(%+v): %v", a, err)
-	}
-	return r, secret
-}
-
-func wantRecord(t *testing.T, got, want Record) {
-	t.Helper()
-	if got.ID != want.ID || got.Name != want.Name || got.Tier != want.Tier || got.Hash != want.Hash ||
-		!got.Created.Equal(want.Created) || !got.Expires.Equal(want.Expires) ||
-		!got.Revoked.Equal(want.Revoked) || !got.LastUsed.Equal(want.LastUsed) ||
-		!slices.Equal(got.Mint, want.Mint) || (got.Mint == nil) != (want.Mint == nil) ||
-		!reflect.DeepEqual(got.Settings, want.Settings) {
-		t.Errorf("record = %+v\nwant     %+v", got, want)
-	}
-}
-
 func TestOpenSQLiteCreatesPrivateFiles(t *testing.T) {
 	st, path := openTemp(t)
-	create(t, st, "a", "free", time.Time{}, time.Now())
+	storetest.Create(t, st, "a", "free", time.Time{}, time.Now())
 	if fi, err := os.Stat(filepath.Dir(path)); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Errorf("directory: %v, mode %v; want 0700", err, fi.Mode().Perm())
 	}
@@ -75,10 +51,10 @@ func TestSQLiteSchema(t *testing.T) {
 	st, path := openTemp(t)
 	var version int
 	var mode string
-	if err := st.db.QueryRow("PRAGMA user_version").Scan(&version); err != nil {
+	if err := st.DB().QueryRow("PRAGMA user_version").Scan(&version); err != nil {
 		t.Fatal(err)
 	}
-	if err := st.db.QueryRow("PRAGMA journal_mode").Scan(&mode); err != nil {
+	if err := st.DB().QueryRow("PRAGMA journal_mode").Scan(&mode); err != nil {
 		t.Fatal(err)
 	}
 	if version != len(migrations) || mode != "wal" {
@@ -86,21 +62,21 @@ func TestSQLiteSchema(t *testing.T) {
 	}
 	for pragma, want := range map[string]int{"busy_timeout": 5000, "foreign_keys": 1, "synchronous": 1} {
 		var got int
-		if err := st.db.QueryRow("PRAGMA " + pragma).Scan(&got); err != nil || got != want {
+		if err := st.DB().QueryRow("PRAGMA " + pragma).Scan(&got); err != nil || got != want {
 			t.Errorf("PRAGMA %s = %d (%v), want %d", pragma, got, err, want)
 		}
 	}
 
 	// Opening again migrates nothing; a newer schema is refused.
-	again, err := OpenSQLite(path)
+	again, err := Open(path)
 	if err != nil {
 		t.Fatalf("reopening: %v", err)
 	}
 	again.Close()
-	if _, err := st.db.Exec("PRAGMA user_version = 99"); err != nil {
+	if _, err := st.DB().Exec("PRAGMA user_version = 99"); err != nil {
 		t.Fatal(err)
 	}
-	if newer, err := OpenSQLite(path); err == nil {
+	if newer, err := Open(path); err == nil {
 		newer.Close()
 		t.Error("opened a store of schema version 99")
 	}
@@ -138,30 +114,30 @@ func storeOfVersion(t *testing.T, version int, insert string, args ...any) strin
 // and signing keys can be added.
 func TestSQLiteMigratesVersion3(t *testing.T) {
 	ctx := t.Context()
-	now := storedTime(time.Now())
-	want := Record{ID: "key_0123456789abcdef", Name: "old", Tier: "pro", Hash: HashSecret("vgt_old"), Created: now}
+	now := store.StoredTime(time.Now())
+	want := store.Record{ID: "key_0123456789abcdef", Name: "old", Tier: "pro", Hash: store.HashSecret("vgt_old"), Created: now}
 	path := storeOfVersion(t, 3, `INSERT INTO keys (id, name, tier, hash, created, seq) VALUES (?, ?, ?, ?, ?, 1)`,
-		want.ID, want.Name, want.Tier, want.Hash[:], millis(want.Created))
+		want.ID, want.Name, want.Tier, want.Hash[:], store.Millis(want.Created))
 
-	st, err := OpenSQLite(path)
+	st, err := Open(path)
 	if err != nil {
 		t.Fatalf("opening a store of version 3: %v", err)
 	}
 	defer st.Close()
 	var version int
-	if err := st.db.QueryRow("PRAGMA user_version").Scan(&version); err != nil || version != len(migrations) {
+	if err := st.DB().QueryRow("PRAGMA user_version").Scan(&version); err != nil || version != len(migrations) {
 		t.Errorf("user_version = %d (%v), want %d", version, err, len(migrations))
 	}
 	got, err := st.Get(ctx, want.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantRecord(t, got, want)
+	storetest.WantRecord(t, got, want)
 	recs, cursor, err := st.Changes(ctx, 0)
 	if err != nil || len(recs) != 1 || cursor != 1 || recs[0].Mint != nil {
 		t.Errorf("Changes(0) = %+v, %d, %v; want the old key, minting nothing, at cursor 1", recs, cursor, err)
 	}
-	k, err := NewSigningKey(now)
+	k, err := store.NewSigningKey(now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,8 +150,8 @@ func TestSQLiteLifecycle(t *testing.T) {
 	ctx := t.Context()
 	st, _ := openTemp(t)
 	now := time.Date(2030, 1, 2, 3, 4, 5, 678_901_234, time.UTC)
-	alice, _ := create(t, st, "alice", "pro", time.Time{}, now)
-	bob, _ := create(t, st, "Bob's laptop", "free", now.Add(time.Hour), now.Add(time.Second))
+	alice, _ := storetest.Create(t, st, "alice", "pro", time.Time{}, now)
+	bob, _ := storetest.Create(t, st, "Bob's laptop", "free", now.Add(time.Hour), now.Add(time.Second))
 
 	if !alice.Created.Equal(now.Truncate(time.Millisecond)) {
 		t.Errorf("Created = %v, want now to the millisecond", alice.Created)
@@ -184,8 +160,8 @@ func TestSQLiteLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantRecord(t, got, alice)
-	if _, err := st.Get(ctx, "key_unknown"); !errors.Is(err, ErrNotFound) {
+	storetest.WantRecord(t, got, alice)
+	if _, err := st.Get(ctx, "key_unknown"); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("Get(unknown) = %v, want ErrNotFound", err)
 	}
 
@@ -193,31 +169,31 @@ func TestSQLiteLifecycle(t *testing.T) {
 	if err != nil || len(list) != 2 {
 		t.Fatalf("List = %d records, %v; want 2", len(list), err)
 	}
-	wantRecord(t, list[0], alice)
-	wantRecord(t, list[1], bob)
+	storetest.WantRecord(t, list[0], alice)
+	storetest.WantRecord(t, list[1], bob)
 
 	for _, tt := range []struct {
 		at   time.Time
 		want string
 	}{
-		{now, StateActive},
-		{now.Add(time.Hour - time.Millisecond), StateActive},
-		{now.Add(time.Hour), StateExpired},
+		{now, store.StateActive},
+		{now.Add(time.Hour - time.Millisecond), store.StateActive},
+		{now.Add(time.Hour), store.StateExpired},
 	} {
 		if got := bob.State(tt.at); got != tt.want {
 			t.Errorf("State(%v) = %s, want %s", tt.at, got, tt.want)
 		}
 	}
 
-	secret, err := Rotate(ctx, st, alice.ID)
+	secret, err := keystore.Rotate(ctx, st, alice.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	rotated, _ := st.Get(ctx, alice.ID)
-	if rotated.Hash != HashSecret(secret) || rotated.Hash == alice.Hash {
+	if rotated.Hash != store.HashSecret(secret) || rotated.Hash == alice.Hash {
 		t.Error("Rotate did not store the new secret's hash")
 	}
-	if _, err := Rotate(ctx, st, "key_unknown"); !errors.Is(err, ErrNotFound) {
+	if _, err := keystore.Rotate(ctx, st, "key_unknown"); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("Rotate(unknown) = %v, want ErrNotFound", err)
 	}
 
@@ -229,16 +205,16 @@ func TestSQLiteLifecycle(t *testing.T) {
 		t.Errorf("revoking again: %v, want nil", err)
 	}
 	revoked, _ := st.Get(ctx, alice.ID)
-	if !revoked.Revoked.Equal(revokedAt) || revoked.State(now) != StateRevoked {
+	if !revoked.Revoked.Equal(revokedAt) || revoked.State(now) != store.StateRevoked {
 		t.Errorf("revoked at %v, state %s; want the first revocation's time, revoked", revoked.Revoked, revoked.State(now))
 	}
-	if _, err := Rotate(ctx, st, alice.ID); !errors.Is(err, ErrRevoked) {
+	if _, err := keystore.Rotate(ctx, st, alice.ID); !errors.Is(err, store.ErrRevoked) {
 		t.Errorf("Rotate(revoked) = %v, want ErrRevoked", err)
 	}
-	if err := st.Revoke(ctx, "key_unknown", now); !errors.Is(err, ErrNotFound) {
+	if err := st.Revoke(ctx, "key_unknown", now); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("Revoke(unknown) = %v, want ErrNotFound", err)
 	}
-	if err := st.Revoke(ctx, bob.ID, time.Time{}); !errors.Is(err, ErrInvalid) {
+	if err := st.Revoke(ctx, bob.ID, time.Time{}); !errors.Is(err, store.ErrInvalid) {
 		t.Errorf("Revoke at the zero time = %v, want ErrInvalid", err)
 	}
 }
@@ -252,37 +228,37 @@ func TestCreateValidates(t *testing.T) {
 	}
 	tests := []struct {
 		name string
-		a    Attrs
+		a    keystore.Attrs
 	}{
-		{"empty name", Attrs{Name: "", Tier: "free"}},
-		{"long name", Attrs{Name: string(bytes.Repeat([]byte("n"), 65)), Tier: "free"}},
-		{"control in name", Attrs{Name: "a\tb", Tier: "free"}},
-		{"newline in name", Attrs{Name: "a\nb", Tier: "free"}},
-		{"invalid UTF-8 name", Attrs{Name: "a\xffb", Tier: "free"}},
-		{"empty tier", Attrs{Name: "n", Tier: ""}},
-		{"uppercase tier", Attrs{Name: "n", Tier: "Pro"}},
-		{"tier with space", Attrs{Name: "n", Tier: "pro plus"}},
-		{"long tier", Attrs{Name: "n", Tier: string(bytes.Repeat([]byte("t"), 65))}},
-		{"expired already", Attrs{Name: "n", Tier: "free", Expires: now.Add(-time.Second)}},
-		{"expires now", Attrs{Name: "n", Tier: "free", Expires: now}},
-		{"uppercase mint tier", Attrs{Name: "n", Tier: "pro", Mint: []string{"free", "Basic"}}},
-		{"empty mint tier", Attrs{Name: "n", Tier: "pro", Mint: []string{""}}},
-		{"mint tier with a comma", Attrs{Name: "n", Tier: "pro", Mint: []string{"free,basic"}}},
-		{"long mint tier", Attrs{Name: "n", Tier: "pro", Mint: []string{string(bytes.Repeat([]byte("t"), 65))}}},
-		{"17 mint tiers", Attrs{Name: "n", Tier: "pro", Mint: seventeen}},
+		{"empty name", keystore.Attrs{Name: "", Tier: "free"}},
+		{"long name", keystore.Attrs{Name: string(bytes.Repeat([]byte("n"), 65)), Tier: "free"}},
+		{"control in name", keystore.Attrs{Name: "a\tb", Tier: "free"}},
+		{"newline in name", keystore.Attrs{Name: "a\nb", Tier: "free"}},
+		{"invalid UTF-8 name", keystore.Attrs{Name: "a\xffb", Tier: "free"}},
+		{"empty tier", keystore.Attrs{Name: "n", Tier: ""}},
+		{"uppercase tier", keystore.Attrs{Name: "n", Tier: "Pro"}},
+		{"tier with space", keystore.Attrs{Name: "n", Tier: "pro plus"}},
+		{"long tier", keystore.Attrs{Name: "n", Tier: string(bytes.Repeat([]byte("t"), 65))}},
+		{"expired already", keystore.Attrs{Name: "n", Tier: "free", Expires: now.Add(-time.Second)}},
+		{"expires now", keystore.Attrs{Name: "n", Tier: "free", Expires: now}},
+		{"uppercase mint tier", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{"free", "Basic"}}},
+		{"empty mint tier", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{""}}},
+		{"mint tier with a comma", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{"free,basic"}}},
+		{"long mint tier", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{string(bytes.Repeat([]byte("t"), 65))}}},
+		{"17 mint tiers", keystore.Attrs{Name: "n", Tier: "pro", Mint: seventeen}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if _, _, err := Create(t.Context(), st, tt.a, now); !errors.Is(err, ErrInvalid) {
+			if _, _, err := keystore.Create(t.Context(), st, tt.a, now); !errors.Is(err, store.ErrInvalid) {
 				t.Errorf("Create = %v, want ErrInvalid", err)
 			}
 		})
 	}
 	// The limits themselves are fine; mint tiers are sorted, and repeats
 	// do not count against the limit.
-	create(t, st, string(bytes.Repeat([]byte("é"), 64)), "a-z_0-9", now.Add(time.Millisecond), now)
+	storetest.Create(t, st, string(bytes.Repeat([]byte("é"), 64)), "a-z_0-9", now.Add(time.Millisecond), now)
 	sixteen := append(slices.Clone(seventeen[1:]), seventeen[1:4]...)
-	r, _ := createWith(t, st, Attrs{Name: "n", Tier: "pro", Mint: sixteen}, now)
+	r, _ := storetest.CreateWith(t, st, keystore.Attrs{Name: "n", Tier: "pro", Mint: sixteen}, now)
 	if want := slices.Sorted(slices.Values(seventeen[1:])); !slices.Equal(r.Mint, want) {
 		t.Errorf("Mint = %q, want %q", r.Mint, want)
 	}
@@ -324,8 +300,8 @@ func TestChanges(t *testing.T) {
 		t.Errorf("cursor of an empty store = %d, want 0", c0)
 	}
 	now := time.Now()
-	a, _ := create(t, st, "a", "free", time.Time{}, now)
-	b, _ := create(t, st, "b", "free", time.Time{}, now)
+	a, _ := storetest.Create(t, st, "a", "free", time.Time{}, now)
+	b, _ := storetest.Create(t, st, "b", "free", time.Time{}, now)
 	ids, c1 := changes(0)
 	want(ids, a.ID, b.ID)
 	ids, c2 := changes(c1)
@@ -335,7 +311,7 @@ func TestChanges(t *testing.T) {
 	}
 
 	// Rotation and revocation are changes, in their order.
-	if _, err := Rotate(ctx, st, a.ID); err != nil {
+	if _, err := keystore.Rotate(ctx, st, a.ID); err != nil {
 		t.Fatal(err)
 	}
 	if err := st.Revoke(ctx, b.ID, now); err != nil {
@@ -355,7 +331,7 @@ func TestChanges(t *testing.T) {
 	if err := st.Revoke(ctx, b.ID, now); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Rotate(ctx, st, b.ID); !errors.Is(err, ErrRevoked) {
+	if _, err := keystore.Rotate(ctx, st, b.ID); !errors.Is(err, store.ErrRevoked) {
 		t.Fatal(err)
 	}
 	if err := st.TouchLastUsed(ctx, map[string]time.Time{a.ID: now}); err != nil {
@@ -369,17 +345,17 @@ func TestChanges(t *testing.T) {
 
 	// A first load gets every key, revoked ones too, and the same cursor.
 	var loaded []string
-	cursor, err := st.loadAll(ctx, 1, func(recs []Record) {
+	cursor, err := st.LoadAll(ctx, 1, func(recs []store.Record) {
 		for _, r := range recs {
 			loaded = append(loaded, r.ID)
 		}
 	})
 	if err != nil || cursor != c3 {
-		t.Fatalf("loadAll: cursor %d, %v; want %d", cursor, err, c3)
+		t.Fatalf("LoadAll: cursor %d, %v; want %d", cursor, err, c3)
 	}
 	want(loaded, a.ID, b.ID)
-	if n, err := st.countKeys(ctx); err != nil || n != 2 {
-		t.Errorf("countKeys = %d, %v; want 2", n, err)
+	if n, err := st.CountKeys(ctx); err != nil || n != 2 {
+		t.Errorf("CountKeys = %d, %v; want 2", n, err)
 	}
 }
 
@@ -387,8 +363,8 @@ func TestTouchLastUsed(t *testing.T) {
 	ctx := t.Context()
 	st, _ := openTemp(t)
 	now := time.Now().Truncate(time.Millisecond)
-	a, _ := create(t, st, "a", "free", time.Time{}, now)
-	b, _ := create(t, st, "b", "free", time.Time{}, now)
+	a, _ := storetest.Create(t, st, "a", "free", time.Time{}, now)
+	b, _ := storetest.Create(t, st, "b", "free", time.Time{}, now)
 	if err := st.TouchLastUsed(ctx, map[string]time.Time{a.ID: now, b.ID: now.Add(-time.Hour), "key_unknown": now}); err != nil {
 		t.Fatal(err)
 	}
@@ -410,24 +386,24 @@ func TestTouchLastUsed(t *testing.T) {
 func TestSecondHandleAndReopen(t *testing.T) {
 	ctx := t.Context()
 	st, path := openTemp(t)
-	other, err := OpenSQLite(path)
+	other, err := Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, _ := create(t, other, "from the CLI", "free", time.Time{}, time.Now())
+	a, _ := storetest.Create(t, other, "from the CLI", "free", time.Time{}, time.Now())
 	if got, err := st.Get(ctx, a.ID); err != nil {
 		t.Fatalf("first handle does not see the second's key: %v", err)
 	} else {
-		wantRecord(t, got, a)
+		storetest.WantRecord(t, got, a)
 	}
 
 	// Both write at once: every write waits its turn rather than failing.
 	var wg sync.WaitGroup
 	errs := make(chan error, 40)
-	for _, h := range []*SQLite{st, other} {
+	for _, h := range []*Store{st, other} {
 		wg.Go(func() {
 			for range 20 {
-				_, _, err := Create(ctx, h, Attrs{Name: "concurrent", Tier: "free"}, time.Now())
+				_, _, err := keystore.Create(ctx, h, keystore.Attrs{Name: "concurrent", Tier: "free"}, time.Now())
 				errs <- err
 			}
 		})
@@ -446,7 +422,7 @@ func TestSecondHandleAndReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	reopened, err := OpenSQLite(path)
+	reopened, err := Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -463,7 +439,7 @@ func TestSecondHandleAndReopen(t *testing.T) {
 	if got, err := reopened.Get(ctx, a.ID); err != nil {
 		t.Errorf("after reopening: %v", err)
 	} else {
-		wantRecord(t, got, a)
+		storetest.WantRecord(t, got, a)
 	}
 	_, cursor, err := reopened.Changes(ctx, 0)
 	if err != nil || cursor != 41 {
@@ -476,10 +452,10 @@ func TestDatabaseHoldsNoSecret(t *testing.T) {
 	var secrets []string
 	now := time.Now()
 	for i := range 20 {
-		r, s := create(t, st, "k", "free", time.Time{}, now)
+		r, s := storetest.Create(t, st, "k", "free", time.Time{}, now)
 		secrets = append(secrets, s)
 		if i%2 == 0 {
-			s, err := Rotate(t.Context(), st, r.ID)
+			s, err := keystore.Rotate(t.Context(), st, r.ID)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -507,7 +483,7 @@ func TestDatabaseHoldsNoSecret(t *testing.T) {
 		}
 	}
 	// The search looks in the right place: the hashes are there.
-	last := HashSecret(secrets[len(secrets)-1])
+	last := store.HashSecret(secrets[len(secrets)-1])
 	if !bytes.Contains(files[0], last[:]) && !bytes.Contains(files[1], last[:]) {
 		t.Error("no file holds the hash of the last key")
 	}
@@ -524,22 +500,49 @@ func TestOpenSQLiteErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, path := range []string{"", filepath.Join(notDir, "keys.db"), garbage} {
-		if st, err := OpenSQLite(path); err == nil {
+		if st, err := Open(path); err == nil {
 			st.Close()
-			t.Errorf("OpenSQLite(%q) succeeded", path)
+			t.Errorf("Open(%q) succeeded", path)
 		}
 	}
 }
 
 func TestOddPath(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "a dir?x=1#y%20", "keys.db")
-	st, err := OpenSQLite(path)
+	st, err := Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	create(t, st, "a", "free", time.Time{}, time.Now())
+	storetest.Create(t, st, "a", "free", time.Time{}, time.Now())
 	if _, err := os.Stat(path); err != nil {
 		t.Errorf("the database is not at %q: %v", path, err)
 	}
+}
+
+// TestSQLiteMigratesToSettings opens a file of the schema before
+// settings: its keys read with zero Settings, and can be given some.
+func TestSQLiteMigratesToSettings(t *testing.T) {
+	ctx := t.Context()
+	const before = 5
+	want := store.Record{ID: "key_0123456789abcdef", Name: "old", Tier: "pro", Hash: store.HashSecret("vgt_old"),
+		Created: store.StoredTime(time.Now()), Mint: []string{"free"}}
+	path := storeOfVersion(t, before, `INSERT INTO keys (id, name, tier, hash, created, mint, seq) VALUES (?, ?, ?, ?, ?, 'free', 1)`,
+		want.ID, want.Name, want.Tier, want.Hash[:], store.Millis(want.Created))
+	st, err := Open(path)
+	if err != nil {
+		t.Fatalf("opening a store of version %d: %v", before, err)
+	}
+	defer st.Close()
+	got, err := st.Get(ctx, want.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	storetest.WantRecord(t, got, want)
+	want.Settings = storetest.FullSettings()
+	if err := keystore.SetSettings(ctx, st, want.ID, want.Settings); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = st.Get(ctx, want.ID)
+	storetest.WantRecord(t, got, want)
 }

@@ -1,4 +1,12 @@
-package keystore
+// Package redis is the store backend that several Caddy instances and
+// the CLI share: keys, the usage ledger, signing keys and alert claims in
+// a Redis server. It owns the whole key layout and its Lua scripts, and
+// its one client, which the limiter and the upstream state of the same
+// Redis use too (see Store.Client). It registers itself as the "redis"
+// kind of store, for redis:// and rediss:// URLs.
+//
+// It may import store, policy and go-redis.
+package redis
 
 import (
 	"context"
@@ -13,11 +21,12 @@ import (
 	"strings"
 	"time"
 
-	"github.com/redis/go-redis/v9"
+	goredis "github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/rediserr"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // The Redis layout. Every key of the store starts with "vgt:" (the
@@ -60,7 +69,7 @@ import (
 // A Changes cursor is the epoch in its top 16 bits and a seq below. A
 // Redis that lost its data (restarted without persistence, flushed,
 // restored from an older copy) starts a new epoch or has a counter below
-// the cursor; Changes then fails with errStoreReset rather than
+// the cursor; Changes then fails with store.ErrReset rather than
 // answering from a history that no longer exists. Redis Cluster is not
 // supported: the scripts touch several keys.
 const (
@@ -106,12 +115,6 @@ const (
 	seqMask    = 1<<epochShift - 1
 )
 
-// errStoreReset is returned by Changes when the store no longer holds
-// the history that the cursor points into: a Redis emptied or restored
-// from an older copy. The caller must start again from cursor 0, and
-// drop what it learned before.
-var errStoreReset = errors.New("the key store lost its history (emptied, or restored from an older copy)")
-
 // The fields of a key's hash that make its Record, in the order
 // parseRecord reads them.
 var recordFields = []string{"name", "tier", "hash", "created", "expires", "revoked", "last_used", "mint", "settings"}
@@ -120,7 +123,7 @@ var (
 	// insertScript adds a key. KEYS: the key's hash, the seq set, the
 	// counter, the epoch. ARGV: an epoch for an empty store, the ID,
 	// then field and value pairs.
-	insertScript = redis.NewScript(`
+	insertScript = goredis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 1 then
 	return redis.error_reply('ERR key ID exists')
 end
@@ -133,7 +136,7 @@ return 'ok'`)
 	// setFieldScript sets a field of a live key, such as its hash (a
 	// rotation) or its settings. KEYS as insertScript's. ARGV: an epoch,
 	// the ID, the field, its new value.
-	setFieldScript = redis.NewScript(`
+	setFieldScript = goredis.NewScript(`
 local revoked = redis.call('HGET', KEYS[1], 'revoked')
 if not revoked then
 	return 'notfound'
@@ -148,7 +151,7 @@ return 'ok'`)
 
 	// revokeScript revokes a key once. KEYS as insertScript's. ARGV: an
 	// epoch, the ID, the revocation time.
-	revokeScript = redis.NewScript(`
+	revokeScript = goredis.NewScript(`
 local revoked = redis.call('HGET', KEYS[1], 'revoked')
 if not revoked then
 	return 'notfound'
@@ -172,7 +175,7 @@ return 'ok'`)
 	// what HINCRBY cannot add to, is checked before anything of it is
 	// written, and left out. A sum stops at the largest int64 (rows never
 	// hold a negative count), where HINCRBY would fail the script halfway.
-	addUsageScript = redis.NewScript(`
+	addUsageScript = goredis.NewScript(`
 local MAX = '9223372036854775807'
 local HOURS = 'vgt:usage-hour:'
 local SLOTS = 'vgt:usage-slot:'
@@ -245,7 +248,7 @@ return result`)
 	// touchScript raises last-used times, never lowers them, and
 	// ignores keys that do not exist. KEYS: keys' hashes. ARGV: a time
 	// for each.
-	touchScript = redis.NewScript(`
+	touchScript = goredis.NewScript(`
 for i, k in ipairs(KEYS) do
 	local cur = redis.call('HGET', k, 'last_used')
 	if cur and tonumber(cur) < tonumber(ARGV[i]) then
@@ -255,33 +258,33 @@ end
 return 0`)
 )
 
-// Redis is a Store and UsageStore in a Redis server, which several Caddy
+// Store is a store.Backend in a Redis server, which several Caddy
 // instances and the CLI can share. It keeps key hashes, never secrets.
-// It is safe for concurrent use. Use OpenRedis to make one.
+// It is safe for concurrent use. Use Open to make one.
 //
 // Keys live only in Redis: give it persistence (AOF or RDB) and
 // maxmemory-policy noeviction, or a restart or an eviction loses them. A
 // Service notices a Redis emptied or restored from an older copy, and
 // drops the lost keys from its index; a single evicted key it does not
 // notice.
-type Redis struct {
-	client *redis.Client
+type Store struct {
+	client *goredis.Client
 	page   int // keys per read: redisPage but in tests
 }
 
-// OpenRedis connects to the Redis at url ("redis://[:PASSWORD@]HOST:PORT/DB",
+// Open connects to the Redis at url ("redis://[:PASSWORD@]HOST:PORT/DB",
 // or "rediss://" for TLS) and checks that it answers. Timeouts and the
 // pool size may be set in the URL's query (dial_timeout=…, pool_size=…);
 // the defaults suit a Service: 2s timeouts, 8 connections, no retries of
 // dials or commands (the Service tries again at its next poll).
-func OpenRedis(rawURL string) (*Redis, error) {
+func Open(rawURL string) (*Store, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		// The error repeats the URL, which may hold a password.
 		return nil, errors.New("opening key store: invalid redis URL: use redis://[:PASSWORD@]HOST:PORT/DB")
 	}
 	name := u.Redacted()
-	opts, err := redis.ParseURL(rawURL)
+	opts, err := goredis.ParseURL(rawURL)
 	if err != nil {
 		return nil, fmt.Errorf("opening key store %s: %w", name, err)
 	}
@@ -301,24 +304,29 @@ func OpenRedis(rawURL string) (*Redis, error) {
 	}
 	opts.ContextTimeoutEnabled = true
 	opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
-	client := redis.NewClient(opts)
+	client := goredis.NewClient(opts)
 	ctx, cancel := context.WithTimeout(context.Background(), opts.DialTimeout+opts.ReadTimeout)
 	defer cancel()
 	if err := client.Ping(ctx).Err(); err != nil {
 		client.Close()
 		return nil, fmt.Errorf("opening key store %s: %w", name, err)
 	}
-	return &Redis{client: client, page: redisPage}, nil
+	return &Store{client: client, page: redisPage}, nil
 }
 
+// Client returns the store's Redis client, so that the limiter and the
+// upstream state of the same Redis share its connections instead of
+// making a second client for the same URL. Closing the store closes it.
+func (s *Store) Client() *goredis.Client { return s.client }
+
 // Insert adds a new key.
-func (s *Redis) Insert(ctx context.Context, r Record) error {
+func (s *Store) Insert(ctx context.Context, r store.Record) error {
 	args := []any{newEpoch(), r.ID,
 		"name", r.Name, "tier", r.Tier, "hash", r.Hash[:],
-		"created", millis(r.Created), "expires", millis(r.Expires),
-		"revoked", millis(r.Revoked), "last_used", millis(r.LastUsed),
-		"mint", joinMint(r.Mint)}
-	settings, err := encodeSettings(r.Settings)
+		"created", store.Millis(r.Created), "expires", store.Millis(r.Expires),
+		"revoked", store.Millis(r.Revoked), "last_used", store.Millis(r.LastUsed),
+		"mint", store.JoinMint(r.Mint)}
+	settings, err := store.EncodeSettings(r.Settings)
 	if err != nil {
 		return fmt.Errorf("inserting key %s: %w", r.ID, err)
 	}
@@ -332,28 +340,28 @@ func (s *Redis) Insert(ctx context.Context, r Record) error {
 }
 
 // Get returns the key with the given ID, or ErrNotFound.
-func (s *Redis) Get(ctx context.Context, id string) (Record, error) {
+func (s *Store) Get(ctx context.Context, id string) (store.Record, error) {
 	vals, err := s.client.HMGet(ctx, redisKeyPrefix+id, recordFields...).Result()
 	if err != nil {
-		return Record{}, fmt.Errorf("reading key %s: %w", id, err)
+		return store.Record{}, fmt.Errorf("reading key %s: %w", id, err)
 	}
 	r, ok, err := parseRecord(id, vals)
 	if err != nil {
-		return Record{}, fmt.Errorf("reading key %s: %w", id, err)
+		return store.Record{}, fmt.Errorf("reading key %s: %w", id, err)
 	}
 	if !ok {
-		return Record{}, ErrNotFound
+		return store.Record{}, store.ErrNotFound
 	}
 	return r, nil
 }
 
 // List returns every key, oldest first.
-func (s *Redis) List(ctx context.Context) ([]Record, error) {
-	var recs []Record
-	if _, err := s.read(ctx, 0, s.page, func(page []Record) { recs = append(recs, page...) }); err != nil {
+func (s *Store) List(ctx context.Context) ([]store.Record, error) {
+	var recs []store.Record
+	if _, err := s.read(ctx, 0, s.page, func(page []store.Record) { recs = append(recs, page...) }); err != nil {
 		return nil, fmt.Errorf("listing keys: %w", err)
 	}
-	slices.SortFunc(recs, func(a, b Record) int {
+	slices.SortFunc(recs, func(a, b store.Record) int {
 		if c := a.Created.Compare(b.Created); c != 0 {
 			return c
 		}
@@ -363,7 +371,7 @@ func (s *Redis) List(ctx context.Context) ([]Record, error) {
 }
 
 // SetHash replaces the hash of the key id; see Store.
-func (s *Redis) SetHash(ctx context.Context, id string, h Hash) error {
+func (s *Store) SetHash(ctx context.Context, id string, h store.Hash) error {
 	if err := s.change(ctx, setFieldScript, id, "hash", h[:]); err != nil {
 		return fmt.Errorf("setting hash of key %s: %w", id, err)
 	}
@@ -371,8 +379,8 @@ func (s *Redis) SetHash(ctx context.Context, id string, h Hash) error {
 }
 
 // SetSettings replaces the settings of the key id; see Store.
-func (s *Redis) SetSettings(ctx context.Context, id string, set policy.Settings) error {
-	v, err := encodeSettings(set)
+func (s *Store) SetSettings(ctx context.Context, id string, set policy.Settings) error {
+	v, err := store.EncodeSettings(set)
 	if err == nil {
 		err = s.change(ctx, setFieldScript, id, "settings", v)
 	}
@@ -383,44 +391,44 @@ func (s *Redis) SetSettings(ctx context.Context, id string, set policy.Settings)
 }
 
 // Revoke revokes the key id at the given time; see Store.
-func (s *Redis) Revoke(ctx context.Context, id string, at time.Time) error {
+func (s *Store) Revoke(ctx context.Context, id string, at time.Time) error {
 	if at.IsZero() {
-		return fmt.Errorf("revoking key %s: %w: zero revocation time", id, ErrInvalid)
+		return fmt.Errorf("revoking key %s: %w: zero revocation time", id, store.ErrInvalid)
 	}
-	if err := s.change(ctx, revokeScript, id, millis(at)); err != nil {
+	if err := s.change(ctx, revokeScript, id, store.Millis(at)); err != nil {
 		return fmt.Errorf("revoking key %s: %w", id, err)
 	}
 	return nil
 }
 
 // change runs setFieldScript or revokeScript on the key id.
-func (s *Redis) change(ctx context.Context, script *redis.Script, id string, args ...any) error {
+func (s *Store) change(ctx context.Context, script *goredis.Script, id string, args ...any) error {
 	res, err := script.Run(ctx, s.client, writeKeys(id), append([]any{newEpoch(), id}, args...)...).Text()
 	switch {
 	case err != nil:
 		return err
 	case res == "notfound":
-		return ErrNotFound
+		return store.ErrNotFound
 	case res == "revoked":
-		return ErrRevoked
+		return store.ErrRevoked
 	}
 	return nil
 }
 
 // Changes returns the keys changed after cursor; see Store. It fails
-// with an error wrapping errStoreReset when the store lost the history
+// with an error wrapping store.ErrReset when the store lost the history
 // that cursor points into.
-func (s *Redis) Changes(ctx context.Context, cursor uint64) ([]Record, uint64, error) {
-	var recs []Record
-	next, err := s.read(ctx, cursor, s.page, func(page []Record) { recs = append(recs, page...) })
+func (s *Store) Changes(ctx context.Context, cursor uint64) ([]store.Record, uint64, error) {
+	var recs []store.Record
+	next, err := s.read(ctx, cursor, s.page, func(page []store.Record) { recs = append(recs, page...) })
 	if err != nil {
 		return nil, cursor, fmt.Errorf("reading key changes: %w", err)
 	}
 	return recs, next, nil
 }
 
-// countKeys returns the number of keys, revoked ones included.
-func (s *Redis) countKeys(ctx context.Context) (int, error) {
+// CountKeys returns the number of keys, revoked ones included.
+func (s *Store) CountKeys(ctx context.Context) (int, error) {
 	n, err := s.client.ZCard(ctx, redisSeqKey).Result()
 	if err != nil {
 		return 0, fmt.Errorf("counting keys: %w", err)
@@ -428,10 +436,10 @@ func (s *Redis) countKeys(ctx context.Context) (int, error) {
 	return int(n), nil
 }
 
-// loadAll passes every key to f, batch records at a time, and returns the
+// LoadAll passes every key to f, batch records at a time, and returns the
 // Changes cursor that follows them. A key changed during the load is
 // passed again, in its new state.
-func (s *Redis) loadAll(ctx context.Context, batch int, f func([]Record)) (uint64, error) {
+func (s *Store) LoadAll(ctx context.Context, batch int, f func([]store.Record)) (uint64, error) {
 	page := s.page
 	if batch > 0 {
 		page = min(page, batch)
@@ -445,19 +453,19 @@ func (s *Redis) loadAll(ctx context.Context, batch int, f func([]Record)) (uint6
 
 // read passes the keys changed after cursor to f, page keys at a time, in
 // the order of their changes, and returns the cursor that follows them.
-func (s *Redis) read(ctx context.Context, cursor uint64, page int, f func([]Record)) (uint64, error) {
+func (s *Store) read(ctx context.Context, cursor uint64, page int, f func([]store.Record)) (uint64, error) {
 	// The first page is read with the epoch and the counter, in one
 	// transaction, so that a reset store is recognised.
-	var epochCmd, counterCmd *redis.StringCmd
-	var rangeCmd *redis.ZSliceCmd
+	var epochCmd, counterCmd *goredis.StringCmd
+	var rangeCmd *goredis.ZSliceCmd
 	seq := cursor & seqMask
-	_, err := s.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+	_, err := s.client.TxPipelined(ctx, func(p goredis.Pipeliner) error {
 		epochCmd = p.Get(ctx, redisEpochKey)
 		counterCmd = p.Get(ctx, redisCounterKey)
 		rangeCmd = rangeAfter(ctx, p, seq, page)
 		return nil
 	})
-	if err != nil && !errors.Is(err, redis.Nil) {
+	if err != nil && !errors.Is(err, goredis.Nil) {
 		return cursor, err
 	}
 	if err := rangeCmd.Err(); err != nil {
@@ -472,7 +480,7 @@ func (s *Redis) read(ctx context.Context, cursor uint64, page int, f func([]Reco
 		return cursor, fmt.Errorf("reading the change counter: %w", err)
 	}
 	if cursor != 0 && (cursor>>epochShift != epoch || seq > counter) {
-		return cursor, errStoreReset
+		return cursor, store.ErrReset
 	}
 	ids := rangeCmd.Val()
 	for len(ids) > 0 {
@@ -494,8 +502,8 @@ func (s *Redis) read(ctx context.Context, cursor uint64, page int, f func([]Reco
 }
 
 // rangeAfter reads up to page IDs changed after seq, with their seqs.
-func rangeAfter(ctx context.Context, c redis.Cmdable, seq uint64, page int) *redis.ZSliceCmd {
-	return c.ZRangeByScoreWithScores(ctx, redisSeqKey, &redis.ZRangeBy{
+func rangeAfter(ctx context.Context, c goredis.Cmdable, seq uint64, page int) *goredis.ZSliceCmd {
+	return c.ZRangeByScoreWithScores(ctx, redisSeqKey, &goredis.ZRangeBy{
 		Min: "(" + strconv.FormatUint(seq, 10), Max: "+inf", Count: int64(page),
 	})
 }
@@ -503,9 +511,9 @@ func rangeAfter(ctx context.Context, c redis.Cmdable, seq uint64, page int) *red
 // fetch reads the records of a page of IDs, in one round trip, and
 // returns them with the highest seq of the page. An ID without a record
 // (which only a store emptied meanwhile has) is left out.
-func (s *Redis) fetch(ctx context.Context, ids []redis.Z) ([]Record, uint64, error) {
-	cmds := make([]*redis.SliceCmd, len(ids))
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+func (s *Store) fetch(ctx context.Context, ids []goredis.Z) ([]store.Record, uint64, error) {
+	cmds := make([]*goredis.SliceCmd, len(ids))
+	_, err := s.client.Pipelined(ctx, func(p goredis.Pipeliner) error {
 		for i, z := range ids {
 			cmds[i] = p.HMGet(ctx, redisKeyPrefix+z.Member.(string), recordFields...)
 		}
@@ -514,7 +522,7 @@ func (s *Redis) fetch(ctx context.Context, ids []redis.Z) ([]Record, uint64, err
 	if err != nil {
 		return nil, 0, err
 	}
-	recs := make([]Record, 0, len(ids))
+	recs := make([]store.Record, 0, len(ids))
 	var last uint64
 	for i, z := range ids {
 		last = max(last, uint64(z.Score))
@@ -530,16 +538,16 @@ func (s *Redis) fetch(ctx context.Context, ids []redis.Z) ([]Record, uint64, err
 }
 
 // TouchLastUsed raises last-used times in one pipeline; see Store.
-func (s *Redis) TouchLastUsed(ctx context.Context, used map[string]time.Time) error {
+func (s *Store) TouchLastUsed(ctx context.Context, used map[string]time.Time) error {
 	if len(used) == 0 {
 		return nil
 	}
 	keys := make([]string, 0, min(len(used), redisTouchChunk))
 	args := make([]any, 0, cap(keys))
-	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, err := s.client.Pipelined(ctx, func(p goredis.Pipeliner) error {
 		for id, at := range used {
 			keys = append(keys, redisKeyPrefix+id)
-			args = append(args, millis(at))
+			args = append(args, store.Millis(at))
 			if len(keys) == redisTouchChunk {
 				// EVAL, not EVALSHA: a pipeline cannot fall back on
 				// NOSCRIPT. Redis compiles the script once all the same.
@@ -563,13 +571,13 @@ func (s *Redis) TouchLastUsed(ctx context.Context, used map[string]time.Time) er
 // HourRetention, each 5-minute slot's SlotRetention. The script first checks the
 // writer's last applied sequence: a batch retried after its answer was
 // lost (Redis applied it, then the connection broke) is not counted again.
-func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
+func (s *Store) AddUsage(ctx context.Context, b store.UsageBatch) error {
 	if len(b.Rows) == 0 && len(b.Hours) == 0 && len(b.Refusals) == 0 && len(b.Slots) == 0 && len(b.SlotRefusals) == 0 {
 		return nil
 	}
 	keys := []string{redisWriterPrefix + b.Writer}
 	index := make(map[string]int)
-	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second), int64(HourRetention / time.Second), int64(SlotRetention / time.Second)}
+	args := []any{b.Seq, int64(usageTTL / time.Second), int64(writerTTL / time.Second), int64(store.HourRetention / time.Second), int64(store.SlotRetention / time.Second)}
 	keyIndex := func(k string) int {
 		i, ok := index[k]
 		if !ok {
@@ -579,7 +587,7 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 		}
 		return i
 	}
-	add := func(k, prefix string, r UsageRow) {
+	add := func(k, prefix string, r store.UsageRow) {
 		i := keyIndex(k)
 		prefix += r.Model
 		args = append(args, i, 6,
@@ -610,11 +618,11 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 	res, err := addUsageScript.Run(ctx, s.client, keys, args...).Int64Slice()
 	switch {
 	case rediserr.Refused(err):
-		return &RefusedError{Rows: all, Refusals: refusals, Err: fmt.Errorf("writing usage: %w", err)}
+		return &store.RefusedError{Rows: all, Refusals: refusals, Err: fmt.Errorf("writing usage: %w", err)}
 	case err != nil:
 		return fmt.Errorf("writing usage: %w", err)
 	case len(res) > 1:
-		e := &RefusedError{Err: errors.New("writing usage: a usage key that is not a hash, or a field that is not an integer")}
+		e := &store.RefusedError{Err: errors.New("writing usage: a usage key that is not a hash, or a field that is not an integer")}
 		for _, i := range res[1:] {
 			if int(i) < len(all) {
 				e.Rows = append(e.Rows, all[i])
@@ -630,28 +638,28 @@ func (s *Redis) AddUsage(ctx context.Context, b UsageBatch) error {
 // UsageSince implements UsageStore. It reads each day from day to
 // tomorrow (another instance's clock may be ahead), at most usageTTL
 // back, in one round trip.
-func (s *Redis) UsageSince(ctx context.Context, client, day string) ([]UsageRow, error) {
+func (s *Store) UsageSince(ctx context.Context, client, day string) ([]store.UsageRow, error) {
 	return s.usageSince(ctx, client, day, time.Now())
 }
 
-func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Time) ([]UsageRow, error) {
+func (s *Store) usageSince(ctx context.Context, client, day string, now time.Time) ([]store.UsageRow, error) {
 	from, err := time.Parse(time.DateOnly, day)
 	if err != nil {
-		return nil, fmt.Errorf("reading usage: %w: day '%s' is not YYYY-MM-DD", ErrInvalid, day)
+		return nil, fmt.Errorf("reading usage: %w: day '%s' is not YYYY-MM-DD", store.ErrInvalid, day)
 	}
-	today, _ := time.Parse(time.DateOnly, Day(now))
+	today, _ := time.Parse(time.DateOnly, store.Day(now))
 	if oldest := today.Add(-usageTTL); from.Before(oldest) {
 		from = oldest
 	}
 	var days []string
 	for d := from; !d.After(today.AddDate(0, 0, 1)); d = d.AddDate(0, 0, 1) {
-		days = append(days, Day(d))
+		days = append(days, store.Day(d))
 	}
 	if len(days) == 0 {
 		return nil, nil
 	}
-	cmds := make([]*redis.MapStringStringCmd, len(days))
-	_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+	cmds := make([]*goredis.MapStringStringCmd, len(days))
+	_, err = s.client.Pipelined(ctx, func(p goredis.Pipeliner) error {
 		for i, d := range days {
 			cmds[i] = p.HGetAll(ctx, usageKey(client, d))
 		}
@@ -660,9 +668,9 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 	if err != nil {
 		return nil, fmt.Errorf("reading usage: %w", err)
 	}
-	var out []UsageRow
+	var out []store.UsageRow
 	for i, d := range days {
-		byModel := make(map[string]*UsageRow)
+		byModel := make(map[string]*store.UsageRow)
 		for field, v := range cmds[i].Val() {
 			sep := strings.LastIndexByte(field, 0)
 			if sep < 0 {
@@ -675,7 +683,7 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 			model := field[:sep]
 			row := byModel[model]
 			if row == nil {
-				row = &UsageRow{Client: client, Day: d, Model: model}
+				row = &store.UsageRow{Client: client, Day: d, Model: model}
 				byModel[model] = row
 			}
 			setFigure(row, field[sep+1:], n)
@@ -688,23 +696,23 @@ func (s *Redis) usageSince(ctx context.Context, client, day string, now time.Tim
 }
 
 // SigningKeys returns every signing key, oldest first.
-func (s *Redis) SigningKeys(ctx context.Context) ([]SigningKey, error) {
+func (s *Store) SigningKeys(ctx context.Context) ([]store.SigningKey, error) {
 	stored, err := s.client.HGetAll(ctx, redisSigningKey).Result()
 	if err != nil {
 		return nil, fmt.Errorf("reading signing keys: %w", err)
 	}
-	keys := make([]SigningKey, 0, len(stored))
+	keys := make([]store.SigningKey, 0, len(stored))
 	for id, v := range stored {
 		if len(v) < 8 {
 			return nil, fmt.Errorf("reading signing keys: signing key %s has %d bytes, not 8 of time and a seed", id, len(v))
 		}
-		k, err := signingKeyFromSeed(id, []byte(v[8:]), int64(binary.BigEndian.Uint64([]byte(v[:8]))))
+		k, err := store.SigningKeyFromSeed(id, []byte(v[8:]), int64(binary.BigEndian.Uint64([]byte(v[:8]))))
 		if err != nil {
 			return nil, fmt.Errorf("reading signing keys: %w", err)
 		}
 		keys = append(keys, k)
 	}
-	slices.SortFunc(keys, func(a, b SigningKey) int {
+	slices.SortFunc(keys, func(a, b store.SigningKey) int {
 		if c := a.Created.Compare(b.Created); c != 0 {
 			return c
 		}
@@ -715,11 +723,11 @@ func (s *Redis) SigningKeys(ctx context.Context) ([]SigningKey, error) {
 
 // AddSigningKey stores k's created time and seed, with HSETNX: an ID
 // already stored is an error.
-func (s *Redis) AddSigningKey(ctx context.Context, k SigningKey) error {
-	if err := checkSigningKey(k); err != nil {
+func (s *Store) AddSigningKey(ctx context.Context, k store.SigningKey) error {
+	if err := store.CheckSigningKey(k); err != nil {
 		return err
 	}
-	v := binary.BigEndian.AppendUint64(nil, uint64(millis(k.Created)))
+	v := binary.BigEndian.AppendUint64(nil, uint64(store.Millis(k.Created)))
 	added, err := s.client.HSetNX(ctx, redisSigningKey, k.ID, append(v, k.Private.Seed()...)).Result()
 	if err != nil {
 		return fmt.Errorf("adding signing key %s: %w", k.ID, err)
@@ -731,7 +739,7 @@ func (s *Redis) AddSigningKey(ctx context.Context, k SigningKey) error {
 }
 
 // RemoveSigningKey deletes the signing key id; an unknown ID is no error.
-func (s *Redis) RemoveSigningKey(ctx context.Context, id string) error {
+func (s *Store) RemoveSigningKey(ctx context.Context, id string) error {
 	if err := s.client.HDel(ctx, redisSigningKey, id).Err(); err != nil {
 		return fmt.Errorf("removing signing key %s: %w", id, err)
 	}
@@ -739,12 +747,12 @@ func (s *Redis) RemoveSigningKey(ctx context.Context, id string) error {
 }
 
 // Close closes the connections.
-func (s *Redis) Close() error {
+func (s *Store) Close() error {
 	return s.client.Close()
 }
 
 // setFigure sets the figure of row that a usage hash's field names.
-func setFigure(row *UsageRow, figure string, n int64) {
+func setFigure(row *store.UsageRow, figure string, n int64) {
 	switch figure {
 	case "requests":
 		row.Requests = n
@@ -780,9 +788,9 @@ func newEpoch() uint64 {
 }
 
 // storedUint reads a counter that may be missing (0).
-func storedUint(cmd *redis.StringCmd) (uint64, error) {
+func storedUint(cmd *goredis.StringCmd) (uint64, error) {
 	v, err := cmd.Result()
-	if errors.Is(err, redis.Nil) {
+	if errors.Is(err, goredis.Nil) {
 		return 0, nil
 	}
 	if err != nil {
@@ -793,36 +801,58 @@ func storedUint(cmd *redis.StringCmd) (uint64, error) {
 
 // parseRecord reads the HMGET of recordFields for the key id; ok is false
 // when the key does not exist.
-func parseRecord(id string, vals []any) (r Record, ok bool, err error) {
+func parseRecord(id string, vals []any) (r store.Record, ok bool, err error) {
 	if len(vals) != len(recordFields) || vals[0] == nil {
-		return Record{}, false, nil
+		return store.Record{}, false, nil
 	}
 	str := func(i int) string { s, _ := vals[i].(string); return s }
 	var ms [4]int64 // created, expires, revoked, last_used
 	for i := range ms {
 		if ms[i], err = strconv.ParseInt(str(3+i), 10, 64); err != nil {
-			return Record{}, false, fmt.Errorf("key %s has a bad %s: %w", id, recordFields[3+i], err)
+			return store.Record{}, false, fmt.Errorf("key %s has a bad %s: %w", id, recordFields[3+i], err)
 		}
 	}
 	hash := str(2)
 	if len(hash) != len(r.Hash) {
-		return Record{}, false, fmt.Errorf("key %s has a hash of %d bytes, not %d", id, len(hash), len(r.Hash))
+		return store.Record{}, false, fmt.Errorf("key %s has a hash of %d bytes, not %d", id, len(hash), len(r.Hash))
 	}
 	// A key of an older version has no mint or settings field: str(7)
 	// and str(8) are "".
-	r = Record{ID: id, Name: str(0), Tier: str(1), Mint: splitMint(str(7))}
-	if r.Settings, err = decodeSettings(str(8)); err != nil {
-		return Record{}, false, fmt.Errorf("key %s: %w", id, err)
+	r = store.Record{ID: id, Name: str(0), Tier: str(1), Mint: store.SplitMint(str(7))}
+	if r.Settings, err = store.DecodeSettings(str(8)); err != nil {
+		return store.Record{}, false, fmt.Errorf("key %s: %w", id, err)
 	}
 	copy(r.Hash[:], hash)
-	r.Created, r.Expires, r.Revoked, r.LastUsed = fromMillis(ms[0]), fromMillis(ms[1]), fromMillis(ms[2]), fromMillis(ms[3])
+	r.Created, r.Expires, r.Revoked, r.LastUsed = store.FromMillis(ms[0]), store.FromMillis(ms[1]), store.FromMillis(ms[2]), store.FromMillis(ms[3])
 	return r, true, nil
 }
 
 // Interface guards
-var (
-	_ Store           = (*Redis)(nil)
-	_ UsageStore      = (*Redis)(nil)
-	_ bulkLoader      = (*Redis)(nil)
-	_ SigningKeyStore = (*Redis)(nil)
-)
+var _ store.Backend = (*Store)(nil)
+
+func init() {
+	d := &store.Driver{
+		Kind:   "redis",
+		Target: target,
+		Spec:   func(url string) string { return url },
+		Open:   func(url string) (store.Backend, error) { return Open(url) },
+		Display: func(target string) string {
+			if u, err := url.Parse(target); err == nil {
+				return u.Redacted()
+			}
+			return "redis"
+		},
+	}
+	store.Register("redis", d)
+	store.Register("rediss", d)
+}
+
+// target is the Driver's Target: the URL itself, once it parses.
+func target(spec string) (string, error) {
+	u, err := url.Parse(spec)
+	if err != nil || u.Host == "" || u.Scheme != "redis" && u.Scheme != "rediss" {
+		// The URL may hold a password: do not repeat it.
+		return "", errors.New("invalid redis store URL: use redis://[:PASSWORD@]HOST:PORT/DB")
+	}
+	return spec, nil
+}

@@ -1,14 +1,15 @@
-package keystore
+package store
 
 import (
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
-// encodeSettings is how the stores keep Settings: JSON, "" for none.
-func encodeSettings(s policy.Settings) (string, error) {
+// EncodeSettings is how the stores keep Settings: JSON, "" for none.
+func EncodeSettings(s policy.Settings) (string, error) {
 	if s.IsZero() {
 		return "", nil
 	}
@@ -16,8 +17,8 @@ func encodeSettings(s policy.Settings) (string, error) {
 	return string(b), err
 }
 
-// decodeSettings is the inverse of encodeSettings.
-func decodeSettings(v string) (policy.Settings, error) {
+// DecodeSettings is the inverse of EncodeSettings.
+func DecodeSettings(v string) (policy.Settings, error) {
 	var s policy.Settings
 	if v == "" {
 		return s, nil
@@ -33,4 +34,16 @@ func decodeSettings(v string) (policy.Settings, error) {
 		}
 	}
 	return s, nil
+}
+
+// JoinMint is how the stores keep Mint: the tiers joined by commas,
+// which no tier holds; "" for none.
+func JoinMint(mint []string) string { return strings.Join(mint, ",") }
+
+// SplitMint is the inverse of JoinMint: nil for "".
+func SplitMint(s string) []string {
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, ",")
 }
