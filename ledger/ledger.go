@@ -325,19 +325,6 @@ func (l *Ledger) Retrying() []store.UsageRow {
 	return slices.Clone(l.unsure.Rows)
 }
 
-// UsageSince returns the client's rows since day (inclusive), stored and
-// pending together, ordered by day and model.
-func (l *Ledger) UsageSince(ctx context.Context, client string, since time.Time) ([]store.UsageRow, error) {
-	r := &read[store.UsageRow]{kind: usageRows, client: client, since: store.Day(since)}
-	return r.do(l, func(st store.Backend) ([]store.UsageRow, error) { return st.UsageSince(ctx, client, r.since) },
-		func(u store.UsageBatch) (p []store.UsageRow) {
-			for _, row := range l.pending {
-				p = r.keep(p, *row)
-			}
-			return r.keepAll(p, u.Rows)
-		})
-}
-
 // QuotaUsed returns the tokens the client used since a time (a quota
 // period's start), for limiter.QuotaCounter.
 func (l *Ledger) QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error) {

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"iter"
 	"slices"
 	"strings"
 	"time"
@@ -89,13 +90,50 @@ func (k rowKind[R]) hours(slots []R) []R {
 var errNotOpen = errors.New("the usage ledger is not open")
 
 // read is one read of the ledger: the rows of client (of every client
-// when every) since a time, stored and pending together.
+// when every) since a time, stored and pending together. The zero value
+// reads nothing; the ledger's reads are the variables below.
 type read[R any] struct {
 	kind   rowKind[R]
 	client string
 	every  bool   // every client's rows, not only client's
 	since  string // a day, hour or slot: the rows of it and later
+	hours  bool   // the pending rows are by slot: sum them by hour
 	slots  bool   // only 5-minute rows, not the hours foldSlots made
+	// stored reads the store's rows, such as store.Backend.UsageHours.
+	stored func(st store.Backend, ctx context.Context, client, since string) ([]R, error)
+	// pending are the ledger's pending rows; the caller holds l.mu.
+	pending func(l *Ledger) iter.Seq[R]
+	// retried are the rows of the batch that may have been applied.
+	retried func(b store.UsageBatch) []R
+}
+
+// do reads the stored rows and adds the pending ones that the read
+// wants. A batch that may have been applied counts until it is known: a
+// moment of counting it twice rather than not at all.
+func (r *read[R]) do(ctx context.Context, l *Ledger) ([]R, error) {
+	var p []R
+	l.mu.Lock()
+	st := l.store
+	for row := range r.pending(l) {
+		if r.hours {
+			row = r.kind.hour(row)
+		}
+		p = r.keep(p, row)
+	}
+	if l.unsure != nil {
+		for _, row := range r.retried(*l.unsure) {
+			p = r.keep(p, row)
+		}
+	}
+	l.mu.Unlock()
+	if st == nil {
+		return nil, errNotOpen
+	}
+	rows, err := r.stored(st, ctx, r.client, r.since)
+	if err != nil {
+		return nil, err
+	}
+	return r.kind.merge(rows, p), nil
 }
 
 // keep appends row to rows if the read wants it.
@@ -107,36 +145,57 @@ func (r *read[R]) keep(rows []R, row R) []R {
 	return rows
 }
 
-// do reads the stored rows with stored and adds the pending ones, which
-// pending picks (with keep) under the ledger's lock from its pending
-// rows and the batch that may have been applied. Such a batch counts
-// until it is known: a moment of counting it twice rather than not at
-// all.
-func (r *read[R]) do(l *Ledger, stored func(store.Backend) ([]R, error), pending func(unsure store.UsageBatch) []R) ([]R, error) {
-	l.mu.Lock()
-	st := l.store
-	var unsure store.UsageBatch
-	if l.unsure != nil {
-		unsure = *l.unsure
+// usageIn yields the pending usage rows of m (l.pending or l.slots).
+func usageIn(m map[rowKey]*store.UsageRow) iter.Seq[store.UsageRow] {
+	return func(yield func(store.UsageRow) bool) {
+		for _, row := range m {
+			if !yield(*row) {
+				return
+			}
+		}
 	}
-	p := pending(unsure)
-	l.mu.Unlock()
-	if st == nil {
-		return nil, errNotOpen
-	}
-	rows, err := stored(st)
-	if err != nil {
-		return nil, err
-	}
-	return r.kind.merge(rows, p), nil
 }
 
-// keepAll appends the rows of list that the read wants.
-func (r *read[R]) keepAll(rows, list []R) []R {
-	for _, row := range list {
-		rows = r.keep(rows, row)
+// refusalsIn yields the pending refusal rows, by slot.
+func refusalsIn(l *Ledger) iter.Seq[store.RefusalRow] {
+	return func(yield func(store.RefusalRow) bool) {
+		for k, n := range l.refusals {
+			if !yield(refusalRow(k, n)) {
+				return
+			}
+		}
 	}
-	return rows
+}
+
+func days(l *Ledger) iter.Seq[store.UsageRow]  { return usageIn(l.pending) }
+func slots(l *Ledger) iter.Seq[store.UsageRow] { return usageIn(l.slots) }
+
+// The ledger's reads, but for whose rows and since when (see of).
+var (
+	usageDays = read[store.UsageRow]{kind: usageRows, stored: store.Backend.UsageSince, pending: days,
+		retried: func(b store.UsageBatch) []store.UsageRow { return b.Rows }}
+	usageHours = read[store.UsageRow]{kind: usageRows, hours: true, stored: store.Backend.UsageHours, pending: slots,
+		retried: func(b store.UsageBatch) []store.UsageRow { return b.Hours }}
+	usageSlots = read[store.UsageRow]{kind: usageRows, slots: true, stored: store.Backend.UsageSlots, pending: slots,
+		retried: func(b store.UsageBatch) []store.UsageRow { return b.Slots }}
+	refusalHours = read[store.RefusalRow]{kind: refusalRows, hours: true, stored: store.Backend.RefusalHours, pending: refusalsIn,
+		retried: func(b store.UsageBatch) []store.RefusalRow { return b.Refusals }}
+	refusalSlots = read[store.RefusalRow]{kind: refusalRows, slots: true, stored: store.Backend.RefusalSlots, pending: refusalsIn,
+		retried: func(b store.UsageBatch) []store.RefusalRow { return b.SlotRefusals }}
+)
+
+// of reads the rows of client since since (a day, hour or slot); every
+// client's for "" but in a read by day.
+func (r read[R]) of(ctx context.Context, l *Ledger, client, since string) ([]R, error) {
+	r.client, r.since = client, since
+	r.every = client == "" && (r.hours || r.slots)
+	return r.do(ctx, l)
+}
+
+// UsageSince returns the client's rows since day (inclusive), stored and
+// pending together, ordered by day and model.
+func (l *Ledger) UsageSince(ctx context.Context, client string, since time.Time) ([]store.UsageRow, error) {
+	return usageDays.of(ctx, l, client, store.Day(since))
 }
 
 // Hours returns the hourly rows (Day holding the UTC hour) since the
@@ -144,29 +203,14 @@ func (r *read[R]) keepAll(rows, list []R) []R {
 // client is "", ordered by hour, client and model. Rows older than
 // store.HourRetention are gone.
 func (l *Ledger) Hours(ctx context.Context, client string, since time.Time) ([]store.UsageRow, error) {
-	r := &read[store.UsageRow]{kind: usageRows, client: client, every: client == "", since: store.Hour(since)}
-	return r.do(l, func(st store.Backend) ([]store.UsageRow, error) { return st.UsageHours(ctx, client, r.since) },
-		func(u store.UsageBatch) (p []store.UsageRow) {
-			for _, row := range l.slots {
-				p = r.keep(p, usageRows.hour(*row))
-			}
-			return r.keepAll(p, u.Hours)
-		})
+	return usageHours.of(ctx, l, client, store.Hour(since))
 }
 
 // Slots returns the 5-minute rows (Day holding the UTC slot) since the
-// slot of since, stored and pending together, of every client when
-// client is "", ordered by slot, client and model. Rows older than
+// slot of since, as Hours does the hours; rows older than
 // store.SlotRetention are gone.
 func (l *Ledger) Slots(ctx context.Context, client string, since time.Time) ([]store.UsageRow, error) {
-	r := &read[store.UsageRow]{kind: usageRows, client: client, every: client == "", since: store.Slot(since), slots: true}
-	return r.do(l, func(st store.Backend) ([]store.UsageRow, error) { return st.UsageSlots(ctx, client, r.since) },
-		func(u store.UsageBatch) (p []store.UsageRow) {
-			for _, row := range l.slots {
-				p = r.keep(p, *row)
-			}
-			return r.keepAll(p, u.Slots)
-		})
+	return usageSlots.of(ctx, l, client, store.Slot(since))
 }
 
 // RefusalHours returns the refusals by hour since the hour of since,
@@ -174,27 +218,12 @@ func (l *Ledger) Slots(ctx context.Context, client string, since time.Time) ([]s
 // ordered by hour, client and reason. Rows older than
 // store.HourRetention are gone.
 func (l *Ledger) RefusalHours(ctx context.Context, client string, since time.Time) ([]store.RefusalRow, error) {
-	r := &read[store.RefusalRow]{kind: refusalRows, client: client, every: client == "", since: store.Hour(since)}
-	return r.do(l, func(st store.Backend) ([]store.RefusalRow, error) { return st.RefusalHours(ctx, client, r.since) },
-		func(u store.UsageBatch) (p []store.RefusalRow) {
-			for k, n := range l.refusals {
-				p = r.keep(p, refusalRows.hour(refusalRow(k, n)))
-			}
-			return r.keepAll(p, u.Refusals)
-		})
+	return refusalHours.of(ctx, l, client, store.Hour(since))
 }
 
 // RefusalSlots returns the refusals by 5-minute slot (Hour holding the
-// slot) since the slot of since, stored and pending together, of every
-// client when client is "", ordered by slot, client and reason. Rows
+// slot) since the slot of since, as RefusalHours does the hours; rows
 // older than store.SlotRetention are gone.
 func (l *Ledger) RefusalSlots(ctx context.Context, client string, since time.Time) ([]store.RefusalRow, error) {
-	r := &read[store.RefusalRow]{kind: refusalRows, client: client, every: client == "", since: store.Slot(since), slots: true}
-	return r.do(l, func(st store.Backend) ([]store.RefusalRow, error) { return st.RefusalSlots(ctx, client, r.since) },
-		func(u store.UsageBatch) (p []store.RefusalRow) {
-			for k, n := range l.refusals {
-				p = r.keep(p, refusalRow(k, n))
-			}
-			return r.keepAll(p, u.SlotRefusals)
-		})
+	return refusalSlots.of(ctx, l, client, store.Slot(since))
 }
