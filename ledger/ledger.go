@@ -183,14 +183,19 @@ type period struct {
 }
 
 // nameOf returns format(t), formatting it only when t is in another
-// period of step than the last.
+// period of step than the last: a check small enough to inline.
 func (p *period) nameOf(t time.Time, step time.Duration, format func(time.Time) string) string {
-	seconds := int64(step / time.Second)
-	unix := t.Unix()
-	if unix < p.unix || unix >= p.unix+seconds || p.name == "" {
-		p.name = format(t)
-		p.unix = unix - unix%seconds
+	if unix := t.Unix(); unix >= p.unix && unix < p.unix+int64(step/time.Second) && p.name != "" {
+		return p.name
 	}
+	return p.start(t, step, format)
+}
+
+// start makes the period of t the last.
+func (p *period) start(t time.Time, step time.Duration, format func(time.Time) string) string {
+	unix, seconds := t.Unix(), int64(step/time.Second)
+	p.name = format(t)
+	p.unix = unix - unix%seconds
 	return p.name
 }
 

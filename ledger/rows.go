@@ -18,19 +18,19 @@ import (
 type rowKind[R any] struct {
 	key   func(R) rowKey
 	add   func(*R, R)
-	setAt func(*R, string)
+	setAt func(R, string) R
 }
 
 var usageRows = rowKind[store.UsageRow]{
 	key:   func(r store.UsageRow) rowKey { return rowKey{r.Client, r.Day, r.Model} },
 	add:   (*store.UsageRow).Add,
-	setAt: func(r *store.UsageRow, at string) { r.Day = at },
+	setAt: func(r store.UsageRow, at string) store.UsageRow { r.Day = at; return r },
 }
 
 var refusalRows = rowKind[store.RefusalRow]{
 	key:   func(r store.RefusalRow) rowKey { return rowKey{r.Client, r.Hour, r.Reason} },
 	add:   func(r *store.RefusalRow, p store.RefusalRow) { r.Count = store.AddCount(r.Count, p.Count) },
-	setAt: func(r *store.RefusalRow, at string) { r.Hour = at },
+	setAt: func(r store.RefusalRow, at string) store.RefusalRow { r.Hour = at; return r },
 }
 
 // refusalRow is the pending refusal row of k, counting n.
@@ -43,28 +43,15 @@ func hourOf(at string) string { return at[:len(store.HourLayout)] }
 
 // hour returns r with its slot made its hour.
 func (k rowKind[R]) hour(r R) R {
-	k.setAt(&r, hourOf(k.key(r).at))
-	return r
+	return k.setAt(r, hourOf(k.key(r).at))
 }
 
-// merge adds the pending rows to the stored ones (a row of a stored
-// one's key to its sum, the others after them) and sorts them by time,
-// client and model or reason. It is the one merge of the ledger's reads.
+// merge adds the pending rows to the stored ones and sorts them by
+// time, client and model or reason. It is the one merge of the ledger's
+// reads.
 func (k rowKind[R]) merge(rows, pending []R) []R {
 	if len(pending) > 0 {
-		at := make(map[rowKey]int, len(rows))
-		for i, r := range rows {
-			at[k.key(r)] = i
-		}
-		for _, p := range pending {
-			key := k.key(p)
-			if i, ok := at[key]; ok {
-				k.add(&rows[i], p)
-				continue
-			}
-			at[key] = len(rows)
-			rows = append(rows, p)
-		}
+		rows = k.sum(rows, pending, false)
 	}
 	slices.SortFunc(rows, func(a, b R) int {
 		x, y := k.key(a), k.key(b)
@@ -79,11 +66,29 @@ func (k rowKind[R]) hours(slots []R) []R {
 	if len(slots) == 0 {
 		return nil
 	}
-	hours := make([]R, len(slots))
-	for i, r := range slots {
-		hours[i] = k.hour(r)
+	return k.sum(make([]R, 0, len(slots)), slots, true)
+}
+
+// sum adds each of more (made hours first, if hour) to the row of rows
+// of its key, or appends it: rows hold one row a key.
+func (k rowKind[R]) sum(rows, more []R, hour bool) []R {
+	at := make(map[rowKey]int, len(rows)+len(more))
+	for i, r := range rows {
+		at[k.key(r)] = i
 	}
-	return k.merge(hours[:0:0], hours)
+	for _, r := range more {
+		if hour {
+			r = k.hour(r)
+		}
+		key := k.key(r)
+		if i, ok := at[key]; ok {
+			k.add(&rows[i], r)
+			continue
+		}
+		at[key] = len(rows)
+		rows = append(rows, r)
+	}
+	return rows
 }
 
 // errNotOpen is the error of a read before the service started.
