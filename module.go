@@ -31,6 +31,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 	"github.com/vigthoria/caddy-vigthoria/store"
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
 )
 
 // Defaults of the handler's configuration.
@@ -74,32 +75,19 @@ type pooledLimiter struct {
 	limiter.Limiter
 	shared *limiter.Redis // nil for none
 	redis  *redis.Client  // the shared backend's connections; nil for none
+	// release gives redis back to the store backend, which shares it
+	// with the key store of the same URL (redisstore.SharedClient).
+	release func() error
 }
 
 // Destruct stops the shared limiter's lease renewals and retries, then
-// closes its connections.
+// gives its connections back.
 func (p pooledLimiter) Destruct() error {
 	if p.redis == nil {
 		return nil
 	}
 	p.shared.Close()
-	return p.redis.Close()
-}
-
-// newRedisClient connects to the Redis of a store spec with timeouts fit
-// for the request path; the limiter bounds its own waits (limiter.NewRedis).
-func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
-	opts, err := redis.ParseURL(url)
-	if err != nil {
-		return nil, fmt.Errorf("store: %w", err)
-	}
-	opts.DialTimeout = max(timeout, 500*time.Millisecond)
-	// The limiter waits up to a second for a late answer (a slow Redis is
-	// not a down one): the read must not give up first.
-	opts.ReadTimeout, opts.WriteTimeout = max(timeout, time.Second), max(timeout, time.Second)
-	opts.MaxRetries = -1 // a retry would double the wait the timeout bounds
-	opts.ContextTimeoutEnabled = true
-	return redis.NewClient(opts), nil
+	return p.release()
 }
 
 // maxLimitedClients bounds the in-memory limiter: about 120 bytes each.
@@ -736,9 +724,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if kind != "redis" {
 			return pooledLimiter{Limiter: limiter.NewMemory(ledgerCounter{h.keys.Ledger()}, maxLimitedClients)}, nil
 		}
-		client, err := newRedisClient(spec, time.Duration(h.StoreTimeout))
+		// The key store's client of the same URL: the limiter waits up
+		// to a second for a late answer (a slow Redis is not a down
+		// one), or store_timeout when longer, and reads must not give up
+		// first.
+		client, release, err := redisstore.SharedClient(spec, max(time.Duration(h.StoreTimeout), time.Second))
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("store: %w", err)
 		}
 		logger := caddy.Log().Named("vigthoria.limiter")
 		shared := limiter.NewRedis(client, "vgt:lim:", time.Duration(h.StoreTimeout), logger)
@@ -746,6 +738,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			Limiter: newFallback(shared, policy, logger),
 			shared:  shared,
 			redis:   client,
+			release: release,
 		}, nil
 	})
 	if err != nil {

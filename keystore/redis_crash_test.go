@@ -269,7 +269,7 @@ func TestRedisCrashConsistency(t *testing.T) {
 // openRedisCrash opens the store on srv, after the kill-th restart.
 func openRedisCrash(t *testing.T, kill int, srv *redistest.Server) *redisstore.Store {
 	t.Helper()
-	st, err := redisstore.Open(srv.URL)
+	st, err := openAfterRestart(srv.URL)
 	if err != nil {
 		t.Fatalf("kill %d: the store does not open after the restart: %v", kill, err)
 	}

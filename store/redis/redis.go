@@ -5,7 +5,7 @@
 // Redis use too (see Store.Client). It registers itself as the "redis"
 // kind of store, for redis:// and rediss:// URLs.
 //
-// It may import store, policy and go-redis.
+// It may import store, policy, internal/rediserr and go-redis.
 package redis
 
 import (
@@ -22,7 +22,6 @@ import (
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
-	"github.com/redis/go-redis/v9/maintnotifications"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/rediserr"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -97,10 +96,6 @@ const (
 	// Service's operations run in the background of requests, and an
 	// unreachable Redis should fail a sync quickly rather than hold it.
 	redisTimeout = 2 * time.Second
-
-	// redisPoolSize is the default number of connections: the Service
-	// has at most a few operations in flight.
-	redisPoolSize = 8
 
 	// usageTTL is how long a day of the usage ledger is kept after its
 	// last write.
@@ -268,15 +263,17 @@ return 0`)
 // drops the lost keys from its index; a single evicted key it does not
 // notice.
 type Store struct {
-	client *goredis.Client
-	page   int // keys per read: redisPage but in tests
+	client  *goredis.Client
+	release func() error // gives client back (see SharedClient)
+	page    int          // keys per read: redisPage but in tests
 }
 
 // Open connects to the Redis at url ("redis://[:PASSWORD@]HOST:PORT/DB",
-// or "rediss://" for TLS) and checks that it answers. Timeouts and the
+// or "rediss://" for TLS) and checks that it answers. Its client is the
+// one this process shares for url (see SharedClient): timeouts and the
 // pool size may be set in the URL's query (dial_timeout=…, pool_size=…);
-// the defaults suit a Service: 2s timeouts, 8 connections, no retries of
-// dials or commands (the Service tries again at its next poll).
+// the defaults suit a Service: 2s timeouts, no retries of dials or
+// commands (the Service tries again at its next poll).
 func Open(rawURL string) (*Store, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
@@ -284,39 +281,22 @@ func Open(rawURL string) (*Store, error) {
 		return nil, errors.New("opening key store: invalid redis URL: use redis://[:PASSWORD@]HOST:PORT/DB")
 	}
 	name := u.Redacted()
-	opts, err := goredis.ParseURL(rawURL)
+	client, release, err := SharedClient(rawURL, 0)
 	if err != nil {
 		return nil, fmt.Errorf("opening key store %s: %w", name, err)
 	}
-	for _, d := range []*time.Duration{&opts.DialTimeout, &opts.ReadTimeout, &opts.WriteTimeout, &opts.PoolTimeout} {
-		if *d == 0 {
-			*d = redisTimeout
-		}
-	}
-	if opts.PoolSize == 0 {
-		opts.PoolSize = redisPoolSize
-	}
-	if opts.MaxRetries == 0 {
-		opts.MaxRetries = -1 // none: a write retried after a lost answer could apply twice
-	}
-	if opts.DialerRetries == 0 {
-		opts.DialerRetries = 1 // fail fast: the Service tries again at its next poll
-	}
-	opts.ContextTimeoutEnabled = true
-	opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
-	client := goredis.NewClient(opts)
+	opts := client.Options()
 	ctx, cancel := context.WithTimeout(context.Background(), opts.DialTimeout+opts.ReadTimeout)
 	defer cancel()
 	if err := client.Ping(ctx).Err(); err != nil {
-		client.Close()
+		release()
 		return nil, fmt.Errorf("opening key store %s: %w", name, err)
 	}
-	return &Store{client: client, page: redisPage}, nil
+	return &Store{client: client, release: release, page: redisPage}, nil
 }
 
-// Client returns the store's Redis client, so that the limiter and the
-// upstream state of the same Redis share its connections instead of
-// making a second client for the same URL. Closing the store closes it.
+// Client returns the store's Redis client, the one this process shares
+// for its URL (see SharedClient). Closing the store gives it back.
 func (s *Store) Client() *goredis.Client { return s.client }
 
 // Insert adds a new key.
@@ -748,7 +728,7 @@ func (s *Store) RemoveSigningKey(ctx context.Context, id string) error {
 
 // Close closes the connections.
 func (s *Store) Close() error {
-	return s.client.Close()
+	return s.release()
 }
 
 // setFigure sets the figure of row that a usage hash's field names.
