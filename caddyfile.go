@@ -15,10 +15,10 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func init() {
@@ -152,7 +152,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "store":
 			args := d.RemainingArgs()
 			var ok bool
-			if h.Store, ok = keystore.StoreArgs(args); !ok {
+			if h.Store, ok = store.SpecFromArgs(args); !ok {
 				return d.Errf("store takes 'sqlite [<path>]' or 'redis <url>', got '%s'", strings.Join(args, " "))
 			}
 		case "identity":
@@ -212,7 +212,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("cors needs at least one origin, such as https://app.example.com")
 			}
 			for _, o := range h.CORS {
-				if err := keystore.CheckOrigin(o); err != nil {
+				if err := policy.CheckOrigin(o); err != nil {
 					return d.Errf("cors: %v", err)
 				}
 			}
@@ -498,12 +498,12 @@ func (h *Handler) unmarshalAlerts(d *caddyfile.Dispenser) error {
 }
 
 // parseTierRate reads "<n>/<window> [burst <b>]".
-func parseTierRate(args []string) (*policy.Rate, error) {
-	r, err := keystore.ParseRate(strings.Join(args, " "))
+func parseTierRate(args []string) (*policy.TierRate, error) {
+	r, err := policy.ParseRate(strings.Join(args, " "))
 	if err != nil {
 		return nil, err
 	}
-	return &policy.Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}, nil
+	return &policy.TierRate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}, nil
 }
 
 // parseQuota reads "<n>/day" or "<n>/month".
@@ -511,7 +511,7 @@ func parseQuota(args []string) (*policy.Quota, error) {
 	if len(args) != 1 {
 		return nil, errors.New("want <n>/day or <n>/month")
 	}
-	q, err := keystore.ParseQuota(args[0])
+	q, err := policy.ParseQuota(args[0])
 	if err != nil {
 		return nil, err
 	}
@@ -543,7 +543,7 @@ func parsePositive[T int | int64](args []string) (T, error) {
 
 // parseRate reads "<n>/<duration>", e.g. 20/1m.
 func parseRate(s string) (int, time.Duration, error) {
-	r, err := keystore.ParseRate(s)
+	r, err := policy.ParseRate(s)
 	if err != nil {
 		return 0, 0, err
 	}

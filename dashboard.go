@@ -11,16 +11,18 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/dashboard"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // storeSpec resolves a handler's store as configured into the key of its
 // service in keyServices: placeholders resolved, the default filled in.
-func storeSpec(store string) (spec, kind string, err error) {
-	if store == "" {
-		store = "sqlite:" + keystore.DefaultSQLitePath()
+func storeSpec(configured string) (spec, kind string, err error) {
+	if configured == "" {
+		configured = "sqlite:" + store.DefaultSQLitePath()
 	}
-	spec = caddy.NewReplacer().ReplaceAll(store, "")
-	kind, _, err = keystore.ParseSpec(spec)
+	spec = caddy.NewReplacer().ReplaceAll(configured, "")
+	kind, _, err = store.ParseSpec(spec)
 	return spec, kind, err
 }
 
@@ -113,23 +115,23 @@ func (p handlerPolicy) Currency() string {
 	return p.h.Currency
 }
 
-func (p handlerPolicy) Limits(tier string, s *keystore.Settings) (dashboard.Limits, bool) {
+func (p handlerPolicy) Limits(tier string, s *policy.Settings) (dashboard.Limits, bool) {
 	t := p.h.policy.TierFor(tier, s)
 	if t == nil {
 		return dashboard.Limits{}, false
 	}
 	l := dashboard.Limits{Concurrent: t.Concurrent, Models: t.Models, MaxTokens: t.MaxTokens}
 	if r := t.Requests; r != nil {
-		l.Requests = &keystore.Rate{N: r.N, Window: time.Duration(r.Window), Burst: r.Burst}
+		l.Requests = &policy.Rate{N: r.N, Window: time.Duration(r.Window), Burst: r.Burst}
 	}
 	if r := t.Tokens; r != nil {
-		l.Tokens = &keystore.Rate{N: r.N, Window: time.Duration(r.Window), Burst: r.Burst}
+		l.Tokens = &policy.Rate{N: r.N, Window: time.Duration(r.Window), Burst: r.Burst}
 	}
 	if q := t.Quota; q != nil {
-		l.Quota = &keystore.Amount{N: q.N, Period: q.Period}
+		l.Quota = &policy.Amount{N: q.N, Period: q.Period}
 	}
 	if b := &t.BudgetLimits().Quota; !b.Unlimited() {
-		l.Budget = &keystore.Amount{N: b.N, Period: b.Period.String()}
+		l.Budget = &policy.Amount{N: b.N, Period: b.Period.String()}
 	}
 	return l, true
 }

@@ -91,7 +91,7 @@ func FuzzTokenRequest(f *testing.F) {
 			t.Errorf("minted with %d models", len(tr.Models))
 		}
 		for _, m := range tr.Models {
-			if !keystore.ValidGlob(m) {
+			if !policy.ValidGlob(m) {
 				t.Errorf("minted with model glob %q", m)
 			}
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -145,7 +146,7 @@ func (x *exchange) serveTokens() error {
 	if f != nil {
 		return x.refuseDecided(f)
 	}
-	h.admitter.Settle(r.Context(), &a, keystore.Tokens{})
+	h.admitter.Settle(r.Context(), &a, ledger.Tokens{})
 
 	req, apiErr := h.readTokenRequest(w, r, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
 	if apiErr != nil {
@@ -220,7 +221,7 @@ func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.T
 		return tr, errMintRequest("models names at most " + strconv.Itoa(maxMintModels) + " models or globs.")
 	}
 	for _, m := range tr.Models {
-		if !keystore.ValidGlob(m) {
+		if !policy.ValidGlob(m) {
 			return tr, errMintRequest("models holds " + strconv.Quote(api.Clip(m, 64)) + ", which is not a model name or glob such as vigthoria-fast-*.")
 		}
 	}
@@ -274,7 +275,7 @@ func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
 		return keystore.Client{}, false
 	}
 	for _, m := range models {
-		if !keystore.ValidGlob(m) {
+		if !policy.ValidGlob(m) {
 			return keystore.Client{}, false
 		}
 	}

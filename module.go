@@ -21,10 +21,13 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
 )
 
 // Defaults of the handler's configuration.
@@ -68,38 +71,25 @@ type pooledLimiter struct {
 	limiter.Limiter
 	shared *limiter.Redis // nil for none
 	redis  *redis.Client  // the shared backend's connections; nil for none
+	// release gives redis back to the store backend, which shares it
+	// with the key store of the same URL (redisstore.SharedClient).
+	release func() error
 }
 
 // Destruct stops the shared limiter's lease renewals and retries, then
-// closes its connections.
+// gives its connections back.
 func (p pooledLimiter) Destruct() error {
 	if p.redis == nil {
 		return nil
 	}
 	p.shared.Close()
-	return p.redis.Close()
-}
-
-// newRedisClient connects to the Redis of a store spec with timeouts fit
-// for the request path; the limiter bounds its own waits (limiter.NewRedis).
-func newRedisClient(url string, timeout time.Duration) (*redis.Client, error) {
-	opts, err := redis.ParseURL(url)
-	if err != nil {
-		return nil, fmt.Errorf("store: %w", err)
-	}
-	opts.DialTimeout = max(timeout, 500*time.Millisecond)
-	// The limiter waits up to a second for a late answer (a slow Redis is
-	// not a down one): the read must not give up first.
-	opts.ReadTimeout, opts.WriteTimeout = max(timeout, time.Second), max(timeout, time.Second)
-	opts.MaxRetries = -1 // a retry would double the wait the timeout bounds
-	opts.ContextTimeoutEnabled = true
-	return redis.NewClient(opts), nil
+	return p.release()
 }
 
 // ledgerCounter reads what a client used of its quota from the ledger,
 // so that quotas and budgets survive a restart: tokens for a client,
 // cost for its budget account.
-type ledgerCounter struct{ ledger *keystore.Ledger }
+type ledgerCounter struct{ ledger *ledger.Ledger }
 
 func (c ledgerCounter) QuotaUsed(ctx context.Context, client string, since time.Time) (int64, error) {
 	if id, ok := strings.CutPrefix(client, admission.BudgetPrefix); ok {
@@ -462,7 +452,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// password from the environment) are resolved here and kept out of
 	// the config.
 	if h.Store == "" {
-		h.Store = "sqlite:" + keystore.DefaultSQLitePath()
+		h.Store = "sqlite:" + store.DefaultSQLitePath()
 	}
 	spec, kind, err := storeSpec(h.Store)
 	if err != nil {
@@ -504,9 +494,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if kind != "redis" {
 			return pooledLimiter{Limiter: limiter.NewMemory(ledgerCounter{h.keys.Ledger()}, maxLimitedClients)}, nil
 		}
-		client, err := newRedisClient(spec, time.Duration(h.StoreTimeout))
+		// The key store's client of the same URL: the limiter waits up
+		// to a second for a late answer (a slow Redis is not a down
+		// one), or store_timeout when longer, and reads must not give up
+		// first.
+		client, release, err := redisstore.SharedClient(spec, max(time.Duration(h.StoreTimeout), time.Second))
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("store: %w", err)
 		}
 		logger := caddy.Log().Named("vigthoria.limiter")
 		shared := limiter.NewRedis(client, "vgt:lim:", time.Duration(h.StoreTimeout), logger)
@@ -514,6 +508,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			Limiter: newFallback(shared, onError, logger),
 			shared:  shared,
 			redis:   client,
+			release: release,
 		}, nil
 	})
 	if err != nil {
@@ -629,7 +624,7 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("default_max_tokens must be from 1 to %d, not %d", maxDefaultMaxTokens, h.DefaultMaxTokens)
 	}
 	for _, o := range h.CORS {
-		if err := keystore.CheckOrigin(o); err != nil {
+		if err := policy.CheckOrigin(o); err != nil {
 			return fmt.Errorf("cors: %w", err)
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -53,7 +54,7 @@ type exchange struct {
 	call      *proxy.Call
 	info      wire.RequestInfo
 	forwarded bool
-	running   *keystore.Running // a stream's usage, recorded as it goes
+	running   *ledger.Running // a stream's usage, recorded as it goes
 }
 
 // serve is ServeHTTP's pipeline.
@@ -115,7 +116,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	if ep.ID == api.Usage {
 		// Counted as a request, then settled before the report reads
 		// the standing, which would otherwise count it in flight.
-		h.admitter.Settle(r.Context(), &x.adm, keystore.Tokens{})
+		h.admitter.Settle(r.Context(), &x.adm, ledger.Tokens{})
 		requestsBy.get([3]string{client.Tier, ep.Name, "ok"}).Inc()
 		return x.serveUsage()
 	}
@@ -211,8 +212,8 @@ func (x *exchange) settle(ep *api.Endpoint) {
 	h, client := x.h, x.client
 	ad, ctx := h.admitter, x.r.Context()
 	if !x.forwarded {
-		ad.Settle(ctx, &x.adm, keystore.Tokens{})
-		ad.NoteStanding(&x.adm, keystore.Tokens{})
+		ad.Settle(ctx, &x.adm, ledger.Tokens{})
+		ad.NoteStanding(&x.adm, ledger.Tokens{})
 		return
 	}
 	usage := &x.call.Usage
@@ -244,7 +245,7 @@ func (x *exchange) settle(ep *api.Endpoint) {
 // second (keystore.Running): its prompt's estimate and the output it
 // carried so far, from its first delta on, as a stream cut short is
 // charged (see admission.Charge). The meter reads one atomic counter.
-func (x *exchange) recordStream() *keystore.Running {
+func (x *exchange) recordStream() *ledger.Running {
 	call, client := x.call, x.client
 	prompt := min(cmp.Or(call.Usage.Prompt, wire.PromptEstimate(int64(len(call.Body)))), x.adm.Lease.Reserved)
 	p, priced := x.h.policy.Price(x.info.Model)
@@ -252,12 +253,12 @@ func (x *exchange) recordStream() *keystore.Running {
 	if client.Minted != nil {
 		also = client.Minted.KeyID
 	}
-	return x.h.keys.Ledger().Begin(client.ID, also, x.info.Model, func() keystore.Tokens {
+	return x.h.keys.Ledger().Begin(client.ID, also, x.info.Model, func() ledger.Tokens {
 		streamed := call.Streamed()
 		if streamed == 0 {
-			return keystore.Tokens{}
+			return ledger.Tokens{}
 		}
-		t := keystore.Tokens{Prompt: prompt, Completion: streamed}
+		t := ledger.Tokens{Prompt: prompt, Completion: streamed}
 		if priced {
 			t.Cost = p.Cost(t.Prompt, t.Completion)
 		}

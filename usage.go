@@ -11,6 +11,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // usageReport is the answer of GET /v1/usage: the caller's own usage and
@@ -60,7 +61,7 @@ type completionDetails struct {
 
 // countsOf shapes a sum of rows; details adds the details when they are
 // zero too. Its cost is there when currency is not "".
-func countsOf(sum keystore.UsageRow, details bool, currency string) usageCounts {
+func countsOf(sum store.UsageRow, details bool, currency string) usageCounts {
 	c := usageCounts{
 		Requests: sum.Requests, PromptTokens: sum.PromptTokens,
 		CompletionTokens: sum.CompletionTokens, TotalTokens: sum.TotalTokens(),
@@ -72,7 +73,7 @@ func countsOf(sum keystore.UsageRow, details bool, currency string) usageCounts 
 		c.CompletionDetails = &completionDetails{sum.ReasoningTokens}
 	}
 	if currency != "" {
-		c.Cost = &costReport{Amount: keystore.FormatCost(sum.Cost), Currency: currency}
+		c.Cost = &costReport{Amount: policy.FormatCost(sum.Cost), Currency: currency}
 	}
 	return c
 }
@@ -146,20 +147,20 @@ func (x *exchange) serveUsage() error {
 
 // reportUsage is the report of a caller of tier from its ledger rows of
 // this month, its state under its tier's limits and its budget's.
-func (h *Handler) reportUsage(client keystore.Client, tier *policy.Tier, rows []keystore.UsageRow, state, budget limiter.State, now time.Time) usageReport {
+func (h *Handler) reportUsage(client keystore.Client, tier *policy.Tier, rows []store.UsageRow, state, budget limiter.State, now time.Time) usageReport {
 	monthStart := limiter.Month.Start(now)
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
-		Today:   usagePeriod{Start: keystore.Day(now)},
-		Month:   usagePeriod{Start: keystore.Day(monthStart)},
+		Today:   usagePeriod{Start: store.Day(now)},
+		Month:   usagePeriod{Start: store.Day(monthStart)},
 		ByModel: []modelReport{},
 	}
 	if client.Minted != nil {
 		rep.MintedBy = client.Minted.KeyID
 	}
 	// Sums of rows saturate, as the ledger's own do.
-	var today, month keystore.UsageRow
-	models := make(map[string]*keystore.UsageRow)
+	var today, month store.UsageRow
+	models := make(map[string]*store.UsageRow)
 	for _, row := range rows {
 		month.Add(row)
 		if row.Day == rep.Today.Start {
@@ -167,7 +168,7 @@ func (h *Handler) reportUsage(client keystore.Client, tier *policy.Tier, rows []
 		}
 		m := models[row.Model]
 		if m == nil {
-			m = new(keystore.UsageRow)
+			m = new(store.UsageRow)
 			models[row.Model] = m
 		}
 		m.Add(row)
@@ -204,7 +205,7 @@ func (h *Handler) reportUsage(client keystore.Client, tier *policy.Tier, rows []
 		}
 	}
 	if b := tier.BudgetLimits().Quota; !b.Unlimited() {
-		money := func(n int64) costReport { return costReport{Amount: keystore.FormatCost(n), Currency: h.Currency} }
+		money := func(n int64) costReport { return costReport{Amount: policy.FormatCost(n), Currency: h.Currency} }
 		rep.Limits.Budget = &budgetReport{
 			Period: b.Period.String(), Limit: money(b.N), Used: money(budget.QuotaUsed),
 			Remaining: money(max(b.N-budget.QuotaUsed, 0)), Reset: budget.QuotaReset,

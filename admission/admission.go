@@ -20,6 +20,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
@@ -129,7 +130,7 @@ func (ad *Admitter) Admit(ctx context.Context, client keystore.Client, tier *pol
 	}
 	s := side{id: id, who: mintingKey(client), lim: m.LimitsFor(set), tierName: client.Minted.KeyTier, shared: true}
 	if f := ad.join(ctx, &a, s, 0, now); f != nil {
-		ad.Settle(ctx, &a, keystore.Tokens{})
+		ad.Settle(ctx, &a, ledger.Tokens{})
 		return a, f
 	}
 	return a, nil
@@ -164,7 +165,7 @@ func (ad *Admitter) join(ctx context.Context, a *Admission, s side, n int64, now
 // Settle ends an admitted request in the limiter, on every side: what it
 // used replaces its reservations, tokens on the limits' sides and its
 // cost on the budgets', and its slots are freed.
-func (ad *Admitter) Settle(ctx context.Context, a *Admission, used keystore.Tokens) {
+func (ad *Admitter) Settle(ctx context.Context, a *Admission, used ledger.Tokens) {
 	ad.settle(ctx, a.id, a.lim, a.Lease, used.Total())
 	for i := range a.n {
 		s := &a.sides[i]

@@ -5,6 +5,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
 
@@ -25,7 +26,7 @@ func (ad *Admitter) noteUsage(kind string, client keystore.Client, used, limit i
 // used: requests of the same account settled meanwhile are not in it,
 // and are counted by the next figure noted. Only use crosses a
 // threshold: a refusal is noted apart, by noteRefused.
-func (ad *Admitter) NoteStanding(a *Admission, used keystore.Tokens) {
+func (ad *Admitter) NoteStanding(a *Admission, used ledger.Tokens) {
 	ad.noteSide(alerts.Quota, a.client, a.lim, &a.Decision, used.Total())
 	for i := range a.n {
 		s := &a.sides[i]

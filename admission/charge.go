@@ -1,7 +1,7 @@
 package admission
 
 import (
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 	"go.uber.org/zap"
@@ -43,7 +43,7 @@ const maxAnswerTokens = 1 << 24
 //     is true: such figures would only corrupt the ledger and the quota.
 //
 // bodyLen sizes the prompt's estimate when police set none.
-func Charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens, absurd bool, pastCap int64) {
+func Charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used ledger.Tokens, absurd bool, pastCap int64) {
 	prompt := u.Prompt
 	if prompt == 0 {
 		prompt = wire.PromptEstimate(bodyLen)
@@ -52,7 +52,7 @@ func Charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens,
 	bound := max(reserve, maxAnswerTokens)
 	switch {
 	case u.Reported && u.Garbled == "" && max(u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens) <= bound:
-		used = keystore.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}
+		used = ledger.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}
 		seen := u.Bytes
 		if u.Stream {
 			seen = u.Chunks
@@ -66,25 +66,25 @@ func Charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens,
 	case u.Reported:
 		absurd = true
 	case u.Status >= 400:
-		return keystore.Tokens{}, false, 0
+		return ledger.Tokens{}, false, 0
 	case !u.Sent() || !u.CallerLeft():
 		if u.Status == 0 {
-			return keystore.Tokens{}, false, 0
+			return ledger.Tokens{}, false, 0
 		}
 		if u.Stream {
-			return keystore.Tokens{Prompt: prompt, Completion: u.Chunks}, false, 0
+			return ledger.Tokens{Prompt: prompt, Completion: u.Chunks}, false, 0
 		}
 	default:
-		return keystore.Tokens{Prompt: max(prompt, bodyLen), Completion: reserve - prompt}, false, 0
+		return ledger.Tokens{Prompt: max(prompt, bodyLen), Completion: reserve - prompt}, false, 0
 	}
-	return keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd, 0
+	return ledger.Tokens{Prompt: prompt, Completion: reserve - prompt}, absurd, 0
 }
 
 // ChargeFor is Charge for a request of the client, with its cost at the
 // model's price when it has one, logging usage it does not believe for the
 // operator: a warning naming the caller by key ID. pastCap is the output
 // reported past the cap and not charged.
-func (ad *Admitter) ChargeFor(clientID, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) (used keystore.Tokens, pastCap int64) {
+func (ad *Admitter) ChargeFor(clientID, model string, u *proxy.AnswerUsage, reserve, bodyLen int64) (used ledger.Tokens, pastCap int64) {
 	used, absurd, pastCap := Charge(u, reserve, bodyLen)
 	if p, ok := ad.Policy.Price(model); ok {
 		used.Cost = p.Cost(used.Prompt, used.Completion)

@@ -8,7 +8,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -69,21 +69,21 @@ func TestChargeAbsurdUsage(t *testing.T) {
 		name    string
 		usage   proxy.AnswerUsage
 		reserve int64
-		want    keystore.Tokens
+		want    ledger.Tokens
 		absurd  bool
 	}{
 		{"believed, with details", proxy.AnswerUsage{PromptTokens: 2048, CompletionTokens: 300, CachedTokens: 1920, ReasoningTokens: 256},
-			reserve, keystore.Tokens{Prompt: 2048, Completion: 300, Cached: 1920, Reasoning: 256}, false},
+			reserve, ledger.Tokens{Prompt: 2048, Completion: 300, Cached: 1920, Reasoning: 256}, false},
 		{"a prompt far over its estimate", proxy.AnswerUsage{PromptTokens: 1_000_000, CompletionTokens: 10},
-			reserve, keystore.Tokens{Prompt: 1_000_000, Completion: 10}, false},
+			reserve, ledger.Tokens{Prompt: 1_000_000, Completion: 10}, false},
 		{"garbled", proxy.AnswerUsage{CompletionTokens: 5, Garbled: `{"prompt_tokens":9e18,"completion_tokens":5}`},
-			reserve, keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
+			reserve, ledger.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
 		{"a prompt past any context", proxy.AnswerUsage{PromptTokens: maxAnswerTokens + 1, CompletionTokens: 5},
-			reserve, keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
+			reserve, ledger.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
 		{"cached tokens past any context", proxy.AnswerUsage{PromptTokens: 5, CachedTokens: 1 << 40},
-			reserve, keystore.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
+			reserve, ledger.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
 		{"a large reservation bounds instead", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 128 * 200_000},
-			128*200_000 + prompt, keystore.Tokens{Prompt: 10, Completion: 128 * 200_000}, false},
+			128*200_000 + prompt, ledger.Tokens{Prompt: 10, Completion: 128 * 200_000}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := tc.usage
@@ -103,19 +103,19 @@ func TestChargePastCap(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		usage   proxy.AnswerUsage
-		want    keystore.Tokens
+		want    ledger.Tokens
 		pastCap int64
 	}{
 		{"within the cap", proxy.AnswerUsage{PromptTokens: 5000, CompletionTokens: 100, Bytes: 900},
-			keystore.Tokens{Prompt: 5000, Completion: 100}, 0},
+			ledger.Tokens{Prompt: 5000, Completion: 100}, 0},
 		{"a whole answer past its cap and its bytes", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 100_000, ReasoningTokens: 90_000, Bytes: 900},
-			keystore.Tokens{Prompt: 10, Completion: 900, Reasoning: 900}, 99_100},
+			ledger.Tokens{Prompt: 10, Completion: 900, Reasoning: 900}, 99_100},
 		{"a whole answer that carried it", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 2000, Bytes: 9000},
-			keystore.Tokens{Prompt: 10, Completion: 2000}, 0},
+			ledger.Tokens{Prompt: 10, Completion: 2000}, 0},
 		{"a stream past its cap and its deltas", proxy.AnswerUsage{Stream: true, PromptTokens: 10, CompletionTokens: 100_000, Chunks: 100},
-			keystore.Tokens{Prompt: 10, Completion: 100}, 99_900},
+			ledger.Tokens{Prompt: 10, Completion: 100}, 99_900},
 		{"a stream that carried it", proxy.AnswerUsage{Stream: true, PromptTokens: 10, CompletionTokens: 3000, Chunks: 3000},
-			keystore.Tokens{Prompt: 10, Completion: 3000}, 0},
+			ledger.Tokens{Prompt: 10, Completion: 3000}, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := tc.usage
@@ -174,12 +174,12 @@ func TestChargeForCosts(t *testing.T) {
 		name  string
 		model string
 		u     proxy.AnswerUsage
-		want  keystore.Tokens
+		want  ledger.Tokens
 	}{
-		{"priced", "vigthoria-fast-1", reported, keystore.Tokens{Prompt: 1200, Completion: 345, Cost: 258}}, // 120 + 138
-		{"unpriced", "other", reported, keystore.Tokens{Prompt: 1200, Completion: 345}},
+		{"priced", "vigthoria-fast-1", reported, ledger.Tokens{Prompt: 1200, Completion: 345, Cost: 258}}, // 120 + 138
+		{"unpriced", "other", reported, ledger.Tokens{Prompt: 1200, Completion: 345}},
 		{"absurd: the reservation", "vigthoria-fast-1", proxy.AnswerUsage{Status: 200, Reported: true, Garbled: "x"},
-			keystore.Tokens{Prompt: 100, Completion: 4000, Cost: 1610}}, // 10 + 1600
+			ledger.Tokens{Prompt: 100, Completion: 4000, Cost: 1610}}, // 10 + 1600
 	} {
 		if got, _ := h.ChargeFor("key_x", tc.model, &tc.u, 4100, 400); got != tc.want {
 			t.Errorf("%s: charged %+v, want %+v", tc.name, got, tc.want)

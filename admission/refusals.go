@@ -5,7 +5,6 @@ import (
 	"strconv"
 
 	"github.com/vigthoria/caddy-vigthoria/api"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
@@ -55,11 +54,11 @@ func sideRefusal(s *side, d limiter.Decision) *Refusal {
 		what := "You exceeded the budget of tier " + s.tierName
 		if d.QuotaUsed < q.N {
 			what = "This request could cost more than is left of the budget of tier " + s.tierName +
-				" (" + keystore.FormatCost(q.N-d.QuotaUsed) + " left); a smaller request may still fit"
+				" (" + policy.FormatCost(q.N-d.QuotaUsed) + " left); a smaller request may still fit"
 		}
 		e = api.Error{
 			Status: http.StatusTooManyRequests, Type: "insufficient_quota", Code: "insufficient_quota",
-			Message: what + " (" + keystore.FormatCost(q.N) + " a " + q.Period.String() +
+			Message: what + " (" + policy.FormatCost(q.N) + " a " + q.Period.String() +
 				"). It renews at the start of the next period; see GET /v1/usage.",
 		}
 	} else {

@@ -16,6 +16,9 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	_ "github.com/vigthoria/caddy-vigthoria/store/redis" // the backends the specs name
+	_ "github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // A target is one way of serving the API, measured under every workload.
@@ -27,7 +30,7 @@ type target struct {
 	// site is the text/template (of siteData) of the Caddyfile's site
 	// block. Empty: the target is the upstream itself, without Caddy.
 	site string
-	// store is the module's key store spec (see keystore.ParseSpec), a
+	// store is the module's key store spec (see store.ParseSpec), a
 	// template of siteData too. The client keys are created in it before
 	// Caddy starts. Empty: the target knows no client keys; requests
 	// carry valid-looking keys that nobody checks.
@@ -308,7 +311,7 @@ func clientKeys(ctx context.Context, spec string, data siteData) (map[string][]s
 	if err != nil {
 		return nil, "", err
 	}
-	kind, where, err := keystore.ParseSpec(spec)
+	kind, where, err := store.ParseSpec(spec)
 	if err != nil {
 		return nil, "", err
 	}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // pageSize is how many keys one page of api/keys holds.
@@ -80,10 +82,10 @@ func (h *Handler) serveAPI(w http.ResponseWriter, r *http.Request, route, user s
 // create makes a key.
 func (h *Handler) create(w http.ResponseWriter, r *http.Request, user string, now time.Time) error {
 	var req struct {
-		Name     string            `json:"name"`
-		Tier     string            `json:"tier"`
-		Expires  string            `json:"expires"` // a duration from now, such as 720h; "" for never
-		Settings keystore.Settings `json:"settings"`
+		Name     string          `json:"name"`
+		Tier     string          `json:"tier"`
+		Expires  string          `json:"expires"` // a duration from now, such as 720h; "" for never
+		Settings policy.Settings `json:"settings"`
 	}
 	if !decode(w, r, &req) {
 		return nil
@@ -150,7 +152,7 @@ type usageTotals struct {
 	Cost     int64 `json:"cost"` // micro-units
 }
 
-func (u *usageTotals) add(r keystore.UsageRow) {
+func (u *usageTotals) add(r store.UsageRow) {
 	u.Requests += r.Requests
 	u.Tokens += r.TotalTokens()
 	u.Cost += r.Cost
@@ -181,9 +183,9 @@ const (
 )
 
 // newChart makes the buckets of a range ending at now: 24 hours by 5
-// minutes (keystore.SlotStep), or 30 days by day.
+// minutes (store.SlotStep), or 30 days by day.
 func newChart(rng string, now time.Time) chart {
-	step, n := keystore.SlotStep, int(24*time.Hour/keystore.SlotStep)
+	step, n := store.SlotStep, int(24*time.Hour/store.SlotStep)
 	start := now.UTC().Truncate(step).Add(-time.Duration(n-1) * step)
 	if rng == range30d {
 		step, n = 24*time.Hour, 30
@@ -207,9 +209,9 @@ func (c *chart) bucket(at string) int {
 	var err error
 	switch len(at) {
 	case len("2006-01-02T15:04"):
-		t, err = keystore.ParseSlot(at)
+		t, err = store.ParseSlot(at)
 	case len("2006-01-02T15"):
-		t, err = keystore.ParseHour(at)
+		t, err = store.ParseHour(at)
 	default:
 		t, err = time.Parse(time.DateOnly, at)
 	}
@@ -225,7 +227,7 @@ func (c *chart) bucket(at string) int {
 
 // add adds a usage row to the chart, labelled (by tier, say) and by its
 // model.
-func (c *chart) add(r keystore.UsageRow, label string) {
+func (c *chart) add(r store.UsageRow, label string) {
 	if i := c.bucket(r.Day); i >= 0 {
 		c.Requests.add(i, label, r.Requests)
 		c.Tokens.add(i, label, r.TotalTokens())
@@ -239,7 +241,7 @@ func (c *chart) add(r keystore.UsageRow, label string) {
 
 // addRefusals adds the refusal rows to the chart by reason, and returns
 // their totals by reason in its range, the most first.
-func (c *chart) addRefusals(rows []keystore.RefusalRow) []reasonTotal {
+func (c *chart) addRefusals(rows []store.RefusalRow) []reasonTotal {
 	totals := make(map[string]int64)
 	for _, r := range rows {
 		if i := c.bucket(r.Hour); i >= 0 {
@@ -319,7 +321,7 @@ func (h *Handler) overview(w http.ResponseWriter, r *http.Request, now time.Time
 	if err != nil {
 		return h.unavailable(w, "listing keys", err)
 	}
-	byID := make(map[string]keystore.Record, len(recs))
+	byID := make(map[string]store.Record, len(recs))
 	for _, rec := range recs {
 		byID[rec.ID] = rec
 	}
@@ -369,7 +371,7 @@ const rolledUp = "\x00rolled up"
 // tierOf names the tier a client's rows are charted under: its key's,
 // or the one the policy gives a caller without a key, or "(other)"; or
 // rolledUp.
-func tierOf(client string, keys map[string]keystore.Record, policy Policy) string {
+func tierOf(client string, keys map[string]store.Record, policy Policy) string {
 	if rec, ok := keys[client]; ok {
 		return rec.Tier
 	}
@@ -433,7 +435,7 @@ func (h *Handler) listKeys(w http.ResponseWriter, r *http.Request, now time.Time
 	if err != nil {
 		return h.unavailable(w, "reading usage", err)
 	}
-	today := keystore.Day(now)
+	today := store.Day(now)
 	monthly := make(map[string]*usageTotals)
 	daily := make(map[string]*usageTotals)
 	for _, row := range rows {
@@ -443,7 +445,7 @@ func (h *Handler) listKeys(w http.ResponseWriter, r *http.Request, now time.Time
 		}
 	}
 	search, tier := strings.ToLower(q.Get("q")), q.Get("tier")
-	recs = slices.DeleteFunc(recs, func(rec keystore.Record) bool {
+	recs = slices.DeleteFunc(recs, func(rec store.Record) bool {
 		return tier != "" && rec.Tier != tier ||
 			search != "" && !strings.Contains(strings.ToLower(rec.ID), search) && !strings.Contains(strings.ToLower(rec.Name), search)
 	})
@@ -453,25 +455,25 @@ func (h *Handler) listKeys(w http.ResponseWriter, r *http.Request, now time.Time
 		}
 		return usageTotals{}
 	}
-	var by func(a, b keystore.Record) int
+	var by func(a, b store.Record) int
 	switch q.Get("sort") {
 	case "tier":
-		by = func(a, b keystore.Record) int { return strings.Compare(a.Tier, b.Tier) }
+		by = func(a, b store.Record) int { return strings.Compare(a.Tier, b.Tier) }
 	case "created":
-		by = func(a, b keystore.Record) int { return a.Created.Compare(b.Created) }
+		by = func(a, b store.Record) int { return a.Created.Compare(b.Created) }
 	case "last_used":
-		by = func(a, b keystore.Record) int { return a.LastUsed.Compare(b.LastUsed) }
+		by = func(a, b store.Record) int { return a.LastUsed.Compare(b.LastUsed) }
 	case "usage":
-		by = func(a, b keystore.Record) int { return cmp.Compare(use(a.ID).Tokens, use(b.ID).Tokens) }
+		by = func(a, b store.Record) int { return cmp.Compare(use(a.ID).Tokens, use(b.ID).Tokens) }
 	case "spend":
-		by = func(a, b keystore.Record) int { return cmp.Compare(use(a.ID).Cost, use(b.ID).Cost) }
+		by = func(a, b store.Record) int { return cmp.Compare(use(a.ID).Cost, use(b.ID).Cost) }
 	default:
-		by = func(a, b keystore.Record) int {
+		by = func(a, b store.Record) int {
 			return strings.Compare(strings.ToLower(a.Name), strings.ToLower(b.Name))
 		}
 	}
 	desc := q.Get("desc") == "1"
-	slices.SortStableFunc(recs, func(a, b keystore.Record) int {
+	slices.SortStableFunc(recs, func(a, b store.Record) int {
 		c := cmp.Or(by(a, b), strings.Compare(a.ID, b.ID))
 		if desc {
 			return -c
@@ -507,7 +509,7 @@ func (h *Handler) listKeys(w http.ResponseWriter, r *http.Request, now time.Time
 }
 
 // standingOf is the use of a limit per day or month, or nil without one.
-func standingOf(a *keystore.Amount, day, month int64) *standing {
+func standingOf(a *policy.Amount, day, month int64) *standing {
 	if a == nil {
 		return nil
 	}

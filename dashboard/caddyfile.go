@@ -8,7 +8,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func init() {
@@ -49,7 +50,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		switch name {
 		case "store":
 			var ok bool
-			if h.Store, ok = keystore.StoreArgs(args); !ok {
+			if h.Store, ok = store.SpecFromArgs(args); !ok {
 				return d.Errf("store takes 'sqlite [<path>]' or 'redis <url>', got '%s'", strings.Join(args, " "))
 			}
 		case "user":
@@ -66,7 +67,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if len(args) != 1 {
 				return d.Errf("origin takes one web origin such as https://admin.example.com, got '%s'", strings.Join(args, " "))
 			}
-			if err := keystore.CheckOrigin(args[0]); err != nil {
+			if err := policy.CheckOrigin(args[0]); err != nil {
 				return d.Err(err.Error())
 			}
 			h.Origin = args[0]

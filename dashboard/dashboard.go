@@ -27,6 +27,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 //go:embed static
@@ -114,7 +115,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	if h.Origin != "" {
-		if err := keystore.CheckOrigin(h.Origin); err != nil {
+		if err := policy.CheckOrigin(h.Origin); err != nil {
 			return err
 		}
 	}

@@ -16,6 +16,11 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	_ "github.com/vigthoria/caddy-vigthoria/store/redis" // the backends the tests' specs name
+	_ "github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // fakeSource is a Source of one store without a vigthoria handler's
@@ -42,11 +47,11 @@ func (fakePolicy) Caller(client string) (string, bool) {
 	}
 	return "", false
 }
-func (fakePolicy) Limits(tier string, s *keystore.Settings) (Limits, bool) {
+func (fakePolicy) Limits(tier string, s *policy.Settings) (Limits, bool) {
 	if tier != "free" {
 		return Limits{}, false
 	}
-	return Limits{Quota: &keystore.Amount{N: 1000, Period: "day"}}, true
+	return Limits{Quota: &policy.Amount{N: 1000, Period: "day"}}, true
 }
 
 // newTestHandler is a Handler over a started SQLite store with keys
@@ -105,7 +110,7 @@ func TestKeysPage(t *testing.T) {
 	h, _ := newTestHandler(t, 10_000)
 	recs, _ := h.keys.Store().List(t.Context())
 	busy := recs[1234].ID
-	h.keys.Ledger().Add(busy, "m", time.Now(), keystore.Tokens{Prompt: 300, Completion: 100, Cost: 42})
+	h.keys.Ledger().Add(busy, "m", time.Now(), ledger.Tokens{Prompt: 300, Completion: 100, Cost: 42})
 
 	begin := time.Now()
 	w := get(t, h, "keys?sort=usage&desc=1")
@@ -150,14 +155,14 @@ func TestOverview(t *testing.T) {
 	recs, _ := h.keys.Store().List(t.Context())
 	now := time.Now()
 	l := h.keys.Ledger()
-	l.Add(recs[0].ID, "a", now, keystore.Tokens{Prompt: 10})
-	l.Add(recs[1].ID, "b", now.Add(-3*time.Hour), keystore.Tokens{Completion: 5})
-	l.Add("someone", "b", now.Add(-3*time.Hour), keystore.Tokens{Completion: 1})
+	l.Add(recs[0].ID, "a", now, ledger.Tokens{Prompt: 10})
+	l.Add(recs[1].ID, "b", now.Add(-3*time.Hour), ledger.Tokens{Completion: 5})
+	l.Add("someone", "b", now.Add(-3*time.Hour), ledger.Tokens{Completion: 1})
 	// A minted user's request: the proxy adds it to the user's rows and
 	// to its minting key's.
-	l.Add("mint:"+recs[0].ID+":ann", "a", now, keystore.Tokens{Prompt: 2})
-	l.Add(recs[0].ID, "a", now, keystore.Tokens{Prompt: 2})
-	l.Add("jwt:id.example:bob", "b", now, keystore.Tokens{Prompt: 4})
+	l.Add("mint:"+recs[0].ID+":ann", "a", now, ledger.Tokens{Prompt: 2})
+	l.Add(recs[0].ID, "a", now, ledger.Tokens{Prompt: 2})
+	l.Add("jwt:id.example:bob", "b", now, ledger.Tokens{Prompt: 4})
 	for _, reason := range []string{"rate_limit_exceeded", "rate_limit_exceeded", "missing_model"} {
 		if err := l.Refuse(recs[1].ID, reason, now); err != nil {
 			t.Fatal(err)
@@ -226,9 +231,9 @@ func TestKeyReport(t *testing.T) {
 	id := recs[0].ID
 	now := time.Now()
 	l := h.keys.Ledger()
-	l.Add(id, "a", now.Add(-10*time.Minute), keystore.Tokens{Prompt: 3})
-	l.Add(id, "b", now, keystore.Tokens{Prompt: 4, Completion: 1})
-	l.Add("key_other", "a", now, keystore.Tokens{Prompt: 100})
+	l.Add(id, "a", now.Add(-10*time.Minute), ledger.Tokens{Prompt: 3})
+	l.Add(id, "b", now, ledger.Tokens{Prompt: 4, Completion: 1})
+	l.Add("key_other", "a", now, ledger.Tokens{Prompt: 100})
 	if err := l.Refuse(id, "quota_exceeded", now); err != nil {
 		t.Fatal(err)
 	}
@@ -392,17 +397,17 @@ func busyHandler(b *testing.B, spec string) (*Handler, string) {
 	now := time.Now()
 	// A batch a key, as small as Redis's timeout needs.
 	for n, rec := range recs[:100] {
-		batch := keystore.UsageBatch{Writer: "seed", Seq: uint64(n + 1)}
+		batch := store.UsageBatch{Writer: "seed", Seq: uint64(n + 1)}
 		for i := range 288 {
-			at := now.Add(-time.Duration(i) * keystore.SlotStep)
+			at := now.Add(-time.Duration(i) * store.SlotStep)
 			for _, m := range []string{"a", "b"} {
-				row := keystore.UsageRow{Client: rec.ID, Day: keystore.Slot(at), Model: m, Requests: 1, PromptTokens: 10, CompletionTokens: 5, Cost: 3}
+				row := store.UsageRow{Client: rec.ID, Day: store.Slot(at), Model: m, Requests: 1, PromptTokens: 10, CompletionTokens: 5, Cost: 3}
 				batch.Slots = append(batch.Slots, row)
-				row.Day = keystore.Hour(at)
+				row.Day = store.Hour(at)
 				batch.Hours = append(batch.Hours, row)
 			}
 		}
-		if err := h.keys.Store().(keystore.UsageStore).AddUsage(b.Context(), batch); err != nil {
+		if err := h.keys.Store().AddUsage(b.Context(), batch); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -1,6 +1,9 @@
 package dashboard
 
-import "github.com/vigthoria/caddy-vigthoria/keystore"
+import (
+	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+)
 
 // Source is what the dashboard reads of the vigthoria handlers of its
 // Caddy: the "vigthoria" app implements it, so that this package needs
@@ -27,7 +30,7 @@ type Policy interface {
 	// Limits returns the limits of a key of tier with its own settings
 	// (nil for none); false when the tier is not configured or the
 	// settings cannot apply to it.
-	Limits(tier string, s *keystore.Settings) (Limits, bool)
+	Limits(tier string, s *policy.Settings) (Limits, bool)
 	// Currency returns the currency of costs, or "" when no prices are
 	// configured, so that costs say nothing.
 	Currency() string
@@ -43,13 +46,13 @@ type Policy interface {
 // by the key's own setting where it has one. A nil or zero field is no
 // limit.
 type Limits struct {
-	Requests   *keystore.Rate   `json:"requests,omitempty"`
-	Tokens     *keystore.Rate   `json:"tokens,omitempty"`
-	Concurrent int              `json:"concurrent,omitempty"`
-	Quota      *keystore.Amount `json:"quota,omitempty"`  // tokens
-	Budget     *keystore.Amount `json:"budget,omitempty"` // micro-units of the currency
-	Models     []string         `json:"models,omitempty"`
-	MaxTokens  int64            `json:"max_tokens,omitempty"`
+	Requests   *policy.Rate   `json:"requests,omitempty"`
+	Tokens     *policy.Rate   `json:"tokens,omitempty"`
+	Concurrent int            `json:"concurrent,omitempty"`
+	Quota      *policy.Amount `json:"quota,omitempty"`  // tokens
+	Budget     *policy.Amount `json:"budget,omitempty"` // micro-units of the currency
+	Models     []string       `json:"models,omitempty"`
+	MaxTokens  int64          `json:"max_tokens,omitempty"`
 }
 
 // Counters are the proxy's running counts, as its metrics keep them.

@@ -14,6 +14,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func init() {
@@ -51,7 +53,7 @@ func serviceFor(r *http.Request) (*Service, error) {
 	services.mu.Lock()
 	defer services.mu.Unlock()
 	if want := r.URL.Query().Get("store"); want != "" {
-		kind, target, err := ParseSpec(want)
+		kind, target, err := store.ParseSpec(want)
 		if err != nil {
 			return nil, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 		}
@@ -61,7 +63,7 @@ func serviceFor(r *http.Request) (*Service, error) {
 			}
 		}
 		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound,
-			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", displaySpec(kind, target))}
+			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", store.Display(kind, target))}
 	}
 	var specs []string
 	var found *Service
@@ -122,21 +124,21 @@ const maxAdminBody = 64 << 10
 // KeyInfo is a key in the admin API's and the dashboard's answers:
 // never its hash. Secret is set only when one was just made.
 type KeyInfo struct {
-	ID       string     `json:"id"`
-	Name     string     `json:"name"`
-	Tier     string     `json:"tier"`
-	State    string     `json:"state"`
-	Created  time.Time  `json:"created"`
-	Expires  *time.Time `json:"expires"`
-	Revoked  *time.Time `json:"revoked"`
-	LastUsed *time.Time `json:"last_used"`
-	Mint     []string   `json:"mint,omitempty"`
-	Settings *Settings  `json:"settings,omitempty"`
-	Secret   string     `json:"secret,omitempty"`
+	ID       string           `json:"id"`
+	Name     string           `json:"name"`
+	Tier     string           `json:"tier"`
+	State    string           `json:"state"`
+	Created  time.Time        `json:"created"`
+	Expires  *time.Time       `json:"expires"`
+	Revoked  *time.Time       `json:"revoked"`
+	LastUsed *time.Time       `json:"last_used"`
+	Mint     []string         `json:"mint,omitempty"`
+	Settings *policy.Settings `json:"settings,omitempty"`
+	Secret   string           `json:"secret,omitempty"`
 }
 
 // NewKeyInfo returns the answer's view of r at now.
-func NewKeyInfo(r Record, now time.Time) KeyInfo {
+func NewKeyInfo(r store.Record, now time.Time) KeyInfo {
 	opt := func(t time.Time) *time.Time {
 		if t.IsZero() {
 			return nil
@@ -203,11 +205,11 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 
 func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	var req struct {
-		Name     string   `json:"name"`
-		Tier     string   `json:"tier"`
-		Expires  string   `json:"expires"`
-		Mint     []string `json:"mint"`
-		Settings Settings `json:"settings"`
+		Name     string          `json:"name"`
+		Tier     string          `json:"tier"`
+		Expires  string          `json:"expires"`
+		Mint     []string        `json:"mint"`
+		Settings policy.Settings `json:"settings"`
 	}
 	if err := decodeBody(w, r, &req); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
@@ -302,11 +304,11 @@ func storeError(err error) error {
 // 409 (revoked), 400 (invalid attributes) or 500.
 func ErrorStatus(err error) int {
 	switch {
-	case errors.Is(err, ErrNotFound):
+	case errors.Is(err, store.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, ErrRevoked):
+	case errors.Is(err, store.ErrRevoked):
 		return http.StatusConflict
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, store.ErrInvalid):
 		return http.StatusBadRequest
 	}
 	return http.StatusInternalServerError

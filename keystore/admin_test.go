@@ -17,6 +17,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // adminServer serves the module's admin routes as Caddy's admin endpoint
@@ -98,7 +99,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	}
 	created := decode[KeyInfo](t, body)
 	if !clientkey.Valid(created.Secret) || !strings.HasPrefix(created.ID, "key_") || created.Name != "from admin" ||
-		created.Tier != "pro" || created.State != StateActive || created.Expires == nil ||
+		created.Tier != "pro" || created.State != store.StateActive || created.Expires == nil ||
 		created.Expires.Sub(created.Created) != 720*time.Hour {
 		t.Fatalf("created %+v", created)
 	}
@@ -112,7 +113,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	if status != http.StatusOK || len(keys) != 1 || keys[0].ID != created.ID || keys[0].Secret != "" {
 		t.Errorf("GET /vigthoria/keys: %d %s", status, body)
 	}
-	h := HashSecret(created.Secret)
+	h := store.HashSecret(created.Secret)
 	for _, leak := range []string{created.Secret, created.Secret[4:36], hex.EncodeToString(h[:]), base64.StdEncoding.EncodeToString(h[:])} {
 		if strings.Contains(body, leak) {
 			t.Errorf("the list holds a secret or hash: %s", body)
@@ -135,7 +136,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	})
 
 	status, body, _ = call(t, srv, http.MethodDelete, "/vigthoria/keys/"+created.ID, "")
-	if revoked := decode[KeyInfo](t, body); status != http.StatusOK || revoked.State != StateRevoked || revoked.Revoked == nil {
+	if revoked := decode[KeyInfo](t, body); status != http.StatusOK || revoked.State != store.StateRevoked || revoked.Revoked == nil {
 		t.Errorf("DELETE: %d %s", status, body)
 	}
 	within(t, "revocation takes effect", func() bool { _, ok := s.Identify(rotated.Secret, time.Now()); return !ok })

@@ -9,14 +9,16 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 const benchKeys = 1_000_000
 
 // benchRecords returns n records of new keys and their secrets.
-func benchRecords(b *testing.B, n int) ([]Record, []string) {
+func benchRecords(b *testing.B, n int) ([]store.Record, []string) {
 	b.Helper()
-	recs := make([]Record, n)
+	recs := make([]store.Record, n)
 	secrets := make([]string, n)
 	created := time.Now()
 	for i := range recs {
@@ -100,7 +102,7 @@ func BenchmarkIdentify(b *testing.B) {
 // opening it, reading every key and building the index.
 func BenchmarkLoadSQLite(b *testing.B) {
 	path := filepath.Join(b.TempDir(), "keys.db")
-	st, err := OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -133,18 +135,18 @@ func BenchmarkLoadSQLite(b *testing.B) {
 
 // insertAll stores recs in one transaction, as a bulk import would:
 // Insert's transaction per key would take minutes for a million.
-func insertAll(ctx context.Context, st *SQLite, recs []Record) error {
-	tx, err := st.db.BeginTx(ctx, nil)
+func insertAll(ctx context.Context, st *sqlite.Store, recs []store.Record) error {
+	tx, err := st.DB().BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
-	stmt, err := tx.PrepareContext(ctx, `INSERT INTO keys (`+recordColumns+`) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?)`)
+	stmt, err := tx.PrepareContext(ctx, `INSERT INTO keys (id, name, tier, hash, created, expires, revoked, last_used, mint, settings, seq) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?)`)
 	if err != nil {
 		return err
 	}
 	for i, r := range recs {
-		if _, err := stmt.ExecContext(ctx, r.ID, r.Name, r.Tier, r.Hash[:], millis(r.Created), i+1); err != nil {
+		if _, err := stmt.ExecContext(ctx, r.ID, r.Name, r.Tier, r.Hash[:], store.Millis(r.Created), i+1); err != nil {
 			return err
 		}
 	}

@@ -5,25 +5,30 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/store"
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // TestClaimAlert: on each backend, two stores on the same file or Redis,
 // claiming the same alert from many goroutines at once, win it once; a
 // claim expires at its until, and then the alert may be claimed again.
 func TestClaimAlert(t *testing.T) {
-	for name, open := range map[string]func(t *testing.T) (AlertClaimer, AlertClaimer){
-		"sqlite": func(t *testing.T) (AlertClaimer, AlertClaimer) {
+	for name, open := range map[string]func(t *testing.T) (store.Backend, store.Backend){
+		"sqlite": func(t *testing.T) (store.Backend, store.Backend) {
 			a, path := openTemp(t)
-			b, err := OpenSQLite(path)
+			b, err := sqlite.Open(path)
 			if err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { b.Close() })
 			return a, b
 		},
-		"redis": func(t *testing.T) (AlertClaimer, AlertClaimer) {
+		"redis": func(t *testing.T) (store.Backend, store.Backend) {
 			a, srv := openRedisTemp(t)
-			b, err := OpenRedis(srv.URL)
+			b, err := redisstore.Open(srv.URL)
 			if err != nil {
 				t.Fatal(err)
 			}

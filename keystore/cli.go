@@ -15,6 +15,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func init() {
@@ -185,15 +187,15 @@ func buildCommand(cmd *cobra.Command) {
 
 // cliStore opens the store of the --store flag. Only create makes a new
 // SQLite file: a mistyped path should not look like an empty store.
-func cliStore(cmd *cobra.Command, create bool) (Store, string, error) {
+func cliStore(cmd *cobra.Command, create bool) (store.Backend, string, error) {
 	spec, err := cmd.Flags().GetString("store")
 	if err != nil {
 		return nil, "", err
 	}
 	if spec == "" {
-		spec = "sqlite:" + DefaultSQLitePath()
+		spec = "sqlite:" + store.DefaultSQLitePath()
 	}
-	kind, target, err := ParseSpec(spec)
+	kind, target, err := store.ParseSpec(spec)
 	if err != nil {
 		return nil, "", err
 	}
@@ -202,8 +204,8 @@ func cliStore(cmd *cobra.Command, create bool) (Store, string, error) {
 			return nil, "", fmt.Errorf("no key store at %s: give the store of your Caddyfile with --store sqlite:PATH", target)
 		}
 	}
-	st, err := openStore(spec)
-	return st, displaySpec(kind, target), err
+	st, err := store.Open(spec)
+	return st, store.Display(kind, target), err
 }
 
 func cliAdd(cmd *cobra.Command, _ []string) error {
@@ -287,10 +289,6 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 		return err
 	}
 	defer st.Close()
-	us, ok := st.(UsageStore)
-	if !ok {
-		return errors.New("this store keeps no usage")
-	}
 	ids := args
 	if len(ids) == 0 {
 		recs, err := st.List(cmd.Context())
@@ -302,20 +300,20 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 		}
 	}
 	now := time.Now().UTC()
-	since := Day(time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC))
+	since := store.Day(time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC))
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 	// CACHED is of PROMPT and REASONING of COMPLETION, where the
 	// upstream reported them. COST is in units of the proxy's currency,
 	// which the store does not know: 0 for usage of unpriced models.
 	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL\tCOST")
 	for _, id := range ids {
-		rows, err := us.UsageSince(cmd.Context(), id, since)
+		rows, err := st.UsageSince(cmd.Context(), id, since)
 		if err != nil {
 			return err
 		}
 		for _, r := range rows {
 			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", id, r.Day, printable(r.Model), r.Requests,
-				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens(), FormatCost(r.Cost))
+				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens(), policy.FormatCost(r.Cost))
 		}
 	}
 	return w.Flush()
@@ -349,30 +347,16 @@ func cliRotate(cmd *cobra.Command, args []string) error {
 	return nil
 }
 
-// signingStore opens the store of the --store flag as a SigningKeyStore.
-func signingStore(cmd *cobra.Command, create bool) (SigningKeyStore, Store, string, error) {
-	st, spec, err := cliStore(cmd, create)
-	if err != nil {
-		return nil, nil, "", err
-	}
-	sks, ok := st.(SigningKeyStore)
-	if !ok {
-		st.Close()
-		return nil, nil, "", fmt.Errorf("the key store %s keeps no signing keys", spec)
-	}
-	return sks, st, spec, nil
-}
-
 // cliSigningRotate adds a signing key and removes those retired more
 // than MaxTokenTTL ago. It may make a new SQLite file, as key add does: a
 // fleet's first signing key may come before its first client key.
 func cliSigningRotate(cmd *cobra.Command, _ []string) error {
-	sks, st, spec, err := signingStore(cmd, true)
+	st, spec, err := cliStore(cmd, true)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	k, removed, err := rotateSigningKeys(cmd.Context(), sks, time.Now())
+	k, removed, err := rotateSigningKeys(cmd.Context(), st, time.Now())
 	if err != nil {
 		return err
 	}
@@ -388,12 +372,12 @@ func cliSigningRotate(cmd *cobra.Command, _ []string) error {
 // expired (no token it signed is valid any more; the next rotate
 // removes it).
 func cliSigningList(cmd *cobra.Command, _ []string) error {
-	sks, st, spec, err := signingStore(cmd, false)
+	st, spec, err := cliStore(cmd, false)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	keys, err := sks.SigningKeys(cmd.Context())
+	keys, err := st.SigningKeys(cmd.Context())
 	if err != nil {
 		return err
 	}
@@ -439,7 +423,7 @@ func parseExpiry(s string, now time.Time) (time.Time, error) {
 	}
 	d, err := caddy.ParseDuration(s)
 	if err != nil || d <= 0 {
-		return time.Time{}, fmt.Errorf("%w: expiry '%s' is neither a positive duration (720h, 30d) nor an RFC 3339 time", ErrInvalid, s)
+		return time.Time{}, fmt.Errorf("%w: expiry '%s' is neither a positive duration (720h, 30d) nor an RFC 3339 time", store.ErrInvalid, s)
 	}
 	return now.Add(d), nil
 }
@@ -450,7 +434,7 @@ func formatMint(mint []string, none string) string {
 	if len(mint) == 0 {
 		return none
 	}
-	return joinMint(mint)
+	return store.JoinMint(mint)
 }
 
 // formatTime formats t for the key list, in UTC, or none when zero.

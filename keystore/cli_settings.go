@@ -14,6 +14,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // settingField is one field of Settings, as the CLI's flags, the admin
@@ -21,56 +23,60 @@ import (
 type settingField struct {
 	json  string // the JSON name; the flag's is the same with '-' for '_'
 	usage string
-	parse func(s *Settings, v string) error // sets the field from a flag's value
-	take  func(dst, src *Settings)          // copies the field (nil included)
-	show  func(s *Settings) (string, bool)  // the value, and whether it is set
+	parse func(s *policy.Settings, v string) error // sets the field from a flag's value
+	take  func(dst, src *policy.Settings)          // copies the field (nil included)
+	show  func(s *policy.Settings) (string, bool)  // the value, and whether it is set
 }
 
 // settingFields are the fields of Settings, in the order they are shown.
 var settingFields = []settingField{
 	{json: "requests", usage: "requests per window, as <n>/<window> [burst <b>], such as 100/1m",
-		parse: func(s *Settings, v string) error { r, err := ParseRate(v); s.Requests = &r; return err },
-		take:  func(dst, src *Settings) { dst.Requests = src.Requests },
-		show:  func(s *Settings) (string, bool) { return showSet(s.Requests, Rate.String) }},
+		parse: func(s *policy.Settings, v string) error { r, err := policy.ParseRate(v); s.Requests = &r; return err },
+		take:  func(dst, src *policy.Settings) { dst.Requests = src.Requests },
+		show:  func(s *policy.Settings) (string, bool) { return showSet(s.Requests, policy.Rate.String) }},
 	{json: "tokens", usage: "prompt and completion tokens per window, such as 200000/1m",
-		parse: func(s *Settings, v string) error { r, err := ParseRate(v); s.Tokens = &r; return err },
-		take:  func(dst, src *Settings) { dst.Tokens = src.Tokens },
-		show:  func(s *Settings) (string, bool) { return showSet(s.Tokens, Rate.String) }},
+		parse: func(s *policy.Settings, v string) error { r, err := policy.ParseRate(v); s.Tokens = &r; return err },
+		take:  func(dst, src *policy.Settings) { dst.Tokens = src.Tokens },
+		show:  func(s *policy.Settings) (string, bool) { return showSet(s.Tokens, policy.Rate.String) }},
 	{json: "concurrent", usage: "requests in flight at once",
-		parse: func(s *Settings, v string) error {
-			n, err := parsePositive(v)
+		parse: func(s *policy.Settings, v string) error {
+			n, err := policy.ParsePositive(v)
 			c := int(n)
 			s.Concurrent = &c
 			return err
 		},
-		take: func(dst, src *Settings) { dst.Concurrent = src.Concurrent },
-		show: func(s *Settings) (string, bool) { return showSet(s.Concurrent, strconv.Itoa) }},
+		take: func(dst, src *policy.Settings) { dst.Concurrent = src.Concurrent },
+		show: func(s *policy.Settings) (string, bool) { return showSet(s.Concurrent, strconv.Itoa) }},
 	{json: "quota", usage: "tokens per day or month, such as 10000000/month",
-		parse: func(s *Settings, v string) error { a, err := ParseQuota(v); s.Quota = &a; return err },
-		take:  func(dst, src *Settings) { dst.Quota = src.Quota },
-		show: func(s *Settings) (string, bool) {
-			return showSet(s.Quota, func(a Amount) string { return strconv.FormatInt(a.N, 10) + "/" + a.Period })
+		parse: func(s *policy.Settings, v string) error { a, err := policy.ParseQuota(v); s.Quota = &a; return err },
+		take:  func(dst, src *policy.Settings) { dst.Quota = src.Quota },
+		show: func(s *policy.Settings) (string, bool) {
+			return showSet(s.Quota, func(a policy.Amount) string { return strconv.FormatInt(a.N, 10) + "/" + a.Period })
 		}},
 	{json: "budget", usage: "money per day or month, in the currency of the Caddyfile's prices, such as 50/month or 0.5/day",
-		parse: func(s *Settings, v string) error { a, err := ParseBudget(v); s.Budget = &a; return err },
-		take:  func(dst, src *Settings) { dst.Budget = src.Budget },
-		show: func(s *Settings) (string, bool) {
-			return showSet(s.Budget, func(a Amount) string { return FormatMoney(a.N) + "/" + a.Period })
+		parse: func(s *policy.Settings, v string) error { a, err := policy.ParseBudget(v); s.Budget = &a; return err },
+		take:  func(dst, src *policy.Settings) { dst.Budget = src.Budget },
+		show: func(s *policy.Settings) (string, bool) {
+			return showSet(s.Budget, func(a policy.Amount) string { return policy.FormatMoney(a.N) + "/" + a.Period })
 		}},
 	{json: "models", usage: "model globs the key may use, separated by commas, such as 'vigthoria-fast-*'",
-		parse: func(s *Settings, v string) error { s.Models = splitList(v); return nil },
-		take:  func(dst, src *Settings) { dst.Models = src.Models },
-		show:  func(s *Settings) (string, bool) { return strings.Join(s.Models, ","), s.Models != nil }},
+		parse: func(s *policy.Settings, v string) error { s.Models = splitList(v); return nil },
+		take:  func(dst, src *policy.Settings) { dst.Models = src.Models },
+		show:  func(s *policy.Settings) (string, bool) { return strings.Join(s.Models, ","), s.Models != nil }},
 	{json: "max_tokens", usage: "the most max_tokens a request may ask, per answer",
-		parse: func(s *Settings, v string) error { n, err := parsePositive(v); s.MaxTokens = &n; return err },
-		take:  func(dst, src *Settings) { dst.MaxTokens = src.MaxTokens },
-		show: func(s *Settings) (string, bool) {
+		parse: func(s *policy.Settings, v string) error {
+			n, err := policy.ParsePositive(v)
+			s.MaxTokens = &n
+			return err
+		},
+		take: func(dst, src *policy.Settings) { dst.MaxTokens = src.MaxTokens },
+		show: func(s *policy.Settings) (string, bool) {
 			return showSet(s.MaxTokens, func(n int64) string { return strconv.FormatInt(n, 10) })
 		}},
 	{json: "origins", usage: "web origins whose pages may use the key, separated by commas, such as https://app.example.com (default: any)",
-		parse: func(s *Settings, v string) error { s.Origins = splitList(v); return nil },
-		take:  func(dst, src *Settings) { dst.Origins = src.Origins },
-		show:  func(s *Settings) (string, bool) { return strings.Join(s.Origins, ","), s.Origins != nil }},
+		parse: func(s *policy.Settings, v string) error { s.Origins = splitList(v); return nil },
+		take:  func(dst, src *policy.Settings) { dst.Origins = src.Origins },
+		show:  func(s *policy.Settings) (string, bool) { return strings.Join(s.Origins, ","), s.Origins != nil }},
 }
 
 // showSet formats *p, and reports whether p is set.
@@ -106,20 +112,20 @@ func addSettingFlags(cmd *cobra.Command, clear bool) {
 
 // settingsFromFlags applies the setting flags given to s. Errors wrap
 // ErrInvalid.
-func settingsFromFlags(cmd *cobra.Command, s *Settings) error {
+func settingsFromFlags(cmd *cobra.Command, s *policy.Settings) error {
 	for i := range settingFields {
 		f := &settingFields[i]
 		set := cmd.Flags().Changed(f.flag())
 		clear := cmd.Flags().Changed("clear-" + f.flag())
 		switch {
 		case set && clear:
-			return fmt.Errorf("%w: --%s and --clear-%s both given", ErrInvalid, f.flag(), f.flag())
+			return fmt.Errorf("%w: --%s and --clear-%s both given", store.ErrInvalid, f.flag(), f.flag())
 		case clear:
-			f.take(s, &Settings{})
+			f.take(s, &policy.Settings{})
 		case set:
 			v, _ := cmd.Flags().GetString(f.flag())
 			if err := f.parse(s, v); err != nil {
-				return fmt.Errorf("%w: --%s '%s': %v", ErrInvalid, f.flag(), v, err)
+				return fmt.Errorf("%w: --%s '%s': %v", store.ErrInvalid, f.flag(), v, err)
 			}
 		}
 	}
@@ -127,7 +133,7 @@ func settingsFromFlags(cmd *cobra.Command, s *Settings) error {
 }
 
 // setNames lists the fields s sets, separated by commas, or none.
-func setNames(s *Settings, none string) string {
+func setNames(s *policy.Settings, none string) string {
 	var names []string
 	for i := range settingFields {
 		if _, ok := settingFields[i].show(s); ok {
@@ -143,17 +149,17 @@ func setNames(s *Settings, none string) string {
 // patchSettings applies a JSON object of settings to s: a field set
 // replaces the key's, a field set to null clears it (the tier's again),
 // an absent field stays. Errors wrap ErrInvalid.
-func patchSettings(s *Settings, patch map[string]json.RawMessage) error {
+func patchSettings(s *policy.Settings, patch map[string]json.RawMessage) error {
 	for name, raw := range patch {
 		i := fieldIndex(name)
 		if i < 0 {
-			return fmt.Errorf("%w: unknown setting '%s'", ErrInvalid, name)
+			return fmt.Errorf("%w: unknown setting '%s'", store.ErrInvalid, name)
 		}
-		var v Settings
+		var v policy.Settings
 		if string(raw) != "null" {
 			obj, _ := json.Marshal(map[string]json.RawMessage{name: raw})
 			if err := strictjson.Unmarshal(obj, &v); err != nil {
-				return fmt.Errorf("%w: setting %s: %v", ErrInvalid, name, err)
+				return fmt.Errorf("%w: setting %s: %v", store.ErrInvalid, name, err)
 			}
 		}
 		settingFields[i].take(s, &v)
@@ -172,7 +178,7 @@ func fieldIndex(name string) int {
 
 // withKey runs f with the store of the --store flag and the record of
 // the key id.
-func withKey(cmd *cobra.Command, id string, f func(st Store, rec Record) error) error {
+func withKey(cmd *cobra.Command, id string, f func(st store.Backend, rec store.Record) error) error {
 	st, _, err := cliStore(cmd, false)
 	if err != nil {
 		return err
@@ -186,7 +192,7 @@ func withKey(cmd *cobra.Command, id string, f func(st Store, rec Record) error) 
 }
 
 func cliUpdate(cmd *cobra.Command, args []string) error {
-	return withKey(cmd, args[0], func(st Store, rec Record) error {
+	return withKey(cmd, args[0], func(st store.Backend, rec store.Record) error {
 		s := rec.Settings
 		if err := settingsFromFlags(cmd, &s); err != nil {
 			return err
@@ -203,8 +209,8 @@ func cliUpdate(cmd *cobra.Command, args []string) error {
 // cliShow prints a key and each of its settings: its own value, or the
 // tier's. With --config, the tier's values are read from the Caddyfile.
 func cliShow(cmd *cobra.Command, args []string) error {
-	return withKey(cmd, args[0], func(_ Store, rec Record) error {
-		var tier *Settings
+	return withKey(cmd, args[0], func(_ store.Backend, rec store.Record) error {
+		var tier *policy.Settings
 		if config, _ := cmd.Flags().GetString("config"); config != "" {
 			var err error
 			if tier, err = configTier(config, rec.Tier); err != nil {
@@ -238,7 +244,7 @@ func cliShow(cmd *cobra.Command, args []string) error {
 
 // configTier reads the limits of tier from the vigthoria handler of a
 // Caddyfile (or a JSON config, by its extension), as Settings.
-func configTier(path, tier string) (*Settings, error) {
+func configTier(path, tier string) (*policy.Settings, error) {
 	body, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
@@ -267,7 +273,7 @@ func configTier(path, tier string) (*Settings, error) {
 	}
 	// A tier's JSON has the fields of Settings of the same names.
 	b, _ := json.Marshal(raw)
-	var s Settings
+	var s policy.Settings
 	if err := json.Unmarshal(b, &s); err != nil {
 		return nil, fmt.Errorf("reading tier %s of %s: %w", tier, path, err)
 	}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
 // TestCLISettings: key add takes every setting, update changes and
@@ -89,7 +91,7 @@ func TestCLISettings(t *testing.T) {
 }
 
 // acmeSettings is what the add of TestCLISettings sets.
-func acmeSettings() Settings {
+func acmeSettings() policy.Settings {
 	s := fullSettings()
 	s.Tokens.Burst = 0
 	s.Origins = []string{"https://app.acme.com"}

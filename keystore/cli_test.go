@@ -8,6 +8,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 var (
@@ -162,29 +165,29 @@ func TestCLIMint(t *testing.T) {
 
 // storeWithUsage makes a store with one key, added by the CLI, and row as
 // its usage today; it returns the CLI's --store flag and the key's ID.
-func storeWithUsage(t *testing.T, row UsageRow) (store, id string) {
+func storeWithUsage(t *testing.T, row store.UsageRow) (flag, id string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "keys.db")
-	store = "--store=sqlite:" + path
-	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
-	id = printedID.FindString(mustCLI(t, "key", "list", store))
-	st, err := OpenSQLite(path)
+	flag = "--store=sqlite:" + path
+	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", flag)
+	id = printedID.FindString(mustCLI(t, "key", "list", flag))
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	row.Client, row.Day = id, Day(time.Now())
-	err = st.AddUsage(t.Context(), UsageBatch{Rows: []UsageRow{row}})
+	row.Client, row.Day = id, store.Day(time.Now())
+	err = st.AddUsage(t.Context(), store.UsageBatch{Rows: []store.UsageRow{row}})
 	st.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return store, id
+	return flag, id
 }
 
 func TestCLIUsageAndEmptyList(t *testing.T) {
-	store, id := storeWithUsage(t, UsageRow{Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5, CachedTokens: 8, ReasoningTokens: 3, Cost: 12_000_345})
-	day := Day(time.Now())
-	for _, args := range [][]string{{"usage", store}, {"usage", id, store}} {
+	flag, id := storeWithUsage(t, store.UsageRow{Model: "m-1", Requests: 2, PromptTokens: 10, CompletionTokens: 5, CachedTokens: 8, ReasoningTokens: 3, Cost: 12_000_345})
+	day := store.Day(time.Now())
+	for _, args := range [][]string{{"usage", flag}, {"usage", id, flag}} {
 		out := mustCLI(t, args...)
 		header, row, _ := strings.Cut(out, "\n")
 		if got, want := strings.Fields(header), []string{"KEY", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL", "COST"}; !slices.Equal(got, want) {
@@ -194,8 +197,8 @@ func TestCLIUsageAndEmptyList(t *testing.T) {
 			t.Errorf("%v printed the row %q, want %q", args, got, want)
 		}
 	}
-	mustCLI(t, "key", "revoke", id, store)
-	mustCLI(t, "key", "revoke", id, store) // again: nothing to do, no error
+	mustCLI(t, "key", "revoke", id, flag)
+	mustCLI(t, "key", "revoke", id, flag) // again: nothing to do, no error
 }
 
 // TestCLIUsageEscapes checks that a model name holding control characters
@@ -203,7 +206,7 @@ func TestCLIUsageAndEmptyList(t *testing.T) {
 // terminal's cursor in what the CLI prints.
 func TestCLIUsageEscapes(t *testing.T) {
 	forged := "m\x1b[2K\rkey_FAKEFAKEFAKEFAKE\t2026-01-01\tm\t1\t1\t1\t2\n"
-	store, _ := storeWithUsage(t, UsageRow{Model: forged, Requests: 1})
+	store, _ := storeWithUsage(t, store.UsageRow{Model: forged, Requests: 1})
 	out := mustCLI(t, "usage", store)
 	if strings.ContainsAny(out, "\x1b\r") || strings.Count(out, "\n") != 2 || strings.Contains(out, "\nkey_FAKE") {
 		t.Errorf("usage printed %q: the model name forged output", out)
@@ -213,8 +216,8 @@ func TestCLIUsageEscapes(t *testing.T) {
 func TestCLIDefaultStore(t *testing.T) {
 	t.Setenv("XDG_DATA_HOME", t.TempDir())
 	out := mustCLI(t, "key", "add", "--tier", "free", "--name", "n")
-	if !strings.Contains(out, DefaultSQLitePath()) {
-		t.Errorf("add printed %q, want it to name the default store %s", out, DefaultSQLitePath())
+	if !strings.Contains(out, store.DefaultSQLitePath()) {
+		t.Errorf("add printed %q, want it to name the default store %s", out, store.DefaultSQLitePath())
 	}
 	if list := mustCLI(t, "key", "list"); !strings.Contains(list, printedID.FindString(out)) {
 		t.Errorf("list of the default store = %q", list)

@@ -11,6 +11,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // The index identifies a caller from memory, without locks: readers load
@@ -25,7 +28,7 @@ import (
 // changes, but for lastUsed; a rotated or revoked key's entry is left
 // behind, dead, until the next rebuild.
 type entry struct {
-	hash     Hash
+	hash     store.Hash
 	text     string        // the key's ID, then its name
 	expires  int64         // unix milliseconds; 0: never
 	lastUsed atomic.Uint32 // unix seconds of the last use recorded
@@ -59,19 +62,19 @@ type view struct {
 }
 
 // home is the first slot to probe for h in a table of n slots.
-func home(h *Hash, n int) int {
+func home(h *store.Hash, n int) int {
 	hi, _ := bits.Mul64(binary.LittleEndian.Uint64(h[:8]), uint64(n))
 	return int(hi)
 }
 
 // fingerprint is what a slot holds of h, in its high 32 bits.
-func fingerprint(h *Hash) uint64 {
+func fingerprint(h *store.Hash) uint64 {
 	return uint64(binary.LittleEndian.Uint32(h[8:12])) << 32
 }
 
 // lookup returns the entry with hash h, or nil. It allocates nothing and
 // takes no lock.
-func (v *view) lookup(h *Hash) *entry {
+func (v *view) lookup(h *store.Hash) *entry {
 	n := len(v.slots)
 	if n == 0 {
 		return nil
@@ -95,7 +98,7 @@ func (v *view) lookup(h *Hash) *entry {
 }
 
 // insert puts entry idx with hash h into the first free slot.
-func (v *view) insert(h *Hash, idx uint32) {
+func (v *view) insert(h *store.Hash, idx uint32) {
 	n := len(v.slots)
 	for i := home(h, n); ; {
 		if s := v.slots[i].Load(); s == 0 || uint32(s) == tombstone {
@@ -109,7 +112,7 @@ func (v *view) insert(h *Hash, idx uint32) {
 }
 
 // slotOf returns the position of the slot of entry idx with hash h, or -1.
-func (v *view) slotOf(h *Hash, idx uint32) int {
+func (v *view) slotOf(h *store.Hash, idx uint32) int {
 	n := len(v.slots)
 	for i := home(h, n); ; {
 		s := v.slots[i].Load()
@@ -136,7 +139,7 @@ type index struct {
 	// settings are the live keys' own settings, by ID, of the keys that
 	// have any: looked up without a lock for every request, and costing
 	// one atomic load when no key has settings.
-	settings atomic.Pointer[map[string]*Settings]
+	settings atomic.Pointer[map[string]*policy.Settings]
 
 	mu    sync.Mutex // serializes writers; protects the following
 	ids   []uint32   // table of entries by ID, slots as described above
@@ -165,7 +168,7 @@ func (ix *index) minter(id string) (minter, bool) {
 
 // noteMinters brings the minters up to date with recs, changed in that
 // order, copying the map only when one of them mints or minted.
-func (ix *index) noteMinters(recs []Record) {
+func (ix *index) noteMinters(recs []store.Record) {
 	old := ix.minters.Load()
 	var next map[string]minter
 	for i := range recs {
@@ -181,7 +184,7 @@ func (ix *index) noteMinters(recs []Record) {
 			}
 		}
 		if mints {
-			next[r.ID] = minter{tier: r.Tier, mint: r.Mint, expires: millis(r.Expires)}
+			next[r.ID] = minter{tier: r.Tier, mint: r.Mint, expires: store.Millis(r.Expires)}
 		} else {
 			delete(next, r.ID)
 		}
@@ -202,7 +205,7 @@ func isMinter(m *map[string]minter, id string) bool {
 
 // settingsOf returns the settings of the live key id, or nil when it has
 // none. It takes no lock and allocates nothing.
-func (ix *index) settingsOf(id string) *Settings {
+func (ix *index) settingsOf(id string) *policy.Settings {
 	if m := ix.settings.Load(); m != nil {
 		return (*m)[id]
 	}
@@ -213,9 +216,9 @@ func (ix *index) settingsOf(id string) *Settings {
 // order, copying the map only when one of them has or had settings. A
 // key's settings get a new pointer whenever they change, and keep theirs
 // otherwise (a rotation): callers cache by it.
-func (ix *index) noteSettings(recs []Record) {
+func (ix *index) noteSettings(recs []store.Record) {
 	old := ix.settings.Load()
-	var next map[string]*Settings
+	var next map[string]*policy.Settings
 	for i := range recs {
 		r := &recs[i]
 		cur := ix.settingsOf(r.ID)
@@ -227,7 +230,7 @@ func (ix *index) noteSettings(recs []Record) {
 			continue
 		}
 		if next == nil {
-			next = make(map[string]*Settings)
+			next = make(map[string]*policy.Settings)
 			if old != nil {
 				maps.Copy(next, *old)
 			}
@@ -263,7 +266,7 @@ func (ix *index) view() *view {
 // apply brings the index up to date with records changed in the store,
 // in the order of their changes. It returns the IDs of the records it
 // could not hold (an ID over 255 bytes, too many tiers or keys).
-func (ix *index) apply(recs []Record) (skipped []string) {
+func (ix *index) apply(recs []store.Record) (skipped []string) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	ix.noteMinters(recs)
@@ -291,7 +294,7 @@ func (ix *index) apply(recs []Record) (skipped []string) {
 // every key of one snapshot of a store: nothing is looked up by ID, and
 // the batch is published at once. Revoked records are skipped. It
 // returns the IDs of the records it could not hold.
-func (ix *index) loadNew(recs []Record) (skipped []string) {
+func (ix *index) loadNew(recs []store.Record) (skipped []string) {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	ix.noteMinters(recs)
@@ -325,7 +328,7 @@ func (ix *index) loadNew(recs []Record) (skipped []string) {
 
 // admit returns the position of r's tier, or false when an entry cannot
 // hold r.
-func (ix *index) admit(r *Record) (uint16, bool) {
+func (ix *index) admit(r *store.Record) (uint16, bool) {
 	if len(r.ID) > maxIndexedIDLen {
 		return 0, false
 	}
@@ -333,24 +336,24 @@ func (ix *index) admit(r *Record) (uint16, bool) {
 }
 
 // fill sets up the new entry e for r.
-func fill(e *entry, r *Record, tier uint16, text string, lastUsed uint32) {
+func fill(e *entry, r *store.Record, tier uint16, text string, lastUsed uint32) {
 	e.hash = r.Hash
 	e.text = text
-	e.expires = millis(r.Expires)
+	e.expires = store.Millis(r.Expires)
 	e.tier = tier
 	e.idLen = uint8(len(r.ID))
 	e.lastUsed.Store(lastUsed)
 }
 
 // put adds or replaces the entry of r, which has room.
-func (ix *index) put(r *Record, tier uint16) {
+func (ix *index) put(r *store.Record, tier uint16) {
 	v := ix.view()
 	pos, idx, found := ix.findID(r.ID)
 	var old *entry
 	text, last := "", unixSeconds(r.LastUsed)
 	if found {
 		old = &v.entries[idx]
-		if old.hash == r.Hash && old.expires == millis(r.Expires) && old.tier == tier && old.name() == r.Name {
+		if old.hash == r.Hash && old.expires == store.Millis(r.Expires) && old.tier == tier && old.name() == r.Name {
 			return
 		}
 		if old.name() == r.Name {

@@ -9,11 +9,12 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // newRecord returns a record of a new key, not stored anywhere, and its
 // secret.
-func newRecord(t testing.TB, name, tier string) (Record, string) {
+func newRecord(t testing.TB, name, tier string) (store.Record, string) {
 	t.Helper()
 	id, err := NewID()
 	if err != nil {
@@ -23,12 +24,12 @@ func newRecord(t testing.TB, name, tier string) (Record, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return Record{ID: id, Name: name, Tier: tier, Hash: HashSecret(secret), Created: time.Now()}, secret
+	return store.Record{ID: id, Name: name, Tier: tier, Hash: store.HashSecret(secret), Created: time.Now()}, secret
 }
 
 // find looks secret up as Identify does, without the expiry check.
 func (ix *index) find(secret string) (Client, *entry) {
-	h := HashSecret(secret)
+	h := store.HashSecret(secret)
 	v := ix.view()
 	e := v.lookup(&h)
 	if e == nil {
@@ -45,7 +46,7 @@ func TestIndexApply(t *testing.T) {
 	a, aSecret := newRecord(t, "alice", "pro")
 	b, bSecret := newRecord(t, "bob", "free")
 	a.LastUsed = time.Unix(1_700_000_000, 0)
-	ix.apply([]Record{a, b})
+	ix.apply([]store.Record{a, b})
 	for secret, want := range map[string]Client{aSecret: {ID: a.ID, Name: "alice", Tier: "pro"}, bSecret: {ID: b.ID, Name: "bob", Tier: "free"}} {
 		if got, _ := ix.find(secret); got != want {
 			t.Errorf("found %+v, want %+v", got, want)
@@ -57,7 +58,7 @@ func TestIndexApply(t *testing.T) {
 
 	// The same record again adds nothing.
 	entries := len(ix.view().entries)
-	ix.apply([]Record{a, b})
+	ix.apply([]store.Record{a, b})
 	if got := len(ix.view().entries); got != entries {
 		t.Errorf("re-applying unchanged records made %d entries, want %d", got, entries)
 	}
@@ -67,8 +68,8 @@ func TestIndexApply(t *testing.T) {
 	e.lastUsed.Store(1_800_000_000)
 	rotated := a
 	newSecret, _ := clientkey.New()
-	rotated.Hash = HashSecret(newSecret)
-	ix.apply([]Record{rotated})
+	rotated.Hash = store.HashSecret(newSecret)
+	ix.apply([]store.Record{rotated})
 	if c, _ := ix.find(aSecret); c != (Client{}) {
 		t.Error("the rotated-away secret is still found")
 	}
@@ -80,7 +81,7 @@ func TestIndexApply(t *testing.T) {
 	// Other attributes change in place of the entry.
 	renamed := rotated
 	renamed.Name, renamed.Tier, renamed.Expires = "alice 2", "team", time.UnixMilli(1_900_000_000_000)
-	ix.apply([]Record{renamed})
+	ix.apply([]store.Record{renamed})
 	got, e = ix.find(newSecret)
 	if got != (Client{ID: a.ID, Name: "alice 2", Tier: "team"}) || e.expires != 1_900_000_000_000 {
 		t.Errorf("after renaming: %+v, expires %d", got, e.expires)
@@ -91,7 +92,7 @@ func TestIndexApply(t *testing.T) {
 	revoked.Revoked = time.Now()
 	stranger, strangerSecret := newRecord(t, "x", "free")
 	stranger.Revoked = time.Now()
-	ix.apply([]Record{revoked, stranger})
+	ix.apply([]store.Record{revoked, stranger})
 	if c, _ := ix.find(bSecret); c != (Client{}) {
 		t.Error("a revoked key is found")
 	}
@@ -107,7 +108,7 @@ func TestIndexSkipsWhatItCannotHold(t *testing.T) {
 	var ix index
 	r, secret := newRecord(t, "n", "free")
 	r.ID = "key_" + strings.Repeat("x", 300)
-	if skipped := ix.apply([]Record{r}); len(skipped) != 1 || skipped[0] != r.ID {
+	if skipped := ix.apply([]store.Record{r}); len(skipped) != 1 || skipped[0] != r.ID {
 		t.Errorf("skipped %v, want the long ID", skipped)
 	}
 	if c, _ := ix.find(secret); c != (Client{}) {
@@ -118,7 +119,7 @@ func TestIndexSkipsWhatItCannotHold(t *testing.T) {
 func TestIndexTierCounts(t *testing.T) {
 	var ix index
 	now := time.Now()
-	var recs []Record
+	var recs []store.Record
 	for i, tier := range []string{"free", "free", "pro", "free", "gone"} {
 		r, _ := newRecord(t, "k", tier)
 		switch i {
@@ -142,9 +143,9 @@ func TestIndexTierCounts(t *testing.T) {
 func TestIndexChurn(t *testing.T) {
 	var ix index
 	stable := make([]string, 50)
-	var recs []Record
+	var recs []store.Record
 	for i := range stable {
-		var r Record
+		var r store.Record
 		r, stable[i] = newRecord(t, "stable", "free")
 		recs = append(recs, r)
 	}
@@ -165,7 +166,7 @@ func TestIndexChurn(t *testing.T) {
 	}
 
 	type key struct {
-		rec    Record
+		rec    store.Record
 		secret string
 	}
 	live := make(map[string]*key)
@@ -180,13 +181,13 @@ func TestIndexChurn(t *testing.T) {
 			r, s := newRecord(t, "churn", []string{"free", "pro", "team"}[rng.IntN(3)])
 			live[r.ID] = &key{r, s}
 			ids = append(ids, r.ID)
-			ix.apply([]Record{r})
+			ix.apply([]store.Record{r})
 		case op < 8:
 			k := live[ids[rng.IntN(len(ids))]]
 			dead = append(dead, k.secret)
 			k.secret, _ = clientkey.New()
-			k.rec.Hash = HashSecret(k.secret)
-			ix.apply([]Record{k.rec})
+			k.rec.Hash = store.HashSecret(k.secret)
+			ix.apply([]store.Record{k.rec})
 		default:
 			i := rng.IntN(len(ids))
 			k := live[ids[i]]
@@ -195,7 +196,7 @@ func TestIndexChurn(t *testing.T) {
 			ids[i] = ids[len(ids)-1]
 			ids = ids[:len(ids)-1]
 			k.rec.Revoked = time.Now()
-			ix.apply([]Record{k.rec})
+			ix.apply([]store.Record{k.rec})
 		}
 		if cap(ix.view().entries) != cap(before) {
 			rebuilds++

@@ -10,6 +10,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // MaxTokenSize is the longest bearer token read as a JWT; a longer one is
@@ -55,7 +56,7 @@ type TokenIssuer struct {
 type TokenVerifier struct {
 	issuers    map[string]*TokenIssuer
 	parser     *jwt.Parser
-	remembered *lru.Cache[Hash, rememberedToken]
+	remembered *lru.Cache[store.Hash, rememberedToken]
 }
 
 // rememberedToken is an accepted token, keyed by its hash.
@@ -88,7 +89,7 @@ func NewTokenVerifier(issuers []*TokenIssuer, remember int) (*TokenVerifier, err
 		v.issuers[iss.Issuer] = iss
 	}
 	var err error
-	v.remembered, err = lru.New[Hash, rememberedToken](remember)
+	v.remembered, err = lru.New[store.Hash, rememberedToken](remember)
 	return v, err
 }
 
@@ -216,7 +217,7 @@ func (iss *TokenIssuer) validate(claims jwt.MapClaims, now time.Time) error {
 
 // hashToken is the SHA-256 of a token of at most MaxTokenSize bytes;
 // copying into an array keeps the conversion to bytes on the stack.
-func hashToken(token string) Hash {
+func hashToken(token string) store.Hash {
 	var buf [MaxTokenSize]byte
 	n := copy(buf[:], token)
 	return sha256.Sum256(buf[:n])

@@ -1,8 +1,6 @@
 package keystore
 
 import (
-	"crypto/sha256"
-
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 )
 
@@ -11,22 +9,6 @@ const (
 	idPrefix  = "key_"
 	idBodyLen = 16
 )
-
-// Hash is the SHA-256 of a whole client key, the only form in which a key
-// is stored.
-type Hash [32]byte
-
-// HashSecret returns the hash under which the key s is stored. It does
-// not allocate for a string of a key's length.
-func HashSecret(s string) Hash {
-	// Copying into an array keeps the conversion to bytes on the stack.
-	var buf [clientkey.Len]byte
-	if len(s) == clientkey.Len {
-		copy(buf[:], s)
-		return sha256.Sum256(buf[:])
-	}
-	return sha256.Sum256([]byte(s))
-}
 
 // IDLen is the length of a key ID, in bytes.
 const IDLen = len(idPrefix) + idBodyLen

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 func TestHashSecret(t *testing.T) {
@@ -14,7 +15,7 @@ func TestHashSecret(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, in := range []string{s, "", "short", s + "x"} {
-		if got, want := HashSecret(in), Hash(sha256.Sum256([]byte(in))); got != want {
+		if got, want := store.HashSecret(in), store.Hash(sha256.Sum256([]byte(in))); got != want {
 			t.Errorf("HashSecret(%q) = %x, want the SHA-256 %x", in, got, want)
 		}
 	}
@@ -26,7 +27,7 @@ func TestHashSecretNoAllocations(t *testing.T) {
 		t.Fatal(err)
 	}
 	var sink bool
-	if n := testing.AllocsPerRun(100, func() { h := HashSecret(s); sink = h[0] == 0 }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { h := store.HashSecret(s); sink = h[0] == 0 }); n != 0 {
 		t.Errorf("HashSecret: %v allocations, want 0", n)
 	}
 	_ = sink

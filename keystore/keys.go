@@ -4,12 +4,13 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // maxAttrLen bounds key names and tiers, in characters.
@@ -27,7 +28,7 @@ type Attrs struct {
 	Mint    []string  // tiers it may mint tokens of; each a valid tier name (validTier)
 	// Settings are the key's own limits over its tier's; the zero
 	// Settings follow the tier.
-	Settings Settings
+	Settings policy.Settings
 }
 
 // Create adds a key with the attributes a to st and returns its record
@@ -35,36 +36,36 @@ type Attrs struct {
 // to the user once. A zero a.Expires means the key never expires;
 // otherwise it must be after now. a.Mint is stored sorted and without
 // repeats. Bad attributes are reported as errors wrapping ErrInvalid.
-func Create(ctx context.Context, st Store, a Attrs, now time.Time) (Record, string, error) {
+func Create(ctx context.Context, st store.Backend, a Attrs, now time.Time) (store.Record, string, error) {
 	if err := validName(a.Name); err != nil {
-		return Record{}, "", err
+		return store.Record{}, "", err
 	}
 	if err := validTier(a.Tier); err != nil {
-		return Record{}, "", err
+		return store.Record{}, "", err
 	}
 	mint, err := normMint(a.Mint)
 	if err != nil {
-		return Record{}, "", err
+		return store.Record{}, "", err
 	}
 	if err := a.Settings.Check(); err != nil {
-		return Record{}, "", err
+		return store.Record{}, "", err
 	}
-	now = storedTime(now)
-	expires := storedTime(a.Expires)
+	now = store.StoredTime(now)
+	expires := store.StoredTime(a.Expires)
 	if !expires.IsZero() && !expires.After(now) {
-		return Record{}, "", fmt.Errorf("%w: expiry %s is not in the future", ErrInvalid, expires.Format(time.RFC3339))
+		return store.Record{}, "", fmt.Errorf("%w: expiry %s is not in the future", store.ErrInvalid, expires.Format(time.RFC3339))
 	}
 	id, err := NewID()
 	if err != nil {
-		return Record{}, "", fmt.Errorf("creating a key ID: %w", err)
+		return store.Record{}, "", fmt.Errorf("creating a key ID: %w", err)
 	}
 	secret, err := clientkey.New()
 	if err != nil {
-		return Record{}, "", fmt.Errorf("creating a key: %w", err)
+		return store.Record{}, "", fmt.Errorf("creating a key: %w", err)
 	}
-	r := Record{ID: id, Name: a.Name, Tier: a.Tier, Hash: HashSecret(secret), Created: now, Expires: expires, Mint: mint, Settings: a.Settings}
+	r := store.Record{ID: id, Name: a.Name, Tier: a.Tier, Hash: store.HashSecret(secret), Created: now, Expires: expires, Mint: mint, Settings: a.Settings}
 	if err := st.Insert(ctx, r); err != nil {
-		return Record{}, "", fmt.Errorf("storing key %s: %w", id, err)
+		return store.Record{}, "", fmt.Errorf("storing key %s: %w", id, err)
 	}
 	return r, secret, nil
 }
@@ -73,12 +74,12 @@ func Create(ctx context.Context, st Store, a Attrs, now time.Time) (Record, stri
 // stops working. The ID, name, tier, expiry and mint tiers stay. It
 // returns an error wrapping ErrNotFound or ErrRevoked when the key
 // cannot be rotated.
-func Rotate(ctx context.Context, st Store, id string) (string, error) {
+func Rotate(ctx context.Context, st store.Backend, id string) (string, error) {
 	secret, err := clientkey.New()
 	if err != nil {
 		return "", fmt.Errorf("creating a key: %w", err)
 	}
-	if err := st.SetHash(ctx, id, HashSecret(secret)); err != nil {
+	if err := st.SetHash(ctx, id, store.HashSecret(secret)); err != nil {
 		return "", fmt.Errorf("rotating key %s: %w", id, err)
 	}
 	return secret, nil
@@ -88,7 +89,7 @@ func Rotate(ctx context.Context, st Store, id string) (string, error) {
 // checking them: the zero Settings make the key follow its tier in
 // everything. It returns an error wrapping ErrInvalid, ErrNotFound or
 // ErrRevoked when the key cannot be changed so.
-func SetSettings(ctx context.Context, st Store, id string, s Settings) error {
+func SetSettings(ctx context.Context, st store.Backend, id string, s policy.Settings) error {
 	if err := s.Check(); err != nil {
 		return err
 	}
@@ -102,14 +103,14 @@ func SetSettings(ctx context.Context, st Store, id string, s Settings) error {
 // wraps ErrInvalid.
 func validName(name string) error {
 	if name == "" {
-		return fmt.Errorf("%w: a key needs a name", ErrInvalid)
+		return fmt.Errorf("%w: a key needs a name", store.ErrInvalid)
 	}
 	if !utf8.ValidString(name) || utf8.RuneCountInString(name) > maxAttrLen {
-		return fmt.Errorf("%w: a key name is at most %d characters of UTF-8", ErrInvalid, maxAttrLen)
+		return fmt.Errorf("%w: a key name is at most %d characters of UTF-8", store.ErrInvalid, maxAttrLen)
 	}
 	for _, r := range name {
 		if !unicode.IsPrint(r) {
-			return fmt.Errorf("%w: key name %q has a character that is not printable", ErrInvalid, name)
+			return fmt.Errorf("%w: key name %q has a character that is not printable", store.ErrInvalid, name)
 		}
 	}
 	return nil
@@ -119,11 +120,11 @@ func validName(name string) error {
 // The error wraps ErrInvalid.
 func validTier(tier string) error {
 	if tier == "" || len(tier) > maxAttrLen {
-		return fmt.Errorf("%w: a tier is 1 to %d characters", ErrInvalid, maxAttrLen)
+		return fmt.Errorf("%w: a tier is 1 to %d characters", store.ErrInvalid, maxAttrLen)
 	}
 	for i := range len(tier) {
 		if c := tier[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '_' && c != '-' {
-			return fmt.Errorf("%w: invalid tier %q: use a-z, 0-9, _ and -", ErrInvalid, tier)
+			return fmt.Errorf("%w: invalid tier %q: use a-z, 0-9, _ and -", store.ErrInvalid, tier)
 		}
 	}
 	return nil
@@ -142,28 +143,7 @@ func normMint(tiers []string) ([]string, error) {
 	}
 	mint := slices.Compact(slices.Sorted(slices.Values(tiers)))
 	if len(mint) > maxMint {
-		return nil, fmt.Errorf("%w: a key may mint tokens of at most %d tiers, not %d", ErrInvalid, maxMint, len(mint))
+		return nil, fmt.Errorf("%w: a key may mint tokens of at most %d tiers, not %d", store.ErrInvalid, maxMint, len(mint))
 	}
 	return mint, nil
-}
-
-// joinMint is how the stores keep Mint: the tiers joined by commas,
-// which no tier holds; "" for none.
-func joinMint(mint []string) string { return strings.Join(mint, ",") }
-
-// splitMint is the inverse of joinMint: nil for "".
-func splitMint(s string) []string {
-	if s == "" {
-		return nil
-	}
-	return strings.Split(s, ",")
-}
-
-// storedTime is t as stores keep it: UTC, to the millisecond, without a
-// monotonic reading.
-func storedTime(t time.Time) time.Time {
-	if t.IsZero() {
-		return time.Time{}
-	}
-	return t.UTC().Truncate(time.Millisecond)
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/vigthoria/caddy-vigthoria/store"
 	"go.uber.org/zap"
 )
 
@@ -70,7 +71,7 @@ type mintedClaims struct {
 // signingSet is one reading of the store's signing keys; never changed
 // once published.
 type signingSet struct {
-	keys  []SigningKey // oldest first
+	keys  []store.SigningKey // oldest first
 	byKID map[string]*signingEntry
 	jwks  []byte // the public keys, as GET /vigthoria/jwks.json serves them
 }
@@ -256,8 +257,8 @@ func (s *Service) refreshSigningKeys(ctx context.Context) error {
 }
 
 func (s *Service) readSigningKeysLocked(ctx context.Context) error {
-	st, ok := s.Store().(SigningKeyStore)
-	if !ok {
+	st := s.Store()
+	if st == nil {
 		return ErrNoSigningKeys
 	}
 	s.signing.lastRead = time.Now()
@@ -279,7 +280,7 @@ func (s *Service) readSigningKeysLocked(ctx context.Context) error {
 	return nil
 }
 
-func sameID(a, b SigningKey) bool { return a.ID == b.ID }
+func sameID(a, b store.SigningKey) bool { return a.ID == b.ID }
 
 // firstSigningKey makes the store's first signing key, unless another
 // instance just did; two made at once both verify, and the newer signs.
@@ -292,11 +293,11 @@ func (s *Service) firstSigningKey(ctx context.Context, now time.Time) (*signingS
 	if set := s.signing.set.Load(); len(set.keys) > 0 {
 		return set, nil
 	}
-	k, err := NewSigningKey(now)
+	k, err := store.NewSigningKey(now)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.Store().(SigningKeyStore).AddSigningKey(ctx, k); err != nil {
+	if err := s.Store().AddSigningKey(ctx, k); err != nil {
 		return nil, fmt.Errorf("storing a signing key: %w", err)
 	}
 	if err := s.readSigningKeysLocked(ctx); err != nil {
@@ -329,7 +330,7 @@ func (s *Service) keepSigningKeys(ctx context.Context) {
 }
 
 // newSigningSet builds the set of keys, oldest first.
-func newSigningSet(keys []SigningKey) (*signingSet, error) {
+func newSigningSet(keys []store.SigningKey) (*signingSet, error) {
 	set := &signingSet{keys: keys, byKID: make(map[string]*signingEntry, len(keys))}
 	type jwk struct {
 		Kty string `json:"kty"`

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // mintVerifier verifies the tokens s mints, as the handler does: the
@@ -42,7 +44,7 @@ func mintVerifier(t testing.TB, s *Service, maxTTL time.Duration) *TokenVerifier
 
 // addMinter adds a key of tier pro that may mint tokens of tier free,
 // and waits until s knows it may.
-func addMinter(t testing.TB, s *Service, cli Store, now time.Time) Record {
+func addMinter(t testing.TB, s *Service, cli store.Backend, now time.Time) store.Record {
 	t.Helper()
 	backend, _, err := Create(t.Context(), cli, Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
 	if err != nil {
@@ -148,7 +150,7 @@ func TestSigningKeysRotateAndRetire(t *testing.T) {
 
 	// A newer key, added elsewhere, signs within a poll; the old one
 	// verifies for maxTTL after its retirement, then no longer.
-	next, err := NewSigningKey(now.Add(time.Second))
+	next, err := store.NewSigningKey(now.Add(time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +165,7 @@ func TestSigningKeysRotateAndRetire(t *testing.T) {
 	if _, err := mintVerifier(t, s, maxTTL).Verify(t.Context(), old, time.Now()); err != nil {
 		t.Error("a token of the retired key is refused within max_token_ttl of its retirement")
 	}
-	time.Sleep(time.Until(Retired([]SigningKey{keys[0], next}, 0).Add(maxTTL + 50*time.Millisecond)))
+	time.Sleep(time.Until(Retired([]store.SigningKey{keys[0], next}, 0).Add(maxTTL + 50*time.Millisecond)))
 	if _, err := mintVerifier(t, s, maxTTL).Verify(t.Context(), old, time.Now()); err == nil {
 		t.Error("a retired key verifies past max_token_ttl after its retirement")
 	}

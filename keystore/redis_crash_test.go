@@ -16,11 +16,16 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	goredis "github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/crashtest"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
 )
 
 const (
@@ -34,6 +39,27 @@ const (
 	// server.
 	redisCrashCatchUp = 5 * time.Second
 )
+
+// The Redis layout the crash test reads behind the store, spelled out as
+// the operators' existing data has it, so that a change to it fails here.
+const (
+	redisKeyPrefix   = "vgt:key:"
+	redisSeqKey      = "vgt:keys:seq"
+	redisCounterKey  = "vgt:keys:counter"
+	redisEpochKey    = "vgt:keys:epoch"
+	redisUsagePrefix = "vgt:usage:"
+	usageTTL         = 400 * 24 * time.Hour // of a day of usage, after its last write
+	epochShift       = 48                   // a cursor is epoch<<epochShift | sequence
+)
+
+// redisUint reads a stored counter; a missing one is 0.
+func redisUint(cmd *goredis.StringCmd) (uint64, error) {
+	v, err := cmd.Uint64()
+	if errors.Is(err, goredis.Nil) {
+		return 0, nil
+	}
+	return v, err
+}
 
 // TestRedisCrashConsistency is TestSQLiteCrashConsistency for the Redis
 // store, whose store process is redis-server: the test writes keys and
@@ -84,16 +110,16 @@ func TestRedisCrashConsistency(t *testing.T) {
 	})
 
 	m := &redisCrashModel{
-		keys:    make(map[string]Record),
+		keys:    make(map[string]store.Record),
 		secrets: make(map[string]string),
-		usage:   make(map[ledgerKey]UsageRow),
+		usage:   make(map[crashtest.Key]store.UsageRow),
 	}
 	var (
 		begin                    = time.Now()
 		keyAcks, uses, flushes   int
 		minAcks, maxAcks         = math.MaxInt, 0
 		minRun, maxRun           = time.Duration(math.MaxInt64), time.Duration(0)
-		keyCuts, batchCuts       cuts
+		keyCuts, batchCuts       crashtest.Cuts
 		landedUses, landedTokens int64
 
 		// Time spent in all, and the longest of each kill.
@@ -102,25 +128,25 @@ func TestRedisCrashConsistency(t *testing.T) {
 	)
 	st := openRedisCrash(t, 0, srv)
 	t.Cleanup(func() { st.Close() }) // the last one
-	for kill := 1; kill <= crashKills; kill++ {
+	for kill := 1; kill <= crashtest.Kills; kill++ {
 		// Each run has a Ledger of its own: the batch its kill cut is
 		// written again after the restart, as a Service does, and the
 		// Ledger is then dropped.
-		ledger := newLedger(zap.NewNop())
+		l := ledger.New(zap.NewNop())
 		run := &redisCrashRun{changed: make(map[string]bool)}
-		ledger.attach(recordedUsage{st, run})
+		l.Attach(recordedUsage{st, run})
 
 		started, done := make(chan time.Time, 1), make(chan struct{})
 		go func() {
 			defer close(done)
-			m.write(ctx, kill, st, ledger, run, started)
+			m.write(ctx, kill, st, l, run, started)
 		}()
 		begun := time.Now()
 		var first time.Time
 		select {
 		case first = <-started:
 			select {
-			case <-time.After(crashMinRun + rand.N(crashMaxRun-crashMinRun)):
+			case <-time.After(crashtest.MinRun + rand.N(crashtest.MaxRun-crashtest.MinRun)):
 			case <-done:
 			}
 		case <-done:
@@ -160,38 +186,36 @@ func TestRedisCrashConsistency(t *testing.T) {
 		// next flush writes it again: it must count once, whether or not
 		// it landed before the kill.
 		if run.batch != nil {
-			var kept []crashUse
-			if ledger.unsure != nil {
-				for _, r := range ledger.unsure.Rows {
-					kept = append(kept, crashUse{row: r})
-				}
+			var kept []crashtest.Use
+			for _, r := range l.Retrying() {
+				kept = append(kept, crashtest.Use{Row: r})
 			}
 			if want := usageOf(run.batch); !maps.Equal(usageOf(kept), want) {
-				t.Errorf("kill %d: the Ledger keeps%s\nafter its write failed", kill, usageDiff(usageOf(kept), want))
+				t.Errorf("kill %d: the Ledger keeps%s\nafter its write failed", kill, crashtest.UsageDiff(usageOf(kept), want))
 			}
-			ledger.attach(st)
-			if err := ledger.flush(ctx); err != nil {
+			l.Attach(st)
+			if err := l.Flush(ctx); err != nil {
 				t.Fatalf("kill %d: writing the failed batch again: %v", kill, err)
 			}
 			want := m.usage
 			if !batchLanded {
-				want = withUses(m.usage, run.batch)
+				want = crashtest.WithUses(m.usage, run.batch)
 			}
 			if got := storedUsage(t, kill, raw); !maps.Equal(got, want) {
 				t.Errorf("kill %d: after the failed batch was written again (it had landed: %t), the ledger differs%s",
-					kill, batchLanded, usageDiff(got, want))
+					kill, batchLanded, crashtest.UsageDiff(got, want))
 			}
 			m.usage = want
 			if batchLanded {
 				for _, u := range run.batch {
-					landedUses += u.row.Requests
-					landedTokens += u.row.TotalTokens()
+					landedUses += u.Row.Requests
+					landedTokens += u.Row.TotalTokens()
 				}
 			}
 		}
 
-		keyCuts.add(run.inflightOp != "", landed)
-		batchCuts.add(run.batch != nil, batchLanded)
+		keyCuts.Add(run.inflightOp != "", landed)
+		batchCuts.Add(run.batch != nil, batchLanded)
 		keyAcks += run.keyAcks
 		uses += run.uses
 		flushes += run.flushes
@@ -226,7 +250,7 @@ func TestRedisCrashConsistency(t *testing.T) {
 	}
 	ms := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
 	t.Logf("%d kills in %v: %v writing, %v restarting, %v checking the store, %v waiting for the Service",
-		crashKills, ms(time.Since(begin)), ms(writing), ms(restarting), ms(checking), ms(catchingUp))
+		crashtest.Kills, ms(time.Since(begin)), ms(writing), ms(restarting), ms(checking), ms(catchingUp))
 	t.Logf("the longest: a kill %v, a restart %v (the AOF loaded, the store open), the Service back in sync %v",
 		ms(maxKill), ms(maxRestart), ms(maxCatchUp))
 	t.Logf("acknowledged: %d key changes (%d to %d a run), %d uses in %d flushes; killed %v to %v after the first write",
@@ -235,7 +259,7 @@ func TestRedisCrashConsistency(t *testing.T) {
 	t.Logf("ledger batches cut by the kill: %v; %d rows hold %d requests, %d tokens",
 		batchCuts, len(m.usage), requests, tokens)
 	t.Logf("the %d batches that landed hold %d uses, %d tokens: their writes failed, the Ledger wrote them again, and they counted once",
-		batchCuts.landed, landedUses, landedTokens)
+		batchCuts.Landed, landedUses, landedTokens)
 	t.Logf("the Service logged %d failing syncs and %d store resets; the AOF has %s bytes",
 		logs.FilterMessage("reading key changes failed; retrying").Len(),
 		logs.FilterMessage("key store was emptied or restored: reloading every key").Len(),
@@ -243,9 +267,9 @@ func TestRedisCrashConsistency(t *testing.T) {
 }
 
 // openRedisCrash opens the store on srv, after the kill-th restart.
-func openRedisCrash(t *testing.T, kill int, srv *redistest.Server) *Redis {
+func openRedisCrash(t *testing.T, kill int, srv *redistest.Server) *redisstore.Store {
 	t.Helper()
-	st, err := OpenRedis(srv.URL)
+	st, err := openAfterRestart(srv.URL)
 	if err != nil {
 		t.Fatalf("kill %d: the store does not open after the restart: %v", kill, err)
 	}
@@ -253,7 +277,7 @@ func openRedisCrash(t *testing.T, kill int, srv *redistest.Server) *Redis {
 }
 
 // infoField returns a field of the server's INFO, or "?".
-func infoField(t *testing.T, raw *redis.Client, name string) string {
+func infoField(t *testing.T, raw *goredis.Client, name string) string {
 	info, err := raw.Info(t.Context()).Result()
 	if err != nil {
 		return "?"
@@ -268,7 +292,7 @@ func infoField(t *testing.T, raw *redis.Client, name string) string {
 
 // checkAOFLoaded checks that the restarted server runs with its
 // append-only file, loaded.
-func checkAOFLoaded(t *testing.T, kill int, raw *redis.Client) {
+func checkAOFLoaded(t *testing.T, kill int, raw *goredis.Client) {
 	t.Helper()
 	info, err := raw.Info(t.Context(), "persistence").Result()
 	if err != nil {
@@ -285,10 +309,10 @@ func checkAOFLoaded(t *testing.T, kill int, raw *redis.Client) {
 // change, the ledger as stored at the last check, and what the Service
 // must make of the keys.
 type redisCrashModel struct {
-	keys    map[string]Record
+	keys    map[string]store.Record
 	secrets map[string]string // each key's secret; "" when a cut change left it unknown
 	dead    []string          // secrets that must not work: rotated away, or of revoked keys
-	usage   map[ledgerKey]UsageRow
+	usage   map[crashtest.Key]store.UsageRow
 	cursor  uint64 // of Changes, as of the last check
 	epoch   uint64 // the store's, once it has one
 }
@@ -308,12 +332,12 @@ type redisCrashRun struct {
 	changed                map[string]bool // keys whose change was acknowledged
 	ran                    time.Duration   // from the first acknowledgement to the kill
 
-	inflightOp string  // the key change that failed: "create", "rotate", "revoke" or ""
-	inflight   *Record // the key as that change would leave it; for a rotation, the old hash
+	inflightOp string        // the key change that failed: "create", "rotate", "revoke" or ""
+	inflight   *store.Record // the key as that change would leave it; for a rotation, the old hash
 
-	flushed []crashUse // in acknowledged batches
-	batch   []crashUse // in the batch whose write failed
-	pending []crashUse // added, in no batch yet
+	flushed []crashtest.Use // in acknowledged batches
+	batch   []crashtest.Use // in the batch whose write failed
+	pending []crashtest.Use // added, in no batch yet
 
 	err   error // that ended the run
 	errAt time.Time
@@ -322,8 +346,8 @@ type redisCrashRun struct {
 // write changes keys and records usage in st until a write fails, which
 // it notes in run. It sends the time of its first acknowledgement on
 // started. Acknowledged key changes go to m at once.
-func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger *Ledger, run *redisCrashRun, started chan<- time.Time) {
-	fail := func(op string, r *Record, err error) {
+func (m *redisCrashModel) write(ctx context.Context, kill int, st *redisstore.Store, l *ledger.Ledger, run *redisCrashRun, started chan<- time.Time) {
+	fail := func(op string, r *store.Record, err error) {
 		run.inflightOp, run.inflight = op, r
 		run.err, run.errAt = err, time.Now()
 	}
@@ -339,8 +363,8 @@ func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger
 		// kill read every key, and fewer keys keep them quick.
 		switch op := rand.IntN(20); {
 		case op < 5 || len(live) == 0:
-			now := storedTime(time.Now())
-			want := Record{Name: fmt.Sprintf("crash-%d-%d", kill, n), Tier: crashTiers[rand.IntN(len(crashTiers))], Created: now}
+			now := store.StoredTime(time.Now())
+			want := store.Record{Name: fmt.Sprintf("crash-%d-%d", kill, n), Tier: crashtest.Tiers[rand.IntN(len(crashtest.Tiers))], Created: now}
 			if rand.IntN(2) == 0 {
 				want.Expires = now.Add(720 * time.Hour)
 			}
@@ -360,7 +384,7 @@ func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger
 				fail("rotate", &r, err)
 				return
 			}
-			r.Hash = HashSecret(secret)
+			r.Hash = store.HashSecret(secret)
 			m.keys[id] = r
 			m.bury(id)
 			m.secrets[id] = secret
@@ -369,7 +393,7 @@ func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger
 			i := rand.IntN(len(live))
 			id := live[i]
 			r := m.keys[id]
-			r.Revoked = storedTime(time.Now())
+			r.Revoked = store.StoredTime(time.Now())
 			if err := st.Revoke(ctx, id, r.Revoked); err != nil {
 				fail("revoke", &r, err)
 				return
@@ -390,18 +414,18 @@ func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger
 		// here a flush follows one key change in redisCrashFlushEvery,
 		// so that a good share of the kills cut a batch.
 		for range 1 + rand.IntN(3) {
-			client, model := crashClients[rand.IntN(len(crashClients))], crashModels[rand.IntN(len(crashModels))]
+			client, model := crashtest.Clients[rand.IntN(len(crashtest.Clients))], crashtest.Models[rand.IntN(len(crashtest.Models))]
 			prompt, completion := 1+rand.Int64N(2000), rand.Int64N(1000)
 			at := time.Now()
-			ledger.Add(client, model, at, Tokens{Prompt: prompt, Completion: completion})
+			l.Add(client, model, at, ledger.Tokens{Prompt: prompt, Completion: completion})
 			run.uses++
-			run.pending = append(run.pending, crashUse{
-				row: UsageRow{Client: client, Day: Day(at), Model: model, Requests: 1, PromptTokens: prompt, CompletionTokens: completion},
-				at:  at,
+			run.pending = append(run.pending, crashtest.Use{
+				Row: store.UsageRow{Client: client, Day: store.Day(at), Model: model, Requests: 1, PromptTokens: prompt, CompletionTokens: completion},
+				At:  at,
 			})
 		}
 		if rand.IntN(redisCrashFlushEvery) == 0 {
-			if err := ledger.flush(ctx); err != nil {
+			if err := l.Flush(ctx); err != nil {
 				run.err, run.errAt = err, time.Now()
 				return
 			}
@@ -410,28 +434,28 @@ func (m *redisCrashModel) write(ctx context.Context, kill int, st *Redis, ledger
 }
 
 // usageOf returns the ledger rows that uses make.
-func usageOf(uses []crashUse) map[ledgerKey]UsageRow {
-	return withUses(make(map[ledgerKey]UsageRow), uses)
+func usageOf(uses []crashtest.Use) map[crashtest.Key]store.UsageRow {
+	return crashtest.WithUses(make(map[crashtest.Key]store.UsageRow), uses)
 }
 
 // recordedUsage is the ledger's store in the test: it notes the batch it
 // writes, and that the write was acknowledged.
 type recordedUsage struct {
-	*Redis
+	*redisstore.Store
 	run *redisCrashRun
 }
 
-func (u recordedUsage) AddUsage(ctx context.Context, b UsageBatch) error {
+func (u recordedUsage) AddUsage(ctx context.Context, b store.UsageBatch) error {
 	// The batch must be exactly the uses added since the last one.
-	var batch []crashUse
+	var batch []crashtest.Use
 	for _, r := range b.Rows {
-		batch = append(batch, crashUse{row: r})
+		batch = append(batch, crashtest.Use{Row: r})
 	}
 	if got, want := usageOf(batch), usageOf(u.run.pending); !maps.Equal(got, want) {
-		return fmt.Errorf("the ledger flushes a batch other than the uses added since its last flush:%s", usageDiff(got, want))
+		return fmt.Errorf("the ledger flushes a batch other than the uses added since its last flush:%s", crashtest.UsageDiff(got, want))
 	}
 	u.run.batch, u.run.pending = u.run.pending, nil
-	if err := u.Redis.AddUsage(ctx, b); err != nil {
+	if err := u.Store.AddUsage(ctx, b); err != nil {
 		return err
 	}
 	u.run.flushed = append(u.run.flushed, u.run.batch...)
@@ -446,18 +470,18 @@ func (u recordedUsage) AddUsage(ctx context.Context, b UsageBatch) error {
 // last check answers the keys changed since, not a reset. It then takes
 // what st holds as the model, and reports whether the failed change
 // landed.
-func (m *redisCrashModel) checkKeys(t *testing.T, kill int, st *Redis, raw *redis.Client, run *redisCrashRun) (landed bool) {
+func (m *redisCrashModel) checkKeys(t *testing.T, kill int, st *redisstore.Store, raw *goredis.Client, run *redisCrashRun) (landed bool) {
 	t.Helper()
 	ctx := t.Context()
 	recs, err := st.List(ctx)
 	if err != nil {
 		t.Fatalf("kill %d: listing keys: %v", kill, err)
 	}
-	stored := make(map[string]Record, len(recs))
+	stored := make(map[string]store.Record, len(recs))
 	for _, r := range recs {
 		stored[r.ID] = r
 	}
-	landed, created := checkAcknowledged(t, kill, stored, m.keys, run.inflightOp, run.inflight)
+	landed, created := crashtest.CheckAcknowledged(t, kill, stored, m.keys, run.inflightOp, run.inflight)
 
 	// What the Service must make of the keys now.
 	if landed {
@@ -481,7 +505,7 @@ func (m *redisCrashModel) checkKeys(t *testing.T, kill int, st *Redis, raw *redi
 
 	// A cursor taken before the kill reads on after the restart.
 	changes, cursor, err := st.Changes(ctx, m.cursor)
-	if errors.Is(err, errStoreReset) {
+	if errors.Is(err, store.ErrReset) {
 		t.Fatalf("kill %d: Changes from the cursor of before the kill: %v: the restart is taken for a reset", kill, err)
 	}
 	if err != nil {
@@ -505,36 +529,36 @@ func (m *redisCrashModel) checkKeys(t *testing.T, kill int, st *Redis, raw *redi
 // checkRedisHistory checks what Changes relies on: every key has a hash
 // and a place in the seq set, with the same seq in both; the newest
 // change has the counter's seq. It returns the epoch.
-func checkRedisHistory(t *testing.T, kill int, raw *redis.Client) (epoch uint64) {
+func checkRedisHistory(t *testing.T, kill int, raw *goredis.Client) (epoch uint64) {
 	t.Helper()
 	ctx := t.Context()
 	var (
-		seqs             *redis.ZSliceCmd
-		counter, epochAt *redis.StringCmd
-		hashes           *redis.StringSliceCmd
+		seqs             *goredis.ZSliceCmd
+		counter, epochAt *goredis.StringCmd
+		hashes           *goredis.StringSliceCmd
 	)
-	_, err := raw.TxPipelined(ctx, func(p redis.Pipeliner) error {
+	_, err := raw.TxPipelined(ctx, func(p goredis.Pipeliner) error {
 		seqs = p.ZRangeWithScores(ctx, redisSeqKey, 0, -1)
 		counter = p.Get(ctx, redisCounterKey)
 		epochAt = p.Get(ctx, redisEpochKey)
 		hashes = p.Keys(ctx, redisKeyPrefix+"*")
 		return nil
 	})
-	if err != nil && !errors.Is(err, redis.Nil) {
+	if err != nil && !errors.Is(err, goredis.Nil) {
 		t.Fatalf("kill %d: reading the change history: %v", kill, err)
 	}
-	n, err := storedUint(counter)
+	n, err := redisUint(counter)
 	if err != nil {
 		t.Fatalf("kill %d: reading the counter: %v", kill, err)
 	}
-	if epoch, err = storedUint(epochAt); err != nil {
+	if epoch, err = redisUint(epochAt); err != nil {
 		t.Fatalf("kill %d: reading the epoch: %v", kill, err)
 	}
 	if len(hashes.Val()) != len(seqs.Val()) {
 		t.Errorf("kill %d: %d key hashes, %d keys in the seq set", kill, len(hashes.Val()), len(seqs.Val()))
 	}
-	cmds := make([]*redis.StringCmd, len(seqs.Val()))
-	if _, err := raw.Pipelined(ctx, func(p redis.Pipeliner) error {
+	cmds := make([]*goredis.StringCmd, len(seqs.Val()))
+	if _, err := raw.Pipelined(ctx, func(p goredis.Pipeliner) error {
 		for i, z := range seqs.Val() {
 			cmds[i] = p.HGet(ctx, redisKeyPrefix+z.Member.(string), "seq")
 		}
@@ -563,26 +587,26 @@ func checkRedisHistory(t *testing.T, kill int, raw *redis.Client) (epoch uint64)
 // or not at all, and that every day of it still expires. It then takes
 // the stored ledger as the model, and reports whether the failed batch
 // landed.
-func (m *redisCrashModel) checkUsage(t *testing.T, kill int, raw *redis.Client, run *redisCrashRun) (landed bool) {
+func (m *redisCrashModel) checkUsage(t *testing.T, kill int, raw *goredis.Client, run *redisCrashRun) (landed bool) {
 	t.Helper()
 	stored := storedUsage(t, kill, raw)
-	landed = compareLedger(t, kill, m.usage, stored, run.flushed, run.batch)
+	landed = crashtest.CompareLedger(t, kill, m.usage, stored, run.flushed, run.batch)
 	m.usage = stored
 	return landed
 }
 
 // storedUsage reads the whole ledger from Redis, checking that every day
 // of it expires.
-func storedUsage(t *testing.T, kill int, raw *redis.Client) map[ledgerKey]UsageRow {
+func storedUsage(t *testing.T, kill int, raw *goredis.Client) map[crashtest.Key]store.UsageRow {
 	t.Helper()
 	ctx := t.Context()
 	keys, err := raw.Keys(ctx, redisUsagePrefix+"*").Result()
 	if err != nil {
 		t.Fatalf("kill %d: reading the ledger: %v", kill, err)
 	}
-	hashes := make([]*redis.MapStringStringCmd, len(keys))
+	hashes := make([]*goredis.MapStringStringCmd, len(keys))
 	ttls := make([]*redis.DurationCmd, len(keys))
-	if _, err := raw.Pipelined(ctx, func(p redis.Pipeliner) error {
+	if _, err := raw.Pipelined(ctx, func(p goredis.Pipeliner) error {
 		for i, k := range keys {
 			hashes[i], ttls[i] = p.HGetAll(ctx, k), p.PTTL(ctx, k)
 		}
@@ -590,7 +614,7 @@ func storedUsage(t *testing.T, kill int, raw *redis.Client) map[ledgerKey]UsageR
 	}); err != nil {
 		t.Fatalf("kill %d: reading the ledger: %v", kill, err)
 	}
-	stored := make(map[ledgerKey]UsageRow)
+	stored := make(map[crashtest.Key]store.UsageRow)
 	for i, k := range keys {
 		rest := strings.TrimPrefix(k, redisUsagePrefix)
 		client, day := rest[:len(rest)-len("2006-01-02")-1], rest[len(rest)-len("2006-01-02"):]
@@ -603,7 +627,7 @@ func storedUsage(t *testing.T, kill int, raw *redis.Client) map[ledgerKey]UsageR
 			if !ok || err != nil {
 				t.Fatalf("kill %d: ledger day %s has %q = %q", kill, k, field, v)
 			}
-			lk := ledgerKey{client, day, model}
+			lk := crashtest.Key{Client: client, Day: day, Model: model}
 			r := stored[lk]
 			r.Client, r.Day, r.Model = client, day, model
 			switch what {

@@ -5,17 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"net/url"
-	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/ledger"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // How the Service keeps up with its store.
@@ -54,14 +53,6 @@ const (
 // errStopped is returned by Start after Stop.
 var errStopped = errors.New("key service stopped: it cannot be started again")
 
-// bulkLoader is a Store that can stream every key for a first load,
-// which then holds a batch of records at a time rather than all of them,
-// and can size the index up front. loadAll must pass each key once.
-type bulkLoader interface {
-	countKeys(ctx context.Context) (int, error)
-	loadAll(ctx context.Context, batch int, f func([]Record)) (cursor uint64, err error)
-}
-
 // Client is an identified caller.
 type Client struct {
 	ID   string // the key ID, "key_…", or another identity set by the caller's code
@@ -73,7 +64,7 @@ type Client struct {
 	// Settings are the key's own limits over its tier's; nil for a key
 	// without any and for callers without a key. Never changed: a change
 	// of a key's settings gives its next requests a new pointer.
-	Settings *Settings
+	Settings *policy.Settings
 }
 
 // Service owns one store, its in-memory index, the loop that keeps the
@@ -91,14 +82,14 @@ type Service struct {
 	spec       string // canonical: "sqlite:" and an absolute path, or "redis:" and the Redis URL
 	name       string // spec for logs: without a Redis password
 	logger     *zap.Logger
-	open       func() (Store, error)
+	open       func() (store.Backend, error)
 	poll       time.Duration
 	flushEvery time.Duration
 	maxStale   time.Duration // maxStaleness but in tests
 
 	index   index
 	kick    chan struct{} // asks the loop to sync now
-	ledger  *Ledger
+	ledger  *ledger.Ledger
 	signing signing
 
 	usedMu sync.Mutex // protects used and spare
@@ -107,7 +98,7 @@ type Service struct {
 
 	mu      sync.Mutex // protects the following
 	state   int        // serviceNew, serviceStarted or serviceStopped
-	store   Store
+	store   store.Backend
 	cancel  context.CancelFunc
 	done    chan struct{}
 	running sync.WaitGroup
@@ -141,27 +132,23 @@ type use struct {
 // ParseSpec), not yet started. It does no I/O, so that validating a
 // config touches nothing. A nil logger logs nothing.
 func NewService(spec string, logger *zap.Logger) (*Service, error) {
-	kind, target, err := ParseSpec(spec)
+	kind, target, err := store.ParseSpec(spec)
 	if err != nil {
 		return nil, err
 	}
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	open := func() (Store, error) { return OpenSQLite(target) }
-	if kind == "redis" {
-		open = func() (Store, error) { return OpenRedis(target) }
-	}
 	return &Service{
 		spec:       kind + ":" + target,
-		name:       displaySpec(kind, target),
+		name:       store.Display(kind, target),
 		logger:     logger,
-		open:       open,
+		open:       func() (store.Backend, error) { return store.OpenTarget(kind, target) },
 		poll:       pollInterval,
 		flushEvery: flushInterval,
 		maxStale:   maxStaleness,
 		kick:       make(chan struct{}, 1),
-		ledger:     newLedger(logger),
+		ledger:     ledger.New(logger),
 	}, nil
 }
 
@@ -188,9 +175,7 @@ func (s *Service) Start() error {
 		return fmt.Errorf("loading keys: %w", err)
 	}
 	s.store = st
-	if us, ok := st.(UsageStore); ok {
-		s.ledger.attach(us)
-	}
+	s.ledger.Attach(st)
 	s.state = serviceStarted
 	s.markSynced()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -232,8 +217,8 @@ func (s *Service) Stop() error {
 	s.staleMu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
-	err := errors.Join(s.flush(ctx, s.store), s.ledger.flush(ctx))
-	s.ledger.attach(nil)
+	err := errors.Join(s.flush(ctx, s.store), s.ledger.Flush(ctx))
+	s.ledger.Attach(nil)
 	s.index.clear()
 	if cerr := s.store.Close(); cerr != nil {
 		err = errors.Join(err, fmt.Errorf("closing key store: %w", cerr))
@@ -243,12 +228,12 @@ func (s *Service) Stop() error {
 
 // Ledger returns the Service's usage ledger. It can count from the start;
 // it reads and writes its store once the Service has started.
-func (s *Service) Ledger() *Ledger { return s.ledger }
+func (s *Service) Ledger() *ledger.Ledger { return s.ledger }
 
 // Store returns the Service's store, for managing keys; nil before Start.
 // Changes made through it, or by anyone else, reach the Service within a
 // second.
-func (s *Service) Store() Store {
+func (s *Service) Store() store.Backend {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.store
@@ -272,7 +257,7 @@ func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
 	if !clientkey.Valid(secret) || s.stale.Load() {
 		return Client{}, false
 	}
-	h := HashSecret(secret)
+	h := store.HashSecret(secret)
 	v := s.index.view()
 	e := v.lookup(&h)
 	if e == nil || e.expires != 0 && now.UnixMilli() >= e.expires {
@@ -286,7 +271,7 @@ func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
 // Settings returns the settings of the live key id, such as the key
 // that minted a caller's token, or nil when it has none (or is not
 // known). It takes no lock and allocates nothing.
-func (s *Service) Settings(id string) *Settings {
+func (s *Service) Settings(id string) *policy.Settings {
 	return s.index.settingsOf(id)
 }
 
@@ -312,29 +297,19 @@ func (s *Service) markUsed(e *entry, now time.Time) {
 }
 
 // load fills the index with every key in st.
-func (s *Service) load(st Store) error {
+func (s *Service) load(st store.Backend) error {
 	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
 	defer cancel()
-	if bl, ok := st.(bulkLoader); ok {
-		n, err := bl.countKeys(ctx)
-		if err != nil {
-			return err
-		}
-		s.index.grow(n)
-		s.cursor, err = bl.loadAll(ctx, loadBatch, func(recs []Record) {
-			s.logSkipped(s.index.loadNew(recs))
-		})
-		if err != nil {
-			return err
-		}
-	} else {
-		recs, cursor, err := st.Changes(ctx, 0)
-		if err != nil {
-			return err
-		}
-		s.index.grow(len(recs))
-		s.logSkipped(s.index.apply(recs))
-		s.cursor = cursor
+	n, err := st.CountKeys(ctx)
+	if err != nil {
+		return err
+	}
+	s.index.grow(n)
+	s.cursor, err = st.LoadAll(ctx, loadBatch, func(recs []store.Record) {
+		s.logSkipped(s.index.loadNew(recs))
+	})
+	if err != nil {
+		return err
 	}
 	// Revoked keys were counted, but take no room.
 	s.index.trim()
@@ -343,7 +318,7 @@ func (s *Service) load(st Store) error {
 
 // run keeps the index in sync with st and writes recorded uses, until
 // done is closed.
-func (s *Service) run(ctx context.Context, st Store, done <-chan struct{}) {
+func (s *Service) run(ctx context.Context, st store.Backend, done <-chan struct{}) {
 	defer s.running.Done()
 	poll := time.NewTicker(s.poll)
 	defer poll.Stop()
@@ -357,7 +332,7 @@ func (s *Service) run(ctx context.Context, st Store, done <-chan struct{}) {
 			return
 		case <-ledger.C:
 			ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
-			err := s.ledger.flush(ctx)
+			err := s.ledger.Flush(ctx)
 			cancel()
 			s.logTransition(&s.ledgerFailing, err, "writing the usage ledger")
 		case <-poll.C:
@@ -377,11 +352,11 @@ func (s *Service) run(ctx context.Context, st Store, done <-chan struct{}) {
 }
 
 // sync applies the store's changes since the last sync to the index.
-func (s *Service) sync(ctx context.Context, st Store) {
+func (s *Service) sync(ctx context.Context, st store.Backend) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	recs, cursor, err := st.Changes(ctx, s.cursor)
-	if errors.Is(err, errStoreReset) {
+	if errors.Is(err, store.ErrReset) {
 		// What the index learned is history the store no longer has:
 		// keys deleted with it must stop working, new ones must load.
 		s.logger.Warn("key store was emptied or restored: reloading every key", zap.String("store", s.name))
@@ -440,7 +415,7 @@ func (s *Service) checkStale() {
 // flush writes the recorded uses to st in one batch. A failed batch is
 // dropped: last-used times are advisory, and keeping them could grow
 // without bound while the store is down.
-func (s *Service) flush(ctx context.Context, st Store) error {
+func (s *Service) flush(ctx context.Context, st store.Backend) error {
 	s.usedMu.Lock()
 	batch := s.used
 	s.used, s.spare = s.spare, nil
@@ -479,77 +454,4 @@ func (s *Service) logSkipped(ids []string) {
 		s.logger.Error("keys left out of the index: an ID over 255 bytes, or too many tiers",
 			zap.Strings("ids", ids))
 	}
-}
-
-// ParseSpec parses a store spec: "sqlite:PATH" (kind "sqlite", PATH made
-// absolute) or a "redis://" or "rediss://" URL (kind "redis", the URL).
-func ParseSpec(spec string) (kind, target string, err error) {
-	switch {
-	case strings.HasPrefix(spec, "sqlite:"):
-		path := strings.TrimPrefix(spec, "sqlite:")
-		if path == "" {
-			return "", "", errors.New("the sqlite store needs a path: sqlite:/var/lib/caddy/vigthoria.db")
-		}
-		abs, err := filepath.Abs(path)
-		if err != nil {
-			return "", "", fmt.Errorf("sqlite store path %s: %w", path, err)
-		}
-		return "sqlite", abs, nil
-	case strings.HasPrefix(spec, "redis://"), strings.HasPrefix(spec, "rediss://"):
-		u, err := url.Parse(spec)
-		if err != nil || u.Host == "" {
-			// The URL may hold a password: do not repeat it.
-			return "", "", errors.New("invalid redis store URL: use redis://[:PASSWORD@]HOST:PORT/DB")
-		}
-		return "redis", spec, nil
-	}
-	if u, err := url.Parse(spec); err == nil && u.User != nil {
-		spec = u.Redacted()
-	}
-	return "", "", fmt.Errorf("unknown key store '%s': use sqlite:PATH or redis://HOST:PORT/DB", spec)
-}
-
-// DefaultSQLitePath is where the SQLite store lives by default, in
-// Caddy's data directory.
-func DefaultSQLitePath() string {
-	return filepath.Join(caddy.AppDataDir(), "vigthoria", "vigthoria.db")
-}
-
-// openStore opens the store named by spec, for the CLI.
-func openStore(spec string) (Store, error) {
-	kind, target, err := ParseSpec(spec)
-	if err != nil {
-		return nil, err
-	}
-	if kind == "redis" {
-		return OpenRedis(target)
-	}
-	return OpenSQLite(target)
-}
-
-// displaySpec is the canonical spec of ParseSpec's kind and target, for
-// logs and messages: a Redis URL without its password.
-func displaySpec(kind, target string) string {
-	if kind == "redis" {
-		if u, err := url.Parse(target); err == nil {
-			return u.Redacted()
-		}
-		return "redis"
-	}
-	return kind + ":" + target
-}
-
-// StoreArgs reads the arguments of a Caddyfile's store subdirective,
-// `sqlite [<path>]` or `redis <url>`, into a store spec: "" for the
-// default store. It returns false for anything else.
-func StoreArgs(args []string) (spec string, ok bool) {
-	switch {
-	case len(args) == 1 && args[0] == "sqlite":
-		return "", true
-	case len(args) == 2 && args[0] == "sqlite":
-		return "sqlite:" + args[1], true
-	case len(args) == 2 && args[0] == "redis":
-		return args[1], true
-	}
-	return "", false
 }

@@ -15,11 +15,13 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // countingStore counts the last-used writes that reach its Store.
 type countingStore struct {
-	Store
+	store.Backend
 	mu      sync.Mutex
 	touches []map[string]time.Time
 }
@@ -28,7 +30,7 @@ func (c *countingStore) TouchLastUsed(ctx context.Context, used map[string]time.
 	c.mu.Lock()
 	c.touches = append(c.touches, maps.Clone(used))
 	c.mu.Unlock()
-	return c.Store.TouchLastUsed(ctx, used)
+	return c.Backend.TouchLastUsed(ctx, used)
 }
 
 func (c *countingStore) writes() []map[string]time.Time {
@@ -40,7 +42,7 @@ func (c *countingStore) writes() []map[string]time.Time {
 // startService starts a Service on a new SQLite file, polling every 20ms,
 // and stops it at the end of the test. It returns a second handle on the
 // same file, as the CLI would have.
-func startService(t testing.TB, setup func(*Service)) (*Service, *SQLite) {
+func startService(t testing.TB, setup func(*Service)) (*Service, *sqlite.Store) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "keys.db")
 	s, err := NewService("sqlite:"+path, nil)
@@ -59,7 +61,7 @@ func startService(t testing.TB, setup func(*Service)) (*Service, *SQLite) {
 			t.Errorf("Stop: %v", err)
 		}
 	})
-	cli, err := OpenSQLite(path)
+	cli, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +117,7 @@ func TestServiceSeesChangesMadeElsewhere(t *testing.T) {
 
 func TestServiceLoadsExistingKeysAndExpires(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keys.db")
-	st, err := OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,9 +165,9 @@ func TestServiceBatchesLastUsed(t *testing.T) {
 	s, cli := startService(t, func(s *Service) {
 		s.flushEvery = time.Hour // flushed by hand below
 		open := s.open
-		s.open = func() (Store, error) {
+		s.open = func() (store.Backend, error) {
 			st, err := open()
-			counting = &countingStore{Store: st}
+			counting = &countingStore{Backend: st}
 			return counting, err
 		}
 	})
@@ -301,22 +303,22 @@ func TestServiceStartFailsAndRetries(t *testing.T) {
 
 // flakyLoader fails its first load after passing on some keys.
 type flakyLoader struct {
-	*SQLite
+	*sqlite.Store
 	failed bool
 }
 
-func (f *flakyLoader) loadAll(ctx context.Context, batch int, fn func([]Record)) (uint64, error) {
+func (f *flakyLoader) LoadAll(ctx context.Context, batch int, fn func([]store.Record)) (uint64, error) {
 	if !f.failed {
 		f.failed = true
-		f.SQLite.loadAll(ctx, batch, fn)
+		f.Store.LoadAll(ctx, batch, fn)
 		return 0, errors.New("disk on fire")
 	}
-	return f.SQLite.loadAll(ctx, batch, fn)
+	return f.Store.LoadAll(ctx, batch, fn)
 }
 
 func TestServiceRetriesAFailedLoad(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keys.db")
-	st, err := OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,9 +331,9 @@ func TestServiceRetriesAFailedLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	loader := &flakyLoader{}
-	s.open = func() (Store, error) {
-		sq, err := OpenSQLite(path)
-		loader.SQLite = sq
+	s.open = func() (store.Backend, error) {
+		sq, err := sqlite.Open(path)
+		loader.Store = sq
 		return loader, err
 	}
 	if err := s.Start(); err == nil || !strings.Contains(err.Error(), "disk on fire") {
@@ -409,7 +411,7 @@ func TestParseSpec(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.spec, func(t *testing.T) {
-			kind, target, err := ParseSpec(tt.spec)
+			kind, target, err := store.ParseSpec(tt.spec)
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("ParseSpec(%q) error = %v, want one saying %q", tt.spec, err, tt.wantErr)
@@ -428,7 +430,7 @@ func TestParseSpec(t *testing.T) {
 
 func TestDefaultSQLitePath(t *testing.T) {
 	t.Setenv("XDG_DATA_HOME", "/data")
-	if got, want := DefaultSQLitePath(), "/data/caddy/vigthoria/vigthoria.db"; got != want {
+	if got, want := store.DefaultSQLitePath(), "/data/caddy/vigthoria/vigthoria.db"; got != want {
 		t.Errorf("DefaultSQLitePath() = %q, want %q", got, want)
 	}
 }
@@ -436,7 +438,7 @@ func TestDefaultSQLitePath(t *testing.T) {
 // stallingStore, once armed, holds the Service's loop inside Changes
 // until the Service's context ends and the test lets it go.
 type stallingStore struct {
-	Store
+	store.Backend
 	armed    atomic.Bool
 	once     sync.Once
 	entered  chan struct{} // closed when the loop stalls in Changes
@@ -444,13 +446,13 @@ type stallingStore struct {
 	release  chan struct{}
 }
 
-func (st *stallingStore) Changes(ctx context.Context, cursor uint64) ([]Record, uint64, error) {
+func (st *stallingStore) Changes(ctx context.Context, cursor uint64) ([]store.Record, uint64, error) {
 	stall := false
 	if st.armed.Load() {
 		st.once.Do(func() { stall = true })
 	}
 	if !stall {
-		return st.Store.Changes(ctx, cursor)
+		return st.Backend.Changes(ctx, cursor)
 	}
 	close(st.entered)
 	<-ctx.Done()
@@ -471,9 +473,9 @@ func TestStopLetsTheLoopTakeTheLock(t *testing.T) {
 	}
 	s.poll = 20 * time.Millisecond
 	st := &stallingStore{entered: make(chan struct{}), canceled: make(chan struct{}), release: make(chan struct{})}
-	s.open = func() (Store, error) {
-		inner, err := OpenSQLite(path)
-		st.Store = inner
+	s.open = func() (store.Backend, error) {
+		inner, err := sqlite.Open(path)
+		st.Backend = inner
 		return st, err
 	}
 	if err := s.Start(); err != nil {
@@ -484,7 +486,7 @@ func TestStopLetsTheLoopTakeTheLock(t *testing.T) {
 	stopped := make(chan error, 1)
 	go func() { stopped <- s.Stop() }()
 	<-st.canceled // Stop is waiting for the loop now
-	took := make(chan Store, 1)
+	took := make(chan store.Backend, 1)
 	go func() { took <- s.Store() }()
 	select {
 	case <-took:

@@ -13,14 +13,21 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 var printedSigningID = regexp.MustCompile(`sig_[0-9A-Za-z]{16}`)
 
 // newSigningKey makes a signing key created at now.
-func newSigningKey(t *testing.T, now time.Time) SigningKey {
+// redisSigningKey is the Redis hash of the signing keys, as the
+// operators' existing data has it.
+const redisSigningKey = "vgt:signing"
+
+func newSigningKey(t *testing.T, now time.Time) store.SigningKey {
 	t.Helper()
-	k, err := NewSigningKey(now)
+	k, err := store.NewSigningKey(now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,7 +35,7 @@ func newSigningKey(t *testing.T, now time.Time) SigningKey {
 }
 
 // privateForms are the ways a private key could be spelled in text.
-func privateForms(k SigningKey) []string {
+func privateForms(k store.SigningKey) []string {
 	seed := k.Private.Seed()
 	return []string{
 		hex.EncodeToString(seed), base64.StdEncoding.EncodeToString(seed), base64.RawURLEncoding.EncodeToString(seed),
@@ -38,7 +45,7 @@ func privateForms(k SigningKey) []string {
 
 // wantNoPrivate fails the test when text holds k's private key in any
 // form of privateForms.
-func wantNoPrivate(t *testing.T, what, text string, k SigningKey) {
+func wantNoPrivate(t *testing.T, what, text string, k store.SigningKey) {
 	t.Helper()
 	for _, form := range privateForms(k) {
 		if strings.Contains(text, form) {
@@ -80,7 +87,7 @@ func TestNewSigningKey(t *testing.T) {
 		{"%#v", fmt.Sprintf("%#v", a)},
 		{"%s", fmt.Sprintf("%s", a)},
 		{"%v of a pointer", fmt.Sprintf("%v", &a)},
-		{"%v of a slice", fmt.Sprintf("%v", []SigningKey{a})},
+		{"%v of a slice", fmt.Sprintf("%v", []store.SigningKey{a})},
 		{"JSON", string(asJSON)},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -94,10 +101,10 @@ func TestNewSigningKey(t *testing.T) {
 
 func TestRetired(t *testing.T) {
 	t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	keys := []SigningKey{{ID: "sig_a", Created: t0}, {ID: "sig_b", Created: t0.Add(time.Hour)}, {ID: "sig_c", Created: t0.Add(30 * time.Hour)}}
+	keys := []store.SigningKey{{ID: "sig_a", Created: t0}, {ID: "sig_b", Created: t0.Add(time.Hour)}, {ID: "sig_c", Created: t0.Add(30 * time.Hour)}}
 	tests := []struct {
 		name string
-		keys []SigningKey
+		keys []store.SigningKey
 		i    int
 		want time.Time
 	}{
@@ -136,10 +143,10 @@ func TestRetired(t *testing.T) {
 
 func TestSigner(t *testing.T) {
 	t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	keys := []SigningKey{{ID: "sig_a", Created: t0}, {ID: "sig_b", Created: t0.Add(time.Second)}, {ID: "sig_c", Created: t0.Add(time.Hour)}}
+	keys := []store.SigningKey{{ID: "sig_a", Created: t0}, {ID: "sig_b", Created: t0.Add(time.Second)}, {ID: "sig_c", Created: t0.Add(time.Hour)}}
 	for _, tt := range []struct {
 		name string
-		keys []SigningKey
+		keys []store.SigningKey
 		now  time.Time
 		want string
 	}{
@@ -162,19 +169,19 @@ func TestSigner(t *testing.T) {
 }
 
 // forEachSigningBackend runs test on a new, empty store of each kind,
-// as a SigningKeyStore.
-func forEachSigningBackend(t *testing.T, test func(t *testing.T, st SigningKeyStore)) {
-	forEachBackend(t, func(t *testing.T, st Store) {
-		sks, ok := st.(SigningKeyStore)
+// as a store.Backend.
+func forEachSigningBackend(t *testing.T, test func(t *testing.T, st store.Backend)) {
+	forEachBackend(t, func(t *testing.T, st store.Backend) {
+		sks, ok := st.(store.Backend)
 		if !ok {
-			t.Fatalf("%T is not a SigningKeyStore", st)
+			t.Fatalf("%T is not a store.Backend", st)
 		}
 		test(t, sks)
 	})
 }
 
 // signingIDs returns the IDs of st's signing keys, in their order.
-func signingIDs(t *testing.T, st SigningKeyStore) []string {
+func signingIDs(t *testing.T, st store.Backend) []string {
 	t.Helper()
 	keys, err := st.SigningKeys(t.Context())
 	if err != nil {
@@ -188,7 +195,7 @@ func signingIDs(t *testing.T, st SigningKeyStore) []string {
 }
 
 func TestSigningKeyStore(t *testing.T) {
-	forEachSigningBackend(t, func(t *testing.T, st SigningKeyStore) {
+	forEachSigningBackend(t, func(t *testing.T, st store.Backend) {
 		ctx := t.Context()
 		if ids := signingIDs(t, st); len(ids) != 0 {
 			t.Fatalf("a new store has signing keys %v", ids)
@@ -199,12 +206,12 @@ func TestSigningKeyStore(t *testing.T) {
 		// Two created in the same millisecond are in the order of their IDs.
 		tie1, tie2 := newSigningKey(t, now.Add(-time.Hour)), newSigningKey(t, now.Add(-time.Hour))
 		tie1.ID, tie2.ID = "sig_0000000000000001", "sig_0000000000000002"
-		for _, k := range []SigningKey{newest, tie2, oldest, tie1} {
+		for _, k := range []store.SigningKey{newest, tie2, oldest, tie1} {
 			if err := st.AddSigningKey(ctx, k); err != nil {
 				t.Fatal(err)
 			}
 		}
-		want := []SigningKey{oldest, tie1, tie2, newest}
+		want := []store.SigningKey{oldest, tie1, tie2, newest}
 		keys, err := st.SigningKeys(ctx)
 		if err != nil || len(keys) != len(want) {
 			t.Fatalf("SigningKeys = %d keys, %v; want %d", len(keys), err, len(want))
@@ -239,14 +246,14 @@ func TestSigningKeyStore(t *testing.T) {
 		}
 		for _, tt := range []struct {
 			name string
-			k    SigningKey
+			k    store.SigningKey
 		}{
-			{"no ID", SigningKey{Private: newest.Private, Created: now}},
-			{"no private key", SigningKey{ID: "sig_nokey", Created: now}},
-			{"a seed for a private key", SigningKey{ID: "sig_seed", Private: ed25519.PrivateKey(newest.Private.Seed()), Created: now}},
+			{"no ID", store.SigningKey{Private: newest.Private, Created: now}},
+			{"no private key", store.SigningKey{ID: "sig_nokey", Created: now}},
+			{"a seed for a private key", store.SigningKey{ID: "sig_seed", Private: ed25519.PrivateKey(newest.Private.Seed()), Created: now}},
 		} {
 			t.Run(tt.name, func(t *testing.T) {
-				if err := st.AddSigningKey(ctx, tt.k); !errors.Is(err, ErrInvalid) {
+				if err := st.AddSigningKey(ctx, tt.k); !errors.Is(err, store.ErrInvalid) {
 					t.Errorf("AddSigningKey = %v, want ErrInvalid", err)
 				}
 			})
@@ -269,23 +276,23 @@ func TestSigningKeyDamagedSeed(t *testing.T) {
 	short := k.Private.Seed()[:31]
 	tests := []struct {
 		name   string
-		damage func(t *testing.T) SigningKeyStore
+		damage func(t *testing.T) store.Backend
 	}{
-		{"sqlite", func(t *testing.T) SigningKeyStore {
+		{"sqlite", func(t *testing.T) store.Backend {
 			st, _ := openTemp(t)
-			if _, err := st.db.Exec(`INSERT INTO signing_keys (id, private, created) VALUES (?, ?, ?)`, k.ID, short, millis(k.Created)); err != nil {
+			if _, err := st.DB().Exec(`INSERT INTO signing_keys (id, private, created) VALUES (?, ?, ?)`, k.ID, short, store.Millis(k.Created)); err != nil {
 				t.Fatal(err)
 			}
 			return st
 		}},
-		{"redis", func(t *testing.T) SigningKeyStore {
+		{"redis", func(t *testing.T) store.Backend {
 			st, srv := openRedisTemp(t)
 			if err := rawRedis(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, append(make([]byte, 8), short...)).Err(); err != nil {
 				t.Fatal(err)
 			}
 			return st
 		}},
-		{"redis, shorter than its time", func(t *testing.T) SigningKeyStore {
+		{"redis, shorter than its time", func(t *testing.T) store.Backend {
 			st, srv := openRedisTemp(t)
 			if err := rawRedis(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, "1234").Err(); err != nil {
 				t.Fatal(err)
@@ -307,8 +314,8 @@ func TestSigningKeyDamagedSeed(t *testing.T) {
 func TestCLISigningKeys(t *testing.T) {
 	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "keys.db")
-	store := "--store=sqlite:" + path
-	if code, _, errOut := runCLI(t, "signing-key", "list", store); code == 0 || !strings.Contains(errOut, "no key store at") {
+	flag := "--store=sqlite:" + path
+	if code, _, errOut := runCLI(t, "signing-key", "list", flag); code == 0 || !strings.Contains(errOut, "no key store at") {
 		t.Errorf("list of a missing store: exit %d, %q; want failure saying there is none", code, errOut)
 	}
 
@@ -318,8 +325,8 @@ func TestCLISigningKeys(t *testing.T) {
 	if out := mustCLI(t, "signing-key", "rotate", fresh); !printedSigningID.MatchString(out) {
 		t.Errorf("rotate on a new store printed %q, want the new key's ID", out)
 	}
-	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", store)
-	if list := mustCLI(t, "signing-key", "list", store); !strings.Contains(list, "No signing keys in sqlite:"+path) {
+	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", flag)
+	if list := mustCLI(t, "signing-key", "list", flag); !strings.Contains(list, "No signing keys in sqlite:"+path) {
 		t.Errorf("list of a store without signing keys = %q, want that it has none", list)
 	}
 
@@ -327,20 +334,20 @@ func TestCLISigningKeys(t *testing.T) {
 	// makes one that signs once published for signingGrace.
 	var rotated []string
 	for range 2 {
-		out := mustCLI(t, "signing-key", "rotate", store)
+		out := mustCLI(t, "signing-key", "rotate", flag)
 		if !strings.Contains(out, "Signing keys removed (retired more than 24 hours ago): 0.") {
 			t.Errorf("rotate printed %q, want that it removed none", out)
 		}
 		rotated = append(rotated, printedSigningID.FindString(out))
 	}
-	if list := mustCLI(t, "signing-key", "list", store); strings.Count(list, "current") != 1 || strings.Count(list, "signs from") != 1 {
+	if list := mustCLI(t, "signing-key", "list", flag); strings.Count(list, "current") != 1 || strings.Count(list, "signs from") != 1 {
 		t.Errorf("list = %q, want one key current and one to sign soon", list)
 	}
 
 	// Keys from before: the oldest stopped signing more than MaxTokenTTL
 	// ago, the next an hour ago, and the third signs until the rotated
 	// keys have been published for signingGrace.
-	st, err := OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -349,12 +356,12 @@ func TestCLISigningKeys(t *testing.T) {
 	expired := newSigningKey(t, now.Add(-3*MaxTokenTTL))
 	retired := newSigningKey(t, now.Add(-2*MaxTokenTTL))
 	current := newSigningKey(t, now.Add(-time.Hour))
-	for _, k := range []SigningKey{expired, retired, current} {
+	for _, k := range []store.SigningKey{expired, retired, current} {
 		if err := st.AddSigningKey(ctx, k); err != nil {
 			t.Fatal(err)
 		}
 	}
-	lines := strings.Split(strings.TrimSpace(mustCLI(t, "signing-key", "list", store)), "\n")
+	lines := strings.Split(strings.TrimSpace(mustCLI(t, "signing-key", "list", flag)), "\n")
 	if len(lines) != 6 || !slices.Equal(strings.Fields(lines[0]), []string{"ID", "CREATED", "STATE"}) {
 		t.Fatalf("list printed %q, want a header and 5 keys", lines)
 	}
@@ -376,7 +383,7 @@ func TestCLISigningKeys(t *testing.T) {
 		t.Errorf("the state of %s is %q, want %q", retired.ID, got, want)
 	}
 
-	out := mustCLI(t, "signing-key", "rotate", store)
+	out := mustCLI(t, "signing-key", "rotate", flag)
 	if !strings.Contains(out, "Signing keys removed (retired more than 24 hours ago): 1.") {
 		t.Errorf("rotate printed %q, want that it removed 1", out)
 	}
@@ -390,7 +397,7 @@ func TestCLISigningKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	printed := out + mustCLI(t, "signing-key", "list", store)
+	printed := out + mustCLI(t, "signing-key", "list", flag)
 	for _, k := range append(keys, expired) {
 		wantNoPrivate(t, "the CLI's output", printed, k)
 	}

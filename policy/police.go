@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/api"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -26,7 +25,7 @@ var errModelName = &api.Error{
 	Status:  http.StatusBadRequest,
 	Type:    api.TypeInvalidRequest,
 	Code:    "invalid_model",
-	Message: "The model name is longer than " + strconv.Itoa(keystore.MaxModelName) + " bytes or holds control characters.",
+	Message: "The model name is longer than " + strconv.Itoa(MaxModelName) + " bytes or holds control characters.",
 }
 
 func errModelNotAllowed(model string) *api.Error {
@@ -167,7 +166,7 @@ func (h *Policy) Police(r *http.Request, ep *api.Endpoint, tier *Tier, body []by
 	if info.Model == "" {
 		return info, 0, errMissingModel
 	}
-	if !keystore.ValidModelName(info.Model) {
+	if !ValidModelName(info.Model) {
 		return info, 0, errModelName
 	}
 	if !tier.Allows(info.Model) {

@@ -60,7 +60,7 @@ func TestPoliceReservesEveryChoice(t *testing.T) {
 // the token bucket holds beside its prompt; a cap or a prompt that
 // cannot fit is refused with a message that says which.
 func TestPoliceCaps(t *testing.T) {
-	bucket := &Tier{Tokens: &Rate{N: 2000, Window: caddy.Duration(time.Minute)}}
+	bucket := &Tier{Tokens: &TierRate{N: 2000, Window: caddy.Duration(time.Minute)}}
 	capped := &Tier{MaxTokens: 50}
 	smallQuota := &Tier{Quota: &Quota{N: 2000, Period: "day"}}
 	smallBudget := &Tier{Budget: &Budget{Amount: "0.001", Period: "day"}} // 1000 micro-units

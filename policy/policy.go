@@ -15,8 +15,6 @@ import (
 
 	lru "github.com/hashicorp/golang-lru/v2"
 	"go.uber.org/zap"
-
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // Config is what a Policy is made of: the handler's fields of the same
@@ -118,7 +116,7 @@ func (p *Policy) Priced() bool { return len(p.prices) > 0 }
 // apply.
 type tierKey struct {
 	name     string
-	settings *keystore.Settings
+	settings *Settings
 	own      *Tier // Narrow's
 	minter   *Tier
 	models   string // keystore.Minted.ModelsKey
@@ -129,7 +127,7 @@ type tierKey struct {
 // sets replaced by s's. It returns nil when the tier is not configured,
 // or when s cannot apply to it. A cached merge costs a lookup and no
 // allocation.
-func (p *Policy) TierFor(name string, s *keystore.Settings) *Tier {
+func (p *Policy) TierFor(name string, s *Settings) *Tier {
 	base := p.cfg.Tiers[name]
 	if base == nil || s == nil {
 		return base

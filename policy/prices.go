@@ -7,8 +7,6 @@ import (
 	"math"
 	"math/bits"
 	"regexp"
-
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // DefaultCurrency labels costs when the config names no currency.
@@ -27,7 +25,7 @@ const pricedTokens = 1_000_000
 // tokens, far above any model's, in micro-units. A larger figure is a
 // typo, and bounding it keeps every product of tokens and prices in 128
 // bits.
-const maxPrice = 1_000_000 * keystore.Micros
+const maxPrice = 1_000_000 * Micros
 
 // currencyLabel is a currency's code (USD) or a short label of letters
 // and currency signs (credits, €).
@@ -86,7 +84,7 @@ func (p *Price) parse() (pricedGlob, error) {
 	if p.Model == "" {
 		return pricedGlob{}, errors.New("a price needs a model glob")
 	}
-	if err := keystore.CheckGlob(p.Model); err != nil {
+	if err := CheckGlob(p.Model); err != nil {
 		return pricedGlob{}, fmt.Errorf("invalid model glob '%s': %v", p.Model, err)
 	}
 	if p.Input == "" {
@@ -104,7 +102,7 @@ func (p *Price) parse() (pricedGlob, error) {
 	}
 	return pricedGlob{
 		glob:    p.Model,
-		literal: keystore.IsLiteralGlob(p.Model),
+		literal: IsLiteralGlob(p.Model),
 		price:   ModelPrice{input: in, output: out},
 	}, nil
 }
@@ -112,7 +110,7 @@ func (p *Price) parse() (pricedGlob, error) {
 // parseMicros reads a price, a decimal number of units such as 0.10, as
 // micro-units per million tokens, exactly.
 func parseMicros(s string) (int64, error) {
-	n, err := keystore.ParseMoney(s, maxPrice)
+	n, err := ParseMoney(s, maxPrice)
 	if err != nil {
 		return 0, fmt.Errorf("price %w", err)
 	}
@@ -130,7 +128,7 @@ func (p *Policy) Price(model string) (ModelPrice, bool) {
 			if g.glob == model {
 				return g.price, true
 			}
-		} else if keystore.MatchModel(g.glob, model) {
+		} else if MatchModel(g.glob, model) {
 			return g.price, true
 		}
 	}

@@ -7,8 +7,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 func TestParseMicros(t *testing.T) {
@@ -131,7 +129,7 @@ func TestOneGlobRule(t *testing.T) {
 		}
 		token := &Tier{tokenModels: []string{tc.glob}} // a minted token's own models
 		minted := token.Allows(tc.model)
-		if priced != tc.want || tier.Allows(tc.model) != tc.want || minted != tc.want || keystore.ValidGlob(tc.glob) != true {
+		if priced != tc.want || tier.Allows(tc.model) != tc.want || minted != tc.want || ValidGlob(tc.glob) != true {
 			t.Errorf("glob %q, model %q: priced %v, tier allows %v, token allows %v; want %v for each",
 				tc.glob, tc.model, priced, tier.Allows(tc.model), minted, tc.want)
 		}
@@ -143,7 +141,7 @@ func TestOneGlobRule(t *testing.T) {
 func TestAffordable(t *testing.T) {
 	prices := []ModelPrice{{10, 20}, {100_000, 400_000}, {3_000_000, 15_000_000}, {1, 1}, {0, 7}, {maxPrice, maxPrice}}
 	for _, p := range prices {
-		for _, n := range []int64{0, 1, 999, 1000, 10_000, 1_000_000, keystore.MaxMoney} {
+		for _, n := range []int64{0, 1, 999, 1000, 10_000, 1_000_000, MaxMoney} {
 			for _, prompt := range []int64{0, 1, 20, 5000, 2_500_000} {
 				got := p.Affordable(n, prompt)
 				switch {

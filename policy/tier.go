@@ -6,7 +6,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/vigthoria/caddy-vigthoria/api"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
@@ -20,13 +19,13 @@ import (
 type Tier struct {
 	// Requests allowed per window, as a token bucket: {"n":60,"window":"1m","burst":10}.
 	// Burst defaults to n.
-	Requests *Rate `json:"requests,omitempty"`
+	Requests *TierRate `json:"requests,omitempty"`
 
 	// Prompt plus completion tokens allowed per window, as a token bucket.
 	// A request reserves its estimate (prompt size plus max_tokens times its
 	// choices: n or best_of for each prompt) and is then charged what the
 	// upstream reports.
-	Tokens *Rate `json:"tokens,omitempty"`
+	Tokens *TierRate `json:"tokens,omitempty"`
 
 	// Requests in flight at once, streams included.
 	Concurrent int `json:"concurrent,omitempty"`
@@ -77,7 +76,7 @@ type Tier struct {
 	// keySettings are those of the caller's key, or of the key that
 	// minted its token: their origins bind the caller (originAllowed).
 	// nil for a configured tier.
-	keySettings *keystore.Settings
+	keySettings *Settings
 	// minter is the tier of the key that minted a token, with that key's
 	// settings, for the token's user: its models and max_tokens narrow
 	// this tier's, its limits and budget bound the key's users together,
@@ -86,8 +85,8 @@ type Tier struct {
 	tokenModels []string // a minted token's own model globs; nil: the tiers'
 }
 
-// Rate is a number allowed per window.
-type Rate struct {
+// TierRate is a number allowed per window, as a tier configures it.
+type TierRate struct {
 	N      int64          `json:"n"`
 	Window caddy.Duration `json:"window"`
 	Burst  int64          `json:"burst,omitempty"`
@@ -109,7 +108,7 @@ type Budget struct {
 // limits is the budget as the limiter keeps it: a quota of micro-units
 // of the currency, in an account of its own.
 func (b *Budget) limits() (limiter.Limits, error) {
-	n, err := keystore.ParseMoney(b.Amount, keystore.MaxMoney)
+	n, err := ParseMoney(b.Amount, MaxMoney)
 	if err != nil {
 		return limiter.Limits{}, err
 	}
@@ -133,7 +132,7 @@ const DefaultMaxTokens = 4096
 
 // provision checks the tier and derives its limiter limits.
 func (t *Tier) provision(name string) error {
-	for _, r := range []*Rate{t.Requests, t.Tokens} {
+	for _, r := range []*TierRate{t.Requests, t.Tokens} {
 		if r != nil && (r.N <= 0 || r.Window <= 0 || r.Burst < 0) {
 			return fmt.Errorf("tier %s: a rate needs a positive n and window", name)
 		}
@@ -165,7 +164,7 @@ func (t *Tier) provision(name string) error {
 		}
 	}
 	for _, glob := range t.Models {
-		if err := keystore.CheckGlob(glob); err != nil {
+		if err := CheckGlob(glob); err != nil {
 			return fmt.Errorf("tier %s: invalid model glob '%s': %v", name, glob, err)
 		}
 	}
@@ -244,7 +243,7 @@ func matchesAny(globs []string, model string) bool {
 		return true
 	}
 	for _, glob := range globs {
-		if keystore.MatchModel(glob, model) {
+		if MatchModel(glob, model) {
 			return true
 		}
 	}
@@ -263,7 +262,7 @@ func parsePeriod(s string) (limiter.Period, error) {
 
 // merge returns a provisioned copy of t, named name, with each field that
 // s sets replaced by s's.
-func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
+func (t *Tier) merge(name string, s *Settings) (*Tier, error) {
 	m := &Tier{
 		Requests: t.Requests, Tokens: t.Tokens, Concurrent: t.Concurrent, Quota: t.Quota,
 		Budget: t.Budget, Models: t.Models, MaxTokens: t.MaxTokens, keySettings: s,
@@ -282,7 +281,7 @@ func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
 		m.Quota = &Quota{N: s.Quota.N, Period: s.Quota.Period}
 	}
 	if s.Budget != nil {
-		m.Budget = &Budget{Amount: keystore.FormatMoney(s.Budget.N), Period: s.Budget.Period}
+		m.Budget = &Budget{Amount: FormatMoney(s.Budget.N), Period: s.Budget.Period}
 	}
 	if s.Models != nil {
 		m.Models = s.Models
@@ -293,8 +292,8 @@ func (t *Tier) merge(name string, s *keystore.Settings) (*Tier, error) {
 	return m, m.provision(name)
 }
 
-func tierRate(r *keystore.Rate) *Rate {
-	return &Rate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}
+func tierRate(r *Rate) *TierRate {
+	return &TierRate{N: r.N, Window: caddy.Duration(r.Window), Burst: r.Burst}
 }
 
 // AllowsOrigin reports whether a caller of the tier may call from a web

@@ -10,7 +10,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -20,8 +19,8 @@ import (
 // a tier without the field gives none.
 func TestTierForPrecedence(t *testing.T) {
 	tierSet := &Tier{
-		Requests:   &Rate{N: 600, Window: caddy.Duration(time.Minute)},
-		Tokens:     &Rate{N: 400_000, Window: caddy.Duration(time.Minute), Burst: 1000},
+		Requests:   &TierRate{N: 600, Window: caddy.Duration(time.Minute)},
+		Tokens:     &TierRate{N: 400_000, Window: caddy.Duration(time.Minute), Burst: 1000},
 		Concurrent: 20,
 		Quota:      &Quota{N: 50_000_000, Period: "month"},
 		Budget:     &Budget{Amount: "100", Period: "month"},
@@ -29,39 +28,39 @@ func TestTierForPrecedence(t *testing.T) {
 		MaxTokens:  4096,
 	}
 	conc, maxTok := 5, int64(2048)
-	keySet := &keystore.Settings{
-		Requests:   &keystore.Rate{N: 100, Window: time.Minute},
-		Tokens:     &keystore.Rate{N: 200_000, Window: time.Hour},
+	keySet := &Settings{
+		Requests:   &Rate{N: 100, Window: time.Minute},
+		Tokens:     &Rate{N: 200_000, Window: time.Hour},
 		Concurrent: &conc,
-		Quota:      &keystore.Amount{N: 10_000_000, Period: "day"},
-		Budget:     &keystore.Amount{N: 50_000_000, Period: "month"},
+		Quota:      &Amount{N: 10_000_000, Period: "day"},
+		Budget:     &Amount{N: 50_000_000, Period: "month"},
 		Models:     []string{"vigthoria-fast-*"},
 		MaxTokens:  &maxTok,
 	}
 	type field struct {
 		name      string
-		clear     func(s *keystore.Settings)
+		clear     func(s *Settings)
 		get       func(t *Tier) any
 		tier, key any // the effective value from the tier alone, from the key
 		none      any // neither sets it
 	}
 	fields := []field{
-		{"requests", func(s *keystore.Settings) { s.Requests = nil }, func(t *Tier) any { return t.limits.Requests },
+		{"requests", func(s *Settings) { s.Requests = nil }, func(t *Tier) any { return t.limits.Requests },
 			limiter.Rate{N: 600, Window: time.Minute}, limiter.Rate{N: 100, Window: time.Minute}, limiter.Rate{}},
-		{"tokens", func(s *keystore.Settings) { s.Tokens = nil }, func(t *Tier) any { return t.limits.Tokens },
+		{"tokens", func(s *Settings) { s.Tokens = nil }, func(t *Tier) any { return t.limits.Tokens },
 			limiter.Rate{N: 400_000, Window: time.Minute, Burst: 1000}, limiter.Rate{N: 200_000, Window: time.Hour}, limiter.Rate{}},
-		{"concurrent", func(s *keystore.Settings) { s.Concurrent = nil }, func(t *Tier) any { return t.limits.Concurrent },
+		{"concurrent", func(s *Settings) { s.Concurrent = nil }, func(t *Tier) any { return t.limits.Concurrent },
 			20, 5, 0},
-		{"quota", func(s *keystore.Settings) { s.Quota = nil }, func(t *Tier) any { return t.limits.Quota },
+		{"quota", func(s *Settings) { s.Quota = nil }, func(t *Tier) any { return t.limits.Quota },
 			limiter.Quota{N: 50_000_000, Period: limiter.Month}, limiter.Quota{N: 10_000_000, Period: limiter.Day}, limiter.Quota{}},
-		{"budget", func(s *keystore.Settings) { s.Budget = nil }, func(t *Tier) any { return t.budget },
+		{"budget", func(s *Settings) { s.Budget = nil }, func(t *Tier) any { return t.budget },
 			limiter.Limits{Quota: limiter.Quota{N: 100_000_000, Period: limiter.Month}},
 			limiter.Limits{Quota: limiter.Quota{N: 50_000_000, Period: limiter.Month}}, limiter.Limits{}},
-		{"models", func(s *keystore.Settings) { s.Models = nil }, func(t *Tier) any {
+		{"models", func(s *Settings) { s.Models = nil }, func(t *Tier) any {
 			return []bool{t.Allows("vigthoria-fast-1"), t.Allows("vigthoria-pro-1"), t.Allows("other")}
 		},
 			[]bool{true, true, false}, []bool{true, false, false}, []bool{true, true, true}},
-		{"max_tokens", func(s *keystore.Settings) { s.MaxTokens = nil }, func(t *Tier) any { return t.MaxTokens },
+		{"max_tokens", func(s *Settings) { s.MaxTokens = nil }, func(t *Tier) any { return t.MaxTokens },
 			int64(4096), int64(2048), int64(0)},
 	}
 	empty := &Tier{}
@@ -71,10 +70,10 @@ func TestTierForPrecedence(t *testing.T) {
 		cases := []struct {
 			name     string
 			tier     *Tier
-			settings *keystore.Settings
+			settings *Settings
 			want     any
 		}{
-			{"tier only", tierSet, &keystore.Settings{Origins: []string{"https://a.example"}}, f.tier},
+			{"tier only", tierSet, &Settings{Origins: []string{"https://a.example"}}, f.tier},
 			{"no settings", tierSet, nil, f.tier},
 			{"key only", empty, keySet, f.key},
 			{"both", tierSet, keySet, f.key},
@@ -115,11 +114,11 @@ func tierPolicy(t *testing.T, tiers map[string]*Tier) *Policy {
 // same settings pointer gives the same merged tier without allocating;
 // new settings (a change) give a new one; an unknown tier gives nil.
 func TestTierForCaches(t *testing.T) {
-	h := tierPolicy(t, map[string]*Tier{"pro": {Requests: &Rate{N: 100, Window: caddy.Duration(time.Minute)}}})
+	h := tierPolicy(t, map[string]*Tier{"pro": {Requests: &TierRate{N: 100, Window: caddy.Duration(time.Minute)}}})
 	if h.TierFor("pro", nil) != h.cfg.Tiers["pro"] {
 		t.Error("without settings, tierFor is not the configured tier")
 	}
-	s1 := &keystore.Settings{Requests: &keystore.Rate{N: 2, Window: time.Hour}}
+	s1 := &Settings{Requests: &Rate{N: 2, Window: time.Hour}}
 	first := h.TierFor("pro", s1)
 	if first == h.cfg.Tiers["pro"] || h.TierFor("pro", s1) != first {
 		t.Fatal("the same settings did not give the same merged tier")
@@ -127,7 +126,7 @@ func TestTierForCaches(t *testing.T) {
 	if n := testing.AllocsPerRun(1000, func() { h.TierFor("pro", s1) }); n != 0 {
 		t.Errorf("tierFor on a cache hit: %v allocations, want 0", n)
 	}
-	s2 := &keystore.Settings{Requests: &keystore.Rate{N: 3, Window: time.Hour}}
+	s2 := &Settings{Requests: &Rate{N: 3, Window: time.Hour}}
 	if got := h.TierFor("pro", s2); got.limits.Requests.N != 3 || first.limits.Requests.N != 2 {
 		t.Errorf("changed settings: got %d, first now %d", got.limits.Requests.N, first.limits.Requests.N)
 	}
@@ -148,27 +147,37 @@ func TestTierForCaches(t *testing.T) {
 // tier costs no allocation.
 func TestMintedTierIsTheIntersection(t *testing.T) {
 	h := tierPolicy(t, map[string]*Tier{
-		"web":    {Requests: &Rate{N: 10, Window: caddy.Duration(time.Minute)}, Models: []string{"vigthoria-*"}, MaxTokens: 400},
+		"web":    {Requests: &TierRate{N: 10, Window: caddy.Duration(time.Minute)}, Models: []string{"vigthoria-*"}, MaxTokens: 400},
 		"open":   {},
 		"app":    {},
 		"narrow": {Models: []string{"vigthoria-fast-*", "other-*"}, MaxTokens: 100},
 	})
-	narrow := func(own, minter *Tier, c keystore.Client) *Tier {
+	// A minted token's user: its token's tier, the minting key's tier,
+	// and the token's own models.
+	type token struct {
+		Tier   string
+		Minted struct {
+			KeyTier, ModelsKey string
+			Models             []string
+		}
+	}
+	narrow := func(own, minter *Tier, c token) *Tier {
 		return h.Narrow(own, minter, c.Minted.Models, c.Minted.ModelsKey)
 	}
 	maxTok := func(n int64) *int64 { return &n }
-	minted := func(tier, keyTier string, models ...string) keystore.Client {
-		m := &keystore.Minted{KeyID: "key_x", KeyTier: keyTier}
+	minted := func(tier, keyTier string, models ...string) token {
+		c := token{Tier: tier}
+		c.Minted.KeyTier = keyTier
 		if models != nil {
-			m.Models, m.ModelsKey = models, proxy.FilterKey(models)
+			c.Minted.Models, c.Minted.ModelsKey = models, proxy.FilterKey(models)
 		}
-		return keystore.Client{ID: "mint:key_x:alice", Tier: tier, Minted: m}
+		return c
 	}
 	models := []string{"vigthoria-fast-1", "vigthoria-pro-1", "other-1", "vigthoria-embed-1"}
 	for _, tc := range []struct {
 		name     string
-		client   keystore.Client
-		settings *keystore.Settings
+		client   token
+		settings *Settings
 		allowed  []bool // of models
 		cap      int64
 		origins  bool // https://evil.example is refused
@@ -176,14 +185,14 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 		{"nothing narrows", minted("open", "app"), nil, []bool{true, true, true, true}, 0, false},
 		{"the token's tier", minted("web", "app"), nil, []bool{true, true, false, true}, 400, false},
 		{"the key's tier", minted("open", "narrow"), nil, []bool{true, false, true, false}, 100, false},
-		{"the key's settings", minted("open", "app"), &keystore.Settings{Models: []string{"vigthoria-pro-*"}, MaxTokens: maxTok(50)},
+		{"the key's settings", minted("open", "app"), &Settings{Models: []string{"vigthoria-pro-*"}, MaxTokens: maxTok(50)},
 			[]bool{false, true, false, false}, 50, false},
-		{"the key's settings over its tier", minted("open", "narrow"), &keystore.Settings{Models: []string{"vigthoria-*"}, MaxTokens: maxTok(700)},
+		{"the key's settings over its tier", minted("open", "narrow"), &Settings{Models: []string{"vigthoria-*"}, MaxTokens: maxTok(700)},
 			[]bool{true, true, false, true}, 700, false},
 		{"the token's models", minted("open", "app", "vigthoria-embed-*"), nil, []bool{false, false, false, true}, 0, false},
 		{"all three", minted("web", "narrow", "*-1"), nil, []bool{true, false, false, false}, 100, false},
 		{"the token's models wider than the key's", minted("open", "narrow", "*"), nil, []bool{true, false, true, false}, 100, false},
-		{"the key's origins", minted("open", "app"), &keystore.Settings{Origins: []string{"https://app.example"}}, []bool{true, true, true, true}, 0, true},
+		{"the key's origins", minted("open", "app"), &Settings{Origins: []string{"https://app.example"}}, []bool{true, true, true, true}, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			minter := h.TierFor(tc.client.Minted.KeyTier, tc.settings)
@@ -213,7 +222,7 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 	// Models lists: one per policy, never the same key for two; a user
 	// whom nothing narrows shares its tier's.
 	keys := map[string]bool{h.cfg.Tiers["open"].modelsKey: true, h.cfg.Tiers["web"].modelsKey: true}
-	for _, c := range []keystore.Client{minted("open", "app", "a"), minted("open", "narrow"), minted("open", "narrow", "a"), minted("web", "narrow", "a"), minted("web", "app", "a")} {
+	for _, c := range []token{minted("open", "app", "a"), minted("open", "narrow"), minted("open", "narrow", "a"), minted("web", "narrow", "a"), minted("web", "app", "a")} {
 		k := narrow(h.cfg.Tiers[c.Tier], h.TierFor(c.Minted.KeyTier, nil), c).ModelFilter().Key
 		if keys[k] {
 			t.Errorf("models cache key %q given twice", k)
@@ -226,12 +235,12 @@ func TestMintedTierIsTheIntersection(t *testing.T) {
 
 	// Changed settings are a new pointer: a new tier, for the same token.
 	c := minted("web", "app")
-	s1 := &keystore.Settings{MaxTokens: maxTok(50)}
+	s1 := &Settings{MaxTokens: maxTok(50)}
 	first := narrow(h.cfg.Tiers["web"], h.TierFor("app", s1), c)
 	if n := testing.AllocsPerRun(1000, func() { narrow(h.cfg.Tiers["web"], h.TierFor("app", s1), c) }); n != 0 {
 		t.Errorf("a cached minted tier: %v allocations, want 0", n)
 	}
-	s2 := &keystore.Settings{MaxTokens: maxTok(20)}
+	s2 := &Settings{MaxTokens: maxTok(20)}
 	if got := narrow(h.cfg.Tiers["web"], h.TierFor("app", s2), c); got.MaxTokens != 20 || first.MaxTokens != 50 {
 		t.Errorf("changed settings: max_tokens %d, the first now %d; want 20 and 50", got.MaxTokens, first.MaxTokens)
 	}

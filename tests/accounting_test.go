@@ -10,23 +10,24 @@ import (
 	"github.com/openai/openai-go/v3"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // storedToday returns the client's usage of today as the env's SQLite
 // store holds it, all models together.
-func (e *env) storedToday(t *testing.T, clientID string) keystore.UsageRow {
+func (e *env) storedToday(t *testing.T, clientID string) store.UsageRow {
 	t.Helper()
-	st, err := keystore.OpenSQLite(strings.TrimPrefix(e.store, "sqlite:"))
+	st, err := sqlite.Open(strings.TrimPrefix(e.store, "sqlite:"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	rows, err := st.UsageSince(t.Context(), clientID, keystore.Day(time.Now()))
+	rows, err := st.UsageSince(t.Context(), clientID, store.Day(time.Now()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sum keystore.UsageRow
+	var sum store.UsageRow
 	for _, r := range rows {
 		sum.Add(r)
 	}
@@ -34,9 +35,9 @@ func (e *env) storedToday(t *testing.T, clientID string) keystore.UsageRow {
 }
 
 // wantStored waits until the store holds what GET /v1/usage said of today.
-func (e *env) wantStored(t *testing.T, u usageAnswer) keystore.UsageRow {
+func (e *env) wantStored(t *testing.T, u usageAnswer) store.UsageRow {
 	t.Helper()
-	var got keystore.UsageRow
+	var got store.UsageRow
 	eventually2s(t, "the ledger is stored", func() bool {
 		got = e.storedToday(t, u.ClientID)
 		return got.Requests == u.Today.Requests && got.PromptTokens == u.Today.PromptTokens &&

@@ -12,12 +12,15 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"github.com/openai/openai-go/v3"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/internal/hooktest"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // alertsBlock is an alerts block POSTing to url, signed with
@@ -179,7 +182,7 @@ func wantMetric(t *testing.T, e *env, name string, want float64) {
 }
 
 // storeClaimer claims alerts in a key store.
-type storeClaimer struct{ keystore.AlertClaimer }
+type storeClaimer struct{ store.Backend }
 
 func (c storeClaimer) Claim(ctx context.Context, id string, until time.Time) (bool, error) {
 	return c.ClaimAlert(ctx, id, until)
@@ -189,11 +192,11 @@ func (c storeClaimer) Claim(ctx context.Context, id string, until time.Time) (bo
 // SQLite file), each with its own Notifier and Sender, noting the same
 // crossings at the same moment, send each alert once.
 func TestAlertsOncePerFleet(t *testing.T) {
-	for name, open := range map[string]func(t *testing.T) func() keystore.AlertClaimer{
-		"redis": func(t *testing.T) func() keystore.AlertClaimer {
+	for name, open := range map[string]func(t *testing.T) func() store.Backend{
+		"redis": func(t *testing.T) func() store.Backend {
 			url := redistest.Start(t).URL
-			return func() keystore.AlertClaimer {
-				st, err := keystore.OpenRedis(url)
+			return func() store.Backend {
+				st, err := redisstore.Open(url)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -201,10 +204,10 @@ func TestAlertsOncePerFleet(t *testing.T) {
 				return st
 			}
 		},
-		"sqlite": func(t *testing.T) func() keystore.AlertClaimer {
+		"sqlite": func(t *testing.T) func() store.Backend {
 			path := t.TempDir() + "/keys.db"
-			return func() keystore.AlertClaimer {
-				st, err := keystore.OpenSQLite(path)
+			return func() store.Backend {
+				st, err := sqlite.Open(path)
 				if err != nil {
 					t.Fatal(err)
 				}

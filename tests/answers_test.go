@@ -22,6 +22,8 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // wantAPIHeaders asserts an API answer is not to be cached nor sniffed,
@@ -283,7 +285,7 @@ func TestStreamUsageSurvivesSIGKILL(t *testing.T) {
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
 	path := filepath.Join(t.TempDir(), "keys.db")
-	st, err := keystore.OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,16 +332,16 @@ func TestStreamUsageSurvivesSIGKILL(t *testing.T) {
 	}
 	time.Sleep(200 * time.Millisecond)
 
-	st, err = keystore.OpenSQLite(path)
+	st, err = sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	rows, err := st.UsageSince(context.Background(), rec.ID, keystore.Day(time.Now().Add(-24*time.Hour)))
+	rows, err := st.UsageSince(context.Background(), rec.ID, store.Day(time.Now().Add(-24*time.Hour)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sum keystore.UsageRow
+	var sum store.UsageRow
 	for _, r := range rows {
 		sum.Add(r)
 	}

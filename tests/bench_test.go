@@ -12,6 +12,8 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // BenchmarkChat sends small chats through Caddy in this process, with
@@ -87,7 +89,7 @@ func BenchmarkChat(b *testing.B) {
 // request limit and origins.
 func giveSettings(b *testing.B, path string) {
 	b.Helper()
-	st, err := keystore.OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -96,7 +98,7 @@ func giveSettings(b *testing.B, path string) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := keystore.Settings{Requests: &keystore.Rate{N: 1_000_000_000, Window: time.Minute}, Origins: []string{"https://app.example.com"}}
+	s := policy.Settings{Requests: &policy.Rate{N: 1_000_000_000, Window: time.Minute}, Origins: []string{"https://app.example.com"}}
 	for _, r := range recs {
 		if err := keystore.SetSettings(b.Context(), st, r.ID, s); err != nil {
 			b.Fatal(err)

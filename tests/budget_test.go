@@ -12,7 +12,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // Prices of the budget tests: 10 and 20 micro-units a token. A small
@@ -80,7 +81,7 @@ func TestBudgetHoldsUnderConcurrency(t *testing.T) {
 	e.waitKeysKnown(t)
 
 	answered := spendConcurrently(t, key, e.caddy.URL)
-	var stored keystore.UsageRow
+	var stored store.UsageRow
 	eventually2s(t, "the ledger holds every answered chat", func() bool {
 		stored = e.storedToday(t, id)
 		return stored.Requests == answered
@@ -106,7 +107,7 @@ func TestBudgetHoldsUnderConcurrency(t *testing.T) {
 		t.Fatalf("GET /v1/usage: %v, no budget", err)
 	}
 	if b := u.Limits.Budget; b.Period != "day" || b.Limit.Amount != "0.010000" || b.Limit.Currency != "USD" ||
-		b.Used.Amount != keystore.FormatCost(stored.Cost) || b.Remaining.Amount != keystore.FormatCost(budget-stored.Cost) {
+		b.Used.Amount != policy.FormatCost(stored.Cost) || b.Remaining.Amount != policy.FormatCost(budget-stored.Cost) {
 		t.Errorf("the usage's budget: %+v, want 0.010000 USD a day, %d micro-units used", *b, stored.Cost)
 	}
 

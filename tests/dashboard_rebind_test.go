@@ -13,7 +13,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // startOpenDashboard starts the dashboard with allow_anonymous at the
@@ -47,7 +47,7 @@ func startOpenDashboard(t *testing.T, hosts string, dashboard ...string) *env {
 // keyCount is how many keys the env's store holds.
 func (e *env) keyCount(t *testing.T) int {
 	t.Helper()
-	st, err := keystore.OpenSQLite(strings.TrimPrefix(e.store, "sqlite:"))
+	st, err := sqlite.Open(strings.TrimPrefix(e.store, "sqlite:"))
 	if err != nil {
 		t.Fatal(err)
 	}

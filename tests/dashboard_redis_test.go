@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
@@ -32,7 +34,7 @@ func TestDashboardRedis(t *testing.T) {
 	up := standin.New(standin.Options{APIKey: serverKey})
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
-	st, err := keystore.OpenRedis(rds.URL)
+	st, err := redisstore.Open(rds.URL)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,8 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/store"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // dashboardUser and dashboardPassword are the operator basic_auth lets in.
@@ -460,7 +462,7 @@ func TestBrowserDashboard(t *testing.T) {
 // with refusals. It returns test-pro's ID and the requests written.
 func seedDay(t *testing.T, path string) (pro string, requests int64) {
 	t.Helper()
-	st, err := keystore.OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -479,22 +481,22 @@ func seedDay(t *testing.T, path string) (pro string, requests int64) {
 	if err != nil || pro == "" {
 		t.Fatalf("the keys: test-pro %q, batch-job %v", pro, err)
 	}
-	b := keystore.UsageBatch{Writer: "seed", Seq: 1}
-	hours := make(map[[3]string]*keystore.UsageRow)
-	days := make(map[[3]string]*keystore.UsageRow)
+	b := store.UsageBatch{Writer: "seed", Seq: 1}
+	hours := make(map[[3]string]*store.UsageRow)
+	days := make(map[[3]string]*store.UsageRow)
 	add := func(client, model string, at time.Time, n int64) {
-		row := keystore.UsageRow{Client: client, Day: keystore.Slot(at), Model: model, Requests: n,
+		row := store.UsageRow{Client: client, Day: store.Slot(at), Model: model, Requests: n,
 			PromptTokens: 120 * n, CompletionTokens: 80 * n}
 		row.Cost = row.PromptTokens/2 + row.CompletionTokens*3/2 // the test's prices, per million
 		b.Slots = append(b.Slots, row)
 		for _, by := range []struct {
-			m    map[[3]string]*keystore.UsageRow
+			m    map[[3]string]*store.UsageRow
 			name string
-		}{{hours, keystore.Hour(at)}, {days, keystore.Day(at)}} {
+		}{{hours, store.Hour(at)}, {days, store.Day(at)}} {
 			m, name := by.m, by.name
 			k := [3]string{client, name, model}
 			if m[k] == nil {
-				m[k] = &keystore.UsageRow{Client: client, Day: name, Model: model}
+				m[k] = &store.UsageRow{Client: client, Day: name, Model: model}
 			}
 			m[k].Add(row)
 		}
@@ -504,7 +506,7 @@ func seedDay(t *testing.T, path string) (pro string, requests int64) {
 	// From 5 minutes to 23 hours 20 minutes ago: far from the edges of
 	// the chart's 24 hours, which move while the test runs.
 	for i := 1; i <= 280; i++ {
-		at := now.Add(-time.Duration(i) * keystore.SlotStep)
+		at := now.Add(-time.Duration(i) * store.SlotStep)
 		wave := int64(i % 48) // a rise and fall every 4 hours
 		if wave > 24 {
 			wave = 48 - wave
@@ -513,8 +515,8 @@ func seedDay(t *testing.T, path string) (pro string, requests int64) {
 		add(pro, "vigthoria-pro-1", at, 1+int64(i%5))
 		add(batch.ID, model, at, 4+wave/2)
 		if i%20 == 0 {
-			b.SlotRefusals = append(b.SlotRefusals, keystore.RefusalRow{Client: batch.ID, Hour: keystore.Slot(at), Reason: "rate_limit_exceeded", Count: 3})
-			b.Refusals = append(b.Refusals, keystore.RefusalRow{Client: batch.ID, Hour: keystore.Hour(at), Reason: "rate_limit_exceeded", Count: 3})
+			b.SlotRefusals = append(b.SlotRefusals, store.RefusalRow{Client: batch.ID, Hour: store.Slot(at), Reason: "rate_limit_exceeded", Count: 3})
+			b.Refusals = append(b.Refusals, store.RefusalRow{Client: batch.ID, Hour: store.Hour(at), Reason: "rate_limit_exceeded", Count: 3})
 		}
 	}
 	for _, r := range hours {

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
@@ -29,7 +31,7 @@ import (
 // learnt of it.
 func fleetKeys(t *testing.T, f *fleet, tier string, n int) (secrets []string, answered []int) {
 	t.Helper()
-	st, err := keystore.OpenRedis(f.redis.URL)
+	st, err := redisstore.Open(f.redis.URL)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 
@@ -45,7 +47,7 @@ func startFleetWith(t *testing.T, lines []string, limits ...string) *fleet {
 	f := &fleet{redis: redistest.StartWith(t, "--enable-debug-command", "yes"), upstream: standin.New(standin.Options{APIKey: serverKey})}
 	srv := httptest.NewServer(f.upstream)
 	t.Cleanup(srv.Close)
-	st, err := keystore.OpenRedis(f.redis.URL)
+	st, err := redisstore.Open(f.redis.URL)
 	if err != nil {
 		t.Fatal(err)
 	}

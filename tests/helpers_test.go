@@ -21,6 +21,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 const (
@@ -99,7 +100,7 @@ func startWithKeys(t *testing.T, tiers []string, extra ...string) (*env, []strin
 // tokens of the tiers mint, and returns its secret.
 func createKey(t testing.TB, path, tier string, mint ...string) string {
 	t.Helper()
-	st, err := keystore.OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 var secretPattern = regexp.MustCompile(`vgt_[0-9A-Za-z]{38}`)
@@ -390,7 +391,7 @@ func TestCallerPlaceholders(t *testing.T) {
 	t.Cleanup(srv.Close)
 	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
 	path := filepath.Join(t.TempDir(), "k.db")
-	st, err := keystore.OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
@@ -45,7 +47,7 @@ func testNoSecretLeaks(t *testing.T, redisURL string) {
 		keys = []string{createKey(t, db, "metered"), createKey(t, db, "metered")}
 	} else {
 		storeLine = "store redis " + redisURL
-		st, err := keystore.OpenRedis(redisURL)
+		st, err := redisstore.Open(redisURL)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"github.com/go-jose/go-jose/v4"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/openai/openai-go/v3"
@@ -549,7 +551,7 @@ func TestFleetMintedTokens(t *testing.T) {
 // it, and returns its secret.
 func (f *fleet) addMintingKey(t *testing.T) string {
 	t.Helper()
-	st, err := keystore.OpenRedis(f.redis.URL)
+	st, err := redisstore.Open(f.redis.URL)
 	if err != nil {
 		t.Fatal(err)
 	}

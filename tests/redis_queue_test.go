@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
@@ -27,7 +29,7 @@ func TestRedisReloadLosesNoSettle(t *testing.T) {
 	rs := redistest.Start(t)
 	srv := httptest.NewServer(standin.New(standin.Options{APIKey: serverKey}))
 	t.Cleanup(srv.Close)
-	st, err := keystore.OpenRedis(rs.URL)
+	st, err := redisstore.Open(rs.URL)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
+
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
@@ -193,7 +195,7 @@ func TestFleetUpstreamLockoutIsPerServerKey(t *testing.T) {
 	up := standin.New(standin.Options{APIKey: serverKey, Accounts: map[string][]string{tenantKeyB: nil}})
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
-	st, err := keystore.OpenRedis(rs.URL)
+	st, err := redisstore.Open(rs.URL)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/demo"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 //go:embed demo.Caddyfile
@@ -180,7 +181,7 @@ Ctrl-C stops everything and deletes the demo's keys.
 // demoKeys creates the demo's client key and the app backend's minting
 // key in a new store at path.
 func demoKeys(ctx context.Context, path string) (client, mint string, err error) {
-	st, err := keystore.OpenSQLite(path)
+	st, err := sqlite.Open(path)
 	if err != nil {
 		return "", "", err
 	}

@@ -1,0 +1,450 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/store"
+	msqlite "modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+)
+
+// ledgerSchema is the SQLite migration that adds the usage ledger.
+const ledgerSchema = `CREATE TABLE usage (
+		client            TEXT NOT NULL,
+		day               TEXT NOT NULL,
+		model             TEXT NOT NULL,
+		requests          INTEGER NOT NULL,
+		prompt_tokens     INTEGER NOT NULL,
+		completion_tokens INTEGER NOT NULL,
+		PRIMARY KEY (client, day, model)
+	) STRICT, WITHOUT ROWID;`
+
+// ledgerDetailsSchema is the SQLite migration that keeps the cached and
+// reasoning tokens of the usage; the rows from before count none.
+const ledgerDetailsSchema = `ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE usage ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0;`
+
+// ledgerCostSchema is the SQLite migration that keeps the cost of the
+// usage, in micro-units of the currency; the rows from before cost
+// nothing.
+const ledgerCostSchema = `ALTER TABLE usage ADD COLUMN cost INTEGER NOT NULL DEFAULT 0;`
+
+// addUsageSQL adds a row to the ledger, each sum at most the largest
+// int64: SQLite turns a sum that overflows into a REAL, which the STRICT
+// table refuses, and the row could never be written.
+var addUsageSQL = `INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost)
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+	ON CONFLICT (client, day, model) DO UPDATE SET ` +
+	saturatingSum("requests") + ", " + saturatingSum("prompt_tokens") + ", " + saturatingSum("completion_tokens") + ", " +
+	saturatingSum("cached_tokens") + ", " + saturatingSum("reasoning_tokens") + ", " + saturatingSum("cost")
+
+// saturatingSum is the SQL that adds the new row's column to the stored
+// one. A count is never negative, so the test itself cannot overflow.
+func saturatingSum(column string) string {
+	return fmt.Sprintf("%[1]s = CASE WHEN excluded.%[1]s > %[2]d - %[1]s THEN %[2]d ELSE %[1]s + excluded.%[1]s END", column, math.MaxInt64)
+}
+
+// AddUsage implements UsageStore. A transaction that failed was not
+// applied, so a batch written again cannot count twice: the writer and
+// sequence are not needed here. A row SQLite refuses (see refusesRow)
+// is left out of the transaction, and the rest written.
+func (s *Store) AddUsage(ctx context.Context, b store.UsageBatch) error {
+	var refused []store.UsageRow
+	var refusals []store.RefusalRow
+	var why error
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		stmt, err := tx.PrepareContext(ctx, addUsageSQL)
+		if err != nil {
+			return err
+		}
+		defer stmt.Close()
+		for _, r := range b.Rows {
+			_, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost)
+			switch {
+			case err == nil:
+			case refusesRow(err):
+				refused, why = append(refused, r), err
+			default:
+				return fmt.Errorf("writing usage: %w", err)
+			}
+		}
+		hours, whyHours, err := addHours(ctx, tx, b.Hours, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(hours) > 0 {
+			refused, why = append(refused, hours...), whyHours
+		}
+		var whyRefusals error
+		refusals, whyRefusals, err = addRefusals(ctx, tx, b.Refusals, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(refusals) > 0 {
+			why = whyRefusals
+		}
+		slots, slotRefusals, whySlots, err := addSlots(ctx, tx, b.Slots, b.SlotRefusals, time.Now())
+		if err != nil {
+			return err
+		}
+		if len(slots)+len(slotRefusals) > 0 {
+			refused, refusals, why = append(refused, slots...), append(refusals, slotRefusals...), whySlots
+		}
+		return nil
+	})
+	if err == nil && len(refused)+len(refusals) > 0 {
+		return &store.RefusedError{Rows: refused, Refusals: refusals, Err: fmt.Errorf("writing usage: %w", why)}
+	}
+	return err
+}
+
+// refusesRow reports whether err is SQLite refusing the values of a row
+// (a constraint, a type, a value too big or out of range), which writing
+// it again would not change. A failed statement leaves its transaction
+// as it was. A busy, locked, full or failing database is waited out.
+func refusesRow(err error) bool {
+	var e *msqlite.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	switch e.Code() & 0xff { // the primary result code
+	case sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_MISMATCH, sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_RANGE:
+		return true
+	}
+	return false
+}
+
+// UsageSince implements UsageStore.
+func (s *Store) UsageSince(ctx context.Context, client, day string) ([]store.UsageRow, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT day, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
+		FROM usage WHERE client = ? AND day >= ? ORDER BY day, model`, client, day)
+	if err != nil {
+		return nil, fmt.Errorf("reading usage: %w", err)
+	}
+	defer rows.Close()
+	var out []store.UsageRow
+	for rows.Next() {
+		r := store.UsageRow{Client: client}
+		if err := rows.Scan(&r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost); err != nil {
+			return nil, fmt.Errorf("reading usage: %w", err)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// ledgerHoursSchema is the SQLite migration that adds the hourly rows
+// of the ledger, kept HourRetention.
+const ledgerHoursSchema = `CREATE TABLE usage_hours (
+		hour              TEXT NOT NULL,
+		client            TEXT NOT NULL,
+		model             TEXT NOT NULL,
+		requests          INTEGER NOT NULL,
+		prompt_tokens     INTEGER NOT NULL,
+		completion_tokens INTEGER NOT NULL,
+		cached_tokens     INTEGER NOT NULL,
+		reasoning_tokens  INTEGER NOT NULL,
+		cost              INTEGER NOT NULL,
+		PRIMARY KEY (hour, client, model)
+	) STRICT, WITHOUT ROWID;`
+
+// addHourSQL adds an hourly row, each sum saturating as addUsageSQL's.
+var addHourSQL = strings.NewReplacer("INSERT INTO usage (client, day,", "INSERT INTO usage_hours (client, hour,",
+	"(client, day, model)", "(hour, client, model)").Replace(addUsageSQL)
+
+// addHours writes the hourly rows in tx and drops those older than
+// HourRetention, returning the rows SQLite refused and why.
+func addHours(ctx context.Context, tx *sql.Tx, rows []store.UsageRow, now time.Time) ([]store.UsageRow, error, error) {
+	if _, err := tx.ExecContext(ctx, `DELETE FROM usage_hours WHERE hour < ?`, store.Hour(now.Add(-store.HourRetention))); err != nil {
+		return nil, nil, fmt.Errorf("dropping old hourly usage: %w", err)
+	}
+	if len(rows) == 0 {
+		return nil, nil, nil
+	}
+	stmt, err := tx.PrepareContext(ctx, addHourSQL)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer stmt.Close()
+	var refused []store.UsageRow
+	var why error
+	for _, r := range rows {
+		_, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost)
+		switch {
+		case err == nil:
+		case refusesRow(err):
+			refused, why = append(refused, r), err
+		default:
+			return nil, nil, fmt.Errorf("writing hourly usage: %w", err)
+		}
+	}
+	return refused, why, nil
+}
+
+// UsageHours implements HourStore.
+func (s *Store) UsageHours(ctx context.Context, client, hour string) ([]store.UsageRow, error) {
+	q := `SELECT client, hour, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
+		FROM usage_hours WHERE hour >= ?`
+	args := []any{hour}
+	if client != "" {
+		q += ` AND client = ?`
+		args = append(args, client)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading hourly usage: %w", err)
+	}
+	defer rows.Close()
+	var out []store.UsageRow
+	for rows.Next() {
+		var r store.UsageRow
+		if err := rows.Scan(&r.Client, &r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost); err != nil {
+			return nil, fmt.Errorf("reading hourly usage: %w", err)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// refusalsHoursSchema is the SQLite migration that adds the ledger's
+// refusals by hour, kept HourRetention. hour is the unix second the UTC
+// hour starts at.
+const refusalsHoursSchema = `CREATE TABLE refusals_hours (
+		client TEXT NOT NULL,
+		hour   INTEGER NOT NULL,
+		reason TEXT NOT NULL,
+		count  INTEGER NOT NULL,
+		PRIMARY KEY (client, hour, reason)
+	) STRICT, WITHOUT ROWID;
+	CREATE INDEX refusals_hours_hour ON refusals_hours (hour);`
+
+// addRefusalSQL adds a refusal row, its sum saturating as addUsageSQL's.
+var addRefusalSQL = `INSERT INTO refusals_hours (client, hour, reason, count) VALUES (?, ?, ?, ?)
+	ON CONFLICT (client, hour, reason) DO UPDATE SET ` + saturatingSum("count")
+
+// addRefusals writes the refusal rows in tx and drops those older than
+// HourRetention, returning the rows SQLite refused and why.
+func addRefusals(ctx context.Context, tx *sql.Tx, rows []store.RefusalRow, now time.Time) ([]store.RefusalRow, error, error) {
+	oldest := now.Add(-store.HourRetention).UTC().Truncate(time.Hour).Unix()
+	if _, err := tx.ExecContext(ctx, `DELETE FROM refusals_hours WHERE hour < ?`, oldest); err != nil {
+		return nil, nil, fmt.Errorf("dropping old refusals: %w", err)
+	}
+	if len(rows) == 0 {
+		return nil, nil, nil
+	}
+	stmt, err := tx.PrepareContext(ctx, addRefusalSQL)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer stmt.Close()
+	var refused []store.RefusalRow
+	var why error
+	for _, r := range rows {
+		h, err := store.ParseHour(r.Hour)
+		if err != nil {
+			refused, why = append(refused, r), err
+			continue
+		}
+		_, err = stmt.ExecContext(ctx, r.Client, h.Unix(), r.Reason, r.Count)
+		switch {
+		case err == nil:
+		case refusesRow(err):
+			refused, why = append(refused, r), err
+		default:
+			return nil, nil, fmt.Errorf("writing refusals: %w", err)
+		}
+	}
+	return refused, why, nil
+}
+
+// RefusalHours implements RefusalStore.
+func (s *Store) RefusalHours(ctx context.Context, client, hour string) ([]store.RefusalRow, error) {
+	from, err := store.ParseHour(hour)
+	if err != nil {
+		return nil, fmt.Errorf("reading refusals: %w: hour '%s' is not YYYY-MM-DDTHH", store.ErrInvalid, hour)
+	}
+	q := `SELECT client, hour, reason, count FROM refusals_hours WHERE hour >= ?`
+	args := []any{from.Unix()}
+	if client != "" {
+		q += ` AND client = ?`
+		args = append(args, client)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading refusals: %w", err)
+	}
+	defer rows.Close()
+	var out []store.RefusalRow
+	for rows.Next() {
+		var r store.RefusalRow
+		var unix int64
+		if err := rows.Scan(&r.Client, &unix, &r.Reason, &r.Count); err != nil {
+			return nil, fmt.Errorf("reading refusals: %w", err)
+		}
+		r.Hour = store.Hour(time.Unix(unix, 0))
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// ledgerSlotsSchema is the SQLite migration that adds the ledger's
+// 5-minute rows, usage and refusals, kept SlotRetention. slot is the
+// unix second the UTC slot starts at.
+const ledgerSlotsSchema = `CREATE TABLE usage_slots (
+		slot              INTEGER NOT NULL,
+		client            TEXT NOT NULL,
+		model             TEXT NOT NULL,
+		requests          INTEGER NOT NULL,
+		prompt_tokens     INTEGER NOT NULL,
+		completion_tokens INTEGER NOT NULL,
+		cached_tokens     INTEGER NOT NULL,
+		reasoning_tokens  INTEGER NOT NULL,
+		cost              INTEGER NOT NULL,
+		PRIMARY KEY (slot, client, model)
+	) STRICT, WITHOUT ROWID;
+	CREATE TABLE refusals_slots (
+		slot   INTEGER NOT NULL,
+		client TEXT NOT NULL,
+		reason TEXT NOT NULL,
+		count  INTEGER NOT NULL,
+		PRIMARY KEY (slot, client, reason)
+	) STRICT, WITHOUT ROWID;`
+
+// addSlotSQL adds a 5-minute row, each sum saturating as addUsageSQL's.
+var addSlotSQL = strings.NewReplacer("INSERT INTO usage (client, day,", "INSERT INTO usage_slots (client, slot,",
+	"(client, day, model)", "(slot, client, model)").Replace(addUsageSQL)
+
+// addSlotRefusalSQL adds a refusal row by 5-minute slot, its sum
+// saturating as addUsageSQL's.
+var addSlotRefusalSQL = `INSERT INTO refusals_slots (slot, client, reason, count) VALUES (?, ?, ?, ?)
+	ON CONFLICT (slot, client, reason) DO UPDATE SET ` + saturatingSum("count")
+
+// addSlots writes the 5-minute rows in tx and drops those older than
+// SlotRetention, returning the rows SQLite refused and why.
+func addSlots(ctx context.Context, tx *sql.Tx, rows []store.UsageRow, refusals []store.RefusalRow, now time.Time) ([]store.UsageRow, []store.RefusalRow, error, error) {
+	oldest := now.Add(-store.SlotRetention).UTC().Truncate(store.SlotStep).Unix()
+	if _, err := tx.ExecContext(ctx, `DELETE FROM usage_slots WHERE slot < ?`, oldest); err != nil {
+		return nil, nil, nil, fmt.Errorf("dropping old 5-minute usage: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM refusals_slots WHERE slot < ?`, oldest); err != nil {
+		return nil, nil, nil, fmt.Errorf("dropping old 5-minute refusals: %w", err)
+	}
+	var refused []store.UsageRow
+	var refusedRefusals []store.RefusalRow
+	var why error
+	if len(rows) > 0 {
+		stmt, err := tx.PrepareContext(ctx, addSlotSQL)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		defer stmt.Close()
+		for _, r := range rows {
+			t, err := store.ParseSlot(r.Day)
+			if err == nil {
+				_, err = stmt.ExecContext(ctx, r.Client, t.Unix(), r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost)
+			}
+			switch {
+			case err == nil:
+			case refusesRow(err) || errors.Is(err, store.ErrInvalid) || isParseError(err):
+				refused, why = append(refused, r), err
+			default:
+				return nil, nil, nil, fmt.Errorf("writing 5-minute usage: %w", err)
+			}
+		}
+	}
+	if len(refusals) > 0 {
+		stmt, err := tx.PrepareContext(ctx, addSlotRefusalSQL)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		defer stmt.Close()
+		for _, r := range refusals {
+			t, err := store.ParseSlot(r.Hour)
+			if err == nil {
+				_, err = stmt.ExecContext(ctx, t.Unix(), r.Client, r.Reason, r.Count)
+			}
+			switch {
+			case err == nil:
+			case refusesRow(err) || errors.Is(err, store.ErrInvalid) || isParseError(err):
+				refusedRefusals, why = append(refusedRefusals, r), err
+			default:
+				return nil, nil, nil, fmt.Errorf("writing 5-minute refusals: %w", err)
+			}
+		}
+	}
+	return refused, refusedRefusals, why, nil
+}
+
+// isParseError reports whether err is a time that could not be parsed:
+// a row whose slot is not one is refused for good.
+func isParseError(err error) bool {
+	var pe *time.ParseError
+	return errors.As(err, &pe)
+}
+
+// UsageSlots implements SlotStore.
+func (s *Store) UsageSlots(ctx context.Context, client, slot string) ([]store.UsageRow, error) {
+	from, err := store.ParseSlot(slot)
+	if err != nil {
+		return nil, fmt.Errorf("reading 5-minute usage: %w: slot '%s' is not YYYY-MM-DDTHH:MM", store.ErrInvalid, slot)
+	}
+	q := `SELECT client, slot, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
+		FROM usage_slots WHERE slot >= ?`
+	args := []any{from.Unix()}
+	if client != "" {
+		q += ` AND client = ?`
+		args = append(args, client)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading 5-minute usage: %w", err)
+	}
+	defer rows.Close()
+	var out []store.UsageRow
+	for rows.Next() {
+		var r store.UsageRow
+		var unix int64
+		if err := rows.Scan(&r.Client, &unix, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost); err != nil {
+			return nil, fmt.Errorf("reading 5-minute usage: %w", err)
+		}
+		r.Day = store.Slot(time.Unix(unix, 0))
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// RefusalSlots implements SlotStore.
+func (s *Store) RefusalSlots(ctx context.Context, client, slot string) ([]store.RefusalRow, error) {
+	from, err := store.ParseSlot(slot)
+	if err != nil {
+		return nil, fmt.Errorf("reading 5-minute refusals: %w: slot '%s' is not YYYY-MM-DDTHH:MM", store.ErrInvalid, slot)
+	}
+	q := `SELECT client, slot, reason, count FROM refusals_slots WHERE slot >= ?`
+	args := []any{from.Unix()}
+	if client != "" {
+		q += ` AND client = ?`
+		args = append(args, client)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("reading 5-minute refusals: %w", err)
+	}
+	defer rows.Close()
+	var out []store.RefusalRow
+	for rows.Next() {
+		var r store.RefusalRow
+		var unix int64
+		if err := rows.Scan(&r.Client, &unix, &r.Reason, &r.Count); err != nil {
+			return nil, fmt.Errorf("reading 5-minute refusals: %w", err)
+		}
+		r.Hour = store.Slot(time.Unix(unix, 0))
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
