@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/api"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
@@ -85,10 +86,10 @@ func errTooManyFailures(wait time.Duration) *api.Error {
 // costs a hash and a lookup too, and one signature check (tens of
 // microseconds) when it names a configured issuer and a published key
 // and was not seen before.
-func (h *Handler) identify(r *http.Request, now time.Time) (keystore.Client, *policy.Tier, *api.Error) {
+func (h *Handler) identify(r *http.Request, now time.Time) (caller.Client, *policy.Tier, *api.Error) {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if keyInQuery(r.URL.RawQuery) {
-		return keystore.Client{}, nil, errKeyInQuery
+		return caller.Client{}, nil, errKeyInQuery
 	}
 	if h.Identity != "" {
 		// ReplaceAll: an auth handler that let the request through
@@ -97,13 +98,13 @@ func (h *Handler) identify(r *http.Request, now time.Time) (keystore.Client, *po
 		if id := repl.ReplaceAll(h.Identity, ""); id != "" {
 			if len(id) > maxIdentityLen {
 				// Never another caller's limits: not anonymous, not a key's.
-				return keystore.Client{}, nil, errIdentityTooLong
+				return caller.Client{}, nil, errIdentityTooLong
 			}
 			tier := h.identityTier
 			if h.IdentityTier != "" && strings.Contains(h.IdentityTier, "{") {
 				tier = repl.ReplaceKnown(h.IdentityTier, "")
 			}
-			c := keystore.Client{ID: identityPrefix + id, Name: id, Tier: tier}
+			c := caller.Client{ID: identityPrefix + id, Name: id, Tier: tier}
 			return h.admitTier(c, repl, false)
 		}
 	}
@@ -111,13 +112,13 @@ func (h *Handler) identify(r *http.Request, now time.Time) (keystore.Client, *po
 	addr := h.clientAddr(r)
 	values := r.Header["Authorization"]
 	if len(values) == 0 && h.Anonymous != "" {
-		c := keystore.Client{ID: anonymousPrefix + limiter.AddrBucket(addr).String(), Tier: h.Anonymous}
+		c := caller.Client{ID: anonymousPrefix + limiter.AddrBucket(addr).String(), Tier: h.Anonymous}
 		return h.admitTier(c, repl, true)
 	}
 	secret, ok := clientkey.FromAuthorization(values)
 	failed := true
 	if ok {
-		var c keystore.Client
+		var c caller.Client
 		if !clientkey.Valid(secret) {
 			var err error
 			c, err = h.tokens.Verify(r.Context(), secret, now)
@@ -131,7 +132,7 @@ func (h *Handler) identify(r *http.Request, now time.Time) (keystore.Client, *po
 			return h.admitTier(c, repl, true)
 		}
 	}
-	return keystore.Client{}, nil, h.refuseAuth(addr, now, failed)
+	return caller.Client{}, nil, h.refuseAuth(addr, now, failed)
 }
 
 // refuseAuth is the answer to a refused credential from addr: the one
@@ -153,7 +154,7 @@ func (h *Handler) refuseAuth(addr netip.Addr, now time.Time, failed bool) *api.E
 // decided by: its tier with its key's own settings over it, or for the
 // user of a minted token, its token's tier narrowed by the minting key's
 // (see policy.Narrow).
-func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser bool) (keystore.Client, *policy.Tier, *api.Error) {
+func (h *Handler) admitTier(c caller.Client, repl *caddy.Replacer, setUser bool) (caller.Client, *policy.Tier, *api.Error) {
 	tier := h.policy.TierFor(c.Tier, c.Settings)
 	if tier != nil && c.Minted != nil {
 		// The minting key's tier and settings, read on every request, so
@@ -176,7 +177,7 @@ func (h *Handler) admitTier(c keystore.Client, repl *caddy.Replacer, setUser boo
 // provider costs less than four Set calls, which grow the replacer's map
 // past its first size on every request.
 type clientVars struct {
-	client keystore.Client
+	client caller.Client
 	user   bool // also the access log's user_id, {http.auth.user.id}
 }
 

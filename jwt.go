@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
@@ -176,22 +177,22 @@ func (j *JWTIssuer) tokenIssuer(tiers map[string]*policy.Tier) *keystore.TokenIs
 		Audience: j.Audience,
 		Leeway:   time.Duration(j.Leeway),
 		Keys:     j.keys,
-		Caller:   func(claims map[string]any) (keystore.Client, bool) { return j.caller(claims, tiers) },
+		Caller:   func(claims map[string]any) (caller.Client, bool) { return j.caller(claims, tiers) },
 	}
 }
 
 // caller names the user of a verified token's claims and its tier.
-func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*policy.Tier) (keystore.Client, bool) {
+func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*policy.Tier) (caller.Client, bool) {
 	user, ok := claims[j.UserClaim].(string)
 	if !ok || user == "" || strings.ContainsFunc(user, notPrintable) {
-		return keystore.Client{}, false
+		return caller.Client{}, false
 	}
 	if v := verifiedClaim(j.UserClaim); v != "" && !claimTrue(claims[v]) {
-		return keystore.Client{}, false // anyone may put anyone's address on an account
+		return caller.Client{}, false // anyone may put anyone's address on an account
 	}
 	id := jwtPrefix + j.host + ":" + user
 	if len(id) > maxIdentityLen {
-		return keystore.Client{}, false // never cut: two users would share one ID
+		return caller.Client{}, false // never cut: two users would share one ID
 	}
 	tier := j.Tier
 	if j.TierClaim != "" {
@@ -200,9 +201,9 @@ func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*policy.Tier)
 		}
 	}
 	if tier == "" {
-		return keystore.Client{}, false
+		return caller.Client{}, false
 	}
-	return keystore.Client{ID: id, Name: user, Tier: tier}, true
+	return caller.Client{ID: id, Name: user, Tier: tier}, true
 }
 
 // verifiedClaim names the claim by which an OpenID provider says it

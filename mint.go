@@ -13,6 +13,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/api"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
@@ -121,7 +122,7 @@ func (x *exchange) serveTokens() error {
 		return x.refuse(errKeyInQuery)
 	}
 	secret, ok := clientkey.FromAuthorization(r.Header["Authorization"])
-	var client keystore.Client
+	var client caller.Client
 	if ok {
 		client, ok = h.keys.Identify(secret, now)
 	}
@@ -269,14 +270,14 @@ func (h *Handler) mintedIssuer() *keystore.TokenIssuer {
 }
 
 // mintedCaller names the user of a verified minted token.
-func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
+func (h *Handler) mintedCaller(claims map[string]any) (caller.Client, bool) {
 	user, tier, keyID, models, ok := keystore.ParseMintedClaims(claims)
 	if !ok || !validMintUser(user) || h.Tiers[tier] == nil || len(models) > maxMintModels {
-		return keystore.Client{}, false
+		return caller.Client{}, false
 	}
 	for _, m := range models {
 		if !policy.ValidGlob(m) {
-			return keystore.Client{}, false
+			return caller.Client{}, false
 		}
 	}
 	// A token lives at most max_token_ttl: no longer, even if a signing
@@ -284,24 +285,24 @@ func (h *Handler) mintedCaller(claims map[string]any) (keystore.Client, bool) {
 	iat, _ := claims["iat"].(float64)
 	exp, _ := claims["exp"].(float64)
 	if iat <= 0 || exp-iat > (time.Duration(h.MaxTokenTTL)+DefaultJWTLeeway).Seconds() {
-		return keystore.Client{}, false
+		return caller.Client{}, false
 	}
 	keyTier, mint, live := h.keys.Minter(keyID, time.Now())
 	if !live || !slices.Contains(mint, tier) || h.Tiers[keyTier] == nil {
-		return keystore.Client{}, false
+		return caller.Client{}, false
 	}
 	id := mintPrefix + keyID + ":" + user
 	if len(id) > maxIdentityLen {
-		return keystore.Client{}, false
+		return caller.Client{}, false
 	}
-	return keystore.Client{ID: id, Name: user, Tier: tier,
-		Minted: &keystore.Minted{KeyID: keyID, KeyTier: keyTier, Models: models, ModelsKey: proxy.FilterKey(models)}}, true
+	return caller.Client{ID: id, Name: user, Tier: tier,
+		Minted: &caller.Minted{KeyID: keyID, KeyTier: keyTier, Models: models, ModelsKey: proxy.FilterKey(models)}}, true
 }
 
 // stillMinted reports whether the key that minted a remembered token is
 // still live and may still mint its tier: revoking it ends its tokens at
 // once.
-func (h *Handler) stillMinted(c keystore.Client, now time.Time) bool {
+func (h *Handler) stillMinted(c caller.Client, now time.Time) bool {
 	_, mint, live := h.keys.Minter(c.Minted.KeyID, now)
 	return live && slices.Contains(mint, c.Tier)
 }

@@ -13,7 +13,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/api"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -47,7 +47,7 @@ type exchange struct {
 	endpoint string // its metrics label: an endpoint's Name, "tokens", "jwks" or "unknown"
 	tier     string // its caller's tier as a label; "none" before it is known
 
-	client keystore.Client
+	client caller.Client
 	policy *policy.Tier // everything the caller is decided by
 	adm    admission.Admission
 

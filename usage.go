@@ -8,7 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
@@ -147,7 +147,7 @@ func (x *exchange) serveUsage() error {
 
 // reportUsage is the report of a caller of tier from its ledger rows of
 // this month, its state under its tier's limits and its budget's.
-func (h *Handler) reportUsage(client keystore.Client, tier *policy.Tier, rows []store.UsageRow, state, budget limiter.State, now time.Time) usageReport {
+func (h *Handler) reportUsage(client caller.Client, tier *policy.Tier, rows []store.UsageRow, state, budget limiter.State, now time.Time) usageReport {
 	monthStart := limiter.Month.Start(now)
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,

@@ -19,7 +19,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/api"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -63,7 +63,7 @@ const maxSides = 3
 // beside the caller's own limits.
 type side struct {
 	id       string
-	who      keystore.Client // whose account: the caller, or the key that minted its token
+	who      caller.Client // whose account: the caller, or the key that minted its token
 	lim      *limiter.Limits
 	d        limiter.Decision
 	tierName string
@@ -79,7 +79,7 @@ type side struct {
 type Admission struct {
 	id     string // the caller's account: its ID, or its reading account's
 	lim    *limiter.Limits
-	client keystore.Client
+	client caller.Client
 	tier   *policy.Tier
 	limiter.Decision
 
@@ -106,7 +106,7 @@ type Refusal struct {
 // is the caller's 429; a refusal by the key's limits frees what the
 // caller's own took. Budgets join when the request's cost is known
 // (Reserve).
-func (ad *Admitter) Admit(ctx context.Context, client keystore.Client, tier *policy.Tier, set policy.LimitSet, now time.Time) (Admission, *Refusal) {
+func (ad *Admitter) Admit(ctx context.Context, client caller.Client, tier *policy.Tier, set policy.LimitSet, now time.Time) (Admission, *Refusal) {
 	a := Admission{id: client.ID, lim: tier.LimitsFor(set), client: client, tier: tier}
 	if set.Reads() {
 		a.id = ReadPrefix + client.ID
@@ -137,8 +137,8 @@ func (ad *Admitter) Admit(ctx context.Context, client keystore.Client, tier *pol
 }
 
 // mintingKey names the key that minted client's token, as an account.
-func mintingKey(client keystore.Client) keystore.Client {
-	return keystore.Client{ID: client.Minted.KeyID, Tier: client.Minted.KeyTier}
+func mintingKey(client caller.Client) caller.Client {
+	return caller.Client{ID: client.Minted.KeyID, Tier: client.Minted.KeyTier}
 }
 
 // join admits the request on one more side, reserving n (tokens, or

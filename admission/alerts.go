@@ -4,7 +4,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
@@ -13,7 +13,7 @@ import (
 // settled: kind is alerts.Quota or alerts.Budget, used and limit its
 // figures in the period named period (alerts.PeriodName). It costs
 // nothing unless a threshold is newly crossed, and never waits.
-func (ad *Admitter) noteUsage(kind string, client keystore.Client, used, limit int64, period string) {
+func (ad *Admitter) noteUsage(kind string, client caller.Client, used, limit int64, period string) {
 	ad.Notifier.Note(alerts.Figure{Type: kind, KeyID: client.ID, KeyName: client.Name, Tier: client.Tier,
 		Period: period, Used: used, Limit: limit})
 }
@@ -40,7 +40,7 @@ func (ad *Admitter) NoteStanding(a *Admission, used ledger.Tokens) {
 
 // noteSide notes the figure of one side: the account of c, under lim,
 // as d decided it, having used used.
-func (ad *Admitter) noteSide(kind string, c keystore.Client, lim *limiter.Limits, d *limiter.Decision, used int64) {
+func (ad *Admitter) noteSide(kind string, c caller.Client, lim *limiter.Limits, d *limiter.Decision, used int64) {
 	if period, ok := quotaPeriod(lim, d); ok {
 		ad.noteUsage(kind, c, d.QuotaUsed-d.Lease.Reserved+used, lim.Quota.N, period)
 	}
@@ -50,7 +50,7 @@ func (ad *Admitter) noteSide(kind string, c keystore.Client, lim *limiter.Limits
 // of c, under lim, for its quota (kind alerts.Quota) or budget
 // (alerts.Budget), when it asked requested (tokens or micro-units). It
 // never waits.
-func (ad *Admitter) noteRefused(kind string, c keystore.Client, lim *limiter.Limits, d *limiter.Decision, requested int64) {
+func (ad *Admitter) noteRefused(kind string, c caller.Client, lim *limiter.Limits, d *limiter.Decision, requested int64) {
 	if d.Reason != limiter.QuotaLimit {
 		return
 	}

@@ -6,7 +6,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 )
 
@@ -32,7 +32,7 @@ func TestNoteQuota(t *testing.T) {
 	t.Cleanup(n.Close)
 	h := &Admitter{Notifier: n}
 	lim := &limiter.Limits{Quota: limiter.Quota{N: 1000, Period: limiter.Day}}
-	client := keystore.Client{ID: "key_a", Name: "a", Tier: "metered"}
+	client := caller.Client{ID: "key_a", Name: "a", Tier: "metered"}
 	reset := time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC)
 	decision := func(used, reserved int64, reason limiter.Reason) *limiter.Decision {
 		return &limiter.Decision{Reason: reason, Lease: limiter.Lease{Reserved: reserved},

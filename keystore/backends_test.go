@@ -13,6 +13,7 @@ import (
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/store"
@@ -357,7 +358,7 @@ func TestRedisServicesShareKeysAndUsage(t *testing.T) {
 	rec, secret := create(t, s1.Store(), "alice", "pro", time.Time{}, time.Now())
 	within(t, "a key added on one instance works on the other", func() bool {
 		c, ok := s2.Identify(secret, time.Now())
-		return ok && c == Client{ID: rec.ID, Name: "alice", Tier: "pro"}
+		return ok && c == caller.Client{ID: rec.ID, Name: "alice", Tier: "pro"}
 	})
 	newSecret, err := Rotate(ctx, s2.Store(), rec.ID)
 	if err != nil {
@@ -535,7 +536,7 @@ func TestRedisCLIRoundTrip(t *testing.T) {
 	}
 	within(t, "the CLI's key is identified", func() bool {
 		c, ok := s.Identify(secret, time.Now())
-		return ok && c == Client{ID: id, Name: "alice", Tier: "pro"}
+		return ok && c == caller.Client{ID: id, Name: "alice", Tier: "pro"}
 	})
 	if list := mustCLI(t, "key", "list", store); !strings.Contains(list, id) || !strings.Contains(list, "active") {
 		t.Errorf("list = %q, want the key, active", list)

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
@@ -47,7 +48,7 @@ func TestCLIRoundTrip(t *testing.T) {
 	}
 	within(t, "the CLI's key is identified", func() bool {
 		c, ok := s.Identify(secret, time.Now())
-		return ok && c == Client{ID: id, Name: "alice smith", Tier: "pro"}
+		return ok && c == caller.Client{ID: id, Name: "alice smith", Tier: "pro"}
 	})
 
 	list := mustCLI(t, "key", "list", store)

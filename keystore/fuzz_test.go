@@ -11,6 +11,7 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 )
 
 // staticKeys is a key source that never changes.
@@ -29,9 +30,9 @@ func FuzzVerifyToken(f *testing.F) {
 	const issuer = "https://auth.example.com/"
 	v, err := NewTokenVerifier([]*TokenIssuer{{
 		Issuer: issuer, Audience: []string{testAudience}, Keys: keys,
-		Caller: func(c map[string]any) (Client, bool) {
+		Caller: func(c map[string]any) (caller.Client, bool) {
 			sub, ok := c["sub"].(string)
-			return Client{ID: sub}, ok
+			return caller.Client{ID: sub}, ok
 		},
 	}}, 10)
 	if err != nil {

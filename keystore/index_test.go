@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -28,26 +29,26 @@ func newRecord(t testing.TB, name, tier string) (store.Record, string) {
 }
 
 // find looks secret up as Identify does, without the expiry check.
-func (ix *index) find(secret string) (Client, *entry) {
+func (ix *index) find(secret string) (caller.Client, *entry) {
 	h := store.HashSecret(secret)
 	v := ix.view()
 	e := v.lookup(&h)
 	if e == nil {
-		return Client{}, nil
+		return caller.Client{}, nil
 	}
-	return Client{ID: e.id(), Name: e.name(), Tier: v.tiers[e.tier]}, e
+	return caller.Client{ID: e.id(), Name: e.name(), Tier: v.tiers[e.tier]}, e
 }
 
 func TestIndexApply(t *testing.T) {
 	var ix index
-	if c, _ := ix.find("vgt_nothing"); c != (Client{}) {
+	if c, _ := ix.find("vgt_nothing"); c != (caller.Client{}) {
 		t.Fatal("the empty index found a key")
 	}
 	a, aSecret := newRecord(t, "alice", "pro")
 	b, bSecret := newRecord(t, "bob", "free")
 	a.LastUsed = time.Unix(1_700_000_000, 0)
 	ix.apply([]store.Record{a, b})
-	for secret, want := range map[string]Client{aSecret: {ID: a.ID, Name: "alice", Tier: "pro"}, bSecret: {ID: b.ID, Name: "bob", Tier: "free"}} {
+	for secret, want := range map[string]caller.Client{aSecret: {ID: a.ID, Name: "alice", Tier: "pro"}, bSecret: {ID: b.ID, Name: "bob", Tier: "free"}} {
 		if got, _ := ix.find(secret); got != want {
 			t.Errorf("found %+v, want %+v", got, want)
 		}
@@ -70,11 +71,11 @@ func TestIndexApply(t *testing.T) {
 	newSecret, _ := clientkey.New()
 	rotated.Hash = store.HashSecret(newSecret)
 	ix.apply([]store.Record{rotated})
-	if c, _ := ix.find(aSecret); c != (Client{}) {
+	if c, _ := ix.find(aSecret); c != (caller.Client{}) {
 		t.Error("the rotated-away secret is still found")
 	}
 	got, e := ix.find(newSecret)
-	if got != (Client{ID: a.ID, Name: "alice", Tier: "pro"}) || e.lastUsed.Load() != 1_800_000_000 {
+	if got != (caller.Client{ID: a.ID, Name: "alice", Tier: "pro"}) || e.lastUsed.Load() != 1_800_000_000 {
 		t.Errorf("after rotation: %+v, lastUsed %d", got, e.lastUsed.Load())
 	}
 
@@ -83,7 +84,7 @@ func TestIndexApply(t *testing.T) {
 	renamed.Name, renamed.Tier, renamed.Expires = "alice 2", "team", time.UnixMilli(1_900_000_000_000)
 	ix.apply([]store.Record{renamed})
 	got, e = ix.find(newSecret)
-	if got != (Client{ID: a.ID, Name: "alice 2", Tier: "team"}) || e.expires != 1_900_000_000_000 {
+	if got != (caller.Client{ID: a.ID, Name: "alice 2", Tier: "team"}) || e.expires != 1_900_000_000_000 {
 		t.Errorf("after renaming: %+v, expires %d", got, e.expires)
 	}
 
@@ -93,10 +94,10 @@ func TestIndexApply(t *testing.T) {
 	stranger, strangerSecret := newRecord(t, "x", "free")
 	stranger.Revoked = time.Now()
 	ix.apply([]store.Record{revoked, stranger})
-	if c, _ := ix.find(bSecret); c != (Client{}) {
+	if c, _ := ix.find(bSecret); c != (caller.Client{}) {
 		t.Error("a revoked key is found")
 	}
-	if c, _ := ix.find(strangerSecret); c != (Client{}) {
+	if c, _ := ix.find(strangerSecret); c != (caller.Client{}) {
 		t.Error("a key loaded revoked is found")
 	}
 	if n := ix.size(); n != 1 {
@@ -111,7 +112,7 @@ func TestIndexSkipsWhatItCannotHold(t *testing.T) {
 	if skipped := ix.apply([]store.Record{r}); len(skipped) != 1 || skipped[0] != r.ID {
 		t.Errorf("skipped %v, want the long ID", skipped)
 	}
-	if c, _ := ix.find(secret); c != (Client{}) {
+	if c, _ := ix.find(secret); c != (caller.Client{}) {
 		t.Error("a skipped key is found")
 	}
 }
@@ -208,7 +209,7 @@ func TestIndexChurn(t *testing.T) {
 				}
 			}
 			for _, s := range dead {
-				if c, _ := ix.find(s); c != (Client{}) {
+				if c, _ := ix.find(s); c != (caller.Client{}) {
 					t.Fatalf("step %d: a rotated or revoked secret is found as %+v", step, c)
 				}
 			}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -43,11 +44,11 @@ type TokenIssuer struct {
 	Keys     KeySource
 	// Caller names the caller of a verified token from its claims, or
 	// refuses the token with false.
-	Caller func(claims map[string]any) (Client, bool)
+	Caller func(claims map[string]any) (caller.Client, bool)
 	// Still, when set, is asked again each time a remembered token is
 	// used: false refuses it, such as a minted token whose minting key
 	// was revoked since. It must not allocate.
-	Still func(c Client, now time.Time) bool
+	Still func(c caller.Client, now time.Time) bool
 }
 
 // TokenVerifier verifies bearer JWTs of its issuers and remembers those it
@@ -61,7 +62,7 @@ type TokenVerifier struct {
 
 // rememberedToken is an accepted token, keyed by its hash.
 type rememberedToken struct {
-	client  Client
+	client  caller.Client
 	expires int64 // Unix milliseconds: the token's exp
 	issuer  *TokenIssuer
 	kid     string
@@ -114,9 +115,9 @@ var (
 // the token might be valid but its key could not be fetched; callers
 // answer every refusal alike. A token seen before and still valid costs a
 // hash and a lookup, without allocating.
-func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time) (Client, error) {
+func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time) (caller.Client, error) {
 	if len(token) > MaxTokenSize {
-		return Client{}, errTooLong
+		return caller.Client{}, errTooLong
 	}
 	h := hashToken(token)
 	if t, ok := v.remembered.Get(h); ok {
@@ -133,14 +134,14 @@ func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time)
 		// refuses asks, as an unknown kid does, for the keys published
 		// since the token came.
 		if err := t.issuer.Keys.Refresh(ctx, ""); err != nil {
-			return Client{}, fmt.Errorf("%w: %w", ErrKeysUnavailable, err)
+			return caller.Client{}, fmt.Errorf("%w: %w", ErrKeysUnavailable, err)
 		}
 		if t.issuer.Keys.Key("") != t.key {
 			t, err = v.verify(ctx, token, now)
 		}
 	}
 	if err != nil {
-		return Client{}, err
+		return caller.Client{}, err
 	}
 	v.remembered.Add(h, t)
 	return t.client, nil

@@ -23,6 +23,7 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"go.uber.org/zap"
 )
 
@@ -112,9 +113,9 @@ func verifierWith(t testing.TB, p *provider, keys *RemoteKeys) *TokenVerifier {
 	t.Helper()
 	v, err := NewTokenVerifier([]*TokenIssuer{{
 		Issuer: p.srv.URL, Audience: []string{testAudience, "other-app"}, Leeway: 30 * time.Second, Keys: keys,
-		Caller: func(c map[string]any) (Client, bool) {
+		Caller: func(c map[string]any) (caller.Client, bool) {
 			sub, ok := c["sub"].(string)
-			return Client{ID: "jwt:test:" + sub, Name: sub, Tier: "free"}, ok
+			return caller.Client{ID: "jwt:test:" + sub, Name: sub, Tier: "free"}, ok
 		},
 	}}, 100)
 	if err != nil {

@@ -40,17 +40,6 @@ const (
 // ErrNoSigningKeys is returned when a store cannot keep signing keys.
 var ErrNoSigningKeys = errors.New("this key store keeps no signing keys")
 
-// Minted is what a minted token gives its user beyond its tier. The
-// minting key's own limits bound all its users together.
-type Minted struct {
-	KeyID   string   // the key that minted the token
-	KeyTier string   // that key's tier
-	Models  []string // globs that narrow the tier's models; nil: the tier's
-	// ModelsKey names the set of Models, made once per token for the
-	// caches of the policies it narrows; "" for none.
-	ModelsKey string
-}
-
 // TokenRequest is what a token is minted with; the caller checked it.
 type TokenRequest struct {
 	User   string

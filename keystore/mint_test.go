@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -18,19 +19,19 @@ func mintVerifier(t testing.TB, s *Service, maxTTL time.Duration) *TokenVerifier
 	iss := &TokenIssuer{
 		Issuer: MintIssuer, Audience: []string{MintAudience}, Leeway: time.Second,
 		Keys: s.MintKeys(maxTTL),
-		Caller: func(claims map[string]any) (Client, bool) {
+		Caller: func(claims map[string]any) (caller.Client, bool) {
 			user, tier, keyID, models, ok := ParseMintedClaims(claims)
 			if !ok {
-				return Client{}, false
+				return caller.Client{}, false
 			}
 			keyTier, mint, live := s.Minter(keyID, time.Now())
 			if !live || !slices.Contains(mint, tier) {
-				return Client{}, false
+				return caller.Client{}, false
 			}
-			return Client{ID: "mint:" + keyID + ":" + user, Name: user, Tier: tier,
-				Minted: &Minted{KeyID: keyID, KeyTier: keyTier, Models: models}}, true
+			return caller.Client{ID: "mint:" + keyID + ":" + user, Name: user, Tier: tier,
+				Minted: &caller.Minted{KeyID: keyID, KeyTier: keyTier, Models: models}}, true
 		},
-		Still: func(c Client, now time.Time) bool {
+		Still: func(c caller.Client, now time.Time) bool {
 			_, mint, live := s.Minter(c.Minted.KeyID, now)
 			return live && slices.Contains(mint, c.Tier)
 		},

@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/internal/crashtest"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
@@ -231,7 +232,7 @@ func TestRedisCrashConsistency(t *testing.T) {
 	r, secret := create(t, st, "after-the-last-kill", "pro", time.Time{}, time.Now())
 	waitFor(t, redisCrashCatchUp, "a key added after the last restart works", func() bool {
 		c, ok := svc.Identify(secret, time.Now())
-		return ok && c == Client{ID: r.ID, Name: r.Name, Tier: r.Tier}
+		return ok && c == caller.Client{ID: r.ID, Name: r.Name, Tier: r.Tier}
 	})
 	if _, _, err := st.Changes(ctx, m.cursor); err != nil {
 		t.Errorf("Changes after the last restart: %v", err)
@@ -685,7 +686,7 @@ func (m *redisCrashModel) serviceWrong(svc *Service) string {
 		if secret == "" || !r.Revoked.IsZero() {
 			continue
 		}
-		if c, ok := svc.Identify(secret, now); !ok || c != (Client{ID: id, Name: r.Name, Tier: r.Tier}) {
+		if c, ok := svc.Identify(secret, now); !ok || c != (caller.Client{ID: id, Name: r.Name, Tier: r.Tier}) {
 			return fmt.Sprintf("the Service identifies live key %s as %+v, %t", id, c, ok)
 		}
 	}

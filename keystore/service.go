@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -52,20 +53,6 @@ const (
 
 // errStopped is returned by Start after Stop.
 var errStopped = errors.New("key service stopped: it cannot be started again")
-
-// Client is an identified caller.
-type Client struct {
-	ID   string // the key ID, "key_…", or another identity set by the caller's code
-	Name string
-	Tier string
-	// Minted is set for the user of a token the proxy minted; nil for
-	// other callers.
-	Minted *Minted
-	// Settings are the key's own limits over its tier's; nil for a key
-	// without any and for callers without a key. Never changed: a change
-	// of a key's settings gives its next requests a new pointer.
-	Settings *policy.Settings
-}
 
 // Service owns one store, its in-memory index, the loop that keeps the
 // index in sync with the store and the batcher of last-used times. It is
@@ -253,19 +240,19 @@ func (s *Service) changed() {
 // records the use (at most once a minute per key, written later in a
 // batch). It takes no lock and allocates nothing; a malformed key costs
 // no hashing and no lookup.
-func (s *Service) Identify(secret string, now time.Time) (Client, bool) {
+func (s *Service) Identify(secret string, now time.Time) (caller.Client, bool) {
 	if !clientkey.Valid(secret) || s.stale.Load() {
-		return Client{}, false
+		return caller.Client{}, false
 	}
 	h := store.HashSecret(secret)
 	v := s.index.view()
 	e := v.lookup(&h)
 	if e == nil || e.expires != 0 && now.UnixMilli() >= e.expires {
-		return Client{}, false
+		return caller.Client{}, false
 	}
 	s.markUsed(e, now)
 	id := e.id()
-	return Client{ID: id, Name: e.name(), Tier: v.tiers[e.tier], Settings: s.index.settingsOf(id)}, true
+	return caller.Client{ID: id, Name: e.name(), Tier: v.tiers[e.tier], Settings: s.index.settingsOf(id)}, true
 }
 
 // Settings returns the settings of the live key id, such as the key

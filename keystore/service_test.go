@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
@@ -92,7 +93,7 @@ func TestServiceSeesChangesMadeElsewhere(t *testing.T) {
 		return ok
 	})
 	c, _ := s.Identify(secret, time.Now())
-	if c != (Client{ID: rec.ID, Name: "alice", Tier: "pro"}) {
+	if c != (caller.Client{ID: rec.ID, Name: "alice", Tier: "pro"}) {
 		t.Errorf("Identify = %+v", c)
 	}
 
