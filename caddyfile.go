@@ -9,12 +9,14 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
@@ -73,7 +75,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		}
 //		max_token_ttl  <duration>             # of POST /vigthoria/tokens; default 1h, at most 24h
 //		identity       <placeholder> [tier <name|placeholder>]
-//		anonymous      <tier>                 # default off
+//		anonymous      <tier>                 # default off; the same as source anonymous <tier>
+//		source <name> …                       # another identity source: a module of http.handlers.vigthoria.sources
 //		auth_failures  <n>/<window>           # default 20/1m
 //		models_cache   <ttl>|off              # default 5m
 //		retries        <n> [max_wait <d>]     # default 2, max_wait 10s
@@ -100,22 +103,33 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
 		name := d.Val()
-		if seen[name] && name != "tier" && name != "jwt" {
+		if seen[name] && name != "tier" && name != "jwt" && name != "source" {
 			return d.Errf("subdirective '%s' given twice", name)
 		}
 		seen[name] = true
 		var err error
 		switch name {
 		case "tier":
-			if err := h.unmarshalTier(d); err != nil {
+			name, t, err := parseTier(d, h.Tiers)
+			if err != nil {
 				return err
 			}
+			if h.Tiers == nil {
+				h.Tiers = make(map[string]*policy.Tier)
+			}
+			h.Tiers[name] = t
 		case "jwt":
-			if err := h.unmarshalJWT(d); err != nil {
+			j, err := parseJWT(d, h.JWT)
+			if err != nil {
 				return err
 			}
+			h.JWT = append(h.JWT, j)
 		case "prices":
-			if err := h.unmarshalPrices(d); err != nil {
+			if h.Prices, err = parsePrices(d); err != nil {
+				return err
+			}
+		case "source":
+			if h.SourcesRaw, err = parseSource(d, h.SourcesRaw); err != nil {
 				return err
 			}
 		case "currency":
@@ -203,7 +217,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.MaxWait = caddy.Duration(wait)
 			}
 		case "detached":
-			if err := h.unmarshalDetached(d); err != nil {
+			if h.MaxDetached, h.MaxDetachedPerCaller, h.DetachedTimeout, err = parseDetached(d); err != nil {
 				return err
 			}
 		case "cors":
@@ -284,7 +298,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 		case "alerts":
-			if err := h.unmarshalAlerts(d); err != nil {
+			if h.Alerts, err = parseAlerts(d); err != nil {
 				return err
 			}
 		case "max_token_ttl":
@@ -298,28 +312,25 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// unmarshalTier reads `tier <name> { … }`; the block is optional.
-func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
+// parseTier reads `tier <name> { … }`, a name not among tiers; the block
+// is optional.
+func parseTier(d *caddyfile.Dispenser, tiers map[string]*policy.Tier) (string, *policy.Tier, error) {
 	if !d.NextArg() {
-		return d.Err("tier needs a name")
+		return "", nil, d.Err("tier needs a name")
 	}
 	name := d.Val()
 	if d.NextArg() {
-		return d.Errf("tier takes one name and a block, got also '%s'", d.Val())
+		return "", nil, d.Errf("tier takes one name and a block, got also '%s'", d.Val())
 	}
-	if _, dup := h.Tiers[name]; dup {
-		return d.Errf("tier '%s' given twice", name)
-	}
-	if h.Tiers == nil {
-		h.Tiers = make(map[string]*policy.Tier)
+	if _, dup := tiers[name]; dup {
+		return "", nil, d.Errf("tier '%s' given twice", name)
 	}
 	t := new(policy.Tier)
-	h.Tiers[name] = t
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
 		if seen[sub] {
-			return d.Errf("tier %s: '%s' given twice", name, sub)
+			return "", nil, d.Errf("tier %s: '%s' given twice", name, sub)
 		}
 		seen[sub] = true
 		args := d.RemainingArgs()
@@ -348,31 +359,32 @@ func (h *Handler) unmarshalTier(d *caddyfile.Dispenser) error {
 			}
 			t.Models = args
 		default:
-			return d.Errf("unknown tier subdirective '%s'", sub)
+			return "", nil, d.Errf("unknown tier subdirective '%s'", sub)
 		}
 		if err != nil {
-			return d.Errf("tier %s: invalid %s '%s': %v", name, sub, strings.Join(args, " "), err)
+			return "", nil, d.Errf("tier %s: invalid %s '%s': %v", name, sub, strings.Join(args, " "), err)
 		}
 	}
-	return nil
+	return name, t, nil
 }
 
-// unmarshalPrices reads `prices { <glob> input <price> [output <price>] … }`,
+// parsePrices reads `prices { <glob> input <price> [output <price>] … }`,
 // keeping the globs' order: the first that matches a model prices it.
-func (h *Handler) unmarshalPrices(d *caddyfile.Dispenser) error {
+func parsePrices(d *caddyfile.Dispenser) ([]*policy.Price, error) {
 	if d.NextArg() {
-		return d.Errf("prices takes a block, not '%s'", d.Val())
+		return nil, d.Errf("prices takes a block, not '%s'", d.Val())
 	}
+	var prices []*policy.Price
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		p := &policy.Price{Model: d.Val()}
-		for _, other := range h.Prices {
+		for _, other := range prices {
 			if other.Model == p.Model {
-				return d.Errf("prices: '%s' given twice", p.Model)
+				return nil, d.Errf("prices: '%s' given twice", p.Model)
 			}
 		}
 		args := d.RemainingArgs()
 		if len(args)%2 != 0 {
-			return d.Errf("prices: %s: want input <price> [output <price>], got '%s'", p.Model, strings.Join(args, " "))
+			return nil, d.Errf("prices: %s: want input <price> [output <price>], got '%s'", p.Model, strings.Join(args, " "))
 		}
 		for i := 0; i < len(args); i += 2 {
 			word, v := args[i], policy.Decimal(args[i+1])
@@ -382,48 +394,48 @@ func (h *Handler) unmarshalPrices(d *caddyfile.Dispenser) error {
 			case word == "output" && p.Output == "":
 				p.Output = v
 			case word == "input" || word == "output":
-				return d.Errf("prices: %s: '%s' given twice", p.Model, word)
+				return nil, d.Errf("prices: %s: '%s' given twice", p.Model, word)
 			default:
-				return d.Errf("prices: %s: unknown word '%s': want input <price> [output <price>]", p.Model, word)
+				return nil, d.Errf("prices: %s: unknown word '%s': want input <price> [output <price>]", p.Model, word)
 			}
 		}
 		if err := p.Check(); err != nil {
-			return d.Errf("prices: %s: %v", p.Model, err)
+			return nil, d.Errf("prices: %s: %v", p.Model, err)
 		}
-		h.Prices = append(h.Prices, p)
+		prices = append(prices, p)
 	}
-	if len(h.Prices) == 0 {
-		return d.Err("prices needs at least one line: <glob> input <price> [output <price>]")
+	if len(prices) == 0 {
+		return nil, d.Err("prices needs at least one line: <glob> input <price> [output <price>]")
 	}
-	return nil
+	return prices, nil
 }
 
-// unmarshalJWT reads `jwt <issuer> { … }`.
-func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
+// parseJWT reads `jwt <issuer> { … }`, an issuer not among prior.
+func parseJWT(d *caddyfile.Dispenser, prior []*JWTIssuer) (*JWTIssuer, error) {
 	if !d.NextArg() {
-		return d.Err("jwt needs the issuer, such as https://tenant.auth0.com/")
+		return nil, d.Err("jwt needs the issuer, such as https://tenant.auth0.com/")
 	}
 	j := &JWTIssuer{Issuer: d.Val()}
 	if d.NextArg() {
-		return d.Errf("jwt takes one issuer and a block, got also '%s'", d.Val())
+		return nil, d.Errf("jwt takes one issuer and a block, got also '%s'", d.Val())
 	}
-	for _, other := range h.JWT {
+	for _, other := range prior {
 		if other.Issuer == j.Issuer {
-			return d.Errf("jwt issuer '%s' given twice", j.Issuer)
+			return nil, d.Errf("jwt issuer '%s' given twice", j.Issuer)
 		}
 	}
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
 		if seen[sub] {
-			return d.Errf("jwt %s: '%s' given twice", j.Issuer, sub)
+			return nil, d.Errf("jwt %s: '%s' given twice", j.Issuer, sub)
 		}
 		seen[sub] = true
 		var err error
 		switch sub {
 		case "audience":
 			if j.Audience = d.RemainingArgs(); len(j.Audience) == 0 {
-				return d.Errf("jwt %s: audience needs at least one value", j.Issuer)
+				return nil, d.Errf("jwt %s: audience needs at least one value", j.Issuer)
 			}
 		case "jwks_url":
 			j.JWKSURL, err = singleArg(d)
@@ -436,30 +448,29 @@ func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
 		case "leeway":
 			j.Leeway, err = durationArg(d, "30s")
 		default:
-			return d.Errf("unknown jwt subdirective '%s'", sub)
+			return nil, d.Errf("unknown jwt subdirective '%s'", sub)
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if len(j.Audience) == 0 {
-		return d.Errf("jwt %s: audience is required", j.Issuer)
+		return nil, d.Errf("jwt %s: audience is required", j.Issuer)
 	}
-	h.JWT = append(h.JWT, j)
-	return nil
+	return j, nil
 }
 
-// unmarshalAlerts reads `alerts { … }`.
-func (h *Handler) unmarshalAlerts(d *caddyfile.Dispenser) error {
+// parseAlerts reads `alerts { … }`.
+func parseAlerts(d *caddyfile.Dispenser) (*Alerts, error) {
 	if d.NextArg() {
-		return d.Errf("alerts takes a block, not '%s'", d.Val())
+		return nil, d.Errf("alerts takes a block, not '%s'", d.Val())
 	}
 	a := new(Alerts)
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
 		if seen[sub] {
-			return d.Errf("alerts: '%s' given twice", sub)
+			return nil, d.Errf("alerts: '%s' given twice", sub)
 		}
 		seen[sub] = true
 		var err error
@@ -471,30 +482,29 @@ func (h *Handler) unmarshalAlerts(d *caddyfile.Dispenser) error {
 		case "at":
 			args := d.RemainingArgs()
 			if len(args) == 0 {
-				return d.Err("alerts: at needs at least one threshold, such as 80%")
+				return nil, d.Err("alerts: at needs at least one threshold, such as 80%")
 			}
 			for _, arg := range args {
 				n, perr := strconv.Atoi(strings.TrimSuffix(arg, "%"))
 				if perr != nil || !strings.HasSuffix(arg, "%") || alerts.CheckThresholds([]int{n}) != nil {
-					return d.Errf("alerts: invalid threshold '%s': want a percentage from 1%% to 100%%, such as 80%%", arg)
+					return nil, d.Errf("alerts: invalid threshold '%s': want a percentage from 1%% to 100%%, such as 80%%", arg)
 				}
 				a.At = append(a.At, n)
 			}
 		default:
-			return d.Errf("unknown alerts subdirective '%s'", sub)
+			return nil, d.Errf("unknown alerts subdirective '%s'", sub)
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if a.Secret != "" && a.Webhook == "" {
-		return d.Err("alerts: secret needs a webhook")
+		return nil, d.Err("alerts: secret needs a webhook")
 	}
 	if a.Webhook != "" && a.Secret == "" {
-		return d.Err("alerts: webhook needs a secret (whsec_…), such as {env.VIGTHORIA_WEBHOOK_SECRET}")
+		return nil, d.Err("alerts: webhook needs a secret (whsec_…), such as {env.VIGTHORIA_WEBHOOK_SECRET}")
 	}
-	h.Alerts = a
-	return nil
+	return a, nil
 }
 
 // parseTierRate reads "<n>/<window> [burst <b>]".
@@ -621,23 +631,23 @@ func parseTierBuffered(args []string) (share, perCaller int64, err error) {
 // Interface guards
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
 
-// unmarshalDetached parses `detached <n>|off [per_caller <m>] [timeout <d>]`.
-func (h *Handler) unmarshalDetached(d *caddyfile.Dispenser) error {
+// parseDetached parses `detached <n>|off [per_caller <m>] [timeout <d>]`
+// into max_detached, max_detached_per_caller and detached_timeout.
+func parseDetached(d *caddyfile.Dispenser) (n *int, perCaller int, timeout caddy.Duration, err error) {
 	args := d.RemainingArgs()
-	shape := func() error {
-		return d.Errf("detached takes '<n>|off [per_caller <m>] [timeout <duration>]', got '%s'", strings.Join(args, " "))
+	shape := func() (*int, int, caddy.Duration, error) {
+		return nil, 0, 0, d.Errf("detached takes '<n>|off [per_caller <m>] [timeout <duration>]', got '%s'", strings.Join(args, " "))
 	}
 	if len(args)%2 != 1 {
 		return shape()
 	}
-	n, err := strconv.Atoi(args[0])
+	max, err := strconv.Atoi(args[0])
 	if args[0] == "off" {
-		n, err = 0, nil
+		max, err = 0, nil
 	}
-	if err != nil || n < 0 {
-		return d.Errf("invalid detached '%s': want 0 or more, or off", args[0])
+	if err != nil || max < 0 {
+		return nil, 0, 0, d.Errf("invalid detached '%s': want 0 or more, or off", args[0])
 	}
-	h.MaxDetached = &n
 	seen := make(map[string]bool, 2)
 	for i := 1; i < len(args); i += 2 {
 		name, value := args[i], args[i+1]
@@ -649,18 +659,39 @@ func (h *Handler) unmarshalDetached(d *caddyfile.Dispenser) error {
 		case "per_caller":
 			m, err := strconv.Atoi(value)
 			if err != nil || m < 1 {
-				return d.Errf("invalid detached per_caller '%s': want 1 or more", value)
+				return nil, 0, 0, d.Errf("invalid detached per_caller '%s': want 1 or more", value)
 			}
-			h.MaxDetachedPerCaller = m
+			perCaller = m
 		case "timeout":
-			timeout, err := caddy.ParseDuration(value)
-			if err != nil || timeout <= 0 {
-				return d.Errf("invalid detached timeout '%s': want a positive duration such as 10m", value)
+			t, err := caddy.ParseDuration(value)
+			if err != nil || t <= 0 {
+				return nil, 0, 0, d.Errf("invalid detached timeout '%s': want a positive duration such as 10m", value)
 			}
-			h.DetachedTimeout = caddy.Duration(timeout)
+			timeout = caddy.Duration(t)
 		default:
 			return shape()
 		}
 	}
-	return nil
+	return &max, perCaller, timeout, nil
+}
+
+// parseSource reads `source <name> …` into the identity source module of
+// that name, which parses the rest itself, and adds it to sources.
+func parseSource(d *caddyfile.Dispenser, sources caddy.ModuleMap) (caddy.ModuleMap, error) {
+	if !d.NextArg() {
+		return nil, d.Err("source needs a name: source <name> …")
+	}
+	name := d.Val()
+	if _, dup := sources[name]; dup {
+		return nil, d.Errf("source %s given twice", name)
+	}
+	mod, err := caddyfile.UnmarshalModule(d, caller.Namespace+"."+name)
+	if err != nil {
+		return nil, err
+	}
+	if sources == nil {
+		sources = make(caddy.ModuleMap)
+	}
+	sources[name] = caddyconfig.JSON(mod, nil)
+	return sources, nil
 }

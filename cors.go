@@ -59,14 +59,6 @@ func jsonContentType(h http.Header) bool {
 	return false
 }
 
-// ambient reports whether a caller was identified by what a browser sends
-// by itself to any site that asks: cookies or credentials behind an
-// identity placeholder, or its address when anonymous. Keys and tokens
-// come as Authorization: Bearer, which only a script sets.
-func ambient(clientID string) bool {
-	return strings.HasPrefix(clientID, identityPrefix) || strings.HasPrefix(clientID, anonymousPrefix)
-}
-
 // crossSite reports whether r comes from a web page of an origin other
 // than the site's own and those of cors: its Origin (its host and port
 // against the request's Host, whatever the scheme, so that TLS ended in

@@ -9,6 +9,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/anonymous"
+	"github.com/vigthoria/caddy-vigthoria/caller/header"
 	"github.com/vigthoria/caddy-vigthoria/dashboard"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -150,9 +152,9 @@ func (p handlerPolicy) Caller(client string) (string, bool) {
 				return j.Tier, false
 			}
 		}
-	case strings.HasPrefix(client, identityPrefix):
+	case strings.HasPrefix(client, header.Prefix):
 		return p.h.identityTier, false
-	case strings.HasPrefix(client, anonymousPrefix):
+	case strings.HasPrefix(client, anonymous.Prefix):
 		return p.h.Anonymous, false
 	}
 	return "", false

@@ -1,7 +1,6 @@
 package vigthoria
 
 import (
-	"errors"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -15,18 +14,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/caller"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
-	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
-)
-
-// Identities that do not come from a key are named with a prefix, so that
-// they can never collide with a key ID (key_…) in limits and usage.
-const (
-	identityPrefix  = "user:"
-	anonymousPrefix = "ip:"
-	maxIdentityLen  = 128
 )
 
 // errInvalidKey is the one answer to every failed authentication: missing,
@@ -48,13 +36,6 @@ var errKeyInQuery = &api.Error{
 	Message: "API keys are not accepted in the URL, where logs and browser histories keep them. Send your client key as: Authorization: Bearer <key>.",
 }
 
-var errIdentityTooLong = &api.Error{
-	Status:  http.StatusBadRequest,
-	Type:    api.TypeInvalidRequest,
-	Code:    "identity_too_long",
-	Message: "The identity your authentication gave is longer than the " + strconv.Itoa(maxIdentityLen) + " characters this proxy accepts.",
-}
-
 var errTierNotConfigured = &api.Error{
 	Status:  http.StatusForbidden,
 	Type:    "permission_error",
@@ -73,10 +54,11 @@ func errTooManyFailures(wait time.Duration) *api.Error {
 	}
 }
 
-// identify finds who is calling: an identity set by an earlier Caddy auth
-// handler, else a client key or a JWT of a configured issuer, else, when
-// allowed, the anonymous tier by client address. It sets the placeholders
-// and the access log's user_id.
+// identify finds who is calling, asking the identity sources in order:
+// an identity set by an earlier Caddy auth handler, a client key, a JWT
+// of a configured issuer or minted here, then the sources configured
+// under "sources" (the anonymous tier among them). It sets the
+// placeholders and the access log's user_id.
 //
 // The failed-authentication throttle only ever refuses failed attempts: a
 // valid key, an identity or an anonymous caller from a throttled address
@@ -86,53 +68,23 @@ func errTooManyFailures(wait time.Duration) *api.Error {
 // costs a hash and a lookup too, and one signature check (tens of
 // microseconds) when it names a configured issuer and a published key
 // and was not seen before.
-func (h *Handler) identify(r *http.Request, now time.Time) (caller.Client, *policy.Tier, *api.Error) {
-	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+func (h *Handler) identify(r *http.Request, now time.Time) (caller.Client, *policy.Tier, caller.Verdict, *api.Error) {
 	if keyInQuery(r.URL.RawQuery) {
-		return caller.Client{}, nil, errKeyInQuery
+		return caller.Client{}, nil, caller.Refused, errKeyInQuery
 	}
-	if h.Identity != "" {
-		// ReplaceAll: an auth handler that let the request through
-		// without a user leaves its placeholder unknown, which must
-		// name nobody, not one user "{http.auth.user.id}".
-		if id := repl.ReplaceAll(h.Identity, ""); id != "" {
-			if len(id) > maxIdentityLen {
-				// Never another caller's limits: not anonymous, not a key's.
-				return caller.Client{}, nil, errIdentityTooLong
-			}
-			tier := h.identityTier
-			if h.IdentityTier != "" && strings.Contains(h.IdentityTier, "{") {
-				tier = repl.ReplaceKnown(h.IdentityTier, "")
-			}
-			c := caller.Client{ID: identityPrefix + id, Name: id, Tier: tier}
-			return h.admitTier(c, repl, false)
-		}
-	}
-
 	addr := h.clientAddr(r)
-	values := r.Header["Authorization"]
-	if len(values) == 0 && h.Anonymous != "" {
-		c := caller.Client{ID: anonymousPrefix + limiter.AddrBucket(addr).String(), Tier: h.Anonymous}
-		return h.admitTier(c, repl, true)
-	}
-	secret, ok := clientkey.FromAuthorization(values)
-	failed := true
-	if ok {
-		var c caller.Client
-		if !clientkey.Valid(secret) {
-			var err error
-			c, err = h.tokens.Verify(r.Context(), secret, now)
-			// A token whose issuer's keys could not be fetched since it
-			// came may be valid: refused, but not the caller's failure.
-			ok, failed = err == nil, !errors.Is(err, keystore.ErrKeysUnavailable)
-		} else {
-			c, ok = h.keys.Identify(secret, now)
+	c, v, e := h.sources.Identify(caller.Request{HTTP: r, Addr: addr, Now: now})
+	switch v {
+	case caller.Refused:
+		if e == nil {
+			e = h.refuseAuth(addr, now, true)
 		}
-		if ok {
-			return h.admitTier(c, repl, true)
-		}
+		return c, nil, v, e
+	case caller.Unverifiable:
+		return c, nil, v, h.refuseAuth(addr, now, false)
 	}
-	return caller.Client{}, nil, h.refuseAuth(addr, now, failed)
+	c, tier, e := h.admitTier(c, r, v != caller.FoundIdentity)
+	return c, tier, v, e
 }
 
 // refuseAuth is the answer to a refused credential from addr: the one
@@ -154,7 +106,7 @@ func (h *Handler) refuseAuth(addr netip.Addr, now time.Time, failed bool) *api.E
 // decided by: its tier with its key's own settings over it, or for the
 // user of a minted token, its token's tier narrowed by the minting key's
 // (see policy.Narrow).
-func (h *Handler) admitTier(c caller.Client, repl *caddy.Replacer, setUser bool) (caller.Client, *policy.Tier, *api.Error) {
+func (h *Handler) admitTier(c caller.Client, r *http.Request, setUser bool) (caller.Client, *policy.Tier, *api.Error) {
 	tier := h.policy.TierFor(c.Tier, c.Settings)
 	if tier != nil && c.Minted != nil {
 		// The minting key's tier and settings, read on every request, so
@@ -169,7 +121,7 @@ func (h *Handler) admitTier(c caller.Client, repl *caddy.Replacer, setUser bool)
 		return c, nil, errTierNotConfigured
 	}
 	vars := &clientVars{client: c, user: setUser}
-	repl.Map(vars.replace)
+	r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).Map(vars.replace)
 	return c, tier, nil
 }
 
@@ -252,7 +204,7 @@ func (h *Handler) checkChosenAddr(r *http.Request) {
 		return
 	}
 	uses := "the failed-authentication throttle"
-	if h.Anonymous != "" {
+	if h.anonymousTier != "" {
 		uses = "the anonymous tier's limits, " + uses
 	}
 	headers := strings.Join(srv.ClientIPHeaders, ", ")

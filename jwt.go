@@ -191,7 +191,7 @@ func (j *JWTIssuer) caller(claims map[string]any, tiers map[string]*policy.Tier)
 		return caller.Client{}, false // anyone may put anyone's address on an account
 	}
 	id := jwtPrefix + j.host + ":" + user
-	if len(id) > maxIdentityLen {
+	if len(id) > caller.MaxIDLen {
 		return caller.Client{}, false // never cut: two users would share one ID
 	}
 	tier := j.Tier

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -17,7 +18,7 @@ func TestJWTCaller(t *testing.T) {
 	claimOnly := &JWTIssuer{UserClaim: "email", TierClaim: "plan", host: "auth.example.com"}
 	byPhone := &JWTIssuer{UserClaim: "phone_number", Tier: "free", host: "auth.example.com"}
 	byName := &JWTIssuer{UserClaim: "preferred_username", Tier: "free", host: "auth.example.com"}
-	longest := strings.Repeat("u", maxIdentityLen-len("jwt:auth.example.com:"))
+	longest := strings.Repeat("u", caller.MaxIDLen-len("jwt:auth.example.com:"))
 	for _, tc := range []struct {
 		name     string
 		issuer   *JWTIssuer

@@ -36,9 +36,9 @@ const (
 	// Bounds of what a token request may hold.
 	maxMintBody = 16 << 10
 	// maxMintUser is the most bytes of a token's user: the longest whose
-	// caller ID, mint:<key ID>:<user>, is within maxIdentityLen, so that
+	// caller ID, mint:<key ID>:<user>, is within caller.MaxIDLen, so that
 	// a token minted is a token that works.
-	maxMintUser   = maxIdentityLen - len(mintPrefix) - keystore.IDLen - len(":")
+	maxMintUser   = caller.MaxIDLen - len(mintPrefix) - keystore.IDLen - len(":")
 	maxMintModels = 16
 )
 
@@ -292,7 +292,7 @@ func (h *Handler) mintedCaller(claims map[string]any) (caller.Client, bool) {
 		return caller.Client{}, false
 	}
 	id := mintPrefix + keyID + ":" + user
-	if len(id) > maxIdentityLen {
+	if len(id) > caller.MaxIDLen {
 		return caller.Client{}, false
 	}
 	return caller.Client{ID: id, Name: user, Tier: tier,

@@ -20,6 +20,8 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/alerts"
+	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/caller/header"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
@@ -204,8 +206,15 @@ type Handler struct {
 	MaxTokenTTL caddy.Duration `json:"max_token_ttl,omitempty"`
 
 	// The tier of callers without any credentials, who are then told apart
-	// by client address (IPv6 by /64). Default: none, such callers get 401.
+	// by client address (IPv6 by /64): the same as the source anonymous
+	// with this tier. Default: none, such callers get 401.
 	Anonymous string `json:"anonymous,omitempty"`
+
+	// More identity sources, by name: Caddy modules of the namespace
+	// http.handlers.vigthoria.sources, each naming callers from a kind
+	// of credential. They are asked, in the order of their names, after
+	// identity, client keys and JWTs. Default: none.
+	SourcesRaw caddy.ModuleMap `json:"sources,omitempty" caddy:"namespace=http.handlers.vigthoria.sources"`
 
 	// Failed authentications allowed per client address within
 	// auth_fail_window; then that address gets 429 until the window ends,
@@ -321,23 +330,26 @@ type Handler struct {
 	// events at 80% and 100%.
 	Alerts *Alerts `json:"alerts,omitempty"`
 
-	upstream     *proxy.Upstream
-	bodyLimits   proxy.BodyLimits
-	limiter      limiter.Limiter
-	keys         *keystore.Service
-	tokens       *keystore.TokenVerifier
-	storeSpec    string // the key of keys in keyServices
-	limiterKey   string // the key of limiter in limiters
-	identityTier string // IdentityTier when it is a literal
-	authFailures *limiter.FailureThrottle
-	startOnce    sync.Once
-	startErr     error
-	active       atomic.Int64 // admitted requests not yet settled
-	addrChecked  atomic.Bool  // whether callers may choose their address was checked (checkChosenAddr)
-	logger       *zap.Logger
-	accessLog    *zap.Logger // Caddy's access logger, for the lines written in place of its own (accessLine)
-	notifier     *alerts.Notifier
-	alertSender  string // the key of the webhook's sender in alertSenders; "" for none
+	upstream      *proxy.Upstream
+	bodyLimits    proxy.BodyLimits
+	limiter       limiter.Limiter
+	keys          *keystore.Service
+	tokens        *keystore.TokenVerifier
+	storeSpec     string // the key of keys in keyServices
+	limiterKey    string // the key of limiter in limiters
+	identityTier  string // IdentityTier when it is a literal
+	sources       caller.Sources
+	moreSources   []caller.Source // SourcesRaw's and anonymous's, in order
+	anonymousTier string          // the anonymous source's tier; "" for none
+	authFailures  *limiter.FailureThrottle
+	startOnce     sync.Once
+	startErr      error
+	active        atomic.Int64 // admitted requests not yet settled
+	addrChecked   atomic.Bool  // whether callers may choose their address was checked (checkChosenAddr)
+	logger        *zap.Logger
+	accessLog     *zap.Logger // Caddy's access logger, for the lines written in place of its own (accessLine)
+	notifier      *alerts.Notifier
+	alertSender   string // the key of the webhook's sender in alertSenders; "" for none
 
 	policy     *policy.Policy
 	admitter   *admission.Admitter
@@ -418,10 +430,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Unpriced == "" {
 		h.Unpriced = policy.UnpricedRefuse
 	}
+	if err := h.loadSources(ctx); err != nil {
+		return err
+	}
 	var err error
 	h.policy, err = policy.New(policy.Config{
 		Tiers: h.Tiers, Prices: h.Prices, Currency: h.Currency, Unpriced: h.Unpriced,
-		DefaultMaxTokens: h.DefaultMaxTokens, CapField: h.CapField, Anonymous: h.Anonymous,
+		DefaultMaxTokens: h.DefaultMaxTokens, CapField: h.CapField, Anonymous: h.anonymousTier,
 		MaxBody: h.MaxBody, MaxBuffered: h.MaxBuffered, Logger: h.logger,
 	})
 	if err != nil {
@@ -469,6 +484,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
 		return err
 	}
+	// The identity sources, in the order they are asked.
+	if h.Identity != "" {
+		h.sources = append(h.sources, &header.Source{Identity: h.Identity, Tier: h.identityTier})
+	}
+	h.sources = append(h.sources, h.keys.Source(), h.tokens)
+	h.sources = append(h.sources, h.moreSources...)
 	if err := h.provisionAlerts(ctx); err != nil {
 		return err
 	}
@@ -643,8 +664,8 @@ func (h *Handler) Validate() error {
 	if h.IdleTimeout < 0 {
 		return fmt.Errorf("idle_timeout must be positive, not %s", time.Duration(h.IdleTimeout))
 	}
-	if h.Anonymous != "" && h.Tiers[h.Anonymous] == nil {
-		return fmt.Errorf("anonymous tier '%s' is not configured", h.Anonymous)
+	if h.anonymousTier != "" && h.Tiers[h.anonymousTier] == nil {
+		return fmt.Errorf("anonymous tier '%s' is not configured", h.anonymousTier)
 	}
 	if h.Identity != "" {
 		switch {

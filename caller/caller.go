@@ -34,4 +34,3 @@ type Minted struct {
 	// caches of the policies it narrows; "" for none.
 	ModelsKey string
 }
-

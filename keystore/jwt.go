@@ -10,7 +10,9 @@ import (
 
 	"github.com/golang-jwt/jwt/v5"
 	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -222,4 +224,22 @@ func hashToken(token string) store.Hash {
 	var buf [MaxTokenSize]byte
 	n := copy(buf[:], token)
 	return sha256.Sum256(buf[:n])
+}
+
+// Identify makes the verifier the identity source of bearer JWTs: any
+// bearer credential not shaped like a client key is verified as one.
+func (v *TokenVerifier) Identify(q caller.Request) (caller.Client, caller.Verdict, *api.Error) {
+	token, ok := q.Bearer()
+	if !ok || clientkey.Valid(token) {
+		return caller.Client{}, caller.Pass, nil
+	}
+	c, err := v.Verify(q.HTTP.Context(), token, q.Now)
+	switch {
+	case err == nil:
+		return c, caller.Found, nil
+	case errors.Is(err, ErrKeysUnavailable):
+		// It may be valid: refused, but not the caller's failure.
+		return caller.Client{}, caller.Unverifiable, nil
+	}
+	return caller.Client{}, caller.Refused, nil
 }

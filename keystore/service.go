@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
@@ -441,4 +442,22 @@ func (s *Service) logSkipped(ids []string) {
 		s.logger.Error("keys left out of the index: an ID over 255 bytes, or too many tiers",
 			zap.Strings("ids", ids))
 	}
+}
+
+// Source is the service as the identity source of client keys.
+func (s *Service) Source() caller.Source { return keySource{s} }
+
+// keySource names the caller of a bearer credential shaped like a client
+// key (vgt_…): its key, if live.
+type keySource struct{ s *Service }
+
+func (k keySource) Identify(q caller.Request) (caller.Client, caller.Verdict, *api.Error) {
+	secret, ok := q.Bearer()
+	if !ok || !clientkey.Valid(secret) {
+		return caller.Client{}, caller.Pass, nil
+	}
+	if c, ok := k.s.Identify(secret, q.Now); ok {
+		return c, caller.Found, nil
+	}
+	return caller.Client{}, caller.Refused, nil
 }

@@ -422,17 +422,38 @@ func TestCallerPlaceholders(t *testing.T) {
 	wantNowhere(t, []string{secret}, c.LogPath)
 }
 
+// TestAnonymousTier: a caller without credentials gets the anonymous
+// tier, by the handler's option or the registered source of the same
+// name, which are one source; giving both is a config error.
 func TestAnonymousTier(t *testing.T) {
-	k := start(t, "anonymous free")
-	if s, body := k.chatStatus(t); s != http.StatusOK {
-		t.Fatalf("keyless caller: status %d (%s), want 200", s, body)
+	for _, option := range []string{"anonymous free", "source anonymous free"} {
+		t.Run(option, func(t *testing.T) {
+			k := start(t, option)
+			if s, body := k.chatStatus(t); s != http.StatusOK {
+				t.Fatalf("keyless caller: status %d (%s), want 200", s, body)
+			}
+			// A wrong key is still a failure, not a free pass.
+			if s, _ := k.chatStatus(t, "Bearer vgt_nope"); s != http.StatusUnauthorized {
+				t.Errorf("wrong key with anonymous on: status %d, want 401", s)
+			}
+			if !k.caddy.WaitLog(t, `"user_id":"ip:127.0.0.1"`) {
+				t.Error("the access log does not name the anonymous caller by address")
+			}
+		})
 	}
-	// A wrong key is still a failure, not a free pass.
-	if s, _ := k.chatStatus(t, "Bearer vgt_nope"); s != http.StatusUnauthorized {
-		t.Errorf("wrong key with anonymous on: status %d, want 401", s)
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	cfg, err := harness.Adapt("{\n\tadmin off\n}\n\nhttp://127.0.0.1:1 {\n" +
+		vigthoriaBlock("http://127.0.0.1:1/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+filepath.Join(t.TempDir(), "keys.db"),
+			"tier free", "tier pro", "anonymous free", "source anonymous pro") + "\n}\n")
+	if err != nil {
+		t.Fatal(err)
 	}
-	if !k.caddy.WaitLog(t, `"user_id":"ip:127.0.0.1"`) {
-		t.Error("the access log does not name the anonymous caller by address")
+	var c caddy.Config
+	if err := json.Unmarshal(cfg, &c); err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Validate(&c); err == nil || !strings.Contains(err.Error(), "anonymous callers are given a tier twice") {
+		t.Errorf("anonymous option and source both: %v, want a config error", err)
 	}
 }
 
