@@ -71,11 +71,14 @@ func peakRSS(t *testing.T, pid int) int64 {
 
 // TestSlowBodiesBoundMemory opens 1,000 connections that announce 10 MB
 // bodies and send one byte each, as anonymous callers, against Caddy in a
-// process of its own: its peak memory grows by less than 200 MB over
-// what it held idle (about 35 MB without the race detector, which
-// inflates it several times; unbounded, it would be 10 GB), and a caller
-// with a key is still served. The growth, not the peak: what the process
-// holds idle varies by tens of MB from run to run.
+// process of its own: its peak memory grows by less than 100 MB over
+// what it held idle (about 37 MB measured; unbounded, it would be 10 GB),
+// and a caller with a key is still served. The growth, not the peak: what
+// the process holds idle varies by tens of MB from run to run. Under the
+// race detector the bound is 250 MB: it keeps bookkeeping of twice the
+// size of each of the 1,000 waiting goroutines' stacks, about 180 MB in
+// all, and 32 MB more each time the request path passes a stack size
+// (16 KB, 32 KB).
 func TestSlowBodiesBoundMemory(t *testing.T) {
 	up := standin.New(standin.Options{APIKey: serverKey})
 	srv := httptest.NewServer(up)
@@ -111,8 +114,12 @@ func TestSlowBodiesBoundMemory(t *testing.T) {
 	}
 	peak := peakRSS(t, c.Pid)
 	t.Logf("peak RSS: %d MB before, %d MB with %d slow bodies open", before>>20, peak>>20, len(open))
-	if peak-before > 200<<20 {
-		t.Errorf("peak RSS grew by %d MB with %d slow 10 MB bodies, want under 200 MB", (peak-before)>>20, conns)
+	bound := int64(100 << 20)
+	if raceBuild {
+		bound = 250 << 20
+	}
+	if peak-before > bound {
+		t.Errorf("peak RSS grew by %d MB with %d slow 10 MB bodies, want under %d MB", (peak-before)>>20, conns, bound>>20)
 	}
 }
 
