@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
+	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -63,17 +64,19 @@ func FuzzTokenRequest(f *testing.F) {
 	h := &Handler{MaxTokenTTL: caddy.Duration(time.Hour), Tiers: map[string]*policy.Tier{"free": {}, "basic": {}, "pro": {}},
 		bodyLimits: proxy.BodyLimits{MaxBuffered: 1 << 20}}
 	mint := []string{"free", "basic", "gold"}
-	r := httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(`{"user":"u","tier":"free"}`))
-	if req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r, proxy.Holder{}); apiErr != nil || req.User != "u" {
+	read := func(body string) (tokenRequest, *api.Error) {
+		x := exchange{h: h, w: httptest.NewRecorder(), r: httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(body))}
+		return x.readTokenRequest(proxy.Holder{})
+	}
+	if req, apiErr := read(`{"user":"u","tier":"free"}`); apiErr != nil || req.User != "u" {
 		f.Fatalf("a good token request reads as %+v, %v", req, apiErr)
 	}
 	f.Fuzz(func(t *testing.T, body string) {
-		r := httptest.NewRequest(http.MethodPost, "/vigthoria/tokens", strings.NewReader(body))
-		req, apiErr := h.readTokenRequest(httptest.NewRecorder(), r, proxy.Holder{})
+		req, apiErr := read(body)
 		if apiErr != nil {
 			return
 		}
-		tr, apiErr := h.checkTokenRequest(req, mint)
+		tr, apiErr := (&exchange{h: h}).checkTokenRequest(req, mint)
 		if apiErr != nil {
 			if apiErr.Status != http.StatusBadRequest && apiErr.Status != http.StatusForbidden {
 				t.Errorf("refused with %d, want 400 or 403", apiErr.Status)

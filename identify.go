@@ -68,22 +68,22 @@ func errTooManyFailures(wait time.Duration) *api.Error {
 // costs a hash and a lookup too, and one signature check (tens of
 // microseconds) when it names a configured issuer and a published key
 // and was not seen before.
-func (h *Handler) identify(r *http.Request, now time.Time) (caller.Client, *policy.Tier, caller.Verdict, *api.Error) {
-	if keyInQuery(r.URL.RawQuery) {
+func (x *exchange) identify() (caller.Client, *policy.Tier, caller.Verdict, *api.Error) {
+	if keyInQuery(x.r.URL.RawQuery) {
 		return caller.Client{}, nil, caller.Refused, errKeyInQuery
 	}
-	addr := h.clientAddr(r)
-	c, v, e := h.sources.Identify(caller.Request{HTTP: r, Addr: addr, Now: now})
+	addr := x.clientAddr()
+	c, v, e := x.h.sources.Identify(caller.Request{HTTP: x.r, Addr: addr, Now: x.now})
 	switch v {
 	case caller.Refused:
 		if e == nil {
-			e = h.refuseAuth(addr, now, true)
+			e = x.h.refuseAuth(addr, x.now, true)
 		}
 		return c, nil, v, e
 	case caller.Unverifiable:
-		return c, nil, v, h.refuseAuth(addr, now, false)
+		return c, nil, v, x.h.refuseAuth(addr, x.now, false)
 	}
-	c, tier, e := h.admitTier(c, r, v != caller.FoundIdentity)
+	c, tier, e := x.admitTier(c, v != caller.FoundIdentity)
 	return c, tier, v, e
 }
 
@@ -106,7 +106,8 @@ func (h *Handler) refuseAuth(addr netip.Addr, now time.Time, failed bool) *api.E
 // decided by: its tier with its key's own settings over it, or for the
 // user of a minted token, its token's tier narrowed by the minting key's
 // (see policy.Narrow).
-func (h *Handler) admitTier(c caller.Client, r *http.Request, setUser bool) (caller.Client, *policy.Tier, *api.Error) {
+func (x *exchange) admitTier(c caller.Client, setUser bool) (caller.Client, *policy.Tier, *api.Error) {
+	h := x.h
 	tier := h.policy.TierFor(c.Tier, c.Settings)
 	if tier != nil && c.Minted != nil {
 		// The minting key's tier and settings, read on every request, so
@@ -121,7 +122,7 @@ func (h *Handler) admitTier(c caller.Client, r *http.Request, setUser bool) (cal
 		return c, nil, errTierNotConfigured
 	}
 	vars := &clientVars{client: c, user: setUser}
-	r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).Map(vars.replace)
+	x.r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).Map(vars.replace)
 	return c, tier, nil
 }
 
@@ -175,10 +176,11 @@ func keyInQuery(rawQuery string) bool {
 // clientAddr is the caller's address as Caddy determined it, honouring
 // the server's trusted_proxies; the anonymous tier and the failed-auth
 // throttle count by it.
-func (h *Handler) clientAddr(r *http.Request) netip.Addr {
+func (x *exchange) clientAddr() netip.Addr {
+	r := x.r
 	vars, _ := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any)
-	if !h.addrChecked.Load() && vars[caddyhttp.TrustedProxyVarKey] == true {
-		h.checkChosenAddr(r)
+	if !x.h.addrChecked.Load() && vars[caddyhttp.TrustedProxyVarKey] == true {
+		x.checkChosenAddr()
 	}
 	if s, ok := vars[caddyhttp.ClientIPVarKey].(string); ok {
 		if a, err := netip.ParseAddr(s); err == nil {
@@ -198,8 +200,9 @@ func (h *Handler) clientAddr(r *http.Request) netip.Addr {
 // and failed authentications are counted by. Whether a server has
 // trusted_proxies is not exported by Caddy; the first request that came
 // through one shows it.
-func (h *Handler) checkChosenAddr(r *http.Request) {
-	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+func (x *exchange) checkChosenAddr() {
+	h := x.h
+	srv, ok := x.r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	if !ok || !h.addrChecked.CompareAndSwap(false, true) || srv.TrustedProxiesStrict > 0 {
 		return
 	}

@@ -234,7 +234,7 @@ func notPrintable(r rune) bool { return !unicode.IsGraphic(r) }
 // and of the tokens the proxy mints.
 func (h *Handler) provisionJWT(logger *zap.Logger) error {
 	issuers := make([]*keystore.TokenIssuer, 0, len(h.JWT)+1)
-	issuers = append(issuers, h.mintedIssuer())
+	issuers = append(issuers, mintedUsers{keys: h.keys, tiers: h.Tiers, maxTTL: time.Duration(h.MaxTokenTTL)}.issuer())
 	for _, j := range h.JWT {
 		if j == nil {
 			return errors.New("jwt: null issuer")

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
+	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
@@ -210,19 +211,19 @@ func (h *Handler) modelLabel(model string) string {
 
 // configuredModels are the model names the tiers and prices write out:
 // a glob matches names, it names none.
-func (h *Handler) configuredModels() map[string]struct{} {
+func configuredModels(tiers map[string]*policy.Tier, prices []*policy.Price) map[string]struct{} {
 	names := make(map[string]struct{})
 	add := func(glob string) {
 		if !strings.ContainsAny(glob, `*?[\`) {
 			names[glob] = struct{}{}
 		}
 	}
-	for _, t := range h.Tiers {
+	for _, t := range tiers {
 		for _, g := range t.Models {
 			add(g)
 		}
 	}
-	for _, p := range h.Prices {
+	for _, p := range prices {
 		add(p.Model)
 	}
 	return names

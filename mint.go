@@ -127,7 +127,7 @@ func (x *exchange) serveTokens() error {
 		client, ok = h.keys.Identify(secret, now)
 	}
 	if !ok {
-		return x.refuse(h.refuseAuth(h.clientAddr(r), now, true))
+		return x.refuse(h.refuseAuth(x.clientAddr(), now, true))
 	}
 	keyTier, mint, may := h.keys.Minter(client.ID, now)
 	tier := h.policy.TierFor(keyTier, client.Settings)
@@ -149,11 +149,11 @@ func (x *exchange) serveTokens() error {
 	}
 	h.admitter.Settle(r.Context(), &a, ledger.Tokens{})
 
-	req, apiErr := h.readTokenRequest(w, r, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
+	req, apiErr := x.readTokenRequest(proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
 	if apiErr != nil {
 		return x.refuseClient(apiErr)
 	}
-	tr, apiErr := h.checkTokenRequest(req, mint)
+	tr, apiErr := x.checkTokenRequest(req, mint)
 	if apiErr != nil {
 		return x.refuseClient(apiErr)
 	}
@@ -175,7 +175,8 @@ func (x *exchange) serveTokens() error {
 // readTokenRequest reads the body of a token request: one JSON object
 // of known fields, within the handler's body timeout and a small size,
 // counted against who.
-func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who proxy.Holder) (tokenRequest, *api.Error) {
+func (x *exchange) readTokenRequest(who proxy.Holder) (tokenRequest, *api.Error) {
+	h, w, r := x.h, x.w, x.r
 	var req tokenRequest
 	lim := h.bodyLimits
 	lim.Size = maxMintBody
@@ -191,7 +192,8 @@ func (h *Handler) readTokenRequest(w http.ResponseWriter, r *http.Request, who p
 }
 
 // checkTokenRequest checks what a key asks to mint against what it may.
-func (h *Handler) checkTokenRequest(req tokenRequest, mint []string) (keystore.TokenRequest, *api.Error) {
+func (x *exchange) checkTokenRequest(req tokenRequest, mint []string) (keystore.TokenRequest, *api.Error) {
+	h := x.h
 	tr := keystore.TokenRequest{User: req.User, Tier: req.Tier, Models: req.Models, TTL: defaultTokenTTL}
 	if !validMintUser(req.User) {
 		return tr, errMintRequest("user must be 1 to " + strconv.Itoa(maxMintUser) + " bytes of printable UTF-8 naming the signed-in user, such as its ID.")
@@ -255,24 +257,31 @@ func (x *exchange) serveJWKS() error {
 	return err
 }
 
-// mintedIssuer verifies the tokens minted by any instance sharing the
-// store: signed by a signing key in the store, for a user of a key that
-// is still live and may still mint the token's tier.
-func (h *Handler) mintedIssuer() *keystore.TokenIssuer {
+// mintedUsers are the users of the tokens minted by any instance sharing
+// the store: signed by a signing key in the store, for a user of a key
+// that is still live and may still mint the token's tier.
+type mintedUsers struct {
+	keys   *keystore.Service
+	tiers  map[string]*policy.Tier
+	maxTTL time.Duration // max_token_ttl
+}
+
+// issuer verifies minted tokens.
+func (u mintedUsers) issuer() *keystore.TokenIssuer {
 	return &keystore.TokenIssuer{
 		Issuer:   keystore.MintIssuer,
 		Audience: []string{keystore.MintAudience},
 		Leeway:   DefaultJWTLeeway,
-		Keys:     h.keys.MintKeys(time.Duration(h.MaxTokenTTL)),
-		Caller:   h.mintedCaller,
-		Still:    h.stillMinted,
+		Keys:     u.keys.MintKeys(u.maxTTL),
+		Caller:   u.caller,
+		Still:    u.still,
 	}
 }
 
-// mintedCaller names the user of a verified minted token.
-func (h *Handler) mintedCaller(claims map[string]any) (caller.Client, bool) {
+// caller names the user of a verified minted token.
+func (u mintedUsers) caller(claims map[string]any) (caller.Client, bool) {
 	user, tier, keyID, models, ok := keystore.ParseMintedClaims(claims)
-	if !ok || !validMintUser(user) || h.Tiers[tier] == nil || len(models) > maxMintModels {
+	if !ok || !validMintUser(user) || u.tiers[tier] == nil || len(models) > maxMintModels {
 		return caller.Client{}, false
 	}
 	for _, m := range models {
@@ -284,11 +293,11 @@ func (h *Handler) mintedCaller(claims map[string]any) (caller.Client, bool) {
 	// key leaked.
 	iat, _ := claims["iat"].(float64)
 	exp, _ := claims["exp"].(float64)
-	if iat <= 0 || exp-iat > (time.Duration(h.MaxTokenTTL)+DefaultJWTLeeway).Seconds() {
+	if iat <= 0 || exp-iat > (u.maxTTL+DefaultJWTLeeway).Seconds() {
 		return caller.Client{}, false
 	}
-	keyTier, mint, live := h.keys.Minter(keyID, time.Now())
-	if !live || !slices.Contains(mint, tier) || h.Tiers[keyTier] == nil {
+	keyTier, mint, live := u.keys.Minter(keyID, time.Now())
+	if !live || !slices.Contains(mint, tier) || u.tiers[keyTier] == nil {
 		return caller.Client{}, false
 	}
 	id := mintPrefix + keyID + ":" + user
@@ -299,10 +308,9 @@ func (h *Handler) mintedCaller(claims map[string]any) (caller.Client, bool) {
 		Minted: &caller.Minted{KeyID: keyID, KeyTier: keyTier, Models: models, ModelsKey: proxy.FilterKey(models)}}, true
 }
 
-// stillMinted reports whether the key that minted a remembered token is
-// still live and may still mint its tier: revoking it ends its tokens at
-// once.
-func (h *Handler) stillMinted(c caller.Client, now time.Time) bool {
-	_, mint, live := h.keys.Minter(c.Minted.KeyID, now)
+// still reports whether the key that minted a remembered token is still
+// live and may still mint its tier: revoking it ends its tokens at once.
+func (u mintedUsers) still(c caller.Client, now time.Time) bool {
+	_, mint, live := u.keys.Minter(c.Minted.KeyID, now)
 	return live && slices.Contains(mint, c.Tier)
 }

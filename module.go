@@ -442,7 +442,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	h.modelNames = h.configuredModels()
+	h.modelNames = configuredModels(h.Tiers, h.Prices)
 
 	if h.AuthFailLimit == 0 {
 		h.AuthFailLimit = DefaultAuthFailLimit

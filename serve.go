@@ -80,7 +80,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 		h.logger.Error("the key store is unavailable", zap.Error(err))
 		return x.refuse(admission.ErrUnavailable)
 	}
-	client, tier, verdict, apiErr := h.identify(r, x.now)
+	client, tier, verdict, apiErr := x.identify()
 	if apiErr != nil {
 		if client.ID != "" { // known, but of a tier not configured
 			x.client, x.tier = client, h.tierLabel(client.Tier)

@@ -8,7 +8,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
-	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
@@ -133,7 +132,7 @@ func (x *exchange) serveUsage() error {
 			budget, err = h.limiter.State(r.Context(), admission.BudgetPrefix+client.ID, tier.BudgetLimits(), now)
 		}
 		if err == nil {
-			rep := h.reportUsage(client, tier, rows, state, budget, now)
+			rep := x.reportUsage(rows, state, budget)
 			limiter.SetHeaders(w.Header(), tier.Limits(), state, now)
 			w.Header().Set("Content-Type", "application/json")
 			w.Header().Set("Cache-Control", "no-store")
@@ -145,9 +144,10 @@ func (x *exchange) serveUsage() error {
 	return nil
 }
 
-// reportUsage is the report of a caller of tier from its ledger rows of
+// reportUsage is the report of the caller from its ledger rows of
 // this month, its state under its tier's limits and its budget's.
-func (h *Handler) reportUsage(client caller.Client, tier *policy.Tier, rows []store.UsageRow, state, budget limiter.State, now time.Time) usageReport {
+func (x *exchange) reportUsage(rows []store.UsageRow, state, budget limiter.State) usageReport {
+	h, client, tier, now := x.h, x.client, x.policy, x.now
 	monthStart := limiter.Month.Start(now)
 	rep := usageReport{
 		Object: "usage", ClientID: client.ID, Tier: client.Tier,
