@@ -40,10 +40,10 @@ test: test-deps
 ## built once and runs each of its targets, with the corpus where go test
 ## -fuzz keeps it.
 FUZZTIME ?= 2m
-LEAF_FUZZ_TARGETS := FuzzValid:./keystore/clientkey FuzzFromAuthorization:./keystore/clientkey \
+LEAF_FUZZ_TARGETS := FuzzValid:./caller/clientkey FuzzFromAuthorization:./caller/clientkey \
 	FuzzRequestEdits:./proxy/wire FuzzPolicedFields:./proxy/wire FuzzValidJSON:./proxy/wire FuzzParseUsage:./proxy/wire \
 	FuzzSSEBody:./proxy/wire
-FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzVerifyToken:./keystore FuzzMatchModel:./keystore \
+FUZZ_TARGETS := $(LEAF_FUZZ_TARGETS) FuzzVerifyToken:./caller/token FuzzMatchModel:./policy \
 	FuzzUnmarshalCaddyfile:. FuzzTokenRequest:.
 fuzz:
 	@set -e; bins=$$(mktemp -d); trap 'rm -rf "$$bins"' EXIT; cache=$$($(GO) env GOCACHE)/fuzz; \

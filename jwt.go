@@ -13,7 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/caller"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/token"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
@@ -78,7 +78,7 @@ type JWTIssuer struct {
 
 	host    string // of the issuer URL, in caller IDs
 	poolKey string // of its keys in remoteKeys
-	keys    *keystore.RemoteKeys
+	keys    *token.RemoteKeys
 }
 
 // provision sets the issuer's defaults and loads its key set, which is
@@ -104,7 +104,7 @@ func (j *JWTIssuer) provision(logger *zap.Logger) error {
 	j.host = strings.ToLower(u.Host)
 	j.poolKey = j.Issuer + " " + j.JWKSURL
 	keys, _, err := remoteKeys.LoadOrNew(j.poolKey, func() (caddy.Destructor, error) {
-		keys := keystore.NewRemoteKeys(j.Issuer, j.JWKSURL, logger)
+		keys := token.NewRemoteKeys(j.Issuer, j.JWKSURL, logger)
 		failures := metrics.keyFetchErrors.WithLabelValues(j.Issuer)
 		keys.OnFetchError = func(error) { failures.Inc() }
 		return keys, nil
@@ -112,20 +112,20 @@ func (j *JWTIssuer) provision(logger *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	j.keys = keys.(*keystore.RemoteKeys)
+	j.keys = keys.(*token.RemoteKeys)
 	return nil
 }
 
 // validate checks the issuer against the configured tiers.
 func (j *JWTIssuer) validate(tiers map[string]*policy.Tier) error {
-	if err := keystore.CheckProviderURL(j.Issuer); err != nil {
+	if err := token.CheckProviderURL(j.Issuer); err != nil {
 		return fmt.Errorf("jwt issuer: %v", err)
 	}
 	if strings.ContainsAny(j.Issuer, "?#") {
 		return fmt.Errorf("jwt issuer '%s': an issuer has no query or fragment", j.Issuer)
 	}
 	if j.JWKSURL != "" {
-		if err := keystore.CheckProviderURL(j.JWKSURL); err != nil {
+		if err := token.CheckProviderURL(j.JWKSURL); err != nil {
 			return fmt.Errorf("jwt %s: jwks_url: %v", j.Issuer, err)
 		}
 	}
@@ -171,8 +171,8 @@ func hostName(host string) string {
 }
 
 // tokenIssuer is the issuer as the token verifier needs it.
-func (j *JWTIssuer) tokenIssuer(tiers map[string]*policy.Tier) *keystore.TokenIssuer {
-	return &keystore.TokenIssuer{
+func (j *JWTIssuer) tokenIssuer(tiers map[string]*policy.Tier) *token.Issuer {
+	return &token.Issuer{
 		Issuer:   j.Issuer,
 		Audience: j.Audience,
 		Leeway:   time.Duration(j.Leeway),
@@ -233,7 +233,7 @@ func notPrintable(r rune) bool { return !unicode.IsGraphic(r) }
 // provisionJWT loads the jwt issuers and the verifier of their tokens
 // and of the tokens the proxy mints.
 func (h *Handler) provisionJWT(logger *zap.Logger) error {
-	issuers := make([]*keystore.TokenIssuer, 0, len(h.JWT)+1)
+	issuers := make([]*token.Issuer, 0, len(h.JWT)+1)
 	issuers = append(issuers, mintedUsers{keys: h.keys, tiers: h.Tiers, maxTTL: time.Duration(h.MaxTokenTTL)}.issuer())
 	for _, j := range h.JWT {
 		if j == nil {
@@ -245,7 +245,7 @@ func (h *Handler) provisionJWT(logger *zap.Logger) error {
 		issuers = append(issuers, j.tokenIssuer(h.Tiers))
 	}
 	var err error
-	h.tokens, err = keystore.NewTokenVerifier(issuers, rememberedTokens)
+	h.tokens, err = token.NewVerifier(issuers, rememberedTokens)
 	if err != nil {
 		return fmt.Errorf("jwt: %w", err)
 	}

@@ -14,9 +14,10 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/token"
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -267,8 +268,8 @@ type mintedUsers struct {
 }
 
 // issuer verifies minted tokens.
-func (u mintedUsers) issuer() *keystore.TokenIssuer {
-	return &keystore.TokenIssuer{
+func (u mintedUsers) issuer() *token.Issuer {
+	return &token.Issuer{
 		Issuer:   keystore.MintIssuer,
 		Audience: []string{keystore.MintAudience},
 		Leeway:   DefaultJWTLeeway,

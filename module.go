@@ -22,6 +22,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/caller/header"
+	"github.com/vigthoria/caddy-vigthoria/caller/token"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
@@ -334,7 +335,7 @@ type Handler struct {
 	bodyLimits    proxy.BodyLimits
 	limiter       limiter.Limiter
 	keys          *keystore.Service
-	tokens        *keystore.TokenVerifier
+	tokens        *token.Verifier
 	storeSpec     string // the key of keys in keyServices
 	limiterKey    string // the key of limiter in limiters
 	identityTier  string // IdentityTier when it is a literal

@@ -6,7 +6,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/api"
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 )
 
 // Namespace is the Caddy module namespace of identity sources: a module

@@ -1,7 +1,7 @@
 package keystore
 
 import (
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 )
 
 // The shape of a key ID: idPrefix and idBodyLen random base62 characters.

@@ -5,7 +5,7 @@ import (
 	"regexp"
 	"testing"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/vigthoria/caddy-vigthoria/caller/token"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"go.uber.org/zap"
 )
@@ -66,7 +67,7 @@ type signingSet struct {
 }
 
 type signingEntry struct {
-	key     VerificationKey
+	key     token.VerificationKey
 	retired int64 // unix milliseconds when a newer key took over (Retired); 0 for the newest
 }
 
@@ -140,7 +141,7 @@ func (s *Service) JWKS(ctx context.Context) ([]byte, error) {
 // TokenVerifier. A key that stopped signing verifies for maxTTL more,
 // the longest life of a token it signed, and no longer, so that an old
 // key cannot sign tokens for ever.
-func (s *Service) MintKeys(maxTTL time.Duration) KeySource {
+func (s *Service) MintKeys(maxTTL time.Duration) token.KeySource {
 	return mintKeys{s: s, maxTTL: maxTTL.Milliseconds()}
 }
 
@@ -151,7 +152,7 @@ type mintKeys struct {
 
 // Key returns the signing key kid while it verifies, or nil. It does not
 // allocate.
-func (m mintKeys) Key(kid string) *VerificationKey {
+func (m mintKeys) Key(kid string) *token.VerificationKey {
 	set := m.s.signing.set.Load()
 	if set == nil {
 		return nil
@@ -338,7 +339,7 @@ func newSigningSet(keys []store.SigningKey) (*signingSet, error) {
 		if !ok {
 			return nil, fmt.Errorf("signing key %s is not an Ed25519 key", k.ID)
 		}
-		e := &signingEntry{key: VerificationKey{Key: pk, Alg: "EdDSA"}}
+		e := &signingEntry{key: token.VerificationKey{Key: pk, Alg: "EdDSA"}}
 		if r := Retired(keys, i); !r.IsZero() {
 			e.retired = r.UnixMilli()
 		}

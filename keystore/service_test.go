@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/caller"
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )

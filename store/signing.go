@@ -7,7 +7,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 )
 
 const (

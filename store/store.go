@@ -15,7 +15,7 @@ import (
 	"errors"
 	"time"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 

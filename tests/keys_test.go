@@ -21,7 +21,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 

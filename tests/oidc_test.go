@@ -28,13 +28,12 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+	"github.com/vigthoria/caddy-vigthoria/caller/token"
 	"github.com/zitadel/oidc/v3/example/server/storage"
 	zcrypto "github.com/zitadel/oidc/v3/pkg/crypto"
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 	"github.com/zitadel/oidc/v3/pkg/op"
 	"golang.org/x/oauth2/clientcredentials"
-
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // opAudience is the audience the test provider's tokens are for.
@@ -364,7 +363,7 @@ func TestOpenIDRefusals(t *testing.T) {
 		"HS256 with the public key":     signWith(t, jwt.SigningMethodHS256, kid, p.claims("alice"), publicPEM),
 		"a key never published":         signWith(t, jwt.SigningMethodRS256, kid, p.claims("alice"), stranger),
 		"an unknown kid":                signWith(t, jwt.SigningMethodRS256, "not-published", p.claims("alice"), stranger),
-		"oversized":                     with(func(c map[string]any) { c["pad"] = strings.Repeat("x", keystore.MaxTokenSize) }),
+		"oversized":                     with(func(c map[string]any) { c["pad"] = strings.Repeat("x", token.MaxTokenSize) }),
 	} {
 		t.Run(name, func(t *testing.T) {
 			res := e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": {"Bearer " + token}})

@@ -1,4 +1,4 @@
-package keystore
+package token
 
 import (
 	"context"
@@ -28,7 +28,7 @@ func FuzzVerifyToken(f *testing.F) {
 	_, edKey, _ := ed25519.GenerateKey(rand.Reader)
 	keys := staticKeys{"rsa": {Key: &rsaK.PublicKey}, "p256": {Key: &p256.PublicKey}, "ed": {Key: edKey.Public()}}
 	const issuer = "https://auth.example.com/"
-	v, err := NewTokenVerifier([]*TokenIssuer{{
+	v, err := NewVerifier([]*Issuer{{
 		Issuer: issuer, Audience: []string{testAudience}, Keys: keys,
 		Caller: func(c map[string]any) (caller.Client, bool) {
 			sub, ok := c["sub"].(string)

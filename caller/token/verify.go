@@ -1,4 +1,4 @@
-package keystore
+package token
 
 import (
 	"context"
@@ -12,7 +12,7 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/caller"
-	"github.com/vigthoria/caddy-vigthoria/keystore/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -38,8 +38,8 @@ type KeySource interface {
 	Refresh(ctx context.Context, kid string) error
 }
 
-// TokenIssuer is an issuer whose tokens are accepted.
-type TokenIssuer struct {
+// Issuer is an issuer whose tokens are accepted.
+type Issuer struct {
 	Issuer   string        // the iss claim, compared exactly
 	Audience []string      // a token's aud must hold one of these, exactly
 	Leeway   time.Duration // the clock skew allowed on exp, nbf and iat
@@ -53,11 +53,11 @@ type TokenIssuer struct {
 	Still func(c caller.Client, now time.Time) bool
 }
 
-// TokenVerifier verifies bearer JWTs of its issuers and remembers those it
+// Verifier verifies bearer JWTs of its issuers and remembers those it
 // accepted until they expire, so that a signature is checked once per
 // token rather than once per request. Safe for concurrent use.
-type TokenVerifier struct {
-	issuers    map[string]*TokenIssuer
+type Verifier struct {
+	issuers    map[string]*Issuer
 	parser     *jwt.Parser
 	remembered *lru.Cache[store.Hash, rememberedToken]
 }
@@ -66,16 +66,16 @@ type TokenVerifier struct {
 type rememberedToken struct {
 	client  caller.Client
 	expires int64 // Unix milliseconds: the token's exp
-	issuer  *TokenIssuer
+	issuer  *Issuer
 	kid     string
 	key     *VerificationKey // it is accepted while its issuer still publishes this key
 }
 
-// NewTokenVerifier returns a verifier of the issuers' tokens that
+// NewVerifier returns a verifier of the issuers' tokens that
 // remembers at most remember accepted ones.
-func NewTokenVerifier(issuers []*TokenIssuer, remember int) (*TokenVerifier, error) {
-	v := &TokenVerifier{
-		issuers: make(map[string]*TokenIssuer, len(issuers)),
+func NewVerifier(issuers []*Issuer, remember int) (*Verifier, error) {
+	v := &Verifier{
+		issuers: make(map[string]*Issuer, len(issuers)),
 		parser: jwt.NewParser(
 			jwt.WithValidMethods(allowedAlgs),
 			jwt.WithStrictDecoding(),
@@ -117,7 +117,7 @@ var (
 // the token might be valid but its key could not be fetched; callers
 // answer every refusal alike. A token seen before and still valid costs a
 // hash and a lookup, without allocating.
-func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time) (caller.Client, error) {
+func (v *Verifier) Verify(ctx context.Context, token string, now time.Time) (caller.Client, error) {
 	if len(token) > MaxTokenSize {
 		return caller.Client{}, errTooLong
 	}
@@ -150,7 +150,7 @@ func (v *TokenVerifier) Verify(ctx context.Context, token string, now time.Time)
 }
 
 // verify checks a token in full: header, signature, then claims.
-func (v *TokenVerifier) verify(ctx context.Context, token string, now time.Time) (rememberedToken, error) {
+func (v *Verifier) verify(ctx context.Context, token string, now time.Time) (rememberedToken, error) {
 	var t rememberedToken
 	var validated bool // the claims, before a key was fetched
 	claims := jwt.MapClaims{}
@@ -207,7 +207,7 @@ func (v *TokenVerifier) verify(ctx context.Context, token string, now time.Time)
 }
 
 // validate checks a token's claims against the issuer's settings at now.
-func (iss *TokenIssuer) validate(claims jwt.MapClaims, now time.Time) error {
+func (iss *Issuer) validate(claims jwt.MapClaims, now time.Time) error {
 	return jwt.NewValidator(
 		jwt.WithIssuer(iss.Issuer),
 		jwt.WithAudience(iss.Audience...),
@@ -228,7 +228,7 @@ func hashToken(token string) store.Hash {
 
 // Identify makes the verifier the identity source of bearer JWTs: any
 // bearer credential not shaped like a client key is verified as one.
-func (v *TokenVerifier) Identify(q caller.Request) (caller.Client, caller.Verdict, *api.Error) {
+func (v *Verifier) Identify(q caller.Request) (caller.Client, caller.Verdict, *api.Error) {
 	token, ok := q.Bearer()
 	if !ok || clientkey.Valid(token) {
 		return caller.Client{}, caller.Pass, nil

@@ -1,4 +1,4 @@
-package keystore
+package token
 
 import (
 	"context"
@@ -94,7 +94,7 @@ func (p *provider) setDown(down bool) {
 
 // verifierOf returns a verifier of p's tokens for testAudience, with its
 // keys, changed by opts, fetched, and the keys.
-func verifierOf(t testing.TB, p *provider, opts ...func(*RemoteKeys)) (*TokenVerifier, *RemoteKeys) {
+func verifierOf(t testing.TB, p *provider, opts ...func(*RemoteKeys)) (*Verifier, *RemoteKeys) {
 	t.Helper()
 	keys := NewRemoteKeys(p.srv.URL, "", zap.NewNop())
 	t.Cleanup(keys.Stop)
@@ -109,9 +109,9 @@ func verifierOf(t testing.TB, p *provider, opts ...func(*RemoteKeys)) (*TokenVer
 
 // verifierWith returns a verifier of p's tokens for testAudience, with
 // keys.
-func verifierWith(t testing.TB, p *provider, keys *RemoteKeys) *TokenVerifier {
+func verifierWith(t testing.TB, p *provider, keys *RemoteKeys) *Verifier {
 	t.Helper()
-	v, err := NewTokenVerifier([]*TokenIssuer{{
+	v, err := NewVerifier([]*Issuer{{
 		Issuer: p.srv.URL, Audience: []string{testAudience, "other-app"}, Leeway: 30 * time.Second, Keys: keys,
 		Caller: func(c map[string]any) (caller.Client, bool) {
 			sub, ok := c["sub"].(string)
@@ -628,7 +628,7 @@ func TestCheckProviderURL(t *testing.T) {
 }
 
 // acceptedToken returns a verifier that has accepted the token at now.
-func acceptedToken(tb testing.TB) (*TokenVerifier, string, time.Time) {
+func acceptedToken(tb testing.TB) (*Verifier, string, time.Time) {
 	tb.Helper()
 	key := rsaKey(tb)
 	p := newProvider(tb)
