@@ -13,9 +13,9 @@ import (
 	"text/template"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
-	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	_ "github.com/vigthoria/caddy-vigthoria/store/redis" // the backends the specs name
 	_ "github.com/vigthoria/caddy-vigthoria/store/sqlite"

@@ -3,7 +3,12 @@ package keystore
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"net/http"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/policy"
+	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
 // The key operations of the admin API and the dashboard: each changes
@@ -64,7 +69,7 @@ func (s *Service) PatchKey(ctx context.Context, id string, patch map[string]json
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	if err := patchSettings(&rec.Settings, patch); err != nil {
+	if err := policy.PatchSettings(&rec.Settings, patch); err != nil {
 		return KeyInfo{}, err
 	}
 	if err := SetSettings(ctx, st, id, rec.Settings); err != nil {
@@ -72,4 +77,52 @@ func (s *Service) PatchKey(ctx context.Context, id string, patch map[string]json
 	}
 	s.changed()
 	return NewKeyInfo(rec, now), nil
+}
+
+// KeyInfo is a key in the admin API's and the dashboard's answers:
+// never its hash. Secret is set only when one was just made.
+type KeyInfo struct {
+	ID       string           `json:"id"`
+	Name     string           `json:"name"`
+	Tier     string           `json:"tier"`
+	State    string           `json:"state"`
+	Created  time.Time        `json:"created"`
+	Expires  *time.Time       `json:"expires"`
+	Revoked  *time.Time       `json:"revoked"`
+	LastUsed *time.Time       `json:"last_used"`
+	Mint     []string         `json:"mint,omitempty"`
+	Settings *policy.Settings `json:"settings,omitempty"`
+	Secret   string           `json:"secret,omitempty"`
+}
+
+// NewKeyInfo returns the answer's view of r at now.
+func NewKeyInfo(r store.Record, now time.Time) KeyInfo {
+	opt := func(t time.Time) *time.Time {
+		if t.IsZero() {
+			return nil
+		}
+		return &t
+	}
+	k := KeyInfo{
+		ID: r.ID, Name: r.Name, Tier: r.Tier, State: r.State(now), Created: r.Created,
+		Expires: opt(r.Expires), Revoked: opt(r.Revoked), LastUsed: opt(r.LastUsed), Mint: r.Mint,
+	}
+	if !r.Settings.IsZero() {
+		k.Settings = &r.Settings
+	}
+	return k
+}
+
+// ErrorStatus is the HTTP status of an error of a key operation: 404,
+// 409 (revoked), 400 (invalid attributes) or 500.
+func ErrorStatus(err error) int {
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, store.ErrRevoked):
+		return http.StatusConflict
+	case errors.Is(err, store.ErrInvalid):
+		return http.StatusBadRequest
+	}
+	return http.StatusInternalServerError
 }

@@ -94,7 +94,7 @@ func (s *Service) Mint(ctx context.Context, req TokenRequest, now time.Time) (st
 			return "", time.Time{}, err
 		}
 	}
-	key := signer(set.keys, now)
+	key := Signer(set.keys, now)
 	var jti [16]byte
 	if _, err := rand.Read(jti[:]); err != nil {
 		return "", time.Time{}, err

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/caller/token"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -57,7 +58,7 @@ func addMinter(t testing.TB, s *Service, cli store.Backend, now time.Time) store
 	if err != nil {
 		t.Fatal(err)
 	}
-	within(t, "the minting key is known", func() bool { _, _, ok := s.Minter(backend.ID, time.Now()); return ok })
+	testcheck.Within(t, "the minting key is known", func() bool { _, _, ok := s.Minter(backend.ID, time.Now()); return ok })
 	return backend
 }
 
@@ -95,7 +96,7 @@ func TestMintedTokenVerifiesUntilItsKeyStopsMinting(t *testing.T) {
 	if err := cli.Revoke(t.Context(), backend.ID, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	within(t, "the revoked key's token is refused", func() bool { _, err := v.Verify(t.Context(), token, time.Now()); return err != nil })
+	testcheck.Within(t, "the revoked key's token is refused", func() bool { _, err := v.Verify(t.Context(), token, time.Now()); return err != nil })
 	if _, _, ok := s.Minter(backend.ID, time.Now()); ok {
 		t.Error("a revoked key may still mint")
 	}
@@ -112,7 +113,7 @@ func TestMinterFollowsTheKeysLife(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	within(t, "both keys are known", func() bool { return s.index.size() == 2 })
+	testcheck.Within(t, "both keys are known", func() bool { return s.index.size() == 2 })
 	if _, _, ok := s.Minter(plain.ID, now); ok {
 		t.Error("a key without mint rights may mint")
 	}
@@ -164,7 +165,7 @@ func TestSigningKeysRotateAndRetire(t *testing.T) {
 	if err := cli.AddSigningKey(t.Context(), next); err != nil {
 		t.Fatal(err)
 	}
-	within(t, "the new key is read", func() bool {
+	testcheck.Within(t, "the new key is read", func() bool {
 		set := s.signing.set.Load()
 		return set != nil && len(set.keys) == 2
 	})

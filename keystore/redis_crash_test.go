@@ -89,7 +89,7 @@ func TestRedisCrashConsistency(t *testing.T) {
 	// redis-check-aof, which truncates before the block, as an operator
 	// does (see README).
 	srv := redistest.StartWith(t, "--appendonly", "yes", "--appendfsync", "always", "--aof-load-truncated", "no")
-	raw := rawRedis(t, srv.URL)
+	raw := redistest.Client(t, srv.URL)
 
 	// A Service polls the store all along, as a running Caddy does. It
 	// never writes last-used times (flushEvery), which would change the

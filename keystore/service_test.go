@@ -16,6 +16,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
@@ -70,25 +71,12 @@ func startService(t testing.TB, setup func(*Service)) (*Service, *sqlite.Store) 
 	return s, cli
 }
 
-// within polls cond until it holds or a second has passed: the promise
-// for changes made elsewhere.
-func within(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within a second", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func TestServiceSeesChangesMadeElsewhere(t *testing.T) {
 	s, cli := startService(t, nil)
 	ctx := t.Context()
 	now := time.Now()
 	rec, secret := create(t, cli, "alice", "pro", time.Time{}, now)
-	within(t, "a new key is identified", func() bool {
+	testcheck.Within(t, "a new key is identified", func() bool {
 		_, ok := s.Identify(secret, time.Now())
 		return ok
 	})
@@ -101,7 +89,7 @@ func TestServiceSeesChangesMadeElsewhere(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	within(t, "rotation takes effect", func() bool {
+	testcheck.Within(t, "rotation takes effect", func() bool {
 		_, oldOK := s.Identify(secret, time.Now())
 		_, newOK := s.Identify(newSecret, time.Now())
 		return !oldOK && newOK
@@ -110,7 +98,7 @@ func TestServiceSeesChangesMadeElsewhere(t *testing.T) {
 	if err := cli.Revoke(ctx, rec.ID, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	within(t, "revocation takes effect", func() bool {
+	testcheck.Within(t, "revocation takes effect", func() bool {
 		_, ok := s.Identify(newSecret, time.Now())
 		return !ok
 	})
@@ -180,7 +168,7 @@ func TestServiceBatchesLastUsed(t *testing.T) {
 		secrets = append(secrets, secret)
 		ids = append(ids, r.ID)
 	}
-	within(t, "the keys are loaded", func() bool {
+	testcheck.Within(t, "the keys are loaded", func() bool {
 		_, ok := s.Identify(secrets[2], now)
 		return ok
 	})
@@ -254,7 +242,7 @@ func TestServiceLifecycle(t *testing.T) {
 	}
 	_, secret := create(t, s.Store(), "k", "free", time.Time{}, time.Now())
 	s.changed()
-	within(t, "a key added through Store", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
+	testcheck.Within(t, "a key added through Store", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
 
 	if err := s.Stop(); err != nil {
 		t.Fatal(err)
@@ -354,7 +342,7 @@ func TestServiceRetriesAFailedLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	within(t, "rotation takes effect after a retried load", func() bool {
+	testcheck.Within(t, "rotation takes effect after a retried load", func() bool {
 		_, oldOK := s.Identify(secret, time.Now())
 		_, newOK := s.Identify(newSecret, time.Now())
 		return !oldOK && newOK
@@ -364,7 +352,7 @@ func TestServiceRetriesAFailedLoad(t *testing.T) {
 func TestIdentifyAllocatesNothing(t *testing.T) {
 	s, cli := startService(t, nil)
 	_, secret := create(t, cli, "k", "free", time.Time{}, time.Now())
-	within(t, "the key is loaded", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
+	testcheck.Within(t, "the key is loaded", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
 	unknown, _ := clientkey.New()
 	now := time.Now()
 	for name, key := range map[string]string{"known": secret, "unknown": unknown, "malformed": secret[:20]} {
@@ -374,7 +362,7 @@ func TestIdentifyAllocatesNothing(t *testing.T) {
 	}
 	// Keys with settings fill a side map, which every Identify then reads.
 	_, withSettings := createWith(t, cli, Attrs{Name: "s", Tier: "pro", Settings: fullSettings()}, time.Now())
-	within(t, "the key with settings is loaded", func() bool { c, ok := s.Identify(withSettings, time.Now()); return ok && c.Settings != nil })
+	testcheck.Within(t, "the key with settings is loaded", func() bool { c, ok := s.Identify(withSettings, time.Now()); return ok && c.Settings != nil })
 	for name, key := range map[string]string{"known, settings about": secret, "with settings": withSettings, "unknown, settings about": unknown} {
 		if n := testing.AllocsPerRun(1000, func() { s.Identify(key, now) }); n != 0 {
 			t.Errorf("Identify(%s): %v allocations, want 0", name, n)

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -105,7 +106,7 @@ func TestServiceSettings(t *testing.T) {
 	full := fullSettings()
 	r, secret := createWith(t, cli, Attrs{Name: "acme", Tier: "pro", Settings: full}, time.Now())
 	_, plainSecret := create(t, cli, "plain", "free", time.Time{}, time.Now())
-	within(t, "the keys are loaded", func() bool { return identified(s, secret) && identified(s, plainSecret) })
+	testcheck.Within(t, "the keys are loaded", func() bool { return identified(s, secret) && identified(s, plainSecret) })
 	c, _ := s.Identify(secret, time.Now())
 	if c.Settings == nil || !reflect.DeepEqual(*c.Settings, full) || s.Settings(r.ID) != c.Settings {
 		t.Fatalf("Identify gave settings %+v, want %+v, the same as Settings(id)", c.Settings, full)
@@ -128,14 +129,14 @@ func TestServiceSettings(t *testing.T) {
 	if err := SetSettings(t.Context(), cli, r.ID, changed); err != nil {
 		t.Fatal(err)
 	}
-	within(t, "the change is seen", func() bool { n := s.Settings(r.ID); return n != nil && n.Requests == nil })
+	testcheck.Within(t, "the change is seen", func() bool { n := s.Settings(r.ID); return n != nil && n.Requests == nil })
 	if c.Settings.Requests == nil {
 		t.Error("the settings handed out before were changed in place")
 	}
 	if err := SetSettings(t.Context(), cli, r.ID, policy.Settings{}); err != nil {
 		t.Fatal(err)
 	}
-	within(t, "clearing is seen", func() bool { return s.Settings(r.ID) == nil })
+	testcheck.Within(t, "clearing is seen", func() bool { return s.Settings(r.ID) == nil })
 	if s.index.settings.Load() != nil {
 		t.Error("the settings map is kept though no key has settings")
 	}

@@ -14,28 +14,28 @@ import (
 // newer one still verifies for this long, then may be removed.
 const MaxTokenTTL = 24 * time.Hour
 
-// signingGrace is how long a new signing key is published before it
+// SigningGrace is how long a new signing key is published before it
 // signs: every instance of a fleet reads the store's signing keys at
 // least every second, so none meets a token of a key it does not know.
-const signingGrace = 2 * time.Second
+const SigningGrace = 2 * time.Second
 
 // Retired returns when key i of keys (oldest first, as SigningKeys returns
-// them) stopped signing: signingGrace after the Created of the next newer
+// them) stopped signing: SigningGrace after the Created of the next newer
 // key; zero for the newest.
 func Retired(keys []store.SigningKey, i int) time.Time {
 	if i+1 >= len(keys) {
 		return time.Time{}
 	}
-	return keys[i+1].Created.Add(signingGrace)
+	return keys[i+1].Created.Add(SigningGrace)
 }
 
-// signer returns the key of keys (oldest first) that signs at now: the
-// newest created signingGrace ago or earlier; while none is that old,
+// Signer returns the key of keys (oldest first) that signs at now: the
+// newest created SigningGrace ago or earlier; while none is that old,
 // the oldest, so that instances that made a store's first keys at once
 // sign with the same one.
-func signer(keys []store.SigningKey, now time.Time) *store.SigningKey {
+func Signer(keys []store.SigningKey, now time.Time) *store.SigningKey {
 	for i := len(keys) - 1; i >= 0; i-- {
-		if !now.Before(keys[i].Created.Add(signingGrace)) {
+		if !now.Before(keys[i].Created.Add(SigningGrace)) {
 			return &keys[i]
 		}
 	}
@@ -45,19 +45,19 @@ func signer(keys []store.SigningKey, now time.Time) *store.SigningKey {
 	return &keys[0]
 }
 
-// expiredSigningKey reports whether key i of keys was retired more than
+// ExpiredSigningKey reports whether key i of keys was retired more than
 // MaxTokenTTL before now: no token it signed is valid any more, and it
 // may be removed.
-func expiredSigningKey(keys []store.SigningKey, i int, now time.Time) bool {
+func ExpiredSigningKey(keys []store.SigningKey, i int, now time.Time) bool {
 	retired := Retired(keys, i)
 	return !retired.IsZero() && now.Sub(retired) > MaxTokenTTL
 }
 
-// rotateSigningKeys adds a new signing key to st, created at now, and
+// RotateSigningKeys adds a new signing key to st, created at now, and
 // removes the keys retired more than MaxTokenTTL before now: no token
 // they signed can still be valid. It returns the new key and how many
 // it removed.
-func rotateSigningKeys(ctx context.Context, st store.Backend, now time.Time) (store.SigningKey, int, error) {
+func RotateSigningKeys(ctx context.Context, st store.Backend, now time.Time) (store.SigningKey, int, error) {
 	k, err := store.NewSigningKey(now)
 	if err != nil {
 		return store.SigningKey{}, 0, err
@@ -71,7 +71,7 @@ func rotateSigningKeys(ctx context.Context, st store.Backend, now time.Time) (st
 	}
 	removed := 0
 	for i, old := range keys {
-		if expiredSigningKey(keys, i, now) {
+		if ExpiredSigningKey(keys, i, now) {
 			if err := st.RemoveSigningKey(ctx, old.ID); err != nil {
 				return k, removed, err
 			}

@@ -2,20 +2,18 @@ package keystore
 
 import (
 	"crypto/ed25519"
-	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 	"github.com/vigthoria/caddy-vigthoria/store"
-	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 var printedSigningID = regexp.MustCompile(`sig_[0-9A-Za-z]{16}`)
@@ -32,27 +30,6 @@ func newSigningKey(t *testing.T, now time.Time) store.SigningKey {
 		t.Fatal(err)
 	}
 	return k
-}
-
-// privateForms are the ways a private key could be spelled in text.
-func privateForms(k store.SigningKey) []string {
-	seed := k.Private.Seed()
-	return []string{
-		hex.EncodeToString(seed), base64.StdEncoding.EncodeToString(seed), base64.RawURLEncoding.EncodeToString(seed),
-		base64.StdEncoding.EncodeToString(k.Private), fmt.Sprint([]byte(k.Private)[:8]), string(seed),
-	}
-}
-
-// wantNoPrivate fails the test when text holds k's private key in any
-// form of privateForms.
-func wantNoPrivate(t *testing.T, what, text string, k store.SigningKey) {
-	t.Helper()
-	for _, form := range privateForms(k) {
-		if strings.Contains(text, form) {
-			t.Errorf("%s holds the private key of %s: %q", what, k.ID, text)
-			return
-		}
-	}
 }
 
 func TestNewSigningKey(t *testing.T) {
@@ -76,7 +53,8 @@ func TestNewSigningKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := decode[map[string]any](t, string(asJSON)); len(got) != 2 || got["id"] != a.ID {
+	var got map[string]any
+	if err := json.Unmarshal(asJSON, &got); err != nil || len(got) != 2 || got["id"] != a.ID {
 		t.Errorf("JSON %s, want the ID and the created time only", asJSON)
 	}
 	for _, tt := range []struct {
@@ -94,7 +72,7 @@ func TestNewSigningKey(t *testing.T) {
 			if !strings.Contains(tt.text, a.ID) {
 				t.Errorf("%q does not name the key %s", tt.text, a.ID)
 			}
-			wantNoPrivate(t, tt.name, tt.text, a)
+			testcheck.WantNoPrivate(t, tt.name, tt.text, a)
 		})
 	}
 }
@@ -108,8 +86,8 @@ func TestRetired(t *testing.T) {
 		i    int
 		want time.Time
 	}{
-		{"oldest", keys, 0, t0.Add(time.Hour + signingGrace)},
-		{"middle", keys, 1, t0.Add(30*time.Hour + signingGrace)},
+		{"oldest", keys, 0, t0.Add(time.Hour + SigningGrace)},
+		{"middle", keys, 1, t0.Add(30*time.Hour + SigningGrace)},
 		{"newest signs", keys, 2, time.Time{}},
 		{"the only key", keys[:1], 0, time.Time{}},
 	}
@@ -128,13 +106,13 @@ func TestRetired(t *testing.T) {
 		now  time.Time
 		want bool
 	}{
-		{"within the token life", 0, t0.Add(time.Hour + signingGrace + MaxTokenTTL), false},
-		{"past the token life", 0, t0.Add(time.Hour + signingGrace + MaxTokenTTL + time.Millisecond), true},
+		{"within the token life", 0, t0.Add(time.Hour + SigningGrace + MaxTokenTTL), false},
+		{"past the token life", 0, t0.Add(time.Hour + SigningGrace + MaxTokenTTL + time.Millisecond), true},
 		{"retired lately", 1, t0.Add(31 * time.Hour), false},
 		{"the newest never", 2, t0.Add(1000 * time.Hour), false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := expiredSigningKey(keys, tt.i, tt.now); got != tt.want {
+			if got := ExpiredSigningKey(keys, tt.i, tt.now); got != tt.want {
 				t.Errorf("expiredSigningKey(%d, %v) = %t, want %t", tt.i, tt.now, got, tt.want)
 			}
 		})
@@ -153,12 +131,12 @@ func TestSigner(t *testing.T) {
 		{"no keys", nil, t0, ""},
 		{"a first key signs at once", keys[:1], t0, "sig_a"},
 		{"two first keys: the oldest, on every instance", keys[:2], t0.Add(time.Second), "sig_a"},
-		{"a new key once published for the grace", keys, t0.Add(time.Hour + signingGrace), "sig_c"},
-		{"not before", keys, t0.Add(time.Hour + signingGrace - time.Millisecond), "sig_b"},
+		{"a new key once published for the grace", keys, t0.Add(time.Hour + SigningGrace), "sig_c"},
+		{"not before", keys, t0.Add(time.Hour + SigningGrace - time.Millisecond), "sig_b"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			got := ""
-			if k := signer(tt.keys, tt.now); k != nil {
+			if k := Signer(tt.keys, tt.now); k != nil {
 				got = k.ID
 			}
 			if got != tt.want {
@@ -180,24 +158,10 @@ func forEachSigningBackend(t *testing.T, test func(t *testing.T, st store.Backen
 	})
 }
 
-// signingIDs returns the IDs of st's signing keys, in their order.
-func signingIDs(t *testing.T, st store.Backend) []string {
-	t.Helper()
-	keys, err := st.SigningKeys(t.Context())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ids := make([]string, 0, len(keys))
-	for _, k := range keys {
-		ids = append(ids, k.ID)
-	}
-	return ids
-}
-
 func TestSigningKeyStore(t *testing.T) {
 	forEachSigningBackend(t, func(t *testing.T, st store.Backend) {
 		ctx := t.Context()
-		if ids := signingIDs(t, st); len(ids) != 0 {
+		if ids := testcheck.SigningIDs(t, st); len(ids) != 0 {
 			t.Fatalf("a new store has signing keys %v", ids)
 		}
 		now := time.Date(2030, 1, 2, 3, 4, 5, 678_901_234, time.UTC)
@@ -239,7 +203,7 @@ func TestSigningKeyStore(t *testing.T) {
 		if err := st.AddSigningKey(ctx, again); err == nil {
 			t.Error("adding a signing key ID twice succeeded")
 		} else {
-			wantNoPrivate(t, "the error", err.Error(), again)
+			testcheck.WantNoPrivate(t, "the error", err.Error(), again)
 		}
 		if keys, _ := st.SigningKeys(ctx); len(keys) != 4 || !keys[3].Private.Equal(newest.Private) {
 			t.Error("a refused add changed the stored key")
@@ -265,7 +229,7 @@ func TestSigningKeyStore(t *testing.T) {
 		if err := st.RemoveSigningKey(ctx, "sig_unknown"); err != nil {
 			t.Errorf("removing an unknown key: %v, want nil", err)
 		}
-		if got, want := signingIDs(t, st), []string{oldest.ID, tie2.ID, newest.ID}; !slices.Equal(got, want) {
+		if got, want := testcheck.SigningIDs(t, st), []string{oldest.ID, tie2.ID, newest.ID}; !slices.Equal(got, want) {
 			t.Errorf("after removing %s: %v, want %v", tie1.ID, got, want)
 		}
 	})
@@ -287,14 +251,14 @@ func TestSigningKeyDamagedSeed(t *testing.T) {
 		}},
 		{"redis", func(t *testing.T) store.Backend {
 			st, srv := openRedisTemp(t)
-			if err := rawRedis(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, append(make([]byte, 8), short...)).Err(); err != nil {
+			if err := redistest.Client(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, append(make([]byte, 8), short...)).Err(); err != nil {
 				t.Fatal(err)
 			}
 			return st
 		}},
 		{"redis, shorter than its time", func(t *testing.T) store.Backend {
 			st, srv := openRedisTemp(t)
-			if err := rawRedis(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, "1234").Err(); err != nil {
+			if err := redistest.Client(t, srv.URL).HSet(t.Context(), redisSigningKey, k.ID, "1234").Err(); err != nil {
 				t.Fatal(err)
 			}
 			return st
@@ -306,99 +270,7 @@ func TestSigningKeyDamagedSeed(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), k.ID) {
 				t.Fatalf("SigningKeys = %d keys, %v; want an error naming %s", len(keys), err, k.ID)
 			}
-			wantNoPrivate(t, "the error", err.Error(), k)
+			testcheck.WantNoPrivate(t, "the error", err.Error(), k)
 		})
-	}
-}
-
-func TestCLISigningKeys(t *testing.T) {
-	ctx := t.Context()
-	path := filepath.Join(t.TempDir(), "keys.db")
-	flag := "--store=sqlite:" + path
-	if code, _, errOut := runCLI(t, "signing-key", "list", flag); code == 0 || !strings.Contains(errOut, "no key store at") {
-		t.Errorf("list of a missing store: exit %d, %q; want failure saying there is none", code, errOut)
-	}
-
-	// rotate makes a store, as key add does: a fleet's first signing key
-	// may come before its first client key.
-	fresh := "--store=sqlite:" + filepath.Join(t.TempDir(), "fresh.db")
-	if out := mustCLI(t, "signing-key", "rotate", fresh); !printedSigningID.MatchString(out) {
-		t.Errorf("rotate on a new store printed %q, want the new key's ID", out)
-	}
-	mustCLI(t, "key", "add", "--tier", "free", "--name", "n", flag)
-	if list := mustCLI(t, "signing-key", "list", flag); !strings.Contains(list, "No signing keys in sqlite:"+path) {
-		t.Errorf("list of a store without signing keys = %q, want that it has none", list)
-	}
-
-	// A first rotate makes the first key, which signs at once; a second
-	// makes one that signs once published for signingGrace.
-	var rotated []string
-	for range 2 {
-		out := mustCLI(t, "signing-key", "rotate", flag)
-		if !strings.Contains(out, "Signing keys removed (retired more than 24 hours ago): 0.") {
-			t.Errorf("rotate printed %q, want that it removed none", out)
-		}
-		rotated = append(rotated, printedSigningID.FindString(out))
-	}
-	if list := mustCLI(t, "signing-key", "list", flag); strings.Count(list, "current") != 1 || strings.Count(list, "signs from") != 1 {
-		t.Errorf("list = %q, want one key current and one to sign soon", list)
-	}
-
-	// Keys from before: the oldest stopped signing more than MaxTokenTTL
-	// ago, the next an hour ago, and the third signs until the rotated
-	// keys have been published for signingGrace.
-	st, err := sqlite.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	now := time.Now()
-	expired := newSigningKey(t, now.Add(-3*MaxTokenTTL))
-	retired := newSigningKey(t, now.Add(-2*MaxTokenTTL))
-	current := newSigningKey(t, now.Add(-time.Hour))
-	for _, k := range []store.SigningKey{expired, retired, current} {
-		if err := st.AddSigningKey(ctx, k); err != nil {
-			t.Fatal(err)
-		}
-	}
-	lines := strings.Split(strings.TrimSpace(mustCLI(t, "signing-key", "list", flag)), "\n")
-	if len(lines) != 6 || !slices.Equal(strings.Fields(lines[0]), []string{"ID", "CREATED", "STATE"}) {
-		t.Fatalf("list printed %q, want a header and 5 keys", lines)
-	}
-	for i, want := range []struct {
-		id, state string
-	}{
-		{expired.ID, "expired"},
-		{retired.ID, "retired"},
-		{current.ID, "current"},
-		{"", "signs"},
-		{"", "signs"},
-	} {
-		f := strings.Fields(lines[i+1])
-		if len(f) < 3 || (want.id != "" && f[0] != want.id) || f[2] != want.state {
-			t.Errorf("line %d = %q, want %s %s", i+1, lines[i+1], want.id, want.state)
-		}
-	}
-	if got, want := strings.Fields(lines[2])[2:], []string{"retired", formatTime(current.Created.Add(signingGrace), "-")}; !slices.Equal(got, want) {
-		t.Errorf("the state of %s is %q, want %q", retired.ID, got, want)
-	}
-
-	out := mustCLI(t, "signing-key", "rotate", flag)
-	if !strings.Contains(out, "Signing keys removed (retired more than 24 hours ago): 1.") {
-		t.Errorf("rotate printed %q, want that it removed 1", out)
-	}
-	want := []string{retired.ID, current.ID, rotated[0], rotated[1], printedSigningID.FindString(out)}
-	if got := signingIDs(t, st); !slices.Equal(got, want) && !slices.Equal(got, []string{want[0], want[1], want[3], want[2], want[4]}) {
-		t.Errorf("signing keys %v, want %v: the expired key removed, the others kept", got, want)
-	}
-
-	// Nothing printed holds a private key.
-	keys, err := st.SigningKeys(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	printed := out + mustCLI(t, "signing-key", "list", flag)
-	for _, k := range append(keys, expired) {
-		wantNoPrivate(t, "the CLI's output", printed, k)
 	}
 }

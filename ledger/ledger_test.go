@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -137,7 +138,7 @@ var usageBackends = []struct {
 	{"redis", func(t *testing.T) (store.Backend, string, func(string, string)) {
 		st, srv := openRedisTemp(t)
 		return st, srv.URL, func(client, day string) {
-			if err := rawRedis(t, srv.URL).Set(t.Context(), usageKey(client, day), "not a hash", 0).Err(); err != nil {
+			if err := redistest.Client(t, srv.URL).Set(t.Context(), usageKey(client, day), "not a hash", 0).Err(); err != nil {
 				t.Fatal(err)
 			}
 		}

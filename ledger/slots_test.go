@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
 
 	"github.com/vigthoria/caddy-vigthoria/store"
@@ -139,7 +140,7 @@ func TestSlotRetention(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if ttl := rawRedis(t, srv.URL).TTL(ctx, redisSlotPrefix+slot).Val(); ttl < store.SlotRetention-time.Minute || ttl > store.SlotRetention {
+		if ttl := redistest.Client(t, srv.URL).TTL(ctx, redisSlotPrefix+slot).Val(); ttl < store.SlotRetention-time.Minute || ttl > store.SlotRetention {
 			t.Errorf("TTL of the slot = %v, want %v", ttl, store.SlotRetention)
 		}
 		rows, err := st.UsageSlots(ctx, "k", slot)

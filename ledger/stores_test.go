@@ -5,8 +5,6 @@ import (
 	"strconv"
 	"testing"
 
-	goredis "github.com/redis/go-redis/v9"
-
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
@@ -50,16 +48,4 @@ func openRedisTemp(t *testing.T) (*redisstore.Store, *redistest.Server) {
 	}
 	t.Cleanup(func() { st.Close() })
 	return st, srv
-}
-
-// rawRedis returns a plain client of srv, for looking behind the store.
-func rawRedis(t *testing.T, url string) *goredis.Client {
-	t.Helper()
-	opts, err := goredis.ParseURL(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := goredis.NewClient(opts)
-	t.Cleanup(func() { c.Close() })
-	return c
 }

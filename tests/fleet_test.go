@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	vigthoria "github.com/vigthoria/caddy-vigthoria"
 	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
 
 	"github.com/openai/openai-go/v3"
@@ -152,7 +153,7 @@ func TestFleetConcurrencyAndQuotaAreShared(t *testing.T) {
 func TestFleetRevocationReachesEveryInstance(t *testing.T) {
 	f := startFleet(t)
 	var out strings.Builder
-	if code := keystore.RunCLI([]string{"key", "add", "--tier", "metered", "--name", "temp", "--store", f.redis.URL}, &out, &out); code != 0 {
+	if code := vigthoria.RunCLI([]string{"key", "add", "--tier", "metered", "--name", "temp", "--store", f.redis.URL}, &out, &out); code != 0 {
 		t.Fatalf("key add: %s", out.String())
 	}
 	secret := secretPattern.FindString(out.String())

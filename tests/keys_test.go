@@ -18,10 +18,11 @@ import (
 	"github.com/openai/openai-go/v3/option"
 	"golang.org/x/crypto/bcrypt"
 
+	vigthoria "github.com/vigthoria/caddy-vigthoria"
+	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
-	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
@@ -37,7 +38,7 @@ func (k *env) cli(t *testing.T, args ...string) string {
 	t.Helper()
 	var out, errOut bytes.Buffer
 	args = append(args, "--store", k.store)
-	if code := keystore.RunCLI(args, &out, &errOut); code != 0 {
+	if code := vigthoria.RunCLI(args, &out, &errOut); code != 0 {
 		t.Fatalf("caddy vigthoria %s: exit %d: %s", strings.Join(args, " "), code, errOut.String())
 	}
 	return out.String()

@@ -11,8 +11,7 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
-
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	vigthoria "github.com/vigthoria/caddy-vigthoria"
 )
 
 // meteredTier is a tier whose every limit a key's settings override.
@@ -168,7 +167,7 @@ func TestFleetKeySettings(t *testing.T) {
 	f := startFleet(t, "requests 100/1h")
 	var out strings.Builder
 	args := []string{"key", "add", "--tier", "metered", "--name", "acme", "--requests", "1/1h", "--store", f.redis.URL}
-	if code := keystore.RunCLI(args, &out, &out); code != 0 {
+	if code := vigthoria.RunCLI(args, &out, &out); code != 0 {
 		t.Fatalf("key add: %s", out.String())
 	}
 	secret := secretPattern.FindString(out.String())

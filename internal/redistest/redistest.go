@@ -3,6 +3,8 @@
 package redistest
 
 import (
+	goredis "github.com/redis/go-redis/v9"
+
 	"bufio"
 	"errors"
 	"fmt"
@@ -151,4 +153,16 @@ func (s *Server) Resume(t testing.TB) {
 	if err := s.cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// Client is a client of the Redis at url, closed when the test ends.
+func Client(t testing.TB, url string) *goredis.Client {
+	t.Helper()
+	opts, err := goredis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := goredis.NewClient(opts)
+	t.Cleanup(func() { c.Close() })
+	return c
 }

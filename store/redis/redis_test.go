@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	goredis "github.com/redis/go-redis/v9"
-
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/storetest"
 	"github.com/vigthoria/caddy-vigthoria/keystore"
@@ -29,18 +27,6 @@ func openRedisTemp(t *testing.T) (*Store, *redistest.Server) {
 	return st, srv
 }
 
-// rawRedis returns a plain client of srv, for looking behind the store.
-func rawRedis(t *testing.T, url string) *goredis.Client {
-	t.Helper()
-	opts, err := goredis.ParseURL(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := goredis.NewClient(opts)
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // waitFor polls cond until it holds or d has passed.
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
@@ -57,7 +43,7 @@ func TestRedisKeyWithoutMint(t *testing.T) {
 	st, srv := openRedisTemp(t)
 	r, _ := storetest.CreateWith(t, st, keystore.Attrs{Name: "old", Tier: "pro", Mint: []string{"free"}}, time.Now())
 	// A key written by an older version has no mint field.
-	if err := rawRedis(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "mint").Err(); err != nil {
+	if err := redistest.Client(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "mint").Err(); err != nil {
 		t.Fatal(err)
 	}
 	got, err := st.Get(t.Context(), r.ID)
@@ -141,7 +127,7 @@ func TestRedisManyKeysInPages(t *testing.T) {
 func TestRedisStoreReset(t *testing.T) {
 	ctx := t.Context()
 	st, srv := openRedisTemp(t)
-	raw := rawRedis(t, srv.URL)
+	raw := redistest.Client(t, srv.URL)
 	storetest.Create(t, st, "a", "free", time.Time{}, time.Now())
 	storetest.Create(t, st, "b", "free", time.Time{}, time.Now())
 	_, cursor, err := st.Changes(ctx, 0)
@@ -217,7 +203,7 @@ func TestRedisHoldsNoSecret(t *testing.T) {
 	}
 
 	// Every key and value in Redis, whatever its type.
-	raw := rawRedis(t, srv.URL)
+	raw := redistest.Client(t, srv.URL)
 	var dump strings.Builder
 	types := make(map[string]int)
 	iter := raw.Scan(ctx, 0, "*", 100).Iterator()
@@ -332,7 +318,7 @@ func TestRedisLedger(t *testing.T) {
 	}
 
 	// Each day expires on its own.
-	raw := rawRedis(t, srv.URL)
+	raw := redistest.Client(t, srv.URL)
 	keys, err := raw.Keys(ctx, redisUsagePrefix+"*").Result()
 	if err != nil || len(keys) != 5 {
 		t.Fatalf("usage keys %v (%v), want 5", keys, err)
@@ -384,7 +370,7 @@ func TestOpenRedisErrors(t *testing.T) {
 func TestRedisKeyWithoutSettings(t *testing.T) {
 	st, srv := openRedisTemp(t)
 	r, _ := storetest.CreateWith(t, st, keystore.Attrs{Name: "old", Tier: "pro", Settings: storetest.FullSettings()}, time.Now())
-	if err := rawRedis(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "settings").Err(); err != nil {
+	if err := redistest.Client(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "settings").Err(); err != nil {
 		t.Fatal(err)
 	}
 	got, err := st.Get(t.Context(), r.ID)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -17,7 +18,7 @@ import (
 func TestRedisLedgerChecksBeforeItWrites(t *testing.T) {
 	ctx := t.Context()
 	st, srv := openRedisTemp(t)
-	raw := rawRedis(t, srv.URL)
+	raw := redistest.Client(t, srv.URL)
 	day := "2030-03-01"
 	k := usageKey("key_a", day)
 	if err := raw.HSet(ctx, redisWriterPrefix+"w", "not", "a sequence").Err(); err != nil {
@@ -81,7 +82,7 @@ func TestRedisRefusalsOnce(t *testing.T) {
 	if rows, err := st.UsageHours(ctx, "", hour); err != nil || len(rows) != 0 {
 		t.Fatalf("usage by hour: got %+v, %v, want none", rows, err)
 	}
-	if ttl := rawRedis(t, srv.URL).TTL(ctx, redisHourPrefix+hour).Val(); ttl < store.HourRetention-time.Minute || ttl > store.HourRetention {
+	if ttl := redistest.Client(t, srv.URL).TTL(ctx, redisHourPrefix+hour).Val(); ttl < store.HourRetention-time.Minute || ttl > store.HourRetention {
 		t.Errorf("TTL of the hour = %v, want %v", ttl, store.HourRetention)
 	}
 }
@@ -93,7 +94,7 @@ func TestRedisRefusalsRefused(t *testing.T) {
 	ctx := t.Context()
 	st, srv := openRedisTemp(t)
 	hour := store.Hour(time.Now())
-	raw := rawRedis(t, srv.URL)
+	raw := redistest.Client(t, srv.URL)
 	if err := raw.HSet(ctx, redisHourPrefix+hour, refusalField("key_a", "bad"), "x").Err(); err != nil {
 		t.Fatal(err)
 	}

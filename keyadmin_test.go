@@ -1,4 +1,4 @@
-package keystore
+package vigthoria
 
 import (
 	"encoding/base64"
@@ -17,6 +17,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -87,7 +89,7 @@ func TestAdminWithoutService(t *testing.T) {
 }
 
 func TestAdminManagesKeys(t *testing.T) {
-	s, _ := startService(t, nil)
+	s, _ := startService(t)
 	srv := adminServer(t)
 
 	status, body, header := call(t, srv, http.MethodPost, "/vigthoria/keys", `{"name":"from admin","tier":"pro","expires":"720h"}`)
@@ -97,19 +99,19 @@ func TestAdminManagesKeys(t *testing.T) {
 	if header.Get("Cache-Control") != "no-store" {
 		t.Error("an answer with a secret may be cached")
 	}
-	created := decode[KeyInfo](t, body)
+	created := decode[keystore.KeyInfo](t, body)
 	if !clientkey.Valid(created.Secret) || !strings.HasPrefix(created.ID, "key_") || created.Name != "from admin" ||
 		created.Tier != "pro" || created.State != store.StateActive || created.Expires == nil ||
 		created.Expires.Sub(created.Created) != 720*time.Hour {
 		t.Fatalf("created %+v", created)
 	}
-	within(t, "the admin's key is identified", func() bool {
+	testcheck.Within(t, "the admin's key is identified", func() bool {
 		c, ok := s.Identify(created.Secret, time.Now())
 		return ok && c.ID == created.ID
 	})
 
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys", "")
-	keys := decode[[]KeyInfo](t, body)
+	keys := decode[[]keystore.KeyInfo](t, body)
 	if status != http.StatusOK || len(keys) != 1 || keys[0].ID != created.ID || keys[0].Secret != "" {
 		t.Errorf("GET /vigthoria/keys: %d %s", status, body)
 	}
@@ -120,26 +122,26 @@ func TestAdminManagesKeys(t *testing.T) {
 		}
 	}
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if one := decode[KeyInfo](t, body); status != http.StatusOK || one.ID != created.ID || strings.Contains(body, created.Secret) {
+	if one := decode[keystore.KeyInfo](t, body); status != http.StatusOK || one.ID != created.ID || strings.Contains(body, created.Secret) {
 		t.Errorf("GET one key: %d %s", status, body)
 	}
 
 	status, body, _ = call(t, srv, http.MethodPost, "/vigthoria/keys/"+created.ID+"/rotate", "")
-	rotated := decode[KeyInfo](t, body)
+	rotated := decode[keystore.KeyInfo](t, body)
 	if status != http.StatusOK || !clientkey.Valid(rotated.Secret) || rotated.Secret == created.Secret || rotated.ID != created.ID {
 		t.Fatalf("rotate: %d %s", status, body)
 	}
-	within(t, "rotation takes effect", func() bool {
+	testcheck.Within(t, "rotation takes effect", func() bool {
 		_, oldOK := s.Identify(created.Secret, time.Now())
 		_, newOK := s.Identify(rotated.Secret, time.Now())
 		return !oldOK && newOK
 	})
 
 	status, body, _ = call(t, srv, http.MethodDelete, "/vigthoria/keys/"+created.ID, "")
-	if revoked := decode[KeyInfo](t, body); status != http.StatusOK || revoked.State != store.StateRevoked || revoked.Revoked == nil {
+	if revoked := decode[keystore.KeyInfo](t, body); status != http.StatusOK || revoked.State != store.StateRevoked || revoked.Revoked == nil {
 		t.Errorf("DELETE: %d %s", status, body)
 	}
-	within(t, "revocation takes effect", func() bool { _, ok := s.Identify(rotated.Secret, time.Now()); return !ok })
+	testcheck.Within(t, "revocation takes effect", func() bool { _, ok := s.Identify(rotated.Secret, time.Now()); return !ok })
 
 	for _, tt := range []struct {
 		name, method, path, body string
@@ -177,19 +179,19 @@ func TestAdminManagesKeys(t *testing.T) {
 			}
 		})
 	}
-	if _, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", ""); len(decode[[]KeyInfo](t, body)) != 1 {
+	if _, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", ""); len(decode[[]keystore.KeyInfo](t, body)) != 1 {
 		t.Errorf("refused creations stored keys: %s", body)
 	}
 }
 
 func TestAdminCreatesMinter(t *testing.T) {
-	_, cli := startService(t, nil)
+	_, cli := startService(t)
 	srv := adminServer(t)
 	status, body, _ := call(t, srv, http.MethodPost, "/vigthoria/keys", `{"name":"backend","tier":"pro","mint":["free","basic","free"]}`)
 	if status != http.StatusCreated {
 		t.Fatalf("POST /vigthoria/keys: %d %s", status, body)
 	}
-	created := decode[KeyInfo](t, body)
+	created := decode[keystore.KeyInfo](t, body)
 	if want := []string{"basic", "free"}; !slices.Equal(created.Mint, want) {
 		t.Errorf("created key mints %q, want %q", created.Mint, want)
 	}
@@ -197,7 +199,7 @@ func TestAdminCreatesMinter(t *testing.T) {
 		t.Errorf("stored key mints %q (%v), want %q", rec.Mint, err, created.Mint)
 	}
 	_, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if got := decode[KeyInfo](t, body); !slices.Equal(got.Mint, created.Mint) {
+	if got := decode[keystore.KeyInfo](t, body); !slices.Equal(got.Mint, created.Mint) {
 		t.Errorf("GET shows the key minting %q, want %q", got.Mint, created.Mint)
 	}
 
@@ -209,20 +211,20 @@ func TestAdminCreatesMinter(t *testing.T) {
 }
 
 func TestAdminChoosesAmongStores(t *testing.T) {
-	a, _ := startService(t, nil)
-	b, _ := startService(t, nil)
+	a, _ := startService(t)
+	b, _ := startService(t)
 	srv := adminServer(t)
 
 	status, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", "")
-	if status != http.StatusBadRequest || !strings.Contains(body, "?store=") || !strings.Contains(body, a.spec) || !strings.Contains(body, b.spec) {
+	if status != http.StatusBadRequest || !strings.Contains(body, "?store=") || !strings.Contains(body, a.Spec()) || !strings.Contains(body, b.Spec()) {
 		t.Errorf("two stores, none chosen: %d %s; want 400 naming both and ?store=", status, body)
 	}
-	status, body, _ = call(t, srv, http.MethodPost, "/vigthoria/keys?store="+url.QueryEscape(b.spec), `{"name":"n","tier":"free"}`)
+	status, body, _ = call(t, srv, http.MethodPost, "/vigthoria/keys?store="+url.QueryEscape(b.Spec()), `{"name":"n","tier":"free"}`)
 	if status != http.StatusCreated {
 		t.Fatalf("POST with ?store: %d %s", status, body)
 	}
-	secret := decode[KeyInfo](t, body).Secret
-	within(t, "the key reaches the chosen store", func() bool { _, ok := b.Identify(secret, time.Now()); return ok })
+	secret := decode[keystore.KeyInfo](t, body).Secret
+	testcheck.Within(t, "the key reaches the chosen store", func() bool { _, ok := b.Identify(secret, time.Now()); return ok })
 	if _, ok := a.Identify(secret, time.Now()); ok {
 		t.Error("the key reached the other store")
 	}

@@ -1,4 +1,4 @@
-package keystore
+package vigthoria
 
 import (
 	"errors"
@@ -15,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -218,7 +219,7 @@ func cliAdd(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	a := Attrs{Name: name, Tier: tier, Expires: expires}
+	a := keystore.Attrs{Name: name, Tier: tier, Expires: expires}
 	if mint != "" {
 		a.Mint = strings.Split(mint, ",")
 	}
@@ -230,7 +231,7 @@ func cliAdd(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	defer st.Close()
-	rec, secret, err := Create(cmd.Context(), st, a, now)
+	rec, secret, err := keystore.Create(cmd.Context(), st, a, now)
 	if err != nil {
 		return err
 	}
@@ -337,7 +338,7 @@ func cliRotate(cmd *cobra.Command, args []string) error {
 		return err
 	}
 	defer st.Close()
-	secret, err := Rotate(cmd.Context(), st, args[0])
+	secret, err := keystore.Rotate(cmd.Context(), st, args[0])
 	if err != nil {
 		return err
 	}
@@ -356,13 +357,13 @@ func cliSigningRotate(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	defer st.Close()
-	k, removed, err := rotateSigningKeys(cmd.Context(), st, time.Now())
+	k, removed, err := keystore.RotateSigningKeys(cmd.Context(), st, time.Now())
 	if err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
 	fmt.Fprintf(out, "Added signing key %s in %s: a running Caddy signs new tokens with it in 2 seconds.\n", k.ID, spec)
-	fmt.Fprintf(out, "Signing keys removed (retired more than %g hours ago): %d.\n", MaxTokenTTL.Hours(), removed)
+	fmt.Fprintf(out, "Signing keys removed (retired more than %g hours ago): %d.\n", keystore.MaxTokenTTL.Hours(), removed)
 	return nil
 }
 
@@ -389,15 +390,15 @@ func cliSigningList(cmd *cobra.Command, _ []string) error {
 	now := time.Now()
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tCREATED\tSTATE")
-	current := signer(keys, now)
+	current := keystore.Signer(keys, now)
 	for i, k := range keys {
 		state := "current"
-		switch retired := Retired(keys, i); {
+		switch retired := keystore.Retired(keys, i); {
 		case &keys[i] == current:
-		case expiredSigningKey(keys, i, now):
+		case keystore.ExpiredSigningKey(keys, i, now):
 			state = "expired"
 		case k.Created.After(current.Created):
-			state = "signs from " + formatTime(k.Created.Add(signingGrace), "-")
+			state = "signs from " + formatTime(k.Created.Add(keystore.SigningGrace), "-")
 		case !retired.IsZero():
 			state = "retired " + formatTime(retired, "-")
 		}

@@ -1,4 +1,4 @@
-package keystore
+package vigthoria
 
 import (
 	"bytes"
@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
@@ -38,15 +40,15 @@ func mustCLI(t *testing.T, args ...string) string {
 }
 
 func TestCLIRoundTrip(t *testing.T) {
-	s, _ := startService(t, nil)
-	store := "--store=" + s.spec
+	s, _ := startService(t)
+	store := "--store=" + s.Spec()
 
 	out := mustCLI(t, "key", "add", "--tier", "pro", "--name", "alice smith", "--expires", "720h", store)
 	secret, id := printedSecret.FindString(out), printedID.FindString(out)
 	if secret == "" || id == "" || !strings.Contains(out, "shown only now") {
 		t.Fatalf("add printed %q, want the ID, the secret and that it is shown once", out)
 	}
-	within(t, "the CLI's key is identified", func() bool {
+	testcheck.Within(t, "the CLI's key is identified", func() bool {
 		c, ok := s.Identify(secret, time.Now())
 		return ok && c == caller.Client{ID: id, Name: "alice smith", Tier: "pro"}
 	})
@@ -64,14 +66,14 @@ func TestCLIRoundTrip(t *testing.T) {
 	if newSecret == "" || newSecret == secret {
 		t.Fatalf("rotate printed %q, want a new secret", out)
 	}
-	within(t, "the rotation is seen", func() bool {
+	testcheck.Within(t, "the rotation is seen", func() bool {
 		_, oldOK := s.Identify(secret, time.Now())
 		_, newOK := s.Identify(newSecret, time.Now())
 		return !oldOK && newOK
 	})
 
 	mustCLI(t, "key", "revoke", store, id) // flags before or after arguments
-	within(t, "the revocation is seen", func() bool {
+	testcheck.Within(t, "the revocation is seen", func() bool {
 		_, ok := s.Identify(newSecret, time.Now())
 		return !ok
 	})
@@ -223,4 +225,29 @@ func TestCLIDefaultStore(t *testing.T) {
 	if list := mustCLI(t, "key", "list"); !strings.Contains(list, printedID.FindString(out)) {
 		t.Errorf("list of the default store = %q", list)
 	}
+}
+
+// startService starts a key service on a new SQLite store, and opens the
+// same store as the CLI would.
+func startService(t testing.TB) (*keystore.Service, *sqlite.Store) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "keys.db")
+	s, err := keystore.NewService("sqlite:"+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := s.Stop(); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	cli, err := sqlite.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return s, cli
 }

@@ -1,4 +1,4 @@
-package keystore
+package vigthoria
 
 import (
 	"net/http"
@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/storetest"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
@@ -16,8 +19,8 @@ import (
 // clears them, show says where each comes from, list names them, and
 // a running Service sees each change.
 func TestCLISettings(t *testing.T) {
-	s, _ := startService(t, nil)
-	store := "--store=" + s.spec
+	s, _ := startService(t)
+	store := "--store=" + s.Spec()
 	out := mustCLI(t, "key", "add", "--tier", "pro", "--name", "acme", "--requests", "100/1m", "--tokens", "200000/1m",
 		"--concurrent", "5", "--quota", "10000000/month", "--budget", "50/month", "--models", "vigthoria-fast-*",
 		"--max-tokens", "2048", "--origins", "https://app.acme.com", store)
@@ -25,7 +28,7 @@ func TestCLISettings(t *testing.T) {
 	if !strings.Contains(out, "own settings requests,tokens,concurrent,quota,budget,models,max_tokens,origins") {
 		t.Errorf("add printed %q, want the settings it set", out)
 	}
-	within(t, "the key and its settings are loaded", func() bool {
+	testcheck.Within(t, "the key and its settings are loaded", func() bool {
 		c, ok := s.Identify(secret, time.Now())
 		return ok && c.Settings != nil && reflect.DeepEqual(*c.Settings, acmeSettings())
 	})
@@ -34,7 +37,7 @@ func TestCLISettings(t *testing.T) {
 	if !strings.Contains(out, "tokens,concurrent,quota,budget,models,max_tokens,origins") || strings.Contains(out, "requests,") {
 		t.Errorf("update printed %q", out)
 	}
-	within(t, "the update is seen", func() bool {
+	testcheck.Within(t, "the update is seen", func() bool {
 		c := s.Settings(id)
 		return c != nil && c.Requests == nil && c.Budget.N == 80_000_000
 	})
@@ -92,7 +95,7 @@ func TestCLISettings(t *testing.T) {
 
 // acmeSettings is what the add of TestCLISettings sets.
 func acmeSettings() policy.Settings {
-	s := fullSettings()
+	s := storetest.FullSettings()
 	s.Tokens.Burst = 0
 	s.Origins = []string{"https://app.acme.com"}
 	return s
@@ -111,28 +114,28 @@ func hasRow(out string, want []string) bool {
 // TestAdminSettings: POST takes settings, GET shows them, PATCH sets
 // some and clears others, keeping the rest, and refuses bad ones.
 func TestAdminSettings(t *testing.T) {
-	s, _ := startService(t, nil)
+	s, _ := startService(t)
 	srv := adminServer(t)
 	status, body, _ := call(t, srv, http.MethodPost, "/vigthoria/keys",
 		`{"name":"acme","tier":"pro","settings":{"requests":{"n":100,"window":"1m"},"origins":["https://app.acme.com"]}}`)
 	if status != http.StatusCreated {
 		t.Fatalf("POST: %d %s", status, body)
 	}
-	created := decode[KeyInfo](t, body)
+	created := decode[keystore.KeyInfo](t, body)
 	if created.Settings == nil || created.Settings.Requests.N != 100 || created.Settings.Requests.Window != time.Minute {
 		t.Fatalf("created %s", body)
 	}
 	status, body, _ = call(t, srv, http.MethodPatch, "/vigthoria/keys/"+created.ID,
 		`{"budget":{"n":80000000,"period":"month"},"requests":null,"max_tokens":2048}`)
-	patched := decode[KeyInfo](t, body)
+	patched := decode[keystore.KeyInfo](t, body)
 	if status != http.StatusOK || patched.Settings == nil || patched.Settings.Requests != nil ||
 		patched.Settings.Budget.N != 80_000_000 || *patched.Settings.MaxTokens != 2048 ||
 		!reflect.DeepEqual(patched.Settings.Origins, []string{"https://app.acme.com"}) {
 		t.Fatalf("PATCH: %d %s", status, body)
 	}
-	within(t, "the PATCH is seen", func() bool { c := s.Settings(created.ID); return c != nil && c.Budget != nil })
+	testcheck.Within(t, "the PATCH is seen", func() bool { c := s.Settings(created.ID); return c != nil && c.Budget != nil })
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if got := decode[KeyInfo](t, body); status != http.StatusOK || !reflect.DeepEqual(got.Settings, patched.Settings) {
+	if got := decode[keystore.KeyInfo](t, body); status != http.StatusOK || !reflect.DeepEqual(got.Settings, patched.Settings) {
 		t.Errorf("GET after PATCH: %d %s", status, body)
 	}
 	for _, bad := range []string{`{"concurrent":0}`, `{"colour":"red"}`, `{"origins":["nope"]}`, `{"requests":"100/1m"}`, `[]`} {
@@ -142,7 +145,7 @@ func TestAdminSettings(t *testing.T) {
 	}
 	status, body, _ = call(t, srv, http.MethodPatch, "/vigthoria/keys/"+created.ID,
 		`{"budget":null,"max_tokens":null,"origins":null}`)
-	if got := decode[KeyInfo](t, body); status != http.StatusOK || got.Settings != nil {
+	if got := decode[keystore.KeyInfo](t, body); status != http.StatusOK || got.Settings != nil {
 		t.Errorf("clearing every setting: %d %s, want no settings", status, body)
 	}
 	if status, _, _ := call(t, srv, http.MethodPatch, "/vigthoria/keys/key_unknown", `{}`); status != http.StatusNotFound {

@@ -1,4 +1,4 @@
-package keystore
+package vigthoria
 
 import (
 	"encoding/json"
@@ -8,12 +8,12 @@ import (
 	"net/http"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
+	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -22,43 +22,17 @@ func init() {
 	caddy.RegisterModule(adminAPI{})
 }
 
-// services are the started Services, which the admin routes manage: the
-// admin API is set up by Caddy apart from the HTTP handlers that own
-// them.
-var services struct {
-	mu      sync.Mutex
-	running map[*Service]struct{}
-}
-
-// registerService makes s manageable through the admin API.
-func registerService(s *Service) {
-	services.mu.Lock()
-	defer services.mu.Unlock()
-	if services.running == nil {
-		services.running = make(map[*Service]struct{})
-	}
-	services.running[s] = struct{}{}
-}
-
-// unregisterService undoes registerService.
-func unregisterService(s *Service) {
-	services.mu.Lock()
-	defer services.mu.Unlock()
-	delete(services.running, s)
-}
-
 // serviceFor returns the started Service that a request manages: the one
 // of its ?store= parameter, else the only one.
-func serviceFor(r *http.Request) (*Service, error) {
-	services.mu.Lock()
-	defer services.mu.Unlock()
+func serviceFor(r *http.Request) (*keystore.Service, error) {
+	started := keystore.Started()
 	if want := r.URL.Query().Get("store"); want != "" {
 		kind, target, err := store.ParseSpec(want)
 		if err != nil {
 			return nil, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 		}
-		for s := range services.running {
-			if s.spec == kind+":"+target {
+		for _, s := range started {
+			if s.Spec() == kind+":"+target {
 				return s, nil
 			}
 		}
@@ -66,10 +40,10 @@ func serviceFor(r *http.Request) (*Service, error) {
 			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", store.Display(kind, target))}
 	}
 	var specs []string
-	var found *Service
-	for s := range services.running {
-		if !slices.Contains(specs, s.name) {
-			specs = append(specs, s.name)
+	var found *keystore.Service
+	for _, s := range started {
+		if !slices.Contains(specs, s.Name()) {
+			specs = append(specs, s.Name())
 		}
 		found = s
 	}
@@ -121,40 +95,6 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 // maxAdminBody bounds the body of a key creation.
 const maxAdminBody = 64 << 10
 
-// KeyInfo is a key in the admin API's and the dashboard's answers:
-// never its hash. Secret is set only when one was just made.
-type KeyInfo struct {
-	ID       string           `json:"id"`
-	Name     string           `json:"name"`
-	Tier     string           `json:"tier"`
-	State    string           `json:"state"`
-	Created  time.Time        `json:"created"`
-	Expires  *time.Time       `json:"expires"`
-	Revoked  *time.Time       `json:"revoked"`
-	LastUsed *time.Time       `json:"last_used"`
-	Mint     []string         `json:"mint,omitempty"`
-	Settings *policy.Settings `json:"settings,omitempty"`
-	Secret   string           `json:"secret,omitempty"`
-}
-
-// NewKeyInfo returns the answer's view of r at now.
-func NewKeyInfo(r store.Record, now time.Time) KeyInfo {
-	opt := func(t time.Time) *time.Time {
-		if t.IsZero() {
-			return nil
-		}
-		return &t
-	}
-	k := KeyInfo{
-		ID: r.ID, Name: r.Name, Tier: r.Tier, State: r.State(now), Created: r.Created,
-		Expires: opt(r.Expires), Revoked: opt(r.Revoked), LastUsed: opt(r.LastUsed), Mint: r.Mint,
-	}
-	if !r.Settings.IsZero() {
-		k.Settings = &r.Settings
-	}
-	return k
-}
-
 // serve routes a request under /vigthoria/.
 func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/vigthoria/"), "/")
@@ -196,9 +136,9 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
 	}
 	now := time.Now()
-	keys := make([]KeyInfo, 0, len(recs))
+	keys := make([]keystore.KeyInfo, 0, len(recs))
 	for _, rec := range recs {
-		keys = append(keys, NewKeyInfo(rec, now))
+		keys = append(keys, keystore.NewKeyInfo(rec, now))
 	}
 	return writeJSON(w, http.StatusOK, keys)
 }
@@ -224,7 +164,7 @@ func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out, err := svc.CreateKey(r.Context(), Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
+	out, err := svc.CreateKey(r.Context(), keystore.Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
 	if err != nil {
 		return storeError(err)
 	}
@@ -240,7 +180,7 @@ func (adminAPI) get(w http.ResponseWriter, r *http.Request, id string) error {
 	if err != nil {
 		return storeError(err)
 	}
-	return writeJSON(w, http.StatusOK, NewKeyInfo(rec, time.Now()))
+	return writeJSON(w, http.StatusOK, keystore.NewKeyInfo(rec, time.Now()))
 }
 
 // patch changes the settings of the key id; see adminAPI.
@@ -297,21 +237,7 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 
 // storeError maps a store or Create error to its status.
 func storeError(err error) error {
-	return caddy.APIError{HTTPStatus: ErrorStatus(err), Err: err}
-}
-
-// ErrorStatus is the HTTP status of an error of a key operation: 404,
-// 409 (revoked), 400 (invalid attributes) or 500.
-func ErrorStatus(err error) int {
-	switch {
-	case errors.Is(err, store.ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, store.ErrRevoked):
-		return http.StatusConflict
-	case errors.Is(err, store.ErrInvalid):
-		return http.StatusBadRequest
-	}
-	return http.StatusInternalServerError
+	return caddy.APIError{HTTPStatus: keystore.ErrorStatus(err), Err: err}
 }
 
 func methodNotAllowed(w http.ResponseWriter, r *http.Request, allowed ...string) error {
