@@ -14,7 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 )
 
 // Alerts configures what happens when a caller's use of its quota or
@@ -104,7 +104,7 @@ func (h *Handler) cleanupAlerts() error {
 }
 
 // alertClaimer claims alerts in the key store.
-type alertClaimer struct{ keys *keystore.Service }
+type alertClaimer struct{ keys *keys.Service }
 
 func (c alertClaimer) Claim(ctx context.Context, id string, until time.Time) (bool, error) {
 	return c.keys.ClaimAlert(ctx, id, until)

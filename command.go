@@ -15,7 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -219,7 +219,7 @@ func cliAdd(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	a := keystore.Attrs{Name: name, Tier: tier, Expires: expires}
+	a := keys.Attrs{Name: name, Tier: tier, Expires: expires}
 	if mint != "" {
 		a.Mint = strings.Split(mint, ",")
 	}
@@ -231,7 +231,7 @@ func cliAdd(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	defer st.Close()
-	rec, secret, err := keystore.Create(cmd.Context(), st, a, now)
+	rec, secret, err := keys.Create(cmd.Context(), st, a, now)
 	if err != nil {
 		return err
 	}
@@ -338,7 +338,7 @@ func cliRotate(cmd *cobra.Command, args []string) error {
 		return err
 	}
 	defer st.Close()
-	secret, err := keystore.Rotate(cmd.Context(), st, args[0])
+	secret, err := keys.Rotate(cmd.Context(), st, args[0])
 	if err != nil {
 		return err
 	}
@@ -357,13 +357,13 @@ func cliSigningRotate(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	defer st.Close()
-	k, removed, err := keystore.RotateSigningKeys(cmd.Context(), st, time.Now())
+	k, removed, err := keys.RotateSigningKeys(cmd.Context(), st, time.Now())
 	if err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
 	fmt.Fprintf(out, "Added signing key %s in %s: a running Caddy signs new tokens with it in 2 seconds.\n", k.ID, spec)
-	fmt.Fprintf(out, "Signing keys removed (retired more than %g hours ago): %d.\n", keystore.MaxTokenTTL.Hours(), removed)
+	fmt.Fprintf(out, "Signing keys removed (retired more than %g hours ago): %d.\n", keys.MaxTokenTTL.Hours(), removed)
 	return nil
 }
 
@@ -378,27 +378,27 @@ func cliSigningList(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	defer st.Close()
-	keys, err := st.SigningKeys(cmd.Context())
+	signing, err := st.SigningKeys(cmd.Context())
 	if err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	if len(keys) == 0 {
+	if len(signing) == 0 {
 		fmt.Fprintf(out, "No signing keys in %s.\n", spec)
 		return nil
 	}
 	now := time.Now()
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tCREATED\tSTATE")
-	current := keystore.Signer(keys, now)
-	for i, k := range keys {
+	current := keys.Signer(signing, now)
+	for i, k := range signing {
 		state := "current"
-		switch retired := keystore.Retired(keys, i); {
-		case &keys[i] == current:
-		case keystore.ExpiredSigningKey(keys, i, now):
+		switch retired := keys.Retired(signing, i); {
+		case &signing[i] == current:
+		case keys.ExpiredSigningKey(signing, i, now):
 			state = "expired"
 		case k.Created.After(current.Created):
-			state = "signs from " + formatTime(k.Created.Add(keystore.SigningGrace), "-")
+			state = "signs from " + formatTime(k.Created.Add(keys.SigningGrace), "-")
 		case !retired.IsZero():
 			state = "retired " + formatTime(retired, "-")
 		}

@@ -12,7 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/spf13/cobra"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -89,7 +89,7 @@ func cliUpdate(cmd *cobra.Command, args []string) error {
 		if err := settingsFromFlags(cmd, &s); err != nil {
 			return err
 		}
-		if err := keystore.SetSettings(cmd.Context(), st, rec.ID, s); err != nil {
+		if err := keys.SetSettings(cmd.Context(), st, rec.ID, s); err != nil {
 			return err
 		}
 		fmt.Fprintf(cmd.OutOrStdout(), "Updated key %s: its own settings are %s. A running Caddy applies them within a second.\n",

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/storetest"
 	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
@@ -121,13 +121,13 @@ func TestAdminSettings(t *testing.T) {
 	if status != http.StatusCreated {
 		t.Fatalf("POST: %d %s", status, body)
 	}
-	created := decode[keystore.KeyInfo](t, body)
+	created := decode[keys.KeyInfo](t, body)
 	if created.Settings == nil || created.Settings.Requests.N != 100 || created.Settings.Requests.Window != time.Minute {
 		t.Fatalf("created %s", body)
 	}
 	status, body, _ = call(t, srv, http.MethodPatch, "/vigthoria/keys/"+created.ID,
 		`{"budget":{"n":80000000,"period":"month"},"requests":null,"max_tokens":2048}`)
-	patched := decode[keystore.KeyInfo](t, body)
+	patched := decode[keys.KeyInfo](t, body)
 	if status != http.StatusOK || patched.Settings == nil || patched.Settings.Requests != nil ||
 		patched.Settings.Budget.N != 80_000_000 || *patched.Settings.MaxTokens != 2048 ||
 		!reflect.DeepEqual(patched.Settings.Origins, []string{"https://app.acme.com"}) {
@@ -135,7 +135,7 @@ func TestAdminSettings(t *testing.T) {
 	}
 	testcheck.Within(t, "the PATCH is seen", func() bool { c := s.Settings(created.ID); return c != nil && c.Budget != nil })
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if got := decode[keystore.KeyInfo](t, body); status != http.StatusOK || !reflect.DeepEqual(got.Settings, patched.Settings) {
+	if got := decode[keys.KeyInfo](t, body); status != http.StatusOK || !reflect.DeepEqual(got.Settings, patched.Settings) {
 		t.Errorf("GET after PATCH: %d %s", status, body)
 	}
 	for _, bad := range []string{`{"concurrent":0}`, `{"colour":"red"}`, `{"origins":["nope"]}`, `{"requests":"100/1m"}`, `[]`} {
@@ -145,7 +145,7 @@ func TestAdminSettings(t *testing.T) {
 	}
 	status, body, _ = call(t, srv, http.MethodPatch, "/vigthoria/keys/"+created.ID,
 		`{"budget":null,"max_tokens":null,"origins":null}`)
-	if got := decode[keystore.KeyInfo](t, body); status != http.StatusOK || got.Settings != nil {
+	if got := decode[keys.KeyInfo](t, body); status != http.StatusOK || got.Settings != nil {
 		t.Errorf("clearing every setting: %d %s, want no settings", status, body)
 	}
 	if status, _, _ := call(t, srv, http.MethodPatch, "/vigthoria/keys/key_unknown", `{}`); status != http.StatusNotFound {

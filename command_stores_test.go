@@ -9,9 +9,9 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
@@ -23,7 +23,7 @@ func TestRedisCLIRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := "redis://:" + password + "@" + srv.Addr + "/0"
-	s, err := keystore.NewService(url, nil)
+	s, err := keys.NewService(url, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,17 +100,17 @@ func TestCLISigningKeys(t *testing.T) {
 		t.Errorf("list = %q, want one key current and one to sign soon", list)
 	}
 
-	// Keys from before: the oldest stopped signing more than keystore.MaxTokenTTL
+	// Keys from before: the oldest stopped signing more than keys.MaxTokenTTL
 	// ago, the next an hour ago, and the third signs until the rotated
-	// keys have been published for keystore.SigningGrace.
+	// keys have been published for keys.SigningGrace.
 	st, err := sqlite.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
 	now := time.Now()
-	expired := newSigningKey(t, now.Add(-3*keystore.MaxTokenTTL))
-	retired := newSigningKey(t, now.Add(-2*keystore.MaxTokenTTL))
+	expired := newSigningKey(t, now.Add(-3*keys.MaxTokenTTL))
+	retired := newSigningKey(t, now.Add(-2*keys.MaxTokenTTL))
 	current := newSigningKey(t, now.Add(-time.Hour))
 	for _, k := range []store.SigningKey{expired, retired, current} {
 		if err := st.AddSigningKey(ctx, k); err != nil {
@@ -135,7 +135,7 @@ func TestCLISigningKeys(t *testing.T) {
 			t.Errorf("line %d = %q, want %s %s", i+1, lines[i+1], want.id, want.state)
 		}
 	}
-	if got, want := strings.Fields(lines[2])[2:], []string{"retired", formatTime(current.Created.Add(keystore.SigningGrace), "-")}; !slices.Equal(got, want) {
+	if got, want := strings.Fields(lines[2])[2:], []string{"retired", formatTime(current.Created.Add(keys.SigningGrace), "-")}; !slices.Equal(got, want) {
 		t.Errorf("the state of %s is %q, want %q", retired.ID, got, want)
 	}
 
@@ -160,7 +160,7 @@ func TestCLISigningKeys(t *testing.T) {
 }
 
 // identified reports whether s identifies secret now.
-func identified(s *keystore.Service, secret string) bool {
+func identified(s *keys.Service, secret string) bool {
 	_, ok := s.Identify(secret, time.Now())
 	return ok
 }

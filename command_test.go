@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
@@ -229,10 +229,10 @@ func TestCLIDefaultStore(t *testing.T) {
 
 // startService starts a key service on a new SQLite store, and opens the
 // same store as the CLI would.
-func startService(t testing.TB) (*keystore.Service, *sqlite.Store) {
+func startService(t testing.TB) (*keys.Service, *sqlite.Store) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "keys.db")
-	s, err := keystore.NewService("sqlite:"+path, nil)
+	s, err := keys.NewService("sqlite:"+path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

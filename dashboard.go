@@ -11,8 +11,8 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/caller/anonymous"
 	"github.com/vigthoria/caddy-vigthoria/caller/header"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/dashboard"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -30,9 +30,9 @@ func storeSpec(configured string) (spec, kind string, err error) {
 
 // loadKeyService returns the shared service of spec, counting one more
 // user of it: keyServices.Delete(spec) gives it back.
-func loadKeyService(spec string) (*keystore.Service, error) {
+func loadKeyService(spec string) (*keys.Service, error) {
 	svc, _, err := keyServices.LoadOrNew(spec, func() (caddy.Destructor, error) {
-		svc, err := keystore.NewService(spec, caddy.Log().Named("vigthoria.keystore"))
+		svc, err := keys.NewService(spec, caddy.Log().Named("vigthoria.keystore"))
 		return keyService{svc}, err
 	})
 	if err != nil {
@@ -42,7 +42,7 @@ func loadKeyService(spec string) (*keystore.Service, error) {
 }
 
 // KeyService implements dashboard.Source.
-func (*App) KeyService(store string) (*keystore.Service, string, func() error, error) {
+func (*App) KeyService(store string) (*keys.Service, string, func() error, error) {
 	spec, _, err := storeSpec(store)
 	if err != nil {
 		return nil, "", nil, err

@@ -13,7 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
 	"github.com/vigthoria/caddy-vigthoria/api"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -104,7 +104,7 @@ func FuzzTokenRequest(f *testing.F) {
 		if err := json.Unmarshal(claims, &m); err != nil {
 			t.Fatal(err)
 		}
-		user, tier, keyID, models, ok := keystore.ParseMintedClaims(m)
+		user, tier, keyID, models, ok := keys.ParseMintedClaims(m)
 		if !ok || user != tr.User || tier != tr.Tier || keyID != "key_x" || !slices.Equal(models, tr.Models) {
 			t.Errorf("claims of %+v read back as %q %q %q %v %v", tr, user, tier, keyID, models, ok)
 		}

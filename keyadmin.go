@@ -12,8 +12,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -24,8 +24,8 @@ func init() {
 
 // serviceFor returns the started Service that a request manages: the one
 // of its ?store= parameter, else the only one.
-func serviceFor(r *http.Request) (*keystore.Service, error) {
-	started := keystore.Started()
+func serviceFor(r *http.Request) (*keys.Service, error) {
+	started := keys.Started()
 	if want := r.URL.Query().Get("store"); want != "" {
 		kind, target, err := store.ParseSpec(want)
 		if err != nil {
@@ -40,7 +40,7 @@ func serviceFor(r *http.Request) (*keystore.Service, error) {
 			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", store.Display(kind, target))}
 	}
 	var specs []string
-	var found *keystore.Service
+	var found *keys.Service
 	for _, s := range started {
 		if !slices.Contains(specs, s.Name()) {
 			specs = append(specs, s.Name())
@@ -136,11 +136,11 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
 	}
 	now := time.Now()
-	keys := make([]keystore.KeyInfo, 0, len(recs))
+	infos := make([]keys.KeyInfo, 0, len(recs))
 	for _, rec := range recs {
-		keys = append(keys, keystore.NewKeyInfo(rec, now))
+		infos = append(infos, keys.NewKeyInfo(rec, now))
 	}
-	return writeJSON(w, http.StatusOK, keys)
+	return writeJSON(w, http.StatusOK, infos)
 }
 
 func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
@@ -164,7 +164,7 @@ func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out, err := svc.CreateKey(r.Context(), keystore.Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
+	out, err := svc.CreateKey(r.Context(), keys.Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
 	if err != nil {
 		return storeError(err)
 	}
@@ -180,7 +180,7 @@ func (adminAPI) get(w http.ResponseWriter, r *http.Request, id string) error {
 	if err != nil {
 		return storeError(err)
 	}
-	return writeJSON(w, http.StatusOK, keystore.NewKeyInfo(rec, time.Now()))
+	return writeJSON(w, http.StatusOK, keys.NewKeyInfo(rec, time.Now()))
 }
 
 // patch changes the settings of the key id; see adminAPI.
@@ -237,7 +237,7 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 
 // storeError maps a store or Create error to its status.
 func storeError(err error) error {
-	return caddy.APIError{HTTPStatus: keystore.ErrorStatus(err), Err: err}
+	return caddy.APIError{HTTPStatus: keys.ErrorStatus(err), Err: err}
 }
 
 func methodNotAllowed(w http.ResponseWriter, r *http.Request, allowed ...string) error {

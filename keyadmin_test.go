@@ -17,8 +17,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -99,7 +99,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	if header.Get("Cache-Control") != "no-store" {
 		t.Error("an answer with a secret may be cached")
 	}
-	created := decode[keystore.KeyInfo](t, body)
+	created := decode[keys.KeyInfo](t, body)
 	if !clientkey.Valid(created.Secret) || !strings.HasPrefix(created.ID, "key_") || created.Name != "from admin" ||
 		created.Tier != "pro" || created.State != store.StateActive || created.Expires == nil ||
 		created.Expires.Sub(created.Created) != 720*time.Hour {
@@ -111,8 +111,8 @@ func TestAdminManagesKeys(t *testing.T) {
 	})
 
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys", "")
-	keys := decode[[]keystore.KeyInfo](t, body)
-	if status != http.StatusOK || len(keys) != 1 || keys[0].ID != created.ID || keys[0].Secret != "" {
+	infos := decode[[]keys.KeyInfo](t, body)
+	if status != http.StatusOK || len(infos) != 1 || infos[0].ID != created.ID || infos[0].Secret != "" {
 		t.Errorf("GET /vigthoria/keys: %d %s", status, body)
 	}
 	h := store.HashSecret(created.Secret)
@@ -122,12 +122,12 @@ func TestAdminManagesKeys(t *testing.T) {
 		}
 	}
 	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if one := decode[keystore.KeyInfo](t, body); status != http.StatusOK || one.ID != created.ID || strings.Contains(body, created.Secret) {
+	if one := decode[keys.KeyInfo](t, body); status != http.StatusOK || one.ID != created.ID || strings.Contains(body, created.Secret) {
 		t.Errorf("GET one key: %d %s", status, body)
 	}
 
 	status, body, _ = call(t, srv, http.MethodPost, "/vigthoria/keys/"+created.ID+"/rotate", "")
-	rotated := decode[keystore.KeyInfo](t, body)
+	rotated := decode[keys.KeyInfo](t, body)
 	if status != http.StatusOK || !clientkey.Valid(rotated.Secret) || rotated.Secret == created.Secret || rotated.ID != created.ID {
 		t.Fatalf("rotate: %d %s", status, body)
 	}
@@ -138,7 +138,7 @@ func TestAdminManagesKeys(t *testing.T) {
 	})
 
 	status, body, _ = call(t, srv, http.MethodDelete, "/vigthoria/keys/"+created.ID, "")
-	if revoked := decode[keystore.KeyInfo](t, body); status != http.StatusOK || revoked.State != store.StateRevoked || revoked.Revoked == nil {
+	if revoked := decode[keys.KeyInfo](t, body); status != http.StatusOK || revoked.State != store.StateRevoked || revoked.Revoked == nil {
 		t.Errorf("DELETE: %d %s", status, body)
 	}
 	testcheck.Within(t, "revocation takes effect", func() bool { _, ok := s.Identify(rotated.Secret, time.Now()); return !ok })
@@ -179,7 +179,7 @@ func TestAdminManagesKeys(t *testing.T) {
 			}
 		})
 	}
-	if _, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", ""); len(decode[[]keystore.KeyInfo](t, body)) != 1 {
+	if _, body, _ := call(t, srv, http.MethodGet, "/vigthoria/keys", ""); len(decode[[]keys.KeyInfo](t, body)) != 1 {
 		t.Errorf("refused creations stored keys: %s", body)
 	}
 }
@@ -191,7 +191,7 @@ func TestAdminCreatesMinter(t *testing.T) {
 	if status != http.StatusCreated {
 		t.Fatalf("POST /vigthoria/keys: %d %s", status, body)
 	}
-	created := decode[keystore.KeyInfo](t, body)
+	created := decode[keys.KeyInfo](t, body)
 	if want := []string{"basic", "free"}; !slices.Equal(created.Mint, want) {
 		t.Errorf("created key mints %q, want %q", created.Mint, want)
 	}
@@ -199,7 +199,7 @@ func TestAdminCreatesMinter(t *testing.T) {
 		t.Errorf("stored key mints %q (%v), want %q", rec.Mint, err, created.Mint)
 	}
 	_, body, _ = call(t, srv, http.MethodGet, "/vigthoria/keys/"+created.ID, "")
-	if got := decode[keystore.KeyInfo](t, body); !slices.Equal(got.Mint, created.Mint) {
+	if got := decode[keys.KeyInfo](t, body); !slices.Equal(got.Mint, created.Mint) {
 		t.Errorf("GET shows the key minting %q, want %q", got.Mint, created.Mint)
 	}
 
@@ -223,7 +223,7 @@ func TestAdminChoosesAmongStores(t *testing.T) {
 	if status != http.StatusCreated {
 		t.Fatalf("POST with ?store: %d %s", status, body)
 	}
-	secret := decode[keystore.KeyInfo](t, body).Secret
+	secret := decode[keys.KeyInfo](t, body).Secret
 	testcheck.Within(t, "the key reaches the chosen store", func() bool { _, ok := b.Identify(secret, time.Now()); return ok })
 	if _, ok := a.Identify(secret, time.Now()); ok {
 		t.Error("the key reached the other store")

@@ -15,9 +15,9 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/caller/token"
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -39,7 +39,7 @@ const (
 	// maxMintUser is the most bytes of a token's user: the longest whose
 	// caller ID, mint:<key ID>:<user>, is within caller.MaxIDLen, so that
 	// a token minted is a token that works.
-	maxMintUser   = caller.MaxIDLen - len(mintPrefix) - keystore.IDLen - len(":")
+	maxMintUser   = caller.MaxIDLen - len(mintPrefix) - keys.IDLen - len(":")
 	maxMintModels = 16
 )
 
@@ -193,9 +193,9 @@ func (x *exchange) readTokenRequest(who proxy.Holder) (tokenRequest, *api.Error)
 }
 
 // checkTokenRequest checks what a key asks to mint against what it may.
-func (x *exchange) checkTokenRequest(req tokenRequest, mint []string) (keystore.TokenRequest, *api.Error) {
+func (x *exchange) checkTokenRequest(req tokenRequest, mint []string) (keys.TokenRequest, *api.Error) {
 	h := x.h
-	tr := keystore.TokenRequest{User: req.User, Tier: req.Tier, Models: req.Models, TTL: defaultTokenTTL}
+	tr := keys.TokenRequest{User: req.User, Tier: req.Tier, Models: req.Models, TTL: defaultTokenTTL}
 	if !validMintUser(req.User) {
 		return tr, errMintRequest("user must be 1 to " + strconv.Itoa(maxMintUser) + " bytes of printable UTF-8 naming the signed-in user, such as its ID.")
 	}
@@ -262,7 +262,7 @@ func (x *exchange) serveJWKS() error {
 // the store: signed by a signing key in the store, for a user of a key
 // that is still live and may still mint the token's tier.
 type mintedUsers struct {
-	keys   *keystore.Service
+	keys   *keys.Service
 	tiers  map[string]*policy.Tier
 	maxTTL time.Duration // max_token_ttl
 }
@@ -270,8 +270,8 @@ type mintedUsers struct {
 // issuer verifies minted tokens.
 func (u mintedUsers) issuer() *token.Issuer {
 	return &token.Issuer{
-		Issuer:   keystore.MintIssuer,
-		Audience: []string{keystore.MintAudience},
+		Issuer:   keys.MintIssuer,
+		Audience: []string{keys.MintAudience},
 		Leeway:   DefaultJWTLeeway,
 		Keys:     u.keys.MintKeys(u.maxTTL),
 		Caller:   u.caller,
@@ -281,7 +281,7 @@ func (u mintedUsers) issuer() *token.Issuer {
 
 // caller names the user of a verified minted token.
 func (u mintedUsers) caller(claims map[string]any) (caller.Client, bool) {
-	user, tier, keyID, models, ok := keystore.ParseMintedClaims(claims)
+	user, tier, keyID, models, ok := keys.ParseMintedClaims(claims)
 	if !ok || !validMintUser(user) || u.tiers[tier] == nil || len(models) > maxMintModels {
 		return caller.Client{}, false
 	}

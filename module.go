@@ -22,8 +22,8 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/caller/header"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/caller/token"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -62,7 +62,7 @@ var tierName = regexp.MustCompile(`^[a-z0-9_-]{1,64}$`)
 // store while a reload overlaps them, and closed when the last one goes.
 var keyServices = caddy.NewUsagePool()
 
-type keyService struct{ *keystore.Service }
+type keyService struct{ *keys.Service }
 
 func (s keyService) Destruct() error { return s.Stop() }
 
@@ -334,7 +334,7 @@ type Handler struct {
 	upstream      *proxy.Upstream
 	bodyLimits    proxy.BodyLimits
 	limiter       limiter.Limiter
-	keys          *keystore.Service
+	keys          *keys.Service
 	tokens        *token.Verifier
 	storeSpec     string // the key of keys in keyServices
 	limiterKey    string // the key of limiter in limiters
@@ -679,8 +679,8 @@ func (h *Handler) Validate() error {
 	if err := validateJWTIssuers(h.JWT, h.Tiers); err != nil {
 		return err
 	}
-	if h.MaxTokenTTL < caddy.Duration(time.Second) || time.Duration(h.MaxTokenTTL) > keystore.MaxTokenTTL {
-		return fmt.Errorf("max_token_ttl must be between 1s and %s, not %s", keystore.MaxTokenTTL, time.Duration(h.MaxTokenTTL))
+	if h.MaxTokenTTL < caddy.Duration(time.Second) || time.Duration(h.MaxTokenTTL) > keys.MaxTokenTTL {
+		return fmt.Errorf("max_token_ttl must be between 1s and %s, not %s", keys.MaxTokenTTL, time.Duration(h.MaxTokenTTL))
 	}
 	if *h.Retries < 0 || h.MaxWait < 0 {
 		return errors.New("retries and max_wait must be positive")

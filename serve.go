@@ -242,7 +242,7 @@ func (x *exchange) settle(ep *api.Endpoint) {
 }
 
 // recordStream has the ledger record a stream's usage as it goes, once a
-// second (keystore.Running): its prompt's estimate and the output it
+// second (keys.Running): its prompt's estimate and the output it
 // carried so far, from its first delta on, as a stream cut short is
 // charged (see admission.Charge). The meter reads one atomic counter.
 func (x *exchange) recordStream() *ledger.Running {

@@ -5,8 +5,8 @@
 // used on every one of them. It returns decisions, a Refusal when a
 // request may not go on; it never writes HTTP.
 //
-// It may import limiter, policy, alerts, keystore (for the caller and its
-// usage) and api.
+// It may import limiter, policy, alerts, caller, ledger (for what a
+// request used), proxy (for what an answer reported) and api.
 package admission
 
 import (

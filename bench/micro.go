@@ -26,7 +26,7 @@ const (
 // microCommand is the go test command line of the micro-benchmarks.
 func microCommand(goCmd string) []string {
 	return []string{goCmd, "test", "-run", "^$", "-bench", ".", "-skip", "^" + skippedBenchmark + "$",
-		"-benchmem", "-benchtime", "1s", "./limiter/", "./keystore/", "./proxy/", "./proxy/wire/"}
+		"-benchmem", "-benchtime", "1s", "./limiter/", "./caller/keys/", "./caller/token/", "./ledger/", "./policy/", "./proxy/", "./proxy/wire/"}
 }
 
 // runMicro runs the micro-benchmarks, showing their output as it comes,

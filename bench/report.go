@@ -302,7 +302,7 @@ func (r *report) writeMicro(w io.Writer) {
 		return
 	}
 	fmt.Fprintf(w, "## Micro-benchmarks of the hot paths\n\n")
-	fmt.Fprintf(w, "`%s` (`%s`, which builds a SQLite store of a million keys for about 30 s, is left out; run it with `go test -run '^$' -bench %s -benchtime 1x ./keystore/`):\n\n",
+	fmt.Fprintf(w, "`%s` (`%s`, which builds a SQLite store of a million keys for about 30 s, is left out; run it with `go test -run '^$' -bench %s -benchtime 1x ./caller/keys/`):\n\n",
 		strings.Join(microCommand("go"), " "), skippedBenchmark, skippedBenchmark)
 	if r.microErr != nil {
 		fmt.Fprintf(w, "**go test failed** (%v); what it printed:\n\n", r.microErr)

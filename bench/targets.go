@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	_ "github.com/vigthoria/caddy-vigthoria/store/redis" // the backends the specs name
 	_ "github.com/vigthoria/caddy-vigthoria/store/sqlite"
@@ -315,23 +315,23 @@ func clientKeys(ctx context.Context, spec string, data siteData) (map[string][]s
 	if err != nil {
 		return nil, "", err
 	}
-	svc, err := keystore.NewService(spec, nil)
+	svc, err := keys.NewService(spec, nil)
 	if err != nil {
 		return nil, "", err
 	}
 	if err := svc.Start(); err != nil {
 		return nil, "", fmt.Errorf("opening the key store: %w", err)
 	}
-	keys := make(map[string][]string)
+	secrets := make(map[string][]string)
 	err = eachKey(func(tier string, i int) error {
-		_, secret, err := keystore.Create(ctx, svc.Store(), keystore.Attrs{Name: fmt.Sprintf("bench-%s-%d", tier, i), Tier: tier}, time.Now())
-		keys[tier] = append(keys[tier], secret)
+		_, secret, err := keys.Create(ctx, svc.Store(), keys.Attrs{Name: fmt.Sprintf("bench-%s-%d", tier, i), Tier: tier}, time.Now())
+		secrets[tier] = append(secrets[tier], secret)
 		return err
 	})
 	if stopErr := svc.Stop(); err == nil {
 		err = stopErr
 	}
-	return keys, kind + " " + where, err
+	return secrets, kind + " " + where, err
 }
 
 // newSecrets returns well-formed client keys that no store knows.

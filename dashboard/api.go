@@ -12,8 +12,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/strictjson"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -98,14 +98,14 @@ func (h *Handler) create(w http.ResponseWriter, r *http.Request, user string, no
 		}
 		expires = now.Add(d)
 	}
-	out, err := h.keys.CreateKey(r.Context(), keystore.Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Settings: req.Settings}, now)
+	out, err := h.keys.CreateKey(r.Context(), keys.Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Settings: req.Settings}, now)
 	return h.changed(w, "key created", user, out, err, http.StatusCreated)
 }
 
 // changed answers a change, and logs it without the secret.
-func (h *Handler) changed(w http.ResponseWriter, what, user string, out keystore.KeyInfo, err error, status int) error {
+func (h *Handler) changed(w http.ResponseWriter, what, user string, out keys.KeyInfo, err error, status int) error {
 	if err != nil {
-		return writeError(w, keystore.ErrorStatus(err), err.Error())
+		return writeError(w, keys.ErrorStatus(err), err.Error())
 	}
 	h.logger.Info(what, zap.String("key_id", out.ID), zap.String("tier", out.Tier), zap.String("by", user))
 	return writeJSON(w, status, out)
@@ -405,7 +405,7 @@ type standing struct {
 
 // keyRow is a key as api/keys lists it.
 type keyRow struct {
-	keystore.KeyInfo
+	keys.KeyInfo
 	Limits *Limits     `json:"limits"` // nil: its tier is not configured
 	Month  usageTotals `json:"month"`
 	Quota  *standing   `json:"quota,omitempty"`
@@ -491,7 +491,7 @@ func (h *Handler) listKeys(w http.ResponseWriter, r *http.Request, now time.Time
 	}
 	from := min((page-1)*pageSize, len(recs))
 	for _, rec := range recs[from:min(from+pageSize, len(recs))] {
-		row := keyRow{KeyInfo: keystore.NewKeyInfo(rec, now), Month: use(rec.ID)}
+		row := keyRow{KeyInfo: keys.NewKeyInfo(rec, now), Month: use(rec.ID)}
 		if policy != nil {
 			if l, ok := policy.Limits(rec.Tier, h.keys.Settings(rec.ID)); ok {
 				row.Limits = &l
@@ -522,7 +522,7 @@ func standingOf(a *policy.Amount, day, month int64) *standing {
 
 // keyReport is the answer of api/keys/{id}.
 type keyReport struct {
-	keystore.KeyInfo
+	keys.KeyInfo
 	Limits   *Limits       `json:"limits"`
 	Currency string        `json:"currency,omitempty"`
 	Recent   chart         `json:"recent"` // the last 24 hours by 5 minutes, by model; refusals by reason
@@ -536,9 +536,9 @@ type keyReport struct {
 func (h *Handler) key(w http.ResponseWriter, r *http.Request, id string, now time.Time) error {
 	rec, err := h.keys.Store().Get(r.Context(), id)
 	if err != nil {
-		return writeError(w, keystore.ErrorStatus(err), err.Error())
+		return writeError(w, keys.ErrorStatus(err), err.Error())
 	}
-	rep := keyReport{KeyInfo: keystore.NewKeyInfo(rec, now), Recent: newChart(range24h, now), Days: newChart(range30d, now), Models: []modelTotals{}}
+	rep := keyReport{KeyInfo: keys.NewKeyInfo(rec, now), Recent: newChart(range24h, now), Days: newChart(range30d, now), Models: []modelTotals{}}
 	if p := h.source.Policy(h.spec); p != nil {
 		rep.Currency = p.Currency()
 		if l, ok := p.Limits(rec.Tier, h.keys.Settings(rec.ID)); ok {

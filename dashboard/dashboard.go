@@ -26,7 +26,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
@@ -89,7 +89,7 @@ type Handler struct {
 	Origin string `json:"origin,omitempty"`
 
 	source  Source
-	keys    *keystore.Service
+	keys    *keys.Service
 	spec    string
 	release func() error
 	logger  *zap.Logger

@@ -14,8 +14,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
@@ -27,7 +27,7 @@ import (
 // tiers but "free", limited to 1000 tokens a day.
 type fakeSource struct{ counters Counters }
 
-func (fakeSource) KeyService(string) (*keystore.Service, string, func() error, error) {
+func (fakeSource) KeyService(string) (*keys.Service, string, func() error, error) {
 	panic("not used: the tests make the Handler by hand")
 }
 func (fakeSource) Policy(string) Policy  { return fakePolicy{} }
@@ -54,17 +54,17 @@ func (fakePolicy) Limits(tier string, s *policy.Settings) (Limits, bool) {
 	return Limits{Quota: &policy.Amount{N: 1000, Period: "day"}}, true
 }
 
-// newTestHandler is a Handler over a started SQLite store with keys
-// keys of tier free, named key-00000 on.
-func newTestHandler(t testing.TB, keys int) (*Handler, *fakeSource) {
+// newTestHandler is a Handler over a started SQLite store with n keys of
+// tier free, named key-00000 on.
+func newTestHandler(t testing.TB, n int) (*Handler, *fakeSource) {
 	t.Helper()
-	return newTestHandlerOn(t, "sqlite:"+filepath.Join(t.TempDir(), "k.db"), keys)
+	return newTestHandlerOn(t, "sqlite:"+filepath.Join(t.TempDir(), "k.db"), n)
 }
 
 // newTestHandlerOn is newTestHandler over the store spec.
-func newTestHandlerOn(t testing.TB, spec string, keys int) (*Handler, *fakeSource) {
+func newTestHandlerOn(t testing.TB, spec string, n int) (*Handler, *fakeSource) {
 	t.Helper()
-	svc, err := keystore.NewService(spec, nil)
+	svc, err := keys.NewService(spec, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,8 +73,8 @@ func newTestHandlerOn(t testing.TB, spec string, keys int) (*Handler, *fakeSourc
 	}
 	t.Cleanup(func() { svc.Stop() })
 	now := time.Now()
-	for i := range keys {
-		if _, _, err := keystore.Create(t.Context(), svc.Store(), keystore.Attrs{Name: fmt.Sprintf("key-%05d", i), Tier: "free"}, now); err != nil {
+	for i := range n {
+		if _, _, err := keys.Create(t.Context(), svc.Store(), keys.Attrs{Name: fmt.Sprintf("key-%05d", i), Tier: "free"}, now); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -1,7 +1,7 @@
 package dashboard
 
 import (
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
@@ -12,7 +12,7 @@ type Source interface {
 	// KeyService returns the key service of a store as configured ("" for
 	// the default store), the very one the vigthoria handlers of that
 	// store use, and the function that gives it back.
-	KeyService(store string) (svc *keystore.Service, spec string, release func() error, err error)
+	KeyService(store string) (svc *keys.Service, spec string, release func() error, err error)
 
 	// Policy returns the tiers and prices of the vigthoria handlers that
 	// use the store spec (as KeyService returned it), or nil when none

@@ -443,7 +443,7 @@ func (st *clientState) state(lim *Limits, n int64, now time.Time) State {
 }
 
 // addCount adds b to the count a, saturating at the int64 bounds: a
-// quota use read back saturated (keystore's sums saturate) must never
+// quota use read back saturated (the ledger's sums saturate) must never
 // wrap into room to spend.
 func addCount(a, b int64) int64 {
 	s := a + b

@@ -5,7 +5,7 @@
 // dashboard.
 //
 // It may import the standard library, Caddy's duration parsing,
-// proxy/wire and internal helpers; never store, ledger or keystore.
+// proxy/wire and internal helpers; never store, ledger or keys.
 package policy
 
 import "errors"

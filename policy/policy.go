@@ -119,7 +119,7 @@ type tierKey struct {
 	settings *Settings
 	own      *Tier // Narrow's
 	minter   *Tier
-	models   string // keystore.Minted.ModelsKey
+	models   string // keys.Minted.ModelsKey
 }
 
 // TierFor returns the tier a caller of tier name is limited by: the

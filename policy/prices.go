@@ -36,7 +36,7 @@ var currencyLabel = regexp.MustCompile(`^[\p{L}\p{Sc}]{1,12}$`)
 type Price struct {
 	// The models priced, as a model glob, e.g. "vigthoria-fast-*": '*'
 	// matches any run of characters, '/' included, so "*" prices every
-	// model (see keystore.MatchModel).
+	// model (see keys.MatchModel).
 	Model string `json:"model"`
 
 	// The price of a million prompt tokens: a decimal with at most six

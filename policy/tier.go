@@ -42,7 +42,7 @@ type Tier struct {
 
 	// Model globs this tier may use, e.g. ["vigthoria-fast-*"]; '*'
 	// matches any run of characters, '/' included (see
-	// keystore.MatchModel). Default: all.
+	// keys.MatchModel). Default: all.
 	Models []string `json:"models,omitempty"`
 
 	// The most max_tokens (or max_completion_tokens) a request may ask,

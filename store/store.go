@@ -6,7 +6,7 @@
 // its schema or key layout, scripts and client, and registers itself.
 //
 // It may import the standard library, policy (a key's settings are
-// stored with it) and keystore/clientkey.
+// stored with it) and caller/clientkey.
 package store
 
 import (

@@ -18,9 +18,9 @@ import (
 
 	"github.com/openai/openai-go/v3"
 
+	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"

@@ -16,8 +16,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // Issue 26, class 3: a slow Redis, or one caller's burst, never turns a

@@ -20,9 +20,9 @@ import (
 
 	vigthoria "github.com/vigthoria/caddy-vigthoria"
 	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
+	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 

@@ -13,10 +13,10 @@ import (
 
 	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
 
+	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 )
 
 // TestRedisReloadLosesNoSettle reloads a Redis-backed config under load,

@@ -1,5 +1,5 @@
 // Package rediserr tells Redis' own refusals from failures that pass, for
-// the wings that retry writes to Redis (keystore's ledger, limiter's
+// the wings that retry writes to Redis (the ledger, the limiter's
 // settles): a refusal is given up, anything else is retried.
 package rediserr
 

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vigthoria/caddy-vigthoria/keystore"
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -16,13 +16,13 @@ import (
 // Create adds a key and returns its record and secret.
 func Create(t *testing.T, st store.Backend, name, tier string, expires, now time.Time) (store.Record, string) {
 	t.Helper()
-	return CreateWith(t, st, keystore.Attrs{Name: name, Tier: tier, Expires: expires}, now)
+	return CreateWith(t, st, keys.Attrs{Name: name, Tier: tier, Expires: expires}, now)
 }
 
 // CreateWith adds a key made with a and returns its record and secret.
-func CreateWith(t *testing.T, st store.Backend, a keystore.Attrs, now time.Time) (store.Record, string) {
+func CreateWith(t *testing.T, st store.Backend, a keys.Attrs, now time.Time) (store.Record, string) {
 	t.Helper()
-	r, secret, err := keystore.Create(t.Context(), st, a, now)
+	r, secret, err := keys.Create(t.Context(), st, a, now)
 	if err != nil {
 		t.Fatalf("Create(%+v): %v", a, err)
 	}

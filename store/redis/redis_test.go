@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/storetest"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -41,7 +41,7 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 
 func TestRedisKeyWithoutMint(t *testing.T) {
 	st, srv := openRedisTemp(t)
-	r, _ := storetest.CreateWith(t, st, keystore.Attrs{Name: "old", Tier: "pro", Mint: []string{"free"}}, time.Now())
+	r, _ := storetest.CreateWith(t, st, keys.Attrs{Name: "old", Tier: "pro", Mint: []string{"free"}}, time.Now())
 	// A key written by an older version has no mint field.
 	if err := redistest.Client(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "mint").Err(); err != nil {
 		t.Fatal(err)
@@ -70,7 +70,7 @@ func TestRedisManyKeysInPages(t *testing.T) {
 	for _, h := range []*Store{st, other} {
 		wg.Go(func() {
 			for range 800 {
-				_, _, err := keystore.Create(ctx, h, keystore.Attrs{Name: "concurrent", Tier: "free"}, time.Now())
+				_, _, err := keys.Create(ctx, h, keys.Attrs{Name: "concurrent", Tier: "free"}, time.Now())
 				errs <- err
 			}
 		})
@@ -184,7 +184,7 @@ func TestRedisHoldsNoSecret(t *testing.T) {
 		used[r.ID] = now
 		switch i % 3 {
 		case 0:
-			s, err := keystore.Rotate(ctx, st, r.ID)
+			s, err := keys.Rotate(ctx, st, r.ID)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -353,7 +353,7 @@ func TestOpenRedisErrors(t *testing.T) {
 
 	// NewService touches nothing; Start fails without a server, and the
 	// error holds no password.
-	s, err := keystore.NewService("redis://:s3cret-pw@127.0.0.1:1/0", nil)
+	s, err := keys.NewService("redis://:s3cret-pw@127.0.0.1:1/0", nil)
 	if err != nil {
 		t.Fatalf("NewService(redis) = %v", err)
 	}
@@ -369,7 +369,7 @@ func TestOpenRedisErrors(t *testing.T) {
 // has no settings field, as following its tier.
 func TestRedisKeyWithoutSettings(t *testing.T) {
 	st, srv := openRedisTemp(t)
-	r, _ := storetest.CreateWith(t, st, keystore.Attrs{Name: "old", Tier: "pro", Settings: storetest.FullSettings()}, time.Now())
+	r, _ := storetest.CreateWith(t, st, keys.Attrs{Name: "old", Tier: "pro", Settings: storetest.FullSettings()}, time.Now())
 	if err := redistest.Client(t, srv.URL).HDel(t.Context(), redisKeyPrefix+r.ID, "settings").Err(); err != nil {
 		t.Fatal(err)
 	}

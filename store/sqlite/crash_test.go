@@ -17,8 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/crashtest"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/ledger"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"go.uber.org/zap"
@@ -247,7 +247,7 @@ func crashCreate(ctx context.Context, st store.Backend, n int) (string, error) {
 		expires = now.Add(720 * time.Hour)
 	}
 	ack("begin create %s %s %d %d", name, tier, store.Millis(now), store.Millis(expires))
-	r, _, err := keystore.Create(ctx, st, keystore.Attrs{Name: name, Tier: tier, Expires: expires}, now)
+	r, _, err := keys.Create(ctx, st, keys.Attrs{Name: name, Tier: tier, Expires: expires}, now)
 	if err != nil {
 		return "", err
 	}
@@ -257,7 +257,7 @@ func crashCreate(ctx context.Context, st store.Backend, n int) (string, error) {
 
 func crashRotate(ctx context.Context, st store.Backend, id string) error {
 	ack("begin rotate %s", id)
-	secret, err := keystore.Rotate(ctx, st, id)
+	secret, err := keys.Rotate(ctx, st, id)
 	if err != nil {
 		return err
 	}

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/storetest"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -185,7 +185,7 @@ func TestSQLiteLifecycle(t *testing.T) {
 		}
 	}
 
-	secret, err := keystore.Rotate(ctx, st, alice.ID)
+	secret, err := keys.Rotate(ctx, st, alice.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,7 +193,7 @@ func TestSQLiteLifecycle(t *testing.T) {
 	if rotated.Hash != store.HashSecret(secret) || rotated.Hash == alice.Hash {
 		t.Error("Rotate did not store the new secret's hash")
 	}
-	if _, err := keystore.Rotate(ctx, st, "key_unknown"); !errors.Is(err, store.ErrNotFound) {
+	if _, err := keys.Rotate(ctx, st, "key_unknown"); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("Rotate(unknown) = %v, want ErrNotFound", err)
 	}
 
@@ -208,7 +208,7 @@ func TestSQLiteLifecycle(t *testing.T) {
 	if !revoked.Revoked.Equal(revokedAt) || revoked.State(now) != store.StateRevoked {
 		t.Errorf("revoked at %v, state %s; want the first revocation's time, revoked", revoked.Revoked, revoked.State(now))
 	}
-	if _, err := keystore.Rotate(ctx, st, alice.ID); !errors.Is(err, store.ErrRevoked) {
+	if _, err := keys.Rotate(ctx, st, alice.ID); !errors.Is(err, store.ErrRevoked) {
 		t.Errorf("Rotate(revoked) = %v, want ErrRevoked", err)
 	}
 	if err := st.Revoke(ctx, "key_unknown", now); !errors.Is(err, store.ErrNotFound) {
@@ -228,28 +228,28 @@ func TestCreateValidates(t *testing.T) {
 	}
 	tests := []struct {
 		name string
-		a    keystore.Attrs
+		a    keys.Attrs
 	}{
-		{"empty name", keystore.Attrs{Name: "", Tier: "free"}},
-		{"long name", keystore.Attrs{Name: string(bytes.Repeat([]byte("n"), 65)), Tier: "free"}},
-		{"control in name", keystore.Attrs{Name: "a\tb", Tier: "free"}},
-		{"newline in name", keystore.Attrs{Name: "a\nb", Tier: "free"}},
-		{"invalid UTF-8 name", keystore.Attrs{Name: "a\xffb", Tier: "free"}},
-		{"empty tier", keystore.Attrs{Name: "n", Tier: ""}},
-		{"uppercase tier", keystore.Attrs{Name: "n", Tier: "Pro"}},
-		{"tier with space", keystore.Attrs{Name: "n", Tier: "pro plus"}},
-		{"long tier", keystore.Attrs{Name: "n", Tier: string(bytes.Repeat([]byte("t"), 65))}},
-		{"expired already", keystore.Attrs{Name: "n", Tier: "free", Expires: now.Add(-time.Second)}},
-		{"expires now", keystore.Attrs{Name: "n", Tier: "free", Expires: now}},
-		{"uppercase mint tier", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{"free", "Basic"}}},
-		{"empty mint tier", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{""}}},
-		{"mint tier with a comma", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{"free,basic"}}},
-		{"long mint tier", keystore.Attrs{Name: "n", Tier: "pro", Mint: []string{string(bytes.Repeat([]byte("t"), 65))}}},
-		{"17 mint tiers", keystore.Attrs{Name: "n", Tier: "pro", Mint: seventeen}},
+		{"empty name", keys.Attrs{Name: "", Tier: "free"}},
+		{"long name", keys.Attrs{Name: string(bytes.Repeat([]byte("n"), 65)), Tier: "free"}},
+		{"control in name", keys.Attrs{Name: "a\tb", Tier: "free"}},
+		{"newline in name", keys.Attrs{Name: "a\nb", Tier: "free"}},
+		{"invalid UTF-8 name", keys.Attrs{Name: "a\xffb", Tier: "free"}},
+		{"empty tier", keys.Attrs{Name: "n", Tier: ""}},
+		{"uppercase tier", keys.Attrs{Name: "n", Tier: "Pro"}},
+		{"tier with space", keys.Attrs{Name: "n", Tier: "pro plus"}},
+		{"long tier", keys.Attrs{Name: "n", Tier: string(bytes.Repeat([]byte("t"), 65))}},
+		{"expired already", keys.Attrs{Name: "n", Tier: "free", Expires: now.Add(-time.Second)}},
+		{"expires now", keys.Attrs{Name: "n", Tier: "free", Expires: now}},
+		{"uppercase mint tier", keys.Attrs{Name: "n", Tier: "pro", Mint: []string{"free", "Basic"}}},
+		{"empty mint tier", keys.Attrs{Name: "n", Tier: "pro", Mint: []string{""}}},
+		{"mint tier with a comma", keys.Attrs{Name: "n", Tier: "pro", Mint: []string{"free,basic"}}},
+		{"long mint tier", keys.Attrs{Name: "n", Tier: "pro", Mint: []string{string(bytes.Repeat([]byte("t"), 65))}}},
+		{"17 mint tiers", keys.Attrs{Name: "n", Tier: "pro", Mint: seventeen}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if _, _, err := keystore.Create(t.Context(), st, tt.a, now); !errors.Is(err, store.ErrInvalid) {
+			if _, _, err := keys.Create(t.Context(), st, tt.a, now); !errors.Is(err, store.ErrInvalid) {
 				t.Errorf("Create = %v, want ErrInvalid", err)
 			}
 		})
@@ -258,7 +258,7 @@ func TestCreateValidates(t *testing.T) {
 	// do not count against the limit.
 	storetest.Create(t, st, string(bytes.Repeat([]byte("é"), 64)), "a-z_0-9", now.Add(time.Millisecond), now)
 	sixteen := append(slices.Clone(seventeen[1:]), seventeen[1:4]...)
-	r, _ := storetest.CreateWith(t, st, keystore.Attrs{Name: "n", Tier: "pro", Mint: sixteen}, now)
+	r, _ := storetest.CreateWith(t, st, keys.Attrs{Name: "n", Tier: "pro", Mint: sixteen}, now)
 	if want := slices.Sorted(slices.Values(seventeen[1:])); !slices.Equal(r.Mint, want) {
 		t.Errorf("Mint = %q, want %q", r.Mint, want)
 	}
@@ -311,7 +311,7 @@ func TestChanges(t *testing.T) {
 	}
 
 	// Rotation and revocation are changes, in their order.
-	if _, err := keystore.Rotate(ctx, st, a.ID); err != nil {
+	if _, err := keys.Rotate(ctx, st, a.ID); err != nil {
 		t.Fatal(err)
 	}
 	if err := st.Revoke(ctx, b.ID, now); err != nil {
@@ -331,7 +331,7 @@ func TestChanges(t *testing.T) {
 	if err := st.Revoke(ctx, b.ID, now); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := keystore.Rotate(ctx, st, b.ID); !errors.Is(err, store.ErrRevoked) {
+	if _, err := keys.Rotate(ctx, st, b.ID); !errors.Is(err, store.ErrRevoked) {
 		t.Fatal(err)
 	}
 	if err := st.TouchLastUsed(ctx, map[string]time.Time{a.ID: now}); err != nil {
@@ -403,7 +403,7 @@ func TestSecondHandleAndReopen(t *testing.T) {
 	for _, h := range []*Store{st, other} {
 		wg.Go(func() {
 			for range 20 {
-				_, _, err := keystore.Create(ctx, h, keystore.Attrs{Name: "concurrent", Tier: "free"}, time.Now())
+				_, _, err := keys.Create(ctx, h, keys.Attrs{Name: "concurrent", Tier: "free"}, time.Now())
 				errs <- err
 			}
 		})
@@ -455,7 +455,7 @@ func TestDatabaseHoldsNoSecret(t *testing.T) {
 		r, s := storetest.Create(t, st, "k", "free", time.Time{}, now)
 		secrets = append(secrets, s)
 		if i%2 == 0 {
-			s, err := keystore.Rotate(t.Context(), st, r.ID)
+			s, err := keys.Rotate(t.Context(), st, r.ID)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -540,7 +540,7 @@ func TestSQLiteMigratesToSettings(t *testing.T) {
 	}
 	storetest.WantRecord(t, got, want)
 	want.Settings = storetest.FullSettings()
-	if err := keystore.SetSettings(ctx, st, want.ID, want.Settings); err != nil {
+	if err := keys.SetSettings(ctx, st, want.ID, want.Settings); err != nil {
 		t.Fatal(err)
 	}
 	got, _ = st.Get(ctx, want.ID)

@@ -24,9 +24,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/demo"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
-	"github.com/vigthoria/caddy-vigthoria/keystore"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
@@ -187,10 +187,10 @@ func demoKeys(ctx context.Context, path string) (client, mint string, err error)
 	}
 	defer st.Close()
 	now := time.Now()
-	if _, client, err = keystore.Create(ctx, st, keystore.Attrs{Name: "demo", Tier: "free"}, now); err != nil {
+	if _, client, err = keys.Create(ctx, st, keys.Attrs{Name: "demo", Tier: "free"}, now); err != nil {
 		return "", "", err
 	}
-	_, mint, err = keystore.Create(ctx, st, keystore.Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
+	_, mint, err = keys.Create(ctx, st, keys.Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
 	return client, mint, err
 }
 

@@ -1,4 +1,4 @@
-// Package keystore holds the proxy's client keys: how they are made and
+// Package keys holds the proxy's client keys: how they are made and
 // rotated, the in-memory index that identifies a caller without touching
 // a store (the identity source of client keys), the tokens a key mints
 // and their signing keys, and the registry of started services that
@@ -7,4 +7,4 @@
 //
 // It may import caller, caller/token, store, ledger and policy; never a
 // store backend (store/sqlite, store/redis), which the root registers.
-package keystore
+package keys

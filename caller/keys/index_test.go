@@ -1,4 +1,4 @@
-package keystore
+package keys
 
 import (
 	"math/rand/v2"
