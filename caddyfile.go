@@ -17,6 +17,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/dashboard"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
@@ -29,10 +30,23 @@ func init() {
 	// After the authentication handlers, so that their identity is known;
 	// before reverse_proxy, which it replaces for the API's routes.
 	httpcaddyfile.RegisterDirectiveOrder("vigthoria", httpcaddyfile.Before, "reverse_proxy")
+	httpcaddyfile.RegisterHandlerDirective("vigthoria_dashboard", parseDashboard)
+	// After the authentication handlers (basic_auth, then forward_auth),
+	// so that only an operator they let through reaches it.
+	httpcaddyfile.RegisterDirectiveOrder("vigthoria_dashboard", httpcaddyfile.After, "forward_auth")
 }
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(Handler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// parseDashboard reads the vigthoria_dashboard directive: the dashboard
+// package parses its block, and only this package registers directives
+// with Caddy's HTTP Caddyfile.
+func parseDashboard(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(dashboard.Handler)
 	err := handler.UnmarshalCaddyfile(h.Dispenser)
 	return handler, err
 }
