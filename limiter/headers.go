@@ -60,18 +60,18 @@ func SetHeaders(h http.Header, lim *Limits, s State, now time.Time) {
 	}
 	for i, k := range buckets[:nb] {
 		refill := time.Duration(float64(k.rate.Capacity()) / k.rate.perNano())
-		b = appendItem(b, i > 0, k.names.name, "q", k.rate.Capacity(), "w", seconds(refill))
+		b = appendItem(b, i > 0, k.names.name, param{"q", k.rate.Capacity()}, param{"w", seconds(refill)})
 	}
 	if quota {
 		window := end.Sub(lim.Quota.Period.Start(now))
-		b = appendItem(b, nb > 0, "quota", "q", lim.Quota.N, "w", seconds(window))
+		b = appendItem(b, nb > 0, "quota", param{"q", lim.Quota.N}, param{"w", seconds(window)})
 	}
 	mark("Ratelimit-Policy")
 	for i, k := range buckets[:nb] {
-		b = appendItem(b, i > 0, k.names.name, "r", k.remaining, "t", seconds(k.reset))
+		b = appendItem(b, i > 0, k.names.name, param{"r", k.remaining}, param{"t", seconds(k.reset)})
 	}
 	if quota {
-		b = appendItem(b, nb > 0, "quota", "r", max(lim.Quota.N-s.QuotaUsed, 0), "t", seconds(end.Sub(now)))
+		b = appendItem(b, nb > 0, "quota", param{"r", max(lim.Quota.N-s.QuotaUsed, 0)}, param{"t", seconds(end.Sub(now))})
 	}
 	mark("Ratelimit")
 
@@ -135,20 +135,26 @@ func SetRefusalHeaders(h http.Header, lim *Limits, d Decision, now time.Time) {
 
 // appendItem appends one item of a structured-field list, after a comma
 // unless it is the first.
-func appendItem(b []byte, more bool, name, k1 string, v1 int64, k2 string, v2 int64) []byte {
+func appendItem(b []byte, more bool, name string, p1, p2 param) []byte {
 	if more {
 		b = append(b, ", "...)
 	}
 	b = append(b, '"')
 	b = append(b, name...)
 	b = append(b, `";`...)
-	b = append(b, k1...)
+	b = append(b, p1.key...)
 	b = append(b, '=')
-	b = strconv.AppendInt(b, v1, 10)
+	b = strconv.AppendInt(b, p1.v, 10)
 	b = append(b, ';')
-	b = append(b, k2...)
+	b = append(b, p2.key...)
 	b = append(b, '=')
-	return strconv.AppendInt(b, v2, 10)
+	return strconv.AppendInt(b, p2.v, 10)
+}
+
+// param is one parameter of a structured-field item: key=v.
+type param struct {
+	key string
+	v   int64
 }
 
 // seconds rounds d up to whole seconds.

@@ -71,7 +71,7 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request, body []byte, b *Be
 	if req.MaxCompletionTokens != nil && !b.IgnoreMaxCompletionTokens {
 		limit, limitParam = req.MaxCompletionTokens, "max_completion_tokens"
 	}
-	a, ok := s.plan(w, req.Model, limit, limitParam, req.N, req.Stream, req.StreamOptions)
+	a, ok := s.plan(w, asked{model: req.Model, limit: limit, limitParam: limitParam, n: req.N, stream: req.Stream, options: req.StreamOptions})
 	if !ok {
 		return
 	}
@@ -92,7 +92,7 @@ func (s *Server) completions(w http.ResponseWriter, r *http.Request, body []byte
 		writeError(w, http.StatusBadRequest, "invalid_request_error", "missing_required_parameter", "prompt", "Missing required parameter: 'prompt'.")
 		return
 	}
-	a, ok := s.plan(w, req.Model, req.MaxTokens, "max_tokens", req.N, req.Stream, req.StreamOptions)
+	a, ok := s.plan(w, asked{model: req.Model, limit: req.MaxTokens, limitParam: "max_tokens", n: req.N, stream: req.Stream, options: req.StreamOptions})
 	if !ok {
 		return
 	}
@@ -120,8 +120,19 @@ func (s *Server) completions(w http.ResponseWriter, r *http.Request, body []byte
 	s.answer(w, r, &a, b, "cmpl-", now)
 }
 
+// asked are the parameters chat and legacy completions share.
+type asked struct {
+	model      string
+	limit      *int   // the cap
+	limitParam string // the cap's field
+	n          *int
+	stream     bool
+	options    *streamOptions
+}
+
 // plan validates the parameters chat and legacy completions share.
-func (s *Server) plan(w http.ResponseWriter, modelID string, limit *int, limitParam string, n *int, stream bool, so *streamOptions) (answer, bool) {
+func (s *Server) plan(w http.ResponseWriter, p asked) (answer, bool) {
+	modelID, limit, limitParam, n, stream, so := p.model, p.limit, p.limitParam, p.n, p.stream, p.options
 	a := answer{choices: 1, tokens: DefaultMaxTokens, finish: "stop"}
 	switch {
 	case modelID == "":
