@@ -189,27 +189,12 @@ func addHours(ctx context.Context, tx *sql.Tx, rows []store.UsageRow, now time.T
 
 // UsageHours implements HourStore.
 func (s *Store) UsageHours(ctx context.Context, client, hour string) ([]store.UsageRow, error) {
-	q := `SELECT client, hour, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
-		FROM usage_hours WHERE hour >= ?`
-	args := []any{hour}
-	if client != "" {
-		q += ` AND client = ?`
-		args = append(args, client)
-	}
-	rows, err := s.db.QueryContext(ctx, q, args...)
-	if err != nil {
-		return nil, fmt.Errorf("reading hourly usage: %w", err)
-	}
-	defer rows.Close()
-	var out []store.UsageRow
-	for rows.Next() {
-		var r store.UsageRow
-		if err := rows.Scan(&r.Client, &r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost); err != nil {
-			return nil, fmt.Errorf("reading hourly usage: %w", err)
-		}
-		out = append(out, r)
-	}
-	return out, rows.Err()
+	q := query{what: "hourly usage", sql: `SELECT client, hour, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
+		FROM usage_hours WHERE hour >= ?`}
+	return since(ctx, s.db, q, hour, client, func(rows *sql.Rows) (r store.UsageRow, err error) {
+		err = rows.Scan(&r.Client, &r.Day, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost)
+		return r, err
+	})
 }
 
 // refusalsHoursSchema is the SQLite migration that adds the ledger's
@@ -269,28 +254,13 @@ func (s *Store) RefusalHours(ctx context.Context, client, hour string) ([]store.
 	if err != nil {
 		return nil, fmt.Errorf("reading refusals: %w: hour '%s' is not YYYY-MM-DDTHH", store.ErrInvalid, hour)
 	}
-	q := `SELECT client, hour, reason, count FROM refusals_hours WHERE hour >= ?`
-	args := []any{from.Unix()}
-	if client != "" {
-		q += ` AND client = ?`
-		args = append(args, client)
-	}
-	rows, err := s.db.QueryContext(ctx, q, args...)
-	if err != nil {
-		return nil, fmt.Errorf("reading refusals: %w", err)
-	}
-	defer rows.Close()
-	var out []store.RefusalRow
-	for rows.Next() {
-		var r store.RefusalRow
+	q := query{what: "refusals", sql: `SELECT client, hour, reason, count FROM refusals_hours WHERE hour >= ?`}
+	return since(ctx, s.db, q, from.Unix(), client, func(rows *sql.Rows) (r store.RefusalRow, err error) {
 		var unix int64
-		if err := rows.Scan(&r.Client, &unix, &r.Reason, &r.Count); err != nil {
-			return nil, fmt.Errorf("reading refusals: %w", err)
-		}
+		err = rows.Scan(&r.Client, &unix, &r.Reason, &r.Count)
 		r.Hour = store.Hour(time.Unix(unix, 0))
-		out = append(out, r)
-	}
-	return out, rows.Err()
+		return r, err
+	})
 }
 
 // ledgerSlotsSchema is the SQLite migration that adds the ledger's
@@ -394,29 +364,14 @@ func (s *Store) UsageSlots(ctx context.Context, client, slot string) ([]store.Us
 	if err != nil {
 		return nil, fmt.Errorf("reading 5-minute usage: %w: slot '%s' is not YYYY-MM-DDTHH:MM", store.ErrInvalid, slot)
 	}
-	q := `SELECT client, slot, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
-		FROM usage_slots WHERE slot >= ?`
-	args := []any{from.Unix()}
-	if client != "" {
-		q += ` AND client = ?`
-		args = append(args, client)
-	}
-	rows, err := s.db.QueryContext(ctx, q, args...)
-	if err != nil {
-		return nil, fmt.Errorf("reading 5-minute usage: %w", err)
-	}
-	defer rows.Close()
-	var out []store.UsageRow
-	for rows.Next() {
-		var r store.UsageRow
+	q := query{what: "5-minute usage", sql: `SELECT client, slot, model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost
+		FROM usage_slots WHERE slot >= ?`}
+	return since(ctx, s.db, q, from.Unix(), client, func(rows *sql.Rows) (r store.UsageRow, err error) {
 		var unix int64
-		if err := rows.Scan(&r.Client, &unix, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost); err != nil {
-			return nil, fmt.Errorf("reading 5-minute usage: %w", err)
-		}
+		err = rows.Scan(&r.Client, &unix, &r.Model, &r.Requests, &r.PromptTokens, &r.CompletionTokens, &r.CachedTokens, &r.ReasoningTokens, &r.Cost)
 		r.Day = store.Slot(time.Unix(unix, 0))
-		out = append(out, r)
-	}
-	return out, rows.Err()
+		return r, err
+	})
 }
 
 // RefusalSlots implements SlotStore.
@@ -425,25 +380,38 @@ func (s *Store) RefusalSlots(ctx context.Context, client, slot string) ([]store.
 	if err != nil {
 		return nil, fmt.Errorf("reading 5-minute refusals: %w: slot '%s' is not YYYY-MM-DDTHH:MM", store.ErrInvalid, slot)
 	}
-	q := `SELECT client, slot, reason, count FROM refusals_slots WHERE slot >= ?`
-	args := []any{from.Unix()}
+	q := query{what: "5-minute refusals", sql: `SELECT client, slot, reason, count FROM refusals_slots WHERE slot >= ?`}
+	return since(ctx, s.db, q, from.Unix(), client, func(rows *sql.Rows) (r store.RefusalRow, err error) {
+		var unix int64
+		err = rows.Scan(&r.Client, &unix, &r.Reason, &r.Count)
+		r.Hour = store.Slot(time.Unix(unix, 0))
+		return r, err
+	})
+}
+
+// query is a read of rows since a time: its SQL, whose first parameter
+// is where they start, and what it reads, for its errors.
+type query struct{ sql, what string }
+
+// since runs q for the rows from from on, of client, or of every client
+// when client is "", scanning each with scan.
+func since[R any](ctx context.Context, db *sql.DB, q query, from any, client string, scan func(*sql.Rows) (R, error)) ([]R, error) {
+	text, args := q.sql, []any{from}
 	if client != "" {
-		q += ` AND client = ?`
+		text += ` AND client = ?`
 		args = append(args, client)
 	}
-	rows, err := s.db.QueryContext(ctx, q, args...)
+	rows, err := db.QueryContext(ctx, text, args...)
 	if err != nil {
-		return nil, fmt.Errorf("reading 5-minute refusals: %w", err)
+		return nil, fmt.Errorf("reading %s: %w", q.what, err)
 	}
 	defer rows.Close()
-	var out []store.RefusalRow
+	var out []R
 	for rows.Next() {
-		var r store.RefusalRow
-		var unix int64
-		if err := rows.Scan(&r.Client, &unix, &r.Reason, &r.Count); err != nil {
-			return nil, fmt.Errorf("reading 5-minute refusals: %w", err)
+		r, err := scan(rows)
+		if err != nil {
+			return nil, fmt.Errorf("reading %s: %w", q.what, err)
 		}
-		r.Hour = store.Slot(time.Unix(unix, 0))
 		out = append(out, r)
 	}
 	return out, rows.Err()
