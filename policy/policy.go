@@ -1,11 +1,3 @@
-// Package policy owns what a caller may do: the tiers and their limits,
-// a key's own settings merged over its tier, a minted token's tier
-// narrowed by the key that minted it, model globs, prices and money, the
-// shares of buffered bodies, and the policing of a request's body (its
-// model and its output cap). It decides; it never writes HTTP.
-//
-// It may import limiter, proxy (for the body shares and the request's
-// call), proxy/wire and api.
 package policy
 
 import (

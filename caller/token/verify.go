@@ -1,3 +1,10 @@
+// Package token verifies bearer JWTs: of the OpenID providers a config
+// names, whose key sets it fetches and keeps fresh (RemoteKeys), and of
+// the tokens minted here, whose keys the key store holds. A Verifier is
+// the identity source of bearer credentials that are not client keys.
+//
+// It may import caller, caller/clientkey, store (for the token's hash)
+// and api.
 package token
 
 import (
