@@ -370,6 +370,104 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	h.accessLog = accessLogger(ctx)
+	if err := h.setDefaults(); err != nil {
+		return err
+	}
+	if h.APIKey != "" && !strings.Contains(h.APIKey, "{") {
+		h.logger.Warn("api_key is a literal: it is stored in Caddy's config, readable through the admin API and autosave.json; use a placeholder such as {env.VIGTHORIA_API_KEY}")
+	}
+	// ReplaceAll, not ReplaceKnown: an unknown placeholder must resolve to
+	// empty and fail here, not travel to the upstream as a literal.
+	key := caddy.NewReplacer().ReplaceAll(h.APIKey, "")
+	if key == "" {
+		return errors.New("api_key resolves to an empty value: set it, e.g. api_key {env.VIGTHORIA_API_KEY} with VIGTHORIA_API_KEY in the environment")
+	}
+	if err := h.loadSources(ctx); err != nil {
+		return err
+	}
+	var err error
+	h.policy, err = policy.New(policy.Config{
+		Tiers: h.Tiers, Prices: h.Prices, Currency: h.Currency, Unpriced: h.Unpriced,
+		DefaultMaxTokens: h.DefaultMaxTokens, CapField: h.CapField, Anonymous: h.anonymousTier,
+		MaxBody: h.MaxBody, MaxBuffered: h.MaxBuffered, Logger: h.logger,
+	})
+	if err != nil {
+		return err
+	}
+	h.modelNames = configuredModels(h.Tiers, h.Prices)
+	h.bodyLimits = proxy.BodyLimits{Size: h.MaxBody, Timeout: time.Duration(h.BodyTimeout), MaxBuffered: h.MaxBuffered}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
+	h.authFailures = limiter.NewFailureThrottle(h.AuthFailLimit, time.Duration(h.AuthFailWindow), maxTrackedAddrs)
+
+	// Only a handle on the store here: it is opened when the config starts
+	// (see App), never while Caddy merely validates. Placeholders (a Redis
+	// password from the environment) are resolved here and kept out of
+	// the config.
+	spec, kind, err := storeSpec(h.Store)
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	if h.keys, err = loadKeyService(spec); err != nil {
+		return fmt.Errorf("key store: %w", err)
+	}
+	h.storeSpec = spec
+	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
+		return err
+	}
+	// The identity sources, in the order they are asked.
+	if h.Identity != "" {
+		h.sources = append(h.sources, &header.Source{Identity: h.Identity, Tier: h.identityTier})
+	}
+	h.sources = append(h.sources, h.keys.Source(), h.tokens)
+	h.sources = append(h.sources, h.moreSources...)
+	if err := h.provisionAlerts(ctx); err != nil {
+		return err
+	}
+
+	lim, err := h.provisionLimiter(spec, kind)
+	if err != nil {
+		return err
+	}
+	h.limiter = lim.Limiter
+	h.admitter = &admission.Admitter{Limiter: h.limiter, Policy: h.policy, Notifier: h.notifier, Logger: h.logger}
+
+	// In a fleet, the upstream's word on the key's exhaustion is shared
+	// by the instances that use the same key on the same upstream.
+	var shared proxy.SharedExhaustion
+	if lim.redis != nil {
+		shared = newRedisExhaustion(lim.redis, proxy.Fingerprint(h.Upstream, key), time.Duration(h.UpstreamLockout))
+	}
+	if h.upstream, err = proxy.New(ctx, proxy.Config{
+		URL:             h.Upstream,
+		APIKey:          key,
+		HeaderTimeout:   time.Duration(h.HeaderTimeout),
+		IdleTimeout:     time.Duration(h.IdleTimeout),
+		Retries:         *h.Retries,
+		MaxWait:         time.Duration(h.MaxWait),
+		UpstreamHeaders: h.UpstreamHeaders,
+		Shared:          shared,
+		Lockout:         time.Duration(h.UpstreamLockout),
+		MaxDetached:     int64(*h.MaxDetached),
+		PerCaller:       int64(h.MaxDetachedPerCaller),
+		DetachedTimeout: time.Duration(h.DetachedTimeout),
+		MaxAnswers:      h.MaxBuffered,
+	}); err != nil {
+		return fmt.Errorf("setting up the upstream: %w", err)
+	}
+
+	app, err := ctx.App("vigthoria")
+	if err != nil {
+		return err
+	}
+	app.(*App).register(h)
+	return nil
+}
+
+// setDefaults gives every field the config leaves unset its default, and
+// refuses the values of the fields that have a fixed set of them.
+func (h *Handler) setDefaults() error {
 	if h.Upstream == "" {
 		h.Upstream = proxy.DefaultURL
 	}
@@ -382,7 +480,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBuffered == 0 {
 		h.MaxBuffered = max(DefaultMaxBuffered, 4*h.MaxBody, 2*int64(len(h.Tiers))*h.MaxBody)
 	}
-	h.bodyLimits = proxy.BodyLimits{Size: h.MaxBody, Timeout: time.Duration(h.BodyTimeout), MaxBuffered: h.MaxBuffered}
 	if h.ModelsCache == 0 {
 		h.ModelsCache = caddy.Duration(proxy.DefaultModelsTTL)
 	}
@@ -406,15 +503,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.DetachedTimeout == 0 {
 		h.DetachedTimeout = caddy.Duration(proxy.DefaultDetachedTimeout)
 	}
-	if h.APIKey != "" && !strings.Contains(h.APIKey, "{") {
-		h.logger.Warn("api_key is a literal: it is stored in Caddy's config, readable through the admin API and autosave.json; use a placeholder such as {env.VIGTHORIA_API_KEY}")
-	}
-	// ReplaceAll, not ReplaceKnown: an unknown placeholder must resolve to
-	// empty and fail here, not travel to the upstream as a literal.
-	key := caddy.NewReplacer().ReplaceAll(h.APIKey, "")
-	if key == "" {
-		return errors.New("api_key resolves to an empty value: set it, e.g. api_key {env.VIGTHORIA_API_KEY} with VIGTHORIA_API_KEY in the environment")
-	}
 	if h.DefaultMaxTokens == 0 {
 		h.DefaultMaxTokens = policy.DefaultMaxTokens
 	}
@@ -431,82 +519,46 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Unpriced == "" {
 		h.Unpriced = policy.UnpricedRefuse
 	}
-	if err := h.loadSources(ctx); err != nil {
-		return err
-	}
-	var err error
-	h.policy, err = policy.New(policy.Config{
-		Tiers: h.Tiers, Prices: h.Prices, Currency: h.Currency, Unpriced: h.Unpriced,
-		DefaultMaxTokens: h.DefaultMaxTokens, CapField: h.CapField, Anonymous: h.anonymousTier,
-		MaxBody: h.MaxBody, MaxBuffered: h.MaxBuffered, Logger: h.logger,
-	})
-	if err != nil {
-		return err
-	}
-	h.modelNames = configuredModels(h.Tiers, h.Prices)
-
 	if h.AuthFailLimit == 0 {
 		h.AuthFailLimit = DefaultAuthFailLimit
 	}
 	if h.AuthFailWindow == 0 {
 		h.AuthFailWindow = caddy.Duration(DefaultAuthFailWindow)
 	}
-	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
-		return fmt.Errorf("registering metrics: %w", err)
-	}
-	h.authFailures = limiter.NewFailureThrottle(h.AuthFailLimit, time.Duration(h.AuthFailWindow), maxTrackedAddrs)
-
 	h.identityTier = h.IdentityTier
 	if h.Identity != "" && h.IdentityTier == "" && len(h.Tiers) == 1 {
 		for name := range h.Tiers {
 			h.identityTier = name
 		}
 	}
-
-	// Only a handle on the store here: it is opened when the config starts
-	// (see App), never while Caddy merely validates. Placeholders (a Redis
-	// password from the environment) are resolved here and kept out of
-	// the config.
 	if h.Store == "" {
 		h.Store = "sqlite:" + store.DefaultSQLitePath()
 	}
-	spec, kind, err := storeSpec(h.Store)
-	if err != nil {
-		return fmt.Errorf("store: %w", err)
-	}
-	if h.keys, err = loadKeyService(spec); err != nil {
-		return fmt.Errorf("key store: %w", err)
-	}
-	h.storeSpec = spec
-
 	if h.MaxTokenTTL == 0 {
 		h.MaxTokenTTL = caddy.Duration(DefaultMaxTokenTTL)
 	}
-	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
-		return err
-	}
-	// The identity sources, in the order they are asked.
-	if h.Identity != "" {
-		h.sources = append(h.sources, &header.Source{Identity: h.Identity, Tier: h.identityTier})
-	}
-	h.sources = append(h.sources, h.keys.Source(), h.tokens)
-	h.sources = append(h.sources, h.moreSources...)
-	if err := h.provisionAlerts(ctx); err != nil {
-		return err
-	}
-
 	if h.StoreTimeout == 0 {
 		h.StoreTimeout = caddy.Duration(DefaultStoreTimeout)
 	}
+	switch h.OnStoreError {
+	case "", "local", "deny", "local_unshared":
+	default:
+		return fmt.Errorf("on_store_error must be local, deny or local_unshared, not '%s'", h.OnStoreError)
+	}
+	return nil
+}
+
+// provisionLimiter returns the limiter of the store of spec, of kind
+// "sqlite" or "redis": in memory for the first, counting quotas from the
+// ledger; shared through Redis for the second, with on_store_error's
+// fallback. It outlives reloads (limiters).
+func (h *Handler) provisionLimiter(spec, kind string) (pooledLimiter, error) {
 	onError := limiter.UseLocal
 	switch h.OnStoreError {
-	case "", "local":
 	case "deny":
 		onError = limiter.Deny
 	case "local_unshared":
 		onError = limiter.UseLocalUnshared
-	default:
-		return fmt.Errorf("on_store_error must be local, deny or local_unshared, not '%s'", h.OnStoreError)
 	}
 	h.limiterKey = "memory:" + spec
 	if kind == "redis" {
@@ -534,43 +586,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}, nil
 	})
 	if err != nil {
-		return err
+		return pooledLimiter{}, err
 	}
-	h.limiter = lim.(pooledLimiter).Limiter
-	h.admitter = &admission.Admitter{Limiter: h.limiter, Policy: h.policy, Notifier: h.notifier, Logger: h.logger}
-
-	// In a fleet, the upstream's word on the key's exhaustion is shared
-	// by the instances that use the same key on the same upstream.
-	var shared proxy.SharedExhaustion
-	if client := lim.(pooledLimiter).redis; client != nil {
-		shared = newRedisExhaustion(client, proxy.Fingerprint(h.Upstream, key), time.Duration(h.UpstreamLockout))
-	}
-	up, err := proxy.New(ctx, proxy.Config{
-		URL:             h.Upstream,
-		APIKey:          key,
-		HeaderTimeout:   time.Duration(h.HeaderTimeout),
-		IdleTimeout:     time.Duration(h.IdleTimeout),
-		Retries:         *h.Retries,
-		MaxWait:         time.Duration(h.MaxWait),
-		UpstreamHeaders: h.UpstreamHeaders,
-		Shared:          shared,
-		Lockout:         time.Duration(h.UpstreamLockout),
-		MaxDetached:     int64(*h.MaxDetached),
-		PerCaller:       int64(h.MaxDetachedPerCaller),
-		DetachedTimeout: time.Duration(h.DetachedTimeout),
-		MaxAnswers:      h.MaxBuffered,
-	})
-	if err != nil {
-		return fmt.Errorf("setting up the upstream: %w", err)
-	}
-	h.upstream = up
-
-	app, err := ctx.App("vigthoria")
-	if err != nil {
-		return err
-	}
-	app.(*App).register(h)
-	return nil
+	return lim.(pooledLimiter), nil
 }
 
 // start opens the key store and fetches the jwt issuers' keys when the
