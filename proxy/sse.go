@@ -75,7 +75,13 @@ func (t *callTap) Ready() {
 	t.streamed.Store(t.Usage.Chunks) // for the ledger, while the stream runs: once a read
 }
 
-func (t *callTap) Broke(err error) []byte { return endBroken(t.logger, err) }
+// Broke ends a stream the upstream broke off: its end is noted before
+// the event that ends it goes to the caller, who may hang up once it
+// has it, and is then not one who left early.
+func (t *callTap) Broke(err error) []byte {
+	t.Usage.noteEnd()
+	return endBroken(t.logger, err)
+}
 
 // sseEvent frames e as one server-sent event, for streams that already
 // started when the failure happened.

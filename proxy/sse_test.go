@@ -290,3 +290,27 @@ func TestClosedEarlyReadsTheRest(t *testing.T) {
 		t.Errorf("a JSON answer closed after 100 bytes: usage %+v, want 7 and 5000 of %d bytes", *u, len(body))
 	}
 }
+
+// TestCallerWhoHangsUpAfterTheEndDidNotLeave: a stream the upstream broke
+// off ends with an error event, on which the SDKs hang up; the caller had
+// its whole answer, and is charged what was streamed, not the bound of a
+// caller who left early. A caller who left before the end did leave.
+func TestCallerWhoHangsUpAfterTheEndDidNotLeave(t *testing.T) {
+	for _, leftFirst := range []bool{false, true} {
+		ctx, hangUp := context.WithCancel(context.Background())
+		c := &Call{logger: zap.NewNop()}
+		c.Usage.Watch(ctx)
+		c.Usage.MarkSent(true)
+		if leftFirst {
+			hangUp()
+		}
+		(*callTap)(c).Broke(io.ErrUnexpectedEOF)
+		hangUp()
+		if got := c.Usage.CallerLeft(); got != leftFirst {
+			t.Errorf("caller left before the end: %v; CallerLeft() = %v, want %v", leftFirst, got, leftFirst)
+		}
+		if !c.Usage.Sent() {
+			t.Error("noting the end lost the request's sent mark")
+		}
+	}
+}

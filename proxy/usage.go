@@ -38,10 +38,11 @@ type AnswerUsage struct {
 	// never came: the prompt's estimate, and whether a stream was asked.
 	Prompt int64
 	Stream bool
-	// sent is 1 once the request was written to the upstream (from then
-	// on the upstream may bill the server key for it). The transport's
-	// writing goroutine sets it, hence atomic.
-	sent int32
+	// state holds flags: sentFlag once the request was written to the
+	// upstream (from then on the upstream may bill the server key for
+	// it), which the transport's writing goroutine sets, hence atomic;
+	// and how the answer ended, when it ended (endedHere, endedGone).
+	state int32
 	// caller is the caller's request context, which ends when the caller
 	// leaves; nil when not watched.
 	caller context.Context
@@ -60,21 +61,49 @@ type AnswerUsage struct {
 // caller left.
 func (u *AnswerUsage) Watch(ctx context.Context) { u.caller = ctx }
 
-// CallerLeft reports whether the caller went away: its request context
-// ended before the request was settled.
-func (u *AnswerUsage) CallerLeft() bool { return u.caller != nil && u.caller.Err() != nil }
+// The flags of AnswerUsage.state.
+const (
+	sentFlag  = 1 << iota // the request was written to the upstream
+	endedHere             // the answer ended with the caller there
+	endedGone             // the answer ended after the caller left
+)
+
+// CallerLeft reports whether the caller went away before its answer
+// ended: when the answer's end was noted (noteEnd), whether the caller
+// had left then; else whether it has left by now, before the request
+// was settled. A caller that hangs up once it has its whole answer, as
+// the SDKs do on a stream's error event, did not leave early.
+func (u *AnswerUsage) CallerLeft() bool {
+	switch s := atomic.LoadInt32(&u.state); {
+	case s&endedHere != 0:
+		return false
+	case s&endedGone != 0:
+		return true
+	}
+	return u.caller != nil && u.caller.Err() != nil
+}
+
+// noteEnd notes that the answer ended now, and whether its caller was
+// still there.
+func (u *AnswerUsage) noteEnd() {
+	flag := int32(endedHere)
+	if u.caller != nil && u.caller.Err() != nil {
+		flag = endedGone
+	}
+	atomic.OrInt32(&u.state, flag)
+}
 
 // Sent reports whether the request was written to the upstream, by the
 // last attempt that was not retried.
-func (u *AnswerUsage) Sent() bool { return atomic.LoadInt32(&u.sent) == 1 }
+func (u *AnswerUsage) Sent() bool { return atomic.LoadInt32(&u.state)&sentFlag != 0 }
 
 // MarkSent notes whether the request was written to the upstream.
 func (u *AnswerUsage) MarkSent(sent bool) {
-	var v int32
 	if sent {
-		v = 1
+		atomic.OrInt32(&u.state, sentFlag)
+	} else {
+		atomic.AndInt32(&u.state, ^int32(sentFlag))
 	}
-	atomic.StoreInt32(&u.sent, v)
 }
 
 // Total returns prompt plus completion tokens.
