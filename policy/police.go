@@ -28,15 +28,14 @@ var errModelName = &api.Error{
 	Message: "The model name is longer than " + strconv.Itoa(MaxModelName) + " bytes or holds control characters.",
 }
 
-func errModelNotAllowed(model string) *api.Error {
-	if len(model) > 100 {
-		model = model[:100] + "…"
-	}
+// errModelNotAllowed refuses a model that what refuses does not allow:
+// "your tier", "your token" or "the app that signed you in".
+func errModelNotAllowed(model, what string) *api.Error {
 	return &api.Error{
 		Status:  http.StatusForbidden,
 		Type:    api.TypeInvalidRequest,
 		Code:    "model_not_allowed",
-		Message: "The model " + strconv.Quote(model) + " is not available to your tier.",
+		Message: "The model " + strconv.Quote(api.Clip(model, 100)) + " is not available to " + what + ".",
 	}
 }
 
@@ -170,7 +169,7 @@ func (h *Policy) Police(r *http.Request, ep *api.Endpoint, tier *Tier, body []by
 		return info, 0, errModelName
 	}
 	if !tier.Allows(info.Model) {
-		return info, 0, errModelNotAllowed(info.Model)
+		return info, 0, errModelNotAllowed(info.Model, tier.refuser(info.Model))
 	}
 	call.Usage.Prompt = info.PromptTokens
 	call.Usage.Watch(r.Context())

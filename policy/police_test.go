@@ -170,3 +170,32 @@ func BenchmarkPolice(b *testing.B) {
 		})
 	}
 }
+
+// TestModelRefusalNamesWhatRefuses: a model refused to the user of a
+// minted token is refused by name of what refuses it: the token's own
+// models, its tier's, or those of the key that minted it.
+func TestModelRefusalNamesWhatRefuses(t *testing.T) {
+	h := tierPolicy(t, map[string]*Tier{"web": {Models: []string{"vigthoria-*"}}, "app": {Models: []string{"vigthoria-fast-*"}}})
+	web, app := h.cfg.Tiers["web"], h.cfg.Tiers["app"]
+	own := []string{"vigthoria-fast-1"}
+	token := h.Narrow(web, app, own, proxy.FilterKey(own))
+	user := h.Narrow(web, app, nil, "")
+	for _, tc := range []struct {
+		name  string
+		tier  *Tier
+		model string
+		want  string
+	}{
+		{"the tier's list", web, "other-1", "your tier"},
+		{"the token's own list", token, "vigthoria-fast-2", "your token"},
+		{"the minting key's list", user, "vigthoria-pro-1", "the app that signed you in"},
+		{"the tier's, under a token that allows it", user, "other-1", "your tier"},
+	} {
+		body := `{"model":"` + tc.model + `","messages":[]}`
+		r := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(body))
+		_, _, apiErr := h.Police(r, &api.Endpoints[api.ChatCompletions], tc.tier, []byte(body), new(proxy.Call))
+		if apiErr == nil || apiErr.Code != "model_not_allowed" || !strings.HasSuffix(apiErr.Message, "is not available to "+tc.want+".") {
+			t.Errorf("%s: %v, want model_not_allowed naming %q", tc.name, apiErr, tc.want)
+		}
+	}
+}

@@ -236,6 +236,21 @@ func (t *Tier) Allows(model string) bool {
 		(t.minter == nil || t.minter.Allows(model))
 }
 
+// refuser names what refuses model to a caller of the tier, for its
+// refusal: the token's own models before the tier's, then the key that
+// minted the token.
+func (t *Tier) refuser(model string) string {
+	switch {
+	case !matchesAny(t.tokenModels, model):
+		return "your token"
+	case !matchesAny(t.Models, model):
+		return "your tier"
+	case t.minter != nil && !t.minter.Allows(model):
+		return "the app that signed you in"
+	}
+	return "your tier"
+}
+
 // matchesAny reports whether model matches one of globs, or globs is
 // empty: no narrowing.
 func matchesAny(globs []string, model string) bool {
