@@ -9,11 +9,14 @@ GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_te
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
 ## configured by Caddyfile.example.
+## Ctrl-C stops it with exit status 0: the demo and Caddy stop cleanly,
+## and the shell execs them, so that no go run or shell reports the
+## signal as a failure.
 run: build
 	@if [ -z "$$VIGTHORIA_API_KEY" ]; then \
-		$(GO) run ./internal/cmd/demo -caddy ./caddy; \
+		$(GO) build -o bin/demo ./internal/cmd/demo && exec bin/demo -caddy ./caddy; \
 	else \
-		./caddy run --config Caddyfile.example --adapter caddyfile; \
+		exec ./caddy run --config Caddyfile.example --adapter caddyfile; \
 	fi
 
 ## test: vet, run every test with the race detector (the fuzz targets'
@@ -75,6 +78,7 @@ soak: build
 build: caddy
 
 caddy: xcaddy.json go.mod go.sum $(GO_SOURCES) | deps
+	@[ -x caddy ] || echo "Building ./caddy with this module (xcaddy): the first build takes a few minutes."
 	$(GO) run ./internal/cmd/build -config xcaddy.json -o caddy
 
 ## deps: Go modules (Debian packages join here as features need them).

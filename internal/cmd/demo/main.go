@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -28,6 +29,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/internal/demo"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
+	"golang.org/x/crypto/bcrypt"
 )
 
 //go:embed demo.Caddyfile
@@ -37,16 +39,47 @@ func main() {
 	caddyBin := flag.String("caddy", "./caddy", "Caddy binary built with this module")
 	port := flag.String("port", envOr("PORT", "8080"), "port of the proxy on localhost")
 	pagePort := flag.String("page-port", envOr("PAGE_PORT", "8081"), "port of the demo chat page on localhost")
+	dashboardPort := flag.String("dashboard-port", envOr("DASHBOARD_PORT", "8082"), "port of the operators' dashboard on localhost")
 	flag.Parse()
-	if err := run(*caddyBin, *port, *pagePort); err != nil {
+	if err := run(*caddyBin, ports{*port, *pagePort, *dashboardPort}); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func run(caddyBin, port, pagePort string) error {
+// ports are the demo's ports on localhost.
+type ports struct{ proxy, page, dashboard string }
+
+// check says which port is taken, and how to choose another.
+func (p ports) check() error {
+	for _, c := range []struct{ port, env, what string }{
+		{p.proxy, "PORT", "the proxy"}, {p.page, "PAGE_PORT", "the demo page"}, {p.dashboard, "DASHBOARD_PORT", "the dashboard"},
+	} {
+		l, err := net.Listen("tcp", "127.0.0.1:"+c.port)
+		if err != nil {
+			return fmt.Errorf("port %s, for %s, is taken: choose another with %s, e.g. make run %s=%d", c.port, c.what, c.env, c.env, another(c.port))
+		}
+		l.Close()
+	}
+	return nil
+}
+
+// another suggests a port instead of taken: a thousand above it.
+func another(taken string) int {
+	n, err := strconv.Atoi(taken)
+	if err != nil || n > 64535 {
+		return 9080
+	}
+	return n + 1000
+}
+
+func run(caddyBin string, p ports) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if err := p.check(); err != nil {
+		return err
+	}
+	port, pagePort := p.proxy, p.page
 
 	dir, err := os.MkdirTemp("", "vigthoria-demo-")
 	if err != nil {
@@ -71,6 +104,12 @@ func run(caddyBin, port, pagePort string) error {
 		return fmt.Errorf("writing the demo page: %w", err)
 	}
 	adminPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	// The dashboard's password, new each run, printed below.
+	password := rand.Text()[:16]
+	hash, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.DefaultCost)
 	if err != nil {
 		return err
 	}
@@ -116,6 +155,8 @@ func run(caddyBin, port, pagePort string) error {
 		"DEMO_PAGE_DIR="+pageDir,
 		"BACKEND_PORT="+backendPort,
 		"ADMIN_PORT="+adminPort,
+		"DASHBOARD_PORT="+p.dashboard,
+		"DASHBOARD_HASH="+string(hash),
 	)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -160,9 +201,12 @@ Sign alice in with the app's backend, then call with the token it gives:
   curl -s %[6]s/api/token -H 'Content-Type: application/json' -d '{"user":"alice"}'
   curl -s %[1]s/v1/usage -H 'Authorization: Bearer <that token>'
 
+The operators' dashboard is at %[7]s: user operator, password %[8]s
+
 More keys: %[4]s vigthoria key add --tier pro --name you --store sqlite:%[5]s
+Ports: PORT=%[9]s, PAGE_PORT=%[10]s, DASHBOARD_PORT=%[11]s (set them to choose others).
 Ctrl-C stops everything and deletes the demo's keys.
-`, proxyURL, upstreamURL, clientKey, caddyBin, db, pageURL)
+`, proxyURL, upstreamURL, clientKey, caddyBin, db, pageURL, "http://localhost:"+p.dashboard, password, port, pagePort, p.dashboard)
 
 	select {
 	case err := <-exited:
