@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run test build deps test-deps clean bench soak fuzz
+.PHONY: run standin test build deps test-deps clean bench soak fuzz
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -18,6 +18,11 @@ run: build
 	else \
 		exec ./caddy run --config Caddyfile.example --adapter caddyfile; \
 	fi
+
+## standin: the stand-in for the Vigthoria API on its own (STANDIN_PORT,
+## default 9090), to try a Caddyfile of your own without an account.
+standin:
+	@$(GO) build -o bin/standin ./internal/cmd/standin && exec bin/standin
 
 ## test: vet, run every test with the race detector (the fuzz targets'
 ## seed corpora among them), and fuzz 1000 inputs of each target whose

@@ -3,6 +3,7 @@ package tests
 import (
 	"bufio"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -132,5 +133,48 @@ read:
 	if c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), time.Second); err == nil {
 		c.Close()
 		t.Error("the proxy's port still answers after Ctrl-C")
+	}
+}
+
+// TestStandinCommand: the stand-in that make standin serves is an
+// upstream a Caddyfile of one's own can point at: a chat through Caddy,
+// with the server key it prints, is answered.
+func TestStandinCommand(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "standin")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/vigthoria/caddy-vigthoria/internal/cmd/standin").CombinedOutput(); err != nil {
+		t.Fatalf("building the stand-in: %v\n%s", err, out)
+	}
+	port := strconv.Itoa(harness.FreePort(t))
+	cmd := exec.Command(bin, "-port", port, "-key", serverKey, "-delay", "0s")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	first, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || !strings.Contains(first, "http://127.0.0.1:"+port+"/v1") {
+		t.Fatalf("the stand-in printed %q (%v), want its URL", first, err)
+	}
+	go io.Copy(io.Discard, stdout)
+
+	e := newEnv(t, nil, nil)
+	e.startCaddy(t, "http://127.0.0.1:"+port+"/v1", "{env.VIGTHORIA_TEST_KEY}")
+	if _, err := e.client.Chat.Completions.New(t.Context(), chatParams("hello")); err != nil {
+		t.Errorf("a chat through Caddy to the stand-in: %v", err)
+	}
+
+	cmd.Process.Signal(os.Interrupt)
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("the stand-in ended with %v on Ctrl-C, want status 0", err)
+		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("the stand-in did not stop within 10s of Ctrl-C")
 	}
 }
