@@ -451,6 +451,11 @@ func TestBrowserDashboard(t *testing.T) {
 	}
 	update := os.Getenv("VIGTHORIA_UPDATE_SCREENSHOT") == "1"
 	b.screenshot("dashboard.png", update)
+	// The keys: a destructive action looks it.
+	b.navigate(page + "#keys")
+	waitJS(t, b, `document.querySelectorAll("#keys tbody tr").length > 0`)
+	waitJS(t, b, `[...document.querySelectorAll('#keys button[data-action="revoke"]')].every((b) => b.classList.contains("danger"))`)
+	b.screenshot("dashboard-keys.png", update)
 	b.navigate(page + "#key/" + pro)
 	waitJS(t, b, `!!window.dash.charts["key-recent"] && window.dash.charts["key-recent"].series.length === 3`)
 	b.screenshot("dashboard-key.png", update)

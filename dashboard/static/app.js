@@ -11,6 +11,15 @@ window.dash = { charts: {} };
 
 const palette = ["#3559e0", "#12a150", "#e07b00", "#b42bd6", "#d92d20", "#0e9384", "#667085", "#c11574"];
 
+// colorOf gives each label (a reason, an outcome, a tier, a model) one
+// colour on every chart: served is green, the rest by a hash of their name.
+function colorOf(label) {
+  if (label === "served") return "#12a150";
+  let h = 0;
+  for (const c of label) h = (h * 31 + c.codePointAt(0)) >>> 0;
+  return palette[h % palette.length];
+}
+
 async function api(path, options = {}) {
   const headers = { "X-CSRF-Token": csrf };
   if (options.body !== undefined) headers["Content-Type"] = "application/json";
@@ -77,8 +86,8 @@ function draw(name, el, x, series, opts = {}) {
     axes: [{}, { size: (u, ticks) => 18 + 7.5 * Math.max(3, ...(ticks || []).map((t) => t.length)),
       values: (u, vals) => vals.map(opts.money ? money : fmt) }],
     series: [{}, ...order.map((i) => ({
-      label: labels[i], stroke: palette[i % palette.length], width: opts.stack ? 1 : 2,
-      fill: opts.fill === false ? undefined : palette[i % palette.length] + (opts.stack ? "" : "22"),
+      label: labels[i], stroke: colorOf(labels[i]), width: opts.stack ? 1 : 2,
+      fill: opts.fill === false ? undefined : colorOf(labels[i]) + (opts.stack ? "" : "22"),
       paths: opts.bars ? uPlot.paths.bars({ size: [0.7, 40] }) : undefined,
       value: (u, v, si, at) => opts.stack ? (at == null ? "–" : show(series[labels[i]][at])) : show(v),
     }))],
@@ -202,7 +211,13 @@ async function loadKeys() {
     id.className = "muted";
     id.textContent = k.id;
     name.append(a, id);
-    cell(tr, k.tier);
+    const tier = cell(tr, k.tier);
+    if (k.mint && k.mint.length) {
+      const mint = document.createElement("div");
+      mint.className = "mint";
+      mint.textContent = "mints " + k.mint.join(", ");
+      tier.append(mint);
+    }
     cell(tr, k.state, "state-" + k.state);
     cell(tr, limitsText(k.limits));
     cell(tr, when(k.last_used));
@@ -213,7 +228,7 @@ async function loadKeys() {
     const actions = cell(tr, "");
     if (k.state !== "revoked") {
       button(actions, "Rotate", () => change(k, "rotate"));
-      button(actions, "Revoke", () => change(k, "revoke"));
+      button(actions, "Revoke", () => change(k, "revoke")).classList.add("danger");
     }
   });
 }
@@ -225,6 +240,7 @@ function button(parent, text, onClick) {
   b.dataset.action = text.toLowerCase();
   b.addEventListener("click", onClick);
   parent.appendChild(b);
+  return b;
 }
 
 function setTiers(tiers) {
