@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -67,18 +68,41 @@ func TestSQLiteSchema(t *testing.T) {
 		}
 	}
 
-	// Opening again migrates nothing; a newer schema is refused.
+	// Opening again migrates nothing.
 	again, err := Open(path)
 	if err != nil {
 		t.Fatalf("reopening: %v", err)
 	}
 	again.Close()
-	if _, err := st.DB().Exec("PRAGMA user_version = 99"); err != nil {
+}
+
+// TestSQLiteNewerSchemaRefused opens a store that a newer build has
+// migrated past this one's migrations: the open fails, naming both
+// versions and the fix, and leaves the file as it was.
+func TestSQLiteNewerSchemaRefused(t *testing.T) {
+	st, path := openTemp(t)
+	newer := len(migrations) + 1
+	if _, err := st.DB().Exec(fmt.Sprintf("PRAGMA user_version = %d", newer)); err != nil {
 		t.Fatal(err)
 	}
-	if newer, err := Open(path); err == nil {
-		newer.Close()
-		t.Error("opened a store of schema version 99")
+	again, err := Open(path)
+	if err == nil {
+		again.Close()
+		t.Fatalf("opened a store of schema version %d with a build that knows %d", newer, len(migrations))
+	}
+	for _, want := range []string{
+		path,
+		fmt.Sprintf("schema version %d is newer", newer),
+		fmt.Sprintf("knows (version %d)", len(migrations)),
+		"run that build or a later one",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+	var version int
+	if err := st.DB().QueryRow("PRAGMA user_version").Scan(&version); err != nil || version != newer {
+		t.Errorf("user_version after the refused open: %d (%v), want %d untouched", version, err, newer)
 	}
 }
 
