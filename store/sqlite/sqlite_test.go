@@ -570,3 +570,29 @@ func TestSQLiteMigratesToSettings(t *testing.T) {
 	got, _ = st.Get(ctx, want.ID)
 	storetest.WantRecord(t, got, want)
 }
+
+// TestDeployDocSchema keeps docs/deploy.md true: it names the schema
+// version this build knows, and shows the refusal of a newer store as
+// Open words it.
+func TestDeployDocSchema(t *testing.T) {
+	raw, err := os.ReadFile("../../docs/deploy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := strings.Join(strings.Fields(string(raw)), " ")
+	if want := fmt.Sprintf("knows schema version %d.", len(migrations)); !strings.Contains(doc, want) {
+		t.Errorf("docs/deploy.md does not say %q", want)
+	}
+	st, path := openTemp(t)
+	if _, err := st.DB().Exec(fmt.Sprintf("PRAGMA user_version = %d", len(migrations)+1)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open(path)
+	if err == nil {
+		t.Fatal("opened a newer store")
+	}
+	_, refusal, _ := strings.Cut(err.Error(), path+": ")
+	if refusal == "" || !strings.Contains(doc, refusal) {
+		t.Errorf("docs/deploy.md does not show the refusal %q", refusal)
+	}
+}
