@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # Caddy with the vigthoria module, built from this source tree in the
 # convention of Caddy's own images: xcaddy in caddy:builder, the binary
 # copied into caddy. See docs/deploy.md.
@@ -32,6 +33,8 @@ COPY deploy/Caddyfile /etc/caddy/Caddyfile
 # Caddy's data directory (/data, XDG_DATA_HOME in this image), where the
 # default key store is /data/caddy/vigthoria/vigthoria.db, and its config
 # directory (/config). A named volume mounted there takes this ownership.
+# caddy declares both as volumes: BuildKit (Docker's builder since Engine
+# 23) keeps the chown; the legacy builder would drop it.
 RUN setcap cap_net_bind_service=+ep /usr/bin/caddy \
 	&& addgroup -S -g 1000 caddy \
 	&& adduser -S -D -H -u 1000 -G caddy -h /data -s /sbin/nologin caddy \
