@@ -184,7 +184,8 @@ func (s *Store) migrate(ctx context.Context) error {
 }
 
 // schemaVersion reads the schema version and refuses one newer than this
-// build knows.
+// build knows: a newer build migrated the file, and this one would
+// misread what it added. Nothing is changed; the fix is the newer binary.
 func (s *Store) schemaVersion(ctx context.Context, q interface {
 	QueryRowContext(context.Context, string, ...any) *sql.Row
 }) (int, error) {
@@ -193,7 +194,8 @@ func (s *Store) schemaVersion(ctx context.Context, q interface {
 		return 0, fmt.Errorf("reading schema version: %w", err)
 	}
 	if version > len(migrations) {
-		return 0, fmt.Errorf("schema version %d is newer than this build knows (%d): upgrade Caddy", version, len(migrations))
+		return 0, fmt.Errorf("schema version %d is newer than this build of caddy-vigthoria knows (version %d): "+
+			"a newer build has upgraded the store; run that build or a later one (a store is never downgraded)", version, len(migrations))
 	}
 	return version, nil
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -67,18 +68,41 @@ func TestSQLiteSchema(t *testing.T) {
 		}
 	}
 
-	// Opening again migrates nothing; a newer schema is refused.
+	// Opening again migrates nothing.
 	again, err := Open(path)
 	if err != nil {
 		t.Fatalf("reopening: %v", err)
 	}
 	again.Close()
-	if _, err := st.DB().Exec("PRAGMA user_version = 99"); err != nil {
+}
+
+// TestSQLiteNewerSchemaRefused opens a store that a newer build has
+// migrated past this one's migrations: the open fails, naming both
+// versions and the fix, and leaves the file as it was.
+func TestSQLiteNewerSchemaRefused(t *testing.T) {
+	st, path := openTemp(t)
+	newer := len(migrations) + 1
+	if _, err := st.DB().Exec(fmt.Sprintf("PRAGMA user_version = %d", newer)); err != nil {
 		t.Fatal(err)
 	}
-	if newer, err := Open(path); err == nil {
-		newer.Close()
-		t.Error("opened a store of schema version 99")
+	again, err := Open(path)
+	if err == nil {
+		again.Close()
+		t.Fatalf("opened a store of schema version %d with a build that knows %d", newer, len(migrations))
+	}
+	for _, want := range []string{
+		path,
+		fmt.Sprintf("schema version %d is newer", newer),
+		fmt.Sprintf("knows (version %d)", len(migrations)),
+		"run that build or a later one",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+	var version int
+	if err := st.DB().QueryRow("PRAGMA user_version").Scan(&version); err != nil || version != newer {
+		t.Errorf("user_version after the refused open: %d (%v), want %d untouched", version, err, newer)
 	}
 }
 
@@ -545,4 +569,30 @@ func TestSQLiteMigratesToSettings(t *testing.T) {
 	}
 	got, _ = st.Get(ctx, want.ID)
 	storetest.WantRecord(t, got, want)
+}
+
+// TestDeployDocSchema keeps docs/deploy.md true: it names the schema
+// version this build knows, and shows the refusal of a newer store as
+// Open words it.
+func TestDeployDocSchema(t *testing.T) {
+	raw, err := os.ReadFile("../../docs/deploy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := strings.Join(strings.Fields(string(raw)), " ")
+	if want := fmt.Sprintf("knows schema version %d.", len(migrations)); !strings.Contains(doc, want) {
+		t.Errorf("docs/deploy.md does not say %q", want)
+	}
+	st, path := openTemp(t)
+	if _, err := st.DB().Exec(fmt.Sprintf("PRAGMA user_version = %d", len(migrations)+1)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open(path)
+	if err == nil {
+		t.Fatal("opened a newer store")
+	}
+	_, refusal, _ := strings.Cut(err.Error(), path+": ")
+	if refusal == "" || !strings.Contains(doc, refusal) {
+		t.Errorf("docs/deploy.md does not show the refusal %q", refusal)
+	}
 }
