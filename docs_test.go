@@ -183,7 +183,7 @@ func anchor(title string) string {
 
 // TestDocLinks checks that every relative link of the README and docs/
 // names a file that exists and, with a fragment into a Markdown file, one
-// of its headings. A link to docs/deploy.md may precede the page.
+// of its headings.
 func TestDocLinks(t *testing.T) {
 	anchors := map[string]map[string]bool{}
 	anchorsOf := func(file string) map[string]bool {
@@ -214,10 +214,6 @@ func TestDocLinks(t *testing.T) {
 			if path != "" {
 				target = filepath.Join(filepath.Dir(file), path)
 				if _, err := os.Stat(target); err != nil {
-					if target == filepath.Join("docs", "deploy.md") {
-						t.Logf("%s links to %s, which is written apart; not checked until it exists", file, link)
-						continue
-					}
 					t.Errorf("%s links to %s, which does not exist", file, link)
 					continue
 				}
