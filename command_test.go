@@ -239,6 +239,8 @@ func startService(t testing.TB) (*keys.Service, *sqlite.Store) {
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// As a config of these tiers would: the admin API refuses others.
+	t.Cleanup(s.UseTiers([]string{"free", "basic", "pro", "team"}))
 	t.Cleanup(func() {
 		if err := s.Stop(); err != nil {
 			t.Errorf("Stop: %v", err)

@@ -241,7 +241,7 @@ func TestServiceLifecycle(t *testing.T) {
 		}
 	}
 	_, secret := create(t, s.Store(), "k", "free", time.Time{}, time.Now())
-	s.changed()
+	s.changed(t.Context())
 	testcheck.Within(t, "a key added through Store", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
 
 	if err := s.Stop(); err != nil {
