@@ -337,15 +337,17 @@ func cliUsage(cmd *cobra.Command, args []string) error {
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 	// CACHED is of PROMPT and REASONING of COMPLETION, where the
 	// upstream reported them. COST is in units of the proxy's currency,
-	// which the store does not know: 0 for usage of unpriced models.
-	fmt.Fprintln(w, "KEY\tNAME\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL\tCOST")
+	// which the store does not know: 0 for usage of unpriced models. NAME
+	// comes last: the columns before it are those of before, and a name
+	// may hold spaces.
+	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL\tCOST\tNAME")
 	for _, r := range lines {
 		name := printable(r.Name)
 		if r.Name == "" {
 			name = "-"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", printable(r.Key), name, r.Day, printable(r.Model), r.Requests,
-			r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens, policy.FormatCost(r.CostMicros))
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", printable(r.Key), r.Day, printable(r.Model), r.Requests,
+			r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens, policy.FormatCost(r.CostMicros), name)
 	}
 	return w.Flush()
 }

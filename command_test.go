@@ -196,10 +196,10 @@ func TestCLIUsageAndEmptyList(t *testing.T) {
 	for _, args := range [][]string{{"usage", flag}, {"usage", id, flag}} {
 		out := mustCLI(t, args...)
 		header, row, _ := strings.Cut(out, "\n")
-		if got, want := strings.Fields(header), []string{"KEY", "NAME", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL", "COST"}; !slices.Equal(got, want) {
+		if got, want := strings.Fields(header), []string{"KEY", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL", "COST", "NAME"}; !slices.Equal(got, want) {
 			t.Errorf("%v printed the header %q, want %q", args, got, want)
 		}
-		if got, want := strings.Fields(row), []string{id, "n", day, "m-1", "2", "10", "8", "5", "3", "15", "12.000345"}; !slices.Equal(got, want) {
+		if got, want := strings.Fields(row), []string{id, day, "m-1", "2", "10", "8", "5", "3", "15", "12.000345", "n"}; !slices.Equal(got, want) {
 			t.Errorf("%v printed the row %q, want %q", args, got, want)
 		}
 	}
