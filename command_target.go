@@ -61,6 +61,15 @@ func cliTarget(cmd *cobra.Command, create bool) (*keyTarget, error) {
 	if err != nil {
 		return nil, fmt.Errorf("finding the admin API's address: %w", err)
 	}
+	if spec != "" {
+		// Canonical here: a relative SQLite path is the caller's, not
+		// relative to Caddy's working directory.
+		kind, target, err := store.ParseSpec(spec)
+		if err != nil {
+			return nil, err
+		}
+		spec = kind + ":" + target
+	}
 	return &keyTarget{admin: addr, store: spec, name: "the key store of the Caddy at " + addr}, nil
 }
 
