@@ -1,11 +1,9 @@
 package vigthoria
 
 import (
-	"errors"
+	"encoding/json"
 	"fmt"
 	"io"
-	"io/fs"
-	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -27,16 +25,32 @@ func init() {
 		Short: "Manages the client keys of the vigthoria handler",
 		Long: `
 Adds, lists, revokes and rotates the client keys that the vigthoria handler
-accepts, in its key store. A running Caddy sees every change within a second,
-without a reload.
+accepts, and prints their usage, through the admin API of the running Caddy,
+as caddy reload does: its key store, the one the handler uses, and every
+change applies to requests when the command returns.
 
-  caddy vigthoria key add --tier pro --name alice [--expires 720h] [--mint free,basic] [settings]
+  caddy vigthoria key add --tier pro --name alice [--expires 720h] [--mint free,basic] [--force] [settings]
   caddy vigthoria key list
   caddy vigthoria key show <id> [--config Caddyfile]
   caddy vigthoria key update <id> [settings] [--clear-<setting>…]
   caddy vigthoria key revoke <id>
   caddy vigthoria key rotate <id>
-  caddy vigthoria usage [<id>]
+  caddy vigthoria usage [<id>] [--month 2026-11 | --day 2026-12-01] [--json]
+
+--address is the admin API's address (default: the admin address of the
+config given with --config, else localhost:2019). add refuses a tier (or
+a --mint tier) that no loaded config has, since its requests would be
+refused; --force stores it anyway. When several key stores are open,
+--store chooses one of them.
+
+--store without --address works on the store directly, offline, with
+no Caddy running: sqlite:PATH or redis://HOST:PORT/DB, as in the
+Caddyfile. A running Caddy then sees each change within a second. Offline
+the tier is not checked against a running config; give --config to check
+it against that config's tiers. Run the command as the user Caddy runs
+as (sudo -u caddy caddy vigthoria …): a new SQLite file is readable by
+its owner only, and one made by root cannot be opened by a Caddy running
+as another user.
 
 A key's own settings replace its tier's of the same name; those it does
 not set follow the tier, and its changes:
@@ -54,23 +68,23 @@ Caddyfile given with --config.
 --mint lets the key's holder, an app's backend, mint short-lived tokens of
 those tiers for its own users (POST /vigthoria/tokens).
 
+usage prints the ledger's rows of a month or a day (UTC), with the keys'
+names; --json prints them as JSON. usage of mint:<key ID>:<user> prints one
+minted token user's rows; a minting key's own rows hold its users' usage.
+
 Minted tokens are signed with a signing key in the same store, which every
 instance sharing the store verifies:
 
-  caddy vigthoria signing-key rotate
-  caddy vigthoria signing-key list
+  caddy vigthoria signing-key rotate [--store spec]
+  caddy vigthoria signing-key list [--store spec]
 
 rotate adds a new signing key, which every running Caddy signs with once it
 has been published for 2 seconds, so that every instance knows it first;
 tokens signed with the older ones stay valid until they expire. It also
 removes the keys retired more than 24 hours ago (the longest life of a
 token). list shows the keys' IDs and states, never the private keys.
-usage of mint:<key ID>:<user> prints one minted token user's rows; a
-minting key's own rows hold its users' usage.
-
---store names the store, as in the Caddyfile: sqlite:PATH or redis://HOST:PORT/DB.
-Default: sqlite:<Caddy data dir>/vigthoria/vigthoria.db. Run the command as the
-user Caddy runs as (or give --store), or it looks in another data directory.
+The signing-key commands work on the store directly (default:
+sqlite:<Caddy data dir>/vigthoria/vigthoria.db of the calling user).
 
 A key's secret is printed once, by add and rotate, and is stored nowhere: the
 store keeps only its SHA-256.
@@ -96,8 +110,12 @@ func RunCLI(args []string, stdout, stderr io.Writer) int {
 
 // buildCommand adds the subcommands and flags to the vigthoria command.
 func buildCommand(cmd *cobra.Command) {
+	cmd.PersistentFlags().String("address", "",
+		"the admin API of the running Caddy (default: that of --config, else "+caddy.DefaultAdminListen+")")
+	cmd.PersistentFlags().String("config", "",
+		"the config (Caddyfile, or JSON by its extension) of the running Caddy: its admin address, and the tiers for key show, and for key add with --store")
 	cmd.PersistentFlags().String("store", "",
-		"key store: sqlite:PATH or redis://HOST:PORT/DB (default sqlite:<Caddy data dir>/vigthoria/vigthoria.db)")
+		"work on this key store directly, offline, not through a running Caddy: sqlite:PATH or redis://HOST:PORT/DB; with --address, that store of the Caddy there")
 
 	// Runnable, so that a mistyped subcommand is an error rather than
 	// the help.
@@ -119,6 +137,7 @@ func buildCommand(cmd *cobra.Command) {
 	add.Flags().String("name", "", "who or what the key is for (required)")
 	add.Flags().String("expires", "", "lifetime, such as 720h or 30d, or an RFC 3339 time (default: never)")
 	add.Flags().String("mint", "", "tiers, separated by commas, that the key may mint tokens of for its users (default: none)")
+	add.Flags().Bool("force", false, "store the key even though no loaded config has its tier (or a --mint tier)")
 	addSettingFlags(add, false)
 	_ = add.MarkFlagRequired("tier")
 	_ = add.MarkFlagRequired("name")
@@ -135,7 +154,6 @@ func buildCommand(cmd *cobra.Command) {
 		Args:  cobra.ExactArgs(1),
 		RunE:  cliShow,
 	}
-	show.Flags().String("config", "", "the Caddyfile (or JSON config) whose tiers to show the values of")
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "Lists the keys, never their secrets",
@@ -155,11 +173,14 @@ func buildCommand(cmd *cobra.Command) {
 		RunE:  cliRotate,
 	}
 	usage := &cobra.Command{
-		Use:   "usage [<id>]",
-		Short: "Prints what keys used this month, by day and model",
+		Use:   "usage [<id>] [--month YYYY-MM | --day YYYY-MM-DD] [--json]",
+		Short: "Prints what keys used in a month (default: this one) or on a day, by day and model, with their names",
 		Args:  cobra.MaximumNArgs(1),
 		RunE:  cliUsage,
 	}
+	usage.Flags().String("month", "", "the month (UTC) to print, YYYY-MM (default: this month)")
+	usage.Flags().String("day", "", "the day (UTC) to print, YYYY-MM-DD")
+	usage.Flags().Bool("json", false, "print a JSON array of rows, as GET /vigthoria/usage answers")
 	signing := &cobra.Command{
 		Use:   "signing-key",
 		Short: "Rotates and lists the keys that minted tokens are signed with",
@@ -186,8 +207,10 @@ func buildCommand(cmd *cobra.Command) {
 	cmd.AddCommand(key, usage, signing)
 }
 
-// cliStore opens the store of the --store flag. Only create makes a new
-// SQLite file: a mistyped path should not look like an empty store.
+// cliStore opens the store of the --store flag for the signing-key
+// commands, which have no admin route: by default the SQLite store in
+// the calling user's Caddy data directory. Only create makes a new
+// SQLite file.
 func cliStore(cmd *cobra.Command, create bool) (store.Backend, string, error) {
 	spec, err := cmd.Flags().GetString("store")
 	if err != nil {
@@ -196,128 +219,155 @@ func cliStore(cmd *cobra.Command, create bool) (store.Backend, string, error) {
 	if spec == "" {
 		spec = "sqlite:" + store.DefaultSQLitePath()
 	}
-	kind, target, err := store.ParseSpec(spec)
-	if err != nil {
-		return nil, "", err
+	return openStore(cmd, spec, create)
+}
+
+// applied says when a change made through t applies to requests.
+func applied(t *keyTarget) string {
+	if t.online() {
+		return "It applies to requests now."
 	}
-	if kind == "sqlite" && !create {
-		if _, err := os.Stat(target); errors.Is(err, fs.ErrNotExist) {
-			return nil, "", fmt.Errorf("no key store at %s: give the store of your Caddyfile with --store sqlite:PATH", target)
-		}
-	}
-	st, err := store.Open(spec)
-	return st, store.Display(kind, target), err
+	return "A running Caddy applies it within a second."
 }
 
 func cliAdd(cmd *cobra.Command, _ []string) error {
-	tier, _ := cmd.Flags().GetString("tier")
-	name, _ := cmd.Flags().GetString("name")
-	exp, _ := cmd.Flags().GetString("expires")
-	mint, _ := cmd.Flags().GetString("mint")
-	now := time.Now()
-	expires, err := parseExpiry(exp, now)
-	if err != nil {
-		return err
-	}
-	a := keys.Attrs{Name: name, Tier: tier, Expires: expires}
-	if mint != "" {
+	var a createAttrs
+	a.Tier, _ = cmd.Flags().GetString("tier")
+	a.Name, _ = cmd.Flags().GetString("name")
+	a.Expires, _ = cmd.Flags().GetString("expires")
+	a.Force, _ = cmd.Flags().GetBool("force")
+	if mint, _ := cmd.Flags().GetString("mint"); mint != "" {
 		a.Mint = strings.Split(mint, ",")
 	}
-	if err := settingsFromFlags(cmd, &a.Settings); err != nil {
+	if _, err := parseExpiry(a.Expires, time.Now()); err != nil {
 		return err
 	}
-	st, spec, err := cliStore(cmd, true)
+	var settings policy.Settings
+	if err := settingsFromFlags(cmd, &settings); err != nil {
+		return err
+	}
+	t, err := cliTarget(cmd, true)
 	if err != nil {
 		return err
 	}
-	defer st.Close()
-	rec, secret, err := keys.Create(cmd.Context(), st, a, now)
+	defer t.close()
+	config, _ := cmd.Flags().GetString("config")
+	k, err := t.createKey(cmd.Context(), a, settings, config)
 	if err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "Created key %s (name %q, tier %s, expires %s, mints %s, own settings %s) in %s.\n", rec.ID, rec.Name, rec.Tier,
-		formatTime(rec.Expires, "never"), formatMint(rec.Mint, "no tokens"), setNames(&rec.Settings, "none"), spec)
-	printSecret(out, secret)
+	fmt.Fprintf(out, "Created key %s (name %q, tier %s, expires %s, mints %s, own settings %s) in %s. %s\n", k.ID, k.Name, k.Tier,
+		formatTime(deref(k.Expires), "never"), formatMint(k.Mint, "no tokens"), setNames(k.Settings, "none"), t.name, applied(t))
+	if !t.online() && config == "" && !a.Force {
+		fmt.Fprintln(cmd.ErrOrStderr(), "Note: with --store, the tier is not checked against the running config; give --config to check it.")
+	}
+	printSecret(out, k.Secret)
 	return nil
 }
 
 func cliList(cmd *cobra.Command, _ []string) error {
-	st, spec, err := cliStore(cmd, false)
+	t, err := cliTarget(cmd, false)
 	if err != nil {
 		return err
 	}
-	defer st.Close()
-	recs, err := st.List(cmd.Context())
+	defer t.close()
+	infos, err := t.listKeys(cmd.Context())
 	if err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	if len(recs) == 0 {
-		fmt.Fprintf(out, "No keys in %s.\n", spec)
+	if len(infos) == 0 {
+		fmt.Fprintf(out, "No keys in %s.\n", t.name)
 		return nil
 	}
-	now := time.Now()
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	// SETTINGS names the key's own settings (see key show).
 	fmt.Fprintln(tw, "ID\tNAME\tTIER\tMINT\tCREATED\tEXPIRES\tLAST USED\tSTATE\tSETTINGS")
-	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, printable(r.Name), r.Tier, formatMint(r.Mint, "-"),
-			formatTime(r.Created, "-"), formatTime(r.Expires, "never"), formatTime(r.LastUsed, "never"), r.State(now), setNames(&r.Settings, "-"))
+	for _, k := range infos {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.ID, printable(k.Name), printable(k.Tier), formatMint(k.Mint, "-"),
+			formatTime(k.Created, "-"), formatTime(deref(k.Expires), "never"), formatTime(deref(k.LastUsed), "never"), k.State, setNames(k.Settings, "-"))
 	}
 	return tw.Flush()
 }
 
 func cliRevoke(cmd *cobra.Command, args []string) error {
-	st, _, err := cliStore(cmd, false)
+	t, err := cliTarget(cmd, false)
 	if err != nil {
 		return err
 	}
-	defer st.Close()
-	if err := st.Revoke(cmd.Context(), args[0], time.Now()); err != nil {
+	defer t.close()
+	if err := t.revokeKey(cmd.Context(), args[0]); err != nil {
 		return err
 	}
-	fmt.Fprintf(cmd.OutOrStdout(), "Revoked key %s. A running Caddy refuses it within a second.\n", args[0])
+	fmt.Fprintf(cmd.OutOrStdout(), "Revoked key %s. %s\n", args[0], applied(t))
 	return nil
 }
 
-// cliUsage prints the ledger's rows of this month (UTC): of one key, or
-// of every key in the store. The last second of use may still be on its
-// way from a running Caddy.
+// cliUsage prints the ledger's rows of a month or a day (UTC; default
+// this month): of one key, or of every key in the store. Offline, the
+// last second of use may still be on its way from a running Caddy;
+// through the admin API, Caddy writes it first.
 func cliUsage(cmd *cobra.Command, args []string) error {
-	st, _, err := cliStore(cmd, false)
+	month, _ := cmd.Flags().GetString("month")
+	day, _ := cmd.Flags().GetString("day")
+	asJSON, _ := cmd.Flags().GetBool("json")
+	from, to, err := usageFlags(month, day, time.Now())
 	if err != nil {
 		return err
 	}
-	defer st.Close()
-	ids := args
-	if len(ids) == 0 {
-		recs, err := st.List(cmd.Context())
-		if err != nil {
-			return err
-		}
-		for _, r := range recs {
-			ids = append(ids, r.ID)
-		}
+	t, err := cliTarget(cmd, false)
+	if err != nil {
+		return err
 	}
-	now := time.Now().UTC()
-	since := store.Day(time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC))
+	defer t.close()
+	var id string
+	if len(args) > 0 {
+		id = args[0]
+	}
+	lines, err := t.usage(cmd.Context(), id, from, to)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(lines)
+	}
 	w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 	// CACHED is of PROMPT and REASONING of COMPLETION, where the
 	// upstream reported them. COST is in units of the proxy's currency,
-	// which the store does not know: 0 for usage of unpriced models.
-	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL\tCOST")
-	for _, id := range ids {
-		rows, err := st.UsageSince(cmd.Context(), id, since)
-		if err != nil {
-			return err
+	// which the store does not know: 0 for usage of unpriced models. NAME
+	// comes last: the columns before it are those of before, and a name
+	// may hold spaces.
+	fmt.Fprintln(w, "KEY\tDAY\tMODEL\tREQUESTS\tPROMPT\tCACHED\tCOMPLETION\tREASONING\tTOTAL\tCOST\tNAME")
+	for _, r := range lines {
+		name := printable(r.Name)
+		if r.Name == "" {
+			name = "-"
 		}
-		for _, r := range rows {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", id, r.Day, printable(r.Model), r.Requests,
-				r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens(), policy.FormatCost(r.Cost))
-		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", printable(r.Key), r.Day, printable(r.Model), r.Requests,
+			r.PromptTokens, r.CachedTokens, r.CompletionTokens, r.ReasoningTokens, r.TotalTokens, policy.FormatCost(r.CostMicros), name)
 	}
 	return w.Flush()
+}
+
+// usageFlags returns the range of days of --month (YYYY-MM) or --day
+// (YYYY-MM-DD), this month at now if neither. Errors wrap ErrInvalid.
+func usageFlags(month, day string, now time.Time) (from, to string, err error) {
+	switch {
+	case month != "" && day != "":
+		return "", "", fmt.Errorf("%w: give --month or --day, not both", store.ErrInvalid)
+	case day != "":
+		return usageRange(day, day, now)
+	case month != "":
+		m, err := time.Parse("2006-01", month)
+		if err != nil {
+			return "", "", fmt.Errorf("%w: --month '%s' is not YYYY-MM", store.ErrInvalid, month)
+		}
+		return usageRange(store.Day(m), store.Day(m.AddDate(0, 1, -1)), now)
+	}
+	return usageRange("", "", now)
 }
 
 // printable returns s as it is when every character of it prints as
@@ -333,17 +383,21 @@ func printable(s string) string {
 }
 
 func cliRotate(cmd *cobra.Command, args []string) error {
-	st, _, err := cliStore(cmd, false)
+	t, err := cliTarget(cmd, false)
 	if err != nil {
 		return err
 	}
-	defer st.Close()
-	secret, err := keys.Rotate(cmd.Context(), st, args[0])
+	defer t.close()
+	secret, err := t.rotateKey(cmd.Context(), args[0])
 	if err != nil {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "Rotated key %s: its old secret stops working within a second.\n", args[0])
+	if t.online() {
+		fmt.Fprintf(out, "Rotated key %s: its old secret stopped working.\n", args[0])
+	} else {
+		fmt.Fprintf(out, "Rotated key %s: its old secret stops working within a second.\n", args[0])
+	}
 	printSecret(out, secret)
 	return nil
 }
@@ -436,6 +490,14 @@ func formatMint(mint []string, none string) string {
 		return none
 	}
 	return store.JoinMint(mint)
+}
+
+// deref returns *t, or the zero time when t is nil.
+func deref(t *time.Time) time.Time {
+	if t == nil {
+		return time.Time{}
+	}
+	return *t
 }
 
 // formatTime formats t for the key list, in UTC, or none when zero.

@@ -2,6 +2,9 @@ package vigthoria
 
 import (
 	"bytes"
+	"errors"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -193,10 +196,10 @@ func TestCLIUsageAndEmptyList(t *testing.T) {
 	for _, args := range [][]string{{"usage", flag}, {"usage", id, flag}} {
 		out := mustCLI(t, args...)
 		header, row, _ := strings.Cut(out, "\n")
-		if got, want := strings.Fields(header), []string{"KEY", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL", "COST"}; !slices.Equal(got, want) {
+		if got, want := strings.Fields(header), []string{"KEY", "DAY", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING", "TOTAL", "COST", "NAME"}; !slices.Equal(got, want) {
 			t.Errorf("%v printed the header %q, want %q", args, got, want)
 		}
-		if got, want := strings.Fields(row), []string{id, day, "m-1", "2", "10", "8", "5", "3", "15", "12.000345"}; !slices.Equal(got, want) {
+		if got, want := strings.Fields(row), []string{id, day, "m-1", "2", "10", "8", "5", "3", "15", "12.000345", "n"}; !slices.Equal(got, want) {
 			t.Errorf("%v printed the row %q, want %q", args, got, want)
 		}
 	}
@@ -216,14 +219,25 @@ func TestCLIUsageEscapes(t *testing.T) {
 	}
 }
 
-func TestCLIDefaultStore(t *testing.T) {
+// TestCLIWithoutCaddyOrStore checks that, with no Caddy to talk to and
+// no --store, the key commands say both ways to the keys, rather than
+// use a store of the calling user's that Caddy may not use.
+func TestCLIWithoutCaddyOrStore(t *testing.T) {
 	t.Setenv("XDG_DATA_HOME", t.TempDir())
-	out := mustCLI(t, "key", "add", "--tier", "free", "--name", "n")
-	if !strings.Contains(out, store.DefaultSQLitePath()) {
-		t.Errorf("add printed %q, want it to name the default store %s", out, store.DefaultSQLitePath())
+	addr := "--address=127.0.0.1:1"
+	for _, args := range [][]string{
+		{"key", "add", "--tier", "free", "--name", "n", addr},
+		{"key", "list", addr},
+		{"usage", addr},
+	} {
+		code, out, errOut := runCLI(t, args...)
+		if code == 0 || !strings.Contains(errOut, "no Caddy admin API answers at 127.0.0.1:1") ||
+			!strings.Contains(errOut, "--address") || !strings.Contains(errOut, "--store sqlite:PATH") {
+			t.Errorf("%q: exit %d, %q %q; want an error naming --address and --store", args, code, out, errOut)
+		}
 	}
-	if list := mustCLI(t, "key", "list"); !strings.Contains(list, printedID.FindString(out)) {
-		t.Errorf("list of the default store = %q", list)
+	if _, err := os.Stat(store.DefaultSQLitePath()); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a store was made at the default path: %v", err)
 	}
 }
 
@@ -239,6 +253,8 @@ func startService(t testing.TB) (*keys.Service, *sqlite.Store) {
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// As a config of these tiers would: the admin API refuses others.
+	t.Cleanup(s.UseTiers([]string{"free", "basic", "pro", "team"}))
 	t.Cleanup(func() {
 		if err := s.Stop(); err != nil {
 			t.Errorf("Stop: %v", err)

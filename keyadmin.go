@@ -50,7 +50,7 @@ func serviceFor(r *http.Request) (*keys.Service, error) {
 	switch len(specs) {
 	case 0:
 		return nil, caddy.APIError{HTTPStatus: http.StatusServiceUnavailable,
-			Err: errors.New("no key store is open: the running config has no vigthoria handler, or it has not started; the `caddy vigthoria key` command works on the store directly")}
+			Err: errors.New("no key store is open: the running config has no vigthoria handler, or it has not started; `caddy vigthoria key … --store <spec>` works on the store directly")}
 	case 1:
 		return found, nil
 	}
@@ -62,7 +62,7 @@ func serviceFor(r *http.Request) (*keys.Service, error) {
 // adminAPI serves key management on Caddy's admin API:
 //
 //	GET    /vigthoria/keys               list keys (never secrets or hashes)
-//	POST   /vigthoria/keys               create: {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"], "settings": {…}}; the answer holds the secret
+//	POST   /vigthoria/keys               create: {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"], "force": false, <settings>}; the answer holds the secret
 //	GET    /vigthoria/keys/{id}          one key
 //	PATCH  /vigthoria/keys/{id}          change its settings: {"budget": {"n": 80000000, "period": "month"}, "requests": null}
 //	DELETE /vigthoria/keys/{id}          revoke
@@ -74,7 +74,18 @@ func serviceFor(r *http.Request) (*keys.Service, error) {
 // "day"|"month"}, "budget" {"n": micro-units of the currency, "period":
 // …}, "models" and "origins" lists of strings. A PATCH changes the fields
 // it sets, clears those it sets to null (they follow the tier again) and
-// keeps the others.
+// keeps the others. POST takes them flat too, beside the attributes, so
+// that a key is made and changed with one shape; its nested "settings"
+// object of before is still read, but deprecated.
+//
+// POST refuses a tier (or a mint tier) that no loaded config using the
+// store has, unless "force" is true: the key would be refused with 403.
+//
+//	GET    /vigthoria/usage?key=ID&from=YYYY-MM-DD&to=YYYY-MM-DD
+//
+// answers the ledger's daily rows of the key (default: every key in the
+// store) from day from to day to, both included (default: this month,
+// UTC), with each key's name, after writing what the ledger holds.
 //
 // When several key stores are open, ?store=<spec> chooses one.
 type adminAPI struct{}
@@ -117,6 +128,11 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 			return a.patch(w, r, parts[1])
 		}
 		return methodNotAllowed(w, r, http.MethodGet, http.MethodPatch, http.MethodDelete)
+	case len(parts) == 1 && parts[0] == "usage":
+		if r.Method != http.MethodGet {
+			return methodNotAllowed(w, r, http.MethodGet)
+		}
+		return a.usage(w, r)
 	case len(parts) == 3 && parts[0] == "keys" && parts[1] != "" && parts[2] == "rotate":
 		if r.Method != http.MethodPost {
 			return methodNotAllowed(w, r, http.MethodPost)
@@ -143,17 +159,65 @@ func (adminAPI) list(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, infos)
 }
 
-func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
-	var req struct {
-		Name     string          `json:"name"`
-		Tier     string          `json:"tier"`
-		Expires  string          `json:"expires"`
-		Mint     []string        `json:"mint"`
-		Settings policy.Settings `json:"settings"`
+// createAttrs are the attributes of POST /vigthoria/keys besides the
+// settings, which come flat beside them.
+type createAttrs struct {
+	Name    string   `json:"name"`
+	Tier    string   `json:"tier"`
+	Expires string   `json:"expires"`
+	Mint    []string `json:"mint"`
+	Force   bool     `json:"force"`
+}
+
+// createExample is the body that a refused creation is shown.
+const createExample = `{"name": "…", "tier": "…", "expires": "720h", "mint": ["free"], "requests": {"n": 100, "window": "1m"}}`
+
+// parseCreate reads the body of a key creation: the attributes, and the
+// settings flat beside them, as PATCH takes them. A nested "settings"
+// object, the shape before, is still read (deprecated), but not both.
+func parseCreate(body map[string]json.RawMessage) (createAttrs, policy.Settings, error) {
+	var a createAttrs
+	var s policy.Settings
+	attrs, flat := map[string]json.RawMessage{}, map[string]json.RawMessage{}
+	for k, v := range body {
+		switch k {
+		case "name", "tier", "expires", "mint", "force":
+			attrs[k] = v
+		case "settings":
+		default:
+			if policy.FieldIndex(k) < 0 {
+				return a, s, fmt.Errorf("unknown field '%s'", k)
+			}
+			flat[k] = v
+		}
 	}
-	if err := decodeBody(w, r, &req); err != nil {
+	b, _ := json.Marshal(attrs)
+	if err := strictjson.Unmarshal(b, &a); err != nil {
+		return a, s, err
+	}
+	if nested, ok := body["settings"]; ok {
+		if len(flat) > 0 {
+			return a, s, errors.New(`settings given both flat and in "settings": give them flat`)
+		}
+		if err := strictjson.Unmarshal(nested, &s); err != nil {
+			return a, s, fmt.Errorf("settings: %w", err)
+		}
+		return a, s, nil
+	}
+	return a, s, policy.PatchSettings(&s, flat)
+}
+
+func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
+	var body map[string]json.RawMessage
+	err := decodeBody(w, r, &body)
+	var req createAttrs
+	var settings policy.Settings
+	if err == nil {
+		req, settings, err = parseCreate(body)
+	}
+	if err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest,
-			Err: fmt.Errorf(`decoding request body: %w; send {"name": "…", "tier": "…", "expires": "720h", "mint": ["free"], "settings": {"requests": {"n": 100, "window": "1m"}}}`, err)}
+			Err: fmt.Errorf("decoding request body: %w; send %s", err, createExample)}
 	}
 	now := time.Now()
 	expires, err := parseExpiry(req.Expires, now)
@@ -164,11 +228,34 @@ func (adminAPI) create(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out, err := svc.CreateKey(r.Context(), keys.Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: req.Settings}, now)
+	if !req.Force {
+		if err := knownTiers(svc, req.Tier, req.Mint); err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+		}
+	}
+	out, err := svc.CreateKey(r.Context(), keys.Attrs{Name: req.Name, Tier: req.Tier, Expires: expires, Mint: req.Mint, Settings: settings}, now)
 	if err != nil {
 		return storeError(err)
 	}
 	return writeJSON(w, http.StatusCreated, out)
+}
+
+// knownTiers returns an error unless every loaded config's handler using
+// svc knows tier and the tiers of mint: a key of another tier is refused
+// with 403, which an operator's typo should not wait for.
+func knownTiers(svc *keys.Service, tier string, mint []string) error {
+	configured := svc.ConfiguredTiers()
+	have := strings.Join(configured, ", ")
+	if have == "" {
+		have = "none"
+	}
+	for _, t := range append([]string{tier}, mint...) {
+		if t != "" && !slices.Contains(configured, t) {
+			return fmt.Errorf("%w: no loaded config has the tier '%s' (its tiers: %s), so its keys would be refused; give \"force\": true (the CLI's --force) to store it anyway",
+				store.ErrInvalid, t, have)
+		}
+	}
+	return nil
 }
 
 func (adminAPI) get(w http.ResponseWriter, r *http.Request, id string) error {
@@ -223,6 +310,33 @@ func (adminAPI) rotate(w http.ResponseWriter, r *http.Request, id string) error 
 		return storeError(err)
 	}
 	return writeJSON(w, http.StatusOK, out)
+}
+
+// usage answers the ledger's rows; see adminAPI.
+func (adminAPI) usage(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	from, to, err := usageRange(q.Get("from"), q.Get("to"), time.Now())
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	svc, err := serviceFor(r)
+	if err != nil {
+		return err
+	}
+	// What the ledger holds in memory goes to the store first, so that the
+	// answer holds every request answered until now.
+	if err := svc.Ledger().Flush(r.Context()); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: fmt.Errorf("writing the usage ledger: %w", err)}
+	}
+	var ids []string
+	if id := q.Get("key"); id != "" {
+		ids = []string{id}
+	}
+	rows, err := usageLines(r.Context(), svc.Store(), ids, from, to)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
+	}
+	return writeJSON(w, http.StatusOK, rows)
 }
 
 // decodeBody reads the request's JSON body into v strictly: a field not

@@ -247,3 +247,69 @@ func TestAdminModule(t *testing.T) {
 		t.Error("admin.api.vigthoria is not an AdminRouter")
 	}
 }
+
+func TestAdminCreateShapesAndTiers(t *testing.T) {
+	s, _ := startService(t)
+	srv := adminServer(t)
+	tests := []struct {
+		name, body string
+		status     int
+		want       string // in the body
+	}{
+		{"flat settings", `{"name":"a","tier":"pro","concurrent":3,"models":["m-*"]}`, http.StatusCreated, `"concurrent":3`},
+		{"nested settings (deprecated)", `{"name":"b","tier":"pro","settings":{"concurrent":4}}`, http.StatusCreated, `"concurrent":4`},
+		{"both shapes", `{"name":"c","tier":"pro","concurrent":3,"settings":{"concurrent":4}}`, http.StatusBadRequest, "give them flat"},
+		{"unknown field", `{"name":"d","tier":"pro","concurent":3}`, http.StatusBadRequest, "unknown field 'concurent'"},
+		{"bad setting", `{"name":"e","tier":"pro","concurrent":"x"}`, http.StatusBadRequest, "concurrent"},
+		{"unconfigured tier", `{"name":"f","tier":"prro"}`, http.StatusBadRequest, "no loaded config has the tier 'prro' (its tiers: basic, free, pro, team)"},
+		{"unconfigured mint tier", `{"name":"g","tier":"pro","mint":["fre"]}`, http.StatusBadRequest, "tier 'fre'"},
+		{"unconfigured tier forced", `{"name":"h","tier":"prro","force":true}`, http.StatusCreated, `"tier":"prro"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			status, body, _ := call(t, srv, http.MethodPost, "/vigthoria/keys", tt.body)
+			if status != tt.status || !strings.Contains(body, tt.want) {
+				t.Errorf("POST %s: %d %s, want %d with %q", tt.body, status, body, tt.status, tt.want)
+			}
+			if status == http.StatusCreated {
+				// Identified as soon as the answer is back, with no wait
+				// for the Service's poll.
+				if _, ok := s.Identify(decode[keys.KeyInfo](t, body).Secret, time.Now()); !ok {
+					t.Error("the key just created is not identified when the answer is back")
+				}
+			}
+		})
+	}
+}
+
+func TestAdminUsage(t *testing.T) {
+	_, st := startService(t)
+	srv := adminServer(t)
+	status, body, _ := call(t, srv, http.MethodPost, "/vigthoria/keys", `{"name":"alice","tier":"pro"}`)
+	if status != http.StatusCreated {
+		t.Fatalf("POST: %d %s", status, body)
+	}
+	id := decode[keys.KeyInfo](t, body).ID
+	now := time.Now().UTC()
+	for _, day := range []time.Time{now, now.AddDate(0, -1, 0)} {
+		if err := st.AddUsage(t.Context(), store.UsageBatch{Writer: "t" + store.Day(day), Seq: 1, Rows: []store.UsageRow{
+			{Client: id, Day: store.Day(day), Model: "m", Requests: 2, PromptTokens: 10, CompletionTokens: 5, Cost: 7},
+		}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/usage", "")
+	lines := decode[[]usageLine](t, body)
+	if status != http.StatusOK || len(lines) != 1 || lines[0].Name != "alice" || lines[0].Day != store.Day(now) || lines[0].TotalTokens != 15 || lines[0].CostMicros != 7 {
+		t.Errorf("GET /vigthoria/usage: %d %s, want this month's one row of alice", status, body)
+	}
+	last := now.AddDate(0, -1, 0)
+	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/usage?key="+id+"&from="+store.Day(last)+"&to="+store.Day(last), "")
+	if lines := decode[[]usageLine](t, body); status != http.StatusOK || len(lines) != 1 || lines[0].Day != store.Day(last) {
+		t.Errorf("GET /vigthoria/usage of a day last month: %d %s", status, body)
+	}
+	status, body, _ = call(t, srv, http.MethodGet, "/vigthoria/usage?from=2026-13-01", "")
+	if status != http.StatusBadRequest || !strings.Contains(body, "2026-13-01") {
+		t.Errorf("a bad day: %d %s, want 400 naming it", status, body)
+	}
+}

@@ -7,7 +7,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -337,6 +339,7 @@ type Handler struct {
 	keys          *keys.Service
 	tokens        *token.Verifier
 	storeSpec     string // the key of keys in keyServices
+	releaseTiers  func() // tells keys the tiers of this config no longer are
 	limiterKey    string // the key of limiter in limiters
 	identityTier  string // IdentityTier when it is a literal
 	sources       caller.Sources
@@ -413,6 +416,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("key store: %w", err)
 	}
 	h.storeSpec = spec
+	// The admin API refuses a key of a tier no loaded config has.
+	h.releaseTiers = h.keys.UseTiers(slices.Collect(maps.Keys(h.Tiers)))
 	if err := h.provisionJWT(caddy.Log().Named("vigthoria.jwt")); err != nil {
 		return err
 	}
@@ -617,6 +622,9 @@ func (h *Handler) start() error {
 // the ledger's final write.
 func (h *Handler) Cleanup() error {
 	ownErr := errors.Join(h.cleanupAlerts(), h.cleanupJWT())
+	if h.releaseTiers != nil {
+		h.releaseTiers()
+	}
 	if h.storeSpec == "" {
 		return ownErr
 	}

@@ -391,7 +391,7 @@ func TestRedisOutage(t *testing.T) {
 	}
 	defer s.Stop()
 	_, gone := create(t, s.Store(), "a", "free", time.Time{}, time.Now())
-	s.changed()
+	s.changed(t.Context())
 	testcheck.Within(t, "the key is identified", func() bool { return identified(s, gone) })
 
 	// Killed: the index answers from memory, within the bound.

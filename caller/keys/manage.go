@@ -12,8 +12,8 @@ import (
 )
 
 // The key operations of the admin API and the dashboard: each changes
-// the store, then has the Service sync at once, so that the change
-// applies to requests within a second. Errors wrap ErrNotFound,
+// the store, then has the Service sync before it returns, so that the
+// change applies to the next request. Errors wrap ErrNotFound,
 // ErrRevoked or ErrInvalid where those apply.
 
 // CreateKey adds a key with the attributes a and returns it with its
@@ -23,7 +23,7 @@ func (s *Service) CreateKey(ctx context.Context, a Attrs, now time.Time) (KeyInf
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	s.changed()
+	s.changed(ctx)
 	out := NewKeyInfo(rec, now)
 	out.Secret = secret
 	return out, nil
@@ -36,7 +36,7 @@ func (s *Service) RotateKey(ctx context.Context, id string, now time.Time) (KeyI
 	if err != nil {
 		return KeyInfo{}, err
 	}
-	s.changed()
+	s.changed(ctx)
 	rec, err := st.Get(ctx, id)
 	if err != nil {
 		return KeyInfo{}, err
@@ -52,7 +52,7 @@ func (s *Service) RevokeKey(ctx context.Context, id string, now time.Time) (KeyI
 	if err := st.Revoke(ctx, id, now); err != nil {
 		return KeyInfo{}, err
 	}
-	s.changed()
+	s.changed(ctx)
 	rec, err := st.Get(ctx, id)
 	if err != nil {
 		return KeyInfo{}, err
@@ -75,7 +75,7 @@ func (s *Service) PatchKey(ctx context.Context, id string, patch map[string]json
 	if err := SetSettings(ctx, st, id, rec.Settings); err != nil {
 		return KeyInfo{}, err
 	}
-	s.changed()
+	s.changed(ctx)
 	return NewKeyInfo(rec, now), nil
 }
 

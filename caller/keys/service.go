@@ -76,7 +76,7 @@ type Service struct {
 	maxStale   time.Duration // maxStaleness but in tests
 
 	index   index
-	kick    chan struct{} // asks the loop to sync now
+	kick    chan chan struct{} // asks the loop to sync now; it closes the channel sent once done
 	ledger  *ledger.Ledger
 	signing signing
 
@@ -95,6 +95,9 @@ type Service struct {
 	staleMu    sync.Mutex  // protects syncedAt and staleTimer
 	syncedAt   time.Time   // of the last successful load or sync
 	staleTimer *time.Timer // fires maxStale after syncedAt
+
+	tiersMu sync.Mutex     // protects tiers
+	tiers   map[string]int // the tiers of the configs using the Service: their handlers, per tier
 
 	// Only Start and then the loop use these.
 	cursor         uint64
@@ -135,7 +138,7 @@ func NewService(spec string, logger *zap.Logger) (*Service, error) {
 		poll:       pollInterval,
 		flushEvery: flushInterval,
 		maxStale:   maxStaleness,
-		kick:       make(chan struct{}, 1),
+		kick:       make(chan chan struct{}),
 		ledger:     ledger.New(logger),
 	}, nil
 }
@@ -227,12 +230,30 @@ func (s *Service) Store() store.Backend {
 	return s.store
 }
 
-// changed tells the Service that its store was just changed, so that it
-// syncs now rather than at its next poll.
-func (s *Service) changed() {
+// changed tells the Service that its store was just changed and waits
+// until its index holds the change, so that the change applies to the
+// next request: an operator's command returns only then. The loop owns
+// the index's cursor, so it syncs, and this waits for it (or for ctx, or
+// for Stop).
+func (s *Service) changed(ctx context.Context) {
+	s.mu.Lock()
+	done := s.done
+	s.mu.Unlock()
+	if done == nil {
+		return // not started: Start loads everything
+	}
+	synced := make(chan struct{})
 	select {
-	case s.kick <- struct{}{}:
-	default:
+	case s.kick <- synced:
+	case <-done:
+		return
+	case <-ctx.Done():
+		return
+	}
+	select {
+	case <-synced:
+	case <-done:
+	case <-ctx.Done():
 	}
 }
 
@@ -326,8 +347,9 @@ func (s *Service) run(ctx context.Context, st store.Backend, done <-chan struct{
 		case <-poll.C:
 			s.sync(ctx, st)
 			s.keepSigningKeys(ctx)
-		case <-s.kick:
+		case synced := <-s.kick:
 			s.sync(ctx, st)
+			close(synced)
 		case <-flush.C:
 			// Not the loop's context: Stop waits for a batch in flight
 			// rather than dropping it.

@@ -241,7 +241,7 @@ func TestServiceLifecycle(t *testing.T) {
 		}
 	}
 	_, secret := create(t, s.Store(), "k", "free", time.Time{}, time.Now())
-	s.changed()
+	s.changed(t.Context())
 	testcheck.Within(t, "a key added through Store", func() bool { _, ok := s.Identify(secret, time.Now()); return ok })
 
 	if err := s.Stop(); err != nil {
@@ -485,5 +485,28 @@ func TestStopLetsTheLoopTakeTheLock(t *testing.T) {
 	close(st.release)
 	if err := <-stopped; err != nil {
 		t.Errorf("Stop: %v", err)
+	}
+}
+
+// TestUseTiers checks that the tiers of configs overlapping in a reload
+// are known while either is, and no longer once both are released.
+func TestUseTiers(t *testing.T) {
+	s, err := NewService("sqlite:"+filepath.Join(t.TempDir(), "k.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldCfg := s.UseTiers([]string{"free", "pro"})
+	newCfg := s.UseTiers([]string{"pro", "team"})
+	if got := s.ConfiguredTiers(); !slices.Equal(got, []string{"free", "pro", "team"}) {
+		t.Errorf("during the reload: %q, want both configs' tiers", got)
+	}
+	oldCfg()
+	oldCfg() // a second release changes nothing
+	if got := s.ConfiguredTiers(); !slices.Equal(got, []string{"pro", "team"}) {
+		t.Errorf("after the old config's cleanup: %q, want the new config's", got)
+	}
+	newCfg()
+	if got := s.ConfiguredTiers(); len(got) != 0 {
+		t.Errorf("with no config: %q, want none", got)
 	}
 }
