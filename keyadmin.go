@@ -199,10 +199,16 @@ func parseCreate(body map[string]json.RawMessage) (createAttrs, policy.Settings,
 		if len(flat) > 0 {
 			return a, s, errors.New(`settings given both flat and in "settings": give them flat`)
 		}
-		if err := strictjson.Unmarshal(nested, &s); err != nil {
-			return a, s, fmt.Errorf("settings: %w", err)
+		// Decoded as the object's field, so that an error names its
+		// path (settings.Concurrent).
+		var wrapped struct {
+			Settings policy.Settings `json:"settings"`
 		}
-		return a, s, nil
+		b, _ := json.Marshal(map[string]json.RawMessage{"settings": nested})
+		if err := strictjson.Unmarshal(b, &wrapped); err != nil {
+			return a, s, err
+		}
+		return a, wrapped.Settings, nil
 	}
 	return a, s, policy.PatchSettings(&s, flat)
 }
