@@ -269,9 +269,16 @@ func TestCallerChosenTierIsNoLabel(t *testing.T) {
 // (anonymous, here).
 func TestOverlongIdentityIsRefused(t *testing.T) {
 	e := start(t, "identity {http.request.header.X-User} tier pro", "anonymous free")
-	res := e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": nil, "X-User": {strings.Repeat("u", 129)}})
+	// Chats, not GET /v1/models, whose list the process shares between
+	// configs of the same upstream URL and key: an earlier test's stand-in
+	// on the same port may have filled it.
+	chat := `{"model":"vigthoria-fast-1","messages":[{"role":"user","content":"hi"}]}`
+	as := func(user string) http.Header {
+		return http.Header{"Authorization": nil, "X-User": {user}, "Content-Type": {"application/json"}}
+	}
+	res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(chat), as(strings.Repeat("u", 129)))
 	wantAPIError(t, res, http.StatusBadRequest, "identity_too_long")
-	res = e.do(t, http.MethodGet, "/v1/models", nil, http.Header{"Authorization": nil, "X-User": {strings.Repeat("u", 128)}})
+	res = e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(chat), as(strings.Repeat("u", 128)))
 	if res.StatusCode != http.StatusOK {
 		t.Errorf("an identity of 128 characters: status %d, want 200", res.StatusCode)
 	}
