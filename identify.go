@@ -14,6 +14,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/api"
 	"github.com/vigthoria/caddy-vigthoria/caller"
+	"github.com/vigthoria/caddy-vigthoria/internal/sitehost"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
@@ -215,4 +216,25 @@ func (x *exchange) checkChosenAddr() {
 		zap.String("server", srv.Name()),
 		zap.String("why", "the server trusts proxies (trusted_proxies) and takes the client's address from the left of "+headers+", which callers write"),
 		zap.String("counted_by_address", uses))
+}
+
+// checkSiteNames warns, once, when a caller identified by what a browser
+// sends by itself (its address, a cookie behind another auth handler)
+// reaches the handler on a site without host names: Caddy then answers
+// every Host, and a page of any name that DNS points at the server (DNS
+// rebinding) is same-site to the browser, so the cross-site refusal does
+// not stop it from spending its visitors' limits. A site with its names
+// has Caddy refuse such a Host before the handler.
+func (x *exchange) checkSiteNames() {
+	h := x.h
+	srv, ok := x.r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if !ok || !h.namesChecked.CompareAndSwap(false, true) {
+		return
+	}
+	if found, guarded := sitehost.Guarded(srv.Routes, h); !found || guarded {
+		return
+	}
+	h.logger.Warn("callers identified by what browsers send by themselves (anonymous, identity) are served on a site without host names: give the site its names",
+		zap.String("server", srv.Name()),
+		zap.String("why", "a page of any name that DNS points at this server (DNS rebinding) is same-site to the browser and may spend its visitors' limits"))
 }

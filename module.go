@@ -350,6 +350,7 @@ type Handler struct {
 	startErr      error
 	active        atomic.Int64 // admitted requests not yet settled
 	addrChecked   atomic.Bool  // whether callers may choose their address was checked (checkChosenAddr)
+	namesChecked  atomic.Bool  // whether the site's host names were checked (checkSiteNames)
 	logger        *zap.Logger
 	accessLog     *zap.Logger // Caddy's access logger, for the lines written in place of its own (accessLine)
 	notifier      *alerts.Notifier

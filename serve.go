@@ -92,8 +92,13 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	if !tier.AllowsOrigin(r.Header.Get("Origin")) {
 		return x.refuseClient(errKeyOriginNotAllowed)
 	}
-	if verdict.Ambient() && crossSite(r, h.CORS) {
-		return x.refuseClient(errCrossSite)
+	if verdict.Ambient() {
+		if crossSite(r, h.CORS) {
+			return x.refuseClient(errCrossSite)
+		}
+		if !h.namesChecked.Load() {
+			x.checkSiteNames()
+		}
 	}
 
 	// The key's exhaustion first, before anything is counted; a model's

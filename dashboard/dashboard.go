@@ -27,6 +27,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigthoria/caddy-vigthoria/caller/keys"
+	"github.com/vigthoria/caddy-vigthoria/internal/sitehost"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 )
 
@@ -340,48 +341,11 @@ func (h *Handler) behindHostMatchers(r *http.Request) bool {
 		return false
 	}
 	state := hostUnmatched
-	if found, vetted := findHandler(srv.Routes, h, false); found && vetted {
+	if found, vetted := sitehost.Guarded(srv.Routes, h); found && vetted {
 		state = hostMatched
 	}
 	h.hostVetted.Store(state)
 	return state == hostMatched
-}
-
-// findHandler looks for target in routes and their subroutes, and
-// reports whether it was found and whether a host matcher guards the way
-// to it (vetted: one already did).
-func findHandler(routes caddyhttp.RouteList, target caddyhttp.MiddlewareHandler, vetted bool) (found, guarded bool) {
-	for _, route := range routes {
-		v := vetted || matchesHosts(route.MatcherSets)
-		for _, handler := range route.Handlers {
-			if handler == target {
-				return true, v
-			}
-			if sub, ok := handler.(*caddyhttp.Subroute); ok {
-				if found, guarded := findHandler(sub.Routes, target, v); found {
-					return true, guarded
-				}
-			}
-		}
-	}
-	return false, false
-}
-
-// matchesHosts reports whether every one of sets (any of which may let
-// a request through) holds a host matcher.
-func matchesHosts(sets caddyhttp.MatcherSets) bool {
-	for _, set := range sets {
-		has := false
-		for _, m := range set {
-			if hosts, ok := m.(*caddyhttp.MatchHost); ok && len(*hosts) > 0 {
-				has = true
-			}
-		}
-		if !has {
-			return false
-		}
-	}
-	return len(sets) > 0
 }
 
 // requestOrigin is the origin r was sent to: scheme://host[:port].
