@@ -1,6 +1,7 @@
 package sqlite
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
@@ -164,27 +165,9 @@ func addHours(ctx context.Context, tx *sql.Tx, rows []store.UsageRow, now time.T
 	if _, err := tx.ExecContext(ctx, `DELETE FROM usage_hours WHERE hour < ?`, store.Hour(now.Add(-store.HourRetention))); err != nil {
 		return nil, nil, fmt.Errorf("dropping old hourly usage: %w", err)
 	}
-	if len(rows) == 0 {
-		return nil, nil, nil
-	}
-	stmt, err := tx.PrepareContext(ctx, addHourSQL)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer stmt.Close()
-	var refused []store.UsageRow
-	var why error
-	for _, r := range rows {
-		_, err := stmt.ExecContext(ctx, r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost)
-		switch {
-		case err == nil:
-		case refusesRow(err):
-			refused, why = append(refused, r), err
-		default:
-			return nil, nil, fmt.Errorf("writing hourly usage: %w", err)
-		}
-	}
-	return refused, why, nil
+	return writeRows(ctx, tx, query{sql: addHourSQL, what: "hourly usage"}, rows, func(r store.UsageRow) ([]any, error) {
+		return []any{r.Client, r.Day, r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost}, nil
+	})
 }
 
 // UsageHours implements HourStore.
@@ -220,29 +203,35 @@ func addRefusals(ctx context.Context, tx *sql.Tx, rows []store.RefusalRow, now t
 	if _, err := tx.ExecContext(ctx, `DELETE FROM refusals_hours WHERE hour < ?`, oldest); err != nil {
 		return nil, nil, fmt.Errorf("dropping old refusals: %w", err)
 	}
+	return writeRows(ctx, tx, query{sql: addRefusalSQL, what: "refusals"}, rows, func(r store.RefusalRow) ([]any, error) {
+		h, err := store.ParseHour(r.Hour)
+		return []any{r.Client, h.Unix(), r.Reason, r.Count}, err
+	})
+}
+
+// writeRows runs q for each of rows, with the arguments args makes of it.
+// A row whose arguments cannot be made (a malformed hour or slot) or that
+// SQLite refuses is returned, with why, and the others are written; any
+// other failure ends the write.
+func writeRows[R any](ctx context.Context, tx *sql.Tx, q query, rows []R, args func(R) ([]any, error)) (refused []R, why, err error) {
 	if len(rows) == 0 {
 		return nil, nil, nil
 	}
-	stmt, err := tx.PrepareContext(ctx, addRefusalSQL)
+	stmt, err := tx.PrepareContext(ctx, q.sql)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer stmt.Close()
-	var refused []store.RefusalRow
-	var why error
 	for _, r := range rows {
-		h, err := store.ParseHour(r.Hour)
+		a, err := args(r)
+		if err == nil {
+			_, err = stmt.ExecContext(ctx, a...)
+			if err != nil && !refusesRow(err) {
+				return nil, nil, fmt.Errorf("writing %s: %w", q.what, err)
+			}
+		}
 		if err != nil {
 			refused, why = append(refused, r), err
-			continue
-		}
-		_, err = stmt.ExecContext(ctx, r.Client, h.Unix(), r.Reason, r.Count)
-		switch {
-		case err == nil:
-		case refusesRow(err):
-			refused, why = append(refused, r), err
-		default:
-			return nil, nil, fmt.Errorf("writing refusals: %w", err)
 		}
 	}
 	return refused, why, nil
@@ -305,57 +294,21 @@ func addSlots(ctx context.Context, tx *sql.Tx, rows []store.UsageRow, refusals [
 	if _, err := tx.ExecContext(ctx, `DELETE FROM refusals_slots WHERE slot < ?`, oldest); err != nil {
 		return nil, nil, nil, fmt.Errorf("dropping old 5-minute refusals: %w", err)
 	}
-	var refused []store.UsageRow
-	var refusedRefusals []store.RefusalRow
-	var why error
-	if len(rows) > 0 {
-		stmt, err := tx.PrepareContext(ctx, addSlotSQL)
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		defer stmt.Close()
-		for _, r := range rows {
-			t, err := store.ParseSlot(r.Day)
-			if err == nil {
-				_, err = stmt.ExecContext(ctx, r.Client, t.Unix(), r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost)
-			}
-			switch {
-			case err == nil:
-			case refusesRow(err) || errors.Is(err, store.ErrInvalid) || isParseError(err):
-				refused, why = append(refused, r), err
-			default:
-				return nil, nil, nil, fmt.Errorf("writing 5-minute usage: %w", err)
-			}
-		}
+	refused, why, err := writeRows(ctx, tx, query{sql: addSlotSQL, what: "5-minute usage"}, rows, func(r store.UsageRow) ([]any, error) {
+		t, err := store.ParseSlot(r.Day)
+		return []any{r.Client, t.Unix(), r.Model, r.Requests, r.PromptTokens, r.CompletionTokens, r.CachedTokens, r.ReasoningTokens, r.Cost}, err
+	})
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	if len(refusals) > 0 {
-		stmt, err := tx.PrepareContext(ctx, addSlotRefusalSQL)
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		defer stmt.Close()
-		for _, r := range refusals {
-			t, err := store.ParseSlot(r.Hour)
-			if err == nil {
-				_, err = stmt.ExecContext(ctx, t.Unix(), r.Client, r.Reason, r.Count)
-			}
-			switch {
-			case err == nil:
-			case refusesRow(err) || errors.Is(err, store.ErrInvalid) || isParseError(err):
-				refusedRefusals, why = append(refusedRefusals, r), err
-			default:
-				return nil, nil, nil, fmt.Errorf("writing 5-minute refusals: %w", err)
-			}
-		}
+	refusedRefusals, whyRefusals, err := writeRows(ctx, tx, query{sql: addSlotRefusalSQL, what: "5-minute refusals"}, refusals, func(r store.RefusalRow) ([]any, error) {
+		t, err := store.ParseSlot(r.Hour)
+		return []any{t.Unix(), r.Client, r.Reason, r.Count}, err
+	})
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	return refused, refusedRefusals, why, nil
-}
-
-// isParseError reports whether err is a time that could not be parsed:
-// a row whose slot is not one is refused for good.
-func isParseError(err error) bool {
-	var pe *time.ParseError
-	return errors.As(err, &pe)
+	return refused, refusedRefusals, cmp.Or(whyRefusals, why), nil
 }
 
 // UsageSlots implements SlotStore.
