@@ -393,11 +393,7 @@ func cliRotate(cmd *cobra.Command, args []string) error {
 		return err
 	}
 	out := cmd.OutOrStdout()
-	if t.online() {
-		fmt.Fprintf(out, "Rotated key %s: its old secret stopped working.\n", args[0])
-	} else {
-		fmt.Fprintf(out, "Rotated key %s: its old secret stops working within a second.\n", args[0])
-	}
+	fmt.Fprintf(out, "Rotated key %s: its old secret is refused. %s\n", args[0], applied(t))
 	printSecret(out, secret)
 	return nil
 }
