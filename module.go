@@ -343,7 +343,6 @@ type Handler struct {
 	limiterKey    string // the key of limiter in limiters
 	identityTier  string // IdentityTier when it is a literal
 	sources       caller.Sources
-	moreSources   []caller.Source // SourcesRaw's and anonymous's, in order
 	anonymousTier string          // the anonymous source's tier; "" for none
 	authFailures  *limiter.FailureThrottle
 	startOnce     sync.Once
@@ -386,10 +385,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if key == "" {
 		return errors.New("api_key resolves to an empty value: set it, e.g. api_key {env.VIGTHORIA_API_KEY} with VIGTHORIA_API_KEY in the environment")
 	}
-	if err := h.loadSources(ctx); err != nil {
+	configured, err := h.loadSources(ctx)
+	if err != nil {
 		return err
 	}
-	var err error
 	h.policy, err = policy.New(policy.Config{
 		Tiers: h.Tiers, Prices: h.Prices, Currency: h.Currency, Unpriced: h.Unpriced,
 		DefaultMaxTokens: h.DefaultMaxTokens, CapField: h.CapField, Anonymous: h.anonymousTier,
@@ -427,7 +426,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.sources = append(h.sources, &header.Source{Identity: h.Identity, Tier: h.identityTier})
 	}
 	h.sources = append(h.sources, h.keys.Source(), h.tokens)
-	h.sources = append(h.sources, h.moreSources...)
+	h.sources = append(h.sources, configured...)
 	if err := h.provisionAlerts(ctx); err != nil {
 		return err
 	}
