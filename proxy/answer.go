@@ -101,6 +101,9 @@ func readAnswer(res *http.Response, u *AnswerUsage, into *checkedAnswer, limit i
 		return nil, errBadAnswer
 	}
 	parseUsage(buf[max(len(buf)-jsonTailSize, 0):], u)
+	// Whole, before the caller has a byte of it: a caller who hangs up
+	// once it has it did not leave early.
+	u.noteEnd()
 	res.ContentLength = int64(len(buf))
 	*into = checkedAnswer{bufp: bufp, rest: buf, held: held}
 	return into, nil

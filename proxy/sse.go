@@ -43,6 +43,7 @@ type brokenStreamTap struct{ logger *zap.Logger }
 
 func (*brokenStreamTap) Event([]byte) bool { return false }
 func (*brokenStreamTap) Ready()            {}
+func (*brokenStreamTap) Done()             {}
 
 func (t *brokenStreamTap) Broke(err error) []byte { return endBroken(t.logger, err) }
 
@@ -74,6 +75,10 @@ func (t *callTap) Ready() {
 	}
 	t.streamed.Store(t.Usage.Chunks) // for the ledger, while the stream runs: once a read
 }
+
+// Done notes the end of a whole stream before its [DONE] goes to the
+// caller, who may hang up once it has it.
+func (t *callTap) Done() { t.Usage.noteEnd() }
 
 // Broke ends a stream the upstream broke off: its end is noted before
 // the event that ends it goes to the caller, who may hang up once it

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -292,11 +293,16 @@ func TestClosedEarlyReadsTheRest(t *testing.T) {
 }
 
 // TestCallerWhoHangsUpAfterTheEndDidNotLeave: a stream the upstream broke
-// off ends with an error event, on which the SDKs hang up; the caller had
-// its whole answer, and is charged what was streamed, not the bound of a
-// caller who left early. A caller who left before the end did leave.
+// off ends with an error event, on which the SDKs hang up, and a whole
+// one with [DONE]; the caller had its whole answer, and is charged what
+// was streamed, not the bound of a caller who left early. A caller who
+// left before the end did leave.
 func TestCallerWhoHangsUpAfterTheEndDidNotLeave(t *testing.T) {
-	for _, leftFirst := range []bool{false, true} {
+	for _, tc := range []struct {
+		end       string
+		leftFirst bool
+	}{{"broke", false}, {"broke", true}, {"done", false}, {"done", true}} {
+		leftFirst := tc.leftFirst
 		ctx, hangUp := context.WithCancel(context.Background())
 		c := &Call{logger: zap.NewNop()}
 		c.Usage.Watch(ctx)
@@ -304,13 +310,39 @@ func TestCallerWhoHangsUpAfterTheEndDidNotLeave(t *testing.T) {
 		if leftFirst {
 			hangUp()
 		}
-		(*callTap)(c).Broke(io.ErrUnexpectedEOF)
+		if tc.end == "broke" {
+			(*callTap)(c).Broke(io.ErrUnexpectedEOF)
+		} else {
+			(*callTap)(c).Done()
+		}
 		hangUp()
 		if got := c.Usage.CallerLeft(); got != leftFirst {
-			t.Errorf("caller left before the end: %v; CallerLeft() = %v, want %v", leftFirst, got, leftFirst)
+			t.Errorf("stream %s, caller left before the end: %v; CallerLeft() = %v, want %v", tc.end, leftFirst, got, leftFirst)
 		}
 		if !c.Usage.Sent() {
 			t.Error("noting the end lost the request's sent mark")
 		}
+	}
+}
+
+// TestCallerWhoHangsUpAfterAWholeAnswerDidNotLeave: a JSON answer is read
+// whole before the caller has a byte of it; a caller who hangs up once it
+// has it did not leave early.
+func TestCallerWhoHangsUpAfterAWholeAnswerDidNotLeave(t *testing.T) {
+	ctx, hangUp := context.WithCancel(context.Background())
+	var u AnswerUsage
+	u.Watch(ctx)
+	body := `{"id":"x","choices":[]}`
+	res := &http.Response{StatusCode: http.StatusOK, Header: http.Header{}, ContentLength: int64(len(body)),
+		Body: io.NopCloser(strings.NewReader(body))}
+	var into checkedAnswer
+	rc, err := readAnswer(res, &u, &into, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hangUp()
+	rc.Close()
+	if u.CallerLeft() {
+		t.Error("a caller that hung up after its whole answer was read counts as one who left early")
 	}
 }

@@ -36,6 +36,9 @@ type EventTap interface {
 	// Event is told each whole event but "data: [DONE]", and reports
 	// whether to drop it from the stream.
 	Event(ev []byte) (drop bool)
+	// Done is told that the stream's "data: [DONE]" came, before it is
+	// handed on: the answer is whole.
+	Done()
 	// Ready is told after each read of the upstream that left whole
 	// events ready for the client; the first time, the stream's first.
 	Ready()
@@ -250,6 +253,7 @@ func (b *SSE) event(start, end int) int {
 	ev := bytes.TrimLeft(b.buf[start:end], "\r\n")
 	if bytes.HasPrefix(ev, doneEvent) {
 		b.done = true
+		b.tap.Done()
 		return end
 	}
 	if b.tap.Event(ev) {

@@ -18,6 +18,7 @@ func (u usageStripper) Event(ev []byte) bool {
 	return u.strip && usage && bytes.Contains(ev, []byte(`"choices":[]`))
 }
 func (usageStripper) Ready()             {}
+func (usageStripper) Done()              {}
 func (usageStripper) Broke(error) []byte { return brokenEvent }
 
 var brokenEvent = []byte("data: {\"error\":{\"message\":\"broken\"}}\n\n")
@@ -71,6 +72,7 @@ type brokeWith struct{ err error }
 
 func (*brokeWith) Event([]byte) bool { return false }
 func (*brokeWith) Ready()            {}
+func (*brokeWith) Done()             {}
 func (b *brokeWith) Broke(err error) []byte {
 	b.err = err
 	return brokenEvent
@@ -140,4 +142,5 @@ type tapFunc func(ev []byte)
 
 func (f tapFunc) Event(ev []byte) bool { f(ev); return false }
 func (tapFunc) Ready()                 {}
+func (tapFunc) Done()                  {}
 func (tapFunc) Broke(error) []byte     { return brokenEvent }
