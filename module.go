@@ -343,7 +343,7 @@ type Handler struct {
 	limiterKey    string // the key of limiter in limiters
 	identityTier  string // IdentityTier when it is a literal
 	sources       caller.Sources
-	anonymousTier string          // the anonymous source's tier; "" for none
+	anonymousTier string // the anonymous source's tier; "" for none
 	authFailures  *limiter.FailureThrottle
 	startOnce     sync.Once
 	startErr      error
