@@ -1,0 +1,285 @@
+package tests
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+)
+
+// startQueued is a site over a stand-in that enforces its own limits,
+// with a tier "metered" of the given lines and the extra site lines.
+func startQueued(t *testing.T, enforce standin.Enforce, tier []string, extra ...string) *env {
+	t.Helper()
+	up := standin.New(standin.Options{APIKey: serverKey, Enforce: enforce})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	lines := append([]string{manyFailures}, extra...)
+	if len(tier) > 0 {
+		lines = append(lines, "tier metered {\n\t\t\t"+strings.Join(tier, "\n\t\t\t")+"\n\t\t}")
+	} else {
+		lines = append(lines, "tier metered")
+	}
+	return startOn(t, up, srv, srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", lines...)
+}
+
+// upstreamLimits is an upstream_limits block of the given lines.
+func upstreamLimits(lines ...string) string {
+	return "upstream_limits {\n\t\t\t" + strings.Join(lines, "\n\t\t\t") + "\n\t\t}"
+}
+
+// rawChat sends a chat completion as ctx allows, with key, of model,
+// streamed or not.
+func rawChat(ctx context.Context, e *env, key, model string, stream bool) (*http.Response, error) {
+	body := `{"model":"` + model + `","messages":[{"role":"user","content":"hi"}],"stream":` + strconv.FormatBool(stream) + `}`
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, e.caddy.URL+"/v1/chat/completions", strings.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+key)
+	req.Header.Set("Content-Type", "application/json")
+	return http.DefaultClient.Do(req)
+}
+
+// queueLength is the queue's length gauge of tier.
+func queueLength(t *testing.T, e *env, tier string) float64 {
+	return metricValue(t, e, `vigthoria_queue_length{tier="`+tier+`"}`)
+}
+
+// A burst of 100 requests from several callers, against a stand-in that
+// enforces 20 requests a second and 4 at once, with upstream_limits at
+// its rate (a smaller burst: network jitter may bunch requests up on
+// their way) and its concurrency: the stand-in refuses none, and every
+// caller gets its answer or the proxy's 429 with a Retry-After.
+func TestQueueUpstreamLimitsNoUpstream429(t *testing.T) {
+	e := startQueued(t, standin.Enforce{Requests: 20, Window: time.Second, Concurrent: 4}, nil,
+		"queue 30s", upstreamLimits("requests 20/1s burst 5", "concurrent 4"))
+	e.upstream.SetBehavior(standin.Behavior{Latency: 20 * time.Millisecond})
+	keys := make([]string, 5)
+	for i := range keys {
+		_, keys[i] = e.addKey(t, "metered")
+	}
+	e.waitKeysKnown(t)
+	var (
+		wg            sync.WaitGroup
+		mu            sync.Mutex
+		ok, refused   int
+		waitedHeaders int
+	)
+	for i := range 100 {
+		// The SDK's defaults: 2 retries of a 429.
+		c := openai.NewClient(option.WithBaseURL(e.caddy.URL+"/v1/"), option.WithAPIKey(keys[i%len(keys)]))
+		wg.Go(func() {
+			var res *http.Response
+			_, err := c.Chat.Completions.New(t.Context(), chatParams("hi"), option.WithResponseInto(&res))
+			mu.Lock()
+			defer mu.Unlock()
+			var apiErr *openai.Error
+			switch {
+			case err == nil:
+				ok++
+				if res.Header.Get("X-Vigthoria-Queue-Wait") != "" {
+					waitedHeaders++
+				}
+			case errors.As(err, &apiErr) && apiErr.StatusCode == 429 && apiErr.Response.Header.Get("Retry-After") != "":
+				refused++
+			default:
+				t.Errorf("request %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if n := e.upstream.Refused429(); n != 0 {
+		t.Errorf("the stand-in refused %d requests with 429; want none", n)
+	}
+	if m := e.upstream.MaxActive(); m > 4 {
+		t.Errorf("the stand-in answered %d at once; upstream_limits concurrent is 4", m)
+	}
+	if ok+refused != 100 || waitedHeaders == 0 {
+		t.Errorf("%d answered, %d refused by the proxy, %d said they waited; want 100 in all, some waiting", ok, refused, waitedHeaders)
+	}
+	t.Logf("%d answered, %d refused by the proxy with Retry-After, %d waited", ok, refused, waitedHeaders)
+}
+
+// A tier of concurrent 1 that queues: a caller's second request waits
+// for its first to end instead of a 429.
+func TestQueueOwnConcurrencyWaits(t *testing.T) {
+	e := startQueued(t, standin.Enforce{}, []string{"concurrent 1", "queue 30s"})
+	e.upstream.SetBehavior(standin.Behavior{Latency: 300 * time.Millisecond})
+	_, key := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+	res := make(chan *http.Response, 2)
+	for range 2 {
+		go func() {
+			r, err := rawChat(t.Context(), e, key, model, false)
+			if err != nil {
+				t.Error(err)
+			}
+			res <- r
+		}()
+	}
+	waited := 0
+	for range 2 {
+		r := <-res
+		if r == nil {
+			continue
+		}
+		r.Body.Close()
+		if r.StatusCode != http.StatusOK {
+			t.Errorf("status %d, want 200 for both", r.StatusCode)
+		}
+		if r.Header.Get("X-Vigthoria-Queue-Wait") != "" {
+			waited++
+		}
+	}
+	if waited != 1 {
+		t.Errorf("%d answers said they waited, want the second one", waited)
+	}
+}
+
+// A stream queued for the upstream's one slot gets no header until it is
+// admitted; then it is answered whole, saying how long it waited.
+func TestQueuedStreamSendsNothingUntilAdmitted(t *testing.T) {
+	e := startQueued(t, standin.Enforce{}, nil, "queue 1m", upstreamLimits("concurrent 1"))
+	e.upstream.SetBehavior(standin.Behavior{Latency: 3 * time.Second, ForModel: "vigthoria-pro-1"})
+	_, key := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+
+	slow := make(chan *http.Response, 1)
+	go func() {
+		r, err := rawChat(t.Context(), e, key, "vigthoria-pro-1", false)
+		if err != nil {
+			t.Error(err)
+		}
+		slow <- r
+	}()
+	eventually(t, "the slow request holds the upstream's slot", func() bool { return e.upstream.Active() == 1 })
+	streamed := make(chan *http.Response, 1)
+	go func() {
+		r, err := rawChat(t.Context(), e, key, model, true)
+		if err != nil {
+			t.Error(err)
+		}
+		streamed <- r
+	}()
+	eventually(t, "the stream is queued", func() bool { return queueLength(t, e, "metered") == 1 })
+	select {
+	case r := <-streamed:
+		t.Fatalf("a queued stream got its headers: %d %v", r.StatusCode, r.Header)
+	default:
+	}
+	if r := <-slow; r == nil || r.StatusCode != http.StatusOK {
+		t.Fatalf("the slow request: %v", r)
+	}
+	r := <-streamed
+	if r == nil {
+		t.FailNow()
+	}
+	defer r.Body.Close()
+	raw, _ := io.ReadAll(r.Body)
+	body := string(raw)
+	if r.StatusCode != http.StatusOK || r.Header.Get("X-Vigthoria-Queue-Wait") == "" || !strings.Contains(body, "[DONE]") {
+		t.Errorf("the stream once admitted: %d, wait %q, body %q", r.StatusCode, r.Header.Get("X-Vigthoria-Queue-Wait"), body)
+	}
+}
+
+// A caller that hangs up while queued leaves its place at once: the next
+// is admitted when the slot frees, and the one that left is charged
+// nothing.
+func TestQueueCallerWhoLeavesFreesItsPlace(t *testing.T) {
+	e := startQueued(t, standin.Enforce{}, nil, "queue 1m", upstreamLimits("concurrent 1"))
+	e.upstream.SetBehavior(standin.Behavior{Latency: 3 * time.Second, ForModel: "vigthoria-pro-1"})
+	_, holder := e.addKey(t, "metered")
+	_, leaver := e.addKey(t, "metered")
+	_, next := e.addKey(t, "metered")
+	e.waitKeysKnown(t)
+
+	slow := make(chan *http.Response, 1)
+	go func() {
+		r, _ := rawChat(t.Context(), e, holder, "vigthoria-pro-1", false)
+		slow <- r
+	}()
+	eventually(t, "the slow request holds the upstream's slot", func() bool { return e.upstream.Active() == 1 })
+	ctx, cancel := context.WithCancel(t.Context())
+	left := make(chan error, 1)
+	go func() {
+		_, err := rawChat(ctx, e, leaver, model, false)
+		left <- err
+	}()
+	eventually(t, "the leaver is queued", func() bool { return queueLength(t, e, "metered") == 1 })
+	waiting := make(chan *http.Response, 1)
+	go func() {
+		r, _ := rawChat(t.Context(), e, next, model, false)
+		waiting <- r
+	}()
+	eventually(t, "the next is queued", func() bool { return queueLength(t, e, "metered") == 2 })
+	cancel()
+	if err := <-left; err == nil {
+		t.Fatal("the request whose caller left was answered")
+	}
+	eventually(t, "the leaver's place is freed", func() bool { return queueLength(t, e, "metered") == 1 })
+	if r := <-slow; r == nil || r.StatusCode != http.StatusOK {
+		t.Fatalf("the slow request: %v", r)
+	}
+	if r := <-waiting; r == nil || r.StatusCode != http.StatusOK {
+		t.Fatalf("the next in line: %v", r)
+	} else {
+		r.Body.Close()
+	}
+	u, _ := e.usage(t, leaver)
+	if u.Today.TotalTokens != 0 || len(u.ByModel) != 0 {
+		t.Errorf("the caller who left was charged: %+v", u.Today)
+	}
+	if n := e.upstream.Count(); n != 2 {
+		t.Errorf("the upstream got %d requests, want 2: the one that left never reached it", n)
+	}
+}
+
+// With store redis and two instances, upstream_limits concurrent holds
+// across both: the stand-in never answers more at once.
+func TestQueueUpstreamLimitsAcrossFleet(t *testing.T) {
+	f := startFleetWith(t, []string{"queue 1m", upstreamLimits("concurrent 2")})
+	f.upstream.SetBehavior(standin.Behavior{Latency: 100 * time.Millisecond})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	statuses := map[int]int{}
+	for i := range 16 {
+		base := f.a.URL
+		if i%2 == 1 {
+			base = f.b.URL
+		}
+		wg.Go(func() {
+			req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, base+"/v1/chat/completions",
+				strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}]}`))
+			req.Header.Set("Authorization", "Bearer "+f.key)
+			req.Header.Set("Content-Type", "application/json")
+			res, err := http.DefaultClient.Do(req)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			res.Body.Close()
+			statuses[res.StatusCode]++
+		})
+	}
+	wg.Wait()
+	if statuses[http.StatusOK] != 16 {
+		t.Errorf("statuses %v, want 16 answered", statuses)
+	}
+	if m := f.upstream.MaxActive(); m > 2 || m == 0 {
+		t.Errorf("the stand-in answered %d at once; upstream_limits concurrent is 2 over the fleet", m)
+	}
+}
