@@ -121,8 +121,9 @@ func (q *Queue) Start() {
 	go q.run()
 }
 
-// Stop ends the dispatcher and waits for it. Requests still waiting
-// leave by their own deadlines.
+// Stop ends the dispatcher and waits for it: at once when nothing
+// waits, else once every waiter was served or left (by its max_wait at
+// the latest).
 func (q *Queue) Stop() {
 	close(q.stop)
 	<-q.done
@@ -146,8 +147,8 @@ func (q *Queue) tierOf(tier string) TierQueue {
 // MaxWait is how long a request of tier may wait; 0 for none.
 func (q *Queue) MaxWait(tier string) time.Duration { return q.tierOf(tier).MaxWait }
 
-// Lengths returns the requests waiting now, by tier: for the upstream
-// and for their callers' own slots.
+// Lengths returns the requests waiting now for the upstream's capacity,
+// by tier.
 func (q *Queue) Lengths() map[string]int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -182,7 +183,9 @@ func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64
 	q.mu.Unlock()
 	var retry time.Duration
 	if empty {
-		// The fast path: nothing queued, one Admit.
+		// The fast path: nothing queued, one Admit. A newcomer queued
+		// meanwhile may be passed by this one: the order is exact
+		// between waiters, not to the microsecond at its door.
 		d, err := q.cfg.Limiter.Admit(ctx, q.cfg.Account, q.cfg.Limits, reserve, start)
 		if err != nil {
 			return limiter.Lease{}, 0, q.unavailable(err)
@@ -344,19 +347,25 @@ func (q *Queue) changed(tier string, delta int) {
 
 // run is the dispatcher: it admits the head of the order whenever
 // something may have freed capacity, and polls while waiters remain.
+// Stopped, it goes on until none waits: a config being replaced still
+// serves the requests it queued.
 func (q *Queue) run() {
 	defer close(q.done)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	stop, stopping := q.stop, false
 	for {
 		select {
-		case <-q.stop:
-			return
+		case <-stop:
+			stop, stopping = nil, true
 		case <-q.wake:
 		case <-timer.C:
 		}
 		next := q.Dispatch()
 		if next <= 0 {
+			if stopping {
+				return
+			}
 			next = time.Hour
 		}
 		timer.Reset(next)

@@ -302,3 +302,20 @@ func TestQueueStop(t *testing.T) {
 	}
 	t.Errorf("goroutines: %d before, %d after Stop", before, runtime.NumGoroutine())
 }
+
+// A queue stopped (its config replaced) still serves what it queued,
+// then its dispatcher ends.
+func TestQueueStopServesItsWaiters(t *testing.T) {
+	q, _ := testQueue(t, time.Hour, 10, 10)
+	q.Start()
+	ctx := context.Background()
+	hold, _, _ := q.Upstream(ctx, "free", "a", 0, 0)
+	b := wait(t, q, ctx, "b", "b", 1)
+	stopped := make(chan struct{})
+	go func() { q.Stop(); close(stopped) }()
+	q.Settle(ctx, hold, 0)
+	if r := <-b; r.f != nil {
+		t.Fatalf("the waiter of a stopping queue: %v", r.f.Err)
+	}
+	<-stopped
+}
