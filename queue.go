@@ -101,16 +101,31 @@ func (h *Handler) provisionQueue(ctx caddy.Context, key string) error {
 	return nil
 }
 
-// waitExhausted waits out the upstream's word that the key (or model) is
-// spent for wait, when the caller's queue allows that long still; it
-// reports whether it did, and the request may go on.
-func (x *exchange) waitExhausted(wait time.Duration) bool {
+// upstreamExhausted reports whether the upstream's word that the key
+// (model "") or model is spent stops the request, and for how long: it
+// waits that out instead when the caller's queue allows that long
+// still, and asks again, since after the reset one request probes the
+// upstream while the others are still held.
+func (x *exchange) upstreamExhausted(model string) (time.Duration, bool) {
+	now := x.now
+	for {
+		wait, exhausted := x.h.upstream.Exhausted(x.r.Context(), model, now)
+		if !exhausted || !x.waitExhausted(max(wait, admission.QueuePoll)) {
+			return wait, exhausted
+		}
+		now = time.Now()
+	}
+}
+
+// waitExhausted waits d when the caller's queue allows that long still;
+// it reports whether it did.
+func (x *exchange) waitExhausted(d time.Duration) bool {
 	q := x.h.queue
-	if q == nil || wait > q.MaxWait(x.client.Tier)-x.queueWait {
+	if q == nil || d > q.MaxWait(x.client.Tier)-x.queueWait {
 		return false
 	}
 	start := time.Now()
-	ok := q.Sleep(x.r.Context(), wait)
+	ok := q.Sleep(x.r.Context(), d)
 	x.queueWait += time.Since(start)
 	return ok
 }

@@ -106,7 +106,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	// once the body names it.
 	cached := ep.ID == api.Models && h.ModelsCache > 0
 	if !cached && ep.ID != api.Usage {
-		if wait, exhausted := h.upstream.Exhausted(r.Context(), "", x.now); exhausted && !x.waitExhausted(wait) {
+		if wait, exhausted := x.upstreamExhausted(""); exhausted {
 			return x.refuseClient(api.UpstreamExhausted("", api.RetrySeconds(wait)))
 		}
 	}
@@ -171,7 +171,7 @@ func (x *exchange) policeAndReserve(ep *api.Endpoint, body []byte) (refused bool
 		return true, x.refuseAdmitted(apiErr)
 	}
 	x.call.Model = info.Model
-	if wait, exhausted := h.upstream.Exhausted(r.Context(), info.Model, x.now); exhausted && !x.waitExhausted(wait) {
+	if wait, exhausted := x.upstreamExhausted(info.Model); exhausted {
 		return true, x.refuseAdmitted(api.UpstreamExhausted(info.Model, api.RetrySeconds(wait)))
 	}
 	if f := h.admitter.Reserve(r.Context(), &x.adm, info.Model, info.PromptTokens, reserve, x.now); f != nil {

@@ -283,3 +283,22 @@ func TestQueueUpstreamLimitsAcrossFleet(t *testing.T) {
 		t.Errorf("the stand-in answered %d at once; upstream_limits concurrent is 2 over the fleet", m)
 	}
 }
+
+// While the upstream says the key is spent for a moment, a caller whose
+// tier queues waits for the reset instead of a 429, then is answered.
+func TestQueueWaitsOutTheUpstreamsExhaustion(t *testing.T) {
+	e := start(t, "retries 0", "queue 10s")
+	e.upstream.SetBehavior(standin.Behavior{ForModel: model, FailStatus: http.StatusTooManyRequests, FailCount: 1, Headers: http.Header{
+		"Retry-After": {"1"}, "X-Ratelimit-Remaining-Requests": {"0"}, "X-Ratelimit-Reset-Requests": {"1s"}}})
+	if a := chatAt(t, e.caddy.URL, e.key, model); a.status != http.StatusTooManyRequests || a.code != "rate_limit_exceeded" {
+		t.Fatalf("the upstream's 429: %+v, passed back", a)
+	}
+	res, err := rawChat(t.Context(), e, e.key, model, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK || res.Header.Get("X-Vigthoria-Queue-Wait") == "" {
+		t.Errorf("right after, with queue 10s: %d, queue wait %q; want 200 after a wait", res.StatusCode, res.Header.Get("X-Vigthoria-Queue-Wait"))
+	}
+}
