@@ -2,19 +2,23 @@ package tests
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
 
@@ -300,5 +304,56 @@ func TestQueueWaitsOutTheUpstreamsExhaustion(t *testing.T) {
 	res.Body.Close()
 	if res.StatusCode != http.StatusOK || res.Header.Get("X-Vigthoria-Queue-Wait") == "" {
 		t.Errorf("right after, with queue 10s: %d, queue wait %q; want 200 after a wait", res.StatusCode, res.Header.Get("X-Vigthoria-Queue-Wait"))
+	}
+}
+
+// validateEdited validates the config of the Caddyfile lines with one
+// piece of its JSON replaced: what only a JSON config can say.
+func validateEdited(t *testing.T, lines []string, from, to string) error {
+	t.Helper()
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	lines = append([]string{"store sqlite " + filepath.Join(t.TempDir(), "k.db")}, lines...)
+	cfg, err := harness.Adapt("{\n\tadmin off\n}\n\nhttp://127.0.0.1:1 {\n" +
+		vigthoriaBlock("http://127.0.0.1:1/v1", "{env.VIGTHORIA_TEST_KEY}", lines...) + "\n}\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(cfg), from) {
+		t.Fatalf("the adapted config has no %s: %s", from, cfg)
+	}
+	var c caddy.Config
+	if err := json.Unmarshal([]byte(strings.Replace(string(cfg), from, to, 1)), &c); err != nil {
+		t.Fatal(err)
+	}
+	return caddy.Validate(&c)
+}
+
+// The queue's config in JSON is checked as the Caddyfile's is.
+func TestQueueJSONConfigIsChecked(t *testing.T) {
+	site := []string{"queue 5s", "tier metered {\n\t\t\tweight 2\n\t\t}", upstreamLimits("concurrent 2")}
+	tier := []string{"tier metered {\n\t\t\tqueue 5s\n\t\t}"}
+	const siteQueue, weight, limits = `"queue":{"max_wait":5000000000}`, `"weight":2`, `"upstream_limits":{"concurrent":2}`
+	for name, tc := range map[string]struct {
+		lines    []string
+		from, to string
+		want     string
+	}{
+		"valid":                 {site, weight, weight, ""},
+		"max_wait 0":            {site, siteQueue, `"queue":{"length":10}`, "max_wait must be above 0"},
+		"max_wait 11m":          {site, siteQueue, `"queue":{"max_wait":"11m"}`, "at most 10m"},
+		"off and more":          {site, siteQueue, `"queue":{"off":true,"length":10}`, "off takes no"},
+		"per_caller past len":   {site, siteQueue, `"queue":{"max_wait":"5s","length":10,"per_caller":20}`, "per_caller (20) must be at most length (10)"},
+		"negative length":       {site, siteQueue, `"queue":{"max_wait":"5s","length":-1}`, "must be positive"},
+		"weight 1001":           {site, weight, `"weight":1001`, "weight must be from 1 to 1000"},
+		"weight -1":             {site, weight, `"weight":-1`, "weight must be from 1 to 1000"},
+		"a tier's length":       {tier, siteQueue, `"queue":{"max_wait":"5s","length":10}`, "takes no length"},
+		"no upstream limit":     {site, limits, `"upstream_limits":{}`, "set at least one"},
+		"negative concurrent":   {site, limits, `"upstream_limits":{"concurrent":-1}`, "must be positive"},
+		"a rate without window": {site, limits, `"upstream_limits":{"requests":{"n":5}}`, "positive n and window"},
+	} {
+		err := validateEdited(t, tc.lines, tc.from, tc.to)
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%s: validate said %v, want %q", name, err, tc.want)
+		}
 	}
 }
