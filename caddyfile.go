@@ -71,6 +71,14 @@ func parseDashboard(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			models     <glob>...
 //			max_tokens <n>
 //			max_buffered <size> [per_caller <size>]   # its share of max_buffered; see Tier
+//			weight     <n>                     # 1 to 1000, its share of the upstream when requests queue; default 1
+//			queue      <max_wait>|off [per_caller <m>]   # default the site's queue
+//		}
+//		queue          <max_wait>|off [length <n>] [per_caller <m>]   # default off; length 1000, per_caller length/16
+//		upstream_limits {                     # what the proxy sends the upstream at most; default none
+//			requests   <n>/<window> [burst <b>]
+//			tokens     <n>/<window> [burst <b>]
+//			concurrent <n>
 //		}
 //		currency       <label>                # of prices and costs; default USD
 //		prices {                              # per 1M tokens; the first glob that matches wins
@@ -315,6 +323,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if h.Alerts, err = parseAlerts(d); err != nil {
 				return err
 			}
+		case "queue":
+			if h.Queue, err = parseQueue(d.RemainingArgs(), true); err != nil {
+				return d.Errf("%v", err)
+			}
+		case "upstream_limits":
+			if h.UpstreamLimits, err = parseUpstreamLimits(d); err != nil {
+				return err
+			}
 		case "max_token_ttl":
 			if h.MaxTokenTTL, err = durationArg(d, "1h"); err != nil {
 				return err
@@ -367,6 +383,13 @@ func parseTier(d *caddyfile.Dispenser, tiers map[string]*policy.Tier) (string, *
 			t.Quota, err = parseQuota(args)
 		case "budget":
 			t.Budget, err = parseBudget(args)
+		case "weight":
+			t.Weight, err = parsePositive[int](args)
+			if err == nil && t.Weight > policy.MaxWeight {
+				err = fmt.Errorf("must be at most %d", policy.MaxWeight)
+			}
+		case "queue":
+			t.Queue, err = parseQueue(args, false)
 		case "models":
 			if len(args) == 0 {
 				err = errors.New("want at least one model glob")
@@ -640,6 +663,85 @@ func parseTierBuffered(args []string) (share, perCaller int64, err error) {
 		return 0, 0, errors.New(want)
 	}
 	return share, perCaller, nil
+}
+
+// parseQueue reads `queue <max_wait>|off [length <n>] [per_caller <m>]`;
+// a tier's (site false) takes no length.
+func parseQueue(args []string, site bool) (*policy.Queue, error) {
+	shape := "want <max_wait>|off [length <n>] [per_caller <m>], such as 5s per_caller 16"
+	if !site {
+		shape = "want <max_wait>|off [per_caller <m>], such as 5s"
+	}
+	if len(args)%2 != 1 {
+		return nil, fmt.Errorf("queue: %s, got '%s'", shape, strings.Join(args, " "))
+	}
+	q := new(policy.Queue)
+	if args[0] == "off" {
+		if len(args) > 1 {
+			return nil, errors.New("queue: off takes nothing more")
+		}
+		q.Off = true
+		return q, nil
+	}
+	wait, err := caddy.ParseDuration(args[0])
+	if err != nil || wait <= 0 || wait > policy.MaxQueueWait {
+		return nil, fmt.Errorf("queue: invalid max_wait '%s': want a duration above 0 and at most %s, such as 5s, or off", args[0], policy.MaxQueueWait)
+	}
+	q.MaxWait = caddy.Duration(wait)
+	seen := make(map[string]bool, 2)
+	for i := 1; i < len(args); i += 2 {
+		name, value := args[i], args[i+1]
+		if seen[name] || name != "per_caller" && (name != "length" || !site) {
+			return nil, fmt.Errorf("queue: %s, got '%s'", shape, strings.Join(args, " "))
+		}
+		seen[name] = true
+		n, err := parsePositive[int]([]string{value})
+		if err != nil {
+			return nil, fmt.Errorf("queue: invalid %s '%s': want 1 or more", name, value)
+		}
+		if name == "length" {
+			q.Length = n
+		} else {
+			q.PerCaller = n
+		}
+	}
+	return q, q.Check(site)
+}
+
+// parseUpstreamLimits reads `upstream_limits { requests …; tokens …;
+// concurrent <n> }`.
+func parseUpstreamLimits(d *caddyfile.Dispenser) (*policy.UpstreamLimits, error) {
+	if d.NextArg() {
+		return nil, d.Errf("upstream_limits takes a block, not '%s'", d.Val())
+	}
+	u := new(policy.UpstreamLimits)
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return nil, d.Errf("upstream_limits: '%s' given twice", sub)
+		}
+		seen[sub] = true
+		args := d.RemainingArgs()
+		var err error
+		switch sub {
+		case "requests":
+			u.Requests, err = parseTierRate(args)
+		case "tokens":
+			u.Tokens, err = parseTierRate(args)
+		case "concurrent":
+			u.Concurrent, err = parsePositive[int](args)
+		default:
+			return nil, d.Errf("unknown upstream_limits subdirective '%s'", sub)
+		}
+		if err != nil {
+			return nil, d.Errf("upstream_limits: invalid %s '%s': %v", sub, strings.Join(args, " "), err)
+		}
+	}
+	if _, err := u.Limits(); err != nil {
+		return nil, d.Errf("%v", err)
+	}
+	return u, nil
 }
 
 // Interface guards

@@ -9,12 +9,12 @@ import (
 )
 
 // corsExposed are the response headers browser code may read: the
-// caller's limits, the upstream's, and what to wait.
+// caller's limits, the upstream's, what to wait and what it waited.
 var corsExposed = strings.Join([]string{
 	"X-Ratelimit-Limit-Requests", "X-Ratelimit-Remaining-Requests", "X-Ratelimit-Reset-Requests",
 	"X-Ratelimit-Limit-Tokens", "X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens",
 	"Ratelimit", "Ratelimit-Policy", "X-Ratelimit-Limit", "X-Ratelimit-Remaining", "X-Ratelimit-Reset",
-	"Retry-After", "X-Should-Retry", "X-Request-Id", "X-Cache",
+	"Retry-After", "X-Should-Retry", "X-Request-Id", "X-Cache", queueWaitHeader,
 }, ", ")
 
 // corsMaxAge is how long a browser may reuse a preflight's answer.

@@ -333,6 +333,22 @@ type Handler struct {
 	// events at 80% and 100%.
 	Alerts *Alerts `json:"alerts,omitempty"`
 
+	// How long a request waits for capacity instead of an instant 429:
+	// for its caller's own concurrency slot, the upstream_limits and the
+	// upstream's word that the key is spent, in a weighted fair queue
+	// (tiers by weight, callers of a tier in turn):
+	// {"max_wait": "5s", "length": 1000, "per_caller": 62}. A tier's
+	// queue overrides it. Default: off, an instant 429.
+	Queue *policy.Queue `json:"queue,omitempty"`
+
+	// What the proxy sends the upstream at most, over every caller of
+	// the site: {"requests": {"n": 100, "window": "1s"}, "tokens": {…},
+	// "concurrent": 50}. With a store redis the limits hold across the
+	// fleet. A request past them waits in the queue, or is refused with
+	// 429 when its tier has none. Default: none.
+	UpstreamLimits *policy.UpstreamLimits `json:"upstream_limits,omitempty"`
+
+	queue         *admission.Queue // nil when neither queue nor upstream_limits is set
 	upstream      *proxy.Upstream
 	bodyLimits    proxy.BodyLimits
 	limiter       limiter.Limiter
@@ -437,6 +453,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.limiter = lim.Limiter
 	h.admitter = &admission.Admitter{Limiter: h.limiter, Policy: h.policy, Notifier: h.notifier, Logger: h.logger}
+	if err := h.provisionQueue(ctx, key); err != nil {
+		return err
+	}
 
 	// In a fleet, the upstream's word on the key's exhaustion is shared
 	// by the instances that use the same key on the same upstream.
@@ -545,6 +564,9 @@ func (h *Handler) setDefaults() error {
 	if h.StoreTimeout == 0 {
 		h.StoreTimeout = caddy.Duration(DefaultStoreTimeout)
 	}
+	if h.Queue != nil {
+		h.Queue.SetDefaults()
+	}
 	switch h.OnStoreError {
 	case "", "local", "deny", "local_unshared":
 	default:
@@ -622,6 +644,9 @@ func (h *Handler) start() error {
 // the ledger's final write.
 func (h *Handler) Cleanup() error {
 	ownErr := errors.Join(h.cleanupAlerts(), h.cleanupJWT())
+	if h.queue != nil {
+		h.queue.Stop()
+	}
 	if h.releaseTiers != nil {
 		h.releaseTiers()
 	}

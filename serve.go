@@ -55,6 +55,7 @@ type exchange struct {
 	info      wire.RequestInfo
 	forwarded bool
 	running   *ledger.Running // a stream's usage, recorded as it goes
+	queueWait time.Duration   // how long it waited for its turn (queue.go)
 }
 
 // serve is ServeHTTP's pipeline.
@@ -105,7 +106,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	// once the body names it.
 	cached := ep.ID == api.Models && h.ModelsCache > 0
 	if !cached && ep.ID != api.Usage {
-		if wait, exhausted := h.upstream.Exhausted(r.Context(), "", x.now); exhausted {
+		if wait, exhausted := x.upstreamExhausted(""); exhausted {
 			return x.refuseClient(api.UpstreamExhausted("", api.RetrySeconds(wait)))
 		}
 	}
@@ -116,7 +117,9 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	defer h.active.Add(-1)
 	var f *admission.Refusal
 	if x.adm, f = h.admitter.Admit(r.Context(), client, tier, policy.LimitSetOf(ep.ID), x.now); f != nil {
-		return x.refuseDecided(f)
+		if f = x.waitOwn(policy.LimitSetOf(ep.ID), f); f != nil {
+			return x.refuseDecided(f)
+		}
 	}
 	if ep.ID == api.Usage {
 		// Counted as a request, then settled before the report reads
@@ -147,6 +150,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	// The limits it was admitted under: the standing of those it was not
 	// checked against is not known here.
 	limiter.SetHeaders(w.Header(), x.adm.Limits(), x.adm.State, x.now)
+	x.noteQueueWait(w.Header())
 	return x.forward(ep, cached, next)
 }
 
@@ -167,10 +171,14 @@ func (x *exchange) policeAndReserve(ep *api.Endpoint, body []byte) (refused bool
 		return true, x.refuseAdmitted(apiErr)
 	}
 	x.call.Model = info.Model
-	if wait, exhausted := h.upstream.Exhausted(r.Context(), info.Model, x.now); exhausted {
+	if wait, exhausted := x.upstreamExhausted(info.Model); exhausted {
 		return true, x.refuseAdmitted(api.UpstreamExhausted(info.Model, api.RetrySeconds(wait)))
 	}
 	if f := h.admitter.Reserve(r.Context(), &x.adm, info.Model, info.PromptTokens, reserve, x.now); f != nil {
+		return true, x.refuseDecided(f)
+	}
+	// Last, holding what it reserved: the upstream's capacity, in turn.
+	if f := x.waitUpstream(); f != nil {
 		return true, x.refuseDecided(f)
 	}
 	return false, nil
@@ -219,6 +227,9 @@ func (x *exchange) settle(ep *api.Endpoint) {
 	if !x.forwarded {
 		ad.Settle(ctx, &x.adm, ledger.Tokens{})
 		ad.NoteStanding(&x.adm, ledger.Tokens{})
+		if h.queue != nil {
+			h.queue.Released(client.ID)
+		}
 		return
 	}
 	usage := &x.call.Usage
@@ -243,6 +254,9 @@ func (x *exchange) settle(ep *api.Endpoint) {
 	}
 	ad.Settle(ctx, &x.adm, used)
 	ad.NoteStanding(&x.adm, used)
+	if h.queue != nil {
+		h.queue.Released(client.ID)
+	}
 	x.record(usage, used.Prompt, used.Completion)
 }
 
@@ -363,7 +377,7 @@ func (x *exchange) record(u *proxy.AnswerUsage, prompt, completion int64) {
 	}
 	if extra := logFields(x.r); extra != nil {
 		extra.Add(zap.Inline(&admittedLog{tier: tier, outcome: result, model: model, cache: u.Cache,
-			prompt: prompt, completion: completion, retries: u.Retries}))
+			prompt: prompt, completion: completion, retries: u.Retries, queueWait: x.queueWait}))
 	}
 }
 
@@ -403,6 +417,7 @@ type admittedLog struct {
 	tier, outcome, model, cache string
 	prompt, completion          int64
 	retries                     int
+	queueWait                   time.Duration
 }
 
 func (l *admittedLog) MarshalLogObject(enc zapcore.ObjectEncoder) error {
@@ -419,6 +434,9 @@ func (l *admittedLog) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	}
 	if l.cache != "" {
 		enc.AddString("vigthoria_cache", l.cache)
+	}
+	if l.queueWait > 0 {
+		enc.AddInt64("vigthoria_queue_wait_ms", l.queueWait.Milliseconds())
 	}
 	return nil
 }

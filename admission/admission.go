@@ -85,6 +85,11 @@ type Admission struct {
 
 	sides [maxSides]side
 	n     int
+
+	// upstream, when not nil, is the queue whose upstream account the
+	// request holds upLease on (JoinUpstream).
+	upstream *Queue
+	upLease  limiter.Lease
 }
 
 // Limits are the limits the request was admitted under, for its headers.
@@ -174,6 +179,10 @@ func (ad *Admitter) Settle(ctx context.Context, a *Admission, used ledger.Tokens
 			n = used.Cost
 		}
 		ad.settle(ctx, s.id, s.lim, s.d.Lease, n)
+	}
+	if q := a.upstream; q != nil {
+		a.upstream = nil
+		q.Settle(ctx, a.upLease, used.Total())
 	}
 }
 

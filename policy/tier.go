@@ -65,6 +65,18 @@ type Tier struct {
 	// max_body when that is less, and at least max_body.
 	MaxBufferedPerCaller int64 `json:"max_buffered_per_caller,omitempty"`
 
+	// The tier's share of the upstream when requests queue for it (see
+	// the handler's queue and upstream_limits), from 1 to 1000: a tier of
+	// weight 3 gets three requests through for each one of a tier of
+	// weight 1 while both have requests waiting. Default: 1.
+	Weight int `json:"weight,omitempty"`
+
+	// How long this tier's requests wait for capacity, over the site's
+	// queue: {"max_wait": "5s"}, or {"off": true} for an instant 429.
+	// It may set max_wait and per_caller, not length. Default: the
+	// site's queue.
+	Queue *Queue `json:"queue,omitempty"`
+
 	limits    limiter.Limits
 	budget    limiter.Limits // the budget as a quota of micro-units; zero without a budget
 	modelsKey string         // names the models policy in the models cache
@@ -150,6 +162,14 @@ func (t *Tier) provision(name string) error {
 		return fmt.Errorf("tier %s: max_tokens must be at most %d, the most a request may ask", name, wire.MaxTokenCap)
 	}
 	t.limits.Concurrent = t.Concurrent
+	if t.Weight < 0 || t.Weight > MaxWeight {
+		return fmt.Errorf("tier %s: weight must be from 1 to %d, not %d", name, MaxWeight, t.Weight)
+	}
+	if t.Queue != nil {
+		if err := t.Queue.Check(false); err != nil {
+			return fmt.Errorf("tier %s: %v", name, err)
+		}
+	}
 	if t.Quota != nil {
 		period, err := parsePeriod(t.Quota.Period)
 		if err != nil || t.Quota.N <= 0 {

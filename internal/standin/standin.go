@@ -77,6 +77,8 @@ type Options struct {
 	// given (its private fine-tunes, say), as the real API answers per
 	// key. Completions accept the models of Models and of every account.
 	Accounts map[string][]string
+	// Enforce are limits the server enforces with 429s (enforce.go).
+	Enforce Enforce
 }
 
 // Behavior switches how the server misbehaves. The failure modes are checked
@@ -225,13 +227,15 @@ type Server struct {
 	limit    int64    // requests a minute, advertised
 	limitHdr []string // limit, formatted for X-RateLimit-Limit
 
-	behavior atomic.Pointer[behaviorState]
-	seq      atomic.Uint64 // numbers request and completion IDs; never reset
-	count    atomic.Int64
-	active   atomic.Int64 // requests being answered now
-	prompt   atomic.Int64 // prompt tokens served, for /usage
-	answered atomic.Int64 // completion tokens served, for /usage
-	written  atomic.Int64 // completion tokens written out to clients
+	behavior  atomic.Pointer[behaviorState]
+	seq       atomic.Uint64 // numbers request and completion IDs; never reset
+	count     atomic.Int64
+	active    atomic.Int64 // requests being answered now
+	maxActive atomic.Int64 // the most active at once (MaxActive)
+	enforce   *enforcer    // nil: no limits of its own
+	prompt    atomic.Int64 // prompt tokens served, for /usage
+	answered  atomic.Int64 // completion tokens served, for /usage
+	written   atomic.Int64 // completion tokens written out to clients
 
 	windowMinute atomic.Int64 // the minute X-RateLimit-Remaining counts in
 	windowUsed   atomic.Int64
@@ -302,6 +306,7 @@ func New(opts Options) *Server {
 		models:   make(map[string]model, len(ids)),
 		noRecord: opts.NoRecord,
 		limit:    cmp.Or(opts.RateLimit, RateLimit),
+		enforce:  newEnforcer(opts.Enforce),
 	}
 	s.limitHdr = []string{strconv.FormatInt(s.limit, 10)}
 	s.list = s.modelList(ids)
@@ -413,11 +418,12 @@ func (s *Server) Reset() {
 	s.answered.Store(0)
 	s.written.Store(0)
 	s.windowUsed.Store(0)
+	s.maxActive.Store(s.active.Load())
 }
 
 // ServeHTTP answers one API request.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.active.Add(1)
+	s.noteActive(s.active.Add(1))
 	defer s.active.Add(-1)
 	now := time.Now()
 	in := s.getBuf()
@@ -447,6 +453,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.Set("Set-Cookie", "__cf_bm=standin; path=/; HttpOnly; Secure")
 	}
 
+	if s.enforce != nil && s.authorized(r) {
+		// Its own limits, over the whole answer, latency included.
+		if !s.enforce.admit(w, now) {
+			return
+		}
+		defer s.enforce.done()
+	}
 	if b.ContentType != "" {
 		w = typedWriter{w, b.ContentType}
 	}

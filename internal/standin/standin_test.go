@@ -985,3 +985,37 @@ func TestConfinedBehaviorAndAccounts(t *testing.T) {
 		t.Errorf("the main account lists another's model: %s", body)
 	}
 }
+
+// Enforce refuses past its own limits with a 429 of the API's shape,
+// Retry-After and X-RateLimit-Remaining: 0, and counts it; MaxActive
+// keeps the high-water mark.
+func TestEnforce(t *testing.T) {
+	s := New(Options{APIKey: "sk-test", Enforce: Enforce{Requests: 2, Window: time.Hour, Concurrent: 5}})
+	srv := httptest.NewServer(s)
+	defer srv.Close()
+	post := func() *http.Response {
+		req, _ := http.NewRequest("POST", srv.URL+"/v1/chat/completions",
+			strings.NewReader(`{"model":"vigthoria-fast-1","messages":[{"role":"user","content":"hi"}]}`))
+		req.Header.Set("Authorization", "Bearer sk-test")
+		req.Header.Set("Content-Type", "application/json")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	for i := range 2 {
+		if res := post(); res.StatusCode != 200 {
+			t.Fatalf("request %d within the limit: %d", i, res.StatusCode)
+		}
+	}
+	res := post()
+	body, _ := io.ReadAll(res.Body)
+	if res.StatusCode != 429 || res.Header.Get("Retry-After") == "" || res.Header.Get("X-Ratelimit-Remaining") != "0" ||
+		!strings.Contains(string(body), `"code":"rate_limit_exceeded"`) {
+		t.Errorf("past the limit: %d %v %s", res.StatusCode, res.Header, body)
+	}
+	if s.Refused429() != 1 || s.MaxActive() != 1 {
+		t.Errorf("Refused429 %d, MaxActive %d; want 1 and 1", s.Refused429(), s.MaxActive())
+	}
+}

@@ -1,0 +1,634 @@
+package admission
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/api"
+	"github.com/vigthoria/caddy-vigthoria/limiter"
+)
+
+// UpstreamPrefix names a site's upstream account in the limiter, the
+// upstream_limits of every caller of the site together: with a shared
+// limiter (Redis) the fleet's instances hold them together, exactly.
+const UpstreamPrefix = "upstream:"
+
+// QueuePoll is how often a queue with waiters asks the limiter again
+// when nothing it knows of has freed capacity: slots other instances of
+// a fleet freed, which no settle of its own tells it of.
+const QueuePoll = 25 * time.Millisecond
+
+// TierQueue is how a tier's requests queue.
+type TierQueue struct {
+	Weight    int           // 1 to 1000; 0 is 1
+	MaxWait   time.Duration // 0: no waiting, an instant 429
+	PerCaller int           // places one caller may hold; 0: the queue's
+}
+
+// QueueConfig configures a Queue.
+type QueueConfig struct {
+	Limiter limiter.Limiter
+	// Account is the upstream's account in the limiter (UpstreamPrefix
+	// and the site's fingerprint) and Limits its upstream_limits; nil
+	// Limits: none, and the queue only waits for callers' own slots.
+	Account string
+	Limits  *limiter.Limits
+	// Length bounds the waiters of the site; PerCaller those of one
+	// caller, unless its tier sets its own.
+	Length, PerCaller int
+	Tiers             map[string]TierQueue
+	Default           TierQueue // a tier not in Tiers
+	// OnLength, when set, is told each change of a tier's waiters,
+	// outside the queue's lock (the length gauge).
+	OnLength func(tier string, delta int)
+	Logger   *zap.Logger
+	Now      func() time.Time // default time.Now; tests step it
+}
+
+// A Queue lets a site's requests wait, in a weighted fair order, for
+// what they need to go on: the upstream_limits' capacity (one limiter
+// account for the site) and their callers' own concurrency slots. One
+// dispatcher goroutine admits the waiters in order as capacity frees;
+// each waiter blocks on its own channel. The queue is per instance: in a
+// fleet the limits are exact (the limiter's) and the order approximate.
+//
+// It is safe for concurrent use. Start runs its dispatcher, Stop ends it.
+type Queue struct {
+	cfg  QueueConfig
+	wake chan struct{} // buffered 1: a release, a newcomer
+	stop chan struct{}
+	done chan struct{}
+
+	mu    sync.Mutex // protects the fields below
+	order sched
+	own   map[string]*ownWait // callers waiting for their own slots
+	ownN  int
+	rate  dispatchRate
+	waits waitStats
+}
+
+// ownWait is the callers' waiters for their own concurrency slots: no
+// order between callers is needed, each waits for its own slots.
+type ownWait struct {
+	n    int
+	free chan struct{} // buffered 1: one of the caller's slots was freed
+}
+
+// waiter is one request waiting for the upstream's capacity.
+type waiter struct {
+	reserve int64
+	ready   chan struct{} // buffered 1: granted or refused
+	tq      *tierQueue    // while queued
+	cq      *callerQueue
+	state   uint8 // waiting, granted, left
+	lease   limiter.Lease
+	refusal *Refusal // when the dispatcher refused it
+	tier    string
+}
+
+const (
+	waiting uint8 = iota
+	granted
+	left
+)
+
+// NewQueue returns a queue of cfg; Start runs it.
+func NewQueue(cfg QueueConfig) *Queue {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return &Queue{
+		cfg: cfg, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
+		order: newSched(), own: make(map[string]*ownWait),
+	}
+}
+
+// Start runs the dispatcher until Stop; a queue without upstream_limits
+// needs none.
+func (q *Queue) Start() {
+	if q.cfg.Limits == nil {
+		close(q.done)
+		return
+	}
+	go q.run()
+}
+
+// Stop ends the dispatcher and waits for it: at once when nothing
+// waits, else once every waiter was served or left (by its max_wait at
+// the latest).
+func (q *Queue) Stop() {
+	close(q.stop)
+	<-q.done
+}
+
+// Limited reports whether the queue gates the upstream (upstream_limits).
+func (q *Queue) Limited() bool { return q.cfg.Limits != nil }
+
+// tierOf returns how the tier named tier queues.
+func (q *Queue) tierOf(tier string) TierQueue {
+	t, ok := q.cfg.Tiers[tier]
+	if !ok {
+		t = q.cfg.Default
+	}
+	if t.PerCaller == 0 {
+		t.PerCaller = q.cfg.PerCaller
+	}
+	return t
+}
+
+// MaxWait is how long a request of tier may wait; 0 for none.
+func (q *Queue) MaxWait(tier string) time.Duration { return q.tierOf(tier).MaxWait }
+
+// Lengths returns the requests waiting now for the upstream's capacity,
+// by tier.
+func (q *Queue) Lengths() map[string]int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.order.lengths()
+}
+
+// MeanWait is the mean wait of the requests that waited, over the last
+// few hundred.
+func (q *Queue) MeanWait() time.Duration {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.waits.mean()
+}
+
+// Upstream admits a request of caller in tier on the upstream's
+// account, reserving its tokens, waiting (what is left of max_wait
+// after spent) for its turn when the account
+// is full or others wait. It returns the lease to settle (Admission's
+// JoinUpstream), how long it waited, or the refusal when it may not
+// wait or waited in vain. A request whose context ends while it waits
+// leaves its place at once.
+func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64, spent time.Duration) (limiter.Lease, time.Duration, *Refusal) {
+	cfg := q.tierOf(tier)
+	if cfg.MaxWait > 0 {
+		// What is left of its wait: it waited already for its own slot,
+		// or for the upstream's exhaustion.
+		cfg.MaxWait = max(cfg.MaxWait-spent, time.Nanosecond)
+	}
+	start := q.cfg.Now()
+	q.mu.Lock()
+	empty := q.order.n == 0
+	q.mu.Unlock()
+	var retry time.Duration
+	if empty {
+		// The fast path: nothing queued, one Admit. A newcomer queued
+		// meanwhile may be passed by this one: the order is exact
+		// between waiters, not to the microsecond at its door.
+		d, err := q.cfg.Limiter.Admit(ctx, q.cfg.Account, q.cfg.Limits, reserve, start)
+		if err != nil {
+			return limiter.Lease{}, 0, q.unavailable(err)
+		}
+		switch d.Reason {
+		case limiter.Admitted:
+			q.mu.Lock()
+			q.rate.note(start)
+			q.mu.Unlock()
+			return d.Lease, 0, nil
+		case limiter.TooLarge:
+			return limiter.Lease{}, 0, &Refusal{Err: errUpstreamTooLarge()}
+		}
+		retry = d.RetryAfter
+	}
+	if cfg.MaxWait <= 0 {
+		return limiter.Lease{}, 0, &Refusal{Err: errUpstreamBusy(max(retry, q.promise(tier, cfg, start)))}
+	}
+
+	w := &waiter{reserve: reserve, ready: make(chan struct{}, 1), tier: tier}
+	q.mu.Lock()
+	if f := q.refuseEarly(tier, cfg, start); f != nil {
+		q.mu.Unlock()
+		return limiter.Lease{}, 0, f
+	}
+	err := q.order.push(w, tier, cfg.Weight, caller, q.cfg.Length, cfg.PerCaller, q.ownOf(caller))
+	var promise time.Duration
+	if err != nil {
+		promise = q.promiseLocked(tier, cfg, start)
+	}
+	q.mu.Unlock()
+	if err != nil {
+		return limiter.Lease{}, 0, &Refusal{Err: errQueueFull(err == errCallerFull, promise)}
+	}
+	q.changed(tier, 1)
+	q.poke()
+
+	timer := time.NewTimer(cfg.MaxWait)
+	defer timer.Stop()
+	select {
+	case <-w.ready:
+	case <-ctx.Done():
+	case <-timer.C:
+	}
+	q.mu.Lock()
+	state := w.state
+	if state == waiting {
+		w.state = left
+		q.order.remove(w)
+	}
+	var promise2 time.Duration
+	if state == waiting && ctx.Err() == nil {
+		promise2 = q.promiseLocked(tier, cfg, q.cfg.Now())
+	}
+	q.mu.Unlock()
+	waited := q.cfg.Now().Sub(start)
+	switch {
+	case state == waiting:
+		q.changed(tier, -1)
+		q.poke() // its place may have been the head's
+		if ctx.Err() != nil {
+			return limiter.Lease{}, waited, &Refusal{Err: errQueueLeft}
+		}
+		return limiter.Lease{}, waited, &Refusal{Err: errQueueTimeout(cfg.MaxWait, promise2)}
+	case w.refusal != nil:
+		return limiter.Lease{}, waited, w.refusal
+	}
+	q.mu.Lock()
+	q.waits.note(waited)
+	q.mu.Unlock()
+	return w.lease, waited, nil
+}
+
+// refuseEarly is the refusal of a newcomer the queue knows it cannot
+// serve within its max_wait, from the measured dispatch rate and the
+// places before it; nil when it may wait. Called with q.mu held.
+func (q *Queue) refuseEarly(tier string, cfg TierQueue, now time.Time) *Refusal {
+	per := q.rate.interval(now)
+	if per <= 0 {
+		return nil // not measured: it may wait, and may get its turn
+	}
+	eta := time.Duration(q.order.ahead(tier, cfg.Weight)+1) * per
+	if eta <= cfg.MaxWait {
+		return nil
+	}
+	return &Refusal{Err: errQueueTimeout(cfg.MaxWait, eta)}
+}
+
+// promise is the Retry-After the queue can honestly give a request of
+// tier refused now: the time the places before it take at the measured
+// dispatch rate; without a measure, its max_wait.
+func (q *Queue) promise(tier string, cfg TierQueue, now time.Time) time.Duration {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.promiseLocked(tier, cfg, now)
+}
+
+func (q *Queue) promiseLocked(tier string, cfg TierQueue, now time.Time) time.Duration {
+	per := q.rate.interval(now)
+	if per <= 0 {
+		return max(cfg.MaxWait, time.Second)
+	}
+	return max(time.Duration(q.order.ahead(tier, cfg.Weight)+1)*per, time.Second)
+}
+
+// ownOf is how many places caller holds waiting for its own slots.
+// Called with q.mu held.
+func (q *Queue) ownOf(caller string) int {
+	if o := q.own[caller]; o != nil {
+		return o.n
+	}
+	return 0
+}
+
+// placesOf is how many places caller holds in the upstream's order.
+// Called with q.mu held.
+func (q *Queue) placesOf(caller string) int {
+	n := 0
+	for _, t := range q.order.tiers {
+		if c := t.callers[caller]; c != nil {
+			n += len(c.waiters)
+		}
+	}
+	return n
+}
+
+// poke wakes the dispatcher.
+func (q *Queue) poke() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Released tells the queue that a request of caller ended, freeing its
+// slot and its upstream capacity: the caller's own waiters and the
+// dispatcher try again.
+func (q *Queue) Released(caller string) {
+	q.mu.Lock()
+	o := q.own[caller]
+	waiters := q.order.n
+	q.mu.Unlock()
+	if o != nil {
+		select {
+		case o.free <- struct{}{}:
+		default:
+		}
+	}
+	if waiters > 0 {
+		q.poke()
+	}
+}
+
+func (q *Queue) changed(tier string, delta int) {
+	if q.cfg.OnLength != nil {
+		q.cfg.OnLength(tier, delta)
+	}
+}
+
+// run is the dispatcher: it admits the head of the order whenever
+// something may have freed capacity, and polls while waiters remain.
+// Stopped, it goes on until none waits: a config being replaced still
+// serves the requests it queued.
+func (q *Queue) run() {
+	defer close(q.done)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	stop, stopping := q.stop, false
+	for {
+		select {
+		case <-stop:
+			stop, stopping = nil, true
+		case <-q.wake:
+		case <-timer.C:
+		}
+		next := q.Dispatch()
+		if next <= 0 {
+			if stopping {
+				return
+			}
+			next = time.Hour
+		}
+		timer.Reset(next)
+	}
+}
+
+// Dispatch admits waiters in order while the upstream's account admits
+// them, and returns how long until it should try again (0: nothing
+// waits). The dispatcher calls it; tests call it by hand.
+func (q *Queue) Dispatch() time.Duration {
+	ctx := context.Background()
+	for {
+		q.mu.Lock()
+		w := q.order.head()
+		q.mu.Unlock()
+		if w == nil {
+			return 0
+		}
+		now := q.cfg.Now()
+		d, err := q.cfg.Limiter.Admit(ctx, q.cfg.Account, q.cfg.Limits, w.reserve, now)
+		q.mu.Lock()
+		switch {
+		case err != nil:
+			w.refusal = q.unavailable(err)
+		case d.Reason == limiter.TooLarge:
+			w.refusal = &Refusal{Err: errUpstreamTooLarge()}
+		case d.Reason != limiter.Admitted:
+			q.mu.Unlock()
+			return min(max(d.RetryAfter, time.Millisecond), QueuePoll)
+		}
+		if w.state != waiting {
+			// It left while the limiter decided: its capacity goes back.
+			q.mu.Unlock()
+			if err == nil && w.refusal == nil {
+				q.settle(d.Lease, 0)
+			}
+			continue
+		}
+		q.order.dispatch(w)
+		w.state = granted
+		w.lease = d.Lease
+		if w.refusal == nil {
+			q.rate.note(now)
+		}
+		q.mu.Unlock()
+		q.changed(w.tier, -1)
+		w.ready <- struct{}{}
+	}
+}
+
+// Settle ends a request's hold on the upstream's account: its slot is
+// freed and used replaces its token reservation. The dispatcher then
+// tries again.
+func (q *Queue) Settle(ctx context.Context, lease limiter.Lease, used int64) {
+	q.settle(lease, used)
+	q.mu.Lock()
+	waiters := q.order.n
+	q.mu.Unlock()
+	if waiters > 0 {
+		q.poke()
+	}
+}
+
+func (q *Queue) settle(lease limiter.Lease, used int64) {
+	if d, ok := q.cfg.Limiter.(limiter.DeferredSettler); ok {
+		d.SettleDeferred(q.cfg.Account, q.cfg.Limits, lease, used, time.Now())
+		return
+	}
+	if err := q.cfg.Limiter.Settle(context.Background(), q.cfg.Account, q.cfg.Limits, lease, used, time.Now()); err != nil {
+		q.cfg.Logger.Error("settling the upstream's account", zap.Error(err))
+	}
+}
+
+func (q *Queue) unavailable(err error) *Refusal {
+	q.cfg.Logger.Error("deciding the upstream's limits", zap.Error(err))
+	e := *ErrUnavailable
+	e.RetryAfter = 1
+	return &Refusal{Err: &e}
+}
+
+// Own waits, up to its tier's max_wait, for a concurrency slot of the
+// caller's own, which admit (Admitter.Admit on the caller's accounts)
+// takes when it can; admit's first refusal, f, was for concurrency. It
+// tries again when one of the caller's requests ends here (Released),
+// and every QueuePoll for slots freed by other instances.
+func (q *Queue) Own(ctx context.Context, tier, caller string, f *Refusal, admit func(now time.Time) (Admission, *Refusal)) (Admission, time.Duration, *Refusal) {
+	cfg := q.tierOf(tier)
+	if cfg.MaxWait <= 0 {
+		return Admission{}, 0, f
+	}
+	start := q.cfg.Now()
+	q.mu.Lock()
+	o := q.own[caller]
+	held := q.placesOf(caller)
+	if o != nil {
+		held += o.n
+	}
+	full := q.order.n+q.ownN >= q.cfg.Length
+	if full || held >= cfg.PerCaller {
+		q.mu.Unlock()
+		// Its own slot frees when one of its requests ends: its own
+		// limit's wait is the honest promise.
+		e := errQueueFull(!full, max(f.RetryAfter, time.Second))
+		return Admission{}, 0, &Refusal{Err: e, Standing: f.Standing, Refused: f.Refused, Decision: f.Decision}
+	}
+	if o == nil {
+		o = &ownWait{free: make(chan struct{}, 1)}
+		q.own[caller] = o
+	}
+	o.n++
+	q.ownN++
+	q.mu.Unlock()
+	defer func() {
+		q.mu.Lock()
+		o.n--
+		q.ownN--
+		if o.n == 0 {
+			delete(q.own, caller)
+		}
+		q.mu.Unlock()
+	}()
+
+	deadline := time.NewTimer(cfg.MaxWait)
+	defer deadline.Stop()
+	poll := time.NewTicker(QueuePoll)
+	defer poll.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return Admission{}, q.cfg.Now().Sub(start), &Refusal{Err: errQueueLeft}
+		case <-deadline.C:
+			e := errQueueTimeout(cfg.MaxWait, max(f.RetryAfter, time.Second))
+			return Admission{}, q.cfg.Now().Sub(start), &Refusal{Err: e, Standing: f.Standing, Refused: f.Refused, Decision: f.Decision}
+		case <-o.free:
+		case <-poll.C:
+		}
+		a, again := admit(q.cfg.Now())
+		if again == nil {
+			waited := q.cfg.Now().Sub(start)
+			q.mu.Lock()
+			q.waits.note(waited)
+			q.mu.Unlock()
+			return a, waited, nil
+		}
+		if again.Reason != limiter.ConcurrencyLimit {
+			return a, q.cfg.Now().Sub(start), again
+		}
+		f = again
+	}
+}
+
+// Sleep waits d (the upstream's exhaustion, which it said ends then),
+// or until ctx ends; it reports whether it waited the whole time.
+func (q *Queue) Sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// JoinUpstream adds the request's hold on the upstream's account to its
+// admission, so that its settle frees it on every way out.
+func (a *Admission) JoinUpstream(q *Queue, lease limiter.Lease) {
+	a.upstream, a.upLease = q, lease
+}
+
+// dispatchRate measures how fast the queue dispatches: the times of the
+// last dispatches, in a ring.
+type dispatchRate struct {
+	at   [64]time.Time
+	next int
+	n    int
+}
+
+func (r *dispatchRate) note(now time.Time) {
+	r.at[r.next] = now
+	r.next = (r.next + 1) % len(r.at)
+	r.n = min(r.n+1, len(r.at))
+}
+
+// interval is the mean time between dispatches over the ring, when the
+// last of them is recent (within 10 s of now); 0 when not measured.
+func (r *dispatchRate) interval(now time.Time) time.Duration {
+	if r.n < 2 {
+		return 0
+	}
+	last := r.at[(r.next+len(r.at)-1)%len(r.at)]
+	first := r.at[(r.next+len(r.at)-r.n)%len(r.at)]
+	if now.Sub(last) > 10*time.Second {
+		return 0
+	}
+	return max(last.Sub(first)/time.Duration(r.n-1), time.Microsecond)
+}
+
+// waitStats is the waits of the last requests that waited, for the mean.
+type waitStats struct {
+	w    [256]time.Duration
+	next int
+	n    int
+}
+
+func (s *waitStats) note(d time.Duration) {
+	s.w[s.next] = d
+	s.next = (s.next + 1) % len(s.w)
+	s.n = min(s.n+1, len(s.w))
+}
+
+func (s *waitStats) mean() time.Duration {
+	if s.n == 0 {
+		return 0
+	}
+	var sum time.Duration
+	for _, d := range s.w[:s.n] {
+		sum += d
+	}
+	return sum / time.Duration(s.n)
+}
+
+// The queue's refusals: 429s of the API's shape, as the limits' are.
+
+func errQueueFull(caller bool, retry time.Duration) *api.Error {
+	what := "The queue for the upstream is full."
+	if caller {
+		what = "You have as many requests waiting as you may."
+	}
+	s := api.RetrySeconds(retry)
+	return &api.Error{
+		Status: http.StatusTooManyRequests, Type: "requests", Code: "queue_full", RetryAfter: s,
+		Message: what + " Please send fewer requests at once, and try again in " + strconv.Itoa(s) + "s.",
+	}
+}
+
+func errQueueTimeout(maxWait, retry time.Duration) *api.Error {
+	s := api.RetrySeconds(retry)
+	return &api.Error{
+		Status: http.StatusTooManyRequests, Type: "requests", Code: "queue_timeout", RetryAfter: s,
+		Message: "Your request could not get its turn within " + maxWait.String() +
+			" while the capacity is in use. Please try again in " + strconv.Itoa(s) + "s.",
+	}
+}
+
+func errUpstreamBusy(retry time.Duration) *api.Error {
+	s := api.RetrySeconds(retry)
+	return &api.Error{
+		Status: http.StatusTooManyRequests, Type: "requests", Code: "upstream_busy", RetryAfter: s,
+		Message: "The proxy's upstream capacity is in use. Please try again in " + strconv.Itoa(s) + "s.",
+	}
+}
+
+func errUpstreamTooLarge() *api.Error {
+	return &api.Error{
+		Status: http.StatusTooManyRequests, Type: "tokens", Code: "request_too_large", NoRetry: true,
+		Message: "This request asks more tokens than the proxy sends the upstream per window; ask for fewer (max_tokens).",
+	}
+}
+
+// errQueueLeft answers a caller that hung up while it waited: nobody
+// reads it, but the refusal is counted.
+var errQueueLeft = &api.Error{
+	Status: 499, Type: "requests", Code: "queue_left",
+	Message: "The request was cancelled while it waited for its turn.",
+}
