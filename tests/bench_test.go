@@ -62,6 +62,8 @@ func BenchmarkChat(b *testing.B) {
 				key = mintFor(b, c.URL, key)
 			}
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+			// Its idle connections would be taken for leaked goroutines.
+			b.Cleanup(client.CloseIdleConnections)
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
