@@ -95,6 +95,7 @@ func (*App) Counters() dashboard.Counters {
 	if metrics.activeStreams.Write(&g) == nil {
 		c.Streams = int64(g.GetGauge().GetValue())
 	}
+	c.Queued, c.QueueWaited, c.QueueWait = queueFigures()
 	return c
 }
 

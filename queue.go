@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
@@ -171,4 +172,29 @@ func (x *exchange) noteQueueWait(h http.Header) {
 	}
 	h.Set(queueWaitHeader, strconv.FormatInt(x.queueWait.Milliseconds(), 10))
 	queueWaitBy.get(x.client.Tier).Observe(x.queueWait.Seconds())
+}
+
+// queueFigures reads the queue's metrics, over every tier: the requests
+// waiting now, and the requests that waited and their waits' sum in
+// seconds since the process started.
+func queueFigures() (queued, waited int64, wait float64) {
+	ch := make(chan prometheus.Metric, 64)
+	go func() {
+		queueMetrics.length.Collect(ch)
+		queueMetrics.wait.Collect(ch)
+		close(ch)
+	}()
+	for m := range ch {
+		var d dto.Metric
+		if m.Write(&d) != nil {
+			continue
+		}
+		if h := d.GetHistogram(); h != nil {
+			waited += int64(h.GetSampleCount())
+			wait += h.GetSampleSum()
+			continue
+		}
+		queued += int64(d.GetGauge().GetValue())
+	}
+	return queued, waited, wait
 }

@@ -69,7 +69,6 @@ type Queue struct {
 	own   map[string]*ownWait // callers waiting for their own slots
 	ownN  int
 	rate  dispatchRate
-	waits waitStats
 }
 
 // ownWait is the callers' waiters for their own concurrency slots: no
@@ -146,22 +145,6 @@ func (q *Queue) tierOf(tier string) TierQueue {
 
 // MaxWait is how long a request of tier may wait; 0 for none.
 func (q *Queue) MaxWait(tier string) time.Duration { return q.tierOf(tier).MaxWait }
-
-// Lengths returns the requests waiting now for the upstream's capacity,
-// by tier.
-func (q *Queue) Lengths() map[string]int {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.order.lengths()
-}
-
-// MeanWait is the mean wait of the requests that waited, over the last
-// few hundred.
-func (q *Queue) MeanWait() time.Duration {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.waits.mean()
-}
 
 // Upstream admits a request of caller in tier on the upstream's
 // account, reserving its tokens, waiting (what is left of max_wait
@@ -254,7 +237,6 @@ func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64
 		return limiter.Lease{}, waited, w.refusal
 	}
 	q.mu.Lock()
-	q.waits.note(waited)
 	q.mu.Unlock()
 	return w.lease, waited, nil
 }
@@ -506,7 +488,6 @@ func (q *Queue) Own(ctx context.Context, tier, caller string, f *Refusal, admit 
 		if again == nil {
 			waited := q.cfg.Now().Sub(start)
 			q.mu.Lock()
-			q.waits.note(waited)
 			q.mu.Unlock()
 			return a, waited, nil
 		}
@@ -562,30 +543,6 @@ func (r *dispatchRate) interval(now time.Time) time.Duration {
 		return 0
 	}
 	return max(last.Sub(first)/time.Duration(r.n-1), time.Microsecond)
-}
-
-// waitStats is the waits of the last requests that waited, for the mean.
-type waitStats struct {
-	w    [256]time.Duration
-	next int
-	n    int
-}
-
-func (s *waitStats) note(d time.Duration) {
-	s.w[s.next] = d
-	s.next = (s.next + 1) % len(s.w)
-	s.n = min(s.n+1, len(s.w))
-}
-
-func (s *waitStats) mean() time.Duration {
-	if s.n == 0 {
-		return 0
-	}
-	var sum time.Duration
-	for _, d := range s.w[:s.n] {
-		sum += d
-	}
-	return sum / time.Duration(s.n)
 }
 
 // The queue's refusals: 429s of the API's shape, as the limits' are.

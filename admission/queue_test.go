@@ -319,3 +319,12 @@ func TestQueueStopServesItsWaiters(t *testing.T) {
 	}
 	<-stopped
 }
+
+// lengths returns the waiters queued, by tier.
+func (s *sched) lengths() map[string]int {
+	m := make(map[string]int, len(s.tiers))
+	for name, t := range s.tiers {
+		m[name] = t.n
+	}
+	return m
+}

@@ -178,12 +178,3 @@ func (s *sched) ahead(tier string, weight int) int {
 	}
 	return min(s.n, int(float64(mine+1)*total/w))
 }
-
-// lengths returns the waiters queued, by tier.
-func (s *sched) lengths() map[string]int {
-	m := make(map[string]int, len(s.tiers))
-	for name, t := range s.tiers {
-		m[name] = t.n
-	}
-	return m
-}

@@ -264,13 +264,19 @@ func TestLive(t *testing.T) {
 	n := int64(0)
 	s.read = func() Counters {
 		n += 10
-		return Counters{Requests: n, Refused: map[string]int64{"rate_limited": n / 10}, Streams: 2}
+		// Each sample, 10 more requests; 4 more admitted after waiting
+		// 1.5 s in all; 3 waiting now.
+		return Counters{Requests: n, Refused: map[string]int64{"rate_limited": n / 10}, Streams: 2,
+			Queued: 3, QueueWaited: 4 * n / 10, QueueWait: 1.5 * float64(n/10)}
 	}
 	s.report(now)
 	s.report(now.Add(100 * time.Millisecond)) // too soon: no new sample
 	rep := s.report(now.Add(2 * time.Second))
 	if len(rep.Points) != 1 || rep.Points[0].Requests != 5 || rep.Points[0].Refused != 0.5 || rep.Streams != 2 || rep.Refused["rate_limited"] != 2 {
 		t.Fatalf("got %+v, want one point of 5 requests/s and 0.5 refusals/s", rep)
+	}
+	if p := rep.Points[0]; p.Queued != 3 || p.QueueWait != 0.375 || rep.Queued != 3 {
+		t.Errorf("queued %d (%d now), mean wait %v s; want 3 and 0.375 s", p.Queued, rep.Queued, p.QueueWait)
 	}
 }
 

@@ -36,6 +36,10 @@ type livePoint struct {
 	Requests float64 `json:"requests_per_s"`
 	Refused  float64 `json:"refused_per_s"`
 	Streams  int64   `json:"streams"`
+	Queued   int64   `json:"queued"`
+	// QueueWait is the mean wait of the requests admitted after waiting
+	// in the interval, in seconds; 0 when none waited.
+	QueueWait float64 `json:"queue_wait_s"`
 }
 
 // liveReport is the answer of api/live.
@@ -44,6 +48,7 @@ type liveReport struct {
 	Refused map[string]int64 `json:"refused"` // since the process started, by reason
 	Total   int64            `json:"requests"`
 	Streams int64            `json:"streams"`
+	Queued  int64            `json:"queued"`
 }
 
 // report samples the counters at now, unless sampled a moment ago, and
@@ -58,16 +63,21 @@ func (s *sampler) report(now time.Time) liveReport {
 		s.samples = append(s.samples, sample{at: now, Counters: s.read()})
 	}
 	last := s.samples[len(s.samples)-1]
-	rep := liveReport{Points: make([]livePoint, 0, len(s.samples)), Refused: last.Refused, Total: last.Requests, Streams: last.Streams}
+	rep := liveReport{Points: make([]livePoint, 0, len(s.samples)), Refused: last.Refused, Total: last.Requests, Streams: last.Streams, Queued: last.Queued}
 	for i := 1; i < len(s.samples); i++ {
 		a, b := s.samples[i-1], s.samples[i]
 		secs := b.at.Sub(a.at).Seconds()
-		rep.Points = append(rep.Points, livePoint{
+		p := livePoint{
 			At:       b.at.Unix(),
 			Requests: float64(max(b.Requests-a.Requests, 0)) / secs,
 			Refused:  float64(max(sum(b.Refused)-sum(a.Refused), 0)) / secs,
 			Streams:  b.Streams,
-		})
+			Queued:   b.Queued,
+		}
+		if waited := b.QueueWaited - a.QueueWaited; waited > 0 {
+			p.QueueWait = (b.QueueWait - a.QueueWait) / float64(waited)
+		}
+		rep.Points = append(rep.Points, p)
 	}
 	return rep
 }

@@ -60,4 +60,10 @@ type Counters struct {
 	Requests int64            // every request the vigthoria handlers answered, refusals included
 	Refused  map[string]int64 // refusals by reason (the error code)
 	Streams  int64            // streams being served now
+	// Queued is the requests waiting in the queue now; QueueWaited the
+	// requests admitted after waiting, and QueueWait their waits' sum in
+	// seconds, since the process started.
+	Queued      int64
+	QueueWaited int64
+	QueueWait   float64
 }

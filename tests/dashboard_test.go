@@ -330,6 +330,9 @@ func TestBrowserDashboard(t *testing.T) {
 		t.Errorf("the top keys read %q, want test-pro", got)
 	}
 	waitJS(t, b, `!!window.dash.charts.live`)
+	if got := b.text("#live-queued"); got != "0" {
+		t.Errorf("the live panel shows %q queued, want 0: this site has no queue", got)
+	}
 	if got := b.text("#refusals tbody"); !strings.Contains(got, "invalid_api_key") {
 		t.Errorf("the refusals read %q, want invalid_api_key", got)
 	}

@@ -152,6 +152,8 @@ async function loadLive() {
   $("live-rps").textContent = last ? last.requests_per_s.toFixed(1) : "0.0";
   $("live-refused").textContent = last ? last.refused_per_s.toFixed(1) : "0.0";
   $("live-streams").textContent = fmt(l.streams);
+  $("live-queued").textContent = fmt(l.queued);
+  $("live-wait").textContent = last && last.queue_wait_s > 0 ? (last.queue_wait_s * 1000).toFixed(0) + " ms" : "–";
   fill($("refusals").tBodies[0], Object.entries(l.refused).sort((a, b) => b[1] - a[1]), (tr, [reason, n]) => {
     cell(tr, reason); cell(tr, fmt(n), "num");
   });
