@@ -120,9 +120,8 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 			"Openai-Processing-Ms": {"12"}, "Set-Cookie": {"__cf_bm=1"}, "X-Ratelimit-Limit": {"10000"},
 			"X-Ratelimit-Remaining": {"9999"}, "X-Ratelimit-Reset": {"1700000060"}, "Date": {"now"},
 		}},
-		authorization: []string{"Bearer server"},
 		host:          "api.example.com",
-		exhausted:     newExhaustion(0, nil, zap.NewNop()),
+		pool:          testPool(nil, ServerKey{Key: "server"}),
 		logger:        zap.NewNop(),
 	}
 	req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", nil)
@@ -149,9 +148,8 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 func BenchmarkKeyTransportCall(b *testing.B) {
 	t := &keyTransport{
 		next:          nopTransport{header: http.Header{"Content-Type": {"text/event-stream"}}},
-		authorization: []string{"Bearer server"},
 		host:          "api.example.com",
-		exhausted:     &exhaustion{},
+		pool:          testPool(nil, ServerKey{Key: "server"}),
 		detach:        DetachPolicy{Max: DefaultMaxDetached, Timeout: DefaultDetachedTimeout},
 		logger:        zap.NewNop(),
 	}
