@@ -265,6 +265,16 @@ func (up *Upstream) Exhausted(ctx context.Context, model string, now time.Time) 
 	return up.pool.exhaustedFor(ctx, model, now)
 }
 
+// KeyNames names the server keys of the pool, by their names or
+// fingerprints.
+func (up *Upstream) KeyNames() []string {
+	names := make([]string, len(up.pool.keys))
+	for i, k := range up.pool.keys {
+		names[i] = k.name
+	}
+	return names
+}
+
 // Close stops the prober of the keys out of the pool.
 func (up *Upstream) Close() {
 	if up.stopProbes != nil {
