@@ -252,21 +252,27 @@ func (p *pool) exhaustedFor(ctx context.Context, model string, now time.Time) (t
 	if len(p.keys) == 1 {
 		k := p.keys[0]
 		if k.down.Load() || !k.admits(model, p.match) {
-			return 0, false // the transport answers that
+			k.exhausted.fetch(now) // the fleet may have it back
+			return 0, false        // the transport answers that
 		}
 		return k.exhausted.check(ctx, model, now)
 	}
 	var soonest time.Duration
-	candidates := 0
+	candidates, open := 0, false
 	for _, k := range p.keys {
-		if k.down.Load() || !k.admits(model, p.match) {
+		// What the fleet says of every key, the refused ones included,
+		// counts from the next request on.
+		k.exhausted.fetch(now)
+		if open || k.down.Load() || !k.admits(model, p.match) {
 			continue
 		}
 		candidates++
 		if _, spent := k.exhausted.peek(model, now); !spent {
-			k.exhausted.fetch(now)
-			return 0, false
+			open = true
 		}
+	}
+	if open {
+		return 0, false
 	}
 	if candidates == 0 {
 		return 0, false // the transport answers that

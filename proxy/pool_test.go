@@ -293,3 +293,50 @@ func TestPoolProberStops(t *testing.T) {
 		t.Fatal("the prober did not stop with its context")
 	}
 }
+
+// Two instances sharing one fleet: a key one of them found refused is
+// out of the other's pool after its next fetch, and back once the fleet
+// no longer holds it.
+func TestPoolFleetDown(t *testing.T) {
+	fleets := map[string]*fakeFleet{}
+	sharedFor := func(fp string) SharedExhaustion {
+		if fleets[fp] == nil {
+			fleets[fp] = &fakeFleet{words: map[string]ScopeWord{}, claims: map[string]time.Time{}, now: time.Now()}
+		}
+		return fleets[fp]
+	}
+	mk := func() *pool {
+		cfg := &Config{SharedFor: sharedFor}
+		p, err := newPool("https://api.example.com/v1", []ServerKey{{Key: "a", Name: "a"}, {Key: "b", Name: "b"}}, cfg, zap.NewNop())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	one, two := mk(), mk()
+	one.refused(one.keys[1], 401)
+	fleet := fleets[one.keys[1].tenant]
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		fleet.mu.Lock()
+		_, held := fleet.words[DownScope]
+		fleet.mu.Unlock()
+		if held {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the refusal never reached the fleet")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	two.exhaustedFor(context.Background(), "", time.Now())
+	for !two.keys[1].down.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("the other instance never took the key out")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if two.keys[0].down.Load() {
+		t.Fatal("the other instance took out a key nobody refused")
+	}
+}

@@ -186,8 +186,11 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	// step before it leaves, so it is in no request that Caddy logs.
 	probes, stopProbes := context.WithCancel(context.Background())
 	up.stopProbes = stopProbes
+	// Probes go out on Caddy's own transport, with the key probed: not
+	// through keyTransport, which would pick a key of the pool.
+	direct := rp.Transport
 	up.pool.startProber = func() {
-		go up.pool.run(probes, rp.Transport, u.Scheme+"://"+u.Host+base+"/models", u.Host)
+		go up.pool.run(probes, direct, u.Scheme+"://"+u.Host+base+"/models", u.Host)
 	}
 	rp.Transport = &keyTransport{
 		next:        rp.Transport,

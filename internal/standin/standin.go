@@ -77,6 +77,8 @@ type Options struct {
 	// given (its private fine-tunes, say), as the real API answers per
 	// key. Completions accept the models of Models and of every account.
 	Accounts map[string][]string
+	// CountKeys counts the requests of each bearer key, for KeyCount.
+	CountKeys bool
 }
 
 // Behavior switches how the server misbehaves. The failure modes are checked
@@ -241,6 +243,8 @@ type Server struct {
 	caps []Cap
 
 	bufs sync.Pool // *[]byte for request and response bodies
+
+	keys keyBook // keys revoked at run time, requests by key (keys.go)
 }
 
 // behaviorState pairs a Behavior with its own failure budget, so swapping the
@@ -302,6 +306,7 @@ func New(opts Options) *Server {
 		models:   make(map[string]model, len(ids)),
 		noRecord: opts.NoRecord,
 		limit:    cmp.Or(opts.RateLimit, RateLimit),
+		keys:     keyBook{counting: opts.CountKeys},
 	}
 	s.limitHdr = []string{strconv.FormatInt(s.limit, 10)}
 	s.list = s.modelList(ids)
@@ -413,6 +418,7 @@ func (s *Server) Reset() {
 	s.answered.Store(0)
 	s.written.Store(0)
 	s.windowUsed.Store(0)
+	s.resetKeys()
 }
 
 // ServeHTTP answers one API request.
@@ -426,6 +432,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	*in = body
 
 	s.count.Add(1)
+	s.countKey(r.Header.Get("Authorization"))
 	if !s.noRecord {
 		s.record(r, body, now)
 	}
@@ -534,7 +541,7 @@ func (s *Server) remaining(unix int64) int64 {
 func (s *Server) authorized(r *http.Request) bool {
 	scheme, key, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	// The scheme is case-insensitive (RFC 9110); the key is not.
-	if !strings.EqualFold(scheme, "Bearer") {
+	if !strings.EqualFold(scheme, "Bearer") || s.revokedKey(key) {
 		return false
 	}
 	if subtle.ConstantTimeCompare([]byte(key), s.auth[len("Bearer "):]) == 1 {
