@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/openai/openai-go/v3"
 
 	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
@@ -215,5 +218,31 @@ func TestPoolFleetSharesARefusedKey(t *testing.T) {
 	}
 	if m := metricsOf(t, b); seriesValue(m, `vigthoria_upstream_key_refusals_total{key="fleet-two"}`) != 0 {
 		t.Errorf("instance b met the refusal itself, want it told by the fleet:\n%s", grepLines(m, "upstream_key"))
+	}
+}
+
+func TestPoolModelNoKeyServes(t *testing.T) {
+	up, srv := poolUpstream(t)
+	e := newEnv(t, up, srv)
+	lines := []string{
+		"upstream " + srv.URL + "/v1",
+		"default_max_tokens " + strconv.Itoa(standin.DefaultMaxTokens),
+		"store " + strings.Replace(e.store, ":", " ", 1), "tier pro",
+		"api_keys {\n\t\t\t{env.VGT_POOL_K2} name fast-only models vigthoria-fast-*\n\t\t}",
+	}
+	e.caddy = harness.StartCaddy(t, "\tvigthoria {\n\t\t"+strings.Join(lines, "\n\t\t")+"\n\t}")
+	e.client = newClient(e.caddy.URL, e.key)
+	if _, err := e.client.Chat.Completions.New(t.Context(), chatParams("hi")); err != nil {
+		t.Fatalf("a model the key serves: %v", err)
+	}
+	params := chatParams("hi")
+	params.Model = "vigthoria-pro-1"
+	_, err := e.client.Chat.Completions.New(t.Context(), params)
+	var apiErr *openai.Error
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusNotFound || apiErr.Code != "model_not_available" {
+		t.Fatalf("a model no key serves: got %v, want 404 model_not_available", err)
+	}
+	if n := chatsWith(up, poolKey2); n != 1 {
+		t.Errorf("the upstream got %d chat requests, want 1: the unserved model never goes upstream", n)
 	}
 }
