@@ -55,7 +55,11 @@ func parseDashboard(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //
 //	vigthoria {
 //		upstream       <url>                  # default https://api.vigthoria.io/v1
-//		api_key        <value>                # required, e.g. {env.VIGTHORIA_API_KEY}
+//		api_key        <value>                # required unless api_keys, e.g. {env.VIGTHORIA_API_KEY}; repeatable: a pool
+//		api_keys {                            # a pool of server keys (see APIKeys)
+//			<key> [name <name>] [weight <n>] [models <glob>...]   # models last
+//			probe_every <duration>             # of a refused key; default 30s
+//		}
 //		max_body       <size>                 # default 10MB
 //		body_timeout   <duration>             # default 30s
 //		max_buffered   <size>                 # default 64MiB, or 4 x max_body, or 2 x max_body per tier
@@ -125,7 +129,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := make(map[string]bool)
 	for d.NextBlock(0) {
 		name := d.Val()
-		if seen[name] && name != "tier" && name != "jwt" && name != "source" {
+		if seen[name] && name != "tier" && name != "jwt" && name != "source" && name != "api_key" {
 			return d.Errf("subdirective '%s' given twice", name)
 		}
 		seen[name] = true
@@ -298,7 +302,30 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			h.APIKey = v
+			// Each line is one key of the pool, weight 1: one alone
+			// stays api_key, more go to api_keys.
+			switch {
+			case h.APIKey == "" && h.APIKeys == nil:
+				h.APIKey = v
+			case h.APIKeys == nil:
+				h.APIKeys = &APIKeys{Keys: []ServerKeyConfig{{Key: h.APIKey}, {Key: v}}}
+				h.APIKey = ""
+			default:
+				h.APIKeys.Keys = append(h.APIKeys.Keys, ServerKeyConfig{Key: v})
+			}
+		case "api_keys":
+			keys, err := parseAPIKeys(d)
+			if err != nil {
+				return err
+			}
+			if h.APIKeys != nil {
+				keys.Keys = append(h.APIKeys.Keys, keys.Keys...)
+			}
+			if h.APIKey != "" {
+				keys.Keys = append([]ServerKeyConfig{{Key: h.APIKey}}, keys.Keys...)
+				h.APIKey = ""
+			}
+			h.APIKeys = keys
 		case "max_body":
 			if h.MaxBody, err = sizeArg(d, "10MB"); err != nil {
 				return err

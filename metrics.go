@@ -18,8 +18,8 @@ import (
 // The module's metrics. They are made once per process, so that counts
 // run on across config reloads, and registered into each config's
 // registry, where Caddy's metrics handler and admin /metrics serve them.
-// Labels are tiers, endpoints, models, outcomes and configured issuers,
-// never a key or a client: their number stays small.
+// Labels are tiers, endpoints, models, outcomes, configured issuers and
+// server keys' names or fingerprints, never a key or a client: their number stays small.
 var metrics = struct {
 	requests        *prometheus.CounterVec
 	tokens          *prometheus.CounterVec
@@ -35,7 +35,17 @@ var metrics = struct {
 	detached        prometheus.GaugeFunc
 	detachRefused   prometheus.CounterFunc
 	answerBytes     prometheus.GaugeFunc
+	keyUp           *prometheus.GaugeVec
+	keyRefusals     *prometheus.CounterVec
 }{
+	keyUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "vigthoria", Name: "upstream_key_up",
+		Help: "1 while a server key is in the pool, 0 while the upstream refuses it (401/403) and probes decide; by the key's name or fingerprint.",
+	}, []string{"key"}),
+	keyRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "vigthoria", Name: "upstream_key_refusals_total",
+		Help: "Times the upstream refused a server key (401/403), by the key's name or fingerprint.",
+	}, []string{"key"}),
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "vigthoria", Name: "requests_total",
 		Help: "Requests by tier, endpoint and outcome: ok, cached, upstream_4xx, upstream_5xx, upstream_error, or refused_<reason>.",
@@ -102,6 +112,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 		metrics.requests, metrics.tokens, metrics.upstreamLatency, metrics.firstByte,
 		metrics.activeStreams, metrics.modelsCache, metrics.retries, metrics.storeFallback, metrics.storeFailures,
 		metrics.keyFetchErrors, metrics.pastCap, metrics.detached, metrics.detachRefused, metrics.answerBytes,
+		metrics.keyUp, metrics.keyRefusals,
 	}, alerts.Collectors()...) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

@@ -119,8 +119,16 @@ type Handler struct {
 	// token. Use a placeholder resolved at run time, such as
 	// {env.VIGTHORIA_API_KEY} or {file./run/secrets/vigthoria}: a literal
 	// key is stored in Caddy's config (GET /config/, autosave.json).
-	// Required; the handler refuses to start when it resolves to empty.
+	// Required unless api_keys is set; the handler refuses to start when
+	// it resolves to empty. With api_keys, it is one more key of the pool
+	// (weight 1, every model).
 	APIKey string `json:"api_key,omitempty"`
+
+	// A pool of server keys, in place of api_key or besides it: each
+	// request goes to the key with the most room for its model, by
+	// weight; a key the upstream refuses is out until a probe passes.
+	// Default: none, api_key alone.
+	APIKeys *APIKeys `json:"api_keys,omitempty"`
 
 	// The largest request body accepted, in bytes. A larger body is
 	// refused with 413 before it is read (from Content-Length) or as soon
@@ -392,14 +400,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.setDefaults(); err != nil {
 		return err
 	}
-	if h.APIKey != "" && !strings.Contains(h.APIKey, "{") {
-		h.logger.Warn("api_key is a literal: it is stored in Caddy's config, readable through the admin API and autosave.json; use a placeholder such as {env.VIGTHORIA_API_KEY}")
-	}
-	// ReplaceAll, not ReplaceKnown: an unknown placeholder must resolve to
-	// empty and fail here, not travel to the upstream as a literal.
-	key := caddy.NewReplacer().ReplaceAll(h.APIKey, "")
-	if key == "" {
-		return errors.New("api_key resolves to an empty value: set it, e.g. api_key {env.VIGTHORIA_API_KEY} with VIGTHORIA_API_KEY in the environment")
+	serverKeys, err := h.serverKeys()
+	if err != nil {
+		return err
 	}
 	configured, err := h.loadSources(ctx)
 	if err != nil {
@@ -457,21 +460,31 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 
-	// In a fleet, the upstream's word on the key's exhaustion is shared
-	// by the instances that use the same key on the same upstream.
-	var shared proxy.SharedExhaustion
+	// In a fleet, the upstream's word on each key's exhaustion, and on
+	// its refusal, is shared by the instances that use the same key on
+	// the same upstream.
+	var shared func(fingerprint string) proxy.SharedExhaustion
 	if lim.redis != nil {
-		shared = newRedisExhaustion(lim.redis, proxy.Fingerprint(h.Upstream, key), time.Duration(h.UpstreamLockout))
+		shared = func(fingerprint string) proxy.SharedExhaustion {
+			return newRedisExhaustion(lim.redis, fingerprint, time.Duration(h.UpstreamLockout))
+		}
+	}
+	var probeEvery time.Duration
+	if h.APIKeys != nil {
+		probeEvery = time.Duration(h.APIKeys.ProbeEvery)
 	}
 	if h.upstream, err = proxy.New(ctx, proxy.Config{
 		URL:             h.Upstream,
-		APIKey:          key,
+		Keys:            serverKeys,
+		MatchModel:      policy.MatchModel,
+		ProbeEvery:      probeEvery,
+		KeyState:        keyStateTold(ctx, h.logger),
 		HeaderTimeout:   time.Duration(h.HeaderTimeout),
 		IdleTimeout:     time.Duration(h.IdleTimeout),
 		Retries:         *h.Retries,
 		MaxWait:         time.Duration(h.MaxWait),
 		UpstreamHeaders: h.UpstreamHeaders,
-		Shared:          shared,
+		SharedFor:       shared,
 		Lockout:         time.Duration(h.UpstreamLockout),
 		MaxDetached:     int64(*h.MaxDetached),
 		PerCaller:       int64(h.MaxDetachedPerCaller),
@@ -479,6 +492,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		MaxAnswers:      h.MaxBuffered,
 	}); err != nil {
 		return fmt.Errorf("setting up the upstream: %w", err)
+	}
+	for _, name := range h.upstream.KeyNames() {
+		metrics.keyUp.WithLabelValues(name).Set(1)
 	}
 
 	app, err := ctx.App("vigthoria")
@@ -643,6 +659,9 @@ func (h *Handler) start() error {
 // the last user first lets its requests settle, or their usage would miss
 // the ledger's final write.
 func (h *Handler) Cleanup() error {
+	if h.upstream != nil {
+		h.upstream.Close()
+	}
 	ownErr := errors.Join(h.cleanupAlerts(), h.cleanupJWT())
 	if h.queue != nil {
 		h.queue.Stop()
@@ -688,6 +707,9 @@ func (h *Handler) waitActive(d time.Duration) {
 // Validate checks the configuration after Provision.
 func (h *Handler) Validate() error {
 	if _, err := proxy.ParseURL(h.Upstream); err != nil {
+		return err
+	}
+	if err := h.validateAPIKeys(); err != nil {
 		return err
 	}
 	if h.MaxBody < 0 {

@@ -26,6 +26,7 @@ const (
 	CodeUpstreamStream      = "upstream_stream_failed"
 	CodeUpstreamBadAnswer   = "upstream_bad_response"
 	CodeUpstreamError       = "upstream_error"
+	CodeModelNotAvailable   = "model_not_available"
 )
 
 // Error is an error answered by the proxy itself, written in the

@@ -19,7 +19,10 @@ var (
 	errUpstreamAuth        = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamAuth, Message: "The proxy could not authenticate with the upstream API. The operator has been notified."}
 	errUpstreamBadAnswer   = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamBadAnswer, Message: "The upstream API sent an answer that is not valid JSON. Please try again later."}
 	errUpstreamStream      = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamStream, Message: "The upstream API failed while streaming the answer. The answer is incomplete."}
-	errUpstreamNotAnswer   = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamBadAnswer, Message: "The upstream API sent something other than an answer of the API (a redirect, or content of another type). Please try again later."}
+	// errModelNotAvailable is a model no server key serves: the operator's
+	// api_keys globs leave it out.
+	errModelNotAvailable = &api.Error{Status: http.StatusNotFound, Type: api.TypeInvalidRequest, Code: api.CodeModelNotAvailable, Message: "The model is not available through this proxy: none of its server keys serves it."}
+	errUpstreamNotAnswer = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamBadAnswer, Message: "The upstream API sent something other than an answer of the API (a redirect, or content of another type). Please try again later."}
 )
 
 // errNotAnAnswer is an upstream answering with a redirect, or a 2xx of

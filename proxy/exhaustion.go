@@ -28,6 +28,11 @@ const maxModelScopes = 256
 // store; a model's scope is named by ModelScope.
 const KeyScope = "*"
 
+// DownScope names, in the fleet's store, the word that the upstream
+// refused the key (401/403): the key is out of every instance's pool
+// until a probe passes.
+const DownScope = "down"
+
 // ModelScope names a model's scope in the fleet's store: a hash, so that
 // no caller-chosen string becomes a part of a key name.
 func ModelScope(model string) string { s := modelScope(model); return hex.EncodeToString(s[:]) }
@@ -204,6 +209,9 @@ type exhaustion struct {
 	key        scope
 	shared     SharedExhaustion // nil: this instance alone
 	logger     *zap.Logger
+	// fleetDown, when set, is told at each fetch whether the fleet holds
+	// the key refused (DownScope).
+	fleetDown func(down bool, now time.Time)
 
 	fetched  atomic.Int64 // unix nanoseconds of the last fetch started
 	fetching atomic.Bool
@@ -417,6 +425,10 @@ func (e *exhaustion) fetch(now time.Time) {
 func (e *exhaustion) adopt(words []ScopeWord, now time.Time) {
 	held := make(map[string]bool, len(words))
 	for _, w := range words {
+		if w.Scope == DownScope {
+			held[DownScope] = true
+			continue
+		}
 		if w.Until.After(now.Add(e.lockout)) {
 			w.Until = now.Add(e.lockout) // no lockout past the bound, whoever wrote it
 			w.Probe = true
@@ -435,6 +447,9 @@ func (e *exhaustion) adopt(words []ScopeWord, now time.Time) {
 	if !held[KeyScope] {
 		e.key.openIfPast(now)
 	}
+	if e.fleetDown != nil {
+		e.fleetDown(held[DownScope], now)
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for id, s := range e.models {
@@ -443,4 +458,39 @@ func (e *exhaustion) adopt(words []ScopeWord, now time.Time) {
 		}
 	}
 	e.nmodels.Store(int32(len(e.models)))
+}
+
+// peek reports, without claiming a probe, whether the scope refuses a
+// request at now, and for how long.
+func (s *scope) peek(now time.Time, probeEvery time.Duration) (time.Duration, bool) {
+	if !s.locked.Load() {
+		return 0, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case !s.locked.Load():
+		return 0, false
+	case now.Before(s.until):
+		return s.until.Sub(now), true
+	case s.probe && now.Sub(s.probeAt) < probeEvery:
+		return s.probeAt.Add(probeEvery).Sub(now), true
+	}
+	return 0, false
+}
+
+// peek reports, without claiming a probe or asking the fleet, whether a
+// request of model ("" for none) may not go upstream at now: the key's
+// scope, then the model's.
+func (e *exhaustion) peek(model string, now time.Time) (time.Duration, bool) {
+	if wait, spent := e.key.peek(now, e.probeEvery); spent {
+		return wait, true
+	}
+	if model == "" || e.nmodels.Load() == 0 {
+		return 0, false
+	}
+	if s := e.model(modelScope(model)); s != nil {
+		return s.peek(now, e.probeEvery)
+	}
+	return 0, false
 }

@@ -47,9 +47,12 @@ var modelsShapers = [...]string{"Accept", "Accept-Language", "Openai-Beta"}
 // models of its own, and the values of the headers that may change the
 // answer (modelsShapers and the operator's upstream_headers), each
 // prefixed by its length so that no two sets join alike.
-func (up *Upstream) modelsKey(h http.Header) string {
+func (up *Upstream) modelsKey(h http.Header) string { return up.modelsKeyOf(up.tenant, h) }
+
+// modelsKeyOf is modelsKey for the server key of tenant.
+func (up *Upstream) modelsKeyOf(tenant string, h http.Header) string {
 	var buf [128]byte
-	b := append(buf[:0], up.tenant...)
+	b := append(buf[:0], tenant...)
 	for _, name := range up.modelsHeaders {
 		for _, v := range h[name] {
 			b = append(b, 0)
@@ -58,8 +61,8 @@ func (up *Upstream) modelsKey(h http.Header) string {
 			b = append(append(b, ':'), v...)
 		}
 	}
-	if len(b) == len(up.tenant) {
-		return up.tenant
+	if len(b) == len(tenant) {
+		return tenant
 	}
 	return string(b)
 }
@@ -131,11 +134,27 @@ func FilterKey(globs []string) string {
 // If-None-Match is answered with 304.
 func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, ttl time.Duration, f ModelFilter, c *Call) error {
 	now := time.Now()
-	key := up.modelsKey(r.Header)
-	list, ok := modelLists.Get(key)
+	// The list of the key the pool picks for a request of no model: keys
+	// of one upstream may list different models, and a list is cached
+	// per key. A key refused while fetching is out of the pool: the
+	// next key is asked, as a request would be.
+	var list *modelList
+	var ok bool
 	status := "HIT"
-	if !ok || now.Sub(list.fetched) >= ttl {
-		fresh, err := up.fetchModels(r, key, next)
+	for range up.pool.keys {
+		k, err := up.pool.pick("", now)
+		if err != nil {
+			return errUpstreamAuth
+		}
+		key := up.modelsKeyOf(k.tenant, r.Header)
+		if list, ok = modelLists.Get(key); ok && now.Sub(list.fetched) < ttl {
+			break
+		}
+		fresh, err := up.fetchModels(r, key, next, k)
+		if err == errUpstreamAuth && k.down.Load() {
+			list, ok = nil, false
+			continue
+		}
 		switch {
 		case err == nil:
 			list, status = fresh, "MISS"
@@ -149,6 +168,10 @@ func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next cad
 			}
 			return err
 		}
+		break
+	}
+	if list == nil {
+		return errUpstreamAuth
 	}
 	c.Usage.Cache = status
 	if status == "MISS" {
@@ -172,7 +195,7 @@ func (up *Upstream) ServeModels(w http.ResponseWriter, r *http.Request, next cad
 
 // fetchModels asks the upstream for the model list named key, once for
 // all callers waiting at the same time, and caches a 200.
-func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Handler) (*modelList, error) {
+func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Handler, k *poolKey) (*modelList, error) {
 	v, err, _ := modelFlights.Do(key, func() (any, error) {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), fetchTimeout)
 		defer cancel()
@@ -180,7 +203,7 @@ func (up *Upstream) fetchModels(r *http.Request, key string, next caddyhttp.Hand
 		req.Method, req.Body, req.ContentLength = http.MethodGet, nil, 0
 		req.Header = up.modelsRequestHeader(r.Header)
 		rec := &recorder{header: make(http.Header)}
-		c := new(Call)
+		c := &Call{key: k}
 		if err := up.Forward(rec, req, &api.Endpoints[api.Models], next, c); err != nil {
 			return nil, err
 		}

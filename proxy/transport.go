@@ -24,14 +24,13 @@ var errKeyRefused = errors.New("upstream refused the server key")
 // keyTransport wraps the reverse proxy's transport: it gives the outgoing
 // request the server key and the upstream's Host, and guards the answer.
 type keyTransport struct {
-	next          http.RoundTripper
-	authorization []string // "Bearer <server key>", shared and never mutated
-	host          string
-	extra         map[string]bool // request headers let through beyond upstreamHeader; nil for none
-	retry         retryPolicy
-	exhausted     *exhaustion
-	idleTimeout   time.Duration // longest silence in a body after its headers; 0: none
-	detach        DetachPolicy  // what a call whose caller left may still do
+	next        http.RoundTripper
+	host        string
+	extra       map[string]bool // request headers let through beyond upstreamHeader; nil for none
+	retry       retryPolicy
+	pool        *pool         // the server keys; each attempt picks one
+	idleTimeout time.Duration // longest silence in a body after its headers; 0: none
+	detach      DetachPolicy  // what a call whose caller left may still do
 	// maxAnswers bounds the bytes the answers of the process hold at
 	// once (wire.Hold): streams' buffers, JSON answers read whole.
 	maxAnswers int64
@@ -70,7 +69,6 @@ func (t *keyTransport) RoundTrip(req *http.Request) (_ *http.Response, err error
 			out.Header[name] = values
 		}
 	}
-	out.Header["Authorization"] = t.authorization
 	out.Host = t.host
 
 	res, err := t.roundTrip(out, c)
@@ -91,13 +89,6 @@ func (t *keyTransport) RoundTrip(req *http.Request) (_ *http.Response, err error
 		// never go upstream), with a connection the proxy will not hold.
 		res.Body.Close()
 		return nil, errInterim
-	}
-	if res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden {
-		// Nothing of this body may reach the client.
-		discard(res)
-		t.logger.Error("upstream refused the server key; check api_key",
-			zap.Int("upstream_status", res.StatusCode))
-		return nil, errKeyRefused
 	}
 	for name := range res.Header {
 		if !downstreamHeader(name) {
@@ -175,12 +166,32 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 	replayable := out.Body == nil || out.Body == http.NoBody || body != nil
 	var waited time.Duration
 	for attempt := 0; ; attempt++ {
+		sent := time.Now()
+		k, err := t.keyFor(c, model, sent)
+		if err != nil {
+			return nil, err
+		}
+		out.Header["Authorization"] = k.authorization
 		if body != nil {
 			out.Body = io.NopCloser(bytes.NewReader(body))
 			out.ContentLength = int64(len(body))
 		}
-		sent := time.Now()
 		res, err := t.next.RoundTrip(out)
+		if err == nil && (res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden) {
+			// Nothing of this body may reach the client. The key is out
+			// of the pool, and the request goes at once to another key,
+			// not counted as a retry: nothing reached the caller.
+			discard(res)
+			t.pool.refused(k, res.StatusCode)
+			if c != nil && c.key != nil || !replayable || ctx.Err() != nil {
+				return nil, errKeyRefused
+			}
+			if c != nil {
+				c.Usage.MarkSent(false) // that attempt billed nothing
+			}
+			attempt--
+			continue
+		}
 		var wait time.Duration
 		// Nobody is there to wait for a retry once the caller left: the
 		// attempt that was answered billed nothing.
@@ -191,7 +202,10 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 		} else {
 			now := time.Now()
 			word := readLimitWord(res, now)
-			t.exhausted.heard(word, model, res.StatusCode, sent, now)
+			k.exhausted.heard(word, model, res.StatusCode, sent, now)
+			if len(t.pool.keys) > 1 {
+				k.learn(res.Header, now)
+			}
 			if res.StatusCode == http.StatusTooManyRequests {
 				again = again && word.retryable429(t.retry.maxWait-waited)
 				wait = word.wait
@@ -214,6 +228,15 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 		}
 		waited += wait
 	}
+}
+
+// keyFor is the server key of an attempt of c at now: the one c was
+// pinned to, else the pool's pick for its model.
+func (t *keyTransport) keyFor(c *Call, model string, now time.Time) (*poolKey, error) {
+	if c != nil && c.key != nil {
+		return c.key, nil
+	}
+	return t.pool.pick(model, now)
 }
 
 // upstreamHeader reports whether a request header (canonical name) goes

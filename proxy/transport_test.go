@@ -120,10 +120,9 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 			"Openai-Processing-Ms": {"12"}, "Set-Cookie": {"__cf_bm=1"}, "X-Ratelimit-Limit": {"10000"},
 			"X-Ratelimit-Remaining": {"9999"}, "X-Ratelimit-Reset": {"1700000060"}, "Date": {"now"},
 		}},
-		authorization: []string{"Bearer server"},
-		host:          "api.example.com",
-		exhausted:     newExhaustion(0, nil, zap.NewNop()),
-		logger:        zap.NewNop(),
+		host:   "api.example.com",
+		pool:   testPool(nil, ServerKey{Key: "server"}),
+		logger: zap.NewNop(),
 	}
 	req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", nil)
 	req.Header = http.Header{
@@ -148,12 +147,11 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 // detached from its caller's and watched (detach.go).
 func BenchmarkKeyTransportCall(b *testing.B) {
 	t := &keyTransport{
-		next:          nopTransport{header: http.Header{"Content-Type": {"text/event-stream"}}},
-		authorization: []string{"Bearer server"},
-		host:          "api.example.com",
-		exhausted:     &exhaustion{},
-		detach:        DetachPolicy{Max: DefaultMaxDetached, Timeout: DefaultDetachedTimeout},
-		logger:        zap.NewNop(),
+		next:   nopTransport{header: http.Header{"Content-Type": {"text/event-stream"}}},
+		host:   "api.example.com",
+		pool:   testPool(nil, ServerKey{Key: "server"}),
+		detach: DetachPolicy{Max: DefaultMaxDetached, Timeout: DefaultDetachedTimeout},
+		logger: zap.NewNop(),
 	}
 	caller, cancel := context.WithCancel(context.Background())
 	defer cancel()

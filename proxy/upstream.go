@@ -27,8 +27,24 @@ type Config struct {
 	// URL is the API's base URL, scheme http or https, with an optional
 	// base path; /v1/chat/completions on the proxy goes to URL+"/chat/completions".
 	URL string
-	// APIKey is the resolved server key, sent as "Authorization: Bearer …".
+	// APIKey is the resolved server key, sent as "Authorization: Bearer …":
+	// a pool of one, when Keys is empty.
 	APIKey string
+	// Keys are the pool of server keys; each request goes to one of them
+	// (see pool.pick).
+	Keys []ServerKey
+	// MatchModel reports whether a model glob of a key admits a model;
+	// exact equality when nil.
+	MatchModel func(glob, model string) bool
+	// ProbeEvery is how often a key the upstream refused is probed with
+	// GET <URL>/models; DefaultProbeEvery when zero.
+	ProbeEvery time.Duration
+	// KeyState, when set, is told of every key taken out of the pool or
+	// returned to it.
+	KeyState KeyState
+	// SharedFor, when set, gives each key's fleet-wide exhaustion by its
+	// Fingerprint, in place of Shared.
+	SharedFor func(fingerprint string) SharedExhaustion
 	// HeaderTimeout bounds the wait for the upstream's response headers;
 	// zero waits as long as the client does.
 	HeaderTimeout time.Duration
@@ -73,8 +89,10 @@ type Upstream struct {
 	// modelsHeaders are the request headers that may change the model
 	// list: modelsShapers, then the extra ones in their configured order.
 	modelsHeaders []string
-	exhausted     *exhaustion
+	pool          *pool
 	logger        *zap.Logger
+	// stopProbes ends the prober of the keys out of the pool.
+	stopProbes context.CancelFunc
 	// cutDetached ends the calls detached by this upstream's transport.
 	cutDetached context.CancelFunc
 	// listed is the IDs of the model list fetched last, for metric labels.
@@ -105,8 +123,9 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.APIKey == "" {
-		return nil, errors.New("empty upstream API key")
+	keys := cfg.Keys
+	if len(keys) == 0 && cfg.APIKey != "" {
+		keys = []ServerKey{{Key: cfg.APIKey}}
 	}
 	names, err := CheckUpstreamHeaders(cfg.UpstreamHeaders)
 	if err != nil {
@@ -151,8 +170,11 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	rp := mod.(*reverseproxy.Handler)
 
-	up := &Upstream{tenant: Fingerprint(cfg.URL, cfg.APIKey), rp: rp, extra: extra, logger: ctx.Logger()}
-	up.exhausted = newExhaustion(cfg.Lockout, cfg.Shared, up.logger)
+	up := &Upstream{rp: rp, extra: extra, logger: ctx.Logger()}
+	if up.pool, err = newPool(cfg.URL, keys, &cfg, up.logger); err != nil {
+		return nil, err
+	}
+	up.tenant = up.pool.keys[0].tenant
 	up.modelsHeaders = append(modelsShapers[:len(modelsShapers):len(modelsShapers)], names...)
 	base := strings.TrimSuffix(u.Path, "/")
 	for i := range api.Endpoints {
@@ -162,17 +184,24 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	up.cutDetached = cutDetached
 	// The key is added on the proxy's own copy of the request, as the last
 	// step before it leaves, so it is in no request that Caddy logs.
+	probes, stopProbes := context.WithCancel(context.Background())
+	up.stopProbes = stopProbes
+	// Probes go out on Caddy's own transport, with the key probed: not
+	// through keyTransport, which would pick a key of the pool.
+	direct := rp.Transport
+	up.pool.startProber = func() {
+		go up.pool.run(probes, direct, u.Scheme+"://"+u.Host+base+"/models", u.Host)
+	}
 	rp.Transport = &keyTransport{
-		next:          rp.Transport,
-		authorization: []string{"Bearer " + cfg.APIKey},
-		host:          u.Host,
-		extra:         extra,
-		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
-		exhausted:     up.exhausted,
-		idleTimeout:   cfg.IdleTimeout,
-		detach:        DetachPolicy{Max: cfg.MaxDetached, PerCaller: cfg.PerCaller, Timeout: cfg.DetachedTimeout, cut: cut},
-		maxAnswers:    cfg.MaxAnswers,
-		logger:        up.logger,
+		next:        rp.Transport,
+		host:        u.Host,
+		extra:       extra,
+		retry:       retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
+		pool:        up.pool,
+		idleTimeout: cfg.IdleTimeout,
+		detach:      DetachPolicy{Max: cfg.MaxDetached, PerCaller: cfg.PerCaller, Timeout: cfg.DetachedTimeout, cut: cut},
+		maxAnswers:  cfg.MaxAnswers,
+		logger:      up.logger,
 	}
 	return up, nil
 }
@@ -206,6 +235,8 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endp
 	switch {
 	case errors.Is(he.Err, errKeyRefused):
 		return errUpstreamAuth
+	case errors.Is(he.Err, errModelNotServed):
+		return errModelNotAvailable
 	case errors.Is(he.Err, errInterim):
 		up.logger.Warn("upstream answered with an informational status; refused", zap.String("endpoint", ep.Name))
 		return errUpstreamBadAnswer
@@ -226,14 +257,32 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endp
 }
 
 // Exhausted reports whether a request may not go upstream at now, and
-// for how long still: of the server key as a whole when model is "",
-// else of that model. The upstream's word locks a scope for at most the
+// for how long still: of the server keys as a whole when model is "",
+// else of that model; exhausted only when no key of the pool that
+// serves the model may take it, waiting until the soonest one opens. The upstream's word locks a scope for at most the
 // lockout bound; past it, one request at a time is let through as a
 // probe (with a shared store, one in the fleet), which may cost one
 // exchange with the store. It is meant to be asked for the key before
 // admission, and for the model once the body named it.
 func (up *Upstream) Exhausted(ctx context.Context, model string, now time.Time) (time.Duration, bool) {
-	return up.exhausted.check(ctx, model, now)
+	return up.pool.exhaustedFor(ctx, model, now)
+}
+
+// KeyNames names the server keys of the pool, by their names or
+// fingerprints.
+func (up *Upstream) KeyNames() []string {
+	names := make([]string, len(up.pool.keys))
+	for i, k := range up.pool.keys {
+		names[i] = k.name
+	}
+	return names
+}
+
+// Close stops the prober of the keys out of the pool.
+func (up *Upstream) Close() {
+	if up.stopProbes != nil {
+		up.stopProbes()
+	}
 }
 
 // keepUpstreamHeaders removes from the caller's request every header that

@@ -129,6 +129,7 @@ type Call struct {
 	Usage AnswerUsage
 
 	streamed atomic.Int64  // Usage.Chunks, for Streamed
+	key      *poolKey      // the server key the call must use; nil: the pool picks
 	start    time.Time     // when Forward began, for the latencies
 	answer   checkedAnswer // a JSON answer, once read whole
 	stream   callStream    // a stream's body

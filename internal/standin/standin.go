@@ -79,6 +79,8 @@ type Options struct {
 	Accounts map[string][]string
 	// Enforce are limits the server enforces with 429s (enforce.go).
 	Enforce Enforce
+	// CountKeys counts the requests of each bearer key, for KeyCount.
+	CountKeys bool
 }
 
 // Behavior switches how the server misbehaves. The failure modes are checked
@@ -245,6 +247,8 @@ type Server struct {
 	caps []Cap
 
 	bufs sync.Pool // *[]byte for request and response bodies
+
+	keys keyBook // keys revoked at run time, requests by key (keys.go)
 }
 
 // behaviorState pairs a Behavior with its own failure budget, so swapping the
@@ -307,6 +311,7 @@ func New(opts Options) *Server {
 		noRecord: opts.NoRecord,
 		limit:    cmp.Or(opts.RateLimit, RateLimit),
 		enforce:  newEnforcer(opts.Enforce),
+		keys:     keyBook{counting: opts.CountKeys},
 	}
 	s.limitHdr = []string{strconv.FormatInt(s.limit, 10)}
 	s.list = s.modelList(ids)
@@ -419,6 +424,7 @@ func (s *Server) Reset() {
 	s.written.Store(0)
 	s.windowUsed.Store(0)
 	s.maxActive.Store(s.active.Load())
+	s.resetKeys()
 }
 
 // ServeHTTP answers one API request.
@@ -432,6 +438,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	*in = body
 
 	s.count.Add(1)
+	s.countKey(r.Header.Get("Authorization"))
 	if !s.noRecord {
 		s.record(r, body, now)
 	}
@@ -547,7 +554,7 @@ func (s *Server) remaining(unix int64) int64 {
 func (s *Server) authorized(r *http.Request) bool {
 	scheme, key, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	// The scheme is case-insensitive (RFC 9110); the key is not.
-	if !strings.EqualFold(scheme, "Bearer") {
+	if !strings.EqualFold(scheme, "Bearer") || s.revokedKey(key) {
 		return false
 	}
 	if subtle.ConstantTimeCompare([]byte(key), s.auth[len("Bearer "):]) == 1 {
