@@ -456,7 +456,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.limiter = lim.Limiter
 	h.admitter = &admission.Admitter{Limiter: h.limiter, Policy: h.policy, Notifier: h.notifier, Logger: h.logger}
-	if err := h.provisionQueue(ctx, key); err != nil {
+	if err := h.provisionQueue(ctx, serverKeys); err != nil {
 		return err
 	}
 

@@ -3,7 +3,9 @@ package vigthoria
 import (
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -45,9 +47,10 @@ var (
 )
 
 // provisionQueue sets up the site's queue when queue (the site's or a
-// tier's) or upstream_limits is configured; key is the server key, whose
-// fingerprint names the upstream's account in the limiter.
-func (h *Handler) provisionQueue(ctx caddy.Context, key string) error {
+// tier's) or upstream_limits is configured; the fingerprint of the
+// upstream and its server keys names the upstream's account in the
+// limiter, which the instances of a fleet with the same pool share.
+func (h *Handler) provisionQueue(ctx caddy.Context, keys []proxy.ServerKey) error {
 	site := h.Queue
 	if site != nil {
 		if err := site.Check(true); err != nil {
@@ -87,7 +90,7 @@ func (h *Handler) provisionQueue(ctx caddy.Context, key string) error {
 			return err
 		}
 		cfg.Limits = &lim
-		cfg.Account = admission.UpstreamPrefix + proxy.Fingerprint(h.Upstream, key)
+		cfg.Account = admission.UpstreamPrefix + poolFingerprint(h.Upstream, keys)
 	}
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		for _, c := range []prometheus.Collector{queueMetrics.wait, queueMetrics.length} {
@@ -197,4 +200,15 @@ func queueFigures() (queued, waited int64, wait float64) {
 		queued += int64(d.GetGauge().GetValue())
 	}
 	return queued, waited, wait
+}
+
+// poolFingerprint names an upstream and its pool of server keys,
+// whatever their order, as proxy.Fingerprint names one key.
+func poolFingerprint(url string, keys []proxy.ServerKey) string {
+	all := make([]string, len(keys))
+	for i, k := range keys {
+		all[i] = k.Key
+	}
+	slices.Sort(all)
+	return proxy.Fingerprint(url, strings.Join(all, "\x00"))
 }
