@@ -185,19 +185,19 @@ func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64
 		retry = d.RetryAfter
 	}
 	if cfg.MaxWait <= 0 {
-		return limiter.Lease{}, 0, &Refusal{Err: errUpstreamBusy(max(retry, q.promise(tier, cfg, start)))}
+		return limiter.Lease{}, 0, &Refusal{Err: errUpstreamBusy(max(retry, q.promise(tier, caller, cfg, start)))}
 	}
 
 	w := &waiter{reserve: reserve, ready: make(chan struct{}, 1), tier: tier}
 	q.mu.Lock()
-	if f := q.refuseEarly(tier, cfg, start); f != nil {
+	if f := q.refuseEarly(tier, caller, cfg, start); f != nil {
 		q.mu.Unlock()
 		return limiter.Lease{}, 0, f
 	}
 	err := q.order.push(w, tier, cfg.Weight, caller, q.cfg.Length, cfg.PerCaller, q.ownOf(caller))
 	var promise time.Duration
 	if err != nil {
-		promise = q.promiseLocked(tier, cfg, start)
+		promise = q.promiseLocked(tier, caller, cfg, start)
 	}
 	q.mu.Unlock()
 	if err != nil {
@@ -221,7 +221,7 @@ func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64
 	}
 	var promise2 time.Duration
 	if state == waiting && ctx.Err() == nil {
-		promise2 = q.promiseLocked(tier, cfg, q.cfg.Now())
+		promise2 = q.promiseLocked(tier, caller, cfg, q.cfg.Now())
 	}
 	q.mu.Unlock()
 	waited := q.cfg.Now().Sub(start)
@@ -241,15 +241,15 @@ func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64
 	return w.lease, waited, nil
 }
 
-// refuseEarly is the refusal of a newcomer the queue knows it cannot
-// serve within its max_wait, from the measured dispatch rate and the
-// places before it; nil when it may wait. Called with q.mu held.
-func (q *Queue) refuseEarly(tier string, cfg TierQueue, now time.Time) *Refusal {
+// refuseEarly is the refusal of a newcomer of caller the queue knows it
+// cannot serve within its max_wait, from the measured dispatch rate and
+// the places before it; nil when it may wait. Called with q.mu held.
+func (q *Queue) refuseEarly(tier, caller string, cfg TierQueue, now time.Time) *Refusal {
 	per := q.rate.interval(now)
 	if per <= 0 {
 		return nil // not measured: it may wait, and may get its turn
 	}
-	eta := time.Duration(q.order.ahead(tier, cfg.Weight)+1) * per
+	eta := time.Duration(q.order.ahead(tier, caller, cfg.Weight)+1) * per
 	if eta <= cfg.MaxWait {
 		return nil
 	}
@@ -257,20 +257,20 @@ func (q *Queue) refuseEarly(tier string, cfg TierQueue, now time.Time) *Refusal 
 }
 
 // promise is the Retry-After the queue can honestly give a request of
-// tier refused now: the time the places before it take at the measured
-// dispatch rate; without a measure, its max_wait.
-func (q *Queue) promise(tier string, cfg TierQueue, now time.Time) time.Duration {
+// caller in tier refused now: the time the places before it take at the
+// measured dispatch rate; without a measure, its max_wait.
+func (q *Queue) promise(tier, caller string, cfg TierQueue, now time.Time) time.Duration {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.promiseLocked(tier, cfg, now)
+	return q.promiseLocked(tier, caller, cfg, now)
 }
 
-func (q *Queue) promiseLocked(tier string, cfg TierQueue, now time.Time) time.Duration {
+func (q *Queue) promiseLocked(tier, caller string, cfg TierQueue, now time.Time) time.Duration {
 	per := q.rate.interval(now)
 	if per <= 0 {
 		return max(cfg.MaxWait, time.Second)
 	}
-	return max(time.Duration(q.order.ahead(tier, cfg.Weight)+1)*per, time.Second)
+	return max(time.Duration(q.order.ahead(tier, caller, cfg.Weight)+1)*per, time.Second)
 }
 
 // ownOf is how many places caller holds waiting for its own slots.

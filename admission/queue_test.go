@@ -257,9 +257,10 @@ func TestQueueFullRetryAfterHonest(t *testing.T) {
 	if f == nil || f.Err.Code != "queue_full" {
 		t.Fatalf("a fifth in a queue of length 4: %+v, want queue_full", f)
 	}
-	// 4 ahead, then its own turn: 5 dispatches of 2 s.
-	if f.Err.RetryAfter != 10 {
-		t.Errorf("Retry-After %d, want 10 (5 turns at the measured 2 s each)", f.Err.RetryAfter)
+	// Callers take turns: a1 and b1 before its own, 3 dispatches of
+	// 2 s, though a2 and b2 are queued too.
+	if f.Err.RetryAfter != 6 {
+		t.Errorf("Retry-After %d, want 6 (3 turns at the measured 2 s each)", f.Err.RetryAfter)
 	}
 	q.Settle(ctx, hold, 0)
 }
@@ -285,6 +286,49 @@ func TestQueueRefusesWhatItCannotKeep(t *testing.T) {
 		t.Errorf("%d waiting, want 2: the refused one never queued", n)
 	}
 	q.Settle(ctx, hold, 0)
+}
+
+// A light caller arriving behind a heavy caller's backlog is told the
+// wait its own turn takes, since callers take turns, and may queue: the
+// heavy caller's places beyond its share are the ones refused. Before,
+// every place of the tier counted as ahead of it, and under saturation
+// the light callers were refused while the heavy one was served.
+func TestQueueLightCallerBehindAHeavyOne(t *testing.T) {
+	q, clk := testQueue(t, 5*time.Second, 100, 100)
+	ctx := context.Background()
+	for range 5 {
+		lease, _, _ := q.Upstream(ctx, "free", "m", 0, 0)
+		q.Settle(ctx, lease, 0)
+		clk.step(2 * time.Second)
+	}
+	hold, _, _ := q.Upstream(ctx, "free", "m", 0, 0)
+	h1 := wait(t, q, ctx, "h1", "heavy", 1)
+	h2 := wait(t, q, ctx, "h2", "heavy", 2)
+	if _, _, f := q.Upstream(ctx, "free", "heavy", 0, 0); f == nil || f.Err.Code != "queue_timeout" {
+		t.Fatalf("the heavy caller's third, 6 s away with max_wait 5s: %+v, want queue_timeout", f)
+	}
+	l1 := wait(t, q, ctx, "l1", "light", 3) // after h1: 2 turns, 4 s
+	q.Settle(ctx, hold, 0)
+	q.Dispatch()
+	r := <-h1
+	if r.f != nil {
+		t.Fatalf("h1: %v", r.f.Err)
+	}
+	q.Settle(ctx, r.lease, 0)
+	q.Dispatch()
+	select {
+	case r := <-l1:
+		if r.f != nil {
+			t.Fatalf("l1: %v", r.f.Err)
+		}
+		q.Settle(ctx, r.lease, 0)
+	case r := <-h2:
+		t.Fatalf("%s went before l1: the light caller's turn comes before the heavy one's second", r.name)
+	}
+	q.Dispatch()
+	if r := <-h2; r.f != nil {
+		t.Fatalf("h2: %v", r.f.Err)
+	}
 }
 
 // The dispatcher goroutine ends at Stop.

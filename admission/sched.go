@@ -1,6 +1,9 @@
 package admission
 
-import "errors"
+import (
+	"errors"
+	"math"
+)
 
 // The order of a queue, apart from waiting and time: which waiter goes
 // next. Between tiers it is weighted fair, by stride scheduling: each
@@ -158,23 +161,39 @@ func (s *sched) remove(w *waiter) int {
 	return i
 }
 
-// ahead estimates how many dispatches come before a newcomer of a tier
-// of weight, holding queued places now: its tier's share of the order
-// while every tier with waiters stays backlogged, at most all of them.
-func (s *sched) ahead(tier string, weight int) int {
+// ahead estimates how many dispatches come before a newcomer of caller
+// in a tier of weight. Within the tier, callers take turns: before the
+// newcomer's turn, its caller's k places queued now go, and each other
+// caller of the tier gets at most k+1 turns. Between tiers, its tier
+// gets its weight's share of the order while every tier with waiters
+// stays backlogged. At most every place queued goes before it. A light
+// caller behind a heavy one is thus told the short wait its turn takes,
+// not the heavy one's.
+func (s *sched) ahead(tier, caller string, weight int) int {
 	var total float64
-	mine := 0
+	inTier, backlogged := 0, false
 	for _, t := range s.tiers {
 		if t.n > 0 {
 			total += 1 / t.stride
 		}
-		if t.name == tier {
-			mine = t.n
+		if t.name != tier || t.n == 0 {
+			continue
+		}
+		backlogged = true
+		k := 0
+		if c := t.callers[caller]; c != nil {
+			k = len(c.waiters)
+		}
+		inTier = k
+		for _, c := range t.ring {
+			if c.id != caller {
+				inTier += min(len(c.waiters), k+1)
+			}
 		}
 	}
 	w := float64(max(1, weight))
-	if mine == 0 {
+	if !backlogged {
 		total += w
 	}
-	return min(s.n, int(float64(mine+1)*total/w))
+	return min(s.n, int(math.Ceil(float64(inTier)*total/w)))
 }
