@@ -1,6 +1,7 @@
 package vigthoria
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"slices"
@@ -84,6 +85,12 @@ func (h *Handler) provisionQueue(ctx caddy.Context, keys []proxy.ServerKey) erro
 	if !on {
 		return nil
 	}
+	// The upstream's word that every server key is spent is waited out
+	// in the queue's order too; a model's, which the queue's order does
+	// not know, by each request (upstreamExhausted).
+	cfg.Exhausted = func(ctx context.Context, now time.Time) (time.Duration, bool) {
+		return h.upstream.Exhausted(ctx, "", now)
+	}
 	if u := h.UpstreamLimits; u != nil {
 		lim, err := u.Limits()
 		if err != nil {
@@ -152,14 +159,18 @@ func (x *exchange) waitOwn(set policy.LimitSet, f *admission.Refusal) *admission
 	return f
 }
 
-// waitUpstream holds a reserved request until the upstream_limits admit
-// it, in its turn; its settle frees what it took.
-func (x *exchange) waitUpstream() *admission.Refusal {
+// waitUpstream holds a reserved request until the upstream takes it (its
+// upstream_limits, its word on the server keys), in its turn; its settle
+// frees what it took. While it waits, its body holds only what it sends.
+func (x *exchange) waitUpstream(body *proxy.Body) *admission.Refusal {
 	q := x.h.queue
-	if q == nil || !q.Limited() {
+	if !q.Gates() {
 		return nil
 	}
-	lease, waited, f := q.Upstream(x.r.Context(), x.client.Tier, x.client.ID, x.adm.Lease.Reserved, x.queueWait)
+	lease, waited, f := q.Upstream(x.r.Context(), admission.Turn{
+		Tier: x.client.Tier, Caller: x.client.ID, Reserve: x.adm.Lease.Reserved, Spent: x.queueWait,
+		Waiting: func() { body.Compact(x.r, x.call) },
+	})
 	x.queueWait += waited
 	if f == nil {
 		x.adm.JoinUpstream(q, lease)

@@ -103,9 +103,10 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	}
 
 	// The key's exhaustion first, before anything is counted; a model's
-	// once the body names it.
+	// once the body names it. A queue waits the key's out in its order,
+	// after the body.
 	cached := ep.ID == api.Models && h.ModelsCache > 0
-	if !cached && ep.ID != api.Usage {
+	if !cached && ep.ID != api.Usage && !(ep.Body && h.queue.Gates()) {
 		if wait, exhausted := x.upstreamExhausted(""); exhausted {
 			return x.refuseClient(api.UpstreamExhausted("", api.RetrySeconds(wait)))
 		}
@@ -143,7 +144,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 			r.Body = http.NoBody // it replays storage that goes back to the pool
 			body.Release()
 		}()
-		if refused, err := x.policeAndReserve(ep, body.Bytes()); refused {
+		if refused, err := x.policeAndReserve(ep, &body); refused {
 			return err
 		}
 	}
@@ -157,9 +158,9 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 // policeAndReserve applies the caller's policy to a request's body and
 // reserves what it may cost; when it refused the request, its refusal is
 // answered and err is ServeHTTP's.
-func (x *exchange) policeAndReserve(ep *api.Endpoint, body []byte) (refused bool, err error) {
+func (x *exchange) policeAndReserve(ep *api.Endpoint, body *proxy.Body) (refused bool, err error) {
 	h, r := x.h, x.r
-	info, reserve, apiErr := h.policy.Police(r, ep, x.policy, body, x.call)
+	info, reserve, apiErr := h.policy.Police(r, ep, x.policy, body.Bytes(), x.call)
 	x.info = info
 	if apiErr != nil {
 		if apiErr.Code == api.CodeRequestTooLarge {
@@ -178,7 +179,7 @@ func (x *exchange) policeAndReserve(ep *api.Endpoint, body []byte) (refused bool
 		return true, x.refuseDecided(f)
 	}
 	// Last, holding what it reserved: the upstream's capacity, in turn.
-	if f := x.waitUpstream(); f != nil {
+	if f := x.waitUpstream(body); f != nil {
 		return true, x.refuseDecided(f)
 	}
 	return false, nil

@@ -38,6 +38,12 @@ type QueueConfig struct {
 	// Limits: none, and the queue only waits for callers' own slots.
 	Account string
 	Limits  *limiter.Limits
+	// Exhausted, when set, is the upstream's own word that it takes no
+	// request now (every server key spent), and for how long: the
+	// capacity the proxy learned, which the queue waits out in order as
+	// it waits for the upstream_limits. A call that answers false may
+	// have been let through as the upstream's probe, and must be sent.
+	Exhausted func(ctx context.Context, now time.Time) (time.Duration, bool)
 	// Length bounds the waiters of the site; PerCaller those of one
 	// caller, unless its tier sets its own.
 	Length, PerCaller int
@@ -110,10 +116,10 @@ func NewQueue(cfg QueueConfig) *Queue {
 	}
 }
 
-// Start runs the dispatcher until Stop; a queue without upstream_limits
-// needs none.
+// Start runs the dispatcher until Stop; a queue that gates nothing of
+// the upstream's needs none.
 func (q *Queue) Start() {
-	if q.cfg.Limits == nil {
+	if !q.Gates() {
 		close(q.done)
 		return
 	}
@@ -128,8 +134,35 @@ func (q *Queue) Stop() {
 	<-q.done
 }
 
-// Limited reports whether the queue gates the upstream (upstream_limits).
-func (q *Queue) Limited() bool { return q.cfg.Limits != nil }
+// Gates reports whether the queue gates the upstream: its
+// upstream_limits, or its learned capacity.
+// A nil queue gates nothing.
+func (q *Queue) Gates() bool { return q != nil && (q.cfg.Limits != nil || q.cfg.Exhausted != nil) }
+
+// take asks for the upstream's capacity for a request reserving
+// reserve tokens at now: the upstream's own word first, then the
+// upstream_limits. Not now, it says how long until it may be: exhausted
+// when the upstream's word stopped it.
+func (q *Queue) take(ctx context.Context, reserve int64, now time.Time) (lease limiter.Lease, retry time.Duration, exhausted bool, f *Refusal) {
+	if q.cfg.Exhausted != nil {
+		if wait, ex := q.cfg.Exhausted(ctx, now); ex {
+			return lease, max(wait, time.Millisecond), true, nil
+		}
+	}
+	if q.cfg.Limits == nil {
+		return lease, 0, false, nil
+	}
+	d, err := q.cfg.Limiter.Admit(ctx, q.cfg.Account, q.cfg.Limits, reserve, now)
+	switch {
+	case err != nil:
+		return lease, 0, false, q.unavailable(err)
+	case d.Reason == limiter.TooLarge:
+		return lease, 0, false, &Refusal{Err: errUpstreamTooLarge()}
+	case d.Reason != limiter.Admitted:
+		return lease, max(d.RetryAfter, time.Millisecond), false, nil
+	}
+	return d.Lease, 0, false, nil
+}
 
 // tierOf returns how the tier named tier queues.
 func (q *Queue) tierOf(tier string) TierQueue {
@@ -146,14 +179,24 @@ func (q *Queue) tierOf(tier string) TierQueue {
 // MaxWait is how long a request of tier may wait; 0 for none.
 func (q *Queue) MaxWait(tier string) time.Duration { return q.tierOf(tier).MaxWait }
 
-// Upstream admits a request of caller in tier on the upstream's
-// account, reserving its tokens, waiting (what is left of max_wait
-// after spent) for its turn when the account
-// is full or others wait. It returns the lease to settle (Admission's
-// JoinUpstream), how long it waited, or the refusal when it may not
-// wait or waited in vain. A request whose context ends while it waits
-// leaves its place at once.
-func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64, spent time.Duration) (limiter.Lease, time.Duration, *Refusal) {
+// A Turn is a request asking for the upstream's capacity.
+type Turn struct {
+	Tier, Caller string
+	Reserve      int64         // its tokens reserved, taken on the upstream's account
+	Spent        time.Duration // of its max_wait, what it waited already
+	// Waiting, when set, is called once before the request queues: a
+	// body it holds can then shrink to what it sends.
+	Waiting func()
+}
+
+// Upstream admits a request on the upstream's account, reserving its
+// tokens, waiting (what is left of max_wait after t.Spent) for its turn
+// when the account is full, the upstream's word stops it, or others
+// wait. It returns the lease to settle (Admission's JoinUpstream), how
+// long it waited, or the refusal when it may not wait or waited in vain.
+// A request whose context ends while it waits leaves its place at once.
+func (q *Queue) Upstream(ctx context.Context, t Turn) (limiter.Lease, time.Duration, *Refusal) {
+	tier, caller, reserve, spent := t.Tier, t.Caller, t.Reserve, t.Spent
 	cfg := q.tierOf(tier)
 	if cfg.MaxWait > 0 {
 		// What is left of its wait: it waited already for its own slot,
@@ -165,29 +208,33 @@ func (q *Queue) Upstream(ctx context.Context, tier, caller string, reserve int64
 	empty := q.order.n == 0
 	q.mu.Unlock()
 	var retry time.Duration
+	exhausted := false
 	if empty {
-		// The fast path: nothing queued, one Admit. A newcomer queued
+		// The fast path: nothing queued, one question. A newcomer queued
 		// meanwhile may be passed by this one: the order is exact
 		// between waiters, not to the microsecond at its door.
-		d, err := q.cfg.Limiter.Admit(ctx, q.cfg.Account, q.cfg.Limits, reserve, start)
-		if err != nil {
-			return limiter.Lease{}, 0, q.unavailable(err)
+		lease, wait, ex, f := q.take(ctx, reserve, start)
+		if f != nil {
+			return limiter.Lease{}, 0, f
 		}
-		switch d.Reason {
-		case limiter.Admitted:
+		if wait == 0 {
 			q.mu.Lock()
 			q.rate.note(start)
 			q.mu.Unlock()
-			return d.Lease, 0, nil
-		case limiter.TooLarge:
-			return limiter.Lease{}, 0, &Refusal{Err: errUpstreamTooLarge()}
+			return lease, 0, nil
 		}
-		retry = d.RetryAfter
+		retry, exhausted = wait, ex
 	}
 	if cfg.MaxWait <= 0 {
+		if exhausted {
+			return limiter.Lease{}, 0, &Refusal{Err: api.UpstreamExhausted("", api.RetrySeconds(retry))}
+		}
 		return limiter.Lease{}, 0, &Refusal{Err: errUpstreamBusy(max(retry, q.promise(tier, caller, cfg, start)))}
 	}
 
+	if t.Waiting != nil {
+		t.Waiting()
+	}
 	w := &waiter{reserve: reserve, ready: make(chan struct{}, 1), tier: tier}
 	q.mu.Lock()
 	if f := q.refuseEarly(tier, caller, cfg, start); f != nil {
@@ -367,28 +414,26 @@ func (q *Queue) Dispatch() time.Duration {
 			return 0
 		}
 		now := q.cfg.Now()
-		d, err := q.cfg.Limiter.Admit(ctx, q.cfg.Account, q.cfg.Limits, w.reserve, now)
-		q.mu.Lock()
-		switch {
-		case err != nil:
-			w.refusal = q.unavailable(err)
-		case d.Reason == limiter.TooLarge:
-			w.refusal = &Refusal{Err: errUpstreamTooLarge()}
-		case d.Reason != limiter.Admitted:
-			q.mu.Unlock()
-			return min(max(d.RetryAfter, time.Millisecond), QueuePoll)
+		lease, retry, exhausted, f := q.take(ctx, w.reserve, now)
+		if retry > 0 {
+			if exhausted {
+				return retry // the upstream's word: nothing frees it sooner
+			}
+			return min(retry, QueuePoll)
 		}
+		q.mu.Lock()
+		w.refusal = f
 		if w.state != waiting {
 			// It left while the limiter decided: its capacity goes back.
 			q.mu.Unlock()
-			if err == nil && w.refusal == nil {
-				q.settle(d.Lease, 0)
+			if f == nil {
+				q.settle(lease, 0)
 			}
 			continue
 		}
 		q.order.dispatch(w)
 		w.state = granted
-		w.lease = d.Lease
+		w.lease = lease
 		if w.refusal == nil {
 			q.rate.note(now)
 		}
@@ -412,6 +457,9 @@ func (q *Queue) Settle(ctx context.Context, lease limiter.Lease, used int64) {
 }
 
 func (q *Queue) settle(lease limiter.Lease, used int64) {
+	if q.cfg.Limits == nil {
+		return // only the upstream's word gates: nothing was taken
+	}
 	if d, ok := q.cfg.Limiter.(limiter.DeferredSettler); ok {
 		d.SettleDeferred(q.cfg.Account, q.cfg.Limits, lease, used, time.Now())
 		return

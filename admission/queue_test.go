@@ -160,7 +160,7 @@ func wait(t *testing.T, q *Queue, ctx context.Context, name, caller string, n in
 	t.Helper()
 	out := make(chan result, 1)
 	go func() {
-		lease, _, f := q.Upstream(ctx, "free", caller, 0, 0)
+		lease, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: caller})
 		out <- result{name, lease, f}
 	}()
 	for q.queued() != n {
@@ -180,7 +180,7 @@ func (q *Queue) queued() int {
 func TestQueueCancelledWaiterLeaves(t *testing.T) {
 	q, _ := testQueue(t, time.Hour, 10, 10)
 	ctx := context.Background()
-	first, _, f := q.Upstream(ctx, "free", "a", 0, 0)
+	first, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "a"})
 	if f != nil {
 		t.Fatalf("the first request, on an idle queue: %v", f.Err)
 	}
@@ -213,7 +213,7 @@ func TestQueueCancelledWaiterLeaves(t *testing.T) {
 func TestQueueNoJumping(t *testing.T) {
 	q, _ := testQueue(t, time.Hour, 10, 10)
 	ctx := context.Background()
-	first, _, _ := q.Upstream(ctx, "free", "a", 0, 0)
+	first, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "a"})
 	b := wait(t, q, ctx, "b", "b", 1)
 	q.Settle(ctx, first, 0)
 	c := wait(t, q, ctx, "c", "c", 2)
@@ -238,22 +238,22 @@ func TestQueueFullRetryAfterHonest(t *testing.T) {
 	ctx := context.Background()
 	// Measure: one dispatch every 2 s.
 	for range 5 {
-		lease, _, f := q.Upstream(ctx, "free", "m", 0, 0)
+		lease, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 		if f != nil {
 			t.Fatal(f.Err)
 		}
 		q.Settle(ctx, lease, 0)
 		clk.step(2 * time.Second)
 	}
-	hold, _, _ := q.Upstream(ctx, "free", "m", 0, 0)
+	hold, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 	wait(t, q, ctx, "a1", "a", 1)
 	wait(t, q, ctx, "a2", "a", 2)
-	if _, _, f := q.Upstream(ctx, "free", "a", 0, 0); f == nil || f.Err.Code != "queue_full" {
+	if _, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "a"}); f == nil || f.Err.Code != "queue_full" {
 		t.Errorf("a third place for a caller of per_caller 2: %+v, want queue_full", f)
 	}
 	wait(t, q, ctx, "b1", "b", 3)
 	wait(t, q, ctx, "b2", "b", 4)
-	_, _, f := q.Upstream(ctx, "free", "c", 0, 0)
+	_, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "c"})
 	if f == nil || f.Err.Code != "queue_full" {
 		t.Fatalf("a fifth in a queue of length 4: %+v, want queue_full", f)
 	}
@@ -271,14 +271,14 @@ func TestQueueRefusesWhatItCannotKeep(t *testing.T) {
 	q, clk := testQueue(t, 5*time.Second, 100, 100)
 	ctx := context.Background()
 	for range 5 {
-		lease, _, _ := q.Upstream(ctx, "free", "m", 0, 0)
+		lease, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 		q.Settle(ctx, lease, 0)
 		clk.step(2 * time.Second)
 	}
-	hold, _, _ := q.Upstream(ctx, "free", "m", 0, 0)
+	hold, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 	wait(t, q, ctx, "a", "a", 1)
 	wait(t, q, ctx, "b", "b", 2) // its turn: 2 turns, 4 s
-	_, _, f := q.Upstream(ctx, "free", "c", 0, 0)
+	_, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "c"})
 	if f == nil || f.Err.Code != "queue_timeout" || f.Err.RetryAfter != 6 {
 		t.Fatalf("a third, 6 s away with max_wait 5s: %+v, want queue_timeout with Retry-After 6", f)
 	}
@@ -297,14 +297,14 @@ func TestQueueLightCallerBehindAHeavyOne(t *testing.T) {
 	q, clk := testQueue(t, 5*time.Second, 100, 100)
 	ctx := context.Background()
 	for range 5 {
-		lease, _, _ := q.Upstream(ctx, "free", "m", 0, 0)
+		lease, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 		q.Settle(ctx, lease, 0)
 		clk.step(2 * time.Second)
 	}
-	hold, _, _ := q.Upstream(ctx, "free", "m", 0, 0)
+	hold, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 	h1 := wait(t, q, ctx, "h1", "heavy", 1)
 	h2 := wait(t, q, ctx, "h2", "heavy", 2)
-	if _, _, f := q.Upstream(ctx, "free", "heavy", 0, 0); f == nil || f.Err.Code != "queue_timeout" {
+	if _, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "heavy"}); f == nil || f.Err.Code != "queue_timeout" {
 		t.Fatalf("the heavy caller's third, 6 s away with max_wait 5s: %+v, want queue_timeout", f)
 	}
 	l1 := wait(t, q, ctx, "l1", "light", 3) // after h1: 2 turns, 4 s
@@ -353,7 +353,7 @@ func TestQueueStopServesItsWaiters(t *testing.T) {
 	q, _ := testQueue(t, time.Hour, 10, 10)
 	q.Start()
 	ctx := context.Background()
-	hold, _, _ := q.Upstream(ctx, "free", "a", 0, 0)
+	hold, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "a"})
 	b := wait(t, q, ctx, "b", "b", 1)
 	stopped := make(chan struct{})
 	go func() { q.Stop(); close(stopped) }()
