@@ -202,6 +202,32 @@ func (b *Body) Release() {
 	b.buf, b.held, b.who = nil, 0, Holder{}
 }
 
+// Compact makes a body that is to wait hold no more than the bytes it
+// sends: c.Body (the body read, or policy's rewrite of it) moves into
+// storage of its own length when it is the pooled buffer's, the buffer
+// goes back to its pool, and the budgets count len(c.Body) in place of
+// the buffer's capacity. A queue of small requests then holds what they
+// are, not a first chunk each. r.Body replays c.Body.
+func (b *Body) Compact(r *http.Request, c *Call) {
+	if b.buf == nil || int64(len(c.Body)) >= b.held {
+		return
+	}
+	own := c.Body
+	if data := b.buf.data; len(own) > 0 && len(data) > 0 && &own[0] == &data[0] {
+		own = bytes.Clone(own)
+		c.Body = own
+		r.Body = io.NopCloser(bytes.NewReader(own))
+	}
+	give := b.held - int64(len(own))
+	buffered.Add(-give)
+	if s := b.who.Share; s != nil {
+		s.release(b.who.Caller, give)
+	}
+	b.held -= give
+	putBuf(b.buf)
+	b.buf = &bodyBuf{} // not pooled: its capacity is no class
+}
+
 // grow makes room for more bytes, doubling the buffer up to the body's
 // size limit, if the budgets have room for the new capacity.
 func (b *Body) grow(lim *BodyLimits) *api.Error {

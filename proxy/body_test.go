@@ -253,3 +253,40 @@ func BenchmarkReadBody(b *testing.B) {
 type replay struct{ bytes.Reader }
 
 func (*replay) Close() error { return nil }
+
+// TestCompactBody checks that a body about to wait holds what it sends,
+// not its pooled buffer: the budgets count its length, the request
+// replays the same bytes, and Release gives back exactly what is held.
+func TestCompactBody(t *testing.T) {
+	lim := &BodyLimits{Size: 64 << 10, MaxBuffered: 1 << 20}
+	share := NewCallers().Share(512<<10, 128<<10)
+	for _, rewritten := range []bool{false, true} {
+		const sent = `{"model":"m","messages":[]}`
+		r := httptest.NewRequest("POST", "/", strings.NewReader(sent))
+		body, apiErr := ReadBody(httptest.NewRecorder(), r, lim, Holder{Share: share, Caller: "a"})
+		if apiErr != nil {
+			t.Fatal(apiErr.Code)
+		}
+		c := &Call{Body: body.Bytes()}
+		want := sent
+		if rewritten { // policy's rewrite, as a cap injected
+			want = `{"model":"m","messages":[],"max_tokens":16}`
+			c.Body = []byte(want)
+			r.Body = io.NopCloser(strings.NewReader(want))
+		}
+		if held := BufferedBytes(); held != firstBodyChunk {
+			t.Fatalf("held %d before, want the first chunk", held)
+		}
+		body.Compact(r, c)
+		if held, shared := BufferedBytes(), share.Held(); held != int64(len(want)) || shared != held {
+			t.Errorf("rewritten %v: held %d, the share %d; want %d", rewritten, held, shared, len(want))
+		}
+		if got, _ := io.ReadAll(r.Body); string(got) != want || string(c.Body) != want {
+			t.Errorf("rewritten %v: replays %q, the call sends %q; want %q", rewritten, got, c.Body, want)
+		}
+		body.Release()
+		if held, shared := BufferedBytes(), share.Held(); held != 0 || shared != 0 {
+			t.Errorf("rewritten %v: after Release, %d held, %d of the share", rewritten, held, shared)
+		}
+	}
+}
