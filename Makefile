@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run standin test build deps test-deps clean bench soak fuzz
+.PHONY: run standin test build deps test-deps clean bench bench-scarce soak fuzz
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -65,7 +65,9 @@ fuzz:
 
 ## bench: load benchmarks of the proxy against plain Caddy and the
 ## upstream alone, and the hot paths' micro-benchmarks (redis-server for
-## the Redis ones), on loopback; writes BENCHMARKS.md (about 10 minutes).
+## the Redis ones), on loopback, then the scenarios of a saturated
+## upstream (the queue's shares, upstream_limits, a pool of server keys
+## with one revoked); writes BENCHMARKS.md (about 12 minutes).
 ## BASELINE=path/to/caddy measures another build of the module (an
 ## earlier commit's) beside this one, in the same rounds.
 BASELINE ?=
@@ -78,6 +80,11 @@ bench: build test-deps
 ## to the baseline; writes its section of BENCHMARKS.md (about 1.5 minutes).
 soak: build
 	$(GO) run ./bench -caddy ./caddy -soak -soak-duration 60s -out BENCHMARKS.md
+
+## bench-scarce: only the scenarios of a saturated upstream; rewrites
+## their section of BENCHMARKS.md (about 2 minutes).
+bench-scarce: build test-deps
+	$(GO) run ./bench -caddy ./caddy -scarce-only -out BENCHMARKS.md
 
 ## build: ./caddy with this module, built by xcaddy from xcaddy.json.
 build: caddy

@@ -43,6 +43,8 @@ type config struct {
 	micro      bool          // run the micro-benchmarks
 	pin        bool          // each Caddy on a CPU of its own during the load
 	only       string        // comma-separated workloads to measure; empty: all
+	scarce     bool          // run the scenarios of a saturated upstream after the load (scarce.go)
+	scarceOnly bool          // run only those, rewriting their section of the report
 
 	soak           bool          // run the soak test instead of the benchmark
 	soakDuration   time.Duration // of the soak's mixed load
@@ -65,6 +67,8 @@ func main() {
 	flag.DurationVar(&cfg.profile, "profile", 10*time.Second, "CPU profile of the module under the chat workload; 0 for none")
 	flag.BoolVar(&cfg.micro, "micro", true, "run the micro-benchmarks of the hot paths")
 	flag.StringVar(&cfg.only, "only", "", "measure only these workloads, comma-separated (chat-1, chat, chat-jwt, models, mix, stream), to study one; the goals of the others are then not judged")
+	flag.BoolVar(&cfg.scarce, "scarce", true, "after the load, the scenarios of a saturated upstream: shares of the queue by weight and between callers, upstream_limits, a pool of server keys with one revoked, memory with many requests queued")
+	flag.BoolVar(&cfg.scarceOnly, "scarce-only", false, "run only the scenarios of a saturated upstream, rewriting their section of the report")
 	flag.BoolVar(&cfg.pin, "pin", true, "during the load, run each Caddy on the last CPU and the harness on the others (taskset; 2 CPUs or more)")
 	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
 	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")
@@ -82,9 +86,12 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	var err error
-	if cfg.soak {
+	switch {
+	case cfg.soak:
 		err = soak(ctx, cfg)
-	} else {
+	case cfg.scarceOnly:
+		err = scarceOnly(ctx, cfg)
+	default:
 		err = run(ctx, cfg)
 	}
 	stop()
@@ -134,10 +141,18 @@ func run(ctx context.Context, cfg config) error {
 		return err
 	}
 	rep.elapsed = time.Since(began)
-	if err := writeKeepingSoak(cfg.out, rep.markdown()); err != nil {
+	doc := rep.markdown()
+	if cfg.scarce {
+		s, err := runScarce(ctx, cfg)
+		if err != nil {
+			return fmt.Errorf("the scenarios of a saturated upstream: %w", err)
+		}
+		doc = append(append(doc, '\n'), s.markdown()...)
+	}
+	if err := writeKeepingSoak(cfg.out, doc); err != nil {
 		return err
 	}
-	fmt.Printf("bench: wrote %s in %v\n", cfg.out, rep.elapsed.Round(time.Second))
+	fmt.Printf("bench: wrote %s in %v\n", cfg.out, time.Since(began).Round(time.Second))
 	return nil
 }
 

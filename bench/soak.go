@@ -106,7 +106,7 @@ func soak(ctx context.Context, cfg config) error {
 	fmt.Printf("soak: maximum %.0f small chats/s at %d connections; %d/s paced and %d streams for %v\n",
 		s.maxRate, cfg.conns, s.rate, cfg.soakStreams, cfg.soakDuration)
 	adm := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	closeIdle(inst, up)
+	closeIdle(inst, up.srv)
 	time.Sleep(time.Second) // for the connections' goroutines to end
 	if s.base, err = inst.caddy.figures(ctx, adm); err != nil {
 		return err
@@ -119,7 +119,7 @@ func soak(ctx context.Context, cfg config) error {
 	if err := s.load(ctx, inst, adm); err != nil {
 		return err
 	}
-	if s.after, err = drain(ctx, inst, up, adm, s.base); err != nil {
+	if s.after, err = drain(ctx, inst, func() { closeIdle(inst, up.srv) }, adm, s.base); err != nil {
 		return err
 	}
 	if s.afterHeap, err = liveHeap(ctx, adm, inst.caddy.adminURL); err != nil {
@@ -135,7 +135,7 @@ func soak(ctx context.Context, cfg config) error {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	if err := os.WriteFile(cfg.out, withSoakSection(old, section), 0o644); err != nil {
+	if err := os.WriteFile(cfg.out, withSection(old, section, soakBegin, soakEnd), 0o644); err != nil {
 		return err
 	}
 	fmt.Printf("soak: wrote its section of %s\n", cfg.out)
@@ -276,19 +276,19 @@ func (l *errorLog) count() int {
 // closeIdle closes the idle connections on both sides of the proxy, the
 // harness's to it and its own to the upstream, so that the proxy's counts
 // hold what it keeps by itself, not its connection pools.
-func closeIdle(inst *instance, up *upstream) {
+func closeIdle(inst *instance, upstream *http.Server) {
 	inst.client.CloseIdleConnections()
-	up.srv.SetKeepAlivesEnabled(false) // closes the idle connections
-	up.srv.SetKeepAlivesEnabled(true)
+	upstream.SetKeepAlivesEnabled(false) // closes the idle connections
+	upstream.SetKeepAlivesEnabled(true)
 }
 
 // drain closes the idle connections after the load and polls the proxy
 // until its goroutines and open files are back within the slack of base,
 // or soakDrain has passed. It returns the last figures.
-func drain(ctx context.Context, inst *instance, up *upstream, adm *http.Client, base procFigures) (procFigures, error) {
+func drain(ctx context.Context, inst *instance, closeIdle func(), adm *http.Client, base procFigures) (procFigures, error) {
 	deadline := time.Now().Add(soakDrain)
 	for {
-		closeIdle(inst, up)
+		closeIdle()
 		f, err := inst.caddy.figures(ctx, adm)
 		if err != nil || f.backTo(base) || time.Now().After(deadline) {
 			return f, err
@@ -500,36 +500,6 @@ allowance, or %v after the load.
 	return b.Bytes()
 }
 
-// soakSection returns where doc's soak section is, markers and the
-// newline after them included, and whether it has one.
-func soakSection(doc []byte) (begin, end int, ok bool) {
-	begin = bytes.Index(doc, []byte(soakBegin))
-	if begin < 0 {
-		return 0, 0, false
-	}
-	n := bytes.Index(doc[begin:], []byte(soakEnd))
-	if n < 0 {
-		return 0, 0, false
-	}
-	end = begin + n + len(soakEnd)
-	if end < len(doc) && doc[end] == '\n' {
-		end++
-	}
-	return begin, end, true
-}
-
-// withSoakSection returns doc with its soak section replaced by section,
-// or with section appended when doc has none.
-func withSoakSection(doc, section []byte) []byte {
-	if begin, end, ok := soakSection(doc); ok {
-		return slices.Concat(doc[:begin], section, doc[end:])
-	}
-	if len(doc) == 0 {
-		return section
-	}
-	return slices.Concat(doc, []byte("\n"), section)
-}
-
 // writeKeepingSoak writes the benchmark's report to path, keeping the
 // soak section of the report it replaces.
 func writeKeepingSoak(path string, report []byte) error {
@@ -537,8 +507,8 @@ func writeKeepingSoak(path string, report []byte) error {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	if begin, end, ok := soakSection(old); ok {
-		report = withSoakSection(report, old[begin:end])
+	if begin, end, ok := findSection(old, soakBegin, soakEnd); ok {
+		report = withSection(report, old[begin:end], soakBegin, soakEnd)
 	}
 	return os.WriteFile(path, report, 0o644)
 }

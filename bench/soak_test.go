@@ -22,7 +22,7 @@ func TestWithSoakSection(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := string(withSoakSection([]byte(tc.doc), []byte(fresh))); got != tc.want {
+			if got := string(withSection([]byte(tc.doc), []byte(fresh), soakBegin, soakEnd)); got != tc.want {
 				t.Errorf("got\n%q\nwant\n%q", got, tc.want)
 			}
 		})

@@ -269,7 +269,7 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 	if data.AdminPort, err = freePort(); err != nil {
 		return nil, err
 	}
-	if inst.keys, data.Store, err = clientKeys(ctx, t.store, data); err != nil {
+	if inst.keys, data.Store, err = clientKeys(ctx, t.store, data, eachKey); err != nil {
 		return nil, err
 	}
 	inst.keys[signedIn] = []string{up.issuer.token}
@@ -301,8 +301,9 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 
 // clientKeys creates the client keys of every tier in the store that the
 // template spec names, and returns them with the store's Caddyfile form.
-// Without a store, the keys are new secrets that no store holds.
-func clientKeys(ctx context.Context, spec string, data siteData) (map[string][]string, string, error) {
+// Without a store, the keys are new secrets that no store holds. each
+// names the keys to create, as eachKey does.
+func clientKeys(ctx context.Context, spec string, data siteData, each func(f func(tier string, i int) error) error) (map[string][]string, string, error) {
 	if spec == "" {
 		keys, err := newSecrets()
 		return keys, "", err
@@ -323,7 +324,7 @@ func clientKeys(ctx context.Context, spec string, data siteData) (map[string][]s
 		return nil, "", fmt.Errorf("opening the key store: %w", err)
 	}
 	secrets := make(map[string][]string)
-	err = eachKey(func(tier string, i int) error {
+	err = each(func(tier string, i int) error {
 		_, secret, err := keys.Create(ctx, svc.Store(), keys.Attrs{Name: fmt.Sprintf("bench-%s-%d", tier, i), Tier: tier}, time.Now())
 		secrets[tier] = append(secrets[tier], secret)
 		return err
@@ -371,7 +372,7 @@ func sameKey(key string) map[string][]string {
 }
 
 // render fills the template text with data.
-func render(text string, data siteData) (string, error) {
+func render(text string, data any) (string, error) {
 	tmpl, err := template.New("").Option("missingkey=error").Parse(text)
 	if err != nil {
 		return "", err
