@@ -473,12 +473,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.APIKeys != nil {
 		probeEvery = time.Duration(h.APIKeys.ProbeEvery)
 	}
+	var spent func(time.Time) // a queue learns its pace from the upstream's word
+	if h.queue.Gates() {
+		spent = h.queue.Spent
+	}
 	if h.upstream, err = proxy.New(ctx, proxy.Config{
 		URL:             h.Upstream,
 		Keys:            serverKeys,
 		MatchModel:      policy.MatchModel,
 		ProbeEvery:      probeEvery,
 		KeyState:        keyStateTold(ctx, h.logger),
+		Spent:           spent,
 		HeaderTimeout:   time.Duration(h.HeaderTimeout),
 		IdleTimeout:     time.Duration(h.IdleTimeout),
 		Retries:         *h.Retries,

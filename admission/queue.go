@@ -75,6 +75,7 @@ type Queue struct {
 	own   map[string]*ownWait // callers waiting for their own slots
 	ownN  int
 	rate  dispatchRate
+	pace  pace // learned from the upstream's word, when it gates (Exhausted)
 }
 
 // ownWait is the callers' waiters for their own concurrency slots: no
@@ -134,6 +135,18 @@ func (q *Queue) Stop() {
 	<-q.done
 }
 
+// Spent tells the queue that the upstream said at now that a server key
+// is spent: its learned pace is cut (pace).
+func (q *Queue) Spent(now time.Time) { q.pace.spent(now) }
+
+// Answered tells the queue that the upstream answered a request it let
+// through with success at now, which the learned pace counts.
+func (q *Queue) Answered(now time.Time) {
+	if q.cfg.Exhausted != nil {
+		q.pace.answered(now)
+	}
+}
+
 // Gates reports whether the queue gates the upstream: its
 // upstream_limits, or its learned capacity.
 // A nil queue gates nothing.
@@ -147,6 +160,9 @@ func (q *Queue) take(ctx context.Context, reserve int64, now time.Time) (lease l
 	if q.cfg.Exhausted != nil {
 		if wait, ex := q.cfg.Exhausted(ctx, now); ex {
 			return lease, max(wait, time.Millisecond), true, nil
+		}
+		if wait := q.pace.take(now); wait > 0 {
+			return lease, wait, false, nil
 		}
 	}
 	if q.cfg.Limits == nil {

@@ -209,6 +209,8 @@ type exhaustion struct {
 	key        scope
 	shared     SharedExhaustion // nil: this instance alone
 	logger     *zap.Logger
+	// spent, when set, is told when the key as a whole is newly locked.
+	spent func(now time.Time)
 	// fleetDown, when set, is told at each fetch whether the fleet holds
 	// the key refused (DownScope).
 	fleetDown func(down bool, now time.Time)
@@ -265,7 +267,9 @@ func (e *exhaustion) lock(model string, claim, now time.Time) {
 	w := ScopeWord{Scope: KeyScope, Until: until, Noted: now, Probe: claim.After(until)}
 	var changed bool
 	if model == "" {
-		changed = e.key.note(w)
+		if changed = e.key.note(w); changed && e.spent != nil {
+			e.spent(now)
+		}
 	} else {
 		id := modelScope(model)
 		w.Scope = hex.EncodeToString(id[:])

@@ -179,6 +179,7 @@ func newPool(url string, keys []ServerKey, cfg *Config, logger *zap.Logger) (*po
 			models:        k.Models,
 			exhausted:     newExhaustion(cfg.Lockout, shared, logger),
 		}
+		pk.exhausted.spent = cfg.Spent
 		if shared != nil {
 			pk.exhausted.fleetDown = func(down bool, now time.Time) { p.fleetSaid(pk, down, now) }
 		}

@@ -42,6 +42,11 @@ type Config struct {
 	// KeyState, when set, is told of every key taken out of the pool or
 	// returned to it.
 	KeyState KeyState
+	// Spent, when set, is told each time the upstream's answer newly
+	// says that a server key as a whole is spent (a 429 about the key,
+	// or none left of its count until a reset): the queue learns its
+	// pace from it.
+	Spent func(now time.Time)
 	// SharedFor, when set, gives each key's fleet-wide exhaustion by its
 	// Fingerprint, in place of Shared.
 	SharedFor func(fingerprint string) SharedExhaustion

@@ -357,3 +357,85 @@ func TestQueueJSONConfigIsChecked(t *testing.T) {
 		}
 	}
 }
+
+// Without upstream_limits, the queue learns the upstream's pace from its
+// word: once a burst met the stand-in's 429s, the queue sends at most
+// what the stand-in served, so that two tiers kept backlogged get their
+// weights' shares of it in order, and the stand-in refuses (nearly)
+// nothing more. Before the pace, the queue held its waiters only while
+// the key was locked, then let them all go at once: the rush spent the
+// key again, and the shares were those of the demand.
+func TestQueueLearnsTheUpstreamsPace(t *testing.T) {
+	e := startQueued(t, standin.Enforce{Requests: 10, Window: time.Second}, nil, "queue 20s",
+		"tier gold {\n\t\t\tweight 3\n\t\t}", "tier basic {\n\t\t\tweight 1\n\t\t}")
+	_, pro := e.addKey(t, "gold")
+	_, free := e.addKey(t, "basic")
+	e.waitKeysKnown(t)
+
+	// A burst the stand-in cannot take: the queue learns from its 429s.
+	var wg sync.WaitGroup
+	for range 30 {
+		wg.Go(func() {
+			if res, err := rawChat(t.Context(), e, free, "vigthoria-fast-1", false); err == nil {
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+			}
+		})
+	}
+	wg.Wait()
+	if e.upstream.Refused429() == 0 {
+		t.Fatal("the burst met no 429 of the stand-in: nothing to learn from")
+	}
+	time.Sleep(1500 * time.Millisecond) // the key's lockout ends
+	before := e.upstream.Refused429()
+
+	// Both tiers backlogged: eight callers' workers each, back to back.
+	const total = 60
+	var (
+		mu       sync.Mutex
+		answered = map[string]int{}
+		other    []string
+	)
+	for _, c := range []struct{ tier, key string }{{"pro", pro}, {"free", free}} {
+		for range 8 {
+			wg.Go(func() {
+				for {
+					mu.Lock()
+					done := answered["pro"]+answered["free"]+len(other) >= total
+					mu.Unlock()
+					if done {
+						return
+					}
+					res, err := rawChat(t.Context(), e, c.key, "vigthoria-fast-1", false)
+					mu.Lock()
+					switch {
+					case err != nil:
+						other = append(other, err.Error())
+					case res.StatusCode == http.StatusOK:
+						answered[c.tier]++
+					default:
+						b, _ := io.ReadAll(res.Body)
+						other = append(other, res.Status+" "+string(b))
+					}
+					mu.Unlock()
+					if res != nil {
+						io.Copy(io.Discard, res.Body)
+						res.Body.Close()
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	if len(other) > 0 {
+		t.Errorf("%d answers were not 200, first: %s", len(other), other[0])
+	}
+	if n := e.upstream.Refused429() - before; n > 2 {
+		t.Errorf("the stand-in refused %d more requests with 429 once the pace was learned; want at most 2", n)
+	}
+	ratio := float64(answered["pro"]) / float64(max(answered["free"], 1))
+	if ratio < 2 || ratio > 4.5 {
+		t.Errorf("pro %d, free %d answered: ratio %.2f, want about 3 (weights 3 and 1)", answered["pro"], answered["free"], ratio)
+	}
+	t.Logf("pro %d, free %d; the stand-in's 429s: %d in the burst, %d after", answered["pro"], answered["free"], before, e.upstream.Refused429()-before)
+}
