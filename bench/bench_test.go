@@ -1,6 +1,7 @@
 package main
 
 import (
+	"strings"
 	"testing"
 	"time"
 )
@@ -79,5 +80,12 @@ func TestParseCPUTime(t *testing.T) {
 	}
 	if _, err := parseCPUTime([]byte("4242 (caddy) S 1")); err == nil {
 		t.Error("a short line parsed")
+	}
+}
+
+// The target of the queue and the pool differs from the module's by them.
+func TestUpstreamFeaturesSite(t *testing.T) {
+	if !strings.Contains(upstreamFeaturesSite, "api_keys {") || strings.Contains(upstreamFeaturesSite, "api_key {env") {
+		t.Errorf("the site kept its one api_key:\n%s", upstreamFeaturesSite)
 	}
 }

@@ -85,6 +85,16 @@ var goals = []goal{
 		},
 	},
 	{
+		text: "The queue and a pool of server keys cost nothing measurable unsaturated: small chats at least 0.98× the module's without them (`" + chatWorkload + "` on `" + upstreamFeaturesName + "`)",
+		check: func(r *report) verdict {
+			v := roundsVerdict(r.results.pairs(chatWorkload, upstreamFeaturesName, moduleName, ratioOf, byRate), fmtRatio, func(x float64) bool { return x >= 0.98 })
+			if cpu, ok := r.results.ratio(chatWorkload, upstreamFeaturesName, moduleName, byCPU); ok {
+				v.figure += fmt.Sprintf("; CPU per request %s the module's", fmtRatio(cpu))
+			}
+			return v
+		},
+	},
+	{
 		text: "Added p50 latency under 100 µs: module p50 − plain Caddy p50 (`" + latencyWorkload + "`)",
 		check: func(r *report) verdict {
 			return r.judge(latencyWorkload, caddyName, diffOf, byP50, fmtDiff, func(d float64) bool { return d < float64(100*time.Microsecond) })

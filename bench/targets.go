@@ -46,7 +46,10 @@ const (
 	caddyName    = "caddy"
 	moduleName   = "vigthoria"
 	redisName    = "vigthoria-redis"
-	baselineName = "vigthoria-baseline"
+	// upstreamFeaturesName is the module with the queue, upstream_limits
+	// and a pool of three server keys, none of them saturated.
+	upstreamFeaturesName = "vigthoria-queue"
+	baselineName         = "vigthoria-baseline"
 )
 
 // targets are measured in this order in every round.
@@ -55,7 +58,22 @@ var targets = []target{
 	{name: caddyName, about: "plain Caddy: `reverse_proxy` with the server key set by `header_up`, what a user would do without this module", site: plainSite},
 	{name: moduleName, about: "this module with its default store, SQLite (in a temporary directory)", site: moduleSite, store: "sqlite:{{.Dir}}/vigthoria.db"},
 	{name: redisName, about: "this module with the Redis store: keys, limits and usage in a redis-server on loopback, as a fleet shares them", site: moduleSite, store: "{{.Redis}}"},
+	{name: upstreamFeaturesName, about: "this module with SQLite as `" + moduleName + "`, and a `queue`, `upstream_limits` the load never reaches, and a pool of three server keys: what they cost unsaturated", site: upstreamFeaturesSite, store: "sqlite:{{.Dir}}/vigthoria.db"},
 }
+
+// upstreamFeaturesSite is moduleSite with a pool of three server keys, a
+// queue and upstream_limits that the load never reaches.
+var upstreamFeaturesSite = strings.Replace(moduleSite, "\t\tapi_key {env.VIGTHORIA_API_KEY}\n", `		api_keys {
+			{env.VIGTHORIA_API_KEY}
+			{env.VIGTHORIA_KEY_B}
+			{env.VIGTHORIA_KEY_C} weight 2
+		}
+		queue 10s
+		upstream_limits {
+			requests 1000000000/1m
+			concurrent 100000
+		}
+`, 1)
 
 // baselineTarget is the module as another binary builds it, with the
 // default store, beside moduleName: a change's cost is the difference of
@@ -194,7 +212,7 @@ func startUpstream() (*upstream, error) {
 		issuer: iss,
 		// A budget the load never spends: the module rightly stops calling
 		// an upstream that says its key is exhausted.
-		Server: standin.New(standin.Options{APIKey: key, NoRecord: true, RateLimit: 1e12}),
+		Server: standin.New(standin.Options{APIKey: key, NoRecord: true, RateLimit: 1e12, Accounts: map[string][]string{key + "-b": nil, key + "-c": nil}}),
 		url:    "http://" + ln.Addr().String(),
 		key:    key,
 	}
@@ -280,6 +298,8 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 	inst.url = fmt.Sprintf("http://127.0.0.1:%d", data.Port)
 	env := []string{
 		"VIGTHORIA_API_KEY=" + up.key,
+		"VIGTHORIA_KEY_B=" + up.key + "-b",
+		"VIGTHORIA_KEY_C=" + up.key + "-c",
 		"XDG_DATA_HOME=" + filepath.Join(data.Dir, "data"),
 		"XDG_CONFIG_HOME=" + filepath.Join(data.Dir, "config"),
 	}
