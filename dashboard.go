@@ -1,6 +1,7 @@
 package vigthoria
 
 import (
+	"iter"
 	"slices"
 	"strings"
 	"time"
@@ -70,19 +71,33 @@ func (a *App) Policy(spec string) dashboard.Policy {
 	return nil
 }
 
+// collected yields the metrics that cs hold now.
+func collected(cs ...prometheus.Collector) iter.Seq[*dto.Metric] {
+	return func(yield func(*dto.Metric) bool) {
+		ch := make(chan prometheus.Metric, 64)
+		go func() {
+			for _, c := range cs {
+				c.Collect(ch)
+			}
+			close(ch)
+		}()
+		defer func() {
+			for range ch { // the collectors are done before it returns
+			}
+		}()
+		for m := range ch {
+			var d dto.Metric
+			if m.Write(&d) == nil && !yield(&d) {
+				return
+			}
+		}
+	}
+}
+
 // Counters implements dashboard.Source from the module's metrics.
 func (*App) Counters() dashboard.Counters {
 	c := dashboard.Counters{Refused: make(map[string]int64)}
-	ch := make(chan prometheus.Metric, 64)
-	go func() {
-		metrics.requests.Collect(ch)
-		close(ch)
-	}()
-	for m := range ch {
-		var d dto.Metric
-		if m.Write(&d) != nil {
-			continue
-		}
+	for d := range collected(metrics.requests) {
 		n := int64(d.GetCounter().GetValue())
 		c.Requests += n
 		for _, l := range d.GetLabel() {

@@ -11,7 +11,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
@@ -192,17 +191,7 @@ func (x *exchange) noteQueueWait(h http.Header) {
 // waiting now, and the requests that waited and their waits' sum in
 // seconds since the process started.
 func queueFigures() (queued, waited int64, wait float64) {
-	ch := make(chan prometheus.Metric, 64)
-	go func() {
-		queueMetrics.length.Collect(ch)
-		queueMetrics.wait.Collect(ch)
-		close(ch)
-	}()
-	for m := range ch {
-		var d dto.Metric
-		if m.Write(&d) != nil {
-			continue
-		}
+	for d := range collected(queueMetrics.length, queueMetrics.wait) {
 		if h := d.GetHistogram(); h != nil {
 			waited += int64(h.GetSampleCount())
 			wait += h.GetSampleSum()

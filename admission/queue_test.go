@@ -231,12 +231,11 @@ func TestQueueNoJumping(t *testing.T) {
 	}
 }
 
-// The bounds refuse at once with queue_full, and the Retry-After is
-// what the measured dispatch rate makes of the places before it.
-func TestQueueFullRetryAfterHonest(t *testing.T) {
-	q, clk := testQueue(t, time.Hour, 4, 2)
+// measured dispatches five requests 2 s apart, so that the queue
+// measures its pace, then holds its one slot with a sixth, returned.
+func measured(t *testing.T, q *Queue, clk *clock) limiter.Lease {
+	t.Helper()
 	ctx := context.Background()
-	// Measure: one dispatch every 2 s.
 	for range 5 {
 		lease, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 		if f != nil {
@@ -245,7 +244,20 @@ func TestQueueFullRetryAfterHonest(t *testing.T) {
 		q.Settle(ctx, lease, 0)
 		clk.step(2 * time.Second)
 	}
-	hold, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
+	hold, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
+	if f != nil {
+		t.Fatal(f.Err)
+	}
+	return hold
+}
+
+// The bounds refuse at once with queue_full, and the Retry-After is
+// what the measured dispatch rate makes of the places before it.
+func TestQueueFullRetryAfterHonest(t *testing.T) {
+	q, clk := testQueue(t, time.Hour, 4, 2)
+	ctx := context.Background()
+	// Measure: one dispatch every 2 s.
+	hold := measured(t, q, clk)
 	wait(t, q, ctx, "a1", "a", 1)
 	wait(t, q, ctx, "a2", "a", 2)
 	if _, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "a"}); f == nil || f.Err.Code != "queue_full" {
@@ -270,12 +282,7 @@ func TestQueueFullRetryAfterHonest(t *testing.T) {
 func TestQueueRefusesWhatItCannotKeep(t *testing.T) {
 	q, clk := testQueue(t, 5*time.Second, 100, 100)
 	ctx := context.Background()
-	for range 5 {
-		lease, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
-		q.Settle(ctx, lease, 0)
-		clk.step(2 * time.Second)
-	}
-	hold, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
+	hold := measured(t, q, clk)
 	wait(t, q, ctx, "a", "a", 1)
 	wait(t, q, ctx, "b", "b", 2) // its turn: 2 turns, 4 s
 	_, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "c"})
@@ -296,12 +303,7 @@ func TestQueueRefusesWhatItCannotKeep(t *testing.T) {
 func TestQueueLightCallerBehindAHeavyOne(t *testing.T) {
 	q, clk := testQueue(t, 5*time.Second, 100, 100)
 	ctx := context.Background()
-	for range 5 {
-		lease, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
-		q.Settle(ctx, lease, 0)
-		clk.step(2 * time.Second)
-	}
-	hold, _, _ := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
+	hold := measured(t, q, clk)
 	h1 := wait(t, q, ctx, "h1", "heavy", 1)
 	h2 := wait(t, q, ctx, "h2", "heavy", 2)
 	if _, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "heavy"}); f == nil || f.Err.Code != "queue_timeout" {
