@@ -482,7 +482,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Keys:            serverKeys,
 		MatchModel:      policy.MatchModel,
 		ProbeEvery:      probeEvery,
-		KeyState:        keyStateTold(ctx, h.logger),
+		KeyState:        keyStateTold(ctx, h.logger, h.notifier),
 		Spent:           spent,
 		HeaderTimeout:   time.Duration(h.HeaderTimeout),
 		IdleTimeout:     time.Duration(h.IdleTimeout),

@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
 
+	"github.com/vigthoria/caddy-vigthoria/alerts"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
 )
@@ -144,9 +145,10 @@ func (h *Handler) serverKeys() ([]proxy.ServerKey, error) {
 }
 
 // keyStateTold makes what the pool tells of a key taken out or returned:
-// the key's metrics, and the Caddy event vigthoria.upstream_key with
-// {key, state, status}, the key by its name or fingerprint.
-func keyStateTold(ctx caddy.Context, logger *zap.Logger) proxy.KeyState {
+// the key's metrics, the Caddy event vigthoria.upstream_key with {key,
+// state, status}, and the alerts webhook, the key by its name or
+// fingerprint.
+func keyStateTold(ctx caddy.Context, logger *zap.Logger, notifier *alerts.Notifier) proxy.KeyState {
 	var events *caddyevents.App
 	if app, err := ctx.App("events"); err == nil {
 		events, _ = app.(*caddyevents.App)
@@ -166,6 +168,9 @@ func keyStateTold(ctx caddy.Context, logger *zap.Logger) proxy.KeyState {
 		}
 		if events != nil {
 			events.Emit(ctx, "vigthoria.upstream_key", map[string]any{"key": name, "state": state, "status": status})
+		}
+		if notifier != nil {
+			notifier.KeyState(name, up, status, time.Now())
 		}
 	}
 }

@@ -27,6 +27,10 @@ const (
 	Quota         = "quota"          // tokens
 	BudgetRefused = "budget_refused" // a request refused for want of budget, in micro-units
 	QuotaRefused  = "quota_refused"  // a request refused for want of quota, in tokens
+	// UpstreamKey is a server key the upstream refused (401/403), taken
+	// out of the pool, or returned to it by a probe: KeyName names it,
+	// State says which, Status is the upstream's status.
+	UpstreamKey = "upstream_key"
 )
 
 // Refused is the kind of refusal of a kind of use: QuotaRefused for
@@ -42,6 +46,9 @@ func Refused(kind string) string {
 const (
 	monthLayout = "2006-01"
 	dayLayout   = "2006-01-02"
+	// minuteLayout names the minute of an UpstreamKey alert: one alert a
+	// key, state and minute for the fleet.
+	minuteLayout = "2006-01-02T15:04"
 )
 
 // Alert is a threshold crossed by a caller's figure in a period, or the
@@ -58,12 +65,19 @@ type Alert struct {
 	// Requested is, for a refusal, what the refused request would have
 	// reserved; 0 when it asked none, the quota already spent.
 	Requested int64
-	At        time.Time // when the crossing or the refusal was noted
+	// State ("disabled" or "enabled") and Status, of an UpstreamKey
+	// alert.
+	State  string
+	Status int
+	At     time.Time // when the crossing or the refusal was noted
 }
 
 // ClaimID names the alert in the claim store: type|key|threshold|period.
 // Two instances noting the same crossing claim the same ID.
 func (a Alert) ClaimID() string {
+	if a.Type == UpstreamKey {
+		return a.Type + "|" + a.KeyName + "|" + a.State + "|" + a.Period
+	}
 	return a.Type + "|" + a.KeyID + "|" + strconv.Itoa(a.Percent) + "|" + a.Period
 }
 
@@ -90,6 +104,15 @@ type wireAlert struct {
 	At        string `json:"at"`
 }
 
+// wireKeyAlert is an UpstreamKey alert's body.
+type wireKeyAlert struct {
+	Type   string `json:"type"`
+	Key    string `json:"key"` // its name, or its fingerprint: never the key
+	State  string `json:"state"`
+	Status int    `json:"status"`
+	At     string `json:"at"`
+}
+
 // refusal reports whether a is a refusal, not a crossing.
 func (a *Alert) refusal() bool { return a.Type == BudgetRefused || a.Type == QuotaRefused }
 
@@ -97,6 +120,9 @@ func (a *Alert) refusal() bool { return a.Type == BudgetRefused || a.Type == Quo
 // period, used, limit, percent, at} for a crossing, with requested
 // instead of percent for a refusal; at in RFC 3339, UTC, to the second.
 func (a Alert) MarshalJSON() ([]byte, error) {
+	if a.Type == UpstreamKey {
+		return json.Marshal(wireKeyAlert{Type: a.Type, Key: a.KeyName, State: a.State, Status: a.Status, At: a.At.UTC().Format(time.RFC3339)})
+	}
 	w := wireAlert{Type: a.Type, KeyID: a.KeyID, KeyName: a.KeyName, Tier: a.Tier, Period: a.Period,
 		Used: a.Used, Limit: a.Limit, At: a.At.UTC().Format(time.RFC3339)}
 	if a.refusal() {
@@ -159,11 +185,14 @@ var lastDay, lastMonth atomic.Pointer[namedPeriod]
 
 // periodEnd returns when the named period ends.
 func periodEnd(period string) (time.Time, error) {
+	if t, err := time.Parse(minuteLayout, period); err == nil {
+		return t.Add(time.Minute), nil
+	}
 	if t, err := time.Parse(dayLayout, period); err == nil {
 		return t.AddDate(0, 0, 1), nil
 	}
 	if t, err := time.Parse(monthLayout, period); err == nil {
 		return t.AddDate(0, 1, 0), nil
 	}
-	return time.Time{}, fmt.Errorf("period '%s' is neither YYYY-MM nor YYYY-MM-DD", period)
+	return time.Time{}, fmt.Errorf("period '%s' is neither YYYY-MM, YYYY-MM-DD nor YYYY-MM-DDTHH:MM", period)
 }

@@ -422,6 +422,39 @@ func TestNotifierRefusals(t *testing.T) {
 	}
 }
 
+// TestNotifierKeyState: a server key taken out and returned alerts once
+// each per minute, for the fleet (two notifiers sharing one claim
+// store), by the webhook alone: its Caddy event is the pool's, per
+// instance. The body names the key and its state, nothing of figures.
+func TestNotifierKeyState(t *testing.T) {
+	r := hooktest.New(t, hooktest.Secret)
+	var events eventLog
+	c := new(mapClaimer)
+	s := newSender(t, r.URL, 100, fastBackoff)
+	a, b := newNotifier(t, c, events.emit, s), newNotifier(t, c, events.emit, s)
+	at := time.Date(2026, 12, 7, 6, 40, 12, 0, time.UTC)
+	a.KeyState("main", false, 401, at)
+	b.KeyState("main", false, 401, at.Add(time.Second)) // the other instance, the same minute
+	a.KeyState("main", false, 401, at.Add(2*time.Second))
+	a.KeyState("main", true, 200, at.Add(3*time.Second))
+	r.WaitAccepted(2, 5*time.Second)
+	time.Sleep(50 * time.Millisecond) // anything more would arrive now
+	got := map[string]int{}
+	for _, body := range r.Bodies() {
+		got[fmt.Sprintf("%s %s %s %d", body.Type, body.Key, body.State, body.Status)]++
+		if body.KeyID != "" || body.Tier != "" || body.Limit != 0 || body.At == "" {
+			t.Errorf("body %+v, want a key's state and no figures", body)
+		}
+	}
+	want := map[string]int{"upstream_key main disabled 401": 1, "upstream_key main enabled 200": 1}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("alerts delivered: %v\nwant %v", got, want)
+	}
+	if e := events.all(); len(e) != 0 {
+		t.Errorf("the notifier emitted %v; the pool emits a key's events", e)
+	}
+}
+
 // TestNotifierClaimLost: an alert another instance claimed is neither
 // emitted nor sent, and not claimed again.
 func TestNotifierClaimLost(t *testing.T) {

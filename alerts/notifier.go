@@ -166,6 +166,29 @@ func (n *Notifier) hand(f Figure, pct int) {
 	}
 }
 
+// KeyState alerts that the server key named name was taken out of the
+// pool (up false, with the upstream's status) or returned to it at at:
+// once for the fleet, a key, state and minute. Only the webhook is sent:
+// the Caddy event vigthoria.upstream_key is each instance's, emitted
+// where the pool tells of it. It never waits.
+func (n *Notifier) KeyState(name string, up bool, status int, at time.Time) {
+	a := Alert{Type: UpstreamKey, KeyName: name, State: "disabled", Status: status, Period: at.UTC().Format(minuteLayout), At: at}
+	if up {
+		a.State = "enabled"
+	}
+	k := memoKey{a.Type, name + "|" + a.State, 0, a.Period}
+	if !n.memo.add(k) {
+		return
+	}
+	select {
+	case n.jobs <- a:
+	default:
+		n.memo.remove(k)
+		dropped.Inc()
+		n.logger.Error("alert claim queue full: a server key's alert dropped", zap.String("key", name), zap.String("state", a.State))
+	}
+}
+
 // crossed reports whether used is at least pct percent of limit, for
 // any int64 figures.
 func crossed(used, limit int64, pct int) bool {
@@ -192,6 +215,9 @@ func (n *Notifier) run(ctx context.Context) {
 // threshold tries again.
 func (n *Notifier) claim(ctx context.Context, a Alert) {
 	k := memoKey{a.Type, a.KeyID, a.Percent, a.Period}
+	if a.Type == UpstreamKey {
+		k.key = a.KeyName + "|" + a.State
+	}
 	end, err := periodEnd(a.Period)
 	if err != nil {
 		n.logger.Error("alert not sent", zap.String("key_id", a.KeyID), zap.Error(err))
@@ -214,7 +240,7 @@ func (n *Notifier) claim(ctx context.Context, a Alert) {
 	}
 	n.logger.Info("alert", zap.String("type", a.Type), zap.String("key_id", a.KeyID), zap.String("tier", a.Tier),
 		zap.String("period", a.Period), zap.Int("percent", a.Percent), zap.Int64("used", a.Used), zap.Int64("limit", a.Limit), zap.Int64("requested", a.Requested))
-	if n.emit != nil {
+	if n.emit != nil && a.Type != UpstreamKey {
 		n.emit("vigthoria."+a.Type, a.EventData())
 	}
 	if n.webhook != nil {

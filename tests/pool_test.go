@@ -14,6 +14,7 @@ import (
 
 	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/hooktest"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	redisstore "github.com/vigthoria/caddy-vigthoria/store/redis"
@@ -71,8 +72,9 @@ func metricsOf(t *testing.T, c *harness.Caddy) string {
 func TestPoolSpreadsRevokesAndRestores(t *testing.T) {
 	up, srv := poolUpstream(t)
 	t.Setenv("VGT_POOL_K1", poolKey1)
+	hooks := hooktest.New(t, hooktest.Secret)
 	e := newEnv(t, up, srv)
-	e.startCaddy(t, srv.URL+"/v1", "{env.VGT_POOL_K1}", poolBlock("pool-two"))
+	e.startCaddy(t, srv.URL+"/v1", "{env.VGT_POOL_K1}", poolBlock("pool-two"), alertsBlock(t, hooks.URL))
 
 	chat := func(n int) {
 		t.Helper()
@@ -112,12 +114,19 @@ func TestPoolSpreadsRevokesAndRestores(t *testing.T) {
 	if strings.Contains(metricsOf(t, e.caddy), "SECRET") {
 		t.Error("a server key is in the metrics")
 	}
+	// The alerts webhook says so, naming the key, never giving it.
+	if b := hooks.WaitAccepted(1, 10*time.Second); len(b) != 1 || b[0].Type != "upstream_key" || b[0].Key != "pool-two" || b[0].State != "disabled" || b[0].Status != 401 {
+		t.Errorf("webhooks %+v, want upstream_key pool-two disabled 401", b)
+	}
 
 	// Restored: back after a probe (probe_every 1s), then used again.
 	up.Restore(poolKey2)
 	waitFor(t, 30*time.Second, "key pool-two back in the pool", func() bool {
 		return strings.Contains(metricsOf(t, e.caddy), `vigthoria_upstream_key_up{key="pool-two"} 1`)
 	})
+	if b := hooks.WaitAccepted(2, 10*time.Second); len(b) != 2 || b[1].Key != "pool-two" || b[1].State != "enabled" || b[1].Status != 200 {
+		t.Errorf("webhooks %+v, want the second upstream_key pool-two enabled 200", b)
+	}
 	before := up.KeyCount(poolKey2)
 	chat(40)
 	if got := up.KeyCount(poolKey2) - before; got < 5 {

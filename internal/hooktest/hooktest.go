@@ -37,6 +37,10 @@ type Body struct {
 	Percent   int    `json:"percent"`
 	Requested *int64 `json:"requested"`
 	At        string `json:"at"`
+	// Key, State and Status are an upstream_key alert's.
+	Key    string `json:"key"`
+	State  string `json:"state"`
+	Status int    `json:"status"`
 }
 
 // Receiver is a webhook endpoint. It answers FailFirst times 500 to each
