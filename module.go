@@ -473,9 +473,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.APIKeys != nil {
 		probeEvery = time.Duration(h.APIKeys.ProbeEvery)
 	}
-	var spent func(time.Time) // a queue learns its pace from the upstream's word
-	if h.queue.Gates() {
-		spent = h.queue.Spent
+	var spent, served func(time.Time) // a queue learns its pace from the upstream's answers
+	if h.queue.Learns() {
+		spent, served = h.queue.Spent, h.queue.Served
 	}
 	if h.upstream, err = proxy.New(ctx, proxy.Config{
 		URL:             h.Upstream,
@@ -484,6 +484,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		ProbeEvery:      probeEvery,
 		KeyState:        keyStateTold(ctx, h.logger, h.notifier),
 		Spent:           spent,
+		Served:          served,
 		HeaderTimeout:   time.Duration(h.HeaderTimeout),
 		IdleTimeout:     time.Duration(h.IdleTimeout),
 		Retries:         *h.Retries,

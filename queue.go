@@ -171,10 +171,19 @@ func (x *exchange) waitUpstream(body *proxy.Body) *admission.Refusal {
 		Waiting: func() { body.Compact(x.r, x.call) },
 	})
 	x.queueWait += waited
-	if f == nil {
-		x.adm.JoinUpstream(q, lease)
+	if f != nil {
+		return f
 	}
-	return f
+	x.adm.JoinUpstream(q, lease)
+	if q.Learns() {
+		// A retry of what the upstream says spent waits its turn again.
+		x.call.Hold = func(ctx context.Context) bool {
+			_, waited, f := q.Upstream(ctx, admission.Turn{Tier: x.client.Tier, Caller: x.client.ID, Spent: x.queueWait, Again: true})
+			x.queueWait += waited
+			return f == nil
+		}
+	}
+	return nil
 }
 
 // noteQueueWait tells an admitted request's caller, the metrics and the

@@ -257,9 +257,6 @@ func (x *exchange) settle(ep *api.Endpoint) {
 	ad.NoteStanding(&x.adm, used)
 	if h.queue != nil {
 		h.queue.Released(client.ID)
-		if ep.Body && usage.Status >= 200 && usage.Status < 300 {
-			h.queue.Answered(end)
-		}
 	}
 	x.record(usage, used.Prompt, used.Completion)
 }

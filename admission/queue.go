@@ -95,6 +95,7 @@ type waiter struct {
 	lease   limiter.Lease
 	refusal *Refusal // when the dispatcher refused it
 	tier    string
+	again   bool // holds its place on the account already (Turn.Again)
 }
 
 const (
@@ -139,13 +140,18 @@ func (q *Queue) Stop() {
 // is spent: its learned pace is cut (pace).
 func (q *Queue) Spent(now time.Time) { q.pace.spent(now) }
 
-// Answered tells the queue that the upstream answered a request it let
-// through with success at now, which the learned pace counts.
-func (q *Queue) Answered(now time.Time) {
+// Served tells the queue that the upstream answered a request with
+// success at now (its headers: a stream's too, long before it ends),
+// which the learned pace counts.
+func (q *Queue) Served(now time.Time) {
 	if q.cfg.Exhausted != nil {
 		q.pace.answered(now)
 	}
 }
+
+// Learns reports whether the queue waits out the upstream's word and
+// learns its pace (Exhausted).
+func (q *Queue) Learns() bool { return q != nil && q.cfg.Exhausted != nil }
 
 // Gates reports whether the queue gates the upstream: its
 // upstream_limits, or its learned capacity.
@@ -154,9 +160,10 @@ func (q *Queue) Gates() bool { return q != nil && (q.cfg.Limits != nil || q.cfg.
 
 // take asks for the upstream's capacity for a request reserving
 // reserve tokens at now: the upstream's own word first, then the
-// upstream_limits. Not now, it says how long until it may be: exhausted
+// upstream_limits unless account is false (the request holds its place
+// there already). Not now, it says how long until it may be: exhausted
 // when the upstream's word stopped it.
-func (q *Queue) take(ctx context.Context, reserve int64, now time.Time) (lease limiter.Lease, retry time.Duration, exhausted bool, f *Refusal) {
+func (q *Queue) take(ctx context.Context, reserve int64, account bool, now time.Time) (lease limiter.Lease, retry time.Duration, exhausted bool, f *Refusal) {
 	if q.cfg.Exhausted != nil {
 		if wait, ex := q.cfg.Exhausted(ctx, now); ex {
 			return lease, max(wait, time.Millisecond), true, nil
@@ -165,7 +172,7 @@ func (q *Queue) take(ctx context.Context, reserve int64, now time.Time) (lease l
 			return lease, wait, false, nil
 		}
 	}
-	if q.cfg.Limits == nil {
+	if q.cfg.Limits == nil || !account {
 		return lease, 0, false, nil
 	}
 	d, err := q.cfg.Limiter.Admit(ctx, q.cfg.Account, q.cfg.Limits, reserve, now)
@@ -203,6 +210,10 @@ type Turn struct {
 	// Waiting, when set, is called once before the request queues: a
 	// body it holds can then shrink to what it sends.
 	Waiting func()
+	// Again says the request holds its place on the upstream's account
+	// already: a retry of one the upstream answered that every key is
+	// spent. It waits for the upstream's word and the pace alone.
+	Again bool
 }
 
 // Upstream admits a request on the upstream's account, reserving its
@@ -229,7 +240,7 @@ func (q *Queue) Upstream(ctx context.Context, t Turn) (limiter.Lease, time.Durat
 		// The fast path: nothing queued, one question. A newcomer queued
 		// meanwhile may be passed by this one: the order is exact
 		// between waiters, not to the microsecond at its door.
-		lease, wait, ex, f := q.take(ctx, reserve, start)
+		lease, wait, ex, f := q.take(ctx, reserve, !t.Again, start)
 		if f != nil {
 			return limiter.Lease{}, 0, f
 		}
@@ -251,7 +262,7 @@ func (q *Queue) Upstream(ctx context.Context, t Turn) (limiter.Lease, time.Durat
 	if t.Waiting != nil {
 		t.Waiting()
 	}
-	w := &waiter{reserve: reserve, ready: make(chan struct{}, 1), tier: tier}
+	w := &waiter{reserve: reserve, ready: make(chan struct{}, 1), tier: tier, again: t.Again}
 	q.mu.Lock()
 	if f := q.refuseEarly(tier, caller, cfg, start); f != nil {
 		q.mu.Unlock()
@@ -299,8 +310,6 @@ func (q *Queue) Upstream(ctx context.Context, t Turn) (limiter.Lease, time.Durat
 	case w.refusal != nil:
 		return limiter.Lease{}, waited, w.refusal
 	}
-	q.mu.Lock()
-	q.mu.Unlock()
 	return w.lease, waited, nil
 }
 
@@ -430,7 +439,7 @@ func (q *Queue) Dispatch() time.Duration {
 			return 0
 		}
 		now := q.cfg.Now()
-		lease, retry, exhausted, f := q.take(ctx, w.reserve, now)
+		lease, retry, exhausted, f := q.take(ctx, w.reserve, !w.again, now)
 		if retry > 0 {
 			if exhausted {
 				return retry // the upstream's word: nothing frees it sooner

@@ -245,6 +245,19 @@ func (p *pool) pick(model string, now time.Time) (*poolKey, error) {
 	return nil, errNoKey
 }
 
+// openFor reports whether a key that serves model may take a request at
+// now: up, and not known spent for it.
+func (p *pool) openFor(model string, now time.Time) bool {
+	for _, k := range p.keys {
+		if k.admits(model, p.match) && !k.down.Load() {
+			if _, spent := k.exhausted.peek(model, now); !spent {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // exhausted reports whether no key that serves model may take a request
 // at now, and the soonest one opens. Keys whose scopes are all open
 // answer first; only when none is does a key's check, which may claim a

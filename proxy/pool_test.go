@@ -163,6 +163,7 @@ func TestPoolNameChecks(t *testing.T) {
 type keyedUpstream struct {
 	mu      sync.Mutex
 	refused map[string]bool
+	spent   map[string]bool // answered 429, the key spent for 30 s
 	count   map[string]int
 }
 
@@ -174,6 +175,10 @@ func (u *keyedUpstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.count[key]++
+	if u.spent[key] {
+		h := http.Header{"Content-Type": {"application/json"}, "Retry-After": {"30"}, "X-Ratelimit-Remaining": {"0"}}
+		return &http.Response{StatusCode: 429, Header: h, Body: io.NopCloser(strings.NewReader(`{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}`)), Request: req}, nil
+	}
 	if u.refused[key] {
 		return &http.Response{StatusCode: 401, Header: http.Header{"Content-Type": {"application/json"}}, Body: io.NopCloser(strings.NewReader(`{"error":{"message":"Incorrect API key provided: ` + key + `"}}`)), Request: req}, nil
 	}
@@ -258,6 +263,66 @@ func TestPoolRefusedKeyRetriedAndProbed(t *testing.T) {
 	}
 	if !refusedLine {
 		t.Fatal("no error line naming key b by its name")
+	}
+}
+
+// A 429 that says a key is spent goes at once to another key of the
+// pool, whatever its wait; with none, to the queue's Hold when the
+// request has one, which decides whether it is tried again or the 429
+// is its answer.
+func TestPoolSpentKeyRetriedElsewhereOrHeld(t *testing.T) {
+	up := &keyedUpstream{spent: map[string]bool{"sk-a": true}, count: map[string]int{}}
+	p := testPool(nil, ServerKey{Key: "sk-a", Name: "a"}, ServerKey{Key: "sk-b", Name: "b"})
+	tr := &keyTransport{next: up, host: "api.example.com", pool: p, logger: zap.NewNop(),
+		retry: retryPolicy{retries: 2, maxWait: 10 * time.Second}}
+	chat := func(c *Call) (*http.Response, error) {
+		req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", bytes.NewReader(c.Body))
+		return tr.roundTrip(req, c)
+	}
+	for p.keys[0].exhausted.key.locked.Load() == false {
+		c := &Call{Body: []byte(`{}`)}
+		res, err := chat(c)
+		if err != nil || res.StatusCode != 200 {
+			t.Fatalf("got %v %v, want 200 from key b", res, err)
+		}
+		res.Body.Close()
+		if up.n("sk-a") == 1 && c.Usage.Retries != 1 {
+			t.Errorf("the request that met the spent key: %d retries, want 1 (at once, on b)", c.Usage.Retries)
+		}
+	}
+	if n := up.n("sk-a"); n != 1 {
+		t.Errorf("the spent key got %d requests, want 1: it is skipped until its reset", n)
+	}
+
+	// Every key spent: the queue holds the retry.
+	one := testPool(nil, ServerKey{Key: "sk-a", Name: "a"})
+	tr.pool = one
+	held := 0
+	c := &Call{Body: []byte(`{}`), Hold: func(context.Context) bool {
+		held++
+		up.mu.Lock()
+		up.spent["sk-a"] = false // the reset came while it waited
+		up.mu.Unlock()
+		one.keys[0].exhausted.key.openIfPast(time.Now().Add(time.Hour))
+		return true
+	}}
+	res, err := chat(c)
+	if err != nil || res.StatusCode != 200 || held != 1 {
+		t.Fatalf("held once, then tried again: got %v %v after %d holds", res, err, held)
+	}
+	res.Body.Close()
+	// The queue says no: the 429 is the answer, its body whole.
+	up.mu.Lock()
+	up.spent["sk-a"] = true
+	up.mu.Unlock()
+	c = &Call{Body: []byte(`{}`), Hold: func(context.Context) bool { return false }}
+	res, err = chat(c)
+	if err != nil || res.StatusCode != 429 {
+		t.Fatalf("got %v %v, want the upstream's 429", res, err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	if !strings.Contains(string(body), "rate_limit_exceeded") {
+		t.Errorf("the 429's body %q, want the upstream's error", body)
 	}
 }
 

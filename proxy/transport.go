@@ -34,6 +34,7 @@ type keyTransport struct {
 	// maxAnswers bounds the bytes the answers of the process hold at
 	// once (wire.Hold): streams' buffers, JSON answers read whole.
 	maxAnswers int64
+	served     func(now time.Time) // told of each 2xx answer; nil for none
 	logger     *zap.Logger
 }
 
@@ -193,6 +194,7 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			continue
 		}
 		var wait time.Duration
+		hold := false // the queue holds the retry (Call.Hold)
 		// Nobody is there to wait for a retry once the caller left: the
 		// attempt that was answered billed nothing.
 		again := attempt < t.retry.retries && replayable && (c == nil || !c.Usage.CallerLeft())
@@ -203,18 +205,39 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			now := time.Now()
 			word := readLimitWord(res, now)
 			k.exhausted.heard(word, model, res.StatusCode, sent, now)
+			if res.StatusCode >= 200 && res.StatusCode < 300 && t.served != nil {
+				t.served(now)
+			}
 			if len(t.pool.keys) > 1 {
 				k.learn(res.Header, now)
 			}
 			if res.StatusCode == http.StatusTooManyRequests {
-				again = again && word.retryable429(t.retry.maxWait-waited)
 				wait = word.wait
+				switch spent := !word.keyUntil.IsZero(); {
+				case spent && t.pool.openFor(model, now):
+					wait = 0 // another key of the pool takes it now
+				case spent && !word.quota && c != nil && c.Hold != nil:
+					hold, wait = true, 0 // the queue decides how long
+				default:
+					again = again && word.retryable429(t.retry.maxWait-waited)
+				}
 			} else if again = again && retryable(res.StatusCode); again {
 				wait = backoff(attempt, res)
 			}
 		}
 		if !again || waited+wait > t.retry.maxWait {
 			return res, err
+		}
+		if hold {
+			// The queue holds it with its other waiters, in their order
+			// and at the pace it learned: retried on its own after the
+			// 429's wait, it would rush in with every other such retry
+			// at the reset, and spend the key again.
+			res.Body = buffered429(res)
+			if !c.Hold(ctx) {
+				return res, nil
+			}
+			wait = 0
 		}
 		if res != nil {
 			discard(res)
@@ -228,6 +251,15 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 		}
 		waited += wait
 	}
+}
+
+// buffered429 reads a 429's body (its start: it is the API's short error)
+// so that its connection is free while the request waits, and returns
+// it to be read again when the 429 is the answer after all.
+func buffered429(res *http.Response) io.ReadCloser {
+	b, _ := io.ReadAll(io.LimitReader(res.Body, maxErrorPeek))
+	res.Body.Close()
+	return io.NopCloser(bytes.NewReader(b))
 }
 
 // keyFor is the server key of an attempt of c at now: the one c was

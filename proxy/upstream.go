@@ -47,6 +47,9 @@ type Config struct {
 	// or none left of its count until a reset): the queue learns its
 	// pace from it.
 	Spent func(now time.Time)
+	// Served, when set, is told of each 2xx answer of the upstream's, as
+	// its headers come.
+	Served func(now time.Time)
 	// SharedFor, when set, gives each key's fleet-wide exhaustion by its
 	// Fingerprint, in place of Shared.
 	SharedFor func(fingerprint string) SharedExhaustion
@@ -206,6 +209,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		idleTimeout: cfg.IdleTimeout,
 		detach:      DetachPolicy{Max: cfg.MaxDetached, PerCaller: cfg.PerCaller, Timeout: cfg.DetachedTimeout, cut: cut},
 		maxAnswers:  cfg.MaxAnswers,
+		served:      cfg.Served,
 		logger:      up.logger,
 	}
 	return up, nil

@@ -127,6 +127,11 @@ type Call struct {
 	Caller string
 	// Usage is filled in as the answer passes.
 	Usage AnswerUsage
+	// Hold, when set, waits out the upstream's word that every server
+	// key is spent before a retry, in the queue's order and pace, in
+	// place of sleeping the 429's own wait; false when the request may
+	// wait no longer (or its caller left): the 429 is then its answer.
+	Hold func(ctx context.Context) bool
 
 	streamed atomic.Int64  // Usage.Chunks, for Streamed
 	key      *poolKey      // the server key the call must use; nil: the pool picks

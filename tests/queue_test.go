@@ -359,10 +359,11 @@ func TestQueueJSONConfigIsChecked(t *testing.T) {
 }
 
 // Without upstream_limits, the queue learns the upstream's pace from its
-// word: once a burst met the stand-in's 429s, the queue sends at most
-// what the stand-in served, so that two tiers kept backlogged get their
-// weights' shares of it in order, and the stand-in refuses (nearly)
-// nothing more. Before the pace, the queue held its waiters only while
+// word: a burst that meets the stand-in's 429s waits in the queue and is
+// retried at the pace (every caller answered), and from then on the
+// queue sends at most what the stand-in served, so that two tiers kept
+// backlogged get their weights' shares of it in order, and the stand-in
+// refuses (nearly) nothing more. Before the pace, the queue held its waiters only while
 // the key was locked, then let them all go at once: the rush spent the
 // key again, and the shares were those of the demand.
 func TestQueueLearnsTheUpstreamsPace(t *testing.T) {
@@ -374,15 +375,27 @@ func TestQueueLearnsTheUpstreamsPace(t *testing.T) {
 
 	// A burst the stand-in cannot take: the queue learns from its 429s.
 	var wg sync.WaitGroup
+	var bmu sync.Mutex
+	burst := map[int]int{}
 	for range 30 {
 		wg.Go(func() {
-			if res, err := rawChat(t.Context(), e, free, "vigthoria-fast-1", false); err == nil {
-				io.Copy(io.Discard, res.Body)
-				res.Body.Close()
+			res, err := rawChat(t.Context(), e, free, "vigthoria-fast-1", false)
+			if err != nil {
+				t.Error(err)
+				return
 			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			bmu.Lock()
+			burst[res.StatusCode]++
+			bmu.Unlock()
 		})
 	}
 	wg.Wait()
+	// What met a 429 waited in the queue, retried at its pace.
+	if burst[http.StatusOK] != 30 {
+		t.Errorf("the burst got %v, want 30 answers", burst)
+	}
 	if e.upstream.Refused429() == 0 {
 		t.Fatal("the burst met no 429 of the stand-in: nothing to learn from")
 	}
