@@ -23,6 +23,14 @@ const UpstreamPrefix = "upstream:"
 // a fleet freed, which no settle of its own tells it of.
 const QueuePoll = 25 * time.Millisecond
 
+// OwnPoll is how often a request waiting for a slot of its caller's own
+// asks again, for slots its caller's requests on other instances of a
+// fleet freed: one here wakes it at once (Released). Each waiter asks on
+// its own, so this is slower than QueuePoll, the one dispatcher's: a
+// full queue of such waiters asks the store length/OwnPoll times a
+// second.
+const OwnPoll = 250 * time.Millisecond
+
 // TierQueue is how a tier's requests queue.
 type TierQueue struct {
 	Weight    int           // 1 to 1000; 0 is 1
@@ -505,7 +513,7 @@ func (q *Queue) unavailable(err error) *Refusal {
 // caller's own, which admit (Admitter.Admit on the caller's accounts)
 // takes when it can; admit's first refusal, f, was for concurrency. It
 // tries again when one of the caller's requests ends here (Released),
-// and every QueuePoll for slots freed by other instances.
+// and every OwnPoll for slots freed by other instances.
 func (q *Queue) Own(ctx context.Context, tier, caller string, f *Refusal, admit func(now time.Time) (Admission, *Refusal)) (Admission, time.Duration, *Refusal) {
 	cfg := q.tierOf(tier)
 	if cfg.MaxWait <= 0 {
@@ -545,7 +553,7 @@ func (q *Queue) Own(ctx context.Context, tier, caller string, f *Refusal, admit 
 
 	deadline := time.NewTimer(cfg.MaxWait)
 	defer deadline.Stop()
-	poll := time.NewTicker(QueuePoll)
+	poll := time.NewTicker(OwnPoll)
 	defer poll.Stop()
 	for {
 		select {
@@ -559,10 +567,7 @@ func (q *Queue) Own(ctx context.Context, tier, caller string, f *Refusal, admit 
 		}
 		a, again := admit(q.cfg.Now())
 		if again == nil {
-			waited := q.cfg.Now().Sub(start)
-			q.mu.Lock()
-			q.mu.Unlock()
-			return a, waited, nil
+			return a, q.cfg.Now().Sub(start), nil
 		}
 		if again.Reason != limiter.ConcurrencyLimit {
 			return a, q.cfg.Now().Sub(start), again
