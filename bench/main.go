@@ -40,6 +40,7 @@ type config struct {
 	streams    int           // concurrent streams of the stream workload
 	chunkDelay time.Duration // the upstream's delay between stream events
 	profile    time.Duration // CPU profile of the module under load; 0: none
+	profiles   string        // directory to keep the CPU profiles in; empty: dropped with the run
 	micro      bool          // run the micro-benchmarks
 	pin        bool          // each Caddy on a CPU of its own during the load
 	only       string        // comma-separated workloads to measure; empty: all
@@ -65,6 +66,7 @@ func main() {
 	flag.IntVar(&cfg.streams, "streams", 8, "concurrent streams of the stream workload")
 	flag.DurationVar(&cfg.chunkDelay, "chunk-delay", 20*time.Millisecond, "the upstream's delay between stream events")
 	flag.DurationVar(&cfg.profile, "profile", 10*time.Second, "CPU profile of the module under the chat workload; 0 for none")
+	flag.StringVar(&cfg.profiles, "profiles", "", "directory to keep the CPU profiles of plain Caddy and the module in (caddy.pprof, vigthoria.pprof), to study with go tool pprof -diff_base")
 	flag.BoolVar(&cfg.micro, "micro", true, "run the micro-benchmarks of the hot paths")
 	flag.StringVar(&cfg.only, "only", "", "measure only these workloads, comma-separated (chat-1, chat, chat-jwt, models, mix, stream), to study one; the goals of the others are then not judged")
 	flag.BoolVar(&cfg.scarce, "scarce", true, "after the load, the scenarios of a saturated upstream: shares of the queue by weight and between callers, upstream_limits, a pool of server keys with one revoked, memory with many requests queued")

@@ -26,6 +26,12 @@ func profileModule(ctx context.Context, cfg config, insts []*instance, wls []wor
 	}
 	var profiles [2]perRequest
 	var modulePath string
+	if cfg.profiles != "" {
+		if err := os.MkdirAll(cfg.profiles, 0o755); err != nil {
+			return "", "", err
+		}
+		dir = cfg.profiles
+	}
 	for i, name := range []string{caddyName, moduleName} {
 		inst, ok := findInstance(insts, name)
 		if !ok {
