@@ -83,9 +83,37 @@ func TestParseCPUTime(t *testing.T) {
 	}
 }
 
-// The target of the queue and the pool differs from the module's by them.
-func TestUpstreamFeaturesSite(t *testing.T) {
-	if !strings.Contains(upstreamFeaturesSite, "api_keys {") || strings.Contains(upstreamFeaturesSite, "api_key {env") {
-		t.Errorf("the site kept its one api_key:\n%s", upstreamFeaturesSite)
+// Each feature of the module's site is in its Caddyfile only when the
+// target turns it on.
+func TestModuleSiteFeatures(t *testing.T) {
+	cases := []struct {
+		name      string
+		f         features
+		want, not []string
+	}{
+		{"bare", features{}, []string{"api_key {env.VIGTHORIA_API_KEY}", "tier bench {"},
+			[]string{"api_keys", "budget", "prices", "alerts", "queue", "vigthoria_dashboard", "jwt", "max_token_ttl", "tier pro"}},
+		{"deployed", deployed, []string{"budget 10000/month", "prices {", "webhook http://hooks/alerts", "secret {env.VIGTHORIA_WEBHOOK_SECRET}",
+			"queue 10s", "http://127.0.0.1:8081 {", "operator $2a$10$hash", "vigthoria_dashboard {\n\t\tstore sqlite /tmp/v.db", "jwt http://issuer {", "max_token_ttl 24h", "tier pro {"},
+			[]string{"api_keys", "upstream_limits"}},
+		{"pool", features{Pool: true}, []string{"api_keys {", "upstream_limits {"}, []string{"api_key {env"}},
+	}
+	for _, tc := range cases {
+		data := siteData{Port: 8080, DashboardPort: 8081, Upstream: "http://up", Store: "sqlite /tmp/v.db", Issuer: "http://issuer",
+			Webhook: "http://hooks/alerts", OperatorHash: "$2a$10$hash", features: tc.f}
+		site, err := render(moduleSite, data)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		for _, s := range tc.want {
+			if !strings.Contains(site, s) {
+				t.Errorf("%s: no %q in\n%s", tc.name, s, site)
+			}
+		}
+		for _, s := range tc.not {
+			if strings.Contains(site, s) {
+				t.Errorf("%s: %q in\n%s", tc.name, s, site)
+			}
+		}
 	}
 }

@@ -167,7 +167,7 @@ func (rep *report) runLoad(ctx context.Context) error {
 	defer up.closeAndRemove(dir)
 
 	var redisURL string
-	if needsRedis() {
+	if needsRedis(targets) {
 		redis, err := redistest.Run(dir)
 		if err != nil {
 			return err
@@ -175,7 +175,7 @@ func (rep *report) runLoad(ctx context.Context) error {
 		defer redis.Stop()
 		redisURL = redis.URL
 	}
-	insts, err := startTargets(ctx, cfg.caddy, dir, up, redisURL)
+	insts, err := startTargets(ctx, targets, cfg.caddy, dir, up, redisURL)
 	if err != nil {
 		return err
 	}
