@@ -117,3 +117,26 @@ func TestModuleSiteFeatures(t *testing.T) {
 		}
 	}
 }
+
+// A goal of throughput and CPU per request fails on either.
+func TestWithCPU(t *testing.T) {
+	plain := []sample{{rate: 100, cpuPerReq: 50e3}, {rate: 100, cpuPerReq: 50e3}, {rate: 100, cpuPerReq: 50e3}}
+	cases := []struct {
+		name     string
+		mod      []sample
+		wantMet  bool
+		wantNote string
+	}{
+		{"both within", []sample{{rate: 96, cpuPerReq: 52e3}, {rate: 97, cpuPerReq: 52e3}, {rate: 95, cpuPerReq: 52e3}}, true, ""},
+		{"CPU above", []sample{{rate: 96, cpuPerReq: 55e3}, {rate: 97, cpuPerReq: 55e3}, {rate: 95, cpuPerReq: 55e3}}, false, "CPU per request above 1.05×"},
+		{"throughput below", []sample{{rate: 90, cpuPerReq: 52e3}, {rate: 90, cpuPerReq: 52e3}, {rate: 90, cpuPerReq: 52e3}}, false, ""},
+		{"both", []sample{{rate: 90, cpuPerReq: 60e3}, {rate: 90, cpuPerReq: 60e3}, {rate: 90, cpuPerReq: 60e3}}, false, "throughput, and CPU per request above 1.05×"},
+	}
+	for _, tc := range cases {
+		r := &report{results: results{{chatWorkload, moduleName}: tc.mod, {chatWorkload, caddyName}: plain}}
+		v := goals[0].check(r)
+		if !v.measured || v.met != tc.wantMet || v.note != tc.wantNote {
+			t.Errorf("%s: measured %v, met %v, note %q; want true, %v, %q (%s)", tc.name, v.measured, v.met, v.note, tc.wantMet, tc.wantNote, v.figure)
+		}
+	}
+}
