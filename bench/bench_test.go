@@ -140,3 +140,49 @@ func TestWithCPU(t *testing.T) {
 		}
 	}
 }
+
+// The ladder climbs from the bare module to what the load's module
+// targets turn on, each rung compared with one measured before it, and
+// its added CPU adds up to the top rung's total less plain Caddy's.
+func TestLadder(t *testing.T) {
+	rungs := ladder()
+	seen := map[string]bool{}
+	var climbing []rung // each compared with the rung just before it
+	for i, r := range rungs {
+		if seen[r.name] {
+			t.Errorf("rung %s twice", r.name)
+		}
+		if r.before != "" && !seen[r.before] {
+			t.Errorf("rung %s compared with %s, not measured before it", r.name, r.before)
+		}
+		seen[r.name] = true
+		if i > 0 && r.before == rungs[i-1].name {
+			climbing = append(climbing, r)
+		}
+	}
+	top := climbing[len(climbing)-1]
+	want := with(deployed, func(f *features) { f.Pool, f.JWT, f.Minting, f.MixTiers = true, false, false, false })
+	if top.features != want {
+		t.Errorf("the ladder's top rung %s has %+v, want the deployed features and the pool, %+v", top.name, top.features, want)
+	}
+
+	fr := &featuresRun{rungs: rungs, results: results{}}
+	cpu := 50e3
+	for _, r := range rungs {
+		cpu += 1e3
+		fr.results[resultKey{chatWorkload, r.name}] = []sample{{rate: 1, cpuPerReq: cpu}, {rate: 1, cpuPerReq: cpu + 5e3}, {rate: 1, cpuPerReq: cpu - 1e3}}
+	}
+	var sum float64
+	for _, r := range climbing {
+		added, _, ok := fr.added(r)
+		if !ok {
+			t.Fatalf("rung %s: nothing added", r.name)
+		}
+		sum += added
+	}
+	topCPU, _ := fr.results.median(chatWorkload, top.name, byCPU)
+	plainCPU, _ := fr.results.median(chatWorkload, caddyName, byCPU)
+	if sum != topCPU-plainCPU {
+		t.Errorf("added CPU sums to %v, want %v", sum, topCPU-plainCPU)
+	}
+}
