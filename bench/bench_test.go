@@ -83,9 +83,106 @@ func TestParseCPUTime(t *testing.T) {
 	}
 }
 
-// The target of the queue and the pool differs from the module's by them.
-func TestUpstreamFeaturesSite(t *testing.T) {
-	if !strings.Contains(upstreamFeaturesSite, "api_keys {") || strings.Contains(upstreamFeaturesSite, "api_key {env") {
-		t.Errorf("the site kept its one api_key:\n%s", upstreamFeaturesSite)
+// Each feature of the module's site is in its Caddyfile only when the
+// target turns it on.
+func TestModuleSiteFeatures(t *testing.T) {
+	cases := []struct {
+		name      string
+		f         features
+		want, not []string
+	}{
+		{"bare", features{}, []string{"api_key {env.VIGTHORIA_API_KEY}", "tier bench {"},
+			[]string{"api_keys", "budget", "prices", "alerts", "queue", "vigthoria_dashboard", "jwt", "max_token_ttl", "tier pro"}},
+		{"deployed", deployed, []string{"budget 10000/month", "prices {", "webhook http://hooks/alerts", "secret {env.VIGTHORIA_WEBHOOK_SECRET}",
+			"queue 10s", "http://127.0.0.1:8081 {", "operator $2a$10$hash", "vigthoria_dashboard {\n\t\tstore sqlite /tmp/v.db", "jwt http://issuer {", "max_token_ttl 24h", "tier pro {"},
+			[]string{"api_keys", "upstream_limits"}},
+		{"pool", features{Pool: true}, []string{"api_keys {", "upstream_limits {"}, []string{"api_key {env"}},
+	}
+	for _, tc := range cases {
+		data := siteData{Port: 8080, DashboardPort: 8081, Upstream: "http://up", Store: "sqlite /tmp/v.db", Issuer: "http://issuer",
+			Webhook: "http://hooks/alerts", OperatorHash: "$2a$10$hash", features: tc.f}
+		site, err := render(moduleSite, data)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		for _, s := range tc.want {
+			if !strings.Contains(site, s) {
+				t.Errorf("%s: no %q in\n%s", tc.name, s, site)
+			}
+		}
+		for _, s := range tc.not {
+			if strings.Contains(site, s) {
+				t.Errorf("%s: %q in\n%s", tc.name, s, site)
+			}
+		}
+	}
+}
+
+// A goal of throughput and CPU per request fails on either.
+func TestWithCPU(t *testing.T) {
+	plain := []sample{{rate: 100, cpuPerReq: 50e3}, {rate: 100, cpuPerReq: 50e3}, {rate: 100, cpuPerReq: 50e3}}
+	cases := []struct {
+		name     string
+		mod      []sample
+		wantMet  bool
+		wantNote string
+	}{
+		{"both within", []sample{{rate: 96, cpuPerReq: 52e3}, {rate: 97, cpuPerReq: 52e3}, {rate: 95, cpuPerReq: 52e3}}, true, ""},
+		{"CPU above", []sample{{rate: 96, cpuPerReq: 55e3}, {rate: 97, cpuPerReq: 55e3}, {rate: 95, cpuPerReq: 55e3}}, false, "CPU per request above 1.05×"},
+		{"throughput below", []sample{{rate: 90, cpuPerReq: 52e3}, {rate: 90, cpuPerReq: 52e3}, {rate: 90, cpuPerReq: 52e3}}, false, ""},
+		{"both", []sample{{rate: 90, cpuPerReq: 60e3}, {rate: 90, cpuPerReq: 60e3}, {rate: 90, cpuPerReq: 60e3}}, false, "throughput, and CPU per request above 1.05×"},
+	}
+	for _, tc := range cases {
+		r := &report{results: results{{chatWorkload, moduleName}: tc.mod, {chatWorkload, caddyName}: plain}}
+		v := goals[0].check(r)
+		if !v.measured || v.met != tc.wantMet || v.note != tc.wantNote {
+			t.Errorf("%s: measured %v, met %v, note %q; want true, %v, %q (%s)", tc.name, v.measured, v.met, v.note, tc.wantMet, tc.wantNote, v.figure)
+		}
+	}
+}
+
+// The ladder climbs from the bare module to what the load's module
+// targets turn on, each rung compared with one measured before it, and
+// its added CPU adds up to the top rung's total less plain Caddy's.
+func TestLadder(t *testing.T) {
+	rungs := ladder()
+	seen := map[string]bool{}
+	var climbing []rung // each compared with the rung just before it
+	for i, r := range rungs {
+		if seen[r.name] {
+			t.Errorf("rung %s twice", r.name)
+		}
+		if r.before != "" && !seen[r.before] {
+			t.Errorf("rung %s compared with %s, not measured before it", r.name, r.before)
+		}
+		seen[r.name] = true
+		if i > 0 && r.before == rungs[i-1].name {
+			climbing = append(climbing, r)
+		}
+	}
+	top := climbing[len(climbing)-1]
+	want := with(deployed, func(f *features) { f.Pool, f.JWT, f.Minting, f.MixTiers = true, false, false, false })
+	if top.features != want {
+		t.Errorf("the ladder's top rung %s has %+v, want the deployed features and the pool, %+v", top.name, top.features, want)
+	}
+
+	fr := &featuresRun{rungs: rungs, results: results{}}
+	cpu := 50e3
+	for _, r := range rungs {
+		cpu += 1e3
+		fr.results[resultKey{chatWorkload, r.name}] = []sample{{rate: 1, cpuPerReq: cpu}, {rate: 1, cpuPerReq: cpu + 5e3}, {rate: 1, cpuPerReq: cpu - 1e3}}
+	}
+	var sum float64
+	for _, r := range climbing {
+		added, _, ok := fr.added(r)
+		if !ok {
+			t.Fatalf("rung %s: nothing added", r.name)
+		}
+		sum += added
+	}
+	topCPU, _ := fr.results.median(chatWorkload, top.name, byCPU)
+	plainCPU, _ := fr.results.median(chatWorkload, caddyName, byCPU)
+	if sum != topCPU-plainCPU {
+		t.Errorf("added CPU sums to %v, want %v", sum, topCPU-plainCPU)
 	}
 }

@@ -10,6 +10,10 @@
 // machine disturbs all targets alike, and each figure is the median over
 // the rounds.
 //
+// After the load it measures what each feature of the module costs
+// (features.go) and runs the scenarios of a saturated upstream
+// (scarce.go), each in its own section of the report.
+//
 // With -soak it runs the soak test instead (soak.go): the module alone
 // under a long mixed load, checked for errors and leaks, written into its
 // own section of the same report.
@@ -47,6 +51,10 @@ type config struct {
 	scarce     bool          // run the scenarios of a saturated upstream after the load (scarce.go)
 	scarceOnly bool          // run only those, rewriting their section of the report
 
+	features         bool          // measure what each feature costs after the load (features.go)
+	featuresOnly     bool          // measure only that, rewriting its section of the report
+	featuresDuration time.Duration // of one measurement of a rung
+
 	soak           bool          // run the soak test instead of the benchmark
 	soakDuration   time.Duration // of the soak's mixed load
 	soakStreams    int           // concurrent streams of the soak
@@ -71,14 +79,17 @@ func main() {
 	flag.StringVar(&cfg.only, "only", "", "measure only these workloads, comma-separated (chat-1, chat, chat-jwt, models, mix, stream), to study one; the goals of the others are then not judged")
 	flag.BoolVar(&cfg.scarce, "scarce", true, "after the load, the scenarios of a saturated upstream: shares of the queue by weight and between callers, upstream_limits, a pool of server keys with one revoked, memory with many requests queued")
 	flag.BoolVar(&cfg.scarceOnly, "scarce-only", false, "run only the scenarios of a saturated upstream, rewriting their section of the report")
+	flag.BoolVar(&cfg.features, "features", true, "after the load, what each feature costs: a ladder of module targets under small chats, each adding one feature to the one before, beside plain Caddy")
+	flag.BoolVar(&cfg.featuresOnly, "features-only", false, "measure only what each feature costs, rewriting its section of the report")
+	flag.DurationVar(&cfg.featuresDuration, "features-duration", 2*time.Second, "length of one measurement of a rung of the features' ladder, in -rounds rounds after -warmup each")
 	flag.BoolVar(&cfg.pin, "pin", true, "during the load, run each Caddy on the last CPU and the harness on the others (taskset; 2 CPUs or more)")
 	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
 	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")
 	flag.IntVar(&cfg.soakStreams, "soak-streams", 100, "concurrent streams of the soak")
 	flag.DurationVar(&cfg.soakChunkDelay, "soak-chunk-delay", 100*time.Millisecond, "the upstream's delay between stream events in the soak, so that streams stay open a while")
 	flag.Parse()
-	if cfg.rounds < 3 || cfg.conns < 1 || cfg.streams < 1 || cfg.duration <= 0 {
-		fmt.Fprintln(os.Stderr, "bench: want -rounds 3 or more, and positive -conns, -streams and -duration")
+	if cfg.rounds < 3 || cfg.conns < 1 || cfg.streams < 1 || cfg.duration <= 0 || cfg.featuresDuration <= 0 {
+		fmt.Fprintln(os.Stderr, "bench: want -rounds 3 or more, and positive -conns, -streams, -duration and -features-duration")
 		os.Exit(2)
 	}
 	if cfg.soak && (cfg.soakDuration < soakSettle+time.Second || cfg.soakStreams < 1) {
@@ -93,6 +104,8 @@ func main() {
 		err = soak(ctx, cfg)
 	case cfg.scarceOnly:
 		err = scarceOnly(ctx, cfg)
+	case cfg.featuresOnly:
+		err = featuresOnly(ctx, cfg)
 	default:
 		err = run(ctx, cfg)
 	}
@@ -144,6 +157,13 @@ func run(ctx context.Context, cfg config) error {
 	}
 	rep.elapsed = time.Since(began)
 	doc := rep.markdown()
+	if cfg.features {
+		f, err := runFeatures(ctx, cfg)
+		if err != nil {
+			return fmt.Errorf("what each feature costs: %w", err)
+		}
+		doc = append(append(doc, '\n'), f.markdown()...)
+	}
 	if cfg.scarce {
 		s, err := runScarce(ctx, cfg)
 		if err != nil {
@@ -169,7 +189,7 @@ func (rep *report) runLoad(ctx context.Context) error {
 	defer up.closeAndRemove(dir)
 
 	var redisURL string
-	if needsRedis() {
+	if needsRedis(targets) {
 		redis, err := redistest.Run(dir)
 		if err != nil {
 			return err
@@ -177,7 +197,7 @@ func (rep *report) runLoad(ctx context.Context) error {
 		defer redis.Stop()
 		redisURL = redis.URL
 	}
-	insts, err := startTargets(ctx, cfg.caddy, dir, up, redisURL)
+	insts, err := startTargets(ctx, targets, cfg.caddy, dir, up, redisURL)
 	if err != nil {
 		return err
 	}

@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
@@ -352,19 +353,18 @@ http://127.0.0.1:{{.Port}} {
 }
 `
 
-// scarceKeys names the client keys of the scenarios.
-func scarceKeys(f func(tier string, i int) error) error {
-	for i := range proCallers {
-		if err := f("pro", i); err != nil {
-			return err
+// scarceKeys are the client keys of the scenarios.
+func scarceKeys() []wantedKey {
+	var want []wantedKey
+	for _, c := range []struct {
+		tier string
+		n    int
+	}{{"pro", proCallers}, {"free", freeCallers}} {
+		for i := range c.n {
+			want = append(want, wantedKey{as: c.tier, attrs: keys.Attrs{Name: fmt.Sprintf("bench-%s-%d", c.tier, i), Tier: c.tier}})
 		}
 	}
-	for i := range freeCallers {
-		if err := f("free", i); err != nil {
-			return err
-		}
-	}
-	return nil
+	return want
 }
 
 // oneKey is the server key of the scenarios but the pool's.
@@ -394,7 +394,7 @@ func startScarce(ctx context.Context, bin, dir string, up *limitedUpstream, d sc
 			spec, data.Redis = "{{.Redis}}", redisURL
 		}
 		if i == 0 || redisURL == "" {
-			if keys, data.Store, err = clientKeys(ctx, spec, data.siteData, scarceKeys); err != nil {
+			if keys, data.Store, err = clientKeys(ctx, spec, data.siteData, scarceKeys()); err != nil {
 				return insts, err
 			}
 		} else {

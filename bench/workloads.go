@@ -32,6 +32,7 @@ const (
 	latencyWorkload  = "chat-1"
 	chatWorkload     = "chat"
 	signedInWorkload = "chat-jwt"
+	mintedWorkload   = "chat-minted"
 	modelsWorkload   = "models"
 	streamWorkload   = "stream"
 	profiledWorkload = chatWorkload
@@ -55,6 +56,12 @@ func workloads(cfg config) []workload {
 			about: fmt.Sprintf("small chat completion, not streamed, %d connections, from a user signed in with an OpenID provider: its RS256 JWT in place of a client key",
 				cfg.conns),
 			run: load(cfg.conns, chatRequests(signedIn)),
+		},
+		{
+			name: mintedWorkload,
+			about: fmt.Sprintf("small chat completion, not streamed, %d connections, from a user of an app whose backend minted it a token (`POST /vigthoria/tokens` with a key that may mint): that token in place of a client key, the same for the whole run, as a page sends it",
+				cfg.conns),
+			run: load(cfg.conns, chatRequests(minted)),
 		},
 		{
 			name:  modelsWorkload,
