@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run standin test build deps test-deps clean bench bench-scarce soak fuzz
+.PHONY: run standin test build deps test-deps clean bench bench-scarce bench-burst soak fuzz
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -67,7 +67,8 @@ fuzz:
 ## upstream alone, and the hot paths' micro-benchmarks (redis-server for
 ## the Redis ones), on loopback, then the scenarios of a saturated
 ## upstream (the queue's shares, upstream_limits, a pool of server keys
-## with one revoked); writes BENCHMARKS.md (about 12 minutes).
+## with one revoked) and one caller's burst on a fleet; writes
+## BENCHMARKS.md (about 12 minutes).
 ## BASELINE=path/to/caddy measures another build of the module (an
 ## earlier commit's) beside this one, in the same rounds.
 BASELINE ?=
@@ -85,6 +86,12 @@ soak: build
 ## their section of BENCHMARKS.md (about 2 minutes).
 bench-scarce: build test-deps
 	$(GO) run ./bench -caddy ./caddy -scarce-only -out BENCHMARKS.md
+
+## bench-burst: only one caller's burst on a fleet (200 requests at once
+## to two instances sharing Redis, beside other callers' steady load);
+## rewrites its section of BENCHMARKS.md (about 30 seconds).
+bench-burst: build test-deps
+	$(GO) run ./bench -caddy ./caddy -burst-only -out BENCHMARKS.md
 
 ## build: ./caddy with this module, built by xcaddy from xcaddy.json.
 build: caddy

@@ -89,3 +89,38 @@ func TestUpstreamFeaturesSite(t *testing.T) {
 		t.Errorf("the site kept its one api_key:\n%s", upstreamFeaturesSite)
 	}
 }
+
+func TestBurstVerdict(t *testing.T) {
+	exact := func() *burstShot {
+		return &burstShot{answers: map[int]int{200: burstLimit, 429: burstParallel - burstLimit}, upstream: burstLimit,
+			steady: []time.Duration{3 * time.Millisecond}}
+	}
+	leaked := exact()
+	leaked.upstream++ // the upstream saw a request the fleet refused
+	overAdmitted := exact()
+	overAdmitted.answers[200]++
+	overAdmitted.answers[429]--
+	overAdmitted.upstream++
+	slow := exact()
+	slow.steady = []time.Duration{5 * time.Millisecond}
+	unloaded := []time.Duration{2 * time.Millisecond, time.Millisecond}
+	cases := []struct {
+		name  string
+		shots []*burstShot
+		met   bool
+	}{
+		{"exact, p99 1.5x", []*burstShot{exact(), exact()}, true},
+		{"the upstream got one more than admitted", []*burstShot{exact(), leaked}, false},
+		{"one admitted past the limit", []*burstShot{overAdmitted}, false},
+		{"p99 2.5x", []*burstShot{exact(), slow}, false},
+	}
+	for _, tc := range cases {
+		v := (&burstRun{unloaded: unloaded, shots: tc.shots}).verdict()
+		if !v.measured || v.met != tc.met {
+			t.Errorf("%s: verdict %v (%s), want met %v", tc.name, v, v.figure, tc.met)
+		}
+	}
+	if v := (*burstRun)(nil).verdict(); v.measured {
+		t.Errorf("a burst not run is measured: %v", v)
+	}
+}

@@ -45,6 +45,8 @@ type config struct {
 	only       string        // comma-separated workloads to measure; empty: all
 	scarce     bool          // run the scenarios of a saturated upstream after the load (scarce.go)
 	scarceOnly bool          // run only those, rewriting their section of the report
+	burst      bool          // run the burst scenario after the load (burst.go)
+	burstOnly  bool          // run only that, rewriting its section of the report
 
 	soak           bool          // run the soak test instead of the benchmark
 	soakDuration   time.Duration // of the soak's mixed load
@@ -69,6 +71,8 @@ func main() {
 	flag.StringVar(&cfg.only, "only", "", "measure only these workloads, comma-separated (chat-1, chat, chat-jwt, models, mix, stream), to study one; the goals of the others are then not judged")
 	flag.BoolVar(&cfg.scarce, "scarce", true, "after the load, the scenarios of a saturated upstream: shares of the queue by weight and between callers, upstream_limits, a pool of server keys with one revoked, memory with many requests queued")
 	flag.BoolVar(&cfg.scarceOnly, "scarce-only", false, "run only the scenarios of a saturated upstream, rewriting their section of the report")
+	flag.BoolVar(&cfg.burst, "burst", true, "after the load, one caller's burst on a fleet: "+fmt.Sprint(burstParallel)+" requests at once to two instances sharing Redis, beside other callers' steady load")
+	flag.BoolVar(&cfg.burstOnly, "burst-only", false, "run only the burst scenario, rewriting its section of the report")
 	flag.BoolVar(&cfg.pin, "pin", true, "during the load, run each Caddy on the last CPU and the harness on the others (taskset; 2 CPUs or more)")
 	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
 	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")
@@ -91,6 +95,8 @@ func main() {
 		err = soak(ctx, cfg)
 	case cfg.scarceOnly:
 		err = scarceOnly(ctx, cfg)
+	case cfg.burstOnly:
+		err = burstOnly(ctx, cfg)
 	default:
 		err = run(ctx, cfg)
 	}
@@ -112,6 +118,9 @@ func run(ctx context.Context, cfg config) error {
 	if cfg.baseline != "" {
 		targets = append(targets, baselineTarget(cfg.baseline))
 		goals = append(goals, baselineGoal)
+	}
+	if cfg.burst {
+		goals = append(goals, burstGoal)
 	}
 	rep := &report{cfg: cfg, began: began, workloads: wls}
 	if rep.machine, err = describeMachine(cfg.caddy); err != nil {
@@ -141,6 +150,12 @@ func run(ctx context.Context, cfg config) error {
 		return err
 	}
 	rep.elapsed = time.Since(began)
+	if cfg.burst {
+		fmt.Println("bench: one caller's burst on a fleet")
+		if rep.burst, err = runBurst(ctx, cfg); err != nil {
+			return fmt.Errorf("the burst scenario: %w", err)
+		}
+	}
 	doc := rep.markdown()
 	if cfg.scarce {
 		s, err := runScarce(ctx, cfg)
@@ -148,6 +163,9 @@ func run(ctx context.Context, cfg config) error {
 			return fmt.Errorf("the scenarios of a saturated upstream: %w", err)
 		}
 		doc = append(append(doc, '\n'), s.markdown()...)
+	}
+	if rep.burst != nil {
+		doc = append(append(doc, '\n'), rep.burst.markdown()...)
 	}
 	if err := writeKeepingSoak(cfg.out, doc); err != nil {
 		return err
