@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run standin test build deps test-deps clean bench bench-scarce bench-burst soak fuzz
+.PHONY: run standin test build deps test-deps clean bench bench-scarce bench-burst bench-capacity soak fuzz
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -67,8 +67,8 @@ fuzz:
 ## upstream alone, and the hot paths' micro-benchmarks (redis-server for
 ## the Redis ones), on loopback, then the scenarios of a saturated
 ## upstream (the queue's shares, upstream_limits, a pool of server keys
-## with one revoked) and one caller's burst on a fleet; writes
-## BENCHMARKS.md (about 12 minutes).
+## with one revoked), one caller's burst on a fleet and the capacity
+## model of the Redis store; writes BENCHMARKS.md (about 14 minutes).
 ## BASELINE=path/to/caddy measures another build of the module (an
 ## earlier commit's) beside this one, in the same rounds.
 BASELINE ?=
@@ -92,6 +92,12 @@ bench-scarce: build test-deps
 ## rewrites its section of BENCHMARKS.md (about 30 seconds).
 bench-burst: build test-deps
 	$(GO) run ./bench -caddy ./caddy -burst-only -out BENCHMARKS.md
+
+## bench-capacity: only the capacity model of the Redis store (Redis'
+## commands, bytes and CPU per request, memory per caller in Redis and in
+## an instance); rewrites its section of BENCHMARKS.md (about 70 seconds).
+bench-capacity: build test-deps
+	$(GO) run ./bench -caddy ./caddy -capacity-only -out BENCHMARKS.md
 
 ## build: ./caddy with this module, built by xcaddy from xcaddy.json.
 build: caddy
