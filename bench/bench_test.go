@@ -134,7 +134,7 @@ func TestParseInfo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.calls["evalsha"] != 30 || s.calls["hmget"] != 12 || s.in != 5000 || s.out != 700 || s.cpu != 2e6 || s.memory != 1<<20 || s.reply != len(info) {
+	if s.calls["evalsha"] != 30 || s.calls["hmget"] != 12 || s.in != 5000 || s.out != 700 || s.cpu != 2e6 || s.scripts != 900 || s.memory != 1<<20 || s.reply != len(info) {
 		t.Errorf("parseInfo = %+v", s)
 	}
 	if _, err := parseInfo("# Stats\r\ntotal_net_input_bytes:5000\r\n"); err == nil {

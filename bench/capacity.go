@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"math"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -101,6 +102,7 @@ func capacityKeys(f func(tier string, i int) error) error {
 // redisStats is one reading of Redis' INFO.
 type redisStats struct {
 	calls   map[string]float64 // commands run, by name, scripts' own included
+	scripts float64            // µs spent running scripts (EVALSHA and EVAL), by commandstats
 	in, out float64            // bytes read from and written to clients
 	cpu     float64            // used_cpu_sys + used_cpu_user, µs
 	memory  int64              // used_memory
@@ -131,12 +133,20 @@ func parseInfo(text string) (redisStats, error) {
 			continue
 		}
 		if cmd, ok := strings.CutPrefix(name, "cmdstat_"); ok {
-			calls, _, _ := strings.Cut(strings.TrimPrefix(value, "calls="), ",")
+			calls, rest, _ := strings.Cut(strings.TrimPrefix(value, "calls="), ",")
 			n, err := strconv.ParseFloat(calls, 64)
 			if err != nil {
 				return s, fmt.Errorf("INFO %s: %w", name, err)
 			}
 			s.calls[cmd] = n
+			if cmd == "evalsha" || cmd == "eval" {
+				usec, _, _ := strings.Cut(strings.TrimPrefix(rest, "usec="), ",")
+				us, err := strconv.ParseFloat(usec, 64)
+				if err != nil {
+					return s, fmt.Errorf("INFO %s: %w", name, err)
+				}
+				s.scripts += us
+			}
 			continue
 		}
 		var dst *float64
@@ -178,6 +188,7 @@ func parseInfo(text string) (redisStats, error) {
 // reply and the second's command taken out.
 type usage struct {
 	calls   map[string]float64
+	scripts float64 // µs running scripts
 	in, out float64
 	cpu     float64 // µs
 }
@@ -185,7 +196,7 @@ type usage struct {
 // since returns what Redis did from before to s. INFO's own calls are
 // left out.
 func (s redisStats) since(before redisStats) usage {
-	u := usage{calls: map[string]float64{},
+	u := usage{calls: map[string]float64{}, scripts: s.scripts - before.scripts,
 		in:  s.in - before.in - float64(infoCommandLen()),
 		out: s.out - before.out - float64(before.reply),
 		cpu: s.cpu - before.cpu}
@@ -211,7 +222,7 @@ func infoCommandLen() int {
 // minus returns u less the background's rate over d, nothing below zero.
 func (u usage) minus(background usage, over, d time.Duration) usage {
 	k := d.Seconds() / over.Seconds()
-	out := usage{calls: map[string]float64{},
+	out := usage{calls: map[string]float64{}, scripts: max(0, u.scripts-k*background.scripts),
 		in:  max(0, u.in-k*background.in),
 		out: max(0, u.out-k*background.out),
 		cpu: max(0, u.cpu-k*background.cpu)}
@@ -225,7 +236,7 @@ func (u usage) minus(background usage, over, d time.Duration) usage {
 
 // per returns u divided by n.
 func (u usage) per(n float64) usage {
-	out := usage{calls: map[string]float64{}, in: u.in / n, out: u.out / n, cpu: u.cpu / n}
+	out := usage{calls: map[string]float64{}, scripts: u.scripts / n, in: u.in / n, out: u.out / n, cpu: u.cpu / n}
 	for cmd, v := range u.calls {
 		out.calls[cmd] = v / n
 	}
@@ -713,14 +724,14 @@ func (run *capacityRun) markdown() []byte {
 		run.began.UTC().Format("2006-01-02 15:04 MST"), run.elapsed.Round(time.Second), run.machine.cpu, run.machine.cores, run.machine.loadAverage,
 		capSettle, capIdle, capConns)
 
-	fmt.Fprintf(&b, "| phase | requests counted | the instance's req/s | its CPU per request | Redis commands per request | bytes in / out per request | Redis CPU per request |\n|---|--:|--:|--:|--:|--:|--:|\n")
+	fmt.Fprintf(&b, "| phase | requests counted | the instance's req/s | its CPU per request | Redis commands per request | bytes in / out per request | Redis CPU per request | time in scripts (wall clock, `commandstats`) |\n|---|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, p := range run.phases {
-		fmt.Fprintf(&b, "| %s: %s | %d (%s) | %.0f | %s | %.2f | %.0f / %.0f | %.1f µs |\n",
+		fmt.Fprintf(&b, "| %s: %s | %d (%s) | %.0f | %s | %.2f | %.0f / %.0f | %.1f µs | %.1f µs |\n",
 			p.name, p.about, p.counted, statusText(p.answers), p.rate(), fmtDur(float64(p.caddyCPU)),
-			p.perRequest.total(), p.perRequest.in, p.perRequest.out, p.perRequest.cpu)
+			p.perRequest.total(), p.perRequest.in, p.perRequest.out, p.perRequest.cpu, p.perRequest.scripts)
 	}
 	bg := run.background
-	fmt.Fprintf(&b, "| background of one idle instance, a second | — | — | — | %.1f | %.0f / %.0f | %.0f µs |\n\n", bg.total(), bg.in, bg.out, bg.cpu)
+	fmt.Fprintf(&b, "| background of one idle instance, a second | — | — | — | %.1f | %.0f / %.0f | %.0f µs | %.0f µs |\n\n", bg.total(), bg.in, bg.out, bg.cpu, bg.scripts)
 
 	fmt.Fprintf(&b, "Commands by name, per request (a second for the background). `evalsha` is a script's call; "+
 		"Redis counts the commands a script runs under their own names as well, so the commands a client sends are `evalsha` and the plain commands, "+
@@ -768,8 +779,8 @@ func (run *capacityRun) model() string {
 	var b strings.Builder
 	redisRate := 1e6 / exact.perRequest.cpu
 	fmt.Fprintf(&b, "\nThe model, for small chats of a tier Redis decides on every request (`chat` above):\n\n")
-	fmt.Fprintf(&b, "- Redis used %.1f µs of CPU per admitted request: one Redis core serves about **%.0f requests/s** "+
-		"(*extrapolated*: 1 s ÷ that CPU, as if nothing but its CPU bound Redis, which runs commands on one thread).\n", exact.perRequest.cpu, redisRate)
+	fmt.Fprintf(&b, "- Redis used %.1f µs of CPU per admitted request: one Redis core serves about **%s requests/s** "+
+		"(*extrapolated*: 1 s ÷ that CPU, as if nothing but its CPU bound Redis, which runs commands on one thread).\n", exact.perRequest.cpu, roughly(redisRate))
 	fmt.Fprintf(&b, "- One instance served %.0f requests/s here, using %s of CPU per request (on this machine's %d cores, beside the harness and Redis): "+
 		"one Redis serves about **%.1f such instances** (*extrapolated*); an instance with a core to itself serves about %.0f requests/s "+
 		"(*extrapolated*: 1 s ÷ its CPU per request), and one Redis about **%.1f** of those.\n",
@@ -782,8 +793,8 @@ func (run *capacityRun) model() string {
 			"100 instances would take %.0f %% of a Redis core before any request (*extrapolated*).\n", bg.cpu, bg.total(), 100*bg.cpu*100/1e6)
 	}
 	if sliced := run.phase("chat, sliced"); sliced != nil && sliced.perRequest.cpu > 0 {
-		fmt.Fprintf(&b, "- A tier whose buckets are sliced costs Redis %.1f µs a request, %.0f× less: one Redis core, about %.0f requests/s of it (*extrapolated*).\n",
-			sliced.perRequest.cpu, exact.perRequest.cpu/sliced.perRequest.cpu, 1e6/sliced.perRequest.cpu)
+		fmt.Fprintf(&b, "- A tier whose buckets are sliced costs Redis %.1f µs a request, %.0f× less: one Redis core, about %s requests/s of it (*extrapolated*; the instances, not Redis, bound such a fleet).\n",
+			sliced.perRequest.cpu, exact.perRequest.cpu/sliced.perRequest.cpu, roughly(1e6/sliced.perRequest.cpu))
 	}
 	return b.String()
 }
@@ -795,6 +806,15 @@ func (run *capacityRun) phase(name string) *capPhase {
 		}
 	}
 	return nil
+}
+
+// roughly formats an extrapolation to two significant digits.
+func roughly(x float64) string {
+	if x < 100 {
+		return fmt.Sprintf("%.0f", x)
+	}
+	scale := math.Pow(10, math.Floor(math.Log10(x))-1)
+	return fmt.Sprintf("%.0f", math.Round(x/scale)*scale)
 }
 
 // fmtCalls formats commands per request; a dash for none.
@@ -812,7 +832,7 @@ func fmtCalls(n float64) string {
 func ttlText(k capKind) string {
 	var parts []string
 	if k.ttlLo >= 0 {
-		if k.ttlLo.Round(time.Second) == k.ttlHi.Round(time.Second) {
+		if fmtTTL(k.ttlLo) == fmtTTL(k.ttlHi) {
 			parts = append(parts, fmtTTL(k.ttlHi))
 		} else {
 			parts = append(parts, fmtTTL(k.ttlLo)+" to "+fmtTTL(k.ttlHi))
