@@ -368,7 +368,8 @@ func (r *burstRun) markdown() []byte {
 	for _, n := range r.steadyFailed {
 		failed += n
 	}
-	fmt.Fprintf(&b, "| steady requests not answered 200, over the whole run | %d %s | none %s |\n", failed, failedText(r.steadyFailed), mark(failed == 0))
+	fmt.Fprintf(&b, "| steady requests not answered 200, over the whole run | %s | none %s |\n",
+		strings.TrimSpace(fmt.Sprintf("%d %s", failed, failedText(r.steadyFailed))), mark(failed == 0))
 	fmt.Fprintf(&b, "\nA steady request counts as sent during a burst when it was sent between the burst's first request and its last answer; "+
 		"its latency is from sending to its body read. Latencies on loopback include the harness, which sends both loads, "+
 		"and the two Caddys sharing this machine's %d cores.\n%s\n", r.machine.cores, burstEnd)

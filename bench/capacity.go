@@ -289,6 +289,7 @@ type capMemory struct {
 // capacityRun is what the capacity model measured.
 type capacityRun struct {
 	began      time.Time
+	pinned     bool // Caddy on caddyCPU, the harness and Redis on the others
 	machine    machine
 	elapsed    time.Duration
 	background usage // per second, of one idle instance
@@ -299,7 +300,7 @@ type capacityRun struct {
 // runCapacity measures the capacity model, each part on processes of its
 // own.
 func runCapacity(ctx context.Context, cfg config) (*capacityRun, error) {
-	run := &capacityRun{began: time.Now()}
+	run := &capacityRun{began: time.Now(), pinned: caddyCPU >= 0}
 	var err error
 	if run.machine, err = describeMachine(cfg.caddy); err != nil {
 		return nil, err
@@ -715,14 +716,18 @@ func (run *capacityRun) shownCommands() []string {
 func (run *capacityRun) markdown() []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "%s\n## Capacity of the Redis store\n\n", capacityBegin)
+	placement := "Caddy, the harness and redis-server unpinned, sharing the cores"
+	if run.pinned {
+		placement = fmt.Sprintf("Caddy on CPU %d, the harness and redis-server on the others", caddyCPU)
+	}
 	fmt.Fprintf(&b, "Written by `make bench`, or alone by `make bench-capacity` (`go run ./bench -capacity-only`), on %s in %v: %s, %d cores, load average %s when it began; "+
-		"redis-server on loopback, without persistence; Caddy, the harness and redis-server unpinned, sharing the cores. "+
+		"redis-server on loopback, without persistence; %s. "+
 		"Redis' figures are its own (`INFO commandstats`, `stats`, `cpu`), read before and after each phase, which ends %v after its last answer "+
 		"so that what the instance writes behind its requests (the usage ledger each second, the keys' last use each 5 s) is in it; "+
 		"the instance's background, measured idle for %v, is taken out in proportion to each phase's time. "+
 		"Each phase sends its requests from %d connections, each its next when its last was answered, through one instance.\n\n",
 		run.began.UTC().Format("2006-01-02 15:04 MST"), run.elapsed.Round(time.Second), run.machine.cpu, run.machine.cores, run.machine.loadAverage,
-		capSettle, capIdle, capConns)
+		placement, capSettle, capIdle, capConns)
 
 	fmt.Fprintf(&b, "| phase | requests counted | the instance's req/s | its CPU per request | Redis commands per request | bytes in / out per request | Redis CPU per request | time in scripts (wall clock, `commandstats`) |\n|---|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, p := range run.phases {
