@@ -4,7 +4,7 @@ GO    ?= go
 
 GO_SOURCES := $(shell find . -name '*.go' -not -path './.git/*' -not -name '*_test.go')
 
-.PHONY: run standin test build deps test-deps clean bench bench-scarce bench-features soak fuzz
+.PHONY: run standin test build deps test-deps clean bench bench-scarce bench-features bench-burst bench-capacity soak fuzz
 
 ## run: start the proxy. Without VIGTHORIA_API_KEY: a local stand-in
 ## upstream and the proxy in front of it. With it: the real API,
@@ -68,7 +68,8 @@ fuzz:
 ## the Redis ones), on loopback, then what each feature costs (a ladder
 ## of module targets under small chats) and the scenarios of a saturated
 ## upstream (the queue's shares, upstream_limits, a pool of server keys
-## with one revoked); writes BENCHMARKS.md (about 20 minutes).
+## with one revoked), one caller's burst on a fleet and the capacity
+## model of the Redis store; writes BENCHMARKS.md (about 25 minutes).
 ## BASELINE=path/to/caddy measures another build of the module (an
 ## earlier commit's) beside this one, in the same rounds.
 BASELINE ?=
@@ -91,6 +92,18 @@ bench-scarce: build test-deps
 ## of BENCHMARKS.md (about 4 minutes).
 bench-features: build test-deps
 	$(GO) run ./bench -caddy ./caddy -features-only -out BENCHMARKS.md
+
+## bench-burst: only one caller's burst on a fleet (200 requests at once
+## to two instances sharing Redis, beside other callers' steady load);
+## rewrites its section of BENCHMARKS.md (about 30 seconds).
+bench-burst: build test-deps
+	$(GO) run ./bench -caddy ./caddy -burst-only -out BENCHMARKS.md
+
+## bench-capacity: only the capacity model of the Redis store (Redis'
+## commands, bytes and CPU per request, memory per caller in Redis and in
+## an instance); rewrites its section of BENCHMARKS.md (about 70 seconds).
+bench-capacity: build test-deps
+	$(GO) run ./bench -caddy ./caddy -capacity-only -out BENCHMARKS.md
 
 ## build: ./caddy with this module, built by xcaddy from xcaddy.json.
 build: caddy

@@ -186,3 +186,79 @@ func TestLadder(t *testing.T) {
 		t.Errorf("added CPU sums to %v, want %v", sum, topCPU-plainCPU)
 	}
 }
+
+func TestBurstVerdict(t *testing.T) {
+	exact := func() *burstShot {
+		return &burstShot{answers: map[int]int{200: burstLimit, 429: burstParallel - burstLimit}, upstream: burstLimit,
+			steady: []time.Duration{3 * time.Millisecond}}
+	}
+	leaked := exact()
+	leaked.upstream++ // the upstream saw a request the fleet refused
+	overAdmitted := exact()
+	overAdmitted.answers[200]++
+	overAdmitted.answers[429]--
+	overAdmitted.upstream++
+	slow := exact()
+	slow.steady = []time.Duration{5 * time.Millisecond}
+	unloaded := []time.Duration{2 * time.Millisecond, time.Millisecond}
+	cases := []struct {
+		name  string
+		shots []*burstShot
+		met   bool
+	}{
+		{"exact, p99 1.5x", []*burstShot{exact(), exact()}, true},
+		{"the upstream got one more than admitted", []*burstShot{exact(), leaked}, false},
+		{"one admitted past the limit", []*burstShot{overAdmitted}, false},
+		{"p99 2.5x", []*burstShot{exact(), slow}, false},
+	}
+	for _, tc := range cases {
+		v := (&burstRun{unloaded: unloaded, shots: tc.shots}).verdict()
+		if !v.measured || v.met != tc.met {
+			t.Errorf("%s: verdict %v (%s), want met %v", tc.name, v, v.figure, tc.met)
+		}
+	}
+	if v := (*burstRun)(nil).verdict(); v.measured {
+		t.Errorf("a burst not run is measured: %v", v)
+	}
+}
+
+func TestParseInfo(t *testing.T) {
+	const info = "# Commandstats\r\ncmdstat_evalsha:calls=30,usec=900,usec_per_call=30.00,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_hmget:calls=12,usec=24,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n\r\n# Stats\r\n" +
+		"total_net_input_bytes:5000\r\ntotal_net_output_bytes:700\r\n\r\n# CPU\r\nused_cpu_sys:1.250000\r\nused_cpu_user:0.750000\r\n\r\n" +
+		"# Memory\r\nused_memory:1048576\r\n"
+	s, err := parseInfo(info)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.calls["evalsha"] != 30 || s.calls["hmget"] != 12 || s.in != 5000 || s.out != 700 || s.cpu != 2e6 || s.scripts != 900 || s.memory != 1<<20 || s.reply != len(info) {
+		t.Errorf("parseInfo = %+v", s)
+	}
+	if _, err := parseInfo("# Stats\r\ntotal_net_input_bytes:5000\r\n"); err == nil {
+		t.Error("INFO without its CPU and memory parsed")
+	}
+	later := redisStats{calls: map[string]float64{"evalsha": 40, "hmget": 12, "info": 1}, in: 5100 + float64(infoCommandLen()), out: 700 + float64(len(info)) + 50, cpu: 2.5e6}
+	u := later.since(s)
+	if u.calls["evalsha"] != 10 || len(u.calls) != 1 || u.in != 100 || u.out != 50 || u.cpu != 0.5e6 {
+		t.Errorf("since = %+v, want 10 evalsha, 100 B in, 50 B out, 0.5 s of CPU", u)
+	}
+}
+
+func TestKindOf(t *testing.T) {
+	for key, want := range map[string]string{
+		"vgt:key:key_2bHx9":                     "vgt:key:<id>",
+		"vgt:keys:seq":                          "vgt:keys:seq",
+		"vgt:lim:lease:{key_2bHx9}":             "vgt:lim:lease:{<client>}",
+		"vgt:lim:quota:{key_2bHx9}:2026-12":     "vgt:lim:quota:{<client>}:<period>",
+		"vgt:lim:quota:{key_2bHx9}:2026-12-07":  "vgt:lim:quota:{<client>}:<period>",
+		"vgt:usage:key_2bHx9:2026-12-07":        "vgt:usage:<client>:<day>",
+		"vgt:usage-hour:2026-12-07T06":          "vgt:usage-hour:<hour>",
+		"vgt:usage-slot:2026-12-07T06:55":       "vgt:usage-slot:<slot>",
+		"vgt:usage-writer:abc":                  "vgt:usage-writer:<writer>",
+		"vgt:upstream:lockout:0123456789abcdef": "vgt:upstream:lockout:0123456789abcdef",
+	} {
+		if got := kindOf(key); got != want {
+			t.Errorf("kindOf(%s) = %s, want %s", key, got, want)
+		}
+	}
+}

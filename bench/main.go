@@ -33,23 +33,27 @@ import (
 
 // config is the run's settings, from the command line.
 type config struct {
-	caddy      string        // the Caddy binary with this module
-	baseline   string        // another build of the module, measured beside it; empty: none
-	goCmd      string        // the go command, for the micro-benchmarks and pprof
-	out        string        // the report's path
-	rounds     int           // rounds of every workload on every target
-	duration   time.Duration // of one measurement
-	warmup     time.Duration // before each measurement, not counted
-	conns      int           // concurrent connections of the load workloads
-	streams    int           // concurrent streams of the stream workload
-	chunkDelay time.Duration // the upstream's delay between stream events
-	profile    time.Duration // CPU profile of the module under load; 0: none
-	profiles   string        // directory to keep the CPU profiles in; empty: dropped with the run
-	micro      bool          // run the micro-benchmarks
-	pin        bool          // each Caddy on a CPU of its own during the load
-	only       string        // comma-separated workloads to measure; empty: all
-	scarce     bool          // run the scenarios of a saturated upstream after the load (scarce.go)
-	scarceOnly bool          // run only those, rewriting their section of the report
+	caddy        string        // the Caddy binary with this module
+	baseline     string        // another build of the module, measured beside it; empty: none
+	goCmd        string        // the go command, for the micro-benchmarks and pprof
+	out          string        // the report's path
+	rounds       int           // rounds of every workload on every target
+	duration     time.Duration // of one measurement
+	warmup       time.Duration // before each measurement, not counted
+	conns        int           // concurrent connections of the load workloads
+	streams      int           // concurrent streams of the stream workload
+	chunkDelay   time.Duration // the upstream's delay between stream events
+	profile      time.Duration // CPU profile of the module under load; 0: none
+	profiles     string        // directory to keep the CPU profiles in; empty: dropped with the run
+	micro        bool          // run the micro-benchmarks
+	pin          bool          // each Caddy on a CPU of its own during the load
+	only         string        // comma-separated workloads to measure; empty: all
+	scarce       bool          // run the scenarios of a saturated upstream after the load (scarce.go)
+	scarceOnly   bool          // run only those, rewriting their section of the report
+	burst        bool          // run the burst scenario after the load (burst.go)
+	burstOnly    bool          // run only that, rewriting its section of the report
+	capacity     bool          // measure the capacity model of the Redis store after the load (capacity.go)
+	capacityOnly bool          // measure only that, rewriting its section of the report
 
 	features         bool          // measure what each feature costs after the load (features.go)
 	featuresOnly     bool          // measure only that, rewriting its section of the report
@@ -82,6 +86,10 @@ func main() {
 	flag.BoolVar(&cfg.features, "features", true, "after the load, what each feature costs: a ladder of module targets under small chats, each adding one feature to the one before, beside plain Caddy")
 	flag.BoolVar(&cfg.featuresOnly, "features-only", false, "measure only what each feature costs, rewriting its section of the report")
 	flag.DurationVar(&cfg.featuresDuration, "features-duration", 2*time.Second, "length of one measurement of a rung of the features' ladder, in -rounds rounds after -warmup each")
+	flag.BoolVar(&cfg.burst, "burst", true, "after the load, one caller's burst on a fleet: "+fmt.Sprint(burstParallel)+" requests at once to two instances sharing Redis, beside other callers' steady load")
+	flag.BoolVar(&cfg.burstOnly, "burst-only", false, "run only the burst scenario, rewriting its section of the report")
+	flag.BoolVar(&cfg.capacity, "capacity", true, "after the load, the capacity model of the Redis store: Redis' commands, bytes and CPU per request, memory per caller in Redis and in an instance")
+	flag.BoolVar(&cfg.capacityOnly, "capacity-only", false, "measure only the capacity model of the Redis store, rewriting its section of the report")
 	flag.BoolVar(&cfg.pin, "pin", true, "during the load, run each Caddy on the last CPU and the harness on the others (taskset; 2 CPUs or more)")
 	flag.BoolVar(&cfg.soak, "soak", false, "instead of the benchmark, the soak test: the module under mixed load at half its measured maximum (measured at -conns connections after -warmup; the paced chats keep at most -conns in flight), checked for errors and leaks")
 	flag.DurationVar(&cfg.soakDuration, "soak-duration", 60*time.Second, "length of the soak's mixed load (at least 11s: RSS growth counts from second 10)")
@@ -106,6 +114,10 @@ func main() {
 		err = scarceOnly(ctx, cfg)
 	case cfg.featuresOnly:
 		err = featuresOnly(ctx, cfg)
+	case cfg.burstOnly:
+		err = burstOnly(ctx, cfg)
+	case cfg.capacityOnly:
+		err = capacityOnly(ctx, cfg)
 	default:
 		err = run(ctx, cfg)
 	}
@@ -127,6 +139,9 @@ func run(ctx context.Context, cfg config) error {
 	if cfg.baseline != "" {
 		targets = append(targets, baselineTarget(cfg.baseline))
 		goals = append(goals, baselineGoal)
+	}
+	if cfg.burst {
+		goals = append(goals, burstGoal)
 	}
 	rep := &report{cfg: cfg, began: began, workloads: wls}
 	if rep.machine, err = describeMachine(cfg.caddy); err != nil {
@@ -156,6 +171,12 @@ func run(ctx context.Context, cfg config) error {
 		return err
 	}
 	rep.elapsed = time.Since(began)
+	if cfg.burst {
+		fmt.Println("bench: one caller's burst on a fleet")
+		if rep.burst, err = runBurst(ctx, cfg); err != nil {
+			return fmt.Errorf("the burst scenario: %w", err)
+		}
+	}
 	doc := rep.markdown()
 	if cfg.features {
 		f, err := runFeatures(ctx, cfg)
@@ -170,6 +191,17 @@ func run(ctx context.Context, cfg config) error {
 			return fmt.Errorf("the scenarios of a saturated upstream: %w", err)
 		}
 		doc = append(append(doc, '\n'), s.markdown()...)
+	}
+	if rep.burst != nil {
+		doc = append(append(doc, '\n'), rep.burst.markdown()...)
+	}
+	if cfg.capacity {
+		fmt.Println("bench: the capacity model of the Redis store")
+		c, err := runCapacity(ctx, cfg)
+		if err != nil {
+			return fmt.Errorf("the capacity model: %w", err)
+		}
+		doc = append(append(doc, '\n'), c.markdown()...)
 	}
 	if err := writeKeepingSoak(cfg.out, doc); err != nil {
 		return err

@@ -21,10 +21,11 @@ type report struct {
 	machine   machine
 	workloads []workload
 	results   results
-	micro     string // the micro-benchmarks' output
-	microErr  error  // how go test failed, if it did
-	profile   string // the profileViews of the module's CPU profile
-	compared  string // plain Caddy's and the module's profiles per request, Markdown
+	micro     string    // the micro-benchmarks' output
+	microErr  error     // how go test failed, if it did
+	profile   string    // the profileViews of the module's CPU profile
+	compared  string    // plain Caddy's and the module's profiles per request, Markdown
+	burst     *burstRun // the burst scenario; nil when not run
 }
 
 // A goal is one of the project's performance targets.

@@ -80,6 +80,7 @@ type outcome struct {
 	code   string        // the error's code, for an error answer
 	wait   time.Duration // the queue's wait, from X-Vigthoria-Queue-Wait
 	retry  string        // Retry-After of a 429
+	took   time.Duration // from sending to the answer's body read
 }
 
 // openLoop sends the callers' requests at their pace for warm+d, each
@@ -102,8 +103,9 @@ func openLoop(ctx context.Context, client *http.Client, urls []string, callers [
 				sent := next.Sub(start)
 				url := urls[(i+n)%len(urls)]
 				wg.Go(func() {
+					began := time.Now()
 					o := send(ctx, client, url, c.key)
-					o.caller, o.sent = i, sent
+					o.caller, o.sent, o.took = i, sent, time.Since(began)
 					mu.Lock()
 					outs = append(outs, o)
 					mu.Unlock()
@@ -118,7 +120,13 @@ func openLoop(ctx context.Context, client *http.Client, urls []string, callers [
 
 // send sends one small chat and says how it was answered.
 func send(ctx context.Context, client *http.Client, url, key string) outcome {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/chat/completions", bytes.NewReader(chatBody))
+	return sendBody(ctx, client, url, key, chatBody)
+}
+
+// sendBody sends one chat completion request of body and says how it was
+// answered.
+func sendBody(ctx context.Context, client *http.Client, url, key string, body []byte) outcome {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/chat/completions", bytes.NewReader(body))
 	if err != nil {
 		return outcome{}
 	}
@@ -129,7 +137,7 @@ func send(ctx context.Context, client *http.Client, url, key string) outcome {
 		return outcome{}
 	}
 	defer res.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+	answer, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
 	o := outcome{status: res.StatusCode, retry: res.Header.Get("Retry-After")}
 	if ms, err := strconv.ParseInt(res.Header.Get("X-Vigthoria-Queue-Wait"), 10, 64); err == nil {
 		o.wait = time.Duration(ms) * time.Millisecond
@@ -138,7 +146,7 @@ func send(ctx context.Context, client *http.Client, url, key string) outcome {
 		var e struct {
 			Error struct{ Code string } `json:"error"`
 		}
-		_ = json.Unmarshal(body, &e)
+		_ = json.Unmarshal(answer, &e)
 		o.code = e.Error.Code
 	}
 	return o
@@ -353,17 +361,29 @@ http://127.0.0.1:{{.Port}} {
 }
 `
 
-// scarceKeys are the client keys of the scenarios.
-func scarceKeys() []wantedKey {
-	var want []wantedKey
-	for _, c := range []struct {
-		tier string
-		n    int
-	}{{"pro", proCallers}, {"free", freeCallers}} {
-		for i := range c.n {
-			want = append(want, wantedKey{as: c.tier, attrs: keys.Attrs{Name: fmt.Sprintf("bench-%s-%d", c.tier, i), Tier: c.tier}})
+// scarceKeys names the client keys of the scenarios.
+func scarceKeys(f func(tier string, i int) error) error {
+	for i := range proCallers {
+		if err := f("pro", i); err != nil {
+			return err
 		}
 	}
+	for i := range freeCallers {
+		if err := f("free", i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// keysOf is the client keys that each names, the i-th key of a tier
+// named bench-<tier>-<i>.
+func keysOf(each func(f func(tier string, i int) error) error) []wantedKey {
+	var want []wantedKey
+	each(func(tier string, i int) error {
+		want = append(want, wantedKey{as: tier, attrs: keys.Attrs{Name: fmt.Sprintf("bench-%s-%d", tier, i), Tier: tier}})
+		return nil
+	})
 	return want
 }
 
@@ -373,6 +393,15 @@ const oneKey = "\t\tapi_key {env.VIGTHORIA_API_KEY}"
 // startScarce starts n instances of the scenarios' site on one store
 // (Redis when redisURL is set, else each its own SQLite), in front of up.
 func startScarce(ctx context.Context, bin, dir string, up *limitedUpstream, d scarceData, n int, redisURL string) ([]*instance, error) {
+	return startSites(ctx, bin, dir, up, scarceSite, scarceKeys, "pro", d, n, redisURL)
+}
+
+// startSites starts n instances of site, a template of scarceData, on one
+// store (Redis when redisURL is set, else each its own SQLite), in front
+// of up, with the client keys that each names. Each is ready once a key
+// of readyTier gets GET /v1/models.
+func startSites(ctx context.Context, bin, dir string, up *limitedUpstream, site string, each func(f func(tier string, i int) error) error,
+	readyTier string, d scarceData, n int, redisURL string) ([]*instance, error) {
 	var insts []*instance
 	var keys map[string][]string
 	for i := range n {
@@ -394,13 +423,13 @@ func startScarce(ctx context.Context, bin, dir string, up *limitedUpstream, d sc
 			spec, data.Redis = "{{.Redis}}", redisURL
 		}
 		if i == 0 || redisURL == "" {
-			if keys, data.Store, err = clientKeys(ctx, spec, data.siteData, scarceKeys()); err != nil {
+			if keys, data.Store, err = clientKeys(ctx, spec, data.siteData, keysOf(each)); err != nil {
 				return insts, err
 			}
 		} else {
 			data.Store = insts[0].store
 		}
-		caddyfile, err := render(globalOptions+scarceSite, data)
+		caddyfile, err := render(globalOptions+site, data)
 		if err != nil {
 			return insts, err
 		}
@@ -411,7 +440,7 @@ func startScarce(ctx context.Context, bin, dir string, up *limitedUpstream, d sc
 			return insts, err
 		}
 		insts = append(insts, inst)
-		if err := inst.caddy.waitReady(ctx, inst.client, inst.url+"/v1/models", keys["pro"][0]); err != nil {
+		if err := inst.caddy.waitReady(ctx, inst.client, inst.url+"/v1/models", keys[readyTier][0]); err != nil {
 			return insts, err
 		}
 	}
