@@ -756,7 +756,7 @@ func (s *scarceRun) markdown() []byte {
 		fmt.Fprintf(&b, "\nMemory: %d requests held in the queue at once (`upstream_limits { concurrent 1 }` and one upstream call that takes a minute), %d of them by the queue's metric: "+
 			"RSS %s idle, %s with them queued (%s a queued request, its connection and goroutine included), %s once they left; "+
 			"live heap %s idle, %s queued, %s once they left; goroutines %d idle, %d after.\n",
-			queuedMany, q.held, fmtBytes(q.idle), fmtBytes(q.full), fmtBytes(int64(per)), fmtBytes(q.left),
+			queuedMany, q.held, fmtBytes(q.idle), fmtBytes(q.full), fmt.Sprintf("%.0f KiB", per/(1<<10)), fmtBytes(q.left),
 			fmtBytes(q.heapIdle), fmtBytes(q.heapFull), fmtBytes(q.heapLeft), q.goroutinesIdle, q.goroutinesLeft)
 	}
 	fmt.Fprintf(&b, "%s\n", scarceEnd)
