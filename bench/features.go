@@ -158,15 +158,31 @@ func featuresOnly(ctx context.Context, cfg config) error {
 	return nil
 }
 
-// added is what rung r adds to the rung it is compared with: the
-// difference of their medians of CPU per request (so that the ladder's
-// differences add up to its top rung's total less plain Caddy's), and
-// the median of the rounds' ratios of throughput.
+// added is what rung r adds to the rung it is compared with, and the
+// median of the rounds' ratios of their throughput. The CPU it adds is
+// read against plain Caddy measured in the same round: the difference of
+// the two rungs' medians of the rounds' ratios to plain Caddy's CPU, in
+// µs of plain Caddy's median. The machine's drift between rounds (plain
+// Caddy's own CPU per request moves by tens of percent on a shared
+// machine) reaches a rung and plain Caddy of one round alike, and cancels
+// out of the ratios, where it stays in a difference of raw medians. The
+// ladder's figures still add up: to its top rung's ratio less one, in the
+// same µs.
 func (fr *featuresRun) added(r rung) (cpu, rate float64, ok bool) {
-	mine, ok1 := fr.results.median(chatWorkload, r.name, byCPU)
-	theirs, ok2 := fr.results.median(chatWorkload, r.before, byCPU)
+	plain, ok0 := fr.results.median(chatWorkload, caddyName, byCPU)
+	mine, ok1 := fr.cpuRatio(r.name)
+	theirs, ok2 := fr.cpuRatio(r.before)
 	rate, ok3 := fr.results.ratio(chatWorkload, r.name, r.before, byRate)
-	return mine - theirs, rate, ok1 && ok2 && ok3
+	return (mine - theirs) * plain, rate, ok0 && ok1 && ok2 && ok3
+}
+
+// cpuRatio is the median of the rounds' ratios of rung name's CPU per
+// request to plain Caddy's: 1 for plain Caddy itself.
+func (fr *featuresRun) cpuRatio(name string) (float64, bool) {
+	if name == caddyName {
+		return 1, true
+	}
+	return fr.results.ratio(chatWorkload, name, caddyName, byCPU)
 }
 
 // markdown renders the ladder's section of the report, markers included.
@@ -178,7 +194,7 @@ func (fr *featuresRun) markdown() []byte {
 		"A ladder of targets under small chats only (`%s`: not streamed, %d connections, each rung's caller), each adding one feature to the one before, "+
 		"then variants of the bare rung, each compared with it; all beside plain Caddy, in %d interleaved rounds of %v after a %v warm-up, each round starting one rung further on "+
 		"(shorter than the load's measurements above, to keep this run to a few minutes: `-features-duration`). "+
-		"Added CPU is the difference of the rungs' medians over the rounds of CPU time per request, so that the ladder's add up to its top rung's total less plain Caddy's; "+
+		"Added CPU is read against plain Caddy of the same round, so that the machine's drift between rounds cancels out: the difference of the two rungs' medians of the rounds' ratios to plain Caddy's CPU per request, in µs of plain Caddy's median, so that the ladder's add up to its top rung's ratio less one; "+
 		"each ratio is the median of the rounds' ratios.\n\n",
 		fr.began.UTC().Format("2006-01-02 15:04 MST"), fr.elapsed.Round(time.Second), fr.machine.cores, fr.machine.loadAverage,
 		chatWorkload, fr.cfg.conns, fr.cfg.rounds, fr.cfg.featuresDuration, fr.cfg.warmup)
