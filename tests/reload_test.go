@@ -26,9 +26,13 @@ func TestReloadUnderLoad(t *testing.T) {
 	e := start(t, manyFailures, tier)
 	key, _ := e.meteredKey(t)
 	conns := &connErrors{next: http.DefaultTransport}
-	// The library's default retries, as an application has them.
+	// The library's default retries, as an application has them, over a
+	// redial of a connection a reload reset before any handler saw it:
+	// the library waits half a second and a second between its tries,
+	// and with a reload every 100 ms an unlucky request met a reset on
+	// all three.
 	client := openai.NewClient(option.WithBaseURL(e.caddy.URL+"/v1/"), option.WithAPIKey(key),
-		option.WithHTTPClient(&http.Client{Transport: conns}))
+		option.WithHTTPClient(&http.Client{Transport: redial{conns}}))
 	calls := e.upstream.Count()
 
 	const workers = 6
