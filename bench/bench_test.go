@@ -2,6 +2,8 @@ package main
 
 import (
 	"math"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -275,5 +277,23 @@ func TestKindOf(t *testing.T) {
 		if got := kindOf(key); got != want {
 			t.Errorf("kindOf(%s) = %s, want %s", key, got, want)
 		}
+	}
+}
+
+// A failed benchmark's stack trace names files by this machine's paths:
+// the report names them relative to the module and to $GOROOT.
+func TestWithoutMachinePaths(t *testing.T) {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := exec.Command("go", "env", "GOROOT").Output()
+	if err != nil {
+		t.Skip("no go command:", err)
+	}
+	in := "\t" + wd + "/proxy/models.go:144 +0x8c\n\t" + strings.TrimSpace(string(root)) + "/src/testing/benchmark.go:219\n"
+	got := withoutMachinePaths(t.Context(), "go", in)
+	if want := "\tproxy/models.go:144 +0x8c\n\t$GOROOT/src/testing/benchmark.go:219\n"; got != want {
+		t.Errorf("got %q, want %q", got, want)
 	}
 }

@@ -49,7 +49,24 @@ func runMicro(ctx context.Context, goCmd string) (string, error) {
 			kept.WriteString(line)
 		}
 	}
-	return kept.String(), err
+	return withoutMachinePaths(ctx, goCmd, kept.String()), err
+}
+
+// withoutMachinePaths writes the paths of this machine in out (a failed
+// benchmark's stack trace names its files) relative to the module, or to
+// $GOROOT: the report is committed, and speaks of the project only.
+func withoutMachinePaths(ctx context.Context, goCmd, out string) string {
+	var pairs []string
+	if wd, err := os.Getwd(); err == nil {
+		pairs = append(pairs, wd+"/", "")
+	}
+	if root, err := exec.CommandContext(ctx, goCmd, "env", "GOROOT").Output(); err == nil && len(bytes.TrimSpace(root)) > 0 {
+		pairs = append(pairs, string(bytes.TrimSpace(root))+"/", "$GOROOT/")
+	}
+	if len(pairs) == 0 {
+		return out
+	}
+	return strings.NewReplacer(pairs...).Replace(out)
 }
 
 // dropped starts the lines of go test's output that the report leaves

@@ -135,7 +135,11 @@ func (w *headerWriter) WriteHeader(int)             {}
 // BenchmarkModelsCacheHit answers GET /v1/models from a cached, filtered
 // list, as every call but the first in a TTL does.
 func BenchmarkModelsCacheHit(b *testing.B) {
-	up := &Upstream{tenant: "bench-models", modelsHeaders: modelsShapers[:]}
+	p, err := newPool("https://api.example.com/v1", []ServerKey{{Key: "bench-models"}}, &Config{}, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	up := &Upstream{tenant: p.keys[0].tenant, pool: p, modelsHeaders: modelsShapers[:]}
 	r := httptest.NewRequest(http.MethodGet, "/v1/models", nil)
 	body := []byte(`{"object":"list","data":[{"id":"vigthoria-fast-1","object":"model"},{"id":"vigthoria-pro-1","object":"model"},{"id":"vigthoria-embed-1","object":"model"}]}`)
 	key := up.modelsKey(r.Header)
