@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vigthoria/caddy-vigthoria/admission"
+	"github.com/vigthoria/caddy-vigthoria/internal/pause"
 	"github.com/vigthoria/caddy-vigthoria/limiter"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/proxy"
@@ -135,7 +136,7 @@ func (x *exchange) waitExhausted(d time.Duration) bool {
 		return false
 	}
 	start := time.Now()
-	ok := q.Sleep(x.r.Context(), d)
+	ok := pause.For(x.r.Context(), d)
 	x.queueWait += time.Since(start)
 	return ok
 }

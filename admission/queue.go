@@ -576,19 +576,6 @@ func (q *Queue) Own(ctx context.Context, tier, caller string, f *Refusal, admit 
 	}
 }
 
-// Sleep waits d (the upstream's exhaustion, which it said ends then),
-// or until ctx ends; it reports whether it waited the whole time.
-func (q *Queue) Sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
 // JoinUpstream adds the request's hold on the upstream's account to its
 // admission, so that its settle frees it on every way out.
 func (a *Admission) JoinUpstream(q *Queue, lease limiter.Lease) {

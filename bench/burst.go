@@ -187,15 +187,12 @@ var burstGoal = goal{
 // runBurst runs the burst scenario on processes of its own.
 func runBurst(ctx context.Context, cfg config) (*burstRun, error) {
 	run := &burstRun{began: time.Now(), pinned: caddyCPU >= 0, steadyFailed: map[string]int{}}
-	var err error
-	if run.machine, err = describeMachine(cfg.caddy); err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp("", "vigthoria-burst-")
+	m, dir, err := scenarioStart(cfg, "vigthoria-burst-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
+	run.machine = m
 	redis, err := redistest.Run(dir)
 	if err != nil {
 		return nil, err
@@ -331,10 +328,7 @@ func rewriteSection(path string, section []byte, begin, end string) error {
 func (r *burstRun) markdown() []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "%s\n## One caller's burst on a fleet\n\n", burstBegin)
-	placement := "Caddys, harness and redis-server unpinned, sharing the cores"
-	if r.pinned {
-		placement = fmt.Sprintf("both Caddys on CPU %d, the harness and redis-server on the others", caddyCPU)
-	}
+	where := placement("both Caddys", r.pinned)
 	fmt.Fprintf(&b, "Run on %s, %d cores, load average %s when it began; %s. "+
 		"Two instances of the module share one redis-server, in front of a stand-in upstream. "+
 		"Tier `burst` has `requests %d/1h` (one more request every %v: none refills during a burst, so the fleet must admit exactly %d); "+
@@ -343,7 +337,7 @@ func (r *burstRun) markdown() []byte {
 		"their first %v is not counted, the next %v are their reference without bursts. "+
 		"Then %d times, %v apart, a fresh `burst` caller sends %d small chats at once, half to each instance. "+
 		"The upstream counts the requests that name the burst's model, which the steady callers do not ask for.\n\n",
-		r.began.UTC().Format("2006-01-02 15:04 MST"), r.machine.cores, r.machine.loadAverage, placement,
+		r.began.UTC().Format("2006-01-02 15:04 MST"), r.machine.cores, r.machine.loadAverage, where,
 		burstLimit, time.Hour/burstLimit, burstLimit,
 		steadyCallers, steadyRate, burstWarmup, burstUnloaded, burstRepeats, burstEvery, burstParallel)
 	fmt.Fprintf(&b, "| burst | admitted (goal %d) | refused | other answers | upstream received (goal: as admitted) | burst lasted | steady requests sent meanwhile | their p99 / slowest |\n|---|--:|---|--:|--:|--:|--:|--:|\n", burstLimit)

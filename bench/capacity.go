@@ -20,6 +20,7 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/caller/keys"
+	"github.com/vigthoria/caddy-vigthoria/internal/pause"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
@@ -301,15 +302,12 @@ type capacityRun struct {
 // own.
 func runCapacity(ctx context.Context, cfg config) (*capacityRun, error) {
 	run := &capacityRun{began: time.Now(), pinned: caddyCPU >= 0}
-	var err error
-	if run.machine, err = describeMachine(cfg.caddy); err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp("", "vigthoria-capacity-")
+	m, dir, err := scenarioStart(cfg, "vigthoria-capacity-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
+	run.machine = m
 	if err := run.measureRequests(ctx, cfg, filepath.Join(dir, "requests")); err != nil {
 		return nil, fmt.Errorf("per request: %w", err)
 	}
@@ -381,14 +379,14 @@ func (run *capacityRun) measureRequests(ctx context.Context, cfg config, dir str
 		closedLoop(ctx, client, inst.url, inst.keys[tier], chatBody, 200, capConns)
 	}
 	closedLoop(ctx, client, inst.url, inst.keys["refused"], chatBody, 1, 1)
-	if !sleepCtx(ctx, capSettle) {
+	if !pause.For(ctx, capSettle) {
 		return ctx.Err()
 	}
 	before, err := readStats(ctx, rc)
 	if err != nil {
 		return err
 	}
-	if !sleepCtx(ctx, capIdle) {
+	if !pause.For(ctx, capIdle) {
 		return ctx.Err()
 	}
 	after, err := readStats(ctx, rc)
@@ -422,7 +420,7 @@ func (run *capacityRun) measureRequests(ctx context.Context, cfg config, dir str
 		if err != nil {
 			return err
 		}
-		if !sleepCtx(ctx, capSettle) {
+		if !pause.For(ctx, capSettle) {
 			return ctx.Err()
 		}
 		after, err := readStats(ctx, rc)
@@ -519,7 +517,7 @@ func measureMemory(ctx context.Context, cfg config, dir string) (*capMemory, err
 	if err := waitKnown(ctx, inst, secrets[len(secrets)-1]); err != nil {
 		return nil, err
 	}
-	if !sleepCtx(ctx, capSettle) {
+	if !pause.For(ctx, capSettle) {
 		return nil, ctx.Err()
 	}
 	if err := read(1); err != nil {
@@ -531,7 +529,7 @@ func measureMemory(ctx context.Context, cfg config, dir string) (*capMemory, err
 	if m.answers[http.StatusOK] != capMemCallers {
 		return nil, fmt.Errorf("the callers' requests got %s", statusText(m.answers))
 	}
-	if !sleepCtx(ctx, capSettle) {
+	if !pause.For(ctx, capSettle) {
 		return nil, ctx.Err()
 	}
 	if err := read(2); err != nil {
@@ -588,7 +586,7 @@ func waitKnown(ctx context.Context, inst *instance, secret string) error {
 		if err == nil && status == http.StatusOK {
 			return nil
 		}
-		if !sleepCtx(ctx, 500*time.Millisecond) {
+		if !pause.For(ctx, 500*time.Millisecond) {
 			return ctx.Err()
 		}
 	}
@@ -716,10 +714,7 @@ func (run *capacityRun) shownCommands() []string {
 func (run *capacityRun) markdown() []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "%s\n## Capacity of the Redis store\n\n", capacityBegin)
-	placement := "Caddy, the harness and redis-server unpinned, sharing the cores"
-	if run.pinned {
-		placement = fmt.Sprintf("Caddy on CPU %d, the harness and redis-server on the others", caddyCPU)
-	}
+	where := placement("Caddy", run.pinned)
 	fmt.Fprintf(&b, "Written by `make bench`, or alone by `make bench-capacity` (`go run ./bench -capacity-only`), on %s in %v: %s, %d cores, load average %s when it began; "+
 		"redis-server on loopback, without persistence; %s. "+
 		"Redis' figures are its own (`INFO commandstats`, `stats`, `cpu`), read before and after each phase, which ends %v after its last answer "+
@@ -727,7 +722,7 @@ func (run *capacityRun) markdown() []byte {
 		"the instance's background, measured idle for %v, is taken out in proportion to each phase's time. "+
 		"Each phase sends its requests from %d connections, each its next when its last was answered, through one instance.\n\n",
 		run.began.UTC().Format("2006-01-02 15:04 MST"), run.elapsed.Round(time.Second), run.machine.cpu, run.machine.cores, run.machine.loadAverage,
-		placement, capSettle, capIdle, capConns)
+		where, capSettle, capIdle, capConns)
 
 	fmt.Fprintf(&b, "| phase | requests counted | the instance's req/s | its CPU per request | Redis commands per request | bytes in / out per request | Redis CPU per request | time in scripts (wall clock, `commandstats`) |\n|---|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, p := range run.phases {

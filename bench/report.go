@@ -445,3 +445,24 @@ func fmtBytes(n int64) string {
 	}
 	return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
 }
+
+// scenarioStart begins a scenario run on processes of its own: the
+// machine it runs on, and a temporary directory (named by prefix) for its
+// processes, which the caller removes.
+func scenarioStart(cfg config, prefix string) (machine, string, error) {
+	m, err := describeMachine(cfg.caddy)
+	if err != nil {
+		return machine{}, "", err
+	}
+	dir, err := os.MkdirTemp("", prefix)
+	return m, dir, err
+}
+
+// placement says where a scenario's processes ran: caddys (who they are)
+// on a CPU of their own when pinned.
+func placement(caddys string, pinned bool) string {
+	if pinned {
+		return fmt.Sprintf("%s on CPU %d, the harness and redis-server on the others", caddys, caddyCPU)
+	}
+	return caddys + ", the harness and redis-server unpinned, sharing the cores"
+}

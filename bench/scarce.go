@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/caller/keys"
+	"github.com/vigthoria/caddy-vigthoria/internal/pause"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
@@ -157,18 +158,7 @@ func sleepUntil(ctx context.Context, t time.Time) bool {
 	if d <= 0 {
 		return ctx.Err() == nil
 	}
-	return sleepCtx(ctx, d)
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	tm := time.NewTimer(d)
-	defer tm.Stop()
-	select {
-	case <-tm.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	return pause.For(ctx, d)
 }
 
 // sharesLoad is the load of a shares scenario: scarceDemand a second,
@@ -544,7 +534,7 @@ func runQueued(ctx context.Context, cfg config, dir string) (*queued, error) {
 	}
 	deadline := time.Now().Add(time.Minute)
 	for q.held < queuedMany && time.Now().Before(deadline) {
-		if !sleepCtx(ctx, 250*time.Millisecond) {
+		if !pause.For(ctx, 250*time.Millisecond) {
 			return nil, ctx.Err()
 		}
 		if q.held, err = queueLength(ctx, adm, inst.caddy.adminURL); err != nil {
@@ -667,15 +657,12 @@ type scarceRun struct {
 // runScarce runs every scenario, each on processes of its own.
 func runScarce(ctx context.Context, cfg config) (*scarceRun, error) {
 	s := &scarceRun{began: time.Now()}
-	var err error
-	if s.machine, err = describeMachine(cfg.caddy); err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp("", "vigthoria-scarce-")
+	m, dir, err := scenarioStart(cfg, "vigthoria-scarce-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
+	s.machine = m
 	redis, err := redistest.Run(dir)
 	if err != nil {
 		return nil, err

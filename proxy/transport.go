@@ -15,6 +15,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/pause"
 )
 
 // errKeyRefused is the upstream refusing the server key (401/403): a fault
@@ -246,7 +248,7 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			c.Usage.Retries++
 			c.Usage.MarkSent(false) // that attempt was answered, and billed nothing
 		}
-		if !sleepCtx(ctx, wait) {
+		if !pause.For(ctx, wait) {
 			return nil, ctx.Err()
 		}
 		waited += wait

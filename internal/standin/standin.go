@@ -16,7 +16,6 @@ package standin
 import (
 	"bytes"
 	"cmp"
-	"context"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -27,6 +26,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/pause"
 )
 
 const (
@@ -482,7 +483,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case b.StallHeaders:
 		<-r.Context().Done()
-	case b.Latency > 0 && !sleep(r.Context(), b.Latency):
+	case b.Latency > 0 && !pause.For(r.Context(), b.Latency):
 		// The client gave up; there is no one left to answer.
 	case !s.authorized(r):
 		msg := "Incorrect API key provided."
@@ -748,18 +749,6 @@ func writePadding(w io.Writer, n int) error {
 		n -= k
 	}
 	return nil
-}
-
-// sleep waits d and reports whether ctx was still alive throughout.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
 
 // getBuf and putBuf recycle body buffers across requests.
