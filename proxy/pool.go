@@ -99,10 +99,11 @@ func (k *poolKey) learn(h http.Header, now time.Time) {
 	} {
 		left, lerr := strconv.ParseFloat(h.Get(kind[0]), 64)
 		limit, merr := strconv.ParseFloat(h.Get(kind[1]), 64)
-		if lerr != nil || merr != nil || limit <= 0 || math.IsNaN(left) {
-			continue
+		ratio := left / limit
+		if lerr != nil || merr != nil || limit <= 0 || math.IsNaN(ratio) {
+			continue // "Inf" of "Inf" says nothing either
 		}
-		share := int64(min(max(left/limit, 0), 1) * 1e6)
+		share := int64(min(max(ratio, 0), 1) * 1e6)
 		reset, ok := parseReset(h.Get(kind[2]), now)
 		if !ok {
 			reset = now.Add(time.Minute)

@@ -88,6 +88,37 @@ func TestPoolPrefersRoom(t *testing.T) {
 	}
 }
 
+// An upstream's figures that are not numbers, or infinite, or negative,
+// teach nothing past the bounds of a share: the keys stay picked evenly,
+// or by what a valid figure says.
+func TestPoolLearnsOnlyFigures(t *testing.T) {
+	p := testPool(nil, ServerKey{Key: "a", Name: "a"}, ServerKey{Key: "b", Name: "b"})
+	now := time.Unix(1700000000, 0)
+	for _, h := range []http.Header{
+		{"X-Ratelimit-Limit": {"Inf"}, "X-Ratelimit-Remaining": {"Inf"}},
+		{"X-Ratelimit-Limit": {"NaN"}, "X-Ratelimit-Remaining": {"5"}},
+		{"X-Ratelimit-Limit": {"-5"}, "X-Ratelimit-Remaining": {"5"}},
+		{"X-Ratelimit-Limit": {"100"}, "X-Ratelimit-Remaining": {"NaN"}},
+		{"X-Ratelimit-Limit": {"1e400"}, "X-Ratelimit-Remaining": {"abc"}},
+	} {
+		p.keys[0].learn(h, now)
+	}
+	counts := map[string]int{}
+	for range 100 {
+		k, _ := p.pick("", now)
+		counts[k.name]++
+	}
+	if counts["a"] != 50 || counts["b"] != 50 {
+		t.Fatalf("after figures that say nothing got %v, want a:50 b:50", counts)
+	}
+	// More left than the limit, or less than nothing: a share of 1 or 0.
+	p.keys[0].learn(http.Header{"X-Ratelimit-Limit": {"100"}, "X-Ratelimit-Remaining": {"-1e300"}}, now)
+	p.keys[1].learn(http.Header{"X-Ratelimit-Limit": {"100"}, "X-Ratelimit-Remaining": {"1e300"}}, now)
+	if got := [2]int64{p.keys[0].room.Load(), p.keys[1].room.Load()}; got != [2]int64{0, 1e6} {
+		t.Fatalf("shares %v, want [0 1000000]", got)
+	}
+}
+
 func TestPoolSkipsExhaustedUntilReset(t *testing.T) {
 	p := testPool(nil, ServerKey{Key: "a", Name: "a"}, ServerKey{Key: "b", Name: "b"})
 	now := time.Now()
