@@ -200,13 +200,14 @@ func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, leas
 		return Decision{Lease: lease}, err
 	}
 	if lease.ID == sliceID {
-		if f.policy == UseLocal {
+		if f.policy == UseLocal || !lim.Quota.Unlimited() {
 			// Past its slice, a sliced lease has nothing local to
-			// reserve from that Settle would give back.
+			// reserve from that Settle would give back; nor may a
+			// quota or budget be spent unchecked.
 			return Decision{Lease: lease}, ErrUnavailable
 		}
-		// A sliced tier has neither quota nor budget: its tokens are
-		// charged to Redis by Settle, unchecked in advance.
+		// Without a quota or budget, its tokens are charged to Redis by
+		// Settle, unchecked in advance.
 		d = Decision{Lease: lease}
 		if tooLarge(lim, lease.Reserved, tokens) {
 			d.Reason, d.RetryAfter = TooLarge, -1

@@ -288,6 +288,38 @@ func TestFallbackReserve(t *testing.T) {
 	})
 }
 
+// TestFallbackSlicedReserve: a request admitted from a slice whose
+// reservation needs Redis while Redis fails is, under UseLocalUnshared,
+// admitted unchecked (Settle charges Redis what it used) only when no
+// quota or budget bounds it: a quota or budget is never spent unchecked.
+func TestFallbackSlicedReserve(t *testing.T) {
+	ctx := t.Context()
+	lease := Lease{ID: sliceID, Reserved: 5, Local: 5}
+	for _, tc := range []struct {
+		name  string
+		lim   Limits
+		admit bool
+	}{
+		{"buckets only", Limits{Tokens: Rate{N: 1e9, Window: time.Minute}}, true},
+		{"a budget", Limits{Quota: Quota{N: 1e10, Period: Month}}, false},
+		{"a quota beside buckets", Limits{Tokens: Rate{N: 1e9, Window: time.Minute}, Quota: Quota{N: 1e12, Period: Day}}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFallback(&flaky{Memory: NewMemory(nil, 100), down: true}, NewMemory(noFigure{}, 100), UseLocalUnshared, zap.NewNop())
+			d, err := f.Reserve(ctx, "c", &tc.lim, lease, 100, t0)
+			if tc.admit {
+				if err != nil || d.Reason != Admitted || d.Lease != lease {
+					t.Errorf("Redis down: %+v %v, want admitted unchecked, the lease as it was", d, err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrUnavailable) || d.Lease != lease {
+				t.Errorf("Redis down: %+v %v, want ErrUnavailable and the lease as it was", d, err)
+			}
+		})
+	}
+}
+
 // TestFallbackReserveRedis: a lease Redis reports gone is the caller's
 // error, not an outage; Redis killed is one, and a tier with a
 // concurrency limit is refused meanwhile, its lease left as it was.

@@ -79,6 +79,7 @@ var requestScripts = []struct {
 //	                           what its Settle or cancellation gives back, whatever the
 //	                           instance heard of its calls
 //	quota:{client}:2026-03-31  tokens of a UTC day, or quota:{client}:2026-03 of a month
+//	quota:{client}:2026-03:sliced  what instances' slices hold of that counter
 //
 // Each key expires by itself: the buckets when both are full again (a
 // missing bucket is full, so nothing is lost), the lease set a minute
@@ -142,9 +143,9 @@ type Redis struct {
 // starts the goroutines that send the calls, renew leases, count the live
 // instances and retry failed calls, which Close stops.
 //
-// The buckets of tiers that set no concurrency limit and no quota, and
-// whose bursts are a million or more, are sliced: see redis_slices.go for
-// what that costs in exactness.
+// The buckets and quotas (budgets too) of tiers that set no concurrency
+// limit, and whose bursts and quotas are a million or more, are sliced:
+// see redis_slices.go for what that costs in exactness.
 func NewRedis(client redis.UniversalClient, prefix string, timeout time.Duration, logger *zap.Logger) *Redis {
 	r := newRedis(client, prefix, logger, timeout, LeaseTTL, keepEnded)
 	r.slicing.Store(true)
@@ -203,7 +204,7 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	vals, err := r.slice(r.run(ctx, admitScript, r.keys(client), args...))
 	if err != nil {
 		if claiming { // what it may have claimed counts as used until the buckets refill
-			r.claimed(client, lim, 0, 0, State{}, time.Now())
+			r.claimed(client, lim, 0, 0, 0, State{}, time.Now())
 		}
 		// It may run all the same, in a Redis that stalled, unless it
 		// was never queued.
@@ -224,14 +225,14 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	}
 	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
 		if claiming {
-			r.claimed(client, lim, 0, 0, State{}, time.Now())
+			r.claimed(client, lim, 0, 0, 0, State{}, time.Now())
 		}
 		r.cancelLater(client, lim, id)
 		return Decision{}, fmt.Errorf("redis admit: unexpected reply %v", vals)
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
 	if claiming {
-		r.claimed(client, lim, got[0], got[1], d.State, time.Now())
+		r.claimed(client, lim, got[0], got[1], n[2], d.State, time.Now())
 		// The slices are the client's still: not used, only held here.
 		if !lim.Requests.Unlimited() {
 			d.RequestsRemaining += got[0]
@@ -308,7 +309,7 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 		if delta == 0 {
 			return nil
 		}
-		_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, Lease{}, delta, 0, false)...)
+		_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, Lease{Period: lease.Period}, delta, 0, false)...)
 		if err != nil {
 			return fmt.Errorf("redis settle: %w; its tokens are not corrected", err)
 		}
@@ -339,7 +340,7 @@ func (r *Redis) SettleDeferred(client string, lim *Limits, lease Lease, used int
 		if delta = r.settleSliced(client, lim, lease, used); delta == 0 {
 			return
 		}
-		lease = Lease{} // Redis holds no lease of it
+		lease = Lease{Period: lease.Period} // Redis holds no lease of it
 	}
 	r.running.remove(lease.ID)
 	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, delta, 0, false),

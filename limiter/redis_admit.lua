@@ -3,9 +3,12 @@
 -- the quota, and add a lease. A refusal writes nothing.
 -- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease ID (random).
 -- ARGV[13] and [14], optional, the requests and tokens of the slices an
--- instance claims (redis_slices.go): taken from the buckets after the
--- request's own when the request is admitted and they fit, not at all
--- otherwise.
+-- instance claims (redis_slices.go): taken from the buckets, and the
+-- tokens from the quota counter too, after the request's own when the
+-- request is admitted and they fit, not at all otherwise. Of a quota, a
+-- slice is claimed only while it leaves quotaFloor slices unclaimed and
+-- the period has quotaMinLeft to run: the last of a quota, and the last
+-- seconds of a period, are decided here, exactly.
 -- Reply: reason (limiter.Reason), retry after (ns, -1: never), the time
 -- of admission (unix ms; 0 when refused), then the standing as the state
 -- script's, then, when a slice was asked for, the requests and tokens
@@ -13,6 +16,7 @@
 local reserve, ttl, id = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
 local claimR, claimT = tonumber(ARGV[13]) or 0, tonumber(ARGV[14]) or 0
 local sliced = ARGV[13] ~= nil
+local quotaFloor, quotaMinLeft = 10, 2000000 -- slices; µs
 
 if redis.call('ZSCORE', KEYS[2], id) then
   return {-1}
@@ -21,13 +25,11 @@ end
 -- Leases past their expiry are of instances that died, or stopped
 -- renewing them: not counted.
 local inFlight = redis.call('ZCOUNT', KEYS[2], '(' .. string.format('%.0f', nowMs), '+inf')
-local qKey, qUsed, qEnd, qFresh = nil, 0, 0, false
+local qKey, qName, qUsed, qHeld, qEnd, qFresh = nil, '', 0, 0, 0, false
 if quotaN > 0 then
-  local name
-  name, qEnd = period(math.floor(now / 1000000), quotaP)
-  qKey = KEYS[3] .. name
-  local v = redis.call('GET', qKey)
-  qUsed, qFresh = tonumber(v) or 0, not v
+  qName, qEnd = period(math.floor(now / 1000000), quotaP)
+  qKey = KEYS[3] .. qName
+  qUsed, qHeld, qFresh = quotaCounter(qKey)
 end
 loadBuckets()
 
@@ -55,21 +57,35 @@ if reason == 0 then
   if tok then
     tUsed = tUsed + reserve
   end
-  if (claimR > 0 or claimT > 0) and (reqN == 0 or rUsed + claimR <= reqB) and (tokN == 0 or tUsed + claimT <= tokB) then
+  if (claimR > 0 or claimT > 0) and (reqN == 0 or rUsed + claimR <= reqB) and (tokN == 0 or tUsed + claimT <= tokB) and
+    (quotaN == 0 or qUsed + reserve + claimT * (1 + quotaFloor) <= quotaN and qEnd * 1000000 - now >= quotaMinLeft) then
     if reqN > 0 and claimR > 0 then
       rUsed, gotR, req = rUsed + claimR, claimR, true
     end
-    if tokN > 0 and claimT > 0 then
-      tUsed, gotT, tok = tUsed + claimT, claimT, true
+    if claimT > 0 and (tokN > 0 or quotaN > 0) then
+      gotT = claimT
+      if tokN > 0 then
+        tUsed, tok = tUsed + claimT, true
+      end
     end
   end
   if req or tok then
     saveBuckets(req, tok)
   end
-  if quotaN > 0 and reserve > 0 then
-    qUsed = redis.call('INCRBY', qKey, reserve)
+  local qAdd = reserve
+  if quotaN > 0 then
+    qAdd = reserve + gotT
+  end
+  if quotaN > 0 and qAdd > 0 then
+    qUsed = redis.call('INCRBY', qKey, qAdd)
     if qFresh then
       redis.call('EXPIREAT', qKey, qEnd + quotaGrace)
+    end
+    if gotT > 0 then
+      qHeld = redis.call('INCRBY', qKey .. slicedSuffix, gotT)
+      if qHeld == gotT then
+        redis.call('EXPIREAT', qKey .. slicedSuffix, qEnd + quotaGrace)
+      end
     end
   end
   -- The time of admission names the quota period that Reserve and
@@ -83,7 +99,12 @@ if reason == 0 then
     if redis.call('PTTL', KEYS[2]) < ttl then
       redis.call('PEXPIREAT', KEYS[2], expiry)
     end
-    if reserve > 0 then
+    if gotR > 0 or gotT > 0 then
+      -- What the claim took, for a cancellation to give back: its
+      -- answer may never reach the instance.
+      hold(id, reserve)
+      redis.call('HSET', KEYS[4], id .. '/c', gotR .. ' ' .. gotT .. ' ' .. (gotT > 0 and qName or ''))
+    elseif reserve > 0 then
       hold(id, reserve)
     end
     inFlight = inFlight + 1
@@ -93,6 +114,6 @@ end
 local rRem, rReset = standing(rUsed, reqN, reqW, reqB)
 local tRem, tReset = standing(tUsed, tokN, tokW, tokB)
 if sliced then
-  return {reason, retry, admitted, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight, gotR, gotT}
+  return {reason, retry, admitted, rRem, rReset, tRem, tReset, qUsed - qHeld, qEnd, inFlight, gotR, gotT}
 end
-return {reason, retry, admitted, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight}
+return {reason, retry, admitted, rRem, rReset, tRem, tReset, qUsed - qHeld, qEnd, inFlight}

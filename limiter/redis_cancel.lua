@@ -2,7 +2,8 @@
 -- did not get, which then refused the request or decided it without
 -- Redis (and charges here what it admitted, see Charge). When the
 -- admission ran, its request and its reservation are given back (to the
--- quota of the period at now) and its lease is ended; when it has not run
+-- quota of the period at now), and so are the slices it claimed (to the
+-- period they were claimed in), and its lease is ended; when it has not run
 -- yet, the note of its end makes it refuse when it does.
 -- ARGV[10] the lease ID the admission was given, ARGV[11] how long ended
 -- leases are noted (ms).
@@ -19,9 +20,15 @@ if score then
     rUsed = math.max(0, rUsed - 1)
     saveBuckets(true, false)
   end
-  local h = held(id)
+  local h, claim = held(id)
   if h then
     charge(-h, 0)
+  end
+  if claim then
+    -- The slices it claimed were never used: all of them go back.
+    local r, t, name = string.match(claim, '^(%d+) (%d+) (.*)$')
+    r, t = tonumber(r), tonumber(t)
+    giveBackSlice(r, t, name ~= '' and KEYS[3] .. name or nil, t)
   end
 end
 noteEnded(id, keep)

@@ -1,18 +1,16 @@
 -- Give back (redis_slices.go): what an instance did not use of the slices
--- of a client's buckets it claimed. Tokens below zero are tokens its
--- requests used beyond what they reserved from the slice: charged.
--- ARGV[10] requests, ARGV[11] tokens.
+-- of a client's buckets and quota it claimed.
+-- ARGV[10] requests, ARGV[11] tokens unused, ARGV[12] tokens claimed,
+-- ARGV[13] the time of the claim (unix ms): its quota period is the one
+-- given back to, unless that counter is gone for good.
 -- Reply: 1.
-local r, t = tonumber(ARGV[10]), tonumber(ARGV[11])
-loadBuckets()
-local req, tok = reqN > 0 and r ~= 0, tokN > 0 and t ~= 0
-if req then
-  rUsed = math.max(0, rUsed - r)
+local r, t, c, at = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local qKey = nil
+if quotaN > 0 and at > 0 then
+  local name, last = period(math.floor(at / 1000), quotaP)
+  if last + quotaGrace > now / 1000000 then
+    qKey = KEYS[3] .. name
+  end
 end
-if tok then
-  tUsed = math.max(0, tUsed - t)
-end
-if req or tok then
-  saveBuckets(req, tok)
-end
+giveBackSlice(r, t, qKey, c)
 return 1

@@ -149,14 +149,54 @@ local function hold(id, n)
 end
 
 -- held returns the tokens the lease id holds reserved, as Redis counted
--- them, and forgets them; nil when Redis holds none for it.
+-- them, and the note of the slices its admission claimed (noteClaim), and
+-- forgets both; nil when Redis holds none for it.
 local function held(id)
-  local n = redis.call('HGET', KEYS[4], id)
-  if n then
-    redis.call('HDEL', KEYS[4], id)
-    return tonumber(n)
+  local v = redis.call('HMGET', KEYS[4], id, id .. '/c')
+  if v[1] then
+    redis.call('HDEL', KEYS[4], id, id .. '/c')
+    return tonumber(v[1]), v[2]
   end
   return nil
+end
+
+-- Beside a quota counter, which counts what instances' slices hold
+-- (redis_slices.go) as used, a counter of what they hold: the standing
+-- reported is the counter less it.
+local slicedSuffix = ':sliced'
+
+-- quotaCounter returns a quota counter, what slices hold of it, and
+-- whether it is new.
+local function quotaCounter(key)
+  local v = redis.call('MGET', key, key .. slicedSuffix)
+  return tonumber(v[1]) or 0, tonumber(v[2]) or 0, not v[1]
+end
+
+-- giveBackSlice gives back what a slice did not use: r requests and t
+-- tokens to the buckets, and t tokens to the quota counter qKey (nil
+-- without a quota, or once the counter is gone for good), of which the
+-- slice claimed c. A counter at zero or below is the same as none, and
+-- is dropped rather than left without its expiry.
+local function giveBackSlice(r, t, qKey, c)
+  loadBuckets()
+  local req, tok = reqN > 0 and r ~= 0, tokN > 0 and t ~= 0
+  if req then
+    rUsed = math.max(0, rUsed - r)
+  end
+  if tok then
+    tUsed = math.max(0, tUsed - t)
+  end
+  if req or tok then
+    saveBuckets(req, tok)
+  end
+  if qKey then
+    if t ~= 0 and redis.call('INCRBY', qKey, -t) <= 0 then
+      redis.call('DEL', qKey)
+    end
+    if c ~= 0 and redis.call('INCRBY', qKey .. slicedSuffix, -c) <= 0 then
+      redis.call('DEL', qKey .. slicedSuffix)
+    end
+  end
 end
 
 -- charge adds delta tokens (a refund when negative) to the token bucket,

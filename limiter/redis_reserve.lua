@@ -21,7 +21,7 @@ if id ~= '' then
   end
 end
 
-local qKey, qUsed, qEnd, qLast, qFresh = nil, 0, 0, 0, false
+local qKey, qUsed, qHeld, qEnd, qLast, qFresh = nil, 0, 0, 0, 0, false
 local name
 if quotaN > 0 then
   name, qLast = period(math.floor((admitted > 0 and admitted or nowMs) / 1000), quotaP)
@@ -29,8 +29,7 @@ if quotaN > 0 then
   -- nothing there, so nothing is checked or reserved there either.
   if qLast + quotaGrace > now / 1000000 then
     qKey = KEYS[3] .. name
-    local v = redis.call('GET', qKey)
-    qUsed, qFresh = tonumber(v) or 0, not v
+    qUsed, qHeld, qFresh = quotaCounter(qKey)
   end
 end
 loadBuckets()
@@ -66,10 +65,10 @@ if quotaN > 0 then
   local cur
   cur, qEnd = period(math.floor(now / 1000000), quotaP)
   if cur ~= name then
-    qUsed = tonumber(redis.call('GET', KEYS[3] .. cur)) or 0
+    qUsed, qHeld = quotaCounter(KEYS[3] .. cur)
   end
 end
 local inFlight = redis.call('ZCOUNT', KEYS[2], '(' .. string.format('%.0f', nowMs), '+inf')
 local rRem, rReset = standing(rUsed, reqN, reqW, reqB)
 local tRem, tReset = standing(tUsed, tokN, tokW, tokB)
-return {reason, retry, rRem, rReset, tRem, tReset, qUsed, qEnd, inFlight}
+return {reason, retry, rRem, rReset, tRem, tReset, qUsed - qHeld, qEnd, inFlight}

@@ -9,29 +9,40 @@ import (
 	"go.uber.org/zap"
 )
 
-// Slices of large buckets. A tier whose buckets are large (a burst of a
-// million or more, or no limit) and that sets no concurrency limit and no
-// quota needs no exact word from Redis on each request: an instance claims
-// a slice of the client's buckets, 1% of each burst, in the Redis
+// Slices of large limits. A tier whose buckets and quota are large (a
+// burst or a quota of a million or more, or no limit) and that sets no
+// concurrency limit needs no exact word from Redis on each request: an
+// instance claims a slice of the client's limits, 1% of each burst, and
+// tokens of 1% of the quota (the smaller of that and the token bucket's
+// slice, as one slice of tokens counts against both), in the Redis
 // admission that finds it without one, and admits the client's next
-// requests from it, in memory, without a round trip. The slice is taken
-// from the buckets in Redis when it is claimed, so that the fleet never
-// admits more than the limits: what a slice holds is counted as used
-// until it is given back. The instance gives back what it did not use
-// sliceTTL after the claim (its next admission then claims again), and on
-// Close.
+// requests from it, in memory, without a round trip. A budget is a quota
+// of money, and is sliced the same way. The slice is taken from the
+// buckets and the quota counter in Redis when it is claimed, so that the
+// fleet never admits more than the limits: what a slice holds is counted
+// as used until it is given back. The instance gives back what it did not
+// use sliceTTL after the claim (its next admission then claims again), and
+// on Close; a quota's to the counter of the period it was claimed in.
 //
 // The bound: the fleet admits no more than the limits allow, but may admit
 // less, by what the slices hold unused: at most 1.5% of each burst per
 // instance and client (a slice, and half of the one before it, as a new one
 // is claimed when half of it is left), for at most sliceTTL plus the
-// renewal tick. A claim whose answer is lost (a Redis that stalled) is
-// never used and never given back: its requests and tokens count as used
-// until the bucket refills them. A request that uses more tokens than it
-// reserved from a slice is charged to the slice, and what the slice cannot
-// pay is charged to Redis in the request's settle, with the refund of what
-// the request reserved there: a slice never owes, so the fleet never
-// admits more than the burst.
+// renewal tick. Of a quota, no slice is claimed once less than ten slices
+// (10%) would be left, nor in the last two seconds of its period: the end
+// of a quota is decided exactly, and what other instances' slices still
+// hold then is back within sliceTTL. A claim whose answer is lost (a Redis
+// that stalled) is never used, and the admission's cancellation gives it
+// back. A request that uses more tokens than it reserved from a slice is
+// charged to the slice, and what the slice cannot pay is charged to Redis
+// in the request's settle, with the refund of what the request reserved
+// there: a slice never owes, so the fleet never admits more than the burst
+// and the quota, but for what requests use beyond their reservations,
+// which Redis' own admissions allow too.
+//
+// The standing Redis reports counts what slices hold as the client's, not
+// as used (redis_lib.lua keeps a counter of it beside each quota counter),
+// so that headers, /v1/usage and alerts read what was used.
 //
 // Requests admitted from a slice hold no lease in Redis: with no
 // concurrency limit none is needed, but Redis' State does not count them
@@ -59,10 +70,10 @@ var luaGiveBack string
 
 var giveBackScript = redis.NewScript(luaLib + luaGiveBack)
 
-// sliceable returns the slices of lim's buckets (0 for no limit), and
-// whether lim may be decided from slices at all.
+// sliceable returns the slices of lim's requests and tokens (0 for no
+// limit), and whether lim may be decided from slices at all.
 func sliceable(lim *Limits) (requests, tokens int64, ok bool) {
-	if lim.NoSlot || lim.Concurrent > 0 || !lim.Quota.Unlimited() {
+	if lim.NoSlot || lim.Concurrent > 0 {
 		return 0, 0, false
 	}
 	requests, ok = sliceOf(lim.Requests)
@@ -72,7 +83,29 @@ func sliceable(lim *Limits) (requests, tokens int64, ok bool) {
 	if tokens, ok = sliceOf(lim.Tokens); !ok {
 		return 0, 0, false
 	}
+	if q := lim.Quota; !q.Unlimited() {
+		if q.N < sliceMinBurst {
+			return 0, 0, false
+		}
+		if tokens == 0 || q.N/sliceShare < tokens {
+			tokens = q.N / sliceShare
+		}
+	}
 	return requests, tokens, true
+}
+
+// countsTokens reports whether lim counts tokens: in a bucket, a quota
+// or both.
+func countsTokens(lim *Limits) bool { return !lim.Tokens.Unlimited() || !lim.Quota.Unlimited() }
+
+// samePeriod reports whether two times of admission (unix ms) fall in
+// the same period of lim's quota: always, without one.
+func samePeriod(lim *Limits, a, b int64) bool {
+	if lim.Quota.Unlimited() || a == b {
+		return true
+	}
+	p := lim.Quota.Period
+	return p.Start(time.UnixMilli(a)).Equal(p.Start(time.UnixMilli(b)))
 }
 
 func sliceOf(r Rate) (int64, bool) {
@@ -85,18 +118,21 @@ func sliceOf(r Rate) (int64, bool) {
 	return 0, false
 }
 
-// slice is what an instance holds of one client's buckets.
+// slice is what an instance holds of one client's limits.
 type slice struct {
 	lim      Limits    // what it was claimed under
 	requests int64     // left to admit
 	tokens   int64     // left to reserve; below zero, owed
-	claimed  time.Time // when; given back sliceTTL after
+	got      int64     // tokens claimed
+	at       int64     // the time of the claim (Redis' unix ms): its quota period
+	claimed  time.Time // when, by this instance's clock; given back sliceTTL after
 	state    State     // Redis' answer to the claim
 	claiming bool      // a claim is on its way
 }
 
 // standing is the client's standing as the instance sees it: Redis' word
-// at the claim, plus what the slice still holds.
+// at the claim, plus what the slice still holds, and the quota used from
+// it since.
 func (s *slice) standing() State {
 	st := s.state
 	if !s.lim.Requests.Unlimited() {
@@ -104,6 +140,9 @@ func (s *slice) standing() State {
 	}
 	if !s.lim.Tokens.Unlimited() {
 		st.TokensRemaining += max(s.tokens, 0)
+	}
+	if !s.lim.Quota.Unlimited() {
+		st.QuotaUsed = max(st.QuotaUsed+s.got-s.tokens, 0)
 	}
 	return st
 }
@@ -135,7 +174,7 @@ func (r *Redis) admitFromSlice(client string, lim *Limits, reserve int64, now ti
 	if rs > 0 {
 		s.requests--
 	}
-	d.Lease = Lease{Reserved: reserve, ID: sliceID}
+	d.Lease = Lease{Reserved: reserve, ID: sliceID, Period: s.at}
 	if ts > 0 {
 		s.tokens -= reserve
 		d.Lease.Local = reserve
@@ -167,9 +206,10 @@ func (r *Redis) claimFor(client string, lim *Limits, now time.Time) (requests, t
 	return rs, ts
 }
 
-// claimed records the answer to a claim: got requests and tokens, and the
-// standing after them (zero when the admission failed).
-func (r *Redis) claimed(client string, lim *Limits, requests, tokens int64, st State, now time.Time) {
+// claimed records the answer to a claim: got requests and tokens at the
+// time of admission at (Redis' unix ms), and the standing after them
+// (zero when the admission failed).
+func (r *Redis) claimed(client string, lim *Limits, requests, tokens, at int64, st State, now time.Time) {
 	b := &r.slices
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -177,13 +217,14 @@ func (r *Redis) claimed(client string, lim *Limits, requests, tokens int64, st S
 	if s == nil || !s.claiming {
 		// Given back meanwhile (Close): give this back too.
 		if requests != 0 || tokens != 0 {
-			r.giveBack(client, &slice{lim: *lim, requests: requests, tokens: tokens})
+			r.giveBack(client, &slice{lim: *lim, requests: requests, tokens: tokens, got: tokens, at: at})
 		}
 		return
 	}
 	s.claiming = false
 	s.requests += requests
 	s.tokens += tokens
+	s.got, s.at = tokens, at
 	s.claimed, s.state = now, st
 }
 
@@ -194,11 +235,11 @@ func (r *Redis) claimed(client string, lim *Limits, requests, tokens int64, st S
 // uncharged.
 func (r *Redis) giveBack(client string, s *slice) {
 	delete(r.slices.m, client)
-	if s.requests == 0 && s.tokens == 0 {
+	if s.requests == 0 && s.tokens == 0 && (s.got == 0 || s.lim.Quota.Unlimited()) {
 		return
 	}
-	args := limitArgs(make([]any, 0, 11), &s.lim)
-	args = append(args, s.requests, s.tokens)
+	args := limitArgs(make([]any, 0, 13), &s.lim)
+	args = append(args, s.requests, s.tokens, s.got, s.at)
 	if err := r.enqueue(&call{script: giveBackScript, keys: r.keys(client), args: args, later: retry{client: client}}); err != nil {
 		r.logger.Error("giving back a slice of the shared limits failed; it counts as used until the buckets refill",
 			zap.String("client_id", client), zap.Int64("requests", s.requests), zap.Int64("tokens", s.tokens), zap.Error(err))
@@ -231,16 +272,17 @@ func (r *Redis) giveBackAll() {
 // settleSliced settles a request admitted from a slice: the tokens it
 // reserved from the slice go back to it, less what it used; what it
 // reserved in Redis (its slice was short) is refunded there. Without
-// a slice (given back meanwhile), Redis is charged what it used beyond
-// its whole reservation. It returns the delta for Redis, 0 for none.
+// a slice (given back meanwhile), or with one of another quota period,
+// Redis is charged what it used beyond its whole reservation, in its own
+// period. It returns the delta for Redis, 0 for none.
 func (r *Redis) settleSliced(client string, lim *Limits, lease Lease, used int64) int64 {
-	if lim.Tokens.Unlimited() {
+	if !countsTokens(lim) {
 		return 0
 	}
 	b := &r.slices
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if s := b.m[client]; s != nil {
+	if s := b.m[client]; s != nil && (!s.claiming || lim.Quota.Unlimited()) && samePeriod(lim, s.at, lease.Period) {
 		s.tokens += lease.Local - used
 		delta := -(lease.Reserved - lease.Local)
 		if s.tokens < 0 {
@@ -259,7 +301,7 @@ func (r *Redis) settleSliced(client string, lim *Limits, lease Lease, used int64
 // from the slice when it holds enough; ok is false when Redis must decide.
 func (r *Redis) reserveFromSlice(client string, lim *Limits, lease Lease, tokens int64) (d Decision, ok bool) {
 	d.Lease = lease
-	if lim.Tokens.Unlimited() {
+	if !countsTokens(lim) {
 		d.Lease.Reserved += tokens
 		return d, true
 	}
@@ -267,7 +309,7 @@ func (r *Redis) reserveFromSlice(client string, lim *Limits, lease Lease, tokens
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	s := b.m[client]
-	if s == nil || s.claiming || s.tokens < tokens {
+	if s == nil || s.claiming || s.tokens < tokens || !samePeriod(lim, s.at, lease.Period) {
 		return Decision{}, false
 	}
 	s.tokens -= tokens

@@ -40,7 +40,10 @@ func TestSliceable(t *testing.T) {
 		{"a small bucket", Limits{Requests: big, Tokens: Rate{N: 999_999, Window: time.Minute}}, 0, 0, false},
 		{"a small burst", Limits{Requests: Rate{N: 1_000_000, Window: time.Minute, Burst: 10}}, 0, 0, false},
 		{"a concurrency limit", Limits{Requests: big, Concurrent: 1000}, 0, 0, false},
-		{"a quota", Limits{Requests: big, Quota: Quota{N: 1e12, Period: Month}}, 0, 0, false},
+		{"a quota", Limits{Requests: big, Quota: Quota{N: 1e12, Period: Month}}, 10_000, 1e10, true},
+		{"a quota smaller than the token bucket", Limits{Tokens: Rate{N: 1e12, Window: time.Minute}, Quota: Quota{N: 1e9, Period: Day}}, 0, 1e7, true},
+		{"a budget: a quota alone", Limits{Quota: Quota{N: 1e10, Period: Month}}, 0, 1e8, true},
+		{"a small quota", Limits{Requests: big, Quota: Quota{N: 999_999, Period: Month}}, 0, 0, false},
 		{"no slot", Limits{Requests: big, NoSlot: true}, 0, 0, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -259,3 +259,75 @@ func TestFleetMintedUserBudgets(t *testing.T) {
 			tokens.Limits.Tokens != nil && tokens.Limits.Tokens.Remaining >= tokens.Limits.Tokens.Limit-1
 	})
 }
+
+// TestFleetSlicedBudget spends a budget large enough to be sliced (1 a
+// day: slices of 0.01) from two instances at once. Each instance claims
+// a slice in Redis and decides the next requests from it, without a
+// round trip; the fleet never spends more than the budget, and once the
+// slices are given back, Redis' counter holds exactly what was spent.
+func TestFleetSlicedBudget(t *testing.T) {
+	const (
+		prices  = "prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}"
+		cost    = 4*50 + 16*100 // a small chat of the stand-in
+		reserve = 22*50 + 16*100
+		limit   = 1_000_000
+		slice   = limit / 100
+	)
+	f := startFleetWith(t, []string{prices}, "budget 1/day")
+	rc := redis.NewClient(&redis.Options{Addr: f.redis.Addr})
+	defer rc.Close()
+	counter := "vgt:lim:quota:{budget:*}:" + time.Now().UTC().Format(time.DateOnly)
+	if status, _, body := budgetChat(t, f.a.URL, f.key, model); status != http.StatusOK {
+		t.Fatalf("the first chat: %d %s", status, body)
+	}
+	keys, err := rc.Keys(t.Context(), counter+":sliced").Result()
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("the budget's slices in Redis: %v %v, want one counter", keys, err)
+	}
+	if n, _ := rc.Get(t.Context(), keys[0]).Int64(); n != slice {
+		t.Errorf("the first chat claimed %d micro-units, want a slice of %d", n, slice)
+	}
+
+	answered := atomic.Int64{}
+	answered.Add(1)
+	var wg sync.WaitGroup
+	for g := range 20 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				base := []string{f.a.URL, f.b.URL}[(g+i)%2]
+				status, h, body := budgetChat(t, base, f.key, model)
+				switch status {
+				case http.StatusOK:
+					answered.Add(1)
+					continue
+				case http.StatusTooManyRequests:
+					if !strings.Contains(body, "budget") || h.Get("X-Should-Retry") != "false" {
+						t.Errorf("a refusal: %s, want the budget's", body)
+					}
+				default:
+					t.Errorf("a chat: %d %s", status, body)
+				}
+				return
+			}
+		})
+	}
+	wg.Wait()
+	spent := answered.Load() * cost
+	t.Logf("%d chats answered: %d of %d micro-units spent", answered.Load(), spent, limit)
+	if spent > limit {
+		t.Errorf("two instances spent %d micro-units of a budget of %d", spent, limit)
+	}
+	// Refused early by at most what the slices held unused (a slice and a
+	// half an instance) and what the callers in flight had reserved.
+	if low := int64(limit - 2*slice*3/2 - 20*reserve); spent < low {
+		t.Errorf("two instances spent %d micro-units of %d when the budget refused, want at least %d", spent, limit, low)
+	}
+	eventually(t, "the slices are given back: Redis' counter holds what was spent", func() bool {
+		keys, err := rc.Keys(t.Context(), counter+"*").Result()
+		if err != nil || len(keys) != 1 {
+			return false
+		}
+		n, err := rc.Get(t.Context(), keys[0]).Int64()
+		return err == nil && n == spent
+	})
+}

@@ -1,0 +1,270 @@
+package limiter
+
+import (
+	"context"
+	"math/rand/v2"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+)
+
+// quotaCounters returns a client's quota counter of the period holding
+// at, and what slices hold of it, as Redis keeps them.
+func quotaCounters(t *testing.T, r *Redis, client string, lim *Limits, at time.Time) (counter, sliced int64) {
+	t.Helper()
+	key := r.keys(client)[2] + periodName(lim.Quota.Period, at)
+	vals, err := r.client.MGet(t.Context(), key, key+":sliced").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := [2]int64{}
+	for i, v := range vals {
+		if v != nil {
+			n[i], _ = strconv.ParseInt(v.(string), 10, 64)
+		}
+	}
+	return n[0], n[1]
+}
+
+// periodName names the UTC period holding at as redis_lib.lua does.
+func periodName(p Period, at time.Time) string {
+	if p == Month {
+		return at.UTC().Format("2006-01")
+	}
+	return at.UTC().Format("2006-01-02")
+}
+
+// TestRedisSlicedQuotaNeverOverAdmits: two instances admitting from
+// slices of one quota, with refunds, never let the requests use more than
+// the quota, use nearly all of it, and leave Redis' counter at what was
+// used once their slices are given back. Half the requests are admitted
+// with their reservation (a budget's way), half admitted then reserved
+// (a tier's way).
+func TestRedisSlicedQuotaNeverOverAdmits(t *testing.T) {
+	slicesFrom(t, 1000)
+	s := redistest.Start(t)
+	fleet := [2]*Redis{newSlicingRedis(t, s, "quota:", LeaseTTL), newSlicingRedis(t, s, "quota:", LeaseTTL)}
+	lim := &Limits{Quota: Quota{N: 10_000, Period: Month}} // slices of 100
+	const reserve = 10
+	var used, admitted, fromSlices atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 300 {
+				r := fleet[(g+i)%2]
+				var d Decision
+				var err error
+				if g%2 == 0 {
+					d, err = r.Admit(t.Context(), "c", lim, reserve, time.Now())
+				} else if d, err = r.Admit(t.Context(), "c", lim, 0, time.Now()); err == nil && d.Reason == Admitted {
+					d, err = r.Reserve(t.Context(), "c", lim, d.Lease, reserve, time.Now())
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if d.Reason != Admitted {
+					if d.Lease.ID != "" {
+						r.Settle(t.Context(), "c", lim, d.Lease, 0, time.Now())
+					}
+					continue
+				}
+				if d.Reason == Admitted && d.Lease.ID == sliceID {
+					fromSlices.Add(1)
+				}
+				admitted.Add(1)
+				u := int64(3 + rand.IntN(reserve-2)) // 3 to 10: refunds
+				used.Add(u)
+				if i%2 == 0 {
+					r.SettleDeferred("c", lim, d.Lease, u, time.Now())
+				} else if err := r.Settle(t.Context(), "c", lim, d.Lease, u, time.Now()); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	total := used.Load()
+	t.Logf("%d requests admitted (%d from slices), %d of 10,000 used", admitted.Load(), fromSlices.Load(), total)
+	if total > 10_000 {
+		t.Errorf("%d used of a quota of 10,000 across two instances, want at most 10,000", total)
+	}
+	// Refused early by at most a reservation, and what two instances'
+	// slices held unused (a slice and a half each) with the requests in
+	// flight.
+	if low := int64(10_000 - reserve - 2*150 - 8*reserve); total < low {
+		t.Errorf("%d used of 10,000 when the requests stopped, want at least %d", total, low)
+	}
+	if fromSlices.Load() < admitted.Load()/2 {
+		t.Errorf("%d of %d admitted from slices, want most", fromSlices.Load(), admitted.Load())
+	}
+	fleet[0].Close()
+	fleet[1].Close()
+	counter, sliced := quotaCounters(t, fleet[0], "c", lim, time.Now())
+	if counter != total || sliced != 0 {
+		t.Errorf("after Close: the quota counter %d, its slices %d; want %d (what was used) and 0", counter, sliced, total)
+	}
+	check := newTestRedis(t, newRedisClient(t, s), "quota:")
+	if st, err := check.State(t.Context(), "c", lim, time.Now()); err != nil || st.QuotaUsed != total {
+		t.Errorf("State after Close: %d used (%v), want %d", st.QuotaUsed, err, total)
+	}
+}
+
+// TestRedisQuotaSliceIsNotUsed: what a slice holds of a quota counts as
+// used in Redis' counter (so that no other instance spends it), but not
+// in the standing anyone is told: headers, /v1/usage and alerts read what
+// was used. Given back sliceTTL after its claim, it leaves the counter at
+// what was used.
+func TestRedisQuotaSliceIsNotUsed(t *testing.T) {
+	slicesFrom(t, 1000)
+	s := redistest.Start(t)
+	r := newSlicingRedis(t, s, "held:", 600*time.Millisecond) // a tick every 200 ms
+	check := newTestRedis(t, newRedisClient(t, s), "held:")
+	lim := &Limits{Quota: Quota{N: 100_000, Period: Day}} // slices of 1,000
+	ctx := t.Context()
+
+	d, err := r.Admit(ctx, "c", lim, 10, time.Now())
+	if err != nil || d.Reason != Admitted || d.Lease.ID == sliceID {
+		t.Fatalf("the first admission, which claims: %v %+v %v", d.Reason, d.Lease, err)
+	}
+	if d.QuotaUsed != 10 {
+		t.Errorf("the claiming admission's standing: %d used, want 10", d.QuotaUsed)
+	}
+	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); counter != 1010 || sliced != 1000 {
+		t.Errorf("after the claim: counter %d, sliced %d; want 1,010 and 1,000", counter, sliced)
+	}
+	if st, err := check.State(ctx, "c", lim, time.Now()); err != nil || st.QuotaUsed != 10 {
+		t.Errorf("another instance's State: %d used (%v), want 10", st.QuotaUsed, err)
+	}
+	if err := r.Settle(ctx, "c", lim, d.Lease, 4, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	d, err = r.Admit(ctx, "c", lim, 10, time.Now())
+	if err != nil || d.Reason != Admitted || d.Lease.ID != sliceID {
+		t.Fatalf("the second admission, from the slice: %v %+v %v", d.Reason, d.Lease, err)
+	}
+	// The slice's standing is Redis' at the claim plus what it gave out
+	// since: never less than what was used (14).
+	if d.QuotaUsed < 14 || d.QuotaUsed > 20 {
+		t.Errorf("the standing of a request admitted from the slice: %d used, want 14 to 20", d.QuotaUsed)
+	}
+	r.SettleDeferred("c", lim, d.Lease, 7, time.Now())
+	settledWithin(t, check, lim, func(State) bool {
+		counter, sliced := quotaCounters(t, r, "c", lim, time.Now())
+		return counter == 11 && sliced == 0
+	}, "the slice given back: the counter at what was used (4 + 7)")
+}
+
+// TestRedisQuotaSliceFollowsItsPeriod: a slice claimed in one period is
+// given back to that period's counter, not to the counter of the period
+// it is given back in; a request admitted from a slice of one period
+// settles in that period, never into a slice of the next.
+func TestRedisQuotaSliceFollowsItsPeriod(t *testing.T) {
+	slicesFrom(t, 1000)
+	s := redistest.Start(t)
+	r := newSlicingRedis(t, s, "period:", LeaseTTL)
+	lim := &Limits{Quota: Quota{N: 100_000, Period: Day}}
+	yesterday := time.Now().Add(-24 * time.Hour)
+	key := r.keys("c")[2] + periodName(Day, yesterday)
+	if err := r.client.Set(t.Context(), key, 5000, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.client.Set(t.Context(), key+":sliced", 1000, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Settling a request of yesterday's slice beside today's slice.
+	r.slices.m["c"] = &slice{lim: *lim, tokens: 1000, got: 1000, at: time.Now().UnixMilli(), claimed: time.Now()}
+	lease := Lease{Reserved: 10, Local: 10, ID: sliceID, Period: yesterday.UnixMilli()}
+	if delta := r.settleSliced("c", lim, lease, 4); delta != -6 {
+		t.Errorf("a request of yesterday's slice settled beside today's: %d for Redis, want -6 (its refund, in its period)", delta)
+	}
+	if s := r.slices.m["c"]; s.tokens != 1000 {
+		t.Errorf("today's slice took %d tokens of yesterday's request", s.tokens-1000)
+	}
+	if _, ok := r.reserveFromSlice("c", lim, lease, 5); ok {
+		t.Error("a request of yesterday's slice reserved from today's")
+	}
+	lease.Period = time.Now().UnixMilli()
+	if delta := r.settleSliced("c", lim, lease, 4); delta != 0 || r.slices.m["c"].tokens != 1006 {
+		t.Errorf("a request of today's slice: %d for Redis and the slice at %d, want 0 and 1,006", delta, r.slices.m["c"].tokens)
+	}
+	delete(r.slices.m, "c")
+
+	// Yesterday's slice given back today: 400 of its 1,000 unused.
+	r.slices.mu.Lock()
+	r.giveBack("c", &slice{lim: *lim, tokens: 400, got: 1000, at: yesterday.UnixMilli()})
+	r.slices.mu.Unlock()
+	settledWithin(t, r, lim, func(State) bool {
+		counter, sliced := quotaCounters(t, r, "c", lim, yesterday)
+		return counter == 4600 && sliced == 0
+	}, "yesterday's counter at 4,600, its slices at 0")
+	if counter, _ := quotaCounters(t, r, "c", lim, time.Now()); counter != 0 {
+		t.Errorf("today's counter: %d, want 0: nothing of yesterday's slice", counter)
+	}
+	if ttl := r.client.TTL(t.Context(), key).Val(); ttl <= 0 {
+		t.Errorf("yesterday's counter lost its expiry: %v", ttl)
+	}
+}
+
+// TestRedisLostQuotaClaimIsGivenBack: an admission that claimed slices of
+// a client's buckets and quota, whose answer the instance never got, is
+// cancelled, and its cancellation gives back the request, its reservation
+// and what it claimed: a Redis that stalls does not eat a month's quota a
+// slice at a time.
+func TestRedisLostQuotaClaimIsGivenBack(t *testing.T) {
+	s := redistest.Start(t)
+	c := newRedisClient(t, s)
+	r := newShortRedis(t, c, "lostclaim:", 3*time.Second, keepEnded) // retries every second
+	lim := &Limits{Requests: Rate{N: 100_000, Window: time.Hour}, Quota: Quota{N: 1_000_000, Period: Month}}
+	args := limitArgs(nil, lim)
+	args = append(args, 30, r.leaseTTL.Milliseconds(), "lost-claim", 1000, 10_000)
+	vals, err := admitScript.Run(t.Context(), c, r.keys("c"), args...).Slice()
+	if err != nil || len(vals) != 12 || vals[10] != int64(1000) || vals[11] != int64(10_000) {
+		t.Fatalf("the admission that claims: %v %v, want 1,000 requests and 10,000 tokens claimed", vals, err)
+	}
+	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); counter != 10_030 || sliced != 10_000 {
+		t.Fatalf("after the claim: counter %d, sliced %d; want 10,030 and 10,000", counter, sliced)
+	}
+	r.cancelLater("c", lim, "lost-claim")
+	settledWithin(t, r, lim, func(st State) bool {
+		counter, sliced := quotaCounters(t, r, "c", lim, time.Now())
+		return counter == 0 && sliced == 0 && st.RequestsRemaining == 100_000 && st.InFlight == 0
+	}, "the lost claim given back: requests, reservation and slices")
+	if n, err := c.HLen(t.Context(), r.keys("c")[3]).Result(); err != nil && err != redis.Nil || n != 0 {
+		t.Errorf("the lease's reservation and claim notes: %d left (%v), want none", n, err)
+	}
+}
+
+// TestRedisQuotaEndIsExact: no slice is claimed once fewer than ten
+// slices would be left of a quota: the last of it is decided by Redis.
+func TestRedisQuotaEndIsExact(t *testing.T) {
+	slicesFrom(t, 1000)
+	s := redistest.Start(t)
+	r := newSlicingRedis(t, s, "end:", LeaseTTL)
+	lim := &Limits{Quota: Quota{N: 10_000, Period: Month}} // slices of 100
+	key := r.keys("c")[2] + periodName(Month, time.Now())
+	if err := r.client.Set(context.Background(), key, 10_000-1_000, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		d, err := r.Admit(t.Context(), "c", lim, 10, time.Now())
+		if err != nil || d.Reason != Admitted {
+			t.Fatalf("request %d: %v %v", i, d.Reason, err)
+		}
+		if d.Lease.ID == sliceID {
+			t.Fatalf("request %d admitted from a slice with 1,000 of 10,000 left", i)
+		}
+		r.SettleDeferred("c", lim, d.Lease, 10, time.Now())
+	}
+	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); sliced != 0 || counter > 9_200 {
+		t.Errorf("counter %d, sliced %d; want 9,200 at most and none", counter, sliced)
+	}
+}
