@@ -61,9 +61,9 @@ const (
 )
 
 // capacitySite has a tier whose every request Redis decides (a
-// concurrency limit and a quota keep it from slices), one whose buckets
-// are sliced (redis_slices.go), and one that refuses all but one request
-// an hour.
+// concurrency limit keeps it from slices), one whose buckets, quota and
+// budget are sliced (redis_slices.go), and one that refuses all but one
+// request an hour.
 const capacitySite = `
 http://127.0.0.1:{{.Port}} {
 	bind 127.0.0.1
@@ -80,6 +80,11 @@ http://127.0.0.1:{{.Port}} {
 		tier sliced {
 			requests 1000000000/1m
 			tokens 1000000000000/1m
+			quota 1000000000000/month
+			budget 1000000/month
+		}
+		prices {
+			vigthoria-fast-* input 0.10 output 0.40
 		}
 		tier refused {
 			requests 1/1h
@@ -402,7 +407,7 @@ func (run *capacityRun) measureRequests(ctx context.Context, cfg config, dir str
 		want              int // the status counted
 	}{
 		{"chat", "small chats of tier `exact`: every request admitted by Redis", "exact", chatBody, capRequests, http.StatusOK},
-		{"chat, sliced", "small chats of tier `sliced`: admitted from the instance's slices of the callers' buckets", "sliced", chatBody, capRequests, http.StatusOK},
+		{"chat, sliced", "small chats of tier `sliced`: with a quota and a budget: admitted from the instance's slices of the callers' buckets, quota and budget", "sliced", chatBody, capRequests, http.StatusOK},
 		{"stream", fmt.Sprintf("streamed chats of %d tokens, tier `exact`", streamTokens), "exact", streamBody, capStreams, http.StatusOK},
 		{"refused", "small chats of tier `refused`, one caller past its limit: refused 429", "refused", chatBody, capRefused, http.StatusTooManyRequests},
 	} {
@@ -793,7 +798,7 @@ func (run *capacityRun) model() string {
 			"100 instances would take %.0f %% of a Redis core before any request (*extrapolated*).\n", bg.cpu, bg.total(), 100*bg.cpu*100/1e6)
 	}
 	if sliced := run.phase("chat, sliced"); sliced != nil && sliced.perRequest.cpu > 0 {
-		fmt.Fprintf(&b, "- A tier whose buckets are sliced costs Redis %.1f µs a request, %.0f× less: one Redis core, about %s requests/s of it (*extrapolated*; the instances, not Redis, bound such a fleet).\n",
+		fmt.Fprintf(&b, "- A tier whose limits are sliced costs Redis %.1f µs a request, %.0f× less: one Redis core, about %s requests/s of it (*extrapolated*; the instances, not Redis, bound such a fleet).\n",
 			sliced.perRequest.cpu, exact.perRequest.cpu/sliced.perRequest.cpu, roughly(1e6/sliced.perRequest.cpu))
 	}
 	return b.String()
