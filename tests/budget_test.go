@@ -287,6 +287,25 @@ func TestFleetSlicedBudget(t *testing.T) {
 	if n, _ := rc.Get(t.Context(), keys[0]).Int64(); n != slice {
 		t.Errorf("the first chat claimed %d micro-units, want a slice of %d", n, slice)
 	}
+	// What the slice holds is not what was spent: the other instance's
+	// GET /v1/usage reports the one chat.
+	eventually(t, "GET /v1/usage reports what was spent, not what the slice holds", func() bool {
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, f.b.URL+"/v1/usage", nil)
+		req.Header.Set("Authorization", "Bearer "+f.key)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false
+		}
+		defer res.Body.Close()
+		var rep struct {
+			Limits struct {
+				Budget struct {
+					Used struct{ Amount string } `json:"used"`
+				} `json:"budget"`
+			} `json:"limits"`
+		}
+		return json.NewDecoder(res.Body).Decode(&rep) == nil && rep.Limits.Budget.Used.Amount == policy.FormatCost(cost)
+	})
 
 	answered := atomic.Int64{}
 	answered.Add(1)
