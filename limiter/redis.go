@@ -204,7 +204,7 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	vals, err := r.slice(r.run(ctx, admitScript, r.keys(client), args...))
 	if err != nil {
 		if claiming { // what it may have claimed counts as used until the buckets refill
-			r.claimed(client, lim, 0, 0, 0, State{}, time.Now())
+			r.claimed(client, lim, 0, 0, 0, "", State{}, time.Now())
 		}
 		// It may run all the same, in a Redis that stalled, unless it
 		// was never queued.
@@ -225,14 +225,14 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	}
 	if !ok || n[0] < 0 || n[0] > int64(TooLarge) {
 		if claiming {
-			r.claimed(client, lim, 0, 0, 0, State{}, time.Now())
+			r.claimed(client, lim, 0, 0, 0, "", State{}, time.Now())
 		}
 		r.cancelLater(client, lim, id)
 		return Decision{}, fmt.Errorf("redis admit: unexpected reply %v", vals)
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
 	if claiming {
-		r.claimed(client, lim, got[0], got[1], n[2], d.State, time.Now())
+		r.claimed(client, lim, got[0], got[1], n[2], id, d.State, time.Now())
 		// The slices are the client's still: not used, only held here.
 		if !lim.Requests.Unlimited() {
 			d.RequestsRemaining += got[0]

@@ -434,9 +434,11 @@ func (r *Redis) answer(c *call, cmd *redis.Cmd) {
 	err := cmd.Err()
 	switch {
 	case err == nil:
-	case c.script == giveBackScript:
-		r.logger.Error("giving back a slice of the shared limits failed; it counts as used until the buckets refill",
+	case c.script == giveBackScript && (rediserr.Refused(err) || c.later.giveBack == nil):
+		r.logger.Error("giving back a slice of the shared limits failed; it counts as used until the buckets refill, or a quota's until its period ends",
 			zap.String("client_id", c.later.client), zap.Error(err))
+	case c.script == giveBackScript: // a repeat changes nothing
+		r.retryLater(c.later)
 	case rediserr.Refused(err):
 		r.logger.Error("the shared limiter refused a settle; it is given up",
 			zap.String("client_id", c.later.client), zap.Int64("tokens", c.later.delta), zap.Error(err))

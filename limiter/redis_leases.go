@@ -86,8 +86,9 @@ type retry struct {
 	lim      *Limits
 	cancel   bool
 	lease    Lease
-	delta    int64 // used - reserved
-	requests int64 // requests to charge (Charge)
+	delta    int64  // used - reserved
+	requests int64  // requests to charge (Charge)
+	giveBack *slice // a slice's give-back, not a settle
 	first    time.Time
 }
 
@@ -201,8 +202,20 @@ func (r *Redis) retryPending(timeout time.Duration) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	// A give-back past keepEnded may repeat one that landed, whose note
+	// is gone: it is given up, as a repeat would give twice.
+	kept := batch[:0]
+	for _, c := range batch {
+		if c.giveBack != nil && r.unsure(c.first) {
+			r.logger.Error("gave up giving back a slice of the shared limits after failures; it counts as used until the buckets refill, or a quota's until its period ends",
+				zap.String("client_id", c.client), zap.Int64("requests", c.giveBack.requests), zap.Int64("tokens", c.giveBack.tokens))
+			continue
+		}
+		kept = append(kept, c)
+	}
+	batch = kept
 	failed, landed := batch[:0:0], 0
-	if err := errors.Join(settleScript.Load(ctx, r.client).Err(), cancelScript.Load(ctx, r.client).Err()); err != nil {
+	if err := errors.Join(settleScript.Load(ctx, r.client).Err(), cancelScript.Load(ctx, r.client).Err(), giveBackScript.Load(ctx, r.client).Err()); err != nil {
 		failed = batch
 	} else {
 		pipe := r.client.Pipeline()
@@ -239,15 +252,20 @@ func (r *Redis) retryPending(timeout time.Duration) {
 // retried queues a retry of c on pipe, by its script's SHA, which the
 // caller loaded.
 func (r *Redis) retried(ctx context.Context, pipe redis.Pipeliner, c *retry) *redis.Cmd {
+	if c.giveBack != nil {
+		return giveBackScript.EvalSha(ctx, pipe, r.keys(c.client), r.giveBackArgs(c.giveBack)...)
+	}
 	if c.cancel {
 		args := limitArgs(make([]any, 0, 11), c.lim)
 		args = append(args, c.lease.ID, r.keepEnded.Milliseconds())
 		return cancelScript.EvalSha(ctx, pipe, r.keys(c.client), args...)
 	}
-	// Past keepEnded, the note of a first attempt that landed may be gone.
-	unsure := time.Since(c.first) > r.keepEnded-r.leaseTTL/3
-	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.lease, c.delta, c.requests, unsure)...)
+	return settleScript.EvalSha(ctx, pipe, r.keys(c.client), r.settleArgs(c.lim, c.lease, c.delta, c.requests, r.unsure(c.first))...)
 }
+
+// unsure reports whether the note of a call's first attempt, made at
+// first, may be gone from Redis, should that attempt have landed.
+func (r *Redis) unsure(first time.Time) bool { return time.Since(first) > r.keepEnded-r.leaseTTL/3 }
 
 // Close sends the calls still queued (the deferred settles), stops the
 // renewals and retries, and retries the failed calls once more. The

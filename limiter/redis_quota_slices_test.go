@@ -268,3 +268,50 @@ func TestRedisQuotaEndIsExact(t *testing.T) {
 		t.Errorf("counter %d, sliced %d; want 9,200 at most and none", counter, sliced)
 	}
 }
+
+// TestRedisGiveBackIsRetriedOnce: a give-back sent to a Redis that
+// stalled, which runs it once it goes on, is retried, and the retry
+// changes nothing: what the slice held goes back exactly once.
+func TestRedisGiveBackIsRetriedOnce(t *testing.T) {
+	slicesFrom(t, 1000)
+	s := redistest.Start(t)
+	r := newTimedRedis(t, newRedisClient(t, s), "giveback:", 200*time.Millisecond)
+	r.slicing.Store(true)
+	lim := &Limits{Quota: Quota{N: 100_000, Period: Day}} // slices of 1,000
+	d, err := r.Admit(t.Context(), "c", lim, 10, time.Now())
+	if err != nil || d.Reason != Admitted {
+		t.Fatalf("the admission that claims: %v %v", d.Reason, err)
+	}
+	if err := r.Settle(t.Context(), "c", lim, d.Lease, 10, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	s.Pause(t)
+	r.slices.mu.Lock()
+	sl := r.slices.m["c"]
+	if sl == nil || sl.id == "" || sl.got != 1000 {
+		r.slices.mu.Unlock()
+		t.Fatalf("the slice claimed: %+v, want 1,000 tokens and the claim's ID", sl)
+	}
+	r.giveBack("c", sl)
+	r.slices.mu.Unlock()
+	waitUntil(t, 5*time.Second, "the give-back sent to the stalled Redis waits for a retry", func() bool { return r.retries.len() == 1 })
+	s.Resume(t)
+	waitUntil(t, 10*time.Second, "the retry lands", func() bool { return r.retries.len() == 0 })
+	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); counter != 10 || sliced != 0 {
+		t.Errorf("after the give-back and its retry: counter %d, sliced %d; want 10 and 0: given back once", counter, sliced)
+	}
+}
+
+// waitUntil waits for cond, checked every 20 ms, failing the test after
+// limit. (internal/testcheck has it too, but imports store, which imports
+// this package.)
+func waitUntil(t *testing.T, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, limit)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

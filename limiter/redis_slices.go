@@ -2,6 +2,7 @@ package limiter
 
 import (
 	_ "embed"
+	"errors"
 	"sync"
 	"time"
 
@@ -125,6 +126,7 @@ type slice struct {
 	tokens   int64     // left to reserve; below zero, owed
 	got      int64     // tokens claimed
 	at       int64     // the time of the claim (Redis' unix ms): its quota period
+	id       string    // the lease ID of the admission that claimed it, which names its give-back
 	claimed  time.Time // when, by this instance's clock; given back sliceTTL after
 	state    State     // Redis' answer to the claim
 	claiming bool      // a claim is on its way
@@ -207,9 +209,9 @@ func (r *Redis) claimFor(client string, lim *Limits, now time.Time) (requests, t
 }
 
 // claimed records the answer to a claim: got requests and tokens at the
-// time of admission at (Redis' unix ms), and the standing after them
-// (zero when the admission failed).
-func (r *Redis) claimed(client string, lim *Limits, requests, tokens, at int64, st State, now time.Time) {
+// time of admission at (Redis' unix ms) by the admission id, and the
+// standing after them (zero when the admission failed).
+func (r *Redis) claimed(client string, lim *Limits, requests, tokens, at int64, id string, st State, now time.Time) {
 	b := &r.slices
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -217,33 +219,46 @@ func (r *Redis) claimed(client string, lim *Limits, requests, tokens, at int64, 
 	if s == nil || !s.claiming {
 		// Given back meanwhile (Close): give this back too.
 		if requests != 0 || tokens != 0 {
-			r.giveBack(client, &slice{lim: *lim, requests: requests, tokens: tokens, got: tokens, at: at})
+			r.giveBack(client, &slice{lim: *lim, requests: requests, tokens: tokens, got: tokens, at: at, id: id})
 		}
 		return
 	}
 	s.claiming = false
 	s.requests += requests
 	s.tokens += tokens
-	s.got, s.at = tokens, at
+	s.got, s.at, s.id = tokens, at, id
 	s.claimed, s.state = now, st
 }
 
 // giveBack queues the give-back of what s holds, and forgets it. The
-// caller holds r.slices.mu. A give-back is not retried: a repeat would
-// give twice. One that fails leaves the slice's tokens and requests
-// counted as used until the buckets refill them, and what it owed
-// uncharged.
+// caller holds r.slices.mu. A give-back that fails is retried as a
+// settle is, while a first attempt that landed is still noted in Redis
+// (keepEnded): a repeat changes nothing. One given up leaves the slice's
+// tokens and requests counted as used until the buckets refill them, and
+// a quota's until its period ends.
 func (r *Redis) giveBack(client string, s *slice) {
 	delete(r.slices.m, client)
 	if s.requests == 0 && s.tokens == 0 && (s.got == 0 || s.lim.Quota.Unlimited()) {
 		return
 	}
-	args := limitArgs(make([]any, 0, 13), &s.lim)
-	args = append(args, s.requests, s.tokens, s.got, s.at)
-	if err := r.enqueue(&call{script: giveBackScript, keys: r.keys(client), args: args, later: retry{client: client}}); err != nil {
-		r.logger.Error("giving back a slice of the shared limits failed; it counts as used until the buckets refill",
+	later := retry{client: client, lim: &s.lim, first: time.Now()}
+	if s.id != "" { // a repeat is known by it
+		later.giveBack = s
+	}
+	switch err := r.enqueue(&call{script: giveBackScript, keys: r.keys(client), args: r.giveBackArgs(s), later: later}); {
+	case err == nil:
+	case errors.Is(err, errQueueFull) && later.giveBack != nil:
+		r.retryLater(later)
+	default:
+		r.logger.Error("giving back a slice of the shared limits failed; it counts as used until the buckets refill, or a quota's until its period ends",
 			zap.String("client_id", client), zap.Int64("requests", s.requests), zap.Int64("tokens", s.tokens), zap.Error(err))
 	}
+}
+
+// giveBackArgs are the give-back script's arguments for s.
+func (r *Redis) giveBackArgs(s *slice) []any {
+	args := limitArgs(make([]any, 0, 15), &s.lim)
+	return append(args, s.requests, s.tokens, s.got, s.at, s.id, r.keepEnded.Milliseconds())
 }
 
 // giveBackStale gives back the slices older than sliceTTL, of clients
