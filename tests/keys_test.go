@@ -23,6 +23,7 @@ import (
 	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
@@ -81,13 +82,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 // waitFor polls cond until it holds, failing the test after within.
 func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testcheck.WaitFor(t, within, what, cond)
 }
 
 func TestBadCredentialsAllLookTheSame(t *testing.T) {

@@ -55,13 +55,7 @@ func openAfterRestart(url string) (*redisstore.Store, error) {
 // waitFor polls cond until it holds or d has passed.
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, d)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testcheck.WaitFor(t, d, what, cond)
 }
 
 // identified reports whether s identifies secret now.

@@ -16,12 +16,18 @@ import (
 // Within fails the test unless cond holds within a second.
 func Within(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(time.Second)
+	WaitFor(t, time.Second, what, cond)
+}
+
+// WaitFor polls cond until it holds, failing the test after within.
+func WaitFor(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within a second", what)
+			t.Fatalf("%s: not within %v", what, within)
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
