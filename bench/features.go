@@ -41,7 +41,8 @@ const bareRung = "bare"
 
 // ladder returns the rungs in the order they are measured: plain Caddy,
 // the bare module, each feature added to the rung before up to the
-// deployed features and the pool, then the bare rung's variants.
+// deployed features and the pool, then the bare rung's variants, and a
+// budget on the Redis variant.
 func ladder() []rung {
 	const sqlite = "sqlite:{{.Dir}}/vigthoria.db"
 	rungs := []rung{{target: target{name: caddyName, site: plainSite}, adds: "plain Caddy", caller: benchTier}}
@@ -65,6 +66,10 @@ func ladder() []rung {
 	variant("jwt", "the caller an OpenID provider's user (RS256 JWT) instead of a key", sqlite, signedIn, features{JWT: true})
 	variant("minted", "the caller a token minted by a key instead of a key", sqlite, minted, features{Minting: true})
 	variant("redis", "the Redis store instead of SQLite", "{{.Redis}}", benchTier, features{})
+	// A budget is an account of its own, which Redis decided on every
+	// request until budgets were sliced.
+	rungs = append(rungs, rung{target: target{name: "redis-budget", site: moduleSite, features: features{Budget: true}, store: "{{.Redis}}"},
+		adds: "a budget in money on the Redis store", before: "redis", caller: benchTier})
 	return rungs
 }
 
@@ -192,7 +197,7 @@ func (fr *featuresRun) markdown() []byte {
 	fmt.Fprintf(&b, "Run on %s in %v, %d cores, load average %s when it began; `make bench` writes this section after the load, "+
 		"`go run ./bench -features-only` rewrites it alone. "+
 		"A ladder of targets under small chats only (`%s`: not streamed, %d connections, each rung's caller), each adding one feature to the one before, "+
-		"then variants of the bare rung, each compared with it; all beside plain Caddy, in %d interleaved rounds of %v after a %v warm-up, each round starting one rung further on "+
+		"then variants of the bare rung, each compared with it, and a budget on the Redis variant; all beside plain Caddy, in %d interleaved rounds of %v after a %v warm-up, each round starting one rung further on "+
 		"(shorter than the load's measurements above, to keep this run to a few minutes: `-features-duration`). "+
 		"Added CPU is read against plain Caddy of the same round, so that the machine's drift between rounds cancels out: the difference of the two rungs' medians of the rounds' ratios to plain Caddy's CPU per request, in µs of plain Caddy's median, so that the ladder's add up to its top rung's ratio less one; "+
 		"each ratio is the median of the rounds' ratios.\n\n",
