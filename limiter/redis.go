@@ -84,7 +84,8 @@ var requestScripts = []struct {
 // Each key expires by itself: the buckets when both are full again (a
 // missing bucket is full, so nothing is lost), the lease set a minute
 // (keepEnded) after its last lease ended or its last slice was given back,
-// a quota counter (and what slices hold of it, zero once given back) a
+// a quota counter (and what slices hold of it, dropped once all is given
+// back) a
 // day after its period ends. A client idle for a minute leaves nothing
 // behind but its quota counter.
 //
