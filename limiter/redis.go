@@ -85,9 +85,8 @@ var requestScripts = []struct {
 // missing bucket is full, so nothing is lost), the lease set a minute
 // (keepEnded) after its last lease ended or its last slice was given back,
 // a quota counter (and what slices hold of it, dropped once all is given
-// back) a
-// day after its period ends. A client idle for a minute leaves nothing
-// behind but its quota counter.
+// back) a day after its period ends. A client idle for a minute leaves
+// nothing behind but its quota counter.
 //
 // Every admitted request holds a lease, whatever its tier's concurrency
 // limit (but for NoSlot), so that State counts requests in flight as
