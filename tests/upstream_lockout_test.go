@@ -283,14 +283,20 @@ func TestFleetUpstreamLockoutIsPerServerKey(t *testing.T) {
 // Two tenants with their own server keys on one upstream URL each see
 // their own model list, private models included, never the other's.
 func TestModelsCacheIsKeyedByServerKey(t *testing.T) {
-	up := standin.New(standin.Options{APIKey: serverKey, Models: []string{model, "ft:tenant-a-1"},
-		Accounts: map[string][]string{tenantKeyB: {model, "ft:tenant-b-1"}}})
+	// Keys of this run only: the model lists' cache outlives a config (a
+	// reload keeps it), and an earlier test's stand-in may have had this
+	// one's address, the kernel handing the port out again, with its own
+	// lists for the same keys.
+	run := strconv.FormatInt(time.Now().UnixNano(), 36)
+	keyA, keyB := serverKey+"-"+run, tenantKeyB+"-"+run
+	up := standin.New(standin.Options{APIKey: keyA, Models: []string{model, "ft:tenant-a-1"},
+		Accounts: map[string][]string{keyB: {model, "ft:tenant-b-1"}}})
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
 	path := filepath.Join(t.TempDir(), "keys.db")
 	key := createKey(t, path, "metered")
-	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
-	t.Setenv("VIGTHORIA_TEST_KEY_B", tenantKeyB)
+	t.Setenv("VIGTHORIA_TEST_KEY", keyA)
+	t.Setenv("VIGTHORIA_TEST_KEY_B", keyB)
 	c := harness.StartCaddy(t, tenantsSite(srv.URL+"/v1", "sqlite "+path))
 	list := func(prefix string) ([]string, string) {
 		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, c.URL+prefix+"/v1/models", nil)
