@@ -120,8 +120,9 @@ func TestRedisSlicedQuotaNeverOverAdmits(t *testing.T) {
 // TestRedisQuotaSliceIsNotUsed: what a slice holds of a quota counts as
 // used in Redis' counter (so that no other instance spends it), but not
 // in the standing anyone is told: headers, /v1/usage and alerts read what
-// was used. Given back sliceTTL after its claim, it leaves the counter at
-// what was used.
+// was used, the instance that holds the slice with what it gave out of
+// it. Given back sliceTTL after its claim, it leaves the counter at what
+// was used.
 func TestRedisQuotaSliceIsNotUsed(t *testing.T) {
 	slicesFrom(t, 1000)
 	s := redistest.Start(t)
@@ -154,6 +155,14 @@ func TestRedisQuotaSliceIsNotUsed(t *testing.T) {
 	// since: never less than what was used (14).
 	if d.QuotaUsed < 14 || d.QuotaUsed > 20 {
 		t.Errorf("the standing of a request admitted from the slice: %d used, want 14 to 20", d.QuotaUsed)
+	}
+	// Its own State counts what its slice gave out (10 reserved, beside
+	// the 4 used); another instance's sees it once the slice is back.
+	if st, err := r.State(ctx, "c", lim, time.Now()); err != nil || st.QuotaUsed != 14 {
+		t.Errorf("the instance's own State: %d used (%v), want 14", st.QuotaUsed, err)
+	}
+	if st, err := check.State(ctx, "c", lim, time.Now()); err != nil || st.QuotaUsed != 4 {
+		t.Errorf("another instance's State: %d used (%v), want 4", st.QuotaUsed, err)
 	}
 	r.SettleDeferred("c", lim, d.Lease, 7, time.Now())
 	settledWithin(t, check, lim, func(State) bool {

@@ -137,6 +137,14 @@ type slice struct {
 // it since.
 func (s *slice) standing() State {
 	st := s.state
+	s.addTo(&st)
+	return st
+}
+
+// addTo adds the slice to a standing Redis reported, which counts what
+// the slice holds as neither left nor used: what it still holds is the
+// client's to use, what it gave out since its claim is used.
+func (s *slice) addTo(st *State) {
 	if !s.lim.Requests.Unlimited() {
 		st.RequestsRemaining += s.requests
 	}
@@ -146,7 +154,24 @@ func (s *slice) standing() State {
 	if !s.lim.Quota.Unlimited() {
 		st.QuotaUsed = max(st.QuotaUsed+s.got-s.tokens, 0)
 	}
-	return st
+}
+
+// withOwnSlice adds the instance's slice of client's limits to st, Redis'
+// answer to State, when it was claimed under lim and, for a quota, in the
+// period st is of.
+func (r *Redis) withOwnSlice(client string, lim *Limits, st *State) {
+	if !r.slicing.Load() {
+		return
+	}
+	b := &r.slices
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.m[client]
+	if s == nil || s.claiming || s.lim != *lim ||
+		!lim.Quota.Unlimited() && !lim.Quota.Period.End(time.UnixMilli(s.at)).Equal(st.QuotaReset) {
+		return
+	}
+	s.addTo(st)
 }
 
 // sliceBook is an instance's slices, by client.
