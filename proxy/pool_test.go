@@ -32,6 +32,21 @@ func testPool(logger *zap.Logger, keys ...ServerKey) *pool {
 	return p
 }
 
+// picks counts the keys p picks for n requests of any model at now, by
+// name.
+func picks(t *testing.T, p *pool, n int, now time.Time) map[string]int {
+	t.Helper()
+	counts := map[string]int{}
+	for range n {
+		k, err := p.pick("", now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		counts[k.name]++
+	}
+	return counts
+}
+
 func TestPoolSpreadsByWeight(t *testing.T) {
 	p := testPool(nil, ServerKey{Key: "a", Name: "a"}, ServerKey{Key: "b", Name: "b"}, ServerKey{Key: "c", Name: "c", Weight: 2})
 	now := time.Unix(1700000000, 0)
@@ -68,21 +83,12 @@ func TestPoolPrefersRoom(t *testing.T) {
 	// a has a tenth of its window left, b all of it.
 	p.keys[0].learn(http.Header{"X-Ratelimit-Limit": {"100"}, "X-Ratelimit-Remaining": {"10"}, "X-Ratelimit-Reset": {"60"}}, now)
 	p.keys[1].learn(http.Header{"X-Ratelimit-Limit-Requests": {"100"}, "X-Ratelimit-Remaining-Requests": {"100"}}, now)
-	counts := map[string]int{}
-	for range 110 {
-		k, _ := p.pick("", now)
-		counts[k.name]++
-	}
+	counts := picks(t, p, 110, now)
 	if counts["a"] != 10 || counts["b"] != 100 {
 		t.Fatalf("got %v, want a:10 b:100", counts)
 	}
 	// Past its reset, a's standing is unknown again: an even spread.
-	later := now.Add(2 * time.Minute)
-	clear(counts)
-	for range 100 {
-		k, _ := p.pick("", later)
-		counts[k.name]++
-	}
+	counts = picks(t, p, 100, now.Add(2*time.Minute))
 	if counts["a"] != 50 || counts["b"] != 50 {
 		t.Fatalf("after the reset got %v, want a:50 b:50", counts)
 	}
@@ -103,12 +109,7 @@ func TestPoolLearnsOnlyFigures(t *testing.T) {
 	} {
 		p.keys[0].learn(h, now)
 	}
-	counts := map[string]int{}
-	for range 100 {
-		k, _ := p.pick("", now)
-		counts[k.name]++
-	}
-	if counts["a"] != 50 || counts["b"] != 50 {
+	if counts := picks(t, p, 100, now); counts["a"] != 50 || counts["b"] != 50 {
 		t.Fatalf("after figures that say nothing got %v, want a:50 b:50", counts)
 	}
 	// More left than the limit, or less than nothing: a share of 1 or 0.
