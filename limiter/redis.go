@@ -204,7 +204,7 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 	}
 	vals, err := r.slice(r.run(ctx, admitScript, r.keys(client), args...))
 	if err != nil {
-		if claiming { // what it may have claimed counts as used until the buckets refill
+		if claiming { // what it may have claimed, its cancellation gives back
 			r.claimed(client, lim, 0, 0, 0, "", State{}, time.Now())
 		}
 		// It may run all the same, in a Redis that stalled, unless it

@@ -100,10 +100,8 @@ if reason == 0 then
       redis.call('PEXPIREAT', KEYS[2], expiry)
     end
     if gotR > 0 or gotT > 0 then
-      -- What the claim took, for a cancellation to give back: its
-      -- answer may never reach the instance.
-      hold(id, reserve)
-      redis.call('HSET', KEYS[4], id .. '/c', gotR .. ' ' .. gotT .. ' ' .. (gotT > 0 and qName or ''))
+      hold(id, reserve) -- even 0: the note is forgotten with it
+      noteClaim(id, gotR, gotT, gotT > 0 and qName or '')
     elseif reserve > 0 then
       hold(id, reserve)
     end

@@ -24,11 +24,9 @@ if score then
   if h then
     charge(-h, 0)
   end
-  if claim then
+  if claim and claim.r then
     -- The slices it claimed were never used: all of them go back.
-    local r, t, name = string.match(claim, '^(%d+) (%d+) (.*)$')
-    r, t = tonumber(r), tonumber(t)
-    giveBackSlice(r, t, name ~= '' and KEYS[3] .. name or nil, t)
+    giveBackSlice(claim.r, claim.t, claim.name ~= '' and KEYS[3] .. claim.name or nil, claim.t)
   end
 end
 noteEnded(id, keep)

@@ -148,16 +148,29 @@ local function hold(id, n)
   end
 end
 
+-- noteClaim notes beside the lease id's reservation the slices its
+-- admission claimed: r requests, t tokens, of the quota period name ('':
+-- none), for a cancellation to give back, as the admission's answer may
+-- never reach its instance. The lease's settle forgets it.
+local function noteClaim(id, r, t, name)
+  redis.call('HSET', KEYS[4], id .. '/c', fmt(r) .. ' ' .. fmt(t) .. ' ' .. name)
+end
+
 -- held returns the tokens the lease id holds reserved, as Redis counted
--- them, and the note of the slices its admission claimed (noteClaim), and
--- forgets both; nil when Redis holds none for it.
+-- them, and the slices its admission claimed (noteClaim: requests,
+-- tokens, quota period name), and forgets both; nil when Redis holds none
+-- for it.
 local function held(id)
   local v = redis.call('HMGET', KEYS[4], id, id .. '/c')
-  if v[1] then
-    redis.call('HDEL', KEYS[4], id, id .. '/c')
-    return tonumber(v[1]), v[2]
+  if not v[1] then
+    return nil
   end
-  return nil
+  redis.call('HDEL', KEYS[4], id, id .. '/c')
+  if not v[2] then
+    return tonumber(v[1])
+  end
+  local r, t, name = string.match(v[2], '^(%d+) (%d+) (.*)$')
+  return tonumber(v[1]), {r = tonumber(r), t = tonumber(t), name = name}
 end
 
 -- Beside a quota counter, which counts what instances' slices hold

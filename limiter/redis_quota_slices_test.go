@@ -232,23 +232,31 @@ func TestRedisLostQuotaClaimIsGivenBack(t *testing.T) {
 	s := redistest.Start(t)
 	c := newRedisClient(t, s)
 	r := newShortRedis(t, c, "lostclaim:", 3*time.Second, keepEnded) // retries every second
-	lim := &Limits{Requests: Rate{N: 100_000, Window: time.Hour}, Quota: Quota{N: 1_000_000, Period: Month}}
-	args := limitArgs(nil, lim)
-	args = append(args, 30, r.leaseTTL.Milliseconds(), "lost-claim", 1000, 10_000)
-	vals, err := admitScript.Run(t.Context(), c, r.keys("c"), args...).Slice()
-	if err != nil || len(vals) != 12 || vals[10] != int64(1000) || vals[11] != int64(10_000) {
-		t.Fatalf("the admission that claims: %v %v, want 1,000 requests and 10,000 tokens claimed", vals, err)
-	}
-	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); counter != 10_030 || sliced != 10_000 {
-		t.Fatalf("after the claim: counter %d, sliced %d; want 10,030 and 10,000", counter, sliced)
-	}
-	r.cancelLater("c", lim, "lost-claim")
-	settledWithin(t, r, lim, func(st State) bool {
-		counter, sliced := quotaCounters(t, r, "c", lim, time.Now())
-		return counter == 0 && sliced == 0 && st.RequestsRemaining == 100_000 && st.InFlight == 0
-	}, "the lost claim given back: requests, reservation and slices")
-	if n, err := c.HLen(t.Context(), r.keys("c")[3]).Result(); err != nil && err != redis.Nil || n != 0 {
-		t.Errorf("the lease's reservation and claim notes: %d left (%v), want none", n, err)
+	// The large one's claim, 10^15, is a number Lua would write as 1e+15.
+	for _, quota := range []int64{1_000_000, 100_000_000_000_000_000} {
+		t.Run(strconv.FormatInt(quota, 10), func(t *testing.T) {
+			client := "c" + strconv.FormatInt(quota, 10)
+			lim := &Limits{Requests: Rate{N: 100_000, Window: time.Hour}, Quota: Quota{N: quota, Period: Month}}
+			claim := quota / 100
+			args := limitArgs(nil, lim)
+			args = append(args, 30, r.leaseTTL.Milliseconds(), "lost-claim", 1000, claim)
+			vals, err := admitScript.Run(t.Context(), c, r.keys(client), args...).Slice()
+			if err != nil || len(vals) != 12 || vals[10] != int64(1000) || vals[11] != claim {
+				t.Fatalf("the admission that claims: %v %v, want 1,000 requests and %d tokens claimed", vals, err, claim)
+			}
+			if counter, sliced := quotaCounters(t, r, client, lim, time.Now()); counter != claim+30 || sliced != claim {
+				t.Fatalf("after the claim: counter %d, sliced %d; want %d and %d", counter, sliced, claim+30, claim)
+			}
+			r.cancelLater(client, lim, "lost-claim")
+			waitUntil(t, 5*time.Second, "the lost claim given back: requests, reservation and slices", func() bool {
+				st, err := r.State(t.Context(), client, lim, time.Now())
+				counter, sliced := quotaCounters(t, r, client, lim, time.Now())
+				return err == nil && counter == 0 && sliced == 0 && st.RequestsRemaining == 100_000 && st.InFlight == 0
+			})
+			if n, err := c.HLen(t.Context(), r.keys(client)[3]).Result(); err != nil && err != redis.Nil || n != 0 {
+				t.Errorf("the lease's reservation and claim notes: %d left (%v), want none", n, err)
+			}
+		})
 	}
 }
 

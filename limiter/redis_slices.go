@@ -30,7 +30,8 @@ import (
 // instance and client (a slice, and half of the one before it, as a new one
 // is claimed when half of it is left), for at most sliceTTL plus the
 // renewal tick. Of a quota, no slice is claimed once less than ten slices
-// (10%) would be left, nor in the last two seconds of its period: the end
+// would be left (10% of it, or less where the token bucket's slice is the
+// smaller), nor in the last two seconds of its period: the end
 // of a quota is decided exactly, and what other instances' slices still
 // hold then is back within sliceTTL. A claim whose answer is lost (a Redis
 // that stalled) is never used, and the admission's cancellation gives it
@@ -312,9 +313,9 @@ func (r *Redis) giveBackAll() {
 // settleSliced settles a request admitted from a slice: the tokens it
 // reserved from the slice go back to it, less what it used; what it
 // reserved in Redis (its slice was short) is refunded there. Without
-// a slice (given back meanwhile), or with one of another quota period,
-// Redis is charged what it used beyond its whole reservation, in its own
-// period. It returns the delta for Redis, 0 for none.
+// a slice (given back meanwhile), or with one of other limits (the key's
+// settings changed) or of another quota period, Redis is charged what it
+// used beyond its whole reservation, in its own period. It returns the delta for Redis, 0 for none.
 func (r *Redis) settleSliced(client string, lim *Limits, lease Lease, used int64) int64 {
 	if !countsTokens(lim) {
 		return 0
@@ -322,7 +323,7 @@ func (r *Redis) settleSliced(client string, lim *Limits, lease Lease, used int64
 	b := &r.slices
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if s := b.m[client]; s != nil && (!s.claiming || lim.Quota.Unlimited()) && samePeriod(lim, s.at, lease.Period) {
+	if s := b.m[client]; s != nil && s.lim == *lim && (!s.claiming || lim.Quota.Unlimited()) && samePeriod(lim, s.at, lease.Period) {
 		s.tokens += lease.Local - used
 		delta := -(lease.Reserved - lease.Local)
 		if s.tokens < 0 {
@@ -349,7 +350,7 @@ func (r *Redis) reserveFromSlice(client string, lim *Limits, lease Lease, tokens
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	s := b.m[client]
-	if s == nil || s.claiming || s.tokens < tokens || !samePeriod(lim, s.at, lease.Period) {
+	if s == nil || s.lim != *lim || s.claiming || s.tokens < tokens || !samePeriod(lim, s.at, lease.Period) {
 		return Decision{}, false
 	}
 	s.tokens -= tokens
