@@ -11,6 +11,7 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/caller"
 	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+	"github.com/vigthoria/caddy-vigthoria/internal/storecheck"
 	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
@@ -144,7 +145,7 @@ func TestCLISigningKeys(t *testing.T) {
 		t.Errorf("rotate printed %q, want that it removed 1", out)
 	}
 	want := []string{retired.ID, current.ID, rotated[0], rotated[1], printedSigningID.FindString(out)}
-	if got := testcheck.SigningIDs(t, st); !slices.Equal(got, want) && !slices.Equal(got, []string{want[0], want[1], want[3], want[2], want[4]}) {
+	if got := storecheck.SigningIDs(t, st); !slices.Equal(got, want) && !slices.Equal(got, []string{want[0], want[1], want[3], want[2], want[4]}) {
 		t.Errorf("signing keys %v, want %v: the expired key removed, the others kept", got, want)
 	}
 
@@ -155,7 +156,7 @@ func TestCLISigningKeys(t *testing.T) {
 	}
 	printed := out + mustCLI(t, "signing-key", "list", flag)
 	for _, k := range append(keys, expired) {
-		testcheck.WantNoPrivate(t, "the CLI's output", printed, k)
+		storecheck.WantNoPrivate(t, "the CLI's output", printed, k)
 	}
 }
 

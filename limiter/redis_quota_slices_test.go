@@ -12,6 +12,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 )
 
 // quotaCounters returns a client's quota counter of the period holding
@@ -248,7 +249,7 @@ func TestRedisLostQuotaClaimIsGivenBack(t *testing.T) {
 				t.Fatalf("after the claim: counter %d, sliced %d; want %d and %d", counter, sliced, claim+30, claim)
 			}
 			r.cancelLater(client, lim, "lost-claim")
-			waitUntil(t, 5*time.Second, "the lost claim given back: requests, reservation and slices", func() bool {
+			testcheck.WaitFor(t, 5*time.Second, "the lost claim given back: requests, reservation and slices", func() bool {
 				st, err := r.State(t.Context(), client, lim, time.Now())
 				counter, sliced := quotaCounters(t, r, client, lim, time.Now())
 				return err == nil && counter == 0 && sliced == 0 && st.RequestsRemaining == 100_000 && st.InFlight == 0
@@ -311,24 +312,10 @@ func TestRedisGiveBackIsRetriedOnce(t *testing.T) {
 	}
 	r.giveBack("c", sl)
 	r.slices.mu.Unlock()
-	waitUntil(t, 5*time.Second, "the give-back sent to the stalled Redis waits for a retry", func() bool { return r.retries.len() == 1 })
+	testcheck.WaitFor(t, 5*time.Second, "the give-back sent to the stalled Redis waits for a retry", func() bool { return r.retries.len() == 1 })
 	s.Resume(t)
-	waitUntil(t, 10*time.Second, "the retry lands", func() bool { return r.retries.len() == 0 })
+	testcheck.WaitFor(t, 10*time.Second, "the retry lands", func() bool { return r.retries.len() == 0 })
 	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); counter != 10 || sliced != 0 {
 		t.Errorf("after the give-back and its retry: counter %d, sliced %d; want 10 and 0: given back once", counter, sliced)
-	}
-}
-
-// waitUntil waits for cond, checked every 20 ms, failing the test after
-// limit. (internal/testcheck has it too, but imports store, which imports
-// this package.)
-func waitUntil(t *testing.T, limit time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, limit)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }

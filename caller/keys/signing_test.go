@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
-	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
+	"github.com/vigthoria/caddy-vigthoria/internal/storecheck"
 	"github.com/vigthoria/caddy-vigthoria/store"
 )
 
@@ -72,7 +72,7 @@ func TestNewSigningKey(t *testing.T) {
 			if !strings.Contains(tt.text, a.ID) {
 				t.Errorf("%q does not name the key %s", tt.text, a.ID)
 			}
-			testcheck.WantNoPrivate(t, tt.name, tt.text, a)
+			storecheck.WantNoPrivate(t, tt.name, tt.text, a)
 		})
 	}
 }
@@ -161,7 +161,7 @@ func forEachSigningBackend(t *testing.T, test func(t *testing.T, st store.Backen
 func TestSigningKeyStore(t *testing.T) {
 	forEachSigningBackend(t, func(t *testing.T, st store.Backend) {
 		ctx := t.Context()
-		if ids := testcheck.SigningIDs(t, st); len(ids) != 0 {
+		if ids := storecheck.SigningIDs(t, st); len(ids) != 0 {
 			t.Fatalf("a new store has signing keys %v", ids)
 		}
 		now := time.Date(2030, 1, 2, 3, 4, 5, 678_901_234, time.UTC)
@@ -203,7 +203,7 @@ func TestSigningKeyStore(t *testing.T) {
 		if err := st.AddSigningKey(ctx, again); err == nil {
 			t.Error("adding a signing key ID twice succeeded")
 		} else {
-			testcheck.WantNoPrivate(t, "the error", err.Error(), again)
+			storecheck.WantNoPrivate(t, "the error", err.Error(), again)
 		}
 		if keys, _ := st.SigningKeys(ctx); len(keys) != 4 || !keys[3].Private.Equal(newest.Private) {
 			t.Error("a refused add changed the stored key")
@@ -229,7 +229,7 @@ func TestSigningKeyStore(t *testing.T) {
 		if err := st.RemoveSigningKey(ctx, "sig_unknown"); err != nil {
 			t.Errorf("removing an unknown key: %v, want nil", err)
 		}
-		if got, want := testcheck.SigningIDs(t, st), []string{oldest.ID, tie2.ID, newest.ID}; !slices.Equal(got, want) {
+		if got, want := storecheck.SigningIDs(t, st), []string{oldest.ID, tie2.ID, newest.ID}; !slices.Equal(got, want) {
 			t.Errorf("after removing %s: %v, want %v", tie1.ID, got, want)
 		}
 	})
@@ -270,7 +270,7 @@ func TestSigningKeyDamagedSeed(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), k.ID) {
 				t.Fatalf("SigningKeys = %d keys, %v; want an error naming %s", len(keys), err, k.ID)
 			}
-			testcheck.WantNoPrivate(t, "the error", err.Error(), k)
+			storecheck.WantNoPrivate(t, "the error", err.Error(), k)
 		})
 	}
 }
