@@ -383,9 +383,15 @@ func TestBrowserDashboard(t *testing.T) {
 	eventually(t, "the revoked key is refused", func() bool { return chat() == http.StatusUnauthorized })
 	t.Logf("revoked on the page, refused by the proxy %v later", time.Since(revoked).Round(time.Millisecond))
 
-	// One key's page: its usage chart by model.
-	b.navigate(page + "#key/" + id)
-	waitJS(t, b, `!!window.dash.charts["key-recent"] && window.dash.charts["key-recent"].data.length > 1`)
+	// One key's page: its usage chart by model. The ledger writes once a
+	// second, and the chats were moments ago: the page is opened again
+	// until it shows them, then checked.
+	waitFor(t, 5*time.Second, "the key's page shows its chats and refusal of today", func() bool {
+		b.navigate(page + "#keys")
+		b.navigate(page + "#key/" + id)
+		waitJS(t, b, `!!window.dash.charts["key-recent"] && window.dash.charts["key-recent"].data.length > 1`)
+		return sum("key-days", "") != "0" && sum("key-outcomes", "missing_model") == "1"
+	})
 	if got, recent, days := labels("key-recent"), sum("key-recent", ""), sum("key-days", ""); got != model || recent == "0" || recent != days {
 		t.Errorf("the key's tokens, last 24 hours: %s by model %q, want the %s tokens of its chat today, of %s", recent, got, days, model)
 	}
