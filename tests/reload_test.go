@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -12,6 +13,8 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
 
 // TestReloadUnderLoad reloads the config 20 times while clients of the
@@ -23,7 +26,13 @@ func TestReloadUnderLoad(t *testing.T) {
 	// during the test: what is missing from it was admitted.
 	const limit = 1000000
 	tier := "tier metered {\n\t\t\trequests " + strconv.Itoa(limit) + "/100000h\n\t\t}"
-	e := start(t, manyFailures, tier)
+	// An upstream that advertises more than the test ever sends: the
+	// proxy rightly stops calling one whose requests are spent, and the
+	// load would stop flowing after the default's 10,000.
+	up := standin.New(standin.Options{APIKey: serverKey, RateLimit: 1e12})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	e := startOn(t, up, srv, srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", manyFailures, tier)
 	key, _ := e.meteredKey(t)
 	conns := &connErrors{next: http.DefaultTransport}
 	// The library's retries, as an application has them, over a redial
