@@ -261,6 +261,47 @@ func TestRedisLostQuotaClaimIsGivenBack(t *testing.T) {
 	}
 }
 
+// TestRedisLostClaimOfAnExpiredLease: a stall longer than the lease's
+// TTL. The admission that claimed ran, its answer was lost, its lease
+// expired and another admission of the client dropped it, and only then
+// does the cancellation reach Redis: it still gives back the request,
+// the reservation and the claim.
+func TestRedisLostClaimOfAnExpiredLease(t *testing.T) {
+	s := redistest.Start(t)
+	c := newRedisClient(t, s)
+	r := newShortRedis(t, c, "expiredclaim:", 3*time.Second, keepEnded)
+	// A bucket that refills by less than a request during the test.
+	lim := &Limits{Requests: Rate{N: 100_000, Window: 1000 * time.Hour}, Quota: Quota{N: 1_000_000, Period: Month}}
+	const claim = 10_000
+	admit := func(id string, ttl time.Duration, claimed ...any) []any {
+		t.Helper()
+		args := append(limitArgs(nil, lim), 30, ttl.Milliseconds(), id)
+		vals, err := admitScript.Run(t.Context(), c, r.keys("c"), append(args, claimed...)...).Slice()
+		if err != nil || vals[0] != int64(0) {
+			t.Fatalf("admission %s: %v %v", id, vals, err)
+		}
+		return vals
+	}
+	admit("running", time.Minute) // keeps the notes of the client's leases
+	if vals := admit("lost-claim", 50*time.Millisecond, 1000, claim); len(vals) != 12 || vals[11] != int64(claim) {
+		t.Fatalf("the admission that claims: %v, want %d tokens claimed", vals, claim)
+	}
+	time.Sleep(100 * time.Millisecond)
+	admit("after", time.Minute) // drops the expired lease
+	if err := c.ZScore(t.Context(), r.keys("c")[1], "lost-claim").Err(); err != redis.Nil {
+		t.Fatalf("the expired lease is still in the set (%v): the test does not test the dropped lease", err)
+	}
+	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); counter != 3*30+claim || sliced != claim {
+		t.Fatalf("before the cancellation: counter %d, sliced %d; want %d and %d", counter, sliced, 3*30+claim, claim)
+	}
+	r.cancelLater("c", lim, "lost-claim")
+	testcheck.WaitFor(t, 5*time.Second, "the claim of the expired lease given back: its request, reservation and slices", func() bool {
+		st, err := r.State(t.Context(), "c", lim, time.Now())
+		counter, sliced := quotaCounters(t, r, "c", lim, time.Now())
+		return err == nil && counter == 2*30 && sliced == 0 && st.RequestsRemaining == 100_000-2 && st.InFlight == 2
+	})
+}
+
 // TestRedisQuotaEndIsExact: no slice is claimed once fewer than ten
 // slices would be left of a quota: the last of it is decided by Redis.
 func TestRedisQuotaEndIsExact(t *testing.T) {
