@@ -147,7 +147,7 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 	}
 	d, err := f.shared.Admit(ctx, client, lim, reserve, now)
 	if err == nil {
-		if d.Lease.ID != sliceID { // a slice's admission did not ask Redis
+		if !d.Lease.fromSlice() { // a slice's admission did not ask Redis
 			f.answered(client, lim, &d.State, now)
 		}
 		return d, nil
@@ -195,11 +195,14 @@ func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, leas
 		f.answered(client, lim, nil, now)
 		return d, err
 	}
+	// A lease from a slice comes back named: Redis may have reserved all
+	// the same, and Settle corrects that under the name.
+	lease = d.Lease
 	share, err := f.failed(client, lim, err, now)
 	if err != nil {
 		return Decision{Lease: lease}, err
 	}
-	if lease.ID == sliceID {
+	if lease.fromSlice() {
 		if f.policy == UseLocal || !lim.Quota.Unlimited() {
 			// Past its slice, a sliced lease has nothing local to
 			// reserve from that Settle would give back; nor may a
@@ -268,7 +271,7 @@ func (f *Fallback) SettleDeferred(client string, lim *Limits, lease Lease, used 
 // localPart gives back what a shared lease reserved in the local limits,
 // and returns the lease as the shared backend knows it.
 func (f *Fallback) localPart(client string, lim *Limits, lease Lease, now time.Time) Lease {
-	if lease.Local == 0 || lease.ID == sliceID {
+	if lease.Local == 0 || lease.fromSlice() {
 		return lease
 	}
 	f.local.refund(client, f.share(lim), lease.Local, now)

@@ -208,8 +208,8 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 			r.claimed(client, lim, 0, 0, 0, "", State{}, time.Now())
 		}
 		// It may run all the same, in a Redis that stalled, unless it
-		// was never queued.
-		if !errors.Is(err, errQueueFull) && !errors.Is(err, errClosed) && !errors.Is(err, ErrDown) {
+		// was never sent: even one that failed with ErrDown was.
+		if !unsent(err) {
 			r.cancelLater(client, lim, id)
 		}
 		return Decision{}, fmt.Errorf("redis admit: %w", err)
@@ -262,17 +262,16 @@ func (r *Redis) Reserve(ctx context.Context, client string, lim *Limits, lease L
 	if err := checkReserve(lim, tokens); err != nil {
 		return Decision{Lease: lease}, err
 	}
-	id := lease.ID
-	if id == sliceID {
+	if lease.fromSlice() {
 		if !tooLarge(lim, lease.Reserved, tokens) {
 			if d, ok := r.reserveFromSlice(client, lim, lease, tokens); ok {
 				return d, nil
 			}
 		}
-		id = "" // Redis holds no lease of it to check
+		lease = named(lease) // what Redis reserves, its settle finds
 	}
-	args := limitArgs(make([]any, 0, 13), lim)
-	args = append(args, tokens, lease.Reserved, id, lease.Period)
+	args := limitArgs(make([]any, 0, 14), lim)
+	args = append(args, tokens, lease.Reserved, lease.ID, lease.Period, r.leaseTTL.Milliseconds())
 	vals, err := r.slice(r.run(ctx, reserveScript, r.keys(client), args...))
 	if err != nil {
 		return Decision{Lease: lease}, fmt.Errorf("redis reserve: %w", err)
@@ -305,19 +304,18 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 	if lease.holdsNothing(lim, used) {
 		return nil
 	}
-	if lease.ID == sliceID {
-		delta := r.settleSliced(client, lim, lease, used)
-		if delta == 0 {
+	var delta int64
+	if lease.fromSlice() {
+		// A named lease settles in Redis even with nothing to correct
+		// here: Redis may hold a reservation whose answer was lost.
+		if delta = r.settleSliced(client, lim, lease, used); delta == 0 && lease.ID == sliceID {
 			return nil
 		}
-		_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, Lease{Period: lease.Period}, delta, 0, false)...)
-		if err != nil {
-			return fmt.Errorf("redis settle: %w; its tokens are not corrected", err)
-		}
-		return nil
+		lease = inRedis(lease)
+	} else {
+		r.running.remove(lease.ID)
+		delta = used - lease.Reserved
 	}
-	r.running.remove(lease.ID)
-	delta := used - lease.Reserved
 	_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, lease, delta, 0, false)...)
 	if err != nil {
 		if lease.ID != "" { // without an ID, a repeat would charge again
@@ -337,13 +335,14 @@ func (r *Redis) SettleDeferred(client string, lim *Limits, lease Lease, used int
 		return
 	}
 	delta := used - lease.Reserved
-	if lease.ID == sliceID {
-		if delta = r.settleSliced(client, lim, lease, used); delta == 0 {
+	if lease.fromSlice() {
+		if delta = r.settleSliced(client, lim, lease, used); delta == 0 && lease.ID == sliceID {
 			return
 		}
-		lease = Lease{Period: lease.Period} // Redis holds no lease of it
+		lease = inRedis(lease)
+	} else {
+		r.running.remove(lease.ID)
 	}
-	r.running.remove(lease.ID)
 	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, delta, 0, false),
 		later: retry{client: client, lim: lim, lease: lease, delta: delta, first: time.Now()}}
 	err := r.enqueue(c)

@@ -100,10 +100,10 @@ if reason == 0 then
       redis.call('PEXPIREAT', KEYS[2], expiry)
     end
     if gotR > 0 or gotT > 0 then
-      hold(id, reserve) -- even 0: the note is forgotten with it
+      hold(id, reserve, ttl) -- even 0: the note is forgotten with it
       noteClaim(id, gotR, gotT, gotT > 0 and qName or '')
     elseif reserve > 0 then
-      hold(id, reserve)
+      hold(id, reserve, ttl)
     end
     inFlight = inFlight + 1
   end

@@ -63,6 +63,11 @@ const probeEvery = 250 * time.Millisecond
 // caller without Redis.
 var ErrDown = errors.New("the shared limiter is down")
 
+// errDownUnsent is ErrDown of a call that was never sent. A call sent
+// before Redis was held for down fails with ErrDown too, but may still
+// run in a Redis that only stalled: what it did must then be undone.
+var errDownUnsent = fmt.Errorf("%w; the call was not sent", ErrDown)
+
 // health is what an instance knows of its Redis: whether it is down. A
 // round trip that fails, or outlasts the timeout, starts a probe (one at a
 // time), and only a failed probe makes an outage: one caller's many
@@ -153,6 +158,12 @@ var errQueueFull = errors.New("too many calls wait for redis")
 // errClosed is the error of a call made after Close.
 var errClosed = errors.New("the redis limiter is closed")
 
+// unsent reports whether err is the failure of a call that never reached
+// Redis, which therefore cannot have run there.
+func unsent(err error) bool {
+	return errors.Is(err, errDownUnsent) || errors.Is(err, errQueueFull) || errors.Is(err, errClosed)
+}
+
 // call is one script run queued for the next pipeline.
 type call struct {
 	script *redis.Script
@@ -231,7 +242,7 @@ func signal(ch chan struct{}) {
 // with ErrDown.
 func (r *Redis) run(ctx context.Context, script *redis.Script, keys []string, args ...any) (*redis.Cmd, error) {
 	if !r.health.pass() {
-		return nil, ErrDown
+		return nil, errDownUnsent
 	}
 	c := &call{script: script, keys: keys, args: args, done: make(chan *redis.Cmd, 1), ctx: ctx}
 	if err := r.enqueue(c); err != nil {

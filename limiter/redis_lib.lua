@@ -139,12 +139,13 @@ local function noteEnded(id, keep)
 end
 
 -- hold notes n more tokens reserved by the lease id, kept as long as the
--- lease set (renewals extend both).
-local function hold(id, n)
+-- lease set (renewals extend both), and at least ttl ms: a request from a
+-- slice may have no lease in the set.
+local function hold(id, n, ttl)
   redis.call('HINCRBY', KEYS[4], id, n)
-  local ttl = redis.call('PTTL', KEYS[2])
-  if ttl > 0 and redis.call('PTTL', KEYS[4]) < ttl then
-    redis.call('PEXPIRE', KEYS[4], ttl)
+  local keep = math.max(redis.call('PTTL', KEYS[2]), ttl)
+  if keep > 0 and redis.call('PTTL', KEYS[4]) < keep then
+    redis.call('PEXPIRE', KEYS[4], keep)
   end
 end
 

@@ -2,6 +2,7 @@ package limiter
 
 import (
 	"context"
+	"errors"
 	"math/rand/v2"
 	"strconv"
 	"sync"
@@ -328,22 +329,37 @@ func TestRedisQuotaEndIsExact(t *testing.T) {
 	}
 }
 
-// TestRedisGiveBackIsRetriedOnce: a give-back sent to a Redis that
-// stalled, which runs it once it goes on, is retried, and the retry
-// changes nothing: what the slice held goes back exactly once.
-func TestRedisGiveBackIsRetriedOnce(t *testing.T) {
+// stallingSlices starts a redis-server that a test may stop, and an
+// instance that slices a quota of 100,000 a day (slices of 1,000) and
+// gives Redis timeout to answer.
+func stallingSlices(t *testing.T, prefix string, timeout time.Duration) (*redistest.Server, *Redis, *Limits) {
+	t.Helper()
 	slicesFrom(t, 1000)
 	s := redistest.Start(t)
-	r := newTimedRedis(t, newRedisClient(t, s), "giveback:", 200*time.Millisecond)
+	r := newTimedRedis(t, newRedisClient(t, s), prefix, timeout)
 	r.slicing.Store(true)
-	lim := &Limits{Quota: Quota{N: 100_000, Period: Day}} // slices of 1,000
+	return s, r, &Limits{Quota: Quota{N: 100_000, Period: Day}}
+}
+
+// claimSlice has r admit a request of 10 tokens, which claims a slice,
+// and settles it.
+func claimSlice(t *testing.T, r *Redis, lim *Limits) {
+	t.Helper()
 	d, err := r.Admit(t.Context(), "c", lim, 10, time.Now())
-	if err != nil || d.Reason != Admitted {
-		t.Fatalf("the admission that claims: %v %v", d.Reason, err)
+	if err != nil || d.Reason != Admitted || d.Lease.fromSlice() {
+		t.Fatalf("the admission that claims: %+v %v", d, err)
 	}
 	if err := r.Settle(t.Context(), "c", lim, d.Lease, 10, time.Now()); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestRedisGiveBackIsRetriedOnce: a give-back sent to a Redis that
+// stalled, which runs it once it goes on, is retried, and the retry
+// changes nothing: what the slice held goes back exactly once.
+func TestRedisGiveBackIsRetriedOnce(t *testing.T) {
+	s, r, lim := stallingSlices(t, "giveback:", 200*time.Millisecond)
+	claimSlice(t, r, lim)
 	s.Pause(t)
 	r.slices.mu.Lock()
 	sl := r.slices.m["c"]
@@ -358,5 +374,85 @@ func TestRedisGiveBackIsRetriedOnce(t *testing.T) {
 	testcheck.WaitFor(t, 10*time.Second, "the retry lands", func() bool { return r.retries.len() == 0 })
 	if counter, sliced := quotaCounters(t, r, "c", lim, time.Now()); counter != 10 || sliced != 0 {
 		t.Errorf("after the give-back and its retry: counter %d, sliced %d; want 10 and 0: given back once", counter, sliced)
+	}
+}
+
+// stalledPastProbe stops redis-server for longer than an instance's probe
+// gives it, and runs call meanwhile, so that a call sent before the stall
+// fails with ErrDown, though Redis runs it once it goes on.
+func stalledPastProbe(t *testing.T, s *redistest.Server, call func() error) error {
+	t.Helper()
+	s.Pause(t)
+	defer s.Resume(t)
+	return call()
+}
+
+// TestRedisAdmissionSentBeforeDownIsCancelled: an admission sent to a
+// Redis that stalls past the probe fails with ErrDown, and the instance
+// decides without it; Redis runs the admission once it goes on. Its
+// cancellation gives back its request, reservation and claimed slice all
+// the same: only a call never sent needs none.
+func TestRedisAdmissionSentBeforeDownIsCancelled(t *testing.T) {
+	s, r, lim := stallingSlices(t, "sentdown:", 100*time.Millisecond)
+	// A connection made before the stall: a new one would wait for its
+	// handshake, and send nothing.
+	if _, err := r.State(t.Context(), "other", lim, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	err := stalledPastProbe(t, s, func() error {
+		_, err := r.Admit(t.Context(), "c", lim, 10, time.Now())
+		return err
+	})
+	if !errors.Is(err, ErrDown) || unsent(err) {
+		t.Fatalf("the admission sent before the stall: %v, want ErrDown of a call that was sent", err)
+	}
+	testcheck.WaitFor(t, 5*time.Second, "the admission that ran after the stall given back: its reservation and claim", func() bool {
+		counter, sliced := quotaCounters(t, r, "c", lim, time.Now())
+		return counter == 0 && sliced == 0
+	})
+}
+
+// TestRedisSlicedCallsThroughAStall: the calls a request admitted from a
+// slice makes to Redis, while Redis stalls past the probe: a reservation
+// its slice cannot hold, whose answer is lost though Redis makes it, and
+// a settle its slice cannot take (given back meanwhile). The settle is
+// retried once Redis answers, counts once, and gives back the lost
+// reservation too: Redis' counter ends at what the request used.
+func TestRedisSlicedCallsThroughAStall(t *testing.T) {
+	s, r, lim := stallingSlices(t, "slicedstall:", 100*time.Millisecond)
+	claimSlice(t, r, lim)
+	d, err := r.Admit(t.Context(), "c", lim, 100, time.Now())
+	if err != nil || d.Reason != Admitted || d.Lease.ID != sliceID {
+		t.Fatalf("the request from the slice: %+v %v", d, err)
+	}
+	err = stalledPastProbe(t, s, func() error {
+		d, err = r.Reserve(t.Context(), "c", lim, d.Lease, 5_000, time.Now())
+		return err
+	})
+	if !errors.Is(err, ErrDown) || !d.Lease.fromSlice() || d.Lease.ID == sliceID {
+		t.Fatalf("the reservation past the slice sent before the stall: %+v %v, want ErrDown and the lease named", d.Lease, err)
+	}
+	testcheck.WaitFor(t, 5*time.Second, "Redis answers again, the reservation made", func() bool {
+		counter, _ := quotaCounters(t, r, "c", lim, time.Now())
+		return counter == 10+1_000+5_000 && r.health.pass()
+	})
+	r.giveBackStale(time.Now().Add(sliceTTL))
+	testcheck.WaitFor(t, 5*time.Second, "the slice given back", func() bool {
+		counter, sliced := quotaCounters(t, r, "c", lim, time.Now())
+		return counter == 10+100+5_000 && sliced == 0
+	})
+	err = stalledPastProbe(t, s, func() error {
+		return r.Settle(t.Context(), "c", lim, d.Lease, 40, time.Now())
+	})
+	if err == nil {
+		t.Fatal("the settle sent before the stall landed: the test does not test a lost settle")
+	}
+	testcheck.WaitFor(t, 5*time.Second, "the settle retried: Redis counts what the request used, and no reservation", func() bool {
+		counter, sliced := quotaCounters(t, r, "c", lim, time.Now())
+		return counter == 10+40 && sliced == 0 && r.retries.len() == 0
+	})
+	time.Sleep(1100 * time.Millisecond) // a retry more would land within a second
+	if counter, _ := quotaCounters(t, r, "c", lim, time.Now()); counter != 10+40 {
+		t.Errorf("counter %d after the retry, want %d: counted twice", counter, 10+40)
 	}
 }

@@ -6,10 +6,14 @@
 -- counter. No request is counted and no lease added. A refusal writes
 -- nothing, and neither does a lease that ended.
 -- ARGV[10] tokens, ARGV[11] tokens the lease holds already, ARGV[12] lease
--- ID, ARGV[13] its time of admission (unix ms; 0: now).
+-- ID (of a request from a slice: the name Redis notes it under, see
+-- sliceID), ARGV[13] its time of admission (unix ms; 0: now), ARGV[14]
+-- the lease TTL (ms), at least as long as the note of the reservation is
+-- kept.
 -- Reply: reason (limiter.Reason, or -1 alone: the lease ended), retry
 -- after (ns, -1: never), then the standing as the state script's.
 local tokens, held, id, admitted = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+local ttl = tonumber(ARGV[14]) or 0
 
 if id ~= '' then
   -- A lease noted as ended was settled already: its Settle would change
@@ -55,7 +59,7 @@ if reason == 0 and tokens > 0 then
     end
   end
   if id ~= '' then
-    hold(id, tokens)
+    hold(id, tokens, ttl)
   end
 end
 

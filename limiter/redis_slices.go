@@ -3,6 +3,9 @@ package limiter
 import (
 	_ "embed"
 	"errors"
+	"math/rand/v2"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -64,8 +67,35 @@ const sliceTTL = time.Second
 
 // sliceID is the lease ID of a request admitted from a slice: it names no
 // lease in Redis, but is not "", which a Fallback keeps for its local
-// limits' leases.
+// limits' leases. Once a call of such a request must go to Redis (a
+// reservation its slice cannot hold, a settle its slice cannot take),
+// the ID gets a random name after sliceID (named): Redis notes what it
+// reserves for the request, and each settle, under it, so that a call
+// whose answer was lost is retried, and corrected, without counting
+// twice.
 const sliceID = "-"
+
+// fromSlice reports whether the lease is of a request admitted from a
+// slice.
+func (l Lease) fromSlice() bool { return strings.HasPrefix(l.ID, sliceID) }
+
+// named returns a lease from a slice with a name for Redis, as it keeps
+// once it has one.
+func named(l Lease) Lease {
+	if l.ID == sliceID {
+		l.ID = sliceID + strconv.FormatUint(rand.Uint64(), 36)
+	}
+	return l
+}
+
+// inRedis returns a lease from a slice as Redis knows it: named, holding
+// the part of its reservation that is not its slice's.
+func inRedis(l Lease) Lease {
+	l = named(l)
+	l.Reserved -= l.Local
+	l.Local = 0
+	return l
+}
 
 //go:embed redis_giveback.lua
 var luaGiveBack string

@@ -1,15 +1,20 @@
 package tests
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vigthoria/caddy-vigthoria/policy"
@@ -349,4 +354,138 @@ func TestFleetSlicedBudget(t *testing.T) {
 		n, err := rc.Get(t.Context(), keys[0]).Int64()
 		return err == nil && n == spent
 	})
+}
+
+// TestFleetSlicedBudgetThroughStalls attacks a sliced budget as a fleet's
+// callers and a failing store would: 16 callers of the official client,
+// half on its default path (no max_tokens) and half with a cap, its own
+// retries on, every fourth request hung up within a few milliseconds,
+// while redis-server stops again and again for longer than the instances'
+// probe gives it, as two instances spend a budget of 5 a day. Then:
+//
+//   - the fleet never spent more than the budget;
+//   - every failure was one a caller may see: the budget's refusal, the
+//     store's 503, its own hang-up;
+//   - Redis' counter holds exactly what the ledger charged: no
+//     reservation, claim, settle or refund lost or counted twice, though
+//     their answers were lost in the stalls;
+//   - the ledger charged at least what the upstream billed; more only for
+//     calls cut as their caller left, whose bill the proxy cannot know
+//     and charges at its bound.
+func TestFleetSlicedBudgetThroughStalls(t *testing.T) {
+	const (
+		input, output = 50, 100
+		limit         = 5_000_000
+	)
+	f := startFleetWith(t, []string{"prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}", "default_max_tokens 64"},
+		"store_timeout 100ms", "budget 5/day")
+	rc := redis.NewClient(&redis.Options{Addr: f.redis.Addr})
+	defer rc.Close()
+	counter := "vgt:lim:quota:{budget:*}:" + time.Now().UTC().Format(time.DateOnly)
+
+	var answered, unavailable, hungUp atomic.Int64
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for g := range 16 {
+		client := openai.NewClient(option.WithBaseURL([]string{f.a.URL, f.b.URL}[g%2]+"/v1/"), option.WithAPIKey(f.key))
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				params := chatParams("spend")
+				if g%4 >= 2 {
+					params.MaxTokens = openai.Int(16)
+				}
+				ctx, cancel := t.Context(), context.CancelFunc(func() {})
+				if i%4 == 3 {
+					ctx, cancel = context.WithTimeout(ctx, time.Duration(i%5)*time.Millisecond)
+				}
+				_, err := client.Chat.Completions.New(ctx, params)
+				left := ctx.Err() != nil
+				cancel()
+				var oe *openai.Error
+				switch {
+				case err == nil:
+					answered.Add(1)
+				case left:
+					hungUp.Add(1)
+				case errors.As(err, &oe) && oe.StatusCode == http.StatusServiceUnavailable && oe.Code == "proxy_unavailable":
+					unavailable.Add(1)
+				case errors.As(err, &oe) && oe.StatusCode == http.StatusTooManyRequests && oe.Code == "insufficient_quota":
+					return // the budget is spent for what this caller asks
+				default:
+					t.Errorf("caller %d, request %d: %v", g, i, err)
+					return
+				}
+			}
+		})
+	}
+	go func() { wg.Wait(); close(done) }()
+	stalls := 0
+	for stopped := false; !stopped; {
+		select {
+		case <-done:
+			stopped = true
+		case <-time.After(150 * time.Millisecond):
+			// Past store_timeout and the probe's second: the instances
+			// hold Redis for down, and answers of calls in flight are lost.
+			f.redis.Pause(t)
+			time.Sleep(1500 * time.Millisecond)
+			f.redis.Resume(t)
+			stalls++
+		}
+	}
+	prompt, completion := f.upstream.Billed()
+	billed := prompt*input + completion*output
+	t.Logf("%d stalls; %d answered, %d refused 503 while Redis was down, %d hung up; the upstream billed %d of %d micro-units",
+		stalls, answered.Load(), unavailable.Load(), hungUp.Load(), billed, limit)
+	if billed > limit {
+		t.Errorf("the fleet spent %d micro-units of a budget of %d", billed, limit)
+	}
+	if stalls < 3 || answered.Load() < 100 {
+		t.Errorf("%d stalls, %d answered: the test did not spend through stalls", stalls, answered.Load())
+	}
+	var counted, charged int64
+	waitFor(t, 10*time.Second, "Redis' counter holds what the ledger charged, the slices given back", func() bool {
+		keys, err := rc.Keys(t.Context(), counter+"*").Result()
+		if err != nil || len(keys) != 1 {
+			return false // the slices' counter is there until they are back
+		}
+		if counted, err = rc.Get(t.Context(), keys[0]).Int64(); err != nil {
+			return false
+		}
+		charged = ledgerCostToday(t, f.a.URL, f.key)
+		return counted == charged
+	})
+	t.Logf("the ledger charged %d micro-units, Redis counted %d", charged, counted)
+	if charged > limit {
+		t.Errorf("the ledger charged %d micro-units of a budget of %d", charged, limit)
+	}
+	if charged < billed {
+		t.Errorf("the ledger charged %d micro-units, the upstream billed %d: callers paid less", charged, billed)
+	}
+}
+
+// ledgerCostToday is the caller's cost of today in micro-units, as
+// GET /v1/usage reports it from the ledger.
+func ledgerCostToday(t *testing.T, base, key string) int64 {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, base+"/v1/usage", nil)
+	req.Header.Set("Authorization", "Bearer "+key)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var rep struct {
+		Today struct {
+			Cost struct{ Amount string } `json:"cost"`
+		} `json:"today"`
+	}
+	if err := json.NewDecoder(res.Body).Decode(&rep); err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.ParseInt(strings.Replace(rep.Today.Cost.Amount, ".", "", 1), 10, 64)
+	if err != nil {
+		t.Fatalf("today's cost %q: %v", rep.Today.Cost.Amount, err)
+	}
+	return n
 }
