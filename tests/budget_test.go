@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strconv"
@@ -356,15 +357,16 @@ func TestFleetSlicedBudget(t *testing.T) {
 	})
 }
 
-// TestFleetSlicedBudgetThroughStalls attacks a sliced budget as a fleet's
-// callers and a failing store would: 16 callers of the official client,
-// half on its default path (no max_tokens) and half with a cap, its own
-// retries on, every fourth request hung up within a few milliseconds,
-// while redis-server stops again and again for longer than the instances'
-// probe gives it, as two instances spend a budget of 5 a day. Then:
+// TestFleetSlicedLimitsThroughStalls attacks a sliced budget, and a
+// sliced token quota, as a fleet's callers and a failing store would: 16
+// callers of the official client, half on its default path (no
+// max_tokens) and half with a cap, its own retries on, every fourth
+// request hung up within a few milliseconds, while redis-server stops
+// again and again for longer than the instances' probe gives it, as two
+// instances spend the limit. Then:
 //
-//   - the fleet never spent more than the budget;
-//   - every failure was one a caller may see: the budget's refusal, the
+//   - the fleet never spent more than the limit: what the upstream billed;
+//   - every failure was one a caller may see: the limit's refusal, the
 //     store's 503, its own hang-up;
 //   - Redis' counter holds exactly what the ledger charged: no
 //     reservation, claim, settle or refund lost or counted twice, though
@@ -372,17 +374,65 @@ func TestFleetSlicedBudget(t *testing.T) {
 //   - the ledger charged at least what the upstream billed; more only for
 //     calls cut as their caller left, whose bill the proxy cannot know
 //     and charges at its bound.
-func TestFleetSlicedBudgetThroughStalls(t *testing.T) {
-	const (
-		input, output = 50, 100
-		limit         = 5_000_000
-	)
-	f := startFleetWith(t, []string{"prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}", "default_max_tokens 64"},
-		"store_timeout 100ms", "budget 5/day")
-	rc := redis.NewClient(&redis.Options{Addr: f.redis.Addr})
-	defer rc.Close()
-	counter := "vgt:lim:quota:{budget:*}:" + time.Now().UTC().Format(time.DateOnly)
+func TestFleetSlicedLimitsThroughStalls(t *testing.T) {
+	const input, output = 50, 100
+	for _, tc := range []struct {
+		name   string
+		lines  []string
+		limit  string
+		n      int64                                // the limit, in its units
+		billed func(prompt, completion int64) int64 // what the upstream billed, in them
+		ledger func(today usageFigures) int64       // what the ledger charged, in them
+	}{
+		{"budget", []string{"prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}", "default_max_tokens 64"}, "budget 5/day", 5_000_000,
+			func(prompt, completion int64) int64 { return prompt*input + completion*output },
+			func(today usageFigures) int64 { return today.micros(t) }},
+		{"quota", []string{"default_max_tokens 1024"}, "quota 1000000/day", 1_000_000,
+			func(prompt, completion int64) int64 { return prompt + completion },
+			func(today usageFigures) int64 { return today.TotalTokens }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := startFleetWith(t, tc.lines, "store_timeout 100ms", tc.limit)
+			stats := spendThroughStalls(t, f)
+			prompt, completion := f.upstream.Billed()
+			billed := tc.billed(prompt, completion)
+			t.Logf("%s; the upstream billed %d of %d", stats, billed, tc.n)
+			if billed > tc.n {
+				t.Errorf("the fleet spent %d of a limit of %d", billed, tc.n)
+			}
+			rc := redis.NewClient(&redis.Options{Addr: f.redis.Addr})
+			defer rc.Close()
+			pattern := "vgt:lim:quota:{*}:" + time.Now().UTC().Format(time.DateOnly) + "*"
+			var counted, charged int64
+			waitFor(t, 10*time.Second, "Redis' counter holds what the ledger charged, the slices given back", func() bool {
+				keys, err := rc.Keys(t.Context(), pattern).Result()
+				if err != nil || len(keys) != 1 {
+					return false // the slices' counter is there until they are back
+				}
+				if counted, err = rc.Get(t.Context(), keys[0]).Int64(); err != nil {
+					return false
+				}
+				charged = tc.ledger(usageToday(t, f.a.URL, f.key))
+				return counted == charged
+			})
+			// A cut call's bound may pass its reservation (each byte of
+			// its body a prompt token), so the charges may pass the limit
+			// by a little; what the upstream billed may not.
+			t.Logf("the ledger charged %d, Redis counted %d", charged, counted)
+			if charged < billed {
+				t.Errorf("the ledger charged %d, the upstream billed %d: callers paid less", charged, billed)
+			}
+		})
+	}
+}
 
+// spendThroughStalls has 16 callers of the official client spend their
+// limit on fleet f, half with no cap and half with a cap of 16, every
+// fourth request hung up within a few milliseconds, while redis-server
+// stops for 1.5 s every 150 ms: past store_timeout and the probe's second,
+// so that the instances hold Redis for down, and answers of calls in
+// flight are lost. It returns what happened, for the log.
+func spendThroughStalls(t *testing.T, f *fleet) string {
 	var answered, unavailable, hungUp atomic.Int64
 	done := make(chan struct{})
 	var wg sync.WaitGroup
@@ -410,7 +460,7 @@ func TestFleetSlicedBudgetThroughStalls(t *testing.T) {
 				case errors.As(err, &oe) && oe.StatusCode == http.StatusServiceUnavailable && oe.Code == "proxy_unavailable":
 					unavailable.Add(1)
 				case errors.As(err, &oe) && oe.StatusCode == http.StatusTooManyRequests && oe.Code == "insufficient_quota":
-					return // the budget is spent for what this caller asks
+					return // the limit is spent for what this caller asks
 				default:
 					t.Errorf("caller %d, request %d: %v", g, i, err)
 					return
@@ -425,48 +475,38 @@ func TestFleetSlicedBudgetThroughStalls(t *testing.T) {
 		case <-done:
 			stopped = true
 		case <-time.After(150 * time.Millisecond):
-			// Past store_timeout and the probe's second: the instances
-			// hold Redis for down, and answers of calls in flight are lost.
 			f.redis.Pause(t)
 			time.Sleep(1500 * time.Millisecond)
 			f.redis.Resume(t)
 			stalls++
 		}
 	}
-	prompt, completion := f.upstream.Billed()
-	billed := prompt*input + completion*output
-	t.Logf("%d stalls; %d answered, %d refused 503 while Redis was down, %d hung up; the upstream billed %d of %d micro-units",
-		stalls, answered.Load(), unavailable.Load(), hungUp.Load(), billed, limit)
-	if billed > limit {
-		t.Errorf("the fleet spent %d micro-units of a budget of %d", billed, limit)
-	}
 	if stalls < 3 || answered.Load() < 100 {
 		t.Errorf("%d stalls, %d answered: the test did not spend through stalls", stalls, answered.Load())
 	}
-	var counted, charged int64
-	waitFor(t, 10*time.Second, "Redis' counter holds what the ledger charged, the slices given back", func() bool {
-		keys, err := rc.Keys(t.Context(), counter+"*").Result()
-		if err != nil || len(keys) != 1 {
-			return false // the slices' counter is there until they are back
-		}
-		if counted, err = rc.Get(t.Context(), keys[0]).Int64(); err != nil {
-			return false
-		}
-		charged = ledgerCostToday(t, f.a.URL, f.key)
-		return counted == charged
-	})
-	t.Logf("the ledger charged %d micro-units, Redis counted %d", charged, counted)
-	if charged > limit {
-		t.Errorf("the ledger charged %d micro-units of a budget of %d", charged, limit)
-	}
-	if charged < billed {
-		t.Errorf("the ledger charged %d micro-units, the upstream billed %d: callers paid less", charged, billed)
-	}
+	return fmt.Sprintf("%d stalls; %d answered, %d refused 503 while Redis was down, %d hung up",
+		stalls, answered.Load(), unavailable.Load(), hungUp.Load())
 }
 
-// ledgerCostToday is the caller's cost of today in micro-units, as
-// GET /v1/usage reports it from the ledger.
-func ledgerCostToday(t *testing.T, base, key string) int64 {
+// usageFigures are the figures of a period in GET /v1/usage.
+type usageFigures struct {
+	TotalTokens int64 `json:"total_tokens"`
+	Cost        struct{ Amount string }
+}
+
+// micros is the cost in micro-units.
+func (u usageFigures) micros(t *testing.T) int64 {
+	t.Helper()
+	n, err := strconv.ParseInt(strings.Replace(u.Cost.Amount, ".", "", 1), 10, 64)
+	if err != nil {
+		t.Fatalf("cost %q: %v", u.Cost.Amount, err)
+	}
+	return n
+}
+
+// usageToday is the caller's usage of today, as GET /v1/usage reports it
+// from the ledger.
+func usageToday(t *testing.T, base, key string) usageFigures {
 	t.Helper()
 	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, base+"/v1/usage", nil)
 	req.Header.Set("Authorization", "Bearer "+key)
@@ -475,17 +515,9 @@ func ledgerCostToday(t *testing.T, base, key string) int64 {
 		t.Fatal(err)
 	}
 	defer res.Body.Close()
-	var rep struct {
-		Today struct {
-			Cost struct{ Amount string } `json:"cost"`
-		} `json:"today"`
-	}
+	var rep struct{ Today usageFigures }
 	if err := json.NewDecoder(res.Body).Decode(&rep); err != nil {
 		t.Fatal(err)
 	}
-	n, err := strconv.ParseInt(strings.Replace(rep.Today.Cost.Amount, ".", "", 1), 10, 64)
-	if err != nil {
-		t.Fatalf("today's cost %q: %v", rep.Today.Cost.Amount, err)
-	}
-	return n
+	return rep.Today
 }
