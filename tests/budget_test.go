@@ -357,8 +357,9 @@ func TestFleetSlicedBudget(t *testing.T) {
 	})
 }
 
-// TestFleetSlicedLimitsThroughStalls attacks a sliced budget, and a
-// sliced token quota, as a fleet's callers and a failing store would: 16
+// TestFleetQuotasThroughStalls attacks a sliced budget, a sliced token
+// quota, and a quota that Redis decides on every request (its tier has
+// a concurrency limit), as a fleet's callers and a failing store would: 16
 // callers of the official client, half on its default path (no
 // max_tokens) and half with a cap, its own retries on, every fourth
 // request hung up within a few milliseconds, while redis-server stops
@@ -374,25 +375,28 @@ func TestFleetSlicedBudget(t *testing.T) {
 //   - the ledger charged at least what the upstream billed; more only for
 //     calls cut as their caller left, whose bill the proxy cannot know
 //     and charges at its bound.
-func TestFleetSlicedLimitsThroughStalls(t *testing.T) {
+func TestFleetQuotasThroughStalls(t *testing.T) {
 	const input, output = 50, 100
 	for _, tc := range []struct {
 		name   string
 		lines  []string
-		limit  string
+		limits []string
 		n      int64                                // the limit, in its units
 		billed func(prompt, completion int64) int64 // what the upstream billed, in them
 		ledger func(today usageFigures) int64       // what the ledger charged, in them
 	}{
-		{"budget", []string{"prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}", "default_max_tokens 64"}, "budget 5/day", 5_000_000,
+		{"budget", []string{"prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}", "default_max_tokens 64"}, []string{"budget 5/day"}, 5_000_000,
 			func(prompt, completion int64) int64 { return prompt*input + completion*output },
 			func(today usageFigures) int64 { return today.micros(t) }},
-		{"quota", []string{"default_max_tokens 1024"}, "quota 1000000/day", 1_000_000,
+		{"quota", []string{"default_max_tokens 1024"}, []string{"quota 1000000/day"}, 1_000_000,
+			func(prompt, completion int64) int64 { return prompt + completion },
+			func(today usageFigures) int64 { return today.TotalTokens }},
+		{"unsliced quota", []string{"default_max_tokens 256"}, []string{"quota 200000/day", "concurrent 1000"}, 200_000,
 			func(prompt, completion int64) int64 { return prompt + completion },
 			func(today usageFigures) int64 { return today.TotalTokens }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := startFleetWith(t, tc.lines, "store_timeout 100ms", tc.limit)
+			f := startFleetWith(t, tc.lines, append([]string{"store_timeout 100ms"}, tc.limits...)...)
 			stats := spendThroughStalls(t, f)
 			prompt, completion := f.upstream.Billed()
 			billed := tc.billed(prompt, completion)
