@@ -360,11 +360,11 @@ func TestFleetSlicedBudget(t *testing.T) {
 // TestFleetQuotasThroughStalls attacks a sliced budget, a sliced token
 // quota, and a quota that Redis decides on every request (its tier has
 // a concurrency limit), as a fleet's callers and a failing store would: 16
-// callers of the official client, half on its default path (no
-// max_tokens) and half with a cap, its own retries on, every fourth
-// request hung up within a few milliseconds, while redis-server stops
-// again and again for longer than the instances' probe gives it, as two
-// instances spend the limit. Then:
+// callers of the official client, a quarter on its default path (no
+// max_tokens), the others with a cap, some of them streaming, its own
+// retries on, every fourth request hung up within a few milliseconds,
+// while redis-server stops again and again for longer than the
+// instances' probe gives it, as two instances spend the limit. Then:
 //
 //   - the fleet never spent more than the limit: what the upstream billed;
 //   - every failure was one a caller may see: the limit's refusal, the
@@ -388,10 +388,10 @@ func TestFleetQuotasThroughStalls(t *testing.T) {
 		{"budget", []string{"prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}", "default_max_tokens 64"}, []string{"budget 5/day"}, 5_000_000,
 			func(prompt, completion int64) int64 { return prompt*input + completion*output },
 			func(today usageFigures) int64 { return today.micros(t) }},
-		{"quota", []string{"default_max_tokens 1024"}, []string{"quota 1000000/day"}, 1_000_000,
+		{"quota", []string{"default_max_tokens 4096"}, []string{"quota 1000000/day"}, 1_000_000,
 			func(prompt, completion int64) int64 { return prompt + completion },
 			func(today usageFigures) int64 { return today.TotalTokens }},
-		{"unsliced quota", []string{"default_max_tokens 256"}, []string{"quota 200000/day", "concurrent 1000"}, 200_000,
+		{"unsliced quota", []string{"default_max_tokens 1024"}, []string{"quota 100000/day", "concurrent 1000"}, 100_000,
 			func(prompt, completion int64) int64 { return prompt + completion },
 			func(today usageFigures) int64 { return today.TotalTokens }},
 	} {
@@ -431,7 +431,8 @@ func TestFleetQuotasThroughStalls(t *testing.T) {
 }
 
 // spendThroughStalls has 16 callers of the official client spend their
-// limit on fleet f, half with no cap and half with a cap of 16, every
+// limit on fleet f, a quarter with no cap, the others with a cap of 16 and
+// a third of those streaming, every
 // fourth request hung up within a few milliseconds, while redis-server
 // stops for 1.5 s every 150 ms: past store_timeout and the probe's second,
 // so that the instances hold Redis for down, and answers of calls in
@@ -445,14 +446,23 @@ func spendThroughStalls(t *testing.T, f *fleet) string {
 		wg.Go(func() {
 			for i := 0; ; i++ {
 				params := chatParams("spend")
-				if g%4 >= 2 {
+				if g%4 != 0 {
 					params.MaxTokens = openai.Int(16)
 				}
 				ctx, cancel := t.Context(), context.CancelFunc(func() {})
 				if i%4 == 3 {
 					ctx, cancel = context.WithTimeout(ctx, time.Duration(i%5)*time.Millisecond)
 				}
-				_, err := client.Chat.Completions.New(ctx, params)
+				var err error
+				if g%4 == 1 {
+					stream := client.Chat.Completions.NewStreaming(ctx, params)
+					for stream.Next() {
+					}
+					err = stream.Err()
+					stream.Close()
+				} else {
+					_, err = client.Chat.Completions.New(ctx, params)
+				}
 				left := ctx.Err() != nil
 				cancel()
 				var oe *openai.Error
