@@ -182,10 +182,10 @@ func TestFleetRedisOutage(t *testing.T) {
 	// every answer is that or a 429 of the share, never a 503 or a hang.
 	served := func(what string) {
 		t.Helper()
-		ok := 0
+		ok, refusal := 0, ""
 		for i := 0; ok < 3; i++ {
 			if i == 50 {
-				t.Fatalf("%s: %d of 50 served, want 3", what, ok)
+				t.Fatalf("%s: %d of 50 served, want 3; the last refusal: %s", what, ok, refusal)
 			}
 			ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
 			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, f.a.URL+"/v1/chat/completions",
@@ -196,11 +196,13 @@ func TestFleetRedisOutage(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s: %v", what, err)
 			}
+			body, _ := io.ReadAll(res.Body)
 			res.Body.Close()
 			switch res.StatusCode {
 			case http.StatusOK:
 				ok++
 			case http.StatusTooManyRequests:
+				refusal = string(body)
 				time.Sleep(150 * time.Millisecond)
 			default:
 				t.Fatalf("%s: status %d, want 200 or 429 from the local limits", what, res.StatusCode)
