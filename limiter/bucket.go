@@ -45,6 +45,20 @@ type bucket struct {
 	at   int64   // unix nanoseconds of used
 }
 
+// startShare starts b empty at since as a bucket of r, a share of a
+// shared limit (see Memory.startShare), unless it was used since then;
+// used under share was, it is scaled to r: a bucket spent under a share
+// of 1,000 is spent under one of 500, not 500 in debt.
+func (b *bucket) startShare(r, was Rate, since int64) {
+	switch {
+	case r.Unlimited():
+	case b.at < since:
+		*b = bucket{used: r.burst(), at: since}
+	case !was.Unlimited() && was.burst() != r.burst():
+		b.used *= r.burst() / was.burst()
+	}
+}
+
 // refill brings used to now.
 func (b *bucket) refill(r Rate, now int64) {
 	if now > b.at {

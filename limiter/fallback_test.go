@@ -478,3 +478,23 @@ func BenchmarkFallbackAdmitReserveSettle(b *testing.B) {
 		})
 	}
 }
+
+// TestFallbackShareFollowsTheInstances: the live instances counted anew
+// during an outage (one of them beat again just before it) change the
+// share, and a bucket spent under the old share is spent under the new
+// one, not in debt: it serves from what the new share refilled since,
+// where it refused for most of a minute before.
+func TestFallbackShareFollowsTheInstances(t *testing.T) {
+	ctx := context.Background()
+	lim := &Limits{Requests: Rate{N: 1000, Window: time.Minute}}
+	shared := &flaky{Memory: NewMemory(nil, 100), down: true}
+	f := newFallback(shared, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
+	if d, err := f.Admit(ctx, "c", lim, 0, t0); err != nil || d.Reason != RequestLimit {
+		t.Fatalf("the outage's first request, alone: %+v %v, want refused by the empty share", d, err)
+	}
+	shared.instances = 2 // 500 every two minutes: one every 120 ms
+	d, err := f.Admit(ctx, "c", lim, 0, t0.Add(time.Second))
+	if err != nil || d.Reason != Admitted {
+		t.Errorf("a second later, two instances counted: %+v %v, want admitted from the refill of the new share", d, err)
+	}
+}

@@ -197,18 +197,22 @@ func (st *clientState) noteQuota(lim *Limits, used int64, end time.Time) {
 // nanoseconds), unless this Memory used them since then: while it decides
 // in a shared limiter's place (see Fallback), a client has what share,
 // its limits as divided, refilled since the outage began, and nothing of
-// what was left before. It allocates nothing for a client this Memory
-// remembers.
+// what was left before. A bucket used under another share (the count of
+// live instances changed during the outage) keeps how full it was. It
+// allocates nothing for a client this Memory remembers.
 func (m *Memory) startShare(client string, share *Limits, since int64) {
 	sh := m.shard(client)
 	sh.mu.Lock()
+	var was *Limits
+	if st, ok := sh.m[client]; ok {
+		was = st.lim
+	}
 	st := m.get(sh, client, since, share)
-	if !share.Requests.Unlimited() && st.requests.at < since {
-		st.requests = bucket{used: share.Requests.burst(), at: since}
+	if was == nil {
+		was = share
 	}
-	if !share.Tokens.Unlimited() && st.tokens.at < since {
-		st.tokens = bucket{used: share.Tokens.burst(), at: since}
-	}
+	st.requests.startShare(share.Requests, was.Requests, since)
+	st.tokens.startShare(share.Tokens, was.Tokens, since)
 	sh.mu.Unlock()
 }
 
