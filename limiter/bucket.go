@@ -46,15 +46,16 @@ type bucket struct {
 }
 
 // startShare starts b empty at since as a bucket of r, a share of a
-// shared limit (see Memory.startShare), unless it was used since then;
-// used under share was, it is scaled to r: a bucket spent under a share
-// of 1,000 is spent under one of 500, not 500 in debt.
-func (b *bucket) startShare(r, was Rate, since int64) {
-	switch {
-	case r.Unlimited():
-	case b.at < since:
+// shared limit (see Memory.startShare), unless it was used since then.
+func (b *bucket) startShare(r Rate, since int64) {
+	if !r.Unlimited() && b.at < since {
 		*b = bucket{used: r.burst(), at: since}
-	case !was.Unlimited() && was.burst() != r.burst():
+	}
+}
+
+// scale keeps how spent b is, counted in rate was, as a bucket of r.
+func (b *bucket) scale(was, r Rate) {
+	if !was.Unlimited() && !r.Unlimited() && was.burst() != r.burst() {
 		b.used *= r.burst() / was.burst()
 	}
 }

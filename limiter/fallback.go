@@ -182,7 +182,7 @@ func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, leas
 		return Decision{Lease: lease}, err
 	}
 	if lease.ID == "" {
-		d, err := f.local.Reserve(ctx, client, f.share(lim), lease, tokens, now)
+		d, err := f.local.Reserve(ctx, client, f.shareFor(client, lim), lease, tokens, now)
 		f.fixTooLarge(lim, &d, lease.Reserved, tokens)
 		return d, err
 	}
@@ -246,7 +246,7 @@ func (f *Fallback) fixTooLarge(lim *Limits, d *Decision, held, tokens int64) {
 func (f *Fallback) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error {
 	if lease.ID == "" {
 		f.oweUse(client, lim, used)
-		return f.local.Settle(ctx, client, f.share(lim), lease, used, now)
+		return f.local.Settle(ctx, client, f.shareFor(client, lim), lease, used, now)
 	}
 	lease = f.localPart(client, lim, lease, now)
 	err := f.shared.Settle(ctx, client, lim, lease, used, now)
@@ -262,7 +262,7 @@ func (f *Fallback) Settle(ctx context.Context, client string, lim *Limits, lease
 func (f *Fallback) SettleDeferred(client string, lim *Limits, lease Lease, used int64, now time.Time) {
 	if lease.ID == "" {
 		f.oweUse(client, lim, used)
-		f.local.Settle(context.Background(), client, f.share(lim), lease, used, now)
+		f.local.Settle(context.Background(), client, f.shareFor(client, lim), lease, used, now)
 		return
 	}
 	f.shared.SettleDeferred(client, lim, f.localPart(client, lim, lease, now), used, now)
@@ -274,7 +274,7 @@ func (f *Fallback) localPart(client string, lim *Limits, lease Lease, now time.T
 	if lease.Local == 0 || lease.fromSlice() {
 		return lease
 	}
-	f.local.refund(client, f.share(lim), lease.Local, now)
+	f.local.refund(client, f.shareFor(client, lim), lease.Local, now)
 	lease.Reserved -= lease.Local
 	lease.Local = 0
 	return lease
@@ -346,6 +346,16 @@ func (f *Fallback) share(lim *Limits) *Limits {
 		return lim
 	}
 	return &f.shareOf(lim).lim
+}
+
+// shareFor is share, for a call of client's to the local limits: they
+// count its buckets in that share from now on (see Memory.followShare).
+func (f *Fallback) shareFor(client string, lim *Limits) *Limits {
+	sh := f.share(lim)
+	if sh != lim {
+		f.local.followShare(client, sh)
+	}
+	return sh
 }
 
 // shareOf returns lim divided among the live instances: each rate's

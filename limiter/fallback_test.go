@@ -483,18 +483,30 @@ func BenchmarkFallbackAdmitReserveSettle(b *testing.B) {
 // during an outage (one of them beat again just before it) change the
 // share, and a bucket spent under the old share is spent under the new
 // one, not in debt: it serves from what the new share refilled since,
-// where it refused for most of a minute before.
+// where it refused for most of a minute before. The settle of a request
+// admitted under the old share may be the first call under the new one.
 func TestFallbackShareFollowsTheInstances(t *testing.T) {
 	ctx := context.Background()
 	lim := &Limits{Requests: Rate{N: 1000, Window: time.Minute}}
-	shared := &flaky{Memory: NewMemory(nil, 100), down: true}
-	f := newFallback(shared, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
-	if d, err := f.Admit(ctx, "c", lim, 0, t0); err != nil || d.Reason != RequestLimit {
-		t.Fatalf("the outage's first request, alone: %+v %v, want refused by the empty share", d, err)
-	}
-	shared.instances = 2 // 500 every two minutes: one every 120 ms
-	d, err := f.Admit(ctx, "c", lim, 0, t0.Add(time.Second))
-	if err != nil || d.Reason != Admitted {
-		t.Errorf("a second later, two instances counted: %+v %v, want admitted from the refill of the new share", d, err)
+	for _, settleFirst := range []bool{false, true} {
+		shared := &flaky{Memory: NewMemory(nil, 100), down: true}
+		f := newFallback(shared, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
+		if d, err := f.Admit(ctx, "c", lim, 0, t0); err != nil || d.Reason != RequestLimit {
+			t.Fatalf("the outage's first request, alone: %+v %v, want refused by the empty share", d, err)
+		}
+		d, err := f.Admit(ctx, "c", lim, 0, t0.Add(time.Second)) // 16 refilled
+		if err != nil || d.Reason != Admitted {
+			t.Fatalf("a second later, alone: %+v %v, want admitted", d, err)
+		}
+		shared.instances = 2 // 500 every two minutes: one every 120 ms
+		if settleFirst {
+			if err := f.Settle(ctx, "c", lim, d.Lease, 0, t0.Add(time.Second)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		d, err = f.Admit(ctx, "c", lim, 0, t0.Add(1200*time.Millisecond))
+		if err != nil || d.Reason != Admitted {
+			t.Errorf("settled first %v: two instances counted, 200 ms later: %+v %v, want admitted from the refill of the new share", settleFirst, d, err)
+		}
 	}
 }

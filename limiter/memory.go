@@ -197,23 +197,42 @@ func (st *clientState) noteQuota(lim *Limits, used int64, end time.Time) {
 // nanoseconds), unless this Memory used them since then: while it decides
 // in a shared limiter's place (see Fallback), a client has what share,
 // its limits as divided, refilled since the outage began, and nothing of
-// what was left before. A bucket used under another share (the count of
-// live instances changed during the outage) keeps how full it was. It
-// allocates nothing for a client this Memory remembers.
+// what was left before. A bucket used under another share keeps how
+// spent it was (followShare). It allocates nothing for a client this
+// Memory remembers.
 func (m *Memory) startShare(client string, share *Limits, since int64) {
 	sh := m.shard(client)
 	sh.mu.Lock()
-	var was *Limits
 	if st, ok := sh.m[client]; ok {
-		was = st.lim
+		st.follow(share)
 	}
 	st := m.get(sh, client, since, share)
-	if was == nil {
-		was = share
-	}
-	st.requests.startShare(share.Requests, was.Requests, since)
-	st.tokens.startShare(share.Tokens, was.Tokens, since)
+	st.requests.startShare(share.Requests, since)
+	st.tokens.startShare(share.Tokens, since)
 	sh.mu.Unlock()
+}
+
+// followShare has the client's buckets counted in share from now on, when
+// the share a Fallback decides with changed (the count of live instances
+// did): a bucket counted in another share keeps how spent it was.
+func (m *Memory) followShare(client string, share *Limits) {
+	sh := m.shard(client)
+	sh.mu.Lock()
+	if st, ok := sh.m[client]; ok {
+		st.follow(share)
+		st.lim = share
+	}
+	sh.mu.Unlock()
+}
+
+// follow scales the buckets counted in the client's last limits to share:
+// a bucket spent under a share of 1,000 is spent under one of 500, not
+// 500 in debt.
+func (st *clientState) follow(share *Limits) {
+	if was := st.lim; was != nil && was != share {
+		st.requests.scale(was.Requests, share.Requests)
+		st.tokens.scale(was.Tokens, share.Tokens)
+	}
 }
 
 // paid notes that tokens this Memory counted in the client's quota reached
