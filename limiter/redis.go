@@ -119,6 +119,7 @@ type Redis struct {
 	instanceID          string
 	joined              int64         // when the heartbeats last added the instance (Redis ms); theirs only
 	counted             bool          // every other live instance has beaten since joined; the heartbeats' only
+	rejoined            bool          // joined after Redis had forgotten it; the heartbeats' only
 	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
 	running             leaseBook     // leases to renew
 	retries             retryQueue

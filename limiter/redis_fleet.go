@@ -64,7 +64,8 @@ func (r *Redis) beat() {
 // instances. The count is the instance's to share by (Instances) only
 // once every other live instance has beaten since it joined, and so
 // counts it too: until then an instance that has not heard of it yet may
-// take a larger share than it leaves.
+// take a larger share than it leaves. Until then Instances is 0 as the
+// instance first joins, and the count it had when it joins again.
 func (r *Redis) heartbeat(live time.Duration) {
 	if r.client == nil { // tests of the slices alone
 		return
@@ -77,15 +78,23 @@ func (r *Redis) heartbeat(live time.Duration) {
 	}
 	n, now, added, oldest := vals[0], vals[1], vals[2], vals[3]
 	if added == 1 { // joined, or forgotten and back: nobody counts it yet
+		r.rejoined = r.joined != 0
 		r.joined, r.counted = now, false
 	}
-	if !r.counted && (n == 1 || oldest > r.joined) {
+	// Alone as it first joins, it counts itself at once. Forgotten and
+	// back (Redis was away longer than heartbeatLive, and forgot every
+	// instance), it is alone only until the others beat again: it waits
+	// for them, keeping the count it had, or a Redis that fails again
+	// meanwhile would leave it the whole limits as its share.
+	if !r.counted && (oldest > r.joined || n == 1 && !r.rejoined) {
 		r.counted = true
 	}
-	if !r.counted {
-		n = 0
+	switch {
+	case r.counted:
+		r.instances.Store(int32(n))
+	case !r.rejoined:
+		r.instances.Store(0)
 	}
-	r.instances.Store(int32(n))
 }
 
 // loadScripts loads the request path's scripts, off it, as the instance
