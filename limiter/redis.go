@@ -305,17 +305,9 @@ func (r *Redis) Settle(ctx context.Context, client string, lim *Limits, lease Le
 	if lease.holdsNothing(lim, used) {
 		return nil
 	}
-	var delta int64
-	if lease.fromSlice() {
-		// A named lease settles in Redis even with nothing to correct
-		// here: Redis may hold a reservation whose answer was lost.
-		if delta = r.settleSliced(client, lim, lease, used); delta == 0 && lease.ID == sliceID {
-			return nil
-		}
-		lease = inRedis(lease)
-	} else {
-		r.running.remove(lease.ID)
-		delta = used - lease.Reserved
+	lease, delta, ok := r.forSettle(client, lim, lease, used)
+	if !ok {
+		return nil
 	}
 	_, err := r.run(ctx, settleScript, r.keys(client), r.settleArgs(lim, lease, delta, 0, false)...)
 	if err != nil {
@@ -335,14 +327,9 @@ func (r *Redis) SettleDeferred(client string, lim *Limits, lease Lease, used int
 	if lease.holdsNothing(lim, used) {
 		return
 	}
-	delta := used - lease.Reserved
-	if lease.fromSlice() {
-		if delta = r.settleSliced(client, lim, lease, used); delta == 0 && lease.ID == sliceID {
-			return
-		}
-		lease = inRedis(lease)
-	} else {
-		r.running.remove(lease.ID)
+	lease, delta, ok := r.forSettle(client, lim, lease, used)
+	if !ok {
+		return
 	}
 	c := &call{script: settleScript, keys: r.keys(client), args: r.settleArgs(lim, lease, delta, 0, false),
 		later: retry{client: client, lim: lim, lease: lease, delta: delta, first: time.Now()}}
@@ -374,6 +361,24 @@ func (r *Redis) slice(cmd *redis.Cmd, err error) ([]any, error) {
 		return nil, err
 	}
 	return cmd.Slice()
+}
+
+// forSettle returns the lease of a settle as Redis knows it and the
+// delta Redis is to be charged, or ok false when Redis has nothing to
+// settle: a request from a slice settles there, and only what its slice
+// cannot take goes to Redis. A named lease settles in Redis even with
+// nothing to correct here: Redis may hold a reservation whose answer was
+// lost.
+func (r *Redis) forSettle(client string, lim *Limits, lease Lease, used int64) (Lease, int64, bool) {
+	if !lease.fromSlice() {
+		r.running.remove(lease.ID)
+		return lease, used - lease.Reserved, true
+	}
+	delta := r.settleSliced(client, lim, lease, used)
+	if delta == 0 && lease.ID == sliceID {
+		return lease, 0, false
+	}
+	return inRedis(lease), delta, true
 }
 
 // settleArgs are the settle script's arguments: delta tokens (used -

@@ -345,7 +345,8 @@ func (r *Redis) giveBackAll() {
 // reserved in Redis (its slice was short) is refunded there. Without
 // a slice (given back meanwhile), or with one of other limits (the key's
 // settings changed) or of another quota period, Redis is charged what it
-// used beyond its whole reservation, in its own period. It returns the delta for Redis, 0 for none.
+// used beyond its whole reservation, in its own period. It returns the
+// delta for Redis, 0 for none.
 func (r *Redis) settleSliced(client string, lim *Limits, lease Lease, used int64) int64 {
 	if !countsTokens(lim) {
 		return 0

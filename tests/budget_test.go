@@ -6,8 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -383,17 +383,17 @@ func TestFleetQuotasThroughStalls(t *testing.T) {
 		limits []string
 		n      int64                                // the limit, in its units
 		billed func(prompt, completion int64) int64 // what the upstream billed, in them
-		ledger func(today usageFigures) int64       // what the ledger charged, in them
+		ledger func(today usageCounts) int64        // what the ledger charged, in them
 	}{
 		{"budget", []string{"prices {\n\t\t\tvigthoria-fast-* input 50 output 100\n\t\t}", "default_max_tokens 64"}, []string{"budget 5/day"}, 5_000_000,
 			func(prompt, completion int64) int64 { return prompt*input + completion*output },
-			func(today usageFigures) int64 { return today.micros(t) }},
+			func(today usageCounts) int64 { return amountMicros(t, today.Cost.Amount) }},
 		{"quota", []string{"default_max_tokens 4096"}, []string{"quota 1000000/day"}, 1_000_000,
 			func(prompt, completion int64) int64 { return prompt + completion },
-			func(today usageFigures) int64 { return today.TotalTokens }},
+			func(today usageCounts) int64 { return today.TotalTokens }},
 		{"unsliced quota", []string{"default_max_tokens 1024"}, []string{"quota 100000/day", "concurrent 1000"}, 100_000,
 			func(prompt, completion int64) int64 { return prompt + completion },
-			func(today usageFigures) int64 { return today.TotalTokens }},
+			func(today usageCounts) int64 { return today.TotalTokens }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := startFleetWith(t, tc.lines, append([]string{"store_timeout 100ms"}, tc.limits...)...)
@@ -416,7 +416,7 @@ func TestFleetQuotasThroughStalls(t *testing.T) {
 				if counted, err = rc.Get(t.Context(), keys[0]).Int64(); err != nil {
 					return false
 				}
-				charged = tc.ledger(usageToday(t, f.a.URL, f.key))
+				charged = tc.ledger(usageAt(t, f.a.URL, f.key).Today)
 				return counted == charged
 			})
 			// A cut call's bound may pass its reservation (each byte of
@@ -502,36 +502,13 @@ func spendThroughStalls(t *testing.T, f *fleet) string {
 		stalls, answered.Load(), unavailable.Load(), hungUp.Load())
 }
 
-// usageFigures are the figures of a period in GET /v1/usage.
-type usageFigures struct {
-	TotalTokens int64 `json:"total_tokens"`
-	Cost        struct{ Amount string }
-}
-
-// micros is the cost in micro-units.
-func (u usageFigures) micros(t *testing.T) int64 {
+// amountMicros reads an amount of GET /v1/usage as micro-units (micros
+// writes one).
+func amountMicros(t *testing.T, amount string) int64 {
 	t.Helper()
-	n, err := strconv.ParseInt(strings.Replace(u.Cost.Amount, ".", "", 1), 10, 64)
+	n, err := policy.ParseMoney(amount, math.MaxInt64)
 	if err != nil {
-		t.Fatalf("cost %q: %v", u.Cost.Amount, err)
+		t.Fatalf("amount %q: %v", amount, err)
 	}
 	return n
-}
-
-// usageToday is the caller's usage of today, as GET /v1/usage reports it
-// from the ledger.
-func usageToday(t *testing.T, base, key string) usageFigures {
-	t.Helper()
-	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, base+"/v1/usage", nil)
-	req.Header.Set("Authorization", "Bearer "+key)
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	var rep struct{ Today usageFigures }
-	if err := json.NewDecoder(res.Body).Decode(&rep); err != nil {
-		t.Fatal(err)
-	}
-	return rep.Today
 }

@@ -104,6 +104,30 @@ func (e *env) usage(t *testing.T, key string) (usageAnswer, http.Header) {
 	return u, h
 }
 
+// usageAt is usage for key at the proxy at base, one of a fleet's.
+func usageAt(t *testing.T, base, key string) usageAnswer {
+	t.Helper()
+	return readUsage(t, base, func(req *http.Request) { req.Header.Set("Authorization", "Bearer "+key) })
+}
+
+// readUsage reads GET /v1/usage at the proxy at base, its request's
+// credentials set by auth.
+func readUsage(t *testing.T, base string, auth func(*http.Request)) usageAnswer {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, base+"/v1/usage", nil)
+	auth(req)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var u usageAnswer
+	if err := json.NewDecoder(res.Body).Decode(&u); err != nil || res.StatusCode != http.StatusOK {
+		t.Fatalf("GET /v1/usage: %d %v", res.StatusCode, err)
+	}
+	return u
+}
+
 // tryUsage is usage for a caller that may be refused for a while, such
 // as while the instance finds Redis again.
 func (e *env) tryUsage(t *testing.T, key string) (usageAnswer, http.Header, error) {

@@ -56,17 +56,7 @@ func startAmbient(t *testing.T, optional bool, pre string, extra ...string) *env
 // charged today and the requests left; reading it takes one request.
 func (e *env) basicUsage(t *testing.T) (tokens, requestsLeft int64) {
 	t.Helper()
-	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, e.caddy.URL+"/v1/usage", nil)
-	req.SetBasicAuth(xsiteUser, xsitePassword)
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	var u usageAnswer
-	if err := json.NewDecoder(res.Body).Decode(&u); err != nil || res.StatusCode != http.StatusOK {
-		t.Fatalf("GET /v1/usage as %s: %d %v", xsiteUser, res.StatusCode, err)
-	}
+	u := readUsage(t, e.caddy.URL, func(req *http.Request) { req.SetBasicAuth(xsiteUser, xsitePassword) })
 	if u.ClientID != "user:"+xsiteUser || u.Limits.Requests == nil {
 		t.Fatalf("GET /v1/usage as %s: %+v", xsiteUser, u)
 	}
