@@ -33,12 +33,17 @@ type rowKey struct{ client, at, name string }
 // Ledger counts usage per client, model and UTC day. Adding is in memory;
 // the rows are written in batches, at most flushEvery behind, and on Stop.
 // Readers see stored and pending rows together, so nothing is missing
-// from a quota or a usage answer while a batch waits.
+// from a quota or a usage answer while a batch waits, and wait for a
+// batch being written, so that it counts once.
 //
 // The zero Ledger is not usable; New makes one. It is safe for
 // concurrent use.
 type Ledger struct {
-	flushing sync.Mutex // one flush at a time, so batches reach the store in order
+	// flushing is held by one flush at a time, so batches reach the store
+	// in order, and shared by the reads: a read while a batch is on its
+	// way would find it in neither place or in both, the pending rows and
+	// the store's.
+	flushing sync.RWMutex
 	logger   *zap.Logger
 	mu       sync.Mutex // protects the fields below
 	pending  map[rowKey]*store.UsageRow

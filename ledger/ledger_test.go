@@ -6,6 +6,7 @@ import (
 	"maps"
 	"math"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -332,6 +333,104 @@ func TestLedgerRecordsRunningUses(t *testing.T) {
 			l.Finish(l.Begin("key_x", "", "fast", func() Tokens { return Tokens{} }), "fast", now, Tokens{}, false)
 			if got, want := sum("key_x"), (store.UsageRow{Requests: 1}); got != want {
 				t.Errorf("uses that never ran: %+v, want %+v", got, want)
+			}
+		})
+	}
+}
+
+// slowStore is a usage store whose writes and reads can be held where
+// they are, as a slow disk or a stalled Redis holds them: a write is
+// applied only once released.
+type slowStore struct {
+	store.Backend                  // nil: the ledger uses only the usage methods below
+	mu            sync.Mutex       // protects rows
+	rows          []store.UsageRow // what it holds
+	writing       chan struct{}    // when set, a write says it began here, then waits on release
+	reading       chan struct{}    // when set, a read says it began here, then waits on release
+	release       chan struct{}
+}
+
+func (s *slowStore) AddUsage(_ context.Context, b store.UsageBatch) error {
+	if s.writing != nil {
+		s.writing <- struct{}{}
+		<-s.release
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rows = append(s.rows, b.Rows...)
+	return nil
+}
+
+func (s *slowStore) UsageSince(context.Context, string, string) ([]store.UsageRow, error) {
+	if s.reading != nil {
+		s.reading <- struct{}{}
+		<-s.release
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.rows), nil
+}
+
+// TestLedgerReadsEachBatchOnceWhileItIsWritten: a read while a batch is
+// being written counts it once, neither in no place (its rows left the
+// pending ones, the store has not applied them yet) nor in both (the
+// read took the pending rows, then the store applied them). A quota
+// loaded from such a read would let a client spend its last flush's
+// usage again, or refuse it early.
+func TestLedgerReadsEachBatchOnceWhileItIsWritten(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		name  string
+		stall func(*slowStore, chan struct{})
+		first string // what stalls first, the read or the flush
+	}{
+		{"a read during the write", func(s *slowStore, c chan struct{}) { s.writing = c }, "flush"},
+		{"a write during the read", func(s *slowStore, c chan struct{}) { s.reading = c }, "read"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := t.Context()
+			st := &slowStore{release: make(chan struct{})}
+			began := make(chan struct{})
+			tc.stall(st, began)
+			l := New(zap.NewNop())
+			l.Attach(st)
+			l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 5})
+
+			flushed, read := make(chan error, 1), make(chan int64, 1)
+			flush := func() { flushed <- l.Flush(ctx) }
+			quota := func() {
+				used, err := l.QuotaUsed(ctx, "key_a", now.Add(-time.Hour))
+				if err != nil {
+					t.Error(err)
+				}
+				read <- used
+			}
+			if tc.first == "flush" {
+				go flush()
+				<-began
+				go quota()
+			} else {
+				go quota()
+				<-began
+				go flush()
+			}
+			// The second may go on as far as it can; it must not end
+			// with a figure that misses or doubles the batch.
+			select {
+			case used := <-read:
+				read <- used
+				t.Log("the read ended during the write")
+			case err := <-flushed:
+				flushed <- err
+				t.Log("the flush ended during the read")
+			case <-time.After(200 * time.Millisecond):
+			}
+			close(st.release)
+			if err := <-flushed; err != nil {
+				t.Fatal(err)
+			}
+			if used := <-read; used != 15 {
+				t.Errorf("quota used %d, want the batch's 15, once", used)
 			}
 		})
 	}

@@ -116,6 +116,8 @@ type read[R any] struct {
 // wants. A batch that may have been applied counts until it is known: a
 // moment of counting it twice rather than not at all.
 func (r *read[R]) do(ctx context.Context, l *Ledger) ([]R, error) {
+	l.flushing.RLock()
+	defer l.flushing.RUnlock()
 	var p []R
 	l.mu.Lock()
 	st := l.store
