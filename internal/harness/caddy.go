@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,16 +21,34 @@ import (
 	_ "github.com/vigthoria/caddy-vigthoria"
 )
 
-// FreePort returns a loopback TCP port that was free a moment ago.
+// FreePort returns a loopback TCP port that was free a moment ago, and
+// that it never returned before in this process. The kernel may hand out
+// a port it just freed again, and Caddy binds with SO_REUSEPORT: a site
+// and an admin endpoint given the same port would share it without an
+// error, each taking some of the other's connections.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("finding a free port: %v", err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("finding a free port: %v", err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if _, seen := portsGiven[port]; !seen {
+			portsGiven[port] = struct{}{}
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
+
+// portsGiven are the ports FreePort returned.
+var (
+	portsMu    sync.Mutex
+	portsGiven = make(map[int]struct{})
+)
 
 // Caddy is a Caddy instance running in this process.
 type Caddy struct {
