@@ -33,17 +33,13 @@ type rowKey struct{ client, at, name string }
 // Ledger counts usage per client, model and UTC day. Adding is in memory;
 // the rows are written in batches, at most flushEvery behind, and on Stop.
 // Readers see stored and pending rows together, so nothing is missing
-// from a quota or a usage answer while a batch waits, and wait for a
-// batch being written, so that it counts once.
+// from a quota or a usage answer while a batch waits or is written, and
+// nothing counts twice while the store is well.
 //
 // The zero Ledger is not usable; New makes one. It is safe for
 // concurrent use.
 type Ledger struct {
-	// flushing is held by one flush at a time, so batches reach the store
-	// in order, and shared by the reads: a read while a batch is on its
-	// way would find it in neither place or in both, the pending rows and
-	// the store's.
-	flushing sync.RWMutex
+	flushing sync.Mutex // one flush at a time, so batches reach the store in order
 	logger   *zap.Logger
 	mu       sync.Mutex // protects the fields below
 	pending  map[rowKey]*store.UsageRow
@@ -59,9 +55,17 @@ type Ledger struct {
 	// unsure is a batch whose write failed: it may or may not have been
 	// applied, so it is written again as it is, before anything newer.
 	unsure *store.UsageBatch
-	writer string
-	seq    uint64        // of the last batch made
-	store  store.Backend // nil until the service starts
+	// writing is the batch being written, as it left the pending rows:
+	// the reads count it with them until the store has it.
+	writing *store.UsageBatch
+	// writeDone is closed when the write in flight ends, nil when none
+	// is; moves counts the writes ended, so that a read can tell usage
+	// may have reached the store while it read it (see read.do).
+	writeDone chan struct{}
+	moves     uint64
+	writer    string
+	seq       uint64        // of the last batch made
+	store     store.Backend // nil until the service starts
 	// today is the name of the last day a use was added on, kept so
 	// that adding formats a date once a day, not once a request.
 	today, thisSlot period
@@ -229,18 +233,25 @@ func (l *Ledger) Flush(ctx context.Context) error {
 	defer l.flushing.Unlock()
 	l.mu.Lock()
 	st, unsure := l.store, l.unsure
+	if unsure != nil && st != nil {
+		l.beginWrite()
+	}
 	l.mu.Unlock()
 	if st == nil {
 		return nil
 	}
 	if unsure != nil {
-		if err := l.write(ctx, st, *unsure); err != nil {
+		err := l.write(ctx, st, *unsure)
+		l.mu.Lock()
+		if err == nil {
+			l.unsure = nil
+		}
+		l.endWrite()
+		l.mu.Unlock()
+		if err != nil {
 			l.foldSlots(time.Now())
 			return err
 		}
-		l.mu.Lock()
-		l.unsure = nil
-		l.mu.Unlock()
 	}
 
 	l.mu.Lock()
@@ -250,36 +261,54 @@ func (l *Ledger) Flush(ctx context.Context) error {
 		return nil
 	}
 	l.seq++
-	b := store.UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]store.UsageRow, 0, len(l.pending)), Slots: make([]store.UsageRow, 0, len(l.slots))}
+	taken := store.UsageBatch{Writer: l.writer, Seq: l.seq, Rows: make([]store.UsageRow, 0, len(l.pending)), Slots: make([]store.UsageRow, 0, len(l.slots))}
 	for _, row := range l.pending {
-		b.Rows = append(b.Rows, *row)
+		taken.Rows = append(taken.Rows, *row)
 	}
 	for _, row := range l.slots {
-		b.Slots = append(b.Slots, *row)
+		taken.Slots = append(taken.Slots, *row)
 	}
 	if len(l.refusals) > 0 {
-		b.SlotRefusals = make([]store.RefusalRow, 0, len(l.refusals))
+		taken.SlotRefusals = make([]store.RefusalRow, 0, len(l.refusals))
 		for k, n := range l.refusals {
-			b.SlotRefusals = append(b.SlotRefusals, refusalRow(k, n))
+			taken.SlotRefusals = append(taken.SlotRefusals, refusalRow(k, n))
 		}
 	}
 	clear(l.pending)
 	clear(l.slots)
 	clear(l.refusals)
+	l.writing = &taken
+	l.beginWrite()
 	l.mu.Unlock()
 	// The hours sum every row; rows folded into their hour (see
-	// foldSlots) are no slot's.
-	b.Hours, b.Refusals = usageRows.hours(b.Slots), refusalRows.hours(b.SlotRefusals)
-	b.Slots = slices.DeleteFunc(b.Slots, func(r store.UsageRow) bool { return !store.IsSlot(r.Day) })
-	b.SlotRefusals = slices.DeleteFunc(b.SlotRefusals, func(r store.RefusalRow) bool { return !store.IsSlot(r.Hour) })
+	// foldSlots) are no slot's. Taken is the reads' until the write
+	// ends, and stays as it is.
+	b := taken
+	b.Hours, b.Refusals = usageRows.hours(taken.Slots), refusalRows.hours(taken.SlotRefusals)
+	b.Slots = slices.DeleteFunc(slices.Clone(taken.Slots), func(r store.UsageRow) bool { return !store.IsSlot(r.Day) })
+	b.SlotRefusals = slices.DeleteFunc(slices.Clone(taken.SlotRefusals), func(r store.RefusalRow) bool { return !store.IsSlot(r.Hour) })
 
 	err := l.write(ctx, st, b)
+	l.mu.Lock()
+	l.writing = nil
 	if err != nil {
-		l.mu.Lock()
 		l.unsure = &b
-		l.mu.Unlock()
 	}
+	l.endWrite()
+	l.mu.Unlock()
 	return err
+}
+
+// beginWrite notes a write of the store in flight; the caller holds
+// l.mu.
+func (l *Ledger) beginWrite() { l.writeDone = make(chan struct{}) }
+
+// endWrite notes that the write in flight ended, its rows in the store
+// or unsure; the caller holds l.mu.
+func (l *Ledger) endWrite() {
+	close(l.writeDone)
+	l.writeDone = nil
+	l.moves++
 }
 
 // foldSlots turns the pending 5-minute rows of the slots before the

@@ -338,63 +338,86 @@ func TestLedgerRecordsRunningUses(t *testing.T) {
 	}
 }
 
-// slowStore is a usage store whose writes and reads can be held where
-// they are, as a slow disk or a stalled Redis holds them: a write is
-// applied only once released.
+// slowStore is a usage store whose first write or first read can be
+// held where it is, as a slow disk or a stalled Redis holds it: a write
+// is applied only once released.
 type slowStore struct {
 	store.Backend                  // nil: the ledger uses only the usage methods below
-	mu            sync.Mutex       // protects rows
-	rows          []store.UsageRow // what it holds
-	writing       chan struct{}    // when set, a write says it began here, then waits on release
-	reading       chan struct{}    // when set, a read says it began here, then waits on release
+	mu            sync.Mutex       // protects the fields below
+	rows, hours   []store.UsageRow // what it holds
+	refusals      []store.RefusalRow
+	stallWrite    bool          // the next write stalls
+	stallRead     bool          // the next read stalls
+	began         chan struct{} // a stalled call says here that it began, then waits on release
 	release       chan struct{}
 }
 
-func (s *slowStore) AddUsage(_ context.Context, b store.UsageBatch) error {
-	if s.writing != nil {
-		s.writing <- struct{}{}
+// stall stalls the next call when *next is set, once.
+func (s *slowStore) stall(next *bool) {
+	s.mu.Lock()
+	stall := *next
+	*next = false
+	s.mu.Unlock()
+	if stall {
+		s.began <- struct{}{}
 		<-s.release
 	}
+}
+
+func (s *slowStore) AddUsage(_ context.Context, b store.UsageBatch) error {
+	s.stall(&s.stallWrite)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.rows = append(s.rows, b.Rows...)
+	s.rows, s.hours, s.refusals = append(s.rows, b.Rows...), append(s.hours, b.Hours...), append(s.refusals, b.Refusals...)
 	return nil
 }
 
 func (s *slowStore) UsageSince(context.Context, string, string) ([]store.UsageRow, error) {
-	if s.reading != nil {
-		s.reading <- struct{}{}
-		<-s.release
-	}
+	s.stall(&s.stallRead)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return slices.Clone(s.rows), nil
 }
 
+func (s *slowStore) UsageHours(context.Context, string, string) ([]store.UsageRow, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.hours), nil
+}
+
+func (s *slowStore) RefusalHours(context.Context, string, string) ([]store.RefusalRow, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.refusals), nil
+}
+
 // TestLedgerReadsEachBatchOnceWhileItIsWritten: a read while a batch is
 // being written counts it once, neither in no place (its rows left the
 // pending ones, the store has not applied them yet) nor in both (the
-// read took the pending rows, then the store applied them). A quota
-// loaded from such a read would let a client spend its last flush's
-// usage again, or refuse it early.
+// read took the pending rows, then the store applied them), and a write
+// stalled longer than a moment holds neither the reads nor the next
+// flush. A quota loaded from a read that missed the batch would let a
+// client spend its last flush's usage again.
 func TestLedgerReadsEachBatchOnceWhileItIsWritten(t *testing.T) {
 	now := time.Now()
 	for _, tc := range []struct {
-		name  string
-		stall func(*slowStore, chan struct{})
-		first string // what stalls first, the read or the flush
+		name      string
+		readFirst bool          // the read stalls, and a flush runs meanwhile; else the reverse
+		release   time.Duration // how long the stalled call is held after the other began
 	}{
-		{"a read during the write", func(s *slowStore, c chan struct{}) { s.writing = c }, "flush"},
-		{"a write during the read", func(s *slowStore, c chan struct{}) { s.reading = c }, "read"},
+		{"a read during the write", false, 50 * time.Millisecond},
+		{"a read during a stalled write", false, time.Minute},
+		{"a write during the read", true, 50 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := t.Context()
-			st := &slowStore{release: make(chan struct{})}
-			began := make(chan struct{})
-			tc.stall(st, began)
+			st := &slowStore{stallWrite: !tc.readFirst, stallRead: tc.readFirst, began: make(chan struct{}), release: make(chan struct{})}
 			l := New(zap.NewNop())
 			l.Attach(st)
 			l.Add("key_a", "m", now, Tokens{Prompt: 10, Completion: 5})
+			if err := l.Refuse("key_a", "rate_limit_exceeded", now); err != nil {
+				t.Fatal(err)
+			}
 
 			flushed, read := make(chan error, 1), make(chan int64, 1)
 			flush := func() { flushed <- l.Flush(ctx) }
@@ -403,34 +426,57 @@ func TestLedgerReadsEachBatchOnceWhileItIsWritten(t *testing.T) {
 				if err != nil {
 					t.Error(err)
 				}
+				// The dashboard's reads, by hour, of usage and refusals.
+				hours, err := l.Hours(ctx, "key_a", now.Add(-time.Hour))
+				if err != nil {
+					t.Error(err)
+				}
+				refusals, err := l.RefusalHours(ctx, "key_a", now.Add(-time.Hour))
+				if err != nil {
+					t.Error(err)
+				}
+				if len(hours) != 1 || hours[0].TotalTokens() != 15 || len(refusals) != 1 || refusals[0].Count != 1 {
+					t.Errorf("by hour: usage %+v and refusals %+v, want one row each, of 15 tokens and 1 refusal", hours, refusals)
+				}
 				read <- used
 			}
-			if tc.first == "flush" {
-				go flush()
-				<-began
+			if tc.readFirst {
 				go quota()
+				<-st.began
+				go flush()
+				select {
+				case err := <-flushed:
+					flushed <- err
+				case <-time.After(10 * time.Second):
+					t.Error("the flush waited for the stalled read")
+				}
 			} else {
-				go quota()
-				<-began
 				go flush()
+				<-st.began
+				go quota()
 			}
-			// The second may go on as far as it can; it must not end
-			// with a figure that misses or doubles the batch.
-			select {
-			case used := <-read:
-				read <- used
-				t.Log("the read ended during the write")
-			case err := <-flushed:
-				flushed <- err
-				t.Log("the flush ended during the read")
-			case <-time.After(200 * time.Millisecond):
+			released := time.AfterFunc(tc.release, func() { close(st.release) })
+			defer func() {
+				if released.Stop() {
+					close(st.release)
+				}
+			}()
+			if used := <-read; used != 15 {
+				t.Errorf("quota used %d, want the batch's 15, once", used)
 			}
-			close(st.release)
+			if !tc.readFirst {
+				switch {
+				case released.Stop():
+					close(st.release)
+				case tc.release > time.Second:
+					t.Error("the read waited for the stalled write")
+				}
+			}
 			if err := <-flushed; err != nil {
 				t.Fatal(err)
 			}
-			if used := <-read; used != 15 {
-				t.Errorf("quota used %d, want the batch's 15, once", used)
+			if used, _ := l.QuotaUsed(ctx, "key_a", now.Add(-time.Hour)); used != 15 {
+				t.Errorf("quota used %d once written, want 15", used)
 			}
 		})
 	}

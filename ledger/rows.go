@@ -106,21 +106,55 @@ type read[R any] struct {
 	slots  bool   // only 5-minute rows, not the hours foldSlots made
 	// stored reads the store's rows, such as store.Backend.UsageHours.
 	stored func(st store.Backend, ctx context.Context, client, since string) ([]R, error)
-	// pending are the ledger's pending rows; the caller holds l.mu.
+	// pending are the ledger's pending rows and those of the batch being
+	// written, as they were taken; the caller holds l.mu.
 	pending func(l *Ledger) iter.Seq[R]
 	// retried are the rows of the batch that may have been applied.
 	retried func(b store.UsageBatch) []R
 }
 
+// Reads start again at most readTries times because a write ended while
+// they read, and wait at most writeWait for a write in flight: a write
+// takes milliseconds, and one stalled longer is no reason to hold a
+// read, which then counts it with the pending rows.
+const (
+	readTries = 3
+	writeWait = 250 * time.Millisecond
+)
+
 // do reads the stored rows and adds the pending ones that the read
-// wants. A batch that may have been applied counts until it is known: a
-// moment of counting it twice rather than not at all.
+// wants, and those of the batch being written or unsure, so that no use
+// is missing. A write that ends while the store is read may or may not
+// be in what it returned: the read starts again, once the write in
+// flight, if any, ended. Only a batch whose write failed or is stalled
+// may count twice for a moment, never less.
 func (r *read[R]) do(ctx context.Context, l *Ledger) ([]R, error) {
-	l.flushing.RLock()
-	defer l.flushing.RUnlock()
+	for try := 1; ; try++ {
+		waited := l.waitWrite(ctx)
+		l.mu.Lock()
+		st, moves := l.store, l.moves
+		p := r.pendingRows(l)
+		l.mu.Unlock()
+		if st == nil {
+			return nil, errNotOpen
+		}
+		rows, err := r.stored(st, ctx, r.client, r.since)
+		if err != nil {
+			return nil, err
+		}
+		l.mu.Lock()
+		settled := l.moves == moves && l.writeDone == nil
+		l.mu.Unlock()
+		if settled || !waited || try == readTries {
+			return r.kind.merge(rows, p), nil
+		}
+	}
+}
+
+// pendingRows are the rows the read wants of those not known to be in
+// the store: pending, being written, or unsure. The caller holds l.mu.
+func (r *read[R]) pendingRows(l *Ledger) []R {
 	var p []R
-	l.mu.Lock()
-	st := l.store
 	for row := range r.pending(l) {
 		if r.hours {
 			row = r.kind.hour(row)
@@ -132,15 +166,27 @@ func (r *read[R]) do(ctx context.Context, l *Ledger) ([]R, error) {
 			p = r.keep(p, row)
 		}
 	}
+	return p
+}
+
+// waitWrite waits for the write in flight, if any, at most writeWait;
+// false when it had not ended.
+func (l *Ledger) waitWrite(ctx context.Context) bool {
+	l.mu.Lock()
+	done := l.writeDone
 	l.mu.Unlock()
-	if st == nil {
-		return nil, errNotOpen
+	if done == nil {
+		return true
 	}
-	rows, err := r.stored(st, ctx, r.client, r.since)
-	if err != nil {
-		return nil, err
+	t := time.NewTimer(writeWait)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+	case <-ctx.Done():
 	}
-	return r.kind.merge(rows, p), nil
+	return false
 }
 
 // keep appends row to rows if the read wants it.
@@ -152,18 +198,27 @@ func (r *read[R]) keep(rows []R, row R) []R {
 	return rows
 }
 
-// usageIn yields the pending usage rows of m (l.pending or l.slots).
-func usageIn(m map[rowKey]*store.UsageRow) iter.Seq[store.UsageRow] {
+// usageIn yields the rows of m (l.pending or l.slots), then those of
+// the same kind in the batch being written (its Rows or Slots).
+func usageIn(l *Ledger, m map[rowKey]*store.UsageRow, writing func(*store.UsageBatch) []store.UsageRow) iter.Seq[store.UsageRow] {
 	return func(yield func(store.UsageRow) bool) {
 		for _, row := range m {
 			if !yield(*row) {
 				return
 			}
 		}
+		if l.writing != nil {
+			for _, row := range writing(l.writing) {
+				if !yield(row) {
+					return
+				}
+			}
+		}
 	}
 }
 
-// refusalsIn yields the pending refusal rows, by slot.
+// refusalsIn yields the pending refusal rows, by slot, then those of the
+// batch being written.
 func refusalsIn(l *Ledger) iter.Seq[store.RefusalRow] {
 	return func(yield func(store.RefusalRow) bool) {
 		for k, n := range l.refusals {
@@ -171,11 +226,23 @@ func refusalsIn(l *Ledger) iter.Seq[store.RefusalRow] {
 				return
 			}
 		}
+		if l.writing != nil {
+			for _, row := range l.writing.SlotRefusals {
+				if !yield(row) {
+					return
+				}
+			}
+		}
 	}
 }
 
-func days(l *Ledger) iter.Seq[store.UsageRow]  { return usageIn(l.pending) }
-func slots(l *Ledger) iter.Seq[store.UsageRow] { return usageIn(l.slots) }
+func days(l *Ledger) iter.Seq[store.UsageRow] {
+	return usageIn(l, l.pending, func(b *store.UsageBatch) []store.UsageRow { return b.Rows })
+}
+
+func slots(l *Ledger) iter.Seq[store.UsageRow] {
+	return usageIn(l, l.slots, func(b *store.UsageBatch) []store.UsageRow { return b.Slots })
+}
 
 // The ledger's reads, but for whose rows and since when (see of).
 var (
