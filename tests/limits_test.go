@@ -17,6 +17,7 @@ import (
 	"github.com/openai/openai-go/v3/option"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
 // tierBlock is a tier "pro" with the given limit lines; start's own "tier
@@ -419,6 +420,54 @@ func TestReloadKeepsLimiterState(t *testing.T) {
 	}
 	_, err := client.Chat.Completions.New(t.Context(), chatParams("c"))
 	wantOpenAIError(t, err, http.StatusTooManyRequests, "rate_limit_exceeded")
+}
+
+// TestUsageWhileTheLedgerWaitsForTheStore: a request's usage shows in
+// GET /v1/usage, once, while the batch that holds it waits for the
+// store: here SQLite, whose write lock another connection holds, as a
+// backup or the CLI may hold it for a moment. The ledger's flush (each
+// second) has taken the batch from its pending rows and waits for the
+// lock; the figure a quota would be loaded from missed it.
+func TestUsageWhileTheLedgerWaitsForTheStore(t *testing.T) {
+	e := startTier(t, "requests 100/1m")
+	key, client := e.meteredKey(t)
+	res, err := client.Chat.Completions.New(t.Context(), chatParams("counted once"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := usageCounts{Requests: 1, PromptTokens: res.Usage.PromptTokens, CompletionTokens: res.Usage.CompletionTokens, TotalTokens: res.Usage.TotalTokens}
+	counted := func(when string) {
+		t.Helper()
+		u, _ := e.usage(t, key)
+		got := u.Today
+		got.PromptDetails, got.CompletionDetails = nil, nil
+		if got != want {
+			t.Errorf("%s: today %+v, want %+v", when, got, want)
+		}
+	}
+
+	st, err := sqlite.Open(strings.TrimPrefix(e.store, "sqlite:"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	conn, err := st.DB().Conn(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(t.Context(), "BEGIN IMMEDIATE"); err != nil {
+		t.Fatal(err)
+	}
+	// Past the next flush, within the store's busy timeout (5 s): the
+	// batch is on its way. (Sooner, it is still pending: counted too.)
+	time.Sleep(2 * time.Second)
+	counted("while the store's write lock is held")
+	if _, err := conn.ExecContext(t.Context(), "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	counted("once written")
 }
 
 func TestUsageIsTheCallersOwn(t *testing.T) {
