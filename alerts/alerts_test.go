@@ -13,6 +13,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/hooktest"
 )
@@ -209,40 +212,77 @@ func TestSenderFollowsNoRedirect(t *testing.T) {
 
 // TestSenderGivesUp: a receiver that always fails is tried until GiveUp
 // after the first attempt, then the alert is abandoned and counted.
+//
+// Each bound below holds however late the machine runs the sender, so
+// that a busy machine cannot fail it: the sender logs when it plans each
+// attempt (next), an attempt starts at or after its plan and before the
+// receiver sees it, and the plan is the attempt before's start plus a
+// wait of half the backoff to the whole of it.
 func TestSenderGivesUp(t *testing.T) {
 	var mu sync.Mutex
-	var attempts []time.Time
+	var arrivals []time.Time
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		mu.Lock()
-		attempts = append(attempts, time.Now())
+		arrivals = append(arrivals, time.Now())
 		mu.Unlock()
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}))
 	t.Cleanup(srv.Close)
+	secret, err := ParseSecret(hooktest.Secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zapcore.WarnLevel)
+	b := Backoff{First: 10 * time.Millisecond, Max: 40 * time.Millisecond, GiveUp: 300 * time.Millisecond}
+	s := NewSender(SenderConfig{URL: srv.URL, Secret: secret, Queue: 10, Backoff: b, Logger: zap.New(core)})
+	t.Cleanup(s.Close)
 	before := testutil.ToFloat64(failedGaveUp)
-	s := newSender(t, srv.URL, 10, Backoff{First: 10 * time.Millisecond, Max: 40 * time.Millisecond, GiveUp: 300 * time.Millisecond})
+	enqueued := time.Now()
 	s.Enqueue(testAlert("key_x", 100))
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for testutil.ToFloat64(failedGaveUp) == before && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if testutil.ToFloat64(failedGaveUp) != before+1 {
 		t.Fatal("the alert was not given up")
 	}
+	s.Close() // no attempt after giving up: the receiver's count is final
+	var planned []time.Time
+	for _, e := range logs.FilterMessage("alert webhook failed; retrying").All() {
+		planned = append(planned, e.ContextMap()["next"].(time.Time))
+	}
+	gaveUp := logs.FilterMessage("alert webhook not delivered: giving up").All()
 	mu.Lock()
 	defer mu.Unlock()
-	if len(attempts) < 5 {
-		t.Errorf("%d attempts, want at least 5 in 300ms of 10-40ms waits", len(attempts))
+	if len(gaveUp) != 1 || gaveUp[0].ContextMap()["attempts"] != int64(len(arrivals)) {
+		t.Fatalf("%d attempts received, %d retries planned, give-up logged as %v", len(arrivals), len(planned), gaveUp)
 	}
-	// Planned no later than 300ms after the first; the race detector's
-	// scheduling may delay it a little.
-	if span := attempts[len(attempts)-1].Sub(attempts[0]); span > 400*time.Millisecond {
-		t.Errorf("last attempt %s after the first, past GiveUp", span)
+	if len(planned) != len(arrivals)-1 {
+		t.Fatalf("%d attempts received, %d retries planned, want one fewer", len(arrivals), len(planned))
 	}
-	for i := 1; i < len(attempts); i++ {
-		if gap := attempts[i].Sub(attempts[i-1]); gap < 5*time.Millisecond || gap > 200*time.Millisecond {
-			t.Errorf("wait %d was %s, want 5ms to 40ms (and some slack)", i, gap)
+	for i, next := range planned {
+		wait := min(b.First<<i, b.Max) // the backoff after attempt i+1
+		if arrivals[i+1].Before(next) {
+			t.Errorf("attempt %d came %s before its plan", i+2, next.Sub(arrivals[i+1]))
 		}
+		if next.After(arrivals[i].Add(wait)) {
+			t.Errorf("attempt %d planned %s after attempt %d, want at most the backoff %s", i+2, next.Sub(arrivals[i]), i+1, wait)
+		}
+		since, from := enqueued, "the alert came" // attempt 1 started after it
+		if i > 0 {
+			since, from = planned[i-1], fmt.Sprintf("attempt %d's plan", i+1)
+		}
+		if next.Sub(since) < wait/2 {
+			t.Errorf("attempt %d planned %s after %s, want at least half the backoff %s", i+2, next.Sub(since), from, wait)
+		}
+		if next.Sub(arrivals[0]) > b.GiveUp {
+			t.Errorf("attempt %d planned %s after the first, past GiveUp", i+2, next.Sub(arrivals[0]))
+		}
+	}
+	// It gives up only when the next wait would pass GiveUp: the last
+	// attempt started later than GiveUp less the longest wait.
+	if last := arrivals[len(arrivals)-1]; last.Sub(enqueued) <= b.GiveUp-b.Max {
+		t.Errorf("gave up after an attempt %s after the alert came, want past %s", last.Sub(enqueued), b.GiveUp-b.Max)
 	}
 }
 
