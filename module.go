@@ -156,10 +156,12 @@ type Handler struct {
 	// JSON answer passes unchecked, as it comes.
 	MaxBuffered int64 `json:"max_buffered,omitempty"`
 
-	// How long to wait for the upstream's response headers. A non-streamed
-	// completion sends its headers only when the whole answer is ready, so
-	// keep this above the slowest answer you expect; a timeout is a 504.
-	// Default: 0, no limit.
+	// How long each attempt waits for the upstream's response headers. A
+	// non-streamed completion sends its headers only when the whole
+	// answer is ready, so keep this above the slowest answer you expect.
+	// A timeout is a 504 to the caller; a request the upstream received
+	// goes on then as a detached call, and is charged what the upstream
+	// reports. Default: 0, no limit.
 	HeaderTimeout caddy.Duration `json:"header_timeout,omitempty"`
 
 	// How long the upstream may stay silent in the middle of an answer,
@@ -330,9 +332,9 @@ type Handler struct {
 	// max_detached, at least 1.
 	MaxDetachedPerCaller int `json:"max_detached_per_caller,omitempty"`
 
-	// How long a call may go on after its caller left; past it, the call
-	// is cut and charged as one that could not go on. header_timeout and
-	// idle_timeout bound it too. Default: 10m.
+	// How long a call may go on after its caller left, or was answered
+	// at header_timeout; past it, the call is cut and charged as one that
+	// could not go on. idle_timeout bounds it too. Default: 10m.
 	DetachedTimeout caddy.Duration `json:"detached_timeout,omitempty"`
 
 	// Alerts when a caller's use of its quota or budget crosses a

@@ -52,6 +52,7 @@ type exchange struct {
 	adm    admission.Admission
 
 	call      *proxy.Call
+	body      proxy.Body // an endpoint's with a body, once read
 	info      wire.RequestInfo
 	forwarded bool
 	running   *ledger.Running // a stream's usage, recorded as it goes
@@ -134,17 +135,12 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	// request refused before it was forwarded frees its slot and is
 	// charged nothing; a forwarded one is charged what it used.
 	x.call = &proxy.Call{Caller: client.ID}
-	defer x.settle(ep)
+	defer x.end(ep)
 	if ep.Body {
-		body, apiErr := proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.Bodies(), Caller: client.ID})
-		if apiErr != nil {
+		if x.body, apiErr = proxy.ReadBody(w, r, &h.bodyLimits, proxy.Holder{Share: tier.Bodies(), Caller: client.ID}); apiErr != nil {
 			return x.refuseAdmitted(apiErr)
 		}
-		defer func() {
-			r.Body = http.NoBody // it replays storage that goes back to the pool
-			body.Release()
-		}()
-		if refused, err := x.policeAndReserve(ep, &body); refused {
+		if refused, err := x.policeAndReserve(ep, &x.body); refused {
 			return err
 		}
 	}
@@ -215,6 +211,28 @@ func (x *exchange) forward(ep *api.Endpoint, cached bool, next caddyhttp.Handler
 		return nil
 	}
 	return err
+}
+
+// end ends an admitted request on every way out: it is settled and its
+// body let go, now, or, when its call goes on after its caller was
+// answered 504 at header_timeout, once that call is over (it still
+// replays the body on a retry, and what it used is known only then).
+// Until then it counts as active, so that Cleanup waits for it. The
+// caller's answer is counted and logged now, as it went.
+func (x *exchange) end(ep *api.Endpoint) {
+	x.r.Body = http.NoBody // it replays storage that goes back to the pool
+	if x.call.GoesOn() {
+		x.countOutcome(admittedLog{tier: x.client.Tier, outcome: outcome(0), model: x.info.Model, queueWait: x.queueWait})
+		x.h.active.Add(1)
+		x.call.WhenOver(func() {
+			defer x.h.active.Add(-1)
+			x.settle(ep)
+			x.body.Release()
+		})
+		return
+	}
+	x.settle(ep)
+	x.body.Release()
 }
 
 // settle ends an admitted request on every way out: one refused before it
@@ -350,15 +368,12 @@ func (x *exchange) refuseDecided(f *admission.Refusal) error {
 	return x.refuseClient(f.Err)
 }
 
-// record counts an admitted request's outcome and usage in the metrics
-// and the access log.
+// record counts an admitted request's usage in the metrics, and its
+// outcome with it in the metrics and the access log, unless its caller
+// was answered before its call was over: that answer was counted then,
+// and its line written; what it used is logged on its own.
 func (x *exchange) record(u *proxy.AnswerUsage, prompt, completion int64) {
 	tier, model := x.client.Tier, x.info.Model
-	result := outcome(u.Status)
-	if u.Cache == "HIT" || u.Cache == "STALE" {
-		result = "cached"
-	}
-	requestsBy.get([3]string{tier, x.endpoint, result}).Inc()
 	if prompt+completion > 0 {
 		tokens := tokensBy.get([2]string{tier, x.h.modelLabel(model)})
 		tokens[0].Add(float64(prompt))
@@ -376,9 +391,26 @@ func (x *exchange) record(u *proxy.AnswerUsage, prompt, completion int64) {
 	if u.Cache != "" {
 		modelsCacheBy.get(u.Cache).Inc()
 	}
+	if x.call.GoesOn() {
+		x.h.logger.Info("a request answered 504 at header_timeout was answered by the upstream since, and charged what it used",
+			zap.String("client_id", x.client.ID), zap.String("model", model), zap.Int("upstream_status", u.Status),
+			zap.Int64("prompt_tokens", prompt), zap.Int64("completion_tokens", completion))
+		return
+	}
+	result := outcome(u.Status)
+	if u.Cache == "HIT" || u.Cache == "STALE" {
+		result = "cached"
+	}
+	x.countOutcome(admittedLog{tier: tier, outcome: result, model: model, cache: u.Cache,
+		prompt: prompt, completion: completion, retries: u.Retries, queueWait: x.queueWait})
+}
+
+// countOutcome counts an admitted request's answer in the metrics and
+// the access log.
+func (x *exchange) countOutcome(l admittedLog) {
+	requestsBy.get([3]string{l.tier, x.endpoint, l.outcome}).Inc()
 	if extra := logFields(x.r); extra != nil {
-		extra.Add(zap.Inline(&admittedLog{tier: tier, outcome: result, model: model, cache: u.Cache,
-			prompt: prompt, completion: completion, retries: u.Retries, queueWait: x.queueWait}))
+		extra.Add(zap.Inline(&l))
 	}
 }
 

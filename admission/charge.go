@@ -25,14 +25,18 @@ const maxAnswerTokens = 1 << 24
 //     for a whole answer, as no answer holds more output tokens than it
 //     has bytes); pastCap is what was reported beyond;
 //   - nothing when the upstream failed: an error status, or no answer
-//     (connection refused, timeout, reset) while the caller waited, or a
-//     request that never reached the upstream;
+//     (connection refused, reset, idle_timeout) while the caller waited,
+//     or a request that never reached the upstream;
 //   - for a request whose caller left after it was sent, and whose usage
 //     never came (its call was cut: no detached call was free, it passed
 //     detached_timeout, or its config went away), the most the upstream
 //     may bill for it: each byte of the body as a prompt token (no text
 //     makes more tokens than it has bytes) and all the output it
-//     reserved. A call that goes on detached reports its usage instead;
+//     reserved. A call that goes on detached reports its usage instead.
+//     So for a request sent whose caller was answered 504 at
+//     header_timeout: it goes on detached, and is charged what the
+//     upstream reports, nothing if the upstream itself fails, and the
+//     most it may bill if the proxy cut it (see AnswerUsage.LeftUnread);
 //   - for a stream without usage, cut short by the upstream while the
 //     caller was there, the prompt's estimate and the output streamed
 //     until then, as counted from its deltas: the upstream stopped
@@ -67,7 +71,7 @@ func Charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used ledger.Tokens, a
 		absurd = true
 	case u.Status >= 400:
 		return ledger.Tokens{}, false, 0
-	case !u.Sent() || !u.CallerLeft():
+	case !u.Sent() || !u.LeftUnread():
 		if u.Status == 0 {
 			return ledger.Tokens{}, false, 0
 		}

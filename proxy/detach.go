@@ -254,27 +254,57 @@ func (c *Call) upstreamContext(caller, trace context.Context, p *DetachPolicy) c
 func (c *Call) callerLeft() {
 	w := &c.watch
 	w.mu.Lock()
-	after := c.decide()
+	after := c.decide(errCallerLeft)
 	w.mu.Unlock()
 	after.run()
 }
 
-// decide is callerLeft's decision, under w.mu.
-func (c *Call) decide() afterFuncs {
+// decide is callerLeft's decision, under w.mu: the call is cut for
+// cause, unless it was sent and may go on detached.
+func (c *Call) decide(cause error) afterFuncs {
 	w := &c.watch
 	if w.state != watching {
 		return afterFuncs{}
 	}
 	if !c.Usage.Sent() || !w.policy.acquire(c.Caller) {
 		w.state = cutShort
-		return w.endLocked(errCallerLeft)
+		c.Usage.mark(cutFlag)
+		return w.endLocked(cause)
 	}
 	w.state = detached
-	w.timer = time.AfterFunc(w.policy.Timeout, func() { w.end(errDetachedTimeout) })
+	w.timer = time.AfterFunc(w.policy.Timeout, func() { c.cut(errDetachedTimeout) })
 	if w.policy.cut != nil {
-		w.stopCut = context.AfterFunc(w.policy.cut, func() { w.end(errDetachedCut) })
+		w.stopCut = context.AfterFunc(w.policy.cut, func() { c.cut(errDetachedCut) })
 	}
 	return afterFuncs{}
+}
+
+// cut ends a detached call for cause, before its end.
+func (c *Call) cut(cause error) {
+	c.Usage.mark(cutFlag)
+	c.watch.end(cause)
+}
+
+// headersLate decides the call's fate when header_timeout passed with
+// its caller still waiting: the caller is answered 504 either way, and
+// the call goes on detached, as if the caller had left then, when it
+// was sent and may (the upstream received it and may bill it; its usage
+// comes with its answer); else it is cut. It reports whether the call
+// goes on, and whether its caller was still waiting: one that left
+// first has its call decided already, and nobody to answer.
+func (c *Call) headersLate() (goesOn, waiting bool) {
+	w := &c.watch
+	w.mu.Lock()
+	if w.state != watching {
+		w.mu.Unlock()
+		return false, false
+	}
+	c.Usage.mark(answered)
+	after := c.decide(errHeaderTimeout)
+	goesOn = w.state == detached
+	w.mu.Unlock()
+	after.run()
+	return goesOn, true
 }
 
 // finish ends the watch once the upstream call is over, its body read and

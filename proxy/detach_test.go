@@ -144,3 +144,67 @@ func TestCallDetachesWithinItsCallersShare(t *testing.T) {
 		t.Errorf("%d callers counted once its calls are over, want %d", n, entries0)
 	}
 }
+
+// TestHeadersLate: when header_timeout passes with the caller waiting, a
+// request the upstream received goes on detached while there is room,
+// and is cut when there is none or it was not sent; one whose caller
+// left first is decided already. The charge follows (LeftUnread): the
+// upstream's own failure of a call that went on is not a call left
+// unread, a cut one is.
+func TestHeadersLate(t *testing.T) {
+	for _, tc := range []struct {
+		name             string
+		sent, left       bool
+		max              int64
+		goesOn, waiting  bool
+		unread, detached bool
+	}{
+		{"sent, room", true, false, 1, true, true, false, true},
+		{"sent, no room", true, false, 0, false, true, true, false},
+		{"not sent", false, false, 1, false, true, true, false},
+		{"the caller left first", true, true, 1, false, false, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			caller, leave := context.WithCancel(context.Background())
+			defer leave()
+			c := &Call{Caller: "key_a"}
+			c.Usage.Watch(caller)
+			ctx := c.upstreamContext(caller, context.Background(), &DetachPolicy{Max: tc.max, Timeout: time.Minute})
+			c.Usage.MarkSent(tc.sent)
+			if tc.left {
+				leave()
+				for decided := false; !decided; time.Sleep(time.Millisecond) { // callerLeft runs on its own goroutine
+					c.watch.mu.Lock()
+					decided = c.watch.state != watching
+					c.watch.mu.Unlock()
+				}
+			}
+			before, _ := Detached()
+			goesOn, waiting := c.headersLate()
+			if goesOn != tc.goesOn || waiting != tc.waiting {
+				t.Fatalf("goes on %v, waiting %v; want %v, %v", goesOn, waiting, tc.goesOn, tc.waiting)
+			}
+			if now, _ := Detached(); (now == before+1) != (tc.detached && !tc.left) {
+				t.Errorf("detached calls went from %d to %d", before, now)
+			}
+			if ended := ctx.Err() != nil; ended == tc.detached {
+				t.Errorf("the upstream request ended: %v, want %v", ended, !tc.detached)
+			}
+			leave() // the handler returned: the caller's context ends
+			if c.Usage.LeftUnread() != tc.unread {
+				t.Errorf("left unread %v, want %v", !tc.unread, tc.unread)
+			}
+			c.finish()
+			if now, _ := Detached(); now != before-btoi(tc.left && tc.detached) {
+				t.Errorf("detached calls %d once the call ended, want %d", now, before-btoi(tc.left && tc.detached))
+			}
+		})
+	}
+}
+
+func btoi(b bool) int64 {
+	if b {
+		return 1
+	}
+	return 0
+}

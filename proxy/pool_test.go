@@ -245,7 +245,7 @@ func TestPoolRefusedKeyRetriedAndProbed(t *testing.T) {
 		req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", bytes.NewReader([]byte(`{}`)))
 		req.Header.Set("Content-Type", "application/json")
 		c := &Call{Body: []byte(`{}`)}
-		res, err := tr.roundTrip(req, c)
+		res, err := tr.roundTrip(req, c, nil)
 		if err != nil || res.StatusCode != 200 {
 			t.Fatalf("request %d: got %v %v, want 200 from the other key", i, res, err)
 		}
@@ -279,7 +279,7 @@ func TestPoolRefusedKeyRetriedAndProbed(t *testing.T) {
 	up.set("sk-secret-a", true)
 	up.set("sk-secret-b", true)
 	req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", bytes.NewReader([]byte(`{}`)))
-	if _, err := tr.roundTrip(req, &Call{Body: []byte(`{}`)}); err == nil || !strings.Contains(err.Error(), errKeyRefused.Error()) {
+	if _, err := tr.roundTrip(req, &Call{Body: []byte(`{}`)}, nil); err == nil || !strings.Contains(err.Error(), errKeyRefused.Error()) {
 		t.Fatalf("every key refused: got %v, want errKeyRefused", err)
 	}
 	var refusedLine bool
@@ -309,7 +309,7 @@ func TestPoolSpentKeyRetriedElsewhereOrHeld(t *testing.T) {
 		retry: retryPolicy{retries: 2, maxWait: 10 * time.Second}}
 	chat := func(c *Call) (*http.Response, error) {
 		req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", bytes.NewReader(c.Body))
-		return tr.roundTrip(req, c)
+		return tr.roundTrip(req, c, nil)
 	}
 	for p.keys[0].exhausted.key.locked.Load() == false {
 		c := &Call{Body: []byte(`{}`)}

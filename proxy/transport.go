@@ -32,7 +32,10 @@ type keyTransport struct {
 	retry       retryPolicy
 	pool        *pool         // the server keys; each attempt picks one
 	idleTimeout time.Duration // longest silence in a body after its headers; 0: none
-	detach      DetachPolicy  // what a call whose caller left may still do
+	// headerTimeout bounds each attempt's wait for its answer's headers;
+	// 0: none.
+	headerTimeout time.Duration
+	detach        DetachPolicy // what a call whose caller left may still do
 	// maxAnswers bounds the bytes the answers of the process hold at
 	// once (wire.Hold): streams' buffers, JSON answers read whole.
 	maxAnswers int64
@@ -56,10 +59,10 @@ func (t *keyTransport) RoundTrip(req *http.Request) (_ *http.Response, err error
 		// its context.
 		ctx = c.upstreamContext(ctx, trace, &t.detach)
 		defer func() { err = c.watch.causeOf(err) }()
-		if t.idleTimeout > 0 {
+		if t.idleTimeout > 0 || t.headerTimeout > 0 {
 			cancel = c.watch.end
 		}
-	case t.idleTimeout > 0:
+	case t.idleTimeout > 0 || t.headerTimeout > 0:
 		ctx, cancel = context.WithCancelCause(ctx)
 		ctx = tracedContext{ctx, trace}
 	default:
@@ -74,7 +77,23 @@ func (t *keyTransport) RoundTrip(req *http.Request) (_ *http.Response, err error
 	}
 	out.Host = t.host
 
-	res, err := t.roundTrip(out, c)
+	if t.headerTimeout == 0 {
+		res, err := t.roundTrip(out, c, nil)
+		return t.answer(req, out, c, cancel, res, err)
+	}
+	sent := t.timedRoundTrip(out, c, cancel)
+	if sent.goesOn {
+		go t.goOn(req, out, c, cancel, sent.done)
+		return nil, errHeaderTimeout
+	}
+	return t.answer(req, out, c, cancel, sent.res, sent.err)
+}
+
+// answer guards what the upstream answered to out, sent for req: the
+// headers that may reach the caller, a status or type that is no answer,
+// a stream's events and a JSON answer's body, counting its usage into c.
+// cancel, when set, ends the upstream request.
+func (t *keyTransport) answer(req, out *http.Request, c *Call, cancel context.CancelCauseFunc, res *http.Response, err error) (*http.Response, error) {
 	if c != nil {
 		c.Usage.HeaderLatency = time.Since(c.start)
 	}
@@ -84,7 +103,7 @@ func (t *keyTransport) RoundTrip(req *http.Request) (_ *http.Response, err error
 		}
 		return nil, err
 	}
-	if cancel != nil {
+	if t.idleTimeout > 0 {
 		res.Body = newIdleBody(res.Body, cancel, t.idleTimeout)
 	}
 	if res.StatusCode < 200 {
@@ -137,6 +156,105 @@ func (t *keyTransport) RoundTrip(req *http.Request) (_ *http.Response, err error
 	return res, nil
 }
 
+// errHeaderTimeout is the upstream's response headers not coming within
+// header_timeout.
+var errHeaderTimeout = errors.New("the upstream's response headers did not come within header_timeout")
+
+// roundTripped is what a round trip came to.
+type roundTripped struct {
+	res *http.Response
+	err error
+	// goesOn: header_timeout passed, and the call goes on (Call.late);
+	// done brings what it comes to.
+	goesOn bool
+	done   <-chan roundTripped
+}
+
+// timedRoundTrip is roundTrip with each attempt's wait for its answer's
+// headers bounded by header_timeout (headerClock). When it passes, a
+// request that its caller waits for and the upstream received goes on
+// detached (Call.headersLate): the caller is answered 504 while goOn
+// reads the answer to its usage. Any other request is cut, and answered
+// 504.
+func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context.CancelCauseFunc) roundTripped {
+	clock := &headerClock{timer: time.NewTimer(t.headerTimeout), limit: t.headerTimeout}
+	clock.stop()
+	done := make(chan roundTripped, 1)
+	go func() {
+		res, err := t.roundTrip(out, c, clock)
+		done <- roundTripped{res: res, err: err}
+	}()
+	select {
+	case r := <-done:
+		clock.stop()
+		return r
+	case <-clock.timer.C:
+	}
+	select {
+	case r := <-done: // the headers came as the clock ran out
+		return r
+	default:
+	}
+	if c == nil || c.Usage.caller == nil {
+		cancel(errHeaderTimeout)
+	} else {
+		switch goesOn, waiting := c.headersLate(); {
+		case goesOn:
+			c.late = new(lateCall)
+			return roundTripped{goesOn: true, done: done}
+		case !waiting:
+			// Its caller left first: its call was decided then, and
+			// nobody waits for a 504.
+			return <-done
+		}
+	}
+	// Cut: what comes now is the cut's error, or an answer that came
+	// just as it was cut.
+	if r := <-done; r.res != nil {
+		r.res.Body.Close()
+	}
+	return roundTripped{err: errHeaderTimeout}
+}
+
+// headerClock times each attempt's wait for its answer's headers: armed
+// as the attempt starts, stopped once it is answered or failed, so that
+// the waits between retries are max_wait's to bound, not header_timeout's.
+// nil times nothing.
+type headerClock struct {
+	timer *time.Timer
+	limit time.Duration
+}
+
+func (h *headerClock) arm() {
+	if h != nil {
+		h.timer.Reset(h.limit)
+	}
+}
+
+func (h *headerClock) stop() {
+	if h != nil {
+		h.timer.Stop()
+	}
+}
+
+// goOn reads the answer of a call that goes on after its caller was
+// answered 504 (timedRoundTrip) to its end, for its usage, and then ends
+// the call: whoever waits for it (Call.WhenOver) settles it.
+func (t *keyTransport) goOn(req, out *http.Request, c *Call, cancel context.CancelCauseFunc, done <-chan roundTripped) {
+	defer func() {
+		// As net/http does for a handler: this goroutine is a request's.
+		if v := recover(); v != nil {
+			t.logger.Error("panic in a call that went on after its caller was answered", zap.Any("panic", v), zap.Stack("stack"))
+		}
+	}()
+	r := <-done
+	if res, err := t.answer(req, out, c, cancel, r.res, r.err); err == nil {
+		res.Body.Close() // a stream's or a long answer's rest is read for its usage
+	}
+	c.finish()
+	c.late.end()
+}
+
 // answerType reports whether a 2xx answer's Content-Type is what c asked
 // for: text/event-stream for a stream, application/json for anything
 // else; either when there is no call to tell.
@@ -159,7 +277,8 @@ var headerPool = sync.Pool{New: func() any { return make(http.Header, 16) }}
 // 429 or a failed connection, as the retry policy allows: never past its
 // max_wait in all, and only with a body it can replay. Every answer's
 // evidence that the key or the model is spent, or no longer is, is noted.
-func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, error) {
+// clock, when set, times each attempt's wait for its headers.
+func (t *keyTransport) roundTrip(out *http.Request, c *Call, clock *headerClock) (*http.Response, error) {
 	ctx := out.Context()
 	var body []byte
 	var model string
@@ -179,7 +298,9 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 			out.Body = io.NopCloser(bytes.NewReader(body))
 			out.ContentLength = int64(len(body))
 		}
+		clock.arm()
 		res, err := t.next.RoundTrip(out)
+		clock.stop()
 		if err == nil && (res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden) {
 			// Nothing of this body may reach the client. The key is out
 			// of the pool, and the request goes at once to another key,
@@ -197,9 +318,9 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call) (*http.Response, er
 		}
 		var wait time.Duration
 		hold := false // the queue holds the retry (Call.Hold)
-		// Nobody is there to wait for a retry once the caller left: the
-		// attempt that was answered billed nothing.
-		again := attempt < t.retry.retries && replayable && (c == nil || !c.Usage.CallerLeft())
+		// Nobody is there to wait for a retry once the caller left, or
+		// was answered 504: the attempt that was answered billed nothing.
+		again := attempt < t.retry.retries && replayable && (c == nil || !c.Usage.CallerLeft() && !c.Usage.TimedOut())
 		if err != nil {
 			again = again && connectFailed(err)
 			wait = jitter(attempt)

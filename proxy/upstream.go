@@ -159,9 +159,9 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	if u.Scheme == "https" {
 		transport["tls"] = map[string]any{"server_name": u.Hostname()}
 	}
-	if cfg.HeaderTimeout > 0 {
-		transport["response_header_timeout"] = caddy.Duration(cfg.HeaderTimeout)
-	}
+	// No response_header_timeout: the key transport times the headers
+	// itself, so that a request the upstream received goes on when it
+	// passes (timedRoundTrip).
 	raw, err := json.Marshal(map[string]any{
 		"upstreams": []map[string]string{{"dial": hostport}},
 		// No flush_interval: Caddy already passes server-sent events on as
@@ -201,16 +201,17 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 		go up.pool.run(probes, direct, u.Scheme+"://"+u.Host+base+"/models", u.Host)
 	}
 	rp.Transport = &keyTransport{
-		next:        rp.Transport,
-		host:        u.Host,
-		extra:       extra,
-		retry:       retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
-		pool:        up.pool,
-		idleTimeout: cfg.IdleTimeout,
-		detach:      DetachPolicy{Max: cfg.MaxDetached, PerCaller: cfg.PerCaller, Timeout: cfg.DetachedTimeout, cut: cut},
-		maxAnswers:  cfg.MaxAnswers,
-		served:      cfg.Served,
-		logger:      up.logger,
+		next:          rp.Transport,
+		host:          u.Host,
+		extra:         extra,
+		retry:         retryPolicy{retries: cfg.Retries, maxWait: cfg.MaxWait},
+		pool:          up.pool,
+		idleTimeout:   cfg.IdleTimeout,
+		headerTimeout: cfg.HeaderTimeout,
+		detach:        DetachPolicy{Max: cfg.MaxDetached, PerCaller: cfg.PerCaller, Timeout: cfg.DetachedTimeout, cut: cut},
+		maxAnswers:    cfg.MaxAnswers,
+		served:        cfg.Served,
+		logger:        up.logger,
 	}
 	return up, nil
 }
@@ -230,8 +231,13 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endp
 	// goroutines that may outlive this call, so a later write would race.
 	caddyhttp.SetVar(r.Context(), callVar, c)
 	// reverse_proxy panics when the client left mid-answer; the call is
-	// over either way, its body read to the end and closed.
-	defer c.finish()
+	// over either way, its body read to the end and closed, unless it
+	// goes on after its caller was answered: it ends on its own then.
+	defer func() {
+		if c.late == nil {
+			c.finish()
+		}
+	}()
 
 	err := up.rp.ServeHTTP(w, r, next)
 	if err == nil {
@@ -254,7 +260,7 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endp
 		return errUpstreamBadAnswer
 	case errors.Is(he.Err, errNotAnAnswer):
 		return errUpstreamNotAnswer
-	case he.StatusCode == http.StatusGatewayTimeout:
+	case errors.Is(he.Err, errHeaderTimeout), he.StatusCode == http.StatusGatewayTimeout:
 		return errUpstreamTimeout
 	case he.StatusCode == 499:
 		return nil // the client left; nobody to answer

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http/httptrace"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -66,7 +67,28 @@ const (
 	sentFlag  = 1 << iota // the request was written to the upstream
 	endedHere             // the answer ended with the caller there
 	endedGone             // the answer ended after the caller left
+	answered              // the caller was answered 504 at header_timeout; the call went on
+	cutFlag               // the proxy cut the call: no detached call was free, or it outlived its time
 )
+
+// TimedOut reports whether the caller was answered 504 when
+// header_timeout passed, while its call went on (or was cut).
+func (u *AnswerUsage) TimedOut() bool { return atomic.LoadInt32(&u.state)&answered != 0 }
+
+// LeftUnread reports whether the proxy stopped reading the answer before
+// its end, so that the upstream may bill more than it reported: its
+// caller left first, or, for a call whose caller was answered at
+// header_timeout, the proxy cut it. A call that went on after such an
+// answer and that the upstream itself ended (a reset, an error) was not
+// left: that is the upstream's failure, as when its caller waits.
+func (u *AnswerUsage) LeftUnread() bool {
+	if s := atomic.LoadInt32(&u.state); s&answered != 0 {
+		return s&cutFlag != 0
+	}
+	return u.CallerLeft()
+}
+
+func (u *AnswerUsage) mark(flag int32) { atomic.OrInt32(&u.state, flag) }
 
 // CallerLeft reports whether the caller went away before its answer
 // ended: when the answer's end was noted (noteEnd), whether the caller
@@ -139,8 +161,48 @@ type Call struct {
 	answer   checkedAnswer // a JSON answer, once read whole
 	stream   callStream    // a stream's body
 	watch    watch         // on the caller, for a request the upstream may bill
+	late     *lateCall     // set when the call goes on after its caller was answered
 	logger   *zap.Logger   // the transport's, for a stream broken off
 	trace    httptrace.ClientTrace
+}
+
+// GoesOn reports whether the call goes on after Forward returned: its
+// caller was answered 504 at header_timeout, and the upstream, which
+// received the request, is still answering it. Its usage is known, and
+// it may be settled, once it is over (WhenOver).
+func (c *Call) GoesOn() bool { return c.late != nil }
+
+// WhenOver runs settle once a call that goes on is over: at once if it
+// is, else on the goroutine that read it, when it ends.
+func (c *Call) WhenOver(settle func()) {
+	l := c.late
+	l.mu.Lock()
+	if !l.over {
+		l.settle = settle
+		l.mu.Unlock()
+		return
+	}
+	l.mu.Unlock()
+	settle()
+}
+
+// lateCall is a call that goes on after its caller was answered, and
+// what is to run when it is over.
+type lateCall struct {
+	mu     sync.Mutex
+	over   bool
+	settle func()
+}
+
+// end notes that the call is over, and settles it if its settle came.
+func (l *lateCall) end() {
+	l.mu.Lock()
+	l.over = true
+	settle := l.settle
+	l.mu.Unlock()
+	if settle != nil {
+		settle()
+	}
 }
 
 // Streamed returns the output tokens the call's stream carried so far,

@@ -56,8 +56,8 @@ func TestUpstreamFaults(t *testing.T) {
 		streamed int64  // content chunks the client got, and is charged for
 		calls    int    // upstream attempts
 	}{
-		{"stall before headers", standin.Behavior{StallHeaders: true}, faultChat, 504, "upstream_timeout", 0, 1},
-		{"stall before a stream's headers", standin.Behavior{StallHeaders: true}, faultStream, 504, "upstream_timeout", 0, 1},
+		// A stall before the headers is header_timeout's: the call goes
+		// on (TestHeaderTimeoutChargesWhatTheUpstreamBills).
 		{"stall mid-body", standin.Behavior{StallMidBody: 1}, faultChat, 504, "upstream_timeout", 0, 1},
 		{"stall mid-stream", standin.Behavior{StallMidBody: 3}, faultStream, 200, "upstream_stream_failed", 3, 1},
 		{"reset mid-body", standin.Behavior{ResetMidBody: 1}, faultChat, 502, "upstream_unavailable", 0, 1},

@@ -114,20 +114,7 @@ func leaveSDK(t *testing.T, e *env, key string, stream bool, when int) {
 // one concurrency slot stays taken until the upstream is done, and no
 // goroutine outlives the requests.
 func TestLeavingEarlyNeverCostsLess(t *testing.T) {
-	// Checked last, once Caddy, the upstream and every answer's body are
-	// closed: nothing of the requests may still run, no detached call,
-	// watch or timer.
-	baseline := goleak.IgnoreCurrent()
-	t.Cleanup(func() {
-		http.DefaultClient.CloseIdleConnections()
-		if err := goleak.Find(baseline,
-			goleak.IgnoreAnyFunction("github.com/caddyserver/caddy/v2.replaceLocalAdminServer.func2"),
-			goleak.IgnoreTopFunction("github.com/DeRuina/timberjack.(*Logger).millRun"),
-			goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
-		); err != nil {
-			t.Errorf("goroutines outlive the requests: %v", err)
-		}
-	})
+	noGoroutinesOutlive(t)
 	up := standin.New(standin.Options{APIKey: serverKey})
 	srv := httptest.NewServer(up)
 	t.Cleanup(srv.Close)
@@ -195,6 +182,23 @@ func TestLeavingEarlyNeverCostsLess(t *testing.T) {
 
 }
 
+// noGoroutinesOutlive checks, last, once Caddy, the upstream and every
+// answer's body are closed, that nothing of the test's requests still
+// runs: no detached call, watch or timer. Call it first.
+func noGoroutinesOutlive(t *testing.T) {
+	baseline := goleak.IgnoreCurrent()
+	t.Cleanup(func() {
+		http.DefaultClient.CloseIdleConnections()
+		if err := goleak.Find(baseline,
+			goleak.IgnoreAnyFunction("github.com/caddyserver/caddy/v2.replaceLocalAdminServer.func2"),
+			goleak.IgnoreTopFunction("github.com/DeRuina/timberjack.(*Logger).millRun"),
+			goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
+		); err != nil {
+			t.Errorf("goroutines outlive the requests: %v", err)
+		}
+	})
+}
+
 // TestLeavingWithNoDetachedCallFree: with no detached call free
 // (detached off), a caller who leaves mid-stream has its upstream call
 // cut at once, which spares the upstream the rest of the answer, and is
@@ -232,26 +236,39 @@ func TestLeavingWithNoDetachedCallFree(t *testing.T) {
 	}
 }
 
-// TestDetachedCallSettlesAtShutdown: a call whose caller left is still
-// running when Caddy stops. The last config using the store waits for it
-// and its usage reaches the ledger before the store closes; one still
-// running after the 15 seconds of grace is cut and settled with its bound.
-// Either is charged once.
+// TestDetachedCallSettlesAtShutdown: a call whose caller left, or was
+// answered 504 at header_timeout, is still running when Caddy stops. The
+// last config using the store waits for it and its usage reaches the
+// ledger before the store closes; one still running after the 15 seconds
+// of grace is cut and settled with its bound. Either is charged once.
 func TestDetachedCallSettlesAtShutdown(t *testing.T) {
 	for _, tc := range []struct {
-		name    string
-		latency time.Duration
-		cut     bool
+		name     string
+		latency  time.Duration
+		cut      bool
+		answered bool // at header_timeout, instead of leaving
 	}{
-		{"within the grace", time.Second, false},
-		{"past the grace", time.Minute, true},
+		{"within the grace", time.Second, false, false},
+		{"past the grace", time.Minute, true, false},
+		{"answered 504, within the grace", time.Second, false, true},
+		{"answered 504, past the grace", time.Minute, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := start(t, manyFailures, faultTier)
+			config := []string{manyFailures, faultTier}
+			if tc.answered {
+				config = append(config, "header_timeout "+headerTimeout.String())
+			}
+			e := start(t, config...)
 			id, key := e.addKey(t, "metered")
 			e.waitKeysKnown(t)
 			e.upstream.SetBehavior(standin.Behavior{Latency: tc.latency, PromptTokens: hangPrompt})
-			leaveRaw(t, e, key, hangChat, beforeHeaders)
+			if tc.answered {
+				res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(hangChat),
+					http.Header{"Authorization": {"Bearer " + key}})
+				wantAPIError(t, res, http.StatusGatewayTimeout, "upstream_timeout")
+			} else {
+				leaveRaw(t, e, key, hangChat, beforeHeaders)
+			}
 			e.caddy.Stop(t)
 			if e.upstream.Active() != 0 {
 				t.Error("Caddy stopped while a detached call still ran")

@@ -140,9 +140,11 @@ func TestLeavingEarlyIsCharged(t *testing.T) {
 
 // TestLeavingAWholeAnswerPaysTheReservation: five requests of max_tokens
 // 4000 whose caller left before the upstream's headers, once the upstream
-// had them, are charged their reservation, not nothing.
+// had them, and whose calls were cut past detached_timeout, are charged
+// their reservation, not nothing.
 func TestLeavingAWholeAnswerPaysTheReservation(t *testing.T) {
-	e, key := startFaults(t, time.Minute)
+	e := start(t, manyFailures, faultTier, "detached 8 timeout 300ms")
+	key, _ := e.meteredKey(t)
 	var total int64
 	for range 5 {
 		before := waitSettled(t, e, key)
