@@ -322,9 +322,12 @@ func TestUpstreamUnreachableAndTimeout(t *testing.T) {
 		_, err := e.client.Chat.Completions.New(t.Context(), chatParams("hi"))
 		wantOpenAIError(t, err, http.StatusBadGateway, "upstream_unavailable")
 	})
-	t.Run("stalled headers are 504", func(t *testing.T) {
+	t.Run("late headers are 504", func(t *testing.T) {
+		// Late, not stalled: the call goes on past the 504 (see
+		// TestHeaderTimeoutChargesWhatTheUpstreamBills), and one stalled
+		// for good would hold Caddy's stop for its grace.
 		e := start(t, "header_timeout 300ms")
-		e.upstream.SetBehavior(standin.Behavior{StallHeaders: true})
+		e.upstream.SetBehavior(standin.Behavior{Latency: time.Second})
 		_, err := e.client.Chat.Completions.New(t.Context(), chatParams("hi"))
 		wantOpenAIError(t, err, http.StatusGatewayTimeout, "upstream_timeout")
 	})
