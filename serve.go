@@ -215,14 +215,15 @@ func (x *exchange) forward(ep *api.Endpoint, cached bool, next caddyhttp.Handler
 
 // end ends an admitted request on every way out: it is settled and its
 // body let go, now, or, when its call goes on after its caller was
-// answered 504 at header_timeout, once that call is over (it still
-// replays the body on a retry, and what it used is known only then).
-// Until then it counts as active, so that Cleanup waits for it. The
-// caller's answer is counted and logged now, as it went.
+// answered (504 at header_timeout, or its stream's end at idle_timeout),
+// once that call is over (it may still replay the body on a retry, and
+// what it used is known only then). Until then it counts as active, so
+// that Cleanup waits for it. The caller's answer is counted and logged
+// now, as it went.
 func (x *exchange) end(ep *api.Endpoint) {
 	x.r.Body = http.NoBody // it replays storage that goes back to the pool
 	if x.call.GoesOn() {
-		x.countOutcome(admittedLog{tier: x.client.Tier, outcome: outcome(0), model: x.info.Model, queueWait: x.queueWait})
+		x.countOutcome(admittedLog{tier: x.client.Tier, outcome: outcome(x.call.AnsweredWith()), model: x.info.Model, queueWait: x.queueWait})
 		x.h.active.Add(1)
 		x.call.WhenOver(func() {
 			defer x.h.active.Add(-1)
@@ -392,7 +393,7 @@ func (x *exchange) record(u *proxy.AnswerUsage, prompt, completion int64) {
 		modelsCacheBy.get(u.Cache).Inc()
 	}
 	if x.call.GoesOn() {
-		x.h.logger.Info("a request answered 504 at header_timeout was answered by the upstream since, and charged what it used",
+		x.h.logger.Info("a call that went on after its caller was answered (header_timeout, idle_timeout) ended, and is charged what it used",
 			zap.String("client_id", x.client.ID), zap.String("model", model), zap.Int("upstream_status", u.Status),
 			zap.Int64("prompt_tokens", prompt), zap.Int64("completion_tokens", completion))
 		return

@@ -285,28 +285,6 @@ func (c *Call) cut(cause error) {
 	c.watch.end(cause)
 }
 
-// headersLate decides the call's fate when header_timeout passed with
-// its caller still waiting: the caller is answered 504 either way, and
-// the call goes on detached, as if the caller had left then, when it
-// was sent and may (the upstream received it and may bill it; its usage
-// comes with its answer); else it is cut. It reports whether the call
-// goes on, and whether its caller was still waiting: one that left
-// first has its call decided already, and nobody to answer.
-func (c *Call) headersLate() (goesOn, waiting bool) {
-	w := &c.watch
-	w.mu.Lock()
-	if w.state != watching {
-		w.mu.Unlock()
-		return false, false
-	}
-	c.Usage.mark(answered)
-	after := c.decide(errHeaderTimeout)
-	goesOn = w.state == detached
-	w.mu.Unlock()
-	after.run()
-	return goesOn, true
-}
-
 // finish ends the watch once the upstream call is over, its body read and
 // closed: a detached call gives its place back. It runs once per call,
 // on every way out of Forward.

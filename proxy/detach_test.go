@@ -145,13 +145,13 @@ func TestCallDetachesWithinItsCallersShare(t *testing.T) {
 	}
 }
 
-// TestHeadersLate: when header_timeout passes with the caller waiting, a
+// TestAnswerNow: when header_timeout passes with the caller waiting, a
 // request the upstream received goes on detached while there is room,
 // and is cut when there is none or it was not sent; one whose caller
 // left first is decided already. The charge follows (LeftUnread): the
 // upstream's own failure of a call that went on is not a call left
 // unread, a cut one is.
-func TestHeadersLate(t *testing.T) {
+func TestAnswerNow(t *testing.T) {
 	for _, tc := range []struct {
 		name             string
 		sent, left       bool
@@ -180,7 +180,7 @@ func TestHeadersLate(t *testing.T) {
 				}
 			}
 			before, _ := Detached()
-			goesOn, waiting := c.headersLate()
+			goesOn, waiting := c.answerNow(errHeaderTimeout, 0)
 			if goesOn != tc.goesOn || waiting != tc.waiting {
 				t.Fatalf("goes on %v, waiting %v; want %v, %v", goesOn, waiting, tc.goesOn, tc.waiting)
 			}

@@ -103,7 +103,12 @@ func (t *keyTransport) answer(req, out *http.Request, c *Call, cancel context.Ca
 		}
 		return nil, err
 	}
-	if t.idleTimeout > 0 {
+	switch {
+	case t.idleTimeout == 0:
+	case c != nil && c.Usage.caller != nil && res.StatusCode < 300 && isEventStream(res.Header.Get("Content-Type")):
+		// A stream the upstream may bill: it goes on past a silence.
+		res.Body = newIdleStream(req.Context(), res.Body, c, t.idleTimeout, t.maxAnswers)
+	default:
 		res.Body = newIdleBody(res.Body, cancel, t.idleTimeout)
 	}
 	if res.StatusCode < 200 {
@@ -154,105 +159,6 @@ func (t *keyTransport) answer(req, out *http.Request, c *Call, cancel context.Ca
 		}
 	}
 	return res, nil
-}
-
-// errHeaderTimeout is the upstream's response headers not coming within
-// header_timeout.
-var errHeaderTimeout = errors.New("the upstream's response headers did not come within header_timeout")
-
-// roundTripped is what a round trip came to.
-type roundTripped struct {
-	res *http.Response
-	err error
-	// goesOn: header_timeout passed, and the call goes on (Call.late);
-	// done brings what it comes to.
-	goesOn bool
-	done   <-chan roundTripped
-}
-
-// timedRoundTrip is roundTrip with each attempt's wait for its answer's
-// headers bounded by header_timeout (headerClock). When it passes, a
-// request that its caller waits for and the upstream received goes on
-// detached (Call.headersLate): the caller is answered 504 while goOn
-// reads the answer to its usage. Any other request is cut, and answered
-// 504.
-func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context.CancelCauseFunc) roundTripped {
-	clock := &headerClock{timer: time.NewTimer(t.headerTimeout), limit: t.headerTimeout}
-	clock.stop()
-	done := make(chan roundTripped, 1)
-	go func() {
-		res, err := t.roundTrip(out, c, clock)
-		done <- roundTripped{res: res, err: err}
-	}()
-	select {
-	case r := <-done:
-		clock.stop()
-		return r
-	case <-clock.timer.C:
-	}
-	select {
-	case r := <-done: // the headers came as the clock ran out
-		return r
-	default:
-	}
-	if c == nil || c.Usage.caller == nil {
-		cancel(errHeaderTimeout)
-	} else {
-		switch goesOn, waiting := c.headersLate(); {
-		case goesOn:
-			c.late = new(lateCall)
-			return roundTripped{goesOn: true, done: done}
-		case !waiting:
-			// Its caller left first: its call was decided then, and
-			// nobody waits for a 504.
-			return <-done
-		}
-	}
-	// Cut: what comes now is the cut's error, or an answer that came
-	// just as it was cut.
-	if r := <-done; r.res != nil {
-		r.res.Body.Close()
-	}
-	return roundTripped{err: errHeaderTimeout}
-}
-
-// headerClock times each attempt's wait for its answer's headers: armed
-// as the attempt starts, stopped once it is answered or failed, so that
-// the waits between retries are max_wait's to bound, not header_timeout's.
-// nil times nothing.
-type headerClock struct {
-	timer *time.Timer
-	limit time.Duration
-}
-
-func (h *headerClock) arm() {
-	if h != nil {
-		h.timer.Reset(h.limit)
-	}
-}
-
-func (h *headerClock) stop() {
-	if h != nil {
-		h.timer.Stop()
-	}
-}
-
-// goOn reads the answer of a call that goes on after its caller was
-// answered 504 (timedRoundTrip) to its end, for its usage, and then ends
-// the call: whoever waits for it (Call.WhenOver) settles it.
-func (t *keyTransport) goOn(req, out *http.Request, c *Call, cancel context.CancelCauseFunc, done <-chan roundTripped) {
-	defer func() {
-		// As net/http does for a handler: this goroutine is a request's.
-		if v := recover(); v != nil {
-			t.logger.Error("panic in a call that went on after its caller was answered", zap.Any("panic", v), zap.Stack("stack"))
-		}
-	}()
-	r := <-done
-	if res, err := t.answer(req, out, c, cancel, r.res, r.err); err == nil {
-		res.Body.Close() // a stream's or a long answer's rest is read for its usage
-	}
-	c.finish()
-	c.late.end()
 }
 
 // answerType reports whether a 2xx answer's Content-Type is what c asked

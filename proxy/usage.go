@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"net/http/httptrace"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -161,48 +160,9 @@ type Call struct {
 	answer   checkedAnswer // a JSON answer, once read whole
 	stream   callStream    // a stream's body
 	watch    watch         // on the caller, for a request the upstream may bill
-	late     *lateCall     // set when the call goes on after its caller was answered
+	late     *lateCall     // set when the call goes on after its caller was answered (late.go)
 	logger   *zap.Logger   // the transport's, for a stream broken off
 	trace    httptrace.ClientTrace
-}
-
-// GoesOn reports whether the call goes on after Forward returned: its
-// caller was answered 504 at header_timeout, and the upstream, which
-// received the request, is still answering it. Its usage is known, and
-// it may be settled, once it is over (WhenOver).
-func (c *Call) GoesOn() bool { return c.late != nil }
-
-// WhenOver runs settle once a call that goes on is over: at once if it
-// is, else on the goroutine that read it, when it ends.
-func (c *Call) WhenOver(settle func()) {
-	l := c.late
-	l.mu.Lock()
-	if !l.over {
-		l.settle = settle
-		l.mu.Unlock()
-		return
-	}
-	l.mu.Unlock()
-	settle()
-}
-
-// lateCall is a call that goes on after its caller was answered, and
-// what is to run when it is over.
-type lateCall struct {
-	mu     sync.Mutex
-	over   bool
-	settle func()
-}
-
-// end notes that the call is over, and settles it if its settle came.
-func (l *lateCall) end() {
-	l.mu.Lock()
-	l.over = true
-	settle := l.settle
-	l.mu.Unlock()
-	if settle != nil {
-		settle()
-	}
 }
 
 // Streamed returns the output tokens the call's stream carried so far,

@@ -56,10 +56,12 @@ func TestUpstreamFaults(t *testing.T) {
 		streamed int64  // content chunks the client got, and is charged for
 		calls    int    // upstream attempts
 	}{
-		// A stall before the headers is header_timeout's: the call goes
-		// on (TestHeaderTimeoutChargesWhatTheUpstreamBills).
+		// A stall before the headers, or in a stream, is answered at
+		// header_timeout or idle_timeout, and its call goes on
+		// (TestHeaderTimeoutChargesWhatTheUpstreamBills,
+		// TestIdleStreamChargesWhatTheUpstreamBills,
+		// TestAnsweredEarlyCutIsChargedTheBound).
 		{"stall mid-body", standin.Behavior{StallMidBody: 1}, faultChat, 504, "upstream_timeout", 0, 1},
-		{"stall mid-stream", standin.Behavior{StallMidBody: 3}, faultStream, 200, "upstream_stream_failed", 3, 1},
 		{"reset mid-body", standin.Behavior{ResetMidBody: 1}, faultChat, 502, "upstream_unavailable", 0, 1},
 		{"reset mid-stream", standin.Behavior{ResetMidBody: 3}, faultStream, 200, "upstream_stream_failed", 3, 1},
 		{"abort mid-stream", standin.Behavior{FailMidStream: 3}, faultStream, 200, "upstream_stream_failed", 3, 1},

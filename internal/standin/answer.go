@@ -211,6 +211,9 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, a *answer, b *Be
 			}
 		}
 	}
+	if b.Think > 0 && !e.think(b.Think) {
+		return
+	}
 	sent := 0
 	for tok := range a.tokens {
 		for i := range a.choices {
@@ -269,6 +272,18 @@ type events struct {
 	buf   *[]byte // pooled; events are built in it one at a time
 	// lineEnd ends the events' lines instead of "\n": Behavior.LineEnd.
 	lineEnd string
+}
+
+// think waits d, silent, and reports false if the client left first.
+func (e *events) think(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-e.done:
+		return false
+	}
 }
 
 // scratch returns the event buffer, emptied.

@@ -93,6 +93,11 @@ type Behavior struct {
 	Latency time.Duration
 	// ChunkDelay is waited between server-sent events of a stream.
 	ChunkDelay time.Duration
+	// Think is waited once in a stream, after its first event (a chat's
+	// role) and before its output, as a reasoning model is silent while
+	// it reasons; the wait ends early, without more, when the request's
+	// context ends.
+	Think time.Duration
 	// FailStatus, if nonzero, is a 4xx or 5xx status answered in the error
 	// shape. A 429 carries Retry-After and X-RateLimit-Remaining: 0; a 503
 	// carries Retry-After.

@@ -1019,3 +1019,30 @@ func TestEnforce(t *testing.T) {
 		t.Errorf("Refused429 %d, MaxActive %d; want 1 and 1", s.Refused429(), s.MaxActive())
 	}
 }
+
+// TestThink: a stream's role comes at once, and its output only after
+// the silence of Think.
+func TestThink(t *testing.T) {
+	s, _, client := newTest(t, Options{})
+	s.SetBehavior(Behavior{Think: 100 * time.Millisecond})
+	stream := client.Chat.Completions.NewStreaming(t.Context(), openai.ChatCompletionNewParams{
+		Model:    "vigthoria-fast-1",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")},
+	})
+	defer stream.Close()
+	if !stream.Next() || stream.Current().Choices[0].Delta.Role != "assistant" {
+		t.Fatalf("first event %+v, %v; want the role", stream.Current(), stream.Err())
+	}
+	role := time.Now()
+	if !stream.Next() || stream.Current().Choices[0].Delta.Content == "" {
+		t.Fatalf("second event %+v, %v; want output", stream.Current(), stream.Err())
+	}
+	if d := time.Since(role); d < 100*time.Millisecond {
+		t.Errorf("output %v after the role, before the silence ended", d)
+	}
+	for stream.Next() {
+	}
+	if err := stream.Err(); err != nil {
+		t.Error(err)
+	}
+}

@@ -119,29 +119,102 @@ func TestHeaderTimeoutChargesWhatTheUpstreamBills(t *testing.T) {
 	}
 }
 
-// TestHeaderTimeoutCutIsChargedTheBound: a request past header_timeout
-// that may not go on (no detached call free) or outlives
-// detached_timeout is cut, and charged the most the upstream may bill
-// for it, as a call whose caller left: the upstream received it.
-func TestHeaderTimeoutCutIsChargedTheBound(t *testing.T) {
+// TestIdleStreamChargesWhatTheUpstreamBills: a stream whose model
+// reasons, silent, past idle_timeout. Its caller's stream ends at the
+// silence with an upstream_stream_failed event, and its call goes on,
+// detached, holding the caller's slot, until the upstream's end: it is
+// charged what the upstream reports, reasoning and all, not the prompt's
+// estimate and the output the caller saw. The SDK's default path (no
+// max_tokens) is charged the same way.
+func TestIdleStreamChargesWhatTheUpstreamBills(t *testing.T) {
+	noGoroutinesOutlive(t)
+	e := start(t, manyFailures, faultTier, "idle_timeout "+headerTimeout.String())
+	key, client := e.meteredKey(t)
+	auth := http.Header{"Authorization": {"Bearer " + key}}
 	for _, tc := range []struct {
-		name, detached string
-		behavior       standin.Behavior
+		name string
+		read func(t *testing.T)
 	}{
-		{"no detached call free", "detached off", standin.Behavior{Latency: time.Minute}},
-		{"past detached_timeout", "detached 8 timeout 300ms", standin.Behavior{StallHeaders: true}},
+		{"raw", func(t *testing.T) {
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(hangStream), auth)
+			wantErrorEvent(t, res, "upstream_stream_failed")
+		}},
+		{"openai-go", func(t *testing.T) {
+			stream := client.Chat.Completions.NewStreaming(t.Context(), chatParams("hi"))
+			defer stream.Close()
+			for stream.Next() {
+			}
+			if err := stream.Err(); err == nil || !strings.Contains(err.Error(), "upstream") {
+				t.Errorf("the stream ended with %v, want the proxy's error event", err)
+			}
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := start(t, manyFailures, faultTier, tc.detached, "header_timeout "+headerTimeout.String())
+			before, _ := e.usage(t, key)
+			billedPrompt, billedCompletion := e.upstream.Billed()
+			e.upstream.SetBehavior(standin.Behavior{Think: headerLate, PromptTokens: hangPrompt})
+			tc.read(t)
+			if e.upstream.Active() != 1 {
+				t.Error("the upstream call ended with the caller's stream")
+			}
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(`{"messages":[]}`), auth)
+			wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
+
+			waitFor(t, 2*headerLate, "the upstream answers", func() bool { return e.upstream.Active() == 0 })
+			e.upstream.SetBehavior(standin.Behavior{})
+			u := waitSettled(t, e, key)
+			p, c := e.upstream.Billed()
+			if p-billedPrompt != hangPrompt || c == billedCompletion {
+				t.Errorf("the upstream counted %d prompt and %d completion tokens, want %d and some: the call did not go on to its end",
+					p-billedPrompt, c-billedCompletion, hangPrompt)
+			}
+			wantCharged(t, u, before, 1, p-billedPrompt, c-billedCompletion)
+		})
+	}
+}
+
+// TestAnsweredEarlyCutIsChargedTheBound: a request past header_timeout,
+// or a stream silent past idle_timeout, that may not go on (no detached
+// call free) or outlives detached_timeout is cut, and charged the most
+// the upstream may bill for it, as a call whose caller left: the upstream
+// received it.
+func TestAnsweredEarlyCutIsChargedTheBound(t *testing.T) {
+	timeout := headerTimeout.String()
+	// The stream's body as forwarded: stream_options.include_usage added.
+	streamBound := int64(len(hangStream) + len(`,"stream_options":{"include_usage":true}`))
+	for _, tc := range []struct {
+		name     string
+		config   []string
+		behavior standin.Behavior
+		body     string
+		bound    int64
+	}{
+		{"headers, no detached call free", []string{"header_timeout " + timeout, "detached off"},
+			standin.Behavior{Latency: time.Minute}, hangChat, int64(len(hangChat))},
+		{"headers, past detached_timeout", []string{"header_timeout " + timeout, "detached 8 timeout 300ms"},
+			standin.Behavior{StallHeaders: true}, hangChat, int64(len(hangChat))},
+		{"a silent stream, no detached call free", []string{"idle_timeout " + timeout, "detached off"},
+			standin.Behavior{Think: time.Minute}, hangStream, streamBound},
+		{"a silent stream, past detached_timeout", []string{"idle_timeout " + timeout, "detached 8 timeout 300ms"},
+			standin.Behavior{Think: time.Minute}, hangStream, streamBound},
+		{"a stream stalled midway, past detached_timeout", []string{"idle_timeout " + timeout, "detached 8 timeout 300ms"},
+			standin.Behavior{StallMidBody: 3}, hangStream, streamBound},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := start(t, append([]string{manyFailures, faultTier}, tc.config...)...)
 			key, _ := e.meteredKey(t)
 			before, _ := e.usage(t, key)
 			e.upstream.SetBehavior(tc.behavior)
-			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(hangChat),
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(tc.body),
 				http.Header{"Authorization": {"Bearer " + key}})
-			wantAPIError(t, res, http.StatusGatewayTimeout, "upstream_timeout")
+			if tc.body == hangStream {
+				wantErrorEvent(t, res, "upstream_stream_failed")
+			} else {
+				wantAPIError(t, res, http.StatusGatewayTimeout, "upstream_timeout")
+			}
 			waitFor(t, 5*time.Second, "the upstream call is cut", func() bool { return e.upstream.Active() == 0 })
 			e.upstream.SetBehavior(standin.Behavior{})
-			wantCharged(t, waitSettled(t, e, key), before, 1, int64(len(hangChat)), 40)
+			wantCharged(t, waitSettled(t, e, key), before, 1, tc.bound, 40)
 		})
 	}
 }

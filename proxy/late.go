@@ -1,0 +1,334 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
+)
+
+// A call may go on after its caller was answered: when header_timeout
+// passes, the caller gets its 504, and when a stream falls silent for
+// idle_timeout, its stream ends with an error event; but the upstream
+// received the request and may bill it, so the call goes on as a
+// detached one (detach.go), read to its usage on a goroutine of its own,
+// and is settled when it ends (Call.WhenOver) and charged what the
+// upstream reports.
+
+// errHeaderTimeout is the upstream's response headers not coming within
+// header_timeout.
+var errHeaderTimeout = errors.New("the upstream's response headers did not come within header_timeout")
+
+// GoesOn reports whether the call goes on after Forward returned: its
+// caller was answered (504 at header_timeout, or its stream's end at
+// idle_timeout), and the upstream is still answering it. What it used is
+// known, and it may be settled, once it is over (WhenOver).
+func (c *Call) GoesOn() bool { return c.late != nil }
+
+// AnsweredWith is the status a call that goes on gave its caller: 0 for
+// none of the upstream's (a 504), else the upstream's (a stream's 200).
+func (c *Call) AnsweredWith() int { return c.late.status }
+
+// WhenOver runs settle once a call that goes on is over: at once if it
+// is, else on the goroutine that read it, when it ends.
+func (c *Call) WhenOver(settle func()) {
+	l := c.late
+	l.mu.Lock()
+	if !l.over {
+		l.settle = settle
+		l.mu.Unlock()
+		return
+	}
+	l.mu.Unlock()
+	settle()
+}
+
+// lateCall is a call that goes on after its caller was answered, and
+// what is to run when it is over.
+type lateCall struct {
+	status int // what its caller was answered with (AnsweredWith)
+	mu     sync.Mutex
+	over   bool
+	settle func()
+}
+
+// end ends a call that went on: its body was read and closed. It gives
+// back its detached place, and settles it if its settle came.
+func (c *Call) end() {
+	c.finish()
+	l := c.late
+	l.mu.Lock()
+	l.over = true
+	settle := l.settle
+	l.mu.Unlock()
+	if settle != nil {
+		settle()
+	}
+}
+
+// answerNow decides the call's fate when its caller is to be answered
+// before its end, for cause (header_timeout or idle_timeout), while it
+// waits: the call goes on detached, as if the caller had left then, when
+// it was sent and may (the upstream received it and may bill it; its
+// usage comes with its answer); else it is cut. It reports whether the
+// call goes on, and whether its caller was still waiting: one that left
+// first has its call decided already, and nobody to answer. A call that
+// goes on is marked so (GoesOn) with status, what its caller gets.
+func (c *Call) answerNow(cause error, status int) (goesOn, waiting bool) {
+	w := &c.watch
+	w.mu.Lock()
+	if w.state != watching {
+		w.mu.Unlock()
+		return false, false
+	}
+	c.Usage.mark(answered)
+	after := c.decide(cause)
+	goesOn = w.state == detached
+	w.mu.Unlock()
+	after.run()
+	if goesOn {
+		c.late = &lateCall{status: status}
+	}
+	return goesOn, true
+}
+
+// roundTripped is what a round trip came to.
+type roundTripped struct {
+	res *http.Response
+	err error
+	// goesOn: header_timeout passed, and the call goes on; done brings
+	// what it comes to.
+	goesOn bool
+	done   <-chan roundTripped
+}
+
+// timedRoundTrip is roundTrip with each attempt's wait for its answer's
+// headers bounded by header_timeout (headerClock). When it passes, a
+// request that its caller waits for and the upstream received goes on
+// (answerNow): the caller is answered 504 while goOn reads the answer to
+// its usage. Any other request is cut, and answered 504.
+func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context.CancelCauseFunc) roundTripped {
+	clock := &headerClock{timer: time.NewTimer(t.headerTimeout), limit: t.headerTimeout}
+	clock.stop()
+	done := make(chan roundTripped, 1)
+	go func() {
+		res, err := t.roundTrip(out, c, clock)
+		done <- roundTripped{res: res, err: err}
+	}()
+	select {
+	case r := <-done:
+		clock.stop()
+		return r
+	case <-clock.timer.C:
+	}
+	select {
+	case r := <-done: // the headers came as the clock ran out
+		return r
+	default:
+	}
+	if c == nil || c.Usage.caller == nil {
+		cancel(errHeaderTimeout)
+	} else {
+		switch goesOn, waiting := c.answerNow(errHeaderTimeout, 0); {
+		case goesOn:
+			return roundTripped{goesOn: true, done: done}
+		case !waiting:
+			// Its caller left first: its call was decided then, and
+			// nobody waits for a 504.
+			return <-done
+		}
+	}
+	// Cut: what comes now is the cut's error, or an answer that came
+	// just as it was cut.
+	if r := <-done; r.res != nil {
+		r.res.Body.Close()
+	}
+	return roundTripped{err: errHeaderTimeout}
+}
+
+// headerClock times each attempt's wait for its answer's headers: armed
+// as the attempt starts, stopped once it is answered or failed, so that
+// the waits between retries are max_wait's to bound, not header_timeout's.
+// nil times nothing.
+type headerClock struct {
+	timer *time.Timer
+	limit time.Duration
+}
+
+func (h *headerClock) arm() {
+	if h != nil {
+		h.timer.Reset(h.limit)
+	}
+}
+
+func (h *headerClock) stop() {
+	if h != nil {
+		h.timer.Stop()
+	}
+}
+
+// goOn reads the answer of a call that goes on after its caller was
+// answered 504 (timedRoundTrip) to its end, for its usage, and then ends
+// the call.
+func (t *keyTransport) goOn(req, out *http.Request, c *Call, cancel context.CancelCauseFunc, done <-chan roundTripped) {
+	defer recoverLate(t.logger)
+	r := <-done
+	if res, err := t.answer(req, out, c, cancel, r.res, r.err); err == nil {
+		res.Body.Close() // a stream's or a long answer's rest is read for its usage
+	}
+	c.end()
+}
+
+// recoverLate logs a panic of a call's own goroutine, as net/http does
+// for a handler's: the goroutine is a request's.
+func recoverLate(logger *zap.Logger) {
+	if v := recover(); v != nil {
+		logger.Error("panic in a call that went on after its caller was answered", zap.Any("panic", v), zap.Stack("stack"))
+	}
+}
+
+// idleStream is a stream's upstream body that falls silent for longer
+// than timeout, while its caller waits: its Read then returns errIdle,
+// which ends the caller's stream with an error event, and its call goes
+// on (answerNow), read on from where it stood (readOn) to its usage.
+// So the body is read by a goroutine of its own (pump), which a silent
+// read may outlast. Only the time spent waiting in Read counts: a client
+// that reads slowly holds the proxy back from reading, and that is not
+// the upstream's silence. A call whose caller left is cut at the
+// silence instead, as idleBody cuts one.
+type idleStream struct {
+	src     io.ReadCloser
+	c       *Call
+	caller  context.Context // the caller's request, for the stream read on
+	limit   int64           // the answers' budget, for the stream read on
+	timeout time.Duration
+	timer   *time.Timer
+	ask     chan struct{} // a read wanted of the pump
+	got     chan pumped   // and what it read, into buf
+	buf     []byte        // the pump's
+	rest    []byte        // of buf, read and not yet returned
+	asked   bool          // a read was asked and not yet received
+	late    bool          // the caller was answered: the silence no longer counts
+	handed  bool          // readOn owns the body: Close by the proxy leaves it open
+	err     error         // the body's end, once read
+	closed  sync.Once
+}
+
+type pumped struct {
+	n   int
+	err error
+}
+
+// pumpBuffer is the size of an idleStream's own buffer, counted in the
+// answers' memory (wire.Take) while the stream is open.
+const pumpBuffer = 4 << 10
+
+func newIdleStream(caller context.Context, src io.ReadCloser, c *Call, timeout time.Duration, limit int64) *idleStream {
+	s := &idleStream{src: src, c: c, caller: caller, limit: limit, timeout: timeout,
+		timer: time.NewTimer(timeout), ask: make(chan struct{}), got: make(chan pumped, 1), buf: make([]byte, pumpBuffer)}
+	s.timer.Stop() // armed by each Read
+	wire.Take(pumpBuffer)
+	go s.pump()
+	return s
+}
+
+// pump reads the body, a read for each asked, until the body is closed.
+func (s *idleStream) pump() {
+	for range s.ask {
+		n, err := s.src.Read(s.buf)
+		s.got <- pumped{n, err}
+	}
+}
+
+func (s *idleStream) Read(p []byte) (int, error) {
+	if len(s.rest) == 0 && s.err == nil {
+		if !s.asked {
+			s.ask <- struct{}{}
+			s.asked = true
+		}
+		r, ok := s.wait()
+		if !ok {
+			return 0, errIdle
+		}
+		s.asked = false
+		s.rest, s.err = s.buf[:r.n], r.err
+	}
+	if len(s.rest) > 0 {
+		n := copy(p, s.rest)
+		s.rest = s.rest[n:]
+		return n, nil
+	}
+	return 0, s.err
+}
+
+// wait waits for the read asked of the pump: ok is false when the body
+// fell silent for timeout while its caller waited, and its call goes on.
+func (s *idleStream) wait() (r pumped, ok bool) {
+	if s.late {
+		return <-s.got, true
+	}
+	s.timer.Reset(s.timeout)
+	select {
+	case r = <-s.got:
+		s.timer.Stop()
+		return r, true
+	case <-s.timer.C:
+	}
+	switch goesOn, waiting := s.c.answerNow(errIdle, s.c.Usage.Status); {
+	case goesOn:
+		s.late, s.handed = true, true
+		go s.readOn(s.c.logger)
+		return pumped{}, false
+	case !waiting:
+		s.c.watch.end(errIdle) // its caller left: cut at the silence
+	}
+	// Cut: the read ends with the request.
+	r = <-s.got
+	if r.err != nil {
+		r.err = errIdle
+	}
+	return r, true
+}
+
+// Close closes the body, unless its call goes on: readOn owns it then.
+func (s *idleStream) Close() error {
+	if s.handed {
+		return nil
+	}
+	return s.closeNow()
+}
+
+func (s *idleStream) closeNow() error {
+	err := s.src.Close() // ends a read in progress
+	s.closed.Do(func() {
+		close(s.ask)
+		wire.Release(pumpBuffer)
+	})
+	s.timer.Stop()
+	return err
+}
+
+// readOn reads a stream that went on after its caller had its end
+// (idleStream) from where it stood, for its usage, and then ends the
+// call. The event the silence tore, if any, lost its start with the
+// caller's stream: the rest of it counts for nothing.
+func (s *idleStream) readOn(logger *zap.Logger) {
+	defer recoverLate(logger)
+	rest := wire.NewSSE(s.caller, readOnly{s}, (*callTap)(s.c), s.limit)
+	rest.Drain()
+	rest.Close()
+	s.closeNow()
+	s.c.end()
+}
+
+// readOnly reads s, and leaves its closing to readOn.
+type readOnly struct{ s *idleStream }
+
+func (r readOnly) Read(p []byte) (int, error) { return r.s.Read(p) }
+func (readOnly) Close() error                 { return nil }
