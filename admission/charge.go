@@ -33,10 +33,11 @@ const maxAnswerTokens = 1 << 24
 //     may bill for it: each byte of the body as a prompt token (no text
 //     makes more tokens than it has bytes) and all the output it
 //     reserved. A call that goes on detached reports its usage instead.
-//     So for a request sent whose caller was answered 504 at
-//     header_timeout: it goes on detached, and is charged what the
-//     upstream reports, nothing if the upstream itself fails, and the
-//     most it may bill if the proxy cut it (see AnswerUsage.LeftUnread);
+//     So for a request sent whose caller was answered early (504 at
+//     header_timeout, its stream's end at idle_timeout): it goes on
+//     detached, and is charged what the upstream reports, as below if the
+//     upstream itself fails it, and the most it may bill if the proxy cut
+//     it (see AnswerUsage.LeftUnread);
 //   - for a stream without usage, cut short by the upstream while the
 //     caller was there, the prompt's estimate and the output streamed
 //     until then, as counted from its deltas: the upstream stopped

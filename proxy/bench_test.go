@@ -70,6 +70,9 @@ func standinStream(tb testing.TB, tokens int) [][]byte {
 // sseBody with the usage tap on and the usage chunk stripped, one event
 // per upstream read, as Forward does for a client that did not ask for
 // usage.
+// BenchmarkSSETap reads a stream through the proxy's tap: as it is, and
+// with idle_timeout set, as a billed stream is read with it (idleStream:
+// its own reading goroutine, so that its call may go on past a silence).
 func BenchmarkSSETap(b *testing.B) {
 	events := standinStream(b, benchStreamTokens)
 	usageEvent := events[len(events)-2] // before data: [DONE]
@@ -80,20 +83,31 @@ func BenchmarkSSETap(b *testing.B) {
 	want := size - len(usageEvent)
 	ctx, logger := context.Background(), zap.NewNop()
 	buf := make([]byte, 32<<10) // as large as the reverse proxy's copy buffer
-
-	b.SetBytes(int64(size))
-	b.ReportAllocs()
-	for b.Loop() {
-		c := &Call{StripUsage: true}
-		body := newSSEBody(ctx, &eventReader{events: events}, logger, c, 1<<30)
-		n, err := drain(body, buf)
-		body.Close()
-		if err != nil || n != want {
-			b.Fatalf("read %d bytes (err %v), want %d: the usage chunk alone stripped", n, err, want)
-		}
-		if !c.Usage.Reported || c.Usage.Chunks != benchStreamTokens {
-			b.Fatalf("usage %+v, want it reported with %d content chunks", c.Usage, benchStreamTokens)
-		}
+	for _, bc := range []struct {
+		name string
+		body func(src io.ReadCloser, c *Call) io.ReadCloser
+	}{
+		{"plain", func(src io.ReadCloser, _ *Call) io.ReadCloser { return src }},
+		{"idle_timeout", func(src io.ReadCloser, c *Call) io.ReadCloser {
+			return newIdleStream(ctx, src, c, time.Minute, 1<<30)
+		}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				c := &Call{StripUsage: true}
+				body := newSSEBody(ctx, bc.body(io.NopCloser(&eventReader{events: events}), c), logger, c, 1<<30)
+				n, err := drain(body, buf)
+				body.Close()
+				if err != nil || n != want {
+					b.Fatalf("read %d bytes (err %v), want %d: the usage chunk alone stripped", n, err, want)
+				}
+				if !c.Usage.Reported || c.Usage.Chunks != benchStreamTokens {
+					b.Fatalf("usage %+v, want it reported with %d content chunks", c.Usage, benchStreamTokens)
+				}
+			}
+		})
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -197,88 +198,119 @@ func recoverLate(logger *zap.Logger) {
 // than timeout, while its caller waits: its Read then returns errIdle,
 // which ends the caller's stream with an error event, and its call goes
 // on (answerNow), read on from where it stood (readOn) to its usage.
-// So the body is read by a goroutine of its own (pump), which a silent
-// read may outlast. Only the time spent waiting in Read counts: a client
-// that reads slowly holds the proxy back from reading, and that is not
-// the upstream's silence. A call whose caller left is cut at the
-// silence instead, as idleBody cuts one.
+// So the body is read by a goroutine of its own (pump), a read ahead of
+// the proxy, which a silent read may outlast. The silence is the time
+// the pump has waited on the upstream: a client that reads slowly holds
+// the pump back from reading, and that is not the upstream's silence. It
+// is looked at when the clock runs out, so that a read costs no timer.
+// A call whose caller left is cut at the silence instead, as idleBody
+// cuts one.
 type idleStream struct {
 	src     io.ReadCloser
 	c       *Call
 	caller  context.Context // the caller's request, for the stream read on
 	limit   int64           // the answers' budget, for the stream read on
 	timeout time.Duration
-	timer   *time.Timer
-	ask     chan struct{} // a read wanted of the pump
-	got     chan pumped   // and what it read, into buf
-	buf     []byte        // the pump's
-	rest    []byte        // of buf, read and not yet returned
-	asked   bool          // a read was asked and not yet received
+	clock   *time.Timer
+	start   time.Time
+	waiting atomic.Int64  // since when the pump waits on a read, from start, plus one; 0: it does not
+	read    chan pumped   // what the pump read, in order
+	free    chan []byte   // the buffers it may read into
+	held    []byte        // the buffer of the pump's that Read holds
+	rest    []byte        // of it, not yet returned
+	err     error         // the body's end, once read
 	late    bool          // the caller was answered: the silence no longer counts
 	handed  bool          // readOn owns the body: Close by the proxy leaves it open
-	err     error         // the body's end, once read
+	stop    chan struct{} // closed when the body is: the pump ends
 	closed  sync.Once
 }
 
 type pumped struct {
-	n   int
+	buf []byte
 	err error
 }
 
-// pumpBuffer is the size of an idleStream's own buffer, counted in the
-// answers' memory (wire.Take) while the stream is open.
+// pumpBuffer is the size of each of an idleStream's two buffers, counted
+// in the answers' memory (wire.Take) while the stream is open.
 const pumpBuffer = 4 << 10
 
 func newIdleStream(caller context.Context, src io.ReadCloser, c *Call, timeout time.Duration, limit int64) *idleStream {
 	s := &idleStream{src: src, c: c, caller: caller, limit: limit, timeout: timeout,
-		timer: time.NewTimer(timeout), ask: make(chan struct{}), got: make(chan pumped, 1), buf: make([]byte, pumpBuffer)}
-	s.timer.Stop() // armed by each Read
-	wire.Take(pumpBuffer)
+		clock: time.NewTimer(timeout), start: time.Now(),
+		read: make(chan pumped, 1), free: make(chan []byte, 2), stop: make(chan struct{})}
+	buf := make([]byte, 2*pumpBuffer)
+	s.free <- buf[:pumpBuffer:pumpBuffer]
+	s.free <- buf[pumpBuffer:]
+	wire.Take(2 * pumpBuffer)
 	go s.pump()
 	return s
 }
 
-// pump reads the body, a read for each asked, until the body is closed.
+// pump reads the body ahead of Read, until its end or its closing.
 func (s *idleStream) pump() {
-	for range s.ask {
-		n, err := s.src.Read(s.buf)
-		s.got <- pumped{n, err}
+	for {
+		var buf []byte
+		select {
+		case buf = <-s.free:
+		case <-s.stop:
+			return
+		}
+		s.waiting.Store(int64(time.Since(s.start)) + 1)
+		n, err := s.src.Read(buf)
+		s.waiting.Store(0)
+		select {
+		case s.read <- pumped{buf[:n], err}:
+		case <-s.stop:
+			return
+		}
+		if err != nil {
+			return
+		}
 	}
 }
 
 func (s *idleStream) Read(p []byte) (int, error) {
-	if len(s.rest) == 0 && s.err == nil {
-		if !s.asked {
-			s.ask <- struct{}{}
-			s.asked = true
+	for len(s.rest) == 0 {
+		if s.err != nil {
+			return 0, s.err
 		}
-		r, ok := s.wait()
+		if s.held != nil {
+			s.free <- s.held[:cap(s.held)]
+			s.held = nil
+		}
+		r, ok := s.next()
 		if !ok {
 			return 0, errIdle
 		}
-		s.asked = false
-		s.rest, s.err = s.buf[:r.n], r.err
+		s.held, s.rest, s.err = r.buf, r.buf, r.err
 	}
-	if len(s.rest) > 0 {
-		n := copy(p, s.rest)
-		s.rest = s.rest[n:]
-		return n, nil
-	}
-	return 0, s.err
+	n := copy(p, s.rest)
+	s.rest = s.rest[n:]
+	return n, nil
 }
 
-// wait waits for the read asked of the pump: ok is false when the body
+// next waits for what the pump reads next: ok is false when the body
 // fell silent for timeout while its caller waited, and its call goes on.
-func (s *idleStream) wait() (r pumped, ok bool) {
+func (s *idleStream) next() (r pumped, ok bool) {
 	if s.late {
-		return <-s.got, true
+		return <-s.read, true
 	}
-	s.timer.Reset(s.timeout)
-	select {
-	case r = <-s.got:
-		s.timer.Stop()
-		return r, true
-	case <-s.timer.C:
+	for {
+		select {
+		case r = <-s.read:
+			return r, true
+		case <-s.clock.C:
+		}
+		since := s.waiting.Load()
+		if since == 0 { // the pump waits for the reader, not the upstream
+			s.clock.Reset(s.timeout)
+			continue
+		}
+		if silent := time.Since(s.start) - time.Duration(since-1); silent < s.timeout {
+			s.clock.Reset(s.timeout - silent)
+			continue
+		}
+		break
 	}
 	switch goesOn, waiting := s.c.answerNow(errIdle, s.c.Usage.Status); {
 	case goesOn:
@@ -289,7 +321,7 @@ func (s *idleStream) wait() (r pumped, ok bool) {
 		s.c.watch.end(errIdle) // its caller left: cut at the silence
 	}
 	// Cut: the read ends with the request.
-	r = <-s.got
+	r = <-s.read
 	if r.err != nil {
 		r.err = errIdle
 	}
@@ -307,10 +339,10 @@ func (s *idleStream) Close() error {
 func (s *idleStream) closeNow() error {
 	err := s.src.Close() // ends a read in progress
 	s.closed.Do(func() {
-		close(s.ask)
-		wire.Release(pumpBuffer)
+		close(s.stop)
+		s.clock.Stop()
+		wire.Release(2 * pumpBuffer)
 	})
-	s.timer.Stop()
 	return err
 }
 

@@ -95,3 +95,36 @@ func TestIdleStreamWithNoRoomIsCut(t *testing.T) {
 	s.Close()
 	c.finish()
 }
+
+// TestIdleStreamSlowReaderIsNoSilence: a caller that reads slowly holds
+// the pump back; its waits are not the upstream's silence.
+func TestIdleStreamSlowReaderIsNoSilence(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	caller, leave := context.WithCancel(context.Background())
+	defer leave()
+	c := &Call{Caller: "key_a", logger: zap.NewNop()}
+	c.Usage.Watch(caller)
+	c.upstreamContext(caller, context.Background(), &DetachPolicy{Max: 1, Timeout: time.Minute})
+	c.Usage.MarkSent(true)
+	events := make([][]byte, 8)
+	for i := range events {
+		events[i] = []byte("data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n")
+	}
+	s := newIdleStream(caller, io.NopCloser(&eventReader{events: events}), c, 20*time.Millisecond, 1<<20)
+	buf := make([]byte, 256)
+	for i := 0; ; i++ {
+		_, err := s.Read(buf)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("read %d: %v", i, err)
+		}
+		time.Sleep(30 * time.Millisecond) // past the timeout, as a slow client
+	}
+	if c.GoesOn() || c.Usage.AnsweredEarly() {
+		t.Error("a slow reader was taken for the upstream's silence")
+	}
+	s.Close()
+	c.finish()
+}

@@ -225,8 +225,8 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call, clock *headerClock)
 		var wait time.Duration
 		hold := false // the queue holds the retry (Call.Hold)
 		// Nobody is there to wait for a retry once the caller left, or
-		// was answered 504: the attempt that was answered billed nothing.
-		again := attempt < t.retry.retries && replayable && (c == nil || !c.Usage.CallerLeft() && !c.Usage.TimedOut())
+		// was answered early: the attempt that was answered billed nothing.
+		again := attempt < t.retry.retries && replayable && (c == nil || !c.Usage.CallerLeft() && !c.Usage.AnsweredEarly())
 		if err != nil {
 			again = again && connectFailed(err)
 			wait = jitter(attempt)

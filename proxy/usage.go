@@ -66,20 +66,21 @@ const (
 	sentFlag  = 1 << iota // the request was written to the upstream
 	endedHere             // the answer ended with the caller there
 	endedGone             // the answer ended after the caller left
-	answered              // the caller was answered 504 at header_timeout; the call went on
+	answered              // the caller was answered before the call's end (late.go)
 	cutFlag               // the proxy cut the call: no detached call was free, or it outlived its time
 )
 
-// TimedOut reports whether the caller was answered 504 when
-// header_timeout passed, while its call went on (or was cut).
-func (u *AnswerUsage) TimedOut() bool { return atomic.LoadInt32(&u.state)&answered != 0 }
+// AnsweredEarly reports whether the caller was answered before its call
+// ended, at header_timeout or idle_timeout, while the call went on (or
+// was cut).
+func (u *AnswerUsage) AnsweredEarly() bool { return atomic.LoadInt32(&u.state)&answered != 0 }
 
 // LeftUnread reports whether the proxy stopped reading the answer before
 // its end, so that the upstream may bill more than it reported: its
-// caller left first, or, for a call whose caller was answered at
-// header_timeout, the proxy cut it. A call that went on after such an
-// answer and that the upstream itself ended (a reset, an error) was not
-// left: that is the upstream's failure, as when its caller waits.
+// caller left first, or, for a call whose caller was answered early, the
+// proxy cut it. A call that went on after such an answer and that the
+// upstream itself ended (a reset, an error) was not left: that is the
+// upstream's failure, as when its caller waits.
 func (u *AnswerUsage) LeftUnread() bool {
 	if s := atomic.LoadInt32(&u.state); s&answered != 0 {
 		return s&cutFlag != 0
