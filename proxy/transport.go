@@ -104,7 +104,9 @@ func (t *keyTransport) answer(req, out *http.Request, c *Call, cancel context.Ca
 		return nil, err
 	}
 	switch {
-	case t.idleTimeout == 0:
+	case t.idleTimeout == 0, c != nil && c.GoesOn():
+		// One that goes on after its caller was answered (goOn) is
+		// bounded by detached's timeout alone: the upstream is slow.
 	case c != nil && c.Usage.caller != nil && res.StatusCode < 300 && isEventStream(res.Header.Get("Content-Type")):
 		// A stream the upstream may bill: it goes on past a silence.
 		res.Body = newIdleStream(req.Context(), res.Body, c, t.idleTimeout, t.maxAnswers)

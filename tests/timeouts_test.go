@@ -27,7 +27,8 @@ var openTier = "tier open {\n\t\t\ttokens " + strconv.Itoa(faultTokens) + "/1000
 // TestHeaderTimeoutChargesWhatTheUpstreamBills: a request the upstream
 // received and answers past header_timeout. Its caller has its 504 at the
 // timeout, and its call goes on, detached, holding the caller's slot,
-// until the upstream answers: it is charged what the upstream reports.
+// until the upstream answers (a silence past idle_timeout then does not
+// cut it): it is charged what the upstream reports.
 // A caller who can make answers that slow is not served free, and one
 // whose answers are slow for the upstream's own reasons pays what the
 // upstream bills, not a bound. The official SDK's default path (no
@@ -35,19 +36,24 @@ var openTier = "tier open {\n\t\t\ttokens " + strconv.Itoa(faultTokens) + "/1000
 // answered.
 func TestHeaderTimeoutChargesWhatTheUpstreamBills(t *testing.T) {
 	noGoroutinesOutlive(t)
-	e := start(t, manyFailures, faultTier, openTier, "header_timeout "+headerTimeout.String())
+	e := start(t, manyFailures, faultTier, openTier, "header_timeout "+headerTimeout.String(), "idle_timeout "+headerTimeout.String())
 	key, _ := e.meteredKey(t)
 	auth := http.Header{"Authorization": {"Bearer " + key}}
 	late := standin.Behavior{Latency: headerLate, PromptTokens: hangPrompt}
 
-	for _, tc := range []struct{ name, body string }{
-		{"a JSON answer", hangChat},
-		{"a stream", hangStream},
+	for _, tc := range []struct {
+		name, body string
+		behavior   standin.Behavior
+	}{
+		{"a JSON answer", hangChat, late},
+		{"a stream", hangStream, late},
+		// Once it goes on, idle_timeout no longer cuts it.
+		{"a stream, late and then silent", hangStream, standin.Behavior{Latency: headerLate, Think: headerLate / 2, PromptTokens: hangPrompt}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before, _ := e.usage(t, key)
 			billedPrompt, billedCompletion := e.upstream.Billed()
-			e.upstream.SetBehavior(late)
+			e.upstream.SetBehavior(tc.behavior)
 			began := time.Now()
 			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(tc.body), auth)
 			wantAPIError(t, res, http.StatusGatewayTimeout, "upstream_timeout")
@@ -59,7 +65,7 @@ func TestHeaderTimeoutChargesWhatTheUpstreamBills(t *testing.T) {
 			res = e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(`{"messages":[]}`), auth)
 			wantAPIError(t, res, http.StatusTooManyRequests, "rate_limit_exceeded")
 
-			waitFor(t, 2*headerLate, "the upstream answers", func() bool { return e.upstream.Active() == 0 })
+			waitFor(t, 3*headerLate, "the upstream answers", func() bool { return e.upstream.Active() == 0 })
 			e.upstream.SetBehavior(standin.Behavior{})
 			u := waitSettled(t, e, key)
 			p, c := e.upstream.Billed()
