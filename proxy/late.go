@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"sync"
@@ -119,8 +120,17 @@ func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context
 	clock.stop()
 	done := make(chan roundTripped, 1)
 	go func() {
-		res, err := t.roundTrip(out, c, clock)
-		done <- roundTripped{res: res, err: err}
+		var r roundTripped
+		defer func() {
+			// The handler waits for it: a panic is its error, as
+			// net/http would make one of it in the handler.
+			if v := recover(); v != nil {
+				t.logger.Error("panic in an upstream round trip", zap.Any("panic", v), zap.Stack("stack"))
+				r = roundTripped{err: fmt.Errorf("panic in the upstream round trip: %v", v)}
+			}
+			done <- r
+		}()
+		r.res, r.err = t.roundTrip(out, c, clock)
 	}()
 	select {
 	case r := <-done:
@@ -179,11 +189,11 @@ func (h *headerClock) stop() {
 // the call.
 func (t *keyTransport) goOn(req, out *http.Request, c *Call, cancel context.CancelCauseFunc, done <-chan roundTripped) {
 	defer recoverLate(t.logger)
+	defer c.end() // settled with what is known, even if reading it panicked
 	r := <-done
 	if res, err := t.answer(req, out, c, cancel, r.res, r.err); err == nil {
 		res.Body.Close() // a stream's or a long answer's rest is read for its usage
 	}
-	c.end()
 }
 
 // recoverLate logs a panic of a call's own goroutine, as net/http does
@@ -352,11 +362,11 @@ func (s *idleStream) closeNow() error {
 // caller's stream: the rest of it counts for nothing.
 func (s *idleStream) readOn(logger *zap.Logger) {
 	defer recoverLate(logger)
+	defer s.c.end() // settled with what is known, even if reading it panicked
+	defer s.closeNow()
 	rest := wire.NewSSE(s.caller, readOnly{s}, (*callTap)(s.c), s.limit)
+	defer rest.Close()
 	rest.Drain()
-	rest.Close()
-	s.closeNow()
-	s.c.end()
 }
 
 // readOnly reads s, and leaves its closing to readOn.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -127,4 +129,21 @@ func TestIdleStreamSlowReaderIsNoSilence(t *testing.T) {
 	}
 	s.Close()
 	c.finish()
+}
+
+type panicTransport struct{}
+
+func (panicTransport) RoundTrip(*http.Request) (*http.Response, error) { panic("a bug below") }
+
+// TestTimedRoundTripPanicIsAnError: with header_timeout set, the round
+// trip runs on a goroutine of its own; a panic there is the request's
+// error, as net/http makes one in a handler, not the process's end or a
+// handler waiting for ever.
+func TestTimedRoundTripPanicIsAnError(t *testing.T) {
+	tr := &keyTransport{next: panicTransport{}, host: "api.example.com", pool: testPool(zap.NewNop(), ServerKey{Key: "sk-a"}),
+		headerTimeout: time.Minute, logger: zap.NewNop()}
+	req, _ := http.NewRequest(http.MethodGet, "http://api.example.com/v1/models", nil)
+	if res, err := tr.RoundTrip(req); err == nil || !strings.Contains(err.Error(), "panic") {
+		t.Fatalf("got %v, %v; want the panic as an error", res, err)
+	}
 }
