@@ -229,8 +229,6 @@ type idleStream struct {
 	held    []byte        // the buffer of the pump's that Read holds
 	rest    []byte        // of it, not yet returned
 	err     error         // the body's end, once read
-	late    bool          // the caller was answered: the silence no longer counts
-	handed  bool          // readOn owns the body: Close by the proxy leaves it open
 	stop    chan struct{} // closed when the body is: the pump ends
 	closed  sync.Once
 }
@@ -302,7 +300,7 @@ func (s *idleStream) Read(p []byte) (int, error) {
 // next waits for what the pump reads next: ok is false when the body
 // fell silent for timeout while its caller waited, and its call goes on.
 func (s *idleStream) next() (r pumped, ok bool) {
-	if s.late {
+	if s.c.GoesOn() { // its caller was answered: the silence no longer counts
 		return <-s.read, true
 	}
 	for {
@@ -324,11 +322,10 @@ func (s *idleStream) next() (r pumped, ok bool) {
 	}
 	switch goesOn, waiting := s.c.answerNow(errIdle, s.c.Usage.Status); {
 	case goesOn:
-		s.late, s.handed = true, true
 		go s.readOn(s.c.logger)
 		return pumped{}, false
 	case !waiting:
-		s.c.watch.end(errIdle) // its caller left: cut at the silence
+		s.c.cut(errIdle) // its caller left: cut at the silence
 	}
 	// Cut: the read ends with the request.
 	r = <-s.read
@@ -340,7 +337,7 @@ func (s *idleStream) next() (r pumped, ok bool) {
 
 // Close closes the body, unless its call goes on: readOn owns it then.
 func (s *idleStream) Close() error {
-	if s.handed {
+	if s.c.GoesOn() {
 		return nil
 	}
 	return s.closeNow()
@@ -364,13 +361,7 @@ func (s *idleStream) readOn(logger *zap.Logger) {
 	defer recoverLate(logger)
 	defer s.c.end() // settled with what is known, even if reading it panicked
 	defer s.closeNow()
-	rest := wire.NewSSE(s.caller, readOnly{s}, (*callTap)(s.c), s.limit)
+	rest := wire.NewSSE(s.caller, io.NopCloser(s), (*callTap)(s.c), s.limit) // closed by closeNow
 	defer rest.Close()
 	rest.Drain()
 }
-
-// readOnly reads s, and leaves its closing to readOn.
-type readOnly struct{ s *idleStream }
-
-func (r readOnly) Read(p []byte) (int, error) { return r.s.Read(p) }
-func (readOnly) Close() error                 { return nil }

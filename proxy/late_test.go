@@ -15,6 +15,18 @@ import (
 	"github.com/vigthoria/caddy-vigthoria/proxy/wire"
 )
 
+// sentStream is the call of a stream that the upstream received and
+// answers, whose caller's request is caller, with room for that many detached
+// calls; it returns the call and its upstream request's context.
+func sentStream(caller context.Context, room int64) (*Call, context.Context) {
+	c := &Call{Caller: "key_a", logger: zap.NewNop()}
+	c.Usage.Watch(caller)
+	ctx := c.upstreamContext(caller, context.Background(), &DetachPolicy{Max: room, Timeout: time.Minute})
+	c.Usage.MarkSent(true)
+	c.Usage.Status, c.Usage.Stream = 200, true
+	return c, ctx
+}
+
 // TestIdleStreamGoesOnPastASilence: a stream silent past its timeout
 // while its caller waits ends for the caller (errIdle), and its call goes
 // on: what comes after is read for its usage, the call is settled once
@@ -25,11 +37,7 @@ func TestIdleStreamGoesOnPastASilence(t *testing.T) {
 	src, upstream := io.Pipe()
 	caller, leave := context.WithCancel(context.Background())
 	defer leave()
-	c := &Call{Caller: "key_a", logger: zap.NewNop()}
-	c.Usage.Watch(caller)
-	c.upstreamContext(caller, context.Background(), &DetachPolicy{Max: 1, Timeout: time.Minute})
-	c.Usage.MarkSent(true)
-	c.Usage.Status, c.Usage.Stream = 200, true
+	c, _ := sentStream(caller, 1)
 	s := newIdleStream(caller, src, c, 20*time.Millisecond, 1<<20)
 
 	if n, err := s.Read(make([]byte, 64)); n != 0 || !errors.Is(err, errIdle) {
@@ -79,14 +87,10 @@ func TestIdleStreamWithNoRoomIsCut(t *testing.T) {
 	defer upstream.Close()
 	caller, leave := context.WithCancel(context.Background())
 	defer leave()
-	c := &Call{Caller: "key_a", logger: zap.NewNop()}
-	c.Usage.Watch(caller)
-	ctx := c.upstreamContext(caller, context.Background(), &DetachPolicy{Max: 0, Timeout: time.Minute})
+	c, ctx := sentStream(caller, 0)
 	// The transport ends the body's read when the request ends.
 	stop := context.AfterFunc(ctx, func() { upstream.CloseWithError(context.Canceled) })
 	defer stop()
-	c.Usage.MarkSent(true)
-	c.Usage.Status, c.Usage.Stream = 200, true
 	s := newIdleStream(caller, src, c, 20*time.Millisecond, 1<<20)
 	if _, err := s.Read(make([]byte, 64)); !errors.Is(err, errIdle) {
 		t.Fatalf("read error %v at the silence; want errIdle", err)
@@ -104,10 +108,7 @@ func TestIdleStreamSlowReaderIsNoSilence(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	caller, leave := context.WithCancel(context.Background())
 	defer leave()
-	c := &Call{Caller: "key_a", logger: zap.NewNop()}
-	c.Usage.Watch(caller)
-	c.upstreamContext(caller, context.Background(), &DetachPolicy{Max: 1, Timeout: time.Minute})
-	c.Usage.MarkSent(true)
+	c, _ := sentStream(caller, 1)
 	events := make([][]byte, 8)
 	for i := range events {
 		events[i] = []byte("data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n")

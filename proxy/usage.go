@@ -67,7 +67,7 @@ const (
 	endedHere             // the answer ended with the caller there
 	endedGone             // the answer ended after the caller left
 	answered              // the caller was answered before the call's end (late.go)
-	cutFlag               // the proxy cut the call: no detached call was free, or it outlived its time
+	cutFlag               // the proxy cut the call before its end: no detached call was free, it outlived its time, or fell silent
 )
 
 // AnsweredEarly reports whether the caller was answered before its call
@@ -112,7 +112,7 @@ func (u *AnswerUsage) noteEnd() {
 	if u.caller != nil && u.caller.Err() != nil {
 		flag = endedGone
 	}
-	atomic.OrInt32(&u.state, flag)
+	u.mark(flag)
 }
 
 // Sent reports whether the request was written to the upstream, by the
@@ -122,7 +122,7 @@ func (u *AnswerUsage) Sent() bool { return atomic.LoadInt32(&u.state)&sentFlag !
 // MarkSent notes whether the request was written to the upstream.
 func (u *AnswerUsage) MarkSent(sent bool) {
 	if sent {
-		atomic.OrInt32(&u.state, sentFlag)
+		u.mark(sentFlag)
 	} else {
 		atomic.AndInt32(&u.state, ^int32(sentFlag))
 	}
