@@ -16,8 +16,9 @@ import (
 )
 
 // sentStream is the call of a stream that the upstream received and
-// answers, whose caller's request is caller, with room for that many detached
-// calls; it returns the call and its upstream request's context.
+// answers, whose caller's request is caller, under a policy that lets
+// room calls go on detached; it returns the call and its upstream
+// request's context.
 func sentStream(caller context.Context, room int64) (*Call, context.Context) {
 	c := &Call{Caller: "key_a", logger: zap.NewNop()}
 	c.Usage.Watch(caller)

@@ -236,3 +236,52 @@ func wantCharged(t *testing.T, u, before usageAnswer, requests, prompt, completi
 			gotRequests, gotPrompt, gotCompletion, requests, prompt, completion)
 	}
 }
+
+// TestHeaderTimeoutBurstFromOneCaller: one caller, on a tier without a
+// concurrency limit, sends twenty slow requests at once. Each is answered
+// 504; only its per_caller share of detached calls goes on and is charged
+// what the upstream reports, every other is cut and charged the bound, so
+// the burst costs the caller at least what the upstream counted, and no
+// detached call is left running.
+func TestHeaderTimeoutBurstFromOneCaller(t *testing.T) {
+	const burst, share = 20, 4
+	e := start(t, manyFailures, "tier burst {\n\t\t\ttokens "+strconv.Itoa(faultTokens)+"/10000h\n\t\t}",
+		"header_timeout "+headerTimeout.String(), "detached 256 per_caller "+strconv.Itoa(share))
+	_, key := e.addKey(t, "burst")
+	e.waitKeysKnown(t)
+	before, _ := e.usage(t, key)
+	billedPrompt, billedCompletion := e.upstream.Billed()
+	// Long enough that every request of the burst passes header_timeout
+	// while the share's calls still run.
+	e.upstream.SetBehavior(standin.Behavior{Latency: 3 * time.Second, PromptTokens: hangPrompt})
+	statuses := make(chan int, burst)
+	for range burst {
+		go func() {
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(hangChat),
+				http.Header{"Authorization": {"Bearer " + key}})
+			res.Body.Close()
+			statuses <- res.StatusCode
+		}()
+	}
+	for range burst {
+		if s := <-statuses; s != http.StatusGatewayTimeout {
+			t.Errorf("a request of the burst got %d, want 504", s)
+		}
+	}
+	waitFor(t, 10*time.Second, "the upstream ends its answers", func() bool { return e.upstream.Active() == 0 })
+	var u usageAnswer
+	waitFor(t, 5*time.Second, "the burst is settled", func() bool {
+		u, _ = e.usage(t, key)
+		return u.Today.Requests-before.Today.Requests == burst
+	})
+	p, c := e.upstream.Billed()
+	if p-billedPrompt != share*hangPrompt || c-billedCompletion != share*40 {
+		t.Errorf("the upstream counted %d prompt and %d completion tokens, want the %d calls of the share answered",
+			p-billedPrompt, c-billedCompletion, share)
+	}
+	cut := int64(burst - share)
+	wantCharged(t, u, before, burst, share*hangPrompt+cut*int64(len(hangChat)), burst*40)
+	if n := metricValue(t, e, "vigthoria_detached_calls"); n != 0 {
+		t.Errorf("%v detached calls still running", n)
+	}
+}
