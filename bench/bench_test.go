@@ -232,7 +232,7 @@ func TestBurstVerdict(t *testing.T) {
 		{"p99 2.5x", []*burstShot{exact(), slow}, false},
 	}
 	for _, tc := range cases {
-		v := (&burstRun{unloaded: unloaded, shots: tc.shots}).verdict()
+		v := (&burstRun{burstLoads: burstLoads{unloaded: unloaded, shots: tc.shots}}).verdict()
 		if !v.measured || v.met != tc.met {
 			t.Errorf("%s: verdict %v (%s), want met %v", tc.name, v, v.figure, tc.met)
 		}

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -115,9 +116,17 @@ func (b *burstShot) exact() bool {
 
 // burstRun is what the burst scenario saw.
 type burstRun struct {
-	began    time.Time
-	machine  machine
-	pinned   bool
+	began      time.Time
+	machine    machine
+	pinned     bool
+	burstLoads // on the module's fleet, which the goal judges
+	// floors are the same loads sent to burstFloors, in their order: what
+	// the machine and the harness show without the module.
+	floors []*burstLoads
+}
+
+// burstLoads is what one arrangement saw under the scenario's loads.
+type burstLoads struct {
 	unloaded []time.Duration // latencies of the steady requests before the bursts
 	shots    []*burstShot
 	// steadyFailed counts the steady requests not answered 200, by
@@ -125,9 +134,26 @@ type burstRun struct {
 	steadyFailed map[string]int
 }
 
+// A burstFloor is an arrangement without the module that the scenario's
+// loads are sent to as well, to read the module's figures against: a
+// burst slows the other callers down on this machine whatever serves
+// them, since the harness that sends the loads and the stand-in that
+// answers them share its cores.
+type burstFloor struct {
+	about string // for the report, Markdown
+	// site is the Caddyfile site of its two instances; empty: the loads
+	// go straight to the stand-in upstream.
+	site string
+}
+
+var burstFloors = []burstFloor{
+	{about: "straight to the stand-in upstream, without a proxy"},
+	{about: "through two plain Caddys (`reverse_proxy`, no limits: the whole burst goes upstream)", site: plainSite},
+}
+
 // loaded returns the latencies of the steady requests sent during every
 // burst.
-func (r *burstRun) loaded() []time.Duration {
+func (r *burstLoads) loaded() []time.Duration {
 	var all []time.Duration
 	for _, b := range r.shots {
 		all = append(all, b.steady...)
@@ -136,7 +162,7 @@ func (r *burstRun) loaded() []time.Duration {
 }
 
 // allExact counts the bursts that were exact.
-func (r *burstRun) allExact() int {
+func (r *burstLoads) allExact() int {
 	n := 0
 	for _, b := range r.shots {
 		if b.exact() {
@@ -148,7 +174,7 @@ func (r *burstRun) allExact() int {
 
 // p99Ratio returns the steady callers' p99 during the bursts and without
 // them, and their ratio.
-func (r *burstRun) p99Ratio() (loaded, unloaded time.Duration, ratio float64) {
+func (r *burstLoads) p99Ratio() (loaded, unloaded time.Duration, ratio float64) {
 	loaded, unloaded = quantile(r.loaded(), 0.99), quantile(slices.Clone(r.unloaded), 0.99)
 	if unloaded > 0 {
 		ratio = float64(loaded) / float64(unloaded)
@@ -157,15 +183,16 @@ func (r *burstRun) p99Ratio() (loaded, unloaded time.Duration, ratio float64) {
 }
 
 // verdict judges the scenario: every burst exact, and the steady
-// callers' p99 within burstP99Factor.
+// callers' p99 within burstP99Factor. The floors' ratios are told beside
+// it, not judged.
 func (r *burstRun) verdict() verdict {
 	if r == nil || len(r.shots) == 0 {
 		return verdict{}
 	}
 	loaded, unloaded, ratio := r.p99Ratio()
 	v := verdict{measured: true,
-		figure: fmt.Sprintf("%d of %d bursts admitted exactly %d, the upstream receiving exactly those; others' p99 %s during the bursts against %s without, %s",
-			r.allExact(), len(r.shots), burstLimit, fmtDur(float64(loaded)), fmtDur(float64(unloaded)), fmtRatio(ratio)),
+		figure: fmt.Sprintf("%d of %d bursts admitted exactly %d, the upstream receiving exactly those; others' p99 %s during the bursts against %s without, %s%s",
+			r.allExact(), len(r.shots), burstLimit, fmtDur(float64(loaded)), fmtDur(float64(unloaded)), fmtRatio(ratio), r.floorsText()),
 		met: r.allExact() == len(r.shots) && ratio > 0 && ratio <= burstP99Factor,
 	}
 	switch {
@@ -177,6 +204,21 @@ func (r *burstRun) verdict() verdict {
 	return v
 }
 
+// floorsText tells the floors' ratios, for the verdict's figure; empty
+// when none was measured.
+func (r *burstRun) floorsText() string {
+	var parts []string
+	for i, f := range r.floors {
+		if _, _, ratio := f.p99Ratio(); ratio > 0 {
+			parts = append(parts, fmt.Sprintf("%s %s", fmtRatio(ratio), burstFloors[i].about))
+		}
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return "; the same loads: " + strings.Join(parts, ", ")
+}
+
 // burstGoal is the scenario's row in the report's targets.
 var burstGoal = goal{
 	text: fmt.Sprintf("One caller's burst on a fleet: %d requests at once to two instances sharing Redis admit exactly its limit (%d), and other callers' p99 meanwhile stays within %d× of theirs without it (the burst section)",
@@ -184,9 +226,10 @@ var burstGoal = goal{
 	check: func(r *report) verdict { return r.burst.verdict() },
 }
 
-// runBurst runs the burst scenario on processes of its own.
+// runBurst runs the burst scenario on processes of its own: on the
+// module's fleet, then on each of burstFloors.
 func runBurst(ctx context.Context, cfg config) (*burstRun, error) {
-	run := &burstRun{began: time.Now(), pinned: caddyCPU >= 0, steadyFailed: map[string]int{}}
+	run := &burstRun{began: time.Now(), pinned: caddyCPU >= 0}
 	m, dir, err := scenarioStart(cfg, "vigthoria-burst-")
 	if err != nil {
 		return nil, err
@@ -198,20 +241,51 @@ func runBurst(ctx context.Context, cfg config) (*burstRun, error) {
 		return nil, err
 	}
 	defer redis.Stop()
+	loads, err := burstOn(ctx, cfg, filepath.Join(dir, "module"), burstSite, redis.URL)
+	if err != nil {
+		return nil, err
+	}
+	run.burstLoads = *loads
+	loaded, unloaded, ratio := run.p99Ratio()
+	fmt.Printf("burst: others' p99 %v during the bursts, %v without: %.2f×\n", loaded, unloaded, ratio)
+	for i, f := range burstFloors {
+		fmt.Printf("burst: the same loads %s\n", f.about)
+		loads, err := burstOn(ctx, cfg, filepath.Join(dir, fmt.Sprintf("floor-%d", i)), f.site, "")
+		if err != nil {
+			return nil, err
+		}
+		run.floors = append(run.floors, loads)
+		loaded, unloaded, ratio := loads.p99Ratio()
+		fmt.Printf("burst: others' p99 %v during the bursts, %v without: %.2f×\n", loaded, unloaded, ratio)
+	}
+	return run, nil
+}
+
+// burstOn sends the scenario's loads to two instances of site, sharing
+// the Redis at redisURL when it is set, in front of a stand-in of their
+// own; or, site empty, straight to the stand-in, with its key.
+func burstOn(ctx context.Context, cfg config, dir, site, redisURL string) (*burstLoads, error) {
 	up, err := startLimitedUpstream(0, true)
 	if err != nil {
 		return nil, err
 	}
 	defer up.close()
-	insts, err := startSites(ctx, cfg.caddy, dir, up, burstSite, burstKeys, "steady", scarceData{Keys: oneKey}, 2, redis.URL)
-	defer stopAll(insts)
-	if err != nil {
-		return nil, err
+	var urls []string
+	var steadyKeys, burstKeyList []string
+	if site == "" {
+		urls = []string{up.url, up.url}
+		steadyKeys, burstKeyList = slices.Repeat([]string{up.key}, steadyCallers), slices.Repeat([]string{up.key}, burstRepeats)
+	} else {
+		insts, err := startSites(ctx, cfg.caddy, dir, up, site, burstKeys, "steady", scarceData{Keys: oneKey}, 2, redisURL)
+		defer stopAll(insts)
+		if err != nil {
+			return nil, err
+		}
+		urls = []string{insts[0].url, insts[1].url}
+		steadyKeys, burstKeyList = insts[0].keys["steady"], insts[0].keys["burst"]
 	}
-	keys := insts[0].keys
-	urls := []string{insts[0].url, insts[1].url}
 	var steady []loadCaller
-	for _, key := range keys["steady"] {
+	for _, key := range steadyKeys {
 		steady = append(steady, loadCaller{tier: "steady", key: key, rate: steadyRate})
 	}
 	client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{MaxIdleConnsPerHost: 1024, DisableCompression: true}}
@@ -223,16 +297,17 @@ func runBurst(ctx context.Context, cfg config) (*burstRun, error) {
 	loadEnd := burstWarmup + burstUnloaded + burstRepeats*burstEvery
 	fmt.Printf("burst: %d steady callers at %d/s each for %v; %d bursts of %d from %v\n",
 		steadyCallers, steadyRate, loadEnd, burstRepeats, burstParallel, firstBurst)
+	loads := &burstLoads{steadyFailed: map[string]int{}}
 	start := time.Now()
 	var outs []outcome
 	var load sync.WaitGroup
 	load.Go(func() { outs = openLoop(ctx, client, urls, steady, loadEnd) })
-	for i, key := range keys["burst"] {
+	for i, key := range burstKeyList {
 		if !sleepUntil(ctx, start.Add(firstBurst+time.Duration(i)*burstEvery)) {
 			break
 		}
 		b := fire(ctx, urls, key, up, start)
-		run.shots = append(run.shots, b)
+		loads.shots = append(loads.shots, b)
 		fmt.Printf("burst %d: %s, upstream received %d, %v\n", i+1, statusText(b.answers), b.upstream, (b.to - b.from).Round(time.Millisecond))
 	}
 	load.Wait()
@@ -241,21 +316,19 @@ func runBurst(ctx context.Context, cfg config) (*burstRun, error) {
 	}
 	for _, o := range outs {
 		if o.status != http.StatusOK {
-			run.steadyFailed[fmt.Sprintf("%d %s", o.status, o.code)]++
+			loads.steadyFailed[fmt.Sprintf("%d %s", o.status, o.code)]++
 			continue
 		}
 		if o.sent >= burstWarmup && o.sent < burstWarmup+burstUnloaded {
-			run.unloaded = append(run.unloaded, o.took)
+			loads.unloaded = append(loads.unloaded, o.took)
 		}
-		for _, b := range run.shots {
+		for _, b := range loads.shots {
 			if o.sent >= b.from && o.sent <= b.to {
 				b.steady = append(b.steady, o.took)
 			}
 		}
 	}
-	loaded, unloaded, ratio := run.p99Ratio()
-	fmt.Printf("burst: others' p99 %v during the bursts, %v without: %.2f×\n", loaded, unloaded, ratio)
-	return run, nil
+	return loads, nil
 }
 
 // fire sends burstParallel requests of the caller key at once, in turn to
@@ -364,6 +437,30 @@ func (r *burstRun) markdown() []byte {
 	}
 	fmt.Fprintf(&b, "| steady requests not answered 200, over the whole run | %s | none %s |\n",
 		strings.TrimSpace(fmt.Sprintf("%d %s", failed, failedText(r.steadyFailed))), mark(failed == 0))
+	if len(r.floors) > 0 {
+		fmt.Fprintf(&b, "\nThe same loads without the module, after it, each on a stand-in of its own: how much a burst slows the steady callers down on this machine whatever serves them.\n\n")
+		fmt.Fprintf(&b, "| sent | bursts' answers | steady requests sent during the bursts | their p99 during the bursts / without | ratio | steady requests not answered 200 |\n|---|---|--:|--:|--:|--:|\n")
+		rows := append([]*burstLoads{&r.burstLoads}, r.floors...)
+		for i, l := range rows {
+			about := "to the module's fleet (above)"
+			if i > 0 {
+				about = burstFloors[i-1].about
+			}
+			answers := map[int]int{}
+			for _, s := range l.shots {
+				for status, n := range s.answers {
+					answers[status] += n
+				}
+			}
+			failed := 0
+			for _, n := range l.steadyFailed {
+				failed += n
+			}
+			loaded, unloaded, ratio := l.p99Ratio()
+			fmt.Fprintf(&b, "| %s | %s | %d | %s / %s | %s | %d |\n", about, statusText(answers), len(l.loaded()),
+				fmtDur(float64(loaded)), fmtDur(float64(unloaded)), fmtRatio(ratio), failed)
+		}
+	}
 	fmt.Fprintf(&b, "\nA steady request counts as sent during a burst when it was sent between the burst's first request and its last answer; "+
 		"its latency is from sending to its body read. Latencies on loopback include the harness, which sends both loads, "+
 		"and the two Caddys sharing this machine's %d cores.\n%s\n", r.machine.cores, burstEnd)
