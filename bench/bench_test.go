@@ -240,6 +240,17 @@ func TestBurstVerdict(t *testing.T) {
 	if v := (*burstRun)(nil).verdict(); v.measured {
 		t.Errorf("a burst not run is measured: %v", v)
 	}
+
+	// The floors are told beside the module's ratio, and do not change
+	// the verdict.
+	floor := exact()
+	floor.steady = []time.Duration{40 * time.Millisecond}
+	r := &burstRun{burstLoads: burstLoads{unloaded: unloaded, shots: []*burstShot{exact()}},
+		floors: []*burstLoads{{unloaded: unloaded, shots: []*burstShot{floor}}}}
+	v := r.verdict()
+	if want := "; the same loads: 20.00× " + burstFloors[0].about; !v.met || !strings.HasSuffix(v.figure, want) {
+		t.Errorf("with a floor: verdict %v (%s), want met, ending %q", v, v.figure, want)
+	}
 }
 
 func TestParseInfo(t *testing.T) {
