@@ -58,6 +58,7 @@ func ladder() []rung {
 	climb("alerts", "`alerts` with a webhook, thresholds not reached", func(f *features) { f.Alerts = true })
 	climb("dashboard", "`vigthoria_dashboard` on another site, behind `basic_auth`", func(f *features) { f.Dashboard = true })
 	climb("queue", "`queue 10s`, unsaturated", func(f *features) { f.Queue = true })
+	climb("timeouts", "`header_timeout 10m` and `idle_timeout 5m`, not reached", func(f *features) { f.Timeouts = true })
 	climb("pool", "a pool of three server keys and `upstream_limits`, not reached", func(f *features) { f.Pool = true })
 	variant := func(name, adds, store, caller string, f features) {
 		rungs = append(rungs, rung{target: target{name: name, site: moduleSite, features: f, store: store},
