@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/vigthoria/caddy-vigthoria/caller/keys"
+	"github.com/vigthoria/caddy-vigthoria/internal/freeport"
 	"github.com/vigthoria/caddy-vigthoria/internal/pause"
 	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
@@ -402,10 +403,10 @@ func startSites(ctx context.Context, bin, dir string, up *limitedUpstream, site 
 			return insts, err
 		}
 		var err error
-		if data.Port, err = freePort(); err != nil {
+		if data.Port, err = freeport.Take(); err != nil {
 			return insts, err
 		}
-		if data.AdminPort, err = freePort(); err != nil {
+		if data.AdminPort, err = freeport.Take(); err != nil {
 			return insts, err
 		}
 		spec := "sqlite:{{.Dir}}/vigthoria.db"

@@ -15,6 +15,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/caller/clientkey"
 	"github.com/vigthoria/caddy-vigthoria/caller/keys"
+	"github.com/vigthoria/caddy-vigthoria/internal/freeport"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/policy"
 	"github.com/vigthoria/caddy-vigthoria/store"
@@ -398,7 +399,7 @@ func start(ctx context.Context, t target, caddyBin, dir string, up *upstream, re
 	}
 	for _, port := range []*int{&data.Port, &data.AdminPort, &data.DashboardPort} {
 		var err error
-		if *port, err = freePort(); err != nil {
+		if *port, err = freeport.Take(); err != nil {
 			return nil, err
 		}
 	}
@@ -598,16 +599,6 @@ func newClient() *http.Client {
 			DisableCompression:  true,
 		},
 	}
-}
-
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // needsRedis reports whether a target's store is the harness's Redis.

@@ -4,11 +4,9 @@ package harness
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,36 +17,20 @@ import (
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	_ "github.com/vigthoria/caddy-vigthoria"
+	"github.com/vigthoria/caddy-vigthoria/internal/freeport"
 )
 
-// FreePort returns a loopback TCP port that was free a moment ago, and
-// that it never returned before in this process. The kernel may hand out
-// a port it just freed again, and Caddy binds with SO_REUSEPORT: a site
-// and an admin endpoint given the same port would share it without an
-// error, each taking some of the other's connections.
+// FreePort returns a loopback TCP port that was free a moment ago and
+// that no other test (of this process or another) was given (see
+// freeport.Take).
 func FreePort(t testing.TB) int {
 	t.Helper()
-	portsMu.Lock()
-	defer portsMu.Unlock()
-	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatalf("finding a free port: %v", err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if _, seen := portsGiven[port]; !seen {
-			portsGiven[port] = struct{}{}
-			return port
-		}
+	port, err := freeport.Take()
+	if err != nil {
+		t.Fatal(err)
 	}
+	return port
 }
-
-// portsGiven are the ports FreePort returned.
-var (
-	portsMu    sync.Mutex
-	portsGiven = make(map[int]struct{})
-)
 
 // Caddy is a Caddy instance running in this process.
 type Caddy struct {

@@ -3,8 +3,6 @@
 package redistest
 
 import (
-	goredis "github.com/redis/go-redis/v9"
-
 	"bufio"
 	"errors"
 	"fmt"
@@ -14,6 +12,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+
+	"github.com/vigthoria/caddy-vigthoria/internal/freeport"
 )
 
 // Server is a redis-server process of one test.
@@ -59,12 +61,10 @@ func RunWith(dir string, args ...string) (*Server, error) {
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		return nil, errors.New("redis-server is not installed; `make test` installs it (Debian package redis-server)")
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := freeport.Take()
 	if err != nil {
 		return nil, err
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
 	s := &Server{port: port, dir: dir, args: args}
 	s.Addr = "127.0.0.1:" + strconv.Itoa(port)
 	s.URL = "redis://" + s.Addr + "/0"

@@ -27,6 +27,7 @@ import (
 
 	"github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/demo"
+	"github.com/vigthoria/caddy-vigthoria/internal/freeport"
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 	"golang.org/x/crypto/bcrypt"
@@ -103,10 +104,11 @@ func run(caddyBin string, p ports) error {
 	if err := demo.Write(pageDir, demo.Config{APIBase: proxyURL, Key: clientKey, SignIn: true, MaxTokens: 48}); err != nil {
 		return fmt.Errorf("writing the demo page: %w", err)
 	}
-	adminPort, err := freePort()
+	admin, err := freeport.Take()
 	if err != nil {
 		return err
 	}
+	adminPort := strconv.Itoa(admin)
 	// The dashboard's password, new each run, printed below.
 	password := rand.Text()[:16]
 	hash, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.DefaultCost)
@@ -236,16 +238,6 @@ func demoKeys(ctx context.Context, path string) (client, mint string, err error)
 	}
 	_, mint, err = keys.Create(ctx, st, keys.Attrs{Name: "backend", Tier: "pro", Mint: []string{"free"}}, now)
 	return client, mint, err
-}
-
-func freePort() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	_, port, err := net.SplitHostPort(l.Addr().String())
-	return port, err
 }
 
 // waitReady polls url until the proxy answers, Caddy exits or 30s pass.
