@@ -116,9 +116,9 @@ type roundTripped struct {
 // (answerNow): the caller is answered 504 while goOn reads the answer to
 // its usage. Any other request is cut, and answered 504.
 func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context.CancelCauseFunc) roundTripped {
-	clock := &headerClock{timer: time.NewTimer(t.headerTimeout), limit: t.headerTimeout}
-	clock.stop()
-	done := make(chan roundTripped, 1)
+	trip := timedTrips.Get().(*timedTrip)
+	trip.clock.limit = t.headerTimeout
+	clock, done := &trip.clock, trip.done
 	go func() {
 		var r roundTripped
 		defer func() {
@@ -132,15 +132,21 @@ func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context
 		}()
 		r.res, r.err = t.roundTrip(out, c, clock)
 	}()
+	// Once its answer is taken, the goroutine is done with the clock and
+	// the channel: they serve the next request.
+	answered := func(r roundTripped) roundTripped {
+		timedTrips.Put(trip)
+		return r
+	}
 	select {
 	case r := <-done:
 		clock.stop()
-		return r
+		return answered(r)
 	case <-clock.timer.C:
 	}
 	select {
 	case r := <-done: // the headers came as the clock ran out
-		return r
+		return answered(r)
 	default:
 	}
 	if c == nil || c.Usage.caller == nil {
@@ -152,16 +158,32 @@ func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context
 		case !waiting:
 			// Its caller left first: its call was decided then, and
 			// nobody waits for a 504.
-			return <-done
+			return answered(<-done)
 		}
 	}
 	// Cut: what comes now is the cut's error, or an answer that came
 	// just as it was cut.
-	if r := <-done; r.res != nil {
+	if r := answered(<-done); r.res != nil {
 		r.res.Body.Close()
 	}
 	return roundTripped{err: errHeaderTimeout}
 }
+
+// timedTrip is what a timed round trip waits with: the clock of its
+// attempts, and the channel its goroutine answers on.
+type timedTrip struct {
+	clock headerClock
+	done  chan roundTripped
+}
+
+// timedTrips recycles timedTrips whose goroutine answered and whose
+// answer was taken. A stopped timer holds no stale tick (Go 1.23's
+// timers), so the next request's clock starts clean.
+var timedTrips = sync.Pool{New: func() any {
+	trip := &timedTrip{clock: headerClock{timer: time.NewTimer(time.Hour)}, done: make(chan roundTripped, 1)}
+	trip.clock.timer.Stop()
+	return trip
+}}
 
 // headerClock times each attempt's wait for its answer's headers: armed
 // as the attempt starts, stopped once it is answered or failed, so that

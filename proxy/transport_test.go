@@ -144,31 +144,40 @@ func BenchmarkKeyTransportHeaders(b *testing.B) {
 
 // BenchmarkKeyTransportCall is BenchmarkKeyTransportHeaders for a request
 // the upstream may bill, as every POST is: its upstream context is
-// detached from its caller's and watched (detach.go).
+// detached from its caller's and watched (detach.go). header_timeout runs
+// its round trip on a goroutine of its own (timedRoundTrip).
 func BenchmarkKeyTransportCall(b *testing.B) {
-	t := &keyTransport{
-		next:   nopTransport{header: http.Header{"Content-Type": {"text/event-stream"}}},
-		host:   "api.example.com",
-		pool:   testPool(nil, ServerKey{Key: "server"}),
-		detach: DetachPolicy{Max: DefaultMaxDetached, Timeout: DefaultDetachedTimeout},
-		logger: zap.NewNop(),
-	}
-	caller, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	vars := map[string]any{}
-	req, _ := http.NewRequestWithContext(context.WithValue(caller, caddyhttp.VarsCtxKey, vars), http.MethodPost, "http://api.example.com/v1/chat/completions", nil)
-	req.Header = http.Header{"Content-Type": {"application/json"}, "User-Agent": {"OpenAI/Go 3.0.0"}}
-	b.ReportAllocs()
-	for b.Loop() {
-		c := new(Call)
-		c.Usage.Watch(caller)
-		c.Usage.Stream = true
-		vars[callVar] = c
-		res, err := t.RoundTrip(req)
-		if err != nil {
-			b.Fatal(err)
-		}
-		res.Body.Close()
-		c.finish()
+	for _, bc := range []struct {
+		name          string
+		headerTimeout time.Duration
+	}{{"plain", 0}, {"header_timeout", time.Minute}} {
+		b.Run(bc.name, func(b *testing.B) {
+			t := &keyTransport{
+				next:          nopTransport{header: http.Header{"Content-Type": {"text/event-stream"}}},
+				host:          "api.example.com",
+				pool:          testPool(nil, ServerKey{Key: "server"}),
+				detach:        DetachPolicy{Max: DefaultMaxDetached, Timeout: DefaultDetachedTimeout},
+				headerTimeout: bc.headerTimeout,
+				logger:        zap.NewNop(),
+			}
+			caller, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			vars := map[string]any{}
+			req, _ := http.NewRequestWithContext(context.WithValue(caller, caddyhttp.VarsCtxKey, vars), http.MethodPost, "http://api.example.com/v1/chat/completions", nil)
+			req.Header = http.Header{"Content-Type": {"application/json"}, "User-Agent": {"OpenAI/Go 3.0.0"}}
+			b.ReportAllocs()
+			for b.Loop() {
+				c := new(Call)
+				c.Usage.Watch(caller)
+				c.Usage.Stream = true
+				vars[callVar] = c
+				res, err := t.RoundTrip(req)
+				if err != nil {
+					b.Fatal(err)
+				}
+				res.Body.Close()
+				c.finish()
+			}
+		})
 	}
 }
