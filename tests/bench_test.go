@@ -25,6 +25,8 @@ import (
 // module-settings calls with a key of its own limits and origins, over
 // its tier's. module-budget calls with prices and a budget in money on
 // the key's tier, which reserves and settles each request's cost.
+// module-timeouts sets header_timeout, whose round trip runs on a
+// goroutine of its own, and idle_timeout.
 // make bench measures the same under load, in separate processes.
 func BenchmarkChat(b *testing.B) {
 	up := standin.New(standin.Options{APIKey: serverKey, NoRecord: true, RateLimit: 1e12})
@@ -47,6 +49,10 @@ func BenchmarkChat(b *testing.B) {
 		{"module", module, false, false},
 		{"module-minted", module, true, false},
 		{"module-settings", module, false, true},
+		{"module-timeouts", func(store string) string {
+			return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+store, "header_timeout 10m", "idle_timeout 5m",
+				"tier pro {\n\t\t\trequests 1000000000/1m\n\t\t\ttokens 1000000000000/1m\n\t\t}")
+		}, false, false},
 		{"module-budget", func(store string) string {
 			return vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store sqlite "+store, testPrices,
 				"tier pro {\n\t\t\trequests 1000000000/1m\n\t\t\ttokens 1000000000000/1m\n\t\t\tbudget 1000000/month\n\t\t}")
