@@ -58,7 +58,6 @@ func ladder() []rung {
 	climb("alerts", "`alerts` with a webhook, thresholds not reached", func(f *features) { f.Alerts = true })
 	climb("dashboard", "`vigthoria_dashboard` on another site, behind `basic_auth`", func(f *features) { f.Dashboard = true })
 	climb("queue", "`queue 10s`, unsaturated", func(f *features) { f.Queue = true })
-	climb("timeouts", "`header_timeout 10m` and `idle_timeout 5m`, not reached", func(f *features) { f.Timeouts = true })
 	climb("pool", "a pool of three server keys and `upstream_limits`, not reached", func(f *features) { f.Pool = true })
 	variant := func(name, adds, store, caller string, f features) {
 		rungs = append(rungs, rung{target: target{name: name, site: moduleSite, features: f, store: store},
@@ -67,6 +66,7 @@ func ladder() []rung {
 	variant("jwt", "the caller an OpenID provider's user (RS256 JWT) instead of a key", sqlite, signedIn, features{JWT: true})
 	variant("minted", "the caller a token minted by a key instead of a key", sqlite, minted, features{Minting: true})
 	variant("redis", "the Redis store instead of SQLite", "{{.Redis}}", benchTier, features{})
+	variant("timeouts", "`header_timeout 10m` and `idle_timeout 5m`, not reached", sqlite, benchTier, features{Timeouts: true})
 	// A budget is an account of its own, which Redis decided on every
 	// request until budgets were sliced.
 	rungs = append(rungs, rung{target: target{name: "redis-budget", site: moduleSite, features: features{Budget: true}, store: "{{.Redis}}"},

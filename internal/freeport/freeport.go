@@ -26,9 +26,10 @@ var (
 	locks *os.File                 // the file whose bytes are the locks; kept open, as its locks live with it
 )
 
-// lockFile is shared by every process that uses this package on the
-// machine (of the same temporary directory).
-var lockFile = filepath.Join(os.TempDir(), "caddy-vigthoria-test-ports.lock")
+// lockFile is shared by every process of this user that uses this
+// package on the machine (of the same temporary directory); one of its
+// own per user, whom another's file would refuse.
+var lockFile = filepath.Join(os.TempDir(), fmt.Sprintf("caddy-vigthoria-test-ports-%d.lock", os.Getuid()))
 
 // Take returns a loopback TCP port that was free a moment ago, that this
 // process never returned before, and that no other process holds through
