@@ -133,14 +133,15 @@ func (t *keyTransport) timedRoundTrip(out *http.Request, c *Call, cancel context
 		r.res, r.err = t.roundTrip(out, c, clock)
 	}()
 	// Once its answer is taken, the goroutine is done with the clock and
-	// the channel: they serve the next request.
+	// the channel: they serve the next request, the clock stopped (an
+	// attempt that panicked left it running).
 	answered := func(r roundTripped) roundTripped {
+		clock.stop()
 		timedTrips.Put(trip)
 		return r
 	}
 	select {
 	case r := <-done:
-		clock.stop()
 		return answered(r)
 	case <-clock.timer.C:
 	}

@@ -149,3 +149,22 @@ func TestTimedRoundTripPanicIsAnError(t *testing.T) {
 		t.Fatalf("got %v, %v; want the panic as an error", res, err)
 	}
 }
+
+// A round trip that panicked mid-attempt left its clock running; the
+// clock goes back to the pool stopped, or the next request's handler
+// would take its tick for its own header_timeout.
+func TestTimedTripGoesBackStopped(t *testing.T) {
+	tr := &keyTransport{next: panicTransport{}, host: "api.example.com", pool: testPool(zap.NewNop(), ServerKey{Key: "sk-a"}),
+		headerTimeout: time.Minute, logger: zap.NewNop()}
+	req, _ := http.NewRequest(http.MethodGet, "http://api.example.com/v1/models", nil)
+	for range 20 {
+		if _, err := tr.RoundTrip(req); err == nil {
+			t.Fatal("a panic was no error")
+		}
+		trip := timedTrips.Get().(*timedTrip)
+		if trip.clock.timer.Stop() {
+			t.Fatal("a timed trip went back to the pool with its clock running")
+		}
+		timedTrips.Put(trip)
+	}
+}
