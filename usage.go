@@ -121,23 +121,28 @@ type quotaReport struct {
 	Reset     time.Time `json:"reset"`
 }
 
-// serveUsage answers GET /v1/usage from the ledger and the limiter.
+// serveUsage answers GET /v1/usage from the limiter and the ledger, in
+// that order: a request is in the ledger before its slot is let go
+// (settle), so a report that shows it no longer in flight counts it.
+// Read the other way round, a request that ended between the two reads
+// would be neither.
 func (x *exchange) serveUsage() error {
 	h, w, r, now, client, tier := x.h, x.w, x.r, x.now, x.client, x.policy
-	monthStart := limiter.Month.Start(now)
-	rows, err := h.keys.Ledger().UsageSince(r.Context(), client.ID, monthStart)
+	state, err := h.limiter.State(r.Context(), client.ID, tier.Limits(), now)
+	var budget limiter.State
+	if err == nil && !tier.BudgetLimits().Quota.Unlimited() {
+		budget, err = h.limiter.State(r.Context(), admission.BudgetPrefix+client.ID, tier.BudgetLimits(), now)
+	}
+	var rows []store.UsageRow
 	if err == nil {
-		var state, budget limiter.State
-		if state, err = h.limiter.State(r.Context(), client.ID, tier.Limits(), now); err == nil && !tier.BudgetLimits().Quota.Unlimited() {
-			budget, err = h.limiter.State(r.Context(), admission.BudgetPrefix+client.ID, tier.BudgetLimits(), now)
-		}
-		if err == nil {
-			rep := x.reportUsage(rows, state, budget)
-			limiter.SetHeaders(w.Header(), tier.Limits(), state, now)
-			w.Header().Set("Content-Type", "application/json")
-			w.Header().Set("Cache-Control", "no-store")
-			return json.NewEncoder(w).Encode(rep)
-		}
+		rows, err = h.keys.Ledger().UsageSince(r.Context(), client.ID, limiter.Month.Start(now))
+	}
+	if err == nil {
+		rep := x.reportUsage(rows, state, budget)
+		limiter.SetHeaders(w.Header(), tier.Limits(), state, now)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		return json.NewEncoder(w).Encode(rep)
 	}
 	h.logger.Error("reading usage", zap.String("client_id", client.ID), zap.Error(err))
 	admission.ErrUnavailable.Write(w)

@@ -171,9 +171,20 @@ func chatParams(prompt string) openai.ChatCompletionNewParams {
 // header names Authorization (nil for none).
 func (e *env) do(t *testing.T, method, path string, body io.Reader, header http.Header) *http.Response {
 	t.Helper()
+	res, err := http.DefaultClient.Do(e.request(t, method, path, body, header))
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	t.Cleanup(func() { res.Body.Close() })
+	return res
+}
+
+// request is do's request. Its method and path are the test's own: a
+// bad one is the test's bug.
+func (e *env) request(t *testing.T, method, path string, body io.Reader, header http.Header) *http.Request {
 	req, err := http.NewRequestWithContext(t.Context(), method, e.caddy.URL+path, body)
 	if err != nil {
-		t.Fatal(err)
+		panic(err)
 	}
 	if _, ok := header["Authorization"]; !ok {
 		req.Header.Set("Authorization", "Bearer "+e.key)
@@ -181,12 +192,22 @@ func (e *env) do(t *testing.T, method, path string, body io.Reader, header http.
 	for k, v := range header {
 		req.Header[k] = v
 	}
-	res, err := http.DefaultClient.Do(req)
+	return req
+}
+
+// status sends a request to the proxy from one of the test's
+// goroutines, where t.Fatal may not be called, as do would: it reads the
+// answer to its end and returns its status, or 0 once it reported the
+// error.
+func (e *env) status(t *testing.T, method, path, body string, header http.Header) int {
+	res, err := http.DefaultClient.Do(e.request(t, method, path, strings.NewReader(body), header))
 	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
+		t.Errorf("%s %s: %v", method, path, err)
+		return 0
 	}
-	t.Cleanup(func() { res.Body.Close() })
-	return res
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	return res.StatusCode
 }
 
 // apiError is the proxy's and the API's error shape.

@@ -17,6 +17,7 @@ import (
 	"github.com/openai/openai-go/v3/option"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/standin"
+	"github.com/vigthoria/caddy-vigthoria/store"
 	"github.com/vigthoria/caddy-vigthoria/store/sqlite"
 )
 
@@ -468,6 +469,71 @@ func TestUsageWhileTheLedgerWaitsForTheStore(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond)
 	counted("once written")
+}
+
+// TestUsageCountsWhatIsNoLongerInFlight: a usage report that shows none
+// of the caller's requests in flight counts every request it admitted,
+// whenever it is read, as a caller polling it for a request's end reads
+// it. Each request is in the ledger before its slot is let go (settle),
+// so the report reads the limits' state first: read after the ledger, it
+// could count a request that ended between its two reads as neither
+// running nor counted. The caller has a long history this month, so
+// that reading its rows takes a while. The upstream answers 500, which
+// charges no tokens: only the request counts tell.
+func TestUsageCountsWhatIsNoLongerInFlight(t *testing.T) {
+	const capacity = 100000
+	e := startTier(t, "requests "+strconv.Itoa(capacity)+"/10000h", "concurrent 1")
+	key, _ := e.meteredKey(t)
+	auth := http.Header{"Authorization": {"Bearer " + key}}
+	u, _ := e.usage(t, key)
+	polls := int64(1) // a read of usage is a request of the caller's too
+	st, err := sqlite.Open(strings.TrimPrefix(e.store, "sqlite:"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Rows of no use, of models of the past: each is read, and counts
+	// for nothing.
+	_, err = st.DB().ExecContext(t.Context(), `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 3000)
+		INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens) SELECT ?, ?, 'retired-model-' || i, 0, 0, 0 FROM n`,
+		u.ClientID, store.Day(time.Now()))
+	st.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.upstream.SetBehavior(standin.Behavior{FailStatus: http.StatusInternalServerError})
+
+	stop := make(chan struct{})
+	var sending sync.WaitGroup
+	sending.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if e.status(t, http.MethodPost, "/v1/chat/completions", `{"model":"vigthoria-fast-1","messages":[]}`, auth) == 0 {
+				return
+			}
+		}
+	})
+	var checked int64
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline) && !t.Failed(); {
+		u, _ := e.usage(t, key)
+		polls++
+		if u.Limits.Concurrent.InFlight != 0 {
+			continue
+		}
+		checked++
+		if admitted := capacity - u.Limits.Requests.Remaining - polls; u.Today.Requests < admitted {
+			t.Errorf("with nothing in flight, the report counts %d requests of the %d admitted", u.Today.Requests, admitted)
+		}
+	}
+	close(stop)
+	sending.Wait()
+	if checked == 0 {
+		t.Fatal("no report showed nothing in flight")
+	}
+	t.Logf("%d reports of %d checked", checked, polls)
 }
 
 func TestUsageIsTheCallersOwn(t *testing.T) {

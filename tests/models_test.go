@@ -36,18 +36,7 @@ func TestModelsCacheSingleFlight(t *testing.T) {
 	var wg sync.WaitGroup
 	statuses := make([]int, 200)
 	for i := range statuses {
-		wg.Go(func() {
-			req, _ := http.NewRequest(http.MethodGet, e.caddy.URL+"/v1/models", nil)
-			req.Header.Set("Authorization", "Bearer "+e.key)
-			res, err := http.DefaultClient.Do(req)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			io.Copy(io.Discard, res.Body)
-			res.Body.Close()
-			statuses[i] = res.StatusCode
-		})
+		wg.Go(func() { statuses[i] = e.status(t, http.MethodGet, "/v1/models", "", nil) })
 	}
 	wg.Wait()
 	for i, s := range statuses {
