@@ -64,7 +64,7 @@ func BenchmarkChat(b *testing.B) {
 			if tc.settings {
 				giveSettings(b, store)
 			}
-			c := harness.StartCaddy(b, tc.site(store), harness.NoAccessLog())
+			c := harness.StartCaddy(b, tc.site(store), harness.Quiet())
 			if tc.minted {
 				key = mintFor(b, c.URL, key)
 			}
