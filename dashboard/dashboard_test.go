@@ -230,8 +230,9 @@ func TestKeyReport(t *testing.T) {
 	recs, _ := h.keys.Store().List(t.Context())
 	id := recs[0].ID
 	now := time.Now()
+	earlier := now.Add(-10 * time.Minute)
 	l := h.keys.Ledger()
-	l.Add(id, "a", now.Add(-10*time.Minute), ledger.Tokens{Prompt: 3})
+	l.Add(id, "a", earlier, ledger.Tokens{Prompt: 3})
 	l.Add(id, "b", now, ledger.Tokens{Prompt: 4, Completion: 1})
 	l.Add("key_other", "a", now, ledger.Tokens{Prompt: 100})
 	if err := l.Refuse(id, "quota_exceeded", now); err != nil {
@@ -249,8 +250,15 @@ func TestKeyReport(t *testing.T) {
 	if r.Refused.By["quota_exceeded"][last] != 1 || r.Outcomes.By["served"][last] != 1 {
 		t.Errorf("recent: refused %v, outcomes %v, want 1 quota_exceeded and 1 served last", r.Refused.By, r.Outcomes.By)
 	}
-	if d := rep.Days; d.Tokens.Total[len(d.Times)-1] != 8 || len(rep.Models) != 2 || rep.Models[0].Model != "b" {
-		t.Errorf("days: tokens %v, models %+v, want 8 today, b then a", d.Tokens.Total, rep.Models)
+	// Ten minutes before is yesterday in the first ten minutes of a UTC
+	// day.
+	today, yesterday := int64(8), int64(0)
+	if store.Day(earlier) != store.Day(now) {
+		today, yesterday = 5, 3
+	}
+	if d, last := rep.Days, len(rep.Days.Times)-1; d.Tokens.Total[last] != today || d.Tokens.Total[last-1] != yesterday ||
+		len(rep.Models) != 2 || rep.Models[0].Model != "b" {
+		t.Errorf("days: tokens %v, models %+v, want %d today and %d the day before, b then a", d.Tokens.Total, rep.Models, today, yesterday)
 	}
 	if len(rep.Refusals) != 1 || rep.Refusals[0].Count != 1 || rep.Limits == nil || rep.Limits.Quota.N != 1000 {
 		t.Errorf("refusals %+v, limits %+v, want 1 quota_exceeded and the tier's quota", rep.Refusals, rep.Limits)
