@@ -240,7 +240,8 @@ func (x *exchange) end(ep *api.Endpoint) {
 // was forwarded frees what it took and is charged nothing; a forwarded
 // one is charged what it used, in the ledger first: a limiter that
 // forgets an account once it is settled reads its quota back from the
-// ledger, which must then hold this request.
+// ledger, which must then hold this request; and a usage report that
+// shows it no longer in flight must count it (serveUsage).
 func (x *exchange) settle(ep *api.Endpoint) {
 	h, client := x.h, x.client
 	ad, ctx := h.admitter, x.r.Context()

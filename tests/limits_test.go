@@ -491,11 +491,13 @@ func TestUsageCountsWhatIsNoLongerInFlight(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Rows of no use, of models of the past: each is read, and counts
-	// for nothing.
-	_, err = st.DB().ExecContext(t.Context(), `WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 3000)
-		INSERT INTO usage (client, day, model, requests, prompt_tokens, completion_tokens) SELECT ?, ?, 'retired-model-' || i, 0, 0, 0 FROM n`,
-		u.ClientID, store.Day(time.Now()))
+	// Rows of no use, of models of the past, written as another
+	// instance's ledger would: each is read, and counts for nothing.
+	history := store.UsageBatch{Writer: "history", Seq: 1}
+	for i := range 3000 {
+		history.Rows = append(history.Rows, store.UsageRow{Client: u.ClientID, Day: store.Day(time.Now()), Model: fmt.Sprintf("retired-model-%d", i)})
+	}
+	err = st.AddUsage(t.Context(), history)
 	st.Close()
 	if err != nil {
 		t.Fatal(err)
