@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/vigthoria/caddy-vigthoria/internal/hooktest"
+	"github.com/vigthoria/caddy-vigthoria/internal/testcheck"
 )
 
 // Every test closes its Senders and Notifiers: none of their goroutines
@@ -182,6 +183,9 @@ func TestSenderRetriesUntilAccepted(t *testing.T) {
 			t.Errorf("webhook-id %s: accepted %d times in %d attempts, want once in 3", id, k, r.Attempts()[id])
 		}
 	}
+	// Counted once the sender has read the receiver's answer, which may
+	// be after the receiver noted it.
+	testcheck.WaitFor(t, 5*time.Second, "the deliveries counted", func() bool { return testutil.ToFloat64(delivered)-before >= n })
 	if got := testutil.ToFloat64(delivered) - before; got != n {
 		t.Errorf("delivered_total rose by %v, want %d", got, n)
 	}
