@@ -240,15 +240,15 @@ func (f *Fallback) fixTooLarge(lim *Limits, d *Decision, held, tokens int64) {
 }
 
 // Settle implements Limiter. A lease from the shared backend (it names its
-// slot) goes back there, and what it reserved locally (Local) is given
-// back locally; one from the local limits stays local, and what it used is
-// owed to the shared backend.
+// slot) goes back there, and what it reserved locally (Local) and did not
+// use is given back locally; one from the local limits stays local, and
+// what it used is owed to the shared backend.
 func (f *Fallback) Settle(ctx context.Context, client string, lim *Limits, lease Lease, used int64, now time.Time) error {
 	if lease.ID == "" {
 		f.oweUse(client, lim, used)
 		return f.local.Settle(ctx, client, f.shareFor(client, lim), lease, used, now)
 	}
-	lease = f.localPart(client, lim, lease, now)
+	lease = f.localPart(client, lim, lease, used, now)
 	err := f.shared.Settle(ctx, client, lim, lease, used, now)
 	if err != nil && errors.Is(err, ErrDown) {
 		f.markDown(err, now)
@@ -265,16 +265,21 @@ func (f *Fallback) SettleDeferred(client string, lim *Limits, lease Lease, used 
 		f.local.Settle(context.Background(), client, f.shareFor(client, lim), lease, used, now)
 		return
 	}
-	f.shared.SettleDeferred(client, lim, f.localPart(client, lim, lease, now), used, now)
+	f.shared.SettleDeferred(client, lim, f.localPart(client, lim, lease, used, now), used, now)
 }
 
-// localPart gives back what a shared lease reserved in the local limits,
-// and returns the lease as the shared backend knows it.
-func (f *Fallback) localPart(client string, lim *Limits, lease Lease, now time.Time) Lease {
+// localPart gives back what a shared lease reserved in the local limits
+// and did not use, and returns the lease as the shared backend knows it.
+// What it used past its shared reservation came from the local limits and
+// stays spent there: the shared backend is charged all of it only once it
+// answers again, and until then the outage's share must not lend the same
+// tokens to the next request.
+func (f *Fallback) localPart(client string, lim *Limits, lease Lease, used int64, now time.Time) Lease {
 	if lease.Local == 0 || lease.fromSlice() {
 		return lease
 	}
-	f.local.refund(client, f.shareFor(client, lim), lease.Local, now)
+	spent := min(max(used-(lease.Reserved-lease.Local), 0), lease.Local)
+	f.local.refund(client, f.shareFor(client, lim), lease.Local-spent, now)
 	lease.Reserved -= lease.Local
 	lease.Local = 0
 	return lease

@@ -213,8 +213,8 @@ func TestFallbackShares(t *testing.T) {
 }
 
 // TestFallbackReserve: a shared lease reserves in the local limits when
-// the shared backend is down, checked there, and gives it back there when
-// settled; the shared backend is charged all it used.
+// the shared backend is down, checked there, and gives back there what it
+// did not use when settled; the shared backend is charged all it used.
 func TestFallbackReserve(t *testing.T) {
 	ctx := t.Context()
 	lim := &Limits{Tokens: Rate{N: 1000, Window: time.Hour}}
@@ -271,7 +271,10 @@ func TestFallbackReserve(t *testing.T) {
 			if left := tokensLeft(t, shared); left != 950 {
 				t.Errorf("after settling 350: %d tokens left in the shared backend, want 950", left)
 			}
-			want := int64(500) // the share refilled, the local part given back
+			// The share refilled 500, of which the local part took 100
+			// and gave back what the request did not use: it used 50
+			// past the 300 reserved in the shared backend.
+			want := int64(450)
 			if tc.policy == Deny {
 				want = 1000 // never decided locally
 			}
@@ -286,6 +289,54 @@ func TestFallbackReserve(t *testing.T) {
 			t.Error("reserve -1: no error")
 		}
 	})
+}
+
+// TestFallbackOutageKeepsWhatLeasesUsed: under UseLocal, requests Redis
+// admitted before it stopped (a caller can hold them: they are admitted
+// before their body is read) reserve their tokens in the instance's share
+// of the token rate while it is down. What they used stays spent there
+// when they are settled: the Redis settle that counts it waits for Redis,
+// and a share given all back would lend the same tokens again and again.
+func TestFallbackOutageKeepsWhatLeasesUsed(t *testing.T) {
+	s := redistest.Start(t)
+	r := newTimedRedis(t, newRedisClient(t, s), "recycle:", 50*time.Millisecond)
+	f := newFallback(r, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
+	lim := &Limits{Tokens: Rate{N: 6000, Window: time.Minute, Burst: 600}} // 100 a second
+	for r.Instances() != 1 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	ctx := t.Context()
+	var leases []Lease
+	for range 20 {
+		d, err := f.Admit(ctx, "c", lim, 0, time.Now())
+		if err != nil || d.Reason != Admitted || d.Lease.ID == "" {
+			t.Fatalf("before the outage: %+v %v", d, err)
+		}
+		leases = append(leases, d.Lease)
+	}
+
+	s.Pause(t)
+	defer s.Resume(t)
+	for !f.Down() {
+		f.Admit(ctx, "c", lim, 0, time.Now()) // fails while the probe decides
+		time.Sleep(20 * time.Millisecond)
+	}
+	begin := time.Now()
+	time.Sleep(time.Second) // the share refills 100 tokens
+	var used int64
+	for _, l := range leases {
+		d, err := f.Reserve(ctx, "c", lim, l, 100, time.Now())
+		if err != nil || d.Reason != Admitted {
+			continue
+		}
+		used += 100
+		f.SettleDeferred("c", lim, d.Lease, 100, time.Now()) // it used all it reserved
+	}
+	elapsed := time.Since(begin)
+	allowed := int64(100*elapsed.Seconds()) + 100 // a second more than the outage refilled
+	if used == 0 || used > allowed {
+		t.Errorf("Redis down for %v: %d tokens reserved and used by the 20 requests Redis had admitted, want 100 to %d (100 a second)", elapsed.Round(time.Millisecond), used, allowed)
+	}
 }
 
 // TestFallbackSlicedReserve: a request admitted from a slice whose
