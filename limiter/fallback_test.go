@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -336,6 +338,49 @@ func TestFallbackOutageKeepsWhatLeasesUsed(t *testing.T) {
 	allowed := int64(100*elapsed.Seconds()) + 100 // a second more than the outage refilled
 	if used == 0 || used > allowed {
 		t.Errorf("Redis down for %v: %d tokens reserved and used by the 20 requests Redis had admitted, want 100 to %d (100 a second)", elapsed.Round(time.Millisecond), used, allowed)
+	}
+}
+
+// TestFallbackBurstLeavesOthersTheirQueue: Redis is slow, not down (it
+// answers within the timeout), while one caller sends a burst of 1,400
+// requests to one instance. Another caller whose calls go through the
+// burst's queue is still decided by Redis: the burst's calls past its
+// share of the queue are refused, not the other caller's.
+func TestFallbackBurstLeavesOthersTheirQueue(t *testing.T) {
+	s := redistest.Start(t)
+	r := newShortRedis(t, newRedisClient(t, s), "queue:", LeaseTTL, keepEnded)
+	f := newFallback(r, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
+	lim := &Limits{Requests: Rate{N: 100_000, Window: time.Minute}}
+	clients := sameQueue(r, 2)
+	burst, other := clients[0], clients[1]
+	if _, err := f.Admit(t.Context(), other, lim, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+
+	s.Pause(t)
+	var wg sync.WaitGroup
+	var admitted atomic.Int64
+	for range 1400 {
+		wg.Go(func() {
+			d, err := f.Admit(context.Background(), burst, lim, 0, time.Now())
+			if err == nil && d.Reason == Admitted {
+				admitted.Add(1)
+				f.SettleDeferred(burst, lim, d.Lease, 0, time.Now())
+			}
+		})
+	}
+	time.Sleep(100 * time.Millisecond) // the burst is queued
+	var d Decision
+	var err error
+	wg.Go(func() { d, err = f.Admit(context.Background(), other, lim, 0, time.Now()) })
+	time.Sleep(200 * time.Millisecond)
+	s.Resume(t)
+	wg.Wait()
+	if f.Down() {
+		t.Fatal("Redis paused for 300 ms is held for down")
+	}
+	if err != nil || d.Reason != Admitted {
+		t.Errorf("another caller's request beside the burst (%d of 1400 admitted): %+v %v, want admitted by Redis", admitted.Load(), d, err)
 	}
 }
 

@@ -30,12 +30,18 @@ const queues = 8
 
 // maxQueued bounds the calls waiting for a pipeline, over all queues.
 // Past a queue's share, a call that waits for its answer fails at once
-// with errQueueFull (a Fallback then decides without Redis), and a
-// deferred settle goes to the retries.
+// with errQueueFull (a failure of that call alone, for its Fallback), and
+// a deferred settle goes to the retries.
 const maxQueued = 10_000
 
 // maxPerQueue is a queue's share of maxQueued.
 const maxPerQueue = maxQueued / queues
+
+// maxPerClient is one client's share of its queue, which it shares with
+// one client in queues: past it, its own calls fail with errQueueFull,
+// so that one client's burst while Redis is slow leaves room for the
+// others' calls. It takes four such clients to fill a queue.
+const maxPerClient = maxPerQueue / 4
 
 // flushEvery is how long a pipeline holding only deferred settles waits
 // for company; a call that waits for its answer sends it at once.
@@ -151,8 +157,9 @@ func (h *health) waitVerdict(ctx context.Context) {
 	}
 }
 
-// errQueueFull is the error of a call made while maxQueued calls wait
-// already: Redis is slow or gone, and waiting longer would not help.
+// errQueueFull is the error of a call made while its queue's share of
+// maxQueued calls wait already, or its client's share of that: Redis is
+// slow or gone, and waiting longer would not help.
 var errQueueFull = errors.New("too many calls wait for redis")
 
 // errClosed is the error of a call made after Close.
@@ -181,7 +188,8 @@ type call struct {
 type callQueue struct {
 	mu     sync.Mutex // protects the fields below
 	calls  []*call
-	spare  []*call // the slice of the last pipeline, for the next queue
+	spare  []*call          // the slice of the last pipeline, for the next queue
+	queued map[string]int32 // calls in calls by their first key (a client's), none at 0
 	closed bool
 }
 
@@ -216,11 +224,15 @@ func (r *Redis) enqueue(c *call) error {
 	case q.closed:
 		q.mu.Unlock()
 		return errClosed
-	case len(q.calls) >= maxPerQueue:
+	case len(q.calls) >= maxPerQueue, q.queued[c.keys[0]] >= maxPerClient:
 		q.mu.Unlock()
 		return errQueueFull
 	}
 	q.calls = append(q.calls, c)
+	if q.queued == nil {
+		q.queued = make(map[string]int32)
+	}
+	q.queued[c.keys[0]]++
 	q.mu.Unlock()
 	signal(b.wake)
 	if c.done != nil {
@@ -322,6 +334,13 @@ func (r *Redis) flush(b *batcher) bool {
 		q.calls = q.spare
 	}
 	q.spare = nil
+	for _, c := range calls {
+		if n := q.queued[c.keys[0]] - 1; n > 0 {
+			q.queued[c.keys[0]] = n
+		} else {
+			delete(q.queued, c.keys[0])
+		}
+	}
 	q.mu.Unlock()
 	if len(calls) > 0 {
 		r.send(calls)

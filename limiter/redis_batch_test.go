@@ -3,6 +3,7 @@ package limiter
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"sync"
 	"testing"
@@ -80,10 +81,13 @@ func TestRedisCloseSendsDeferredSettles(t *testing.T) {
 }
 
 // TestRedisQueueIsBounded checks a Redis that stops answering: the calls
-// queued behind a pipeline that waits are bounded, a call past the bound
-// fails at once (a Fallback then decides without Redis), a deferred
-// settle past it goes to the retries, and every settle lands once Redis
-// answers again.
+// queued behind a pipeline that waits are bounded, for each client and
+// for each queue. A call past its client's share fails at once, while
+// another client's call of the same queue still waits for Redis' answer,
+// so that one client's burst does not decide the others'; a call past the
+// queue's bound fails at once whoever makes it; a deferred settle past
+// either goes to the retries; and every settle lands once Redis answers
+// again.
 func TestRedisQueueIsBounded(t *testing.T) {
 	s := redistest.Start(t)
 	// A pipeline of deferred settles alone waits a third of the lease
@@ -91,13 +95,22 @@ func TestRedisQueueIsBounded(t *testing.T) {
 	r := newShortRedis(t, newRedisClient(t, s), "bounded:", 3*time.Second, keepEnded)
 	lim := &Limits{Concurrent: maxPerQueue + 100, Tokens: Rate{N: 1 << 40, Window: time.Hour}}
 	ctx := t.Context()
-	var leases []Lease
-	for range 50 {
-		d, err := r.Admit(ctx, "c", lim, 10, time.Now())
-		if err != nil || d.Reason != Admitted {
-			t.Fatalf("admit: %v %v", d.Reason, err)
+	clients := sameQueue(r, 7)
+	burst, other, last := clients[0], clients[1], clients[6]
+	leases := make(map[string][]Lease)
+	for _, c := range clients {
+		for range 10 {
+			d, err := r.Admit(ctx, c, lim, 10, time.Now())
+			if err != nil || d.Reason != Admitted {
+				t.Fatalf("admit: %v %v", d.Reason, err)
+			}
+			leases[c] = append(leases[c], d.Lease)
 		}
-		leases = append(leases, d.Lease)
+	}
+	settle := func(c string, n int) {
+		for i := range n {
+			r.SettleDeferred(c, lim, leases[c][1+i%8], 0, time.Now())
+		}
 	}
 	s.Pause(t)
 	paused := true
@@ -106,31 +119,88 @@ func TestRedisQueueIsBounded(t *testing.T) {
 			s.Resume(t)
 		}
 	}()
-	// One to be on its way, then enough to fill the client's queue
-	// behind it.
-	r.SettleDeferred("c", lim, leases[0], 0, time.Now())
+	// One to be on its way, then the burst's share of the queue behind it.
+	r.SettleDeferred(burst, lim, leases[burst][0], 0, time.Now())
 	time.Sleep(50 * time.Millisecond)
-	for i := range maxPerQueue {
-		r.SettleDeferred("c", lim, leases[1+i%(len(leases)-2)], 0, time.Now())
+	settle(burst, maxPerClient)
+	refusedAtOnce := func(c, when string) {
+		t.Helper()
+		start := time.Now()
+		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if _, err := r.Admit(actx, c, lim, 0, time.Now()); !errors.Is(err, errQueueFull) {
+			t.Errorf("admit %s: %v, want %v", when, err, errQueueFull)
+		}
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("admit %s took %v, want an answer at once", when, took)
+		}
 	}
-	start := time.Now()
-	actx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	_, err := r.Admit(actx, "c", lim, 0, time.Now())
-	cancel()
-	if !errors.Is(err, errQueueFull) {
-		t.Errorf("admit with the queue full: %v, want %v", err, errQueueFull)
+	refusedAtOnce(burst, "past its client's share")
+	type answer struct {
+		d   Decision
+		err error
 	}
-	if took := time.Since(start); took > time.Second {
-		t.Errorf("admit with the queue full took %v, want an answer at once", took)
+	answered := make(chan answer, 1)
+	go func() {
+		d, err := r.Admit(ctx, other, lim, 0, time.Now())
+		answered <- answer{d, err}
+	}()
+	time.Sleep(50 * time.Millisecond) // queued
+
+	// Four more clients fill the queue; a client with none queued is
+	// then refused too.
+	for _, c := range clients[2:6] {
+		settle(c, maxPerClient)
 	}
-	r.SettleDeferred("c", lim, leases[len(leases)-1], 0, time.Now())
-	if n := r.retries.len(); n != 1 {
-		t.Errorf("a settle past the bound: %d calls wait for a retry, want 1", n)
+	refusedAtOnce(last, "with the queue full")
+	retried := r.retries.len()
+	r.SettleDeferred(last, lim, leases[last][9], 0, time.Now())
+	if n := r.retries.len(); n != retried+1 {
+		t.Errorf("a settle past the bound: %d calls wait for a retry, want %d", n, retried+1)
+	}
+	select {
+	case a := <-answered:
+		t.Fatalf("another client's call beside the burst answered while Redis is paused: %+v %v", a.d, a.err)
+	default:
 	}
 	s.Resume(t)
 	paused = false
-	settledWithin(t, r, lim, func(st State) bool { return st.InFlight == 0 && st.TokensRemaining == 1<<40 },
-		"every settle queued while Redis was paused")
+	a := <-answered
+	if a.err != nil || a.d.Reason != Admitted {
+		t.Fatalf("another client's call beside the burst: %+v %v, want admitted by Redis", a.d, a.err)
+	}
+	r.SettleDeferred(other, lim, a.d.Lease, 0, time.Now())
+	for _, c := range clients {
+		for _, l := range leases[c] {
+			r.SettleDeferred(c, lim, l, 0, time.Now())
+		}
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		var open []string
+		for _, c := range clients {
+			if st, err := r.State(ctx, c, lim, time.Now()); err != nil || st.InFlight != 0 || st.TokensRemaining != 1<<40 {
+				open = append(open, fmt.Sprintf("%s: %+v %v", c, st, err))
+			}
+		}
+		if len(open) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not every settle landed within 5 s of Redis answering again: %v", open)
+		}
+	}
+}
+
+// sameQueue returns n clients whose calls go through one queue of r.
+func sameQueue(r *Redis, n int) []string {
+	var clients []string
+	for i := 0; len(clients) < n; i++ {
+		c := "c" + strconv.Itoa(i)
+		if len(clients) == 0 || r.queueOf(r.keys(c)) == r.queueOf(r.keys(clients[0])) {
+			clients = append(clients, c)
+		}
+	}
+	return clients
 }
 
 // TestRedisConcurrentCallsShareAPipeline checks that concurrent calls are
