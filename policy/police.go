@@ -206,9 +206,10 @@ func (h *Policy) Police(r *http.Request, ep *api.Endpoint, tier *Tier, body []by
 			maxTokens = min(maxTokens, fit)
 		}
 		out, err = wire.SetCap(out, info, h.injectedCapField(ep, &info), maxTokens)
-	case ep.ID == api.Completions && !info.SetsMaxTokens():
+	case !info.SetsMaxTokens() && (ep.ID == api.Completions || h.cfg.CapField == wire.MaxTokensField):
 		// Its cap is in max_completion_tokens, which completions do not
-		// read: the field they read gets it.
+		// read, nor chat on an upstream of cap_field max_tokens: the
+		// field they read gets it.
 		out, err = wire.SetCap(out, info, wire.MaxTokensField, maxTokens)
 	}
 	if err == nil && info.Stream {

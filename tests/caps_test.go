@@ -229,8 +229,9 @@ func TestTooLargeSaysWhy(t *testing.T) {
 // TestCapFieldAndDefault: a chat without a cap gets max_completion_tokens,
 // which reasoning models require (they refuse max_tokens); cap_field
 // max_tokens serves upstreams that read only that; default_max_tokens
-// sets the default cap; /v1/completions always gets max_tokens; the
-// caller's own field is kept.
+// sets the default cap; /v1/completions always gets max_tokens, and so
+// does a chat with cap_field max_tokens whose cap is in
+// max_completion_tokens; the caller's own field is kept.
 func TestCapFieldAndDefault(t *testing.T) {
 	e := start(t, builtinDefaultCap, manyFailures)
 	e.upstream.Reset()
@@ -262,7 +263,15 @@ func TestCapFieldAndDefault(t *testing.T) {
 	if _, err := client.Chat.Completions.New(t.Context(), chatParams("hi")); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := e.upstream.Caps(), []standin.Cap{{Field: "max_tokens", N: 100, Tokens: 100}}; !equalCaps(got, want) {
+	// The SDKs' own field, max_completion_tokens, which such an upstream
+	// ignores: its cap goes in max_tokens too, or the upstream would write
+	// past what the request was checked and reserved for.
+	own := chatParams("mine")
+	own.MaxCompletionTokens = openai.Int(50)
+	if _, err := client.Chat.Completions.New(t.Context(), own); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := e.upstream.Caps(), []standin.Cap{{Field: "max_tokens", N: 100, Tokens: 100}, {Field: "max_tokens", N: 50, Tokens: 50}}; !equalCaps(got, want) {
 		t.Errorf("with cap_field max_tokens and default_max_tokens 100: caps %+v, want %+v", got, want)
 	}
 }
