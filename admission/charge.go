@@ -23,7 +23,13 @@ const maxAnswerTokens = 1 << 24
 //     the request was sent: that is charged only as far as the proxy saw
 //     the answer carry it (its deltas counted for a stream, its bytes
 //     for a whole answer, as no answer holds more output tokens than it
-//     has bytes); pastCap is what was reported beyond;
+//     has bytes); pastCap is what was reported beyond. A stream's output
+//     after its last usage object, which that object cannot count, is
+//     charged on top, as counted from its deltas. A figure the usage
+//     leaves out is no zero: it is taken from total_tokens and the other
+//     figure when the usage gives both, else charged as if no usage came
+//     (the prompt's estimate; the output streamed, or the whole
+//     reservation's output for a whole answer);
 //   - nothing when the upstream failed: an error status, or no answer
 //     (connection refused, reset, idle_timeout) while the caller waited,
 //     or a request that never reached the upstream;
@@ -58,9 +64,26 @@ func Charge(u *proxy.AnswerUsage, reserve, bodyLen int64) (used ledger.Tokens, a
 	switch {
 	case u.Reported && u.Garbled == "" && max(u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens) <= bound:
 		used = ledger.Tokens{Prompt: u.PromptTokens, Completion: u.CompletionTokens, Cached: u.CachedTokens, Reasoning: u.ReasoningTokens}
-		seen := u.Bytes
+		seen, after := u.Bytes, int64(0)
 		if u.Stream {
-			seen = u.Chunks
+			seen, after = u.Chunks, u.Chunks-u.ChunksAtUsage
+		}
+		switch {
+		case u.HasPrompt:
+		case u.HasTotal && u.HasCompletion:
+			used.Prompt = max(u.TotalTokens-u.CompletionTokens, 0)
+		default:
+			used.Prompt = prompt
+		}
+		switch {
+		case u.HasCompletion:
+			used.Completion += after
+		case u.HasTotal && u.HasPrompt:
+			used.Completion = max(u.TotalTokens-u.PromptTokens, 0) + after
+		case u.Stream:
+			used.Completion = u.Chunks
+		default:
+			used.Completion = reserve - prompt
 		}
 		if ceiling := max(reserve-prompt, seen); used.Completion > ceiling {
 			pastCap = used.Completion - ceiling

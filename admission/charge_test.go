@@ -44,7 +44,8 @@ func TestCharge(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			u := &proxy.AnswerUsage{Status: tc.status, Stream: tc.stream, Chunks: tc.chunks, Prompt: prompt}
 			if tc.reported {
-				u.Reported, u.PromptTokens, u.CompletionTokens = true, 12, 34
+				u.Reported, u.PromptTokens, u.CompletionTokens, u.HasPrompt, u.HasCompletion = true, 12, 34, true, true
+				u.ChunksAtUsage = tc.chunks // reported at the end
 			}
 			u.Watch(context.Background())
 			if tc.gone {
@@ -65,13 +66,7 @@ func TestCharge(t *testing.T) {
 // can use, costs the reservation; the details are kept when believed.
 func TestChargeAbsurdUsage(t *testing.T) {
 	const reserve, prompt = 4100, 100
-	for _, tc := range []struct {
-		name    string
-		usage   proxy.AnswerUsage
-		reserve int64
-		want    ledger.Tokens
-		absurd  bool
-	}{
+	testCharges(t, true, []chargeCase{
 		{"believed, with details", proxy.AnswerUsage{PromptTokens: 2048, CompletionTokens: 300, CachedTokens: 1920, ReasoningTokens: 256},
 			reserve, ledger.Tokens{Prompt: 2048, Completion: 300, Cached: 1920, Reasoning: 256}, false},
 		{"a prompt far over its estimate", proxy.AnswerUsage{PromptTokens: 1_000_000, CompletionTokens: 10},
@@ -84,15 +79,64 @@ func TestChargeAbsurdUsage(t *testing.T) {
 			reserve, ledger.Tokens{Prompt: prompt, Completion: reserve - prompt}, true},
 		{"a large reservation bounds instead", proxy.AnswerUsage{PromptTokens: 10, CompletionTokens: 128 * 200_000},
 			128*200_000 + prompt, ledger.Tokens{Prompt: 10, Completion: 128 * 200_000}, false},
-	} {
+	})
+}
+
+// chargeCase is an answer's usage as reported, and what it must cost.
+type chargeCase struct {
+	name    string
+	usage   proxy.AnswerUsage
+	reserve int64
+	want    ledger.Tokens
+	absurd  bool
+}
+
+// testCharges charges each case's usage, reported with an answer of
+// status 200 to a request whose prompt was estimated at 100 tokens (its
+// body 400 bytes); both, when given is set, with its prompt and
+// completion counts given.
+func testCharges(t *testing.T, given bool, cases []chargeCase) {
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			u := tc.usage
-			u.Status, u.Reported, u.Prompt = 200, true, prompt
+			u.Status, u.Reported, u.Prompt = 200, true, 100
+			if given {
+				u.HasPrompt, u.HasCompletion = true, true
+			}
 			if used, absurd, _ := Charge(&u, tc.reserve, 400); used != tc.want || absurd != tc.absurd {
 				t.Errorf("charged %+v (absurd %v), want %+v (absurd %v)", used, absurd, tc.want, tc.absurd)
 			}
 		})
 	}
+}
+
+// TestChargeWhatUsageLeavesOut: a figure the usage object leaves out is
+// no zero, and a stream's output after its usage object is not in it:
+// neither is free.
+func TestChargeWhatUsageLeavesOut(t *testing.T) {
+	const reserve, prompt = 4100, 100
+	testCharges(t, false, []chargeCase{
+		{"no completion_tokens: total less the prompt", proxy.AnswerUsage{PromptTokens: 5, TotalTokens: 105, HasPrompt: true, HasTotal: true},
+			reserve, ledger.Tokens{Prompt: 5, Completion: 100}, false},
+		{"no completion_tokens nor total: the reservation's output", proxy.AnswerUsage{PromptTokens: 5, HasPrompt: true},
+			reserve, ledger.Tokens{Prompt: 5, Completion: reserve - prompt}, false},
+		{"a stream without completion_tokens: what it streamed", proxy.AnswerUsage{Stream: true, PromptTokens: 5, HasPrompt: true, Chunks: 40, ChunksAtUsage: 40},
+			reserve, ledger.Tokens{Prompt: 5, Completion: 40}, false},
+		{"no prompt_tokens: total less the output", proxy.AnswerUsage{CompletionTokens: 30, TotalTokens: 530, HasCompletion: true, HasTotal: true},
+			reserve, ledger.Tokens{Prompt: 500, Completion: 30}, false},
+		{"no prompt_tokens nor total: the prompt's estimate", proxy.AnswerUsage{CompletionTokens: 30, HasCompletion: true},
+			reserve, ledger.Tokens{Prompt: prompt, Completion: 30}, false},
+		{"embeddings: prompt and total", proxy.AnswerUsage{PromptTokens: 90, TotalTokens: 90, HasPrompt: true, HasTotal: true},
+			prompt, ledger.Tokens{Prompt: 90}, false},
+		{"embeddings: the prompt alone", proxy.AnswerUsage{PromptTokens: 90, HasPrompt: true},
+			prompt, ledger.Tokens{Prompt: 90}, false},
+		{"a stream's usage before its output", proxy.AnswerUsage{Stream: true, PromptTokens: 5, HasPrompt: true, HasCompletion: true, Chunks: 40},
+			reserve, ledger.Tokens{Prompt: 5, Completion: 40}, false},
+		{"a stream's usage before its last output", proxy.AnswerUsage{Stream: true, PromptTokens: 5, CompletionTokens: 30, HasPrompt: true, HasCompletion: true, Chunks: 40, ChunksAtUsage: 30},
+			reserve, ledger.Tokens{Prompt: 5, Completion: 40}, false},
+		{"a stream's usage after its output", proxy.AnswerUsage{Stream: true, PromptTokens: 5, CompletionTokens: 37, HasPrompt: true, HasCompletion: true, Chunks: 40, ChunksAtUsage: 40},
+			reserve, ledger.Tokens{Prompt: 5, Completion: 37}, false},
+	})
 }
 
 // TestChargePastCap: output reported past the cap the request was sent is
@@ -119,7 +163,8 @@ func TestChargePastCap(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			u := tc.usage
-			u.Status, u.Reported, u.Prompt = 200, true, prompt
+			u.Status, u.Reported, u.Prompt, u.HasPrompt, u.HasCompletion = 200, true, prompt, true, true
+			u.ChunksAtUsage = u.Chunks
 			used, absurd, pastCap := Charge(&u, reserve, 40)
 			if used != tc.want || absurd || pastCap != tc.pastCap {
 				t.Errorf("charged %+v (absurd %v, past the cap %d), want %+v (past the cap %d)", used, absurd, pastCap, tc.want, tc.pastCap)
@@ -135,7 +180,7 @@ func TestAbsurdUsageIsLogged(t *testing.T) {
 	h := &Admitter{Logger: zap.New(core), Policy: new(policy.Policy)}
 	garbled := `{"prompt_tokens":-7,"completion_tokens":5}`
 	for _, u := range []proxy.AnswerUsage{
-		{Status: 200, Reported: true, PromptTokens: 7, CompletionTokens: 5},
+		{Status: 200, Reported: true, PromptTokens: 7, CompletionTokens: 5, HasPrompt: true, HasCompletion: true},
 		{Status: 200, Reported: true, CompletionTokens: 5, Garbled: garbled},
 		{Status: 200, Reported: true, PromptTokens: maxAnswerTokens + 1},
 	} {
@@ -169,7 +214,7 @@ func TestChargeForCosts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reported := proxy.AnswerUsage{Status: 200, Reported: true, PromptTokens: 1200, CompletionTokens: 345}
+	reported := proxy.AnswerUsage{Status: 200, Reported: true, PromptTokens: 1200, CompletionTokens: 345, HasPrompt: true, HasCompletion: true}
 	for _, tc := range []struct {
 		name  string
 		model string

@@ -21,7 +21,11 @@ type AnswerUsage struct {
 	CompletionTokens int64
 	CachedTokens     int64 // of the prompt, read from the upstream's cache
 	ReasoningTokens  int64 // of the completion, spent reasoning
-	Reported         bool  // a usage object was seen
+	TotalTokens      int64
+	Reported         bool // a usage object was seen
+	// Which of its prompt, completion and total tokens the usage object
+	// gave: one it left out is not a zero.
+	HasPrompt, HasCompletion, HasTotal bool
 	// Garbled is the start of a usage object whose figures are not
 	// counts (negative, fractional, not numbers, or beyond any answer's
 	// size), kept for the log; empty for a usage object read whole.
@@ -31,8 +35,11 @@ type AnswerUsage struct {
 	// delta that carries output of any kind (content, refusal, reasoning,
 	// tool or function calls, audio; a completion's text), and one more
 	// for every 4 bytes past the first 16 of a long one.
-	Chunks  int64
-	Retries int // upstream attempts repeated
+	Chunks int64
+	// ChunksAtUsage is Chunks when the last usage object was read: what a
+	// stream carried after it is not in it.
+	ChunksAtUsage int64
+	Retries       int // upstream attempts repeated
 
 	// Set when the request is policed, for charging an answer whose usage
 	// never came: the prompt's estimate, and whether a stream was asked.
@@ -256,7 +263,8 @@ func parseUsage(b []byte, u *AnswerUsage) bool {
 	if !ok {
 		return false
 	}
-	u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens = r.Prompt, r.Completion, r.Cached, r.Reasoning
-	u.Reported, u.Garbled = true, r.Garbled
+	u.PromptTokens, u.CompletionTokens, u.CachedTokens, u.ReasoningTokens, u.TotalTokens = r.Prompt, r.Completion, r.Cached, r.Reasoning, r.Total
+	u.HasPrompt, u.HasCompletion, u.HasTotal = r.HasPrompt, r.HasCompletion, r.HasTotal
+	u.Reported, u.Garbled, u.ChunksAtUsage = true, r.Garbled, u.Chunks
 	return true
 }

@@ -3,6 +3,8 @@ package tests
 import (
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -153,6 +155,85 @@ func TestAbsurdUsageIsChargedTheReservation(t *testing.T) {
 		t.Errorf("today %d requests, want 9", u.Today.Requests)
 	}
 	e.wantStored(t, u)
+}
+
+// TestUsageLeftOutIsNotFree: an upstream whose usage object leaves out
+// completion_tokens (or gives it as null) did not answer for free. Each
+// answer here writes its cap, 100 tokens, and is charged them: as
+// total_tokens less the prompt, when the usage gives both; as all the
+// output a whole answer reserved; as what a stream carried.
+func TestUsageLeftOutIsNotFree(t *testing.T) {
+	e, key := startFaults(t, time.Minute)
+	const chat = `{"model":"vigthoria-fast-1","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}`
+	for _, tc := range []struct{ usage, body string }{
+		{`{"prompt_tokens":5,"total_tokens":105}`, chat},
+		{`{"prompt_tokens":5,"completion_tokens":null}`, chat},
+		{`{"prompt_tokens":5}`, strings.Replace(chat, `"max_tokens":100`, `"max_tokens":100,"stream":true`, 1)},
+	} {
+		before := waitSettled(t, e, key)
+		e.upstream.SetBehavior(standin.Behavior{Usage: tc.usage})
+		res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(tc.body), http.Header{"Authorization": {"Bearer " + key}})
+		if _, err := io.ReadAll(res.Body); err != nil || res.StatusCode != http.StatusOK {
+			t.Fatalf("%s: status %d, %v", tc.usage, res.StatusCode, err)
+		}
+		u := waitSettled(t, e, key)
+		prompt, completion := u.Today.PromptTokens-before.Today.PromptTokens, u.Today.CompletionTokens-before.Today.CompletionTokens
+		if prompt != 5 || completion != 100 {
+			t.Errorf("usage %s, 100 tokens answered: charged %d prompt and %d completion tokens, want 5 and 100", tc.usage, prompt, completion)
+		}
+	}
+}
+
+// earlyUsageUpstream streams a chat whose only usage object comes in its
+// first chunk (the prompt counted, no output yet), then deltas content
+// tokens, then breaks off (done false) or ends with [DONE] (done true).
+func earlyUsageUpstream(deltas int, done bool) *httptest.Server {
+	return httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+		send := func(s string) {
+			io.WriteString(w, "data: "+s+"\n\n")
+			http.NewResponseController(w).Flush()
+		}
+		head := `{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"vigthoria-fast-1",`
+		send(head + `"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":{"prompt_tokens":5,"completion_tokens":0,"total_tokens":5}}`)
+		for i := range deltas {
+			send(head + `"choices":[{"index":0,"delta":{"content":" word` + strconv.Itoa(i) + `"},"finish_reason":null}],"usage":null}`)
+		}
+		if !done {
+			panic(http.ErrAbortHandler)
+		}
+		send(head + `"choices":[{"index":0,"delta":{},"finish_reason":"length"}],"usage":null}`)
+		send("[DONE]")
+	}))
+}
+
+// TestStreamOutputAfterItsUsageIsCharged: a stream whose usage object
+// came before its output (the prompt alone) and then carried 40 tokens
+// is charged those 40, whether the upstream broke it off (a stream cut
+// short is charged what it streamed) or ended it with no later usage.
+func TestStreamOutputAfterItsUsageIsCharged(t *testing.T) {
+	const deltas = 40
+	for _, done := range []bool{false, true} {
+		t.Run("ended="+strconv.FormatBool(done), func(t *testing.T) {
+			srv := earlyUsageUpstream(deltas, done)
+			t.Cleanup(srv.Close)
+			e := startOn(t, standin.New(standin.Options{APIKey: serverKey}), srv, srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", manyFailures, faultTier)
+			key, _ := e.meteredKey(t)
+			res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(
+				`{"model":"vigthoria-fast-1","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hi"}]}`),
+				http.Header{"Authorization": {"Bearer " + key}})
+			raw, _ := io.ReadAll(res.Body)
+			if got := strings.Count(string(raw), `"content":" word`); got != deltas {
+				t.Fatalf("the caller got %d deltas, want %d", got, deltas)
+			}
+			u := waitSettled(t, e, key)
+			if u.Today.PromptTokens != 5 || u.Today.CompletionTokens != deltas {
+				t.Errorf("charged %d prompt and %d completion tokens, want 5 and the %d streamed", u.Today.PromptTokens, u.Today.CompletionTokens, deltas)
+			}
+		})
+	}
 }
 
 // TestUsagePastTheCapIsBounded: an upstream that reports 100,000

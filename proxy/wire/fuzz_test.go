@@ -167,9 +167,10 @@ func countItems(raw json.RawMessage) int64 {
 
 // FuzzParseUsage holds the usage reader to encoding/json: whenever it reads
 // a usage object, decoding that object with encoding/json gives the same
-// four figures (prompt and completion tokens, and the cached and
-// reasoning tokens of their details), whatever the key order, nesting and
-// number spelling; and the reader finds it garbled exactly when
+// five figures (prompt, completion and total tokens, and the cached and
+// reasoning tokens of their details), and the same of the first three
+// given, whatever the key order, nesting and number spelling; and the
+// reader finds it garbled exactly when
 // encoding/json fails on it or decodes a figure that is not a count.
 func FuzzParseUsage(f *testing.F) {
 	f.Add([]byte(`{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":500}}`))
@@ -187,12 +188,13 @@ func FuzzParseUsage(f *testing.F) {
 		obj := b[start:skipValue(b, start)]
 		// Keys match exactly in the reader; encoding/json folds case, so
 		// only objects without folded spellings of the keys compare.
-		if spellsFolded(obj, "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details", "cached_tokens", "reasoning_tokens") {
+		if spellsFolded(obj, "prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details", "cached_tokens", "reasoning_tokens") {
 			return
 		}
 		var want struct {
 			Prompt        *float64 `json:"prompt_tokens"`
 			Completion    *float64 `json:"completion_tokens"`
+			Total         *float64 `json:"total_tokens"`
 			PromptDetails *struct {
 				Cached *float64 `json:"cached_tokens"`
 			} `json:"prompt_tokens_details"`
@@ -201,14 +203,14 @@ func FuzzParseUsage(f *testing.F) {
 			} `json:"completion_tokens_details"`
 		}
 		garbled := json.Unmarshal(obj, &want) != nil
-		figures := [4]*float64{want.Prompt, want.Completion}
+		figures := [5]*float64{want.Prompt, want.Completion, nil, nil, want.Total}
 		if want.PromptDetails != nil {
 			figures[2] = want.PromptDetails.Cached
 		}
 		if want.CompletionDetails != nil {
 			figures[3] = want.CompletionDetails.Reasoning
 		}
-		var exp [4]int64
+		var exp [5]int64
 		for k, v := range figures {
 			switch {
 			case v == nil:
@@ -221,8 +223,11 @@ func FuzzParseUsage(f *testing.F) {
 		if (u.Garbled != "") != garbled {
 			t.Fatalf("ParseUsage found %s garbled: %v, encoding/json: %v", obj, u.Garbled != "", garbled)
 		}
-		if got := [4]int64{u.Prompt, u.Completion, u.Cached, u.Reasoning}; !garbled && got != exp {
+		if got := [5]int64{u.Prompt, u.Completion, u.Cached, u.Reasoning, u.Total}; !garbled && got != exp {
 			t.Fatalf("ParseUsage read %v, encoding/json %v, from %s", got, exp, obj)
+		}
+		if given := [3]bool{u.HasPrompt, u.HasCompletion, u.HasTotal}; !garbled && given != [3]bool{want.Prompt != nil, want.Completion != nil, want.Total != nil} {
+			t.Fatalf("ParseUsage found figures %v given in %s", given, obj)
 		}
 	})
 }

@@ -12,6 +12,10 @@ type Usage struct {
 	Completion int64 // completion_tokens
 	Cached     int64 // prompt_tokens_details.cached_tokens
 	Reasoning  int64 // completion_tokens_details.reasoning_tokens
+	Total      int64 // total_tokens
+	// Which of prompt_tokens, completion_tokens and total_tokens the
+	// object gives (not null): a figure it leaves out is not a zero.
+	HasPrompt, HasCompletion, HasTotal bool
 	// Garbled is the start of a usage object whose figures are not
 	// counts (negative, fractional, not numbers, or beyond any answer's
 	// size), kept for the log; empty for a usage object read whole.
@@ -28,6 +32,7 @@ const (
 	completionFigure        // completion_tokens
 	cachedFigure            // prompt_tokens_details.cached_tokens
 	reasoningFigure         // completion_tokens_details.reasoning_tokens
+	totalFigure             // total_tokens
 	figureCount
 )
 
@@ -76,6 +81,8 @@ func ParseUsage(b []byte) (u Usage, ok bool) {
 			f.read(promptFigure, v)
 		case "completion_tokens":
 			f.read(completionFigure, v)
+		case "total_tokens":
+			f.read(totalFigure, v)
 		case "prompt_tokens_details":
 			f.readDetail(cachedFigure, "cached_tokens", v)
 		case "completion_tokens_details":
@@ -85,7 +92,10 @@ func ParseUsage(b []byte) (u Usage, ok bool) {
 	if !f.seen[promptFigure] && !f.seen[completionFigure] && !f.garbled() {
 		return u, false
 	}
-	u = Usage{Prompt: f.n[promptFigure], Completion: f.n[completionFigure], Cached: f.n[cachedFigure], Reasoning: f.n[reasoningFigure]}
+	u = Usage{
+		Prompt: f.n[promptFigure], Completion: f.n[completionFigure], Cached: f.n[cachedFigure], Reasoning: f.n[reasoningFigure], Total: f.n[totalFigure],
+		HasPrompt: f.seen[promptFigure], HasCompletion: f.seen[completionFigure], HasTotal: f.seen[totalFigure],
+	}
 	if f.garbled() {
 		u.Garbled = string(obj[:min(len(obj), maxGarbledText)])
 	}
