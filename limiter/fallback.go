@@ -49,6 +49,9 @@ type Shared interface {
 	// this one included; 0 while some live instance may not count this
 	// one yet, which then has no share of the limits.
 	Instances() int
+	// Answers reports whether calls go to the backend: it is not held
+	// for down.
+	Answers() bool
 }
 
 // Fallback puts a shared backend (Redis) first and acts as told by
@@ -72,8 +75,9 @@ type Shared interface {
 // so is one whose share is below one unit, or any client while an
 // instance that joined lately may not be counted by all (Instances is 0).
 // Whatever the local limits admitted is charged to the shared backend once
-// it answers again, so that the requests and tokens served during an
-// outage count against the limits afterwards. An instance cut off from a
+// it answers again, before the next call sent there (payFirst), so that
+// the requests and tokens served during an outage count against the
+// limits afterwards. An instance cut off from a
 // backend that other instances still reach takes its share on top of what
 // the backend admits: it is charged, into debt, once it answers.
 //
@@ -145,6 +149,7 @@ func (f *Fallback) Admit(ctx context.Context, client string, lim *Limits, reserv
 	if err := checkReserve(lim, reserve); err != nil {
 		return Decision{}, err // the caller's mistake, not the shared backend's failure
 	}
+	f.payFirst()
 	d, err := f.shared.Admit(ctx, client, lim, reserve, now)
 	if err == nil {
 		if !d.Lease.fromSlice() { // a slice's admission did not ask Redis
@@ -186,6 +191,7 @@ func (f *Fallback) Reserve(ctx context.Context, client string, lim *Limits, leas
 		f.fixTooLarge(lim, &d, lease.Reserved, tokens)
 		return d, err
 	}
+	f.payFirst()
 	d, err := f.shared.Reserve(ctx, client, lim, lease, tokens, now)
 	switch {
 	case err == nil:
@@ -416,20 +422,33 @@ func (f *Fallback) oweUse(client string, lim *Limits, used int64) {
 	}
 }
 
-// pay charges the shared backend what the local limits admitted.
+// payFirst charges the shared backend what the local limits admitted,
+// once it answers again, before the call about to be sent there: the
+// backend refilled its buckets over the outage as the local limits did,
+// and a call that reached it before the charge would be admitted from
+// that refill a second time. A client's calls go to the backend in
+// order (Redis' queues), so the charge is decided before the call.
+func (f *Fallback) payFirst() {
+	if f.owing.Load() && f.shared.Answers() {
+		f.pay()
+	}
+}
+
+// pay charges the shared backend what the local limits admitted. The
+// charges are queued under owedMu, and owing cleared after them: a call
+// that finds nothing owed is queued behind them.
 func (f *Fallback) pay() {
 	f.owedMu.Lock()
-	owed := f.owed
-	f.owed = make(map[string]*owing)
-	f.owing.Store(false)
-	f.owedMu.Unlock()
-	for client, o := range owed {
+	defer f.owedMu.Unlock()
+	for client, o := range f.owed {
 		f.shared.Charge(client, o.lim, o.requests, o.tokens)
 		f.local.paid(client, o.tokens)
 	}
-	if len(owed) > 0 {
-		f.logger.Info("charged the shared limiter what local limits admitted while it failed", zap.Int("clients", len(owed)))
+	if n := len(f.owed); n > 0 {
+		f.logger.Info("charged the shared limiter what local limits admitted while it failed", zap.Int("clients", n))
+		f.owed = make(map[string]*owing)
 	}
+	f.owing.Store(false)
 }
 
 // Down reports whether the fallback is in force.

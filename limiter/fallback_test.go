@@ -80,6 +80,8 @@ func (f *flaky) Charge(client string, lim *Limits, requests, tokens int64) {
 	f.charged[client] = [2]int64{c[0] + requests, c[1] + tokens}
 }
 
+func (f *flaky) Answers() bool { return !f.down }
+
 // Instances: 1 by default; a negative instances, 0 (not counted by all).
 func (f *flaky) Instances() int {
 	if f.instances < 0 {
@@ -293,6 +295,17 @@ func TestFallbackReserve(t *testing.T) {
 	})
 }
 
+// localFallback returns a Redis limiter on s, held for down 50 ms past an
+// unanswered call, and a UseLocal Fallback on it, once it counts itself
+// the one instance.
+func localFallback(t *testing.T, s *redistest.Server, prefix string) (*Redis, *Fallback) {
+	r := newTimedRedis(t, newRedisClient(t, s), prefix, 50*time.Millisecond)
+	for r.Instances() != 1 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return r, newFallback(r, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
+}
+
 // TestFallbackOutageKeepsWhatLeasesUsed: under UseLocal, requests Redis
 // admitted before it stopped (a caller can hold them: they are admitted
 // before their body is read) reserve their tokens in the instance's share
@@ -301,12 +314,8 @@ func TestFallbackReserve(t *testing.T) {
 // and a share given all back would lend the same tokens again and again.
 func TestFallbackOutageKeepsWhatLeasesUsed(t *testing.T) {
 	s := redistest.Start(t)
-	r := newTimedRedis(t, newRedisClient(t, s), "recycle:", 50*time.Millisecond)
-	f := newFallback(r, NewMemory(noFigure{}, 100), UseLocal, zap.NewNop())
+	_, f := localFallback(t, s, "recycle:")
 	lim := &Limits{Tokens: Rate{N: 6000, Window: time.Minute, Burst: 600}} // 100 a second
-	for r.Instances() != 1 {
-		time.Sleep(10 * time.Millisecond)
-	}
 	ctx := t.Context()
 	var leases []Lease
 	for range 20 {
@@ -338,6 +347,63 @@ func TestFallbackOutageKeepsWhatLeasesUsed(t *testing.T) {
 	allowed := int64(100*elapsed.Seconds()) + 100 // a second more than the outage refilled
 	if used == 0 || used > allowed {
 		t.Errorf("Redis down for %v: %d tokens reserved and used by the 20 requests Redis had admitted, want 100 to %d (100 a second)", elapsed.Round(time.Millisecond), used, allowed)
+	}
+}
+
+// TestFallbackChargesBeforeItAdmitsAgain: under UseLocal, a caller spends
+// its burst, then Redis stops for 2.5 s. The instance admits its share of
+// what the rate refills meanwhile, and owes it to Redis, whose own bucket
+// refilled over the same time. Once Redis answers again, the charge goes
+// before the caller's next requests: they are not admitted from that
+// refill a second time, and the caller gets no more than the rate since
+// its burst.
+func TestFallbackChargesBeforeItAdmitsAgain(t *testing.T) {
+	s := redistest.Start(t)
+	r, f := localFallback(t, s, "recover:")
+	lim := &Limits{Requests: Rate{N: 600, Window: time.Minute, Burst: 100}} // 10 a second
+	ctx := t.Context()
+	for i := range 100 {
+		d, err := f.Admit(ctx, "c", lim, 0, time.Now())
+		if err != nil || d.Reason != Admitted {
+			t.Fatalf("the burst, request %d: %v %v", i, d.Reason, err)
+		}
+		f.SettleDeferred("c", lim, d.Lease, 0, time.Now())
+	}
+	spent := time.Now() // the bucket is empty: from now on, 10 a second
+
+	s.Pause(t)
+	var local int
+	for begin := time.Now(); time.Since(begin) < 2500*time.Millisecond; time.Sleep(20 * time.Millisecond) {
+		if d, err := f.Admit(ctx, "c", lim, 0, time.Now()); err == nil && d.Reason == Admitted {
+			if d.Lease.ID != "" {
+				t.Fatal("admitted by Redis while it is stopped")
+			}
+			local++
+			f.SettleDeferred("c", lim, d.Lease, 0, time.Now())
+		}
+	}
+	if !f.Down() {
+		t.Fatal("the fallback is not in force")
+	}
+	s.Resume(t)
+	for !r.Answers() {
+		time.Sleep(time.Millisecond)
+	}
+	var wg sync.WaitGroup
+	var again atomic.Int64
+	for range 60 {
+		wg.Go(func() {
+			if d, err := f.Admit(ctx, "c", lim, 0, time.Now()); err == nil && d.Reason == Admitted {
+				again.Add(1)
+				f.SettleDeferred("c", lim, d.Lease, 0, time.Now())
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(spent)
+	if allowed := int(10*elapsed.Seconds()) + 1; local+int(again.Load()) > allowed {
+		t.Errorf("%d admitted locally during the outage and %d by Redis as it answered again, %v after the burst was spent: want at most %d (10 a second)",
+			local, again.Load(), elapsed.Round(time.Millisecond), allowed)
 	}
 }
 

@@ -155,6 +155,10 @@ func (r *Redis) Charge(client string, lim *Limits, requests, tokens int64) {
 	}
 }
 
+// Answers implements Shared: calls go to Redis unless it is held for
+// down.
+func (r *Redis) Answers() bool { return r.health.pass() }
+
 // logCourse logs a change of the instance's view of Redis.
 func (r *Redis) logCourse(down bool, err error) {
 	if down {
