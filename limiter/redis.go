@@ -122,6 +122,7 @@ type Redis struct {
 	rejoined            bool          // joined after Redis had forgotten it; the heartbeats' only
 	leaseTTL, keepEnded time.Duration // LeaseTTL and keepEnded, but in tests
 	running             leaseBook     // leases to renew
+	silence             silenceBook   // Redis' last answers, for lease grace (redis_leases.go)
 	retries             retryQueue
 	batches             [queues]batcher // the calls on their way to Redis (redis_batch.go)
 	queueSeed           maphash.Seed
@@ -195,9 +196,10 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 		claimR, claimT = r.claimFor(client, lim, time.Now())
 	}
 	claiming := claimR > 0 || claimT > 0
-	args := limitArgs(make([]any, 0, 14), lim)
+	args := limitArgs(make([]any, 0, 15), lim)
 	id := strconv.FormatUint(rand.Uint64(), 36)
-	args = append(args, reserve, r.leaseTTL.Milliseconds(), id)
+	sent := time.Now()
+	args = append(args, reserve, r.leaseTTL.Milliseconds(), id, r.leaseGrace(sent).Milliseconds())
 	replyLen := 3 + stateReplyLen
 	if claiming {
 		args = append(args, claimR, claimT)
@@ -233,6 +235,15 @@ func (r *Redis) Admit(ctx context.Context, client string, lim *Limits, reserve i
 		return Decision{}, fmt.Errorf("redis admit: unexpected reply %v", vals)
 	}
 	d.Reason, d.RetryAfter = Reason(n[0]), time.Duration(n[1])
+	if d.Reason == Admitted && lim.Concurrent > 0 && r.wokeSince(sent) {
+		// Its slot may be a running request's whose lease expired while
+		// Redis was silent: undone, as a call whose answer came too late.
+		if claiming {
+			r.claimed(client, lim, 0, 0, 0, "", State{}, time.Now())
+		}
+		r.cancelLater(client, lim, id)
+		return Decision{}, fmt.Errorf("redis admit: %w", errWoke)
+	}
 	if claiming {
 		r.claimed(client, lim, got[0], got[1], n[2], id, d.State, time.Now())
 		// The slices are the client's still: not used, only held here.

@@ -1,8 +1,11 @@
 -- Admit (redis.go): check every limit in the order of memory.go and, when
 -- all pass, count the request, reserve the tokens against the bucket and
 -- the quota, and add a lease. A refusal writes nothing.
--- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease ID (random).
--- ARGV[13] and [14], optional, the requests and tokens of the slices an
+-- ARGV[10] reserve, ARGV[11] lease TTL in ms, ARGV[12] lease ID (random),
+-- ARGV[13] the grace in ms: how long before now a lease may have expired
+-- and still count (see leaseGrace in redis_leases.go; 0 but after Redis
+-- was silent long enough for running requests' leases to expire).
+-- ARGV[14] and [15], optional, the requests and tokens of the slices an
 -- instance claims (redis_slices.go): taken from the buckets, and the
 -- tokens from the quota counter too, after the request's own when the
 -- request is admitted and they fit, not at all otherwise. Of a quota, a
@@ -14,17 +17,18 @@
 -- script's, then, when a slice was asked for, the requests and tokens
 -- claimed; or -1 alone for an admission cancelled before it ran.
 local reserve, ttl, id = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
-local claimR, claimT = tonumber(ARGV[13]) or 0, tonumber(ARGV[14]) or 0
-local sliced = ARGV[13] ~= nil
+local live = string.format('%.0f', nowMs - tonumber(ARGV[13]))
+local claimR, claimT = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
+local sliced = ARGV[14] ~= nil
 local quotaFloor, quotaMinLeft = 10, 2000000 -- slices; µs
 
 if redis.call('ZSCORE', KEYS[2], id) then
   return {-1}
 end
 
--- Leases past their expiry are of instances that died, or stopped
--- renewing them: not counted.
-local inFlight = redis.call('ZCOUNT', KEYS[2], '(' .. string.format('%.0f', nowMs), '+inf')
+-- Leases past their expiry (and the grace) are of instances that died,
+-- or stopped renewing them: not counted.
+local inFlight = redis.call('ZCOUNT', KEYS[2], '(' .. live, '+inf')
 local qKey, qName, qUsed, qHeld, qEnd, qFresh = nil, '', 0, 0, 0, false
 if quotaN > 0 then
   qName, qEnd = period(math.floor(now / 1000000), quotaP)
@@ -94,7 +98,7 @@ if reason == 0 then
   admitted = nowMs
   if concurrent >= 0 then
     local expiry = nowMs + ttl
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], 1, nowMs)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], 1, live)
     redis.call('ZADD', KEYS[2], expiry, id)
     if redis.call('PTTL', KEYS[2]) < ttl then
       redis.call('PEXPIREAT', KEYS[2], expiry)

@@ -162,6 +162,10 @@ func (h *health) waitVerdict(ctx context.Context) {
 // slow or gone, and waiting longer would not help.
 var errQueueFull = errors.New("too many calls wait for redis")
 
+// errWoke is the error of an admission to a concurrency limit that Redis
+// decided as it woke from a long silence (see Redis.leaseGrace).
+var errWoke = errors.New("decided as redis answered again after a long silence")
+
 // errClosed is the error of a call made after Close.
 var errClosed = errors.New("the redis limiter is closed")
 
@@ -435,6 +439,7 @@ func (r *Redis) pipeline(calls []*call, deadline time.Time) []*redis.Cmd {
 func (r *Redis) exec(ctx context.Context, pipe redis.Pipeliner) error {
 	_, err := pipe.Exec(ctx) // each command has its own error
 	if err == nil || isAnswer(err) {
+		r.noteAnswer(time.Now())
 		r.health.answered()
 	} else {
 		r.health.suspect()

@@ -76,6 +76,7 @@ func (r *Redis) heartbeat(live time.Duration) {
 	if err != nil || len(vals) != 4 {
 		return // the request path's round trips tell the outage
 	}
+	r.noteAnswer(time.Now())
 	n, now, added, oldest := vals[0], vals[1], vals[2], vals[3]
 	if added == 1 { // joined, or forgotten and back: nobody counts it yet
 		r.rejoined = r.joined != 0
@@ -120,7 +121,11 @@ func (r *Redis) ping() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), max(r.timeout, probeTimeout))
 	defer cancel()
-	return r.client.Ping(ctx).Err()
+	err := r.client.Ping(ctx).Err()
+	if err == nil {
+		r.noteAnswer(time.Now())
+	}
+	return err
 }
 
 // leave forgets the instance in the live set, on Close.

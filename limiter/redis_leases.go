@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/maphash"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -179,7 +180,73 @@ func (r *Redis) renew(timeout time.Duration) error {
 		renewScript.EvalSha(ctx, pipe, []string{keys[1], keys[3]}, args...)
 	}
 	_, err := pipe.Exec(ctx)
+	if err == nil {
+		r.noteAnswer(time.Now())
+	}
 	return err
+}
+
+// silenceBook is what an instance knows of Redis' silences: when it last
+// answered, and the last silence long enough for a lease renewed before
+// it to expire, and when that ended. A Redis that stalls (a long fork, a
+// slow script, DEBUG SLEEP) is silent for every instance at once, and its
+// clock moves on meanwhile: the leases of requests that still run expire,
+// since no instance could renew them, and an admission decided as Redis
+// wakes, before their instances renew them, would take their slots.
+type silenceBook struct {
+	answered atomic.Int64 // unix ns; 0 before the first answer
+	last     atomic.Int64 // the last long silence, ns
+	ended    atomic.Int64 // unix ns: when it ended
+}
+
+// noteAnswer records that Redis answered the instance at now.
+func (r *Redis) noteAnswer(now time.Time) {
+	b := &r.silence
+	t := now.UnixNano()
+	if before := b.answered.Swap(t); before != 0 && t-before > int64(r.longSilence()) {
+		b.last.Store(t - before) // before ended, which a reader loads first
+		b.ended.Store(t)
+	}
+}
+
+// longSilence is a silence long enough for a lease renewed just before it
+// to expire: a lease renewed every third of its TTL has two thirds left.
+func (r *Redis) longSilence() time.Duration { return r.leaseTTL - r.leaseTTL/3 }
+
+// leaseGrace is how long before now a lease may have expired and still
+// be counted live by an admission sent at now: none, unless Redis has
+// been silent for this instance long enough for a running request's
+// lease to expire unrenewed, or was until lately. Then the leases that
+// expired during the silence count, until their instances have renewed
+// them (a renewal period and a second after it ended); so do the slots
+// of an instance that died meanwhile, a little longer than LeaseTTL. An
+// instance cut off alone sees the same silence, and counts the others'
+// leases for a while after it: that refuses more, never less.
+func (r *Redis) leaseGrace(now time.Time) time.Duration {
+	b := &r.silence
+	answered := b.answered.Load()
+	if answered == 0 {
+		return 0
+	}
+	t := now.UnixNano()
+	var grace time.Duration
+	if ended := b.ended.Load(); ended != 0 && t-ended < int64(r.leaseTTL/3+time.Second) {
+		grace = time.Duration(b.last.Load())
+	}
+	if silent := time.Duration(t - answered); silent > r.longSilence() {
+		grace = max(grace, silent)
+	}
+	if grace == 0 {
+		return 0
+	}
+	return grace + time.Second // the answers before the silence were up to a heartbeat apart
+}
+
+// wokeSince reports whether a long silence of Redis ended after sent: a
+// call sent before it ended was decided as Redis woke, by its clock, which
+// had moved past the leases no instance could renew.
+func (r *Redis) wokeSince(sent time.Time) bool {
+	return r.silence.ended.Load() >= sent.UnixNano()
 }
 
 // retryPending retries a batch of the failed calls in one pipeline, and

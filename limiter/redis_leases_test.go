@@ -78,6 +78,100 @@ func TestRedisRenewalRestoresALostLease(t *testing.T) {
 	settledWithin(t, r, lim, func(st State) bool { return st.InFlight == 1 }, "the lost lease is renewed")
 }
 
+// TestRedisStallKeepsRunningSlots: Redis stalls for longer than a lease
+// lives (as a long fork, a slow script or DEBUG SLEEP would), while
+// instance A runs a request of a caller on concurrent 1. Nothing ends
+// that request: A renews its lease once Redis answers again. Redis' clock
+// moved on meanwhile, past the lease no instance could renew; yet neither
+// an admission instance B sent during the stall, decided as Redis wakes,
+// nor one B sends as it wakes, takes that request's slot.
+func TestRedisStallKeepsRunningSlots(t *testing.T) {
+	s := redistest.Start(t)
+	const ttl = 600 * time.Millisecond // LeaseTTL, scaled down
+	a := newShortRedis(t, newRedisClient(t, s), "stall:", ttl, keepEnded)
+	b := newShortRedis(t, newRedisClient(t, s), "stall:", ttl, keepEnded)
+	lim := &Limits{Concurrent: 1}
+	warm(t, b, lim)
+	running, err := a.Admit(t.Context(), "c", lim, 0, time.Now())
+	if err != nil || running.Reason != Admitted {
+		t.Fatalf("A's request: %+v %v", running, err)
+	}
+
+	s.Pause(t)
+	var during Decision
+	var duringErr error
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		time.Sleep(100 * time.Millisecond)
+		// It waits for Redis' answer up to the timeout: it is sent now,
+		// and decided as Redis wakes.
+		during, duringErr = b.Admit(context.Background(), "c", lim, 0, time.Now())
+	}()
+	time.Sleep(2 * ttl)
+	s.Resume(t)
+	<-sent
+	if !errors.Is(duringErr, errWoke) {
+		t.Errorf("B's request sent during the stall, beside A's running one on concurrent 1: %+v %v, want it undone (errWoke)", during, duringErr)
+	}
+	if d, err := b.Admit(t.Context(), "c", lim, 0, time.Now()); err != nil || d.Reason != ConcurrencyLimit {
+		t.Errorf("B's request as Redis woke: %+v %v, want refused for concurrency", d, err)
+	}
+	settledWithin(t, a, lim, func(st State) bool { return st.InFlight == 1 }, "A's request alone in flight once A renewed")
+	if err := a.Settle(t.Context(), "c", lim, running.Lease, 0, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := b.Admit(t.Context(), "c", lim, 0, time.Now()); err != nil || d.Reason != Admitted {
+		t.Errorf("B's request once A's ended: %+v %v, want admitted", d, err)
+	}
+}
+
+// TestLeaseGrace: an admission counts the leases that expired while Redis
+// was silent long enough (two thirds of LeaseTTL) for a renewed lease to
+// expire, during that silence and for a renewal period and a second
+// after it; never otherwise.
+func TestLeaseGrace(t *testing.T) {
+	r := &Redis{leaseTTL: LeaseTTL}
+	t0 := time.Now()
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+	if g := r.leaseGrace(t0); g != 0 {
+		t.Errorf("before any answer: %v, want none", g)
+	}
+	r.noteAnswer(t0)
+	for _, tc := range []struct {
+		at   time.Duration
+		want time.Duration
+	}{
+		{time.Second, 0},
+		{10 * time.Second, 0},
+		{11 * time.Second, 12 * time.Second}, // silent for longer than a lease can outlive its last renewal
+	} {
+		if g := r.leaseGrace(at(tc.at)); g != tc.want {
+			t.Errorf("silent for %v: %v, want %v", tc.at, g, tc.want)
+		}
+	}
+	r.noteAnswer(at(20 * time.Second))
+	if !r.wokeSince(at(19*time.Second)) || r.wokeSince(at(21*time.Second)) {
+		t.Error("woke: not after a call sent during the silence, or after one sent after it")
+	}
+	for _, tc := range []struct {
+		at   time.Duration
+		want time.Duration
+	}{
+		{21 * time.Second, 21 * time.Second}, // the 20 s silence, and a second
+		{25900 * time.Millisecond, 21 * time.Second},
+		{26100 * time.Millisecond, 0}, // past a renewal period and a second
+	} {
+		if g := r.leaseGrace(at(tc.at)); g != tc.want {
+			t.Errorf("%v after the last answer before the silence: %v, want %v", tc.at, g, tc.want)
+		}
+	}
+	r.noteAnswer(at(27 * time.Second))
+	if g := r.leaseGrace(at(28 * time.Second)); g != 0 {
+		t.Errorf("answered a second before: %v, want none", g)
+	}
+}
+
 // warm loads the scripts into Redis and opens a connection, so that a
 // call sent to a stopped Redis runs when it goes on, as in a running
 // fleet, rather than failing for want of its script.
@@ -213,7 +307,7 @@ func TestRedisTimedOutAdmitIsCancelled(t *testing.T) {
 		r.cancelLater("c", lim, "42")
 		settledWithin(t, r, lim, func(State) bool { return r.retries.len() == 0 }, "the cancellation lands")
 		args := limitArgs(nil, lim)
-		args = append(args, 0, r.leaseTTL.Milliseconds(), "42")
+		args = append(args, 0, r.leaseTTL.Milliseconds(), "42", 0)
 		vals, err := admitScript.Run(t.Context(), c, r.keys("c"), args...).Slice()
 		if err != nil || len(vals) != 1 || vals[0] != int64(-1) {
 			t.Errorf("an admission cancelled before it ran: %v %v, want [-1]", vals, err)

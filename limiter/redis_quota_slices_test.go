@@ -241,7 +241,7 @@ func TestRedisLostQuotaClaimIsGivenBack(t *testing.T) {
 			lim := &Limits{Requests: Rate{N: 100_000, Window: time.Hour}, Quota: Quota{N: quota, Period: Month}}
 			claim := quota / 100
 			args := limitArgs(nil, lim)
-			args = append(args, 30, r.leaseTTL.Milliseconds(), "lost-claim", 1000, claim)
+			args = append(args, 30, r.leaseTTL.Milliseconds(), "lost-claim", 0, 1000, claim)
 			vals, err := admitScript.Run(t.Context(), c, r.keys(client), args...).Slice()
 			if err != nil || len(vals) != 12 || vals[10] != int64(1000) || vals[11] != claim {
 				t.Fatalf("the admission that claims: %v %v, want 1,000 requests and %d tokens claimed", vals, err, claim)
@@ -276,7 +276,7 @@ func TestRedisLostClaimOfAnExpiredLease(t *testing.T) {
 	const claim = 10_000
 	admit := func(id string, ttl time.Duration, claimed ...any) []any {
 		t.Helper()
-		args := append(limitArgs(nil, lim), 30, ttl.Milliseconds(), id)
+		args := append(limitArgs(nil, lim), 30, ttl.Milliseconds(), id, 0)
 		vals, err := admitScript.Run(t.Context(), c, r.keys("c"), append(args, claimed...)...).Slice()
 		if err != nil || vals[0] != int64(0) {
 			t.Fatalf("admission %s: %v %v", id, vals, err)

@@ -39,7 +39,7 @@ func TestRedisLostCallsLeaveNothingCharged(t *testing.T) {
 
 	// An admission that ran, whose answer was lost, is cancelled.
 	args = limitArgs(nil, lim)
-	args = append(args, 300, r.leaseTTL.Milliseconds(), "lost-admit")
+	args = append(args, 300, r.leaseTTL.Milliseconds(), "lost-admit", 0)
 	if err := admitScript.Run(ctx, c, r.keys("c"), args...).Err(); err != nil {
 		t.Fatal(err)
 	}
