@@ -2,6 +2,7 @@ package vigthoria
 
 import (
 	"encoding/json"
+	"math"
 	"net/http"
 	"slices"
 	"strconv"
@@ -272,10 +273,13 @@ func (u mintedUsers) issuer() *token.Issuer {
 	return &token.Issuer{
 		Issuer:   keys.MintIssuer,
 		Audience: []string{keys.MintAudience},
-		Leeway:   DefaultJWTLeeway,
-		Keys:     u.keys.MintKeys(u.maxTTL),
-		Caller:   u.caller,
-		Still:    u.still,
+		// The instances of a fleet may disagree on the time a token was
+		// issued; its end is the expires_at its holder was told.
+		Leeway:       DefaultJWTLeeway,
+		StrictExpiry: true,
+		Keys:         u.keys.MintKeys(u.maxTTL),
+		Caller:       u.caller,
+		Still:        u.still,
 	}
 }
 
@@ -294,7 +298,7 @@ func (u mintedUsers) caller(claims map[string]any) (caller.Client, bool) {
 	// key leaked.
 	iat, _ := claims["iat"].(float64)
 	exp, _ := claims["exp"].(float64)
-	if iat <= 0 || exp-iat > (u.maxTTL+DefaultJWTLeeway).Seconds() {
+	if iat <= 0 || exp-iat > math.Ceil(u.maxTTL.Seconds()) {
 		return caller.Client{}, false
 	}
 	keyTier, mint, live := u.keys.Minter(keyID, time.Now())

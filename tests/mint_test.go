@@ -385,6 +385,23 @@ func TestMintedUsersShareTheirKeysOwnLimits(t *testing.T) {
 	}
 }
 
+// TestMintedTokenEndsAtItsExpiry: a minted token works until the
+// expires_at its minting answer gave, and not a second after: the proxy
+// signs and checks these tokens itself, and allows no clock skew on
+// their end, as it does for an OpenID provider's.
+func TestMintedTokenEndsAtItsExpiry(t *testing.T) {
+	e, _, backend := startMinting(t, "")
+	tok := e.mintWhenKnown(t, backend, map[string]any{"user": "alice", "tier": "webplus", "ttl": "3s"}) // at least 2 s, its end truncated to a second
+	if status, body := e.chatStatus(t, "Bearer "+tok.Token); status != http.StatusOK {
+		t.Fatalf("a fresh token: %d %s", status, body)
+	}
+	time.Sleep(time.Until(time.Unix(tok.ExpiresAt, 0)) + 500*time.Millisecond)
+	_, bad := e.chatStatus(t, "Bearer vgt_not-a-key")
+	if status, body := e.chatStatus(t, "Bearer "+tok.Token); status != http.StatusUnauthorized || string(body) != string(bad) {
+		t.Errorf("a token half a second past its expires_at: %d %s, want the one 401", status, body)
+	}
+}
+
 // TestMintRefusals checks each way to ask for a token the proxy must not
 // give, and tokens the proxy did not sign.
 func TestMintRefusals(t *testing.T) {

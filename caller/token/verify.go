@@ -50,7 +50,10 @@ type Issuer struct {
 	Issuer   string        // the iss claim, compared exactly
 	Audience []string      // a token's aud must hold one of these, exactly
 	Leeway   time.Duration // the clock skew allowed on exp, nbf and iat
-	Keys     KeySource
+	// StrictExpiry allows no skew on exp, only on nbf and iat: for tokens
+	// the proxy signs itself, whose exp is the one it told their holder.
+	StrictExpiry bool
+	Keys         KeySource
 	// Caller names the caller of a verified token from its claims, or
 	// refuses the token with false.
 	Caller func(claims map[string]any) (caller.Client, bool)
@@ -215,7 +218,7 @@ func (v *Verifier) verify(ctx context.Context, token string, now time.Time) (rem
 
 // validate checks a token's claims against the issuer's settings at now.
 func (iss *Issuer) validate(claims jwt.MapClaims, now time.Time) error {
-	return jwt.NewValidator(
+	err := jwt.NewValidator(
 		jwt.WithIssuer(iss.Issuer),
 		jwt.WithAudience(iss.Audience...),
 		jwt.WithExpirationRequired(),
@@ -223,6 +226,12 @@ func (iss *Issuer) validate(claims jwt.MapClaims, now time.Time) error {
 		jwt.WithLeeway(iss.Leeway),
 		jwt.WithTimeFunc(func() time.Time { return now }),
 	).Validate(claims)
+	if err == nil && iss.StrictExpiry {
+		if exp, _ := claims.GetExpirationTime(); !now.Before(exp.Time) {
+			return jwt.ErrTokenExpired
+		}
+	}
+	return err
 }
 
 // hashToken is the SHA-256 of a token of at most MaxTokenSize bytes;
