@@ -16,9 +16,13 @@ import (
 var (
 	errUpstreamUnavailable = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamUnavailable, Message: "The upstream API could not be reached. Please try again later."}
 	errUpstreamTimeout     = &api.Error{Status: http.StatusGatewayTimeout, Type: api.TypeAPI, Code: api.CodeUpstreamTimeout, Message: "The upstream API did not answer in time. Please try again later."}
-	errUpstreamAuth        = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamAuth, Message: "The proxy could not authenticate with the upstream API. The operator has been notified."}
-	errUpstreamBadAnswer   = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamBadAnswer, Message: "The upstream API sent an answer that is not valid JSON. Please try again later."}
-	errUpstreamStream      = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamStream, Message: "The upstream API failed while streaming the answer. The answer is incomplete."}
+	// errUpstreamRefused is an upstream 401 or 403 about the request, not
+	// the server key, which works: 403 for the caller, whose own key is
+	// fine, and nothing of the upstream's body, which may name the key.
+	errUpstreamRefused   = &api.Error{Status: http.StatusForbidden, Type: api.TypeInvalidRequest, Code: api.CodeUpstreamError, Message: "The upstream API refused the request with its server key, which serves other requests: it may not allow this model or endpoint."}
+	errUpstreamAuth      = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamAuth, Message: "The proxy could not authenticate with the upstream API. The operator has been notified."}
+	errUpstreamBadAnswer = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamBadAnswer, Message: "The upstream API sent an answer that is not valid JSON. Please try again later."}
+	errUpstreamStream    = &api.Error{Status: http.StatusBadGateway, Type: api.TypeAPI, Code: api.CodeUpstreamStream, Message: "The upstream API failed while streaming the answer. The answer is incomplete."}
 	// errModelNotAvailable is a model no server key serves: the operator's
 	// api_keys globs leave it out.
 	errModelNotAvailable = &api.Error{Status: http.StatusNotFound, Type: api.TypeInvalidRequest, Code: api.CodeModelNotAvailable, Message: "The model is not available through this proxy: none of its server keys serves it."}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -54,6 +55,7 @@ type poolKey struct {
 
 	down   atomic.Bool  // refused by the upstream (401/403), until a probe passes
 	downAt atomic.Int64 // unix nanoseconds it was last taken out
+	worked atomic.Int64 // unix nanoseconds a check (pool.works) last passed
 	// room is the share of the key's window the upstream last said was
 	// left, in millionths, valid until roomUntil (unix nanoseconds);
 	// unknown (a full share) past it.
@@ -126,6 +128,9 @@ type pool struct {
 	state      KeyState // nil for none
 	probeEvery time.Duration
 	logger     *zap.Logger
+	// check sends the probe's request (GET <base>/models) with k, and
+	// returns the upstream's status, 0 when none came; nil checks nothing.
+	check func(ctx context.Context, k *poolKey) int
 	// startProber starts the goroutine that probes the keys out of the
 	// pool, the first time one is taken out; probing says it was.
 	startProber func()
@@ -196,6 +201,13 @@ func newPool(url string, keys []ServerKey, cfg *Config, logger *zap.Logger) (*po
 // gets less. When every such key is spent it picks the one that opens
 // first (the caller was let through on a probe, or raced a lockout).
 func (p *pool) pick(model string, now time.Time) (*poolKey, error) {
+	return p.pickBut(model, now, nil)
+}
+
+// pickBut is pick, passing over the keys in tried: they refused the
+// request (401 or 403), though they work. When only those are left, the
+// request is refused by the upstream (errRequestRefused).
+func (p *pool) pickBut(model string, now time.Time, tried []*poolKey) (*poolKey, error) {
 	if len(p.keys) == 1 {
 		k := p.keys[0]
 		switch {
@@ -203,6 +215,8 @@ func (p *pool) pick(model string, now time.Time) (*poolKey, error) {
 			return nil, errModelNotServed
 		case k.down.Load():
 			return nil, errNoKey
+		case slices.Contains(tried, k):
+			return nil, errRequestRefused
 		}
 		return k, nil
 	}
@@ -212,13 +226,17 @@ func (p *pool) pick(model string, now time.Time) (*poolKey, error) {
 	var best, soonest *poolKey
 	var total int64
 	var soonestWait time.Duration
-	served := false
+	served, refused := false, false
 	for _, k := range p.keys {
 		if !k.admits(model, p.match) {
 			continue
 		}
 		served = true
 		if k.down.Load() {
+			continue
+		}
+		if slices.Contains(tried, k) {
+			refused = true
 			continue
 		}
 		if wait, spent := k.exhausted.peek(model, now); spent {
@@ -242,6 +260,8 @@ func (p *pool) pick(model string, now time.Time) (*poolKey, error) {
 		return soonest, nil
 	case !served:
 		return nil, errModelNotServed
+	case refused:
+		return nil, errRequestRefused
 	}
 	return nil, errNoKey
 }
@@ -318,6 +338,35 @@ func (p *pool) refused(k *poolKey, status int) bool {
 		return false
 	}
 	p.share(k, true)
+	return true
+}
+
+// checkEvery is how long a check that a key works holds: what requests
+// the upstream refuses though their key works cost it at most one check a
+// key in that time.
+const checkEvery = time.Second
+
+// checkTimeout bounds a check, which the request that called for it
+// waits for, even if its caller left.
+const checkTimeout = 5 * time.Second
+
+// works reports whether k answers the probe's request with 2xx, now or
+// within checkEvery: then a 401 or 403 it gave a request is about that
+// request (a model or an endpoint the key's project may not use, say),
+// and no reason to take the key out of the pool for every caller.
+func (p *pool) works(ctx context.Context, k *poolKey) bool {
+	if p.check == nil {
+		return false
+	}
+	if time.Now().UnixNano()-k.worked.Load() < int64(checkEvery) {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), checkTimeout)
+	defer cancel()
+	if status := p.check(ctx, k); status < 200 || status >= 300 {
+		return false
+	}
+	k.worked.Store(time.Now().UnixNano())
 	return true
 }
 
@@ -402,9 +451,9 @@ func (p *pool) up() int {
 	return n
 }
 
-// probe sends GET <base>/models through rt with every key out of the
-// pool, returning to it those answered 2xx.
-func (p *pool) probe(ctx context.Context, rt http.RoundTripper, url string, host string) {
+// probe checks every key out of the pool, returning to it those
+// answered 2xx.
+func (p *pool) probe(ctx context.Context) {
 	for _, k := range p.keys {
 		if !k.down.Load() {
 			continue
@@ -416,32 +465,44 @@ func (p *pool) probe(ctx context.Context, rt http.RoundTripper, url string, host
 				continue
 			}
 		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if err != nil {
-			return
-		}
-		req.Host = host
-		req.Header["Authorization"] = k.authorization
-		req.Header.Set("Accept", "application/json")
-		res, err := rt.RoundTrip(req)
-		if err != nil {
-			if ce := p.logger.Check(zap.DebugLevel, "probing a server key failed"); ce != nil {
-				ce.Write(zap.String("key", k.name), zap.Error(err))
-			}
-			continue
-		}
-		discard(res)
-		switch {
-		case res.StatusCode >= 200 && res.StatusCode < 300:
-			p.restored(k, res.StatusCode)
-		case res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden:
+		switch status := p.check(ctx, k); {
+		case status >= 200 && status < 300:
+			p.restored(k, status)
+		case status == http.StatusUnauthorized || status == http.StatusForbidden:
 			p.share(k, true) // still refused: the fleet holds it out longer
 		}
 	}
 }
 
+// checkWith has the pool check its keys (probes, and works) with GET url,
+// the upstream's models, through rt.
+func (p *pool) checkWith(rt http.RoundTripper, url, host string) {
+	p.check = func(ctx context.Context, k *poolKey) int { return p.probeKey(ctx, rt, url, host, k) }
+}
+
+// probeKey sends GET url through rt with k, and returns the status
+// answered, 0 when none came.
+func (p *pool) probeKey(ctx context.Context, rt http.RoundTripper, url, host string, k *poolKey) int {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0
+	}
+	req.Host = host
+	req.Header["Authorization"] = k.authorization
+	req.Header.Set("Accept", "application/json")
+	res, err := rt.RoundTrip(req)
+	if err != nil {
+		if ce := p.logger.Check(zap.DebugLevel, "probing a server key failed"); ce != nil {
+			ce.Write(zap.String("key", k.name), zap.Error(err))
+		}
+		return 0
+	}
+	discard(res)
+	return res.StatusCode
+}
+
 // run probes the keys out of the pool every probeEvery until ctx ends.
-func (p *pool) run(ctx context.Context, rt http.RoundTripper, url, host string) {
+func (p *pool) run(ctx context.Context) {
 	t := time.NewTicker(p.probeEvery)
 	defer t.Stop()
 	for {
@@ -450,7 +511,7 @@ func (p *pool) run(ctx context.Context, rt http.RoundTripper, url, host string) 
 			return
 		case <-t.C:
 			pctx, cancel := context.WithTimeout(ctx, max(p.probeEvery, 5*time.Second))
-			p.probe(pctx, rt, url, host)
+			p.probe(pctx)
 			cancel()
 		}
 	}

@@ -241,6 +241,7 @@ func TestPoolRefusedKeyRetriedAndProbed(t *testing.T) {
 		states = append(states, name+" "+map[bool]string{true: "up", false: "down"}[isUp])
 	}
 	tr := &keyTransport{next: up, host: "api.example.com", pool: p, logger: zap.New(core)}
+	p.checkWith(up, "http://api.example.com/v1/models", "api.example.com")
 	for i := range 6 {
 		req, _ := http.NewRequest(http.MethodPost, "http://api.example.com/v1/chat/completions", bytes.NewReader([]byte(`{}`)))
 		req.Header.Set("Content-Type", "application/json")
@@ -254,19 +255,19 @@ func TestPoolRefusedKeyRetriedAndProbed(t *testing.T) {
 		}
 		res.Body.Close()
 	}
-	if n := up.n("sk-secret-b"); n != 1 {
-		t.Fatalf("the refused key got %d requests, want exactly 1", n)
+	if n := up.n("sk-secret-b"); n != 2 {
+		t.Fatalf("the refused key got %d requests, want exactly 2: one request, and the check that it is refused", n)
 	}
 	if !p.keys[1].down.Load() {
 		t.Fatal("the refused key is still in the pool")
 	}
 	// A probe while still refused leaves it out; once restored, it is back.
-	p.probe(context.Background(), up, "http://api.example.com/v1/models", "api.example.com")
+	p.probe(context.Background())
 	if !p.keys[1].down.Load() {
 		t.Fatal("a probe answered 401 returned the key")
 	}
 	up.set("sk-secret-b", false)
-	p.probe(context.Background(), up, "http://api.example.com/v1/models", "api.example.com")
+	p.probe(context.Background())
 	if p.keys[1].down.Load() {
 		t.Fatal("a probe answered 200 left the key out")
 	}
@@ -372,9 +373,10 @@ func TestPoolProberStops(t *testing.T) {
 	p := testPool(nil, ServerKey{Key: "a"})
 	p.probeEvery = time.Millisecond
 	up := &keyedUpstream{refused: map[string]bool{}, count: map[string]int{}}
+	p.checkWith(up, "http://api.example.com/v1/models", "api.example.com")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { p.run(ctx, up, "http://api.example.com/v1/models", "api.example.com"); close(done) }()
+	go func() { p.run(ctx); close(done) }()
 	p.takeOut(p.keys[0], 401)
 	deadline := time.Now().Add(10 * time.Second)
 	for p.keys[0].down.Load() {

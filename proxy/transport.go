@@ -23,6 +23,10 @@ import (
 // of the operator's configuration that no client can fix or should see.
 var errKeyRefused = errors.New("upstream refused the server key")
 
+// errRequestRefused is the upstream refusing one request (401/403) with
+// every server key that serves it, though each works.
+var errRequestRefused = errors.New("upstream refused the request with server keys that work")
+
 // keyTransport wraps the reverse proxy's transport: it gives the outgoing
 // request the server key and the upstream's Host, and guards the answer.
 type keyTransport struct {
@@ -195,9 +199,10 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call, clock *headerClock)
 	}
 	replayable := out.Body == nil || out.Body == http.NoBody || body != nil
 	var waited time.Duration
+	var tried []*poolKey // the keys that refused the request, though they work
 	for attempt := 0; ; attempt++ {
 		sent := time.Now()
-		k, err := t.keyFor(c, model, sent)
+		k, err := t.keyFor(c, model, sent, tried)
 		if err != nil {
 			return nil, err
 		}
@@ -210,13 +215,20 @@ func (t *keyTransport) roundTrip(out *http.Request, c *Call, clock *headerClock)
 		res, err := t.next.RoundTrip(out)
 		clock.stop()
 		if err == nil && (res.StatusCode == http.StatusUnauthorized || res.StatusCode == http.StatusForbidden) {
-			// Nothing of this body may reach the client. The key is out
-			// of the pool, and the request goes at once to another key,
+			// Nothing of this body may reach the client. A key that still
+			// works refused the request alone (a model its project may not
+			// use): it stays in the pool. Else the key is out of the
+			// pool. Either way the request goes at once to another key,
 			// not counted as a retry: nothing reached the caller.
 			discard(res)
-			t.pool.refused(k, res.StatusCode)
+			refused := errKeyRefused
+			if t.pool.works(ctx, k) {
+				tried, refused = append(tried, k), errRequestRefused
+			} else {
+				t.pool.refused(k, res.StatusCode)
+			}
 			if c != nil && c.key != nil || !replayable || ctx.Err() != nil {
-				return nil, errKeyRefused
+				return nil, refused
 			}
 			if c != nil {
 				c.Usage.MarkSent(false) // that attempt billed nothing
@@ -294,12 +306,12 @@ func buffered429(res *http.Response) io.ReadCloser {
 }
 
 // keyFor is the server key of an attempt of c at now: the one c was
-// pinned to, else the pool's pick for its model.
-func (t *keyTransport) keyFor(c *Call, model string, now time.Time) (*poolKey, error) {
+// pinned to, else the pool's pick for its model, but those tried.
+func (t *keyTransport) keyFor(c *Call, model string, now time.Time, tried []*poolKey) (*poolKey, error) {
 	if c != nil && c.key != nil {
 		return c.key, nil
 	}
-	return t.pool.pick(model, now)
+	return t.pool.pickBut(model, now, tried)
 }
 
 // upstreamHeader reports whether a request header (canonical name) goes

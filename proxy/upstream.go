@@ -197,9 +197,8 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	// Probes go out on Caddy's own transport, with the key probed: not
 	// through keyTransport, which would pick a key of the pool.
 	direct := rp.Transport
-	up.pool.startProber = func() {
-		go up.pool.run(probes, direct, u.Scheme+"://"+u.Host+base+"/models", u.Host)
-	}
+	up.pool.checkWith(direct, u.Scheme+"://"+u.Host+base+"/models", u.Host)
+	up.pool.startProber = func() { go up.pool.run(probes) }
 	rp.Transport = &keyTransport{
 		next:          rp.Transport,
 		host:          u.Host,
@@ -250,6 +249,8 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endp
 	switch {
 	case errors.Is(he.Err, errKeyRefused):
 		return errUpstreamAuth
+	case errors.Is(he.Err, errRequestRefused):
+		return errUpstreamRefused
 	case errors.Is(he.Err, errModelNotServed):
 		return errModelNotAvailable
 	case errors.Is(he.Err, errInterim):

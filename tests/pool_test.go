@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
 
 	keystore "github.com/vigthoria/caddy-vigthoria/caller/keys"
 	"github.com/vigthoria/caddy-vigthoria/internal/harness"
@@ -253,5 +254,53 @@ func TestPoolModelNoKeyServes(t *testing.T) {
 	}
 	if n := chatsWith(up, poolKey2); n != 1 {
 		t.Errorf("the upstream got %d chat requests, want 1: the unserved model never goes upstream", n)
+	}
+}
+
+// projectModel403 is OpenAI's answer to a request for a model the key's
+// project may not use: a 403 about the request's model, not about the
+// key, which serves every other model.
+const projectModel403 = `{"error":{"message":"Project ` + "`proj_abc`" + ` does not have access to model ` +
+	"`vigthoria-pro-1`" + `","type":"invalid_request_error","param":null,"code":"model_not_found"}}`
+
+// TestPoolKeepsKeysARequestWasRefusedWith: one caller's request for a
+// model the upstream refuses every key (403, as OpenAI does for a model
+// the project may not use) takes no key out of the pool: each key still
+// answers the probe's request, so the refusal is the request's. Its
+// caller gets 403, nothing of the upstream's body; every other caller is
+// served. Before, each key was taken out in turn, and every caller of the
+// site got 502 until a probe passed, which the one caller could repeat.
+func TestPoolKeepsKeysARequestWasRefusedWith(t *testing.T) {
+	up, srv := poolUpstream(t)
+	t.Setenv("VGT_POOL_K1", poolKey1)
+	e := newEnv(t, up, srv)
+	other := createKey(t, strings.TrimPrefix(e.store, "sqlite:"), "pro")
+	e.startCaddy(t, srv.URL+"/v1", "{env.VGT_POOL_K1}",
+		"api_keys {\n\t\t\t{env.VGT_POOL_K2} name two\n\t\t\t{env.VGT_POOL_K3} name three\n\t\t}")
+	up.SetBehavior(standin.Behavior{ForModel: "vigthoria-pro-1", FailStatus: http.StatusForbidden, FailBody: projectModel403})
+
+	params := chatParams("hi")
+	params.Model = "vigthoria-pro-1"
+	_, err := e.client.Chat.Completions.New(t.Context(), params, option.WithMaxRetries(0))
+	var apiErr *openai.Error
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusForbidden || apiErr.Code != "upstream_error" || strings.Contains(apiErr.Message, "proj_abc") {
+		t.Fatalf("a model every key's project refuses: %v, want 403 upstream_error without the upstream's words", err)
+	}
+	for _, k := range []string{poolKey1, poolKey2, poolKey3} {
+		if n := chatsWith(up, k); n != 1 {
+			t.Errorf("a key got %d of the refused request's attempts, want 1 each", n)
+		}
+	}
+	victim := newClient(e.caddy.URL, other)
+	for i := range 3 {
+		if _, err := victim.Chat.Completions.New(t.Context(), chatParams("hi")); err != nil {
+			t.Fatalf("another caller's request %d, after one caller's request every key's project refused: %v", i, err)
+		}
+	}
+	m := metricsOf(t, e.caddy)
+	for _, name := range []string{"two", "three"} {
+		if n := seriesValue(m, `vigthoria_upstream_key_refusals_total{key="`+name+`"}`); n != 0 {
+			t.Errorf("key %s counted %v refusals, want none:\n%s", name, n, grepLines(m, "upstream_key"))
+		}
 	}
 }
