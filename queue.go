@@ -89,7 +89,10 @@ func (h *Handler) provisionQueue(ctx caddy.Context, keys []proxy.ServerKey) erro
 	// in the queue's order too; a model's, which the queue's order does
 	// not know, by each request (upstreamExhausted).
 	cfg.Exhausted = func(ctx context.Context, now time.Time) (time.Duration, bool) {
-		return h.upstream.Exhausted(ctx, "", now)
+		// A probe claimed here goes upstream next: the dispatcher's
+		// request has its turn.
+		wait, exhausted, _ := h.upstream.Exhausted(ctx, "", now)
+		return wait, exhausted
 	}
 	if u := h.UpstreamLimits; u != nil {
 		lim, err := u.Limits()
@@ -120,11 +123,27 @@ func (h *Handler) provisionQueue(ctx caddy.Context, keys []proxy.ServerKey) erro
 func (x *exchange) upstreamExhausted(model string) (time.Duration, bool) {
 	now := x.now
 	for {
-		wait, exhausted := x.h.upstream.Exhausted(x.r.Context(), model, now)
+		wait, exhausted, probe := x.h.upstream.Exhausted(x.r.Context(), model, now)
+		if probe != (proxy.ProbeClaim{}) {
+			x.probes = append(x.probes, probe)
+		}
 		if !exhausted || !x.waitExhausted(max(wait, admission.QueuePoll)) {
 			return wait, exhausted
 		}
 		now = time.Now()
+	}
+}
+
+// releaseProbes gives back the probes of a locked upstream the request
+// was let through as, unless it was sent upstream: one the proxy refused
+// itself, or whose caller left first, would hold off the next probe, and
+// every caller, for the probe's interval.
+func (x *exchange) releaseProbes() {
+	if x.call != nil && x.call.Usage.Sent() {
+		return
+	}
+	for _, p := range x.probes {
+		p.Release()
 	}
 }
 

@@ -55,8 +55,9 @@ type exchange struct {
 	body      proxy.Body // an endpoint's with a body, once read
 	info      wire.RequestInfo
 	forwarded bool
-	running   *ledger.Running // a stream's usage, recorded as it goes
-	queueWait time.Duration   // how long it waited for its turn (queue.go)
+	running   *ledger.Running    // a stream's usage, recorded as it goes
+	queueWait time.Duration      // how long it waited for its turn (queue.go)
+	probes    []proxy.ProbeClaim // the upstream's probes it was let through as (queue.go)
 }
 
 // serve is ServeHTTP's pipeline.
@@ -107,6 +108,7 @@ func (x *exchange) serve(next caddyhttp.Handler) error {
 	// once the body names it. A queue waits the key's out in its order,
 	// after the body.
 	cached := ep.ID == api.Models && h.ModelsCache > 0
+	defer x.releaseProbes()
 	if !cached && ep.ID != api.Usage && !(ep.Body && h.queue.Gates()) {
 		if wait, exhausted := x.upstreamExhausted(""); exhausted {
 			return x.refuseClient(api.UpstreamExhausted("", api.RetrySeconds(wait)))

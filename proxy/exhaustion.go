@@ -125,6 +125,36 @@ func (s *scope) check(now time.Time, probeEvery time.Duration) (wait time.Durati
 	return 0, false, true
 }
 
+// release gives back the probe claimed at at, unless another was claimed
+// since: its request never reached the upstream.
+func (s *scope) release(at time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.probeAt.Equal(at) {
+		s.probeAt = time.Time{}
+	}
+}
+
+// ProbeClaim is the probe of a locked scope that a request was let
+// through as (Upstream.Exhausted); the zero value claims none. Its
+// request gives it back (Release) when it never reaches the upstream:
+// refused by the proxy itself, or its caller gone, it would otherwise
+// hold off the next probe, and every caller, for the probe's interval.
+type ProbeClaim struct {
+	s  [2]*scope // the key's, the model's; nil for none
+	at time.Time
+}
+
+// Release gives the probe back. The fleet's claim on it (ClaimProbe)
+// stays until its interval ends.
+func (c ProbeClaim) Release() {
+	for _, s := range c.s {
+		if s != nil {
+			s.release(c.at)
+		}
+	}
+}
+
 // note raises the lockout to w's, reporting whether it changed enough
 // to tell: it started, its probing changed, or it grew by a second or
 // more. Answers in a burst each push a relative reset a little later,
@@ -366,26 +396,30 @@ func (e *exhaustion) dropModel(id [8]byte, s *scope) {
 // check decides whether a request may go upstream at now: of the key
 // when model is "", else of that model. A request refused waits wait. A
 // request let through as a scope's probe first claims the fleet's probe;
-// refused that, it waits for the next.
-func (e *exhaustion) check(ctx context.Context, model string, now time.Time) (time.Duration, bool) {
+// refused that, it waits for the next. claim is the probe it was let
+// through as.
+func (e *exhaustion) check(ctx context.Context, model string, now time.Time) (wait time.Duration, refused bool, claim ProbeClaim) {
 	e.fetch(now)
 	s := &e.key
 	var id [8]byte
 	if model != "" {
 		if e.nmodels.Load() == 0 {
-			return 0, false
+			return 0, false, claim
 		}
 		id = modelScope(model)
 		if s = e.model(id); s == nil {
-			return 0, false
+			return 0, false, claim
 		}
 	}
 	wait, refused, probe := s.check(now, e.probeEvery)
 	if model != "" && !s.locked.Load() {
 		e.dropModel(id, s) // open again
 	}
+	if probe {
+		claim = ProbeClaim{[2]*scope{s}, now}
+	}
 	if !probe || e.shared == nil {
-		return wait, refused
+		return wait, refused, claim
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), claimTimeout)
 	defer cancel()
@@ -396,12 +430,12 @@ func (e *exhaustion) check(ctx context.Context, model string, now time.Time) (ti
 	ours, err := e.shared.ClaimProbe(ctx, name, e.probeEvery)
 	if err != nil {
 		// The store is down: probe from here, at most one an interval.
-		return 0, false
+		return 0, false, claim
 	}
 	if !ours {
-		return e.probeEvery, true
+		return e.probeEvery, true, ProbeClaim{}
 	}
-	return 0, false
+	return 0, false, claim
 }
 
 // fetch starts, at most once a second, a look at what the other

@@ -13,7 +13,7 @@ import (
 // wantCheck asserts what e decides of a request of model at now.
 func wantCheck(t *testing.T, e *exhaustion, model string, now time.Time, refused bool, wait time.Duration) {
 	t.Helper()
-	gotWait, gotRefused := e.check(context.Background(), model, now)
+	gotWait, gotRefused, _ := e.check(context.Background(), model, now)
 	if gotRefused != refused || (refused && gotWait != wait) {
 		t.Errorf("check(%q) = %v refused %v, want %v refused %v", model, gotWait, gotRefused, wait, refused)
 	}
@@ -179,10 +179,10 @@ func BenchmarkExhaustionCheck(b *testing.B) {
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, refused := e.check(ctx, "", now); refused {
+		if _, refused, _ := e.check(ctx, "", now); refused {
 			b.Fatal("refused")
 		}
-		if _, refused := e.check(ctx, "vigthoria-fast-1", now); refused {
+		if _, refused, _ := e.check(ctx, "vigthoria-fast-1", now); refused {
 			b.Fatal("refused")
 		}
 	}

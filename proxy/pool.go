@@ -283,12 +283,12 @@ func (p *pool) openFor(model string, now time.Time) bool {
 // at now, and the soonest one opens. Keys whose scopes are all open
 // answer first; only when none is does a key's check, which may claim a
 // probe, decide.
-func (p *pool) exhaustedFor(ctx context.Context, model string, now time.Time) (time.Duration, bool) {
+func (p *pool) exhaustedFor(ctx context.Context, model string, now time.Time) (time.Duration, bool, ProbeClaim) {
 	if len(p.keys) == 1 {
 		k := p.keys[0]
 		if k.down.Load() || !k.admits(model, p.match) {
-			k.exhausted.fetch(now) // the fleet may have it back
-			return 0, false        // the transport answers that
+			k.exhausted.fetch(now)         // the fleet may have it back
+			return 0, false, ProbeClaim{} // the transport answers that
 		}
 		return k.exhausted.check(ctx, model, now)
 	}
@@ -306,29 +306,31 @@ func (p *pool) exhaustedFor(ctx context.Context, model string, now time.Time) (t
 			open = true
 		}
 	}
-	if open {
-		return 0, false
-	}
-	if candidates == 0 {
-		return 0, false // the transport answers that
+	if open || candidates == 0 { // none: the transport answers that
+		return 0, false, ProbeClaim{}
 	}
 	found := false
 	for _, k := range p.keys {
 		if k.down.Load() || !k.admits(model, p.match) {
 			continue
 		}
-		wait, spent := k.exhausted.check(ctx, "", now)
+		wait, spent, claim := k.exhausted.check(ctx, "", now)
 		if !spent && model != "" {
-			wait, spent = k.exhausted.check(ctx, model, now)
+			var modelClaim ProbeClaim
+			if wait, spent, modelClaim = k.exhausted.check(ctx, model, now); spent {
+				claim.Release()
+			} else if modelClaim.s[0] != nil {
+				claim.s[1], claim.at = modelClaim.s[0], now
+			}
 		}
 		if !spent {
-			return 0, false
+			return 0, false, claim
 		}
 		if !found || wait < soonest {
 			soonest, found = wait, true
 		}
 	}
-	return soonest, true
+	return soonest, true, ProbeClaim{}
 }
 
 // refused takes k out of the pool after the upstream answered status

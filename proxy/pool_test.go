@@ -130,14 +130,14 @@ func TestPoolSkipsExhaustedUntilReset(t *testing.T) {
 			t.Fatalf("m2 went to %s, want b (a is spent)", k.name)
 		}
 	}
-	if wait, spent := p.exhaustedFor(context.Background(), "m2", now); spent {
+	if wait, spent, _ := p.exhaustedFor(context.Background(), "m2", now); spent {
 		t.Fatalf("m2 exhausted for %v, want served by b", wait)
 	}
-	wait, spent := p.exhaustedFor(context.Background(), "m1", now)
+	wait, spent, _ := p.exhaustedFor(context.Background(), "m1", now)
 	if !spent || wait != 10*time.Second {
 		t.Fatalf("m1: got %v %v, want exhausted for 10s (b's model opens first)", wait, spent)
 	}
-	if _, spent := p.exhaustedFor(context.Background(), "", now); spent {
+	if _, spent, _ := p.exhaustedFor(context.Background(), "", now); spent {
 		t.Fatal("the pool as a whole is exhausted, want b open")
 	}
 	// Past a's reset, a takes requests again.
@@ -165,7 +165,7 @@ func TestPoolModels(t *testing.T) {
 	if _, err := p.pick("vigthoria-embed-1", now); err != errModelNotServed {
 		t.Fatalf("a model no key serves: got %v, want errModelNotServed", err)
 	}
-	if _, spent := p.exhaustedFor(context.Background(), "vigthoria-embed-1", now); spent {
+	if _, spent, _ := p.exhaustedFor(context.Background(), "vigthoria-embed-1", now); spent {
 		t.Fatal("a model no key serves is exhausted, want it left to the transport's model_not_available")
 	}
 	p.refused(p.keys[0], 401)

@@ -280,7 +280,7 @@ func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endp
 // probe (with a shared store, one in the fleet), which may cost one
 // exchange with the store. It is meant to be asked for the key before
 // admission, and for the model once the body named it.
-func (up *Upstream) Exhausted(ctx context.Context, model string, now time.Time) (time.Duration, bool) {
+func (up *Upstream) Exhausted(ctx context.Context, model string, now time.Time) (time.Duration, bool, ProbeClaim) {
 	return up.pool.exhaustedFor(ctx, model, now)
 }
 

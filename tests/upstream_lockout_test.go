@@ -184,6 +184,33 @@ func tenantsSite(upstream, store string, extra ...string) string {
 // tenantKeyB is the second tenant's server key.
 const tenantKeyB = "vig-server-key-tenant-b-SECRET"
 
+// TestUpstreamProbeGoesUpstream: past the lockout of a key the upstream
+// said was spent, the one probe is let through to a request that reaches
+// the upstream. A request the proxy refuses itself (a body that is not
+// JSON), though let through the key's check first, gives the probe back:
+// the next caller's request is the probe, and is served by the healthy
+// upstream. Before, one such request each probe interval kept every
+// caller locked out.
+func TestUpstreamProbeGoesUpstream(t *testing.T) {
+	const lockout = 2 * time.Second
+	e := start(t, "retries 0", "upstream_lockout 2s")
+	victim := createKey(t, strings.TrimPrefix(e.store, "sqlite:"), "pro")
+	e.waitKeysKnown(t)
+	e.upstream.SetBehavior(standin.Behavior{FailStatus: http.StatusTooManyRequests, RetryAfter: 2592000}) // spent for a month
+	if a := chatAt(t, e.caddy.URL, victim, model); a.status != http.StatusTooManyRequests {
+		t.Fatalf("the upstream's 429: %+v", a)
+	}
+	locked := time.Now()
+	e.upstream.SetBehavior(standin.Behavior{}) // healthy again
+	time.Sleep(time.Until(locked.Add(lockout + 100*time.Millisecond)))
+	if s := e.status(t, http.MethodPost, "/v1/chat/completions", `{not json`, http.Header{"Content-Type": {"application/json"}}); s != http.StatusBadRequest {
+		t.Fatalf("a body that is not JSON: %d, want 400", s)
+	}
+	if a := chatAt(t, e.caddy.URL, victim, model); a.status != http.StatusOK {
+		t.Errorf("past the lockout, the upstream healthy, right after a request that never went upstream: %+v, want 200 (the probe)", a)
+	}
+}
+
 // Two tenants with their own server keys on one upstream URL, on a fleet
 // of two sharing Redis: one tenant's spent key locks out neither the
 // other tenant anywhere, nor its own callers past the bound; a probe
