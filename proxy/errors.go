@@ -40,16 +40,19 @@ const maxErrorBody = 16 << 10
 // errorAnswer returns the body of an upstream error answer (4xx or 5xx,
 // but 401 and 403), setting res's status and headers for it. A 4xx in
 // the API's shape (a JSON object whose "error" is an object, up to 16 KiB)
-// is passed on as it came: the caller's request is what it speaks of. Any
-// other 4xx, and every 5xx, whose body may be a page naming the
-// upstream's internals, is replaced by the proxy's own error: the same
-// 4xx status, or for a 5xx its status if the SDKs know it (500, 502,
-// 503, 504; they retry those), else 502.
-func errorAnswer(res *http.Response, logger *zap.Logger) io.ReadCloser {
+// is passed on as it came: the caller's request is what it speaks of,
+// unless names finds a server key in it. Any other 4xx, and every 5xx,
+// whose body may be a page naming the upstream's internals, is replaced
+// by the proxy's own error: the same 4xx status, or for a 5xx its status
+// if the SDKs know it (500, 502, 503, 504; they retry those), else 502.
+func errorAnswer(res *http.Response, names func([]byte) bool, logger *zap.Logger) io.ReadCloser {
 	status := res.StatusCode
 	var keep *checkedAnswer
 	if status < 500 && isJSON(res.Header.Get("Content-Type")) {
-		keep = readError(res)
+		if keep = readError(res); keep != nil && names(keep.rest) {
+			logger.Warn("an upstream error answer named the server key; replaced by the proxy's own", zap.Int("upstream_status", status))
+			keep = nil
+		}
 	}
 	res.Body.Close()
 	if keep != nil {

@@ -1,13 +1,16 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -124,6 +127,7 @@ func (k *poolKey) learn(h http.Header, now time.Time) {
 // only when there are several; a pool of one decides with atomics.
 type pool struct {
 	keys       []*poolKey
+	secrets    []string // the keys themselves, to tell an answer that names one
 	match      func(glob, model string) bool
 	state      KeyState // nil for none
 	probeEvery time.Duration
@@ -190,8 +194,54 @@ func newPool(url string, keys []ServerKey, cfg *Config, logger *zap.Logger) (*po
 			pk.exhausted.fleetDown = func(down bool, now time.Time) { p.fleetSaid(pk, down, now) }
 		}
 		p.keys = append(p.keys, pk)
+		p.secrets = append(p.secrets, k.Key)
 	}
 	return p, nil
+}
+
+// names reports whether b, an upstream's answer, holds one of the pool's
+// keys: as it is, or escaped in a JSON string (an upstream that echoes
+// the request's Authorization header in its error, say).
+func (p *pool) names(b []byte) bool {
+	for _, key := range p.secrets {
+		if bytes.Contains(b, []byte(key)) {
+			return true
+		}
+	}
+	if bytes.IndexByte(b, '\\') < 0 {
+		return false // nothing escaped: nothing more to find
+	}
+	var doc any
+	if json.Unmarshal(b, &doc) != nil {
+		return false
+	}
+	return namesIn(doc, p.secrets)
+}
+
+// namesIn reports whether a string of the decoded JSON v holds one of
+// secrets.
+func namesIn(v any, secrets []string) bool {
+	switch v := v.(type) {
+	case string:
+		for _, key := range secrets {
+			if strings.Contains(v, key) {
+				return true
+			}
+		}
+	case []any:
+		for _, e := range v {
+			if namesIn(e, secrets) {
+				return true
+			}
+		}
+	case map[string]any:
+		for k, e := range v {
+			if namesIn(k, secrets) || namesIn(e, secrets) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // pick chooses the key for a request of model at now: among the keys up

@@ -134,7 +134,7 @@ func (t *keyTransport) answer(req, out *http.Request, c *Call, cancel context.Ca
 	ct := res.Header.Get("Content-Type")
 	switch {
 	case res.StatusCode >= 400:
-		res.Body = errorAnswer(res, t.logger)
+		res.Body = errorAnswer(res, t.pool.names, t.logger)
 	case res.StatusCode >= 300 || !answerType(ct, c):
 		// A redirect (never followed: it would take the server key or
 		// the caller elsewhere), or an answer of another type than the

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -338,5 +339,37 @@ func TestModelsCacheIsKeyedByPolicyNotTierName(t *testing.T) {
 	}
 	if got := get("/b"); !slices.Equal(got, []string{"vigthoria-pro-1"}) {
 		t.Errorf("site b lists %v, want [vigthoria-pro-1]", got)
+	}
+}
+
+// TestUpstreamErrorNamingTheKeyIsReplaced: an upstream 4xx in the API's
+// error shape is passed on as it came, unless it names the server key
+// (an upstream that quotes the request's Authorization header), as it
+// is or escaped in a JSON string: then the caller gets the proxy's own
+// error, with the same status.
+func TestUpstreamErrorNamingTheKeyIsReplaced(t *testing.T) {
+	e := start(t)
+	escaped := strings.ReplaceAll(serverKey, "-", `\u002d`)
+	for _, said := range []string{"Bearer " + serverKey, escaped} {
+		e.upstream.SetBehavior(standin.Behavior{
+			FailStatus: http.StatusBadRequest,
+			FailBody:   `{"error":{"message":"Invalid request for key ` + said + `: unsupported parameter","type":"invalid_request_error","code":"unsupported_parameter"}}`,
+		})
+		res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}]}`),
+			http.Header{"Content-Type": {"application/json"}})
+		var got apiError
+		body, _ := io.ReadAll(res.Body)
+		if json.Unmarshal(body, &got) != nil || res.StatusCode != http.StatusBadRequest || got.Error.Code != "upstream_error" || strings.Contains(string(body), serverKey[len(serverKey)-8:]) {
+			t.Errorf("an upstream 400 naming the server key (%q): %d %s, want 400 upstream_error without the key", said[:8], res.StatusCode, body)
+		}
+	}
+	e.upstream.SetBehavior(standin.Behavior{
+		FailStatus: http.StatusBadRequest,
+		FailBody:   `{"error":{"message":"max_tokens is too large","type":"invalid_request_error","code":"invalid_value"}}`,
+	})
+	res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}]}`),
+		http.Header{"Content-Type": {"application/json"}})
+	if body, _ := io.ReadAll(res.Body); !strings.Contains(string(body), "max_tokens is too large") {
+		t.Errorf("an upstream 400 that names no key: %d %s, want it passed on", res.StatusCode, body)
 	}
 }
