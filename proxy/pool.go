@@ -337,7 +337,7 @@ func (p *pool) exhaustedFor(ctx context.Context, model string, now time.Time) (t
 	if len(p.keys) == 1 {
 		k := p.keys[0]
 		if k.down.Load() || !k.admits(model, p.match) {
-			k.exhausted.fetch(now)         // the fleet may have it back
+			k.exhausted.fetch(now)        // the fleet may have it back
 			return 0, false, ProbeClaim{} // the transport answers that
 		}
 		return k.exhausted.check(ctx, model, now)
