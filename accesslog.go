@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"time"
 
@@ -65,7 +64,8 @@ func (h *Handler) redactedLine(w http.ResponseWriter, r *http.Request) (*accessL
 		uri = orig.RequestURI // what Caddy's line shows
 	}
 	keepCredentials := srv.Logs.ShouldLogCredentials
-	if !headersCarryCredential(r.Header, keepCredentials) && !uriCarriesCredential(uri) {
+	hostShaped := credentialShaped(r.Host) // a site that answers any name
+	if !headersCarryCredential(r.Header, keepCredentials) && !uriCarriesCredential(uri) && !hostShaped {
 		return nil, w, r
 	}
 	loggers := accessLoggers(h.accessLog, srv.Logs, r)
@@ -76,6 +76,9 @@ func (h *Handler) redactedLine(w http.ResponseWriter, r *http.Request) (*accessL
 	shown := r.WithContext(r.Context())
 	shown.RequestURI = redactURI(uri)
 	shown.Header = redactHeaders(r.Header, keepCredentials)
+	if hostShaped {
+		shown.Host = "REDACTED"
+	}
 	l := &accessLine{
 		loggers: loggers,
 		request: caddyhttp.LoggableHTTPRequest{Request: shown, ShouldLogCredentials: keepCredentials},
@@ -367,10 +370,8 @@ func uriCarriesCredential(uri string) bool {
 		return true
 	}
 	path, query, _ := strings.Cut(uri, "?")
-	if strings.Contains(path, "%") {
-		if p, err := url.PathUnescape(path); err == nil && credentialShaped(p) {
-			return true
-		}
+	if credentialShaped(api.PercentDecoded(path)) {
+		return true
 	}
 	return keyInQuery(query)
 }
@@ -381,7 +382,7 @@ func uriCarriesCredential(uri string) bool {
 func redactURI(uri string) string {
 	path, query, hasQuery := strings.Cut(uri, "?")
 	path = api.RedactCredentials(path)
-	if p, err := url.PathUnescape(path); err == nil && credentialShaped(p) {
+	if credentialShaped(api.PercentDecoded(path)) {
 		path = "/REDACTED" // percent-encoded
 	}
 	if !hasQuery {

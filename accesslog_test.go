@@ -34,6 +34,12 @@ func TestRedactURI(t *testing.T) {
 		"/v1/models?x=vgt%5Fabc&y=1": "/v1/models?REDACTED",
 		"/v1/models?limit=5":         "/v1/models?limit=5",
 		"/v1/files/eyJa.eyJb.c?n=1":  "/v1/files/REDACTED?n=1",
+		// A stray '%' beside the escaped key, which url.QueryUnescape and
+		// url.PathUnescape refuse whole; an escape escaped again.
+		"/v1/models?q=100%&x=vgt%5Fabc": "/v1/models?REDACTED",
+		"/v1/models/100%/vgt%5Fabc":     "/REDACTED",
+		"/v1/models?x=vgt%255Fabc":      "/v1/models?REDACTED",
+		"/v1/models?q=100%":             "/v1/models?q=100%",
 	} {
 		if got := redactURI(uri); got != want {
 			t.Errorf("redactURI(%q) = %q, want %q", uri, got, want)

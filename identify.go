@@ -3,7 +3,6 @@ package vigthoria
 import (
 	"net/http"
 	"net/netip"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -156,13 +155,8 @@ func keyInQuery(rawQuery string) bool {
 	if rawQuery == "" {
 		return false
 	}
-	if api.HasCredential(rawQuery) {
+	if api.HasCredential(rawQuery) || api.HasCredential(api.PercentDecoded(rawQuery)) {
 		return true
-	}
-	if strings.Contains(rawQuery, "%") {
-		if q, err := url.QueryUnescape(rawQuery); err == nil && api.HasCredential(q) {
-			return true
-		}
 	}
 	for param := range strings.SplitSeq(rawQuery, "&") {
 		name, _, _ := strings.Cut(param, "=")

@@ -22,3 +22,18 @@ func TestRedactCredentials(t *testing.T) {
 		}
 	}
 }
+
+func TestPercentDecoded(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain":            "plain",
+		"vgt%5Fabc":        "vgt_abc",
+		"100%&x=vgt%5Fabc": "100%&x=vgt_abc",
+		"vgt%255Fabc":      "vgt_abc",
+		"%zz%4":            "%zz%4",
+		"%41%62":           "Ab",
+	} {
+		if got := PercentDecoded(in); got != want {
+			t.Errorf("PercentDecoded(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

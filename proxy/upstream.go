@@ -91,6 +91,7 @@ type Config struct {
 // provisions and cleans it up with the config that owns it.
 type Upstream struct {
 	tenant string // Fingerprint of the URL and server key: the upstream's answers differ by both
+	host   string // the upstream's, for the Host of what goes there
 	rp     *reverseproxy.Handler
 	paths  [api.NumEndpoints]string // upstream path of each endpoint
 	extra  map[string]bool          // request headers let through beyond upstreamHeader; nil for none
@@ -178,7 +179,7 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 	}
 	rp := mod.(*reverseproxy.Handler)
 
-	up := &Upstream{rp: rp, extra: extra, logger: ctx.Logger()}
+	up := &Upstream{host: u.Host, rp: rp, extra: extra, logger: ctx.Logger()}
 	if up.pool, err = newPool(cfg.URL, keys, &cfg, up.logger); err != nil {
 		return nil, err
 	}
@@ -222,6 +223,10 @@ func New(ctx caddy.Context, cfg Config) (*Upstream, error) {
 // event.
 func (up *Upstream) Forward(w http.ResponseWriter, r *http.Request, ep *api.Endpoint, next caddyhttp.Handler, c *Call) error {
 	up.keepUpstreamHeaders(r.Header)
+	// The caller's Host is no more the upstream's than its headers are
+	// (the transport sets it again): a site that answers any name would
+	// have reverse_proxy's debug line print whatever it was sent there.
+	r.Host = up.host
 	r.URL.Path = up.paths[ep.ID]
 	r.URL.RawPath = ""
 	r.URL.RawQuery = ""
@@ -304,14 +309,26 @@ func (up *Upstream) Close() {
 // keepUpstreamHeaders removes from the caller's request every header that
 // may not go upstream, before reverse_proxy sees it: its debug log prints
 // the request it forwards, and a credential in a header of another name
-// must not be in it. The transport applies the same allowlist again to
-// what reverse_proxy adds.
+// must not be in it; nor one in a header that may go (a client key or a
+// token in a User-Agent or a request ID), which is removed too. The
+// transport applies the same allowlist again to what reverse_proxy adds.
 func (up *Upstream) keepUpstreamHeaders(h http.Header) {
-	for name := range h {
-		if !upstreamHeader(name) && !up.extra[name] {
+	for name, values := range h {
+		if !upstreamHeader(name) && !up.extra[name] || credentialIn(values) {
 			delete(h, name)
 		}
 	}
+}
+
+// credentialIn reports whether a value holds something shaped like a
+// client key or a JWT.
+func credentialIn(values []string) bool {
+	for _, v := range values {
+		if api.HasCredential(v) {
+			return true
+		}
+	}
+	return false
 }
 
 func isCredentialHeader(canonical string) bool {

@@ -139,3 +139,46 @@ func testAccessLog(t *testing.T, global string) {
 		}
 	}
 }
+
+// TestEscapedKeyBesideAStrayPercent: a client key percent-encoded in the
+// query (vgt%5F…) is refused and redacted even when another parameter
+// holds a stray '%' (q=100%), which url.QueryUnescape refuses whole.
+func TestEscapedKeyBesideAStrayPercent(t *testing.T) {
+	e := start(t)
+	other := createKey(t, strings.TrimPrefix(e.store, "sqlite:"), "pro")
+	res := e.do(t, http.MethodGet, "/v1/models?q=100%&x=vgt%5F"+other[4:], nil, http.Header{"X-Probe": {"stray"}})
+	res.Body.Close()
+	if res.StatusCode != http.StatusBadRequest {
+		t.Errorf("a key in the query beside a stray %%: status %d, want 400 key_in_query", res.StatusCode)
+	}
+	e.caddy.WaitLog(t, `"X-Probe":["stray"]`)
+	if strings.Contains(e.caddy.ReadLog(t), other[4:]) {
+		t.Error("Caddy's log holds the client key")
+	}
+}
+
+// TestKeyAsHostIsNotLogged: on a site that answers any name, a client
+// key sent as the Host is in no line of Caddy's log: the access line
+// shows it redacted, and reverse_proxy's debug line the upstream's host.
+func TestKeyAsHostIsNotLogged(t *testing.T) {
+	up := standin.New(standin.Options{APIKey: serverKey})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	e := newEnv(t, up, srv)
+	e.caddy = harness.StartCaddy(t, vigthoriaBlock(e.server.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}",
+		"store "+strings.Replace(e.store, ":", " ", 1), "tier pro"), harness.AnyHost())
+	other := createKey(t, strings.TrimPrefix(e.store, "sqlite:"), "pro")
+	req := e.request(t, http.MethodGet, "/v1/models", nil, http.Header{"X-Probe": {"host"}})
+	req.Host = other
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	e.caddy.WaitLog(t, `"X-Probe":["host"]`)
+	for l := range strings.Lines(e.caddy.ReadLog(t)) {
+		if strings.Contains(l, other[len(other)-8:]) {
+			t.Errorf("Caddy's log holds the client key sent as Host: %.300s", l)
+		}
+	}
+}

@@ -373,3 +373,31 @@ func TestUpstreamErrorNamingTheKeyIsReplaced(t *testing.T) {
 		t.Errorf("an upstream 400 that names no key: %d %s, want it passed on", res.StatusCode, body)
 	}
 }
+
+// TestCredentialInAnAllowedHeaderStaysHere: a client key in a header
+// that may go upstream (here User-Agent) is neither sent upstream nor
+// printed by reverse_proxy's debug line, which prints the request it
+// forwards: the header is removed.
+func TestCredentialInAnAllowedHeaderStaysHere(t *testing.T) {
+	e := start(t)
+	other := createKey(t, strings.TrimPrefix(e.store, "sqlite:"), "pro")
+	chat := `{"model":"` + model + `","messages":[{"role":"user","content":"hi"}]}`
+	res := e.do(t, http.MethodPost, "/v1/chat/completions", strings.NewReader(chat), http.Header{
+		"Content-Type": {"application/json"},
+		"User-Agent":   {"myapp/1.0 " + other},
+		"X-Probe":      {"ua"},
+	})
+	io.Copy(io.Discard, res.Body)
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", res.StatusCode)
+	}
+	if ua := e.lastRequest(t).Header.Get("User-Agent"); strings.Contains(ua, other) {
+		t.Errorf("a client key reached the upstream in User-Agent: %q", ua)
+	}
+	e.caddy.WaitLog(t, `"X-Probe":["ua"]`)
+	for l := range strings.Lines(e.caddy.ReadLog(t)) {
+		if strings.Contains(l, other[len(other)-8:]) {
+			t.Errorf("Caddy's log holds a client key: %.300s", l)
+		}
+	}
+}
