@@ -63,12 +63,13 @@ func cliTarget(cmd *cobra.Command, create bool) (*keyTarget, error) {
 	}
 	if spec != "" {
 		// Canonical here: a relative SQLite path is the caller's, not
-		// relative to Caddy's working directory.
+		// relative to Caddy's working directory. Sent as its ID: the
+		// admin API logs every URI, and a Redis URL may hold a password.
 		kind, target, err := store.ParseSpec(spec)
 		if err != nil {
 			return nil, err
 		}
-		spec = kind + ":" + target
+		spec = store.SpecID(kind + ":" + target)
 	}
 	return &keyTarget{admin: addr, store: spec, name: "the key store of the Caddy at " + addr}, nil
 }

@@ -26,7 +26,15 @@ func init() {
 // of its ?store= parameter, else the only one.
 func serviceFor(r *http.Request) (*keys.Service, error) {
 	started := keys.Started()
-	if want := r.URL.Query().Get("store"); want != "" {
+	if want := r.URL.Query().Get("store"); strings.HasPrefix(want, "id:") {
+		for _, s := range started {
+			if store.SpecID(s.Spec()) == want {
+				return s, nil
+			}
+		}
+		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound,
+			Err: fmt.Errorf("no running vigthoria handler uses the key store %s", want)}
+	} else if want != "" {
 		kind, target, err := store.ParseSpec(want)
 		if err != nil {
 			return nil, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}

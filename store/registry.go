@@ -1,6 +1,8 @@
 package store
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net/url"
 	"path/filepath"
@@ -103,6 +105,14 @@ func OpenTarget(kind, target string) (Backend, error) {
 		return nil, fmt.Errorf("unknown key store kind '%s'", kind)
 	}
 	return d.Open(target)
+}
+
+// SpecID names a store by its canonical spec (ParseSpec's kind and
+// target, as "kind:target") without its secrets: what the CLI sends the
+// admin API, whose log prints every request's URI and headers.
+func SpecID(canonical string) string {
+	sum := sha256.Sum256([]byte(canonical))
+	return "id:" + hex.EncodeToString(sum[:8])
 }
 
 // Display is the canonical spec of ParseSpec's kind and target, for logs

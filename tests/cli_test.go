@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -12,6 +13,9 @@ import (
 	"time"
 
 	vigthoria "github.com/vigthoria/caddy-vigthoria"
+	"github.com/vigthoria/caddy-vigthoria/internal/harness"
+	"github.com/vigthoria/caddy-vigthoria/internal/redistest"
+	"github.com/vigthoria/caddy-vigthoria/internal/standin"
 )
 
 var printedKeyID = regexp.MustCompile(`key_[0-9A-Za-z]{16}`)
@@ -172,6 +176,36 @@ func TestCLIOffline(t *testing.T) {
 		code, _, errOut = cliRun("key", "add", "--tier", "pro", "--name", "root", "--store", fresh)
 		if code != 0 || !strings.Contains(errOut, "as root") || !strings.Contains(errOut, "sudo -u caddy") {
 			t.Errorf("a new store made as root: exit %d, %q; want a warning saying what to run", code, errOut)
+		}
+	}
+}
+
+// TestCLIStoreOfARunningCaddy: `--store` with `--address` names a store
+// of the running Caddy, Redis' as well as SQLite's, by an ID: Caddy's
+// admin API logs every request's URI and headers, and the Redis URL's
+// password is in none of its lines.
+func TestCLIStoreOfARunningCaddy(t *testing.T) {
+	const password = "s3cretRedisPassw0rd"
+	t.Cleanup(http.DefaultClient.CloseIdleConnections) // the CLI's, once Caddy stopped
+	rs := redistest.StartWith(t, "--user", "vig", "on", ">"+password, "~*", "&*", "+@all")
+	url := "redis://vig:" + password + "@" + rs.Addr + "/0"
+	up := standin.New(standin.Options{APIKey: serverKey})
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	t.Setenv("VIGTHORIA_TEST_KEY", serverKey)
+	c := harness.StartCaddy(t, vigthoriaBlock(srv.URL+"/v1", "{env.VIGTHORIA_TEST_KEY}", "store redis "+url, "tier pro"))
+	admin := strings.TrimPrefix(c.AdminURL, "http://")
+	if code, out, errOut := cliRun("key", "add", "--tier", "pro", "--name", "ci", "--store", url, "--address", admin); code != 0 {
+		t.Fatalf("key add through the admin API: exit %d: %s %s", code, out, errOut)
+	}
+	code, out, errOut := cliRun("key", "list", "--store", url, "--address", admin)
+	if code != 0 || !strings.Contains(out, "ci") {
+		t.Fatalf("key list through the admin API: exit %d: %s %s", code, out, errOut)
+	}
+	c.WaitLog(t, `"uri":"/vigthoria/keys`)
+	for l := range strings.Lines(c.ReadLog(t)) {
+		if strings.Contains(l, password) {
+			t.Errorf("Caddy's log holds the store's password: %.300s", l)
 		}
 	}
 }
