@@ -253,10 +253,7 @@ func (q *Queue) Upstream(ctx context.Context, t Turn) (limiter.Lease, time.Durat
 			return limiter.Lease{}, 0, f
 		}
 		if wait == 0 {
-			q.mu.Lock()
-			q.rate.note(start)
-			q.mu.Unlock()
-			return lease, 0, nil
+			return lease, 0, nil // no backlog: says nothing of the pace
 		}
 		retry, exhausted = wait, ex
 	}
@@ -276,7 +273,11 @@ func (q *Queue) Upstream(ctx context.Context, t Turn) (limiter.Lease, time.Durat
 		q.mu.Unlock()
 		return limiter.Lease{}, 0, f
 	}
+	formed := q.order.n == 0
 	err := q.order.push(w, tier, cfg.Weight, caller, q.cfg.Length, cfg.PerCaller, q.ownOf(caller))
+	if err == nil && formed {
+		q.rate.formed(start)
+	}
 	var promise time.Duration
 	if err != nil {
 		promise = q.promiseLocked(tier, caller, cfg, start)
@@ -582,32 +583,45 @@ func (a *Admission) JoinUpstream(q *Queue, lease limiter.Lease) {
 	a.upstream, a.upLease = q, lease
 }
 
-// dispatchRate measures how fast the queue dispatches: the times of the
-// last dispatches, in a ring.
+// dispatchRate measures how fast the queue dispatches while requests
+// wait: the times between its last dispatches, in a ring, each counted
+// from the dispatch before it, or from when the backlog formed if later.
+// A request let through with nothing queued says nothing of the pace, and
+// the time before a backlog formed is idle time: neither is counted, so
+// that a site with sparse traffic does not take its idle gaps for its
+// pace, and refuse at once a request whose turn would come soon.
 type dispatchRate struct {
-	at   [64]time.Time
+	gaps [64]time.Duration
 	next int
 	n    int
+	last time.Time // the last dispatch, or when the backlog formed since
 }
 
+// formed notes that a backlog formed at now: a request joined the empty
+// queue.
+func (r *dispatchRate) formed(now time.Time) { r.last = now }
+
+// note notes a dispatch of a waiting request at now.
 func (r *dispatchRate) note(now time.Time) {
-	r.at[r.next] = now
-	r.next = (r.next + 1) % len(r.at)
-	r.n = min(r.n+1, len(r.at))
+	if !r.last.IsZero() {
+		r.gaps[r.next] = now.Sub(r.last)
+		r.next = (r.next + 1) % len(r.gaps)
+		r.n = min(r.n+1, len(r.gaps))
+	}
+	r.last = now
 }
 
-// interval is the mean time between dispatches over the ring, when the
-// last of them is recent (within 10 s of now); 0 when not measured.
+// interval is the mean time between dispatches, when the last of them is
+// recent (within 10 s of now); 0 when not measured.
 func (r *dispatchRate) interval(now time.Time) time.Duration {
-	if r.n < 2 {
+	if r.n == 0 || now.Sub(r.last) > 10*time.Second {
 		return 0
 	}
-	last := r.at[(r.next+len(r.at)-1)%len(r.at)]
-	first := r.at[(r.next+len(r.at)-r.n)%len(r.at)]
-	if now.Sub(last) > 10*time.Second {
-		return 0
+	var sum time.Duration
+	for _, g := range r.gaps[:r.n] {
+		sum += g
 	}
-	return max(last.Sub(first)/time.Duration(r.n-1), time.Microsecond)
+	return max(sum/time.Duration(r.n), time.Microsecond)
 }
 
 // The queue's refusals: 429s of the API's shape, as the limits' are.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -231,24 +232,69 @@ func TestQueueNoJumping(t *testing.T) {
 	}
 }
 
-// measured dispatches five requests 2 s apart, so that the queue
-// measures its pace, then holds its one slot with a sixth, returned.
+// measured has the queue measure its pace, one dispatch every 2 s, with
+// requests waiting: its one slot held, five requests wait in turn, each
+// dispatched 2 s after the one before. It returns the slot, held by the
+// last, with nothing left queued. A dispatch with nothing queued would
+// measure nothing.
 func measured(t *testing.T, q *Queue, clk *clock) limiter.Lease {
 	t.Helper()
 	ctx := context.Background()
-	for range 5 {
-		lease, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
-		if f != nil {
-			t.Fatal(f.Err)
-		}
-		q.Settle(ctx, lease, 0)
-		clk.step(2 * time.Second)
-	}
 	hold, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "m"})
 	if f != nil {
 		t.Fatal(f.Err)
 	}
+	for i := range 5 {
+		next := wait(t, q, ctx, "m"+strconv.Itoa(i), "m", 1)
+		clk.step(2 * time.Second)
+		q.Settle(ctx, hold, 0)
+		q.Dispatch()
+		r := <-next
+		if r.f != nil {
+			t.Fatal(r.f.Err)
+		}
+		hold = r.lease
+	}
 	return hold
+}
+
+// A site whose traffic is sparse measures no pace from its idle gaps: a
+// request that must wait behind the one slot, though requests came 2.5 s
+// apart before, waits for its turn instead of being refused at once.
+func TestQueueIdleGapsAreNoPace(t *testing.T) {
+	q, clk := testQueue(t, 2*time.Second, 100, 100)
+	ctx := context.Background()
+	for range 3 {
+		lease, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "a"})
+		if f != nil {
+			t.Fatal(f.Err)
+		}
+		q.Settle(ctx, lease, 0)
+		clk.step(2500 * time.Millisecond)
+	}
+	hold, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "a"})
+	if f != nil {
+		t.Fatal(f.Err)
+	}
+	b := make(chan result, 1)
+	go func() {
+		lease, _, f := q.Upstream(ctx, Turn{Tier: "free", Caller: "b"})
+		b <- result{"b", lease, f}
+	}()
+	for q.queued() != 1 {
+		select {
+		case r := <-b:
+			t.Fatalf("b, behind a slot that frees in 0.5 s, max_wait 2s: refused at once (%v), want it queued", r.f.Err)
+		default:
+			runtime.Gosched()
+		}
+	}
+	clk.step(500 * time.Millisecond)
+	q.Settle(ctx, hold, 0)
+	q.Dispatch()
+	if r := <-b; r.f != nil {
+		t.Fatalf("b, behind a slot that freed in 0.5 s, max_wait 2s: %v, want its turn", r.f.Err)
+	}
 }
 
 // The bounds refuse at once with queue_full, and the Retry-After is
