@@ -59,6 +59,9 @@ type poolKey struct {
 	down   atomic.Bool  // refused by the upstream (401/403), until a probe passes
 	downAt atomic.Int64 // unix nanoseconds it was last taken out
 	worked atomic.Int64 // unix nanoseconds a check (pool.works) last passed
+	// checking makes the checks of a key one at a time: a burst of
+	// requests it refused waits for one check, not one each.
+	checking sync.Mutex
 	// room is the share of the key's window the upstream last said was
 	// left, in millionths, valid until roomUntil (unix nanoseconds);
 	// unknown (a full share) past it.
@@ -127,7 +130,6 @@ func (k *poolKey) learn(h http.Header, now time.Time) {
 // only when there are several; a pool of one decides with atomics.
 type pool struct {
 	keys       []*poolKey
-	secrets    []string // the keys themselves, to tell an answer that names one
 	match      func(glob, model string) bool
 	state      KeyState // nil for none
 	probeEvery time.Duration
@@ -194,7 +196,6 @@ func newPool(url string, keys []ServerKey, cfg *Config, logger *zap.Logger) (*po
 			pk.exhausted.fleetDown = func(down bool, now time.Time) { p.fleetSaid(pk, down, now) }
 		}
 		p.keys = append(p.keys, pk)
-		p.secrets = append(p.secrets, k.Key)
 	}
 	return p, nil
 }
@@ -203,8 +204,10 @@ func newPool(url string, keys []ServerKey, cfg *Config, logger *zap.Logger) (*po
 // keys: as it is, or escaped in a JSON string (an upstream that echoes
 // the request's Authorization header in its error, say).
 func (p *pool) names(b []byte) bool {
-	for _, key := range p.secrets {
-		if bytes.Contains(b, []byte(key)) {
+	secrets := make([]string, len(p.keys))
+	for i, k := range p.keys {
+		secrets[i] = strings.TrimPrefix(k.authorization[0], "Bearer ")
+		if bytes.Contains(b, []byte(secrets[i])) {
 			return true
 		}
 	}
@@ -215,7 +218,7 @@ func (p *pool) names(b []byte) bool {
 	if json.Unmarshal(b, &doc) != nil {
 		return false
 	}
-	return namesIn(doc, p.secrets)
+	return namesIn(doc, secrets)
 }
 
 // namesIn reports whether a string of the decoded JSON v holds one of
@@ -412,6 +415,14 @@ func (p *pool) works(ctx context.Context, k *poolKey) bool {
 	}
 	if time.Now().UnixNano()-k.worked.Load() < int64(checkEvery) {
 		return true
+	}
+	k.checking.Lock()
+	defer k.checking.Unlock()
+	switch {
+	case time.Now().UnixNano()-k.worked.Load() < int64(checkEvery):
+		return true // checked while this one waited
+	case k.down.Load():
+		return false // failed a check while this one waited
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), checkTimeout)
 	defer cancel()

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -437,5 +438,30 @@ func TestPoolFleetDown(t *testing.T) {
 	}
 	if two.keys[0].down.Load() {
 		t.Fatal("the other instance took out a key nobody refused")
+	}
+}
+
+// TestPoolChecksAKeyOnceForABurst: a burst of requests the upstream
+// refused with a key that works costs the upstream one check of it, not
+// one a request.
+func TestPoolChecksAKeyOnceForABurst(t *testing.T) {
+	p := testPool(nil, ServerKey{Key: "a"})
+	var checks atomic.Int32
+	p.check = func(context.Context, *poolKey) int {
+		checks.Add(1)
+		time.Sleep(50 * time.Millisecond)
+		return http.StatusOK
+	}
+	var wg sync.WaitGroup
+	for range 100 {
+		wg.Go(func() {
+			if !p.works(context.Background(), p.keys[0]) {
+				t.Error("a key that answers the check: does not work")
+			}
+		})
+	}
+	wg.Wait()
+	if n := checks.Load(); n != 1 {
+		t.Errorf("%d checks for a burst of 100, want 1", n)
 	}
 }
